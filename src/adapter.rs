@@ -1,0 +1,296 @@
+//! The [`Adapter`] trait every variant implements, and [`AdaptedBase`], the state they share
+//! (the frozen base, merge state, train/eval mode, enable switch).
+
+use std::any::Any;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{Tensor, Var};
+
+use crate::error::{Error, Result};
+use crate::frozen::FrozenLinear;
+use crate::validate;
+
+/// Which variant a layer is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AdapterKind {
+    /// LoRA (also the layer behind LoRA+, whose difference is the optimizer, and LoRA-drop).
+    Lora,
+    /// LoRA-FA: LoRA with A frozen at its random init.
+    LoraFa,
+    /// Delta-LoRA: LoRA without dropout whose frozen weight follows Δ(BA) after each step.
+    DeltaLora,
+    /// DoRA: weight-decomposed LoRA with a trainable magnitude.
+    Dora,
+    /// VeRA: shared frozen random pair, trainable scaling vectors.
+    Vera,
+    /// AdaLoRA: SVD-form LoRA with rank allocation.
+    AdaLora,
+}
+
+/// What a trainable tensor is, so optimizers can group parameters (LoRA+).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ParamRole {
+    /// The down projection `A` (`r × d_in`) or its equivalent.
+    LowRankA,
+    /// The up projection `B` (`d_out × r`) or its equivalent.
+    LowRankB,
+    /// A 1-D trainable: DoRA magnitude, VeRA λ vectors, AdaLoRA's E, biases.
+    Vector,
+    /// An embedding adapter's matrices (LoRA+ gives them a fixed small learning rate).
+    Embedding,
+    /// Anything else.
+    Other,
+}
+
+/// A trainable variable with its name (relative to the layer, PEFT's naming) and role.
+#[derive(Clone, Debug)]
+pub struct NamedVar {
+    /// Name relative to the layer, e.g. `lora_A`.
+    pub name: String,
+    /// Role for parameter grouping.
+    pub role: ParamRole,
+    /// The variable itself (cloning a `Var` shares its storage).
+    pub var: Var,
+}
+
+/// One adapted linear layer.
+///
+/// Object-safe: models hold `Box<dyn Adapter>` or a concrete type. Layers also implement
+/// candle's `Module`, which runs in the mode set by [`Adapter::set_training`] (evaluation by
+/// default, like PyTorch's `model.eval()`), so they replace `candle_nn::Linear` in model code
+/// unchanged. [`Adapter::forward_t`] takes the mode explicitly.
+///
+/// Implementors provide the adapted forward, ΔW, and their tensors; the trait's provided
+/// methods handle validation, merged/disabled layers and additive merging from
+/// [`AdaptedBase`].
+pub trait Adapter: Send + Sync + std::fmt::Debug {
+    /// The shared layer state.
+    fn core(&self) -> &AdaptedBase;
+    /// The shared layer state, mutably.
+    fn core_mut(&mut self) -> &mut AdaptedBase;
+    /// Which variant this is.
+    fn kind(&self) -> AdapterKind;
+    /// The adapted forward for an unmerged, enabled layer; `x` has already been validated.
+    fn forward_adapted(&self, x: &Tensor, train: bool) -> Result<Tensor>;
+    /// ΔW in the base layout `(d_out, d_in)` and dtype: what merging adds to `W`.
+    fn delta_weight(&self) -> Result<Tensor>;
+    /// The trainable variables, named relative to the layer, with roles.
+    fn trainable_vars(&self) -> Vec<NamedVar>;
+    /// Tensors to save, named relative to the layer with PEFT's suffixes
+    /// (e.g. `lora_A.weight`).
+    fn tensors_to_save(&self) -> Result<Vec<(String, Tensor)>>;
+    /// Downcasting, for training rules that need a concrete variant.
+    fn as_any(&self) -> &dyn Any;
+    /// Mutable downcasting.
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+
+    /// The layer's name (its module path).
+    fn name(&self) -> &str {
+        self.core().name()
+    }
+
+    /// The frozen base layer (with ΔW folded in while merged).
+    fn base(&self) -> &FrozenLinear {
+        self.core().base()
+    }
+
+    /// Forward in training (`train = true`: dropout active) or evaluation mode.
+    ///
+    /// While merged, or while the adapter is disabled, this is the base layer's forward.
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let core = self.core();
+        core.check_input(x)?;
+        if core.is_merged() {
+            if !core.is_enabled() {
+                return Err(Error::MergedState {
+                    layer: core.name().to_string(),
+                    operation: "forward with the adapter disabled".to_string(),
+                });
+            }
+            return core.base().forward_checked(core.name(), x);
+        }
+        if !core.is_enabled() {
+            return core.base().forward_checked(core.name(), x);
+        }
+        self.forward_adapted(x, train)
+    }
+
+    /// Whether ΔW is currently folded into the base weight.
+    fn is_merged(&self) -> bool {
+        self.core().is_merged()
+    }
+
+    /// Folds ΔW into the base weight. With `safe`, a non-finite merged weight is an error
+    /// and leaves the weight untouched.
+    fn merge(&mut self, safe: bool) -> Result<()> {
+        self.core().ensure_unmerged()?;
+        let delta = self.delta_weight()?;
+        self.core_mut().add_delta(&delta, safe)?;
+        self.core_mut().set_merged(true);
+        Ok(())
+    }
+
+    /// Removes ΔW from the base weight.
+    fn unmerge(&mut self) -> Result<()> {
+        self.core().ensure_merged()?;
+        let delta = self.delta_weight()?;
+        self.core_mut().add_delta(&delta.neg()?, false)?;
+        self.core_mut().set_merged(false);
+        Ok(())
+    }
+
+    /// Number of trainable scalars.
+    fn num_trainable_params(&self) -> usize {
+        self.trainable_vars()
+            .iter()
+            .map(|v| v.var.as_tensor().elem_count())
+            .sum()
+    }
+
+    /// Number of scalars in the frozen base (weight and bias).
+    fn num_base_params(&self) -> usize {
+        self.base().num_params()
+    }
+
+    /// Sets the mode `Module::forward` runs in (dropout only in training).
+    fn set_training(&self, train: bool) {
+        self.core().set_training(train)
+    }
+
+    /// Enables or disables the adapter; disabled layers output the base alone.
+    fn set_enabled(&self, enabled: bool) {
+        self.core().set_enabled(enabled)
+    }
+}
+
+/// State every adapted layer has: its name, the frozen base, whether ΔW is merged, the
+/// mode `Module::forward` runs in, and whether the adapter is enabled.
+#[derive(Debug)]
+pub struct AdaptedBase {
+    name: String,
+    base: FrozenLinear,
+    merged: bool,
+    training: AtomicBool,
+    enabled: AtomicBool,
+}
+
+impl AdaptedBase {
+    /// A fresh, unmerged, enabled layer state in evaluation mode.
+    pub fn new(name: impl Into<String>, base: FrozenLinear) -> Self {
+        Self {
+            name: name.into(),
+            base,
+            merged: false,
+            training: AtomicBool::new(false),
+            enabled: AtomicBool::new(true),
+        }
+    }
+
+    /// The layer's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The frozen base.
+    pub fn base(&self) -> &FrozenLinear {
+        &self.base
+    }
+
+    /// Whether ΔW is merged into the base weight.
+    pub fn is_merged(&self) -> bool {
+        self.merged
+    }
+
+    /// Whether `Module::forward` runs in training mode.
+    pub fn is_training(&self) -> bool {
+        self.training.load(Ordering::Relaxed)
+    }
+
+    /// Whether the adapter contributes to the output.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_training(&self, train: bool) {
+        self.training.store(train, Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_enabled(&self, enabled: bool) {
+        self.enabled.store(enabled, Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_merged(&mut self, merged: bool) {
+        self.merged = merged
+    }
+
+    /// Checks a forward input against the base: last dim, dtype, device.
+    pub fn check_input(&self, x: &Tensor) -> Result<()> {
+        let b = &self.base;
+        validate::linear_input(&self.name, x, b.d_in(), b.dtype(), b.device())
+    }
+
+    /// Error unless unmerged.
+    pub fn ensure_unmerged(&self) -> Result<()> {
+        if self.merged {
+            return Err(Error::AlreadyMerged {
+                layer: self.name.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Error unless merged.
+    pub fn ensure_merged(&self) -> Result<()> {
+        if !self.merged {
+            return Err(Error::NotMerged {
+                layer: self.name.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// `W ← W + delta`; with `safe`, refuses (leaving W untouched) if the result is not finite.
+    pub(crate) fn add_delta(&mut self, delta: &Tensor, safe: bool) -> Result<()> {
+        let w = self.base.weight();
+        let merged = (w + delta.to_dtype(w.dtype())?)?;
+        if safe {
+            let count = count_non_finite(&merged)?;
+            if count > 0 {
+                return Err(Error::NonFiniteMerge {
+                    layer: self.name.clone(),
+                    count,
+                });
+            }
+        }
+        self.replace_weight(merged)
+    }
+
+    /// Replaces the base weight (same shape, dtype, device).
+    pub(crate) fn replace_weight(&mut self, weight: Tensor) -> Result<()> {
+        self.base.replace_weight(&self.name, weight)
+    }
+}
+
+/// Number of NaN or ±inf entries (`x − x` is non-zero exactly there), on any device.
+pub(crate) fn count_non_finite(t: &Tensor) -> Result<usize> {
+    let t = t.to_dtype(candle_core::DType::F32)?;
+    let bad = (&t - &t)?.ne(0f32)?;
+    Ok(bad
+        .to_dtype(candle_core::DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()? as usize)
+}
+
+/// Implements candle's `Module` for an adapter type: `forward` runs in the layer's current
+/// mode (see [`Adapter::set_training`]).
+#[macro_export]
+macro_rules! impl_module_for_adapter {
+    ($t:ty) => {
+        impl candle_core::Module for $t {
+            fn forward(&self, x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+                let train = $crate::Adapter::core(self).is_training();
+                $crate::Adapter::forward_t(self, x, train).map_err(candle_core::Error::wrap)
+            }
+        }
+    };
+}

@@ -1,0 +1,45 @@
+//! # lorakit
+//!
+//! LoRA-variant adapter layers for [candle](https://github.com/huggingface/candle): each
+//! wraps a frozen linear layer, trains through candle's autograd, merges into and unmerges
+//! from the base weight, and reads and writes Hugging Face PEFT adapter files.
+//!
+//! Every variant computes, at forward time,
+//! `y = row_scale ⊙ (x Wᵀ + s · (x A_effᵀ) B_effᵀ) + b` (see [`kernels`]); variants differ in
+//! how they build `A_eff`, `B_eff` and the row scale, and in their training rule.
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use candle_nn::{Optimizer, VarBuilder, VarMap};
+//! use lorakit::{Adapter, FrozenLinear, LoraConfig, LoraLinear};
+//! # fn main() -> lorakit::Result<()> {
+//! let dev = Device::Cpu;
+//! let base = FrozenLinear::new(Tensor::randn(0f32, 0.1, (8, 8), &dev)?, None)?;
+//! let varmap = VarMap::new();
+//! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+//! let layer = LoraLinear::new(base, &LoraConfig::new(2, 4.0), vb.pp("proj"))?;
+//! let mut opt = candle_nn::AdamW::new_lr(varmap.all_vars(), 1e-2)?;
+//! let (x, target) = (Tensor::randn(0f32, 1., (16, 8), &dev)?, Tensor::randn(0f32, 1., (16, 8), &dev)?);
+//! for _ in 0..5 {
+//!     let loss = (layer.forward_t(&x, true)? - &target)?.sqr()?.mean_all()?;
+//!     opt.backward_step(&loss)?;
+//! }
+//! # Ok(()) }
+//! ```
+
+pub mod adapter;
+pub mod error;
+pub mod frozen;
+pub mod init;
+pub mod kernels;
+pub mod low_rank;
+pub mod shared;
+pub mod train;
+mod validate;
+pub mod variants;
+
+pub use adapter::{AdaptedBase, Adapter, AdapterKind, NamedVar, ParamRole};
+pub use error::{Error, Result};
+pub use frozen::FrozenLinear;
+pub use shared::Shared;
+pub use variants::lora::{LoraConfig, LoraInit, LoraLinear};

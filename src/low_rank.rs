@@ -1,0 +1,105 @@
+//! The low-rank pair `(A, B)` shared by the LoRA-family layers, and how its factors are
+//! created as trainable variables through a `VarBuilder`.
+
+use candle_core::{Tensor, Var};
+use candle_nn::{Init, VarBuilder};
+
+use crate::adapter::{NamedVar, ParamRole};
+use crate::error::Result;
+
+/// One factor of a low-rank pair: trained (a `Var`) or frozen (a constant).
+#[derive(Clone, Debug)]
+pub enum Factor {
+    /// Receives gradients and optimizer updates.
+    Trainable(Var),
+    /// A constant: no gradient, no optimizer state (LoRA-FA's A).
+    Frozen(Tensor),
+}
+
+impl Factor {
+    /// The factor's current value.
+    pub fn tensor(&self) -> &Tensor {
+        match self {
+            Factor::Trainable(v) => v.as_tensor(),
+            Factor::Frozen(t) => t,
+        }
+    }
+
+    /// The variable, when trainable.
+    pub fn var(&self) -> Option<&Var> {
+        match self {
+            Factor::Trainable(v) => Some(v),
+            Factor::Frozen(_) => None,
+        }
+    }
+}
+
+/// `A` (`r × d_in`) and `B` (`d_out × r`).
+#[derive(Clone, Debug)]
+pub struct LowRankPair {
+    /// Down projection.
+    pub a: Factor,
+    /// Up projection.
+    pub b: Factor,
+}
+
+impl LowRankPair {
+    /// The rank `r`.
+    pub fn rank(&self) -> usize {
+        self.a.tensor().dims()[0]
+    }
+
+    /// `B A`, `(d_out, d_in)`, computed in f32 for half-precision factors and returned in
+    /// the factors' dtype.
+    pub fn product(&self) -> Result<Tensor> {
+        let (a, b) = (self.a.tensor(), self.b.tensor());
+        let dtype = a.dtype();
+        let compute = crate::kernels::compute_dtype(dtype, a.device());
+        let prod = b.to_dtype(compute)?.matmul(&a.to_dtype(compute)?)?;
+        Ok(prod.to_dtype(dtype)?)
+    }
+
+    /// The trainable factors as named vars (`lora_A`, `lora_B`).
+    pub fn named_vars(&self) -> Vec<NamedVar> {
+        let mut out = Vec::with_capacity(2);
+        if let Some(v) = self.a.var() {
+            out.push(NamedVar {
+                name: "lora_A".into(),
+                role: ParamRole::LowRankA,
+                var: v.clone(),
+            });
+        }
+        if let Some(v) = self.b.var() {
+            out.push(NamedVar {
+                name: "lora_B".into(),
+                role: ParamRole::LowRankB,
+                var: v.clone(),
+            });
+        }
+        out
+    }
+
+    /// Both factors under PEFT's names (`lora_A.weight`, `lora_B.weight`).
+    pub fn tensors_to_save(&self) -> Vec<(String, Tensor)> {
+        vec![
+            ("lora_A.weight".into(), self.a.tensor().clone()),
+            ("lora_B.weight".into(), self.b.tensor().clone()),
+        ]
+    }
+}
+
+/// Creates (or fetches) the variable `name` through `vb` and sets it to `init`.
+///
+/// Over a `VarMap` the variable is registered there (so `varmap.all_vars()` trains it) and
+/// overwritten with `init`. Over a backend of loaded tensors, the loaded value is kept and
+/// wrapped in a fresh `Var`.
+pub fn trainable_var(vb: &VarBuilder, name: &str, init: &Tensor) -> Result<Var> {
+    let t = vb.get_with_hints_dtype(init.shape(), name, Init::Const(0.0), init.dtype())?;
+    if t.is_variable() {
+        let var = Var::from_tensor(&t)?;
+        var.set(init)?;
+        Ok(var)
+    } else {
+        Ok(Var::from_tensor(&t)?)
+    }
+}

@@ -1,0 +1,107 @@
+//! Argument checks shared by every layer, so each error reads the same everywhere.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+
+/// Rank must be at least one.
+pub(crate) fn rank(layer: &str, rank: usize) -> Result<()> {
+    if rank == 0 {
+        return Err(Error::InvalidRank {
+            layer: layer.to_string(),
+            rank,
+        });
+    }
+    Ok(())
+}
+
+/// Alpha must be finite and strictly positive.
+pub(crate) fn alpha(layer: &str, alpha: f64) -> Result<()> {
+    if !alpha.is_finite() || alpha <= 0.0 {
+        return Err(Error::InvalidAlpha {
+            layer: layer.to_string(),
+            alpha,
+        });
+    }
+    Ok(())
+}
+
+/// Dropout probability must lie in `[0, 1)`.
+pub(crate) fn dropout(layer: &str, p: f64) -> Result<()> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::InvalidDropout {
+            layer: layer.to_string(),
+            dropout: p,
+        });
+    }
+    Ok(())
+}
+
+/// A device's name for messages (`cpu`, `cuda:0`, `metal:0`).
+pub(crate) fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".to_string(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+/// `t` must have the given dtype and live on the given device.
+pub(crate) fn dtype_device(
+    layer: &str,
+    what: &str,
+    t: &Tensor,
+    dtype: DType,
+    device: &Device,
+) -> Result<()> {
+    if t.dtype() != dtype {
+        return Err(Error::DTypeMismatch {
+            layer: layer.to_string(),
+            what: what.to_string(),
+            expected: dtype,
+            got: t.dtype(),
+        });
+    }
+    if !t.device().same_device(device) {
+        return Err(Error::DeviceMismatch {
+            layer: layer.to_string(),
+            what: what.to_string(),
+            expected: device_name(device),
+            got: device_name(t.device()),
+        });
+    }
+    Ok(())
+}
+
+/// `t` must have exactly `dims`.
+pub(crate) fn shape(layer: &str, what: &str, t: &Tensor, dims: &[usize]) -> Result<()> {
+    if t.dims() != dims {
+        return Err(Error::ShapeMismatch {
+            layer: layer.to_string(),
+            what: what.to_string(),
+            expected: format!("{dims:?}"),
+            got: format!("{:?}", t.dims()),
+        });
+    }
+    Ok(())
+}
+
+/// An input to a linear layer: rank ≥ 1 with last dimension `d_in`, the layer's dtype and device.
+pub(crate) fn linear_input(
+    layer: &str,
+    x: &Tensor,
+    d_in: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<()> {
+    let last = x.dims().last().copied();
+    if last != Some(d_in) {
+        return Err(Error::ShapeMismatch {
+            layer: layer.to_string(),
+            what: "input".to_string(),
+            expected: format!("[.., {d_in}]"),
+            got: format!("{:?}", x.dims()),
+        });
+    }
+    dtype_device(layer, "input", x, dtype, device)
+}

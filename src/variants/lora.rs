@@ -1,0 +1,300 @@
+//! LoRA (Hu et al. 2021): `y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ`.
+//!
+//! [`LoraLinear`] is also the layer behind LoRA+ (same layer, grouped learning rates),
+//! LoRA-FA (A frozen), Delta-LoRA (no dropout, W follows Δ(BA)) and LoRA-drop (pairs shared
+//! between layers): those variants differ in how the pair is built and trained, not in the
+//! forward.
+
+use std::any::Any;
+
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+
+use crate::adapter::{AdaptedBase, Adapter, AdapterKind, NamedVar};
+use crate::error::Result;
+use crate::frozen::FrozenLinear;
+use crate::init::SeededRng;
+use crate::kernels::{low_rank_only, FusedLinear, LowRankTerm};
+use crate::low_rank::{trainable_var, Factor, LowRankPair};
+use crate::validate;
+
+/// How A and B start (PEFT's `init_lora_weights`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LoraInit {
+    /// `A ~ U(±1/√d_in)` (kaiming-uniform, a = √5), `B = 0`: the layer equals the base.
+    #[default]
+    Default,
+    /// `A ~ N(0, (1/r)²)`, `B = 0`.
+    Gaussian,
+    /// A as `Default`, and `B ~ U(±1/√r)`: a non-zero ΔW, for tests (PEFT's `false`).
+    BothRandom,
+}
+
+/// LoRA hyper-parameters; defaults match PEFT's `LoraConfig` (r = 8, alpha = 8, dropout 0,
+/// rsLoRA off, default init), with seed 0.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraConfig {
+    /// Rank `r` (≥ 1).
+    pub r: usize,
+    /// `lora_alpha` (finite, > 0).
+    pub alpha: f64,
+    /// Dropout on the adapter input, in `[0, 1)`, applied only in training.
+    pub dropout: f64,
+    /// rsLoRA: scale `alpha / √r` instead of `alpha / r`.
+    pub use_rslora: bool,
+    /// Initialization of A and B.
+    pub init: LoraInit,
+    /// Seed of the init; mixed with the layer name so layers differ.
+    pub seed: u64,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            r: 8,
+            alpha: 8.0,
+            dropout: 0.0,
+            use_rslora: false,
+            init: LoraInit::Default,
+            seed: 0,
+        }
+    }
+}
+
+impl LoraConfig {
+    /// A config with rank and alpha, other fields default.
+    pub fn new(r: usize, alpha: f64) -> Self {
+        Self {
+            r,
+            alpha,
+            ..Self::default()
+        }
+    }
+
+    /// The scale `s`: `alpha / r`, or `alpha / √r` with rsLoRA.
+    pub fn scale(&self) -> f64 {
+        lora_scale(self.alpha, self.r, self.use_rslora)
+    }
+
+    /// Checks rank, alpha and dropout, naming `layer` in the error.
+    pub fn validate(&self, layer: &str) -> Result<()> {
+        validate::rank(layer, self.r)?;
+        validate::alpha(layer, self.alpha)?;
+        validate::dropout(layer, self.dropout)
+    }
+
+    /// A freshly initialized `(A, B)` for a `d_in → d_out` layer, as plain tensors.
+    pub fn init_pair(&self, layer: &str, base: &FrozenLinear) -> Result<(Tensor, Tensor)> {
+        let (d_in, d_out, r) = (base.d_in(), base.d_out(), self.r);
+        let (dtype, dev) = (base.dtype(), base.device());
+        let mut rng = SeededRng::for_layer(self.seed, layer);
+        let a = match self.init {
+            LoraInit::Default | LoraInit::BothRandom => {
+                rng.kaiming_uniform_linear(r, d_in, dtype, dev)?
+            }
+            LoraInit::Gaussian => rng.normal((r, d_in), 0.0, 1.0 / r as f64, dtype, dev)?,
+        };
+        let b = match self.init {
+            LoraInit::BothRandom => rng.kaiming_uniform_linear(d_out, r, dtype, dev)?,
+            _ => Tensor::zeros((d_out, r), dtype, dev)?,
+        };
+        Ok((a, b))
+    }
+}
+
+/// PEFT's LoRA scale: `alpha / r`, or `alpha / √r` with rsLoRA.
+pub fn lora_scale(alpha: f64, r: usize, use_rslora: bool) -> f64 {
+    if use_rslora {
+        alpha / (r as f64).sqrt()
+    } else {
+        alpha / r as f64
+    }
+}
+
+/// A frozen linear layer with a LoRA adapter.
+///
+/// ```
+/// use candle_core::{DType, Device, Module, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use lorakit::{Adapter, FrozenLinear, LoraConfig, LoraLinear};
+/// # fn main() -> lorakit::Result<()> {
+/// let dev = Device::Cpu;
+/// let base = FrozenLinear::new(Tensor::randn(0f32, 1., (32, 16), &dev)?, None)?;
+/// let varmap = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+/// let layer = LoraLinear::new(base.clone(), &LoraConfig::new(4, 8.0), vb.pp("q_proj"))?;
+/// let x = Tensor::randn(0f32, 1., (3, 16), &dev)?;
+/// // B starts at zero: the adapted layer equals the base.
+/// let diff = (layer.forward(&x)? - base.forward(&x)?)?.abs()?.sum_all()?;
+/// assert_eq!(diff.to_scalar::<f32>()?, 0.0);
+/// assert_eq!(layer.num_trainable_params(), 4 * 16 + 32 * 4);
+/// assert_eq!(varmap.all_vars().len(), 2); // only A and B train
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct LoraLinear {
+    core: AdaptedBase,
+    pair: LowRankPair,
+    scale: f64,
+    dropout: f64,
+    kind: AdapterKind,
+}
+
+impl LoraLinear {
+    /// Builds a LoRA layer over `base`, creating A and B through `vb` (named `lora_A`,
+    /// `lora_B` under `vb`'s prefix, which also names the layer in errors).
+    pub fn new(base: FrozenLinear, config: &LoraConfig, vb: VarBuilder) -> Result<Self> {
+        let name = vb.prefix();
+        config.validate(&name)?;
+        let (a, b) = config.init_pair(&name, &base)?;
+        let pair = LowRankPair {
+            a: Factor::Trainable(trainable_var(&vb, "lora_A", &a)?),
+            b: Factor::Trainable(trainable_var(&vb, "lora_B", &b)?),
+        };
+        Self::from_pair(name, base, pair, config.scale(), config.dropout)
+    }
+
+    /// Builds from an existing pair (loaded, shared, or partly frozen). Checks shapes,
+    /// dtypes and devices against the base.
+    pub fn from_pair(
+        name: impl Into<String>,
+        base: FrozenLinear,
+        pair: LowRankPair,
+        scale: f64,
+        dropout: f64,
+    ) -> Result<Self> {
+        let name = name.into();
+        check_pair(&name, &base, &pair)?;
+        validate::dropout(&name, dropout)?;
+        if !scale.is_finite() {
+            return Err(crate::Error::InvalidConfig {
+                layer: name,
+                field: "scale",
+                reason: format!("must be finite, got {scale}"),
+            });
+        }
+        Ok(Self {
+            core: AdaptedBase::new(name, base),
+            pair,
+            scale,
+            dropout,
+            kind: AdapterKind::Lora,
+        })
+    }
+
+    /// Marks the layer as another member of the LoRA family (LoRA-FA, Delta-LoRA).
+    pub(crate) fn with_kind(mut self, kind: AdapterKind) -> Self {
+        self.kind = kind;
+        self
+    }
+
+    /// The low-rank pair.
+    pub fn pair(&self) -> &LowRankPair {
+        &self.pair
+    }
+
+    /// Replaces the pair (LoRA-drop's sharing). Errors while merged or on a shape mismatch.
+    pub fn set_pair(&mut self, pair: LowRankPair) -> Result<()> {
+        if self.core.is_merged() {
+            return Err(crate::Error::MergedState {
+                layer: self.core.name().to_string(),
+                operation: "replacing the low-rank pair".to_string(),
+            });
+        }
+        check_pair(self.core.name(), self.core.base(), &pair)?;
+        self.pair = pair;
+        Ok(())
+    }
+
+    /// The scale `s`.
+    pub fn scale(&self) -> f64 {
+        self.scale
+    }
+
+    /// The rank `r`.
+    pub fn rank(&self) -> usize {
+        self.pair.rank()
+    }
+
+    /// Dropout probability on the adapter input.
+    pub fn dropout(&self) -> f64 {
+        self.dropout
+    }
+
+    /// The low-rank term in the fused op's terms.
+    pub fn term(&self) -> LowRankTerm<'_> {
+        LowRankTerm {
+            a: self.pair.a.tensor(),
+            b: self.pair.b.tensor(),
+            scale: self.scale,
+        }
+    }
+}
+
+/// Checks that `pair` fits `base`: A `(r, d_in)`, B `(d_out, r)`, same dtype and device.
+pub(crate) fn check_pair(name: &str, base: &FrozenLinear, pair: &LowRankPair) -> Result<()> {
+    let (a, b) = (pair.a.tensor(), pair.b.tensor());
+    let r = a.dims().first().copied().unwrap_or(0);
+    validate::rank(name, r)?;
+    validate::shape(name, "lora_A", a, &[r, base.d_in()])?;
+    validate::shape(name, "lora_B", b, &[base.d_out(), r])?;
+    validate::dtype_device(name, "lora_A", a, base.dtype(), base.device())?;
+    validate::dtype_device(name, "lora_B", b, base.dtype(), base.device())
+}
+
+impl Adapter for LoraLinear {
+    fn core(&self) -> &AdaptedBase {
+        &self.core
+    }
+
+    fn core_mut(&mut self) -> &mut AdaptedBase {
+        &mut self.core
+    }
+
+    fn kind(&self) -> AdapterKind {
+        self.kind
+    }
+
+    fn forward_adapted(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let base = self.core.base();
+        if train && self.dropout > 0.0 {
+            let frozen = FusedLinear {
+                weight: base.weight(),
+                bias: base.bias(),
+                low_rank: None,
+                row_scale: None,
+            };
+            let dropped = candle_nn::ops::dropout(x, self.dropout as f32)?;
+            return Ok((frozen.forward(x)? + low_rank_only(&dropped, &self.term())?)?);
+        }
+        FusedLinear {
+            weight: base.weight(),
+            bias: base.bias(),
+            low_rank: Some(self.term()),
+            row_scale: None,
+        }
+        .forward(x)
+    }
+
+    fn delta_weight(&self) -> Result<Tensor> {
+        Ok((self.pair.product()? * self.scale)?)
+    }
+
+    fn trainable_vars(&self) -> Vec<NamedVar> {
+        self.pair.named_vars()
+    }
+
+    fn tensors_to_save(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(self.pair.tensors_to_save())
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+crate::impl_module_for_adapter!(LoraLinear);

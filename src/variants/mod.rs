@@ -1,0 +1,3 @@
+//! One module per variant.
+
+pub mod lora;
