@@ -43,3 +43,8 @@ pub use error::{Error, Result};
 pub use frozen::FrozenLinear;
 pub use shared::Shared;
 pub use variants::lora::{LoraConfig, LoraInit, LoraLinear};
+
+/// The README's code blocks, compiled and run as doctests so the README stays in sync.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
