@@ -271,14 +271,16 @@ impl AdaptedBase {
     }
 }
 
-/// Number of NaN or ±inf entries (`x − x` is non-zero exactly there), on any device.
+/// Number of NaN or ±inf entries, on any device: finite values are exactly those with
+/// `|x| ≤ f64::MAX` (NaN compares false, ±inf is larger).
 pub(crate) fn count_non_finite(t: &Tensor) -> Result<usize> {
-    let t = t.to_dtype(candle_core::DType::F32)?;
-    let bad = (&t - &t)?.ne(0f32)?;
-    Ok(bad
-        .to_dtype(candle_core::DType::F32)?
+    let t = t.to_dtype(candle_core::DType::F64)?;
+    let finite = t.abs()?.le(f64::MAX)?;
+    let n_finite = finite
+        .to_dtype(candle_core::DType::F64)?
         .sum_all()?
-        .to_scalar::<f32>()? as usize)
+        .to_scalar::<f64>()? as usize;
+    Ok(t.elem_count() - n_finite)
 }
 
 /// Implements candle's `Module` for an adapter type: `forward` runs in the layer's current

@@ -45,7 +45,10 @@ fn merge_equals_unmerged_and_unmerge_restores() {
     let (mut l, _) = layer(&config, b.clone(), DType::F32);
     let x = randn(&mut rng, &[5, 16], DType::F32);
     let unmerged = l.forward_t(&x, false).unwrap();
-    assert!(rel_err(&unmerged, &b.forward(&x).unwrap()) > 1e-3, "ΔW must be non-zero");
+    assert!(
+        rel_err(&unmerged, &b.forward(&x).unwrap()) > 1e-3,
+        "ΔW must be non-zero"
+    );
     l.merge(true).unwrap();
     assert!(l.is_merged());
     let merged = l.forward_t(&x, false).unwrap();
@@ -167,7 +170,10 @@ fn default_init_statistics_and_determinism() {
     let mean = a.iter().sum::<f64>() / a.len() as f64;
     let var = a.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / a.len() as f64;
     let expect = bound * bound / 3.0;
-    assert!((var / expect - 1.0).abs() < 0.05, "variance {var} vs {expect}");
+    assert!(
+        (var / expect - 1.0).abs() < 0.05,
+        "variance {var} vs {expect}"
+    );
     assert!(to_vec_f64(l1.pair().b.tensor()).iter().all(|v| *v == 0.0));
     let (l2, _) = layer(&LoraConfig::new(r, 8.0), b.clone(), DType::F32);
     assert_eq!(to_vec_f64(l2.pair().a.tensor()), a, "same seed, same bits");
@@ -192,7 +198,10 @@ fn gaussian_init_has_std_one_over_r() {
     let a = to_vec_f64(l.pair().a.tensor());
     let var = a.iter().map(|v| v * v).sum::<f64>() / a.len() as f64;
     let expect = 1.0 / (r * r) as f64;
-    assert!((var / expect - 1.0).abs() < 0.05, "variance {var} vs {expect}");
+    assert!(
+        (var / expect - 1.0).abs() < 0.05,
+        "variance {var} vs {expect}"
+    );
 }
 
 fn build_err(config: LoraConfig) -> Error {
@@ -259,7 +268,10 @@ fn safe_merge_refuses_non_finite_and_leaves_weight() {
     };
     let mut l = LoraLinear::from_pair("bad", b.clone(), pair, 1.0, 0.0).unwrap();
     let e = l.merge(true).unwrap_err();
-    assert!(matches!(e, Error::NonFiniteMerge { count, .. } if count > 0), "{e}");
+    assert!(
+        matches!(e, Error::NonFiniteMerge { count, .. } if count > 0),
+        "{e}"
+    );
     assert!(!l.is_merged());
     assert_eq!(to_vec_f64(l.base().weight()), to_vec_f64(b.weight()));
 }

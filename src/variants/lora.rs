@@ -183,6 +183,7 @@ impl LoraLinear {
     }
 
     /// Marks the layer as another member of the LoRA family (LoRA-FA, Delta-LoRA).
+    #[allow(dead_code)] // used by the LoRA-FA and Delta-LoRA constructors
     pub(crate) fn with_kind(mut self, kind: AdapterKind) -> Self {
         self.kind = kind;
         self

@@ -21,18 +21,18 @@ pub fn to_vec_f64(t: &Tensor) -> Vec<f64> {
 pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
     let (a, b) = (to_vec_f64(a), to_vec_f64(b));
-    let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    let diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max);
     let scale = b.iter().map(|y| y.abs()).fold(0.0, f64::max).max(1e-30);
     diff / scale
 }
 
 /// Central finite-difference gradient of `loss(values)` with respect to every entry of
 /// `values`, where `set` writes the perturbed values into the model.
-pub fn finite_diff(
-    values: &[f64],
-    eps: f64,
-    mut loss_at: impl FnMut(&[f64]) -> f64,
-) -> Vec<f64> {
+pub fn finite_diff(values: &[f64], eps: f64, mut loss_at: impl FnMut(&[f64]) -> f64) -> Vec<f64> {
     let mut v = values.to_vec();
     (0..values.len())
         .map(|i| {
@@ -48,7 +48,11 @@ pub fn finite_diff(
 }
 
 pub fn max_rel_vec(a: &[f64], b: &[f64]) -> f64 {
-    let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    let diff = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max);
     let scale = b.iter().map(|y| y.abs()).fold(0.0, f64::max).max(1e-30);
     diff / scale
 }
