@@ -1,0 +1,191 @@
+//! The experiment: pretrain on task A, then adapt to task B with each method, measuring
+//! accuracy, loss, parameters and speed. `main.rs` adds the command line, progress bars and
+//! the written report; the test suite runs [`run`] in quick mode.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Optimizer, VarBuilder, VarMap};
+use lorakit::init::SeededRng;
+
+use crate::methods::{Method, Prepared};
+use crate::model::{ModelConfig, Transformer};
+use crate::tasks::{batch, Task};
+
+/// Sizes and step counts of one run.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub model: ModelConfig,
+    pub batch: usize,
+    pub pretrain_steps: usize,
+    pub pretrain_lr: f64,
+    pub adapt_steps: usize,
+    pub eval_size: usize,
+    pub seed: u64,
+}
+
+impl Settings {
+    /// Defaults: finish in a few minutes on 2 CPU cores in release mode.
+    pub fn full(seed: u64) -> Self {
+        Self {
+            model: ModelConfig {
+                d_model: 64,
+                heads: 4,
+                layers: 2,
+                d_mlp: 128,
+            },
+            batch: 64,
+            pretrain_steps: 1500,
+            pretrain_lr: 3e-3,
+            adapt_steps: 400,
+            eval_size: 512,
+            seed,
+        }
+    }
+
+    /// A smaller, faster run for CI.
+    pub fn quick(seed: u64) -> Self {
+        Self {
+            pretrain_steps: 400,
+            adapt_steps: 150,
+            eval_size: 256,
+            ..Self::full(seed)
+        }
+    }
+}
+
+/// One method's outcome.
+#[derive(Clone, Debug)]
+pub struct MethodResult {
+    pub method: Method,
+    pub trainable_params: usize,
+    pub expected_params: usize,
+    pub acc_before: f64,
+    pub acc_after: f64,
+    pub final_loss: f64,
+    pub ms_per_step: f64,
+    pub losses: Vec<f64>,
+}
+
+/// The pretrained model: its tensors by name, and its accuracy on both tasks.
+pub struct Pretrained {
+    pub tensors: HashMap<String, Tensor>,
+    pub acc_task_a: f64,
+    pub acc_task_b: f64,
+}
+
+/// Progress callbacks (the example draws bars; tests pass a no-op).
+pub trait Progress {
+    fn start(&mut self, label: &str, steps: usize);
+    fn step(&mut self, loss: f64);
+    fn finish(&mut self);
+}
+
+/// Pretrains the model on task A with every parameter trainable.
+pub fn pretrain(s: &Settings, progress: &mut dyn Progress) -> lorakit::Result<Pretrained> {
+    let dev = Device::Cpu;
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+    let plain = |_: &str,
+                 i: usize,
+                 o: usize,
+                 vb: VarBuilder|
+     -> lorakit::Result<Box<dyn candle_core::Module>> {
+        Ok(Box::new(candle_nn::linear(i, o, vb)?))
+    };
+    let model = Transformer::new(&s.model, vb, &plain)?;
+    let mut opt = candle_nn::AdamW::new_lr(varmap.all_vars(), s.pretrain_lr)?;
+    let mut rng = SeededRng::new(s.seed);
+    progress.start("pretrain (task A: sort)", s.pretrain_steps);
+    for _ in 0..s.pretrain_steps {
+        let b = batch(Task::Sort, s.batch, &mut rng, &dev)?;
+        let loss = model.loss(&b.inputs, &b.targets)?;
+        opt.backward_step(&loss)?;
+        progress.step(loss.to_scalar::<f32>()? as f64);
+    }
+    progress.finish();
+    let eval_a = batch(
+        Task::Sort,
+        s.eval_size,
+        &mut SeededRng::new(s.seed + 1),
+        &dev,
+    )?;
+    let eval_b = batch(
+        Task::Reverse,
+        s.eval_size,
+        &mut SeededRng::new(s.seed + 2),
+        &dev,
+    )?;
+    let tensors = varmap
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("varmap lock poisoned".into()))?
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect();
+    Ok(Pretrained {
+        tensors,
+        acc_task_a: model.accuracy(&eval_a.inputs, &eval_a.targets)?,
+        acc_task_b: model.accuracy(&eval_b.inputs, &eval_b.targets)?,
+    })
+}
+
+/// Adapts the pretrained model to task B with `method`.
+pub fn adapt(
+    s: &Settings,
+    pre: &Pretrained,
+    method: Method,
+    progress: &mut dyn Progress,
+) -> lorakit::Result<MethodResult> {
+    let dev = Device::Cpu;
+    let mut prepared: Prepared = method.prepare(s, pre)?;
+    let eval = batch(
+        Task::Reverse,
+        s.eval_size,
+        &mut SeededRng::new(s.seed + 2),
+        &dev,
+    )?;
+    let acc_before = prepared.model.accuracy(&eval.inputs, &eval.targets)?;
+    let mut rng = SeededRng::new(s.seed + 10);
+    let mut losses = Vec::with_capacity(s.adapt_steps);
+    progress.start(method.name(), s.adapt_steps);
+    let start = Instant::now();
+    for step in 1..=s.adapt_steps {
+        let b = batch(Task::Reverse, s.batch, &mut rng, &dev)?;
+        let loss = prepared.model.loss(&b.inputs, &b.targets)?;
+        let value = loss.to_scalar::<f32>()? as f64;
+        prepared.trainer.step(&prepared.model, &loss, step, &b)?;
+        losses.push(value);
+        progress.step(value);
+    }
+    let ms_per_step = start.elapsed().as_secs_f64() * 1e3 / s.adapt_steps as f64;
+    progress.finish();
+    prepared.trainer.finish(&prepared.model)?;
+    let acc_after = prepared.model.accuracy(&eval.inputs, &eval.targets)?;
+    let final_loss = losses.iter().rev().take(10).sum::<f64>() / losses.len().clamp(1, 10) as f64;
+    Ok(MethodResult {
+        method,
+        trainable_params: prepared.trainer.trainable_params(),
+        expected_params: method.closed_form_params(&s.model, &prepared),
+        acc_before,
+        acc_after,
+        final_loss,
+        ms_per_step,
+        losses,
+    })
+}
+
+/// Pretrains once, then adapts with every method in `methods`.
+pub fn run(
+    s: &Settings,
+    methods: &[Method],
+    progress: &mut dyn Progress,
+) -> lorakit::Result<(Pretrained, Vec<MethodResult>)> {
+    let pre = pretrain(s, progress)?;
+    let mut results = Vec::with_capacity(methods.len());
+    for &m in methods {
+        results.push(adapt(s, &pre, m, progress)?);
+    }
+    Ok((pre, results))
+}
