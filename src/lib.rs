@@ -33,6 +33,8 @@ pub mod frozen;
 pub mod init;
 pub mod kernels;
 pub mod low_rank;
+pub mod model;
+pub mod peft;
 pub mod shared;
 pub mod train;
 mod validate;

@@ -1,0 +1,249 @@
+//! [`AdaptedSet`]: every adapted layer of a model, by path, with model-wide operations.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use crate::adapter::{Adapter, NamedVar};
+use crate::error::{Error, Result};
+use crate::shared::Shared;
+
+#[derive(Debug, Default)]
+struct Inner {
+    layers: RwLock<Vec<(String, Shared<dyn Adapter>)>>,
+    frozen_params: AtomicUsize,
+}
+
+/// The adapted layers of one model, in the order they were built. Cloning shares the set.
+///
+/// Built by an [`AdapterPlan`](crate::model::AdapterPlan) as the model code creates its
+/// layers; also usable on its own with [`AdaptedSet::insert`].
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use lorakit::model::AdaptedSet;
+/// use lorakit::{FrozenLinear, LoraConfig, LoraLinear, Shared};
+/// # fn main() -> lorakit::Result<()> {
+/// let dev = Device::Cpu;
+/// let varmap = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+/// let set = AdaptedSet::new();
+/// for name in ["a", "b"] {
+///     let base = FrozenLinear::new(Tensor::zeros((8, 8), DType::F32, &dev)?, None)?;
+///     let layer = LoraLinear::new(base, &LoraConfig::new(2, 2.0), vb.pp(name))?;
+///     set.insert(name, Shared::new(layer).erase())?;
+/// }
+/// let counts = set.param_counts();
+/// assert_eq!((counts.trainable, counts.total), (2 * 32, 2 * 32 + 2 * 64));
+/// set.merge_all(true)?;
+/// set.unmerge_all()?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct AdaptedSet(Arc<Inner>);
+
+/// Parameter counts of a model's linear layers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ParamCounts {
+    /// Trainable scalars (shared variables counted once).
+    pub trainable: usize,
+    /// All scalars: frozen bases (adapted or not) plus trainable ones.
+    pub total: usize,
+}
+
+impl ParamCounts {
+    /// `100 · trainable / total` (0 for an empty model).
+    pub fn percent(&self) -> f64 {
+        if self.total == 0 {
+            0.0
+        } else {
+            100.0 * self.trainable as f64 / self.total as f64
+        }
+    }
+
+    /// Adds parameters the plan never saw (embeddings, norms) to the total.
+    pub fn with_other_params(self, other: usize) -> Self {
+        Self {
+            total: self.total + other,
+            ..self
+        }
+    }
+}
+
+impl std::fmt::Display for ParamCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "trainable params: {} || all params: {} || trainable%: {:.4}",
+            self.trainable,
+            self.total,
+            self.percent()
+        )
+    }
+}
+
+/// A trainable variable with its full name (`<layer path>.<name>`) and role.
+#[derive(Clone, Debug)]
+pub struct ModelVar {
+    /// The layer's path.
+    pub layer: String,
+    /// The variable, named relative to its layer.
+    pub var: NamedVar,
+}
+
+impl ModelVar {
+    /// `<layer path>.<name>`.
+    pub fn full_name(&self) -> String {
+        format!("{}.{}", self.layer, self.var.name)
+    }
+}
+
+impl AdaptedSet {
+    /// An empty set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers `layer` at `path`. A path registered twice is an error.
+    pub fn insert(&self, path: &str, layer: Shared<dyn Adapter>) -> Result<()> {
+        let mut layers = self.0.layers.write().unwrap_or_else(|e| e.into_inner());
+        if layers.iter().any(|(p, _)| p == path) {
+            return Err(Error::InvalidConfig {
+                layer: path.to_string(),
+                field: "path",
+                reason: "this module was adapted twice".to_string(),
+            });
+        }
+        layers.push((path.to_string(), layer));
+        Ok(())
+    }
+
+    pub(crate) fn record_frozen(&self, params: usize) {
+        self.0.frozen_params.fetch_add(params, Ordering::Relaxed);
+    }
+
+    /// The layers with their paths, in build order.
+    pub fn layers(&self) -> Vec<(String, Shared<dyn Adapter>)> {
+        self.0
+            .layers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The adapted paths, in build order.
+    pub fn paths(&self) -> Vec<String> {
+        self.layers().into_iter().map(|(p, _)| p).collect()
+    }
+
+    /// The layer at `path`.
+    pub fn get(&self, path: &str) -> Option<Shared<dyn Adapter>> {
+        self.layers()
+            .into_iter()
+            .find(|(p, _)| p == path)
+            .map(|(_, l)| l)
+    }
+
+    /// Number of adapted layers.
+    pub fn len(&self) -> usize {
+        self.0
+            .layers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    /// Whether no layer is adapted.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Merges every layer that is not merged yet. On an error, the layers merged by this
+    /// call are unmerged again before the error is returned.
+    pub fn merge_all(&self, safe: bool) -> Result<()> {
+        let mut done: Vec<Shared<dyn Adapter>> = Vec::new();
+        for (_, layer) in self.layers() {
+            if layer.read().is_merged() {
+                continue;
+            }
+            let res = layer.write().merge(safe);
+            if let Err(e) = res {
+                for l in done.iter().rev() {
+                    l.write().unmerge()?;
+                }
+                return Err(e);
+            }
+            done.push(layer);
+        }
+        Ok(())
+    }
+
+    /// Unmerges every merged layer.
+    pub fn unmerge_all(&self) -> Result<()> {
+        for (_, layer) in self.layers() {
+            if layer.read().is_merged() {
+                layer.write().unmerge()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Enables or disables every adapter (disabled layers output the base alone).
+    pub fn set_enabled(&self, enabled: bool) {
+        for (_, layer) in self.layers() {
+            layer.read().set_enabled(enabled);
+        }
+    }
+
+    /// Sets the mode `Module::forward` runs in for every layer.
+    pub fn set_training(&self, train: bool) {
+        for (_, layer) in self.layers() {
+            layer.read().set_training(train);
+        }
+    }
+
+    /// Every trainable variable with its layer path and role; a variable shared by several
+    /// layers is listed once (under the first).
+    pub fn trainable_vars(&self) -> Vec<ModelVar> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for (path, layer) in self.layers() {
+            for var in layer.read().trainable_vars() {
+                if seen.insert(var.var.as_tensor().id()) {
+                    out.push(ModelVar {
+                        layer: path.clone(),
+                        var,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// The trainable variables alone (for an optimizer).
+    pub fn vars(&self) -> Vec<candle_core::Var> {
+        self.trainable_vars()
+            .into_iter()
+            .map(|v| v.var.var)
+            .collect()
+    }
+
+    /// Trainable and total parameter counts over the linear layers the plan built.
+    pub fn param_counts(&self) -> ParamCounts {
+        let trainable: usize = self
+            .trainable_vars()
+            .iter()
+            .map(|v| v.var.var.as_tensor().elem_count())
+            .sum();
+        let bases: usize = self
+            .layers()
+            .iter()
+            .map(|(_, l)| l.read().num_base_params())
+            .sum();
+        ParamCounts {
+            trainable,
+            total: trainable + bases + self.0.frozen_params.load(Ordering::Relaxed),
+        }
+    }
+}

@@ -1,0 +1,405 @@
+//! `adapter_config.json`: PEFT's adapter configuration.
+//!
+//! Parsed leniently (unknown keys are kept and written back on save, as newer PEFT versions
+//! add fields often); fields that change the math are checked, and settings lorakit cannot
+//! honour are errors rather than silently ignored.
+
+use std::path::{Path, PathBuf};
+
+use candle_nn::VarBuilder;
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+use crate::model::plan::AdapterPlan;
+use crate::model::target::{FullRegex, ModuleSelector, Pattern, RankAlpha, TargetSpec};
+use crate::variants::lora::LoraConfig;
+
+/// The adapter types lorakit reads and writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeftType {
+    /// LoRA, including rsLoRA and DoRA (`use_rslora`, `use_dora`).
+    Lora,
+    /// VeRA.
+    Vera,
+    /// AdaLoRA.
+    AdaLora,
+}
+
+/// The `peft_type` values lorakit supports, for error messages.
+pub const SUPPORTED_PEFT_TYPES: &str = "LORA, VERA, ADALORA";
+
+impl PeftType {
+    /// PEFT's name (`"LORA"`, `"VERA"`, `"ADALORA"`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            PeftType::Lora => "LORA",
+            PeftType::Vera => "VERA",
+            PeftType::AdaLora => "ADALORA",
+        }
+    }
+
+    /// Parses PEFT's name; anything else is an error listing the supported types.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "LORA" => Ok(PeftType::Lora),
+            "VERA" => Ok(PeftType::Vera),
+            "ADALORA" => Ok(PeftType::AdaLora),
+            other => Err(Error::Unsupported {
+                what: "peft_type",
+                got: other.to_string(),
+                supported: SUPPORTED_PEFT_TYPES.to_string(),
+            }),
+        }
+    }
+}
+
+/// A parsed `adapter_config.json`.
+///
+/// ```
+/// use lorakit::peft::{PeftConfig, PeftType};
+/// # fn main() -> lorakit::Result<()> {
+/// let json = r#"{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_rslora": true,
+///                "target_modules": ["q_proj", "v_proj"], "rank_pattern": {"v_proj": 2},
+///                "some_future_key": 1}"#;
+/// let config = PeftConfig::from_json_str(json, "adapter_config.json")?;
+/// assert_eq!(config.peft_type, PeftType::Lora);
+/// assert!(config.targets.is_target("model.layers.0.self_attn.q_proj"));
+/// assert_eq!(config.ranks.for_module("model.layers.0.self_attn.v_proj").r, 2);
+/// let err = PeftConfig::from_json_str(r#"{"peft_type": "IA3"}"#, "x.json").unwrap_err();
+/// assert!(err.to_string().contains("LORA, VERA, ADALORA"));
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct PeftConfig {
+    /// The adapter type.
+    pub peft_type: PeftType,
+    /// `target_modules` / `exclude_modules`.
+    pub targets: TargetSpec,
+    /// `r` (AdaLoRA: `init_r`), `lora_alpha`, `rank_pattern`, `alpha_pattern` (LoRA only).
+    pub ranks: RankAlpha,
+    /// rsLoRA scaling (LoRA).
+    pub use_rslora: bool,
+    /// DoRA (LoRA).
+    pub use_dora: bool,
+    /// Adapter-input dropout (`lora_dropout` or `vera_dropout`).
+    pub dropout: f64,
+    /// AdaLoRA's `rank_pattern`: per module (`<path>.lora_E`), which of the `init_r` ranks
+    /// were kept.
+    pub adalora_ranks: Vec<(String, Vec<bool>)>,
+    /// Every key as read (unknown ones included); written back on save.
+    pub raw: Map<String, Value>,
+}
+
+fn config_error(path: &Path, field: &'static str, reason: impl Into<String>) -> Error {
+    Error::InvalidConfig {
+        layer: path.display().to_string(),
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// Reads `key` as a non-negative integer, or `default` when absent / null.
+fn get_usize(
+    map: &Map<String, Value>,
+    key: &'static str,
+    default: usize,
+    p: &Path,
+) -> Result<usize> {
+    match map.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => v.as_u64().map(|n| n as usize).ok_or_else(|| {
+            config_error(p, key, format!("expected a non-negative integer, got {v}"))
+        }),
+    }
+}
+
+fn get_f64(map: &Map<String, Value>, key: &'static str, default: f64, p: &Path) -> Result<f64> {
+    match map.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => v
+            .as_f64()
+            .ok_or_else(|| config_error(p, key, format!("expected a number, got {v}"))),
+    }
+}
+
+fn get_bool(map: &Map<String, Value>, key: &'static str, p: &Path) -> Result<bool> {
+    match map.get(key) {
+        None | Some(Value::Null) => Ok(false),
+        Some(v) => v
+            .as_bool()
+            .ok_or_else(|| config_error(p, key, format!("expected true or false, got {v}"))),
+    }
+}
+
+/// Parses a `target_modules` / `exclude_modules` value (list, regex string, `all-linear`).
+fn selector(v: &Value, key: &'static str, p: &Path) -> Result<ModuleSelector> {
+    match v {
+        Value::String(s) if key == "target_modules" && s.eq_ignore_ascii_case("all-linear") => {
+            Ok(ModuleSelector::AllLinear)
+        }
+        Value::String(s) => Ok(ModuleSelector::Regex(FullRegex::new(s, key)?)),
+        Value::Array(items) => items
+            .iter()
+            .map(|i| {
+                i.as_str().map(str::to_string).ok_or_else(|| {
+                    config_error(p, key, format!("list entries must be strings, got {i}"))
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(ModuleSelector::List),
+        other => Err(config_error(
+            p,
+            key,
+            format!("expected a list or a string, got {other}"),
+        )),
+    }
+}
+
+/// Reads a `{key: value}` pattern table in the file's key order (sorted, as PEFT writes).
+fn pattern<T: Clone>(
+    map: &Map<String, Value>,
+    key: &'static str,
+    p: &Path,
+    conv: impl Fn(&Value) -> Option<T>,
+) -> Result<Pattern<T>> {
+    let pairs = match map.get(key) {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Object(o)) => o
+            .iter()
+            .map(|(k, v)| {
+                conv(v)
+                    .map(|t| (k.clone(), t))
+                    .ok_or_else(|| config_error(p, key, format!("bad value for `{k}`: {v}")))
+            })
+            .collect::<Result<Vec<_>>>()?,
+        Some(other) => {
+            return Err(config_error(
+                p,
+                key,
+                format!("expected an object, got {other}"),
+            ))
+        }
+    };
+    Pattern::new(pairs, key)
+}
+
+/// Errors unless `key` is absent, null, or equal to one of `allowed`.
+fn require_default(
+    map: &Map<String, Value>,
+    key: &'static str,
+    allowed: &[Value],
+    p: &Path,
+) -> Result<()> {
+    match map.get(key) {
+        None | Some(Value::Null) => Ok(()),
+        Some(v) if allowed.contains(v) => Ok(()),
+        Some(v) => Err(Error::Unsupported {
+            what: key,
+            got: format!("{v} (in {})", p.display()),
+            supported: allowed
+                .iter()
+                .map(|a| a.to_string())
+                .chain(std::iter::once("null".to_string()))
+                .collect::<Vec<_>>()
+                .join(", "),
+        }),
+    }
+}
+
+impl PeftConfig {
+    /// Reads and parses `path`.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json_str(&text, path)
+    }
+
+    /// Parses JSON text; `path` names the file in errors.
+    pub fn from_json_str(text: &str, path: impl Into<PathBuf>) -> Result<Self> {
+        let path: PathBuf = path.into();
+        let p = path.as_path();
+        let value: Value = serde_json::from_str(text).map_err(|e| Error::Json {
+            path: path.clone(),
+            line: e.line(),
+            column: e.column(),
+            message: e.to_string(),
+        })?;
+        let Value::Object(raw) = value else {
+            return Err(config_error(p, "(top level)", "expected a JSON object"));
+        };
+        let peft_type = match raw.get("peft_type") {
+            Some(Value::String(s)) => PeftType::parse(s)?,
+            other => {
+                return Err(Error::Unsupported {
+                    what: "peft_type",
+                    got: match other {
+                        None => format!("missing (in {})", p.display()),
+                        Some(v) => format!("{v} (in {})", p.display()),
+                    },
+                    supported: SUPPORTED_PEFT_TYPES.to_string(),
+                })
+            }
+        };
+        let targets = match raw.get("target_modules") {
+            None | Some(Value::Null) => {
+                return Err(config_error(
+                    p,
+                    "target_modules",
+                    "missing: PEFT's per-architecture defaults are not known to lorakit; list the modules",
+                ))
+            }
+            Some(v) => TargetSpec::new(selector(v, "target_modules", p)?),
+        };
+        let targets = match raw.get("exclude_modules") {
+            None | Some(Value::Null) => targets,
+            Some(v) => targets.exclude(selector(v, "exclude_modules", p)?),
+        };
+        for key in [
+            "layers_to_transform",
+            "layers_pattern",
+            "modules_to_save",
+            "trainable_token_indices",
+        ] {
+            require_default(&raw, key, &[], p)?;
+        }
+        require_default(&raw, "fan_in_fan_out", &[Value::Bool(false)], p)?;
+        require_default(&raw, "bias", &[Value::String("none".into())], p)?;
+        require_default(&raw, "lora_bias", &[Value::Bool(false)], p)?;
+
+        let (default_r, dropout_key) = match peft_type {
+            PeftType::Lora => (8, "lora_dropout"),
+            PeftType::Vera => (256, "vera_dropout"),
+            PeftType::AdaLora => (12, "lora_dropout"),
+        };
+        let r = match peft_type {
+            PeftType::AdaLora => get_usize(&raw, "init_r", default_r, p)?,
+            _ => get_usize(&raw, "r", default_r, p)?,
+        };
+        let mut ranks = RankAlpha::new(r, get_f64(&raw, "lora_alpha", 8.0, p)?);
+        let mut adalora_ranks = Vec::new();
+        match peft_type {
+            PeftType::Lora => {
+                ranks.rank_pattern =
+                    pattern(&raw, "rank_pattern", p, |v| v.as_u64().map(|n| n as usize))?;
+                ranks.alpha_pattern = pattern(&raw, "alpha_pattern", p, Value::as_f64)?;
+            }
+            PeftType::AdaLora => {
+                if let Some(Value::Object(o)) = raw.get("rank_pattern") {
+                    for (k, v) in o {
+                        let mask = v
+                            .as_array()
+                            .and_then(|a| {
+                                a.iter().map(Value::as_bool).collect::<Option<Vec<bool>>>()
+                            })
+                            .ok_or_else(|| {
+                                config_error(
+                                    p,
+                                    "rank_pattern",
+                                    format!("`{k}`: expected a list of booleans"),
+                                )
+                            })?;
+                        if mask.len() != r {
+                            return Err(config_error(
+                                p,
+                                "rank_pattern",
+                                format!("`{k}` has {} entries, init_r is {r}", mask.len()),
+                            ));
+                        }
+                        adalora_ranks.push((k.clone(), mask));
+                    }
+                }
+            }
+            PeftType::Vera => {}
+        }
+        Ok(Self {
+            peft_type,
+            targets,
+            ranks,
+            use_rslora: get_bool(&raw, "use_rslora", p)?,
+            use_dora: get_bool(&raw, "use_dora", p)?,
+            dropout: get_f64(&raw, dropout_key, 0.0, p)?,
+            adalora_ranks,
+            raw,
+        })
+    }
+
+    /// A LoRA config for fresh adapters (PEFT's defaults for everything not given).
+    pub fn lora(r: usize, alpha: f64, target_modules: &[&str]) -> Self {
+        let mut raw = Map::new();
+        raw.insert("peft_type".into(), "LORA".into());
+        raw.insert("r".into(), r.into());
+        raw.insert("lora_alpha".into(), alpha.into());
+        raw.insert(
+            "target_modules".into(),
+            Value::Array(target_modules.iter().map(|s| Value::from(*s)).collect()),
+        );
+        Self {
+            peft_type: PeftType::Lora,
+            targets: TargetSpec::new(ModuleSelector::list(target_modules.iter().copied())),
+            ranks: RankAlpha::new(r, alpha),
+            use_rslora: false,
+            use_dora: false,
+            dropout: 0.0,
+            adalora_ranks: Vec::new(),
+            raw,
+        }
+    }
+
+    /// A plan that gives every target a fresh, trainable adapter of this config's type,
+    /// with per-module rank and alpha from the config; `init` supplies what the config does
+    /// not say (init scheme, seed). Save the trained set with
+    /// [`save_adapter`](crate::peft::save_adapter) and this config.
+    pub fn fresh_plan(
+        &self,
+        adapter_vb: VarBuilder<'static>,
+        init: &LoraConfig,
+    ) -> Result<AdapterPlan> {
+        match (self.peft_type, self.use_dora) {
+            (PeftType::Lora, false) => Ok(AdapterPlan::lora(
+                self.targets.clone(),
+                self.ranks.clone(),
+                LoraConfig {
+                    use_rslora: self.use_rslora,
+                    dropout: self.dropout,
+                    ..init.clone()
+                },
+                adapter_vb,
+            )),
+            _ => Err(Error::Unsupported {
+                what: "fresh adapter type",
+                got: self.describe(),
+                supported: "LORA, LORA+rsLoRA".to_string(),
+            }),
+        }
+    }
+
+    /// A short name of the adapter type: `LORA`, `LORA (rsLoRA)`, `LORA (DoRA)`, `VERA`, `ADALORA`.
+    pub fn describe(&self) -> String {
+        match (self.peft_type, self.use_dora, self.use_rslora) {
+            (PeftType::Lora, true, true) => "LORA (DoRA, rsLoRA)".to_string(),
+            (PeftType::Lora, true, false) => "LORA (DoRA)".to_string(),
+            (PeftType::Lora, false, true) => "LORA (rsLoRA)".to_string(),
+            (t, _, _) => t.as_str().to_string(),
+        }
+    }
+
+    /// The AdaLoRA kept-rank mask of the module at `path`, if the config has one.
+    pub fn adalora_mask(&self, path: &str) -> Option<&[bool]> {
+        let key = format!("{path}.lora_E");
+        self.adalora_ranks
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, m)| m.as_slice())
+    }
+
+    /// The JSON PEFT reads: every key read from the file (or set by a constructor), with
+    /// keys sorted as PEFT writes them.
+    pub fn to_json_string(&self) -> Result<String> {
+        serde_json::to_string_pretty(&Value::Object(self.raw.clone())).map_err(|e| Error::Json {
+            path: PathBuf::from("adapter_config.json"),
+            line: e.line(),
+            column: e.column(),
+            message: e.to_string(),
+        })
+    }
+}

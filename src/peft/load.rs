@@ -1,0 +1,323 @@
+//! Loading a PEFT adapter directory and attaching it to a model.
+//!
+//! [`PeftAdapter::plan`] turns the adapter into an [`AdapterPlan`] whose factory builds each
+//! targeted layer from the file's tensors; the model is built with
+//! [`crate::model::linear`] as usual, and [`AdapterPlan::finish`] then checks that every
+//! tensor of the file was used.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarBuilder;
+
+use crate::adapter::Adapter;
+use crate::error::{Error, Result};
+use crate::frozen::FrozenLinear;
+use crate::low_rank::{Factor, LowRankPair};
+use crate::model::plan::{AdapterFactory, AdapterPlan};
+use crate::model::target::ModuleSettings;
+use crate::peft::config::{PeftConfig, PeftType};
+use crate::shared::Shared;
+use crate::variants::lora::{lora_scale, LoraLinear};
+
+/// The config file's name in an adapter directory.
+pub const CONFIG_FILE: &str = "adapter_config.json";
+/// The weights file's name in an adapter directory.
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// The prefix PEFT puts before a module path in tensor keys.
+pub const KEY_PREFIX: &str = "base_model.model.";
+
+/// A PEFT adapter read from disk: its config and tensors.
+///
+/// ```no_run
+/// use candle_core::{DType, Device};
+/// use candle_nn::VarBuilder;
+/// use lorakit::model::linear;
+/// use lorakit::peft::PeftAdapter;
+/// # fn main() -> lorakit::Result<()> {
+/// let dev = Device::Cpu;
+/// let adapter = PeftAdapter::load("my-adapter", &dev)?;
+/// let plan = adapter.plan()?;
+/// let vb = unsafe { VarBuilder::from_mmaped_safetensors(&["model.safetensors"], DType::F32, &dev)? };
+/// let q = linear(64, 64, vb.pp("layers.0.q_proj"), &plan)?; // adapted if targeted
+/// let set = plan.finish()?; // errors if a tensor of the file was not used
+/// println!("{}", set.param_counts());
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct PeftAdapter {
+    inner: Arc<Files>,
+}
+
+#[derive(Debug)]
+struct Files {
+    config: PeftConfig,
+    weights_path: PathBuf,
+    tensors: BTreeMap<String, Tensor>,
+    used: Mutex<HashSet<String>>,
+}
+
+impl PeftAdapter {
+    /// Reads `dir/adapter_config.json` and `dir/adapter_model.safetensors` onto `device`.
+    pub fn load(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let dir = dir.as_ref();
+        let config = PeftConfig::from_file(dir.join(CONFIG_FILE))?;
+        let weights_path = dir.join(WEIGHTS_FILE);
+        let tensors = read_safetensors(&weights_path, device)?;
+        Ok(Self::from_parts(
+            config,
+            tensors.into_iter().collect(),
+            weights_path,
+        ))
+    }
+
+    /// An adapter from an already parsed config and tensors keyed as in PEFT's file.
+    pub fn from_parts(
+        config: PeftConfig,
+        tensors: BTreeMap<String, Tensor>,
+        source: impl Into<PathBuf>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Files {
+                config,
+                weights_path: source.into(),
+                tensors,
+                used: Mutex::new(HashSet::new()),
+            }),
+        }
+    }
+
+    /// The parsed config.
+    pub fn config(&self) -> &PeftConfig {
+        &self.inner.config
+    }
+
+    /// Every tensor key in the weights file, sorted.
+    pub fn tensor_names(&self) -> Vec<String> {
+        self.inner.tensors.keys().cloned().collect()
+    }
+
+    /// The tensor at `key`.
+    pub fn tensor(&self, key: &str) -> Option<&Tensor> {
+        self.inner.tensors.get(key)
+    }
+
+    /// The module paths that have tensors in the file, sorted.
+    pub fn module_paths(&self) -> Vec<String> {
+        let mut paths: Vec<String> = self
+            .inner
+            .tensors
+            .keys()
+            .filter_map(|k| k.strip_prefix(KEY_PREFIX))
+            .filter_map(|k| {
+                let suffixes = [
+                    ".lora_A.weight",
+                    ".lora_B.weight",
+                    ".lora_magnitude_vector",
+                    ".vera_lambda_b",
+                    ".vera_lambda_d",
+                    ".lora_A",
+                    ".lora_B",
+                    ".lora_E",
+                ];
+                suffixes.iter().find_map(|s| k.strip_suffix(s))
+            })
+            .map(str::to_string)
+            .collect();
+        paths.dedup();
+        paths.sort();
+        paths.dedup();
+        paths
+    }
+
+    /// A plan that attaches this adapter: the config's target rules, with each targeted
+    /// layer built from the file's tensors (converted to the base layer's dtype).
+    pub fn plan(&self) -> Result<AdapterPlan> {
+        let c = &self.inner.config;
+        let device = self
+            .inner
+            .tensors
+            .values()
+            .next()
+            .map(|t| t.device().clone())
+            .unwrap_or(Device::Cpu);
+        Ok(AdapterPlan::new(
+            c.targets.clone(),
+            c.ranks.clone(),
+            VarBuilder::zeros(DType::F32, &device),
+            LoadedFactory(self.inner.clone()),
+        ))
+    }
+}
+
+/// Reads every tensor of a safetensors file.
+pub(crate) fn read_safetensors(path: &Path, device: &Device) -> Result<Vec<(String, Tensor)>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::SafeTensors {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let mut out = Vec::new();
+    for (name, view) in st.tensors() {
+        let t = candle_core::safetensors::Load::load(&view, device).map_err(|e| {
+            Error::SafeTensors {
+                path: path.to_path_buf(),
+                message: format!("tensor `{name}`: {e}"),
+            }
+        })?;
+        out.push((name, t));
+    }
+    Ok(out)
+}
+
+/// Builds layers from a loaded adapter's tensors.
+struct LoadedFactory(Arc<Files>);
+
+impl Files {
+    fn file(&self) -> String {
+        self.weights_path.display().to_string()
+    }
+
+    /// The tensor `base_model.model.<path>.<suffix>` checked against `expected`, in the base's
+    /// dtype and device, marked as used.
+    fn take(
+        &self,
+        path: &str,
+        suffix: &str,
+        expected: &[usize],
+        base: &FrozenLinear,
+    ) -> Result<Tensor> {
+        let key = format!("{KEY_PREFIX}{path}.{suffix}");
+        self.take_key(&key, path, expected, base)
+    }
+
+    fn take_key(
+        &self,
+        key: &str,
+        path: &str,
+        expected: &[usize],
+        base: &FrozenLinear,
+    ) -> Result<Tensor> {
+        let t = self.tensors.get(key).ok_or_else(|| Error::MissingKey {
+            key: key.to_string(),
+            file: self.file(),
+        })?;
+        if t.dims() != expected {
+            return Err(Error::ShapeMismatch {
+                layer: path.to_string(),
+                what: format!(
+                    "`{key}` (base weight `{path}.weight` is {:?})",
+                    base.weight().dims()
+                ),
+                expected: format!("{expected:?}"),
+                got: format!("{:?}", t.dims()),
+            });
+        }
+        self.used
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.to_string());
+        Ok(t.to_dtype(base.dtype())?.to_device(base.device())?)
+    }
+
+    /// The rank stored in the file for `path` (rows of `<suffix>`), for error-free shape
+    /// checks where the rank is not in the config (AdaLoRA's truncated ranks).
+    fn rows(&self, path: &str, suffix: &str) -> Result<usize> {
+        let key = format!("{KEY_PREFIX}{path}.{suffix}");
+        self.tensors
+            .get(&key)
+            .map(|t| t.dims().first().copied().unwrap_or(0))
+            .ok_or_else(|| Error::MissingKey {
+                key,
+                file: self.file(),
+            })
+    }
+}
+
+fn trainable(t: Tensor) -> Result<Factor> {
+    Ok(Factor::Trainable(Var::from_tensor(&t)?))
+}
+
+impl LoadedFactory {
+    fn lora(
+        &self,
+        path: &str,
+        base: FrozenLinear,
+        s: ModuleSettings,
+    ) -> Result<Shared<dyn Adapter>> {
+        let f = &self.0;
+        let c = &f.config;
+        let (d_in, d_out) = (base.d_in(), base.d_out());
+        let a = f.take(path, "lora_A.weight", &[s.r, d_in], &base)?;
+        let b = f.take(path, "lora_B.weight", &[d_out, s.r], &base)?;
+        let pair = LowRankPair {
+            a: trainable(a)?,
+            b: trainable(b)?,
+        };
+        let scale = lora_scale(s.alpha, s.r, c.use_rslora);
+        if c.use_dora {
+            return Err(Error::Unsupported {
+                what: "adapter type",
+                got: "LORA with use_dora".to_string(),
+                supported: "LORA, LORA+rsLoRA".to_string(),
+            });
+        }
+        let layer = LoraLinear::from_pair(path, base, pair, scale, c.dropout)?;
+        Ok(Shared::new(layer).erase())
+    }
+}
+
+impl AdapterFactory for LoadedFactory {
+    fn build(
+        &self,
+        path: &str,
+        base: FrozenLinear,
+        _vb: VarBuilder<'static>,
+        settings: ModuleSettings,
+    ) -> Result<Shared<dyn Adapter>> {
+        match self.0.config.peft_type {
+            PeftType::Lora => self.lora(path, base, settings),
+            other => {
+                let _ = self.0.rows(path, "lora_A");
+                Err(Error::Unsupported {
+                    what: "adapter type",
+                    got: other.as_str().to_string(),
+                    supported: "LORA".to_string(),
+                })
+            }
+        }
+    }
+
+    fn covers(&self, path: &str) -> bool {
+        let prefix = format!("{KEY_PREFIX}{path}.");
+        self.0
+            .tensors
+            .range(prefix.clone()..)
+            .next()
+            .is_some_and(|(k, _)| k.starts_with(&prefix))
+            || !matches!(
+                self.0.config.targets.target,
+                crate::model::target::ModuleSelector::AllLinear
+            )
+    }
+
+    fn finish(&self) -> Result<()> {
+        let used = self.0.used.lock().unwrap_or_else(|e| e.into_inner());
+        let unused: Vec<&String> = self
+            .0
+            .tensors
+            .keys()
+            .filter(|k| !used.contains(*k))
+            .collect();
+        match unused.first() {
+            None => Ok(()),
+            Some(example) => Err(Error::UnusedKeys {
+                count: unused.len(),
+                example: (*example).clone(),
+                file: self.0.file(),
+            }),
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! Hugging Face PEFT adapter files: `adapter_config.json` ([`config`]), loading and
+//! attaching to a model ([`load`]), saving ([`save`]), merging into a base model file
+//! ([`merge`]) and summarizing ([`inspect`]).
+
+pub mod config;
+pub mod inspect;
+pub mod load;
+pub mod merge;
+pub mod save;
+
+pub use config::{PeftConfig, PeftType, SUPPORTED_PEFT_TYPES};
+pub use inspect::{inspect, AdapterSummary, ModuleSummary};
+pub use load::PeftAdapter;
+pub use merge::{merge_files, MergeReport};
+pub use save::{save_adapter, write_atomic};

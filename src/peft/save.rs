@@ -1,0 +1,142 @@
+//! Saving adapters as PEFT files (`adapter_config.json`, `adapter_model.safetensors`) that
+//! PEFT's `PeftModel.from_pretrained` loads, and the atomic file write used for every output.
+
+use std::io::Write;
+use std::path::Path;
+
+use candle_core::Tensor;
+
+use crate::error::{Error, Result};
+use crate::model::adapted_set::AdaptedSet;
+use crate::peft::config::PeftConfig;
+use crate::peft::load::{CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE};
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same directory, flushed and
+/// fsynced, then renamed over `path` (readers see the old file or the new one, never half).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".to_string());
+    let tmp = dir.join(format!(".{file_name}.tmp{}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        Ok(())
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(&tmp, e));
+    }
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    // Make the rename itself durable where the platform allows opening a directory.
+    if let Ok(d) = std::fs::File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Serializes named tensors to safetensors bytes (tensors are moved to the CPU).
+pub(crate) fn safetensors_bytes(tensors: &[(String, Tensor)], path: &Path) -> Result<Vec<u8>> {
+    let cpu: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(k, t)| {
+            Ok((
+                k.clone(),
+                t.to_device(&candle_core::Device::Cpu)?.contiguous()?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    safetensors::serialize(cpu.iter().map(|(k, t)| (k.as_str(), t)), None).map_err(|e| {
+        Error::SafeTensors {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        }
+    })
+}
+
+/// The tensors of `set` under PEFT's keys (`base_model.model.<path>.<suffix>`).
+pub fn adapter_tensors(set: &AdaptedSet) -> Result<Vec<(String, Tensor)>> {
+    let mut out = Vec::new();
+    for (path, layer) in set.layers() {
+        for (suffix, t) in layer.read().tensors_to_save()? {
+            out.push((format!("{KEY_PREFIX}{path}.{suffix}"), t));
+        }
+    }
+    Ok(out)
+}
+
+/// Checks that `config` describes `set`: every layer is a target, and LoRA layers have the
+/// rank and scale the config gives their path (otherwise PEFT would load something else).
+fn check_consistent(config: &PeftConfig, set: &AdaptedSet) -> Result<()> {
+    for (path, layer) in set.layers() {
+        if !config.targets.is_target(&path) {
+            return Err(Error::InvalidConfig {
+                layer: path,
+                field: "target_modules",
+                reason: "the layer is adapted but the config does not target it".to_string(),
+            });
+        }
+        let layer = layer.read();
+        if let Some(lora) = layer.as_any().downcast_ref::<crate::LoraLinear>() {
+            let s = config.ranks.for_module(&path);
+            let scale = crate::variants::lora::lora_scale(s.alpha, s.r, config.use_rslora);
+            if lora.rank() != s.r || (lora.scale() - scale).abs() > 1e-9 * scale.abs().max(1.0) {
+                return Err(Error::InvalidConfig {
+                    layer: path,
+                    field: "r",
+                    reason: format!(
+                        "layer has rank {} and scale {}, the config gives rank {} and scale {scale}",
+                        lora.rank(),
+                        lora.scale(),
+                        s.r
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes `dir/adapter_config.json` (from `config`) and `dir/adapter_model.safetensors`
+/// (the layers' tensors), each atomically; creates `dir` if needed.
+///
+/// ```
+/// use candle_core::{DType, Device, Module, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use lorakit::model::linear_no_bias;
+/// use lorakit::peft::{save_adapter, PeftAdapter, PeftConfig};
+/// use lorakit::LoraConfig;
+/// # fn main() -> lorakit::Result<()> {
+/// let dev = Device::Cpu;
+/// let (base, adapter_vars) = (VarMap::new(), VarMap::new());
+/// let base_vb = VarBuilder::from_varmap(&base, DType::F32, &dev);
+/// let config = PeftConfig::lora(2, 4.0, &["q"]);
+/// let vb = VarBuilder::from_varmap(&adapter_vars, DType::F32, &dev);
+/// let plan = config.fresh_plan(vb, &LoraConfig::default())?;
+/// let _q = linear_no_bias(8, 8, base_vb.pp("q"), &plan)?;
+/// let dir = std::env::temp_dir().join(format!("lorakit-doc-save-{}", std::process::id()));
+/// save_adapter(&dir, &config, &plan.finish()?)?;
+/// let loaded = PeftAdapter::load(&dir, &dev)?;
+/// assert_eq!(loaded.tensor_names(), ["base_model.model.q.lora_A.weight", "base_model.model.q.lora_B.weight"]);
+/// # std::fs::remove_dir_all(&dir).ok();
+/// # Ok(()) }
+/// ```
+pub fn save_adapter(dir: impl AsRef<Path>, config: &PeftConfig, set: &AdaptedSet) -> Result<()> {
+    let dir = dir.as_ref();
+    check_consistent(config, set)?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let weights = dir.join(WEIGHTS_FILE);
+    let bytes = safetensors_bytes(&adapter_tensors(set)?, &weights)?;
+    write_atomic(&weights, &bytes)?;
+    let json = config.to_json_string()?;
+    write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())
+}

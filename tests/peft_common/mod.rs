@@ -1,0 +1,111 @@
+//! Helpers shared by the PEFT fixture, round-trip and CLI tests.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::VarBuilder;
+use lorakit::model::{linear_b, AdapterPlan, Linear};
+
+pub fn fixture(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(case)
+}
+
+pub fn load(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).expect("read safetensors")
+}
+
+/// The fixture's model: linears at `layers[i].0` chained with ReLU between them.
+pub struct Chain {
+    pub layers: Vec<(String, Linear)>,
+}
+
+pub fn layer_specs(case: &str) -> Vec<(String, usize, usize, bool)> {
+    let text = std::fs::read_to_string(fixture(case).join("model.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l[0].as_str().unwrap().to_string(),
+                l[1].as_u64().unwrap() as usize,
+                l[2].as_u64().unwrap() as usize,
+                l[3].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+impl Chain {
+    /// Builds the case's model from `base.safetensors` with the plan.
+    pub fn build(case: &str, plan: &AdapterPlan) -> lorakit::Result<Self> {
+        Self::build_dtype(case, plan, DType::F32)
+    }
+
+    pub fn build_dtype(case: &str, plan: &AdapterPlan, dtype: DType) -> lorakit::Result<Self> {
+        let tensors = load(&fixture(case).join("base.safetensors"));
+        let vb = VarBuilder::from_tensors(tensors, dtype, &Device::Cpu);
+        let mut layers = Vec::new();
+        for (path, d_in, d_out, bias) in layer_specs(case) {
+            let l = linear_b(d_in, d_out, bias, vb.pp(&path), plan)?;
+            layers.push((path, l));
+        }
+        Ok(Self { layers })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let mut x = x.clone();
+        let n = self.layers.len();
+        for (i, (_, l)) in self.layers.iter().enumerate() {
+            x = l.forward(&x).unwrap();
+            if i + 1 < n {
+                x = x.relu().unwrap();
+            }
+        }
+        x
+    }
+}
+
+/// max |a − b| / max |b|, in f64.
+pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let a = a
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let b = b
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max);
+    let scale = b.iter().map(|y| y.abs()).fold(0.0, f64::max).max(1e-12);
+    diff / scale
+}
+
+pub fn assert_close(a: &Tensor, b: &Tensor, tol: f64, what: &str) {
+    let e = rel_err(a, b);
+    assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.0e}");
+}
+
+/// A fresh empty directory under the system temp dir.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lorakit-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
