@@ -19,9 +19,12 @@ Each case directory holds:
     same adapter into a half-precision base).
 
 --check-reverse DIR: DIR/<case>/adapter is an adapter lorakit saved (the Rust test
-`peft_roundtrip` writes them when LORAKIT_REVERSE_DIR=DIR is set). Each one is loaded with
-PeftModel.from_pretrained into the case's base model and its output compared with the
-fixture's expected output (and with DIR/<case>/output.safetensors when present).
+`peft_roundtrip` writes them when LORAKIT_REVERSE_DIR=DIR is set:
+    LORAKIT_REVERSE_DIR=/tmp/rev cargo test --test peft_roundtrip
+). Each one is loaded with PeftModel.from_pretrained into the case's base model and its
+output compared with the fixture's expected output and with lorakit's own output
+(DIR/<case>/output.safetensors). DIR/<case>@<tag>/ holds other adapters on the same base
+(e.g. fresh random ones), compared with lorakit's output only.
 
 Versions used to generate the committed files: torch 2.15, peft 0.21.2. Deterministic:
 every case seeds torch itself.
@@ -247,8 +250,12 @@ def write_case(name, seed):
 
 def check_reverse(root):
     failures = 0
-    for name in sorted(os.listdir(root)):
-        adapter_dir = os.path.join(root, name, "adapter")
+    checked = 0
+    for entry in sorted(os.listdir(root)):
+        # DIR/<case>: the fixture's adapter re-saved by lorakit; DIR/<case>@<tag>: another
+        # adapter (fresh, trained, ...) on the same base, with its own input and output.
+        name = entry.split("@")[0]
+        adapter_dir = os.path.join(root, entry, "adapter")
         fixture = os.path.join(ROOT, name)
         if not os.path.isdir(adapter_dir) or not os.path.isdir(fixture):
             continue
@@ -257,19 +264,24 @@ def check_reverse(root):
         base = Chain(layers)
         base.load_state_dict(load_file(os.path.join(fixture, "base.safetensors")))
         model = PeftModel.from_pretrained(base.eval(), adapter_dir).eval()
-        expected = load_file(os.path.join(fixture, "expected.safetensors"))
-        with torch.no_grad():
-            got = model(expected["input"])
-        refs = {"fixture": expected["output"]}
-        extra = os.path.join(root, name, "output.safetensors")
+        refs = {}
+        if "@" not in entry:
+            expected = load_file(os.path.join(fixture, "expected.safetensors"))
+            refs["PEFT fixture"] = (expected["input"], expected["output"])
+        extra = os.path.join(root, entry, "output.safetensors")
         if os.path.exists(extra):
-            refs["lorakit"] = load_file(extra)["output"]
-        for label, ref in refs.items():
+            t = load_file(extra)
+            refs["lorakit"] = (t["input"], t["output"])
+        for label, (x, ref) in refs.items():
+            with torch.no_grad():
+                got = model(x)
             err = ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
             ok = err <= 1e-5
+            checked += 1
             failures += 0 if ok else 1
-            print(f"{name}: PEFT output vs {label}: relative max error {err:.2e} {'ok' if ok else 'FAIL'}")
-    if failures:
+            print(f"{entry}: PEFT output vs {label}: relative max error {err:.2e} {'ok' if ok else 'FAIL'}")
+    print(f"{checked} comparisons, {failures} failures")
+    if failures or not checked:
         sys.exit(1)
 
 

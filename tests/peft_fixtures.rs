@@ -4,8 +4,8 @@
 mod peft_common;
 
 use candle_core::DType;
-use peft_common::{assert_close, fixture, load, temp_dir, Chain};
 use lorakit::peft::{merge_files, PeftAdapter};
+use peft_common::{assert_close, fixture, load, temp_dir, Chain};
 
 const TOL: f64 = 1e-5;
 

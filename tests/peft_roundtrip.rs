@@ -1,0 +1,125 @@
+//! save → load gives the same outputs, for every supported adapter type.
+//!
+//! With `LORAKIT_REVERSE_DIR=DIR`, the saved adapters (and lorakit's outputs) are also left
+//! in `DIR/<case>/` (fresh adapters in `DIR/<case>@<tag>/`) for `python scripts/make_peft_fixtures.py --check-reverse DIR`, which
+//! loads them in PEFT.
+
+mod peft_common;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use lorakit::model::AdaptedSet;
+use lorakit::peft::{save_adapter, PeftAdapter, PeftConfig};
+use lorakit::{LoraConfig, LoraInit};
+use peft_common::{assert_close, fixture, load, temp_dir, Chain};
+
+/// Saves `set` with `config`, reloads it onto a fresh base and compares outputs.
+fn save_reload_compare(
+    case: &str,
+    tag: &str,
+    config: &PeftConfig,
+    set: &AdaptedSet,
+    y: &Tensor,
+    x: &Tensor,
+) {
+    let dir = match std::env::var_os("LORAKIT_REVERSE_DIR") {
+        Some(root) if tag == "fixture" => std::path::PathBuf::from(root).join(case),
+        Some(root) => std::path::PathBuf::from(root).join(format!("{case}@{tag}")),
+        None => temp_dir(&format!("roundtrip-{case}-{tag}")),
+    };
+    let adapter_dir = dir.join("adapter");
+    save_adapter(&adapter_dir, config, set).unwrap();
+    let loaded = PeftAdapter::load(&adapter_dir, &Device::Cpu).unwrap();
+    let plan = loaded.plan().unwrap();
+    let model = Chain::build(case, &plan).unwrap();
+    let reloaded = plan.finish().unwrap();
+    assert_eq!(
+        reloaded.paths().len(),
+        set.paths().len(),
+        "{case}/{tag}: adapted layers"
+    );
+    assert_close(
+        &model.forward(x),
+        y,
+        1e-6,
+        &format!("{case}/{tag}: reloaded output"),
+    );
+    let out: HashMap<String, Tensor> = [
+        ("input".to_string(), x.clone()),
+        ("output".to_string(), y.clone()),
+    ]
+    .into();
+    candle_core::safetensors::save(&out, dir.join("output.safetensors")).unwrap();
+}
+
+/// Load the PEFT fixture, save it again, reload: same outputs, same tensors.
+fn roundtrip_fixture(case: &str) {
+    let adapter = PeftAdapter::load(fixture(case).join("adapter"), &Device::Cpu).unwrap();
+    let plan = adapter.plan().unwrap();
+    let model = Chain::build(case, &plan).unwrap();
+    let set = plan.finish().unwrap();
+    let x = load(&fixture(case).join("expected.safetensors"))["input"].clone();
+    let y = model.forward(&x);
+    save_reload_compare(case, "fixture", adapter.config(), &set, &y, &x);
+}
+
+#[test]
+fn lora_fixture_roundtrip() {
+    roundtrip_fixture("lora_mlp");
+    roundtrip_fixture("llama_names");
+}
+
+#[test]
+fn rslora_patterns_fixture_roundtrip() {
+    roundtrip_fixture("rslora_patterns");
+}
+
+/// Fresh, random adapters from a config with rsLoRA and patterns: saved, reloaded, same
+/// outputs; the reloaded layers have the ranks the patterns give.
+#[test]
+fn fresh_rslora_with_patterns_roundtrip() {
+    let json = r#"{"peft_type": "LORA", "r": 3, "lora_alpha": 5, "use_rslora": true,
+        "target_modules": ["fc1", "fc2", "head"], "exclude_modules": "blocks\\.0\\.fc1",
+        "rank_pattern": {"fc2": 2}, "alpha_pattern": {"head": 7}}"#;
+    let config = PeftConfig::from_json_str(json, "inline").unwrap();
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let init = LoraConfig {
+        init: LoraInit::BothRandom,
+        seed: 7,
+        ..LoraConfig::default()
+    };
+    let plan = config.fresh_plan(vb, &init).unwrap();
+    let model = Chain::build("rslora_patterns", &plan).unwrap();
+    let set = plan.finish().unwrap();
+    assert_eq!(
+        set.paths(),
+        ["blocks.0.fc2", "blocks.1.fc1", "blocks.1.fc2", "head"]
+    );
+    for (path, layer) in set.layers() {
+        let r = layer.read().tensors_to_save().unwrap()[0].1.dims()[0];
+        assert_eq!(r, if path.ends_with("fc2") { 2 } else { 3 }, "{path}");
+    }
+    let x = Tensor::randn(0f32, 1., (4, 6), &Device::Cpu).unwrap();
+    let y = model.forward(&x);
+    save_reload_compare("rslora_patterns", "fresh", &config, &set, &y, &x);
+}
+
+/// A set whose layers do not match the config is refused rather than saved wrongly.
+#[test]
+fn save_refuses_inconsistent_config() {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let plan = PeftConfig::lora(2, 4.0, &["lin0"])
+        .fresh_plan(vb, &LoraConfig::default())
+        .unwrap();
+    let _model = Chain::build("lora_mlp", &plan).unwrap();
+    let set = plan.finish().unwrap();
+    let dir = temp_dir("roundtrip-inconsistent");
+    let err = save_adapter(&dir, &PeftConfig::lora(4, 4.0, &["lin0"]), &set).unwrap_err();
+    assert!(err.to_string().contains("rank 2"), "{err}");
+    let err = save_adapter(&dir, &PeftConfig::lora(2, 4.0, &["lin1"]), &set).unwrap_err();
+    assert!(err.to_string().contains("target_modules"), "{err}");
+}
