@@ -1,12 +1,16 @@
 //! Runs the flagship example's core in quick mode: every method must improve task-B
 //! accuracy over the pretrained model, and train exactly its closed-form parameter count.
 
+#[allow(dead_code)]
 #[path = "../examples/compare_variants/core.rs"]
 mod core;
+#[allow(dead_code)]
 #[path = "../examples/compare_variants/methods.rs"]
 mod methods;
+#[allow(dead_code)]
 #[path = "../examples/compare_variants/model.rs"]
 mod model;
+#[allow(dead_code)]
 #[path = "../examples/compare_variants/tasks.rs"]
 mod tasks;
 
