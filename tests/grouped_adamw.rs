@@ -54,11 +54,8 @@ fn one_group_equals_candle_adamw_bit_for_bit() {
         weight_decay: 0.05,
         ..Default::default()
     };
-    let mut ours = GroupedAdamW::new(
-        vec![ParamGroup::new("all", ours_v.clone())],
-        params.clone(),
-    )
-    .unwrap();
+    let mut ours =
+        GroupedAdamW::new(vec![ParamGroup::new("all", ours_v.clone())], params.clone()).unwrap();
     let mut theirs = candle_nn::AdamW::new(theirs_v.clone(), params).unwrap();
     let mut rng = SeededRng::new(7);
     for step in 0..10 {
@@ -78,9 +75,12 @@ fn one_group_equals_candle_adamw_bit_for_bit() {
 #[test]
 fn optimizer_trait_new_equals_candle_adamw() {
     let (ours_v, theirs_v) = twin_vars(2, &SHAPES);
-    let mut ours = <GroupedAdamW as Optimizer>::new(ours_v.clone(), ParamsAdamW::default()).unwrap();
+    let mut ours =
+        <GroupedAdamW as Optimizer>::new(ours_v.clone(), ParamsAdamW::default()).unwrap();
     let mut theirs = candle_nn::AdamW::new(theirs_v.clone(), ParamsAdamW::default()).unwrap();
-    let x = SeededRng::new(3).normal((6, 5), 0.0, 1.0, DType::F32, &DEV).unwrap();
+    let x = SeededRng::new(3)
+        .normal((6, 5), 0.0, 1.0, DType::F32, &DEV)
+        .unwrap();
     for _ in 0..10 {
         Optimizer::backward_step(&mut ours, &loss(&ours_v, &x)).unwrap();
         theirs.backward_step(&loss(&theirs_v, &x)).unwrap();

@@ -253,11 +253,14 @@ impl GroupedAdamW {
     /// Sets the learning rate of group `index` (errors on a bad index or rate).
     pub fn set_group_lr(&mut self, index: usize, lr: f64) -> Result<()> {
         let count = self.groups.len();
-        let group = self.groups.get_mut(index).ok_or_else(|| Error::InvalidConfig {
-            layer: "optimizer".to_string(),
-            field: "group",
-            reason: format!("index {index} out of range ({count} groups)"),
-        })?;
+        let group = self
+            .groups
+            .get_mut(index)
+            .ok_or_else(|| Error::InvalidConfig {
+                layer: "optimizer".to_string(),
+                field: "group",
+                reason: format!("index {index} out of range ({count} groups)"),
+            })?;
         check_rate(&group.name, "lr", lr)?;
         group.lr = lr;
         Ok(())

@@ -10,6 +10,11 @@
 //! is inverted exactly, in f64 on the host, once per frozen `A` (cached by tensor id). The
 //! product with `g_B` runs on the gradient's device, in its dtype (f32 for half precision).
 //!
+//! Pair the hook with any optimizer over B (e.g. [`GroupedAdamW`](crate::train::GroupedAdamW)
+//! through [`train_step`](crate::train::train_step)). PEFT's `LoraFAOptimizer` is HF's AdamW
+//! (ε = 1e-6, weight decay 0 by default, decay applied after the Adam update); candle's AdamW
+//! defaults differ (ε = 1e-8, decay 0.01 applied before): set them to match PEFT's run.
+//!
 //! A and B are paired per layer (a [`LoraLinear`] whose A is [`Factor::Frozen`] and B
 //! [`Factor::Trainable`]), never by parameter order.
 
@@ -34,7 +39,7 @@ pub const LORA_FA_RIDGE: f64 = 1e-8;
 /// use candle_core::{DType, Device, Tensor, Var};
 /// use lorakit::low_rank::{Factor, LowRankPair};
 /// use lorakit::train::{LoraFaProjection, StepHook};
-/// use lorakit::{FrozenLinear, LoraLinear, Shared};
+/// use lorakit::{Adapter, FrozenLinear, LoraLinear, Shared};
 /// # fn main() -> lorakit::Result<()> {
 /// let dev = Device::Cpu;
 /// let base = FrozenLinear::new(Tensor::zeros((3, 4), DType::F32, &dev)?, None)?;
@@ -42,13 +47,13 @@ pub const LORA_FA_RIDGE: f64 = 1e-8;
 /// let b = Var::zeros((3, 2), DType::F32, &dev)?;
 /// let pair = LowRankPair { a: Factor::Frozen(a), b: Factor::Trainable(b.clone()) };
 /// let layer = Shared::new(LoraLinear::from_pair("fc", base, pair, 1.0, 0.0)?);
-/// let mut hook = LoraFaProjection::from_lora(&[layer.clone()])?;
+/// let mut hook = LoraFaProjection::from_lora([layer.clone()])?;
 /// let y = layer.read().forward_t(&Tensor::ones((1, 4), DType::F32, &dev)?, true)?;
 /// let mut grads = y.sum_all()?.backward()?;
 /// hook.before_step(1, &mut grads)?;
-/// // A Aᵀ = diag(1, 4): the second column of g_B is divided by 4.
+/// // Each row of g_B is x Aᵀ = [1, 2]; A Aᵀ = diag(1, 4) (+1e-8), s = 1: rows become [1, 0.5].
 /// let g = grads.get(&b).unwrap().to_vec2::<f32>()?;
-/// assert!((g[0][1] - g[0][0] / 4.0).abs() < 1e-6);
+/// assert!((g[0][0] - 1.0).abs() < 1e-6 && (g[0][1] - 0.5).abs() < 1e-6);
 /// # Ok(()) }
 /// ```
 pub struct LoraFaProjection {
@@ -85,8 +90,8 @@ impl LoraFaProjection {
     }
 
     /// The projection for LoRA layers held with their concrete type.
-    pub fn from_lora(layers: &[Shared<LoraLinear>]) -> Result<Self> {
-        Self::new(layers.iter().map(|l| l.clone().erase()).collect())
+    pub fn from_lora(layers: impl IntoIterator<Item = Shared<LoraLinear>>) -> Result<Self> {
+        Self::new(layers.into_iter().map(Shared::erase).collect())
     }
 
     /// The projection for the LoRA-FA layers among `layers` (others are skipped).
@@ -221,7 +226,8 @@ fn invert(m: &mut [f64], n: usize) -> Option<Vec<f64>> {
         inv[i * n + i] = 1.0;
     }
     for col in 0..n {
-        let pivot = (col..n).max_by(|&x, &y| m[x * n + col].abs().total_cmp(&m[y * n + col].abs()))?;
+        let pivot =
+            (col..n).max_by(|&x, &y| m[x * n + col].abs().total_cmp(&m[y * n + col].abs()))?;
         let p = m[pivot * n + col];
         if p == 0.0 || !p.is_finite() {
             return None;

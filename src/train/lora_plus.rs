@@ -168,7 +168,9 @@ impl LoraPlus {
             .into_iter()
             .flat_map(|a| {
                 let name = a.name().to_string();
-                a.trainable_vars().into_iter().map(move |v| (name.clone(), v))
+                a.trainable_vars()
+                    .into_iter()
+                    .map(move |v| (name.clone(), v))
             })
             .collect();
         self.build(vars)
@@ -180,7 +182,12 @@ impl LoraPlus {
         for layer in adapters {
             let guard = layer.read();
             let name = guard.name().to_string();
-            vars.extend(guard.trainable_vars().into_iter().map(|v| (name.clone(), v)));
+            vars.extend(
+                guard
+                    .trainable_vars()
+                    .into_iter()
+                    .map(|v| (name.clone(), v)),
+            );
         }
         self.build(vars)
     }

@@ -155,7 +155,7 @@ impl DeltaLoraUpdate {
 /// let base = FrozenLinear::new(Tensor::zeros((4, 6), DType::F32, &dev)?, None)?;
 /// let config = LoraConfig { init: LoraInit::BothRandom, ..LoraConfig::new(2, 2.0) };
 /// let layer = Shared::new(delta_lora_linear(base, &config, vb.pp("fc"))?);
-/// let mut hook = DeltaLoraHook::new(&[layer.clone()], DeltaLoraUpdate::new(0.5, 0))?;
+/// let mut hook = DeltaLoraHook::new([layer.clone()], DeltaLoraUpdate::new(0.5, 0))?;
 /// let mut opt = candle_nn::AdamW::new_lr(varmap.all_vars(), 1e-2)?;
 /// let x = Tensor::ones((3, 6), DType::F32, &dev)?;
 /// let loss = layer.read().forward_t(&x, true)?.sqr()?.sum_all()?;
@@ -187,13 +187,19 @@ impl std::fmt::Debug for DeltaLoraHook {
 
 impl DeltaLoraHook {
     /// The hook for Delta-LoRA layers; errors on a layer of another kind or a non-finite λ.
-    pub fn new(layers: &[Shared<LoraLinear>], update: DeltaLoraUpdate) -> Result<Self> {
-        Self::from_adapters(layers.iter().map(|l| l.clone().erase()).collect(), update)
+    pub fn new(
+        layers: impl IntoIterator<Item = Shared<LoraLinear>>,
+        update: DeltaLoraUpdate,
+    ) -> Result<Self> {
+        Self::from_adapters(layers.into_iter().map(Shared::erase).collect(), update)
     }
 
     /// The hook for type-erased layers (a model's registry); each must be a Delta-LoRA
     /// [`LoraLinear`].
-    pub fn from_adapters(layers: Vec<Shared<dyn Adapter>>, update: DeltaLoraUpdate) -> Result<Self> {
+    pub fn from_adapters(
+        layers: Vec<Shared<dyn Adapter>>,
+        update: DeltaLoraUpdate,
+    ) -> Result<Self> {
         if !update.lambda.is_finite() {
             return Err(Error::InvalidConfig {
                 layer: "Delta-LoRA".to_string(),
@@ -233,7 +239,11 @@ impl DeltaLoraHook {
 }
 
 impl StepHook for DeltaLoraHook {
-    fn before_step(&mut self, step: usize, _grads: &mut candle_core::backprop::GradStore) -> Result<()> {
+    fn before_step(
+        &mut self,
+        step: usize,
+        _grads: &mut candle_core::backprop::GradStore,
+    ) -> Result<()> {
         let active = self.active(step);
         for (layer, slot) in self.layers.iter().zip(self.previous.iter_mut()) {
             *slot = None;
@@ -261,10 +271,13 @@ impl StepHook for DeltaLoraHook {
                 field: "step",
                 reason: format!("Delta-LoRA after_step({step}) without before_step({step})"),
             })?;
-            guard.core().ensure_unmerged().map_err(|_| Error::MergedState {
-                layer: name.clone(),
-                operation: "the Delta-LoRA weight update".to_string(),
-            })?;
+            guard
+                .core()
+                .ensure_unmerged()
+                .map_err(|_| Error::MergedState {
+                    layer: name.clone(),
+                    operation: "the Delta-LoRA weight update".to_string(),
+                })?;
             let lora = guard
                 .as_any_mut()
                 .downcast_mut::<LoraLinear>()
@@ -275,7 +288,10 @@ impl StepHook for DeltaLoraHook {
             let pair = lora.pair();
             let c = |t: &Tensor| t.to_dtype(compute);
             // [λs·B', −λs·B] (d_out × 2r) · [A'; A] (2r × d_in)
-            let u = Tensor::cat(&[(c(pair.b.tensor())? * ls)?, (c(&b_old)? * -ls)?], D::Minus1)?;
+            let u = Tensor::cat(
+                &[(c(pair.b.tensor())? * ls)?, (c(&b_old)? * -ls)?],
+                D::Minus1,
+            )?;
             let v = Tensor::cat(&[c(pair.a.tensor())?, c(&a_old)?], 0)?;
             let updated = (c(w)? + u.matmul(&v)?)?.to_dtype(w.dtype())?;
             lora.core_mut().replace_weight(updated)?;

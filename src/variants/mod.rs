@@ -1,4 +1,4 @@
 //! One module per variant.
 
-pub mod lora;
 pub mod delta_lora;
+pub mod lora;
