@@ -58,8 +58,8 @@ pub const LORA_FA_RIDGE: f64 = 1e-8;
 /// ```
 pub struct LoraFaProjection {
     layers: Vec<Shared<dyn Adapter>>,
-    /// `(A Aᵀ + δI)⁻¹` per frozen A, in the compute dtype, on A's device.
-    inverses: HashMap<TensorId, Tensor>,
+    /// `(A Aᵀ + δI)⁻¹` per frozen A and compute dtype, on A's device.
+    inverses: HashMap<(TensorId, DType), Tensor>,
 }
 
 impl std::fmt::Debug for LoraFaProjection {
@@ -152,11 +152,11 @@ impl LoraFaProjection {
                 DType::F64 => DType::F64,
                 _ => DType::F32,
             };
-            let inv = match self.inverses.get(&a.id()) {
+            let inv = match self.inverses.get(&(a.id(), compute)) {
                 Some(inv) => inv.clone(),
                 None => {
                     let inv = ridge_inverse(name, a, compute)?;
-                    self.inverses.insert(a.id(), inv.clone());
+                    self.inverses.insert((a.id(), compute), inv.clone());
                     inv
                 }
             };
@@ -166,7 +166,7 @@ impl LoraFaProjection {
             done.insert(b.id(), a.id());
         }
         // Forget inverses of A tensors no layer holds any more (pairs replaced).
-        self.inverses.retain(|id, _| live.contains(id));
+        self.inverses.retain(|(id, _), _| live.contains(id));
         Ok(())
     }
 }
