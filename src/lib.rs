@@ -44,6 +44,8 @@ pub use adapter::{AdaptedBase, Adapter, AdapterKind, NamedVar, ParamRole};
 pub use error::{Error, Result};
 pub use frozen::FrozenLinear;
 pub use shared::Shared;
+pub use train::{GroupedAdamW, LoraFaProjection, LoraPlus, ParamGroup};
+pub use variants::delta_lora::{delta_lora_linear, DeltaLoraHook, DeltaLoraUpdate};
 pub use variants::lora::{LoraConfig, LoraInit, LoraLinear};
 
 /// The README's code blocks, compiled and run as doctests so the README stays in sync.

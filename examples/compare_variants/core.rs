@@ -47,8 +47,9 @@ impl Settings {
     /// A smaller, faster run for CI.
     pub fn quick(seed: u64) -> Self {
         Self {
-            pretrain_steps: 400,
-            adapt_steps: 150,
+            batch: 32,
+            pretrain_steps: 300,
+            adapt_steps: 100,
             eval_size: 256,
             ..Self::full(seed)
         }

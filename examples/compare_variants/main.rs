@@ -9,6 +9,7 @@
 //! output directory (default `target/compare_variants`).
 
 mod core;
+#[allow(dead_code)] // some items serve only the DoRA analysis and the tests
 mod methods;
 mod model;
 mod report;

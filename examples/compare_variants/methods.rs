@@ -29,6 +29,9 @@ impl Method {
     /// Every method, in the report's order.
     pub const ALL: [Method; 2] = [Method::Full, Method::Lora];
 
+    /// The methods of the DoRA weight-decomposition analysis.
+    pub const DORA_ANALYSIS: [Method; 2] = [Method::Full, Method::Lora];
+
     /// Display name.
     pub fn name(&self) -> &'static str {
         match self {
@@ -60,13 +63,50 @@ impl Method {
     }
 }
 
+/// Adapted layers with their module paths.
+pub type NamedAdapters = Vec<(String, Shared<dyn Adapter>)>;
+
 /// What `adapt` trains.
 pub struct Prepared {
     pub model: Transformer,
     pub trainer: Box<dyn Trainer>,
     /// The adapted layers by path (empty for full fine-tuning).
-    #[allow(dead_code)] // read by the test suite and the DoRA analysis
-    pub adapters: Vec<(String, Shared<dyn Adapter>)>,
+    pub adapters: NamedAdapters,
+    /// Full fine-tuning's variables (None for adapter methods).
+    pub full_vars: Option<VarMap>,
+}
+
+impl Prepared {
+    /// The weight the linear at `path` effectively applies now: the trained weight under
+    /// full fine-tuning; the merged weight (merge, read, unmerge) under an adapter.
+    pub fn effective_weight(&self, path: &str) -> lorakit::Result<Tensor> {
+        if let Some(vars) = &self.full_vars {
+            let key = format!("{path}.weight");
+            let data = vars
+                .data()
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("varmap lock poisoned".into()))?;
+            let var = data.get(&key).ok_or_else(|| lorakit::Error::MissingKey {
+                key: key.clone(),
+                file: "full fine-tuning variables".into(),
+            })?;
+            return Ok(var.as_tensor().detach().copy()?);
+        }
+        let layer = self
+            .adapters
+            .iter()
+            .find(|(p, _)| p == path)
+            .map(|(_, l)| l)
+            .ok_or_else(|| lorakit::Error::MissingKey {
+                key: path.to_string(),
+                file: "adapted layers".into(),
+            })?;
+        let mut layer = layer.write();
+        layer.merge(false)?;
+        let w = layer.base().weight().copy();
+        layer.unmerge()?;
+        Ok(w?)
+    }
 }
 
 /// A method's training rule.
@@ -148,6 +188,7 @@ fn prepare_full(s: &Settings, pre: &Pretrained) -> lorakit::Result<Prepared> {
         model,
         trainer: Box::new(trainer),
         adapters: Vec::new(),
+        full_vars: Some(varmap),
     })
 }
 
@@ -168,6 +209,7 @@ fn prepare_adapters(
         model,
         trainer: Box::new(trainer),
         adapters,
+        full_vars: None,
     })
 }
 
@@ -176,7 +218,7 @@ pub fn build_adapted(
     s: &Settings,
     pre: &Pretrained,
     build: &AdapterBuilder,
-) -> lorakit::Result<(Transformer, Vec<(String, Shared<dyn Adapter>)>, VarMap)> {
+) -> lorakit::Result<(Transformer, NamedAdapters, VarMap)> {
     let dev = Device::Cpu;
     let frozen = VarBuilder::from_tensors(pre.tensors.clone(), DType::F32, &dev);
     let varmap = VarMap::new();

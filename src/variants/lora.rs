@@ -286,7 +286,12 @@ impl Adapter for LoraLinear {
     }
 
     fn tensors_to_save(&self) -> Result<Vec<(String, Tensor)>> {
-        Ok(self.pair.tensors_to_save())
+        let mut out = self.pair.tensors_to_save();
+        if self.kind == AdapterKind::DeltaLora {
+            let w = crate::variants::delta_lora::saved_base_weight(self)?;
+            out.push((crate::variants::delta_lora::BASE_WEIGHT_KEY.to_string(), w));
+        }
+        Ok(out)
     }
 
     fn as_any(&self) -> &dyn Any {

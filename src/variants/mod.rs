@@ -1,3 +1,4 @@
 //! One module per variant.
 
+pub mod delta_lora;
 pub mod lora;

@@ -1,0 +1,257 @@
+//! LoRA-FA's optimizer form (Zhang et al. 2023, arXiv 2308.03303; PEFT's
+//! `LoraFAOptimizer`): before the optimizer step, B's gradient is projected
+//!
+//! ```text
+//! g_B ← (1/s²) · g_B · (A Aᵀ + 1e-8 I)⁻¹
+//! ```
+//!
+//! so that the update of B alone best approximates full fine-tuning's update of `W`.
+//! PEFT uses a pseudo-inverse; the `r × r` matrix is symmetric positive definite, so here it
+//! is inverted exactly, in f64 on the host, once per frozen `A` (cached by tensor id). The
+//! product with `g_B` runs on the gradient's device, in its dtype (f32 for half precision).
+//!
+//! Pair the hook with any optimizer over B (e.g. [`GroupedAdamW`](crate::train::GroupedAdamW)
+//! through [`train_step`](crate::train::train_step)). PEFT's `LoraFAOptimizer` is HF's AdamW
+//! (ε = 1e-6, weight decay 0 by default, decay applied after the Adam update); candle's AdamW
+//! defaults differ (ε = 1e-8, decay 0.01 applied before): set them to match PEFT's run.
+//!
+//! A and B are paired per layer (a [`LoraLinear`] whose A is [`Factor::Frozen`] and B
+//! [`Factor::Trainable`]), never by parameter order.
+
+use std::collections::{HashMap, HashSet};
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, TensorId};
+
+use crate::adapter::Adapter;
+use crate::error::{Error, Result};
+use crate::low_rank::Factor;
+use crate::shared::Shared;
+use crate::train::hooks::StepHook;
+use crate::variants::lora::LoraLinear;
+
+/// The ridge added to `A Aᵀ` before inversion (PEFT's `delta`).
+pub const LORA_FA_RIDGE: f64 = 1e-8;
+
+/// The gradient projection as a [`StepHook`] (it acts in `before_step`).
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor, Var};
+/// use lorakit::low_rank::{Factor, LowRankPair};
+/// use lorakit::train::{LoraFaProjection, StepHook};
+/// use lorakit::{Adapter, FrozenLinear, LoraLinear, Shared};
+/// # fn main() -> lorakit::Result<()> {
+/// let dev = Device::Cpu;
+/// let base = FrozenLinear::new(Tensor::zeros((3, 4), DType::F32, &dev)?, None)?;
+/// let a = Tensor::new(&[[1f32, 0., 0., 0.], [0., 2., 0., 0.]], &dev)?;
+/// let b = Var::zeros((3, 2), DType::F32, &dev)?;
+/// let pair = LowRankPair { a: Factor::Frozen(a), b: Factor::Trainable(b.clone()) };
+/// let layer = Shared::new(LoraLinear::from_pair("fc", base, pair, 1.0, 0.0)?);
+/// let mut hook = LoraFaProjection::from_lora([layer.clone()])?;
+/// let y = layer.read().forward_t(&Tensor::ones((1, 4), DType::F32, &dev)?, true)?;
+/// let mut grads = y.sum_all()?.backward()?;
+/// hook.before_step(1, &mut grads)?;
+/// // Each row of g_B is x Aᵀ = [1, 2]; A Aᵀ = diag(1, 4) (+1e-8), s = 1: rows become [1, 0.5].
+/// let g = grads.get(&b).unwrap().to_vec2::<f32>()?;
+/// assert!((g[0][0] - 1.0).abs() < 1e-6 && (g[0][1] - 0.5).abs() < 1e-6);
+/// # Ok(()) }
+/// ```
+pub struct LoraFaProjection {
+    layers: Vec<Shared<dyn Adapter>>,
+    /// `(A Aᵀ + δI)⁻¹` per frozen A and compute dtype, on A's device.
+    inverses: HashMap<(TensorId, DType), Tensor>,
+}
+
+impl std::fmt::Debug for LoraFaProjection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<String> = self
+            .layers
+            .iter()
+            .map(|l| l.read().name().to_string())
+            .collect();
+        f.debug_struct("LoraFaProjection")
+            .field("layers", &names)
+            .finish()
+    }
+}
+
+impl LoraFaProjection {
+    /// The projection for `layers`; each must be a LoRA-FA layer (a [`LoraLinear`] with a
+    /// frozen A and a trainable B), else an error names it.
+    pub fn new(layers: Vec<Shared<dyn Adapter>>) -> Result<Self> {
+        for layer in &layers {
+            let guard = layer.read();
+            lora_fa_parts(&*guard)?;
+        }
+        Ok(Self {
+            layers,
+            inverses: HashMap::new(),
+        })
+    }
+
+    /// The projection for LoRA layers held with their concrete type.
+    pub fn from_lora(layers: impl IntoIterator<Item = Shared<LoraLinear>>) -> Result<Self> {
+        Self::new(layers.into_iter().map(Shared::erase).collect())
+    }
+
+    /// The projection for the LoRA-FA layers among `layers` (others are skipped).
+    pub fn select(layers: &[Shared<dyn Adapter>]) -> Self {
+        let layers = layers
+            .iter()
+            .filter(|l| lora_fa_parts(&*l.read()).is_ok())
+            .cloned()
+            .collect();
+        Self {
+            layers,
+            inverses: HashMap::new(),
+        }
+    }
+
+    /// Number of layers projected.
+    pub fn len(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Whether no layer is projected.
+    pub fn is_empty(&self) -> bool {
+        self.layers.is_empty()
+    }
+
+    /// Replaces each layer's B gradient in `grads` by its projection. Layers without a
+    /// gradient this step are skipped; a B shared by several layers is projected once
+    /// (their A must then be the same tensor).
+    pub fn project(&mut self, grads: &mut GradStore) -> Result<()> {
+        let mut done: HashMap<TensorId, TensorId> = HashMap::new();
+        let mut live: HashSet<TensorId> = HashSet::new();
+        for layer in &self.layers {
+            let guard = layer.read();
+            let (name, a, b_var, scale) = lora_fa_parts(&*guard)?;
+            live.insert(a.id());
+            let b = b_var.as_tensor();
+            if let Some(a_id) = done.get(&b.id()) {
+                if *a_id != a.id() {
+                    return Err(Error::InvalidConfig {
+                        layer: name.to_string(),
+                        field: "lora_B",
+                        reason: "B is shared with a layer whose frozen A differs; the \
+                                 LoRA-FA projection is ambiguous"
+                            .to_string(),
+                    });
+                }
+                continue;
+            }
+            let Some(g) = grads.get(b) else { continue };
+            if scale == 0.0 || !scale.is_finite() {
+                return Err(Error::InvalidConfig {
+                    layer: name.to_string(),
+                    field: "scale",
+                    reason: format!("the LoRA-FA projection divides by s², got s = {scale}"),
+                });
+            }
+            let compute = match g.dtype() {
+                DType::F64 => DType::F64,
+                _ => DType::F32,
+            };
+            let inv = match self.inverses.get(&(a.id(), compute)) {
+                Some(inv) => inv.clone(),
+                None => {
+                    let inv = ridge_inverse(name, a, compute)?;
+                    self.inverses.insert((a.id(), compute), inv.clone());
+                    inv
+                }
+            };
+            let projected = (g.to_dtype(compute)?.matmul(&inv)? * (1.0 / (scale * scale)))?
+                .to_dtype(g.dtype())?;
+            grads.insert(b, projected);
+            done.insert(b.id(), a.id());
+        }
+        // Forget inverses of A tensors no layer holds any more (pairs replaced).
+        self.inverses.retain(|(id, _), _| live.contains(id));
+        Ok(())
+    }
+}
+
+impl StepHook for LoraFaProjection {
+    fn before_step(&mut self, _step: usize, grads: &mut GradStore) -> Result<()> {
+        self.project(grads)
+    }
+}
+
+/// A LoRA-FA layer's name, frozen A, trainable B and scale, or an error naming the layer.
+fn lora_fa_parts(layer: &dyn Adapter) -> Result<(&str, &Tensor, &candle_core::Var, f64)> {
+    let name = layer.name();
+    let not_fa = |why: &str| Error::InvalidConfig {
+        layer: name.to_string(),
+        field: "layer",
+        reason: format!("the LoRA-FA projection needs {why}"),
+    };
+    let lora = layer
+        .as_any()
+        .downcast_ref::<LoraLinear>()
+        .ok_or_else(|| not_fa("a LoraLinear layer"))?;
+    let pair = lora.pair();
+    let Factor::Frozen(a) = &pair.a else {
+        return Err(not_fa("a frozen A (Factor::Frozen)"));
+    };
+    let Factor::Trainable(b) = &pair.b else {
+        return Err(not_fa("a trainable B (Factor::Trainable)"));
+    };
+    Ok((name, a, b, lora.scale()))
+}
+
+/// `(A Aᵀ + δI)⁻¹` computed in f64 on the host, returned in `dtype` on A's device.
+fn ridge_inverse(layer: &str, a: &Tensor, dtype: DType) -> Result<Tensor> {
+    let rows = a.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+    let r = rows.len();
+    let mut m = vec![0f64; r * r];
+    for (i, ai) in rows.iter().enumerate() {
+        for (j, aj) in rows.iter().enumerate() {
+            let dot: f64 = ai.iter().zip(aj).map(|(x, y)| x * y).sum();
+            m[i * r + j] = dot + if i == j { LORA_FA_RIDGE } else { 0.0 };
+        }
+    }
+    let inv = invert(&mut m, r).ok_or_else(|| Error::InvalidConfig {
+        layer: layer.to_string(),
+        field: "lora_A",
+        reason: "A Aᵀ + 1e-8·I is singular or not finite".to_string(),
+    })?;
+    Ok(Tensor::from_vec(inv, (r, r), a.device())?.to_dtype(dtype)?)
+}
+
+/// Gauss–Jordan inverse with partial pivoting of the row-major `n × n` matrix `m`
+/// (overwritten). `None` when singular or not finite.
+fn invert(m: &mut [f64], n: usize) -> Option<Vec<f64>> {
+    let mut inv = vec![0f64; n * n];
+    for i in 0..n {
+        inv[i * n + i] = 1.0;
+    }
+    for col in 0..n {
+        let pivot =
+            (col..n).max_by(|&x, &y| m[x * n + col].abs().total_cmp(&m[y * n + col].abs()))?;
+        let p = m[pivot * n + col];
+        if p == 0.0 || !p.is_finite() {
+            return None;
+        }
+        if pivot != col {
+            for k in 0..n {
+                m.swap(pivot * n + k, col * n + k);
+                inv.swap(pivot * n + k, col * n + k);
+            }
+        }
+        for k in 0..n {
+            m[col * n + k] /= p;
+            inv[col * n + k] /= p;
+        }
+        for row in 0..n {
+            let f = m[row * n + col];
+            if row == col || f == 0.0 {
+                continue;
+            }
+            for k in 0..n {
+                m[row * n + k] -= f * m[col * n + k];
+                inv[row * n + k] -= f * inv[col * n + k];
+            }
+        }
+    }
+    inv.iter().all(|v| v.is_finite()).then_some(inv)
+}

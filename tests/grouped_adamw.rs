@@ -1,0 +1,182 @@
+//! GroupedAdamW against candle_nn::AdamW, bit for bit.
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{Optimizer, ParamsAdamW};
+use lorakit::init::SeededRng;
+use lorakit::train::{GroupedAdamW, ParamGroup};
+
+const DEV: Device = Device::Cpu;
+
+/// Two pairs of variables with identical starting values.
+fn twin_vars(seed: u64, shapes: &[(usize, usize)]) -> (Vec<Var>, Vec<Var>) {
+    let mut rng = SeededRng::new(seed);
+    let mut a = Vec::new();
+    let mut b = Vec::new();
+    for &s in shapes {
+        let t = rng.normal(s, 0.0, 1.0, DType::F32, &DEV).unwrap();
+        a.push(Var::from_tensor(&t).unwrap());
+        b.push(Var::from_tensor(&t.copy().unwrap()).unwrap());
+    }
+    (a, b)
+}
+
+/// A loss of the vars that changes with the step (so gradients differ per step).
+fn loss(vars: &[Var], x: &Tensor) -> Tensor {
+    let h = x.matmul(&vars[0].as_tensor().t().unwrap()).unwrap();
+    let y = h.matmul(&vars[1].as_tensor().t().unwrap()).unwrap();
+    (y.tanh().unwrap().sqr().unwrap().sum_all().unwrap()
+        + vars[2].as_tensor().sqr().unwrap().sum_all().unwrap())
+    .unwrap()
+}
+
+fn bits(vars: &[Var]) -> Vec<Vec<u32>> {
+    vars.iter()
+        .map(|v| {
+            v.as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect()
+        })
+        .collect()
+}
+
+const SHAPES: [(usize, usize); 3] = [(3, 5), (4, 3), (2, 7)];
+
+#[test]
+fn one_group_equals_candle_adamw_bit_for_bit() {
+    let (ours_v, theirs_v) = twin_vars(1, &SHAPES);
+    let params = ParamsAdamW {
+        lr: 3e-2,
+        weight_decay: 0.05,
+        ..Default::default()
+    };
+    let mut ours =
+        GroupedAdamW::new(vec![ParamGroup::new("all", ours_v.clone())], params.clone()).unwrap();
+    let mut theirs = candle_nn::AdamW::new(theirs_v.clone(), params).unwrap();
+    let mut rng = SeededRng::new(7);
+    for step in 0..10 {
+        let x = rng.normal((6, 5), 0.0, 1.0, DType::F32, &DEV).unwrap();
+        if step == 5 {
+            // a schedule change between steps
+            Optimizer::set_learning_rate(&mut ours, 1e-2);
+            theirs.set_learning_rate(1e-2);
+        }
+        ours.backward_step(&loss(&ours_v, &x)).unwrap();
+        theirs.backward_step(&loss(&theirs_v, &x)).unwrap();
+        assert_eq!(bits(&ours_v), bits(&theirs_v), "step {step}");
+    }
+    assert_ne!(bits(&ours_v), bits(&twin_vars(1, &SHAPES).0));
+}
+
+#[test]
+fn optimizer_trait_new_equals_candle_adamw() {
+    let (ours_v, theirs_v) = twin_vars(2, &SHAPES);
+    let mut ours =
+        <GroupedAdamW as Optimizer>::new(ours_v.clone(), ParamsAdamW::default()).unwrap();
+    let mut theirs = candle_nn::AdamW::new(theirs_v.clone(), ParamsAdamW::default()).unwrap();
+    let x = SeededRng::new(3)
+        .normal((6, 5), 0.0, 1.0, DType::F32, &DEV)
+        .unwrap();
+    for _ in 0..10 {
+        Optimizer::backward_step(&mut ours, &loss(&ours_v, &x)).unwrap();
+        theirs.backward_step(&loss(&theirs_v, &x)).unwrap();
+    }
+    assert_eq!(bits(&ours_v), bits(&theirs_v));
+}
+
+/// Each group behaves as its own candle AdamW with that group's lr and decay, all stepping
+/// from the same gradients.
+#[test]
+fn groups_equal_separate_candle_adamws() {
+    let (ours_v, theirs_v) = twin_vars(4, &SHAPES);
+    let defaults = ParamsAdamW {
+        lr: 1e-2,
+        ..Default::default()
+    };
+    let mut ours = GroupedAdamW::new(
+        vec![
+            ParamGroup::new("a", vec![ours_v[0].clone()]),
+            ParamGroup::new("b", vec![ours_v[1].clone(), ours_v[2].clone()])
+                .with_lr(1.6e-1)
+                .with_weight_decay(0.0),
+        ],
+        defaults.clone(),
+    )
+    .unwrap();
+    let mut theirs_a = candle_nn::AdamW::new(vec![theirs_v[0].clone()], defaults).unwrap();
+    let b_params = ParamsAdamW {
+        lr: 1.6e-1,
+        weight_decay: 0.0,
+        ..Default::default()
+    };
+    let mut theirs_b =
+        candle_nn::AdamW::new(vec![theirs_v[1].clone(), theirs_v[2].clone()], b_params).unwrap();
+    let mut rng = SeededRng::new(5);
+    for step in 0..10 {
+        let x = rng.normal((6, 5), 0.0, 1.0, DType::F32, &DEV).unwrap();
+        if step == 4 {
+            let b = ours.group_index("b").unwrap();
+            ours.set_group_lr(b, 5e-2).unwrap();
+            theirs_b.set_learning_rate(5e-2);
+        }
+        ours.backward_step(&loss(&ours_v, &x)).unwrap();
+        let grads = loss(&theirs_v, &x).backward().unwrap();
+        theirs_a.step(&grads).unwrap();
+        theirs_b.step(&grads).unwrap();
+        assert_eq!(bits(&ours_v), bits(&theirs_v), "step {step}");
+    }
+}
+
+#[test]
+fn schedules_keep_group_ratios() {
+    let (v, _) = twin_vars(6, &SHAPES);
+    let mut opt = GroupedAdamW::new(
+        vec![
+            ParamGroup::new("a", vec![v[0].clone()]),
+            ParamGroup::new("b", vec![v[1].clone()]).with_lr(16e-3),
+        ],
+        ParamsAdamW {
+            lr: 1e-3,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    Optimizer::set_learning_rate(&mut opt, 5e-4);
+    assert_eq!(Optimizer::learning_rate(&opt), 5e-4);
+    assert_eq!(opt.group_lr(0), Some(5e-4));
+    assert!((opt.group_lr(1).unwrap() - 8e-3).abs() < 1e-15);
+    opt.set_lr_factor(0.25);
+    assert!((opt.group_lr(1).unwrap() - 4e-3).abs() < 1e-15);
+    assert_eq!(opt.group_of(&v[1]), Some(1));
+    assert_eq!(opt.group_of(&v[2]), None);
+}
+
+#[test]
+fn invalid_groups_are_errors() {
+    let (v, _) = twin_vars(8, &SHAPES);
+    let dup = GroupedAdamW::new(
+        vec![
+            ParamGroup::new("a", vec![v[0].clone()]),
+            ParamGroup::new("b", vec![v[0].clone()]),
+        ],
+        ParamsAdamW::default(),
+    );
+    assert!(dup.unwrap_err().to_string().contains("`b`"));
+    let neg = GroupedAdamW::new(
+        vec![ParamGroup::new("neg", vec![v[1].clone()]).with_lr(-1.0)],
+        ParamsAdamW::default(),
+    );
+    assert!(neg.unwrap_err().to_string().contains("neg"));
+    let beta = GroupedAdamW::new(
+        vec![],
+        ParamsAdamW {
+            beta1: 1.0,
+            ..Default::default()
+        },
+    );
+    assert!(beta.is_err());
+}
