@@ -1,6 +1,6 @@
 //! Hugging Face PEFT adapter files: `adapter_config.json` ([`config`]), loading and
 //! attaching to a model ([`load`]), saving ([`save`]), merging into a base model file
-//! ([`merge`]) and summarizing ([`inspect`]).
+//! ([`merge`](mod@merge)) and summarizing ([`inspect`](mod@inspect)).
 
 pub mod config;
 pub mod inspect;
