@@ -42,4 +42,7 @@ pub use adapter::{AdaptedBase, Adapter, AdapterKind, NamedVar, ParamRole};
 pub use error::{Error, Result};
 pub use frozen::FrozenLinear;
 pub use shared::Shared;
+pub use train::lora_drop::{LoraDropConfig, SampleSize, Selection};
+pub use variants::adalora::{AdaLoraConfig, AdaLoraLinear};
 pub use variants::lora::{LoraConfig, LoraInit, LoraLinear};
+pub use variants::lora_drop::{LayerImportance, LoraDrop, LoraDropLinear, LoraDropReport};

@@ -1,3 +1,6 @@
 //! One module per variant.
 
+pub mod adalora;
+mod branch;
 pub mod lora;
+pub mod lora_drop;
