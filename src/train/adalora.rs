@@ -146,7 +146,7 @@ pub fn budget_schedule(
     let budget = ((b0 - bt) * mul.powf(3.0) + bt).max(0.0) as usize;
     Budget {
         budget,
-        mask: step % config.delta_t.max(1) == 0,
+        mask: step.is_multiple_of(config.delta_t.max(1)),
     }
 }
 
