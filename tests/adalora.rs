@@ -478,3 +478,149 @@ fn invalid_configs_are_errors() -> R {
     assert!(err.contains("beta1"), "{err}");
     Ok(())
 }
+
+/// A truncated adapter saved by PEFT 0.21 (tests/fixtures/adalora_peft.py) loads through
+/// `from_tensors` and reproduces PEFT's output; re-saving gives PEFT's names and shapes.
+#[test]
+fn peft_truncated_adapter_loads_and_matches_peft_output() -> R {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/adalora_peft");
+    let adapter =
+        candle_core::safetensors::load(format!("{dir}/adapter_model.safetensors"), &dev())?;
+    let reference = candle_core::safetensors::load(format!("{dir}/reference.safetensors"), &dev())?;
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{dir}/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    let init_r = config["init_r"].as_u64().unwrap() as usize;
+    let alpha = config["lora_alpha"].as_f64().unwrap();
+    let mut layers = Vec::new();
+    for name in ["lin0", "lin1"] {
+        let base = FrozenLinear::new(
+            reference[&format!("{name}.weight")].clone(),
+            Some(reference[&format!("{name}.bias")].clone()),
+        )?;
+        let key = |t: &str| adapter[&format!("base_model.model.{name}.{t}")].clone();
+        let mut l = AdaLoraLinear::from_tensors(
+            name,
+            base,
+            key("lora_A"),
+            key("lora_E"),
+            key("lora_B"),
+            init_r,
+            alpha,
+            0.0,
+        )?;
+        let pattern: Vec<bool> = config["rank_pattern"][format!("{name}.lora_E")]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_bool().unwrap())
+            .collect();
+        l.set_loaded_rank_pattern(&pattern)?;
+        assert_eq!(l.rank_pattern(), pattern);
+        for (suffix, t) in l.tensors_to_save()? {
+            assert_eq!(vec1(&t), vec1(&key(&suffix)), "{name}.{suffix}");
+            assert_eq!(t.dims(), key(&suffix).dims());
+        }
+        layers.push(l);
+    }
+    let h = layers[0].forward_t(&reference["x"], false)?.relu()?;
+    let y = layers[1].forward_t(&h, false)?;
+    assert!(max_diff(&mat(&y), &mat(&reference["y"])) < 1e-5);
+    // The adapter matters: without it the output differs.
+    let h0 = layers[0].base().forward(&reference["x"])?.relu()?;
+    let y0 = layers[1].base().forward(&h0)?;
+    assert!(max_diff(&mat(&y0), &mat(&reference["y"])) > 1e-3);
+    Ok(())
+}
+
+#[derive(serde::Deserialize)]
+struct ParamRecord {
+    value: Vec<f32>,
+    grad: Vec<f32>,
+}
+
+#[derive(serde::Deserialize)]
+struct AllocStep {
+    step: usize,
+    params: std::collections::HashMap<String, ParamRecord>,
+    scores: std::collections::HashMap<String, Vec<f64>>,
+    e_after: std::collections::HashMap<String, Vec<f64>>,
+    rank_pattern: Option<std::collections::BTreeMap<String, Vec<bool>>>,
+}
+
+#[derive(serde::Deserialize)]
+struct AllocFixture {
+    init_r: usize,
+    target_r: usize,
+    tinit: usize,
+    tfinal: usize,
+    delta_t: usize,
+    total_step: usize,
+    steps: Vec<AllocStep>,
+}
+
+/// PEFT's RankAllocator fed the same values and gradients (tests/fixtures/adalora_allocator.py):
+/// same triplet scores, same masked E, same rank pattern.
+#[test]
+fn allocator_matches_peft_rank_allocator() -> R {
+    let fx: AllocFixture =
+        serde_json::from_str(include_str!("fixtures/adalora_allocator.json")).unwrap();
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev());
+    let cfg = AdaLoraConfig::new(fx.init_r, 6.0);
+    let names = ["lin0", "lin1"];
+    let layers: Vec<Shared<AdaLoraLinear>> = [(5, 3), (3, 4)]
+        .iter()
+        .zip(names)
+        .map(|(&(d_in, d_out), n)| {
+            Ok(Shared::new(AdaLoraLinear::new(
+                base(d_in, d_out, 1)?,
+                &cfg,
+                vb.pp(n),
+            )?))
+        })
+        .collect::<lorakit::Result<_>>()?;
+    let mut config = RankAllocatorConfig::new(fx.total_step);
+    (config.target_r, config.tinit, config.tfinal, config.delta_t) =
+        (fx.target_r, fx.tinit, fx.tfinal, fx.delta_t);
+    let mut alloc = RankAllocator::new(layers.clone(), config)?;
+    for st in &fx.steps {
+        let mut inserts = Vec::new();
+        for (l, name) in layers.iter().zip(names) {
+            let l = l.read();
+            for (part, var) in [("lora_A", l.a()), ("lora_E", l.e()), ("lora_B", l.b())] {
+                let rec = &st.params[&format!("{name}.{part}")];
+                var.set(&Tensor::from_vec(rec.value.clone(), var.shape(), &dev())?)?;
+                inserts.push((var.as_tensor().clone(), rec.grad.clone()));
+            }
+        }
+        let pairs: Vec<(&Tensor, Vec<f32>)> = inserts.iter().map(|(t, g)| (t, g.clone())).collect();
+        let masked = alloc.update_and_allocate(st.step, &grads_for(&pairs)?)?;
+        assert_eq!(
+            masked.is_some(),
+            st.rank_pattern.is_some(),
+            "step {}",
+            st.step
+        );
+        for (got, name) in alloc.triplet_scores()?.iter().zip(names) {
+            let want = &st.scores[name];
+            for (g, w) in got.iter().zip(want) {
+                assert!(
+                    (g - w).abs() <= 1e-5 * w.abs().max(1e-9),
+                    "{name}: {got:?} vs {want:?}"
+                );
+            }
+        }
+        for (l, name) in layers.iter().zip(names) {
+            let e = vec1(l.read().e().as_tensor());
+            for (g, w) in e.iter().zip(&st.e_after[name]) {
+                assert!((g - w).abs() < 1e-6, "{name}: {e:?}");
+            }
+        }
+        if let Some(p) = &st.rank_pattern {
+            assert_eq!(&alloc.rank_pattern(), p);
+        }
+    }
+    Ok(())
+}
