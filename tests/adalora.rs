@@ -130,6 +130,7 @@ fn forward_merge_and_delta_match_f64_reference() -> R {
     assert!(max_diff(&y, &y_ref) < 1e-4);
     l.merge(true)?;
     assert!(max_diff(&mat(&l.forward_t(&x, false)?), &y_ref) < 1e-4);
+    assert!(l.apply_mask(&[true, false, true]).is_err());
     l.unmerge()?;
     assert!(max_diff(&mat(l.base().weight()), &w0) < 1e-6);
     Ok(())

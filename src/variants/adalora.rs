@@ -316,7 +316,15 @@ impl AdaLoraLinear {
     /// Zeroes `E` where `keep` is false and records `keep` as the kept ranks (masked ranks
     /// keep training, as in PEFT; the allocator re-masks them). `keep` has one entry per
     /// current rank.
+    ///
+    /// Errors while merged (changing `E` then would make unmerging subtract another ΔW).
     pub fn apply_mask(&mut self, keep: &[bool]) -> Result<()> {
+        if self.core.is_merged() {
+            return Err(Error::MergedState {
+                layer: self.core.name().to_string(),
+                operation: "masking ranks".to_string(),
+            });
+        }
         if keep.len() != self.rank() {
             return Err(Error::ShapeMismatch {
                 layer: self.core.name().to_string(),
