@@ -200,7 +200,7 @@ struct LayerStats {
 /// ```
 /// use candle_core::{DType, Device, Tensor};
 /// use candle_nn::{Optimizer, VarBuilder, VarMap};
-/// use lorakit::train::{orthogonality_penalty, train_step, RankAllocator, RankAllocatorConfig};
+/// use lorakit::train::{train_step, RankAllocator, RankAllocatorConfig};
 /// use lorakit::{Adapter, AdaLoraConfig, AdaLoraLinear, FrozenLinear, Shared};
 /// # fn main() -> lorakit::Result<()> {
 /// let dev = Device::Cpu;

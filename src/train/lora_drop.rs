@@ -29,7 +29,7 @@ pub enum Selection {
 }
 
 /// LoRA-drop's settings. Defaults: 10% of the data, 100 stage-1 steps, threshold 0.9,
-/// seed 0.
+/// seed 0. The paper samples with stratification by label; this sample is uniform.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoraDropConfig {
     /// Stage-1 sample.
@@ -38,7 +38,8 @@ pub struct LoraDropConfig {
     pub stage1_steps: usize,
     /// Layer selection.
     pub selection: Selection,
-    /// Seed of the sample (and of the shared pairs' init).
+    /// Seed of the stage-1 sample (the shared pairs' init uses the `LoraConfig` given to
+    /// [`crate::LoraDrop::share_unselected`]).
     pub seed: u64,
 }
 

@@ -354,9 +354,9 @@ impl AdaLoraLinear {
         if self.kept.iter().all(|&k| k) {
             return Ok((a.clone(), e.clone(), b.clone()));
         }
-        let idx: Vec<u32> = (0..self.kept.len())
-            .filter(|&i| self.kept.get(i).copied().unwrap_or(false))
-            .map(|i| i as u32)
+        let idx: Vec<u32> = (0u32..)
+            .zip(&self.kept)
+            .filter_map(|(i, &k)| k.then_some(i))
             .collect();
         if idx.is_empty() {
             let (dt, dev) = (a.dtype(), a.device());
