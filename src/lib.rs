@@ -48,6 +48,10 @@ pub use train::{GroupedAdamW, LoraFaProjection, LoraPlus, ParamGroup};
 pub use variants::delta_lora::{delta_lora_linear, DeltaLoraHook, DeltaLoraUpdate};
 pub use variants::lora::{LoraConfig, LoraInit, LoraLinear};
 
+pub use train::lora_drop::{LoraDropConfig, SampleSize, Selection};
+pub use variants::adalora::{AdaLoraConfig, AdaLoraLinear};
+pub use variants::lora_drop::{LayerImportance, LoraDrop, LoraDropLinear, LoraDropReport};
+
 /// The README's code blocks, compiled and run as doctests so the README stays in sync.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

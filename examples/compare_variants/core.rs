@@ -96,6 +96,7 @@ pub fn pretrain(s: &Settings, progress: &mut dyn Progress) -> lorakit::Result<Pr
         Ok(Box::new(candle_nn::linear(i, o, vb)?))
     };
     let model = Transformer::new(&s.model, vb, &plain)?;
+    seeded_init(&varmap, s.seed)?;
     let mut opt = candle_nn::AdamW::new_lr(varmap.all_vars(), s.pretrain_lr)?;
     let mut rng = SeededRng::new(s.seed);
     progress.start("pretrain (task A: sort)", s.pretrain_steps);
@@ -130,6 +131,34 @@ pub fn pretrain(s: &Settings, progress: &mut dyn Progress) -> lorakit::Result<Pr
         acc_task_a: model.accuracy(&eval_a.inputs, &eval_a.targets)?,
         acc_task_b: model.accuracy(&eval_b.inputs, &eval_b.targets)?,
     })
+}
+
+/// Re-initializes the model's variables from `seed` (candle's CPU init cannot be seeded):
+/// linear weights `U(±1/√d_in)`, linear biases 0, embeddings `N(0, 0.5²)`, norms as built.
+fn seeded_init(varmap: &VarMap, seed: u64) -> lorakit::Result<()> {
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("varmap lock poisoned".into()))?;
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    for name in names {
+        let var = &data[name];
+        let (dtype, dev) = (var.dtype(), var.device());
+        let mut rng = SeededRng::for_layer(seed, name);
+        let value = if name.ends_with("_emb") {
+            rng.normal(var.shape(), 0.0, 0.5, dtype, dev)?
+        } else if name.contains("norm") {
+            continue;
+        } else if var.rank() == 2 {
+            let (rows, d_in) = var.dims2()?;
+            rng.kaiming_uniform_linear(rows, d_in, dtype, dev)?
+        } else {
+            var.zeros_like()?
+        };
+        var.set(&value)?;
+    }
+    Ok(())
 }
 
 /// Adapts the pretrained model to task B with `method`.

@@ -5,6 +5,8 @@ use std::cell::RefCell;
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
+use lorakit::train::{train_step, LoraPlus, StepHook};
+use lorakit::variants::delta_lora::{delta_lora_linear, DeltaLoraHook, DeltaLoraUpdate};
 use lorakit::{Adapter, FrozenLinear, LoraConfig, LoraLinear, Shared};
 
 use crate::core::{Pretrained, Settings};
@@ -15,6 +17,12 @@ use crate::tasks::Batch;
 pub const RANK: usize = 8;
 /// Learning rate of the adapter runs.
 pub const ADAPTER_LR: f64 = 1e-2;
+/// LoRA+'s base learning rate: A trains at it, B at 16× it (the default ratio). At
+/// `ADAPTER_LR` B's 16× rate diverges on this task.
+pub const LORA_PLUS_LR: f64 = 2.5e-3;
+/// Delta-LoRA's λ (the paper's setting for RoBERTa/BART-size models); K is a quarter of the
+/// adaptation steps.
+pub const DELTA_LORA_LAMBDA: f64 = 0.5;
 /// Learning rate of full fine-tuning.
 pub const FULL_LR: f64 = 1e-3;
 
@@ -23,11 +31,18 @@ pub const FULL_LR: f64 = 1e-3;
 pub enum Method {
     Full,
     Lora,
+    LoraPlus,
+    DeltaLora,
 }
 
 impl Method {
     /// Every method, in the report's order.
-    pub const ALL: [Method; 2] = [Method::Full, Method::Lora];
+    pub const ALL: [Method; 4] = [
+        Method::Full,
+        Method::Lora,
+        Method::LoraPlus,
+        Method::DeltaLora,
+    ];
 
     /// The methods of the DoRA weight-decomposition analysis.
     pub const DORA_ANALYSIS: [Method; 2] = [Method::Full, Method::Lora];
@@ -37,18 +52,45 @@ impl Method {
         match self {
             Method::Full => "full fine-tuning",
             Method::Lora => "LoRA",
+            Method::LoraPlus => "LoRA+",
+            Method::DeltaLora => "Delta-LoRA",
         }
     }
 
     /// Builds the model and trainer.
     pub fn prepare(&self, s: &Settings, pre: &Pretrained) -> lorakit::Result<Prepared> {
+        let lora = LoraConfig::new(RANK, 2.0 * RANK as f64);
+        let plain_lora =
+            |base: FrozenLinear, vb: VarBuilder| -> lorakit::Result<Shared<dyn Adapter>> {
+                Ok(Shared::new(LoraLinear::new(base, &lora, vb)?).erase())
+            };
         match self {
             Method::Full => prepare_full(s, pre),
             Method::Lora => {
-                let config = LoraConfig::new(RANK, 2.0 * RANK as f64);
-                prepare_adapters(s, pre, &|base, vb| {
-                    Ok(Shared::new(LoraLinear::new(base, &config, vb)?).erase())
-                })
+                let (model, adapters, varmap) = build_adapted(s, pre, &plain_lora)?;
+                let opt = candle_nn::AdamW::new_lr(varmap.all_vars(), ADAPTER_LR)?;
+                Ok(Prepared::adapted(model, adapters, opt, Vec::new()))
+            }
+            Method::LoraPlus => {
+                let (model, adapters, _) = build_adapted(s, pre, &plain_lora)?;
+                let layers: Vec<_> = adapters.iter().map(|(_, l)| l.clone()).collect();
+                let opt = LoraPlus::new(LORA_PLUS_LR).build_from_shared(&layers)?;
+                Ok(Prepared::adapted(model, adapters, opt, Vec::new()))
+            }
+            Method::DeltaLora => {
+                let (model, adapters, varmap) = build_adapted(s, pre, &|base, vb| {
+                    Ok(Shared::new(delta_lora_linear(base, &lora, vb)?).erase())
+                })?;
+                let layers: Vec<_> = adapters.iter().map(|(_, l)| l.clone()).collect();
+                let update = DeltaLoraUpdate::new(DELTA_LORA_LAMBDA, s.adapt_steps / 4);
+                let hook = DeltaLoraHook::from_adapters(layers, update)?;
+                let opt = candle_nn::AdamW::new_lr(varmap.all_vars(), ADAPTER_LR)?;
+                Ok(Prepared::adapted(
+                    model,
+                    adapters,
+                    opt,
+                    vec![Box::new(hook)],
+                ))
             }
         }
     }
@@ -58,7 +100,9 @@ impl Method {
         let layers = linear_paths(cfg);
         match self {
             Method::Full => full_param_count(cfg),
-            Method::Lora => layers.iter().map(|(_, i, o)| RANK * (i + o)).sum(),
+            Method::Lora | Method::LoraPlus | Method::DeltaLora => {
+                layers.iter().map(|(_, i, o)| RANK * (i + o)).sum()
+            }
         }
     }
 }
@@ -77,6 +121,30 @@ pub struct Prepared {
 }
 
 impl Prepared {
+    /// An adapter method: the model, its layers, an optimizer over the adapters' variables,
+    /// and the method's step hooks.
+    pub fn adapted<O: Optimizer + 'static>(
+        model: Transformer,
+        adapters: NamedAdapters,
+        optimizer: O,
+        hooks: Vec<Box<dyn StepHook>>,
+    ) -> Self {
+        let params = adapters
+            .iter()
+            .map(|(_, l)| l.read().num_trainable_params())
+            .sum();
+        Self {
+            model,
+            trainer: Box::new(AdapterTrainer {
+                optimizer,
+                hooks,
+                params,
+            }),
+            adapters,
+            full_vars: None,
+        }
+    }
+
     /// The weight the linear at `path` effectively applies now: the trained weight under
     /// full fine-tuning; the merged weight (merge, read, unmerge) under an adapter.
     pub fn effective_weight(&self, path: &str) -> lorakit::Result<Tensor> {
@@ -152,6 +220,34 @@ impl Trainer for AdamWTrainer {
     }
 }
 
+/// An optimizer and step hooks, run in order by `lorakit::train::train_step`.
+pub struct AdapterTrainer<O: Optimizer> {
+    optimizer: O,
+    hooks: Vec<Box<dyn StepHook>>,
+    params: usize,
+}
+
+impl<O: Optimizer> Trainer for AdapterTrainer<O> {
+    fn step(
+        &mut self,
+        _: &Transformer,
+        loss: &Tensor,
+        step: usize,
+        _: &Batch,
+    ) -> lorakit::Result<()> {
+        let mut hooks: Vec<&mut dyn StepHook> = self
+            .hooks
+            .iter_mut()
+            .map(|h| h.as_mut() as &mut dyn StepHook)
+            .collect();
+        train_step(loss, &mut self.optimizer, &mut hooks, step)
+    }
+
+    fn trainable_params(&self) -> usize {
+        self.params
+    }
+}
+
 fn full_param_count(cfg: &ModelConfig) -> usize {
     let d = cfg.d_model;
     let v = crate::tasks::VOCAB;
@@ -195,23 +291,6 @@ fn prepare_full(s: &Settings, pre: &Pretrained) -> lorakit::Result<Prepared> {
 /// Builds one adapted layer from its frozen base and a VarBuilder for its trainables.
 pub type AdapterBuilder<'a> =
     dyn Fn(FrozenLinear, VarBuilder) -> lorakit::Result<Shared<dyn Adapter>> + 'a;
-
-/// The model with every linear of `linear_paths` adapted by `build`, trained by AdamW over
-/// the adapters' variables.
-fn prepare_adapters(
-    s: &Settings,
-    pre: &Pretrained,
-    build: &AdapterBuilder,
-) -> lorakit::Result<Prepared> {
-    let (model, adapters, varmap) = build_adapted(s, pre, build)?;
-    let trainer = AdamWTrainer::new(varmap.all_vars(), ADAPTER_LR)?;
-    Ok(Prepared {
-        model,
-        trainer: Box::new(trainer),
-        adapters,
-        full_vars: None,
-    })
-}
 
 /// The adapted model, its layers by path, and the VarMap holding the adapters' variables.
 pub fn build_adapted(

@@ -14,9 +14,10 @@ use crate::adapter::{AdaptedBase, Adapter, AdapterKind, NamedVar};
 use crate::error::Result;
 use crate::frozen::FrozenLinear;
 use crate::init::SeededRng;
-use crate::kernels::{low_rank_only, FusedLinear, LowRankTerm};
+use crate::kernels::LowRankTerm;
 use crate::low_rank::{trainable_var, Factor, LowRankPair};
 use crate::validate;
+use crate::variants::branch::low_rank_forward;
 
 /// How A and B start (PEFT's `init_lora_weights`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -183,7 +184,6 @@ impl LoraLinear {
     }
 
     /// Marks the layer as another member of the LoRA family (LoRA-FA, Delta-LoRA).
-    #[allow(dead_code)] // used by the LoRA-FA and Delta-LoRA constructors
     pub(crate) fn with_kind(mut self, kind: AdapterKind) -> Self {
         self.kind = kind;
         self
@@ -257,24 +257,7 @@ impl Adapter for LoraLinear {
     }
 
     fn forward_adapted(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let base = self.core.base();
-        if train && self.dropout > 0.0 {
-            let frozen = FusedLinear {
-                weight: base.weight(),
-                bias: base.bias(),
-                low_rank: None,
-                row_scale: None,
-            };
-            let dropped = candle_nn::ops::dropout(x, self.dropout as f32)?;
-            return Ok((frozen.forward(x)? + low_rank_only(&dropped, &self.term())?)?);
-        }
-        FusedLinear {
-            weight: base.weight(),
-            bias: base.bias(),
-            low_rank: Some(self.term()),
-            row_scale: None,
-        }
-        .forward(x)
+        low_rank_forward(self.core.base(), self.term(), self.dropout, x, train)
     }
 
     fn delta_weight(&self) -> Result<Tensor> {

@@ -1,4 +1,7 @@
 //! One module per variant.
 
+pub mod adalora;
+mod branch;
 pub mod delta_lora;
 pub mod lora;
+pub mod lora_drop;
