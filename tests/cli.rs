@@ -44,7 +44,7 @@ fn merge(base: &Path, adapter: &Path, out: &Path) -> Output {
 
 #[test]
 fn merge_matches_peft_merge_and_unload() {
-    for case in ["lora_mlp", "rslora_patterns", "llama_names"] {
+    for case in ["lora_mlp", "rslora_patterns", "llama_names", "adalora"] {
         let dir = fixture(case);
         let out = temp_dir(&format!("cli-{case}")).join("merged.safetensors");
         let res = merge(&dir.join("base.safetensors"), &dir.join("adapter"), &out);
@@ -79,6 +79,20 @@ fn inspect_summarizes() {
     }
     // A and B of each module: (2·6 + 12·2) + (4·12 + 6·4) + (3·12 + 6·3).
     assert!(text.contains("trainable parameters: 162"), "{text}");
+}
+
+#[test]
+fn inspect_adalora_keeps_init_r_in_the_scale() {
+    let out = lorakit(&[&"inspect", &fixture("adalora").join("adapter")]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("type: ADALORA"), "{text}");
+    // Kept ranks from the file's rank_pattern; lora_alpha 4, init_r 6.
+    let scale = 4.0 / (6.0 + 1e-5);
+    for (path, r) in [("lin0", 2), ("lin1", 3), ("lin2", 1)] {
+        let line = format!("{path}  rank {r}  scale {scale}");
+        assert!(text.contains(&line), "missing `{line}` in\n{text}");
+    }
 }
 
 #[test]

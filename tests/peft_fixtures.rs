@@ -90,6 +90,13 @@ fn llama_module_names() {
     check_case("llama_names");
 }
 
+/// AdaLoRA after real pruning steps: truncated ranks (2, 3, 1 of init_r = 6), scale
+/// `alpha / (init_r + 1e-5)`.
+#[test]
+fn adalora_after_pruning() {
+    check_case("adalora");
+}
+
 /// PEFT merged the same adapter into f16 and bf16 copies of the base: the merge command
 /// keeps the dtype and agrees to within one rounding of the half type (PEFT rounds ΔW to the
 /// half type before adding it, lorakit adds in f32 and rounds once).

@@ -15,6 +15,17 @@ use lorakit::peft::{save_adapter, PeftAdapter, PeftConfig};
 use lorakit::{LoraConfig, LoraInit};
 use peft_common::{assert_close, fixture, load, temp_dir, Chain};
 
+fn temp_dir_path(case: &str, tag: &str) -> std::path::PathBuf {
+    match std::env::var_os("LORAKIT_REVERSE_DIR") {
+        Some(root) if tag == "fixture" => std::path::PathBuf::from(root).join(case),
+        Some(root) => std::path::PathBuf::from(root).join(format!("{case}@{tag}")),
+        None => std::env::temp_dir().join(format!(
+            "lorakit-test-{}-roundtrip-{case}-{tag}",
+            std::process::id()
+        )),
+    }
+}
+
 /// Saves `set` with `config`, reloads it onto a fresh base and compares outputs.
 fn save_reload_compare(
     case: &str,
@@ -24,11 +35,8 @@ fn save_reload_compare(
     y: &Tensor,
     x: &Tensor,
 ) {
-    let dir = match std::env::var_os("LORAKIT_REVERSE_DIR") {
-        Some(root) if tag == "fixture" => std::path::PathBuf::from(root).join(case),
-        Some(root) => std::path::PathBuf::from(root).join(format!("{case}@{tag}")),
-        None => temp_dir(&format!("roundtrip-{case}-{tag}")),
-    };
+    let dir = temp_dir_path(case, tag);
+    let _ = std::fs::remove_dir_all(&dir);
     let adapter_dir = dir.join("adapter");
     save_adapter(&adapter_dir, config, set).unwrap();
     let loaded = PeftAdapter::load(&adapter_dir, &Device::Cpu).unwrap();
@@ -105,6 +113,59 @@ fn fresh_rslora_with_patterns_roundtrip() {
     let x = Tensor::randn(0f32, 1., (4, 6), &Device::Cpu).unwrap();
     let y = model.forward(&x);
     save_reload_compare("rslora_patterns", "fresh", &config, &set, &y, &x);
+}
+
+#[test]
+fn adalora_fixture_roundtrip() {
+    roundtrip_fixture("adalora");
+}
+
+/// Fresh AdaLoRA layers, pruned by hand (E masked), saved truncated with their
+/// rank_pattern, reloaded: same outputs and the same kept ranks.
+#[test]
+fn fresh_adalora_pruned_roundtrip() {
+    let json = r#"{"peft_type": "ADALORA", "init_r": 4, "lora_alpha": 3, "total_step": 10, "target_modules": ["lin0", "lin1", "lin2"]}"#;
+    let config = PeftConfig::from_json_str(json, "inline").unwrap();
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let plan = config
+        .fresh_plan(
+            vb,
+            &LoraConfig {
+                seed: 3,
+                ..LoraConfig::default()
+            },
+        )
+        .unwrap();
+    let model = Chain::build("adalora", &plan).unwrap();
+    let set = plan.finish().unwrap();
+    // E starts at zero: give it values, then prune a different set of ranks per layer.
+    let masks = [
+        [true, false, true, false],
+        [false, false, false, true],
+        [true, true, true, true],
+    ];
+    for ((_, layer), keep) in set.layers().iter().zip(&masks) {
+        let mut guard = layer.write();
+        let ada = guard
+            .as_any_mut()
+            .downcast_mut::<lorakit::AdaLoraLinear>()
+            .unwrap();
+        ada.e()
+            .set(&Tensor::new(&[[0.5f32], [-1.0], [2.0], [0.25]], &Device::Cpu).unwrap())
+            .unwrap();
+        ada.apply_mask(keep).unwrap();
+    }
+    let x = Tensor::randn(0f32, 1., (4, 10), &Device::Cpu).unwrap();
+    let y = model.forward(&x);
+    save_reload_compare("adalora", "fresh", &config, &set, &y, &x);
+    let saved = PeftConfig::from_file(
+        temp_dir_path("adalora", "fresh").join("adapter/adapter_config.json"),
+    )
+    .unwrap();
+    for (i, path) in ["lin0", "lin1", "lin2"].iter().enumerate() {
+        assert_eq!(saved.adalora_mask(path).unwrap(), masks[i], "{path}");
+    }
 }
 
 /// A set whose layers do not match the config is refused rather than saved wrongly.

@@ -11,7 +11,9 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 use crate::model::plan::AdapterPlan;
+use crate::model::target::ModuleSettings;
 use crate::model::target::{FullRegex, ModuleSelector, Pattern, RankAlpha, TargetSpec};
+use crate::variants::adalora::{AdaLoraConfig, AdaLoraLinear};
 use crate::variants::lora::LoraConfig;
 
 /// The adapter types lorakit reads and writes.
@@ -365,6 +367,28 @@ impl PeftConfig {
                 },
                 adapter_vb,
             )),
+            (PeftType::AdaLora, _) => {
+                let (init_r, dropout, seed) = (self.ranks.r, self.dropout, init.seed);
+                let factory = move |_p: &str,
+                                    base: crate::FrozenLinear,
+                                    vb: VarBuilder<'static>,
+                                    s: ModuleSettings|
+                      -> Result<crate::Shared<dyn crate::Adapter>> {
+                    let c = AdaLoraConfig {
+                        init_r,
+                        alpha: s.alpha,
+                        dropout,
+                        seed,
+                    };
+                    Ok(crate::Shared::new(AdaLoraLinear::new(base, &c, vb)?).erase())
+                };
+                Ok(AdapterPlan::new(
+                    self.targets.clone(),
+                    self.ranks.clone(),
+                    adapter_vb,
+                    factory,
+                ))
+            }
             _ => Err(Error::Unsupported {
                 what: "fresh adapter type",
                 got: self.describe(),

@@ -20,6 +20,7 @@ use crate::model::plan::{AdapterFactory, AdapterPlan};
 use crate::model::target::ModuleSettings;
 use crate::peft::config::{PeftConfig, PeftType};
 use crate::shared::Shared;
+use crate::variants::adalora::AdaLoraLinear;
 use crate::variants::lora::{lora_scale, LoraLinear};
 
 /// The config file's name in an adapter directory.
@@ -269,6 +270,32 @@ impl LoadedFactory {
     }
 }
 
+impl LoadedFactory {
+    /// AdaLoRA: the file holds the kept ranks only (`lora_A`, `lora_E`, `lora_B`, no
+    /// `.weight`); `rank_pattern` says which of the `init_r` ranks they are. The scale keeps
+    /// `init_r`, as in PEFT.
+    fn adalora(
+        &self,
+        path: &str,
+        base: FrozenLinear,
+        s: ModuleSettings,
+    ) -> Result<Shared<dyn Adapter>> {
+        let f = &self.0;
+        let c = &f.config;
+        let (d_in, d_out) = (base.d_in(), base.d_out());
+        let r = f.rows(path, "lora_A")?;
+        let a = f.take(path, "lora_A", &[r, d_in], &base)?;
+        let e = f.take(path, "lora_E", &[r, 1], &base)?;
+        let b = f.take(path, "lora_B", &[d_out, r], &base)?;
+        let mut layer =
+            AdaLoraLinear::from_tensors(path, base, a, e, b, c.ranks.r, s.alpha, c.dropout)?;
+        if let Some(mask) = c.adalora_mask(path) {
+            layer.set_loaded_rank_pattern(mask)?;
+        }
+        Ok(Shared::new(layer).erase())
+    }
+}
+
 impl AdapterFactory for LoadedFactory {
     fn build(
         &self,
@@ -279,6 +306,7 @@ impl AdapterFactory for LoadedFactory {
     ) -> Result<Shared<dyn Adapter>> {
         match self.0.config.peft_type {
             PeftType::Lora => self.lora(path, base, settings),
+            PeftType::AdaLora => self.adalora(path, base, settings),
             other => {
                 let _ = self.0.rows(path, "lora_A");
                 Err(Error::Unsupported {

@@ -86,6 +86,24 @@ fn check_consistent(config: &PeftConfig, set: &AdaptedSet) -> Result<()> {
             });
         }
         let layer = layer.read();
+        if let Some(ada) = layer.as_any().downcast_ref::<crate::AdaLoraLinear>() {
+            let s = config.ranks.for_module(&path);
+            if ada.init_r() != config.ranks.r
+                || (ada.alpha() - s.alpha).abs() > 1e-9 * s.alpha.abs().max(1.0)
+            {
+                return Err(Error::InvalidConfig {
+                    layer: path,
+                    field: "init_r",
+                    reason: format!(
+                        "layer has init_r {} and lora_alpha {}, the config gives {} and {}",
+                        ada.init_r(),
+                        ada.alpha(),
+                        config.ranks.r,
+                        s.alpha
+                    ),
+                });
+            }
+        }
         if let Some(lora) = layer.as_any().downcast_ref::<crate::LoraLinear>() {
             let s = config.ranks.for_module(&path);
             let scale = crate::variants::lora::lora_scale(s.alpha, s.r, config.use_rslora);
@@ -104,6 +122,43 @@ fn check_consistent(config: &PeftConfig, set: &AdaptedSet) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The config to write: `config`, plus what the layers know and the config may not (AdaLoRA's
+/// kept ranks, as PEFT's `rank_pattern`).
+fn with_layer_state(config: &PeftConfig, set: &AdaptedSet) -> Result<PeftConfig> {
+    let mut config = config.clone();
+    if config.peft_type == crate::peft::PeftType::AdaLora
+        && !config
+            .raw
+            .get("total_step")
+            .is_some_and(|v| v.as_u64().is_some_and(|n| n > 0))
+    {
+        return Err(Error::InvalidConfig {
+            layer: "adapter config".to_string(),
+            field: "total_step",
+            reason:
+                "PEFT refuses AdaLoRA configs without total_step > 0; set it (the training length)"
+                    .to_string(),
+        });
+    }
+    let mut pattern = serde_json::Map::new();
+    for (path, layer) in set.layers() {
+        if let Some(ada) = layer.read().as_any().downcast_ref::<crate::AdaLoraLinear>() {
+            let mask = ada
+                .rank_pattern()
+                .into_iter()
+                .map(serde_json::Value::Bool)
+                .collect();
+            pattern.insert(format!("{path}.lora_E"), serde_json::Value::Array(mask));
+        }
+    }
+    if !pattern.is_empty() {
+        config
+            .raw
+            .insert("rank_pattern".into(), serde_json::Value::Object(pattern));
+    }
+    Ok(config)
 }
 
 /// Writes `dir/adapter_config.json` (from `config`) and `dir/adapter_model.safetensors`
@@ -133,6 +188,7 @@ fn check_consistent(config: &PeftConfig, set: &AdaptedSet) -> Result<()> {
 pub fn save_adapter(dir: impl AsRef<Path>, config: &PeftConfig, set: &AdaptedSet) -> Result<()> {
     let dir = dir.as_ref();
     check_consistent(config, set)?;
+    let config = with_layer_state(config, set)?;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let weights = dir.join(WEIGHTS_FILE);
     let bytes = safetensors_bytes(&adapter_tensors(set)?, &weights)?;
