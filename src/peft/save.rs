@@ -128,12 +128,8 @@ fn check_consistent(config: &PeftConfig, set: &AdaptedSet) -> Result<()> {
 /// kept ranks, as PEFT's `rank_pattern`).
 fn with_layer_state(config: &PeftConfig, set: &AdaptedSet) -> Result<PeftConfig> {
     let mut config = config.clone();
-    if config.peft_type == crate::peft::PeftType::AdaLora
-        && !config
-            .raw
-            .get("total_step")
-            .is_some_and(|v| v.as_u64().is_some_and(|n| n > 0))
-    {
+    let total_step = config.raw.get("total_step").and_then(|v| v.as_u64());
+    if config.peft_type == crate::peft::PeftType::AdaLora && total_step.unwrap_or(0) == 0 {
         return Err(Error::InvalidConfig {
             layer: "adapter config".to_string(),
             field: "total_step",
