@@ -461,7 +461,7 @@ fn prepare_lora_drop(
         "LoRA-drop (after {} stage-1 steps on a {}-example sample) kept {} of {} layers ({}), \
          shared {} pair(s): {} -> {} trainable parameters ({:.0}% fewer)",
         config.stage1_steps,
-        (LORA_DROP_POOL as f64 * 0.1) as usize,
+        (LORA_DROP_POOL as f64 * 0.1).round() as usize,
         report.selected.len(),
         report.selected.len() + report.shared.len(),
         report.selected.join(", "),
