@@ -319,3 +319,43 @@ fn composed_reference_does_form_a_weight_gradient() {
         .count();
     assert!(w_shaped > 0);
 }
+
+#[test]
+fn broadcast_incoming_gradient() {
+    // `sum_all`'s backward hands the op a stride-0 (broadcast) gradient.
+    let c = Case {
+        bias: true,
+        row_scale: true,
+        ..case(&[2, 5], 9, 7, 3)
+    };
+    let inp = inputs(&c, 11, DType::F64);
+    let layer = FusedLinear {
+        weight: &inp.w,
+        bias: inp.bias.as_ref(),
+        low_rank: Some(LowRankTerm {
+            a: inp.a.as_tensor(),
+            b: inp.b.as_tensor(),
+            scale: inp.scale,
+        }),
+        row_scale: Some(inp.c.as_tensor()),
+    };
+    let x = inp.x.as_tensor();
+    let fused = layer
+        .forward(x)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let reference = layer
+        .forward_composed(x)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for t in [x, inp.a.as_tensor(), inp.b.as_tensor(), inp.c.as_tensor()] {
+        let e = rel_err(fused.get(t).unwrap(), reference.get(t).unwrap());
+        assert!(e <= 1e-10, "rel err {e}");
+    }
+}
