@@ -231,6 +231,20 @@ impl CustomOp3 for FusedLowRankOp {
         }
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.check_shapes(l1, l2, l3)?;
+        super::cuda::forward(self, (s1, l1), (s2, l2), (s3, l3))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
