@@ -67,6 +67,8 @@ pub struct MethodResult {
     pub final_loss: f64,
     pub ms_per_step: f64,
     pub losses: Vec<f64>,
+    /// The method's own decisions, if it reports any (LoRA-drop's selection).
+    pub note: Option<String>,
 }
 
 /// The pretrained model: its tensors by name, and its accuracy on both tasks.
@@ -176,7 +178,9 @@ pub fn adapt(
         &mut SeededRng::new(s.seed + 2),
         &dev,
     )?;
-    let acc_before = prepared.model.accuracy(&eval.inputs, &eval.targets)?;
+    // The pretrained model's accuracy: the adapted model at init equals it, except for
+    // LoRA-drop, whose preparation already includes its stage-1 training.
+    let acc_before = pre.acc_task_b;
     let mut rng = SeededRng::new(s.seed + 10);
     let mut losses = Vec::with_capacity(s.adapt_steps);
     progress.start(method.name(), s.adapt_steps);
@@ -203,6 +207,7 @@ pub fn adapt(
         final_loss,
         ms_per_step,
         losses,
+        note: prepared.note.take(),
     })
 }
 

@@ -91,6 +91,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     );
     print!("{}", report::table(&results));
     for r in &results {
+        if let Some(note) = &r.note {
+            println!("{note}");
+        }
         if r.trainable_params != r.expected_params {
             println!(
                 "warning: {} trains {} parameters, its closed form gives {}",

@@ -5,13 +5,19 @@ use std::cell::RefCell;
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
-use lorakit::train::{train_step, LoraPlus, StepHook};
+use lorakit::init::SeededRng;
+use lorakit::train::{
+    orthogonality_penalty, train_step, LoraDropConfig, LoraPlus, RankAllocator,
+    RankAllocatorConfig, StepHook,
+};
 use lorakit::variants::delta_lora::{delta_lora_linear, DeltaLoraHook, DeltaLoraUpdate};
-use lorakit::{Adapter, FrozenLinear, LoraConfig, LoraLinear, Shared};
+use lorakit::{
+    AdaLoraConfig, AdaLoraLinear, Adapter, FrozenLinear, LoraConfig, LoraDrop, LoraLinear, Shared,
+};
 
 use crate::core::{Pretrained, Settings};
 use crate::model::{linear_paths, ModelConfig, Transformer};
-use crate::tasks::Batch;
+use crate::tasks::{batch, Batch, Task};
 
 /// Rank used by the LoRA-family adapters.
 pub const RANK: usize = 8;
@@ -23,6 +29,8 @@ pub const LORA_PLUS_LR: f64 = 2.5e-3;
 /// Delta-LoRA's λ (the paper's setting for RoBERTa/BART-size models); K is a quarter of the
 /// adaptation steps.
 pub const DELTA_LORA_LAMBDA: f64 = 0.5;
+/// Size of LoRA-drop's fixed pool of task-B examples (stage 1 samples 10% of it).
+pub const LORA_DROP_POOL: usize = 2048;
 /// Learning rate of full fine-tuning.
 pub const FULL_LR: f64 = 1e-3;
 
@@ -32,15 +40,19 @@ pub enum Method {
     Full,
     Lora,
     LoraPlus,
+    LoraDrop,
+    AdaLora,
     DeltaLora,
 }
 
 impl Method {
     /// Every method, in the report's order.
-    pub const ALL: [Method; 4] = [
+    pub const ALL: [Method; 6] = [
         Method::Full,
         Method::Lora,
         Method::LoraPlus,
+        Method::LoraDrop,
+        Method::AdaLora,
         Method::DeltaLora,
     ];
 
@@ -53,6 +65,8 @@ impl Method {
             Method::Full => "full fine-tuning",
             Method::Lora => "LoRA",
             Method::LoraPlus => "LoRA+",
+            Method::LoraDrop => "LoRA-drop",
+            Method::AdaLora => "AdaLoRA",
             Method::DeltaLora => "Delta-LoRA",
         }
     }
@@ -60,10 +74,9 @@ impl Method {
     /// Builds the model and trainer.
     pub fn prepare(&self, s: &Settings, pre: &Pretrained) -> lorakit::Result<Prepared> {
         let lora = LoraConfig::new(RANK, 2.0 * RANK as f64);
-        let plain_lora =
-            |base: FrozenLinear, vb: VarBuilder| -> lorakit::Result<Shared<dyn Adapter>> {
-                Ok(Shared::new(LoraLinear::new(base, &lora, vb)?).erase())
-            };
+        let plain_lora = |base: FrozenLinear, vb: VarBuilder| -> lorakit::Result<Built> {
+            Ok(Built::plain(LoraLinear::new(base, &lora, vb)?))
+        };
         match self {
             Method::Full => prepare_full(s, pre),
             Method::Lora => {
@@ -77,9 +90,11 @@ impl Method {
                 let opt = LoraPlus::new(LORA_PLUS_LR).build_from_shared(&layers)?;
                 Ok(Prepared::adapted(model, adapters, opt, Vec::new()))
             }
+            Method::LoraDrop => prepare_lora_drop(s, pre, &lora),
+            Method::AdaLora => prepare_adalora(s, pre),
             Method::DeltaLora => {
                 let (model, adapters, varmap) = build_adapted(s, pre, &|base, vb| {
-                    Ok(Shared::new(delta_lora_linear(base, &lora, vb)?).erase())
+                    Ok(Built::plain(delta_lora_linear(base, &lora, vb)?))
                 })?;
                 let layers: Vec<_> = adapters.iter().map(|(_, l)| l.clone()).collect();
                 let update = DeltaLoraUpdate::new(DELTA_LORA_LAMBDA, s.adapt_steps / 4);
@@ -96,9 +111,25 @@ impl Method {
     }
 
     /// The trainable-parameter count from the method's closed form.
-    pub fn closed_form_params(&self, cfg: &ModelConfig, _prepared: &Prepared) -> usize {
+    pub fn closed_form_params(&self, cfg: &ModelConfig, prepared: &Prepared) -> usize {
         let layers = linear_paths(cfg);
         match self {
+            // Selected layers keep their own pair; the others share one pair per shape.
+            Method::LoraDrop => {
+                let mut shared_shapes = std::collections::BTreeSet::new();
+                layers
+                    .iter()
+                    .map(|(path, i, o)| {
+                        let own = prepared.selected.iter().any(|p| p == path);
+                        if own || shared_shapes.insert((*i, *o)) {
+                            RANK * (i + o)
+                        } else {
+                            0
+                        }
+                    })
+                    .sum()
+            }
+            Method::AdaLora => layers.iter().map(|(_, i, o)| RANK * (i + o + 1)).sum(),
             Method::Full => full_param_count(cfg),
             Method::Lora | Method::LoraPlus | Method::DeltaLora => {
                 layers.iter().map(|(_, i, o)| RANK * (i + o)).sum()
@@ -118,9 +149,18 @@ pub struct Prepared {
     pub adapters: NamedAdapters,
     /// Full fine-tuning's variables (None for adapter methods).
     pub full_vars: Option<VarMap>,
+    /// LoRA-drop: the layers that kept their own pair (empty for other methods).
+    pub selected: Vec<String>,
+    /// A line about the method's own decisions (LoRA-drop's selection, AdaLoRA's ranks).
+    pub note: Option<String>,
 }
 
 impl Prepared {
+    /// Adds a regularizer to the loss of every step (adapter methods only).
+    pub fn set_extra_loss(&mut self, extra: ExtraLoss) {
+        self.trainer.set_extra_loss(extra);
+    }
+
     /// An adapter method: the model, its layers, an optimizer over the adapters' variables,
     /// and the method's step hooks.
     pub fn adapted<O: Optimizer + 'static>(
@@ -129,9 +169,13 @@ impl Prepared {
         optimizer: O,
         hooks: Vec<Box<dyn StepHook>>,
     ) -> Self {
+        // Count each variable once: LoRA-drop's shared pairs sit in several layers.
+        let mut seen = std::collections::HashSet::new();
         let params = adapters
             .iter()
-            .map(|(_, l)| l.read().num_trainable_params())
+            .flat_map(|(_, l)| l.read().trainable_vars())
+            .filter(|v| seen.insert(v.var.as_tensor().id()))
+            .map(|v| v.var.elem_count())
             .sum();
         Self {
             model,
@@ -139,9 +183,12 @@ impl Prepared {
                 optimizer,
                 hooks,
                 params,
+                extra_loss: None,
             }),
             adapters,
             full_vars: None,
+            selected: Vec::new(),
+            note: None,
         }
     }
 
@@ -193,6 +240,8 @@ pub trait Trainer {
     }
     /// Number of trainable scalars.
     fn trainable_params(&self) -> usize;
+    /// Adds a regularizer to the loss (ignored by trainers without one).
+    fn set_extra_loss(&mut self, _extra: ExtraLoss) {}
 }
 
 /// Plain AdamW over a set of variables.
@@ -225,7 +274,12 @@ pub struct AdapterTrainer<O: Optimizer> {
     optimizer: O,
     hooks: Vec<Box<dyn StepHook>>,
     params: usize,
+    /// A regularizer added to the task loss (AdaLoRA's orthogonality penalty).
+    extra_loss: Option<ExtraLoss>,
 }
+
+/// A loss term computed from the model's parameters.
+pub type ExtraLoss = Box<dyn Fn() -> lorakit::Result<Tensor>>;
 
 impl<O: Optimizer> Trainer for AdapterTrainer<O> {
     fn step(
@@ -245,6 +299,10 @@ impl<O: Optimizer> Trainer for AdapterTrainer<O> {
 
     fn trainable_params(&self) -> usize {
         self.params
+    }
+
+    fn set_extra_loss(&mut self, extra: ExtraLoss) {
+        self.extra_loss = Some(extra);
     }
 }
 
@@ -285,12 +343,31 @@ fn prepare_full(s: &Settings, pre: &Pretrained) -> lorakit::Result<Prepared> {
         trainer: Box::new(trainer),
         adapters: Vec::new(),
         full_vars: Some(varmap),
+        selected: Vec::new(),
+        note: None,
     })
 }
 
+/// One adapted layer: the adapter, and the module the model calls (the adapter itself, or a
+/// wrapper such as LoRA-drop's probe).
+pub struct Built {
+    pub adapter: Shared<dyn Adapter>,
+    pub module: Box<dyn Module>,
+}
+
+impl Built {
+    /// A layer the model calls directly.
+    pub fn plain<T: Adapter + 'static>(layer: T) -> Self {
+        let adapter = Shared::new(layer).erase();
+        Self {
+            module: Box::new(adapter.clone()),
+            adapter,
+        }
+    }
+}
+
 /// Builds one adapted layer from its frozen base and a VarBuilder for its trainables.
-pub type AdapterBuilder<'a> =
-    dyn Fn(FrozenLinear, VarBuilder) -> lorakit::Result<Shared<dyn Adapter>> + 'a;
+pub type AdapterBuilder<'a> = dyn Fn(FrozenLinear, VarBuilder) -> lorakit::Result<Built> + 'a;
 
 /// The adapted model, its layers by path, and the VarMap holding the adapters' variables.
 pub fn build_adapted(
@@ -306,12 +383,125 @@ pub fn build_adapted(
     let make =
         |path: &str, i: usize, o: usize, vb: VarBuilder| -> lorakit::Result<Box<dyn Module>> {
             let base = FrozenLinear::from_var_builder(i, o, true, vb)?;
-            let layer = build(base, trainable.pp(path))?;
+            let built = build(base, trainable.pp(path))?;
             adapters
                 .borrow_mut()
-                .push((path.to_string(), layer.clone()));
-            Ok(Box::new(layer))
+                .push((path.to_string(), built.adapter));
+            Ok(built.module)
         };
     let model = Transformer::new(&s.model, frozen, &make)?;
     Ok((model, adapters.into_inner(), varmap))
+}
+
+/// LoRA-drop: stage 1 trains every LoRA layer on a 10% sample of a fixed pool of task-B
+/// examples, calibration measures each layer's ‖ΔW x‖² on the sample, the layers that make
+/// up 90% of the importance keep their pairs and the rest share one pair per shape; the
+/// adaptation steps then train the result (stage 2).
+fn prepare_lora_drop(
+    s: &Settings,
+    pre: &Pretrained,
+    lora: &LoraConfig,
+) -> lorakit::Result<Prepared> {
+    let dev = Device::Cpu;
+    let drop = RefCell::new(LoraDrop::new());
+    let (model, adapters, varmap) = build_adapted(s, pre, &|base, vb| {
+        let layer = Shared::new(LoraLinear::new(base, lora, vb)?);
+        let probe = drop.borrow_mut().wrap(layer.clone());
+        Ok(Built {
+            adapter: layer.erase(),
+            module: Box::new(probe),
+        })
+    })?;
+    let drop = drop.into_inner();
+    let pool = batch(
+        Task::Reverse,
+        LORA_DROP_POOL,
+        &mut SeededRng::new(s.seed + 20),
+        &dev,
+    )?;
+    let config = LoraDropConfig {
+        stage1_steps: s.adapt_steps / 4,
+        ..LoraDropConfig::default()
+    };
+    let mut opt = candle_nn::AdamW::new_lr(varmap.all_vars(), ADAPTER_LR)?;
+    let rows = |idx: &[usize]| -> lorakit::Result<Batch> {
+        let idx = Tensor::from_vec(
+            idx.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+            idx.len(),
+            &dev,
+        )?;
+        Ok(Batch {
+            inputs: pool.inputs.index_select(&idx, 0)?,
+            targets: pool.targets.index_select(&idx, 0)?,
+        })
+    };
+    let importance = drop.stage1(
+        &config,
+        LORA_DROP_POOL,
+        |step, sample| {
+            let start = (step * s.batch) % sample.len();
+            let idx: Vec<usize> = (0..s.batch)
+                .map(|k| sample[(start + k) % sample.len()])
+                .collect();
+            let b = rows(&idx)?;
+            Ok(opt.backward_step(&model.loss(&b.inputs, &b.targets)?)?)
+        },
+        |sample| {
+            let b = rows(sample)?;
+            model.forward(&b.inputs)?;
+            Ok(())
+        },
+    )?;
+    let trainable = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+    let report =
+        drop.share_unselected(&importance, config.selection, lora, trainable.pp("shared"))?;
+    let opt = candle_nn::AdamW::new_lr(drop.trainable_vars(), ADAPTER_LR)?;
+    let mut prepared = Prepared::adapted(model, adapters, opt, Vec::new());
+    prepared.note = Some(format!(
+        "LoRA-drop (after {} stage-1 steps on a {}-example sample) kept {} of {} layers ({}), \
+         shared {} pair(s): {} -> {} trainable parameters ({:.0}% fewer)",
+        config.stage1_steps,
+        (LORA_DROP_POOL as f64 * 0.1).round() as usize,
+        report.selected.len(),
+        report.selected.len() + report.shared.len(),
+        report.selected.join(", "),
+        report.shared_pairs,
+        report.params_before,
+        report.params_after,
+        100.0 * report.reduction()
+    ));
+    prepared.selected = report.selected;
+    Ok(prepared)
+}
+
+/// AdaLoRA: initial rank `RANK`, target average rank `RANK / 2`, the budget falling over
+/// the middle of training; the orthogonality penalty is added to the loss.
+fn prepare_adalora(s: &Settings, pre: &Pretrained) -> lorakit::Result<Prepared> {
+    let config = AdaLoraConfig::new(RANK, 2.0 * RANK as f64);
+    let layers = RefCell::new(Vec::new());
+    let (model, adapters, varmap) = build_adapted(s, pre, &|base, vb| {
+        let layer = Shared::new(AdaLoraLinear::new(base, &config, vb)?);
+        layers.borrow_mut().push(layer.clone());
+        let adapter = layer.erase();
+        Ok(Built {
+            module: Box::new(adapter.clone()),
+            adapter,
+        })
+    })?;
+    let allocator_config = RankAllocatorConfig {
+        target_r: RANK / 2,
+        tinit: s.adapt_steps / 10,
+        tfinal: s.adapt_steps / 5,
+        delta_t: 5,
+        ..RankAllocatorConfig::new(s.adapt_steps)
+    };
+    let layers = layers.into_inner();
+    let allocator = RankAllocator::new(layers.clone(), allocator_config)?;
+    let gamma = allocator.config().orth_reg_weight;
+    let opt = candle_nn::AdamW::new_lr(varmap.all_vars(), ADAPTER_LR)?;
+    let mut prepared = Prepared::adapted(model, adapters, opt, vec![Box::new(allocator)]);
+    prepared.set_extra_loss(Box::new(move || {
+        Ok((orthogonality_penalty(&layers)? * gamma)?)
+    }));
+    Ok(prepared)
 }

@@ -8,11 +8,41 @@
 //! fastest path the device has, [`FusedLinear::forward_composed`] through plain candle ops
 //! (the reference the fused kernels are tested against, and the fallback on devices without
 //! a fused kernel).
+//!
+//! # Paths
+//!
+//! | device, dtype | [`FusedLinear::forward`] |
+//! |---|---|
+//! | CPU, f32 / f64 | the fused `CustomOp3` (one output buffer, hand-written backward) |
+//! | CPU, f16 / bf16 | the fused op in f32, inputs cast up and the output cast back |
+//! | CUDA (feature `cuda`), f32 / f64 | the fused op: cuBLAS forward, candle-op backward |
+//! | CUDA f16/bf16, Metal, others | the composed path (candle's own kernels) |
+//!
+//! The fused op's CPU forward runs the base GEMM (`gemm` crate, onto a bias-prefilled
+//! buffer when there is no row scale), accumulates `s · (x Aᵀ) Bᵀ` into the same buffer
+//! (`read_dst`), then applies the row scale and bias in one epilogue pass. Its backward
+//! computes `dx`, `dA_eff`, `dB_eff` and the row scale's gradient by hand (unsloth's
+//! algebra with `g' = c ⊙ g`) and never a gradient for `W`: the frozen weight and bias are
+//! held inside the op, not passed as inputs, so backprop cannot reach them. Gradients are
+//! only computed for inputs that track one (a constant `x` costs no `dx` GEMM).
+//!
+//! CUDA (feature `cuda`): the forward is fused — three cuBLAS GEMMs into one output buffer
+//! (the low-rank one with β = 1) and a small NVRTC-compiled epilogue kernel for the row
+//! scale and bias (a product without a low-rank term takes the composed path). The backward on CUDA is not hand-fused: it is the same algebra written
+//! with candle ops (cuBLAS), still without any gradient for `W`. Half precision on CUDA
+//! takes the composed path. The CUDA code is compile-checked (`scripts/check-cuda.sh`)
+//! but has not been run on a GPU.
+
+mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+mod fused_op;
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
 use crate::frozen::{flatten_rows, unflatten_rows};
+use fused_op::FusedLowRankOp;
 
 /// The low-rank term `s · (x Aᵀ) Bᵀ`.
 #[derive(Clone, Copy, Debug)]
@@ -40,9 +70,64 @@ pub struct FusedLinear<'a> {
 }
 
 impl FusedLinear<'_> {
-    /// Runs the product on the fastest path available for `x`'s device.
+    /// Runs the product on the fastest path available for `x`'s device (see the module
+    /// docs): the fused op on the CPU, the composed path elsewhere.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let compute = compute_dtype(x.dtype(), x.device());
+        if x.device().is_cpu() && matches!(compute, DType::F32 | DType::F64) {
+            return self.forward_fused(x, false);
+        }
+        #[cfg(feature = "cuda")]
+        if cuda::supported(x) && self.low_rank.is_some() {
+            return self.forward_fused(x, true);
+        }
         self.forward_composed(x)
+    }
+
+    /// The fused `CustomOp3`: inputs `x`, `A_eff` and `[B_eff | row_scale]` (zero-sized
+    /// factors without a low-rank term), `W`, bias and scale held in the op.
+    /// `contiguous`: make every tensor contiguous first (the CUDA kernel's requirement).
+    fn forward_fused(&self, x: &Tensor, contiguous: bool) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let compute = compute_dtype(dtype, x.device());
+        let cast = |t: &Tensor| {
+            let t = t.to_dtype(compute)?;
+            if contiguous {
+                t.contiguous()
+            } else {
+                Ok(t)
+            }
+        };
+        let (d_out, d_in) = self.weight.dims2()?;
+        let (a, b, scale, rank) = match &self.low_rank {
+            Some(term) => (cast(term.a)?, cast(term.b)?, term.scale, term.a.dims2()?.0),
+            None => (
+                Tensor::zeros((0, d_in), compute, x.device())?,
+                Tensor::zeros((d_out, 0), compute, x.device())?,
+                0.0,
+                0,
+            ),
+        };
+        let packed = match self.row_scale {
+            Some(c) => {
+                let c = cast(c)?.reshape((d_out, 1))?;
+                if rank > 0 {
+                    Tensor::cat(&[&b, &c], 1)?.contiguous()?
+                } else {
+                    c
+                }
+            }
+            None => b,
+        };
+        let op = FusedLowRankOp {
+            weight: cast(self.weight)?,
+            bias: self.bias.map(cast).transpose()?,
+            scale,
+            rank,
+            row_scale: self.row_scale.is_some(),
+        };
+        let y = cast(x)?.apply_op3(&a, &packed, op)?;
+        Ok(y.to_dtype(dtype)?)
     }
 
     /// The reference: the same product composed from candle ops. Half-precision inputs are

@@ -1,0 +1,47 @@
+//! The cases of `fused.rs` timed with a plain loop and printed as one JSON object
+//! (`{"case": median_ms, ...}`) for `benches/peft_compare.py`.
+//!
+//! `cargo bench --bench compare_json` (the script sets `RAYON_NUM_THREADS`).
+
+use std::time::Instant;
+
+mod common;
+use common::{Path, Setup, SHAPES};
+
+/// Median wall time of `f` in milliseconds, after warm-up, over about `budget_ms`.
+fn median_ms(mut f: impl FnMut(), budget_ms: f64) -> f64 {
+    for _ in 0..3 {
+        f();
+    }
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while times.len() < 5 || (start.elapsed().as_secs_f64() * 1e3 < budget_ms && times.len() < 200)
+    {
+        let t = Instant::now();
+        f();
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    times[times.len() / 2]
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; nothing else is accepted.
+    let mut out = Vec::new();
+    for shape in SHAPES {
+        let setup = Setup::new(shape);
+        let label = format!("n{}_d{}_r{}", shape.n, shape.d, shape.r);
+        for path in Path::ALL {
+            let fwd = median_ms(|| drop(std::hint::black_box(setup.forward(path))), 1500.0);
+            out.push(format!("\"fwd/{label}/{}\": {fwd:.4}", path.name()));
+            let fb = median_ms(
+                || {
+                    std::hint::black_box(setup.forward_backward(path));
+                },
+                2500.0,
+            );
+            out.push(format!("\"fwd_bwd/{label}/{}\": {fb:.4}", path.name()));
+        }
+    }
+    println!("{{{}}}", out.join(", "));
+}

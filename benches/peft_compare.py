@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""Side-by-side timings: Hugging Face PEFT on PyTorch's CPU vs lorakit, same shapes, same
+thread count, f32, medians in ms. The input needs a gradient in every case (as inside a
+model); fwd+bwd is `y.sum().backward()`.
+
+    python3 benches/peft_compare.py [--threads 2] [--markdown benches/RESULTS.md]
+
+The lorakit side is `cargo bench --bench compare_json` (JSON on its last line), run with
+RAYON_NUM_THREADS set to the same thread count.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+SHAPES = [(512, 1024, 16), (512, 2048, 16), (1, 2048, 16)]
+
+
+def median_ms(f, budget_s):
+    for _ in range(3):
+        f()
+    times = []
+    start = time.perf_counter()
+    while len(times) < 5 or (time.perf_counter() - start < budget_s and len(times) < 200):
+        t = time.perf_counter()
+        f()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+class Net(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.lin = torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def torch_cases():
+    out = {}
+    for n, d, r in SHAPES:
+        label = f"n{n}_d{d}_r{r}"
+        torch.manual_seed(0)
+        x = torch.rand(n, d, requires_grad=True)
+        base = Net(d)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        peft = get_peft_model(Net(d), LoraConfig(r=r, lora_alpha=2 * r, target_modules=["lin"], init_lora_weights=False))
+        for name, model in [("base_linear", base), ("lora_peft", peft)]:
+            out[f"fwd/{label}/{name}"] = median_ms(lambda: model(x), 1.5)
+
+            def fb():
+                x.grad = None
+                model.zero_grad(set_to_none=True)
+                model(x).sum().backward()
+
+            out[f"fwd_bwd/{label}/{name}"] = median_ms(fb, 2.5)
+    return out
+
+
+def lorakit_cases(threads):
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        ["cargo", "bench", "--bench", "compare_json"], cwd=root, env=env, check=True, capture_output=True, text=True
+    )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def table(t, k, threads):
+    lines = [
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs; "
+        f"threads: {threads} (torch.set_num_threads / RAYON_NUM_THREADS); "
+        f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}.",
+        "",
+        "| case | PEFT base | PEFT LoRA | lorakit base | lorakit composed | lorakit fused | fused / PEFT LoRA | fused / lorakit base |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for kind in ["fwd", "fwd_bwd"]:
+        for n, d, r in SHAPES:
+            label = f"{kind}/n{n}_d{d}_r{r}"
+            pb, pl = t[f"{label}/base_linear"], t[f"{label}/lora_peft"]
+            kb, kc, kf = (k[f"{label}/{p}"] for p in ["base_linear", "lora_composed", "lora_fused"])
+            lines.append(
+                f"| {label} | {pb:.3f} | {pl:.3f} | {kb:.3f} | {kc:.3f} | {kf:.3f} | {kf / pl:.2f} | {kf / kb:.2f} |"
+            )
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--markdown", help="also write the table to this file")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    k = lorakit_cases(args.threads)
+    t = torch_cases()
+    print(json.dumps({"peft": t, "lorakit": k}))
+    md = table(t, k, args.threads)
+    print(md)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write("# Fused kernel benchmarks (ms, medians, f32, CPU)\n\n" + md + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Checks that lorakit compiles with `--features cuda` on a machine without a GPU or a
+# system CUDA toolkit, using CUDA's compiler from PyPI.
+#
+# - installs nvidia-cuda-nvcc, nvidia-cuda-crt, nvidia-cuda-cccl, nvidia-cuda-runtime into
+#   target-cuda/cuda-pip (once; set CUDA_PIP_DIR to reuse another copy);
+# - builds the library only (no linking, so no libcuda/libcublas is needed) into its own
+#   target dir, target-cuda/, so the normal CPU build cache is untouched;
+# - CUDARC_CUDA_VERSION (default 13000) tells cudarc which CUDA API to bind, and
+#   CUDA_COMPUTE_CAP (default 90) which architecture candle-kernels compiles its PTX for.
+#
+# Runtime: dominated by the first build of candle-kernels (nvcc over all of candle's .cu
+# files) and cudarc; see scripts/README or the kernels module docs for measured times. Too
+# slow for CI on 2 cores: run it by hand. Extra arguments go to `cargo build`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PIP_DIR=${CUDA_PIP_DIR:-target-cuda/cuda-pip}
+if [ ! -x "$PIP_DIR/nvidia/cu13/bin/nvcc" ]; then
+    python3 -m pip install --quiet --target "$PIP_DIR" \
+        nvidia-cuda-nvcc nvidia-cuda-crt nvidia-cuda-cccl nvidia-cuda-runtime
+fi
+CUDA_ROOT=$(cd "$PIP_DIR/nvidia/cu13" && pwd)
+export CUDA_ROOT CUDA_PATH="$CUDA_ROOT" CUDA_HOME="$CUDA_ROOT" CUDA_TOOLKIT_ROOT_DIR="$CUDA_ROOT"
+export PATH="$CUDA_ROOT/bin:$PATH"
+# The PyPI wheels ship CCCL (cub/thrust/cuda::std) in include/cccl.
+export NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:-} -I$CUDA_ROOT/include/cccl"
+export CUDARC_CUDA_VERSION=${CUDARC_CUDA_VERSION:-13000}
+export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
+
+start=$(date +%s)
+cargo build --features cuda --lib --target-dir target-cuda "$@"
+echo "check-cuda: --features cuda built in $(( $(date +%s) - start )) s"

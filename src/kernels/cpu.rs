@@ -1,0 +1,475 @@
+//! CPU kernels of the fused low-rank linear: strided matrix views over candle's CPU
+//! buffers and the forward/backward built from `gemm` calls that accumulate into one
+//! output buffer (`read_dst`), so no output-sized temporary is made in the forward.
+
+use candle_core::{CpuStorage, Layout, Storage, Tensor, WithDType};
+
+/// A read-only strided matrix view: element `(i, j)` is `data[i * rs + j * cs]`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct MatRef<'a, T> {
+    data: &'a [T],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a, T: Copy> MatRef<'a, T> {
+    /// A view, checked to stay inside `data`.
+    pub(crate) fn new(
+        data: &'a [T],
+        rows: usize,
+        cols: usize,
+        rs: usize,
+        cs: usize,
+    ) -> candle_core::Result<Self> {
+        if rows > 0 && cols > 0 {
+            let last = (rows - 1) * rs + (cols - 1) * cs;
+            if last >= data.len() {
+                candle_core::bail!(
+                    "fused linear: a {rows}x{cols} view (strides {rs}, {cs}) overruns a buffer of {}",
+                    data.len()
+                );
+            }
+        }
+        Ok(Self {
+            data,
+            rows,
+            cols,
+            rs,
+            cs,
+        })
+    }
+
+    /// A contiguous row-major view.
+    pub(crate) fn contiguous(data: &'a [T], rows: usize, cols: usize) -> candle_core::Result<Self> {
+        Self::new(data, rows, cols, cols, 1)
+    }
+
+    /// The transposed view (no copy).
+    pub(crate) fn t(self) -> Self {
+        Self {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+
+    /// Element `(i, j)`; callers keep `i < rows`, `j < cols`.
+    #[inline]
+    fn at(&self, i: usize, j: usize) -> T {
+        self.data[i * self.rs + j * self.cs]
+    }
+
+    /// Column `j` gathered into a vector.
+    fn col(&self, j: usize) -> Vec<T> {
+        (0..self.rows).map(|i| self.at(i, j)).collect()
+    }
+
+    /// Element `(i, j)`, or an error outside the view.
+    pub(crate) fn at_checked(&self, i: usize, j: usize) -> candle_core::Result<T> {
+        if i >= self.rows || j >= self.cols {
+            candle_core::bail!(
+                "fused linear: ({i}, {j}) outside a {}x{} view",
+                self.rows,
+                self.cols
+            );
+        }
+        Ok(self.at(i, j))
+    }
+
+    /// The first `cols` columns (callers keep `cols` ≤ the view's columns).
+    pub(crate) fn narrow_cols(self, cols: usize) -> Self {
+        Self {
+            cols: cols.min(self.cols),
+            ..self
+        }
+    }
+
+    /// Rows of the view.
+    pub(crate) fn rows(&self) -> usize {
+        self.rows
+    }
+}
+
+/// The thread setting candle's own CPU matmul uses (`RAYON_NUM_THREADS` or all cores);
+/// gemm itself keeps small products on one thread.
+fn parallelism() -> gemm::Parallelism {
+    let n = candle_core::utils::get_num_threads();
+    if n > 1 {
+        gemm::Parallelism::Rayon(n)
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
+/// `dst = (accumulate ? dst : 0) + beta · lhs · rhs`, `dst` a row-major `m × n` matrix with
+/// row stride `dst_rs` (at least `n`).
+fn gemm_into<T: WithDType>(
+    dst: &mut [T],
+    dst_rs: usize,
+    lhs: MatRef<T>,
+    rhs: MatRef<T>,
+    accumulate: bool,
+    beta: T,
+) -> candle_core::Result<()> {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    if rhs.rows != k {
+        candle_core::bail!("fused linear: inner dimensions {k} and {} differ", rhs.rows);
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if dst_rs < n || (m - 1) * dst_rs + n > dst.len() {
+        candle_core::bail!("fused linear: destination too small for {m}x{n}");
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                dst[i * dst_rs..i * dst_rs + n].fill(T::from_f64(0.0));
+            }
+        }
+        return Ok(());
+    }
+    // SAFETY: every view was bounds-checked (`MatRef::new`, the check above), `dst` is a
+    // unique borrow, and gemm reads/writes only the `m × n`, `m × k`, `k × n` elements the
+    // strides describe.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            T::from_f64(1.0),
+            beta,
+            false,
+            false,
+            false,
+            parallelism(),
+        );
+    }
+    Ok(())
+}
+
+/// An owned or borrowed row-major-ish matrix of a CPU buffer.
+pub(crate) enum Rows<'a, T> {
+    /// A view into the original buffer.
+    View(MatRef<'a, T>),
+    /// A contiguous copy (inputs whose leading dimensions do not merge into one stride).
+    Owned(Vec<T>, usize, usize),
+}
+
+impl<T: Copy> Rows<'_, T> {
+    /// The matrix as a view.
+    pub(crate) fn view(&self) -> candle_core::Result<MatRef<'_, T>> {
+        match self {
+            Rows::View(v) => Ok(*v),
+            Rows::Owned(data, r, c) => MatRef::contiguous(data, *r, *c),
+        }
+    }
+}
+
+/// Views a buffer of layout `layout` (`[.., d]`, rank ≥ 1) as an `(n, d)` matrix: without
+/// a copy when the leading dimensions collapse into one row stride (contiguous, transposed
+/// 2-D, sliced...), through a contiguous copy otherwise.
+pub(crate) fn as_rows<'a, T: Copy>(
+    data: &'a [T],
+    layout: &Layout,
+) -> candle_core::Result<Rows<'a, T>> {
+    let dims = layout.dims();
+    let strides = layout.stride();
+    let Some((&d, lead)) = dims.split_last() else {
+        candle_core::bail!("fused linear: input must have rank >= 1");
+    };
+    let cs = strides[dims.len() - 1];
+    let n: usize = lead.iter().product();
+    let data_off = data.get(layout.start_offset()..).unwrap_or(&[]);
+    // Leading dims of size > 1, outermost first, with their strides.
+    let big: Vec<(usize, usize)> = lead
+        .iter()
+        .zip(strides.iter())
+        .filter(|(&s, _)| s > 1)
+        .map(|(&s, &st)| (s, st))
+        .collect();
+    let mergeable = big.windows(2).all(|w| w[0].1 == w[1].1 * w[1].0);
+    if mergeable {
+        let rs = big.last().map_or(d.max(1), |&(_, st)| st);
+        return Ok(Rows::View(MatRef::new(data_off, n, d, rs, cs)?));
+    }
+    Ok(Rows::Owned(gather_strided(data, layout)?, n, d))
+}
+
+/// The elements of a strided layout in row-major order.
+fn gather_strided<T: Copy>(data: &[T], layout: &Layout) -> candle_core::Result<Vec<T>> {
+    let (dims, strides) = (layout.dims(), layout.stride());
+    let count: usize = dims.iter().product();
+    let mut out = Vec::with_capacity(count);
+    let mut idx = vec![0usize; dims.len()];
+    for _ in 0..count {
+        let off =
+            layout.start_offset() + idx.iter().zip(strides).map(|(i, s)| i * s).sum::<usize>();
+        match data.get(off) {
+            Some(&v) => out.push(v),
+            None => candle_core::bail!("fused linear: layout {layout:?} overruns its buffer"),
+        }
+        for (i, &d) in idx.iter_mut().zip(dims).rev() {
+            *i += 1;
+            if *i < d {
+                break;
+            }
+            *i = 0;
+        }
+    }
+    Ok(out)
+}
+
+/// The CPU slice of a tensor's storage, with its layout, for a closure.
+pub(crate) fn with_slice<T: WithDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(&[T], &Layout) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) => f(T::cpu_storage_as_slice(cpu)?, layout),
+        _ => candle_core::bail!("fused linear: expected a CPU tensor"),
+    }
+}
+
+/// A CPU storage slice of dtype `T`.
+pub(crate) fn slice_of<T: WithDType>(s: &CpuStorage) -> candle_core::Result<&[T]> {
+    T::cpu_storage_as_slice(s)
+}
+
+/// A 1-D tensor gathered into a vector.
+pub(crate) fn gather_vec<T: WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
+    with_slice(t, gather_strided)
+}
+
+/// Everything the forward needs, as CPU views.
+pub(crate) struct Forward<'a, T> {
+    /// `x`, `(n, d_in)`.
+    pub x: MatRef<'a, T>,
+    /// `W`, `(d_out, d_in)`.
+    pub w: MatRef<'a, T>,
+    /// `A_eff` `(r, d_in)` and `B_eff` `(d_out, r)`, `r ≥ 1`, with the scale.
+    pub low_rank: Option<(MatRef<'a, T>, MatRef<'a, T>, T)>,
+    /// Row scale, `d_out` values.
+    pub row_scale: Option<Vec<T>>,
+    /// Bias, `d_out` values.
+    pub bias: Option<Vec<T>>,
+}
+
+/// `y = c ⊙ (x Wᵀ + s (x Aᵀ) Bᵀ) + b`, contiguous `(n, d_out)`.
+///
+/// Without a row scale the bias pre-fills the output and the base GEMM accumulates onto
+/// it; the low-rank product always accumulates into the same buffer; a row scale is one
+/// epilogue pass.
+pub(crate) fn forward<T: WithDType>(p: &Forward<T>) -> candle_core::Result<Vec<T>> {
+    let (n, d_out) = (p.x.rows, p.w.rows);
+    let zero = T::from_f64(0.0);
+    let one = T::from_f64(1.0);
+    let prefill_bias = p.row_scale.is_none() && p.bias.is_some();
+    let mut y = match (&p.bias, prefill_bias) {
+        (Some(b), true) => {
+            let mut y = Vec::with_capacity(n * d_out);
+            for _ in 0..n {
+                y.extend_from_slice(b);
+            }
+            y
+        }
+        _ => vec![zero; n * d_out],
+    };
+    gemm_into(&mut y, d_out, p.x, p.w.t(), prefill_bias, one)?;
+    if let Some((a, b, s)) = p.low_rank {
+        let r = a.rows;
+        let mut xa = vec![zero; n * r];
+        gemm_into(&mut xa, r, p.x, a.t(), false, one)?;
+        gemm_into(
+            &mut y,
+            d_out,
+            MatRef::contiguous(&xa, n, r)?,
+            b.t(),
+            true,
+            s,
+        )?;
+    }
+    if let Some(c) = &p.row_scale {
+        match &p.bias {
+            Some(b) => y.chunks_exact_mut(d_out.max(1)).for_each(|row| {
+                for ((v, &cj), &bj) in row.iter_mut().zip(c).zip(b) {
+                    *v = *v * cj + bj;
+                }
+            }),
+            None => y.chunks_exact_mut(d_out.max(1)).for_each(|row| {
+                for (v, &cj) in row.iter_mut().zip(c) {
+                    *v *= cj;
+                }
+            }),
+        }
+    }
+    Ok(y)
+}
+
+/// Everything the backward needs, as CPU views.
+pub(crate) struct Backward<'a, T> {
+    /// The forward's inputs.
+    pub fwd: &'a Forward<'a, T>,
+    /// The forward's output `y`, `(n, d_out)`.
+    pub y: MatRef<'a, T>,
+    /// The incoming gradient, `(n, d_out)`.
+    pub g: MatRef<'a, T>,
+    /// Which gradients to compute: x, A, (B | row scale).
+    pub need: (bool, bool, bool),
+}
+
+/// The gradients of [`Backward`]: `dx (n, d_in)`, `dA (r, d_in)`, and the gradient of the
+/// packed third input `[B | c]`, `(d_out, r + 1)` (or `(d_out, r)` without a row scale).
+pub(crate) struct Grads<T> {
+    pub dx: Option<Vec<T>>,
+    pub da: Option<Vec<T>>,
+    pub dbc: Option<Vec<T>>,
+}
+
+/// unsloth's algebra with `g' = c ⊙ g`:
+/// `dx = g' W + s (g' B) A`, `dA = s (g' B)ᵀ x`, `dB = s g'ᵀ (x Aᵀ)`,
+/// `dc_j = Σ_i g_ij u_ij` with `u = (y − b) / c` (recomputed for columns where `c_j = 0`).
+/// Never a gradient for `W`.
+pub(crate) fn backward<T: WithDType>(p: &Backward<T>) -> candle_core::Result<Grads<T>> {
+    let f = p.fwd;
+    let (n, d_in, d_out) = (f.x.rows, f.x.cols, f.w.rows);
+    let (need_dx, need_da, need_dbc) = p.need;
+    let zero = T::from_f64(0.0);
+    let one = T::from_f64(1.0);
+    // g' = c ⊙ g (contiguous), or g itself.
+    let scaled: Option<Vec<T>> = f.row_scale.as_ref().map(|c| {
+        let mut out = Vec::with_capacity(n * d_out);
+        for i in 0..n {
+            out.extend(c.iter().enumerate().map(|(j, &cj)| p.g.at(i, j) * cj));
+        }
+        out
+    });
+    let gs = match &scaled {
+        Some(v) => MatRef::contiguous(v, n, d_out)?,
+        None => p.g,
+    };
+    let r = f.low_rank.map_or(0, |(a, _, _)| a.rows);
+    let mut out = Grads {
+        dx: None,
+        da: None,
+        dbc: None,
+    };
+    // g' B, (n, r): shared by dx and dA.
+    let gb = match f.low_rank {
+        Some((_, b, _)) if need_dx || need_da => {
+            let mut gb = vec![zero; n * r];
+            gemm_into(&mut gb, r, gs, b, false, one)?;
+            Some(gb)
+        }
+        _ => None,
+    };
+    if need_dx {
+        let mut dx = vec![zero; n * d_in];
+        gemm_into(&mut dx, d_in, gs, f.w, false, one)?;
+        if let (Some((a, _, s)), Some(gb)) = (f.low_rank, &gb) {
+            gemm_into(&mut dx, d_in, MatRef::contiguous(gb, n, r)?, a, true, s)?;
+        }
+        out.dx = Some(dx);
+    }
+    if let (true, Some((_, _, s)), Some(gb)) = (need_da, f.low_rank, &gb) {
+        let mut da = vec![zero; r * d_in];
+        gemm_into(
+            &mut da,
+            d_in,
+            MatRef::contiguous(gb, n, r)?.t(),
+            f.x,
+            false,
+            s,
+        )?;
+        out.da = Some(da);
+    }
+    if need_dbc {
+        let width = r + usize::from(f.row_scale.is_some());
+        let mut dbc = vec![zero; d_out * width];
+        let xa = match f.low_rank {
+            Some((a, _, _)) => {
+                let mut xa = vec![zero; n * r];
+                gemm_into(&mut xa, r, f.x, a.t(), false, one)?;
+                xa
+            }
+            None => Vec::new(),
+        };
+        if let Some((_, _, s)) = f.low_rank {
+            gemm_into(
+                &mut dbc,
+                width,
+                gs.t(),
+                MatRef::contiguous(&xa, n, r)?,
+                false,
+                s,
+            )?;
+        }
+        if let Some(c) = &f.row_scale {
+            let xa = MatRef::contiguous(&xa, n, r)?;
+            let dc = row_scale_grad(p, c, xa)?;
+            for (j, v) in dc.into_iter().enumerate() {
+                dbc[j * width + r] = v;
+            }
+        }
+        out.dbc = Some(dbc);
+    }
+    Ok(out)
+}
+
+/// `dc_j = Σ_i g_ij u_ij`, `u` the pre-scale output without bias.
+fn row_scale_grad<T: WithDType>(
+    p: &Backward<T>,
+    c: &[T],
+    xa: MatRef<T>,
+) -> candle_core::Result<Vec<T>> {
+    let f = p.fwd;
+    let (n, d_out) = (p.y.rows, p.y.cols);
+    let zero = T::from_f64(0.0);
+    let mut dc = vec![zero; d_out];
+    for i in 0..n {
+        for (j, (acc, &cj)) in dc.iter_mut().zip(c).enumerate() {
+            if cj != zero {
+                let bj = f.bias.as_ref().map_or(zero, |b| b[j]);
+                *acc += p.g.at(i, j) * ((p.y.at(i, j) - bj) / cj);
+            }
+        }
+    }
+    for (j, acc) in dc.iter_mut().enumerate() {
+        if c[j] != zero {
+            continue;
+        }
+        // u_{:, j} = x W_jᵀ + s (x Aᵀ) B_jᵀ, recomputed for this column only.
+        let w_j = f.w.t().col(j);
+        let b_j = f.low_rank.map(|(_, b, s)| (b.t().col(j), s));
+        for i in 0..n {
+            let mut u = zero;
+            for (k, &wk) in w_j.iter().enumerate() {
+                u += f.x.at(i, k) * wk;
+            }
+            if let Some((b_j, s)) = &b_j {
+                let mut low = zero;
+                for (q, &bq) in b_j.iter().enumerate() {
+                    low += xa.at(i, q) * bq;
+                }
+                u += *s * low;
+            }
+            *acc += p.g.at(i, j) * u;
+        }
+    }
+    Ok(dc)
+}
