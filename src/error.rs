@@ -65,7 +65,9 @@ pub enum Error {
     NotMerged { layer: String },
 
     /// An operation that needs the unmerged layer was called while merged.
-    #[error("layer `{layer}`: {operation} is not allowed while the adapter is merged; unmerge first")]
+    #[error(
+        "layer `{layer}`: {operation} is not allowed while the adapter is merged; unmerge first"
+    )]
     MergedState { layer: String, operation: String },
 
     /// A safe merge found a non-finite value in the merged weight; nothing was changed.

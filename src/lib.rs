@@ -42,4 +42,7 @@ pub use adapter::{AdaptedBase, Adapter, AdapterKind, NamedVar, ParamRole};
 pub use error::{Error, Result};
 pub use frozen::FrozenLinear;
 pub use shared::Shared;
+pub use variants::dora::DoraLinear;
 pub use variants::lora::{LoraConfig, LoraInit, LoraLinear};
+pub use variants::lora_fa;
+pub use variants::vera::{VeraBuilder, VeraConfig, VeraLinear, VeraShared};

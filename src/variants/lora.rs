@@ -231,6 +231,34 @@ impl LoraLinear {
     }
 }
 
+/// The forward of every additive low-rank layer (LoRA family, VeRA):
+/// `x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ`, dropout only when `train` and `dropout > 0`.
+pub(crate) fn additive_forward(
+    base: &FrozenLinear,
+    term: &LowRankTerm,
+    dropout: f64,
+    x: &Tensor,
+    train: bool,
+) -> Result<Tensor> {
+    if train && dropout > 0.0 {
+        let frozen = FusedLinear {
+            weight: base.weight(),
+            bias: base.bias(),
+            low_rank: None,
+            row_scale: None,
+        };
+        let dropped = candle_nn::ops::dropout(x, dropout as f32)?;
+        return Ok((frozen.forward(x)? + low_rank_only(&dropped, term)?)?);
+    }
+    FusedLinear {
+        weight: base.weight(),
+        bias: base.bias(),
+        low_rank: Some(*term),
+        row_scale: None,
+    }
+    .forward(x)
+}
+
 /// Checks that `pair` fits `base`: A `(r, d_in)`, B `(d_out, r)`, same dtype and device.
 pub(crate) fn check_pair(name: &str, base: &FrozenLinear, pair: &LowRankPair) -> Result<()> {
     let (a, b) = (pair.a.tensor(), pair.b.tensor());
@@ -256,24 +284,7 @@ impl Adapter for LoraLinear {
     }
 
     fn forward_adapted(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let base = self.core.base();
-        if train && self.dropout > 0.0 {
-            let frozen = FusedLinear {
-                weight: base.weight(),
-                bias: base.bias(),
-                low_rank: None,
-                row_scale: None,
-            };
-            let dropped = candle_nn::ops::dropout(x, self.dropout as f32)?;
-            return Ok((frozen.forward(x)? + low_rank_only(&dropped, &self.term())?)?);
-        }
-        FusedLinear {
-            weight: base.weight(),
-            bias: base.bias(),
-            low_rank: Some(self.term()),
-            row_scale: None,
-        }
-        .forward(x)
+        additive_forward(self.core.base(), &self.term(), self.dropout, x, train)
     }
 
     fn delta_weight(&self) -> Result<Tensor> {
