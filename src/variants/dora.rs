@@ -16,11 +16,19 @@
 //! floored at [`dora_eps`] so outputs stay finite.
 //!
 //! **Evaluation cache.** In evaluation mode the norms are computed once and reused while
-//! `A` and `B` keep the values they were computed from (checked by value on each call;
-//! see [`super::dora_cache`]); `m / n` itself is one `d_out` division per call, so `m` may
-//! change freely. Training-mode forwards always recompute the norms and drop the cache.
-//! [`DoraLinear::prepare_for_inference`] fills the cache ahead of the first call; merging
-//! and unmerging clear it.
+//! `A` and `B` keep the values they were computed from. Optimizers and `Var::set` write in
+//! place, so each call compares A and B by value against copies taken with the norms (an
+//! `O(r·(d_in + d_out))` check, against the `O(d_out·d_in·r)` recompute it saves). `m / n`
+//! itself is one `d_out` division per call, so `m` may change freely (and still gets a
+//! gradient in evaluation mode). Training-mode forwards always recompute the norms and drop
+//! the cache. [`DoraLinear::prepare_for_inference`] fills the cache ahead of the first call;
+//! merging and unmerging clear it.
+//!
+//! **Precision.** Norms and `m / n` are computed in f32 (f64 for f64 layers). On the CPU,
+//! f16/bf16 weights are upcast for the norm's `W Aᵀ` (candle's CPU matmul has no
+//! half-precision kernel), which is a `d_out × d_in` f32 temporary; f32/f64 layers and
+//! GPU devices have none. The factored sum loses relative accuracy where a row of
+//! `W + s·BA` nearly cancels (`n_i ≪ ‖W_i‖`).
 
 use std::any::Any;
 use std::sync::{Mutex, MutexGuard};
