@@ -441,3 +441,46 @@ fn bad_magnitude_and_config_are_errors_naming_the_layer() {
     };
     assert!(DoraLinear::new(base, &bad, vb.pp("enc.v")).is_err());
 }
+
+#[test]
+fn half_precision_matches_f32_and_stays_finite_on_zero_rows() {
+    let st = setup(DType::F32, 8, 6, 2, 13);
+    let y32 = st.layer.forward(&st.x).unwrap();
+    for dtype in [DType::F16, DType::BF16] {
+        let cast = |t: &Tensor| t.to_dtype(dtype).unwrap();
+        let base = st.layer.base();
+        let mut w = mat(base.weight());
+        w[0].iter_mut().for_each(|v| *v = 0.0);
+        let pair = st.layer.lora().pair();
+        let mut b = mat(pair.b.tensor());
+        b[0].iter_mut().for_each(|v| *v = 0.0);
+        let half = DoraLinear::from_tensors(
+            "h",
+            FrozenLinear::new(
+                cast(&tensor(&w, DType::F32)),
+                Some(cast(base.bias().unwrap())),
+            )
+            .unwrap(),
+            LowRankPair {
+                a: Factor::Frozen(cast(pair.a.tensor())),
+                b: Factor::Frozen(cast(&tensor(&b, DType::F32))),
+            },
+            cast(st.layer.magnitude().as_tensor()),
+            st.r.s,
+            0.0,
+        )
+        .unwrap();
+        let y = half.forward(&cast(&st.x)).unwrap();
+        assert_eq!(y.dtype(), dtype);
+        let y = flat(&y);
+        assert!(y.iter().all(|v| v.is_finite()), "{dtype:?}");
+        // Rows other than the zeroed one agree with f32 to half precision.
+        let y32 = mat(&y32);
+        for (i, row) in y.chunks(6).enumerate() {
+            for j in 1..6 {
+                let tol = 0.02 * y32[i][j].abs().max(1.0);
+                assert!((row[j] - y32[i][j]).abs() < tol, "{dtype:?} [{i}][{j}]");
+            }
+        }
+    }
+}
