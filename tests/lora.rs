@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
-use common::{finite_diff, max_rel_vec, randn, rel_err, to_vec_f64};
+use common::{fd_grad, flat, max_rel_diff, max_rel_vec, randn};
 use lorakit::init::SeededRng;
 use lorakit::low_rank::{Factor, LowRankPair};
 use lorakit::{Adapter, Error, FrozenLinear, LoraConfig, LoraInit, LoraLinear};
@@ -31,7 +31,7 @@ fn identity_at_init_is_exact() {
     let x = randn(&mut rng, &[2, 3, 12], DType::F32);
     let y = l.forward_t(&x, false).unwrap();
     let y0 = b.forward(&x).unwrap();
-    assert_eq!(to_vec_f64(&y), to_vec_f64(&y0));
+    assert_eq!(flat(&y), flat(&y0));
 }
 
 #[test]
@@ -46,13 +46,13 @@ fn merge_equals_unmerged_and_unmerge_restores() {
     let x = randn(&mut rng, &[5, 16], DType::F32);
     let unmerged = l.forward_t(&x, false).unwrap();
     assert!(
-        rel_err(&unmerged, &b.forward(&x).unwrap()) > 1e-3,
+        max_rel_diff(&unmerged, &b.forward(&x).unwrap()) > 1e-3,
         "ΔW must be non-zero"
     );
     l.merge(true).unwrap();
     assert!(l.is_merged());
     let merged = l.forward_t(&x, false).unwrap();
-    assert!(rel_err(&merged, &unmerged) <= 1e-5);
+    assert!(max_rel_diff(&merged, &unmerged) <= 1e-5);
     l.unmerge().unwrap();
     let diff = (l.base().weight() - b.weight()).unwrap().abs().unwrap();
     let max = diff.max_all().unwrap().to_scalar::<f32>().unwrap();
@@ -71,8 +71,8 @@ fn delta_weight_uses_alpha_over_r_or_sqrt_r() {
             ..LoraConfig::new(r, alpha)
         };
         let (l, _) = layer(&config, b, DType::F64);
-        let a = to_vec_f64(l.pair().a.tensor());
-        let bm = to_vec_f64(l.pair().b.tensor());
+        let a = flat(l.pair().a.tensor());
+        let bm = flat(l.pair().b.tensor());
         let s = if rslora { alpha / 2.0 } else { alpha / 4.0 };
         let mut expect = vec![0.0; d_out * d_in];
         for o in 0..d_out {
@@ -82,7 +82,7 @@ fn delta_weight_uses_alpha_over_r_or_sqrt_r() {
                 }
             }
         }
-        let got = to_vec_f64(&l.delta_weight().unwrap());
+        let got = flat(&l.delta_weight().unwrap());
         assert!(max_rel_vec(&got, &expect) < 1e-12, "rslora={rslora}");
         assert_eq!(l.scale(), s);
     }
@@ -93,9 +93,9 @@ fn training_changes_only_a_and_b() {
     let mut rng = SeededRng::new(4);
     let b = base(&mut rng, 8, 6, DType::F32);
     let (l, varmap) = layer(&LoraConfig::new(2, 4.0), b.clone(), DType::F32);
-    let w_before = to_vec_f64(l.base().weight());
-    let bias_before = to_vec_f64(l.base().bias().unwrap());
-    let a_before = to_vec_f64(l.pair().a.tensor());
+    let w_before = flat(l.base().weight());
+    let bias_before = flat(l.base().bias().unwrap());
+    let a_before = flat(l.pair().a.tensor());
     let x = randn(&mut rng, &[32, 8], DType::F32);
     let target = randn(&mut rng, &[32, 6], DType::F32);
     let mut opt = candle_nn::AdamW::new_lr(varmap.all_vars(), 1e-2).unwrap();
@@ -113,10 +113,10 @@ fn training_changes_only_a_and_b() {
     }
     let last = loss(&l).to_scalar::<f32>().unwrap();
     assert!(last < first * 0.95, "loss {first} -> {last}");
-    assert_ne!(to_vec_f64(l.pair().a.tensor()), a_before);
-    assert!(to_vec_f64(l.pair().b.tensor()).iter().any(|v| *v != 0.0));
-    assert_eq!(to_vec_f64(l.base().weight()), w_before);
-    assert_eq!(to_vec_f64(l.base().bias().unwrap()), bias_before);
+    assert_ne!(flat(l.pair().a.tensor()), a_before);
+    assert!(flat(l.pair().b.tensor()).iter().any(|v| *v != 0.0));
+    assert_eq!(flat(l.base().weight()), w_before);
+    assert_eq!(flat(l.base().bias().unwrap()), bias_before);
     assert_eq!(varmap.all_vars().len(), 2);
 }
 
@@ -143,14 +143,14 @@ fn gradients_match_finite_differences() {
     };
     let (loss, _l, va, vb) = loss_of(&a0, &b0);
     let grads = loss.backward().unwrap();
-    let ga = to_vec_f64(grads.get(va.as_tensor()).unwrap());
-    let gb = to_vec_f64(grads.get(vb.as_tensor()).unwrap());
+    let ga = flat(grads.get(va.as_tensor()).unwrap());
+    let gb = flat(grads.get(vb.as_tensor()).unwrap());
     let scalar = |t: Tensor| t.to_scalar::<f64>().unwrap();
-    let fd_a = finite_diff(&to_vec_f64(&a0), 1e-6, |v| {
+    let fd_a = fd_grad(&flat(&a0), 1e-6, |v| {
         let a = Tensor::from_slice(v, (r, d_in), &Device::Cpu).unwrap();
         scalar(loss_of(&a, &b0).0)
     });
-    let fd_b = finite_diff(&to_vec_f64(&b0), 1e-6, |v| {
+    let fd_b = fd_grad(&flat(&b0), 1e-6, |v| {
         let bm = Tensor::from_slice(v, (d_out, r), &Device::Cpu).unwrap();
         scalar(loss_of(&a0, &bm).0)
     });
@@ -164,7 +164,7 @@ fn default_init_statistics_and_determinism() {
     let mut rng = SeededRng::new(6);
     let b = base(&mut rng, d_in, d_out, DType::F32);
     let (l1, _) = layer(&LoraConfig::new(r, 8.0), b.clone(), DType::F32);
-    let a = to_vec_f64(l1.pair().a.tensor());
+    let a = flat(l1.pair().a.tensor());
     let bound = 1.0 / (d_in as f64).sqrt();
     assert!(a.iter().all(|v| v.abs() <= bound));
     let mean = a.iter().sum::<f64>() / a.len() as f64;
@@ -174,15 +174,15 @@ fn default_init_statistics_and_determinism() {
         (var / expect - 1.0).abs() < 0.05,
         "variance {var} vs {expect}"
     );
-    assert!(to_vec_f64(l1.pair().b.tensor()).iter().all(|v| *v == 0.0));
+    assert!(flat(l1.pair().b.tensor()).iter().all(|v| *v == 0.0));
     let (l2, _) = layer(&LoraConfig::new(r, 8.0), b.clone(), DType::F32);
-    assert_eq!(to_vec_f64(l2.pair().a.tensor()), a, "same seed, same bits");
+    assert_eq!(flat(l2.pair().a.tensor()), a, "same seed, same bits");
     let other = LoraConfig {
         seed: 7,
         ..LoraConfig::new(r, 8.0)
     };
     let (l3, _) = layer(&other, b, DType::F32);
-    assert_ne!(to_vec_f64(l3.pair().a.tensor()), a, "other seed differs");
+    assert_ne!(flat(l3.pair().a.tensor()), a, "other seed differs");
 }
 
 #[test]
@@ -195,7 +195,7 @@ fn gaussian_init_has_std_one_over_r() {
         ..LoraConfig::new(r, 8.0)
     };
     let (l, _) = layer(&config, b, DType::F32);
-    let a = to_vec_f64(l.pair().a.tensor());
+    let a = flat(l.pair().a.tensor());
     let var = a.iter().map(|v| v * v).sum::<f64>() / a.len() as f64;
     let expect = 1.0 / (r * r) as f64;
     assert!(
@@ -273,7 +273,7 @@ fn safe_merge_refuses_non_finite_and_leaves_weight() {
         "{e}"
     );
     assert!(!l.is_merged());
-    assert_eq!(to_vec_f64(l.base().weight()), to_vec_f64(b.weight()));
+    assert_eq!(flat(l.base().weight()), flat(b.weight()));
 }
 
 #[test]
@@ -289,10 +289,13 @@ fn dropout_only_in_training() {
     let x = randn(&mut rng, &[64, 16], DType::F32);
     let e1 = l.forward_t(&x, false).unwrap();
     let e2 = l.forward(&x).unwrap();
-    assert_eq!(to_vec_f64(&e1), to_vec_f64(&e2), "eval is deterministic");
+    assert_eq!(flat(&e1), flat(&e2), "eval is deterministic");
     let t = l.forward_t(&x, true).unwrap();
-    assert!(rel_err(&t, &e1) > 1e-3, "training applies dropout");
+    assert!(max_rel_diff(&t, &e1) > 1e-3, "training applies dropout");
     l.set_training(true);
     let t2 = l.forward(&x).unwrap();
-    assert!(rel_err(&t2, &e1) > 1e-3, "Module::forward follows the mode");
+    assert!(
+        max_rel_diff(&t2, &e1) > 1e-3,
+        "Module::forward follows the mode"
+    );
 }
