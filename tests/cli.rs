@@ -44,7 +44,14 @@ fn merge(base: &Path, adapter: &Path, out: &Path) -> Output {
 
 #[test]
 fn merge_matches_peft_merge_and_unload() {
-    for case in ["lora_mlp", "rslora_patterns", "llama_names", "adalora"] {
+    for case in [
+        "lora_mlp",
+        "rslora_patterns",
+        "llama_names",
+        "dora",
+        "vera",
+        "adalora",
+    ] {
         let dir = fixture(case);
         let out = temp_dir(&format!("cli-{case}")).join("merged.safetensors");
         let res = merge(&dir.join("base.safetensors"), &dir.join("adapter"), &out);

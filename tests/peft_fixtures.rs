@@ -90,6 +90,18 @@ fn llama_module_names() {
     check_case("llama_names");
 }
 
+/// DoRA: `(m / ‖W + ΔW‖_row) ⊙ (W + ΔW)`, a layer without bias.
+#[test]
+fn dora() {
+    check_case("dora");
+}
+
+/// VeRA on layers of different shapes (10→20, 20→6): each slices the shared pair.
+#[test]
+fn vera_different_shapes() {
+    check_case("vera");
+}
+
 /// AdaLoRA after real pruning steps: truncated ranks (2, 3, 1 of init_r = 6), scale
 /// `alpha / (init_r + 1e-5)`.
 #[test]

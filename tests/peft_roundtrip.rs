@@ -116,6 +116,39 @@ fn fresh_rslora_with_patterns_roundtrip() {
 }
 
 #[test]
+fn dora_and_vera_fixture_roundtrip() {
+    roundtrip_fixture("dora");
+    roundtrip_fixture("vera");
+}
+
+/// Fresh DoRA layers with random A and B (so ΔW ≠ 0 and the magnitude matters).
+#[test]
+fn fresh_dora_roundtrip() {
+    let json = r#"{"peft_type": "LORA", "use_dora": true, "r": 3, "lora_alpha": 5, "target_modules": ["lin0", "lin1"]}"#;
+    let config = PeftConfig::from_json_str(json, "inline").unwrap();
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let init = LoraConfig {
+        init: LoraInit::BothRandom,
+        seed: 11,
+        ..LoraConfig::default()
+    };
+    let plan = config.fresh_plan(vb, &init).unwrap();
+    let model = Chain::build("dora", &plan).unwrap();
+    let set = plan.finish().unwrap();
+    // Move the magnitudes away from ‖W‖ so they are not recoverable from the base alone.
+    for v in set.trainable_vars() {
+        if v.var.name.contains("magnitude") {
+            let t = v.var.var.as_tensor();
+            v.var.var.set(&(t * 1.5).unwrap()).unwrap();
+        }
+    }
+    let x = Tensor::randn(0f32, 1., (4, 10), &Device::Cpu).unwrap();
+    let y = model.forward(&x);
+    save_reload_compare("dora", "fresh", &config, &set, &y, &x);
+}
+
+#[test]
 fn adalora_fixture_roundtrip() {
     roundtrip_fixture("adalora");
 }

@@ -367,6 +367,22 @@ impl PeftConfig {
                 },
                 adapter_vb,
             )),
+            (PeftType::Lora, true) => {
+                let c = LoraConfig {
+                    use_rslora: self.use_rslora,
+                    dropout: self.dropout,
+                    ..init.clone()
+                };
+                let factory = move |_p: &str,
+                                    base: crate::FrozenLinear,
+                                    vb: VarBuilder<'static>,
+                                    s: ModuleSettings|
+                      -> Result<crate::Shared<dyn crate::Adapter>> {
+                    let c = LoraConfig { r: s.r, alpha: s.alpha, ..c.clone() };
+                    Ok(crate::Shared::new(crate::DoraLinear::new(base, &c, vb)?).erase())
+                };
+                Ok(AdapterPlan::new(self.targets.clone(), self.ranks.clone(), adapter_vb, factory))
+            }
             (PeftType::AdaLora, _) => {
                 let (init_r, dropout, seed) = (self.ranks.r, self.dropout, init.seed);
                 let factory = move |_p: &str,
@@ -392,7 +408,7 @@ impl PeftConfig {
             _ => Err(Error::Unsupported {
                 what: "fresh adapter type",
                 got: self.describe(),
-                supported: "LORA, LORA+rsLoRA".to_string(),
+                supported: "LORA (with rsLoRA, DoRA), ADALORA; build VeRA layers with VeraBuilder and save them with save_adapter".to_string(),
             }),
         }
     }

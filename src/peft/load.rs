@@ -21,7 +21,9 @@ use crate::model::target::ModuleSettings;
 use crate::peft::config::{PeftConfig, PeftType};
 use crate::shared::Shared;
 use crate::variants::adalora::AdaLoraLinear;
+use crate::variants::dora::DoraLinear;
 use crate::variants::lora::{lora_scale, LoraLinear};
+use crate::variants::vera::{VeraLinear, VeraShared};
 
 /// The config file's name in an adapter directory.
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -58,6 +60,8 @@ struct Files {
     weights_path: PathBuf,
     tensors: BTreeMap<String, Tensor>,
     used: Mutex<HashSet<String>>,
+    /// VeRA's shared pair, built from the file on first use.
+    vera_shared: Mutex<Option<VeraShared>>,
 }
 
 impl PeftAdapter {
@@ -86,6 +90,7 @@ impl PeftAdapter {
                 weights_path: source.into(),
                 tensors,
                 used: Mutex::new(HashSet::new()),
+                vera_shared: Mutex::new(None),
             }),
         }
     }
@@ -259,11 +264,9 @@ impl LoadedFactory {
         };
         let scale = lora_scale(s.alpha, s.r, c.use_rslora);
         if c.use_dora {
-            return Err(Error::Unsupported {
-                what: "adapter type",
-                got: "LORA with use_dora".to_string(),
-                supported: "LORA, LORA+rsLoRA".to_string(),
-            });
+            let m = f.take(path, "lora_magnitude_vector", &[d_out], &base)?;
+            let layer = DoraLinear::from_tensors(path, base, pair, m, scale, c.dropout)?;
+            return Ok(Shared::new(layer).erase());
         }
         let layer = LoraLinear::from_pair(path, base, pair, scale, c.dropout)?;
         Ok(Shared::new(layer).erase())
@@ -296,6 +299,77 @@ impl LoadedFactory {
     }
 }
 
+impl LoadedFactory {
+    /// VeRA's shared pair (`base_model.vera_A`, `base_model.vera_B`), read once, in the
+    /// base's dtype; checked to cover the layer at `path`.
+    fn vera_shared(&self, path: &str, base: &FrozenLinear) -> Result<VeraShared> {
+        let f = &self.0;
+        let mut cached = f.vera_shared.lock().unwrap_or_else(|e| e.into_inner());
+        let shared = match cached.as_ref() {
+            Some(s) => s.clone(),
+            None => {
+                let (ka, kb) = ("base_model.vera_A", "base_model.vera_B");
+                let (Some(a), Some(b)) = (f.tensors.get(ka), f.tensors.get(kb)) else {
+                    return Err(Error::Unsupported {
+                        what: "VeRA adapter without its shared projections",
+                        got: format!(
+                            "no `{ka}` / `{kb}` in {} (saved with save_projection = false)",
+                            f.file()
+                        ),
+                        supported: "adapters saved with save_projection = true".to_string(),
+                    });
+                };
+                let a = f.take_key(ka, path, a.dims(), base)?;
+                let b = f.take_key(kb, path, b.dims(), base)?;
+                let s = VeraShared::from_tensors(a, b)?;
+                *cached = Some(s.clone());
+                s
+            }
+        };
+        for (key, have, need, dims) in [
+            (
+                "base_model.vera_A",
+                shared.max_d_in(),
+                base.d_in(),
+                shared.a().dims(),
+            ),
+            (
+                "base_model.vera_B",
+                shared.max_d_out(),
+                base.d_out(),
+                shared.b().dims(),
+            ),
+        ] {
+            if have < need {
+                return Err(Error::ShapeMismatch {
+                    layer: path.to_string(),
+                    what: format!(
+                        "`{key}` (base weight `{path}.weight` is {:?})",
+                        base.weight().dims()
+                    ),
+                    expected: format!(
+                        "a pair covering d_in = {}, d_out = {}",
+                        base.d_in(),
+                        base.d_out()
+                    ),
+                    got: format!("{dims:?}"),
+                });
+            }
+        }
+        Ok(shared)
+    }
+
+    /// VeRA: per-layer `vera_lambda_d` (`r`) and `vera_lambda_b` (`d_out`) over the shared pair.
+    fn vera(&self, path: &str, base: FrozenLinear) -> Result<Shared<dyn Adapter>> {
+        let shared = self.vera_shared(path, &base)?;
+        let f = &self.0;
+        let ld = f.take(path, "vera_lambda_d", &[shared.rank()], &base)?;
+        let lb = f.take(path, "vera_lambda_b", &[base.d_out()], &base)?;
+        let layer = VeraLinear::from_tensors(path, base, &shared, ld, lb, f.config.dropout)?;
+        Ok(Shared::new(layer).erase())
+    }
+}
+
 impl AdapterFactory for LoadedFactory {
     fn build(
         &self,
@@ -307,14 +381,7 @@ impl AdapterFactory for LoadedFactory {
         match self.0.config.peft_type {
             PeftType::Lora => self.lora(path, base, settings),
             PeftType::AdaLora => self.adalora(path, base, settings),
-            other => {
-                let _ = self.0.rows(path, "lora_A");
-                Err(Error::Unsupported {
-                    what: "adapter type",
-                    got: other.as_str().to_string(),
-                    supported: "LORA".to_string(),
-                })
-            }
+            PeftType::Vera => self.vera(path, base),
         }
     }
 

@@ -66,9 +66,29 @@ pub(crate) fn safetensors_bytes(tensors: &[(String, Tensor)], path: &Path) -> Re
 /// The tensors of `set` under PEFT's keys (`base_model.model.<path>.<suffix>`).
 pub fn adapter_tensors(set: &AdaptedSet) -> Result<Vec<(String, Tensor)>> {
     let mut out = Vec::new();
+    let mut vera_shared: Option<crate::VeraShared> = None;
     for (path, layer) in set.layers() {
-        for (suffix, t) in layer.read().tensors_to_save()? {
+        let layer = layer.read();
+        for (suffix, t) in layer.tensors_to_save()? {
             out.push((format!("{KEY_PREFIX}{path}.{suffix}"), t));
+        }
+        // VeRA's shared pair is stored once, under model-level keys.
+        if let Some(vera) = layer.as_any().downcast_ref::<crate::VeraLinear>() {
+            match &vera_shared {
+                None => {
+                    out.extend(vera.shared().tensors_to_save());
+                    vera_shared = Some(vera.shared().clone());
+                }
+                Some(s) if s.ptr_eq(vera.shared()) => {}
+                Some(_) => {
+                    return Err(Error::InvalidConfig {
+                        layer: path,
+                        field: "vera_A",
+                        reason: "VeRA layers of one adapter must share one projection pair"
+                            .to_string(),
+                    })
+                }
+            }
         }
     }
     Ok(out)
@@ -104,7 +124,29 @@ fn check_consistent(config: &PeftConfig, set: &AdaptedSet) -> Result<()> {
                 });
             }
         }
-        if let Some(lora) = layer.as_any().downcast_ref::<crate::LoraLinear>() {
+        if let Some(vera) = layer.as_any().downcast_ref::<crate::VeraLinear>() {
+            if vera.shared().rank() != config.ranks.r {
+                return Err(Error::InvalidConfig {
+                    layer: path,
+                    field: "r",
+                    reason: format!(
+                        "the VeRA pair has rank {}, the config gives {}",
+                        vera.shared().rank(),
+                        config.ranks.r
+                    ),
+                });
+            }
+        }
+        let lora = layer
+            .as_any()
+            .downcast_ref::<crate::LoraLinear>()
+            .or_else(|| {
+                layer
+                    .as_any()
+                    .downcast_ref::<crate::DoraLinear>()
+                    .map(|d| d.lora())
+            });
+        if let Some(lora) = lora {
             let s = config.ranks.for_module(&path);
             let scale = crate::variants::lora::lora_scale(s.alpha, s.r, config.use_rslora);
             if lora.rank() != s.r || (lora.scale() - scale).abs() > 1e-9 * scale.abs().max(1.0) {
@@ -153,6 +195,12 @@ fn with_layer_state(config: &PeftConfig, set: &AdaptedSet) -> Result<PeftConfig>
         config
             .raw
             .insert("rank_pattern".into(), serde_json::Value::Object(pattern));
+    }
+    if config.peft_type == crate::peft::PeftType::Vera {
+        // lorakit always stores the shared pair (PEFT's torch stream cannot be reproduced).
+        config
+            .raw
+            .insert("save_projection".into(), serde_json::Value::Bool(true));
     }
     Ok(config)
 }
