@@ -68,6 +68,37 @@ fn merge_matches_peft_merge_and_unload() {
     }
 }
 
+/// `"all-linear"` in a config: with only the base's tensors to go on, the merge adapts the
+/// 2-D weights the adapter file has tensors for (and leaves other linears alone).
+#[test]
+fn merge_all_linear_config() {
+    let tmp = temp_dir("cli-all-linear");
+    let src = fixture("llama_names");
+    let adapter = tmp.join("adapter");
+    std::fs::create_dir_all(&adapter).unwrap();
+    std::fs::copy(
+        src.join("adapter/adapter_model.safetensors"),
+        adapter.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(src.join("adapter/adapter_config.json")).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&text).unwrap();
+    config["target_modules"] = "all-linear".into();
+    config["exclude_modules"] = serde_json::Value::Null;
+    std::fs::write(adapter.join("adapter_config.json"), config.to_string()).unwrap();
+    let out = tmp.join("merged.safetensors");
+    let res = merge(&src.join("base.safetensors"), &adapter, &out);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let (got, want) = (load(&out), load(&src.join("merged.safetensors")));
+    for (k, t) in &want {
+        assert_close(&got[k], t, 1e-5, k);
+    }
+}
+
 #[test]
 fn inspect_summarizes() {
     let out = lorakit(&[&"inspect", &fixture("rslora_patterns").join("adapter")]);
