@@ -143,3 +143,20 @@ fn merge_keeps_half_dtypes() {
         assert_eq!(diff, 0.0);
     }
 }
+
+/// The adapter attaches to a half-precision model too (tensors converted to the base's
+/// dtype); outputs agree with PEFT's f32 ones to half-precision accuracy.
+#[test]
+fn attach_to_half_precision_model() {
+    let dir = fixture("lora_mlp");
+    let expected = load(&dir.join("expected.safetensors"));
+    for (dtype, tol) in [(DType::F16, 5e-3), (DType::BF16, 3e-2)] {
+        let adapter = PeftAdapter::load(dir.join("adapter"), &candle_core::Device::Cpu).unwrap();
+        let plan = adapter.plan().unwrap();
+        let model = Chain::build_dtype("lora_mlp", &plan, dtype).unwrap();
+        plan.finish().unwrap();
+        let y = model.forward(&expected["input"].to_dtype(dtype).unwrap());
+        assert_eq!(y.dtype(), dtype);
+        assert_close(&y, &expected["output"], tol, &format!("{dtype:?} output"));
+    }
+}
