@@ -7,10 +7,11 @@ use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 use lorakit::init::SeededRng;
 use lorakit::train::{
-    orthogonality_penalty, train_step, LoraDropConfig, LoraPlus, RankAllocator,
+    orthogonality_penalty, train_step, LoraDropConfig, LoraFaProjection, LoraPlus, RankAllocator,
     RankAllocatorConfig, StepHook,
 };
 use lorakit::variants::delta_lora::{delta_lora_linear, DeltaLoraHook, DeltaLoraUpdate};
+use lorakit::{lora_fa, DoraLinear, VeraBuilder, VeraConfig};
 use lorakit::{
     AdaLoraConfig, AdaLoraLinear, Adapter, FrozenLinear, LoraConfig, LoraDrop, LoraLinear, Shared,
 };
@@ -29,6 +30,11 @@ pub const LORA_PLUS_LR: f64 = 2.5e-3;
 /// Delta-LoRA's λ (the paper's setting for RoBERTa/BART-size models); K is a quarter of the
 /// adaptation steps.
 pub const DELTA_LORA_LAMBDA: f64 = 0.5;
+/// VeRA's rank (its shared pair is frozen, so a large rank costs no trainable parameters;
+/// PEFT's default is 256).
+pub const VERA_RANK: usize = 256;
+/// VeRA's learning rate (its λ vectors need a larger one than LoRA's factors).
+pub const VERA_LR: f64 = 2e-2;
 /// Size of LoRA-drop's fixed pool of task-B examples (stage 1 samples 10% of it).
 pub const LORA_DROP_POOL: usize = 2048;
 /// Learning rate of full fine-tuning.
@@ -40,24 +46,30 @@ pub enum Method {
     Full,
     Lora,
     LoraPlus,
+    Vera,
+    LoraFa,
     LoraDrop,
     AdaLora,
+    Dora,
     DeltaLora,
 }
 
 impl Method {
     /// Every method, in the report's order.
-    pub const ALL: [Method; 6] = [
+    pub const ALL: [Method; 9] = [
         Method::Full,
         Method::Lora,
         Method::LoraPlus,
+        Method::Vera,
+        Method::LoraFa,
         Method::LoraDrop,
         Method::AdaLora,
+        Method::Dora,
         Method::DeltaLora,
     ];
 
     /// The methods of the DoRA weight-decomposition analysis.
-    pub const DORA_ANALYSIS: [Method; 2] = [Method::Full, Method::Lora];
+    pub const DORA_ANALYSIS: [Method; 3] = [Method::Full, Method::Lora, Method::Dora];
 
     /// Display name.
     pub fn name(&self) -> &'static str {
@@ -65,7 +77,10 @@ impl Method {
             Method::Full => "full fine-tuning",
             Method::Lora => "LoRA",
             Method::LoraPlus => "LoRA+",
+            Method::Vera => "VeRA",
+            Method::LoraFa => "LoRA-FA",
             Method::LoraDrop => "LoRA-drop",
+            Method::Dora => "DoRA",
             Method::AdaLora => "AdaLoRA",
             Method::DeltaLora => "Delta-LoRA",
         }
@@ -88,6 +103,42 @@ impl Method {
                 let (model, adapters, _) = build_adapted(s, pre, &plain_lora)?;
                 let layers: Vec<_> = adapters.iter().map(|(_, l)| l.clone()).collect();
                 let opt = LoraPlus::new(LORA_PLUS_LR).build_from_shared(&layers)?;
+                Ok(Prepared::adapted(model, adapters, opt, Vec::new()))
+            }
+            Method::Vera => {
+                let mut vera = VeraBuilder::new(VeraConfig {
+                    r: VERA_RANK,
+                    ..VeraConfig::default()
+                });
+                for (_, d_in, d_out) in linear_paths(&s.model) {
+                    vera.reserve(d_in, d_out)?;
+                }
+                let vera = RefCell::new(vera);
+                let (model, adapters, varmap) = build_adapted(s, pre, &|base, vb| {
+                    Ok(Built::plain(vera.borrow_mut().build(base, vb)?))
+                })?;
+                let opt = candle_nn::AdamW::new_lr(varmap.all_vars(), VERA_LR)?;
+                Ok(Prepared::adapted(model, adapters, opt, Vec::new()))
+            }
+            Method::LoraFa => {
+                let (model, adapters, varmap) = build_adapted(s, pre, &|base, vb| {
+                    Ok(Built::plain(lora_fa::new(base, &lora, vb)?))
+                })?;
+                let layers: Vec<_> = adapters.iter().map(|(_, l)| l.clone()).collect();
+                let projection = LoraFaProjection::new(layers)?;
+                let opt = candle_nn::AdamW::new_lr(varmap.all_vars(), ADAPTER_LR)?;
+                Ok(Prepared::adapted(
+                    model,
+                    adapters,
+                    opt,
+                    vec![Box::new(projection)],
+                ))
+            }
+            Method::Dora => {
+                let (model, adapters, varmap) = build_adapted(s, pre, &|base, vb| {
+                    Ok(Built::plain(DoraLinear::new(base, &lora, vb)?))
+                })?;
+                let opt = candle_nn::AdamW::new_lr(varmap.all_vars(), ADAPTER_LR)?;
                 Ok(Prepared::adapted(model, adapters, opt, Vec::new()))
             }
             Method::LoraDrop => prepare_lora_drop(s, pre, &lora),
@@ -130,6 +181,9 @@ impl Method {
                     .sum()
             }
             Method::AdaLora => layers.iter().map(|(_, i, o)| RANK * (i + o + 1)).sum(),
+            Method::Vera => layers.iter().map(|(_, _, o)| o + VERA_RANK).sum(),
+            Method::LoraFa => layers.iter().map(|(_, _, o)| RANK * o).sum(),
+            Method::Dora => layers.iter().map(|(_, i, o)| RANK * (i + o) + o).sum(),
             Method::Full => full_param_count(cfg),
             Method::Lora | Method::LoraPlus | Method::DeltaLora => {
                 layers.iter().map(|(_, i, o)| RANK * (i + o)).sum()
