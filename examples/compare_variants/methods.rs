@@ -2,10 +2,14 @@
 //! the model for task B from the pretrained tensors and a `Trainer` with its training rule.
 
 use std::cell::RefCell;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 use lorakit::init::SeededRng;
+use lorakit::model::{
+    linear, AdapterFactory, AdapterPlan, ModuleSelector, ModuleSettings, RankAlpha, TargetSpec,
+};
 use lorakit::train::{
     orthogonality_penalty, train_step, LoraDropConfig, LoraFaProjection, LoraPlus, RankAllocator,
     RankAllocatorConfig, StepHook,
@@ -89,18 +93,16 @@ impl Method {
     /// Builds the model and trainer.
     pub fn prepare(&self, s: &Settings, pre: &Pretrained) -> lorakit::Result<Prepared> {
         let lora = LoraConfig::new(RANK, 2.0 * RANK as f64);
-        let plain_lora = |base: FrozenLinear, vb: VarBuilder| -> lorakit::Result<Built> {
-            Ok(Built::plain(LoraLinear::new(base, &lora, vb)?))
-        };
+        let plain_lora = lora_factory(lora.clone(), LoraLinear::new);
         match self {
             Method::Full => prepare_full(s, pre),
             Method::Lora => {
-                let (model, adapters, varmap) = build_adapted(s, pre, &plain_lora)?;
+                let (model, adapters, varmap) = build_adapted(s, pre, plain_lora)?;
                 let opt = candle_nn::AdamW::new_lr(varmap.all_vars(), ADAPTER_LR)?;
                 Ok(Prepared::adapted(model, adapters, opt, Vec::new()))
             }
             Method::LoraPlus => {
-                let (model, adapters, _) = build_adapted(s, pre, &plain_lora)?;
+                let (model, adapters, _) = build_adapted(s, pre, plain_lora)?;
                 let layers: Vec<_> = adapters.iter().map(|(_, l)| l.clone()).collect();
                 let opt = LoraPlus::new(LORA_PLUS_LR).build_from_shared(&layers)?;
                 Ok(Prepared::adapted(model, adapters, opt, Vec::new()))
@@ -113,17 +115,18 @@ impl Method {
                 for (_, d_in, d_out) in linear_paths(&s.model) {
                     vera.reserve(d_in, d_out)?;
                 }
-                let vera = RefCell::new(vera);
-                let (model, adapters, varmap) = build_adapted(s, pre, &|base, vb| {
-                    Ok(Built::plain(vera.borrow_mut().build(base, vb)?))
-                })?;
+                let vera = Mutex::new(vera);
+                let factory = move |_: &str, base, vb, _: ModuleSettings| {
+                    let mut vera = vera.lock().map_err(|_| poisoned())?;
+                    Ok(Shared::new(vera.build(base, vb)?).erase())
+                };
+                let (model, adapters, varmap) = build_adapted(s, pre, factory)?;
                 let opt = candle_nn::AdamW::new_lr(varmap.all_vars(), VERA_LR)?;
                 Ok(Prepared::adapted(model, adapters, opt, Vec::new()))
             }
             Method::LoraFa => {
-                let (model, adapters, varmap) = build_adapted(s, pre, &|base, vb| {
-                    Ok(Built::plain(lora_fa::new(base, &lora, vb)?))
-                })?;
+                let factory = lora_factory(lora.clone(), lora_fa::new);
+                let (model, adapters, varmap) = build_adapted(s, pre, factory)?;
                 let layers: Vec<_> = adapters.iter().map(|(_, l)| l.clone()).collect();
                 let projection = LoraFaProjection::new(layers)?;
                 let opt = candle_nn::AdamW::new_lr(varmap.all_vars(), ADAPTER_LR)?;
@@ -135,18 +138,16 @@ impl Method {
                 ))
             }
             Method::Dora => {
-                let (model, adapters, varmap) = build_adapted(s, pre, &|base, vb| {
-                    Ok(Built::plain(DoraLinear::new(base, &lora, vb)?))
-                })?;
+                let factory = lora_factory(lora.clone(), DoraLinear::new);
+                let (model, adapters, varmap) = build_adapted(s, pre, factory)?;
                 let opt = candle_nn::AdamW::new_lr(varmap.all_vars(), ADAPTER_LR)?;
                 Ok(Prepared::adapted(model, adapters, opt, Vec::new()))
             }
             Method::LoraDrop => prepare_lora_drop(s, pre, &lora),
             Method::AdaLora => prepare_adalora(s, pre),
             Method::DeltaLora => {
-                let (model, adapters, varmap) = build_adapted(s, pre, &|base, vb| {
-                    Ok(Built::plain(delta_lora_linear(base, &lora, vb)?))
-                })?;
+                let factory = lora_factory(lora.clone(), delta_lora_linear);
+                let (model, adapters, varmap) = build_adapted(s, pre, factory)?;
                 let layers: Vec<_> = adapters.iter().map(|(_, l)| l.clone()).collect();
                 let update = DeltaLoraUpdate::new(DELTA_LORA_LAMBDA, s.adapt_steps / 4);
                 let hook = DeltaLoraHook::from_adapters(layers, update)?;
@@ -402,49 +403,53 @@ fn prepare_full(s: &Settings, pre: &Pretrained) -> lorakit::Result<Prepared> {
     })
 }
 
-/// One adapted layer: the adapter, and the module the model calls (the adapter itself, or a
-/// wrapper such as LoRA-drop's probe).
-pub struct Built {
-    pub adapter: Shared<dyn Adapter>,
-    pub module: Box<dyn Module>,
+/// The modules every adapter method targets: all linears of the blocks (PEFT-style names);
+/// the output head is built through the same drop-in `linear` but not targeted.
+pub const TARGETS: [&str; 6] = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"];
+
+fn poisoned() -> lorakit::Error {
+    candle_core::Error::Msg("lock poisoned".into()).into()
 }
 
-impl Built {
-    /// A layer the model calls directly.
-    pub fn plain<T: Adapter + 'static>(layer: T) -> Self {
-        let adapter = Shared::new(layer).erase();
-        Self {
-            module: Box::new(adapter.clone()),
-            adapter,
-        }
+/// A plan factory for a LoRA-family layer constructor `(base, config, vb)`, with the
+/// module's rank and alpha from the plan.
+fn lora_factory<L: Adapter + 'static>(
+    config: LoraConfig,
+    new: fn(FrozenLinear, &LoraConfig, VarBuilder) -> lorakit::Result<L>,
+) -> impl AdapterFactory + 'static {
+    move |_: &str, base, vb, m: ModuleSettings| -> lorakit::Result<Shared<dyn Adapter>> {
+        let c = LoraConfig {
+            r: m.r,
+            alpha: m.alpha,
+            ..config.clone()
+        };
+        Ok(Shared::new(new(base, &c, vb)?).erase())
     }
 }
 
-/// Builds one adapted layer from its frozen base and a VarBuilder for its trainables.
-pub type AdapterBuilder<'a> = dyn Fn(FrozenLinear, VarBuilder) -> lorakit::Result<Built> + 'a;
-
-/// The adapted model, its layers by path, and the VarMap holding the adapters' variables.
+/// The pretrained model with adapters from `factory`: the model code calls lorakit's
+/// drop-in `linear` for every linear layer, and the plan decides which get an adapter.
+/// Returns the model, its adapted layers by path, and the VarMap holding their variables.
 pub fn build_adapted(
     s: &Settings,
     pre: &Pretrained,
-    build: &AdapterBuilder,
+    factory: impl AdapterFactory + 'static,
 ) -> lorakit::Result<(Transformer, NamedAdapters, VarMap)> {
     let dev = Device::Cpu;
     let frozen = VarBuilder::from_tensors(pre.tensors.clone(), DType::F32, &dev);
     let varmap = VarMap::new();
-    let trainable = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-    let adapters = RefCell::new(Vec::new());
-    let make =
-        |path: &str, i: usize, o: usize, vb: VarBuilder| -> lorakit::Result<Box<dyn Module>> {
-            let base = FrozenLinear::from_var_builder(i, o, true, vb)?;
-            let built = build(base, trainable.pp(path))?;
-            adapters
-                .borrow_mut()
-                .push((path.to_string(), built.adapter));
-            Ok(built.module)
-        };
+    let plan = AdapterPlan::new(
+        TargetSpec::new(ModuleSelector::list(TARGETS)),
+        RankAlpha::new(RANK, 2.0 * RANK as f64),
+        VarBuilder::from_varmap(&varmap, DType::F32, &dev),
+        factory,
+    );
+    let make = |_: &str, i: usize, o: usize, vb: VarBuilder| -> lorakit::Result<Box<dyn Module>> {
+        Ok(Box::new(linear(i, o, vb, &plan)?))
+    };
     let model = Transformer::new(&s.model, frozen, &make)?;
-    Ok((model, adapters.into_inner(), varmap))
+    let adapters = plan.finish()?.layers();
+    Ok((model, adapters, varmap))
 }
 
 /// LoRA-drop: stage 1 trains every LoRA layer on a 10% sample of a fixed pool of task-B
@@ -457,15 +462,27 @@ fn prepare_lora_drop(
     lora: &LoraConfig,
 ) -> lorakit::Result<Prepared> {
     let dev = Device::Cpu;
+    // LoRA-drop's calibration needs each layer's input, so the model calls a probing
+    // wrapper around each LoRA layer instead of the plan's drop-in linear.
+    let frozen = VarBuilder::from_tensors(pre.tensors.clone(), DType::F32, &dev);
+    let varmap = VarMap::new();
+    let trainable = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
     let drop = RefCell::new(LoraDrop::new());
-    let (model, adapters, varmap) = build_adapted(s, pre, &|base, vb| {
-        let layer = Shared::new(LoraLinear::new(base, lora, vb)?);
-        let probe = drop.borrow_mut().wrap(layer.clone());
-        Ok(Built {
-            adapter: layer.erase(),
-            module: Box::new(probe),
-        })
-    })?;
+    let adapters = RefCell::new(Vec::new());
+    let make =
+        |path: &str, i: usize, o: usize, vb: VarBuilder| -> lorakit::Result<Box<dyn Module>> {
+            let base = FrozenLinear::from_var_builder(i, o, true, vb)?;
+            if !TARGETS.iter().any(|t| path.ends_with(t)) {
+                return Ok(Box::new(base));
+            }
+            let layer = Shared::new(LoraLinear::new(base, lora, trainable.pp(path))?);
+            adapters
+                .borrow_mut()
+                .push((path.to_string(), layer.clone().erase()));
+            Ok(Box::new(drop.borrow_mut().wrap(layer)))
+        };
+    let model = Transformer::new(&s.model, frozen, &make)?;
+    let adapters = adapters.into_inner();
     let drop = drop.into_inner();
     let pool = batch(
         Task::Reverse,
@@ -532,16 +549,15 @@ fn prepare_lora_drop(
 /// the middle of training; the orthogonality penalty is added to the loss.
 fn prepare_adalora(s: &Settings, pre: &Pretrained) -> lorakit::Result<Prepared> {
     let config = AdaLoraConfig::new(RANK, 2.0 * RANK as f64);
-    let layers = RefCell::new(Vec::new());
-    let (model, adapters, varmap) = build_adapted(s, pre, &|base, vb| {
-        let layer = Shared::new(AdaLoraLinear::new(base, &config, vb)?);
-        layers.borrow_mut().push(layer.clone());
-        let adapter = layer.erase();
-        Ok(Built {
-            module: Box::new(adapter.clone()),
-            adapter,
-        })
-    })?;
+    let layers = Arc::new(Mutex::new(Vec::new()));
+    let registry = layers.clone();
+    let factory =
+        move |_: &str, base, vb, _: ModuleSettings| -> lorakit::Result<Shared<dyn Adapter>> {
+            let layer = Shared::new(AdaLoraLinear::new(base, &config, vb)?);
+            registry.lock().map_err(|_| poisoned())?.push(layer.clone());
+            Ok(layer.erase())
+        };
+    let (model, adapters, varmap) = build_adapted(s, pre, factory)?;
     let allocator_config = RankAllocatorConfig {
         target_r: RANK / 2,
         tinit: s.adapt_steps / 10,
@@ -549,7 +565,7 @@ fn prepare_adalora(s: &Settings, pre: &Pretrained) -> lorakit::Result<Prepared> 
         delta_t: 5,
         ..RankAllocatorConfig::new(s.adapt_steps)
     };
-    let layers = layers.into_inner();
+    let layers = std::mem::take(&mut *layers.lock().map_err(|_| poisoned())?);
     let allocator = RankAllocator::new(layers.clone(), allocator_config)?;
     let gamma = allocator.config().orth_reg_weight;
     let opt = candle_nn::AdamW::new_lr(varmap.all_vars(), ADAPTER_LR)?;

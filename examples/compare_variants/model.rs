@@ -16,12 +16,13 @@ pub struct ModelConfig {
     pub d_mlp: usize,
 }
 
-/// Builds the linear layer at `path` (e.g. `layers.0.attn.q_proj`) mapping `d_in → d_out`.
+/// Builds the linear layer at `path` (e.g. `layers.0.attn.q_proj`, or `head`) mapping
+/// `d_in → d_out`.
 pub type LinearFactory<'a> =
     dyn Fn(&str, usize, usize, VarBuilder) -> lorakit::Result<Box<dyn Module>> + 'a;
 
-/// The module paths of every linear layer in the model, with their shapes `(d_in, d_out)`:
-/// what adapters can target.
+/// The module paths of the blocks' linear layers, with their shapes `(d_in, d_out)`: what
+/// the adapters target (the output head is left frozen).
 pub fn linear_paths(cfg: &ModelConfig) -> Vec<(String, usize, usize)> {
     let mut out = Vec::new();
     for l in 0..cfg.layers {
@@ -132,7 +133,7 @@ impl Transformer {
                 heads: cfg.heads,
             });
         }
-        let head = Box::new(candle_nn::linear(d, VOCAB, vb.pp("head"))?);
+        let head = make_linear("head", d, VOCAB, vb.pp("head"))?;
         Ok(Self {
             tokens,
             positions,
