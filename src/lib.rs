@@ -27,6 +27,8 @@
 //! # Ok(()) }
 //! ```
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
 pub mod adapter;
 pub mod error;
 pub mod frozen;
