@@ -123,7 +123,7 @@ def main():
     print(md)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write("# Fused kernel benchmarks (ms, medians, f32, CPU)\n\n" + md + "\n")
+            f.write("# Fused kernel benchmarks (ms, f32, CPU)\n\n" + md + "\n")
 
 
 if __name__ == "__main__":
