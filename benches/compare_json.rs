@@ -1,5 +1,5 @@
 //! The cases of `fused.rs` timed with a plain loop and printed as one JSON object
-//! (`{"case": median_ms, ...}`) for `benches/peft_compare.py`.
+//! (`{"case": [median_ms, min_ms], ...}`) for `benches/peft_compare.py`.
 //!
 //! `cargo bench --bench compare_json` (the script sets `RAYON_NUM_THREADS`).
 
@@ -8,8 +8,9 @@ use std::time::Instant;
 mod common;
 use common::{Path, Setup, SHAPES};
 
-/// Median wall time of `f` in milliseconds, after warm-up, over about `budget_ms`.
-fn median_ms(mut f: impl FnMut(), budget_ms: f64) -> f64 {
+/// Median and minimum wall time of `f` in milliseconds, after warm-up, over about
+/// `budget_ms`.
+fn median_ms(mut f: impl FnMut(), budget_ms: f64) -> (f64, f64) {
     for _ in 0..3 {
         f();
     }
@@ -22,7 +23,7 @@ fn median_ms(mut f: impl FnMut(), budget_ms: f64) -> f64 {
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
     times.sort_by(|a, b| a.total_cmp(b));
-    times[times.len() / 2]
+    (times[times.len() / 2], times[0])
 }
 
 fn main() {
@@ -33,14 +34,24 @@ fn main() {
         let label = format!("n{}_d{}_r{}", shape.n, shape.d, shape.r);
         for path in Path::ALL {
             let fwd = median_ms(|| drop(std::hint::black_box(setup.forward(path))), 1500.0);
-            out.push(format!("\"fwd/{label}/{}\": {fwd:.4}", path.name()));
+            out.push(format!(
+                "\"fwd/{label}/{}\": [{:.4}, {:.4}]",
+                path.name(),
+                fwd.0,
+                fwd.1
+            ));
             let fb = median_ms(
                 || {
                     std::hint::black_box(setup.forward_backward(path));
                 },
                 2500.0,
             );
-            out.push(format!("\"fwd_bwd/{label}/{}\": {fb:.4}", path.name()));
+            out.push(format!(
+                "\"fwd_bwd/{label}/{}\": [{:.4}, {:.4}]",
+                path.name(),
+                fb.0,
+                fb.1
+            ));
         }
     }
     println!("{{{}}}", out.join(", "));

@@ -3,7 +3,10 @@
 thread count, f32, medians in ms. The input needs a gradient in every case (as inside a
 model); fwd+bwd is `y.sum().backward()`.
 
-    python3 benches/peft_compare.py [--threads 2] [--markdown benches/RESULTS.md]
+    python3 benches/peft_compare.py [--threads 2] [--rounds 3] [--markdown benches/RESULTS.md]
+
+With --rounds N the two sides alternate N times and each case reports the median of its
+per-round medians (the machine may be shared: alternating spreads the noise over both).
 
 The lorakit side is `cargo bench --bench compare_json` (JSON on its last line), run with
 RAYON_NUM_THREADS set to the same thread count.
@@ -32,7 +35,7 @@ def median_ms(f, budget_s):
         t = time.perf_counter()
         f()
         times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    return [statistics.median(times), min(times)]
 
 
 class Net(torch.nn.Module):
@@ -75,11 +78,18 @@ def lorakit_cases(threads):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def combine(rounds):
+    """(median over rounds of the medians, min over rounds of the minima)."""
+    return statistics.median(m for m, _ in rounds), min(lo for _, lo in rounds)
+
+
 def table(t, k, threads):
     lines = [
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs; "
         f"threads: {threads} (torch.set_num_threads / RAYON_NUM_THREADS); "
         f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}.",
+        "",
+        "Each cell: median (min) in ms; ratios of medians (of minima).",
         "",
         "| case | PEFT base | PEFT LoRA | lorakit base | lorakit composed | lorakit fused | fused / PEFT LoRA | fused / lorakit base |",
         "|---|---|---|---|---|---|---|---|",
@@ -89,26 +99,31 @@ def table(t, k, threads):
             label = f"{kind}/n{n}_d{d}_r{r}"
             pb, pl = t[f"{label}/base_linear"], t[f"{label}/lora_peft"]
             kb, kc, kf = (k[f"{label}/{p}"] for p in ["base_linear", "lora_composed", "lora_fused"])
-            lines.append(
-                f"| {label} | {pb:.3f} | {pl:.3f} | {kb:.3f} | {kc:.3f} | {kf:.3f} | {kf / pl:.2f} | {kf / kb:.2f} |"
-            )
+            cells = " | ".join(f"{m:.3f} ({lo:.3f})" for m, lo in [pb, pl, kb, kc, kf])
+            ratios = " | ".join(f"{kf[0] / o[0]:.2f} ({kf[1] / o[1]:.2f})" for o in [pl, kb])
+            lines.append(f"| {label} | {cells} | {ratios} |")
     return "\n".join(lines)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--markdown", help="also write the table to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    k = lorakit_cases(args.threads)
-    t = torch_cases()
-    print(json.dumps({"peft": t, "lorakit": k}))
-    md = table(t, k, args.threads)
+    ks, ts = [], []
+    for _ in range(args.rounds):
+        ks.append(lorakit_cases(args.threads))
+        ts.append(torch_cases())
+        print(json.dumps({"peft": ts[-1], "lorakit": ks[-1]}), flush=True)
+    k = {c: combine([r[c] for r in ks]) for c in ks[0]}
+    t = {c: combine([r[c] for r in ts]) for c in ts[0]}
+    md = table(t, k, args.threads) + f"\n\nMedian of {args.rounds} alternating round(s) of per-case medians."
     print(md)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write("# Fused kernel benchmarks (ms, medians, f32, CPU)\n\n" + md + "\n")
+            f.write("# Fused kernel benchmarks (ms, f32, CPU)\n\n" + md + "\n")
 
 
 if __name__ == "__main__":

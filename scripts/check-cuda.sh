@@ -9,9 +9,11 @@
 # - CUDARC_CUDA_VERSION (default 13000) tells cudarc which CUDA API to bind, and
 #   CUDA_COMPUTE_CAP (default 90) which architecture candle-kernels compiles its PTX for.
 #
-# Runtime: dominated by the first build of candle-kernels (nvcc over all of candle's .cu
-# files) and cudarc; see scripts/README or the kernels module docs for measured times. Too
-# slow for CI on 2 cores: run it by hand. Extra arguments go to `cargo build`.
+# Runtime: the first build took 22 min (1337 s) on 2 shared cores at low priority, most of
+# it candle-kernels (nvcc over all of candle's .cu files), cudarc and candle-core; later
+# builds are incremental (seconds). Too slow for CI: run it by hand. Extra arguments go to
+# `cargo build`; CHECK_CUDA_CMD=clippy runs clippy instead, e.g.
+# `CHECK_CUDA_CMD=clippy scripts/check-cuda.sh -- -D warnings`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,5 +31,5 @@ export CUDARC_CUDA_VERSION=${CUDARC_CUDA_VERSION:-13000}
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 
 start=$(date +%s)
-cargo build --features cuda --lib --target-dir target-cuda "$@"
+cargo "${CHECK_CUDA_CMD:-build}" --features cuda --lib --target-dir target-cuda "$@"
 echo "check-cuda: --features cuda built in $(( $(date +%s) - start )) s"

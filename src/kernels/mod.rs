@@ -57,6 +57,31 @@ pub struct LowRankTerm<'a> {
 
 /// One adapted linear product. `weight` and `bias` are frozen (they never receive a
 /// gradient from the fused kernel); `a`, `b` and `row_scale` may be trainable.
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// use lorakit::kernels::{FusedLinear, LowRankTerm};
+/// # fn main() -> lorakit::Result<()> {
+/// let dev = Device::Cpu;
+/// let w = Tensor::randn(0f32, 1., (6, 4), &dev)?; // frozen (d_out, d_in)
+/// let a = Var::randn(0f32, 1., (2, 4), &dev)?; // (r, d_in)
+/// let b = Var::randn(0f32, 1., (6, 2), &dev)?; // (d_out, r)
+/// let layer = FusedLinear {
+///     weight: &w,
+///     bias: None,
+///     low_rank: Some(LowRankTerm { a: a.as_tensor(), b: b.as_tensor(), scale: 0.5 }),
+///     row_scale: None,
+/// };
+/// let x = Tensor::randn(0f32, 1., (2, 3, 4), &dev)?; // any rank, last dim d_in
+/// let y = layer.forward(&x)?;
+/// let reference = layer.forward_composed(&x)?;
+/// let diff = (&y - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+/// assert!(diff < 1e-4);
+/// // Gradients reach A and B, never the frozen W.
+/// let grads = y.sum_all()?.backward()?;
+/// assert!(grads.get(a.as_tensor()).is_some() && grads.get(&w).is_none());
+/// # Ok(()) }
+/// ```
 #[derive(Clone, Copy, Debug)]
 pub struct FusedLinear<'a> {
     /// Frozen `W`, `(d_out, d_in)`.
