@@ -111,26 +111,9 @@ pub fn dot(a: &M, r: &M) -> f64 {
 
 /// Largest `|a − b|` over the largest `|b|` (both flattened, any rank).
 pub fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
-    let a: Vec<f64> = a
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let b: Vec<f64> = b
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let (a, b) = (flat(a), flat(b));
     assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-300);
-    a.iter()
-        .zip(&b)
-        .fold(0f64, |m, (x, y)| m.max((x - y).abs()))
-        / scale
+    max_rel_vec(&a, &b)
 }
 
 pub fn max_rel_diff_m(a: &M, b: &M) -> f64 {
@@ -139,20 +122,7 @@ pub fn max_rel_diff_m(a: &M, b: &M) -> f64 {
 
 /// Bitwise equality of two tensors' values.
 pub fn bit_identical(a: &Tensor, b: &Tensor) -> bool {
-    let a: Vec<f64> = a
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let b: Vec<f64> = b
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let (a, b) = (flat(a), flat(b));
     a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
 
