@@ -76,3 +76,8 @@ impl<T: Adapter + ?Sized> Module for Shared<T> {
         layer.forward_t(x, train).map_err(candle_core::Error::wrap)
     }
 }
+
+/// The names of `layers`, in order (for `Debug` output of hooks that hold layers).
+pub(crate) fn layer_names(layers: &[Shared<dyn Adapter>]) -> Vec<String> {
+    layers.iter().map(|l| l.read().name().to_string()).collect()
+}

@@ -121,10 +121,7 @@ pub fn pretrain(s: &Settings, progress: &mut dyn Progress) -> lorakit::Result<Pr
         &mut SeededRng::new(s.seed + 2),
         &dev,
     )?;
-    let tensors = varmap
-        .data()
-        .lock()
-        .map_err(|_| candle_core::Error::Msg("varmap lock poisoned".into()))?
+    let tensors = varmap_data(&varmap)
         .iter()
         .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
         .collect();
@@ -135,13 +132,17 @@ pub fn pretrain(s: &Settings, progress: &mut dyn Progress) -> lorakit::Result<Pr
     })
 }
 
+/// The variables of a `VarMap` by name (its lock recovered if a panicking thread poisoned it).
+pub fn varmap_data(
+    varmap: &VarMap,
+) -> std::sync::MutexGuard<'_, HashMap<String, candle_core::Var>> {
+    varmap.data().lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Re-initializes the model's variables from `seed` (candle's CPU init cannot be seeded):
 /// linear weights `U(±1/√d_in)`, linear biases 0, embeddings `N(0, 0.5²)`, norms as built.
 fn seeded_init(varmap: &VarMap, seed: u64) -> lorakit::Result<()> {
-    let data = varmap
-        .data()
-        .lock()
-        .map_err(|_| candle_core::Error::Msg("varmap lock poisoned".into()))?;
+    let data = varmap_data(varmap);
     let mut names: Vec<&String> = data.keys().collect();
     names.sort();
     for name in names {

@@ -20,7 +20,7 @@ use lorakit::{
     AdaLoraConfig, AdaLoraLinear, Adapter, FrozenLinear, LoraConfig, LoraDrop, LoraLinear, Shared,
 };
 
-use crate::core::{Pretrained, Settings};
+use crate::core::{varmap_data, Pretrained, Settings};
 use crate::model::{linear_paths, ModelConfig, Transformer};
 use crate::tasks::{batch, Batch, Task};
 
@@ -252,10 +252,7 @@ impl Prepared {
     pub fn effective_weight(&self, path: &str) -> lorakit::Result<Tensor> {
         if let Some(vars) = &self.full_vars {
             let key = format!("{path}.weight");
-            let data = vars
-                .data()
-                .lock()
-                .map_err(|_| candle_core::Error::Msg("varmap lock poisoned".into()))?;
+            let data = varmap_data(vars);
             let var = data.get(&key).ok_or_else(|| lorakit::Error::MissingKey {
                 key: key.clone(),
                 file: "full fine-tuning variables".into(),
@@ -377,12 +374,7 @@ fn prepare_full(s: &Settings, pre: &Pretrained) -> lorakit::Result<Prepared> {
         Ok(Box::new(candle_nn::linear(i, o, vb)?))
     };
     let model = Transformer::new(&s.model, vb, &plain)?;
-    for (name, var) in varmap
-        .data()
-        .lock()
-        .map_err(|_| candle_core::Error::Msg("varmap lock poisoned".into()))?
-        .iter()
-    {
+    for (name, var) in varmap_data(&varmap).iter() {
         let value = pre
             .tensors
             .get(name)

@@ -64,11 +64,7 @@ pub struct LoraFaProjection {
 
 impl std::fmt::Debug for LoraFaProjection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let names: Vec<String> = self
-            .layers
-            .iter()
-            .map(|l| l.read().name().to_string())
-            .collect();
+        let names = crate::shared::layer_names(&self.layers);
         f.debug_struct("LoraFaProjection")
             .field("layers", &names)
             .finish()

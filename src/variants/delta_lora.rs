@@ -173,11 +173,7 @@ pub struct DeltaLoraHook {
 
 impl std::fmt::Debug for DeltaLoraHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let names: Vec<String> = self
-            .layers
-            .iter()
-            .map(|l| l.read().name().to_string())
-            .collect();
+        let names = crate::shared::layer_names(&self.layers);
         f.debug_struct("DeltaLoraHook")
             .field("layers", &names)
             .field("update", &self.update)
