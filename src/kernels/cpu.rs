@@ -270,12 +270,13 @@ pub(crate) struct Forward<'a, T> {
     pub bias: Option<Vec<T>>,
 }
 
-/// `y = c ⊙ (x Wᵀ + s (x Aᵀ) Bᵀ) + b`, contiguous `(n, d_out)`.
+/// `y = c ⊙ (x Wᵀ + s (x Aᵀ) Bᵀ) + b`, contiguous `(n, d_out)`, and the intermediate
+/// `x Aᵀ` `(n, r)` (empty without a low-rank term), which the backward reuses.
 ///
 /// Without a row scale the bias pre-fills the output and the base GEMM accumulates onto
 /// it; the low-rank product always accumulates into the same buffer; a row scale is one
 /// epilogue pass.
-pub(crate) fn forward<T: WithDType>(p: &Forward<T>) -> candle_core::Result<Vec<T>> {
+pub(crate) fn forward<T: WithDType>(p: &Forward<T>) -> candle_core::Result<(Vec<T>, Vec<T>)> {
     let (n, d_out) = (p.x.rows, p.w.rows);
     let zero = T::from_f64(0.0);
     let one = T::from_f64(1.0);
@@ -291,9 +292,10 @@ pub(crate) fn forward<T: WithDType>(p: &Forward<T>) -> candle_core::Result<Vec<T
         _ => vec![zero; n * d_out],
     };
     gemm_into(&mut y, d_out, p.x, p.w.t(), prefill_bias, one)?;
+    let mut xa = Vec::new();
     if let Some((a, b, s)) = p.low_rank {
         let r = a.rows;
-        let mut xa = vec![zero; n * r];
+        xa = vec![zero; n * r];
         gemm_into(&mut xa, r, p.x, a.t(), false, one)?;
         gemm_into(
             &mut y,
@@ -318,7 +320,7 @@ pub(crate) fn forward<T: WithDType>(p: &Forward<T>) -> candle_core::Result<Vec<T
             }),
         }
     }
-    Ok(y)
+    Ok((y, xa))
 }
 
 /// Everything the backward needs, as CPU views.
@@ -331,6 +333,8 @@ pub(crate) struct Backward<'a, T> {
     pub g: MatRef<'a, T>,
     /// Which gradients to compute: x, A, (B | row scale).
     pub need: (bool, bool, bool),
+    /// `x Aᵀ` `(n, r)` saved by the forward, if it was; recomputed otherwise.
+    pub xa: Option<&'a [T]>,
 }
 
 /// The gradients of [`Backward`]: `dx (n, d_in)`, `dA (r, d_in)`, and the gradient of the
@@ -401,26 +405,29 @@ pub(crate) fn backward<T: WithDType>(p: &Backward<T>) -> candle_core::Result<Gra
     if need_dbc {
         let width = r + usize::from(f.row_scale.is_some());
         let mut dbc = vec![zero; d_out * width];
-        let xa = match f.low_rank {
-            Some((a, _, _)) => {
+        let recomputed;
+        let xa: &[T] = match (f.low_rank, p.xa) {
+            (Some(_), Some(saved)) if saved.len() == n * r => saved,
+            (Some((a, _, _)), _) => {
                 let mut xa = vec![zero; n * r];
                 gemm_into(&mut xa, r, f.x, a.t(), false, one)?;
-                xa
+                recomputed = xa;
+                &recomputed
             }
-            None => Vec::new(),
+            (None, _) => &[],
         };
         if let Some((_, _, s)) = f.low_rank {
             gemm_into(
                 &mut dbc,
                 width,
                 gs.t(),
-                MatRef::contiguous(&xa, n, r)?,
+                MatRef::contiguous(xa, n, r)?,
                 false,
                 s,
             )?;
         }
         if let Some(c) = &f.row_scale {
-            let xa = MatRef::contiguous(&xa, n, r)?;
+            let xa = MatRef::contiguous(xa, n, r)?;
             let dc = row_scale_grad(p, c, xa)?;
             for (j, v) in dc.into_iter().enumerate() {
                 dbc[j * width + r] = v;

@@ -26,6 +26,9 @@ pub(crate) struct FusedLowRankOp {
     pub rank: usize,
     /// Whether the third input carries the row scale as its last column.
     pub row_scale: bool,
+    /// `x Aᵀ` from the CPU forward, kept for the backward (so it is not computed twice).
+    /// The op lives in the autograd graph of its output, so this lives as long as the graph.
+    pub saved_xa: std::sync::Arc<std::sync::Mutex<Option<Tensor>>>,
 }
 
 /// `(d0, d1)` of a 2-D layout, with its view.
@@ -94,7 +97,12 @@ impl FusedLowRankOp {
         a: (&[T], &Layout),
         bc: (&[T], &Layout),
     ) -> candle_core::Result<(Vec<T>, Shape)> {
-        let y = self.with_forward(x, a, bc, cpu::forward)?;
+        let (y, xa) = self.with_forward(x, a, bc, cpu::forward)?;
+        if !xa.is_empty() {
+            let n = xa.len() / self.rank.max(1);
+            let saved = Tensor::from_vec(xa, (n, self.rank), &candle_core::Device::Cpu)?;
+            *self.saved_xa.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
+        }
         let mut dims = x.1.dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = self.weight.dims2()?.0;
@@ -109,6 +117,11 @@ impl FusedLowRankOp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let [x, a, bc] = args;
+        let saved = self
+            .saved_xa
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let need = (
             x.track_op(),
             self.rank > 0 && a.track_op(),
@@ -122,12 +135,19 @@ impl FusedLowRankOp {
                             let y = as_rows(yd, yl)?;
                             let g = as_rows(gd, gl)?;
                             self.with_forward((xd, xl), (ad, al), (bd, bl), |fwd| {
-                                cpu::backward(&Backward {
-                                    fwd,
-                                    y: y.view()?,
-                                    g: g.view()?,
-                                    need,
-                                })
+                                let run = |xa: Option<&[T]>| {
+                                    cpu::backward(&Backward {
+                                        fwd,
+                                        y: y.view()?,
+                                        g: g.view()?,
+                                        need,
+                                        xa,
+                                    })
+                                };
+                                match saved.as_ref().filter(|t| t.dtype() == T::DTYPE) {
+                                    Some(t) => with_slice::<T, _>(t, |xa, _| run(Some(xa))),
+                                    None => run(None),
+                                }
                             })
                         })
                     })

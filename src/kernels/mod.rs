@@ -150,6 +150,7 @@ impl FusedLinear<'_> {
             scale,
             rank,
             row_scale: self.row_scale.is_some(),
+            saved_xa: Default::default(),
         };
         let y = cast(x)?.apply_op3(&a, &packed, op)?;
         Ok(y.to_dtype(dtype)?)
