@@ -2,7 +2,11 @@
 //! buffers and the forward/backward built from `gemm` calls that accumulate into one
 //! output buffer (`read_dst`), so no output-sized temporary is made in the forward.
 
-use candle_core::{CpuStorage, Layout, Storage, Tensor, WithDType};
+use candle_core::{CpuStorage, Layout, Shape, Storage, Tensor, WithDType};
+
+mod scaled;
+
+pub(crate) use scaled::{scaled_backward, scaled_forward, ScaledForward, ScaledSaved};
 
 /// A read-only strided matrix view: element `(i, j)` is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy, Debug)]
@@ -61,6 +65,15 @@ impl<'a, T: Copy> MatRef<'a, T> {
     #[inline]
     fn at(&self, i: usize, j: usize) -> T {
         self.data[i * self.rs + j * self.cs]
+    }
+
+    /// Row `i` as a slice when its elements are adjacent (`cs == 1`); callers keep
+    /// `i < rows`.
+    #[inline]
+    fn row(&self, i: usize) -> Option<&'a [T]> {
+        (self.cs == 1)
+            .then(|| self.data.get(i * self.rs..i * self.rs + self.cols))
+            .flatten()
     }
 
     /// Column `j` gathered into a vector.
@@ -162,6 +175,17 @@ fn gemm_into<T: WithDType>(
     Ok(())
 }
 
+/// The 2-D view a candle layout describes over `data` (its start offset and strides).
+pub(crate) fn mat_of_layout<'a, T: Copy>(
+    data: &'a [T],
+    l: &Layout,
+) -> candle_core::Result<MatRef<'a, T>> {
+    let (r, c) = l.shape().dims2()?;
+    let st = l.stride();
+    let data = data.get(l.start_offset()..).unwrap_or(&[]);
+    MatRef::new(data, r, c, st[0], st[1])
+}
+
 /// An owned or borrowed row-major-ish matrix of a CPU buffer.
 pub(crate) enum Rows<'a, T> {
     /// A view into the original buffer.
@@ -211,7 +235,7 @@ pub(crate) fn as_rows<'a, T: Copy>(
 }
 
 /// The elements of a strided layout in row-major order.
-fn gather_strided<T: Copy>(data: &[T], layout: &Layout) -> candle_core::Result<Vec<T>> {
+pub(crate) fn gather_strided<T: Copy>(data: &[T], layout: &Layout) -> candle_core::Result<Vec<T>> {
     let (dims, strides) = (layout.dims(), layout.stride());
     let count: usize = dims.iter().product();
     let mut out = Vec::with_capacity(count);
@@ -249,6 +273,50 @@ pub(crate) fn with_slice<T: WithDType, R>(
 /// A CPU storage slice of dtype `T`.
 pub(crate) fn slice_of<T: WithDType>(s: &CpuStorage) -> candle_core::Result<&[T]> {
     T::cpu_storage_as_slice(s)
+}
+
+/// `x`'s shape with its last dimension replaced by `d_out` (a linear layer's output).
+pub(crate) fn output_shape(x: &Layout, d_out: usize) -> Shape {
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = d_out;
+    }
+    Shape::from(dims)
+}
+
+/// A three-input op's CPU forward, generic over the element type.
+pub(crate) trait CpuForward3 {
+    /// The op's name in errors.
+    const NAME: &'static str;
+
+    /// The output and its shape for inputs of element type `T`.
+    fn forward_t<T: WithDType>(
+        &self,
+        s1: (&[T], &Layout),
+        s2: (&[T], &Layout),
+        s3: (&[T], &Layout),
+    ) -> candle_core::Result<(Vec<T>, Shape)>;
+}
+
+/// `CustomOp3::cpu_fwd` for ops that run in f32 and f64: dispatches on the first input's
+/// dtype (the others must match).
+pub(crate) fn cpu_fwd_f32_f64<O: CpuForward3>(
+    op: &O,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    (s3, l3): (&CpuStorage, &Layout),
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    match s1 {
+        CpuStorage::F32(x) => {
+            let (y, shape) = op.forward_t((x, l1), (slice_of(s2)?, l2), (slice_of(s3)?, l3))?;
+            Ok((CpuStorage::F32(y), shape))
+        }
+        CpuStorage::F64(x) => {
+            let (y, shape) = op.forward_t((x, l1), (slice_of(s2)?, l2), (slice_of(s3)?, l3))?;
+            Ok((CpuStorage::F64(y), shape))
+        }
+        _ => candle_core::bail!("{}: the CPU kernel takes f32 or f64", O::NAME),
+    }
 }
 
 /// A 1-D tensor gathered into a vector.
@@ -359,7 +427,10 @@ pub(crate) fn backward<T: WithDType>(p: &Backward<T>) -> candle_core::Result<Gra
     let scaled: Option<Vec<T>> = f.row_scale.as_ref().map(|c| {
         let mut out = Vec::with_capacity(n * d_out);
         for i in 0..n {
-            out.extend(c.iter().enumerate().map(|(j, &cj)| p.g.at(i, j) * cj));
+            match p.g.row(i) {
+                Some(g_row) => out.extend(g_row.iter().zip(c).map(|(&g, &cj)| g * cj)),
+                None => out.extend(c.iter().enumerate().map(|(j, &cj)| p.g.at(i, j) * cj)),
+            }
         }
         out
     });
@@ -447,19 +518,30 @@ fn row_scale_grad<T: WithDType>(
     let f = p.fwd;
     let (n, d_out) = (p.y.rows, p.y.cols);
     let zero = T::from_f64(0.0);
+    // Σ_i g_ij (y_ij − b_j), divided by c_j once per column.
     let mut dc = vec![zero; d_out];
+    let no_bias = vec![zero; if f.bias.is_some() { 0 } else { d_out }];
+    let bias = f.bias.as_deref().unwrap_or(&no_bias);
     for i in 0..n {
-        for (j, (acc, &cj)) in dc.iter_mut().zip(c).enumerate() {
-            if cj != zero {
-                let bj = f.bias.as_ref().map_or(zero, |b| b[j]);
-                *acc += p.g.at(i, j) * ((p.y.at(i, j) - bj) / cj);
+        match (p.g.row(i), p.y.row(i)) {
+            (Some(g_row), Some(y_row)) => {
+                for (((acc, &g), &y), &b) in dc.iter_mut().zip(g_row).zip(y_row).zip(bias) {
+                    *acc += g * (y - b);
+                }
+            }
+            _ => {
+                for (j, (acc, &b)) in dc.iter_mut().zip(bias).enumerate() {
+                    *acc += p.g.at(i, j) * (p.y.at(i, j) - b);
+                }
             }
         }
     }
-    for (j, acc) in dc.iter_mut().enumerate() {
-        if c[j] != zero {
+    for (j, (acc, &cj)) in dc.iter_mut().zip(c).enumerate() {
+        if cj != zero {
+            *acc /= cj;
             continue;
         }
+        *acc = zero;
         // u_{:, j} = x W_jᵀ + s (x Aᵀ) B_jᵀ, recomputed for this column only.
         let w_j = f.w.t().col(j);
         let b_j = f.low_rank.map(|(_, b, s)| (b.t().col(j), s));

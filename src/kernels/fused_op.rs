@@ -11,7 +11,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 
-use super::cpu::{self, as_rows, gather_vec, with_slice, Backward, Forward, MatRef};
+use super::cpu::{self, as_rows, gather_vec, mat_of_layout, with_slice, Backward, Forward};
 
 /// `y = c ⊙ (x Wᵀ + s (x Aᵀ) Bᵀ) + b` with `W`, `b`, `s` held in the op.
 #[derive(Clone, Debug)]
@@ -29,14 +29,6 @@ pub(crate) struct FusedLowRankOp {
     /// `x Aᵀ` from the CPU forward, kept for the backward (so it is not computed twice).
     /// The op lives in the autograd graph of its output, so this lives as long as the graph.
     pub saved_xa: std::sync::Arc<std::sync::Mutex<Option<Tensor>>>,
-}
-
-/// `(d0, d1)` of a 2-D layout, with its view.
-fn mat2<'a, T: Copy>(data: &'a [T], l: &Layout) -> candle_core::Result<MatRef<'a, T>> {
-    let (r, c) = l.shape().dims2()?;
-    let st = l.stride();
-    let data = data.get(l.start_offset()..).unwrap_or(&[]);
-    MatRef::new(data, r, c, st[0], st[1])
 }
 
 impl FusedLowRankOp {
@@ -67,8 +59,8 @@ impl FusedLowRankOp {
         self.check_shapes(x.1, a.1, bc.1)?;
         let bias = self.bias.as_ref().map(gather_vec::<T>).transpose()?;
         let xr = as_rows(x.0, x.1)?;
-        let a = mat2(a.0, a.1)?;
-        let bc = mat2(bc.0, bc.1)?;
+        let a = mat_of_layout(a.0, a.1)?;
+        let bc = mat_of_layout(bc.0, bc.1)?;
         let (d_out, r) = (bc.rows(), self.rank);
         let row_scale = if self.row_scale {
             Some(
@@ -82,32 +74,13 @@ impl FusedLowRankOp {
         with_slice(&self.weight, |w_data, w_layout| {
             let fwd = Forward {
                 x: xr.view()?,
-                w: mat2(w_data, w_layout)?,
+                w: mat_of_layout(w_data, w_layout)?,
                 low_rank: (r > 0).then(|| (a, bc.narrow_cols(r), T::from_f64(self.scale))),
                 row_scale,
                 bias,
             };
             f(&fwd)
         })
-    }
-
-    fn cpu_fwd_t<T: WithDType>(
-        &self,
-        x: (&[T], &Layout),
-        a: (&[T], &Layout),
-        bc: (&[T], &Layout),
-    ) -> candle_core::Result<(Vec<T>, Shape)> {
-        let (y, xa) = self.with_forward(x, a, bc, cpu::forward)?;
-        if !xa.is_empty() {
-            let n = xa.len() / self.rank.max(1);
-            let saved = Tensor::from_vec(xa, (n, self.rank), &candle_core::Device::Cpu)?;
-            *self.saved_xa.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
-        }
-        let mut dims = x.1.dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = self.weight.dims2()?.0;
-        }
-        Ok((y, Shape::from(dims)))
     }
 
     fn cpu_bwd_t<T: WithDType>(
@@ -222,6 +195,25 @@ impl FusedLowRankOp {
     }
 }
 
+impl cpu::CpuForward3 for FusedLowRankOp {
+    const NAME: &'static str = "fused linear";
+
+    fn forward_t<T: WithDType>(
+        &self,
+        x: (&[T], &Layout),
+        a: (&[T], &Layout),
+        bc: (&[T], &Layout),
+    ) -> candle_core::Result<(Vec<T>, Shape)> {
+        let (y, xa) = self.with_forward(x, a, bc, cpu::forward)?;
+        if !xa.is_empty() {
+            let n = xa.len() / self.rank.max(1);
+            let saved = Tensor::from_vec(xa, (n, self.rank), &candle_core::Device::Cpu)?;
+            *self.saved_xa.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
+        }
+        Ok((y, cpu::output_shape(x.1, self.weight.dims2()?.0)))
+    }
+}
+
 impl CustomOp3 for FusedLowRankOp {
     fn name(&self) -> &'static str {
         "lorakit-fused-low-rank-linear"
@@ -236,19 +228,7 @@ impl CustomOp3 for FusedLowRankOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        match s1 {
-            CpuStorage::F32(x) => {
-                let (a, bc) = (cpu::slice_of::<f32>(s2)?, cpu::slice_of::<f32>(s3)?);
-                let (y, shape) = self.cpu_fwd_t((x, l1), (a, l2), (bc, l3))?;
-                Ok((CpuStorage::F32(y), shape))
-            }
-            CpuStorage::F64(x) => {
-                let (a, bc) = (cpu::slice_of::<f64>(s2)?, cpu::slice_of::<f64>(s3)?);
-                let (y, shape) = self.cpu_fwd_t((x, l1), (a, l2), (bc, l3))?;
-                Ok((CpuStorage::F64(y), shape))
-            }
-            _ => candle_core::bail!("fused linear: the CPU kernel takes f32 or f64"),
-        }
+        cpu::cpu_fwd_f32_f64(self, (s1, l1), (s2, l2), (s3, l3))
     }
 
     #[cfg(feature = "cuda")]

@@ -26,6 +26,11 @@
 //! held inside the op, not passed as inputs, so backprop cannot reach them. Gradients are
 //! only computed for inputs that track one (a constant `x` costs no `dx` GEMM).
 //!
+//! VeRA's product, whose trainable parts are two vectors around frozen factors
+//! (`y = x Wᵀ + b + out ⊙ ((mid ⊙ x Aᵀ) Bᵀ)`), has its own fused CPU op,
+//! [`ScaledLowRankLinear`]: it saves `x Aᵀ` and the branch output in the forward and gives
+//! the vectors their gradients without a GEMM for `A` or `B`.
+//!
 //! CUDA (feature `cuda`): the forward is fused — three cuBLAS GEMMs into one output buffer
 //! (the low-rank one with β = 1) and a small NVRTC-compiled epilogue kernel for the row
 //! scale and bias (a product without a low-rank term takes the composed path). The backward on CUDA is not hand-fused: it is the same algebra written
@@ -37,12 +42,15 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod fused_op;
+mod scaled;
+mod scaled_op;
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
 use crate::frozen::{flatten_rows, unflatten_rows};
 use fused_op::FusedLowRankOp;
+pub use scaled::ScaledLowRankLinear;
 
 /// The low-rank term `s · (x Aᵀ) Bᵀ`.
 #[derive(Clone, Copy, Debug)]

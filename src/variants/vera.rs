@@ -7,9 +7,11 @@
 //!
 //! with `A_s = A[:, :d_in]` and `B_s = B[:d_out, :]` sliced from the shared pair
 //! (`A`: `r × max d_in`, `B`: `max d_out × r`), no alpha scaling, as PEFT 0.21 computes it.
-//! In the fused op's terms `A_eff = A_s` (a constant: no gradient) and
-//! `B_eff = diag(λ_b) B_s diag(λ_d)`, so the backward never forms a gradient for the
-//! `r × d_in` side.
+//! The forward is one [`ScaledLowRankLinear`]: a
+//! fused op whose backward gives `λ_d` and `λ_b` their gradients from saved
+//! intermediates and never forms one for `A_s` or `B_s` (three GEMMs, not four). With
+//! training-time dropout the branch runs on the dropped input with
+//! `B_eff = diag(λ_b) B_s diag(λ_d)`.
 //!
 //! The pair lives once, in a [`VeraShared`] (an `Arc`); layers hold clones of that handle.
 //! [`VeraBuilder`] collects every adapted layer's shape first, then creates the pair large
@@ -25,7 +27,7 @@ use crate::adapter::{AdaptedBase, Adapter, AdapterKind, NamedVar, ParamRole};
 use crate::error::{Error, Result};
 use crate::frozen::FrozenLinear;
 use crate::init::SeededRng;
-use crate::kernels::{compute_dtype, LowRankTerm};
+use crate::kernels::{compute_dtype, LowRankTerm, ScaledLowRankLinear};
 use crate::low_rank::trainable_var;
 use crate::validate;
 use crate::variants::branch::low_rank_forward;
@@ -393,9 +395,21 @@ impl VeraLinear {
 
     /// `B_eff = diag(λ_b) B_s diag(λ_d)`, `(d_out, r)`: carries the gradient to both λ's.
     pub fn effective_b(&self) -> Result<Tensor> {
-        let lb = self.lambda_b.as_tensor().unsqueeze(1)?;
-        let ld = self.lambda_d.as_tensor().unsqueeze(0)?;
-        Ok(self.sliced_b()?.broadcast_mul(&lb)?.broadcast_mul(&ld)?)
+        let (a, b) = (self.shared.a().clone(), self.sliced_b()?);
+        self.product(&a, &b).effective_b()
+    }
+
+    /// The layer's product over the frozen `a` and `b` (`A_s`, `B_s`).
+    fn product<'a>(&'a self, a: &'a Tensor, b: &'a Tensor) -> ScaledLowRankLinear<'a> {
+        let base = self.core.base();
+        ScaledLowRankLinear {
+            weight: base.weight(),
+            bias: base.bias(),
+            a,
+            b,
+            mid: self.lambda_d.as_tensor(),
+            out: self.lambda_b.as_tensor(),
+        }
     }
 }
 
@@ -412,14 +426,22 @@ impl Adapter for VeraLinear {
         AdapterKind::Vera
     }
 
+    /// Without dropout: one [`ScaledLowRankLinear`] (fused on the CPU; `A_s` and `B_s`
+    /// are views of the shared pair, not copies). With training-time dropout: the base plus
+    /// the branch on the dropped input, through `B_eff`.
     fn forward_adapted(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let (a, b) = (self.sliced_a()?, self.effective_b()?);
-        let term = LowRankTerm {
-            a: &a,
-            b: &b,
-            scale: 1.0,
-        };
-        low_rank_forward(self.core.base(), term, self.dropout, x, train)
+        if train && self.dropout > 0.0 {
+            let (a, b) = (self.sliced_a()?, self.effective_b()?);
+            let term = LowRankTerm {
+                a: &a,
+                b: &b,
+                scale: 1.0,
+            };
+            return low_rank_forward(self.core.base(), term, self.dropout, x, train);
+        }
+        let d_in = self.core.base().d_in();
+        let (a, b) = (self.shared.a().narrow(1, 0, d_in)?, self.sliced_b()?);
+        self.product(&a, &b).forward(x)
     }
 
     /// `(λ_b ⊙ B_s)(λ_d ⊙ A_s)`, computed in f32 for half-precision layers on the CPU.
