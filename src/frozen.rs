@@ -31,7 +31,7 @@ pub struct FrozenLinear {
 
 impl FrozenLinear {
     /// Builds from a weight `(d_out, d_in)` and an optional bias `(d_out,)` of the same
-    /// dtype and device.
+    /// dtype and device. The weight must be a float tensor with `d_out, d_in ≥ 1`.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let dims = weight.dims();
         if dims.len() != 2 {
@@ -42,6 +42,8 @@ impl FrozenLinear {
                 got: format!("{dims:?}"),
             });
         }
+        validate::nonzero_dims("base", "weight", &weight)?;
+        validate::float_dtype("base", "weight", &weight)?;
         let d_out = dims[0];
         if let Some(b) = &bias {
             validate::shape("base", "bias", b, &[d_out])?;

@@ -73,6 +73,34 @@ pub(crate) fn dtype_device(
     Ok(())
 }
 
+/// `t` must hold floating-point values (F16, BF16, F32 or F64): layers compute in float.
+pub(crate) fn float_dtype(layer: &str, what: &str, t: &Tensor) -> Result<()> {
+    if !t.dtype().is_float() {
+        return Err(Error::InvalidConfig {
+            layer: layer.to_string(),
+            field: "dtype",
+            reason: format!(
+                "{what} must be a float tensor (F16, BF16, F32 or F64), got {:?}",
+                t.dtype()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// No dimension of `t` may be zero (a layer with no inputs or no outputs is a mistake).
+pub(crate) fn nonzero_dims(layer: &str, what: &str, t: &Tensor) -> Result<()> {
+    if t.dims().contains(&0) {
+        return Err(Error::ShapeMismatch {
+            layer: layer.to_string(),
+            what: what.to_string(),
+            expected: "every dimension ≥ 1".to_string(),
+            got: format!("{:?}", t.dims()),
+        });
+    }
+    Ok(())
+}
+
 /// `t` must have exactly `dims`.
 pub(crate) fn shape(layer: &str, what: &str, t: &Tensor, dims: &[usize]) -> Result<()> {
     if t.dims() != dims {
