@@ -94,7 +94,7 @@ impl RankAllocatorConfig {
                 format!("must be finite and ≥ 0, got {}", self.orth_reg_weight),
             );
         }
-        if self.tinit + self.tfinal >= self.total_step {
+        if self.tinit.saturating_add(self.tfinal) >= self.total_step {
             return bad(
                 "tinit",
                 format!(
@@ -133,7 +133,7 @@ pub fn budget_schedule(
             mask: false,
         };
     }
-    if step + tfinal > total {
+    if step.saturating_add(tfinal) > total {
         return Budget {
             budget: target_budget,
             mask: true,
