@@ -59,6 +59,7 @@ impl<'a, T: Copy> MatRef<'a, T> {
 
     /// Element `(i, j)`; callers keep `i < rows`, `j < cols`.
     #[inline]
+    #[allow(clippy::indexing_slicing)] // hot path; `new` checked every in-range index
     fn at(&self, i: usize, j: usize) -> T {
         self.data[i * self.rs + j * self.cs]
     }
@@ -127,8 +128,8 @@ fn gemm_into<T: WithDType>(
     }
     if k == 0 {
         if !accumulate {
-            for i in 0..m {
-                dst[i * dst_rs..i * dst_rs + n].fill(T::from_f64(0.0));
+            for row in dst.chunks_mut(dst_rs).take(m) {
+                row.iter_mut().take(n).for_each(|v| *v = T::from_f64(0.0));
             }
         }
         return Ok(());
@@ -192,7 +193,7 @@ pub(crate) fn as_rows<'a, T: Copy>(
     let Some((&d, lead)) = dims.split_last() else {
         candle_core::bail!("fused linear: input must have rank >= 1");
     };
-    let cs = strides[dims.len() - 1];
+    let cs = strides.last().copied().unwrap_or(1);
     let n: usize = lead.iter().product();
     let data_off = data.get(layout.start_offset()..).unwrap_or(&[]);
     // Leading dims of size > 1, outermost first, with their strides.
@@ -202,7 +203,10 @@ pub(crate) fn as_rows<'a, T: Copy>(
         .filter(|(&s, _)| s > 1)
         .map(|(&s, &st)| (s, st))
         .collect();
-    let mergeable = big.windows(2).all(|w| w[0].1 == w[1].1 * w[1].0);
+    let mergeable = big
+        .iter()
+        .zip(big.iter().skip(1))
+        .all(|(outer, inner)| outer.1 == inner.1 * inner.0);
     if mergeable {
         let rs = big.last().map_or(d.max(1), |&(_, st)| st);
         return Ok(Rows::View(MatRef::new(data_off, n, d, rs, cs)?));
@@ -429,8 +433,10 @@ pub(crate) fn backward<T: WithDType>(p: &Backward<T>) -> candle_core::Result<Gra
         if let Some(c) = &f.row_scale {
             let xa = MatRef::contiguous(xa, n, r)?;
             let dc = row_scale_grad(p, c, xa)?;
-            for (j, v) in dc.into_iter().enumerate() {
-                dbc[j * width + r] = v;
+            for (row, v) in dbc.chunks_mut(width).zip(dc) {
+                if let Some(slot) = row.get_mut(r) {
+                    *slot = v;
+                }
             }
         }
         out.dbc = Some(dbc);
@@ -451,13 +457,17 @@ fn row_scale_grad<T: WithDType>(
     for i in 0..n {
         for (j, (acc, &cj)) in dc.iter_mut().zip(c).enumerate() {
             if cj != zero {
-                let bj = f.bias.as_ref().map_or(zero, |b| b[j]);
+                let bj = f
+                    .bias
+                    .as_ref()
+                    .and_then(|b| b.get(j).copied())
+                    .unwrap_or(zero);
                 *acc += p.g.at(i, j) * ((p.y.at(i, j) - bj) / cj);
             }
         }
     }
-    for (j, acc) in dc.iter_mut().enumerate() {
-        if c[j] != zero {
+    for (j, (acc, &cj)) in dc.iter_mut().zip(c).enumerate() {
+        if cj != zero {
             continue;
         }
         // u_{:, j} = x W_jᵀ + s (x Aᵀ) B_jᵀ, recomputed for this column only.

@@ -34,9 +34,11 @@ pub(crate) struct FusedLowRankOp {
 /// `(d0, d1)` of a 2-D layout, with its view.
 fn mat2<'a, T: Copy>(data: &'a [T], l: &Layout) -> candle_core::Result<MatRef<'a, T>> {
     let (r, c) = l.shape().dims2()?;
-    let st = l.stride();
+    let &[rs, cs] = l.stride() else {
+        candle_core::bail!("fused linear: a 2-D layout without two strides");
+    };
     let data = data.get(l.start_offset()..).unwrap_or(&[]);
-    MatRef::new(data, r, c, st[0], st[1])
+    MatRef::new(data, r, c, rs, cs)
 }
 
 impl FusedLowRankOp {

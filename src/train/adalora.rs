@@ -436,7 +436,7 @@ pub fn orthogonality_penalty(layers: &[Shared<AdaLoraLinear>]) -> Result<Tensor>
         let a = l.a().as_tensor().to_dtype(DType::F32)?;
         let b = l.b().as_tensor().to_dtype(DType::F32)?;
         for cov in [a.matmul(&a.t()?)?, b.t()?.matmul(&b)?] {
-            let eye = Tensor::eye(cov.dims()[0], DType::F32, cov.device())?;
+            let eye = Tensor::eye(cov.dim(0)?, DType::F32, cov.device())?;
             terms.push((cov - eye)?.sqr()?.sum_all()?.sqrt()?);
         }
     }

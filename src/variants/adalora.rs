@@ -361,9 +361,9 @@ impl AdaLoraLinear {
         if idx.is_empty() {
             let (dt, dev) = (a.dtype(), a.device());
             return Ok((
-                Tensor::zeros((0, a.dims()[1]), dt, dev)?,
+                Tensor::zeros((0, a.dim(1)?), dt, dev)?,
                 Tensor::zeros((0, 1), dt, dev)?,
-                Tensor::zeros((b.dims()[0], 0), dt, dev)?,
+                Tensor::zeros((b.dim(0)?, 0), dt, dev)?,
             ));
         }
         let idx = Tensor::from_vec(idx.clone(), idx.len(), a.device())?;
