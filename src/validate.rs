@@ -101,6 +101,27 @@ pub(crate) fn nonzero_dims(layer: &str, what: &str, t: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// A fresh tensor of `dims` must be addressable: its element count times 8 bytes (the f64
+/// staging buffer of [`crate::init::SeededRng`]) must fit in `isize::MAX`. Larger requests
+/// (a rank of 2⁶⁰) are mistakes that would otherwise panic on overflow. Sizes that fit but
+/// exceed the machine's memory still fail in the allocator, as any allocation does.
+pub(crate) fn alloc_size(
+    layer: &str,
+    field: &'static str,
+    what: &str,
+    dims: &[usize],
+) -> Result<()> {
+    let bytes = dims.iter().try_fold(8usize, |acc, &d| acc.checked_mul(d));
+    if bytes.is_none_or(|b| b > isize::MAX as usize) {
+        return Err(Error::InvalidConfig {
+            layer: layer.to_string(),
+            field,
+            reason: format!("{what} of shape {dims:?} is too large to allocate"),
+        });
+    }
+    Ok(())
+}
+
 /// `t` must have exactly `dims`.
 pub(crate) fn shape(layer: &str, what: &str, t: &Tensor, dims: &[usize]) -> Result<()> {
     if t.dims() != dims {

@@ -212,6 +212,74 @@ fn safe_merge_rejects_non_finite_weights_for_every_variant() {
     c.finish();
 }
 
+/// Non-finite adapter factors (a diverged training run): a safe merge refuses them too.
+#[test]
+fn safe_merge_rejects_non_finite_adapter_factors() {
+    let mut c = Checker::new();
+    let f = |dims: &[usize]| Tensor::ones(dims.to_vec(), DType::F32, &cpu()).unwrap();
+    for bad in [f32::NAN, f32::INFINITY] {
+        let b_bad = (f(&[4, 2]) * f64::from(bad)).unwrap();
+        let pair = LowRankPair {
+            a: Factor::Frozen(f(&[2, 6])),
+            b: Factor::Frozen(b_bad),
+        };
+        let Some(mut l) = c.ok(&format!("from_pair with a {bad} B"), || {
+            LoraLinear::from_pair("proj", base(4, 6), pair, 1.0, 0.0)
+        }) else {
+            continue;
+        };
+        c.err(
+            &format!("safe merge of a {bad} B"),
+            &["proj", "non-finite", "24"],
+            || l.merge(true),
+        );
+        c.check(
+            &format!("{bad} B: W untouched"),
+            l.base().weight().to_vec2::<f32>().unwrap()
+                == weight(4, 6, DType::F32).to_vec2::<f32>().unwrap(),
+            || "W changed".into(),
+        );
+    }
+    c.finish();
+}
+
+#[test]
+fn seeded_rng_rejects_bad_distributions_and_shapes() {
+    let mut c = Checker::new();
+    let dev = cpu();
+    let mut rng = lorakit::init::SeededRng::new(0);
+    for (what, mean, std) in [
+        ("std -1", 0.0, -1.0),
+        ("std NaN", 0.0, f64::NAN),
+        ("mean inf", f64::INFINITY, 1.0),
+    ] {
+        c.err(&format!("normal, {what}"), &["init", "std"], || {
+            rng.normal((2, 2), mean, std, DType::F32, &dev)
+        });
+    }
+    for (what, lo, hi) in [
+        ("lo > hi", 1.0, -1.0),
+        ("NaN bound", f64::NAN, 1.0),
+        ("infinite bound", -1.0, f64::INFINITY),
+    ] {
+        c.err(&format!("uniform, {what}"), &["init", "bounds"], || {
+            rng.uniform((2, 2), lo, hi, DType::F32, &dev)
+        });
+    }
+    c.err("kaiming with fan_in 0", &["init", "bounds"], || {
+        rng.kaiming_uniform_linear(2, 0, DType::F32, &dev)
+    });
+    c.err(
+        "uniform of a shape too large to allocate",
+        &["init", "too large"],
+        || rng.uniform((1usize << 40, 1usize << 40), -1.0, 1.0, DType::F32, &dev),
+    );
+    c.ok("uniform of an empty shape", || {
+        rng.uniform((0, 3), -1.0, 1.0, DType::F32, &dev)
+    });
+    c.finish();
+}
+
 #[test]
 fn frozen_linear_rejects_bad_weights_and_inputs() {
     let mut c = Checker::new();
@@ -373,6 +441,23 @@ fn lora_family_constructors_reject_bad_configs_and_tensors() {
         };
         into_delta_lora(LoraLinear::new(base(4, 6), &config, vb("proj"))?)
     });
+    // A rank whose factors cannot even be addressed is refused before any allocation.
+    for r in [usize::MAX / 2, 1usize << 61] {
+        let huge = LoraConfig::new(r, 4.0);
+        let needles = &["proj", "`r`", "too large"][..];
+        c.err(&format!("LoraLinear::new, rank {r}"), needles, || {
+            LoraLinear::new(base(4, 6), &huge, vb("proj"))
+        });
+        c.err(&format!("lora_fa::new, rank {r}"), needles, || {
+            lora_fa::new(base(4, 6), &huge, vb("proj"))
+        });
+        c.err(&format!("DoraLinear::new, rank {r}"), needles, || {
+            DoraLinear::new(base(4, 6), &huge, vb("proj"))
+        });
+        c.err(&format!("delta_lora_linear, rank {r}"), needles, || {
+            delta_lora_linear(base(4, 6), &huge, vb("proj"))
+        });
+    }
     // Rank above min(d_in, d_out) is legal (PEFT allows it).
     c.ok("LoraLinear::new with r > min(d_in, d_out)", || {
         LoraLinear::new(base(4, 6), &LoraConfig::new(9, 4.0), vb("proj"))
@@ -658,6 +743,20 @@ fn vera_rejects_bad_pairs_ranks_and_layer_sizes() {
             || VeraShared::from_tensors(a.clone(), b.clone()),
         );
     }
+    c.err(
+        "VeraShared::new with a rank too large to allocate",
+        &["vera", "too large"],
+        || VeraShared::new(1 << 61, 6, 4, 0, DType::F32, &dev),
+    );
+    c.err(
+        "VeraBuilder reserving a layer too large to allocate",
+        &["vera", "too large"],
+        || {
+            let mut builder = VeraBuilder::new(config(2));
+            builder.reserve(usize::MAX, 4)?;
+            builder.shared(DType::F32, &dev)
+        },
+    );
     let shared = VeraShared::new(3, 6, 4, 0, DType::F32, &dev).unwrap();
     c.err(
         "VeraLinear::new with r above the shared pair's rank",
@@ -810,6 +909,11 @@ fn adalora_layer_rejects_bad_configs_tensors_and_masks() {
             "alpha -2",
             AdaLoraConfig::new(3, -2.0),
             &["proj", "alpha", "-2"][..],
+        ),
+        (
+            "init_r too large to allocate",
+            AdaLoraConfig::new(1 << 61, 4.0),
+            &["proj", "init_r", "too large"][..],
         ),
         (
             "dropout 1.5",

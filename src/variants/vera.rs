@@ -100,6 +100,8 @@ impl VeraShared {
         device: &Device,
     ) -> Result<Self> {
         validate::rank("vera", r)?;
+        validate::alloc_size("vera", "r", "vera_A", &[r, max_d_in])?;
+        validate::alloc_size("vera", "r", "vera_B", &[max_d_out, r])?;
         let mut rng = SeededRng::new(seed);
         let bound_a = (6.0 / max_d_in.max(1) as f64).sqrt();
         let a = rng.uniform((r, max_d_in), -bound_a, bound_a, dtype, device)?;
