@@ -549,6 +549,11 @@ fn selectors_configs_plans_and_sets_reject_bad_input() {
             &["q", "rank", "got 0"][..],
         ),
         (
+            "r = 2^61",
+            r#"{"peft_type": "LORA", "target_modules": ["q"], "r": 2305843009213693952}"#,
+            &["q", "too large"][..],
+        ),
+        (
             "DoRA r = 0",
             r#"{"peft_type": "LORA", "use_dora": true, "target_modules": ["q"], "r": 0}"#,
             &["q", "rank", "got 0"][..],
@@ -765,5 +770,91 @@ fn loading_inspecting_and_merging_reject_bad_files() {
         || "out.safetensors exists".into(),
     );
     let _ = std::fs::remove_dir_all(&dir);
+    c.finish();
+}
+
+#[test]
+fn lora_drop_layers_and_step_hooks_handle_bad_input() {
+    let mut c = Checker::new();
+    let mut drop = LoraDrop::new();
+    let l = LoraLinear::new(base(4, 6), &LoraConfig::new(2, 4.0), vb("proj")).unwrap();
+    let wrapped = drop.wrap(Shared::new(l));
+    c.err(
+        "LoraDropLinear::forward_t, wrong last dim",
+        &["proj", "input"],
+        || wrapped.forward_t(&input(&[2, 5], DType::F32), true),
+    );
+    c.err(
+        "LoraDropLinear::forward_t, f64 input",
+        &["proj", "F64"],
+        || wrapped.forward_t(&input(&[2, 6], DType::F64), true),
+    );
+    c.ok("LoraDropLinear::forward_t, empty batch", || {
+        wrapped.forward_t(&input(&[0, 6], DType::F32), true)
+    });
+    c.err(
+        "calibrate with a failing forward",
+        &["proj", "input"],
+        || {
+            drop.calibrate(|| {
+                wrapped
+                    .forward_t(&input(&[2, 5], DType::F32), false)
+                    .map(|_| ())
+            })
+        },
+    );
+    c.ok(
+        "calibrate on an empty batch (zero importance everywhere)",
+        || {
+            drop.calibrate(|| {
+                wrapped
+                    .forward_t(&input(&[0, 6], DType::F32), false)
+                    .map(|_| ())
+            })
+        },
+    );
+    c.err("stage1 on an empty data set", &["sample", "empty"], || {
+        drop.stage1(
+            &lorakit::LoraDropConfig::default(),
+            0,
+            |_, _| Ok(()),
+            |_| Ok(()),
+        )
+    });
+    // Step hooks with gradients that miss their layers: nothing to do, no error.
+    let empty = || {
+        Tensor::zeros(1, DType::F32, &cpu())
+            .unwrap()
+            .backward()
+            .unwrap()
+    };
+    c.ok("DeltaLoraHook::before_step without gradients", || {
+        use lorakit::train::StepHook;
+        let l = lorakit::delta_lora_linear(base(4, 6), &LoraConfig::new(2, 4.0), vb("proj"))?;
+        let mut hook =
+            lorakit::DeltaLoraHook::new([Shared::new(l)], lorakit::DeltaLoraUpdate::new(1.0, 0))?;
+        let mut grads = empty();
+        hook.before_step(1, &mut grads)?;
+        hook.after_step(1, &grads)
+    });
+    c.ok("LoraFaProjection::project without gradients", || {
+        let l = lora_fa::new(base(4, 6), &LoraConfig::new(2, 4.0), vb("proj"))?;
+        let mut proj = LoraFaProjection::from_lora([Shared::new(l)])?;
+        proj.project(&mut empty())
+    });
+    c.err(
+        "train_step with an optimizer whose schedule went negative",
+        &["lr"],
+        || {
+            let v = var(&[2, 2]);
+            let mut opt = GroupedAdamW::new(
+                vec![ParamGroup::new("g", vec![v.clone()])],
+                ParamsAdamW::default(),
+            )?;
+            opt.set_lr_factor(-1.0);
+            let loss = v.as_tensor().sqr()?.sum_all()?;
+            lorakit::train::train_step(&loss, &mut opt, &mut [], 1)
+        },
+    );
     c.finish();
 }

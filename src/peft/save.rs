@@ -16,7 +16,8 @@ use crate::peft::load::{CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE};
 /// fsynced, then renamed over `path` (readers see the old file or the new one, never half).
 ///
 /// On any failure the previous file at `path` (if any) is left untouched, the temporary file
-/// is removed, and the error names the path that failed.
+/// is removed, and the error names the path that failed. Only a crash of the process itself
+/// can leave a temporary behind (`.NAME.tmpPID.N` next to `path`); it is never read.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic_with(path, |w| w.write_all(bytes))
 }
