@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use lorakit::model::AdaptedSet;
-use lorakit::peft::save::write_atomic_with;
+use lorakit::peft::save::{write_atomic_all_with, write_atomic_with};
 use lorakit::peft::{merge_files, save_adapter, write_atomic, PeftConfig};
 use lorakit::{delta_lora_linear, FrozenLinear, LoraConfig, Shared};
 
@@ -118,6 +118,46 @@ fn writer_failing_after_n_bytes_keeps_previous_file() {
     write_atomic_with(&path, |w| w.write_all(&new)).unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), new);
     assert_no_temporaries(&dir, "after a good save");
+}
+
+/// A two-file save (as `save_adapter` does it) where either file's writer fails part-way:
+/// both previous files stay byte-identical and no temporary remains.
+#[test]
+fn two_file_save_failing_in_either_file_keeps_both_previous_files() {
+    let dir = fresh_dir("two-files");
+    let (a, b) = (
+        dir.join("adapter_model.safetensors"),
+        dir.join("adapter_config.json"),
+    );
+    write_atomic(&a, b"old weights").unwrap();
+    write_atomic(&b, b"old config").unwrap();
+    let new: [Vec<u8>; 2] = [(0..100u8).collect(), (100..180u8).collect()];
+    for failing in [0, 1] {
+        let len = new[failing].len();
+        for n in [0, 1, len / 2, len - 1] {
+            let case = format!("file {failing} fails after {n} bytes");
+            let err = write_atomic_all_with(&[&a, &b], |i, w| {
+                if i == failing {
+                    FailAfter { inner: w, left: n }.write_all(&new[i])
+                } else {
+                    w.write_all(&new[i])
+                }
+            })
+            .expect_err(&case);
+            let name = if failing == 0 { WEIGHTS } else { CONFIG };
+            assert!(
+                err.to_string().contains(name),
+                "{case}: error names {name}: {err}"
+            );
+            assert_eq!(std::fs::read(&a).unwrap(), b"old weights", "{case}");
+            assert_eq!(std::fs::read(&b).unwrap(), b"old config", "{case}");
+            assert_no_temporaries(&dir, &case);
+        }
+    }
+    write_atomic_all_with(&[&a, &b], |i, w| w.write_all(&new[i])).unwrap();
+    assert_eq!(std::fs::read(&a).unwrap(), new[0]);
+    assert_eq!(std::fs::read(&b).unwrap(), new[1]);
+    assert_no_temporaries(&dir, "two files, success");
 }
 
 #[test]
@@ -345,4 +385,58 @@ fn merge_files_failure_keeps_previous_output() {
     merge_files(&base, &adapter, &out).unwrap();
     assert_ne!(std::fs::read(&out).unwrap(), b"previous merged model");
     assert_no_temporaries(&out_dir, "merge, success");
+}
+
+/// A one-layer AdaLoRA adapter (saved with its rank pattern) whose B is `b_fill`.
+fn adalora_set(b_fill: f64) -> (PeftConfig, AdaptedSet) {
+    let config = PeftConfig::from_json_str(
+        r#"{"peft_type": "ADALORA", "target_modules": ["q"], "init_r": 3, "lora_alpha": 4,
+            "total_step": 10}"#,
+        "adalora/adapter_config.json",
+    )
+    .unwrap();
+    let dev = Device::Cpu;
+    let adapter_vb = VarBuilder::from_varmap(&VarMap::new(), DType::F32, &dev);
+    let plan = config
+        .fresh_plan(adapter_vb, &LoraConfig::default())
+        .unwrap();
+    let base_vars = VarMap::new();
+    let base_vb = VarBuilder::from_varmap(&base_vars, DType::F32, &dev);
+    lorakit::model::linear_no_bias(6, 4, base_vb.pp("q"), &plan).unwrap();
+    let set = plan.finish().unwrap();
+    let layer = set.get("q").unwrap();
+    {
+        let guard = layer.read();
+        let ada = guard
+            .as_any()
+            .downcast_ref::<lorakit::AdaLoraLinear>()
+            .unwrap();
+        let b = (Tensor::ones((4, 3), DType::F32, &dev).unwrap() * b_fill).unwrap();
+        ada.b().set(&b).unwrap();
+    }
+    (config, set)
+}
+
+#[test]
+fn adalora_save_failing_rename_keeps_previous_adapter() {
+    let dir = fresh_dir("adalora");
+    let (config, set) = adalora_set(0.5);
+    save_adapter(&dir, &config, &set).unwrap();
+    let old_config = std::fs::read(dir.join(CONFIG)).unwrap();
+    std::fs::remove_file(dir.join(WEIGHTS)).unwrap();
+    std::fs::create_dir(dir.join(WEIGHTS)).unwrap();
+    std::fs::write(dir.join(WEIGHTS).join("keep"), b"keep").unwrap();
+    let (mut config2, set2) = adalora_set(1.5);
+    config2.raw.insert("marker".into(), serde_json::json!(1));
+    let msg = save_adapter(&dir, &config2, &set2)
+        .expect_err("weights rename must fail")
+        .to_string();
+    assert!(msg.contains(WEIGHTS), "error should name the file: {msg}");
+    assert_eq!(std::fs::read(dir.join(CONFIG)).unwrap(), old_config);
+    assert_no_temporaries(&dir, "AdaLoRA, first rename");
+    // Once the obstacle is gone, the save goes through and the pair reloads.
+    std::fs::remove_dir_all(dir.join(WEIGHTS)).unwrap();
+    save_adapter(&dir, &config2, &set2).unwrap();
+    lorakit::peft::PeftAdapter::load(&dir, &Device::Cpu).unwrap();
+    assert_no_temporaries(&dir, "AdaLoRA, success");
 }

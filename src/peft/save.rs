@@ -35,6 +35,26 @@ pub fn write_atomic_with(
     StagedFile::stage(path, write)?.commit()
 }
 
+/// Writes several files as one save: every file is written and fsynced under a temporary
+/// name first (`write(i, w)` streams file `i`), and only when all are on disk are they
+/// renamed over their targets, in order. A failure while writing any of them leaves every
+/// previous file intact and no temporary behind. A failure of rename `k` (or a crash between
+/// renames) leaves files `0..k` new and the rest previous; the error names file `k`.
+///
+/// Exposed so tests can inject a writer that fails part-way; [`save_adapter`] uses it.
+#[doc(hidden)]
+pub fn write_atomic_all_with(
+    paths: &[&Path],
+    mut write: impl FnMut(usize, &mut dyn Write) -> std::io::Result<()>,
+) -> Result<()> {
+    let mut staged = Vec::with_capacity(paths.len());
+    for (i, path) in paths.iter().enumerate() {
+        // On an error, `staged` drops and removes the temporaries written so far.
+        staged.push(StagedFile::stage(path, |w| write(i, w))?);
+    }
+    staged.into_iter().try_for_each(StagedFile::commit)
+}
+
 /// A file written and fsynced under a temporary name in its target directory, waiting to be
 /// renamed over its target. Dropping it without [`StagedFile::commit`] removes the temporary.
 #[derive(Debug)]
@@ -308,9 +328,8 @@ pub fn save_adapter(dir: impl AsRef<Path>, config: &PeftConfig, set: &AdaptedSet
     let bytes = safetensors_bytes(&adapter_tensors(set)?, &weights)?;
     let json = config.to_json_string()?;
     // Both files are written and fsynced under temporary names before either is renamed.
-    let staged_weights = StagedFile::stage(&weights, |w| w.write_all(&bytes))?;
-    let staged_config =
-        StagedFile::stage(&dir.join(CONFIG_FILE), |w| w.write_all(json.as_bytes()))?;
-    staged_weights.commit()?;
-    staged_config.commit()
+    let files: [&[u8]; 2] = [&bytes, json.as_bytes()];
+    write_atomic_all_with(&[&weights, &dir.join(CONFIG_FILE)], |i, w| {
+        w.write_all(files.get(i).copied().unwrap_or_default())
+    })
 }
