@@ -1082,7 +1082,7 @@ fn kernel_entry_points_reject_mismatched_operands() {
             f(&[3, 5], DType::F32),
         ),
         (
-            "A with the wrong d_in",
+            "x with the wrong last dim, no low-rank term",
             FusedLinear {
                 weight: &w,
                 bias: None,
@@ -1153,7 +1153,18 @@ fn kernel_entry_points_reject_mismatched_operands() {
         ),
     ];
     for (what, fl, x) in cases {
-        c.err(&format!("FusedLinear, {what}"), &[], || run(fl, &x));
+        let needles: &[&str] = match what {
+            "x with the wrong last dim" => &["fused linear", "input", "[3, 5]"],
+            "x with the wrong last dim, no low-rank term" => &["fused linear", "input", "[3, 7]"],
+            "1-D weight" => &["fused linear", "weight", "[8]"],
+            "bias of the wrong length" => &["fused linear", "bias", "[3]"],
+            "row scale of the wrong length" => &["fused linear", "row scale", "[5]"],
+            "B of the wrong rank" => &["fused linear", "B", "[4, 3]"],
+            "B of the wrong d_out" => &["fused linear", "B", "[5, 2]"],
+            "scalar x" => &["fused linear", "input", "[]"],
+            _ => &["fused linear"],
+        };
+        c.err(&format!("FusedLinear, {what}"), needles, || run(fl, &x));
     }
     // Mixed dtypes are not an error at this level: the kernel casts every operand to x's
     // compute dtype (documented in `kernels`; DoRA passes an f32 row scale for f16 layers).
@@ -1212,6 +1223,7 @@ fn kernel_entry_points_reject_mismatched_operands() {
     }
     c.err("low_rank_only with the wrong A", &[], || {
         let a25 = f(&[2, 5], DType::F32);
+        // low_rank_only is the LoRA-drop probe's helper: candle's matmul error is enough.
         low_rank_only(
             &x,
             &LowRankTerm {
