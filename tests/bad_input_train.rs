@@ -842,6 +842,26 @@ fn lora_drop_layers_and_step_hooks_handle_bad_input() {
         let mut proj = LoraFaProjection::from_lora([Shared::new(l)])?;
         proj.project(&mut empty())
     });
+    c.ok("orthogonality_penalty over no layers", || {
+        lorakit::train::orthogonality_penalty(&[])
+    });
+    c.ok("orthogonality_penalty over fully pruned layers", || {
+        let layers = adalora_layers(1, 3);
+        layers[0].write().apply_mask(&[false, false, false])?;
+        lorakit::train::orthogonality_penalty(&layers)
+    });
+    // Two layers built on one VarMap under the same prefix with different ranks: the stored
+    // variable does not fit the second; candle's error names the variable.
+    c.err(
+        "a var builder holding a variable of another shape",
+        &["lora_A"],
+        || {
+            let varmap = VarMap::new();
+            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &cpu());
+            LoraLinear::new(base(4, 6), &LoraConfig::new(2, 4.0), vb.pp("proj"))?;
+            LoraLinear::new(base(4, 6), &LoraConfig::new(3, 4.0), vb.pp("proj"))
+        },
+    );
     c.err(
         "train_step with an optimizer whose schedule went negative",
         &["lr"],
