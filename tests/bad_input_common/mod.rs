@@ -97,6 +97,7 @@ impl Checker {
 
     /// Fails the test listing every problem found.
     pub fn finish(self) {
+        eprintln!("bad-input cases checked: {}", self.cases);
         assert!(
             self.failures.is_empty(),
             "{} of {} bad-input case(s) failed:\n  - {}",
