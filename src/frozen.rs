@@ -31,18 +31,18 @@ pub struct FrozenLinear {
 
 impl FrozenLinear {
     /// Builds from a weight `(d_out, d_in)` and an optional bias `(d_out,)` of the same
-    /// dtype and device.
+    /// dtype and device. The weight must be a float tensor with `d_out, d_in ≥ 1`.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        let dims = weight.dims();
-        if dims.len() != 2 {
+        let &[d_out, _] = weight.dims() else {
             return Err(Error::ShapeMismatch {
                 layer: "base".to_string(),
                 what: "weight".to_string(),
                 expected: "[d_out, d_in]".to_string(),
-                got: format!("{dims:?}"),
+                got: format!("{:?}", weight.dims()),
             });
-        }
-        let d_out = dims[0];
+        };
+        validate::nonzero_dims("base", "weight", &weight)?;
+        validate::float_dtype("base", "weight", &weight)?;
         if let Some(b) = &bias {
             validate::shape("base", "bias", b, &[d_out])?;
             validate::dtype_device("base", "bias", b, weight.dtype(), weight.device())?;
@@ -87,12 +87,13 @@ impl FrozenLinear {
 
     /// Input features.
     pub fn d_in(&self) -> usize {
-        self.weight.dims()[1]
+        // The weight is 2-D by construction.
+        self.weight.dims().get(1).copied().unwrap_or(0)
     }
 
     /// Output features.
     pub fn d_out(&self) -> usize {
-        self.weight.dims()[0]
+        self.weight.dims().first().copied().unwrap_or(0)
     }
 
     /// The weight's dtype (the layer's dtype).
@@ -141,7 +142,7 @@ impl Module for FrozenLinear {
 /// Views `x` (`[.., d]`) as a matrix `(n, d)`; returns it with the leading dims.
 pub(crate) fn flatten_rows(x: &Tensor) -> candle_core::Result<(Tensor, Vec<usize>)> {
     let dims = x.dims();
-    let lead = dims[..dims.len().saturating_sub(1)].to_vec();
+    let lead = dims.split_last().map_or(&[][..], |(_, lead)| lead).to_vec();
     let d = dims.last().copied().unwrap_or(1);
     let n: usize = lead.iter().product();
     Ok((x.reshape((n, d))?, lead))
@@ -150,6 +151,6 @@ pub(crate) fn flatten_rows(x: &Tensor) -> candle_core::Result<(Tensor, Vec<usize
 /// Inverse of [`flatten_rows`] for an output `(n, d_out)`.
 pub(crate) fn unflatten_rows(y: &Tensor, lead: &[usize]) -> candle_core::Result<Tensor> {
     let mut dims = lead.to_vec();
-    dims.push(y.dims()[1]);
+    dims.push(y.dim(1)?);
     y.reshape(dims)
 }

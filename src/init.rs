@@ -32,6 +32,7 @@ impl SeededRng {
     }
 
     /// `U(lo, hi)` samples as a tensor of `shape` in `dtype` (drawn in f64, then cast).
+    /// Errors on non-finite bounds, `lo > hi`, or a shape too large to allocate.
     pub fn uniform(
         &mut self,
         shape: impl Into<Shape>,
@@ -41,13 +42,22 @@ impl SeededRng {
         device: &Device,
     ) -> Result<Tensor> {
         let shape = shape.into();
+        crate::validate::alloc_size("init", "shape", "random tensor", shape.dims())?;
+        if !(lo.is_finite() && hi.is_finite() && lo <= hi) {
+            return Err(crate::Error::InvalidConfig {
+                layer: "init".to_string(),
+                field: "bounds",
+                reason: format!("U({lo}, {hi}) needs finite bounds with lo ≤ hi"),
+            });
+        }
         let values: Vec<f64> = (0..shape.elem_count())
             .map(|_| lo + (hi - lo) * self.0.random::<f64>())
             .collect();
         to_tensor(values, shape, dtype, device)
     }
 
-    /// `N(mean, std²)` samples as a tensor of `shape` in `dtype`.
+    /// `N(mean, std²)` samples as a tensor of `shape` in `dtype`. Errors on a non-finite
+    /// mean or std, a negative std, or a shape too large to allocate.
     pub fn normal(
         &mut self,
         shape: impl Into<Shape>,
@@ -57,6 +67,14 @@ impl SeededRng {
         device: &Device,
     ) -> Result<Tensor> {
         let shape = shape.into();
+        crate::validate::alloc_size("init", "shape", "random tensor", shape.dims())?;
+        if !(std >= 0.0 && std.is_finite() && mean.is_finite()) {
+            return Err(crate::Error::InvalidConfig {
+                layer: "init".to_string(),
+                field: "std",
+                reason: format!("normal({mean}, {std}) needs a finite mean and std ≥ 0"),
+            });
+        }
         let dist = Normal::new(mean, std).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let values: Vec<f64> = (0..shape.elem_count())
             .map(|_| dist.sample(&mut self.0))

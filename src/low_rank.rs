@@ -44,9 +44,9 @@ pub struct LowRankPair {
 }
 
 impl LowRankPair {
-    /// The rank `r`.
+    /// The rank `r` (A's first dimension; 0 if A is a scalar).
     pub fn rank(&self) -> usize {
-        self.a.tensor().dims()[0]
+        self.a.tensor().dims().first().copied().unwrap_or(0)
     }
 
     /// `B A`, `(d_out, d_in)`, computed in f32 for half-precision factors and returned in

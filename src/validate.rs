@@ -73,6 +73,55 @@ pub(crate) fn dtype_device(
     Ok(())
 }
 
+/// `t` must hold floating-point values (F16, BF16, F32 or F64): layers compute in float.
+pub(crate) fn float_dtype(layer: &str, what: &str, t: &Tensor) -> Result<()> {
+    if !t.dtype().is_float() {
+        return Err(Error::InvalidConfig {
+            layer: layer.to_string(),
+            field: "dtype",
+            reason: format!(
+                "{what} must be a float tensor (F16, BF16, F32 or F64), got {:?}",
+                t.dtype()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// No dimension of `t` may be zero (a layer with no inputs or no outputs is a mistake).
+pub(crate) fn nonzero_dims(layer: &str, what: &str, t: &Tensor) -> Result<()> {
+    if t.dims().contains(&0) {
+        return Err(Error::ShapeMismatch {
+            layer: layer.to_string(),
+            what: what.to_string(),
+            expected: "every dimension ≥ 1".to_string(),
+            got: format!("{:?}", t.dims()),
+        });
+    }
+    Ok(())
+}
+
+/// A fresh tensor of `dims` must be addressable: its element count times 8 bytes (the f64
+/// staging buffer of [`crate::init::SeededRng`]) must fit in `isize::MAX`. Larger requests
+/// (a rank of 2⁶⁰) are mistakes that would otherwise panic on overflow. Sizes that fit but
+/// exceed the machine's memory still fail in the allocator, as any allocation does.
+pub(crate) fn alloc_size(
+    layer: &str,
+    field: &'static str,
+    what: &str,
+    dims: &[usize],
+) -> Result<()> {
+    let bytes = dims.iter().try_fold(8usize, |acc, &d| acc.checked_mul(d));
+    if bytes.is_none_or(|b| b > isize::MAX as usize) {
+        return Err(Error::InvalidConfig {
+            layer: layer.to_string(),
+            field,
+            reason: format!("{what} of shape {dims:?} is too large to allocate"),
+        });
+    }
+    Ok(())
+}
+
 /// `t` must have exactly `dims`.
 pub(crate) fn shape(layer: &str, what: &str, t: &Tensor, dims: &[usize]) -> Result<()> {
     if t.dims() != dims {

@@ -63,6 +63,7 @@ impl<'a, T: Copy> MatRef<'a, T> {
 
     /// Element `(i, j)`; callers keep `i < rows`, `j < cols`.
     #[inline]
+    #[allow(clippy::indexing_slicing)] // hot path; `new` checked every in-range index
     fn at(&self, i: usize, j: usize) -> T {
         self.data[i * self.rs + j * self.cs]
     }
@@ -140,8 +141,8 @@ fn gemm_into<T: WithDType>(
     }
     if k == 0 {
         if !accumulate {
-            for i in 0..m {
-                dst[i * dst_rs..i * dst_rs + n].fill(T::from_f64(0.0));
+            for row in dst.chunks_mut(dst_rs).take(m) {
+                row.iter_mut().take(n).for_each(|v| *v = T::from_f64(0.0));
             }
         }
         return Ok(());
@@ -181,9 +182,11 @@ pub(crate) fn mat_of_layout<'a, T: Copy>(
     l: &Layout,
 ) -> candle_core::Result<MatRef<'a, T>> {
     let (r, c) = l.shape().dims2()?;
-    let st = l.stride();
+    let &[rs, cs] = l.stride() else {
+        candle_core::bail!("fused linear: a 2-D layout without two strides");
+    };
     let data = data.get(l.start_offset()..).unwrap_or(&[]);
-    MatRef::new(data, r, c, st[0], st[1])
+    MatRef::new(data, r, c, rs, cs)
 }
 
 /// An owned or borrowed row-major-ish matrix of a CPU buffer.
@@ -216,7 +219,7 @@ pub(crate) fn as_rows<'a, T: Copy>(
     let Some((&d, lead)) = dims.split_last() else {
         candle_core::bail!("fused linear: input must have rank >= 1");
     };
-    let cs = strides[dims.len() - 1];
+    let cs = strides.last().copied().unwrap_or(1);
     let n: usize = lead.iter().product();
     let data_off = data.get(layout.start_offset()..).unwrap_or(&[]);
     // Leading dims of size > 1, outermost first, with their strides.
@@ -226,7 +229,10 @@ pub(crate) fn as_rows<'a, T: Copy>(
         .filter(|(&s, _)| s > 1)
         .map(|(&s, &st)| (s, st))
         .collect();
-    let mergeable = big.windows(2).all(|w| w[0].1 == w[1].1 * w[1].0);
+    let mergeable = big
+        .iter()
+        .zip(big.iter().skip(1))
+        .all(|(outer, inner)| outer.1 == inner.1 * inner.0);
     if mergeable {
         let rs = big.last().map_or(d.max(1), |&(_, st)| st);
         return Ok(Rows::View(MatRef::new(data_off, n, d, rs, cs)?));
@@ -500,8 +506,10 @@ pub(crate) fn backward<T: WithDType>(p: &Backward<T>) -> candle_core::Result<Gra
         if let Some(c) = &f.row_scale {
             let xa = MatRef::contiguous(xa, n, r)?;
             let dc = row_scale_grad(p, c, xa)?;
-            for (j, v) in dc.into_iter().enumerate() {
-                dbc[j * width + r] = v;
+            for (row, v) in dbc.chunks_mut(width).zip(dc) {
+                if let Some(slot) = row.get_mut(r) {
+                    *slot = v;
+                }
             }
         }
         out.dbc = Some(dbc);

@@ -103,9 +103,44 @@ pub struct FusedLinear<'a> {
 }
 
 impl FusedLinear<'_> {
+    /// Every operand fits `W`'s `(d_out, d_in)`: errors name the operand, whichever path
+    /// runs. Dtypes may differ (each operand is cast to `x`'s compute dtype).
+    fn check_shapes(&self, x: &Tensor) -> Result<()> {
+        const OP: &str = "fused linear";
+        let &[d_out, d_in] = self.weight.dims() else {
+            return Err(crate::Error::ShapeMismatch {
+                layer: OP.to_string(),
+                what: "weight".to_string(),
+                expected: "[d_out, d_in]".to_string(),
+                got: format!("{:?}", self.weight.dims()),
+            });
+        };
+        if x.dims().last() != Some(&d_in) {
+            return Err(crate::Error::ShapeMismatch {
+                layer: OP.to_string(),
+                what: "input".to_string(),
+                expected: format!("[.., {d_in}]"),
+                got: format!("{:?}", x.dims()),
+            });
+        }
+        if let Some(term) = &self.low_rank {
+            let r = term.a.dims().first().copied().unwrap_or(0);
+            crate::validate::shape(OP, "A", term.a, &[r, d_in])?;
+            crate::validate::shape(OP, "B", term.b, &[d_out, r])?;
+        }
+        if let Some(b) = self.bias {
+            crate::validate::shape(OP, "bias", b, &[d_out])?;
+        }
+        if let Some(c) = self.row_scale {
+            crate::validate::shape(OP, "row scale", c, &[d_out])?;
+        }
+        Ok(())
+    }
+
     /// Runs the product on the fastest path available for `x`'s device (see the module
     /// docs): the fused op on the CPU, the composed path elsewhere.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.check_shapes(x)?;
         let compute = compute_dtype(x.dtype(), x.device());
         if x.device().is_cpu() && matches!(compute, DType::F32 | DType::F64) {
             return self.forward_fused(x, false);
@@ -167,6 +202,7 @@ impl FusedLinear<'_> {
     /// The reference: the same product composed from candle ops. Half-precision inputs are
     /// computed in f32 on the CPU and cast back.
     pub fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
+        self.check_shapes(x)?;
         let dtype = x.dtype();
         let compute = compute_dtype(dtype, x.device());
         let cast = |t: &Tensor| t.to_dtype(compute);

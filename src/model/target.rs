@@ -82,7 +82,7 @@ pub fn list_entry_matches(entry: &str, path: &str) -> bool {
     path == entry
         || (path.len() > entry.len()
             && path.ends_with(entry)
-            && path.as_bytes()[path.len() - entry.len() - 1] == b'.')
+            && path.as_bytes().get(path.len() - entry.len() - 1) == Some(&b'.'))
 }
 
 /// Which linear layers of a model get an adapter.

@@ -94,7 +94,7 @@ impl RankAllocatorConfig {
                 format!("must be finite and ≥ 0, got {}", self.orth_reg_weight),
             );
         }
-        if self.tinit + self.tfinal >= self.total_step {
+        if self.tinit.saturating_add(self.tfinal) >= self.total_step {
             return bad(
                 "tinit",
                 format!(
@@ -133,7 +133,7 @@ pub fn budget_schedule(
             mask: false,
         };
     }
-    if step + tfinal > total {
+    if step.saturating_add(tfinal) > total {
         return Budget {
             budget: target_budget,
             mask: true,
@@ -436,7 +436,7 @@ pub fn orthogonality_penalty(layers: &[Shared<AdaLoraLinear>]) -> Result<Tensor>
         let a = l.a().as_tensor().to_dtype(DType::F32)?;
         let b = l.b().as_tensor().to_dtype(DType::F32)?;
         for cov in [a.matmul(&a.t()?)?, b.t()?.matmul(&b)?] {
-            let eye = Tensor::eye(cov.dims()[0], DType::F32, cov.device())?;
+            let eye = Tensor::eye(cov.dim(0)?, DType::F32, cov.device())?;
             terms.push((cov - eye)?.sqr()?.sum_all()?.sqrt()?);
         }
     }

@@ -162,7 +162,17 @@ impl GroupedAdamW {
 
     /// One AdamW step on every variable that has a gradient in `grads`.
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.check_rates()?;
         Ok(self.step_candle(grads)?)
+    }
+
+    /// Every group's current rate is valid: a schedule (`set_lr_factor`,
+    /// `Optimizer::set_learning_rate`) cannot report a bad value itself, so the step does.
+    fn check_rates(&self) -> Result<()> {
+        for group in &self.groups {
+            check_rate(&group.name, "lr", group.lr)?;
+        }
+        check_rate("optimizer", "lr", self.params.lr)
     }
 
     /// The update, with candle_nn's AdamW op order (bit-identical for one group).
@@ -267,7 +277,8 @@ impl GroupedAdamW {
     }
 
     /// A schedule multiplier: every group's rate becomes `factor × its initial rate`
-    /// (PyTorch's `LambdaLR`).
+    /// (PyTorch's `LambdaLR`). A factor that makes a rate negative or non-finite makes the
+    /// next [`step`](Self::step) fail with an error naming the group.
     pub fn set_lr_factor(&mut self, factor: f64) {
         for group in &mut self.groups {
             group.lr = group.initial_lr * factor;
@@ -300,6 +311,7 @@ impl candle_nn::Optimizer for GroupedAdamW {
     }
 
     fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
+        self.check_rates().map_err(candle_core::Error::wrap)?;
         self.step_candle(grads)
     }
 

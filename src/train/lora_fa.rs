@@ -196,6 +196,7 @@ fn lora_fa_parts(layer: &dyn Adapter) -> Result<(&str, &Tensor, &candle_core::Va
 }
 
 /// `(A Aᵀ + δI)⁻¹` computed in f64 on the host, returned in `dtype` on A's device.
+#[allow(clippy::indexing_slicing)] // `m` is r × r and `i, j < r`
 fn ridge_inverse(layer: &str, a: &Tensor, dtype: DType) -> Result<Tensor> {
     let rows = a.to_dtype(DType::F64)?.to_vec2::<f64>()?;
     let r = rows.len();
@@ -216,6 +217,7 @@ fn ridge_inverse(layer: &str, a: &Tensor, dtype: DType) -> Result<Tensor> {
 
 /// Gauss–Jordan inverse with partial pivoting of the row-major `n × n` matrix `m`
 /// (overwritten). `None` when singular or not finite.
+#[allow(clippy::indexing_slicing)] // dense n × n algebra: every index is below n²
 fn invert(m: &mut [f64], n: usize) -> Option<Vec<f64>> {
     let mut inv = vec![0f64; n * n];
     for i in 0..n {

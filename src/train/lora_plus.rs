@@ -126,6 +126,15 @@ impl LoraPlus {
                 reason: format!("must be finite and > 0, got {}", self.ratio),
             });
         }
+        let embedding_lr = self.embedding_lr;
+        if !embedding_lr.is_finite() || embedding_lr < 0.0 {
+            // Checked even when no embedding is trained, so a bad recipe never passes.
+            return Err(Error::InvalidConfig {
+                layer: "LoRA+".to_string(),
+                field: "embedding_lr",
+                reason: format!("must be finite and >= 0, got {embedding_lr}"),
+            });
+        }
         let (lr, wd) = (self.adamw.lr, self.adamw.weight_decay);
         let group = |name: &str, lr: f64, wd: f64| {
             ParamGroup::new(name, vec![])

@@ -136,6 +136,8 @@ impl AdaLoraLinear {
         let name = vb.prefix();
         config.validate(&name)?;
         let (d_in, d_out, r) = (base.d_in(), base.d_out(), config.init_r);
+        validate::alloc_size(&name, "init_r", "lora_A", &[r, d_in])?;
+        validate::alloc_size(&name, "init_r", "lora_B", &[d_out, r])?;
         let (dtype, dev) = (base.dtype(), base.device());
         let mut rng = SeededRng::for_layer(config.seed, &name);
         let a = rng.normal((r, d_in), 0.0, ADALORA_INIT_STD, dtype, dev)?;
@@ -361,9 +363,9 @@ impl AdaLoraLinear {
         if idx.is_empty() {
             let (dt, dev) = (a.dtype(), a.device());
             return Ok((
-                Tensor::zeros((0, a.dims()[1]), dt, dev)?,
+                Tensor::zeros((0, a.dim(1)?), dt, dev)?,
                 Tensor::zeros((0, 1), dt, dev)?,
-                Tensor::zeros((b.dims()[0], 0), dt, dev)?,
+                Tensor::zeros((b.dim(0)?, 0), dt, dev)?,
             ));
         }
         let idx = Tensor::from_vec(idx.clone(), idx.len(), a.device())?;

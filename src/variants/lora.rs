@@ -87,6 +87,8 @@ impl LoraConfig {
     /// A freshly initialized `(A, B)` for a `d_in → d_out` layer, as plain tensors.
     pub fn init_pair(&self, layer: &str, base: &FrozenLinear) -> Result<(Tensor, Tensor)> {
         let (d_in, d_out, r) = (base.d_in(), base.d_out(), self.r);
+        validate::alloc_size(layer, "r", "lora_A", &[r, d_in])?;
+        validate::alloc_size(layer, "r", "lora_B", &[d_out, r])?;
         let (dtype, dev) = (base.dtype(), base.device());
         let mut rng = SeededRng::for_layer(self.seed, layer);
         let a = match self.init {

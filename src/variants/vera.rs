@@ -102,6 +102,8 @@ impl VeraShared {
         device: &Device,
     ) -> Result<Self> {
         validate::rank("vera", r)?;
+        validate::alloc_size("vera", "r", "vera_A", &[r, max_d_in])?;
+        validate::alloc_size("vera", "r", "vera_B", &[max_d_out, r])?;
         let mut rng = SeededRng::new(seed);
         let bound_a = (6.0 / max_d_in.max(1) as f64).sqrt();
         let a = rng.uniform((r, max_d_in), -bound_a, bound_a, dtype, device)?;
@@ -113,8 +115,15 @@ impl VeraShared {
     /// Wraps loaded tensors (`base_model.vera_A`, `base_model.vera_B`). They are detached.
     pub fn from_tensors(a: Tensor, b: Tensor) -> Result<Self> {
         let (ad, bd) = (a.dims(), b.dims());
-        let ok = ad.len() == 2 && bd.len() == 2 && ad[0] == bd[1];
-        if !ok {
+        let (&[r, _], &[_, r_b]) = (ad, bd) else {
+            return Err(Error::ShapeMismatch {
+                layer: "vera".to_string(),
+                what: "shared pair vera_A, vera_B".to_string(),
+                expected: "[r, max_d_in] and [max_d_out, r]".to_string(),
+                got: format!("{ad:?} and {bd:?}"),
+            });
+        };
+        if r != r_b {
             return Err(Error::ShapeMismatch {
                 layer: "vera".to_string(),
                 what: "shared pair vera_A, vera_B".to_string(),
@@ -122,7 +131,7 @@ impl VeraShared {
                 got: format!("{ad:?} and {bd:?}"),
             });
         }
-        validate::rank("vera", ad[0])?;
+        validate::rank("vera", r)?;
         validate::dtype_device("vera", "vera_B", &b, a.dtype(), a.device())?;
         Ok(Self(Arc::new(VeraPair {
             a: a.detach(),
@@ -142,17 +151,18 @@ impl VeraShared {
 
     /// The rank `r`.
     pub fn rank(&self) -> usize {
-        self.0.a.dims()[0]
+        // The pair is 2-D by construction (`from_tensors`).
+        self.0.a.dims().first().copied().unwrap_or(0)
     }
 
     /// The largest input size the pair serves.
     pub fn max_d_in(&self) -> usize {
-        self.0.a.dims()[1]
+        self.0.a.dims().get(1).copied().unwrap_or(0)
     }
 
     /// The largest output size the pair serves.
     pub fn max_d_out(&self) -> usize {
-        self.0.b.dims()[0]
+        self.0.b.dims().first().copied().unwrap_or(0)
     }
 
     /// Whether two handles share one pair.
