@@ -31,17 +31,24 @@
 //!    and vectors;
 //! 7. `lora_drop_shared_pair`: unselected LoRA-drop layers share one pair (one update
 //!    moves both), parameters are counted once, and the shared layers' forward matches
-//!    the reference.
+//!    the reference;
+//! 8. `delta_lora_hook_update`: one training step with the Delta-LoRA hook moves `W` by
+//!    exactly `λ · s · (B'A' − BA)` (f64 reference from the factors before and after).
 //!
-//! 8 × 4 + 3 = 35 properties × [`CASES`] = 24 cases = 840 cases per run.
+//! The fused backward's row-scale gradient recovers the pre-scale output as `(y − b) / c`
+//! from the stored output, so its bound carries an extra `Σ|g| (|y| + |b|) / |c|` term (see
+//! [`row_scale_recovery_bound`]).
+//!
+//! 8 × 4 + 4 = 36 properties × [`CASES`] = 64 cases = 2304 cases per run.
 
 mod props_support;
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::{Optimizer, VarBuilder, VarMap};
 use lorakit::kernels::{FusedLinear, LowRankTerm};
-use lorakit::train::LoraPlus;
-use lorakit::{Adapter, ParamRole};
+use lorakit::train::{train_step, LoraPlus};
+use lorakit::variants::delta_lora::{delta_lora_linear, DeltaLoraHook, DeltaLoraUpdate};
+use lorakit::{Adapter, LoraConfig, LoraInit, LoraLinear, ParamRole, Shared};
 use props_support::*;
 use proptest::prelude::*;
 
@@ -286,8 +293,53 @@ fn lora_drop_shared_pair(case: &Case) -> PResult {
     Ok(())
 }
 
+/// Delta-LoRA: after one SGD step with the hook, `W₁ = W₀ + λ · s · (B₁A₁ − B₀A₀)`.
+fn delta_lora_hook_update(case: &Case, lambda: f64) -> PResult {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let cfg = LoraConfig {
+        init: LoraInit::BothRandom,
+        ..case.lora_config()
+    };
+    let base = case.base().or_fail()?;
+    let layer = Shared::new(delta_lora_linear(base, &cfg, vb.pp("layer")).or_fail()?);
+    let snapshot = |l: &LoraLinear| -> lorakit::Result<(Tensor, Tensor, Tensor)> {
+        let f = |t: &Tensor| t.to_dtype(DType::F64);
+        let p = l.pair();
+        Ok((f(l.base().weight())?, f(p.a.tensor())?, f(p.b.tensor())?))
+    };
+    let (w0, a0, b0) = snapshot(&layer.read()).or_fail()?;
+    let mut hook =
+        DeltaLoraHook::new([layer.clone()], DeltaLoraUpdate::new(lambda, 0)).or_fail()?;
+    let mut opt = <candle_nn::SGD as Optimizer>::new(varmap.all_vars(), 0.1).or_fail()?;
+    let x = case.input().or_fail()?;
+    let loss = layer
+        .read()
+        .forward_t(&x, true)
+        .or_fail()?
+        .sqr()
+        .or_fail()?;
+    let loss = loss.mean_all().or_fail()?;
+    train_step(&loss, &mut opt, &mut [&mut hook], 1).or_fail()?;
+    let (w1, a1, b1) = snapshot(&layer.read()).or_fail()?;
+    let ls = lambda * cfg.scale();
+    let prod = |b: &Tensor, a: &Tensor| b.matmul(a);
+    let step = (prod(&b1, &a1).or_fail()? - prod(&b0, &a0).or_fail()?).or_fail()?;
+    let want = (&w0 + (step * ls).or_fail()?).or_fail()?;
+    let abs = |b: &Tensor, a: &Tensor| prod(&b.abs()?, &a.abs()?);
+    let terms = (abs(&b1, &a1).or_fail()? + abs(&b0, &a0).or_fail()?).or_fail()?;
+    let bound = (w0.abs().or_fail()? + (terms * ls.abs()).or_fail()?).or_fail()?;
+    assert_within("W after a Delta-LoRA step", &w1, &want, &bound, k_for(case))?;
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+    #[test]
+    fn delta_lora_hook_update_is_exact(case in cases(), lambda in -2.0f64..4.0) {
+        delta_lora_hook_update(&case, lambda)?;
+    }
 
     #[test]
     fn fused_op_equals_composed(case in cases(), low_rank in any::<bool>(), row_scale in any::<bool>()) {
