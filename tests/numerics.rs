@@ -372,3 +372,58 @@ fn half_precision_layers_match_f32_within_format_tolerance() -> R {
     }
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------
+// 4. Regression: the row scale's gradient with a bias and a tiny row scale.
+
+/// DoRA with a bias of 1 and a magnitude of `1e-9` on row 0 (`c₀ ≈ 1e-9`): in f32 the
+/// output of that row rounds to the bias alone, so a backward that recovers the pre-scale
+/// output as `(y − b) / c` gets 0 for it and a zero magnitude gradient (the row could never
+/// grow back). The gradient of `m` must match `Σ_i g_ij u_ij / n_j` computed in f64.
+#[test]
+fn dora_magnitude_gradient_is_accurate_with_bias_and_tiny_magnitude() -> R {
+    let c = case(6, 5, 2, 17);
+    let dev = Device::Cpu;
+    let base = c.base()?;
+    let bias = Tensor::ones(c.d_out, DType::F32, &dev)?;
+    let base = FrozenLinear::new(base.weight().clone(), Some(bias))?;
+    let varmap = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+    let layer = DoraLinear::new(base, &c.lora_config(), vb.pp("tiny"))?;
+    randomize(&layer, 2)?;
+    let m = layer.magnitude();
+    let mut mv = m.as_tensor().to_vec1::<f32>()?;
+    mv[0] = 1e-9;
+    m.set(&Tensor::new(mv, &dev)?)?;
+    let x = c.input()?;
+    let g = c
+        .rng(4)
+        .uniform(vec![2, 3, c.d_out], -1.0, 1.0, DType::F32, &dev)?;
+    for train in [false, true] {
+        let y = layer.forward_t(&x, train)?;
+        let grads = (&y * &g)?.sum_all()?.backward()?;
+        let got = grads
+            .get(m.as_tensor())
+            .ok_or_else(|| candle_core::Error::Msg("no gradient for m".into()))?;
+        // Reference in f64: u = x (W + s·BA)ᵀ, dL/dm_j = Σ_i g_ij u_ij / n_j.
+        let p = parts(&layer)?;
+        let sum = (&p.w + (p.b_eff.matmul(&p.a_eff)? * p.scale)?)?;
+        let n = row_norms(&sum)?;
+        let x2 = flatten(&x)?.to_dtype(DType::F64)?;
+        let u = x2.matmul(&sum.t()?)?;
+        let g2 = flatten(&g)?.to_dtype(DType::F64)?;
+        let want = ((g2 * u)?.sum(0)? / n)?;
+        let err = rel_max(got, &want)?;
+        assert!(
+            err <= 1e-4,
+            "train = {train}: magnitude gradient off by {err:e} (relative)"
+        );
+        let got0 = f64s(got)?[0];
+        let want0 = f64s(&want)?[0];
+        assert!(
+            (got0 - want0).abs() <= 1e-4 * want0.abs(),
+            "row 0: got {got0}, want {want0}"
+        );
+    }
+    Ok(())
+}
