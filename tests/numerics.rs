@@ -11,7 +11,7 @@
 //!    print the drift. Measured (f32, max |W| = 1): LoRA 2.4e-7 with |ΔW| ≤ 6.3 and 6.0e-8
 //!    with |ΔW| ≤ 0.06; DoRA 6.0e-7 / 1.2e-7; VeRA 6.0e-8 / 6.0e-8 — at most 1.2 ε·(|W| +
 //!    |ΔW|) elementwise, reached within 10 cycles and unchanged up to 1000.
-//! 2. **DoRA on degenerate rows** (f32 and f64): rows of `W` that are zero, scaled by
+//! 2. **DoRA on degenerate rows** (f32, f64, f16, bf16): rows of `W` that are zero, scaled by
 //!    `1e-30` and `1e-20` (their squared norms underflow or are subnormal in f32), a row
 //!    where `W + s·BA` cancels to rounding, a row where both `W` and `B` are zero, and a
 //!    zero magnitude. Forward (2-D and 3-D, evaluation and training), gradients of `m`, `A`,
@@ -212,10 +212,9 @@ fn check_degenerate_dora(dtype: DType) -> R {
     let restored = layer.base().weight();
     assert!(all_finite(restored)?, "{dtype:?}: unmerged weight");
     let diff = max_abs(&(restored.to_dtype(DType::F64)? - w.to_dtype(DType::F64)?)?)?;
-    let eps = if dtype == DType::F64 {
-        f64::EPSILON
-    } else {
-        EPS
+    let eps = match dtype {
+        DType::F64 => f64::EPSILON,
+        d => 2.0 * unit_roundoff(d),
     };
     // |W| ≤ 1, |s·BA| ≤ 2·2 = 4 elementwise; a few roundings of each.
     assert!(
@@ -233,6 +232,12 @@ fn dora_zero_and_tiny_norm_rows_stay_finite_f32() -> R {
 #[test]
 fn dora_zero_and_tiny_norm_rows_stay_finite_f64() -> R {
     check_degenerate_dora(DType::F64)
+}
+
+#[test]
+fn dora_zero_and_tiny_norm_rows_stay_finite_f16_bf16() -> R {
+    check_degenerate_dora(DType::F16)?;
+    check_degenerate_dora(DType::BF16)
 }
 
 /// With the default init (`m = ‖W‖_row`) on degenerate rows, the layer still equals its
