@@ -24,8 +24,8 @@
 //! Plus three cross-cutting properties:
 //!
 //! 5. `fused_op_equals_composed`: `FusedLinear::forward` vs `forward_composed` (with and
-//!    without low-rank term, row scale, bias), forward and the gradients of `x`, `A`, `B`
-//!    and the row scale;
+//!    without low-rank term, row scale, bias; f32 or f64), forward and the gradients of
+//!    `x`, `A`, `B` and the row scale;
 //! 6. `lora_plus_groups`: over layers of all eight variants, every trainable variable lands
 //!    in exactly one LoRA+ group, at `lr` for `A` factors and `lr × ratio` for `B` factors
 //!    and vectors;
@@ -77,10 +77,11 @@ struct KernelInputs {
 }
 
 impl KernelInputs {
-    fn new(case: &Case, low_rank: bool, row_scale: bool) -> lorakit::Result<Self> {
+    /// Random inputs of `case`'s shapes in `dtype` (f32 or f64).
+    fn new(case: &Case, low_rank: bool, row_scale: bool, dtype: DType) -> lorakit::Result<Self> {
         let base = case.base()?;
         let mut rng = case.rng(7);
-        let mut u = |shape: Vec<usize>| rng.uniform(shape, -1.0, 1.0, DType::F32, &Device::Cpu);
+        let mut u = |shape: Vec<usize>| rng.uniform(shape, -1.0, 1.0, dtype, &Device::Cpu);
         let (a, b, c) = (
             u(vec![case.r, case.d_in])?,
             u(vec![case.d_out, case.r])?,
@@ -89,12 +90,12 @@ impl KernelInputs {
         let mut out = case.lead.clone();
         out.push(case.d_out);
         Ok(Self {
-            w: base.weight().clone(),
-            bias: base.bias().cloned(),
+            w: base.weight().to_dtype(dtype)?,
+            bias: base.bias().map(|b| b.to_dtype(dtype)).transpose()?,
             a: Var::from_tensor(&a)?,
             b: Var::from_tensor(&b)?,
             c: Var::from_tensor(&c)?,
-            x: Var::from_tensor(&case.input()?)?,
+            x: Var::from_tensor(&case.input()?.to_dtype(dtype)?)?,
             g: u(out)?,
             scale: case.alpha / case.r as f64,
             low_rank,
@@ -155,12 +156,16 @@ impl KernelInputs {
     }
 }
 
-fn fused_op_case(case: &Case, low_rank: bool, row_scale: bool) -> PResult {
-    let inputs = KernelInputs::new(case, low_rank, row_scale).or_fail()?;
+fn fused_op_case(case: &Case, low_rank: bool, row_scale: bool, f64_op: bool) -> PResult {
+    let dtype = if f64_op { DType::F64 } else { DType::F32 };
+    let inputs = KernelInputs::new(case, low_rank, row_scale, dtype).or_fail()?;
     let (y_fused, g_fused) = inputs.run(true).or_fail()?;
     let (y_comp, g_comp) = inputs.run(false).or_fail()?;
     let (y_abs, g_abs) = inputs.abs_f64().or_fail()?.run(false).or_fail()?;
-    let k = k_for(case);
+    // k counts units of ε_f32; rescale for f64.
+    let unit = if f64_op { f64::EPSILON / EPS } else { 1.0 };
+    let k = k_for(case) * unit;
+    prop_assert_eq!(y_fused.dtype(), dtype);
     let y_comp = y_comp.to_dtype(DType::F64).or_fail()?;
     assert_within("fused vs composed forward", &y_fused, &y_comp, &y_abs, k)?;
     let names = ["dx", "dA", "dB", "dc"];
@@ -319,8 +324,13 @@ proptest! {
     }
 
     #[test]
-    fn fused_op_equals_composed(case in cases(), low_rank in any::<bool>(), row_scale in any::<bool>()) {
-        fused_op_case(&case, low_rank, row_scale)?;
+    fn fused_op_equals_composed(
+        case in cases(),
+        low_rank in any::<bool>(),
+        row_scale in any::<bool>(),
+        f64_op in any::<bool>(),
+    ) {
+        fused_op_case(&case, low_rank, row_scale, f64_op)?;
     }
 
     #[test]
