@@ -29,7 +29,8 @@ pub enum Selection {
 }
 
 /// LoRA-drop's settings. Defaults: 10% of the data, 100 stage-1 steps, threshold 0.9,
-/// seed 0. The paper samples with stratification by label; this sample is uniform.
+/// seed 0. [`crate::LoraDrop::stage1`] draws a uniform sample;
+/// [`crate::LoraDrop::stage1_stratified`] the paper's sample stratified by label.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoraDropConfig {
     /// Stage-1 sample.
@@ -64,6 +65,71 @@ fn invalid(field: &'static str, reason: String) -> Error {
 
 /// A deterministic sample of `size` example indices out of `0..n` (seeded shuffle), sorted.
 pub fn sample_indices(n: usize, size: SampleSize, seed: u64) -> Result<Vec<usize>> {
+    let count = sample_count(n, size)?;
+    let mut idx: Vec<usize> = (0..n).collect();
+    idx.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+    idx.truncate(count);
+    idx.sort_unstable();
+    Ok(idx)
+}
+
+/// The paper's stratified sample: `size` example indices out of `0..labels.len()` such
+/// that every label keeps its share of the data. Each label gets `count · n_label / n`
+/// examples, rounded by largest remainder (ties to the smaller label) so the counts add up
+/// to exactly the size [`sample_indices`] would draw; within a label the examples are a
+/// seeded shuffle. Deterministic for a seed; sorted.
+///
+/// ```
+/// use lorakit::train::lora_drop::{stratified_sample_indices, SampleSize};
+/// // 8 examples of label 0, 2 of label 1: a 50% sample keeps 4 and 1.
+/// let labels = [0, 0, 1, 0, 0, 0, 1, 0, 0, 0];
+/// let sample = stratified_sample_indices(&labels, SampleSize::Fraction(0.5), 7)?;
+/// assert_eq!(sample.len(), 5);
+/// assert_eq!(sample.iter().filter(|&&i| labels[i] == 1).count(), 1);
+/// # Ok::<(), lorakit::Error>(())
+/// ```
+pub fn stratified_sample_indices<L: Ord>(
+    labels: &[L],
+    size: SampleSize,
+    seed: u64,
+) -> Result<Vec<usize>> {
+    let n = labels.len();
+    let count = sample_count(n, size)?;
+    let mut classes: std::collections::BTreeMap<&L, Vec<usize>> = Default::default();
+    for (i, label) in labels.iter().enumerate() {
+        classes.entry(label).or_default().push(i);
+    }
+    // Largest-remainder quotas: floor(count · n_c / n), then +1 for the largest remainders.
+    let mut quotas: Vec<(usize, usize)> = classes
+        .values()
+        .map(|members| {
+            let exact = count * members.len();
+            (exact / n, exact % n)
+        })
+        .collect();
+    let short = count - quotas.iter().map(|q| q.0).sum::<usize>();
+    let mut by_remainder: Vec<usize> = (0..quotas.len()).collect();
+    by_remainder.sort_by(|&a, &b| {
+        let rem = |i: usize| quotas.get(i).map_or(0, |q| q.1);
+        rem(b).cmp(&rem(a)).then(a.cmp(&b))
+    });
+    for i in by_remainder.into_iter().take(short) {
+        if let Some(q) = quotas.get_mut(i) {
+            q.0 += 1;
+        }
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut sample = Vec::with_capacity(count);
+    for (mut members, (quota, _)) in classes.into_values().zip(quotas) {
+        members.shuffle(&mut rng);
+        sample.extend(members.into_iter().take(quota));
+    }
+    sample.sort_unstable();
+    Ok(sample)
+}
+
+/// How many of `n` examples `size` asks for (at least one), or an error naming the bad size.
+fn sample_count(n: usize, size: SampleSize) -> Result<usize> {
     if n == 0 {
         return Err(invalid("sample", "the training data is empty".into()));
     }
@@ -83,11 +149,7 @@ pub fn sample_indices(n: usize, size: SampleSize, seed: u64) -> Result<Vec<usize
             ))
         }
     };
-    let mut idx: Vec<usize> = (0..n).collect();
-    idx.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
-    idx.truncate(count);
-    idx.sort_unstable();
-    Ok(idx)
+    Ok(count)
 }
 
 /// `I_i = g_i / Σ_j g_j`; all-zero (or empty) scores give a uniform importance.

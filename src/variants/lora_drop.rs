@@ -23,7 +23,7 @@ use crate::kernels::low_rank_only;
 use crate::low_rank::{trainable_var, Factor, LowRankPair};
 use crate::shared::Shared;
 use crate::train::lora_drop::{
-    normalize_importance, sample_indices, select_layers, LoraDropConfig,
+    normalize_importance, sample_indices, select_layers, stratified_sample_indices, LoraDropConfig,
 };
 use crate::variants::lora::{LoraConfig, LoraLinear};
 
@@ -196,20 +196,44 @@ impl LoraDrop {
             .collect())
     }
 
-    /// Stage 1: draws the sample of `n_examples` from `config`, calls `train(step, sample)`
-    /// for steps `1..=config.stage1_steps`, then calibrates with `forward(sample)`.
+    /// Stage 1: draws a uniform sample of `n_examples` from `config`, calls
+    /// `train(step, sample)` for steps `1..=config.stage1_steps`, then calibrates with
+    /// `forward(sample)`.
     pub fn stage1(
         &self,
         config: &LoraDropConfig,
         n_examples: usize,
-        mut train: impl FnMut(usize, &[usize]) -> Result<()>,
+        train: impl FnMut(usize, &[usize]) -> Result<()>,
         forward: impl FnOnce(&[usize]) -> Result<()>,
     ) -> Result<Vec<LayerImportance>> {
         let sample = sample_indices(n_examples, config.sample, config.seed)?;
+        self.run_stage1(config, &sample, train, forward)
+    }
+
+    /// Stage 1 on the paper's sample, stratified by `labels` (one per training example;
+    /// see [`stratified_sample_indices`]); otherwise as [`LoraDrop::stage1`].
+    pub fn stage1_stratified<L: Ord>(
+        &self,
+        config: &LoraDropConfig,
+        labels: &[L],
+        train: impl FnMut(usize, &[usize]) -> Result<()>,
+        forward: impl FnOnce(&[usize]) -> Result<()>,
+    ) -> Result<Vec<LayerImportance>> {
+        let sample = stratified_sample_indices(labels, config.sample, config.seed)?;
+        self.run_stage1(config, &sample, train, forward)
+    }
+
+    fn run_stage1(
+        &self,
+        config: &LoraDropConfig,
+        sample: &[usize],
+        mut train: impl FnMut(usize, &[usize]) -> Result<()>,
+        forward: impl FnOnce(&[usize]) -> Result<()>,
+    ) -> Result<Vec<LayerImportance>> {
         for step in 1..=config.stage1_steps {
-            train(step, &sample)?;
+            train(step, sample)?;
         }
-        self.calibrate(|| forward(&sample))
+        self.calibrate(|| forward(sample))
     }
 
     /// Stage 2's switch: keeps the layers `selection` picks from `importance` (as returned
