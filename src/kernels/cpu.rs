@@ -4,8 +4,10 @@
 
 use candle_core::{CpuStorage, Layout, Shape, Storage, Tensor, WithDType};
 
+mod in_place;
 mod scaled;
 
+pub(crate) use in_place::AddProduct;
 pub(crate) use scaled::{scaled_backward, scaled_forward, ScaledForward, ScaledSaved};
 
 /// A read-only strided matrix view: element `(i, j)` is `data[i * rs + j * cs]`.

@@ -244,6 +244,20 @@ pub fn low_rank_only(x: &Tensor, term: &LowRankTerm) -> Result<Tensor> {
     Ok(unflatten_rows(&low.to_dtype(dtype)?, &lead)?)
 }
 
+/// `w += u · v` in `w`'s own storage when the CPU kernel can (a contiguous f32/f64 `w` on
+/// the CPU with `u`, `v` of its dtype): returns `Ok(true)` then, `Ok(false)` without
+/// touching `w` otherwise (the caller computes a new tensor instead). Every tensor sharing
+/// `w`'s storage sees the change: callers own `w`.
+pub(crate) fn add_product_in_place(w: &Tensor, u: &Tensor, v: &Tensor) -> Result<bool> {
+    let same_dtype = u.dtype() == w.dtype() && v.dtype() == w.dtype();
+    let cpu = w.device().is_cpu() && u.device().is_cpu() && v.device().is_cpu();
+    if !(cpu && same_dtype && w.is_contiguous() && matches!(w.dtype(), DType::F32 | DType::F64)) {
+        return Ok(false);
+    }
+    w.inplace_op3(u, v, &cpu::AddProduct)?;
+    Ok(true)
+}
+
 /// The dtype arithmetic runs in: f32 for f16/bf16 on the CPU (candle's CPU matmul has no
 /// half-precision kernel), the tensor's own dtype otherwise.
 pub fn compute_dtype(dtype: DType, device: &Device) -> DType {

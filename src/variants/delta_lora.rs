@@ -11,9 +11,16 @@
 //! The layer is a [`LoraLinear`] of kind [`AdapterKind::DeltaLora`] (built by
 //! [`delta_lora_linear`] or [`into_delta_lora`]); `W` stays a constant (no `Var`, no
 //! gradient, no optimizer state) that [`DeltaLoraHook`] rewrites after each step with one
-//! rank-`2r` product `[λs·B', −λs·B] · [A'; A]` (`(d_out × 2r)(2r × d_in)`). The hook
-//! replaces the layer's weight tensor instead of writing into its storage, because that
-//! storage may be shared with the caller's model (e.g. a `candle_nn::Linear`).
+//! rank-`2r` product `[λs·B', −λs·B] · [A'; A]` (`(d_out × 2r)(2r × d_in)`).
+//!
+//! The weight's storage may be shared with the caller's model (e.g. a `candle_nn::Linear`),
+//! so the hook's first update of a layer builds a new weight tensor, private to the layer.
+//! Later updates add the product into that tensor's storage in place (CPU, contiguous f32 or
+//! f64: one GEMM, no `d_out × d_in` temporary); other devices and dtypes build a new tensor
+//! each step. So a handle taken from `base().weight()` (or `tensors_to_save`) after the
+//! first update sees later updates: `.copy()` it to keep a snapshot. If anything else
+//! replaces the weight (e.g. [`restore_base_weight`]), the next update makes a private copy
+//! again rather than writing into the caller's tensor.
 //!
 //! Paper settings: λ = 2, K = 500 for GPT-2 Medium (E2E);
 //! λ = 0.5 for the other models (BART-Large, RoBERTa). Dropout is removed because it breaks
@@ -25,13 +32,13 @@
 //! it back with [`restore_base_weight`]. Keep `W` in f32 or wider: a bf16 weight rounds
 //! away updates smaller than its precision.
 
-use candle_core::{Tensor, D};
+use candle_core::{Tensor, TensorId, D};
 use candle_nn::VarBuilder;
 
 use crate::adapter::{Adapter, AdapterKind};
 use crate::error::{Error, Result};
 use crate::frozen::FrozenLinear;
-use crate::kernels::compute_dtype;
+use crate::kernels::{add_product_in_place, compute_dtype};
 use crate::shared::Shared;
 use crate::train::hooks::StepHook;
 use crate::variants::lora::{LoraConfig, LoraLinear};
@@ -169,6 +176,9 @@ pub struct DeltaLoraHook {
     update: DeltaLoraUpdate,
     /// Copies of `(A, B)` taken before the current step, per layer.
     previous: Vec<Option<(Tensor, Tensor)>>,
+    /// Per layer, the id of the weight tensor this hook created (and so may update in
+    /// place); a weight replaced by anyone else gets a fresh private copy first.
+    private_weights: Vec<Option<TensorId>>,
 }
 
 impl std::fmt::Debug for DeltaLoraHook {
@@ -207,10 +217,12 @@ impl DeltaLoraHook {
             as_delta_lora(&*layer.read())?;
         }
         let previous = vec![None; layers.len()];
+        let private_weights = vec![None; layers.len()];
         Ok(Self {
             layers,
             update,
             previous,
+            private_weights,
         })
     }
 
@@ -259,7 +271,11 @@ impl StepHook for DeltaLoraHook {
             return Ok(());
         }
         let lambda = self.update.lambda;
-        for (layer, slot) in self.layers.iter().zip(self.previous.iter_mut()) {
+        let slots = self
+            .previous
+            .iter_mut()
+            .zip(self.private_weights.iter_mut());
+        for (layer, (slot, private)) in self.layers.iter().zip(slots) {
             let mut guard = layer.write();
             let name = guard.name().to_string();
             let (a_old, b_old) = slot.take().ok_or_else(|| Error::InvalidConfig {
@@ -289,8 +305,12 @@ impl StepHook for DeltaLoraHook {
                 D::Minus1,
             )?;
             let v = Tensor::cat(&[c(pair.a.tensor())?, c(&a_old)?], 0)?;
+            if *private == Some(w.id()) && add_product_in_place(w, &u, &v)? {
+                continue;
+            }
             let updated = (c(w)? + u.matmul(&v)?)?.to_dtype(w.dtype())?;
             lora.core_mut().replace_weight(updated)?;
+            *private = Some(lora.base().weight().id());
         }
         Ok(())
     }
