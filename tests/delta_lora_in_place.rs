@@ -3,8 +3,11 @@
 //! a weight restored by the caller gets a private copy before the next update, and the
 //! in-place result equals the allocating one (checked against f64 on copies).
 
-use candle_core::{DType, Device, Tensor};
+mod common;
+
+use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
+use common::flat as values;
 use lorakit::init::SeededRng;
 use lorakit::train::train_step;
 use lorakit::variants::delta_lora::{
@@ -13,15 +16,6 @@ use lorakit::variants::delta_lora::{
 use lorakit::{Adapter, FrozenLinear, LoraConfig, LoraInit, LoraLinear, Shared};
 
 const DEV: Device = Device::Cpu;
-
-fn values(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
 
 fn step(
     layer: &Shared<LoraLinear>,
