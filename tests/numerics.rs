@@ -15,8 +15,9 @@
 //!    `1e-30` and `1e-20` (their squared norms underflow or are subnormal in f32), a row
 //!    where `W + s·BA` cancels to rounding, a row where both `W` and `B` are zero, and a
 //!    zero magnitude. Forward (2-D and 3-D, evaluation and training), gradients of `m`, `A`,
-//!    `B` and `x`, merge (safe), the merged forward and unmerge all stay finite, and
-//!    unmerge gives back `W`.
+//!    `B` and `x` (not in f16: `c = m / 1e-4` on a near-zero-norm row can push them past
+//!    65504), merge (safe), the merged forward and unmerge all stay finite, and unmerge
+//!    gives back `W`. Inputs are seeded.
 //! 3. **Half precision.** LoRA, DoRA and VeRA layers converted to f16 / bf16 (base,
 //!    factors, vectors, input) against the f32 layer they were converted from. The error
 //!    sources are the roundings of `x`, `W`, the factors, the vectors and the output (unit
@@ -178,8 +179,12 @@ fn degenerate_dora(dtype: DType) -> lorakit::Result<(DoraLinear, Tensor)> {
 fn check_degenerate_dora(dtype: DType) -> R {
     let (mut layer, w) = degenerate_dora(dtype)?;
     let dev = Device::Cpu;
+    let mut rng = lorakit::init::SeededRng::new(31);
     for shape in [vec![4, 5], vec![2, 3, 5]] {
-        let x = Var::from_tensor(&Tensor::randn(0.0, 1.0, shape, &dev)?.to_dtype(dtype)?)?;
+        let x = rng
+            .normal(shape, 0.0, 1.0, DType::F32, &dev)?
+            .to_dtype(dtype)?;
+        let x = Var::from_tensor(&x)?;
         for train in [false, true] {
             let y = layer.forward_t(x.as_tensor(), train)?;
             assert!(all_finite(&y)?, "{dtype:?} forward (train = {train})");
@@ -193,8 +198,13 @@ fn check_degenerate_dora(dtype: DType) -> R {
                 named.push(("x".into(), g.clone()));
             }
             assert_eq!(named.len(), 4, "{dtype:?}: gradients of m, A, B, x");
-            for (name, g) in named {
-                assert!(all_finite(&g)?, "{dtype:?}: gradient of {name} not finite");
+            // f16 gradients are exempt: a near-zero-norm row has c = m / 1e-4 (up to
+            // 1.5e4 here), and c·g·B·x can exceed f16's 65504, as in any f16 training
+            // without loss scaling. Documented in the README's reliability section.
+            if dtype != DType::F16 {
+                for (name, g) in named {
+                    assert!(all_finite(&g)?, "{dtype:?}: gradient of {name} not finite");
+                }
             }
         }
     }
@@ -203,7 +213,9 @@ fn check_degenerate_dora(dtype: DType) -> R {
         all_finite(layer.base().weight())?,
         "{dtype:?}: merged weight"
     );
-    let x = Tensor::randn(0.0, 1.0, (3, 5), &dev)?.to_dtype(dtype)?;
+    let x = rng
+        .normal((3, 5), 0.0, 1.0, DType::F32, &dev)?
+        .to_dtype(dtype)?;
     assert!(
         all_finite(&layer.forward_t(&x, false)?)?,
         "{dtype:?}: merged forward"
@@ -250,7 +262,7 @@ fn dora_default_init_on_tiny_rows_is_finite_and_near_identity() -> R {
     let base = FrozenLinear::new(w, None)?;
     drop(layer);
     let fresh = DoraLinear::new(base.clone(), &LoraConfig::new(2, 2.0), vb.pp("fresh"))?;
-    let x = Tensor::randn(0f32, 1.0, (4, 5), &Device::Cpu)?;
+    let x = lorakit::init::SeededRng::new(32).normal((4, 5), 0.0, 1.0, DType::F32, &Device::Cpu)?;
     let y = fresh.forward_t(&x, false)?;
     assert!(all_finite(&y)?);
     let want = candle_core::Module::forward(&base, &x)?;

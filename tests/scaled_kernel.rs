@@ -143,6 +143,12 @@ fn all_cases() -> Vec<Case> {
             broadcast_grad: true,
             ..case(&[2, 4], 5, 10, 6)
         },
+        // ≥ 16 rows and ≥ 128 columns: x A_sᵀ and (·) B_sᵀ by transposed chunks.
+        Case {
+            sliced: true,
+            bias: true,
+            ..case(&[20], 40, 130, 140)
+        },
     ]
 }
 

@@ -4,6 +4,7 @@
 
 use candle_core::{CpuStorage, Layout, Shape, Storage, Tensor, WithDType};
 
+mod col_major;
 mod in_place;
 mod scaled;
 
@@ -148,6 +149,9 @@ fn gemm_into<T: WithDType>(
             }
         }
         return Ok(());
+    }
+    if let Some(done) = col_major::reroute(dst, dst_rs, lhs, rhs, accumulate, beta) {
+        return done;
     }
     // SAFETY: every view was bounds-checked (`MatRef::new`, the check above), `dst` is a
     // unique borrow, and gemm reads/writes only the `m × n`, `m × k`, `k × n` elements the
