@@ -13,8 +13,9 @@ pub struct Shape {
     pub r: usize,
 }
 
-/// The shapes of the issue: n = 512 with d = 1024, 2048, and n = 1 with d = 2048; r = 16.
-pub const SHAPES: [Shape; 3] = [
+/// The shapes of the issue: n = 512 with d = 1024, 2048, and n = 1 with d = 2048; r = 16;
+/// plus a small batch, n = 16 with d = 2048.
+pub const SHAPES: [Shape; 4] = [
     Shape {
         n: 512,
         d: 1024,
@@ -22,6 +23,11 @@ pub const SHAPES: [Shape; 3] = [
     },
     Shape {
         n: 512,
+        d: 2048,
+        r: 16,
+    },
+    Shape {
+        n: 16,
         d: 2048,
         r: 16,
     },
