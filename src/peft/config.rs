@@ -92,6 +92,23 @@ pub struct PeftConfig {
     pub raw: Map<String, Value>,
 }
 
+/// The largest rank (`r`, `init_r`, a `rank_pattern` value) accepted from a config: a
+/// corrupted or hostile file must not make a layer allocate `r × d` values without bound
+/// (PEFT's ranks are in the tens to low thousands).
+pub const MAX_RANK: usize = 1 << 16;
+
+/// `r` must be in `1..=MAX_RANK` (PEFT rejects `r <= 0` too).
+fn check_rank(r: usize, field: &'static str, what: &str, p: &Path) -> Result<()> {
+    if r == 0 || r > MAX_RANK {
+        return Err(config_error(
+            p,
+            field,
+            format!("{what}must be between 1 and {MAX_RANK}, got {r}"),
+        ));
+    }
+    Ok(())
+}
+
 fn config_error(path: &Path, field: &'static str, reason: impl Into<String>) -> Error {
     Error::InvalidConfig {
         layer: path.display().to_string(),
@@ -273,10 +290,12 @@ impl PeftConfig {
             PeftType::Vera => (256, "vera_dropout"),
             PeftType::AdaLora => (12, "lora_dropout"),
         };
-        let r = match peft_type {
-            PeftType::AdaLora => get_usize(&raw, "init_r", default_r, p)?,
-            _ => get_usize(&raw, "r", default_r, p)?,
+        let r_key = match peft_type {
+            PeftType::AdaLora => "init_r",
+            _ => "r",
         };
+        let r = get_usize(&raw, r_key, default_r, p)?;
+        check_rank(r, r_key, "", p)?;
         let mut ranks = RankAlpha::new(r, get_f64(&raw, "lora_alpha", 8.0, p)?);
         let mut adalora_ranks = Vec::new();
         match peft_type {
@@ -284,6 +303,9 @@ impl PeftConfig {
                 ranks.rank_pattern =
                     pattern(&raw, "rank_pattern", p, |v| v.as_u64().map(|n| n as usize))?;
                 ranks.alpha_pattern = pattern(&raw, "alpha_pattern", p, Value::as_f64)?;
+                for (k, &n) in ranks.rank_pattern.pairs() {
+                    check_rank(n, "rank_pattern", &format!("`{k}`: "), p)?;
+                }
             }
             PeftType::AdaLora => {
                 if let Some(Value::Object(o)) = raw.get("rank_pattern") {

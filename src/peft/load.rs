@@ -78,6 +78,38 @@ impl PeftAdapter {
         ))
     }
 
+    /// An adapter from the contents of its two files, already in memory: the text of
+    /// `adapter_config.json` and the bytes of `adapter_model.safetensors` (errors name the
+    /// files by these default names). Every declared tensor is checked against the bytes
+    /// before anything is allocated.
+    ///
+    /// ```
+    /// use candle_core::Device;
+    /// use lorakit::peft::PeftAdapter;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let config = r#"{"peft_type": "LORA", "r": 1, "lora_alpha": 2, "target_modules": ["fc"]}"#;
+    /// // A safetensors file with one F32 tensor of shape [1, 2].
+    /// let header = r#"{"base_model.model.fc.lora_A.weight":{"dtype":"F32","shape":[1,2],"data_offsets":[0,8]}}"#;
+    /// let mut weights = (header.len() as u64).to_le_bytes().to_vec();
+    /// weights.extend_from_slice(header.as_bytes());
+    /// weights.extend_from_slice(&[0u8; 8]);
+    /// let adapter = PeftAdapter::from_bytes(config, &weights, &Device::Cpu)?;
+    /// assert_eq!(adapter.module_paths(), ["fc"]);
+    /// // Cut the file short: an error naming the file, not a panic.
+    /// let err = PeftAdapter::from_bytes(config, &weights[..weights.len() - 1], &Device::Cpu).unwrap_err();
+    /// assert!(err.to_string().contains("adapter_model.safetensors"));
+    /// # Ok(()) }
+    /// ```
+    pub fn from_bytes(config_json: &str, weights: &[u8], device: &Device) -> Result<Self> {
+        let config = PeftConfig::from_json_str(config_json, CONFIG_FILE)?;
+        let tensors = parse_safetensors(weights, Path::new(WEIGHTS_FILE), device)?;
+        Ok(Self::from_parts(
+            config,
+            tensors.into_iter().collect(),
+            WEIGHTS_FILE,
+        ))
+    }
+
     /// An adapter from an already parsed config and tensors keyed as in PEFT's file.
     pub fn from_parts(
         config: PeftConfig,
@@ -161,7 +193,12 @@ impl PeftAdapter {
 /// Reads every tensor of a safetensors file.
 pub(crate) fn read_safetensors(path: &Path, device: &Device) -> Result<Vec<(String, Tensor)>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::SafeTensors {
+    parse_safetensors(&bytes, path, device)
+}
+
+/// Every tensor of safetensors `bytes`; `path` names the file in errors.
+fn parse_safetensors(bytes: &[u8], path: &Path, device: &Device) -> Result<Vec<(String, Tensor)>> {
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| Error::SafeTensors {
         path: path.to_path_buf(),
         message: e.to_string(),
     })?;

@@ -8,7 +8,7 @@ pub mod load;
 pub mod merge;
 pub mod save;
 
-pub use config::{PeftConfig, PeftType, SUPPORTED_PEFT_TYPES};
+pub use config::{PeftConfig, PeftType, MAX_RANK, SUPPORTED_PEFT_TYPES};
 pub use inspect::{inspect, AdapterSummary, ModuleSummary};
 pub use load::PeftAdapter;
 pub use merge::{merge_files, MergeReport};
