@@ -521,12 +521,13 @@ fn selectors_configs_plans_and_sets_reject_bad_input() {
         &["nowhere/adapter_config.json"],
         || PeftConfig::from_file("nowhere/adapter_config.json"),
     );
-    // Values that parse but cannot build a layer: the error names the layer.
+    // Values that cannot build a layer: the config rejects ranks outside 1..=MAX_RANK
+    // (naming the file and field); the rest fail when the layer is built (naming it).
     for (what, json, needles) in [
         (
             "r = 0",
             r#"{"peft_type": "LORA", "target_modules": ["q"], "r": 0}"#,
-            &["q", "rank", "got 0"][..],
+            &["adapter_config.json", "`r`", "got 0"][..],
         ),
         (
             "lora_alpha = -4",
@@ -546,17 +547,17 @@ fn selectors_configs_plans_and_sets_reject_bad_input() {
         (
             "AdaLoRA init_r = 0",
             r#"{"peft_type": "ADALORA", "target_modules": ["q"], "init_r": 0}"#,
-            &["q", "rank", "got 0"][..],
+            &["adapter_config.json", "init_r", "got 0"][..],
         ),
         (
             "r = 2^61",
             r#"{"peft_type": "LORA", "target_modules": ["q"], "r": 2305843009213693952}"#,
-            &["q", "too large"][..],
+            &["adapter_config.json", "65536", "2305843009213693952"][..],
         ),
         (
             "DoRA r = 0",
             r#"{"peft_type": "LORA", "use_dora": true, "target_modules": ["q"], "r": 0}"#,
-            &["q", "rank", "got 0"][..],
+            &["adapter_config.json", "`r`", "got 0"][..],
         ),
     ] {
         c.err(&format!("fresh plan, {what}"), needles, || {
