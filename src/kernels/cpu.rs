@@ -153,15 +153,44 @@ fn gemm_into<T: WithDType>(
     if let Some(done) = col_major::reroute(dst, dst_rs, lhs, rhs, accumulate, beta) {
         return done;
     }
-    // SAFETY: every view was bounds-checked (`MatRef::new`, the check above), `dst` is a
-    // unique borrow, and gemm reads/writes only the `m × n`, `m × k`, `k × n` elements the
-    // strides describe.
+    // SAFETY: every view was bounds-checked (`MatRef::new`, the check above) and `dst` is a
+    // unique borrow holding the `m × n` result at row stride `dst_rs`.
+    unsafe {
+        gemm_raw(
+            dst.as_mut_ptr(),
+            dst_rs,
+            lhs,
+            rhs,
+            accumulate,
+            beta,
+            parallelism(),
+        )
+    };
+    Ok(())
+}
+
+/// The `gemm` call behind [`gemm_into`], on a raw destination.
+///
+/// # Safety
+/// `dst` must point to `lhs.rows` rows of stride `dst_rs`, each with `rhs.cols` writable
+/// elements that nothing else reads or writes during the call; `lhs.cols == rhs.rows`.
+unsafe fn gemm_raw<T: WithDType>(
+    dst: *mut T,
+    dst_rs: usize,
+    lhs: MatRef<T>,
+    rhs: MatRef<T>,
+    accumulate: bool,
+    beta: T,
+    parallelism: gemm::Parallelism,
+) {
+    // SAFETY: the caller's contract; the views were bounds-checked when built, and gemm
+    // reads only the `m × k` and `k × n` elements their strides describe.
     unsafe {
         gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
+            lhs.rows,
+            rhs.cols,
+            lhs.cols,
+            dst,
             1,
             dst_rs as isize,
             accumulate,
@@ -176,10 +205,9 @@ fn gemm_into<T: WithDType>(
             false,
             false,
             false,
-            parallelism(),
+            parallelism,
         );
     }
-    Ok(())
 }
 
 /// The 2-D view a candle layout describes over `data` (its start offset and strides).

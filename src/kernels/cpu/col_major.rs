@@ -1,29 +1,34 @@
 //! Products whose right-hand side is column-major (`rhs.rs == 1`), such as `x Wᵀ` with a
 //! row-major weight `W` — every linear layer's forward. The `gemm` crate is slow on them
-//! (about 0.8× its row-major speed for `512 × 1024 × 1024` on one AVX-512 core, and
-//! 0.2–0.3× for 4–32 rows), so they are rerouted:
+//! (on one AVX-512 core about 0.8× its row-major speed for `512 × 1024 × 1024`, and 5–10×
+//! slower than one matrix-vector product per row for 4–16 rows), so they are rerouted:
 //!
 //! - 2 to 15 rows: one matrix-vector product per row (the one-row kernel reads the
-//!   columns contiguously);
-//! - 16 rows or more, at least [`CHUNK`] · 2 columns: the right-hand side is transposed
-//!   [`CHUNK`] columns at a time into a small row-major buffer (`k × CHUNK`, never the whole
-//!   matrix), each chunk one row-major product into its columns of `dst`.
+//!   columns contiguously), rows spread over the threads;
+//! - 16 rows or more, at least `2 · CHUNK` columns: the right-hand side is transposed
+//!   `CHUNK` columns at a time into a small row-major buffer (`k × CHUNK`, never the
+//!   whole matrix), each chunk one single-threaded row-major product into its columns of
+//!   `dst`, chunks spread over the threads.
 //!
-//! Measured with `cargo bench --bench fused` (see `benches/RESULTS.md`).
+//! Threads: candle's setting (`RAYON_NUM_THREADS`, else all cores), on rayon's pool.
+//! Measured with `cargo bench --bench fused` and `benches/peft_compare.py` (see
+//! `benches/RESULTS.md`).
 
 use candle_core::WithDType;
+use rayon::prelude::*;
 
-use super::{gemm_into, MatRef};
+use super::{gemm_raw, MatRef};
 
 /// Columns transposed per chunk.
-pub(super) const CHUNK: usize = 64;
+const CHUNK: usize = 64;
 
 /// Row counts below this go row by row.
 const ROW_BY_ROW_BELOW: usize = 16;
 
 /// Runs `dst = (accumulate ? dst : 0) + beta · lhs · rhs` by one of the reroutes above and
 /// returns `Some`, or `None` when the product should go straight to `gemm` (a row-major
-/// `rhs`, one row, or too few columns). The caller has checked the shapes and `dst`.
+/// `rhs`, one row, or too few columns). The caller has checked the shapes and that `dst`
+/// holds the `m × n` result at row stride `dst_rs ≥ n`.
 pub(super) fn reroute<T: WithDType>(
     dst: &mut [T],
     dst_rs: usize,
@@ -36,66 +41,103 @@ pub(super) fn reroute<T: WithDType>(
     if rhs.rs != 1 || rhs.cs == 1 || k < 2 || m < 2 {
         return None;
     }
+    let product = Product {
+        lhs,
+        rhs,
+        accumulate,
+        beta,
+    };
     if m < ROW_BY_ROW_BELOW {
-        return Some(row_by_row(dst, dst_rs, lhs, rhs, accumulate, beta));
+        return Some(product.row_by_row(dst, dst_rs));
     }
     if n >= 2 * CHUNK {
-        return Some(chunked(dst, dst_rs, lhs, rhs, accumulate, beta));
+        return Some(product.chunked(dst, dst_rs));
     }
     None
 }
 
-fn row_by_row<T: WithDType>(
-    dst: &mut [T],
-    dst_rs: usize,
-    lhs: MatRef<T>,
-    rhs: MatRef<T>,
+/// The operands of one rerouted product.
+#[derive(Clone, Copy)]
+struct Product<'a, T> {
+    lhs: MatRef<'a, T>,
+    rhs: MatRef<'a, T>,
     accumulate: bool,
     beta: T,
-) -> candle_core::Result<()> {
-    for i in 0..lhs.rows {
-        let row = MatRef::new(
-            lhs.data.get(i * lhs.rs..).unwrap_or(&[]),
-            1,
-            lhs.cols,
-            lhs.rs,
-            lhs.cs,
-        )?;
-        let Some(out) = dst.get_mut(i * dst_rs..) else {
-            candle_core::bail!("fused linear: destination row {i} out of range");
-        };
-        gemm_into(out, dst_rs, row, rhs, accumulate, beta)?;
-    }
-    Ok(())
 }
 
-fn chunked<T: WithDType>(
-    dst: &mut [T],
-    dst_rs: usize,
-    lhs: MatRef<T>,
-    rhs: MatRef<T>,
-    accumulate: bool,
-    beta: T,
-) -> candle_core::Result<()> {
-    let (k, n) = (rhs.rows, rhs.cols);
-    let mut buf = vec![T::from_f64(0.0); k * CHUNK];
-    let mut j0 = 0;
-    while j0 < n {
-        let width = CHUNK.min(n - j0);
-        let block = buf.get_mut(..k * width).unwrap_or_default();
-        transpose_columns(rhs, j0, width, block);
-        let Some(out) = dst.get_mut(j0..) else {
-            candle_core::bail!("fused linear: destination column {j0} out of range");
-        };
-        let block = MatRef::contiguous(block, k, width)?;
-        gemm_into(out, dst_rs, lhs, block, accumulate, beta)?;
-        j0 += width;
+/// A destination pointer shared by threads that write disjoint elements.
+#[derive(Clone, Copy)]
+struct SharedDst<T>(*mut T);
+
+// SAFETY: only used by `Product::chunked`, whose tasks write disjoint column ranges.
+unsafe impl<T> Send for SharedDst<T> {}
+// SAFETY: as above.
+unsafe impl<T> Sync for SharedDst<T> {}
+
+impl<T: WithDType> Product<'_, T> {
+    fn row_by_row(self, dst: &mut [T], dst_rs: usize) -> candle_core::Result<()> {
+        let (m, n) = (self.lhs.rows, self.rhs.cols);
+        dst.par_chunks_mut(dst_rs)
+            .take(m)
+            .enumerate()
+            .try_for_each(|(i, out)| {
+                let lhs = self.lhs;
+                let row = MatRef::new(
+                    lhs.data.get(i * lhs.rs..).unwrap_or(&[]),
+                    1,
+                    lhs.cols,
+                    lhs.rs,
+                    lhs.cs,
+                )?;
+                if out.len() < n {
+                    candle_core::bail!("fused linear: destination row {i} shorter than {n}");
+                }
+                // SAFETY: `out` is this task's own row, with at least `n` elements.
+                unsafe {
+                    gemm_raw(
+                        out.as_mut_ptr(),
+                        dst_rs,
+                        row,
+                        self.rhs,
+                        self.accumulate,
+                        self.beta,
+                        gemm::Parallelism::None,
+                    )
+                };
+                Ok(())
+            })
     }
-    Ok(())
+
+    fn chunked(self, dst: &mut [T], dst_rs: usize) -> candle_core::Result<()> {
+        let (k, n) = (self.rhs.rows, self.rhs.cols);
+        let shared = SharedDst(dst.as_mut_ptr());
+        (0..n.div_ceil(CHUNK)).into_par_iter().try_for_each(|c| {
+            let j0 = c * CHUNK;
+            let width = CHUNK.min(n - j0);
+            let mut block = vec![T::from_f64(0.0); k * width];
+            transpose_columns(self.rhs, j0, width, &mut block);
+            let block = MatRef::contiguous(&block, k, width)?;
+            let dst = shared;
+            // SAFETY: columns `j0..j0 + width` of the caller's checked `m × n` destination;
+            // the chunks' column ranges are disjoint, so no two tasks touch one element.
+            unsafe {
+                gemm_raw(
+                    dst.0.add(j0),
+                    dst_rs,
+                    self.lhs,
+                    block,
+                    self.accumulate,
+                    self.beta,
+                    gemm::Parallelism::None,
+                )
+            };
+            Ok(())
+        })
+    }
 }
 
 /// Copies columns `j0..j0 + width` of the column-major `rhs` (`k` rows) into `out` as a
-/// row-major `k × width` matrix, in 16 × 16 tiles.
+/// row-major `k × width` matrix, in tiles of 16 rows.
 fn transpose_columns<T: WithDType>(rhs: MatRef<T>, j0: usize, width: usize, out: &mut [T]) {
     const TILE: usize = 16;
     let k = rhs.rows;
