@@ -80,11 +80,6 @@ impl<'a, T: Copy> MatRef<'a, T> {
             .flatten()
     }
 
-    /// Column `j` gathered into a vector.
-    fn col(&self, j: usize) -> Vec<T> {
-        (0..self.rows).map(|i| self.at(i, j)).collect()
-    }
-
     /// Element `(i, j)`, or an error outside the view.
     pub(crate) fn at_checked(&self, i: usize, j: usize) -> candle_core::Result<T> {
         if i >= self.rows || j >= self.cols {
@@ -384,7 +379,7 @@ pub(crate) struct Forward<'a, T> {
 /// Without a row scale the bias pre-fills the output and the base GEMM accumulates onto
 /// it; the low-rank product always accumulates into the same buffer; a row scale is one
 /// epilogue pass.
-pub(crate) fn forward<T: WithDType>(p: &Forward<T>) -> candle_core::Result<(Vec<T>, Vec<T>)> {
+pub(crate) fn forward<T: WithDType>(p: &Forward<T>) -> candle_core::Result<Forwarded<T>> {
     let (n, d_out) = (p.x.rows, p.w.rows);
     let zero = T::from_f64(0.0);
     let one = T::from_f64(1.0);
@@ -414,6 +409,8 @@ pub(crate) fn forward<T: WithDType>(p: &Forward<T>) -> candle_core::Result<(Vec<
             s,
         )?;
     }
+    // With a row scale the buffer now holds u (no bias yet): keep it for the backward.
+    let u = p.row_scale.as_ref().map(|_| y.clone());
     if let Some(c) = &p.row_scale {
         match &p.bias {
             Some(b) => y.chunks_exact_mut(d_out.max(1)).for_each(|row| {
@@ -428,21 +425,26 @@ pub(crate) fn forward<T: WithDType>(p: &Forward<T>) -> candle_core::Result<(Vec<
             }),
         }
     }
-    Ok((y, xa))
+    Ok((y, xa, u))
 }
+
+/// The forward's output `y` `(n, d_out)`, `x Aᵀ` `(n, r)` (empty without a low-rank term)
+/// and, with a row scale, the pre-scale output `u` `(n, d_out)`.
+pub(crate) type Forwarded<T> = (Vec<T>, Vec<T>, Option<Vec<T>>);
 
 /// Everything the backward needs, as CPU views.
 pub(crate) struct Backward<'a, T> {
     /// The forward's inputs.
     pub fwd: &'a Forward<'a, T>,
-    /// The forward's output `y`, `(n, d_out)`.
-    pub y: MatRef<'a, T>,
     /// The incoming gradient, `(n, d_out)`.
     pub g: MatRef<'a, T>,
     /// Which gradients to compute: x, A, (B | row scale).
     pub need: (bool, bool, bool),
     /// `x Aᵀ` `(n, r)` saved by the forward, if it was; recomputed otherwise.
     pub xa: Option<&'a [T]>,
+    /// The pre-scale output `u` `(n, d_out)` saved by the forward (with a row scale), if it
+    /// was; recomputed otherwise.
+    pub u: Option<&'a [T]>,
 }
 
 /// The gradients of [`Backward`]: `dx (n, d_in)`, `dA (r, d_in)`, and the gradient of the
@@ -455,7 +457,7 @@ pub(crate) struct Grads<T> {
 
 /// unsloth's algebra with `g' = c ⊙ g`:
 /// `dx = g' W + s (g' B) A`, `dA = s (g' B)ᵀ x`, `dB = s g'ᵀ (x Aᵀ)`,
-/// `dc_j = Σ_i g_ij u_ij` with `u = (y − b) / c` (recomputed for columns where `c_j = 0`).
+/// `dc_j = Σ_i g_ij u_ij` with `u` the pre-scale output the forward saved.
 /// Never a gradient for `W`.
 pub(crate) fn backward<T: WithDType>(p: &Backward<T>) -> candle_core::Result<Grads<T>> {
     let f = p.fwd;
@@ -537,9 +539,9 @@ pub(crate) fn backward<T: WithDType>(p: &Backward<T>) -> candle_core::Result<Gra
                 s,
             )?;
         }
-        if let Some(c) = &f.row_scale {
+        if f.row_scale.is_some() {
             let xa = MatRef::contiguous(xa, n, r)?;
-            let dc = row_scale_grad(p, c, xa)?;
+            let dc = row_scale_grad(p, xa)?;
             for (row, v) in dbc.chunks_mut(width).zip(dc) {
                 if let Some(slot) = row.get_mut(r) {
                     *slot = v;
@@ -551,55 +553,38 @@ pub(crate) fn backward<T: WithDType>(p: &Backward<T>) -> candle_core::Result<Gra
     Ok(out)
 }
 
-/// `dc_j = Σ_i g_ij u_ij`, `u` the pre-scale output without bias.
-fn row_scale_grad<T: WithDType>(
-    p: &Backward<T>,
-    c: &[T],
-    xa: MatRef<T>,
-) -> candle_core::Result<Vec<T>> {
+/// `dc_j = Σ_i g_ij u_ij`, `u = x Wᵀ + s (x Aᵀ) Bᵀ` the pre-scale output without bias:
+/// the forward's saved copy, or recomputed (two GEMMs) when there is none.
+fn row_scale_grad<T: WithDType>(p: &Backward<T>, xa: MatRef<T>) -> candle_core::Result<Vec<T>> {
     let f = p.fwd;
-    let (n, d_out) = (p.y.rows, p.y.cols);
+    let (n, d_out) = (p.g.rows, p.g.cols);
     let zero = T::from_f64(0.0);
-    // Σ_i g_ij (y_ij − b_j), divided by c_j once per column.
+    let recomputed;
+    let u: &[T] = match p.u {
+        Some(u) if u.len() == n * d_out => u,
+        _ => {
+            let mut u = vec![zero; n * d_out];
+            gemm_into(&mut u, d_out, f.x, f.w.t(), false, T::from_f64(1.0))?;
+            if let Some((_, b, s)) = f.low_rank {
+                gemm_into(&mut u, d_out, xa, b.t(), true, s)?;
+            }
+            recomputed = u;
+            &recomputed
+        }
+    };
     let mut dc = vec![zero; d_out];
-    let no_bias = vec![zero; if f.bias.is_some() { 0 } else { d_out }];
-    let bias = f.bias.as_deref().unwrap_or(&no_bias);
-    for i in 0..n {
-        match (p.g.row(i), p.y.row(i)) {
-            (Some(g_row), Some(y_row)) => {
-                for (((acc, &g), &y), &b) in dc.iter_mut().zip(g_row).zip(y_row).zip(bias) {
-                    *acc += g * (y - b);
+    for (i, u_row) in u.chunks_exact(d_out.max(1)).enumerate() {
+        match p.g.row(i) {
+            Some(g_row) => {
+                for ((acc, &g), &u) in dc.iter_mut().zip(g_row).zip(u_row) {
+                    *acc += g * u;
                 }
             }
-            _ => {
-                for (j, (acc, &b)) in dc.iter_mut().zip(bias).enumerate() {
-                    *acc += p.g.at(i, j) * (p.y.at(i, j) - b);
+            None => {
+                for (j, (acc, &u)) in dc.iter_mut().zip(u_row).enumerate() {
+                    *acc += p.g.at(i, j) * u;
                 }
             }
-        }
-    }
-    for (j, (acc, &cj)) in dc.iter_mut().zip(c).enumerate() {
-        if cj != zero {
-            *acc /= cj;
-            continue;
-        }
-        *acc = zero;
-        // u_{:, j} = x W_jᵀ + s (x Aᵀ) B_jᵀ, recomputed for this column only.
-        let w_j = f.w.t().col(j);
-        let b_j = f.low_rank.map(|(_, b, s)| (b.t().col(j), s));
-        for i in 0..n {
-            let mut u = zero;
-            for (k, &wk) in w_j.iter().enumerate() {
-                u += f.x.at(i, k) * wk;
-            }
-            if let Some((b_j, s)) = &b_j {
-                let mut low = zero;
-                for (q, &bq) in b_j.iter().enumerate() {
-                    low += xa.at(i, q) * bq;
-                }
-                u += *s * low;
-            }
-            *acc += p.g.at(i, j) * u;
         }
     }
     Ok(dc)

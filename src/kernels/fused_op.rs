@@ -29,6 +29,22 @@ pub(crate) struct FusedLowRankOp {
     /// `x Aᵀ` from the CPU forward, kept for the backward (so it is not computed twice).
     /// The op lives in the autograd graph of its output, so this lives as long as the graph.
     pub saved_xa: std::sync::Arc<std::sync::Mutex<Option<Tensor>>>,
+    /// With a row scale: the pre-scale output `u = x Wᵀ + s (x Aᵀ) Bᵀ` from the CPU
+    /// forward, for the row scale's gradient `Σ_i g_ij u_ij` (exact for any `c`, where
+    /// recovering `u` from the output as `(y − b) / c` would lose it to cancellation
+    /// against a large bias, or to `c = 0`).
+    pub saved_u: std::sync::Arc<std::sync::Mutex<Option<Tensor>>>,
+}
+
+/// Runs `f` with the CPU slice of a saved intermediate, or `None`.
+fn with_saved<T: WithDType, R>(
+    saved: Option<&Tensor>,
+    f: impl FnOnce(Option<&[T]>) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    match saved {
+        Some(t) => with_slice::<T, _>(t, |data, _| f(Some(data))),
+        None => f(None),
+    }
 }
 
 impl FusedLowRankOp {
@@ -86,15 +102,16 @@ impl FusedLowRankOp {
     fn cpu_bwd_t<T: WithDType>(
         &self,
         args: [&Tensor; 3],
-        res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let [x, a, bc] = args;
-        let saved = self
-            .saved_xa
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let take = |m: &std::sync::Mutex<Option<Tensor>>| {
+            m.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .filter(|t| t.dtype() == T::DTYPE)
+        };
+        let (saved_xa, saved_u) = (take(&self.saved_xa), take(&self.saved_u));
         let need = (
             x.track_op(),
             self.rank > 0 && a.track_op(),
@@ -103,24 +120,19 @@ impl FusedLowRankOp {
         let grads = with_slice::<T, _>(x, |xd, xl| {
             with_slice::<T, _>(a, |ad, al| {
                 with_slice::<T, _>(bc, |bd, bl| {
-                    with_slice::<T, _>(res, |yd, yl| {
-                        with_slice::<T, _>(grad, |gd, gl| {
-                            let y = as_rows(yd, yl)?;
-                            let g = as_rows(gd, gl)?;
-                            self.with_forward((xd, xl), (ad, al), (bd, bl), |fwd| {
-                                let run = |xa: Option<&[T]>| {
+                    with_slice::<T, _>(grad, |gd, gl| {
+                        let g = as_rows(gd, gl)?;
+                        self.with_forward((xd, xl), (ad, al), (bd, bl), |fwd| {
+                            with_saved::<T, _>(saved_xa.as_ref(), |xa| {
+                                with_saved::<T, _>(saved_u.as_ref(), |u| {
                                     cpu::backward(&Backward {
                                         fwd,
-                                        y: y.view()?,
                                         g: g.view()?,
                                         need,
                                         xa,
+                                        u,
                                     })
-                                };
-                                match saved.as_ref().filter(|t| t.dtype() == T::DTYPE) {
-                                    Some(t) => with_slice::<T, _>(t, |xa, _| run(Some(xa))),
-                                    None => run(None),
-                                }
+                                })
                             })
                         })
                     })
@@ -204,13 +216,19 @@ impl cpu::CpuForward3 for FusedLowRankOp {
         a: (&[T], &Layout),
         bc: (&[T], &Layout),
     ) -> candle_core::Result<(Vec<T>, Shape)> {
-        let (y, xa) = self.with_forward(x, a, bc, cpu::forward)?;
+        let (y, xa, u) = self.with_forward(x, a, bc, cpu::forward)?;
+        let d_out = self.weight.dims2()?.0;
+        let n = y.len() / d_out.max(1);
+        let dev = candle_core::Device::Cpu;
         if !xa.is_empty() {
-            let n = xa.len() / self.rank.max(1);
-            let saved = Tensor::from_vec(xa, (n, self.rank), &candle_core::Device::Cpu)?;
+            let saved = Tensor::from_vec(xa, (n, self.rank), &dev)?;
             *self.saved_xa.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
         }
-        Ok((y, cpu::output_shape(x.1, self.weight.dims2()?.0)))
+        if let Some(u) = u {
+            let saved = Tensor::from_vec(u, (n, d_out), &dev)?;
+            *self.saved_u.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
+        }
+        Ok((y, cpu::output_shape(x.1, d_out)))
     }
 }
 
@@ -250,17 +268,16 @@ impl CustomOp3 for FusedLowRankOp {
         x: &Tensor,
         a: &Tensor,
         bc: &Tensor,
-        res: &Tensor,
+        _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         if x.device().is_cpu() {
             match x.dtype() {
-                DType::F32 => return self.cpu_bwd_t::<f32>([x, a, bc], res, grad),
-                DType::F64 => return self.cpu_bwd_t::<f64>([x, a, bc], res, grad),
+                DType::F32 => return self.cpu_bwd_t::<f32>([x, a, bc], grad),
+                DType::F64 => return self.cpu_bwd_t::<f64>([x, a, bc], grad),
                 _ => {}
             }
         }
-        let _ = res;
         self.composed_bwd(x, a, bc, grad)
     }
 }

@@ -187,22 +187,16 @@ impl FusedLinear<'_> {
             }
             None => b,
         };
-        // With a row scale the bias is added after the op: the CPU backward recovers the
-        // pre-scale output as `y / c` from the op's output, and a bias inside it would
-        // swamp a small `c ⊙ u` (`(y − b) / c` loses `u` to cancellation).
-        let bias_after = self.row_scale.is_some() && self.bias.is_some();
         let op = FusedLowRankOp {
             weight: cast(self.weight)?,
-            bias: self.bias.filter(|_| !bias_after).map(cast).transpose()?,
+            bias: self.bias.map(cast).transpose()?,
             scale,
             rank,
             row_scale: self.row_scale.is_some(),
             saved_xa: Default::default(),
+            saved_u: Default::default(),
         };
-        let mut y = cast(x)?.apply_op3(&a, &packed, op)?;
-        if let Some(b) = self.bias.filter(|_| bias_after) {
-            y = y.broadcast_add(&cast(b)?)?;
-        }
+        let y = cast(x)?.apply_op3(&a, &packed, op)?;
         Ok(y.to_dtype(dtype)?)
     }
 
