@@ -14,6 +14,7 @@
 //! ```
 
 use candle_core::WithDType;
+use rayon::prelude::*;
 
 use super::{gemm_into, MatRef};
 
@@ -64,14 +65,13 @@ pub(crate) fn scaled_forward<T: WithDType>(
         false,
         one,
     )?;
-    for (y_row, v_row) in y
-        .chunks_exact_mut(d_out.max(1))
-        .zip(v.chunks_exact(d_out.max(1)))
-    {
-        for ((y, &v), &o) in y_row.iter_mut().zip(v_row).zip(p.out) {
-            *y += o * v;
-        }
-    }
+    y.par_chunks_mut(d_out.max(1))
+        .zip(v.par_chunks(d_out.max(1)))
+        .for_each(|(y_row, v_row)| {
+            for ((y, &v), &o) in y_row.iter_mut().zip(v_row).zip(p.out) {
+                *y += o * v;
+            }
+        });
     Ok((y, xa, v))
 }
 
@@ -94,21 +94,39 @@ pub(crate) fn scaled_backward<T: WithDType>(
         candle_core::bail!("scaled low-rank linear: saved intermediates do not fit the inputs");
     }
     let d_out_grad = need_out.then(|| {
-        let mut acc = vec![zero; d_out];
-        for (i, v_row) in saved.v.chunks_exact(d_out.max(1)).enumerate() {
-            for (j, (a, &v)) in acc.iter_mut().zip(v_row).enumerate() {
-                *a += g.at(i, j) * v;
-            }
-        }
-        acc
+        saved
+            .v
+            .par_chunks(d_out.max(1))
+            .enumerate()
+            .fold(
+                || vec![zero; d_out],
+                |mut acc, (i, v_row)| {
+                    for (j, (a, &v)) in acc.iter_mut().zip(v_row).enumerate() {
+                        *a += g.at(i, j) * v;
+                    }
+                    acc
+                },
+            )
+            .reduce(
+                || vec![zero; d_out],
+                |mut a, b| {
+                    a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                    a
+                },
+            )
     });
     let (mut dx, mut d_mid) = (None, None);
     if need_dx || need_mid {
         // g' = g ⊙ out (contiguous), then g' B (n, r).
-        let mut g_out = Vec::with_capacity(n * d_out);
-        for i in 0..n {
-            g_out.extend(p.out.iter().enumerate().map(|(j, &o)| g.at(i, j) * o));
-        }
+        let mut g_out = vec![zero; n * d_out];
+        g_out
+            .par_chunks_mut(d_out.max(1))
+            .enumerate()
+            .for_each(|(i, row)| {
+                for (j, (slot, &o)) in row.iter_mut().zip(p.out).enumerate() {
+                    *slot = g.at(i, j) * o;
+                }
+            });
         let mut gb = vec![zero; n * r];
         gemm_into(
             &mut gb,
