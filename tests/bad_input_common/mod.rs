@@ -58,19 +58,13 @@ impl Checker {
 
     /// `f` must return `Ok`; its value is returned for further checks.
     pub fn ok<T>(&mut self, what: &str, f: impl FnOnce() -> lorakit::Result<T>) -> Option<T> {
-        self.cases += 1;
-        match catch_unwind(AssertUnwindSafe(f)) {
-            Err(p) => {
-                self.failures
-                    .push(format!("{what}: PANICKED: {}", panic_message(&*p)));
-                None
-            }
-            Ok(Err(e)) => {
+        match self.no_panic(what, f)? {
+            Ok(v) => Some(v),
+            Err(e) => {
                 self.failures
                     .push(format!("{what}: expected Ok, got `{e}`"));
                 None
             }
-            Ok(Ok(v)) => Some(v),
         }
     }
 
