@@ -7,11 +7,10 @@
 //!
 //! with `A_s = A[:, :d_in]` and `B_s = B[:d_out, :]` sliced from the shared pair
 //! (`A`: `r × max d_in`, `B`: `max d_out × r`), no alpha scaling, as PEFT 0.21 computes it.
-//! The forward is one [`ScaledLowRankLinear`]: a
-//! fused op whose backward gives `λ_d` and `λ_b` their gradients from saved
-//! intermediates and never forms one for `A_s` or `B_s` (three GEMMs, not four). With
-//! training-time dropout the branch runs on the dropped input with
-//! `B_eff = diag(λ_b) B_s diag(λ_d)`.
+//! The forward is one [`ScaledLowRankLinear`]: a fused op whose backward gives `λ_d` and
+//! `λ_b` their gradients from saved intermediates and never forms one for `A_s` or `B_s`
+//! (three GEMMs, not four). With training-time dropout the branch runs on the dropped input
+//! with `B_eff = diag(λ_b) B_s diag(λ_d)`.
 //!
 //! The pair lives once, in a [`VeraShared`] (an `Arc`); layers hold clones of that handle.
 //! [`VeraBuilder`] collects every adapted layer's shape first, then creates the pair large
