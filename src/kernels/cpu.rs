@@ -6,6 +6,7 @@ use candle_core::{CpuStorage, Layout, Shape, Storage, Tensor, WithDType};
 
 mod col_major;
 mod in_place;
+mod rowwise;
 mod scaled;
 
 pub(crate) use in_place::AddProduct;
@@ -78,6 +79,17 @@ impl<'a, T: Copy> MatRef<'a, T> {
         (self.cs == 1)
             .then(|| self.data.get(i * self.rs..i * self.rs + self.cols))
             .flatten()
+    }
+
+    /// Row `i` (callers keep `i < rows`): a slice of the data when its elements are
+    /// adjacent, else copied into `buf`.
+    fn row_or_copy<'s>(&'s self, i: usize, buf: &'s mut Vec<T>) -> &'s [T] {
+        if let Some(row) = self.row(i) {
+            return row;
+        }
+        buf.clear();
+        buf.extend((0..self.cols).map(|j| self.at(i, j)));
+        buf
     }
 
     /// Element `(i, j)`, or an error outside the view.
@@ -385,13 +397,7 @@ pub(crate) fn forward<T: WithDType>(p: &Forward<T>) -> candle_core::Result<Forwa
     let one = T::from_f64(1.0);
     let prefill_bias = p.row_scale.is_none() && p.bias.is_some();
     let mut y = match (&p.bias, prefill_bias) {
-        (Some(b), true) => {
-            let mut y = Vec::with_capacity(n * d_out);
-            for _ in 0..n {
-                y.extend_from_slice(b);
-            }
-            y
-        }
+        (Some(b), true) => rowwise::bias_rows(n, b),
         _ => vec![zero; n * d_out],
     };
     gemm_into(&mut y, d_out, p.x, p.w.t(), prefill_bias, one)?;
@@ -466,16 +472,11 @@ pub(crate) fn backward<T: WithDType>(p: &Backward<T>) -> candle_core::Result<Gra
     let zero = T::from_f64(0.0);
     let one = T::from_f64(1.0);
     // g' = c ⊙ g (contiguous), or g itself.
-    let scaled: Option<Vec<T>> = f.row_scale.as_ref().map(|c| {
-        let mut out = Vec::with_capacity(n * d_out);
-        for i in 0..n {
-            match p.g.row(i) {
-                Some(g_row) => out.extend(g_row.iter().zip(c).map(|(&g, &cj)| g * cj)),
-                None => out.extend(c.iter().enumerate().map(|(j, &cj)| p.g.at(i, j) * cj)),
-            }
-        }
-        out
-    });
+    let scaled: Option<Vec<T>> = f
+        .row_scale
+        .as_ref()
+        .map(|c| rowwise::scale_columns_and_dot(p.g, c, None).map(|(scaled, _)| scaled))
+        .transpose()?;
     let gs = match &scaled {
         Some(v) => MatRef::contiguous(v, n, d_out)?,
         None => p.g,
@@ -572,22 +573,7 @@ fn row_scale_grad<T: WithDType>(p: &Backward<T>, xa: MatRef<T>) -> candle_core::
             &recomputed
         }
     };
-    let mut dc = vec![zero; d_out];
-    for (i, u_row) in u.chunks_exact(d_out.max(1)).enumerate() {
-        match p.g.row(i) {
-            Some(g_row) => {
-                for ((acc, &g), &u) in dc.iter_mut().zip(g_row).zip(u_row) {
-                    *acc += g * u;
-                }
-            }
-            None => {
-                for (j, (acc, &u)) in dc.iter_mut().zip(u_row).enumerate() {
-                    *acc += p.g.at(i, j) * u;
-                }
-            }
-        }
-    }
-    Ok(dc)
+    rowwise::column_dot(p.g, u)
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@
 use candle_core::WithDType;
 use rayon::prelude::*;
 
+use super::rowwise::{column_dot, scale_columns_and_dot};
 use super::{gemm_into, MatRef};
 
 /// The forward's CPU views and vectors.
@@ -43,19 +44,17 @@ pub(crate) struct ScaledSaved<'a, T> {
 }
 
 /// `y` `(n, d_out)` contiguous, and the intermediates `x Aᵀ` and `v` (see [`ScaledSaved`]).
+/// The bias and `out ⊙ v` are added in one epilogue pass.
 pub(crate) fn scaled_forward<T: WithDType>(
     p: &ScaledForward<T>,
 ) -> candle_core::Result<(Vec<T>, Vec<T>, Vec<T>)> {
     let (n, d_out, r) = (p.x.rows, p.w.rows, p.a.rows);
     let (zero, one) = (T::from_f64(0.0), T::from_f64(1.0));
-    let mut y = match p.bias {
-        Some(b) => b.iter().copied().cycle().take(n * d_out).collect(),
-        None => vec![zero; n * d_out],
-    };
-    gemm_into(&mut y, d_out, p.x, p.w.t(), p.bias.is_some(), one)?;
+    let mut y = vec![zero; n * d_out];
+    gemm_into(&mut y, d_out, p.x, p.w.t(), false, one)?;
     let mut xa = vec![zero; n * r];
     gemm_into(&mut xa, r, p.x, p.a.t(), false, one)?;
-    let z = scale_columns(&xa, p.mid);
+    let (z, _) = scale_columns_and_dot(MatRef::contiguous(&xa, n, r)?, p.mid, None)?;
     let mut v = vec![zero; n * d_out];
     gemm_into(
         &mut v,
@@ -67,9 +66,16 @@ pub(crate) fn scaled_forward<T: WithDType>(
     )?;
     y.par_chunks_mut(d_out.max(1))
         .zip(v.par_chunks(d_out.max(1)))
-        .for_each(|(y_row, v_row)| {
-            for ((y, &v), &o) in y_row.iter_mut().zip(v_row).zip(p.out) {
-                *y += o * v;
+        .for_each(|(y_row, v_row)| match p.bias {
+            Some(bias) => {
+                for (((y, &v), &o), &b) in y_row.iter_mut().zip(v_row).zip(p.out).zip(bias) {
+                    *y += b + o * v;
+                }
+            }
+            None => {
+                for ((y, &v), &o) in y_row.iter_mut().zip(v_row).zip(p.out) {
+                    *y += o * v;
+                }
             }
         });
     Ok((y, xa, v))
@@ -93,82 +99,40 @@ pub(crate) fn scaled_backward<T: WithDType>(
     if saved.xa.len() != n * r || saved.v.len() != n * d_out {
         candle_core::bail!("scaled low-rank linear: saved intermediates do not fit the inputs");
     }
-    let d_out_grad = need_out.then(|| {
-        saved
-            .v
-            .par_chunks(d_out.max(1))
-            .enumerate()
-            .fold(
-                || vec![zero; d_out],
-                |mut acc, (i, v_row)| {
-                    for (j, (a, &v)) in acc.iter_mut().zip(v_row).enumerate() {
-                        *a += g.at(i, j) * v;
-                    }
-                    acc
-                },
-            )
-            .reduce(
-                || vec![zero; d_out],
-                |mut a, b| {
-                    a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
-                    a
-                },
-            )
-    });
-    let (mut dx, mut d_mid) = (None, None);
-    if need_dx || need_mid {
-        // g' = g ⊙ out (contiguous), then g' B (n, r).
-        let mut g_out = vec![zero; n * d_out];
-        g_out
-            .par_chunks_mut(d_out.max(1))
-            .enumerate()
-            .for_each(|(i, row)| {
-                for (j, (slot, &o)) in row.iter_mut().zip(p.out).enumerate() {
-                    *slot = g.at(i, j) * o;
-                }
-            });
-        let mut gb = vec![zero; n * r];
+    if !(need_dx || need_mid) {
+        let d_out_grad = need_out.then(|| column_dot(g, saved.v)).transpose()?;
+        return Ok((None, None, d_out_grad));
+    }
+    // g' = g ⊙ out and d out in one pass, then g' B (n, r).
+    let (g_out, d_out_grad) = scale_columns_and_dot(g, p.out, need_out.then_some(saved.v))?;
+    let mut gb = vec![zero; n * r];
+    gemm_into(
+        &mut gb,
+        r,
+        MatRef::contiguous(&g_out, n, d_out)?,
+        p.b,
+        false,
+        one,
+    )?;
+    // (g' B) ⊙ mid and d mid in one pass.
+    let (gbm, d_mid) = scale_columns_and_dot(
+        MatRef::contiguous(&gb, n, r)?,
+        p.mid,
+        need_mid.then_some(saved.xa),
+    )?;
+    let mut dx = None;
+    if need_dx {
+        let mut out = vec![zero; n * d_in];
+        gemm_into(&mut out, d_in, g, p.w, false, one)?;
         gemm_into(
-            &mut gb,
-            r,
-            MatRef::contiguous(&g_out, n, d_out)?,
-            p.b,
-            false,
+            &mut out,
+            d_in,
+            MatRef::contiguous(&gbm, n, r)?,
+            p.a,
+            true,
             one,
         )?;
-        if need_mid {
-            let mut acc = vec![zero; r];
-            for (gb_row, xa_row) in gb
-                .chunks_exact(r.max(1))
-                .zip(saved.xa.chunks_exact(r.max(1)))
-            {
-                for ((a, &x), &y) in acc.iter_mut().zip(gb_row).zip(xa_row) {
-                    *a += x * y;
-                }
-            }
-            d_mid = Some(acc);
-        }
-        if need_dx {
-            let mut out = vec![zero; n * d_in];
-            gemm_into(&mut out, d_in, g, p.w, false, one)?;
-            let gbm = scale_columns(&gb, p.mid);
-            gemm_into(
-                &mut out,
-                d_in,
-                MatRef::contiguous(&gbm, n, r)?,
-                p.a,
-                true,
-                one,
-            )?;
-            dx = Some(out);
-        }
+        dx = Some(out);
     }
     Ok((dx, d_mid, d_out_grad))
-}
-
-/// `m ⊙ s` for a row-major matrix `m` with `s.len()` columns: each row times `s`.
-fn scale_columns<T: WithDType>(m: &[T], s: &[T]) -> Vec<T> {
-    m.chunks_exact(s.len().max(1))
-        .flat_map(|row| row.iter().zip(s).map(|(&v, &k)| v * k))
-        .collect()
 }

@@ -1,0 +1,159 @@
+//! Row-wise passes shared by the fused ops' forward and backward: the bias pre-fill, the
+//! per-column scaling `m ⊙ s` (`g' = c ⊙ g`, `λ_d ⊙ x Aᵀ`, ...) and the column sums
+//! `Σ_i g_ij u_ij` behind the gradients of per-column vectors (DoRA's row scale, VeRA's
+//! `λ_b` and `λ_d`).
+//!
+//! Rows are spread over rayon's pool. Column sums are taken over fixed blocks of
+//! [`ROWS_PER_BLOCK`] rows, block by block in parallel, and the blocks' partial sums are
+//! added in block order, so a gradient does not depend on the thread count or on how
+//! rayon split the work.
+
+use candle_core::WithDType;
+use rayon::prelude::*;
+
+use super::MatRef;
+
+/// Rows per block of a column sum (a fixed summation order).
+const ROWS_PER_BLOCK: usize = 32;
+
+/// `n` copies of `bias`, row after row: an `(n, bias.len())` output pre-filled with it.
+pub(crate) fn bias_rows<T: WithDType>(n: usize, bias: &[T]) -> Vec<T> {
+    let d = bias.len();
+    let mut out = vec![T::from_f64(0.0); n * d];
+    out.par_chunks_mut(d.max(1))
+        .for_each(|row| row.copy_from_slice(bias));
+    out
+}
+
+/// `m ⊙ s` for an `(n, s.len())` matrix `m` (any strides): each row times `s`, contiguous,
+/// and, with `dot_with` (a contiguous `(n, s.len())` matrix `u`), the column sums
+/// `Σ_i m_ij u_ij`.
+pub(crate) fn scale_columns_and_dot<T: WithDType>(
+    m: MatRef<T>,
+    s: &[T],
+    dot_with: Option<&[T]>,
+) -> candle_core::Result<(Vec<T>, Option<Vec<T>>)> {
+    let (n, d) = (m.rows, m.cols);
+    let zero = T::from_f64(0.0);
+    if s.len() != d || dot_with.is_some_and(|u| u.len() != n * d) {
+        candle_core::bail!(
+            "fused linear: a {n}x{d} matrix scaled by {} values, summed against {:?}",
+            s.len(),
+            dot_with.map(<[T]>::len)
+        );
+    }
+    let mut scaled = vec![zero; n * d];
+    let block_len = ROWS_PER_BLOCK * d.max(1);
+    let partials: Vec<Vec<T>> = scaled
+        .par_chunks_mut(block_len)
+        .enumerate()
+        .map(|(blk, out)| {
+            let mut acc = vec![zero; if dot_with.is_some() { d } else { 0 }];
+            let mut buf = Vec::new();
+            for (k, out_row) in out.chunks_exact_mut(d.max(1)).enumerate() {
+                let i = blk * ROWS_PER_BLOCK + k;
+                let m_row = m.row_or_copy(i, &mut buf);
+                for ((o, &v), &sj) in out_row.iter_mut().zip(m_row).zip(s) {
+                    *o = v * sj;
+                }
+                if let Some(u_row) = dot_with.and_then(|u| u.get(i * d..(i + 1) * d)) {
+                    for ((a, &v), &uj) in acc.iter_mut().zip(m_row).zip(u_row) {
+                        *a += v * uj;
+                    }
+                }
+            }
+            acc
+        })
+        .collect();
+    let dot = dot_with.map(|_| sum_in_order(partials, d));
+    Ok((scaled, dot))
+}
+
+/// The column sums `Σ_i m_ij u_ij` of an `(n, d)` matrix `m` (any strides) against a
+/// contiguous `(n, d)` matrix `u`.
+pub(crate) fn column_dot<T: WithDType>(m: MatRef<T>, u: &[T]) -> candle_core::Result<Vec<T>> {
+    let (n, d) = (m.rows, m.cols);
+    if u.len() != n * d {
+        candle_core::bail!(
+            "fused linear: a {n}x{d} matrix summed against {} values",
+            u.len()
+        );
+    }
+    let zero = T::from_f64(0.0);
+    let partials: Vec<Vec<T>> = u
+        .par_chunks(ROWS_PER_BLOCK * d.max(1))
+        .enumerate()
+        .map(|(blk, u)| {
+            let mut acc = vec![zero; d];
+            let mut buf = Vec::new();
+            for (k, u_row) in u.chunks_exact(d.max(1)).enumerate() {
+                let m_row = m.row_or_copy(blk * ROWS_PER_BLOCK + k, &mut buf);
+                for ((a, &v), &uj) in acc.iter_mut().zip(m_row).zip(u_row) {
+                    *a += v * uj;
+                }
+            }
+            acc
+        })
+        .collect();
+    Ok(sum_in_order(partials, d))
+}
+
+/// The element-wise sum of `d`-long partial sums, in their order.
+fn sum_in_order<T: WithDType>(partials: Vec<Vec<T>>, d: usize) -> Vec<T> {
+    partials
+        .into_iter()
+        .fold(vec![T::from_f64(0.0); d], |mut total, part| {
+            total.iter_mut().zip(part).for_each(|(t, p)| *t += p);
+            total
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vals(len: usize, seed: f64) -> Vec<f64> {
+        (0..len).map(|i| ((i as f64 + 1.0) * seed).sin()).collect()
+    }
+
+    /// Against a plain double loop, for a contiguous and a transposed (strided) `m`, over
+    /// more rows than one block.
+    #[test]
+    fn scaling_and_column_sums_match_a_double_loop() -> candle_core::Result<()> {
+        let (n, d) = (2 * ROWS_PER_BLOCK + 5, 7);
+        let (m, s, u) = (vals(n * d, 0.3), vals(d, 1.7), vals(n * d, 2.9));
+        let mt: Vec<f64> = (0..d)
+            .flat_map(|j| (0..n).map(move |i| (i, j)))
+            .map(|(i, j)| m[i * d + j])
+            .collect();
+        let views = [
+            MatRef::contiguous(&m, n, d)?,
+            MatRef::contiguous(&mt, d, n)?.t(),
+        ];
+        for view in views {
+            let (scaled, dot) = scale_columns_and_dot(view, &s, Some(&u))?;
+            let dot_only = column_dot(view, &u)?;
+            for j in 0..d {
+                let mut want = 0.0;
+                for i in 0..n {
+                    assert_eq!(scaled[i * d + j], m[i * d + j] * s[j]);
+                    want += m[i * d + j] * u[i * d + j];
+                }
+                for got in [dot.as_ref().map(|v| v[j]), Some(dot_only[j])] {
+                    let got = got.unwrap_or(f64::NAN);
+                    assert!((got - want).abs() <= 1e-12 * (1.0 + want.abs()));
+                }
+            }
+        }
+        assert!(scale_columns_and_dot(views[0], &s[1..], None).is_err());
+        assert!(column_dot(views[0], &u[1..]).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn bias_rows_repeats_the_bias() {
+        let b = [1.0, 2.0, 3.0];
+        assert_eq!(bias_rows(2, &b), vec![1.0, 2.0, 3.0, 1.0, 2.0, 3.0]);
+        assert!(bias_rows(0, &b).is_empty());
+    }
+}
