@@ -8,6 +8,7 @@ mod col_major;
 mod in_place;
 mod rowwise;
 mod scaled;
+mod transpose;
 
 pub(crate) use in_place::AddProduct;
 pub(crate) use scaled::{scaled_backward, scaled_forward, ScaledForward, ScaledSaved};

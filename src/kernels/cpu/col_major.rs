@@ -3,9 +3,14 @@
 //! (on one AVX-512 core about 0.8× its row-major speed for `512 × 1024 × 1024`, and 5–10×
 //! slower than one matrix-vector product per row for 4–16 rows), so they are rerouted:
 //!
-//! - 2 to 15 rows: one matrix-vector product per row (the one-row kernel reads the
+//! - 2 to 7 rows: one matrix-vector product per row (the one-row kernel reads the
 //!   columns contiguously), rows spread over the threads;
-//! - 16 rows or more, at least `2 · CHUNK` columns: the right-hand side is transposed
+//! - few rows against a large right-hand side (`2 m (k + n) < k n`, e.g. 8 to 255 rows
+//!   for `1024 × 1024`), row-major left-hand side: `dstᵀ = rhsᵀ lhsᵀ`, where `rhsᵀ` is
+//!   row-major as it stands and `lhsᵀ` a copy, into a temporary that one transposing pass
+//!   adds into `dst` (on two threads, 16 rows against `2048 × 2048`: about half the time
+//!   of the chunked route below);
+//! - otherwise, at least `2 · CHUNK` columns: the right-hand side is transposed
 //!   `CHUNK` columns at a time into a small row-major buffer (`k × CHUNK`, never the
 //!   whole matrix), each chunk one single-threaded row-major product into its columns of
 //!   `dst`, chunks spread over the threads.
@@ -17,13 +22,14 @@
 use candle_core::WithDType;
 use rayon::prelude::*;
 
-use super::{gemm_raw, MatRef};
+use super::transpose::{par_transpose, transpose_columns};
+use super::{gemm_raw, parallelism, MatRef};
 
 /// Columns transposed per chunk.
 const CHUNK: usize = 64;
 
 /// Row counts below this go row by row.
-const ROW_BY_ROW_BELOW: usize = 16;
+const ROW_BY_ROW_BELOW: usize = 8;
 
 /// Runs `dst = (accumulate ? dst : 0) + beta · lhs · rhs` by one of the reroutes above and
 /// returns `Some`, or `None` when the product should go straight to `gemm` (a row-major
@@ -49,6 +55,11 @@ pub(super) fn reroute<T: WithDType>(
     };
     if m < ROW_BY_ROW_BELOW {
         return Some(product.row_by_row(dst, dst_rs));
+    }
+    // Transposing `lhs` and the result moves `m (k + n)` elements, transposing `rhs`
+    // chunk by chunk `k n`: the first when it is under half the second.
+    if lhs.cs == 1 && 2 * m * (k + n) < k * n {
+        return Some(product.via_transposes(dst, dst_rs));
     }
     if n >= 2 * CHUNK {
         return Some(product.chunked(dst, dst_rs));
@@ -108,6 +119,36 @@ impl<T: WithDType> Product<'_, T> {
             })
     }
 
+    /// `dstᵀ = rhsᵀ lhsᵀ` with both factors row-major (`rhsᵀ` is, `lhsᵀ` is copied) into a
+    /// temporary, added into `dst` by a transposing pass.
+    fn via_transposes(self, dst: &mut [T], dst_rs: usize) -> candle_core::Result<()> {
+        let (m, k, n) = (self.lhs.rows, self.lhs.cols, self.rhs.cols);
+        let zero = T::from_f64(0.0);
+        // lhsᵀ (k × m), row-major: the rows of the row-major lhs are its columns.
+        let mut lhs_t = vec![zero; k * m];
+        par_transpose(self.lhs.t(), &mut lhs_t, m, |d, v| *d = v);
+        let mut dst_t = vec![zero; n * m];
+        // SAFETY: `dst_t` is a fresh `n × m` buffer of row stride `m`.
+        unsafe {
+            gemm_raw(
+                dst_t.as_mut_ptr(),
+                m,
+                self.rhs.t(),
+                MatRef::contiguous(&lhs_t, k, m)?,
+                false,
+                T::from_f64(1.0),
+                parallelism(),
+            )
+        };
+        let (accumulate, beta) = (self.accumulate, self.beta);
+        // dst_t read as the column-major m × n product.
+        let product = MatRef::new(&dst_t, m, n, 1, m)?;
+        par_transpose(product, dst, dst_rs, |d, v| {
+            *d = if accumulate { *d + beta * v } else { beta * v }
+        });
+        Ok(())
+    }
+
     fn chunked(self, dst: &mut [T], dst_rs: usize) -> candle_core::Result<()> {
         let (k, n) = (self.rhs.rows, self.rhs.cols);
         let shared = SharedDst(dst.as_mut_ptr());
@@ -115,7 +156,7 @@ impl<T: WithDType> Product<'_, T> {
             let j0 = c * CHUNK;
             let width = CHUNK.min(n - j0);
             let mut block = vec![T::from_f64(0.0); k * width];
-            transpose_columns(self.rhs, j0, width, &mut block);
+            transpose_columns(self.rhs, j0, width, &mut block, width, |d, v| *d = v);
             let block = MatRef::contiguous(&block, k, width)?;
             let dst = shared;
             // SAFETY: columns `j0..j0 + width` of the caller's checked `m × n` destination;
@@ -133,82 +174,5 @@ impl<T: WithDType> Product<'_, T> {
             };
             Ok(())
         })
-    }
-}
-
-/// Source columns copied together by [`transpose_columns`].
-const GROUP: usize = 8;
-
-/// Copies columns `j0..j0 + width` of the column-major `rhs` (`k` rows) into `out` as a
-/// row-major `k × width` matrix. Each source column is contiguous; `GROUP` of them are
-/// read side by side from start to end (a few sequential streams, which the hardware
-/// prefetcher follows even when `rhs` is not in cache) and each output row gets `GROUP`
-/// adjacent elements at a time. Reading a short piece of every column of the chunk in
-/// turn instead (one stream per column) was 3–4× slower on a cold weight.
-fn transpose_columns<T: WithDType>(rhs: MatRef<T>, j0: usize, width: usize, out: &mut [T]) {
-    let k = rhs.rows;
-    if width == 0 {
-        return;
-    }
-    let column = |j: usize| -> &[T] {
-        let start = (j0 + j) * rhs.cs;
-        rhs.data.get(start..start + k).unwrap_or(&[])
-    };
-    let mut jb = 0;
-    while jb < width {
-        let cols: [&[T]; GROUP] = std::array::from_fn(|g| column(jb + g));
-        if jb + GROUP <= width && cols.iter().all(|c| c.len() == k) {
-            for (kk, row) in out.chunks_exact_mut(width).take(k).enumerate() {
-                if let Some(dst) = row.get_mut(jb..jb + GROUP) {
-                    for (d, col) in dst.iter_mut().zip(&cols) {
-                        // `kk < k == col.len()`: in bounds.
-                        #[allow(clippy::indexing_slicing)]
-                        {
-                            *d = col[kk];
-                        }
-                    }
-                }
-            }
-            jb += GROUP;
-        } else {
-            // The last columns of the chunk (fewer than `GROUP`), one at a time.
-            let col = column(jb);
-            for (slot, &v) in out.iter_mut().skip(jb).step_by(width.max(1)).zip(col) {
-                *slot = v;
-            }
-            jb += 1;
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Every width around the group size, chunk offsets and row counts, against reading the
-    /// column-major source element by element.
-    #[test]
-    fn transpose_columns_matches_elementwise_copy() -> candle_core::Result<()> {
-        for (k, n) in [(1, 20), (5, 19), (16, 33), (9, 64)] {
-            // rhs (k × n) column-major: element (i, j) at j * k + i.
-            let data: Vec<f64> = (0..k * n).map(|v| v as f64).collect();
-            let rhs = MatRef::new(&data, k, n, 1, k)?;
-            for j0 in [0, 1, 3] {
-                for width in 1..=(n - j0).min(2 * GROUP + 1) {
-                    let mut out = vec![f64::NAN; k * width];
-                    transpose_columns(rhs, j0, width, &mut out);
-                    for i in 0..k {
-                        for j in 0..width {
-                            assert_eq!(
-                                out[i * width + j],
-                                rhs.at(i, j0 + j),
-                                "k {k} j0 {j0} w {width}"
-                            );
-                        }
-                    }
-                }
-            }
-        }
-        Ok(())
     }
 }
