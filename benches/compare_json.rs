@@ -1,12 +1,14 @@
-//! The cases of `fused.rs` timed with a plain loop and printed as one JSON object
-//! (`{"case": [median_ms, min_ms], ...}`) for `benches/peft_compare.py`.
+//! The cases of `fused.rs` and of `variants.rs` timed with a plain loop and printed as one
+//! JSON object (`{"case": [median_ms, min_ms], ...}`) for `benches/peft_compare.py`.
 //!
 //! `cargo bench --bench compare_json` (the script sets `RAYON_NUM_THREADS`).
 
 use std::time::Instant;
 
 mod common;
+mod variant_cases;
 use common::{Path, Setup, SHAPES};
+use variant_cases::{EvalCases, TrainCases, EVAL, TRAIN};
 
 /// Median and minimum wall time of `f` in milliseconds, after warm-up, over about
 /// `budget_ms`.
@@ -53,6 +55,29 @@ fn main() {
                 fb.1
             ));
         }
+    }
+    let cases = TrainCases::new();
+    let (n, d, _) = TRAIN;
+    for (name, layer) in &cases.layers {
+        let t = median_ms(|| cases.step(layer.as_ref()), 2500.0);
+        out.push(format!(
+            "\"variants/fwd_bwd_n{n}_d{d}/{name}\": [{:.4}, {:.4}]",
+            t.0, t.1
+        ));
+    }
+    let cases = EvalCases::new();
+    let (d, _) = EVAL;
+    let t = median_ms(|| cases.base(), 1500.0);
+    out.push(format!(
+        "\"variants/eval_n1_d{d}/base\": [{:.4}, {:.4}]",
+        t.0, t.1
+    ));
+    for (name, layer) in &cases.layers {
+        let t = median_ms(|| cases.eval(layer.as_ref()), 1500.0);
+        out.push(format!(
+            "\"variants/eval_n1_d{d}/{name}\": [{:.4}, {:.4}]",
+            t.0, t.1
+        ));
     }
     println!("{{{}}}", out.join(", "));
 }

@@ -3,6 +3,11 @@
 thread count, f32, medians in ms. The input needs a gradient in every case (as inside a
 model); fwd+bwd is `y.sum().backward()`.
 
+Two tables: the fused LoRA kernel against PEFT's LoRA and the base linear (the shapes of
+`benches/fused.rs`), and whole adapted layers of each variant (the cases of
+`benches/variant_cases`: one training step at n = 512, d = 1024 with r = 16, VeRA at
+r = 256; one-row evaluation at d = 2048). PEFT has no LoRA-FA layer (only an optimizer).
+
     python3 benches/peft_compare.py [--threads 2] [--rounds 3] [--markdown benches/RESULTS.md]
 
 With --rounds N the two sides alternate N times and each case reports the median of its
@@ -21,9 +26,14 @@ import subprocess
 import time
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, VeraConfig, get_peft_model
 
 SHAPES = [(512, 1024, 16), (512, 2048, 16), (16, 2048, 16), (1, 2048, 16)]
+VARIANT_TRAIN = (512, 1024, 16)
+VERA_R = 256
+VARIANT_EVAL = (2048, 16)
+TRAIN_VARIANTS = ["lora", "dora", "lora_fa", "vera"]
+EVAL_VARIANTS = ["base", "lora", "dora"]
 
 
 def median_ms(f, budget_s):
@@ -67,6 +77,75 @@ def torch_cases():
 
             out[f"fwd_bwd/{label}/{name}"] = median_ms(fb, 2.5)
     return out
+
+
+def peft_layer(d, name, r):
+    """One PEFT-adapted `d × d` linear layer, its trainable tensors non-zero."""
+    cfg = {
+        "lora": LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"]),
+        "dora": LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], use_dora=True),
+        "vera": VeraConfig(r=VERA_R, target_modules=["0"]),
+    }[name]
+    layer = get_peft_model(torch.nn.Sequential(torch.nn.Linear(d, d)), cfg).base_model.model[0]
+    for p in layer.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.02)
+    return layer
+
+
+def torch_variant_cases():
+    out = {}
+    n, d, r = VARIANT_TRAIN
+    torch.manual_seed(0)
+    x = torch.rand(n, d, requires_grad=True)
+    for name in ["lora", "dora", "vera"]:
+        layer = peft_layer(d, name, r)
+
+        def fb():
+            x.grad = None
+            layer.zero_grad(set_to_none=True)
+            layer(x).sum().backward()
+
+        out[f"variants/fwd_bwd_n{n}_d{d}/{name}"] = median_ms(fb, 2.5)
+    d, r = VARIANT_EVAL
+    x = torch.rand(1, d)
+    with torch.no_grad():
+        base = torch.nn.Linear(d, d)
+        out[f"variants/eval_n1_d{d}/base"] = median_ms(lambda: base(x), 1.5)
+        for name in ["lora", "dora"]:
+            layer = peft_layer(d, name, r).eval()
+            out[f"variants/eval_n1_d{d}/{name}"] = median_ms(lambda: layer(x), 1.5)
+    return out
+
+
+def cell(v):
+    """A (median, min) pair, or a dash where one side has no such case."""
+    return f"{v[0]:.3f} ({v[1]:.3f})" if v else "–"
+
+
+def ratio(a, b):
+    """Ratio of medians (of minima), or a dash."""
+    return f"{a[0] / b[0]:.2f} ({a[1] / b[1]:.2f})" if a and b else "–"
+
+
+def variants_table(t, k):
+    n, d, r = VARIANT_TRAIN
+    de, _ = VARIANT_EVAL
+    lines = [
+        "| case | PEFT | lorakit | lorakit / PEFT | / LoRA, PEFT | / LoRA, lorakit |",
+        "|---|---|---|---|---|---|",
+    ]
+    groups = [(f"variants/fwd_bwd_n{n}_d{d}", TRAIN_VARIANTS), (f"variants/eval_n1_d{de}", EVAL_VARIANTS)]
+    for prefix, names in groups:
+        for name in names:
+            kc, tc = k[f"{prefix}/{name}"], t.get(f"{prefix}/{name}")
+            kl, tl = k[f"{prefix}/lora"], t[f"{prefix}/lora"]
+            rank = VERA_R if name == "vera" else r
+            label = f"{prefix.split('/')[1]}/{name}" + ("" if name == "base" else f"_r{rank}")
+            lines.append(
+                f"| {label} | {cell(tc)} | {cell(kc)} | {ratio(kc, tc)} | {ratio(tc, tl)} | {ratio(kc, kl)} |"
+            )
+    return "\n".join(lines)
 
 
 def lorakit_cases(threads):
@@ -115,11 +194,16 @@ def main():
     ks, ts = [], []
     for _ in range(args.rounds):
         ks.append(lorakit_cases(args.threads))
-        ts.append(torch_cases())
+        ts.append({**torch_cases(), **torch_variant_cases()})
         print(json.dumps({"peft": ts[-1], "lorakit": ks[-1]}), flush=True)
     k = {c: combine([r[c] for r in ks]) for c in ks[0]}
     t = {c: combine([r[c] for r in ts]) for c in ts[0]}
-    md = table(t, k, args.threads) + f"\n\nMedian of {args.rounds} alternating round(s) of per-case medians."
+    md = (
+        table(t, k, args.threads)
+        + "\n\nVariants (whole adapted layers):\n\n"
+        + variants_table(t, k)
+        + f"\n\nMedian of {args.rounds} alternating round(s) of per-case medians."
+    )
     print(md)
     if args.markdown:
         with open(args.markdown, "w") as f:

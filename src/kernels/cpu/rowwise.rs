@@ -69,6 +69,29 @@ pub(crate) fn scale_columns_and_dot<T: WithDType>(
     Ok((scaled, dot))
 }
 
+/// `diag(s) m` for an `(s.len(), d)` matrix `m` (any strides): row `i` times `s_i`,
+/// contiguous.
+pub(crate) fn scale_rows<T: WithDType>(m: MatRef<T>, s: &[T]) -> candle_core::Result<Vec<T>> {
+    let (n, d) = (m.rows, m.cols);
+    if s.len() != n {
+        candle_core::bail!(
+            "fused linear: a {n}x{d} matrix with its rows scaled by {} values",
+            s.len()
+        );
+    }
+    let mut out = vec![T::from_f64(0.0); n * d];
+    out.par_chunks_mut(d.max(1))
+        .zip(s.par_iter())
+        .enumerate()
+        .for_each(|(i, (row, &si))| {
+            let mut buf = Vec::new();
+            for (o, &v) in row.iter_mut().zip(m.row_or_copy(i, &mut buf)) {
+                *o = si * v;
+            }
+        });
+    Ok(out)
+}
+
 /// The column sums `Σ_i m_ij u_ij` of an `(n, d)` matrix `m` (any strides) against a
 /// contiguous `(n, d)` matrix `u`.
 pub(crate) fn column_dot<T: WithDType>(m: MatRef<T>, u: &[T]) -> candle_core::Result<Vec<T>> {
@@ -133,10 +156,13 @@ mod tests {
         for view in views {
             let (scaled, dot) = scale_columns_and_dot(view, &s, Some(&u))?;
             let dot_only = column_dot(view, &u)?;
+            let s_rows = vals(n, 0.8);
+            let rows_scaled = scale_rows(view, &s_rows)?;
             for j in 0..d {
                 let mut want = 0.0;
                 for i in 0..n {
                     assert_eq!(scaled[i * d + j], m[i * d + j] * s[j]);
+                    assert_eq!(rows_scaled[i * d + j], s_rows[i] * m[i * d + j]);
                     want += m[i * d + j] * u[i * d + j];
                 }
                 for got in [dot.as_ref().map(|v| v[j]), Some(dot_only[j])] {
@@ -147,6 +173,7 @@ mod tests {
         }
         assert!(scale_columns_and_dot(views[0], &s[1..], None).is_err());
         assert!(column_dot(views[0], &u[1..]).is_err());
+        assert!(scale_rows(views[0], &s).is_err());
         Ok(())
     }
 

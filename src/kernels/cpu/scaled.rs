@@ -16,7 +16,7 @@
 use candle_core::WithDType;
 use rayon::prelude::*;
 
-use super::rowwise::{column_dot, scale_columns_and_dot};
+use super::rowwise::{column_dot, scale_columns_and_dot, scale_rows};
 use super::{gemm_into, MatRef};
 
 /// The forward's CPU views and vectors.
@@ -99,18 +99,18 @@ pub(crate) fn scaled_backward<T: WithDType>(
     if saved.xa.len() != n * r || saved.v.len() != n * d_out {
         candle_core::bail!("scaled low-rank linear: saved intermediates do not fit the inputs");
     }
+    let d_out_grad = need_out.then(|| column_dot(g, saved.v)).transpose()?;
     if !(need_dx || need_mid) {
-        let d_out_grad = need_out.then(|| column_dot(g, saved.v)).transpose()?;
         return Ok((None, None, d_out_grad));
     }
-    // g' = g ⊙ out and d out in one pass, then g' B (n, r).
-    let (g_out, d_out_grad) = scale_columns_and_dot(g, p.out, need_out.then_some(saved.v))?;
+    // g' B with g' = g ⊙ out, as g (diag(out) B): no n × d_out temporary.
+    let b_out = scale_rows(p.b, p.out)?;
     let mut gb = vec![zero; n * r];
     gemm_into(
         &mut gb,
         r,
-        MatRef::contiguous(&g_out, n, d_out)?,
-        p.b,
+        g,
+        MatRef::contiguous(&b_out, d_out, r)?,
         false,
         one,
     )?;
