@@ -31,10 +31,35 @@ const CHUNK: usize = 64;
 /// Row counts below this go row by row.
 const ROW_BY_ROW_BELOW: usize = 8;
 
-/// Runs `dst = (accumulate ? dst : 0) + beta · lhs · rhs` by one of the reroutes above and
-/// returns `Some`, or `None` when the product should go straight to `gemm` (a row-major
-/// `rhs`, one row, or too few columns). The caller has checked the shapes and that `dst`
-/// holds the `m × n` result at row stride `dst_rs ≥ n`.
+/// The reroutes above.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    RowByRow,
+    ViaTransposes,
+    Chunked,
+}
+
+/// The reroute for an `lhs · rhs` product, or `None` when it should go straight to `gemm`
+/// (a row-major `rhs`, one row, or too few columns).
+fn route<T>(lhs: &MatRef<T>, rhs: &MatRef<T>) -> Option<Route> {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    if rhs.rs != 1 || rhs.cs == 1 || k < 2 || m < 2 {
+        return None;
+    }
+    if m < ROW_BY_ROW_BELOW {
+        return Some(Route::RowByRow);
+    }
+    // Transposing `lhs` and the result moves `m (k + n)` elements, transposing `rhs`
+    // chunk by chunk `k n`: the first when it is under half the second.
+    if lhs.cs == 1 && 2 * m * (k + n) < k * n {
+        return Some(Route::ViaTransposes);
+    }
+    (n >= 2 * CHUNK).then_some(Route::Chunked)
+}
+
+/// Runs `dst = (accumulate ? dst : 0) + beta · lhs · rhs` by its [`route`] and returns
+/// `Some`, or `None` when the product should go straight to `gemm`. The caller has checked
+/// the shapes and that `dst` holds the `m × n` result at row stride `dst_rs ≥ n`.
 pub(super) fn reroute<T: WithDType>(
     dst: &mut [T],
     dst_rs: usize,
@@ -43,28 +68,17 @@ pub(super) fn reroute<T: WithDType>(
     accumulate: bool,
     beta: T,
 ) -> Option<candle_core::Result<()>> {
-    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-    if rhs.rs != 1 || rhs.cs == 1 || k < 2 || m < 2 {
-        return None;
-    }
     let product = Product {
         lhs,
         rhs,
         accumulate,
         beta,
     };
-    if m < ROW_BY_ROW_BELOW {
-        return Some(product.row_by_row(dst, dst_rs));
-    }
-    // Transposing `lhs` and the result moves `m (k + n)` elements, transposing `rhs`
-    // chunk by chunk `k n`: the first when it is under half the second.
-    if lhs.cs == 1 && 2 * m * (k + n) < k * n {
-        return Some(product.via_transposes(dst, dst_rs));
-    }
-    if n >= 2 * CHUNK {
-        return Some(product.chunked(dst, dst_rs));
-    }
-    None
+    Some(match route(&lhs, &rhs)? {
+        Route::RowByRow => product.row_by_row(dst, dst_rs),
+        Route::ViaTransposes => product.via_transposes(dst, dst_rs),
+        Route::Chunked => product.chunked(dst, dst_rs),
+    })
 }
 
 /// The operands of one rerouted product.
@@ -174,5 +188,85 @@ impl<T: WithDType> Product<'_, T> {
             };
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::gemm_into;
+    use super::*;
+
+    /// A deterministic `len`-long buffer.
+    fn vals(len: usize, seed: f64) -> Vec<f64> {
+        (0..len).map(|i| ((i as f64 + 1.0) * seed).sin()).collect()
+    }
+
+    /// Every route (and the straight `gemm` call), a row-major and a column-major `lhs`, a
+    /// column-major `rhs` that is a slice of a taller matrix, a padded destination,
+    /// accumulation and `beta`, against an f64 triple loop.
+    #[test]
+    fn every_route_matches_a_triple_loop() -> candle_core::Result<()> {
+        let shapes = [
+            (3, 40, 50),   // row by row
+            (8, 130, 140), // via transposes
+            (20, 40, 150), // chunked
+            (70, 9, 200),  // chunked, short k
+            (9, 30, 20),   // straight to gemm
+            (16, 300, 2),  // via transposes, two columns
+        ];
+        let mut seen = Vec::new();
+        for (m, k, n) in shapes {
+            let lhs_data = vals(m * k, 0.37);
+            let lhs_t_data: Vec<f64> = (0..k * m).map(|v| lhs_data[(v % m) * k + v / m]).collect();
+            // rhs (k × n) column-major inside a (k + 3)-row buffer: column j at j * (k + 3).
+            let rhs_data = vals((k + 3) * n, 0.71);
+            let rhs = MatRef::new(&rhs_data, k, n, 1, k + 3)?;
+            let lhs_views = [
+                MatRef::contiguous(&lhs_data, m, k)?,
+                MatRef::new(&lhs_t_data, m, k, 1, m)?,
+            ];
+            for lhs in lhs_views {
+                seen.push(route(&lhs, &rhs));
+                for (accumulate, beta) in [(false, 1.0), (true, -0.5)] {
+                    let dst_rs = n + 2;
+                    let start = vals(m * dst_rs, 1.3);
+                    let mut dst = start.clone();
+                    gemm_into(&mut dst, dst_rs, lhs, rhs, accumulate, beta)?;
+                    for i in 0..m {
+                        for j in 0..n {
+                            let dot: f64 = (0..k).map(|t| lhs.at(i, t) * rhs.at(t, j)).sum();
+                            let base = if accumulate {
+                                start[i * dst_rs + j]
+                            } else {
+                                0.0
+                            };
+                            let want = base + beta * dot;
+                            let got = dst[i * dst_rs + j];
+                            assert!(
+                                (got - want).abs() <= 1e-12 * (1.0 + want.abs()) * k as f64,
+                                "{m}x{k}x{n} ({:?}), ({i}, {j}): {got} vs {want}",
+                                route(&lhs, &rhs)
+                            );
+                        }
+                        // The padding past column n is untouched.
+                        for j in n..dst_rs {
+                            assert_eq!(dst[i * dst_rs + j], start[i * dst_rs + j]);
+                        }
+                    }
+                }
+            }
+        }
+        for want in [
+            Some(Route::RowByRow),
+            Some(Route::ViaTransposes),
+            Some(Route::Chunked),
+            None,
+        ] {
+            assert!(
+                seen.contains(&want),
+                "route {want:?} not exercised: {seen:?}"
+            );
+        }
+        Ok(())
     }
 }
