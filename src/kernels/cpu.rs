@@ -577,6 +577,12 @@ fn row_scale_grad<T: WithDType>(p: &Backward<T>, xa: MatRef<T>) -> candle_core::
     rowwise::column_dot(p.g, u)
 }
 
+/// A deterministic `len`-long buffer for the kernels' unit tests.
+#[cfg(test)]
+fn test_values(len: usize, seed: f64) -> Vec<f64> {
+    (0..len).map(|i| ((i as f64 + 1.0) * seed).sin()).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -586,9 +592,7 @@ mod tests {
     #[test]
     fn recomputed_intermediates_match_saved_ones() -> candle_core::Result<()> {
         let (n, d_in, d_out, r) = (5, 7, 6, 3);
-        let vals = |len: usize, seed: f64| -> Vec<f64> {
-            (0..len).map(|i| ((i as f64 + 1.0) * seed).sin()).collect()
-        };
+        let vals = test_values;
         let (x, w, a, b) = (
             vals(n * d_in, 0.7),
             vals(d_out * d_in, 1.3),

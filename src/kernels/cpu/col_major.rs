@@ -193,13 +193,8 @@ impl<T: WithDType> Product<'_, T> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::gemm_into;
+    use super::super::{gemm_into, test_values as vals};
     use super::*;
-
-    /// A deterministic `len`-long buffer.
-    fn vals(len: usize, seed: f64) -> Vec<f64> {
-        (0..len).map(|i| ((i as f64 + 1.0) * seed).sin()).collect()
-    }
 
     /// Every route (and the straight `gemm` call), a row-major and a column-major `lhs`, a
     /// column-major `rhs` that is a slice of a taller matrix, a padded destination,

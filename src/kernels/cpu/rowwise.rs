@@ -133,11 +133,8 @@ fn sum_in_order<T: WithDType>(partials: Vec<Vec<T>>, d: usize) -> Vec<T> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_values as vals;
     use super::*;
-
-    fn vals(len: usize, seed: f64) -> Vec<f64> {
-        (0..len).map(|i| ((i as f64 + 1.0) * seed).sin()).collect()
-    }
 
     /// Against a plain double loop, for a contiguous and a transposed (strided) `m`, over
     /// more rows than one block.
