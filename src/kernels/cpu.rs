@@ -417,22 +417,13 @@ pub(crate) fn forward<T: WithDType>(p: &Forward<T>) -> candle_core::Result<Forwa
         )?;
     }
     // With a row scale the buffer now holds u (no bias yet): keep it for the backward.
-    let u = p.row_scale.as_ref().map(|_| y.clone());
-    if let Some(c) = &p.row_scale {
-        match &p.bias {
-            Some(b) => y.chunks_exact_mut(d_out.max(1)).for_each(|row| {
-                for ((v, &cj), &bj) in row.iter_mut().zip(c).zip(b) {
-                    *v = *v * cj + bj;
-                }
-            }),
-            None => y.chunks_exact_mut(d_out.max(1)).for_each(|row| {
-                for (v, &cj) in row.iter_mut().zip(c) {
-                    *v *= cj;
-                }
-            }),
+    match &p.row_scale {
+        Some(c) => {
+            let y_scaled = rowwise::scale_columns_add(&y, c, p.bias.as_deref())?;
+            Ok((y_scaled, xa, Some(y)))
         }
+        None => Ok((y, xa, None)),
     }
-    Ok((y, xa, u))
 }
 
 /// The forward's output `y` `(n, d_out)`, `x Aᵀ` `(n, r)` (empty without a low-rank term)

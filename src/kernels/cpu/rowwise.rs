@@ -69,6 +69,39 @@ pub(crate) fn scale_columns_and_dot<T: WithDType>(
     Ok((scaled, dot))
 }
 
+/// `m ⊙ s + bias` for a contiguous `(n, s.len())` matrix `m`: each row times `s`, plus the
+/// bias when there is one (DoRA's epilogue `c ⊙ u + b`), into a new contiguous matrix.
+pub(crate) fn scale_columns_add<T: WithDType>(
+    m: &[T],
+    s: &[T],
+    bias: Option<&[T]>,
+) -> candle_core::Result<Vec<T>> {
+    let d = s.len();
+    if m.len() % d.max(1) != 0 || bias.is_some_and(|b| b.len() != d) {
+        candle_core::bail!(
+            "fused linear: {} values scaled by rows of {d}, bias of {:?}",
+            m.len(),
+            bias.map(<[T]>::len)
+        );
+    }
+    let mut out = vec![T::from_f64(0.0); m.len()];
+    out.par_chunks_mut(d.max(1))
+        .zip(m.par_chunks(d.max(1)))
+        .for_each(|(out, row)| match bias {
+            Some(b) => {
+                for (((o, &v), &sj), &bj) in out.iter_mut().zip(row).zip(s).zip(b) {
+                    *o = v * sj + bj;
+                }
+            }
+            None => {
+                for ((o, &v), &sj) in out.iter_mut().zip(row).zip(s) {
+                    *o = v * sj;
+                }
+            }
+        });
+    Ok(out)
+}
+
 /// `diag(s) m` for an `(s.len(), d)` matrix `m` (any strides): row `i` times `s_i`,
 /// contiguous.
 pub(crate) fn scale_rows<T: WithDType>(m: MatRef<T>, s: &[T]) -> candle_core::Result<Vec<T>> {
@@ -154,12 +187,15 @@ mod tests {
             let (scaled, dot) = scale_columns_and_dot(view, &s, Some(&u))?;
             let dot_only = column_dot(view, &u)?;
             let s_rows = vals(n, 0.8);
+            let bias = vals(d, 4.1);
+            let with_bias = scale_columns_add(&m, &s, Some(&bias))?;
             let rows_scaled = scale_rows(view, &s_rows)?;
             for j in 0..d {
                 let mut want = 0.0;
                 for i in 0..n {
                     assert_eq!(scaled[i * d + j], m[i * d + j] * s[j]);
                     assert_eq!(rows_scaled[i * d + j], s_rows[i] * m[i * d + j]);
+                    assert_eq!(with_bias[i * d + j], m[i * d + j] * s[j] + bias[j]);
                     want += m[i * d + j] * u[i * d + j];
                 }
                 for got in [dot.as_ref().map(|v| v[j]), Some(dot_only[j])] {
@@ -171,6 +207,7 @@ mod tests {
         assert!(scale_columns_and_dot(views[0], &s[1..], None).is_err());
         assert!(column_dot(views[0], &u[1..]).is_err());
         assert!(scale_rows(views[0], &s).is_err());
+        assert!(scale_columns_add(&m, &s, Some(&s[1..])).is_err());
         Ok(())
     }
 
