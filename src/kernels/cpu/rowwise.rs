@@ -77,7 +77,7 @@ pub(crate) fn scale_columns_add<T: WithDType>(
     bias: Option<&[T]>,
 ) -> candle_core::Result<Vec<T>> {
     let d = s.len();
-    if m.len() % d.max(1) != 0 || bias.is_some_and(|b| b.len() != d) {
+    if !m.len().is_multiple_of(d.max(1)) || bias.is_some_and(|b| b.len() != d) {
         candle_core::bail!(
             "fused linear: {} values scaled by rows of {d}, bias of {:?}",
             m.len(),
