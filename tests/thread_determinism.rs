@@ -4,46 +4,36 @@
 //! order (`src/kernels/cpu/rowwise.rs`), not in the order rayon's work stealing happens to
 //! finish them.
 //!
-//! Each variant runs one forward and backward inside a one-thread and a three-thread rayon
-//! pool, on shapes that take every column-major route (chunked `x Wᵀ` at 100 rows, the
+//! - In one process: each variant runs inside a one-thread and a three-thread rayon pool
+//!   (how rayon splits the row-wise passes and the chunked products).
+//! - Across processes: the test binary reruns itself with `RAYON_NUM_THREADS` = 1 and 3
+//!   (which also sets how `gemm` partitions its products) and compares fingerprints.
+//!
+//! The shapes take every column-major route (chunked `x Wᵀ` at 100 and 200 rows, the
 //! transposed route at 12 rows) and span several 32-row blocks.
 
 mod common;
 mod props_support;
+
+use std::process::Command;
 
 use candle_core::Tensor;
 use common::bit_identical;
 use lorakit::Adapter;
 use props_support::*;
 
-/// The layer's output and the gradients of `Σ y ⊙ g` for the input and every trainable
-/// variable, in the order of `trainable_vars`, computed on `threads` threads.
-fn run(layer: &dyn Adapter, x: &Tensor, threads: usize) -> lorakit::Result<Vec<Tensor>> {
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .map_err(candle_core::Error::wrap)?;
-    pool.install(|| {
-        let x = candle_core::Var::from_tensor(x)?;
-        let y = layer.forward_t(x.as_tensor(), true)?;
-        let g = Tensor::ones_like(&y)?.cumsum(y.rank() - 1)?.sin()?;
-        let grads = (&y * &g)?.sum_all()?.backward()?;
-        let mut out = vec![
-            y,
-            grads.get(x.as_tensor()).cloned().unwrap_or(x.zeros_like()?),
-        ];
-        for v in layer.trainable_vars() {
-            let grad = grads.get(v.var.as_tensor()).cloned();
-            out.push(grad.ok_or_else(|| candle_core::Error::Msg(format!("no grad {}", v.name)))?);
-        }
-        Ok(out)
-    })
-}
+/// `(rows, d_in, d_out)` of the cases.
+const SHAPES: [(usize, usize, usize); 3] = [(100, 48, 150), (12, 130, 140), (200, 96, 300)];
 
-#[test]
-fn outputs_and_gradients_do_not_depend_on_the_thread_count() -> lorakit::Result<()> {
+/// Set in the child processes of the cross-process test.
+const CHILD_ENV: &str = "LORAKIT_DETERMINISM_CHILD";
+
+/// Every variant with a fused kernel of its own, on every shape: the layer (trainable
+/// tensors random) and its input.
+fn cases() -> lorakit::Result<Vec<(String, Built, Tensor)>> {
+    let mut out = Vec::new();
     for variant in [Variant::Lora, Variant::Dora, Variant::Vera] {
-        for (rows, d_in, d_out) in [(100, 48, 150), (12, 130, 140)] {
+        for (rows, d_in, d_out) in SHAPES {
             let case = Case {
                 d_in,
                 d_out,
@@ -55,19 +45,98 @@ fn outputs_and_gradients_do_not_depend_on_the_thread_count() -> lorakit::Result<
                 seed: 7,
             };
             let built = build(variant, &case)?;
-            let layer = built.layer.read();
-            randomize(&*layer, 11)?;
-            let x = case.input()?;
-            let one = run(&*layer, &x, 1)?;
-            let three = run(&*layer, &x, 3)?;
-            assert_eq!(one.len(), three.len());
-            for (i, (a, b)) in one.iter().zip(&three).enumerate() {
-                assert!(
-                    bit_identical(a, b),
-                    "{variant:?} {rows}x{d_in}->{d_out}: tensor {i} differs between 1 and 3 threads"
-                );
-            }
+            randomize(&*built.layer.read(), 11)?;
+            let name = format!("{variant:?} {rows}x{d_in}->{d_out}");
+            out.push((name, built, case.input()?));
         }
     }
+    Ok(out)
+}
+
+/// The layer's output and the gradients of `Σ y ⊙ g` for the input and every trainable
+/// variable, in the order of `trainable_vars`.
+fn outputs(layer: &dyn Adapter, x: &Tensor) -> lorakit::Result<Vec<Tensor>> {
+    let x = candle_core::Var::from_tensor(x)?;
+    let y = layer.forward_t(x.as_tensor(), true)?;
+    let g = Tensor::ones_like(&y)?.cumsum(y.rank() - 1)?.sin()?;
+    let grads = (&y * &g)?.sum_all()?.backward()?;
+    let mut out = vec![
+        y,
+        grads.get(x.as_tensor()).cloned().unwrap_or(x.zeros_like()?),
+    ];
+    for v in layer.trainable_vars() {
+        let grad = grads.get(v.var.as_tensor()).cloned();
+        out.push(grad.ok_or_else(|| candle_core::Error::Msg(format!("no grad {}", v.name)))?);
+    }
+    Ok(out)
+}
+
+/// [`outputs`] inside a rayon pool of `threads` threads.
+fn outputs_on(layer: &dyn Adapter, x: &Tensor, threads: usize) -> lorakit::Result<Vec<Tensor>> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(candle_core::Error::wrap)?;
+    pool.install(|| outputs(layer, x))
+}
+
+/// FNV-1a over the f32 bits of every tensor.
+fn fingerprint(tensors: &[Tensor]) -> lorakit::Result<u64> {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for t in tensors {
+        for v in t.flatten_all()?.to_vec1::<f32>()? {
+            h = (h ^ u64::from(v.to_bits())).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    Ok(h)
+}
+
+#[test]
+fn outputs_and_gradients_do_not_depend_on_the_pool_size() -> lorakit::Result<()> {
+    for (name, built, x) in cases()? {
+        let layer = built.layer.read();
+        let one = outputs_on(&*layer, &x, 1)?;
+        let three = outputs_on(&*layer, &x, 3)?;
+        assert_eq!(one.len(), three.len());
+        for (i, (a, b)) in one.iter().zip(&three).enumerate() {
+            assert!(
+                bit_identical(a, b),
+                "{name}: tensor {i} differs between pools of 1 and 3 threads"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn outputs_and_gradients_do_not_depend_on_rayon_num_threads() -> lorakit::Result<()> {
+    const NAME: &str = "outputs_and_gradients_do_not_depend_on_rayon_num_threads";
+    if std::env::var_os(CHILD_ENV).is_some() {
+        for (name, built, x) in cases()? {
+            let out = outputs(&*built.layer.read(), &x)?;
+            println!("FINGERPRINT {name}: {:016x}", fingerprint(&out)?);
+        }
+        return Ok(());
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let runs: Vec<Vec<String>> = [1, 3]
+        .iter()
+        .map(|threads| {
+            let out = Command::new(&exe)
+                .args(["--exact", NAME, "--nocapture", "--test-threads", "1"])
+                .env(CHILD_ENV, "1")
+                .env("RAYON_NUM_THREADS", threads.to_string())
+                .output()
+                .expect("the test binary reruns");
+            assert!(out.status.success(), "child with {threads} threads failed");
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                // The harness's "test … " may precede the first one on its line.
+                .filter_map(|l| l.split_once("FINGERPRINT ").map(|(_, f)| f.to_string()))
+                .collect()
+        })
+        .collect();
+    assert_eq!(runs[0].len(), 3 * SHAPES.len(), "{runs:?}");
+    assert_eq!(runs[0], runs[1], "RAYON_NUM_THREADS = 1 vs 3");
     Ok(())
 }
