@@ -203,7 +203,7 @@ fn all_cases() -> Vec<Case> {
         case(&[4], 9, 14, 0),      // no low-rank term (frozen base only)
         case(&[2, 4, 3], 8, 5, 2), // 4-D input
         case(&[20], 37, 150, 5),   // ≥ 8 rows, ≥ 128 outputs: x Wᵀ by transposed chunks
-        case(&[9], 70, 130, 4),    // few rows, large W: x Wᵀ through transposes of x and y
+        case(&[9], 20, 515, 4),    // few rows, ≥ 512 outputs: x Wᵀ through transposes of x and y
     ];
     let mut out = Vec::new();
     for (i, s) in shapes.iter().enumerate() {

@@ -143,8 +143,7 @@ fn all_cases() -> Vec<Case> {
             broadcast_grad: true,
             ..case(&[2, 4], 5, 10, 6)
         },
-        // ≥ 128 columns: x Wᵀ and x A_sᵀ by transposed chunks; (·) B_sᵀ, whose right side
-        // is large next to its 20 rows, through transposes of its factors.
+        // ≥ 128 columns: x Wᵀ, x A_sᵀ and (·) B_sᵀ by transposed chunks.
         Case {
             sliced: true,
             bias: true,
