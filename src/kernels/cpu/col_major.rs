@@ -34,11 +34,11 @@ const CHUNK: usize = 64;
 /// Row counts below this go row by row.
 const ROW_BY_ROW_BELOW: usize = 8;
 
-/// Row counts below this go through transposes (with enough columns)...
+/// Row counts from [`ROW_BY_ROW_BELOW`] up to below this go through transposes (with at
+/// least [`VIA_TRANSPOSES_MIN_COLS`] columns); products with `n ≤ k` do up to `k / 16` rows.
 const VIA_TRANSPOSES_BELOW: usize = 32;
 
-/// ...and so do products with `n ≤ k` and fewer than `k / 16` rows; never ones with fewer
-/// columns than this.
+/// The fewest columns for which the transposed route is taken.
 const VIA_TRANSPOSES_MIN_COLS: usize = 512;
 
 /// The reroutes above.
