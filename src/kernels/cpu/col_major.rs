@@ -35,7 +35,7 @@ const CHUNK: usize = 64;
 const ROW_BY_ROW_BELOW: usize = 8;
 
 /// Row counts from [`ROW_BY_ROW_BELOW`] up to below this go through transposes (with at
-/// least [`VIA_TRANSPOSES_MIN_COLS`] columns); products with `n ≤ k` do up to `k / 16` rows.
+/// least [`VIA_TRANSPOSES_MIN_COLS`] columns); products with `n ≤ k` also below `k / 16` rows.
 const VIA_TRANSPOSES_BELOW: usize = 32;
 
 /// The fewest columns for which the transposed route is taken.
