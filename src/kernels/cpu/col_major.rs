@@ -208,9 +208,9 @@ mod tests {
     use super::super::{gemm_into, test_values as vals};
     use super::*;
 
-    /// Every route (and the straight `gemm` call), a row-major and a column-major `lhs`, a
-    /// column-major `rhs` that is a slice of a taller matrix, a padded destination,
-    /// accumulation and `beta`, against an f64 triple loop.
+    /// Every route (and the straight `gemm` call), a row-major, a column-major and a
+    /// padded row-major `lhs`, a column-major `rhs` that is a slice of a taller matrix, a
+    /// padded destination, accumulation and `beta`, against an f64 triple loop.
     #[test]
     fn every_route_matches_a_triple_loop() -> candle_core::Result<()> {
         let shapes = [
@@ -228,9 +228,17 @@ mod tests {
             // rhs (k × n) column-major inside a (k + 3)-row buffer: column j at j * (k + 3).
             let rhs_data = vals((k + 3) * n, 0.71);
             let rhs = MatRef::new(&rhs_data, k, n, 1, k + 3)?;
+            // Rows padded to k + 2 with NaN (a slice of a wider matrix).
+            let lhs_padded: Vec<f64> = (0..m * (k + 2))
+                .map(|v| match v % (k + 2) < k {
+                    true => lhs_data[(v / (k + 2)) * k + v % (k + 2)],
+                    false => f64::NAN,
+                })
+                .collect();
             let lhs_views = [
                 MatRef::contiguous(&lhs_data, m, k)?,
                 MatRef::new(&lhs_t_data, m, k, 1, m)?,
+                MatRef::new(&lhs_padded, m, k, k + 2, 1)?,
             ];
             for lhs in lhs_views {
                 seen.push(route(&lhs, &rhs));
