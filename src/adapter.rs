@@ -10,21 +10,112 @@ use crate::error::{Error, Result};
 use crate::frozen::FrozenLinear;
 use crate::validate;
 
-/// Which variant a layer is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum AdapterKind {
-    /// LoRA (also the layer behind LoRA+, whose difference is the optimizer, and LoRA-drop).
+/// The eight methods lorakit implements.
+///
+/// A layer's [`Adapter::kind`] is the variant whose layer it is. LoRA+ differs from LoRA only
+/// in its optimizer (see [`crate::train::LoraPlus`]), so its layers are LoRA layers and
+/// report [`Variant::Lora`]; every other variant has a layer type of its own.
+///
+/// ```
+/// use lorakit::Variant;
+/// let v: Variant = "lora-fa".parse()?;
+/// assert_eq!(v, Variant::LoraFa);
+/// assert_eq!(v.to_string(), "LoRA-FA");
+/// assert_eq!(Variant::LoraPlus.layer(), Variant::Lora);
+/// assert_eq!(Variant::ALL.len(), 8);
+/// # Ok::<(), lorakit::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Variant {
+    /// LoRA: `y = x Wᵀ + s · (x Aᵀ) Bᵀ` with trainable A and B.
     Lora,
+    /// LoRA+: LoRA layers, B trained at a larger learning rate.
+    LoraPlus,
+    /// VeRA: a shared frozen random pair, trainable scaling vectors.
+    Vera,
     /// LoRA-FA: LoRA with A frozen at its random init.
     LoraFa,
-    /// Delta-LoRA: LoRA without dropout whose frozen weight follows Δ(BA) after each step.
-    DeltaLora,
-    /// DoRA: weight-decomposed LoRA with a trainable magnitude.
-    Dora,
-    /// VeRA: shared frozen random pair, trainable scaling vectors.
-    Vera,
+    /// LoRA-drop: LoRA whose least important layers share one pair after a calibration stage.
+    LoraDrop,
     /// AdaLoRA: SVD-form LoRA with rank allocation.
     AdaLora,
+    /// DoRA: weight-decomposed LoRA with a trainable magnitude.
+    Dora,
+    /// Delta-LoRA: LoRA without dropout whose frozen weight follows Δ(BA) after each step.
+    DeltaLora,
+}
+
+impl Variant {
+    /// Every variant, in the README's order.
+    pub const ALL: [Variant; 8] = [
+        Variant::Lora,
+        Variant::LoraPlus,
+        Variant::Vera,
+        Variant::LoraFa,
+        Variant::LoraDrop,
+        Variant::AdaLora,
+        Variant::Dora,
+        Variant::DeltaLora,
+    ];
+
+    /// The usual written name (`"LoRA+"`, `"Delta-LoRA"`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Lora => "LoRA",
+            Variant::LoraPlus => "LoRA+",
+            Variant::Vera => "VeRA",
+            Variant::LoraFa => "LoRA-FA",
+            Variant::LoraDrop => "LoRA-drop",
+            Variant::AdaLora => "AdaLoRA",
+            Variant::Dora => "DoRA",
+            Variant::DeltaLora => "Delta-LoRA",
+        }
+    }
+
+    /// A lower-case identifier for command lines and file names (`"lora-plus"`,
+    /// `"delta-lora"`, …).
+    pub fn id(self) -> &'static str {
+        match self {
+            Variant::Lora => "lora",
+            Variant::LoraPlus => "lora-plus",
+            Variant::Vera => "vera",
+            Variant::LoraFa => "lora-fa",
+            Variant::LoraDrop => "lora-drop",
+            Variant::AdaLora => "adalora",
+            Variant::Dora => "dora",
+            Variant::DeltaLora => "delta-lora",
+        }
+    }
+
+    /// The variant whose layer this one trains: LoRA for LoRA+, itself otherwise.
+    pub fn layer(self) -> Variant {
+        match self {
+            Variant::LoraPlus => Variant::Lora,
+            v => v,
+        }
+    }
+}
+
+impl std::fmt::Display for Variant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Variant {
+    type Err = Error;
+
+    /// Parses an [`Variant::id`] or a [`Variant::name`], ignoring case.
+    fn from_str(s: &str) -> Result<Self> {
+        Variant::ALL
+            .into_iter()
+            .find(|v| v.id().eq_ignore_ascii_case(s) || v.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| Error::Unsupported {
+                what: "variant",
+                got: s.to_string(),
+                supported: Variant::ALL.map(Variant::id).join(", "),
+            })
+    }
 }
 
 /// What a trainable tensor is, so optimizers can group parameters (LoRA+).
@@ -60,6 +151,12 @@ pub struct NamedVar {
 /// default, like PyTorch's `model.eval()`), so they replace `candle_nn::Linear` in model code
 /// unchanged. [`Adapter::forward_t`] takes the mode explicitly.
 ///
+/// **`apply_t` does not set the mode.** candle implements `ModuleT` for every `Module`, and
+/// that blanket `ModuleT::forward_t(x, train)` ignores `train`: `x.apply_t(&layer, true)`
+/// runs in the layer's stored mode (evaluation unless [`Adapter::set_training`] was
+/// called). Call [`Adapter::forward_t`] (or `set_training(true)` then `forward`) for a
+/// training forward with dropout.
+///
 /// Implementors provide the adapted forward, ΔW, and their tensors; the trait's provided
 /// methods handle validation, merged/disabled layers and additive merging from
 /// [`AdaptedBase`].
@@ -68,8 +165,8 @@ pub trait Adapter: Send + Sync + std::fmt::Debug {
     fn core(&self) -> &AdaptedBase;
     /// The shared layer state, mutably.
     fn core_mut(&mut self) -> &mut AdaptedBase;
-    /// Which variant this is.
-    fn kind(&self) -> AdapterKind;
+    /// Which variant's layer this is (never [`Variant::LoraPlus`], whose layers are LoRA's).
+    fn kind(&self) -> Variant;
     /// The adapted forward for an unmerged, enabled layer; `x` has already been validated.
     fn forward_adapted(&self, x: &Tensor, train: bool) -> Result<Tensor>;
     /// ΔW in the base layout `(d_out, d_in)` and dtype: what merging adds to `W`.
@@ -79,10 +176,33 @@ pub trait Adapter: Send + Sync + std::fmt::Debug {
     /// Tensors to save, named relative to the layer with PEFT's suffixes
     /// (e.g. `lora_A.weight`).
     fn tensors_to_save(&self) -> Result<Vec<(String, Tensor)>>;
+    /// The rank and scale an adapter config must give this layer's module to describe it
+    /// (checked before saving: a config that disagrees would load something else).
+    fn rank_and_scale(&self) -> (usize, f64);
     /// Downcasting, for training rules that need a concrete variant.
     fn as_any(&self) -> &dyn Any;
     /// Mutable downcasting.
     fn as_any_mut(&mut self) -> &mut dyn Any;
+
+    /// The variant a PEFT file stores this layer as: its own kind for LoRA, DoRA, VeRA and
+    /// AdaLoRA; LoRA for the layers PEFT has no format for (LoRA-FA, LoRA-drop, Delta-LoRA),
+    /// whose files hold LoRA's tensors.
+    fn saved_as(&self) -> Variant {
+        self.kind()
+    }
+
+    /// Tensors the layer uses that belong to the whole model rather than to it, named
+    /// relative to the model (VeRA's shared pair: `vera_A`, `vera_B`). Layers that share
+    /// such a tensor return the same tensor under the same name; a saved file holds it once.
+    fn model_tensors(&self) -> Vec<(String, Tensor)> {
+        Vec::new()
+    }
+
+    /// What this layer adds to its adapter's `adapter_config.json` on save, beyond the
+    /// settings its config already has (AdaLoRA's kept ranks in `rank_pattern`).
+    fn config_entries(&self) -> Vec<ConfigEntry> {
+        Vec::new()
+    }
 
     /// The layer's name (its module path).
     fn name(&self) -> &str {
@@ -139,7 +259,9 @@ pub trait Adapter: Send + Sync + std::fmt::Debug {
         Ok(())
     }
 
-    /// Number of trainable scalars.
+    /// Number of trainable scalars of this layer. A variable shared with other layers
+    /// (LoRA-drop's shared pairs) counts in each of them; [`crate::model::AdaptedSet`]'s
+    /// counts and [`crate::train::LoraDrop`] count it once.
     fn num_trainable_params(&self) -> usize {
         self.trainable_vars()
             .iter()
@@ -161,6 +283,19 @@ pub trait Adapter: Send + Sync + std::fmt::Debug {
     fn set_enabled(&self, enabled: bool) {
         self.core().set_enabled(enabled)
     }
+}
+
+/// A per-layer entry of an adapter config: `config[field][key] = value` (e.g. AdaLoRA's
+/// `rank_pattern["<path>.lora_E"] = [true, false, …]`), or with `key: None` a top-level
+/// `config[field] = value` (VeRA's `save_projection`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConfigEntry {
+    /// The top-level config key.
+    pub field: &'static str,
+    /// The key inside that object, or `None` for a top-level value.
+    pub key: Option<String>,
+    /// The value.
+    pub value: serde_json::Value,
 }
 
 /// State every adapted layer has: its name, the frozen base, whether ΔW is merged, the

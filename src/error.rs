@@ -21,13 +21,20 @@ pub enum Error {
     #[error("layer `{layer}`: dropout must be in [0, 1), got {dropout}")]
     InvalidDropout { layer: String, dropout: f64 },
 
-    /// Any other configuration value out of its domain.
-    #[error("layer `{layer}`: invalid `{field}`: {reason}")]
+    /// Any other configuration value out of its domain. `scope` says what the value
+    /// belongs to (a layer, a file, a group of settings); build it with
+    /// [`Error::layer_config`], [`Error::file_config`] or [`Error::settings`].
+    #[error("{scope}: invalid `{field}`: {reason}")]
     InvalidConfig {
-        layer: String,
+        scope: Scope,
         field: &'static str,
         reason: String,
     },
+
+    /// A call made out of order (e.g. a hook's `after_step` without its `before_step`), or
+    /// on a layer of the wrong variant for the operation.
+    #[error("{scope}: {reason}")]
+    Usage { scope: Scope, reason: String },
 
     /// A tensor's shape does not fit where it is used.
     #[error("layer `{layer}`: shape mismatch for {what}: expected {expected}, got {got}")]
@@ -123,7 +130,76 @@ pub enum Error {
 /// `Result` with the crate's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// What an [`Error::InvalidConfig`] or [`Error::Usage`] is about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// A layer, by its module path.
+    Layer(String),
+    /// A file (an adapter config, a model file, an output path).
+    File(PathBuf),
+    /// A group of settings that belongs to no single layer or file, e.g. "LoRA+ optimizer".
+    Settings(String),
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Scope::Layer(name) => write!(f, "layer `{name}`"),
+            Scope::File(path) => write!(f, "{}", path.display()),
+            Scope::Settings(what) => write!(f, "{what}"),
+        }
+    }
+}
+
 impl Error {
+    /// A layer's setting out of its domain.
+    pub fn layer_config(
+        layer: impl Into<String>,
+        field: &'static str,
+        reason: impl Into<String>,
+    ) -> Self {
+        Error::InvalidConfig {
+            scope: Scope::Layer(layer.into()),
+            field,
+            reason: reason.into(),
+        }
+    }
+
+    /// A setting read from (or written to) a file, out of its domain.
+    pub fn file_config(
+        path: impl Into<PathBuf>,
+        field: &'static str,
+        reason: impl Into<String>,
+    ) -> Self {
+        Error::InvalidConfig {
+            scope: Scope::File(path.into()),
+            field,
+            reason: reason.into(),
+        }
+    }
+
+    /// A setting of a group that belongs to no single layer (`what`, e.g. "LoRA+
+    /// optimizer"), out of its domain.
+    pub fn settings(
+        what: impl Into<String>,
+        field: &'static str,
+        reason: impl Into<String>,
+    ) -> Self {
+        Error::InvalidConfig {
+            scope: Scope::Settings(what.into()),
+            field,
+            reason: reason.into(),
+        }
+    }
+
+    /// An operation used out of order or on the wrong kind of layer.
+    pub fn usage(scope: Scope, reason: impl Into<String>) -> Self {
+        Error::Usage {
+            scope,
+            reason: reason.into(),
+        }
+    }
+
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {

@@ -44,11 +44,11 @@ impl SeededRng {
         let shape = shape.into();
         crate::validate::alloc_size("init", "shape", "random tensor", shape.dims())?;
         if !(lo.is_finite() && hi.is_finite() && lo <= hi) {
-            return Err(crate::Error::InvalidConfig {
-                layer: "init".to_string(),
-                field: "bounds",
-                reason: format!("U({lo}, {hi}) needs finite bounds with lo ≤ hi"),
-            });
+            return Err(crate::Error::settings(
+                "random init",
+                "bounds",
+                format!("U({lo}, {hi}) needs finite bounds with lo ≤ hi"),
+            ));
         }
         let values: Vec<f64> = (0..shape.elem_count())
             .map(|_| lo + (hi - lo) * self.0.random::<f64>())
@@ -69,11 +69,11 @@ impl SeededRng {
         let shape = shape.into();
         crate::validate::alloc_size("init", "shape", "random tensor", shape.dims())?;
         if !(std >= 0.0 && std.is_finite() && mean.is_finite()) {
-            return Err(crate::Error::InvalidConfig {
-                layer: "init".to_string(),
-                field: "std",
-                reason: format!("normal({mean}, {std}) needs a finite mean and std ≥ 0"),
-            });
+            return Err(crate::Error::settings(
+                "random init",
+                "std",
+                format!("normal({mean}, {std}) needs a finite mean and std ≥ 0"),
+            ));
         }
         let dist = Normal::new(mean, std).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let values: Vec<f64> = (0..shape.elem_count())
@@ -98,4 +98,16 @@ impl SeededRng {
 
 fn to_tensor(values: Vec<f64>, shape: Shape, dtype: DType, device: &Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(values, shape, device)?.to_dtype(dtype)?)
+}
+
+/// How A and B start (PEFT's `init_lora_weights`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LoraInit {
+    /// `A ~ U(±1/√d_in)` (kaiming-uniform, a = √5), `B = 0`: the layer equals the base.
+    #[default]
+    Default,
+    /// `A ~ N(0, (1/r)²)`, `B = 0`.
+    Gaussian,
+    /// A as `Default`, and `B ~ U(±1/√r)`: a non-zero ΔW, for tests (PEFT's `false`).
+    BothRandom,
 }

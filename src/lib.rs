@@ -50,20 +50,19 @@ pub mod train;
 mod validate;
 pub mod variants;
 
-pub use adapter::{AdaptedBase, Adapter, AdapterKind, NamedVar, ParamRole};
-pub use error::{Error, Result};
+pub use adapter::{AdaptedBase, Adapter, ConfigEntry, NamedVar, ParamRole, Variant};
+pub use error::{Error, Result, Scope};
 pub use frozen::FrozenLinear;
 pub use shared::Shared;
-pub use train::lora_drop::{LoraDropConfig, SampleSize, Selection};
-pub use train::{GroupedAdamW, LoraFaProjection, LoraPlus, ParamGroup};
-pub use variants::adalora::{AdaLoraConfig, AdaLoraLinear};
-pub use variants::delta_lora::{delta_lora_linear, DeltaLoraHook, DeltaLoraUpdate};
-pub use variants::lora::{LoraConfig, LoraInit, LoraLinear};
-pub use variants::lora_drop::{LayerImportance, LoraDrop, LoraDropLinear, LoraDropReport};
-
-pub use variants::dora::DoraLinear;
-pub use variants::lora_fa;
-pub use variants::vera::{VeraBuilder, VeraConfig, VeraLinear, VeraShared};
+pub use train::{
+    train_step, DeltaLoraHook, DeltaLoraUpdate, GroupedAdamW, LoraDrop, LoraDropConfig,
+    LoraFaProjection, LoraPlus, ParamGroup, RankAllocator, RankAllocatorConfig, StepHook,
+};
+pub use variants::{
+    AdaLoraConfig, AdaLoraLinear, AdaLoraWeights, DeltaLoraConfig, DeltaLoraLinear, DoraConfig,
+    DoraLinear, DoraWeights, LoraConfig, LoraDropLayerConfig, LoraDropLinear, LoraFaConfig,
+    LoraFaLinear, LoraInit, LoraLinear, VeraConfig, VeraLinear, VeraShared, VeraWeights,
+};
 
 /// The README's code blocks, compiled and run as doctests so the README stays in sync.
 #[cfg(doctest)]

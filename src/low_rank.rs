@@ -1,11 +1,14 @@
-//! The low-rank pair `(A, B)` shared by the LoRA-family layers, and how its factors are
-//! created as trainable variables through a `VarBuilder`.
+//! The low-rank pair `(A, B)` shared by the LoRA-family layers, how its factors are
+//! created as trainable variables through a `VarBuilder`, and the forward every low-rank
+//! variant without a row scale shares ([`low_rank_forward`]).
 
 use candle_core::{Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 
 use crate::adapter::{NamedVar, ParamRole};
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::frozen::FrozenLinear;
+use crate::kernels::{low_rank_only, FusedLinear, LowRankTerm};
 
 /// One factor of a low-rank pair: trained (a `Var`) or frozen (a constant).
 #[derive(Clone, Debug)]
@@ -91,15 +94,59 @@ impl LowRankPair {
 /// Creates (or fetches) the variable `name` through `vb` and sets it to `init`.
 ///
 /// Over a `VarMap` the variable is registered there (so `varmap.all_vars()` trains it) and
-/// overwritten with `init`. Over a backend of loaded tensors, the loaded value is kept and
-/// wrapped in a fresh `Var`.
+/// set to `init`; a variable already registered under that name is an error (two layers
+/// built under one prefix would otherwise share it and re-initialise it). Over a backend of
+/// loaded tensors, the loaded value is kept and wrapped in a fresh `Var`.
 pub fn trainable_var(vb: &VarBuilder, name: &str, init: &Tensor) -> Result<Var> {
+    let existed = vb.contains_tensor(name);
     let t = vb.get_with_hints_dtype(init.shape(), name, Init::Const(0.0), init.dtype())?;
     if t.is_variable() {
+        if existed {
+            let path = match vb.prefix() {
+                p if p.is_empty() => name.to_string(),
+                p => format!("{p}.{name}"),
+            };
+            return Err(Error::layer_config(
+                vb.prefix(),
+                "VarBuilder prefix",
+                format!(
+                    "the variable `{path}` already exists: another layer was built under the \
+                     same prefix (give each layer its own `vb.pp(name)`)"
+                ),
+            ));
+        }
         let var = Var::from_tensor(&t)?;
         var.set(init)?;
         Ok(var)
     } else {
         Ok(Var::from_tensor(&t)?)
     }
+}
+
+/// `x Wᵀ + b + s · (drop(x) A_effᵀ) B_effᵀ`, with dropout (probability `dropout`) only when
+/// `train` is set. Without dropout this is one [`FusedLinear`] call.
+pub fn low_rank_forward(
+    base: &FrozenLinear,
+    term: LowRankTerm<'_>,
+    dropout: f64,
+    x: &Tensor,
+    train: bool,
+) -> Result<Tensor> {
+    if train && dropout > 0.0 {
+        let frozen = FusedLinear {
+            weight: base.weight(),
+            bias: base.bias(),
+            low_rank: None,
+            row_scale: None,
+        };
+        let dropped = candle_nn::ops::dropout(x, dropout as f32)?;
+        return Ok((frozen.forward(x)? + low_rank_only(&dropped, &term)?)?);
+    }
+    FusedLinear {
+        weight: base.weight(),
+        bias: base.bias(),
+        low_rank: Some(term),
+        row_scale: None,
+    }
+    .forward(x)
 }

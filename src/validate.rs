@@ -76,14 +76,14 @@ pub(crate) fn dtype_device(
 /// `t` must hold floating-point values (F16, BF16, F32 or F64): layers compute in float.
 pub(crate) fn float_dtype(layer: &str, what: &str, t: &Tensor) -> Result<()> {
     if !t.dtype().is_float() {
-        return Err(Error::InvalidConfig {
-            layer: layer.to_string(),
-            field: "dtype",
-            reason: format!(
+        return Err(Error::layer_config(
+            layer.to_string(),
+            "dtype",
+            format!(
                 "{what} must be a float tensor (F16, BF16, F32 or F64), got {:?}",
                 t.dtype()
             ),
-        });
+        ));
     }
     Ok(())
 }
@@ -113,11 +113,11 @@ pub(crate) fn alloc_size(
 ) -> Result<()> {
     let bytes = dims.iter().try_fold(8usize, |acc, &d| acc.checked_mul(d));
     if bytes.is_none_or(|b| b > isize::MAX as usize) {
-        return Err(Error::InvalidConfig {
-            layer: layer.to_string(),
+        return Err(Error::layer_config(
+            layer.to_string(),
             field,
-            reason: format!("{what} of shape {dims:?} is too large to allocate"),
-        });
+            format!("{what} of shape {dims:?} is too large to allocate"),
+        ));
     }
     Ok(())
 }

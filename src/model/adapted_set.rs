@@ -109,11 +109,11 @@ impl AdaptedSet {
     pub fn insert(&self, path: &str, layer: Shared<dyn Adapter>) -> Result<()> {
         let mut layers = self.0.layers.write().unwrap_or_else(|e| e.into_inner());
         if layers.iter().any(|(p, _)| p == path) {
-            return Err(Error::InvalidConfig {
-                layer: path.to_string(),
-                field: "path",
-                reason: "this module was adapted twice".to_string(),
-            });
+            return Err(Error::layer_config(
+                path.to_string(),
+                "path",
+                "this module was adapted twice".to_string(),
+            ));
         }
         layers.push((path.to_string(), layer));
         Ok(())

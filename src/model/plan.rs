@@ -12,7 +12,11 @@ use crate::frozen::FrozenLinear;
 use crate::model::adapted_set::AdaptedSet;
 use crate::model::target::{ModuleSettings, RankAlpha, TargetSpec};
 use crate::shared::Shared;
-use crate::variants::lora::{LoraConfig, LoraLinear};
+use crate::variants::{
+    AdaLoraConfig, AdaLoraLinear, AdapterLayer, DeltaLoraConfig, DeltaLoraLinear, DoraConfig,
+    DoraLinear, LoraConfig, LoraDropLayerConfig, LoraDropLinear, LoraFaConfig, LoraFaLinear,
+    LoraLinear, VeraConfig, VeraLinear,
+};
 
 /// Builds the adapted layer for one targeted module: any variant plugs in here.
 ///
@@ -126,12 +130,33 @@ impl AdapterPlan {
         }
     }
 
-    /// A plan that gives every target a fresh [`LoraLinear`] with the module's rank and
-    /// alpha and the other settings of `config` (dropout, rsLoRA, init, seed).
-    pub fn lora(
+    /// A plan that gives every target a fresh layer of type `L` (any variant's layer), built
+    /// by `L::new(base, &config, vb)` with the module's rank and alpha applied to `config`
+    /// ([`AdapterLayer::config_for_module`]).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// use lorakit::model::{linear, AdapterPlan, ModuleSelector, RankAlpha, TargetSpec};
+    /// use lorakit::{Adapter, DoraConfig, DoraLinear, Variant};
+    /// # fn main() -> lorakit::Result<()> {
+    /// let dev = Device::Cpu;
+    /// let (base_map, adapter_map) = (VarMap::new(), VarMap::new());
+    /// let base_vb = VarBuilder::from_varmap(&base_map, DType::F32, &dev);
+    /// let plan = AdapterPlan::of::<DoraLinear>(
+    ///     TargetSpec::new(ModuleSelector::list(["q"])),
+    ///     RankAlpha::new(4, 8.0),
+    ///     DoraConfig::default(),
+    ///     VarBuilder::from_varmap(&adapter_map, DType::F32, &dev),
+    /// );
+    /// let q = linear(8, 8, base_vb.pp("q"), &plan)?;
+    /// assert_eq!(q.adapter().unwrap().read().kind(), Variant::Dora);
+    /// # Ok(()) }
+    /// ```
+    pub fn of<L: AdapterLayer>(
         targets: TargetSpec,
         ranks: RankAlpha,
-        config: LoraConfig,
+        config: L::Config,
         adapter_vb: VarBuilder<'static>,
     ) -> Self {
         let factory = move |_path: &str,
@@ -139,14 +164,79 @@ impl AdapterPlan {
                             vb: VarBuilder<'static>,
                             s: ModuleSettings|
               -> Result<Shared<dyn Adapter>> {
-            let c = LoraConfig {
-                r: s.r,
-                alpha: s.alpha,
-                ..config.clone()
-            };
-            Ok(Shared::new(LoraLinear::new(base, &c, vb)?).erase())
+            let config = L::config_for_module(&config, s);
+            Ok(Shared::new(L::build(base, &config, vb)?).erase())
         };
         Self::new(targets, ranks, adapter_vb, factory)
+    }
+
+    /// [`AdapterPlan::of`] with [`LoraLinear`] (also the layer LoRA+ trains).
+    pub fn lora(
+        targets: TargetSpec,
+        ranks: RankAlpha,
+        config: LoraConfig,
+        adapter_vb: VarBuilder<'static>,
+    ) -> Self {
+        Self::of::<LoraLinear>(targets, ranks, config, adapter_vb)
+    }
+
+    /// [`AdapterPlan::of`] with [`LoraFaLinear`].
+    pub fn lora_fa(
+        targets: TargetSpec,
+        ranks: RankAlpha,
+        config: LoraFaConfig,
+        adapter_vb: VarBuilder<'static>,
+    ) -> Self {
+        Self::of::<LoraFaLinear>(targets, ranks, config, adapter_vb)
+    }
+
+    /// [`AdapterPlan::of`] with [`LoraDropLinear`].
+    pub fn lora_drop(
+        targets: TargetSpec,
+        ranks: RankAlpha,
+        config: LoraDropLayerConfig,
+        adapter_vb: VarBuilder<'static>,
+    ) -> Self {
+        Self::of::<LoraDropLinear>(targets, ranks, config, adapter_vb)
+    }
+
+    /// [`AdapterPlan::of`] with [`DeltaLoraLinear`].
+    pub fn delta_lora(
+        targets: TargetSpec,
+        ranks: RankAlpha,
+        config: DeltaLoraConfig,
+        adapter_vb: VarBuilder<'static>,
+    ) -> Self {
+        Self::of::<DeltaLoraLinear>(targets, ranks, config, adapter_vb)
+    }
+
+    /// [`AdapterPlan::of`] with [`DoraLinear`].
+    pub fn dora(
+        targets: TargetSpec,
+        ranks: RankAlpha,
+        config: DoraConfig,
+        adapter_vb: VarBuilder<'static>,
+    ) -> Self {
+        Self::of::<DoraLinear>(targets, ranks, config, adapter_vb)
+    }
+
+    /// [`AdapterPlan::of`] with [`AdaLoraLinear`]: every layer has the config's `init_r`;
+    /// `ranks` gives per-module alphas.
+    pub fn adalora(
+        targets: TargetSpec,
+        ranks: RankAlpha,
+        config: AdaLoraConfig,
+        adapter_vb: VarBuilder<'static>,
+    ) -> Self {
+        Self::of::<AdaLoraLinear>(targets, ranks, config, adapter_vb)
+    }
+
+    /// [`AdapterPlan::of`] with [`VeraLinear`]: every layer uses `config.shared`, whose rank
+    /// is the plan's (VeRA has no alpha and no per-module rank). Size the pair for every
+    /// target with [`crate::VeraShared::covering`].
+    pub fn vera(targets: TargetSpec, config: VeraConfig, adapter_vb: VarBuilder<'static>) -> Self {
+        let ranks = RankAlpha::new(config.shared.rank(), 1.0);
+        Self::of::<VeraLinear>(targets, ranks, config, adapter_vb)
     }
 
     /// The target rules.

@@ -9,6 +9,8 @@
 
 use regex::Regex;
 
+pub use crate::variants::build::ModuleSettings;
+
 use crate::error::{Error, Result};
 
 /// Which modules a rule selects.
@@ -32,12 +34,13 @@ pub struct FullRegex {
 impl FullRegex {
     /// Compiles `pattern` anchored at both ends. `what` names the setting in errors.
     pub fn new(pattern: &str, what: &'static str) -> Result<Self> {
-        let compiled =
-            Regex::new(&format!("^(?:{pattern})$")).map_err(|e| Error::InvalidConfig {
-                layer: "adapter config".to_string(),
-                field: what,
-                reason: format!("regex `{pattern}` does not compile: {e}"),
-            })?;
+        let compiled = Regex::new(&format!("^(?:{pattern})$")).map_err(|e| {
+            Error::settings(
+                "target rules",
+                what,
+                format!("regex `{pattern}` does not compile: {e}"),
+            )
+        })?;
         Ok(Self {
             source: pattern.to_string(),
             compiled,
@@ -165,11 +168,11 @@ impl<T: Clone> Pattern<T> {
         let mut entries = Vec::new();
         for (key, value) in pairs {
             let re = Regex::new(&format!(r"^(?:.*\.)?(?:{key})$")).map_err(|e| {
-                Error::InvalidConfig {
-                    layer: "adapter config".to_string(),
-                    field: what,
-                    reason: format!("key `{key}` is not a valid regex: {e}"),
-                }
+                Error::settings(
+                    "target rules",
+                    what,
+                    format!("key `{key}` is not a valid regex: {e}"),
+                )
             })?;
             entries.push((key, re, value));
         }
@@ -226,13 +229,4 @@ impl RankAlpha {
             alpha: self.alpha_pattern.lookup(path).unwrap_or(self.alpha),
         }
     }
-}
-
-/// The rank and alpha one module gets.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct ModuleSettings {
-    /// Rank.
-    pub r: usize,
-    /// Alpha.
-    pub alpha: f64,
 }

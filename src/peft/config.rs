@@ -9,11 +9,13 @@ use std::path::{Path, PathBuf};
 use candle_nn::VarBuilder;
 use serde_json::{Map, Value};
 
+use crate::adapter::Variant;
 use crate::error::{Error, Result};
+use crate::frozen::FrozenLinear;
 use crate::model::plan::AdapterPlan;
 use crate::model::target::ModuleSettings;
 use crate::model::target::{FullRegex, ModuleSelector, Pattern, RankAlpha, TargetSpec};
-use crate::variants::adalora::{AdaLoraConfig, AdaLoraLinear};
+use crate::variants::build::{peft_glue, PeftGlue, PeftModule};
 use crate::variants::lora::LoraConfig;
 
 /// The adapter types lorakit reads and writes.
@@ -110,11 +112,7 @@ fn check_rank(r: usize, field: &'static str, what: &str, p: &Path) -> Result<()>
 }
 
 fn config_error(path: &Path, field: &'static str, reason: impl Into<String>) -> Error {
-    Error::InvalidConfig {
-        layer: path.display().to_string(),
-        field,
-        reason: reason.into(),
-    }
+    Error::file_config(path, field, reason)
 }
 
 /// Reads `key` as a non-negative integer, or `default` when absent / null.
@@ -369,6 +367,44 @@ impl PeftConfig {
         }
     }
 
+    /// The variant whose layers this config describes: LoRA, DoRA (`use_dora`), VeRA or
+    /// AdaLoRA.
+    pub fn variant(&self) -> Variant {
+        match (self.peft_type, self.use_dora) {
+            (PeftType::Lora, false) => Variant::Lora,
+            (PeftType::Lora, true) => Variant::Dora,
+            (PeftType::Vera, _) => Variant::Vera,
+            (PeftType::AdaLora, _) => Variant::AdaLora,
+        }
+    }
+
+    /// The glue that builds this config's layers.
+    pub(crate) fn glue(&self) -> Result<&'static dyn PeftGlue> {
+        peft_glue(self.variant()).ok_or_else(|| Error::Unsupported {
+            what: "adapter type",
+            got: self.describe(),
+            supported: SUPPORTED_PEFT_TYPES.to_string(),
+        })
+    }
+
+    /// One module's settings under this config (`init` and `seed` for fresh layers).
+    pub(crate) fn module<'a>(
+        &'a self,
+        path: &'a str,
+        settings: ModuleSettings,
+        init: &LoraConfig,
+    ) -> PeftModule<'a> {
+        PeftModule {
+            path,
+            settings,
+            use_rslora: self.use_rslora,
+            dropout: self.dropout,
+            raw: &self.raw,
+            init: init.init,
+            seed: init.seed,
+        }
+    }
+
     /// A plan that gives every target a fresh, trainable adapter of this config's type,
     /// with per-module rank and alpha from the config; `init` supplies what the config does
     /// not say (init scheme, seed). Save the trained set with
@@ -378,61 +414,22 @@ impl PeftConfig {
         adapter_vb: VarBuilder<'static>,
         init: &LoraConfig,
     ) -> Result<AdapterPlan> {
-        match (self.peft_type, self.use_dora) {
-            (PeftType::Lora, false) => Ok(AdapterPlan::lora(
-                self.targets.clone(),
-                self.ranks.clone(),
-                LoraConfig {
-                    use_rslora: self.use_rslora,
-                    dropout: self.dropout,
-                    ..init.clone()
-                },
-                adapter_vb,
-            )),
-            (PeftType::Lora, true) => {
-                let c = LoraConfig {
-                    use_rslora: self.use_rslora,
-                    dropout: self.dropout,
-                    ..init.clone()
-                };
-                let factory = move |_p: &str,
-                                    base: crate::FrozenLinear,
-                                    vb: VarBuilder<'static>,
-                                    s: ModuleSettings|
-                      -> Result<crate::Shared<dyn crate::Adapter>> {
-                    let c = LoraConfig { r: s.r, alpha: s.alpha, ..c.clone() };
-                    Ok(crate::Shared::new(crate::DoraLinear::new(base, &c, vb)?).erase())
-                };
-                Ok(AdapterPlan::new(self.targets.clone(), self.ranks.clone(), adapter_vb, factory))
-            }
-            (PeftType::AdaLora, _) => {
-                let (init_r, dropout, seed) = (self.ranks.r, self.dropout, init.seed);
-                let factory = move |_p: &str,
-                                    base: crate::FrozenLinear,
-                                    vb: VarBuilder<'static>,
-                                    s: ModuleSettings|
-                      -> Result<crate::Shared<dyn crate::Adapter>> {
-                    let c = AdaLoraConfig {
-                        init_r,
-                        alpha: s.alpha,
-                        dropout,
-                        seed,
-                    };
-                    Ok(crate::Shared::new(AdaLoraLinear::new(base, &c, vb)?).erase())
-                };
-                Ok(AdapterPlan::new(
-                    self.targets.clone(),
-                    self.ranks.clone(),
-                    adapter_vb,
-                    factory,
-                ))
-            }
-            _ => Err(Error::Unsupported {
-                what: "fresh adapter type",
-                got: self.describe(),
-                supported: "LORA (with rsLoRA, DoRA), ADALORA; build VeRA layers with VeraBuilder and save them with save_adapter".to_string(),
-            }),
-        }
+        let glue = self.glue()?;
+        glue.can_build_fresh()?;
+        let (config, init) = (self.clone(), init.clone());
+        let factory = move |path: &str,
+                            base: FrozenLinear,
+                            vb: VarBuilder<'static>,
+                            s: ModuleSettings|
+              -> Result<crate::Shared<dyn crate::Adapter>> {
+            glue.fresh(&config.module(path, s, &init), base, vb)
+        };
+        Ok(AdapterPlan::new(
+            self.targets.clone(),
+            self.ranks.clone(),
+            adapter_vb,
+            factory,
+        ))
     }
 
     /// A short name of the adapter type: `LORA`, `LORA (rsLoRA)`, `LORA (DoRA)`, `VERA`, `ADALORA`.

@@ -5,25 +5,22 @@
 //! [`crate::model::linear`] as usual, and [`AdapterPlan::finish`] then checks that every
 //! tensor of the file was used.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::adapter::Adapter;
 use crate::error::{Error, Result};
 use crate::frozen::FrozenLinear;
-use crate::low_rank::{Factor, LowRankPair};
 use crate::model::plan::{AdapterFactory, AdapterPlan};
 use crate::model::target::ModuleSettings;
-use crate::peft::config::{PeftConfig, PeftType};
+use crate::peft::config::PeftConfig;
 use crate::shared::Shared;
-use crate::variants::adalora::AdaLoraLinear;
-use crate::variants::dora::DoraLinear;
-use crate::variants::lora::{lora_scale, LoraLinear};
-use crate::variants::vera::{VeraLinear, VeraShared};
+use crate::variants::build::{peft_tensor_suffixes, TensorSource};
+use crate::variants::lora::LoraConfig;
 
 /// The config file's name in an adapter directory.
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -31,6 +28,8 @@ pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 /// The prefix PEFT puts before a module path in tensor keys.
 pub const KEY_PREFIX: &str = "base_model.model.";
+/// The prefix PEFT puts before a model-level tensor's name (VeRA's `vera_A`).
+pub const MODEL_KEY_PREFIX: &str = "base_model.";
 
 /// A PEFT adapter read from disk: its config and tensors.
 ///
@@ -60,8 +59,9 @@ struct Files {
     weights_path: PathBuf,
     tensors: BTreeMap<String, Tensor>,
     used: Mutex<HashSet<String>>,
-    /// VeRA's shared pair, built from the file on first use.
-    vera_shared: Mutex<Option<VeraShared>>,
+    /// Model-level tensors (VeRA's pair) as first converted for a layer, handed to every
+    /// later layer unchanged so the layers share them.
+    model_tensors: Mutex<HashMap<String, Tensor>>,
 }
 
 impl PeftAdapter {
@@ -122,7 +122,7 @@ impl PeftAdapter {
                 weights_path: source.into(),
                 tensors,
                 used: Mutex::new(HashSet::new()),
-                vera_shared: Mutex::new(None),
+                model_tensors: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -150,17 +150,7 @@ impl PeftAdapter {
             .keys()
             .filter_map(|k| k.strip_prefix(KEY_PREFIX))
             .filter_map(|k| {
-                let suffixes = [
-                    ".lora_A.weight",
-                    ".lora_B.weight",
-                    ".lora_magnitude_vector",
-                    ".vera_lambda_b",
-                    ".vera_lambda_d",
-                    ".lora_A",
-                    ".lora_B",
-                    ".lora_E",
-                ];
-                suffixes.iter().find_map(|s| k.strip_suffix(s))
+                peft_tensor_suffixes().find_map(|s| k.strip_suffix(s)?.strip_suffix('.'))
             })
             .map(str::to_string)
             .collect();
@@ -223,19 +213,8 @@ impl Files {
         self.weights_path.display().to_string()
     }
 
-    /// The tensor `base_model.model.<path>.<suffix>` checked against `expected`, in the base's
-    /// dtype and device, marked as used.
-    fn take(
-        &self,
-        path: &str,
-        suffix: &str,
-        expected: &[usize],
-        base: &FrozenLinear,
-    ) -> Result<Tensor> {
-        let key = format!("{KEY_PREFIX}{path}.{suffix}");
-        self.take_key(&key, path, expected, base)
-    }
-
+    /// The tensor `key` checked against `expected`, in the base's dtype and device, marked
+    /// as used.
     fn take_key(
         &self,
         key: &str,
@@ -264,146 +243,60 @@ impl Files {
             .insert(key.to_string());
         Ok(t.to_dtype(base.dtype())?.to_device(base.device())?)
     }
+}
 
-    /// The rank stored in the file for `path` (rows of `<suffix>`), for error-free shape
-    /// checks where the rank is not in the config (AdaLoRA's truncated ranks).
-    fn rows(&self, path: &str, suffix: &str) -> Result<usize> {
-        let key = format!("{KEY_PREFIX}{path}.{suffix}");
-        self.tensors
-            .get(&key)
-            .map(|t| t.dims().first().copied().unwrap_or(0))
-            .ok_or_else(|| Error::MissingKey {
+/// The tensors of the module at `path` in a loaded file.
+struct ModuleTensors<'a> {
+    files: &'a Files,
+    path: &'a str,
+    base: &'a FrozenLinear,
+}
+
+impl ModuleTensors<'_> {
+    fn key(&self, suffix: &str) -> String {
+        format!("{KEY_PREFIX}{}.{suffix}", self.path)
+    }
+}
+
+impl TensorSource for ModuleTensors<'_> {
+    fn layer_tensor(&self, suffix: &str, expected: &[usize]) -> Result<Tensor> {
+        let key = self.key(suffix);
+        self.files.take_key(&key, self.path, expected, self.base)
+    }
+
+    fn layer_rows(&self, suffix: &str) -> Result<usize> {
+        let key = self.key(suffix);
+        match self.files.tensors.get(&key) {
+            Some(t) => Ok(t.dims().first().copied().unwrap_or(0)),
+            None => Err(Error::MissingKey {
                 key,
-                file: self.file(),
-            })
+                file: self.files.file(),
+            }),
+        }
     }
-}
 
-fn trainable(t: Tensor) -> Result<Factor> {
-    Ok(Factor::Trainable(Var::from_tensor(&t)?))
-}
-
-impl LoadedFactory {
-    fn lora(
-        &self,
-        path: &str,
-        base: FrozenLinear,
-        s: ModuleSettings,
-    ) -> Result<Shared<dyn Adapter>> {
-        let f = &self.0;
-        let c = &f.config;
-        let (d_in, d_out) = (base.d_in(), base.d_out());
-        let a = f.take(path, "lora_A.weight", &[s.r, d_in], &base)?;
-        let b = f.take(path, "lora_B.weight", &[d_out, s.r], &base)?;
-        let pair = LowRankPair {
-            a: trainable(a)?,
-            b: trainable(b)?,
+    fn model_tensor(&self, name: &str) -> Result<Option<Tensor>> {
+        let key = format!("{MODEL_KEY_PREFIX}{name}");
+        let mut cache = self
+            .files
+            .model_tensors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = cache.get(&key) {
+            return Ok(Some(t.clone()));
+        }
+        let Some(stored) = self.files.tensors.get(&key) else {
+            return Ok(None);
         };
-        let scale = lora_scale(s.alpha, s.r, c.use_rslora);
-        if c.use_dora {
-            let m = f.take(path, "lora_magnitude_vector", &[d_out], &base)?;
-            let layer = DoraLinear::from_tensors(path, base, pair, m, scale, c.dropout)?;
-            return Ok(Shared::new(layer).erase());
-        }
-        let layer = LoraLinear::from_pair(path, base, pair, scale, c.dropout)?;
-        Ok(Shared::new(layer).erase())
-    }
-}
-
-impl LoadedFactory {
-    /// AdaLoRA: the file holds the kept ranks only (`lora_A`, `lora_E`, `lora_B`, no
-    /// `.weight`); `rank_pattern` says which of the `init_r` ranks they are. The scale keeps
-    /// `init_r`, as in PEFT.
-    fn adalora(
-        &self,
-        path: &str,
-        base: FrozenLinear,
-        s: ModuleSettings,
-    ) -> Result<Shared<dyn Adapter>> {
-        let f = &self.0;
-        let c = &f.config;
-        let (d_in, d_out) = (base.d_in(), base.d_out());
-        let r = f.rows(path, "lora_A")?;
-        let a = f.take(path, "lora_A", &[r, d_in], &base)?;
-        let e = f.take(path, "lora_E", &[r, 1], &base)?;
-        let b = f.take(path, "lora_B", &[d_out, r], &base)?;
-        let mut layer =
-            AdaLoraLinear::from_tensors(path, base, a, e, b, c.ranks.r, s.alpha, c.dropout)?;
-        if let Some(mask) = c.adalora_mask(path) {
-            layer.set_loaded_rank_pattern(mask)?;
-        }
-        Ok(Shared::new(layer).erase())
-    }
-}
-
-impl LoadedFactory {
-    /// VeRA's shared pair (`base_model.vera_A`, `base_model.vera_B`), read once, in the
-    /// base's dtype; checked to cover the layer at `path`.
-    fn vera_shared(&self, path: &str, base: &FrozenLinear) -> Result<VeraShared> {
-        let f = &self.0;
-        let mut cached = f.vera_shared.lock().unwrap_or_else(|e| e.into_inner());
-        let shared = match cached.as_ref() {
-            Some(s) => s.clone(),
-            None => {
-                let (ka, kb) = ("base_model.vera_A", "base_model.vera_B");
-                let (Some(a), Some(b)) = (f.tensors.get(ka), f.tensors.get(kb)) else {
-                    return Err(Error::Unsupported {
-                        what: "VeRA adapter without its shared projections",
-                        got: format!(
-                            "no `{ka}` / `{kb}` in {} (saved with save_projection = false)",
-                            f.file()
-                        ),
-                        supported: "adapters saved with save_projection = true".to_string(),
-                    });
-                };
-                let a = f.take_key(ka, path, a.dims(), base)?;
-                let b = f.take_key(kb, path, b.dims(), base)?;
-                let s = VeraShared::from_tensors(a, b)?;
-                *cached = Some(s.clone());
-                s
-            }
-        };
-        for (key, have, need, dims) in [
-            (
-                "base_model.vera_A",
-                shared.max_d_in(),
-                base.d_in(),
-                shared.a().dims(),
-            ),
-            (
-                "base_model.vera_B",
-                shared.max_d_out(),
-                base.d_out(),
-                shared.b().dims(),
-            ),
-        ] {
-            if have < need {
-                return Err(Error::ShapeMismatch {
-                    layer: path.to_string(),
-                    what: format!(
-                        "`{key}` (base weight `{path}.weight` is {:?})",
-                        base.weight().dims()
-                    ),
-                    expected: format!(
-                        "a pair covering d_in = {}, d_out = {}",
-                        base.d_in(),
-                        base.d_out()
-                    ),
-                    got: format!("{dims:?}"),
-                });
-            }
-        }
-        Ok(shared)
+        let t = self
+            .files
+            .take_key(&key, self.path, stored.dims(), self.base)?;
+        cache.insert(key, t.clone());
+        Ok(Some(t))
     }
 
-    /// VeRA: per-layer `vera_lambda_d` (`r`) and `vera_lambda_b` (`d_out`) over the shared pair.
-    fn vera(&self, path: &str, base: FrozenLinear) -> Result<Shared<dyn Adapter>> {
-        let shared = self.vera_shared(path, &base)?;
-        let f = &self.0;
-        let ld = f.take(path, "vera_lambda_d", &[shared.rank()], &base)?;
-        let lb = f.take(path, "vera_lambda_b", &[base.d_out()], &base)?;
-        let layer = VeraLinear::from_tensors(path, base, &shared, ld, lb, f.config.dropout)?;
-        Ok(Shared::new(layer).erase())
+    fn file(&self) -> String {
+        self.files.file()
     }
 }
 
@@ -415,11 +308,15 @@ impl AdapterFactory for LoadedFactory {
         _vb: VarBuilder<'static>,
         settings: ModuleSettings,
     ) -> Result<Shared<dyn Adapter>> {
-        match self.0.config.peft_type {
-            PeftType::Lora => self.lora(path, base, settings),
-            PeftType::AdaLora => self.adalora(path, base, settings),
-            PeftType::Vera => self.vera(path, base),
-        }
+        let files = &*self.0;
+        let config = &files.config;
+        let module = config.module(path, settings, &LoraConfig::default());
+        let source = ModuleTensors {
+            files,
+            path,
+            base: &base,
+        };
+        config.glue()?.load(&module, base.clone(), &source)
     }
 
     fn covers(&self, path: &str) -> bool {

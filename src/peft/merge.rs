@@ -62,11 +62,11 @@ fn refuse_overwrite(out: &Path, inputs: &[PathBuf]) -> Result<()> {
     };
     for input in inputs {
         if std::fs::canonicalize(input).is_ok_and(|i| i == out_real) {
-            return Err(Error::InvalidConfig {
-                layer: out.display().to_string(),
-                field: "--out",
-                reason: format!("refusing to overwrite the input {}", input.display()),
-            });
+            return Err(Error::file_config(
+                out,
+                "--out",
+                format!("refusing to overwrite the input {}", input.display()),
+            ));
         }
     }
     Ok(())

@@ -1,16 +1,18 @@
 //! Saving adapters as PEFT files (`adapter_config.json`, `adapter_model.safetensors`) that
 //! PEFT's `PeftModel.from_pretrained` loads, and the atomic file write used for every output.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::Tensor;
+use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 use crate::model::adapted_set::AdaptedSet;
 use crate::peft::config::PeftConfig;
-use crate::peft::load::{CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE};
+use crate::peft::load::{CONFIG_FILE, KEY_PREFIX, MODEL_KEY_PREFIX, WEIGHTS_FILE};
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory, flushed and
 /// fsynced, then renamed over `path` (readers see the old file or the new one, never half).
@@ -140,144 +142,108 @@ pub(crate) fn safetensors_bytes(tensors: &[(String, Tensor)], path: &Path) -> Re
     })
 }
 
-/// The tensors of `set` under PEFT's keys (`base_model.model.<path>.<suffix>`).
+/// The tensors of `set` under PEFT's keys: each layer's as `base_model.model.<path>.<suffix>`,
+/// and each model-level tensor (VeRA's pair) once, as `base_model.<name>`.
 pub fn adapter_tensors(set: &AdaptedSet) -> Result<Vec<(String, Tensor)>> {
     let mut out = Vec::new();
-    let mut vera_shared: Option<crate::VeraShared> = None;
+    let mut model_level: BTreeMap<String, Tensor> = BTreeMap::new();
     for (path, layer) in set.layers() {
         let layer = layer.read();
         for (suffix, t) in layer.tensors_to_save()? {
             out.push((format!("{KEY_PREFIX}{path}.{suffix}"), t));
         }
-        // VeRA's shared pair is stored once, under model-level keys.
-        if let Some(vera) = layer.as_any().downcast_ref::<crate::VeraLinear>() {
-            match &vera_shared {
+        for (name, t) in layer.model_tensors() {
+            match model_level.get(&name) {
                 None => {
-                    out.extend(vera.shared().tensors_to_save());
-                    vera_shared = Some(vera.shared().clone());
+                    model_level.insert(name, t);
                 }
-                Some(s) if s.ptr_eq(vera.shared()) => {}
+                Some(earlier) if earlier.id() == t.id() => {}
                 Some(_) => {
-                    return Err(Error::InvalidConfig {
-                        layer: path,
-                        field: "vera_A",
-                        reason: "VeRA layers of one adapter must share one projection pair"
-                            .to_string(),
-                    })
+                    return Err(Error::layer_config(
+                        path,
+                        "model tensors",
+                        format!(
+                            "the layers of one adapter must share one `{name}`, and this \
+                             layer's differs from an earlier layer's"
+                        ),
+                    ))
                 }
             }
         }
     }
+    out.extend(
+        model_level
+            .into_iter()
+            .map(|(name, t)| (format!("{MODEL_KEY_PREFIX}{name}"), t)),
+    );
     Ok(out)
 }
 
-/// Checks that `config` describes `set`: every layer is a target, and LoRA layers have the
-/// rank and scale the config gives their path (otherwise PEFT would load something else).
+/// Checks that `config` describes `set`: every layer is a target, of the config's variant,
+/// with the rank and scale the config gives its path (otherwise PEFT would load something
+/// else).
 fn check_consistent(config: &PeftConfig, set: &AdaptedSet) -> Result<()> {
+    let glue = config.glue()?;
     for (path, layer) in set.layers() {
         if !config.targets.is_target(&path) {
-            return Err(Error::InvalidConfig {
-                layer: path,
-                field: "target_modules",
-                reason: "the layer is adapted but the config does not target it".to_string(),
-            });
+            return Err(Error::layer_config(
+                path,
+                "target_modules",
+                "the layer is adapted but the config does not target it",
+            ));
         }
         let layer = layer.read();
-        if let Some(ada) = layer.as_any().downcast_ref::<crate::AdaLoraLinear>() {
-            let s = config.ranks.for_module(&path);
-            if ada.init_r() != config.ranks.r
-                || (ada.alpha() - s.alpha).abs() > 1e-9 * s.alpha.abs().max(1.0)
-            {
-                return Err(Error::InvalidConfig {
-                    layer: path,
-                    field: "init_r",
-                    reason: format!(
-                        "layer has init_r {} and lora_alpha {}, the config gives {} and {}",
-                        ada.init_r(),
-                        ada.alpha(),
-                        config.ranks.r,
-                        s.alpha
-                    ),
-                });
-            }
+        if layer.saved_as() != config.variant() {
+            return Err(Error::layer_config(
+                path,
+                "peft_type",
+                format!(
+                    "the layer is saved as {} but the config describes {} ({})",
+                    layer.saved_as(),
+                    config.variant(),
+                    config.describe()
+                ),
+            ));
         }
-        if let Some(vera) = layer.as_any().downcast_ref::<crate::VeraLinear>() {
-            if vera.shared().rank() != config.ranks.r {
-                return Err(Error::InvalidConfig {
-                    layer: path,
-                    field: "r",
-                    reason: format!(
-                        "the VeRA pair has rank {}, the config gives {}",
-                        vera.shared().rank(),
-                        config.ranks.r
-                    ),
-                });
-            }
-        }
-        let lora = layer
-            .as_any()
-            .downcast_ref::<crate::LoraLinear>()
-            .or_else(|| {
-                layer
-                    .as_any()
-                    .downcast_ref::<crate::DoraLinear>()
-                    .map(|d| d.lora())
-            });
-        if let Some(lora) = lora {
-            let s = config.ranks.for_module(&path);
-            let scale = crate::variants::lora::lora_scale(s.alpha, s.r, config.use_rslora);
-            if lora.rank() != s.r || (lora.scale() - scale).abs() > 1e-9 * scale.abs().max(1.0) {
-                return Err(Error::InvalidConfig {
-                    layer: path,
-                    field: "r",
-                    reason: format!(
-                        "layer has rank {} and scale {}, the config gives rank {} and scale {scale}",
-                        lora.rank(),
-                        lora.scale(),
-                        s.r
-                    ),
-                });
-            }
+        let module = config.module(&path, config.ranks.for_module(&path), &Default::default());
+        let (r, scale) = glue.rank_and_scale(&module);
+        let (layer_r, layer_scale) = layer.rank_and_scale();
+        if layer_r != r || (layer_scale - scale).abs() > 1e-9 * scale.abs().max(1.0) {
+            return Err(Error::layer_config(
+                path,
+                "r",
+                format!(
+                    "layer has rank {layer_r} and scale {layer_scale}, the config gives rank {r} \
+                     and scale {scale}"
+                ),
+            ));
         }
     }
-    Ok(())
+    glue.check_save(&config.raw)
 }
 
-/// The config to write: `config`, plus what the layers know and the config may not (AdaLoRA's
-/// kept ranks, as PEFT's `rank_pattern`).
+/// The config to write: `config`, plus what the layers know and the config may not
+/// ([`crate::Adapter::config_entries`], e.g. AdaLoRA's kept ranks as PEFT's `rank_pattern`).
 fn with_layer_state(config: &PeftConfig, set: &AdaptedSet) -> Result<PeftConfig> {
     let mut config = config.clone();
-    let total_step = config.raw.get("total_step").and_then(|v| v.as_u64());
-    if config.peft_type == crate::peft::PeftType::AdaLora && total_step.unwrap_or(0) == 0 {
-        return Err(Error::InvalidConfig {
-            layer: "adapter config".to_string(),
-            field: "total_step",
-            reason:
-                "PEFT refuses AdaLoRA configs without total_step > 0; set it (the training length)"
-                    .to_string(),
-        });
-    }
-    let mut pattern = serde_json::Map::new();
-    for (path, layer) in set.layers() {
-        if let Some(ada) = layer.read().as_any().downcast_ref::<crate::AdaLoraLinear>() {
-            let mask = ada
-                .rank_pattern()
-                .into_iter()
-                .map(serde_json::Value::Bool)
-                .collect();
-            pattern.insert(format!("{path}.lora_E"), serde_json::Value::Array(mask));
+    let mut objects: BTreeMap<&'static str, Map<String, Value>> = BTreeMap::new();
+    for (_, layer) in set.layers() {
+        for entry in layer.read().config_entries() {
+            match entry.key {
+                Some(key) => {
+                    objects
+                        .entry(entry.field)
+                        .or_default()
+                        .insert(key, entry.value);
+                }
+                None => {
+                    config.raw.insert(entry.field.to_string(), entry.value);
+                }
+            }
         }
     }
-    if !pattern.is_empty() {
-        config
-            .raw
-            .insert("rank_pattern".into(), serde_json::Value::Object(pattern));
-    }
-    if config.peft_type == crate::peft::PeftType::Vera {
-        // lorakit always stores the shared pair (PEFT's torch stream cannot be reproduced).
-        config
-            .raw
-            .insert("save_projection".into(), serde_json::Value::Bool(true));
+    for (field, object) in objects {
+        config.raw.insert(field.to_string(), Value::Object(object));
     }
     Ok(config)
 }

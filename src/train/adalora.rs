@@ -23,10 +23,10 @@ use std::collections::BTreeMap;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
-use crate::adapter::Adapter;
+use crate::adapter::{Adapter, Variant};
 use crate::error::{Error, Result};
 use crate::shared::Shared;
-use crate::train::hooks::StepHook;
+use crate::train::hooks::{layer_as, layer_as_mut, select_kind, StepHook};
 use crate::variants::adalora::AdaLoraLinear;
 
 /// The allocator's schedule and scoring hyper-parameters; defaults match PEFT's
@@ -71,11 +71,7 @@ impl RankAllocatorConfig {
     /// `γ ≥ 0`, and a non-empty pruning phase (`tinit < total_step − tfinal`).
     pub fn validate(&self) -> Result<()> {
         let bad = |field: &'static str, reason: String| {
-            Err(Error::InvalidConfig {
-                layer: "adalora".to_string(),
-                field,
-                reason,
-            })
+            Err(Error::settings("AdaLoRA rank allocator", field, reason))
         };
         if self.total_step == 0 {
             return bad("total_step", "must be > 0, got 0".into());
@@ -191,6 +187,9 @@ struct LayerStats {
     b: Ema,
 }
 
+/// How the allocator names itself in errors.
+const RULE: &str = "the AdaLoRA rank allocator";
+
 /// AdaLoRA's rank allocator over all AdaLoRA layers of a model.
 ///
 /// Run it after every optimizer step with the step's gradients, either as a [`StepHook`]
@@ -210,7 +209,7 @@ struct LayerStats {
 /// let layer = Shared::new(AdaLoraLinear::new(base, &AdaLoraConfig::new(4, 4.0), vb.pp("fc"))?);
 /// let mut config = RankAllocatorConfig::new(6);
 /// config.target_r = 2;
-/// let mut alloc = RankAllocator::new(vec![layer.clone()], config)?;
+/// let mut alloc = RankAllocator::new(&[layer.clone().erase()], config)?;
 /// let mut opt = candle_nn::AdamW::new_lr(varmap.all_vars(), 1e-2)?;
 /// let (x, y) = (Tensor::randn(0f32, 1., (16, 8), &dev)?, Tensor::randn(0f32, 1., (16, 8), &dev)?);
 /// for step in 1..=6 {
@@ -225,7 +224,7 @@ struct LayerStats {
 #[derive(Debug)]
 pub struct RankAllocator {
     config: RankAllocatorConfig,
-    layers: Vec<Shared<AdaLoraLinear>>,
+    layers: Vec<Shared<dyn Adapter>>,
     stats: Vec<Option<LayerStats>>,
     init_budget: usize,
     target_budget: usize,
@@ -234,31 +233,29 @@ pub struct RankAllocator {
 }
 
 impl RankAllocator {
-    /// An allocator over `layers` (their order breaks score ties). The initial budget is
-    /// the sum of the layers' current ranks, the target `target_r × layers`, which must be
-    /// smaller.
-    pub fn new(layers: Vec<Shared<AdaLoraLinear>>, config: RankAllocatorConfig) -> Result<Self> {
+    /// An allocator over the AdaLoRA layers among `layers` (layers of other variants are
+    /// skipped, so a model's whole [`crate::model::AdaptedSet`] can be passed; their order
+    /// breaks score ties). Errors if none is an AdaLoRA layer. The initial budget is the sum
+    /// of the layers' current ranks, the target `target_r × layers`, which must be smaller.
+    pub fn new(layers: &[Shared<dyn Adapter>], config: RankAllocatorConfig) -> Result<Self> {
         config.validate()?;
-        if layers.is_empty() {
-            return Err(Error::InvalidConfig {
-                layer: "adalora".into(),
-                field: "layers",
-                reason: "the rank allocator needs at least one AdaLoRA layer".into(),
-            });
-        }
-        let init_budget: usize = layers.iter().map(|l| l.read().rank()).sum();
+        let layers = select_kind(layers, Variant::AdaLora, RULE)?;
+        let init_budget = layers
+            .iter()
+            .map(|l| Ok(layer_as::<AdaLoraLinear>(&*l.read(), RULE)?.rank()))
+            .sum::<Result<usize>>()?;
         let target_budget = config.target_r * layers.len();
         if target_budget >= init_budget {
-            return Err(Error::InvalidConfig {
-                layer: "adalora".into(),
-                field: "target_r",
-                reason: format!(
+            return Err(Error::settings(
+                "AdaLoRA rank allocator",
+                "target_r",
+                format!(
                     "target budget {target_budget} (target_r {} × {} layers) must be below the \
                      initial budget {init_budget}",
                     config.target_r,
                     layers.len()
                 ),
-            });
+            ));
         }
         let stats = layers.iter().map(|_| None).collect();
         Ok(Self {
@@ -277,8 +274,8 @@ impl RankAllocator {
         &self.config
     }
 
-    /// The layers, in allocation order.
-    pub fn layers(&self) -> &[Shared<AdaLoraLinear>] {
+    /// The layers (each an [`AdaLoraLinear`]), in allocation order.
+    pub fn layers(&self) -> &[Shared<dyn Adapter>] {
         &self.layers
     }
 
@@ -306,9 +303,10 @@ impl RankAllocator {
     pub fn rank_pattern(&self) -> BTreeMap<String, Vec<bool>> {
         self.layers
             .iter()
-            .map(|l| {
+            .filter_map(|l| {
                 let l = l.read();
-                (format!("{}.lora_E", l.name()), l.rank_pattern())
+                let ada = l.as_any().downcast_ref::<AdaLoraLinear>()?;
+                Some((format!("{}.lora_E", ada.name()), ada.rank_pattern()))
             })
             .collect()
     }
@@ -326,7 +324,10 @@ impl RankAllocator {
             .iter()
             .zip(&self.stats)
             .map(|(layer, stats)| match stats {
-                None => Ok(vec![0.0; layer.read().rank()]),
+                None => Ok(vec![
+                    0.0;
+                    layer_as::<AdaLoraLinear>(&*layer.read(), RULE)?.rank()
+                ]),
                 Some(s) => triplet_score(s),
             })
             .collect()
@@ -351,7 +352,8 @@ impl RankAllocator {
             Ok(Some(self.target_budget))
         } else {
             for layer in &self.layers {
-                let mut l = layer.write();
+                let mut guard = layer.write();
+                let l = layer_as_mut::<AdaLoraLinear>(&mut *guard, RULE)?;
                 let kept = l.kept().to_vec();
                 l.apply_mask(&kept)?;
             }
@@ -362,7 +364,8 @@ impl RankAllocator {
     fn update_scores(&mut self, grads: &GradStore) -> Result<()> {
         let (b1, b2) = (self.config.beta1, self.config.beta2);
         for (layer, stats) in self.layers.iter().zip(self.stats.iter_mut()) {
-            let l = layer.read();
+            let guard = layer.read();
+            let l = layer_as::<AdaLoraLinear>(&*guard, RULE)?;
             let s = match stats {
                 Some(s) => s,
                 None => stats.insert(LayerStats {
@@ -399,7 +402,7 @@ impl RankAllocator {
             }
         }
         for (layer, keep) in self.layers.iter().zip(&keep) {
-            layer.write().apply_mask(keep)?;
+            layer_as_mut::<AdaLoraLinear>(&mut *layer.write(), RULE)?.apply_mask(keep)?;
         }
         self.budget = budget;
         Ok(())
@@ -422,12 +425,16 @@ impl StepHook for RankAllocator {
 
 /// The orthogonality penalty (without γ): the mean over every `A` and `B` of the layers of
 /// `‖A Aᵀ − I‖_F` and `‖Bᵀ B − I‖_F` (unsquared Frobenius norms, as PEFT). Differentiable;
-/// add `γ ·` this to the loss. Computed in f32, returned in the layers' dtype. Layers of rank 0 contribute nothing; no layers give 0.
-pub fn orthogonality_penalty(layers: &[Shared<AdaLoraLinear>]) -> Result<Tensor> {
+/// add `γ ·` this to the loss. Computed in f32, returned in the layers' dtype. Layers of
+/// other variants are skipped and layers of rank 0 contribute nothing; no terms give 0.
+pub fn orthogonality_penalty(layers: &[Shared<dyn Adapter>]) -> Result<Tensor> {
     let mut terms = Vec::with_capacity(2 * layers.len());
     let (mut device, mut dtype) = (candle_core::Device::Cpu, DType::F32);
     for layer in layers {
-        let l = layer.read();
+        let guard = layer.read();
+        let Some(l) = guard.as_any().downcast_ref::<AdaLoraLinear>() else {
+            continue;
+        };
         device = l.a().device().clone();
         dtype = l.a().dtype();
         if l.rank() == 0 {

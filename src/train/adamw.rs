@@ -126,14 +126,14 @@ impl GroupedAdamW {
             let mut vars = Vec::with_capacity(group.vars.len());
             for var in group.vars.into_iter().filter(|v| v.dtype().is_float()) {
                 if !seen.insert(var.as_tensor().id()) {
-                    return Err(Error::InvalidConfig {
-                        layer: group.name.clone(),
-                        field: "vars",
-                        reason: format!(
+                    return Err(Error::settings(
+                        format!("parameter group `{}`", group.name),
+                        "vars",
+                        format!(
                             "a variable of shape {:?} is already in a parameter group",
                             var.dims()
                         ),
-                    });
+                    ));
                 }
                 let (shape, dtype, dev) = (var.shape(), var.dtype(), var.device());
                 let first_moment = Var::zeros(shape, dtype, dev)?;
@@ -263,14 +263,13 @@ impl GroupedAdamW {
     /// Sets the learning rate of group `index` (errors on a bad index or rate).
     pub fn set_group_lr(&mut self, index: usize, lr: f64) -> Result<()> {
         let count = self.groups.len();
-        let group = self
-            .groups
-            .get_mut(index)
-            .ok_or_else(|| Error::InvalidConfig {
-                layer: "optimizer".to_string(),
-                field: "group",
-                reason: format!("index {index} out of range ({count} groups)"),
-            })?;
+        let group = self.groups.get_mut(index).ok_or_else(|| {
+            Error::settings(
+                "optimizer",
+                "group",
+                format!("index {index} out of range ({count} groups)"),
+            )
+        })?;
         check_rate(&group.name, "lr", lr)?;
         group.lr = lr;
         Ok(())
@@ -328,11 +327,11 @@ impl candle_nn::Optimizer for GroupedAdamW {
 fn check_hyper(name: &str, p: &ParamsAdamW) -> Result<()> {
     for (field, beta) in [("beta1", p.beta1), ("beta2", p.beta2)] {
         if !(0.0..1.0).contains(&beta) {
-            return Err(Error::InvalidConfig {
-                layer: name.to_string(),
+            return Err(Error::settings(
+                name.to_string(),
                 field,
-                reason: format!("must be in [0, 1), got {beta}"),
-            });
+                format!("must be in [0, 1), got {beta}"),
+            ));
         }
     }
     check_rate(name, "eps", p.eps)?;
@@ -343,11 +342,11 @@ fn check_hyper(name: &str, p: &ParamsAdamW) -> Result<()> {
 /// A learning rate, decay or epsilon: finite and ≥ 0.
 fn check_rate(group: &str, field: &'static str, value: f64) -> Result<()> {
     if !value.is_finite() || value < 0.0 {
-        return Err(Error::InvalidConfig {
-            layer: format!("parameter group {group}"),
+        return Err(Error::settings(
+            format!("parameter group `{group}`"),
             field,
-            reason: format!("must be finite and >= 0, got {value}"),
-        });
+            format!("must be finite and >= 0, got {value}"),
+        ));
     }
     Ok(())
 }

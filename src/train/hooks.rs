@@ -6,7 +6,9 @@ use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 use candle_nn::Optimizer;
 
-use crate::error::Result;
+use crate::adapter::{Adapter, Variant};
+use crate::error::{Error, Result, Scope};
+use crate::shared::Shared;
 
 /// A training rule that runs around each optimizer step. `step` counts from 1.
 pub trait StepHook {
@@ -41,4 +43,62 @@ pub fn train_step<O: Optimizer>(
         hook.after_step(step, &grads)?;
     }
     Ok(())
+}
+
+/// The layers of `variant` among `layers`, in order: how every training rule picks its
+/// layers from a model's whole set. An error naming `rule` if there are none.
+pub(crate) fn select_kind(
+    layers: &[Shared<dyn Adapter>],
+    variant: Variant,
+    rule: &'static str,
+) -> Result<Vec<Shared<dyn Adapter>>> {
+    let picked: Vec<_> = layers
+        .iter()
+        .filter(|l| l.read().kind() == variant)
+        .cloned()
+        .collect();
+    if picked.is_empty() {
+        return Err(Error::usage(
+            Scope::Settings(rule.to_string()),
+            format!(
+                "none of the {} layer(s) given is a {variant} layer",
+                layers.len()
+            ),
+        ));
+    }
+    Ok(picked)
+}
+
+/// `layer` as the concrete layer type a rule works on, or an error naming the layer and
+/// `rule`. Rules select their layers by [`Variant`], so this fails only on a layer type
+/// that reports another type's variant.
+pub(crate) fn layer_as<'a, L: Adapter + 'static>(
+    layer: &'a dyn Adapter,
+    rule: &'static str,
+) -> Result<&'a L> {
+    match layer.as_any().downcast_ref::<L>() {
+        Some(l) => Ok(l),
+        None => Err(wrong_layer::<L>(layer.name(), rule)),
+    }
+}
+
+/// [`layer_as`], mutably.
+pub(crate) fn layer_as_mut<'a, L: Adapter + 'static>(
+    layer: &'a mut dyn Adapter,
+    rule: &'static str,
+) -> Result<&'a mut L> {
+    let name = layer.name().to_string();
+    match layer.as_any_mut().downcast_mut::<L>() {
+        Some(l) => Ok(l),
+        None => Err(wrong_layer::<L>(&name, rule)),
+    }
+}
+
+fn wrong_layer<L>(name: &str, rule: &'static str) -> Error {
+    let type_name = std::any::type_name::<L>();
+    let short = type_name.rsplit("::").next().unwrap_or(type_name);
+    Error::usage(
+        Scope::Layer(name.to_string()),
+        format!("{rule} needs a {short} layer"),
+    )
 }

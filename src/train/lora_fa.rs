@@ -15,7 +15,7 @@
 //! (ε = 1e-6, weight decay 0 by default, decay applied after the Adam update); candle's AdamW
 //! defaults differ (ε = 1e-8, decay 0.01 applied before): set them to match PEFT's run.
 //!
-//! A and B are paired per layer (a [`LoraLinear`] whose A is [`Factor::Frozen`] and B
+//! A and B are paired per layer (a [`LoraFaLinear`], whose A is [`Factor::Frozen`] and B
 //! [`Factor::Trainable`]), never by parameter order.
 
 use std::collections::{HashMap, HashSet};
@@ -23,12 +23,15 @@ use std::collections::{HashMap, HashSet};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, TensorId};
 
-use crate::adapter::Adapter;
-use crate::error::{Error, Result};
+use crate::adapter::{Adapter, Variant};
+use crate::error::{Error, Result, Scope};
 use crate::low_rank::Factor;
 use crate::shared::Shared;
-use crate::train::hooks::StepHook;
-use crate::variants::lora::LoraLinear;
+use crate::train::hooks::{layer_as, select_kind, StepHook};
+use crate::variants::lora_fa::LoraFaLinear;
+
+/// How the projection names itself in errors.
+const RULE: &str = "the LoRA-FA projection";
 
 /// The ridge added to `A Aᵀ` before inversion (PEFT's `delta`).
 pub const LORA_FA_RIDGE: f64 = 1e-8;
@@ -39,15 +42,16 @@ pub const LORA_FA_RIDGE: f64 = 1e-8;
 /// use candle_core::{DType, Device, Tensor, Var};
 /// use lorakit::low_rank::{Factor, LowRankPair};
 /// use lorakit::train::{LoraFaProjection, StepHook};
-/// use lorakit::{Adapter, FrozenLinear, LoraLinear, Shared};
+/// use lorakit::{Adapter, FrozenLinear, LoraFaConfig, LoraFaLinear, Shared};
 /// # fn main() -> lorakit::Result<()> {
 /// let dev = Device::Cpu;
 /// let base = FrozenLinear::new(Tensor::zeros((3, 4), DType::F32, &dev)?, None)?;
 /// let a = Tensor::new(&[[1f32, 0., 0., 0.], [0., 2., 0., 0.]], &dev)?;
 /// let b = Var::zeros((3, 2), DType::F32, &dev)?;
 /// let pair = LowRankPair { a: Factor::Frozen(a), b: Factor::Trainable(b.clone()) };
-/// let layer = Shared::new(LoraLinear::from_pair("fc", base, pair, 1.0, 0.0)?);
-/// let mut hook = LoraFaProjection::from_lora([layer.clone()])?;
+/// let config = LoraFaConfig::new(2, 2.0); // s = alpha / r = 1
+/// let layer = Shared::new(LoraFaLinear::from_weights("fc", base, &config, pair)?);
+/// let mut hook = LoraFaProjection::new(&[layer.clone().erase()])?;
 /// let y = layer.read().forward_t(&Tensor::ones((1, 4), DType::F32, &dev)?, true)?;
 /// let mut grads = y.sum_all()?.backward()?;
 /// hook.before_step(1, &mut grads)?;
@@ -72,35 +76,14 @@ impl std::fmt::Debug for LoraFaProjection {
 }
 
 impl LoraFaProjection {
-    /// The projection for `layers`; each must be a LoRA-FA layer (a [`LoraLinear`] with a
-    /// frozen A and a trainable B), else an error names it.
-    pub fn new(layers: Vec<Shared<dyn Adapter>>) -> Result<Self> {
-        for layer in &layers {
-            let guard = layer.read();
-            lora_fa_parts(&*guard)?;
-        }
+    /// The projection for the LoRA-FA layers among `layers` (layers of other variants are
+    /// skipped, so a model's whole [`crate::model::AdaptedSet`] can be passed). Errors if
+    /// none is a LoRA-FA layer.
+    pub fn new(layers: &[Shared<dyn Adapter>]) -> Result<Self> {
         Ok(Self {
-            layers,
+            layers: select_kind(layers, Variant::LoraFa, RULE)?,
             inverses: HashMap::new(),
         })
-    }
-
-    /// The projection for LoRA layers held with their concrete type.
-    pub fn from_lora(layers: impl IntoIterator<Item = Shared<LoraLinear>>) -> Result<Self> {
-        Self::new(layers.into_iter().map(Shared::erase).collect())
-    }
-
-    /// The projection for the LoRA-FA layers among `layers` (others are skipped).
-    pub fn select(layers: &[Shared<dyn Adapter>]) -> Self {
-        let layers = layers
-            .iter()
-            .filter(|l| lora_fa_parts(&*l.read()).is_ok())
-            .cloned()
-            .collect();
-        Self {
-            layers,
-            inverses: HashMap::new(),
-        }
     }
 
     /// Number of layers projected.
@@ -126,23 +109,23 @@ impl LoraFaProjection {
             let b = b_var.as_tensor();
             if let Some(a_id) = done.get(&b.id()) {
                 if *a_id != a.id() {
-                    return Err(Error::InvalidConfig {
-                        layer: name.to_string(),
-                        field: "lora_B",
-                        reason: "B is shared with a layer whose frozen A differs; the \
+                    return Err(Error::layer_config(
+                        name.to_string(),
+                        "lora_B",
+                        "B is shared with a layer whose frozen A differs; the \
                                  LoRA-FA projection is ambiguous"
                             .to_string(),
-                    });
+                    ));
                 }
                 continue;
             }
             let Some(g) = grads.get(b) else { continue };
             if scale == 0.0 || !scale.is_finite() {
-                return Err(Error::InvalidConfig {
-                    layer: name.to_string(),
-                    field: "scale",
-                    reason: format!("the LoRA-FA projection divides by s², got s = {scale}"),
-                });
+                return Err(Error::layer_config(
+                    name.to_string(),
+                    "scale",
+                    format!("the LoRA-FA projection divides by s², got s = {scale}"),
+                ));
             }
             let compute = match g.dtype() {
                 DType::F64 => DType::F64,
@@ -176,21 +159,14 @@ impl StepHook for LoraFaProjection {
 /// A LoRA-FA layer's name, frozen A, trainable B and scale, or an error naming the layer.
 fn lora_fa_parts(layer: &dyn Adapter) -> Result<(&str, &Tensor, &candle_core::Var, f64)> {
     let name = layer.name();
-    let not_fa = |why: &str| Error::InvalidConfig {
-        layer: name.to_string(),
-        field: "layer",
-        reason: format!("the LoRA-FA projection needs {why}"),
-    };
-    let lora = layer
-        .as_any()
-        .downcast_ref::<LoraLinear>()
-        .ok_or_else(|| not_fa("a LoraLinear layer"))?;
-    let pair = lora.pair();
-    let Factor::Frozen(a) = &pair.a else {
-        return Err(not_fa("a frozen A (Factor::Frozen)"));
-    };
-    let Factor::Trainable(b) = &pair.b else {
-        return Err(not_fa("a trainable B (Factor::Trainable)"));
+    let fa = layer_as::<LoraFaLinear>(layer, RULE)?;
+    let (lora, pair) = (fa.lora(), fa.lora().pair());
+    // LoraFaLinear keeps A frozen and B trainable; anything else is a broken invariant.
+    let (Factor::Frozen(a), Factor::Trainable(b)) = (&pair.a, &pair.b) else {
+        return Err(Error::usage(
+            Scope::Layer(name.to_string()),
+            "a LoRA-FA layer must have a frozen A and a trainable B",
+        ));
     };
     Ok((name, a, b, lora.scale()))
 }
@@ -207,10 +183,12 @@ fn ridge_inverse(layer: &str, a: &Tensor, dtype: DType) -> Result<Tensor> {
             m[i * r + j] = dot + if i == j { LORA_FA_RIDGE } else { 0.0 };
         }
     }
-    let inv = invert(&mut m, r).ok_or_else(|| Error::InvalidConfig {
-        layer: layer.to_string(),
-        field: "lora_A",
-        reason: "A Aᵀ + 1e-8·I is singular or not finite".to_string(),
+    let inv = invert(&mut m, r).ok_or_else(|| {
+        Error::layer_config(
+            layer.to_string(),
+            "lora_A",
+            "A Aᵀ + 1e-8·I is singular or not finite".to_string(),
+        )
     })?;
     Ok(Tensor::from_vec(inv, (r, r), a.device())?.to_dtype(dtype)?)
 }

@@ -120,20 +120,20 @@ impl LoraPlus {
         I: IntoIterator<Item = (String, NamedVar)>,
     {
         if !self.ratio.is_finite() || self.ratio <= 0.0 {
-            return Err(Error::InvalidConfig {
-                layer: "LoRA+".to_string(),
-                field: "ratio",
-                reason: format!("must be finite and > 0, got {}", self.ratio),
-            });
+            return Err(Error::settings(
+                "LoRA+ optimizer",
+                "ratio",
+                format!("must be finite and > 0, got {}", self.ratio),
+            ));
         }
         let embedding_lr = self.embedding_lr;
         if !embedding_lr.is_finite() || embedding_lr < 0.0 {
             // Checked even when no embedding is trained, so a bad recipe never passes.
-            return Err(Error::InvalidConfig {
-                layer: "LoRA+".to_string(),
-                field: "embedding_lr",
-                reason: format!("must be finite and >= 0, got {embedding_lr}"),
-            });
+            return Err(Error::settings(
+                "LoRA+ optimizer",
+                "embedding_lr",
+                format!("must be finite and >= 0, got {embedding_lr}"),
+            ));
         }
         let (lr, wd) = (self.adamw.lr, self.adamw.weight_decay);
         let group = |name: &str, lr: f64, wd: f64| {

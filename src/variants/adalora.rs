@@ -13,15 +13,16 @@ use std::any::Any;
 
 use candle_core::{Tensor, Var};
 use candle_nn::VarBuilder;
+use serde_json::Value;
 
-use crate::adapter::{AdaptedBase, Adapter, AdapterKind, NamedVar, ParamRole};
+use crate::adapter::{AdaptedBase, Adapter, ConfigEntry, NamedVar, ParamRole, Variant};
 use crate::error::{Error, Result};
 use crate::frozen::FrozenLinear;
 use crate::init::SeededRng;
 use crate::kernels::LowRankTerm;
-use crate::low_rank::{trainable_var, Factor, LowRankPair};
+use crate::low_rank::{low_rank_forward, trainable_var, Factor, LowRankPair};
 use crate::validate;
-use crate::variants::branch::low_rank_forward;
+use crate::variants::build::{AdapterLayer, ModuleSettings, PeftLayer, PeftModule, TensorSource};
 
 /// Standard deviation of PEFT's AdaLoRA init for `A` and `B`.
 pub const ADALORA_INIT_STD: f64 = 0.02;
@@ -81,6 +82,21 @@ impl AdaLoraConfig {
 /// by pruning or truncation.
 pub fn adalora_scale(alpha: f64, init_r: usize) -> f64 {
     alpha / (init_r as f64 + 1e-5)
+}
+
+/// What an AdaLoRA layer is built from when loaded.
+#[derive(Clone, Debug)]
+pub struct AdaLoraWeights {
+    /// `A`, `(r', d_in)`.
+    pub a: Tensor,
+    /// `E`, `(r', 1)`.
+    pub e: Tensor,
+    /// `B`, `(d_out, r')`.
+    pub b: Tensor,
+    /// Which of the `init_r` initial ranks the `r'` rows are (PEFT's `rank_pattern` entry
+    /// for the layer: `init_r` entries, `r'` of them true); `None`: the first `r'`. It only
+    /// matters for saving the pattern again.
+    pub rank_pattern: Option<Vec<bool>>,
 }
 
 /// A frozen linear layer with an AdaLoRA adapter.
@@ -143,73 +159,47 @@ impl AdaLoraLinear {
         let a = rng.normal((r, d_in), 0.0, ADALORA_INIT_STD, dtype, dev)?;
         let b = rng.normal((d_out, r), 0.0, ADALORA_INIT_STD, dtype, dev)?;
         let e = Tensor::zeros((r, 1), dtype, dev)?;
-        let a = trainable_var(&vb, "lora_A", &a)?;
-        let e = trainable_var(&vb, "lora_E", &e)?;
-        let b = trainable_var(&vb, "lora_B", &b)?;
-        Self::from_vars(
-            name,
-            base,
+        let weights = AdaLoraWeights {
+            a: trainable_var(&vb, "lora_A", &a)?.as_tensor().clone(),
+            e: trainable_var(&vb, "lora_E", &e)?.as_tensor().clone(),
+            b: trainable_var(&vb, "lora_B", &b)?.as_tensor().clone(),
+            rank_pattern: None,
+        };
+        Self::from_weights(name, base, config, weights)
+    }
+
+    /// Builds the layer `name` from existing tensors, e.g. a truncated PEFT file: `a`
+    /// `(r', d_in)`, `e` `(r', 1)`, `b` `(d_out, r')` with `r' ≤ init_r` (`r' = 0` is
+    /// allowed: every rank was pruned). The scale is `alpha / (init_r + 1e-5)` as in PEFT.
+    /// The tensors become trainable `Var`s (shared if they already are); `config.seed` is
+    /// not used.
+    pub fn from_weights(
+        name: impl Into<String>,
+        base: FrozenLinear,
+        config: &AdaLoraConfig,
+        weights: AdaLoraWeights,
+    ) -> Result<Self> {
+        let name = name.into();
+        config.validate(&name)?;
+        let init_r = config.init_r;
+        let AdaLoraWeights {
             a,
             e,
             b,
-            config.init_r,
-            config.alpha,
-            config.dropout,
-        )
-    }
-
-    /// Builds from existing tensors, e.g. a truncated PEFT file: `a` `(r', d_in)`, `e`
-    /// `(r', 1)`, `b` `(d_out, r')` with `r' ≤ init_r` (`r' = 0` is allowed: every rank was
-    /// pruned). The scale is `alpha / (init_r + 1e-5)` as in PEFT. The tensors are wrapped in
-    /// fresh trainable `Var`s (see [`AdaLoraLinear::a`] etc. to train them).
-    ///
-    /// The layer assumes its rows are the first `r'` initial ranks; call
-    /// [`AdaLoraLinear::set_loaded_rank_pattern`] with the file's `rank_pattern` entry to
-    /// record which ones they really are (it only matters for re-saving the pattern).
-    #[allow(clippy::too_many_arguments)]
-    pub fn from_tensors(
-        name: impl Into<String>,
-        base: FrozenLinear,
-        a: Tensor,
-        e: Tensor,
-        b: Tensor,
-        init_r: usize,
-        alpha: f64,
-        dropout: f64,
-    ) -> Result<Self> {
-        Self::from_vars(
-            name.into(),
-            base,
-            Var::from_tensor(&a.detach())?,
-            Var::from_tensor(&e.detach())?,
-            Var::from_tensor(&b.detach())?,
-            init_r,
-            alpha,
-            dropout,
-        )
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn from_vars(
-        name: String,
-        base: FrozenLinear,
-        a: Var,
-        e: Var,
-        b: Var,
-        init_r: usize,
-        alpha: f64,
-        dropout: f64,
-    ) -> Result<Self> {
-        validate::rank(&name, init_r)?;
-        validate::alpha(&name, alpha)?;
-        validate::dropout(&name, dropout)?;
+            rank_pattern,
+        } = weights;
+        let (a, e, b) = (
+            Var::from_tensor(&a)?,
+            Var::from_tensor(&e)?,
+            Var::from_tensor(&b)?,
+        );
         let r = a.as_tensor().dims().first().copied().unwrap_or(0);
         if r > init_r {
-            return Err(Error::InvalidConfig {
-                layer: name,
-                field: "init_r",
-                reason: format!("the tensors have rank {r}, more than init_r = {init_r}"),
-            });
+            return Err(Error::layer_config(
+                name,
+                "init_r",
+                format!("the tensors have rank {r}, more than init_r = {init_r}"),
+            ));
         }
         for (what, t, dims) in [
             ("lora_A", a.as_tensor(), [r, base.d_in()]),
@@ -220,35 +210,39 @@ impl AdaLoraLinear {
             validate::dtype_device(&name, what, t, base.dtype(), base.device())?;
         }
         let origin = (0..init_r).map(|i| i < r).collect();
-        Ok(Self {
+        let mut layer = Self {
             core: AdaptedBase::new(name, base),
             a,
             e,
             b,
             init_r,
-            alpha,
-            scale: adalora_scale(alpha, init_r),
-            dropout,
+            alpha: config.alpha,
+            scale: config.scale(),
+            dropout: config.dropout,
             kept: vec![true; r],
             origin,
-        })
+        };
+        if let Some(pattern) = rank_pattern {
+            layer.set_loaded_rank_pattern(&pattern)?;
+        }
+        Ok(layer)
     }
 
     /// Records which initial ranks a loaded, truncated layer holds: PEFT's `rank_pattern`
     /// entry for this layer (length `init_r`, as many `true` as the layer's rank).
-    pub fn set_loaded_rank_pattern(&mut self, pattern: &[bool]) -> Result<()> {
+    fn set_loaded_rank_pattern(&mut self, pattern: &[bool]) -> Result<()> {
         let kept = pattern.iter().filter(|&&k| k).count();
         if pattern.len() != self.init_r || kept != self.rank() {
-            return Err(Error::InvalidConfig {
-                layer: self.core.name().to_string(),
-                field: "rank_pattern",
-                reason: format!(
+            return Err(Error::layer_config(
+                self.core.name().to_string(),
+                "rank_pattern",
+                format!(
                     "expected {} entries with {} true (init_r, rank), got {} with {kept} true",
                     self.init_r,
                     self.rank(),
                     pattern.len()
                 ),
-            });
+            ));
         }
         self.origin = pattern.to_vec();
         Ok(())
@@ -386,8 +380,8 @@ impl Adapter for AdaLoraLinear {
         &mut self.core
     }
 
-    fn kind(&self) -> AdapterKind {
-        AdapterKind::AdaLora
+    fn kind(&self) -> Variant {
+        Variant::AdaLora
     }
 
     fn forward_adapted(&self, x: &Tensor, train: bool) -> Result<Tensor> {
@@ -444,6 +438,21 @@ impl Adapter for AdaLoraLinear {
         ])
     }
 
+    /// `init_r` and `alpha / (init_r + 1e-5)`: what the adapter config must give.
+    fn rank_and_scale(&self) -> (usize, f64) {
+        (self.init_r, self.scale)
+    }
+
+    /// The layer's `rank_pattern` entry (`"<path>.lora_E": [bool; init_r]`).
+    fn config_entries(&self) -> Vec<ConfigEntry> {
+        let mask = self.rank_pattern().into_iter().map(Value::Bool).collect();
+        vec![ConfigEntry {
+            field: "rank_pattern",
+            key: Some(format!("{}.lora_E", self.core.name())),
+            value: Value::Array(mask),
+        }]
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
     }
@@ -454,3 +463,84 @@ impl Adapter for AdaLoraLinear {
 }
 
 crate::impl_module_for_adapter!(AdaLoraLinear);
+
+impl AdapterLayer for AdaLoraLinear {
+    type Config = AdaLoraConfig;
+
+    fn build(base: FrozenLinear, config: &AdaLoraConfig, vb: VarBuilder) -> Result<Self> {
+        Self::new(base, config, vb)
+    }
+
+    /// The module's alpha; every AdaLoRA layer keeps the config's `init_r`.
+    fn config_for_module(config: &AdaLoraConfig, settings: ModuleSettings) -> AdaLoraConfig {
+        AdaLoraConfig {
+            alpha: settings.alpha,
+            ..config.clone()
+        }
+    }
+}
+
+impl AdaLoraConfig {
+    /// The AdaLoRA settings of one module of a PEFT adapter config.
+    fn from_peft(m: &PeftModule) -> Self {
+        Self {
+            init_r: m.settings.r,
+            alpha: m.settings.alpha,
+            dropout: m.dropout,
+            seed: m.seed,
+        }
+    }
+}
+
+impl PeftLayer for AdaLoraLinear {
+    const TENSOR_SUFFIXES: &'static [&'static str] = &["lora_A", "lora_B", "lora_E"];
+
+    fn peft_rank_and_scale(m: &PeftModule) -> (usize, f64) {
+        let config = AdaLoraConfig::from_peft(m);
+        (config.init_r, config.scale())
+    }
+
+    /// PEFT refuses AdaLoRA configs without `total_step > 0`.
+    fn peft_check_save(raw: &serde_json::Map<String, Value>) -> Result<()> {
+        if raw.get("total_step").and_then(Value::as_u64).unwrap_or(0) == 0 {
+            return Err(Error::settings(
+                "adapter config",
+                "total_step",
+                "PEFT refuses AdaLoRA configs without total_step > 0; set it (the training \
+                 length)",
+            ));
+        }
+        Ok(())
+    }
+
+    fn peft_new(m: &PeftModule, base: FrozenLinear, vb: VarBuilder) -> Result<Self> {
+        Self::new(base, &AdaLoraConfig::from_peft(m), vb)
+    }
+
+    /// The file holds the kept ranks only (`lora_A`, `lora_E`, `lora_B`, no `.weight`);
+    /// `rank_pattern` says which of the `init_r` ranks they are. The scale keeps `init_r`,
+    /// as in PEFT.
+    fn peft_load(m: &PeftModule, base: FrozenLinear, source: &dyn TensorSource) -> Result<Self> {
+        let r = source.layer_rows("lora_A")?;
+        let weights = AdaLoraWeights {
+            a: source.layer_tensor("lora_A", &[r, base.d_in()])?,
+            e: source.layer_tensor("lora_E", &[r, 1])?,
+            b: source.layer_tensor("lora_B", &[base.d_out(), r])?,
+            rank_pattern: loaded_rank_pattern(m),
+        };
+        Self::from_weights(m.path, base, &AdaLoraConfig::from_peft(m), weights)
+    }
+}
+
+/// The config's `rank_pattern` entry of the module (`"<path>.lora_E"`), if it has one
+/// (the config parser has checked its form).
+fn loaded_rank_pattern(m: &PeftModule) -> Option<Vec<bool>> {
+    let key = format!("{}.lora_E", m.path);
+    m.raw
+        .get("rank_pattern")?
+        .get(&key)?
+        .as_array()?
+        .iter()
+        .map(Value::as_bool)
+        .collect()
+}

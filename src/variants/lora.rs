@@ -1,35 +1,24 @@
 //! LoRA (Hu et al. 2021): `y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ`.
 //!
-//! [`LoraLinear`] is also the layer behind LoRA+ (same layer, grouped learning rates),
-//! LoRA-FA (A frozen), Delta-LoRA (no dropout, W follows Δ(BA)) and LoRA-drop (pairs shared
-//! between layers): those variants differ in how the pair is built and trained, not in the
-//! forward.
+//! [`LoraLinear`] is also the layer behind LoRA+ (same layer, grouped learning rates), and
+//! the inside of LoRA-FA's, Delta-LoRA's, LoRA-drop's and DoRA's layers, which wrap it and
+//! add what differs (a frozen A, a weight update, a calibration probe, a row scale).
+//! `LoraLinear` itself knows nothing of them.
 
 use std::any::Any;
 
-use candle_core::Tensor;
+use candle_core::{Tensor, Var};
 use candle_nn::VarBuilder;
 
-use crate::adapter::{AdaptedBase, Adapter, AdapterKind, NamedVar};
+use crate::adapter::{AdaptedBase, Adapter, NamedVar, Variant};
 use crate::error::Result;
 use crate::frozen::FrozenLinear;
+pub use crate::init::LoraInit;
 use crate::init::SeededRng;
 use crate::kernels::LowRankTerm;
-use crate::low_rank::{trainable_var, Factor, LowRankPair};
+use crate::low_rank::{low_rank_forward, trainable_var, Factor, LowRankPair};
 use crate::validate;
-use crate::variants::branch::low_rank_forward;
-
-/// How A and B start (PEFT's `init_lora_weights`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum LoraInit {
-    /// `A ~ U(±1/√d_in)` (kaiming-uniform, a = √5), `B = 0`: the layer equals the base.
-    #[default]
-    Default,
-    /// `A ~ N(0, (1/r)²)`, `B = 0`.
-    Gaussian,
-    /// A as `Default`, and `B ~ U(±1/√r)`: a non-zero ΔW, for tests (PEFT's `false`).
-    BothRandom,
-}
+use crate::variants::build::{AdapterLayer, ModuleSettings, PeftLayer, PeftModule, TensorSource};
 
 /// LoRA hyper-parameters; defaults match PEFT's `LoraConfig` (r = 8, alpha = 8, dropout 0,
 /// rsLoRA off, default init), with seed 0.
@@ -75,6 +64,16 @@ impl LoraConfig {
     /// The scale `s`: `alpha / r`, or `alpha / √r` with rsLoRA.
     pub fn scale(&self) -> f64 {
         lora_scale(self.alpha, self.r, self.use_rslora)
+    }
+
+    /// This config with a module's rank and alpha (after PEFT's `rank_pattern` /
+    /// `alpha_pattern`).
+    pub fn for_module(&self, settings: ModuleSettings) -> Self {
+        Self {
+            r: settings.r,
+            alpha: settings.alpha,
+            ..self.clone()
+        }
     }
 
     /// Checks rank, alpha and dropout, naming `layer` in the error.
@@ -140,7 +139,6 @@ pub struct LoraLinear {
     pair: LowRankPair,
     scale: f64,
     dropout: f64,
-    kind: AdapterKind,
 }
 
 impl LoraLinear {
@@ -154,41 +152,39 @@ impl LoraLinear {
             a: Factor::Trainable(trainable_var(&vb, "lora_A", &a)?),
             b: Factor::Trainable(trainable_var(&vb, "lora_B", &b)?),
         };
-        Self::from_pair(name, base, pair, config.scale(), config.dropout)
+        Self::from_weights(name, base, config, pair)
     }
 
-    /// Builds from an existing pair (loaded, shared, or partly frozen). Checks shapes,
-    /// dtypes and devices against the base.
-    pub fn from_pair(
+    /// Builds the layer `name` from an existing pair (loaded, shared, or partly frozen): the
+    /// factors stay as given (a [`Factor::Trainable`] trains, a [`Factor::Frozen`] does
+    /// not); `config` gives the scale and dropout, and its `r` must be the pair's rank.
+    /// Checks shapes, dtypes and devices against the base.
+    pub fn from_weights(
         name: impl Into<String>,
         base: FrozenLinear,
+        config: &LoraConfig,
         pair: LowRankPair,
-        scale: f64,
-        dropout: f64,
     ) -> Result<Self> {
         let name = name.into();
+        config.validate(&name)?;
         check_pair(&name, &base, &pair)?;
-        validate::dropout(&name, dropout)?;
-        if !scale.is_finite() {
-            return Err(crate::Error::InvalidConfig {
-                layer: name,
-                field: "scale",
-                reason: format!("must be finite, got {scale}"),
-            });
+        if pair.rank() != config.r {
+            return Err(crate::Error::layer_config(
+                name,
+                "r",
+                format!(
+                    "the config has r = {} but the pair has rank {}",
+                    config.r,
+                    pair.rank()
+                ),
+            ));
         }
         Ok(Self {
             core: AdaptedBase::new(name, base),
             pair,
-            scale,
-            dropout,
-            kind: AdapterKind::Lora,
+            scale: config.scale(),
+            dropout: config.dropout,
         })
-    }
-
-    /// Marks the layer as another member of the LoRA family (LoRA-FA, Delta-LoRA).
-    pub(crate) fn with_kind(mut self, kind: AdapterKind) -> Self {
-        self.kind = kind;
-        self
     }
 
     /// The low-rank pair.
@@ -245,6 +241,37 @@ pub(crate) fn check_pair(name: &str, base: &FrozenLinear, pair: &LowRankPair) ->
     validate::dtype_device(name, "lora_B", b, base.dtype(), base.device())
 }
 
+/// The [`Adapter`] methods a layer that wraps a [`LoraLinear`] (in the field named by the
+/// argument) takes from it unchanged: state, ΔW, rank and scale, downcasting.
+macro_rules! delegate_to_lora {
+    ($field:ident) => {
+        fn core(&self) -> &$crate::adapter::AdaptedBase {
+            $crate::adapter::Adapter::core(&self.$field)
+        }
+
+        fn core_mut(&mut self) -> &mut $crate::adapter::AdaptedBase {
+            $crate::adapter::Adapter::core_mut(&mut self.$field)
+        }
+
+        fn delta_weight(&self) -> $crate::error::Result<candle_core::Tensor> {
+            $crate::adapter::Adapter::delta_weight(&self.$field)
+        }
+
+        fn rank_and_scale(&self) -> (usize, f64) {
+            $crate::adapter::Adapter::rank_and_scale(&self.$field)
+        }
+
+        fn as_any(&self) -> &dyn std::any::Any {
+            self
+        }
+
+        fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+            self
+        }
+    };
+}
+pub(crate) use delegate_to_lora;
+
 impl Adapter for LoraLinear {
     fn core(&self) -> &AdaptedBase {
         &self.core
@@ -254,8 +281,8 @@ impl Adapter for LoraLinear {
         &mut self.core
     }
 
-    fn kind(&self) -> AdapterKind {
-        self.kind
+    fn kind(&self) -> Variant {
+        Variant::Lora
     }
 
     fn forward_adapted(&self, x: &Tensor, train: bool) -> Result<Tensor> {
@@ -271,12 +298,11 @@ impl Adapter for LoraLinear {
     }
 
     fn tensors_to_save(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut out = self.pair.tensors_to_save();
-        if self.kind == AdapterKind::DeltaLora {
-            let w = crate::variants::delta_lora::saved_base_weight(self)?;
-            out.push((crate::variants::delta_lora::BASE_WEIGHT_KEY.to_string(), w));
-        }
-        Ok(out)
+        Ok(self.pair.tensors_to_save())
+    }
+
+    fn rank_and_scale(&self) -> (usize, f64) {
+        (self.rank(), self.scale)
     }
 
     fn as_any(&self) -> &dyn Any {
@@ -289,3 +315,63 @@ impl Adapter for LoraLinear {
 }
 
 crate::impl_module_for_adapter!(LoraLinear);
+
+impl AdapterLayer for LoraLinear {
+    type Config = LoraConfig;
+
+    fn build(base: FrozenLinear, config: &LoraConfig, vb: VarBuilder) -> Result<Self> {
+        Self::new(base, config, vb)
+    }
+
+    fn config_for_module(config: &LoraConfig, settings: ModuleSettings) -> LoraConfig {
+        config.for_module(settings)
+    }
+}
+
+impl LoraConfig {
+    /// The LoRA settings of one module of a PEFT adapter config.
+    pub(crate) fn from_peft(m: &PeftModule) -> Self {
+        Self {
+            r: m.settings.r,
+            alpha: m.settings.alpha,
+            dropout: m.dropout,
+            use_rslora: m.use_rslora,
+            init: m.init,
+            seed: m.seed,
+        }
+    }
+}
+
+/// The trainable pair `lora_A.weight` `(r, d_in)`, `lora_B.weight` `(d_out, r)` of a module
+/// in an adapter file.
+pub(crate) fn load_pair(
+    config: &LoraConfig,
+    base: &FrozenLinear,
+    source: &dyn TensorSource,
+) -> Result<LowRankPair> {
+    let a = source.layer_tensor("lora_A.weight", &[config.r, base.d_in()])?;
+    let b = source.layer_tensor("lora_B.weight", &[base.d_out(), config.r])?;
+    Ok(LowRankPair {
+        a: Factor::Trainable(Var::from_tensor(&a)?),
+        b: Factor::Trainable(Var::from_tensor(&b)?),
+    })
+}
+
+impl PeftLayer for LoraLinear {
+    const TENSOR_SUFFIXES: &'static [&'static str] = &["lora_A.weight", "lora_B.weight"];
+
+    fn peft_rank_and_scale(m: &PeftModule) -> (usize, f64) {
+        let config = LoraConfig::from_peft(m);
+        (config.r, config.scale())
+    }
+
+    fn peft_new(m: &PeftModule, base: FrozenLinear, vb: VarBuilder) -> Result<Self> {
+        Self::new(base, &LoraConfig::from_peft(m), vb)
+    }
+
+    fn peft_load(m: &PeftModule, base: FrozenLinear, source: &dyn TensorSource) -> Result<Self> {
+        let config = LoraConfig::from_peft(m);
+        let pair = load_pair(&config, &base, source)?;
+        Self::from_weights(m.path, base, &config, pair)
+    }
+}

@@ -1,72 +1,122 @@
 //! LoRA-FA (Zhang et al. 2023, arXiv 2308.03303): LoRA with `A` frozen at its random init.
 //!
-//! The layer is a [`LoraLinear`] whose `A` is a [`Factor::Frozen`] constant (not a `Var`:
-//! no optimizer state, and the fused kernel computes no gradient for it) and whose `B` is
-//! zero-initialized and trained. Scale, dropout and init follow [`LoraConfig`] exactly as
-//! for LoRA. Its [`AdapterKind`] is [`AdapterKind::LoraFa`]. `tensors_to_save` keeps PEFT's
-//! names for both factors (`lora_A.weight`, `lora_B.weight`).
+//! [`LoraFaLinear`] wraps a [`LoraLinear`] whose `A` is a [`Factor::Frozen`] constant (not a
+//! `Var`: no optimizer state, and the fused kernel computes no gradient for it) and whose
+//! `B` is zero-initialized and trained. Scale, dropout and init follow [`LoraConfig`]
+//! exactly as for LoRA; files use PEFT's LoRA names (`lora_A.weight`, `lora_B.weight`). The
+//! optional gradient projection of LoRA-FA v2 is a training rule:
+//! [`crate::train::LoraFaProjection`].
 
 use candle_core::{Tensor, Var};
 use candle_nn::VarBuilder;
 
-use crate::adapter::AdapterKind;
+use crate::adapter::{Adapter, NamedVar, Variant};
 use crate::error::Result;
 use crate::frozen::FrozenLinear;
 use crate::low_rank::{trainable_var, Factor, LowRankPair};
-use crate::variants::lora::{LoraConfig, LoraLinear};
+use crate::variants::build::{AdapterLayer, ModuleSettings};
+use crate::variants::lora::{delegate_to_lora, LoraConfig, LoraLinear};
 
-/// Builds a LoRA-FA layer over `base`: `A` initialized by `config` and frozen, `B`
-/// created through `vb` as `lora_B` (the only variable registered).
+/// The config of a LoRA-FA layer: LoRA's.
+pub type LoraFaConfig = LoraConfig;
+
+/// A frozen linear layer with a LoRA-FA adapter (A frozen, B trained).
 ///
 /// ```
 /// use candle_core::{DType, Device, Module, Tensor};
 /// use candle_nn::{VarBuilder, VarMap};
-/// use lorakit::{lora_fa, Adapter, AdapterKind, FrozenLinear, LoraConfig};
+/// use lorakit::{Adapter, FrozenLinear, LoraFaConfig, LoraFaLinear, Variant};
 /// # fn main() -> lorakit::Result<()> {
 /// let dev = Device::Cpu;
 /// let base = FrozenLinear::new(Tensor::randn(0f32, 1., (32, 16), &dev)?, None)?;
 /// let varmap = VarMap::new();
 /// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-/// let layer = lora_fa::new(base, &LoraConfig::new(4, 8.0), vb.pp("q_proj"))?;
-/// assert_eq!(layer.kind(), AdapterKind::LoraFa);
+/// let layer = LoraFaLinear::new(base, &LoraFaConfig::new(4, 8.0), vb.pp("q_proj"))?;
+/// assert_eq!(layer.kind(), Variant::LoraFa);
 /// assert_eq!(layer.num_trainable_params(), 32 * 4); // B only
 /// assert_eq!(varmap.all_vars().len(), 1);
 /// # Ok(()) }
 /// ```
-pub fn new(base: FrozenLinear, config: &LoraConfig, vb: VarBuilder) -> Result<LoraLinear> {
-    let name = vb.prefix();
-    config.validate(&name)?;
-    let (a, b) = config.init_pair(&name, &base)?;
-    let pair = LowRankPair {
-        a: Factor::Frozen(a),
-        b: Factor::Trainable(trainable_var(&vb, "lora_B", &b)?),
-    };
-    from_pair_checked(name, base, pair, config.scale(), config.dropout)
+#[derive(Debug)]
+pub struct LoraFaLinear {
+    lora: LoraLinear,
 }
 
-/// Builds a LoRA-FA layer from existing tensors (a loaded adapter): `a` is frozen (detached
-/// if it was a variable), `b` becomes a trainable `Var` (shared if it already is one).
-pub fn from_tensors(
-    name: impl Into<String>,
-    base: FrozenLinear,
-    a: Tensor,
-    b: Tensor,
-    scale: f64,
-    dropout: f64,
-) -> Result<LoraLinear> {
-    let pair = LowRankPair {
-        a: Factor::Frozen(a.detach()),
-        b: Factor::Trainable(Var::from_tensor(&b)?),
-    };
-    from_pair_checked(name, base, pair, scale, dropout)
+impl LoraFaLinear {
+    /// Builds a LoRA-FA layer over `base`: `A` initialized by `config` and frozen, `B`
+    /// created through `vb` as `lora_B` (the only variable registered).
+    pub fn new(base: FrozenLinear, config: &LoraFaConfig, vb: VarBuilder) -> Result<Self> {
+        let name = vb.prefix();
+        config.validate(&name)?;
+        let (a, b) = config.init_pair(&name, &base)?;
+        let pair = LowRankPair {
+            a: Factor::Frozen(a),
+            b: Factor::Trainable(trainable_var(&vb, "lora_B", &b)?),
+        };
+        let lora = LoraLinear::from_weights(name, base, config, pair)?;
+        Ok(Self { lora })
+    }
+
+    /// Builds the layer `name` from existing factors (a loaded adapter): `A` is frozen
+    /// (detached if it was a variable), `B` trains (a fresh `Var` unless it already is one).
+    pub fn from_weights(
+        name: impl Into<String>,
+        base: FrozenLinear,
+        config: &LoraFaConfig,
+        pair: LowRankPair,
+    ) -> Result<Self> {
+        let b = match pair.b {
+            Factor::Trainable(v) => v,
+            Factor::Frozen(t) => Var::from_tensor(&t)?,
+        };
+        let pair = LowRankPair {
+            a: Factor::Frozen(pair.a.tensor().detach()),
+            b: Factor::Trainable(b),
+        };
+        let lora = LoraLinear::from_weights(name, base, config, pair)?;
+        Ok(Self { lora })
+    }
+
+    /// The LoRA layer inside (pair, scale, dropout).
+    pub fn lora(&self) -> &LoraLinear {
+        &self.lora
+    }
 }
 
-fn from_pair_checked(
-    name: impl Into<String>,
-    base: FrozenLinear,
-    pair: LowRankPair,
-    scale: f64,
-    dropout: f64,
-) -> Result<LoraLinear> {
-    Ok(LoraLinear::from_pair(name, base, pair, scale, dropout)?.with_kind(AdapterKind::LoraFa))
+impl Adapter for LoraFaLinear {
+    delegate_to_lora!(lora);
+
+    fn kind(&self) -> Variant {
+        Variant::LoraFa
+    }
+
+    fn saved_as(&self) -> Variant {
+        Variant::Lora
+    }
+
+    fn forward_adapted(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.lora.forward_adapted(x, train)
+    }
+
+    fn trainable_vars(&self) -> Vec<NamedVar> {
+        self.lora.trainable_vars()
+    }
+
+    fn tensors_to_save(&self) -> Result<Vec<(String, Tensor)>> {
+        self.lora.tensors_to_save()
+    }
+}
+
+crate::impl_module_for_adapter!(LoraFaLinear);
+
+impl AdapterLayer for LoraFaLinear {
+    type Config = LoraFaConfig;
+
+    fn build(base: FrozenLinear, config: &LoraFaConfig, vb: VarBuilder) -> Result<Self> {
+        Self::new(base, config, vb)
+    }
+
+    fn config_for_module(config: &LoraFaConfig, settings: ModuleSettings) -> LoraFaConfig {
+        config.for_module(settings)
+    }
 }

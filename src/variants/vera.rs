@@ -12,9 +12,10 @@
 //! (three GEMMs, not four). With training-time dropout the branch runs on the dropped input
 //! with `B_eff = diag(λ_b) B_s diag(λ_d)`.
 //!
-//! The pair lives once, in a [`VeraShared`] (an `Arc`); layers hold clones of that handle.
-//! [`VeraBuilder`] collects every adapted layer's shape first, then creates the pair large
-//! enough for all of them, then the layers.
+//! The pair lives once, in a [`VeraShared`] (an `Arc`), created for the largest adapted
+//! layer ([`VeraShared::covering`]); each layer's [`VeraConfig`] holds a clone of that
+//! handle. The pair is a model-level tensor ([`Adapter::model_tensors`]): saved once, as
+//! `base_model.vera_A` / `base_model.vera_B`.
 
 use std::any::Any;
 use std::sync::Arc;
@@ -22,56 +23,52 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 
-use crate::adapter::{AdaptedBase, Adapter, AdapterKind, NamedVar, ParamRole};
+use crate::adapter::{AdaptedBase, Adapter, ConfigEntry, NamedVar, ParamRole, Variant};
 use crate::error::{Error, Result};
 use crate::frozen::FrozenLinear;
 use crate::init::SeededRng;
 use crate::kernels::{compute_dtype, LowRankTerm, ScaledLowRankLinear};
-use crate::low_rank::trainable_var;
+use crate::low_rank::{low_rank_forward, trainable_var};
 use crate::validate;
-use crate::variants::branch::low_rank_forward;
+use crate::variants::build::{AdapterLayer, ModuleSettings, PeftLayer, PeftModule, TensorSource};
 
 /// PEFT's names of the per-layer vectors.
 pub const LAMBDA_B_NAME: &str = "vera_lambda_b";
 /// PEFT's names of the per-layer vectors.
 pub const LAMBDA_D_NAME: &str = "vera_lambda_d";
 
-/// VeRA hyper-parameters; defaults match PEFT's `VeraConfig` (r = 256, d_initial = 0.1,
-/// dropout 0, projection_prng_key 0).
-#[derive(Clone, Debug, PartialEq)]
+/// VeRA layer hyper-parameters: the model's shared pair, and PEFT's defaults for the
+/// rest (`d_initial` = 0.1, dropout 0). The pair's rank is PEFT's `r` (default 256) and its
+/// seed `projection_prng_key`: see [`VeraShared::new`].
+#[derive(Clone, Debug)]
 pub struct VeraConfig {
-    /// Rank of the shared pair (≥ 1).
-    pub r: usize,
+    /// The frozen pair shared by every VeRA layer of the model.
+    pub shared: VeraShared,
     /// Initial value of every `λ_d` entry.
     pub d_initial: f64,
     /// Dropout on the adapter input, in `[0, 1)`, applied only in training.
     pub dropout: f64,
-    /// Seed of the shared pair's init.
-    pub projection_prng_key: u64,
-}
-
-impl Default for VeraConfig {
-    fn default() -> Self {
-        Self {
-            r: 256,
-            d_initial: 0.1,
-            dropout: 0.0,
-            projection_prng_key: 0,
-        }
-    }
 }
 
 impl VeraConfig {
-    /// Checks rank, `d_initial` and dropout, naming `layer` in the error.
+    /// A config over `shared` with PEFT's defaults.
+    pub fn new(shared: VeraShared) -> Self {
+        Self {
+            shared,
+            d_initial: 0.1,
+            dropout: 0.0,
+        }
+    }
+
+    /// Checks `d_initial` and dropout, naming `layer` in the error.
     pub fn validate(&self, layer: &str) -> Result<()> {
-        validate::rank(layer, self.r)?;
         validate::dropout(layer, self.dropout)?;
         if !self.d_initial.is_finite() {
-            return Err(Error::InvalidConfig {
-                layer: layer.to_string(),
-                field: "d_initial",
-                reason: format!("must be finite, got {}", self.d_initial),
-            });
+            return Err(Error::layer_config(
+                layer,
+                "d_initial",
+                format!("must be finite, got {}", self.d_initial),
+            ));
         }
         Ok(())
     }
@@ -89,9 +86,11 @@ struct VeraPair {
 pub struct VeraShared(Arc<VeraPair>);
 
 impl VeraShared {
-    /// A pair initialized as PEFT does: Kaiming-uniform with gain √2 (`U(±√(6 / fan_in))`,
-    /// fan_in the number of columns), `A` then `B` from one stream seeded with `seed`.
-    /// Torch's stream is not reproduced: store the pair with the adapter.
+    /// A pair of rank `r` for layers up to `max_d_in → max_d_out`, initialized as PEFT
+    /// does: Kaiming-uniform with gain √2 (`U(±√(6 / fan_in))`, fan_in the number of
+    /// columns), `A` then `B` from one stream seeded with `seed` (PEFT's
+    /// `projection_prng_key`). Torch's stream is not reproduced: store the pair with the
+    /// adapter.
     pub fn new(
         r: usize,
         max_d_in: usize,
@@ -100,9 +99,9 @@ impl VeraShared {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        validate::rank("vera", r)?;
-        validate::alloc_size("vera", "r", "vera_A", &[r, max_d_in])?;
-        validate::alloc_size("vera", "r", "vera_B", &[max_d_out, r])?;
+        validate::rank(PAIR, r)?;
+        validate::alloc_size(PAIR, "r", "vera_A", &[r, max_d_in])?;
+        validate::alloc_size(PAIR, "r", "vera_B", &[max_d_out, r])?;
         let mut rng = SeededRng::new(seed);
         let bound_a = (6.0 / max_d_in.max(1) as f64).sqrt();
         let a = rng.uniform((r, max_d_in), -bound_a, bound_a, dtype, device)?;
@@ -111,12 +110,47 @@ impl VeraShared {
         Self::from_tensors(a, b)
     }
 
+    /// [`VeraShared::new`] sized for the largest of `shapes` (`(d_in, d_out)` of every layer
+    /// to adapt).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// use lorakit::{Adapter, FrozenLinear, VeraConfig, VeraLinear, VeraShared};
+    /// # fn main() -> lorakit::Result<()> {
+    /// let dev = Device::Cpu;
+    /// let q = FrozenLinear::new(Tensor::randn(0f32, 1., (16, 32), &dev)?, None)?;
+    /// let up = FrozenLinear::new(Tensor::randn(0f32, 1., (64, 16), &dev)?, None)?;
+    /// let shapes = [(q.d_in(), q.d_out()), (up.d_in(), up.d_out())];
+    /// let shared = VeraShared::covering(8, 0, shapes, DType::F32, &dev)?;
+    /// let config = VeraConfig::new(shared);
+    /// let varmap = VarMap::new();
+    /// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+    /// let q = VeraLinear::new(q, &config, vb.pp("q"))?;
+    /// let up = VeraLinear::new(up, &config, vb.pp("up"))?;
+    /// assert!(q.shared().ptr_eq(up.shared()));
+    /// assert_eq!(q.num_trainable_params() + up.num_trainable_params(), (16 + 8) + (64 + 8));
+    /// # Ok(()) }
+    /// ```
+    pub fn covering(
+        r: usize,
+        seed: u64,
+        shapes: impl IntoIterator<Item = (usize, usize)>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let (max_d_in, max_d_out) = shapes
+            .into_iter()
+            .fold((0, 0), |(i, o), (d_in, d_out)| (i.max(d_in), o.max(d_out)));
+        Self::new(r, max_d_in, max_d_out, seed, dtype, device)
+    }
+
     /// Wraps loaded tensors (`base_model.vera_A`, `base_model.vera_B`). They are detached.
     pub fn from_tensors(a: Tensor, b: Tensor) -> Result<Self> {
         let (ad, bd) = (a.dims(), b.dims());
         let (&[r, _], &[_, r_b]) = (ad, bd) else {
             return Err(Error::ShapeMismatch {
-                layer: "vera".to_string(),
+                layer: PAIR.to_string(),
                 what: "shared pair vera_A, vera_B".to_string(),
                 expected: "[r, max_d_in] and [max_d_out, r]".to_string(),
                 got: format!("{ad:?} and {bd:?}"),
@@ -124,14 +158,14 @@ impl VeraShared {
         };
         if r != r_b {
             return Err(Error::ShapeMismatch {
-                layer: "vera".to_string(),
+                layer: PAIR.to_string(),
                 what: "shared pair vera_A, vera_B".to_string(),
                 expected: "[r, max_d_in] and [max_d_out, r]".to_string(),
                 got: format!("{ad:?} and {bd:?}"),
             });
         }
-        validate::rank("vera", r)?;
-        validate::dtype_device("vera", "vera_B", &b, a.dtype(), a.device())?;
+        validate::rank(PAIR, r)?;
+        validate::dtype_device(PAIR, "vera_B", &b, a.dtype(), a.device())?;
         Ok(Self(Arc::new(VeraPair {
             a: a.detach(),
             b: b.detach(),
@@ -164,123 +198,36 @@ impl VeraShared {
         self.0.b.dims().first().copied().unwrap_or(0)
     }
 
-    /// Whether two handles share one pair.
+    /// Whether two handles hold one pair (the same `A` and `B` tensors).
     pub fn ptr_eq(&self, other: &Self) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
+            || (self.0.a.id() == other.0.a.id() && self.0.b.id() == other.0.b.id())
     }
 
-    /// The shared tensors to save, under PEFT's model-level names.
+    /// The pair under PEFT's model-level names (`vera_A`, `vera_B`, saved with the
+    /// `base_model.` prefix).
     pub fn tensors_to_save(&self) -> Vec<(String, Tensor)> {
         vec![
-            ("base_model.vera_A".into(), self.0.a.clone()),
-            ("base_model.vera_B".into(), self.0.b.clone()),
+            (PAIR_A.into(), self.0.a.clone()),
+            (PAIR_B.into(), self.0.b.clone()),
         ]
     }
 }
 
-/// Collects the shapes of all layers to adapt, then creates the shared pair (sized for the
-/// largest) and the layers.
-///
-/// ```
-/// use candle_core::{DType, Device, Tensor};
-/// use candle_nn::{VarBuilder, VarMap};
-/// use lorakit::{Adapter, FrozenLinear, VeraBuilder, VeraConfig};
-/// # fn main() -> lorakit::Result<()> {
-/// let dev = Device::Cpu;
-/// let q = FrozenLinear::new(Tensor::randn(0f32, 1., (16, 32), &dev)?, None)?;
-/// let up = FrozenLinear::new(Tensor::randn(0f32, 1., (64, 16), &dev)?, None)?;
-/// let varmap = VarMap::new();
-/// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-/// let mut builder = VeraBuilder::new(VeraConfig { r: 8, ..Default::default() });
-/// builder.reserve_for(&q)?.reserve_for(&up)?;
-/// let q = builder.build(q, vb.pp("q"))?;
-/// let up = builder.build(up, vb.pp("up"))?;
-/// assert!(q.shared().ptr_eq(up.shared()));
-/// assert_eq!(q.num_trainable_params() + up.num_trainable_params(), (16 + 8) + (64 + 8));
-/// # Ok(()) }
-/// ```
-#[derive(Debug)]
-pub struct VeraBuilder {
-    config: VeraConfig,
-    max_d_in: usize,
-    max_d_out: usize,
-    shared: Option<VeraShared>,
-}
+/// How the pair is named in errors.
+const PAIR: &str = "VeRA shared pair";
+/// PEFT's model-level name of `A`.
+const PAIR_A: &str = "vera_A";
+/// PEFT's model-level name of `B`.
+const PAIR_B: &str = "vera_B";
 
-impl VeraBuilder {
-    /// A builder with no shapes yet.
-    pub fn new(config: VeraConfig) -> Self {
-        Self {
-            config,
-            max_d_in: 0,
-            max_d_out: 0,
-            shared: None,
-        }
-    }
-
-    /// A builder around an existing (e.g. loaded) pair: layers are built against it.
-    pub fn with_shared(config: VeraConfig, shared: VeraShared) -> Self {
-        Self {
-            config,
-            max_d_in: shared.max_d_in(),
-            max_d_out: shared.max_d_out(),
-            shared: Some(shared),
-        }
-    }
-
-    /// Grows the pair to serve a `d_in → d_out` layer. Errors once the pair exists.
-    pub fn reserve(&mut self, d_in: usize, d_out: usize) -> Result<&mut Self> {
-        if let Some(shared) = &self.shared {
-            if d_in > shared.max_d_in() || d_out > shared.max_d_out() {
-                return Err(Error::InvalidConfig {
-                    layer: "vera".to_string(),
-                    field: "layer shapes",
-                    reason: format!(
-                        "cannot grow the shared pair ({} → {}) for a {d_in} → {d_out} layer after \
-                         it was created; reserve every shape before building layers",
-                        shared.max_d_in(),
-                        shared.max_d_out()
-                    ),
-                });
-            }
-            return Ok(self);
-        }
-        self.max_d_in = self.max_d_in.max(d_in);
-        self.max_d_out = self.max_d_out.max(d_out);
-        Ok(self)
-    }
-
-    /// [`VeraBuilder::reserve`] with `base`'s shape.
-    pub fn reserve_for(&mut self, base: &FrozenLinear) -> Result<&mut Self> {
-        self.reserve(base.d_in(), base.d_out())
-    }
-
-    /// The shared pair, created on first call (in `dtype`, on `device`) from the shapes
-    /// reserved so far; later calls return the same pair.
-    pub fn shared(&mut self, dtype: DType, device: &Device) -> Result<VeraShared> {
-        if let Some(shared) = &self.shared {
-            return Ok(shared.clone());
-        }
-        self.config.validate("vera")?;
-        let shared = VeraShared::new(
-            self.config.r,
-            self.max_d_in,
-            self.max_d_out,
-            self.config.projection_prng_key,
-            dtype,
-            device,
-        )?;
-        self.shared = Some(shared.clone());
-        Ok(shared)
-    }
-
-    /// Builds a layer over `base`, creating `vera_lambda_d` (all `d_initial`) and
-    /// `vera_lambda_b` (zeros) through `vb`. Creates the pair first if needed (in the
-    /// base's dtype and device).
-    pub fn build(&mut self, base: FrozenLinear, vb: VarBuilder) -> Result<VeraLinear> {
-        let shared = self.shared(base.dtype(), base.device())?;
-        VeraLinear::new(base, &shared, &self.config, vb)
-    }
+/// What a VeRA layer is built from when loaded: its two vectors.
+#[derive(Clone, Debug)]
+pub struct VeraWeights {
+    /// `λ_d`, `(r,)`.
+    pub lambda_d: Tensor,
+    /// `λ_b`, `(d_out,)`.
+    pub lambda_b: Tensor,
 }
 
 /// A frozen linear layer with a VeRA adapter.
@@ -294,58 +241,39 @@ pub struct VeraLinear {
 }
 
 impl VeraLinear {
-    /// Builds a layer over `base` against `shared`, creating the vectors through `vb`
-    /// (`vera_lambda_d` = `d_initial`, `vera_lambda_b` = 0, so the layer equals the base).
-    pub fn new(
-        base: FrozenLinear,
-        shared: &VeraShared,
-        config: &VeraConfig,
-        vb: VarBuilder,
-    ) -> Result<Self> {
+    /// Builds a layer over `base` against `config.shared`, creating the vectors through
+    /// `vb` (`vera_lambda_d` = `d_initial`, `vera_lambda_b` = 0, so the layer equals the
+    /// base).
+    pub fn new(base: FrozenLinear, config: &VeraConfig, vb: VarBuilder) -> Result<Self> {
         let name = vb.prefix();
         config.validate(&name)?;
-        if config.r != shared.rank() {
-            return Err(Error::InvalidConfig {
-                layer: name,
-                field: "r",
-                reason: format!(
-                    "config has r = {} but the shared pair has rank {}",
-                    config.r,
-                    shared.rank()
-                ),
-            });
-        }
         let (dtype, dev) = (base.dtype(), base.device());
-        let d_init = (Tensor::ones(config.r, dtype, dev)? * config.d_initial)?;
+        let d_init = (Tensor::ones(config.shared.rank(), dtype, dev)? * config.d_initial)?;
         let b_init = Tensor::zeros(base.d_out(), dtype, dev)?;
-        let lambda_d = trainable_var(&vb, LAMBDA_D_NAME, &d_init)?;
-        let lambda_b = trainable_var(&vb, LAMBDA_B_NAME, &b_init)?;
-        Self::from_vars(name, base, shared, lambda_d, lambda_b, config.dropout)
+        let weights = VeraWeights {
+            lambda_d: trainable_var(&vb, LAMBDA_D_NAME, &d_init)?
+                .as_tensor()
+                .clone(),
+            lambda_b: trainable_var(&vb, LAMBDA_B_NAME, &b_init)?
+                .as_tensor()
+                .clone(),
+        };
+        Self::from_weights(name, base, config, weights)
     }
 
-    /// Builds from loaded tensors: `lambda_d` (`r`), `lambda_b` (`d_out`); they become
-    /// trainable `Var`s (shared if they already are).
-    pub fn from_tensors(
+    /// Builds the layer `name` from loaded vectors; they become trainable `Var`s (shared
+    /// if they already are). `config.d_initial` is not used.
+    pub fn from_weights(
         name: impl Into<String>,
         base: FrozenLinear,
-        shared: &VeraShared,
-        lambda_d: Tensor,
-        lambda_b: Tensor,
-        dropout: f64,
+        config: &VeraConfig,
+        weights: VeraWeights,
     ) -> Result<Self> {
-        let (d, b) = (Var::from_tensor(&lambda_d)?, Var::from_tensor(&lambda_b)?);
-        Self::from_vars(name.into(), base, shared, d, b, dropout)
-    }
-
-    fn from_vars(
-        name: String,
-        base: FrozenLinear,
-        shared: &VeraShared,
-        lambda_d: Var,
-        lambda_b: Var,
-        dropout: f64,
-    ) -> Result<Self> {
-        validate::dropout(&name, dropout)?;
+        let name = name.into();
+        config.validate(&name)?;
+        let (shared, dropout) = (&config.shared, config.dropout);
+        let lambda_d = Var::from_tensor(&weights.lambda_d)?;
+        let lambda_b = Var::from_tensor(&weights.lambda_b)?;
         if base.d_in() > shared.max_d_in() || base.d_out() > shared.max_d_out() {
             return Err(Error::ShapeMismatch {
                 layer: name,
@@ -431,8 +359,8 @@ impl Adapter for VeraLinear {
         &mut self.core
     }
 
-    fn kind(&self) -> AdapterKind {
-        AdapterKind::Vera
+    fn kind(&self) -> Variant {
+        Variant::Vera
     }
 
     /// Without dropout: one [`ScaledLowRankLinear`] (fused on the CPU; `A_s` and `B_s`
@@ -477,13 +405,31 @@ impl Adapter for VeraLinear {
         ]
     }
 
-    /// `vera_lambda_b`, `vera_lambda_d`; the shared pair is saved once per model
-    /// ([`VeraShared::tensors_to_save`]).
+    /// `vera_lambda_b`, `vera_lambda_d`; the shared pair is a model-level tensor
+    /// ([`Adapter::model_tensors`]), saved once per model.
     fn tensors_to_save(&self) -> Result<Vec<(String, Tensor)>> {
         Ok(vec![
             (LAMBDA_B_NAME.into(), self.lambda_b.as_tensor().clone()),
             (LAMBDA_D_NAME.into(), self.lambda_d.as_tensor().clone()),
         ])
+    }
+
+    fn rank_and_scale(&self) -> (usize, f64) {
+        (self.shared.rank(), 1.0)
+    }
+
+    fn model_tensors(&self) -> Vec<(String, Tensor)> {
+        self.shared.tensors_to_save()
+    }
+
+    /// `save_projection: true`: lorakit always stores the pair (PEFT's torch stream cannot
+    /// be reproduced).
+    fn config_entries(&self) -> Vec<ConfigEntry> {
+        vec![ConfigEntry {
+            field: "save_projection",
+            key: None,
+            value: serde_json::Value::Bool(true),
+        }]
     }
 
     fn as_any(&self) -> &dyn Any {
@@ -496,3 +442,91 @@ impl Adapter for VeraLinear {
 }
 
 crate::impl_module_for_adapter!(VeraLinear);
+
+impl AdapterLayer for VeraLinear {
+    type Config = VeraConfig;
+
+    fn build(base: FrozenLinear, config: &VeraConfig, vb: VarBuilder) -> Result<Self> {
+        Self::new(base, config, vb)
+    }
+
+    /// VeRA's rank is its shared pair's; per-module ranks do not apply.
+    fn config_for_module(config: &VeraConfig, _settings: ModuleSettings) -> VeraConfig {
+        config.clone()
+    }
+}
+
+impl PeftLayer for VeraLinear {
+    const TENSOR_SUFFIXES: &'static [&'static str] = &[LAMBDA_B_NAME, LAMBDA_D_NAME];
+
+    /// Refused: the shared pair must be sized for every layer before the first is built.
+    /// Create it with [`VeraShared::covering`] and build the model with
+    /// [`crate::model::AdapterPlan::vera`].
+    fn peft_can_build_fresh() -> Result<()> {
+        Err(no_fresh_layers())
+    }
+
+    fn peft_new(_m: &PeftModule, _base: FrozenLinear, _vb: VarBuilder) -> Result<Self> {
+        Err(no_fresh_layers())
+    }
+
+    /// The pair's rank is the config's `r`; VeRA has no scale.
+    fn peft_rank_and_scale(m: &PeftModule) -> (usize, f64) {
+        (m.settings.r, 1.0)
+    }
+
+    /// The model's pair (`base_model.vera_A`, `base_model.vera_B`, read once) and the
+    /// layer's `vera_lambda_d` (`r`) and `vera_lambda_b` (`d_out`).
+    fn peft_load(m: &PeftModule, base: FrozenLinear, source: &dyn TensorSource) -> Result<Self> {
+        let (Some(a), Some(b)) = (source.model_tensor(PAIR_A)?, source.model_tensor(PAIR_B)?)
+        else {
+            return Err(Error::Unsupported {
+                what: "VeRA adapter without its shared projections",
+                got: format!(
+                    "no `base_model.{PAIR_A}` / `base_model.{PAIR_B}` in {} (saved with \
+                     save_projection = false)",
+                    source.file()
+                ),
+                supported: "adapters saved with save_projection = true".to_string(),
+            });
+        };
+        let shared = VeraShared::from_tensors(a, b)?;
+        if base.d_in() > shared.max_d_in() || base.d_out() > shared.max_d_out() {
+            return Err(Error::ShapeMismatch {
+                layer: m.path.to_string(),
+                what: format!(
+                    "`base_model.{PAIR_A}` / `base_model.{PAIR_B}` (base weight `{}.weight` is \
+                     {:?})",
+                    m.path,
+                    base.weight().dims()
+                ),
+                expected: format!(
+                    "a pair covering d_in = {}, d_out = {}",
+                    base.d_in(),
+                    base.d_out()
+                ),
+                got: format!("{:?} and {:?}", shared.a().dims(), shared.b().dims()),
+            });
+        }
+        let weights = VeraWeights {
+            lambda_d: source.layer_tensor(LAMBDA_D_NAME, &[shared.rank()])?,
+            lambda_b: source.layer_tensor(LAMBDA_B_NAME, &[base.d_out()])?,
+        };
+        let config = VeraConfig {
+            dropout: m.dropout,
+            ..VeraConfig::new(shared)
+        };
+        Self::from_weights(m.path, base, &config, weights)
+    }
+}
+
+/// Why a VeRA config alone cannot build fresh layers.
+fn no_fresh_layers() -> Error {
+    Error::Unsupported {
+        what: "fresh adapter type",
+        got: "VERA".to_string(),
+        supported: "LORA (with rsLoRA, DoRA), ADALORA; build VeRA layers with AdapterPlan::vera \
+                    over a VeraShared::covering pair and save them with save_adapter"
+            .to_string(),
+    }
+}

@@ -9,7 +9,7 @@
 //! ```
 //!
 //! runs as one fused product with `c` as its row scale; `n` comes from the factored formula
-//! in [`super::dora_norm`]. Gradients reach `m` through `c`, and `A`, `B` through the
+//! in [`norm`]. Gradients reach `m` through `c`, and `A`, `B` through the
 //! low-rank term only.
 //!
 //! **Zero rows.** PEFT divides by `n = 0` (inf/NaN outputs, PEFT issue #2049); here `n` is
@@ -30,21 +30,36 @@
 //! GPU devices have none. The factored sum loses relative accuracy where a row of
 //! `W + s·BA` nearly cancels (`n_i ≪ ‖W_i‖`).
 
-use std::any::Any;
+mod cache;
+pub mod norm;
+
 use std::sync::{Mutex, MutexGuard};
 
 use candle_core::{Tensor, Var};
 use candle_nn::VarBuilder;
 
-use crate::adapter::{count_non_finite, AdaptedBase, Adapter, AdapterKind, NamedVar, ParamRole};
+use crate::adapter::{count_non_finite, Adapter, NamedVar, ParamRole, Variant};
 use crate::error::{Error, Result};
 use crate::frozen::FrozenLinear;
 use crate::kernels::{low_rank_only, FusedLinear, LowRankTerm};
 use crate::low_rank::{trainable_var, LowRankPair};
 use crate::validate;
-use crate::variants::dora_cache::NormCache;
-use crate::variants::dora_norm::{dora_eps, factored_row_norms, norm_dtype, row_sq_norms};
-use crate::variants::lora::{LoraConfig, LoraLinear};
+use crate::variants::build::{AdapterLayer, ModuleSettings, PeftLayer, PeftModule, TensorSource};
+use crate::variants::lora::{delegate_to_lora, load_pair, LoraConfig, LoraLinear};
+use cache::NormCache;
+use norm::{dora_eps, factored_row_norms, norm_dtype, row_sq_norms};
+
+/// The config of a DoRA layer: LoRA's.
+pub type DoraConfig = LoraConfig;
+
+/// What a DoRA layer is built from when loaded: the low-rank pair and the magnitude.
+#[derive(Clone, Debug)]
+pub struct DoraWeights {
+    /// `A` and `B`.
+    pub pair: LowRankPair,
+    /// The magnitude `m`, `(d_out,)`; becomes a trainable `Var` unless it already is one.
+    pub magnitude: Tensor,
+}
 
 /// PEFT's name of the magnitude vector (saved without a `.weight` suffix).
 pub const MAGNITUDE_NAME: &str = "lora_magnitude_vector";
@@ -92,7 +107,7 @@ impl DoraLinear {
     /// Builds a DoRA layer over `base`: A and B as [`LoraLinear::new`] makes them (named
     /// `lora_A`, `lora_B` under `vb`'s prefix), and `lora_magnitude_vector` initialized to
     /// `‖W + s·BA‖_row` (that is `‖W‖_row` with the default zero B), as PEFT does.
-    pub fn new(base: FrozenLinear, config: &LoraConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(base: FrozenLinear, config: &DoraConfig, vb: VarBuilder) -> Result<Self> {
         let lora = LoraLinear::new(base, config, vb.clone())?;
         let w_sq = row_sq_norms(lora.base().weight())?;
         let norms = norms_of(&lora, &w_sq)?;
@@ -101,18 +116,17 @@ impl DoraLinear {
         Self::from_parts(lora, magnitude, w_sq)
     }
 
-    /// Builds from existing tensors (a loaded PEFT adapter): the pair, the magnitude
-    /// (`d_out`), the scale and the dropout. A magnitude that is not already a `Var` becomes
-    /// a fresh trainable `Var`.
-    pub fn from_tensors(
+    /// Builds the layer `name` from existing tensors (a loaded PEFT adapter): the pair as
+    /// [`LoraLinear::from_weights`] takes it, and the magnitude (`d_out`), which becomes a
+    /// trainable `Var` unless it already is one. `config` gives the scale and dropout.
+    pub fn from_weights(
         name: impl Into<String>,
         base: FrozenLinear,
-        pair: LowRankPair,
-        magnitude: Tensor,
-        scale: f64,
-        dropout: f64,
+        config: &DoraConfig,
+        weights: DoraWeights,
     ) -> Result<Self> {
-        let lora = LoraLinear::from_pair(name, base, pair, scale, dropout)?;
+        let DoraWeights { pair, magnitude } = weights;
+        let lora = LoraLinear::from_weights(name, base, config, pair)?;
         let (name, base) = (lora.name(), lora.base());
         validate::shape(name, MAGNITUDE_NAME, &magnitude, &[base.d_out()])?;
         validate::dtype_device(
@@ -129,7 +143,7 @@ impl DoraLinear {
 
     fn from_parts(lora: LoraLinear, magnitude: Var, w_sq: Tensor) -> Result<Self> {
         Ok(Self {
-            lora: lora.with_kind(AdapterKind::Dora),
+            lora,
             magnitude,
             w_sq,
             cache: Mutex::new(None),
@@ -240,16 +254,10 @@ fn norms_of(lora: &LoraLinear, w_sq: &Tensor) -> Result<Tensor> {
 }
 
 impl Adapter for DoraLinear {
-    fn core(&self) -> &AdaptedBase {
-        self.lora.core()
-    }
+    delegate_to_lora!(lora);
 
-    fn core_mut(&mut self) -> &mut AdaptedBase {
-        self.lora.core_mut()
-    }
-
-    fn kind(&self) -> AdapterKind {
-        AdapterKind::Dora
+    fn kind(&self) -> Variant {
+        Variant::Dora
     }
 
     fn forward_adapted(&self, x: &Tensor, train: bool) -> Result<Tensor> {
@@ -269,11 +277,6 @@ impl Adapter for DoraLinear {
         .forward(x)
     }
 
-    /// `s·BA`: the low-rank part only (merging also rescales rows, see [`Adapter::merge`]).
-    fn delta_weight(&self) -> Result<Tensor> {
-        self.lora.delta_weight()
-    }
-
     fn trainable_vars(&self) -> Vec<NamedVar> {
         let mut vars = self.lora.trainable_vars();
         vars.push(NamedVar {
@@ -288,14 +291,6 @@ impl Adapter for DoraLinear {
         let mut out = self.lora.tensors_to_save()?;
         out.push((MAGNITUDE_NAME.into(), self.magnitude.as_tensor().clone()));
         Ok(out)
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
     }
 
     /// `W ← c ⊙ (W + s·BA)` with `c = m / max(n, eps)` (the forward's row scale), computed
@@ -357,3 +352,35 @@ impl Adapter for DoraLinear {
 }
 
 crate::impl_module_for_adapter!(DoraLinear);
+
+impl AdapterLayer for DoraLinear {
+    type Config = DoraConfig;
+
+    fn build(base: FrozenLinear, config: &DoraConfig, vb: VarBuilder) -> Result<Self> {
+        Self::new(base, config, vb)
+    }
+
+    fn config_for_module(config: &DoraConfig, settings: ModuleSettings) -> DoraConfig {
+        config.for_module(settings)
+    }
+}
+
+impl PeftLayer for DoraLinear {
+    const TENSOR_SUFFIXES: &'static [&'static str] =
+        &["lora_A.weight", "lora_B.weight", MAGNITUDE_NAME];
+
+    fn peft_rank_and_scale(m: &PeftModule) -> (usize, f64) {
+        LoraLinear::peft_rank_and_scale(m)
+    }
+
+    fn peft_new(m: &PeftModule, base: FrozenLinear, vb: VarBuilder) -> Result<Self> {
+        Self::new(base, &DoraConfig::from_peft(m), vb)
+    }
+
+    fn peft_load(m: &PeftModule, base: FrozenLinear, source: &dyn TensorSource) -> Result<Self> {
+        let config = DoraConfig::from_peft(m);
+        let pair = load_pair(&config, &base, source)?;
+        let magnitude = source.layer_tensor(MAGNITUDE_NAME, &[base.d_out()])?;
+        Self::from_weights(m.path, base, &config, DoraWeights { pair, magnitude })
+    }
+}
