@@ -94,6 +94,16 @@ impl Variant {
             v => v,
         }
     }
+
+    /// The variant a PEFT adapter file stores this one's layers as: itself for LoRA, DoRA,
+    /// VeRA and AdaLoRA; LoRA for the variants PEFT has no format for (LoRA+, LoRA-FA,
+    /// LoRA-drop, Delta-LoRA), whose files hold LoRA's tensors.
+    pub fn saved_as(self) -> Variant {
+        match self {
+            Variant::Dora | Variant::Vera | Variant::AdaLora => self,
+            _ => Variant::Lora,
+        }
+    }
 }
 
 impl std::fmt::Display for Variant {
@@ -183,13 +193,6 @@ pub trait Adapter: Send + Sync + std::fmt::Debug {
     fn as_any(&self) -> &dyn Any;
     /// Mutable downcasting.
     fn as_any_mut(&mut self) -> &mut dyn Any;
-
-    /// The variant a PEFT file stores this layer as: its own kind for LoRA, DoRA, VeRA and
-    /// AdaLoRA; LoRA for the layers PEFT has no format for (LoRA-FA, LoRA-drop, Delta-LoRA),
-    /// whose files hold LoRA's tensors.
-    fn saved_as(&self) -> Variant {
-        self.kind()
-    }
 
     /// Tensors the layer uses that belong to the whole model rather than to it, named
     /// relative to the model (VeRA's shared pair: `vera_A`, `vera_B`). Layers that share

@@ -26,6 +26,46 @@
 //! }
 //! # Ok(()) }
 //! ```
+//!
+//! # One shape for every variant
+//!
+//! Every layer is built by `Layer::new(base, &config, vb)` (fresh) or
+//! `Layer::from_weights(name, base, &config, weights)` (loaded or shared tensors), is an
+//! [`Adapter`], and reports its [`Variant`]. Every training rule in [`train`] takes a
+//! model's layers as `&[Shared<dyn Adapter>]` and works on those of its variant. A model
+//! built with [`model::linear`] takes any variant through [`model::AdapterPlan::of`].
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use candle_nn::{VarBuilder, VarMap};
+//! use lorakit::train::{DeltaLoraUpdate, RankAllocatorConfig};
+//! use lorakit::*;
+//! # fn main() -> lorakit::Result<()> {
+//! let dev = Device::Cpu;
+//! let varmap = VarMap::new();
+//! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+//! let base = || FrozenLinear::new(Tensor::randn(0f32, 0.1, (8, 8), &dev)?, None);
+//! let pair = VeraShared::covering(16, 0, [(8, 8)], DType::F32, &dev)?;
+//! let layers: Vec<Shared<dyn Adapter>> = vec![
+//!     Shared::new(LoraLinear::new(base()?, &LoraConfig::new(4, 8.0), vb.pp("lora"))?).erase(),
+//!     Shared::new(LoraFaLinear::new(base()?, &LoraFaConfig::new(4, 8.0), vb.pp("fa"))?).erase(),
+//!     Shared::new(LoraDropLinear::new(base()?, &LoraConfig::new(4, 8.0), vb.pp("drop"))?).erase(),
+//!     Shared::new(DeltaLoraLinear::new(base()?, &DeltaLoraConfig::new(4, 8.0), vb.pp("delta"))?).erase(),
+//!     Shared::new(DoraLinear::new(base()?, &DoraConfig::new(4, 8.0), vb.pp("dora"))?).erase(),
+//!     Shared::new(AdaLoraLinear::new(base()?, &AdaLoraConfig::new(4, 8.0), vb.pp("ada"))?).erase(),
+//!     Shared::new(VeraLinear::new(base()?, &VeraConfig::new(pair), vb.pp("vera"))?).erase(),
+//! ];
+//! // LoRA+ is LoRA's layer with grouped learning rates.
+//! let _lora_plus = LoraPlus::new(1e-3).build_from_shared(&layers)?;
+//! let _fa = LoraFaProjection::new(&layers)?;
+//! let _drop = LoraDrop::new(&layers, LoraDropConfig::default())?;
+//! let _delta = DeltaLoraHook::new(&layers, DeltaLoraUpdate::new(0.5, 100))?;
+//! let ada_config = RankAllocatorConfig { target_r: 2, ..RankAllocatorConfig::new(1000) };
+//! let _ada = RankAllocator::new(&layers, ada_config)?;
+//! let kinds: Vec<Variant> = layers.iter().map(|l| l.read().kind()).collect();
+//! assert_eq!(kinds.len(), 7); // every variant but LoRA+, which trains LoRA layers
+//! # Ok(()) }
+//! ```
 
 #![cfg_attr(
     not(test),

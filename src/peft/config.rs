@@ -347,20 +347,50 @@ impl PeftConfig {
 
     /// A LoRA config for fresh adapters (PEFT's defaults for everything not given).
     pub fn lora(r: usize, alpha: f64, target_modules: &[&str]) -> Self {
+        Self::new(Variant::Lora, r, alpha, target_modules)
+    }
+
+    /// The config PEFT reads back for layers of `variant` with rank `r` (AdaLoRA: `init_r`;
+    /// VeRA: the shared pair's rank) and `lora_alpha` (unused by VeRA), targeting
+    /// `target_modules` (PEFT's defaults for everything not given). LoRA+, LoRA-FA,
+    /// LoRA-drop and Delta-LoRA layers save as LoRA; DoRA as LoRA with `use_dora`. An
+    /// AdaLoRA config also needs PEFT's `total_step` in [`PeftConfig::raw`] before saving.
+    ///
+    /// ```
+    /// use lorakit::peft::{PeftConfig, PeftType};
+    /// use lorakit::Variant;
+    /// let config = PeftConfig::new(Variant::Dora, 8, 16.0, &["q_proj"]);
+    /// assert_eq!((config.peft_type, config.use_dora), (PeftType::Lora, true));
+    /// assert_eq!(config.variant(), Variant::Dora);
+    /// ```
+    pub fn new(variant: Variant, r: usize, alpha: f64, target_modules: &[&str]) -> Self {
+        let peft_type = match variant.saved_as() {
+            Variant::Vera => PeftType::Vera,
+            Variant::AdaLora => PeftType::AdaLora,
+            _ => PeftType::Lora,
+        };
+        let use_dora = variant == Variant::Dora;
+        let r_key = match peft_type {
+            PeftType::AdaLora => "init_r",
+            _ => "r",
+        };
         let mut raw = Map::new();
-        raw.insert("peft_type".into(), "LORA".into());
-        raw.insert("r".into(), r.into());
+        raw.insert("peft_type".into(), peft_type.as_str().into());
+        raw.insert(r_key.into(), r.into());
         raw.insert("lora_alpha".into(), alpha.into());
+        if use_dora {
+            raw.insert("use_dora".into(), true.into());
+        }
         raw.insert(
             "target_modules".into(),
             Value::Array(target_modules.iter().map(|s| Value::from(*s)).collect()),
         );
         Self {
-            peft_type: PeftType::Lora,
+            peft_type,
             targets: TargetSpec::new(ModuleSelector::list(target_modules.iter().copied())),
             ranks: RankAlpha::new(r, alpha),
             use_rslora: false,
-            use_dora: false,
+            use_dora,
             dropout: 0.0,
             adalora_ranks: Vec::new(),
             raw,

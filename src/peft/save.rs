@@ -193,13 +193,13 @@ fn check_consistent(config: &PeftConfig, set: &AdaptedSet) -> Result<()> {
             ));
         }
         let layer = layer.read();
-        if layer.saved_as() != config.variant() {
+        if layer.kind().saved_as() != config.variant() {
             return Err(Error::layer_config(
                 path,
                 "peft_type",
                 format!(
                     "the layer is saved as {} but the config describes {} ({})",
-                    layer.saved_as(),
+                    layer.kind().saved_as(),
                     config.variant(),
                     config.describe()
                 ),

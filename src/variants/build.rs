@@ -168,7 +168,7 @@ impl<L: PeftLayer> PeftGlue for Glue<L> {
 }
 
 /// The variants a PEFT adapter file can hold, each with its glue. The other variants'
-/// layers save as LoRA ([`Adapter::saved_as`]).
+/// layers save as LoRA ([`Variant::saved_as`]).
 const PEFT_VARIANTS: [(Variant, &dyn PeftGlue); 4] = {
     use crate::variants::{AdaLoraLinear, DoraLinear, LoraLinear, VeraLinear};
     [

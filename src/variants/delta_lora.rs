@@ -29,8 +29,7 @@ use crate::adapter::{Adapter, NamedVar, Variant};
 use crate::error::{Error, Result};
 use crate::frozen::FrozenLinear;
 use crate::low_rank::LowRankPair;
-use crate::variants::build::{AdapterLayer, ModuleSettings};
-use crate::variants::lora::{delegate_to_lora, LoraConfig, LoraLinear};
+use crate::variants::lora::{delegate_to_lora, lora_config_layer, LoraConfig, LoraLinear};
 
 /// Key (relative to the layer) under which a Delta-LoRA layer saves its updated weight.
 pub const BASE_WEIGHT_KEY: &str = "base_layer.weight";
@@ -130,10 +129,6 @@ impl Adapter for DeltaLoraLinear {
         Variant::DeltaLora
     }
 
-    fn saved_as(&self) -> Variant {
-        Variant::Lora
-    }
-
     fn forward_adapted(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.lora.forward_adapted(x, train)
     }
@@ -151,14 +146,4 @@ impl Adapter for DeltaLoraLinear {
 
 crate::impl_module_for_adapter!(DeltaLoraLinear);
 
-impl AdapterLayer for DeltaLoraLinear {
-    type Config = DeltaLoraConfig;
-
-    fn build(base: FrozenLinear, config: &DeltaLoraConfig, vb: VarBuilder) -> Result<Self> {
-        Self::new(base, config, vb)
-    }
-
-    fn config_for_module(config: &DeltaLoraConfig, settings: ModuleSettings) -> DeltaLoraConfig {
-        config.for_module(settings)
-    }
-}
+lora_config_layer!(DeltaLoraLinear);

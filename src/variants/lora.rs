@@ -18,7 +18,7 @@ use crate::init::SeededRng;
 use crate::kernels::LowRankTerm;
 use crate::low_rank::{low_rank_forward, trainable_var, Factor, LowRankPair};
 use crate::validate;
-use crate::variants::build::{AdapterLayer, ModuleSettings, PeftLayer, PeftModule, TensorSource};
+use crate::variants::build::{ModuleSettings, PeftLayer, PeftModule, TensorSource};
 
 /// LoRA hyper-parameters; defaults match PEFT's `LoraConfig` (r = 8, alpha = 8, dropout 0,
 /// rsLoRA off, default init), with seed 0.
@@ -316,17 +316,33 @@ impl Adapter for LoraLinear {
 
 crate::impl_module_for_adapter!(LoraLinear);
 
-impl AdapterLayer for LoraLinear {
-    type Config = LoraConfig;
+/// [`AdapterLayer`] for a layer type configured by a [`LoraConfig`] and built by its
+/// `new(base, &config, vb)`: every LoRA-family layer.
+macro_rules! lora_config_layer {
+    ($layer:ty) => {
+        impl $crate::variants::build::AdapterLayer for $layer {
+            type Config = $crate::variants::lora::LoraConfig;
 
-    fn build(base: FrozenLinear, config: &LoraConfig, vb: VarBuilder) -> Result<Self> {
-        Self::new(base, config, vb)
-    }
+            fn build(
+                base: $crate::frozen::FrozenLinear,
+                config: &Self::Config,
+                vb: candle_nn::VarBuilder,
+            ) -> $crate::error::Result<Self> {
+                Self::new(base, config, vb)
+            }
 
-    fn config_for_module(config: &LoraConfig, settings: ModuleSettings) -> LoraConfig {
-        config.for_module(settings)
-    }
+            fn config_for_module(
+                config: &Self::Config,
+                settings: $crate::variants::build::ModuleSettings,
+            ) -> Self::Config {
+                config.for_module(settings)
+            }
+        }
+    };
 }
+pub(crate) use lora_config_layer;
+
+lora_config_layer!(LoraLinear);
 
 impl LoraConfig {
     /// The LoRA settings of one module of a PEFT adapter config.

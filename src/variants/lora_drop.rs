@@ -20,8 +20,7 @@ use crate::error::Result;
 use crate::frozen::FrozenLinear;
 use crate::kernels::low_rank_only;
 use crate::low_rank::LowRankPair;
-use crate::variants::build::{AdapterLayer, ModuleSettings};
-use crate::variants::lora::{delegate_to_lora, LoraConfig, LoraLinear};
+use crate::variants::lora::{delegate_to_lora, lora_config_layer, LoraConfig, LoraLinear};
 
 /// The config of a LoRA-drop layer: LoRA's. The procedure's settings are
 /// [`crate::train::LoraDropConfig`].
@@ -111,10 +110,6 @@ impl Adapter for LoraDropLinear {
         Variant::LoraDrop
     }
 
-    fn saved_as(&self) -> Variant {
-        Variant::Lora
-    }
-
     /// LoRA's forward; while recording, also adds `‖s · (x Aᵀ) Bᵀ‖²` (no dropout, no
     /// gradient) to the layer's score.
     fn forward_adapted(&self, x: &Tensor, train: bool) -> Result<Tensor> {
@@ -142,14 +137,4 @@ impl Adapter for LoraDropLinear {
 
 crate::impl_module_for_adapter!(LoraDropLinear);
 
-impl AdapterLayer for LoraDropLinear {
-    type Config = LoraDropLayerConfig;
-
-    fn build(base: FrozenLinear, config: &LoraDropLayerConfig, vb: VarBuilder) -> Result<Self> {
-        Self::new(base, config, vb)
-    }
-
-    fn config_for_module(config: &LoraDropLayerConfig, settings: ModuleSettings) -> LoraConfig {
-        config.for_module(settings)
-    }
-}
+lora_config_layer!(LoraDropLinear);

@@ -14,8 +14,7 @@ use crate::adapter::{Adapter, NamedVar, Variant};
 use crate::error::Result;
 use crate::frozen::FrozenLinear;
 use crate::low_rank::{trainable_var, Factor, LowRankPair};
-use crate::variants::build::{AdapterLayer, ModuleSettings};
-use crate::variants::lora::{delegate_to_lora, LoraConfig, LoraLinear};
+use crate::variants::lora::{delegate_to_lora, lora_config_layer, LoraConfig, LoraLinear};
 
 /// The config of a LoRA-FA layer: LoRA's.
 pub type LoraFaConfig = LoraConfig;
@@ -90,10 +89,6 @@ impl Adapter for LoraFaLinear {
         Variant::LoraFa
     }
 
-    fn saved_as(&self) -> Variant {
-        Variant::Lora
-    }
-
     fn forward_adapted(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.lora.forward_adapted(x, train)
     }
@@ -109,14 +104,4 @@ impl Adapter for LoraFaLinear {
 
 crate::impl_module_for_adapter!(LoraFaLinear);
 
-impl AdapterLayer for LoraFaLinear {
-    type Config = LoraFaConfig;
-
-    fn build(base: FrozenLinear, config: &LoraFaConfig, vb: VarBuilder) -> Result<Self> {
-        Self::new(base, config, vb)
-    }
-
-    fn config_for_module(config: &LoraFaConfig, settings: ModuleSettings) -> LoraFaConfig {
-        config.for_module(settings)
-    }
-}
+lora_config_layer!(LoraFaLinear);

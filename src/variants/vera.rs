@@ -231,6 +231,25 @@ pub struct VeraWeights {
 }
 
 /// A frozen linear layer with a VeRA adapter.
+///
+/// ```
+/// use candle_core::{DType, Device, Module, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use lorakit::{Adapter, FrozenLinear, VeraConfig, VeraLinear, VeraShared};
+/// # fn main() -> lorakit::Result<()> {
+/// let dev = Device::Cpu;
+/// let base = FrozenLinear::new(Tensor::randn(0f32, 1., (32, 16), &dev)?, None)?;
+/// let shared = VeraShared::covering(64, 0, [(16, 32)], DType::F32, &dev)?;
+/// let varmap = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+/// let layer = VeraLinear::new(base.clone(), &VeraConfig::new(shared), vb.pp("q_proj"))?;
+/// let x = Tensor::randn(0f32, 1., (3, 16), &dev)?;
+/// // λ_b starts at zero: the adapted layer equals the base.
+/// let diff = (layer.forward(&x)? - base.forward(&x)?)?.abs()?.sum_all()?;
+/// assert_eq!(diff.to_scalar::<f32>()?, 0.0);
+/// assert_eq!(layer.num_trainable_params(), 32 + 64); // λ_b and λ_d only
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct VeraLinear {
     core: AdaptedBase,

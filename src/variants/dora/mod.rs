@@ -44,8 +44,10 @@ use crate::frozen::FrozenLinear;
 use crate::kernels::{low_rank_only, FusedLinear, LowRankTerm};
 use crate::low_rank::{trainable_var, LowRankPair};
 use crate::validate;
-use crate::variants::build::{AdapterLayer, ModuleSettings, PeftLayer, PeftModule, TensorSource};
-use crate::variants::lora::{delegate_to_lora, load_pair, LoraConfig, LoraLinear};
+use crate::variants::build::{PeftLayer, PeftModule, TensorSource};
+use crate::variants::lora::{
+    delegate_to_lora, load_pair, lora_config_layer, LoraConfig, LoraLinear,
+};
 use cache::NormCache;
 use norm::{dora_eps, factored_row_norms, norm_dtype, row_sq_norms};
 
@@ -353,17 +355,7 @@ impl Adapter for DoraLinear {
 
 crate::impl_module_for_adapter!(DoraLinear);
 
-impl AdapterLayer for DoraLinear {
-    type Config = DoraConfig;
-
-    fn build(base: FrozenLinear, config: &DoraConfig, vb: VarBuilder) -> Result<Self> {
-        Self::new(base, config, vb)
-    }
-
-    fn config_for_module(config: &DoraConfig, settings: ModuleSettings) -> DoraConfig {
-        config.for_module(settings)
-    }
-}
+lora_config_layer!(DoraLinear);
 
 impl PeftLayer for DoraLinear {
     const TENSOR_SUFFIXES: &'static [&'static str] =
