@@ -26,7 +26,7 @@ use candle_core::WithDType;
 use rayon::prelude::*;
 
 use super::transpose::{par_transpose, transpose_columns};
-use super::{gemm_raw, parallelism, MatRef};
+use super::{gemm_raw, parallelism, Accum, MatRef};
 
 /// Columns transposed per chunk.
 const CHUNK: usize = 64;
@@ -69,21 +69,22 @@ fn route<T>(lhs: &MatRef<T>, rhs: &MatRef<T>) -> Option<Route> {
     (n >= 2 * CHUNK).then_some(Route::Chunked)
 }
 
-/// Runs `dst = (accumulate ? dst : 0) + beta · lhs · rhs` by its [`route`] and returns
-/// `Some`, or `None` when the product should go straight to `gemm`. The caller has checked
-/// the shapes and that `dst` holds the `m × n` result at row stride `dst_rs ≥ n`.
+/// Runs [`super::gemm_into`]'s product (`dst = beta · lhs · rhs`, or `+=` with
+/// [`Accum::Add`]) by its [`route`] and returns `Some`, or `None` when the product should
+/// go straight to `gemm`. The caller has checked the shapes and that `dst` holds the
+/// `m × n` result at row stride `dst_rs ≥ n`.
 pub(super) fn reroute<T: WithDType>(
     dst: &mut [T],
     dst_rs: usize,
     lhs: MatRef<T>,
     rhs: MatRef<T>,
-    accumulate: bool,
+    accum: Accum,
     beta: T,
 ) -> Option<candle_core::Result<()>> {
     let product = Product {
         lhs,
         rhs,
-        accumulate,
+        accum,
         beta,
     };
     Some(match route(&lhs, &rhs)? {
@@ -98,7 +99,7 @@ pub(super) fn reroute<T: WithDType>(
 struct Product<'a, T> {
     lhs: MatRef<'a, T>,
     rhs: MatRef<'a, T>,
-    accumulate: bool,
+    accum: Accum,
     beta: T,
 }
 
@@ -136,7 +137,7 @@ impl<T: WithDType> Product<'_, T> {
                         dst_rs,
                         row,
                         self.rhs,
-                        self.accumulate,
+                        self.accum,
                         self.beta,
                         gemm::Parallelism::None,
                     )
@@ -161,16 +162,19 @@ impl<T: WithDType> Product<'_, T> {
                 m,
                 self.rhs.t(),
                 MatRef::contiguous(&lhs_t, k, m)?,
-                false,
+                Accum::Replace,
                 T::from_f64(1.0),
                 parallelism(),
             )
         };
-        let (accumulate, beta) = (self.accumulate, self.beta);
+        let (accum, beta) = (self.accum, self.beta);
         // dst_t read as the column-major m × n product.
         let product = MatRef::new(&dst_t, m, n, 1, m)?;
         par_transpose(product, dst, dst_rs, |d, v| {
-            *d = if accumulate { *d + beta * v } else { beta * v }
+            *d = match accum {
+                Accum::Replace => beta * v,
+                Accum::Add => *d + beta * v,
+            }
         });
         Ok(())
     }
@@ -193,7 +197,7 @@ impl<T: WithDType> Product<'_, T> {
                     dst_rs,
                     self.lhs,
                     block,
-                    self.accumulate,
+                    self.accum,
                     self.beta,
                     gemm::Parallelism::None,
                 )
@@ -242,18 +246,17 @@ mod tests {
             ];
             for lhs in lhs_views {
                 seen.push(route(&lhs, &rhs));
-                for (accumulate, beta) in [(false, 1.0), (true, -0.5)] {
+                for (accum, beta) in [(Accum::Replace, 1.0), (Accum::Add, -0.5)] {
                     let dst_rs = n + 2;
                     let start = vals(m * dst_rs, 1.3);
                     let mut dst = start.clone();
-                    gemm_into(&mut dst, dst_rs, lhs, rhs, accumulate, beta)?;
+                    gemm_into(&mut dst, dst_rs, lhs, rhs, accum, beta)?;
                     for i in 0..m {
                         for j in 0..n {
                             let dot: f64 = (0..k).map(|t| lhs.at(i, t) * rhs.at(t, j)).sum();
-                            let base = if accumulate {
-                                start[i * dst_rs + j]
-                            } else {
-                                0.0
+                            let base = match accum {
+                                Accum::Replace => 0.0,
+                                Accum::Add => start[i * dst_rs + j],
                             };
                             let want = base + beta * dot;
                             let got = dst[i * dst_rs + j];
