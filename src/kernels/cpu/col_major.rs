@@ -1,26 +1,24 @@
 //! Products whose right-hand side is column-major (`rhs.rs == 1`), such as `x Wᵀ` with a
-//! row-major weight `W` — every linear layer's forward. The `gemm` crate is slow on them
-//! (on one AVX-512 core about 0.8× its row-major speed for `512 × 1024 × 1024`, and 5–10×
-//! slower than one matrix-vector product per row for 4–16 rows), so they are rerouted:
+//! row-major weight `W` — every linear layer's forward. The `gemm` crate is slower on them
+//! than on row-major operands, and far slower than one matrix-vector product per row when
+//! there are only a few rows, so they are rerouted:
 //!
 //! - 2 to 7 rows: one matrix-vector product per row (the one-row kernel reads the
 //!   columns contiguously), rows spread over the threads;
 //! - few rows against at least 512 columns, row-major left-hand side: `dstᵀ = rhsᵀ lhsᵀ`,
 //!   where `rhsᵀ` is row-major as it stands and `lhsᵀ` a copy, into a temporary that one
-//!   transposing pass adds into `dst`. "Few" is 8 to 31 rows, or fewer than `k / 16` when
-//!   `n ≤ k` (127 for `2048 × 2048`). On two threads, 16 rows against `2048 × 2048` take
-//!   0.8 ms this way and 1.3–1.4 ms chunked; from about `k / 16` rows up (fewer when
-//!   `n > k` or `n < 512`) the chunked route is as fast or faster. Measured on one and two
-//!   threads of this machine over `k, n` in 256–4096 and 8–384 rows; the thresholds are
-//!   rounded, and runs differ by 10% here;
+//!   transposing pass adds into `dst`. This copies `lhs` and the result instead of the
+//!   whole right-hand side, which pays while there are few rows against many columns:
+//!   "few" is 8 to 31 rows, or fewer than `k / 16` when `n ≤ k` (127 for `2048 × 2048`);
+//!   with more rows the chunked route is as fast or faster;
 //! - otherwise, at least `2 · CHUNK` columns: the right-hand side is transposed
 //!   `CHUNK` columns at a time into a small row-major buffer (`k × CHUNK`, never the
 //!   whole matrix), each chunk one single-threaded row-major product into its columns of
 //!   `dst`, chunks spread over the threads.
 //!
 //! Threads: candle's setting (`RAYON_NUM_THREADS`, else all cores), on rayon's pool.
-//! Measured with `cargo bench --bench fused` and `benches/peft_compare.py` (see
-//! `benches/RESULTS.md`).
+//! The thresholds are measured crossovers, rounded: see `benches/RESULTS.md`
+//! ("Column-major products").
 
 use candle_core::WithDType;
 use rayon::prelude::*;
