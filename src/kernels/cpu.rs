@@ -11,7 +11,7 @@ mod scaled;
 mod transpose;
 
 pub(crate) use in_place::AddProduct;
-pub(crate) use scaled::{scaled_backward, scaled_forward, ScaledForward, ScaledSaved};
+pub(crate) use scaled::{scaled_backward, scaled_forward, ScaledForward, ScaledNeed, ScaledSaved};
 
 /// A read-only strided matrix view: element `(i, j)` is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy, Debug)]
@@ -130,14 +130,31 @@ fn parallelism() -> gemm::Parallelism {
     }
 }
 
-/// `dst = (accumulate ? dst : 0) + beta · lhs · rhs`, `dst` a row-major `m × n` matrix with
-/// row stride `dst_rs` (at least `n`).
+/// What a product does with its destination's old contents (faer's `Accum`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Accum {
+    /// `dst = beta · lhs · rhs`.
+    Replace,
+    /// `dst += beta · lhs · rhs`.
+    Add,
+}
+
+impl Accum {
+    /// `gemm`'s `read_dst` flag.
+    fn reads_dst(self) -> bool {
+        self == Accum::Add
+    }
+}
+
+/// `dst = beta · lhs · rhs` ([`Accum::Replace`]) or `dst += beta · lhs · rhs`
+/// ([`Accum::Add`]), `dst` a row-major `m × n` matrix with row stride `dst_rs` (at least
+/// `n`).
 fn gemm_into<T: WithDType>(
     dst: &mut [T],
     dst_rs: usize,
     lhs: MatRef<T>,
     rhs: MatRef<T>,
-    accumulate: bool,
+    accum: Accum,
     beta: T,
 ) -> candle_core::Result<()> {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
@@ -151,14 +168,14 @@ fn gemm_into<T: WithDType>(
         candle_core::bail!("fused linear: destination too small for {m}x{n}");
     }
     if k == 0 {
-        if !accumulate {
+        if accum == Accum::Replace {
             for row in dst.chunks_mut(dst_rs).take(m) {
                 row.iter_mut().take(n).for_each(|v| *v = T::from_f64(0.0));
             }
         }
         return Ok(());
     }
-    if let Some(done) = col_major::reroute(dst, dst_rs, lhs, rhs, accumulate, beta) {
+    if let Some(done) = col_major::reroute(dst, dst_rs, lhs, rhs, accum, beta) {
         return done;
     }
     // SAFETY: every view was bounds-checked (`MatRef::new`, the check above) and `dst` is a
@@ -169,7 +186,7 @@ fn gemm_into<T: WithDType>(
             dst_rs,
             lhs,
             rhs,
-            accumulate,
+            accum,
             beta,
             parallelism(),
         )
@@ -187,7 +204,7 @@ unsafe fn gemm_raw<T: WithDType>(
     dst_rs: usize,
     lhs: MatRef<T>,
     rhs: MatRef<T>,
-    accumulate: bool,
+    accum: Accum,
     beta: T,
     parallelism: gemm::Parallelism,
 ) {
@@ -201,7 +218,7 @@ unsafe fn gemm_raw<T: WithDType>(
             dst,
             1,
             dst_rs as isize,
-            accumulate,
+            accum.reads_dst(),
             lhs.data.as_ptr(),
             lhs.cs as isize,
             lhs.rs as isize,
@@ -332,41 +349,6 @@ pub(crate) fn output_shape(x: &Layout, d_out: usize) -> Shape {
     Shape::from(dims)
 }
 
-/// A three-input op's CPU forward, generic over the element type.
-pub(crate) trait CpuForward3 {
-    /// The op's name in errors.
-    const NAME: &'static str;
-
-    /// The output and its shape for inputs of element type `T`.
-    fn forward_t<T: WithDType>(
-        &self,
-        s1: (&[T], &Layout),
-        s2: (&[T], &Layout),
-        s3: (&[T], &Layout),
-    ) -> candle_core::Result<(Vec<T>, Shape)>;
-}
-
-/// `CustomOp3::cpu_fwd` for ops that run in f32 and f64: dispatches on the first input's
-/// dtype (the others must match).
-pub(crate) fn cpu_fwd_f32_f64<O: CpuForward3>(
-    op: &O,
-    (s1, l1): (&CpuStorage, &Layout),
-    (s2, l2): (&CpuStorage, &Layout),
-    (s3, l3): (&CpuStorage, &Layout),
-) -> candle_core::Result<(CpuStorage, Shape)> {
-    match s1 {
-        CpuStorage::F32(x) => {
-            let (y, shape) = op.forward_t((x, l1), (slice_of(s2)?, l2), (slice_of(s3)?, l3))?;
-            Ok((CpuStorage::F32(y), shape))
-        }
-        CpuStorage::F64(x) => {
-            let (y, shape) = op.forward_t((x, l1), (slice_of(s2)?, l2), (slice_of(s3)?, l3))?;
-            Ok((CpuStorage::F64(y), shape))
-        }
-        _ => candle_core::bail!("{}: the CPU kernel takes f32 or f64", O::NAME),
-    }
-}
-
 /// A 1-D tensor gathered into a vector.
 pub(crate) fn gather_vec<T: WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
     with_slice(t, gather_strided)
@@ -396,23 +378,22 @@ pub(crate) fn forward<T: WithDType>(p: &Forward<T>) -> candle_core::Result<Forwa
     let (n, d_out) = (p.x.rows, p.w.rows);
     let zero = T::from_f64(0.0);
     let one = T::from_f64(1.0);
-    let prefill_bias = p.row_scale.is_none() && p.bias.is_some();
-    let mut y = match (&p.bias, prefill_bias) {
-        (Some(b), true) => rowwise::bias_rows(n, b),
-        _ => vec![zero; n * d_out],
+    let (mut y, base) = match (&p.bias, &p.row_scale) {
+        (Some(b), None) => (rowwise::bias_rows(n, b), Accum::Add),
+        _ => (vec![zero; n * d_out], Accum::Replace),
     };
-    gemm_into(&mut y, d_out, p.x, p.w.t(), prefill_bias, one)?;
+    gemm_into(&mut y, d_out, p.x, p.w.t(), base, one)?;
     let mut xa = Vec::new();
     if let Some((a, b, s)) = p.low_rank {
         let r = a.rows;
         xa = vec![zero; n * r];
-        gemm_into(&mut xa, r, p.x, a.t(), false, one)?;
+        gemm_into(&mut xa, r, p.x, a.t(), Accum::Replace, one)?;
         gemm_into(
             &mut y,
             d_out,
             MatRef::contiguous(&xa, n, r)?,
             b.t(),
-            true,
+            Accum::Add,
             s,
         )?;
     }
@@ -436,13 +417,24 @@ pub(crate) struct Backward<'a, T> {
     pub fwd: &'a Forward<'a, T>,
     /// The incoming gradient, `(n, d_out)`.
     pub g: MatRef<'a, T>,
-    /// Which gradients to compute: x, A, (B | row scale).
-    pub need: (bool, bool, bool),
+    /// Which gradients to compute.
+    pub need: Need,
     /// `x Aᵀ` `(n, r)` saved by the forward, if it was; recomputed otherwise.
     pub xa: Option<&'a [T]>,
     /// The pre-scale output `u` `(n, d_out)` saved by the forward (with a row scale), if it
     /// was; recomputed otherwise.
     pub u: Option<&'a [T]>,
+}
+
+/// Which gradients [`backward`] computes.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Need {
+    /// `dx`.
+    pub x: bool,
+    /// `dA`.
+    pub a: bool,
+    /// The packed `[dB | dc]`.
+    pub bc: bool,
 }
 
 /// The gradients of [`Backward`]: `dx (n, d_in)`, `dA (r, d_in)`, and the gradient of the
@@ -460,7 +452,6 @@ pub(crate) struct Grads<T> {
 pub(crate) fn backward<T: WithDType>(p: &Backward<T>) -> candle_core::Result<Grads<T>> {
     let f = p.fwd;
     let (n, d_in, d_out) = (f.x.rows, f.x.cols, f.w.rows);
-    let (need_dx, need_da, need_dbc) = p.need;
     let zero = T::from_f64(0.0);
     let one = T::from_f64(1.0);
     // g' = c ⊙ g (contiguous), or g itself.
@@ -481,34 +472,41 @@ pub(crate) fn backward<T: WithDType>(p: &Backward<T>) -> candle_core::Result<Gra
     };
     // g' B, (n, r): shared by dx and dA.
     let gb = match f.low_rank {
-        Some((_, b, _)) if need_dx || need_da => {
+        Some((_, b, _)) if p.need.x || p.need.a => {
             let mut gb = vec![zero; n * r];
-            gemm_into(&mut gb, r, gs, b, false, one)?;
+            gemm_into(&mut gb, r, gs, b, Accum::Replace, one)?;
             Some(gb)
         }
         _ => None,
     };
-    if need_dx {
+    if p.need.x {
         let mut dx = vec![zero; n * d_in];
-        gemm_into(&mut dx, d_in, gs, f.w, false, one)?;
+        gemm_into(&mut dx, d_in, gs, f.w, Accum::Replace, one)?;
         if let (Some((a, _, s)), Some(gb)) = (f.low_rank, &gb) {
-            gemm_into(&mut dx, d_in, MatRef::contiguous(gb, n, r)?, a, true, s)?;
+            gemm_into(
+                &mut dx,
+                d_in,
+                MatRef::contiguous(gb, n, r)?,
+                a,
+                Accum::Add,
+                s,
+            )?;
         }
         out.dx = Some(dx);
     }
-    if let (true, Some((_, _, s)), Some(gb)) = (need_da, f.low_rank, &gb) {
+    if let (true, Some((_, _, s)), Some(gb)) = (p.need.a, f.low_rank, &gb) {
         let mut da = vec![zero; r * d_in];
         gemm_into(
             &mut da,
             d_in,
             MatRef::contiguous(gb, n, r)?.t(),
             f.x,
-            false,
+            Accum::Replace,
             s,
         )?;
         out.da = Some(da);
     }
-    if need_dbc {
+    if p.need.bc {
         let width = r + usize::from(f.row_scale.is_some());
         let mut dbc = vec![zero; d_out * width];
         let recomputed;
@@ -516,7 +514,7 @@ pub(crate) fn backward<T: WithDType>(p: &Backward<T>) -> candle_core::Result<Gra
             (Some(_), Some(saved)) if saved.len() == n * r => saved,
             (Some((a, _, _)), _) => {
                 let mut xa = vec![zero; n * r];
-                gemm_into(&mut xa, r, f.x, a.t(), false, one)?;
+                gemm_into(&mut xa, r, f.x, a.t(), Accum::Replace, one)?;
                 recomputed = xa;
                 &recomputed
             }
@@ -528,7 +526,7 @@ pub(crate) fn backward<T: WithDType>(p: &Backward<T>) -> candle_core::Result<Gra
                 width,
                 gs.t(),
                 MatRef::contiguous(xa, n, r)?,
-                false,
+                Accum::Replace,
                 s,
             )?;
         }
@@ -557,9 +555,16 @@ fn row_scale_grad<T: WithDType>(p: &Backward<T>, xa: MatRef<T>) -> candle_core::
         Some(u) if u.len() == n * d_out => u,
         _ => {
             let mut u = vec![zero; n * d_out];
-            gemm_into(&mut u, d_out, f.x, f.w.t(), false, T::from_f64(1.0))?;
+            gemm_into(
+                &mut u,
+                d_out,
+                f.x,
+                f.w.t(),
+                Accum::Replace,
+                T::from_f64(1.0),
+            )?;
             if let Some((_, b, s)) = f.low_rank {
-                gemm_into(&mut u, d_out, xa, b.t(), true, s)?;
+                gemm_into(&mut u, d_out, xa, b.t(), Accum::Add, s)?;
             }
             recomputed = u;
             &recomputed
@@ -609,7 +614,11 @@ mod tests {
             backward(&Backward {
                 fwd: &fwd,
                 g: MatRef::contiguous(&g, n, d_out)?,
-                need: (true, true, true),
+                need: Need {
+                    x: true,
+                    a: true,
+                    bc: true,
+                },
                 xa,
                 u,
             })

@@ -16,7 +16,20 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaStorage, Layout, Shape, Storage, Tensor, WithDType};
 
-use super::fused_op::FusedLowRankOp;
+/// What the forward needs besides its inputs `x`, `A` and `[B|c]`: the fused op's frozen
+/// tensors and settings (the CPU side's counterpart is `cpu::Forward`).
+pub(crate) struct Forward<'a> {
+    /// Frozen `W`, `(d_out, d_in)`, of `x`'s dtype, on the GPU.
+    pub weight: &'a Tensor,
+    /// Frozen bias, `(d_out,)`.
+    pub bias: Option<&'a Tensor>,
+    /// The scale `s`.
+    pub scale: f64,
+    /// The rank `r` (0: no low-rank term).
+    pub rank: usize,
+    /// Whether `[B|c]` carries the row scale as its last column.
+    pub row_scale: bool,
+}
 
 /// The epilogue `y[i, j] = (has_c ? c[j * cs] : 1) · y[i, j] + (has_b ? b[j] : 0)`.
 const EPILOGUE_SRC: &str = r#"
@@ -131,7 +144,7 @@ where
 /// The forward for one dtype; row-major `Y (n × d_out)` is the column-major `Yᵀ` cuBLAS
 /// writes.
 fn forward_t<T: CudaFloat>(
-    op: &FusedLowRankOp,
+    op: &Forward<'_>,
     x: (&CudaStorage, &Layout),
     a: (&CudaStorage, &Layout),
     bc: (&CudaStorage, &Layout),
@@ -243,7 +256,7 @@ where
 
 /// The op's CUDA forward (f32, f64).
 pub(crate) fn forward(
-    op: &FusedLowRankOp,
+    op: &Forward<'_>,
     x: (&CudaStorage, &Layout),
     a: (&CudaStorage, &Layout),
     bc: (&CudaStorage, &Layout),

@@ -1,4 +1,4 @@
-//! The fused low-rank linear as a candle `CustomOp3`.
+//! The fused low-rank linear as a candle `CustomOp3` (a [`SavingKernel`]).
 //!
 //! Inputs: `x` (`[.., d_in]`), `A_eff` (`(r, d_in)`) and the packed `[B_eff | c]`
 //! (`(d_out, r)`, or `(d_out, r + 1)` whose last column is the row scale `c`). The frozen
@@ -8,10 +8,16 @@
 //! Packing `c` with `B` keeps the op at three inputs while `c` may need a gradient (DoRA):
 //! the caller builds the packed tensor with `Tensor::cat`, whose backward routes the
 //! packed gradient's columns back to `B` and to `c`.
+//!
+//! The CPU forward saves `x Aᵀ` (so the backward does not compute it twice) and, with a
+//! row scale, the pre-scale output `u = x Wᵀ + s (x Aᵀ) Bᵀ`, for the row scale's gradient
+//! `Σ_i g_ij u_ij` (exact for any `c`, where recovering `u` from the output as
+//! `(y − b) / c` would lose it to cancellation against a large bias, or to `c = 0`).
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
+use candle_core::{Layout, Shape, Tensor, WithDType};
 
-use super::cpu::{self, as_rows, gather_vec, mat_of_layout, with_slice, Backward, Forward};
+use super::cpu::{self, as_rows, gather_vec, mat_of_layout, with_slice, Backward, Forward, Need};
+use super::saved_op::{CpuOutput, Grads3, Input, SavingKernel, SLOTS};
 
 /// `y = c ⊙ (x Wᵀ + s (x Aᵀ) Bᵀ) + b` with `W`, `b`, `s` held in the op.
 #[derive(Clone, Debug)]
@@ -26,25 +32,6 @@ pub(crate) struct FusedLowRankOp {
     pub rank: usize,
     /// Whether the third input carries the row scale as its last column.
     pub row_scale: bool,
-    /// `x Aᵀ` from the CPU forward, kept for the backward (so it is not computed twice).
-    /// The op lives in the autograd graph of its output, so this lives as long as the graph.
-    pub saved_xa: std::sync::Arc<std::sync::Mutex<Option<Tensor>>>,
-    /// With a row scale: the pre-scale output `u = x Wᵀ + s (x Aᵀ) Bᵀ` from the CPU
-    /// forward, for the row scale's gradient `Σ_i g_ij u_ij` (exact for any `c`, where
-    /// recovering `u` from the output as `(y − b) / c` would lose it to cancellation
-    /// against a large bias, or to `c = 0`).
-    pub saved_u: std::sync::Arc<std::sync::Mutex<Option<Tensor>>>,
-}
-
-/// Runs `f` with the CPU slice of a saved intermediate, or `None`.
-fn with_saved<T: WithDType, R>(
-    saved: Option<&Tensor>,
-    f: impl FnOnce(Option<&[T]>) -> candle_core::Result<R>,
-) -> candle_core::Result<R> {
-    match saved {
-        Some(t) => with_slice::<T, _>(t, |data, _| f(Some(data))),
-        None => f(None),
-    }
 }
 
 impl FusedLowRankOp {
@@ -67,9 +54,9 @@ impl FusedLowRankOp {
     /// Runs `f` with the forward's CPU views of `x`, `A`, `[B|c]` and the op's tensors.
     fn with_forward<T: WithDType, R>(
         &self,
-        x: (&[T], &Layout),
-        a: (&[T], &Layout),
-        bc: (&[T], &Layout),
+        x: Input<'_, T>,
+        a: Input<'_, T>,
+        bc: Input<'_, T>,
         f: impl FnOnce(&Forward<T>) -> candle_core::Result<R>,
     ) -> candle_core::Result<R> {
         self.check_shapes(x.1, a.1, bc.1)?;
@@ -99,62 +86,6 @@ impl FusedLowRankOp {
         })
     }
 
-    fn cpu_bwd_t<T: WithDType>(
-        &self,
-        args: [&Tensor; 3],
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let [x, a, bc] = args;
-        let take = |m: &std::sync::Mutex<Option<Tensor>>| {
-            m.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone()
-                .filter(|t| t.dtype() == T::DTYPE)
-        };
-        let (saved_xa, saved_u) = (take(&self.saved_xa), take(&self.saved_u));
-        let need = (
-            x.track_op(),
-            self.rank > 0 && a.track_op(),
-            (self.rank > 0 || self.row_scale) && bc.track_op(),
-        );
-        let grads = with_slice::<T, _>(x, |xd, xl| {
-            with_slice::<T, _>(a, |ad, al| {
-                with_slice::<T, _>(bc, |bd, bl| {
-                    with_slice::<T, _>(grad, |gd, gl| {
-                        let g = as_rows(gd, gl)?;
-                        self.with_forward((xd, xl), (ad, al), (bd, bl), |fwd| {
-                            with_saved::<T, _>(saved_xa.as_ref(), |xa| {
-                                with_saved::<T, _>(saved_u.as_ref(), |u| {
-                                    cpu::backward(&Backward {
-                                        fwd,
-                                        g: g.view()?,
-                                        need,
-                                        xa,
-                                        u,
-                                    })
-                                })
-                            })
-                        })
-                    })
-                })
-            })
-        })?;
-        let dev = x.device();
-        let dx = grads
-            .dx
-            .map(|v| Tensor::from_vec(v, x.shape(), dev))
-            .transpose()?;
-        let da = grads
-            .da
-            .map(|v| Tensor::from_vec(v, a.shape(), dev))
-            .transpose()?;
-        let dbc = grads
-            .dbc
-            .map(|v| Tensor::from_vec(v, bc.shape(), dev))
-            .transpose()?;
-        Ok((dx, da, dbc))
-    }
-
     /// The same gradients from candle ops, for devices without a hand-written backward.
     fn composed_bwd(
         &self,
@@ -162,7 +93,7 @@ impl FusedLowRankOp {
         a: &Tensor,
         bc: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    ) -> candle_core::Result<Grads3> {
         let (d_out, d_in) = self.weight.dims2()?;
         let r = self.rank;
         let n = x.elem_count() / d_in.max(1);
@@ -207,77 +138,74 @@ impl FusedLowRankOp {
     }
 }
 
-impl cpu::CpuForward3 for FusedLowRankOp {
+/// Slot 0: `x Aᵀ` `(n, r)`, slot 1: `u` `(n, d_out)` (see the module docs).
+impl SavingKernel for FusedLowRankOp {
+    const OP_NAME: &'static str = "lorakit-fused-low-rank-linear";
     const NAME: &'static str = "fused linear";
 
-    fn forward_t<T: WithDType>(
+    fn cpu_forward<T: WithDType>(
         &self,
-        x: (&[T], &Layout),
-        a: (&[T], &Layout),
-        bc: (&[T], &Layout),
-    ) -> candle_core::Result<(Vec<T>, Shape)> {
+        [x, a, bc]: [Input<'_, T>; 3],
+    ) -> candle_core::Result<CpuOutput<T>> {
         let (y, xa, u) = self.with_forward(x, a, bc, cpu::forward)?;
         let d_out = self.weight.dims2()?.0;
         let n = y.len() / d_out.max(1);
-        let dev = candle_core::Device::Cpu;
-        if !xa.is_empty() {
-            let saved = Tensor::from_vec(xa, (n, self.rank), &dev)?;
-            *self.saved_xa.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
-        }
-        if let Some(u) = u {
-            let saved = Tensor::from_vec(u, (n, d_out), &dev)?;
-            *self.saved_u.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
-        }
-        Ok((y, cpu::output_shape(x.1, d_out)))
-    }
-}
-
-impl CustomOp3 for FusedLowRankOp {
-    fn name(&self) -> &'static str {
-        "lorakit-fused-low-rank-linear"
+        Ok(CpuOutput {
+            y,
+            shape: cpu::output_shape(x.1, d_out),
+            saved: [
+                (!xa.is_empty()).then(|| (xa, Shape::from((n, self.rank)))),
+                u.map(|u| (u, Shape::from((n, d_out)))),
+            ],
+        })
     }
 
-    fn cpu_fwd(
+    fn cpu_backward<T: WithDType>(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        cpu::cpu_fwd_f32_f64(self, (s1, l1), (s2, l2), (s3, l3))
+        [x, a, bc]: [Input<'_, T>; 3],
+        grad: Input<'_, T>,
+        [xa, u]: [Option<&[T]>; SLOTS],
+        [x_tracks, a_tracks, bc_tracks]: [bool; 3],
+    ) -> candle_core::Result<[Option<Vec<T>>; 3]> {
+        let need = Need {
+            x: x_tracks,
+            a: self.rank > 0 && a_tracks,
+            bc: (self.rank > 0 || self.row_scale) && bc_tracks,
+        };
+        let g = as_rows(grad.0, grad.1)?;
+        let grads = self.with_forward(x, a, bc, |fwd| {
+            cpu::backward(&Backward {
+                fwd,
+                g: g.view()?,
+                need,
+                xa,
+                u,
+            })
+        })?;
+        Ok([grads.dx, grads.da, grads.dbc])
+    }
+
+    fn other_backward(
+        &self,
+        [x, a, bc]: [&Tensor; 3],
+        grad: &Tensor,
+    ) -> candle_core::Result<Grads3> {
+        self.composed_bwd(x, a, bc, grad)
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
+    fn cuda_forward(
         &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
+        [x, a, bc]: [(&candle_core::CudaStorage, &Layout); 3],
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        self.check_shapes(l1, l2, l3)?;
-        super::cuda::forward(self, (s1, l1), (s2, l2), (s3, l3))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        a: &Tensor,
-        bc: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        if x.device().is_cpu() {
-            match x.dtype() {
-                DType::F32 => return self.cpu_bwd_t::<f32>([x, a, bc], grad),
-                DType::F64 => return self.cpu_bwd_t::<f64>([x, a, bc], grad),
-                _ => {}
-            }
-        }
-        self.composed_bwd(x, a, bc, grad)
+        self.check_shapes(x.1, a.1, bc.1)?;
+        let params = super::cuda::Forward {
+            weight: &self.weight,
+            bias: self.bias.as_ref(),
+            scale: self.scale,
+            rank: self.rank,
+            row_scale: self.row_scale,
+        };
+        super::cuda::forward(&params, x, a, bc)
     }
 }

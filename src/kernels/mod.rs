@@ -42,6 +42,7 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod fused_op;
+mod saved_op;
 mod scaled;
 mod scaled_op;
 
@@ -50,6 +51,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::Result;
 use crate::frozen::{flatten_rows, unflatten_rows};
 use fused_op::FusedLowRankOp;
+use saved_op::SavedOp;
 pub use scaled::ScaledLowRankLinear;
 
 /// The low-rank term `s · (x Aᵀ) Bᵀ`.
@@ -187,15 +189,13 @@ impl FusedLinear<'_> {
             }
             None => b,
         };
-        let op = FusedLowRankOp {
+        let op = SavedOp::new(FusedLowRankOp {
             weight: cast(self.weight)?,
             bias: self.bias.map(cast).transpose()?,
             scale,
             rank,
             row_scale: self.row_scale.is_some(),
-            saved_xa: Default::default(),
-            saved_u: Default::default(),
-        };
+        });
         let y = cast(x)?.apply_op3(&a, &packed, op)?;
         Ok(y.to_dtype(dtype)?)
     }

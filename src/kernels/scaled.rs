@@ -7,10 +7,9 @@
 //! where the generic [`FusedLinear`] (with `B_eff = diag(out) B diag(mid)`) needs four.
 //! Other devices take [`ScaledLowRankLinear::forward_composed`].
 
-use std::sync::Arc;
-
 use candle_core::{DType, Tensor};
 
+use super::saved_op::SavedOp;
 use super::scaled_op::ScaledLowRankOp;
 use super::{compute_dtype, FusedLinear, LowRankTerm};
 use crate::error::Result;
@@ -68,13 +67,12 @@ impl ScaledLowRankLinear<'_> {
             return self.forward_composed(x);
         }
         let cast = |t: &Tensor| t.to_dtype(compute);
-        let op = ScaledLowRankOp {
+        let op = SavedOp::new(ScaledLowRankOp {
             weight: cast(self.weight)?,
             bias: self.bias.map(cast).transpose()?,
             a: cast(self.a)?,
             b: cast(self.b)?,
-            saved: Arc::default(),
-        };
+        });
         let y = cast(x)?.apply_op3(&cast(self.mid)?, &cast(self.out)?, op)?;
         Ok(y.to_dtype(dtype)?)
     }

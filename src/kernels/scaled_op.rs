@@ -1,16 +1,16 @@
-//! The vector-scaled low-rank product (VeRA's) as a candle `CustomOp3` on
-//! `(x, mid, out)`: the frozen `W`, bias, `A` and `B` live in the op, so backprop reaches
-//! only the input and the two vectors. CPU only (f32, f64); other devices take the
-//! composed path ([`super::ScaledLowRankLinear::forward_composed`]).
+//! The vector-scaled low-rank product (VeRA's) as a candle `CustomOp3` (a
+//! [`SavingKernel`]) on `(x, mid, out)`: the frozen `W`, bias, `A` and `B` live in the op,
+//! so backprop reaches only the input and the two vectors. CPU only (f32, f64); other
+//! devices take the composed path ([`super::ScaledLowRankLinear::forward_composed`]).
+//! The forward saves `x Aᵀ` and `v = (mid ⊙ x Aᵀ) Bᵀ` for the backward.
 
-use std::sync::{Arc, Mutex};
-
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
+use candle_core::{Layout, Shape, Tensor, WithDType};
 
 use super::cpu::{
     self, as_rows, gather_strided, gather_vec, mat_of_layout, with_slice, ScaledForward,
-    ScaledSaved,
+    ScaledNeed, ScaledSaved,
 };
+use super::saved_op::{CpuOutput, Grads3, Input, SavingKernel, SLOTS};
 
 /// `y = x Wᵀ + b + out ⊙ ((mid ⊙ (x Aᵀ)) Bᵀ)` with `W`, `b`, `A`, `B` held in the op.
 #[derive(Clone, Debug)]
@@ -23,9 +23,6 @@ pub(crate) struct ScaledLowRankOp {
     pub a: Tensor,
     /// Frozen `B`, `(d_out, r)` (may be a strided view).
     pub b: Tensor,
-    /// `x Aᵀ` and `v` from the forward, for the backward. The op lives in its output's
-    /// autograd graph (only when an input tracks a gradient), so these live as long.
-    pub saved: Arc<Mutex<Option<(Tensor, Tensor)>>>,
 }
 
 impl ScaledLowRankOp {
@@ -54,9 +51,9 @@ impl ScaledLowRankOp {
     /// Runs `f` with the CPU views of the inputs and the op's tensors.
     fn with_forward<T: WithDType, R>(
         &self,
-        x: (&[T], &Layout),
-        mid: (&[T], &Layout),
-        out: (&[T], &Layout),
+        x: Input<'_, T>,
+        mid: Input<'_, T>,
+        out: Input<'_, T>,
         f: impl FnOnce(&ScaledForward<T>) -> candle_core::Result<R>,
     ) -> candle_core::Result<R> {
         self.check_shapes(x.1, mid.1, out.1)?;
@@ -80,108 +77,69 @@ impl ScaledLowRankOp {
             })
         })
     }
-
-    fn cpu_bwd_t<T: WithDType>(
-        &self,
-        [x, mid, out]: [&Tensor; 3],
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let saved = self
-            .saved
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .filter(|(xa, _)| xa.dtype() == T::DTYPE);
-        let need = (x.track_op(), mid.track_op(), out.track_op());
-        let (dx, d_mid, d_out) = with_slice::<T, _>(x, |xd, xl| {
-            with_slice::<T, _>(mid, |md, ml| {
-                with_slice::<T, _>(out, |od, ol| {
-                    with_slice::<T, _>(grad, |gd, gl| {
-                        let g = as_rows(gd, gl)?;
-                        self.with_forward((xd, xl), (md, ml), (od, ol), |fwd| {
-                            let run = |xa: &[T], v: &[T]| {
-                                cpu::scaled_backward(fwd, ScaledSaved { xa, v }, g.view()?, need)
-                            };
-                            match &saved {
-                                Some((xa, v)) => with_slice::<T, _>(xa, |xa, _| {
-                                    with_slice::<T, _>(v, |v, _| run(xa, v))
-                                }),
-                                None => {
-                                    let (_, xa, v) = cpu::scaled_forward(fwd)?;
-                                    run(&xa, &v)
-                                }
-                            }
-                        })
-                    })
-                })
-            })
-        })?;
-        let to_tensor = |v: Option<Vec<T>>, like: &Tensor| {
-            v.map(|v| Tensor::from_vec(v, like.shape(), like.device()))
-                .transpose()
-        };
-        Ok((
-            to_tensor(dx, x)?,
-            to_tensor(d_mid, mid)?,
-            to_tensor(d_out, out)?,
-        ))
-    }
 }
 
-impl cpu::CpuForward3 for ScaledLowRankOp {
+/// Slot 0: `x Aᵀ` `(n, r)`, slot 1: `v` `(n, d_out)`.
+impl SavingKernel for ScaledLowRankOp {
+    const OP_NAME: &'static str = "lorakit-scaled-low-rank-linear";
     const NAME: &'static str = "scaled low-rank linear";
 
-    fn forward_t<T: WithDType>(
+    fn cpu_forward<T: WithDType>(
         &self,
-        x: (&[T], &Layout),
-        mid: (&[T], &Layout),
-        out: (&[T], &Layout),
-    ) -> candle_core::Result<(Vec<T>, Shape)> {
+        [x, mid, out]: [Input<'_, T>; 3],
+    ) -> candle_core::Result<CpuOutput<T>> {
         let (y, xa, v) = self.with_forward(x, mid, out, cpu::scaled_forward)?;
         let (d_out, r) = (self.b.dims2()?.0, self.a.dims2()?.0);
         let n = y.len() / d_out.max(1);
-        let dev = candle_core::Device::Cpu;
-        let saved = (
-            Tensor::from_vec(xa, (n, r), &dev)?,
-            Tensor::from_vec(v, (n, d_out), &dev)?,
-        );
-        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
-        Ok((y, cpu::output_shape(x.1, d_out)))
-    }
-}
-
-impl CustomOp3 for ScaledLowRankOp {
-    fn name(&self) -> &'static str {
-        "lorakit-scaled-low-rank-linear"
+        Ok(CpuOutput {
+            y,
+            shape: cpu::output_shape(x.1, d_out),
+            saved: [
+                Some((xa, Shape::from((n, r)))),
+                Some((v, Shape::from((n, d_out)))),
+            ],
+        })
     }
 
-    fn cpu_fwd(
+    fn cpu_backward<T: WithDType>(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        cpu::cpu_fwd_f32_f64(self, (s1, l1), (s2, l2), (s3, l3))
+        [x, mid, out]: [Input<'_, T>; 3],
+        grad: Input<'_, T>,
+        [xa, v]: [Option<&[T]>; SLOTS],
+        [x_tracks, mid_tracks, out_tracks]: [bool; 3],
+    ) -> candle_core::Result<[Option<Vec<T>>; 3]> {
+        let need = ScaledNeed {
+            x: x_tracks,
+            mid: mid_tracks,
+            out: out_tracks,
+        };
+        let g = as_rows(grad.0, grad.1)?;
+        let (dx, d_mid, d_out) = self.with_forward(x, mid, out, |fwd| {
+            let run = |xa: &[T], v: &[T]| {
+                cpu::scaled_backward(fwd, ScaledSaved { xa, v }, g.view()?, need)
+            };
+            match (xa, v) {
+                (Some(xa), Some(v)) => run(xa, v),
+                _ => {
+                    let (_, xa, v) = cpu::scaled_forward(fwd)?;
+                    run(&xa, &v)
+                }
+            }
+        })?;
+        Ok([dx, d_mid, d_out])
     }
 
-    fn bwd(
+    fn other_backward(
         &self,
-        x: &Tensor,
-        mid: &Tensor,
-        out: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        [x, _, _]: [&Tensor; 3],
+        _grad: &Tensor,
+    ) -> candle_core::Result<Grads3> {
         if !x.device().is_cpu() {
             candle_core::bail!("scaled low-rank linear: the fused op runs on the CPU only");
         }
-        match x.dtype() {
-            DType::F32 => self.cpu_bwd_t::<f32>([x, mid, out], grad),
-            DType::F64 => self.cpu_bwd_t::<f64>([x, mid, out], grad),
-            dt => candle_core::bail!("scaled low-rank linear: no CPU backward for {dt:?}"),
-        }
+        candle_core::bail!(
+            "scaled low-rank linear: no CPU backward for {:?}",
+            x.dtype()
+        )
     }
 }

@@ -1,32 +1,30 @@
 //! Products whose right-hand side is column-major (`rhs.rs == 1`), such as `x Wᵀ` with a
-//! row-major weight `W` — every linear layer's forward. The `gemm` crate is slow on them
-//! (on one AVX-512 core about 0.8× its row-major speed for `512 × 1024 × 1024`, and 5–10×
-//! slower than one matrix-vector product per row for 4–16 rows), so they are rerouted:
+//! row-major weight `W` — every linear layer's forward. The `gemm` crate is slower on them
+//! than on row-major operands, and far slower than one matrix-vector product per row when
+//! there are only a few rows, so they are rerouted:
 //!
 //! - 2 to 7 rows: one matrix-vector product per row (the one-row kernel reads the
 //!   columns contiguously), rows spread over the threads;
 //! - few rows against at least 512 columns, row-major left-hand side: `dstᵀ = rhsᵀ lhsᵀ`,
 //!   where `rhsᵀ` is row-major as it stands and `lhsᵀ` a copy, into a temporary that one
-//!   transposing pass adds into `dst`. "Few" is 8 to 31 rows, or fewer than `k / 16` when
-//!   `n ≤ k` (127 for `2048 × 2048`). On two threads, 16 rows against `2048 × 2048` take
-//!   0.8 ms this way and 1.3–1.4 ms chunked; from about `k / 16` rows up (fewer when
-//!   `n > k` or `n < 512`) the chunked route is as fast or faster. Measured on one and two
-//!   threads of this machine over `k, n` in 256–4096 and 8–384 rows; the thresholds are
-//!   rounded, and runs differ by 10% here;
+//!   transposing pass adds into `dst`. This copies `lhs` and the result instead of the
+//!   whole right-hand side, which pays while there are few rows against many columns:
+//!   "few" is 8 to 31 rows, or fewer than `k / 16` when `n ≤ k` (127 for `2048 × 2048`);
+//!   with more rows the chunked route is as fast or faster;
 //! - otherwise, at least `2 · CHUNK` columns: the right-hand side is transposed
 //!   `CHUNK` columns at a time into a small row-major buffer (`k × CHUNK`, never the
 //!   whole matrix), each chunk one single-threaded row-major product into its columns of
 //!   `dst`, chunks spread over the threads.
 //!
 //! Threads: candle's setting (`RAYON_NUM_THREADS`, else all cores), on rayon's pool.
-//! Measured with `cargo bench --bench fused` and `benches/peft_compare.py` (see
-//! `benches/RESULTS.md`).
+//! The thresholds are measured crossovers, rounded: see `benches/RESULTS.md`
+//! ("Column-major products").
 
 use candle_core::WithDType;
 use rayon::prelude::*;
 
 use super::transpose::{par_transpose, transpose_columns};
-use super::{gemm_raw, parallelism, MatRef};
+use super::{gemm_raw, parallelism, Accum, MatRef};
 
 /// Columns transposed per chunk.
 const CHUNK: usize = 64;
@@ -69,21 +67,22 @@ fn route<T>(lhs: &MatRef<T>, rhs: &MatRef<T>) -> Option<Route> {
     (n >= 2 * CHUNK).then_some(Route::Chunked)
 }
 
-/// Runs `dst = (accumulate ? dst : 0) + beta · lhs · rhs` by its [`route`] and returns
-/// `Some`, or `None` when the product should go straight to `gemm`. The caller has checked
-/// the shapes and that `dst` holds the `m × n` result at row stride `dst_rs ≥ n`.
+/// Runs [`super::gemm_into`]'s product (`dst = beta · lhs · rhs`, or `+=` with
+/// [`Accum::Add`]) by its [`route`] and returns `Some`, or `None` when the product should
+/// go straight to `gemm`. The caller has checked the shapes and that `dst` holds the
+/// `m × n` result at row stride `dst_rs ≥ n`.
 pub(super) fn reroute<T: WithDType>(
     dst: &mut [T],
     dst_rs: usize,
     lhs: MatRef<T>,
     rhs: MatRef<T>,
-    accumulate: bool,
+    accum: Accum,
     beta: T,
 ) -> Option<candle_core::Result<()>> {
     let product = Product {
         lhs,
         rhs,
-        accumulate,
+        accum,
         beta,
     };
     Some(match route(&lhs, &rhs)? {
@@ -98,7 +97,7 @@ pub(super) fn reroute<T: WithDType>(
 struct Product<'a, T> {
     lhs: MatRef<'a, T>,
     rhs: MatRef<'a, T>,
-    accumulate: bool,
+    accum: Accum,
     beta: T,
 }
 
@@ -136,7 +135,7 @@ impl<T: WithDType> Product<'_, T> {
                         dst_rs,
                         row,
                         self.rhs,
-                        self.accumulate,
+                        self.accum,
                         self.beta,
                         gemm::Parallelism::None,
                     )
@@ -161,16 +160,19 @@ impl<T: WithDType> Product<'_, T> {
                 m,
                 self.rhs.t(),
                 MatRef::contiguous(&lhs_t, k, m)?,
-                false,
+                Accum::Replace,
                 T::from_f64(1.0),
                 parallelism(),
             )
         };
-        let (accumulate, beta) = (self.accumulate, self.beta);
+        let (accum, beta) = (self.accum, self.beta);
         // dst_t read as the column-major m × n product.
         let product = MatRef::new(&dst_t, m, n, 1, m)?;
         par_transpose(product, dst, dst_rs, |d, v| {
-            *d = if accumulate { *d + beta * v } else { beta * v }
+            *d = match accum {
+                Accum::Replace => beta * v,
+                Accum::Add => *d + beta * v,
+            }
         });
         Ok(())
     }
@@ -193,7 +195,7 @@ impl<T: WithDType> Product<'_, T> {
                     dst_rs,
                     self.lhs,
                     block,
-                    self.accumulate,
+                    self.accum,
                     self.beta,
                     gemm::Parallelism::None,
                 )
@@ -242,18 +244,17 @@ mod tests {
             ];
             for lhs in lhs_views {
                 seen.push(route(&lhs, &rhs));
-                for (accumulate, beta) in [(false, 1.0), (true, -0.5)] {
+                for (accum, beta) in [(Accum::Replace, 1.0), (Accum::Add, -0.5)] {
                     let dst_rs = n + 2;
                     let start = vals(m * dst_rs, 1.3);
                     let mut dst = start.clone();
-                    gemm_into(&mut dst, dst_rs, lhs, rhs, accumulate, beta)?;
+                    gemm_into(&mut dst, dst_rs, lhs, rhs, accum, beta)?;
                     for i in 0..m {
                         for j in 0..n {
                             let dot: f64 = (0..k).map(|t| lhs.at(i, t) * rhs.at(t, j)).sum();
-                            let base = if accumulate {
-                                start[i * dst_rs + j]
-                            } else {
-                                0.0
+                            let base = match accum {
+                                Accum::Replace => 0.0,
+                                Accum::Add => start[i * dst_rs + j],
                             };
                             let want = base + beta * dot;
                             let got = dst[i * dst_rs + j];

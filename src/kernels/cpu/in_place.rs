@@ -3,7 +3,7 @@
 
 use candle_core::{CpuStorage, InplaceOp3, Layout, WithDType};
 
-use super::{gemm_into, mat_of_layout, slice_of};
+use super::{gemm_into, mat_of_layout, slice_of, Accum};
 
 /// Adds `U V` (`(d_out, k) · (k, d_in)`) to a contiguous `(d_out, d_in)` target.
 pub(crate) struct AddProduct;
@@ -30,7 +30,7 @@ fn add_product_t<T: WithDType>(
     let Some(dst) = w.get_mut(lw.start_offset()..) else {
         candle_core::bail!("in-place product update: W's layout overruns its buffer");
     };
-    gemm_into(dst, d_in, u, v, true, T::from_f64(1.0))
+    gemm_into(dst, d_in, u, v, Accum::Add, T::from_f64(1.0))
 }
 
 impl InplaceOp3 for AddProduct {

@@ -17,7 +17,7 @@ use candle_core::WithDType;
 use rayon::prelude::*;
 
 use super::rowwise::{column_dot, scale_columns_and_dot, scale_rows};
-use super::{gemm_into, MatRef};
+use super::{gemm_into, Accum, MatRef};
 
 /// The forward's CPU views and vectors.
 pub(crate) struct ScaledForward<'a, T> {
@@ -51,9 +51,9 @@ pub(crate) fn scaled_forward<T: WithDType>(
     let (n, d_out, r) = (p.x.rows, p.w.rows, p.a.rows);
     let (zero, one) = (T::from_f64(0.0), T::from_f64(1.0));
     let mut y = vec![zero; n * d_out];
-    gemm_into(&mut y, d_out, p.x, p.w.t(), false, one)?;
+    gemm_into(&mut y, d_out, p.x, p.w.t(), Accum::Replace, one)?;
     let mut xa = vec![zero; n * r];
-    gemm_into(&mut xa, r, p.x, p.a.t(), false, one)?;
+    gemm_into(&mut xa, r, p.x, p.a.t(), Accum::Replace, one)?;
     let (z, _) = scale_columns_and_dot(MatRef::contiguous(&xa, n, r)?, p.mid, None)?;
     let mut v = vec![zero; n * d_out];
     gemm_into(
@@ -61,7 +61,7 @@ pub(crate) fn scaled_forward<T: WithDType>(
         d_out,
         MatRef::contiguous(&z, n, r)?,
         p.b.t(),
-        false,
+        Accum::Replace,
         one,
     )?;
     y.par_chunks_mut(d_out.max(1))
@@ -85,22 +85,32 @@ pub(crate) fn scaled_forward<T: WithDType>(
 /// or `B`.
 pub(crate) type ScaledGrads<T> = (Option<Vec<T>>, Option<Vec<T>>, Option<Vec<T>>);
 
-/// The backward for the incoming gradient `g` `(n, d_out)` (any strides). `need`: which
-/// of `dx`, `d mid`, `d out` to compute.
+/// Which gradients [`scaled_backward`] computes.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ScaledNeed {
+    /// `dx`.
+    pub x: bool,
+    /// `d mid`.
+    pub mid: bool,
+    /// `d out`.
+    pub out: bool,
+}
+
+/// The backward for the incoming gradient `g` `(n, d_out)` (any strides), computing the
+/// gradients `need` asks for.
 pub(crate) fn scaled_backward<T: WithDType>(
     p: &ScaledForward<T>,
     saved: ScaledSaved<T>,
     g: MatRef<T>,
-    need: (bool, bool, bool),
+    need: ScaledNeed,
 ) -> candle_core::Result<ScaledGrads<T>> {
     let (n, d_in, d_out, r) = (p.x.rows, p.x.cols, p.w.rows, p.a.rows);
     let (zero, one) = (T::from_f64(0.0), T::from_f64(1.0));
-    let (need_dx, need_mid, need_out) = need;
     if saved.xa.len() != n * r || saved.v.len() != n * d_out {
         candle_core::bail!("scaled low-rank linear: saved intermediates do not fit the inputs");
     }
-    let d_out_grad = need_out.then(|| column_dot(g, saved.v)).transpose()?;
-    if !(need_dx || need_mid) {
+    let d_out_grad = need.out.then(|| column_dot(g, saved.v)).transpose()?;
+    if !(need.x || need.mid) {
         return Ok((None, None, d_out_grad));
     }
     // g' B with g' = g ⊙ out, as g (diag(out) B): no n × d_out temporary.
@@ -111,25 +121,25 @@ pub(crate) fn scaled_backward<T: WithDType>(
         r,
         g,
         MatRef::contiguous(&b_out, d_out, r)?,
-        false,
+        Accum::Replace,
         one,
     )?;
     // (g' B) ⊙ mid and d mid in one pass.
     let (gbm, d_mid) = scale_columns_and_dot(
         MatRef::contiguous(&gb, n, r)?,
         p.mid,
-        need_mid.then_some(saved.xa),
+        need.mid.then_some(saved.xa),
     )?;
     let mut dx = None;
-    if need_dx {
+    if need.x {
         let mut out = vec![zero; n * d_in];
-        gemm_into(&mut out, d_in, g, p.w, false, one)?;
+        gemm_into(&mut out, d_in, g, p.w, Accum::Replace, one)?;
         gemm_into(
             &mut out,
             d_in,
             MatRef::contiguous(&gbm, n, r)?,
             p.a,
-            true,
+            Accum::Add,
             one,
         )?;
         dx = Some(out);

@@ -3,9 +3,9 @@
 //!
 //! Each source column is contiguous. `GROUP` of them are read side by side from start to
 //! end (a few sequential streams, which the hardware prefetcher follows even when the
-//! source is not in cache) and each output row gets `GROUP` adjacent elements at a time.
-//! Reading a short piece of every column in turn instead (one stream per column) was 3–4×
-//! slower on a cold 1024 × 1024 weight.
+//! source is not in cache) and each output row gets `GROUP` adjacent elements at a time,
+//! rather than a short piece of every column in turn (one stream per column, which it does
+//! not follow: see `benches/RESULTS.md`, "Column-major products").
 
 use candle_core::WithDType;
 use rayon::prelude::*;

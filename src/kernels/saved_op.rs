@@ -1,0 +1,221 @@
+//! The candle `CustomOp3` plumbing the fused ops share ([`super::fused_op`],
+//! [`super::scaled_op`]).
+//!
+//! An op is a [`SavingKernel`] (its CPU forward and backward, generic over the element
+//! type) wrapped in a [`SavedOp`], which is the `CustomOp3`: it runs the CPU forward in f32
+//! or f64, keeps the intermediates that forward hands back (`x Aᵀ`, ...) as tensors over
+//! the forward's own buffers (no copy), and gives them to the CPU backward, so the backward
+//! does not compute them again. The op lives in its output's autograd graph (only when an
+//! input tracks a gradient), so the intermediates live as long as that graph.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor, WithDType};
+
+use super::cpu::{slice_of, with_slice};
+
+/// How many intermediates a forward may save.
+pub(crate) const SLOTS: usize = 2;
+
+/// One CPU input: its buffer and the layout over it.
+pub(crate) type Input<'a, T> = (&'a [T], &'a Layout);
+
+/// The gradients of an op's three inputs.
+pub(crate) type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
+/// What a CPU forward returns.
+pub(crate) struct CpuOutput<T> {
+    /// The output, contiguous.
+    pub y: Vec<T>,
+    /// Its shape.
+    pub shape: Shape,
+    /// Contiguous intermediates for the backward, each with its shape (`None`: nothing in
+    /// that slot).
+    pub saved: [Option<(Vec<T>, Shape)>; SLOTS],
+}
+
+/// A fused three-input op's kernels; [`SavedOp`] makes it a `CustomOp3`.
+pub(crate) trait SavingKernel: Send + Sync + 'static {
+    /// The `CustomOp3`'s name.
+    const OP_NAME: &'static str;
+
+    /// The op's name in errors.
+    const NAME: &'static str;
+
+    /// The CPU forward for inputs of element type `T`: the output and the intermediates to
+    /// keep for the backward.
+    fn cpu_forward<T: WithDType>(
+        &self,
+        inputs: [Input<'_, T>; 3],
+    ) -> candle_core::Result<CpuOutput<T>>;
+
+    /// The CPU backward: the gradients of the inputs for the incoming gradient `grad`, each
+    /// only where `tracks` says its input tracks one. `saved`: the forward's intermediates,
+    /// `None` where there is none of dtype `T` (the kernel computes it then).
+    fn cpu_backward<T: WithDType>(
+        &self,
+        inputs: [Input<'_, T>; 3],
+        grad: Input<'_, T>,
+        saved: [Option<&[T]>; SLOTS],
+        tracks: [bool; 3],
+    ) -> candle_core::Result<[Option<Vec<T>>; 3]>;
+
+    /// The backward where the CPU one does not run (another device or dtype).
+    fn other_backward(&self, inputs: [&Tensor; 3], grad: &Tensor) -> candle_core::Result<Grads3>;
+
+    /// The CUDA forward, for ops that have one.
+    #[cfg(feature = "cuda")]
+    fn cuda_forward(
+        &self,
+        _inputs: [(&candle_core::CudaStorage, &Layout); 3],
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        candle_core::bail!("{}: no CUDA kernel", Self::NAME)
+    }
+}
+
+/// A [`SavingKernel`] as a candle `CustomOp3`, with the slots its CPU forward saves into.
+#[derive(Debug)]
+pub(crate) struct SavedOp<K> {
+    kernel: K,
+    saved: Mutex<[Option<Tensor>; SLOTS]>,
+}
+
+impl<K: SavingKernel> SavedOp<K> {
+    /// The op, nothing saved yet.
+    pub(crate) fn new(kernel: K) -> Self {
+        Self {
+            kernel,
+            saved: Mutex::default(),
+        }
+    }
+
+    /// The kernel's forward, its intermediates moved into the slots.
+    fn cpu_forward<T: WithDType>(
+        &self,
+        inputs: [Input<'_, T>; 3],
+    ) -> candle_core::Result<(Vec<T>, Shape)> {
+        let out = self.kernel.cpu_forward(inputs)?;
+        let mut saved: [Option<Tensor>; SLOTS] = Default::default();
+        for (slot, data) in saved.iter_mut().zip(out.saved) {
+            if let Some((data, shape)) = data {
+                *slot = Some(Tensor::from_vec(data, shape, &Device::Cpu)?);
+            }
+        }
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = saved;
+        Ok((out.y, out.shape))
+    }
+
+    /// The kernel's backward on the CPU buffers of the inputs, the gradient and the saved
+    /// intermediates of dtype `T` (cloned handles: a graph may run backward more than once).
+    fn cpu_backward<T: WithDType>(
+        &self,
+        inputs: [&Tensor; 3],
+        grad: &Tensor,
+    ) -> candle_core::Result<Grads3> {
+        let [s0, s1] = self
+            .saved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .map(|t| t.filter(|t| t.dtype() == T::DTYPE));
+        let tracks = inputs.map(Tensor::track_op);
+        let [x, a, b] = inputs;
+        let [dx, da, db] = with_slice::<T, _>(x, |xd, xl| {
+            with_slice::<T, _>(a, |ad, al| {
+                with_slice::<T, _>(b, |bd, bl| {
+                    with_slice::<T, _>(grad, |gd, gl| {
+                        with_saved::<T, _>(s0.as_ref(), |s0| {
+                            with_saved::<T, _>(s1.as_ref(), |s1| {
+                                self.kernel.cpu_backward(
+                                    [(xd, xl), (ad, al), (bd, bl)],
+                                    (gd, gl),
+                                    [s0, s1],
+                                    tracks,
+                                )
+                            })
+                        })
+                    })
+                })
+            })
+        })?;
+        let to_tensor = |v: Option<Vec<T>>, like: &Tensor| {
+            v.map(|v| Tensor::from_vec(v, like.shape(), like.device()))
+                .transpose()
+        };
+        Ok((to_tensor(dx, x)?, to_tensor(da, a)?, to_tensor(db, b)?))
+    }
+}
+
+/// Runs `f` with the CPU slice of a saved intermediate, or `None`.
+fn with_saved<T: WithDType, R>(
+    saved: Option<&Tensor>,
+    f: impl FnOnce(Option<&[T]>) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    match saved {
+        Some(t) => with_slice::<T, _>(t, |data, _| f(Some(data))),
+        None => f(None),
+    }
+}
+
+impl<K: SavingKernel> CustomOp3 for SavedOp<K> {
+    fn name(&self) -> &'static str {
+        K::OP_NAME
+    }
+
+    /// Dispatches on the first input's dtype (the others must match).
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        match s1 {
+            CpuStorage::F32(x) => {
+                let inputs = [(x.as_slice(), l1), (slice_of(s2)?, l2), (slice_of(s3)?, l3)];
+                let (y, shape) = self.cpu_forward(inputs)?;
+                Ok((CpuStorage::F32(y), shape))
+            }
+            CpuStorage::F64(x) => {
+                let inputs = [(x.as_slice(), l1), (slice_of(s2)?, l2), (slice_of(s3)?, l3)];
+                let (y, shape) = self.cpu_forward(inputs)?;
+                Ok((CpuStorage::F64(y), shape))
+            }
+            _ => candle_core::bail!("{}: the CPU kernel takes f32 or f64", K::NAME),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.kernel.cuda_forward([(s1, l1), (s2, l2), (s3, l3)])
+    }
+
+    fn bwd(
+        &self,
+        arg1: &Tensor,
+        arg2: &Tensor,
+        arg3: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Grads3> {
+        let inputs = [arg1, arg2, arg3];
+        if arg1.device().is_cpu() {
+            match arg1.dtype() {
+                DType::F32 => return self.cpu_backward::<f32>(inputs, grad),
+                DType::F64 => return self.cpu_backward::<f64>(inputs, grad),
+                _ => {}
+            }
+        }
+        self.kernel.other_backward(inputs, grad)
+    }
+}
