@@ -8,8 +8,8 @@ use candle_nn::{Optimizer, VarBuilder, VarMap};
 use common::*;
 use lorakit::kernels::{FusedLinear, LowRankTerm};
 use lorakit::low_rank::{Factor, LowRankPair};
-use lorakit::variants::dora_norm::{factored_row_norms, row_sq_norms};
-use lorakit::{Adapter, AdapterKind, DoraLinear, FrozenLinear, LoraConfig, LoraInit};
+use lorakit::variants::dora::norm::{factored_row_norms, row_sq_norms};
+use lorakit::{Adapter, DoraLinear, DoraWeights, FrozenLinear, LoraConfig, LoraInit, Variant};
 
 /// Parameters of one DoRA layer as plain f64.
 struct Ref {
@@ -84,8 +84,24 @@ fn setup(dtype: DType, d_in: usize, d_out: usize, rank: usize, seed: u64) -> Set
         a: Factor::Trainable(Var::from_tensor(&a).unwrap()),
         b: Factor::Trainable(Var::from_tensor(&b).unwrap()),
     };
-    let layer = DoraLinear::from_tensors("layers.0.q", base, pair, m, s, 0.0).unwrap();
+    let layer = dora_from("layers.0.q", base, pair, m, s, 0.0).unwrap();
     Setup { layer, r, x }
+}
+
+/// A DoRA layer from given tensors with scale `s`.
+fn dora_from(
+    name: &str,
+    base: FrozenLinear,
+    pair: LowRankPair,
+    magnitude: Tensor,
+    s: f64,
+    dropout: f64,
+) -> lorakit::Result<DoraLinear> {
+    let config = LoraConfig {
+        dropout,
+        ..lora_config_with_scale(pair.rank(), s)
+    };
+    DoraLinear::from_weights(name, base, &config, DoraWeights { pair, magnitude })
 }
 
 fn var_of(f: &Factor) -> &Var {
@@ -102,7 +118,7 @@ fn identity_at_init() {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
     let layer = DoraLinear::new(base.clone(), &LoraConfig::new(4, 8.0), vb.pp("q")).unwrap();
-    assert_eq!(layer.kind(), AdapterKind::Dora);
+    assert_eq!(layer.kind(), Variant::Dora);
     let x = rand(&mut g, &[6, 12], DType::F32);
     let want = base.forward(&x).unwrap();
     for train in [false, true] {
@@ -302,7 +318,7 @@ fn unmerge_restores_rows_with_zero_magnitude_exactly() {
     let base = st.layer.base().clone();
     let pair = st.layer.lora().pair().clone();
     let m = Tensor::new(&[0f32, 1.0, 2.0, 0.5], &Device::Cpu).unwrap();
-    let mut layer = DoraLinear::from_tensors("z", base.clone(), pair, m, 1.0, 0.0).unwrap();
+    let mut layer = dora_from("z", base.clone(), pair, m, 1.0, 0.0).unwrap();
     layer.merge(false).unwrap();
     layer.unmerge().unwrap();
     assert!(bit_identical(layer.base().weight(), base.weight()));
@@ -372,7 +388,7 @@ fn zero_norm_rows_give_finite_outputs_and_gradients() {
     // A loaded magnitude that is non-zero on a zero row (PEFT: inf · 0 = NaN).
     let pair = layer.lora().pair().clone();
     let m = Tensor::ones(5, DType::F32, &Device::Cpu).unwrap();
-    let loaded = DoraLinear::from_tensors("z", base, pair, m, 1.0, 0.0).unwrap();
+    let loaded = dora_from("z", base, pair, m, 1.0, 0.0).unwrap();
     let y = flat(&loaded.forward(&x).unwrap());
     assert!(y.iter().all(|v| v.is_finite()));
 }
@@ -431,7 +447,7 @@ fn bad_magnitude_and_config_are_errors_naming_the_layer() {
     let base = st.layer.base().clone();
     let pair = st.layer.lora().pair().clone();
     let m = Tensor::ones(5, DType::F32, &Device::Cpu).unwrap();
-    let err = DoraLinear::from_tensors("enc.k", base.clone(), pair, m, 1.0, 0.0).unwrap_err();
+    let err = dora_from("enc.k", base.clone(), pair, m, 1.0, 0.0).unwrap_err();
     assert!(err.to_string().contains("enc.k"), "{err}");
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
@@ -454,7 +470,7 @@ fn half_precision_matches_f32_and_stays_finite_on_zero_rows() {
         let pair = st.layer.lora().pair();
         let mut b = mat(pair.b.tensor());
         b[0].iter_mut().for_each(|v| *v = 0.0);
-        let half = DoraLinear::from_tensors(
+        let half = dora_from(
             "h",
             FrozenLinear::new(
                 cast(&tensor(&w, DType::F32)),

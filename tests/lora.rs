@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
-use common::{fd_grad, flat, max_rel_diff, max_rel_vec, randn};
+use common::{fd_grad, flat, lora_config_with_scale, max_rel_diff, max_rel_vec, randn};
 use lorakit::init::SeededRng;
 use lorakit::low_rank::{Factor, LowRankPair};
 use lorakit::{Adapter, Error, FrozenLinear, LoraConfig, LoraInit, LoraLinear};
@@ -136,7 +136,7 @@ fn gradients_match_finite_differences() {
             a: Factor::Trainable(va.clone()),
             b: Factor::Trainable(vb.clone()),
         };
-        let l = LoraLinear::from_pair("fd", b.clone(), pair, scale, 0.0).unwrap();
+        let l = LoraLinear::from_weights("fd", b.clone(), &lora_config_with_scale(r, scale), pair).unwrap();
         let y = l.forward_t(&x, false).unwrap();
         let loss = (y - &target).unwrap().sqr().unwrap().sum_all().unwrap();
         (loss, l, va, vb)
@@ -266,7 +266,7 @@ fn safe_merge_refuses_non_finite_and_leaves_weight() {
         a: Factor::Trainable(Var::from_tensor(&a).unwrap()),
         b: Factor::Trainable(Var::from_tensor(&bm).unwrap()),
     };
-    let mut l = LoraLinear::from_pair("bad", b.clone(), pair, 1.0, 0.0).unwrap();
+    let mut l = LoraLinear::from_weights("bad", b.clone(), &lora_config_with_scale(2, 1.0), pair).unwrap();
     let e = l.merge(true).unwrap_err();
     assert!(
         matches!(e, Error::NonFiniteMerge { count, .. } if count > 0),

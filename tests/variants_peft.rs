@@ -6,7 +6,9 @@ mod common;
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
 use lorakit::low_rank::{Factor, LowRankPair};
-use lorakit::{Adapter, DoraLinear, FrozenLinear, VeraLinear, VeraShared};
+use lorakit::{
+    Adapter, DoraLinear, DoraWeights, FrozenLinear, VeraConfig, VeraLinear, VeraShared, VeraWeights,
+};
 use serde_json::Value;
 
 fn fixtures() -> Value {
@@ -41,7 +43,9 @@ fn dora_matches_peft() {
     };
     let scale = f["scale"].as_f64().unwrap();
     let m = t1(&f["magnitude"]);
-    let mut layer = DoraLinear::from_tensors("0", base, pair, m, scale, 0.0).unwrap();
+    let config = lora_config_with_scale(pair.rank(), scale);
+    let weights = DoraWeights { pair, magnitude: m };
+    let mut layer = DoraLinear::from_weights("0", base, &config, weights).unwrap();
     let (x, r) = (t2(&f["x"]), t2(&f["r"]));
     for train in [true, false] {
         check(
@@ -83,8 +87,12 @@ fn vera_matches_peft() {
     for (i, l) in f["layers"].as_array().unwrap().iter().enumerate() {
         let base = FrozenLinear::new(t2(&l["weight"]), Some(t1(&l["bias"]))).unwrap();
         let (ld, lb) = (t1(&l["lambda_d"]), t1(&l["lambda_b"]));
-        let mut layer =
-            VeraLinear::from_tensors(format!("{i}"), base, &shared, ld, lb, 0.0).unwrap();
+        let weights = VeraWeights {
+            lambda_d: ld,
+            lambda_b: lb,
+        };
+        let config = VeraConfig::new(shared.clone());
+        let mut layer = VeraLinear::from_weights(format!("{i}"), base, &config, weights).unwrap();
         let (x, r) = (t2(&l["x"]), t2(&l["r"]));
         let y = layer.forward_t(&x, true).unwrap();
         check("y", &y, &t2(&l["y"]), 1e-12);

@@ -7,15 +7,24 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 use common::*;
 use lorakit::kernels::{FusedLinear, LowRankTerm};
-use lorakit::{
-    Adapter, AdapterKind, FrozenLinear, VeraBuilder, VeraConfig, VeraLinear, VeraShared,
-};
+use lorakit::{Adapter, FrozenLinear, Variant, VeraConfig, VeraLinear, VeraShared, VeraWeights};
 
-fn config(r: usize) -> VeraConfig {
-    VeraConfig {
-        r,
-        ..VeraConfig::default()
-    }
+/// A pair of rank `r` covering `bases` (seed 0, PEFT's default), in f32.
+fn covering(r: usize, bases: &[FrozenLinear]) -> VeraShared {
+    let shapes = bases.iter().map(|b| (b.d_in(), b.d_out()));
+    VeraShared::covering(r, 0, shapes, DType::F32, &Device::Cpu).unwrap()
+}
+
+/// A layer from given vectors over `shared`.
+fn from_vectors(
+    name: &str,
+    base: FrozenLinear,
+    shared: &VeraShared,
+    lambda_d: Tensor,
+    lambda_b: Tensor,
+) -> lorakit::Result<VeraLinear> {
+    let weights = VeraWeights { lambda_d, lambda_b };
+    VeraLinear::from_weights(name, base, &VeraConfig::new(shared.clone()), weights)
 }
 
 fn base(g: &mut lorakit::init::SeededRng, d_in: usize, d_out: usize, dtype: DType) -> FrozenLinear {
@@ -55,7 +64,7 @@ fn layers(dtype: DType) -> (VeraShared, Vec<VeraLinear>, lorakit::init::SeededRn
             let b = base(&mut g, d_in, d_out, dtype);
             let ld = rand(&mut g, &[4], dtype);
             let lb = rand(&mut g, &[d_out], dtype);
-            VeraLinear::from_tensors(format!("l{i}"), b, &shared, ld, lb, 0.0).unwrap()
+            from_vectors(&format!("l{i}"), b, &shared, ld, lb).unwrap()
         })
         .collect();
     (shared, layers, g)
@@ -71,22 +80,19 @@ fn identity_at_init_and_parameter_counts() {
     ];
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-    let mut builder = VeraBuilder::new(config(6));
-    for b in &bases {
-        builder.reserve_for(b).unwrap();
-    }
+    let shared = covering(6, &bases);
+    let config = VeraConfig::new(shared.clone());
     let built: Vec<VeraLinear> = bases
         .iter()
         .enumerate()
-        .map(|(i, b)| builder.build(b.clone(), vb.pp(format!("l{i}"))).unwrap())
+        .map(|(i, b)| VeraLinear::new(b.clone(), &config, vb.pp(format!("l{i}"))).unwrap())
         .collect();
-    let shared = builder.shared(DType::F32, &dev).unwrap();
     assert_eq!(
         (shared.max_d_in(), shared.max_d_out(), shared.rank()),
         (12, 16, 6)
     );
     for (layer, b) in built.iter().zip(&bases) {
-        assert_eq!(layer.kind(), AdapterKind::Vera);
+        assert_eq!(layer.kind(), Variant::Vera);
         let x = rand(&mut g, &[3, b.d_in()], DType::F32);
         let got = layer.forward_t(&x, true).unwrap();
         assert!(max_rel_diff(&got, &b.forward(&x).unwrap()) == 0.0);
@@ -183,19 +189,16 @@ fn training_changes_only_the_lambdas() {
     ];
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-    let mut builder = VeraBuilder::new(VeraConfig {
+    let shared = covering(4, &bases);
+    let config = VeraConfig {
         dropout: 0.1,
-        ..config(4)
-    });
-    for b in &bases {
-        builder.reserve_for(b).unwrap();
-    }
+        ..VeraConfig::new(shared.clone())
+    };
     let layers: Vec<VeraLinear> = bases
         .iter()
         .enumerate()
-        .map(|(i, b)| builder.build(b.clone(), vb.pp(format!("l{i}"))).unwrap())
+        .map(|(i, b)| VeraLinear::new(b.clone(), &config, vb.pp(format!("l{i}"))).unwrap())
         .collect();
-    let shared = builder.shared(DType::F32, &dev).unwrap();
     let (a0, b0) = (shared.a().copy().unwrap(), shared.b().copy().unwrap());
     let before: Vec<Vec<Tensor>> = layers
         .iter()
@@ -278,19 +281,18 @@ fn layer_larger_than_the_pair_is_an_error() {
     let big = base(&mut g, 9, 8, DType::F32);
     let ld = rand(&mut g, &[4], DType::F32);
     let lb = rand(&mut g, &[8], DType::F32);
-    let err = VeraLinear::from_tensors("enc.big", big.clone(), &shared, ld, lb, 0.0).unwrap_err();
+    let err = from_vectors("enc.big", big.clone(), &shared, ld, lb).unwrap_err();
     assert!(err.to_string().contains("enc.big"), "{err}");
-    // The builder cannot grow the pair once it exists.
-    let mut builder = VeraBuilder::new(config(4));
-    builder.reserve(8, 8).unwrap();
-    builder.shared(DType::F32, &Device::Cpu).unwrap();
-    assert!(builder.reserve(9, 8).is_err());
+    // A fresh layer over a pair too small for it.
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    assert!(builder.build(big, vb.pp("enc.big")).is_err());
-    // A rank that differs from the pair's.
+    let config = VeraConfig::new(shared.clone());
+    let err = VeraLinear::new(big, &config, vb.pp("enc.big")).unwrap_err();
+    assert!(err.to_string().contains("enc.big"), "{err}");
+    // Loaded vectors whose λ_d length is not the pair's rank.
     let small = base(&mut g, 4, 4, DType::F32);
-    assert!(VeraLinear::new(small, &shared, &config(3), vb.pp("s")).is_err());
+    let (ld3, lb4) = (rand(&mut g, &[3], DType::F32), rand(&mut g, &[4], DType::F32));
+    assert!(from_vectors("s", small, &shared, ld3, lb4).is_err());
 }
 
 #[test]
@@ -314,5 +316,12 @@ fn saved_tensors_use_peft_names() {
         .into_iter()
         .map(|(n, _)| n)
         .collect();
-    assert_eq!(model, ["base_model.vera_A", "base_model.vera_B"]);
+    assert_eq!(model, ["vera_A", "vera_B"]);
+    // The layers name the pair as a model-level tensor (saved once, `base_model.`-prefixed).
+    let from_layer: Vec<String> = layers[0]
+        .model_tensors()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(from_layer, model);
 }

@@ -195,3 +195,12 @@ pub fn max_rel_vec(a: &[f64], b: &[f64]) -> f64 {
     let scale = b.iter().map(|y| y.abs()).fold(0.0, f64::max).max(1e-300);
     diff / scale
 }
+
+/// A LoRA config of rank `r` whose scale `alpha / r` is `s` (dropout 0, default init): how
+/// the tests build layers from given factors with a given scale.
+pub fn lora_config_with_scale(r: usize, s: f64) -> lorakit::LoraConfig {
+    lorakit::LoraConfig {
+        alpha: s * r as f64,
+        ..lorakit::LoraConfig::new(r, 1.0)
+    }
+}
