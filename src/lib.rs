@@ -95,8 +95,9 @@ pub use error::{Error, Result, Scope};
 pub use frozen::FrozenLinear;
 pub use shared::Shared;
 pub use train::{
-    train_step, DeltaLoraHook, DeltaLoraUpdate, GroupedAdamW, LoraDrop, LoraDropConfig,
-    LoraFaProjection, LoraPlus, ParamGroup, RankAllocator, RankAllocatorConfig, StepHook,
+    orthogonality_penalty, train_step, DeltaLoraHook, DeltaLoraUpdate, GroupedAdamW,
+    LayerImportance, LoraDrop, LoraDropConfig, LoraDropReport, LoraFaProjection, LoraPlus,
+    ParamGroup, RankAllocator, RankAllocatorConfig, SampleSize, Selection, Stage1, StepHook,
 };
 pub use variants::{
     AdaLoraConfig, AdaLoraLinear, AdaLoraWeights, DeltaLoraConfig, DeltaLoraLinear, DoraConfig,
