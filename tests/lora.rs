@@ -136,7 +136,8 @@ fn gradients_match_finite_differences() {
             a: Factor::Trainable(va.clone()),
             b: Factor::Trainable(vb.clone()),
         };
-        let l = LoraLinear::from_weights("fd", b.clone(), &lora_config_with_scale(r, scale), pair).unwrap();
+        let l = LoraLinear::from_weights("fd", b.clone(), &lora_config_with_scale(r, scale), pair)
+            .unwrap();
         let y = l.forward_t(&x, false).unwrap();
         let loss = (y - &target).unwrap().sqr().unwrap().sum_all().unwrap();
         (loss, l, va, vb)
@@ -266,7 +267,8 @@ fn safe_merge_refuses_non_finite_and_leaves_weight() {
         a: Factor::Trainable(Var::from_tensor(&a).unwrap()),
         b: Factor::Trainable(Var::from_tensor(&bm).unwrap()),
     };
-    let mut l = LoraLinear::from_weights("bad", b.clone(), &lora_config_with_scale(2, 1.0), pair).unwrap();
+    let mut l =
+        LoraLinear::from_weights("bad", b.clone(), &lora_config_with_scale(2, 1.0), pair).unwrap();
     let e = l.merge(true).unwrap_err();
     assert!(
         matches!(e, Error::NonFiniteMerge { count, .. } if count > 0),

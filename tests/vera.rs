@@ -291,7 +291,10 @@ fn layer_larger_than_the_pair_is_an_error() {
     assert!(err.to_string().contains("enc.big"), "{err}");
     // Loaded vectors whose λ_d length is not the pair's rank.
     let small = base(&mut g, 4, 4, DType::F32);
-    let (ld3, lb4) = (rand(&mut g, &[3], DType::F32), rand(&mut g, &[4], DType::F32));
+    let (ld3, lb4) = (
+        rand(&mut g, &[3], DType::F32),
+        rand(&mut g, &[4], DType::F32),
+    );
     assert!(from_vectors("s", small, &shared, ld3, lb4).is_err());
 }
 
