@@ -102,17 +102,13 @@ pub const MAX_RANK: usize = 1 << 16;
 /// `r` must be in `1..=MAX_RANK` (PEFT rejects `r <= 0` too).
 fn check_rank(r: usize, field: &'static str, what: &str, p: &Path) -> Result<()> {
     if r == 0 || r > MAX_RANK {
-        return Err(config_error(
+        return Err(Error::file_config(
             p,
             field,
             format!("{what}must be between 1 and {MAX_RANK}, got {r}"),
         ));
     }
     Ok(())
-}
-
-fn config_error(path: &Path, field: &'static str, reason: impl Into<String>) -> Error {
-    Error::file_config(path, field, reason)
 }
 
 /// Reads `key` as a non-negative integer, or `default` when absent / null.
@@ -125,7 +121,7 @@ fn get_usize(
     match map.get(key) {
         None | Some(Value::Null) => Ok(default),
         Some(v) => v.as_u64().map(|n| n as usize).ok_or_else(|| {
-            config_error(p, key, format!("expected a non-negative integer, got {v}"))
+            Error::file_config(p, key, format!("expected a non-negative integer, got {v}"))
         }),
     }
 }
@@ -135,7 +131,7 @@ fn get_f64(map: &Map<String, Value>, key: &'static str, default: f64, p: &Path) 
         None | Some(Value::Null) => Ok(default),
         Some(v) => v
             .as_f64()
-            .ok_or_else(|| config_error(p, key, format!("expected a number, got {v}"))),
+            .ok_or_else(|| Error::file_config(p, key, format!("expected a number, got {v}"))),
     }
 }
 
@@ -144,7 +140,7 @@ fn get_bool(map: &Map<String, Value>, key: &'static str, p: &Path) -> Result<boo
         None | Some(Value::Null) => Ok(false),
         Some(v) => v
             .as_bool()
-            .ok_or_else(|| config_error(p, key, format!("expected true or false, got {v}"))),
+            .ok_or_else(|| Error::file_config(p, key, format!("expected true or false, got {v}"))),
     }
 }
 
@@ -159,12 +155,12 @@ fn selector(v: &Value, key: &'static str, p: &Path) -> Result<ModuleSelector> {
             .iter()
             .map(|i| {
                 i.as_str().map(str::to_string).ok_or_else(|| {
-                    config_error(p, key, format!("list entries must be strings, got {i}"))
+                    Error::file_config(p, key, format!("list entries must be strings, got {i}"))
                 })
             })
             .collect::<Result<Vec<_>>>()
             .map(ModuleSelector::List),
-        other => Err(config_error(
+        other => Err(Error::file_config(
             p,
             key,
             format!("expected a list or a string, got {other}"),
@@ -186,11 +182,11 @@ fn pattern<T: Clone>(
             .map(|(k, v)| {
                 conv(v)
                     .map(|t| (k.clone(), t))
-                    .ok_or_else(|| config_error(p, key, format!("bad value for `{k}`: {v}")))
+                    .ok_or_else(|| Error::file_config(p, key, format!("bad value for `{k}`: {v}")))
             })
             .collect::<Result<Vec<_>>>()?,
         Some(other) => {
-            return Err(config_error(
+            return Err(Error::file_config(
                 p,
                 key,
                 format!("expected an object, got {other}"),
@@ -242,7 +238,11 @@ impl PeftConfig {
             message: e.to_string(),
         })?;
         let Value::Object(raw) = value else {
-            return Err(config_error(p, "(top level)", "expected a JSON object"));
+            return Err(Error::file_config(
+                p,
+                "(top level)",
+                "expected a JSON object",
+            ));
         };
         let peft_type = match raw.get("peft_type") {
             Some(Value::String(s)) => PeftType::parse(s)?,
@@ -259,7 +259,7 @@ impl PeftConfig {
         };
         let targets = match raw.get("target_modules") {
             None | Some(Value::Null) => {
-                return Err(config_error(
+                return Err(Error::file_config(
                     p,
                     "target_modules",
                     "missing: PEFT's per-architecture defaults are not known to lorakit; list the modules",
@@ -314,14 +314,14 @@ impl PeftConfig {
                                 a.iter().map(Value::as_bool).collect::<Option<Vec<bool>>>()
                             })
                             .ok_or_else(|| {
-                                config_error(
+                                Error::file_config(
                                     p,
                                     "rank_pattern",
                                     format!("`{k}`: expected a list of booleans"),
                                 )
                             })?;
                         if mask.len() != r {
-                            return Err(config_error(
+                            return Err(Error::file_config(
                                 p,
                                 "rank_pattern",
                                 format!("`{k}` has {} entries, init_r is {r}", mask.len()),

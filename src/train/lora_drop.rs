@@ -74,10 +74,6 @@ impl Default for LoraDropConfig {
     }
 }
 
-fn invalid(field: &'static str, reason: String) -> Error {
-    Error::settings("LoRA-drop", field, reason)
-}
-
 /// A deterministic sample of `size` example indices out of `0..n` (seeded shuffle), sorted.
 pub fn sample_indices(n: usize, size: SampleSize, seed: u64) -> Result<Vec<usize>> {
     let count = sample_count(n, size)?;
@@ -146,19 +142,25 @@ pub fn stratified_sample_indices<L: Ord>(
 /// How many of `n` examples `size` asks for (at least one), or an error naming the bad size.
 fn sample_count(n: usize, size: SampleSize) -> Result<usize> {
     if n == 0 {
-        return Err(invalid("sample", "the training data is empty".into()));
+        return Err(Error::settings(
+            RULE,
+            "sample",
+            "the training data is empty",
+        ));
     }
     let count = match size {
         SampleSize::Fraction(f) if f > 0.0 && f <= 1.0 => ((f * n as f64).round() as usize).max(1),
         SampleSize::Fraction(f) => {
-            return Err(invalid(
+            return Err(Error::settings(
+                RULE,
                 "sample",
                 format!("fraction must be in (0, 1], got {f}"),
             ))
         }
         SampleSize::Count(c) if (1..=n).contains(&c) => c,
         SampleSize::Count(c) => {
-            return Err(invalid(
+            return Err(Error::settings(
+                RULE,
                 "sample",
                 format!("count must be in 1..={n} (the data size), got {c}"),
             ))
@@ -174,7 +176,8 @@ pub fn normalize_importance(raw: &[f64]) -> Result<Vec<f64>> {
         .enumerate()
         .find(|(_, g)| !(g.is_finite() && **g >= 0.0))
     {
-        return Err(invalid(
+        return Err(Error::settings(
+            RULE,
             "importance",
             format!("layer #{i} has a non-finite or negative score {g}"),
         ));
@@ -207,7 +210,11 @@ pub fn select_layers(importance: &[f64], selection: Selection) -> Result<Vec<boo
             }
         }
         Selection::Threshold(t) => {
-            return Err(invalid("threshold", format!("must be in (0, 1], got {t}")))
+            return Err(Error::settings(
+                RULE,
+                "threshold",
+                format!("must be in (0, 1], got {t}"),
+            ))
         }
         Selection::TopN(n) => {
             for i in order.into_iter().take(n) {
@@ -405,7 +412,8 @@ impl LoraDrop {
         vb: VarBuilder,
     ) -> Result<LoraDropReport> {
         if importance.len() != self.layers.len() {
-            return Err(invalid(
+            return Err(Error::settings(
+                RULE,
                 "importance",
                 format!(
                     "{} scores for {} layers",
