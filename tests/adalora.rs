@@ -7,7 +7,7 @@ use candle_nn::{VarBuilder, VarMap};
 use lorakit::train::{
     budget_schedule, orthogonality_penalty, train_step, RankAllocator, RankAllocatorConfig,
 };
-use lorakit::{AdaLoraConfig, AdaLoraLinear, Adapter, FrozenLinear, Shared};
+use lorakit::{AdaLoraConfig, AdaLoraLinear, AdaLoraWeights, Adapter, Error, FrozenLinear, Shared};
 
 type R = lorakit::Result<()>;
 
@@ -34,6 +34,30 @@ fn layer(
         &AdaLoraConfig::new(r, 6.0),
         vb.pp(name),
     )
+}
+
+/// The layers as the training rules take them.
+fn erased(layers: &[Shared<AdaLoraLinear>]) -> Vec<Shared<dyn Adapter>> {
+    layers.iter().map(|l| l.clone().erase()).collect()
+}
+
+/// An AdaLoRA layer from loaded tensors (`rank_pattern`: PEFT's entry for the layer).
+fn from_tensors(
+    name: &str,
+    base: FrozenLinear,
+    (a, e, b): (Tensor, Tensor, Tensor),
+    init_r: usize,
+    alpha: f64,
+    rank_pattern: Option<Vec<bool>>,
+) -> lorakit::Result<AdaLoraLinear> {
+    let config = AdaLoraConfig::new(init_r, alpha);
+    let weights = AdaLoraWeights {
+        a,
+        e,
+        b,
+        rank_pattern,
+    };
+    AdaLoraLinear::from_weights(name, base, &config, weights)
 }
 
 fn mat(t: &Tensor) -> Vec<Vec<f64>> {
@@ -187,15 +211,15 @@ fn orthogonality_penalty_matches_hand_computation() -> R {
     }
     want /= 4.0;
     let layers = vec![Shared::new(l1), Shared::new(l2)];
-    let got = orthogonality_penalty(&layers)?.to_scalar::<f32>()? as f64;
+    let got = orthogonality_penalty(&erased(&layers))?.to_scalar::<f32>()? as f64;
     assert!((got - want).abs() < 1e-4 * want.max(1.0), "{got} vs {want}");
     // It is differentiable in A and B.
-    let grads = orthogonality_penalty(&layers)?.backward()?;
+    let grads = orthogonality_penalty(&erased(&layers))?.backward()?;
     assert!(grads.get(layers[0].read().a().as_tensor()).is_some());
     // γ from the config.
     let mut cfg = RankAllocatorConfig::new(10);
     cfg.target_r = 1;
-    let alloc = RankAllocator::new(layers, cfg)?;
+    let alloc = RankAllocator::new(&erased(&layers), cfg)?;
     let pen = alloc.orthogonality_penalty()?.to_scalar::<f32>()? as f64;
     assert!((pen - 0.5 * want).abs() < 1e-4 * want.max(1.0));
     Ok(())
@@ -269,7 +293,7 @@ fn scores_match_independent_f64_computation() -> R {
     let layer = Shared::new(l);
     let mut cfg = RankAllocatorConfig::new(20);
     (cfg.tinit, cfg.target_r, cfg.beta1, cfg.beta2) = (10, 1, 0.8, 0.6);
-    let mut alloc = RankAllocator::new(vec![layer.clone()], cfg)?;
+    let mut alloc = RankAllocator::new(&[layer.clone().erase()], cfg)?;
     let (a_t, e_t, b_t) = {
         let l = layer.read();
         (
@@ -332,7 +356,7 @@ fn masking_keeps_exactly_the_budget_with_ties_broken_in_order() -> R {
         .collect::<lorakit::Result<_>>()?;
     let mut cfg = RankAllocatorConfig::new(10);
     (cfg.target_r, cfg.tfinal) = (1, 2);
-    let mut alloc = RankAllocator::new(layers.clone(), cfg)?;
+    let mut alloc = RankAllocator::new(&erased(&layers), cfg)?;
     // No gradients: every score is 0, all tie.
     let grads = grads_for(&[])?;
     let budget = alloc
@@ -370,7 +394,7 @@ fn full_schedule_ends_at_target_and_reapplies_final_mask() -> R {
         .collect::<lorakit::Result<_>>()?;
     let mut cfg = RankAllocatorConfig::new(24);
     (cfg.target_r, cfg.tinit, cfg.tfinal, cfg.delta_t) = (2, 3, 6, 2);
-    let mut alloc = RankAllocator::new(layers.clone(), cfg)?;
+    let mut alloc = RankAllocator::new(&erased(&layers), cfg)?;
     let mut opt = candle_nn::AdamW::new_lr(vm.all_vars(), 2e-2)?;
     let mut rng = lorakit::init::SeededRng::new(7);
     let x = rng.normal((32, 6), 0.0, 1.0, DType::F32, &dev())?;
@@ -428,37 +452,46 @@ fn truncated_save_loads_back() -> R {
         vec1(&get("lora_E")),
         vec1(&Tensor::new(&[0.3f32, 1.1], &dev())?)
     );
-    let mut back = AdaLoraLinear::from_tensors(
-        "out",
-        l.base().clone(),
-        get("lora_A"),
-        get("lora_E"),
-        get("lora_B"),
-        4,
-        6.0,
-        0.0,
-    )?;
+    let saved_aeb = || (get("lora_A"), get("lora_E"), get("lora_B"));
+    let back = from_tensors("out", l.base().clone(), saved_aeb(), 4, 6.0, None)?;
     assert_eq!(back.scale(), l.scale());
     assert_eq!(back.rank(), 2);
     assert!(max_diff(&mat(&back.forward_t(&x, false)?), &y) < 1e-5);
     assert!(max_diff(&mat(&back.delta_weight()?), &mat(&l.delta_weight()?)) < 1e-6);
-    back.set_loaded_rank_pattern(&l.rank_pattern())?;
-    assert_eq!(back.rank_pattern(), vec![true, false, true, false]);
-    assert!(back
-        .set_loaded_rank_pattern(&[true, true, true, false])
-        .is_err());
-    // A rank that exceeds init_r is refused.
-    assert!(AdaLoraLinear::from_tensors(
+    // Without a pattern, the rows are the first initial ranks.
+    assert_eq!(back.rank_pattern(), vec![true, true, false, false]);
+    // With the saved pattern, the layer knows which initial ranks it holds.
+    let back = from_tensors(
         "out",
         l.base().clone(),
-        get("lora_A"),
-        get("lora_E"),
-        get("lora_B"),
-        1,
+        saved_aeb(),
+        4,
         6.0,
-        0.0
+        Some(l.rank_pattern()),
+    )?;
+    assert_eq!(back.rank_pattern(), vec![true, false, true, false]);
+    // A pattern whose kept count is not the tensors' rank is refused.
+    let err = from_tensors(
+        "out",
+        l.base().clone(),
+        saved_aeb(),
+        4,
+        6.0,
+        Some(vec![true, true, true, false]),
     )
-    .is_err());
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidConfig {
+                field: "rank_pattern",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // A rank that exceeds init_r is refused.
+    assert!(from_tensors("out", l.base().clone(), saved_aeb(), 1, 6.0, None).is_err());
     Ok(())
 }
 
@@ -469,19 +502,21 @@ fn invalid_configs_are_errors() -> R {
     let l = Shared::new(layer(&vb, "x", 3, 3, 2)?);
     let mut cfg = RankAllocatorConfig::new(10);
     cfg.target_r = 2; // equals init_r: nothing to prune
-    assert!(RankAllocator::new(vec![l.clone()], cfg.clone()).is_err());
+    assert!(RankAllocator::new(&[l.clone().erase()], cfg.clone()).is_err());
     cfg.target_r = 1;
     cfg.tinit = 10;
-    assert!(RankAllocator::new(vec![l.clone()], cfg.clone()).is_err());
+    assert!(RankAllocator::new(&[l.clone().erase()], cfg.clone()).is_err());
     cfg.tinit = 0;
     cfg.beta1 = 1.0;
-    let err = RankAllocator::new(vec![l], cfg).unwrap_err().to_string();
+    let err = RankAllocator::new(&[l.erase()], cfg)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("beta1"), "{err}");
     Ok(())
 }
 
 /// A truncated adapter saved by PEFT 0.21 (tests/fixtures/adalora_peft.py) loads through
-/// `from_tensors` and reproduces PEFT's output; re-saving gives PEFT's names and shapes.
+/// `from_weights` and reproduces PEFT's output; re-saving gives PEFT's names and shapes.
 #[test]
 fn peft_truncated_adapter_loads_and_matches_peft_output() -> R {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/adalora_peft");
@@ -501,23 +536,20 @@ fn peft_truncated_adapter_loads_and_matches_peft_output() -> R {
             Some(reference[&format!("{name}.bias")].clone()),
         )?;
         let key = |t: &str| adapter[&format!("base_model.model.{name}.{t}")].clone();
-        let mut l = AdaLoraLinear::from_tensors(
-            name,
-            base,
-            key("lora_A"),
-            key("lora_E"),
-            key("lora_B"),
-            init_r,
-            alpha,
-            0.0,
-        )?;
         let pattern: Vec<bool> = config["rank_pattern"][format!("{name}.lora_E")]
             .as_array()
             .unwrap()
             .iter()
             .map(|v| v.as_bool().unwrap())
             .collect();
-        l.set_loaded_rank_pattern(&pattern)?;
+        let l = from_tensors(
+            name,
+            base,
+            (key("lora_A"), key("lora_E"), key("lora_B")),
+            init_r,
+            alpha,
+            Some(pattern.clone()),
+        )?;
         assert_eq!(l.rank_pattern(), pattern);
         for (suffix, t) in l.tensors_to_save()? {
             assert_eq!(vec1(&t), vec1(&key(&suffix)), "{name}.{suffix}");
@@ -585,7 +617,7 @@ fn allocator_matches_peft_rank_allocator() -> R {
     let mut config = RankAllocatorConfig::new(fx.total_step);
     (config.target_r, config.tinit, config.tfinal, config.delta_t) =
         (fx.target_r, fx.tinit, fx.tfinal, fx.delta_t);
-    let mut alloc = RankAllocator::new(layers.clone(), config)?;
+    let mut alloc = RankAllocator::new(&erased(&layers), config)?;
     for st in &fx.steps {
         let mut inserts = Vec::new();
         for (l, name) in layers.iter().zip(names) {

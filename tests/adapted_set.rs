@@ -132,12 +132,11 @@ fn merge_all_rolls_back_on_failure() {
             a: Factor::Trainable(Var::ones((1, 4), DType::F32, &dev).unwrap()),
             b: Factor::Frozen(Tensor::full(b_val, (4, 1), &dev).unwrap()),
         };
-        let layer = LoraLinear::from_pair(
+        let layer = LoraLinear::from_weights(
             name,
             FrozenLinear::new(w.clone(), None).unwrap(),
+            &LoraConfig::new(1, 1.0), // scale 1
             pair,
-            1.0,
-            0.0,
         )
         .unwrap();
         set.insert(name, Shared::new(layer).erase()).unwrap();

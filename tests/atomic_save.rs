@@ -13,7 +13,7 @@ use candle_nn::{VarBuilder, VarMap};
 use lorakit::model::AdaptedSet;
 use lorakit::peft::save::{write_atomic_all_with, write_atomic_with};
 use lorakit::peft::{merge_files, save_adapter, write_atomic, PeftConfig};
-use lorakit::{delta_lora_linear, FrozenLinear, LoraConfig, Shared};
+use lorakit::{DeltaLoraConfig, DeltaLoraLinear, FrozenLinear, LoraConfig, Shared};
 
 const WEIGHTS: &str = "adapter_model.safetensors";
 const CONFIG: &str = "adapter_config.json";
@@ -218,9 +218,9 @@ fn delta_lora_set(b_fill: f64) -> (PeftConfig, AdaptedSet) {
     let base = FrozenLinear::new(w, None).unwrap();
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-    let layer = delta_lora_linear(base, &LoraConfig::new(2, 4.0), vb.pp("q")).unwrap();
+    let layer = DeltaLoraLinear::new(base, &DeltaLoraConfig::new(2, 4.0), vb.pp("q")).unwrap();
     let b = (Tensor::ones((4, 2), DType::F32, &dev).unwrap() * b_fill).unwrap();
-    layer.pair().b.var().unwrap().set(&b).unwrap();
+    layer.lora().pair().b.var().unwrap().set(&b).unwrap();
     let set = AdaptedSet::new();
     set.insert("q", Shared::new(layer).erase()).unwrap();
     (PeftConfig::lora(2, 4.0, &["q"]), set)

@@ -15,13 +15,13 @@ use lorakit::peft::{inspect, merge_files, save_adapter, PeftAdapter, PeftConfig,
 use lorakit::train::lora_drop::{normalize_importance, sample_indices, select_layers};
 use lorakit::train::{
     budget_schedule, GroupedAdamW, LoraFaProjection, LoraPlus, ParamGroup, ParamsAdamW,
-    RankAllocator, RankAllocatorConfig,
+    RankAllocator, RankAllocatorConfig, SampleSize, Selection,
 };
 use lorakit::variants::adalora::AdaLoraConfig;
-use lorakit::variants::dora_norm::{factored_row_norms, row_sq_norms};
+use lorakit::variants::dora::norm::{factored_row_norms, row_sq_norms};
 use lorakit::{
-    lora_fa, AdaLoraLinear, Adapter, LoraConfig, LoraDrop, LoraLinear, SampleSize, Selection,
-    Shared,
+    AdaLoraLinear, Adapter, DeltaLoraConfig, DeltaLoraLinear, LoraConfig, LoraDrop, LoraDropConfig,
+    LoraDropLinear, LoraFaConfig, LoraFaLinear, LoraLinear, Shared,
 };
 
 fn var(dims: &[usize]) -> Var {
@@ -195,6 +195,14 @@ fn optimizer_groups_reject_bad_rates() {
     c.finish();
 }
 
+/// `adalora_layers` as the training rules take them.
+fn adalora_set(n: usize, init_r: usize) -> Vec<Shared<dyn Adapter>> {
+    adalora_layers(n, init_r)
+        .into_iter()
+        .map(Shared::erase)
+        .collect()
+}
+
 fn adalora_layers(n: usize, init_r: usize) -> Vec<Shared<AdaLoraLinear>> {
     (0..n)
         .map(|i| {
@@ -224,7 +232,7 @@ fn adalora_allocator_rejects_bad_budgets_and_schedules() {
         || {
             let mut config = cfg(|_| {});
             config.target_r = 5;
-            RankAllocator::new(adalora_layers(2, 3), config)
+            RankAllocator::new(&adalora_set(2, 3), config)
         },
     );
     c.err(
@@ -233,12 +241,31 @@ fn adalora_allocator_rejects_bad_budgets_and_schedules() {
         || {
             let mut config = cfg(|_| {});
             config.target_r = 3;
-            RankAllocator::new(adalora_layers(2, 3), config)
+            RankAllocator::new(&adalora_set(2, 3), config)
         },
     );
-    c.err("no layers", &["layers", "at least one"], || {
-        RankAllocator::new(Vec::new(), cfg(|_| {}))
-    });
+    // The allocator picks the AdaLoRA layers out of what it is given: none is a usage error.
+    c.err(
+        "no layers",
+        &[
+            "AdaLoRA rank allocator",
+            "none of the 0 layer(s)",
+            "AdaLoRA",
+        ],
+        || RankAllocator::new(&[], cfg(|_| {})),
+    );
+    c.err(
+        "no AdaLoRA layer among the layers",
+        &[
+            "AdaLoRA rank allocator",
+            "none of the 1 layer(s)",
+            "AdaLoRA",
+        ],
+        || {
+            let l = LoraLinear::new(base(4, 6), &LoraConfig::new(2, 4.0), vb("proj"))?;
+            RankAllocator::new(&[Shared::new(l).erase()], cfg(|_| {}))
+        },
+    );
     for (what, config, needles) in [
         (
             "total_step 0",
@@ -285,7 +312,7 @@ fn adalora_allocator_rejects_bad_budgets_and_schedules() {
             || config.validate(),
         );
         c.err(&format!("RankAllocator::new, {what}"), needles, || {
-            RankAllocator::new(adalora_layers(2, 3), config.clone())
+            RankAllocator::new(&adalora_set(2, 3), config.clone())
         });
     }
     // The schedule is a pure function over any step: no overflow at the extremes.
@@ -306,7 +333,7 @@ fn adalora_allocator_rejects_bad_budgets_and_schedules() {
     }
     // Steps beyond total_step and gradients that miss the layers are fine.
     if let Some(mut alloc) = c.ok("RankAllocator::new", || {
-        RankAllocator::new(adalora_layers(2, 3), config.clone())
+        RankAllocator::new(&adalora_set(2, 3), config.clone())
     }) {
         let grads = Tensor::zeros(1, DType::F32, &cpu())
             .unwrap()
@@ -324,17 +351,18 @@ fn adalora_allocator_rejects_bad_budgets_and_schedules() {
 #[test]
 fn lora_fa_projection_and_lora_drop_reject_bad_input() {
     let mut c = Checker::new();
+    // The projection picks the LoRA-FA layers out of what it is given: none is an error.
     c.err(
         "LoraFaProjection over a plain LoRA layer",
-        &["proj"],
+        &["LoRA-FA projection", "none of the 1 layer(s)", "LoRA-FA"],
         || {
             let l = LoraLinear::new(base(4, 6), &LoraConfig::new(2, 4.0), vb("proj"))?;
-            LoraFaProjection::new(vec![Shared::new(l).erase()])
+            LoraFaProjection::new(&[Shared::new(l).erase()])
         },
     );
     c.ok("LoraFaProjection over a LoRA-FA layer", || {
-        let l = lora_fa::new(base(4, 6), &LoraConfig::new(2, 4.0), vb("proj"))?;
-        LoraFaProjection::from_lora([Shared::new(l)])
+        let l = LoraFaLinear::new(base(4, 6), &LoraFaConfig::new(2, 4.0), vb("proj"))?;
+        LoraFaProjection::new(&[Shared::new(l).erase()])
     });
     // LoRA-drop's policy.
     c.err("sample of an empty data set", &["sample", "empty"], || {
@@ -401,16 +429,14 @@ fn lora_fa_projection_and_lora_drop_reject_bad_input() {
         "share_unselected with the wrong number of scores",
         &["importance"],
         || {
-            let mut drop = LoraDrop::new();
-            let l = LoraLinear::new(base(4, 6), &LoraConfig::new(2, 4.0), vb("proj"))?;
-            drop.wrap(Shared::new(l));
-            drop.share_unselected(
-                &[],
-                Selection::TopN(1),
-                &LoraConfig::new(2, 4.0),
-                vb("shared"),
-            )
-            .map(|r| r.params_after)
+            let l = LoraDropLinear::new(base(4, 6), &LoraConfig::new(2, 4.0), vb("proj"))?;
+            let config = LoraDropConfig {
+                selection: Selection::TopN(1),
+                ..LoraDropConfig::default()
+            };
+            let drop = LoraDrop::new(&[Shared::new(l).erase()], config)?;
+            drop.share_unselected(&[], vb("shared"))
+                .map(|r| r.params_after)
         },
     );
     // DoRA's norm helpers.
@@ -777,21 +803,21 @@ fn loading_inspecting_and_merging_reject_bad_files() {
 #[test]
 fn lora_drop_layers_and_step_hooks_handle_bad_input() {
     let mut c = Checker::new();
-    let mut drop = LoraDrop::new();
-    let l = LoraLinear::new(base(4, 6), &LoraConfig::new(2, 4.0), vb("proj")).unwrap();
-    let wrapped = drop.wrap(Shared::new(l));
+    let l = LoraDropLinear::new(base(4, 6), &LoraConfig::new(2, 4.0), vb("proj")).unwrap();
+    let wrapped = Shared::new(l);
+    let drop = LoraDrop::new(&[wrapped.clone().erase()], LoraDropConfig::default()).unwrap();
     c.err(
         "LoraDropLinear::forward_t, wrong last dim",
         &["proj", "input"],
-        || wrapped.forward_t(&input(&[2, 5], DType::F32), true),
+        || wrapped.read().forward_t(&input(&[2, 5], DType::F32), true),
     );
     c.err(
         "LoraDropLinear::forward_t, f64 input",
         &["proj", "F64"],
-        || wrapped.forward_t(&input(&[2, 6], DType::F64), true),
+        || wrapped.read().forward_t(&input(&[2, 6], DType::F64), true),
     );
     c.ok("LoraDropLinear::forward_t, empty batch", || {
-        wrapped.forward_t(&input(&[0, 6], DType::F32), true)
+        wrapped.read().forward_t(&input(&[0, 6], DType::F32), true)
     });
     c.err(
         "calibrate with a failing forward",
@@ -799,6 +825,7 @@ fn lora_drop_layers_and_step_hooks_handle_bad_input() {
         || {
             drop.calibrate(|| {
                 wrapped
+                    .read()
                     .forward_t(&input(&[2, 5], DType::F32), false)
                     .map(|_| ())
             })
@@ -809,18 +836,14 @@ fn lora_drop_layers_and_step_hooks_handle_bad_input() {
         || {
             drop.calibrate(|| {
                 wrapped
+                    .read()
                     .forward_t(&input(&[0, 6], DType::F32), false)
                     .map(|_| ())
             })
         },
     );
     c.err("stage1 on an empty data set", &["sample", "empty"], || {
-        drop.stage1(
-            &lorakit::LoraDropConfig::default(),
-            0,
-            |_, _| Ok(()),
-            |_| Ok(()),
-        )
+        drop.stage1(0, |_, _| Ok(()), |_| Ok(()))
     });
     // Step hooks with gradients that miss their layers: nothing to do, no error.
     let empty = || {
@@ -831,16 +854,18 @@ fn lora_drop_layers_and_step_hooks_handle_bad_input() {
     };
     c.ok("DeltaLoraHook::before_step without gradients", || {
         use lorakit::train::StepHook;
-        let l = lorakit::delta_lora_linear(base(4, 6), &LoraConfig::new(2, 4.0), vb("proj"))?;
-        let mut hook =
-            lorakit::DeltaLoraHook::new([Shared::new(l)], lorakit::DeltaLoraUpdate::new(1.0, 0))?;
+        let l = DeltaLoraLinear::new(base(4, 6), &DeltaLoraConfig::new(2, 4.0), vb("proj"))?;
+        let mut hook = lorakit::DeltaLoraHook::new(
+            &[Shared::new(l).erase()],
+            lorakit::DeltaLoraUpdate::new(1.0, 0),
+        )?;
         let mut grads = empty();
         hook.before_step(1, &mut grads)?;
         hook.after_step(1, &grads)
     });
     c.ok("LoraFaProjection::project without gradients", || {
-        let l = lora_fa::new(base(4, 6), &LoraConfig::new(2, 4.0), vb("proj"))?;
-        let mut proj = LoraFaProjection::from_lora([Shared::new(l)])?;
+        let l = LoraFaLinear::new(base(4, 6), &LoraFaConfig::new(2, 4.0), vb("proj"))?;
+        let mut proj = LoraFaProjection::new(&[Shared::new(l).erase()])?;
         proj.project(&mut empty())
     });
     c.ok("orthogonality_penalty over no layers", || {
@@ -849,6 +874,7 @@ fn lora_drop_layers_and_step_hooks_handle_bad_input() {
     c.ok("orthogonality_penalty over fully pruned layers", || {
         let layers = adalora_layers(1, 3);
         layers[0].write().apply_mask(&[false, false, false])?;
+        let layers: Vec<Shared<dyn Adapter>> = layers.into_iter().map(Shared::erase).collect();
         lorakit::train::orthogonality_penalty(&layers)
     });
     // Two layers built on one VarMap under the same prefix with different ranks: the stored
@@ -861,6 +887,18 @@ fn lora_drop_layers_and_step_hooks_handle_bad_input() {
             let vb = VarBuilder::from_varmap(&varmap, DType::F32, &cpu());
             LoraLinear::new(base(4, 6), &LoraConfig::new(2, 4.0), vb.pp("proj"))?;
             LoraLinear::new(base(4, 6), &LoraConfig::new(3, 4.0), vb.pp("proj"))
+        },
+    );
+    // The same with a variable of the right shape: the second layer would silently share
+    // (and re-initialize) the first one's variables, so it is refused, naming the variable.
+    c.err(
+        "a second layer under a prefix that already holds its variables",
+        &["proj", "VarBuilder prefix", "proj.lora_A", "already exists"],
+        || {
+            let varmap = VarMap::new();
+            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &cpu());
+            LoraLinear::new(base(4, 6), &LoraConfig::new(2, 4.0), vb.pp("proj"))?;
+            LoraLinear::new(base(4, 6), &LoraConfig::new(2, 4.0), vb.pp("proj"))
         },
     );
     c.err(

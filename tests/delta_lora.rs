@@ -4,11 +4,12 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 use lorakit::init::SeededRng;
 use lorakit::train::{train_step, StepHook};
-use lorakit::variants::delta_lora::{
-    delta_lora_linear, into_delta_lora, restore_base_weight, DeltaLoraHook, DeltaLoraUpdate,
-    BASE_WEIGHT_KEY,
+use lorakit::train::{DeltaLoraHook, DeltaLoraUpdate};
+use lorakit::variants::delta_lora::BASE_WEIGHT_KEY;
+use lorakit::{
+    Adapter, DeltaLoraConfig, DeltaLoraLinear, Error, FrozenLinear, LoraConfig, LoraInit,
+    LoraLinear, Shared, Variant,
 };
-use lorakit::{Adapter, AdapterKind, FrozenLinear, LoraConfig, LoraInit, LoraLinear, Shared};
 
 const DEV: Device = Device::Cpu;
 
@@ -36,23 +37,23 @@ fn weight_and_ba(layer: &LoraLinear) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
     )
 }
 
-fn setup(seed: u64, dtype: DType) -> (VarMap, Shared<LoraLinear>) {
+fn setup(seed: u64, dtype: DType) -> (VarMap, Shared<DeltaLoraLinear>) {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, dtype, &DEV);
     let w = SeededRng::new(seed)
         .normal((5, 7), 0.0, 0.5, dtype, &DEV)
         .unwrap();
-    let config = LoraConfig {
+    let config = DeltaLoraConfig {
         init: LoraInit::BothRandom,
         seed,
-        ..LoraConfig::new(3, 6.0)
+        ..DeltaLoraConfig::new(3, 6.0)
     };
     let layer =
-        delta_lora_linear(FrozenLinear::new(w, None).unwrap(), &config, vb.pp("fc")).unwrap();
+        DeltaLoraLinear::new(FrozenLinear::new(w, None).unwrap(), &config, vb.pp("fc")).unwrap();
     (varmap, Shared::new(layer))
 }
 
-fn loss(layer: &Shared<LoraLinear>, x: &Tensor, t: &Tensor) -> Tensor {
+fn loss(layer: &Shared<DeltaLoraLinear>, x: &Tensor, t: &Tensor) -> Tensor {
     let y = layer.read().forward_t(x, true).unwrap();
     (y - t).unwrap().sqr().unwrap().mean_all().unwrap()
 }
@@ -63,18 +64,18 @@ fn effective_weight_moves_by_one_plus_lambda_after_k() {
         let k = 3;
         let (varmap, layer) = setup(1, DType::F64);
         assert_eq!(varmap.all_vars().len(), 2, "only A and B are variables");
-        let s = layer.read().scale();
+        let s = layer.read().lora().scale();
         let mut opt = candle_nn::AdamW::new_lr(varmap.all_vars(), 2e-2).unwrap();
         let mut hook =
-            DeltaLoraHook::new([layer.clone()], DeltaLoraUpdate::new(lambda, k)).unwrap();
+            DeltaLoraHook::new(&[layer.clone().erase()], DeltaLoraUpdate::new(lambda, k)).unwrap();
         let mut rng = SeededRng::new(2);
         let mut worst = 0f64;
         for step in 1..=7 {
             let x = rng.normal((9, 7), 0.0, 1.0, DType::F64, &DEV).unwrap();
             let t = rng.normal((9, 5), 0.0, 1.0, DType::F64, &DEV).unwrap();
-            let (w0, ba0) = weight_and_ba(&layer.read());
+            let (w0, ba0) = weight_and_ba(layer.read().lora());
             train_step(&loss(&layer, &x, &t), &mut opt, &mut [&mut hook], step).unwrap();
-            let (w1, ba1) = weight_and_ba(&layer.read());
+            let (w1, ba1) = weight_and_ba(layer.read().lora());
             let factor = if step > k { 1.0 + lambda } else { 1.0 };
             let (mut num, mut den) = (0f64, 0f64);
             for i in 0..w0.len() {
@@ -109,7 +110,7 @@ fn w_gets_no_gradient() {
     let grads = loss(&layer, &x, &t).backward().unwrap();
     let guard = layer.read();
     assert!(grads.get(guard.base().weight()).is_none());
-    assert!(grads.get(guard.pair().b.tensor()).is_some());
+    assert!(grads.get(guard.lora().pair().b.tensor()).is_some());
 }
 
 #[test]
@@ -117,33 +118,48 @@ fn dropout_is_an_error() {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &DEV);
     let base = FrozenLinear::new(Tensor::zeros((4, 4), DType::F32, &DEV).unwrap(), None).unwrap();
-    let config = LoraConfig {
+    let config = DeltaLoraConfig {
         dropout: 0.1,
-        ..LoraConfig::new(2, 2.0)
+        ..DeltaLoraConfig::new(2, 2.0)
     };
-    let err = delta_lora_linear(base.clone(), &config, vb.pp("attn.q")).unwrap_err();
+    let err = DeltaLoraLinear::new(base.clone(), &config, vb.pp("attn.q")).unwrap_err();
     assert!(
         err.to_string().contains("attn.q") && err.to_string().contains("dropout"),
         "{err}"
     );
-    let lora = LoraLinear::new(base, &config, vb.pp("attn.k")).unwrap();
-    assert!(into_delta_lora(lora).is_err());
+    // Built from an existing pair (e.g. a LoRA layer's), dropout is refused too.
+    let lora = LoraLinear::new(base.clone(), &config, vb.pp("attn.k")).unwrap();
+    let err =
+        DeltaLoraLinear::from_weights("attn.k", base, &config, lora.pair().clone()).unwrap_err();
+    assert!(
+        err.to_string().contains("attn.k") && err.to_string().contains("dropout"),
+        "{err}"
+    );
 }
 
 #[test]
-fn hook_rejects_other_layers_and_merged_updates() {
+fn hook_selects_delta_lora_layers_and_rejects_merged_updates() {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &DEV);
     let base = FrozenLinear::new(Tensor::zeros((4, 4), DType::F32, &DEV).unwrap(), None).unwrap();
     let plain =
         Shared::new(LoraLinear::new(base, &LoraConfig::new(2, 2.0), vb.pp("plain")).unwrap());
     let update = DeltaLoraUpdate::new(0.5, 0);
-    assert!(DeltaLoraHook::new([plain.clone()], update).is_err());
+    // A slice without Delta-LoRA layers is a usage error.
+    let err = DeltaLoraHook::new(&[plain.clone().erase()], update).unwrap_err();
+    assert!(matches!(err, Error::Usage { .. }), "{err:?}");
+    assert!(err.to_string().contains("Delta-LoRA"), "{err}");
+    // Among other layers, only the Delta-LoRA ones are picked.
     let (_vm, layer) = setup(4, DType::F32);
-    let hook = DeltaLoraHook::select(&[plain.erase(), layer.clone().erase()], update).unwrap();
+    let hook = DeltaLoraHook::new(&[plain.erase(), layer.clone().erase()], update).unwrap();
+    let debug = format!("{hook:?}");
+    assert!(
+        debug.contains("\"fc\"") && !debug.contains("plain"),
+        "{debug}"
+    );
     drop(hook);
 
-    let mut hook = DeltaLoraHook::new([layer.clone()], update).unwrap();
+    let mut hook = DeltaLoraHook::new(&[layer.clone().erase()], update).unwrap();
     let x = Tensor::ones((2, 7), DType::F32, &DEV).unwrap();
     let mut grads = layer
         .read()
@@ -163,7 +179,8 @@ fn hook_rejects_other_layers_and_merged_updates() {
 fn saving_includes_the_updated_weight() {
     let (varmap, layer) = setup(5, DType::F32);
     let mut opt = candle_nn::AdamW::new_lr(varmap.all_vars(), 1e-2).unwrap();
-    let mut hook = DeltaLoraHook::new([layer.clone()], DeltaLoraUpdate::new(2.0, 0)).unwrap();
+    let mut hook =
+        DeltaLoraHook::new(&[layer.clone().erase()], DeltaLoraUpdate::new(2.0, 0)).unwrap();
     let x = Tensor::ones((3, 7), DType::F32, &DEV).unwrap();
     let t = Tensor::zeros((3, 5), DType::F32, &DEV).unwrap();
     let w_init = layer.read().base().weight().copy().unwrap();
@@ -173,7 +190,7 @@ fn saving_includes_the_updated_weight() {
     assert_eq!(opt.learning_rate(), 1e-2);
     let w = layer.read().base().weight().copy().unwrap();
     assert_ne!(mat(&w), mat(&w_init));
-    assert_eq!(layer.read().kind(), AdapterKind::DeltaLora);
+    assert_eq!(layer.read().kind(), Variant::DeltaLora);
 
     let find = |saved: &[(String, Tensor)]| {
         saved
@@ -201,6 +218,6 @@ fn saving_includes_the_updated_weight() {
     // Loading: a fresh layer with the init weight gets the trained W back.
     let (_vm, fresh) = setup(5, DType::F32);
     assert_eq!(mat(fresh.read().base().weight()), mat(&w_init));
-    restore_base_weight(&mut fresh.write(), w.clone()).unwrap();
+    fresh.write().restore_base_weight(w.clone()).unwrap();
     assert_eq!(mat(fresh.read().base().weight()), mat(&w));
 }

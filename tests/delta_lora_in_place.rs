@@ -9,16 +9,13 @@ use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 use common::flat as values;
 use lorakit::init::SeededRng;
-use lorakit::train::train_step;
-use lorakit::variants::delta_lora::{
-    delta_lora_linear, restore_base_weight, DeltaLoraHook, DeltaLoraUpdate,
-};
-use lorakit::{Adapter, FrozenLinear, LoraConfig, LoraInit, LoraLinear, Shared};
+use lorakit::train::{train_step, DeltaLoraHook, DeltaLoraUpdate};
+use lorakit::{Adapter, DeltaLoraConfig, DeltaLoraLinear, FrozenLinear, LoraInit, Shared};
 
 const DEV: Device = Device::Cpu;
 
 fn step(
-    layer: &Shared<LoraLinear>,
+    layer: &Shared<DeltaLoraLinear>,
     opt: &mut candle_nn::AdamW,
     hook: &mut DeltaLoraHook,
     n: usize,
@@ -58,15 +55,16 @@ fn updates_go_in_place_after_the_first_and_never_into_the_callers_tensor() {
         .normal((5, 7), 0.0, 0.5, DType::F32, &DEV)
         .unwrap();
     let callers_values = values(&callers_w);
-    let config = LoraConfig {
+    let config = DeltaLoraConfig {
         init: LoraInit::BothRandom,
-        ..LoraConfig::new(3, 6.0)
+        ..DeltaLoraConfig::new(3, 6.0)
     };
     let base = FrozenLinear::new(callers_w.clone(), None).unwrap();
-    let layer = Shared::new(delta_lora_linear(base, &config, vb.pp("fc")).unwrap());
+    let layer = Shared::new(DeltaLoraLinear::new(base, &config, vb.pp("fc")).unwrap());
     let lambda = 0.5;
-    let ls = lambda * layer.read().scale();
-    let mut hook = DeltaLoraHook::new([layer.clone()], DeltaLoraUpdate::new(lambda, 0)).unwrap();
+    let ls = lambda * layer.read().lora().scale();
+    let mut hook =
+        DeltaLoraHook::new(&[layer.clone().erase()], DeltaLoraUpdate::new(lambda, 0)).unwrap();
     let mut opt = candle_nn::AdamW::new_lr(varmap.all_vars(), 1e-2).unwrap();
 
     let mut ids = Vec::new();
@@ -74,15 +72,15 @@ fn updates_go_in_place_after_the_first_and_never_into_the_callers_tensor() {
         let guard = layer.read();
         let w0 = values(guard.base().weight());
         let (a0, b0) = (
-            values(guard.pair().a.tensor()),
-            values(guard.pair().b.tensor()),
+            values(guard.lora().pair().a.tensor()),
+            values(guard.lora().pair().b.tensor()),
         );
         drop(guard);
         step(&layer, &mut opt, &mut hook, n);
         let guard = layer.read();
         let (a1, b1) = (
-            values(guard.pair().a.tensor()),
-            values(guard.pair().b.tensor()),
+            values(guard.lora().pair().a.tensor()),
+            values(guard.lora().pair().b.tensor()),
         );
         let want = expected(&w0, (&a0, &b0), (&a1, &b1), ls);
         let got = values(guard.base().weight());
@@ -105,7 +103,7 @@ fn updates_go_in_place_after_the_first_and_never_into_the_callers_tensor() {
         .normal((5, 7), 0.0, 0.5, DType::F32, &DEV)
         .unwrap();
     let restored_values = values(&restored);
-    restore_base_weight(&mut layer.write(), restored.clone()).unwrap();
+    layer.write().restore_base_weight(restored.clone()).unwrap();
     step(&layer, &mut opt, &mut hook, 5);
     assert_eq!(values(&restored), restored_values);
     assert_ne!(layer.read().base().weight().id(), restored.id());

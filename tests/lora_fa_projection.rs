@@ -6,7 +6,7 @@ use candle_nn::{ParamsAdamW, VarBuilder, VarMap};
 use lorakit::init::SeededRng;
 use lorakit::low_rank::{Factor, LowRankPair};
 use lorakit::train::{train_step, GroupedAdamW, LoraFaProjection, ParamGroup, StepHook};
-use lorakit::{Adapter, FrozenLinear, LoraConfig, LoraLinear, Shared};
+use lorakit::{Adapter, Error, FrozenLinear, LoraConfig, LoraFaLinear, LoraLinear, Shared};
 
 const DEV: Device = Device::Cpu;
 
@@ -18,7 +18,7 @@ fn lora_fa_layer(
     r: usize,
     scale: f64,
     seed: u64,
-) -> Shared<LoraLinear> {
+) -> Shared<LoraFaLinear> {
     let mut rng = SeededRng::new(seed);
     let w = rng
         .normal((d_out, d_in), 0.0, 0.5, DType::F64, &DEV)
@@ -32,7 +32,11 @@ fn lora_fa_layer(
         b: Factor::Trainable(b),
     };
     let base = FrozenLinear::new(w, None).unwrap();
-    Shared::new(LoraLinear::from_pair(name, base, pair, scale, 0.0).unwrap())
+    let config = LoraConfig {
+        alpha: scale * r as f64,
+        ..LoraConfig::new(r, 1.0)
+    };
+    Shared::new(LoraFaLinear::from_weights(name, base, &config, pair).unwrap())
 }
 
 fn mat(t: &Tensor) -> Vec<Vec<f64>> {
@@ -117,7 +121,7 @@ fn projected_gradient_matches_f64_reference_per_layer() {
     // pairing is per layer, not by parameter order.
     let l1 = lora_fa_layer("enc.0.q", 5, 6, 3, 2.0, 1);
     let l2 = lora_fa_layer("enc.0.v", 7, 4, 2, 0.5, 2);
-    let mut hook = LoraFaProjection::from_lora([l2.clone(), l1.clone()]).unwrap();
+    let mut hook = LoraFaProjection::new(&[l2.clone().erase(), l1.clone().erase()]).unwrap();
     assert_eq!(hook.len(), 2);
     let mut rng = SeededRng::new(9);
     let x1 = rng.normal((8, 5), 0.0, 1.0, DType::F64, &DEV).unwrap();
@@ -132,13 +136,13 @@ fn projected_gradient_matches_f64_reference_per_layer() {
     hook.before_step(1, &mut grads).unwrap();
     for (layer, x, c) in [(&l1, &x1, &c1), (&l2, &x2, &c2)] {
         let guard = layer.read();
-        let b = guard.pair().b.var().unwrap();
+        let b = guard.lora().pair().b.var().unwrap();
         let got = mat(grads.get(b).unwrap());
         let want = reference_projection(
             &mat(x),
             &mat(c),
-            &mat(guard.pair().a.tensor()),
-            guard.scale(),
+            &mat(guard.lora().pair().a.tensor()),
+            guard.lora().scale(),
         );
         let err = max_abs_diff(&got, &want);
         let size = want.iter().flatten().fold(0f64, |m, v| m.max(v.abs()));
@@ -154,8 +158,8 @@ fn projected_gradient_matches_f64_reference_per_layer() {
 #[test]
 fn a_stays_bit_identical_and_b_trains() {
     let layer = lora_fa_layer("fc", 6, 5, 2, 1.5, 3);
-    let a0 = layer.read().pair().a.tensor().copy().unwrap();
-    let b = layer.read().pair().b.var().unwrap().clone();
+    let a0 = layer.read().lora().pair().a.tensor().copy().unwrap();
+    let b = layer.read().lora().pair().b.var().unwrap().clone();
     let vars: Vec<Var> = layer
         .read()
         .trainable_vars()
@@ -171,7 +175,7 @@ fn a_stays_bit_identical_and_b_trains() {
         },
     )
     .unwrap();
-    let mut hook = LoraFaProjection::from_lora([layer.clone()]).unwrap();
+    let mut hook = LoraFaProjection::new(&[layer.clone().erase()]).unwrap();
     let mut rng = SeededRng::new(4);
     let x = rng.normal((10, 6), 0.0, 1.0, DType::F64, &DEV).unwrap();
     let target = rng.normal((10, 5), 0.0, 1.0, DType::F64, &DEV).unwrap();
@@ -180,7 +184,7 @@ fn a_stays_bit_identical_and_b_trains() {
         let loss = (y - &target).unwrap().sqr().unwrap().mean_all().unwrap();
         train_step(&loss, &mut opt, &mut [&mut hook], step).unwrap();
     }
-    let a = layer.read().pair().a.tensor().copy().unwrap();
+    let a = layer.read().lora().pair().a.tensor().copy().unwrap();
     let bits = |t: &Tensor| -> Vec<u64> {
         t.flatten_all()
             .unwrap()
@@ -203,15 +207,20 @@ fn a_stays_bit_identical_and_b_trains() {
 }
 
 #[test]
-fn only_lora_fa_layers_are_accepted() {
+fn only_lora_fa_layers_are_selected() {
+    // The projection picks the LoRA-FA layers out of the slice it is given; a slice with
+    // none is a usage error.
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &DEV);
     let base = FrozenLinear::new(Tensor::zeros((4, 4), DType::F32, &DEV).unwrap(), None).unwrap();
     let plain =
         Shared::new(LoraLinear::new(base, &LoraConfig::new(2, 2.0), vb.pp("plain")).unwrap());
-    let err = LoraFaProjection::from_lora([plain.clone()]).unwrap_err();
-    assert!(err.to_string().contains("plain"), "{err}");
+    let err = LoraFaProjection::new(&[plain.clone().erase()]).unwrap_err();
+    assert!(matches!(err, Error::Usage { .. }), "{err:?}");
+    assert!(err.to_string().contains("LoRA-FA"), "{err}");
     let fa = lora_fa_layer("fa", 4, 4, 2, 1.0, 5);
-    let hook = LoraFaProjection::select(&[plain.erase(), fa.erase()]);
+    let hook = LoraFaProjection::new(&[plain.erase(), fa.erase()]).unwrap();
     assert_eq!(hook.len(), 1);
+    assert!(format!("{hook:?}").contains("\"fa\""), "{hook:?}");
+    assert!(!format!("{hook:?}").contains("plain"), "{hook:?}");
 }

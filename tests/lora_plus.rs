@@ -122,7 +122,13 @@ fn defaults_and_adapter_entry_points() {
     assert_eq!(placement(&opt, &b2).1, 1e-3 * 16.0);
 
     // A pair shared by two layers is listed once.
-    let l3 = LoraLinear::from_pair("l3", l1.base().clone(), l1.pair().clone(), 1.0, 0.0).unwrap();
+    let l3 = LoraLinear::from_weights(
+        "l3",
+        l1.base().clone(),
+        &LoraConfig::new(2, 2.0), // scale 1
+        l1.pair().clone(),
+    )
+    .unwrap();
     let shared: Vec<Shared<dyn Adapter>> = vec![Shared::new(l1).erase(), Shared::new(l3).erase()];
     let opt = recipe.build_from_shared(&shared).unwrap();
     assert_eq!(opt.group_vars(0).unwrap().len(), 1);
