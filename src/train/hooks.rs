@@ -58,11 +58,21 @@ pub(crate) fn select_kind(
         .cloned()
         .collect();
     if picked.is_empty() {
+        let given: Vec<String> = layers
+            .iter()
+            .take(3)
+            .map(|l| {
+                let l = l.read();
+                format!("`{}` ({})", l.name(), l.kind())
+            })
+            .collect();
+        let more = if layers.len() > 3 { ", …" } else { "" };
         return Err(Error::usage(
             Scope::Settings(rule.to_string()),
             format!(
-                "none of the {} layer(s) given is a {variant} layer",
-                layers.len()
+                "none of the {} layer(s) given is a {variant} layer: {}{more}",
+                layers.len(),
+                given.join(", ")
             ),
         ));
     }
