@@ -9,13 +9,22 @@ mod bad_input_common;
 
 use bad_input_common::*;
 use candle_core::{DType, Tensor};
+use candle_nn::{VarBuilder, VarMap};
 use lorakit::kernels::{low_rank_only, FusedLinear, LowRankTerm};
 use lorakit::low_rank::{Factor, LowRankPair};
-use lorakit::variants::adalora::AdaLoraConfig;
-use lorakit::variants::delta_lora::{into_delta_lora, restore_base_weight};
+use lorakit::model::{
+    linear_no_bias, AdaptedSet, AdapterPlan, Linear, ModuleSelector, RankAlpha, TargetSpec,
+};
+use lorakit::peft::{save_adapter, PeftConfig};
+use lorakit::train::{
+    LayerImportance, LoraDropConfig, LoraFaProjection, RankAllocator, RankAllocatorConfig,
+};
+use lorakit::variants::AdapterLayer;
 use lorakit::{
-    delta_lora_linear, lora_fa, AdaLoraLinear, Adapter, DeltaLoraHook, DeltaLoraUpdate, DoraLinear,
-    FrozenLinear, LoraConfig, LoraLinear, Shared, VeraBuilder, VeraConfig, VeraLinear, VeraShared,
+    AdaLoraConfig, AdaLoraLinear, AdaLoraWeights, Adapter, DeltaLoraConfig, DeltaLoraHook,
+    DeltaLoraLinear, DeltaLoraUpdate, DoraLinear, DoraWeights, Error, FrozenLinear, LoraConfig,
+    LoraDrop, LoraDropLinear, LoraFaConfig, LoraFaLinear, LoraLinear, Scope, Shared, Variant,
+    VeraConfig, VeraLinear, VeraShared, VeraWeights,
 };
 
 const D_OUT: usize = 4;
@@ -34,16 +43,23 @@ fn variants() -> Vec<(&'static str, Build)> {
             )?))
         }),
         ("LoRA-FA", |b| {
-            Ok(Box::new(lora_fa::new(
+            Ok(Box::new(LoraFaLinear::new(
+                b,
+                &LoraFaConfig::new(2, 4.0),
+                vb("proj"),
+            )?))
+        }),
+        ("LoRA-drop", |b| {
+            Ok(Box::new(LoraDropLinear::new(
                 b,
                 &LoraConfig::new(2, 4.0),
                 vb("proj"),
             )?))
         }),
         ("Delta-LoRA", |b| {
-            Ok(Box::new(delta_lora_linear(
+            Ok(Box::new(DeltaLoraLinear::new(
                 b,
-                &LoraConfig::new(2, 4.0),
+                &DeltaLoraConfig::new(2, 4.0),
                 vb("proj"),
             )?))
         }),
@@ -55,13 +71,13 @@ fn variants() -> Vec<(&'static str, Build)> {
             )?))
         }),
         ("VeRA", |b| {
-            let config = VeraConfig {
-                r: 3,
-                ..VeraConfig::default()
-            };
-            let mut builder = VeraBuilder::new(config);
-            builder.reserve_for(&b)?;
-            Ok(Box::new(builder.build(b, vb("proj"))?))
+            let shared =
+                VeraShared::covering(3, 0, [(b.d_in(), b.d_out())], b.dtype(), b.device())?;
+            Ok(Box::new(VeraLinear::new(
+                b,
+                &VeraConfig::new(shared),
+                vb("proj"),
+            )?))
         }),
         ("AdaLoRA", |b| {
             Ok(Box::new(AdaLoraLinear::new(
@@ -70,6 +86,89 @@ fn variants() -> Vec<(&'static str, Build)> {
                 vb("proj"),
             )?))
         }),
+    ]
+}
+
+/// The config `from_weights` needs to give a rank-`r` pair the scale `scale` (`alpha / r`,
+/// no rsLoRA) and dropout `dropout`: what the old `from_pair(.., scale, dropout)` took.
+fn scale_config(r: usize, scale: f64, dropout: f64) -> LoraConfig {
+    LoraConfig {
+        alpha: scale * r as f64,
+        dropout,
+        ..LoraConfig::new(r, 1.0)
+    }
+}
+
+/// Builds a LoRA-family layer named `proj` fresh from a config.
+type New = fn(FrozenLinear, &LoraConfig, VarBuilder<'static>) -> lorakit::Result<Box<dyn Adapter>>;
+
+/// Every LoRA-family layer's `new`; `true` where the layer takes dropout (Delta-LoRA does not).
+fn lora_family_new() -> Vec<(&'static str, New, bool)> {
+    vec![
+        (
+            "LoraLinear::new",
+            |b, c, vb| Ok(Box::new(LoraLinear::new(b, c, vb)?)),
+            true,
+        ),
+        (
+            "LoraFaLinear::new",
+            |b, c, vb| Ok(Box::new(LoraFaLinear::new(b, c, vb)?)),
+            true,
+        ),
+        (
+            "LoraDropLinear::new",
+            |b, c, vb| Ok(Box::new(LoraDropLinear::new(b, c, vb)?)),
+            true,
+        ),
+        (
+            "DoraLinear::new",
+            |b, c, vb| Ok(Box::new(DoraLinear::new(b, c, vb)?)),
+            true,
+        ),
+        (
+            "DeltaLoraLinear::new",
+            |b, c, vb| Ok(Box::new(DeltaLoraLinear::new(b, c, vb)?)),
+            false,
+        ),
+    ]
+}
+
+/// Builds a LoRA-family layer named `proj` from a config and a pair (DoRA: with a magnitude
+/// of ones).
+type FromWeights = fn(FrozenLinear, &LoraConfig, LowRankPair) -> lorakit::Result<Box<dyn Adapter>>;
+
+/// Every LoRA-family layer's `from_weights`; `true` where the layer takes dropout.
+fn lora_family_from_weights() -> Vec<(&'static str, FromWeights, bool)> {
+    vec![
+        (
+            "LoraLinear::from_weights",
+            |b, c, p| Ok(Box::new(LoraLinear::from_weights("proj", b, c, p)?)),
+            true,
+        ),
+        (
+            "LoraFaLinear::from_weights",
+            |b, c, p| Ok(Box::new(LoraFaLinear::from_weights("proj", b, c, p)?)),
+            true,
+        ),
+        (
+            "LoraDropLinear::from_weights",
+            |b, c, p| Ok(Box::new(LoraDropLinear::from_weights("proj", b, c, p)?)),
+            true,
+        ),
+        (
+            "DoraLinear::from_weights",
+            |b, c, p| {
+                let magnitude = Tensor::ones(b.d_out(), b.dtype(), b.device())?;
+                let weights = DoraWeights { pair: p, magnitude };
+                Ok(Box::new(DoraLinear::from_weights("proj", b, c, weights)?))
+            },
+            true,
+        ),
+        (
+            "DeltaLoraLinear::from_weights",
+            |b, c, p| Ok(Box::new(DeltaLoraLinear::from_weights("proj", b, c, p)?)),
+            false,
+        ),
     ]
 }
 
@@ -223,8 +322,8 @@ fn safe_merge_rejects_non_finite_adapter_factors() {
             a: Factor::Frozen(f(&[2, 6])),
             b: Factor::Frozen(b_bad),
         };
-        let Some(mut l) = c.ok(&format!("from_pair with a {bad} B"), || {
-            LoraLinear::from_pair("proj", base(4, 6), pair, 1.0, 0.0)
+        let Some(mut l) = c.ok(&format!("from_weights with a {bad} B"), || {
+            LoraLinear::from_weights("proj", base(4, 6), &scale_config(2, 1.0, 0.0), pair)
         }) else {
             continue;
         };
@@ -404,59 +503,61 @@ fn lora_family_constructors_reject_bad_configs_and_tensors() {
             &["proj", "dropout", "NaN"],
         ),
     ];
+    let good = || LowRankPair {
+        a: Factor::Frozen(Tensor::ones((2, 6), DType::F32, &dev).unwrap()),
+        b: Factor::Frozen(Tensor::ones((4, 2), DType::F32, &dev).unwrap()),
+    };
     for (what, config, needles) in &bad_configs {
         c.err(&format!("LoraConfig::validate, {what}"), needles, || {
             config.validate("proj")
         });
-        c.err(&format!("LoraLinear::new, {what}"), needles, || {
-            LoraLinear::new(base(4, 6), config, vb("proj"))
-        });
-        c.err(&format!("lora_fa::new, {what}"), needles, || {
-            lora_fa::new(base(4, 6), config, vb("proj"))
-        });
-        c.err(&format!("DoraLinear::new, {what}"), needles, || {
-            DoraLinear::new(base(4, 6), config, vb("proj"))
-        });
-        if config.dropout == 0.0 {
-            c.err(&format!("delta_lora_linear, {what}"), needles, || {
-                delta_lora_linear(base(4, 6), config, vb("proj"))
-            });
+        for (name, new, takes_dropout) in lora_family_new() {
+            if takes_dropout || config.dropout == 0.0 {
+                c.err(&format!("{name}, {what}"), needles, || {
+                    new(base(4, 6), config, vb("proj"))
+                });
+            }
+        }
+        // The config is checked before the pair (a rank-2 pair that fits the base).
+        for (name, from_weights, takes_dropout) in lora_family_from_weights() {
+            if takes_dropout || config.dropout == 0.0 {
+                c.err(&format!("{name}, {what}"), needles, || {
+                    from_weights(base(4, 6), config, good())
+                });
+            }
         }
     }
     c.err(
-        "delta_lora_linear with dropout",
+        "DeltaLoraLinear::new with dropout",
         &["proj", "dropout", "0.1"],
         || {
             let config = LoraConfig {
                 dropout: 0.1,
                 ..LoraConfig::new(2, 4.0)
             };
-            delta_lora_linear(base(4, 6), &config, vb("proj"))
+            DeltaLoraLinear::new(base(4, 6), &config, vb("proj"))
         },
     );
-    c.err("into_delta_lora with dropout", &["proj", "dropout"], || {
-        let config = LoraConfig {
-            dropout: 0.1,
-            ..LoraConfig::new(2, 4.0)
-        };
-        into_delta_lora(LoraLinear::new(base(4, 6), &config, vb("proj"))?)
-    });
+    c.err(
+        "DeltaLoraLinear::from_weights with dropout",
+        &["proj", "dropout"],
+        || {
+            let config = LoraConfig {
+                dropout: 0.1,
+                ..LoraConfig::new(2, 4.0)
+            };
+            DeltaLoraLinear::from_weights("proj", base(4, 6), &config, good())
+        },
+    );
     // A rank whose factors cannot even be addressed is refused before any allocation.
     for r in [usize::MAX / 2, 1usize << 61] {
         let huge = LoraConfig::new(r, 4.0);
         let needles = &["proj", "`r`", "too large"][..];
-        c.err(&format!("LoraLinear::new, rank {r}"), needles, || {
-            LoraLinear::new(base(4, 6), &huge, vb("proj"))
-        });
-        c.err(&format!("lora_fa::new, rank {r}"), needles, || {
-            lora_fa::new(base(4, 6), &huge, vb("proj"))
-        });
-        c.err(&format!("DoraLinear::new, rank {r}"), needles, || {
-            DoraLinear::new(base(4, 6), &huge, vb("proj"))
-        });
-        c.err(&format!("delta_lora_linear, rank {r}"), needles, || {
-            delta_lora_linear(base(4, 6), &huge, vb("proj"))
-        });
+        for (name, new, _) in lora_family_new() {
+            c.err(&format!("{name}, rank {r}"), needles, || {
+                new(base(4, 6), &huge, vb("proj"))
+            });
+        }
     }
     // Rank above min(d_in, d_out) is legal (PEFT allows it).
     c.ok("LoraLinear::new with r > min(d_in, d_out)", || {
@@ -525,31 +626,27 @@ fn lora_family_constructors_reject_bad_configs_and_tensors() {
             &["proj", "lora_B", "F64"],
         ),
     ];
+    // A valid config of rank 2 and scale 1 (the old `from_pair(.., 1.0, 0.0)`): the pair is
+    // what is wrong.
+    let unit = scale_config(2, 1.0, 0.0);
     for (what, a, b, needles) in &bad_pairs {
-        c.err(&format!("LoraLinear::from_pair, {what}"), needles, || {
-            LoraLinear::from_pair("proj", base(4, 6), pair(a.clone(), b.clone()), 1.0, 0.0)
-        });
-        c.err(&format!("lora_fa::from_tensors, {what}"), needles, || {
-            lora_fa::from_tensors("proj", base(4, 6), a.clone(), b.clone(), 1.0, 0.0)
-        });
-        c.err(
-            &format!("DoraLinear::from_tensors, {what}"),
-            needles,
-            || {
-                DoraLinear::from_tensors(
-                    "proj",
-                    base(4, 6),
-                    pair(a.clone(), b.clone()),
-                    f(&[4], DType::F32),
-                    1.0,
-                    0.0,
-                )
-            },
-        );
+        for (name, from_weights, _) in lora_family_from_weights() {
+            c.err(&format!("{name}, {what}"), needles, || {
+                from_weights(base(4, 6), &unit, pair(a.clone(), b.clone()))
+            });
+        }
         c.err(&format!("LoraLinear::set_pair, {what}"), needles, || {
             let mut l = LoraLinear::new(base(4, 6), &LoraConfig::new(2, 4.0), vb("proj"))?;
             l.set_pair(pair(a.clone(), b.clone()))
         });
+        c.err(
+            &format!("LoraDropLinear::set_pair, {what}"),
+            needles,
+            || {
+                let mut l = LoraDropLinear::new(base(4, 6), &LoraConfig::new(2, 4.0), vb("proj"))?;
+                l.set_pair(pair(a.clone(), b.clone()))
+            },
+        );
         c.no_panic(&format!("LowRankPair::rank, {what}"), || {
             pair(a.clone(), b.clone()).rank()
         });
@@ -557,33 +654,36 @@ fn lora_family_constructors_reject_bad_configs_and_tensors() {
             pair(a.clone(), b.clone()).product().map(|_| ())
         });
     }
-    let good = || pair(f(&[2, 6], DType::F32), f(&[4, 2], DType::F32));
-    for scale in [f64::NAN, f64::INFINITY] {
-        c.err(
-            &format!("from_pair with scale {scale}"),
-            &["proj", "scale"],
-            || LoraLinear::from_pair("proj", base(4, 6), good(), scale, 0.0),
+    for (name, from_weights, takes_dropout) in lora_family_from_weights() {
+        c.ok(&format!("{name}, a valid pair"), || {
+            from_weights(base(4, 6), &unit, good())
+        });
+        // The scale is the config's `alpha / r` now (it was an argument): a non-finite one
+        // comes from a non-finite alpha, refused as such.
+        for alpha in [f64::NAN, f64::INFINITY] {
+            let config = LoraConfig::new(2, alpha);
+            c.err(
+                &format!("{name} with alpha {alpha}"),
+                &["proj", "alpha", &alpha.to_string()],
+                || from_weights(base(4, 6), &config, good()),
+            );
+        }
+        // New: the config's rank must be the pair's.
+        c.err_where(
+            &format!("{name} with r = 3 for a rank-2 pair"),
+            &["proj", "r = 3", "rank 2"],
+            "Error::InvalidConfig for the layer",
+            |e| matches!(e, Error::InvalidConfig { scope: Scope::Layer(l), field: "r", .. } if l == "proj"),
+            || from_weights(base(4, 6), &LoraConfig::new(3, 3.0), good()),
         );
-        c.err(
-            &format!("lora_fa::from_tensors with scale {scale}"),
-            &["proj", "scale"],
-            || {
-                lora_fa::from_tensors(
-                    "proj",
-                    base(4, 6),
-                    f(&[2, 6], DType::F32),
-                    f(&[4, 2], DType::F32),
-                    scale,
-                    0.0,
-                )
-            },
-        );
+        if takes_dropout {
+            c.err(
+                &format!("{name} with dropout 2"),
+                &["proj", "dropout", "2"],
+                || from_weights(base(4, 6), &scale_config(2, 1.0, 2.0), good()),
+            );
+        }
     }
-    c.err(
-        "from_pair with dropout 2",
-        &["proj", "dropout", "2"],
-        || LoraLinear::from_pair("proj", base(4, 6), good(), 1.0, 2.0),
-    );
     c.err("set_pair while merged", &["proj", "merged"], || {
         let mut l = LoraLinear::new(base(4, 6), &LoraConfig::new(2, 4.0), vb("proj"))?;
         l.merge(true)?;
@@ -608,9 +708,15 @@ fn lora_family_constructors_reject_bad_configs_and_tensors() {
         ),
     ] {
         c.err(
-            &format!("DoraLinear::from_tensors, {what}"),
+            &format!("DoraLinear::from_weights, {what}"),
             needles,
-            || DoraLinear::from_tensors("proj", base(4, 6), good(), m.clone(), 1.0, 0.0),
+            || {
+                let weights = DoraWeights {
+                    pair: good(),
+                    magnitude: m.clone(),
+                };
+                DoraLinear::from_weights("proj", base(4, 6), &unit, weights)
+            },
         );
     }
     if let Some(dora) = c.ok("DoRA build", || {
@@ -644,52 +750,54 @@ fn lora_family_constructors_reject_bad_configs_and_tensors() {
             || dora.forward_with_dropped_input(&x, &x),
         );
     }
-    // Delta-LoRA's weight restore.
+    // Delta-LoRA's weight restore (a method of the Delta-LoRA layer, so it cannot be called
+    // on another variant's layer any more).
     if let Some(mut delta) = c.ok("Delta-LoRA build", || {
-        delta_lora_linear(base(4, 6), &LoraConfig::new(2, 4.0), vb("proj"))
+        DeltaLoraLinear::new(base(4, 6), &DeltaLoraConfig::new(2, 4.0), vb("proj"))
     }) {
         c.err(
             "restore_base_weight of the wrong shape",
             &["proj", "weight", "[6, 4]"],
-            || restore_base_weight(&mut delta, weight(6, 4, DType::F32)),
+            || delta.restore_base_weight(weight(6, 4, DType::F32)),
         );
         c.err(
             "restore_base_weight in f64",
             &["proj", "weight", "F64"],
-            || restore_base_weight(&mut delta, weight(4, 6, DType::F64)),
+            || delta.restore_base_weight(weight(4, 6, DType::F64)),
         );
         c.ok("restore_base_weight", || {
-            restore_base_weight(&mut delta, weight(4, 6, DType::F32))
+            delta.restore_base_weight(weight(4, 6, DType::F32))
         });
         c.ok("Delta-LoRA merge", || delta.merge(true));
         c.err(
             "restore_base_weight while merged",
             &["proj", "merged"],
-            || restore_base_weight(&mut delta, weight(4, 6, DType::F32)),
+            || delta.restore_base_weight(weight(4, 6, DType::F32)),
         );
     }
-    c.err(
-        "restore_base_weight on a plain LoRA layer",
-        &["proj", "Delta-LoRA"],
-        || {
-            let mut l = LoraLinear::new(base(4, 6), &LoraConfig::new(2, 4.0), vb("proj"))?;
-            restore_base_weight(&mut l, weight(4, 6, DType::F32))
-        },
-    );
     for lambda in [f64::NAN, f64::INFINITY] {
         c.err(
             &format!("DeltaLoraHook lambda {lambda}"),
             &["lambda"],
             || {
-                let l = delta_lora_linear(base(4, 6), &LoraConfig::new(2, 4.0), vb("proj"))?;
-                DeltaLoraHook::new([Shared::new(l)], DeltaLoraUpdate::new(lambda, 0))
+                let config = DeltaLoraConfig::new(2, 4.0);
+                let l = DeltaLoraLinear::new(base(4, 6), &config, vb("proj"))?;
+                DeltaLoraHook::new(&[Shared::new(l).erase()], DeltaLoraUpdate::new(lambda, 0))
             },
         );
     }
-    c.err("DeltaLoraHook over a plain LoRA layer", &["proj"], || {
-        let l = LoraLinear::new(base(4, 6), &LoraConfig::new(2, 4.0), vb("proj"))?;
-        DeltaLoraHook::new([Shared::new(l)], DeltaLoraUpdate::new(1.0, 0))
-    });
+    // The hook picks the Delta-LoRA layers from what it is given; a plain LoRA layer alone
+    // leaves it none, a usage error naming the hook (it used to name the layer).
+    c.err_where(
+        "DeltaLoraHook over a plain LoRA layer",
+        &["Delta-LoRA hook", "Delta-LoRA layer"],
+        "Error::Usage",
+        |e| matches!(e, Error::Usage { .. }),
+        || {
+            let l = LoraLinear::new(base(4, 6), &LoraConfig::new(2, 4.0), vb("proj"))?;
+            DeltaLoraHook::new(&[Shared::new(l).erase()], DeltaLoraUpdate::new(1.0, 0))
+        },
+    );
     c.finish();
 }
 
@@ -698,43 +806,46 @@ fn vera_rejects_bad_pairs_ranks_and_layer_sizes() {
     let mut c = Checker::new();
     let dev = cpu();
     let f = |dims: &[usize], dtype: DType| Tensor::ones(dims.to_vec(), dtype, &dev).unwrap();
-    let config = |r| VeraConfig {
-        r,
-        ..VeraConfig::default()
-    };
-    c.err("VeraShared::new rank 0", &["vera", "rank", "got 0"], || {
+    // The pair names itself "VeRA shared pair" in errors (it was "vera").
+    const PAIR: &str = "VeRA shared pair";
+    c.err("VeraShared::new rank 0", &[PAIR, "rank", "got 0"], || {
         VeraShared::new(0, 6, 4, 0, DType::F32, &dev)
     });
+    c.err(
+        "VeraShared::covering rank 0",
+        &[PAIR, "rank", "got 0"],
+        || VeraShared::covering(0, 0, [(6, 4)], DType::F32, &dev),
+    );
     for (what, a, b, needles) in [
         (
             "1-D A",
             f(&[6], DType::F32),
             f(&[4, 2], DType::F32),
-            &["vera", "[6]"][..],
+            &[PAIR, "[6]"][..],
         ),
         (
             "ranks differ",
             f(&[2, 6], DType::F32),
             f(&[4, 3], DType::F32),
-            &["vera", "[2, 6]", "[4, 3]"][..],
+            &[PAIR, "[2, 6]", "[4, 3]"][..],
         ),
         (
             "rank 0",
             f(&[0, 6], DType::F32),
             f(&[4, 0], DType::F32),
-            &["vera", "rank", "got 0"][..],
+            &[PAIR, "rank", "got 0"][..],
         ),
         (
             "f16 B with f32 A",
             f(&[2, 6], DType::F32),
             f(&[4, 2], DType::F16),
-            &["vera", "vera_B", "F16"][..],
+            &[PAIR, "vera_B", "F16"][..],
         ),
         (
             "scalar A",
             Tensor::new(1f32, &dev).unwrap(),
             f(&[4, 1], DType::F32),
-            &["vera"][..],
+            &[PAIR][..],
         ),
     ] {
         c.err(
@@ -745,55 +856,41 @@ fn vera_rejects_bad_pairs_ranks_and_layer_sizes() {
     }
     c.err(
         "VeraShared::new with a rank too large to allocate",
-        &["vera", "too large"],
+        &[PAIR, "too large"],
         || VeraShared::new(1 << 61, 6, 4, 0, DType::F32, &dev),
     );
     c.err(
-        "VeraBuilder reserving a layer too large to allocate",
-        &["vera", "too large"],
-        || {
-            let mut builder = VeraBuilder::new(config(2));
-            builder.reserve(usize::MAX, 4)?;
-            builder.shared(DType::F32, &dev)
-        },
+        "VeraShared::covering a layer too large to allocate",
+        &[PAIR, "too large"],
+        || VeraShared::covering(2, 0, [(6, 4), (usize::MAX, 4)], DType::F32, &dev),
     );
+    // The pair covers the largest of the shapes.
+    if let Some(p) = c.ok("VeraShared::covering two shapes", || {
+        VeraShared::covering(3, 0, [(6, 2), (5, 4)], DType::F32, &dev)
+    }) {
+        c.check(
+            "VeraShared::covering size",
+            (p.rank(), p.max_d_in(), p.max_d_out()) == (3, 6, 4),
+            || format!("got {:?}", (p.rank(), p.max_d_in(), p.max_d_out())),
+        );
+    }
+    // The layer's rank is the pair's (VeraConfig has no `r` to disagree with it any more).
     let shared = VeraShared::new(3, 6, 4, 0, DType::F32, &dev).unwrap();
-    c.err(
-        "VeraLinear::new with r above the shared pair's rank",
-        &["proj", "r = 5", "rank 3"],
-        || VeraLinear::new(base(4, 6), &shared, &config(5), vb("proj")),
-    );
-    c.err(
-        "VeraLinear::new with r below the shared pair's rank",
-        &["proj", "r = 2", "rank 3"],
-        || VeraLinear::new(base(4, 6), &shared, &config(2), vb("proj")),
-    );
-    c.err(
-        "VeraLinear::new with rank 0",
-        &["proj", "rank", "got 0"],
-        || VeraLinear::new(base(4, 6), &shared, &config(0), vb("proj")),
-    );
+    let config = VeraConfig::new(shared.clone());
     c.err(
         "VeraLinear::new, d_in larger than the pair",
         &["proj", "d_in = 7"],
-        || VeraLinear::new(base(4, 7), &shared, &config(3), vb("proj")),
+        || VeraLinear::new(base(4, 7), &config, vb("proj")),
     );
     c.err(
         "VeraLinear::new, d_out larger than the pair",
         &["proj", "d_out = 5"],
-        || VeraLinear::new(base(5, 6), &shared, &config(3), vb("proj")),
+        || VeraLinear::new(base(5, 6), &config, vb("proj")),
     );
     c.err(
         "VeraLinear::new, f64 layer with an f32 pair",
         &["proj", "shared pair", "F32"],
-        || {
-            VeraLinear::new(
-                base_dtype(4, 6, DType::F64),
-                &shared,
-                &config(3),
-                vb("proj"),
-            )
-        },
+        || VeraLinear::new(base_dtype(4, 6, DType::F64), &config, vb("proj")),
     );
     c.err(
         "VeraConfig d_initial NaN",
@@ -801,18 +898,33 @@ fn vera_rejects_bad_pairs_ranks_and_layer_sizes() {
         || {
             let cfg = VeraConfig {
                 d_initial: f64::NAN,
-                ..config(3)
+                ..config.clone()
             };
-            VeraLinear::new(base(4, 6), &shared, &cfg, vb("proj"))
+            VeraLinear::new(base(4, 6), &cfg, vb("proj"))
         },
     );
     c.err("VeraConfig dropout 1", &["proj", "dropout"], || {
         let cfg = VeraConfig {
             dropout: 1.0,
-            ..config(3)
+            ..config.clone()
         };
-        VeraLinear::new(base(4, 6), &shared, &cfg, vb("proj"))
+        VeraLinear::new(base(4, 6), &cfg, vb("proj"))
     });
+    c.err(
+        "VeraLinear::from_weights, dropout 1",
+        &["proj", "dropout"],
+        || {
+            let cfg = VeraConfig {
+                dropout: 1.0,
+                ..config.clone()
+            };
+            let weights = VeraWeights {
+                lambda_d: f(&[3], DType::F32),
+                lambda_b: f(&[4], DType::F32),
+            };
+            VeraLinear::from_weights("proj", base(4, 6), &cfg, weights)
+        },
+    );
     for (what, d, b, needles) in [
         (
             "lambda_d of the wrong length",
@@ -840,50 +952,50 @@ fn vera_rejects_bad_pairs_ranks_and_layer_sizes() {
         ),
     ] {
         c.err(
-            &format!("VeraLinear::from_tensors, {what}"),
+            &format!("VeraLinear::from_weights, {what}"),
             needles,
-            || VeraLinear::from_tensors("proj", base(4, 6), &shared, d.clone(), b.clone(), 0.0),
+            || {
+                let weights = VeraWeights {
+                    lambda_d: d.clone(),
+                    lambda_b: b.clone(),
+                };
+                VeraLinear::from_weights("proj", base(4, 6), &config, weights)
+            },
         );
     }
-    // The builder: growing after the pair exists, and rank 0.
+    c.ok("VeraLinear::from_weights, valid vectors", || {
+        let weights = VeraWeights {
+            lambda_d: f(&[3], DType::F32),
+            lambda_b: f(&[4], DType::F32),
+        };
+        VeraLinear::from_weights("proj", base(4, 6), &config, weights)
+    });
+    // A pair made for other shapes than the layer's (it was VeraBuilder's reserve/build).
     c.err(
-        "VeraBuilder::reserve after the pair was created",
-        &["vera", "8 → 9"],
-        || {
-            let mut builder = VeraBuilder::new(config(3));
-            builder.reserve(6, 4)?;
-            builder.shared(DType::F32, &dev)?;
-            builder.reserve(8, 9).map(|_| ())
-        },
-    );
-    c.err(
-        "VeraBuilder::with_shared, layer larger than the pair",
-        &["vera"],
-        || {
-            let mut builder = VeraBuilder::with_shared(config(3), shared.clone());
-            builder.reserve_for(&base(4, 7)).map(|_| ())
-        },
-    );
-    c.err(
-        "VeraBuilder::build, layer larger than the reserved shapes",
+        "VeraLinear::from_weights, layer larger than the pair",
         &["proj", "d_in = 7"],
         || {
-            let mut builder = VeraBuilder::new(config(3));
-            builder.reserve(6, 4)?;
-            builder.build(base(4, 7), vb("proj"))
+            let weights = VeraWeights {
+                lambda_d: f(&[3], DType::F32),
+                lambda_b: f(&[4], DType::F32),
+            };
+            VeraLinear::from_weights("proj", base(4, 7), &config, weights)
         },
     );
-    c.err("VeraBuilder rank 0", &["vera", "rank", "got 0"], || {
-        let mut builder = VeraBuilder::new(config(0));
-        builder.reserve(6, 4)?;
-        builder.build(base(4, 6), vb("proj"))
-    });
     c.err(
-        "VeraBuilder::build with nothing reserved",
-        &["proj"],
+        "VeraLinear::new, layer larger than the covered shapes",
+        &["proj", "d_in = 7"],
         || {
-            let mut builder = VeraBuilder::new(config(3));
-            builder.build(base(4, 6), vb("proj"))
+            let shared = VeraShared::covering(3, 0, [(6, 4)], DType::F32, &dev)?;
+            VeraLinear::new(base(4, 7), &VeraConfig::new(shared), vb("proj"))
+        },
+    );
+    c.err(
+        "VeraLinear::new over a pair covering no shapes",
+        &["proj", "d_in = 6"],
+        || {
+            let shared = VeraShared::covering(3, 0, [], DType::F32, &dev)?;
+            VeraLinear::new(base(4, 6), &VeraConfig::new(shared), vb("proj"))
         },
     );
     c.finish();
@@ -928,9 +1040,22 @@ fn adalora_layer_rejects_bad_configs_tensors_and_masks() {
             AdaLoraLinear::new(base(4, 6), &config, vb("proj"))
         });
     }
-    let from = |a: Tensor, e: Tensor, b: Tensor, init_r: usize| {
-        AdaLoraLinear::from_tensors("proj", base(4, 6), a, e, b, init_r, 4.0, 0.0)
-    };
+    let from_pattern =
+        |a: Tensor, e: Tensor, b: Tensor, init_r: usize, pattern: Option<&[bool]>| {
+            let weights = AdaLoraWeights {
+                a,
+                e,
+                b,
+                rank_pattern: pattern.map(<[bool]>::to_vec),
+            };
+            AdaLoraLinear::from_weights(
+                "proj",
+                base(4, 6),
+                &AdaLoraConfig::new(init_r, 4.0),
+                weights,
+            )
+        };
+    let from = |a: Tensor, e: Tensor, b: Tensor, init_r: usize| from_pattern(a, e, b, init_r, None);
     for (what, a, e, b, init_r, needles) in [
         (
             "rank above init_r",
@@ -990,13 +1115,13 @@ fn adalora_layer_rejects_bad_configs_tensors_and_masks() {
         ),
     ] {
         c.err(
-            &format!("AdaLoraLinear::from_tensors, {what}"),
+            &format!("AdaLoraLinear::from_weights, {what}"),
             needles,
             || from(a.clone(), e.clone(), b.clone(), init_r),
         );
     }
     // A rank-0 layer (everything pruned, as a saved AdaLoRA can be) is valid and works.
-    if let Some(mut l) = c.ok("AdaLoraLinear::from_tensors with rank 0 < init_r", || {
+    if let Some(mut l) = c.ok("AdaLoraLinear::from_weights with rank 0 < init_r", || {
         from(
             f(&[0, 6], DType::F32),
             f(&[0, 1], DType::F32),
@@ -1014,6 +1139,55 @@ fn adalora_layer_rejects_bad_configs_tensors_and_masks() {
         c.ok("rank-0 AdaLoRA unmerge", || l.unmerge());
         c.ok("rank-0 AdaLoRA tensors_to_save", || l.tensors_to_save());
     }
+    // A loaded layer's `rank_pattern` (which of the init_r ranks its rows are) must have
+    // init_r entries with as many kept as the layer's rank (it was `set_loaded_rank_pattern`).
+    let full = || {
+        (
+            f(&[3, 6], DType::F32),
+            f(&[3, 1], DType::F32),
+            f(&[4, 3], DType::F32),
+        )
+    };
+    let two = || {
+        (
+            f(&[2, 6], DType::F32),
+            f(&[2, 1], DType::F32),
+            f(&[4, 2], DType::F32),
+        )
+    };
+    for (what, (a, e, b), pattern) in [
+        (
+            "rank_pattern of the wrong length",
+            full(),
+            &[true, true][..],
+        ),
+        (
+            "rank_pattern with too few kept",
+            full(),
+            &[true, false, false][..],
+        ),
+        (
+            "rank_pattern with too many kept",
+            two(),
+            &[true, true, true][..],
+        ),
+    ] {
+        c.err(
+            &format!("AdaLoraLinear::from_weights, {what}"),
+            &["proj", "rank_pattern"],
+            || from_pattern(a, e, b, 3, Some(pattern)),
+        );
+    }
+    if let Some(l) = c.ok("AdaLoraLinear::from_weights, a valid rank_pattern", || {
+        let (a, e, b) = two();
+        from_pattern(a, e, b, 3, Some(&[true, false, true]))
+    }) {
+        c.check(
+            "loaded rank_pattern kept",
+            l.rank_pattern() == [true, false, true],
+            || format!("got {:?}", l.rank_pattern()),
+        );
+    }
     if let Some(mut l) = c.ok("AdaLoRA build", || {
         AdaLoraLinear::new(base(4, 6), &AdaLoraConfig::new(3, 4.0), vb("proj"))
     }) {
@@ -1021,16 +1195,6 @@ fn adalora_layer_rejects_bad_configs_tensors_and_masks() {
             "apply_mask of the wrong length",
             &["proj", "rank mask", "2 entries"],
             || l.apply_mask(&[true, false]),
-        );
-        c.err(
-            "set_loaded_rank_pattern of the wrong length",
-            &["proj", "rank_pattern"],
-            || l.set_loaded_rank_pattern(&[true, true]),
-        );
-        c.err(
-            "set_loaded_rank_pattern with too few kept",
-            &["proj", "rank_pattern"],
-            || l.set_loaded_rank_pattern(&[true, false, false]),
         );
         c.ok("apply_mask pruning everything", || {
             l.apply_mask(&[false, false, false])
@@ -1233,5 +1397,473 @@ fn kernel_entry_points_reject_mismatched_operands() {
             },
         )
     });
+    c.finish();
+}
+
+/// One fresh layer of each of the seven layer types, named `proj`, each over its own VarMap.
+fn one_of_each() -> lorakit::Result<Vec<Shared<dyn Adapter>>> {
+    let cfg = LoraConfig::new(2, 4.0);
+    let b = || base(D_OUT, D_IN);
+    let shared = VeraShared::covering(3, 0, [(D_IN, D_OUT)], DType::F32, &cpu())?;
+    Ok(vec![
+        Shared::new(LoraLinear::new(b(), &cfg, vb("proj"))?).erase(),
+        Shared::new(LoraFaLinear::new(b(), &cfg, vb("proj"))?).erase(),
+        Shared::new(LoraDropLinear::new(b(), &cfg, vb("proj"))?).erase(),
+        Shared::new(DeltaLoraLinear::new(b(), &cfg, vb("proj"))?).erase(),
+        Shared::new(DoraLinear::new(b(), &cfg, vb("proj"))?).erase(),
+        Shared::new(VeraLinear::new(b(), &VeraConfig::new(shared), vb("proj"))?).erase(),
+        Shared::new(AdaLoraLinear::new(
+            b(),
+            &AdaLoraConfig::new(3, 4.0),
+            vb("proj"),
+        )?)
+        .erase(),
+    ])
+}
+
+/// Every training rule takes a model's layers as `&[Shared<dyn Adapter>]` and works on those
+/// of its variant: given none of them (only other variants' layers, or nothing), it refuses
+/// with a usage error naming the rule and the variant it needs; given a mixed set, it picks
+/// its own layer. (This replaces the old runtime refusals of calling a variant's rule on
+/// another variant's layer, such as `restore_base_weight` on a plain LoRA layer, which the
+/// types now rule out.)
+#[test]
+fn training_rules_refuse_sets_without_their_variant() {
+    let mut c = Checker::new();
+    let Some(all) = c.ok("one layer of each type", one_of_each) else {
+        c.finish();
+        return;
+    };
+    let pick = |only_others: bool, v: Variant| -> Vec<Shared<dyn Adapter>> {
+        if !only_others {
+            return Vec::new();
+        }
+        all.iter()
+            .filter(|l| l.read().kind() != v)
+            .cloned()
+            .collect()
+    };
+    let usage = |e: &Error| {
+        matches!(
+            e,
+            Error::Usage {
+                scope: Scope::Settings(_),
+                ..
+            }
+        )
+    };
+    let allocator = || RankAllocatorConfig {
+        target_r: 1,
+        ..RankAllocatorConfig::new(10)
+    };
+    for (what, only_others) in [("no layers", false), ("other variants only", true)] {
+        c.err_where(
+            &format!("LoraFaProjection::new, {what}"),
+            &["LoRA-FA projection", "LoRA-FA layer"],
+            "Error::Usage",
+            usage,
+            || LoraFaProjection::new(&pick(only_others, Variant::LoraFa)),
+        );
+        c.err_where(
+            &format!("DeltaLoraHook::new, {what}"),
+            &["Delta-LoRA hook", "Delta-LoRA layer"],
+            "Error::Usage",
+            usage,
+            || {
+                let layers = pick(only_others, Variant::DeltaLora);
+                DeltaLoraHook::new(&layers, DeltaLoraUpdate::new(1.0, 0))
+            },
+        );
+        c.err_where(
+            &format!("RankAllocator::new, {what}"),
+            &["AdaLoRA rank allocator", "AdaLoRA layer"],
+            "Error::Usage",
+            usage,
+            || RankAllocator::new(&pick(only_others, Variant::AdaLora), allocator()),
+        );
+        c.err_where(
+            &format!("LoraDrop::new, {what}"),
+            &["LoRA-drop", "LoRA-drop layer"],
+            "Error::Usage",
+            usage,
+            || {
+                let layers = pick(only_others, Variant::LoraDrop);
+                LoraDrop::new(&layers, LoraDropConfig::default())
+            },
+        );
+    }
+    if let Some(p) = c.ok("LoraFaProjection::new, every variant", || {
+        LoraFaProjection::new(&all)
+    }) {
+        c.check("LoraFaProjection picks one layer", p.len() == 1, || {
+            format!("picked {}", p.len())
+        });
+    }
+    c.ok("DeltaLoraHook::new, every variant", || {
+        DeltaLoraHook::new(&all, DeltaLoraUpdate::new(1.0, 0))
+    });
+    if let Some(a) = c.ok("RankAllocator::new, every variant", || {
+        RankAllocator::new(&all, allocator())
+    }) {
+        c.check(
+            "RankAllocator picks one layer",
+            a.layers().len() == 1,
+            || format!("picked {}", a.layers().len()),
+        );
+    }
+    if let Some(d) = c.ok("LoraDrop::new, every variant", || {
+        LoraDrop::new(&all, LoraDropConfig::default())
+    }) {
+        c.check("LoraDrop picks one layer", d.layers().len() == 1, || {
+            format!("picked {}", d.layers().len())
+        });
+        // Its importances are one per LoRA-drop layer, not one per layer given.
+        c.err(
+            "LoraDrop::share_unselected with importances for every layer",
+            &["LoRA-drop", "importance", "7 scores for 1 layers"],
+            || {
+                let importance: Vec<LayerImportance> = all
+                    .iter()
+                    .map(|l| LayerImportance {
+                        name: l.read().name().to_string(),
+                        raw: 1.0,
+                        importance: 1.0 / 7.0,
+                    })
+                    .collect();
+                d.share_unselected(&importance, vb("shared"))
+            },
+        );
+    }
+    c.finish();
+}
+
+/// Adapts a `d_in → D_OUT` module `q` (weights from a fresh VarMap) with `plan`.
+fn adapt_q(plan: &AdapterPlan, d_in: usize) -> lorakit::Result<Linear> {
+    let base_map = VarMap::new();
+    let base_vb = VarBuilder::from_varmap(&base_map, DType::F32, &cpu());
+    linear_no_bias(d_in, D_OUT, base_vb.pp("q"), plan)
+}
+
+fn targets_q() -> TargetSpec {
+    TargetSpec::new(ModuleSelector::list(["q"]))
+}
+
+/// A plan giving `q` a fresh `L` (its variables in a fresh VarMap).
+fn plan_of<L: AdapterLayer>(ranks: RankAlpha, config: L::Config) -> AdapterPlan {
+    AdapterPlan::of::<L>(targets_q(), ranks, config, vb(""))
+}
+
+/// Good and bad ranks, alphas and dropouts through a plan of LoRA-config layers `L`.
+fn check_lora_config_plan<L: AdapterLayer<Config = LoraConfig>>(c: &mut Checker, name: &str) {
+    let config = LoraConfig::default();
+    c.ok(&format!("AdapterPlan::of::<{name}>, valid"), || {
+        adapt_q(&plan_of::<L>(RankAlpha::new(2, 4.0), config.clone()), D_IN)
+    });
+    c.err(
+        &format!("AdapterPlan::of::<{name}>, rank 0"),
+        &["q", "rank", "got 0"],
+        || adapt_q(&plan_of::<L>(RankAlpha::new(0, 4.0), config.clone()), D_IN),
+    );
+    c.err(
+        &format!("AdapterPlan::of::<{name}>, alpha NaN"),
+        &["q", "alpha", "NaN"],
+        || {
+            adapt_q(
+                &plan_of::<L>(RankAlpha::new(2, f64::NAN), config.clone()),
+                D_IN,
+            )
+        },
+    );
+    c.err(
+        &format!("AdapterPlan::of::<{name}>, dropout 1"),
+        &["q", "dropout", "1"],
+        || {
+            let config = LoraConfig {
+                dropout: 1.0,
+                ..config.clone()
+            };
+            adapt_q(&plan_of::<L>(RankAlpha::new(2, 4.0), config), D_IN)
+        },
+    );
+}
+
+/// `AdapterPlan::of` builds any layer type for every targeted module: a module's bad rank,
+/// alpha or dropout is refused when the layer is built, naming the module's path.
+#[test]
+fn adapter_plans_of_every_layer_type_reject_bad_settings() {
+    let mut c = Checker::new();
+    check_lora_config_plan::<LoraLinear>(&mut c, "LoraLinear");
+    check_lora_config_plan::<LoraFaLinear>(&mut c, "LoraFaLinear");
+    check_lora_config_plan::<LoraDropLinear>(&mut c, "LoraDropLinear");
+    check_lora_config_plan::<DeltaLoraLinear>(&mut c, "DeltaLoraLinear");
+    check_lora_config_plan::<DoraLinear>(&mut c, "DoraLinear");
+    c.err(
+        "AdapterPlan::delta_lora with dropout",
+        &["q", "dropout", "0.1"],
+        || {
+            let config = DeltaLoraConfig {
+                dropout: 0.1,
+                ..DeltaLoraConfig::default()
+            };
+            let ranks = RankAlpha::new(2, 4.0);
+            adapt_q(
+                &AdapterPlan::delta_lora(targets_q(), ranks, config, vb("")),
+                D_IN,
+            )
+        },
+    );
+    // AdaLoRA: every layer has the config's init_r; the plan gives the alpha.
+    let ada = |ranks: RankAlpha, init_r: usize| {
+        adapt_q(
+            &plan_of::<AdaLoraLinear>(ranks, AdaLoraConfig::new(init_r, 4.0)),
+            D_IN,
+        )
+    };
+    c.ok("AdapterPlan::of::<AdaLoraLinear>, valid", || {
+        ada(RankAlpha::new(2, 4.0), 3)
+    });
+    c.err(
+        "AdapterPlan::of::<AdaLoraLinear>, init_r 0",
+        &["q", "rank", "got 0"],
+        || ada(RankAlpha::new(2, 4.0), 0),
+    );
+    c.err(
+        "AdapterPlan::of::<AdaLoraLinear>, alpha NaN",
+        &["q", "alpha", "NaN"],
+        || ada(RankAlpha::new(2, f64::NAN), 3),
+    );
+    // VeRA: the pair must cover every target.
+    let pair = VeraShared::covering(3, 0, [(D_IN, D_OUT)], DType::F32, &cpu()).unwrap();
+    let vera = |d_in: usize| {
+        let plan = AdapterPlan::vera(targets_q(), VeraConfig::new(pair.clone()), vb(""));
+        adapt_q(&plan, d_in)
+    };
+    c.ok("AdapterPlan::vera, valid", || vera(D_IN));
+    c.err(
+        "AdapterPlan::vera, a target larger than the pair",
+        &["q", "d_in = 7"],
+        || vera(D_IN + 1),
+    );
+    c.err(
+        "AdapterPlan::of::<VeraLinear>, d_initial NaN",
+        &["q", "d_initial", "NaN"],
+        || {
+            let config = VeraConfig {
+                d_initial: f64::NAN,
+                ..VeraConfig::new(pair.clone())
+            };
+            adapt_q(&plan_of::<VeraLinear>(RankAlpha::new(3, 1.0), config), D_IN)
+        },
+    );
+    c.finish();
+}
+
+/// `PeftConfig::new(variant, ..)` builds a config for any variant without panicking, even
+/// from bad numbers; they are refused when layers are built from it, and saving refuses
+/// layers of another variant than the config's.
+#[test]
+fn peft_configs_of_every_variant_reject_bad_settings_when_used() {
+    let mut c = Checker::new();
+    let fresh = |config: &PeftConfig| -> lorakit::Result<Linear> {
+        let plan = config.fresh_plan(vb(""), &LoraConfig::default())?;
+        adapt_q(&plan, D_IN)
+    };
+    let cases = [
+        ("valid", 2, 4.0),
+        ("rank 0", 0, 4.0),
+        ("alpha NaN", 2, f64::NAN),
+    ];
+    for v in Variant::ALL {
+        for (what, r, alpha) in cases {
+            let ctx = format!("PeftConfig::new({v}), {what}");
+            let Some(config) = c.no_panic(&format!("{ctx}: new"), || {
+                PeftConfig::new(v, r, alpha, &["q"])
+            }) else {
+                continue;
+            };
+            let described = if v == Variant::Dora { v } else { v.saved_as() };
+            c.check(
+                &format!("{ctx}: variant"),
+                config.variant() == described,
+                || format!("{} instead of {described}", config.variant()),
+            );
+            c.ok(&format!("{ctx}: to_json_string"), || {
+                config.to_json_string()
+            });
+            if v == Variant::Vera {
+                // VeRA's fresh layers need the model's pair: no fresh plan from a config.
+                c.err(&format!("{ctx}: fresh plan"), &["VERA"], || fresh(&config));
+            } else if what == "valid" {
+                c.ok(&format!("{ctx}: fresh layer"), || fresh(&config));
+            } else {
+                let needles: &[&str] = match what {
+                    "rank 0" => &["q", "rank", "got 0"],
+                    _ => &["q", "alpha", "NaN"],
+                };
+                c.err(&format!("{ctx}: fresh layer"), needles, || fresh(&config));
+            }
+        }
+    }
+    // Saving checks the layers' variant against the config's: DoRA layers under a plain
+    // LoRA config (and LoRA layers under a DoRA one) would be misread by PEFT.
+    let dir = std::env::temp_dir().join(format!("lorakit-bad-input-{}", std::process::id()));
+    let set_of = |dora: bool| -> lorakit::Result<AdaptedSet> {
+        let (ranks, config) = (RankAlpha::new(2, 4.0), LoraConfig::default());
+        let plan = if dora {
+            AdapterPlan::dora(targets_q(), ranks, config, vb(""))
+        } else {
+            AdapterPlan::lora(targets_q(), ranks, config, vb(""))
+        };
+        adapt_q(&plan, D_IN)?;
+        plan.finish()
+    };
+    let config = |v: Variant| PeftConfig::new(v, 2, 4.0, &["q"]);
+    c.err(
+        "save_adapter: DoRA layers under PeftConfig::new(LoRA)",
+        &["q", "peft_type", "DoRA"],
+        || save_adapter(&dir, &config(Variant::Lora), &set_of(true)?),
+    );
+    c.err(
+        "save_adapter: LoRA layers under PeftConfig::new(DoRA)",
+        &["q", "peft_type", "DoRA"],
+        || save_adapter(&dir, &config(Variant::Dora), &set_of(false)?),
+    );
+    c.check("refused saves wrote nothing", !dir.exists(), || {
+        format!("{} was created", dir.display())
+    });
+    c.ok(
+        "save_adapter: DoRA layers under PeftConfig::new(DoRA)",
+        || save_adapter(&dir, &config(Variant::Dora), &set_of(true)?),
+    );
+    std::fs::remove_dir_all(&dir).ok();
+    c.finish();
+}
+
+/// Builds a layer over a base through a given VarBuilder.
+type BuildIn = fn(FrozenLinear, VarBuilder<'static>) -> lorakit::Result<Box<dyn Adapter>>;
+
+/// Every layer type's `new`, with a valid config.
+fn builders_in() -> Vec<(&'static str, BuildIn)> {
+    vec![
+        ("LoraLinear", |b, vb| {
+            Ok(Box::new(LoraLinear::new(b, &LoraConfig::new(2, 4.0), vb)?))
+        }),
+        ("LoraFaLinear", |b, vb| {
+            Ok(Box::new(LoraFaLinear::new(
+                b,
+                &LoraFaConfig::new(2, 4.0),
+                vb,
+            )?))
+        }),
+        ("LoraDropLinear", |b, vb| {
+            Ok(Box::new(LoraDropLinear::new(
+                b,
+                &LoraConfig::new(2, 4.0),
+                vb,
+            )?))
+        }),
+        ("DeltaLoraLinear", |b, vb| {
+            Ok(Box::new(DeltaLoraLinear::new(
+                b,
+                &DeltaLoraConfig::new(2, 4.0),
+                vb,
+            )?))
+        }),
+        ("DoraLinear", |b, vb| {
+            Ok(Box::new(DoraLinear::new(b, &LoraConfig::new(2, 4.0), vb)?))
+        }),
+        ("VeraLinear", |b, vb| {
+            let shared =
+                VeraShared::covering(3, 0, [(b.d_in(), b.d_out())], b.dtype(), b.device())?;
+            Ok(Box::new(VeraLinear::new(b, &VeraConfig::new(shared), vb)?))
+        }),
+        ("AdaLoraLinear", |b, vb| {
+            Ok(Box::new(AdaLoraLinear::new(
+                b,
+                &AdaLoraConfig::new(3, 4.0),
+                vb,
+            )?))
+        }),
+    ]
+}
+
+/// Every trainable value of a layer, in order.
+fn var_values(l: &dyn Adapter) -> Vec<Vec<f32>> {
+    l.trainable_vars()
+        .iter()
+        .map(|v| {
+            let t = v.var.as_tensor().flatten_all().unwrap();
+            t.to_vec1::<f32>().unwrap()
+        })
+        .collect()
+}
+
+/// Building a second layer under a `VarBuilder` prefix of one `VarMap` that already holds a
+/// layer's variables is refused, naming the prefix (it used to share the first layer's
+/// variables and re-initialise them); the first layer is left as it was.
+#[test]
+fn a_second_layer_under_the_same_prefix_of_one_varmap_is_refused() {
+    let mut c = Checker::new();
+    let is_prefix_error = |e: &Error| {
+        matches!(
+            e,
+            Error::InvalidConfig { scope: Scope::Layer(l), field: "VarBuilder prefix", .. }
+                if l == "model.proj"
+        )
+    };
+    for (name, build) in builders_in() {
+        let varmap = VarMap::new();
+        let root = VarBuilder::from_varmap(&varmap, DType::F32, &cpu());
+        let Some(first) = c.ok(&format!("{name}: first layer under `model.proj`"), || {
+            build(base(D_OUT, D_IN), root.pp("model").pp("proj"))
+        }) else {
+            continue;
+        };
+        // Values no init produces, so a re-initialisation would show.
+        for v in first.trainable_vars() {
+            let t = v.var.as_tensor();
+            v.var.set(&(t.ones_like().unwrap() * 0.5).unwrap()).unwrap();
+        }
+        let before = var_values(&*first);
+        let n_vars = varmap.all_vars().len();
+        c.err_where(
+            &format!("{name}: second layer under `model.proj`"),
+            &["model.proj", "VarBuilder prefix", "already exists"],
+            "Error::InvalidConfig of the layer `model.proj`",
+            is_prefix_error,
+            || build(base(D_OUT, D_IN), root.pp("model.proj")),
+        );
+        c.check(
+            &format!("{name}: first layer untouched"),
+            var_values(&*first) == before,
+            || "the refused build changed the first layer's variables".into(),
+        );
+        c.check(
+            &format!("{name}: no variable added"),
+            varmap.all_vars().len() == n_vars,
+            || format!("{} variables, {n_vars} before", varmap.all_vars().len()),
+        );
+        c.ok(&format!("{name}: a layer under another prefix"), || {
+            build(base(D_OUT, D_IN), root.pp("model").pp("other"))
+        });
+    }
+    // Two plans over one adapter VarMap, both adapting the module `q`.
+    c.err(
+        "two plans over one VarMap adapting `q`",
+        &["q", "VarBuilder prefix", "`q.lora_A`"],
+        || {
+            let adapter_map = VarMap::new();
+            let plan = || {
+                AdapterPlan::lora(
+                    targets_q(),
+                    RankAlpha::new(2, 4.0),
+                    LoraConfig::default(),
+                    VarBuilder::from_varmap(&adapter_map, DType::F32, &cpu()),
+                )
+            };
+            adapt_q(&plan(), D_IN)?;
+            adapt_q(&plan(), D_IN)
+        },
+    );
     c.finish();
 }

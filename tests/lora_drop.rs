@@ -4,9 +4,10 @@
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 use lorakit::train::lora_drop::{normalize_importance, sample_indices, select_layers};
+use lorakit::train::{SampleSize, Selection};
 use lorakit::{
     Adapter, FrozenLinear, LoraConfig, LoraDrop, LoraDropConfig, LoraDropLinear, LoraInit,
-    LoraLinear, SampleSize, Selection, Shared,
+    LoraLinear, Shared,
 };
 
 type R = lorakit::Result<()>;
@@ -27,13 +28,13 @@ fn lora_cfg() -> LoraConfig {
 
 /// Five layers: three 6→6, two 6→4. Layer 0's B is scaled up (large output), layer 1's
 /// scaled down to near zero.
-fn model(vb: &VarBuilder, drop: &mut LoraDrop) -> lorakit::Result<Vec<LoraDropLinear>> {
+fn model(vb: &VarBuilder) -> lorakit::Result<Vec<Shared<LoraDropLinear>>> {
     let mut rng = lorakit::init::SeededRng::new(3);
     let shapes = [(6, 6), (6, 6), (6, 6), (6, 4), (6, 4)];
     let mut out = Vec::new();
     for (i, (d_in, d_out)) in shapes.into_iter().enumerate() {
         let w = rng.normal((d_out, d_in), 0.0, 0.5, DType::F32, &dev())?;
-        let l = LoraLinear::new(
+        let l = LoraDropLinear::new(
             FrozenLinear::new(w, None)?,
             &lora_cfg(),
             vb.pp(format!("l{i}")),
@@ -43,12 +44,17 @@ fn model(vb: &VarBuilder, drop: &mut LoraDrop) -> lorakit::Result<Vec<LoraDropLi
             1 => 1e-4,
             _ => 1.0,
         };
-        if let Some(b) = l.pair().b.var() {
+        if let Some(b) = l.lora().pair().b.var() {
             b.set(&(b.as_tensor() * factor)?)?;
         }
-        out.push(drop.wrap(Shared::new(l)));
+        out.push(Shared::new(l));
     }
     Ok(out)
+}
+
+/// The layers as a model's registry holds them (the same layers, type-erased).
+fn erased(layers: &[Shared<LoraDropLinear>]) -> Vec<Shared<dyn Adapter>> {
+    layers.iter().map(|l| l.clone().erase()).collect()
 }
 
 /// g = Σ_rows ‖s · B A x‖² in f64.
@@ -111,8 +117,8 @@ fn selection_by_threshold_and_top_n() -> R {
 fn calibration_matches_f64_reference() -> R {
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev());
-    let mut drop = LoraDrop::new();
-    let layers = model(&vb, &mut drop)?;
+    let layers = model(&vb)?;
+    let drop = LoraDrop::new(&erased(&layers), LoraDropConfig::default())?;
     let xs: Vec<Tensor> = (0..3)
         .map(|_| Tensor::randn(0f32, 1., (4, 6), &dev()))
         .collect::<candle_core::Result<_>>()?;
@@ -121,14 +127,14 @@ fn calibration_matches_f64_reference() -> R {
     let imp = drop.calibrate(|| {
         for x in &xs {
             for l in &layers {
-                l.forward_t(x, true)?;
+                l.read().forward_t(x, true)?;
             }
         }
         Ok(())
     })?;
     let raw: Vec<f64> = layers
         .iter()
-        .map(|l| xs.iter().map(|x| g_ref(&l.layer().read(), &vec2(x))).sum())
+        .map(|l| xs.iter().map(|x| g_ref(l.read().lora(), &vec2(x))).sum())
         .collect();
     let total: f64 = raw.iter().sum();
     for ((got, want), l) in imp.iter().zip(&raw).zip(&layers) {
@@ -137,7 +143,7 @@ fn calibration_matches_f64_reference() -> R {
             "{got:?} vs {want}"
         );
         assert!((got.importance - want / total).abs() < 1e-6);
-        assert_eq!(got.name, l.layer().read().name());
+        assert_eq!(got.name, l.read().name());
     }
     assert!(imp[0].importance > 0.9 && imp[1].importance < 1e-6);
     Ok(())
@@ -147,19 +153,21 @@ fn calibration_matches_f64_reference() -> R {
 fn stage1_then_sharing_drops_parameters_and_shares_storage() -> R {
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev());
-    let mut drop = LoraDrop::new();
-    let layers = model(&vb, &mut drop)?;
+    let layers = model(&vb)?;
     let data = Tensor::randn(0f32, 1., (40, 6), &dev())?;
     let target = Tensor::randn(0f32, 1., (40, 6), &dev())?;
+    // The shared pairs get LoRA's default init with seed 0 (`LoraConfig::new(2, 4.0)`'s).
     let config = LoraDropConfig {
         sample: SampleSize::Fraction(0.25),
         stage1_steps: 3,
+        shared_init: LoraInit::Default,
+        shared_seed: 0,
         ..LoraDropConfig::default()
     };
+    let drop = LoraDrop::new(&erased(&layers), config.clone())?;
     let mut opt = candle_nn::AdamW::new_lr(drop.trainable_vars(), 1e-3)?;
     let mut steps = Vec::new();
-    let imp = drop.stage1(
-        &config,
+    let stage1 = drop.stage1(
         40,
         |step, sample| {
             steps.push((step, sample.len()));
@@ -169,9 +177,11 @@ fn stage1_then_sharing_drops_parameters_and_shares_storage() -> R {
                 &dev(),
             )?;
             let (x, y) = (data.index_select(&idx, 0)?, target.index_select(&idx, 0)?);
-            let mut loss = (layers[0].forward_t(&x, true)? - &y)?.sqr()?.mean_all()?;
+            let mut loss = (layers[0].read().forward_t(&x, true)? - &y)?
+                .sqr()?
+                .mean_all()?;
             for l in &layers[1..] {
-                loss = (loss + l.forward_t(&x, true)?.sqr()?.mean_all()?)?;
+                loss = (loss + l.read().forward_t(&x, true)?.sqr()?.mean_all()?)?;
             }
             opt.backward_step(&loss)?;
             Ok(())
@@ -180,18 +190,19 @@ fn stage1_then_sharing_drops_parameters_and_shares_storage() -> R {
             let idx: Vec<u32> = sample.iter().map(|&i| i as u32).collect();
             let x = data.index_select(&Tensor::from_vec(idx, sample.len(), &dev())?, 0)?;
             for l in &layers {
-                l.forward_t(&x, false)?;
+                l.read().forward_t(&x, false)?;
             }
             Ok(())
         },
     )?;
     assert_eq!(steps, vec![(1, 10), (2, 10), (3, 10)]);
-    let report = drop.share_unselected(
-        &imp,
-        config.selection,
-        &LoraConfig::new(2, 4.0),
-        vb.pp("shared"),
-    )?;
+    // The sample stage 1 trained and calibrated on is returned: the configured uniform one.
+    assert_eq!(
+        stage1.sample,
+        sample_indices(40, config.sample, config.seed)?
+    );
+    assert_eq!(stage1.importance.len(), layers.len());
+    let report = drop.share_unselected(&stage1.importance, vb.pp("shared"))?;
     assert_eq!(report.selected, vec!["l0".to_string()]);
     assert!(report.shared.contains(&"l1".to_string()));
     assert_eq!(report.shared.len(), 4);
@@ -205,24 +216,24 @@ fn stage1_then_sharing_drops_parameters_and_shares_storage() -> R {
     assert_eq!(drop.num_trainable_params(), after);
 
     // Shared layers hold the same storage: writing through one is seen by the other.
-    let a1 = layers[1].layer().read().pair().a.var().unwrap().clone();
-    let a2 = layers[2].layer().read().pair().a.tensor().clone();
+    let a1 = layers[1].read().lora().pair().a.var().unwrap().clone();
+    let a2 = layers[2].read().lora().pair().a.tensor().clone();
     a1.set(&Tensor::full(0.25f32, (2, 6), &dev())?)?;
     assert_eq!(vec2(&a2), vec![vec![0.25; 6]; 2]);
-    let a3 = layers[3].layer().read().pair().a.tensor().id();
-    assert_eq!(a3, layers[4].layer().read().pair().a.tensor().id());
+    let a3 = layers[3].read().lora().pair().a.tensor().id();
+    assert_eq!(a3, layers[4].read().lora().pair().a.tensor().id());
     assert_ne!(a3, a2.id());
 
     // Stage 2: the shared pair starts at B = 0 (base output) and trains once for all.
     let x = Tensor::randn(0f32, 1., (5, 6), &dev())?;
-    let base1 = layers[1].layer().read().base().forward(&x)?;
-    assert_eq!(vec2(&layers[1].forward_t(&x, false)?), vec2(&base1));
+    let base1 = layers[1].read().base().forward(&x)?;
+    assert_eq!(vec2(&layers[1].read().forward_t(&x, false)?), vec2(&base1));
     let mut opt = candle_nn::AdamW::new_lr(drop.trainable_vars(), 1e-2)?;
-    let loss =
-        (layers[1].forward_t(&x, true)?.sum_all()? + layers[2].forward_t(&x, true)?.sum_all()?)?;
+    let loss = (layers[1].read().forward_t(&x, true)?.sum_all()?
+        + layers[2].read().forward_t(&x, true)?.sum_all()?)?;
     opt.backward_step(&loss)?;
-    let b1 = vec2(layers[1].layer().read().pair().b.tensor());
+    let b1 = vec2(layers[1].read().lora().pair().b.tensor());
     assert!(b1.iter().flatten().any(|v| *v != 0.0));
-    assert_eq!(b1, vec2(layers[2].layer().read().pair().b.tensor()));
+    assert_eq!(b1, vec2(layers[2].read().lora().pair().b.tensor()));
     Ok(())
 }

@@ -124,32 +124,32 @@ fn string_labels_and_bad_sizes() {
 fn stage1_stratified_trains_and_calibrates_on_the_stratified_sample() {
     use candle_core::{DType, Device, Tensor};
     use candle_nn::{VarBuilder, VarMap};
-    use lorakit::{FrozenLinear, LoraConfig, LoraDrop, LoraDropConfig, LoraLinear, Shared};
+    use lorakit::train::Stage1;
+    use lorakit::{FrozenLinear, LoraConfig, LoraDrop, LoraDropConfig, LoraDropLinear, Shared};
 
     let dev = Device::Cpu;
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
-    let mut drop = LoraDrop::new();
     let w = Tensor::randn(0f32, 1., (3, 4), &dev).unwrap();
-    let layer = LoraLinear::new(
+    let layer = LoraDropLinear::new(
         FrozenLinear::new(w, None).unwrap(),
         &LoraConfig::new(2, 4.0),
         vb.pp("l"),
     )
     .unwrap();
-    let layer = drop.wrap(Shared::new(layer));
+    let layer = Shared::new(layer).erase();
     let labels = labels(21, 60, 3);
     let config = LoraDropConfig {
         sample: SampleSize::Fraction(0.25),
         stage1_steps: 2,
         ..LoraDropConfig::default()
     };
+    let drop = LoraDrop::new(std::slice::from_ref(&layer), config.clone()).unwrap();
     let want = stratified_sample_indices(&labels, config.sample, config.seed).unwrap();
     let data = Tensor::randn(0f32, 1., (60, 4), &dev).unwrap();
     let mut trained_on = Vec::new();
-    let importance = drop
+    let Stage1 { sample, importance } = drop
         .stage1_stratified(
-            &config,
             &labels,
             |_, sample| {
                 trained_on.push(sample.to_vec());
@@ -159,10 +159,12 @@ fn stage1_stratified_trains_and_calibrates_on_the_stratified_sample() {
                 assert_eq!(sample, want.as_slice());
                 let idx: Vec<u32> = sample.iter().map(|&i| i as u32).collect();
                 let x = data.index_select(&Tensor::new(idx, &dev)?, 0)?;
-                layer.forward_t(&x, false).map(|_| ())
+                layer.read().forward_t(&x, false).map(|_| ())
             },
         )
         .unwrap();
+    // The returned sample is the one trained and calibrated on.
+    assert_eq!(sample, want);
     assert_eq!(trained_on, vec![want.clone(), want]);
     assert_eq!(importance.len(), 1);
 }

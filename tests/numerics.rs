@@ -35,7 +35,10 @@ mod props_support;
 
 use candle_core::{DType, Device, Tensor, Var};
 use lorakit::low_rank::{Factor, LowRankPair};
-use lorakit::{Adapter, DoraLinear, FrozenLinear, LoraConfig, LoraLinear, VeraLinear, VeraShared};
+use lorakit::{
+    Adapter, DoraLinear, DoraWeights, FrozenLinear, LoraConfig, LoraLinear, VeraConfig, VeraLinear,
+    VeraShared, VeraWeights,
+};
 use props_support::*;
 
 type R = lorakit::Result<()>;
@@ -63,6 +66,15 @@ fn max_abs(t: &Tensor) -> lorakit::Result<f64> {
 
 fn all_finite(t: &Tensor) -> lorakit::Result<bool> {
     Ok(f64s(t)?.iter().all(|v| v.is_finite()))
+}
+
+/// The config that gives a rank-`r` layer the scale `scale` (`alpha / r` without rsLoRA)
+/// and no dropout: what `from_weights` takes for a given pair and scale.
+fn scale_config(r: usize, scale: f64) -> LoraConfig {
+    LoraConfig {
+        alpha: scale * r as f64,
+        ..LoraConfig::new(r, 1.0)
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -172,7 +184,8 @@ fn degenerate_dora(dtype: DType) -> lorakit::Result<(DoraLinear, Tensor)> {
         b: Factor::Trainable(Var::from_tensor(&b.to_dtype(dtype)?)?),
     };
     let base = FrozenLinear::new(w.clone(), None)?;
-    let layer = DoraLinear::from_tensors("degenerate", base, pair, m, s, 0.0)?;
+    let weights = DoraWeights { pair, magnitude: m };
+    let layer = DoraLinear::from_weights("degenerate", base, &scale_config(r, s), weights)?;
     Ok((layer, w))
 }
 
@@ -293,20 +306,25 @@ fn convert(layer: &dyn Adapter, dtype: DType) -> lorakit::Result<Box<dyn Adapter
     if let Some(d) = any.downcast_ref::<DoraLinear>() {
         let (l, m) = (d.lora(), cast(d.magnitude().as_tensor())?);
         let pair = pair_of(l)?;
-        let out = DoraLinear::from_tensors("half", base, pair, m, l.scale(), 0.0)?;
+        let config = scale_config(l.rank(), l.scale());
+        let weights = DoraWeights { pair, magnitude: m };
+        let out = DoraLinear::from_weights("half", base, &config, weights)?;
+        assert_eq!(out.lora().scale(), l.scale(), "converted DoRA scale");
         return Ok(Box::new(out));
     }
     if let Some(l) = any.downcast_ref::<LoraLinear>() {
-        let out = LoraLinear::from_pair("half", base, pair_of(l)?, l.scale(), 0.0)?;
+        let config = scale_config(l.rank(), l.scale());
+        let out = LoraLinear::from_weights("half", base, &config, pair_of(l)?)?;
+        assert_eq!(out.scale(), l.scale(), "converted LoRA scale");
         return Ok(Box::new(out));
     }
     if let Some(v) = any.downcast_ref::<VeraLinear>() {
         let shared = VeraShared::from_tensors(cast(v.shared().a())?, cast(v.shared().b())?)?;
-        let (ld, lb) = (
-            cast(v.lambda_d().as_tensor())?,
-            cast(v.lambda_b().as_tensor())?,
-        );
-        let out = VeraLinear::from_tensors("half", base, &shared, ld, lb, 0.0)?;
+        let weights = VeraWeights {
+            lambda_d: cast(v.lambda_d().as_tensor())?,
+            lambda_b: cast(v.lambda_b().as_tensor())?,
+        };
+        let out = VeraLinear::from_weights("half", base, &VeraConfig::new(shared), weights)?;
         return Ok(Box::new(out));
     }
     Err(candle_core::Error::Msg(format!("cannot convert {}", layer.name())).into())

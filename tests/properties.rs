@@ -43,9 +43,8 @@ mod props_support;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 use lorakit::kernels::{FusedLinear, LowRankTerm};
-use lorakit::train::{train_step, LoraPlus};
-use lorakit::variants::delta_lora::{delta_lora_linear, DeltaLoraHook, DeltaLoraUpdate};
-use lorakit::{Adapter, LoraConfig, LoraInit, LoraLinear, ParamRole, Shared};
+use lorakit::train::{train_step, DeltaLoraHook, DeltaLoraUpdate, LoraPlus};
+use lorakit::{Adapter, DeltaLoraLinear, LoraConfig, LoraInit, ParamRole, Shared};
 use props_support::*;
 use proptest::prelude::*;
 
@@ -186,7 +185,7 @@ fn fused_op_case(case: &Case, low_rank: bool, row_scale: bool, f64_op: bool) -> 
 /// LoRA+: every trainable variable of every variant is in exactly one group, at the
 /// learning rate its role calls for.
 fn lora_plus_groups(case: &Case, lr: f64, ratio: f64) -> PResult {
-    let built: Vec<Built> = ALL_VARIANTS
+    let built: Vec<Built> = Variant::ALL
         .iter()
         .map(|&v| build(v, case))
         .collect::<lorakit::Result<_>>()
@@ -237,7 +236,7 @@ fn lora_drop_shared_pair(case: &Case) -> PResult {
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let (ld, layers) = lora_drop_model(case, &vb).or_fail()?;
     let ids = |i: usize| -> Vec<_> {
-        let l = layers[i].layer().read();
+        let l = layers[i].read();
         l.trainable_vars()
             .iter()
             .map(|v| v.var.as_tensor().id())
@@ -249,9 +248,9 @@ fn lora_drop_shared_pair(case: &Case) -> PResult {
     let pair = case.r * (case.d_in + case.d_out);
     prop_assert_eq!(ld.num_trainable_params(), 2 * pair);
     // Randomizing through layer 1 moves layer 2.
-    randomize(&*layers[1].layer().read(), case.seed).or_fail()?;
+    randomize(&*layers[1].read(), case.seed).or_fail()?;
     let x = case.input().or_fail()?;
-    let other = layers[2].layer().read();
+    let other = layers[2].read();
     let p = parts(&*other).or_fail()?;
     let r = p.reference().or_fail()?;
     let (want, bound) = p.forward(&x, &r).or_fail()?;
@@ -265,7 +264,7 @@ fn lora_drop_shared_pair(case: &Case) -> PResult {
             > 0.0
     );
     drop(other);
-    let y = layers[2].forward_t(&x, false).or_fail()?;
+    let y = layers[2].read().forward_t(&x, false).or_fail()?;
     assert_within(
         "shared layer forward",
         &flatten(&y).or_fail()?,
@@ -285,15 +284,15 @@ fn delta_lora_hook_update(case: &Case, lambda: f64) -> PResult {
         ..case.lora_config()
     };
     let base = case.base().or_fail()?;
-    let layer = Shared::new(delta_lora_linear(base, &cfg, vb.pp("layer")).or_fail()?);
-    let snapshot = |l: &LoraLinear| -> lorakit::Result<(Tensor, Tensor, Tensor)> {
+    let layer = Shared::new(DeltaLoraLinear::new(base, &cfg, vb.pp("layer")).or_fail()?);
+    let snapshot = |l: &DeltaLoraLinear| -> lorakit::Result<(Tensor, Tensor, Tensor)> {
         let f = |t: &Tensor| t.to_dtype(DType::F64);
-        let p = l.pair();
+        let p = l.lora().pair();
         Ok((f(l.base().weight())?, f(p.a.tensor())?, f(p.b.tensor())?))
     };
     let (w0, a0, b0) = snapshot(&layer.read()).or_fail()?;
     let mut hook =
-        DeltaLoraHook::new([layer.clone()], DeltaLoraUpdate::new(lambda, 0)).or_fail()?;
+        DeltaLoraHook::new(&[layer.clone().erase()], DeltaLoraUpdate::new(lambda, 0)).or_fail()?;
     let mut opt = <candle_nn::SGD as Optimizer>::new(varmap.all_vars(), 0.1).or_fail()?;
     let x = case.input().or_fail()?;
     let loss = layer

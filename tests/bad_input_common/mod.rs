@@ -56,6 +56,31 @@ impl Checker {
         }
     }
 
+    /// As [`Checker::err`], and the error must also be of the kind `kind` accepts (named
+    /// `kind_name` in the failure), e.g. an `Error::Usage` rather than a config error.
+    pub fn err_where<T: Debug>(
+        &mut self,
+        what: &str,
+        needles: &[&str],
+        kind_name: &str,
+        kind: impl FnOnce(&lorakit::Error) -> bool,
+        f: impl FnOnce() -> lorakit::Result<T>,
+    ) {
+        let mut wrong_kind = None;
+        self.err(what, needles, || {
+            f().map_err(|e| {
+                if !kind(&e) {
+                    wrong_kind = Some(format!("{e:?}"));
+                }
+                e
+            })
+        });
+        if let Some(e) = wrong_kind {
+            self.failures
+                .push(format!("{what}: expected {kind_name}, got {e}"));
+        }
+    }
+
     /// `f` must return `Ok`; its value is returned for further checks.
     pub fn ok<T>(&mut self, what: &str, f: impl FnOnce() -> lorakit::Result<T>) -> Option<T> {
         match self.no_panic(what, f)? {

@@ -6,10 +6,15 @@
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use lorakit::init::SeededRng;
+use lorakit::train::Selection;
+/// The variants under test are the library's own [`lorakit::Variant`] (all of
+/// `Variant::ALL`). LoRA+ is LoRA's layer (its difference, the optimizer groups, has its own
+/// property); LoRA-drop's layer is one that was switched onto a shared pair.
+pub use lorakit::Variant;
 use lorakit::{
-    lora_fa, AdaLoraConfig, AdaLoraLinear, Adapter, DoraLinear, FrozenLinear, LoraConfig, LoraDrop,
-    LoraDropLinear, LoraInit, LoraLinear, ParamRole, Selection, Shared, VeraBuilder, VeraConfig,
-    VeraLinear,
+    AdaLoraConfig, AdaLoraLinear, Adapter, DeltaLoraLinear, DoraLinear, FrozenLinear, LoraConfig,
+    LoraDrop, LoraDropConfig, LoraDropLinear, LoraFaLinear, LoraInit, LoraLinear, ParamRole,
+    Shared, VeraConfig, VeraLinear, VeraShared,
 };
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -30,31 +35,6 @@ impl<T, E: std::fmt::Display> OrFail<T> for Result<T, E> {
         self.map_err(|e| TestCaseError::fail(e.to_string()))
     }
 }
-
-/// The variants under test. LoRA+ is LoRA's layer (its difference, the optimizer groups,
-/// has its own property); LoRA-drop's layer is one that was switched onto a shared pair.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Variant {
-    Lora,
-    LoraPlus,
-    Vera,
-    LoraFa,
-    LoraDrop,
-    AdaLora,
-    Dora,
-    DeltaLora,
-}
-
-pub const ALL_VARIANTS: [Variant; 8] = [
-    Variant::Lora,
-    Variant::LoraPlus,
-    Variant::Vera,
-    Variant::LoraFa,
-    Variant::LoraDrop,
-    Variant::AdaLora,
-    Variant::Dora,
-    Variant::DeltaLora,
-];
 
 /// One random case: layer shape, rank, input's leading dims (1 or 2 of them), options.
 #[derive(Clone, Debug)]
@@ -151,10 +131,9 @@ pub fn build(variant: Variant, case: &Case) -> lorakit::Result<Built> {
         Variant::Lora | Variant::LoraPlus => {
             Shared::new(LoraLinear::new(base, &cfg, vb.pp("layer"))?).erase()
         }
-        Variant::LoraFa => Shared::new(lora_fa::new(base, &cfg, vb.pp("layer"))?).erase(),
+        Variant::LoraFa => Shared::new(LoraFaLinear::new(base, &cfg, vb.pp("layer"))?).erase(),
         Variant::DeltaLora => {
-            let l = lorakit::delta_lora_linear(base, &cfg, vb.pp("layer"))?;
-            Shared::new(l).erase()
+            Shared::new(DeltaLoraLinear::new(base, &cfg, vb.pp("layer"))?).erase()
         }
         Variant::Dora => Shared::new(DoraLinear::new(base, &cfg, vb.pp("layer"))?).erase(),
         Variant::AdaLora => {
@@ -165,23 +144,26 @@ pub fn build(variant: Variant, case: &Case) -> lorakit::Result<Built> {
             Shared::new(AdaLoraLinear::new(base, &ada, vb.pp("layer"))?).erase()
         }
         Variant::Vera => {
-            let config = VeraConfig {
-                r: case.r,
-                projection_prng_key: case.seed,
-                ..VeraConfig::default()
-            };
-            let mut builder = VeraBuilder::new(config);
             // A pair larger than the layer, so the layer slices it.
             let extra = (case.seed % 3) as usize;
-            builder.reserve(case.d_in + extra, case.d_out + (extra + 1) % 3)?;
-            Shared::new(builder.build(base, vb.pp("layer"))?).erase()
+            let (max_d_in, max_d_out) = (case.d_in + extra, case.d_out + (extra + 1) % 3);
+            let shared =
+                VeraShared::new(case.r, max_d_in, max_d_out, case.seed, DType::F32, &dev())?;
+            let config = VeraConfig::new(shared);
+            Shared::new(VeraLinear::new(base, &config, vb.pp("layer"))?).erase()
         }
         Variant::LoraDrop => {
             let (_drop, layers) = lora_drop_model(case, &vb)?;
             // Layer 0 is kept (the only non-zero importance, TopN(1)); 1 and 2 share.
-            layers[1].layer().clone().erase()
+            layers[1].clone()
         }
     };
+    // The layer is the variant's own type (LoRA+'s is LoRA's).
+    let kind = layer.read().kind();
+    if kind != variant.layer() {
+        let msg = format!("built a {kind} layer for {variant}");
+        return Err(candle_core::Error::Msg(msg).into());
+    }
     Ok(Built { layer, varmap })
 }
 
@@ -191,35 +173,38 @@ pub fn build(variant: Variant, case: &Case) -> lorakit::Result<Built> {
 pub fn lora_drop_model(
     case: &Case,
     vb: &VarBuilder,
-) -> lorakit::Result<(LoraDrop, Vec<LoraDropLinear>)> {
-    let mut drop = LoraDrop::new();
+) -> lorakit::Result<(LoraDrop, Vec<Shared<dyn Adapter>>)> {
     let stage1 = LoraConfig {
         init: LoraInit::BothRandom,
         ..case.lora_config()
     };
     let mut layers = Vec::new();
     for i in 0..3 {
-        let l = LoraLinear::new(case.base()?, &stage1, vb.pp(format!("l{i}")))?;
+        let l = LoraDropLinear::new(case.base()?, &stage1, vb.pp(format!("l{i}")))?;
         if i > 0 {
-            if let Some(b) = l.pair().b.var() {
+            if let Some(b) = l.lora().pair().b.var() {
                 b.set(&b.as_tensor().zeros_like()?)?;
             }
         }
-        layers.push(drop.wrap(Shared::new(l)));
+        layers.push(Shared::new(l).erase());
     }
+    // The shared pairs' init is `case.lora_config()`'s (default init, the case's seed).
+    let shared = case.lora_config();
+    let config = LoraDropConfig {
+        selection: Selection::TopN(1),
+        shared_init: shared.init,
+        shared_seed: shared.seed,
+        ..LoraDropConfig::default()
+    };
+    let drop = LoraDrop::new(&layers, config)?;
     let x = case.input()?;
     let importance = drop.calibrate(|| {
         for l in &layers {
-            l.forward_t(&x, false)?;
+            l.read().forward_t(&x, false)?;
         }
         Ok(())
     })?;
-    drop.share_unselected(
-        &importance,
-        Selection::TopN(1),
-        &case.lora_config(),
-        vb.pp("shared"),
-    )?;
+    drop.share_unselected(&importance, vb.pp("shared"))?;
     Ok((drop, layers))
 }
 
@@ -256,6 +241,22 @@ fn f64t(t: &Tensor) -> lorakit::Result<Tensor> {
     Ok(t.detach().to_dtype(DType::F64)?)
 }
 
+/// The LoRA layer of a layer that is one (LoRA, LoRA+) or wraps one unchanged in its math
+/// (LoRA-FA, Delta-LoRA, LoRA-drop: `W + s · B A`).
+fn lora_inside(any: &dyn std::any::Any) -> Option<&LoraLinear> {
+    if let Some(l) = any.downcast_ref::<LoraLinear>() {
+        return Some(l);
+    }
+    if let Some(l) = any.downcast_ref::<LoraFaLinear>() {
+        return Some(l.lora());
+    }
+    if let Some(l) = any.downcast_ref::<DeltaLoraLinear>() {
+        return Some(l.lora());
+    }
+    any.downcast_ref::<LoraDropLinear>()
+        .map(LoraDropLinear::lora)
+}
+
 /// Reads `layer`'s parts; each variant's `A_eff`, `B_eff` are recomputed here from its raw
 /// tensors, not taken from the library's own helpers.
 pub fn parts(layer: &dyn Adapter) -> lorakit::Result<Parts> {
@@ -263,7 +264,7 @@ pub fn parts(layer: &dyn Adapter) -> lorakit::Result<Parts> {
     let w = f64t(base.weight())?;
     let bias = base.bias().map(f64t).transpose()?;
     let any = layer.as_any();
-    let (a_eff, b_eff, scale, magnitude) = if let Some(l) = any.downcast_ref::<LoraLinear>() {
+    let (a_eff, b_eff, scale, magnitude) = if let Some(l) = lora_inside(any) {
         let p = l.pair();
         (f64t(p.a.tensor())?, f64t(p.b.tensor())?, l.scale(), None)
     } else if let Some(d) = any.downcast_ref::<DoraLinear>() {
