@@ -138,6 +138,31 @@ fn a_rule_without_layers_of_its_variant_is_an_error_naming_it() {
 }
 
 #[test]
+fn lora_drop_checks_its_settings_when_built() {
+    let adapter = VarMap::new();
+    let (_, plan) = plans(&adapter).swap_remove(2);
+    let layers = build(&plan);
+    assert!(LoraDrop::new(&layers, LoraDropConfig::default()).is_ok());
+    for config in [
+        LoraDropConfig {
+            sample: lorakit::SampleSize::Fraction(1.5),
+            ..LoraDropConfig::default()
+        },
+        LoraDropConfig {
+            sample: lorakit::SampleSize::Count(0),
+            ..LoraDropConfig::default()
+        },
+        LoraDropConfig {
+            selection: lorakit::Selection::Threshold(0.0),
+            ..LoraDropConfig::default()
+        },
+    ] {
+        let err = LoraDrop::new(&layers, config.clone()).unwrap_err();
+        assert!(err.to_string().contains("LoRA-drop"), "{config:?}: {err}");
+    }
+}
+
+#[test]
 fn variant_names_round_trip() {
     for v in Variant::ALL {
         assert_eq!(v.id().parse::<Variant>().unwrap(), v);

@@ -70,8 +70,13 @@ pub(crate) fn select_kind(
         return Err(Error::usage(
             Scope::Settings(rule.to_string()),
             format!(
-                "none of the {} layer(s) given is a {variant} layer: {}{more}",
+                "none of the {} layer(s) given is {} {variant} layer: {}{more}",
                 layers.len(),
+                if variant.name().starts_with('A') {
+                    "an"
+                } else {
+                    "a"
+                },
                 given.join(", ")
             ),
         ));

@@ -139,6 +139,17 @@ pub fn stratified_sample_indices<L: Ord>(
     Ok(sample)
 }
 
+impl LoraDropConfig {
+    /// Checks the sample size (a fraction in `(0, 1]` or a count of at least one) and the
+    /// selection (a threshold in `(0, 1]`). A count's upper bound, the data size, is checked
+    /// when stage 1 draws the sample.
+    pub fn validate(&self) -> Result<()> {
+        sample_count(usize::MAX, self.sample)?;
+        select_layers(&[], self.selection)?;
+        Ok(())
+    }
+}
+
 /// How many of `n` examples `size` asks for (at least one), or an error naming the bad size.
 fn sample_count(n: usize, size: SampleSize) -> Result<usize> {
     if n == 0 {
@@ -313,8 +324,9 @@ pub struct LoraDrop {
 impl LoraDrop {
     /// The procedure for the LoRA-drop layers among `layers` (layers of other variants are
     /// skipped, so a model's whole [`crate::model::AdaptedSet`] can be passed). Errors if
-    /// none is a LoRA-drop layer.
+    /// none is a LoRA-drop layer, or on settings [`LoraDropConfig::validate`] refuses.
     pub fn new(layers: &[Shared<dyn Adapter>], config: LoraDropConfig) -> Result<Self> {
+        config.validate()?;
         Ok(Self {
             config,
             layers: select_kind(layers, Variant::LoraDrop, RULE)?,
