@@ -2,6 +2,7 @@
 //! global allocator records the largest single allocation while DoRA's own code runs).
 //! A whole training step through the fused kernel allocates no W-sized buffer either.
 
+#[path = "suite/common/mod.rs"]
 mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};

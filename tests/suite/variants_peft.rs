@@ -1,10 +1,8 @@
 //! DoRA and VeRA against PEFT 0.21 itself: outputs, gradients (DoRA's detached norm) and
 //! merged weights recorded by tests/fixtures/make_variant_fixtures.py (f64).
 
-mod common;
-
+use crate::common::*;
 use candle_core::{DType, Device, Tensor, Var};
-use common::*;
 use lorakit::low_rank::{Factor, LowRankPair};
 use lorakit::{
     Adapter, DoraLinear, DoraWeights, FrozenLinear, VeraConfig, VeraLinear, VeraShared, VeraWeights,
@@ -12,7 +10,7 @@ use lorakit::{
 use serde_json::Value;
 
 fn fixtures() -> Value {
-    let text = include_str!("fixtures/variants_peft.json");
+    let text = include_str!("../fixtures/variants_peft.json");
     serde_json::from_str(text).expect("fixture JSON")
 }
 

@@ -5,9 +5,7 @@
 //! Device mismatches cannot be produced here (only the CPU exists in CI); the same check
 //! (`validate::dtype_device`) that rejects a dtype mismatch rejects them.
 
-mod bad_input_common;
-
-use bad_input_common::*;
+use crate::bad_input_common::*;
 use candle_core::{DType, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use lorakit::kernels::{low_rank_only, FusedLinear, LowRankTerm};

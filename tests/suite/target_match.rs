@@ -1,12 +1,10 @@
 //! PEFT's target rules: hand-worked cases from PEFT's definitions, and the fixtures'
 //! adapted modules (chosen by real PEFT) against lorakit's plan.
 
-mod peft_common;
-
+use crate::peft_common::{fixture, layer_specs};
 use candle_core::Device;
 use lorakit::model::{ModuleSelector, Pattern, RankAlpha, TargetSpec};
 use lorakit::peft::{PeftAdapter, PeftConfig};
-use peft_common::{fixture, layer_specs};
 
 #[test]
 fn list_is_exact_name_or_dotted_suffix() {

@@ -238,7 +238,7 @@ struct ScheduleCase {
 
 #[test]
 fn budget_schedule_matches_peft() -> R {
-    let text = include_str!("fixtures/adalora_budget.json");
+    let text = include_str!("../fixtures/adalora_budget.json");
     let cases: Vec<ScheduleCase> = serde_json::from_str(text).unwrap();
     for c in &cases {
         let mut cfg = RankAllocatorConfig::new(c.total_step);
@@ -598,7 +598,7 @@ struct AllocFixture {
 #[test]
 fn allocator_matches_peft_rank_allocator() -> R {
     let fx: AllocFixture =
-        serde_json::from_str(include_str!("fixtures/adalora_allocator.json")).unwrap();
+        serde_json::from_str(include_str!("../fixtures/adalora_allocator.json")).unwrap();
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev());
     let cfg = AdaLoraConfig::new(fx.init_r, 6.0);

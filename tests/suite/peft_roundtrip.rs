@@ -4,16 +4,14 @@
 //! in `DIR/<case>/` (fresh adapters in `DIR/<case>@<tag>/`) for `python scripts/make_peft_fixtures.py --check-reverse DIR`, which
 //! loads them in PEFT.
 
-mod peft_common;
-
 use std::collections::HashMap;
 
+use crate::peft_common::{assert_close, fixture, load, temp_dir, Chain};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use lorakit::model::AdaptedSet;
 use lorakit::peft::{save_adapter, PeftAdapter, PeftConfig};
 use lorakit::{LoraConfig, LoraInit};
-use peft_common::{assert_close, fixture, load, temp_dir, Chain};
 
 fn temp_dir_path(case: &str, tag: &str) -> std::path::PathBuf {
     match std::env::var_os("LORAKIT_REVERSE_DIR") {

@@ -3,7 +3,7 @@
 //! `make_inputs.py` and every input the fuzzer found a bug with. Each must return (no
 //! panic, no unbounded allocation); the table below says which error each must give.
 
-#[path = "../fuzz/src/exercise.rs"]
+#[path = "../../fuzz/src/exercise.rs"]
 mod exercise;
 
 use std::path::PathBuf;

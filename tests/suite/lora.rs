@@ -1,11 +1,9 @@
 //! LoRA layer: identity at init, merge equivalence, training, gradients, init statistics,
 //! scales, and every documented error.
 
-mod common;
-
+use crate::common::{fd_grad, flat, lora_config_with_scale, max_rel_diff, max_rel_vec, randn};
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
-use common::{fd_grad, flat, lora_config_with_scale, max_rel_diff, max_rel_vec, randn};
 use lorakit::init::SeededRng;
 use lorakit::low_rank::{Factor, LowRankPair};
 use lorakit::{Adapter, Error, FrozenLinear, LoraConfig, LoraInit, LoraLinear};

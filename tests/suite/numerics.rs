@@ -31,15 +31,13 @@
 //!    CPU backward used to recover `u = (y − b) / c`, which a bias swamps; now the bias is
 //!    added after the fused op when there is a row scale).
 
-mod props_support;
-
+use crate::props_support::*;
 use candle_core::{DType, Device, Tensor, Var};
 use lorakit::low_rank::{Factor, LowRankPair};
 use lorakit::{
     Adapter, DoraLinear, DoraWeights, FrozenLinear, LoraConfig, LoraLinear, VeraConfig, VeraLinear,
     VeraShared, VeraWeights,
 };
-use props_support::*;
 
 type R = lorakit::Result<()>;
 

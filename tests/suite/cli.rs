@@ -1,14 +1,12 @@
 //! The `lorakit` binary on the PEFT fixtures: merge output equals PEFT's merge_and_unload(),
 //! inspect's summary, and errors a user can act on (non-zero exit, no panic).
 
-mod peft_common;
-
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Command, Output};
 
+use crate::peft_common::{assert_close, fixture, load, temp_dir};
 use candle_core::{DType, Device, Tensor};
-use peft_common::{assert_close, fixture, load, temp_dir};
 
 fn lorakit(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lorakit"));

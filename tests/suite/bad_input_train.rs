@@ -3,11 +3,9 @@
 //! adapter configs, plans, adapted sets, loading, inspecting and merging — returns an `Err`
 //! naming the problem, never panics.
 
-mod bad_input_common;
-
 use std::collections::BTreeMap;
 
-use bad_input_common::*;
+use crate::bad_input_common::*;
 use candle_core::{DType, Tensor, Var};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 use lorakit::model::{linear_no_bias, AdaptedSet, ModuleSelector, Pattern};

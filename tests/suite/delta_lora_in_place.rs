@@ -3,11 +3,9 @@
 //! a weight restored by the caller gets a private copy before the next update, and the
 //! in-place result equals the allocating one (checked against f64 on copies).
 
-mod common;
-
+use crate::common::flat as values;
 use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
-use common::flat as values;
 use lorakit::init::SeededRng;
 use lorakit::train::{train_step, DeltaLoraHook, DeltaLoraUpdate};
 use lorakit::{Adapter, DeltaLoraConfig, DeltaLoraLinear, FrozenLinear, LoraInit, Shared};

@@ -1,6 +1,6 @@
 //! Property tests (proptest) over random shapes for every variant.
 //!
-//! Cases ([`props_support::cases`]): `d_in, d_out ∈ 1..=24`, rank `r ∈ 1..=24` (`r = 1` a
+//! Cases ([`crate::props_support::cases`]): `d_in, d_out ∈ 1..=24`, rank `r ∈ 1..=24` (`r = 1` a
 //! quarter of the time, `r > min(d_in, d_out)` often), inputs `(n, d_in)` or
 //! `(b, n, d_in)`, with or without bias, rsLoRA on or off, `alpha ∈ [0.25, 8)`, random seeds drawn from a fixed proptest seed (the same cases on every
 //! run; set `PROPTEST_RNG_SEED` to explore others).
@@ -38,14 +38,12 @@
 //!
 //! 8 × 4 + 4 = 36 properties × [`CASES`] = 64 cases = 2304 cases per run.
 
-mod props_support;
-
+use crate::props_support::*;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 use lorakit::kernels::{FusedLinear, LowRankTerm};
 use lorakit::train::{train_step, DeltaLoraHook, DeltaLoraUpdate, LoraPlus};
 use lorakit::{Adapter, DeltaLoraLinear, LoraConfig, LoraInit, ParamRole, Shared};
-use props_support::*;
 use proptest::prelude::*;
 
 /// Cases per property.
@@ -316,7 +314,7 @@ fn delta_lora_hook_update(case: &Case, lambda: f64) -> PResult {
 }
 
 proptest! {
-    #![proptest_config(props_support::config(CASES))]
+    #![proptest_config(crate::props_support::config(CASES))]
 
     #[test]
     fn delta_lora_hook_update_is_exact(case in cases(), lambda in -2.0f64..4.0) {

@@ -4,10 +4,8 @@
 //! shared pair), 3-D inputs, bias, a broadcast incoming gradient and constant vectors.
 //! The frozen W, A and B never get a gradient.
 
-mod common;
-
+use crate::common::{randn, rng};
 use candle_core::{backprop::GradStore, DType, Tensor, Var};
-use common::{randn, rng};
 use lorakit::kernels::ScaledLowRankLinear;
 
 #[derive(Clone, Copy, Debug)]
@@ -82,7 +80,7 @@ fn run(case: &Case, inp: &Inputs, fused: bool) -> (Tensor, GradStore) {
 
 fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
     assert_eq!(got.dims(), want.dims());
-    common::max_rel_diff(got, want)
+    crate::common::max_rel_diff(got, want)
 }
 
 fn check(case: Case, dtype: DType) {

@@ -1,11 +1,9 @@
 //! DoRA: identity at init, PEFT's math by hand in f64, factored norms, gradients against
 //! finite differences (norm held constant), merge/unmerge, training, zero rows, caching.
 
-mod common;
-
+use crate::common::*;
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
-use common::*;
 use lorakit::kernels::{FusedLinear, LowRankTerm};
 use lorakit::low_rank::{Factor, LowRankPair};
 use lorakit::variants::dora::norm::{factored_row_norms, row_sq_norms};

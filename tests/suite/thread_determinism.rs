@@ -12,15 +12,12 @@
 //! The shapes take every column-major route (chunked `x Wᵀ` at 100 and 200 rows, the
 //! transposed route at 12 rows) and span several 32-row blocks.
 
-mod common;
-mod props_support;
-
 use std::process::Command;
 
+use crate::common::bit_identical;
+use crate::props_support::*;
 use candle_core::Tensor;
-use common::bit_identical;
 use lorakit::Adapter;
-use props_support::*;
 
 /// `(rows, d_in, d_out)` of the cases.
 const SHAPES: [(usize, usize, usize); 3] = [(100, 48, 150), (12, 40, 520), (200, 96, 300)];
@@ -118,12 +115,15 @@ fn outputs_and_gradients_do_not_depend_on_rayon_num_threads() -> lorakit::Result
         }
         return Ok(());
     }
+    // The test's name in this binary: its module path without the crate's name.
+    let module = module_path!().split_once("::").map_or("", |(_, m)| m);
+    let test = format!("{module}::{NAME}");
     let exe = std::env::current_exe().expect("the test binary's path");
     let runs: Vec<Vec<String>> = [1, 3]
         .iter()
         .map(|threads| {
             let out = Command::new(&exe)
-                .args(["--exact", NAME, "--nocapture", "--test-threads", "1"])
+                .args(["--exact", &test, "--nocapture", "--test-threads", "1"])
                 .env(CHILD_ENV, "1")
                 .env("RAYON_NUM_THREADS", threads.to_string())
                 .output()

@@ -1,11 +1,9 @@
 //! VeRA: identity at init, PEFT's math by hand in f64, one shared pair, trainable counts,
 //! merge/unmerge, training, finite differences, errors.
 
-mod common;
-
+use crate::common::*;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
-use common::*;
 use lorakit::kernels::{FusedLinear, LowRankTerm};
 use lorakit::{Adapter, FrozenLinear, Variant, VeraConfig, VeraLinear, VeraShared, VeraWeights};
 

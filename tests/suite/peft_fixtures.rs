@@ -1,11 +1,9 @@
 //! Adapters made by real PEFT (scripts/make_peft_fixtures.py): lorakit's outputs, merged
 //! weights and `merge` command against PEFT's, relative error ≤ 1e-5.
 
-mod peft_common;
-
+use crate::peft_common::{assert_close, fixture, load, temp_dir, Chain};
 use candle_core::DType;
 use lorakit::peft::{merge_files, PeftAdapter};
-use peft_common::{assert_close, fixture, load, temp_dir, Chain};
 
 const TOL: f64 = 1e-5;
 

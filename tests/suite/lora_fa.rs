@@ -1,11 +1,9 @@
 //! LoRA-FA: A frozen (a constant), B trained; identity at init, hand reference in f64,
 //! merge/unmerge, training, finite differences, scale rules.
 
-mod common;
-
+use crate::common::*;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
-use common::*;
 use lorakit::kernels::{FusedLinear, LowRankTerm};
 use lorakit::low_rank::{Factor, LowRankPair};
 use lorakit::{

@@ -1,0 +1,40 @@
+//! lorakit's test suite, one binary: each module was once its own integration test.
+//! The counting-allocator tests (`tests/dora_alloc.rs`, `tests/no_weight_alloc.rs`) keep
+//! binaries of their own (a global allocator per binary, no other test allocating while
+//! they count), and so does `tests/compare_variants.rs` (it includes the flagship example's
+//! modules, which name each other from the crate root).
+
+mod bad_input_common;
+mod common;
+mod peft_common;
+#[macro_use]
+mod props_support;
+
+mod adalora;
+mod adapted_set;
+mod api_shape;
+mod atomic_save;
+mod bad_input;
+mod bad_input_train;
+mod cli;
+mod delta_lora;
+mod delta_lora_in_place;
+mod dora;
+mod fused_kernel;
+mod fuzz_regressions;
+mod grouped_adamw;
+mod lora;
+mod lora_drop;
+mod lora_drop_stratified;
+mod lora_fa;
+mod lora_fa_projection;
+mod lora_plus;
+mod numerics;
+mod peft_fixtures;
+mod peft_roundtrip;
+mod properties;
+mod scaled_kernel;
+mod target_match;
+mod thread_determinism;
+mod variants_peft;
+mod vera;
