@@ -1,5 +1,5 @@
 //! What each fuzz target does with its input. Shared, via `#[path]`, by the fuzz targets'
-//! crate and by lorakit's `tests/fuzz_regressions.rs`; depends on lorakit, candle-core,
+//! crate and by lorakit's `tests/suite/fuzz_regressions.rs`; depends on lorakit, candle-core,
 //! candle-nn and safetensors only.
 //!
 //! Structured inputs are parts joined by [`SEP`]: `load_adapter` takes
