@@ -546,7 +546,7 @@ pub fn prop_fused_equals_reference(variant: Variant, case: &Case) -> PResult {
 macro_rules! variant_properties {
     ($($module:ident => $variant:expr),* $(,)?) => {$(
         mod $module {
-            use crate::props_support::*;
+            use $crate::props_support::*;
             use proptest::prelude::*;
 
             proptest! {
