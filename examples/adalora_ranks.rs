@@ -107,11 +107,15 @@ fn main() -> lorakit::Result<()> {
         teacher.push(t_row);
     }
 
-    let all: Vec<_> = student.iter().flatten().cloned().collect();
+    let all: Vec<Shared<dyn Adapter>> = student
+        .iter()
+        .flatten()
+        .map(|l| l.clone().erase())
+        .collect();
     let mut config = RankAllocatorConfig::new(STEPS);
     (config.target_r, config.tinit, config.tfinal, config.delta_t) = (TARGET_R, 200, 200, 10);
     config.orth_reg_weight = 0.1;
-    let mut alloc = RankAllocator::new(all, config)?;
+    let mut alloc = RankAllocator::new(&all, config)?;
     let mut opt = candle_nn::AdamW::new(
         varmap.all_vars(),
         candle_nn::ParamsAdamW {

@@ -10,8 +10,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use lorakit::init::SeededRng;
 use lorakit::{
-    lora_fa, Adapter, DoraLinear, FrozenLinear, LoraConfig, LoraInit, LoraLinear, VeraBuilder,
-    VeraConfig,
+    Adapter, DoraLinear, FrozenLinear, LoraConfig, LoraFaLinear, LoraInit, LoraLinear, VeraConfig,
+    VeraLinear, VeraShared,
 };
 
 /// Rows, size and LoRA rank of the training-step cases.
@@ -64,14 +64,11 @@ impl TrainCases {
         let varmap = VarMap::new();
         let lora = LoraLinear::new(base(d, &mut rng), &lora_config(r), vb(&varmap).pp("l"));
         let dora = DoraLinear::new(base(d, &mut rng), &lora_config(r), vb(&varmap).pp("d"));
-        let fa = lora_fa::new(base(d, &mut rng), &lora_config(r), vb(&varmap).pp("f"));
+        let fa = LoraFaLinear::new(base(d, &mut rng), &lora_config(r), vb(&varmap).pp("f"));
         let frozen = base(d, &mut rng);
-        let mut builder = VeraBuilder::new(VeraConfig {
-            r: VERA_R,
-            ..VeraConfig::default()
-        });
-        builder.reserve_for(&frozen).unwrap();
-        let vera = builder.build(frozen, vb(&varmap).pp("v")).unwrap();
+        let shapes = [(frozen.d_in(), frozen.d_out())];
+        let shared = VeraShared::covering(VERA_R, 0, shapes, DType::F32, &Device::Cpu).unwrap();
+        let vera = VeraLinear::new(frozen, &VeraConfig::new(shared), vb(&varmap).pp("v")).unwrap();
         // Non-zero λ_b so the low-rank branch is not trivially zero.
         vera.lambda_b()
             .set(&Tensor::ones(d, DType::F32, &Device::Cpu).unwrap())

@@ -1,23 +1,18 @@
 //! The adaptation methods compared: full fine-tuning and the lorakit variants. Each builds
 //! the model for task B from the pretrained tensors and a `Trainer` with its training rule.
 
-use std::cell::RefCell;
-use std::sync::{Arc, Mutex};
-
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 use lorakit::init::SeededRng;
-use lorakit::model::{
-    linear, AdapterFactory, AdapterPlan, ModuleSelector, ModuleSettings, RankAlpha, TargetSpec,
-};
+use lorakit::model::{linear, AdapterPlan, ModuleSelector, RankAlpha, TargetSpec};
 use lorakit::train::{
-    orthogonality_penalty, train_step, LoraDropConfig, LoraFaProjection, LoraPlus, RankAllocator,
-    RankAllocatorConfig, StepHook,
+    orthogonality_penalty, train_step, DeltaLoraHook, DeltaLoraUpdate, LoraDrop, LoraDropConfig,
+    LoraFaProjection, LoraPlus, RankAllocator, RankAllocatorConfig, StepHook,
 };
-use lorakit::variants::delta_lora::{delta_lora_linear, DeltaLoraHook, DeltaLoraUpdate};
-use lorakit::{lora_fa, DoraLinear, VeraBuilder, VeraConfig};
+use lorakit::variants::AdapterLayer;
 use lorakit::{
-    AdaLoraConfig, AdaLoraLinear, Adapter, FrozenLinear, LoraConfig, LoraDrop, LoraLinear, Shared,
+    AdaLoraConfig, AdaLoraLinear, Adapter, DeltaLoraLinear, DoraLinear, LoraConfig, LoraDropLinear,
+    LoraFaLinear, LoraLinear, Shared, Variant, VeraConfig, VeraLinear, VeraShared,
 };
 
 use crate::core::{varmap_data, Pretrained, Settings};
@@ -44,130 +39,59 @@ pub const LORA_DROP_POOL: usize = 2048;
 /// Learning rate of full fine-tuning.
 pub const FULL_LR: f64 = 1e-3;
 
-/// One way to adapt the pretrained model.
+/// One way to adapt the pretrained model: full fine-tuning, or one of lorakit's variants.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Method {
     Full,
-    Lora,
-    LoraPlus,
-    Vera,
-    LoraFa,
-    LoraDrop,
-    AdaLora,
-    Dora,
-    DeltaLora,
+    Adapter(Variant),
 }
 
 impl Method {
-    /// Every method, in the report's order.
-    pub const ALL: [Method; 9] = [
-        Method::Full,
-        Method::Lora,
-        Method::LoraPlus,
-        Method::Vera,
-        Method::LoraFa,
-        Method::LoraDrop,
-        Method::AdaLora,
-        Method::Dora,
-        Method::DeltaLora,
-    ];
+    /// Every method, in the report's order: full fine-tuning, then every variant in
+    /// [`Variant::ALL`]'s (the README's) order.
+    pub const ALL: [Method; 1 + Variant::ALL.len()] = {
+        let mut all = [Method::Full; 1 + Variant::ALL.len()];
+        let mut i = 0;
+        while i < Variant::ALL.len() {
+            all[i + 1] = Method::Adapter(Variant::ALL[i]);
+            i += 1;
+        }
+        all
+    };
 
     /// The methods of the DoRA weight-decomposition analysis.
-    pub const DORA_ANALYSIS: [Method; 3] = [Method::Full, Method::Lora, Method::Dora];
+    pub const DORA_ANALYSIS: [Method; 3] = [
+        Method::Full,
+        Method::Adapter(Variant::Lora),
+        Method::Adapter(Variant::Dora),
+    ];
 
-    /// Display name.
+    /// Display name: the variant's own name ([`Variant::name`]).
     pub fn name(&self) -> &'static str {
         match self {
             Method::Full => "full fine-tuning",
-            Method::Lora => "LoRA",
-            Method::LoraPlus => "LoRA+",
-            Method::Vera => "VeRA",
-            Method::LoraFa => "LoRA-FA",
-            Method::LoraDrop => "LoRA-drop",
-            Method::Dora => "DoRA",
-            Method::AdaLora => "AdaLoRA",
-            Method::DeltaLora => "Delta-LoRA",
+            Method::Adapter(variant) => variant.name(),
         }
     }
 
     /// Builds the model and trainer.
     pub fn prepare(&self, s: &Settings, pre: &Pretrained) -> lorakit::Result<Prepared> {
-        let lora = LoraConfig::new(RANK, 2.0 * RANK as f64);
-        let plain_lora = lora_factory(lora.clone(), LoraLinear::new);
-        match self {
+        match *self {
             Method::Full => prepare_full(s, pre),
-            Method::Lora => {
-                let (model, adapters, varmap) = build_adapted(s, pre, plain_lora)?;
-                let opt = candle_nn::AdamW::new_lr(varmap.all_vars(), ADAPTER_LR)?;
-                Ok(Prepared::adapted(model, adapters, opt, Vec::new()))
-            }
-            Method::LoraPlus => {
-                let (model, adapters, _) = build_adapted(s, pre, plain_lora)?;
-                let layers: Vec<_> = adapters.iter().map(|(_, l)| l.clone()).collect();
-                let opt = LoraPlus::new(LORA_PLUS_LR).build_from_shared(&layers)?;
-                Ok(Prepared::adapted(model, adapters, opt, Vec::new()))
-            }
-            Method::Vera => {
-                let mut vera = VeraBuilder::new(VeraConfig {
-                    r: VERA_RANK,
-                    ..VeraConfig::default()
-                });
-                for (_, d_in, d_out) in linear_paths(&s.model) {
-                    vera.reserve(d_in, d_out)?;
-                }
-                let vera = Mutex::new(vera);
-                let factory = move |_: &str, base, vb, _: ModuleSettings| {
-                    let mut vera = vera.lock().map_err(|_| poisoned())?;
-                    Ok(Shared::new(vera.build(base, vb)?).erase())
-                };
-                let (model, adapters, varmap) = build_adapted(s, pre, factory)?;
-                let opt = candle_nn::AdamW::new_lr(varmap.all_vars(), VERA_LR)?;
-                Ok(Prepared::adapted(model, adapters, opt, Vec::new()))
-            }
-            Method::LoraFa => {
-                let factory = lora_factory(lora.clone(), lora_fa::new);
-                let (model, adapters, varmap) = build_adapted(s, pre, factory)?;
-                let layers: Vec<_> = adapters.iter().map(|(_, l)| l.clone()).collect();
-                let projection = LoraFaProjection::new(layers)?;
-                let opt = candle_nn::AdamW::new_lr(varmap.all_vars(), ADAPTER_LR)?;
-                Ok(Prepared::adapted(
-                    model,
-                    adapters,
-                    opt,
-                    vec![Box::new(projection)],
-                ))
-            }
-            Method::Dora => {
-                let factory = lora_factory(lora.clone(), DoraLinear::new);
-                let (model, adapters, varmap) = build_adapted(s, pre, factory)?;
-                let opt = candle_nn::AdamW::new_lr(varmap.all_vars(), ADAPTER_LR)?;
-                Ok(Prepared::adapted(model, adapters, opt, Vec::new()))
-            }
-            Method::LoraDrop => prepare_lora_drop(s, pre, &lora),
-            Method::AdaLora => prepare_adalora(s, pre),
-            Method::DeltaLora => {
-                let factory = lora_factory(lora.clone(), delta_lora_linear);
-                let (model, adapters, varmap) = build_adapted(s, pre, factory)?;
-                let layers: Vec<_> = adapters.iter().map(|(_, l)| l.clone()).collect();
-                let update = DeltaLoraUpdate::new(DELTA_LORA_LAMBDA, s.adapt_steps / 4);
-                let hook = DeltaLoraHook::from_adapters(layers, update)?;
-                let opt = candle_nn::AdamW::new_lr(varmap.all_vars(), ADAPTER_LR)?;
-                Ok(Prepared::adapted(
-                    model,
-                    adapters,
-                    opt,
-                    vec![Box::new(hook)],
-                ))
-            }
+            Method::Adapter(variant) => prepare_adapter(variant, s, pre),
         }
     }
 
     /// The trainable-parameter count from the method's closed form.
     pub fn closed_form_params(&self, cfg: &ModelConfig, prepared: &Prepared) -> usize {
         let layers = linear_paths(cfg);
-        match self {
+        let variant = match self {
+            Method::Full => return full_param_count(cfg),
+            Method::Adapter(variant) => variant,
+        };
+        match variant {
             // Selected layers keep their own pair; the others share one pair per shape.
-            Method::LoraDrop => {
+            Variant::LoraDrop => {
                 let mut shared_shapes = std::collections::BTreeSet::new();
                 layers
                     .iter()
@@ -181,12 +105,11 @@ impl Method {
                     })
                     .sum()
             }
-            Method::AdaLora => layers.iter().map(|(_, i, o)| RANK * (i + o + 1)).sum(),
-            Method::Vera => layers.iter().map(|(_, _, o)| o + VERA_RANK).sum(),
-            Method::LoraFa => layers.iter().map(|(_, _, o)| RANK * o).sum(),
-            Method::Dora => layers.iter().map(|(_, i, o)| RANK * (i + o) + o).sum(),
-            Method::Full => full_param_count(cfg),
-            Method::Lora | Method::LoraPlus | Method::DeltaLora => {
+            Variant::AdaLora => layers.iter().map(|(_, i, o)| RANK * (i + o + 1)).sum(),
+            Variant::Vera => layers.iter().map(|(_, _, o)| o + VERA_RANK).sum(),
+            Variant::LoraFa => layers.iter().map(|(_, _, o)| RANK * o).sum(),
+            Variant::Dora => layers.iter().map(|(_, i, o)| RANK * (i + o) + o).sum(),
+            Variant::Lora | Variant::LoraPlus | Variant::DeltaLora => {
                 layers.iter().map(|(_, i, o)| RANK * (i + o)).sum()
             }
         }
@@ -341,12 +264,18 @@ impl<O: Optimizer> Trainer for AdapterTrainer<O> {
         step: usize,
         _: &Batch,
     ) -> lorakit::Result<()> {
+        // The task loss plus the regularizer, if any: the gradients come from the sum (the
+        // caller records the task loss alone).
+        let total = match &self.extra_loss {
+            Some(extra) => (loss + extra()?)?,
+            None => loss.clone(),
+        };
         let mut hooks: Vec<&mut dyn StepHook> = self
             .hooks
             .iter_mut()
             .map(|h| h.as_mut() as &mut dyn StepHook)
             .collect();
-        train_step(loss, &mut self.optimizer, &mut hooks, step)
+        train_step(&total, &mut self.optimizer, &mut hooks, step)
     }
 
     fn trainable_params(&self) -> usize {
@@ -399,42 +328,85 @@ fn prepare_full(s: &Settings, pre: &Pretrained) -> lorakit::Result<Prepared> {
 /// the output head is built through the same drop-in `linear` but not targeted.
 pub const TARGETS: [&str; 6] = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"];
 
-fn poisoned() -> lorakit::Error {
-    candle_core::Error::Msg("lock poisoned".into()).into()
+/// The layers of `adapters`, without their paths (what `lorakit::train`'s rules take).
+fn layers(adapters: &NamedAdapters) -> Vec<Shared<dyn Adapter>> {
+    adapters.iter().map(|(_, l)| l.clone()).collect()
 }
 
-/// A plan factory for a LoRA-family layer constructor `(base, config, vb)`, with the
-/// module's rank and alpha from the plan.
-fn lora_factory<L: Adapter + 'static>(
-    config: LoraConfig,
-    new: fn(FrozenLinear, &LoraConfig, VarBuilder) -> lorakit::Result<L>,
-) -> impl AdapterFactory + 'static {
-    move |_: &str, base, vb, m: ModuleSettings| -> lorakit::Result<Shared<dyn Adapter>> {
-        let c = LoraConfig {
-            r: m.r,
-            alpha: m.alpha,
-            ..config.clone()
-        };
-        Ok(Shared::new(new(base, &c, vb)?).erase())
+/// An adapter method: the model with `variant`'s layers and its training rule. Every
+/// LoRA-family layer has rank `RANK` and alpha `2 · RANK`.
+fn prepare_adapter(variant: Variant, s: &Settings, pre: &Pretrained) -> lorakit::Result<Prepared> {
+    let lora = LoraConfig::new(RANK, 2.0 * RANK as f64);
+    match variant {
+        Variant::Lora => {
+            let (model, adapters, varmap) = build_adapted::<LoraLinear>(s, pre, lora)?;
+            let opt = candle_nn::AdamW::new_lr(varmap.all_vars(), ADAPTER_LR)?;
+            Ok(Prepared::adapted(model, adapters, opt, Vec::new()))
+        }
+        Variant::LoraPlus => {
+            let (model, adapters, _) = build_adapted::<LoraLinear>(s, pre, lora)?;
+            let opt = LoraPlus::new(LORA_PLUS_LR).build_from_shared(&layers(&adapters))?;
+            Ok(Prepared::adapted(model, adapters, opt, Vec::new()))
+        }
+        Variant::Vera => {
+            // One frozen pair for the whole model, sized for its largest targeted layer.
+            let shapes = linear_paths(&s.model).into_iter().map(|(_, i, o)| (i, o));
+            let shared = VeraShared::covering(VERA_RANK, 0, shapes, DType::F32, &Device::Cpu)?;
+            let config = VeraConfig::new(shared);
+            let (model, adapters, varmap) = build_adapted::<VeraLinear>(s, pre, config)?;
+            let opt = candle_nn::AdamW::new_lr(varmap.all_vars(), VERA_LR)?;
+            Ok(Prepared::adapted(model, adapters, opt, Vec::new()))
+        }
+        Variant::LoraFa => {
+            let (model, adapters, varmap) = build_adapted::<LoraFaLinear>(s, pre, lora)?;
+            let projection = LoraFaProjection::new(&layers(&adapters))?;
+            let opt = candle_nn::AdamW::new_lr(varmap.all_vars(), ADAPTER_LR)?;
+            Ok(Prepared::adapted(
+                model,
+                adapters,
+                opt,
+                vec![Box::new(projection)],
+            ))
+        }
+        Variant::LoraDrop => prepare_lora_drop(s, pre, lora),
+        Variant::AdaLora => prepare_adalora(s, pre),
+        Variant::Dora => {
+            let (model, adapters, varmap) = build_adapted::<DoraLinear>(s, pre, lora)?;
+            let opt = candle_nn::AdamW::new_lr(varmap.all_vars(), ADAPTER_LR)?;
+            Ok(Prepared::adapted(model, adapters, opt, Vec::new()))
+        }
+        Variant::DeltaLora => {
+            let (model, adapters, varmap) = build_adapted::<DeltaLoraLinear>(s, pre, lora)?;
+            let update = DeltaLoraUpdate::new(DELTA_LORA_LAMBDA, s.adapt_steps / 4);
+            let hook = DeltaLoraHook::new(&layers(&adapters), update)?;
+            let opt = candle_nn::AdamW::new_lr(varmap.all_vars(), ADAPTER_LR)?;
+            Ok(Prepared::adapted(
+                model,
+                adapters,
+                opt,
+                vec![Box::new(hook)],
+            ))
+        }
     }
 }
 
-/// The pretrained model with adapters from `factory`: the model code calls lorakit's
-/// drop-in `linear` for every linear layer, and the plan decides which get an adapter.
-/// Returns the model, its adapted layers by path, and the VarMap holding their variables.
-pub fn build_adapted(
+/// The pretrained model with a fresh `L` layer (built from `config`) on every target: the
+/// model code calls lorakit's drop-in `linear` for every linear layer, and the plan
+/// (`AdapterPlan::of::<L>`) decides which get an adapter. Returns the model, its adapted
+/// layers by path (in build order), and the VarMap holding their variables.
+pub fn build_adapted<L: AdapterLayer>(
     s: &Settings,
     pre: &Pretrained,
-    factory: impl AdapterFactory + 'static,
+    config: L::Config,
 ) -> lorakit::Result<(Transformer, NamedAdapters, VarMap)> {
     let dev = Device::Cpu;
     let frozen = VarBuilder::from_tensors(pre.tensors.clone(), DType::F32, &dev);
     let varmap = VarMap::new();
-    let plan = AdapterPlan::new(
+    let plan = AdapterPlan::of::<L>(
         TargetSpec::new(ModuleSelector::list(TARGETS)),
         RankAlpha::new(RANK, 2.0 * RANK as f64),
+        config,
         VarBuilder::from_varmap(&varmap, DType::F32, &dev),
-        factory,
     );
     let make = |_: &str, i: usize, o: usize, vb: VarBuilder| -> lorakit::Result<Box<dyn Module>> {
         Ok(Box::new(linear(i, o, vb, &plan)?))
@@ -444,48 +416,30 @@ pub fn build_adapted(
     Ok((model, adapters, varmap))
 }
 
-/// LoRA-drop: stage 1 trains every LoRA layer on a 10% sample of a fixed pool of task-B
+/// LoRA-drop: stage 1 trains every LoRA-drop layer on a 10% sample of a fixed pool of task-B
 /// examples, calibration measures each layer's ‖ΔW x‖² on the sample, the layers that make
-/// up 90% of the importance keep their pairs and the rest share one pair per shape; the
-/// adaptation steps then train the result (stage 2).
+/// up 90% of the importance keep their pairs and the rest share one pair per shape (freshly
+/// initialized as `lora` initializes); the adaptation steps then train the result (stage 2).
 fn prepare_lora_drop(
     s: &Settings,
     pre: &Pretrained,
-    lora: &LoraConfig,
+    lora: LoraConfig,
 ) -> lorakit::Result<Prepared> {
     let dev = Device::Cpu;
-    // LoRA-drop's calibration needs each layer's input, so the model calls a probing
-    // wrapper around each LoRA layer instead of the plan's drop-in linear.
-    let frozen = VarBuilder::from_tensors(pre.tensors.clone(), DType::F32, &dev);
-    let varmap = VarMap::new();
-    let trainable = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-    let drop = RefCell::new(LoraDrop::new());
-    let adapters = RefCell::new(Vec::new());
-    let make =
-        |path: &str, i: usize, o: usize, vb: VarBuilder| -> lorakit::Result<Box<dyn Module>> {
-            let base = FrozenLinear::from_var_builder(i, o, true, vb)?;
-            if !TARGETS.iter().any(|t| path.ends_with(t)) {
-                return Ok(Box::new(base));
-            }
-            let layer = Shared::new(LoraLinear::new(base, lora, trainable.pp(path))?);
-            adapters
-                .borrow_mut()
-                .push((path.to_string(), layer.clone().erase()));
-            Ok(Box::new(drop.borrow_mut().wrap(layer)))
-        };
-    let model = Transformer::new(&s.model, frozen, &make)?;
-    let adapters = adapters.into_inner();
-    let drop = drop.into_inner();
+    let config = LoraDropConfig {
+        stage1_steps: s.adapt_steps / 4,
+        shared_init: lora.init,
+        shared_seed: lora.seed,
+        ..LoraDropConfig::default()
+    };
+    let (model, adapters, varmap) = build_adapted::<LoraDropLinear>(s, pre, lora)?;
+    let drop = LoraDrop::new(&layers(&adapters), config)?;
     let pool = batch(
         Task::Reverse,
         LORA_DROP_POOL,
         &mut SeededRng::new(s.seed + 20),
         &dev,
     )?;
-    let config = LoraDropConfig {
-        stage1_steps: s.adapt_steps / 4,
-        ..LoraDropConfig::default()
-    };
     let mut opt = candle_nn::AdamW::new_lr(varmap.all_vars(), ADAPTER_LR)?;
     let rows = |idx: &[usize]| -> lorakit::Result<Batch> {
         let idx = Tensor::from_vec(
@@ -498,8 +452,7 @@ fn prepare_lora_drop(
             targets: pool.targets.index_select(&idx, 0)?,
         })
     };
-    let importance = drop.stage1(
-        &config,
+    let stage1 = drop.stage1(
         LORA_DROP_POOL,
         |step, sample| {
             let start = (step * s.batch) % sample.len();
@@ -516,15 +469,14 @@ fn prepare_lora_drop(
         },
     )?;
     let trainable = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-    let report =
-        drop.share_unselected(&importance, config.selection, lora, trainable.pp("shared"))?;
+    let report = drop.share_unselected(&stage1.importance, trainable.pp("shared"))?;
     let opt = candle_nn::AdamW::new_lr(drop.trainable_vars(), ADAPTER_LR)?;
     let mut prepared = Prepared::adapted(model, adapters, opt, Vec::new());
     prepared.note = Some(format!(
         "LoRA-drop (after {} stage-1 steps on a {}-example sample) kept {} of {} layers ({}), \
          shared {} pair(s): {} -> {} trainable parameters ({:.0}% fewer)",
-        config.stage1_steps,
-        (LORA_DROP_POOL as f64 * 0.1).round() as usize,
+        drop.config().stage1_steps,
+        stage1.sample.len(),
         report.selected.len(),
         report.selected.len() + report.shared.len(),
         report.selected.join(", "),
@@ -538,18 +490,10 @@ fn prepare_lora_drop(
 }
 
 /// AdaLoRA: initial rank `RANK`, target average rank `RANK / 2`, the budget falling over
-/// the middle of training; the orthogonality penalty is added to the loss.
+/// the middle of training; γ times the orthogonality penalty is added to every step's loss.
 fn prepare_adalora(s: &Settings, pre: &Pretrained) -> lorakit::Result<Prepared> {
     let config = AdaLoraConfig::new(RANK, 2.0 * RANK as f64);
-    let layers = Arc::new(Mutex::new(Vec::new()));
-    let registry = layers.clone();
-    let factory =
-        move |_: &str, base, vb, _: ModuleSettings| -> lorakit::Result<Shared<dyn Adapter>> {
-            let layer = Shared::new(AdaLoraLinear::new(base, &config, vb)?);
-            registry.lock().map_err(|_| poisoned())?.push(layer.clone());
-            Ok(layer.erase())
-        };
-    let (model, adapters, varmap) = build_adapted(s, pre, factory)?;
+    let (model, adapters, varmap) = build_adapted::<AdaLoraLinear>(s, pre, config)?;
     let allocator_config = RankAllocatorConfig {
         target_r: RANK / 2,
         tinit: s.adapt_steps / 10,
@@ -557,8 +501,8 @@ fn prepare_adalora(s: &Settings, pre: &Pretrained) -> lorakit::Result<Prepared> 
         delta_t: 5,
         ..RankAllocatorConfig::new(s.adapt_steps)
     };
-    let layers = std::mem::take(&mut *layers.lock().map_err(|_| poisoned())?);
-    let allocator = RankAllocator::new(layers.clone(), allocator_config)?;
+    let layers = layers(&adapters);
+    let allocator = RankAllocator::new(&layers, allocator_config)?;
     let gamma = allocator.config().orth_reg_weight;
     let opt = candle_nn::AdamW::new_lr(varmap.all_vars(), ADAPTER_LR)?;
     let mut prepared = Prepared::adapted(model, adapters, opt, vec![Box::new(allocator)]);
