@@ -20,7 +20,7 @@ Each case directory holds:
 
 --check-reverse DIR: DIR/<case>/adapter is an adapter lorakit saved (the Rust test
 `peft_roundtrip` writes them when LORAKIT_REVERSE_DIR=DIR is set:
-    LORAKIT_REVERSE_DIR=/tmp/rev cargo test --test peft_roundtrip
+    LORAKIT_REVERSE_DIR=/tmp/rev cargo test --test suite peft_roundtrip::
 ). Each one is loaded with PeftModel.from_pretrained into the case's base model and its
 output compared with the fixture's expected output and with lorakit's own output
 (DIR/<case>/output.safetensors). DIR/<case>@<tag>/ holds other adapters on the same base

@@ -1,8 +1,8 @@
-//! lorakit's test suite, one binary: each module was once its own integration test.
-//! The counting-allocator tests (`tests/dora_alloc.rs`, `tests/no_weight_alloc.rs`) keep
-//! binaries of their own (a global allocator per binary, no other test allocating while
-//! they count), and so does `tests/compare_variants.rs` (it includes the flagship example's
-//! modules, which name each other from the crate root).
+//! lorakit's test suite, one binary: each module was once its own integration test
+//! (`cargo test --test suite dora::` runs one). The counting-allocator tests have a binary
+//! of their own, `tests/allocations/` (one global allocator per binary, and no other test
+//! allocating while they count), and so does `tests/compare_variants.rs` (it includes the
+//! flagship example's modules, which name each other from the crate root).
 
 mod bad_input_common;
 mod common;

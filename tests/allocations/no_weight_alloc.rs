@@ -3,10 +3,8 @@
 //! step runs (forward, backward, optimizer), and the composed reference path — whose
 //! matmul backward forms a gradient for the frozen `W` — shows that the counter sees them.
 //!
-//! One test in this binary, so no other test allocates concurrently.
-
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
+//! The counting allocator is the binary's (`main.rs`); the test holds its `serial` lock, so
+//! no other test of the binary allocates concurrently.
 
 use candle_core::{DType, Device, Var};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
@@ -14,53 +12,11 @@ use lorakit::init::SeededRng;
 use lorakit::kernels::{FusedLinear, LowRankTerm};
 use lorakit::{Adapter, FrozenLinear, LoraConfig, LoraInit, LoraLinear};
 
-struct Counting;
-
-/// Allocation size (bytes) to watch; 0: none.
-static WATCH: AtomicUsize = AtomicUsize::new(0);
-/// Allocations of exactly `WATCH` bytes seen.
-static SEEN: AtomicUsize = AtomicUsize::new(0);
-
-fn note(size: usize) {
-    let w = WATCH.load(Ordering::Relaxed);
-    if w != 0 && size == w {
-        SEEN.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-// SAFETY: forwards every call to the system allocator unchanged.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note(layout.size());
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        note(layout.size());
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note(new_size);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
-/// Runs `f` and returns how many `bytes`-sized allocations it made.
-fn count(bytes: usize, f: impl FnOnce()) -> usize {
-    SEEN.store(0, Ordering::SeqCst);
-    WATCH.store(bytes, Ordering::SeqCst);
-    f();
-    WATCH.store(0, Ordering::SeqCst);
-    SEEN.load(Ordering::SeqCst)
-}
+use crate::counting::{exact_size_allocations as count, serial};
 
 #[test]
 fn lora_training_step_allocates_no_weight_sized_buffer() {
+    let _serial = serial();
     // Sizes chosen so no other buffer of the step has d_out * d_in elements.
     let (n, d_in, d_out, r) = (6, 72, 104, 4);
     let dev = Device::Cpu;

@@ -2,68 +2,12 @@
 //! global allocator records the largest single allocation while DoRA's own code runs).
 //! A whole training step through the fused kernel allocates no W-sized buffer either.
 
-#[path = "suite/common/mod.rs"]
-mod common;
-
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-
 use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
-use common::*;
 use lorakit::{Adapter, DoraLinear, FrozenLinear, LoraConfig, LoraInit};
 
-struct Counting;
-
-static ON: AtomicBool = AtomicBool::new(false);
-static LARGEST: AtomicUsize = AtomicUsize::new(0);
-/// Allocation size to count exactly (0: none), and how many were seen.
-static WATCH: AtomicUsize = AtomicUsize::new(0);
-static SEEN: AtomicUsize = AtomicUsize::new(0);
-
-fn note(size: usize) {
-    if ON.load(Ordering::Relaxed) {
-        LARGEST.fetch_max(size, Ordering::Relaxed);
-        if size == WATCH.load(Ordering::Relaxed) {
-            SEEN.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
-fn exact_size_allocations(bytes: usize, f: impl FnOnce()) -> usize {
-    WATCH.store(bytes, Ordering::Relaxed);
-    SEEN.store(0, Ordering::Relaxed);
-    ON.store(true, Ordering::Relaxed);
-    f();
-    ON.store(false, Ordering::Relaxed);
-    WATCH.store(0, Ordering::Relaxed);
-    SEEN.load(Ordering::Relaxed)
-}
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note(layout.size());
-        System.alloc(layout)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout)
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new: usize) -> *mut u8 {
-        note(new);
-        System.realloc(ptr, layout, new)
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
-fn largest_during(f: impl FnOnce()) -> usize {
-    LARGEST.store(0, Ordering::Relaxed);
-    ON.store(true, Ordering::Relaxed);
-    f();
-    ON.store(false, Ordering::Relaxed);
-    LARGEST.load(Ordering::Relaxed)
-}
+use crate::common::*;
+use crate::counting::{exact_size_allocations, largest_during, serial};
 
 fn layer(d: usize) -> DoraLinear {
     let mut g = rng(40);
@@ -79,6 +23,7 @@ fn layer(d: usize) -> DoraLinear {
 
 #[test]
 fn no_weight_sized_temporary() {
+    let _serial = serial();
     let d = 512;
     let weight_bytes = d * d * 4;
     let layer = layer(d);
