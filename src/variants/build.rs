@@ -9,7 +9,8 @@
 //!   [`Adapter::config_entries`] say what it writes.
 //!
 //! So `peft/` and `model/` stay generic: a new variant implements these traits in its own
-//! module and adds one line to [`peft_glue`].
+//! module and adds one line to the table behind [`peft_glue`] (and a member to
+//! [`Variant`]).
 
 use std::marker::PhantomData;
 
