@@ -5,6 +5,7 @@
 //! lorakit inspect <peft-dir>
 //! ```
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -26,6 +27,9 @@ fn parse(args: &[String]) -> Result<Command, String> {
     let Some((cmd, rest)) = args.split_first() else {
         return Err("missing command".to_string());
     };
+    if rest.iter().any(|a| a == "-h" || a == "--help") {
+        return Ok(Command::Help);
+    }
     match cmd.as_str() {
         "-h" | "--help" | "help" => Ok(Command::Help),
         "inspect" => match rest {
@@ -69,28 +73,43 @@ fn main() -> ExitCode {
         }
     };
     let result = match command {
-        Command::Help => {
-            println!("{USAGE}");
-            Ok(())
-        }
-        Command::Inspect(dir) => lorakit::peft::inspect(&dir).map(|s| print!("{s}")),
+        Command::Help => Ok(format!("{USAGE}\n")),
+        Command::Inspect(dir) => lorakit::peft::inspect(&dir).map(|s| s.to_string()),
         Command::Merge { base, adapter, out } => lorakit::peft::merge_files(&base, &adapter, &out)
             .map(|r| {
-                println!(
-                    "merged {} module(s) into {} ({} tensors)",
+                let mut text = format!(
+                    "merged {} module(s) into {} ({} tensors)\n",
                     r.merged.len(),
                     out.display(),
                     r.tensors
                 );
                 for m in &r.merged {
-                    println!("  {m}");
+                    text.push_str(&format!("  {m}\n"));
                 }
+                text
             }),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(text) => emit(&text),
         Err(e) => {
             eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Writes `text` to stdout. A reader that went away (`lorakit inspect dir | head`) ends the
+/// command quietly, as command-line tools do, instead of panicking as `print!` would.
+fn emit(text: &str) -> ExitCode {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: writing to stdout: {e}");
             ExitCode::FAILURE
         }
     }

@@ -299,3 +299,31 @@ fn unused_and_missing_keys_are_errors() {
     );
     assert!(!tmp.join("o").exists());
 }
+
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    // The reader is gone before the command writes (`lorakit inspect dir | head`).
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    drop(reader);
+    let adapter = fixture("lora_mlp").join("adapter");
+    for args in [vec!["inspect", adapter.to_str().unwrap()], vec!["--help"]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_lorakit"))
+            .args(&args)
+            .stdout(writer.try_clone().expect("the pipe's writer"))
+            .output()
+            .expect("run lorakit");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {:?} {err}", out.status);
+        assert!(err.is_empty(), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn help_after_a_command_prints_the_usage() {
+    for args in [["merge", "--help"], ["inspect", "-h"]] {
+        let out = lorakit(&[&args[0], &args[1]]);
+        assert!(out.status.success(), "{args:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("lorakit merge --base"), "{args:?}: {text}");
+    }
+}
