@@ -412,6 +412,9 @@ impl AdaptedBase {
 /// Number of NaN or ±inf entries, on any device: finite values are exactly those with
 /// `|x| ≤ f64::MAX` (NaN compares false, ±inf is larger).
 pub(crate) fn count_non_finite(t: &Tensor) -> Result<usize> {
+    if let Some(n) = count_non_finite_cpu(t) {
+        return Ok(n);
+    }
     let t = t.to_dtype(candle_core::DType::F64)?;
     let finite = t.abs()?.le(f64::MAX)?;
     let n_finite = finite
@@ -419,6 +422,26 @@ pub(crate) fn count_non_finite(t: &Tensor) -> Result<usize> {
         .sum_all()?
         .to_scalar::<f64>()? as usize;
     Ok(t.elem_count() - n_finite)
+}
+
+/// [`count_non_finite`] on a contiguous CPU float tensor, reading its storage in place (no
+/// temporary tensors: a merge checks weights of hundreds of MB); `None` when it does not
+/// apply.
+fn count_non_finite_cpu(t: &Tensor) -> Option<usize> {
+    use candle_core::{CpuStorage, Storage};
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return None;
+    };
+    let range = layout.contiguous_offsets().map(|(a, b)| a..b)?;
+    let n = match cpu {
+        CpuStorage::F32(v) => v.get(range)?.iter().filter(|x| !x.is_finite()).count(),
+        CpuStorage::F64(v) => v.get(range)?.iter().filter(|x| !x.is_finite()).count(),
+        CpuStorage::F16(v) => v.get(range)?.iter().filter(|x| !x.is_finite()).count(),
+        CpuStorage::BF16(v) => v.get(range)?.iter().filter(|x| !x.is_finite()).count(),
+        _ => return None,
+    };
+    Some(n)
 }
 
 /// Implements candle's `Module` for an adapter type: `forward` runs in the layer's current

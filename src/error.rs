@@ -122,6 +122,16 @@ pub enum Error {
     #[error("{path}: safetensors error: {message}")]
     SafeTensors { path: PathBuf, message: String },
 
+    /// A model checkpoint (a `.safetensors` file, a folder, an index and its shards) that
+    /// is malformed or inconsistent, or an output path that cannot receive one.
+    #[error("{path}: {reason}")]
+    Checkpoint { path: PathBuf, reason: String },
+
+    /// A long operation stopped by its caller (a progress callback, a signal); nothing was
+    /// written.
+    #[error("{what} cancelled; nothing was written")]
+    Cancelled { what: String },
+
     /// An error from candle itself.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -196,6 +206,24 @@ impl Error {
     pub fn usage(scope: Scope, reason: impl Into<String>) -> Self {
         Error::Usage {
             scope,
+            reason: reason.into(),
+        }
+    }
+
+    /// Malformed JSON in the file at `path`.
+    pub fn json(path: impl Into<PathBuf>, e: &serde_json::Error) -> Self {
+        Error::Json {
+            path: path.into(),
+            line: e.line(),
+            column: e.column(),
+            message: e.to_string(),
+        }
+    }
+
+    /// A checkpoint (model file or folder) that cannot be used as it is.
+    pub fn checkpoint(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        Error::Checkpoint {
+            path: path.into(),
             reason: reason.into(),
         }
     }

@@ -78,6 +78,7 @@
 )]
 
 pub mod adapter;
+pub mod checkpoint;
 pub mod error;
 pub mod frozen;
 pub mod init;
@@ -86,6 +87,7 @@ pub mod low_rank;
 pub mod model;
 pub mod peft;
 pub mod shared;
+pub mod staging;
 pub mod train;
 mod validate;
 pub mod variants;

@@ -1,101 +1,286 @@
-//! `lorakit`: merge a PEFT adapter into a base model, or inspect an adapter.
+//! `lorakit`: merge a PEFT adapter into a model checkpoint, or inspect an adapter (and match
+//! it against a checkpoint).
 //!
 //! ```text
-//! lorakit merge --base <model.safetensors> --adapter <peft-dir> --out <merged.safetensors>
-//! lorakit inspect <peft-dir>
+//! lorakit merge --base <CHECKPOINT> --adapter <DIR> --out <PATH> [--dtype <DTYPE>] [--quiet] [--remove-leftovers]
+//! lorakit inspect <ADAPTER_DIR> [--base <CHECKPOINT>]
+//! lorakit help [COMMAND]    (or --help after any command), lorakit --version
 //! ```
+//!
+//! This binary needs the crate's `cli` feature, which is on by default and brings clap
+//! (arguments), indicatif (the progress bar) and ctrlc (SIGINT/SIGTERM). A program that only
+//! uses the library leaves them out with `lorakit = { version = "…", default-features = false }`.
+//!
+//! Conventions: results on stdout, progress, warnings (`warning: …`) and errors on stderr; an
+//! error is one line `error: …` and exit status 1; a usage error exits 2; an interrupted merge
+//! removes its temporaries and exits 130; a closed stdout (`lorakit inspect dir | head`) ends
+//! the command quietly.
 
-use std::io::Write;
-use std::path::PathBuf;
+use std::io::{IsTerminal, Write};
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
-const USAGE: &str = "usage:
-  lorakit merge --base <model.safetensors> --adapter <peft-dir> --out <merged.safetensors>
-  lorakit inspect <peft-dir>";
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use lorakit::checkpoint::Checkpoint;
+use lorakit::peft::inspect::{inspect_against, not_an_adapter};
+use lorakit::peft::load::{CONFIG_FILE, WEIGHTS_FILE};
+use lorakit::peft::{merge_checkpoint, MergeOptions, MergeProgress, OutputDType};
 
-enum Command {
-    Merge {
-        base: PathBuf,
-        adapter: PathBuf,
-        out: PathBuf,
-    },
-    Inspect(PathBuf),
-    Help,
+/// The exit status of a command stopped by SIGINT or SIGTERM.
+const INTERRUPTED: u8 = 130;
+
+/// How long a merge runs before its progress bar appears (short merges show none).
+const BAR_DELAY: Duration = Duration::from_millis(300);
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "lorakit",
+    version,
+    about = "Merge Hugging Face PEFT adapters (LoRA, DoRA, rsLoRA, VeRA, AdaLoRA) into safetensors checkpoints, and inspect them",
+    arg_required_else_help = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
 }
 
-fn parse(args: &[String]) -> Result<Command, String> {
-    let Some((cmd, rest)) = args.split_first() else {
-        return Err("missing command".to_string());
-    };
-    if rest.iter().any(|a| a == "-h" || a == "--help") {
-        return Ok(Command::Help);
-    }
-    match cmd.as_str() {
-        "-h" | "--help" | "help" => Ok(Command::Help),
-        "inspect" => match rest {
-            [dir] if !dir.starts_with('-') => Ok(Command::Inspect(PathBuf::from(dir))),
-            _ => Err("inspect takes exactly one argument: the adapter directory".to_string()),
-        },
-        "merge" => {
-            let (mut base, mut adapter, mut out) = (None, None, None);
-            let mut it = rest.iter();
-            while let Some(flag) = it.next() {
-                let slot = match flag.as_str() {
-                    "--base" => &mut base,
-                    "--adapter" => &mut adapter,
-                    "--out" => &mut out,
-                    other => return Err(format!("merge: unknown argument `{other}`")),
-                };
-                let value = it
-                    .next()
-                    .ok_or_else(|| format!("merge: {flag} needs a value"))?;
-                *slot = Some(PathBuf::from(value));
-            }
-            let need =
-                |v: Option<PathBuf>, name: &str| v.ok_or_else(|| format!("merge: missing {name}"));
-            Ok(Command::Merge {
-                base: need(base, "--base")?,
-                adapter: need(adapter, "--adapter")?,
-                out: need(out, "--out")?,
-            })
+const MERGE_ABOUT: &str = "\
+Merge a PEFT adapter into a checkpoint, as PEFT's merge_and_unload() does, one tensor
+at a time.
+
+A .safetensors file gives a file; a model folder or its *.safetensors.index.json gives
+a folder with the same shards, index and config/tokenizer files. The output is built
+beside --out under a temporary name (.NAME.tmpPID.N) and renamed into place: an error,
+SIGINT or SIGTERM leaves nothing behind. Temporaries of an earlier killed run are
+reported (deleted with --remove-leftovers).";
+
+const INSPECT_ABOUT: &str = "\
+Summarize a PEFT adapter: type, targets, dtype, each module's rank and scale.
+
+With --base, also list the checkpoint tensor each adapter module applies to
+(<module>.weight), its shape and dtype and whether it fits, and the checkpoint's 2-D
+weights the adapter does not target. Reads tensor headers only.";
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Merge a PEFT adapter into a checkpoint, as PEFT's merge_and_unload() does
+    #[command(long_about = MERGE_ABOUT)]
+    Merge(MergeArgs),
+    /// Summarize a PEFT adapter; with --base, match its modules against a checkpoint
+    #[command(long_about = INSPECT_ABOUT)]
+    Inspect(InspectArgs),
+}
+
+#[derive(Args, Debug)]
+struct MergeArgs {
+    /// The base model: a .safetensors file, a model folder, or a *.safetensors.index.json
+    #[arg(long, value_name = "CHECKPOINT")]
+    base: PathBuf,
+    /// The PEFT adapter folder (adapter_config.json and adapter_model.safetensors)
+    #[arg(long, value_name = "DIR")]
+    adapter: PathBuf,
+    /// Where to write: a file for a file base, a new or empty folder for a folder or index base
+    #[arg(long, value_name = "PATH")]
+    out: PathBuf,
+    /// The dtype of the output's float tensors (keep: each tensor's own)
+    #[arg(long, value_enum, value_name = "DTYPE", default_value_t = DTypeArg::Keep)]
+    dtype: DTypeArg,
+    /// No progress bar and no summary; warnings and errors still go to stderr
+    #[arg(short, long)]
+    quiet: bool,
+    /// Delete temporaries beside --out left by an earlier killed run (only reported otherwise)
+    #[arg(long)]
+    remove_leftovers: bool,
+}
+
+#[derive(Args, Debug)]
+struct InspectArgs {
+    /// The PEFT adapter folder (adapter_config.json and adapter_model.safetensors)
+    #[arg(value_name = "ADAPTER_DIR")]
+    adapter: PathBuf,
+    /// A checkpoint (.safetensors file, model folder or index) to match the adapter against
+    #[arg(long, value_name = "CHECKPOINT")]
+    base: Option<PathBuf>,
+}
+
+/// `--dtype`'s values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum DTypeArg {
+    Keep,
+    #[value(alias = "float32")]
+    F32,
+    #[value(alias = "float16")]
+    F16,
+    #[value(alias = "bfloat16")]
+    Bf16,
+}
+
+impl From<DTypeArg> for OutputDType {
+    fn from(d: DTypeArg) -> Self {
+        match d {
+            DTypeArg::Keep => OutputDType::Keep,
+            DTypeArg::F32 => OutputDType::F32,
+            DTypeArg::F16 => OutputDType::F16,
+            DTypeArg::Bf16 => OutputDType::BF16,
         }
-        other => Err(format!("unknown command `{other}`")),
     }
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let command = match parse(&args) {
-        Ok(c) => c,
-        Err(msg) => {
-            eprintln!("error: {msg}\n{USAGE}");
-            return ExitCode::from(2);
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Help and version go to stdout (exit 0), usage errors to stderr (exit 2). A
+            // closed stdout is an error clap returns and we ignore: nothing to tell anyone.
+            let _ = e.print();
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
         }
     };
-    let result = match command {
-        Command::Help => Ok(format!("{USAGE}\n")),
-        Command::Inspect(dir) => lorakit::peft::inspect(&dir).map(|s| s.to_string()),
-        Command::Merge { base, adapter, out } => lorakit::peft::merge_files(&base, &adapter, &out)
-            .map(|r| {
-                let mut text = format!(
-                    "merged {} module(s) into {} ({} tensors)\n",
-                    r.merged.len(),
-                    out.display(),
-                    r.tensors
-                );
-                for m in &r.merged {
-                    text.push_str(&format!("  {m}\n"));
-                }
-                text
-            }),
+    match cli.command {
+        Command::Merge(args) => merge(args),
+        Command::Inspect(args) => inspect(args),
+    }
+}
+
+fn merge(args: MergeArgs) -> ExitCode {
+    signals::install();
+    if let Some(e) = wrong_way_round(&args.base, &args.adapter) {
+        return fail(e);
+    }
+    let mut bar = Bar::new(!args.quiet && std::io::stderr().is_terminal());
+    let delay = test_hook::tensor_delay();
+    let mut progress = |p: &MergeProgress<'_>| -> ControlFlow<()> {
+        bar.update(p);
+        if let Some(d) = delay {
+            test_hook::wait(d);
+        }
+        if signals::interrupted() {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
     };
-    match result {
-        Ok(text) => emit(&text),
+    let options = MergeOptions {
+        dtype: args.dtype.into(),
+        progress: Some(&mut progress),
+        remove_leftovers: args.remove_leftovers,
+    };
+    let result = merge_checkpoint(&args.base, &args.adapter, &args.out, options);
+    signals::merge_ended();
+    bar.finish();
+    let report = match result {
+        Ok(report) => report,
+        Err(lorakit::Error::Cancelled { .. }) if signals::interrupted() => {
+            eprintln!("interrupted; nothing was written");
+            return ExitCode::from(INTERRUPTED);
+        }
+        Err(e) => return fail(e),
+    };
+    for w in &report.warnings {
+        warn(w);
+    }
+    if args.quiet {
+        return ExitCode::SUCCESS;
+    }
+    let mut text = format!(
+        "merged {} module(s) into {} ({} tensors, {} file(s))\n",
+        report.merged.len(),
+        args.out.display(),
+        report.tensors,
+        report.shards
+    );
+    for m in &report.merged {
+        text.push_str(&format!("  {m}\n"));
+    }
+    if !report.copied.is_empty() {
+        text.push_str(&format!("copied: {}\n", report.copied.join(", ")));
+    }
+    emit(&text)
+}
+
+/// Before any work: an error when `--adapter` is a checkpoint rather than an adapter folder,
+/// or `--base` an adapter folder rather than a checkpoint (the two swapped, most likely).
+fn wrong_way_round(base: &Path, adapter: &Path) -> Option<lorakit::Error> {
+    let swapped = if base.join(CONFIG_FILE).is_file() {
+        "; --base and --adapter look swapped"
+    } else {
+        ""
+    };
+    match not_an_adapter(adapter) {
+        Some(lorakit::Error::Checkpoint { path, reason }) => {
+            return Some(lorakit::Error::checkpoint(
+                path,
+                format!("{reason}{swapped}"),
+            ));
+        }
+        Some(e) => return Some(e),
+        None => {}
+    }
+    (!swapped.is_empty()).then(|| {
+        lorakit::Error::checkpoint(
+            base,
+            "is a PEFT adapter folder, not a model checkpoint (give the adapter as --adapter)",
+        )
+    })
+}
+
+fn inspect(args: InspectArgs) -> ExitCode {
+    let summary = match lorakit::peft::inspect(&args.adapter) {
+        Ok(s) => s,
         Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
+            let name = args.adapter.file_name().and_then(|n| n.to_str());
+            let adapter_file = matches!(name, Some(CONFIG_FILE | WEIGHTS_FILE));
+            let is_checkpoint = !adapter_file
+                && !args.adapter.join(CONFIG_FILE).exists()
+                && Checkpoint::open(&args.adapter).is_ok();
+            if is_checkpoint {
+                eprintln!(
+                    "error: {}; to match an adapter against it: lorakit inspect <ADAPTER_DIR> --base {}",
+                    one_line(&e),
+                    args.adapter.display()
+                );
+                return ExitCode::FAILURE;
+            }
+            return fail(e);
+        }
+    };
+    let mut text = summary.to_string();
+    if let Some(base) = &args.base {
+        match inspect_against(&args.adapter, base) {
+            Ok(m) => {
+                for w in &m.warnings {
+                    warn(w);
+                }
+                text.push('\n');
+                text.push_str(&m.to_string());
+            }
+            Err(e) => return fail(e),
         }
     }
+    emit(&text)
+}
+
+/// Prints `e` as one line `error: …` on stderr; exit status 1.
+fn fail(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {}", one_line(&e));
+    ExitCode::FAILURE
+}
+
+fn warn(w: &str) {
+    eprintln!("warning: {}", one_line(&w));
+}
+
+/// `text` on one line: line breaks (a multi-line message from a dependency) become spaces.
+fn one_line(text: &impl std::fmt::Display) -> String {
+    let text = text.to_string();
+    text.split(['\n', '\r'])
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Writes `text` to stdout. A reader that went away (`lorakit inspect dir | head`) ends the
@@ -111,6 +296,148 @@ fn emit(text: &str) -> ExitCode {
         Err(e) => {
             eprintln!("error: writing to stdout: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// The merge's progress bar on stderr: bytes processed, with the tensor count in its message.
+/// Only on a terminal and without `--quiet`, and only once the merge has run for
+/// [`BAR_DELAY`].
+struct Bar {
+    bar: Option<ProgressBar>,
+    start: Instant,
+    shown: bool,
+}
+
+impl Bar {
+    fn new(enabled: bool) -> Self {
+        let bar = enabled.then(|| {
+            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden());
+            let style = ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] [{bar:40}] {bytes}/{total_bytes} {msg} (eta {eta})",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
+            bar.set_style(style);
+            signals::set_bar(bar.clone());
+            bar
+        });
+        Self {
+            bar,
+            start: Instant::now(),
+            shown: false,
+        }
+    }
+
+    fn update(&mut self, p: &MergeProgress<'_>) {
+        let Some(bar) = &self.bar else {
+            return;
+        };
+        if signals::interrupted() {
+            return; // the signal handler has cleared the bar
+        }
+        if !self.shown && self.start.elapsed() >= BAR_DELAY {
+            bar.set_draw_target(ProgressDrawTarget::stderr());
+            self.shown = true;
+        }
+        bar.set_length(p.bytes_total);
+        bar.set_position(p.bytes_done);
+        bar.set_message(format!("{}/{} tensors", p.tensors_done, p.tensors_total));
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// SIGINT and SIGTERM (and SIGHUP) during a merge: the first asks the merge to stop at the
+/// next tensor (the progress callback returns `Break`; the library removes its temporaries
+/// and returns `Error::Cancelled`); a second removes this process's temporaries and exits at
+/// once, for a tensor that takes too long.
+mod signals {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::OnceLock;
+
+    use indicatif::ProgressBar;
+
+    static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+    static MERGE_ENDED: AtomicBool = AtomicBool::new(false);
+    static BAR: OnceLock<ProgressBar> = OnceLock::new();
+
+    /// Whether a first signal has arrived.
+    pub fn interrupted() -> bool {
+        INTERRUPTED.load(Ordering::SeqCst)
+    }
+
+    /// Marks the merge as returned (written, or failed and cleaned up): a signal now has
+    /// nothing to stop.
+    pub fn merge_ended() {
+        MERGE_ENDED.store(true, Ordering::SeqCst);
+    }
+
+    /// The progress bar the signal handler clears before its note.
+    pub fn set_bar(bar: ProgressBar) {
+        let _ = BAR.set(bar);
+    }
+
+    pub fn install() {
+        let result = ctrlc::set_handler(|| {
+            if MERGE_ENDED.load(Ordering::SeqCst) {
+                // Only the summary is left to print; the output is in place (or was never
+                // there). Stop, as asked.
+                eprintln!("interrupted");
+                std::process::exit(super::INTERRUPTED.into());
+            }
+            if INTERRUPTED.swap(true, Ordering::SeqCst) {
+                lorakit::staging::remove_live_temporaries();
+                eprintln!("interrupted; nothing was written");
+                std::process::exit(super::INTERRUPTED.into());
+            }
+            // The bar goes for good (updates stop once interrupted): a note printed
+            // above a bar that is still drawn gets garbled on some terminals.
+            if let Some(bar) = BAR.get() {
+                bar.finish_and_clear();
+            }
+            eprintln!("stopping after the current tensor (send the signal again to stop now)");
+        });
+        if let Err(e) = result {
+            super::warn(&format!(
+                "cannot catch SIGINT/SIGTERM ({e}); an interrupted merge may leave a \
+                 temporary beside --out"
+            ));
+        }
+    }
+}
+
+/// Test-only hooks, read from the environment; not user settings and not documented as such.
+///
+/// `LORAKIT_TEST_TENSOR_DELAY_MS=N` makes `merge` wait N ms after each tensor, so that the
+/// test suite can signal a merge that is surely still running (it waits for the temporary
+/// beside `--out` to appear, then sends SIGTERM). The wait ends early on a first signal,
+/// unless `LORAKIT_TEST_DELAY_IGNORES_SIGNALS=1`, which stands for one tensor too slow to
+/// stop (the test of the second signal).
+mod test_hook {
+    use std::time::{Duration, Instant};
+
+    pub fn tensor_delay() -> Option<Duration> {
+        let ms: u64 = std::env::var("LORAKIT_TEST_TENSOR_DELAY_MS")
+            .ok()?
+            .parse()
+            .ok()?;
+        Some(Duration::from_millis(ms))
+    }
+
+    pub fn wait(delay: Duration) {
+        let stubborn = std::env::var_os("LORAKIT_TEST_DELAY_IGNORES_SIGNALS").is_some();
+        let end = Instant::now() + delay;
+        while Instant::now() < end {
+            if !stubborn && super::signals::interrupted() {
+                return;
+            }
+            std::thread::sleep(
+                Duration::from_millis(5).min(end.saturating_duration_since(Instant::now())),
+            );
         }
     }
 }

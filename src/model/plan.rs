@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{Module, Tensor};
+use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::adapter::Adapter;
@@ -261,12 +261,33 @@ impl AdapterPlan {
             self.set.record_frozen(base.num_params());
             return Ok(Linear::Frozen(base));
         }
-        let settings = self.ranks.for_module(path);
-        let layer = self
-            .factory
-            .build(path, base, self.adapter_vb.pp(path), settings)?;
+        let layer = self.build(path, base)?;
         self.set.insert(path, layer.clone())?;
         Ok(Linear::Adapted(layer))
+    }
+
+    /// Builds the adapter for the targeted module `path` around `base`, unregistered.
+    fn build(&self, path: &str, base: FrozenLinear) -> Result<Shared<dyn Adapter>> {
+        let settings = self.ranks.for_module(path);
+        self.factory
+            .build(path, base, self.adapter_vb.pp(path), settings)
+    }
+
+    /// The weight `weight` of the module at `path` with the plan's adapter merged in, as
+    /// PEFT's `merge_and_unload()` computes it, in f32 (cast it to the dtype you store), or
+    /// `None` when `path` is not a target. The layer is built, merged and dropped: it is not
+    /// added to the plan's set, so a caller merging a model one weight at a time (a streaming
+    /// merge, a lazily merging `VarBuilder`) holds one layer at a time. The factory still
+    /// records what it used, for [`AdapterPlan::finish`].
+    pub fn merged_weight(&self, path: &str, weight: &Tensor) -> Result<Option<Tensor>> {
+        if !self.is_target(path) {
+            return Ok(None);
+        }
+        let frozen = FrozenLinear::new(weight.to_dtype(DType::F32)?, None)?;
+        let layer = self.build(path, frozen)?;
+        let mut layer = layer.write();
+        layer.merge(true)?;
+        Ok(Some(layer.base().weight().clone()))
     }
 
     /// The set of layers adapted so far (shares the plan's registry).

@@ -408,6 +408,15 @@ impl PeftConfig {
         }
     }
 
+    /// `base_model_name_or_path`: the model the adapter was trained on, as PEFT recorded it
+    /// (a Hub id or a local path), when present and not empty.
+    pub fn base_model_name_or_path(&self) -> Option<&str> {
+        self.raw
+            .get("base_model_name_or_path")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+    }
+
     /// The glue that builds this config's layers.
     pub(crate) fn glue(&self) -> Result<&'static dyn PeftGlue> {
         peft_glue(self.variant()).ok_or_else(|| Error::Unsupported {

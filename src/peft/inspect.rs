@@ -1,13 +1,19 @@
-//! `lorakit inspect`: a summary of a PEFT adapter directory.
+//! `lorakit inspect`: a summary of a PEFT adapter directory ([`inspect`]), and which of a
+//! checkpoint's tensors its modules apply to ([`inspect_against`]).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::Device;
+use safetensors::tensor::Dtype;
 
-use crate::error::Result;
+use crate::checkpoint::convert::is_convertible_float;
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
 use crate::peft::config::PeftType;
-use crate::peft::load::{PeftAdapter, KEY_PREFIX};
+use crate::peft::load::{PeftAdapter, CONFIG_FILE, KEY_PREFIX, MODEL_KEY_PREFIX, WEIGHTS_FILE};
+use crate::peft::merge::base_model_mismatch;
 use crate::variants::lora::lora_scale;
 
 /// One adapted module as stored in the file.
@@ -36,9 +42,10 @@ pub struct AdapterSummary {
     pub dtypes: Vec<String>,
 }
 
-/// Reads the adapter in `dir` and summarizes it.
+/// Reads the adapter in `dir` and summarizes it. A `dir` that is a model checkpoint rather
+/// than an adapter folder gets an error that says so ([`not_an_adapter`]).
 pub fn inspect(dir: &Path) -> Result<AdapterSummary> {
-    let adapter = PeftAdapter::load(dir, &Device::Cpu)?;
+    let adapter = load_adapter(dir)?;
     let c = adapter.config();
     let rows = |key: String| {
         adapter
@@ -101,5 +108,361 @@ impl fmt::Display for AdapterSummary {
             writeln!(f, "  {}  rank {}  scale {}", m.path, m.rank, m.scale)?;
         }
         Ok(())
+    }
+}
+
+/// Loads the adapter in `dir` on the CPU; when that fails because `dir` is not an adapter
+/// folder at all, the error says what it is instead.
+pub(crate) fn load_adapter(dir: &Path) -> Result<PeftAdapter> {
+    PeftAdapter::load(dir, &Device::Cpu).map_err(|e| not_an_adapter(dir).unwrap_or(e))
+}
+
+/// When `dir` is not a PEFT adapter folder (it has no `adapter_config.json`) but a model
+/// checkpoint (a `.safetensors` file, a model folder or an index), or one of an adapter's
+/// two files, an error that says so; `None` otherwise (then the error of loading it as an
+/// adapter is the one to show). Meant for a command given its arguments the wrong way round.
+///
+/// ```
+/// use lorakit::peft::inspect::not_an_adapter;
+/// # fn main() {
+/// let dir = std::path::Path::new("tests/fixtures/checkpoints/llama_f32_sharded");
+/// let err = not_an_adapter(dir).expect("a checkpoint, not an adapter");
+/// assert!(err.to_string().contains("not a PEFT adapter"));
+/// assert!(not_an_adapter("tests/fixtures/checkpoints/llama_adapters/lora".as_ref()).is_none());
+/// # }
+/// ```
+pub fn not_an_adapter(dir: &Path) -> Option<Error> {
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+    if dir.is_file() && matches!(name.as_deref(), Some(CONFIG_FILE | WEIGHTS_FILE)) {
+        return Some(Error::checkpoint(
+            dir,
+            "is one of an adapter's files; give the adapter's folder (the one holding \
+             adapter_config.json and adapter_model.safetensors)",
+        ));
+    }
+    if dir.join(CONFIG_FILE).is_file() {
+        return None;
+    }
+    let ckpt = Checkpoint::open(dir).ok()?;
+    Some(Error::checkpoint(
+        dir,
+        format!(
+            "is a model checkpoint ({} tensor(s) in {} file(s)), not a PEFT adapter folder \
+             (there is no {CONFIG_FILE})",
+            ckpt.len(),
+            ckpt.shards().len()
+        ),
+    ))
+}
+
+/// How an adapter module's base weight fits it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fit {
+    /// A 2-D float weight of the shape the adapter's tensors imply: a merge applies to it.
+    Fits,
+    /// The checkpoint has no `<path>.weight`.
+    Missing,
+    /// The weight is not 2-D (not a linear layer's).
+    NotTwoD,
+    /// The weight's dtype is not a float a merge can compute in (a quantized weight).
+    NotFloat,
+    /// The weight is 2-D but not the shape the adapter's tensors imply.
+    ShapeDiffers,
+}
+
+/// The weight shape `(out, in)` an adapter module's stored tensors imply: LoRA and DoRA's
+/// `lora_A` is `(r, in)` and `lora_B` `(out, r)` (AdaLoRA's the same without `.weight`);
+/// VeRA's `vera_lambda_b` is `(out)`, and its shared `vera_A` `(r, max_in)` bounds `in`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ImpliedShape {
+    /// Output features, when the file tells.
+    pub out_features: Option<usize>,
+    /// Input features, when the file tells.
+    pub in_features: Option<usize>,
+    /// The most input features the file allows (VeRA's shared `vera_A`), when it bounds them.
+    pub max_in_features: Option<usize>,
+}
+
+impl ImpliedShape {
+    /// Whether a weight of `shape` (out, in) agrees with it.
+    pub fn admits(&self, shape: &[usize]) -> bool {
+        let [out, inp] = shape else {
+            return false;
+        };
+        self.out_features.is_none_or(|o| o == *out)
+            && self.in_features.is_none_or(|i| i == *inp)
+            && self.max_in_features.is_none_or(|m| *inp <= m)
+    }
+}
+
+impl fmt::Display for ImpliedShape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let out = self
+            .out_features
+            .map_or_else(|| "?".to_string(), |o| o.to_string());
+        let inp = match (self.in_features, self.max_in_features) {
+            (Some(i), _) => i.to_string(),
+            (None, Some(m)) => format!("<= {m}"),
+            (None, None) => "?".to_string(),
+        };
+        write!(f, "[{out}, {inp}]")
+    }
+}
+
+/// One adapter module and the base tensor it applies to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModuleMatch {
+    /// The module path (`model.layers.0.self_attn.q_proj`).
+    pub path: String,
+    /// The base tensor it applies to (`<path>.weight`).
+    pub tensor: String,
+    /// That tensor's shape and dtype in the checkpoint, when it has it.
+    pub base: Option<(Vec<usize>, Dtype)>,
+    /// The shape the adapter's tensors imply for it.
+    pub implied: ImpliedShape,
+    /// Whether it fits.
+    pub fit: Fit,
+}
+
+/// Which of a checkpoint's tensors an adapter applies to: what [`inspect_against`] returns
+/// and `lorakit inspect ADAPTER --base CHECKPOINT` prints.
+#[derive(Clone, Debug)]
+pub struct CheckpointMatch {
+    /// The checkpoint, as given.
+    pub checkpoint: PathBuf,
+    /// Its number of tensors.
+    pub tensors: usize,
+    /// Its number of safetensors files.
+    pub shards: usize,
+    /// Every module the adapter file stores, sorted by path.
+    pub modules: Vec<ModuleMatch>,
+    /// 2-D `.weight` tensors of the checkpoint that the config's `target_modules` select but
+    /// the adapter file has no tensors for (a merge stops at the first: a missing tensor).
+    pub targeted_without_tensors: Vec<String>,
+    /// 2-D `.weight` tensors of the checkpoint the adapter leaves alone (embeddings, heads,
+    /// linears it does not target), by name.
+    pub untargeted: Vec<String>,
+    /// Things worth knowing that are not a mismatch of tensors: the adapter's
+    /// `base_model_name_or_path` and the checkpoint's `config.json` naming different models.
+    pub warnings: Vec<String>,
+}
+
+impl CheckpointMatch {
+    /// Whether a merge of the adapter into the checkpoint would find every module's weight:
+    /// every module fits, and no weight the config targets lacks its tensors.
+    pub fn all_fit(&self) -> bool {
+        self.modules.iter().all(|m| m.fit == Fit::Fits) && self.targeted_without_tensors.is_empty()
+    }
+}
+
+/// Matches the PEFT adapter in `adapter_dir` against the checkpoint at `checkpoint` (a
+/// `.safetensors` file, a model folder or its index): for each module the adapter stores,
+/// the base tensor it applies to (`<path>.weight`), that tensor's shape and dtype, and
+/// whether it fits (found, 2-D, a float, the `(out, in)` shape the adapter's tensors imply);
+/// the weights the config targets that the file has no tensors for; and the checkpoint's
+/// other 2-D weights, which the adapter does not target. Reads the checkpoint's headers
+/// only, never its tensor data.
+///
+/// ```
+/// use lorakit::peft::inspect::{inspect_against, Fit};
+/// # fn main() -> lorakit::Result<()> {
+/// let m = inspect_against(
+///     "tests/fixtures/checkpoints/llama_adapters/dora".as_ref(),
+///     "tests/fixtures/checkpoints/llama_f32_sharded".as_ref(),
+/// )?;
+/// assert!(m.all_fit());
+/// let q = &m.modules[0];
+/// assert_eq!(q.tensor, format!("{}.weight", q.path));
+/// assert_eq!(q.fit, Fit::Fits);
+/// // The embeddings, the head and the linears DoRA was not put on.
+/// assert!(m.untargeted.iter().any(|t| t == "lm_head.weight"));
+/// println!("{m}");
+/// # Ok(()) }
+/// ```
+pub fn inspect_against(adapter_dir: &Path, checkpoint: &Path) -> Result<CheckpointMatch> {
+    let adapter = load_adapter(adapter_dir)?;
+    let ckpt = Checkpoint::open(checkpoint)?;
+    let plan = adapter.plan()?;
+    let modules = match_modules(&adapter, &ckpt);
+    let stored: BTreeSet<&str> = modules.iter().map(|m| m.path.as_str()).collect();
+    let (mut targeted_without_tensors, mut untargeted) = (Vec::new(), Vec::new());
+    for (_, t) in ckpt.tensors() {
+        let Some(path) = t.name.strip_suffix(".weight") else {
+            continue;
+        };
+        if t.shape.len() != 2 || stored.contains(path) {
+            continue;
+        }
+        if plan.is_target(path) {
+            targeted_without_tensors.push(t.name.clone());
+        } else {
+            untargeted.push(t.name.clone());
+        }
+    }
+    targeted_without_tensors.sort();
+    untargeted.sort();
+    Ok(CheckpointMatch {
+        checkpoint: checkpoint.to_path_buf(),
+        tensors: ckpt.len(),
+        shards: ckpt.shards().len(),
+        modules,
+        targeted_without_tensors,
+        untargeted,
+        warnings: base_model_mismatch(&adapter, &ckpt).into_iter().collect(),
+    })
+}
+
+/// Each module the adapter stores, matched with its base tensor in `ckpt` (headers only).
+pub(crate) fn match_modules(adapter: &PeftAdapter, ckpt: &Checkpoint) -> Vec<ModuleMatch> {
+    let dims = |key: &str| {
+        adapter
+            .tensor(&format!("{KEY_PREFIX}{key}"))
+            .map(|t| t.dims().to_vec())
+    };
+    let shared_dims = |key: &str| {
+        adapter
+            .tensor(&format!("{MODEL_KEY_PREFIX}{key}"))
+            .map(|t| t.dims().to_vec())
+    };
+    adapter
+        .module_paths()
+        .into_iter()
+        .map(|path| {
+            let implied = match adapter.config().peft_type {
+                PeftType::Lora | PeftType::AdaLora => {
+                    let suffix = if adapter.config().peft_type == PeftType::Lora {
+                        ".weight"
+                    } else {
+                        ""
+                    };
+                    let a = dims(&format!("{path}.lora_A{suffix}"));
+                    let b = dims(&format!("{path}.lora_B{suffix}"));
+                    ImpliedShape {
+                        out_features: b.as_deref().and_then(rows_cols).map(|(out, _)| out),
+                        in_features: a.as_deref().and_then(rows_cols).map(|(_, inp)| inp),
+                        max_in_features: None,
+                    }
+                }
+                PeftType::Vera => ImpliedShape {
+                    out_features: dims(&format!("{path}.vera_lambda_b")).and_then(
+                        |d| match d[..] {
+                            [n] => Some(n),
+                            _ => None,
+                        },
+                    ),
+                    in_features: None,
+                    max_in_features: shared_dims("vera_A")
+                        .as_deref()
+                        .and_then(rows_cols)
+                        .map(|(_, inp)| inp),
+                },
+            };
+            let tensor = format!("{path}.weight");
+            let base = ckpt.get(&tensor).map(|(_, t)| (t.shape.clone(), t.dtype));
+            let fit = match &base {
+                None => Fit::Missing,
+                Some((shape, _)) if shape.len() != 2 => Fit::NotTwoD,
+                Some((_, dtype)) if !is_convertible_float(*dtype) => Fit::NotFloat,
+                Some((shape, _)) if !implied.admits(shape) => Fit::ShapeDiffers,
+                Some(_) => Fit::Fits,
+            };
+            ModuleMatch {
+                path,
+                tensor,
+                base,
+                implied,
+                fit,
+            }
+        })
+        .collect()
+}
+
+/// A 2-D shape's (rows, columns).
+fn rows_cols(dims: &[usize]) -> Option<(usize, usize)> {
+    match *dims {
+        [rows, cols] => Some((rows, cols)),
+        _ => None,
+    }
+}
+
+/// The last component of a tensor's module path (`k_proj` for
+/// `model.layers.0.self_attn.k_proj.weight`), to group names.
+fn module_kind(tensor: &str) -> &str {
+    let path = tensor.strip_suffix(".weight").unwrap_or(tensor);
+    path.rsplit('.').next().unwrap_or(path)
+}
+
+fn dtype_name(dtype: Dtype) -> String {
+    format!("{dtype:?}").to_lowercase()
+}
+
+impl fmt::Display for ModuleMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} -> {}", self.path, self.tensor)?;
+        if let Some((shape, dtype)) = &self.base {
+            write!(f, "  {shape:?} {}", dtype_name(*dtype))?;
+        }
+        match self.fit {
+            Fit::Fits => write!(f, "  ok"),
+            Fit::Missing => write!(f, "  MISSING: the checkpoint has no such tensor"),
+            Fit::NotTwoD => write!(f, "  MISMATCH: not a 2-D linear weight"),
+            Fit::NotFloat => write!(f, "  MISMATCH: not a float weight (quantized?)"),
+            Fit::ShapeDiffers => write!(
+                f,
+                "  MISMATCH: the adapter's tensors imply {} (out, in)",
+                self.implied
+            ),
+        }
+    }
+}
+
+impl fmt::Display for CheckpointMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let fitting = self.modules.iter().filter(|m| m.fit == Fit::Fits).count();
+        writeln!(
+            f,
+            "checkpoint: {} ({} tensors in {} file(s))",
+            self.checkpoint.display(),
+            self.tensors,
+            self.shards
+        )?;
+        writeln!(f, "matched: {fitting} of {} module(s)", self.modules.len())?;
+        for m in &self.modules {
+            writeln!(f, "  {m}")?;
+        }
+        if !self.targeted_without_tensors.is_empty() {
+            writeln!(
+                f,
+                "targeted by target_modules but not in the adapter file ({}):",
+                self.targeted_without_tensors.len()
+            )?;
+            for t in &self.targeted_without_tensors {
+                writeln!(f, "  {t}")?;
+            }
+        }
+        let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
+        for t in &self.untargeted {
+            *kinds.entry(module_kind(t)).or_default() += 1;
+        }
+        let kinds: Vec<String> = kinds
+            .into_iter()
+            .map(|(k, n)| {
+                if n == 1 {
+                    k.to_string()
+                } else {
+                    format!("{k} x{n}")
+                }
+            })
+            .collect();
+        write!(
+            f,
+            "not targeted: {} 2-D weight(s) of the checkpoint",
+            self.untargeted.len()
+        )?;
+        if kinds.is_empty() {
+            writeln!(f)
+        } else {
+            writeln!(f, " ({})", kinds.join(", "))
+        }
     }
 }

@@ -1,153 +1,574 @@
-//! `lorakit merge`: fold a PEFT adapter into a base model's safetensors file, as PEFT's
-//! `merge_and_unload()` does, keeping every other tensor byte for byte.
+//! `lorakit merge`: fold a PEFT adapter into a model checkpoint, as PEFT's
+//! `merge_and_unload()` does, in streaming memory.
+//!
+//! The checkpoint is never held: each tensor is read (positioned reads), merged if the
+//! adapter targets it, and written at its place in its output shard, whose header is computed
+//! from shapes and dtypes before any data. Untargeted tensors are copied in chunks. Peak
+//! memory is a few times the largest *adapted* weight, whatever the checkpoint's size.
 
-use std::borrow::Cow;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
-use candle_core::{DType, Device, Tensor};
-use safetensors::tensor::{Dtype, TensorView, View};
+use candle_core::{DType, Device, Storage, Tensor};
+use safetensors::tensor::Dtype;
+use serde_json::Value;
 
+use crate::checkpoint::convert::{convert_into, decode_f32, encode_f32, is_convertible_float};
+use crate::checkpoint::header::byte_len;
+use crate::checkpoint::{Checkpoint, Given, Shard, ShardWriter, StoredTensor};
 use crate::error::{Error, Result};
-use crate::frozen::FrozenLinear;
-use crate::model::plan::Linear;
+use crate::model::plan::AdapterPlan;
+use crate::peft::inspect::{load_adapter, match_modules, Fit};
 use crate::peft::load::{PeftAdapter, CONFIG_FILE, WEIGHTS_FILE};
-use crate::peft::save::write_atomic;
+use crate::staging::{
+    check_destination, leftovers, remove_leftovers, OutputKind, StagedDir, StagedFile,
+};
 
-/// What [`merge_files`] did.
+/// Bytes copied per piece for tensors the adapter does not touch.
+const COPY_CHUNK: usize = 8 << 20;
+/// Elements summed and encoded per piece of a merged weight.
+const MERGE_PIECE: usize = 1 << 20;
+
+/// The dtype of the merged checkpoint's float tensors.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OutputDType {
+    /// Each tensor keeps its stored dtype.
+    #[default]
+    Keep,
+    /// Every float tensor (F64, F32, F16, BF16) written as F32.
+    F32,
+    /// … as F16.
+    F16,
+    /// … as BF16.
+    BF16,
+}
+
+impl OutputDType {
+    /// The dtype a tensor stored as `stored` is written in.
+    fn apply(self, stored: Dtype) -> Dtype {
+        if !is_convertible_float(stored) {
+            return stored;
+        }
+        match self {
+            OutputDType::Keep => stored,
+            OutputDType::F32 => Dtype::F32,
+            OutputDType::F16 => Dtype::F16,
+            OutputDType::BF16 => Dtype::BF16,
+        }
+    }
+}
+
+impl FromStr for OutputDType {
+    type Err = Error;
+
+    /// `keep`, `f32`, `f16`, `bf16` (also `float32`, `float16`, `bfloat16`).
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "keep" => Ok(Self::Keep),
+            "f32" | "float32" => Ok(Self::F32),
+            "f16" | "float16" | "half" => Ok(Self::F16),
+            "bf16" | "bfloat16" => Ok(Self::BF16),
+            _ => Err(Error::Unsupported {
+                what: "output dtype",
+                got: s.to_string(),
+                supported: "keep, f32, f16, bf16".to_string(),
+            }),
+        }
+    }
+}
+
+/// Where a merge is, passed to [`MergeOptions::progress`] after every tensor (and every
+/// copied piece of a large one).
 #[derive(Clone, Debug)]
+pub struct MergeProgress<'a> {
+    /// The tensor being written.
+    pub tensor: &'a str,
+    /// The output file it goes to.
+    pub shard: &'a str,
+    /// Tensors completely written so far.
+    pub tensors_done: usize,
+    /// Tensors in the checkpoint.
+    pub tensors_total: usize,
+    /// Input bytes processed so far.
+    pub bytes_done: u64,
+    /// Input tensor bytes in all.
+    pub bytes_total: u64,
+}
+
+/// A progress callback: `ControlFlow::Break(())` cancels the merge (nothing is written).
+pub type ProgressFn<'a> = dyn FnMut(&MergeProgress<'_>) -> ControlFlow<()> + 'a;
+
+/// Options of [`merge_checkpoint`].
+#[derive(Default)]
+pub struct MergeOptions<'a> {
+    /// The output's float dtype (default: keep each tensor's).
+    pub dtype: OutputDType,
+    /// Called as the merge advances; returning `Break` cancels it cleanly.
+    pub progress: Option<&'a mut ProgressFn<'a>>,
+    /// Delete temporaries of the same destination left by an earlier killed run (see
+    /// [`crate::staging::leftovers`]) instead of only reporting them.
+    pub remove_leftovers: bool,
+}
+
+impl std::fmt::Debug for MergeOptions<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MergeOptions")
+            .field("dtype", &self.dtype)
+            .field("progress", &self.progress.is_some())
+            .field("remove_leftovers", &self.remove_leftovers)
+            .finish()
+    }
+}
+
+/// What a merge did.
+#[derive(Clone, Debug, Default)]
 pub struct MergeReport {
     /// The module paths whose weights were merged, in file order.
     pub merged: Vec<String>,
     /// Number of tensors written.
     pub tensors: usize,
+    /// Number of safetensors files written.
+    pub shards: usize,
+    /// Files copied beside the weights (config.json, tokenizer files …), by name.
+    pub copied: Vec<String>,
+    /// Things the user should know that did not stop the merge (a base model that looks
+    /// different from the adapter's, leftovers of an earlier killed run).
+    pub warnings: Vec<String>,
 }
 
-/// A tensor of the output: unchanged bytes from the base file, or a merged weight.
-enum OutTensor<'a> {
-    Raw(TensorView<'a>),
-    Merged(Tensor),
+/// Writes `out`: the checkpoint `base` with the PEFT adapter in `adapter_dir` merged into
+/// every weight it targets (`<module>.weight`), as PEFT's `merge_and_unload()` computes it
+/// (in f32, each variant's own merge), every other tensor copied.
+///
+/// `base` is a `.safetensors` file (then `out` is a file) or a model folder or its
+/// `*.safetensors.index.json` (then `out` is a folder mirroring it: the same shard names and
+/// tensor-to-shard assignment, an index with the new `total_size`, and the folder's other
+/// files such as `config.json` and tokenizer files). Tensors keep their order and
+/// `__metadata__`.
+///
+/// Everything that can be checked is checked before any data is written: the destination
+/// (absent, a regular file for a file, an empty folder for a folder; never one of the
+/// inputs), the adapter's modules against the checkpoint's tensors and dtypes. The output is
+/// built beside `out` and renamed into place, so an error or a cancel leaves nothing.
+///
+/// ```no_run
+/// use lorakit::peft::{merge_checkpoint, MergeOptions, OutputDType};
+/// # fn main() -> lorakit::Result<()> {
+/// let report = merge_checkpoint(
+///     "models/Qwen2.5-0.5B".as_ref(),
+///     "my-adapter".as_ref(),
+///     "merged".as_ref(),
+///     MergeOptions { dtype: OutputDType::BF16, ..Default::default() },
+/// )?;
+/// println!("merged {} modules into {} shard(s)", report.merged.len(), report.shards);
+/// # Ok(()) }
+/// ```
+pub fn merge_checkpoint(
+    base: &Path,
+    adapter_dir: &Path,
+    out: &Path,
+    options: MergeOptions<'_>,
+) -> Result<MergeReport> {
+    let ckpt = Checkpoint::open(base)?;
+    let kind = match ckpt.given() {
+        Given::File => OutputKind::File,
+        Given::Folder | Given::Index => OutputKind::Folder,
+    };
+    refuse_overwrite(out, &ckpt, adapter_dir)?;
+    check_destination(out, kind)?;
+    let mut report = MergeReport::default();
+    if options.remove_leftovers {
+        for p in remove_leftovers(out)? {
+            report
+                .warnings
+                .push(format!("removed {} (left by a killed run)", p.display()));
+        }
+    } else {
+        for p in leftovers(out) {
+            report.warnings.push(format!(
+                "{} was left by an earlier killed run; delete it (or pass --remove-leftovers)",
+                p.display()
+            ));
+        }
+    }
+
+    let adapter = load_adapter(adapter_dir)?;
+    let plan = adapter.plan()?;
+    check_adapter_fits(&adapter, &ckpt)?;
+    if let Some(w) = base_model_mismatch(&adapter, &ckpt) {
+        report.warnings.push(w);
+    }
+
+    let mut job = MergeJob {
+        ckpt: &ckpt,
+        plan: &plan,
+        dtype: options.dtype,
+        progress: options.progress,
+        tensors_total: ckpt.len(),
+        bytes_total: ckpt.tensors().map(|(_, t)| t.len).sum(),
+        tensors_done: 0,
+        bytes_done: 0,
+        report,
+        read_buf: Vec::new(),
+        out_buf: Vec::new(),
+    };
+    match kind {
+        OutputKind::File => {
+            let (staged, file) = StagedFile::create(out)?;
+            let mut file = file;
+            // A checkpoint given as a file has exactly one shard.
+            for shard in ckpt.shards() {
+                job.write_shard(shard, &mut file, out)?;
+            }
+            plan.finish()?;
+            staged.commit_file(file)?;
+        }
+        OutputKind::Folder => {
+            let staged = StagedDir::create(out)?;
+            for shard in ckpt.shards() {
+                let path = staged.path().join(&shard.file_name);
+                let mut file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+                job.write_shard(shard, &mut file, &path)?;
+                file.sync_all().map_err(|e| Error::io(&path, e))?;
+            }
+            plan.finish()?;
+            if let Some((name, index)) = ckpt.index() {
+                let path = staged.path().join(name);
+                let text = output_index(index, job.bytes_written_total())?;
+                std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+            }
+            for file in ckpt.companion_files()? {
+                let name = file.file_name().map(|n| n.to_owned()).unwrap_or_default();
+                let dest = staged.path().join(&name);
+                std::fs::copy(&file, &dest).map_err(|e| Error::io(&file, e))?;
+                job.report.copied.push(name.to_string_lossy().into_owned());
+            }
+            staged.commit()?;
+        }
+    }
+    job.report.tensors = job.tensors_done;
+    job.report.shards = ckpt.shards().len();
+    Ok(job.report)
 }
 
-impl View for &OutTensor<'_> {
-    fn dtype(&self) -> Dtype {
-        match self {
-            OutTensor::Raw(v) => v.dtype(),
-            OutTensor::Merged(t) => View::dtype(t),
+/// [`merge_checkpoint`] with default options, for a single `.safetensors` file (kept for
+/// callers of the first API; any checkpoint form works).
+pub fn merge_files(base: &Path, adapter_dir: &Path, out: &Path) -> Result<MergeReport> {
+    merge_checkpoint(base, adapter_dir, out, MergeOptions::default())
+}
+
+/// One merge's state while shards are written.
+struct MergeJob<'c, 'p> {
+    ckpt: &'c Checkpoint,
+    plan: &'c AdapterPlan,
+    dtype: OutputDType,
+    progress: Option<&'p mut ProgressFn<'p>>,
+    tensors_total: usize,
+    bytes_total: u64,
+    tensors_done: usize,
+    bytes_done: u64,
+    report: MergeReport,
+    /// Reused across tensors: the stored bytes of a weight, and an encoded piece.
+    read_buf: Vec<u8>,
+    out_buf: Vec<u8>,
+}
+
+impl MergeJob<'_, '_> {
+    /// Writes `shard`'s tensors, merged or copied, to `file` (named `path` in errors).
+    fn write_shard(&mut self, shard: &Shard, file: &mut std::fs::File, path: &Path) -> Result<()> {
+        let plan: Vec<(String, Dtype, Vec<usize>)> = shard
+            .header
+            .tensors()
+            .iter()
+            .map(|t| (t.name.clone(), self.dtype.apply(t.dtype), t.shape.clone()))
+            .collect();
+        let mut writer =
+            ShardWriter::begin(file, path, &plan, shard.header.user_metadata().cloned())?;
+        for (tensor, (_, out_dtype, _)) in shard.header.tensors().iter().zip(&plan) {
+            if !self.write_merged(shard, tensor, *out_dtype, &mut writer)? {
+                self.copy(shard, tensor, *out_dtype, &mut writer)?;
+            }
+            self.tensors_done += 1;
+            self.tick(&tensor.name, &shard.file_name)?;
+        }
+        writer.finish().map(drop)
+    }
+
+    /// Writes the merged weight in `out_dtype` if the adapter targets this tensor (returns
+    /// whether it did). `W` is decoded to f32 once, merged by the variant's own layer (in
+    /// f32, checked for non-finite values), and encoded a piece at a time: a weight costs
+    /// about three f32 copies of itself in memory.
+    fn write_merged(
+        &mut self,
+        shard: &Shard,
+        tensor: &StoredTensor,
+        out_dtype: Dtype,
+        writer: &mut ShardWriter<&mut std::fs::File>,
+    ) -> Result<bool> {
+        let Some(path) = target_path(self.plan, tensor) else {
+            return Ok(false);
+        };
+        let mut bytes = std::mem::take(&mut self.read_buf);
+        bytes.resize(usize::try_from(tensor.len).unwrap_or(usize::MAX), 0);
+        shard.read_at(&mut bytes, tensor.offset)?;
+        let mut values = Vec::new();
+        decode_f32(tensor.dtype, &bytes, &mut values);
+        self.read_buf = bytes;
+        let w = Tensor::from_vec(values, tensor.shape.as_slice(), &Device::Cpu)?;
+        let Some(merged) = self.plan.merged_weight(path, &w)? else {
+            return Ok(false);
+        };
+        drop(w);
+        let merged = merged.to_dtype(DType::F32)?.contiguous()?;
+        let (storage, layout) = merged.storage_and_layout();
+        let values = match &*storage {
+            Storage::Cpu(cpu) => f32_slice(cpu, layout),
+            _ => None,
+        };
+        let Some(values) = values.filter(|v| v.len() == w_len(tensor)) else {
+            return Err(Error::ShapeMismatch {
+                layer: path.to_string(),
+                what: "merged weight".to_string(),
+                expected: format!("{:?} f32 on the CPU", tensor.shape),
+                got: format!("{:?} {:?}", merged.dims(), merged.dtype()),
+            });
+        };
+        let mut out = std::mem::take(&mut self.out_buf);
+        for piece in values.chunks(MERGE_PIECE) {
+            out.clear();
+            encode_f32(piece, out_dtype, &mut out);
+            writer.write(&out)?;
+        }
+        self.out_buf = out;
+        self.report.merged.push(path.to_string());
+        self.bytes_done += tensor.len;
+        Ok(true)
+    }
+
+    /// Copies an untargeted tensor in pieces, converting its dtype if asked.
+    fn copy(
+        &mut self,
+        shard: &Shard,
+        tensor: &StoredTensor,
+        out_dtype: Dtype,
+        writer: &mut ShardWriter<&mut std::fs::File>,
+    ) -> Result<()> {
+        let width = (tensor.dtype.bitsize() / 8).max(1);
+        let step = (COPY_CHUNK / width * width).max(width) as u64;
+        let mut buf = Vec::new();
+        let mut converted = Vec::new();
+        let mut done = 0u64;
+        while done < tensor.len {
+            let n = step.min(tensor.len - done) as usize;
+            buf.resize(n, 0);
+            shard.read_at(&mut buf, tensor.offset + done)?;
+            if out_dtype == tensor.dtype {
+                writer.write(&buf)?;
+            } else {
+                converted.clear();
+                convert_into(tensor.dtype, out_dtype, &buf, &mut converted);
+                writer.write(&converted)?;
+            }
+            done += n as u64;
+            self.bytes_done += n as u64;
+            if done < tensor.len {
+                self.tick(&tensor.name, &shard.file_name)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reports progress; a `Break` from the callback cancels the merge.
+    fn tick(&mut self, tensor: &str, shard: &str) -> Result<()> {
+        let Some(progress) = self.progress.as_mut() else {
+            return Ok(());
+        };
+        let state = MergeProgress {
+            tensor,
+            shard,
+            tensors_done: self.tensors_done,
+            tensors_total: self.tensors_total,
+            bytes_done: self.bytes_done,
+            bytes_total: self.bytes_total,
+        };
+        match progress(&state) {
+            ControlFlow::Continue(()) => Ok(()),
+            ControlFlow::Break(()) => Err(Error::Cancelled {
+                what: "merge".to_string(),
+            }),
         }
     }
-    fn shape(&self) -> &[usize] {
-        match self {
-            OutTensor::Raw(v) => v.shape(),
-            OutTensor::Merged(t) => View::shape(t),
-        }
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        match self {
-            OutTensor::Raw(v) => Cow::Borrowed(v.data()),
-            OutTensor::Merged(t) => View::data(t),
-        }
-    }
-    fn data_len(&self) -> usize {
-        match self {
-            OutTensor::Raw(v) => v.data().len(),
-            OutTensor::Merged(t) => View::data_len(t),
-        }
+
+    /// The data bytes of every output tensor (the index's `total_size`).
+    fn bytes_written_total(&self) -> u64 {
+        self.ckpt
+            .tensors()
+            .map(|(_, t)| byte_len(self.dtype.apply(t.dtype), &t.shape).unwrap_or(t.len))
+            .sum()
     }
 }
 
-/// Errors if `out` is one of `inputs` (same file after resolving links).
-fn refuse_overwrite(out: &Path, inputs: &[PathBuf]) -> Result<()> {
+/// The number of elements of a stored tensor.
+fn w_len(tensor: &StoredTensor) -> usize {
+    tensor.shape.iter().product()
+}
+
+/// A contiguous f32 CPU tensor's values, in place.
+fn f32_slice<'a>(
+    cpu: &'a candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+) -> Option<&'a [f32]> {
+    let (a, b) = layout.contiguous_offsets()?;
+    cpu.as_slice::<f32>().ok()?.get(a..b)
+}
+
+/// The module path of a tensor the plan adapts: `<path>.weight`, 2-D, targeted.
+fn target_path<'t>(plan: &AdapterPlan, tensor: &'t StoredTensor) -> Option<&'t str> {
+    tensor
+        .name
+        .strip_suffix(".weight")
+        .filter(|p| tensor.shape.len() == 2 && plan.is_target(p))
+}
+
+/// Before any work: every module the adapter stores must have a 2-D float weight in the
+/// checkpoint, of the shape the adapter's tensors imply.
+pub(crate) fn check_adapter_fits(adapter: &PeftAdapter, ckpt: &Checkpoint) -> Result<()> {
+    for m in match_modules(adapter, ckpt) {
+        let (path, name) = (&m.path, &m.tensor);
+        let shape = m.base.as_ref().map(|(s, _)| s.clone()).unwrap_or_default();
+        let problem = match m.fit {
+            Fit::Fits => continue,
+            Fit::Missing => format!(
+                "the adapter has module `{path}` but the checkpoint has no `{name}` (an \
+                 adapter for another model?)"
+            ),
+            Fit::NotTwoD => {
+                format!("`{name}` has shape {shape:?}; the adapter needs a 2-D linear weight")
+            }
+            Fit::NotFloat => format!(
+                "`{name}` is stored as {:?}; unsupported base weight dtype for a merge \
+                 (supported: F32, F16, BF16, F64)",
+                m.base.as_ref().map(|(_, d)| *d).unwrap_or(Dtype::F32)
+            ),
+            Fit::ShapeDiffers => format!(
+                "`{name}` has shape {shape:?} but the adapter's tensors for `{path}` imply {} \
+                 (out, in) (an adapter for another model?)",
+                m.implied
+            ),
+        };
+        let file = ckpt
+            .get(name)
+            .map_or_else(|| ckpt.path().to_path_buf(), |(s, _)| s.path.clone());
+        return Err(Error::checkpoint(file, problem));
+    }
+    Ok(())
+}
+
+/// A warning when the adapter's `base_model_name_or_path` and the checkpoint's config.json
+/// name different models: different `_name_or_path`s (last path component), or an adapter
+/// name that mentions another model family than the checkpoint's `model_type`.
+pub(crate) fn base_model_mismatch(adapter: &PeftAdapter, ckpt: &Checkpoint) -> Option<String> {
+    let adapter_base = adapter.config().base_model_name_or_path()?;
+    let config = ckpt.config_json()?;
+    let last = |s: &str| {
+        s.trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .unwrap_or("")
+            .to_ascii_lowercase()
+    };
+    let str_of = |k: &str| config.get(k).and_then(Value::as_str).map(str::to_string);
+    if let Some(name) = str_of("_name_or_path").filter(|n| !n.is_empty()) {
+        if last(&name) != last(adapter_base) {
+            return Some(format!(
+                "the adapter was trained on `{adapter_base}` but the checkpoint's config.json \
+                 says `{name}`"
+            ));
+        }
+        return None;
+    }
+    let model_type = str_of("model_type")?;
+    let family_of = |s: &str| -> Option<&'static str> {
+        let s = s.to_ascii_lowercase().replace(['-', '_', '.'], "");
+        MODEL_FAMILIES
+            .iter()
+            .find(|(_, keys)| keys.iter().any(|k| s.contains(k)))
+            .map(|(f, _)| *f)
+    };
+    let (Some(adapter_family), Some(ckpt_family)) =
+        (family_of(&last(adapter_base)), family_of(&model_type))
+    else {
+        return None;
+    };
+    (adapter_family != ckpt_family).then(|| {
+        let arch = config
+            .get("architectures")
+            .and_then(|a| a.get(0))
+            .and_then(Value::as_str)
+            .unwrap_or(&model_type);
+        format!(
+            "the adapter was trained on `{adapter_base}` ({adapter_family}) but the checkpoint \
+             is a {arch} (model_type `{model_type}`)"
+        )
+    })
+}
+
+/// Model families by the substrings of their names (after removing `-`, `_`, `.`); the
+/// more specific first.
+const MODEL_FAMILIES: &[(&str, &[&str])] = &[
+    ("Qwen", &["qwen"]),
+    ("Mistral", &["mistral", "mixtral"]),
+    ("Gemma", &["gemma"]),
+    ("Phi", &["phi"]),
+    ("GPT-2", &["gpt2"]),
+    ("GPT-NeoX", &["gptneox", "pythia"]),
+    ("BERT", &["roberta", "bert"]),
+    ("T5", &["t5"]),
+    ("Falcon", &["falcon"]),
+    ("OPT", &["opt"]),
+    ("Llama", &["llama", "smollm"]),
+];
+
+/// The index for the output: the input's, with `metadata.total_size` recomputed.
+fn output_index(index: &serde_json::Map<String, Value>, total_size: u64) -> Result<String> {
+    let mut index = index.clone();
+    let metadata = index
+        .entry("metadata")
+        .or_insert_with(|| Value::Object(Default::default()));
+    if let Value::Object(m) = metadata {
+        m.insert("total_size".to_string(), Value::from(total_size));
+    }
+    serde_json::to_string_pretty(&Value::Object(index))
+        .map(|s| s + "\n")
+        .map_err(|e| Error::json(INDEX_OUT, &e))
+}
+
+const INDEX_OUT: &str = "model.safetensors.index.json";
+
+/// Errors if `out` is, or would replace, one of the inputs: the checkpoint (its file, folder
+/// or shards) or the adapter's folder and files.
+fn refuse_overwrite(out: &Path, ckpt: &Checkpoint, adapter_dir: &Path) -> Result<()> {
     let Ok(out_real) = std::fs::canonicalize(out) else {
         return Ok(()); // does not exist yet
     };
+    let mut inputs: Vec<PathBuf> = vec![
+        adapter_dir.to_path_buf(),
+        adapter_dir.join(CONFIG_FILE),
+        adapter_dir.join(WEIGHTS_FILE),
+        ckpt.path().to_path_buf(),
+    ];
+    inputs.extend(ckpt.shards().iter().map(|s| s.path.clone()));
+    if ckpt.given() != Given::File {
+        inputs.push(ckpt.folder().to_path_buf());
+    }
     for input in inputs {
-        if std::fs::canonicalize(input).is_ok_and(|i| i == out_real) {
-            return Err(Error::file_config(
+        if std::fs::canonicalize(&input).is_ok_and(|i| i == out_real) {
+            return Err(Error::checkpoint(
                 out,
-                "--out",
                 format!("refusing to overwrite the input {}", input.display()),
             ));
         }
     }
     Ok(())
-}
-
-/// Writes `out`: every tensor of the safetensors file `base`, with the adapter in
-/// `adapter_dir` merged into the weights it targets (`<path>.weight`), in the base's dtype
-/// (computed in f32). The merge uses each variant's own merge code. The file is written
-/// to a temporary name and renamed; `out` may not be one of the inputs.
-pub fn merge_files(base: &Path, adapter_dir: &Path, out: &Path) -> Result<MergeReport> {
-    refuse_overwrite(
-        out,
-        &[
-            base.to_path_buf(),
-            adapter_dir.join(CONFIG_FILE),
-            adapter_dir.join(WEIGHTS_FILE),
-            adapter_dir.to_path_buf(),
-        ],
-    )?;
-    let adapter = PeftAdapter::load(adapter_dir, &Device::Cpu)?;
-    let plan = adapter.plan()?;
-    let bytes = std::fs::read(base).map_err(|e| Error::io(base, e))?;
-    let st_err = |e: safetensors::SafeTensorError| Error::SafeTensors {
-        path: base.to_path_buf(),
-        message: e.to_string(),
-    };
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(st_err)?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(st_err)?;
-
-    let mut merged = Vec::new();
-    let mut outputs: Vec<(String, OutTensor)> = Vec::new();
-    let mut views = st.tensors();
-    views.sort_by(|a, b| a.0.cmp(&b.0));
-    for (name, view) in views {
-        let target = name
-            .strip_suffix(".weight")
-            .filter(|p| view.shape().len() == 2 && plan.is_target(p))
-            .map(str::to_string);
-        let Some(path) = target else {
-            outputs.push((name, OutTensor::Raw(view)));
-            continue;
-        };
-        let w = candle_core::safetensors::Load::load(&view, &Device::Cpu).map_err(|e| {
-            Error::SafeTensors {
-                path: base.to_path_buf(),
-                message: format!("tensor `{name}`: {e}"),
-            }
-        })?;
-        let dtype = w.dtype();
-        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16 | DType::F64) {
-            return Err(Error::Unsupported {
-                what: "base weight dtype",
-                got: format!("{dtype:?} for `{name}`"),
-                supported: "F32, F16, BF16, F64".to_string(),
-            });
-        }
-        let frozen = FrozenLinear::new(w.to_dtype(DType::F32)?, None)?;
-        let Linear::Adapted(layer) = plan.adapt(&path, frozen)? else {
-            outputs.push((name, OutTensor::Raw(view)));
-            continue;
-        };
-        let mut layer = layer.write();
-        layer.merge(true)?;
-        let weight = layer.base().weight().to_dtype(dtype)?;
-        merged.push(path);
-        outputs.push((name, OutTensor::Merged(weight)));
-    }
-    plan.finish()?;
-
-    let count = outputs.len();
-    let data = safetensors::serialize(
-        outputs.iter().map(|(n, t)| (n.as_str(), t)),
-        meta.metadata().clone(),
-    )
-    .map_err(|e| Error::SafeTensors {
-        path: out.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    write_atomic(out, &data)?;
-    Ok(MergeReport {
-        merged,
-        tensors: count,
-    })
 }

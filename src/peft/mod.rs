@@ -7,9 +7,17 @@ pub mod inspect;
 pub mod load;
 pub mod merge;
 pub mod save;
+pub mod var_builder;
 
 pub use config::{PeftConfig, PeftType, MAX_RANK, SUPPORTED_PEFT_TYPES};
-pub use inspect::{inspect, AdapterSummary, ModuleSummary};
+pub use inspect::{
+    inspect, inspect_against, not_an_adapter, AdapterSummary, CheckpointMatch, Fit, ImpliedShape,
+    ModuleMatch, ModuleSummary,
+};
 pub use load::PeftAdapter;
-pub use merge::{merge_files, MergeReport};
+pub use merge::{
+    merge_checkpoint, merge_files, MergeOptions, MergeProgress, MergeReport, OutputDType,
+    ProgressFn,
+};
 pub use save::{save_adapter, write_atomic};
+pub use var_builder::adapted_var_builder;

@@ -2,9 +2,7 @@
 //! PEFT's `PeftModel.from_pretrained` loads, and the atomic file write used for every output.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
 
 use candle_core::Tensor;
 use serde_json::{Map, Value};
@@ -13,115 +11,7 @@ use crate::error::{Error, Result};
 use crate::model::adapted_set::AdaptedSet;
 use crate::peft::config::PeftConfig;
 use crate::peft::load::{CONFIG_FILE, KEY_PREFIX, MODEL_KEY_PREFIX, WEIGHTS_FILE};
-
-/// Writes `bytes` to `path` atomically: a temporary file in the same directory, flushed and
-/// fsynced, then renamed over `path` (readers see the old file or the new one, never half).
-///
-/// On any failure the previous file at `path` (if any) is left untouched, the temporary file
-/// is removed, and the error names the path that failed. Only a crash of the process itself
-/// can leave a temporary behind (`.NAME.tmpPID.N` next to `path`); it is never read.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_atomic_with(path, |w| w.write_all(bytes))
-}
-
-/// [`write_atomic`] for content produced by a writer callback: `write` streams the file's
-/// bytes into the temporary file; if it (or the flush, fsync or rename) fails, the previous
-/// file at `path` is left intact and no temporary file remains.
-///
-/// Exposed so tests can inject a writer that fails part-way; prefer [`write_atomic`].
-#[doc(hidden)]
-pub fn write_atomic_with(
-    path: &Path,
-    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
-) -> Result<()> {
-    StagedFile::stage(path, write)?.commit()
-}
-
-/// Writes several files as one save: every file is written and fsynced under a temporary
-/// name first (`write(i, w)` streams file `i`), and only when all are on disk are they
-/// renamed over their targets, in order. A failure while writing any of them leaves every
-/// previous file intact and no temporary behind. A failure of rename `k` (or a crash between
-/// renames) leaves files `0..k` new and the rest previous; the error names file `k`.
-///
-/// Exposed so tests can inject a writer that fails part-way; [`save_adapter`] uses it.
-#[doc(hidden)]
-pub fn write_atomic_all_with(
-    paths: &[&Path],
-    mut write: impl FnMut(usize, &mut dyn Write) -> std::io::Result<()>,
-) -> Result<()> {
-    let mut staged = Vec::with_capacity(paths.len());
-    for (i, path) in paths.iter().enumerate() {
-        // On an error, `staged` drops and removes the temporaries written so far.
-        staged.push(StagedFile::stage(path, |w| write(i, w))?);
-    }
-    staged.into_iter().try_for_each(StagedFile::commit)
-}
-
-/// A file written and fsynced under a temporary name in its target directory, waiting to be
-/// renamed over its target. Dropping it without [`StagedFile::commit`] removes the temporary.
-#[derive(Debug)]
-pub(crate) struct StagedFile {
-    tmp: PathBuf,
-    path: PathBuf,
-    dir: PathBuf,
-    committed: bool,
-}
-
-impl StagedFile {
-    /// Writes the temporary file next to `path` through `write`, then flushes and fsyncs it.
-    pub(crate) fn stage(
-        path: &Path,
-        write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
-    ) -> Result<Self> {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let file_name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "out".to_string());
-        // Unique per process and per call, so concurrent saves never share a temporary.
-        let unique = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let tmp = dir.join(format!(".{file_name}.tmp{}.{unique}", std::process::id()));
-        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(path, e))?;
-        // From here on, dropping `staged` removes the temporary.
-        let staged = Self {
-            tmp,
-            path: path.to_path_buf(),
-            dir,
-            committed: false,
-        };
-        let result = (|| {
-            write(&mut f)?;
-            f.flush()?;
-            f.sync_all()
-        })();
-        drop(f);
-        result.map_err(|e| Error::io(path, e))?;
-        Ok(staged)
-    }
-
-    /// Renames the temporary over the target and fsyncs the directory.
-    pub(crate) fn commit(mut self) -> Result<()> {
-        std::fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))?;
-        self.committed = true;
-        // Make the rename itself durable where the platform allows opening a directory.
-        if let Ok(d) = std::fs::File::open(&self.dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    }
-}
-
-impl Drop for StagedFile {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
-    }
-}
+pub use crate::staging::{write_atomic, write_atomic_all_with, write_atomic_with};
 
 /// Serializes named tensors to safetensors bytes (tensors are moved to the CPU).
 pub(crate) fn safetensors_bytes(tensors: &[(String, Tensor)], path: &Path) -> Result<Vec<u8>> {

@@ -1,0 +1,102 @@
+//! A candle `VarBuilder` over a [`Checkpoint`]: each tensor is read when the model asks for
+//! it (positioned reads, no memory map), optionally transformed (an adapter merged in).
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+
+use crate::checkpoint::Checkpoint;
+use crate::error::Result;
+
+/// A per-tensor transform applied to each tensor as it is read, on the CPU in the stored
+/// dtype (e.g. [`crate::peft::adapted_var_builder`] merges an adapter into the weights it
+/// targets). Returns the tensor to hand to the model (cast to its dtype afterwards).
+pub type TensorTransform = dyn Fn(&str, Tensor) -> Result<Tensor> + Send + Sync;
+
+/// The `SimpleBackend` behind [`Checkpoint::var_builder`].
+pub struct CheckpointBackend {
+    ckpt: Arc<Checkpoint>,
+    transform: Option<Box<TensorTransform>>,
+}
+
+impl std::fmt::Debug for CheckpointBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckpointBackend")
+            .field("checkpoint", &self.ckpt.path())
+            .field("transform", &self.transform.is_some())
+            .finish()
+    }
+}
+
+impl CheckpointBackend {
+    /// A backend reading `ckpt`, passing every tensor through `transform` if given.
+    pub fn new(ckpt: Arc<Checkpoint>, transform: Option<Box<TensorTransform>>) -> Self {
+        Self { ckpt, transform }
+    }
+
+    /// The `VarBuilder` a candle model is built from.
+    pub fn into_var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self), dtype, device.clone())
+    }
+}
+
+impl SimpleBackend for CheckpointBackend {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _init: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, dev)?;
+        if t.shape() != &shape {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!(
+                    "shape mismatch for `{name}` in {}",
+                    self.ckpt.path().display()
+                ),
+                expected: shape,
+                got: t.shape().clone(),
+            }
+            .bt());
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self
+            .ckpt
+            .load(name, &Device::Cpu)
+            .map_err(candle_core::Error::wrap)?;
+        let t = match &self.transform {
+            Some(f) => f(name, t).map_err(candle_core::Error::wrap)?,
+            None => t,
+        };
+        t.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.ckpt.contains(name)
+    }
+}
+
+impl Checkpoint {
+    /// A `VarBuilder` over this checkpoint for any candle model (for example
+    /// `candle_transformers::models::llama::Llama::load(vb, &config)`), in `dtype` on
+    /// `device`. Tensors are read one at a time as the model asks for them.
+    ///
+    /// ```no_run
+    /// use candle_core::{DType, Device};
+    /// use lorakit::checkpoint::Checkpoint;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let vb = Checkpoint::open("models/TinyLlama")?.var_builder(DType::F32, &Device::Cpu);
+    /// let q = vb.get((2048, 2048), "model.layers.0.self_attn.q_proj.weight")?;
+    /// # Ok(()) }
+    /// ```
+    pub fn var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        CheckpointBackend::new(Arc::new(self), None).into_var_builder(dtype, device)
+    }
+}
