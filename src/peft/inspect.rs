@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::peft::config::PeftType;
 use crate::peft::load::{PeftAdapter, CONFIG_FILE, KEY_PREFIX, MODEL_KEY_PREFIX, WEIGHTS_FILE};
 use crate::peft::merge::base_model_mismatch;
+pub use crate::variants::build::ImpliedShape;
 use crate::variants::lora::lora_scale;
 
 /// One adapted module as stored in the file.
@@ -170,45 +171,6 @@ pub enum Fit {
     ShapeDiffers,
 }
 
-/// The weight shape `(out, in)` an adapter module's stored tensors imply: LoRA and DoRA's
-/// `lora_A` is `(r, in)` and `lora_B` `(out, r)` (AdaLoRA's the same without `.weight`);
-/// VeRA's `vera_lambda_b` is `(out)`, and its shared `vera_A` `(r, max_in)` bounds `in`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ImpliedShape {
-    /// Output features, when the file tells.
-    pub out_features: Option<usize>,
-    /// Input features, when the file tells.
-    pub in_features: Option<usize>,
-    /// The most input features the file allows (VeRA's shared `vera_A`), when it bounds them.
-    pub max_in_features: Option<usize>,
-}
-
-impl ImpliedShape {
-    /// Whether a weight of `shape` (out, in) agrees with it.
-    pub fn admits(&self, shape: &[usize]) -> bool {
-        let [out, inp] = shape else {
-            return false;
-        };
-        self.out_features.is_none_or(|o| o == *out)
-            && self.in_features.is_none_or(|i| i == *inp)
-            && self.max_in_features.is_none_or(|m| *inp <= m)
-    }
-}
-
-impl fmt::Display for ImpliedShape {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let out = self
-            .out_features
-            .map_or_else(|| "?".to_string(), |o| o.to_string());
-        let inp = match (self.in_features, self.max_in_features) {
-            (Some(i), _) => i.to_string(),
-            (None, Some(m)) => format!("<= {m}"),
-            (None, None) => "?".to_string(),
-        };
-        write!(f, "[{out}, {inp}]")
-    }
-}
-
 /// One adapter module and the base tensor it applies to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ModuleMatch {
@@ -314,49 +276,24 @@ pub fn inspect_against(adapter_dir: &Path, checkpoint: &Path) -> Result<Checkpoi
 
 /// Each module the adapter stores, matched with its base tensor in `ckpt` (headers only).
 pub(crate) fn match_modules(adapter: &PeftAdapter, ckpt: &Checkpoint) -> Vec<ModuleMatch> {
-    let dims = |key: &str| {
-        adapter
-            .tensor(&format!("{KEY_PREFIX}{key}"))
-            .map(|t| t.dims().to_vec())
-    };
-    let shared_dims = |key: &str| {
-        adapter
-            .tensor(&format!("{MODEL_KEY_PREFIX}{key}"))
-            .map(|t| t.dims().to_vec())
-    };
+    let glue = adapter.config().glue().ok();
     adapter
         .module_paths()
         .into_iter()
         .map(|path| {
-            let implied = match adapter.config().peft_type {
-                PeftType::Lora | PeftType::AdaLora => {
-                    let suffix = if adapter.config().peft_type == PeftType::Lora {
-                        ".weight"
-                    } else {
-                        ""
-                    };
-                    let a = dims(&format!("{path}.lora_A{suffix}"));
-                    let b = dims(&format!("{path}.lora_B{suffix}"));
-                    ImpliedShape {
-                        out_features: b.as_deref().and_then(rows_cols).map(|(out, _)| out),
-                        in_features: a.as_deref().and_then(rows_cols).map(|(_, inp)| inp),
-                        max_in_features: None,
-                    }
-                }
-                PeftType::Vera => ImpliedShape {
-                    out_features: dims(&format!("{path}.vera_lambda_b")).and_then(
-                        |d| match d[..] {
-                            [n] => Some(n),
-                            _ => None,
-                        },
-                    ),
-                    in_features: None,
-                    max_in_features: shared_dims("vera_A")
-                        .as_deref()
-                        .and_then(rows_cols)
-                        .map(|(_, inp)| inp),
-                },
+            let layer_dims = |suffix: &str| {
+                adapter
+                    .tensor(&format!("{KEY_PREFIX}{path}.{suffix}"))
+                    .map(|t| t.dims().to_vec())
             };
+            let model_dims = |name: &str| {
+                adapter
+                    .tensor(&format!("{MODEL_KEY_PREFIX}{name}"))
+                    .map(|t| t.dims().to_vec())
+            };
+            let implied = glue
+                .map(|g| g.implied_shape(&layer_dims, &model_dims))
+                .unwrap_or_default();
             let tensor = format!("{path}.weight");
             let base = ckpt.get(&tensor).map(|(_, t)| (t.shape.clone(), t.dtype));
             let fit = match &base {
@@ -375,14 +312,6 @@ pub(crate) fn match_modules(adapter: &PeftAdapter, ckpt: &Checkpoint) -> Vec<Mod
             }
         })
         .collect()
-}
-
-/// A 2-D shape's (rows, columns).
-fn rows_cols(dims: &[usize]) -> Option<(usize, usize)> {
-    match *dims {
-        [rows, cols] => Some((rows, cols)),
-        _ => None,
-    }
 }
 
 /// The last component of a tensor's module path (`k_proj` for

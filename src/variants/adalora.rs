@@ -22,7 +22,9 @@ use crate::init::SeededRng;
 use crate::kernels::LowRankTerm;
 use crate::low_rank::{low_rank_forward, trainable_var, Factor, LowRankPair};
 use crate::validate;
-use crate::variants::build::{AdapterLayer, ModuleSettings, PeftLayer, PeftModule, TensorSource};
+use crate::variants::build::{
+    AdapterLayer, Dims, ImpliedShape, ModuleSettings, PeftLayer, PeftModule, TensorSource,
+};
 
 /// Standard deviation of PEFT's AdaLoRA init for `A` and `B`.
 pub const ADALORA_INIT_STD: f64 = 0.02;
@@ -498,6 +500,10 @@ impl PeftLayer for AdaLoraLinear {
     fn peft_rank_and_scale(m: &PeftModule) -> (usize, f64) {
         let config = AdaLoraConfig::from_peft(m);
         (config.init_r, config.scale())
+    }
+
+    fn peft_implied_shape(layer_dims: Dims, _model_dims: Dims) -> ImpliedShape {
+        ImpliedShape::from_pair(layer_dims("lora_A"), layer_dims("lora_B"))
     }
 
     /// PEFT refuses AdaLoRA configs without `total_step > 0`.

@@ -102,7 +102,68 @@ pub trait PeftLayer: Adapter + Sized + 'static {
     fn peft_check_save(_raw: &Map<String, Value>) -> Result<()> {
         Ok(())
     }
+
+    /// The base weight shape a module's stored tensors imply: `layer_dims(suffix)` gives
+    /// the shape of the module's tensor with that suffix, `model_dims(name)` of a
+    /// model-level one (VeRA's pair). Used to check a checkpoint before a merge.
+    fn peft_implied_shape(layer_dims: Dims, model_dims: Dims) -> ImpliedShape;
 }
+
+/// The base weight shape `(out, in)` an adapter module's stored tensors imply, from their
+/// shapes alone (each variant says how: [`PeftLayer::peft_implied_shape`]). LoRA and DoRA's
+/// `lora_A` is `(r, in)` and `lora_B` `(out, r)`; VeRA's `vera_lambda_b` is `(out)`, and its
+/// shared `vera_A` `(r, max_in)` bounds `in`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ImpliedShape {
+    /// Output features, when the file tells.
+    pub out_features: Option<usize>,
+    /// Input features, when the file tells.
+    pub in_features: Option<usize>,
+    /// The most input features the file allows (VeRA's shared `vera_A`), when it bounds them.
+    pub max_in_features: Option<usize>,
+}
+
+impl ImpliedShape {
+    /// From a low-rank pair's shapes: `a` is `(r, in)`, `b` is `(out, r)`.
+    pub fn from_pair(a: Option<Vec<usize>>, b: Option<Vec<usize>>) -> Self {
+        let rows_cols = |d: Option<Vec<usize>>| match d.as_deref() {
+            Some(&[rows, cols]) => Some((rows, cols)),
+            _ => None,
+        };
+        Self {
+            out_features: rows_cols(b).map(|(out, _)| out),
+            in_features: rows_cols(a).map(|(_, inp)| inp),
+            max_in_features: None,
+        }
+    }
+
+    /// Whether a weight of `shape` (out, in) agrees with it.
+    pub fn admits(&self, shape: &[usize]) -> bool {
+        let [out, inp] = shape else {
+            return false;
+        };
+        self.out_features.is_none_or(|o| o == *out)
+            && self.in_features.is_none_or(|i| i == *inp)
+            && self.max_in_features.is_none_or(|m| *inp <= m)
+    }
+}
+
+impl std::fmt::Display for ImpliedShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let out = self
+            .out_features
+            .map_or_else(|| "?".to_string(), |o| o.to_string());
+        let inp = match (self.in_features, self.max_in_features) {
+            (Some(i), _) => i.to_string(),
+            (None, Some(m)) => format!("<= {m}"),
+            (None, None) => "?".to_string(),
+        };
+        write!(f, "[{out}, {inp}]")
+    }
+}
+
+/// A stored tensor's shape by name (`None` if the file lacks it).
+pub type Dims<'a> = &'a dyn Fn(&str) -> Option<Vec<usize>>;
 
 /// A [`PeftLayer`] behind a type-erased handle, for the file-format code.
 pub trait PeftGlue: Sync {
@@ -114,6 +175,8 @@ pub trait PeftGlue: Sync {
     fn rank_and_scale(&self, m: &PeftModule) -> (usize, f64);
     /// [`PeftLayer::peft_check_save`].
     fn check_save(&self, raw: &Map<String, Value>) -> Result<()>;
+    /// [`PeftLayer::peft_implied_shape`].
+    fn implied_shape(&self, layer_dims: Dims, model_dims: Dims) -> ImpliedShape;
     /// [`PeftLayer::peft_new`], shared.
     fn fresh(
         &self,
@@ -143,6 +206,10 @@ impl<L: PeftLayer> PeftGlue for Glue<L> {
 
     fn rank_and_scale(&self, m: &PeftModule) -> (usize, f64) {
         L::peft_rank_and_scale(m)
+    }
+
+    fn implied_shape(&self, layer_dims: Dims, model_dims: Dims) -> ImpliedShape {
+        L::peft_implied_shape(layer_dims, model_dims)
     }
 
     fn check_save(&self, raw: &Map<String, Value>) -> Result<()> {

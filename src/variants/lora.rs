@@ -18,7 +18,9 @@ use crate::init::SeededRng;
 use crate::kernels::LowRankTerm;
 use crate::low_rank::{low_rank_forward, trainable_var, Factor, LowRankPair};
 use crate::validate;
-use crate::variants::build::{ModuleSettings, PeftLayer, PeftModule, TensorSource};
+use crate::variants::build::{
+    Dims, ImpliedShape, ModuleSettings, PeftLayer, PeftModule, TensorSource,
+};
 
 /// LoRA hyper-parameters; defaults match PEFT's `LoraConfig` (r = 8, alpha = 8, dropout 0,
 /// rsLoRA off, default init), with seed 0.
@@ -379,6 +381,10 @@ impl PeftLayer for LoraLinear {
     fn peft_rank_and_scale(m: &PeftModule) -> (usize, f64) {
         let config = LoraConfig::from_peft(m);
         (config.r, config.scale())
+    }
+
+    fn peft_implied_shape(layer_dims: Dims, _model_dims: Dims) -> ImpliedShape {
+        ImpliedShape::from_pair(layer_dims("lora_A.weight"), layer_dims("lora_B.weight"))
     }
 
     fn peft_new(m: &PeftModule, base: FrozenLinear, vb: VarBuilder) -> Result<Self> {

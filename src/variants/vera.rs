@@ -30,7 +30,9 @@ use crate::init::SeededRng;
 use crate::kernels::{compute_dtype, LowRankTerm, ScaledLowRankLinear};
 use crate::low_rank::{low_rank_forward, trainable_var};
 use crate::validate;
-use crate::variants::build::{AdapterLayer, ModuleSettings, PeftLayer, PeftModule, TensorSource};
+use crate::variants::build::{
+    AdapterLayer, Dims, ImpliedShape, ModuleSettings, PeftLayer, PeftModule, TensorSource,
+};
 
 /// PEFT's names of the per-layer vectors.
 pub const LAMBDA_B_NAME: &str = "vera_lambda_b";
@@ -477,6 +479,21 @@ impl AdapterLayer for VeraLinear {
 
 impl PeftLayer for VeraLinear {
     const TENSOR_SUFFIXES: &'static [&'static str] = &[LAMBDA_B_NAME, LAMBDA_D_NAME];
+
+    /// `vera_lambda_b` is `(out)`; the shared `vera_A` `(r, max_in)` bounds `in`.
+    fn peft_implied_shape(layer_dims: Dims, model_dims: Dims) -> ImpliedShape {
+        ImpliedShape {
+            out_features: match layer_dims(LAMBDA_B_NAME).as_deref() {
+                Some(&[out]) => Some(out),
+                _ => None,
+            },
+            in_features: None,
+            max_in_features: match model_dims("vera_A").as_deref() {
+                Some(&[_, max_in]) => Some(max_in),
+                _ => None,
+            },
+        }
+    }
 
     /// Refused: the shared pair must be sized for every layer before the first is built.
     /// Create it with [`VeraShared::covering`] and build the model with

@@ -44,7 +44,7 @@ use crate::frozen::FrozenLinear;
 use crate::kernels::{low_rank_only, FusedLinear, LowRankTerm};
 use crate::low_rank::{trainable_var, LowRankPair};
 use crate::validate;
-use crate::variants::build::{PeftLayer, PeftModule, TensorSource};
+use crate::variants::build::{Dims, ImpliedShape, PeftLayer, PeftModule, TensorSource};
 use crate::variants::lora::{
     delegate_to_lora, load_pair, lora_config_layer, LoraConfig, LoraLinear,
 };
@@ -363,6 +363,10 @@ impl PeftLayer for DoraLinear {
 
     fn peft_rank_and_scale(m: &PeftModule) -> (usize, f64) {
         LoraLinear::peft_rank_and_scale(m)
+    }
+
+    fn peft_implied_shape(layer_dims: Dims, model_dims: Dims) -> ImpliedShape {
+        LoraLinear::peft_implied_shape(layer_dims, model_dims)
     }
 
     fn peft_new(m: &PeftModule, base: FrozenLinear, vb: VarBuilder) -> Result<Self> {
