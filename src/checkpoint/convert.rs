@@ -13,53 +13,32 @@ fn width(dtype: Dtype) -> usize {
     dtype.bitsize() / 8
 }
 
-/// Decodes one element (`b`, exactly `width(from)` bytes) of dtype `from` to f64.
-fn read(from: Dtype, b: &[u8]) -> f64 {
-    fn bytes<const N: usize>(b: &[u8]) -> [u8; N] {
-        let mut out = [0u8; N];
-        out.iter_mut().zip(b).for_each(|(o, i)| *o = *i);
-        out
-    }
-    match from {
-        Dtype::F64 => f64::from_le_bytes(bytes(b)),
-        Dtype::F32 => f32::from_le_bytes(bytes(b)) as f64,
-        Dtype::F16 => f16::from_le_bytes(bytes(b)).to_f64(),
-        _ => bf16::from_le_bytes(bytes(b)).to_f64(),
-    }
+/// The first `N` bytes of `b` as an array (`b` holds exactly one element).
+fn arr<const N: usize>(b: &[u8]) -> [u8; N] {
+    let mut out = [0u8; N];
+    out.iter_mut().zip(b).for_each(|(o, i)| *o = *i);
+    out
 }
 
 /// Converts `bytes` (whole elements of dtype `from`) to dtype `to`, appending to `out`.
-/// Rounds to nearest even, as torch's `.to()` does; F32 → F16/BF16 rounds once from the f32
-/// value (an f32 is exact in f64, so going through f64 changes nothing).
+/// Rounds once to nearest even, as torch's `.to()` does: through f32 (exact for F32, F16
+/// and BF16 sources), or straight from the f64 value for F64 sources.
 /// Both dtypes must satisfy [`is_convertible_float`].
 pub fn convert_into(from: Dtype, to: Dtype, bytes: &[u8], out: &mut Vec<u8>) {
+    if from != Dtype::F64 {
+        let mut values = Vec::new();
+        decode_f32(from, bytes, &mut values);
+        encode_f32(&values, to, out);
+        return;
+    }
     out.reserve(bytes.len() / width(from) * width(to));
-    for element in bytes.chunks_exact(width(from)) {
-        let v = read(from, element);
+    for v in bytes.chunks_exact(8).map(|b| f64::from_le_bytes(arr(b))) {
         match to {
             Dtype::F64 => out.extend_from_slice(&v.to_le_bytes()),
             Dtype::F32 => out.extend_from_slice(&(v as f32).to_le_bytes()),
-            Dtype::F16 => out.extend_from_slice(&f16_of(from, v).to_le_bytes()),
-            _ => out.extend_from_slice(&bf16_of(from, v).to_le_bytes()),
+            Dtype::F16 => out.extend_from_slice(&f16::from_f64(v).to_le_bytes()),
+            _ => out.extend_from_slice(&bf16::from_f64(v).to_le_bytes()),
         }
-    }
-}
-
-/// f64 → f16 rounding once: from F32 sources, through `f16::from_f32` (the f32 value is the
-/// source value exactly); from F64, `f16::from_f64`.
-fn f16_of(from: Dtype, v: f64) -> f16 {
-    if from == Dtype::F64 {
-        f16::from_f64(v)
-    } else {
-        f16::from_f32(v as f32)
-    }
-}
-
-fn bf16_of(from: Dtype, v: f64) -> bf16 {
-    if from == Dtype::F64 {
-        bf16::from_f64(v)
-    } else {
-        bf16::from_f32(v as f32)
     }
 }
 
@@ -67,24 +46,44 @@ fn bf16_of(from: Dtype, v: f64) -> bf16 {
 /// (exact from F16 and BF16; F64 rounded to nearest, as candle's `to_dtype` does).
 pub fn decode_f32(from: Dtype, bytes: &[u8], out: &mut Vec<f32>) {
     out.reserve(bytes.len() / width(from));
-    out.extend(
-        bytes
-            .chunks_exact(width(from))
-            .map(|element| read(from, element) as f32),
-    );
+    // One loop per dtype, so each compiles to a plain load-convert loop.
+    match from {
+        Dtype::F32 => out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes(arr(b)))),
+        Dtype::F64 => out.extend(
+            bytes
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(arr(b)) as f32),
+        ),
+        Dtype::F16 => out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|b| f16::from_le_bytes(arr(b)).to_f32()),
+        ),
+        _ => out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|b| bf16::from_le_bytes(arr(b)).to_f32()),
+        ),
+    }
 }
 
 /// Appends `values` encoded as dtype `to` (a convertible float) to `out`, each rounded once
 /// to nearest even, as candle's `to_dtype` does.
 pub fn encode_f32(values: &[f32], to: Dtype, out: &mut Vec<u8>) {
     out.reserve(values.len() * width(to));
-    for &v in values {
-        match to {
-            Dtype::F64 => out.extend_from_slice(&(v as f64).to_le_bytes()),
-            Dtype::F32 => out.extend_from_slice(&v.to_le_bytes()),
-            Dtype::F16 => out.extend_from_slice(&f16::from_f32(v).to_le_bytes()),
-            _ => out.extend_from_slice(&bf16::from_f32(v).to_le_bytes()),
-        }
+    match to {
+        Dtype::F64 => values
+            .iter()
+            .for_each(|&v| out.extend_from_slice(&(v as f64).to_le_bytes())),
+        Dtype::F32 => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        Dtype::F16 => values
+            .iter()
+            .for_each(|&v| out.extend_from_slice(&f16::from_f32(v).to_le_bytes())),
+        _ => values
+            .iter()
+            .for_each(|&v| out.extend_from_slice(&bf16::from_f32(v).to_le_bytes())),
     }
 }
 
