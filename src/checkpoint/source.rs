@@ -317,9 +317,10 @@ impl Checkpoint {
     }
 
     /// The folder's other top-level files, which a merged folder copies: configs, tokenizer
-    /// files, README. Weight files (`*.safetensors`, `*.bin`, `*.pt`, `*.pth`, `*.gguf`,
-    /// `*.index.json`), hidden files and sub-folders are left out. Empty for a checkpoint
-    /// given as a single file.
+    /// files, README. The checkpoint's own shards and index (whatever their names), other
+    /// weight files (`*.safetensors`, `*.bin`, `*.pt`, `*.pth`, `*.gguf`, `*.index.json`),
+    /// hidden files and sub-folders are left out. Empty for a checkpoint given as a single
+    /// file.
     pub fn companion_files(&self) -> Result<Vec<PathBuf>> {
         if self.given == Given::File {
             return Ok(Vec::new());
@@ -330,7 +331,9 @@ impl Checkpoint {
             let entry = entry.map_err(|e| Error::io(&self.folder, e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let is_file = entry.file_type().is_ok_and(|t| t.is_file());
-            if is_file && !name.starts_with('.') && !is_weight_file(&name) {
+            let ours = self.shards.iter().any(|s| s.file_name == name)
+                || self.index.as_ref().is_some_and(|(index, _)| *index == name);
+            if is_file && !ours && !name.starts_with('.') && !is_weight_file(&name) {
                 out.push(entry.path());
             }
         }
