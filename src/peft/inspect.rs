@@ -13,9 +13,9 @@ use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::peft::config::PeftType;
 use crate::peft::load::{PeftAdapter, CONFIG_FILE, KEY_PREFIX, MODEL_KEY_PREFIX, WEIGHTS_FILE};
-use crate::peft::merge::base_model_mismatch;
 pub use crate::variants::build::ImpliedShape;
 use crate::variants::lora::lora_scale;
+use serde_json::Value;
 
 /// One adapted module as stored in the file.
 #[derive(Clone, Debug, PartialEq)]
@@ -395,3 +395,68 @@ impl fmt::Display for CheckpointMatch {
         }
     }
 }
+
+/// A warning when the adapter's `base_model_name_or_path` and the checkpoint's config.json
+/// name different models: different `_name_or_path`s (last path component), or an adapter
+/// name that mentions another model family than the checkpoint's `model_type`.
+pub(crate) fn base_model_mismatch(adapter: &PeftAdapter, ckpt: &Checkpoint) -> Option<String> {
+    let adapter_base = adapter.config().base_model_name_or_path()?;
+    let config = ckpt.config_json()?;
+    let last = |s: &str| {
+        s.trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .unwrap_or("")
+            .to_ascii_lowercase()
+    };
+    let str_of = |k: &str| config.get(k).and_then(Value::as_str).map(str::to_string);
+    if let Some(name) = str_of("_name_or_path").filter(|n| !n.is_empty()) {
+        if last(&name) != last(adapter_base) {
+            return Some(format!(
+                "the adapter was trained on `{adapter_base}` but the checkpoint's config.json \
+                 says `{name}`"
+            ));
+        }
+        return None;
+    }
+    let model_type = str_of("model_type")?;
+    let family_of = |s: &str| -> Option<&'static str> {
+        let s = s.to_ascii_lowercase().replace(['-', '_', '.'], "");
+        MODEL_FAMILIES
+            .iter()
+            .find(|(_, keys)| keys.iter().any(|k| s.contains(k)))
+            .map(|(f, _)| *f)
+    };
+    let (Some(adapter_family), Some(ckpt_family)) =
+        (family_of(&last(adapter_base)), family_of(&model_type))
+    else {
+        return None;
+    };
+    (adapter_family != ckpt_family).then(|| {
+        let arch = config
+            .get("architectures")
+            .and_then(|a| a.get(0))
+            .and_then(Value::as_str)
+            .unwrap_or(&model_type);
+        format!(
+            "the adapter was trained on `{adapter_base}` ({adapter_family}) but the checkpoint \
+             is a {arch} (model_type `{model_type}`)"
+        )
+    })
+}
+
+/// Model families by the substrings of their names (after removing `-`, `_`, `.`); the
+/// more specific first.
+const MODEL_FAMILIES: &[(&str, &[&str])] = &[
+    ("Qwen", &["qwen"]),
+    ("Mistral", &["mistral", "mixtral"]),
+    ("Gemma", &["gemma"]),
+    ("Phi", &["phi"]),
+    ("GPT-2", &["gpt2"]),
+    ("GPT-NeoX", &["gptneox", "pythia"]),
+    ("BERT", &["roberta", "bert"]),
+    ("T5", &["t5"]),
+    ("Falcon", &["falcon"]),
+    ("OPT", &["opt"]),
+    ("Llama", &["llama", "smollm"]),
+];
