@@ -8,7 +8,6 @@ use candle_core::{Tensor, Var};
 
 use crate::error::{Error, Result};
 use crate::frozen::FrozenLinear;
-use crate::validate;
 
 /// The eight methods lorakit implements.
 ///
@@ -181,11 +180,12 @@ pub trait Adapter: Send + Sync + std::fmt::Debug {
     fn forward_adapted(&self, x: &Tensor, train: bool) -> Result<Tensor>;
     /// ΔW in the base layout `(d_out, d_in)` and dtype: what merging adds to `W`.
     fn delta_weight(&self) -> Result<Tensor>;
-    /// The trainable variables, named relative to the layer, with roles.
-    fn trainable_vars(&self) -> Vec<NamedVar>;
-    /// Tensors to save, named relative to the layer with PEFT's suffixes
-    /// (e.g. `lora_A.weight`).
-    fn tensors_to_save(&self) -> Result<Vec<(String, Tensor)>>;
+    /// The adapter's own trainable variables, named relative to the layer, with roles (a
+    /// trainable base bias is added by [`Adapter::trainable_vars`]).
+    fn own_vars(&self) -> Vec<NamedVar>;
+    /// The adapter's own tensors to save, named relative to the layer with PEFT's suffixes
+    /// (e.g. `lora_A.weight`; a trainable base bias is added by [`Adapter::tensors_to_save`]).
+    fn own_tensors(&self) -> Result<Vec<(String, Tensor)>>;
     /// The rank and scale an adapter config must give this layer's module to describe it
     /// (checked before saving: a config that disagrees would load something else).
     fn rank_and_scale(&self) -> (usize, f64);
@@ -193,6 +193,36 @@ pub trait Adapter: Send + Sync + std::fmt::Debug {
     fn as_any(&self) -> &dyn Any;
     /// Mutable downcasting.
     fn as_any_mut(&mut self) -> &mut dyn Any;
+
+    /// What merging adds to the base bias, `(d_out,)`: `s · lora_B.bias` for a LoRA layer
+    /// with `lora_bias`; `None` for every other layer.
+    fn delta_bias(&self) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    /// Every trainable variable: [`Adapter::own_vars`], plus the base bias as
+    /// `base_layer.bias` when it was made trainable (PEFT's `bias = "lora_only"` / `"all"`).
+    fn trainable_vars(&self) -> Vec<NamedVar> {
+        let mut vars = self.own_vars();
+        if let Some(var) = self.base().trainable_bias() {
+            vars.push(NamedVar {
+                name: BASE_BIAS.to_string(),
+                role: ParamRole::Vector,
+                var,
+            });
+        }
+        vars
+    }
+
+    /// Every tensor to save under PEFT's suffixes: [`Adapter::own_tensors`], plus a
+    /// trainable base bias as `base_layer.bias`.
+    fn tensors_to_save(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut tensors = self.own_tensors()?;
+        if let Some(var) = self.base().trainable_bias() {
+            tensors.push((BASE_BIAS.to_string(), var.as_tensor().clone()));
+        }
+        Ok(tensors)
+    }
 
     /// Tensors the layer uses that belong to the whole model rather than to it, named
     /// relative to the model (VeRA's shared pair: `vera_A`, `vera_B`). Layers that share
@@ -247,17 +277,28 @@ pub trait Adapter: Send + Sync + std::fmt::Debug {
     /// and leaves the weight untouched.
     fn merge(&mut self, safe: bool) -> Result<()> {
         self.core().ensure_unmerged()?;
+        let delta_bias = self.delta_bias()?;
+        if delta_bias.is_some() && self.base().bias().is_none() {
+            // Checked before the weight changes, so a failed merge changes nothing.
+            return Err(crate::frozen::no_bias_to_merge(self.name()));
+        }
         let delta = self.delta_weight()?;
         self.core_mut().add_delta(&delta, safe)?;
+        if let Some(db) = delta_bias {
+            self.core_mut().add_bias_delta(&db)?;
+        }
         self.core_mut().set_merged(true);
         Ok(())
     }
 
-    /// Removes ΔW from the base weight.
+    /// Removes ΔW (and the bias delta) from the base.
     fn unmerge(&mut self) -> Result<()> {
         self.core().ensure_merged()?;
         let delta = self.delta_weight()?;
         self.core_mut().add_delta(&delta.neg()?, false)?;
+        if let Some(db) = self.delta_bias()? {
+            self.core_mut().add_bias_delta(&db.neg()?)?;
+        }
         self.core_mut().set_merged(false);
         Ok(())
     }
@@ -287,6 +328,9 @@ pub trait Adapter: Send + Sync + std::fmt::Debug {
         self.core().set_enabled(enabled)
     }
 }
+
+/// The name a trainable base bias has in PEFT's files and among a layer's variables.
+pub const BASE_BIAS: &str = "base_layer.bias";
 
 /// A per-layer entry of an adapter config: `config[field][key] = value` (e.g. AdaLoRA's
 /// `rank_pattern["<path>.lora_E"] = [true, false, …]`), or with `key: None` a top-level
@@ -361,10 +405,10 @@ impl AdaptedBase {
         self.merged = merged
     }
 
-    /// Checks a forward input against the base: last dim, dtype, device.
+    /// Checks a forward input against the base: last dim, dtype, device (token ids for an
+    /// embedding).
     pub fn check_input(&self, x: &Tensor) -> Result<()> {
-        let b = &self.base;
-        validate::linear_input(&self.name, x, b.d_in(), b.dtype(), b.device())
+        self.base.check_input(&self.name, x)
     }
 
     /// Error unless unmerged.
@@ -401,6 +445,11 @@ impl AdaptedBase {
             }
         }
         self.replace_weight(merged)
+    }
+
+    /// `b ← b + delta` (a merged `lora_B.bias`); an error naming the layer if it has no bias.
+    pub(crate) fn add_bias_delta(&mut self, delta: &Tensor) -> Result<()> {
+        self.base.add_to_bias(&self.name, delta)
     }
 
     /// Replaces the base weight (same shape, dtype, device).

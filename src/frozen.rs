@@ -1,6 +1,6 @@
 //! [`FrozenLinear`]: the base layer every adapter wraps.
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
@@ -25,8 +25,51 @@ use crate::validate;
 /// ```
 #[derive(Clone, Debug)]
 pub struct FrozenLinear {
+    /// `(d_out, d_in)`; for a module stored `(d_in, d_out)` a transposed view of it.
     weight: Tensor,
     bias: Option<Tensor>,
+    kind: BaseKind,
+}
+
+/// What kind of module a [`FrozenLinear`] is: how its weight is stored and what its input is.
+///
+/// Every kind is the linear map `x Wᵀ + b` with `W` seen as `(d_out, d_in)`; they differ in
+/// the stored layout (which merges write back) and the input:
+///
+/// | kind | stored weight | input |
+/// |---|---|---|
+/// | `Linear` (`nn.Linear`, `candle_nn::Linear`) | `(d_out, d_in)` | floats `[.., d_in]` |
+/// | `Conv1D` (GPT-2's, PEFT's `fan_in_fan_out`) | `(d_in, d_out)` | floats `[.., d_in]` |
+/// | `Embedding` (`nn.Embedding`, `candle_nn::Embedding`) | `(vocab, dim)`, so `d_in = vocab`, `d_out = dim` | token ids, any shape |
+///
+/// An embedding is the linear map of one-hot ids: its lookup `E[ids]` is `onehot(ids) E`, so
+/// the same `W = Eᵀ` and the same ΔW as a linear layer describe it (PEFT's embedding merge
+/// `E += s (B A)ᵀ` is ΔW in the stored layout).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum BaseKind {
+    /// A linear layer, weight stored `(d_out, d_in)`.
+    #[default]
+    Linear,
+    /// GPT-2's `Conv1D`, weight stored `(d_in, d_out)`.
+    Conv1D,
+    /// An embedding table `(vocab, dim)`, input token ids.
+    Embedding,
+}
+
+impl BaseKind {
+    /// Whether the weight is stored `(d_in, d_out)` (Conv1D, embeddings).
+    pub fn stores_in_out(self) -> bool {
+        !matches!(self, BaseKind::Linear)
+    }
+
+    /// A name for messages (`linear`, `Conv1D`, `embedding`).
+    pub fn name(self) -> &'static str {
+        match self {
+            BaseKind::Linear => "linear",
+            BaseKind::Conv1D => "Conv1D",
+            BaseKind::Embedding => "embedding",
+        }
+    }
 }
 
 impl FrozenLinear {
@@ -50,7 +93,60 @@ impl FrozenLinear {
         Ok(Self {
             weight: weight.detach(),
             bias: bias.map(|b| b.detach()),
+            kind: BaseKind::Linear,
         })
+    }
+
+    /// Builds from a weight stored `(d_in, d_out)`, as GPT-2's `Conv1D` stores it (PEFT's
+    /// `fan_in_fan_out`), and an optional bias `(d_out,)`. No transposed copy is made: the
+    /// layer computes with a transposed view, and merges write the weight back in this layout
+    /// ([`FrozenLinear::stored_weight`]).
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor, Module};
+    /// use lorakit::{BaseKind, FrozenLinear};
+    /// # fn main() -> lorakit::Result<()> {
+    /// let w_in_out = Tensor::new(&[[1f32, 3., 5.], [2., 4., 6.]], &Device::Cpu)?; // (2 in, 3 out)
+    /// let base = FrozenLinear::conv1d(w_in_out.clone(), None)?;
+    /// assert_eq!((base.d_in(), base.d_out(), base.kind()), (2, 3, BaseKind::Conv1D));
+    /// let y = base.forward(&Tensor::new(&[[10f32, 100.]], &Device::Cpu)?)?;
+    /// assert_eq!(y.to_vec2::<f32>()?, [[210.0, 430.0, 650.0]]);
+    /// assert_eq!(base.stored_weight()?.to_vec2::<f32>()?, w_in_out.to_vec2::<f32>()?);
+    /// # Ok(()) }
+    /// ```
+    pub fn conv1d(weight_in_out: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let layer = Self::new(weight_in_out.t()?, None)?;
+        let with_bias = Self::new(layer.weight.clone(), bias)?;
+        Ok(Self {
+            kind: BaseKind::Conv1D,
+            ..with_bias
+        })
+    }
+
+    /// Builds from an embedding table `(vocab, dim)`: a frozen [`BaseKind::Embedding`] whose
+    /// forward looks up token ids (`d_in = vocab`, `d_out = dim`).
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor, Module};
+    /// use lorakit::FrozenLinear;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let table = Tensor::new(&[[0f32, 1.], [10., 11.], [20., 21.]], &Device::Cpu)?;
+    /// let emb = FrozenLinear::embedding(table)?;
+    /// let ids = Tensor::new(&[[2u32, 0]], &Device::Cpu)?;
+    /// assert_eq!(emb.forward(&ids)?.to_vec3::<f32>()?, [[[20.0, 21.0], [0.0, 1.0]]]);
+    /// # Ok(()) }
+    /// ```
+    pub fn embedding(table: Tensor) -> Result<Self> {
+        let layer = Self::new(table.contiguous()?.t()?, None)?;
+        Ok(Self {
+            kind: BaseKind::Embedding,
+            ..layer
+        })
+    }
+
+    /// Wraps a `candle_nn::Embedding` (its table is shared, not copied).
+    pub fn from_embedding(embedding: &candle_nn::Embedding) -> Result<Self> {
+        Self::embedding(embedding.embeddings().clone())
     }
 
     /// Wraps a `candle_nn::Linear` (its weight and bias are shared, not copied).
@@ -75,9 +171,119 @@ impl FrozenLinear {
         Self::new(weight, bias)
     }
 
-    /// The frozen weight, `(d_out, d_in)`.
+    /// Loads a GPT-2 `Conv1D`: `weight` stored `(d_in, d_out)` (and `bias` when
+    /// `with_bias`) at the VarBuilder's path.
+    pub fn conv1d_from_var_builder(
+        d_in: usize,
+        d_out: usize,
+        with_bias: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let weight = vb.get((d_in, d_out), "weight")?;
+        let bias = if with_bias {
+            Some(vb.get(d_out, "bias")?)
+        } else {
+            None
+        };
+        Self::conv1d(weight, bias)
+    }
+
+    /// Loads an embedding table `weight` `(vocab, dim)` at the VarBuilder's path, as
+    /// `candle_nn::embedding` does.
+    pub fn embedding_from_var_builder(vocab: usize, dim: usize, vb: VarBuilder) -> Result<Self> {
+        Self::embedding(vb.get((vocab, dim), "weight")?)
+    }
+
+    /// The same module with `bias` made trainable (PEFT's `bias = "lora_only"` / `"all"`):
+    /// the layer's forward adds it after the frozen product, so gradients reach it. It must
+    /// have shape `(d_out,)` and the weight's dtype and device.
+    pub fn with_trainable_bias(self, bias: &Var) -> Result<Self> {
+        validate::shape("base", "bias", bias.as_tensor(), &[self.d_out()])?;
+        validate::dtype_device(
+            "base",
+            "bias",
+            bias.as_tensor(),
+            self.dtype(),
+            self.device(),
+        )?;
+        Ok(Self {
+            bias: Some(bias.as_tensor().clone()),
+            ..self
+        })
+    }
+
+    /// The bias as a variable, when it was made trainable by
+    /// [`FrozenLinear::with_trainable_bias`].
+    pub fn trainable_bias(&self) -> Option<Var> {
+        let b = self.bias.as_ref().filter(|b| b.is_variable())?;
+        Var::from_tensor(b).ok()
+    }
+
+    /// A module of `kind` from its weight in the stored layout and its bias.
+    pub fn from_stored(kind: BaseKind, weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        match kind {
+            BaseKind::Linear => Self::new(weight, bias),
+            BaseKind::Conv1D => Self::conv1d(weight, bias),
+            BaseKind::Embedding => {
+                if bias.is_some() {
+                    return Err(crate::Error::layer_config(
+                        "base",
+                        "bias",
+                        "an embedding has no bias",
+                    ));
+                }
+                Self::embedding(weight)
+            }
+        }
+    }
+
+    /// The same module with its weight replaced by `stored` (in the stored layout, same
+    /// shape; PEFT's `base_layer.weight` copy in an adapter file), converted to the
+    /// module's dtype and device.
+    pub(crate) fn with_stored_weight(self, layer: &str, stored: &Tensor) -> Result<Self> {
+        validate::shape(
+            layer,
+            "base_layer.weight",
+            stored,
+            self.stored_weight()?.dims(),
+        )?;
+        let stored = stored.to_dtype(self.dtype())?.to_device(self.device())?;
+        let replaced = Self::from_stored(self.kind, stored, None)?;
+        Ok(Self {
+            bias: self.bias,
+            ..replaced
+        })
+    }
+
+    /// The same module with its bias replaced by the constant `bias` (`(d_out,)`).
+    pub(crate) fn with_frozen_bias(self, layer: &str, bias: &Tensor) -> Result<Self> {
+        validate::shape(layer, "bias", bias, &[self.d_out()])?;
+        let bias = bias.to_dtype(self.dtype())?.to_device(self.device())?;
+        Ok(Self {
+            bias: Some(bias.detach()),
+            ..self
+        })
+    }
+
+    /// What kind of module this is (its stored layout and input).
+    pub fn kind(&self) -> BaseKind {
+        self.kind
+    }
+
+    /// The frozen weight, `(d_out, d_in)` (for a module stored `(d_in, d_out)`, a
+    /// transposed view of the stored tensor).
     pub fn weight(&self) -> &Tensor {
         &self.weight
+    }
+
+    /// The weight in its stored layout: `(d_out, d_in)` for [`BaseKind::Linear`],
+    /// `(d_in, d_out)` for Conv1D and embeddings (what a checkpoint holds).
+    pub fn stored_weight(&self) -> Result<Tensor> {
+        if self.kind.stores_in_out() {
+            Ok(self.weight.t()?)
+        } else {
+            Ok(self.weight.clone())
+        }
     }
 
     /// The frozen bias, `(d_out,)`, if any.
@@ -113,30 +319,98 @@ impl FrozenLinear {
 
     /// Replaces the weight by another of the same shape, dtype and device (merges,
     /// Delta-LoRA updates). Crate-internal: users see a frozen layer.
+    /// A module stored `(d_in, d_out)` keeps that layout: the new weight is stored
+    /// transposed (one copy per merge, none per forward).
     pub(crate) fn replace_weight(&mut self, layer: &str, weight: Tensor) -> Result<()> {
         validate::shape(layer, "weight", &weight, self.weight.dims())?;
         validate::dtype_device(layer, "weight", &weight, self.dtype(), self.device())?;
-        self.weight = weight.detach();
+        let weight = weight.detach();
+        self.weight = if self.kind.stores_in_out() && !weight.t()?.is_contiguous() {
+            weight.t()?.contiguous()?.t()?
+        } else {
+            weight
+        };
         Ok(())
     }
 
-    /// `x Wᵀ + b` for inputs of rank ≥ 1 (last dimension `d_in`).
+    /// Adds `delta` (`(d_out,)`) to the bias (a merged `lora_B.bias`); a trainable bias is
+    /// updated in place. Errors when the module has no bias.
+    pub(crate) fn add_to_bias(&mut self, layer: &str, delta: &Tensor) -> Result<()> {
+        let Some(b) = &self.bias else {
+            return Err(crate::Error::layer_config(
+                layer,
+                "lora_bias",
+                "the adapter has a bias (`lora_B.bias`) but the base layer has none, so it                  cannot be merged (PEFT refuses this merge too)",
+            ));
+        };
+        let updated = (b + delta.to_dtype(b.dtype())?)?;
+        match self.trainable_bias() {
+            Some(var) => var.set(&updated)?,
+            None => self.bias = Some(updated.detach()),
+        }
+        Ok(())
+    }
+
+    /// The forward with its input checked: floats `[.., d_in]` for linear kinds, integer
+    /// token ids of any shape for an embedding.
     pub fn forward_checked(&self, layer: &str, x: &Tensor) -> Result<Tensor> {
-        validate::linear_input(layer, x, self.d_in(), self.dtype(), self.device())?;
+        self.check_input(layer, x)?;
         Ok(self.forward(x)?)
+    }
+
+    /// Checks a forward input (see [`FrozenLinear::forward_checked`]).
+    pub fn check_input(&self, layer: &str, x: &Tensor) -> Result<()> {
+        match self.kind {
+            BaseKind::Embedding => validate::token_ids(layer, x, self.device()),
+            _ => validate::linear_input(layer, x, self.d_in(), self.dtype(), self.device()),
+        }
     }
 }
 
 impl Module for FrozenLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (x2, lead) = flatten_rows(x)?;
-        let y = x2.matmul(&self.weight.t()?)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        unflatten_rows(&y, &lead)
+        plain_forward(self.kind, &self.weight, self.bias.as_ref(), x)
     }
+}
+
+/// The error for a bias delta (`lora_B.bias`) on a base layer without a bias.
+pub(crate) fn no_bias_to_merge(layer: &str) -> crate::Error {
+    crate::Error::layer_config(
+        layer,
+        "lora_bias",
+        "the adapter has a bias (`lora_B.bias`) but the base layer has none, so it cannot be \
+         merged (PEFT refuses this merge too)",
+    )
+}
+
+/// `x Wᵀ + b` for a module of `kind` with weight `weight` seen `(d_out, d_in)` (a lookup of
+/// `Wᵀ`'s rows for an embedding), with candle ops: gradients reach whichever of `weight`
+/// and `bias` are variables.
+pub(crate) fn plain_forward(
+    kind: BaseKind,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    x: &Tensor,
+) -> candle_core::Result<Tensor> {
+    if kind == BaseKind::Embedding {
+        return lookup_rows(&weight.t()?, x);
+    }
+    let (x2, lead) = flatten_rows(x)?;
+    let y = x2.matmul(&weight.t()?)?;
+    let y = match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    unflatten_rows(&y, &lead)
+}
+
+/// The rows of `table` (`(vocab, dim)`) at `ids` (any shape): `[ids.., dim]`.
+pub(crate) fn lookup_rows(table: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
+    let flat = ids.flatten_all()?;
+    let rows = table.index_select(&flat, 0)?;
+    let mut dims = ids.dims().to_vec();
+    dims.push(table.dim(1)?);
+    rows.reshape(dims)
 }
 
 /// Views `x` (`[.., d]`) as a matrix `(n, d)`; returns it with the leading dims.

@@ -94,7 +94,7 @@ pub mod variants;
 
 pub use adapter::{AdaptedBase, Adapter, ConfigEntry, NamedVar, ParamRole, Variant};
 pub use error::{Error, Result, Scope};
-pub use frozen::FrozenLinear;
+pub use frozen::{BaseKind, FrozenLinear};
 pub use shared::Shared;
 pub use train::{
     orthogonality_penalty, train_step, DeltaLoraHook, DeltaLoraUpdate, GroupedAdamW,
@@ -103,8 +103,9 @@ pub use train::{
 };
 pub use variants::{
     AdaLoraConfig, AdaLoraLinear, AdaLoraWeights, DeltaLoraConfig, DeltaLoraLinear, DoraConfig,
-    DoraLinear, DoraWeights, LoraConfig, LoraDropLayerConfig, LoraDropLinear, LoraFaConfig,
-    LoraFaLinear, LoraInit, LoraLinear, VeraConfig, VeraLinear, VeraShared, VeraWeights,
+    DoraLinear, DoraWeights, LoraConfig, LoraDropLayerConfig, LoraDropLinear, LoraEmbedding,
+    LoraFaConfig, LoraFaLinear, LoraInit, LoraLinear, VeraConfig, VeraLinear, VeraShared,
+    VeraWeights,
 };
 
 /// The README's code blocks, compiled and run as doctests so the README stays in sync.

@@ -9,6 +9,7 @@ use crate::adapter::{NamedVar, ParamRole};
 use crate::error::{Error, Result};
 use crate::frozen::FrozenLinear;
 use crate::kernels::{low_rank_only, FusedLinear, LowRankTerm};
+use crate::validate;
 
 /// One factor of a low-rank pair: trained (a `Var`) or frozen (a constant).
 #[derive(Clone, Debug)]
@@ -89,6 +90,17 @@ impl LowRankPair {
             ("lora_B.weight".into(), self.b.tensor().clone()),
         ]
     }
+}
+
+/// Checks that `pair` fits `base`: A `(r, d_in)`, B `(d_out, r)`, same dtype and device.
+pub(crate) fn check_pair(name: &str, base: &FrozenLinear, pair: &LowRankPair) -> Result<()> {
+    let (a, b) = (pair.a.tensor(), pair.b.tensor());
+    let r = a.dims().first().copied().unwrap_or(0);
+    validate::rank(name, r)?;
+    validate::shape(name, "lora_A", a, &[r, base.d_in()])?;
+    validate::shape(name, "lora_B", b, &[base.d_out(), r])?;
+    validate::dtype_device(name, "lora_A", a, base.dtype(), base.device())?;
+    validate::dtype_device(name, "lora_B", b, base.dtype(), base.device())
 }
 
 /// Creates (or fetches) the variable `name` through `vb` and sets it to `init`.

@@ -135,6 +135,30 @@ pub(crate) fn shape(layer: &str, what: &str, t: &Tensor, dims: &[usize]) -> Resu
     Ok(())
 }
 
+/// An input to an embedding: integer token ids (U8, U32 or I64) of any shape, on the layer's
+/// device.
+pub(crate) fn token_ids(layer: &str, ids: &Tensor, device: &Device) -> Result<()> {
+    if !matches!(ids.dtype(), DType::U8 | DType::U32 | DType::I64) {
+        return Err(Error::layer_config(
+            layer.to_string(),
+            "input",
+            format!(
+                "an embedding takes integer token ids (u8, u32 or i64), got {:?}",
+                ids.dtype()
+            ),
+        ));
+    }
+    if !ids.device().same_device(device) {
+        return Err(Error::DeviceMismatch {
+            layer: layer.to_string(),
+            what: "input".to_string(),
+            expected: device_name(device),
+            got: device_name(ids.device()),
+        });
+    }
+    Ok(())
+}
+
 /// An input to a linear layer: rank ≥ 1 with last dimension `d_in`, the layer's dtype and device.
 pub(crate) fn linear_input(
     layer: &str,

@@ -143,6 +143,16 @@ impl FusedLinear<'_> {
     /// docs): the fused op on the CPU, the composed path elsewhere.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.check_shapes(x)?;
+        if let Some(bias) = self.bias.filter(|b| b.track_op()) {
+            // A trainable bias (PEFT's `bias = "lora_only"`): the fused op holds its bias as
+            // a constant, so it is added outside, where autograd reaches it.
+            let y = FusedLinear {
+                bias: None,
+                ..*self
+            }
+            .forward(x)?;
+            return add_trainable_bias(&y, bias);
+        }
         let compute = compute_dtype(x.dtype(), x.device());
         if x.device().is_cpu() && matches!(compute, DType::F32 | DType::F64) {
             return self.forward_fused(x, false);
@@ -223,6 +233,11 @@ impl FusedLinear<'_> {
         }
         Ok(unflatten_rows(&y.to_dtype(dtype)?, &lead)?)
     }
+}
+
+/// `y + b` for a bias that tracks gradients, in `y`'s dtype.
+pub(crate) fn add_trainable_bias(y: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    Ok(y.broadcast_add(&bias.to_dtype(y.dtype())?)?)
 }
 
 /// `s · (x Aᵀ) Bᵀ` alone, composed (the adapter branch when dropout feeds it another input

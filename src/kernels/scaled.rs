@@ -61,6 +61,14 @@ pub struct ScaledLowRankLinear<'a> {
 impl ScaledLowRankLinear<'_> {
     /// Runs the product: the fused op on the CPU, the composed path elsewhere.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(bias) = self.bias.filter(|b| b.track_op()) {
+            let y = ScaledLowRankLinear {
+                bias: None,
+                ..*self
+            }
+            .forward(x)?;
+            return super::add_trainable_bias(&y, bias);
+        }
         let dtype = x.dtype();
         let compute = compute_dtype(dtype, x.device());
         if !x.device().is_cpu() || !matches!(compute, DType::F32 | DType::F64) {

@@ -6,11 +6,13 @@ use std::sync::{Arc, RwLock};
 
 use crate::adapter::{Adapter, NamedVar};
 use crate::error::{Error, Result};
+use crate::model::trainable_base::TrainableBase;
 use crate::shared::Shared;
 
 #[derive(Debug, Default)]
 struct Inner {
     layers: RwLock<Vec<(String, Shared<dyn Adapter>)>>,
+    trainable_bases: RwLock<Vec<(String, Arc<TrainableBase>)>>,
     frozen_params: AtomicUsize,
 }
 
@@ -119,6 +121,34 @@ impl AdaptedSet {
         Ok(())
     }
 
+    /// Registers a base module whose own tensors train (a `modules_to_save` copy, a
+    /// `bias = "all"` bias) at `path`. A path registered twice is an error.
+    pub fn insert_trainable_base(&self, path: &str, module: Arc<TrainableBase>) -> Result<()> {
+        let mut modules = self
+            .0
+            .trainable_bases
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        if modules.iter().any(|(p, _)| p == path) || self.get(path).is_some() {
+            return Err(Error::layer_config(
+                path.to_string(),
+                "path",
+                "this module was built twice".to_string(),
+            ));
+        }
+        modules.push((path.to_string(), module));
+        Ok(())
+    }
+
+    /// The trainable base modules with their paths, in build order.
+    pub fn trainable_bases(&self) -> Vec<(String, Arc<TrainableBase>)> {
+        self.0
+            .trainable_bases
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     pub(crate) fn record_frozen(&self, params: usize) {
         self.0.frozen_params.fetch_add(params, Ordering::Relaxed);
     }
@@ -194,6 +224,9 @@ impl AdaptedSet {
         for (_, layer) in self.layers() {
             layer.read().set_enabled(enabled);
         }
+        for (_, module) in self.trainable_bases() {
+            module.set_enabled(enabled);
+        }
     }
 
     /// Sets the mode `Module::forward` runs in for every layer.
@@ -203,13 +236,22 @@ impl AdaptedSet {
         }
     }
 
-    /// Every trainable variable with its layer path and role; a variable shared by several
-    /// layers is listed once (under the first).
+    /// Every trainable variable with its layer path and role (the adapted layers', then the
+    /// trainable base modules'); a variable shared by several layers is listed once (under
+    /// the first).
     pub fn trainable_vars(&self) -> Vec<ModelVar> {
         let mut seen = HashSet::new();
         let mut out = Vec::new();
-        for (path, layer) in self.layers() {
-            for var in layer.read().trainable_vars() {
+        let adapted = self
+            .layers()
+            .into_iter()
+            .map(|(path, layer)| (path, layer.read().trainable_vars()));
+        let bases = self
+            .trainable_bases()
+            .into_iter()
+            .map(|(path, module)| (path, module.trainable_vars()));
+        for (path, vars) in adapted.chain(bases) {
+            for var in vars {
                 if seen.insert(var.var.as_tensor().id()) {
                     out.push(ModelVar {
                         layer: path.clone(),
@@ -240,6 +282,11 @@ impl AdaptedSet {
             .layers()
             .iter()
             .map(|(_, l)| l.read().num_base_params())
+            .chain(
+                self.trainable_bases()
+                    .iter()
+                    .map(|(_, m)| m.original().num_params()),
+            )
             .sum();
         ParamCounts {
             trainable,

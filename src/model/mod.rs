@@ -5,7 +5,14 @@
 pub mod adapted_set;
 pub mod plan;
 pub mod target;
+pub mod trainable_base;
 
 pub use adapted_set::{AdaptedSet, ModelVar, ParamCounts};
-pub use plan::{linear, linear_b, linear_no_bias, AdapterFactory, AdapterPlan, Linear};
-pub use target::{FullRegex, ModuleSelector, ModuleSettings, Pattern, RankAlpha, TargetSpec};
+pub use plan::{
+    conv1d, embedding, linear, linear_b, linear_no_bias, AdapterFactory, AdapterPlan, Embedding,
+    Linear, MergedModule,
+};
+pub use target::{
+    FullRegex, LayerFilter, ModuleSelector, ModuleSettings, Pattern, RankAlpha, TargetSpec,
+};
+pub use trainable_base::{BiasMode, TrainableBase};

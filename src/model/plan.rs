@@ -3,14 +3,16 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Module, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::{DType, Module, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
 
-use crate::adapter::Adapter;
+use crate::adapter::{Adapter, BASE_BIAS};
 use crate::error::Result;
-use crate::frozen::FrozenLinear;
+use crate::frozen::{BaseKind, FrozenLinear};
+use crate::low_rank::trainable_var;
 use crate::model::adapted_set::AdaptedSet;
 use crate::model::target::{ModuleSettings, RankAlpha, TargetSpec};
+use crate::model::trainable_base::{BiasMode, TrainableBase};
 use crate::shared::Shared;
 use crate::variants::{
     AdaLoraConfig, AdaLoraLinear, AdapterLayer, DeltaLoraConfig, DeltaLoraLinear, DoraConfig,
@@ -43,6 +45,19 @@ pub trait AdapterFactory: Send + Sync {
     /// that every tensor of its file was used).
     fn finish(&self) -> Result<()> {
         Ok(())
+    }
+
+    /// A tensor the adapter stores for the base module at `path` (`<path>.<name>` in PEFT's
+    /// file: a `modules_to_save` copy's `weight` / `bias`, a trained `base_layer.bias` or
+    /// `bias`, the `base_layer.weight` copy PEFT saves for targeted embeddings), marked as
+    /// used; `None` when there is none. Fresh adapters store nothing (the default).
+    fn stored_tensor(&self, _path: &str, _name: &str) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    /// Whether the adapter stores any tensor for the module at `path` (default: no).
+    fn stores_for(&self, _path: &str) -> bool {
+        false
     }
 }
 
@@ -97,9 +112,35 @@ where
 pub struct AdapterPlan {
     targets: TargetSpec,
     ranks: RankAlpha,
+    bias: BiasMode,
     adapter_vb: VarBuilder<'static>,
     factory: Arc<dyn AdapterFactory>,
     set: AdaptedSet,
+}
+
+/// Names under which PEFT's `ModulesToSaveWrapper` may save duplicates of a copy's tensors.
+const COPY_WRAPPER_NAMES: [&str; 4] = [
+    "modules_to_save.weight",
+    "modules_to_save.bias",
+    "original_module.weight",
+    "original_module.bias",
+];
+
+/// What the plan makes of one module.
+enum Prepared {
+    Frozen(FrozenLinear),
+    Trainable(TrainableBase),
+    Adapted(Shared<dyn Adapter>),
+}
+
+/// A module's tensors after a merge, in the stored layout, f32: what a merged checkpoint
+/// holds for it ([`AdapterPlan::merged_module`]).
+#[derive(Clone, Debug)]
+pub struct MergedModule {
+    /// The weight (`(d_out, d_in)`, or `(d_in, d_out)` for Conv1D and embeddings).
+    pub weight: Tensor,
+    /// The bias, if the module has one.
+    pub bias: Option<Tensor>,
 }
 
 impl std::fmt::Debug for AdapterPlan {
@@ -124,10 +165,22 @@ impl AdapterPlan {
         Self {
             targets,
             ranks,
+            bias: BiasMode::None,
             adapter_vb,
             factory: Arc::new(factory),
             set: AdaptedSet::new(),
         }
+    }
+
+    /// Which base biases train (PEFT's `bias`; default [`BiasMode::None`]).
+    pub fn with_bias_mode(mut self, bias: BiasMode) -> Self {
+        self.bias = bias;
+        self
+    }
+
+    /// Which base biases train.
+    pub fn bias_mode(&self) -> BiasMode {
+        self.bias
     }
 
     /// A plan that gives every target a fresh layer of type `L` (any variant's layer), built
@@ -165,6 +218,9 @@ impl AdapterPlan {
                             s: ModuleSettings|
               -> Result<Shared<dyn Adapter>> {
             let config = L::config_for_module(&config, s);
+            if base.kind() == BaseKind::Embedding {
+                return L::build_embedding(base, &config, vb);
+            }
             Ok(Shared::new(L::build(base, &config, vb)?).erase())
         };
         Self::new(targets, ranks, adapter_vb, factory)
@@ -249,45 +305,191 @@ impl AdapterPlan {
         &self.ranks
     }
 
-    /// Whether the module at `path` gets an adapter.
+    /// Whether the linear layer at `path` gets an adapter.
     pub fn is_target(&self, path: &str) -> bool {
-        self.targets.is_target(path) && self.factory.covers(path)
+        self.is_target_kind(path, BaseKind::Linear)
     }
 
-    /// Wraps `base` (the module at `path`): adapted if targeted, frozen otherwise. Adapted
-    /// layers are registered in the plan's set; a path adapted twice is an error.
+    /// Whether the module at `path`, of `kind`, gets an adapter.
+    pub fn is_target_kind(&self, path: &str, kind: BaseKind) -> bool {
+        self.targets.is_target_kind(path, kind) && self.factory.covers(path)
+    }
+
+    /// Wraps `base` (the module at `path`): adapted if targeted; a trainable copy if it is
+    /// one of the `modules_to_save`; with a trainable bias under [`BiasMode::All`]; frozen
+    /// otherwise. Adapted layers and trainable modules are registered in the plan's set; a
+    /// path built twice is an error.
     pub fn adapt(&self, path: &str, base: FrozenLinear) -> Result<Linear> {
-        if !self.is_target(path) {
-            self.set.record_frozen(base.num_params());
-            return Ok(Linear::Frozen(base));
+        match self.prepare(path, base, &self.adapter_vb.pp(path))? {
+            Prepared::Frozen(base) => {
+                self.set.record_frozen(base.num_params());
+                Ok(Linear::Frozen(base))
+            }
+            Prepared::Trainable(module) => {
+                let module = Arc::new(module);
+                self.set.insert_trainable_base(path, module.clone())?;
+                Ok(Linear::Trainable(module))
+            }
+            Prepared::Adapted(layer) => {
+                self.set.insert(path, layer.clone())?;
+                Ok(Linear::Adapted(layer))
+            }
         }
-        let layer = self.build(path, base)?;
-        self.set.insert(path, layer.clone())?;
-        Ok(Linear::Adapted(layer))
     }
 
-    /// Builds the adapter for the targeted module `path` around `base`, unregistered.
-    fn build(&self, path: &str, base: FrozenLinear) -> Result<Shared<dyn Adapter>> {
+    /// Decides what `path` becomes, creating trainable variables through `vb`.
+    fn prepare(
+        &self,
+        path: &str,
+        base: FrozenLinear,
+        vb: &VarBuilder<'static>,
+    ) -> Result<Prepared> {
+        let base = match self.factory.stored_tensor(path, "base_layer.weight")? {
+            Some(w) => base.with_stored_weight(path, &w)?,
+            None => base,
+        };
+        if self.targets.is_module_to_save(path) {
+            // PEFT also saves the wrapper's own names for a copy's tensors under some
+            // settings (`bias = "all"`): duplicates of the copy's and the original's.
+            for name in COPY_WRAPPER_NAMES {
+                self.factory.stored_tensor(path, name)?;
+            }
+            let weight = self.factory.stored_tensor(path, "weight")?;
+            let bias = self.factory.stored_tensor(path, "bias")?;
+            if weight.is_none() && bias.is_none() {
+                return Ok(Prepared::Trainable(TrainableBase::copy(
+                    path,
+                    base,
+                    vb.clone(),
+                )?));
+            }
+            let weight = weight.map(|w| var_like(&w, &base)).transpose()?;
+            let bias = bias.map(|b| var_like(&b, &base)).transpose()?;
+            return Ok(Prepared::Trainable(TrainableBase::from_parts(
+                path, base, weight, bias,
+            )?));
+        }
+        if !self.is_target_kind(path, base.kind()) {
+            let stored_bias = self.factory.stored_tensor(path, "bias")?;
+            return Ok(match (self.bias, base.bias()) {
+                (BiasMode::All, Some(b)) => {
+                    let var = self.bias_var(stored_bias, b, vb, "bias")?;
+                    Prepared::Trainable(TrainableBase::from_parts(path, base, None, Some(var))?)
+                }
+                _ => match stored_bias {
+                    Some(b) => Prepared::Frozen(base.with_frozen_bias(path, &b)?),
+                    None => Prepared::Frozen(base),
+                },
+            });
+        }
+        let stored_bias = self.factory.stored_tensor(path, BASE_BIAS)?;
+        let base = match (self.bias, base.bias()) {
+            (BiasMode::LoraOnly | BiasMode::All, Some(b)) => {
+                let var = self.bias_var(stored_bias, b, vb, BASE_BIAS)?;
+                base.with_trainable_bias(&var)?
+            }
+            _ => match stored_bias {
+                Some(b) => base.with_frozen_bias(path, &b)?,
+                None => base,
+            },
+        };
         let settings = self.ranks.for_module(path);
-        self.factory
-            .build(path, base, self.adapter_vb.pp(path), settings)
+        let layer = self.factory.build(path, base, vb.clone(), settings)?;
+        Ok(Prepared::Adapted(layer))
     }
 
-    /// The weight `weight` of the module at `path` with the plan's adapter merged in, as
-    /// PEFT's `merge_and_unload()` computes it, in f32 (cast it to the dtype you store), or
-    /// `None` when `path` is not a target. The layer is built, merged and dropped: it is not
-    /// added to the plan's set, so a caller merging a model one weight at a time (a streaming
-    /// merge, a lazily merging `VarBuilder`) holds one layer at a time. The factory still
-    /// records what it used, for [`AdapterPlan::finish`].
-    pub fn merged_weight(&self, path: &str, weight: &Tensor) -> Result<Option<Tensor>> {
-        if !self.is_target(path) {
+    /// A trainable bias: the adapter's stored value when it has one, else a variable
+    /// `name` created through `vb` from the base's `current` bias.
+    fn bias_var(
+        &self,
+        stored: Option<Tensor>,
+        current: &Tensor,
+        vb: &VarBuilder<'static>,
+        name: &str,
+    ) -> Result<Var> {
+        match stored {
+            Some(t) => {
+                let t = t.to_dtype(current.dtype())?.to_device(current.device())?;
+                Ok(Var::from_tensor(&t)?)
+            }
+            None => trainable_var(vb, name, current),
+        }
+    }
+
+    /// The tensors of the module at `path` (of `kind`, its `weight` in the stored layout,
+    /// and its `bias`) after PEFT's `merge_and_unload()`: the adapter merged in (each
+    /// variant's own merge, in f32, `lora_B.bias` added to the bias), a `modules_to_save`
+    /// copy or a trained bias in place of the original. `None` when the plan leaves the
+    /// module as it is.
+    ///
+    /// Nothing is registered: the layer is built, merged and dropped, so a caller merging a
+    /// model one module at a time (a streaming merge, a lazily merging `VarBuilder`) holds
+    /// one layer at a time. The factory still records what it used, for
+    /// [`AdapterPlan::finish`].
+    pub fn merged_module(
+        &self,
+        path: &str,
+        kind: BaseKind,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Option<MergedModule>> {
+        if !self.touches(path, kind) {
             return Ok(None);
         }
-        let frozen = FrozenLinear::new(weight.to_dtype(DType::F32)?, None)?;
-        let layer = self.build(path, frozen)?;
-        let mut layer = layer.write();
-        layer.merge(true)?;
-        Ok(Some(layer.base().weight().clone()))
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let base = FrozenLinear::from_stored(kind, f32(weight)?, bias.map(f32).transpose()?)?;
+        let scratch = VarBuilder::from_varmap(&VarMap::new(), DType::F32, weight.device());
+        let (weight, bias) = match self.prepare(path, base, &scratch)? {
+            Prepared::Frozen(base) => (base.stored_weight()?, base.bias().cloned()),
+            Prepared::Trainable(module) => {
+                let weight = module
+                    .trainable_vars()
+                    .into_iter()
+                    .find(|v| v.name == "weight")
+                    .map(|v| v.var.as_tensor().clone());
+                let bias = module
+                    .trainable_vars()
+                    .into_iter()
+                    .find(|v| v.name == "bias")
+                    .map(|v| v.var.as_tensor().clone());
+                let original = module.original();
+                (
+                    weight.map_or_else(|| original.stored_weight(), Ok)?,
+                    bias.or_else(|| original.bias().cloned()),
+                )
+            }
+            Prepared::Adapted(layer) => {
+                let mut layer = layer.write();
+                layer.merge(true)?;
+                (layer.base().stored_weight()?, layer.base().bias().cloned())
+            }
+        };
+        Ok(Some(MergedModule {
+            weight: weight.detach(),
+            bias: bias.map(|b| b.detach()),
+        }))
+    }
+
+    /// A tensor the adapter stores for the base module at `path` (see
+    /// [`AdapterFactory::stored_tensor`]), marked as used.
+    pub fn stored_tensor(&self, path: &str, name: &str) -> Result<Option<Tensor>> {
+        self.factory.stored_tensor(path, name)
+    }
+
+    /// Whether the plan changes the module at `path` in a merge: an adapter targets it, it
+    /// is one of the `modules_to_save`, or the adapter stores tensors for it.
+    pub fn touches(&self, path: &str, kind: BaseKind) -> bool {
+        self.is_target_kind(path, kind)
+            || self.targets.is_module_to_save(path)
+            || self.factory.stores_for(path)
+    }
+
+    /// [`AdapterPlan::merged_module`]'s weight, for a linear layer without a bias (kept for
+    /// callers of the first API).
+    pub fn merged_weight(&self, path: &str, weight: &Tensor) -> Result<Option<Tensor>> {
+        Ok(self
+            .merged_module(path, BaseKind::Linear, weight, None)?
+            .map(|m| m.weight))
     }
 
     /// The set of layers adapted so far (shares the plan's registry).
@@ -303,21 +505,37 @@ impl AdapterPlan {
     }
 }
 
-/// A linear layer of a model built with a plan: frozen, or adapted.
+/// A module of a model built with a plan (a linear layer, a Conv1D or an embedding):
+/// frozen, adapted, or trainable itself.
 #[derive(Clone, Debug)]
 pub enum Linear {
     /// Not targeted: the frozen base.
     Frozen(FrozenLinear),
     /// Targeted: the adapted layer, shared with the plan's [`AdaptedSet`].
     Adapted(Shared<dyn Adapter>),
+    /// A `modules_to_save` copy, or a module whose bias trains (`bias = "all"`), shared with
+    /// the plan's [`AdaptedSet`].
+    Trainable(Arc<TrainableBase>),
 }
+
+/// An embedding built with a plan ([`embedding`]): the same three cases as a linear layer,
+/// taking token ids.
+pub type Embedding = Linear;
 
 impl Linear {
     /// The adapted layer, if any.
     pub fn adapter(&self) -> Option<&Shared<dyn Adapter>> {
         match self {
             Linear::Adapted(a) => Some(a),
-            Linear::Frozen(_) => None,
+            Linear::Frozen(_) | Linear::Trainable(_) => None,
+        }
+    }
+
+    /// The trainable module, if any.
+    pub fn trainable(&self) -> Option<&TrainableBase> {
+        match self {
+            Linear::Trainable(m) => Some(m),
+            Linear::Frozen(_) | Linear::Adapted(_) => None,
         }
     }
 }
@@ -327,6 +545,7 @@ impl Module for Linear {
         match self {
             Linear::Frozen(f) => f.forward(x),
             Linear::Adapted(a) => a.forward(x),
+            Linear::Trainable(m) => m.forward(x),
         }
     }
 }
@@ -358,4 +577,79 @@ pub fn linear_b(
     let path = vb.prefix();
     let base = FrozenLinear::from_var_builder(d_in, d_out, bias, vb)?;
     plan.adapt(&path, base)
+}
+
+/// GPT-2's `Conv1D` (a linear layer whose `weight` is stored `(d_in, d_out)`, with a bias),
+/// loaded at `vb`'s path; adapted as PEFT does with `fan_in_fan_out`, without a transposed
+/// copy of the weight.
+///
+/// ```
+/// use candle_core::{DType, Device, Module, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use lorakit::model::{conv1d, AdapterPlan, ModuleSelector, RankAlpha, TargetSpec};
+/// use lorakit::LoraConfig;
+/// # fn main() -> lorakit::Result<()> {
+/// let dev = Device::Cpu;
+/// let (base_map, adapter_map) = (VarMap::new(), VarMap::new());
+/// let base_vb = VarBuilder::from_varmap(&base_map, DType::F32, &dev);
+/// let plan = AdapterPlan::lora(
+///     TargetSpec::new(ModuleSelector::list(["c_attn"])),
+///     RankAlpha::new(4, 8.0),
+///     LoraConfig::default(),
+///     VarBuilder::from_varmap(&adapter_map, DType::F32, &dev),
+/// );
+/// let c_attn = conv1d(16, 48, base_vb.pp("h.0.attn.c_attn"), &plan)?;
+/// assert_eq!(base_map.data().lock().unwrap()["h.0.attn.c_attn.weight"].dims(), [16, 48]);
+/// let y = c_attn.forward(&Tensor::ones((2, 16), DType::F32, &dev)?)?;
+/// assert_eq!(y.dims(), [2, 48]);
+/// # Ok(()) }
+/// ```
+pub fn conv1d(d_in: usize, d_out: usize, vb: VarBuilder, plan: &AdapterPlan) -> Result<Linear> {
+    let path = vb.prefix();
+    let base = FrozenLinear::conv1d_from_var_builder(d_in, d_out, true, vb)?;
+    plan.adapt(&path, base)
+}
+
+/// Drop-in for `candle_nn::embedding`: loads the table `weight` `(vocab, dim)` at `vb`'s
+/// path; the result takes token ids. Targeted embeddings get the plan's variant on
+/// embeddings (LoRA: PEFT's `lora_embedding_A` / `lora_embedding_B`); `all-linear` never
+/// targets one.
+///
+/// ```
+/// use candle_core::{DType, Device, Module, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use lorakit::model::{embedding, AdapterPlan, ModuleSelector, RankAlpha, TargetSpec};
+/// use lorakit::LoraConfig;
+/// # fn main() -> lorakit::Result<()> {
+/// let dev = Device::Cpu;
+/// let (base_map, adapter_map) = (VarMap::new(), VarMap::new());
+/// let base_vb = VarBuilder::from_varmap(&base_map, DType::F32, &dev);
+/// let plan = AdapterPlan::lora(
+///     TargetSpec::new(ModuleSelector::list(["embed_tokens"])),
+///     RankAlpha::new(4, 8.0),
+///     LoraConfig::default(),
+///     VarBuilder::from_varmap(&adapter_map, DType::F32, &dev),
+/// );
+/// let emb = embedding(100, 16, base_vb.pp("model.embed_tokens"), &plan)?;
+/// assert!(emb.adapter().is_some());
+/// let y = emb.forward(&Tensor::new(&[[1u32, 5, 99]], &dev)?)?;
+/// assert_eq!(y.dims(), [1, 3, 16]);
+/// # Ok(()) }
+/// ```
+pub fn embedding(
+    vocab: usize,
+    dim: usize,
+    vb: VarBuilder,
+    plan: &AdapterPlan,
+) -> Result<Embedding> {
+    let path = vb.prefix();
+    let base = FrozenLinear::embedding_from_var_builder(vocab, dim, vb)?;
+    plan.adapt(&path, base)
+}
+
+/// `t` as a trainable variable in `like`'s dtype and device.
+fn var_like(t: &Tensor, like: &FrozenLinear) -> Result<Var> {
+    Ok(Var::from_tensor(
+        &t.to_dtype(like.dtype())?.to_device(like.device())?,
+    )?)
 }

@@ -9,6 +9,8 @@
 
 use regex::Regex;
 
+use crate::frozen::BaseKind;
+
 pub use crate::variants::build::ModuleSettings;
 
 use crate::error::{Error, Result};
@@ -110,6 +112,94 @@ pub struct TargetSpec {
     pub exclude: Option<ModuleSelector>,
     /// The output head `AllLinear` leaves out (default `lm_head`), matched like a list entry.
     pub output_head: String,
+    /// PEFT's `layers_to_transform` / `layers_pattern`: only these layer indexes are adapted
+    /// (applies to list targets matched by suffix, as in PEFT).
+    pub layers: Option<LayerFilter>,
+    /// PEFT's `modules_to_save`: modules that get a fully trainable copy instead of an
+    /// adapter (never adapted themselves).
+    pub modules_to_save: Vec<String>,
+}
+
+/// PEFT's `layers_to_transform` with its `layers_pattern`: a module is adapted only if the
+/// first numbered segment of its path (after `<pattern>.`, or after any segment when no
+/// pattern is given) is one of `indexes`.
+///
+/// ```
+/// use lorakit::model::LayerFilter;
+/// # fn main() -> lorakit::Result<()> {
+/// let f = LayerFilter::new(vec![0], vec!["layers".to_string()])?;
+/// assert_eq!(f.layer_index("model.layers.0.self_attn.q_proj"), Some(0));
+/// assert!(f.admits("model.layers.0.self_attn.q_proj"));
+/// assert!(!f.admits("model.layers.1.self_attn.q_proj"));
+/// assert!(!f.admits("lm_head")); // no layer index: not adapted
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct LayerFilter {
+    /// The layer indexes to adapt.
+    pub indexes: Vec<usize>,
+    patterns: Vec<(String, Regex)>,
+}
+
+impl LayerFilter {
+    /// A filter on `indexes`, the index read after one of `patterns` (regexes, as PEFT's
+    /// `layers_pattern`), or after any path segment when `patterns` is empty.
+    pub fn new(indexes: Vec<usize>, patterns: Vec<String>) -> Result<Self> {
+        let patterns = patterns
+            .into_iter()
+            .map(|p| {
+                let re = Regex::new(&format!(r"^(?:|.*?\.)(?:{p})\.(\d+)\.")).map_err(|e| {
+                    Error::settings(
+                        "target rules",
+                        "layers_pattern",
+                        format!("`{p}` is not a valid regex: {e}"),
+                    )
+                })?;
+                Ok((p, re))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { indexes, patterns })
+    }
+
+    /// The `layers_pattern` entries.
+    pub fn patterns(&self) -> impl Iterator<Item = &str> {
+        self.patterns.iter().map(|(p, _)| p.as_str())
+    }
+
+    /// The layer index PEFT reads from `path`, if any.
+    pub fn layer_index(&self, path: &str) -> Option<usize> {
+        let captures = if self.patterns.is_empty() {
+            any_layer_index()?.captures(path)
+        } else {
+            self.patterns.iter().find_map(|(_, re)| re.captures(path))
+        }?;
+        captures.get(1)?.as_str().parse().ok()
+    }
+
+    /// Whether the module at `path` is in one of the listed layers.
+    pub fn admits(&self, path: &str) -> bool {
+        self.layer_index(path)
+            .is_some_and(|i| self.indexes.contains(&i))
+    }
+}
+
+/// PEFT's default layer-index rule: the first `.<segment>.<digits>.` of the path.
+fn any_layer_index() -> Option<&'static Regex> {
+    static RE: std::sync::OnceLock<Option<Regex>> = std::sync::OnceLock::new();
+    RE.get_or_init(|| Regex::new(r"^.*?\.[^.]*\.(\d+)\.").ok())
+        .as_ref()
+}
+
+/// Whether the module at `path` is (inside) one of `modules_to_save`: PEFT copies every
+/// module whose name ends with an entry, so the module or one of its ancestors must.
+pub fn is_module_to_save(modules_to_save: &[String], path: &str) -> bool {
+    let prefixes = path
+        .match_indices('.')
+        .filter_map(|(i, _)| path.get(..i))
+        .chain(std::iter::once(path));
+    prefixes
+        .into_iter()
+        .any(|p| modules_to_save.iter().any(|m| p.ends_with(m.as_str())))
 }
 
 impl TargetSpec {
@@ -119,7 +209,26 @@ impl TargetSpec {
             target,
             exclude: None,
             output_head: "lm_head".to_string(),
+            layers: None,
+            modules_to_save: Vec::new(),
         }
+    }
+
+    /// Adapts only the layers `filter` admits (PEFT's `layers_to_transform`).
+    pub fn layers(mut self, filter: LayerFilter) -> Self {
+        self.layers = Some(filter);
+        self
+    }
+
+    /// Gives these modules fully trainable copies (PEFT's `modules_to_save`).
+    pub fn modules_to_save<S: Into<String>>(mut self, names: impl IntoIterator<Item = S>) -> Self {
+        self.modules_to_save = names.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Whether the module at `path` gets a trainable copy (PEFT's `modules_to_save`).
+    pub fn is_module_to_save(&self, path: &str) -> bool {
+        is_module_to_save(&self.modules_to_save, path)
     }
 
     /// Adds an exclusion rule.
@@ -136,16 +245,42 @@ impl TargetSpec {
 
     /// Whether the linear layer at `path` gets an adapter.
     pub fn is_target(&self, path: &str) -> bool {
+        self.is_target_kind(path, BaseKind::Linear)
+    }
+
+    /// Whether the module at `path`, of `kind`, gets an adapter: PEFT's rules in PEFT's
+    /// order (exclusions, `modules_to_save`, targets, then `layers_to_transform` for list
+    /// entries matched as a suffix). `all-linear` selects no embedding.
+    pub fn is_target_kind(&self, path: &str, kind: BaseKind) -> bool {
         if let Some(ex) = &self.exclude {
             if !matches!(ex, ModuleSelector::AllLinear) && ex.matches(path) {
                 return false;
             }
         }
+        if self
+            .modules_to_save
+            .iter()
+            .any(|m| module_to_save_regex(m).is_some_and(|re| re.is_match(path)))
+        {
+            return false;
+        }
         match &self.target {
-            ModuleSelector::AllLinear => !list_entry_matches(&self.output_head, path),
+            ModuleSelector::AllLinear => {
+                kind != BaseKind::Embedding && !list_entry_matches(&self.output_head, path)
+            }
+            ModuleSelector::List(names) if names.iter().any(|n| n == path) => true,
+            t @ ModuleSelector::List(_) => {
+                t.matches(path) && self.layers.as_ref().is_none_or(|f| f.admits(path))
+            }
             t => t.matches(path),
         }
     }
+}
+
+/// PEFT's rule keeping adapters off `modules_to_save` modules and their children:
+/// `re.match(r"(^|.*\.)<m>($|\..*)", path)` (`None` if `m` is not a valid regex).
+fn module_to_save_regex(m: &str) -> Option<Regex> {
+    Regex::new(&format!(r"^(?:|.*\.)(?:{m})(?:$|\..*)")).ok()
 }
 
 /// An ordered `{key: value}` pattern table (PEFT's `rank_pattern` / `alpha_pattern`).

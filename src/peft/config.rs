@@ -14,7 +14,10 @@ use crate::error::{Error, Result};
 use crate::frozen::FrozenLinear;
 use crate::model::plan::AdapterPlan;
 use crate::model::target::ModuleSettings;
-use crate::model::target::{FullRegex, ModuleSelector, Pattern, RankAlpha, TargetSpec};
+use crate::model::target::{
+    FullRegex, LayerFilter, ModuleSelector, Pattern, RankAlpha, TargetSpec,
+};
+pub use crate::model::trainable_base::BiasMode;
 use crate::variants::build::{peft_glue, PeftGlue, PeftModule};
 use crate::variants::lora::LoraConfig;
 
@@ -87,6 +90,14 @@ pub struct PeftConfig {
     pub use_dora: bool,
     /// Adapter-input dropout (`lora_dropout` or `vera_dropout`).
     pub dropout: f64,
+    /// `fan_in_fan_out`: the targeted weights are stored `(in, out)` (GPT-2's Conv1D). Used
+    /// where the stored layout is not otherwise known (merging a checkpoint); the
+    /// model-level API knows it from the module ([`crate::model::conv1d`]).
+    pub fan_in_fan_out: bool,
+    /// `lora_bias`: LoRA layers have a trainable bias on B (`lora_B.bias`).
+    pub lora_bias: bool,
+    /// `bias`: which base biases train and are saved with the adapter.
+    pub bias: BiasMode,
     /// AdaLoRA's `rank_pattern`: per module (`<path>.lora_E`), which of the `init_r` ranks
     /// were kept.
     pub adalora_ranks: Vec<(String, Vec<bool>)>,
@@ -196,6 +207,63 @@ fn pattern<T: Clone>(
     Pattern::new(pairs, key)
 }
 
+/// A list of strings (`modules_to_save`), empty when absent or null.
+fn string_list(map: &Map<String, Value>, key: &'static str, p: &Path) -> Result<Vec<String>> {
+    match map.get(key) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|i| {
+                i.as_str().map(str::to_string).ok_or_else(|| {
+                    Error::file_config(p, key, format!("list entries must be strings, got {i}"))
+                })
+            })
+            .collect(),
+        Some(v) => Err(Error::file_config(
+            p,
+            key,
+            format!("expected a list of strings, got {v}"),
+        )),
+    }
+}
+
+/// `layers_to_transform` (an index or a list of them) with `layers_pattern` (a string or a
+/// list), as PEFT reads them; `None` when no layer index is given.
+fn layer_filter(map: &Map<String, Value>, p: &Path) -> Result<Option<LayerFilter>> {
+    let patterns = match map.get("layers_pattern") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(_) => string_list(map, "layers_pattern", p)?,
+    };
+    let bad = |v: &Value| {
+        Error::file_config(
+            p,
+            "layers_to_transform",
+            format!("expected a layer index or a list of them, got {v}"),
+        )
+    };
+    let indexes = match map.get("layers_to_transform") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(items)) if items.is_empty() => None,
+        Some(Value::Array(items)) => Some(
+            items
+                .iter()
+                .map(|i| i.as_u64().map(|n| n as usize).ok_or_else(|| bad(i)))
+                .collect::<Result<Vec<_>>>()?,
+        ),
+        Some(v) => Some(vec![v.as_u64().ok_or_else(|| bad(v))? as usize]),
+    };
+    match indexes {
+        Some(indexes) => Ok(Some(LayerFilter::new(indexes, patterns)?)),
+        None if patterns.iter().any(|s| !s.is_empty()) => Err(Error::file_config(
+            p,
+            "layers_pattern",
+            "given without layers_to_transform (PEFT refuses this too)",
+        )),
+        None => Ok(None),
+    }
+}
+
 /// Errors unless `key` is absent, null, or equal to one of `allowed`.
 fn require_default(
     map: &Map<String, Value>,
@@ -271,17 +339,55 @@ impl PeftConfig {
             None | Some(Value::Null) => targets,
             Some(v) => targets.exclude(selector(v, "exclude_modules", p)?),
         };
-        for key in [
-            "layers_to_transform",
-            "layers_pattern",
-            "modules_to_save",
-            "trainable_token_indices",
-        ] {
-            require_default(&raw, key, &[], p)?;
+        require_default(&raw, "trainable_token_indices", &[], p)?;
+        let mut targets = targets;
+        if let Some(filter) = layer_filter(&raw, p)? {
+            if matches!(targets.target, ModuleSelector::Regex(_)) {
+                return Err(Error::file_config(
+                    p,
+                    "layers_to_transform",
+                    "cannot be used when target_modules is a regex string (PEFT refuses this too)",
+                ));
+            }
+            targets = targets.layers(filter);
         }
-        require_default(&raw, "fan_in_fan_out", &[Value::Bool(false)], p)?;
-        require_default(&raw, "bias", &[Value::String("none".into())], p)?;
-        require_default(&raw, "lora_bias", &[Value::Bool(false)], p)?;
+        targets = targets.modules_to_save(string_list(&raw, "modules_to_save", p)?);
+        let fan_in_fan_out = get_bool(&raw, "fan_in_fan_out", p)?;
+        let lora_bias = get_bool(&raw, "lora_bias", p)?;
+        let bias = match raw.get("bias") {
+            None | Some(Value::Null) => BiasMode::None,
+            Some(Value::String(b)) => b.parse().map_err(|_| {
+                Error::file_config(
+                    p,
+                    "bias",
+                    format!("expected \"none\", \"lora_only\" or \"all\", got \"{b}\""),
+                )
+            })?,
+            Some(v) => {
+                return Err(Error::file_config(
+                    p,
+                    "bias",
+                    format!("expected a string, got {v}"),
+                ))
+            }
+        };
+        if lora_bias && peft_type != PeftType::Lora {
+            return Err(Error::file_config(
+                p,
+                "lora_bias",
+                format!(
+                    "lora_bias is a LoRA setting; {} adapters have no bias on B",
+                    peft_type.as_str()
+                ),
+            ));
+        }
+        if lora_bias && get_bool(&raw, "use_dora", p)? {
+            return Err(Error::file_config(
+                p,
+                "lora_bias",
+                "lora_bias is not supported with DoRA (use_dora); PEFT refuses this combination too",
+            ));
+        }
 
         let (default_r, dropout_key) = match peft_type {
             PeftType::Lora => (8, "lora_dropout"),
@@ -340,6 +446,9 @@ impl PeftConfig {
             use_rslora: get_bool(&raw, "use_rslora", p)?,
             use_dora: get_bool(&raw, "use_dora", p)?,
             dropout: get_f64(&raw, dropout_key, 0.0, p)?,
+            fan_in_fan_out,
+            lora_bias,
+            bias,
             adalora_ranks,
             raw,
         })
@@ -392,6 +501,9 @@ impl PeftConfig {
             use_rslora: false,
             use_dora,
             dropout: 0.0,
+            fan_in_fan_out: false,
+            lora_bias: false,
+            bias: BiasMode::None,
             adalora_ranks: Vec::new(),
             raw,
         }
@@ -441,6 +553,7 @@ impl PeftConfig {
             raw: &self.raw,
             init: init.init,
             seed: init.seed,
+            lora_bias: self.lora_bias,
         }
     }
 
@@ -468,7 +581,32 @@ impl PeftConfig {
             self.ranks.clone(),
             adapter_vb,
             factory,
-        ))
+        )
+        .with_bias_mode(self.bias))
+    }
+
+    /// This config with `adapter_config.json`'s `key` set to `value`, parsed again, so every
+    /// setting is checked as if read from a file (e.g. `("modules_to_save",
+    /// json!(["classifier"]))`, `("bias", json!("lora_only"))`, `("fan_in_fan_out",
+    /// json!(true))`, `("layers_to_transform", json!([0, 1]))`).
+    ///
+    /// ```
+    /// use lorakit::peft::{BiasMode, PeftConfig};
+    /// # fn main() -> lorakit::Result<()> {
+    /// let config = PeftConfig::lora(4, 8.0, &["query", "value"])
+    ///     .with_setting("modules_to_save", serde_json::json!(["classifier"]))?
+    ///     .with_setting("bias", serde_json::json!("lora_only"))?;
+    /// assert_eq!(config.bias, BiasMode::LoraOnly);
+    /// assert!(config.targets.is_module_to_save("classifier"));
+    /// assert!(config.with_setting("bias", serde_json::json!("some")).is_err());
+    /// # Ok(()) }
+    /// ```
+    pub fn with_setting(&self, key: &str, value: Value) -> Result<Self> {
+        let mut raw = self.raw.clone();
+        raw.insert(key.to_string(), value);
+        let text = serde_json::to_string(&Value::Object(raw))
+            .map_err(|e| Error::json(PathBuf::from("adapter_config.json"), &e))?;
+        Self::from_json_str(&text, "adapter_config.json")
     }
 
     /// A short name of the adapter type: `LORA`, `LORA (rsLoRA)`, `LORA (DoRA)`, `VERA`, `ADALORA`.

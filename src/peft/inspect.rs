@@ -11,6 +11,7 @@ use safetensors::tensor::Dtype;
 use crate::checkpoint::convert::is_convertible_float;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
+use crate::frozen::BaseKind;
 use crate::peft::config::PeftType;
 use crate::peft::load::{PeftAdapter, CONFIG_FILE, KEY_PREFIX, MODEL_KEY_PREFIX, WEIGHTS_FILE};
 pub use crate::variants::build::ImpliedShape;
@@ -180,8 +181,12 @@ pub struct ModuleMatch {
     pub tensor: String,
     /// That tensor's shape and dtype in the checkpoint, when it has it.
     pub base: Option<(Vec<usize>, Dtype)>,
-    /// The shape the adapter's tensors imply for it.
+    /// The shape the adapter's tensors imply for it, `(out, in)`.
     pub implied: ImpliedShape,
+    /// The kind of module the adapter takes it for (an embedding, a Conv1D under
+    /// `fan_in_fan_out`, else a linear layer): Conv1D and embedding weights are stored
+    /// `(in, out)`.
+    pub kind: BaseKind,
     /// Whether it fits.
     pub fit: Fit,
 }
@@ -295,12 +300,17 @@ pub(crate) fn match_modules(adapter: &PeftAdapter, ckpt: &Checkpoint) -> Vec<Mod
                 .map(|g| g.implied_shape(&layer_dims, &model_dims))
                 .unwrap_or_default();
             let tensor = format!("{path}.weight");
+            let kind = adapter.base_kind(&path);
             let base = ckpt.get(&tensor).map(|(_, t)| (t.shape.clone(), t.dtype));
+            let out_in = |shape: &[usize]| match (kind.stores_in_out(), shape) {
+                (true, &[inp, out]) => vec![out, inp],
+                _ => shape.to_vec(),
+            };
             let fit = match &base {
                 None => Fit::Missing,
                 Some((shape, _)) if shape.len() != 2 => Fit::NotTwoD,
                 Some((_, dtype)) if !is_convertible_float(*dtype) => Fit::NotFloat,
-                Some((shape, _)) if !implied.admits(shape) => Fit::ShapeDiffers,
+                Some((shape, _)) if !implied.admits(&out_in(shape)) => Fit::ShapeDiffers,
                 Some(_) => Fit::Fits,
             };
             ModuleMatch {
@@ -308,6 +318,7 @@ pub(crate) fn match_modules(adapter: &PeftAdapter, ckpt: &Checkpoint) -> Vec<Mod
                 tensor,
                 base,
                 implied,
+                kind,
                 fit,
             }
         })

@@ -10,17 +10,19 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use candle_nn::{VarBuilder, VarMap};
 
 use crate::adapter::Adapter;
 use crate::error::{Error, Result};
-use crate::frozen::FrozenLinear;
+use crate::frozen::{BaseKind, FrozenLinear};
 use crate::model::plan::{AdapterFactory, AdapterPlan};
 use crate::model::target::ModuleSettings;
 use crate::peft::config::PeftConfig;
 use crate::shared::Shared;
 use crate::variants::build::{peft_tensor_suffixes, TensorSource};
 use crate::variants::lora::LoraConfig;
+use crate::variants::lora::LORA_B_BIAS;
+use crate::variants::lora_embedding::EMBEDDING_A;
 
 /// The config file's name in an adapter directory.
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -30,6 +32,12 @@ pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 pub const KEY_PREFIX: &str = "base_model.model.";
 /// The prefix PEFT puts before a model-level tensor's name (VeRA's `vera_A`).
 pub const MODEL_KEY_PREFIX: &str = "base_model.";
+
+/// The names under which PEFT stores a base module's own tensors in an adapter file: a
+/// `modules_to_save` copy or a `bias = "all"` bias (`weight`, `bias`), a wrapped layer's
+/// trained bias (`base_layer.bias`), the embedding copy PEFT saves when an embedding or
+/// output head is targeted (`base_layer.weight`).
+pub const BASE_TENSOR_NAMES: [&str; 4] = ["weight", "bias", "base_layer.weight", "base_layer.bias"];
 
 /// A PEFT adapter read from disk: its config and tensors.
 ///
@@ -160,6 +168,31 @@ impl PeftAdapter {
         paths
     }
 
+    /// The kind of module the adapter takes `path` for when nothing else tells (a merge into
+    /// a checkpoint): an embedding if the file has `lora_embedding_A` for it, a Conv1D
+    /// (weight stored `(in, out)`) under `fan_in_fan_out`, else a linear layer.
+    pub fn base_kind(&self, path: &str) -> BaseKind {
+        let embedding = format!("{KEY_PREFIX}{path}.{EMBEDDING_A}");
+        if self.inner.tensors.contains_key(&embedding) {
+            BaseKind::Embedding
+        } else if self.inner.config.fan_in_fan_out {
+            BaseKind::Conv1D
+        } else {
+            BaseKind::Linear
+        }
+    }
+
+    /// Whether a merge changes the bias of the module at `path`: the file stores one for it
+    /// (`bias`, `base_layer.bias`, `lora_B.bias`) or it is one of the `modules_to_save`.
+    pub fn changes_bias(&self, path: &str) -> bool {
+        self.inner.config.targets.is_module_to_save(path)
+            || ["bias", "base_layer.bias", LORA_B_BIAS].iter().any(|n| {
+                self.inner
+                    .tensors
+                    .contains_key(&format!("{KEY_PREFIX}{path}.{n}"))
+            })
+    }
+
     /// A plan that attaches this adapter: the config's target rules, with each targeted
     /// layer built from the file's tensors (converted to the base layer's dtype).
     pub fn plan(&self) -> Result<AdapterPlan> {
@@ -171,12 +204,15 @@ impl PeftAdapter {
             .next()
             .map(|t| t.device().clone())
             .unwrap_or(Device::Cpu);
+        // Variables the plan creates itself (a trainable bias the file does not store) are
+        // set from the base through a private VarMap.
         Ok(AdapterPlan::new(
             c.targets.clone(),
             c.ranks.clone(),
-            VarBuilder::zeros(DType::F32, &device),
+            VarBuilder::from_varmap(&VarMap::new(), DType::F32, &device),
             LoadedFactory(self.inner.clone()),
-        ))
+        )
+        .with_bias_mode(c.bias))
     }
 }
 
@@ -330,6 +366,27 @@ impl AdapterFactory for LoadedFactory {
                 self.0.config.targets.target,
                 crate::model::target::ModuleSelector::AllLinear
             )
+    }
+
+    fn stored_tensor(&self, path: &str, name: &str) -> Result<Option<Tensor>> {
+        let key = format!("{KEY_PREFIX}{path}.{name}");
+        let Some(t) = self.0.tensors.get(&key) else {
+            return Ok(None);
+        };
+        self.0
+            .used
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key);
+        Ok(Some(t.clone()))
+    }
+
+    fn stores_for(&self, path: &str) -> bool {
+        BASE_TENSOR_NAMES.iter().any(|n| {
+            self.0
+                .tensors
+                .contains_key(&format!("{KEY_PREFIX}{path}.{n}"))
+        })
     }
 
     fn finish(&self) -> Result<()> {

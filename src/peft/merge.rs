@@ -6,6 +6,7 @@
 //! from shapes and dtypes before any data. Untargeted tensors are copied in chunks. Peak
 //! memory is a few times the largest *adapted* weight, whatever the checkpoint's size.
 
+use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -203,6 +204,8 @@ pub fn merge_checkpoint(
     let mut job = MergeJob {
         ckpt: &ckpt,
         plan: &plan,
+        adapter: &adapter,
+        stash: HashMap::new(),
         dtype: options.dtype,
         progress: options.progress,
         tensors_total: ckpt.len(),
@@ -262,6 +265,10 @@ pub fn merge_files(base: &Path, adapter_dir: &Path, out: &Path) -> Result<MergeR
 struct MergeJob<'c, 'p> {
     ckpt: &'c Checkpoint,
     plan: &'c AdapterPlan,
+    adapter: &'c PeftAdapter,
+    /// Merged tensors computed with an earlier tensor of their module (a module's weight
+    /// and bias are merged together) and not written yet, by name; at most one module's.
+    stash: HashMap<String, Tensor>,
     dtype: OutputDType,
     progress: Option<&'p mut ProgressFn<'p>>,
     tensors_total: usize,
@@ -286,7 +293,7 @@ impl MergeJob<'_, '_> {
         let mut writer =
             ShardWriter::begin(file, path, &plan, shard.header.user_metadata().cloned())?;
         for (tensor, (_, out_dtype, _)) in shard.header.tensors().iter().zip(&plan) {
-            if !self.write_merged(shard, tensor, *out_dtype, &mut writer)? {
+            if !self.write_merged(tensor, *out_dtype, &mut writer)? {
                 self.copy(shard, tensor, *out_dtype, &mut writer)?;
             }
             self.tensors_done += 1;
@@ -295,31 +302,25 @@ impl MergeJob<'_, '_> {
         writer.finish().map(drop)
     }
 
-    /// Writes the merged weight in `out_dtype` if the adapter targets this tensor (returns
-    /// whether it did). `W` is decoded to f32 once, merged by the variant's own layer (in
-    /// f32, checked for non-finite values), and encoded a piece at a time: a weight costs
-    /// about three f32 copies of itself in memory.
+    /// Writes the merged tensor in `out_dtype` if the adapter changes this tensor's module
+    /// (returns whether it did): the module's weight (and bias) are decoded to f32, merged
+    /// by the variant's own layer (in f32, checked for non-finite values), or replaced by
+    /// the adapter's copy, and encoded a piece at a time. A weight costs about three f32
+    /// copies of itself in memory; the module's other tensor waits in the stash.
     fn write_merged(
         &mut self,
-        shard: &Shard,
         tensor: &StoredTensor,
         out_dtype: Dtype,
         writer: &mut ShardWriter<&mut std::fs::File>,
     ) -> Result<bool> {
-        let Some(path) = target_path(self.plan, tensor) else {
-            return Ok(false);
+        let merged = match self.stash.remove(&tensor.name) {
+            Some(t) => t,
+            None => match self.merge_module_of(tensor)? {
+                Some(t) => t,
+                None => return Ok(false),
+            },
         };
-        let mut bytes = std::mem::take(&mut self.read_buf);
-        bytes.resize(usize::try_from(tensor.len).unwrap_or(usize::MAX), 0);
-        shard.read_at(&mut bytes, tensor.offset)?;
-        let mut values = Vec::new();
-        decode_f32(tensor.dtype, &bytes, &mut values);
-        self.read_buf = bytes;
-        let w = Tensor::from_vec(values, tensor.shape.as_slice(), &Device::Cpu)?;
-        let Some(merged) = self.plan.merged_weight(path, &w)? else {
-            return Ok(false);
-        };
-        drop(w);
+        let path = module_of(&tensor.name).map_or("", |(p, _)| p);
         let merged = merged.to_dtype(DType::F32)?.contiguous()?;
         let (storage, layout) = merged.storage_and_layout();
         let values = match &*storage {
@@ -341,9 +342,69 @@ impl MergeJob<'_, '_> {
             writer.write(&out)?;
         }
         self.out_buf = out;
-        self.report.merged.push(path.to_string());
+        if tensor.name.ends_with(".weight") {
+            self.report.merged.push(path.to_string());
+        }
         self.bytes_done += tensor.len;
         Ok(true)
+    }
+
+    /// Merges the module `tensor` belongs to (`<path>.weight` / `<path>.bias`) if the plan
+    /// changes it: returns `tensor`'s merged value and stashes the module's other tensor.
+    fn merge_module_of(&mut self, tensor: &StoredTensor) -> Result<Option<Tensor>> {
+        let Some((path, own)) = module_of(&tensor.name) else {
+            return Ok(None);
+        };
+        let kind = self.adapter.base_kind(path);
+        if !is_convertible_float(tensor.dtype) || !self.plan.touches(path, kind) {
+            return Ok(None);
+        }
+        let weight_name = format!("{path}.weight");
+        let bias_name = format!("{path}.bias");
+        let weight = self.read_f32(&weight_name)?;
+        if weight.as_ref().is_none_or(|w| w.rank() != 2) {
+            // Not a linear module (a norm under bias = "all"): the adapter's tensor, if any,
+            // replaces the stored one.
+            return self.plan.stored_tensor(path, own);
+        }
+        let (Some(weight), bias) = (weight, self.read_f32(&bias_name)?) else {
+            return Ok(None);
+        };
+        let Some(merged) = self
+            .plan
+            .merged_module(path, kind, &weight, bias.as_ref())?
+        else {
+            return Ok(None);
+        };
+        let (mine, other) = match (own, merged.bias) {
+            ("weight", bias) => (Some(merged.weight), bias.map(|b| (bias_name, b))),
+            (_, bias) => (bias, Some((weight_name, merged.weight))),
+        };
+        if let Some((name, t)) = other {
+            self.stash.insert(name, t);
+        }
+        Ok(mine)
+    }
+
+    /// The checkpoint's tensor `name` decoded to f32 (`None` if it has none).
+    fn read_f32(&mut self, name: &str) -> Result<Option<Tensor>> {
+        let Some((shard, stored)) = self.ckpt.get(name) else {
+            return Ok(None);
+        };
+        if !is_convertible_float(stored.dtype) {
+            return Ok(None);
+        }
+        let mut bytes = std::mem::take(&mut self.read_buf);
+        bytes.resize(usize::try_from(stored.len).unwrap_or(usize::MAX), 0);
+        shard.read_at(&mut bytes, stored.offset)?;
+        let mut values = Vec::new();
+        decode_f32(stored.dtype, &bytes, &mut values);
+        self.read_buf = bytes;
+        Ok(Some(Tensor::from_vec(
+            values,
+            stored.shape.as_slice(),
+            &Device::Cpu,
+        )?))
     }
 
     /// Copies an untargeted tensor in pieces, converting its dtype if asked.
@@ -423,12 +484,13 @@ fn f32_slice<'a>(
     cpu.as_slice::<f32>().ok()?.get(a..b)
 }
 
-/// The module path of a tensor the plan adapts: `<path>.weight`, 2-D, targeted.
-fn target_path<'t>(plan: &AdapterPlan, tensor: &'t StoredTensor) -> Option<&'t str> {
-    tensor
-        .name
-        .strip_suffix(".weight")
-        .filter(|p| tensor.shape.len() == 2 && plan.is_target(p))
+/// A tensor's module path and own name: `("<path>", "weight")` for `<path>.weight`, and
+/// the same for `.bias`; `None` for other tensors.
+fn module_of(name: &str) -> Option<(&str, &'static str)> {
+    if let Some(p) = name.strip_suffix(".weight") {
+        return Some((p, "weight"));
+    }
+    name.strip_suffix(".bias").map(|p| (p, "bias"))
 }
 
 /// Before any work: every module the adapter stores must have a 2-D float weight in the

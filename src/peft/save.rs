@@ -8,7 +8,9 @@ use candle_core::Tensor;
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
+use crate::frozen::BaseKind;
 use crate::model::adapted_set::AdaptedSet;
+use crate::model::trainable_base::BiasMode;
 use crate::peft::config::PeftConfig;
 use crate::peft::load::{CONFIG_FILE, KEY_PREFIX, MODEL_KEY_PREFIX, WEIGHTS_FILE};
 pub use crate::staging::{write_atomic, write_atomic_all_with, write_atomic_with};
@@ -61,6 +63,11 @@ pub fn adapter_tensors(set: &AdaptedSet) -> Result<Vec<(String, Tensor)>> {
             }
         }
     }
+    for (path, module) in set.trainable_bases() {
+        for (name, t) in module.tensors_to_save() {
+            out.push((format!("{KEY_PREFIX}{path}.{name}"), t));
+        }
+    }
     out.extend(
         model_level
             .into_iter()
@@ -95,6 +102,7 @@ fn check_consistent(config: &PeftConfig, set: &AdaptedSet) -> Result<()> {
                 ),
             ));
         }
+        check_options(config, &path, &*layer)?;
         let module = config.module(&path, config.ranks.for_module(&path), &Default::default());
         let (r, scale) = glue.rank_and_scale(&module);
         let (layer_r, layer_scale) = layer.rank_and_scale();
@@ -109,7 +117,57 @@ fn check_consistent(config: &PeftConfig, set: &AdaptedSet) -> Result<()> {
             ));
         }
     }
+    for (path, module) in set.trainable_bases() {
+        let (field, ok) = if module.is_full_copy() {
+            ("modules_to_save", config.targets.is_module_to_save(&path))
+        } else {
+            ("bias", config.bias == BiasMode::All)
+        };
+        if !ok {
+            return Err(Error::layer_config(
+                path,
+                field,
+                format!(
+                    "the module trains its own tensors but the config's {field} does not say so \
+                     (PEFT would not load them)"
+                ),
+            ));
+        }
+    }
     glue.check_save(&config.raw)
+}
+
+/// The options a layer needs from the config: `lora_bias` for a bias on B, a `bias` mode
+/// for a trained base bias, `fan_in_fan_out` for a Conv1D base.
+fn check_options(config: &PeftConfig, path: &str, layer: &dyn crate::Adapter) -> Result<()> {
+    let problem = if layer.delta_bias()?.is_some() != config.lora_bias {
+        Some((
+            "lora_bias",
+            format!(
+                "the layer {} a bias on B but the config has lora_bias = {}",
+                if config.lora_bias { "has no" } else { "has" },
+                config.lora_bias
+            ),
+        ))
+    } else if layer.base().trainable_bias().is_some() && config.bias == BiasMode::None {
+        Some((
+            "bias",
+            "the layer trains its base bias but the config has bias = \"none\"".to_string(),
+        ))
+    } else if layer.base().kind() == BaseKind::Conv1D && !config.fan_in_fan_out {
+        Some((
+            "fan_in_fan_out",
+            "the base is a Conv1D (weight stored (in, out)) but the config has fan_in_fan_out = \
+             false; set it so merges write the weight in its layout"
+                .to_string(),
+        ))
+    } else {
+        None
+    };
+    match problem {
+        Some((field, reason)) => Err(Error::layer_config(path, field, reason)),
+        None => Ok(()),
+    }
 }
 
 /// The config to write: `config`, plus what the layers know and the config may not

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::checkpoint::{Checkpoint, CheckpointBackend};
@@ -18,7 +18,7 @@ use crate::peft::merge::check_adapter_fits;
 /// `dtype`). Any model that loads from a `VarBuilder` runs with the adapter, unmodified:
 ///
 /// ```no_run
-/// use candle_core::{DType, Device};
+/// use candle_core::{DType, Device, Tensor};
 /// use lorakit::peft::adapted_var_builder;
 /// # fn main() -> lorakit::Result<()> {
 /// let vb = adapted_var_builder("models/TinyLlama", "my-adapter", DType::F32, &Device::Cpu)?;
@@ -40,17 +40,44 @@ pub fn adapted_var_builder(
     let adapter = load_adapter(adapter_dir.as_ref())?;
     check_adapter_fits(&adapter, &ckpt)?;
     let plan = adapter.plan()?;
-    let transform = move |name: &str, t: candle_core::Tensor| -> Result<candle_core::Tensor> {
-        let target = name
-            .strip_suffix(".weight")
-            .filter(|_| t.rank() == 2 && t.dtype().is_float());
-        match target {
-            Some(path) => Ok(plan.merged_weight(path, &t)?.unwrap_or(t)),
-            None => Ok(t),
+    let ckpt = Arc::new(ckpt);
+    let source = ckpt.clone();
+    let transform = move |name: &str, t: Tensor| -> Result<Tensor> {
+        let module = [("weight", ".weight"), ("bias", ".bias")]
+            .into_iter()
+            .find_map(|(own, suffix)| Some((name.strip_suffix(suffix)?, own)));
+        let Some((path, own)) = module.filter(|_| t.dtype().is_float()) else {
+            return Ok(t);
+        };
+        let kind = adapter.base_kind(path);
+        if !plan.touches(path, kind) || (own == "bias" && !adapter.changes_bias(path)) {
+            return Ok(t);
         }
+        let partner = |n: &str| -> Result<Option<Tensor>> {
+            match source.get(n) {
+                Some(_) => Ok(Some(source.load(n, t.device())?)),
+                None => Ok(None),
+            }
+        };
+        let (weight, bias) = match own {
+            "weight" => (t.clone(), partner(&format!("{path}.bias"))?),
+            _ => match partner(&format!("{path}.weight"))? {
+                Some(w) => (w, Some(t.clone())),
+                None => return Ok(t),
+            },
+        };
+        if weight.rank() != 2 {
+            // A norm's tensors under bias = "all": the adapter's copy replaces them.
+            return Ok(plan.stored_tensor(path, own)?.unwrap_or(t));
+        }
+        let Some(merged) = plan.merged_module(path, kind, &weight, bias.as_ref())? else {
+            return Ok(t);
+        };
+        let value = match own {
+            "weight" => Some(merged.weight),
+            _ => merged.bias,
+        };
+        Ok(value.unwrap_or(t))
     };
-    Ok(
-        CheckpointBackend::new(Arc::new(ckpt), Some(Box::new(transform)))
-            .into_var_builder(dtype, device),
-    )
+    Ok(CheckpointBackend::new(ckpt, Some(Box::new(transform))).into_var_builder(dtype, device))
 }

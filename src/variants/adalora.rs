@@ -416,7 +416,7 @@ impl Adapter for AdaLoraLinear {
         Ok((pair.product()? * self.scale)?)
     }
 
-    fn trainable_vars(&self) -> Vec<NamedVar> {
+    fn own_vars(&self) -> Vec<NamedVar> {
         let pair = LowRankPair {
             a: Factor::Trainable(self.a.clone()),
             b: Factor::Trainable(self.b.clone()),
@@ -431,7 +431,7 @@ impl Adapter for AdaLoraLinear {
     }
 
     /// The kept ranks under PEFT's names `lora_A`, `lora_B`, `lora_E` (no `.weight`).
-    fn tensors_to_save(&self) -> Result<Vec<(String, Tensor)>> {
+    fn own_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let (a, e, b) = self.truncated()?;
         Ok(vec![
             ("lora_A".into(), a),
@@ -480,6 +480,8 @@ impl AdapterLayer for AdaLoraLinear {
             ..config.clone()
         }
     }
+
+    const VARIANT: Variant = Variant::AdaLora;
 }
 
 impl AdaLoraConfig {
@@ -495,6 +497,8 @@ impl AdaLoraConfig {
 }
 
 impl PeftLayer for AdaLoraLinear {
+    const PEFT_VARIANT: Variant = Variant::AdaLora;
+
     const TENSOR_SUFFIXES: &'static [&'static str] = &["lora_A", "lora_B", "lora_E"];
 
     fn peft_rank_and_scale(m: &PeftModule) -> (usize, f64) {

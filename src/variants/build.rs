@@ -20,7 +20,7 @@ use serde_json::{Map, Value};
 
 use crate::adapter::{Adapter, Variant};
 use crate::error::Result;
-use crate::frozen::FrozenLinear;
+use crate::frozen::{BaseKind, FrozenLinear};
 use crate::init::LoraInit;
 use crate::shared::Shared;
 
@@ -45,6 +45,33 @@ pub trait AdapterLayer: Adapter + Sized + 'static {
     /// `config` with one module's rank and alpha applied (variants without a per-module
     /// rank, such as VeRA, return it unchanged).
     fn config_for_module(config: &Self::Config, settings: ModuleSettings) -> Self::Config;
+
+    /// A fresh adapter of this variant over an embedding table
+    /// ([`crate::BaseKind::Embedding`]). Default: an error naming the variant (only LoRA and
+    /// LoRA+ adapt embeddings).
+    fn build_embedding(
+        base: FrozenLinear,
+        config: &Self::Config,
+        vb: VarBuilder,
+    ) -> Result<Shared<dyn Adapter>> {
+        let _ = (base, config);
+        Err(no_embedding_support(&vb.prefix(), Self::VARIANT))
+    }
+
+    /// The variant, for messages.
+    const VARIANT: Variant;
+}
+
+/// The error for a variant that cannot adapt an embedding.
+pub(crate) fn no_embedding_support(path: &str, variant: Variant) -> crate::Error {
+    crate::Error::layer_config(
+        path,
+        "target_modules",
+        format!(
+            "`{path}` is an embedding; lorakit adapts embeddings with LoRA (and LoRA+) only, \
+             not {variant}"
+        ),
+    )
 }
 
 /// One module's settings as a PEFT adapter config gives them.
@@ -64,6 +91,8 @@ pub struct PeftModule<'a> {
     pub init: LoraInit,
     /// For fresh layers: the init seed.
     pub seed: u64,
+    /// `lora_bias`: a trainable bias on B (LoRA only).
+    pub lora_bias: bool,
 }
 
 /// The tensors of one module in an adapter file.
@@ -94,6 +123,27 @@ pub trait PeftLayer: Adapter + Sized + 'static {
     fn peft_new(m: &PeftModule, base: FrozenLinear, vb: VarBuilder) -> Result<Self>;
     /// The layer for the module `m` from the file's tensors.
     fn peft_load(m: &PeftModule, base: FrozenLinear, source: &dyn TensorSource) -> Result<Self>;
+    /// A fresh adapter over an embedding; default: an error (see
+    /// [`AdapterLayer::build_embedding`]).
+    fn peft_new_embedding(
+        m: &PeftModule,
+        base: FrozenLinear,
+        vb: VarBuilder,
+    ) -> Result<Shared<dyn Adapter>> {
+        let _ = (base, vb);
+        Err(no_embedding_support(m.path, Self::PEFT_VARIANT))
+    }
+    /// An embedding's adapter from the file's tensors; default: an error.
+    fn peft_load_embedding(
+        m: &PeftModule,
+        base: FrozenLinear,
+        source: &dyn TensorSource,
+    ) -> Result<Shared<dyn Adapter>> {
+        let _ = (base, source);
+        Err(no_embedding_support(m.path, Self::PEFT_VARIANT))
+    }
+    /// The variant, for messages.
+    const PEFT_VARIANT: Variant;
     /// The rank and scale a layer for `m` has ([`Adapter::rank_and_scale`] of a layer the
     /// config describes).
     fn peft_rank_and_scale(m: &PeftModule) -> (usize, f64);
@@ -222,6 +272,9 @@ impl<L: PeftLayer> PeftGlue for Glue<L> {
         base: FrozenLinear,
         vb: VarBuilder,
     ) -> Result<Shared<dyn Adapter>> {
+        if base.kind() == BaseKind::Embedding {
+            return L::peft_new_embedding(m, base, vb);
+        }
         Ok(Shared::new(L::peft_new(m, base, vb)?).erase())
     }
 
@@ -231,6 +284,9 @@ impl<L: PeftLayer> PeftGlue for Glue<L> {
         base: FrozenLinear,
         source: &dyn TensorSource,
     ) -> Result<Shared<dyn Adapter>> {
+        if base.kind() == BaseKind::Embedding {
+            return L::peft_load_embedding(m, base, source);
+        }
         Ok(Shared::new(L::peft_load(m, base, source)?).erase())
     }
 }

@@ -65,6 +65,7 @@ impl DeltaLoraLinear {
     /// an error).
     pub fn new(base: FrozenLinear, config: &DeltaLoraConfig, vb: VarBuilder) -> Result<Self> {
         check_no_dropout(&vb.prefix(), config.dropout)?;
+        config.refuse_lora_bias(&vb.prefix(), Variant::DeltaLora)?;
         Ok(Self {
             lora: LoraLinear::new(base, config, vb)?,
         })
@@ -80,6 +81,7 @@ impl DeltaLoraLinear {
     ) -> Result<Self> {
         let name = name.into();
         check_no_dropout(&name, config.dropout)?;
+        config.refuse_lora_bias(&name, Variant::DeltaLora)?;
         Ok(Self {
             lora: LoraLinear::from_weights(name, base, config, pair)?,
         })
@@ -100,11 +102,18 @@ impl DeltaLoraLinear {
     /// The weight the layer saves: `W`, with ΔW taken out while merged.
     pub fn saved_base_weight(&self) -> Result<Tensor> {
         let w = self.base().weight();
-        if self.is_merged() {
+        let unmerged = if self.is_merged() {
             let delta = self.delta_weight()?.to_dtype(w.dtype())?;
-            return Ok((w - delta)?);
+            (w - delta)?
+        } else {
+            w.clone()
+        };
+        // In the stored layout, as PEFT's `base_layer.weight` (Conv1D: `(in, out)`).
+        if self.base().kind().stores_in_out() {
+            Ok(unmerged.t()?.contiguous()?)
+        } else {
+            Ok(unmerged)
         }
-        Ok(w.clone())
     }
 }
 
@@ -133,12 +142,12 @@ impl Adapter for DeltaLoraLinear {
         self.lora.forward_adapted(x, train)
     }
 
-    fn trainable_vars(&self) -> Vec<NamedVar> {
-        self.lora.trainable_vars()
+    fn own_vars(&self) -> Vec<NamedVar> {
+        self.lora.own_vars()
     }
 
-    fn tensors_to_save(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut out = self.lora.tensors_to_save()?;
+    fn own_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = self.lora.own_tensors()?;
         out.push((BASE_WEIGHT_KEY.to_string(), self.saved_base_weight()?));
         Ok(out)
     }
@@ -146,4 +155,4 @@ impl Adapter for DeltaLoraLinear {
 
 crate::impl_module_for_adapter!(DeltaLoraLinear);
 
-lora_config_layer!(DeltaLoraLinear);
+lora_config_layer!(DeltaLoraLinear, Variant::DeltaLora);

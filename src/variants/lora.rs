@@ -14,106 +14,18 @@ use crate::adapter::{AdaptedBase, Adapter, NamedVar, Variant};
 use crate::error::Result;
 use crate::frozen::FrozenLinear;
 pub use crate::init::LoraInit;
-use crate::init::SeededRng;
 use crate::kernels::LowRankTerm;
+pub(crate) use crate::low_rank::check_pair;
 use crate::low_rank::{low_rank_forward, trainable_var, Factor, LowRankPair};
+use crate::shared::Shared;
 use crate::validate;
 use crate::variants::build::{
-    Dims, ImpliedShape, ModuleSettings, PeftLayer, PeftModule, TensorSource,
+    AdapterLayer, Dims, ImpliedShape, ModuleSettings, PeftLayer, PeftModule, TensorSource,
 };
-
-/// LoRA hyper-parameters; defaults match PEFT's `LoraConfig` (r = 8, alpha = 8, dropout 0,
-/// rsLoRA off, default init), with seed 0.
-#[derive(Clone, Debug, PartialEq)]
-pub struct LoraConfig {
-    /// Rank `r` (≥ 1).
-    pub r: usize,
-    /// `lora_alpha` (finite, > 0).
-    pub alpha: f64,
-    /// Dropout on the adapter input, in `[0, 1)`, applied only in training.
-    pub dropout: f64,
-    /// rsLoRA: scale `alpha / √r` instead of `alpha / r`.
-    pub use_rslora: bool,
-    /// Initialization of A and B.
-    pub init: LoraInit,
-    /// Seed of the init; mixed with the layer name so layers differ.
-    pub seed: u64,
-}
-
-impl Default for LoraConfig {
-    fn default() -> Self {
-        Self {
-            r: 8,
-            alpha: 8.0,
-            dropout: 0.0,
-            use_rslora: false,
-            init: LoraInit::Default,
-            seed: 0,
-        }
-    }
-}
-
-impl LoraConfig {
-    /// A config with rank and alpha, other fields default.
-    pub fn new(r: usize, alpha: f64) -> Self {
-        Self {
-            r,
-            alpha,
-            ..Self::default()
-        }
-    }
-
-    /// The scale `s`: `alpha / r`, or `alpha / √r` with rsLoRA.
-    pub fn scale(&self) -> f64 {
-        lora_scale(self.alpha, self.r, self.use_rslora)
-    }
-
-    /// This config with a module's rank and alpha (after PEFT's `rank_pattern` /
-    /// `alpha_pattern`).
-    pub fn for_module(&self, settings: ModuleSettings) -> Self {
-        Self {
-            r: settings.r,
-            alpha: settings.alpha,
-            ..self.clone()
-        }
-    }
-
-    /// Checks rank, alpha and dropout, naming `layer` in the error.
-    pub fn validate(&self, layer: &str) -> Result<()> {
-        validate::rank(layer, self.r)?;
-        validate::alpha(layer, self.alpha)?;
-        validate::dropout(layer, self.dropout)
-    }
-
-    /// A freshly initialized `(A, B)` for a `d_in → d_out` layer, as plain tensors.
-    pub fn init_pair(&self, layer: &str, base: &FrozenLinear) -> Result<(Tensor, Tensor)> {
-        let (d_in, d_out, r) = (base.d_in(), base.d_out(), self.r);
-        validate::alloc_size(layer, "r", "lora_A", &[r, d_in])?;
-        validate::alloc_size(layer, "r", "lora_B", &[d_out, r])?;
-        let (dtype, dev) = (base.dtype(), base.device());
-        let mut rng = SeededRng::for_layer(self.seed, layer);
-        let a = match self.init {
-            LoraInit::Default | LoraInit::BothRandom => {
-                rng.kaiming_uniform_linear(r, d_in, dtype, dev)?
-            }
-            LoraInit::Gaussian => rng.normal((r, d_in), 0.0, 1.0 / r as f64, dtype, dev)?,
-        };
-        let b = match self.init {
-            LoraInit::BothRandom => rng.kaiming_uniform_linear(d_out, r, dtype, dev)?,
-            _ => Tensor::zeros((d_out, r), dtype, dev)?,
-        };
-        Ok((a, b))
-    }
-}
-
-/// PEFT's LoRA scale: `alpha / r`, or `alpha / √r` with rsLoRA.
-pub fn lora_scale(alpha: f64, r: usize, use_rslora: bool) -> f64 {
-    if use_rslora {
-        alpha / (r as f64).sqrt()
-    } else {
-        alpha / r as f64
-    }
-}
+pub use crate::variants::lora_config::{lora_scale, LoraConfig, LORA_B_BIAS};
+use crate::variants::lora_embedding::{
+    load_embedding_pair, LoraEmbedding, EMBEDDING_A, EMBEDDING_B,
+};
 
 /// A frozen linear layer with a LoRA adapter.
 ///
@@ -139,6 +51,8 @@ pub fn lora_scale(alpha: f64, r: usize, use_rslora: bool) -> f64 {
 pub struct LoraLinear {
     core: AdaptedBase,
     pair: LowRankPair,
+    /// `lora_B.bias`, `(d_out,)`, when the config has `lora_bias`.
+    bias: Option<Var>,
     scale: f64,
     dropout: f64,
 }
@@ -154,7 +68,38 @@ impl LoraLinear {
             a: Factor::Trainable(trainable_var(&vb, "lora_A", &a)?),
             b: Factor::Trainable(trainable_var(&vb, "lora_B", &b)?),
         };
-        Self::from_weights(name, base, config, pair)
+        let bias = if config.lora_bias {
+            let zeros = Tensor::zeros(base.d_out(), base.dtype(), base.device())?;
+            Some(trainable_var(&vb, LORA_B_BIAS, &zeros)?)
+        } else {
+            None
+        };
+        let layer = Self::from_weights(name, base, config, pair)?;
+        match bias {
+            Some(b) => layer.with_lora_bias(b),
+            None => Ok(layer),
+        }
+    }
+
+    /// The layer with a trainable bias on B (PEFT's `lora_B.bias`, `(d_out,)`, in the base's
+    /// dtype and device), added to the output as `s · bias`.
+    pub fn with_lora_bias(mut self, bias: Var) -> Result<Self> {
+        let (name, base) = (self.core.name(), self.core.base());
+        validate::shape(name, LORA_B_BIAS, bias.as_tensor(), &[base.d_out()])?;
+        validate::dtype_device(
+            name,
+            LORA_B_BIAS,
+            bias.as_tensor(),
+            base.dtype(),
+            base.device(),
+        )?;
+        self.bias = Some(bias);
+        Ok(self)
+    }
+
+    /// The bias on B (`lora_bias`), if any.
+    pub fn lora_bias(&self) -> Option<&Var> {
+        self.bias.as_ref()
     }
 
     /// Builds the layer `name` from an existing pair (loaded, shared, or partly frozen): the
@@ -184,6 +129,7 @@ impl LoraLinear {
         Ok(Self {
             core: AdaptedBase::new(name, base),
             pair,
+            bias: None,
             scale: config.scale(),
             dropout: config.dropout,
         })
@@ -232,17 +178,6 @@ impl LoraLinear {
     }
 }
 
-/// Checks that `pair` fits `base`: A `(r, d_in)`, B `(d_out, r)`, same dtype and device.
-pub(crate) fn check_pair(name: &str, base: &FrozenLinear, pair: &LowRankPair) -> Result<()> {
-    let (a, b) = (pair.a.tensor(), pair.b.tensor());
-    let r = a.dims().first().copied().unwrap_or(0);
-    validate::rank(name, r)?;
-    validate::shape(name, "lora_A", a, &[r, base.d_in()])?;
-    validate::shape(name, "lora_B", b, &[base.d_out(), r])?;
-    validate::dtype_device(name, "lora_A", a, base.dtype(), base.device())?;
-    validate::dtype_device(name, "lora_B", b, base.dtype(), base.device())
-}
-
 /// The [`Adapter`] methods a layer that wraps a [`LoraLinear`] (in the field named by the
 /// argument) takes from it unchanged: state, ΔW, rank and scale, downcasting.
 macro_rules! delegate_to_lora {
@@ -288,19 +223,42 @@ impl Adapter for LoraLinear {
     }
 
     fn forward_adapted(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        low_rank_forward(self.core.base(), self.term(), self.dropout, x, train)
+        let y = low_rank_forward(self.core.base(), self.term(), self.dropout, x, train)?;
+        match self.delta_bias()? {
+            Some(db) => Ok(y.broadcast_add(&db.to_dtype(y.dtype())?)?),
+            None => Ok(y),
+        }
     }
 
     fn delta_weight(&self) -> Result<Tensor> {
         Ok((self.pair.product()? * self.scale)?)
     }
 
-    fn trainable_vars(&self) -> Vec<NamedVar> {
-        self.pair.named_vars()
+    fn delta_bias(&self) -> Result<Option<Tensor>> {
+        Ok(match &self.bias {
+            Some(b) => Some((b.as_tensor() * self.scale)?),
+            None => None,
+        })
     }
 
-    fn tensors_to_save(&self) -> Result<Vec<(String, Tensor)>> {
-        Ok(self.pair.tensors_to_save())
+    fn own_vars(&self) -> Vec<NamedVar> {
+        let mut vars = self.pair.named_vars();
+        if let Some(b) = &self.bias {
+            vars.push(NamedVar {
+                name: LORA_B_BIAS.to_string(),
+                role: crate::adapter::ParamRole::LowRankB,
+                var: b.clone(),
+            });
+        }
+        vars
+    }
+
+    fn own_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut tensors = self.pair.tensors_to_save();
+        if let Some(b) = &self.bias {
+            tensors.push((LORA_B_BIAS.to_string(), b.as_tensor().clone()));
+        }
+        Ok(tensors)
     }
 
     fn rank_and_scale(&self) -> (usize, f64) {
@@ -321,7 +279,7 @@ crate::impl_module_for_adapter!(LoraLinear);
 /// [`AdapterLayer`] for a layer type configured by a [`LoraConfig`] and built by its
 /// `new(base, &config, vb)`: every LoRA-family layer.
 macro_rules! lora_config_layer {
-    ($layer:ty) => {
+    ($layer:ty, $variant:expr) => {
         impl $crate::variants::build::AdapterLayer for $layer {
             type Config = $crate::variants::lora::LoraConfig;
 
@@ -339,25 +297,33 @@ macro_rules! lora_config_layer {
             ) -> Self::Config {
                 config.for_module(settings)
             }
+
+            const VARIANT: $crate::adapter::Variant = $variant;
         }
     };
 }
 pub(crate) use lora_config_layer;
 
-lora_config_layer!(LoraLinear);
+impl AdapterLayer for LoraLinear {
+    type Config = LoraConfig;
 
-impl LoraConfig {
-    /// The LoRA settings of one module of a PEFT adapter config.
-    pub(crate) fn from_peft(m: &PeftModule) -> Self {
-        Self {
-            r: m.settings.r,
-            alpha: m.settings.alpha,
-            dropout: m.dropout,
-            use_rslora: m.use_rslora,
-            init: m.init,
-            seed: m.seed,
-        }
+    fn build(base: FrozenLinear, config: &LoraConfig, vb: VarBuilder) -> Result<Self> {
+        Self::new(base, config, vb)
     }
+
+    fn config_for_module(config: &LoraConfig, settings: ModuleSettings) -> LoraConfig {
+        config.for_module(settings)
+    }
+
+    fn build_embedding(
+        base: FrozenLinear,
+        config: &LoraConfig,
+        vb: VarBuilder,
+    ) -> Result<Shared<dyn Adapter>> {
+        Ok(Shared::new(LoraEmbedding::new(base, config, vb)?).erase())
+    }
+
+    const VARIANT: Variant = Variant::Lora;
 }
 
 /// The trainable pair `lora_A.weight` `(r, d_in)`, `lora_B.weight` `(d_out, r)` of a module
@@ -376,7 +342,32 @@ pub(crate) fn load_pair(
 }
 
 impl PeftLayer for LoraLinear {
-    const TENSOR_SUFFIXES: &'static [&'static str] = &["lora_A.weight", "lora_B.weight"];
+    const TENSOR_SUFFIXES: &'static [&'static str] = &[
+        "lora_A.weight",
+        "lora_B.weight",
+        LORA_B_BIAS,
+        EMBEDDING_A,
+        EMBEDDING_B,
+    ];
+    const PEFT_VARIANT: Variant = Variant::Lora;
+
+    fn peft_new_embedding(
+        m: &PeftModule,
+        base: FrozenLinear,
+        vb: VarBuilder,
+    ) -> Result<Shared<dyn Adapter>> {
+        Ok(Shared::new(LoraEmbedding::new(base, &LoraConfig::from_peft(m), vb)?).erase())
+    }
+
+    fn peft_load_embedding(
+        m: &PeftModule,
+        base: FrozenLinear,
+        source: &dyn TensorSource,
+    ) -> Result<Shared<dyn Adapter>> {
+        let config = LoraConfig::from_peft(m);
+        let pair = load_embedding_pair(&config, &base, source)?;
+        Ok(Shared::new(LoraEmbedding::from_weights(m.path, base, &config, pair)?).erase())
+    }
 
     fn peft_rank_and_scale(m: &PeftModule) -> (usize, f64) {
         let config = LoraConfig::from_peft(m);
@@ -384,7 +375,12 @@ impl PeftLayer for LoraLinear {
     }
 
     fn peft_implied_shape(layer_dims: Dims, _model_dims: Dims) -> ImpliedShape {
-        ImpliedShape::from_pair(layer_dims("lora_A.weight"), layer_dims("lora_B.weight"))
+        match layer_dims(EMBEDDING_A) {
+            Some(a) => ImpliedShape::from_pair(Some(a), layer_dims(EMBEDDING_B)),
+            None => {
+                ImpliedShape::from_pair(layer_dims("lora_A.weight"), layer_dims("lora_B.weight"))
+            }
+        }
     }
 
     fn peft_new(m: &PeftModule, base: FrozenLinear, vb: VarBuilder) -> Result<Self> {
@@ -394,6 +390,12 @@ impl PeftLayer for LoraLinear {
     fn peft_load(m: &PeftModule, base: FrozenLinear, source: &dyn TensorSource) -> Result<Self> {
         let config = LoraConfig::from_peft(m);
         let pair = load_pair(&config, &base, source)?;
-        Self::from_weights(m.path, base, &config, pair)
+        let d_out = base.d_out();
+        let layer = Self::from_weights(m.path, base, &config, pair)?;
+        if !config.lora_bias {
+            return Ok(layer);
+        }
+        let bias = source.layer_tensor(LORA_B_BIAS, &[d_out])?;
+        layer.with_lora_bias(Var::from_tensor(&bias)?)
     }
 }

@@ -53,6 +53,7 @@ pub struct LoraDropLinear {
 impl LoraDropLinear {
     /// Builds a LoRA-drop layer over `base`: a LoRA layer made by [`LoraLinear::new`].
     pub fn new(base: FrozenLinear, config: &LoraDropLayerConfig, vb: VarBuilder) -> Result<Self> {
+        config.refuse_lora_bias(&vb.prefix(), Variant::LoraDrop)?;
         Ok(Self::from_lora(LoraLinear::new(base, config, vb)?))
     }
 
@@ -63,6 +64,8 @@ impl LoraDropLinear {
         config: &LoraDropLayerConfig,
         pair: LowRankPair,
     ) -> Result<Self> {
+        let name = name.into();
+        config.refuse_lora_bias(&name, Variant::LoraDrop)?;
         Ok(Self::from_lora(LoraLinear::from_weights(
             name, base, config, pair,
         )?))
@@ -126,15 +129,15 @@ impl Adapter for LoraDropLinear {
         Ok(y)
     }
 
-    fn trainable_vars(&self) -> Vec<NamedVar> {
-        self.lora.trainable_vars()
+    fn own_vars(&self) -> Vec<NamedVar> {
+        self.lora.own_vars()
     }
 
-    fn tensors_to_save(&self) -> Result<Vec<(String, Tensor)>> {
-        self.lora.tensors_to_save()
+    fn own_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        self.lora.own_tensors()
     }
 }
 
 crate::impl_module_for_adapter!(LoraDropLinear);
 
-lora_config_layer!(LoraDropLinear);
+lora_config_layer!(LoraDropLinear, Variant::LoraDrop);

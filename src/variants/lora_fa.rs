@@ -47,6 +47,7 @@ impl LoraFaLinear {
     pub fn new(base: FrozenLinear, config: &LoraFaConfig, vb: VarBuilder) -> Result<Self> {
         let name = vb.prefix();
         config.validate(&name)?;
+        config.refuse_lora_bias(&name, Variant::LoraFa)?;
         let (a, b) = config.init_pair(&name, &base)?;
         let pair = LowRankPair {
             a: Factor::Frozen(a),
@@ -64,6 +65,8 @@ impl LoraFaLinear {
         config: &LoraFaConfig,
         pair: LowRankPair,
     ) -> Result<Self> {
+        let name = name.into();
+        config.refuse_lora_bias(&name, Variant::LoraFa)?;
         let b = match pair.b {
             Factor::Trainable(v) => v,
             Factor::Frozen(t) => Var::from_tensor(&t)?,
@@ -93,15 +96,15 @@ impl Adapter for LoraFaLinear {
         self.lora.forward_adapted(x, train)
     }
 
-    fn trainable_vars(&self) -> Vec<NamedVar> {
-        self.lora.trainable_vars()
+    fn own_vars(&self) -> Vec<NamedVar> {
+        self.lora.own_vars()
     }
 
-    fn tensors_to_save(&self) -> Result<Vec<(String, Tensor)>> {
-        self.lora.tensors_to_save()
+    fn own_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        self.lora.own_tensors()
     }
 }
 
 crate::impl_module_for_adapter!(LoraFaLinear);
 
-lora_config_layer!(LoraFaLinear);
+lora_config_layer!(LoraFaLinear, Variant::LoraFa);

@@ -21,7 +21,9 @@ pub mod build;
 pub mod delta_lora;
 pub mod dora;
 pub mod lora;
+pub mod lora_config;
 pub mod lora_drop;
+pub mod lora_embedding;
 pub mod lora_fa;
 pub mod vera;
 
@@ -31,5 +33,6 @@ pub use delta_lora::{DeltaLoraConfig, DeltaLoraLinear};
 pub use dora::{DoraConfig, DoraLinear, DoraWeights};
 pub use lora::{LoraConfig, LoraInit, LoraLinear};
 pub use lora_drop::{LoraDropLayerConfig, LoraDropLinear};
+pub use lora_embedding::LoraEmbedding;
 pub use lora_fa::{LoraFaConfig, LoraFaLinear};
 pub use vera::{VeraConfig, VeraLinear, VeraShared, VeraWeights};

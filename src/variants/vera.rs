@@ -411,7 +411,7 @@ impl Adapter for VeraLinear {
         Ok(b.matmul(&a)?.to_dtype(dtype)?)
     }
 
-    fn trainable_vars(&self) -> Vec<NamedVar> {
+    fn own_vars(&self) -> Vec<NamedVar> {
         vec![
             NamedVar {
                 name: LAMBDA_B_NAME.into(),
@@ -428,7 +428,7 @@ impl Adapter for VeraLinear {
 
     /// `vera_lambda_b`, `vera_lambda_d`; the shared pair is a model-level tensor
     /// ([`Adapter::model_tensors`]), saved once per model.
-    fn tensors_to_save(&self) -> Result<Vec<(String, Tensor)>> {
+    fn own_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         Ok(vec![
             (LAMBDA_B_NAME.into(), self.lambda_b.as_tensor().clone()),
             (LAMBDA_D_NAME.into(), self.lambda_d.as_tensor().clone()),
@@ -475,9 +475,13 @@ impl AdapterLayer for VeraLinear {
     fn config_for_module(config: &VeraConfig, _settings: ModuleSettings) -> VeraConfig {
         config.clone()
     }
+
+    const VARIANT: Variant = Variant::Vera;
 }
 
 impl PeftLayer for VeraLinear {
+    const PEFT_VARIANT: Variant = Variant::Vera;
+
     const TENSOR_SUFFIXES: &'static [&'static str] = &[LAMBDA_B_NAME, LAMBDA_D_NAME];
 
     /// `vera_lambda_b` is `(out)`; the shared `vera_A` `(r, max_in)` bounds `in`.

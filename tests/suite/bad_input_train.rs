@@ -524,8 +524,8 @@ fn selectors_configs_plans_and_sets_reject_bad_input() {
             &["lora_alpha"][..],
         ),
         (
-            "fan_in_fan_out",
-            r#"{"peft_type": "LORA", "target_modules": ["q"], "fan_in_fan_out": true}"#,
+            "fan_in_fan_out not a bool",
+            r#"{"peft_type": "LORA", "target_modules": ["q"], "fan_in_fan_out": "yes"}"#,
             &["fan_in_fan_out"][..],
         ),
         (

@@ -34,6 +34,7 @@ mod lora_fa_projection;
 mod lora_plus;
 mod numerics;
 mod peft_fixtures;
+mod peft_options;
 mod peft_roundtrip;
 mod properties;
 mod scaled_kernel;

@@ -110,6 +110,7 @@ impl DoraLinear {
     /// `lora_A`, `lora_B` under `vb`'s prefix), and `lora_magnitude_vector` initialized to
     /// `‖W + s·BA‖_row` (that is `‖W‖_row` with the default zero B), as PEFT does.
     pub fn new(base: FrozenLinear, config: &DoraConfig, vb: VarBuilder) -> Result<Self> {
+        config.refuse_lora_bias(&vb.prefix(), Variant::Dora)?;
         let lora = LoraLinear::new(base, config, vb.clone())?;
         let w_sq = row_sq_norms(lora.base().weight())?;
         let norms = norms_of(&lora, &w_sq)?;
@@ -128,6 +129,8 @@ impl DoraLinear {
         weights: DoraWeights,
     ) -> Result<Self> {
         let DoraWeights { pair, magnitude } = weights;
+        let name = name.into();
+        config.refuse_lora_bias(&name, Variant::Dora)?;
         let lora = LoraLinear::from_weights(name, base, config, pair)?;
         let (name, base) = (lora.name(), lora.base());
         validate::shape(name, MAGNITUDE_NAME, &magnitude, &[base.d_out()])?;
@@ -279,8 +282,8 @@ impl Adapter for DoraLinear {
         .forward(x)
     }
 
-    fn trainable_vars(&self) -> Vec<NamedVar> {
-        let mut vars = self.lora.trainable_vars();
+    fn own_vars(&self) -> Vec<NamedVar> {
+        let mut vars = self.lora.own_vars();
         vars.push(NamedVar {
             name: MAGNITUDE_NAME.into(),
             role: ParamRole::Vector,
@@ -289,8 +292,8 @@ impl Adapter for DoraLinear {
         vars
     }
 
-    fn tensors_to_save(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut out = self.lora.tensors_to_save()?;
+    fn own_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = self.lora.own_tensors()?;
         out.push((MAGNITUDE_NAME.into(), self.magnitude.as_tensor().clone()));
         Ok(out)
     }
@@ -355,9 +358,11 @@ impl Adapter for DoraLinear {
 
 crate::impl_module_for_adapter!(DoraLinear);
 
-lora_config_layer!(DoraLinear);
+lora_config_layer!(DoraLinear, Variant::Dora);
 
 impl PeftLayer for DoraLinear {
+    const PEFT_VARIANT: Variant = Variant::Dora;
+
     const TENSOR_SUFFIXES: &'static [&'static str] =
         &["lora_A.weight", "lora_B.weight", MAGNITUDE_NAME];
 

@@ -1,0 +1,144 @@
+//! PEFT's LoRA options on real transformers models, against fixtures made by PEFT 0.21
+//! (`scripts/make_option_fixtures.py`): GPT-2 (Conv1D, `fan_in_fan_out`, LoRA on `wte`,
+//! DoRA), BERT for sequence classification (`modules_to_save`, `bias = "all"`), Llama
+//! (LoRA on `embed_tokens` and `lm_head`; `lora_bias`, `layers_to_transform`,
+//! `bias = "lora_only"`).
+//!
+//! For each case: every module PEFT wraps gives PEFT's output on the input PEFT's module saw
+//! (loaded through the model-level API, every tensor of the adapter file used), and the
+//! streaming merge gives PEFT's `merge_and_unload()` tensors.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::VarBuilder;
+use lorakit::model::{conv1d, embedding, linear_b, AdapterPlan, Linear};
+use lorakit::peft::{merge_checkpoint, MergeOptions, PeftAdapter};
+
+use crate::peft_common::{assert_close, load, temp_dir};
+
+const CASES: [&str; 5] = [
+    "gpt2_lora",
+    "gpt2_dora",
+    "bert_cls",
+    "llama_embed",
+    "llama_bias",
+];
+
+pub fn case_dir(case: &str) -> PathBuf {
+    crate::peft_common::fixture("peft_options").join(case)
+}
+
+/// How the base checkpoint's module at `path` (weight `shape`) is built: GPT-2's attention
+/// and MLP projections are Conv1D, `*embed*` / `wte` / `wpe` tables are embeddings.
+fn kind_of(path: &str) -> &'static str {
+    let last = path.rsplit('.').next().unwrap_or(path);
+    if ["wte", "wpe", "embed_tokens"].contains(&last) || last.ends_with("_embeddings") {
+        "embedding"
+    } else if ["c_attn", "c_proj", "c_fc"].contains(&last) {
+        "conv1d"
+    } else {
+        "linear"
+    }
+}
+
+/// Every 2-D weight of the case's base checkpoint built through `plan` (the model-level
+/// API, as model code would), plus the 1-D norm biases a `bias = "all"` adapter replaces.
+pub fn build_modules(case: &str, plan: &AdapterPlan) -> lorakit::Result<HashMap<String, Linear>> {
+    let tensors = load(&case_dir(case).join("base/model.safetensors"));
+    let vb = VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu);
+    let mut modules = HashMap::new();
+    for (name, t) in &tensors {
+        let Some(path) = name.strip_suffix(".weight") else {
+            continue;
+        };
+        if t.rank() != 2 {
+            // A norm: model code asks the plan for a trained bias.
+            plan.stored_tensor(path, "bias")?;
+            continue;
+        }
+        let (rows, cols) = t.dims2().unwrap();
+        let has_bias = tensors.contains_key(&format!("{path}.bias"));
+        let module = match kind_of(path) {
+            "embedding" => embedding(rows, cols, vb.pp(path), plan)?,
+            "conv1d" => conv1d(rows, cols, vb.pp(path), plan)?,
+            _ => linear_b(cols, rows, has_bias, vb.pp(path), plan)?,
+        };
+        modules.insert(path.to_string(), module);
+    }
+    Ok(modules)
+}
+
+/// The hooked module paths of a case's io file.
+fn hooked(io: &HashMap<String, Tensor>) -> Vec<String> {
+    let mut paths: Vec<String> = io
+        .keys()
+        .filter_map(|k| k.strip_suffix(".output"))
+        .map(str::to_string)
+        .collect();
+    paths.sort();
+    paths
+}
+
+/// An io-file input as the module takes it: ids as u32, floats as they are.
+fn module_input(t: &Tensor) -> Tensor {
+    match t.dtype() {
+        DType::I64 => t.to_dtype(DType::U32).unwrap(),
+        _ => t.clone(),
+    }
+}
+
+#[test]
+fn every_wrapped_module_gives_pefts_output() {
+    for case in CASES {
+        let adapter = PeftAdapter::load(case_dir(case).join("adapter"), &Device::Cpu).unwrap();
+        let plan = adapter.plan().unwrap();
+        let modules = build_modules(case, &plan).unwrap();
+        plan.finish()
+            .unwrap_or_else(|e| panic!("{case}: every tensor of the adapter is used: {e}"));
+        let io = load(&case_dir(case).join("io.safetensors"));
+        let paths = hooked(&io);
+        assert!(!paths.is_empty(), "{case}");
+        for path in paths {
+            let module = &modules[&path];
+            assert!(
+                module.adapter().is_some() || module.trainable().is_some(),
+                "{case}: {path} is adapted or trainable"
+            );
+            let x = module_input(&io[&format!("{path}.input")]);
+            let y = module.forward(&x).unwrap();
+            assert_close(
+                &y,
+                &io[&format!("{path}.output")],
+                1e-5,
+                &format!("{case}: {path}"),
+            );
+        }
+    }
+}
+
+#[test]
+fn merged_checkpoints_equal_pefts_merge_and_unload() {
+    for case in CASES {
+        let dir = case_dir(case);
+        let out = temp_dir(&format!("options-merge-{case}")).join("merged.safetensors");
+        let report = merge_checkpoint(
+            &dir.join("base/model.safetensors"),
+            &dir.join("adapter"),
+            &out,
+            MergeOptions::default(),
+        )
+        .unwrap_or_else(|e| panic!("{case}: {e}"));
+        assert!(!report.merged.is_empty(), "{case}");
+        let ours = load(&out);
+        let pefts = load(&dir.join("merged/model.safetensors"));
+        let mut names: Vec<&String> = pefts.keys().collect();
+        names.sort();
+        assert_eq!(ours.len(), pefts.len(), "{case}: same tensors");
+        for name in names {
+            assert_close(&ours[name], &pefts[name], 1e-5, &format!("{case}: {name}"));
+        }
+        std::fs::remove_dir_all(out.parent().unwrap()).ok();
+    }
+}
