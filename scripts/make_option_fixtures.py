@@ -15,8 +15,9 @@ Usage:
         input_ids (from CASE/io.safetensors) through it (eval, unmerged) with the same
         hooks as below, and compares every hooked module's output with
         `<path>.output` in IO_FILE (a safetensors file written by lorakit with the same
-        key scheme). Only keys present in IO_FILE are compared; `<path>.input` and
-        `logits` are compared too when present. A `<path>.output` key in IO_FILE for a
+        key scheme). A module whose `<path>.input` is in IO_FILE is run by itself on
+        that input (module-level check: another adapter changes what deeper modules see
+        in a whole-model run); `logits` are compared when present. A `<path>.output` key in IO_FILE for a
         module PEFT did not wrap is an error. Prints, per key, the max relative error
         max|lorakit - peft| / max|peft| and exits 1 if any is above 1e-5 (or nothing
         was compared, PEFT reported missing adapter keys, or a tensor's shape differs
@@ -382,9 +383,20 @@ def check(case, adapter_dir, io_file):
     records, logits = run_hooked(pm, ids)
     records["logits"] = logits
     theirs = load_file(io_file)
+    # A module whose input is in IO_FILE is run by itself on that input: an adapter other
+    # than the fixture's changes what deeper modules see in a whole-model run.
+    mods = dict(wrapped_modules(pm))
+    fed = set()
+    with torch.no_grad():
+        for key in sorted(theirs):
+            path = key[: -len(".output")] if key.endswith(".output") else None
+            if path in mods and path + ".input" in theirs:
+                x = theirs[path + ".input"]
+                records[key] = mods[path](x).float().contiguous()
+                fed.add(path + ".input")
     compared = 0
     for key in sorted(theirs):
-        if key == "input_ids" or key == "merged_logits":
+        if key == "input_ids" or key == "merged_logits" or key in fed:
             continue
         if key not in records:
             if key.endswith(".output"):

@@ -13,6 +13,7 @@ use crate::shared::Shared;
 struct Inner {
     layers: RwLock<Vec<(String, Shared<dyn Adapter>)>>,
     trainable_bases: RwLock<Vec<(String, Arc<TrainableBase>)>>,
+    trainable_tensors: RwLock<Vec<ModelVar>>,
     frozen_params: AtomicUsize,
 }
 
@@ -140,6 +141,34 @@ impl AdaptedSet {
         Ok(())
     }
 
+    /// Registers a trainable tensor of a module the model builds itself (a norm's bias
+    /// under `bias = "all"`), saved as `<layer>.<name>`.
+    pub fn insert_trainable_tensor(&self, var: ModelVar) -> Result<()> {
+        let mut tensors = self
+            .0
+            .trainable_tensors
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        if tensors.iter().any(|v| v.full_name() == var.full_name()) {
+            return Err(Error::layer_config(
+                var.layer.clone(),
+                "path",
+                format!("`{}` was registered twice", var.full_name()),
+            ));
+        }
+        tensors.push(var);
+        Ok(())
+    }
+
+    /// The trainable tensors of modules the model builds itself, in build order.
+    pub fn trainable_tensors(&self) -> Vec<ModelVar> {
+        self.0
+            .trainable_tensors
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// The trainable base modules with their paths, in build order.
     pub fn trainable_bases(&self) -> Vec<(String, Arc<TrainableBase>)> {
         self.0
@@ -250,7 +279,11 @@ impl AdaptedSet {
             .trainable_bases()
             .into_iter()
             .map(|(path, module)| (path, module.trainable_vars()));
-        for (path, vars) in adapted.chain(bases) {
+        let tensors = self
+            .trainable_tensors()
+            .into_iter()
+            .map(|v| (v.layer, vec![v.var]));
+        for (path, vars) in adapted.chain(bases).chain(tensors) {
             for var in vars {
                 if seen.insert(var.var.as_tensor().id()) {
                     out.push(ModelVar {

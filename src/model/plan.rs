@@ -470,6 +470,51 @@ impl AdapterPlan {
         }))
     }
 
+    /// The bias of a module the model code builds itself (a norm), given its base value:
+    /// under [`BiasMode::All`] a trainable variable registered in the plan's set (saved as
+    /// `<path>.bias`, as PEFT's `bias = "all"` trains every bias); the adapter's stored
+    /// value when it has one (a loaded adapter); `base` otherwise.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// use lorakit::model::{AdapterPlan, BiasMode, ModuleSelector, RankAlpha, TargetSpec};
+    /// use lorakit::LoraConfig;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let dev = Device::Cpu;
+    /// let vars = VarMap::new();
+    /// let plan = AdapterPlan::lora(
+    ///     TargetSpec::new(ModuleSelector::list(["query"])),
+    ///     RankAlpha::new(4, 8.0),
+    ///     LoraConfig::default(),
+    ///     VarBuilder::from_varmap(&vars, DType::F32, &dev),
+    /// )
+    /// .with_bias_mode(BiasMode::All);
+    /// let beta = plan.bias("encoder.LayerNorm", Tensor::zeros(16, DType::F32, &dev)?)?;
+    /// let norm = candle_nn::LayerNorm::new(Tensor::ones(16, DType::F32, &dev)?, beta, 1e-12);
+    /// assert_eq!(plan.finish()?.trainable_vars()[0].full_name(), "encoder.LayerNorm.bias");
+    /// # let _ = norm;
+    /// # Ok(()) }
+    /// ```
+    pub fn bias(&self, path: &str, base: Tensor) -> Result<Tensor> {
+        let stored = self.factory.stored_tensor(path, "bias")?;
+        if self.bias != BiasMode::All {
+            return Ok(stored.unwrap_or(base));
+        }
+        let var = self.bias_var(stored, &base, &self.adapter_vb.pp(path), "bias")?;
+        crate::validate::shape(path, "bias", var.as_tensor(), base.dims())?;
+        let tensor = var.as_tensor().clone();
+        self.set.insert_trainable_tensor(crate::model::ModelVar {
+            layer: path.to_string(),
+            var: crate::adapter::NamedVar {
+                name: "bias".to_string(),
+                role: crate::adapter::ParamRole::Vector,
+                var,
+            },
+        })?;
+        Ok(tensor)
+    }
+
     /// A tensor the adapter stores for the base module at `path` (see
     /// [`AdapterFactory::stored_tensor`]), marked as used.
     pub fn stored_tensor(&self, path: &str, name: &str) -> Result<Option<Tensor>> {

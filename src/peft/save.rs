@@ -68,6 +68,12 @@ pub fn adapter_tensors(set: &AdaptedSet) -> Result<Vec<(String, Tensor)>> {
             out.push((format!("{KEY_PREFIX}{path}.{name}"), t));
         }
     }
+    for v in set.trainable_tensors() {
+        out.push((
+            format!("{KEY_PREFIX}{}", v.full_name()),
+            v.var.var.as_tensor().clone(),
+        ));
+    }
     out.extend(
         model_level
             .into_iter()
@@ -130,6 +136,18 @@ fn check_consistent(config: &PeftConfig, set: &AdaptedSet) -> Result<()> {
                 format!(
                     "the module trains its own tensors but the config's {field} does not say so \
                      (PEFT would not load them)"
+                ),
+            ));
+        }
+    }
+    if let Some(v) = set.trainable_tensors().first() {
+        if config.bias != BiasMode::All {
+            return Err(Error::layer_config(
+                v.layer.clone(),
+                "bias",
+                format!(
+                    "`{}` trains but the config's bias is not \"all\" (PEFT would not load it)",
+                    v.full_name()
                 ),
             ));
         }

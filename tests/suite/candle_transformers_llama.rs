@@ -100,3 +100,43 @@ fn an_adapter_for_another_model_is_refused_when_the_var_builder_is_made() {
     .to_string();
     assert!(err.contains("the adapter has module"), "{err}");
 }
+
+/// LoRA on `embed_tokens` and `lm_head` (PEFT's `lora_embedding_A/B`, the `base_layer.weight`
+/// copies PEFT saves with them): the unmodified model loaded through `adapted_var_builder`
+/// gives PEFT's logits on every position.
+#[test]
+fn an_adapter_on_the_embeddings_and_head_gives_peft_logits() {
+    let dir = crate::peft_options::case_dir("llama_embed");
+    let text = std::fs::read_to_string(dir.join("base/config.json")).unwrap();
+    let config: LlamaConfig = serde_json::from_str(&text).unwrap();
+    let config = config.into_config(false);
+    let vb = adapted_var_builder(
+        dir.join("base"),
+        dir.join("adapter"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let model = Llama::load(vb, &config).unwrap();
+    let io = load(&dir.join("io.safetensors"));
+    let ids = io["input_ids"].to_dtype(DType::U32).unwrap();
+    let n = ids.dim(1).unwrap();
+    // candle's Llama returns the last position's logits; compare those of each sequence.
+    for row in 0..ids.dim(0).unwrap() {
+        let mut cache = Cache::new(false, DType::F32, &config, &Device::Cpu).unwrap();
+        let logits = model
+            .forward(&ids.i(row..row + 1).unwrap(), 0, &mut cache)
+            .unwrap();
+        let peft = io["logits"].i((row..row + 1, n - 1, ..)).unwrap();
+        assert_close(&logits, &peft, 1e-4, &format!("sequence {row}"));
+    }
+    // Not the base model's logits.
+    let base = Checkpoint::open(dir.join("base"))
+        .unwrap()
+        .var_builder(DType::F32, &Device::Cpu);
+    let base = Llama::load(base, &config).unwrap();
+    let mut cache = Cache::new(false, DType::F32, &config, &Device::Cpu).unwrap();
+    let logits = base.forward(&ids.i(0..1).unwrap(), 0, &mut cache).unwrap();
+    let peft = io["logits"].i((0..1, n - 1, ..)).unwrap();
+    assert!(crate::peft_common::rel_err(&logits, &peft) > 1e-2);
+}
