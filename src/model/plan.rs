@@ -119,7 +119,7 @@ pub struct AdapterPlan {
 }
 
 /// Names under which PEFT's `ModulesToSaveWrapper` may save duplicates of a copy's tensors.
-const COPY_WRAPPER_NAMES: [&str; 4] = [
+pub(crate) const COPY_WRAPPER_NAMES: [&str; 4] = [
     "modules_to_save.weight",
     "modules_to_save.bias",
     "original_module.weight",

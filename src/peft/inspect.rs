@@ -12,10 +12,13 @@ use crate::checkpoint::convert::is_convertible_float;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::frozen::BaseKind;
+use crate::model::plan::COPY_WRAPPER_NAMES;
 use crate::peft::config::PeftType;
 use crate::peft::load::{PeftAdapter, CONFIG_FILE, KEY_PREFIX, MODEL_KEY_PREFIX, WEIGHTS_FILE};
+use crate::variants::build::peft_tensor_suffixes;
 pub use crate::variants::build::ImpliedShape;
-use crate::variants::lora::lora_scale;
+use crate::variants::lora::{lora_scale, LORA_B_BIAS};
+use crate::variants::lora_embedding::EMBEDDING_A;
 use serde_json::Value;
 
 /// One adapted module as stored in the file.
@@ -27,6 +30,10 @@ pub struct ModuleSummary {
     pub rank: usize,
     /// The scale PEFT applies to its low-rank product.
     pub scale: f64,
+    /// What kind of module the adapter takes it for (embedding, Conv1D, linear).
+    pub kind: BaseKind,
+    /// Whether it has a bias on B (`lora_B.bias`).
+    pub lora_bias: bool,
 }
 
 /// What `lorakit inspect` prints.
@@ -42,6 +49,15 @@ pub struct AdapterSummary {
     pub trainable_params: usize,
     /// The dtypes of the stored tensors.
     pub dtypes: Vec<String>,
+    /// The config's options beyond rank and targets, one line each (`fan_in_fan_out`,
+    /// `lora_bias`, `bias`, `modules_to_save`, `layers_to_transform`).
+    pub options: Vec<String>,
+    /// Base tensors the adapter stores, which replace the base model's on load and merge
+    /// (`modules_to_save` copies, trained biases, PEFT's `base_layer.weight` copies), by
+    /// key without `base_model.model.`.
+    pub base_tensors: Vec<String>,
+    /// Keys lorakit does not understand: loading or merging the adapter stops at them.
+    pub unknown: Vec<String>,
 }
 
 /// Reads the adapter in `dir` and summarizes it. A `dir` that is a model checkpoint rather
@@ -59,7 +75,9 @@ pub fn inspect(dir: &Path) -> Result<AdapterSummary> {
         let s = c.ranks.for_module(&path);
         let (rank, scale) = match c.peft_type {
             PeftType::Lora => {
-                let r = rows(format!("{path}.lora_A.weight")).unwrap_or(s.r);
+                let r = rows(format!("{path}.lora_A.weight"))
+                    .or_else(|| rows(format!("{path}.{EMBEDDING_A}")))
+                    .unwrap_or(s.r);
                 (r, lora_scale(s.alpha, r, c.use_rslora))
             }
             PeftType::AdaLora => (
@@ -68,8 +86,19 @@ pub fn inspect(dir: &Path) -> Result<AdapterSummary> {
             ),
             PeftType::Vera => (rows(format!("{path}.vera_lambda_d")).unwrap_or(0), 1.0),
         };
-        modules.push(ModuleSummary { path, rank, scale });
+        let kind = adapter.base_kind(&path);
+        let lora_bias = adapter
+            .tensor(&format!("{KEY_PREFIX}{path}.{LORA_B_BIAS}"))
+            .is_some();
+        modules.push(ModuleSummary {
+            path,
+            rank,
+            scale,
+            kind,
+            lora_bias,
+        });
     }
+    let (base_tensors, unknown) = classify_keys(&adapter);
     let mut dtypes = Vec::new();
     let mut trainable_params = 0;
     for name in adapter.tensor_names() {
@@ -80,8 +109,8 @@ pub fn inspect(dir: &Path) -> Result<AdapterSummary> {
         if !dtypes.contains(&d) {
             dtypes.push(d);
         }
-        if !name.starts_with(KEY_PREFIX) {
-            continue; // VeRA's shared, frozen projections
+        if !name.starts_with(KEY_PREFIX) || name.contains(".original_module.") {
+            continue; // VeRA's shared, frozen projections; a copy's untrained original
         }
         trainable_params += t.elem_count();
     }
@@ -96,7 +125,91 @@ pub fn inspect(dir: &Path) -> Result<AdapterSummary> {
         modules,
         trainable_params,
         dtypes,
+        options: option_lines(c),
+        base_tensors,
+        unknown,
     })
+}
+
+/// The config's options beyond rank and targets, as `inspect` prints them.
+fn option_lines(c: &crate::peft::PeftConfig) -> Vec<String> {
+    let mut lines = Vec::new();
+    if c.fan_in_fan_out {
+        lines.push("fan_in_fan_out: true (weights stored (in, out), as GPT-2's Conv1D)".into());
+    }
+    if c.lora_bias {
+        lines.push("lora_bias: true (a trainable bias on B)".into());
+    }
+    if c.bias != crate::model::BiasMode::None {
+        lines.push(format!(
+            "bias: {} (trained biases saved with the adapter)",
+            c.bias.as_str()
+        ));
+    }
+    if !c.targets.modules_to_save.is_empty() {
+        lines.push(format!(
+            "modules_to_save: {} (full trainable copies)",
+            c.targets.modules_to_save.join(", ")
+        ));
+    }
+    if let Some(f) = &c.targets.layers {
+        let patterns: Vec<&str> = f.patterns().collect();
+        let pattern = if patterns.is_empty() {
+            String::new()
+        } else {
+            format!(", layers_pattern: {}", patterns.join(", "))
+        };
+        lines.push(format!("layers_to_transform: {:?}{pattern}", f.indexes));
+    }
+    lines
+}
+
+/// Whether `rel` (a key without `base_model.model.`) is a base tensor this config saves: a
+/// `modules_to_save` copy's tensors (and its wrapper's duplicates), a trained bias under
+/// the config's `bias`, or a `base_layer.weight` copy (PEFT's for targeted embeddings and
+/// heads; lorakit's Delta-LoRA weight).
+fn is_base_tensor(c: &crate::peft::PeftConfig, rel: &str) -> bool {
+    use crate::model::BiasMode;
+    let module = |name: &str| {
+        rel.strip_suffix(name)
+            .and_then(|p| p.strip_suffix('.'))
+            .filter(|p| !p.is_empty())
+    };
+    let copy = |name: &str| module(name).is_some_and(|p| c.targets.is_module_to_save(p));
+    COPY_WRAPPER_NAMES.iter().any(|n| copy(n))
+        || copy("weight")
+        || copy("bias")
+        || (c.bias == BiasMode::All && module("bias").is_some())
+        || (c.bias != BiasMode::None && module("base_layer.bias").is_some())
+        || module("base_layer.weight").is_some()
+}
+
+/// The file's keys that are base tensors (see [`AdapterSummary::base_tensors`]) and those
+/// lorakit does not understand, each without `base_model.model.`.
+pub(crate) fn classify_keys(adapter: &PeftAdapter) -> (Vec<String>, Vec<String>) {
+    let (mut base, mut unknown) = (Vec::new(), Vec::new());
+    for key in adapter.tensor_names() {
+        let Some(rel) = key.strip_prefix(KEY_PREFIX) else {
+            // Model-level tensors (VeRA's shared pair) belong to the adapter.
+            if !key.starts_with(MODEL_KEY_PREFIX) {
+                unknown.push(key);
+            }
+            continue;
+        };
+        let adapter_tensor = peft_tensor_suffixes().any(|s| {
+            rel.strip_suffix(s)
+                .is_some_and(|p| p.ends_with('.') && p.len() > 1)
+        });
+        if adapter_tensor {
+            continue;
+        }
+        if is_base_tensor(adapter.config(), rel) {
+            base.push(rel.to_string());
+        } else {
+            unknown.push(rel.to_string());
+        }
+    }
+    (base, unknown)
 }
 
 impl fmt::Display for AdapterSummary {
@@ -105,9 +218,39 @@ impl fmt::Display for AdapterSummary {
         writeln!(f, "target_modules: {}", self.targets)?;
         writeln!(f, "dtype: {}", self.dtypes.join(", "))?;
         writeln!(f, "trainable parameters: {}", self.trainable_params)?;
+        for option in &self.options {
+            writeln!(f, "{option}")?;
+        }
         writeln!(f, "modules ({}):", self.modules.len())?;
         for m in &self.modules {
-            writeln!(f, "  {}  rank {}  scale {}", m.path, m.rank, m.scale)?;
+            write!(f, "  {}  rank {}  scale {}", m.path, m.rank, m.scale)?;
+            if m.kind != BaseKind::Linear {
+                write!(f, "  {}", m.kind.name())?;
+            }
+            if m.lora_bias {
+                write!(f, "  +lora_B.bias")?;
+            }
+            writeln!(f)?;
+        }
+        if !self.base_tensors.is_empty() {
+            writeln!(
+                f,
+                "base tensors replaced on load and merge ({}):",
+                self.base_tensors.len()
+            )?;
+            for name in &self.base_tensors {
+                writeln!(f, "  {name}")?;
+            }
+        }
+        if !self.unknown.is_empty() {
+            writeln!(
+                f,
+                "NOT UNDERSTOOD ({}; loading and merging stop at them):",
+                self.unknown.len()
+            )?;
+            for name in &self.unknown {
+                writeln!(f, "  {name}")?;
+            }
         }
         Ok(())
     }

@@ -135,6 +135,11 @@ impl PeftAdapter {
         }
     }
 
+    /// The weights file it was read from (as given).
+    pub fn source(&self) -> &Path {
+        &self.inner.weights_path
+    }
+
     /// The parsed config.
     pub fn config(&self) -> &PeftConfig {
         &self.inner.config

@@ -20,7 +20,8 @@ use crate::checkpoint::header::byte_len;
 use crate::checkpoint::{Checkpoint, Given, Shard, ShardWriter, StoredTensor};
 use crate::error::{Error, Result};
 use crate::model::plan::AdapterPlan;
-use crate::peft::inspect::{base_model_mismatch, load_adapter, match_modules, Fit};
+use crate::peft::inspect::{base_model_mismatch, classify_keys, load_adapter, match_modules, Fit};
+use crate::peft::load::KEY_PREFIX;
 use crate::peft::load::{PeftAdapter, CONFIG_FILE, WEIGHTS_FILE};
 use crate::staging::{
     check_destination, leftovers, remove_leftovers, OutputKind, StagedDir, StagedFile,
@@ -524,7 +525,50 @@ pub(crate) fn check_adapter_fits(adapter: &PeftAdapter, ckpt: &Checkpoint) -> Re
             .map_or_else(|| ckpt.path().to_path_buf(), |(s, _)| s.path.clone());
         return Err(Error::checkpoint(file, problem));
     }
+    let (base_tensors, unknown) = classify_keys(adapter);
+    if let Some(key) = unknown.first() {
+        return Err(Error::checkpoint(
+            adapter_weights_path(adapter),
+            format!(
+                "the adapter has `{key}`, which is neither a tensor of a LoRA-family module nor \
+                 a base tensor PEFT saves ({} such key(s); `lorakit inspect` lists them)",
+                unknown.len()
+            ),
+        ));
+    }
+    for rel in base_tensors {
+        // `<p>.weight|bias`, `<p>.base_layer.*`, `<p>.modules_to_save.*` and
+        // `<p>.original_module.*` all replace (or duplicate) `<p>.weight|bias`.
+        let (module, own) = rel.rsplit_once('.').unwrap_or((rel.as_str(), ""));
+        let module = ["base_layer", "modules_to_save", "original_module"]
+            .iter()
+            .find_map(|w| module.strip_suffix(&format!(".{w}")))
+            .unwrap_or(module);
+        let name = format!("{module}.{own}");
+        let stored = adapter
+            .tensor(&format!("{KEY_PREFIX}{rel}"))
+            .map(|t| t.dims().to_vec())
+            .unwrap_or_default();
+        let problem = match ckpt.get(&name) {
+            None => format!(
+                "the adapter stores `{rel}` for the base tensor `{name}`, which the checkpoint \
+                 does not have (an adapter for another model?)"
+            ),
+            Some((_, t)) if t.shape != stored => format!(
+                "the adapter stores `{rel}` with shape {stored:?} but the checkpoint's `{name}` \
+                 has shape {:?} (an adapter for another model?)",
+                t.shape
+            ),
+            Some(_) => continue,
+        };
+        return Err(Error::checkpoint(ckpt.path(), problem));
+    }
     Ok(())
+}
+
+/// The adapter's weights file, for messages.
+fn adapter_weights_path(adapter: &PeftAdapter) -> PathBuf {
+    PathBuf::from(adapter.source())
 }
 
 /// The index for the output: the input's, with `metadata.total_size` recomputed.

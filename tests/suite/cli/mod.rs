@@ -12,6 +12,7 @@ mod help;
 mod inspect;
 mod leftovers;
 mod merge;
+mod options;
 mod refusals;
 #[cfg(unix)]
 mod signals;
