@@ -115,6 +115,7 @@ impl FrozenLinear {
     /// # Ok(()) }
     /// ```
     pub fn conv1d(weight_in_out: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        check_2d("Conv1D weight, stored (in, out)", &weight_in_out)?;
         let layer = Self::new(weight_in_out.t()?, None)?;
         let with_bias = Self::new(layer.weight.clone(), bias)?;
         Ok(Self {
@@ -137,6 +138,7 @@ impl FrozenLinear {
     /// # Ok(()) }
     /// ```
     pub fn embedding(table: Tensor) -> Result<Self> {
+        check_2d("embedding weight (vocab, dim)", &table)?;
         let layer = Self::new(table.contiguous()?.t()?, None)?;
         Ok(Self {
             kind: BaseKind::Embedding,
@@ -337,11 +339,7 @@ impl FrozenLinear {
     /// updated in place. Errors when the module has no bias.
     pub(crate) fn add_to_bias(&mut self, layer: &str, delta: &Tensor) -> Result<()> {
         let Some(b) = &self.bias else {
-            return Err(crate::Error::layer_config(
-                layer,
-                "lora_bias",
-                "the adapter has a bias (`lora_B.bias`) but the base layer has none, so it                  cannot be merged (PEFT refuses this merge too)",
-            ));
+            return Err(no_bias_to_merge(layer));
         };
         let updated = (b + delta.to_dtype(b.dtype())?)?;
         match self.trainable_bias() {
@@ -352,7 +350,7 @@ impl FrozenLinear {
     }
 
     /// The forward with its input checked: floats `[.., d_in]` for linear kinds, integer
-    /// token ids of any shape for an embedding.
+    /// token ids below `vocab` of any shape for an embedding.
     pub fn forward_checked(&self, layer: &str, x: &Tensor) -> Result<Tensor> {
         self.check_input(layer, x)?;
         Ok(self.forward(x)?)
@@ -361,7 +359,7 @@ impl FrozenLinear {
     /// Checks a forward input (see [`FrozenLinear::forward_checked`]).
     pub fn check_input(&self, layer: &str, x: &Tensor) -> Result<()> {
         match self.kind {
-            BaseKind::Embedding => validate::token_ids(layer, x, self.device()),
+            BaseKind::Embedding => validate::token_ids(layer, x, self.d_in(), self.device()),
             _ => validate::linear_input(layer, x, self.d_in(), self.dtype(), self.device()),
         }
     }
@@ -371,6 +369,19 @@ impl Module for FrozenLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         plain_forward(self.kind, &self.weight, self.bias.as_ref(), x)
     }
+}
+
+/// A weight given in a stored layout must be 2-D before it is transposed.
+fn check_2d(what: &str, weight: &Tensor) -> Result<()> {
+    if weight.rank() != 2 {
+        return Err(crate::Error::ShapeMismatch {
+            layer: "base".to_string(),
+            what: what.to_string(),
+            expected: "a 2-D tensor".to_string(),
+            got: format!("{:?}", weight.dims()),
+        });
+    }
+    Ok(())
 }
 
 /// The error for a bias delta (`lora_B.bias`) on a base layer without a bias.
@@ -404,9 +415,11 @@ pub(crate) fn plain_forward(
     unflatten_rows(&y, &lead)
 }
 
-/// The rows of `table` (`(vocab, dim)`) at `ids` (any shape): `[ids.., dim]`.
+/// The rows of `table` (`(vocab, dim)`) at `ids` (any shape): `[ids.., dim]`. Ids are
+/// read as u32 (candle's `index_select` takes the id dtype's largest value as padding, so a
+/// u8 id 255 would read zeros).
 pub(crate) fn lookup_rows(table: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
-    let flat = ids.flatten_all()?;
+    let flat = ids.flatten_all()?.to_dtype(DType::U32)?;
     let rows = table.index_select(&flat, 0)?;
     let mut dims = ids.dims().to_vec();
     dims.push(table.dim(1)?);

@@ -136,8 +136,8 @@ pub(crate) fn shape(layer: &str, what: &str, t: &Tensor, dims: &[usize]) -> Resu
 }
 
 /// An input to an embedding: integer token ids (U8, U32 or I64) of any shape, on the layer's
-/// device.
-pub(crate) fn token_ids(layer: &str, ids: &Tensor, device: &Device) -> Result<()> {
+/// device, each in `0..vocab` (checked with two reductions: on a GPU, a sync).
+pub(crate) fn token_ids(layer: &str, ids: &Tensor, vocab: usize, device: &Device) -> Result<()> {
     if !matches!(ids.dtype(), DType::U8 | DType::U32 | DType::I64) {
         return Err(Error::layer_config(
             layer.to_string(),
@@ -155,6 +155,38 @@ pub(crate) fn token_ids(layer: &str, ids: &Tensor, device: &Device) -> Result<()
             expected: device_name(device),
             got: device_name(ids.device()),
         });
+    }
+    if ids.elem_count() == 0 {
+        return Ok(());
+    }
+    let wide = ids.flatten_all()?.to_dtype(DType::I64)?;
+    let (lo, hi) = (
+        wide.min_all()?.to_scalar::<i64>()?,
+        wide.max_all()?.to_scalar::<i64>()?,
+    );
+    if lo < 0 || usize::try_from(hi).map_or(true, |h| h >= vocab) {
+        let bad = if lo < 0 { lo } else { hi };
+        return Err(Error::layer_config(
+            layer.to_string(),
+            "input",
+            format!("token index {bad} is out of range for an embedding of {vocab} rows"),
+        ));
+    }
+    Ok(())
+}
+
+/// `base` must not be an embedding table: layer types other than [`crate::LoraEmbedding`]
+/// adapt linear layers only.
+pub(crate) fn not_embedding(layer: &str, base: &crate::FrozenLinear, variant: &str) -> Result<()> {
+    if base.kind() == crate::BaseKind::Embedding {
+        return Err(Error::layer_config(
+            layer.to_string(),
+            "base",
+            format!(
+                "`{layer}` is an embedding; a {variant} layer adapts linear layers (LoRA on an \
+                 embedding is `LoraEmbedding`)"
+            ),
+        ));
     }
     Ok(())
 }

@@ -374,7 +374,7 @@ impl AdapterPlan {
             return Ok(match (self.bias, base.bias()) {
                 (BiasMode::All, Some(b)) => {
                     let var = self.bias_var(stored_bias, b, vb, "bias")?;
-                    Prepared::Trainable(TrainableBase::from_parts(path, base, None, Some(var))?)
+                    Prepared::Trainable(TrainableBase::with_bias(path, base, var)?)
                 }
                 _ => match stored_bias {
                     Some(b) => Prepared::Frozen(base.with_frozen_bias(path, &b)?),
@@ -386,6 +386,7 @@ impl AdapterPlan {
         let base = match (self.bias, base.bias()) {
             (BiasMode::LoraOnly | BiasMode::All, Some(b)) => {
                 let var = self.bias_var(stored_bias, b, vb, BASE_BIAS)?;
+                crate::validate::shape(path, BASE_BIAS, var.as_tensor(), b.dims())?;
                 base.with_trainable_bias(&var)?
             }
             _ => match stored_bias {
@@ -590,7 +591,7 @@ impl Module for Linear {
         match self {
             Linear::Frozen(f) => f.forward(x),
             Linear::Adapted(a) => a.forward(x),
-            Linear::Trainable(m) => m.forward(x),
+            Linear::Trainable(m) => m.forward_checked(x).map_err(candle_core::Error::wrap),
         }
     }
 }

@@ -84,6 +84,8 @@ pub struct TrainableBase {
     original: FrozenLinear,
     weight: Option<Var>,
     bias: Option<Var>,
+    /// A `modules_to_save` copy (`true`) or a trained bias alone.
+    full_copy: bool,
     enabled: AtomicBool,
 }
 
@@ -115,11 +117,21 @@ impl TrainableBase {
             ));
         };
         let bias = trainable_var(&vb, "bias", b)?;
-        Self::from_parts(name, original, None, Some(bias))
+        Self::with_bias(name, original, bias)
     }
 
-    /// From existing tensors (a loaded adapter): `weight` in the original's stored layout,
-    /// `bias` `(d_out,)`; a `None` keeps the original's tensor frozen.
+    /// `original` with `bias` (`(d_out,)`) trained in place of its own: PEFT's
+    /// `bias = "all"` on a module without an adapter.
+    pub fn with_bias(name: impl Into<String>, original: FrozenLinear, bias: Var) -> Result<Self> {
+        Ok(Self {
+            full_copy: false,
+            ..Self::from_parts(name, original, None, Some(bias))?
+        })
+    }
+
+    /// A `modules_to_save` copy from existing tensors (a loaded adapter): `weight` in the
+    /// original's stored layout, `bias` `(d_out,)`; a `None` keeps the original's tensor,
+    /// frozen.
     pub fn from_parts(
         name: impl Into<String>,
         original: FrozenLinear,
@@ -153,6 +165,7 @@ impl TrainableBase {
             original,
             weight,
             bias,
+            full_copy: true,
             enabled: AtomicBool::new(true),
         })
     }
@@ -167,9 +180,9 @@ impl TrainableBase {
         &self.original
     }
 
-    /// Whether the weight trains (a `modules_to_save` copy) or only the bias.
+    /// Whether this is a `modules_to_save` copy (`false`: a trained bias alone).
     pub fn is_full_copy(&self) -> bool {
-        self.weight.is_some()
+        self.full_copy
     }
 
     /// The trainable variables (`weight`, `bias`), with roles.

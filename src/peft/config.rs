@@ -17,7 +17,7 @@ use crate::model::target::ModuleSettings;
 use crate::model::target::{
     FullRegex, LayerFilter, ModuleSelector, Pattern, RankAlpha, TargetSpec,
 };
-pub use crate::model::trainable_base::BiasMode;
+use crate::model::trainable_base::BiasMode;
 use crate::variants::build::{peft_glue, PeftGlue, PeftModule};
 use crate::variants::lora::LoraConfig;
 

@@ -180,7 +180,7 @@ fn is_base_tensor(c: &crate::peft::PeftConfig, rel: &str) -> bool {
         || copy("weight")
         || copy("bias")
         || (c.bias == BiasMode::All && module("bias").is_some())
-        || (c.bias != BiasMode::None && module("base_layer.bias").is_some())
+        || module("base_layer.bias").is_some()
         || module("base_layer.weight").is_some()
 }
 

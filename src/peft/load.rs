@@ -271,8 +271,15 @@ impl Files {
             return Err(Error::ShapeMismatch {
                 layer: path.to_string(),
                 what: format!(
-                    "`{key}` (base weight `{path}.weight` is {:?})",
-                    base.weight().dims()
+                    "`{key}` (base weight `{path}.weight` is {:?}{})",
+                    base.stored_weight()
+                        .map(|w| w.dims().to_vec())
+                        .unwrap_or_default(),
+                    if base.kind().stores_in_out() {
+                        ", stored (in, out)"
+                    } else {
+                        ""
+                    }
                 ),
                 expected: format!("{expected:?}"),
                 got: format!("{:?}", t.dims()),

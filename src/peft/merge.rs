@@ -514,6 +514,17 @@ pub(crate) fn check_adapter_fits(adapter: &PeftAdapter, ckpt: &Checkpoint) -> Re
                  (supported: F32, F16, BF16, F64)",
                 m.base.as_ref().map(|(_, d)| *d).unwrap_or(Dtype::F32)
             ),
+            Fit::ShapeDiffers if m.kind.stores_in_out() => {
+                let dim = |d: Option<usize>| d.map_or_else(|| "?".to_string(), |d| d.to_string());
+                format!(
+                    "`{name}` has shape {shape:?} (a {} weight, stored (in, out)) but the \
+                     adapter's tensors for `{path}` imply [{}, {}] (an adapter for another \
+                     model?)",
+                    m.kind.name(),
+                    dim(m.implied.in_features),
+                    dim(m.implied.out_features)
+                )
+            }
             Fit::ShapeDiffers => format!(
                 "`{name}` has shape {shape:?} but the adapter's tensors for `{path}` imply {} \
                  (out, in) (an adapter for another model?)",

@@ -9,6 +9,7 @@ pub mod merge;
 pub mod save;
 pub mod var_builder;
 
+pub use crate::model::BiasMode;
 pub use config::{PeftConfig, PeftType, MAX_RANK, SUPPORTED_PEFT_TYPES};
 pub use inspect::{
     inspect, inspect_against, not_an_adapter, AdapterSummary, CheckpointMatch, Fit, ImpliedShape,

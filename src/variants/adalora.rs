@@ -182,6 +182,7 @@ impl AdaLoraLinear {
         weights: AdaLoraWeights,
     ) -> Result<Self> {
         let name = name.into();
+        validate::not_embedding(&name, &base, "AdaLoRA")?;
         config.validate(&name)?;
         let init_r = config.init_r;
         let AdaLoraWeights {

@@ -65,7 +65,7 @@ impl DeltaLoraLinear {
     /// an error).
     pub fn new(base: FrozenLinear, config: &DeltaLoraConfig, vb: VarBuilder) -> Result<Self> {
         check_no_dropout(&vb.prefix(), config.dropout)?;
-        config.refuse_lora_bias(&vb.prefix(), Variant::DeltaLora)?;
+        config.check_wrapper(&vb.prefix(), &base, Variant::DeltaLora)?;
         Ok(Self {
             lora: LoraLinear::new(base, config, vb)?,
         })
@@ -81,7 +81,7 @@ impl DeltaLoraLinear {
     ) -> Result<Self> {
         let name = name.into();
         check_no_dropout(&name, config.dropout)?;
-        config.refuse_lora_bias(&name, Variant::DeltaLora)?;
+        config.check_wrapper(&name, &base, Variant::DeltaLora)?;
         Ok(Self {
             lora: LoraLinear::from_weights(name, base, config, pair)?,
         })

@@ -114,6 +114,7 @@ impl LoraLinear {
     ) -> Result<Self> {
         let name = name.into();
         config.validate(&name)?;
+        validate::not_embedding(&name, &base, "LoRA-family")?;
         check_pair(&name, &base, &pair)?;
         if pair.rank() != config.r {
             return Err(crate::Error::layer_config(

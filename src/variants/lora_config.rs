@@ -78,6 +78,18 @@ impl LoraConfig {
         validate::dropout(layer, self.dropout)
     }
 
+    /// What a layer of `variant` that wraps a LoRA layer (LoRA-FA, LoRA-drop, Delta-LoRA,
+    /// DoRA) checks first: a linear base (not an embedding) and no `lora_bias`.
+    pub(crate) fn check_wrapper(
+        &self,
+        layer: &str,
+        base: &FrozenLinear,
+        variant: Variant,
+    ) -> Result<()> {
+        validate::not_embedding(layer, base, variant.name())?;
+        self.refuse_lora_bias(layer, variant)
+    }
+
     /// Errors if `lora_bias` is set: the layers of `variant` (every LoRA-family variant
     /// but LoRA and LoRA+) have no bias on B (PEFT refuses it with DoRA too).
     pub(crate) fn refuse_lora_bias(&self, layer: &str, variant: Variant) -> Result<()> {

@@ -53,7 +53,7 @@ pub struct LoraDropLinear {
 impl LoraDropLinear {
     /// Builds a LoRA-drop layer over `base`: a LoRA layer made by [`LoraLinear::new`].
     pub fn new(base: FrozenLinear, config: &LoraDropLayerConfig, vb: VarBuilder) -> Result<Self> {
-        config.refuse_lora_bias(&vb.prefix(), Variant::LoraDrop)?;
+        config.check_wrapper(&vb.prefix(), &base, Variant::LoraDrop)?;
         Ok(Self::from_lora(LoraLinear::new(base, config, vb)?))
     }
 
@@ -65,7 +65,7 @@ impl LoraDropLinear {
         pair: LowRankPair,
     ) -> Result<Self> {
         let name = name.into();
-        config.refuse_lora_bias(&name, Variant::LoraDrop)?;
+        config.check_wrapper(&name, &base, Variant::LoraDrop)?;
         Ok(Self::from_lora(LoraLinear::from_weights(
             name, base, config, pair,
         )?))

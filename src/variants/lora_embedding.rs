@@ -171,7 +171,9 @@ impl Adapter for LoraEmbedding {
         // A's columns at the ids (Aᵀ's rows, read from A as stored): (n, r), then times Bᵀ.
         let a = self.pair.a.tensor().to_dtype(compute)?;
         let b = self.pair.b.tensor().to_dtype(compute)?;
-        let after_a = a.index_select(&ids.flatten_all()?, 1)?.t()?;
+        let after_a = a
+            .index_select(&ids.flatten_all()?.to_dtype(candle_core::DType::U32)?, 1)?
+            .t()?;
         let low = (after_a.matmul(&b.t()?)? * self.scale)?;
         let low = low.reshape(y.dims())?.to_dtype(y.dtype())?;
         Ok((y + low)?)

@@ -47,7 +47,7 @@ impl LoraFaLinear {
     pub fn new(base: FrozenLinear, config: &LoraFaConfig, vb: VarBuilder) -> Result<Self> {
         let name = vb.prefix();
         config.validate(&name)?;
-        config.refuse_lora_bias(&name, Variant::LoraFa)?;
+        config.check_wrapper(&name, &base, Variant::LoraFa)?;
         let (a, b) = config.init_pair(&name, &base)?;
         let pair = LowRankPair {
             a: Factor::Frozen(a),
@@ -66,7 +66,7 @@ impl LoraFaLinear {
         pair: LowRankPair,
     ) -> Result<Self> {
         let name = name.into();
-        config.refuse_lora_bias(&name, Variant::LoraFa)?;
+        config.check_wrapper(&name, &base, Variant::LoraFa)?;
         let b = match pair.b {
             Factor::Trainable(v) => v,
             Factor::Frozen(t) => Var::from_tensor(&t)?,

@@ -291,6 +291,7 @@ impl VeraLinear {
         weights: VeraWeights,
     ) -> Result<Self> {
         let name = name.into();
+        validate::not_embedding(&name, &base, "VeRA")?;
         config.validate(&name)?;
         let (shared, dropout) = (&config.shared, config.dropout);
         let lambda_d = Var::from_tensor(&weights.lambda_d)?;

@@ -33,6 +33,8 @@ mod lora_fa;
 mod lora_fa_projection;
 mod lora_plus;
 mod numerics;
+mod options_bad_input;
+mod options_properties;
 mod peft_fixtures;
 mod peft_options;
 mod peft_roundtrip;

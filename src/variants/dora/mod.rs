@@ -110,7 +110,7 @@ impl DoraLinear {
     /// `lora_A`, `lora_B` under `vb`'s prefix), and `lora_magnitude_vector` initialized to
     /// `‖W + s·BA‖_row` (that is `‖W‖_row` with the default zero B), as PEFT does.
     pub fn new(base: FrozenLinear, config: &DoraConfig, vb: VarBuilder) -> Result<Self> {
-        config.refuse_lora_bias(&vb.prefix(), Variant::Dora)?;
+        config.check_wrapper(&vb.prefix(), &base, Variant::Dora)?;
         let lora = LoraLinear::new(base, config, vb.clone())?;
         let w_sq = row_sq_norms(lora.base().weight())?;
         let norms = norms_of(&lora, &w_sq)?;
@@ -130,7 +130,7 @@ impl DoraLinear {
     ) -> Result<Self> {
         let DoraWeights { pair, magnitude } = weights;
         let name = name.into();
-        config.refuse_lora_bias(&name, Variant::Dora)?;
+        config.check_wrapper(&name, &base, Variant::Dora)?;
         let lora = LoraLinear::from_weights(name, base, config, pair)?;
         let (name, base) = (lora.name(), lora.base());
         validate::shape(name, MAGNITUDE_NAME, &magnitude, &[base.d_out()])?;
