@@ -85,6 +85,7 @@ pub mod init;
 pub mod kernels;
 pub mod low_rank;
 pub mod model;
+pub mod models;
 pub mod peft;
 pub mod shared;
 pub mod staging;

@@ -30,7 +30,7 @@ use lorakit::peft::{
     merge_checkpoint, merge_files, MergeOptions, MergeProgress, MergeReport, OutputDType,
     PeftAdapter, PeftConfig,
 };
-use lorakit::{FrozenLinear, LoraConfig, Result};
+use lorakit::{BaseKind, FrozenLinear, LoraConfig, Result};
 use safetensors::tensor::{Dtype, View};
 use serde_json::Value;
 
@@ -91,6 +91,15 @@ pub fn config_json(data: &[u8]) -> Result<()> {
             config.ranks.for_module(path).r,
             again.ranks.for_module(path).r
         );
+        assert_eq!(
+            config.targets.is_target_kind(path, BaseKind::Embedding),
+            again.targets.is_target_kind(path, BaseKind::Embedding)
+        );
+        assert_eq!(
+            config.targets.is_module_to_save(path),
+            again.targets.is_module_to_save(path)
+        );
+        assert_eq!(config.bias, again.bias);
         let _ = config.adalora_mask(path);
     }
     let plan = config.fresh_plan(
@@ -131,7 +140,19 @@ pub fn load_adapter(data: &[u8]) -> Result<()> {
     let plan = adapter.plan()?;
     for path in adapter.module_paths().iter().take(MAX_PATHS) {
         let (d_in, d_out) = base_dims(&adapter, path);
-        let base = FrozenLinear::new(base_weight(d_out, d_in, dtype)?, None)?;
+        // The kind the file implies (an embedding for `lora_embedding_A`, a Conv1D under
+        // fan_in_fan_out), with a bias when it has a `lora_B.bias` or the config trains biases.
+        let kind = adapter.base_kind(path);
+        let weight = base_weight(d_out, d_in, dtype)?;
+        let stored = if kind.stores_in_out() {
+            weight.t()?.contiguous()?
+        } else {
+            weight
+        };
+        let bias = (kind != BaseKind::Embedding && options & 4 != 0)
+            .then(|| base_weight(1, d_out, dtype).and_then(|b| Ok(b.flatten_all()?)))
+            .transpose()?;
+        let base = FrozenLinear::from_stored(kind, stored, bias)?;
         exercise_layer(plan.adapt(path, base)?, d_in)?;
     }
     plan.finish()?;
@@ -151,13 +172,24 @@ fn base_dims(adapter: &PeftAdapter, path: &str) -> (usize, usize) {
             adapter.tensor(&key)?.dims().get(axis).copied()
         })
     };
-    let d_in = dim(&["lora_A.weight", "lora_A", "base_model.vera_A"], 1).unwrap_or(4);
+    let d_in = dim(
+        &[
+            "lora_A.weight",
+            "lora_A",
+            "lora_embedding_A",
+            "base_model.vera_A",
+        ],
+        1,
+    )
+    .unwrap_or(4);
     let d_out = dim(
         &[
             "lora_B.weight",
             "lora_B",
+            "lora_embedding_B",
             "vera_lambda_b",
             "lora_magnitude_vector",
+            "lora_B.bias",
         ],
         0,
     )
@@ -180,13 +212,19 @@ fn base_weight(d_out: usize, d_in: usize, dtype: DType) -> Result<Tensor> {
     Ok(w)
 }
 
-/// Runs an adapted layer on 2-D and 3-D inputs, merged and unmerged.
+/// Runs an adapted layer on 2-D and 3-D inputs (token ids for an embedding), merged and
+/// unmerged; a trainable copy or bias on one input.
 fn exercise_layer(layer: Linear, d_in: usize) -> Result<()> {
-    let Linear::Adapted(layer) = layer else {
-        return Ok(());
+    let layer = match layer {
+        Linear::Adapted(layer) => layer,
+        Linear::Trainable(module) => {
+            let x = input_for(module.original(), d_in)?;
+            let _ = module.forward_checked(&x)?;
+            return Ok(());
+        }
+        Linear::Frozen(_) => return Ok(()),
     };
-    let dtype = layer.read().base().dtype();
-    let x = base_weight(3, d_in, dtype)?;
+    let x = input_for(layer.read().base(), d_in)?;
     let _ = layer.read().forward_t(&x, false)?;
     let _ = layer.read().forward_t(&x.unsqueeze(0)?, true)?;
     layer.write().merge(true)?;
@@ -194,6 +232,15 @@ fn exercise_layer(layer: Linear, d_in: usize) -> Result<()> {
     layer.write().unmerge()?;
     let _ = layer.read().forward_t(&x, false)?;
     Ok(())
+}
+
+/// A 3-row input for `base`: floats `(3, d_in)`, or token ids below `d_in` for an embedding.
+fn input_for(base: &FrozenLinear, d_in: usize) -> Result<Tensor> {
+    if base.kind() == BaseKind::Embedding {
+        let ids: Vec<u32> = (0..3u32).map(|i| i % d_in.max(1) as u32).collect();
+        return Ok(Tensor::new(ids.as_slice(), &Device::Cpu)?);
+    }
+    base_weight(3, d_in, base.dtype())
 }
 
 static RUN: AtomicUsize = AtomicUsize::new(0);

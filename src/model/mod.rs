@@ -1,6 +1,8 @@
-//! Model-level API: PEFT's target rules ([`target`]), the plan that decides which linear
-//! layers get which adapter and the drop-in [`linear`] constructor ([`plan`]), and the set
-//! of adapted layers of a model ([`adapted_set`]).
+//! Model-level API: PEFT's target rules ([`target`]: `target_modules`, `exclude_modules`,
+//! `layers_to_transform`, `modules_to_save`), the plan that decides which modules get which
+//! adapter and the drop-in constructors [`linear`], [`conv1d`] (GPT-2) and [`embedding`]
+//! ([`plan`]), fully trainable base modules ([`trainable_base`]: `modules_to_save` copies,
+//! `bias = "all"` biases), and the set of adapted layers of a model ([`adapted_set`]).
 
 pub mod adapted_set;
 pub mod plan;

@@ -6,6 +6,7 @@
 //! | variant | layer | config |
 //! |---|---|---|
 //! | LoRA, LoRA+ | [`LoraLinear`] | [`LoraConfig`] |
+//! | LoRA, LoRA+ on an embedding | [`LoraEmbedding`] | [`LoraConfig`] |
 //! | LoRA-FA | [`LoraFaLinear`] | [`LoraFaConfig`] (LoRA's) |
 //! | LoRA-drop | [`LoraDropLinear`] | [`LoraDropLayerConfig`] (LoRA's) |
 //! | Delta-LoRA | [`DeltaLoraLinear`] | [`DeltaLoraConfig`] (LoRA's, no dropout) |
