@@ -22,10 +22,8 @@ pub enum BiasMode {
     /// `"lora_only"`: the biases of adapted layers train (saved as `<path>.base_layer.bias`).
     LoraOnly,
     /// `"all"`: every bias of a layer built through the plan trains (adapted layers' as
-    /// `<path>.base_layer.bias`, the others' as `<path>.bias`).
-    ///
-    /// Partial: biases of modules the model code builds itself (norms) are not reached by
-    /// the plan; PEFT trains those too.
+    /// `<path>.base_layer.bias`, the others' as `<path>.bias`), and those of modules the
+    /// model code builds itself (norms) when it asks [`crate::model::AdapterPlan::bias`].
     All,
 }
 
@@ -60,8 +58,9 @@ impl FromStr for BiasMode {
 /// A module of the base model whose own tensors train: a full copy (PEFT's
 /// `modules_to_save`: weight and bias train, saved as `<path>.weight` / `<path>.bias`) or
 /// a trainable bias alone (`bias = "all"` on a module without an adapter, saved as
-/// `<path>.bias`). The original stays untouched: with the adapter disabled the module
-/// computes with it, as PEFT's `ModulesToSaveWrapper` does.
+/// `<path>.bias`). The original stays untouched: with the adapter disabled a copy computes
+/// with it, as PEFT's `ModulesToSaveWrapper` does (a trained bias stays, as PEFT trains it
+/// in place).
 ///
 /// ```
 /// use candle_core::{DType, Device, Module, Tensor};
@@ -230,7 +229,9 @@ impl TrainableBase {
 
 impl Module for TrainableBase {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if !self.enabled.load(Ordering::Relaxed) {
+        // A disabled copy computes with the original, as PEFT's `ModulesToSaveWrapper`
+        // does; a trained bias is the base's own (PEFT trains it in place), so it stays.
+        if self.full_copy && !self.enabled.load(Ordering::Relaxed) {
             return self.original.forward(x);
         }
         let kind = self.original.kind();

@@ -1,1 +1,852 @@
-//! Placeholder: being written.
+//! BERT for sequence classification: transformers' `BertForSequenceClassification`
+//! ([`BertForSequenceClassification`]) with every module built through the model-level API
+//! at transformers' own paths (`bert.embeddings.word_embeddings`,
+//! `bert.encoder.layer.N.attention.self.query`, …, `bert.pooler.dense`, `classifier`), so a
+//! PEFT adapter's `target_modules`, `modules_to_save: ["classifier"]` and `bias = "all"`
+//! (norm biases through [`AdapterPlan::bias`]) apply unchanged; its configuration
+//! ([`BertConfig`]) is read from transformers' `config.json`.
+//!
+//! The forward is transformers' eager one: embeddings (word + token type + absolute
+//! position, then LayerNorm), post-norm encoder layers (attention scores scaled by
+//! `1/sqrt(head_dim)`, padded keys masked with the dtype's most negative value), the pooler
+//! (`tanh` of a dense layer on the first token) and the classifier. Dropout runs only in
+//! [`BertForSequenceClassification::forward_t`] with `train = true`.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
+use candle_nn::{Init, VarBuilder};
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::model::{embedding, linear, AdapterPlan, Embedding, Linear};
+
+/// The activation of BERT's feed-forward block (transformers' `hidden_act`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HiddenAct {
+    /// `"gelu"`: the exact GELU, `x Φ(x)` with the error function.
+    #[default]
+    Gelu,
+    /// `"gelu_new"`: the tanh approximation of GELU (GPT-2's).
+    GeluNew,
+    /// `"relu"`.
+    Relu,
+}
+
+impl HiddenAct {
+    /// transformers' name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HiddenAct::Gelu => "gelu",
+            HiddenAct::GeluNew => "gelu_new",
+            HiddenAct::Relu => "relu",
+        }
+    }
+
+    fn apply(self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            HiddenAct::Gelu => x.gelu_erf()?,
+            HiddenAct::GeluNew => x.gelu()?,
+            HiddenAct::Relu => x.relu()?,
+        })
+    }
+}
+
+impl FromStr for HiddenAct {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "gelu" => Ok(HiddenAct::Gelu),
+            "gelu_new" => Ok(HiddenAct::GeluNew),
+            "relu" => Ok(HiddenAct::Relu),
+            other => Err(Error::Unsupported {
+                what: "hidden_act",
+                got: other.to_string(),
+                supported: "gelu, gelu_new, relu".to_string(),
+            }),
+        }
+    }
+}
+
+/// How positions are encoded (transformers' `position_embedding_type`; transformers 5 no
+/// longer writes it and always uses absolute position embeddings).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PositionEmbeddingType {
+    /// `"absolute"`: a learned table `bert.embeddings.position_embeddings`, row `i` added at
+    /// position `i`.
+    #[default]
+    Absolute,
+}
+
+impl PositionEmbeddingType {
+    /// transformers' name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PositionEmbeddingType::Absolute => "absolute",
+        }
+    }
+}
+
+impl FromStr for PositionEmbeddingType {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "absolute" => Ok(PositionEmbeddingType::Absolute),
+            other => Err(Error::Unsupported {
+                what: "position_embedding_type",
+                got: other.to_string(),
+                supported: "absolute".to_string(),
+            }),
+        }
+    }
+}
+
+/// The loss a classifier trains with (transformers' `problem_type`); see
+/// [`BertForSequenceClassification::loss`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProblemType {
+    /// `"regression"`: mean squared error.
+    Regression,
+    /// `"single_label_classification"`: cross-entropy over integer labels.
+    SingleLabelClassification,
+    /// `"multi_label_classification"`: binary cross-entropy on the logits, float targets.
+    MultiLabelClassification,
+}
+
+impl ProblemType {
+    /// transformers' name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProblemType::Regression => "regression",
+            ProblemType::SingleLabelClassification => "single_label_classification",
+            ProblemType::MultiLabelClassification => "multi_label_classification",
+        }
+    }
+}
+
+impl FromStr for ProblemType {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "regression" => Ok(ProblemType::Regression),
+            "single_label_classification" => Ok(ProblemType::SingleLabelClassification),
+            "multi_label_classification" => Ok(ProblemType::MultiLabelClassification),
+            other => Err(Error::Unsupported {
+                what: "problem_type",
+                got: other.to_string(),
+                supported: "regression, single_label_classification, multi_label_classification"
+                    .to_string(),
+            }),
+        }
+    }
+}
+
+/// The fields of transformers' `BertConfig` that the forward depends on. The defaults are
+/// transformers' (bert-base: 12 layers of 768, 2 labels).
+///
+/// Read from a `config.json` with [`BertConfig::from_file`]; options this implementation
+/// does not run (another `hidden_act`, relative position embeddings, `is_decoder`, another
+/// `model_type`) are errors naming the option.
+///
+/// ```
+/// use lorakit::models::bert::{BertConfig, HiddenAct};
+/// # fn main() -> lorakit::Result<()> {
+/// let config = BertConfig::from_file("tests/fixtures/peft_options/bert_cls/base/config.json")?;
+/// assert_eq!((config.hidden_size, config.num_hidden_layers), (16, 2));
+/// assert_eq!(config.num_labels, 3); // from id2label, as transformers counts them
+/// assert_eq!(config.hidden_act, HiddenAct::Gelu);
+/// let text = r#"{"hidden_act": "swish"}"#;
+/// let err = BertConfig::from_json_str(text, "config.json").unwrap_err();
+/// assert!(err.to_string().contains("hidden_act"));
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct BertConfig {
+    /// Rows of `bert.embeddings.word_embeddings`.
+    pub vocab_size: usize,
+    /// The model width.
+    pub hidden_size: usize,
+    /// Encoder layers.
+    pub num_hidden_layers: usize,
+    /// Attention heads (dividing `hidden_size`).
+    pub num_attention_heads: usize,
+    /// The feed-forward block's inner width.
+    pub intermediate_size: usize,
+    /// The feed-forward activation.
+    pub hidden_act: HiddenAct,
+    /// Dropout after the embeddings and each sublayer (training only).
+    pub hidden_dropout_prob: f64,
+    /// Dropout on the attention probabilities (training only).
+    pub attention_probs_dropout_prob: f64,
+    /// Dropout before the classifier (training only); `None`: `hidden_dropout_prob`.
+    pub classifier_dropout: Option<f64>,
+    /// Rows of `bert.embeddings.position_embeddings`: the longest input.
+    pub max_position_embeddings: usize,
+    /// Rows of `bert.embeddings.token_type_embeddings`.
+    pub type_vocab_size: usize,
+    /// The LayerNorms' epsilon.
+    pub layer_norm_eps: f64,
+    /// How positions are encoded.
+    pub position_embedding_type: PositionEmbeddingType,
+    /// Outputs of the classifier (`id2label`'s length when the file has one, as transformers
+    /// counts them; `num_labels` otherwise, default 2).
+    pub num_labels: usize,
+    /// The loss [`BertForSequenceClassification::loss`] computes; `None`: chosen from
+    /// `num_labels` and the labels' dtype, as transformers does.
+    pub problem_type: Option<ProblemType>,
+}
+
+impl Default for BertConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 30522,
+            hidden_size: 768,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            intermediate_size: 3072,
+            hidden_act: HiddenAct::Gelu,
+            hidden_dropout_prob: 0.1,
+            attention_probs_dropout_prob: 0.1,
+            classifier_dropout: None,
+            max_position_embeddings: 512,
+            type_vocab_size: 2,
+            layer_norm_eps: 1e-12,
+            position_embedding_type: PositionEmbeddingType::Absolute,
+            num_labels: 2,
+            problem_type: None,
+        }
+    }
+}
+
+/// `config.json` as written: every field optional (transformers' defaults fill the gaps).
+#[derive(Deserialize)]
+struct RawBertConfig {
+    model_type: Option<String>,
+    vocab_size: Option<usize>,
+    hidden_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    intermediate_size: Option<usize>,
+    hidden_act: Option<String>,
+    hidden_dropout_prob: Option<f64>,
+    attention_probs_dropout_prob: Option<f64>,
+    classifier_dropout: Option<f64>,
+    max_position_embeddings: Option<usize>,
+    type_vocab_size: Option<usize>,
+    layer_norm_eps: Option<f64>,
+    position_embedding_type: Option<String>,
+    num_labels: Option<usize>,
+    id2label: Option<serde_json::Map<String, serde_json::Value>>,
+    problem_type: Option<String>,
+    is_decoder: Option<bool>,
+}
+
+impl BertConfig {
+    /// Reads transformers' `config.json` at `path`.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json_str(&text, path)
+    }
+
+    /// Parses the text of a `config.json`; `path` names it in errors.
+    pub fn from_json_str(text: &str, path: impl Into<PathBuf>) -> Result<Self> {
+        let path = path.into();
+        let raw: RawBertConfig =
+            serde_json::from_str(text).map_err(|e| Error::json(path.clone(), &e))?;
+        if let Some(model_type) = raw.model_type.filter(|t| t != "bert") {
+            return Err(Error::Unsupported {
+                what: "model_type",
+                got: model_type,
+                supported: "bert".to_string(),
+            });
+        }
+        if raw.is_decoder == Some(true) {
+            return Err(Error::Unsupported {
+                what: "is_decoder",
+                got: "true".to_string(),
+                supported: "false (BERT as a bidirectional encoder)".to_string(),
+            });
+        }
+        let d = Self::default();
+        // transformers: with an `id2label` the labels are its entries (a `num_labels` that
+        // disagrees is overridden, with a warning); without one, `num_labels` or 2.
+        let num_labels = match &raw.id2label {
+            Some(map) => map.len(),
+            None => raw.num_labels.unwrap_or(d.num_labels),
+        };
+        let config = Self {
+            vocab_size: raw.vocab_size.unwrap_or(d.vocab_size),
+            hidden_size: raw.hidden_size.unwrap_or(d.hidden_size),
+            num_hidden_layers: raw.num_hidden_layers.unwrap_or(d.num_hidden_layers),
+            num_attention_heads: raw.num_attention_heads.unwrap_or(d.num_attention_heads),
+            intermediate_size: raw.intermediate_size.unwrap_or(d.intermediate_size),
+            hidden_act: raw
+                .hidden_act
+                .as_deref()
+                .map(HiddenAct::from_str)
+                .transpose()?
+                .unwrap_or(d.hidden_act),
+            hidden_dropout_prob: raw.hidden_dropout_prob.unwrap_or(d.hidden_dropout_prob),
+            attention_probs_dropout_prob: raw
+                .attention_probs_dropout_prob
+                .unwrap_or(d.attention_probs_dropout_prob),
+            classifier_dropout: raw.classifier_dropout,
+            max_position_embeddings: raw
+                .max_position_embeddings
+                .unwrap_or(d.max_position_embeddings),
+            type_vocab_size: raw.type_vocab_size.unwrap_or(d.type_vocab_size),
+            layer_norm_eps: raw.layer_norm_eps.unwrap_or(d.layer_norm_eps),
+            position_embedding_type: raw
+                .position_embedding_type
+                .as_deref()
+                .map(PositionEmbeddingType::from_str)
+                .transpose()?
+                .unwrap_or(d.position_embedding_type),
+            num_labels,
+            problem_type: raw
+                .problem_type
+                .as_deref()
+                .map(ProblemType::from_str)
+                .transpose()?,
+        };
+        config.check(|field, reason| Error::file_config(path.clone(), field, reason))?;
+        Ok(config)
+    }
+
+    /// Checks the values [`BertForSequenceClassification::load`] relies on: non-zero sizes,
+    /// `hidden_size` a multiple of `num_attention_heads`, dropouts in `[0, 1)`, a finite
+    /// `layer_norm_eps >= 0`, and at least 2 labels for `single_label_classification` (as
+    /// transformers requires).
+    pub fn validate(&self) -> Result<()> {
+        self.check(|field, reason| Error::settings("BERT config", field, reason))
+    }
+
+    fn check(&self, err: impl Fn(&'static str, String) -> Error) -> Result<()> {
+        let sizes = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("intermediate_size", self.intermediate_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+            ("type_vocab_size", self.type_vocab_size),
+            ("num_labels", self.num_labels),
+        ];
+        for (field, value) in sizes {
+            if value == 0 {
+                return Err(err(field, "must be at least 1, got 0".to_string()));
+            }
+        }
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            return Err(err(
+                "hidden_size",
+                format!(
+                    "{} is not a multiple of num_attention_heads ({})",
+                    self.hidden_size, self.num_attention_heads
+                ),
+            ));
+        }
+        let dropouts = [
+            ("hidden_dropout_prob", Some(self.hidden_dropout_prob)),
+            (
+                "attention_probs_dropout_prob",
+                Some(self.attention_probs_dropout_prob),
+            ),
+            ("classifier_dropout", self.classifier_dropout),
+        ];
+        for (field, p) in dropouts {
+            if let Some(p) = p.filter(|p| !(0.0..1.0).contains(p)) {
+                return Err(err(field, format!("must be in [0, 1), got {p}")));
+            }
+        }
+        if !self.layer_norm_eps.is_finite() || self.layer_norm_eps < 0.0 {
+            return Err(err(
+                "layer_norm_eps",
+                format!("must be finite and >= 0, got {}", self.layer_norm_eps),
+            ));
+        }
+        if self.problem_type == Some(ProblemType::SingleLabelClassification) && self.num_labels < 2
+        {
+            return Err(err(
+                "problem_type",
+                "single_label_classification needs num_labels > 1 (use regression for a single \
+                 output)"
+                    .to_string(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+}
+
+/// A LayerNorm whose bias comes from the plan (`bias = "all"` trains it).
+#[derive(Clone, Debug)]
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// `weight` and `bias` at `vb`'s path (old checkpoints' `gamma` / `beta` too).
+    fn load(size: usize, eps: f64, vb: VarBuilder, plan: &AdapterPlan) -> Result<Self> {
+        let (w, b) = if !vb.contains_tensor("weight") && vb.contains_tensor("gamma") {
+            ("gamma", "beta")
+        } else {
+            ("weight", "bias")
+        };
+        let weight = vb.get_with_hints(size, w, Init::Const(1.0))?;
+        let base_bias = vb.get_with_hints(size, b, Init::Const(0.0))?;
+        let bias = plan
+            .bias(&vb.prefix(), base_bias)?
+            .to_dtype(weight.dtype())?
+            .to_device(weight.device())?;
+        crate::validate::shape(&vb.prefix(), "bias", &bias, &[size])?;
+        Ok(Self { weight, bias, eps })
+    }
+
+    /// candle's fused LayerNorm, or (`train`) the composed one gradients flow through.
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let eps = self.eps as f32;
+        Ok(if train {
+            candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, eps)?
+        } else {
+            candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, eps)?
+        })
+    }
+}
+
+/// Dropout with probability `p` when training.
+fn dropout(x: Tensor, p: f64, train: bool) -> Result<Tensor> {
+    if train && p > 0.0 {
+        Ok(candle_nn::ops::dropout(&x, p as f32)?)
+    } else {
+        Ok(x)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct BertEmbeddings {
+    word: Embedding,
+    position: Embedding,
+    token_type: Embedding,
+    norm: LayerNorm,
+    dropout: f64,
+}
+
+impl BertEmbeddings {
+    fn load(c: &BertConfig, vb: VarBuilder, plan: &AdapterPlan) -> Result<Self> {
+        Ok(Self {
+            word: embedding(c.vocab_size, c.hidden_size, vb.pp("word_embeddings"), plan)?,
+            position: embedding(
+                c.max_position_embeddings,
+                c.hidden_size,
+                vb.pp("position_embeddings"),
+                plan,
+            )?,
+            token_type: embedding(
+                c.type_vocab_size,
+                c.hidden_size,
+                vb.pp("token_type_embeddings"),
+                plan,
+            )?,
+            norm: LayerNorm::load(c.hidden_size, c.layer_norm_eps, vb.pp("LayerNorm"), plan)?,
+            dropout: c.hidden_dropout_prob,
+        })
+    }
+
+    /// `ids` and `token_types` `(batch, seq)`, checked: `(batch, seq, hidden)`.
+    fn forward(&self, ids: &Tensor, token_types: &Tensor, train: bool) -> Result<Tensor> {
+        let seq = ids.dim(1)?;
+        let x = (self.word.forward(ids)? + self.token_type.forward(token_types)?)?;
+        let positions = Tensor::arange(0u32, seq as u32, ids.device())?;
+        let x = x.broadcast_add(&self.position.forward(&positions)?)?;
+        dropout(self.norm.forward(&x, train)?, self.dropout, train)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct BertLayer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attention_output: Linear,
+    attention_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    output_norm: LayerNorm,
+    heads: usize,
+    head_dim: usize,
+    act: HiddenAct,
+    hidden_dropout: f64,
+    attention_dropout: f64,
+}
+
+impl BertLayer {
+    fn load(c: &BertConfig, vb: VarBuilder, plan: &AdapterPlan) -> Result<Self> {
+        let h = c.hidden_size;
+        let attn = vb.pp("attention");
+        let this = attn.pp("self");
+        let attn_out = attn.pp("output");
+        let eps = c.layer_norm_eps;
+        Ok(Self {
+            query: linear(h, h, this.pp("query"), plan)?,
+            key: linear(h, h, this.pp("key"), plan)?,
+            value: linear(h, h, this.pp("value"), plan)?,
+            attention_output: linear(h, h, attn_out.pp("dense"), plan)?,
+            attention_norm: LayerNorm::load(h, eps, attn_out.pp("LayerNorm"), plan)?,
+            intermediate: linear(h, c.intermediate_size, vb.pp("intermediate.dense"), plan)?,
+            output: linear(c.intermediate_size, h, vb.pp("output.dense"), plan)?,
+            output_norm: LayerNorm::load(h, eps, vb.pp("output.LayerNorm"), plan)?,
+            heads: c.num_attention_heads,
+            head_dim: c.head_dim(),
+            act: c.hidden_act,
+            hidden_dropout: c.hidden_dropout_prob,
+            attention_dropout: c.attention_probs_dropout_prob,
+        })
+    }
+
+    /// `x` `(batch, seq, hidden)`; `mask` additive, `(batch, 1, 1, seq)`.
+    fn forward(&self, x: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let heads = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((b, s, self.heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = heads(self.query.forward(x)?)?;
+        let k = heads(self.key.forward(x)?)?;
+        let v = heads(self.value.forward(x)?)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = if train {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
+        let probs = dropout(probs, self.attention_dropout, train)?;
+        let context =
+            probs
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((b, s, self.heads * self.head_dim))?;
+        let attn = self.attention_output.forward(&context)?;
+        let attn = dropout(attn, self.hidden_dropout, train)?;
+        let attn = self.attention_norm.forward(&(attn + x)?, train)?;
+        let inner = self.act.apply(&self.intermediate.forward(&attn)?)?;
+        let out = dropout(self.output.forward(&inner)?, self.hidden_dropout, train)?;
+        self.output_norm.forward(&(out + attn)?, train)
+    }
+}
+
+/// transformers' `BertForSequenceClassification`: BERT, its pooler and a linear classifier,
+/// every module built through [`crate::model::linear`] / [`crate::model::embedding`] at
+/// transformers' paths, so the plan's adapters, `modules_to_save` copies and trained
+/// biases (LayerNorms' included, through [`AdapterPlan::bias`]) apply as PEFT applies them.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use lorakit::checkpoint::Checkpoint;
+/// use lorakit::models::bert::{BertConfig, BertForSequenceClassification};
+/// use lorakit::peft::PeftAdapter;
+/// # fn main() -> lorakit::Result<()> {
+/// let dir = std::path::Path::new("tests/fixtures/peft_options/bert_cls");
+/// let dev = Device::Cpu;
+/// let config = BertConfig::from_file(dir.join("base/config.json"))?;
+/// let vb = Checkpoint::open(dir.join("base"))?.var_builder(DType::F32, &dev);
+/// // PEFT's LoRA on query/value, bias = "all", the classifier in modules_to_save.
+/// let plan = PeftAdapter::load(dir.join("adapter"), &dev)?.plan()?;
+/// let model = BertForSequenceClassification::load(&config, vb, &plan)?;
+/// let set = plan.finish()?; // every tensor of the adapter file was used
+/// assert_eq!(set.paths().len(), 4); // query and value of both layers
+/// let ids = Tensor::new(&[[14u32, 25, 8, 27, 13], [12, 49, 20, 13, 60]], &dev)?;
+/// let mask = Tensor::new(&[[1u32, 1, 1, 0, 0], [1, 1, 1, 1, 1]], &dev)?;
+/// let logits = model.forward(&ids, None, Some(&mask))?;
+/// assert_eq!(logits.dims(), [2, 3]);
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct BertForSequenceClassification {
+    config: BertConfig,
+    embeddings: BertEmbeddings,
+    layers: Vec<BertLayer>,
+    pooler: Linear,
+    classifier: Linear,
+    dtype: DType,
+    device: Device,
+}
+
+impl BertForSequenceClassification {
+    /// Builds the model from `vb` (transformers' tensor names: `bert.…`, `classifier.…`),
+    /// every module through `plan`. Call [`AdapterPlan::finish`] afterwards: for a loaded
+    /// adapter it checks that every tensor of its file was used.
+    pub fn load(config: &BertConfig, vb: VarBuilder, plan: &AdapterPlan) -> Result<Self> {
+        config.validate()?;
+        let (dtype, device) = (vb.dtype(), vb.device().clone());
+        let bert = vb.pp("bert");
+        let embeddings = BertEmbeddings::load(config, bert.pp("embeddings"), plan)?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| BertLayer::load(config, bert.pp(format!("encoder.layer.{i}")), plan))
+            .collect::<Result<Vec<_>>>()?;
+        let h = config.hidden_size;
+        let pooler = linear(h, h, bert.pp("pooler.dense"), plan)?;
+        let classifier = linear(h, config.num_labels, vb.pp("classifier"), plan)?;
+        Ok(Self {
+            config: config.clone(),
+            embeddings,
+            layers,
+            pooler,
+            classifier,
+            dtype,
+            device,
+        })
+    }
+
+    /// The configuration the model was built with.
+    pub fn config(&self) -> &BertConfig {
+        &self.config
+    }
+
+    /// The logits `(batch, num_labels)` in evaluation mode (no dropout; candle's fused
+    /// softmax and LayerNorm, which pass no gradient: train with
+    /// [`BertForSequenceClassification::forward_t`]).
+    ///
+    /// `input_ids`: token ids `(batch, seq)` (u8, u32 or i64), `1 <= seq <=
+    /// max_position_embeddings`; `token_type_ids`: the same shape, `None` for all zeros;
+    /// `attention_mask`: the same shape, non-zero for tokens to attend to, `None` for all
+    /// of them (padded keys get the dtype's most negative value added to their scores, as
+    /// transformers does).
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        self.forward_t(input_ids, token_type_ids, attention_mask, false)
+    }
+
+    /// [`BertForSequenceClassification::forward`], with `train = true` in training mode
+    /// (transformers' `model.train()`): dropout at the config's probabilities (set them to 0
+    /// for none) and composed softmax and LayerNorm that gradients flow through. The
+    /// adapters' own dropout follows their training flag
+    /// ([`crate::model::AdaptedSet::set_training`]).
+    pub fn forward_t(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (ids, token_types) = self.check_ids(input_ids, token_type_ids)?;
+        let mask = attention_mask
+            .map(|m| self.additive_mask(m, ids.dims()))
+            .transpose()?;
+        let mut x = self.embeddings.forward(&ids, &token_types, train)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, mask.as_ref(), train)?;
+        }
+        let pooled = self.pooler.forward(&x.i((.., 0))?.contiguous()?)?.tanh()?;
+        let dropout_p = self
+            .config
+            .classifier_dropout
+            .unwrap_or(self.config.hidden_dropout_prob);
+        let pooled = dropout(pooled, dropout_p, train)?;
+        Ok(self.classifier.forward(&pooled)?)
+    }
+
+    /// The training loss of `logits` (`(batch, num_labels)`) against `labels`, as
+    /// transformers' `BertForSequenceClassification` computes it for the config's
+    /// `problem_type` (when `None`: regression for one label, single-label classification
+    /// for integer labels, multi-label otherwise):
+    ///
+    /// - regression: mean squared error (`labels` `(batch,)` or `(batch, 1)` for one
+    ///   label, `(batch, num_labels)` otherwise);
+    /// - single-label: cross-entropy, `labels` integer `(batch,)` in `0..num_labels`
+    ///   (PyTorch's `ignore_index = -100` is refused as out of range);
+    /// - multi-label: binary cross-entropy with logits, mean over all entries, `labels`
+    ///   float `(batch, num_labels)`.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// use lorakit::model::{AdapterPlan, ModuleSelector, RankAlpha, TargetSpec};
+    /// use lorakit::models::bert::{BertConfig, BertForSequenceClassification};
+    /// use lorakit::LoraConfig;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let dev = Device::Cpu;
+    /// let config = BertConfig {
+    ///     vocab_size: 32, hidden_size: 8, num_hidden_layers: 1, num_attention_heads: 2,
+    ///     intermediate_size: 16, max_position_embeddings: 8, num_labels: 3,
+    ///     ..BertConfig::default()
+    /// };
+    /// // A randomly initialised base (normally from a checkpoint), LoRA on query and value.
+    /// let (base, adapter) = (VarMap::new(), VarMap::new());
+    /// let plan = AdapterPlan::lora(
+    ///     TargetSpec::new(ModuleSelector::list(["query", "value"])),
+    ///     RankAlpha::new(2, 4.0),
+    ///     LoraConfig::default(),
+    ///     VarBuilder::from_varmap(&adapter, candle_core::DType::F32, &dev),
+    /// );
+    /// let vb = VarBuilder::from_varmap(&base, candle_core::DType::F32, &dev);
+    /// let model = BertForSequenceClassification::load(&config, vb, &plan)?;
+    /// let ids = Tensor::new(&[[1u32, 5, 7], [2, 3, 4]], &dev)?;
+    /// let logits = model.forward_t(&ids, None, None, true)?;
+    /// let loss = model.loss(&logits, &Tensor::new(&[0u32, 2], &dev)?)?;
+    /// assert_eq!(loss.dims(), [] as [usize; 0]);
+    /// assert!(model.loss(&logits, &Tensor::new(&[0u32, 3], &dev)?).is_err());
+    /// # Ok(()) }
+    /// ```
+    pub fn loss(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+        let n = self.config.num_labels;
+        let (batch, got) = logits.dims2().map_err(|_| Error::ShapeMismatch {
+            layer: "classifier".to_string(),
+            what: "logits".to_string(),
+            expected: format!("(batch, {n})"),
+            got: format!("{:?}", logits.dims()),
+        })?;
+        if got != n {
+            return Err(Error::ShapeMismatch {
+                layer: "classifier".to_string(),
+                what: "logits".to_string(),
+                expected: format!("(batch, {n})"),
+                got: format!("{:?}", logits.dims()),
+            });
+        }
+        let integer = matches!(labels.dtype(), DType::U8 | DType::U32 | DType::I64);
+        let problem = self.config.problem_type.unwrap_or(if n == 1 {
+            ProblemType::Regression
+        } else if integer {
+            ProblemType::SingleLabelClassification
+        } else {
+            ProblemType::MultiLabelClassification
+        });
+        let labels_error = |expected: String| Error::ShapeMismatch {
+            layer: "classifier".to_string(),
+            what: format!("labels ({})", problem.as_str()),
+            expected,
+            got: format!("{:?} {:?}", labels.dims(), labels.dtype()),
+        };
+        match problem {
+            ProblemType::Regression => {
+                let (logits, labels) = if n == 1 {
+                    if labels.elem_count() != batch {
+                        return Err(labels_error(format!("({batch},) or ({batch}, 1)")));
+                    }
+                    (logits.flatten_all()?, labels.flatten_all()?)
+                } else {
+                    if labels.dims() != [batch, n] {
+                        return Err(labels_error(format!("({batch}, {n})")));
+                    }
+                    (logits.clone(), labels.clone())
+                };
+                let labels = labels.to_dtype(logits.dtype())?;
+                Ok(candle_nn::loss::mse(&logits, &labels)?)
+            }
+            ProblemType::SingleLabelClassification => {
+                if !integer || labels.elem_count() != batch {
+                    return Err(labels_error(format!("integer ({batch},)")));
+                }
+                let labels = labels.flatten_all()?.to_dtype(DType::I64)?;
+                let bad = labels
+                    .to_vec1::<i64>()?
+                    .into_iter()
+                    .find(|&l| usize::try_from(l).map_or(true, |l| l >= n));
+                if let Some(bad) = bad {
+                    return Err(Error::layer_config(
+                        "classifier",
+                        "labels",
+                        format!("single-label classification takes labels in 0..{n}, got {bad}"),
+                    ));
+                }
+                let labels = labels.to_dtype(DType::U32)?;
+                Ok(candle_nn::loss::cross_entropy(logits, &labels)?)
+            }
+            ProblemType::MultiLabelClassification => {
+                if labels.dims() != [batch, n] {
+                    return Err(labels_error(format!("({batch}, {n})")));
+                }
+                let y = labels.to_dtype(logits.dtype())?;
+                // max(x, 0) - x y + log(1 + exp(-|x|)): PyTorch's stable form.
+                let x = logits;
+                let loss = ((x.relu()? - (x * &y)?)? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
+                Ok(loss.mean_all()?)
+            }
+        }
+    }
+
+    /// Checks `input_ids` and `token_type_ids` (shape, dtype, device, range); returns the
+    /// ids and the token types (zeros when `None`).
+    fn check_ids(&self, ids: &Tensor, token_types: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+        let shape_error = |what: &str, expected: String, got: &Tensor| Error::ShapeMismatch {
+            layer: "bert.embeddings".to_string(),
+            what: what.to_string(),
+            expected,
+            got: format!("{:?}", got.dims()),
+        };
+        let (b, s) = ids
+            .dims2()
+            .map_err(|_| shape_error("input_ids", "(batch, seq)".to_string(), ids))?;
+        let max = self.config.max_position_embeddings;
+        if s == 0 || s > max {
+            return Err(shape_error(
+                "input_ids",
+                format!("(batch, seq) with 1 <= seq <= max_position_embeddings ({max})"),
+                ids,
+            ));
+        }
+        let vocab = self.config.vocab_size;
+        crate::validate::token_ids("bert.embeddings.word_embeddings", ids, vocab, &self.device)?;
+        let token_types = match token_types {
+            Some(t) => {
+                if t.dims() != [b, s] {
+                    return Err(shape_error("token_type_ids", format!("({b}, {s})"), t));
+                }
+                crate::validate::token_ids(
+                    "bert.embeddings.token_type_embeddings",
+                    t,
+                    self.config.type_vocab_size,
+                    &self.device,
+                )?;
+                t.clone()
+            }
+            None => Tensor::zeros((b, s), DType::U32, &self.device)?,
+        };
+        Ok((ids.clone(), token_types))
+    }
+
+    /// `mask` `(batch, seq)` as additive scores `(batch, 1, 1, seq)`: 0 where non-zero, the
+    /// dtype's most negative value where zero.
+    fn additive_mask(&self, mask: &Tensor, dims: &[usize]) -> Result<Tensor> {
+        if mask.dims() != dims {
+            return Err(Error::ShapeMismatch {
+                layer: "bert".to_string(),
+                what: "attention_mask".to_string(),
+                expected: format!("{dims:?} (as input_ids)"),
+                got: format!("{:?}", mask.dims()),
+            });
+        }
+        let min = match self.dtype {
+            DType::F16 => f64::from(half::f16::MIN),
+            DType::BF16 => f64::from(half::bf16::MIN),
+            DType::F32 => f64::from(f32::MIN),
+            _ => f64::MIN,
+        };
+        let (b, s) = mask.dims2()?;
+        let keep = mask
+            .to_device(&self.device)?
+            .ne(0f64)?
+            .to_dtype(self.dtype)?;
+        Ok(keep.affine(-min, min)?.reshape((b, 1, 1, s))?)
+    }
+}
