@@ -61,7 +61,9 @@ fn forward(
         let n = rms_norm(&h)?;
         let (q, k, v) = (lin(l, 0, &n)?, lin(l, 1, &n)?, lin(l, 2, &n)?);
         let att = (q.matmul(&k.transpose(1, 2)?)? / (D_MODEL as f64).sqrt())?;
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        // candle-nn's fused `softmax_last_dim` has no backward: training through it would
+        // give q and k no gradient. The composed softmax has one.
+        let att = candle_nn::ops::softmax(&att, D::Minus1)?;
         h = (h + lin(l, 3, &att.matmul(&v)?)?)?;
         let n = rms_norm(&h)?;
         h = (&h + lin(l, 5, &lin(l, 4, &n)?.gelu()?)?)?;

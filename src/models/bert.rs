@@ -15,12 +15,13 @@
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
-use candle_nn::{Init, VarBuilder};
+use candle_core::{DType, Device, IndexOp, Module, Tensor};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::model::{embedding, linear, AdapterPlan, Embedding, Linear};
+use crate::models::ops::{softmax_last, LayerNorm};
 
 /// The activation of BERT's feed-forward block (transformers' `hidden_act`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -386,43 +387,6 @@ impl BertConfig {
     }
 }
 
-/// A LayerNorm whose bias comes from the plan (`bias = "all"` trains it).
-#[derive(Clone, Debug)]
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
-}
-
-impl LayerNorm {
-    /// `weight` and `bias` at `vb`'s path (old checkpoints' `gamma` / `beta` too).
-    fn load(size: usize, eps: f64, vb: VarBuilder, plan: &AdapterPlan) -> Result<Self> {
-        let (w, b) = if !vb.contains_tensor("weight") && vb.contains_tensor("gamma") {
-            ("gamma", "beta")
-        } else {
-            ("weight", "bias")
-        };
-        let weight = vb.get_with_hints(size, w, Init::Const(1.0))?;
-        let base_bias = vb.get_with_hints(size, b, Init::Const(0.0))?;
-        let bias = plan
-            .bias(&vb.prefix(), base_bias)?
-            .to_dtype(weight.dtype())?
-            .to_device(weight.device())?;
-        crate::validate::shape(&vb.prefix(), "bias", &bias, &[size])?;
-        Ok(Self { weight, bias, eps })
-    }
-
-    /// candle's fused LayerNorm, or (`train`) the composed one gradients flow through.
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let eps = self.eps as f32;
-        Ok(if train {
-            candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, eps)?
-        } else {
-            candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, eps)?
-        })
-    }
-}
-
 /// Dropout with probability `p` when training.
 fn dropout(x: Tensor, p: f64, train: bool) -> Result<Tensor> {
     if train && p > 0.0 {
@@ -468,7 +432,7 @@ impl BertEmbeddings {
         let x = (self.word.forward(ids)? + self.token_type.forward(token_types)?)?;
         let positions = Tensor::arange(0u32, seq as u32, ids.device())?;
         let x = x.broadcast_add(&self.position.forward(&positions)?)?;
-        dropout(self.norm.forward(&x, train)?, self.dropout, train)
+        dropout(self.norm.forward(&x)?, self.dropout, train)
     }
 }
 
@@ -530,11 +494,7 @@ impl BertLayer {
             Some(m) => scores.broadcast_add(m)?,
             None => scores,
         };
-        let probs = if train {
-            candle_nn::ops::softmax(&scores, D::Minus1)?
-        } else {
-            candle_nn::ops::softmax_last_dim(&scores)?
-        };
+        let probs = softmax_last(&scores)?;
         let probs = dropout(probs, self.attention_dropout, train)?;
         let context =
             probs
@@ -543,10 +503,10 @@ impl BertLayer {
                 .reshape((b, s, self.heads * self.head_dim))?;
         let attn = self.attention_output.forward(&context)?;
         let attn = dropout(attn, self.hidden_dropout, train)?;
-        let attn = self.attention_norm.forward(&(attn + x)?, train)?;
+        let attn = self.attention_norm.forward(&(attn + x)?)?;
         let inner = self.act.apply(&self.intermediate.forward(&attn)?)?;
         let out = dropout(self.output.forward(&inner)?, self.hidden_dropout, train)?;
-        self.output_norm.forward(&(out + attn)?, train)
+        self.output_norm.forward(&(out + attn)?)
     }
 }
 
@@ -618,9 +578,9 @@ impl BertForSequenceClassification {
         &self.config
     }
 
-    /// The logits `(batch, num_labels)` in evaluation mode (no dropout; candle's fused
-    /// softmax and LayerNorm, which pass no gradient: train with
-    /// [`BertForSequenceClassification::forward_t`]).
+    /// The logits `(batch, num_labels)` in evaluation mode (no dropout; gradients flow to
+    /// the adapters, see [`crate::models`]'s note on fused ops; for transformers'
+    /// training-mode dropout use [`BertForSequenceClassification::forward_t`]).
     ///
     /// `input_ids`: token ids `(batch, seq)` (u8, u32 or i64), `1 <= seq <=
     /// max_position_embeddings`; `token_type_ids`: the same shape, `None` for all zeros;

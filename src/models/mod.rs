@@ -3,10 +3,16 @@
 //! variant apply unchanged: [`gpt2`] (GPT-2 LM head), [`bert`] (BERT for sequence
 //! classification) and [`llama`] (the Llama family).
 //!
-//! Partial (issue "Fine-tune real models in Rust"): full-sequence forwards checked against
-//! transformers + PEFT; generation with a KV cache, the training loop and the CLI are not
-//! here yet.
+//! Each model's logits are checked against transformers + PEFT on committed fixtures
+//! (`tests/suite/models_*.rs`). candle-nn's fused kernels (softmax, LayerNorm, RMSNorm,
+//! RoPE) have no backward in candle 0.11, so the models use them only where no gradient
+//! flows (a merged or adapter-free forward) and differentiable ops otherwise: training
+//! through any forward reaches every adapter.
+//!
+//! Partial (issue "Fine-tune real models in Rust"): full-sequence forwards; generation
+//! with a KV cache, the training loop, `finetune` and `lorakit generate` are not here yet.
 
 pub mod bert;
 pub mod gpt2;
 pub mod llama;
+mod ops;

@@ -1,1 +1,809 @@
-//! Placeholder: being written.
+//! `lorakit::models::llama`: one decoder for Llama, Mistral, Qwen2 and Qwen3, checked
+//! against transformers 5.24 + PEFT 0.21 logits (f32, ≤ 1e-4 relative: max |Δ| / max |ref|):
+//! the base model (a plan that targets nothing) and each PEFT adapter loaded with
+//! `PeftAdapter::load(..).plan()` (and `plan.finish()` passing: every adapter tensor
+//! used). Fixtures: `tests/fixtures/models/llama/` (`scripts/make_model_fixtures.py`:
+//! Mistral with explicit head_dim and sliding window, Qwen2 with q/k/v bias and tied
+//! embeddings, Qwen3 with q/k norm and a sliding layer, llama3 and linear RoPE scaling),
+//! `tests/fixtures/checkpoints/` (tiny Llama and Qwen2, f32/bf16, single/sharded; LoRA,
+//! DoRA, VeRA, AdaLoRA) and `tests/fixtures/peft_options/llama_{embed,bias}`.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, IndexOp, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use lorakit::checkpoint::Checkpoint;
+use lorakit::model::{AdapterPlan, ModuleSelector, RankAlpha, TargetSpec};
+use lorakit::models::llama::{
+    LayerAttention, LlamaConfig, LlamaFamily, LlamaForCausalLM, RopeScaling,
+};
+use lorakit::peft::PeftAdapter;
+use lorakit::LoraConfig;
+
+use crate::checkpoint_merge::ckpt;
+use crate::peft_common::{fixture, load, rel_err};
+
+const TOL: f64 = 1e-4;
+const CASES: [&str; 5] = ["mistral", "qwen2", "qwen3", "llama3_rope", "linear_rope"];
+
+fn models(case: &str) -> PathBuf {
+    fixture("models/llama").join(case)
+}
+
+/// A plan that adapts nothing: the plain base model.
+fn no_adapter() -> AdapterPlan {
+    AdapterPlan::lora(
+        TargetSpec::new(ModuleSelector::list(Vec::<String>::new())),
+        RankAlpha::new(1, 1.0),
+        LoraConfig::default(),
+        VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu),
+    )
+}
+
+fn peft_plan(dir: &Path) -> AdapterPlan {
+    PeftAdapter::load(dir, &Device::Cpu)
+        .unwrap()
+        .plan()
+        .unwrap()
+}
+
+/// The model at `base` (folder or file) with `config` (a config.json) in `dtype`.
+fn build(config: &Path, base: &Path, dtype: DType, plan: &AdapterPlan) -> LlamaForCausalLM {
+    let config = LlamaConfig::from_file(config).unwrap();
+    let vb = Checkpoint::open(base)
+        .unwrap()
+        .var_builder(dtype, &Device::Cpu);
+    LlamaForCausalLM::load(&config, vb, plan).unwrap()
+}
+
+fn logits(model: &LlamaForCausalLM, ids: &Tensor) -> Tensor {
+    model.forward(ids).unwrap().to_dtype(DType::F32).unwrap()
+}
+
+/// Checks `got` against `want` and returns the relative error (printed with `--nocapture`).
+fn check(got: &Tensor, want: &Tensor, tol: f64, what: &str) -> f64 {
+    let e = rel_err(got, want);
+    println!("{what}: max relative error {e:.2e}");
+    assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.0e}");
+    e
+}
+
+#[test]
+fn every_model_fixture_gives_transformers_and_peft_logits() {
+    let mut worst: f64 = 0.0;
+    for case in CASES {
+        let dir = models(case);
+        let io = load(&dir.join("logits.safetensors"));
+        let ids = &io["input_ids"];
+        let config = dir.join("base/config.json");
+
+        let base = build(&config, &dir.join("base"), DType::F32, &no_adapter());
+        let base_logits = logits(&base, ids);
+        assert_eq!(base_logits.dims(), [2, 9, 64]);
+        worst = worst.max(check(
+            &base_logits,
+            &io["logits"],
+            TOL,
+            &format!("{case} base"),
+        ));
+        let tied = matches!(case, "qwen2" | "linear_rope");
+        assert_eq!(base.is_tied(), tied, "{case}");
+
+        let plan = peft_plan(&dir.join("lora"));
+        let model = build(&config, &dir.join("base"), DType::F32, &plan);
+        let layers = plan.finish().unwrap();
+        assert!(!layers.paths().is_empty());
+        let got = logits(&model, ids);
+        worst = worst.max(check(
+            &got,
+            &io["lora_logits"],
+            TOL,
+            &format!("{case} lora"),
+        ));
+        assert!(
+            rel_err(&got, &io["logits"]) > 1e-2,
+            "{case}: the adapter changes nothing"
+        );
+    }
+    println!("model fixtures: worst relative error {worst:.2e}");
+}
+
+#[test]
+fn the_tied_head_is_built_through_the_plan_at_lm_head() {
+    // linear_rope's LoRA targets lm_head on a tied model: PEFT adapts the head (its
+    // base_layer.weight is the embedding table, saved as a copy) and not the embedding.
+    let dir = models("linear_rope");
+    let plan = peft_plan(&dir.join("lora"));
+    let model = build(
+        &dir.join("base/config.json"),
+        &dir.join("base"),
+        DType::F32,
+        &plan,
+    );
+    let layers = plan.finish().unwrap();
+    assert!(model.is_tied());
+    assert!(model.lm_head().adapter().is_some());
+    assert!(model.embed_tokens().adapter().is_none());
+    assert!(layers.paths().contains(&"lm_head".to_string()));
+}
+
+#[test]
+fn checkpoint_llama_gives_transformers_logits_with_every_variant() {
+    let io = load(&ckpt("llama_logits.safetensors"));
+    let ids = &io["input_ids"];
+    let config = ckpt("llama_f32_single/config.json");
+    for base in ["llama_f32_single", "llama_f32_sharded"] {
+        let model = build(&config, &ckpt(base), DType::F32, &no_adapter());
+        check(&logits(&model, ids), &io["logits_base"], TOL, base);
+    }
+    for kind in ["lora", "dora", "vera", "adalora"] {
+        let plan = peft_plan(&ckpt(&format!("llama_adapters/{kind}")));
+        let model = build(&config, &ckpt("llama_f32_sharded"), DType::F32, &plan);
+        plan.finish().unwrap();
+        let got = logits(&model, ids);
+        check(
+            &got,
+            &io[&format!("logits_{kind}")],
+            TOL,
+            &format!("llama {kind}"),
+        );
+        assert!(rel_err(&got, &io["logits_base"]) > 1e-2, "{kind}");
+    }
+    // The merged checkpoint PEFT wrote, as a plain model, gives the merged logits.
+    let merged = build(
+        &config,
+        &ckpt("llama_merged/lora_f32.safetensors"),
+        DType::F32,
+        &no_adapter(),
+    );
+    check(
+        &logits(&merged, ids),
+        &io["logits_lora_merged"],
+        TOL,
+        "llama merged lora",
+    );
+}
+
+#[test]
+fn checkpoint_qwen2_adapters_match_peft_merged_weights() {
+    // No transformers logits for Qwen2 here: each adapter on the base must give what the
+    // model built from PEFT's merge_and_unload() weights gives.
+    let config = ckpt("qwen2_f32_single/config.json");
+    let ids = Tensor::new(
+        &[[1u32, 17, 42, 5, 63, 30, 9], [0, 2, 61, 8, 8, 33, 12]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let base = logits(
+        &build(
+            &config,
+            &ckpt("qwen2_f32_sharded"),
+            DType::F32,
+            &no_adapter(),
+        ),
+        &ids,
+    );
+    for kind in ["lora", "dora", "vera", "adalora"] {
+        let plan = peft_plan(&ckpt(&format!("qwen2_adapters/{kind}")));
+        let model = build(&config, &ckpt("qwen2_f32_single"), DType::F32, &plan);
+        plan.finish().unwrap();
+        let got = logits(&model, &ids);
+        let merged = build(
+            &config,
+            &ckpt(&format!("qwen2_merged/{kind}_f32.safetensors")),
+            DType::F32,
+            &no_adapter(),
+        );
+        check(
+            &got,
+            &logits(&merged, &ids),
+            TOL,
+            &format!("qwen2 {kind} vs merged"),
+        );
+        assert!(rel_err(&got, &base) > 1e-2, "{kind}");
+    }
+}
+
+#[test]
+fn peft_option_fixtures_give_peft_logits() {
+    for case in ["llama_embed", "llama_bias"] {
+        let dir = fixture("peft_options").join(case);
+        let io = load(&dir.join("io.safetensors"));
+        let ids = &io["input_ids"];
+        let plan = peft_plan(&dir.join("adapter"));
+        let model = build(
+            &dir.join("base/config.json"),
+            &dir.join("base"),
+            DType::F32,
+            &plan,
+        );
+        plan.finish().unwrap();
+        check(
+            &logits(&model, ids),
+            &io["logits"],
+            TOL,
+            &format!("{case} unmerged"),
+        );
+        // PEFT's merged model, saved, is a plain model of the same config.
+        let merged = build(
+            &dir.join("merged/config.json"),
+            &dir.join("merged"),
+            DType::F32,
+            &no_adapter(),
+        );
+        check(
+            &logits(&merged, ids),
+            &io["merged_logits"],
+            TOL,
+            &format!("{case} merged"),
+        );
+    }
+    // llama_embed adapts the embedding and the head (LoRA on an embedding).
+    let dir = fixture("peft_options/llama_embed");
+    let plan = peft_plan(&dir.join("adapter"));
+    let model = build(
+        &dir.join("base/config.json"),
+        &dir.join("base"),
+        DType::F32,
+        &plan,
+    );
+    assert!(model.embed_tokens().adapter().is_some() && model.lm_head().adapter().is_some());
+}
+
+#[test]
+fn bf16_checkpoints_load_and_give_close_logits() {
+    let io = load(&ckpt("llama_logits.safetensors"));
+    let ids = &io["input_ids"];
+    let config = ckpt("llama_bf16_single/config.json");
+    for base in ["llama_bf16_single", "llama_bf16_sharded"] {
+        // Computed in bf16 (weights, activations, logits; softmax and norms in f32).
+        let model = build(&config, &ckpt(base), DType::BF16, &no_adapter());
+        assert_eq!(model.dtype(), DType::BF16);
+        let out = model.forward(ids).unwrap();
+        assert_eq!(out.dtype(), DType::BF16);
+        let in_bf16 = logits(&model, ids);
+        // Mostly the weights' rounding (std 0.2 random weights, a 7-token input): the f32
+        // model of the same bf16 weights is as far from transformers' f32 logits.
+        check(
+            &in_bf16,
+            &io["logits_base"],
+            5e-2,
+            &format!("{base} in bf16 vs f32 weights"),
+        );
+        let upcast = logits(&build(&config, &ckpt(base), DType::F32, &no_adapter()), ids);
+        check(
+            &upcast,
+            &io["logits_base"],
+            5e-2,
+            &format!("{base} upcast vs f32 weights"),
+        );
+        // bf16 arithmetic itself, against the same weights in f32.
+        check(
+            &in_bf16,
+            &upcast,
+            2e-2,
+            &format!("{base} in bf16 vs upcast"),
+        );
+    }
+    // An adapter on the bf16 model.
+    let plan = peft_plan(&ckpt("llama_adapters/lora"));
+    let model = build(&config, &ckpt("llama_bf16_sharded"), DType::BF16, &plan);
+    plan.finish().unwrap();
+    check(
+        &logits(&model, ids),
+        &io["logits_lora"],
+        5e-2,
+        "bf16 + lora",
+    );
+}
+
+#[test]
+fn fixture_configs_resolve_as_transformers_does() {
+    let cfg = |case: &str| LlamaConfig::from_file(models(case).join("base")).unwrap();
+    let m = cfg("mistral");
+    assert_eq!(m.family, LlamaFamily::Mistral);
+    assert_eq!((m.head_dim, m.num_key_value_heads), (12, 2));
+    assert_eq!(
+        m.layer_attention,
+        vec![LayerAttention::Sliding { window: 4 }; 2]
+    );
+    assert!(!m.qkv_bias && !m.o_bias && !m.mlp_bias && !m.qk_norm && !m.tie_word_embeddings);
+
+    let q2 = cfg("qwen2");
+    assert_eq!(q2.family, LlamaFamily::Qwen2);
+    assert!(q2.qkv_bias && !q2.o_bias && !q2.mlp_bias && q2.tie_word_embeddings);
+    assert_eq!(q2.layer_attention, vec![LayerAttention::Full; 2]);
+    assert_eq!(q2.head_dim, 8);
+
+    let q3 = cfg("qwen3");
+    assert!(q3.qk_norm && !q3.qkv_bias);
+    assert_eq!(q3.head_dim, 16);
+    assert_eq!(
+        q3.layer_attention,
+        [LayerAttention::Full, LayerAttention::Sliding { window: 4 }]
+    );
+
+    let l3 = cfg("llama3_rope");
+    assert_eq!(
+        l3.rope_scaling,
+        RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 64
+        }
+    );
+    // Three regimes over head_dim 8, θ = 1e4 (wavelengths 6.3, 63, 628, 6283 against 16
+    // and 64): kept, smoothed, divided by 8, divided by 8.
+    let f = l3.inv_freq();
+    let plain = [1.0f64, 0.1, 0.01, 0.001];
+    let smooth = (64.0 / (2.0 * std::f64::consts::PI / 0.1) - 1.0) / 3.0;
+    let want = [
+        plain[0],
+        (1.0 - smooth) * plain[1] / 8.0 + smooth * plain[1],
+        plain[2] / 8.0,
+        plain[3] / 8.0,
+    ];
+    for (g, w) in f.iter().zip(want) {
+        assert!((f64::from(*g) - w).abs() <= 1e-6 * w, "{f:?} vs {want:?}");
+    }
+
+    // transformers 4.x form: top-level rope_theta and rope_scaling {"type": ...}.
+    let lin = cfg("linear_rope");
+    assert_eq!(lin.rope_theta, 5e5);
+    assert_eq!(lin.rope_scaling, RopeScaling::Linear { factor: 2.0 });
+    assert!(lin.tie_word_embeddings);
+}
+
+/// A config.json with `extra` keys over a tiny base of `model_type` (32 heads: every
+/// model type's default `num_key_value_heads` divides them).
+fn json(model_type: &str, extra: &str) -> String {
+    let sep = if extra.is_empty() { "" } else { "," };
+    format!(
+        r#"{{"model_type": "{model_type}", "vocab_size": 64, "hidden_size": 128,
+            "intermediate_size": 32, "num_hidden_layers": 3, "num_attention_heads": 32{sep}
+            {extra}}}"#
+    )
+}
+
+#[test]
+fn missing_keys_take_transformers_defaults_for_the_model_type() {
+    let parse = |t: &str, extra: &str| LlamaConfig::from_json(&json(t, extra)).unwrap();
+    let l = parse("llama", "");
+    assert_eq!(
+        (l.num_key_value_heads, l.head_dim, l.rope_theta),
+        (32, 4, 1e4)
+    );
+    assert_eq!(l.rope_scaling, RopeScaling::None);
+    assert_eq!(l.rms_norm_eps, 1e-6);
+    assert_eq!(parse("mistral", "").num_key_value_heads, 8);
+    assert_eq!(parse("qwen2", "").num_key_value_heads, 32);
+    // `null` is "same as the query heads" for every model type.
+    let null_kv = json("qwen2", r#""num_key_value_heads": null"#).replace(
+        r#""num_attention_heads": 32"#,
+        r#""num_attention_heads": 4"#,
+    );
+    assert_eq!(
+        LlamaConfig::from_json(&null_kv)
+            .unwrap()
+            .num_key_value_heads,
+        4
+    );
+    assert_eq!(parse("qwen3", "").head_dim, 128);
+    // Mistral: a missing sliding_window is 4096, null is none.
+    assert_eq!(
+        parse("mistral", "").layer_attention,
+        vec![LayerAttention::Sliding { window: 4096 }; 3]
+    );
+    assert_eq!(
+        parse("mistral", r#""sliding_window": null"#).layer_attention,
+        vec![LayerAttention::Full; 3]
+    );
+    // Qwen2.5's configs: a window with use_sliding_window false is no window.
+    let q = parse(
+        "qwen2",
+        r#""sliding_window": 32768, "use_sliding_window": false"#,
+    );
+    assert_eq!(q.layer_attention, vec![LayerAttention::Full; 3]);
+    // With it on, layers from max_window_layers on slide.
+    let q = parse(
+        "qwen2",
+        r#""sliding_window": 8, "use_sliding_window": true, "max_window_layers": 1"#,
+    );
+    assert_eq!(
+        q.layer_attention,
+        [
+            LayerAttention::Full,
+            LayerAttention::Sliding { window: 8 },
+            LayerAttention::Sliding { window: 8 }
+        ]
+    );
+    // Llama has no sliding window, whatever the file says; its biases follow the keys.
+    let l = parse(
+        "llama",
+        r#""sliding_window": 2, "attention_bias": true, "mlp_bias": true"#,
+    );
+    assert_eq!(l.layer_attention, vec![LayerAttention::Full; 3]);
+    assert!(l.qkv_bias && l.o_bias && l.mlp_bias);
+    // Mistral and Qwen2 ignore attention_bias (transformers hard-codes their biases).
+    let m = parse("mistral", r#""attention_bias": true"#);
+    assert!(!m.qkv_bias && !m.o_bias);
+    let q = parse("qwen2", r#""attention_bias": false"#);
+    assert!(q.qkv_bias && !q.o_bias);
+    let q3 = parse("qwen3", r#""attention_bias": true"#);
+    assert!(q3.qkv_bias && q3.o_bias && !q3.mlp_bias);
+}
+
+#[test]
+fn rope_keys_follow_transformers_precedence() {
+    let parse = |extra: &str| LlamaConfig::from_json(&json("llama", extra)).unwrap();
+    // rope_parameters' theta wins over the top-level one.
+    let c = parse(
+        r#""rope_theta": 5.0, "rope_parameters": {"rope_type": "default", "rope_theta": 7.0}"#,
+    );
+    assert_eq!(c.rope_theta, 7.0);
+    // A non-empty rope_scaling replaces rope_parameters; the top-level theta fills in.
+    let c = parse(
+        r#""rope_theta": 5.0, "rope_scaling": {"type": "linear", "factor": 3.0},
+           "rope_parameters": {"rope_type": "default", "rope_theta": 7.0}"#,
+    );
+    assert_eq!(
+        (c.rope_theta, c.rope_scaling),
+        (5.0, RopeScaling::Linear { factor: 3.0 })
+    );
+    // `rope_type` wins over `type`; an empty or null rope_scaling is ignored.
+    let c = parse(r#""rope_scaling": {"type": "dynamic", "rope_type": "linear", "factor": 2.0}"#);
+    assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 2.0 });
+    let c =
+        parse(r#""rope_scaling": {}, "rope_parameters": {"rope_type": "linear", "factor": 4.0}"#);
+    assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 4.0 });
+    let c = parse(r#""rope_scaling": null"#);
+    assert_eq!(c.rope_scaling, RopeScaling::None);
+    // llama3's original_max_position_embeddings: a top-level key wins, else the dict's,
+    // else max_position_embeddings.
+    let l3 =
+        r#""rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0"#;
+    let orig = |c: LlamaConfig| match c.rope_scaling {
+        RopeScaling::Llama3 {
+            original_max_position_embeddings,
+            ..
+        } => original_max_position_embeddings,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        orig(parse(&format!(
+            r#""max_position_embeddings": 100, "rope_parameters": {{{l3}}}"#
+        ))),
+        100
+    );
+    assert_eq!(
+        orig(parse(&format!(
+            r#""max_position_embeddings": 100, "rope_parameters": {{{l3}, "original_max_position_embeddings": 50}}"#
+        ))),
+        50
+    );
+    assert_eq!(
+        orig(parse(&format!(
+            r#""original_max_position_embeddings": 20, "rope_parameters": {{{l3}, "original_max_position_embeddings": 50}}"#
+        ))),
+        20
+    );
+    // partial_rotary_factor 1 is the plain RoPE.
+    parse(r#""partial_rotary_factor": 1.0"#);
+}
+
+#[test]
+fn unsupported_config_options_are_errors_naming_them() {
+    let cases: [(&str, &str, &[&str]); 13] = [
+        (
+            "llama",
+            r#""rope_scaling": {"type": "yarn", "factor": 4.0}"#,
+            &["rope_type", "yarn", "llama3"],
+        ),
+        (
+            "llama",
+            r#""rope_scaling": {"type": "dynamic", "factor": 2.0}"#,
+            &["rope_type", "dynamic"],
+        ),
+        (
+            "qwen2",
+            r#""rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}"#,
+            &["rope_type", "longrope"],
+        ),
+        (
+            "llama",
+            r#""hidden_act": "gelu""#,
+            &["hidden_act", "gelu", "silu"],
+        ),
+        (
+            "llama",
+            r#""partial_rotary_factor": 0.5"#,
+            &["partial_rotary_factor", "0.5"],
+        ),
+        (
+            "llama",
+            r#""quantization_config": {"quant_method": "gptq", "bits": 4}"#,
+            &["quantization_config", "gptq"],
+        ),
+        (
+            "qwen2",
+            r#""layer_types": ["full_attention", "sliding_attention", "full_attention"]"#,
+            &["layer_types", "layer 1", "use_sliding_window"],
+        ),
+        (
+            "qwen3",
+            r#""layer_types": ["full_attention", "chunked_attention", "full_attention"]"#,
+            &["layer_types", "chunked_attention"],
+        ),
+        (
+            "qwen2",
+            r#""layer_types": ["full_attention"]"#,
+            &["layer_types", "1 entries for 3 layers"],
+        ),
+        (
+            "llama",
+            r#""rope_parameters": {"full_attention": {"rope_type": "default"}}"#,
+            &["per-layer-type RoPE", "full_attention"],
+        ),
+        (
+            "llama",
+            r#""num_key_value_heads": 3"#,
+            &["num_key_value_heads", "3 does not divide"],
+        ),
+        ("llama", r#""head_dim": 5"#, &["head_dim", "even"]),
+        (
+            "llama",
+            r#""rope_scaling": {"type": "llama3", "factor": 8.0}"#,
+            &["low_freq_factor", "missing"],
+        ),
+    ];
+    for (model_type, extra, needles) in cases {
+        let err = LlamaConfig::from_json(&json(model_type, extra))
+            .unwrap_err()
+            .to_string();
+        for n in needles {
+            assert!(err.contains(n), "{extra}: `{err}` does not mention `{n}`");
+        }
+    }
+    let err = LlamaConfig::from_json(r#"{"model_type": "gpt2", "vocab_size": 64}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("model_type") && err.contains("gpt2"), "{err}");
+    let err = LlamaConfig::from_json(r#"{"model_type": "llama", "vocab_size": 64}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("hidden_size") && err.contains("missing"),
+        "{err}"
+    );
+    let err = LlamaConfig::from_json(r#"{"model_type": "llama", "vocab_size": "many"}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("config.json") && err.contains("line 1"),
+        "{err}"
+    );
+    // A file's errors name the file.
+    let err = LlamaConfig::from_file(fixture("models/llama/nonexistent"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("nonexistent"), "{err}");
+    // A config written in code is checked when the model is built.
+    let mut c = LlamaConfig::from_file(models("mistral").join("base")).unwrap();
+    c.layer_attention.pop();
+    let vb = VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu);
+    let err = LlamaForCausalLM::load(&c, vb, &no_adapter())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("layer_types"), "{err}");
+}
+
+#[test]
+fn checkpoint_and_config_disagreements_are_named() {
+    // An untied config over a checkpoint that has no lm_head.weight (qwen2 is tied).
+    let dir = models("qwen2");
+    let mut c = LlamaConfig::from_file(dir.join("base")).unwrap();
+    c.tie_word_embeddings = false;
+    let vb = Checkpoint::open(dir.join("base"))
+        .unwrap()
+        .var_builder(DType::F32, &Device::Cpu);
+    let err = LlamaForCausalLM::load(&c, vb, &no_adapter())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("lm_head.weight"), "{err}");
+    // A head_dim the weights do not have.
+    let mut c = LlamaConfig::from_file(dir.join("base")).unwrap();
+    c.head_dim = 4;
+    let vb = Checkpoint::open(dir.join("base"))
+        .unwrap()
+        .var_builder(DType::F32, &Device::Cpu);
+    let err = LlamaForCausalLM::load(&c, vb, &no_adapter())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("q_proj"), "{err}");
+    // An adapter made for another model.
+    let plan = peft_plan(&models("qwen3").join("lora"));
+    let vb = Checkpoint::open(models("mistral").join("base"))
+        .unwrap()
+        .var_builder(DType::F32, &Device::Cpu);
+    let c = LlamaConfig::from_file(models("mistral").join("base")).unwrap();
+    let err = LlamaForCausalLM::load(&c, vb, &plan)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("q_proj"), "{err}");
+}
+
+#[test]
+fn bad_token_ids_are_errors_naming_input_ids() {
+    let dir = models("qwen3");
+    let model = build(
+        &dir.join("base/config.json"),
+        &dir.join("base"),
+        DType::F32,
+        &no_adapter(),
+    );
+    let dev = Device::Cpu;
+    let bad = [
+        Tensor::new(&[1u32, 2, 3], &dev).unwrap(),
+        Tensor::new(&[[1f32, 2.]], &dev).unwrap(),
+        Tensor::new(&[[1u32, 64]], &dev).unwrap(),
+        Tensor::new(&[[1i64, -1]], &dev).unwrap(),
+        Tensor::zeros((1, 0), DType::U32, &dev).unwrap(),
+    ];
+    for ids in bad {
+        let err = model.forward(&ids).unwrap_err().to_string();
+        assert!(err.contains("input_ids"), "{err}");
+    }
+    // u8, u32 and i64 ids give the same logits.
+    let ids = Tensor::new(&[[1u8, 5, 63]], &dev).unwrap();
+    let a = logits(&model, &ids);
+    for dtype in [DType::U32, DType::I64] {
+        assert_eq!(
+            rel_err(&a, &logits(&model, &ids.to_dtype(dtype).unwrap())),
+            0.0
+        );
+    }
+}
+
+#[test]
+fn a_batch_row_and_a_prefix_do_not_see_other_rows_or_later_tokens() {
+    let dir = models("mistral");
+    let model = build(
+        &dir.join("base/config.json"),
+        &dir.join("base"),
+        DType::F32,
+        &no_adapter(),
+    );
+    let ids = load(&dir.join("logits.safetensors"))["input_ids"].clone();
+    let all = logits(&model, &ids);
+    for row in 0..2 {
+        let one = logits(&model, &ids.i(row..row + 1).unwrap());
+        assert!(rel_err(&one, &all.i(row..row + 1).unwrap()) < 1e-5);
+        // Causal: the first 5 positions alone give the same logits there.
+        let prefix = logits(&model, &ids.i((row..row + 1, ..5)).unwrap());
+        assert!(rel_err(&prefix, &all.i((row..row + 1, ..5)).unwrap()) < 1e-5);
+    }
+}
+
+/// Loss = Σ logits ⊙ r for a fixed r.
+fn probe_loss(model: &LlamaForCausalLM, ids: &Tensor, r: &Tensor) -> Tensor {
+    (model.forward(ids).unwrap() * r.to_dtype(model.dtype()).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+}
+
+/// The Qwen3 fixture (q/k norms, RoPE, GQA, a sliding layer) in `dtype` with a fresh LoRA
+/// (B = 0) on layer 0's q_proj and layer 1's down_proj: layer 0's adapter lies before every
+/// norm, RoPE and softmax of the model. Returns the model and layer 0's (lora_A, lora_B).
+fn qwen3_with_fresh_lora(dtype: DType) -> (LlamaForCausalLM, Var, Var) {
+    let dir = models("qwen3");
+    let vars = VarMap::new();
+    let plan = AdapterPlan::lora(
+        TargetSpec::new(ModuleSelector::list([
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.1.mlp.down_proj",
+        ])),
+        RankAlpha::new(2, 4.0),
+        LoraConfig::default(), // B = 0: the base model until B moves
+        VarBuilder::from_varmap(&vars, dtype, &Device::Cpu),
+    );
+    let model = build(
+        &dir.join("base/config.json"),
+        &dir.join("base"),
+        dtype,
+        &plan,
+    );
+    assert_eq!(plan.finish().unwrap().paths().len(), 2);
+    let data = vars.data().lock().unwrap().clone();
+    let var = |part: &str| {
+        data.iter()
+            .find(|(k, _)| k.starts_with("model.layers.0.") && k.contains(part))
+            .map(|(_, v)| v.clone())
+            .unwrap()
+    };
+    (model, var("lora_A"), var("lora_B"))
+}
+
+fn grad_of(model: &LlamaForCausalLM, var: &Var, ids: &Tensor, r: &Tensor) -> Vec<f64> {
+    let grads = probe_loss(model, ids, r).backward().unwrap();
+    let g = grads
+        .get(var.as_tensor())
+        .expect("no gradient for layer 0's lora_B");
+    g.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+}
+
+#[test]
+fn gradients_reach_adapters_through_norms_rope_and_softmax() {
+    // candle's fused rms_norm / rope / softmax have no backward: the model must take the
+    // differentiable path wherever a gradient flows. In f64 (no fused rms_norm there) the
+    // backward must equal finite differences; in f32 (fused kernels available) it must
+    // equal the f64 one.
+    let dev = Device::Cpu;
+    let dir = models("qwen3");
+    let io = load(&dir.join("logits.safetensors"));
+    let ids = io["input_ids"].clone();
+    let r = Tensor::randn(0f64, 1., (2, 9, 64), &dev).unwrap();
+
+    let (model, _, b) = qwen3_with_fresh_lora(DType::F64);
+    // With B = 0 the differentiable path gives transformers' logits too.
+    check(
+        &logits(&model, &ids),
+        &io["logits"],
+        TOL,
+        "qwen3, differentiable path",
+    );
+    let g = grad_of(&model, &b, &ids, &r);
+    assert!(g.iter().any(|v| v.abs() > 1e-3), "zero gradient");
+    let values = b
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let shape = b.as_tensor().dims().to_vec();
+    let set = |v: &[f64]| {
+        b.set(&Tensor::from_vec(v.to_vec(), shape.as_slice(), &dev).unwrap())
+            .unwrap()
+    };
+    let h = 1e-5;
+    for i in [0, 3, values.len() - 1] {
+        let mut p = values.clone();
+        p[i] += h;
+        set(&p);
+        let up = probe_loss(&model, &ids, &r).to_scalar::<f64>().unwrap();
+        p[i] -= 2.0 * h;
+        set(&p);
+        let down = probe_loss(&model, &ids, &r).to_scalar::<f64>().unwrap();
+        set(&values);
+        let fd = (up - down) / (2.0 * h);
+        assert!(
+            (fd - g[i]).abs() <= 1e-6 * fd.abs().max(1.0),
+            "entry {i}: backward {} vs finite difference {fd}",
+            g[i]
+        );
+    }
+
+    let (model64, a64, b64) = qwen3_with_fresh_lora(DType::F64);
+    let (model32, a32, b32) = qwen3_with_fresh_lora(DType::F32);
+    a32.set(&a64.as_tensor().to_dtype(DType::F32).unwrap())
+        .unwrap();
+    let (g64, g32) = (
+        grad_of(&model64, &b64, &ids, &r),
+        grad_of(&model32, &b32, &ids, &r),
+    );
+    let scale = g64.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let diff = g64
+        .iter()
+        .zip(&g32)
+        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        diff <= 1e-4 * scale,
+        "f32 gradient differs from f64 by {diff} (scale {scale})"
+    );
+}

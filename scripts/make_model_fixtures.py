@@ -1,0 +1,376 @@
+#!/usr/bin/env python3
+"""Generates the Llama-family model fixtures under tests/fixtures/models/llama/: tiny random
+transformers decoders for the configurations the checkpoint and option fixtures do not
+cover, a LoRA adapter on each, and the logits transformers and PEFT compute. They check
+`lorakit::models::llama` (tests/suite/models_llama.rs).
+
+Usage:
+    python3 scripts/make_model_fixtures.py
+        removes and rewrites tests/fixtures/models/llama/ (only that folder: other
+        models' fixtures live beside it in tests/fixtures/models/)
+
+Cases (all f32, vocab 64, 2 layers, built from configs, no downloads; each seeds torch
+itself):
+    mistral        MistralForCausalLM, hidden 32, 4 heads, 2 KV heads, explicit head_dim 12
+                   (q_proj is (48, 32)), sliding_window 4 (shorter than the input, so the
+                   window matters), untied lm_head. LoRA r=4 alpha=8, all-linear.
+    qwen2          Qwen2ForCausalLM, hidden 32, 4 heads, 2 KV heads: bias on q/k/v, not o;
+                   tie_word_embeddings=True (no lm_head.weight in the checkpoint);
+                   use_sliding_window=False with a sliding_window given, as Qwen2.5's
+                   configs have it. LoRA r=4 alpha=8 use_rslora on q/k/v/o_proj + up_proj,
+                   rank_pattern {"v_proj": 2}, alpha_pattern {"o_proj": 4}.
+    qwen3          Qwen3ForCausalLM, hidden 32, 4 heads, 2 KV heads, explicit head_dim 16
+                   (q_proj (64, 32)), q_norm / k_norm, untied; use_sliding_window=True,
+                   sliding_window 4, max_window_layers 1, so layer_types is
+                   [full_attention, sliding_attention]. LoRA r=4 alpha=16, all-linear.
+    llama3_rope    LlamaForCausalLM, hidden 32, 4 heads, 2 KV heads (head_dim 8),
+                   rope_parameters llama3 (factor 8, low_freq_factor 1, high_freq_factor 4,
+                   original_max_position_embeddings 64, max_position_embeddings 128): with
+                   rope_theta 10000 and head_dim 8 the four frequencies fall in all three
+                   llama3 regimes (kept, smoothed, divided). LoRA r=4 alpha=8 on q/k/v_proj,
+                   down_proj.
+    linear_rope    LlamaForCausalLM, hidden 32, 4 heads, 4 KV heads, tie_word_embeddings,
+                   linear RoPE scaling factor 2, rope_theta 500000. Its config.json is
+                   rewritten the way transformers 4.x wrote it (top-level rope_theta,
+                   "rope_scaling": {"type": "linear", "factor": 2.0}, no rope_parameters);
+                   transformers 5 is checked to load it to the same model. LoRA r=4
+                   alpha=8 on gate/up/down_proj and lm_head.
+
+Base models: every parameter redrawn (matrices and embeddings 0.2 * normal, biases
+0.1 * normal, RMSNorm weights incl. q_norm / k_norm 1 + 0.1 * normal). Adapters:
+get_peft_model on the saved base, every trainable parameter gets 0.2 * normal added
+(lora_B starts at zero), saved, then reloaded with PeftModel.from_pretrained onto a
+fresh base for the expected logits.
+
+For each CASE tests/fixtures/models/llama/ holds:
+    CASE/base/               save_pretrained: model.safetensors, config.json,
+                             generation_config.json
+    CASE/lora/               PEFT save_pretrained (adapter_config.json,
+                             adapter_model.safetensors; PEFT's README.md removed)
+    CASE/logits.safetensors  input_ids (i64, (2, 9)), logits (the base, (2, 9, 64) f32)
+                             and lora_logits (the reloaded, unmerged PeftModel, eval),
+                             attention_mask all ones, default attention implementation
+
+Sanity checks the script makes: the adapter changes the logits; the sliding window
+(mistral, qwen3) and the RoPE scaling (llama3_rope, linear_rope) each change the base
+logits (the same weights with the option off differ by > 1e-3); eager and sdpa
+attention agree; the rewritten legacy config loads to the same logits.
+
+Versions used to generate the committed files: torch 2.15.0, transformers 5.24.0,
+peft 0.21.2, safetensors 0.8.0 (Python 3.11). PYTHONHASHSEED is pinned (PEFT stores
+target_modules from a set); HF_HUB_OFFLINE=1.
+"""
+
+import copy
+import json
+import os
+import shutil
+import sys
+import warnings
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+from peft import LoraConfig, PeftModel, get_peft_model
+
+ROOT = os.path.normpath(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "models", "llama")
+)
+
+COMMON = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-6,
+)
+
+# name: (model class, config class, config kwargs, LoraConfig kwargs, seed,
+#        config kwargs that switch the tested option off (for the sanity check))
+CASES = {
+    "mistral": (
+        MistralForCausalLM,
+        MistralConfig,
+        dict(**COMMON, head_dim=12, sliding_window=4, max_position_embeddings=64, tie_word_embeddings=False),
+        dict(r=4, lora_alpha=8, target_modules="all-linear"),
+        6000,
+        dict(sliding_window=None),
+    ),
+    "qwen2": (
+        Qwen2ForCausalLM,
+        Qwen2Config,
+        dict(
+            **COMMON,
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+            use_sliding_window=False,
+            sliding_window=4,
+            max_window_layers=1,
+        ),
+        dict(
+            r=4,
+            lora_alpha=8,
+            use_rslora=True,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"],
+            rank_pattern={"v_proj": 2},
+            alpha_pattern={"o_proj": 4},
+        ),
+        7000,
+        None,
+    ),
+    "qwen3": (
+        Qwen3ForCausalLM,
+        Qwen3Config,
+        dict(
+            **COMMON,
+            head_dim=16,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+            use_sliding_window=True,
+            sliding_window=4,
+            max_window_layers=1,
+        ),
+        dict(r=4, lora_alpha=16, target_modules="all-linear"),
+        8000,
+        dict(use_sliding_window=False),
+    ),
+    "llama3_rope": (
+        LlamaForCausalLM,
+        LlamaConfig,
+        dict(
+            **COMMON,
+            max_position_embeddings=128,
+            tie_word_embeddings=False,
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=10000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=64,
+            ),
+        ),
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"]),
+        9000,
+        dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+    ),
+    "linear_rope": (
+        LlamaForCausalLM,
+        LlamaConfig,
+        dict(
+            **{**COMMON, "num_key_value_heads": 4},
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+            rope_parameters=dict(rope_type="linear", rope_theta=500000.0, factor=2.0),
+        ),
+        dict(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj", "lm_head"]),
+        10000,
+        dict(rope_parameters=dict(rope_type="default", rope_theta=500000.0)),
+    ),
+}
+INPUT_SHAPE = (2, 9)
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def case_dir(case, *parts):
+    return os.path.join(ROOT, case, *parts)
+
+
+def name_of(case):
+    return f"lorakit-fixtures/model-{case}"
+
+
+def is_norm(name):
+    parts = name.rsplit(".", 2)
+    return len(parts) >= 2 and "norm" in parts[-2]
+
+
+def build_base(case, overrides=None):
+    model_cls, config_cls, kwargs, _, seed, _ = CASES[case]
+    kwargs = copy.deepcopy(kwargs)
+    if overrides:
+        kwargs.update(copy.deepcopy(overrides))
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**kwargs))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            elif is_norm(name):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.2 * torch.randn_like(p))
+    model.name_or_path = name_of(case)
+    model.config._name_or_path = name_of(case)
+    return model.eval()
+
+
+def load_base(case, attn=None):
+    model_cls = CASES[case][0]
+    extra = {"attn_implementation": attn} if attn else {}
+    model = model_cls.from_pretrained(case_dir(case, "base"), dtype=torch.float32, **extra)
+    assert model.dtype == torch.float32
+    model.name_or_path = name_of(case)
+    model.config._name_or_path = name_of(case)
+    return model.eval()
+
+
+def input_ids_for(case):
+    g = torch.Generator().manual_seed(CASES[case][4] + 7)
+    return torch.randint(0, COMMON["vocab_size"], INPUT_SHAPE, generator=g, dtype=torch.int64)
+
+
+def logits_of(model, ids):
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    return out.detach().float().contiguous().clone()
+
+
+def rewrite_legacy_config(case):
+    """config.json as transformers 4.x wrote it: rope_theta at the top, rope_scaling."""
+    path = case_dir(case, "base", "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    rope = config.pop("rope_parameters")
+    config["rope_theta"] = rope.pop("rope_theta")
+    rope_type = rope.pop("rope_type")
+    config["rope_scaling"] = {"type": rope_type, **rope}
+    config["transformers_version"] = "4.46.0"
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def write_case(case):
+    model_cls, _, _, lora_kwargs, seed, off = CASES[case]
+    os.makedirs(case_dir(case))
+    ids = input_ids_for(case)
+    base = build_base(case)
+    base.save_pretrained(case_dir(case, "base"), safe_serialization=True)
+    sd = load_file(case_dir(case, "base", "model.safetensors"))
+    tied = base.config.tie_word_embeddings
+    assert ("lm_head.weight" in sd) == (not tied), f"{case}: lm_head.weight in checkpoint: {'lm_head.weight' in sd}"
+    expected = logits_of(base, ids)
+    if case == "linear_rope":
+        rewrite_legacy_config(case)
+    log(f"== {case}: {len(sd)} tensors, config {base.config.to_diff_dict().get('layer_types', '')}")
+
+    # The saved folder reloads to the same model (legacy config included), and eager and
+    # sdpa attention agree.
+    reloaded = logits_of(load_base(case), ids)
+    assert torch.equal(reloaded, expected) or (reloaded - expected).abs().max() < 1e-6, case
+    eager = logits_of(load_base(case, "eager"), ids)
+    diff = (eager - expected).abs().max().item()
+    log(f"  eager vs sdpa: {diff:.1e}")
+    assert diff < 1e-5, case
+    if off is not None:
+        other = logits_of(build_base(case, off), ids)
+        d = (other - expected).abs().max().item()
+        log(f"  with {off}: logits change by {d:.3f}")
+        assert d > 1e-3, f"{case}: the option does not change the logits"
+
+    # Adapter.
+    torch.manual_seed(seed + 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm = get_peft_model(load_base(case), LoraConfig(task_type="CAUSAL_LM", **lora_kwargs))
+        with torch.no_grad():
+            for _, p in pm.named_parameters():
+                if p.requires_grad:
+                    p.add_(0.2 * torch.randn_like(p))
+        pm.eval()
+        pm.save_pretrained(case_dir(case, "lora"))
+    for w in caught:
+        log(f"  warning (get_peft_model/save): {w.category.__name__}: {w.message}")
+    readme = case_dir(case, "lora", "README.md")
+    if os.path.exists(readme):
+        os.remove(readme)
+    adapter = load_file(case_dir(case, "lora", "adapter_model.safetensors"))
+    log(f"  adapter: {len(adapter)} tensors, modules {sorted({k.split('.lora_')[0].rsplit('.', 1)[-1] for k in adapter})}")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = PeftModel.from_pretrained(load_base(case), case_dir(case, "lora")).eval()
+    bad = [str(w.message) for w in caught if "missing" in str(w.message).lower() or "unexpected" in str(w.message).lower()]
+    assert not bad, bad
+    lora_logits = logits_of(peft_model, ids)
+    in_memory = logits_of(pm, ids)
+    assert (in_memory - lora_logits).abs().max() < 1e-5, case
+    change = (lora_logits - expected).abs().max().item()
+    log(f"  adapter changes the logits by {change:.3f}")
+    assert change > 1e-2, case
+
+    save_file(
+        {"input_ids": ids.contiguous(), "logits": expected, "lora_logits": lora_logits},
+        case_dir(case, "logits.safetensors"),
+        metadata={"format": "pt"},
+    )
+
+
+README = """# Llama-family model fixtures (generated)
+
+Generated by `scripts/make_model_fixtures.py` (torch 2.15.0, transformers 5.24.0,
+peft 0.21.2; see its docstring). Regenerate with
+
+    python3 scripts/make_model_fixtures.py
+
+which removes and rewrites this folder (deterministic). Used by
+`tests/suite/models_llama.rs` to check `lorakit::models::llama` against transformers
+and PEFT.
+
+| case | model | what it exercises | LoRA |
+| --- | --- | --- | --- |
+| `mistral` | MistralForCausalLM | explicit `head_dim` 12 (≠ hidden/heads), GQA 4/2, `sliding_window` 4 < input length | r=4 α=8 all-linear |
+| `qwen2` | Qwen2ForCausalLM | q/k/v bias (o without), tied embeddings (no `lm_head.weight`), `use_sliding_window: false` | r=4 α=8 rsLoRA, q/k/v/o/up_proj, rank_pattern v_proj=2, alpha_pattern o_proj=4 |
+| `qwen3` | Qwen3ForCausalLM | `head_dim` 16, q_norm / k_norm, `layer_types` [full, sliding] (window 4) | r=4 α=16 all-linear |
+| `llama3_rope` | LlamaForCausalLM | `rope_type: llama3` (factor 8, original max 64), every frequency regime | r=4 α=8 q/k/v/down_proj |
+| `linear_rope` | LlamaForCausalLM | linear RoPE scaling (factor 2, theta 5e5), tied embeddings, config.json in transformers 4.x form (`rope_theta` + `rope_scaling`) | r=4 α=8 gate/up/down_proj + lm_head (tied: PEFT adapts the shared table as the head) |
+
+Vocab 64, hidden 32, intermediate 64, 2 layers, 4 heads (2 KV heads but `linear_rope`),
+f32, random weights (matrices 0.2·N, biases 0.1·N, norms 1 + 0.1·N).
+
+| path | what |
+| --- | --- |
+| `CASE/base/` | `save_pretrained`: `model.safetensors`, `config.json`, `generation_config.json` |
+| `CASE/lora/` | PEFT `save_pretrained`: `adapter_config.json`, `adapter_model.safetensors` |
+| `CASE/logits.safetensors` | `input_ids` (i64 (2, 9)), `logits` (base, f32 (2, 9, 64)), `lora_logits` (unmerged PeftModel reloaded from `lora/`, eval) |
+"""
+
+
+def main():
+    if os.environ.get("PYTHONHASHSEED") != "0" or os.environ.get("HF_HUB_OFFLINE") != "1":
+        os.environ["PYTHONHASHSEED"] = "0"
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.execv(sys.executable, [sys.executable] + sys.argv)
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    if os.path.exists(ROOT):
+        shutil.rmtree(ROOT)
+    os.makedirs(ROOT)  # makes tests/fixtures/models/ too if needed; nothing else touched
+    for case in CASES:
+        write_case(case)
+    with open(os.path.join(ROOT, "README.md"), "w") as f:
+        f.write(README)
+    total = 0
+    for dirpath, _, files in os.walk(ROOT):
+        total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
+    log(f"wrote {ROOT}: {total / 1024:.0f} KiB")
+    assert total < 1.5 * 1024 * 1024
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,596 @@
+//! [`LlamaConfig`]: a Llama-family `config.json` read as transformers 5.24 reads it.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer};
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result, Scope};
+
+use super::rope::resolve_rope;
+
+/// The architectures [`super::LlamaForCausalLM`] implements, by transformers' `model_type`.
+/// They differ only in defaults and a few switches (see [`LlamaConfig`]).
+///
+/// ```
+/// use lorakit::models::llama::LlamaFamily;
+/// assert_eq!(LlamaFamily::from_model_type("qwen2"), Some(LlamaFamily::Qwen2));
+/// assert_eq!(LlamaFamily::Qwen2.model_type(), "qwen2");
+/// assert_eq!(LlamaFamily::from_model_type("gpt2"), None);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LlamaFamily {
+    /// `llama`: Llama 2 / 3 / 3.x, TinyLlama, SmolLM (`attention_bias`, `mlp_bias`).
+    Llama,
+    /// `mistral`: no biases; `sliding_window` on every layer when set.
+    Mistral,
+    /// `qwen2`: Qwen2 / Qwen2.5, bias on q/k/v (not o); per-layer sliding window.
+    Qwen2,
+    /// `qwen3`: RMSNorm over `head_dim` on queries and keys (`q_norm`, `k_norm`),
+    /// `attention_bias` on q/k/v/o; per-layer sliding window.
+    Qwen3,
+}
+
+impl LlamaFamily {
+    /// The `model_type` transformers writes for it.
+    ///
+    /// ```
+    /// use lorakit::models::llama::LlamaFamily;
+    /// assert_eq!(LlamaFamily::Mistral.model_type(), "mistral");
+    /// ```
+    pub fn model_type(self) -> &'static str {
+        match self {
+            LlamaFamily::Llama => "llama",
+            LlamaFamily::Mistral => "mistral",
+            LlamaFamily::Qwen2 => "qwen2",
+            LlamaFamily::Qwen3 => "qwen3",
+        }
+    }
+
+    /// The family of a `model_type`, if it is one of the four.
+    ///
+    /// ```
+    /// use lorakit::models::llama::LlamaFamily;
+    /// assert_eq!(LlamaFamily::from_model_type("qwen3"), Some(LlamaFamily::Qwen3));
+    /// assert_eq!(LlamaFamily::from_model_type("Qwen3"), None); // as transformers writes it
+    /// ```
+    pub fn from_model_type(model_type: &str) -> Option<Self> {
+        [Self::Llama, Self::Mistral, Self::Qwen2, Self::Qwen3]
+            .into_iter()
+            .find(|f| f.model_type() == model_type)
+    }
+}
+
+/// How rotary position embeddings scale their frequencies (transformers' `rope_type`).
+///
+/// ```
+/// use lorakit::models::llama::{LlamaConfig, RopeScaling};
+/// # fn main() -> lorakit::Result<()> {
+/// // A config in the form transformers 4.x wrote (tests/fixtures/models/llama).
+/// let config = LlamaConfig::from_file("tests/fixtures/models/llama/linear_rope/base")?;
+/// assert_eq!(config.rope_scaling, RopeScaling::Linear { factor: 2.0 });
+/// assert_eq!(config.rope_theta, 500_000.0);
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// `default`: `θ^(-2i/d)`.
+    None,
+    /// `linear`: every frequency divided by `factor` (positions interpolated).
+    Linear {
+        /// The divisor.
+        factor: f64,
+    },
+    /// `llama3` (Llama 3.1+): low frequencies divided by `factor`, high ones kept, a smooth
+    /// ramp between (wavelengths between `original_max_position_embeddings /
+    /// high_freq_factor` and `/ low_freq_factor`).
+    Llama3 {
+        /// The divisor of low frequencies.
+        factor: f64,
+        /// Wavelengths above `original_max_position_embeddings / low_freq_factor` are divided.
+        low_freq_factor: f64,
+        /// Wavelengths below `original_max_position_embeddings / high_freq_factor` are kept.
+        high_freq_factor: f64,
+        /// The context length of pretraining.
+        original_max_position_embeddings: usize,
+    },
+}
+
+/// Which keys a layer's queries see.
+///
+/// ```
+/// use lorakit::models::llama::{LayerAttention, LlamaConfig};
+/// # fn main() -> lorakit::Result<()> {
+/// // A tiny Qwen3 whose second layer slides (use_sliding_window, max_window_layers 1).
+/// let config = LlamaConfig::from_file("tests/fixtures/models/llama/qwen3/base")?;
+/// assert_eq!(
+///     config.layer_attention,
+///     [LayerAttention::Full, LayerAttention::Sliding { window: 4 }]
+/// );
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LayerAttention {
+    /// Every earlier position and itself (causal).
+    Full,
+    /// The last `window` positions up to itself: key `j` is seen from query `i` iff
+    /// `i - window < j <= i` (transformers' sliding-window mask).
+    Sliding {
+        /// The window, ≥ 1.
+        window: usize,
+    },
+}
+
+/// A Llama-family decoder's configuration: transformers' `config.json` for `model_type`
+/// `llama`, `mistral`, `qwen2` or `qwen3`, resolved as transformers 5.24 resolves it.
+///
+/// Read with [`LlamaConfig::from_file`] / [`LlamaConfig::from_json`]; the fields are public
+/// so a configuration can also be written in code (checked by [`LlamaConfig::validate`],
+/// which [`super::LlamaForCausalLM::load`] calls).
+///
+/// How `config.json` is read:
+///
+/// - Required: `model_type`, `vocab_size`, `hidden_size`, `intermediate_size`,
+///   `num_hidden_layers`, `num_attention_heads`. Any other missing key takes
+///   transformers' default for the `model_type` (e.g. a missing `num_key_value_heads` is
+///   `num_attention_heads` for Llama, 8 for Mistral and 32 for Qwen; a missing `head_dim`
+///   is `hidden_size / num_attention_heads`, 128 for Qwen3; a missing `sliding_window` is
+///   4096 for Mistral). Unknown keys are ignored.
+/// - RoPE: transformers 5's `rope_parameters` (`rope_type`, `rope_theta`, ...) or the 4.x
+///   form (top-level `rope_theta`, `rope_scaling` with `type` or `rope_type`); a non-empty
+///   `rope_scaling` wins over `rope_parameters`, a `rope_theta` inside them over the
+///   top-level one. `default`, `linear` and `llama3` are supported; any other `rope_type`
+///   (`dynamic`, `yarn`, `longrope`, ...), a `partial_rotary_factor` other than 1 and
+///   per-layer-type RoPE parameters are errors naming them.
+/// - Biases: Llama has `attention_bias` on q/k/v/o and `mlp_bias` on the MLP; Qwen2 always
+///   has a bias on q/k/v and none on o or the MLP; Qwen3 has `attention_bias` on q/k/v/o;
+///   Mistral has none (transformers ignores these keys where this says so, and so does
+///   this).
+/// - Sliding window: Mistral applies `sliding_window` (when not null) on every layer;
+///   Qwen2/Qwen3 apply it on the layers `layer_types` names `sliding_attention` (derived
+///   from `max_window_layers` when absent) and only when `use_sliding_window` is true
+///   (Qwen2.5's configs set a `sliding_window` with `use_sliding_window: false`: full
+///   attention everywhere); Llama has none.
+/// - `hidden_act` must be `silu` (or its alias `swish`); a `quantization_config` is refused
+///   (quantized weights cannot be loaded).
+/// - Ignored: `attention_dropout` (the forward never drops attention weights),
+///   `pretraining_tp` (transformers 5 ignores it), token ids, `use_cache`.
+///
+/// ```
+/// use lorakit::models::llama::{LayerAttention, LlamaConfig, LlamaFamily, RopeScaling};
+/// # fn main() -> lorakit::Result<()> {
+/// let config = LlamaConfig::from_json(r#"{
+///     "model_type": "llama", "vocab_size": 128256, "hidden_size": 2048,
+///     "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+///     "num_key_value_heads": 8, "rope_theta": 500000.0, "tie_word_embeddings": true,
+///     "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+///                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+/// }"#)?;
+/// assert_eq!((config.family, config.head_dim, config.rope_theta), (LlamaFamily::Llama, 64, 5e5));
+/// assert!(matches!(config.rope_scaling, RopeScaling::Llama3 { factor: 32.0, .. }));
+/// assert_eq!(config.layer_attention, vec![LayerAttention::Full; 16]);
+///
+/// let yarn = r#"{"model_type": "qwen2", "vocab_size": 64, "hidden_size": 16,
+///     "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+///     "rope_scaling": {"type": "yarn", "factor": 4.0}}"#;
+/// let err = LlamaConfig::from_json(yarn).unwrap_err().to_string();
+/// assert!(err.contains("rope_type") && err.contains("yarn"), "{err}");
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlamaConfig {
+    /// The architecture (`model_type`).
+    pub family: LlamaFamily,
+    /// Rows of the embedding table and of the output head.
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the MLP (`gate_proj` / `up_proj` outputs).
+    pub intermediate_size: usize,
+    /// Decoder layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than the query heads; must
+    /// divide them).
+    pub num_key_value_heads: usize,
+    /// Width of one head (even: RoPE rotates pairs).
+    pub head_dim: usize,
+    /// RMSNorm's epsilon.
+    pub rms_norm_eps: f64,
+    /// RoPE's base θ.
+    pub rope_theta: f64,
+    /// RoPE's frequency scaling.
+    pub rope_scaling: RopeScaling,
+    /// The configured context length (only the default for llama3's
+    /// `original_max_position_embeddings`; longer inputs are not refused, as in
+    /// transformers).
+    pub max_position_embeddings: usize,
+    /// The output head reuses the embedding table (when the checkpoint has no
+    /// `lm_head.weight`, as transformers 5 decides).
+    pub tie_word_embeddings: bool,
+    /// Bias on `q_proj`, `k_proj`, `v_proj`.
+    pub qkv_bias: bool,
+    /// Bias on `o_proj`.
+    pub o_bias: bool,
+    /// Bias on `gate_proj`, `up_proj`, `down_proj`.
+    pub mlp_bias: bool,
+    /// RMSNorm over `head_dim` on queries and keys before RoPE (Qwen3's `q_norm`,
+    /// `k_norm`).
+    pub qk_norm: bool,
+    /// Each layer's attention pattern (`num_hidden_layers` entries).
+    pub layer_attention: Vec<LayerAttention>,
+}
+
+/// `Some(value)` for a key present in the file (`Some(None)` when it is `null`); `None`
+/// (the field's default) when absent: transformers treats the two differently for some
+/// keys.
+fn present<'de, D, T>(d: D) -> std::result::Result<Option<Option<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// The keys read from `config.json`, as written.
+#[derive(Deserialize)]
+pub(super) struct RawConfig {
+    pub(super) model_type: Option<String>,
+    pub(super) vocab_size: Option<usize>,
+    pub(super) hidden_size: Option<usize>,
+    pub(super) intermediate_size: Option<usize>,
+    pub(super) num_hidden_layers: Option<usize>,
+    pub(super) num_attention_heads: Option<usize>,
+    #[serde(default, deserialize_with = "present")]
+    pub(super) num_key_value_heads: Option<Option<usize>>,
+    #[serde(default, deserialize_with = "present")]
+    pub(super) head_dim: Option<Option<usize>>,
+    pub(super) rms_norm_eps: Option<f64>,
+    pub(super) rope_theta: Option<f64>,
+    pub(super) rope_parameters: Option<Map<String, Value>>,
+    pub(super) rope_scaling: Option<Map<String, Value>>,
+    pub(super) partial_rotary_factor: Option<f64>,
+    pub(super) original_max_position_embeddings: Option<usize>,
+    pub(super) max_position_embeddings: Option<usize>,
+    pub(super) tie_word_embeddings: Option<bool>,
+    pub(super) attention_bias: Option<bool>,
+    pub(super) mlp_bias: Option<bool>,
+    pub(super) hidden_act: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    pub(super) sliding_window: Option<Option<usize>>,
+    pub(super) use_sliding_window: Option<bool>,
+    pub(super) max_window_layers: Option<usize>,
+    pub(super) layer_types: Option<Vec<String>>,
+    pub(super) quantization_config: Option<Value>,
+}
+
+impl LlamaConfig {
+    /// Reads `config.json` from a model folder, or the file at `path`; errors name the
+    /// file.
+    ///
+    /// ```
+    /// use lorakit::models::llama::{LlamaConfig, LlamaFamily};
+    /// # fn main() -> lorakit::Result<()> {
+    /// let config = LlamaConfig::from_file("tests/fixtures/models/llama/mistral/base")?;
+    /// assert_eq!(config.family, LlamaFamily::Mistral);
+    /// assert_eq!(config.head_dim, 12); // given explicitly: not hidden_size / heads = 8
+    /// assert!(LlamaConfig::from_file("no/such/model").is_err());
+    /// # Ok(()) }
+    /// ```
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let file = if path.is_dir() {
+            path.join("config.json")
+        } else {
+            path.to_path_buf()
+        };
+        let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+        Self::parse(&text, file)
+    }
+
+    /// Parses the text of a `config.json` (errors name it `config.json`).
+    ///
+    /// ```
+    /// use lorakit::models::llama::LlamaConfig;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let config = LlamaConfig::from_json(r#"{"model_type": "qwen2", "vocab_size": 151936,
+    ///     "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+    ///     "num_attention_heads": 14, "num_key_value_heads": 2, "tie_word_embeddings": true,
+    ///     "rope_theta": 1000000.0, "sliding_window": 32768, "use_sliding_window": false}"#)?;
+    /// assert_eq!(config.head_dim, 64);
+    /// assert!(config.qkv_bias && !config.o_bias && config.tie_word_embeddings);
+    /// let gelu = r#"{"model_type": "llama", "vocab_size": 8, "hidden_size": 8,
+    ///     "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+    ///     "hidden_act": "gelu"}"#;
+    /// let err = LlamaConfig::from_json(gelu).unwrap_err().to_string();
+    /// assert!(err.contains("hidden_act") && err.contains("gelu"), "{err}");
+    /// # Ok(()) }
+    /// ```
+    pub fn from_json(text: &str) -> Result<Self> {
+        Self::parse(text, PathBuf::from("config.json"))
+    }
+
+    fn parse(text: &str, file: PathBuf) -> Result<Self> {
+        let raw: RawConfig = serde_json::from_str(text).map_err(|e| Error::json(&file, &e))?;
+        let config = Self::resolve(raw, &file)?;
+        config.validate_in(Scope::File(file))?;
+        Ok(config)
+    }
+
+    fn resolve(raw: RawConfig, file: &Path) -> Result<Self> {
+        let invalid = |field: &'static str, reason: &str| Error::file_config(file, field, reason);
+        let model_type = raw.model_type.as_deref().ok_or_else(|| {
+            invalid(
+                "model_type",
+                "missing (llama, mistral, qwen2 or qwen3 expected)",
+            )
+        })?;
+        let family =
+            LlamaFamily::from_model_type(model_type).ok_or_else(|| Error::Unsupported {
+                what: "model_type",
+                got: model_type.to_string(),
+                supported: "llama, mistral, qwen2, qwen3".to_string(),
+            })?;
+        let required = |value: Option<usize>, field: &'static str| {
+            value.ok_or_else(|| invalid(field, "missing"))
+        };
+        let vocab_size = required(raw.vocab_size, "vocab_size")?;
+        let hidden_size = required(raw.hidden_size, "hidden_size")?;
+        let intermediate_size = required(raw.intermediate_size, "intermediate_size")?;
+        let num_hidden_layers = required(raw.num_hidden_layers, "num_hidden_layers")?;
+        let num_attention_heads = required(raw.num_attention_heads, "num_attention_heads")?;
+        if num_attention_heads == 0 {
+            return Err(invalid("num_attention_heads", "must be at least 1"));
+        }
+
+        if let Some(q) = raw.quantization_config.as_ref().filter(|q| !q.is_null()) {
+            let method = q
+                .get("quant_method")
+                .and_then(Value::as_str)
+                .unwrap_or("present");
+            return Err(Error::Unsupported {
+                what: "quantization_config (quantized weights)",
+                got: method.to_string(),
+                supported: "unquantized f32, f16 or bf16 checkpoints".to_string(),
+            });
+        }
+        let act = raw.hidden_act.as_deref().unwrap_or("silu");
+        if act != "silu" && act != "swish" {
+            return Err(Error::Unsupported {
+                what: "hidden_act",
+                got: act.to_string(),
+                supported: "silu (swish)".to_string(),
+            });
+        }
+
+        // transformers' class defaults when a key is absent; `null` where noted.
+        let num_key_value_heads = match raw.num_key_value_heads {
+            Some(Some(n)) => n,
+            Some(None) => num_attention_heads,
+            None => match family {
+                LlamaFamily::Llama => num_attention_heads,
+                LlamaFamily::Mistral => 8,
+                LlamaFamily::Qwen2 | LlamaFamily::Qwen3 => 32,
+            },
+        };
+        let head_dim = match (raw.head_dim, family) {
+            (Some(Some(d)), _) => d,
+            (None, LlamaFamily::Qwen3) => 128,
+            (Some(None), LlamaFamily::Qwen3) => {
+                return Err(invalid("head_dim", "null (Qwen3 needs a head_dim)"))
+            }
+            (_, _) => hidden_size / num_attention_heads,
+        };
+        let max_position_embeddings = raw.max_position_embeddings.unwrap_or(match family {
+            LlamaFamily::Llama => 2048,
+            LlamaFamily::Mistral => 131_072,
+            LlamaFamily::Qwen2 | LlamaFamily::Qwen3 => 32_768,
+        });
+
+        let (rope_theta, rope_scaling) = resolve_rope(&raw, max_position_embeddings, file)?;
+
+        let attention_bias = raw.attention_bias.unwrap_or(false);
+        let (qkv_bias, o_bias, mlp_bias) = match family {
+            LlamaFamily::Llama => (
+                attention_bias,
+                attention_bias,
+                raw.mlp_bias.unwrap_or(false),
+            ),
+            LlamaFamily::Mistral => (false, false, false),
+            LlamaFamily::Qwen2 => (true, false, false),
+            LlamaFamily::Qwen3 => (attention_bias, attention_bias, false),
+        };
+
+        // `None` in the file's `sliding_window` is "no window"; absent is 4096.
+        let window = match raw.sliding_window {
+            Some(w) => w,
+            None => Some(4096),
+        };
+        let layer_attention = match family {
+            LlamaFamily::Llama => vec![LayerAttention::Full; num_hidden_layers],
+            LlamaFamily::Mistral => {
+                let kind = match window {
+                    Some(window) => LayerAttention::Sliding { window },
+                    None => LayerAttention::Full,
+                };
+                vec![kind; num_hidden_layers]
+            }
+            LlamaFamily::Qwen2 | LlamaFamily::Qwen3 => {
+                let window = window.filter(|_| raw.use_sliding_window.unwrap_or(false));
+                let max_window_layers = raw.max_window_layers.unwrap_or(28);
+                let names = raw.layer_types.clone().unwrap_or_else(|| {
+                    (0..num_hidden_layers)
+                        .map(|i| {
+                            if window.is_some() && i >= max_window_layers {
+                                "sliding_attention".to_string()
+                            } else {
+                                "full_attention".to_string()
+                            }
+                        })
+                        .collect()
+                });
+                names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, name)| match (name.as_str(), window) {
+                        ("full_attention", _) => Ok(LayerAttention::Full),
+                        ("sliding_attention", Some(window)) => {
+                            Ok(LayerAttention::Sliding { window })
+                        }
+                        ("sliding_attention", None) => Err(invalid(
+                            "layer_types",
+                            &format!(
+                                "layer {i} is `sliding_attention` but there is no window \
+                                 (use_sliding_window is false or sliding_window is null)"
+                            ),
+                        )),
+                        (other, _) => Err(Error::Unsupported {
+                            what: "layer_types entry",
+                            got: other.to_string(),
+                            supported: "full_attention, sliding_attention".to_string(),
+                        }),
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            }
+        };
+
+        Ok(Self {
+            family,
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings,
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            qkv_bias,
+            o_bias,
+            mlp_bias,
+            qk_norm: family == LlamaFamily::Qwen3,
+            layer_attention,
+        })
+    }
+
+    /// Checks that the configuration describes a model that can be built: sizes ≥ 1,
+    /// `num_key_value_heads` dividing `num_attention_heads`, an even `head_dim`, finite
+    /// positive θ and scaling factors, one [`LayerAttention`] per layer, windows ≥ 1.
+    ///
+    /// ```
+    /// use lorakit::models::llama::LlamaConfig;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let mut config = LlamaConfig::from_file("tests/fixtures/models/llama/qwen2/base")?;
+    /// config.validate()?;
+    /// config.num_key_value_heads = 3; // does not divide 4 query heads
+    /// let err = config.validate().unwrap_err().to_string();
+    /// assert!(err.contains("num_key_value_heads"), "{err}");
+    /// # Ok(()) }
+    /// ```
+    pub fn validate(&self) -> Result<()> {
+        self.validate_in(Scope::Settings("Llama config".to_string()))
+    }
+
+    fn validate_in(&self, scope: Scope) -> Result<()> {
+        let invalid = |field: &'static str, reason: String| Error::InvalidConfig {
+            scope: scope.clone(),
+            field,
+            reason,
+        };
+        for (field, value) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+        ] {
+            if value == 0 {
+                return Err(invalid(field, "must be at least 1, got 0".to_string()));
+            }
+        }
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
+            return Err(invalid(
+                "num_key_value_heads",
+                format!(
+                    "{} does not divide num_attention_heads = {}",
+                    self.num_key_value_heads, self.num_attention_heads
+                ),
+            ));
+        }
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(invalid(
+                "head_dim",
+                format!("RoPE needs an even head_dim, got {}", self.head_dim),
+            ));
+        }
+        if !self.rms_norm_eps.is_finite() || self.rms_norm_eps < 0.0 {
+            return Err(invalid(
+                "rms_norm_eps",
+                format!("must be finite and ≥ 0, got {}", self.rms_norm_eps),
+            ));
+        }
+        let positive = |field: &'static str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(invalid(field, format!("must be finite and > 0, got {v}")))
+            }
+        };
+        positive("rope_theta", self.rope_theta)?;
+        match self.rope_scaling {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => positive("factor", factor)?,
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                positive("factor", factor)?;
+                positive("low_freq_factor", low_freq_factor)?;
+                positive("high_freq_factor", high_freq_factor)?;
+                if high_freq_factor == low_freq_factor {
+                    return Err(invalid(
+                        "high_freq_factor",
+                        format!("must differ from low_freq_factor (both {low_freq_factor})"),
+                    ));
+                }
+                if original_max_position_embeddings == 0 {
+                    return Err(invalid(
+                        "original_max_position_embeddings",
+                        "must be at least 1, got 0".to_string(),
+                    ));
+                }
+            }
+        }
+        if self.layer_attention.len() != self.num_hidden_layers {
+            return Err(invalid(
+                "layer_types",
+                format!(
+                    "{} entries for {} layers",
+                    self.layer_attention.len(),
+                    self.num_hidden_layers
+                ),
+            ));
+        }
+        if self
+            .layer_attention
+            .contains(&LayerAttention::Sliding { window: 0 })
+        {
+            return Err(invalid(
+                "sliding_window",
+                "must be at least 1, got 0".to_string(),
+            ));
+        }
+        Ok(())
+    }
+}

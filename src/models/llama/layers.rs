@@ -1,0 +1,308 @@
+//! The pieces of a Llama-family decoder layer: RMSNorm, causal and sliding-window masks,
+//! grouped-query attention (with the RoPE tables of `rope.rs`) and the gated MLP.
+//!
+//! candle-nn's fused kernels (`rms_norm`, `rotary_emb::rope`, `softmax_last_dim`) have no
+//! backward pass in candle 0.11: gradients stop at them. Each op here therefore takes the
+//! fused kernel only when its input tracks no gradient, and otherwise candle-nn's
+//! differentiable composition of the same formula (`rms_norm_slow`, `rope_slow`,
+//! `softmax`), so adapters before a norm, a RoPE or a softmax still train.
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::error::{Error, Result, Scope};
+use crate::model::{linear_b, AdapterPlan, Linear};
+use crate::models::ops::softmax_last;
+
+use super::config::{LayerAttention, LlamaConfig};
+use super::rope::RopeTables;
+
+/// RMSNorm as transformers computes it: `w ⊙ x / sqrt(mean(x²) + ε)`, in f32 for half
+/// precision inputs.
+#[derive(Clone, Debug)]
+pub(crate) struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    /// Loads `weight` `(dim,)` at `vb`'s path.
+    pub(crate) fn load(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            eps: eps as f32,
+        })
+    }
+
+    /// Normalizes over the last dimension.
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // candle's fused kernel takes f32, f16 and bf16 only.
+        let fused_dtype = matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16);
+        if x.track_op() || self.weight.track_op() || !fused_dtype {
+            Ok(candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps)?)
+        } else {
+            Ok(candle_nn::ops::rms_norm(
+                &x.contiguous()?,
+                &self.weight,
+                self.eps,
+            )?)
+        }
+    }
+}
+
+/// The additive attention masks of one forward (0 where a key is seen, −∞ elsewhere),
+/// `(q_len, kv_len)` f32, one per distinct [`LayerAttention`] of the model. Queries sit at
+/// absolute positions `offset..offset + q_len`, keys at `0..kv_len` (a KV cache would hold
+/// the first `offset`).
+#[derive(Debug)]
+pub(crate) struct Masks {
+    masks: Vec<(LayerAttention, Tensor)>,
+}
+
+impl Masks {
+    pub(crate) fn new(
+        kinds: &[LayerAttention],
+        q_len: usize,
+        kv_len: usize,
+        offset: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut masks: Vec<(LayerAttention, Tensor)> = Vec::new();
+        for &kind in kinds {
+            if masks.iter().any(|(k, _)| *k == kind) {
+                continue;
+            }
+            let values: Vec<f32> = (0..q_len)
+                .flat_map(|i| {
+                    let q = offset + i;
+                    (0..kv_len).map(move |j| {
+                        let seen = j <= q
+                            && match kind {
+                                LayerAttention::Full => true,
+                                LayerAttention::Sliding { window } => j + window > q,
+                            };
+                        if seen {
+                            0.0
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    })
+                })
+                .collect();
+            let mask =
+                Tensor::from_vec(values, (q_len, kv_len), &Device::Cpu)?.to_device(device)?;
+            masks.push((kind, mask));
+        }
+        Ok(Self { masks })
+    }
+
+    fn get(&self, kind: LayerAttention) -> Result<&Tensor> {
+        self.masks
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, m)| m)
+            .ok_or_else(|| {
+                Error::usage(
+                    Scope::Settings("Llama attention".to_string()),
+                    format!("no mask was built for {kind:?}"),
+                )
+            })
+    }
+}
+
+/// Grouped-query self-attention with RoPE (and Qwen3's per-head q/k RMSNorm).
+///
+/// Split in two steps so that a KV cache can sit between them: [`Attention::project`]
+/// gives the rotated keys and values of the new positions (what a cache appends to), and
+/// [`Attention::attend`] attends over whatever keys and values it is given.
+#[derive(Clone, Debug)]
+pub(crate) struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    scale: f64,
+    kind: LayerAttention,
+}
+
+impl Attention {
+    /// Loads `q_proj`, `k_proj`, `v_proj`, `o_proj` (and `q_norm`, `k_norm`) at `vb`'s path
+    /// (`model.layers.N.self_attn`), each linear through the plan.
+    pub(crate) fn load(
+        c: &LlamaConfig,
+        kind: LayerAttention,
+        vb: VarBuilder,
+        plan: &AdapterPlan,
+    ) -> Result<Self> {
+        let (h, q_out, kv_out) = (
+            c.hidden_size,
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        );
+        let (q_norm, k_norm) = if c.qk_norm {
+            (
+                Some(RmsNorm::load(c.head_dim, c.rms_norm_eps, vb.pp("q_norm"))?),
+                Some(RmsNorm::load(c.head_dim, c.rms_norm_eps, vb.pp("k_norm"))?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(Self {
+            q_proj: linear_b(h, q_out, c.qkv_bias, vb.pp("q_proj"), plan)?,
+            k_proj: linear_b(h, kv_out, c.qkv_bias, vb.pp("k_proj"), plan)?,
+            v_proj: linear_b(h, kv_out, c.qkv_bias, vb.pp("v_proj"), plan)?,
+            o_proj: linear_b(q_out, h, c.o_bias, vb.pp("o_proj"), plan)?,
+            q_norm,
+            k_norm,
+            n_heads: c.num_attention_heads,
+            n_kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            scale: 1.0 / (c.head_dim as f64).sqrt(),
+            kind,
+        })
+    }
+
+    /// Queries `(b, heads, t, head_dim)` and keys and values `(b, kv_heads, t, head_dim)`
+    /// of `x` `(b, t, hidden)`, queries and keys rotated for their positions.
+    pub(crate) fn project(
+        &self,
+        x: &Tensor,
+        rope: &RopeTables,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, _) = x.dims3()?;
+        let heads = |proj: &Linear, n: usize| -> Result<Tensor> {
+            Ok(proj.forward(x)?.reshape((b, t, n, self.head_dim))?)
+        };
+        let mut q = heads(&self.q_proj, self.n_heads)?;
+        let mut k = heads(&self.k_proj, self.n_kv_heads)?;
+        let v = heads(&self.v_proj, self.n_kv_heads)?;
+        if let Some(norm) = &self.q_norm {
+            q = norm.forward(&q)?;
+        }
+        if let Some(norm) = &self.k_norm {
+            k = norm.forward(&k)?;
+        }
+        let q = rope.apply(&q.transpose(1, 2)?.contiguous()?)?;
+        let k = rope.apply(&k.transpose(1, 2)?.contiguous()?)?;
+        Ok((q, k, v.transpose(1, 2)?.contiguous()?))
+    }
+
+    /// Attention of `q` over `k`, `v` (`(b, kv_heads, kv_len, head_dim)`) under this
+    /// layer's mask from `masks`, then `o_proj`: `(b, t, hidden)`. Each key/value head
+    /// serves `heads / kv_heads` consecutive query heads (transformers' `repeat_kv`),
+    /// without copying keys and values. Scores and softmax in f32 for f16 / bf16 models
+    /// (transformers' eager attention), products in the model's dtype.
+    pub(crate) fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        masks: &Masks,
+    ) -> Result<Tensor> {
+        let (b, h, t, d) = q.dims4()?;
+        let kv_len = k.dim(2)?;
+        let (g, rep) = (self.n_kv_heads, h / self.n_kv_heads);
+        let q = q.contiguous()?.reshape((b, g, rep * t, d))?;
+        // Half precision scores go to f32 for the softmax; f32 and f64 stay as they are.
+        let softmax_dtype = match q.dtype() {
+            DType::F16 | DType::BF16 => DType::F32,
+            other => other,
+        };
+        let mask = masks.get(self.kind)?.to_dtype(softmax_dtype)?;
+        let scores = (q.matmul(&k.t()?)? * self.scale)?
+            .to_dtype(softmax_dtype)?
+            .reshape((b, g, rep, t, kv_len))?
+            .broadcast_add(&mask)?;
+        let probs = softmax_last(&scores)?
+            .to_dtype(v.dtype())?
+            .reshape((b, g, rep * t, kv_len))?;
+        let out = probs
+            .matmul(&v.contiguous()?)?
+            .reshape((b, h, t, d))?
+            .transpose(1, 2)?
+            .reshape((b, t, h * d))?;
+        Ok(self.o_proj.forward(&out)?)
+    }
+
+    /// [`Attention::project`] then [`Attention::attend`] over the same positions.
+    pub(crate) fn forward(&self, x: &Tensor, rope: &RopeTables, masks: &Masks) -> Result<Tensor> {
+        let (q, k, v) = self.project(x, rope)?;
+        self.attend(&q, &k, &v, masks)
+    }
+}
+
+/// The gated MLP: `down_proj(silu(gate_proj(x)) ⊙ up_proj(x))`.
+#[derive(Clone, Debug)]
+pub(crate) struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    /// Loads `gate_proj`, `up_proj`, `down_proj` at `vb`'s path through the plan.
+    pub(crate) fn load(c: &LlamaConfig, vb: VarBuilder, plan: &AdapterPlan) -> Result<Self> {
+        let (h, i, bias) = (c.hidden_size, c.intermediate_size, c.mlp_bias);
+        Ok(Self {
+            gate_proj: linear_b(h, i, bias, vb.pp("gate_proj"), plan)?,
+            up_proj: linear_b(h, i, bias, vb.pp("up_proj"), plan)?,
+            down_proj: linear_b(i, h, bias, vb.pp("down_proj"), plan)?,
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?.silu()?;
+        let up = self.up_proj.forward(x)?;
+        Ok(self.down_proj.forward(&(gate * up)?)?)
+    }
+}
+
+/// One decoder layer: pre-norm attention and pre-norm MLP, each with a residual.
+#[derive(Clone, Debug)]
+pub(crate) struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    /// Loads one layer, with attention pattern `kind`, at `vb`'s path (`model.layers.N`).
+    pub(crate) fn load(
+        c: &LlamaConfig,
+        kind: LayerAttention,
+        vb: VarBuilder,
+        plan: &AdapterPlan,
+    ) -> Result<Self> {
+        Ok(Self {
+            input_layernorm: RmsNorm::load(
+                c.hidden_size,
+                c.rms_norm_eps,
+                vb.pp("input_layernorm"),
+            )?,
+            self_attn: Attention::load(c, kind, vb.pp("self_attn"), plan)?,
+            post_attention_layernorm: RmsNorm::load(
+                c.hidden_size,
+                c.rms_norm_eps,
+                vb.pp("post_attention_layernorm"),
+            )?,
+            mlp: Mlp::load(c, vb.pp("mlp"), plan)?,
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor, rope: &RopeTables, masks: &Masks) -> Result<Tensor> {
+        let attn = self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x)?, rope, masks)?;
+        let x = (x + attn)?;
+        let mlp = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x)?)?;
+        Ok((x + mlp)?)
+    }
+}

@@ -1,0 +1,403 @@
+//! The Llama family of decoders — Llama 2 / 3 / 3.x, TinyLlama, SmolLM, Mistral,
+//! Qwen2 / Qwen2.5, Qwen3 — as one implementation with config switches
+//! ([`LlamaConfig`]), built on the model-level API so that PEFT's target names and every
+//! variant apply: [`LlamaForCausalLM`].
+//!
+//! Every linear layer and the embedding are built with [`crate::model::linear_b`] /
+//! [`crate::model::embedding`] at transformers' module paths (`model.embed_tokens`,
+//! `model.layers.N.self_attn.{q,k,v,o}_proj`, `model.layers.N.mlp.{gate,up,down}_proj`,
+//! `lm_head`), so an [`AdapterPlan`] — a PEFT adapter loaded with
+//! [`crate::peft::PeftAdapter::plan`], or a fresh one of any variant — decides which of
+//! them are adapted. Checked against transformers 5.24 and PEFT 0.21
+//! (`tests/suite/models_llama.rs`, fixtures from `scripts/make_model_fixtures.py`).
+//!
+//! Not here yet: a KV cache and generation (the attention is split into projection and
+//! attention steps so that a cache fits between them), padding masks (every sequence of
+//! a batch is the full length), attention dropout in training.
+
+mod config;
+mod layers;
+mod rope;
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+use crate::frozen::FrozenLinear;
+use crate::model::{embedding, linear_b, AdapterPlan, Embedding, Linear};
+
+pub use config::{LayerAttention, LlamaConfig, LlamaFamily, RopeScaling};
+use layers::{DecoderLayer, Masks, RmsNorm};
+use rope::RopeTables;
+
+/// A Llama-family causal language model (transformers' `LlamaForCausalLM`,
+/// `MistralForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`) whose linear layers and
+/// embedding come from an [`AdapterPlan`].
+///
+/// [`LlamaForCausalLM::forward`] maps token ids `(batch, seq)` to logits
+/// `(batch, seq, vocab)` over the whole sequence with a causal mask (sliding-window where
+/// the config says so), in the dtype of the weights the `VarBuilder` gives. Adapted layers
+/// run in the mode their [`crate::model::AdaptedSet`] is in (evaluation unless
+/// `set_training(true)`). Gradients reach every adapter: candle-nn's fused RMSNorm, RoPE
+/// and softmax kernels (which have no backward pass in candle 0.11) run only where no
+/// gradient flows, their differentiable compositions elsewhere.
+///
+/// With `tie_word_embeddings` and no `lm_head.weight` in the checkpoint, the output head
+/// is a linear layer over the embedding table (as transformers 5 ties them), still built
+/// through the plan at `lm_head` so PEFT's `lm_head` targets apply to it. The head holds
+/// the table it was built with: merging an adapter into `model.embed_tokens` later does
+/// not change the head (in PEFT's `merge_and_unload` the shared tensor changes both).
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use lorakit::models::llama::LlamaForCausalLM;
+/// use lorakit::peft::PeftAdapter;
+/// # fn main() -> lorakit::Result<()> {
+/// // A tiny Qwen2 saved by transformers and a LoRA saved by PEFT
+/// // (scripts/make_model_fixtures.py).
+/// let dir = "tests/fixtures/models/llama/qwen2";
+/// let dev = Device::Cpu;
+/// let plan = PeftAdapter::load(format!("{dir}/lora"), &dev)?.plan()?;
+/// let model = LlamaForCausalLM::from_pretrained(format!("{dir}/base"), DType::F32, &dev, &plan)?;
+/// let layers = plan.finish()?; // every tensor of the adapter file was used
+/// assert_eq!(layers.paths().len(), 10); // q/k/v/o/up_proj of 2 layers
+///
+/// let logits = model.forward(&Tensor::new(&[[1u32, 17, 42, 5]], &dev)?)?;
+/// assert_eq!(logits.dims(), [1, 4, 64]);
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct LlamaForCausalLM {
+    config: LlamaConfig,
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    tied: bool,
+    inv_freq: Vec<f32>,
+    dtype: DType,
+    device: Device,
+}
+
+impl LlamaForCausalLM {
+    /// Builds the model from `vb` (transformers' tensor names, e.g. from
+    /// [`Checkpoint::var_builder`]) with every linear layer and the embedding made by
+    /// `plan`. Call `plan.finish()` afterwards to get the adapted layers (and, for a
+    /// loaded adapter, to check that every tensor of its file was used).
+    ///
+    /// Errors: an invalid `config` ([`LlamaConfig::validate`]), a missing tensor or one
+    /// whose shape disagrees with `config` (named), or an adapter that does not fit.
+    ///
+    /// A fresh DoRA on the attention of a tiny Mistral, ready to train:
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// use lorakit::checkpoint::Checkpoint;
+    /// use lorakit::model::{AdapterPlan, ModuleSelector, RankAlpha, TargetSpec};
+    /// use lorakit::models::llama::{LlamaConfig, LlamaForCausalLM};
+    /// use lorakit::DoraConfig;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let dir = "tests/fixtures/models/llama/mistral/base";
+    /// let dev = Device::Cpu;
+    /// let config = LlamaConfig::from_file(dir)?;
+    /// let vb = Checkpoint::open(dir)?.var_builder(DType::F32, &dev);
+    /// let adapter_vars = VarMap::new(); // what an optimizer would train
+    /// let plan = AdapterPlan::dora(
+    ///     TargetSpec::new(ModuleSelector::list(["q_proj", "v_proj"])),
+    ///     RankAlpha::new(4, 8.0),
+    ///     DoraConfig::default(),
+    ///     VarBuilder::from_varmap(&adapter_vars, DType::F32, &dev),
+    /// );
+    /// let model = LlamaForCausalLM::load(&config, vb, &plan)?;
+    /// let layers = plan.finish()?;
+    /// assert_eq!(layers.paths().len(), 4); // 2 layers × q_proj, v_proj
+    /// layers.set_training(true);
+    /// let loss = model.forward(&Tensor::new(&[[3u32, 1, 4, 1, 5]], &dev)?)?.sqr()?.mean_all()?;
+    /// let grads = loss.backward()?;
+    /// assert!(adapter_vars.all_vars().iter().all(|v| grads.get(v.as_tensor()).is_some()));
+    /// # Ok(()) }
+    /// ```
+    pub fn load(config: &LlamaConfig, vb: VarBuilder, plan: &AdapterPlan) -> Result<Self> {
+        config.validate()?;
+        let c = config;
+        let embed_tokens = embedding(
+            c.vocab_size,
+            c.hidden_size,
+            vb.pp("model.embed_tokens"),
+            plan,
+        )?;
+        let layers = c
+            .layer_attention
+            .iter()
+            .enumerate()
+            .map(|(i, &kind)| DecoderLayer::load(c, kind, vb.pp(format!("model.layers.{i}")), plan))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(c.hidden_size, c.rms_norm_eps, vb.pp("model.norm"))?;
+        let head_vb = vb.pp("lm_head");
+        let tied = c.tie_word_embeddings && !head_vb.contains_tensor("weight");
+        let lm_head = if tied {
+            let table = base_table(&embed_tokens)?;
+            plan.adapt(&head_vb.prefix(), FrozenLinear::new(table, None)?)?
+        } else {
+            linear_b(c.hidden_size, c.vocab_size, false, head_vb, plan)?
+        };
+        let dtype = base_table(&embed_tokens)?.dtype();
+        Ok(Self {
+            config: config.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            tied,
+            inv_freq: config.inv_freq(),
+            dtype,
+            device: vb.device().clone(),
+        })
+    }
+
+    /// Reads `config.json` from the model folder `dir` (as `save_pretrained` writes it:
+    /// one `model.safetensors` or shards with their index) and builds the model in `dtype`
+    /// on `device` with [`LlamaForCausalLM::load`]; tensors are read one at a time
+    /// ([`Checkpoint`]).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// use lorakit::model::{AdapterPlan, ModuleSelector, RankAlpha, TargetSpec};
+    /// use lorakit::models::llama::LlamaForCausalLM;
+    /// use lorakit::LoraConfig;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let dev = Device::Cpu;
+    /// // A plan that targets nothing: the plain model.
+    /// let none = AdapterPlan::lora(
+    ///     TargetSpec::new(ModuleSelector::list(Vec::<String>::new())),
+    ///     RankAlpha::new(1, 1.0),
+    ///     LoraConfig::default(),
+    ///     VarBuilder::from_varmap(&VarMap::new(), DType::F32, &dev),
+    /// );
+    /// let dir = "tests/fixtures/checkpoints/llama_bf16_sharded"; // bf16, 4 shards
+    /// let model = LlamaForCausalLM::from_pretrained(dir, DType::BF16, &dev, &none)?;
+    /// let logits = model.forward(&Tensor::new(&[[1u32, 17, 42]], &dev)?)?;
+    /// assert_eq!((logits.dims(), logits.dtype()), (&[1, 3, 64][..], DType::BF16));
+    /// # Ok(()) }
+    /// ```
+    pub fn from_pretrained(
+        dir: impl AsRef<Path>,
+        dtype: DType,
+        device: &Device,
+        plan: &AdapterPlan,
+    ) -> Result<Self> {
+        let dir = dir.as_ref();
+        let config = LlamaConfig::from_file(dir.join("config.json"))?;
+        let vb = Checkpoint::open(dir)?.var_builder(dtype, device);
+        Self::load(&config, vb, plan)
+    }
+
+    /// Logits `(batch, seq, vocab)` for token ids `(batch, seq)` (u8, u32 or i64, each below
+    /// `vocab_size`), every position attending to itself and the positions before it
+    /// (within the sliding window on sliding layers).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, IndexOp, Tensor};
+    /// use lorakit::models::llama::LlamaForCausalLM;
+    /// use lorakit::peft::PeftAdapter;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let dir = "tests/fixtures/models/llama/qwen3";
+    /// let dev = Device::Cpu;
+    /// let plan = PeftAdapter::load(format!("{dir}/lora"), &dev)?.plan()?;
+    /// let model = LlamaForCausalLM::from_pretrained(format!("{dir}/base"), DType::F32, &dev, &plan)?;
+    /// let ids = Tensor::new(&[[5i64, 9, 2, 7], [1, 1, 2, 3]], &dev)?;
+    /// let logits = model.forward(&ids)?;
+    /// assert_eq!(logits.dims(), [2, 4, 64]);
+    /// // Causal: a prefix gives the same logits at its positions.
+    /// let prefix = model.forward(&ids.i((.., ..2))?)?;
+    /// let diff = (prefix - logits.i((.., ..2))?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    /// assert!(diff < 1e-5);
+    /// assert!(model.forward(&Tensor::new(&[[64u32]], &dev)?).is_err()); // vocab is 64
+    /// # Ok(()) }
+    /// ```
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (_, seq) = self.check_ids(input_ids)?;
+        let ids = input_ids.to_dtype(DType::U32)?;
+        let rope = RopeTables::new(&self.inv_freq, 0, seq, self.dtype, &self.device)?;
+        let masks = Masks::new(&self.config.layer_attention, seq, seq, 0, &self.device)?;
+        let mut x = self.embed_tokens.forward(&ids)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &rope, &masks)?;
+        }
+        let x = self.norm.forward(&x)?;
+        Ok(self.lm_head.forward(&x)?)
+    }
+
+    /// The configuration the model was built with.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use lorakit::models::llama::LlamaForCausalLM;
+    /// use lorakit::peft::PeftAdapter;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let dir = "tests/fixtures/models/llama/linear_rope"; // tied; LoRA on the MLP and lm_head
+    /// let plan = PeftAdapter::load(format!("{dir}/lora"), &Device::Cpu)?.plan()?;
+    /// let model = LlamaForCausalLM::from_pretrained(format!("{dir}/base"), DType::F32, &Device::Cpu, &plan)?;
+    /// assert_eq!(model.config().num_hidden_layers, 2);
+    /// # Ok(()) }
+    /// ```
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// The token embedding (`model.embed_tokens`).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use lorakit::models::llama::LlamaForCausalLM;
+    /// use lorakit::peft::PeftAdapter;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let dir = "tests/fixtures/models/llama/linear_rope"; // tied; LoRA on the MLP and lm_head
+    /// let plan = PeftAdapter::load(format!("{dir}/lora"), &Device::Cpu)?.plan()?;
+    /// let model = LlamaForCausalLM::from_pretrained(format!("{dir}/base"), DType::F32, &Device::Cpu, &plan)?;
+    /// assert!(model.embed_tokens().adapter().is_none()); // the adapter does not target it
+    /// # Ok(()) }
+    /// ```
+    pub fn embed_tokens(&self) -> &Embedding {
+        &self.embed_tokens
+    }
+
+    /// The output head (`lm_head`).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use lorakit::models::llama::LlamaForCausalLM;
+    /// use lorakit::peft::PeftAdapter;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let dir = "tests/fixtures/models/llama/linear_rope"; // tied; LoRA on the MLP and lm_head
+    /// let plan = PeftAdapter::load(format!("{dir}/lora"), &Device::Cpu)?.plan()?;
+    /// let model = LlamaForCausalLM::from_pretrained(format!("{dir}/base"), DType::F32, &Device::Cpu, &plan)?;
+    /// assert!(model.lm_head().adapter().is_some());
+    /// # Ok(()) }
+    /// ```
+    pub fn lm_head(&self) -> &Linear {
+        &self.lm_head
+    }
+
+    /// Whether the output head was built over the embedding table (tied).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use lorakit::models::llama::LlamaForCausalLM;
+    /// use lorakit::peft::PeftAdapter;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let dir = "tests/fixtures/models/llama/linear_rope"; // tied; LoRA on the MLP and lm_head
+    /// let plan = PeftAdapter::load(format!("{dir}/lora"), &Device::Cpu)?.plan()?;
+    /// let model = LlamaForCausalLM::from_pretrained(format!("{dir}/base"), DType::F32, &Device::Cpu, &plan)?;
+    /// assert!(model.is_tied()); // tie_word_embeddings, no lm_head.weight in the file
+    /// # Ok(()) }
+    /// ```
+    pub fn is_tied(&self) -> bool {
+        self.tied
+    }
+
+    /// The dtype the model computes in (its weights').
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use lorakit::models::llama::LlamaForCausalLM;
+    /// use lorakit::peft::PeftAdapter;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let dir = "tests/fixtures/models/llama/linear_rope"; // tied; LoRA on the MLP and lm_head
+    /// let plan = PeftAdapter::load(format!("{dir}/lora"), &Device::Cpu)?.plan()?;
+    /// let model = LlamaForCausalLM::from_pretrained(format!("{dir}/base"), DType::F32, &Device::Cpu, &plan)?;
+    /// assert_eq!(model.dtype(), DType::F32);
+    /// # Ok(()) }
+    /// ```
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device the model lives on.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use lorakit::models::llama::LlamaForCausalLM;
+    /// use lorakit::peft::PeftAdapter;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let dir = "tests/fixtures/models/llama/linear_rope"; // tied; LoRA on the MLP and lm_head
+    /// let plan = PeftAdapter::load(format!("{dir}/lora"), &Device::Cpu)?.plan()?;
+    /// let model = LlamaForCausalLM::from_pretrained(format!("{dir}/base"), DType::F32, &Device::Cpu, &plan)?;
+    /// assert!(model.device().is_cpu());
+    /// # Ok(()) }
+    /// ```
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// `(batch, seq)` of valid token ids.
+    fn check_ids(&self, ids: &Tensor) -> Result<(usize, usize)> {
+        let layer = "model.embed_tokens";
+        let &[batch, seq] = ids.dims() else {
+            return Err(Error::ShapeMismatch {
+                layer: layer.to_string(),
+                what: "input_ids".to_string(),
+                expected: "(batch, seq)".to_string(),
+                got: format!("{:?}", ids.dims()),
+            });
+        };
+        if batch == 0 || seq == 0 {
+            return Err(Error::ShapeMismatch {
+                layer: layer.to_string(),
+                what: "input_ids".to_string(),
+                expected: "(batch, seq) with batch, seq ≥ 1".to_string(),
+                got: format!("{:?}", ids.dims()),
+            });
+        }
+        if !matches!(ids.dtype(), DType::U8 | DType::U32 | DType::I64) {
+            return Err(Error::layer_config(
+                layer,
+                "input_ids",
+                format!("token ids must be u8, u32 or i64, got {:?}", ids.dtype()),
+            ));
+        }
+        if !ids.device().same_device(&self.device) {
+            return Err(Error::layer_config(
+                layer,
+                "input_ids",
+                format!(
+                    "token ids are on {:?}, the model on {:?}",
+                    ids.device().location(),
+                    self.device.location()
+                ),
+            ));
+        }
+        let wide = ids.flatten_all()?.to_dtype(DType::I64)?;
+        let (lo, hi) = (
+            wide.min_all()?.to_scalar::<i64>()?,
+            wide.max_all()?.to_scalar::<i64>()?,
+        );
+        if lo < 0 || usize::try_from(hi).map_or(true, |h| h >= self.config.vocab_size) {
+            let bad = if lo < 0 { lo } else { hi };
+            return Err(Error::layer_config(
+                layer,
+                "input_ids",
+                format!(
+                    "token id {bad} is out of range for vocab_size {}",
+                    self.config.vocab_size
+                ),
+            ));
+        }
+        Ok((batch, seq))
+    }
+}
+
+/// The embedding table `(vocab, dim)` under an embedding built by a plan (the base a PEFT
+/// `base_layer.weight` copy replaced, if any; the original under a `modules_to_save` copy).
+fn base_table(embed: &Embedding) -> Result<Tensor> {
+    match embed {
+        Linear::Frozen(base) => base.stored_weight(),
+        Linear::Adapted(layer) => layer.read().base().stored_weight(),
+        Linear::Trainable(module) => module.original().stored_weight(),
+    }
+}

@@ -1,0 +1,205 @@
+//! Rotary position embeddings: the frequencies (with `linear` / `llama3` scaling), their
+//! resolution from `config.json` as transformers does it, and the cos/sin tables a forward
+//! uses.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+
+use super::config::{LlamaConfig, RawConfig, RopeScaling};
+
+/// The `rope_type`s supported, for messages.
+const ROPE_TYPES: &str = "default, linear, llama3";
+
+impl LlamaConfig {
+    /// RoPE's inverse frequencies, `head_dim / 2` of them, computed in f32 as transformers
+    /// computes them (its `inv_freq` buffer), scaling included.
+    ///
+    /// ```
+    /// use lorakit::models::llama::{LlamaConfig, RopeScaling};
+    /// # fn main() -> lorakit::Result<()> {
+    /// let mut config = LlamaConfig::from_json(r#"{"model_type": "llama", "vocab_size": 8,
+    ///     "hidden_size": 16, "intermediate_size": 8, "num_hidden_layers": 1,
+    ///     "num_attention_heads": 2}"#)?;
+    /// let close = |got: Vec<f32>, want: [f32; 4]| {
+    ///     got.iter().zip(want).all(|(g, w)| (g - w).abs() <= 1e-6 * w)
+    /// };
+    /// assert!(close(config.inv_freq(), [1.0, 0.1, 0.01, 0.001])); // θ = 10000, head_dim 8
+    /// config.rope_scaling = RopeScaling::Linear { factor: 2.0 };
+    /// assert!(close(config.inv_freq(), [0.5, 0.05, 0.005, 0.0005]));
+    /// # Ok(()) }
+    /// ```
+    pub fn inv_freq(&self) -> Vec<f32> {
+        let dim = self.head_dim as f32;
+        let base = self.rope_theta as f32;
+        let plain = (0..self.head_dim / 2).map(|i| 1.0 / base.powf((2 * i) as f32 / dim));
+        match self.rope_scaling {
+            RopeScaling::None => plain.collect(),
+            RopeScaling::Linear { factor } => plain.map(|f| f / factor as f32).collect(),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let (factor, low, high) = (
+                    factor as f32,
+                    low_freq_factor as f32,
+                    high_freq_factor as f32,
+                );
+                let old_len = original_max_position_embeddings as f32;
+                let (low_wavelen, high_wavelen) = (old_len / low, old_len / high);
+                plain
+                    .map(|f| {
+                        let wavelen = 2.0 * std::f32::consts::PI / f;
+                        if wavelen > low_wavelen {
+                            f / factor
+                        } else if wavelen < high_wavelen {
+                            f
+                        } else {
+                            let smooth = (old_len / wavelen - low) / (high - low);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+/// RoPE's θ and scaling from `rope_scaling` / `rope_parameters` / `rope_theta`, with
+/// transformers' precedence (`convert_rope_params_to_dict`, `standardize_rope_params`).
+pub(super) fn resolve_rope(
+    raw: &RawConfig,
+    max_position_embeddings: usize,
+    file: &Path,
+) -> Result<(f64, RopeScaling)> {
+    let invalid = |field: &'static str, reason: String| Error::file_config(file, field, reason);
+    let empty = Map::new();
+    let rope = raw
+        .rope_scaling
+        .as_ref()
+        .filter(|m| !m.is_empty())
+        .or(raw.rope_parameters.as_ref())
+        .unwrap_or(&empty);
+    if let Some((key, _)) = rope.iter().find(|(_, v)| v.is_object()) {
+        return Err(Error::Unsupported {
+            what: "per-layer-type RoPE parameters",
+            got: key.clone(),
+            supported: "one rope_parameters for every layer".to_string(),
+        });
+    }
+    let number = |key: &'static str| -> Result<Option<f64>> {
+        match rope.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| invalid(key, format!("expected a number, got {v}"))),
+        }
+    };
+    let theta = number("rope_theta")?.or(raw.rope_theta).unwrap_or(10_000.0);
+    let partial = number("partial_rotary_factor")?.or(raw.partial_rotary_factor);
+    if let Some(p) = partial.filter(|&p| p != 1.0) {
+        return Err(Error::Unsupported {
+            what: "partial_rotary_factor",
+            got: p.to_string(),
+            supported: "1.0 (RoPE over the whole head)".to_string(),
+        });
+    }
+    let rope_type = match rope.get("rope_type").or_else(|| rope.get("type")) {
+        None | Some(Value::Null) => "default",
+        Some(Value::String(s)) => s.as_str(),
+        Some(v) => return Err(invalid("rope_type", format!("expected a string, got {v}"))),
+    };
+    let need = |key: &'static str| -> Result<f64> {
+        number(key)?.ok_or_else(|| invalid(key, format!("missing for rope_type `{rope_type}`")))
+    };
+    let scaling = match rope_type {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear {
+            factor: need("factor")?,
+        },
+        "llama3" => {
+            let original = match raw.original_max_position_embeddings {
+                Some(n) => n,
+                None => match number("original_max_position_embeddings")? {
+                    Some(n) if n >= 0.0 && n.fract() == 0.0 => n as usize,
+                    Some(n) => {
+                        return Err(invalid(
+                            "original_max_position_embeddings",
+                            format!("expected a whole number, got {n}"),
+                        ))
+                    }
+                    None => max_position_embeddings,
+                },
+            };
+            RopeScaling::Llama3 {
+                factor: need("factor")?,
+                low_freq_factor: need("low_freq_factor")?,
+                high_freq_factor: need("high_freq_factor")?,
+                original_max_position_embeddings: original,
+            }
+        }
+        other => {
+            return Err(Error::Unsupported {
+                what: "rope_type",
+                got: other.to_string(),
+                supported: ROPE_TYPES.to_string(),
+            })
+        }
+    };
+    Ok((theta, scaling))
+}
+
+/// RoPE's cos and sin for positions `offset..offset + len`, `(len, head_dim / 2)` in the
+/// model's dtype: angles `position · inv_freq` in f32, as transformers computes them.
+#[derive(Clone, Debug)]
+pub(crate) struct RopeTables {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RopeTables {
+    pub(crate) fn new(
+        inv_freq: &[f32],
+        offset: usize,
+        len: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let half = inv_freq.len();
+        let angles: Vec<f32> = (offset..offset + len)
+            .flat_map(|p| inv_freq.iter().map(move |f| p as f32 * f))
+            .collect();
+        let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+        let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+        let table = |v: Vec<f32>| -> Result<Tensor> {
+            Ok(Tensor::from_vec(v, (len, half), &Device::Cpu)?
+                .to_dtype(dtype)?
+                .to_device(device)?)
+        };
+        Ok(Self {
+            cos: table(cos)?,
+            sin: table(sin)?,
+        })
+    }
+
+    /// Rotates `x` `(batch, heads, len, head_dim)` in transformers' layout (the two
+    /// halves of a head are the pairs: `rotate_half`), i.e. candle-nn's `rope`, not
+    /// `rope_i`.
+    pub(crate) fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        if x.track_op() {
+            Ok(candle_nn::rotary_emb::rope_slow(x, &self.cos, &self.sin)?)
+        } else {
+            Ok(candle_nn::rotary_emb::rope(
+                &x.contiguous()?,
+                &self.cos,
+                &self.sin,
+            )?)
+        }
+    }
+}

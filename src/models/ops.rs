@@ -1,0 +1,85 @@
+//! Pieces the models share. candle-nn's fused kernels (`softmax_last_dim`, `layer_norm`,
+//! `rms_norm`, `rotary_emb::rope`) have no backward in candle 0.11: used where a gradient
+//! flows they would silently stop it before the adapters. So each op here takes the fused
+//! kernel only when nothing it reads tracks a gradient, and the same math in
+//! differentiable candle ops otherwise.
+
+use candle_core::{Tensor, D};
+use candle_nn::{Init, VarBuilder};
+
+use crate::error::{Error, Result};
+use crate::model::AdapterPlan;
+
+/// Whether any of `tensors` is, or is computed from, a trainable variable.
+pub(crate) fn tracks_gradient(tensors: &[&Tensor]) -> bool {
+    tensors.iter().any(|t| t.track_op())
+}
+
+/// Softmax over the last dimension.
+pub(crate) fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if tracks_gradient(&[x]) {
+        Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+    } else {
+        Ok(candle_nn::ops::softmax_last_dim(&x.contiguous()?)?)
+    }
+}
+
+/// A LayerNorm whose bias comes through [`AdapterPlan::bias`] (`bias = "all"` trains it,
+/// a loaded adapter's trained bias replaces it); its weight is never trained.
+#[derive(Clone, Debug)]
+pub(crate) struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// `weight` and `bias` (`size`) at `vb`'s path (old checkpoints' `gamma` / `beta`
+    /// too). A `modules_to_save` entry naming the norm is refused: the plan copies linear
+    /// layers and embeddings only.
+    pub(crate) fn load(size: usize, eps: f64, vb: VarBuilder, plan: &AdapterPlan) -> Result<Self> {
+        let path = vb.prefix();
+        if plan.targets().is_module_to_save(&path) {
+            return Err(Error::Unsupported {
+                what: "modules_to_save entry",
+                got: format!("{path} (a LayerNorm)"),
+                supported: "linear layers, Conv1D and embeddings; a LayerNorm's bias trains \
+                            under bias = \"all\""
+                    .to_string(),
+            });
+        }
+        let (w, b) = if !vb.contains_tensor("weight") && vb.contains_tensor("gamma") {
+            ("gamma", "beta")
+        } else {
+            ("weight", "bias")
+        };
+        let weight = vb.get_with_hints(size, w, Init::Const(1.0))?;
+        let base_bias = vb.get_with_hints(size, b, Init::Const(0.0))?;
+        let bias = plan
+            .bias(&path, base_bias)?
+            .to_dtype(weight.dtype())?
+            .to_device(weight.device())?;
+        crate::validate::shape(&path, "bias", &bias, &[size])?;
+        Ok(Self { weight, bias, eps })
+    }
+
+    /// The norm over the last dimension (computed in f32 for half-precision inputs).
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let eps = self.eps as f32;
+        if tracks_gradient(&[x, &self.weight, &self.bias]) {
+            Ok(candle_nn::ops::layer_norm_slow(
+                x,
+                &self.weight,
+                &self.bias,
+                eps,
+            )?)
+        } else {
+            Ok(candle_nn::ops::layer_norm(
+                &x.contiguous()?,
+                &self.weight,
+                &self.bias,
+                eps,
+            )?)
+        }
+    }
+}
