@@ -172,6 +172,41 @@ impl AdapterPlan {
         }
     }
 
+    /// A plan that adapts nothing: the model-level API builds the plain base model
+    /// (every module frozen).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// use lorakit::model::{linear, AdapterPlan, Linear};
+    /// # fn main() -> lorakit::Result<()> {
+    /// let base = VarMap::new();
+    /// let vb = VarBuilder::from_varmap(&base, DType::F32, &Device::Cpu);
+    /// let plan = AdapterPlan::none();
+    /// assert!(matches!(linear(4, 4, vb.pp("q_proj"), &plan)?, Linear::Frozen(_)));
+    /// assert!(plan.finish()?.is_empty());
+    /// # Ok(()) }
+    /// ```
+    pub fn none() -> Self {
+        let nothing = |path: &str,
+                       _: FrozenLinear,
+                       _: VarBuilder<'static>,
+                       _: ModuleSettings|
+         -> Result<Shared<dyn Adapter>> {
+            Err(crate::Error::layer_config(
+                path,
+                "target_modules",
+                "AdapterPlan::none() adapts nothing",
+            ))
+        };
+        Self::new(
+            TargetSpec::new(crate::model::ModuleSelector::List(Vec::new())),
+            RankAlpha::new(1, 1.0),
+            VarBuilder::zeros(DType::F32, &candle_core::Device::Cpu),
+            nothing,
+        )
+    }
+
     /// Which base biases train (PEFT's `bias`; default [`BiasMode::None`]).
     pub fn with_bias_mode(mut self, bias: BiasMode) -> Self {
         self.bias = bias;
