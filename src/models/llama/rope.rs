@@ -2,17 +2,11 @@
 //! resolution from `config.json` as transformers does it, and the cos/sin tables a forward
 //! uses.
 
-use std::path::Path;
-
 use candle_core::{DType, Device, Tensor};
-use serde_json::{Map, Value};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 
-use super::config::{LlamaConfig, RawConfig, RopeScaling};
-
-/// The `rope_type`s supported, for messages.
-const ROPE_TYPES: &str = "default, linear, llama3";
+use super::config::{LlamaConfig, RopeScaling};
 
 impl LlamaConfig {
     /// RoPE's inverse frequencies, `head_dim / 2` of them, computed in f32 as transformers
@@ -68,91 +62,6 @@ impl LlamaConfig {
             }
         }
     }
-}
-
-/// RoPE's θ and scaling from `rope_scaling` / `rope_parameters` / `rope_theta`, with
-/// transformers' precedence (`convert_rope_params_to_dict`, `standardize_rope_params`).
-pub(super) fn resolve_rope(
-    raw: &RawConfig,
-    max_position_embeddings: usize,
-    file: &Path,
-) -> Result<(f64, RopeScaling)> {
-    let invalid = |field: &'static str, reason: String| Error::file_config(file, field, reason);
-    let empty = Map::new();
-    let rope = raw
-        .rope_scaling
-        .as_ref()
-        .filter(|m| !m.is_empty())
-        .or(raw.rope_parameters.as_ref())
-        .unwrap_or(&empty);
-    if let Some((key, _)) = rope.iter().find(|(_, v)| v.is_object()) {
-        return Err(Error::Unsupported {
-            what: "per-layer-type RoPE parameters",
-            got: key.clone(),
-            supported: "one rope_parameters for every layer".to_string(),
-        });
-    }
-    let number = |key: &'static str| -> Result<Option<f64>> {
-        match rope.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| invalid(key, format!("expected a number, got {v}"))),
-        }
-    };
-    let theta = number("rope_theta")?.or(raw.rope_theta).unwrap_or(10_000.0);
-    let partial = number("partial_rotary_factor")?.or(raw.partial_rotary_factor);
-    if let Some(p) = partial.filter(|&p| p != 1.0) {
-        return Err(Error::Unsupported {
-            what: "partial_rotary_factor",
-            got: p.to_string(),
-            supported: "1.0 (RoPE over the whole head)".to_string(),
-        });
-    }
-    let rope_type = match rope.get("rope_type").or_else(|| rope.get("type")) {
-        None | Some(Value::Null) => "default",
-        Some(Value::String(s)) => s.as_str(),
-        Some(v) => return Err(invalid("rope_type", format!("expected a string, got {v}"))),
-    };
-    let need = |key: &'static str| -> Result<f64> {
-        number(key)?.ok_or_else(|| invalid(key, format!("missing for rope_type `{rope_type}`")))
-    };
-    let scaling = match rope_type {
-        "default" => RopeScaling::None,
-        "linear" => RopeScaling::Linear {
-            factor: need("factor")?,
-        },
-        "llama3" => {
-            let original = match raw.original_max_position_embeddings {
-                Some(n) => n,
-                None => match number("original_max_position_embeddings")? {
-                    Some(n) if n >= 0.0 && n.fract() == 0.0 => n as usize,
-                    Some(n) => {
-                        return Err(invalid(
-                            "original_max_position_embeddings",
-                            format!("expected a whole number, got {n}"),
-                        ))
-                    }
-                    None => max_position_embeddings,
-                },
-            };
-            RopeScaling::Llama3 {
-                factor: need("factor")?,
-                low_freq_factor: need("low_freq_factor")?,
-                high_freq_factor: need("high_freq_factor")?,
-                original_max_position_embeddings: original,
-            }
-        }
-        other => {
-            return Err(Error::Unsupported {
-                what: "rope_type",
-                got: other.to_string(),
-                supported: ROPE_TYPES.to_string(),
-            })
-        }
-    };
-    Ok((theta, scaling))
 }
 
 /// RoPE's cos and sin for positions `offset..offset + len`, `(len, head_dim / 2)` in the
