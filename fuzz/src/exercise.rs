@@ -16,6 +16,7 @@
 
 #![allow(dead_code)]
 
+use std::collections::HashSet;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -25,7 +26,7 @@ use candle_nn::VarBuilder;
 use lorakit::checkpoint::convert::{convert_into, is_convertible_float};
 use lorakit::checkpoint::header::byte_len;
 use lorakit::checkpoint::{Checkpoint, Given};
-use lorakit::model::{Linear, ModuleSelector};
+use lorakit::model::{AdapterPlan, Linear, ModuleSelector};
 use lorakit::peft::{
     merge_checkpoint, merge_files, MergeOptions, MergeProgress, MergeReport, OutputDType,
     PeftAdapter, PeftConfig,
@@ -42,7 +43,7 @@ pub const SEP: &[u8] = b"\n\xffLORAKIT-FUZZ-PART\xff\n";
 const MAX_SIDE: usize = 4096;
 const MAX_ELEMS: usize = 1 << 16;
 /// At most this many module paths are attached per input.
-const MAX_PATHS: usize = 8;
+const MAX_PATHS: usize = 16;
 
 /// Splits `data` at the first `N - 1` separators; missing parts are empty.
 pub fn split<const N: usize>(data: &[u8]) -> [&[u8]; N] {
@@ -107,7 +108,11 @@ pub fn config_json(data: &[u8]) -> Result<()> {
         &LoraConfig::default(),
     )?;
     if let Some(path) = paths.iter().find(|p| plan.is_target(p)) {
-        let base = FrozenLinear::new(base_weight(4, 4, DType::F32)?, None)?;
+        // A base bias when the adapter trains one or adds `lora_B.bias` to it.
+        let bias = (config.lora_bias || config.bias != lorakit::peft::BiasMode::None)
+            .then(|| base_weight(1, 4, DType::F32).and_then(|b| Ok(b.flatten_all()?)))
+            .transpose()?;
+        let base = FrozenLinear::new(base_weight(4, 4, DType::F32)?, bias)?;
         exercise_layer(plan.adapt(path, base)?, 4)?;
     }
     plan.finish()?;
@@ -149,13 +154,58 @@ pub fn load_adapter(data: &[u8]) -> Result<()> {
         } else {
             weight
         };
-        let bias = (kind != BaseKind::Embedding && options & 4 != 0)
+        // A `lora_B.bias` needs a base bias to merge into (PEFT refuses the merge too).
+        let wants_bias = options & 4 != 0 || adapter.changes_bias(path);
+        let bias = (kind != BaseKind::Embedding && wants_bias)
             .then(|| base_weight(1, d_out, dtype).and_then(|b| Ok(b.flatten_all()?)))
             .transpose()?;
         let base = FrozenLinear::from_stored(kind, stored, bias)?;
         exercise_layer(plan.adapt(path, base)?, d_in)?;
     }
+    build_base_modules(&adapter, &plan, dtype)?;
     plan.finish()?;
+    Ok(())
+}
+
+/// Builds, as model code would, the base modules the file stores tensors for besides its
+/// adapted ones (`modules_to_save` copies, biases trained under `bias = "all"`): a linear
+/// layer when it stores a 2-D weight, else the bias of a module the model builds itself.
+fn build_base_modules(adapter: &PeftAdapter, plan: &AdapterPlan, dtype: DType) -> Result<()> {
+    let adapted: HashSet<String> = adapter.module_paths().into_iter().collect();
+    let mut done = HashSet::new();
+    for key in adapter.tensor_names() {
+        let Some((module, _)) = key
+            .strip_prefix("base_model.model.")
+            .and_then(|rel| rel.rsplit_once('.'))
+        else {
+            continue;
+        };
+        let module = ["base_layer", "modules_to_save", "original_module"]
+            .iter()
+            .find_map(|w| module.strip_suffix(&format!(".{w}")))
+            .unwrap_or(module);
+        if adapted.contains(module) || !done.insert(module.to_string()) || done.len() > 64 {
+            continue;
+        }
+        let stored = |name: &str| adapter.tensor(&format!("base_model.model.{module}.{name}"));
+        let bias = stored("bias").or_else(|| stored("modules_to_save.bias"));
+        let bias_len = bias.and_then(|b| b.dims().first().copied());
+        match stored("weight").map(|w| w.dims().to_vec()).as_deref() {
+            Some(&[out, inp]) if out <= MAX_SIDE && inp <= MAX_SIDE && out * inp <= MAX_ELEMS => {
+                let bias = match bias_len {
+                    Some(n) if n == out => Some(base_weight(1, n, dtype)?.flatten_all()?),
+                    _ => None,
+                };
+                let base = FrozenLinear::new(base_weight(out, inp, dtype)?, bias)?;
+                exercise_layer(plan.adapt(module, base)?, inp)?;
+            }
+            _ => {
+                if let Some(n) = bias_len.filter(|&n| n <= MAX_SIDE) {
+                    plan.bias(module, base_weight(1, n, dtype)?.flatten_all()?)?;
+                }
+            }
+        }
+    }
     Ok(())
 }
 
