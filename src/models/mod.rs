@@ -9,8 +9,9 @@
 //! flows (a merged or adapter-free forward) and differentiable ops otherwise: training
 //! through any forward reaches every adapter.
 //!
-//! Partial (issue "Fine-tune real models in Rust"): full-sequence forwards; generation
-//! with a KV cache, the training loop, `finetune` and `lorakit generate` are not here yet.
+//! Partial (issue "Fine-tune real models in Rust"): full-sequence forwards, and greedy
+//! decoding with a KV cache for the Llama family; sampling, generation for GPT-2, the
+//! training loop, `finetune` and `lorakit generate` are not here yet.
 
 pub mod bert;
 pub mod gpt2;

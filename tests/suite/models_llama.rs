@@ -15,7 +15,7 @@ use candle_nn::{VarBuilder, VarMap};
 use lorakit::checkpoint::Checkpoint;
 use lorakit::model::{AdapterPlan, ModuleSelector, RankAlpha, TargetSpec};
 use lorakit::models::llama::{
-    LayerAttention, LlamaConfig, LlamaFamily, LlamaForCausalLM, RopeScaling,
+    KvCache, LayerAttention, LlamaConfig, LlamaFamily, LlamaForCausalLM, RopeScaling,
 };
 use lorakit::peft::PeftAdapter;
 use lorakit::LoraConfig;
@@ -806,4 +806,236 @@ fn gradients_reach_adapters_through_norms_rope_and_softmax() {
         diff <= 1e-4 * scale,
         "f32 gradient differs from f64 by {diff} (scale {scale})"
     );
+}
+
+// ---- KV cache and greedy generation ----
+//
+// The reference is the full-sequence `forward` (checked against transformers above) re-run
+// on the growing sequence: cached logits must match it at every step (≤ 1e-5 relative) and
+// greedy tokens must be its argmax.
+
+const CACHE_TOL: f64 = 1e-5;
+/// Mistral (sliding window 4 on every layer, GQA), Qwen2 (q/k/v bias, tied head), Qwen3
+/// (q/k norm, a sliding layer).
+const CACHE_CASES: [&str; 3] = ["mistral", "qwen2", "qwen3"];
+
+/// `(case, adapter?)` → the model: the base, then the PEFT LoRA.
+fn cache_models() -> Vec<(String, LlamaForCausalLM)> {
+    let mut out = Vec::new();
+    for case in CACHE_CASES {
+        let dir = models(case);
+        let config = dir.join("base/config.json");
+        out.push((
+            format!("{case} base"),
+            build(&config, &dir.join("base"), DType::F32, &no_adapter()),
+        ));
+        let plan = peft_plan(&dir.join("lora"));
+        let model = build(&config, &dir.join("base"), DType::F32, &plan);
+        plan.finish().unwrap();
+        out.push((format!("{case} lora"), model));
+    }
+    out
+}
+
+fn argmax_last(logits: &Tensor) -> u32 {
+    let last = logits.dim(1).unwrap() - 1;
+    logits
+        .i((0, last))
+        .unwrap()
+        .argmax(0)
+        .unwrap()
+        .to_scalar::<u32>()
+        .unwrap()
+}
+
+#[test]
+fn cached_prefill_and_decode_give_full_forward_logits() {
+    let ids = Tensor::new(
+        &[
+            [3u32, 14, 15, 9, 26, 53, 5, 8, 9, 7, 9, 32],
+            [2, 7, 1, 8, 28, 18, 28, 45, 9, 0, 4, 52],
+        ],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let len = ids.dim(1).unwrap();
+    // Prefill 3, single steps, a chunk of 3 (crossing the window of 4), single steps.
+    let chunks = [3usize, 1, 1, 3, 1, 1, 1, 1];
+    assert_eq!(chunks.iter().sum::<usize>(), len);
+    let mut worst: f64 = 0.0;
+    for (what, model) in cache_models() {
+        let mut cache = KvCache::new(model.config());
+        let mut start = 0;
+        for (step, &n) in chunks.iter().enumerate() {
+            let new = ids.narrow(1, start, n).unwrap();
+            let got = model.forward_cached(&new, &mut cache).unwrap();
+            assert_eq!(got.dims(), [2, n, 64]);
+            assert_eq!(cache.len(), start + n);
+            let full = logits(&model, &ids.narrow(1, 0, start + n).unwrap());
+            let want = full.narrow(1, start, n).unwrap();
+            let e = rel_err(&got, &want);
+            assert!(
+                e <= CACHE_TOL,
+                "{what} step {step} (positions {start}..{}): relative error {e:.3e}",
+                start + n
+            );
+            worst = worst.max(e);
+            start += n;
+        }
+    }
+    println!("cached vs full forward: worst relative error {worst:.2e}");
+}
+
+#[test]
+fn greedy_generation_equals_argmax_by_recompute() {
+    let prompt = [5u32, 9, 2, 7];
+    let steps = 10; // 14 positions: well past the sliding window of 4
+    for (what, model) in cache_models() {
+        // Reference: re-run the full forward on the growing sequence.
+        let mut seq = prompt.to_vec();
+        let mut want = Vec::new();
+        for _ in 0..steps {
+            let full = logits(
+                &model,
+                &Tensor::new(&seq[..], &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+            );
+            let next = argmax_last(&full);
+            want.push(next);
+            seq.push(next);
+        }
+        let got = model.generate_greedy(&prompt, steps, None).unwrap();
+        assert_eq!(got, want, "{what}");
+
+        // The same trajectory step by step with a cache: logits match at every step.
+        let mut cache = KvCache::new(model.config());
+        let mut input = Tensor::new(&prompt[..], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        for (i, &token) in want.iter().enumerate() {
+            let cached = model.forward_cached(&input, &mut cache).unwrap();
+            let upto = prompt.len() + i;
+            let full = logits(
+                &model,
+                &Tensor::new(&seq[..upto], &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+            );
+            let n = cached.dim(1).unwrap();
+            let e = rel_err(&cached, &full.narrow(1, upto - n, n).unwrap());
+            assert!(e <= CACHE_TOL, "{what} step {i}: relative error {e:.3e}");
+            assert_eq!(argmax_last(&cached), token, "{what} step {i}");
+            input = Tensor::new(&[[token]], &Device::Cpu).unwrap();
+        }
+
+        // eos: stops right after generating it (included).
+        let eos = want[3];
+        let first = want.iter().position(|&t| t == eos).unwrap();
+        let stopped = model.generate_greedy(&prompt, steps, Some(eos)).unwrap();
+        assert_eq!(stopped, want[..=first], "{what}");
+        assert!(model.generate_greedy(&prompt, 0, None).unwrap().is_empty());
+    }
+}
+
+#[test]
+fn a_reset_cache_starts_a_new_sequence() {
+    let dev = Device::Cpu;
+    for (what, model) in cache_models() {
+        let mut cache = KvCache::new(model.config());
+        assert_eq!(cache.num_layers(), model.config().num_hidden_layers);
+        let a = Tensor::new(&[[1u32, 2, 3, 4, 5, 6]], &dev).unwrap();
+        model.forward_cached(&a, &mut cache).unwrap();
+        assert_eq!((cache.len(), cache.batch()), (6, Some(1)));
+        cache.reset();
+        assert!(cache.is_empty());
+        assert_eq!(cache.batch(), None);
+        // After a reset: a new sequence (and batch size) from position 0.
+        let b = Tensor::new(&[[9u32, 8, 7], [6, 5, 4]], &dev).unwrap();
+        let got = model.forward_cached(&b, &mut cache).unwrap();
+        let e = rel_err(&got, &logits(&model, &b));
+        assert!(e <= CACHE_TOL, "{what}: {e:.3e}");
+        let step = Tensor::new(&[[1u32], [2]], &dev).unwrap();
+        let got = model.forward_cached(&step, &mut cache).unwrap();
+        let full = logits(&model, &Tensor::cat(&[&b, &step], 1).unwrap());
+        let e = rel_err(&got, &full.narrow(1, 3, 1).unwrap());
+        assert!(e <= CACHE_TOL, "{what}: {e:.3e}");
+        assert_eq!(cache.len(), 4);
+    }
+}
+
+#[test]
+fn cache_misuse_is_an_error_naming_it_and_leaves_the_cache_as_it_was() {
+    let dir = models("mistral");
+    let model = build(
+        &dir.join("base/config.json"),
+        &dir.join("base"),
+        DType::F32,
+        &no_adapter(),
+    );
+    let dev = Device::Cpu;
+    let mut cache = KvCache::new(model.config());
+    model
+        .forward_cached(
+            &Tensor::new(&[[1u32, 2], [3, 4]], &dev).unwrap(),
+            &mut cache,
+        )
+        .unwrap();
+
+    let err = model
+        .forward_cached(&Tensor::new(&[[1u32]], &dev).unwrap(), &mut cache)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("batch size 1") && err.contains("holds 2"),
+        "{err}"
+    );
+    assert_eq!((cache.len(), cache.batch()), (2, Some(2)));
+
+    let bad = model
+        .forward_cached(&Tensor::new(&[[64u32], [1]], &dev).unwrap(), &mut cache)
+        .unwrap_err()
+        .to_string();
+    assert!(bad.contains("input_ids"), "{bad}");
+    assert_eq!(cache.len(), 2);
+
+    // max_position_embeddings is 64.
+    let max = model.config().max_position_embeddings;
+    assert_eq!(max, 64);
+    let long = Tensor::zeros((2, max - 1), DType::U32, &dev).unwrap();
+    let err = model
+        .forward_cached(&long, &mut cache)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("max_position_embeddings 64"), "{err}");
+    assert_eq!(cache.len(), 2);
+    let fits = Tensor::zeros((2, max - 2), DType::U32, &dev).unwrap();
+    model.forward_cached(&fits, &mut cache).unwrap();
+    assert_eq!(cache.len(), max);
+
+    let err = model
+        .generate_greedy(&vec![1u32; max], 2, None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("max_position_embeddings"), "{err}");
+    assert!(model
+        .generate_greedy(&[], 2, None)
+        .unwrap_err()
+        .to_string()
+        .contains("prompt is empty"));
+
+    // A cache for another layer count.
+    let mut other = model.config().clone();
+    other.num_hidden_layers = 3;
+    let err = model
+        .forward_cached(
+            &Tensor::new(&[[1u32]], &dev).unwrap(),
+            &mut KvCache::new(&other),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("3 layers"), "{err}");
 }

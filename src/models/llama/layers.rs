@@ -234,6 +234,25 @@ impl Attention {
         let (q, k, v) = self.project(x, rope)?;
         self.attend(&q, &k, &v, masks)
     }
+
+    /// [`Attention::project`], the new keys and values appended (along the positions) to
+    /// `past`, then [`Attention::attend`] over all of them: the output and the grown keys
+    /// and values.
+    pub(crate) fn forward_cached(
+        &self,
+        x: &Tensor,
+        rope: &RopeTables,
+        masks: &Masks,
+        past: Option<&(Tensor, Tensor)>,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
+        let (q, k, v) = self.project(x, rope)?;
+        let (k, v) = match past {
+            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+            None => (k, v),
+        };
+        let out = self.attend(&q, &k, &v, masks)?;
+        Ok((out, (k, v)))
+    }
 }
 
 /// The gated MLP: `down_proj(silu(gate_proj(x)) ⊙ up_proj(x))`.
@@ -304,5 +323,24 @@ impl DecoderLayer {
             .mlp
             .forward(&self.post_attention_layernorm.forward(&x)?)?;
         Ok((x + mlp)?)
+    }
+
+    /// [`DecoderLayer::forward`] for new positions after the cached keys and values
+    /// `past`: the output and this layer's grown keys and values.
+    pub(crate) fn forward_cached(
+        &self,
+        x: &Tensor,
+        rope: &RopeTables,
+        masks: &Masks,
+        past: Option<&(Tensor, Tensor)>,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
+        let (attn, kv) =
+            self.self_attn
+                .forward_cached(&self.input_layernorm.forward(x)?, rope, masks, past)?;
+        let x = (x + attn)?;
+        let mlp = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x)?)?;
+        Ok(((x + mlp)?, kv))
     }
 }

@@ -11,11 +11,15 @@
 //! them are adapted. Checked against transformers 5.24 and PEFT 0.21
 //! (`tests/suite/models_llama.rs`, fixtures from `scripts/make_model_fixtures.py`).
 //!
-//! Not here yet: a KV cache and generation (the attention is split into projection and
-//! attention steps so that a cache fits between them), padding masks (every sequence of
-//! a batch is the full length), attention dropout in training.
+//! Incremental decoding: [`LlamaForCausalLM::forward_cached`] with a [`KvCache`], and
+//! [`LlamaForCausalLM::generate_greedy`].
+//!
+//! Not here yet: sampling, padding masks (every sequence of a batch is the full length),
+//! attention dropout in training.
 
+mod cache;
 mod config;
+mod generate;
 mod layers;
 mod rope;
 
@@ -29,6 +33,7 @@ use crate::error::{Error, Result};
 use crate::frozen::FrozenLinear;
 use crate::model::{embedding, linear_b, AdapterPlan, Embedding, Linear};
 
+pub use cache::KvCache;
 pub use config::{LayerAttention, LlamaConfig, LlamaFamily, RopeScaling};
 use layers::{DecoderLayer, Masks, RmsNorm};
 use rope::RopeTables;

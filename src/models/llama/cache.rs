@@ -1,0 +1,194 @@
+//! The KV cache of [`super::LlamaForCausalLM::forward_cached`]: per layer, the rotated keys
+//! and values of every position seen so far.
+
+use candle_core::Tensor;
+
+use crate::error::{Error, Result, Scope};
+
+use super::config::LlamaConfig;
+
+/// Keys and values `(batch, kv_heads, len, head_dim)` of each decoder layer for the
+/// positions a model has already processed, so that
+/// [`super::LlamaForCausalLM::forward_cached`] runs only the new ones. Keys are stored
+/// rotated for their positions; every layer holds every position (sliding-window layers
+/// mask the old ones out rather than dropping them).
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use lorakit::models::llama::{KvCache, LlamaForCausalLM};
+/// use lorakit::peft::PeftAdapter;
+/// # fn main() -> lorakit::Result<()> {
+/// let dir = "tests/fixtures/models/llama/qwen2";
+/// let dev = Device::Cpu;
+/// let plan = PeftAdapter::load(format!("{dir}/lora"), &dev)?.plan()?;
+/// let model = LlamaForCausalLM::from_pretrained(format!("{dir}/base"), DType::F32, &dev, &plan)?;
+/// let mut cache = KvCache::new(model.config());
+/// assert!(cache.is_empty());
+/// model.forward_cached(&Tensor::new(&[[1u32, 17, 42]], &dev)?, &mut cache)?;
+/// assert_eq!(cache.len(), 3);
+/// cache.reset();
+/// assert_eq!(cache.len(), 0);
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+    batch: Option<usize>,
+}
+
+impl KvCache {
+    /// An empty cache for a model built with `config` (one slot per decoder layer).
+    ///
+    /// ```
+    /// use lorakit::models::llama::{KvCache, LlamaConfig};
+    /// # fn main() -> lorakit::Result<()> {
+    /// let config = LlamaConfig::from_file("tests/fixtures/models/llama/mistral/base/config.json")?;
+    /// let cache = KvCache::new(&config);
+    /// assert_eq!((cache.len(), cache.num_layers()), (0, 2));
+    /// # Ok(()) }
+    /// ```
+    pub fn new(config: &LlamaConfig) -> Self {
+        Self {
+            layers: vec![None; config.num_hidden_layers],
+            len: 0,
+            batch: None,
+        }
+    }
+
+    /// How many positions the cache holds (where the next input's positions start).
+    ///
+    /// ```
+    /// use lorakit::models::llama::{KvCache, LlamaConfig};
+    /// # fn main() -> lorakit::Result<()> {
+    /// let config = LlamaConfig::from_file("tests/fixtures/models/llama/qwen3/base/config.json")?;
+    /// assert_eq!(KvCache::new(&config).len(), 0);
+    /// # Ok(()) }
+    /// ```
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the cache holds no position.
+    ///
+    /// ```
+    /// use lorakit::models::llama::{KvCache, LlamaConfig};
+    /// # fn main() -> lorakit::Result<()> {
+    /// let config = LlamaConfig::from_file("tests/fixtures/models/llama/qwen3/base/config.json")?;
+    /// assert!(KvCache::new(&config).is_empty());
+    /// # Ok(()) }
+    /// ```
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The number of decoder layers the cache has slots for.
+    ///
+    /// ```
+    /// use lorakit::models::llama::{KvCache, LlamaConfig};
+    /// # fn main() -> lorakit::Result<()> {
+    /// let config = LlamaConfig::from_file("tests/fixtures/models/llama/qwen2/base/config.json")?;
+    /// assert_eq!(KvCache::new(&config).num_layers(), config.num_hidden_layers);
+    /// # Ok(()) }
+    /// ```
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// The batch size of the cached sequences, `None` while empty.
+    ///
+    /// ```
+    /// use lorakit::models::llama::{KvCache, LlamaConfig};
+    /// # fn main() -> lorakit::Result<()> {
+    /// let config = LlamaConfig::from_file("tests/fixtures/models/llama/qwen2/base/config.json")?;
+    /// assert_eq!(KvCache::new(&config).batch(), None);
+    /// # Ok(()) }
+    /// ```
+    pub fn batch(&self) -> Option<usize> {
+        self.batch
+    }
+
+    /// Empties the cache (keeping its layer count), ready for a new sequence.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use lorakit::models::llama::{KvCache, LlamaForCausalLM};
+    /// use lorakit::peft::PeftAdapter;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let dir = "tests/fixtures/models/llama/qwen2";
+    /// let dev = Device::Cpu;
+    /// let plan = PeftAdapter::load(format!("{dir}/lora"), &dev)?.plan()?;
+    /// let model = LlamaForCausalLM::from_pretrained(format!("{dir}/base"), DType::F32, &dev, &plan)?;
+    /// let mut cache = KvCache::new(model.config());
+    /// model.forward_cached(&Tensor::new(&[[1u32, 2], [3, 4]], &dev)?, &mut cache)?;
+    /// cache.reset();
+    /// assert_eq!((cache.len(), cache.batch()), (0, None));
+    /// // A new batch size is fine after a reset.
+    /// model.forward_cached(&Tensor::new(&[[5u32]], &dev)?, &mut cache)?;
+    /// assert_eq!((cache.len(), cache.batch()), (1, Some(1)));
+    /// # Ok(()) }
+    /// ```
+    pub fn reset(&mut self) {
+        self.layers.iter_mut().for_each(|slot| *slot = None);
+        self.len = 0;
+        self.batch = None;
+    }
+
+    /// Checks that `batch` new rows of `new` positions fit this cache and a model with
+    /// `layers` decoder layers and `max_positions` positions.
+    pub(crate) fn check(
+        &self,
+        batch: usize,
+        new: usize,
+        layers: usize,
+        max_positions: usize,
+    ) -> Result<()> {
+        let scope = || Scope::Settings("Llama KV cache".to_string());
+        if self.layers.len() != layers {
+            return Err(Error::usage(
+                scope(),
+                format!(
+                    "the cache has {} layers, the model {layers}",
+                    self.layers.len()
+                ),
+            ));
+        }
+        if let Some(cached) = self.batch {
+            if cached != batch {
+                return Err(Error::usage(
+                    scope(),
+                    format!(
+                        "input_ids has batch size {batch}, the cache holds {cached} sequences \
+                         (reset it for a new batch)"
+                    ),
+                ));
+            }
+        }
+        let total = self.len.saturating_add(new);
+        if total > max_positions {
+            return Err(Error::usage(
+                scope(),
+                format!(
+                    "{} cached + {new} new positions exceed max_position_embeddings \
+                     {max_positions}",
+                    self.len
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The cached keys and values of each layer (`None` while empty).
+    pub(crate) fn entries(&self) -> impl Iterator<Item = &Option<(Tensor, Tensor)>> {
+        self.layers.iter()
+    }
+
+    /// Replaces every layer's keys and values with `entries` (the old ones with `new`
+    /// positions of `batch` rows appended), all at once so that a failed forward leaves
+    /// the cache as it was.
+    pub(crate) fn commit(&mut self, entries: Vec<(Tensor, Tensor)>, batch: usize, new: usize) {
+        self.layers = entries.into_iter().map(Some).collect();
+        self.batch = Some(batch);
+        self.len = self.len.saturating_add(new);
+    }
+}
