@@ -116,11 +116,10 @@ impl FrozenLinear {
     /// ```
     pub fn conv1d(weight_in_out: Tensor, bias: Option<Tensor>) -> Result<Self> {
         check_2d("Conv1D weight, stored (in, out)", &weight_in_out)?;
-        let layer = Self::new(weight_in_out.t()?, None)?;
-        let with_bias = Self::new(layer.weight.clone(), bias)?;
+        let layer = Self::new(weight_in_out.t()?, bias)?;
         Ok(Self {
             kind: BaseKind::Conv1D,
-            ..with_bias
+            ..layer
         })
     }
 

@@ -477,23 +477,10 @@ impl AdapterPlan {
         let scratch = VarBuilder::from_varmap(&VarMap::new(), DType::F32, weight.device());
         let (weight, bias) = match self.prepare(path, base, &scratch)? {
             Prepared::Frozen(base) => (base.stored_weight()?, base.bias().cloned()),
-            Prepared::Trainable(module) => {
-                let weight = module
-                    .trainable_vars()
-                    .into_iter()
-                    .find(|v| v.name == "weight")
-                    .map(|v| v.var.as_tensor().clone());
-                let bias = module
-                    .trainable_vars()
-                    .into_iter()
-                    .find(|v| v.name == "bias")
-                    .map(|v| v.var.as_tensor().clone());
-                let original = module.original();
-                (
-                    weight.map_or_else(|| original.stored_weight(), Ok)?,
-                    bias.or_else(|| original.bias().cloned()),
-                )
-            }
+            Prepared::Trainable(module) => (
+                module.current_stored_weight()?,
+                module.current_bias().cloned(),
+            ),
             Prepared::Adapted(layer) => {
                 let mut layer = layer.write();
                 layer.merge(true)?;

@@ -207,6 +207,23 @@ impl TrainableBase {
             .collect()
     }
 
+    /// The weight the module computes with, in the original's stored layout: the trained
+    /// copy's, or the original's when only the bias trains.
+    pub fn current_stored_weight(&self) -> Result<Tensor> {
+        match &self.weight {
+            Some(w) => Ok(w.as_tensor().clone()),
+            None => self.original.stored_weight(),
+        }
+    }
+
+    /// The bias the module computes with: the trained one, else the original's.
+    pub fn current_bias(&self) -> Option<&Tensor> {
+        self.bias
+            .as_ref()
+            .map(|b| b.as_tensor())
+            .or(self.original.bias())
+    }
+
     /// Number of trainable scalars.
     pub fn num_trainable_params(&self) -> usize {
         self.trainable_vars()
@@ -240,11 +257,7 @@ impl Module for TrainableBase {
             Some(w) => w.as_tensor().clone(),
             None => self.original.weight().clone(),
         };
-        let bias = self
-            .bias
-            .as_ref()
-            .map(|b| b.as_tensor())
-            .or(self.original.bias());
+        let bias = self.current_bias();
         let bias = if kind == BaseKind::Embedding {
             None
         } else {

@@ -17,15 +17,9 @@ pub use crate::init::LoraInit;
 use crate::kernels::LowRankTerm;
 pub(crate) use crate::low_rank::check_pair;
 use crate::low_rank::{low_rank_forward, trainable_var, Factor, LowRankPair};
-use crate::shared::Shared;
 use crate::validate;
-use crate::variants::build::{
-    AdapterLayer, Dims, ImpliedShape, ModuleSettings, PeftLayer, PeftModule, TensorSource,
-};
+use crate::variants::build::TensorSource;
 pub use crate::variants::lora_config::{lora_scale, LoraConfig, LORA_B_BIAS};
-use crate::variants::lora_embedding::{
-    load_embedding_pair, LoraEmbedding, EMBEDDING_A, EMBEDDING_B,
-};
 
 /// A frozen linear layer with a LoRA adapter.
 ///
@@ -113,8 +107,19 @@ impl LoraLinear {
         pair: LowRankPair,
     ) -> Result<Self> {
         let name = name.into();
-        config.validate(&name)?;
         validate::not_embedding(&name, &base, "LoRA-family")?;
+        Self::over_any_base(name, base, config, pair)
+    }
+
+    /// [`LoraLinear::from_weights`] over a base of any kind: the low-rank state of
+    /// [`crate::LoraEmbedding`], which wraps a `LoraLinear` over its table.
+    pub(crate) fn over_any_base(
+        name: String,
+        base: FrozenLinear,
+        config: &LoraConfig,
+        pair: LowRankPair,
+    ) -> Result<Self> {
+        config.validate(&name)?;
         check_pair(&name, &base, &pair)?;
         if pair.rank() != config.r {
             return Err(crate::Error::layer_config(
@@ -305,28 +310,6 @@ macro_rules! lora_config_layer {
 }
 pub(crate) use lora_config_layer;
 
-impl AdapterLayer for LoraLinear {
-    type Config = LoraConfig;
-
-    fn build(base: FrozenLinear, config: &LoraConfig, vb: VarBuilder) -> Result<Self> {
-        Self::new(base, config, vb)
-    }
-
-    fn config_for_module(config: &LoraConfig, settings: ModuleSettings) -> LoraConfig {
-        config.for_module(settings)
-    }
-
-    fn build_embedding(
-        base: FrozenLinear,
-        config: &LoraConfig,
-        vb: VarBuilder,
-    ) -> Result<Shared<dyn Adapter>> {
-        Ok(Shared::new(LoraEmbedding::new(base, config, vb)?).erase())
-    }
-
-    const VARIANT: Variant = Variant::Lora;
-}
-
 /// The trainable pair `lora_A.weight` `(r, d_in)`, `lora_B.weight` `(d_out, r)` of a module
 /// in an adapter file.
 pub(crate) fn load_pair(
@@ -340,63 +323,4 @@ pub(crate) fn load_pair(
         a: Factor::Trainable(Var::from_tensor(&a)?),
         b: Factor::Trainable(Var::from_tensor(&b)?),
     })
-}
-
-impl PeftLayer for LoraLinear {
-    const TENSOR_SUFFIXES: &'static [&'static str] = &[
-        "lora_A.weight",
-        "lora_B.weight",
-        LORA_B_BIAS,
-        EMBEDDING_A,
-        EMBEDDING_B,
-    ];
-    const PEFT_VARIANT: Variant = Variant::Lora;
-
-    fn peft_new_embedding(
-        m: &PeftModule,
-        base: FrozenLinear,
-        vb: VarBuilder,
-    ) -> Result<Shared<dyn Adapter>> {
-        Ok(Shared::new(LoraEmbedding::new(base, &LoraConfig::from_peft(m), vb)?).erase())
-    }
-
-    fn peft_load_embedding(
-        m: &PeftModule,
-        base: FrozenLinear,
-        source: &dyn TensorSource,
-    ) -> Result<Shared<dyn Adapter>> {
-        let config = LoraConfig::from_peft(m);
-        let pair = load_embedding_pair(&config, &base, source)?;
-        Ok(Shared::new(LoraEmbedding::from_weights(m.path, base, &config, pair)?).erase())
-    }
-
-    fn peft_rank_and_scale(m: &PeftModule) -> (usize, f64) {
-        let config = LoraConfig::from_peft(m);
-        (config.r, config.scale())
-    }
-
-    fn peft_implied_shape(layer_dims: Dims, _model_dims: Dims) -> ImpliedShape {
-        match layer_dims(EMBEDDING_A) {
-            Some(a) => ImpliedShape::from_pair(Some(a), layer_dims(EMBEDDING_B)),
-            None => {
-                ImpliedShape::from_pair(layer_dims("lora_A.weight"), layer_dims("lora_B.weight"))
-            }
-        }
-    }
-
-    fn peft_new(m: &PeftModule, base: FrozenLinear, vb: VarBuilder) -> Result<Self> {
-        Self::new(base, &LoraConfig::from_peft(m), vb)
-    }
-
-    fn peft_load(m: &PeftModule, base: FrozenLinear, source: &dyn TensorSource) -> Result<Self> {
-        let config = LoraConfig::from_peft(m);
-        let pair = load_pair(&config, &base, source)?;
-        let d_out = base.d_out();
-        let layer = Self::from_weights(m.path, base, &config, pair)?;
-        if !config.lora_bias {
-            return Ok(layer);
-        }
-        let bias = source.layer_tensor(LORA_B_BIAS, &[d_out])?;
-        layer.with_lora_bias(Var::from_tensor(&bias)?)
-    }
 }

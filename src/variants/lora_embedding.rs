@@ -6,18 +6,16 @@
 //! the factors `lora_embedding_A` (`r × vocab`) and `lora_embedding_B` (`dim × r`) and applies
 //! no dropout on embeddings.
 
-use std::any::Any;
-
 use candle_core::{Tensor, Var};
 use candle_nn::VarBuilder;
 
-use crate::adapter::{AdaptedBase, Adapter, NamedVar, ParamRole, Variant};
+use crate::adapter::{Adapter, NamedVar, ParamRole, Variant};
 use crate::error::{Error, Result};
 use crate::frozen::{lookup_rows, BaseKind, FrozenLinear};
 use crate::init::{LoraInit, SeededRng};
-use crate::low_rank::check_pair;
 use crate::low_rank::{trainable_var, Factor, LowRankPair};
 use crate::validate;
+use crate::variants::lora::{delegate_to_lora, LoraLinear};
 use crate::variants::lora_config::LoraConfig;
 
 /// PEFT's name of the embedding adapter's A, `(r, vocab)`.
@@ -46,9 +44,9 @@ pub const EMBEDDING_B: &str = "lora_embedding_B";
 /// ```
 #[derive(Debug)]
 pub struct LoraEmbedding {
-    core: AdaptedBase,
-    pair: LowRankPair,
-    scale: f64,
+    /// The table, the pair and the scale (ΔW, merges, rank and scale are LoRA's); only the
+    /// forward over token ids and PEFT's names are the embedding's own.
+    lora: LoraLinear,
 }
 
 impl LoraEmbedding {
@@ -78,33 +76,19 @@ impl LoraEmbedding {
     ) -> Result<Self> {
         let name = name.into();
         check_embedding(&name, &base, config)?;
-        check_pair(&name, &base, &pair)?;
-        if pair.rank() != config.r {
-            return Err(Error::layer_config(
-                name,
-                "r",
-                format!(
-                    "the config has r = {} but the pair has rank {}",
-                    config.r,
-                    pair.rank()
-                ),
-            ));
-        }
         Ok(Self {
-            core: AdaptedBase::new(name, base),
-            pair,
-            scale: config.scale(),
+            lora: LoraLinear::over_any_base(name, base, config, pair)?,
         })
     }
 
     /// The factors: A `(r, vocab)`, B `(dim, r)`.
     pub fn pair(&self) -> &LowRankPair {
-        &self.pair
+        self.lora.pair()
     }
 
     /// The scale `s`.
     pub fn scale(&self) -> f64 {
-        self.scale
+        self.lora.scale()
     }
 }
 
@@ -151,41 +135,31 @@ fn check_embedding(name: &str, base: &FrozenLinear, config: &LoraConfig) -> Resu
 }
 
 impl Adapter for LoraEmbedding {
-    fn core(&self) -> &AdaptedBase {
-        &self.core
-    }
-
-    fn core_mut(&mut self) -> &mut AdaptedBase {
-        &mut self.core
-    }
+    delegate_to_lora!(lora);
 
     fn kind(&self) -> Variant {
         Variant::Lora
     }
 
     fn forward_adapted(&self, ids: &Tensor, _train: bool) -> Result<Tensor> {
-        let base = self.core.base();
-        let table = base.stored_weight()?;
+        let table = self.base().stored_weight()?;
         let compute = crate::kernels::compute_dtype(table.dtype(), table.device());
         let y = lookup_rows(&table, ids)?;
         // A's columns at the ids (Aᵀ's rows, read from A as stored): (n, r), then times Bᵀ.
-        let a = self.pair.a.tensor().to_dtype(compute)?;
-        let b = self.pair.b.tensor().to_dtype(compute)?;
+        let pair = self.lora.pair();
+        let a = pair.a.tensor().to_dtype(compute)?;
+        let b = pair.b.tensor().to_dtype(compute)?;
         let after_a = a
             .index_select(&ids.flatten_all()?.to_dtype(candle_core::DType::U32)?, 1)?
             .t()?;
-        let low = (after_a.matmul(&b.t()?)? * self.scale)?;
+        let low = (after_a.matmul(&b.t()?)? * self.lora.scale())?;
         let low = low.reshape(y.dims())?.to_dtype(y.dtype())?;
         Ok((y + low)?)
     }
 
-    fn delta_weight(&self) -> Result<Tensor> {
-        Ok((self.pair.product()? * self.scale)?)
-    }
-
     fn own_vars(&self) -> Vec<NamedVar> {
-        let names = [(EMBEDDING_A, &self.pair.a), (EMBEDDING_B, &self.pair.b)];
-        names
+        let pair = self.lora.pair();
+        [(EMBEDDING_A, &pair.a), (EMBEDDING_B, &pair.b)]
             .into_iter()
             .filter_map(|(name, f)| {
                 f.var().map(|v| NamedVar {
@@ -198,22 +172,11 @@ impl Adapter for LoraEmbedding {
     }
 
     fn own_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let pair = self.lora.pair();
         Ok(vec![
-            (EMBEDDING_A.to_string(), self.pair.a.tensor().clone()),
-            (EMBEDDING_B.to_string(), self.pair.b.tensor().clone()),
+            (EMBEDDING_A.to_string(), pair.a.tensor().clone()),
+            (EMBEDDING_B.to_string(), pair.b.tensor().clone()),
         ])
-    }
-
-    fn rank_and_scale(&self) -> (usize, f64) {
-        (self.pair.rank(), self.scale)
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
     }
 }
 

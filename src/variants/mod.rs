@@ -26,6 +26,7 @@ pub mod lora_config;
 pub mod lora_drop;
 pub mod lora_embedding;
 pub mod lora_fa;
+mod lora_glue;
 pub mod vera;
 
 pub use adalora::{AdaLoraConfig, AdaLoraLinear, AdaLoraWeights};

@@ -1,12 +1,10 @@
 //! Incremental decoding over a [`KvCache`] and greedy generation.
 
-use candle_core::{DType, Module, Tensor, D};
+use candle_core::{DType, Tensor, D};
 
 use crate::error::{Error, Result, Scope};
 
 use super::cache::KvCache;
-use super::layers::Masks;
-use super::rope::RopeTables;
 use super::LlamaForCausalLM;
 
 impl LlamaForCausalLM {
@@ -50,25 +48,7 @@ impl LlamaForCausalLM {
             self.layers.len(),
             self.config.max_position_embeddings,
         )?;
-        let offset = cache.len();
-        let ids = input_ids.to_dtype(DType::U32)?;
-        let rope = RopeTables::new(&self.inv_freq, offset, seq, self.dtype, &self.device)?;
-        let masks = Masks::new(
-            &self.config.layer_attention,
-            seq,
-            offset.saturating_add(seq),
-            offset,
-            &self.device,
-        )?;
-        let mut x = self.embed_tokens.forward(&ids)?;
-        let mut entries = Vec::with_capacity(self.layers.len());
-        for (layer, past) in self.layers.iter().zip(cache.entries()) {
-            let (out, kv) = layer.forward_cached(&x, &rope, &masks, past.as_ref())?;
-            x = out;
-            entries.push(kv);
-        }
-        let x = self.norm.forward(&x)?;
-        let logits = self.lm_head.forward(&x)?;
+        let (logits, entries) = self.run(input_ids, cache.len(), cache.entries())?;
         cache.commit(entries, batch, seq);
         Ok(logits)
     }

@@ -229,12 +229,6 @@ impl Attention {
         Ok(self.o_proj.forward(&out)?)
     }
 
-    /// [`Attention::project`] then [`Attention::attend`] over the same positions.
-    pub(crate) fn forward(&self, x: &Tensor, rope: &RopeTables, masks: &Masks) -> Result<Tensor> {
-        let (q, k, v) = self.project(x, rope)?;
-        self.attend(&q, &k, &v, masks)
-    }
-
     /// [`Attention::project`], the new keys and values appended (along the positions) to
     /// `past`, then [`Attention::attend`] over all of them: the output and the grown keys
     /// and values.
@@ -314,19 +308,8 @@ impl DecoderLayer {
         })
     }
 
-    pub(crate) fn forward(&self, x: &Tensor, rope: &RopeTables, masks: &Masks) -> Result<Tensor> {
-        let attn = self
-            .self_attn
-            .forward(&self.input_layernorm.forward(x)?, rope, masks)?;
-        let x = (x + attn)?;
-        let mlp = self
-            .mlp
-            .forward(&self.post_attention_layernorm.forward(&x)?)?;
-        Ok((x + mlp)?)
-    }
-
-    /// [`DecoderLayer::forward`] for new positions after the cached keys and values
-    /// `past`: the output and this layer's grown keys and values.
+    /// The layer on new positions after the cached keys and values `past` (`None`: the
+    /// sequence starts here): the output and this layer's grown keys and values.
     pub(crate) fn forward_cached(
         &self,
         x: &Tensor,

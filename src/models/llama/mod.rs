@@ -226,16 +226,39 @@ impl LlamaForCausalLM {
     /// # Ok(()) }
     /// ```
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
-        let (_, seq) = self.check_ids(input_ids)?;
+        self.check_ids(input_ids)?;
+        let no_past = std::iter::repeat_n(&None, self.layers.len());
+        Ok(self.run(input_ids, 0, no_past)?.0)
+    }
+
+    /// The model on `input_ids` at positions `offset..` after each layer's cached keys and
+    /// values `past` (in layer order): the logits and every layer's grown keys and values.
+    /// The ids are checked by the caller.
+    pub(crate) fn run<'a>(
+        &self,
+        input_ids: &Tensor,
+        offset: usize,
+        past: impl Iterator<Item = &'a Option<(Tensor, Tensor)>>,
+    ) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
+        let seq = input_ids.dim(1)?;
         let ids = input_ids.to_dtype(DType::U32)?;
-        let rope = RopeTables::new(&self.inv_freq, 0, seq, self.dtype, &self.device)?;
-        let masks = Masks::new(&self.config.layer_attention, seq, seq, 0, &self.device)?;
+        let rope = RopeTables::new(&self.inv_freq, offset, seq, self.dtype, &self.device)?;
+        let masks = Masks::new(
+            &self.config.layer_attention,
+            seq,
+            offset.saturating_add(seq),
+            offset,
+            &self.device,
+        )?;
         let mut x = self.embed_tokens.forward(&ids)?;
-        for layer in &self.layers {
-            x = layer.forward(&x, &rope, &masks)?;
+        let mut grown = Vec::with_capacity(self.layers.len());
+        for (layer, past) in self.layers.iter().zip(past) {
+            let (out, kv) = layer.forward_cached(&x, &rope, &masks, past.as_ref())?;
+            x = out;
+            grown.push(kv);
         }
         let x = self.norm.forward(&x)?;
-        Ok(self.lm_head.forward(&x)?)
+        Ok((self.lm_head.forward(&x)?, grown))
     }
 
     /// The configuration the model was built with.
