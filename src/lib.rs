@@ -80,6 +80,7 @@
 pub mod adapter;
 pub mod checkpoint;
 pub mod error;
+pub mod finetune;
 pub mod frozen;
 pub mod init;
 pub mod kernels;
@@ -89,6 +90,7 @@ pub mod models;
 pub mod peft;
 pub mod shared;
 pub mod staging;
+pub mod tokenizer;
 pub mod train;
 mod validate;
 pub mod variants;

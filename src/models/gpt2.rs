@@ -470,6 +470,11 @@ impl Gpt2LmHeadModel {
         &self.config
     }
 
+    /// The device the model lives on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     /// Logits `(batch, seq, vocab)` for token ids `(batch, seq)` (u8, u32 or i64, each below
     /// `vocab_size`; `1 ≤ seq ≤ n_positions`), positions `0..seq`, causal attention. Ids
     /// out of range, a wrong rank or length, or another device are errors, not panics.

@@ -14,6 +14,9 @@
 //! training loop, `finetune` and `lorakit generate` are not here yet.
 
 pub mod bert;
+mod causal_lm;
 pub mod gpt2;
 pub mod llama;
 mod ops;
+
+pub use causal_lm::CausalLm;

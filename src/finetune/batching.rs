@@ -1,0 +1,1 @@
+//! Batches of token ids and loss masks from a [`super::data::Dataset`].

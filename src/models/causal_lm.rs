@@ -1,0 +1,63 @@
+//! [`CausalLm`]: what the training loop ([`crate::finetune`]) needs of a causal language
+//! model, implemented by every decoder in [`crate::models`].
+
+use candle_core::{Device, Tensor};
+
+use crate::error::Result;
+
+use super::gpt2::Gpt2LmHeadModel;
+use super::llama::LlamaForCausalLM;
+
+/// A causal language model: token ids `(batch, seq)` to next-token logits
+/// `(batch, seq, vocab)`, each position seeing itself and the positions before it.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use lorakit::models::llama::LlamaForCausalLM;
+/// use lorakit::models::CausalLm;
+/// use lorakit::peft::PeftAdapter;
+/// # fn main() -> lorakit::Result<()> {
+/// let dir = "tests/fixtures/models/llama/qwen2";
+/// let plan = PeftAdapter::load(format!("{dir}/lora"), &Device::Cpu)?.plan()?;
+/// let model = LlamaForCausalLM::from_pretrained(format!("{dir}/base"), DType::F32, &Device::Cpu, &plan)?;
+/// let lm: &dyn CausalLm = &model;
+/// let logits = lm.logits(&Tensor::new(&[[1u32, 2, 3]], lm.device())?)?;
+/// assert_eq!(logits.dims(), [1, 3, lm.vocab_size()]);
+/// # Ok(()) }
+/// ```
+pub trait CausalLm {
+    /// Logits `(batch, seq, vocab)` for token ids `(batch, seq)`.
+    fn logits(&self, input_ids: &Tensor) -> Result<Tensor>;
+    /// The vocabulary size (the logits' last dimension).
+    fn vocab_size(&self) -> usize;
+    /// The device the model lives on.
+    fn device(&self) -> &Device;
+}
+
+impl CausalLm for LlamaForCausalLM {
+    fn logits(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.forward(input_ids)
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.config().vocab_size
+    }
+
+    fn device(&self) -> &Device {
+        LlamaForCausalLM::device(self)
+    }
+}
+
+impl CausalLm for Gpt2LmHeadModel {
+    fn logits(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.forward(input_ids)
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.config().vocab_size
+    }
+
+    fn device(&self) -> &Device {
+        Gpt2LmHeadModel::device(self)
+    }
+}
