@@ -1,9 +1,12 @@
-//! `lorakit`: merge a PEFT adapter into a model checkpoint, or inspect an adapter (and match
-//! it against a checkpoint).
+//! `lorakit`: merge a PEFT adapter into a model checkpoint, inspect an adapter (and match
+//! it against a checkpoint), or generate text with a model folder and an adapter.
 //!
 //! ```text
 //! lorakit merge --base <CHECKPOINT> --adapter <DIR> --out <PATH> [--dtype <DTYPE>] [--quiet] [--remove-leftovers]
 //! lorakit inspect <ADAPTER_DIR> [--base <CHECKPOINT>]
+//! lorakit generate --model <DIR> [--adapter <DIR> [--merge]] (--prompt <TEXT> | --prompt-ids <IDS>)
+//!                  [--max-new-tokens <N>] [--temperature <T>] [--top-k <K>] [--top-p <P>] [--seed <S>]
+//!                  [--dtype <DTYPE>] [--ignore-eos] [--logits-out <FILE>]
 //! lorakit help [COMMAND]    (or --help after any command), lorakit --version
 //! ```
 //!
@@ -15,6 +18,11 @@
 //! error is one line `error: …` and exit status 1; a usage error exits 2; an interrupted merge
 //! removes its temporaries and exits 130; a closed stdout (`lorakit inspect dir | head`) ends
 //! the command quietly.
+
+// The command's own file: a folder beside this one (a file directly in src/bin/ would be a
+// binary of its own), named by path since this file is the binary's root.
+#[path = "lorakit/generate.rs"]
+mod generate;
 
 use std::io::{IsTerminal, Write};
 use std::ops::ControlFlow;
@@ -39,7 +47,7 @@ const BAR_DELAY: Duration = Duration::from_millis(300);
 #[command(
     name = "lorakit",
     version,
-    about = "Merge Hugging Face PEFT adapters (LoRA, DoRA, rsLoRA, VeRA, AdaLoRA) into safetensors checkpoints, and inspect them",
+    about = "Merge Hugging Face PEFT adapters (LoRA, DoRA, rsLoRA, VeRA, AdaLoRA) into safetensors checkpoints, inspect them, and generate text with them",
     arg_required_else_help = true
 )]
 struct Cli {
@@ -72,6 +80,9 @@ enum Command {
     /// Summarize a PEFT adapter; with --base, match its modules against a checkpoint
     #[command(long_about = INSPECT_ABOUT)]
     Inspect(InspectArgs),
+    /// Generate text with a model folder (Llama family or GPT-2) and a PEFT adapter
+    #[command(long_about = generate::ABOUT)]
+    Generate(generate::GenerateArgs),
 }
 
 #[derive(Args, Debug)]
@@ -142,6 +153,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Merge(args) => merge(args),
         Command::Inspect(args) => inspect(args),
+        Command::Generate(args) => generate::generate(args),
     }
 }
 

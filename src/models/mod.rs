@@ -9,14 +9,28 @@
 //! flows (a merged or adapter-free forward) and differentiable ops otherwise: training
 //! through any forward reaches every adapter.
 //!
-//! Partial (issue "Fine-tune real models in Rust"): full-sequence forwards, and greedy
-//! decoding with a KV cache for the Llama family; sampling, generation for GPT-2, the
-//! training loop, `finetune` and `lorakit generate` are not here yet.
+//! Generation: [`auto::AutoCausalLm`] loads a model folder by its `model_type` (Llama
+//! family or GPT-2); each decoder has a KV cache ([`KvCache`], `forward_cached`, checked
+//! equal to the full forward) and `generate` by a [`generation::GenerationConfig`]: greedy
+//! or sampled ([`sampling`]: temperature, top-k, top-p, seeded), with stop tokens, one
+//! sequence at a time (no batched generation). Greedy tokens are checked against
+//! transformers' `generate` with PEFT adapters, unmerged and merged
+//! (`tests/suite/generate.rs`, `scripts/make_generate_fixtures.py`). The `lorakit
+//! generate` command runs it from the command line.
+//!
+//! Partial (issue "Fine-tune real models in Rust"): the training loop and `finetune` are
+//! not here yet.
 
+pub mod auto;
 pub mod bert;
 mod causal_lm;
+pub mod generation;
 pub mod gpt2;
 pub mod llama;
 mod ops;
+pub mod sampling;
 
+pub use auto::AutoCausalLm;
 pub use causal_lm::CausalLm;
+pub use generation::GenerationConfig;
+pub use llama::KvCache;

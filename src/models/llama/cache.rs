@@ -1,5 +1,6 @@
-//! The KV cache of [`super::LlamaForCausalLM::forward_cached`]: per layer, the rotated keys
-//! and values of every position seen so far.
+//! The KV cache of [`super::LlamaForCausalLM::forward_cached`] and
+//! [`crate::models::gpt2::Gpt2LmHeadModel::forward_cached`]: per layer, the keys and values
+//! of every position seen so far.
 
 use candle_core::Tensor;
 
@@ -9,9 +10,12 @@ use super::config::LlamaConfig;
 
 /// Keys and values `(batch, kv_heads, len, head_dim)` of each decoder layer for the
 /// positions a model has already processed, so that
-/// [`super::LlamaForCausalLM::forward_cached`] runs only the new ones. Keys are stored
-/// rotated for their positions; every layer holds every position (sliding-window layers
-/// mask the old ones out rather than dropping them).
+/// [`super::LlamaForCausalLM::forward_cached`] (and GPT-2's
+/// [`crate::models::gpt2::Gpt2LmHeadModel::forward_cached`]) runs only the new ones. Llama
+/// keys are stored rotated for their positions; every layer holds every position
+/// (sliding-window layers mask the old ones out rather than dropping them). A cache holds
+/// the sequences of one model: make it with [`KvCache::new`] from the model's config or
+/// with the model's `new_cache`.
 ///
 /// ```
 /// use candle_core::{DType, Device, Tensor};
@@ -49,8 +53,20 @@ impl KvCache {
     /// # Ok(()) }
     /// ```
     pub fn new(config: &LlamaConfig) -> Self {
+        Self::with_layers(config.num_hidden_layers)
+    }
+
+    /// An empty cache with `layers` slots, for any model of that many layers (GPT-2's
+    /// [`crate::models::gpt2::Gpt2LmHeadModel::new_cache`] makes one with `n_layer`).
+    ///
+    /// ```
+    /// use lorakit::models::llama::KvCache;
+    /// let cache = KvCache::with_layers(3);
+    /// assert_eq!((cache.len(), cache.num_layers(), cache.batch()), (0, 3, None));
+    /// ```
+    pub fn with_layers(layers: usize) -> Self {
         Self {
-            layers: vec![None; config.num_hidden_layers],
+            layers: vec![None; layers],
             len: 0,
             batch: None,
         }
@@ -135,15 +151,15 @@ impl KvCache {
     }
 
     /// Checks that `batch` new rows of `new` positions fit this cache and a model with
-    /// `layers` decoder layers and `max_positions` positions.
+    /// `layers` decoder layers and `max_positions` positions (the config field `limit`).
     pub(crate) fn check(
         &self,
         batch: usize,
         new: usize,
         layers: usize,
-        max_positions: usize,
+        (max_positions, limit): (usize, &str),
     ) -> Result<()> {
-        let scope = || Scope::Settings("Llama KV cache".to_string());
+        let scope = || Scope::Settings("KV cache".to_string());
         if self.layers.len() != layers {
             return Err(Error::usage(
                 scope(),
@@ -169,8 +185,7 @@ impl KvCache {
             return Err(Error::usage(
                 scope(),
                 format!(
-                    "{} cached + {new} new positions exceed max_position_embeddings \
-                     {max_positions}",
+                    "{} cached + {new} new positions exceed {limit} {max_positions}",
                     self.len
                 ),
             ));

@@ -1,8 +1,9 @@
-//! Incremental decoding over a [`KvCache`] and greedy generation.
+//! Incremental decoding over a [`KvCache`], and generation ([`crate::models::generation`]).
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{Device, Tensor};
 
-use crate::error::{Error, Result, Scope};
+use crate::error::Result;
+use crate::models::generation::{self, Decoder, GenerationConfig};
 
 use super::cache::KvCache;
 use super::LlamaForCausalLM;
@@ -42,24 +43,68 @@ impl LlamaForCausalLM {
     /// ```
     pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let (batch, seq) = self.check_ids(input_ids)?;
-        cache.check(
-            batch,
-            seq,
-            self.layers.len(),
-            self.config.max_position_embeddings,
-        )?;
+        cache.check(batch, seq, self.layers.len(), self.position_limit())?;
         let (logits, entries) = self.run(input_ids, cache.len(), cache.entries())?;
         cache.commit(entries, batch, seq);
         Ok(logits)
     }
 
-    /// Greedy decoding of one sequence: runs `prompt` through a fresh [`KvCache`], then
-    /// appends the most likely next token (the first on ties) one at a time, each step
-    /// running only the new token. Returns the generated tokens (not the prompt): at most
-    /// `max_new_tokens`, ending early with `eos` once it is generated (`eos` included).
+    /// An empty [`KvCache`] for this model (one slot per decoder layer).
     ///
-    /// Errors: an empty prompt, a token id out of range, or a prompt plus generated tokens
-    /// longer than `max_position_embeddings`.
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use lorakit::model::AdapterPlan;
+    /// use lorakit::models::llama::LlamaForCausalLM;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let dir = "tests/fixtures/models/llama/mistral/base";
+    /// let model = LlamaForCausalLM::from_pretrained(dir, DType::F32, &Device::Cpu, &AdapterPlan::none())?;
+    /// assert_eq!(model.new_cache().num_layers(), 2);
+    /// # Ok(()) }
+    /// ```
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(&self.config)
+    }
+
+    /// Generates one sequence after `prompt` by `config`: the prompt runs through a fresh
+    /// [`KvCache`], then each new token is chosen from the last position's logits
+    /// ([`crate::models::sampling::Sampler`]: greedy or sampled) and run alone. Returns the
+    /// generated tokens (not the prompt): `config.max_new_tokens` of them, or fewer when a
+    /// token of `config.eos` comes (it is the last one returned). Batch 1: see
+    /// [`crate::models::generation`].
+    ///
+    /// Errors, before any work: an empty prompt, a token id out of the vocabulary, a
+    /// prompt plus `max_new_tokens - 1` longer than `max_position_embeddings`, invalid
+    /// sampling settings.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use lorakit::models::generation::GenerationConfig;
+    /// use lorakit::models::llama::LlamaForCausalLM;
+    /// use lorakit::models::sampling::Sampling;
+    /// use lorakit::peft::PeftAdapter;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let dir = "tests/fixtures/models/llama/qwen2";
+    /// let dev = Device::Cpu;
+    /// let plan = PeftAdapter::load(format!("{dir}/lora"), &dev)?.plan()?;
+    /// let model = LlamaForCausalLM::from_pretrained(format!("{dir}/base"), DType::F32, &dev, &plan)?;
+    /// let prompt = [1u32, 17, 42, 5];
+    /// // transformers + PEFT generate these (tests/fixtures/generate/expected.json).
+    /// let greedy = model.generate(&prompt, &GenerationConfig::greedy(12))?;
+    /// assert_eq!(greedy, [22, 9, 12, 27, 27, 11, 17, 9, 13, 14, 5, 12]);
+    /// // Stop tokens end it early.
+    /// assert_eq!(model.generate(&prompt, &GenerationConfig::greedy(12).with_eos([27]))?, [22, 9, 12, 27]);
+    /// // Sampling: the same seed, the same tokens.
+    /// let sampled = GenerationConfig::greedy(12)
+    ///     .with_sampling(Sampling { top_k: Some(10), ..Sampling::with_temperature(0.8, 5) });
+    /// assert_eq!(model.generate(&prompt, &sampled)?, model.generate(&prompt, &sampled)?);
+    /// # Ok(()) }
+    /// ```
+    pub fn generate(&self, prompt: &[u32], config: &GenerationConfig) -> Result<Vec<u32>> {
+        generation::generate(self, prompt, config)
+    }
+
+    /// Greedy decoding of one sequence: [`LlamaForCausalLM::generate`] with
+    /// [`GenerationConfig::greedy`]`(max_new_tokens)` and `eos` as the stop token.
     ///
     /// ```
     /// use candle_core::{DType, Device, Tensor, D};
@@ -88,30 +133,43 @@ impl LlamaForCausalLM {
         max_new_tokens: usize,
         eos: Option<u32>,
     ) -> Result<Vec<u32>> {
-        if prompt.is_empty() {
-            return Err(Error::usage(
-                Scope::Settings("Llama generation".to_string()),
-                "the prompt is empty",
-            ));
-        }
-        let mut cache = KvCache::new(&self.config);
-        let mut out = Vec::with_capacity(max_new_tokens);
-        let mut input = Tensor::new(prompt, &self.device)?.unsqueeze(0)?;
-        while out.len() < max_new_tokens {
-            let logits = self.forward_cached(&input, &mut cache)?;
-            let last = logits.dim(1)?.saturating_sub(1);
-            let next = logits
-                .narrow(1, last, 1)?
-                .flatten_all()?
-                .to_dtype(DType::F32)?
-                .argmax(D::Minus1)?
-                .to_scalar::<u32>()?;
-            out.push(next);
-            if Some(next) == eos {
-                break;
-            }
-            input = Tensor::new(&[[next]], &self.device)?;
-        }
-        Ok(out)
+        self.generate(
+            prompt,
+            &GenerationConfig::greedy(max_new_tokens).with_eos(eos),
+        )
+    }
+
+    /// `max_position_embeddings`, named.
+    fn position_limit(&self) -> (usize, &'static str) {
+        (
+            self.config.max_position_embeddings,
+            "max_position_embeddings",
+        )
+    }
+}
+
+impl Decoder for LlamaForCausalLM {
+    fn new_cache(&self) -> KvCache {
+        LlamaForCausalLM::new_cache(self)
+    }
+
+    fn step(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        self.forward_cached(input_ids, cache)
+    }
+
+    fn vocab(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn max_positions(&self) -> (usize, &'static str) {
+        self.position_limit()
+    }
+
+    fn on(&self) -> &Device {
+        &self.device
+    }
+
+    fn what(&self) -> &'static str {
+        "Llama generation"
     }
 }

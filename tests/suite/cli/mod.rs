@@ -8,6 +8,7 @@
 #![cfg(feature = "cli")]
 
 mod errors;
+mod generate;
 mod help;
 mod inspect;
 mod leftovers;

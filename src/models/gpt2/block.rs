@@ -1,0 +1,109 @@
+//! One GPT-2 transformer block: LayerNorms, causal self-attention (over cached keys and
+//! values too) and the MLP.
+
+use candle_core::{DType, Module, Tensor, D};
+use candle_nn::VarBuilder;
+
+use crate::error::Result;
+use crate::model::{conv1d, AdapterPlan, Linear};
+use crate::models::ops::{softmax_last, LayerNorm};
+
+use super::config::{Activation, Gpt2Config};
+
+/// One transformer block (`transformer.h.N`).
+#[derive(Clone, Debug)]
+pub(super) struct Block {
+    ln_1: LayerNorm,
+    c_attn: Linear,
+    attn_proj: Linear,
+    ln_2: LayerNorm,
+    c_fc: Linear,
+    mlp_proj: Linear,
+    n_head: usize,
+    /// The attention scores' factor: `1/sqrt(head_dim)` and/or `1/(N + 1)`.
+    scale: f64,
+    upcast: bool,
+    activation: Activation,
+}
+
+impl Block {
+    pub(super) fn load(
+        config: &Gpt2Config,
+        index: usize,
+        vb: VarBuilder,
+        plan: &AdapterPlan,
+    ) -> Result<Self> {
+        let (d, eps) = (config.n_embd, config.layer_norm_epsilon);
+        let inner = config.inner_dim();
+        let head_dim = d / config.n_head;
+        let mut scale = 1.0;
+        if config.scale_attn_weights {
+            scale /= (head_dim as f64).sqrt();
+        }
+        if config.scale_attn_by_inverse_layer_idx {
+            scale /= (index + 1) as f64;
+        }
+        Ok(Self {
+            ln_1: LayerNorm::load(d, eps, vb.pp("ln_1"), plan)?,
+            c_attn: conv1d(d, 3 * d, vb.pp("attn.c_attn"), plan)?,
+            attn_proj: conv1d(d, d, vb.pp("attn.c_proj"), plan)?,
+            ln_2: LayerNorm::load(d, eps, vb.pp("ln_2"), plan)?,
+            c_fc: conv1d(d, inner, vb.pp("mlp.c_fc"), plan)?,
+            mlp_proj: conv1d(inner, d, vb.pp("mlp.c_proj"), plan)?,
+            n_head: config.n_head,
+            scale,
+            upcast: config.reorder_and_upcast_attn,
+            activation: config.activation()?,
+        })
+    }
+
+    /// The block on `x` `(batch, seq, n_embd)` after the cached keys and values `past`
+    /// (`(batch, n_head, past_len, head_dim)` each); `mask` is `(seq, past_len + seq)`.
+    /// Returns the output and the keys and values of every position (past and new).
+    pub(super) fn forward(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        past: Option<&(Tensor, Tensor)>,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
+        let (attn, kv) = self.attention(&self.ln_1.forward(x)?, mask, past)?;
+        let x = (x + attn)?;
+        let h = self.c_fc.forward(&self.ln_2.forward(&x)?)?;
+        let mlp = self.mlp_proj.forward(&self.activation.apply(&h)?)?;
+        Ok(((x + mlp)?, kv))
+    }
+
+    /// Multi-head self-attention of the new positions over the cached and new keys, with
+    /// the additive `mask` (0 where a key is seen, -inf elsewhere).
+    fn attention(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        past: Option<&(Tensor, Tensor)>,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
+        let (b, s, d) = x.dims3()?;
+        let head_dim = d / self.n_head;
+        let qkv = self.c_attn.forward(x)?;
+        let heads = |i: usize| -> candle_core::Result<Tensor> {
+            qkv.narrow(D::Minus1, i * d, d)?
+                .reshape((b, s, self.n_head, head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
+        let (k, v) = match past {
+            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+            None => (k, v),
+        };
+        let (qs, ks) = if self.upcast {
+            (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
+        } else {
+            (q, k.clone())
+        };
+        let scores = (qs.matmul(&ks.t()?.contiguous()?)? * self.scale)?;
+        let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
+        let probs = softmax_last(&scores)?.to_dtype(v.dtype())?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, d))?;
+        Ok((self.attn_proj.forward(&out)?, (k, v)))
+    }
+}

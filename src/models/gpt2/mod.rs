@@ -1,0 +1,358 @@
+//! GPT-2 with its language-modeling head (transformers' `GPT2LMHeadModel`), every module
+//! built through the model-level API at transformers' own paths, so a PEFT adapter's
+//! `target_modules` (`c_attn`, `c_proj`, `c_fc`, `wte`, `wpe`, an untied `lm_head`) and
+//! every lorakit variant apply unchanged.
+//!
+//! | module | path | built by |
+//! |---|---|---|
+//! | token / position tables | `transformer.wte`, `transformer.wpe` | [`embedding`] |
+//! | attention in / out | `transformer.h.N.attn.c_attn`, `transformer.h.N.attn.c_proj` | [`conv1d`](crate::model::conv1d) |
+//! | MLP in / out | `transformer.h.N.mlp.c_fc`, `transformer.h.N.mlp.c_proj` | [`conv1d`](crate::model::conv1d) |
+//! | norms | `transformer.h.N.ln_1`, `.ln_2`, `transformer.ln_f` | LayerNorm, bias through [`AdapterPlan::bias`] |
+//! | output head | tied: `transformer.wte`'s base table; untied: `lm_head` | —; [`linear_no_bias`] |
+//!
+//! The forward is transformers' eager one in evaluation mode (no dropout of the model's
+//! own; adapters apply theirs in training mode): a causal mask, absolute positions, no
+//! padding mask. Checked against transformers + PEFT 0.21 on the fixtures of
+//! `tests/fixtures/peft_options/` and `tests/fixtures/models/gpt2_base_logits.safetensors`.
+//!
+//! Incremental decoding: [`Gpt2LmHeadModel::forward_cached`] with a [`KvCache`] (the same
+//! logits as the full forward at those positions), and [`Gpt2LmHeadModel::generate`]
+//! (greedy or sampled, [`crate::models::generation`]).
+
+mod block;
+mod config;
+mod generate;
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result, Scope};
+use crate::frozen::BaseKind;
+use crate::model::{embedding, linear_no_bias, AdapterPlan, Embedding, Linear};
+use crate::models::ops::LayerNorm;
+
+/// The KV cache of [`Gpt2LmHeadModel::forward_cached`] (the Llama models' type: per layer,
+/// the keys and values of the positions seen so far).
+pub use super::llama::KvCache;
+use block::Block;
+pub use config::Gpt2Config;
+
+/// transformers' `GPT2LMHeadModel` over a [`VarBuilder`] holding a GPT-2 checkpoint,
+/// adapted by an [`AdapterPlan`]: a PEFT adapter's plan ([`crate::peft::PeftAdapter::plan`])
+/// gives PEFT's logits, a fresh plan (any variant) makes the model trainable.
+///
+/// The tied output head is `transformer.wte`'s *base* table, read at each forward: as in
+/// transformers + PEFT, a LoRA on `wte` changes the input embeddings but not the head
+/// while unmerged, and both once merged (the table is the merged one then).
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use lorakit::checkpoint::Checkpoint;
+/// use lorakit::models::gpt2::{Gpt2Config, Gpt2LmHeadModel};
+/// use lorakit::peft::PeftAdapter;
+/// # fn main() -> lorakit::Result<()> {
+/// let dir = "tests/fixtures/peft_options/gpt2_lora";
+/// let dev = Device::Cpu;
+/// let config = Gpt2Config::from_file(format!("{dir}/base/config.json"))?;
+/// let vb = Checkpoint::open(format!("{dir}/base"))?.var_builder(DType::F32, &dev);
+/// let plan = PeftAdapter::load(format!("{dir}/adapter"), &dev)?.plan()?;
+/// let model = Gpt2LmHeadModel::load(&config, vb, &plan)?;
+/// let adapted = plan.finish()?; // every tensor of the adapter file was used
+/// assert_eq!(adapted.len(), 9); // c_attn, c_proj, c_fc, mlp.c_proj × 2 layers, and wte
+/// let logits = model.forward(&Tensor::new(&[[1u32, 2, 3]], &dev)?)?;
+/// assert_eq!(logits.dims(), [1, 3, 64]);
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Gpt2LmHeadModel {
+    config: Gpt2Config,
+    wte: Embedding,
+    wpe: Embedding,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    /// `None`: tied to `wte`'s base table.
+    lm_head: Option<Linear>,
+    device: Device,
+}
+
+impl Gpt2LmHeadModel {
+    /// Builds the model from the checkpoint at `vb` (transformers' names:
+    /// `transformer.wte.weight`, `transformer.h.0.attn.c_attn.weight`, …, and
+    /// `lm_head.weight` when untied), every module through `plan`. Call
+    /// [`AdapterPlan::finish`] afterwards.
+    ///
+    /// Refused, by name: an invalid config ([`Gpt2Config::validate`]); a plan that adapts,
+    /// copies or stores tensors for the tied `lm_head` (it is `wte`'s table, not a module
+    /// of its own); `modules_to_save` naming a LayerNorm.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// use lorakit::checkpoint::Checkpoint;
+    /// use lorakit::model::{AdapterPlan, ModuleSelector, RankAlpha, TargetSpec};
+    /// use lorakit::models::gpt2::{Gpt2Config, Gpt2LmHeadModel};
+    /// use lorakit::LoraConfig;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let dir = "tests/fixtures/peft_options/gpt2_lora/base";
+    /// let dev = Device::Cpu;
+    /// let config = Gpt2Config::from_file(format!("{dir}/config.json"))?;
+    /// // A fresh LoRA on the attention of every block, to train.
+    /// let vars = VarMap::new();
+    /// let plan = AdapterPlan::lora(
+    ///     TargetSpec::new(ModuleSelector::list(["c_attn"])),
+    ///     RankAlpha::new(4, 8.0),
+    ///     LoraConfig::default(),
+    ///     VarBuilder::from_varmap(&vars, DType::F32, &dev),
+    /// );
+    /// let vb = Checkpoint::open(dir)?.var_builder(DType::F32, &dev);
+    /// let _model = Gpt2LmHeadModel::load(&config, vb, &plan)?;
+    /// assert_eq!(
+    ///     plan.finish()?.paths(),
+    ///     ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+    /// );
+    /// # Ok(()) }
+    /// ```
+    pub fn load(config: &Gpt2Config, vb: VarBuilder, plan: &AdapterPlan) -> Result<Self> {
+        config.validate()?;
+        let d = config.n_embd;
+        let t = vb.pp("transformer");
+        let wte = embedding(config.vocab_size, d, t.pp("wte"), plan)?;
+        let wpe = embedding(config.n_positions, d, t.pp("wpe"), plan)?;
+        let blocks = (0..config.n_layer)
+            .map(|i| Block::load(config, i, t.pp("h").pp(i), plan))
+            .collect::<Result<Vec<_>>>()?;
+        let ln_f = LayerNorm::load(d, config.layer_norm_epsilon, t.pp("ln_f"), plan)?;
+        let lm_head = if config.tie_word_embeddings {
+            let head = vb.pp("lm_head").prefix();
+            if plan.touches(&head, BaseKind::Linear) {
+                return Err(Error::Unsupported {
+                    what: "adapter on GPT-2's tied output head",
+                    got: head,
+                    supported: "an untied lm_head (tie_word_embeddings = false); the tied \
+                                head is transformer.wte's base table"
+                        .to_string(),
+                });
+            }
+            None
+        } else {
+            Some(linear_no_bias(
+                d,
+                config.vocab_size,
+                vb.pp("lm_head"),
+                plan,
+            )?)
+        };
+        let device = base_table(&wte)?.device().clone();
+        Ok(Self {
+            config: config.clone(),
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+            lm_head,
+            device,
+        })
+    }
+
+    /// Reads `config.json` from the model folder `dir` (as `save_pretrained` writes it:
+    /// one `model.safetensors` or shards with their index) and builds the model in `dtype`
+    /// on `device` with [`Gpt2LmHeadModel::load`]; tensors are read one at a time
+    /// ([`Checkpoint`]). Call [`AdapterPlan::finish`] afterwards.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use lorakit::models::gpt2::Gpt2LmHeadModel;
+    /// use lorakit::peft::PeftAdapter;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let dir = "tests/fixtures/peft_options/gpt2_lora";
+    /// let dev = Device::Cpu;
+    /// let plan = PeftAdapter::load(format!("{dir}/adapter"), &dev)?.plan()?;
+    /// let model = Gpt2LmHeadModel::from_pretrained(format!("{dir}/base"), DType::F32, &dev, &plan)?;
+    /// assert_eq!(plan.finish()?.len(), 9);
+    /// let logits = model.forward(&Tensor::new(&[[1u32, 2, 3]], &dev)?)?;
+    /// assert_eq!(logits.dims(), [1, 3, 64]);
+    /// assert!(Gpt2LmHeadModel::from_pretrained("no/such/folder", DType::F32, &dev, &plan).is_err());
+    /// # Ok(()) }
+    /// ```
+    pub fn from_pretrained(
+        dir: impl AsRef<Path>,
+        dtype: DType,
+        device: &Device,
+        plan: &AdapterPlan,
+    ) -> Result<Self> {
+        let dir = dir.as_ref();
+        let config = Gpt2Config::from_file(dir.join("config.json"))?;
+        let vb = Checkpoint::open(dir)?.var_builder(dtype, device);
+        Self::load(&config, vb, plan)
+    }
+
+    /// The config the model was built with.
+    ///
+    /// ```
+    /// # use candle_core::{DType, Device};
+    /// # use lorakit::checkpoint::Checkpoint;
+    /// # use lorakit::peft::PeftAdapter;
+    /// use lorakit::models::gpt2::{Gpt2Config, Gpt2LmHeadModel};
+    /// # fn main() -> lorakit::Result<()> {
+    /// # let dir = "tests/fixtures/peft_options/gpt2_dora";
+    /// # let dev = Device::Cpu;
+    /// # let vb = Checkpoint::open(format!("{dir}/base"))?.var_builder(DType::F32, &dev);
+    /// # let plan = PeftAdapter::load(format!("{dir}/adapter"), &dev)?.plan()?;
+    /// let config = Gpt2Config::from_file(format!("{dir}/base/config.json"))?;
+    /// let model = Gpt2LmHeadModel::load(&config, vb, &plan)?;
+    /// assert_eq!(model.config(), &config);
+    /// # Ok(()) }
+    /// ```
+    pub fn config(&self) -> &Gpt2Config {
+        &self.config
+    }
+
+    /// The device the model lives on.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use lorakit::model::AdapterPlan;
+    /// use lorakit::models::gpt2::Gpt2LmHeadModel;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let dir = "tests/fixtures/peft_options/gpt2_lora/base";
+    /// let model = Gpt2LmHeadModel::from_pretrained(dir, DType::F32, &Device::Cpu, &AdapterPlan::none())?;
+    /// assert!(model.device().is_cpu());
+    /// # Ok(()) }
+    /// ```
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Logits `(batch, seq, vocab)` for token ids `(batch, seq)` (u8, u32 or i64, each below
+    /// `vocab_size`; `1 ≤ seq ≤ n_positions`), positions `0..seq`, causal attention. Ids
+    /// out of range, a wrong rank or length, or another device are errors, not panics.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use lorakit::checkpoint::Checkpoint;
+    /// use lorakit::models::gpt2::{Gpt2Config, Gpt2LmHeadModel};
+    /// use lorakit::peft::PeftAdapter;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let dir = "tests/fixtures/peft_options/gpt2_dora";
+    /// let dev = Device::Cpu;
+    /// let config = Gpt2Config::from_file(format!("{dir}/base/config.json"))?;
+    /// let vb = Checkpoint::open(format!("{dir}/base"))?.var_builder(DType::F32, &dev);
+    /// let plan = PeftAdapter::load(format!("{dir}/adapter"), &dev)?.plan()?;
+    /// let model = Gpt2LmHeadModel::load(&config, vb, &plan)?;
+    /// plan.finish()?;
+    /// let ids = Tensor::new(&[[59i64, 13, 15, 57, 63], [32, 13, 29, 45, 47]], &dev)?;
+    /// let logits = model.forward(&ids)?;
+    /// assert_eq!(logits.dims(), [2, 5, 64]);
+    /// // Causal: the first position's logits do not depend on later tokens.
+    /// let first = model.forward(&ids.narrow(1, 0, 1)?)?;
+    /// let diff = (first - logits.narrow(1, 0, 1)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    /// assert!(diff < 1e-5);
+    /// assert!(model.forward(&Tensor::new(&[[64u32]], &dev)?).is_err()); // not in the vocabulary
+    /// # Ok(()) }
+    /// ```
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.check_ids(input_ids)?;
+        let no_past = std::iter::repeat_n(&None, self.blocks.len());
+        Ok(self.run(input_ids, 0, no_past)?.0)
+    }
+
+    /// The model on `input_ids` at positions `offset..` after each block's cached keys and
+    /// values `past` (in block order): the logits and every block's grown keys and values.
+    /// The ids are checked by the caller, and `offset + seq ≤ n_positions`.
+    pub(crate) fn run<'a>(
+        &self,
+        input_ids: &Tensor,
+        offset: usize,
+        past: impl Iterator<Item = &'a Option<(Tensor, Tensor)>>,
+    ) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
+        let (batch, seq) = input_ids.dims2()?;
+        let end = offset.saturating_add(seq);
+        let (start, end) = match (u32::try_from(offset), u32::try_from(end)) {
+            (Ok(start), Ok(end)) => (start, end),
+            _ => {
+                return Err(Error::usage(
+                    Scope::Layer("transformer.wpe".to_string()),
+                    format!("positions {offset}..{end} do not fit in u32"),
+                ))
+            }
+        };
+        let positions = Tensor::arange(start, end, &self.device)?;
+        let mut x = self
+            .wte
+            .forward(input_ids)?
+            .broadcast_add(&self.wpe.forward(&positions)?)?;
+        let mask = causal_mask(seq, offset, &self.device)?;
+        let mut grown = Vec::with_capacity(self.blocks.len());
+        for (block, past) in self.blocks.iter().zip(past) {
+            let (out, kv) = block.forward(&x, &mask, past.as_ref())?;
+            x = out;
+            grown.push(kv);
+        }
+        let x = self.ln_f.forward(&x)?;
+        let logits = match &self.lm_head {
+            Some(head) => head.forward(&x)?,
+            None => {
+                let table = base_table(&self.wte)?; // (vocab, d)
+                let d = self.config.n_embd;
+                let logits = x.reshape((batch * seq, d))?.matmul(&table.t()?)?;
+                logits.reshape((batch, seq, self.config.vocab_size))?
+            }
+        };
+        Ok((logits, grown))
+    }
+
+    /// `(batch, seq)` of valid token ids: rank 2, `batch ≥ 1`, `1 ≤ seq ≤ n_positions`,
+    /// ids below `vocab_size` on the model's device.
+    fn check_ids(&self, input_ids: &Tensor) -> Result<(usize, usize)> {
+        let layer = "transformer.wte";
+        let bad_shape = |expected: String| Error::ShapeMismatch {
+            layer: layer.to_string(),
+            what: "input_ids".to_string(),
+            expected,
+            got: format!("{:?}", input_ids.dims()),
+        };
+        let &[batch, seq] = input_ids.dims() else {
+            return Err(bad_shape("(batch, seq)".to_string()));
+        };
+        if batch == 0 || seq == 0 || seq > self.config.n_positions {
+            return Err(bad_shape(format!(
+                "(batch ≥ 1, 1 ≤ seq ≤ n_positions = {})",
+                self.config.n_positions
+            )));
+        }
+        crate::validate::token_ids(layer, input_ids, self.config.vocab_size, &self.device)?;
+        Ok((batch, seq))
+    }
+}
+
+/// An embedding module's base table `(vocab, dim)` as it stands now (merged into while an
+/// adapter is merged; the original of a `modules_to_save` copy).
+fn base_table(module: &Embedding) -> Result<Tensor> {
+    match module {
+        Linear::Frozen(base) => base.stored_weight(),
+        Linear::Adapted(layer) => layer.read().base().stored_weight(),
+        Linear::Trainable(module) => module.original().stored_weight(),
+    }
+}
+
+/// `(seq, offset + seq)` f32 for queries at positions `offset..offset + seq` over keys at
+/// `0..offset + seq`: 0 where a query may attend (itself and earlier), -inf elsewhere.
+fn causal_mask(seq: usize, offset: usize, device: &Device) -> Result<Tensor> {
+    let keys = offset.saturating_add(seq);
+    let data: Vec<f32> = (0..seq)
+        .flat_map(|i| {
+            (0..keys).map(move |j| {
+                if j > offset + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(data, (seq, keys), device)?)
+}
