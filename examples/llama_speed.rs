@@ -11,7 +11,7 @@
 //!
 //! - `train`: per step `logits = model.forward(ids)` on random ids `(4, 256)`, causal-LM
 //!   cross-entropy over the shifted positions (`logits[:, :-1]` against `ids[:, 1:]`,
-//!   `candle_nn::loss::cross_entropy`), `loss.backward()`, one `candle_nn::AdamW` step
+//!   `lorakit::finetune::loss::causal_lm_loss_sum`), `loss.backward()`, one `candle_nn::AdamW` step
 //!   over the adapter's variables (lr 1e-4, PyTorch's defaults otherwise). Warm-up steps,
 //!   then timed steps; each phase (forward, loss, backward, optimizer) timed on its own.
 //! - `gen`: `generate_greedy` (batch 1, KV cache) of `--gen-tokens` tokens after an
@@ -354,12 +354,14 @@ fn random_ids(
     Ok(Tensor::from_vec(ids, (batch, seq), dev)?)
 }
 
-/// Causal-LM cross-entropy: `logits[:, :-1]` against `ids[:, 1:]`, mean over positions.
+/// Causal-LM cross-entropy: `logits[:, :-1]` against `ids[:, 1:]`, mean over positions, as
+/// `lorakit::finetune`'s trainer computes it (`causal_lm_loss_sum`, a fused kernel on the
+/// CPU, over every position, divided by their count).
 fn causal_lm_loss(logits: &Tensor, ids: &Tensor) -> R<Tensor> {
-    let (b, t, v) = logits.dims3()?;
-    let pred = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
-    let target = ids.narrow(1, 1, t - 1)?.reshape(b * (t - 1))?;
-    Ok(candle_nn::loss::cross_entropy(&pred, &target)?)
+    let (b, t, _) = logits.dims3()?;
+    let mask = Tensor::ones((b, t), DType::F32, logits.device())?;
+    let sum = lorakit::finetune::loss::causal_lm_loss_sum(logits, ids, &mask)?;
+    Ok((sum / (b * (t - 1)) as f64)?)
 }
 
 fn adamw(vars: Vec<Var>) -> R<AdamW> {
@@ -799,7 +801,7 @@ fn ops(args: &Args, dev: &Device) -> R<Value> {
     )?);
     let logits = var(&mut rng, &[b, t, s.vocab], dev)?;
     pieces.push(piece(
-        "loss: shift + cross_entropy (log_softmax composed)",
+        "loss: shift + lorakit causal_lm_loss_sum (fused)",
         "loss",
         1,
         budget,

@@ -9,6 +9,8 @@
 //! output directory (default `target/compare_variants`).
 
 mod core;
+#[path = "../common/loss_plot.rs"]
+mod loss_plot;
 #[allow(dead_code)] // some items serve only the DoRA analysis and the tests
 mod methods;
 mod model;

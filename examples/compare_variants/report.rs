@@ -1,6 +1,7 @@
 //! The written results: a text table, CSV, JSON and an SVG of the loss curves.
 
 use crate::core::MethodResult;
+use crate::loss_plot::Series;
 
 /// Trainable parameters of full fine-tuning, the 100% reference.
 fn full_params(results: &[MethodResult]) -> Option<usize> {
@@ -100,77 +101,19 @@ pub fn json(results: &[MethodResult]) -> String {
     serde_json::to_string_pretty(&rows).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }
 
-const COLORS: [&str; 10] = [
-    "#000000", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-    "#17becf", "#bcbd22",
-];
-
 /// Loss curves of all methods (log-scale loss against step), as an SVG document.
 pub fn loss_svg(results: &[MethodResult]) -> String {
-    let (w, h, left, right, top, bottom) = (760.0, 420.0, 60.0, 190.0, 20.0, 40.0);
-    let (pw, ph) = (w - left - right, h - top - bottom);
-    let steps = results
+    let series: Vec<Series> = results
         .iter()
-        .map(|r| r.losses.len())
-        .max()
-        .unwrap_or(1)
-        .max(2);
-    let logs: Vec<f64> = results
-        .iter()
-        .flat_map(|r| r.losses.iter().map(|l| l.max(1e-6).log10()))
+        .map(|r| Series {
+            name: r.method.name(),
+            points: r
+                .losses
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (i as f64, l))
+                .collect(),
+        })
         .collect();
-    let lo = logs.iter().copied().fold(f64::INFINITY, f64::min).floor();
-    let hi = logs
-        .iter()
-        .copied()
-        .fold(f64::NEG_INFINITY, f64::max)
-        .ceil()
-        .max(lo + 1.0);
-    let x = |i: usize| left + pw * i as f64 / (steps - 1) as f64;
-    let y = |l: f64| top + ph * (hi - l.max(1e-6).log10()) / (hi - lo);
-    let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
-    );
-    s += &format!(
-        "<rect x=\"{left}\" y=\"{top}\" width=\"{pw}\" height=\"{ph}\" fill=\"none\" stroke=\"#888\"/>\n"
-    );
-    let mut decade = lo;
-    while decade <= hi {
-        let yy = top + ph * (hi - decade) / (hi - lo);
-        s += &format!(
-            "<line x1=\"{left}\" x2=\"{}\" y1=\"{yy}\" y2=\"{yy}\" stroke=\"#eee\"/><text x=\"{}\" y=\"{}\" text-anchor=\"end\">1e{decade}</text>\n",
-            left + pw,
-            left - 6.0,
-            yy + 4.0
-        );
-        decade += 1.0;
-    }
-    s += &format!(
-        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">adaptation step (task B: reverse)</text>\n",
-        left + pw / 2.0,
-        h - 8.0
-    );
-    for (k, r) in results.iter().enumerate() {
-        let color = COLORS[k % COLORS.len()];
-        let points: Vec<String> = r
-            .losses
-            .iter()
-            .enumerate()
-            .map(|(i, l)| format!("{:.1},{:.1}", x(i), y(*l)))
-            .collect();
-        s += &format!(
-            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.2\" points=\"{}\"/>\n",
-            points.join(" ")
-        );
-        let ly = top + 16.0 * k as f64 + 10.0;
-        s += &format!(
-            "<line x1=\"{}\" x2=\"{}\" y1=\"{ly}\" y2=\"{ly}\" stroke=\"{color}\" stroke-width=\"2\"/><text x=\"{}\" y=\"{}\">{}</text>\n",
-            w - right + 10.0,
-            w - right + 30.0,
-            w - right + 36.0,
-            ly + 4.0,
-            r.method.name()
-        );
-    }
-    s + "</svg>\n"
+    crate::loss_plot::loss_svg(&series, "adaptation step (task B: reverse)")
 }

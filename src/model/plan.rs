@@ -611,11 +611,34 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Linear::Frozen(f) => f.forward(x),
+            Linear::Frozen(f) => frozen_forward(f, x),
             Linear::Adapted(a) => a.forward(x),
             Linear::Trainable(m) => m.forward_checked(x).map_err(candle_core::Error::wrap),
         }
     }
+}
+
+/// A frozen layer's `x Wᵀ + b`. When a gradient flows through `x` on the CPU (a frozen
+/// layer between adapters, an output head), the fused op runs it: its backward computes
+/// `dx` only, where candle's matmul backward would also compute the frozen weight's
+/// gradient (as many FLOPs again as the forward).
+fn frozen_forward(f: &FrozenLinear, x: &Tensor) -> candle_core::Result<Tensor> {
+    let fused = f.kind() != BaseKind::Embedding
+        && x.track_op()
+        && !f.weight().track_op()
+        && x.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && x.dtype() == f.dtype();
+    if !fused {
+        return f.forward(x);
+    }
+    let op = crate::kernels::FusedLinear {
+        weight: f.weight(),
+        bias: f.bias(),
+        low_rank: None,
+        row_scale: None,
+    };
+    op.forward(x).map_err(candle_core::Error::wrap)
 }
 
 /// Drop-in for `candle_nn::linear`: loads `weight` and `bias` at `vb`'s path and returns

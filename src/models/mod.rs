@@ -29,6 +29,7 @@ pub mod gpt2;
 pub mod llama;
 mod ops;
 pub mod sampling;
+mod softmax;
 
 pub use auto::AutoCausalLm;
 pub use causal_lm::CausalLm;

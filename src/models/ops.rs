@@ -18,6 +18,9 @@ pub(crate) fn tracks_gradient(tensors: &[&Tensor]) -> bool {
 /// Softmax over the last dimension.
 pub(crate) fn softmax_last(x: &Tensor) -> Result<Tensor> {
     if tracks_gradient(&[x]) {
+        if super::softmax::supports(x) {
+            return Ok(super::softmax::softmax_last_trainable(x)?);
+        }
         Ok(candle_nn::ops::softmax(x, D::Minus1)?)
     } else {
         Ok(candle_nn::ops::softmax_last_dim(&x.contiguous()?)?)

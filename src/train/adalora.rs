@@ -18,6 +18,8 @@
 //! by (score, layer order, rank index); without ties the two agree. `k` is clamped to at
 //! least 1 (PEFT's `kthvalue` would fail on 0).
 
+mod state;
+
 use std::collections::BTreeMap;
 
 use candle_core::backprop::GradStore;

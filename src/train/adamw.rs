@@ -216,6 +216,87 @@ impl GroupedAdamW {
         self.step_t
     }
 
+    /// Every variable with its first and second moments (`exp_avg`, `exp_avg_sq`), in group
+    /// order: what a training checkpoint stores to resume the optimizer exactly.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Var};
+    /// use lorakit::train::{GroupedAdamW, ParamGroup, ParamsAdamW};
+    /// # fn main() -> lorakit::Result<()> {
+    /// let w = Var::ones(3, DType::F32, &Device::Cpu)?;
+    /// let mut opt = GroupedAdamW::new(vec![ParamGroup::new("w", vec![w.clone()])], ParamsAdamW::default())?;
+    /// opt.backward_step(&w.as_tensor().sqr()?.sum_all()?)?;
+    /// let (var, m, v) = opt.moments().into_iter().next().unwrap();
+    /// assert_eq!(var.as_tensor().id(), w.as_tensor().id());
+    ///
+    /// // A fresh optimizer over the same variable continues exactly where this one was.
+    /// let mut resumed = GroupedAdamW::new(vec![ParamGroup::new("w", vec![w.clone()])], ParamsAdamW::default())?;
+    /// resumed.load_moments(&w, &m, &v)?;
+    /// resumed.set_step_count(opt.step_count());
+    /// assert_eq!(resumed.step_count(), 1);
+    /// # Ok(()) }
+    /// ```
+    pub fn moments(&self) -> Vec<(Var, Tensor, Tensor)> {
+        self.groups
+            .iter()
+            .flat_map(|g| &g.vars)
+            .map(|s| {
+                (
+                    s.var.clone(),
+                    s.first_moment.as_tensor().clone(),
+                    s.second_moment.as_tensor().clone(),
+                )
+            })
+            .collect()
+    }
+
+    /// Sets the moments of `var` (as [`moments`](Self::moments) returned them). Errors if
+    /// `var` is in no group, or on a moment of another shape or dtype.
+    pub fn load_moments(&mut self, var: &Var, first: &Tensor, second: &Tensor) -> Result<()> {
+        let id = var.as_tensor().id();
+        let state = self
+            .groups
+            .iter()
+            .flat_map(|g| &g.vars)
+            .find(|s| s.var.as_tensor().id() == id)
+            .ok_or_else(|| {
+                Error::settings(
+                    "optimizer",
+                    "moments",
+                    format!(
+                        "a variable of shape {:?} is in no parameter group",
+                        var.dims()
+                    ),
+                )
+            })?;
+        for (what, moment, value) in [
+            ("exp_avg", &state.first_moment, first),
+            ("exp_avg_sq", &state.second_moment, second),
+        ] {
+            if value.dims() != moment.dims() || value.dtype() != moment.dtype() {
+                return Err(Error::settings(
+                    "optimizer",
+                    "moments",
+                    format!(
+                        "{what} is {:?} {:?}, its variable {:?} {:?}",
+                        value.dims(),
+                        value.dtype(),
+                        moment.dims(),
+                        moment.dtype()
+                    ),
+                ));
+            }
+            moment.set(&value.to_device(moment.device())?)?;
+        }
+        Ok(())
+    }
+
+    /// Sets the number of steps taken (bias correction uses it): with
+    /// [`load_moments`](Self::load_moments), resumes an optimizer from a checkpoint.
+    pub fn set_step_count(&mut self, steps: usize) {
+        self.step_t = steps;
+    }
+
     /// β₁, β₂, ε and the default learning rate / weight decay.
     pub fn params(&self) -> &ParamsAdamW {
         &self.params

@@ -531,9 +531,10 @@ fn pad_batches_truncate_pad_and_mask() {
                 ids[kept..].iter().all(|&id| id == 99),
                 "right padding with pad_id"
             );
-            for t in 0..width {
+            assert_eq!(mask.len(), width);
+            for (t, &m) in mask.iter().enumerate() {
                 let want = t > 0 && t < kept && ex.trained[t];
-                assert_eq!(mask[t], if want { 1.0 } else { 0.0 }, "t {t}");
+                assert_eq!(m, if want { 1.0 } else { 0.0 }, "t {t}");
             }
             targets += ex.trained[..kept].iter().skip(1).filter(|&&t| t).count();
         }

@@ -1,0 +1,541 @@
+//! `lorakit::finetune`'s training loop. Checked against PyTorch + transformers + PEFT
+//! (`scripts/make_finetune_fixtures.py` → `tests/fixtures/finetune/`): the learning-rate
+//! schedules equal `transformers.get_scheduler`'s; one training step (masked causal-LM
+//! loss, gradient clipping, AdamW) on a PEFT LoRA over a tiny Qwen2 gives PyTorch's
+//! loss, gradient norm and updated weights, with and without gradient accumulation. Then
+//! every variant: the loss falls, the saved adapter reloads to the same logits, and a
+//! run resumed from a checkpoint ends exactly where the uninterrupted run does.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use lorakit::finetune::schedule::{Decay, LrSchedule};
+use lorakit::finetune::{AdapterRecipe, Dataset, Example, TrainConfig, Trainer};
+use lorakit::models::llama::{LlamaConfig, LlamaForCausalLM};
+use lorakit::models::CausalLm;
+use lorakit::peft::PeftAdapter;
+use lorakit::Variant;
+
+use crate::peft_common::{fixture, load, rel_err, temp_dir};
+
+fn qwen2() -> PathBuf {
+    fixture("models/llama/qwen2")
+}
+
+#[test]
+fn schedules_equal_transformers() {
+    let text = std::fs::read_to_string(fixture("finetune/schedules.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let (warmup, total) = (
+        json["warmup"].as_u64().unwrap() as usize,
+        json["total"].as_u64().unwrap() as usize,
+    );
+    for (name, decay) in [
+        ("cosine", Decay::Cosine { min_ratio: 0.0 }),
+        ("linear", Decay::Linear),
+        ("constant_with_warmup", Decay::Constant),
+        ("cosine_with_min_lr", Decay::Cosine { min_ratio: 0.1 }),
+    ] {
+        let schedule = LrSchedule::new(warmup, total, decay).unwrap();
+        let expected: Vec<f64> = json["cases"][name]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(expected.len(), total);
+        for (step, want) in expected.iter().enumerate() {
+            let got = schedule.factor(step);
+            assert!(
+                (got - want).abs() < 1e-12,
+                "{name} step {step}: {got} vs transformers {want}"
+            );
+        }
+    }
+}
+
+/// The fixture batch as two examples: row 0 with its prompt untrained, row 1 without its
+/// padding (the trainer pads it again).
+fn step_examples() -> Dataset {
+    let batch = load(&fixture("finetune/step/batch.safetensors"));
+    let ids = batch["input_ids"]
+        .to_dtype(DType::U32)
+        .unwrap()
+        .to_vec2::<u32>()
+        .unwrap();
+    let mask = batch["loss_mask"].to_vec2::<f32>().unwrap();
+    let examples = ids
+        .iter()
+        .zip(&mask)
+        .enumerate()
+        .map(|(row, (ids, mask))| {
+            let len = if row == 1 { 6 } else { ids.len() }; // row 1 ends in 3 padding tokens
+            Example::new(
+                ids[..len].to_vec(),
+                mask[..len].iter().map(|&m| m == 1.0).collect(),
+            )
+            .unwrap()
+        })
+        .collect();
+    Dataset::from_examples(examples)
+}
+
+/// The fixture's PEFT LoRA on the tiny Qwen2, trainable, and a trainer for one step.
+fn one_step(batch_size: usize, grad_accum: usize, expected_file: &str) {
+    let dev = Device::Cpu;
+    let adapter = PeftAdapter::load(qwen2().join("lora"), &dev).unwrap();
+    let plan = adapter.plan().unwrap();
+    let model =
+        LlamaForCausalLM::from_pretrained(qwen2().join("base"), DType::F32, &dev, &plan).unwrap();
+    let set = plan.finish().unwrap();
+    let mut config = TrainConfig::new(1);
+    config.lr = 1e-2;
+    config.warmup_steps = 0;
+    config.decay = Decay::Constant;
+    config.batch.batch_size = batch_size;
+    config.grad_accum = grad_accum;
+    let recipe = AdapterRecipe::new(Variant::Lora, 4, 8.0, &["q_proj"]);
+    let mut trainer = Trainer::new(&model, set.clone(), recipe, config).unwrap();
+    let report = trainer.train(&step_examples(), None, |_| {}).unwrap();
+    let expected = load(&fixture(&format!("finetune/step/{expected_file}")));
+    let log = &report.history[0];
+    let want_loss = expected["loss"].to_scalar::<f64>().unwrap();
+    let want_norm = expected["grad_norm"].to_scalar::<f64>().unwrap();
+    assert!(
+        (log.loss - want_loss).abs() < 1e-5 * want_loss,
+        "loss {} vs PyTorch {want_loss}",
+        log.loss
+    );
+    assert!(
+        (log.grad_norm - want_norm).abs() < 1e-4 * want_norm,
+        "grad norm {} vs {want_norm}",
+        log.grad_norm
+    );
+    let mut checked = 0;
+    for v in set.trainable_vars() {
+        let name = v.full_name();
+        let want = &expected[&name];
+        let err = rel_err(v.var.var.as_tensor(), want);
+        assert!(err < 1e-4, "{name}: {err:e} from PyTorch's AdamW step");
+        checked += 1;
+    }
+    assert_eq!(checked, expected.len() - 2, "every LoRA weight compared");
+}
+
+#[test]
+fn one_step_equals_pytorch() {
+    one_step(2, 1, "expected.safetensors");
+}
+
+#[test]
+fn accumulated_step_equals_pytorch() {
+    one_step(1, 2, "accum_expected.safetensors");
+}
+
+/// Sequences over the tiny model's 64-token vocabulary: counting patterns to learn.
+fn toy_data(n: usize) -> Dataset {
+    let examples = (0..n)
+        .map(|i| {
+            let start = (i * 5 % 50) as u32 + 3;
+            let ids: Vec<u32> = (0..12).map(|k| start + (k % 6)).collect();
+            let trained = (0..12).map(|k| k >= 2).collect();
+            Example::new(ids, trained).unwrap()
+        })
+        .collect();
+    Dataset::from_examples(examples)
+}
+
+struct Run {
+    model: LlamaForCausalLM,
+    trainer_config: TrainConfig,
+    recipe: AdapterRecipe,
+    set: lorakit::model::AdaptedSet,
+}
+
+fn build(variant: Variant, steps: usize) -> Run {
+    let dev = Device::Cpu;
+    let dir = qwen2().join("base");
+    let config = LlamaConfig::from_file(dir.join("config.json")).unwrap();
+    let r = if variant == Variant::Vera { 64 } else { 4 };
+    let mut recipe = AdapterRecipe::new(variant, r, 8.0, &["q_proj", "v_proj", "up_proj"]);
+    recipe.delta_lora.start_step = 2;
+    recipe.lora_drop.stage1_steps = 3;
+    let vars = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vars, DType::F32, &dev);
+    let plan = recipe
+        .plan(vb, &config.linear_shapes(), DType::F32, &dev)
+        .unwrap();
+    let model = LlamaForCausalLM::from_pretrained(&dir, DType::F32, &dev, &plan).unwrap();
+    let set = plan.finish().unwrap();
+    let mut trainer_config = TrainConfig::new(steps);
+    // VeRA trains only scaling vectors and AdaLoRA starts from E = 0: both want larger rates.
+    trainer_config.lr = match variant {
+        Variant::Vera => 1e-1,
+        Variant::AdaLora => 5e-2,
+        _ => 1e-2,
+    };
+    trainer_config.batch.batch_size = 4;
+    trainer_config.batch.seq_len = 12;
+    trainer_config.warmup_steps = 1;
+    Run {
+        model,
+        trainer_config,
+        recipe,
+        set,
+    }
+}
+
+fn logits(model: &dyn CausalLm) -> Tensor {
+    let ids = Tensor::new(
+        &[
+            [3u32, 4, 5, 6, 7, 8, 3, 4],
+            [20, 21, 22, 23, 24, 25, 20, 21],
+        ],
+        &Device::Cpu,
+    )
+    .unwrap();
+    model.logits(&ids).unwrap()
+}
+
+#[test]
+fn every_variant_learns_and_saves_what_it_trained() {
+    let data = toy_data(16);
+    for variant in Variant::ALL {
+        let run = build(variant, 12);
+        let mut trainer = Trainer::new(
+            &run.model,
+            run.set.clone(),
+            run.recipe.clone(),
+            run.trainer_config.clone(),
+        )
+        .unwrap();
+        let before = trainer.evaluate(&data).unwrap();
+        let report = trainer.train(&data, Some(&data), |_| {}).unwrap();
+        let after = report.evals.last().unwrap().loss;
+        assert!(
+            after < 0.95 * before,
+            "{variant}: eval loss {before} -> {after}"
+        );
+        if variant == Variant::LoraDrop {
+            assert!(
+                report.note.as_deref().unwrap_or("").contains("kept"),
+                "{:?}",
+                report.note
+            );
+        }
+        // The saved PEFT directory reloads onto a fresh base to the trained model's logits.
+        let dir = temp_dir(&format!("finetune-save-{variant}"));
+        trainer.save_adapter(&dir).unwrap();
+        let trained = logits(&run.model);
+        let plan = PeftAdapter::load(&dir, &Device::Cpu)
+            .unwrap()
+            .plan()
+            .unwrap();
+        let reloaded = LlamaForCausalLM::from_pretrained(
+            qwen2().join("base"),
+            DType::F32,
+            &Device::Cpu,
+            &plan,
+        )
+        .unwrap();
+        plan.finish().unwrap();
+        let err = rel_err(&logits(&reloaded), &trained);
+        assert!(
+            err < 1e-5,
+            "{variant}: reloaded adapter's logits differ by {err:e}"
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
+fn vars_by_name(set: &lorakit::model::AdaptedSet) -> HashMap<String, Tensor> {
+    set.trainable_vars()
+        .into_iter()
+        .map(|v| (v.full_name(), v.var.var.as_tensor().copy().unwrap()))
+        .collect()
+}
+
+#[test]
+fn resumed_runs_end_where_uninterrupted_runs_do() {
+    let data = toy_data(10);
+    for variant in Variant::ALL {
+        if variant == Variant::DeltaLora {
+            continue; // resuming past K is refused (below)
+        }
+        let out = temp_dir(&format!("finetune-resume-{variant}"));
+        // Uninterrupted: 8 steps, a checkpoint every 4.
+        let straight = build(variant, 8);
+        let mut config = straight.trainer_config.clone();
+        config.save_every = Some(4);
+        config.output_dir = Some(out.clone());
+        config.grad_accum = 2;
+        let mut trainer = Trainer::new(
+            &straight.model,
+            straight.set.clone(),
+            straight.recipe.clone(),
+            config.clone(),
+        )
+        .unwrap();
+        let report = trainer.train(&data, None, |_| {}).unwrap();
+        assert_eq!(
+            report.checkpoints,
+            [out.join("checkpoint-4"), out.join("checkpoint-8")]
+        );
+        let want = vars_by_name(&straight.set);
+
+        // Resumed: a fresh model and trainer, built the same way, from checkpoint-4.
+        let resumed = build(variant, 8);
+        let mut config = config.clone();
+        config.output_dir = Some(out.join("resumed"));
+        let mut trainer = Trainer::new(
+            &resumed.model,
+            resumed.set.clone(),
+            resumed.recipe.clone(),
+            config,
+        )
+        .unwrap();
+        trainer.resume(out.join("checkpoint-4")).unwrap();
+        assert_eq!(trainer.steps_done(), 4);
+        let report = trainer.train(&data, None, |_| {}).unwrap();
+        assert_eq!(report.history.len(), 8);
+        let got = vars_by_name(&resumed.set);
+        assert_eq!(got.len(), want.len(), "{variant}");
+        for (name, w) in &want {
+            let g = &got[name];
+            let err = rel_err(g, w);
+            assert!(
+                err < 1e-6,
+                "{variant}: {name} differs by {err:e} after resuming"
+            );
+        }
+        std::fs::remove_dir_all(&out).ok();
+    }
+}
+
+#[test]
+fn resume_refuses_what_it_cannot_continue() {
+    let data = toy_data(8);
+    let out = temp_dir("finetune-resume-bad");
+    let run = build(Variant::DeltaLora, 4);
+    let mut config = run.trainer_config.clone();
+    config.save_every = Some(3);
+    config.output_dir = Some(out.clone());
+    let mut trainer = Trainer::new(
+        &run.model,
+        run.set.clone(),
+        run.recipe.clone(),
+        config.clone(),
+    )
+    .unwrap();
+    trainer.train(&data, None, |_| {}).unwrap();
+    let checkpoint = out.join("checkpoint-3");
+    for file in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "trainer_state.json",
+        "trainable.safetensors",
+        "optimizer.safetensors",
+    ] {
+        assert!(checkpoint.join(file).is_file(), "{file} in the checkpoint");
+    }
+
+    // Delta-LoRA past its start step K = 2.
+    let again = build(Variant::DeltaLora, 4);
+    let mut t = Trainer::new(
+        &again.model,
+        again.set.clone(),
+        again.recipe.clone(),
+        config.clone(),
+    )
+    .unwrap();
+    let err = t.resume(&checkpoint).unwrap_err().to_string();
+    assert!(
+        err.contains("Delta-LoRA") && err.contains("step 2"),
+        "{err}"
+    );
+
+    // Another setting than the checkpoint's.
+    let lora = build(Variant::Lora, 4);
+    let mut c = lora.trainer_config.clone();
+    c.save_every = Some(2);
+    c.output_dir = Some(out.join("lora"));
+    let mut t = Trainer::new(
+        &lora.model,
+        lora.set.clone(),
+        lora.recipe.clone(),
+        c.clone(),
+    )
+    .unwrap();
+    t.train(&data, None, |_| {}).unwrap();
+    let other = build(Variant::Lora, 4);
+    let mut changed = c.clone();
+    changed.seed += 1;
+    let mut t = Trainer::new(
+        &other.model,
+        other.set.clone(),
+        other.recipe.clone(),
+        changed,
+    )
+    .unwrap();
+    let err = t
+        .resume(out.join("lora/checkpoint-2"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("seed") && err.contains("trainer_state.json"),
+        "{err}"
+    );
+
+    // A missing file is named.
+    std::fs::remove_file(out.join("lora/checkpoint-2/optimizer.safetensors")).unwrap();
+    let mut t = Trainer::new(&other.model, other.set.clone(), other.recipe.clone(), c).unwrap();
+    let err = t
+        .resume(out.join("lora/checkpoint-2"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("optimizer.safetensors"), "{err}");
+
+    // A non-empty checkpoint folder is not overwritten.
+    let err = t
+        .save_checkpoint(out.join("lora/checkpoint-4"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("checkpoint-4"), "{err}");
+    std::fs::remove_dir_all(&out).ok();
+}
+
+#[test]
+fn bad_settings_and_data_are_refused_by_name() {
+    let run = build(Variant::Lora, 4);
+    let mut bad = run.trainer_config.clone();
+    bad.lr = f64::NAN;
+    let err = Trainer::new(&run.model, run.set.clone(), run.recipe.clone(), bad)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("lr"), "{err}");
+    let mut bad = run.trainer_config.clone();
+    bad.warmup_steps = 10;
+    let err = Trainer::new(&run.model, run.set.clone(), run.recipe.clone(), bad)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("warmup_steps"), "{err}");
+    let mut bad = run.trainer_config.clone();
+    bad.save_every = Some(2);
+    let err = Trainer::new(&run.model, run.set.clone(), run.recipe.clone(), bad)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("output_dir"), "{err}");
+
+    // A recipe of another variant than the layers'.
+    let other = AdapterRecipe::new(Variant::Dora, 4, 8.0, &["q_proj"]);
+    let err = Trainer::new(
+        &run.model,
+        run.set.clone(),
+        other,
+        run.trainer_config.clone(),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("DoRA") && err.contains("LoRA"), "{err}");
+
+    // A token the model's vocabulary (64) lacks.
+    let mut trainer = Trainer::new(
+        &run.model,
+        run.set.clone(),
+        run.recipe.clone(),
+        run.trainer_config.clone(),
+    )
+    .unwrap();
+    let data = Dataset::from_examples(vec![Example::new(vec![1, 2, 64], vec![true; 3]).unwrap()]);
+    let err = trainer.train(&data, None, |_| {}).unwrap_err().to_string();
+    assert!(err.contains("64"), "{err}");
+    assert_eq!(trainer.steps_done(), 0);
+
+    // A non-finite loss stops the run with an error before the step is applied.
+    let fresh = build(Variant::Lora, 4);
+    let mut trainer = Trainer::new(
+        &fresh.model,
+        fresh.set.clone(),
+        fresh.recipe.clone(),
+        fresh.trainer_config.clone(),
+    )
+    .unwrap();
+    let poisoned = fresh
+        .set
+        .trainable_vars()
+        .into_iter()
+        .next()
+        .unwrap()
+        .var
+        .var;
+    poisoned
+        .set(&(poisoned.as_tensor() * f64::NAN).unwrap())
+        .unwrap();
+    let err = trainer
+        .train(&toy_data(8), None, |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("loss") && err.contains("NaN"), "{err}");
+    assert_eq!(trainer.steps_done(), 0);
+}
+
+/// `scripts/make_finetune_fixtures.py --check-trained` output, when present for an
+/// adapter this crate's trainer wrote: PEFT's logits on it equal lorakit's.
+#[test]
+fn trained_adapter_gives_pefts_logits_in_peft() {
+    let dir = fixture("finetune/trained_dora");
+    let peft = load(&dir.join("peft_logits.safetensors"));
+    let plan = PeftAdapter::load(&dir, &Device::Cpu)
+        .unwrap()
+        .plan()
+        .unwrap();
+    let model =
+        LlamaForCausalLM::from_pretrained(qwen2().join("base"), DType::F32, &Device::Cpu, &plan)
+            .unwrap();
+    plan.finish().unwrap();
+    let ids = peft["input_ids"].clone();
+    let err = rel_err(&model.logits(&ids).unwrap(), &peft["logits"]);
+    assert!(
+        err < 1e-5,
+        "lorakit vs PEFT on the trained adapter: {err:e}"
+    );
+}
+
+/// The fused CPU cross-entropy and its gradient equal the composed candle ops'.
+#[test]
+fn fused_loss_and_gradient_equal_the_composed_ops() {
+    use lorakit::finetune::loss::{causal_lm_loss_sum, causal_lm_loss_sum_composed};
+    let dev = Device::Cpu;
+    let logits =
+        candle_core::Var::from_tensor(&Tensor::randn(0f32, 4., (3, 7, 50), &dev).unwrap()).unwrap();
+    let ids = Tensor::rand(0f32, 50., (3, 7), &dev)
+        .unwrap()
+        .to_dtype(DType::U32)
+        .unwrap();
+    let mask = Tensor::rand(0f32, 1., (3, 7), &dev)
+        .unwrap()
+        .ge(0.4)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let fused = causal_lm_loss_sum(logits.as_tensor(), &ids, &mask).unwrap();
+    let composed = causal_lm_loss_sum_composed(logits.as_tensor(), &ids, &mask).unwrap();
+    let (f, c) = (
+        fused.to_scalar::<f32>().unwrap(),
+        composed.to_scalar::<f32>().unwrap(),
+    );
+    assert!((f - c).abs() <= 1e-5 * c.abs(), "loss {f} vs composed {c}");
+    let gf = (fused * 0.5).unwrap().backward().unwrap();
+    let gc = (composed * 0.5).unwrap().backward().unwrap();
+    let err = rel_err(
+        gf.get(logits.as_tensor()).unwrap(),
+        gc.get(logits.as_tensor()).unwrap(),
+    );
+    assert!(err < 1e-5, "gradient differs by {err:e}");
+}

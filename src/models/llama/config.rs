@@ -475,6 +475,32 @@ impl LlamaConfig {
         })
     }
 
+    /// The `(d_in, d_out)` of every kind of linear layer the model has: the attention's
+    /// q, k, v and o projections, the MLP's gate, up and down projections, and the output
+    /// head (what VeRA's shared pair must cover).
+    ///
+    /// ```
+    /// use lorakit::models::llama::LlamaConfig;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let config = LlamaConfig::from_file("tests/fixtures/models/llama/qwen2/base")?;
+    /// let (d, f) = (config.hidden_size, config.intermediate_size);
+    /// assert!(config.linear_shapes().contains(&(d, f)) && config.linear_shapes().contains(&(f, d)));
+    /// # Ok(()) }
+    /// ```
+    pub fn linear_shapes(&self) -> Vec<(usize, usize)> {
+        let (d, f) = (self.hidden_size, self.intermediate_size);
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        vec![
+            (d, q),
+            (d, kv),
+            (q, d),
+            (d, f),
+            (f, d),
+            (d, self.vocab_size),
+        ]
+    }
+
     /// Checks that the configuration describes a model that can be built: sizes ≥ 1,
     /// `num_key_value_heads` dividing `num_attention_heads`, an even `head_dim`, finite
     /// positive θ and scaling factors, one [`LayerAttention`] per layer, windows ≥ 1.

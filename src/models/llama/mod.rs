@@ -14,8 +14,11 @@
 //! Incremental decoding: [`LlamaForCausalLM::forward_cached`] with a [`KvCache`], and
 //! [`LlamaForCausalLM::generate_greedy`].
 //!
-//! Not here yet: sampling, padding masks (every sequence of a batch is the full length),
-//! attention dropout in training.
+//! Generation (greedy or sampled, one prompt at a time): [`LlamaForCausalLM::generate`].
+//!
+//! Not here: padding masks (every sequence of a batch is the full length; right padding,
+//! as [`crate::finetune`] batches, needs none under causal attention), attention dropout in
+//! training.
 
 mod cache;
 mod config;

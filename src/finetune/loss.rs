@@ -1,0 +1,129 @@
+//! The causal language-modelling loss with a per-token mask (prompt tokens and padding
+//! masked out).
+
+use candle_core::{DType, Tensor, D};
+
+use super::cross_entropy::weighted_cross_entropy;
+use crate::error::{Error, Result};
+
+/// The summed next-token cross-entropy of a batch: for every row `b` and position `t ≥ 1`
+/// with `loss_mask[b, t] = 1`, `−log softmax(logits[b, t − 1])[input_ids[b, t]]`.
+///
+/// `logits` is `(batch, seq, vocab)`, `input_ids` `(batch, seq)` and `loss_mask`
+/// `(batch, seq)` (1 where token `t` is a prediction target, as
+/// [`Batch`](super::batching::Batch) builds it), computed in f32. On the CPU a fused kernel
+/// computes it in one pass over the logits and its gradient in one more; elsewhere
+/// [`causal_lm_loss_sum_composed`] runs. Dividing the sum by the number
+/// of target tokens of the whole optimizer step (all accumulated micro-batches) gives the
+/// mean loss per target token, as transformers' `Trainer` computes it.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use lorakit::finetune::loss::causal_lm_loss_sum;
+/// # fn main() -> lorakit::Result<()> {
+/// let dev = Device::Cpu;
+/// // Uniform logits over 4 tokens: each counted target costs ln 4.
+/// let logits = Tensor::zeros((1, 3, 4), candle_core::DType::F32, &dev)?;
+/// let ids = Tensor::new(&[[0u32, 1, 2]], &dev)?;
+/// let mask = Tensor::new(&[[0f32, 0., 1.]], &dev)?; // only token 2 is a target
+/// let loss = causal_lm_loss_sum(&logits, &ids, &mask)?.to_scalar::<f32>()?;
+/// assert!((loss - 4f32.ln()).abs() < 1e-6);
+/// # Ok(()) }
+/// ```
+pub fn causal_lm_loss_sum(
+    logits: &Tensor,
+    input_ids: &Tensor,
+    loss_mask: &Tensor,
+) -> Result<Tensor> {
+    let Some(Shifted {
+        predicted,
+        targets,
+        mask,
+    }) = shift(logits, input_ids, loss_mask)?
+    else {
+        return Ok(Tensor::zeros((), DType::F32, logits.device())?);
+    };
+    if predicted.device().is_cpu() {
+        let per_row = weighted_cross_entropy(&predicted, &targets.squeeze(1)?, &mask)?;
+        return Ok(per_row.sum_all()?);
+    }
+    composed(&predicted, &targets, &mask)
+}
+
+/// [`causal_lm_loss_sum`] by candle's composed ops (log-softmax, gather): what devices
+/// other than the CPU run, and the reference the fused CPU kernel is tested against.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use lorakit::finetune::loss::{causal_lm_loss_sum, causal_lm_loss_sum_composed};
+/// # fn main() -> lorakit::Result<()> {
+/// let dev = Device::Cpu;
+/// let logits = Tensor::randn(0f32, 3., (2, 5, 11), &dev)?;
+/// let ids = Tensor::new(&[[1u32, 2, 3, 4, 5], [6, 7, 8, 9, 10]], &dev)?;
+/// let mask = Tensor::new(&[[0f32, 1., 1., 0., 1.], [1., 1., 1., 1., 0.]], &dev)?;
+/// let fused = causal_lm_loss_sum(&logits, &ids, &mask)?.to_scalar::<f32>()?;
+/// let composed = causal_lm_loss_sum_composed(&logits, &ids, &mask)?.to_scalar::<f32>()?;
+/// assert!((fused - composed).abs() < 1e-5 * composed.abs());
+/// # Ok(()) }
+/// ```
+pub fn causal_lm_loss_sum_composed(
+    logits: &Tensor,
+    input_ids: &Tensor,
+    loss_mask: &Tensor,
+) -> Result<Tensor> {
+    match shift(logits, input_ids, loss_mask)? {
+        Some(Shifted {
+            predicted,
+            targets,
+            mask,
+        }) => composed(&predicted, &targets, &mask),
+        None => Ok(Tensor::zeros((), DType::F32, logits.device())?),
+    }
+}
+
+/// The predicting logits `(rows, vocab)` f32, their targets `(rows, 1)` u32 and weights
+/// `(rows,)` f32 over every `(b, t ≥ 1)`.
+struct Shifted {
+    predicted: Tensor,
+    targets: Tensor,
+    mask: Tensor,
+}
+
+/// Checks the shapes and shifts: `None` for sequences of one token (nothing to predict).
+fn shift(logits: &Tensor, input_ids: &Tensor, loss_mask: &Tensor) -> Result<Option<Shifted>> {
+    let (batch, seq, vocab) = logits.dims3().map_err(|_| shape_error("logits", logits))?;
+    if input_ids.dims() != [batch, seq] || loss_mask.dims() != [batch, seq] {
+        return Err(Error::ShapeMismatch {
+            layer: "causal LM loss".to_string(),
+            what: "input_ids / loss_mask".to_string(),
+            expected: format!("[{batch}, {seq}] (the logits' batch and sequence)"),
+            got: format!("{:?} / {:?}", input_ids.dims(), loss_mask.dims()),
+        });
+    }
+    if seq < 2 {
+        return Ok(None);
+    }
+    let rows = batch * (seq - 1);
+    let narrow =
+        |t: &Tensor, start: usize, dtype: DType| t.narrow(1, start, seq - 1)?.to_dtype(dtype);
+    Ok(Some(Shifted {
+        predicted: narrow(logits, 0, DType::F32)?.reshape((rows, vocab))?,
+        targets: narrow(input_ids, 1, DType::U32)?.reshape((rows, 1))?,
+        mask: narrow(loss_mask, 1, DType::F32)?.reshape(rows)?,
+    }))
+}
+
+fn composed(predicted: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let log_probs = candle_nn::ops::log_softmax(predicted, D::Minus1)?;
+    let picked = log_probs.gather(targets, 1)?.squeeze(1)?;
+    Ok((picked * mask)?.sum_all()?.neg()?)
+}
+
+fn shape_error(what: &str, t: &Tensor) -> Error {
+    Error::ShapeMismatch {
+        layer: "causal LM loss".to_string(),
+        what: what.to_string(),
+        expected: "(batch, seq, vocab)".to_string(),
+        got: format!("{:?}", t.dims()),
+    }
+}

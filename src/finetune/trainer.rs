@@ -1,0 +1,453 @@
+//! [`Trainer`]: the fine-tuning loop.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::backprop::GradStore;
+use candle_core::Tensor;
+use candle_nn::{VarBuilder, VarMap};
+use serde::{Deserialize, Serialize};
+
+use super::batching::Batch;
+use super::config::TrainConfig;
+use super::cursor::Cursor;
+use super::data::Dataset;
+use super::grads::GradAccumulator;
+use super::loss::causal_lm_loss_sum;
+use super::recipe::AdapterRecipe;
+use super::rule::Rule;
+use super::schedule::LrSchedule;
+use crate::adapter::{Adapter, Variant};
+use crate::error::{Error, Result};
+use crate::model::AdaptedSet;
+use crate::models::CausalLm;
+use crate::peft::{save_adapter, PeftConfig};
+use crate::shared::Shared;
+use crate::train::lora_drop::sample_indices;
+use crate::train::{LayerImportance, LoraDrop};
+
+/// One optimizer step's record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepLog {
+    /// The step, from 1.
+    pub step: usize,
+    /// Mean loss per target token over the step's batches.
+    pub loss: f64,
+    /// The peak learning rate times the schedule's factor (LoRA+: A's rate).
+    pub lr: f64,
+    /// The gradients' global norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens the loss counted.
+    pub target_tokens: usize,
+    /// Wall time of the step, seconds.
+    pub seconds: f64,
+}
+
+/// One evaluation's record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalLog {
+    /// The step after which it ran.
+    pub step: usize,
+    /// Mean loss per target token over the eval set.
+    pub loss: f64,
+}
+
+/// What [`Trainer::train`] reports as it goes.
+#[derive(Debug)]
+pub enum TrainEvent<'a> {
+    /// LoRA-drop's stage 1 ended; the text says what it selected.
+    Stage1(&'a str),
+    /// An optimizer step ended.
+    Step(&'a StepLog),
+    /// An evaluation ended.
+    Eval(&'a EvalLog),
+    /// A checkpoint was written.
+    Checkpoint(&'a Path),
+}
+
+/// Progress that a checkpoint records and a resumed run continues from.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub(crate) struct Progress {
+    pub step: usize,
+    pub epoch: usize,
+    pub batch_index: usize,
+    /// LoRA-drop's stage-1 importances (`name`, raw, normalized), once stage 1 ran.
+    pub lora_drop: Option<Vec<(String, f64, f64)>>,
+    pub lora_drop_note: Option<String>,
+    pub history: Vec<StepLog>,
+    pub evals: Vec<EvalLog>,
+}
+
+/// The fine-tuning loop over a causal language model whose adapters were built from an
+/// [`AdapterRecipe`]'s plan.
+///
+/// Each optimizer step takes `grad_accum` batches from the training set (epoch after
+/// epoch, each shuffled by `(seed, epoch)`), sums the causal-LM loss over their target
+/// tokens ([`causal_lm_loss_sum`]) and divides by the step's target-token count, adds
+/// AdaLoRA's orthogonality penalty, accumulates the trainable variables' gradients, clips
+/// their global norm, then runs the variant's rule around AdamW: LoRA+'s parameter groups,
+/// LoRA-FA's projection of B's gradient, Delta-LoRA's update of W, AdaLoRA's rank
+/// allocation; LoRA-drop first runs its stage 1 (training on a sample, calibrating, sharing
+/// the pairs of unimportant layers). The learning rate follows the warmup + decay schedule.
+///
+/// Checkpoints (`output_dir/checkpoint-<step>/`) hold the adapter as a PEFT directory
+/// (loadable by PEFT and [`crate::peft::PeftAdapter`]) and what resuming needs:
+/// `trainer_state.json` (step, data position, logs), `trainable.safetensors` (every
+/// trainable variable by its full name), `optimizer.safetensors` (AdamW's moments) and,
+/// for AdaLoRA, `allocator.safetensors`. [`Trainer::resume`] continues a run so that it
+/// ends where the uninterrupted run would have (with dropout 0). Not resumable: Delta-LoRA
+/// past its start step K (its updated base weights are not restored).
+///
+/// ```
+/// use candle_core::{DType, Device};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use lorakit::finetune::{AdapterRecipe, Dataset, Example, TrainConfig, Trainer};
+/// use lorakit::models::llama::{LlamaConfig, LlamaForCausalLM};
+/// use lorakit::Variant;
+/// # fn main() -> lorakit::Result<()> {
+/// let dir = "tests/fixtures/models/llama/qwen2/base"; // a tiny Qwen2, vocab 64
+/// let dev = Device::Cpu;
+/// let config = LlamaConfig::from_file(format!("{dir}/config.json"))?;
+/// let recipe = AdapterRecipe::new(Variant::Lora, 4, 8.0, &["all-linear"]);
+/// let vars = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&vars, DType::F32, &dev);
+/// let plan = recipe.plan(vb, &config.linear_shapes(), DType::F32, &dev)?;
+/// let model = LlamaForCausalLM::from_pretrained(dir, DType::F32, &dev, &plan)?;
+///
+/// // One sequence to learn by heart (ids below 64; a real run reads JSONL through a tokenizer).
+/// let ids: Vec<u32> = (0..24).map(|i| (i * 7 % 60) as u32 + 3).collect();
+/// let data = Dataset::from_examples(vec![Example::new(ids.clone(), vec![true; ids.len()])?]);
+/// let mut settings = TrainConfig::new(30);
+/// settings.lr = 3e-2;
+/// let mut trainer = Trainer::new(&model, plan.finish()?, recipe, settings)?;
+/// let before = trainer.evaluate(&data)?;
+/// let report = trainer.train(&data, None, |_| {})?;
+/// assert_eq!(report.history.len(), 30);
+/// let after = trainer.evaluate(&data)?;
+/// assert!(after < 0.7 * before, "{before} -> {after}");
+/// # Ok(()) }
+/// ```
+pub struct Trainer<'m> {
+    pub(super) model: &'m dyn CausalLm,
+    pub(super) adapters: AdaptedSet,
+    pub(super) recipe: AdapterRecipe,
+    pub(super) config: TrainConfig,
+    schedule: LrSchedule,
+    pub(super) rule: Rule,
+    /// LoRA-drop's shared pairs live here.
+    shared_vars: VarMap,
+    pub(super) progress: Progress,
+}
+
+/// What a finished [`Trainer::train`] call did.
+#[derive(Clone, Debug, Default)]
+pub struct TrainReport {
+    /// Every step's record since the run began (a resumed run's earlier steps included).
+    pub history: Vec<StepLog>,
+    /// Every evaluation.
+    pub evals: Vec<EvalLog>,
+    /// Checkpoints written by this call.
+    pub checkpoints: Vec<PathBuf>,
+    /// LoRA-drop's selection, in words.
+    pub note: Option<String>,
+}
+
+impl<'m> Trainer<'m> {
+    /// A trainer for `model`, whose adapted layers are `adapters` (the `finish()` of the
+    /// plan `recipe` built). Errors: bad settings ([`TrainConfig::validate`]), no adapted
+    /// layer, or a layer of another variant than the recipe's.
+    pub fn new(
+        model: &'m dyn CausalLm,
+        adapters: AdaptedSet,
+        recipe: AdapterRecipe,
+        config: TrainConfig,
+    ) -> Result<Self> {
+        config.validate()?;
+        let schedule = config.schedule()?;
+        let rule = Rule::new(&recipe, &adapters, &config)?;
+        Ok(Self {
+            model,
+            adapters,
+            recipe,
+            config,
+            schedule,
+            rule,
+            shared_vars: VarMap::new(),
+            progress: Progress::default(),
+        })
+    }
+
+    /// Trains until `max_steps` (from where a [`resume`](Self::resume) left off), calling
+    /// `on_event` after every step, evaluation and checkpoint. `eval` is evaluated every
+    /// `eval_every` steps and after the last one.
+    ///
+    /// Errors: a dataset with a token the model's vocabulary lacks (checked first), an empty
+    /// dataset, a non-finite loss (the step is not applied), or a failed checkpoint write.
+    pub fn train(
+        &mut self,
+        train: &Dataset,
+        eval: Option<&Dataset>,
+        mut on_event: impl FnMut(&TrainEvent),
+    ) -> Result<TrainReport> {
+        let vocab = self.model.vocab_size();
+        train.check_vocab(vocab)?;
+        if let Some(eval) = eval {
+            eval.check_vocab(vocab)?;
+        }
+        let mut report = TrainReport::default();
+        if self.recipe.variant == Variant::LoraDrop && self.progress.lora_drop.is_none() {
+            let note = self.lora_drop_stage1(train)?;
+            on_event(&TrainEvent::Stage1(&note));
+        }
+        let device = self.model.device().clone();
+        let mut cursor = Cursor::new(
+            train,
+            self.config.batch.clone(),
+            self.config.seed,
+            &device,
+            self.progress.epoch,
+            self.progress.batch_index,
+        );
+        self.adapters.set_training(true);
+        while self.progress.step < self.config.max_steps {
+            let log = self.step(&mut cursor)?;
+            self.progress.epoch = cursor.epoch;
+            self.progress.batch_index = cursor.index;
+            self.progress.history.push(log.clone());
+            on_event(&TrainEvent::Step(&log));
+            let step = log.step;
+            let last = step == self.config.max_steps;
+            if let Some(eval) = eval {
+                if is_due(self.config.eval_every, step, last)
+                    || (last && self.config.eval_every.is_none())
+                {
+                    let entry = EvalLog {
+                        step,
+                        loss: self.evaluate(eval)?,
+                    };
+                    self.adapters.set_training(true);
+                    self.progress.evals.push(entry.clone());
+                    on_event(&TrainEvent::Eval(&entry));
+                }
+            }
+            if let (Some(dir), true) = (
+                &self.config.output_dir,
+                is_due(self.config.save_every, step, last),
+            ) {
+                let path = dir.join(format!("checkpoint-{step}"));
+                self.save_checkpoint(&path)?;
+                on_event(&TrainEvent::Checkpoint(&path));
+                report.checkpoints.push(path);
+            }
+        }
+        self.adapters.set_training(false);
+        report.history = self.progress.history.clone();
+        report.evals = self.progress.evals.clone();
+        report.note = self.progress.lora_drop_note.clone();
+        Ok(report)
+    }
+
+    /// One optimizer step over `grad_accum` batches.
+    fn step(&mut self, cursor: &mut Cursor) -> Result<StepLog> {
+        let start = Instant::now();
+        let step = self.progress.step + 1;
+        let factor = self.schedule.factor(step - 1);
+        self.rule.optimizer.set_lr_factor(factor);
+        let batches = (0..self.config.grad_accum)
+            .map(|_| cursor.next_batch())
+            .collect::<Result<Vec<_>>>()?;
+        let target_tokens: usize = batches.iter().map(|b| b.target_tokens).sum();
+        let mut acc = GradAccumulator::new(self.rule.vars.clone());
+        let mut loss_sum = 0.0;
+        for (i, batch) in batches.iter().enumerate() {
+            // The penalty enters once per step, with the first batch.
+            let extra = if i == 0 {
+                self.rule.extra_loss()?
+            } else {
+                None
+            };
+            let (sum, grads) = backward_batch(self.model, batch, target_tokens, extra)?;
+            loss_sum += sum;
+            acc.add(&grads)?;
+        }
+        let loss = loss_sum / target_tokens.max(1) as f64;
+        if !loss.is_finite() {
+            return Err(Error::settings(
+                "training",
+                "loss",
+                format!("step {step}: the loss is {loss}; lower the learning rate (the step was not applied)"),
+            ));
+        }
+        let grad_norm = acc.clip_global_norm(self.config.max_grad_norm)?;
+        apply_step(&mut self.rule, step, &mut acc)?;
+        self.progress.step = step;
+        Ok(StepLog {
+            step,
+            loss,
+            lr: self.config.lr * factor,
+            grad_norm,
+            target_tokens,
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// The mean loss per target token over `data` (every example once, in batches of the
+    /// training settings). Leaves the adapters in evaluation mode (no dropout; `train`
+    /// switches them back).
+    pub fn evaluate(&self, data: &Dataset) -> Result<f64> {
+        data.check_vocab(self.model.vocab_size())?;
+        self.adapters.set_training(false);
+        let batches = data.batches(&self.config.batch, 0, self.config.seed, self.model.device())?;
+        let (mut sum, mut tokens) = (0f64, 0usize);
+        for batch in &batches {
+            let logits = self.model.logits(&batch.input_ids)?;
+            let loss = causal_lm_loss_sum(&logits, &batch.input_ids, &batch.loss_mask)?;
+            sum += f64::from(loss.to_scalar::<f32>()?);
+            tokens += batch.target_tokens;
+        }
+        Ok(sum / tokens.max(1) as f64)
+    }
+
+    /// The adapted layers.
+    pub fn adapters(&self) -> &AdaptedSet {
+        &self.adapters
+    }
+
+    /// Optimizer steps taken (a resumed run counts the steps before its checkpoint).
+    pub fn steps_done(&self) -> usize {
+        self.progress.step
+    }
+
+    /// The PEFT config the adapter is saved with.
+    pub fn peft_config(&self) -> Result<PeftConfig> {
+        self.recipe.peft_config(self.config.max_steps)
+    }
+
+    /// Writes the adapter as a PEFT directory (`adapter_config.json` +
+    /// `adapter_model.safetensors`), which PEFT's `PeftModel.from_pretrained` and
+    /// [`crate::peft::PeftAdapter::load`] read.
+    pub fn save_adapter(&self, dir: impl AsRef<Path>) -> Result<()> {
+        save_adapter(dir, &self.peft_config()?, &self.adapters)
+    }
+
+    /// LoRA-drop's stage 1: `stage1_steps` steps at the peak learning rate on a sample of
+    /// the training examples, calibration on the sample, then the unimportant layers moved
+    /// onto shared pairs and the rule rebuilt over the new variables.
+    fn lora_drop_stage1(&mut self, train: &Dataset) -> Result<String> {
+        let layers: Vec<Shared<dyn Adapter>> =
+            self.adapters.layers().into_iter().map(|(_, l)| l).collect();
+        let drop = LoraDrop::new(&layers, self.recipe.lora_drop.clone())?;
+        let device = self.model.device().clone();
+        let (model, adapters) = (self.model, &self.adapters);
+        let options = self.config.batch.clone();
+        let settings = &self.recipe.lora_drop;
+        let sample = sample_indices(train.len(), settings.sample, settings.seed)?;
+        let sample_data = train.subset(&sample)?;
+        let mut cursor = Cursor::new(
+            &sample_data,
+            options.clone(),
+            self.config.seed,
+            &device,
+            0,
+            0,
+        );
+        let rule = &mut self.rule;
+        adapters.set_training(true);
+        let stage1 = drop.stage1(
+            train.len(),
+            |step, _sample| {
+                let batch = cursor.next_batch()?;
+                let (_, grads) = backward_batch(model, &batch, batch.target_tokens, None)?;
+                let mut acc = GradAccumulator::new(rule.vars.clone());
+                acc.add(&grads)?;
+                apply_step(rule, step, &mut acc)
+            },
+            |_sample| {
+                adapters.set_training(false);
+                for batch in sample_data.batches(&options, 0, 0, &device)? {
+                    model.logits(&batch.input_ids)?;
+                }
+                Ok(())
+            },
+        )?;
+        self.share_lora_drop(&drop, &stage1.importance)?;
+        let note = self.progress.lora_drop_note.clone().unwrap_or_default();
+        Ok(note)
+    }
+
+    /// Moves LoRA-drop's unselected layers onto shared pairs by `importance` and rebuilds
+    /// the rule (a fresh optimizer over the new variables).
+    pub(super) fn share_lora_drop(
+        &mut self,
+        drop: &LoraDrop,
+        importance: &[LayerImportance],
+    ) -> Result<()> {
+        let vb = VarBuilder::from_varmap(&self.shared_vars, self.rule_dtype(), self.model.device());
+        let report = drop.share_unselected(importance, vb.pp("shared"))?;
+        self.rule = Rule::new(&self.recipe, &self.adapters, &self.config)?;
+        self.progress.lora_drop = Some(
+            importance
+                .iter()
+                .map(|i| (i.name.clone(), i.raw, i.importance))
+                .collect(),
+        );
+        self.progress.lora_drop_note = Some(format!(
+            "LoRA-drop kept {} of {} layers ({}), shared {} pair(s): {} -> {} trainable parameters",
+            report.selected.len(),
+            report.selected.len() + report.shared.len(),
+            report.selected.join(", "),
+            report.shared_pairs,
+            report.params_before,
+            report.params_after,
+        ));
+        Ok(())
+    }
+
+    /// The dtype of the trainable variables (that of new shared pairs).
+    fn rule_dtype(&self) -> candle_core::DType {
+        self.rule
+            .vars
+            .first()
+            .map(|v| v.dtype())
+            .unwrap_or(candle_core::DType::F32)
+    }
+}
+
+/// Whether a periodic action is due after `step`.
+fn is_due(every: Option<usize>, step: usize, last: bool) -> bool {
+    match every {
+        Some(n) => last || step.is_multiple_of(n),
+        None => false,
+    }
+}
+
+/// Forward and backward of one batch: returns the batch's summed loss and the gradients of
+/// `(sum + extra) / target_tokens`-scaled loss (`extra` is added unscaled).
+fn backward_batch(
+    model: &dyn CausalLm,
+    batch: &Batch,
+    target_tokens: usize,
+    extra: Option<Tensor>,
+) -> Result<(f64, GradStore)> {
+    let logits = model.logits(&batch.input_ids)?;
+    let sum = causal_lm_loss_sum(&logits, &batch.input_ids, &batch.loss_mask)?;
+    let mut loss = (&sum / target_tokens.max(1) as f64)?;
+    if let Some(extra) = extra {
+        let extra = extra.to_dtype(loss.dtype())?;
+        loss = (loss + extra)?;
+    }
+    let grads = loss.backward()?;
+    Ok((sum.to_scalar::<f32>()? as f64, grads))
+}
+
+/// The variant's hooks around one AdamW step on the accumulated gradients.
+fn apply_step(rule: &mut Rule, step: usize, acc: &mut GradAccumulator) -> Result<()> {
+    for hook in rule.hooks_mut() {
+        hook.before_step(step, acc.store_mut())?;
+    }
+    rule.optimizer.step(acc.store())?;
+    for hook in rule.hooks_mut() {
+        hook.after_step(step, acc.store())?;
+    }
+    Ok(())
+}
