@@ -21,6 +21,8 @@ const LAYERS: usize = 2;
 const HEADS: usize = 4;
 const KV_HEADS: usize = 2;
 const MLP: usize = 128;
+/// The embedding's (and tied head's) init scale.
+const EMBED_STD: f64 = 0.1;
 
 /// Writes `dir/model/` (config.json, model.safetensors, tokenizer.json,
 /// tokenizer_config.json) with a tokenizer trained on the texts of `data`.
@@ -96,38 +98,48 @@ fn write_json(path: &Path, value: &Value) -> lorakit::Result<()> {
 }
 
 /// Random weights with transformers' names: matrices N(0, 0.02²) as `LlamaForCausalLM`
-/// initializes them, norms at 1; the output head tied to the embedding.
+/// initializes them, norms at 1; the output head tied to the embedding, whose rows are
+/// drawn larger (`EMBED_STD`) so that the tied head can express confident predictions
+/// (with 0.02 its logits span about ±1 and no adapter could lower the loss much).
 fn weights(vocab: usize) -> lorakit::Result<HashMap<String, Tensor>> {
     let dev = Device::Cpu;
     let head_dim = HIDDEN / HEADS;
     let mut w = HashMap::new();
     let mut rng = SeededRng::new(0);
-    let mut add = |name: String, shape: (usize, usize)| -> lorakit::Result<()> {
-        w.insert(name, rng.normal(shape, 0.0, 0.02, DType::F32, &dev)?);
+    let mut add = |name: String, shape: (usize, usize), std: f64| -> lorakit::Result<()> {
+        w.insert(name, rng.normal(shape, 0.0, std, DType::F32, &dev)?);
         Ok(())
     };
-    add("model.embed_tokens.weight".into(), (vocab, HIDDEN))?;
+    add(
+        "model.embed_tokens.weight".into(),
+        (vocab, HIDDEN),
+        EMBED_STD,
+    )?;
     for i in 0..LAYERS {
         let p = format!("model.layers.{i}");
         add(
             format!("{p}.self_attn.q_proj.weight"),
             (HEADS * head_dim, HIDDEN),
+            0.02,
         )?;
         add(
             format!("{p}.self_attn.k_proj.weight"),
             (KV_HEADS * head_dim, HIDDEN),
+            0.02,
         )?;
         add(
             format!("{p}.self_attn.v_proj.weight"),
             (KV_HEADS * head_dim, HIDDEN),
+            0.02,
         )?;
         add(
             format!("{p}.self_attn.o_proj.weight"),
             (HIDDEN, HEADS * head_dim),
+            0.02,
         )?;
-        add(format!("{p}.mlp.gate_proj.weight"), (MLP, HIDDEN))?;
-        add(format!("{p}.mlp.up_proj.weight"), (MLP, HIDDEN))?;
-        add(format!("{p}.mlp.down_proj.weight"), (HIDDEN, MLP))?;
+        add(format!("{p}.mlp.gate_proj.weight"), (MLP, HIDDEN), 0.02)?;
+        add(format!("{p}.mlp.up_proj.weight"), (MLP, HIDDEN), 0.02)?;
+        add(format!("{p}.mlp.down_proj.weight"), (HIDDEN, MLP), 0.02)?;
     }
     for i in 0..LAYERS {
         for norm in ["input_layernorm", "post_attention_layernorm"] {

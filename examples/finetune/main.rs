@@ -55,7 +55,7 @@ struct Args {
     #[arg(long, default_value_t = 200)]
     steps: usize,
     /// Peak learning rate.
-    #[arg(long, default_value_t = 2e-3)]
+    #[arg(long, default_value_t = 5e-3)]
     lr: f64,
     /// Rank (VeRA: the shared pair's rank; AdaLoRA: the initial rank).
     #[arg(long, default_value_t = 8)]
