@@ -45,7 +45,7 @@ struct Args {
     /// Training data, JSONL: {"text": ...} or {"prompt": ..., "completion": ...} per line.
     #[arg(long)]
     data: Option<PathBuf>,
-    /// The variant: lora, lora+, vera, lora-fa, lora-drop, adalora, dora, delta-lora.
+    /// The variant: lora, lora-plus, vera, lora-fa, lora-drop, adalora, dora, delta-lora.
     #[arg(long, default_value = "lora")]
     method: String,
     /// Where the adapter (a PEFT directory), loss_curve.svg and log.json go.
@@ -212,7 +212,8 @@ fn run(mut args: Args) -> lorakit::Result<()> {
     if let Some(loss) = start_eval {
         println!("eval loss before training: {loss:.4}");
     }
-    let bar = progress_bar(args.steps, trainer.steps_done());
+    let first_step = trainer.steps_done();
+    let bar = progress_bar(args.steps, first_step);
     let started = Instant::now();
     let report = trainer.train(&train, eval.as_ref(), |event| match event {
         TrainEvent::Step(log) => {
@@ -230,7 +231,7 @@ fn run(mut args: Args) -> lorakit::Result<()> {
     let seconds = started.elapsed().as_secs_f64();
     trainer.save_adapter(out)?;
     write_logs(out, &report, start_eval)?;
-    summarize(&report, seconds, out);
+    summarize(&report, first_step, seconds, out);
     Ok(())
 }
 
@@ -284,12 +285,19 @@ fn write_logs(out: &Path, report: &TrainReport, start_eval: Option<f64>) -> lora
     std::fs::write(&log_path, log.to_string()).map_err(|e| lorakit::Error::io(&log_path, e))
 }
 
-fn summarize(report: &TrainReport, seconds: f64, out: &Path) {
-    let tokens: usize = report.history.iter().map(|l| l.target_tokens).sum();
-    if let (Some(first), Some(last)) = (report.history.first(), report.history.last()) {
+/// What the run did; speed counts the steps of this run (after `first_step`, where a
+/// resumed run started).
+fn summarize(report: &TrainReport, first_step: usize, seconds: f64, out: &Path) {
+    let this_run: Vec<_> = report
+        .history
+        .iter()
+        .filter(|l| l.step > first_step)
+        .collect();
+    let tokens: usize = this_run.iter().map(|l| l.target_tokens).sum();
+    if let (Some(first), Some(last)) = (this_run.first(), this_run.last()) {
         println!(
             "trained {} steps in {seconds:.1} s ({:.0} target tokens/s): loss {:.4} -> {:.4}",
-            report.history.len(),
+            this_run.len(),
             tokens as f64 / seconds.max(1e-9),
             first.loss,
             last.loss
