@@ -30,6 +30,7 @@ pub mod llama;
 mod ops;
 pub mod sampling;
 mod softmax;
+mod swiglu;
 
 pub use auto::AutoCausalLm;
 pub use causal_lm::CausalLm;

@@ -269,9 +269,11 @@ impl Mlp {
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
+        let gate = self.gate_proj.forward(x)?;
         let up = self.up_proj.forward(x)?;
-        Ok(self.down_proj.forward(&(gate * up)?)?)
+        Ok(self
+            .down_proj
+            .forward(&crate::models::swiglu::silu_mul(&gate, &up)?)?)
     }
 }
 
