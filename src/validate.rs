@@ -138,10 +138,21 @@ pub(crate) fn shape(layer: &str, what: &str, t: &Tensor, dims: &[usize]) -> Resu
 /// An input to an embedding: integer token ids (U8, U32 or I64) of any shape, on the layer's
 /// device, each in `0..vocab` (checked with two reductions: on a GPU, a sync).
 pub(crate) fn token_ids(layer: &str, ids: &Tensor, vocab: usize, device: &Device) -> Result<()> {
+    named_token_ids(layer, "input", ids, vocab, device)
+}
+
+/// [`token_ids`] with the input named `what` in errors (a model's `input_ids`).
+pub(crate) fn named_token_ids(
+    layer: &str,
+    what: &'static str,
+    ids: &Tensor,
+    vocab: usize,
+    device: &Device,
+) -> Result<()> {
     if !matches!(ids.dtype(), DType::U8 | DType::U32 | DType::I64) {
         return Err(Error::layer_config(
             layer.to_string(),
-            "input",
+            what,
             format!(
                 "an embedding takes integer token ids (u8, u32 or i64), got {:?}",
                 ids.dtype()
@@ -151,7 +162,7 @@ pub(crate) fn token_ids(layer: &str, ids: &Tensor, vocab: usize, device: &Device
     if !ids.device().same_device(device) {
         return Err(Error::DeviceMismatch {
             layer: layer.to_string(),
-            what: "input".to_string(),
+            what: what.to_string(),
             expected: device_name(device),
             got: device_name(ids.device()),
         });
@@ -168,7 +179,7 @@ pub(crate) fn token_ids(layer: &str, ids: &Tensor, vocab: usize, device: &Device
         let bad = if lo < 0 { lo } else { hi };
         return Err(Error::layer_config(
             layer.to_string(),
-            "input",
+            what,
             format!("token index {bad} is out of range for an embedding of {vocab} rows"),
         ));
     }

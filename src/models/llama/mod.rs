@@ -366,59 +366,28 @@ impl LlamaForCausalLM {
         &self.device
     }
 
-    /// `(batch, seq)` of valid token ids.
+    /// `(batch, seq)` of valid token ids: rank 2, `batch, seq ≥ 1`, ids below `vocab_size`
+    /// on the model's device (the check every embedding makes).
     fn check_ids(&self, ids: &Tensor) -> Result<(usize, usize)> {
         let layer = "model.embed_tokens";
-        let &[batch, seq] = ids.dims() else {
-            return Err(Error::ShapeMismatch {
-                layer: layer.to_string(),
-                what: "input_ids".to_string(),
-                expected: "(batch, seq)".to_string(),
-                got: format!("{:?}", ids.dims()),
-            });
+        let (batch, seq) = match ids.dims() {
+            &[batch, seq] if batch > 0 && seq > 0 => (batch, seq),
+            _ => {
+                return Err(Error::ShapeMismatch {
+                    layer: layer.to_string(),
+                    what: "input_ids".to_string(),
+                    expected: "(batch, seq) with batch, seq ≥ 1".to_string(),
+                    got: format!("{:?}", ids.dims()),
+                })
+            }
         };
-        if batch == 0 || seq == 0 {
-            return Err(Error::ShapeMismatch {
-                layer: layer.to_string(),
-                what: "input_ids".to_string(),
-                expected: "(batch, seq) with batch, seq ≥ 1".to_string(),
-                got: format!("{:?}", ids.dims()),
-            });
-        }
-        if !matches!(ids.dtype(), DType::U8 | DType::U32 | DType::I64) {
-            return Err(Error::layer_config(
-                layer,
-                "input_ids",
-                format!("token ids must be u8, u32 or i64, got {:?}", ids.dtype()),
-            ));
-        }
-        if !ids.device().same_device(&self.device) {
-            return Err(Error::layer_config(
-                layer,
-                "input_ids",
-                format!(
-                    "token ids are on {:?}, the model on {:?}",
-                    ids.device().location(),
-                    self.device.location()
-                ),
-            ));
-        }
-        let wide = ids.flatten_all()?.to_dtype(DType::I64)?;
-        let (lo, hi) = (
-            wide.min_all()?.to_scalar::<i64>()?,
-            wide.max_all()?.to_scalar::<i64>()?,
-        );
-        if lo < 0 || usize::try_from(hi).map_or(true, |h| h >= self.config.vocab_size) {
-            let bad = if lo < 0 { lo } else { hi };
-            return Err(Error::layer_config(
-                layer,
-                "input_ids",
-                format!(
-                    "token id {bad} is out of range for vocab_size {}",
-                    self.config.vocab_size
-                ),
-            ));
-        }
+        crate::validate::named_token_ids(
+            layer,
+            "input_ids",
+            ids,
+            self.config.vocab_size,
+            &self.device,
+        )?;
         Ok((batch, seq))
     }
 }
