@@ -10,6 +10,10 @@ Usage:
 Models (nothing new is trained or drawn; the fixtures of other scripts are read):
     mistral, qwen2, qwen3, llama3_rope, linear_rope
         tests/fixtures/models/llama/CASE/{base,lora} (scripts/make_model_fixtures.py)
+    mistral, qwen2, qwen3, llama3_rope with their second variant (the longer prompt only)
+        tests/fixtures/models/llama/CASE/{base,vera|dora|adalora}: mistral/vera,
+        qwen2/dora, qwen3/adalora, llama3_rope/dora (the `adapter` field names the folder;
+        the `lora_*` fields hold that adapter's tokens whatever its variant)
     gpt2_lora, gpt2_dora
         tests/fixtures/peft_options/CASE/{base,adapter} (scripts/make_option_fixtures.py;
         n_positions 16, so prompts are 4 tokens: 4 + 12 new fit)
@@ -86,6 +90,11 @@ MODELS = [
 ] + [
     (c, f"tests/fixtures/peft_options/{c}", "base", "adapter", GPT2_PROMPTS)
     for c in ["gpt2_lora", "gpt2_dora"]
+] + [
+    # The second variant of four Llama-family cases (scripts/make_model_fixtures.py's
+    # SECOND), on the longer prompt only.
+    (c, f"tests/fixtures/models/llama/{c}", "base", kind, LLAMA_PROMPTS[1:])
+    for c, kind in [("mistral", "vera"), ("qwen2", "dora"), ("qwen3", "adalora"), ("llama3_rope", "dora")]
 ]
 TEXT_PROMPT = "hello world, the quick"
 
@@ -143,6 +152,7 @@ def model_case(name, rel, base_sub, adapter_sub, prompt):
     stop = [lora_tokens[4], next(t for t in range(64) if t not in lora_tokens[:5])]
     lora_stop_tokens, _ = greedy(lora, prompt, stop)
     assert lora_stop_tokens == lora_tokens[: lora_tokens.index(stop[0]) + 1], name
+    assert lora_tokens != base_tokens, (name, adapter_sub, "the adapter changes nothing")
     merged = copy.deepcopy(lora).merge_and_unload().eval()
     merged_tokens, _ = greedy(merged, prompt, None)
     # PEFT merges a LoRA on a tied table into the tensor the embedding and the head share,
@@ -152,7 +162,7 @@ def model_case(name, rel, base_sub, adapter_sub, prompt):
     assert differs == (name in ("gpt2_lora", "linear_rope")), (name, merged_tokens, lora_tokens)
     with open(os.path.join(base_dir, "config.json")) as f:
         model_type = json.load(f)["model_type"]
-    log(f"{name} {prompt}: lora {lora_tokens} (margin {margin:.3g}), base {base_tokens}, "
+    log(f"{name} {adapter_sub} {prompt}: lora {lora_tokens} (margin {margin:.3g}), base {base_tokens}, "
         f"merged {merged_tokens}, stop {stop}: {lora_stop_tokens}")
     return {
         "model": name,

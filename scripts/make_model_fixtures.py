@@ -49,9 +49,23 @@ For each CASE tests/fixtures/models/llama/ holds:
                              adapter_model.safetensors; PEFT's README.md removed)
     CASE/logits.safetensors  input_ids (i64, (2, 9)), logits (the base, (2, 9, 64) f32)
                              and lora_logits (the reloaded, unmerged PeftModel, eval),
-                             attention_mask all ones, default attention implementation
+                             attention_mask all ones, default attention implementation;
+                             KIND_logits for the second adapter (below)
+    CASE/KIND/               the second adapter (SECOND): mistral/vera (VeRA r=8 on
+                             q_proj, v_proj, down_proj), qwen2/dora (DoRA r=4 alpha=8 on
+                             q/v/gate/down_proj), qwen3/adalora (AdaLoRA init_r=4 alpha=8
+                             on q/k/o/up_proj, untrained: no rank_pattern), llama3_rope/dora
+                             (DoRA r=4 alpha=8 on q/o/gate_proj); made like the LoRA with
+                             seed + 2 after it, every trainable tensor + 0.2 * normal
+    qwen2/logits.safetensors also multi_default_logits, multi_dora_logits,
+                             multi_disabled_logits, multi_after_delete_logits: one
+                             PeftModel with the LoRA ("default") and the DoRA
+                             (load_adapter as "dora"), set_adapter / disable_adapter /
+                             merge_adapter + set_adapter("dora") (PEFT unmerges first) /
+                             delete_adapter("default")
 
-Sanity checks the script makes: the adapter changes the logits; the sliding window
+Sanity checks the script makes: each adapter changes the logits (and the second
+adapter's differ from the LoRA's); the sliding window
 (mistral, qwen3) and the RoPE scaling (llama3_rope, linear_rope) each change the base
 logits (the same weights with the option off differ by > 1e-3); eager and sdpa
 attention agree; the rewritten legacy config loads to the same logits.
@@ -80,7 +94,7 @@ from transformers import (
     Qwen3Config,
     Qwen3ForCausalLM,
 )
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import AdaLoraConfig, LoraConfig, PeftModel, VeraConfig, get_peft_model
 
 ROOT = os.path.normpath(
     os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "models", "llama")
@@ -180,6 +194,41 @@ CASES = {
     ),
 }
 INPUT_SHAPE = (2, 9)
+
+# The second adapter of a case (another variant, on the same base): name -> (folder,
+# PEFT config). Made after the LoRA with its own seed (case seed + 2), so the LoRA files
+# do not depend on it. Targets differ from the LoRA's on purpose (some shared, some not):
+# qwen2's pair is also the multi-adapter reference (load_adapter + set_adapter).
+SECOND = {
+    "mistral": (
+        "vera",
+        lambda: VeraConfig(
+            task_type="CAUSAL_LM", r=8, target_modules=["q_proj", "v_proj", "down_proj"],
+            projection_prng_key=0, save_projection=True,
+        ),
+    ),
+    "qwen2": (
+        "dora",
+        lambda: LoraConfig(
+            task_type="CAUSAL_LM", r=4, lora_alpha=8, use_dora=True,
+            target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"],
+        ),
+    ),
+    "qwen3": (
+        "adalora",
+        lambda: AdaLoraConfig(
+            task_type="CAUSAL_LM", init_r=4, target_r=2, lora_alpha=8, total_step=10,
+            target_modules=["q_proj", "k_proj", "o_proj", "up_proj"],
+        ),
+    ),
+    "llama3_rope": (
+        "dora",
+        lambda: LoraConfig(
+            task_type="CAUSAL_LM", r=4, lora_alpha=8, use_dora=True,
+            target_modules=["q_proj", "o_proj", "gate_proj"],
+        ),
+    ),
+}
 
 
 def log(msg):
@@ -314,11 +363,69 @@ def write_case(case):
     log(f"  adapter changes the logits by {change:.3f}")
     assert change > 1e-2, case
 
-    save_file(
-        {"input_ids": ids.contiguous(), "logits": expected, "lora_logits": lora_logits},
-        case_dir(case, "logits.safetensors"),
-        metadata={"format": "pt"},
-    )
+    tensors = {"input_ids": ids.contiguous(), "logits": expected, "lora_logits": lora_logits}
+    if case in SECOND:
+        tensors.update(write_second(case, ids, expected, lora_logits))
+    save_file(tensors, case_dir(case, "logits.safetensors"), metadata={"format": "pt"})
+
+
+def write_second(case, ids, expected, lora_logits):
+    """The case's second adapter (SECOND): saved to CASE/<kind>/, reloaded alone for
+    `<kind>_logits`; for qwen2 also the multi-adapter reference: one PeftModel with the
+    LoRA (as "default") and this adapter (load_adapter as "<kind>"), switched with
+    set_adapter and disable_adapter."""
+    kind, make_config = SECOND[case]
+    seed = CASES[case][4]
+    torch.manual_seed(seed + 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm = get_peft_model(load_base(case), make_config())
+        with torch.no_grad():
+            for _, p in pm.named_parameters():
+                if p.requires_grad:
+                    p.add_(0.2 * torch.randn_like(p))
+        pm.eval()
+        pm.save_pretrained(case_dir(case, kind))
+    for w in caught:
+        log(f"  warning ({kind} get_peft_model/save): {w.category.__name__}: {w.message}")
+    readme = case_dir(case, kind, "README.md")
+    if os.path.exists(readme):
+        os.remove(readme)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        alone = PeftModel.from_pretrained(load_base(case), case_dir(case, kind)).eval()
+    bad = [str(w.message) for w in caught if "missing" in str(w.message).lower() or "unexpected" in str(w.message).lower()]
+    assert not bad, bad
+    logits = logits_of(alone, ids)
+    assert (logits_of(pm, ids) - logits).abs().max() < 1e-5, (case, kind)
+    change = (logits - expected).abs().max().item()
+    log(f"  {kind} adapter changes the logits by {change:.3f}")
+    assert change > 1e-2, (case, kind)
+    assert (logits - lora_logits).abs().max().item() > 1e-2, (case, kind)
+    out = {f"{kind}_logits": logits}
+    if case == "qwen2":
+        multi = PeftModel.from_pretrained(load_base(case), case_dir(case, "lora")).eval()
+        multi.load_adapter(case_dir(case, kind), adapter_name=kind)
+        assert multi.active_adapter == "default"
+        out["multi_default_logits"] = logits_of(multi, ids)
+        multi.set_adapter(kind)
+        out[f"multi_{kind}_logits"] = logits_of(multi, ids)
+        with multi.disable_adapter():
+            out["multi_disabled_logits"] = logits_of(multi, ids)
+        # Merged, then set_adapter: PEFT unmerges first (with a warning).
+        multi.set_adapter("default")
+        multi.merge_adapter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            multi.set_adapter(kind)
+        assert any("Unmerging" in str(w.message) for w in caught), [str(w.message) for w in caught]
+        assert (logits_of(multi, ids) - out[f"multi_{kind}_logits"]).abs().max() < 1e-5
+        multi.delete_adapter("default")
+        out["multi_after_delete_logits"] = logits_of(multi, ids)
+        for name, want in [("default", lora_logits), (kind, logits), ("disabled", expected)]:
+            d = (out[f"multi_{name}_logits"] - want).abs().max().item()
+            log(f"  multi {name} vs alone: {d:.1e}")
+    return out
 
 
 README = """# Llama-family model fixtures (generated)
@@ -347,7 +454,24 @@ f32, random weights (matrices 0.2·N, biases 0.1·N, norms 1 + 0.1·N).
 | --- | --- |
 | `CASE/base/` | `save_pretrained`: `model.safetensors`, `config.json`, `generation_config.json` |
 | `CASE/lora/` | PEFT `save_pretrained`: `adapter_config.json`, `adapter_model.safetensors` |
-| `CASE/logits.safetensors` | `input_ids` (i64 (2, 9)), `logits` (base, f32 (2, 9, 64)), `lora_logits` (unmerged PeftModel reloaded from `lora/`, eval) |
+| `CASE/logits.safetensors` | `input_ids` (i64 (2, 9)), `logits` (base, f32 (2, 9, 64)), `lora_logits` (unmerged PeftModel reloaded from `lora/`, eval), `KIND_logits` (the second adapter, likewise) |
+| `CASE/KIND/` | a second adapter of another variant (below), PEFT `save_pretrained` |
+
+Second adapters (made after the LoRA with seed + 2; targets overlap the LoRA's in part):
+
+| case | `KIND` | PEFT config |
+| --- | --- | --- |
+| `mistral` | `vera` | VeRA r=8 on q_proj, v_proj, down_proj (shapes differ: the shared pair is sliced), projections saved |
+| `qwen2` | `dora` | DoRA r=4 α=8 on q_proj, v_proj, gate_proj, down_proj |
+| `qwen3` | `adalora` | AdaLoRA init_r=4 (target_r 2, not trained: no rank_pattern) α=8 on q/k/o_proj, up_proj |
+| `llama3_rope` | `dora` | DoRA r=4 α=8 on q_proj, o_proj, gate_proj |
+
+`qwen2/logits.safetensors` also holds the multi-adapter reference: one PeftModel with the
+LoRA as `default` and the DoRA added by `load_adapter(dora/, adapter_name="dora")`:
+`multi_default_logits` (default active), `multi_dora_logits` (after `set_adapter("dora")`),
+`multi_disabled_logits` (inside `disable_adapter()`), `multi_after_delete_logits` (after
+`merge_adapter()` on default, `set_adapter("dora")` (PEFT unmerges first, with a warning,
+checked) and `delete_adapter("default")`: dora is active).
 """
 
 

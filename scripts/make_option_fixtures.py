@@ -61,6 +61,13 @@ For each CASE the output holds:
                           <path> is the module path in the original model (no
                           `base_model.model.` prefix); plus `input_ids`, `logits` (the
                           unmerged PeftModel) and `merged_logits` (the merged model)
+    bert_cls/dora/        a second adapter on bert_cls's base (SECOND): DoRA r=4 alpha=8
+                          on query, key, dense (attention output, intermediate, output,
+                          pooler), task_type SEQ_CLS (its own classifier copy), bias
+                          "none"; made with seed + 2 after the rest of the case. Its
+                          logits on the same input_ids are in bert_cls/io.safetensors as
+                          `dora_logits` (PeftModel.from_pretrained(dora/) on a fresh
+                          base, unmerged) and `dora_merged_logits` (merge_and_unload())
 
 Versions used to generate the committed files: torch 2.15.0, transformers 5.24.0,
 peft 0.21.2, safetensors 0.8.0 (Python 3.11). PYTHONHASHSEED is pinned (PEFT stores
@@ -157,6 +164,14 @@ CASES = {
     ),
 }
 INPUT_SHAPE = (2, 5)
+
+# A second adapter of another variant on a case's base: case -> (folder, LoraConfig kwargs).
+SECOND = {
+    "bert_cls": (
+        "dora",
+        dict(task_type="SEQ_CLS", r=4, lora_alpha=8, use_dora=True, target_modules=["query", "key", "dense"]),
+    ),
+}
 
 
 def log(msg):
@@ -352,9 +367,42 @@ def write_case(case):
     assert (base_logits - logits).abs().max() > 1e-2, f"{case}: adapter does not change the output"
 
     io = {"input_ids": ids.contiguous(), "logits": logits, "merged_logits": merged_logits, **records}
+    if case in SECOND:
+        io.update(write_second(case, ids, base_logits, logits))
     save_file(io, case_dir(case, "io.safetensors"), metadata={"format": "pt"})
     log(f"  io keys: {sorted(records)}")
     return dict(diff=diff, mdiff=mdiff)
+
+
+def write_second(case, ids, base_logits, logits):
+    """The case's second adapter (SECOND), made after everything else with seed + 2 (the
+    first adapter's files do not depend on it): saved to CASE/<kind>/, reloaded alone
+    onto a fresh base for `<kind>_logits` (unmerged) and `<kind>_merged_logits`."""
+    kind, lora_kwargs = SECOND[case]
+    torch.manual_seed(CASES[case][3] + 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm = get_peft_model(load_base(case), LoraConfig(**lora_kwargs))
+        perturb_trainable(pm)
+        pm.eval()
+        pm.save_pretrained(case_dir(case, kind))
+    for w in caught:
+        log(f"  warning ({kind} get_peft_model/save): {w.category.__name__}: {w.message}")
+    readme = case_dir(case, kind, "README.md")
+    if os.path.exists(readme):
+        os.remove(readme)
+    reloaded, msgs = load_peft(case, case_dir(case, kind))
+    assert not bad_load_warnings(msgs), msgs
+    with torch.no_grad():
+        second = reloaded(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float().contiguous()
+        in_memory = pm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
+        merged = reloaded.merge_and_unload().eval()(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert (in_memory - second).abs().max() < 1e-5, (case, kind)
+    change = (second - base_logits).abs().max().item()
+    log(f"  {kind}: changes the logits by {change:.3f}; merged vs unmerged {(merged - second).abs().max().item():.1e}")
+    assert change > 1e-2, f"{case}/{kind}: adapter does not change the output"
+    assert (second - logits).abs().max() > 1e-2, (case, kind)
+    return {f"{kind}_logits": second, f"{kind}_merged_logits": merged.float().contiguous()}
 
 
 def check(case, adapter_dir, io_file):

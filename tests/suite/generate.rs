@@ -60,10 +60,15 @@ fn greedy_tokens_equal_transformers_unmerged_and_merged() {
     let all = expected();
     let max_new = usize::try_from(all["max_new_tokens"].as_u64().unwrap()).unwrap();
     let cases = all["cases"].as_array().unwrap();
-    assert_eq!(cases.len(), 14);
+    assert_eq!(cases.len(), 18);
     let greedy = GenerationConfig::greedy(max_new);
     for case in cases {
-        let name = format!("{} {:?}", case["model"], ids(&case["prompt"]));
+        let name = format!(
+            "{} {} {:?}",
+            case["model"],
+            case["adapter"],
+            ids(&case["prompt"])
+        );
         let prompt = ids(&case["prompt"]);
         let (base_dir, adapter_dir) = folders(case);
 

@@ -1,6 +1,7 @@
 //! `lorakit::models::bert`: BertForSequenceClassification against transformers + PEFT 0.21
 //! on the `bert_cls` option fixture (tests/fixtures/peft_options/bert_cls: hidden 16, 2
-//! layers, 3 labels; LoRA on query/value, bias = "all", the classifier in modules_to_save)
+//! layers, 3 labels; LoRA on query/value, bias = "all", the classifier in modules_to_save;
+//! and `bert_cls/dora`, a DoRA adapter on the same base)
 //! and on masked / token-typed inputs (`scripts/make_bert_mask_logits.py` →
 //! tests/fixtures/models/bert_mask_logits.safetensors); the config's refusals; bad inputs;
 //! and a few training steps with a fresh adapter of the fixture's config.
@@ -223,6 +224,38 @@ fn loaded_adapter_gives_pefts_logits() {
     plan.finish().unwrap();
     let train = model.forward_t(ids, None, None, true).unwrap();
     assert_close(&train, &io["logits"], TOL, "train-mode logits, no dropout");
+}
+
+#[test]
+fn a_dora_adapter_gives_pefts_logits_unmerged_and_merged() {
+    // bert_cls/dora: DoRA on query, key and every `dense` (attention output,
+    // intermediate, output, pooler), its own classifier copy, on bert_cls's base.
+    let plan = PeftAdapter::load(case_dir("bert_cls").join("dora"), &Device::Cpu)
+        .unwrap()
+        .plan()
+        .unwrap();
+    let model = BertForSequenceClassification::load(&config(), base_vb(), &plan).unwrap();
+    let set = plan.finish().expect("every tensor of the adapter is used");
+    assert_eq!(set.len(), 2 * 5 + 1);
+    for (path, layer) in set.layers() {
+        assert_eq!(layer.read().kind(), lorakit::Variant::Dora, "{path}");
+    }
+    let io = io();
+    let ids = &io["input_ids"];
+    let logits = model.forward(ids, None, Some(&ones_like(ids))).unwrap();
+    assert_close(&logits, &io["dora_logits"], TOL, "PEFT's DoRA logits");
+    assert!(
+        rel_err(&logits, &io["logits"]) > 1e-2,
+        "not the LoRA's logits"
+    );
+    set.merge_all(true).unwrap();
+    let merged = model.forward(ids, None, None).unwrap();
+    assert_close(
+        &merged,
+        &io["dora_merged_logits"],
+        TOL,
+        "PEFT's merged DoRA",
+    );
 }
 
 #[test]

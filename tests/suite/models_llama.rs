@@ -4,7 +4,9 @@
 //! `PeftAdapter::load(..).plan()` (and `plan.finish()` passing: every adapter tensor
 //! used). Fixtures: `tests/fixtures/models/llama/` (`scripts/make_model_fixtures.py`:
 //! Mistral with explicit head_dim and sliding window, Qwen2 with q/k/v bias and tied
-//! embeddings, Qwen3 with q/k norm and a sliding layer, llama3 and linear RoPE scaling),
+//! embeddings, Qwen3 with q/k norm and a sliding layer, llama3 and linear RoPE scaling;
+//! each with a LoRA, and all but linear_rope with a second variant: Mistral VeRA, Qwen2
+//! DoRA, Qwen3 AdaLoRA, llama3_rope DoRA),
 //! `tests/fixtures/checkpoints/` (tiny Llama and Qwen2, f32/bf16, single/sharded; LoRA,
 //! DoRA, VeRA, AdaLoRA) and `tests/fixtures/peft_options/llama_{embed,bias}`.
 
@@ -106,6 +108,46 @@ fn every_model_fixture_gives_transformers_and_peft_logits() {
         );
     }
     println!("model fixtures: worst relative error {worst:.2e}");
+}
+
+/// The second adapter of each case (another variant on the same base, made by PEFT:
+/// `scripts/make_model_fixtures.py`'s `SECOND`): folder, and the key of its logits.
+pub(crate) const SECOND: [(&str, &str); 4] = [
+    ("mistral", "vera"),
+    ("qwen2", "dora"),
+    ("qwen3", "adalora"),
+    ("llama3_rope", "dora"),
+];
+
+#[test]
+fn second_variant_adapters_give_peft_logits() {
+    for (case, kind) in SECOND {
+        let dir = models(case);
+        let io = load(&dir.join("logits.safetensors"));
+        let ids = &io["input_ids"];
+        let plan = peft_plan(&dir.join(kind));
+        let model = build(
+            &dir.join("base/config.json"),
+            &dir.join("base"),
+            DType::F32,
+            &plan,
+        );
+        let layers = plan.finish().unwrap();
+        let want_kind: lorakit::Variant = kind.parse().unwrap();
+        for (path, layer) in layers.layers() {
+            assert_eq!(layer.read().kind(), want_kind, "{case} {path}");
+        }
+        let got = logits(&model, ids);
+        check(
+            &got,
+            &io[&format!("{kind}_logits")],
+            TOL,
+            &format!("{case} {kind}"),
+        );
+        // The adapter changes the logits, and differently from the case's LoRA.
+        assert!(rel_err(&got, &io["logits"]) > 1e-2, "{case} {kind}");
+        assert!(rel_err(&got, &io["lora_logits"]) > 1e-2, "{case} {kind}");
+    }
 }
 
 #[test]
