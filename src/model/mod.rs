@@ -2,14 +2,18 @@
 //! `layers_to_transform`, `modules_to_save`), the plan that decides which modules get which
 //! adapter and the drop-in constructors [`linear`], [`conv1d`] (GPT-2) and [`embedding`]
 //! ([`plan`]), fully trainable base modules ([`trainable_base`]: `modules_to_save` copies,
-//! `bias = "all"` biases), and the set of adapted layers of a model ([`adapted_set`]).
+//! `bias = "all"` biases), the set of adapted layers of a model ([`adapted_set`]), and
+//! several named adapters on one model with one active ([`named`]).
 
 pub mod adapted_set;
+pub mod named;
 pub mod plan;
+mod slot;
 pub mod target;
 pub mod trainable_base;
 
 pub use adapted_set::{AdaptedSet, ModelVar, ParamCounts};
+pub use named::NamedAdapters;
 pub use plan::{
     conv1d, embedding, linear, linear_b, linear_no_bias, AdapterFactory, AdapterPlan, Embedding,
     Linear, MergedModule,

@@ -116,6 +116,16 @@ pub struct AdapterPlan {
     adapter_vb: VarBuilder<'static>,
     factory: Arc<dyn AdapterFactory>,
     set: AdaptedSet,
+    /// Set by [`NamedAdapters::plan`](crate::model::NamedAdapters::plan): every module
+    /// becomes a slot registered there.
+    slots: Option<Arc<dyn SlotRegistry>>,
+}
+
+/// Where a plan built for several named adapters registers each module (implemented by
+/// [`NamedAdapters`](crate::model::NamedAdapters)).
+pub(crate) trait SlotRegistry: Send + Sync {
+    /// Registers the module at `path` over `base`; the module the model holds.
+    fn add_slot(&self, path: &str, base: FrozenLinear) -> Result<Linear>;
 }
 
 /// Names under which PEFT's `ModulesToSaveWrapper` may save duplicates of a copy's tensors.
@@ -169,6 +179,7 @@ impl AdapterPlan {
             adapter_vb,
             factory: Arc::new(factory),
             set: AdaptedSet::new(),
+            slots: None,
         }
     }
 
@@ -205,6 +216,13 @@ impl AdapterPlan {
             VarBuilder::zeros(DType::F32, &candle_core::Device::Cpu),
             nothing,
         )
+    }
+
+    /// This plan with every module built as a slot of `registry` (see
+    /// [`NamedAdapters::plan`](crate::model::NamedAdapters::plan)).
+    pub(crate) fn with_slots(mut self, registry: Arc<dyn SlotRegistry>) -> Self {
+        self.slots = Some(registry);
+        self
     }
 
     /// Which base biases train (PEFT's `bias`; default [`BiasMode::None`]).
@@ -355,6 +373,9 @@ impl AdapterPlan {
     /// otherwise. Adapted layers and trainable modules are registered in the plan's set; a
     /// path built twice is an error.
     pub fn adapt(&self, path: &str, base: FrozenLinear) -> Result<Linear> {
+        if let Some(slots) = &self.slots {
+            return slots.add_slot(path, base);
+        }
         match self.prepare(path, base, &self.adapter_vb.pp(path))? {
             Prepared::Frozen(base) => {
                 self.set.record_frozen(base.num_params());
@@ -622,7 +643,7 @@ impl Module for Linear {
 /// layer between adapters, an output head), the fused op runs it: its backward computes
 /// `dx` only, where candle's matmul backward would also compute the frozen weight's
 /// gradient (as many FLOPs again as the forward).
-fn frozen_forward(f: &FrozenLinear, x: &Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn frozen_forward(f: &FrozenLinear, x: &Tensor) -> candle_core::Result<Tensor> {
     let fused = f.kind() != BaseKind::Embedding
         && x.track_op()
         && !f.weight().track_op()

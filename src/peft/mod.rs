@@ -1,10 +1,12 @@
 //! Hugging Face PEFT adapter files: `adapter_config.json` ([`config`]), loading and
-//! attaching to a model ([`load`]), saving ([`save`]), merging into a base model file
+//! attaching to a model ([`load`]; under a name beside other adapters with
+//! [`NamedAdapters::load_peft`](crate::model::NamedAdapters::load_peft)), saving ([`save`]), merging into a base model file
 //! ([`merge`](mod@merge)) and summarizing ([`inspect`](mod@inspect)).
 
 pub mod config;
 pub mod inspect;
 pub mod load;
+mod load_named;
 pub mod merge;
 pub mod save;
 pub mod var_builder;

@@ -29,6 +29,21 @@ pub(crate) fn expected() -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
+/// The case of `model` with the adapter folder `adapter` on the 8-token prompt.
+pub(crate) fn long_prompt_case(all: &Value, model: &str, adapter: &str) -> Value {
+    all["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| {
+            c["model"] == model
+                && c["adapter"] == adapter
+                && c["prompt"].as_array().unwrap().len() == 8
+        })
+        .unwrap()
+        .clone()
+}
+
 pub(crate) fn ids(v: &Value) -> Vec<u32> {
     v.as_array()
         .unwrap()

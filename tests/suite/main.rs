@@ -38,6 +38,7 @@ mod lora_plus;
 mod models_bert;
 mod models_gpt2;
 mod models_llama;
+mod named_adapters;
 mod numerics;
 mod options_bad_input;
 mod options_properties;

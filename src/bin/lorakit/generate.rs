@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use candle_core::{DType, Device, Tensor};
 use clap::{ArgGroup, Args, ValueEnum};
-use lorakit::model::AdapterPlan;
+use lorakit::model::{AdapterPlan, NamedAdapters};
 use lorakit::models::generation::{stop_tokens, GenerationConfig};
 use lorakit::models::sampling::Sampling;
 use lorakit::models::AutoCausalLm;
@@ -21,7 +21,8 @@ use super::{emit, fail, one_line, INTERRUPTED};
 pub const ABOUT: &str = "\
 Generate text with a model folder (model_type llama, mistral, qwen2, qwen3 or gpt2) and,
 optionally, a PEFT adapter applied to it (unmerged, or merged into the base weights with
---merge).
+--merge). Several adapters load side by side as --adapter NAME=DIR, repeated; --active NAME
+picks the one to generate with (default: the first).
 
 --prompt is encoded with the folder's tokenizer.json (special tokens added as
 transformers' tokenizer(text) adds them) and the new text is printed; --prompt-ids takes
@@ -40,10 +41,14 @@ pub struct GenerateArgs {
     /// The model folder: config.json, model.safetensors (or shards and their index), and tokenizer.json for --prompt
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
-    /// A PEFT adapter folder (adapter_config.json and adapter_model.safetensors) to apply
-    #[arg(long, value_name = "DIR")]
-    adapter: Option<PathBuf>,
-    /// Merge the adapter into the base weights before generating
+    /// A PEFT adapter folder (adapter_config.json and adapter_model.safetensors) to apply;
+    /// repeat as NAME=DIR to load several onto the model (PEFT's load_adapter)
+    #[arg(long, value_name = "[NAME=]DIR")]
+    adapter: Vec<String>,
+    /// With several adapters: the NAME to generate with (default: the first)
+    #[arg(long, value_name = "NAME", requires = "adapter")]
+    active: Option<String>,
+    /// Merge the (active) adapter into the base weights before generating
     #[arg(long, requires = "adapter")]
     merge: bool,
     /// The prompt text, encoded with the model folder's tokenizer.json
@@ -187,20 +192,7 @@ fn run(args: &GenerateArgs, sampling: Sampling, ids: Option<Vec<u32>>) -> loraki
         Some(_) => Some(tokenizer(&args.model)?),
         None => None,
     };
-    let plan = match &args.adapter {
-        Some(dir) => {
-            if let Some(e) = not_an_adapter(dir) {
-                return Err(e);
-            }
-            PeftAdapter::load(dir, &device)?.plan()?
-        }
-        None => AdapterPlan::none(),
-    };
-    let model = AutoCausalLm::from_pretrained(&args.model, args.dtype.into(), &device, &plan)?;
-    let adapted = plan.finish()?;
-    if args.merge {
-        adapted.merge_all(true)?;
-    }
+    let model = load_model(args, &device)?;
     let prompt = match (&ids, &args.prompt, &tokenizer) {
         (Some(ids), _, _) => ids.clone(),
         (None, Some(text), Some(tok)) => tok.encode(text, true)?,
@@ -230,6 +222,56 @@ fn run(args: &GenerateArgs, sampling: Sampling, ids: Option<Vec<u32>>) -> loraki
             format!("{}\n", ids.join(","))
         }
     })
+}
+
+/// `--adapter` values as (name, folder): `NAME=DIR`, or a bare `DIR` named `default`
+/// (PEFT's name for an adapter loaded without one).
+fn adapter_specs(values: &[String]) -> Vec<(String, PathBuf)> {
+    values
+        .iter()
+        .map(|v| match v.split_once('=') {
+            Some((name, dir)) if !Path::new(v).exists() => (name.to_string(), PathBuf::from(dir)),
+            _ => ("default".to_string(), PathBuf::from(v)),
+        })
+        .collect()
+}
+
+/// The model with its adapters: one adapter as a plain plan; several (or `--active`) as
+/// [`NamedAdapters`], the active one chosen; merged with `--merge`.
+fn load_model(args: &GenerateArgs, device: &Device) -> lorakit::Result<AutoCausalLm> {
+    let specs = adapter_specs(&args.adapter);
+    for (_, dir) in &specs {
+        if let Some(e) = not_an_adapter(dir) {
+            return Err(e);
+        }
+    }
+    let dtype = args.dtype.into();
+    if specs.len() <= 1 && args.active.is_none() {
+        let plan = match specs.first() {
+            Some((_, dir)) => PeftAdapter::load(dir, device)?.plan()?,
+            None => AdapterPlan::none(),
+        };
+        let model = AutoCausalLm::from_pretrained(&args.model, dtype, device, &plan)?;
+        let adapted = plan.finish()?;
+        if args.merge {
+            adapted.merge_all(true)?;
+        }
+        return Ok(model);
+    }
+    let adapters = NamedAdapters::new();
+    let plan = adapters.plan();
+    let model = AutoCausalLm::from_pretrained(&args.model, dtype, device, &plan)?;
+    plan.finish()?;
+    for (name, dir) in &specs {
+        adapters.load_peft(name, dir, device)?;
+    }
+    if let Some(name) = &args.active {
+        adapters.set_active(name)?;
+    }
+    if args.merge {
+        adapters.merge(true)?;
+    }
+    Ok(model)
 }
 
 /// The model folder's tokenizer, or an error that says how to do without one.

@@ -86,6 +86,45 @@ fn generated_ids_equal_transformers_unmerged_and_merged() {
     }
 }
 
+#[test]
+fn several_named_adapters_generate_with_the_active_one() {
+    // qwen2 with its LoRA and its DoRA loaded side by side: --active picks whose
+    // transformers tokens come out (the longer prompt's cases).
+    let all = expected();
+    let find = |adapter: &str| crate::generate::long_prompt_case(&all, "qwen2", adapter);
+    let dir = llama("qwen2");
+    let base = dir.join("base");
+    let lora = format!("lora={}", dir.join("lora").display());
+    let dora = format!("dora={}", dir.join("dora").display());
+    for (active, merge) in [("dora", false), ("lora", false), ("dora", true)] {
+        let case = find(active);
+        let mut extra: Vec<Arg> = vec![
+            &"--max-new-tokens",
+            &"12",
+            &"--ignore-eos",
+            &"--adapter",
+            &lora,
+            &"--adapter",
+            &dora,
+            &"--active",
+            &active,
+        ];
+        if merge {
+            extra.push(&"--merge");
+        }
+        let out = stdout(&generate_ids(&base, &ids(&case["prompt"]), &extra));
+        assert_eq!(
+            out,
+            format!("{}\n", joined(&ids(&case["lora_tokens"]))),
+            "{active}"
+        );
+    }
+    let bad: Vec<Arg> = vec![&"--adapter", &lora, &"--active", &"nope"];
+    let out = generate_ids(&base, &[1, 2], &bad);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success() && err.contains("`nope`"), "{err}");
+}
+
 /// qwen2's base model with the tokenizer fixture beside it (as the script builds it).
 fn qwen2_with_tokenizer(tmp: &Path) -> PathBuf {
     let folder = tmp.join("model");
@@ -368,7 +407,8 @@ fn generate_help_lists_its_flags() {
         "{text}"
     );
     for flag in [
-        "--adapter <DIR>",
+        "--adapter <[NAME=]DIR>",
+        "--active <NAME>",
         "--merge",
         "--prompt <TEXT>",
         "--prompt-ids <IDS>",
