@@ -16,7 +16,8 @@
 //! sequence at a time (no batched generation). Greedy tokens are checked against
 //! transformers' `generate` with PEFT adapters, unmerged and merged
 //! (`tests/suite/generate.rs`, `scripts/make_generate_fixtures.py`). The `lorakit
-//! generate` command runs it from the command line.
+//! generate` command runs it from the command line. Several adapters on one model with one
+//! active (PEFT's `set_adapter`): build it with [`crate::model::NamedAdapters::plan`].
 //!
 //! Partial (issue "Fine-tune real models in Rust"): the training loop and `finetune` are
 //! not here yet.
