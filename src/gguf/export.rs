@@ -371,13 +371,15 @@ fn pair(
         ));
     }
     let key_a = format!("{KEY_PREFIX}{module}.lora_A");
-    let (rows_a, _) = two_dims(&a, &key_a)?;
+    let (rows_a, cols_a) = two_dims(&a, &key_a)?;
     let (out, rank) = two_dims(&b, &format!("{KEY_PREFIX}{module}.lora_B"))?;
-    let rank_a = if embedding {
-        two_dims(&a, &key_a)?.1
+    // (rank, in): token_embd's A is already transposed to (vocab, rank).
+    let (rank_a, d_in) = if embedding {
+        (cols_a, rows_a)
     } else {
-        rows_a
+        (rows_a, cols_a)
     };
+    check_base_shape(base, &gguf, module, (d_in, out))?;
     let settings = adapter.config().ranks.for_module(module);
     if rank != rank_a || rank != settings.r {
         return Err(Error::ShapeMismatch {
@@ -418,6 +420,46 @@ fn pair(
             settings.alpha
         },
     })
+}
+
+/// Checks a pair's `(in, out)` against the base model's layer (llama.cpp refuses a
+/// mismatch only when the adapter is loaded) and its layer index against the layer count.
+fn check_base_shape(
+    base: &LlamaConfig,
+    gguf: &str,
+    module: &str,
+    got: (usize, usize),
+) -> Result<()> {
+    let (d, f, v) = (base.hidden_size, base.intermediate_size, base.vocab_size);
+    let q = base.num_attention_heads * base.head_dim;
+    let kv = base.num_key_value_heads * base.head_dim;
+    let kind = gguf.rsplit('.').next().unwrap_or(gguf);
+    let expected = match kind {
+        "attn_q" => (d, q),
+        "attn_k" | "attn_v" => (d, kv),
+        "attn_output" => (q, d),
+        "ffn_gate" | "ffn_up" => (d, f),
+        "ffn_down" => (f, d),
+        "output" => (d, v),
+        _ => (v, d), // token_embd: ids in, hidden out
+    };
+    let layer = gguf
+        .strip_prefix("blk.")
+        .and_then(|r| r.split('.').next())
+        .and_then(|n| n.parse::<usize>().ok());
+    let in_range = layer.is_none_or(|l| l < base.num_hidden_layers);
+    if got != expected || !in_range {
+        return Err(Error::ShapeMismatch {
+            layer: module.to_string(),
+            what: format!(
+                "(in, out) of the base model's layer ({} layers; wrong --base?)",
+                base.num_hidden_layers
+            ),
+            expected: format!("{expected:?}"),
+            got: format!("{got:?}"),
+        });
+    }
+    Ok(())
 }
 
 /// Picks the alpha most pairs need and folds the others' scale ratio into their `lora_b`.

@@ -215,6 +215,9 @@ fn what_llama_cpp_cannot_hold_is_refused_and_nothing_is_written() {
     // lm_head on tied embeddings: llama.cpp's model has no output tensor.
     let (adapter, base) = case("linear_rope");
     refused(&adapter, &base, "tied embeddings");
+    // The adapter of another model (qwen3's heads are 16 wide, mistral's 12).
+    let (qwen3, _) = case("qwen3");
+    refused(&qwen3, &mistral, "wrong --base");
     // A module llama.cpp has no tensor for, named.
     let dir = temp_dir("gguf-bad-adapters");
     let unknown = dir.join("unknown");
