@@ -7,7 +7,9 @@
 //!   loader), `general.architecture` (must equal the model's), `adapter.lora.alpha` (f32;
 //!   llama.cpp scales every pair by `alpha / rank`, `rank` being the pair's own
 //!   `lora_b` row count, or by 1 when alpha is 0), plus `general.file_type` and
-//!   `general.quantization_version` as the converter writes them;
+//!   `general.quantization_version` as the converter writes them, and for an activated LoRA
+//!   (PEFT's `alora_invocation_tokens`) `adapter.alora.invocation_tokens` (u32 array), the
+//!   one other adapter key the loader reads;
 //! - for each adapted base tensor `NAME` (its GGUF name, e.g. `blk.0.attn_q.weight`), the
 //!   pair `NAME.lora_a` = PEFT's `lora_A` (`(r, in)`, GGUF `ne = [in, r]`) and
 //!   `NAME.lora_b` = PEFT's `lora_B` (`(out, r)`, `ne = [r, out]`), untransposed; for the
@@ -21,7 +23,8 @@
 //! VeRA, AdaLoRA, `lora_bias`, biases and `modules_to_save` copies, a module with no
 //! llama.cpp tensor, `lm_head` on a model with tied embeddings (llama.cpp has no `output`
 //! tensor then; the converter refuses it too). LoRA+, LoRA-FA, LoRA-drop and Delta-LoRA
-//! save plain LoRA adapters and export as such.
+//! save plain LoRA adapters and export as such (Delta-LoRA's updates of the base weight are
+//! not in its adapter file: serve its merged checkpoint to keep them).
 //!
 //! One `adapter.lora.alpha` serves every pair, so PEFT scales that are not `alpha / r` with
 //! a common alpha (rsLoRA's `alpha / √r`, `rank_pattern` with `alpha_pattern`) are
@@ -131,6 +134,9 @@ pub struct GgufLora {
     pub tensors: Vec<(String, Tensor)>,
     /// See [`GgufExportReport::notes`].
     pub notes: Vec<String>,
+    /// An activated LoRA's invocation tokens (PEFT's `alora_invocation_tokens`), written as
+    /// `adapter.alora.invocation_tokens` (u32 array), which llama.cpp's loader reads.
+    pub alora_invocation_tokens: Option<Vec<u32>>,
 }
 
 /// One adapted module, oriented and permuted for llama.cpp.
@@ -230,6 +236,49 @@ fn check_config(adapter: &PeftAdapter) -> Result<()> {
     Ok(())
 }
 
+/// PEFT's `alora_invocation_tokens` (activated LoRA), if set. An `invocation_string`
+/// without tokens is refused: the converter tokenizes it with the base model's tokenizer.
+fn alora_tokens(adapter: &PeftAdapter) -> Result<Option<Vec<u32>>> {
+    let raw = &adapter.config().raw;
+    let file = adapter.source().with_file_name("adapter_config.json");
+    match raw.get("alora_invocation_tokens") {
+        None | Some(serde_json::Value::Null) => {}
+        Some(serde_json::Value::Array(items)) => {
+            let tokens = items
+                .iter()
+                .map(|v| v.as_u64().and_then(|t| u32::try_from(t).ok()))
+                .collect::<Option<Vec<u32>>>();
+            return match tokens {
+                Some(t) => Ok(Some(t)),
+                None => Err(Error::file_config(
+                    file,
+                    "alora_invocation_tokens",
+                    "must be token ids (integers from 0 to 2^32 - 1)",
+                )),
+            };
+        }
+        Some(_) => {
+            return Err(Error::file_config(
+                file,
+                "alora_invocation_tokens",
+                "must be an array of token ids",
+            ))
+        }
+    }
+    match raw
+        .get("invocation_string")
+        .and_then(serde_json::Value::as_str)
+    {
+        Some(s) if !s.is_empty() => Err(refuse(
+            "aLoRA invocation_string without alora_invocation_tokens in a GGUF export",
+            s,
+            "alora_invocation_tokens (token ids of the base model's tokenizer; \
+             convert_lora_to_gguf.py tokenizes the string with it)",
+        )),
+        _ => Ok(None),
+    }
+}
+
 fn two_dims(t: &Tensor, key: &str) -> Result<(usize, usize)> {
     t.dims2().map_err(|_| Error::ShapeMismatch {
         layer: key.to_string(),
@@ -267,6 +316,7 @@ impl GgufLora {
                 file: adapter.source().display().to_string(),
             });
         }
+        let alora_invocation_tokens = alora_tokens(adapter)?;
         let (alpha, notes) = fold_scales(adapter, &mut pairs)?;
         let mut tensors = Vec::with_capacity(2 * pairs.len());
         for p in pairs {
@@ -279,6 +329,7 @@ impl GgufLora {
             alpha,
             tensors,
             notes,
+            alora_invocation_tokens,
         })
     }
 
@@ -295,7 +346,7 @@ impl GgufLora {
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
-        let metadata = [
+        let mut metadata = vec![
             (
                 "general.architecture",
                 Value::String(self.arch.name().to_string()),
@@ -307,6 +358,10 @@ impl GgufLora {
             // gguf-py's GGML_QUANT_VERSION, which the converter writes.
             ("general.quantization_version", Value::U32(2)),
         ];
+        if let Some(tokens) = &self.alora_invocation_tokens {
+            let tokens = tokens.iter().map(|&t| Value::U32(t)).collect();
+            metadata.push(("adapter.alora.invocation_tokens", Value::Array(tokens)));
+        }
         let meta_refs: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
         let tensor_refs: Vec<(&str, &QTensor)> = qtensors.iter().map(|(n, t)| (*n, t)).collect();
         let (staged, file) = StagedFile::create(out)?;

@@ -21,12 +21,15 @@ use crate::models::llama::{LayerAttention, LlamaConfig, LlamaFamily, RopeScaling
 
 /// A GGUF model file, opened (metadata and tensor directory read; tensors on demand).
 ///
-/// ```no_run
+/// ```
 /// use candle_core::Device;
 /// use lorakit::gguf::GgufModel;
 /// # fn main() -> lorakit::Result<()> {
-/// let model = GgufModel::open("tinyllama-q4_k_m.gguf")?;
-/// let config = model.config()?; // a LlamaConfig from llama.block_count, ...
+/// // A tiny Mistral as llama.cpp's converter writes it (scripts/make_gguf_fixtures.py).
+/// let model = GgufModel::open("tests/fixtures/gguf/model_mistral.gguf")?;
+/// let config = model.config()?; // from llama.block_count, llama.embedding_length, ...
+/// assert_eq!((config.num_attention_heads, config.num_key_value_heads, config.head_dim), (4, 2, 12));
+/// // blk.0.attn_q.weight (Q8_0, rows permuted for llama.cpp's RoPE) in transformers' layout.
 /// let q = model.qtensor("model.layers.0.self_attn.q_proj.weight", &Device::Cpu)?;
 /// assert_eq!(q.shape().dims(), [config.num_attention_heads * config.head_dim, config.hidden_size]);
 /// # Ok(()) }

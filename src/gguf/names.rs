@@ -98,8 +98,8 @@ const LAYER: [(&str, &str); 11] = [
 const HF_LAYERS: &str = "model.layers.";
 const GGUF_LAYERS: &str = "blk.";
 
-/// Maps a module path through `table`, with layer prefixes `from_layers` → `to_layers`;
-/// `forward` says which column of the tables is the source.
+/// Maps a module path through [`GLOBAL`] and [`LAYER`]: Hugging Face → GGUF when
+/// `forward`, GGUF → Hugging Face otherwise.
 fn map_module(module: &str, forward: bool) -> Option<String> {
     let pick = |&(hf, gg): &(&'static str, &'static str)| if forward { (hf, gg) } else { (gg, hf) };
     let (from_layers, to_layers) = if forward {

@@ -295,3 +295,37 @@ fn an_adapter_is_not_a_model() {
         .to_string();
     assert!(err.contains("GGUF"), "{err}");
 }
+
+/// An activated LoRA's invocation tokens go to the key llama.cpp's loader reads
+/// (`adapter.alora.invocation_tokens`, u32 array), as convert_lora_to_gguf.py writes them.
+#[test]
+fn alora_invocation_tokens_are_written() {
+    let dir = temp_dir("gguf-alora");
+    let adapter = dir.join("alora");
+    // qwen2's o_proj is 32 → 32, the shape write_adapter makes.
+    write_adapter(
+        &adapter,
+        "model.layers.0.self_attn.o_proj",
+        r#", "alora_invocation_tokens": [5, 7]"#,
+    );
+    let out = dir.join("a.gguf");
+    let (_, qwen2) = case("qwen2");
+    export_gguf(&adapter, &qwen2, &out, &GgufExportOptions::default()).unwrap();
+    let got = read(&out);
+    let tokens: Vec<u32> = got.meta["adapter.alora.invocation_tokens"]
+        .to_vec()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_u32().unwrap())
+        .collect();
+    assert_eq!(tokens, [5, 7]);
+    assert_eq!(got.meta["adapter.lora.alpha"].to_f32().unwrap(), 4.0);
+    // A string the converter would tokenize with the base tokenizer: refused, by name.
+    let s = dir.join("string");
+    write_adapter(
+        &s,
+        "model.layers.0.self_attn.o_proj",
+        r#", "invocation_string": "<|assistant|>""#,
+    );
+    refused(&s, &qwen2, "invocation_string");
+}

@@ -55,3 +55,18 @@ fn a_dora_adapter_is_one_error_line_and_no_file() {
     one_error_line(&run, &["DoRA", "llama.cpp"]);
     assert!(listing(&dir).is_empty());
 }
+
+#[test]
+fn help_names_the_flags_and_the_format() {
+    let run = lorakit(&[&"export-gguf", &"--help"]);
+    assert_success(&run);
+    let text = String::from_utf8_lossy(&run.stdout);
+    for want in [
+        "Usage: lorakit export-gguf [OPTIONS] --adapter <DIR> --base <MODEL> --out <FILE>",
+        "--dtype <DTYPE>",
+        "f32, f16, bf16",
+        "convert_lora_to_gguf.py",
+    ] {
+        assert!(text.contains(want), "`{want}` missing: {text}");
+    }
+}
