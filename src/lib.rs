@@ -82,6 +82,7 @@ pub mod checkpoint;
 pub mod error;
 pub mod finetune;
 pub mod frozen;
+pub mod gguf;
 pub mod init;
 pub mod kernels;
 pub mod low_rank;

@@ -1,5 +1,6 @@
 //! `lorakit`: merge a PEFT adapter into a model checkpoint, inspect an adapter (and match
-//! it against a checkpoint), or generate text with a model folder and an adapter.
+//! it against a checkpoint), generate text with a model folder and an adapter, or export a
+//! LoRA adapter for llama.cpp (GGUF).
 //!
 //! ```text
 //! lorakit merge --base <CHECKPOINT> --adapter <DIR> --out <PATH> [--dtype <DTYPE>] [--quiet] [--remove-leftovers]
@@ -7,6 +8,7 @@
 //! lorakit generate --model <DIR> [--adapter <DIR> [--merge]] (--prompt <TEXT> | --prompt-ids <IDS>)
 //!                  [--max-new-tokens <N>] [--temperature <T>] [--top-k <K>] [--top-p <P>] [--seed <S>]
 //!                  [--dtype <DTYPE>] [--ignore-eos] [--logits-out <FILE>]
+//! lorakit export-gguf --adapter <DIR> --base <MODEL> --out <FILE> [--dtype <DTYPE>] [--quiet]
 //! lorakit help [COMMAND]    (or --help after any command), lorakit --version
 //! ```
 //!
@@ -21,6 +23,8 @@
 
 // The command's own file: a folder beside this one (a file directly in src/bin/ would be a
 // binary of its own), named by path since this file is the binary's root.
+#[path = "lorakit/export_gguf.rs"]
+mod export_gguf;
 #[path = "lorakit/generate.rs"]
 mod generate;
 
@@ -47,7 +51,7 @@ const BAR_DELAY: Duration = Duration::from_millis(300);
 #[command(
     name = "lorakit",
     version,
-    about = "Merge Hugging Face PEFT adapters (LoRA, DoRA, rsLoRA, VeRA, AdaLoRA) into safetensors checkpoints, inspect them, and generate text with them",
+    about = "Merge Hugging Face PEFT adapters (LoRA, DoRA, rsLoRA, VeRA, AdaLoRA) into safetensors checkpoints, inspect them, generate text with them, and export LoRA adapters for llama.cpp (GGUF)",
     arg_required_else_help = true
 )]
 struct Cli {
@@ -83,6 +87,9 @@ enum Command {
     /// Generate text with a model folder (Llama family or GPT-2) and a PEFT adapter
     #[command(long_about = generate::ABOUT)]
     Generate(generate::GenerateArgs),
+    /// Export a PEFT LoRA adapter as a llama.cpp LoRA adapter (GGUF)
+    #[command(long_about = export_gguf::ABOUT)]
+    ExportGguf(export_gguf::ExportGgufArgs),
 }
 
 #[derive(Args, Debug)]
@@ -154,6 +161,7 @@ fn main() -> ExitCode {
         Command::Merge(args) => merge(args),
         Command::Inspect(args) => inspect(args),
         Command::Generate(args) => generate::generate(args),
+        Command::ExportGguf(args) => export_gguf::export(args),
     }
 }
 

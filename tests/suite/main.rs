@@ -28,6 +28,7 @@ mod finetune_train;
 mod fused_kernel;
 mod fuzz_regressions;
 mod generate;
+mod gguf_export;
 mod grouped_adamw;
 mod lora;
 mod lora_drop;

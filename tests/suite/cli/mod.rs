@@ -8,6 +8,7 @@
 #![cfg(feature = "cli")]
 
 mod errors;
+mod export_gguf;
 mod generate;
 mod help;
 mod inspect;
