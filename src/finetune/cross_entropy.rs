@@ -5,8 +5,9 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-/// Per-row weighted cross-entropy of `logits` `(rows, vocab)` f32 at `targets` `(rows,)`
-/// u32 with `weights` `(rows,)` f32: `(rows,)` f32, differentiable in `logits`. Only the CPU
+/// Per-row weighted cross-entropy of `logits` `(rows, vocab)` f32 (or `(…, vocab)`, its
+/// leading dimensions the rows in order) at `targets` `(rows,)` u32 with `weights`
+/// `(rows,)` f32: `(rows,)` f32, differentiable in `logits`. Only the CPU
 /// runs it (the caller falls back to composed ops elsewhere). Rows with weight 0 are
 /// skipped, so their targets may be anything.
 pub(crate) fn weighted_cross_entropy(
@@ -59,10 +60,15 @@ fn inputs<'a>(
     ))
 }
 
-/// `(rows, vocab)` of the logits, checked against the targets and weights.
+/// `(rows, vocab)` of the logits (every dimension but the last makes the rows), checked
+/// against the targets and weights.
 fn dims(l1: &Layout, l2: &Layout, l3: &Layout) -> candle_core::Result<(usize, usize)> {
-    let (rows, vocab) = l1.shape().dims2()?;
-    if l2.shape().dims() != [rows] || l3.shape().dims() != [rows] {
+    let vocab = match l1.shape().dims() {
+        [_, .., vocab] => *vocab,
+        _ => 0,
+    };
+    let rows = l1.shape().elem_count() / vocab.max(1);
+    if vocab == 0 || l2.shape().dims() != [rows] || l3.shape().dims() != [rows] {
         candle_core::bail!(
             "cross-entropy: logits {:?}, targets {:?}, weights {:?}",
             l1.shape().dims(),
@@ -156,6 +162,6 @@ impl CustomOp3 for CrossEntropyGrad {
                     *d -= s;
                 }
             });
-        Ok((CpuStorage::F32(out), Shape::from((rows, vocab))))
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }

@@ -35,6 +35,27 @@ pub fn causal_lm_loss_sum(
     input_ids: &Tensor,
     loss_mask: &Tensor,
 ) -> Result<Tensor> {
+    let (batch, seq) = check(logits, input_ids, loss_mask)?;
+    if seq < 2 {
+        return Ok(Tensor::zeros((), DType::F32, logits.device())?);
+    }
+    if logits.device().is_cpu() {
+        // The fused op reads the logits where they are (no shifted copy, so no copy in
+        // the backward either): row (b, t) predicts token t + 1, and each sequence's last
+        // row gets weight 0 (its dummy target is never read).
+        let dev = logits.device();
+        let next = |t: &Tensor, dtype: DType| -> Result<Tensor> {
+            let tail = Tensor::zeros((batch, 1), dtype, dev)?;
+            let shifted = t.narrow(1, 1, seq - 1)?.to_dtype(dtype)?;
+            Ok(Tensor::cat(&[&shifted, &tail], 1)?.reshape(batch * seq)?)
+        };
+        let per_row = weighted_cross_entropy(
+            &logits.to_dtype(DType::F32)?,
+            &next(input_ids, DType::U32)?,
+            &next(loss_mask, DType::F32)?,
+        )?;
+        return Ok(per_row.sum_all()?);
+    }
     let Some(Shifted {
         predicted,
         targets,
@@ -89,9 +110,9 @@ struct Shifted {
     mask: Tensor,
 }
 
-/// Checks the shapes and shifts: `None` for sequences of one token (nothing to predict).
-fn shift(logits: &Tensor, input_ids: &Tensor, loss_mask: &Tensor) -> Result<Option<Shifted>> {
-    let (batch, seq, vocab) = logits.dims3().map_err(|_| shape_error("logits", logits))?;
+/// `(batch, seq)` of the logits, checked against the ids and the mask.
+fn check(logits: &Tensor, input_ids: &Tensor, loss_mask: &Tensor) -> Result<(usize, usize)> {
+    let (batch, seq, _) = logits.dims3().map_err(|_| shape_error("logits", logits))?;
     if input_ids.dims() != [batch, seq] || loss_mask.dims() != [batch, seq] {
         return Err(Error::ShapeMismatch {
             layer: "causal LM loss".to_string(),
@@ -100,6 +121,13 @@ fn shift(logits: &Tensor, input_ids: &Tensor, loss_mask: &Tensor) -> Result<Opti
             got: format!("{:?} / {:?}", input_ids.dims(), loss_mask.dims()),
         });
     }
+    Ok((batch, seq))
+}
+
+/// Checks the shapes and shifts: `None` for sequences of one token (nothing to predict).
+fn shift(logits: &Tensor, input_ids: &Tensor, loss_mask: &Tensor) -> Result<Option<Shifted>> {
+    let (batch, seq) = check(logits, input_ids, loss_mask)?;
+    let vocab = logits.dim(2)?;
     if seq < 2 {
         return Ok(None);
     }

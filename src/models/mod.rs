@@ -22,13 +22,19 @@
 //! Partial (issue "Fine-tune real models in Rust"): the training loop and `finetune` are
 //! not here yet.
 
+mod attention_op;
 pub mod auto;
 pub mod bert;
 mod causal_lm;
+mod cpu_op;
 pub mod generation;
 pub mod gpt2;
 pub mod llama;
+#[cfg(test)]
+mod op_test;
 mod ops;
+mod rms_norm;
+mod rope_op;
 pub mod sampling;
 mod softmax;
 mod swiglu;

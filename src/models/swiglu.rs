@@ -1,7 +1,7 @@
 //! `silu(gate) ⊙ up` (the Llama MLP's gating) as one CPU op with its own backward:
 //! candle's composed `silu` and product record several full-size nodes each way.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 /// `silu(gate) ⊙ up`, differentiable in both. The fused op runs for f32 CPU tensors of one
@@ -25,11 +25,7 @@ fn sigmoid(x: f32) -> f32 {
 
 /// A contiguous f32 slice of an op input.
 fn input<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let data = f32::cpu_storage_as_slice(s)?;
-    match l.contiguous_offsets().and_then(|(a, b)| data.get(a..b)) {
-        Some(d) => Ok(d),
-        None => candle_core::bail!("silu·up: inputs must be contiguous"),
-    }
+    super::cpu_op::f32_input("silu·up", s, l)
 }
 
 struct SiluMul;
@@ -127,32 +123,9 @@ mod tests {
         let dev = Device::Cpu;
         let gate = Var::from_tensor(&Tensor::randn(0f32, 3., (4, 6, 9), &dev).unwrap()).unwrap();
         let up = Var::from_tensor(&Tensor::randn(0f32, 1., (4, 6, 9), &dev).unwrap()).unwrap();
-        let w = Tensor::randn(0f32, 1., (4, 6, 9), &dev).unwrap();
         let fused = super::silu_mul(gate.as_tensor(), up.as_tensor()).unwrap();
         let composed = (gate.as_tensor().silu().unwrap() * up.as_tensor()).unwrap();
-        let max = |t: Tensor| {
-            t.abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
-        assert!(max((&fused - &composed).unwrap()) <= 1e-5 * max(composed.clone()));
-        let gf = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let gc = (composed * &w)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for v in [&gate, &up] {
-            let (a, b) = (
-                gf.get(v.as_tensor()).unwrap(),
-                gc.get(v.as_tensor()).unwrap(),
-            );
-            let err = max((a - b).unwrap()) / max(b.clone());
-            assert!(err < 1e-5, "gradient differs by {err:e}");
-        }
+        let inputs = [("gate", gate.as_tensor()), ("up", up.as_tensor())];
+        super::super::op_test::assert_same_op(&fused, &composed, &inputs, 1e-5, "silu·up");
     }
 }

@@ -3,15 +3,20 @@
 //!
 //! candle-nn's fused kernels (`rms_norm`, `rotary_emb::rope`, `softmax_last_dim`) have no
 //! backward pass in candle 0.11: gradients stop at them. Each op here therefore takes the
-//! fused kernel only when its input tracks no gradient, and otherwise candle-nn's
-//! differentiable composition of the same formula (`rms_norm_slow`, `rope_slow`,
-//! `softmax`), so adapters before a norm, a RoPE or a softmax still train.
+//! fused kernel only when its input tracks no gradient. Where a gradient flows through
+//! f32 CPU tensors, lorakit's own fused ops with their backward run (`models::rms_norm`,
+//! `models::rope_op`, `models::attention_op`: RMSNorm, RoPE with the head transpose, the
+//! whole causal grouped-query attention); otherwise (other dtypes or devices, a norm
+//! weight that trains) candle-nn's differentiable composition of the same formula
+//! (`rms_norm_slow`, `rope_slow`, the composed attention), so adapters before a norm, a
+//! RoPE or an attention still train.
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result, Scope};
 use crate::model::{linear_b, AdapterPlan, Linear};
+use crate::models::attention_op;
 use crate::models::ops::softmax_last;
 
 use super::config::{LayerAttention, LlamaConfig};
@@ -38,7 +43,13 @@ impl RmsNorm {
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // candle's fused kernel takes f32, f16 and bf16 only.
         let fused_dtype = matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16);
-        if x.track_op() || self.weight.track_op() || !fused_dtype {
+        if x.track_op() && crate::models::rms_norm::supports(x, &self.weight) {
+            Ok(crate::models::rms_norm::rms_norm_trainable(
+                x,
+                &self.weight,
+                self.eps,
+            )?)
+        } else if x.track_op() || self.weight.track_op() || !fused_dtype {
             Ok(candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps)?)
         } else {
             Ok(candle_nn::ops::rms_norm(
@@ -187,8 +198,8 @@ impl Attention {
         if let Some(norm) = &self.k_norm {
             k = norm.forward(&k)?;
         }
-        let q = rope.apply(&q.transpose(1, 2)?.contiguous()?)?;
-        let k = rope.apply(&k.transpose(1, 2)?.contiguous()?)?;
+        let q = rope.apply_heads(&q)?;
+        let k = rope.apply_heads(&k)?;
         Ok((q, k, v.transpose(1, 2)?.contiguous()?))
     }
 
@@ -196,7 +207,9 @@ impl Attention {
     /// layer's mask from `masks`, then `o_proj`: `(b, t, hidden)`. Each key/value head
     /// serves `heads / kv_heads` consecutive query heads (transformers' `repeat_kv`),
     /// without copying keys and values. Scores and softmax in f32 for f16 / bf16 models
-    /// (transformers' eager attention), products in the model's dtype.
+    /// (transformers' eager attention), products in the model's dtype. Where a gradient
+    /// flows through f32 CPU tensors, one fused op with its own backward
+    /// (`models::attention_op`) computes the same.
     pub(crate) fn attend(
         &self,
         q: &Tensor,
@@ -204,6 +217,15 @@ impl Attention {
         v: &Tensor,
         masks: &Masks,
     ) -> Result<Tensor> {
+        let flows = q.track_op() || k.track_op() || v.track_op();
+        if flows && attention_op::supports(q, k, v) {
+            let window = match self.kind {
+                LayerAttention::Full => None,
+                LayerAttention::Sliding { window } => Some(window),
+            };
+            let out = attention_op::causal_attention(q, k, v, self.scale, window)?;
+            return Ok(self.o_proj.forward(&out)?);
+        }
         let (b, h, t, d) = q.dims4()?;
         let kv_len = k.dim(2)?;
         let (g, rep) = (self.n_kv_heads, h / self.n_kv_heads);

@@ -51,7 +51,9 @@ use rope::RopeTables;
 /// run in the mode their [`crate::model::AdaptedSet`] is in (evaluation unless
 /// `set_training(true)`). Gradients reach every adapter: candle-nn's fused RMSNorm, RoPE
 /// and softmax kernels (which have no backward pass in candle 0.11) run only where no
-/// gradient flows, their differentiable compositions elsewhere.
+/// gradient flows; where one does, lorakit's fused CPU ops with their own backward
+/// (f32: RMSNorm, RoPE, the causal attention, `silu · up`) or the differentiable
+/// compositions (other dtypes and devices).
 ///
 /// With `tie_word_embeddings` and no `lm_head.weight` in the checkpoint, the output head
 /// is a linear layer over the embedding table (as transformers 5 ties them), still built

@@ -97,6 +97,19 @@ impl RopeTables {
         })
     }
 
+    /// The heads of a projection `x` `(batch, len, heads, head_dim)`, rotated:
+    /// `(batch, heads, len, head_dim)`. Where a gradient flows through f32 CPU tensors,
+    /// one fused op with its backward (`models::rope_op`); otherwise the transpose and
+    /// [`RopeTables::apply`].
+    pub(crate) fn apply_heads(&self, x: &Tensor) -> Result<Tensor> {
+        use crate::models::rope_op;
+        if x.track_op() && rope_op::supports(x, &self.cos, &self.sin) {
+            Ok(rope_op::rope_heads_first(x, &self.cos, &self.sin)?)
+        } else {
+            self.apply(&x.transpose(1, 2)?.contiguous()?)
+        }
+    }
+
     /// Rotates `x` `(batch, heads, len, head_dim)` in transformers' layout (the two
     /// halves of a head are the pairs: `rotate_half`), i.e. candle-nn's `rope`, not
     /// `rope_i`.
