@@ -156,4 +156,3 @@ impl Product<'_> {
         Ok(unflatten_rows(&y.to_dtype(dtype)?, &lead)?)
     }
 }
-

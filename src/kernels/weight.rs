@@ -43,13 +43,13 @@ impl WeightRef<'_> {
 
     /// The operand a fused op holds: a float weight cast to `dtype` (and made contiguous
     /// with `contiguous`), a quantized one shared as is.
-    pub(crate) fn to_op(&self, dtype: DType, contiguous: bool) -> candle_core::Result<OpWeight> {
+    pub(crate) fn to_op(self, dtype: DType, contiguous: bool) -> candle_core::Result<OpWeight> {
         Ok(match self {
             WeightRef::Float(w) => {
                 let w = w.to_dtype(dtype)?;
                 OpWeight::Float(if contiguous { w.contiguous()? } else { w })
             }
-            WeightRef::Quantized(q) => OpWeight::Quantized((*q).clone()),
+            WeightRef::Quantized(q) => OpWeight::Quantized(q.clone()),
         })
     }
 }

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use candle_core::{DType, Module, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 
+use super::quantize::Quantize;
 use crate::adapter::{Adapter, BASE_BIAS};
 use crate::error::Result;
-use super::quantize::Quantize;
 use crate::frozen::{BaseKind, FrozenLinear};
 use crate::low_rank::trainable_var;
 use crate::model::adapted_set::AdaptedSet;

@@ -21,5 +21,5 @@
 mod dequant;
 mod weight;
 
-pub use weight::{QuantizedWeight, QUANTIZE_TYPES};
 pub(crate) use weight::tile_rows;
+pub use weight::{QuantizedWeight, QUANTIZE_TYPES};

@@ -165,10 +165,15 @@ impl QuantizedWeight {
         let data = self.q.data()?;
         let rb = self.row_bytes();
         let Some(bytes) = data.get(row0 * rb..(row0 + rows) * rb) else {
-            candle_core::bail!("quantized weight: rows {row0}..{} outside the blocks", row0 + rows);
+            candle_core::bail!(
+                "quantized weight: rows {row0}..{} outside the blocks",
+                row0 + rows
+            );
         };
         let dtype = self.q.dtype();
-        let per_task = rows.div_ceil(4 * rayon::current_num_threads().max(1)).max(1);
+        let per_task = rows
+            .div_ceil(4 * rayon::current_num_threads().max(1))
+            .max(1);
         out.par_chunks_mut(per_task * d_in)
             .zip(bytes.par_chunks(per_task * rb))
             .try_for_each(|(out, bytes)| dequantize_into(dtype, bytes, out))
@@ -190,7 +195,9 @@ impl QuantizedWeight {
             let buf = tile.get_mut(..k * self.d_in).unwrap_or_default();
             self.dequantize_rows(j0, buf)?;
             norms.extend(buf.chunks(self.d_in.max(1)).map(|row| {
-                row.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>() as f32
+                row.iter()
+                    .map(|&v| f64::from(v) * f64::from(v))
+                    .sum::<f64>() as f32
             }));
         }
         Ok(Tensor::from_vec(norms, self.d_out, &Device::Cpu)?)

@@ -43,7 +43,15 @@ fn a_step_over_a_quantized_base_allocates_no_float_weight() {
         Box::new(DoraLinear::new(base.clone(), &config, vb.pp("dora")).unwrap()),
     ];
     for layer in &layers {
-        let mut opt = candle_nn::AdamW::new_lr(layer.trainable_vars().iter().map(|v| v.var.clone()).collect(), 1e-3).unwrap();
+        let mut opt = candle_nn::AdamW::new_lr(
+            layer
+                .trainable_vars()
+                .iter()
+                .map(|v| v.var.clone())
+                .collect(),
+            1e-3,
+        )
+        .unwrap();
         let step = |opt: &mut candle_nn::AdamW| {
             let y = layer.forward_t(x.as_tensor(), true).unwrap();
             let loss = (y - &target).unwrap().sqr().unwrap().mean_all().unwrap();

@@ -11,7 +11,12 @@ use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 use lorakit::*;
 
-const TYPES: [GgmlDType; 4] = [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K];
+const TYPES: [GgmlDType; 4] = [
+    GgmlDType::Q8_0,
+    GgmlDType::Q4K,
+    GgmlDType::Q5K,
+    GgmlDType::Q6K,
+];
 const VARIANTS: [Variant; 6] = [
     Variant::Lora,
     Variant::LoraFa,
@@ -77,9 +82,14 @@ fn randomize_alike(seed: u64, a: &dyn Adapter, b: &dyn Adapter) {
 fn forward_and_grads(layer: &dyn Adapter, x: &Var, probe: &Tensor) -> Vec<(String, Tensor)> {
     let y = layer.forward_t(x.as_tensor(), false).unwrap();
     let grads = (&y * probe).unwrap().sum_all().unwrap().backward().unwrap();
-    let mut out = vec![("y".to_string(), y), ("dx".to_string(), grads.get(x).unwrap().clone())];
+    let mut out = vec![
+        ("y".to_string(), y),
+        ("dx".to_string(), grads.get(x).unwrap().clone()),
+    ];
     for v in layer.trainable_vars() {
-        let g = grads.get(&v.var).unwrap_or_else(|| panic!("no gradient for {}", v.name));
+        let g = grads
+            .get(&v.var)
+            .unwrap_or_else(|| panic!("no gradient for {}", v.name));
         out.push((format!("d{}", v.name), g.clone()));
     }
     out
@@ -89,7 +99,10 @@ fn compare(label: &str, got: &[(String, Tensor)], want: &[(String, Tensor)]) {
     assert_eq!(got.len(), want.len(), "{label}");
     for ((name, g), (_, w)) in got.iter().zip(want) {
         let diff = max_rel_diff(g, w);
-        assert!(diff <= TOL, "{label}: {name} differs by {diff:e} (relative)");
+        assert!(
+            diff <= TOL,
+            "{label}: {name} differs by {diff:e} (relative)"
+        );
     }
 }
 
@@ -107,13 +120,24 @@ fn every_variant_matches_the_dequantized_reference() {
             let label = format!("{variant} over {ty:?}");
             let (m1, m2) = (VarMap::new(), VarMap::new());
             let dev = Device::Cpu;
-            let q = build(variant, qbase.clone(), VarBuilder::from_varmap(&m1, DType::F32, &dev));
-            let f = build(variant, fbase.clone(), VarBuilder::from_varmap(&m2, DType::F32, &dev));
+            let q = build(
+                variant,
+                qbase.clone(),
+                VarBuilder::from_varmap(&m1, DType::F32, &dev),
+            );
+            let f = build(
+                variant,
+                fbase.clone(),
+                VarBuilder::from_varmap(&m2, DType::F32, &dev),
+            );
             // Identity at init: the base alone.
             let y0 = q.forward_t(x.as_tensor(), false).unwrap();
             let base_y = fbase.forward(x.as_tensor()).unwrap();
             let diff = max_rel_diff(&y0, &base_y);
-            assert!(diff <= TOL, "{label}: init output differs from the base by {diff:e}");
+            assert!(
+                diff <= TOL,
+                "{label}: init output differs from the base by {diff:e}"
+            );
             randomize_alike(7, q.as_ref(), f.as_ref());
             compare(
                 &label,
@@ -135,8 +159,16 @@ fn tiles_f64_and_dropout_match_the_reference() {
     let probe = rand(&mut g, &[3, 160], DType::F32);
     let dev = Device::Cpu;
     let (m1, m2) = (VarMap::new(), VarMap::new());
-    let q = build(Variant::Dora, qbase.clone(), VarBuilder::from_varmap(&m1, DType::F32, &dev));
-    let f = build(Variant::Dora, fbase.clone(), VarBuilder::from_varmap(&m2, DType::F32, &dev));
+    let q = build(
+        Variant::Dora,
+        qbase.clone(),
+        VarBuilder::from_varmap(&m1, DType::F32, &dev),
+    );
+    let f = build(
+        Variant::Dora,
+        fbase.clone(),
+        VarBuilder::from_varmap(&m2, DType::F32, &dev),
+    );
     randomize_alike(8, q.as_ref(), f.as_ref());
     compare(
         "DoRA, two tiles",
@@ -155,7 +187,10 @@ fn tiles_f64_and_dropout_match_the_reference() {
     let f64_base =
         FrozenLinear::new(fbase.weight().to_dtype(DType::F64).unwrap(), Some(bias64)).unwrap();
     let x64 = x.as_tensor().to_dtype(DType::F64).unwrap();
-    let diff = max_rel_diff(&q64.forward(&x64).unwrap(), &f64_base.forward(&x64).unwrap());
+    let diff = max_rel_diff(
+        &q64.forward(&x64).unwrap(),
+        &f64_base.forward(&x64).unwrap(),
+    );
     assert!(diff <= 1e-12, "f64 over Q4_K blocks differs by {diff:e}");
 
     // Training-mode dropout: the same mask is not reproducible across layers, so compare
@@ -165,8 +200,12 @@ fn tiles_f64_and_dropout_match_the_reference() {
         ..LoraConfig::new(4, 8.0)
     };
     let m = VarMap::new();
-    let layer = LoraLinear::new(qbase, &cfg, VarBuilder::from_varmap(&m, DType::F32, &dev).pp("p"))
-        .unwrap();
+    let layer = LoraLinear::new(
+        qbase,
+        &cfg,
+        VarBuilder::from_varmap(&m, DType::F32, &dev).pp("p"),
+    )
+    .unwrap();
     let y = layer.forward_t(x.as_tensor(), true).unwrap(); // B = 0: the base alone
     let diff = max_rel_diff(&y, &fbase.forward(x.as_tensor()).unwrap());
     assert!(diff <= TOL, "dropout forward differs by {diff:e}");
@@ -179,8 +218,13 @@ fn training_over_a_q4k_base_lowers_the_loss() {
     let (qbase, _) = bases(21, 16, 256, GgmlDType::Q4K);
     let mut g = rng(4);
     let x = rand(&mut g, &[32, 256], DType::F32);
-    let (u, v) = (rand(&mut g, &[16, 1], DType::F32), rand(&mut g, &[1, 256], DType::F32));
-    let shift = x.matmul(&(u.matmul(&v).unwrap() * 0.1).unwrap().t().unwrap()).unwrap();
+    let (u, v) = (
+        rand(&mut g, &[16, 1], DType::F32),
+        rand(&mut g, &[1, 256], DType::F32),
+    );
+    let shift = x
+        .matmul(&(u.matmul(&v).unwrap() * 0.1).unwrap().t().unwrap())
+        .unwrap();
     let target = (qbase.forward(&x).unwrap() + shift).unwrap();
     let m = VarMap::new();
     let vb = VarBuilder::from_varmap(&m, DType::F32, &Device::Cpu);
@@ -233,7 +277,10 @@ fn refusals_name_what_is_wrong() {
     let err = DeltaLoraLinear::new(qbase, &LoraConfig::new(2, 4.0), vb.pp("attn.q"))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("attn.q") && err.contains("quantized") && err.contains("Delta-LoRA"), "{err}");
+    assert!(
+        err.contains("attn.q") && err.contains("quantized") && err.contains("Delta-LoRA"),
+        "{err}"
+    );
 
     let w = Tensor::zeros((8, 96), DType::F32, &Device::Cpu).unwrap();
     let err = FrozenLinear::new(w, None)
@@ -241,7 +288,10 @@ fn refusals_name_what_is_wrong() {
         .quantize("mlp.up", GgmlDType::Q4K)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("mlp.up") && err.contains("d_in = 96") && err.contains("256"), "{err}");
+    assert!(
+        err.contains("mlp.up") && err.contains("d_in = 96") && err.contains("256"),
+        "{err}"
+    );
 
     let table = Tensor::zeros((10, 256), DType::F32, &Device::Cpu).unwrap();
     let err = FrozenLinear::embedding(table)
@@ -250,4 +300,64 @@ fn refusals_name_what_is_wrong() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("embed") && err.contains("embedding"), "{err}");
+}
+
+/// Quantize-on-load through a model's plan: a Qwen2 (transformers fixture) with a PEFT LoRA
+/// and every decoder linear quantized to Q8_0 gives the logits of the same model loaded in
+/// float from a checkpoint whose linear weights went through candle's own
+/// quantize-dequantize; embeddings, norms and the (tied) head stay float; the adapter
+/// trains over the blocks.
+#[test]
+fn a_model_quantized_on_load_equals_the_dequantized_checkpoint() {
+    use candle_core::quantized::QTensor;
+    use lorakit::model::Quantize;
+    use lorakit::models::llama::{LlamaConfig, LlamaForCausalLM};
+    use lorakit::peft::PeftAdapter;
+    let dir = "tests/fixtures/models/llama/qwen2";
+    let dev = Device::Cpu;
+    let config = LlamaConfig::from_file(format!("{dir}/base/config.json")).unwrap();
+    let tensors =
+        candle_core::safetensors::load(format!("{dir}/base/model.safetensors"), &dev).unwrap();
+    let mut rounded = std::collections::HashMap::new();
+    let mut quantized = 0;
+    for (name, t) in tensors {
+        let t = t.to_dtype(DType::F32).unwrap();
+        let t = if name.ends_with("_proj.weight") {
+            quantized += 1;
+            QTensor::quantize(&t, GgmlDType::Q8_0)
+                .unwrap()
+                .dequantize(&dev)
+                .unwrap()
+        } else {
+            t
+        };
+        rounded.insert(name, t);
+    }
+    assert_eq!(quantized, 7 * config.num_hidden_layers);
+    let ids = Tensor::new(&[[1u32, 17, 42, 5, 9]], &dev).unwrap();
+
+    let plan = PeftAdapter::load(format!("{dir}/lora"), &dev)
+        .unwrap()
+        .plan()
+        .unwrap();
+    let vb = VarBuilder::from_tensors(rounded, DType::F32, &dev);
+    let reference = LlamaForCausalLM::load(&config, vb, &plan)
+        .unwrap()
+        .forward(&ids)
+        .unwrap();
+
+    let plan = PeftAdapter::load(format!("{dir}/lora"), &dev)
+        .unwrap()
+        .plan()
+        .unwrap()
+        .with_quantize(Quantize::new(GgmlDType::Q8_0));
+    let model =
+        LlamaForCausalLM::from_pretrained(format!("{dir}/base"), DType::F32, &dev, &plan).unwrap();
+    let set = plan.finish().unwrap();
+    for (path, layer) in set.layers() {
+        assert!(layer.read().base().is_quantized(), "{path}");
+    }
+    let logits = model.forward(&ids).unwrap();
+    let diff = max_rel_diff(&logits, &reference);
+    assert!(diff <= TOL, "logits differ by {diff:e}");
 }

@@ -49,9 +49,7 @@ use crate::variants::lora::{
     delegate_to_lora, load_pair, lora_config_layer, LoraConfig, LoraLinear,
 };
 use cache::NormCache;
-use norm::{
-    base_row_sq_norms, dora_eps, factored_row_norms, factored_row_norms_from, norm_dtype,
-};
+use norm::{base_row_sq_norms, dora_eps, factored_row_norms, factored_row_norms_from, norm_dtype};
 
 /// The config of a DoRA layer: LoRA's.
 pub type DoraConfig = LoraConfig;
