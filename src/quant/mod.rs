@@ -6,7 +6,9 @@
 //! fused kernel ([`crate::kernels`]) computes the base product `x Wᵀ` and the input gradient
 //! `g W` from row tiles of `W` dequantized into one small reused buffer (about 1 MiB), with
 //! the low-rank term accumulated into the same output buffer; there is never a gradient for
-//! `W` and never a float copy of the whole `W`. The products are exact with respect to the
+//! `W` and never a float copy of the whole `W`. A forward of at most 4 rows (decoding)
+//! streams `W` instead: each task dequantizes one row at a time into a `d_in` buffer and
+//! dots it with the input rows. The products are exact with respect to the
 //! dequantized weight (candle's `QMatMul` also quantizes the activations, so it is not used).
 //! Other devices dequantize the whole weight per call and take the composed path.
 //!

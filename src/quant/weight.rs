@@ -149,14 +149,45 @@ impl QuantizedWeight {
     /// Dequantizes rows `row0 ..` into `out` (a whole number of rows, `d_in` floats each),
     /// rows spread over the thread pool. CPU weights only.
     pub(crate) fn dequantize_rows(&self, row0: usize, out: &mut [f32]) -> candle_core::Result<()> {
-        let d_in = self.d_in.max(1);
+        let dtype = self.q.dtype();
+        let (d_in, rb) = (self.d_in.max(1), self.row_bytes());
         let rows = out.len() / d_in;
-        if !out.len().is_multiple_of(d_in) || row0 + rows > self.d_out {
+        let per_task = rows
+            .div_ceil(4 * rayon::current_num_threads().max(1))
+            .max(1);
+        self.with_row_bytes(row0, out.len(), |bytes| {
+            out.par_chunks_mut(per_task * d_in)
+                .zip(bytes.par_chunks(per_task * rb))
+                .try_for_each(|(out, bytes)| dequantize_into(dtype, bytes, out))
+        })
+    }
+
+    /// [`QuantizedWeight::dequantize_rows`] on the calling thread (a caller that is already
+    /// one task of many).
+    pub(crate) fn dequantize_rows_here(
+        &self,
+        row0: usize,
+        out: &mut [f32],
+    ) -> candle_core::Result<()> {
+        let dtype = self.q.dtype();
+        self.with_row_bytes(row0, out.len(), |bytes| dequantize_into(dtype, bytes, out))
+    }
+
+    /// Runs `f` on the blocks of the rows from `row0` that `floats` values fill (a whole
+    /// number of rows inside the weight). CPU weights only.
+    fn with_row_bytes<R>(
+        &self,
+        row0: usize,
+        floats: usize,
+        f: impl FnOnce(&[u8]) -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
+        let d_in = self.d_in.max(1);
+        let rows = floats / d_in;
+        if !floats.is_multiple_of(d_in) || row0 + rows > self.d_out {
             candle_core::bail!(
-                "quantized weight: rows {row0}..{} of {} ({} floats for rows of {d_in})",
+                "quantized weight: rows {row0}..{} of {} ({floats} floats for rows of {d_in})",
                 row0 + rows,
                 self.d_out,
-                out.len()
             );
         }
         if !self.q.device().is_cpu() {
@@ -170,13 +201,7 @@ impl QuantizedWeight {
                 row0 + rows
             );
         };
-        let dtype = self.q.dtype();
-        let per_task = rows
-            .div_ceil(4 * rayon::current_num_threads().max(1))
-            .max(1);
-        out.par_chunks_mut(per_task * d_in)
-            .zip(bytes.par_chunks(per_task * rb))
-            .try_for_each(|(out, bytes)| dequantize_into(dtype, bytes, out))
+        f(bytes)
     }
 
     /// Squared row norms `‖W_i‖²` `(d_out,)` in f32 (f64 accumulation), computed tile by

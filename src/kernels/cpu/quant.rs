@@ -3,6 +3,7 @@
 //! the whole `W`).
 
 use candle_core::{CpuStorage, DType, WithDType};
+use rayon::prelude::*;
 
 use super::{gemm_into, Accum, MatRef};
 use crate::quant::{tile_rows, QuantizedWeight};
@@ -37,6 +38,9 @@ impl<T: WithDType> WeightMat<'_, T> {
             WeightMat::Dense(w) => return gemm_into(dst, w.rows, x, w.t(), accum, one),
             WeightMat::Quantized(q) => q,
         };
+        if x.rows <= STREAM_ROWS {
+            return times_t_streamed(q, dst, x, accum);
+        }
         let d_out = q.d_out();
         let mut tile = Tile::new(q);
         for j0 in tile.starts() {
@@ -66,6 +70,64 @@ impl<T: WithDType> WeightMat<'_, T> {
         }
         Ok(())
     }
+}
+
+/// At most this many input rows take the row-streaming product (decode): each row of `W`
+/// is dequantized into a small per-task buffer and dotted with every input row at once,
+/// with no tile written out and read back.
+const STREAM_ROWS: usize = 4;
+
+/// `dst (+)= x Wᵀ` for a few input rows, streaming `W` row by row over the thread pool.
+fn times_t_streamed<T: WithDType>(
+    q: &QuantizedWeight,
+    dst: &mut [T],
+    x: MatRef<T>,
+    accum: Accum,
+) -> candle_core::Result<()> {
+    let (d_out, d_in, n) = (q.d_out(), q.d_in(), x.rows);
+    let xs: Vec<Vec<f64>> = (0..n)
+        .map(|i| (0..d_in).map(|k| x.at(i, k).to_f64()).collect())
+        .collect();
+    let per_task = d_out
+        .div_ceil(8 * rayon::current_num_threads().max(1))
+        .max(1);
+    let mut yt = vec![0f64; d_out * n]; // (d_out, n)
+    yt.par_chunks_mut(per_task * n)
+        .enumerate()
+        .try_for_each(|(c, out)| {
+            let mut row = vec![0f32; d_in];
+            for (r, y) in out.chunks_mut(n).enumerate() {
+                q.dequantize_rows_here(c * per_task + r, &mut row)?;
+                for (y, x) in y.iter_mut().zip(&xs) {
+                    *y = dot(x, &row);
+                }
+            }
+            Ok::<(), candle_core::Error>(())
+        })?;
+    for (i, dst_row) in dst.chunks_mut(d_out).take(n).enumerate() {
+        for (j, v) in dst_row.iter_mut().enumerate() {
+            let y = yt.get(j * n + i).copied().unwrap_or(0.0);
+            *v = match accum {
+                Accum::Add => T::from_f64(v.to_f64() + y),
+                Accum::Replace => T::from_f64(y),
+            };
+        }
+    }
+    Ok(())
+}
+
+/// `Σ x_k w_k` with eight accumulators (so that the loop vectorizes).
+fn dot(x: &[f64], w: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
+    let (xc, xr) = x.split_at(x.len() - x.len() % 8);
+    let (wc, wr) = w.split_at(xc.len().min(w.len()));
+    for (xs, ws) in xc.chunks_exact(8).zip(wc.chunks_exact(8)) {
+        for ((a, &x), &w) in acc.iter_mut().zip(xs).zip(ws) {
+            *a += x * f64::from(w);
+        }
+    }
+    let tail: f64 = xr.iter().zip(wr).map(|(&x, &w)| x * f64::from(w)).sum();
+    acc.iter().sum::<f64>() + tail
 }
 
 /// One reused buffer of dequantized rows, in f32 (and converted to `T` when `T` is not f32).
