@@ -91,7 +91,7 @@ impl ScaledLowRankLinear<'_> {
         Ok(y.to_dtype(dtype)?)
     }
 
-    /// The reference: [`FusedLinear::forward_composed`] with `B_eff = diag(out) B diag(mid)`.
+    /// The reference: [`super::FusedLinear::forward_composed`] with `B_eff = diag(out) B diag(mid)`.
     pub fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         self.composed_over(WeightRef::Float(self.weight), x)
     }
