@@ -432,9 +432,10 @@ impl AdaptedBase {
     }
 
     /// `W ← W + delta`; with `safe`, refuses (leaving W untouched) if the result is not finite.
+    /// A quantized `W` is dequantized first: the base becomes a float weight.
     pub(crate) fn add_delta(&mut self, delta: &Tensor, safe: bool) -> Result<()> {
-        let w = self.base.weight();
-        let merged = (w + delta.to_dtype(w.dtype())?)?;
+        let w = self.base.dequantized_weight()?;
+        let merged = (&w + delta.to_dtype(w.dtype())?)?;
         if safe {
             let count = count_non_finite(&merged)?;
             if count > 0 {

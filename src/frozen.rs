@@ -1,9 +1,13 @@
 //! [`FrozenLinear`]: the base layer every adapter wraps.
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
+pub(crate) use crate::kernels::{flatten_rows, unflatten_rows};
+use crate::kernels::{Product, WeightRef};
+use crate::quant::QuantizedWeight;
 use crate::validate;
 
 /// A linear layer `y = x Wᵀ + b` whose weight `W` (`d_out × d_in`, candle's layout) and
@@ -23,12 +27,20 @@ use crate::validate;
 /// assert_eq!(y.to_vec2::<f32>()?, [[210.0, 430.0, 650.0]]);
 /// # Ok(()) }
 /// ```
+///
+/// The weight may be quantized (QLoRA-style training, see [`crate::quant`]):
+/// [`FrozenLinear::quantize`] and [`FrozenLinear::from_quantized`] build such a base, which
+/// every variant but Delta-LoRA trains over without a float copy of `W`.
 #[derive(Clone, Debug)]
 pub struct FrozenLinear {
-    /// `(d_out, d_in)`; for a module stored `(d_in, d_out)` a transposed view of it.
+    /// `(d_out, d_in)`; for a module stored `(d_in, d_out)` a transposed view of it. For a
+    /// quantized base, a placeholder of that shape without storage (see
+    /// [`FrozenLinear::weight`]).
     weight: Tensor,
     bias: Option<Tensor>,
     kind: BaseKind,
+    /// The quantized weight, when the base is quantized.
+    quantized: Option<QuantizedWeight>,
 }
 
 /// What kind of module a [`FrozenLinear`] is: how its weight is stored and what its input is.
@@ -94,7 +106,108 @@ impl FrozenLinear {
             weight: weight.detach(),
             bias: bias.map(|b| b.detach()),
             kind: BaseKind::Linear,
+            quantized: None,
         })
+    }
+
+    /// The same module with its weight quantized to `dtype` (Q8_0, Q4_K, Q5_K, Q6_K, …: see
+    /// [`crate::quant::QUANTIZE_TYPES`]); the float weight is dropped (memory is freed once
+    /// no other tensor shares it). The layer keeps its dtype (that of its inputs, outputs
+    /// and bias). `layer` names the layer in errors: a `d_in` that is not a multiple of
+    /// the type's block size (32, or 256 for the k-quants) is refused, as is an embedding.
+    ///
+    /// ```
+    /// use candle_core::{quantized::GgmlDType, Device, Module, Tensor};
+    /// use lorakit::FrozenLinear;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let dev = Device::Cpu;
+    /// let w = Tensor::randn(0f32, 1., (8, 256), &dev)?;
+    /// let base = FrozenLinear::new(w, None)?.quantize("proj", GgmlDType::Q4K)?;
+    /// assert!(base.is_quantized());
+    /// let x = Tensor::randn(0f32, 1., (3, 256), &dev)?;
+    /// // Exactly the product with the dequantized weight.
+    /// let reference = x.matmul(&base.dequantized_weight()?.t()?)?;
+    /// let diff = (base.forward(&x)? - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    /// assert!(diff < 1e-3);
+    /// # Ok(()) }
+    /// ```
+    pub fn quantize(self, layer: &str, dtype: GgmlDType) -> Result<Self> {
+        if self.kind == BaseKind::Embedding {
+            return Err(Error::layer_config(
+                layer,
+                "quantize",
+                "an embedding is not quantized (only linear and Conv1D bases are)",
+            ));
+        }
+        let q = QuantizedWeight::quantize(layer, &self.dequantized_weight()?, dtype)?;
+        Ok(Self {
+            weight: placeholder(q.d_out(), q.d_in(), self.dtype(), self.device())?,
+            quantized: Some(q),
+            ..self
+        })
+    }
+
+    /// A linear base over an already-quantized weight `(d_out, d_in)` (a GGUF file's, as
+    /// stored), computing in `dtype` (its inputs', outputs' and bias's dtype), with an
+    /// optional bias `(d_out,)`.
+    pub fn from_quantized(
+        weight: QuantizedWeight,
+        bias: Option<Tensor>,
+        dtype: DType,
+    ) -> Result<Self> {
+        let device = weight.device();
+        let base = Self::new(
+            placeholder(weight.d_out(), weight.d_in(), dtype, &device)?,
+            bias,
+        )?;
+        Ok(Self {
+            quantized: Some(weight),
+            ..base
+        })
+    }
+
+    /// The quantized weight, for a quantized base.
+    pub fn quantized(&self) -> Option<&QuantizedWeight> {
+        self.quantized.as_ref()
+    }
+
+    /// Whether the weight is quantized.
+    pub fn is_quantized(&self) -> bool {
+        self.quantized.is_some()
+    }
+
+    /// The frozen weight as the kernels take it.
+    pub(crate) fn weight_ref(&self) -> WeightRef<'_> {
+        match &self.quantized {
+            Some(q) => WeightRef::Quantized(q),
+            None => WeightRef::Float(&self.weight),
+        }
+    }
+
+    /// The float weight `(d_out, d_in)`, or an error naming `layer` and `operation` when the
+    /// base is quantized (an operation that needs to read or update `W` in float).
+    pub fn float_weight(&self, layer: &str, operation: &str) -> Result<&Tensor> {
+        match &self.quantized {
+            Some(q) => Err(Error::usage(
+                crate::Scope::Layer(layer.to_string()),
+                format!(
+                    "{operation} needs a float base weight, but this base is quantized \
+                     ({:?}); build the layer over a float base",
+                    q.ggml_dtype()
+                ),
+            )),
+            None => Ok(&self.weight),
+        }
+    }
+
+    /// The weight `(d_out, d_in)` in the layer's dtype: the float weight itself, or the
+    /// whole quantized weight dequantized (a full float copy, made on purpose: merges into
+    /// a float checkpoint).
+    pub fn dequantized_weight(&self) -> Result<Tensor> {
+        match &self.quantized {
+            Some(q) => Ok(q.dequantize()?.to_dtype(self.dtype())?),
+            None => Ok(self.weight.clone()),
+        }
     }
 
     /// Builds from a weight stored `(d_in, d_out)`, as GPT-2's `Conv1D` stores it (PEFT's
@@ -242,12 +355,12 @@ impl FrozenLinear {
     /// shape; PEFT's `base_layer.weight` copy in an adapter file), converted to the
     /// module's dtype and device.
     pub(crate) fn with_stored_weight(self, layer: &str, stored: &Tensor) -> Result<Self> {
-        validate::shape(
-            layer,
-            "base_layer.weight",
-            stored,
-            self.stored_weight()?.dims(),
-        )?;
+        let dims = if self.kind.stores_in_out() {
+            [self.d_in(), self.d_out()]
+        } else {
+            [self.d_out(), self.d_in()]
+        };
+        validate::shape(layer, "base_layer.weight", stored, &dims)?;
         let stored = stored.to_dtype(self.dtype())?.to_device(self.device())?;
         let replaced = Self::from_stored(self.kind, stored, None)?;
         Ok(Self {
@@ -273,17 +386,25 @@ impl FrozenLinear {
 
     /// The frozen weight, `(d_out, d_in)` (for a module stored `(d_in, d_out)`, a
     /// transposed view of the stored tensor).
+    ///
+    /// For a quantized base this is a placeholder of the weight's shape, dtype and device
+    /// with no storage, every element NaN (so that a computation that reads it by mistake
+    /// shows): read [`FrozenLinear::quantized`], [`FrozenLinear::dequantized_weight`] or
+    /// [`FrozenLinear::float_weight`] instead.
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
 
     /// The weight in its stored layout: `(d_out, d_in)` for [`BaseKind::Linear`],
-    /// `(d_in, d_out)` for Conv1D and embeddings (what a checkpoint holds).
+    /// `(d_in, d_out)` for Conv1D and embeddings (what a checkpoint holds). A quantized
+    /// base's weight is dequantized (a full float copy, see
+    /// [`FrozenLinear::dequantized_weight`]).
     pub fn stored_weight(&self) -> Result<Tensor> {
+        let weight = self.dequantized_weight()?;
         if self.kind.stores_in_out() {
-            Ok(self.weight.t()?)
+            Ok(weight.t()?)
         } else {
-            Ok(self.weight.clone())
+            Ok(weight)
         }
     }
 
@@ -322,9 +443,11 @@ impl FrozenLinear {
     /// Delta-LoRA updates). Crate-internal: users see a frozen layer.
     /// A module stored `(d_in, d_out)` keeps that layout: the new weight is stored
     /// transposed (one copy per merge, none per forward).
+    /// A quantized base becomes a float one (a merge into a dequantized weight).
     pub(crate) fn replace_weight(&mut self, layer: &str, weight: Tensor) -> Result<()> {
         validate::shape(layer, "weight", &weight, self.weight.dims())?;
         validate::dtype_device(layer, "weight", &weight, self.dtype(), self.device())?;
+        self.quantized = None;
         let weight = weight.detach();
         self.weight = if self.kind.stores_in_out() && !weight.t()?.is_contiguous() {
             weight.t()?.contiguous()?.t()?
@@ -366,8 +489,24 @@ impl FrozenLinear {
 
 impl Module for FrozenLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.quantized.is_some() {
+            let product = Product {
+                weight: self.weight_ref(),
+                bias: self.bias.as_ref(),
+                low_rank: None,
+                row_scale: None,
+            };
+            return product.forward(x).map_err(candle_core::Error::wrap);
+        }
         plain_forward(self.kind, &self.weight, self.bias.as_ref(), x)
     }
+}
+
+/// A `(d_out, d_in)` tensor of `dtype` on `device` without storage (one NaN broadcast):
+/// the shape-carrying stand-in for a quantized weight.
+fn placeholder(d_out: usize, d_in: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let nan = Tensor::new(f32::NAN, device)?.to_dtype(dtype)?;
+    Ok(nan.broadcast_as((d_out, d_in))?)
 }
 
 /// A weight given in a stored layout must be 2-D before it is transposed.
@@ -423,20 +562,4 @@ pub(crate) fn lookup_rows(table: &Tensor, ids: &Tensor) -> candle_core::Result<T
     let mut dims = ids.dims().to_vec();
     dims.push(table.dim(1)?);
     rows.reshape(dims)
-}
-
-/// Views `x` (`[.., d]`) as a matrix `(n, d)`; returns it with the leading dims.
-pub(crate) fn flatten_rows(x: &Tensor) -> candle_core::Result<(Tensor, Vec<usize>)> {
-    let dims = x.dims();
-    let lead = dims.split_last().map_or(&[][..], |(_, lead)| lead).to_vec();
-    let d = dims.last().copied().unwrap_or(1);
-    let n: usize = lead.iter().product();
-    Ok((x.reshape((n, d))?, lead))
-}
-
-/// Inverse of [`flatten_rows`] for an output `(n, d_out)`.
-pub(crate) fn unflatten_rows(y: &Tensor, lead: &[usize]) -> candle_core::Result<Tensor> {
-    let mut dims = lead.to_vec();
-    dims.push(y.dim(1)?);
-    y.reshape(dims)
 }

@@ -89,6 +89,7 @@ pub mod low_rank;
 pub mod model;
 pub mod models;
 pub mod peft;
+pub mod quant;
 pub mod shared;
 pub mod staging;
 pub mod tokenizer;

@@ -8,7 +8,7 @@ use candle_nn::{Init, VarBuilder};
 use crate::adapter::{NamedVar, ParamRole};
 use crate::error::{Error, Result};
 use crate::frozen::FrozenLinear;
-use crate::kernels::{low_rank_only, FusedLinear, LowRankTerm};
+use crate::kernels::{low_rank_only, LowRankTerm, Product};
 use crate::validate;
 
 /// One factor of a low-rank pair: trained (a `Var`) or frozen (a constant).
@@ -136,7 +136,8 @@ pub fn trainable_var(vb: &VarBuilder, name: &str, init: &Tensor) -> Result<Var> 
 }
 
 /// `x Wᵀ + b + s · (drop(x) A_effᵀ) B_effᵀ`, with dropout (probability `dropout`) only when
-/// `train` is set. Without dropout this is one [`FusedLinear`] call.
+/// `train` is set. Without dropout this is one fused product ([`crate::kernels::FusedLinear`]'s,
+/// over a float or quantized `W`).
 pub fn low_rank_forward(
     base: &FrozenLinear,
     term: LowRankTerm<'_>,
@@ -145,8 +146,8 @@ pub fn low_rank_forward(
     train: bool,
 ) -> Result<Tensor> {
     if train && dropout > 0.0 {
-        let frozen = FusedLinear {
-            weight: base.weight(),
+        let frozen = Product {
+            weight: base.weight_ref(),
             bias: base.bias(),
             low_rank: None,
             row_scale: None,
@@ -154,8 +155,8 @@ pub fn low_rank_forward(
         let dropped = candle_nn::ops::dropout(x, dropout as f32)?;
         return Ok((frozen.forward(x)? + low_rank_only(&dropped, &term)?)?);
     }
-    FusedLinear {
-        weight: base.weight(),
+    Product {
+        weight: base.weight_ref(),
         bias: base.bias(),
         low_rank: Some(term),
         row_scale: None,

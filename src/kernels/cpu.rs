@@ -6,11 +6,13 @@ use candle_core::{CpuStorage, Layout, Shape, Storage, Tensor, WithDType};
 
 mod col_major;
 mod in_place;
+mod quant;
 mod rowwise;
 mod scaled;
 mod transpose;
 
 pub(crate) use in_place::AddProduct;
+pub(crate) use quant::WeightMat;
 pub(crate) use scaled::{scaled_backward, scaled_forward, ScaledForward, ScaledNeed, ScaledSaved};
 
 /// A read-only strided matrix view: element `(i, j)` is `data[i * rs + j * cs]`.
@@ -116,6 +118,19 @@ impl<'a, T: Copy> MatRef<'a, T> {
     /// Rows of the view.
     pub(crate) fn rows(&self) -> usize {
         self.rows
+    }
+
+    /// Columns `start .. start + len` (an error outside the view).
+    pub(crate) fn cols_range(self, start: usize, len: usize) -> candle_core::Result<Self> {
+        if start + len > self.cols {
+            candle_core::bail!(
+                "fused linear: columns {start}..{} outside a {}-column view",
+                start + len,
+                self.cols
+            );
+        }
+        let data = self.data.get(start * self.cs..).unwrap_or(&[]);
+        Self::new(data, self.rows, len, self.rs, self.cs)
     }
 }
 
@@ -359,7 +374,7 @@ pub(crate) struct Forward<'a, T> {
     /// `x`, `(n, d_in)`.
     pub x: MatRef<'a, T>,
     /// `W`, `(d_out, d_in)`.
-    pub w: MatRef<'a, T>,
+    pub w: WeightMat<'a, T>,
     /// `A_eff` `(r, d_in)` and `B_eff` `(d_out, r)`, `r ≥ 1`, with the scale.
     pub low_rank: Option<(MatRef<'a, T>, MatRef<'a, T>, T)>,
     /// Row scale, `d_out` values.
@@ -375,14 +390,14 @@ pub(crate) struct Forward<'a, T> {
 /// it; the low-rank product always accumulates into the same buffer; a row scale is one
 /// epilogue pass.
 pub(crate) fn forward<T: WithDType>(p: &Forward<T>) -> candle_core::Result<Forwarded<T>> {
-    let (n, d_out) = (p.x.rows, p.w.rows);
+    let (n, d_out) = (p.x.rows, p.w.rows());
     let zero = T::from_f64(0.0);
     let one = T::from_f64(1.0);
     let (mut y, base) = match (&p.bias, &p.row_scale) {
         (Some(b), None) => (rowwise::bias_rows(n, b), Accum::Add),
         _ => (vec![zero; n * d_out], Accum::Replace),
     };
-    gemm_into(&mut y, d_out, p.x, p.w.t(), base, one)?;
+    p.w.times_t(&mut y, p.x, base)?;
     let mut xa = Vec::new();
     if let Some((a, b, s)) = p.low_rank {
         let r = a.rows;
@@ -451,7 +466,7 @@ pub(crate) struct Grads<T> {
 /// Never a gradient for `W`.
 pub(crate) fn backward<T: WithDType>(p: &Backward<T>) -> candle_core::Result<Grads<T>> {
     let f = p.fwd;
-    let (n, d_in, d_out) = (f.x.rows, f.x.cols, f.w.rows);
+    let (n, d_in, d_out) = (f.x.rows, f.x.cols, f.w.rows());
     let zero = T::from_f64(0.0);
     let one = T::from_f64(1.0);
     // g' = c ⊙ g (contiguous), or g itself.
@@ -481,7 +496,7 @@ pub(crate) fn backward<T: WithDType>(p: &Backward<T>) -> candle_core::Result<Gra
     };
     if p.need.x {
         let mut dx = vec![zero; n * d_in];
-        gemm_into(&mut dx, d_in, gs, f.w, Accum::Replace, one)?;
+        f.w.grad_times(&mut dx, gs)?;
         if let (Some((a, _, s)), Some(gb)) = (f.low_rank, &gb) {
             gemm_into(
                 &mut dx,
@@ -555,14 +570,7 @@ fn row_scale_grad<T: WithDType>(p: &Backward<T>, xa: MatRef<T>) -> candle_core::
         Some(u) if u.len() == n * d_out => u,
         _ => {
             let mut u = vec![zero; n * d_out];
-            gemm_into(
-                &mut u,
-                d_out,
-                f.x,
-                f.w.t(),
-                Accum::Replace,
-                T::from_f64(1.0),
-            )?;
+            f.w.times_t(&mut u, f.x, Accum::Replace)?;
             if let Some((_, b, s)) = f.low_rank {
                 gemm_into(&mut u, d_out, xa, b.t(), Accum::Add, s)?;
             }
@@ -600,7 +608,7 @@ mod tests {
         c[2] = 0.0; // a zero row scale: the gradient must not need y / c
         let fwd = Forward {
             x: MatRef::contiguous(&x, n, d_in)?,
-            w: MatRef::contiguous(&w, d_out, d_in)?,
+            w: WeightMat::Dense(MatRef::contiguous(&w, d_out, d_in)?),
             low_rank: Some((
                 MatRef::contiguous(&a, r, d_in)?,
                 MatRef::contiguous(&b, d_out, r)?,

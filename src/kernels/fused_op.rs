@@ -16,14 +16,15 @@
 
 use candle_core::{Layout, Shape, Tensor, WithDType};
 
-use super::cpu::{self, as_rows, gather_vec, mat_of_layout, with_slice, Backward, Forward, Need};
+use super::cpu::{self, as_rows, gather_vec, mat_of_layout, Backward, Forward, Need};
 use super::saved_op::{CpuOutput, Grads3, Input, SavingKernel, SLOTS};
+use super::weight::OpWeight;
 
 /// `y = c ⊙ (x Wᵀ + s (x Aᵀ) Bᵀ) + b` with `W`, `b`, `s` held in the op.
 #[derive(Clone, Debug)]
 pub(crate) struct FusedLowRankOp {
-    /// Frozen `W`, `(d_out, d_in)`, same dtype as `x`.
-    pub weight: Tensor,
+    /// Frozen `W`, `(d_out, d_in)` (a float one in `x`'s dtype).
+    pub weight: OpWeight,
     /// Frozen bias, `(d_out,)`.
     pub bias: Option<Tensor>,
     /// The scale `s`.
@@ -74,10 +75,10 @@ impl FusedLowRankOp {
         } else {
             None
         };
-        with_slice(&self.weight, |w_data, w_layout| {
+        self.weight.with_mat(|w| {
             let fwd = Forward {
                 x: xr.view()?,
-                w: mat_of_layout(w_data, w_layout)?,
+                w,
                 low_rank: (r > 0).then(|| (a, bc.narrow_cols(r), T::from_f64(self.scale))),
                 row_scale,
                 bias,
@@ -109,7 +110,8 @@ impl FusedLowRankOp {
             None => g.clone(),
         };
         let s = self.scale;
-        let mut dx = gs.matmul(&self.weight)?;
+        let w = self.weight.float_like(x)?;
+        let mut dx = gs.matmul(&w)?;
         let mut da = None;
         let mut db = None;
         if r > 0 {
@@ -121,7 +123,7 @@ impl FusedLowRankOp {
         let dbc = match (&c, db) {
             (Some(_), db) => {
                 // u = x Wᵀ + s (x Aᵀ) Bᵀ, recomputed (no division by c).
-                let mut u = x2.matmul(&self.weight.t()?)?;
+                let mut u = x2.matmul(&w.t()?)?;
                 if r > 0 {
                     u = (u + (x2.matmul(&a.t()?)?.matmul(&b.t()?)? * s)?)?;
                 }
@@ -199,8 +201,11 @@ impl SavingKernel for FusedLowRankOp {
         [x, a, bc]: [(&candle_core::CudaStorage, &Layout); 3],
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         self.check_shapes(x.1, a.1, bc.1)?;
+        let OpWeight::Float(weight) = &self.weight else {
+            candle_core::bail!("fused linear: a quantized weight runs on the CPU only");
+        };
         let params = super::cuda::Forward {
-            weight: &self.weight,
+            weight,
             bias: self.bias.as_ref(),
             scale: self.scale,
             rank: self.rank,

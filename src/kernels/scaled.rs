@@ -11,7 +11,7 @@ use candle_core::{DType, Tensor};
 
 use super::saved_op::SavedOp;
 use super::scaled_op::ScaledLowRankOp;
-use super::{compute_dtype, FusedLinear, LowRankTerm};
+use super::{compute_dtype, LowRankTerm, Product, WeightRef};
 use crate::error::Result;
 
 /// One vector-scaled low-rank linear product (see the module docs).
@@ -61,22 +61,28 @@ pub struct ScaledLowRankLinear<'a> {
 impl ScaledLowRankLinear<'_> {
     /// Runs the product: the fused op on the CPU, the composed path elsewhere.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_over(WeightRef::Float(self.weight), x)
+    }
+
+    /// [`ScaledLowRankLinear::forward`] with `weight` standing for `W` (a quantized base's
+    /// blocks; `self.weight` is then only its shape).
+    pub(crate) fn forward_over(&self, weight: WeightRef<'_>, x: &Tensor) -> Result<Tensor> {
         if let Some(bias) = self.bias.filter(|b| b.track_op()) {
             let y = ScaledLowRankLinear {
                 bias: None,
                 ..*self
             }
-            .forward(x)?;
+            .forward_over(weight, x)?;
             return super::add_trainable_bias(&y, bias);
         }
         let dtype = x.dtype();
         let compute = compute_dtype(dtype, x.device());
         if !x.device().is_cpu() || !matches!(compute, DType::F32 | DType::F64) {
-            return self.forward_composed(x);
+            return self.composed_over(weight, x);
         }
         let cast = |t: &Tensor| t.to_dtype(compute);
         let op = SavedOp::new(ScaledLowRankOp {
-            weight: cast(self.weight)?,
+            weight: weight.to_op(compute, false)?,
             bias: self.bias.map(cast).transpose()?,
             a: cast(self.a)?,
             b: cast(self.b)?,
@@ -85,11 +91,16 @@ impl ScaledLowRankLinear<'_> {
         Ok(y.to_dtype(dtype)?)
     }
 
-    /// The reference: [`FusedLinear::forward_composed`] with `B_eff = diag(out) B diag(mid)`.
+    /// The reference: [`super::FusedLinear::forward_composed`] with `B_eff = diag(out) B diag(mid)`.
     pub fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
+        self.composed_over(WeightRef::Float(self.weight), x)
+    }
+
+    /// [`ScaledLowRankLinear::forward_composed`] over `weight`.
+    pub(crate) fn composed_over(&self, weight: WeightRef<'_>, x: &Tensor) -> Result<Tensor> {
         let b_eff = self.effective_b()?;
-        FusedLinear {
-            weight: self.weight,
+        Product {
+            weight,
             bias: self.bias,
             low_rank: Some(LowRankTerm {
                 a: self.a,

@@ -11,12 +11,13 @@ use super::cpu::{
     ScaledNeed, ScaledSaved,
 };
 use super::saved_op::{CpuOutput, Grads3, Input, SavingKernel, SLOTS};
+use super::weight::OpWeight;
 
 /// `y = x Wᵀ + b + out ⊙ ((mid ⊙ (x Aᵀ)) Bᵀ)` with `W`, `b`, `A`, `B` held in the op.
 #[derive(Clone, Debug)]
 pub(crate) struct ScaledLowRankOp {
-    /// Frozen `W`, `(d_out, d_in)`, same dtype as `x`.
-    pub weight: Tensor,
+    /// Frozen `W`, `(d_out, d_in)` (a float one in `x`'s dtype).
+    pub weight: OpWeight,
     /// Frozen bias, `(d_out,)`.
     pub bias: Option<Tensor>,
     /// Frozen `A`, `(r, d_in)` (may be a strided view).
@@ -61,12 +62,12 @@ impl ScaledLowRankOp {
         let mid = gather_strided(mid.0, mid.1)?;
         let out = gather_strided(out.0, out.1)?;
         let bias = self.bias.as_ref().map(gather_vec::<T>).transpose()?;
-        with_slice(&self.weight, |wd, wl| {
+        self.weight.with_mat(|w| {
             with_slice(&self.a, |ad, al| {
                 with_slice(&self.b, |bd, bl| {
                     f(&ScaledForward {
                         x: xr.view()?,
-                        w: mat_of_layout(wd, wl)?,
+                        w,
                         a: mat_of_layout(ad, al)?,
                         b: mat_of_layout(bd, bl)?,
                         mid: &mid,

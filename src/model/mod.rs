@@ -2,12 +2,14 @@
 //! `layers_to_transform`, `modules_to_save`), the plan that decides which modules get which
 //! adapter and the drop-in constructors [`linear`], [`conv1d`] (GPT-2) and [`embedding`]
 //! ([`plan`]), fully trainable base modules ([`trainable_base`]: `modules_to_save` copies,
-//! `bias = "all"` biases), the set of adapted layers of a model ([`adapted_set`]), and
-//! several named adapters on one model with one active ([`named`]).
+//! `bias = "all"` biases), the set of adapted layers of a model ([`adapted_set`]),
+//! several named adapters on one model with one active ([`named`]), and
+//! quantize-on-load of the frozen linears (QLoRA, [`quantize`]).
 
 pub mod adapted_set;
 pub mod named;
 pub mod plan;
+pub mod quantize;
 mod slot;
 pub mod target;
 pub mod trainable_base;
@@ -18,6 +20,7 @@ pub use plan::{
     conv1d, embedding, linear, linear_b, linear_no_bias, AdapterFactory, AdapterPlan, Embedding,
     Linear, MergedModule,
 };
+pub use quantize::{Quantize, QuantizedSource};
 pub use target::{
     FullRegex, LayerFilter, ModuleSelector, ModuleSettings, Pattern, RankAlpha, TargetSpec,
 };

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use candle_core::{DType, Module, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 
+use super::quantize::Quantize;
 use crate::adapter::{Adapter, BASE_BIAS};
 use crate::error::Result;
 use crate::frozen::{BaseKind, FrozenLinear};
@@ -119,6 +120,7 @@ pub struct AdapterPlan {
     /// Set by [`NamedAdapters::plan`](crate::model::NamedAdapters::plan): every module
     /// becomes a slot registered there.
     slots: Option<Arc<dyn SlotRegistry>>,
+    quantize: Option<Quantize>,
 }
 
 /// Where a plan built for several named adapters registers each module (implemented by
@@ -180,6 +182,7 @@ impl AdapterPlan {
             factory: Arc::new(factory),
             set: AdaptedSet::new(),
             slots: None,
+            quantize: None,
         }
     }
 
@@ -234,6 +237,46 @@ impl AdapterPlan {
     /// Which base biases train.
     pub fn bias_mode(&self) -> BiasMode {
         self.bias
+    }
+
+    /// Quantizes the frozen weights of the linear modules the model builds through this
+    /// plan as they load (QLoRA-style training over a quantized base; see [`Quantize`] for
+    /// which modules). Every model of [`crate::models`] takes it through its plan.
+    ///
+    /// ```
+    /// use candle_core::{quantized::GgmlDType, DType, Device, Module, Tensor};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// use lorakit::model::{linear_no_bias, AdapterPlan, ModuleSelector, Quantize, RankAlpha, TargetSpec};
+    /// use lorakit::LoraConfig;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let dev = Device::Cpu;
+    /// let (base_map, adapter_map) = (VarMap::new(), VarMap::new());
+    /// let base_vb = VarBuilder::from_varmap(&base_map, DType::F32, &dev);
+    /// let plan = AdapterPlan::lora(
+    ///     TargetSpec::new(ModuleSelector::list(["q_proj"])),
+    ///     RankAlpha::new(4, 8.0),
+    ///     LoraConfig::default(),
+    ///     VarBuilder::from_varmap(&adapter_map, DType::F32, &dev),
+    /// )
+    /// .with_quantize(Quantize::new(GgmlDType::Q4K));
+    /// let q = linear_no_bias(256, 256, base_vb.pp("layers.0.q_proj"), &plan)?;
+    /// let o = linear_no_bias(256, 256, base_vb.pp("layers.0.o_proj"), &plan)?;
+    /// let head = linear_no_bias(256, 10, base_vb.pp("lm_head"), &plan)?;
+    /// assert!(q.adapter().unwrap().read().base().is_quantized()); // adapted, quantized
+    /// assert!(matches!(&o, lorakit::model::Linear::Frozen(b) if b.is_quantized()));
+    /// assert!(matches!(&head, lorakit::model::Linear::Frozen(b) if !b.is_quantized()));
+    /// let y = o.forward(&q.forward(&Tensor::ones((2, 256), DType::F32, &dev)?)?)?;
+    /// assert_eq!(y.dims(), [2, 256]);
+    /// # Ok(()) }
+    /// ```
+    pub fn with_quantize(mut self, quantize: Quantize) -> Self {
+        self.quantize = Some(quantize);
+        self
+    }
+
+    /// The quantize-on-load settings, if any.
+    pub fn quantize(&self) -> Option<&Quantize> {
+        self.quantize.as_ref()
     }
 
     /// A plan that gives every target a fresh layer of type `L` (any variant's layer), built
@@ -372,7 +415,13 @@ impl AdapterPlan {
     /// one of the `modules_to_save`; with a trainable bias under [`BiasMode::All`]; frozen
     /// otherwise. Adapted layers and trainable modules are registered in the plan's set; a
     /// path built twice is an error.
+    /// With quantize-on-load settings ([`AdapterPlan::with_quantize`]), the base is
+    /// quantized first when they apply to it.
     pub fn adapt(&self, path: &str, base: FrozenLinear) -> Result<Linear> {
+        let base = match &self.quantize {
+            Some(q) => q.apply(path, base)?,
+            None => base,
+        };
         if let Some(slots) = &self.slots {
             return slots.add_slot(path, base);
         }
@@ -653,8 +702,8 @@ pub(crate) fn frozen_forward(f: &FrozenLinear, x: &Tensor) -> candle_core::Resul
     if !fused {
         return f.forward(x);
     }
-    let op = crate::kernels::FusedLinear {
-        weight: f.weight(),
+    let op = crate::kernels::Product {
+        weight: f.weight_ref(),
         bias: f.bias(),
         low_rank: None,
         row_scale: None,
@@ -687,7 +736,18 @@ pub fn linear_b(
     plan: &AdapterPlan,
 ) -> Result<Linear> {
     let path = vb.prefix();
-    let base = FrozenLinear::from_var_builder(d_in, d_out, bias, vb)?;
+    let stored = match &plan.quantize {
+        Some(q) => q.stored(&path, d_in, d_out)?,
+        None => None,
+    };
+    let base = match stored {
+        // Already quantized (e.g. a GGUF file's blocks): only the bias is read.
+        Some(weight) => {
+            let bias = bias.then(|| vb.get(d_out, "bias")).transpose()?;
+            FrozenLinear::from_quantized(weight, bias, vb.dtype())?
+        }
+        None => FrozenLinear::from_var_builder(d_in, d_out, bias, vb)?,
+    };
     plan.adapt(&path, base)
 }
 

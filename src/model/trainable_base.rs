@@ -255,6 +255,15 @@ impl Module for TrainableBase {
         let weight = match &self.weight {
             Some(w) if kind.stores_in_out() => w.as_tensor().t()?,
             Some(w) => w.as_tensor().clone(),
+            None if self.original.is_quantized() => {
+                let product = crate::kernels::Product {
+                    weight: self.original.weight_ref(),
+                    bias: self.current_bias(),
+                    low_rank: None,
+                    row_scale: None,
+                };
+                return product.forward(x).map_err(candle_core::Error::wrap);
+            }
             None => self.original.weight().clone(),
         };
         let bias = self.current_bias();

@@ -62,9 +62,11 @@ pub struct DeltaLoraLinear {
 
 impl DeltaLoraLinear {
     /// Builds a Delta-LoRA layer: LoRA's init and scale, no dropout (`config.dropout > 0` is
-    /// an error).
+    /// an error). The base must be a float one: Delta-LoRA updates `W`, so a quantized base
+    /// is refused.
     pub fn new(base: FrozenLinear, config: &DeltaLoraConfig, vb: VarBuilder) -> Result<Self> {
         check_no_dropout(&vb.prefix(), config.dropout)?;
+        check_float_base(&vb.prefix(), &base)?;
         config.check_wrapper(&vb.prefix(), &base, Variant::DeltaLora)?;
         Ok(Self {
             lora: LoraLinear::new(base, config, vb)?,
@@ -81,6 +83,7 @@ impl DeltaLoraLinear {
     ) -> Result<Self> {
         let name = name.into();
         check_no_dropout(&name, config.dropout)?;
+        check_float_base(&name, &base)?;
         config.check_wrapper(&name, &base, Variant::DeltaLora)?;
         Ok(Self {
             lora: LoraLinear::from_weights(name, base, config, pair)?,
@@ -115,6 +118,13 @@ impl DeltaLoraLinear {
             Ok(unmerged)
         }
     }
+}
+
+/// Delta-LoRA updates `W` after each step: a quantized base has no float `W` to update. To
+/// train Delta-LoRA on a layer, keep that layer's base in float (do not quantize it).
+fn check_float_base(layer: &str, base: &FrozenLinear) -> Result<()> {
+    base.float_weight(layer, "Delta-LoRA (it updates W after each step)")
+        .map(|_| ())
 }
 
 fn check_no_dropout(layer: &str, dropout: f64) -> Result<()> {

@@ -400,7 +400,8 @@ impl Adapter for VeraLinear {
         }
         let d_in = self.core.base().d_in();
         let (a, b) = (self.shared.a().narrow(1, 0, d_in)?, self.sliced_b()?);
-        self.product(&a, &b).forward(x)
+        self.product(&a, &b)
+            .forward_over(self.core.base().weight_ref(), x)
     }
 
     /// `(λ_b ⊙ B_s)(λ_d ⊙ A_s)`, computed in f32 for half-precision layers on the CPU.

@@ -8,6 +8,7 @@ mod common;
 
 mod dora_alloc;
 mod no_weight_alloc;
+mod quant_alloc;
 
 pub mod counting {
     //! The system allocator, with counters: the largest single allocation, and the number of

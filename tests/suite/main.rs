@@ -47,6 +47,7 @@ mod peft_fixtures;
 mod peft_options;
 mod peft_roundtrip;
 mod properties;
+mod quant_base;
 mod scaled_kernel;
 mod target_match;
 mod thread_determinism;

@@ -17,14 +17,14 @@ use candle_core::WithDType;
 use rayon::prelude::*;
 
 use super::rowwise::{column_dot, scale_columns_and_dot, scale_rows};
-use super::{gemm_into, Accum, MatRef};
+use super::{gemm_into, Accum, MatRef, WeightMat};
 
 /// The forward's CPU views and vectors.
 pub(crate) struct ScaledForward<'a, T> {
     /// `x`, `(n, d_in)`.
     pub x: MatRef<'a, T>,
     /// Frozen `W`, `(d_out, d_in)`.
-    pub w: MatRef<'a, T>,
+    pub w: WeightMat<'a, T>,
     /// Frozen `A`, `(r, d_in)`.
     pub a: MatRef<'a, T>,
     /// Frozen `B`, `(d_out, r)`.
@@ -48,10 +48,10 @@ pub(crate) struct ScaledSaved<'a, T> {
 pub(crate) fn scaled_forward<T: WithDType>(
     p: &ScaledForward<T>,
 ) -> candle_core::Result<(Vec<T>, Vec<T>, Vec<T>)> {
-    let (n, d_out, r) = (p.x.rows, p.w.rows, p.a.rows);
+    let (n, d_out, r) = (p.x.rows, p.w.rows(), p.a.rows);
     let (zero, one) = (T::from_f64(0.0), T::from_f64(1.0));
     let mut y = vec![zero; n * d_out];
-    gemm_into(&mut y, d_out, p.x, p.w.t(), Accum::Replace, one)?;
+    p.w.times_t(&mut y, p.x, Accum::Replace)?;
     let mut xa = vec![zero; n * r];
     gemm_into(&mut xa, r, p.x, p.a.t(), Accum::Replace, one)?;
     let (z, _) = scale_columns_and_dot(MatRef::contiguous(&xa, n, r)?, p.mid, None)?;
@@ -104,7 +104,7 @@ pub(crate) fn scaled_backward<T: WithDType>(
     g: MatRef<T>,
     need: ScaledNeed,
 ) -> candle_core::Result<ScaledGrads<T>> {
-    let (n, d_in, d_out, r) = (p.x.rows, p.x.cols, p.w.rows, p.a.rows);
+    let (n, d_in, d_out, r) = (p.x.rows, p.x.cols, p.w.rows(), p.a.rows);
     let (zero, one) = (T::from_f64(0.0), T::from_f64(1.0));
     if saved.xa.len() != n * r || saved.v.len() != n * d_out {
         candle_core::bail!("scaled low-rank linear: saved intermediates do not fit the inputs");
@@ -133,7 +133,7 @@ pub(crate) fn scaled_backward<T: WithDType>(
     let mut dx = None;
     if need.x {
         let mut out = vec![zero; n * d_in];
-        gemm_into(&mut out, d_in, g, p.w, Accum::Replace, one)?;
+        p.w.grad_times(&mut out, g)?;
         gemm_into(
             &mut out,
             d_in,

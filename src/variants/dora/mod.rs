@@ -41,7 +41,7 @@ use candle_nn::VarBuilder;
 use crate::adapter::{count_non_finite, Adapter, NamedVar, ParamRole, Variant};
 use crate::error::{Error, Result};
 use crate::frozen::FrozenLinear;
-use crate::kernels::{low_rank_only, FusedLinear, LowRankTerm};
+use crate::kernels::{low_rank_only, LowRankTerm, Product};
 use crate::low_rank::{trainable_var, LowRankPair};
 use crate::validate;
 use crate::variants::build::{Dims, ImpliedShape, PeftLayer, PeftModule, TensorSource};
@@ -49,7 +49,7 @@ use crate::variants::lora::{
     delegate_to_lora, load_pair, lora_config_layer, LoraConfig, LoraLinear,
 };
 use cache::NormCache;
-use norm::{dora_eps, factored_row_norms, norm_dtype, row_sq_norms};
+use norm::{base_row_sq_norms, dora_eps, factored_row_norms, factored_row_norms_from, norm_dtype};
 
 /// The config of a DoRA layer: LoRA's.
 pub type DoraConfig = LoraConfig;
@@ -112,7 +112,7 @@ impl DoraLinear {
     pub fn new(base: FrozenLinear, config: &DoraConfig, vb: VarBuilder) -> Result<Self> {
         config.check_wrapper(&vb.prefix(), &base, Variant::Dora)?;
         let lora = LoraLinear::new(base, config, vb.clone())?;
-        let w_sq = row_sq_norms(lora.base().weight())?;
+        let w_sq = base_row_sq_norms(lora.base())?;
         let norms = norms_of(&lora, &w_sq)?;
         let m_init = norms.to_dtype(lora.base().dtype())?;
         let magnitude = trainable_var(&vb, MAGNITUDE_NAME, &m_init)?;
@@ -142,7 +142,7 @@ impl DoraLinear {
             base.device(),
         )?;
         let magnitude = Var::from_tensor(&magnitude)?;
-        let w_sq = row_sq_norms(base.weight())?;
+        let w_sq = base_row_sq_norms(base)?;
         Self::from_parts(lora, magnitude, w_sq)
     }
 
@@ -220,15 +220,15 @@ impl DoraLinear {
 
     fn dropout_forward(&self, x: &Tensor, dropped: &Tensor, c: &Tensor) -> Result<Tensor> {
         let base = self.base();
-        let frozen = FusedLinear {
-            weight: base.weight(),
+        let frozen = Product {
+            weight: base.weight_ref(),
             bias: base.bias(),
             low_rank: None,
             row_scale: None,
         };
         let c_minus_one = (c - 1.0)?;
-        let dropped_base = FusedLinear {
-            weight: base.weight(),
+        let dropped_base = Product {
+            weight: base.weight_ref(),
             bias: None,
             low_rank: None,
             row_scale: Some(&c_minus_one),
@@ -249,13 +249,28 @@ impl DoraLinear {
 /// Norms of `lora`'s adapted weight by the factored formula.
 fn norms_of(lora: &LoraLinear, w_sq: &Tensor) -> Result<Tensor> {
     let pair = lora.pair();
-    factored_row_norms(
-        w_sq,
-        lora.base().weight(),
-        pair.a.tensor(),
-        pair.b.tensor(),
-        lora.scale(),
-    )
+    let base = lora.base();
+    if !base.is_quantized() {
+        return factored_row_norms(
+            w_sq,
+            base.weight(),
+            pair.a.tensor(),
+            pair.b.tensor(),
+            lora.scale(),
+        );
+    }
+    // `W Aᵀ` from the quantized blocks: the base product of the rows of `A`, transposed.
+    let a = pair.a.tensor().detach();
+    let compute = crate::kernels::compute_dtype(a.dtype(), a.device());
+    let wa = Product {
+        weight: base.weight_ref(),
+        bias: None,
+        low_rank: None,
+        row_scale: None,
+    }
+    .forward(&a.to_dtype(compute)?)?
+    .t()?;
+    factored_row_norms_from(w_sq, &wa, pair.a.tensor(), pair.b.tensor(), lora.scale())
 }
 
 impl Adapter for DoraLinear {
@@ -273,8 +288,8 @@ impl Adapter for DoraLinear {
             return self.dropout_forward(x, &dropped, &c);
         }
         let base = self.base();
-        FusedLinear {
-            weight: base.weight(),
+        Product {
+            weight: base.weight_ref(),
             bias: base.bias(),
             low_rank: Some(self.term()),
             row_scale: Some(&c),
@@ -303,7 +318,7 @@ impl Adapter for DoraLinear {
     /// what was applied. With `safe`, a non-finite result is an error and nothing changes.
     fn merge(&mut self, safe: bool) -> Result<()> {
         self.core().ensure_unmerged()?;
-        let w = self.base().weight().clone();
+        let w = self.base().dequantized_weight()?;
         let nd = norm_dtype(w.dtype());
         let c = self.row_scale_norm_dtype(false)?.detach();
         let adapted = (w.to_dtype(nd)? + self.delta_weight()?.to_dtype(nd)?)?;
@@ -350,7 +365,7 @@ impl Adapter for DoraLinear {
         };
         self.core_mut().replace_weight(restored)?;
         self.core_mut().set_merged(false);
-        self.w_sq = row_sq_norms(self.base().weight())?;
+        self.w_sq = base_row_sq_norms(self.base())?;
         *self.lock_cache() = None;
         Ok(())
     }

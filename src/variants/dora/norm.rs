@@ -17,6 +17,7 @@
 use candle_core::{DType, Tensor};
 
 use crate::error::Result;
+use crate::frozen::FrozenLinear;
 use crate::kernels::compute_dtype;
 
 /// The dtype DoRA's norms and `m / n` are computed in: f64 for f64 layers, f32 otherwise.
@@ -58,11 +59,26 @@ pub fn factored_row_norms(
     scale: f64,
 ) -> Result<Tensor> {
     let compute = compute_dtype(w.dtype(), w.device());
-    let nd = norm_dtype(w.dtype());
     let w = w.detach().to_dtype(compute)?;
+    let wa = w.matmul(&a.detach().to_dtype(compute)?.t()?)?; // (d_out, r)
+    factored_row_norms_from(w_sq, &wa, a, b, scale)
+}
+
+/// [`factored_row_norms`] from `W Aᵀ` (`(d_out, r)`, computed by the caller: from a
+/// quantized base's blocks, without `W` in float). Returns `(d_out,)` in [`norm_dtype`] of
+/// `wa`'s dtype.
+pub fn factored_row_norms_from(
+    w_sq: &Tensor,
+    wa: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let compute = compute_dtype(wa.dtype(), wa.device());
+    let nd = norm_dtype(wa.dtype());
+    let wa = wa.detach().to_dtype(compute)?;
     let a = a.detach().to_dtype(compute)?;
     let b = b.detach().to_dtype(compute)?;
-    let wa = w.matmul(&a.t()?)?; // (d_out, r)
     let aa = a.matmul(&a.t()?)?; // (r, r)
     let baa = b.matmul(&aa)?; // (d_out, r)
                               // ⟨B_i, 2s·(WAᵀ)_i + s²·(B AAᵀ)_i⟩
@@ -70,4 +86,16 @@ pub fn factored_row_norms(
     let dots = (t * b)?.sum(1)?.to_dtype(nd)?;
     let sq = (w_sq.to_dtype(nd)? + dots)?.relu()?;
     Ok(sq.sqrt()?)
+}
+
+/// `‖W_i‖²` of a base (see [`row_sq_norms`]): for a quantized base, computed once from
+/// row tiles of the dequantized blocks (never the whole `W` in float).
+pub fn base_row_sq_norms(base: &FrozenLinear) -> Result<Tensor> {
+    match base.quantized() {
+        Some(q) => {
+            let nd = norm_dtype(base.dtype());
+            Ok(q.row_sq_norms()?.to_dtype(nd)?.to_device(base.device())?)
+        }
+        None => row_sq_norms(base.weight()),
+    }
 }

@@ -1,0 +1,128 @@
+//! QLoRA benchmark: one LoRA layer (r = 16, alpha = 32, `d × d`) over an f32, a Q8_0 and a
+//! Q4_K frozen base, at d = 2048 and 4096.
+//!
+//! - resident base memory: the bytes the frozen weight takes (f32 tensor, or GGML blocks);
+//! - training step (n = 512 rows): forward, mean-square loss, backward (the input tracks a
+//!   gradient, as inside a model), one AdamW step over A and B;
+//! - decode (n = 1 row): the adapted forward, evaluation mode, no gradient.
+//!
+//! Medians over `--reps` timed runs after one warm-up. Prints a Markdown table.
+//!
+//! ```text
+//! cargo run --release --example qlora_speed -- [--reps 5] [--dims 2048,4096] [--threads 2]
+//! ```
+
+use std::time::Instant;
+
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{Optimizer, VarBuilder, VarMap};
+use lorakit::init::SeededRng;
+use lorakit::{Adapter, FrozenLinear, LoraConfig, LoraLinear};
+
+/// The median of `reps` timings (ms) of `f` after one warm-up call.
+fn median_ms(reps: usize, mut f: impl FnMut() -> lorakit::Result<()>) -> lorakit::Result<f64> {
+    f()?;
+    let mut t = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let start = Instant::now();
+        f()?;
+        t.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    t.sort_by(f64::total_cmp);
+    Ok(t[t.len() / 2])
+}
+
+struct Row {
+    d: usize,
+    base: &'static str,
+    bytes: usize,
+    step_ms: f64,
+    decode_ms: f64,
+}
+
+fn run(d: usize, quant: Option<GgmlDType>, reps: usize) -> lorakit::Result<Row> {
+    let dev = Device::Cpu;
+    let mut rng = SeededRng::new(1);
+    let w = rng.normal((d, d), 0.0, 0.02, DType::F32, &dev)?;
+    let mut base = FrozenLinear::new(w, None)?;
+    let mut bytes = d * d * 4;
+    if let Some(ty) = quant {
+        base = base.quantize("proj", ty)?;
+        bytes = base.quantized().map_or(bytes, |q| q.storage_bytes());
+    }
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+    let layer = LoraLinear::new(base, &LoraConfig::new(16, 32.0), vb.pp("proj"))?;
+    let mut opt = candle_nn::AdamW::new_lr(varmap.all_vars(), 1e-4)?;
+    let x = Var::from_tensor(&rng.normal((512, d), 0.0, 1.0, DType::F32, &dev)?)?;
+    let target = rng.normal((512, d), 0.0, 1.0, DType::F32, &dev)?;
+    let step_ms = median_ms(reps, || {
+        let y = layer.forward_t(x.as_tensor(), true)?;
+        let loss = (y - &target)?.sqr()?.mean_all()?;
+        opt.backward_step(&loss)?;
+        Ok(())
+    })?;
+    let row: Tensor = rng.normal((1, d), 0.0, 1.0, DType::F32, &dev)?;
+    let decode_ms = median_ms(reps * 4, || {
+        layer.forward_t(&row, false)?;
+        Ok(())
+    })?;
+    Ok(Row {
+        d,
+        base: match quant {
+            None => "f32",
+            Some(GgmlDType::Q8_0) => "Q8_0",
+            Some(GgmlDType::Q4K) => "Q4_K",
+            Some(_) => "other",
+        },
+        bytes,
+        step_ms,
+        decode_ms,
+    })
+}
+
+fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() -> lorakit::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let reps = arg(&args, "--reps", 5usize);
+    let threads = arg(&args, "--threads", 2usize);
+    let dims: String = arg(&args, "--dims", "2048,4096".to_string());
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .ok();
+    println!("threads: {threads}, reps: {reps}");
+    println!("| d | base | base memory (MiB) | × f32 | step n=512 (ms) | × f32 | decode n=1 (ms) | × f32 |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for d in dims
+        .split(',')
+        .filter_map(|s| s.trim().parse::<usize>().ok())
+    {
+        let f32_row = run(d, None, reps)?;
+        let q8 = run(d, Some(GgmlDType::Q8_0), reps)?;
+        let q4 = run(d, Some(GgmlDType::Q4K), reps)?;
+        for r in [&f32_row, &q8, &q4] {
+            println!(
+                "| {} | {} | {:.1} | {:.3} | {:.1} | {:.2} | {:.2} | {:.2} |",
+                r.d,
+                r.base,
+                r.bytes as f64 / (1 << 20) as f64,
+                r.bytes as f64 / f32_row.bytes as f64,
+                r.step_ms,
+                r.step_ms / f32_row.step_ms,
+                r.decode_ms,
+                r.decode_ms / f32_row.decode_ms,
+            );
+        }
+    }
+    Ok(())
+}

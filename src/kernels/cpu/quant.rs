@@ -1,0 +1,178 @@
+//! The fused kernel's frozen operand: a dense view of `W`, or quantized blocks whose
+//! products run over row tiles dequantized into one reused buffer (never a float copy of
+//! the whole `W`).
+
+use candle_core::{CpuStorage, DType, WithDType};
+use rayon::prelude::*;
+
+use super::{gemm_into, Accum, MatRef};
+use crate::quant::{tile_rows, QuantizedWeight};
+
+/// The frozen `W`, `(d_out, d_in)`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum WeightMat<'a, T> {
+    /// A strided view of a float weight.
+    Dense(MatRef<'a, T>),
+    /// Quantized blocks.
+    Quantized(&'a QuantizedWeight),
+}
+
+impl<T: WithDType> WeightMat<'_, T> {
+    /// `d_out`.
+    pub(crate) fn rows(&self) -> usize {
+        match self {
+            WeightMat::Dense(w) => w.rows,
+            WeightMat::Quantized(q) => q.d_out(),
+        }
+    }
+
+    /// `dst = x Wᵀ` or `dst += x Wᵀ` (`accum`), `dst` contiguous `(n, d_out)`.
+    pub(crate) fn times_t(
+        &self,
+        dst: &mut [T],
+        x: MatRef<T>,
+        accum: Accum,
+    ) -> candle_core::Result<()> {
+        let one = T::from_f64(1.0);
+        let q = match self {
+            WeightMat::Dense(w) => return gemm_into(dst, w.rows, x, w.t(), accum, one),
+            WeightMat::Quantized(q) => q,
+        };
+        if x.rows <= STREAM_ROWS {
+            return times_t_streamed(q, dst, x, accum);
+        }
+        let d_out = q.d_out();
+        let mut tile = Tile::new(q);
+        for j0 in tile.starts() {
+            let w = tile.load(j0)?;
+            let Some(dst) = dst.get_mut(j0..) else {
+                candle_core::bail!("fused linear: output too small for row {j0} of W");
+            };
+            gemm_into(dst, d_out, x, w.t(), accum, one)?;
+        }
+        Ok(())
+    }
+
+    /// `dst = g W`, `dst` contiguous `(n, d_in)`, `g` `(n, d_out)`.
+    pub(crate) fn grad_times(&self, dst: &mut [T], g: MatRef<T>) -> candle_core::Result<()> {
+        let one = T::from_f64(1.0);
+        let q = match self {
+            WeightMat::Dense(w) => return gemm_into(dst, w.cols, g, *w, Accum::Replace, one),
+            WeightMat::Quantized(q) => q,
+        };
+        let d_in = q.d_in();
+        let mut tile = Tile::new(q);
+        let mut accum = Accum::Replace;
+        for j0 in tile.starts() {
+            let w = tile.load(j0)?;
+            gemm_into(dst, d_in, g.cols_range(j0, w.rows)?, w, accum, one)?;
+            accum = Accum::Add;
+        }
+        Ok(())
+    }
+}
+
+/// At most this many input rows take the row-streaming product (decode): each row of `W`
+/// is dequantized into a small per-task buffer and dotted with every input row at once,
+/// with no tile written out and read back.
+const STREAM_ROWS: usize = 4;
+
+/// `dst (+)= x Wᵀ` for a few input rows, streaming `W` row by row over the thread pool.
+fn times_t_streamed<T: WithDType>(
+    q: &QuantizedWeight,
+    dst: &mut [T],
+    x: MatRef<T>,
+    accum: Accum,
+) -> candle_core::Result<()> {
+    let (d_out, d_in, n) = (q.d_out(), q.d_in(), x.rows);
+    let xs: Vec<Vec<f64>> = (0..n)
+        .map(|i| (0..d_in).map(|k| x.at(i, k).to_f64()).collect())
+        .collect();
+    let per_task = d_out
+        .div_ceil(8 * rayon::current_num_threads().max(1))
+        .max(1);
+    let mut yt = vec![0f64; d_out * n]; // (d_out, n)
+    yt.par_chunks_mut(per_task * n)
+        .enumerate()
+        .try_for_each(|(c, out)| {
+            let mut row = vec![0f32; d_in];
+            for (r, y) in out.chunks_mut(n).enumerate() {
+                q.dequantize_rows_here(c * per_task + r, &mut row)?;
+                for (y, x) in y.iter_mut().zip(&xs) {
+                    *y = dot(x, &row);
+                }
+            }
+            Ok::<(), candle_core::Error>(())
+        })?;
+    for (i, dst_row) in dst.chunks_mut(d_out).take(n).enumerate() {
+        for (j, v) in dst_row.iter_mut().enumerate() {
+            let y = yt.get(j * n + i).copied().unwrap_or(0.0);
+            *v = match accum {
+                Accum::Add => T::from_f64(v.to_f64() + y),
+                Accum::Replace => T::from_f64(y),
+            };
+        }
+    }
+    Ok(())
+}
+
+/// `Σ x_k w_k` with eight accumulators (so that the loop vectorizes).
+fn dot(x: &[f64], w: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
+    let (xc, xr) = x.split_at(x.len() - x.len() % 8);
+    let (wc, wr) = w.split_at(xc.len().min(w.len()));
+    for (xs, ws) in xc.chunks_exact(8).zip(wc.chunks_exact(8)) {
+        for ((a, &x), &w) in acc.iter_mut().zip(xs).zip(ws) {
+            *a += x * f64::from(w);
+        }
+    }
+    let tail: f64 = xr.iter().zip(wr).map(|(&x, &w)| x * f64::from(w)).sum();
+    acc.iter().sum::<f64>() + tail
+}
+
+/// One reused buffer of dequantized rows, in f32 (and converted to `T` when `T` is not f32).
+struct Tile<'q, T> {
+    q: &'q QuantizedWeight,
+    rows: usize,
+    f32s: CpuStorage,
+    converted: Vec<T>,
+}
+
+impl<'q, T: WithDType> Tile<'q, T> {
+    fn new(q: &'q QuantizedWeight) -> Self {
+        let rows = tile_rows(q.d_out(), q.d_in());
+        Self {
+            q,
+            rows,
+            f32s: CpuStorage::F32(vec![0f32; rows * q.d_in()]),
+            converted: Vec::new(),
+        }
+    }
+
+    /// Rows `j0 .. j0 + k` of `W` as a `k × d_in` view of the buffer.
+    fn load(&mut self, j0: usize) -> candle_core::Result<MatRef<'_, T>> {
+        let d_in = self.q.d_in();
+        let k = self.rows.min(self.q.d_out().saturating_sub(j0));
+        let len = k * d_in;
+        let CpuStorage::F32(buf) = &mut self.f32s else {
+            candle_core::bail!("fused linear: the tile buffer is not f32");
+        };
+        let Some(floats) = buf.get_mut(..len) else {
+            candle_core::bail!("fused linear: a tile of {k} rows overruns its buffer");
+        };
+        self.q.dequantize_rows(j0, floats)?;
+        if T::DTYPE == DType::F32 {
+            let all = T::cpu_storage_as_slice(&self.f32s)?;
+            return MatRef::contiguous(all.get(..len).unwrap_or_default(), k, d_in);
+        }
+        self.converted.clear();
+        self.converted
+            .extend(floats.iter().map(|&v| T::from_f64(f64::from(v))));
+        MatRef::contiguous(&self.converted, k, d_in)
+    }
+
+    /// The first row of every tile.
+    fn starts(&self) -> std::iter::StepBy<std::ops::Range<usize>> {
+        (0..self.q.d_out()).step_by(self.rows.max(1))
+    }
+}

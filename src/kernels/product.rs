@@ -1,0 +1,158 @@
+//! [`Product`]: the adapted linear product over a frozen weight that is a float tensor or
+//! quantized blocks; [`super::FusedLinear`] is its public face for float weights.
+
+use candle_core::{DType, Tensor};
+
+use super::fused_op::FusedLowRankOp;
+use super::saved_op::SavedOp;
+use super::weight::WeightRef;
+use super::{add_trainable_bias, compute_dtype, flatten_rows, unflatten_rows, LowRankTerm};
+use crate::error::Result;
+
+/// One adapted linear product (see [`super::FusedLinear`]) over any frozen weight.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Product<'a> {
+    /// Frozen `W`, `(d_out, d_in)`.
+    pub weight: WeightRef<'a>,
+    /// Frozen bias, `(d_out,)`, added after the row scale.
+    pub bias: Option<&'a Tensor>,
+    /// The low-rank term, if any.
+    pub low_rank: Option<LowRankTerm<'a>>,
+    /// Per-output scale `(d_out,)` applied to base plus low-rank term.
+    pub row_scale: Option<&'a Tensor>,
+}
+
+impl Product<'_> {
+    /// Every operand fits `W`'s `(d_out, d_in)`: errors name the operand, whichever path
+    /// runs. Dtypes may differ (each operand is cast to `x`'s compute dtype).
+    fn check_shapes(&self, x: &Tensor) -> Result<()> {
+        const OP: &str = "fused linear";
+        let dims = self.weight.dims();
+        let &[d_out, d_in] = dims.as_slice() else {
+            return Err(crate::Error::ShapeMismatch {
+                layer: OP.to_string(),
+                what: "weight".to_string(),
+                expected: "[d_out, d_in]".to_string(),
+                got: format!("{dims:?}"),
+            });
+        };
+        if x.dims().last() != Some(&d_in) {
+            return Err(crate::Error::ShapeMismatch {
+                layer: OP.to_string(),
+                what: "input".to_string(),
+                expected: format!("[.., {d_in}]"),
+                got: format!("{:?}", x.dims()),
+            });
+        }
+        if let Some(term) = &self.low_rank {
+            let r = term.a.dims().first().copied().unwrap_or(0);
+            crate::validate::shape(OP, "A", term.a, &[r, d_in])?;
+            crate::validate::shape(OP, "B", term.b, &[d_out, r])?;
+        }
+        if let Some(b) = self.bias {
+            crate::validate::shape(OP, "bias", b, &[d_out])?;
+        }
+        if let Some(c) = self.row_scale {
+            crate::validate::shape(OP, "row scale", c, &[d_out])?;
+        }
+        Ok(())
+    }
+
+    /// Runs the product on the fastest path available for `x`'s device (see the module
+    /// docs): the fused op on the CPU, the composed path elsewhere.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.check_shapes(x)?;
+        if let Some(bias) = self.bias.filter(|b| b.track_op()) {
+            // A trainable bias (PEFT's `bias = "lora_only"`): the fused op holds its bias as
+            // a constant, so it is added outside, where autograd reaches it.
+            let y = Product {
+                bias: None,
+                ..*self
+            }
+            .forward(x)?;
+            return add_trainable_bias(&y, bias);
+        }
+        let compute = compute_dtype(x.dtype(), x.device());
+        if x.device().is_cpu() && matches!(compute, DType::F32 | DType::F64) {
+            return self.forward_fused(x, false);
+        }
+        #[cfg(feature = "cuda")]
+        if super::cuda::supported(x)
+            && self.low_rank.is_some()
+            && matches!(self.weight, WeightRef::Float(_))
+        {
+            return self.forward_fused(x, true);
+        }
+        self.forward_composed(x)
+    }
+
+    /// The fused `CustomOp3`: inputs `x`, `A_eff` and `[B_eff | row_scale]` (zero-sized
+    /// factors without a low-rank term), `W`, bias and scale held in the op.
+    /// `contiguous`: make every tensor contiguous first (the CUDA kernel's requirement).
+    fn forward_fused(&self, x: &Tensor, contiguous: bool) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let compute = compute_dtype(dtype, x.device());
+        let cast = |t: &Tensor| {
+            let t = t.to_dtype(compute)?;
+            if contiguous {
+                t.contiguous()
+            } else {
+                Ok(t)
+            }
+        };
+        let (d_out, d_in) = self.weight.dims2()?;
+        let (a, b, scale, rank) = match &self.low_rank {
+            Some(term) => (cast(term.a)?, cast(term.b)?, term.scale, term.a.dims2()?.0),
+            None => (
+                Tensor::zeros((0, d_in), compute, x.device())?,
+                Tensor::zeros((d_out, 0), compute, x.device())?,
+                0.0,
+                0,
+            ),
+        };
+        let packed = match self.row_scale {
+            Some(c) => {
+                let c = cast(c)?.reshape((d_out, 1))?;
+                if rank > 0 {
+                    Tensor::cat(&[&b, &c], 1)?.contiguous()?
+                } else {
+                    c
+                }
+            }
+            None => b,
+        };
+        let op = SavedOp::new(FusedLowRankOp {
+            weight: self.weight.to_op(compute, contiguous)?,
+            bias: self.bias.map(cast).transpose()?,
+            scale,
+            rank,
+            row_scale: self.row_scale.is_some(),
+        });
+        let y = cast(x)?.apply_op3(&a, &packed, op)?;
+        Ok(y.to_dtype(dtype)?)
+    }
+
+    /// The reference: the same product composed from candle ops. Half-precision inputs are
+    /// computed in f32 on the CPU and cast back.
+    pub fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
+        self.check_shapes(x)?;
+        let dtype = x.dtype();
+        let compute = compute_dtype(dtype, x.device());
+        let cast = |t: &Tensor| t.to_dtype(compute);
+        let (x2, lead) = flatten_rows(x)?;
+        let x2 = cast(&x2)?;
+        let mut y = x2.matmul(&self.weight.float(compute)?.t()?)?;
+        if let Some(term) = &self.low_rank {
+            let xa = x2.matmul(&cast(term.a)?.t()?)?;
+            let low = (xa.matmul(&cast(term.b)?.t()?)? * term.scale)?;
+            y = (y + low)?;
+        }
+        if let Some(c) = self.row_scale {
+            y = y.broadcast_mul(&cast(c)?)?;
+        }
+        if let Some(b) = self.bias {
+            y = y.broadcast_add(&cast(b)?)?;
+        }
+        Ok(unflatten_rows(&y.to_dtype(dtype)?, &lead)?)
+    }
+}

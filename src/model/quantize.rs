@@ -1,0 +1,129 @@
+//! [`Quantize`]: which frozen linears of a model are quantized on load, to what type, and
+//! where already-quantized weights come from ([`QuantizedSource`]).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::quantized::GgmlDType;
+
+use crate::error::{Error, Result};
+use crate::frozen::{BaseKind, FrozenLinear};
+use crate::quant::QuantizedWeight;
+
+/// Already-quantized weights by module path (`model.layers.0.self_attn.q_proj`), e.g. a
+/// GGUF file's tensors under their Hugging Face names: a module the source has is built
+/// from its blocks instead of from the float checkpoint.
+pub trait QuantizedSource: Send + Sync {
+    /// The weight `(d_out, d_in)` stored for the module at `path`, if any.
+    fn weight(&self, path: &str) -> Result<Option<QuantizedWeight>>;
+}
+
+/// A map from module path to weight is a source.
+impl QuantizedSource for HashMap<String, QuantizedWeight> {
+    fn weight(&self, path: &str) -> Result<Option<QuantizedWeight>> {
+        Ok(self.get(path).cloned())
+    }
+}
+
+/// Quantize-on-load settings, given to a model through
+/// [`crate::model::AdapterPlan::with_quantize`]: every linear (and GPT-2 `Conv1D`) module the
+/// model builds through [`crate::model::linear`] / [`crate::model::conv1d`], adapted or
+/// frozen, gets its weight quantized to `dtype` as it is loaded, except modules whose last
+/// path component is in the skip list (by default `lm_head`, which QLoRA setups keep in
+/// float as bitsandbytes does). Embeddings and norms are never quantized. A module the
+/// optional [`QuantizedSource`] has is taken from it as stored.
+///
+/// ```
+/// use candle_core::quantized::GgmlDType;
+/// use lorakit::model::Quantize;
+/// let q = Quantize::new(GgmlDType::Q4K);
+/// assert!(q.applies_to("model.layers.0.self_attn.q_proj"));
+/// assert!(!q.applies_to("lm_head"));
+/// let q = q.skipping(["o_proj"]);
+/// assert!(!q.applies_to("model.layers.0.self_attn.o_proj") && q.applies_to("lm_head"));
+/// ```
+#[derive(Clone)]
+pub struct Quantize {
+    dtype: GgmlDType,
+    skip: Vec<String>,
+    source: Option<Arc<dyn QuantizedSource>>,
+}
+
+impl std::fmt::Debug for Quantize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Quantize")
+            .field("dtype", &self.dtype)
+            .field("skip", &self.skip)
+            .field("source", &self.source.is_some())
+            .finish()
+    }
+}
+
+impl Quantize {
+    /// Quantize to `dtype` (see [`crate::quant::QUANTIZE_TYPES`]), skipping `lm_head`.
+    pub fn new(dtype: GgmlDType) -> Self {
+        Self {
+            dtype,
+            skip: vec!["lm_head".to_string()],
+            source: None,
+        }
+    }
+
+    /// Replaces the skip list: modules whose last path component is one of `names` stay
+    /// in float.
+    pub fn skipping(mut self, names: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.skip = names.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Takes the modules `source` has from it, already quantized.
+    pub fn with_source(mut self, source: impl QuantizedSource + 'static) -> Self {
+        self.source = Some(Arc::new(source));
+        self
+    }
+
+    /// The type float weights are quantized to.
+    pub fn dtype(&self) -> GgmlDType {
+        self.dtype
+    }
+
+    /// Whether the module at `path` is quantized (its last component is not skipped).
+    pub fn applies_to(&self, path: &str) -> bool {
+        let last = path.rsplit('.').next().unwrap_or(path);
+        !self.skip.iter().any(|s| s == last)
+    }
+
+    /// The source's weight for `path` when the module is quantized and the source has it,
+    /// checked to be `(d_out, d_in)`.
+    pub(crate) fn stored(
+        &self,
+        path: &str,
+        d_in: usize,
+        d_out: usize,
+    ) -> Result<Option<QuantizedWeight>> {
+        let Some(source) = self.source.as_ref().filter(|_| self.applies_to(path)) else {
+            return Ok(None);
+        };
+        let Some(w) = source.weight(path)? else {
+            return Ok(None);
+        };
+        if (w.d_out(), w.d_in()) != (d_out, d_in) {
+            return Err(Error::ShapeMismatch {
+                layer: path.to_string(),
+                what: "quantized weight from the source".to_string(),
+                expected: format!("[{d_out}, {d_in}]"),
+                got: format!("[{}, {}]", w.d_out(), w.d_in()),
+            });
+        }
+        Ok(Some(w))
+    }
+
+    /// `base` quantized when the settings apply to it (a linear or Conv1D module not
+    /// skipped, not quantized already); unchanged otherwise.
+    pub(crate) fn apply(&self, path: &str, base: FrozenLinear) -> Result<FrozenLinear> {
+        if base.kind() == BaseKind::Embedding || base.is_quantized() || !self.applies_to(path) {
+            return Ok(base);
+        }
+        base.quantize(path, self.dtype)
+    }
+}

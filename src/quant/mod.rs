@@ -1,0 +1,27 @@
+//! A quantized frozen base (QLoRA-style training): the frozen weight `W` held as candle
+//! GGML blocks ([`QuantizedWeight`]) while the adapter trains in full precision.
+//!
+//! A [`crate::FrozenLinear`] built by [`crate::FrozenLinear::quantize`] or
+//! [`crate::FrozenLinear::from_quantized`] is a base every variant takes. On the CPU the
+//! fused kernel ([`crate::kernels`]) computes the base product `x Wᵀ` and the input gradient
+//! `g W` from row tiles of `W` dequantized into one small reused buffer (about 1 MiB), with
+//! the low-rank term accumulated into the same output buffer; there is never a gradient for
+//! `W` and never a float copy of the whole `W`. A forward of at most 4 rows (decoding)
+//! streams `W` instead: each task dequantizes one row at a time into a `d_in` buffer and
+//! dots it with the input rows. The products are exact with respect to the
+//! dequantized weight (candle's `QMatMul` also quantizes the activations, so it is not used).
+//! Other devices dequantize the whole weight per call and take the composed path.
+//!
+//! | operation over a quantized base | what happens |
+//! |---|---|
+//! | forward, backward (every variant but Delta-LoRA) | tiled products, no float `W` |
+//! | DoRA's weight norm | computed once, tile by tile, and cached |
+//! | merge | dequantize, merge: the base becomes a float weight (what a merged checkpoint holds) |
+//! | unmerge | subtracts from that float weight (the base stays float) |
+//! | Delta-LoRA | refused: it updates `W`, which has no float copy |
+
+mod dequant;
+mod weight;
+
+pub(crate) use weight::tile_rows;
+pub use weight::{QuantizedWeight, QUANTIZE_TYPES};

@@ -1,0 +1,264 @@
+//! [`QuantizedWeight`]: a frozen `(d_out, d_in)` weight held as candle GGML blocks.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
+
+use super::dequant::dequantize_into;
+use crate::error::{Error, Result};
+
+/// The GGML types [`QuantizedWeight::quantize`] produces (quantize-on-load). Any GGML type
+/// candle reads is accepted from an already-quantized [`QTensor`]
+/// ([`QuantizedWeight::from_qtensor`]).
+pub const QUANTIZE_TYPES: [GgmlDType; 10] = [
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
+    GgmlDType::Q8_0,
+    GgmlDType::Q2K,
+    GgmlDType::Q3K,
+    GgmlDType::Q4K,
+    GgmlDType::Q5K,
+    GgmlDType::Q6K,
+];
+
+/// A frozen weight `W` `(d_out, d_in)` stored quantized (GGML blocks along `d_in`, the
+/// layout llama.cpp and candle's `QTensor` use). Cloning shares the blocks.
+///
+/// lorakit never holds a float copy of the whole weight for training or inference on the
+/// CPU: products dequantize a few rows at a time into a small reused buffer (see
+/// [`crate::kernels`]). [`QuantizedWeight::dequantize`] makes the full float weight on
+/// purpose (merging into a float checkpoint).
+///
+/// ```
+/// use candle_core::{quantized::GgmlDType, Device, Tensor};
+/// use lorakit::quant::QuantizedWeight;
+/// # fn main() -> lorakit::Result<()> {
+/// let w = Tensor::randn(0f32, 1., (4, 64), &Device::Cpu)?;
+/// let q = QuantizedWeight::quantize("proj", &w, GgmlDType::Q8_0)?;
+/// assert_eq!((q.d_out(), q.d_in(), q.ggml_dtype()), (4, 64, GgmlDType::Q8_0));
+/// assert_eq!(q.storage_bytes(), 4 * 2 * 34); // two 34-byte blocks of 32 per row
+/// let err = (q.dequantize()? - &w)?.abs()?.max_all()?.to_scalar::<f32>()?;
+/// assert!(err < 0.05);
+/// // d_in must be a whole number of blocks.
+/// let odd = Tensor::zeros((4, 48), candle_core::DType::F32, &Device::Cpu)?;
+/// assert!(QuantizedWeight::quantize("proj", &odd, GgmlDType::Q4K).is_err());
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct QuantizedWeight {
+    q: Arc<QTensor>,
+    d_out: usize,
+    d_in: usize,
+}
+
+impl std::fmt::Debug for QuantizedWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuantizedWeight")
+            .field("dtype", &self.q.dtype())
+            .field("d_out", &self.d_out)
+            .field("d_in", &self.d_in)
+            .finish()
+    }
+}
+
+impl QuantizedWeight {
+    /// Quantizes a float weight `(d_out, d_in)` to `dtype` (one of [`QUANTIZE_TYPES`]) on
+    /// the weight's device. `layer` names the layer in errors: a `d_in` that is not a
+    /// multiple of the type's block size (32, or 256 for the k-quants) is refused.
+    pub fn quantize(layer: &str, weight: &Tensor, dtype: GgmlDType) -> Result<Self> {
+        if !QUANTIZE_TYPES.contains(&dtype) {
+            return Err(Error::Unsupported {
+                what: "quantization type",
+                got: format!("{dtype:?}"),
+                supported: QUANTIZE_TYPES.map(|t| format!("{t:?}")).join(", "),
+            });
+        }
+        let (d_out, d_in) = weight_dims(layer, weight.dims())?;
+        check_blocks(layer, d_in, dtype)?;
+        if !weight.dtype().is_float() {
+            return Err(Error::DTypeMismatch {
+                layer: layer.to_string(),
+                what: "weight to quantize".to_string(),
+                expected: DType::F32,
+                got: weight.dtype(),
+            });
+        }
+        let q = QTensor::quantize(&weight.detach(), dtype)?;
+        Ok(Self {
+            q: Arc::new(q),
+            d_out,
+            d_in,
+        })
+    }
+
+    /// Wraps an already-quantized tensor `(d_out, d_in)` (a GGUF file's, as stored), of
+    /// any GGML type candle dequantizes.
+    pub fn from_qtensor(layer: &str, q: impl Into<Arc<QTensor>>) -> Result<Self> {
+        let q = q.into();
+        let (d_out, d_in) = weight_dims(layer, q.shape().dims())?;
+        check_blocks(layer, d_in, q.dtype())?;
+        Ok(Self { q, d_out, d_in })
+    }
+
+    /// The quantized tensor.
+    pub fn qtensor(&self) -> &Arc<QTensor> {
+        &self.q
+    }
+
+    /// The GGML type of the blocks.
+    pub fn ggml_dtype(&self) -> GgmlDType {
+        self.q.dtype()
+    }
+
+    /// Output features (rows).
+    pub fn d_out(&self) -> usize {
+        self.d_out
+    }
+
+    /// Input features (columns).
+    pub fn d_in(&self) -> usize {
+        self.d_in
+    }
+
+    /// The device the blocks live on.
+    pub fn device(&self) -> Device {
+        self.q.device()
+    }
+
+    /// Bytes the blocks take (the resident size of the weight).
+    pub fn storage_bytes(&self) -> usize {
+        self.q.storage_size_in_bytes()
+    }
+
+    /// The whole weight as an f32 tensor `(d_out, d_in)` on its device: a full float copy,
+    /// made on purpose (merging into a float checkpoint, devices without the tiled CPU
+    /// product).
+    pub fn dequantize(&self) -> Result<Tensor> {
+        Ok(self.q.dequantize(&self.q.device())?)
+    }
+
+    /// Bytes of one row of blocks.
+    fn row_bytes(&self) -> usize {
+        self.d_in / self.q.dtype().block_size() * self.q.dtype().type_size()
+    }
+
+    /// Dequantizes rows `row0 ..` into `out` (a whole number of rows, `d_in` floats each),
+    /// rows spread over the thread pool. CPU weights only.
+    pub(crate) fn dequantize_rows(&self, row0: usize, out: &mut [f32]) -> candle_core::Result<()> {
+        let dtype = self.q.dtype();
+        let (d_in, rb) = (self.d_in.max(1), self.row_bytes());
+        let rows = out.len() / d_in;
+        let per_task = rows
+            .div_ceil(4 * rayon::current_num_threads().max(1))
+            .max(1);
+        self.with_row_bytes(row0, out.len(), |bytes| {
+            out.par_chunks_mut(per_task * d_in)
+                .zip(bytes.par_chunks(per_task * rb))
+                .try_for_each(|(out, bytes)| dequantize_into(dtype, bytes, out))
+        })
+    }
+
+    /// [`QuantizedWeight::dequantize_rows`] on the calling thread (a caller that is already
+    /// one task of many).
+    pub(crate) fn dequantize_rows_here(
+        &self,
+        row0: usize,
+        out: &mut [f32],
+    ) -> candle_core::Result<()> {
+        let dtype = self.q.dtype();
+        self.with_row_bytes(row0, out.len(), |bytes| dequantize_into(dtype, bytes, out))
+    }
+
+    /// Runs `f` on the blocks of the rows from `row0` that `floats` values fill (a whole
+    /// number of rows inside the weight). CPU weights only.
+    fn with_row_bytes<R>(
+        &self,
+        row0: usize,
+        floats: usize,
+        f: impl FnOnce(&[u8]) -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
+        let d_in = self.d_in.max(1);
+        let rows = floats / d_in;
+        if !floats.is_multiple_of(d_in) || row0 + rows > self.d_out {
+            candle_core::bail!(
+                "quantized weight: rows {row0}..{} of {} ({floats} floats for rows of {d_in})",
+                row0 + rows,
+                self.d_out,
+            );
+        }
+        if !self.q.device().is_cpu() {
+            candle_core::bail!("quantized weight: the tiled product needs CPU blocks");
+        }
+        let data = self.q.data()?;
+        let rb = self.row_bytes();
+        let Some(bytes) = data.get(row0 * rb..(row0 + rows) * rb) else {
+            candle_core::bail!(
+                "quantized weight: rows {row0}..{} outside the blocks",
+                row0 + rows
+            );
+        };
+        f(bytes)
+    }
+
+    /// Squared row norms `‖W_i‖²` `(d_out,)` in f32 (f64 accumulation), computed tile by
+    /// tile from the blocks (DoRA's cached weight norm): on a non-CPU device, from the
+    /// dequantized weight.
+    pub fn row_sq_norms(&self) -> Result<Tensor> {
+        if !self.q.device().is_cpu() {
+            let w = self.dequantize()?;
+            return Ok(w.sqr()?.sum(1)?);
+        }
+        let rows = tile_rows(self.d_out, self.d_in);
+        let mut tile = vec![0f32; rows * self.d_in];
+        let mut norms = Vec::with_capacity(self.d_out);
+        for j0 in (0..self.d_out).step_by(rows.max(1)) {
+            let k = rows.min(self.d_out - j0);
+            let buf = tile.get_mut(..k * self.d_in).unwrap_or_default();
+            self.dequantize_rows(j0, buf)?;
+            norms.extend(buf.chunks(self.d_in.max(1)).map(|row| {
+                row.iter()
+                    .map(|&v| f64::from(v) * f64::from(v))
+                    .sum::<f64>() as f32
+            }));
+        }
+        Ok(Tensor::from_vec(norms, self.d_out, &Device::Cpu)?)
+    }
+}
+
+/// How many rows of a `(d_out, d_in)` weight one dequantized tile holds: about 256 Ki
+/// floats (1 MiB in f32), at least one row.
+pub(crate) fn tile_rows(d_out: usize, d_in: usize) -> usize {
+    const TILE_FLOATS: usize = 1 << 18;
+    (TILE_FLOATS / d_in.max(1)).clamp(1, d_out.max(1))
+}
+
+/// A weight's `(d_out, d_in)`, or an error naming the layer.
+fn weight_dims(layer: &str, dims: &[usize]) -> Result<(usize, usize)> {
+    match *dims {
+        [d_out, d_in] if d_out > 0 && d_in > 0 => Ok((d_out, d_in)),
+        _ => Err(Error::ShapeMismatch {
+            layer: layer.to_string(),
+            what: "quantized weight".to_string(),
+            expected: "[d_out, d_in], both at least 1".to_string(),
+            got: format!("{dims:?}"),
+        }),
+    }
+}
+
+/// `d_in` must be a whole number of `dtype` blocks (GGML blocks run along rows).
+fn check_blocks(layer: &str, d_in: usize, dtype: GgmlDType) -> Result<()> {
+    let bs = dtype.block_size();
+    if !d_in.is_multiple_of(bs) {
+        return Err(Error::ShapeMismatch {
+            layer: layer.to_string(),
+            what: format!("weight quantized to {dtype:?} (blocks of {bs} along d_in)"),
+            expected: format!("d_in a multiple of the block size {bs}"),
+            got: format!("d_in = {d_in}"),
+        });
+    }
+    Ok(())
+}
