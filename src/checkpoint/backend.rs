@@ -1,6 +1,7 @@
 //! A candle `VarBuilder` over a [`Checkpoint`]: each tensor is read when the model asks for
 //! it (positioned reads, no memory map), optionally transformed (an adapter merged in).
 
+use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Shape, Tensor};
@@ -42,6 +43,25 @@ impl CheckpointBackend {
     }
 }
 
+/// `t` (the tensor `name` of `file`) if it has the shape a model asked for; an error
+/// naming both otherwise (any `SimpleBackend`'s `get`).
+pub(crate) fn check_shape(
+    t: Tensor,
+    expected: Shape,
+    name: &str,
+    file: &Path,
+) -> candle_core::Result<Tensor> {
+    if t.shape() != &expected {
+        return Err(candle_core::Error::UnexpectedShape {
+            msg: format!("shape mismatch for `{name}` in {}", file.display()),
+            expected,
+            got: t.shape().clone(),
+        }
+        .bt());
+    }
+    Ok(t)
+}
+
 impl SimpleBackend for CheckpointBackend {
     fn get(
         &self,
@@ -52,18 +72,7 @@ impl SimpleBackend for CheckpointBackend {
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
         let t = self.get_unchecked(name, dtype, dev)?;
-        if t.shape() != &shape {
-            return Err(candle_core::Error::UnexpectedShape {
-                msg: format!(
-                    "shape mismatch for `{name}` in {}",
-                    self.ckpt.path().display()
-                ),
-                expected: shape,
-                got: t.shape().clone(),
-            }
-            .bt());
-        }
-        Ok(t)
+        check_shape(t, shape, name, self.ckpt.path())
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {

@@ -1,7 +1,8 @@
 //! A llama.cpp GGUF model file read under Hugging Face names: its tensors as candle
 //! [`QTensor`]s in transformers' layout and its metadata as a [`LlamaConfig`].
 //!
-//! Not yet wired into model loading. The metadata keys are those `convert_hf_to_gguf.py`
+//! Models load from it with [`crate::models::llama::LlamaForCausalLM::from_gguf`]
+//! ([`super::load`]). The metadata keys are those `convert_hf_to_gguf.py`
 //! writes through gguf-py's `GGUFWriter` (`{arch}.block_count`, `{arch}.embedding_length`,
 //! `{arch}.attention.head_count`, ...; `gguf-py/gguf/constants.py`, `Keys.LLM` /
 //! `Keys.Attention` / `Keys.Rope`). `q_proj` / `k_proj` of the `llama` architecture are
@@ -70,6 +71,11 @@ impl GgufModel {
             content,
             arch,
         })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// The architecture (`general.architecture`).

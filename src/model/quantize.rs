@@ -18,6 +18,13 @@ pub trait QuantizedSource: Send + Sync {
     fn weight(&self, path: &str) -> Result<Option<QuantizedWeight>>;
 }
 
+/// A shared source is a source.
+impl<S: QuantizedSource + ?Sized> QuantizedSource for Arc<S> {
+    fn weight(&self, path: &str) -> Result<Option<QuantizedWeight>> {
+        self.as_ref().weight(path)
+    }
+}
+
 /// A map from module path to weight is a source.
 impl QuantizedSource for HashMap<String, QuantizedWeight> {
     fn weight(&self, path: &str) -> Result<Option<QuantizedWeight>> {
@@ -33,6 +40,9 @@ impl QuantizedSource for HashMap<String, QuantizedWeight> {
 /// float as bitsandbytes does). Embeddings and norms are never quantized. A module the
 /// optional [`QuantizedSource`] has is taken from it as stored.
 ///
+/// [`Quantize::stored_only`] quantizes nothing itself: the modules its source has come
+/// from it as stored, every other stays float (how a GGUF model loads by default).
+///
 /// ```
 /// use candle_core::quantized::GgmlDType;
 /// use lorakit::model::Quantize;
@@ -44,7 +54,8 @@ impl QuantizedSource for HashMap<String, QuantizedWeight> {
 /// ```
 #[derive(Clone)]
 pub struct Quantize {
-    dtype: GgmlDType,
+    /// `None`: float weights stay float ([`Quantize::stored_only`]).
+    dtype: Option<GgmlDType>,
     skip: Vec<String>,
     source: Option<Arc<dyn QuantizedSource>>,
 }
@@ -63,9 +74,27 @@ impl Quantize {
     /// Quantize to `dtype` (see [`crate::quant::QUANTIZE_TYPES`]), skipping `lm_head`.
     pub fn new(dtype: GgmlDType) -> Self {
         Self {
-            dtype,
+            dtype: Some(dtype),
             skip: vec!["lm_head".to_string()],
             source: None,
+        }
+    }
+
+    /// Takes the modules `source` has from it, already quantized (any module, `lm_head`
+    /// included: the skip list is empty), and quantizes no float weight.
+    ///
+    /// ```
+    /// use std::collections::HashMap;
+    /// use lorakit::model::Quantize;
+    /// use lorakit::quant::QuantizedWeight;
+    /// let q = Quantize::stored_only(HashMap::<String, QuantizedWeight>::new());
+    /// assert!(q.dtype().is_none() && q.applies_to("lm_head"));
+    /// ```
+    pub fn stored_only(source: impl QuantizedSource + 'static) -> Self {
+        Self {
+            dtype: None,
+            skip: Vec::new(),
+            source: Some(Arc::new(source)),
         }
     }
 
@@ -82,8 +111,9 @@ impl Quantize {
         self
     }
 
-    /// The type float weights are quantized to.
-    pub fn dtype(&self) -> GgmlDType {
+    /// The type float weights are quantized to; `None` when they stay float
+    /// ([`Quantize::stored_only`]).
+    pub fn dtype(&self) -> Option<GgmlDType> {
         self.dtype
     }
 
@@ -121,9 +151,12 @@ impl Quantize {
     /// `base` quantized when the settings apply to it (a linear or Conv1D module not
     /// skipped, not quantized already); unchanged otherwise.
     pub(crate) fn apply(&self, path: &str, base: FrozenLinear) -> Result<FrozenLinear> {
+        let Some(dtype) = self.dtype else {
+            return Ok(base);
+        };
         if base.kind() == BaseKind::Embedding || base.is_quantized() || !self.applies_to(path) {
             return Ok(base);
         }
-        base.quantize(path, self.dtype)
+        base.quantize(path, dtype)
     }
 }

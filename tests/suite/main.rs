@@ -29,6 +29,7 @@ mod fused_kernel;
 mod fuzz_regressions;
 mod generate;
 mod gguf_export;
+mod gguf_load;
 mod grouped_adamw;
 mod lora;
 mod lora_drop;
