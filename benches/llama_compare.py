@@ -23,7 +23,8 @@ count on both sides (`torch.set_num_threads`; `--threads` of the example, which 
   lorakit `VmHWM` (the same number: the process's resident high-water mark). The python
   process's RSS right after `import torch, transformers, peft` is shown too.
 - Attention: transformers' default implementation (sdpa; the one it picked is printed).
-  lorakit's attention is its own composition of candle ops (matmul, mask add, softmax).
+  lorakit's attention: in training (f32, CPU) one fused op with its own backward (scores, mask,
+  softmax, probs . v); in generation its composition of candle ops (matmul, mask add, softmax).
 
 Each round runs every mode of both sides once, in alternating order (lorakit first in odd
 rounds, PyTorch first in even ones); cells are the median over rounds of each process's
@@ -579,7 +580,7 @@ def driver(args):
         "versions: " + ", ".join(f"{k} {v}" for k, v in tt["versions"].items())
         + f"; lorakit {args.lorakit_bin}",
         f"PyTorch attention: {tt['attn_implementation']}; generation cache: transformers' default "
-        f"(use_cache={tg['cache'].split('=')[-1]}); lorakit: its composed attention, KvCache",
+        f"(use_cache={tg['cache'].split('=')[-1]}); lorakit: its fused attention op in training, composed attention + KvCache in generation",
         f"model: Llama, {SHAPE['num_hidden_layers']} layers, hidden {SHAPE['hidden_size']}, "
         f"{SHAPE['num_attention_heads']} heads / {SHAPE['num_key_value_heads']} KV heads, MLP "
         f"{SHAPE['intermediate_size']}, vocab {SHAPE['vocab_size']} (untied), f32; LoRA r={RANK}, alpha={ALPHA} "
