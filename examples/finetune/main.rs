@@ -13,6 +13,10 @@
 //! trained). With no arguments, the example creates a tiny Llama model and a tokenizer
 //! trained on `examples/finetune/tiny.jsonl` under `target/finetune-demo/` and fine-tunes
 //! that. Writes the adapter, `loss_curve.svg` and `log.json` to `--out`.
+//!
+//! `--quantize q4k` (or `q8_0`, `q4_0`, `q5k`, `q6k`, …) trains QLoRA-style: every linear
+//! of the decoder but `lm_head` is quantized on load and the adapter trains in float over it
+//! (Delta-LoRA, which updates the frozen weight, is refused).
 
 mod demo;
 #[path = "../common/loss_plot.rs"]
@@ -22,12 +26,14 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Instant;
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use lorakit::finetune::batching::Packing;
 use lorakit::finetune::{AdapterRecipe, Dataset, TrainConfig, TrainEvent, TrainReport, Trainer};
+use lorakit::model::Quantize;
 use lorakit::models::llama::{LlamaConfig, LlamaForCausalLM};
 use lorakit::tokenizer::TextTokenizer;
 use lorakit::Variant;
@@ -99,6 +105,35 @@ struct Args {
     /// Seed of the adapter's init and the data order.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Quantize the frozen linears on load (QLoRA): q4k, q5k, q6k, q8_0, q4_0, q4_1, q5_0,
+    /// q5_1, q2k or q3k. `lm_head`, embeddings and norms stay float.
+    #[arg(long)]
+    quantize: Option<String>,
+}
+
+/// The GGML type named by `--quantize`.
+fn quantize_type(name: &str) -> lorakit::Result<GgmlDType> {
+    let t = match name.to_ascii_lowercase().replace('_', "").as_str() {
+        "q80" => GgmlDType::Q8_0,
+        "q40" => GgmlDType::Q4_0,
+        "q41" => GgmlDType::Q4_1,
+        "q50" => GgmlDType::Q5_0,
+        "q51" => GgmlDType::Q5_1,
+        "q2k" => GgmlDType::Q2K,
+        "q3k" => GgmlDType::Q3K,
+        "q4k" => GgmlDType::Q4K,
+        "q5k" => GgmlDType::Q5K,
+        "q6k" => GgmlDType::Q6K,
+        _ => {
+            return Err(lorakit::Error::usage(
+                lorakit::Scope::Settings("finetune".into()),
+                format!(
+                "--quantize {name}: use q4k, q5k, q6k, q8_0, q4_0, q4_1, q5_0, q5_1, q2k or q3k"
+            ),
+            ))
+        }
+    };
+    Ok(t)
 }
 
 fn main() {
@@ -167,6 +202,14 @@ fn run(mut args: Args) -> lorakit::Result<()> {
     let adapter_vars = VarMap::new();
     let vb = VarBuilder::from_varmap(&adapter_vars, dtype, &dev);
     let plan = recipe.plan(vb, &config.linear_shapes(), dtype, &dev)?;
+    let plan = match args.quantize.as_deref() {
+        Some(name) => {
+            let t = quantize_type(name)?;
+            println!("QLoRA: the decoder's linears are quantized to {t:?} on load (lm_head stays {dtype:?})");
+            plan.with_quantize(Quantize::new(t))
+        }
+        None => plan,
+    };
     let model = LlamaForCausalLM::from_pretrained(model_dir, dtype, &dev, &plan)?;
     let adapters = plan.finish()?;
     println!(
