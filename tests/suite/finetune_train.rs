@@ -154,6 +154,13 @@ struct Run {
     set: lorakit::model::AdaptedSet,
 }
 
+impl Run {
+    /// A trainer over this run's model, adapters and recipe with `config`.
+    fn trainer(&self, config: TrainConfig) -> lorakit::Result<Trainer<'_>> {
+        Trainer::new(&self.model, self.set.clone(), self.recipe.clone(), config)
+    }
+}
+
 fn build(variant: Variant, steps: usize) -> Run {
     let dev = Device::Cpu;
     let dir = qwen2().join("base");
@@ -204,13 +211,7 @@ fn every_variant_learns_and_saves_what_it_trained() {
     let data = toy_data(16);
     for variant in Variant::ALL {
         let run = build(variant, 12);
-        let mut trainer = Trainer::new(
-            &run.model,
-            run.set.clone(),
-            run.recipe.clone(),
-            run.trainer_config.clone(),
-        )
-        .unwrap();
+        let mut trainer = run.trainer(run.trainer_config.clone()).unwrap();
         let before = trainer.evaluate(&data).unwrap();
         let report = trainer.train(&data, Some(&data), |_| {}).unwrap();
         let after = report.evals.last().unwrap().loss;
@@ -271,13 +272,7 @@ fn resumed_runs_end_where_uninterrupted_runs_do() {
         config.save_every = Some(4);
         config.output_dir = Some(out.clone());
         config.grad_accum = 2;
-        let mut trainer = Trainer::new(
-            &straight.model,
-            straight.set.clone(),
-            straight.recipe.clone(),
-            config.clone(),
-        )
-        .unwrap();
+        let mut trainer = straight.trainer(config.clone()).unwrap();
         let report = trainer.train(&data, None, |_| {}).unwrap();
         assert_eq!(
             report.checkpoints,
@@ -289,13 +284,7 @@ fn resumed_runs_end_where_uninterrupted_runs_do() {
         let resumed = build(variant, 8);
         let mut config = config.clone();
         config.output_dir = Some(out.join("resumed"));
-        let mut trainer = Trainer::new(
-            &resumed.model,
-            resumed.set.clone(),
-            resumed.recipe.clone(),
-            config,
-        )
-        .unwrap();
+        let mut trainer = resumed.trainer(config).unwrap();
         trainer.resume(out.join("checkpoint-4")).unwrap();
         assert_eq!(trainer.steps_done(), 4);
         let report = trainer.train(&data, None, |_| {}).unwrap();
@@ -322,13 +311,7 @@ fn resume_refuses_what_it_cannot_continue() {
     let mut config = run.trainer_config.clone();
     config.save_every = Some(3);
     config.output_dir = Some(out.clone());
-    let mut trainer = Trainer::new(
-        &run.model,
-        run.set.clone(),
-        run.recipe.clone(),
-        config.clone(),
-    )
-    .unwrap();
+    let mut trainer = run.trainer(config.clone()).unwrap();
     trainer.train(&data, None, |_| {}).unwrap();
     let checkpoint = out.join("checkpoint-3");
     for file in [
@@ -343,13 +326,7 @@ fn resume_refuses_what_it_cannot_continue() {
 
     // Delta-LoRA past its start step K = 2.
     let again = build(Variant::DeltaLora, 4);
-    let mut t = Trainer::new(
-        &again.model,
-        again.set.clone(),
-        again.recipe.clone(),
-        config.clone(),
-    )
-    .unwrap();
+    let mut t = again.trainer(config.clone()).unwrap();
     let err = t.resume(&checkpoint).unwrap_err().to_string();
     assert!(
         err.contains("Delta-LoRA") && err.contains("step 2"),
@@ -361,24 +338,12 @@ fn resume_refuses_what_it_cannot_continue() {
     let mut c = lora.trainer_config.clone();
     c.save_every = Some(2);
     c.output_dir = Some(out.join("lora"));
-    let mut t = Trainer::new(
-        &lora.model,
-        lora.set.clone(),
-        lora.recipe.clone(),
-        c.clone(),
-    )
-    .unwrap();
+    let mut t = lora.trainer(c.clone()).unwrap();
     t.train(&data, None, |_| {}).unwrap();
     let other = build(Variant::Lora, 4);
     let mut changed = c.clone();
     changed.seed += 1;
-    let mut t = Trainer::new(
-        &other.model,
-        other.set.clone(),
-        other.recipe.clone(),
-        changed,
-    )
-    .unwrap();
+    let mut t = other.trainer(changed).unwrap();
     let err = t
         .resume(out.join("lora/checkpoint-2"))
         .unwrap_err()
@@ -390,7 +355,7 @@ fn resume_refuses_what_it_cannot_continue() {
 
     // A missing file is named.
     std::fs::remove_file(out.join("lora/checkpoint-2/optimizer.safetensors")).unwrap();
-    let mut t = Trainer::new(&other.model, other.set.clone(), other.recipe.clone(), c).unwrap();
+    let mut t = other.trainer(c).unwrap();
     let err = t
         .resume(out.join("lora/checkpoint-2"))
         .unwrap_err()
@@ -411,24 +376,15 @@ fn bad_settings_and_data_are_refused_by_name() {
     let run = build(Variant::Lora, 4);
     let mut bad = run.trainer_config.clone();
     bad.lr = f64::NAN;
-    let err = Trainer::new(&run.model, run.set.clone(), run.recipe.clone(), bad)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = run.trainer(bad).err().unwrap().to_string();
     assert!(err.contains("lr"), "{err}");
     let mut bad = run.trainer_config.clone();
     bad.warmup_steps = 10;
-    let err = Trainer::new(&run.model, run.set.clone(), run.recipe.clone(), bad)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = run.trainer(bad).err().unwrap().to_string();
     assert!(err.contains("warmup_steps"), "{err}");
     let mut bad = run.trainer_config.clone();
     bad.save_every = Some(2);
-    let err = Trainer::new(&run.model, run.set.clone(), run.recipe.clone(), bad)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = run.trainer(bad).err().unwrap().to_string();
     assert!(err.contains("output_dir"), "{err}");
 
     // A recipe of another variant than the layers'.
@@ -445,13 +401,7 @@ fn bad_settings_and_data_are_refused_by_name() {
     assert!(err.contains("DoRA") && err.contains("LoRA"), "{err}");
 
     // A token the model's vocabulary (64) lacks.
-    let mut trainer = Trainer::new(
-        &run.model,
-        run.set.clone(),
-        run.recipe.clone(),
-        run.trainer_config.clone(),
-    )
-    .unwrap();
+    let mut trainer = run.trainer(run.trainer_config.clone()).unwrap();
     let data = Dataset::from_examples(vec![Example::new(vec![1, 2, 64], vec![true; 3]).unwrap()]);
     let err = trainer.train(&data, None, |_| {}).unwrap_err().to_string();
     assert!(err.contains("64"), "{err}");
@@ -459,13 +409,7 @@ fn bad_settings_and_data_are_refused_by_name() {
 
     // A non-finite loss stops the run with an error before the step is applied.
     let fresh = build(Variant::Lora, 4);
-    let mut trainer = Trainer::new(
-        &fresh.model,
-        fresh.set.clone(),
-        fresh.recipe.clone(),
-        fresh.trainer_config.clone(),
-    )
-    .unwrap();
+    let mut trainer = fresh.trainer(fresh.trainer_config.clone()).unwrap();
     let poisoned = fresh
         .set
         .trainable_vars()
