@@ -3,11 +3,19 @@
 //!
 //! The update is candle_nn's `AdamW`, op for op (decoupled weight decay, bias correction,
 //! the same defaults): with one group it is bit-identical to `candle_nn::AdamW`.
+//!
+//! Half-precision variables (bf16, f16) get an f32 master copy, as mixed-precision
+//! training keeps one: the moments and the update are computed in f32 on the master, and
+//! the variable receives the rounded result. Without it an update smaller than half a unit
+//! in the last place of a 16-bit value (1/256 of the value in bf16) would be lost every
+//! step. Writes to the variable from outside the optimizer (a resumed checkpoint,
+//! AdaLoRA's masking) are picked up element by element at the next step: an element
+//! whose value no longer equals its rounded master restarts from the variable's value.
 
 use std::collections::HashSet;
 
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 pub use candle_nn::ParamsAdamW;
 
 use crate::error::{Error, Result};
@@ -52,12 +60,56 @@ impl ParamGroup {
     }
 }
 
-/// One variable's state: the variable and its two moments.
+/// One variable's state: the variable, its f32 master copy when it is a half type, and its
+/// two moments (in the master's dtype).
 #[derive(Debug)]
 struct VarState {
     var: Var,
+    master: Option<Var>,
     first_moment: Var,
     second_moment: Var,
+}
+
+impl VarState {
+    /// The state of a fresh variable: zero moments, a master copy for bf16/f16.
+    fn new(var: Var) -> candle_core::Result<Self> {
+        let master = match var.dtype() {
+            DType::BF16 | DType::F16 => {
+                Some(Var::from_tensor(&var.as_tensor().to_dtype(DType::F32)?)?)
+            }
+            _ => None,
+        };
+        let dtype = master.as_ref().map_or(var.dtype(), |m| m.dtype());
+        let (shape, dev) = (var.shape(), var.device());
+        Ok(Self {
+            first_moment: Var::zeros(shape, dtype, dev)?,
+            second_moment: Var::zeros(shape, dtype, dev)?,
+            master,
+            var,
+        })
+    }
+
+    /// The value the update starts from: the variable, or its master copy where the
+    /// variable still holds the master's rounding (elsewhere it was written from outside).
+    fn current(&self) -> candle_core::Result<Tensor> {
+        let Some(master) = &self.master else {
+            return Ok(self.var.as_tensor().clone());
+        };
+        let var = self.var.as_tensor();
+        let unchanged = master.as_tensor().to_dtype(var.dtype())?.eq(var)?;
+        unchanged.where_cond(master.as_tensor(), &var.to_dtype(master.dtype())?)
+    }
+
+    /// Stores the updated value (into the master copy and, rounded, the variable).
+    fn set(&self, next: &Tensor) -> candle_core::Result<()> {
+        match &self.master {
+            Some(master) => {
+                master.set(next)?;
+                self.var.set(&next.to_dtype(self.var.dtype())?)
+            }
+            None => self.var.set(next),
+        }
+    }
 }
 
 /// A resolved group: its variables' states, current and initial learning rate, decay.
@@ -135,14 +187,7 @@ impl GroupedAdamW {
                         ),
                     ));
                 }
-                let (shape, dtype, dev) = (var.shape(), var.dtype(), var.device());
-                let first_moment = Var::zeros(shape, dtype, dev)?;
-                let second_moment = Var::zeros(shape, dtype, dev)?;
-                vars.push(VarState {
-                    var,
-                    first_moment,
-                    second_moment,
-                });
+                vars.push(VarState::new(var)?);
             }
             resolved.push(Group {
                 name: group.name,
@@ -186,19 +231,20 @@ impl GroupedAdamW {
             let lr = group.lr;
             let lr_lambda = lr * group.weight_decay;
             for state in &group.vars {
-                let theta = &state.var;
                 let (m, v) = (&state.first_moment, &state.second_moment);
-                if let Some(g) = grads.get(theta) {
+                if let Some(g) = grads.get(state.var.as_tensor()) {
+                    let theta = state.current()?;
+                    let g = &g.to_dtype(theta.dtype())?;
                     let next_m = ((m.as_tensor() * beta1)? + (g * (1.0 - beta1))?)?;
                     let next_v = ((v.as_tensor() * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
                     let m_hat = (&next_m * scale_m)?;
                     let v_hat = (&next_v * scale_v)?;
-                    let next_theta = (theta.as_tensor() * (1f64 - lr_lambda))?;
+                    let next_theta = (&theta * (1f64 - lr_lambda))?;
                     let adjusted_grad = (m_hat / (v_hat.sqrt()? + self.params.eps)?)?;
                     let next_theta = (next_theta - (adjusted_grad * lr)?)?;
                     m.set(&next_m)?;
                     v.set(&next_v)?;
-                    theta.set(&next_theta)?;
+                    state.set(&next_theta)?;
                 }
             }
         }
@@ -217,7 +263,9 @@ impl GroupedAdamW {
     }
 
     /// Every variable with its first and second moments (`exp_avg`, `exp_avg_sq`), in group
-    /// order: what a training checkpoint stores to resume the optimizer exactly.
+    /// order: what a training checkpoint stores to resume the optimizer exactly (f32
+    /// moments for a half-precision variable; its f32 master copy is not among them, so a
+    /// resumed half-precision run restarts from the variables' 16-bit values).
     ///
     /// ```
     /// use candle_core::{DType, Device, Var};

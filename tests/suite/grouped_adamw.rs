@@ -180,3 +180,121 @@ fn invalid_groups_are_errors() {
     );
     assert!(beta.is_err());
 }
+
+/// `sum(var · c)`: a gradient `c` that does not depend on the variable's value, so an f32
+/// run and a bf16 run see the same gradients.
+fn linear_loss(var: &Var, c: &Tensor) -> Tensor {
+    (var.as_tensor().to_dtype(DType::F32).unwrap() * c)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+}
+
+#[test]
+fn half_precision_vars_train_on_an_f32_master_copy() {
+    // Steps of lr = 1e-3 on values near 1: below half a bf16 ulp (2^-8), so updating the
+    // bf16 value itself would round every step away. The master copy follows an f32 run
+    // bit for bit, and the bf16 variable holds its rounding.
+    let mut rng = SeededRng::new(3);
+    let start = (rng.uniform(16, -0.5, 0.5, DType::F32, &DEV).unwrap() + 1.0).unwrap();
+    let start = start
+        .to_dtype(DType::BF16)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    // bf16-representable, as the cast's backward rounds the half run's gradient to bf16.
+    let c = rng.normal(16, 0.0, 1.0, DType::F32, &DEV).unwrap();
+    let c = c
+        .to_dtype(DType::BF16)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let params = ParamsAdamW {
+        lr: 1e-3,
+        weight_decay: 0.01,
+        ..Default::default()
+    };
+    let full = Var::from_tensor(&start).unwrap();
+    let half = Var::from_tensor(&start.to_dtype(DType::BF16).unwrap()).unwrap();
+    let mut opt_full = GroupedAdamW::new(
+        vec![ParamGroup::new("w", vec![full.clone()])],
+        params.clone(),
+    )
+    .unwrap();
+    let mut opt_half =
+        GroupedAdamW::new(vec![ParamGroup::new("w", vec![half.clone()])], params).unwrap();
+    for _ in 0..50 {
+        opt_full.backward_step(&linear_loss(&full, &c)).unwrap();
+        opt_half.backward_step(&linear_loss(&half, &c)).unwrap();
+    }
+    let rounded = full.as_tensor().to_dtype(DType::BF16).unwrap();
+    let got = half
+        .as_tensor()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let want = rounded
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_eq!(got, want);
+    let moved = (full.as_tensor() - &start)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .min_all()
+        .unwrap();
+    assert!(
+        moved.to_scalar::<f32>().unwrap() > 0.04,
+        "the f32 run moved every value"
+    );
+    let (_, m, _) = opt_half.moments().into_iter().next().unwrap();
+    assert_eq!(m.dtype(), DType::F32);
+}
+
+#[test]
+fn half_precision_vars_pick_up_outside_writes() {
+    // Zeroing some elements (as AdaLoRA's masking does) between steps: those restart from
+    // zero, the others continue from the master copy.
+    let c = Tensor::new(&[1f32, -1., 0.5, 2.], &DEV).unwrap();
+    let params = ParamsAdamW {
+        lr: 1e-3,
+        weight_decay: 0.0,
+        ..Default::default()
+    };
+    let start = Tensor::new(&[1f32, 1., 1., 1.], &DEV).unwrap();
+    let full = Var::from_tensor(&start).unwrap();
+    let half = Var::from_tensor(&start.to_dtype(DType::BF16).unwrap()).unwrap();
+    let mut opt_full = GroupedAdamW::new(
+        vec![ParamGroup::new("w", vec![full.clone()])],
+        params.clone(),
+    )
+    .unwrap();
+    let mut opt_half =
+        GroupedAdamW::new(vec![ParamGroup::new("w", vec![half.clone()])], params).unwrap();
+    let mask = Tensor::new(&[1f32, 0., 1., 0.], &DEV).unwrap();
+    for step in 0..20 {
+        if step == 10 {
+            full.set(&(full.as_tensor() * &mask).unwrap()).unwrap();
+            half.set(&(half.as_tensor() * mask.to_dtype(DType::BF16).unwrap()).unwrap())
+                .unwrap();
+        }
+        opt_full.backward_step(&linear_loss(&full, &c)).unwrap();
+        opt_half.backward_step(&linear_loss(&half, &c)).unwrap();
+    }
+    let want = full
+        .as_tensor()
+        .to_dtype(DType::BF16)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let got = half.as_tensor().to_dtype(DType::F32).unwrap();
+    // Elements 0 and 2 continued from the master (exact); 1 and 3 restarted from the
+    // written zero, as the f32 run did (exact too: zero is representable).
+    assert_eq!(
+        got.to_vec1::<f32>().unwrap(),
+        want.to_vec1::<f32>().unwrap()
+    );
+}
