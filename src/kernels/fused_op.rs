@@ -33,6 +33,10 @@ pub(crate) struct FusedLowRankOp {
     pub rank: usize,
     /// Whether the third input carries the row scale as its last column.
     pub row_scale: bool,
+    /// Whether an input tracks a gradient (the CUDA forward keeps its intermediates only
+    /// then; the CPU forward always does, its op dropped with the graph).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub trains: bool,
 }
 
 impl FusedLowRankOp {
@@ -199,7 +203,7 @@ impl SavingKernel for FusedLowRankOp {
     fn cuda_forward(
         &self,
         [x, a, bc]: [(&candle_core::CudaStorage, &Layout); 3],
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+    ) -> candle_core::Result<super::saved_op::CudaForward> {
         self.check_shapes(x.1, a.1, bc.1)?;
         let OpWeight::Float(weight) = &self.weight else {
             candle_core::bail!("fused linear: a quantized weight runs on the CPU only");
@@ -210,7 +214,31 @@ impl SavingKernel for FusedLowRankOp {
             scale: self.scale,
             rank: self.rank,
             row_scale: self.row_scale,
+            keep: self.trains,
         };
         super::cuda::forward(&params, x, a, bc)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_backward(
+        &self,
+        inputs: [&Tensor; 3],
+        grad: &Tensor,
+        saved: [Option<&Tensor>; SLOTS],
+    ) -> candle_core::Result<Option<Grads3>> {
+        let OpWeight::Float(weight) = &self.weight else {
+            return Ok(None);
+        };
+        if !super::cuda::supported(inputs[0]) {
+            return Ok(None);
+        }
+        let params = super::cuda::Backward {
+            weight,
+            scale: self.scale,
+            rank: self.rank,
+            row_scale: self.row_scale,
+            need: inputs.map(Tensor::track_op),
+        };
+        super::cuda::backward(&params, inputs, grad, saved).map(Some)
     }
 }

@@ -15,8 +15,8 @@
 //! |---|---|
 //! | CPU, f32 / f64 | the fused `CustomOp3` (one output buffer, hand-written backward) |
 //! | CPU, f16 / bf16 | the fused op in f32, inputs cast up and the output cast back |
-//! | CUDA (feature `cuda`), f32 / f64 | the fused op: cuBLAS forward, candle-op backward |
-//! | CUDA f16/bf16, Metal, others | the composed path (candle's own kernels) |
+//! | CUDA (feature `cuda`), f32 / f64 / bf16 / f16 | the fused op: cuBLAS forward and backward (f32 accumulation) |
+//! | Metal, others | the composed path (candle's own kernels) |
 //!
 //! The fused op's CPU forward runs the base GEMM (`gemm` crate, onto a bias-prefilled
 //! buffer when there is no row scale), accumulates `s · (x Aᵀ) Bᵀ` into the same buffer
@@ -38,12 +38,14 @@
 //! [`ScaledLowRankLinear`]: it saves `x Aᵀ` and the branch output in the forward and gives
 //! the vectors their gradients without a GEMM for `A` or `B`.
 //!
-//! CUDA (feature `cuda`): the forward is fused — three cuBLAS GEMMs into one output buffer
-//! (the low-rank one with β = 1) and a small NVRTC-compiled epilogue kernel for the row
-//! scale and bias (a product without a low-rank term takes the composed path). The backward on CUDA is not hand-fused: it is the same algebra written
-//! with candle ops (cuBLAS), still without any gradient for `W`. Half precision on CUDA
-//! takes the composed path. The CUDA code is compile-checked (`scripts/check-cuda.sh`)
-//! but has not been run on a GPU.
+//! CUDA (feature `cuda`, [`cuda`]): the forward is fused — three cuBLAS GEMMs into one
+//! output buffer (the low-rank one with β = 1) and a small NVRTC-compiled epilogue kernel
+//! for the row scale and bias — and so is the backward (`dx` in one buffer, `dA`, `dB` from
+//! the kept `x Aᵀ`, the row scale's gradient by a two-pass column sum; no `W` gradient).
+//! f32 and f64 run in their own precision; bf16 and f16 are stored in 16 bits with every
+//! product accumulated in f32. VeRA's op and a quantized base take the composed path on
+//! CUDA. The CUDA code is compile-checked (`scripts/check-cuda.sh`); its tests
+//! (`tests/cuda.rs`) have not yet run on a GPU.
 
 mod cpu;
 #[cfg(feature = "cuda")]

@@ -77,10 +77,7 @@ impl Product<'_> {
             return self.forward_fused(x, false);
         }
         #[cfg(feature = "cuda")]
-        if super::cuda::supported(x)
-            && self.low_rank.is_some()
-            && matches!(self.weight, WeightRef::Float(_))
-        {
+        if super::cuda::supported(x) && matches!(self.weight, WeightRef::Float(_)) {
             return self.forward_fused(x, true);
         }
         self.forward_composed(x)
@@ -121,14 +118,17 @@ impl Product<'_> {
             }
             None => b,
         };
+        let x = cast(x)?;
+        let trains = [&x, &a, &packed].iter().any(|t| t.track_op());
         let op = SavedOp::new(FusedLowRankOp {
             weight: self.weight.to_op(compute, contiguous)?,
             bias: self.bias.map(cast).transpose()?,
             scale,
             rank,
             row_scale: self.row_scale.is_some(),
+            trains,
         });
-        let y = cast(x)?.apply_op3(&a, &packed, op)?;
+        let y = x.apply_op3(&a, &packed, op)?;
         Ok(y.to_dtype(dtype)?)
     }
 

@@ -5,7 +5,8 @@
 //! type) wrapped in a [`SavedOp`], which is the `CustomOp3`: it runs the CPU forward in f32
 //! or f64, keeps the intermediates that forward hands back (`x Aᵀ`, ...) as tensors over
 //! the forward's own buffers (no copy), and gives them to the CPU backward, so the backward
-//! does not compute them again. The op lives in its output's autograd graph (only when an
+//! does not compute them again (a CUDA forward keeps its own the same way, for a CUDA
+//! backward). The op lives in its output's autograd graph (only when an
 //! input tracks a gradient), so the intermediates live as long as that graph.
 
 use std::sync::Mutex;
@@ -63,15 +64,36 @@ pub(crate) trait SavingKernel: Send + Sync + 'static {
     /// The backward where the CPU one does not run (another device or dtype).
     fn other_backward(&self, inputs: [&Tensor; 3], grad: &Tensor) -> candle_core::Result<Grads3>;
 
-    /// The CUDA forward, for ops that have one.
+    /// The CUDA forward, for ops that have one: the output and the intermediates to keep
+    /// for [`SavingKernel::cuda_backward`].
     #[cfg(feature = "cuda")]
     fn cuda_forward(
         &self,
         _inputs: [(&candle_core::CudaStorage, &Layout); 3],
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+    ) -> candle_core::Result<CudaForward> {
         candle_core::bail!("{}: no CUDA kernel", Self::NAME)
     }
+
+    /// The CUDA backward, for ops that have one (`None`: use [`SavingKernel::other_backward`]).
+    /// `saved`: what [`SavingKernel::cuda_forward`] kept.
+    #[cfg(feature = "cuda")]
+    fn cuda_backward(
+        &self,
+        _inputs: [&Tensor; 3],
+        _grad: &Tensor,
+        _saved: [Option<&Tensor>; SLOTS],
+    ) -> candle_core::Result<Option<Grads3>> {
+        Ok(None)
+    }
 }
+
+/// What a CUDA forward returns: the output, its shape, and the intermediates to keep.
+#[cfg(feature = "cuda")]
+pub(crate) type CudaForward = (
+    candle_core::CudaStorage,
+    Shape,
+    [Option<(candle_core::CudaStorage, Shape)>; SLOTS],
+);
 
 /// A [`SavingKernel`] as a candle `CustomOp3`, with the slots its CPU forward saves into.
 #[derive(Debug)]
@@ -197,7 +219,11 @@ impl<K: SavingKernel> CustomOp3 for SavedOp<K> {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        self.kernel.cuda_forward([(s1, l1), (s2, l2), (s3, l3)])
+        let (y, shape, kept) = self.kernel.cuda_forward([(s1, l1), (s2, l2), (s3, l3)])?;
+        let kept =
+            kept.map(|k| k.map(|(storage, shape)| super::cuda::plain_tensor(storage, shape)));
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = kept;
+        Ok((y, shape))
     }
 
     fn bwd(
@@ -209,6 +235,17 @@ impl<K: SavingKernel> CustomOp3 for SavedOp<K> {
         grad: &Tensor,
     ) -> candle_core::Result<Grads3> {
         let inputs = [arg1, arg2, arg3];
+        #[cfg(feature = "cuda")]
+        if arg1.device().is_cuda() {
+            let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let [s0, s1] = &saved;
+            if let Some(grads) =
+                self.kernel
+                    .cuda_backward(inputs, grad, [s0.as_ref(), s1.as_ref()])?
+            {
+                return Ok(grads);
+            }
+        }
         if arg1.device().is_cpu() {
             match arg1.dtype() {
                 DType::F32 => return self.cpu_backward::<f32>(inputs, grad),

@@ -5,7 +5,8 @@
 //! computed in f32): the backward computes the vectors' gradients from the forward's saved
 //! `x Aᵀ` and `(mid ⊙ x Aᵀ) Bᵀ` without forming a gradient for `A` or `B`, three GEMMs
 //! where the generic [`FusedLinear`] (with `B_eff = diag(out) B diag(mid)`) needs four.
-//! Other devices take [`ScaledLowRankLinear::forward_composed`].
+//! On CUDA (feature `cuda`) the same op runs through cuBLAS and small kernels
+//! ([`super::cuda`]). Other devices take [`ScaledLowRankLinear::forward_composed`].
 
 use candle_core::{DType, Tensor};
 
@@ -77,17 +78,33 @@ impl ScaledLowRankLinear<'_> {
         }
         let dtype = x.dtype();
         let compute = compute_dtype(dtype, x.device());
-        if !x.device().is_cpu() || !matches!(compute, DType::F32 | DType::F64) {
+        let on_cpu = x.device().is_cpu() && matches!(compute, DType::F32 | DType::F64);
+        #[cfg(feature = "cuda")]
+        let on_cuda = super::cuda::supported(x) && matches!(weight, WeightRef::Float(_));
+        #[cfg(not(feature = "cuda"))]
+        let on_cuda = false;
+        if !on_cpu && !on_cuda {
             return self.composed_over(weight, x);
         }
-        let cast = |t: &Tensor| t.to_dtype(compute);
+        // The CUDA kernels take contiguous operands.
+        let cast = |t: &Tensor| {
+            let t = t.to_dtype(compute)?;
+            if on_cuda {
+                t.contiguous()
+            } else {
+                Ok(t)
+            }
+        };
+        let (x, mid, out) = (cast(x)?, cast(self.mid)?, cast(self.out)?);
+        let trains = [&x, &mid, &out].iter().any(|t| t.track_op());
         let op = SavedOp::new(ScaledLowRankOp {
-            weight: weight.to_op(compute, false)?,
+            weight: weight.to_op(compute, on_cuda)?,
             bias: self.bias.map(cast).transpose()?,
             a: cast(self.a)?,
             b: cast(self.b)?,
+            trains,
         });
-        let y = cast(x)?.apply_op3(&cast(self.mid)?, &cast(self.out)?, op)?;
+        let y = x.apply_op3(&mid, &out, op)?;
         Ok(y.to_dtype(dtype)?)
     }
 

@@ -1,7 +1,8 @@
 //! The vector-scaled low-rank product (VeRA's) as a candle `CustomOp3` (a
 //! [`SavingKernel`]) on `(x, mid, out)`: the frozen `W`, bias, `A` and `B` live in the op,
-//! so backprop reaches only the input and the two vectors. CPU only (f32, f64); other
-//! devices take the composed path ([`super::ScaledLowRankLinear::forward_composed`]).
+//! so backprop reaches only the input and the two vectors. CPU (f32, f64) and CUDA
+//! (feature `cuda`: f32, f64, bf16, f16, [`super::cuda`]); other devices take the composed
+//! path ([`super::ScaledLowRankLinear::forward_composed`]).
 //! The forward saves `x Aᵀ` and `v = (mid ⊙ x Aᵀ) Bᵀ` for the backward.
 
 use candle_core::{Layout, Shape, Tensor, WithDType};
@@ -22,8 +23,12 @@ pub(crate) struct ScaledLowRankOp {
     pub bias: Option<Tensor>,
     /// Frozen `A`, `(r, d_in)` (may be a strided view).
     pub a: Tensor,
-    /// Frozen `B`, `(d_out, r)` (may be a strided view).
+    /// Frozen `B`, `(d_out, r)` (may be a strided view; contiguous on CUDA).
     pub b: Tensor,
+    /// Whether an input tracks a gradient (the CUDA forward keeps its intermediates only
+    /// then).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub trains: bool,
 }
 
 impl ScaledLowRankOp {
@@ -142,5 +147,45 @@ impl SavingKernel for ScaledLowRankOp {
             "scaled low-rank linear: no CPU backward for {:?}",
             x.dtype()
         )
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_forward(
+        &self,
+        [x, mid, out]: [(&candle_core::CudaStorage, &Layout); 3],
+    ) -> candle_core::Result<super::saved_op::CudaForward> {
+        self.check_shapes(x.1, mid.1, out.1)?;
+        let OpWeight::Float(weight) = &self.weight else {
+            candle_core::bail!("scaled low-rank linear: a quantized weight runs on the CPU only");
+        };
+        let op = super::cuda::Scaled {
+            weight,
+            bias: self.bias.as_ref(),
+            a: &self.a,
+            b: &self.b,
+            keep: self.trains,
+        };
+        super::cuda::scaled_forward(&op, x, mid, out)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_backward(
+        &self,
+        inputs: [&Tensor; 3],
+        grad: &Tensor,
+        saved: [Option<&Tensor>; SLOTS],
+    ) -> candle_core::Result<Option<Grads3>> {
+        let OpWeight::Float(weight) = &self.weight else {
+            return Ok(None);
+        };
+        let op = super::cuda::Scaled {
+            weight,
+            bias: self.bias.as_ref(),
+            a: &self.a,
+            b: &self.b,
+            keep: false,
+        };
+        let need = inputs.map(Tensor::track_op);
+        super::cuda::scaled_backward(&op, need, inputs, grad, saved).map(Some)
     }
 }
