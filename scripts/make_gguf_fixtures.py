@@ -30,9 +30,16 @@ What it writes (deterministic), all from the existing PEFT / transformers fixtur
    `q_proj` / `k_proj` for the llama arch): `mistral` (its `attn_q` quantized to Q8_0 by
    gguf-py's `quants.quantize`, the rest f32) and `qwen2` (q/k/v biases, tied embeddings).
    No tokenizer metadata (the reader does not need it).
+   `llama3_rope` (llama3 RoPE scaling) also gets `rope_freqs.weight`, the per-frequency
+   divisors `LlamaModel.generate_extra_tensors` computes (its loop, verbatim in
+   `rope_factors` below). One deviation, on purpose: the converter reads
+   `original_max_position_embeddings` from the top level of config.json (default 8192),
+   where transformers 5 keeps it inside `rope_parameters` (64 in this fixture); the
+   fixture uses the value transformers uses, so the file describes the same model.
 """
 
 import argparse
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -133,6 +140,29 @@ def peft_deltas(adapter_dir, base_dir, out):
     save_file(deltas, str(out))
 
 
+def rope_factors(head_dim, rope):
+    """`rope_freqs.weight` as convert_hf_to_gguf.py's LlamaModel computes it for llama3."""
+    base = float(rope.get("rope_theta", 10000.0))
+    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    factor = rope.get("factor", 8.0)
+    low_freq_factor = rope.get("low_freq_factor", 1.0)
+    high_freq_factor = rope.get("high_freq_factor", 4.0)
+    old_context_len = rope["original_max_position_embeddings"]
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            out.append(1)
+        elif wavelen > low_freq_wavelen:
+            out.append(factor)
+        else:
+            smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32)
+
+
 def convert_model(case, base_dir, quantize_q):
     cfg = hf_config(base_dir)
     arch = arch_of(cfg)
@@ -155,6 +185,8 @@ def convert_model(case, base_dir, quantize_q):
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if rope.get("rope_type") == "llama3":
+        w.add_tensor("rope_freqs.weight", rope_factors(head_dim, rope).numpy())
     for name in sorted(tensors):
         t = maybe_permute(arch, name, tensors[name].float(), cfg)
         dest = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
@@ -211,6 +243,7 @@ def main():
     peft_deltas(llama / "qwen2" / "lora", llama / "qwen2" / "base", OUT / "qwen2_delta.safetensors")
     convert_model("mistral", llama / "mistral" / "base", quantize_q=True)
     convert_model("qwen2", llama / "qwen2" / "base", quantize_q=False)
+    convert_model("llama3_rope", llama / "llama3_rope" / "base", quantize_q=False)
     print("wrote", sorted(p.name for p in OUT.iterdir()), file=sys.stderr)
 
 

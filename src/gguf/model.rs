@@ -42,6 +42,9 @@ pub struct GgufModel {
     arch: GgufArch,
 }
 
+/// The tensor llama.cpp stores precomputed RoPE frequency divisors in.
+const ROPE_FREQS: &str = "rope_freqs.weight";
+
 fn gguf_error(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::checkpoint(path, format!("GGUF: {e}"))
 }
@@ -200,11 +203,34 @@ impl GgufModel {
         }
     }
 
+    /// `rope_freqs.weight`: the per-frequency divisors llama.cpp's converter precomputes for
+    /// llama3 RoPE scaling, `head_dim / 2` of them (an error names the tensor otherwise).
+    fn rope_factors(&self, head_dim: usize) -> Result<Vec<f32>> {
+        let mut file = File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
+        let factors = self
+            .content
+            .tensor(&mut file, ROPE_FREQS, &Device::Cpu)
+            .and_then(|t| t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>())
+            .map_err(|e| gguf_error(&self.path, format!("{ROPE_FREQS}: {e}")))?;
+        if factors.len() != head_dim / 2 {
+            return Err(gguf_error(
+                &self.path,
+                format!(
+                    "{ROPE_FREQS} holds {} values, head_dim {head_dim} needs {}",
+                    factors.len(),
+                    head_dim / 2
+                ),
+            ));
+        }
+        Ok(factors)
+    }
+
     /// The model's configuration from the file's metadata (and which tensors it has:
     /// biases, `q_norm`, a separate `output`). Options lorakit's Llama cannot run are
-    /// errors naming them: RoPE scaling other than linear, precomputed RoPE factors
-    /// (`rope_freqs`, Llama 3.1's scaling), a rotary dimension other than the head
-    /// dimension, a sliding window, experts.
+    /// errors naming them: RoPE scaling other than linear or precomputed factors
+    /// (`rope_freqs.weight`, how llama.cpp stores Llama 3.1's scaling: read as
+    /// [`RopeScaling::Factors`]), a rotary dimension other than the head dimension, a
+    /// sliding window, experts.
     ///
     /// A Mistral model comes back as [`LlamaFamily::Llama`] (llama.cpp converts it to the
     /// `llama` architecture and keeps no sliding window).
@@ -218,12 +244,6 @@ impl GgufModel {
             if let Some(v) = self.value(key) {
                 return Err(self.refuse("GGUF metadata", format!("{} = {v:?}", self.key(key))));
             }
-        }
-        if self.has("rope_freqs.weight") {
-            return Err(self.refuse(
-                "GGUF tensor",
-                "rope_freqs.weight (precomputed RoPE frequency factors, e.g. Llama 3.1 scaling)",
-            ));
         }
         let hidden_size = self.usize_key("embedding_length")?;
         let num_attention_heads = self.usize_key("attention.head_count")?;
@@ -251,8 +271,18 @@ impl GgufModel {
             }
         }
         let rope_scaling = match self.value("rope.scaling.type") {
+            None if self.has(ROPE_FREQS) => RopeScaling::Factors(self.rope_factors(head_dim)?),
             None => RopeScaling::None,
             Some(Value::String(t)) if t == "none" => RopeScaling::None,
+            Some(v) if self.has(ROPE_FREQS) => {
+                return Err(self.refuse(
+                    "GGUF metadata",
+                    format!(
+                        "{} = {v:?} together with {ROPE_FREQS}",
+                        self.key("rope.scaling.type")
+                    ),
+                ))
+            }
             Some(Value::String(t)) if t == "linear" => RopeScaling::Linear {
                 factor: self.f64_opt("rope.scaling.factor")?.ok_or_else(|| {
                     gguf_error(

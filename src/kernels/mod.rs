@@ -38,7 +38,7 @@
 //! [`ScaledLowRankLinear`]: it saves `x Aᵀ` and the branch output in the forward and gives
 //! the vectors their gradients without a GEMM for `A` or `B`.
 //!
-//! CUDA (feature `cuda`, [`cuda`]): the forward is fused — three cuBLAS GEMMs into one
+//! CUDA (feature `cuda`, module `kernels::cuda`): the forward is fused — three cuBLAS GEMMs into one
 //! output buffer (the low-rank one with β = 1) and a small NVRTC-compiled epilogue kernel
 //! for the row scale and bias — and so is the backward (`dx` in one buffer, `dA`, `dB` from
 //! the kept `x Aᵀ`, the row scale's gradient by a two-pass column sum; no `W` gradient).

@@ -6,7 +6,7 @@
 //! `x Aᵀ` and `(mid ⊙ x Aᵀ) Bᵀ` without forming a gradient for `A` or `B`, three GEMMs
 //! where the generic [`FusedLinear`] (with `B_eff = diag(out) B diag(mid)`) needs four.
 //! On CUDA (feature `cuda`) the same op runs through cuBLAS and small kernels
-//! ([`super::cuda`]). Other devices take [`ScaledLowRankLinear::forward_composed`].
+//! (`kernels::cuda`). Other devices take [`ScaledLowRankLinear::forward_composed`].
 
 use candle_core::{DType, Tensor};
 

@@ -1,7 +1,7 @@
 //! The vector-scaled low-rank product (VeRA's) as a candle `CustomOp3` (a
 //! [`SavingKernel`]) on `(x, mid, out)`: the frozen `W`, bias, `A` and `B` live in the op,
 //! so backprop reaches only the input and the two vectors. CPU (f32, f64) and CUDA
-//! (feature `cuda`: f32, f64, bf16, f16, [`super::cuda`]); other devices take the composed
+//! (feature `cuda`: f32, f64, bf16, f16, `kernels::cuda`); other devices take the composed
 //! path ([`super::ScaledLowRankLinear::forward_composed`]).
 //! The forward saves `x Aᵀ` and `v = (mid ⊙ x Aᵀ) Bᵀ` for the backward.
 

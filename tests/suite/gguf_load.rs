@@ -127,3 +127,46 @@ fn a_gguf_adapter_or_a_missing_file_is_refused() {
     let err = load(&fixture("gguf/no_such_model.gguf"));
     assert!(err.contains("no_such_model.gguf"), "{err}");
 }
+
+/// Llama 3.1-style RoPE scaling as llama.cpp stores it: the `rope_freqs.weight` divisors
+/// (computed as its converter computes them) give the logits of the Hugging Face model
+/// with `rope_type: llama3`, with and without its PEFT LoRA; the same file without the
+/// divisors would not (the counter-check), so the test sees the scaling.
+#[test]
+fn a_gguf_model_with_rope_freqs_gives_llama3_scaled_logits() {
+    use lorakit::models::llama::RopeScaling;
+    let path = fixture("gguf/model_llama3_rope.gguf");
+    let config = lorakit::gguf::GgufModel::open(&path)
+        .unwrap()
+        .config()
+        .unwrap();
+    let RopeScaling::Factors(factors) = &config.rope_scaling else {
+        panic!("{:?}", config.rope_scaling);
+    };
+    assert_eq!(factors.len(), config.head_dim / 2);
+    let ids: Vec<u32> = (0..48).map(|i| (i * 13 % 61) as u32 + 1).collect();
+    let ids = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    for lora in [false, true] {
+        let plan = plan("llama3_rope", lora);
+        let model = LlamaForCausalLM::from_gguf(&path, DType::F32, &Device::Cpu, &plan).unwrap();
+        plan.finish().unwrap();
+        let got = model.forward(&ids).unwrap();
+        let want = reference("llama3_rope", lora, &ids);
+        let err = rel_err(&got, &want);
+        assert!(err <= 1e-5, "lora={lora}: relative error {err:e}");
+    }
+    let base = fixture("models/llama/llama3_rope/base");
+    let mut unscaled = LlamaConfig::from_file(base.join("config.json")).unwrap();
+    unscaled.rope_scaling = RopeScaling::None;
+    let tensors = load(&base.join("model.safetensors"));
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+    let plain = LlamaForCausalLM::load(&unscaled, vb, &AdapterPlan::none()).unwrap();
+    let err = rel_err(
+        &plain.forward(&ids).unwrap(),
+        &reference("llama3_rope", false, &ids),
+    );
+    assert!(err > 1e-3, "without the scaling the logits differ: {err:e}");
+}

@@ -70,7 +70,7 @@ impl LlamaFamily {
 /// assert_eq!(config.rope_theta, 500_000.0);
 /// # Ok(()) }
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum RopeScaling {
     /// `default`: `θ^(-2i/d)`.
     None,
@@ -92,6 +92,12 @@ pub enum RopeScaling {
         /// The context length of pretraining.
         original_max_position_embeddings: usize,
     },
+    /// Precomputed divisors, one per frequency (`head_dim / 2` of them): frequency `i` is
+    /// `θ^(-2i/d) / factors[i]`. This is how llama.cpp stores llama3 scaling in a GGUF
+    /// model (its `rope_freqs.weight` tensor); [`LlamaForCausalLM::from_gguf`] reads it.
+    ///
+    /// [`LlamaForCausalLM::from_gguf`]: crate::models::llama::LlamaForCausalLM::from_gguf
+    Factors(Vec<f32>),
 }
 
 /// Which keys a layer's queries see.
@@ -573,6 +579,21 @@ impl LlamaConfig {
         match self.rope_scaling {
             RopeScaling::None => {}
             RopeScaling::Linear { factor } => positive("factor", factor)?,
+            RopeScaling::Factors(ref factors) => {
+                if factors.len() != self.head_dim / 2 {
+                    return Err(invalid(
+                        "rope factors",
+                        format!(
+                            "{} of them for head_dim {}: need head_dim / 2",
+                            factors.len(),
+                            self.head_dim
+                        ),
+                    ));
+                }
+                for &f in factors {
+                    positive("rope factor", f64::from(f))?;
+                }
+            }
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,

@@ -1,4 +1,5 @@
-//! Rotary position embeddings: the frequencies (with `linear` / `llama3` scaling), their
+//! Rotary position embeddings: the frequencies (with `linear` / `llama3` scaling, or
+//! llama.cpp's precomputed factors), their
 //! resolution from `config.json` as transformers does it, and the cos/sin tables a forward
 //! uses.
 
@@ -33,6 +34,7 @@ impl LlamaConfig {
         match self.rope_scaling {
             RopeScaling::None => plain.collect(),
             RopeScaling::Linear { factor } => plain.map(|f| f / factor as f32).collect(),
+            RopeScaling::Factors(ref factors) => plain.zip(factors).map(|(f, d)| f / d).collect(),
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
