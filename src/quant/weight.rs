@@ -175,7 +175,7 @@ impl QuantizedWeight {
 
     /// Runs `f` on the blocks of the rows from `row0` that `floats` values fill (a whole
     /// number of rows inside the weight). CPU weights only.
-    fn with_row_bytes<R>(
+    pub(crate) fn with_row_bytes<R>(
         &self,
         row0: usize,
         floats: usize,

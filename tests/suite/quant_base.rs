@@ -148,6 +148,42 @@ fn every_variant_matches_the_dequantized_reference() {
     }
 }
 
+/// Decode-sized forwards (1 to 5 rows: the fused dequantize-and-dot kernels up to 4, the
+/// tiled product at 5) over every type equal the dequantized float layer, with a strided
+/// input (every other column of a wider tensor) and an odd number of output rows.
+#[test]
+fn few_row_forwards_match_the_reference() {
+    let (d_in, d_out) = (512, 7);
+    for (t, &ty) in TYPES.iter().enumerate() {
+        let (qbase, fbase) = bases(40 + t as u64, d_out, d_in, ty);
+        let dev = Device::Cpu;
+        let (m1, m2) = (VarMap::new(), VarMap::new());
+        let q = build(
+            Variant::Lora,
+            qbase,
+            VarBuilder::from_varmap(&m1, DType::F32, &dev),
+        );
+        let f = build(
+            Variant::Lora,
+            fbase,
+            VarBuilder::from_varmap(&m2, DType::F32, &dev),
+        );
+        randomize_alike(9, q.as_ref(), f.as_ref());
+        let mut g = rng(50 + t as u64);
+        for n in 1..=5 {
+            let wide = rand(&mut g, &[n, d_in, 2], DType::F32);
+            let x = wide.narrow(2, 0, 1).unwrap().squeeze(2).unwrap(); // strided
+            assert!(!x.is_contiguous());
+            let (yq, yf) = (
+                q.forward_t(&x, false).unwrap(),
+                f.forward_t(&x, false).unwrap(),
+            );
+            let diff = max_rel_diff(&yq, &yf);
+            assert!(diff <= TOL, "{ty:?}, {n} rows: differs by {diff:e}");
+        }
+    }
+}
+
 /// A weight of several row tiles (the tiled product's tile boundaries), f64 activations
 /// (the tile converted from f32), and a dropout forward (the base and the branch apart).
 #[test]

@@ -7,6 +7,9 @@ use rayon::prelude::*;
 
 use super::{gemm_into, Accum, MatRef};
 use crate::quant::{tile_rows, QuantizedWeight};
+use dot::{Isa, RowDots};
+
+mod dot;
 
 /// The frozen `W`, `(d_out, d_in)`.
 #[derive(Clone, Copy, Debug)]
@@ -39,6 +42,11 @@ impl<T: WithDType> WeightMat<'_, T> {
             WeightMat::Quantized(q) => q,
         };
         if x.rows <= STREAM_ROWS {
+            if T::DTYPE == DType::F32 {
+                if let Some(k) = RowDots::new(q.ggml_dtype(), q.d_in(), x.rows, Isa::best()) {
+                    return times_t_fused(q, &k, dst, x, accum);
+                }
+            }
             return times_t_streamed(q, dst, x, accum);
         }
         let d_out = q.d_out();
@@ -72,10 +80,61 @@ impl<T: WithDType> WeightMat<'_, T> {
     }
 }
 
-/// At most this many input rows take the row-streaming product (decode): each row of `W`
-/// is dequantized into a small per-task buffer and dotted with every input row at once,
-/// with no tile written out and read back.
-const STREAM_ROWS: usize = 4;
+/// At most this many input rows take the row-streaming product (decode): in f32 over Q8_0,
+/// Q4_K, Q5_K and Q6_K the fused dequantize-and-dot kernels ([`dot`]); otherwise each row of
+/// `W` is dequantized into a small per-task buffer and dotted with every input row at once
+/// (in f64), with no tile written out and read back.
+const STREAM_ROWS: usize = dot::MAX_X_ROWS;
+
+/// `dst (+)= x Wᵀ` for a few f32 input rows (`T` is f32) by the fused kernel `k`, `W`'s
+/// rows split over the thread pool in contiguous ranges (each row summed by one task, in
+/// an order that does not depend on the thread count).
+fn times_t_fused<T: WithDType>(
+    q: &QuantizedWeight,
+    k: &RowDots,
+    dst: &mut [T],
+    x: MatRef<T>,
+    accum: Accum,
+) -> candle_core::Result<()> {
+    let (d_out, d_in, n) = (q.d_out(), q.d_in(), x.rows);
+    let xs: Vec<Vec<f32>> = (0..n)
+        .map(|i| (0..d_in).map(|c| x.at(i, c).to_f64() as f32).collect())
+        .collect();
+    let xs: Vec<&[f32]> = xs.iter().map(Vec::as_slice).collect();
+    let per_task = d_out
+        .div_ceil(8 * rayon::current_num_threads().max(1))
+        .max(1);
+    let mut yt = vec![0f32; d_out * n]; // (d_out, n)
+    q.with_row_bytes(0, d_out * d_in, |bytes| {
+        bytes
+            .par_chunks(per_task * k.row_bytes())
+            .zip(yt.par_chunks_mut(per_task * n))
+            .try_for_each(|(rows, out)| k.run(rows, &xs, out))
+    })?;
+    scatter(dst, d_out, n, accum, |j, i| {
+        f64::from(yt.get(j * n + i).copied().unwrap_or(0.0))
+    });
+    Ok(())
+}
+
+/// `dst[i, j] (+)= y(j, i)` over the `n` rows of `dst` `(n, d_out)`.
+fn scatter<T: WithDType>(
+    dst: &mut [T],
+    d_out: usize,
+    n: usize,
+    accum: Accum,
+    y: impl Fn(usize, usize) -> f64,
+) {
+    for (i, dst_row) in dst.chunks_mut(d_out).take(n).enumerate() {
+        for (j, v) in dst_row.iter_mut().enumerate() {
+            let y = y(j, i);
+            *v = match accum {
+                Accum::Add => T::from_f64(v.to_f64() + y),
+                Accum::Replace => T::from_f64(y),
+            };
+        }
+    }
+}
 
 /// `dst (+)= x Wᵀ` for a few input rows, streaming `W` row by row over the thread pool.
 fn times_t_streamed<T: WithDType>(
@@ -104,15 +163,9 @@ fn times_t_streamed<T: WithDType>(
             }
             Ok::<(), candle_core::Error>(())
         })?;
-    for (i, dst_row) in dst.chunks_mut(d_out).take(n).enumerate() {
-        for (j, v) in dst_row.iter_mut().enumerate() {
-            let y = yt.get(j * n + i).copied().unwrap_or(0.0);
-            *v = match accum {
-                Accum::Add => T::from_f64(v.to_f64() + y),
-                Accum::Replace => T::from_f64(y),
-            };
-        }
-    }
+    scatter(dst, d_out, n, accum, |j, i| {
+        yt.get(j * n + i).copied().unwrap_or(0.0)
+    });
     Ok(())
 }
 
