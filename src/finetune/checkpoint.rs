@@ -195,7 +195,11 @@ impl Trainer<'_> {
             self.rule.optimizer.load_moments(&var, m, v)?;
         }
         if let Some(weights) = &delta_base {
-            super::delta_base::restore(&self.adapters, weights, &delta_path)?;
+            super::delta_base::restore(&self.adapters, |key, like| {
+                let value = lookup(weights, key, &delta_path)?;
+                check_like(value, like, key, &delta_path)?;
+                Ok(value.clone())
+            })?;
         }
         self.rule.optimizer.set_step_count(saved.optimizer_steps);
         if let (Some(alloc), Some(state)) = (self.rule.allocator.as_mut(), allocator) {
@@ -246,7 +250,7 @@ fn lookup<'a>(map: &'a HashMap<String, Tensor>, key: &str, file: &Path) -> Resul
     })
 }
 
-pub(super) fn check_like(value: &Tensor, like: &Tensor, name: &str, file: &Path) -> Result<()> {
+fn check_like(value: &Tensor, like: &Tensor, name: &str, file: &Path) -> Result<()> {
     if value.dims() != like.dims() || value.dtype() != like.dtype() {
         return Err(Error::ShapeMismatch {
             layer: name.to_string(),

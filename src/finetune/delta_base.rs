@@ -3,13 +3,10 @@
 //! checkpoint keeps every Delta-LoRA layer's current `W` (`(d_out, d_in)`, its dtype) under
 //! `<layer path>.base_layer.weight` and a resumed run puts them back.
 
-use std::collections::HashMap;
-use std::path::Path;
-
 use candle_core::Tensor;
 
 use crate::adapter::Adapter;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::AdaptedSet;
 use crate::train::hooks::{layer_as, layer_as_mut};
 use crate::variants::delta_lora::{DeltaLoraLinear, BASE_WEIGHT_KEY};
@@ -31,23 +28,17 @@ pub(super) fn base_weights(set: &AdaptedSet) -> Result<Vec<(String, Tensor)>> {
         .collect()
 }
 
-/// Puts the weights [`base_weights`] saved back into `set`'s Delta-LoRA layers. A layer
-/// missing from `saved` or of another shape or dtype is an error naming it and `file`.
+/// Puts the weights [`base_weights`] saved back into `set`'s Delta-LoRA layers, each found
+/// by `saved(key, current weight)` (which checks it and names what is missing or wrong).
 pub(super) fn restore(
     set: &AdaptedSet,
-    saved: &HashMap<String, Tensor>,
-    file: &Path,
+    saved: impl Fn(&str, &Tensor) -> Result<Tensor>,
 ) -> Result<()> {
     for (path, layer) in set.layers() {
-        let key = key(&path);
-        let value = saved.get(&key).ok_or_else(|| Error::MissingKey {
-            key: key.clone(),
-            file: file.display().to_string(),
-        })?;
         let mut guard = layer.write();
         let layer = layer_as_mut::<DeltaLoraLinear>(&mut *guard, WHAT)?;
-        super::checkpoint::check_like(value, layer.base().weight(), &key, file)?;
-        layer.restore_base_weight(value.clone())?;
+        let value = saved(&key(&path), layer.base().weight())?;
+        layer.restore_base_weight(value)?;
     }
     Ok(())
 }
