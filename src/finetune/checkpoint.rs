@@ -24,6 +24,8 @@ pub const TRAINABLE_FILE: &str = "trainable.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 /// AdaLoRA's allocator state.
 pub const ALLOCATOR_FILE: &str = "allocator.safetensors";
+/// Delta-LoRA's base weights as its rule moved them (`<layer path>.base_layer.weight`).
+pub const DELTA_LORA_BASE_FILE: &str = "delta_lora_base.safetensors";
 
 /// `trainer_state.json`: the progress and the settings a resumed run must share.
 #[derive(Serialize, Deserialize)]
@@ -109,6 +111,10 @@ impl Trainer<'_> {
         if let Some(allocator) = &self.rule.allocator {
             write_tensors(&tmp.join(ALLOCATOR_FILE), &allocator.state_tensors()?)?;
         }
+        if self.recipe.variant == Variant::DeltaLora {
+            let weights = super::delta_base::base_weights(&self.adapters)?;
+            write_tensors(&tmp.join(DELTA_LORA_BASE_FILE), &weights)?;
+        }
         let json = serde_json::to_string_pretty(&StateFile::of(self))
             .map_err(|e| Error::json(dir.join(STATE_FILE), &e))?;
         let state_path = tmp.join(STATE_FILE);
@@ -118,12 +124,13 @@ impl Trainer<'_> {
 
     /// Continues the run saved in the checkpoint folder `dir`: restores every trainable
     /// variable, AdamW's moments and step count, the data position, the logs, LoRA-drop's
-    /// layer sharing and AdaLoRA's allocator. Call it on a trainer built exactly as the
-    /// saved one was (same model, recipe and settings), before [`Trainer::train`].
+    /// layer sharing, AdaLoRA's allocator and Delta-LoRA's moved base weights. Call it on a
+    /// trainer built exactly as the saved one was (same model, recipe and settings), before
+    /// [`Trainer::train`].
     ///
     /// Errors, before anything changes: a missing or malformed file (named), a setting
-    /// that differs from the checkpoint's (named, both values shown), a Delta-LoRA run past
-    /// its start step. A variable missing from the file or of another shape is an error
+    /// that differs from the checkpoint's (named, both values shown). A variable (or a
+    /// Delta-LoRA layer's weight) missing from its file or of another shape is an error
     /// naming it (the trainer is then in an undefined state: build a new one).
     pub fn resume(&mut self, dir: impl AsRef<Path>) -> Result<()> {
         let dir = dir.as_ref();
@@ -140,22 +147,21 @@ impl Trainer<'_> {
                 ));
             }
         }
-        let delta = self.recipe.delta_lora;
-        if self.recipe.variant == Variant::DeltaLora && saved.progress.step > delta.start_step {
-            return Err(Error::usage(
-                Scope::File(state_path),
-                format!(
-                    "Delta-LoRA moved the base weights after step {}; resuming from step {} would lose those updates (not supported: train again, or set the start step past the checkpoint)",
-                    delta.start_step, saved.progress.step
-                ),
-            ));
-        }
         let device = self.model.device().clone();
         let trainable = read_map(&dir.join(TRAINABLE_FILE), &device)?;
         let moments = read_map(&dir.join(OPTIMIZER_FILE), &device)?;
         let allocator = match self.rule.allocator {
             Some(_) => Some(read_map(&dir.join(ALLOCATOR_FILE), &device)?),
             None => None,
+        };
+        // Up to step K Delta-LoRA's base weights have not moved (older checkpoints lack the file).
+        let delta_path = dir.join(DELTA_LORA_BASE_FILE);
+        let moved = self.recipe.variant == Variant::DeltaLora
+            && saved.progress.step > self.recipe.delta_lora.start_step;
+        let delta_base = if moved {
+            Some(read_map(&delta_path, &device)?)
+        } else {
+            None
         };
         if let Some(importance) = &saved.progress.lora_drop {
             let layers: Vec<Shared<dyn Adapter>> =
@@ -187,6 +193,13 @@ impl Trainer<'_> {
                 &dir.join(OPTIMIZER_FILE),
             )?;
             self.rule.optimizer.load_moments(&var, m, v)?;
+        }
+        if let Some(weights) = &delta_base {
+            super::delta_base::restore(&self.adapters, |key, like| {
+                let value = lookup(weights, key, &delta_path)?;
+                check_like(value, like, key, &delta_path)?;
+                Ok(value.clone())
+            })?;
         }
         self.rule.optimizer.set_step_count(saved.optimizer_steps);
         if let (Some(alloc), Some(state)) = (self.rule.allocator.as_mut(), allocator) {

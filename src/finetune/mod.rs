@@ -16,6 +16,7 @@ pub mod checkpoint;
 pub mod config;
 mod cross_entropy;
 mod cursor;
+mod delta_base;
 mod rule;
 pub mod trainer;
 

@@ -94,9 +94,9 @@ pub(crate) struct Progress {
 /// (loadable by PEFT and [`crate::peft::PeftAdapter`]) and what resuming needs:
 /// `trainer_state.json` (step, data position, logs), `trainable.safetensors` (every
 /// trainable variable by its full name), `optimizer.safetensors` (AdamW's moments) and,
-/// for AdaLoRA, `allocator.safetensors`. [`Trainer::resume`] continues a run so that it
-/// ends where the uninterrupted run would have (with dropout 0). Not resumable: Delta-LoRA
-/// past its start step K (its updated base weights are not restored).
+/// for AdaLoRA, `allocator.safetensors`, for Delta-LoRA, `delta_lora_base.safetensors`
+/// (each adapted layer's base weight as the rule moved it). [`Trainer::resume`] continues
+/// a run so that it ends where the uninterrupted run would have (with dropout 0).
 ///
 /// ```
 /// use candle_core::{DType, Device};
@@ -182,7 +182,9 @@ impl<'m> Trainer<'m> {
     /// `eval_every` steps and after the last one.
     ///
     /// Errors: a dataset with a token the model's vocabulary lacks (checked first), an empty
-    /// dataset, a non-finite loss (the step is not applied), or a failed checkpoint write.
+    /// dataset, a non-finite loss or a loss that reaches no trainable variable (e.g. an
+    /// inactive adapter of a [`crate::model::NamedAdapters`] model; the step is not
+    /// applied), or a failed checkpoint write.
     pub fn train(
         &mut self,
         train: &Dataset,
@@ -276,6 +278,14 @@ impl<'m> Trainer<'m> {
                 "training",
                 "loss",
                 format!("step {step}: the loss is {loss}; lower the learning rate (the step was not applied)"),
+            ));
+        }
+        let reached = |v: &candle_core::Var| acc.store().get(v.as_tensor()).is_some();
+        if !self.rule.vars.iter().any(reached) {
+            return Err(Error::settings(
+                "training",
+                "adapters",
+                format!("step {step}: no trainable variable received a gradient, the loss does not reach the adapters (on a NamedAdapters model, make the adapter being trained the active one)"),
             ));
         }
         let grad_norm = acc.clip_global_norm(self.config.max_grad_norm)?;

@@ -250,6 +250,34 @@ impl AutoCausalLm {
             Self::Gpt2(m) => m.generate(prompt, config),
         }
     }
+
+    /// Generates after each of `prompts` in one batch (the model's `generate_batch`: see
+    /// [`LlamaForCausalLM::generate_batch`]); row `r` holds `prompts[r]`'s new tokens.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use lorakit::model::AdapterPlan;
+    /// use lorakit::models::auto::AutoCausalLm;
+    /// use lorakit::models::generation::GenerationConfig;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let dir = "tests/fixtures/models/llama/mistral/base";
+    /// let model = AutoCausalLm::from_pretrained(dir, DType::F32, &Device::Cpu, &AdapterPlan::none())?;
+    /// let prompts = vec![vec![1u32, 17, 42, 5], vec![3, 14]];
+    /// let rows = model.generate_batch(&prompts, &GenerationConfig::greedy(4))?;
+    /// assert_eq!(rows[0], [41, 5, 5, 5]); // as `generate` gives for the first prompt alone
+    /// assert_eq!(rows[1], model.generate(&prompts[1], &GenerationConfig::greedy(4))?);
+    /// # Ok(()) }
+    /// ```
+    pub fn generate_batch(
+        &self,
+        prompts: &[Vec<u32>],
+        config: &GenerationConfig,
+    ) -> Result<Vec<Vec<u32>>> {
+        match self {
+            Self::Llama(m) => m.generate_batch(prompts, config),
+            Self::Gpt2(m) => m.generate_batch(prompts, config),
+        }
+    }
 }
 
 impl CausalLm for AutoCausalLm {

@@ -3,8 +3,9 @@
 //! decoding loop every model's `generate` runs: the prompt through a fresh
 //! [`KvCache`], then one token at a time, each step running only the new token.
 //!
-//! One sequence at a time (batch 1): batched generation of prompts of different lengths
-//! (left padding and a padding mask) is not implemented.
+//! Batched generation (`generate_batch`) left-pads prompts of different lengths into one
+//! batch with an attention mask and per-row positions, so each row gives what it gives
+//! alone.
 
 use std::path::Path;
 
@@ -138,8 +139,14 @@ fn token_id(value: &Value) -> Option<u32> {
 pub(crate) trait Decoder {
     /// An empty cache for this model.
     fn new_cache(&self) -> KvCache;
-    /// Logits `(batch, seq, vocab)` of the new ids after the cached positions.
-    fn step(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor>;
+    /// Logits `(batch, seq, vocab)` of the new ids after the cached positions; `pads`: a
+    /// left-padded batch's padding slots per row (`models::padding`).
+    fn step(
+        &self,
+        input_ids: &Tensor,
+        cache: &mut KvCache,
+        pads: Option<&[usize]>,
+    ) -> Result<Tensor>;
     /// The vocabulary size.
     fn vocab(&self) -> usize;
     /// The most positions the model takes, and the config field that says so.
@@ -168,7 +175,7 @@ pub(crate) fn generate(
     let mut cache = model.new_cache();
     let mut input = Tensor::new(prompt, model.on())?.unsqueeze(0)?;
     while out.len() < config.max_new_tokens {
-        let logits = model.step(&input, &mut cache)?;
+        let logits = model.step(&input, &mut cache, None)?;
         let last = logits.dim(1)?.saturating_sub(1);
         let next = sampler.sample(&logits.narrow(1, last, 1)?)?;
         out.push(next);
@@ -180,7 +187,13 @@ pub(crate) fn generate(
     Ok(out)
 }
 
-fn check_prompt(model: &impl Decoder, prompt: &[u32], max_new_tokens: usize) -> Result<()> {
+/// A non-empty prompt of ids below the vocabulary size that fits, with
+/// `max_new_tokens - 1` more positions, in the model's limit.
+pub(crate) fn check_prompt(
+    model: &impl Decoder,
+    prompt: &[u32],
+    max_new_tokens: usize,
+) -> Result<()> {
     let scope = || Scope::Settings(model.what().to_string());
     if prompt.is_empty() {
         return Err(Error::usage(scope(), "the prompt is empty"));

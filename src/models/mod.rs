@@ -24,6 +24,7 @@
 
 mod attention_op;
 pub mod auto;
+mod batch_generation;
 pub mod bert;
 mod causal_lm;
 mod cpu_op;
@@ -33,6 +34,7 @@ pub mod llama;
 #[cfg(test)]
 mod op_test;
 mod ops;
+mod padding;
 mod rms_norm;
 mod rope_op;
 pub mod sampling;

@@ -262,9 +262,6 @@ fn vars_by_name(set: &lorakit::model::AdaptedSet) -> HashMap<String, Tensor> {
 fn resumed_runs_end_where_uninterrupted_runs_do() {
     let data = toy_data(10);
     for variant in Variant::ALL {
-        if variant == Variant::DeltaLora {
-            continue; // resuming past K is refused (below)
-        }
         let out = temp_dir(&format!("finetune-resume-{variant}"));
         // Uninterrupted: 8 steps, a checkpoint every 4.
         let straight = build(variant, 8);
@@ -279,6 +276,7 @@ fn resumed_runs_end_where_uninterrupted_runs_do() {
             [out.join("checkpoint-4"), out.join("checkpoint-8")]
         );
         let want = vars_by_name(&straight.set);
+        let want_logits = logits(&straight.model);
 
         // Resumed: a fresh model and trainer, built the same way, from checkpoint-4.
         let resumed = build(variant, 8);
@@ -299,6 +297,12 @@ fn resumed_runs_end_where_uninterrupted_runs_do() {
                 "{variant}: {name} differs by {err:e} after resuming"
             );
         }
+        // Delta-LoRA's checkpoint-4 is past K = 2: its moved base weights came back too.
+        let err = rel_err(&logits(&resumed.model), &want_logits);
+        assert!(
+            err < 1e-5,
+            "{variant}: logits differ by {err:e} after resuming"
+        );
         std::fs::remove_dir_all(&out).ok();
     }
 }
@@ -320,18 +324,17 @@ fn resume_refuses_what_it_cannot_continue() {
         "trainer_state.json",
         "trainable.safetensors",
         "optimizer.safetensors",
+        "delta_lora_base.safetensors",
     ] {
         assert!(checkpoint.join(file).is_file(), "{file} in the checkpoint");
     }
 
-    // Delta-LoRA past its start step K = 2.
+    // Delta-LoRA past its start step K = 2 without its moved base weights.
+    std::fs::remove_file(checkpoint.join("delta_lora_base.safetensors")).unwrap();
     let again = build(Variant::DeltaLora, 4);
     let mut t = again.trainer(config.clone()).unwrap();
     let err = t.resume(&checkpoint).unwrap_err().to_string();
-    assert!(
-        err.contains("Delta-LoRA") && err.contains("step 2"),
-        "{err}"
-    );
+    assert!(err.contains("delta_lora_base.safetensors"), "{err}");
 
     // Another setting than the checkpoint's.
     let lora = build(Variant::Lora, 4);

@@ -4,6 +4,7 @@
 //! `AutoCausalLm` picks the model by `model_type`. GPT-2's KV cache (`gpt2_cache`) and the
 //! sampler (`sampling`) are in their own files.
 
+mod batch;
 mod gpt2_cache;
 mod sampling;
 

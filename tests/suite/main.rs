@@ -41,6 +41,7 @@ mod models_bert;
 mod models_gpt2;
 mod models_llama;
 mod named_adapters;
+mod named_adapters_train;
 mod numerics;
 mod options_bad_input;
 mod options_properties;

@@ -26,7 +26,9 @@ picks the one to generate with (default: the first).
 
 --prompt is encoded with the folder's tokenizer.json (special tokens added as
 transformers' tokenizer(text) adds them) and the new text is printed; --prompt-ids takes
-token ids and prints the new ids, comma-separated. Decoding is greedy unless --temperature
+token ids and prints the new ids, comma-separated. Repeat --prompt (or --prompt-ids) to
+generate for several prompts in one left-padded batch: one output line per prompt, in
+order, each what that prompt gives alone (greedy). Decoding is greedy unless --temperature
 is above 0 (then --top-k / --top-p filter and --seed fixes the draws). Generation stops
 after --max-new-tokens tokens or at the model's end-of-sequence token
 (generation_config.json's eos_token_id, else config.json's, else the tokenizer's),
@@ -51,12 +53,12 @@ pub struct GenerateArgs {
     /// Merge the (active) adapter into the base weights before generating
     #[arg(long, requires = "adapter")]
     merge: bool,
-    /// The prompt text, encoded with the model folder's tokenizer.json
+    /// The prompt text, encoded with the model folder's tokenizer.json; repeat for a batch
     #[arg(long, value_name = "TEXT")]
-    prompt: Option<String>,
-    /// The prompt as comma-separated token ids, e.g. 1,2,3 (the new ids are printed)
+    prompt: Vec<String>,
+    /// The prompt as comma-separated token ids, e.g. 1,2,3 (the new ids are printed); repeat for a batch
     #[arg(long, value_name = "IDS")]
-    prompt_ids: Option<String>,
+    prompt_ids: Vec<String>,
     /// The most tokens to generate
     #[arg(long, value_name = "N", default_value_t = 32)]
     max_new_tokens: usize,
@@ -118,10 +120,18 @@ pub fn generate(args: GenerateArgs) -> ExitCode {
         Ok(s) => s,
         Err(msg) => return usage(&msg),
     };
-    let ids = match args.prompt_ids.as_deref().map(parse_ids).transpose() {
+    let ids = match args
+        .prompt_ids
+        .iter()
+        .map(|text| parse_ids(text))
+        .collect::<Result<Vec<_>, _>>()
+    {
         Ok(ids) => ids,
         Err(msg) => return usage(&msg),
     };
+    if args.logits_out.is_some() && args.prompt.len() + ids.len() > 1 {
+        return usage("--logits-out writes one prompt's logits: give one prompt");
+    }
     if let Some(out) = &args.logits_out {
         if let Err(e) = check_destination(out, OutputKind::File) {
             return fail(e);
@@ -185,19 +195,21 @@ fn parse_ids(text: &str) -> Result<Vec<u32>, String> {
 }
 
 /// Loads, generates, writes the logits; the text to print.
-fn run(args: &GenerateArgs, sampling: Sampling, ids: Option<Vec<u32>>) -> lorakit::Result<String> {
+fn run(args: &GenerateArgs, sampling: Sampling, ids: Vec<Vec<u32>>) -> lorakit::Result<String> {
     let device = Device::cuda_if_available(0)?;
     // The tokenizer first: a missing one is reported before the model is loaded.
-    let tokenizer = match &args.prompt {
-        Some(_) => Some(tokenizer(&args.model)?),
-        None => None,
+    let tokenizer = if args.prompt.is_empty() {
+        None
+    } else {
+        Some(tokenizer(&args.model)?)
     };
     let model = load_model(args, &device)?;
-    let prompt = match (&ids, &args.prompt, &tokenizer) {
-        (Some(ids), _, _) => ids.clone(),
-        (None, Some(text), Some(tok)) => tok.encode(text, true)?,
-        _ => Vec::new(),
-    };
+    let mut prompts = ids;
+    if let Some(tok) = &tokenizer {
+        for text in &args.prompt {
+            prompts.push(tok.encode(text, true)?);
+        }
+    }
     let mut eos = Vec::new();
     if !args.ignore_eos {
         eos = stop_tokens(&args.model)?;
@@ -210,18 +222,28 @@ fn run(args: &GenerateArgs, sampling: Sampling, ids: Option<Vec<u32>>) -> loraki
         eos,
         sampling,
     };
-    // generate checks the prompt (ids in the vocabulary, positions) before any work.
-    let tokens = model.generate(&prompt, &config)?;
-    if let Some(path) = &args.logits_out {
-        write_logits(path, prompt_logits(&model, &prompt, &device)?)?;
+    // generate checks the prompts (ids in the vocabulary, positions) before any work.
+    let outputs = match prompts.as_slice() {
+        [prompt] => vec![model.generate(prompt, &config)?],
+        _ => model.generate_batch(&prompts, &config)?,
+    };
+    if let (Some(path), [prompt]) = (&args.logits_out, prompts.as_slice()) {
+        write_logits(path, prompt_logits(&model, prompt, &device)?)?;
     }
-    Ok(match &tokenizer {
-        Some(tok) => format!("{}\n", tok.decode(&tokens, true)?),
-        None => {
-            let ids: Vec<String> = tokens.iter().map(u32::to_string).collect();
-            format!("{}\n", ids.join(","))
-        }
-    })
+    let mut text = String::new();
+    for tokens in &outputs {
+        let line = match &tokenizer {
+            Some(tok) => tok.decode(tokens, true)?,
+            None => tokens
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        };
+        text.push_str(&line);
+        text.push('\n');
+    }
+    Ok(text)
 }
 
 /// `--adapter` values as (name, folder): `NAME=DIR`, or a bare `DIR` named `default`

@@ -59,9 +59,14 @@ impl Gpt2LmHeadModel {
     /// # Ok(()) }
     /// ```
     pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let (batch, seq) = self.check_ids(input_ids)?;
+        self.cached(input_ids, cache, None)
+    }
+
+    /// [`Gpt2LmHeadModel::forward_cached`] on a batch left-padded by `pads` (or none).
+    fn cached(&self, ids: &Tensor, cache: &mut KvCache, pads: Option<&[usize]>) -> Result<Tensor> {
+        let (batch, seq) = self.check_ids(ids)?;
         cache.check(batch, seq, self.blocks.len(), self.position_limit())?;
-        let (logits, entries) = self.run(input_ids, cache.len(), cache.entries())?;
+        let (logits, entries) = self.run(ids, cache.len(), cache.entries(), pads)?;
         cache.commit(entries, batch, seq);
         Ok(logits)
     }
@@ -99,6 +104,32 @@ impl Gpt2LmHeadModel {
         generation::generate(self, prompt, config)
     }
 
+    /// Generates after each of `prompts` in one batch, left-padded, sharing one
+    /// [`KvCache`]: row `r` is what [`Gpt2LmHeadModel::generate`] gives for `prompts[r]`
+    /// (see [`crate::models::llama::LlamaForCausalLM::generate_batch`]).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use lorakit::models::generation::GenerationConfig;
+    /// use lorakit::models::gpt2::Gpt2LmHeadModel;
+    /// use lorakit::peft::PeftAdapter;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let dir = "tests/fixtures/peft_options/gpt2_lora";
+    /// let plan = PeftAdapter::load(format!("{dir}/adapter"), &Device::Cpu)?.plan()?;
+    /// let model = Gpt2LmHeadModel::from_pretrained(format!("{dir}/base"), DType::F32, &Device::Cpu, &plan)?;
+    /// let rows = model.generate_batch(&[vec![59, 13, 15, 57], vec![32, 13]], &GenerationConfig::greedy(3))?;
+    /// // transformers' batched greedy generate (tests/fixtures/generate/batch.json)
+    /// assert_eq!(rows, [[10, 47, 8], [17, 49, 8]]);
+    /// # Ok(()) }
+    /// ```
+    pub fn generate_batch(
+        &self,
+        prompts: &[Vec<u32>],
+        config: &GenerationConfig,
+    ) -> Result<Vec<Vec<u32>>> {
+        crate::models::batch_generation::generate_batch(self, prompts, config)
+    }
+
     /// `n_positions`, named.
     fn position_limit(&self) -> (usize, &'static str) {
         (self.config.n_positions, "n_positions")
@@ -110,8 +141,8 @@ impl Decoder for Gpt2LmHeadModel {
         Gpt2LmHeadModel::new_cache(self)
     }
 
-    fn step(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        self.forward_cached(input_ids, cache)
+    fn step(&self, ids: &Tensor, cache: &mut KvCache, pads: Option<&[usize]>) -> Result<Tensor> {
+        self.cached(ids, cache, pads)
     }
 
     fn vocab(&self) -> usize {

@@ -34,6 +34,7 @@ use crate::error::{Error, Result, Scope};
 use crate::frozen::BaseKind;
 use crate::model::{embedding, linear_no_bias, AdapterPlan, Embedding, Linear};
 use crate::models::ops::LayerNorm;
+use crate::models::padding::{mask_values, position};
 
 /// The KV cache of [`Gpt2LmHeadModel::forward_cached`] (the Llama models' type: per layer,
 /// the keys and values of the positions seen so far).
@@ -257,7 +258,7 @@ impl Gpt2LmHeadModel {
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
         self.check_ids(input_ids)?;
         let no_past = std::iter::repeat_n(&None, self.blocks.len());
-        Ok(self.run(input_ids, 0, no_past)?.0)
+        Ok(self.run(input_ids, 0, no_past, None)?.0)
     }
 
     /// The model on `input_ids` at positions `offset..` after each block's cached keys and
@@ -268,6 +269,7 @@ impl Gpt2LmHeadModel {
         input_ids: &Tensor,
         offset: usize,
         past: impl Iterator<Item = &'a Option<(Tensor, Tensor)>>,
+        pads: Option<&[usize]>,
     ) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
         let (batch, seq) = input_ids.dims2()?;
         let end = offset.saturating_add(seq);
@@ -280,12 +282,23 @@ impl Gpt2LmHeadModel {
                 ))
             }
         };
-        let positions = Tensor::arange(start, end, &self.device)?;
+        let positions = match pads {
+            // Each row's tokens at positions 0.. after its padding (`models::padding`).
+            Some(pads) => {
+                let ids: Vec<u32> = pads
+                    .iter()
+                    .flat_map(|&pad| (offset..offset + seq).map(move |s| position(s, pad)))
+                    .map(|p| u32::try_from(p).unwrap_or(u32::MAX))
+                    .collect();
+                Tensor::from_vec(ids, (pads.len(), seq), &self.device)?
+            }
+            None => Tensor::arange(start, end, &self.device)?,
+        };
         let mut x = self
             .wte
             .forward(input_ids)?
             .broadcast_add(&self.wpe.forward(&positions)?)?;
-        let mask = causal_mask(seq, offset, &self.device)?;
+        let mask = causal_mask(seq, offset, pads, &self.device)?;
         let mut grown = Vec::with_capacity(self.blocks.len());
         for (block, past) in self.blocks.iter().zip(past) {
             let (out, kv) = block.forward(&x, &mask, past.as_ref())?;
@@ -340,19 +353,18 @@ fn base_table(module: &Embedding) -> Result<Tensor> {
 }
 
 /// `(seq, offset + seq)` f32 for queries at positions `offset..offset + seq` over keys at
-/// `0..offset + seq`: 0 where a query may attend (itself and earlier), -inf elsewhere.
-fn causal_mask(seq: usize, offset: usize, device: &Device) -> Result<Tensor> {
+/// `0..offset + seq`: 0 where a query may attend (itself and earlier), -inf elsewhere;
+/// `(batch, 1, seq, offset + seq)` for a left-padded batch (`models::padding`).
+fn causal_mask(
+    seq: usize,
+    offset: usize,
+    pads: Option<&[usize]>,
+    device: &Device,
+) -> Result<Tensor> {
     let keys = offset.saturating_add(seq);
-    let data: Vec<f32> = (0..seq)
-        .flat_map(|i| {
-            (0..keys).map(move |j| {
-                if j > offset + i {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
-        .collect();
-    Ok(Tensor::from_vec(data, (seq, keys), device)?)
+    let data = mask_values(pads, seq, keys, offset, |_, _| true);
+    Ok(match pads {
+        Some(p) => Tensor::from_vec(data, (p.len(), 1, seq, keys), device)?,
+        None => Tensor::from_vec(data, (seq, keys), device)?,
+    })
 }

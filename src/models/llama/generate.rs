@@ -42,9 +42,14 @@ impl LlamaForCausalLM {
     /// # Ok(()) }
     /// ```
     pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let (batch, seq) = self.check_ids(input_ids)?;
+        self.cached(input_ids, cache, None)
+    }
+
+    /// [`LlamaForCausalLM::forward_cached`] on a batch left-padded by `pads` (or none).
+    fn cached(&self, ids: &Tensor, cache: &mut KvCache, pads: Option<&[usize]>) -> Result<Tensor> {
+        let (batch, seq) = self.check_ids(ids)?;
         cache.check(batch, seq, self.layers.len(), self.position_limit())?;
-        let (logits, entries) = self.run(input_ids, cache.len(), cache.entries())?;
+        let (logits, entries) = self.run(ids, cache.len(), cache.entries(), pads)?;
         cache.commit(entries, batch, seq);
         Ok(logits)
     }
@@ -103,6 +108,39 @@ impl LlamaForCausalLM {
         generation::generate(self, prompt, config)
     }
 
+    /// Generates after each of `prompts` in one batch: the prompts are left-padded to the
+    /// longest, with an attention mask and each row's own positions, and share one
+    /// [`KvCache`]; row `r` of the result is what [`LlamaForCausalLM::generate`] gives for
+    /// `prompts[r]` (the same tokens when greedy; sampled rows each draw from a sampler
+    /// seeded with `config.sampling.seed`). Each row stops at its own stop token.
+    ///
+    /// Errors, before any work: as `generate`, for any prompt.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use lorakit::models::generation::GenerationConfig;
+    /// use lorakit::models::llama::LlamaForCausalLM;
+    /// use lorakit::peft::PeftAdapter;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let dir = "tests/fixtures/models/llama/qwen2";
+    /// let dev = Device::Cpu;
+    /// let plan = PeftAdapter::load(format!("{dir}/lora"), &dev)?.plan()?;
+    /// let model = LlamaForCausalLM::from_pretrained(format!("{dir}/base"), DType::F32, &dev, &plan)?;
+    /// let prompts = vec![vec![1u32, 17, 42, 5], vec![11]];
+    /// // transformers' batched greedy generate (tests/fixtures/generate/batch.json)
+    /// let rows = model.generate_batch(&prompts, &GenerationConfig::greedy(12).with_eos([27]))?;
+    /// assert_eq!(rows[0], [22, 9, 12, 27]); // stopped at 27
+    /// assert_eq!(rows[1], [55, 25, 25, 18, 37, 63, 5, 22, 32, 26, 32, 21]);
+    /// # Ok(()) }
+    /// ```
+    pub fn generate_batch(
+        &self,
+        prompts: &[Vec<u32>],
+        config: &GenerationConfig,
+    ) -> Result<Vec<Vec<u32>>> {
+        crate::models::batch_generation::generate_batch(self, prompts, config)
+    }
+
     /// Greedy decoding of one sequence: [`LlamaForCausalLM::generate`] with
     /// [`GenerationConfig::greedy`]`(max_new_tokens)` and `eos` as the stop token.
     ///
@@ -153,8 +191,8 @@ impl Decoder for LlamaForCausalLM {
         LlamaForCausalLM::new_cache(self)
     }
 
-    fn step(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        self.forward_cached(input_ids, cache)
+    fn step(&self, ids: &Tensor, cache: &mut KvCache, pads: Option<&[usize]>) -> Result<Tensor> {
+        self.cached(ids, cache, pads)
     }
 
     fn vocab(&self) -> usize {

@@ -18,6 +18,7 @@ use crate::error::{Error, Result, Scope};
 use crate::model::{linear_b, AdapterPlan, Linear};
 use crate::models::attention_op;
 use crate::models::ops::softmax_last;
+use crate::models::padding;
 
 use super::config::{LayerAttention, LlamaConfig};
 use super::rope::RopeTables;
@@ -62,12 +63,14 @@ impl RmsNorm {
 }
 
 /// The additive attention masks of one forward (0 where a key is seen, −∞ elsewhere),
-/// `(q_len, kv_len)` f32, one per distinct [`LayerAttention`] of the model. Queries sit at
-/// absolute positions `offset..offset + q_len`, keys at `0..kv_len` (a KV cache would hold
-/// the first `offset`).
+/// `(q_len, kv_len)` f32 (`(batch, 1, 1, q_len, kv_len)` for a left-padded batch, see
+/// `models::padding`), one per distinct [`LayerAttention`] of the model. Queries sit in
+/// slots `offset..offset + q_len`, keys in `0..kv_len` (a KV cache would hold the first
+/// `offset`).
 #[derive(Debug)]
 pub(crate) struct Masks {
     masks: Vec<(LayerAttention, Tensor)>,
+    padded: bool,
 }
 
 impl Masks {
@@ -76,6 +79,7 @@ impl Masks {
         q_len: usize,
         kv_len: usize,
         offset: usize,
+        pads: Option<&[usize]>,
         device: &Device,
     ) -> Result<Self> {
         let mut masks: Vec<(LayerAttention, Tensor)> = Vec::new();
@@ -83,28 +87,20 @@ impl Masks {
             if masks.iter().any(|(k, _)| *k == kind) {
                 continue;
             }
-            let values: Vec<f32> = (0..q_len)
-                .flat_map(|i| {
-                    let q = offset + i;
-                    (0..kv_len).map(move |j| {
-                        let seen = j <= q
-                            && match kind {
-                                LayerAttention::Full => true,
-                                LayerAttention::Sliding { window } => j + window > q,
-                            };
-                        if seen {
-                            0.0
-                        } else {
-                            f32::NEG_INFINITY
-                        }
-                    })
-                })
-                .collect();
-            let mask =
-                Tensor::from_vec(values, (q_len, kv_len), &Device::Cpu)?.to_device(device)?;
-            masks.push((kind, mask));
+            let values = padding::mask_values(pads, q_len, kv_len, offset, |q, j| match kind {
+                LayerAttention::Full => true,
+                LayerAttention::Sliding { window } => j + window > q,
+            });
+            let mask = match pads {
+                Some(p) => Tensor::from_vec(values, (p.len(), 1, 1, q_len, kv_len), &Device::Cpu)?,
+                None => Tensor::from_vec(values, (q_len, kv_len), &Device::Cpu)?,
+            };
+            masks.push((kind, mask.to_device(device)?));
         }
-        Ok(Self { masks })
+        Ok(Self {
+            masks,
+            padded: pads.is_some(),
+        })
     }
 
     fn get(&self, kind: LayerAttention) -> Result<&Tensor> {
@@ -218,7 +214,8 @@ impl Attention {
         masks: &Masks,
     ) -> Result<Tensor> {
         let flows = q.track_op() || k.track_op() || v.track_op();
-        if flows && attention_op::supports(q, k, v) {
+        // The fused op is causal attention without padding.
+        if flows && !masks.padded && attention_op::supports(q, k, v) {
             let window = match self.kind {
                 LayerAttention::Full => None,
                 LayerAttention::Sliding { window } => Some(window),

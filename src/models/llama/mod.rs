@@ -233,27 +233,31 @@ impl LlamaForCausalLM {
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
         self.check_ids(input_ids)?;
         let no_past = std::iter::repeat_n(&None, self.layers.len());
-        Ok(self.run(input_ids, 0, no_past)?.0)
+        Ok(self.run(input_ids, 0, no_past, None)?.0)
     }
 
     /// The model on `input_ids` at positions `offset..` after each layer's cached keys and
     /// values `past` (in layer order): the logits and every layer's grown keys and values.
-    /// The ids are checked by the caller.
+    /// `pads`: a left-padded batch's padding per row (`models::padding`). The ids are
+    /// checked by the caller.
     pub(crate) fn run<'a>(
         &self,
         input_ids: &Tensor,
         offset: usize,
         past: impl Iterator<Item = &'a Option<(Tensor, Tensor)>>,
+        pads: Option<&[usize]>,
     ) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
         let seq = input_ids.dim(1)?;
         let ids = input_ids.to_dtype(DType::U32)?;
-        let rope = RopeTables::new(&self.inv_freq, offset, seq, self.dtype, &self.device)?;
+        let (inv_freq, dtype, device) = (&self.inv_freq, self.dtype, &self.device);
+        let rope = RopeTables::new(inv_freq, offset, seq, pads, dtype, device)?;
         let masks = Masks::new(
             &self.config.layer_attention,
             seq,
             offset.saturating_add(seq),
             offset,
-            &self.device,
+            pads,
+            device,
         )?;
         let mut x = self.embed_tokens.forward(&ids)?;
         let mut grown = Vec::with_capacity(self.layers.len());

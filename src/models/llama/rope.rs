@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::Result;
 
 use super::config::{LlamaConfig, RopeScaling};
+use crate::models::padding;
 
 impl LlamaConfig {
     /// RoPE's inverse frequencies, `head_dim / 2` of them, computed in f32 as transformers
@@ -67,7 +68,9 @@ impl LlamaConfig {
 }
 
 /// RoPE's cos and sin for positions `offset..offset + len`, `(len, head_dim / 2)` in the
-/// model's dtype: angles `position · inv_freq` in f32, as transformers computes them.
+/// model's dtype (`(batch, len, head_dim / 2)` with each row's own positions for a
+/// left-padded batch, see `models::padding`): angles `position · inv_freq` in f32, as
+/// transformers computes them.
 #[derive(Clone, Debug)]
 pub(crate) struct RopeTables {
     cos: Tensor,
@@ -79,24 +82,39 @@ impl RopeTables {
         inv_freq: &[f32],
         offset: usize,
         len: usize,
+        pads: Option<&[usize]>,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
         let half = inv_freq.len();
-        let angles: Vec<f32> = (offset..offset + len)
-            .flat_map(|p| inv_freq.iter().map(move |f| p as f32 * f))
+        let rows = pads.unwrap_or(&[0]);
+        let angles: Vec<f32> = rows
+            .iter()
+            .flat_map(|&pad| {
+                (offset..offset + len).flat_map(move |slot| {
+                    let p = padding::position(slot, pad);
+                    inv_freq.iter().map(move |f| p as f32 * f)
+                })
+            })
             .collect();
         let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
         let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
         let table = |v: Vec<f32>| -> Result<Tensor> {
-            Ok(Tensor::from_vec(v, (len, half), &Device::Cpu)?
-                .to_dtype(dtype)?
-                .to_device(device)?)
+            let t = match pads {
+                Some(p) => Tensor::from_vec(v, (p.len(), len, half), &Device::Cpu)?,
+                None => Tensor::from_vec(v, (len, half), &Device::Cpu)?,
+            };
+            Ok(t.to_dtype(dtype)?.to_device(device)?)
         };
         Ok(Self {
             cos: table(cos)?,
             sin: table(sin)?,
         })
+    }
+
+    /// Whether each row has its own positions (a left-padded batch).
+    fn per_row(&self) -> bool {
+        self.cos.rank() == 3
     }
 
     /// The heads of a projection `x` `(batch, len, heads, head_dim)`, rotated:
@@ -105,7 +123,7 @@ impl RopeTables {
     /// [`RopeTables::apply`].
     pub(crate) fn apply_heads(&self, x: &Tensor) -> Result<Tensor> {
         use crate::models::rope_op;
-        if x.track_op() && rope_op::supports(x, &self.cos, &self.sin) {
+        if x.track_op() && !self.per_row() && rope_op::supports(x, &self.cos, &self.sin) {
             Ok(rope_op::rope_heads_first(x, &self.cos, &self.sin)?)
         } else {
             self.apply(&x.transpose(1, 2)?.contiguous()?)
@@ -114,9 +132,10 @@ impl RopeTables {
 
     /// Rotates `x` `(batch, heads, len, head_dim)` in transformers' layout (the two
     /// halves of a head are the pairs: `rotate_half`), i.e. candle-nn's `rope`, not
-    /// `rope_i`.
+    /// `rope_i`. Per-row tables (batched generation) take candle-nn's fused kernel, which
+    /// has no backward.
     pub(crate) fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        if x.track_op() {
+        if x.track_op() && !self.per_row() {
             Ok(candle_nn::rotary_emb::rope_slow(x, &self.cos, &self.sin)?)
         } else {
             Ok(candle_nn::rotary_emb::rope(

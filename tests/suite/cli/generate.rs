@@ -2,7 +2,8 @@
 //! adapters, unmerged and `--merge`d (`tests/fixtures/generate/expected.json`);
 //! `--logits-out` writes the prompt's logits as transformers computes them (the models'
 //! own logits fixtures, ≤ 1e-4 relative); sampling flags; bad input is one line `error: …`
-//! and a non-zero exit, with no file left behind.
+//! and a non-zero exit, with no file left behind. Repeated `--prompt-ids` give
+//! transformers' batched generate with left padding (`tests/fixtures/generate/batch.json`).
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -423,4 +424,40 @@ fn generate_help_lists_its_flags() {
     ] {
         assert!(text.contains(flag), "generate --help lacks {flag}: {text}");
     }
+}
+
+#[test]
+fn repeated_prompts_generate_as_one_batch_of_transformers_rows() {
+    // qwen2 with its LoRA: transformers' batched greedy generate with left padding
+    // (tests/fixtures/generate/batch.json).
+    let path = fixture("generate/batch.json");
+    let all: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let case = &all["cases"][1];
+    assert_eq!(case["model"], "qwen2");
+    let dir = llama("qwen2");
+    let (base, adapter) = (dir.join("base"), dir.join("lora"));
+    let prompts: Vec<String> = case["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| joined(&ids(p)))
+        .collect();
+    let mut args: Vec<Arg> = vec![&"generate", &"--model", &base, &"--adapter", &adapter];
+    for p in &prompts {
+        args.extend_from_slice(&[&"--prompt-ids", p]);
+    }
+    args.extend_from_slice(&[&"--max-new-tokens", &"12", &"--ignore-eos"]);
+    let want: String = case["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| format!("{}\n", joined(&ids(row))))
+        .collect();
+    assert_eq!(stdout(&lorakit(&args)), want);
+    // One prompt's logits only.
+    let file = temp_dir("cli-generate-batch").join("logits.safetensors");
+    args.extend_from_slice(&[&"--logits-out", &file]);
+    error_line(lorakit(&args), 2, &["--logits-out", "one prompt"]);
+    assert!(!file.exists());
 }

@@ -1,0 +1,69 @@
+//! Batched generation: prompts of different lengths left-padded into one batch that shares
+//! one [`KvCache`](super::llama::KvCache), with an attention mask and per-row positions
+//! (`models::padding`) so that each row gives what generating it alone gives.
+
+use candle_core::Tensor;
+
+use crate::error::Result;
+
+use super::generation::{check_prompt, Decoder, GenerationConfig};
+use super::sampling::Sampler;
+
+/// The id in padding slots (never attended to, so any id in the vocabulary does).
+const PAD: u32 = 0;
+
+/// Generates after each of `prompts` by `config` in one batch (see the models'
+/// `generate_batch`): row `r` of the result holds the new tokens of `prompts[r]`. Each row
+/// has its own sampler seeded with `config.sampling.seed` and stops at its own stop token
+/// (it then runs on, unread, until every row is done or `max_new_tokens` is reached).
+/// Every prompt is checked before the first forward, as in `generate`.
+pub(crate) fn generate_batch(
+    model: &impl Decoder,
+    prompts: &[Vec<u32>],
+    config: &GenerationConfig,
+) -> Result<Vec<Vec<u32>>> {
+    for prompt in prompts {
+        check_prompt(model, prompt, config.max_new_tokens)?;
+    }
+    let mut samplers = prompts
+        .iter()
+        .map(|_| Sampler::new(config.sampling.clone()))
+        .collect::<Result<Vec<_>>>()?;
+    let rows = prompts.len();
+    let mut out = vec![Vec::with_capacity(config.max_new_tokens); rows];
+    if rows == 0 || config.max_new_tokens == 0 {
+        return Ok(out);
+    }
+    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let pads: Vec<usize> = prompts.iter().map(|p| width - p.len()).collect();
+    let ids: Vec<u32> = prompts
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(PAD, width - p.len()).chain(p.iter().copied()))
+        .collect();
+    let mut input = Tensor::from_vec(ids, (rows, width), model.on())?;
+    let mut cache = model.new_cache();
+    let mut done = vec![false; rows];
+    for _ in 0..config.max_new_tokens {
+        let logits = model.step(&input, &mut cache, Some(&pads))?;
+        let last = logits.narrow(1, logits.dim(1)?.saturating_sub(1), 1)?;
+        let mut next = Vec::with_capacity(rows);
+        for (r, ((sampler, row), finished)) in samplers
+            .iter_mut()
+            .zip(out.iter_mut())
+            .zip(done.iter_mut())
+            .enumerate()
+        {
+            if !*finished {
+                let token = sampler.sample(&last.narrow(0, r, 1)?)?;
+                row.push(token);
+                *finished = config.eos.contains(&token);
+            }
+            next.push(row.last().copied().unwrap_or(PAD));
+        }
+        if done.iter().all(|d| *d) {
+            break;
+        }
+        input = Tensor::from_vec(next, (rows, 1), model.on())?;
+    }
+    Ok(out)
+}
