@@ -13,6 +13,10 @@
 //! (`RAYON_NUM_THREADS`, or all cores), only when it changed since the last call
 //! (`openblas_set_num_threads` / `MKL_Set_Num_Threads`).
 //!
+//! Results are not bit-identical across thread counts with a BLAS backend (OpenBLAS
+//! partitions differently per thread count): the default build's thread determinism
+//! does not carry over.
+//!
 //! Without either feature this module is not compiled and nothing links a BLAS.
 
 use std::ffi::c_int;
