@@ -15,14 +15,25 @@ per-round medians (the machine may be shared: alternating spreads the noise over
 
 The lorakit side is `cargo bench --bench compare_json` (JSON on its last line), run with
 RAYON_NUM_THREADS set to the same thread count.
+
+--lorakit-features default openblas (any list of cargo feature sets, `default` for none)
+runs the lorakit side once per feature set in every round and adds a table of the fused
+cases side by side, one column per backend.
+
+Page faults per training step (fused forward + backward + AdamW at n = 512, d = 1024 and
+2048, r = 16, steps 1..30 of a fresh process; `cargo bench --bench step_faults`, with and
+without `lorakit::memory::retain_freed_buffers`) are printed with PEFT's (the same step in
+a fresh Python process: PEFT LoRA layer, `torch.optim.AdamW`), unless --no-faults.
 """
 import argparse
 import datetime
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
@@ -148,13 +159,96 @@ def variants_table(t, k):
     return "\n".join(lines)
 
 
-def lorakit_cases(threads):
+def lorakit_cases(threads, features="default", bench="compare_json"):
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    feats = [] if features == "default" else ["--features", features]
     proc = subprocess.run(
-        ["cargo", "bench", "--bench", "compare_json"], cwd=root, env=env, check=True, capture_output=True, text=True
+        ["cargo", "bench", "--bench", bench, *feats], cwd=root, env=env, check=True, capture_output=True, text=True
     )
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+FAULT_STEPS = 30
+
+
+def torch_step_faults(d):
+    """Child process: PEFT LoRA training steps at n = 512, r = 16 (forward, sum, backward,
+    AdamW), minor faults and ms per step, as one JSON line."""
+    torch.manual_seed(0)
+    x = torch.rand(512, d, requires_grad=True)
+    model = get_peft_model(Net(d), LoraConfig(r=16, lora_alpha=32, target_modules=["lin"], init_lora_weights=False))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    faults, ms = [], []
+    for _ in range(FAULT_STEPS):
+        f0, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+        x.grad = None
+        opt.zero_grad(set_to_none=True)
+        model(x).sum().backward()
+        opt.step()
+        ms.append((time.perf_counter() - t) * 1e3)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    print(json.dumps({"faults": faults, "ms": ms}))
+
+
+def fault_cases(threads, features):
+    """Faults per step: lorakit (per feature set) and PEFT, each case in a fresh process."""
+    out = {f: lorakit_cases(threads, f, "step_faults") for f in features}
+    for d in (1024, 2048):
+        proc = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--threads", str(threads), "--torch-faults", str(d)],
+            check=True, capture_output=True, text=True,
+        )
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        f, m = r["faults"], r["ms"]
+        out.setdefault("peft", {})[f"step_faults/n512_d{d}_r16/peft"] = {
+            "faults": f, "first": f[0], "first5": sum(f[:5]) / 5, "steady": statistics.median(f[10:]),
+            "ms": m, "first_ms": m[0], "steady_ms": statistics.median(m[10:]),
+        }
+    return out
+
+
+def faults_table(faults):
+    lines = [
+        "Minor page faults per training step (fused fwd + bwd + AdamW, n = 512, r = 16, f32), "
+        f"fresh process, steps 1..{FAULT_STEPS}: step 1, mean of steps 1-5, median of steps 11-{FAULT_STEPS}; "
+        "ms of step 1 and median ms of steps 11-30.",
+        "",
+        "| case | side | faults step 1 | faults 1-5 | faults steady | ms step 1 | ms steady |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for side, cases in faults.items():
+        for case, v in cases.items():
+            _, label, mode = case.split("/")
+            name = "PEFT" if side == "peft" else f"lorakit {side}, {mode}"
+            fmt = lambda x: "–" if x is None else f"{x:.0f}"
+            lines.append(
+                f"| {label} | {name} | {fmt(v['first'])} | {fmt(v['first5'])} | {fmt(v['steady'])} "
+                f"| {v['first_ms']:.2f} | {v['steady_ms']:.2f} |"
+            )
+    return "\n".join(lines)
+
+
+def backends_table(t, kb):
+    """The fused LoRA cases, one lorakit column per feature set, against PEFT."""
+    names = list(kb)
+    head = " | ".join(f"lorakit fused ({n})" for n in names)
+    ratios = " | ".join(f"{n} / PEFT" for n in names)
+    lines = [
+        f"| case | PEFT LoRA | {head} | {ratios} |",
+        "|---|---|" + "---|" * (2 * len(names)),
+    ]
+    for kind in ["fwd", "fwd_bwd"]:
+        for n, d, r in SHAPES:
+            label = f"{kind}/n{n}_d{d}_r{r}"
+            pl = t[f"{label}/lora_peft"]
+            ks = [kb[b][f"{label}/lora_fused"] for b in names]
+            lines.append(f"| {label} | {cell(pl)} | " + " | ".join(cell(k) for k in ks) + " | "
+                         + " | ".join(ratio(k, pl) for k in ks) + " |")
+    lines.append(f"| variants/fwd_bwd/lora | {cell(t['variants/fwd_bwd_n512_d1024/lora'])} | "
+                 + " | ".join(cell(kb[b]["variants/fwd_bwd_n512_d1024/lora"]) for b in names) + " | "
+                 + " | ".join(ratio(kb[b]["variants/fwd_bwd_n512_d1024/lora"], t["variants/fwd_bwd_n512_d1024/lora"]) for b in names) + " |")
+    return "\n".join(lines)
 
 
 def combine(rounds):
@@ -189,14 +283,23 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--markdown", help="also write the table to this file")
+    ap.add_argument("--lorakit-features", nargs="+", default=["default"],
+                    help="cargo feature sets for the lorakit side, one run each per round (`default`: none)")
+    ap.add_argument("--no-faults", action="store_true", help="skip the page-faults-per-step measurement")
+    ap.add_argument("--torch-faults", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    ks, ts = [], []
+    if args.torch_faults:
+        return torch_step_faults(args.torch_faults)
+    feats = args.lorakit_features
+    ks, ts = {f: [] for f in feats}, []
     for _ in range(args.rounds):
-        ks.append(lorakit_cases(args.threads))
+        for f in feats:
+            ks[f].append(lorakit_cases(args.threads, f))
         ts.append({**torch_cases(), **torch_variant_cases()})
-        print(json.dumps({"peft": ts[-1], "lorakit": ks[-1]}), flush=True)
-    k = {c: combine([r[c] for r in ks]) for c in ks[0]}
+        print(json.dumps({"peft": ts[-1], **{f"lorakit[{f}]": ks[f][-1] for f in feats}}), flush=True)
+    kb = {f: {c: combine([r[c] for r in rs]) for c in rs[0]} for f, rs in ks.items()}
+    k = kb[feats[0]]
     t = {c: combine([r[c] for r in ts]) for c in ts[0]}
     md = (
         table(t, k, args.threads)
@@ -204,6 +307,12 @@ def main():
         + variants_table(t, k)
         + f"\n\nMedian of {args.rounds} alternating round(s) of per-case medians."
     )
+    if len(feats) > 1:
+        md += f"\n\nBackends (lorakit feature sets; the tables above are `{feats[0]}`):\n\n" + backends_table(t, kb)
+    if not args.no_faults:
+        faults = fault_cases(args.threads, feats)
+        print(json.dumps({"step_faults": faults}), flush=True)
+        md += "\n\n" + faults_table(faults)
     print(md)
     if args.markdown:
         with open(args.markdown, "w") as f:

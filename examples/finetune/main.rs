@@ -137,6 +137,8 @@ fn quantize_type(name: &str) -> lorakit::Result<GgmlDType> {
 }
 
 fn main() {
+    // A training program: keep the step's freed buffers resident (see `lorakit::memory`).
+    lorakit::memory::retain_freed_buffers();
     if let Err(e) = run(Args::parse()) {
         eprintln!("error: {e}");
         std::process::exit(1);

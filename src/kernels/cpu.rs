@@ -4,14 +4,18 @@
 
 use candle_core::{CpuStorage, Layout, Shape, Storage, Tensor, WithDType};
 
+#[cfg(any(feature = "openblas", feature = "mkl"))]
+mod blas;
 mod col_major;
 mod in_place;
+mod pool;
 mod quant;
 mod rowwise;
 mod scaled;
 mod transpose;
 
 pub(crate) use in_place::AddProduct;
+pub(crate) use pool::{Pooled, Scratch};
 pub(crate) use quant::WeightMat;
 pub(crate) use scaled::{scaled_backward, scaled_forward, ScaledForward, ScaledNeed, ScaledSaved};
 
@@ -189,6 +193,10 @@ fn gemm_into<T: WithDType>(
             }
         }
         return Ok(());
+    }
+    #[cfg(any(feature = "openblas", feature = "mkl"))]
+    if let Some(done) = blas::gemm(dst, dst_rs, [lhs, rhs], accum, beta) {
+        return done;
     }
     if let Some(done) = col_major::reroute(dst, dst_rs, lhs, rhs, accum, beta) {
         return done;
@@ -393,15 +401,17 @@ pub(crate) fn forward<T: WithDType>(p: &Forward<T>) -> candle_core::Result<Forwa
     let (n, d_out) = (p.x.rows, p.w.rows());
     let zero = T::from_f64(0.0);
     let one = T::from_f64(1.0);
+    // The output (candle's once returned), or with a row scale the pooled pre-scale `u`.
     let (mut y, base) = match (&p.bias, &p.row_scale) {
-        (Some(b), None) => (rowwise::bias_rows(n, b), Accum::Add),
-        _ => (vec![zero; n * d_out], Accum::Replace),
+        (Some(b), None) => (Scratch::from_vec(rowwise::bias_rows(n, b)), Accum::Add),
+        (_, None) => (Scratch::from_vec(vec![zero; n * d_out]), Accum::Replace),
+        (_, Some(_)) => (Scratch::zeros(n * d_out), Accum::Replace),
     };
     p.w.times_t(&mut y, p.x, base)?;
-    let mut xa = Vec::new();
+    let mut xa = Scratch::zeros(0);
     if let Some((a, b, s)) = p.low_rank {
         let r = a.rows;
-        xa = vec![zero; n * r];
+        xa = Scratch::zeros(n * r);
         gemm_into(&mut xa, r, p.x, a.t(), Accum::Replace, one)?;
         gemm_into(
             &mut y,
@@ -418,13 +428,14 @@ pub(crate) fn forward<T: WithDType>(p: &Forward<T>) -> candle_core::Result<Forwa
             let y_scaled = rowwise::scale_columns_add(&y, c, p.bias.as_deref())?;
             Ok((y_scaled, xa, Some(y)))
         }
-        None => Ok((y, xa, None)),
+        None => Ok((y.into_vec(), xa, None)),
     }
 }
 
 /// The forward's output `y` `(n, d_out)`, `x Aᵀ` `(n, r)` (empty without a low-rank term)
-/// and, with a row scale, the pre-scale output `u` `(n, d_out)`.
-pub(crate) type Forwarded<T> = (Vec<T>, Vec<T>, Option<Vec<T>>);
+/// and, with a row scale, the pre-scale output `u` `(n, d_out)`; the intermediates are
+/// pooled buffers.
+pub(crate) type Forwarded<T> = (Vec<T>, Scratch<T>, Option<Scratch<T>>);
 
 /// Everything the backward needs, as CPU views.
 pub(crate) struct Backward<'a, T> {
@@ -470,7 +481,7 @@ pub(crate) fn backward<T: WithDType>(p: &Backward<T>) -> candle_core::Result<Gra
     let zero = T::from_f64(0.0);
     let one = T::from_f64(1.0);
     // g' = c ⊙ g (contiguous), or g itself.
-    let scaled: Option<Vec<T>> = f
+    let scaled: Option<Scratch<T>> = f
         .row_scale
         .as_ref()
         .map(|c| rowwise::scale_columns_and_dot(p.g, c, None).map(|(scaled, _)| scaled))
@@ -488,7 +499,7 @@ pub(crate) fn backward<T: WithDType>(p: &Backward<T>) -> candle_core::Result<Gra
     // g' B, (n, r): shared by dx and dA.
     let gb = match f.low_rank {
         Some((_, b, _)) if p.need.x || p.need.a => {
-            let mut gb = vec![zero; n * r];
+            let mut gb = Scratch::zeros(n * r);
             gemm_into(&mut gb, r, gs, b, Accum::Replace, one)?;
             Some(gb)
         }
@@ -528,7 +539,7 @@ pub(crate) fn backward<T: WithDType>(p: &Backward<T>) -> candle_core::Result<Gra
         let xa: &[T] = match (f.low_rank, p.xa) {
             (Some(_), Some(saved)) if saved.len() == n * r => saved,
             (Some((a, _, _)), _) => {
-                let mut xa = vec![zero; n * r];
+                let mut xa = Scratch::zeros(n * r);
                 gemm_into(&mut xa, r, f.x, a.t(), Accum::Replace, one)?;
                 recomputed = xa;
                 &recomputed
@@ -564,12 +575,11 @@ pub(crate) fn backward<T: WithDType>(p: &Backward<T>) -> candle_core::Result<Gra
 fn row_scale_grad<T: WithDType>(p: &Backward<T>, xa: MatRef<T>) -> candle_core::Result<Vec<T>> {
     let f = p.fwd;
     let (n, d_out) = (p.g.rows, p.g.cols);
-    let zero = T::from_f64(0.0);
     let recomputed;
     let u: &[T] = match p.u {
         Some(u) if u.len() == n * d_out => u,
         _ => {
-            let mut u = vec![zero; n * d_out];
+            let mut u = Scratch::zeros(n * d_out);
             f.w.times_t(&mut u, f.x, Accum::Replace)?;
             if let Some((_, b, s)) = f.low_rank {
                 gemm_into(&mut u, d_out, xa, b.t(), Accum::Add, s)?;
@@ -631,7 +641,7 @@ mod tests {
                 u,
             })
         };
-        let saved = run(Some(&xa), u.as_deref())?;
+        let saved = run(Some(&xa[..]), u.as_deref().map(Vec::as_slice))?;
         let recomputed = run(None, None)?;
         for (s, r) in [
             (saved.dx, recomputed.dx),

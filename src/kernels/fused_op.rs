@@ -14,7 +14,9 @@
 //! `Σ_i g_ij u_ij` (exact for any `c`, where recovering `u` from the output as
 //! `(y − b) / c` would lose it to cancellation against a large bias, or to `c = 0`).
 
-use candle_core::{Layout, Shape, Tensor, WithDType};
+#[cfg(feature = "cuda")]
+use candle_core::Shape;
+use candle_core::{Layout, Tensor, WithDType};
 
 use super::cpu::{self, as_rows, gather_vec, mat_of_layout, Backward, Forward, Need};
 use super::saved_op::{CpuOutput, Grads3, Input, SavingKernel, SLOTS};
@@ -155,14 +157,10 @@ impl SavingKernel for FusedLowRankOp {
     ) -> candle_core::Result<CpuOutput<T>> {
         let (y, xa, u) = self.with_forward(x, a, bc, cpu::forward)?;
         let d_out = self.weight.dims2()?.0;
-        let n = y.len() / d_out.max(1);
         Ok(CpuOutput {
             y,
             shape: cpu::output_shape(x.1, d_out),
-            saved: [
-                (!xa.is_empty()).then(|| (xa, Shape::from((n, self.rank)))),
-                u.map(|u| (u, Shape::from((n, d_out)))),
-            ],
+            saved: [(!xa.is_empty()).then_some(xa), u],
         })
     }
 

@@ -3,17 +3,18 @@
 //!
 //! An op is a [`SavingKernel`] (its CPU forward and backward, generic over the element
 //! type) wrapped in a [`SavedOp`], which is the `CustomOp3`: it runs the CPU forward in f32
-//! or f64, keeps the intermediates that forward hands back (`x Aᵀ`, ...) as tensors over
-//! the forward's own buffers (no copy), and gives them to the CPU backward, so the backward
-//! does not compute them again (a CUDA forward keeps its own the same way, for a CUDA
-//! backward). The op lives in its output's autograd graph (only when an
-//! input tracks a gradient), so the intermediates live as long as that graph.
+//! or f64, keeps the intermediates that forward hands back (`x Aᵀ`, ...) in the forward's
+//! own buffers (no copy), and gives them to the CPU backward, so the backward does not
+//! compute them again. The op lives in its output's autograd graph (only when an input
+//! tracks a gradient), so the intermediates live as long as that graph; then their
+//! buffers go back to the kernels' pool for the next step's forward. A CUDA forward keeps
+//! its intermediates too (as GPU tensors, in their own slots) for the CUDA backward.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 
-use super::cpu::{slice_of, with_slice};
+use super::cpu::{slice_of, with_slice, Pooled, Scratch};
 
 /// How many intermediates a forward may save.
 pub(crate) const SLOTS: usize = 2;
@@ -25,14 +26,14 @@ pub(crate) type Input<'a, T> = (&'a [T], &'a Layout);
 pub(crate) type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
 
 /// What a CPU forward returns.
-pub(crate) struct CpuOutput<T> {
+pub(crate) struct CpuOutput<T: WithDType> {
     /// The output, contiguous.
     pub y: Vec<T>,
     /// Its shape.
     pub shape: Shape,
-    /// Contiguous intermediates for the backward, each with its shape (`None`: nothing in
-    /// that slot).
-    pub saved: [Option<(Vec<T>, Shape)>; SLOTS],
+    /// Contiguous intermediates for the backward (`None`: nothing in that slot), pooled
+    /// buffers.
+    pub saved: [Option<Scratch<T>>; SLOTS],
 }
 
 /// A fused three-input op's kernels; [`SavedOp`] makes it a `CustomOp3`.
@@ -99,7 +100,10 @@ pub(crate) type CudaForward = (
 #[derive(Debug)]
 pub(crate) struct SavedOp<K> {
     kernel: K,
-    saved: Mutex<[Option<Tensor>; SLOTS]>,
+    saved: Mutex<[Option<Arc<Pooled>>; SLOTS]>,
+    /// What the CUDA forward kept, as GPU tensors.
+    #[cfg(feature = "cuda")]
+    cuda_saved: Mutex<[Option<Tensor>; SLOTS]>,
 }
 
 impl<K: SavingKernel> SavedOp<K> {
@@ -108,6 +112,8 @@ impl<K: SavingKernel> SavedOp<K> {
         Self {
             kernel,
             saved: Mutex::default(),
+            #[cfg(feature = "cuda")]
+            cuda_saved: Mutex::default(),
         }
     }
 
@@ -117,45 +123,32 @@ impl<K: SavingKernel> SavedOp<K> {
         inputs: [Input<'_, T>; 3],
     ) -> candle_core::Result<(Vec<T>, Shape)> {
         let out = self.kernel.cpu_forward(inputs)?;
-        let mut saved: [Option<Tensor>; SLOTS] = Default::default();
-        for (slot, data) in saved.iter_mut().zip(out.saved) {
-            if let Some((data, shape)) = data {
-                *slot = Some(Tensor::from_vec(data, shape, &Device::Cpu)?);
-            }
-        }
+        let saved = out.saved.map(|s| s.map(|s| Arc::new(Pooled::new(s))));
         *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = saved;
         Ok((out.y, out.shape))
     }
 
     /// The kernel's backward on the CPU buffers of the inputs, the gradient and the saved
-    /// intermediates of dtype `T` (cloned handles: a graph may run backward more than once).
+    /// intermediates of dtype `T` (shared handles: a graph may run backward more than once).
     fn cpu_backward<T: WithDType>(
         &self,
         inputs: [&Tensor; 3],
         grad: &Tensor,
     ) -> candle_core::Result<Grads3> {
-        let [s0, s1] = self
-            .saved
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .map(|t| t.filter(|t| t.dtype() == T::DTYPE));
+        let [s0, s1] = self.saved.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let (s0, s1) = (saved_slice::<T>(&s0), saved_slice::<T>(&s1));
         let tracks = inputs.map(Tensor::track_op);
         let [x, a, b] = inputs;
         let [dx, da, db] = with_slice::<T, _>(x, |xd, xl| {
             with_slice::<T, _>(a, |ad, al| {
                 with_slice::<T, _>(b, |bd, bl| {
                     with_slice::<T, _>(grad, |gd, gl| {
-                        with_saved::<T, _>(s0.as_ref(), |s0| {
-                            with_saved::<T, _>(s1.as_ref(), |s1| {
-                                self.kernel.cpu_backward(
-                                    [(xd, xl), (ad, al), (bd, bl)],
-                                    (gd, gl),
-                                    [s0, s1],
-                                    tracks,
-                                )
-                            })
-                        })
+                        self.kernel.cpu_backward(
+                            [(xd, xl), (ad, al), (bd, bl)],
+                            (gd, gl),
+                            [s0, s1],
+                            tracks,
+                        )
                     })
                 })
             })
@@ -168,15 +161,9 @@ impl<K: SavingKernel> SavedOp<K> {
     }
 }
 
-/// Runs `f` with the CPU slice of a saved intermediate, or `None`.
-fn with_saved<T: WithDType, R>(
-    saved: Option<&Tensor>,
-    f: impl FnOnce(Option<&[T]>) -> candle_core::Result<R>,
-) -> candle_core::Result<R> {
-    match saved {
-        Some(t) => with_slice::<T, _>(t, |data, _| f(Some(data))),
-        None => f(None),
-    }
+/// A saved intermediate's buffer, when there is one of dtype `T`.
+fn saved_slice<T: WithDType>(saved: &Option<Arc<Pooled>>) -> Option<&[T]> {
+    saved.as_deref().and_then(Pooled::slice)
 }
 
 impl<K: SavingKernel> CustomOp3 for SavedOp<K> {
@@ -222,7 +209,7 @@ impl<K: SavingKernel> CustomOp3 for SavedOp<K> {
         let (y, shape, kept) = self.kernel.cuda_forward([(s1, l1), (s2, l2), (s3, l3)])?;
         let kept =
             kept.map(|k| k.map(|(storage, shape)| super::cuda::plain_tensor(storage, shape)));
-        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = kept;
+        *self.cuda_saved.lock().unwrap_or_else(|e| e.into_inner()) = kept;
         Ok((y, shape))
     }
 
@@ -237,7 +224,7 @@ impl<K: SavingKernel> CustomOp3 for SavedOp<K> {
         let inputs = [arg1, arg2, arg3];
         #[cfg(feature = "cuda")]
         if arg1.device().is_cuda() {
-            let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let saved = self.cuda_saved.lock().unwrap_or_else(|e| e.into_inner()).clone();
             let [s0, s1] = &saved;
             if let Some(grads) =
                 self.kernel

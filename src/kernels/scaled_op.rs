@@ -5,7 +5,7 @@
 //! path ([`super::ScaledLowRankLinear::forward_composed`]).
 //! The forward saves `x Aᵀ` and `v = (mid ⊙ x Aᵀ) Bᵀ` for the backward.
 
-use candle_core::{Layout, Shape, Tensor, WithDType};
+use candle_core::{Layout, Tensor, WithDType};
 
 use super::cpu::{
     self, as_rows, gather_strided, gather_vec, mat_of_layout, with_slice, ScaledForward,
@@ -95,15 +95,11 @@ impl SavingKernel for ScaledLowRankOp {
         [x, mid, out]: [Input<'_, T>; 3],
     ) -> candle_core::Result<CpuOutput<T>> {
         let (y, xa, v) = self.with_forward(x, mid, out, cpu::scaled_forward)?;
-        let (d_out, r) = (self.b.dims2()?.0, self.a.dims2()?.0);
-        let n = y.len() / d_out.max(1);
+        let d_out = self.b.dims2()?.0;
         Ok(CpuOutput {
             y,
             shape: cpu::output_shape(x.1, d_out),
-            saved: [
-                Some((xa, Shape::from((n, r)))),
-                Some((v, Shape::from((n, d_out)))),
-            ],
+            saved: [Some(xa), Some(v)],
         })
     }
 

@@ -125,7 +125,7 @@ fn run(case: &Case, inp: &Inputs, fused: bool) -> Run {
 }
 
 /// `max |got − want| / max |want|`, in f64.
-fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
+pub(super) fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
     assert_eq!(got.dims(), want.dims());
     let g = got.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
     let w = want.to_dtype(DType::F64).unwrap().flatten_all().unwrap();

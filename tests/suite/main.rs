@@ -31,6 +31,7 @@ mod generate;
 mod gguf_export;
 mod gguf_load;
 mod grouped_adamw;
+mod kernel_buffers;
 mod lora;
 mod lora_drop;
 mod lora_drop_stratified;

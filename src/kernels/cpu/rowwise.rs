@@ -11,7 +11,7 @@
 use candle_core::WithDType;
 use rayon::prelude::*;
 
-use super::MatRef;
+use super::{MatRef, Scratch};
 
 /// Rows per block of a column sum (a fixed summation order).
 const ROWS_PER_BLOCK: usize = 32;
@@ -32,7 +32,7 @@ pub(crate) fn scale_columns_and_dot<T: WithDType>(
     m: MatRef<T>,
     s: &[T],
     dot_with: Option<&[T]>,
-) -> candle_core::Result<(Vec<T>, Option<Vec<T>>)> {
+) -> candle_core::Result<(Scratch<T>, Option<Vec<T>>)> {
     let (n, d) = (m.rows, m.cols);
     let zero = T::from_f64(0.0);
     if s.len() != d || dot_with.is_some_and(|u| u.len() != n * d) {
@@ -42,7 +42,7 @@ pub(crate) fn scale_columns_and_dot<T: WithDType>(
             dot_with.map(<[T]>::len)
         );
     }
-    let mut scaled = vec![zero; n * d];
+    let mut scaled = Scratch::zeros(n * d);
     let block_len = ROWS_PER_BLOCK * d.max(1);
     let partials: Vec<Vec<T>> = scaled
         .par_chunks_mut(block_len)

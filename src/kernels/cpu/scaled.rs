@@ -17,7 +17,7 @@ use candle_core::WithDType;
 use rayon::prelude::*;
 
 use super::rowwise::{column_dot, scale_columns_and_dot, scale_rows};
-use super::{gemm_into, Accum, MatRef, WeightMat};
+use super::{gemm_into, Accum, MatRef, Scratch, WeightMat};
 
 /// The forward's CPU views and vectors.
 pub(crate) struct ScaledForward<'a, T> {
@@ -47,15 +47,15 @@ pub(crate) struct ScaledSaved<'a, T> {
 /// The bias and `out ⊙ v` are added in one epilogue pass.
 pub(crate) fn scaled_forward<T: WithDType>(
     p: &ScaledForward<T>,
-) -> candle_core::Result<(Vec<T>, Vec<T>, Vec<T>)> {
+) -> candle_core::Result<(Vec<T>, Scratch<T>, Scratch<T>)> {
     let (n, d_out, r) = (p.x.rows, p.w.rows(), p.a.rows);
     let (zero, one) = (T::from_f64(0.0), T::from_f64(1.0));
     let mut y = vec![zero; n * d_out];
     p.w.times_t(&mut y, p.x, Accum::Replace)?;
-    let mut xa = vec![zero; n * r];
+    let mut xa = Scratch::zeros(n * r);
     gemm_into(&mut xa, r, p.x, p.a.t(), Accum::Replace, one)?;
     let (z, _) = scale_columns_and_dot(MatRef::contiguous(&xa, n, r)?, p.mid, None)?;
-    let mut v = vec![zero; n * d_out];
+    let mut v = Scratch::zeros(n * d_out);
     gemm_into(
         &mut v,
         d_out,
@@ -115,7 +115,7 @@ pub(crate) fn scaled_backward<T: WithDType>(
     }
     // g' B with g' = g ⊙ out, as g (diag(out) B): no n × d_out temporary.
     let b_out = scale_rows(p.b, p.out)?;
-    let mut gb = vec![zero; n * r];
+    let mut gb = Scratch::zeros(n * r);
     gemm_into(
         &mut gb,
         r,

@@ -1,0 +1,239 @@
+//! Optional BLAS backends for the fused ops' GEMMs.
+//!
+//! With the `openblas` feature (the system OpenBLAS, e.g. Debian's `libopenblas-dev`) or
+//! the `mkl` feature (Intel MKL, linked by candle's `mkl` feature through
+//! `intel-mkl-src`), [`gemm`] sends every f32 / f64 product whose three matrices each
+//! have a unit stride on one axis to `cblas_sgemm` / `cblas_dgemm` (row-major, each
+//! operand transposed or not by its unit axis; [`Accum::Add`] is BLAS's `beta = 1`, the
+//! product's scale its `alpha`). Other products (broadcast or otherwise strided operands,
+//! other dtypes, dimensions past `i32`) return `None` and take the `gemm` crate as in the
+//! default build. With both features, OpenBLAS is used.
+//!
+//! Threads: before each call the library's thread count is set to candle's
+//! (`RAYON_NUM_THREADS`, or all cores), only when it changed since the last call
+//! (`openblas_set_num_threads` / `MKL_Set_Num_Threads`).
+//!
+//! Results are not bit-identical across thread counts with a BLAS backend (OpenBLAS
+//! partitions differently per thread count): the default build's thread determinism
+//! does not carry over.
+//!
+//! Without either feature this module is not compiled and nothing links a BLAS.
+
+use std::ffi::c_int;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use candle_core::{DType, WithDType};
+
+use super::{Accum, MatRef};
+
+/// `CblasRowMajor`.
+const ROW_MAJOR: c_int = 101;
+/// `CblasNoTrans`.
+const NO_TRANS: c_int = 111;
+/// `CblasTrans`.
+const TRANS: c_int = 112;
+
+/// Declares `cblas_?gemm` for one element type.
+macro_rules! cblas_gemm {
+    ($name:ident, $t:ty) => {
+        #[cfg_attr(feature = "openblas", link(name = "openblas"))]
+        extern "C" {
+            fn $name(
+                order: c_int,
+                trans_a: c_int,
+                trans_b: c_int,
+                m: c_int,
+                n: c_int,
+                k: c_int,
+                alpha: $t,
+                a: *const $t,
+                lda: c_int,
+                b: *const $t,
+                ldb: c_int,
+                beta: $t,
+                c: *mut $t,
+                ldc: c_int,
+            );
+        }
+    };
+}
+cblas_gemm!(cblas_sgemm, f32);
+cblas_gemm!(cblas_dgemm, f64);
+
+#[cfg_attr(feature = "openblas", link(name = "openblas"))]
+extern "C" {
+    #[cfg(feature = "openblas")]
+    fn openblas_set_num_threads(n: c_int);
+    #[cfg(not(feature = "openblas"))]
+    fn MKL_Set_Num_Threads(n: c_int);
+}
+
+/// The thread count last given to the library (0: never).
+static THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// Gives the library candle's thread count when it changed.
+fn sync_threads() {
+    let n = candle_core::utils::get_num_threads().max(1);
+    if THREADS.swap(n, Ordering::Relaxed) != n {
+        let n = c_int::try_from(n).unwrap_or(c_int::MAX);
+        // SAFETY: setting the thread count has no memory-safety preconditions.
+        #[cfg(feature = "openblas")]
+        unsafe {
+            openblas_set_num_threads(n)
+        };
+        // SAFETY: as above.
+        #[cfg(not(feature = "openblas"))]
+        unsafe {
+            MKL_Set_Num_Threads(n)
+        };
+    }
+}
+
+/// A view as a BLAS operand: its transpose flag and leading dimension, when one axis has
+/// unit stride (a one-row or one-column view takes any stride on the other axis).
+fn operand<T>(v: &MatRef<T>) -> Option<(c_int, c_int)> {
+    let ld = |x: usize| c_int::try_from(x).ok();
+    if v.cs == 1 && (v.rows <= 1 || v.rs >= v.cols) {
+        Some((
+            NO_TRANS,
+            ld(if v.rows <= 1 { v.cols.max(1) } else { v.rs })?,
+        ))
+    } else if v.rs == 1 && (v.cols <= 1 || v.cs >= v.rows) {
+        Some((TRANS, ld(if v.cols <= 1 { v.rows.max(1) } else { v.cs })?))
+    } else {
+        None
+    }
+}
+
+/// `dst (+)= beta · lhs · rhs` through `cblas_?gemm`, or `None` where BLAS does not take
+/// the product (see the module docs). The caller checked the shapes and that `dst` holds
+/// `lhs.rows` rows of stride `dst_rs ≥ rhs.cols`, and that no dimension is zero.
+pub(super) fn gemm<T: WithDType>(
+    dst: &mut [T],
+    dst_rs: usize,
+    [lhs, rhs]: [MatRef<T>; 2],
+    accum: Accum,
+    beta: T,
+) -> Option<candle_core::Result<()>> {
+    let dim = |x: usize| c_int::try_from(x).ok();
+    let (m, n, k, ldc) = (dim(lhs.rows)?, dim(rhs.cols)?, dim(lhs.cols)?, dim(dst_rs)?);
+    let (ta, lda) = operand(&lhs)?;
+    let (tb, ldb) = operand(&rhs)?;
+    let (alpha, keep) = (beta.to_f64(), if accum == Accum::Add { 1.0 } else { 0.0 });
+    sync_threads();
+    let (a, b, c) = (lhs.data.as_ptr(), rhs.data.as_ptr(), dst.as_mut_ptr());
+    match T::DTYPE {
+        // SAFETY: `T` is f32 here, so the casts only rename the element type; the views
+        // were bounds-checked when built (every element their strides reach is in
+        // `data`), the leading dimensions describe exactly those strides, and `dst` is a
+        // unique borrow holding `m` rows of stride `ldc ≥ n` (the caller's check).
+        DType::F32 => unsafe {
+            cblas_sgemm(
+                ROW_MAJOR,
+                ta,
+                tb,
+                m,
+                n,
+                k,
+                alpha as f32,
+                a.cast(),
+                lda,
+                b.cast(),
+                ldb,
+                keep as f32,
+                c.cast(),
+                ldc,
+            )
+        },
+        // SAFETY: as above, with f64.
+        DType::F64 => unsafe {
+            cblas_dgemm(
+                ROW_MAJOR,
+                ta,
+                tb,
+                m,
+                n,
+                k,
+                alpha,
+                a.cast(),
+                lda,
+                b.cast(),
+                ldb,
+                keep,
+                c.cast(),
+                ldc,
+            )
+        },
+        _ => return None,
+    }
+    Some(Ok(()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{gemm_into, test_values as vals};
+    use super::*;
+
+    /// `gemm_into` on `T` copies of `lhs`, `rhs` against an f64 triple loop, both
+    /// accumulations, into a padded destination.
+    fn check<T: WithDType>(lhs: MatRef<f64>, rhs: MatRef<f64>, tol: f64) {
+        let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+        let cast = |v: &MatRef<f64>| -> Vec<T> { v.data.iter().map(|&x| T::from_f64(x)).collect() };
+        let (ld, rd) = (cast(&lhs), cast(&rhs));
+        let l = MatRef::new(&ld, m, k, lhs.rs, lhs.cs).unwrap();
+        let r = MatRef::new(&rd, k, n, rhs.rs, rhs.cs).unwrap();
+        assert!(operand(&l).is_some() && operand(&r).is_some());
+        for (accum, beta) in [(Accum::Replace, 1.0), (Accum::Add, -0.5)] {
+            let dst_rs = n + 2;
+            let start = vals(m * dst_rs, 1.3);
+            let mut dst: Vec<T> = start.iter().map(|&x| T::from_f64(x)).collect();
+            gemm_into(&mut dst, dst_rs, l, r, accum, T::from_f64(beta)).unwrap();
+            for i in 0..m {
+                for j in 0..dst_rs {
+                    let old = start[i * dst_rs + j];
+                    let want = if j >= n {
+                        old // padding untouched
+                    } else {
+                        let dot: f64 = (0..k).map(|t| lhs.at(i, t) * rhs.at(t, j)).sum();
+                        beta * dot + if accum == Accum::Add { old } else { 0.0 }
+                    };
+                    let got = dst[i * dst_rs + j].to_f64();
+                    assert!(
+                        (got - want).abs() <= tol * (1.0 + want.abs()) * k as f64,
+                        "{m}x{k}x{n} {:?} {accum:?} ({i}, {j}): {got} vs {want}",
+                        T::DTYPE
+                    );
+                }
+            }
+        }
+    }
+
+    /// Row-major and column-major operands, padded or not, one-row and one-column ones,
+    /// through `cblas_sgemm` / `cblas_dgemm`; a broadcast operand is left to `gemm`.
+    #[test]
+    fn blas_products_match_a_triple_loop() -> candle_core::Result<()> {
+        for (m, k, n) in [(1, 7, 5), (6, 1, 4), (9, 13, 11), (33, 40, 17)] {
+            let a = vals((m + 3) * (k + 3), 0.37);
+            let b = vals((k + 3) * (n + 3), 0.71);
+            let lhs = [
+                MatRef::contiguous(&a[..m * k], m, k)?,
+                MatRef::new(&a, m, k, k + 3, 1)?,
+                MatRef::new(&a, m, k, 1, m + 3)?,
+            ];
+            let rhs = [
+                MatRef::contiguous(&b[..k * n], k, n)?,
+                MatRef::new(&b, k, n, 1, k + 3)?,
+            ];
+            for l in lhs {
+                for r in rhs {
+                    check::<f64>(l, r, 1e-13);
+                    check::<f32>(l, r, 1e-5);
+                }
+            }
+        }
+        let a = vals(4, 0.5);
+        assert!(operand(&MatRef::new(&a, 3, 4, 0, 1)?).is_none());
+        assert!(operand(&MatRef::new(&a, 3, 2, 0, 0)?).is_none());
+        Ok(())
+    }
+}
