@@ -5,7 +5,9 @@
 use candle_core::{CpuStorage, Layout, Shape, Storage, Tensor, WithDType};
 
 mod col_major;
+mod gemv;
 mod in_place;
+mod machine;
 mod quant;
 mod rowwise;
 mod scaled;
@@ -189,6 +191,9 @@ fn gemm_into<T: WithDType>(
             }
         }
         return Ok(());
+    }
+    if let Some(done) = gemv::reroute(dst, dst_rs, lhs, rhs, accum, beta) {
+        return done;
     }
     if let Some(done) = col_major::reroute(dst, dst_rs, lhs, rhs, accum, beta) {
         return done;
