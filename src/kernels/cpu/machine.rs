@@ -41,6 +41,20 @@ impl Isa {
         }
     }
 
+    /// Vector width in bytes (SSE2's 16 for the portable code).
+    pub(crate) fn vector_bytes(self) -> usize {
+        match self {
+            Isa::Scalar => 16,
+            Isa::Avx2 => 32,
+            Isa::Avx512 => 64,
+        }
+    }
+
+    /// Elements of `size` bytes per vector (at least 1).
+    pub(crate) fn lanes(self, size: usize) -> usize {
+        (self.vector_bytes() / size.max(1)).max(1)
+    }
+
     /// The name `LORAKIT_CPU_ISA` takes.
     fn name(self) -> &'static str {
         match self {
