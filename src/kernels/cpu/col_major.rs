@@ -266,6 +266,7 @@ mod tests {
         isa: Isa::Avx2,
         l1d: 32 << 10,
         l2: 512 << 10,
+        decode_kernel: false,
     };
 
     /// The rules give the measured `f32` crossovers on the machine they were measured on,
