@@ -2,6 +2,10 @@
 //! JSON object (`{"case": [median_ms, min_ms], ...}`) for `benches/peft_compare.py`.
 //!
 //! `cargo bench --bench compare_json` (the script sets `RAYON_NUM_THREADS`).
+//!
+//! The forward rows of the small batches (`n ≤ common::EVAL_MAX_ROWS`) time evaluation: an input
+//! without gradient tracking and, for the fused path, `LoraLinear::forward_t(x, false)`
+//! (PEFT's side runs under `torch.no_grad()`).
 
 use std::time::Instant;
 
@@ -35,7 +39,7 @@ fn main() {
         let setup = Setup::new(shape);
         let label = format!("n{}_d{}_r{}", shape.n, shape.d, shape.r);
         for path in Path::ALL {
-            let fwd = median_ms(|| drop(std::hint::black_box(setup.forward(path))), 1500.0);
+            let fwd = median_ms(|| drop(std::hint::black_box(setup.fwd_row(path))), 1500.0);
             out.push(format!(
                 "\"fwd/{label}/{}\": [{:.4}, {:.4}]",
                 path.name(),

@@ -1,6 +1,7 @@
 //! Base linear vs composed LoRA vs fused LoRA, forward and forward+backward, f32 on the CPU.
 //!
-//! `cargo bench --bench fused` (set `RAYON_NUM_THREADS` to fix the thread count).
+//! `cargo bench --bench fused` (set `RAYON_NUM_THREADS` to fix the thread count). The
+//! forwards of the small batches are evaluation ([`common::Setup::fwd_row`]).
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use std::time::Duration;
@@ -18,7 +19,7 @@ fn bench(c: &mut Criterion) {
             .measurement_time(Duration::from_secs(2));
         for path in Path::ALL {
             g.bench_function(BenchmarkId::from_parameter(path.name()), |b| {
-                b.iter(|| black_box(setup.forward(path)))
+                b.iter(|| black_box(setup.fwd_row(path)))
             });
         }
         g.finish();

@@ -24,6 +24,11 @@ Page faults per training step (fused forward + backward + AdamW at n = 512, d = 
 2048, r = 16, steps 1..30 of a fresh process; `cargo bench --bench step_faults`, with and
 without `lorakit::memory::retain_freed_buffers`) are printed with PEFT's (the same step in
 a fresh Python process: PEFT LoRA layer, `torch.optim.AdamW`), unless --no-faults.
+
+The "fwd" rows of the small batches (n <= EVAL_MAX_ROWS, decoding) time evaluation on both
+sides: PEFT's model in eval() under torch.no_grad() on an input without gradient, lorakit's
+`LoraLinear::forward_t(x, false)` (the layer API) on an input without gradient tracking.
+Every output names the CPU model, its vector extensions and the thread count.
 """
 import argparse
 import datetime
@@ -43,6 +48,24 @@ SHAPES = [(512, 1024, 16), (512, 2048, 16), (16, 2048, 16), (1, 2048, 16)]
 VARIANT_TRAIN = (512, 1024, 16)
 VERA_R = 256
 VARIANT_EVAL = (2048, 16)
+EVAL_MAX_ROWS = 16  # as benches/common/mod.rs
+VECTOR_FLAGS = ["sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile"]
+
+
+def cpu_info(threads):
+    """The CPU model, its vector extensions (of VECTOR_FLAGS) and the thread count."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": model, "vector": [v for v in VECTOR_FLAGS if v in flags], "threads": threads, "logical_cpus": os.cpu_count()}
 TRAIN_VARIANTS = ["lora", "dora", "lora_fa", "vera"]
 EVAL_VARIANTS = ["base", "lora", "dora"]
 
@@ -79,7 +102,18 @@ def torch_cases():
             p.requires_grad_(False)
         peft = get_peft_model(Net(d), LoraConfig(r=r, lora_alpha=2 * r, target_modules=["lin"], init_lora_weights=False))
         for name, model in [("base_linear", base), ("lora_peft", peft)]:
-            out[f"fwd/{label}/{name}"] = median_ms(lambda: model(x), 1.5)
+            if n <= EVAL_MAX_ROWS:
+                x_eval = x.detach()
+
+                def ev():
+                    with torch.no_grad():
+                        return model(x_eval)
+
+                model.eval()
+                out[f"fwd/{label}/{name}"] = median_ms(ev, 1.5)
+                model.train()
+            else:
+                out[f"fwd/{label}/{name}"] = median_ms(lambda: model(x), 1.5)
 
             def fb():
                 x.grad = None
@@ -257,12 +291,15 @@ def combine(rounds):
 
 
 def table(t, k, threads):
+    cpu = cpu_info(threads)
     lines = [
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs; "
+        f"Machine: {cpu['model']} ({', '.join(cpu['vector']) or 'no vector extensions listed'}), "
+        f"{cpu['logical_cpus']} logical CPUs; "
         f"threads: {threads} (torch.set_num_threads / RAYON_NUM_THREADS); "
         f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}.",
         "",
-        "Each cell: median (min) in ms; ratios of medians (of minima).",
+        "Each cell: median (min) in ms; ratios of medians (of minima). The fwd rows at "
+        f"n <= {EVAL_MAX_ROWS} are evaluation (no gradient tracking on either side; lorakit through LoraLinear).",
         "",
         "| case | PEFT base | PEFT LoRA | lorakit base | lorakit composed | lorakit fused | fused / PEFT LoRA | fused / lorakit base |",
         "|---|---|---|---|---|---|---|---|",
@@ -297,7 +334,7 @@ def main():
         for f in feats:
             ks[f].append(lorakit_cases(args.threads, f))
         ts.append({**torch_cases(), **torch_variant_cases()})
-        print(json.dumps({"peft": ts[-1], **{f"lorakit[{f}]": ks[f][-1] for f in feats}}), flush=True)
+        print(json.dumps({"peft": ts[-1], **{f"lorakit[{f}]": ks[f][-1] for f in feats}, "cpu": cpu_info(args.threads)}), flush=True)
     kb = {f: {c: combine([r[c] for r in rs]) for c in rs[0]} for f, rs in ks.items()}
     k = kb[feats[0]]
     t = {c: combine([r[c] for r in ts]) for c in ts[0]}

@@ -1,9 +1,15 @@
 //! The benchmark cases shared by `fused.rs` (criterion) and `compare_json.rs` (JSON for
 //! `peft_compare.py`): a `d × d` linear layer with bias, LoRA rank `r`, `n` input rows.
+//!
+//! Training-style forwards take `x` as a `Var`; the small-batch evaluation forwards
+//! ([`Setup::eval`], what decoding does) take a plain tensor, and their fused path is the
+//! layer a user calls, `LoraLinear::forward_t(x, false)`.
 
 use candle_core::{DType, Device, Tensor, Var};
 use lorakit::init::SeededRng;
 use lorakit::kernels::{FusedLinear, LowRankTerm};
+use lorakit::low_rank::{Factor, LowRankPair};
+use lorakit::{Adapter, FrozenLinear, LoraConfig, LoraLinear};
 
 /// One shape.
 #[derive(Clone, Copy, Debug)]
@@ -69,7 +75,14 @@ pub struct Setup {
     pub la: Var,
     pub lb: Var,
     pub scale: f64,
+    /// `x` without gradient tracking, for [`Setup::eval`].
+    pub x_eval: Tensor,
+    /// The same layer as a `LoraLinear` over the same tensors.
+    pub lora: LoraLinear,
 }
+
+/// Row counts up to this are timed as evaluation ([`Setup::eval`]) in the forward rows.
+pub const EVAL_MAX_ROWS: usize = 16;
 
 impl Setup {
     pub fn new(s: Shape) -> Self {
@@ -82,13 +95,46 @@ impl Setup {
         let b = u(&[s.d], k);
         let la = Var::from_tensor(&u(&[s.r, s.d], k)).unwrap();
         let lb = Var::from_tensor(&u(&[s.d, s.r], 0.1)).unwrap();
+        let pair = LowRankPair {
+            a: Factor::Trainable(la.clone()),
+            b: Factor::Trainable(lb.clone()),
+        };
+        let base = FrozenLinear::new(w.clone(), Some(b.clone())).unwrap();
+        let config = LoraConfig::new(s.r, 2.0 * s.r as f64);
+        let lora = LoraLinear::from_weights("lin", base, &config, pair).unwrap();
         Self {
+            x_eval: x.as_tensor().detach(),
             x,
             w,
             b,
             la,
             lb,
             scale: 2.0,
+            lora,
+        }
+    }
+
+    /// The forward of the "fwd" rows: [`Setup::eval`] for up to [`EVAL_MAX_ROWS`] rows,
+    /// else [`Setup::forward`].
+    pub fn fwd_row(&self, path: Path) -> Tensor {
+        match self.x_eval.dim(0).unwrap() <= EVAL_MAX_ROWS {
+            true => self.eval(path),
+            false => self.forward(path),
+        }
+    }
+
+    /// The forward on `path` as evaluation: `x` without gradient tracking; the fused path
+    /// through `LoraLinear::forward_t(x, false)`.
+    pub fn eval(&self, path: Path) -> Tensor {
+        let x = &self.x_eval;
+        match path {
+            Path::Base => x
+                .matmul(&self.w.t().unwrap())
+                .unwrap()
+                .broadcast_add(&self.b)
+                .unwrap(),
+            Path::Composed => self.layer(path).forward_composed(x).unwrap(),
+            Path::Fused => self.lora.forward_t(x, false).unwrap(),
         }
     }
 

@@ -7,7 +7,9 @@ use candle_core::{CpuStorage, Layout, Shape, Storage, Tensor, WithDType};
 #[cfg(any(feature = "openblas", feature = "mkl"))]
 mod blas;
 mod col_major;
+mod gemv;
 mod in_place;
+mod machine;
 mod pool;
 mod quant;
 mod rowwise;
@@ -196,6 +198,9 @@ fn gemm_into<T: WithDType>(
     }
     #[cfg(any(feature = "openblas", feature = "mkl"))]
     if let Some(done) = blas::gemm(dst, dst_rs, [lhs, rhs], accum, beta) {
+        return done;
+    }
+    if let Some(done) = gemv::reroute(dst, dst_rs, lhs, rhs, accum, beta) {
         return done;
     }
     if let Some(done) = col_major::reroute(dst, dst_rs, lhs, rhs, accum, beta) {

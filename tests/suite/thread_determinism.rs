@@ -10,7 +10,8 @@
 //!   (which also sets how `gemm` partitions its products) and compares fingerprints.
 //!
 //! The shapes take every column-major route (chunked `x Wᵀ` at 100 and 200 rows, the
-//! transposed route at 12 rows) and span several 32-row blocks.
+//! transposed route at 12 rows, the decode kernel at 3 rows, its output columns split
+//! over the threads) and span several 32-row blocks.
 
 use std::process::Command;
 
@@ -20,7 +21,8 @@ use candle_core::Tensor;
 use lorakit::Adapter;
 
 /// `(rows, d_in, d_out)` of the cases.
-const SHAPES: [(usize, usize, usize); 3] = [(100, 48, 150), (12, 40, 520), (200, 96, 300)];
+const SHAPES: [(usize, usize, usize); 4] =
+    [(100, 48, 150), (12, 40, 520), (200, 96, 300), (3, 72, 520)];
 
 /// Set in the child processes of the cross-process test.
 const CHILD_ENV: &str = "LORAKIT_DETERMINISM_CHILD";

@@ -3,41 +3,73 @@
 //! than on row-major operands, and far slower than one matrix-vector product per row when
 //! there are only a few rows, so they are rerouted:
 //!
-//! - 2 to 7 rows: one matrix-vector product per row (the one-row kernel reads the
-//!   columns contiguously), rows spread over the threads;
-//! - few rows against at least 512 columns, row-major left-hand side: `dstᵀ = rhsᵀ lhsᵀ`,
-//!   where `rhsᵀ` is row-major as it stands and `lhsᵀ` a copy, into a temporary that one
-//!   transposing pass adds into `dst`. This copies `lhs` and the result instead of the
-//!   whole right-hand side, which pays while there are few rows against many columns:
-//!   "few" is 8 to 31 rows, or fewer than `k / 16` when `n ≤ k` (127 for `2048 × 2048`);
-//!   with more rows the chunked route is as fast or faster;
-//! - otherwise, at least `2 · CHUNK` columns: the right-hand side is transposed
-//!   `CHUNK` columns at a time into a small row-major buffer (`k × CHUNK`, never the
-//!   whole matrix), each chunk one single-threaded row-major product into its columns of
-//!   `dst`, chunks spread over the threads.
+//! - fewer rows than one vector holds elements (`lanes`: 8 `f32` with AVX2): one
+//!   matrix-vector product per row (the one-row kernel reads the columns contiguously),
+//!   rows spread over the threads — for the dtypes and row counts the decode kernel
+//!   ([`super::gemv`]) does not take;
+//! - few rows against at least `L1d / (16 · size)` columns (512 `f32` with a 32 KiB L1d),
+//!   row-major left-hand side: `dstᵀ = rhsᵀ lhsᵀ`, where `rhsᵀ` is row-major as it stands
+//!   and `lhsᵀ` a copy, into a temporary that one transposing pass adds into `dst`. This
+//!   copies `lhs` and the result instead of the whole right-hand side, which pays while
+//!   there are few rows against many columns: "few" is below `4 · lanes` rows (32 `f32`
+//!   with AVX2), or below `k / (2 · lanes)` when `n ≤ k` (127 for `2048 × 2048`); with
+//!   more rows the chunked route is as fast or faster;
+//! - otherwise, at least `2 · chunk` columns, `chunk = 8 · lanes` (64 `f32` with AVX2):
+//!   the right-hand side is transposed `chunk` columns at a time into a small row-major
+//!   buffer (`k × chunk`, never the whole matrix), each chunk one single-threaded
+//!   row-major product into its columns of `dst`, chunks spread over the threads.
 //!
 //! Threads: candle's setting (`RAYON_NUM_THREADS`, else all cores), on rayon's pool.
-//! The thresholds are measured crossovers, rounded: see `benches/RESULTS.md`
-//! ("Column-major products").
+//!
+//! **Thresholds that travel.** The crossovers were measured on an AMD EPYC with AVX2 and a
+//! 32 KiB L1d (`benches/RESULTS.md`, "Column-major products"): 8, 32 and `k / 16` rows,
+//! 512 and 64 columns for `f32`. They are not kept as constants but as the rules above, in
+//! the quantity each one scales with — the vector width in elements of the dtype
+//! (`lanes`, from the instruction set the CPU reports) and the L1 data cache (from sysfs or
+//! CPUID, [`super::machine`]) — which give those measured values on that machine and
+//! scale with a wider vector (AVX-512), a narrower one (the portable code), another dtype
+//! or another cache elsewhere.
 
 use candle_core::WithDType;
 use rayon::prelude::*;
 
+use super::machine::{machine, Machine};
 use super::transpose::{par_transpose, transpose_columns};
 use super::{gemm_raw, parallelism, Accum, MatRef};
 
-/// Columns transposed per chunk.
-const CHUNK: usize = 64;
+/// The route thresholds for elements of `size` bytes on a machine (the module docs' rules).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Thresholds {
+    /// Columns transposed per chunk.
+    chunk: usize,
+    /// Row counts below this go row by row.
+    row_by_row_below: usize,
+    /// Row counts from `row_by_row_below` up to below this go through transposes (with at
+    /// least `via_transposes_min_cols` columns).
+    via_transposes_below: usize,
+    /// Products with `n ≤ k` also go through transposes below `k / deep_divisor` rows.
+    deep_divisor: usize,
+    /// The fewest columns for which the transposed route is taken.
+    via_transposes_min_cols: usize,
+}
 
-/// Row counts below this go row by row.
-const ROW_BY_ROW_BELOW: usize = 8;
+impl Thresholds {
+    fn new(size: usize, machine: &Machine) -> Self {
+        let lanes = machine.isa.lanes(size);
+        Self {
+            chunk: 8 * lanes,
+            row_by_row_below: lanes,
+            via_transposes_below: 4 * lanes,
+            deep_divisor: 2 * lanes,
+            via_transposes_min_cols: (machine.l1d / (16 * size.max(1))).max(1),
+        }
+    }
 
-/// Row counts from [`ROW_BY_ROW_BELOW`] up to below this go through transposes (with at
-/// least [`VIA_TRANSPOSES_MIN_COLS`] columns); products with `n ≤ k` also below `k / 16` rows.
-const VIA_TRANSPOSES_BELOW: usize = 32;
-
-/// The fewest columns for which the transposed route is taken.
-const VIA_TRANSPOSES_MIN_COLS: usize = 512;
+    /// The thresholds for `T` on this machine.
+    fn of<T>() -> Self {
+        Self::new(std::mem::size_of::<T>(), machine())
+    }
+}
 
 /// The reroutes above.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,22 +81,22 @@ enum Route {
 
 /// The reroute for an `lhs · rhs` product, or `None` when it should go straight to `gemm`
 /// (a row-major `rhs`, one row, or too few columns).
-fn route<T>(lhs: &MatRef<T>, rhs: &MatRef<T>) -> Option<Route> {
+fn route_by<T>(lhs: &MatRef<T>, rhs: &MatRef<T>, th: &Thresholds) -> Option<Route> {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     if rhs.rs != 1 || rhs.cs == 1 || k < 2 || m < 2 {
         return None;
     }
-    if m < ROW_BY_ROW_BELOW {
+    if m < th.row_by_row_below {
         return Some(Route::RowByRow);
     }
-    if lhs.cs == 1 && n >= VIA_TRANSPOSES_MIN_COLS {
-        let few_rows = m < VIA_TRANSPOSES_BELOW;
-        let few_for_a_deep_product = n <= k && m < k / 16;
+    if lhs.cs == 1 && n >= th.via_transposes_min_cols {
+        let few_rows = m < th.via_transposes_below;
+        let few_for_a_deep_product = n <= k && m < k / th.deep_divisor;
         if few_rows || few_for_a_deep_product {
             return Some(Route::ViaTransposes);
         }
     }
-    (n >= 2 * CHUNK).then_some(Route::Chunked)
+    (n >= 2 * th.chunk).then_some(Route::Chunked)
 }
 
 /// Runs [`super::gemm_into`]'s product (`dst = beta · lhs · rhs`, or `+=` with
@@ -79,13 +111,28 @@ pub(super) fn reroute<T: WithDType>(
     accum: Accum,
     beta: T,
 ) -> Option<candle_core::Result<()>> {
+    let th = Thresholds::of::<T>();
+    reroute_by(&th, dst, dst_rs, lhs, rhs, accum, beta)
+}
+
+/// [`reroute`] with given thresholds.
+fn reroute_by<T: WithDType>(
+    th: &Thresholds,
+    dst: &mut [T],
+    dst_rs: usize,
+    lhs: MatRef<T>,
+    rhs: MatRef<T>,
+    accum: Accum,
+    beta: T,
+) -> Option<candle_core::Result<()>> {
     let product = Product {
         lhs,
         rhs,
         accum,
         beta,
+        chunk: th.chunk.max(1),
     };
-    Some(match route(&lhs, &rhs)? {
+    Some(match route_by(&lhs, &rhs, th)? {
         Route::RowByRow => product.row_by_row(dst, dst_rs),
         Route::ViaTransposes => product.via_transposes(dst, dst_rs),
         Route::Chunked => product.chunked(dst, dst_rs),
@@ -99,6 +146,8 @@ struct Product<'a, T> {
     rhs: MatRef<'a, T>,
     accum: Accum,
     beta: T,
+    /// Columns per chunk of the chunked route.
+    chunk: usize,
 }
 
 /// A destination pointer shared by threads that write disjoint elements.
@@ -179,10 +228,11 @@ impl<T: WithDType> Product<'_, T> {
 
     fn chunked(self, dst: &mut [T], dst_rs: usize) -> candle_core::Result<()> {
         let (k, n) = (self.rhs.rows, self.rhs.cols);
+        let chunk = self.chunk;
         let shared = SharedDst(dst.as_mut_ptr());
-        (0..n.div_ceil(CHUNK)).into_par_iter().try_for_each(|c| {
-            let j0 = c * CHUNK;
-            let width = CHUNK.min(n - j0);
+        (0..n.div_ceil(chunk)).into_par_iter().try_for_each(|c| {
+            let j0 = c * chunk;
+            let width = chunk.min(n - j0);
             let mut block = vec![T::from_f64(0.0); k * width];
             transpose_columns(self.rhs, j0, width, &mut block, width, |d, v| *d = v);
             let block = MatRef::contiguous(&block, k, width)?;
@@ -207,14 +257,62 @@ impl<T: WithDType> Product<'_, T> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::machine::Isa;
     use super::super::{gemm_into, test_values as vals};
     use super::*;
 
-    /// Every route (and the straight `gemm` call), a row-major, a column-major and a
+    /// The machine the crossovers were measured on: AVX2, 32 KiB L1d.
+    const MEASURED_ON: Machine = Machine {
+        isa: Isa::Avx2,
+        l1d: 32 << 10,
+        l2: 512 << 10,
+        decode_kernel: false,
+    };
+
+    /// The rules give the measured `f32` crossovers on the machine they were measured on,
+    /// and scale with the vector width and the dtype.
+    #[test]
+    fn thresholds_reproduce_the_measured_crossovers() {
+        let th = Thresholds::new(4, &MEASURED_ON);
+        let want = Thresholds {
+            chunk: 64,
+            row_by_row_below: 8,
+            via_transposes_below: 32,
+            deep_divisor: 16,
+            via_transposes_min_cols: 512,
+        };
+        assert_eq!(th, want);
+        let wide = Thresholds::new(
+            4,
+            &Machine {
+                isa: Isa::Avx512,
+                l1d: 48 << 10,
+                ..MEASURED_ON
+            },
+        );
+        assert_eq!(
+            (
+                wide.row_by_row_below,
+                wide.chunk,
+                wide.via_transposes_min_cols
+            ),
+            (16, 128, 768)
+        );
+        let f64_avx2 = Thresholds::new(8, &MEASURED_ON);
+        assert_eq!(
+            (f64_avx2.row_by_row_below, f64_avx2.via_transposes_below),
+            (4, 16)
+        );
+    }
+
+    /// Every route (and the straight `gemm` call) at the thresholds of the machine they
+    /// were measured on, `f64` (the decode kernel, which takes the fewest rows first in
+    /// `gemm_into`, is bypassed), a row-major, a column-major and a
     /// padded row-major `lhs`, a column-major `rhs` that is a slice of a taller matrix, a
     /// padded destination, accumulation and `beta`, against an f64 triple loop.
     #[test]
     fn every_route_matches_a_triple_loop() -> candle_core::Result<()> {
+        let th = Thresholds::new(4, &MEASURED_ON);
         let shapes = [
             (3, 40, 50),    // row by row
             (8, 40, 515),   // via transposes (few rows)
@@ -243,12 +341,15 @@ mod tests {
                 MatRef::new(&lhs_padded, m, k, k + 2, 1)?,
             ];
             for lhs in lhs_views {
-                seen.push(route(&lhs, &rhs));
+                seen.push(route_by(&lhs, &rhs, &th));
                 for (accum, beta) in [(Accum::Replace, 1.0), (Accum::Add, -0.5)] {
                     let dst_rs = n + 2;
                     let start = vals(m * dst_rs, 1.3);
                     let mut dst = start.clone();
-                    gemm_into(&mut dst, dst_rs, lhs, rhs, accum, beta)?;
+                    match reroute_by(&th, &mut dst, dst_rs, lhs, rhs, accum, beta) {
+                        Some(done) => done?,
+                        None => gemm_into(&mut dst, dst_rs, lhs, rhs, accum, beta)?,
+                    }
                     for i in 0..m {
                         for j in 0..n {
                             let dot: f64 = (0..k).map(|t| lhs.at(i, t) * rhs.at(t, j)).sum();
@@ -261,7 +362,7 @@ mod tests {
                             assert!(
                                 (got - want).abs() <= 1e-12 * (1.0 + want.abs()) * k as f64,
                                 "{m}x{k}x{n} ({:?}), ({i}, {j}): {got} vs {want}",
-                                route(&lhs, &rhs)
+                                route_by(&lhs, &rhs, &th)
                             );
                         }
                         // The padding past column n is untouched.

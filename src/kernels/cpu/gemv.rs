@@ -1,0 +1,592 @@
+//! The decode kernel: `dst (+)= beta · x Wᵀ` for a few rows of `x` against a row-major
+//! weight `W` `(d_out, d_in)` — in [`super::gemm_into`]'s terms an `m × k` left-hand side
+//! times a column-major right-hand side (`rhs.rs == 1`, its columns `W`'s rows), `f32` or
+//! `f64`. Such a product is bounded by reading `W` once, so this kernel reads each row of
+//! `W` once per call and dots it with every row of `x` while it is in registers:
+//!
+//! - `W`'s rows (the output columns) are split over the threads in contiguous ranges, a
+//!   multiple of [`NR`] rows each; no task is smaller than the L1 data cache's worth of
+//!   `W` (a thread wake-up costs about as much as streaming that).
+//! - Register blocks of [`NR`] = 4 rows of `W` × `MR` rows of `x` (`MR` up to 6 with
+//!   AVX-512's 32 vector registers, 3 with AVX2's 16, 2 for the portable code), one vector
+//!   accumulator per pair, unaligned wide loads along `d_in`; the `d_in % WIDTH` tail in
+//!   scalar code. Each output element is one accumulator's lanes summed in a fixed order
+//!   plus its tail: the result does not depend on the thread count or on the block an
+//!   element falls in.
+//! - Instruction set ([`super::machine`]): AVX-512F, AVX2 + FMA or portable code, detected
+//!   at run time (`LORAKIT_CPU_ISA` lowers it).
+//! - The dots go to a small `d_out × m` buffer, then one pass applies `beta` and
+//!   [`Accum`] to `dst` (so the bias pre-fill and the low-rank term stay in one output
+//!   buffer).
+//!
+//! **Opt-in (partial).** [`super::gemm_into`] takes this route only with
+//! `LORAKIT_DECODE_KERNEL=1`: its summation order differs from the `gemm` crate's, so with
+//! it a LoRA layer at init (`B = 0`) no longer equals candle's base linear bit for bit, which
+//! the suite's identity-at-init tests require. Making it the default needs the frozen base's
+//! own forward on the same kernel (or those tests on a tolerance).
+//!
+//! **Crossover** ([`max_rows`]): the kernel re-reads `x` from cache once per block of
+//! [`NR`] rows of `W`, so it is taken while `x` (`m · k` elements) fits in half of one
+//! core's L2 cache and `m` is at most 4 register blocks of the instruction set
+//! (`4 · MR`): beyond that a packed GEMM, which reuses every loaded element of both
+//! operands several times, does fewer loads per multiply-add. Both bounds come from what
+//! the CPU reports, not from timings on one machine. Other dtypes keep the routes of
+//! [`super::col_major`].
+
+mod lanes;
+
+use std::any::TypeId;
+
+use candle_core::WithDType;
+use rayon::prelude::*;
+
+use super::machine::{machine, Isa, Machine};
+use super::{Accum, MatRef};
+#[cfg(target_arch = "x86_64")]
+use lanes::{Avx2, Avx512};
+use lanes::{Lanes, Scalar};
+
+/// Rows of `W` per register block.
+const NR: usize = 4;
+
+/// The most rows of `x` per register block for an instruction set: what fits in its vector
+/// registers next to the `NR · MR` accumulators (16 for AVX2, 32 for AVX-512; the
+/// portable code assumes SSE2's 16 and two registers per vector).
+fn block_rows(isa: Isa) -> usize {
+    match isa {
+        Isa::Scalar => 2,
+        Isa::Avx2 => 3,
+        Isa::Avx512 => 6,
+    }
+}
+
+/// The most rows of `x` the kernel takes for an inner dimension `k` of `size`-byte
+/// elements (see the module docs).
+fn max_rows(k: usize, size: usize, m: &Machine) -> usize {
+    let fits_l2 = m.l2 / (2 * k.max(1) * size);
+    fits_l2.min(4 * block_rows(m.isa)).max(1)
+}
+
+/// Runs [`super::gemm_into`]'s product through the decode kernel and returns `Some`, or
+/// `None` when the kernel does not take it (another dtype, a row-major `rhs`, too many
+/// rows). The caller has checked the shapes, that `k ≥ 1` and that `dst` holds the
+/// `m × n` result at row stride `dst_rs ≥ n`.
+pub(super) fn reroute<T: WithDType>(
+    dst: &mut [T],
+    dst_rs: usize,
+    lhs: MatRef<T>,
+    rhs: MatRef<T>,
+    accum: Accum,
+    beta: T,
+) -> Option<candle_core::Result<()>> {
+    let m = machine();
+    if !m.decode_kernel || rhs.rs != 1 || lhs.rows > max_rows(lhs.cols, std::mem::size_of::<T>(), m)
+    {
+        return None;
+    }
+    product_on(m.isa, dst, dst_rs, lhs, rhs, accum, beta)
+}
+
+/// [`reroute`]'s product on a given instruction set, whatever the number of rows; `None`
+/// for a dtype other than `f32` and `f64` or a set the CPU lacks.
+pub(super) fn product_on<T: WithDType>(
+    isa: Isa,
+    dst: &mut [T],
+    dst_rs: usize,
+    lhs: MatRef<T>,
+    rhs: MatRef<T>,
+    accum: Accum,
+    beta: T,
+) -> Option<candle_core::Result<()>> {
+    if !isa.available() || rhs.rs != 1 {
+        return None;
+    }
+    let (m, n) = (lhs.rows, rhs.cols);
+    let dots = if let Some((lhs, rhs)) = same::<T, f32>(lhs).zip(same::<T, f32>(rhs)) {
+        dots::<f32>(isa, lhs, rhs).map(|d| d.into_iter().map(T::from_f64).collect())
+    } else if let Some((lhs, rhs)) = same::<T, f64>(lhs).zip(same::<T, f64>(rhs)) {
+        dots::<f64>(isa, lhs, rhs).map(|d| d.into_iter().map(T::from_f64).collect())
+    } else {
+        return None;
+    };
+    Some(dots.and_then(|dots: Vec<T>| apply(dst, dst_rs, &dots, m, n, accum, beta)))
+}
+
+/// `view` as a view of `U` when `T` is `U`.
+fn same<T: WithDType, U: WithDType>(view: MatRef<T>) -> Option<MatRef<U>> {
+    if TypeId::of::<T>() != TypeId::of::<U>() {
+        return None;
+    }
+    // SAFETY: `T` and `U` are the same type, so the slice is reinterpreted as itself.
+    let data =
+        unsafe { std::slice::from_raw_parts(view.data.as_ptr().cast::<U>(), view.data.len()) };
+    Some(MatRef {
+        data,
+        rows: view.rows,
+        cols: view.cols,
+        rs: view.rs,
+        cs: view.cs,
+    })
+}
+
+/// `dst(i, j) = beta · dots[j · m + i]`, or `+=` with [`Accum::Add`].
+fn apply<T: WithDType>(
+    dst: &mut [T],
+    dst_rs: usize,
+    dots: &[T],
+    m: usize,
+    n: usize,
+    accum: Accum,
+    beta: T,
+) -> candle_core::Result<()> {
+    if dots.len() != m * n {
+        candle_core::bail!("fused linear: {} dots for a {m}x{n} product", dots.len());
+    }
+    for (i, row) in dst.chunks_mut(dst_rs).take(m).enumerate() {
+        let col = dots.iter().skip(i).step_by(m.max(1));
+        for (d, &v) in row.iter_mut().take(n).zip(col) {
+            *d = match accum {
+                Accum::Replace => beta * v,
+                Accum::Add => *d + beta * v,
+            };
+        }
+    }
+    Ok(())
+}
+
+/// The dtypes with vector code, and their implementations.
+trait Float: WithDType {
+    #[cfg(target_arch = "x86_64")]
+    type Avx2: Lanes<T = Self>;
+    #[cfg(target_arch = "x86_64")]
+    type Avx512: Lanes<T = Self>;
+    /// Widens to `f64` (exact) for the generic caller.
+    fn widen(self) -> f64;
+}
+
+impl Float for f32 {
+    #[cfg(target_arch = "x86_64")]
+    type Avx2 = Avx2<f32>;
+    #[cfg(target_arch = "x86_64")]
+    type Avx512 = Avx512<f32>;
+    fn widen(self) -> f64 {
+        f64::from(self)
+    }
+}
+
+impl Float for f64 {
+    #[cfg(target_arch = "x86_64")]
+    type Avx2 = Avx2<f64>;
+    #[cfg(target_arch = "x86_64")]
+    type Avx512 = Avx512<f64>;
+    fn widen(self) -> f64 {
+        self
+    }
+}
+
+/// Every dot `x_i · W_j`, `j`-major (`dots[j · m + i]`), widened to `f64` (exactly).
+fn dots<F: Float>(isa: Isa, lhs: MatRef<F>, rhs: MatRef<F>) -> candle_core::Result<Vec<f64>> {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    // x's rows as slices of length k (copied when its elements are not adjacent).
+    let copied: Vec<F>;
+    let x: Vec<&[F]> = if lhs.cs == 1 {
+        (0..m).filter_map(|i| lhs.row(i)).collect()
+    } else {
+        copied = (0..m)
+            .flat_map(|i| (0..k).map(move |t| lhs.at(i, t)))
+            .collect();
+        copied.chunks_exact(k).collect()
+    };
+    // W's rows, the columns of rhs (`MatRef::new` checked that all of them are in range).
+    let w: Vec<&[F]> = (0..n)
+        .filter_map(|j| rhs.data.get(j * rhs.cs..j * rhs.cs + k))
+        .collect();
+    if x.len() != m || w.len() != n {
+        candle_core::bail!("fused linear: a {m}x{k}x{n} product's operands are out of range");
+    }
+    let bytes = n * k * std::mem::size_of::<F>();
+    let tasks = rayon::current_num_threads()
+        .min(bytes / machine().l1d)
+        .max(1);
+    let per_task = n.div_ceil(tasks).next_multiple_of(NR);
+    let mut out = vec![F::from_f64(0.0); n * m];
+    out.par_chunks_mut(per_task * m.max(1))
+        .zip(w.par_chunks(per_task))
+        .for_each(|(out, w)| columns_on(isa, &x, w, out));
+    Ok(out.into_iter().map(Float::widen).collect())
+}
+
+/// [`columns`] with the instruction set's vector code (the portable code for one the CPU
+/// lacks, which [`product_on`] has ruled out).
+fn columns_on<F: Float>(isa: Isa, x: &[&[F]], w: &[&[F]], out: &mut [F]) {
+    let mr = block_rows(isa);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if isa.available() => {
+            // SAFETY: the CPU has AVX-512F (checked just above).
+            unsafe { columns_avx512::<F::Avx512>(x, w, out, mr) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if isa.available() => {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            unsafe { columns_avx2::<F::Avx2>(x, w, out, mr) }
+        }
+        // SAFETY: the portable code needs no instruction set.
+        _ => unsafe { columns::<Scalar<F>>(x, w, out, mr) },
+    }
+}
+
+/// [`columns`] compiled for AVX-512F.
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn columns_avx512<S: Lanes>(x: &[&[S::T]], w: &[&[S::T]], out: &mut [S::T], mr: usize) {
+    // SAFETY: the caller's contract.
+    unsafe { columns::<S>(x, w, out, mr) }
+}
+
+/// [`columns`] compiled for AVX2 + FMA.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn columns_avx2<S: Lanes>(x: &[&[S::T]], w: &[&[S::T]], out: &mut [S::T], mr: usize) {
+    // SAFETY: the caller's contract.
+    unsafe { columns::<S>(x, w, out, mr) }
+}
+
+/// The dots of every row of `x` with every row of `w` into `out` (`w`-row-major, `x.len()`
+/// values per row of `w`), in register blocks of [`NR`] rows of `w` × up to `mr` of `x`.
+///
+/// # Safety
+/// The CPU has `S`'s instruction set.
+#[inline(always)]
+unsafe fn columns<S: Lanes>(x: &[&[S::T]], w: &[&[S::T]], out: &mut [S::T], mr: usize) {
+    let m = x.len().max(1);
+    for (wb, ob) in w.chunks(NR).zip(out.chunks_mut(NR * m)) {
+        if let [w0, w1, w2, w3] = *wb {
+            // SAFETY: the caller's contract.
+            unsafe { rows_block::<S, NR>(x, [w0, w1, w2, w3], ob, mr) };
+        } else {
+            for (&w0, o) in wb.iter().zip(ob.chunks_mut(m)) {
+                // SAFETY: the caller's contract.
+                unsafe { rows_block::<S, 1>(x, [w0], o, mr) };
+            }
+        }
+    }
+}
+
+/// The dots of every row of `x` with the `NW` rows `w` into `out` (`NW` runs of `x.len()`
+/// values), `x`'s rows up to `mr` at a time.
+///
+/// # Safety
+/// The CPU has `S`'s instruction set.
+#[inline(always)]
+unsafe fn rows_block<S: Lanes, const NW: usize>(
+    x: &[&[S::T]],
+    w: [&[S::T]; NW],
+    out: &mut [S::T],
+    mr: usize,
+) {
+    let m = x.len();
+    let mut i = 0;
+    while i < m {
+        let rest = x.get(i..).unwrap_or(&[]);
+        // SAFETY (each arm): the caller's contract.
+        i += unsafe {
+            match rest.len().min(mr) {
+                1 => block::<S, NW, 1>(rest, w, out, i, m),
+                2 => block::<S, NW, 2>(rest, w, out, i, m),
+                3 => block::<S, NW, 3>(rest, w, out, i, m),
+                4 => block::<S, NW, 4>(rest, w, out, i, m),
+                5 => block::<S, NW, 5>(rest, w, out, i, m),
+                _ => block::<S, NW, 6>(rest, w, out, i, m),
+            }
+        };
+    }
+}
+
+/// The dots of the first `MR` rows of `x` with the `NW` rows `w`, stored at
+/// `out[r · m + i0 + i]`; returns `MR`.
+///
+/// # Safety
+/// The CPU has `S`'s instruction set.
+#[inline(always)]
+unsafe fn block<S: Lanes, const NW: usize, const MR: usize>(
+    x: &[&[S::T]],
+    w: [&[S::T]; NW],
+    out: &mut [S::T],
+    i0: usize,
+    m: usize,
+) -> usize {
+    let mut xs: [&[S::T]; MR] = [&[]; MR];
+    for (d, s) in xs.iter_mut().zip(x) {
+        *d = s;
+    }
+    // SAFETY: the caller's contract.
+    let dots = unsafe { dot_block::<S, NW, MR>(w, xs) };
+    for (r, row) in dots.iter().enumerate() {
+        let slots = out.iter_mut().skip(r * m + i0);
+        for (o, &v) in slots.zip(row) {
+            *o = v;
+        }
+    }
+    MR
+}
+
+/// The `NW × MR` dots of the rows `w` with the rows `x`, over the shortest slice's length
+/// (all have `k` elements): one vector accumulator per pair, its lanes summed in a fixed
+/// order, then the scalar tail.
+///
+/// # Safety
+/// The CPU has `S`'s instruction set.
+#[inline(always)]
+unsafe fn dot_block<S: Lanes, const NW: usize, const MR: usize>(
+    w: [&[S::T]; NW],
+    x: [&[S::T]; MR],
+) -> [[S::T; MR]; NW] {
+    let k = w.iter().chain(&x).map(|s| s.len()).min().unwrap_or(0);
+    // SAFETY (every `S` call): the caller's contract; each load reads `WIDTH` elements at
+    // `t < t + WIDTH ≤ k`, inside every slice.
+    unsafe {
+        let mut acc = [[S::zero(); MR]; NW];
+        let mut t = 0;
+        while t + S::WIDTH <= k {
+            let mut xv = [S::zero(); MR];
+            for (v, row) in xv.iter_mut().zip(&x) {
+                *v = S::load(row.as_ptr().add(t));
+            }
+            for (a, row) in acc.iter_mut().zip(&w) {
+                let wv = S::load(row.as_ptr().add(t));
+                for (a, &v) in a.iter_mut().zip(&xv) {
+                    *a = S::fma(*a, wv, v);
+                }
+            }
+            t += S::WIDTH;
+        }
+        let mut out = [[S::T::from_f64(0.0); MR]; NW];
+        for ((o, a), wr) in out.iter_mut().zip(&acc).zip(&w) {
+            for ((o, &a), xr) in o.iter_mut().zip(a).zip(&x) {
+                let tail = wr
+                    .get(t..k)
+                    .unwrap_or(&[])
+                    .iter()
+                    .zip(xr.get(t..k).unwrap_or(&[]));
+                *o = tail.fold(S::sum(a), |s, (&p, &q)| s + p * q);
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_values as vals;
+    use super::*;
+
+    /// The sets this CPU runs; the others are named on stdout as skipped.
+    fn sets() -> Vec<Isa> {
+        let (run, skip): (Vec<Isa>, Vec<Isa>) = Isa::ALL.into_iter().partition(|i| i.available());
+        for isa in skip {
+            println!("decode kernel: {isa:?} skipped, this CPU lacks it");
+        }
+        run
+    }
+
+    /// The operands of one case, in `f64`: `x` as a row-major, a column-major and a padded
+    /// view, `W` (the column-major rhs) inside a taller buffer.
+    struct Case {
+        m: usize,
+        k: usize,
+        n: usize,
+        x: Vec<f64>,
+        x_t: Vec<f64>,
+        x_pad: Vec<f64>,
+        w: Vec<f64>,
+    }
+
+    impl Case {
+        fn new(m: usize, k: usize, n: usize) -> Self {
+            let x = vals(m * k, 0.37);
+            let x_t = (0..k * m).map(|v| x[(v % m) * k + v / m]).collect();
+            let x_pad = (0..m * (k + 2))
+                .map(|v| match v % (k + 2) < k {
+                    true => x[(v / (k + 2)) * k + v % (k + 2)],
+                    false => f64::NAN,
+                })
+                .collect();
+            let w = vals((k + 3) * n, 0.71);
+            Self {
+                m,
+                k,
+                n,
+                x,
+                x_t,
+                x_pad,
+                w,
+            }
+        }
+
+        /// `(x, rhs)` views over `T` copies, for each layout of `x`.
+        fn run<T: WithDType>(&self, isa: Isa, tol: f64) -> candle_core::Result<()> {
+            let (m, k, n) = (self.m, self.k, self.n);
+            let cast = |v: &[f64]| v.iter().map(|&a| T::from_f64(a)).collect::<Vec<T>>();
+            let (x, x_t, x_pad, w) = (
+                cast(&self.x),
+                cast(&self.x_t),
+                cast(&self.x_pad),
+                cast(&self.w),
+            );
+            let rhs = MatRef::new(&w, k, n, 1, k + 3)?;
+            let views = [
+                MatRef::contiguous(&x, m, k)?,
+                MatRef::new(&x_t, m, k, 1, m)?,
+                MatRef::new(&x_pad, m, k, k + 2, 1)?,
+            ];
+            for lhs in views {
+                for (accum, beta) in [(Accum::Replace, 1.0), (Accum::Add, -0.5)] {
+                    let dst_rs = n + 2;
+                    let start = vals(m * dst_rs, 1.3);
+                    let mut dst = cast(&start);
+                    let beta_t = T::from_f64(beta);
+                    match product_on(isa, &mut dst, dst_rs, lhs, rhs, accum, beta_t) {
+                        Some(done) => done?,
+                        None => candle_core::bail!("{isa:?} refused a {m}x{k}x{n} product"),
+                    }
+                    for i in 0..m {
+                        for j in 0..n {
+                            let dot: f64 = (0..k)
+                                .map(|t| lhs.at(i, t).to_f64() * rhs.at(t, j).to_f64())
+                                .sum();
+                            let base = match accum {
+                                Accum::Replace => 0.0,
+                                Accum::Add => start[i * dst_rs + j],
+                            };
+                            let want = base + beta * dot;
+                            let got = dst[i * dst_rs + j].to_f64();
+                            assert!(
+                                (got - want).abs() <= tol * (1.0 + want.abs()) * k as f64,
+                                "{isa:?} {m}x{k}x{n}, ({i}, {j}): {got} vs {want}"
+                            );
+                        }
+                        for j in n..dst_rs {
+                            assert_eq!(
+                                dst[i * dst_rs + j].to_f64(),
+                                T::from_f64(start[i * dst_rs + j]).to_f64()
+                            );
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// Every instruction set this CPU has, `f32` and `f64`, against an f64 triple loop:
+    /// row counts 1 to 13 (every register block height and a remainder), `d_in` not a
+    /// multiple of any vector width and shorter than one vector, `d_out` not a multiple of
+    /// the 4-row block, strided and padded `x`, a padded destination, `Accum` and `beta`.
+    #[test]
+    fn every_instruction_set_matches_a_triple_loop() -> candle_core::Result<()> {
+        let sets = sets();
+        assert!(sets.contains(&Isa::Scalar));
+        for isa in sets {
+            for (m, k, n) in [
+                (1, 37, 9),
+                (3, 3, 6),
+                (5, 70, 13),
+                (7, 19, 4),
+                (13, 41, 11),
+                (2, 1, 1),
+            ] {
+                let case = Case::new(m, k, n);
+                case.run::<f64>(isa, 1e-14)?;
+                case.run::<f32>(isa, 1e-6)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Other dtypes and row-major right-hand sides are left to the other routes.
+    #[test]
+    fn other_dtypes_and_row_major_rhs_are_refused() -> candle_core::Result<()> {
+        let data = vec![half::bf16::from_f64(1.0); 12];
+        let x = MatRef::contiguous(&data, 2, 3)?;
+        let w = MatRef::new(&data, 3, 4, 1, 3)?;
+        let mut dst = vec![half::bf16::from_f64(0.0); 8];
+        let bf = product_on(
+            Isa::Scalar,
+            &mut dst,
+            4,
+            x,
+            w,
+            Accum::Replace,
+            half::bf16::ONE,
+        );
+        assert!(bf.is_none());
+        let data = vals(12, 0.3);
+        let x = MatRef::contiguous(&data, 2, 3)?;
+        let row_major = MatRef::contiguous(&data, 3, 4)?;
+        let mut dst = vec![0.0; 8];
+        assert!(product_on(Isa::Scalar, &mut dst, 4, x, row_major, Accum::Replace, 1.0).is_none());
+        Ok(())
+    }
+
+    /// The same bits from pools of 1 and 3 threads (the columns split differently), on
+    /// every set this CPU has.
+    #[test]
+    fn results_do_not_depend_on_the_thread_count() -> candle_core::Result<()> {
+        let (m, k, n) = (5, 301, 203);
+        let x: Vec<f32> = vals(m * k, 0.37).into_iter().map(|v| v as f32).collect();
+        let w: Vec<f32> = vals(n * k, 0.71).into_iter().map(|v| v as f32).collect();
+        let lhs = MatRef::contiguous(&x, m, k)?;
+        let rhs = MatRef::contiguous(&w, n, k)?.t();
+        assert!(
+            n * k * 4 >= 3 * machine().l1d,
+            "too small to split over 3 threads"
+        );
+        for isa in sets() {
+            let run = |threads: usize| -> candle_core::Result<Vec<f32>> {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .map_err(candle_core::Error::wrap)?;
+                let mut dst = vec![0.5f32; m * n];
+                pool.install(|| product_on(isa, &mut dst, n, lhs, rhs, Accum::Add, 1.0))
+                    .unwrap_or_else(|| candle_core::bail!("refused"))?;
+                Ok(dst)
+            };
+            let (one, three) = (run(1)?, run(3)?);
+            assert!(
+                one.iter()
+                    .zip(&three)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{isa:?}"
+            );
+        }
+        Ok(())
+    }
+
+    /// The crossover follows the caches and the instruction set.
+    #[test]
+    fn max_rows_follows_the_machine() {
+        let small = Machine {
+            isa: Isa::Avx2,
+            l1d: 32 << 10,
+            l2: 256 << 10,
+            decode_kernel: true,
+        };
+        assert_eq!(max_rows(2048, 4, &small), 12); // 16 fit the L2, 4 blocks of 3 rows
+        assert_eq!(max_rows(16384, 4, &small), 2);
+        let big = Machine {
+            isa: Isa::Avx512,
+            l2: 2 << 20,
+            ..small
+        };
+        assert_eq!(max_rows(2048, 4, &big), 24);
+        assert_eq!(max_rows(1 << 20, 8, &big), 1);
+    }
+}
