@@ -14,8 +14,6 @@
 //! `Σ_i g_ij u_ij` (exact for any `c`, where recovering `u` from the output as
 //! `(y − b) / c` would lose it to cancellation against a large bias, or to `c = 0`).
 
-#[cfg(feature = "cuda")]
-use candle_core::Shape;
 use candle_core::{Layout, Tensor, WithDType};
 
 use super::cpu::{self, as_rows, gather_vec, mat_of_layout, Backward, Forward, Need};

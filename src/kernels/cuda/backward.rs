@@ -15,7 +15,7 @@
 
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
 use candle_core::cuda_backend::CudaDevice;
-use candle_core::{Storage, Tensor};
+use candle_core::Tensor;
 
 use super::blas::{gemm, Dest, Operand};
 use super::dtype::{dispatch_float, CudaFloat};
@@ -56,20 +56,19 @@ pub(crate) fn backward(
     )
 }
 
-/// A kept intermediate of dtype `T` and `len` elements, if there is one.
-fn kept_view<'a, T: CudaFloat>(
-    guard: &'a Option<(
-        std::sync::RwLockReadGuard<'a, Storage>,
-        &'a candle_core::Layout,
-    )>,
+/// Runs `f` with the view of a kept intermediate of dtype `T` and `len` elements, or with
+/// `None` when there is none (the caller recomputes it then).
+fn with_kept<T: CudaFloat, R>(
+    kept: Option<&Tensor>,
     len: usize,
-) -> Option<CudaView<'a, T>> {
-    let (storage, layout) = guard.as_ref()?;
-    let Storage::Cuda(s) = &**storage else {
-        return None;
-    };
-    let v = super::storage::view::<T>(s, layout, "a kept intermediate").ok()?;
-    (v.len() == len).then_some(v)
+    f: impl FnOnce(Option<CudaView<'_, T>>) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    match kept {
+        Some(t) if t.elem_count() == len && t.dtype() == T::DTYPE => {
+            tensor_view::<T, _>(t, "a kept intermediate", |v| f(Some(v.slice(..))))
+        }
+        _ => f(None),
+    }
 }
 
 /// The backward for one dtype.
@@ -85,8 +84,6 @@ fn backward_t<T: CudaFloat>(
     let (d_out, d_in) = op.weight.dims2()?;
     let n = x.elem_count() / d_in.max(1);
     let width = op.rank + usize::from(op.row_scale);
-    let xa_guard = kept_xa.map(Tensor::storage_and_layout);
-    let u_guard = kept_u.map(Tensor::storage_and_layout);
     let [dx, da, dbc] = tensor_view::<T, _>(x, "x", |xv| {
         tensor_view::<T, _>(a, "A", |av| {
             tensor_view::<T, _>(bc, "[B|c]", |bcv| {
@@ -102,9 +99,9 @@ fn backward_t<T: CudaFloat>(
                             bcv,
                             g: gv,
                         };
-                        let xa = kept_view::<T>(&xa_guard, n * op.rank);
-                        let u = kept_view::<T>(&u_guard, n * d_out);
-                        ops.run(xa, u)
+                        with_kept::<T, _>(kept_xa, n * op.rank, |xa| {
+                            with_kept::<T, _>(kept_u, n * d_out, |u| ops.run(xa, u))
+                        })
                     })
                 })
             })

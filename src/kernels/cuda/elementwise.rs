@@ -8,7 +8,9 @@
 //! widens by a shift and narrows with round-to-nearest-even; f16 converts with PTX's `cvt`.
 //! Arithmetic is f32 (f64 for f64).
 
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaView, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 
 use super::dtype::CudaFloat;
@@ -150,8 +152,11 @@ fn ptx() -> candle_core::Result<&'static str> {
     Ok(PTX.get_or_init(|| ptx.to_src()))
 }
 
-fn func(dev: &CudaDevice, name: &str) -> candle_core::Result<candle_core::cuda_backend::CudaFunc> {
-    dev.get_or_load_custom_func(name, MODULE, ptx()?)
+/// The kernel `name` of this module, loaded on `dev` (compiled on first use).
+fn func(dev: &CudaDevice, name: &str) -> candle_core::Result<CudaFunction> {
+    Ok(dev
+        .get_or_load_custom_func(name, MODULE, ptx()?)?
+        .into_cuda_function())
 }
 
 /// A grid-stride launch over `total` elements.
@@ -222,7 +227,8 @@ pub(super) fn epilogue<T: CudaFloat>(
     let b_view = bias.unwrap_or(&dummy_view);
     let u = save_u.unwrap_or(&mut dummy_u);
     let (cs, total_l, d_out_l) = (long(cs), long(total), long(d_out));
-    let mut b = f.builder();
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
     b.arg(y);
     b.arg(u);
     b.arg(&has_u);
@@ -255,7 +261,8 @@ pub(super) fn scale_columns<T: CudaFloat>(
     }
     let f = func(dev, &format!("lorakit_scale_columns_{}", T::SUFFIX))?;
     let (cs, total_l, d_out_l) = (long(c.stride), long(total), long(d_out));
-    let mut b = f.builder();
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
     b.arg(&mut out);
     b.arg(g);
     b.arg(c.view);
@@ -289,8 +296,9 @@ pub(super) fn column_dot<T: CudaFloat>(
         return Ok(());
     }
     let blocks = n.div_ceil(ROWS_PER_BLOCK).max(1);
-    let col_blocks = u32::try_from(d_out.div_ceil(THREADS as usize)).w()?;
-    let row_blocks = u32::try_from(blocks).w()?;
+    let col_blocks =
+        u32::try_from(d_out.div_ceil(THREADS as usize)).map_err(candle_core::Error::wrap)?;
+    let row_blocks = u32::try_from(blocks).map_err(candle_core::Error::wrap)?;
     let dims = ColumnDotDims {
         n: long(n),
         d_out: long(d_out),
@@ -343,7 +351,8 @@ fn launch_column_dot<T: CudaFloat, A: CudaFloat>(
     let blocks = usize::try_from(dims.blocks * dims.d_out).unwrap_or(0);
     let mut partial = dev.alloc_zeros::<A>(blocks)?;
     let f = func(dev, partial_name)?;
-    let mut b = f.builder();
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
     b.arg(&mut partial);
     b.arg(g);
     b.arg(u);
@@ -355,7 +364,8 @@ fn launch_column_dot<T: CudaFloat, A: CudaFloat>(
     // inside its `blocks · d_out` elements.
     unsafe { b.launch(first) }.w()?;
     let f = func(dev, finish_name)?;
-    let mut b = f.builder();
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
     b.arg(out);
     b.arg(&dims.out_offset);
     b.arg(&dims.out_stride);

@@ -3,6 +3,7 @@
 //! run backward it keeps `X Aᵀ` and, with a row scale, the pre-scale output `u` (the
 //! backward's inputs, as on the CPU).
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::CudaSlice;
 use candle_core::{CudaStorage, Layout, Shape, Tensor};
 
@@ -101,7 +102,6 @@ fn forward_t<T: CudaFloat>(
                 ld: d_out,
             },
         )?;
-        drop(xav);
         xa_kept = op.keep.then_some(xa);
     }
     let mut u_kept: Option<CudaSlice<T>> = None;
@@ -118,10 +118,11 @@ fn forward_t<T: CudaFloat>(
         (None, true) => candle_core::bail!("fused linear (cuda): [B|c] has no row-scale column"),
         (_, false) => None,
     };
-    let finish = |bias: Option<&_>| epilogue(&dev, &mut y, d_out, u_kept.as_mut(), row_scale, bias);
     match op.bias {
-        Some(b) => tensor_view::<T, _>(b, "bias", |bv| finish(Some(bv)))?,
-        None => finish(None)?,
+        Some(b) => tensor_view::<T, _>(b, "bias", |bv| {
+            epilogue(&dev, &mut y, d_out, u_kept.as_mut(), row_scale, Some(bv))
+        })?,
+        None => epilogue(&dev, &mut y, d_out, u_kept.as_mut(), row_scale, None)?,
     }
     let mut dims = x.1.dims().to_vec();
     if let Some(last) = dims.last_mut() {

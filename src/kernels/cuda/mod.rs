@@ -25,7 +25,7 @@ mod scaled;
 mod storage;
 
 pub(crate) use backward::{backward, Backward};
-pub(crate) use forward::{forward, Forward, Output};
+pub(crate) use forward::{forward, Forward};
 pub(crate) use scaled::{scaled_backward, scaled_forward, Scaled};
 pub(crate) use storage::plain_tensor;
 

@@ -13,7 +13,6 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
 use candle_core::cuda_backend::CudaDevice;
-use candle_core::op::BackpropOp;
 use candle_core::{CudaStorage, Layout, Shape, Storage, Tensor};
 
 use super::blas::{gemm, Dest, Operand};
@@ -165,11 +164,7 @@ pub(crate) fn scaled_backward(
         };
         let fresh = Scaled { keep: true, ..*op };
         let (_, _, [xa, v]) = scaled_forward(&fresh, (xs, x_l), (ms, m_l), (os, o_l))?;
-        let tensor = |s: Option<(CudaStorage, Shape)>| {
-            s.map(|(s, shape)| {
-                Tensor::from_storage(Storage::Cuda(s), shape, BackpropOp::none(), false)
-            })
-        };
+        let tensor = |s: Option<(CudaStorage, Shape)>| s.map(|(s, shape)| plain_tensor(s, shape));
         let (xa, v) = (tensor(xa), tensor(v));
         drop((x_s, m_s, o_s));
         return scaled_backward(op, need, [x, mid, out], &grad, [xa.as_ref(), v.as_ref()]);
