@@ -489,7 +489,14 @@ impl FrozenLinear {
 
 impl Module for FrozenLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if self.quantized.is_some() {
+        // A quantized base, and a float one on the CPU in f32/f64, run the adapters' fused
+        // kernel without a low-rank term: the same GEMM routes (the decode kernel for a few
+        // rows included), so an adapter at init equals its base bit for bit.
+        let fused_float = self.kind != BaseKind::Embedding
+            && x.device().is_cpu()
+            && x.dtype() == self.weight.dtype()
+            && matches!(x.dtype(), DType::F32 | DType::F64);
+        if self.quantized.is_some() || fused_float {
             let product = Product {
                 weight: self.weight_ref(),
                 bias: self.bias.as_ref(),

@@ -979,15 +979,17 @@ fn copy_case(c: &CopyCase) -> PResult {
     };
     let y_orig = original.forward(&x).or_fail()?;
     let y0 = module.forward(&x).or_fail()?;
-    prop_assert!(
-        bit_equal(&y0, &y_orig)?,
-        "initial copy differs from the original"
-    );
+    // Equal up to rounding: the trainable copy multiplies through candle's autograd matmul
+    // (its weight needs a gradient), the frozen original through lorakit's fused kernel,
+    // whose summation order may differ (the decode kernel for a few rows).
+    assert_rel("initial copy against the original", &y0, &y_orig, 1e-6)?;
 
     // New values for the copy's variables: the forward follows them.
     let vars = copy.trainable_vars();
+    // The bias moves by more than the weight change can offset (|0.5 · Σx| ≤ 0.5 · d_in for
+    // x in [-1, 1]), so a linear output moves by at least 0.25 whatever x is.
     let new_w = (w.clone() + 0.5).or_fail()?;
-    let new_b = (b.clone() - 0.25).or_fail()?;
+    let new_b = (b.clone() - (0.5 * c.d_in as f64 + 0.25)).or_fail()?;
     for v in &vars {
         match v.name.as_str() {
             "weight" => v.var.set(&new_w).or_fail()?,

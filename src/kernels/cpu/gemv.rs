@@ -19,11 +19,10 @@
 //!   [`Accum`] to `dst` (so the bias pre-fill and the low-rank term stay in one output
 //!   buffer).
 //!
-//! **Opt-in (partial).** [`super::gemm_into`] takes this route only with
-//! `LORAKIT_DECODE_KERNEL=1`: its summation order differs from the `gemm` crate's, so with
-//! it a LoRA layer at init (`B = 0`) no longer equals candle's base linear bit for bit, which
-//! the suite's identity-at-init tests require. Making it the default needs the frozen base's
-//! own forward on the same kernel (or those tests on a tolerance).
+//! **On by default** (`LORAKIT_DECODE_KERNEL=0` turns it off). Its summation order differs
+//! from the `gemm` crate's, so a frozen base's own forward on the CPU in f32/f64 runs
+//! through the same fused op (`FrozenLinear`'s `Module::forward`): an adapter at init
+//! (`B = 0`) then still equals its base bit for bit.
 //!
 //! **Crossover** ([`max_rows`]): the kernel re-reads `x` from cache once per block of
 //! [`NR`] rows of `W`, so it is taken while `x` (`m · k` elements) fits in half of one

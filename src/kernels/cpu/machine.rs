@@ -74,9 +74,8 @@ pub(crate) struct Machine {
     pub l1d: usize,
     /// Level-2 cache of one core, bytes.
     pub l2: usize,
-    /// Whether `LORAKIT_DECODE_KERNEL=1` switched the decode kernel on (off by default:
-    /// its summation order differs from candle's matmul, so a LoRA layer at init would no
-    /// longer equal its base bit for bit; see `super::gemv`).
+    /// Whether the decode kernel runs (on unless `LORAKIT_DECODE_KERNEL=0`; see
+    /// `super::gemv`).
     pub decode_kernel: bool,
 }
 
@@ -98,7 +97,7 @@ pub(crate) fn machine() -> &'static Machine {
             isa,
             l1d: l1d.unwrap_or(32 << 10),
             l2: l2.or_else(cpuid_l2).unwrap_or(256 << 10),
-            decode_kernel: std::env::var("LORAKIT_DECODE_KERNEL").as_deref() == Ok("1"),
+            decode_kernel: std::env::var("LORAKIT_DECODE_KERNEL").as_deref() != Ok("0"),
         }
     })
 }
