@@ -224,7 +224,11 @@ impl<K: SavingKernel> CustomOp3 for SavedOp<K> {
         let inputs = [arg1, arg2, arg3];
         #[cfg(feature = "cuda")]
         if arg1.device().is_cuda() {
-            let saved = self.cuda_saved.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let saved = self
+                .cuda_saved
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
             let [s0, s1] = &saved;
             if let Some(grads) =
                 self.kernel
