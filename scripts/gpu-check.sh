@@ -6,7 +6,7 @@
 #
 # `build` compiles the `cuda` test binary (tests/cuda) and the `gpu_json` bench binary in
 # the test profile (dependencies at opt-level 3; no release rebuild of candle's kernels),
-# strips them and copies them into gpu-bundle/ (git-ignored; about 30 MB) with
+# strips them and copies them into gpu-bundle/ (git-ignored; the size is printed: it must fit the 64 MiB a device run carries) with
 # benches/gpu_compare.py. Linking needs the CUDA libraries' names only: where they are
 # absent (no CUDA toolkit here, only PyPI's compiler) it links against stub libraries
 # generated from the symbols cudarc uses, with the real libraries' sonames
@@ -16,7 +16,7 @@
 # `run` (from the repository root there, with gpu-bundle/ carried) runs the CUDA tests,
 # then the side-by-side timings against PEFT (benches/gpu_compare.py), writing
 # gpu-check.log, gpu-compare.md and gpu-compare.json into $OUT (or gpu-bundle/out). It
-# takes about 2-4 minutes on an H200; copy what it prints into benches/RESULTS.md.
+# has not run yet (no GPU so far); copy what it prints into benches/RESULTS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUNDLE=gpu-bundle
