@@ -190,6 +190,17 @@ fn linear_loss(var: &Var, c: &Tensor) -> Tensor {
         .unwrap()
 }
 
+/// A variable holding `start` in `dtype` and an AdamW over it alone.
+fn one_var_adamw(start: &Tensor, dtype: DType, params: &ParamsAdamW) -> (Var, GroupedAdamW) {
+    let var = Var::from_tensor(&start.to_dtype(dtype).unwrap()).unwrap();
+    let opt = GroupedAdamW::new(
+        vec![ParamGroup::new("w", vec![var.clone()])],
+        params.clone(),
+    )
+    .unwrap();
+    (var, opt)
+}
+
 #[test]
 fn half_precision_vars_train_on_an_f32_master_copy() {
     // Steps of lr = 1e-3 on values near 1: below half a bf16 ulp (2^-8), so updating the
@@ -214,15 +225,8 @@ fn half_precision_vars_train_on_an_f32_master_copy() {
         weight_decay: 0.01,
         ..Default::default()
     };
-    let full = Var::from_tensor(&start).unwrap();
-    let half = Var::from_tensor(&start.to_dtype(DType::BF16).unwrap()).unwrap();
-    let mut opt_full = GroupedAdamW::new(
-        vec![ParamGroup::new("w", vec![full.clone()])],
-        params.clone(),
-    )
-    .unwrap();
-    let mut opt_half =
-        GroupedAdamW::new(vec![ParamGroup::new("w", vec![half.clone()])], params).unwrap();
+    let (full, mut opt_full) = one_var_adamw(&start, DType::F32, &params);
+    let (half, mut opt_half) = one_var_adamw(&start, DType::BF16, &params);
     for _ in 0..50 {
         opt_full.backward_step(&linear_loss(&full, &c)).unwrap();
         opt_half.backward_step(&linear_loss(&half, &c)).unwrap();
@@ -265,15 +269,8 @@ fn half_precision_vars_pick_up_outside_writes() {
         ..Default::default()
     };
     let start = Tensor::new(&[1f32, 1., 1., 1.], &DEV).unwrap();
-    let full = Var::from_tensor(&start).unwrap();
-    let half = Var::from_tensor(&start.to_dtype(DType::BF16).unwrap()).unwrap();
-    let mut opt_full = GroupedAdamW::new(
-        vec![ParamGroup::new("w", vec![full.clone()])],
-        params.clone(),
-    )
-    .unwrap();
-    let mut opt_half =
-        GroupedAdamW::new(vec![ParamGroup::new("w", vec![half.clone()])], params).unwrap();
+    let (full, mut opt_full) = one_var_adamw(&start, DType::F32, &params);
+    let (half, mut opt_half) = one_var_adamw(&start, DType::BF16, &params);
     let mask = Tensor::new(&[1f32, 0., 1., 0.], &DEV).unwrap();
     for step in 0..20 {
         if step == 10 {
