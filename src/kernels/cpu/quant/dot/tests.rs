@@ -85,19 +85,21 @@ fn fused_dots_equal_the_dequantized_f64_product() {
 #[test]
 fn row_ranges_give_the_same_bits() {
     let (d_out, d_in, n) = (7, 256, 3);
-    let (blocks, _) = quantized(GgmlDType::Q4K, d_out, d_in);
     let x: Vec<Vec<f32>> = (0..n).map(|i| values(d_in, 0.3 * i as f64, 2.0)).collect();
     let xs: Vec<&[f32]> = x.iter().map(Vec::as_slice).collect();
-    for isa in isas() {
-        let k = RowDots::new(GgmlDType::Q4K, d_in, n, isa).unwrap();
-        let mut whole = vec![0f32; d_out * n];
-        k.run(&blocks, &xs, &mut whole).unwrap();
-        let mut split = vec![0f32; d_out * n];
-        let (b0, b1) = blocks.split_at(3 * k.row_bytes());
-        let (o0, o1) = split.split_at_mut(3 * n);
-        k.run(b0, &xs, o0).unwrap();
-        k.run(b1, &xs, o1).unwrap();
-        assert_eq!(whole, split, "{isa:?}");
+    for ty in TYPES {
+        let (blocks, _) = quantized(ty, d_out, d_in);
+        for isa in isas() {
+            let k = RowDots::new(ty, d_in, n, isa).unwrap();
+            let mut whole = vec![0f32; d_out * n];
+            k.run(&blocks, &xs, &mut whole).unwrap();
+            let mut split = vec![0f32; d_out * n];
+            let (b0, b1) = blocks.split_at(3 * k.row_bytes());
+            let (o0, o1) = split.split_at_mut(3 * n);
+            k.run(b0, &xs, o0).unwrap();
+            k.run(b1, &xs, o1).unwrap();
+            assert_eq!(whole, split, "{ty:?}, {isa:?}");
+        }
     }
 }
 
