@@ -1,6 +1,10 @@
 //! A fused, weighted cross-entropy for the CPU: per row `w · (logsumexp(z) − z[t])` in one
-//! pass over the logits, and a backward `g · w · (softmax(z) − onehot(t))` in one more,
-//! where candle's composed log-softmax + gather takes about ten full-size passes each way.
+//! pass over the logits, and a backward `g · w · (softmax(z) − onehot(t))` in one more
+//! (the forward keeps each row's `max + logsumexp`, so the backward takes one exponential
+//! per logit), where candle's composed log-softmax + gather takes about ten full-size
+//! passes each way.
+
+use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -15,15 +19,25 @@ pub(crate) fn weighted_cross_entropy(
     targets: &Tensor,
     weights: &Tensor,
 ) -> candle_core::Result<Tensor> {
-    logits
-        .contiguous()?
-        .apply_op3(&targets.contiguous()?, &weights.contiguous()?, CrossEntropy)
+    logits.contiguous()?.apply_op3(
+        &targets.contiguous()?,
+        &weights.contiguous()?,
+        CrossEntropy::default(),
+    )
 }
 
-struct CrossEntropy;
+#[derive(Default)]
+struct CrossEntropy {
+    /// Each row's `max + log Σ exp(z − max)` from the forward (0 for weight-0 rows), for
+    /// the backward.
+    shifts: Mutex<Option<Arc<Vec<f32>>>>,
+}
 
 /// The gradient of [`CrossEntropy`] (no backward of its own).
-struct CrossEntropyGrad;
+struct CrossEntropyGrad {
+    /// The forward's per-row shifts (`None`: recomputed from the logits).
+    shifts: Option<Arc<Vec<f32>>>,
+}
 
 /// A contiguous f32/u32 slice of a storage, or an error naming the op.
 fn contiguous<'a, T: WithDType>(
@@ -82,8 +96,7 @@ fn dims(l1: &Layout, l2: &Layout, l3: &Layout) -> candle_core::Result<(usize, us
 /// `(max, log Σ exp(z − max))` of one row.
 fn log_sum_exp(row: &[f32]) -> (f32, f32) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = row.iter().map(|&z| (z - max).exp()).sum();
-    (max, sum.ln())
+    (max, crate::vector_math::sum_exp(row, max).ln())
 }
 
 impl CustomOp3 for CrossEntropy {
@@ -101,18 +114,21 @@ impl CustomOp3 for CrossEntropy {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (logits, targets, weights, rows, vocab) = inputs((s1, l1), (s2, l2), (s3, l3))?;
-        let out: Vec<f32> = logits
+        let (out, shifts): (Vec<f32>, Vec<f32>) = logits
             .par_chunks(vocab.max(1))
             .zip(targets.par_iter().zip(weights.par_iter()))
             .map(|(row, (&t, &w))| {
                 if w == 0.0 {
-                    return 0.0;
+                    return (0.0, 0.0);
                 }
                 let (max, lse) = log_sum_exp(row);
                 let picked = row.get(t as usize).copied().unwrap_or(f32::NAN);
-                w * (max + lse - picked)
+                (w * (max + lse - picked), max + lse)
             })
-            .collect();
+            .unzip();
+        if let Ok(mut slot) = self.shifts.lock() {
+            *slot = Some(Arc::new(shifts));
+        }
         Ok((CpuStorage::F32(out), Shape::from(rows)))
     }
 
@@ -125,7 +141,8 @@ impl CustomOp3 for CrossEntropy {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let scale = (weights * grad.to_dtype(DType::F32)?)?.contiguous()?;
-        let g = logits.apply_op3_no_bwd(targets, &scale, &CrossEntropyGrad)?;
+        let shifts = self.shifts.lock().ok().and_then(|slot| slot.clone());
+        let g = logits.apply_op3_no_bwd(targets, &scale, &CrossEntropyGrad { shifts })?;
         Ok((Some(g), None, None))
     }
 }
@@ -145,19 +162,24 @@ impl CustomOp3 for CrossEntropyGrad {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (logits, targets, scales, rows, vocab) = inputs((s1, l1), (s2, l2), (s3, l3))?;
+        let saved = self.shifts.as_deref().filter(|s| s.len() == rows);
         let mut out = vec![0f32; rows * vocab];
         out.par_chunks_mut(vocab.max(1))
             .zip(logits.par_chunks(vocab.max(1)))
             .zip(targets.par_iter().zip(scales.par_iter()))
-            .for_each(|((dst, row), (&t, &s))| {
+            .enumerate()
+            .for_each(|(i, ((dst, row), (&t, &s)))| {
                 if s == 0.0 {
                     return;
                 }
-                let (max, lse) = log_sum_exp(row);
-                let shift = max + lse;
-                for (d, &z) in dst.iter_mut().zip(row) {
-                    *d = s * (z - shift).exp();
-                }
+                let shift = match saved.and_then(|v| v.get(i)) {
+                    Some(&shift) => shift,
+                    None => {
+                        let (max, lse) = log_sum_exp(row);
+                        max + lse
+                    }
+                };
+                crate::vector_math::exp_into(dst, row, shift, s);
                 if let Some(d) = dst.get_mut(t as usize) {
                     *d -= s;
                 }

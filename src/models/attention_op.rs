@@ -123,15 +123,12 @@ impl CausalAttention {
                 let lo = self.window.map_or(0, |w| (pos + 1).saturating_sub(w));
                 let hi = pos.min(n.kv - 1);
                 let mut max = f32::NEG_INFINITY;
-                for v in row.iter_mut().take(hi + 1).skip(lo) {
+                let seen = row.get_mut(lo..=hi).unwrap_or_default();
+                for v in seen.iter_mut() {
                     *v *= self.scale;
                     max = max.max(*v);
                 }
-                let mut sum = 0f32;
-                for v in row.iter_mut().take(hi + 1).skip(lo) {
-                    *v = (*v - max).exp();
-                    sum += *v;
-                }
+                let sum = crate::vector_math::exp_in_place_sum(seen, max);
                 let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
                 for (j, v) in row.iter_mut().enumerate() {
                     if j < lo || j > hi {

@@ -41,11 +41,8 @@ impl CustomOp1 for SoftmaxLast {
             .zip(x.par_chunks(n))
             .for_each(|(dst, row)| {
                 let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for (d, &v) in dst.iter_mut().zip(row) {
-                    *d = (v - max).exp();
-                    sum += *d;
-                }
+                dst.copy_from_slice(row);
+                let sum = crate::vector_math::exp_in_place_sum(dst, max);
                 let inv = 1.0 / sum;
                 dst.iter_mut().for_each(|d| *d *= inv);
             });
