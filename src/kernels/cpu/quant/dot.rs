@@ -8,13 +8,14 @@
 //! them to Q8): the result is the dequantized-weight product up to f32 summation order.
 //!
 //! Q8_0, Q4_K, Q5_K and Q6_K have kernels; other types take the caller's dequantizing path.
-//! On AVX2, Q8_0 (one scale, no minimum) reads its blocks in place rather than through
+//! On AVX2, Q8_0 and Q4_K read their blocks in place (`in_place.rs`) rather than through
 //! [`unpack`]: same weights, same summation order, fewer instructions per weight.
 //! Two implementations: AVX2 + FMA (`std::arch`, chosen at run time) and a portable one.
 //! Each W row is summed by one task in a fixed order (two 8-lane accumulators per input row
 //! on AVX2, one on the portable path), so the result does not depend on the thread count.
 
 mod avx2;
+mod in_place;
 mod unpack;
 
 use candle_core::quantized::GgmlDType;
@@ -63,8 +64,29 @@ impl RowDots {
     /// kernel on a CPU without it).
     pub(crate) fn new(dtype: GgmlDType, d_in: usize, n: usize, isa: Isa) -> Option<Self> {
         let (run, values, bytes) = match dtype {
-            GgmlDType::Q8_0 => (pick_q8_0(n, isa)?, Q8_0::VALUES, Q8_0::BYTES),
-            GgmlDType::Q4K => (pick::<Q4K>(n, isa)?, Q4K::VALUES, Q4K::BYTES),
+            GgmlDType::Q8_0 => {
+                let kernels = [
+                    in_place::q8_0_rows::<1>,
+                    in_place::q8_0_rows::<2>,
+                    in_place::q8_0_rows::<3>,
+                    in_place::q8_0_rows::<4>,
+                ];
+                let run = pick_in_place::<Q8_0>(n, isa, kernels)?;
+                (run, Q8_0::VALUES, Q8_0::BYTES)
+            }
+            GgmlDType::Q4K => {
+                let kernels = [
+                    in_place::q4k_rows::<1>,
+                    in_place::q4k_rows::<2>,
+                    in_place::q4k_rows::<3>,
+                    in_place::q4k_rows::<4>,
+                ];
+                (
+                    pick_in_place::<Q4K>(n, isa, kernels)?,
+                    Q4K::VALUES,
+                    Q4K::BYTES,
+                )
+            }
             GgmlDType::Q5K => (pick::<Q5K>(n, isa)?, Q5K::VALUES, Q5K::BYTES),
             GgmlDType::Q6K => (pick::<Q6K>(n, isa)?, Q6K::VALUES, Q6K::BYTES),
             _ => return None,
@@ -129,18 +151,13 @@ fn pick<B: Block>(n: usize, isa: Isa) -> Option<RowsFn> {
     })
 }
 
-/// The Q8_0 kernel for `n` input rows: AVX2's own loop, or the generic portable one.
-fn pick_q8_0(n: usize, isa: Isa) -> Option<RowsFn> {
+/// The kernel for block type `B` (one with an in-place AVX2 kernel, `kernels[n − 1]` for
+/// `n` input rows) and `n` input rows: the in-place one on AVX2, else the portable one.
+fn pick_in_place<B: Block>(n: usize, isa: Isa, kernels: [RowsFn; MAX_X_ROWS]) -> Option<RowsFn> {
     if isa != Isa::Avx2 || !avx2::available() {
-        return pick::<Q8_0>(n, Isa::Portable);
+        return pick::<B>(n, Isa::Portable);
     }
-    Some(match n {
-        1 => avx2::q8_0_rows::<1>,
-        2 => avx2::q8_0_rows::<2>,
-        3 => avx2::q8_0_rows::<3>,
-        4 => avx2::q8_0_rows::<4>,
-        _ => return None,
-    })
+    kernels.get(n.checked_sub(1)?).copied()
 }
 
 /// The portable kernel: [`RowsFn`] for `N` input rows.

@@ -1,18 +1,17 @@
 //! The AVX2 + FMA kernel: 16 weights at a time (two 8-lane vectors converted from the
 //! unpacked `i8`s, scaled by `a` and shifted by `b` exactly as `to_float` does), each
-//! multiply-added into two accumulators per input row. Q8_0 has its own loop
-//! ([`q8_0_rows`]): its weight is one product `d · q` (no minimum, one group per block), so
-//! it reads the block's bytes in place, with no unpacked copy and no subtraction.
+//! multiply-added into two accumulators per input row. Q8_0 and Q4_K have kernels that
+//! read their blocks in place instead (`in_place.rs`).
 
 #[cfg(target_arch = "x86_64")]
-pub(super) use x86::{available, q8_0_rows, rows};
+pub(super) use x86::{available, rows};
 
 #[cfg(not(target_arch = "x86_64"))]
-pub(super) use portable::{available, q8_0_rows, rows};
+pub(super) use portable::{available, rows};
 
 #[cfg(not(target_arch = "x86_64"))]
 mod portable {
-    use super::super::{portable_rows, unpack::Block, unpack::Q8_0};
+    use super::super::{portable_rows, unpack::Block};
 
     /// Never on this architecture.
     pub(in super::super) fn available() -> bool {
@@ -27,22 +26,17 @@ mod portable {
     ) {
         portable_rows::<B, N>(rows, xs, out);
     }
-
-    /// Not reached ([`available`] is false): the portable kernel.
-    pub(in super::super) fn q8_0_rows<const N: usize>(rows: &[u8], xs: &[&[f32]], out: &mut [f32]) {
-        portable_rows::<Q8_0, N>(rows, xs, out);
-    }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::{
-        __m256, _mm256_add_ps, _mm256_broadcastss_ps, _mm256_cvtepi32_ps, _mm256_cvtepi8_epi32,
-        _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_setzero_ps,
-        _mm256_storeu_ps, _mm256_sub_ps, _mm_cvtph_ps, _mm_cvtsi32_si128, _mm_loadl_epi64,
+        __m256, _mm256_add_ps, _mm256_cvtepi32_ps, _mm256_cvtepi8_epi32, _mm256_fmadd_ps,
+        _mm256_loadu_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_setzero_ps, _mm256_storeu_ps,
+        _mm256_sub_ps, _mm_loadl_epi64,
     };
 
-    use super::super::unpack::{Block, Unpacked, MAX_VALUES, Q8_0};
+    use super::super::unpack::{Block, Unpacked, MAX_VALUES};
     use super::super::{block_of, portable_rows, row_bytes_of};
 
     /// Whether this CPU runs AVX2 and FMA (cached by `std` after the first call).
@@ -140,72 +134,6 @@ mod x86 {
                     acc[0] = _mm256_fmadd_ps(x0, w0, acc[0]);
                     acc[1] = _mm256_fmadd_ps(x1, w1, acc[1]);
                 }
-            }
-        }
-    }
-
-    /// [`rows`] for Q8_0 blocks (`d: f16`, 32 `i8`; the portable kernel on a CPU without
-    /// F16C), read in place: each weight is
-    /// `d · q` (candle's `to_float`, one rounding), multiply-added into the same two
-    /// accumulators per input row, in the same order, as the generic kernel.
-    pub(in super::super) fn q8_0_rows<const N: usize>(rows: &[u8], xs: &[&[f32]], out: &mut [f32]) {
-        let Ok(xs) = <&[&[f32]; N]>::try_from(xs) else {
-            return;
-        };
-        if !(available() && is_x86_feature_detected!("f16c")) {
-            return portable_rows::<Q8_0, N>(rows, xs, out);
-        }
-        // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
-        unsafe { q8_0_rows_avx2::<N>(rows, xs, out) }
-    }
-
-    /// The block's scale `d` (its first two bytes, a little-endian f16) in all 8 lanes, by
-    /// F16C's exact conversion.
-    #[target_feature(enable = "avx2,f16c")]
-    #[inline]
-    fn scale_of(block: &[u8]) -> __m256 {
-        let bits = match block {
-            [lo, hi, ..] => i32::from(u16::from_le_bytes([*lo, *hi])),
-            _ => 0,
-        };
-        _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn q8_0_rows_avx2<const N: usize>(rows: &[u8], xs: &[&[f32]; N], out: &mut [f32]) {
-        let d_in = xs[0].len();
-        if d_in == 0 || xs.iter().any(|x| x.len() != d_in) {
-            return;
-        }
-        let row_bytes = row_bytes_of::<Q8_0>(xs);
-        for (row, out) in rows
-            .chunks_exact(row_bytes.max(1))
-            .zip(out.chunks_exact_mut(N))
-        {
-            let mut acc = [[_mm256_setzero_ps(); 2]; N];
-            for (b, block) in row.chunks_exact(Q8_0::BYTES).enumerate() {
-                let d = scale_of(block);
-                let q = block.as_ptr();
-                let at = b * Q8_0::VALUES;
-                for c in 0..4 {
-                    // SAFETY: a block is 34 bytes (`chunks_exact`), so bytes
-                    // `2 + 8c .. 10 + 8c` (c < 4) lie inside it.
-                    let q8 = unsafe { _mm_loadl_epi64(q.add(2 + 8 * c).cast()) };
-                    let w = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)));
-                    for ([a0, a1], x) in acc.iter_mut().zip(xs) {
-                        // SAFETY: `at + 8c + 8 ≤ (b + 1) · 32 ≤ d_in = x.len()`: `row` holds
-                        // `d_in / 32` blocks (`row_bytes_of`).
-                        let xv = unsafe { _mm256_loadu_ps(x.as_ptr().add(at + 8 * c)) };
-                        let a = if c % 2 == 0 { a0 } else { a1 };
-                        *a = _mm256_fmadd_ps(xv, w, *a);
-                    }
-                }
-            }
-            for (o, [a0, a1]) in out.iter_mut().zip(acc) {
-                let mut lanes = [0f32; 8];
-                // SAFETY: `lanes` holds the 8 floats the store writes.
-                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(a0, a1)) };
-                *o = lanes.iter().sum();
             }
         }
     }

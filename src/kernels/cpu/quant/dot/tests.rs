@@ -117,3 +117,41 @@ fn uncovered_types_and_bad_lengths_are_refused() {
     assert!(k.run(&blocks, &[&x, &x[1..]], &mut out).is_err()); // a short input row
     assert!(k.run(&blocks, &[&x, &x], &mut out).is_ok());
 }
+
+/// The in-place kernels (Q8_0, Q4_K) give the generic unpacking AVX2 kernel's bits: the
+/// same weights summed in the same order.
+#[test]
+fn in_place_kernels_give_the_unpacking_kernels_bits() {
+    if Isa::best() != Isa::Avx2 {
+        println!("this CPU lacks AVX2 + FMA: the in-place kernels are not compared");
+        return;
+    }
+    let (d_out, d_in) = (6, 512);
+    let x: Vec<Vec<f32>> = (0..MAX_X_ROWS)
+        .map(|i| values(d_in, 0.23 * i as f64 + 0.11, 1.5))
+        .collect();
+    for ty in [GgmlDType::Q8_0, GgmlDType::Q4K] {
+        let (blocks, _) = quantized(ty, d_out, d_in);
+        for n in 1..=MAX_X_ROWS {
+            let xs: Vec<&[f32]> = x.iter().take(n).map(Vec::as_slice).collect();
+            let mut in_place = vec![0f32; d_out * n];
+            RowDots::new(ty, d_in, n, Isa::Avx2)
+                .unwrap()
+                .run(&blocks, &xs, &mut in_place)
+                .unwrap();
+            let generic: super::RowsFn = match (ty, n) {
+                (GgmlDType::Q8_0, 1) => super::avx2::rows::<super::Q8_0, 1>,
+                (GgmlDType::Q8_0, 2) => super::avx2::rows::<super::Q8_0, 2>,
+                (GgmlDType::Q8_0, 3) => super::avx2::rows::<super::Q8_0, 3>,
+                (GgmlDType::Q8_0, _) => super::avx2::rows::<super::Q8_0, 4>,
+                (_, 1) => super::avx2::rows::<super::Q4K, 1>,
+                (_, 2) => super::avx2::rows::<super::Q4K, 2>,
+                (_, 3) => super::avx2::rows::<super::Q4K, 3>,
+                _ => super::avx2::rows::<super::Q4K, 4>,
+            };
+            let mut unpacked = vec![0f32; d_out * n];
+            generic(&blocks, &xs, &mut unpacked);
+            assert_eq!(in_place, unpacked, "{ty:?}, {n} rows");
+        }
+    }
+}

@@ -87,7 +87,7 @@ fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
 
 /// The `(d · scale, dmin · min)` pairs of the 8 groups of a Q4_K / Q5_K block.
 #[inline(always)]
-fn k4_groups(block: &[u8], ab: &mut [(f32, f32); MAX_GROUPS]) {
+pub(super) fn k4_groups(block: &[u8], ab: &mut [(f32, f32); MAX_GROUPS]) {
     let (d, dmin) = (half_at(block, 0), half_at(block, 2));
     let scales = part(block, 4, 12);
     for (j, ab) in ab.iter_mut().take(8).enumerate() {
