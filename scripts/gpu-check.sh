@@ -101,7 +101,7 @@ run() {
     mkdir -p "$out"
     # The binaries, unpacked with python's own lzma (no xz binary needed there).
     [ -x "$BUNDLE/cuda_tests" ] ||
-        python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
+        python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' \
             "$BUNDLE/bins.tar.xz" "$BUNDLE"
     # The real CUDA libraries: the toolkit's, or the ones PyTorch's wheels bring.
     local dirs
