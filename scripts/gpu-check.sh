@@ -98,6 +98,10 @@ stubs() {
 
 run() {
     local out=${OUT:-$BUNDLE/out}
+    if [ ! -f "$BUNDLE/bins.tar.xz" ] && [ ! -x "$BUNDLE/cuda_tests" ]; then
+        echo "gpu-check run: no $BUNDLE/bins.tar.xz: run 'scripts/gpu-check.sh build' first and carry $BUNDLE/" >&2
+        exit 2
+    fi
     mkdir -p "$out"
     # The binaries, unpacked with python's own lzma (no xz binary needed there).
     [ -x "$BUNDLE/cuda_tests" ] ||
