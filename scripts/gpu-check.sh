@@ -8,7 +8,8 @@
 # the test profile (dependencies at opt-level 3; no release rebuild of candle's kernels),
 # strips them and packs them into gpu-bundle/bins.tar.xz (git-ignored), with
 # benches/gpu_compare.py and the CUDA runtime library they link; the bundle's size is
-# printed (8.8 MiB of binaries on 2026-12-02; it must fit the 64 MiB a device run carries).
+# printed (7.6 MiB on 2026-12-02, 6.8 of them the binaries' archive; it must fit the 64 MiB
+# a device run carries).
 # Linking needs the CUDA libraries' names only: where they are absent (no CUDA toolkit
 # here, only PyPI's compiler) it links against stub libraries generated from the symbols
 # cudarc uses, with the real libraries' sonames (libcuda.so.1, libcublas.so.13,
