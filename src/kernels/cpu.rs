@@ -167,6 +167,33 @@ impl Accum {
     }
 }
 
+/// One product `dst = beta · lhs · rhs` ([`Accum::Replace`]) or `dst += beta · lhs · rhs`
+/// ([`Accum::Add`]): what [`gemm_into`] hands to each of its routes (BLAS, the decode
+/// kernel, the column-major reroutes) with the destination.
+#[derive(Clone, Copy, Debug)]
+struct MatProduct<'a, T> {
+    lhs: MatRef<'a, T>,
+    rhs: MatRef<'a, T>,
+    accum: Accum,
+    beta: T,
+}
+
+impl<'a, T> MatProduct<'a, T> {
+    fn new(lhs: MatRef<'a, T>, rhs: MatRef<'a, T>, accum: Accum, beta: T) -> Self {
+        Self {
+            lhs,
+            rhs,
+            accum,
+            beta,
+        }
+    }
+
+    /// `(lhs, rhs, accum, beta)`.
+    fn parts(self) -> (MatRef<'a, T>, MatRef<'a, T>, Accum, T) {
+        (self.lhs, self.rhs, self.accum, self.beta)
+    }
+}
+
 /// `dst = beta · lhs · rhs` ([`Accum::Replace`]) or `dst += beta · lhs · rhs`
 /// ([`Accum::Add`]), `dst` a row-major `m × n` matrix with row stride `dst_rs` (at least
 /// `n`).
@@ -196,14 +223,15 @@ fn gemm_into<T: WithDType>(
         }
         return Ok(());
     }
+    let product = MatProduct::new(lhs, rhs, accum, beta);
     #[cfg(any(feature = "openblas", feature = "mkl"))]
-    if let Some(done) = blas::gemm(dst, dst_rs, [lhs, rhs], accum, beta) {
+    if let Some(done) = blas::gemm(dst, dst_rs, product) {
         return done;
     }
-    if let Some(done) = gemv::reroute(dst, dst_rs, lhs, rhs, accum, beta) {
+    if let Some(done) = gemv::reroute(dst, dst_rs, product) {
         return done;
     }
-    if let Some(done) = col_major::reroute(dst, dst_rs, lhs, rhs, accum, beta) {
+    if let Some(done) = col_major::reroute(dst, dst_rs, product) {
         return done;
     }
     // SAFETY: every view was bounds-checked (`MatRef::new`, the check above) and `dst` is a

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, WithDType};
 
-use super::{Accum, MatRef};
+use super::{Accum, MatProduct, MatRef};
 
 /// `CblasRowMajor`.
 const ROW_MAJOR: c_int = 101;
@@ -111,10 +111,9 @@ fn operand<T>(v: &MatRef<T>) -> Option<(c_int, c_int)> {
 pub(super) fn gemm<T: WithDType>(
     dst: &mut [T],
     dst_rs: usize,
-    [lhs, rhs]: [MatRef<T>; 2],
-    accum: Accum,
-    beta: T,
+    product: MatProduct<T>,
 ) -> Option<candle_core::Result<()>> {
+    let (lhs, rhs, accum, beta) = product.parts();
     let dim = |x: usize| c_int::try_from(x).ok();
     let (m, n, k, ldc) = (dim(lhs.rows)?, dim(rhs.cols)?, dim(lhs.cols)?, dim(dst_rs)?);
     let (ta, lda) = operand(&lhs)?;

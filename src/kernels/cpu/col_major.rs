@@ -35,7 +35,7 @@ use rayon::prelude::*;
 
 use super::machine::{machine, Machine};
 use super::transpose::{par_transpose, transpose_columns};
-use super::{gemm_raw, parallelism, Accum, MatRef};
+use super::{gemm_raw, parallelism, Accum, MatProduct, MatRef};
 
 /// The route thresholds for elements of `size` bytes on a machine (the module docs' rules).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,13 +106,10 @@ fn route_by<T>(lhs: &MatRef<T>, rhs: &MatRef<T>, th: &Thresholds) -> Option<Rout
 pub(super) fn reroute<T: WithDType>(
     dst: &mut [T],
     dst_rs: usize,
-    lhs: MatRef<T>,
-    rhs: MatRef<T>,
-    accum: Accum,
-    beta: T,
+    product: MatProduct<T>,
 ) -> Option<candle_core::Result<()>> {
     let th = Thresholds::of::<T>();
-    reroute_by(&th, dst, dst_rs, lhs, rhs, accum, beta)
+    reroute_by(&th, dst, dst_rs, product)
 }
 
 /// [`reroute`] with given thresholds.
@@ -120,11 +117,9 @@ fn reroute_by<T: WithDType>(
     th: &Thresholds,
     dst: &mut [T],
     dst_rs: usize,
-    lhs: MatRef<T>,
-    rhs: MatRef<T>,
-    accum: Accum,
-    beta: T,
+    product: MatProduct<T>,
 ) -> Option<candle_core::Result<()>> {
+    let (lhs, rhs, accum, beta) = product.parts();
     let product = Product {
         lhs,
         rhs,
@@ -346,7 +341,12 @@ mod tests {
                     let dst_rs = n + 2;
                     let start = vals(m * dst_rs, 1.3);
                     let mut dst = start.clone();
-                    match reroute_by(&th, &mut dst, dst_rs, lhs, rhs, accum, beta) {
+                    match reroute_by(
+                        &th,
+                        &mut dst,
+                        dst_rs,
+                        MatProduct::new(lhs, rhs, accum, beta),
+                    ) {
                         Some(done) => done?,
                         None => gemm_into(&mut dst, dst_rs, lhs, rhs, accum, beta)?,
                     }

@@ -40,7 +40,7 @@ use candle_core::WithDType;
 use rayon::prelude::*;
 
 use super::machine::{machine, Isa, Machine};
-use super::{Accum, MatRef};
+use super::{Accum, MatProduct, MatRef};
 #[cfg(target_arch = "x86_64")]
 use lanes::{Avx2, Avx512};
 use lanes::{Lanes, Scalar};
@@ -73,17 +73,15 @@ fn max_rows(k: usize, size: usize, m: &Machine) -> usize {
 pub(super) fn reroute<T: WithDType>(
     dst: &mut [T],
     dst_rs: usize,
-    lhs: MatRef<T>,
-    rhs: MatRef<T>,
-    accum: Accum,
-    beta: T,
+    product: MatProduct<T>,
 ) -> Option<candle_core::Result<()>> {
     let m = machine();
+    let (lhs, rhs) = (product.lhs, product.rhs);
     if !m.decode_kernel || rhs.rs != 1 || lhs.rows > max_rows(lhs.cols, std::mem::size_of::<T>(), m)
     {
         return None;
     }
-    product_on(m.isa, dst, dst_rs, lhs, rhs, accum, beta)
+    product_on(m.isa, dst, dst_rs, product)
 }
 
 /// [`reroute`]'s product on a given instruction set, whatever the number of rows; `None`
@@ -92,11 +90,9 @@ pub(super) fn product_on<T: WithDType>(
     isa: Isa,
     dst: &mut [T],
     dst_rs: usize,
-    lhs: MatRef<T>,
-    rhs: MatRef<T>,
-    accum: Accum,
-    beta: T,
+    product: MatProduct<T>,
 ) -> Option<candle_core::Result<()>> {
+    let (lhs, rhs, accum, beta) = product.parts();
     if !isa.available() || rhs.rs != 1 {
         return None;
     }
@@ -451,7 +447,12 @@ mod tests {
                     let start = vals(m * dst_rs, 1.3);
                     let mut dst = cast(&start);
                     let beta_t = T::from_f64(beta);
-                    match product_on(isa, &mut dst, dst_rs, lhs, rhs, accum, beta_t) {
+                    match product_on(
+                        isa,
+                        &mut dst,
+                        dst_rs,
+                        MatProduct::new(lhs, rhs, accum, beta_t),
+                    ) {
                         Some(done) => done?,
                         None => candle_core::bail!("{isa:?} refused a {m}x{k}x{n} product"),
                     }
@@ -516,21 +517,15 @@ mod tests {
         let x = MatRef::contiguous(&data, 2, 3)?;
         let w = MatRef::new(&data, 3, 4, 1, 3)?;
         let mut dst = vec![half::bf16::from_f64(0.0); 8];
-        let bf = product_on(
-            Isa::Scalar,
-            &mut dst,
-            4,
-            x,
-            w,
-            Accum::Replace,
-            half::bf16::ONE,
-        );
+        let product = MatProduct::new(x, w, Accum::Replace, half::bf16::ONE);
+        let bf = product_on(Isa::Scalar, &mut dst, 4, product);
         assert!(bf.is_none());
         let data = vals(12, 0.3);
         let x = MatRef::contiguous(&data, 2, 3)?;
         let row_major = MatRef::contiguous(&data, 3, 4)?;
         let mut dst = vec![0.0; 8];
-        assert!(product_on(Isa::Scalar, &mut dst, 4, x, row_major, Accum::Replace, 1.0).is_none());
+        let product = MatProduct::new(x, row_major, Accum::Replace, 1.0);
+        assert!(product_on(Isa::Scalar, &mut dst, 4, product).is_none());
         Ok(())
     }
 
@@ -554,8 +549,10 @@ mod tests {
                     .build()
                     .map_err(candle_core::Error::wrap)?;
                 let mut dst = vec![0.5f32; m * n];
-                pool.install(|| product_on(isa, &mut dst, n, lhs, rhs, Accum::Add, 1.0))
-                    .unwrap_or_else(|| candle_core::bail!("refused"))?;
+                pool.install(|| {
+                    product_on(isa, &mut dst, n, MatProduct::new(lhs, rhs, Accum::Add, 1.0))
+                })
+                .unwrap_or_else(|| candle_core::bail!("refused"))?;
                 Ok(dst)
             };
             let (one, three) = (run(1)?, run(3)?);
