@@ -128,14 +128,18 @@ impl Setup {
     pub fn eval(&self, path: Path) -> Tensor {
         let x = &self.x_eval;
         match path {
-            Path::Base => x
-                .matmul(&self.w.t().unwrap())
-                .unwrap()
-                .broadcast_add(&self.b)
-                .unwrap(),
+            Path::Base => self.base(x),
             Path::Composed => self.layer(path).forward_composed(x).unwrap(),
             Path::Fused => self.lora.forward_t(x, false).unwrap(),
         }
+    }
+
+    /// The base linear alone, `x Wᵀ + b`, by candle's ops.
+    fn base(&self, x: &Tensor) -> Tensor {
+        x.matmul(&self.w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&self.b)
+            .unwrap()
     }
 
     fn layer(&self, path: Path) -> FusedLinear<'_> {
@@ -155,11 +159,7 @@ impl Setup {
     pub fn forward(&self, path: Path) -> Tensor {
         let x = self.x.as_tensor();
         match path {
-            Path::Base => x
-                .matmul(&self.w.t().unwrap())
-                .unwrap()
-                .broadcast_add(&self.b)
-                .unwrap(),
+            Path::Base => self.base(x),
             Path::Composed => self.layer(path).forward_composed(x).unwrap(),
             Path::Fused => self.layer(path).forward(x).unwrap(),
         }
