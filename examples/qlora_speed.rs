@@ -1,15 +1,18 @@
-//! QLoRA benchmark: one LoRA layer (r = 16, alpha = 32, `d × d`) over an f32, a Q8_0 and a
-//! Q4_K frozen base, at d = 2048 and 4096.
+//! QLoRA benchmark: one LoRA layer (r = 16, alpha = 32, `d × d`) over an f32 frozen base
+//! and quantized ones (Q8_0 and Q4_K by default; `--types` picks from Q8_0, Q4_K, Q5_K,
+//! Q6_K), at d = 2048 and 4096.
 //!
 //! - resident base memory: the bytes the frozen weight takes (f32 tensor, or GGML blocks);
 //! - training step (n = 512 rows): forward, mean-square loss, backward (the input tracks a
 //!   gradient, as inside a model), one AdamW step over A and B;
 //! - decode (n = 1 row): the adapted forward, evaluation mode, no gradient.
 //!
-//! Medians over `--reps` timed runs after one warm-up. Prints a Markdown table.
+//! Medians over `--reps` timed runs after one warm-up (`--reps × 4` decodes). Prints a
+//! Markdown table; `--decode-only` skips the training steps (their columns print NaN).
 //!
 //! ```text
-//! cargo run --release --example qlora_speed -- [--reps 5] [--dims 2048,4096] [--threads 2]
+//! cargo run --release --example qlora_speed -- [--reps 5] [--dims 2048,4096] [--threads 2] \
+//!     [--types q8_0,q4_k] [--decode-only]
 //! ```
 
 use std::time::Instant;
@@ -35,13 +38,13 @@ fn median_ms(reps: usize, mut f: impl FnMut() -> lorakit::Result<()>) -> lorakit
 
 struct Row {
     d: usize,
-    base: &'static str,
+    base: String,
     bytes: usize,
     step_ms: f64,
     decode_ms: f64,
 }
 
-fn run(d: usize, quant: Option<GgmlDType>, reps: usize) -> lorakit::Result<Row> {
+fn run(d: usize, quant: Option<GgmlDType>, reps: usize, steps: bool) -> lorakit::Result<Row> {
     let dev = Device::Cpu;
     let mut rng = SeededRng::new(1);
     let w = rng.normal((d, d), 0.0, 0.02, DType::F32, &dev)?;
@@ -57,12 +60,16 @@ fn run(d: usize, quant: Option<GgmlDType>, reps: usize) -> lorakit::Result<Row> 
     let mut opt = candle_nn::AdamW::new_lr(varmap.all_vars(), 1e-4)?;
     let x = Var::from_tensor(&rng.normal((512, d), 0.0, 1.0, DType::F32, &dev)?)?;
     let target = rng.normal((512, d), 0.0, 1.0, DType::F32, &dev)?;
-    let step_ms = median_ms(reps, || {
-        let y = layer.forward_t(x.as_tensor(), true)?;
-        let loss = (y - &target)?.sqr()?.mean_all()?;
-        opt.backward_step(&loss)?;
-        Ok(())
-    })?;
+    let step_ms = if !steps {
+        f64::NAN
+    } else {
+        median_ms(reps, || {
+            let y = layer.forward_t(x.as_tensor(), true)?;
+            let loss = (y - &target)?.sqr()?.mean_all()?;
+            opt.backward_step(&loss)?;
+            Ok(())
+        })?
+    };
     let row: Tensor = rng.normal((1, d), 0.0, 1.0, DType::F32, &dev)?;
     let decode_ms = median_ms(reps * 4, || {
         layer.forward_t(&row, false)?;
@@ -70,12 +77,7 @@ fn run(d: usize, quant: Option<GgmlDType>, reps: usize) -> lorakit::Result<Row> 
     })?;
     Ok(Row {
         d,
-        base: match quant {
-            None => "f32",
-            Some(GgmlDType::Q8_0) => "Q8_0",
-            Some(GgmlDType::Q4K) => "Q4_K",
-            Some(_) => "other",
-        },
+        base: quant.map_or("f32".to_string(), type_name),
         bytes,
         step_ms,
         decode_ms,
@@ -90,11 +92,38 @@ fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// The GGML type named `name` (`q8_0`, `q4_k`, `q5_k`, `q6_k`, any case).
+fn parse_type(name: &str) -> Option<GgmlDType> {
+    match name.trim().to_ascii_lowercase().as_str() {
+        "q8_0" => Some(GgmlDType::Q8_0),
+        "q4_k" => Some(GgmlDType::Q4K),
+        "q5_k" => Some(GgmlDType::Q5K),
+        "q6_k" => Some(GgmlDType::Q6K),
+        _ => None,
+    }
+}
+
+/// llama.cpp's name of a GGML type (`Q4_K`).
+fn type_name(ty: GgmlDType) -> String {
+    match ty {
+        GgmlDType::Q4K => "Q4_K".into(),
+        GgmlDType::Q5K => "Q5_K".into(),
+        GgmlDType::Q6K => "Q6_K".into(),
+        other => format!("{other:?}"),
+    }
+}
+
 fn main() -> lorakit::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let reps = arg(&args, "--reps", 5usize);
     let threads = arg(&args, "--threads", 2usize);
     let dims: String = arg(&args, "--dims", "2048,4096".to_string());
+    let types: String = arg(&args, "--types", "q8_0,q4_k".to_string());
+    let steps = !args.iter().any(|a| a == "--decode-only");
+    let Some(types) = types.split(',').map(parse_type).collect::<Option<Vec<_>>>() else {
+        eprintln!("--types: a comma-separated list of q8_0, q4_k, q5_k, q6_k; got {types}");
+        std::process::exit(2);
+    };
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
@@ -107,10 +136,12 @@ fn main() -> lorakit::Result<()> {
         .split(',')
         .filter_map(|s| s.trim().parse::<usize>().ok())
     {
-        let f32_row = run(d, None, reps)?;
-        let q8 = run(d, Some(GgmlDType::Q8_0), reps)?;
-        let q4 = run(d, Some(GgmlDType::Q4K), reps)?;
-        for r in [&f32_row, &q8, &q4] {
+        let f32_row = run(d, None, reps, steps)?;
+        let mut rows = vec![];
+        for &ty in &types {
+            rows.push(run(d, Some(ty), reps, steps)?);
+        }
+        for r in std::iter::once(&f32_row).chain(&rows) {
             println!(
                 "| {} | {} | {:.1} | {:.3} | {:.1} | {:.2} | {:.2} | {:.2} |",
                 r.d,

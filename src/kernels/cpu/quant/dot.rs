@@ -1,25 +1,28 @@
 //! Fused dequantize-and-dot for the few-row forward (decoding) over a quantized `W`: every
 //! row of `W` is dotted with up to [`MAX_X_ROWS`] f32 input rows straight from its GGML
-//! blocks. A block is unpacked into small integers `q` and per-group `(a, b)` (a few hundred
-//! bytes on the stack, see [`unpack`]); each weight `a · q − b` is formed in registers, with
-//! the two roundings of candle's `to_float` (so the weight is bit for bit the dequantized
-//! one), and multiply-added into f32 accumulators. No dequantized row is written out, and
-//! the activations stay in f32 (unlike llama.cpp's and candle's `vec_dot`, which quantize
-//! them to Q8): the result is the dequantized-weight product up to f32 summation order.
+//! blocks, Q8_0, Q4_K, Q5_K and Q6_K (other types take the caller's dequantizing path).
+//! No dequantized row is written out, and the activations stay in f32 (unlike llama.cpp's
+//! and candle's `vec_dot`, which quantize them to Q8): the result is the dequantized-weight
+//! product up to f32 rounding order.
 //!
-//! Q8_0, Q4_K, Q5_K and Q6_K have kernels; other types take the caller's dequantizing path.
-//! On AVX2, Q8_0 and Q4_K read their blocks in place (`in_place.rs`) rather than through
-//! [`unpack`]: same weights, same summation order, fewer instructions per weight.
-//! Two implementations: AVX2 + FMA (`std::arch`, chosen at run time) and a portable one.
-//! Each W row is summed by one task in a fixed order (two 8-lane accumulators per input row
-//! on AVX2, one on the portable path), so the result does not depend on the thread count.
+//! Two implementations:
+//! - AVX2 + FMA + F16C (`std::arch`, chosen at run time; `in_place.rs`): each block read
+//!   where it lies, the small integers `q` converted to f32 and multiply-added with the
+//!   inputs, each group's scale applied once to its sum and its offset taken from the
+//!   input's per-call group sums.
+//! - Portable: each block unpacked into small integers `q` and per-group `(a, b)` on the
+//!   stack ([`unpack`]), each weight `a · q − b` formed with the two roundings of candle's
+//!   `to_float` (bit for bit the dequantized weight) and multiply-added.
+//!
+//! Each W row is summed by one task in a fixed order, so the result does not depend on the
+//! thread count.
 
-mod avx2;
 mod in_place;
 mod unpack;
 
 use candle_core::quantized::GgmlDType;
 
+use in_place::InPlace;
 use unpack::{Block, Unpacked, Q4K, Q5K, Q6K, Q8_0};
 
 /// Most input rows one pass over `W` takes.
@@ -30,14 +33,14 @@ pub(crate) const MAX_X_ROWS: usize = 4;
 pub(crate) enum Isa {
     /// Plain Rust (any CPU).
     Portable,
-    /// AVX2 + FMA (x86-64 CPUs that report both).
+    /// AVX2 + FMA + F16C (x86-64 CPUs that report all three).
     Avx2,
 }
 
 impl Isa {
     /// The fastest set this CPU has.
     pub(crate) fn best() -> Self {
-        if avx2::available() {
+        if avx2_available() {
             Isa::Avx2
         } else {
             Isa::Portable
@@ -64,31 +67,10 @@ impl RowDots {
     /// kernel on a CPU without it).
     pub(crate) fn new(dtype: GgmlDType, d_in: usize, n: usize, isa: Isa) -> Option<Self> {
         let (run, values, bytes) = match dtype {
-            GgmlDType::Q8_0 => {
-                let kernels = [
-                    in_place::q8_0_rows::<1>,
-                    in_place::q8_0_rows::<2>,
-                    in_place::q8_0_rows::<3>,
-                    in_place::q8_0_rows::<4>,
-                ];
-                let run = pick_in_place::<Q8_0>(n, isa, kernels)?;
-                (run, Q8_0::VALUES, Q8_0::BYTES)
-            }
-            GgmlDType::Q4K => {
-                let kernels = [
-                    in_place::q4k_rows::<1>,
-                    in_place::q4k_rows::<2>,
-                    in_place::q4k_rows::<3>,
-                    in_place::q4k_rows::<4>,
-                ];
-                (
-                    pick_in_place::<Q4K>(n, isa, kernels)?,
-                    Q4K::VALUES,
-                    Q4K::BYTES,
-                )
-            }
-            GgmlDType::Q5K => (pick::<Q5K>(n, isa)?, Q5K::VALUES, Q5K::BYTES),
-            GgmlDType::Q6K => (pick::<Q6K>(n, isa)?, Q6K::VALUES, Q6K::BYTES),
+            GgmlDType::Q8_0 => kernel::<Q8_0>(n, isa)?,
+            GgmlDType::Q4K => kernel::<Q4K>(n, isa)?,
+            GgmlDType::Q5K => kernel::<Q5K>(n, isa)?,
+            GgmlDType::Q6K => kernel::<Q6K>(n, isa)?,
             _ => return None,
         };
         if d_in == 0 || !d_in.is_multiple_of(values) {
@@ -135,29 +117,36 @@ impl RowDots {
     }
 }
 
-/// The kernel for block type `B` and `n` input rows.
-fn pick<B: Block>(n: usize, isa: Isa) -> Option<RowsFn> {
-    let avx2 = isa == Isa::Avx2 && avx2::available();
-    Some(match (n, avx2) {
+/// The kernel for block type `B` and `n` input rows on `isa` (the portable one on a CPU
+/// without AVX2, FMA and F16C), with `B`'s values and bytes per block.
+fn kernel<B: InPlace>(n: usize, isa: Isa) -> Option<(RowsFn, usize, usize)> {
+    let in_place = isa == Isa::Avx2 && avx2_available();
+    let run: RowsFn = match (n, in_place) {
         (1, false) => portable_rows::<B, 1>,
         (2, false) => portable_rows::<B, 2>,
         (3, false) => portable_rows::<B, 3>,
         (4, false) => portable_rows::<B, 4>,
-        (1, true) => avx2::rows::<B, 1>,
-        (2, true) => avx2::rows::<B, 2>,
-        (3, true) => avx2::rows::<B, 3>,
-        (4, true) => avx2::rows::<B, 4>,
+        (1, true) => in_place::rows::<B, 1>,
+        (2, true) => in_place::rows::<B, 2>,
+        (3, true) => in_place::rows::<B, 3>,
+        (4, true) => in_place::rows::<B, 4>,
         _ => return None,
-    })
+    };
+    Some((run, B::VALUES, B::BYTES))
 }
 
-/// The kernel for block type `B` (one with an in-place AVX2 kernel, `kernels[n − 1]` for
-/// `n` input rows) and `n` input rows: the in-place one on AVX2, else the portable one.
-fn pick_in_place<B: Block>(n: usize, isa: Isa, kernels: [RowsFn; MAX_X_ROWS]) -> Option<RowsFn> {
-    if isa != Isa::Avx2 || !avx2::available() {
-        return pick::<B>(n, Isa::Portable);
+/// Whether this CPU runs AVX2, FMA and F16C (cached by `std` after the first call).
+fn avx2_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
     }
-    kernels.get(n.checked_sub(1)?).copied()
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// The portable kernel: [`RowsFn`] for `N` input rows.
