@@ -45,7 +45,6 @@ import sys
 from pathlib import Path
 
 import gguf
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -164,11 +163,18 @@ def rope_factors(head_dim, rope):
 
 
 def convert_model(case, base_dir, quantize_q):
+    write_model_gguf(base_dir, OUT / f"model_{case}.gguf", quantize_q)
+
+
+def write_model_gguf(base_dir, path, quantize_q=False, no_vocab=False):
+    """The HF folder `base_dir` as convert_hf_to_gguf.py writes it, to `path`: f32, with
+    `attn_q` in Q8_0 when `quantize_q`; `no_vocab` adds `tokenizer.ggml.model = "none"`
+    (llama.cpp's loader needs the key; lorakit's reader does not). Returns the config."""
     cfg = hf_config(base_dir)
     arch = arch_of(cfg)
     tensors = load_file(base_dir / "model.safetensors")
     tmap = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
-    w = gguf.GGUFWriter(str(OUT / f"model_{case}.gguf"), gguf.MODEL_ARCH_NAMES[arch])
+    w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     rope = getattr(cfg, "rope_parameters", None) or {}
     w.add_block_count(cfg.num_hidden_layers)
@@ -185,6 +191,10 @@ def convert_model(case, base_dir, quantize_q):
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if no_vocab:
+        w.add_tokenizer_model("none")
+    if rope.get("rope_type", "default") not in ("default", "llama3"):
+        raise SystemExit(f"{base_dir}: rope_type {rope.get('rope_type')} not handled here")
     if rope.get("rope_type") == "llama3":
         w.add_tensor("rope_freqs.weight", rope_factors(head_dim, rope).numpy())
     for name in sorted(tensors):
@@ -201,6 +211,7 @@ def convert_model(case, base_dir, quantize_q):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return cfg
 
 
 def check(path):
