@@ -224,11 +224,13 @@ fn gemm_into<T: WithDType>(
         return Ok(());
     }
     let product = MatProduct::new(lhs, rhs, accum, beta);
-    #[cfg(any(feature = "openblas", feature = "mkl"))]
-    if let Some(done) = blas::gemm(dst, dst_rs, product) {
+    // A few rows against a large `W`: the decode kernel streams `W` once, ahead of a BLAS
+    // backend too (faster than `cblas_sgemm` at one row, `benches/RESULTS.md`).
+    if let Some(done) = gemv::reroute(dst, dst_rs, product) {
         return done;
     }
-    if let Some(done) = gemv::reroute(dst, dst_rs, product) {
+    #[cfg(any(feature = "openblas", feature = "mkl"))]
+    if let Some(done) = blas::gemm(dst, dst_rs, product) {
         return done;
     }
     if let Some(done) = col_major::reroute(dst, dst_rs, product) {

@@ -3,7 +3,8 @@
 //! With the `openblas` feature (the system OpenBLAS, e.g. Debian's `libopenblas-dev`) or
 //! the `mkl` feature (Intel MKL, linked by candle's `mkl` feature through
 //! `intel-mkl-src`), [`gemm`] sends every f32 / f64 product whose three matrices each
-//! have a unit stride on one axis to `cblas_sgemm` / `cblas_dgemm` (row-major, each
+//! have a unit stride on one axis, except the few-row products the decode kernel takes
+//! first (`gemv.rs`), to `cblas_sgemm` / `cblas_dgemm` (row-major, each
 //! operand transposed or not by its unit axis; [`Accum::Add`] is BLAS's `beta = 1`, the
 //! product's scale its `alpha`). Other products (broadcast or otherwise strided operands,
 //! other dtypes, dimensions past `i32`) return `None` and take the `gemm` crate as in the
