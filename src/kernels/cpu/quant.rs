@@ -101,6 +101,8 @@ fn times_t_fused<T: WithDType>(
         .map(|i| (0..d_in).map(|c| x.at(i, c).to_f64() as f32).collect())
         .collect();
     let xs: Vec<&[f32]> = xs.iter().map(Vec::as_slice).collect();
+    let sums = k.input_sums(&xs);
+    let sums: Vec<&[f32]> = sums.iter().map(Vec::as_slice).collect();
     let per_task = d_out
         .div_ceil(8 * rayon::current_num_threads().max(1))
         .max(1);
@@ -109,7 +111,7 @@ fn times_t_fused<T: WithDType>(
         bytes
             .par_chunks(per_task * k.row_bytes())
             .zip(yt.par_chunks_mut(per_task * n))
-            .try_for_each(|(rows, out)| k.run(rows, &xs, out))
+            .try_for_each(|(rows, out)| k.run(rows, &xs, &sums, out))
     })?;
     scatter(dst, d_out, n, accum, |j, i| {
         f64::from(yt.get(j * n + i).copied().unwrap_or(0.0))

@@ -49,8 +49,9 @@ impl Isa {
 }
 
 /// `out[j · n + i] = Σ_k x_i[k] · W[j, k]` for the rows `j` of `W` whose blocks are `rows`
-/// (a whole number of rows) and the `n = xs.len()` input rows.
-type RowsFn = fn(rows: &[u8], xs: &[&[f32]], out: &mut [f32]);
+/// (a whole number of rows) and the `n = xs.len()` input rows, `sums` their group sums
+/// where the kernel reads them ([`RowDots::input_sums`]).
+type RowsFn = fn(rows: &[u8], xs: &[&[f32]], sums: &[&[f32]], out: &mut [f32]);
 
 /// A fused kernel for one block type, input row count and instruction set.
 #[derive(Clone, Copy)]
@@ -59,6 +60,8 @@ pub(crate) struct RowDots {
     row_bytes: usize,
     d_in: usize,
     n: usize,
+    /// Values per group of the input sums the kernel reads (`None`: it reads none).
+    sum_group: Option<usize>,
 }
 
 impl RowDots {
@@ -66,7 +69,7 @@ impl RowDots {
     /// and `n` input rows (`1 ..= MAX_X_ROWS`), on `isa` (AVX2 falls back to the portable
     /// kernel on a CPU without it).
     pub(crate) fn new(dtype: GgmlDType, d_in: usize, n: usize, isa: Isa) -> Option<Self> {
-        let (run, values, bytes) = match dtype {
+        let (run, values, bytes, sum_group) = match dtype {
             GgmlDType::Q8_0 => kernel::<Q8_0>(n, isa)?,
             GgmlDType::Q4K => kernel::<Q4K>(n, isa)?,
             GgmlDType::Q5K => kernel::<Q5K>(n, isa)?,
@@ -81,6 +84,7 @@ impl RowDots {
             row_bytes: d_in / values * bytes,
             d_in,
             n,
+            sum_group,
         })
     }
 
@@ -89,37 +93,58 @@ impl RowDots {
         self.row_bytes
     }
 
+    /// The sums of each input row's groups that [`RowDots::run`] reads (none for a kernel
+    /// that reads none): computed once per product and shared by every task.
+    pub(crate) fn input_sums(&self, xs: &[&[f32]]) -> Vec<Vec<f32>> {
+        let Some(len) = self.sum_group else {
+            return Vec::new();
+        };
+        xs.iter()
+            .map(|x| x.chunks_exact(len).map(|g| g.iter().sum()).collect())
+            .collect()
+    }
+
     /// `out[j · n + i] = x_i · W_j` for the whole rows of blocks in `rows`; `xs` holds the
-    /// `n` input rows of `d_in` values each, `out` is `(rows, n)`.
+    /// `n` input rows of `d_in` values each, `sums` their [`RowDots::input_sums`], `out` is
+    /// `(rows, n)`.
     pub(crate) fn run(
         &self,
         rows: &[u8],
         xs: &[&[f32]],
+        sums: &[&[f32]],
         out: &mut [f32],
     ) -> candle_core::Result<()> {
         let k = rows.len() / self.row_bytes.max(1);
+        let sums_fit = match self.sum_group {
+            Some(len) => sums.len() == self.n && sums.iter().all(|s| s.len() == self.d_in / len),
+            None => sums.is_empty(),
+        };
         if !rows.len().is_multiple_of(self.row_bytes.max(1))
             || xs.len() != self.n
             || xs.iter().any(|x| x.len() != self.d_in)
+            || !sums_fit
             || out.len() != k * self.n
         {
             candle_core::bail!(
-                "fused quantized dot: {} bytes for rows of {}, {} input rows (want {}) for {} outputs",
+                "fused quantized dot: {} bytes for rows of {}, {} input rows (want {}), {} rows of \
+                 input sums, for {} outputs",
                 rows.len(),
                 self.row_bytes,
                 xs.len(),
                 self.n,
+                sums.len(),
                 out.len()
             );
         }
-        (self.run)(rows, xs, out);
+        (self.run)(rows, xs, sums, out);
         Ok(())
     }
 }
 
 /// The kernel for block type `B` and `n` input rows on `isa` (the portable one on a CPU
-/// without AVX2, FMA and F16C), with `B`'s values and bytes per block.
-fn kernel<B: InPlace>(n: usize, isa: Isa) -> Option<(RowsFn, usize, usize)> {
+/// without AVX2, FMA and F16C), with `B`'s values and bytes per block and the group of the
+/// input sums the kernel reads.
+fn kernel<B: InPlace>(n: usize, isa: Isa) -> Option<(RowsFn, usize, usize, Option<usize>)> {
     let in_place = isa == Isa::Avx2 && avx2_available();
     let run: RowsFn = match (n, in_place) {
         (1, false) => portable_rows::<B, 1>,
@@ -132,7 +157,8 @@ fn kernel<B: InPlace>(n: usize, isa: Isa) -> Option<(RowsFn, usize, usize)> {
         (4, true) => in_place::rows::<B, 4>,
         _ => return None,
     };
-    Some((run, B::VALUES, B::BYTES))
+    let sum_group = if in_place { B::SUM_GROUP } else { None };
+    Some((run, B::VALUES, B::BYTES, sum_group))
 }
 
 /// Whether this CPU runs AVX2, FMA and F16C (cached by `std` after the first call).
@@ -150,7 +176,12 @@ fn avx2_available() -> bool {
 }
 
 /// The portable kernel: [`RowsFn`] for `N` input rows.
-fn portable_rows<B: Block, const N: usize>(rows: &[u8], xs: &[&[f32]], out: &mut [f32]) {
+fn portable_rows<B: Block, const N: usize>(
+    rows: &[u8],
+    xs: &[&[f32]],
+    _sums: &[&[f32]],
+    out: &mut [f32],
+) {
     let Ok(xs) = <&[&[f32]; N]>::try_from(xs) else {
         return;
     };

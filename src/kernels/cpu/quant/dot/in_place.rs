@@ -4,7 +4,7 @@
 //! lie (no unpacked copy), convert the scales with F16C, and factor the scales out of each
 //! group's sum: `Σ x w = a_g · Σ x q − b_g · Σ x`, the integer-valued `q` multiply-added in
 //! f32 (exact products of small integers and the inputs), `Σ x` per group computed once per
-//! call. Each weight costs a conversion and one multiply-add per input row. The result is
+//! product by the caller (`RowDots::input_sums`). Each weight costs a conversion and one multiply-add per input row. The result is
 //! the dequantized-weight product up to f32 rounding order (tested against the f64
 //! product, `tests.rs`); the order is fixed per row of `W`, so it does not depend on the
 //! thread count. On other architectures, and on x86 CPUs without AVX2, FMA and F16C, the
@@ -25,7 +25,10 @@ mod portable {
     use super::super::unpack::{Block, Q4K, Q5K, Q6K, Q8_0};
 
     /// A block type with an in-place kernel (none on this architecture).
-    pub(in super::super) trait InPlace: Block {}
+    pub(in super::super) trait InPlace: Block {
+        /// Values per group of the input sums the kernel reads (it reads none here).
+        const SUM_GROUP: Option<usize> = None;
+    }
 
     impl InPlace for Q8_0 {}
     impl InPlace for Q4K {}
@@ -36,8 +39,9 @@ mod portable {
     pub(in super::super) fn rows<B: InPlace, const N: usize>(
         rows: &[u8],
         xs: &[&[f32]],
+        sums: &[&[f32]],
         out: &mut [f32],
     ) {
-        portable_rows::<B, N>(rows, xs, out);
+        portable_rows::<B, N>(rows, xs, sums, out);
     }
 }

@@ -31,6 +31,13 @@ fn quantized(ty: GgmlDType, d_out: usize, d_in: usize) -> (Vec<u8>, Vec<f32>) {
     (q.data().unwrap().into_owned(), deq)
 }
 
+/// `k.run` with the input sums the kernel reads, computed as the caller does.
+fn run(k: &RowDots, blocks: &[u8], xs: &[&[f32]], out: &mut [f32]) -> candle_core::Result<()> {
+    let sums = k.input_sums(xs);
+    let sums: Vec<&[f32]> = sums.iter().map(Vec::as_slice).collect();
+    k.run(blocks, xs, &sums, out)
+}
+
 fn isas() -> Vec<Isa> {
     if Isa::best() == Isa::Avx2 {
         vec![Isa::Portable, Isa::Avx2]
@@ -54,7 +61,7 @@ fn fused_dots_equal_the_dequantized_f64_product() {
                     .collect();
                 let xs: Vec<&[f32]> = x.iter().map(Vec::as_slice).collect();
                 let mut out = vec![f32::NAN; d_out * n];
-                k.run(&blocks, &xs, &mut out).unwrap();
+                run(&k, &blocks, &xs, &mut out).unwrap();
                 let mut worst = 0f64;
                 for (j, wr) in w.chunks(d_in).enumerate() {
                     for (i, xr) in x.iter().enumerate() {
@@ -92,12 +99,12 @@ fn row_ranges_give_the_same_bits() {
         for isa in isas() {
             let k = RowDots::new(ty, d_in, n, isa).unwrap();
             let mut whole = vec![0f32; d_out * n];
-            k.run(&blocks, &xs, &mut whole).unwrap();
+            run(&k, &blocks, &xs, &mut whole).unwrap();
             let mut split = vec![0f32; d_out * n];
             let (b0, b1) = blocks.split_at(3 * k.row_bytes());
             let (o0, o1) = split.split_at_mut(3 * n);
-            k.run(b0, &xs, o0).unwrap();
-            k.run(b1, &xs, o1).unwrap();
+            run(&k, b0, &xs, o0).unwrap();
+            run(&k, b1, &xs, o1).unwrap();
             assert_eq!(whole, split, "{ty:?}, {isa:?}");
         }
     }
@@ -112,8 +119,19 @@ fn uncovered_types_and_bad_lengths_are_refused() {
     let x = vec![0f32; 64];
     let mut out = vec![0f32; 2];
     let blocks = vec![0u8; k.row_bytes()];
-    assert!(k.run(&blocks, &[&x], &mut out).is_err()); // one input row, not two
-    assert!(k.run(&blocks[1..], &[&x, &x], &mut out).is_err()); // part of a row
-    assert!(k.run(&blocks, &[&x, &x[1..]], &mut out).is_err()); // a short input row
-    assert!(k.run(&blocks, &[&x, &x], &mut out).is_ok());
+    assert!(k.run(&blocks, &[&x], &[], &mut out).is_err()); // one input row, not two
+    assert!(k.run(&blocks[1..], &[&x, &x], &[], &mut out).is_err()); // part of a row
+    assert!(k.run(&blocks, &[&x, &x[1..]], &[], &mut out).is_err()); // a short input row
+    assert!(k.run(&blocks, &[&x, &x], &[&x], &mut out).is_err()); // sums it does not read
+    assert!(k.run(&blocks, &[&x, &x], &[], &mut out).is_ok());
+    if Isa::best() == Isa::Avx2 {
+        // The in-place Q4_K kernel reads 8 group sums per row of 256 values.
+        let k = RowDots::new(GgmlDType::Q4K, 256, 1, Isa::Avx2).unwrap();
+        let (x, sums) = (vec![0f32; 256], [0f32; 8]);
+        let blocks = vec![0u8; k.row_bytes()];
+        let mut out = [0f32];
+        assert!(k.run(&blocks, &[&x], &[], &mut out).is_err()); // no sums
+        assert!(k.run(&blocks, &[&x], &[&sums[1..]], &mut out).is_err()); // short sums
+        assert!(k.run(&blocks, &[&x], &[&sums], &mut out).is_ok());
+    }
 }

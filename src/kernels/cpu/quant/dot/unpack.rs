@@ -70,28 +70,36 @@ impl Block for Q8_0 {
     }
 }
 
-/// The 6-bit scale and minimum of group `j` (of 8) of a Q4_K / Q5_K block's 12 scale
-/// bytes (candle's `get_scale_min_k4`).
+/// The 6-bit scales and minimums of a Q4_K / Q5_K block's 8 groups, `(scales, mins)`,
+/// group `j` in byte `j` (little-endian) of each: the 12 scale bytes at byte 4 unpacked
+/// with llama.cpp's masks (the `utmp` shuffle of its `ggml_vec_dot_q4_K_q8_K`; candle's
+/// `get_scale_min_k4` group by group). Zero past the end: callers pass whole blocks.
 #[inline(always)]
-fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
-    let at = |i: usize| s.get(i).copied().unwrap_or(0);
-    if j < 4 {
-        (at(j) & 63, at(j + 4) & 63)
-    } else {
-        (
-            (at(j + 4) & 0xF) | ((at(j - 4) >> 6) << 4),
-            (at(j + 4) >> 4) | ((at(j) >> 6) << 4),
-        )
-    }
+pub(super) fn k4_scale_bytes(block: &[u8]) -> (u64, u64) {
+    const LOW6: u32 = 0x3f3f_3f3f;
+    const LOW4: u32 = 0x0f0f_0f0f;
+    const LOW2: u32 = 0x0303_0303;
+    let word = |i: usize| {
+        block
+            .get(4 + 4 * i..8 + 4 * i)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u32::from_le_bytes)
+    };
+    let (s0, s1, s2) = (word(0), word(1), word(2));
+    let join = |lo: u32, hi: u32| (u64::from(hi) << 32) | u64::from(lo);
+    (
+        join(s0 & LOW6, (s2 & LOW4) | (((s0 >> 6) & LOW2) << 4)),
+        join(s1 & LOW6, ((s2 >> 4) & LOW4) | (((s1 >> 6) & LOW2) << 4)),
+    )
 }
 
 /// The `(d · scale, dmin · min)` pairs of the 8 groups of a Q4_K / Q5_K block.
 #[inline(always)]
-pub(super) fn k4_groups(block: &[u8], ab: &mut [(f32, f32); MAX_GROUPS]) {
+fn k4_groups(block: &[u8], ab: &mut [(f32, f32); MAX_GROUPS]) {
     let (d, dmin) = (half_at(block, 0), half_at(block, 2));
-    let scales = part(block, 4, 12);
-    for (j, ab) in ab.iter_mut().take(8).enumerate() {
-        let (sc, m) = scale_min_k4(j, scales);
+    let (scales, mins) = k4_scale_bytes(block);
+    let pairs = scales.to_le_bytes().into_iter().zip(mins.to_le_bytes());
+    for (ab, (sc, m)) in ab.iter_mut().zip(pairs) {
         *ab = (d * f32::from(sc), dmin * f32::from(m));
     }
 }

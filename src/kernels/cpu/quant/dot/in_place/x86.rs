@@ -29,6 +29,9 @@ fn total(acc: &mut [__m256; 2], parity: usize) -> &mut __m256 {
 }
 
 /// A block type these kernels read in place.
+///
+/// Each group's input sum is computed once per product by the caller
+/// (`RowDots::input_sums`), not per task.
 pub(in super::super) trait InPlace: Block {
     /// Values per group whose input sums [`InPlace::block`] reads (`None`: it reads none).
     const SUM_GROUP: Option<usize>;
@@ -55,6 +58,7 @@ pub(in super::super) trait InPlace: Block {
 pub(in super::super) fn rows<B: InPlace, const N: usize>(
     rows: &[u8],
     xs: &[&[f32]],
+    sums: &[&[f32]],
     out: &mut [f32],
 ) {
     let Ok(xs) = <&[&[f32]; N]>::try_from(xs) else {
@@ -62,18 +66,20 @@ pub(in super::super) fn rows<B: InPlace, const N: usize>(
     };
     let d_in = xs.first().map_or(0, |x| x.len());
     let fits = d_in > 0 && d_in.is_multiple_of(B::VALUES) && xs.iter().all(|x| x.len() == d_in);
-    if !(fits && avx2_available()) {
-        return portable_rows::<B, N>(rows, xs, out);
+    let sums: Option<[&[f32]; N]> = match B::SUM_GROUP {
+        Some(len) => <[&[f32]; N]>::try_from(sums)
+            .ok()
+            .filter(|s| s.iter().all(|s| s.len() == d_in / len)),
+        None => Some([&[]; N]),
+    };
+    match sums {
+        // SAFETY: the CPU has AVX2, FMA and F16C, the rows' lengths fit and the sums cover
+        // every group of them (checked just above).
+        Some(sums) if fits && avx2_available() => unsafe {
+            rows_avx2::<B, N>(rows, xs, &sums, out)
+        },
+        _ => portable_rows::<B, N>(rows, xs, &[], out),
     }
-    // Each group's input sum, once per call (the same for every row of W).
-    let sums: [Vec<f32>; N] = xs.map(|x| match B::SUM_GROUP {
-        Some(len) => x.chunks_exact(len).map(|g| g.iter().sum()).collect(),
-        None => Vec::new(),
-    });
-    let sums = sums.each_ref().map(Vec::as_slice);
-    // SAFETY: the CPU has AVX2, FMA and F16C, and the rows' lengths fit (checked above; the
-    // sums cover every group of them).
-    unsafe { rows_avx2::<B, N>(rows, xs, &sums, out) }
 }
 
 /// # Safety

@@ -11,7 +11,7 @@ use std::arch::x86_64::{
     _mm_cvtsi32_si128, _mm_cvtsi64_si128,
 };
 
-use super::super::super::unpack::{Q4K, Q5K, Q6K};
+use super::super::super::unpack::{k4_scale_bytes, Block, Q4K, Q5K, Q6K};
 use super::{bytes8, half_lanes, signed_bytes8, total, x8, Acc, InPlace};
 
 /// `a` (8 lanes) in all 8 lanes, from lane `lane`.
@@ -28,95 +28,38 @@ fn shift_right(v: __m256i, bits: usize) -> __m256i {
     _mm256_srl_epi32(v, _mm_cvtsi32_si128(bits as i32))
 }
 
-/// The `(d · sc, dmin · m)` of a Q4_K / Q5_K block's 8 groups as two 8-lane vectors: the
-/// 6-bit scales and minimums unpacked from the 12 scale bytes with llama.cpp's masks (its
-/// `utmp` shuffle in `ggml_vec_dot_q4_K_q8_K`), each product exact in f32 as in candle's
-/// `to_float`.
+/// The `(d · sc, dmin · m)` of a Q4_K / Q5_K block's 8 groups as two 8-lane vectors
+/// ([`k4_scale_bytes`] widened), each product exact in f32 as in candle's `to_float`.
 #[target_feature(enable = "avx2,f16c")]
 #[inline]
 fn k4_scales(block: &[u8]) -> (__m256, __m256) {
-    const LOW6: u32 = 0x3f3f_3f3f;
-    const LOW4: u32 = 0x0f0f_0f0f;
-    const LOW2: u32 = 0x0303_0303;
-    let word = |i: usize| {
-        block
-            .get(4 + 4 * i..8 + 4 * i)
-            .and_then(|b| b.try_into().ok())
-            .map_or(0, u32::from_le_bytes)
-    };
-    let (s0, s1, s2) = (word(0), word(1), word(2));
-    let scales = (s0 & LOW6, (s2 & LOW4) | (((s0 >> 6) & LOW2) << 4));
-    let mins = (s1 & LOW6, ((s2 >> 4) & LOW4) | (((s1 >> 6) & LOW2) << 4));
-    let lanes = |(lo, hi): (u32, u32)| {
-        let bytes = _mm_cvtsi64_si128(((u64::from(hi) << 32) | u64::from(lo)) as i64);
-        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes))
-    };
+    let (scales, mins) = k4_scale_bytes(block);
+    let lanes =
+        |bytes: u64| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bytes as i64)));
     (
         _mm256_mul_ps(half_lanes(block, 0), lanes(scales)),
         _mm256_mul_ps(half_lanes(block, 2), lanes(mins)),
     )
 }
 
-/// Q4_K (`FIFTH_BIT` false: nibbles at byte 16) or Q5_K (true: high bits at 16, nibbles at
-/// 48). Bytes `qs + 32j .. qs + 32j + 32` hold group `2j` in their low nibbles and group
-/// `2j + 1` in their high ones; Q5_K's fifth bits are bits `2j`, `2j + 1` of `qh[l]`.
-///
-/// # Safety
-/// As [`InPlace::block`] with `SUM_GROUP = 32` and a block of 144 (Q4_K) or 176 (Q5_K)
-/// bytes.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn k4_block<const N: usize, const FIFTH_BIT: bool>(
-    block: &[u8],
-    at: usize,
-    xs: &[&[f32]; N],
-    sums: &[&[f32]; N],
-    acc: &mut Acc<N>,
-) {
-    let (a, b) = k4_scales(block);
-    for (acc, sums) in acc.iter_mut().zip(sums) {
-        // SAFETY: the block's 8 group sums start at `at / 32` (the caller's guarantee).
-        acc[0] = _mm256_fnmadd_ps(b, unsafe { x8(sums, at / 32) }, acc[0]);
-    }
-    let qs = if FIFTH_BIT { 48 } else { 16 };
-    let (low_nibble, one, two) = (
-        _mm256_set1_epi32(0xF),
-        _mm256_set1_epi32(1),
-        _mm256_set1_epi32(2),
-    );
-    for j in 0..4 {
-        let mut low = [_mm256_setzero_ps(); N];
-        let mut high = [_mm256_setzero_ps(); N];
-        for c in 0..4 {
-            // SAFETY: `qs + 32j + 8c + 8 ≤ qs + 128`, the block's end.
-            let wide = unsafe { bytes8(block, qs + 32 * j + 8 * c) };
-            let mut q_low = _mm256_and_si256(wide, low_nibble);
-            let mut q_high = _mm256_srli_epi32::<4>(wide);
-            if FIFTH_BIT {
-                // SAFETY: `qh` is bytes 16 .. 48 and `16 + 8c + 8 ≤ 48`.
-                let h = shift_right(unsafe { bytes8(block, 16 + 8 * c) }, 2 * j);
-                q_low = _mm256_or_si256(q_low, _mm256_slli_epi32::<4>(_mm256_and_si256(h, one)));
-                q_high = _mm256_or_si256(q_high, _mm256_slli_epi32::<3>(_mm256_and_si256(h, two)));
-            }
-            let (q_low, q_high) = (_mm256_cvtepi32_ps(q_low), _mm256_cvtepi32_ps(q_high));
-            let v = at + 64 * j + 8 * c;
-            for ((low, high), x) in low.iter_mut().zip(&mut high).zip(xs) {
-                // SAFETY: values `v .. v + 40` lie within the block's 256 (the caller's
-                // guarantee covers them).
-                let (x_low, x_high) = unsafe { (x8(x, v), x8(x, v + 32)) };
-                *low = _mm256_fmadd_ps(x_low, q_low, *low);
-                *high = _mm256_fmadd_ps(x_high, q_high, *high);
-            }
-        }
-        let (a_low, a_high) = (lane(a, 2 * j), lane(a, 2 * j + 1));
-        for ((acc, low), high) in acc.iter_mut().zip(low).zip(high) {
-            acc[0] = _mm256_fmadd_ps(a_low, low, acc[0]);
-            acc[1] = _mm256_fmadd_ps(a_high, high, acc[1]);
-        }
-    }
+/// The Q4_K / Q5_K layout, which differ only in Q5_K's fifth bit per value.
+trait K4Layout: Block {
+    /// Whether the block has the 32 high-bit bytes `qh` (Q5_K) before its nibbles.
+    const FIFTH_BIT: bool;
 }
 
-impl InPlace for Q4K {
+impl K4Layout for Q4K {
+    const FIFTH_BIT: bool = false;
+}
+
+impl K4Layout for Q5K {
+    const FIFTH_BIT: bool = true;
+}
+
+/// Q4_K (nibbles at byte 16) or Q5_K (high bits `qh` at 16, nibbles at 48). Bytes
+/// `qs + 32j .. qs + 32j + 32` hold group `2j` in their low nibbles and group `2j + 1` in
+/// their high ones; Q5_K's fifth bits are bits `2j`, `2j + 1` of `qh[l]`.
+impl<B: K4Layout> InPlace for B {
     const SUM_GROUP: Option<usize> = Some(32);
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -128,25 +71,49 @@ impl InPlace for Q4K {
         sums: &[&[f32]; N],
         acc: &mut Acc<N>,
     ) {
-        // SAFETY: the caller's guarantees, a 144-byte block.
-        unsafe { k4_block::<N, false>(block, at, xs, sums, acc) }
-    }
-}
-
-impl InPlace for Q5K {
-    const SUM_GROUP: Option<usize> = Some(32);
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn block<const N: usize>(
-        block: &[u8],
-        at: usize,
-        xs: &[&[f32]; N],
-        sums: &[&[f32]; N],
-        acc: &mut Acc<N>,
-    ) {
-        // SAFETY: the caller's guarantees, a 176-byte block.
-        unsafe { k4_block::<N, true>(block, at, xs, sums, acc) }
+        let (a, b) = k4_scales(block);
+        for (acc, sums) in acc.iter_mut().zip(sums) {
+            // SAFETY: the block's 8 group sums start at `at / 32` (the caller's guarantee).
+            acc[0] = _mm256_fnmadd_ps(b, unsafe { x8(sums, at / 32) }, acc[0]);
+        }
+        let qs = if B::FIFTH_BIT { 48 } else { 16 };
+        let (low_nibble, one, two) = (
+            _mm256_set1_epi32(0xF),
+            _mm256_set1_epi32(1),
+            _mm256_set1_epi32(2),
+        );
+        for j in 0..4 {
+            let mut low = [_mm256_setzero_ps(); N];
+            let mut high = [_mm256_setzero_ps(); N];
+            for c in 0..4 {
+                // SAFETY: `qs + 32j + 8c + 8 ≤ qs + 128`, the block's end.
+                let wide = unsafe { bytes8(block, qs + 32 * j + 8 * c) };
+                let mut q_low = _mm256_and_si256(wide, low_nibble);
+                let mut q_high = _mm256_srli_epi32::<4>(wide);
+                if B::FIFTH_BIT {
+                    // SAFETY: `qh` is bytes 16 .. 48 and `16 + 8c + 8 ≤ 48`.
+                    let h = shift_right(unsafe { bytes8(block, 16 + 8 * c) }, 2 * j);
+                    q_low =
+                        _mm256_or_si256(q_low, _mm256_slli_epi32::<4>(_mm256_and_si256(h, one)));
+                    q_high =
+                        _mm256_or_si256(q_high, _mm256_slli_epi32::<3>(_mm256_and_si256(h, two)));
+                }
+                let (q_low, q_high) = (_mm256_cvtepi32_ps(q_low), _mm256_cvtepi32_ps(q_high));
+                let v = at + 64 * j + 8 * c;
+                for ((low, high), x) in low.iter_mut().zip(&mut high).zip(xs) {
+                    // SAFETY: values `v .. v + 40` lie within the block's 256 (the caller's
+                    // guarantee covers them).
+                    let (x_low, x_high) = unsafe { (x8(x, v), x8(x, v + 32)) };
+                    *low = _mm256_fmadd_ps(x_low, q_low, *low);
+                    *high = _mm256_fmadd_ps(x_high, q_high, *high);
+                }
+            }
+            let (a_low, a_high) = (lane(a, 2 * j), lane(a, 2 * j + 1));
+            for ((acc, low), high) in acc.iter_mut().zip(low).zip(high) {
+                acc[0] = _mm256_fmadd_ps(a_low, low, acc[0]);
+                acc[1] = _mm256_fmadd_ps(a_high, high, acc[1]);
+            }
+        }
     }
 }
 
