@@ -5,8 +5,12 @@
 //! `W` once per call and dots it with every row of `x` while it is in registers:
 //!
 //! - `W`'s rows (the output columns) are split over the threads in contiguous ranges, a
-//!   multiple of [`NR`] rows each; no task is smaller than the L1 data cache's worth of
-//!   `W` (a thread wake-up costs about as much as streaming that).
+//!   multiple of [`NR`] rows each; no task is smaller than one core's L2 cache's worth of
+//!   `W` ([`Split`]): waking a pool thread costs about as much as streaming that much, so
+//!   a small product — a LoRA factor `A` or `B` at decode size — runs on the calling
+//!   thread instead of paying for a wake-up (an L1d's worth, the earlier rule, sent the
+//!   factors of an `r = 16`, `d = 2048` LoRA to two threads and cost 5–10% of the one-row
+//!   forward on an Intel Xeon, `benches/RESULTS.md`).
 //! - Register blocks of [`NR`] = 4 rows of `W` × `MR` rows of `x` (`MR` up to 6 with
 //!   AVX-512's 32 vector registers, 3 with AVX2's 16, 2 for the portable code), one vector
 //!   accumulator per pair, unaligned wide loads along `d_in`; the `d_in % WIDTH` tail in
@@ -81,26 +85,44 @@ pub(super) fn reroute<T: WithDType>(
     {
         return None;
     }
-    product_on(m.isa, dst, dst_rs, product)
+    product_on(Split::of(m), dst, dst_rs, product)
 }
 
-/// [`reroute`]'s product on a given instruction set, whatever the number of rows; `None`
+/// How [`product_on`] runs a product: the instruction set, and the fewest bytes of `W` a
+/// thread is given (fewer tasks than threads below `threads · min_task_bytes`).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Split {
+    pub isa: Isa,
+    pub min_task_bytes: usize,
+}
+
+impl Split {
+    /// The machine's instruction set, and one core's L2 cache per task.
+    fn of(m: &Machine) -> Self {
+        Self {
+            isa: m.isa,
+            min_task_bytes: m.l2,
+        }
+    }
+}
+
+/// [`reroute`]'s product split as `split` says, whatever the number of rows; `None`
 /// for a dtype other than `f32` and `f64` or a set the CPU lacks.
 pub(super) fn product_on<T: WithDType>(
-    isa: Isa,
+    split: Split,
     dst: &mut [T],
     dst_rs: usize,
     product: MatProduct<T>,
 ) -> Option<candle_core::Result<()>> {
     let (lhs, rhs, accum, beta) = product.parts();
-    if !isa.available() || rhs.rs != 1 {
+    if !split.isa.available() || rhs.rs != 1 {
         return None;
     }
     let (m, n) = (lhs.rows, rhs.cols);
     let dots = if let Some((lhs, rhs)) = same::<T, f32>(lhs).zip(same::<T, f32>(rhs)) {
-        dots::<f32>(isa, lhs, rhs).map(|d| d.into_iter().map(T::from_f64).collect())
+        dots::<f32>(split, lhs, rhs).map(|d| d.into_iter().map(T::from_f64).collect())
     } else if let Some((lhs, rhs)) = same::<T, f64>(lhs).zip(same::<T, f64>(rhs)) {
-        dots::<f64>(isa, lhs, rhs).map(|d| d.into_iter().map(T::from_f64).collect())
+        dots::<f64>(split, lhs, rhs).map(|d| d.into_iter().map(T::from_f64).collect())
     } else {
         return None;
     };
@@ -180,7 +202,7 @@ impl Float for f64 {
 }
 
 /// Every dot `x_i · W_j`, `j`-major (`dots[j · m + i]`), widened to `f64` (exactly).
-fn dots<F: Float>(isa: Isa, lhs: MatRef<F>, rhs: MatRef<F>) -> candle_core::Result<Vec<f64>> {
+fn dots<F: Float>(split: Split, lhs: MatRef<F>, rhs: MatRef<F>) -> candle_core::Result<Vec<f64>> {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     // x's rows as slices of length k (copied when its elements are not adjacent).
     let copied: Vec<F>;
@@ -201,13 +223,13 @@ fn dots<F: Float>(isa: Isa, lhs: MatRef<F>, rhs: MatRef<F>) -> candle_core::Resu
     }
     let bytes = n * k * std::mem::size_of::<F>();
     let tasks = rayon::current_num_threads()
-        .min(bytes / machine().l1d)
+        .min(bytes / split.min_task_bytes.max(1))
         .max(1);
     let per_task = n.div_ceil(tasks).next_multiple_of(NR);
     let mut out = vec![F::from_f64(0.0); n * m];
     out.par_chunks_mut(per_task * m.max(1))
         .zip(w.par_chunks(per_task))
-        .for_each(|(out, w)| columns_on(isa, &x, w, out));
+        .for_each(|(out, w)| columns_on(split.isa, &x, w, out));
     Ok(out.into_iter().map(Float::widen).collect())
 }
 
@@ -382,6 +404,15 @@ mod tests {
     use super::super::test_values as vals;
     use super::*;
 
+    /// `isa` with tasks of at least 1 KiB of `W`: the small products of these tests split
+    /// over every thread of the pool, as large ones do with [`Split::of`].
+    fn split(isa: Isa) -> Split {
+        Split {
+            isa,
+            min_task_bytes: 1 << 10,
+        }
+    }
+
     /// The sets this CPU runs; the others are named on stdout as skipped.
     fn sets() -> Vec<Isa> {
         let (run, skip): (Vec<Isa>, Vec<Isa>) = Isa::ALL.into_iter().partition(|i| i.available());
@@ -448,7 +479,7 @@ mod tests {
                     let mut dst = cast(&start);
                     let beta_t = T::from_f64(beta);
                     match product_on(
-                        isa,
+                        split(isa),
                         &mut dst,
                         dst_rs,
                         MatProduct::new(lhs, rhs, accum, beta_t),
@@ -518,14 +549,14 @@ mod tests {
         let w = MatRef::new(&data, 3, 4, 1, 3)?;
         let mut dst = vec![half::bf16::from_f64(0.0); 8];
         let product = MatProduct::new(x, w, Accum::Replace, half::bf16::ONE);
-        let bf = product_on(Isa::Scalar, &mut dst, 4, product);
+        let bf = product_on(split(Isa::Scalar), &mut dst, 4, product);
         assert!(bf.is_none());
         let data = vals(12, 0.3);
         let x = MatRef::contiguous(&data, 2, 3)?;
         let row_major = MatRef::contiguous(&data, 3, 4)?;
         let mut dst = vec![0.0; 8];
         let product = MatProduct::new(x, row_major, Accum::Replace, 1.0);
-        assert!(product_on(Isa::Scalar, &mut dst, 4, product).is_none());
+        assert!(product_on(split(Isa::Scalar), &mut dst, 4, product).is_none());
         Ok(())
     }
 
@@ -539,7 +570,7 @@ mod tests {
         let lhs = MatRef::contiguous(&x, m, k)?;
         let rhs = MatRef::contiguous(&w, n, k)?.t();
         assert!(
-            n * k * 4 >= 3 * machine().l1d,
+            n * k * 4 >= 3 * split(Isa::Scalar).min_task_bytes,
             "too small to split over 3 threads"
         );
         for isa in sets() {
@@ -550,7 +581,12 @@ mod tests {
                     .map_err(candle_core::Error::wrap)?;
                 let mut dst = vec![0.5f32; m * n];
                 pool.install(|| {
-                    product_on(isa, &mut dst, n, MatProduct::new(lhs, rhs, Accum::Add, 1.0))
+                    product_on(
+                        split(isa),
+                        &mut dst,
+                        n,
+                        MatProduct::new(lhs, rhs, Accum::Add, 1.0),
+                    )
                 })
                 .unwrap_or_else(|| candle_core::bail!("refused"))?;
                 Ok(dst)
