@@ -296,7 +296,9 @@ def table(t, k, threads):
         f"Machine: {cpu['model']} ({', '.join(cpu['vector']) or 'no vector extensions listed'}), "
         f"{cpu['logical_cpus']} logical CPUs; "
         f"threads: {threads} (torch.set_num_threads / RAYON_NUM_THREADS); "
-        f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}.",
+        f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}"
+        + (f"; OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']}" if os.environ.get("OPENBLAS_CORETYPE") else "")
+        + ".",
         "",
         "Each cell: median (min) in ms; ratios of medians (of minima). The fwd rows at "
         f"n <= {EVAL_MAX_ROWS} are evaluation (no gradient tracking on either side; lorakit through LoraLinear).",

@@ -18,6 +18,18 @@
 //! partitions differently per thread count): the default build's thread determinism
 //! does not carry over.
 //!
+//! **OpenBLAS kernels older than the CPU.** OpenBLAS picks its kernels from the CPU model
+//! when it loads, and a build older than the CPU falls back to generic ones: Debian
+//! bookworm's 0.3.21 runs its SSE3 `Prescott` kernels on an Intel Xeon of 2023
+//! (family 6, model 207), 5–6× slower than the `gemm` crate there (`benches/RESULTS.md`).
+//! So with `openblas` the library's kernel family (`openblas_get_corename`) is read once;
+//! when it is one OpenBLAS documents for a narrower vector width than the CPU's
+//! ([`super::machine`]: AVX-512, or AVX2 + FMA), no product goes to OpenBLAS in that
+//! process and the default build's routes run instead. Setting `OPENBLAS_CORETYPE` (for
+//! example `SkylakeX` or `Cooperlake` on an AVX-512 CPU, `Haswell` on an AVX2 one) makes
+//! OpenBLAS load kernels that fit, and then it is used. Names this module does not know are
+//! trusted. MKL selects its kernels from the CPU's features, so it is not checked.
+//!
 //! Without either feature this module is not compiled and nothing links a BLAS.
 
 use std::ffi::c_int;
@@ -25,6 +37,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, WithDType};
 
+#[cfg(feature = "openblas")]
+use super::machine::Isa;
 use super::{Accum, MatProduct, MatRef};
 
 /// `CblasRowMajor`.
@@ -65,6 +79,8 @@ cblas_gemm!(cblas_dgemm, f64);
 extern "C" {
     #[cfg(feature = "openblas")]
     fn openblas_set_num_threads(n: c_int);
+    #[cfg(feature = "openblas")]
+    fn openblas_get_corename() -> *const std::ffi::c_char;
     #[cfg(not(feature = "openblas"))]
     fn MKL_Set_Num_Threads(n: c_int);
 }
@@ -90,6 +106,77 @@ fn sync_threads() {
     }
 }
 
+/// The widest vector set a kernel family of OpenBLAS (`openblas_get_corename`, the names
+/// of its `DYNAMIC_ARCH` builds) uses, as far as the decode kernel's sets go: `Avx512` for
+/// the AVX-512 families, `Avx2` for the AVX2 + FMA ones, `Scalar` for the older ones
+/// (SSE, or AVX without FMA); `None` for a name not listed here.
+#[cfg(feature = "openblas")]
+fn kernel_family_isa(core: &str) -> Option<Isa> {
+    const AVX512: [&str; 3] = ["skylakex", "cooperlake", "sapphirerapids"];
+    const AVX2: [&str; 3] = ["haswell", "zen", "excavator"];
+    const OLDER: [&str; 21] = [
+        "unknown",
+        "katmai",
+        "coppermine",
+        "northwood",
+        "prescott",
+        "banias",
+        "atom",
+        "core2",
+        "penryn",
+        "dunnington",
+        "nehalem",
+        "athlon",
+        "opteron",
+        "opteron_sse3",
+        "barcelona",
+        "nano",
+        "sandybridge",
+        "bobcat",
+        "bulldozer",
+        "piledriver",
+        "steamroller",
+    ];
+    let core = core.trim().to_ascii_lowercase();
+    let is = |names: &[&str]| names.contains(&core.as_str());
+    if is(&AVX512) {
+        Some(Isa::Avx512)
+    } else if is(&AVX2) {
+        Some(Isa::Avx2)
+    } else if is(&OLDER) {
+        Some(Isa::Scalar)
+    } else {
+        None
+    }
+}
+
+/// Whether OpenBLAS's kernels use at least the vector width `cpu` has (an unknown family is
+/// trusted).
+#[cfg(feature = "openblas")]
+fn kernels_fit(core: &str, cpu: Isa) -> bool {
+    kernel_family_isa(core).is_none_or(|isa| isa >= cpu)
+}
+
+/// Whether products go to the linked BLAS in this process (the module docs): always with
+/// MKL; with OpenBLAS when its kernel family fits the CPU, read once.
+fn library_fits_the_cpu() -> bool {
+    #[cfg(feature = "openblas")]
+    {
+        static FITS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *FITS.get_or_init(|| {
+            // SAFETY: OpenBLAS returns a pointer to a static NUL-terminated name (or null,
+            // checked).
+            let core = unsafe {
+                let p = openblas_get_corename();
+                (!p.is_null()).then(|| std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned())
+            };
+            core.is_none_or(|core| kernels_fit(&core, super::machine::machine().isa))
+        })
+    }
+    #[cfg(not(feature = "openblas"))]
+    true
+}
+
 /// A view as a BLAS operand: its transpose flag and leading dimension, when one axis has
 /// unit stride (a one-row or one-column view takes any stride on the other axis).
 fn operand<T>(v: &MatRef<T>) -> Option<(c_int, c_int)> {
@@ -110,6 +197,18 @@ fn operand<T>(v: &MatRef<T>) -> Option<(c_int, c_int)> {
 /// the product (see the module docs). The caller checked the shapes and that `dst` holds
 /// `lhs.rows` rows of stride `dst_rs ≥ rhs.cols`, and that no dimension is zero.
 pub(super) fn gemm<T: WithDType>(
+    dst: &mut [T],
+    dst_rs: usize,
+    product: MatProduct<T>,
+) -> Option<candle_core::Result<()>> {
+    if !library_fits_the_cpu() {
+        return None;
+    }
+    cblas_product(dst, dst_rs, product)
+}
+
+/// [`gemm`]'s `cblas_?gemm` call, whatever the library's kernels (its contract).
+fn cblas_product<T: WithDType>(
     dst: &mut [T],
     dst_rs: usize,
     product: MatProduct<T>,
@@ -171,11 +270,12 @@ pub(super) fn gemm<T: WithDType>(
 
 #[cfg(test)]
 mod tests {
-    use super::super::{gemm_into, test_values as vals};
+    use super::super::test_values as vals;
     use super::*;
 
-    /// `gemm_into` on `T` copies of `lhs`, `rhs` against an f64 triple loop, both
-    /// accumulations, into a padded destination.
+    /// `cblas_?gemm` on `T` copies of `lhs`, `rhs` against an f64 triple loop, both
+    /// accumulations, into a padded destination (whether or not [`gemm`] would send the
+    /// product to the library in this process).
     fn check<T: WithDType>(lhs: MatRef<f64>, rhs: MatRef<f64>, tol: f64) {
         let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
         let cast = |v: &MatRef<f64>| -> Vec<T> { v.data.iter().map(|&x| T::from_f64(x)).collect() };
@@ -187,7 +287,10 @@ mod tests {
             let dst_rs = n + 2;
             let start = vals(m * dst_rs, 1.3);
             let mut dst: Vec<T> = start.iter().map(|&x| T::from_f64(x)).collect();
-            gemm_into(&mut dst, dst_rs, l, r, accum, T::from_f64(beta)).unwrap();
+            let product = MatProduct::new(l, r, accum, T::from_f64(beta));
+            cblas_product(&mut dst, dst_rs, product)
+                .expect("a BLAS operand")
+                .unwrap();
             for i in 0..m {
                 for j in 0..dst_rs {
                     let old = start[i * dst_rs + j];
@@ -235,5 +338,28 @@ mod tests {
         assert!(operand(&MatRef::new(&a, 3, 4, 0, 1)?).is_none());
         assert!(operand(&MatRef::new(&a, 3, 2, 0, 0)?).is_none());
         Ok(())
+    }
+
+    /// OpenBLAS's generic kernels are refused on a CPU with wider vectors, fitting ones are
+    /// used, unknown names trusted.
+    #[cfg(feature = "openblas")]
+    #[test]
+    fn openblas_kernel_families_are_matched_to_the_cpu() {
+        assert!(!kernels_fit("Prescott", Isa::Avx512));
+        assert!(!kernels_fit("Sandybridge", Isa::Avx2));
+        assert!(!kernels_fit("Haswell", Isa::Avx512));
+        assert!(kernels_fit("Haswell", Isa::Avx2));
+        assert!(kernels_fit("SKYLAKEX", Isa::Avx512));
+        assert!(kernels_fit("Cooperlake", Isa::Avx2));
+        assert!(kernels_fit("Prescott", Isa::Scalar));
+        assert!(kernels_fit("SomeFutureLake", Isa::Avx512));
+        println!(
+            "this process: OpenBLAS {} the CPU",
+            if library_fits_the_cpu() {
+                "fits"
+            } else {
+                "does not fit"
+            }
+        );
     }
 }
