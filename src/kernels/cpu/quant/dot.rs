@@ -38,9 +38,11 @@ pub(crate) enum Isa {
 }
 
 impl Isa {
-    /// The fastest set this CPU has.
+    /// The fastest set this CPU has, no wider than the machine's choice
+    /// ([`super::super::machine`], which `LORAKIT_CPU_ISA` lowers for every kernel).
     pub(crate) fn best() -> Self {
-        if avx2_available() {
+        let allowed = super::super::machine::machine().isa >= super::super::machine::Isa::Avx2;
+        if allowed && avx2_available() {
             Isa::Avx2
         } else {
             Isa::Portable
