@@ -138,10 +138,13 @@ impl Product<'_> {
         self.check_shapes(x)?;
         let dtype = x.dtype();
         let compute = compute_dtype(dtype, x.device());
-        let cast = |t: &Tensor| t.to_dtype(compute);
+        // Contiguous operands: candle's BLAS-backed matmuls (`mkl`, `accelerate`) refuse
+        // padded views such as a rank slice of a wider factor, which its `gemm` crate path
+        // takes. `contiguous` copies only a view that is not contiguous already.
+        let cast = |t: &Tensor| t.to_dtype(compute)?.contiguous();
         let (x2, lead) = flatten_rows(x)?;
         let x2 = cast(&x2)?;
-        let mut y = x2.matmul(&self.weight.float(compute)?.t()?)?;
+        let mut y = x2.matmul(&self.weight.float(compute)?.contiguous()?.t()?)?;
         if let Some(term) = &self.low_rank {
             let xa = x2.matmul(&cast(term.a)?.t()?)?;
             let low = (xa.matmul(&cast(term.b)?.t()?)? * term.scale)?;
