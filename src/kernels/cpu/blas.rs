@@ -2,7 +2,7 @@
 //!
 //! With the `openblas` feature (the system OpenBLAS, e.g. Debian's `libopenblas-dev`) or
 //! the `mkl` feature (Intel MKL, linked by candle's `mkl` feature through
-//! `intel-mkl-src`), [`gemm`] sends every f32 / f64 product whose three matrices each
+//! `intel-mkl-src`; `scripts/mkl-env.sh` sets it up from PyPI's wheels), [`gemm`] sends every f32 / f64 product whose three matrices each
 //! have a unit stride on one axis, except the few-row products the decode kernel takes
 //! first (`gemv.rs`), to `cblas_sgemm` / `cblas_dgemm` (row-major, each
 //! operand transposed or not by its unit axis; [`Accum::Add`] is BLAS's `beta = 1`, the
