@@ -575,7 +575,8 @@ def driver(args):
         + f"; threads: {args.threads} (torch.set_num_threads → {tt['torch_threads']}, interop "
         f"{tt['torch_interop_threads']}, ATen CPU capability {tt['torch_cpu_capability']}; lorakit "
         f"RAYON_NUM_THREADS/CANDLE_NUM_THREADS → candle gemm {th['candle_get_num_threads (gemm)']}, rayon pool "
-        f"{th['rayon_global_pool']})",
+        f"{th['rayon_global_pool']}, candle element-wise spin limit "
+        f"{th.get('candle elementwise spin limit', 'not reported')})",
         f"date: {started:%Y-%m-%d %H:%M} UTC; load average before {load_before}, after {load_after} (1, 5, 15 min)",
         "versions: " + ", ".join(f"{k} {v}" for k, v in tt["versions"].items())
         + f"; lorakit {args.lorakit_bin}",

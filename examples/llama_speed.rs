@@ -40,7 +40,10 @@
 //! `RAYON_NUM_THREADS` for its `gemm` calls (`Parallelism::Rayon(n)` on rayon's global
 //! pool) and `CANDLE_NUM_THREADS` (else `RAYON_NUM_THREADS`) for the pool its large
 //! element-wise ops split over; candle-nn's softmax / RMSNorm kernels and lorakit's own
-//! kernels use rayon's global pool. The output reports what each of them sees.
+//! kernels use rayon's global pool. The output reports what each of them sees. The
+//! example calls `lorakit::threads::park_idle_elementwise_workers` first, as a training
+//! program should (candle's element-wise workers spin 200 rounds after an op, not 25,000);
+//! set `CANDLE_BARRIER_POOL_SPIN_LIMIT=25000` to time candle's default instead.
 //!
 //! Peak memory: `VmHWM` of `/proc/self/status` (Linux), at the end of the run.
 
@@ -1039,6 +1042,9 @@ fn ops(args: &Args, dev: &Device) -> R<Value> {
 
 fn main() -> R<()> {
     let args = parse_args()?;
+    // A training program: candle's element-wise workers park instead of spinning through
+    // the GEMMs (`lorakit::threads`; an explicit CANDLE_BARRIER_POOL_SPIN_LIMIT wins).
+    lorakit::threads::park_idle_elementwise_workers();
     // Before any candle op or rayon use: every pool candle and lorakit use reads these.
     std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
     std::env::set_var("CANDLE_NUM_THREADS", args.threads.to_string());
@@ -1057,6 +1063,8 @@ fn main() -> R<()> {
             "candle_get_num_threads (gemm)": candle_core::utils::get_num_threads(),
             "rayon_global_pool": rayon::current_num_threads(),
             "CANDLE_NUM_THREADS (element-wise pool)": args.threads,
+            "candle elementwise spin limit":
+                std::env::var(lorakit::threads::SPIN_LIMIT_VARIABLE).unwrap_or_default(),
         },
         "candle": {"avx": candle_core::utils::with_avx(), "f16c": candle_core::utils::with_f16c(),
                    "mkl": candle_core::utils::has_mkl()},

@@ -93,6 +93,7 @@ pub mod peft;
 pub mod quant;
 pub mod shared;
 pub mod staging;
+pub mod threads;
 pub mod tokenizer;
 pub mod train;
 mod validate;

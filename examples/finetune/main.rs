@@ -139,6 +139,9 @@ fn quantize_type(name: &str) -> lorakit::Result<GgmlDType> {
 fn main() {
     // A training program: keep the step's freed buffers resident (see `lorakit::memory`).
     lorakit::memory::retain_freed_buffers();
+    // ... and candle's element-wise workers park instead of spinning through the GEMMs
+    // (see `lorakit::threads`); before any thread starts.
+    lorakit::threads::park_idle_elementwise_workers();
     if let Err(e) = run(Args::parse()) {
         eprintln!("error: {e}");
         std::process::exit(1);

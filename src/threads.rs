@@ -1,0 +1,55 @@
+//! Opt-in thread tuning for training processes: candle's element-wise workers park soon
+//! after their work instead of spinning through the next matrix product.
+//!
+//! candle 0.11 runs its large element-wise ops (adds, multiplies, the gradient sums of its
+//! backward) on a pool of `CANDLE_NUM_THREADS − 1` worker threads. After each op a worker
+//! spins for `CANDLE_BARRIER_POOL_SPIN_LIMIT` rounds (25,000 by default, a fraction of a
+//! millisecond) before it parks. Matrix products run on a second pool (rayon's, sized to
+//! all cores as well), so in a training step, where element-wise ops and products
+//! alternate, the spinning workers take cores away from the product that follows. On an
+//! AMD EPYC with 2 cores, candle's default spin made the Llama benchmark's training step
+//! 4–10% slower, nearly all of it in the backward (`benches/LLAMA_SPEED.md`, "candle's
+//! spinning element-wise workers").
+//!
+//! [`park_idle_elementwise_workers`] sets a short spin, [`SHORT_SPIN_LIMIT`] rounds, about as
+//! long as waking a parked thread takes. An op that follows at once still finds its workers
+//! awake; a worker that would wait through a product parks before it takes a measurable
+//! share of a core. Generation (decoding) is not affected: its element-wise ops are too
+//! small for candle's pool.
+//!
+//! lorakit does not change this by itself: the setting is an environment variable that
+//! candle reads once, and a library cannot know what else the process does. Call it at the
+//! start of a program that trains (the `finetune` example and the Llama benchmark do).
+//!
+//! ```
+//! // First thing in a training program's `main`:
+//! let set_here = lorakit::threads::park_idle_elementwise_workers();
+//! // `false` when CANDLE_BARRIER_POOL_SPIN_LIMIT was set already (it is left as it is).
+//! let value = std::env::var(lorakit::threads::SPIN_LIMIT_VARIABLE).unwrap();
+//! assert!(!set_here || value == lorakit::threads::SHORT_SPIN_LIMIT.to_string());
+//! ```
+
+/// The variable candle's element-wise pool reads its spin limit from, once, when the pool
+/// starts (at the first large element-wise op).
+pub const SPIN_LIMIT_VARIABLE: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
+
+/// The spin [`park_idle_elementwise_workers`] sets: 200 rounds of the CPU's spin-wait hint,
+/// a few microseconds, the order of a thread wake-up. On the AMD EPYC measured, 0, 200 and
+/// 2,000 gave the same training speed within noise, and candle's 25,000 was 4–10% slower.
+pub const SHORT_SPIN_LIMIT: u32 = 200;
+
+/// Opt-in: makes candle's element-wise workers spin [`SHORT_SPIN_LIMIT`] rounds after each
+/// op before they park, unless [`SPIN_LIMIT_VARIABLE`] is set already (a user's own value
+/// wins). Returns whether it set the variable.
+///
+/// Call it first thing in `main`: candle reads the variable once, when its pool starts, so
+/// a call after the first large element-wise op has no effect; and setting an environment
+/// variable is only sound while no other thread reads the environment, so call it before
+/// the program starts threads.
+pub fn park_idle_elementwise_workers() -> bool {
+    if std::env::var_os(SPIN_LIMIT_VARIABLE).is_some() {
+        return false;
+    }
+    std::env::set_var(SPIN_LIMIT_VARIABLE, SHORT_SPIN_LIMIT.to_string());
+    true
+}
