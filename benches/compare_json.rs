@@ -3,6 +3,10 @@
 //!
 //! `cargo bench --bench compare_json` (the script sets `RAYON_NUM_THREADS`).
 //!
+//! Like a training program, it first calls `lorakit::threads::park_idle_elementwise_workers`
+//! (candle's element-wise workers spin 200 rounds after an op instead of 25,000); a
+//! `CANDLE_BARRIER_POOL_SPIN_LIMIT` set by the caller is kept.
+//!
 //! The forward rows of the small batches (`n ≤ common::EVAL_MAX_ROWS`) time evaluation: an input
 //! without gradient tracking and, for the fused path, `LoraLinear::forward_t(x, false)`
 //! (PEFT's side runs under `torch.no_grad()`).
@@ -34,6 +38,7 @@ fn median_ms(mut f: impl FnMut(), budget_ms: f64) -> (f64, f64) {
 
 fn main() {
     // `cargo bench` passes `--bench`; nothing else is accepted.
+    lorakit::threads::park_idle_elementwise_workers();
     let mut out = Vec::new();
     for shape in SHAPES {
         let setup = Setup::new(shape);

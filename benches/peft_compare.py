@@ -14,7 +14,9 @@ With --rounds N the two sides alternate N times and each case reports the median
 per-round medians (the machine may be shared: alternating spreads the noise over both).
 
 The lorakit side is `cargo bench --bench compare_json` (JSON on its last line), run with
-RAYON_NUM_THREADS set to the same thread count.
+RAYON_NUM_THREADS set to the same thread count. It calls
+`lorakit::threads::park_idle_elementwise_workers` first, as a training program should;
+`CANDLE_BARRIER_POOL_SPIN_LIMIT=25000` in the environment times candle's default instead.
 
 --lorakit-features default openblas (any list of cargo feature sets, `default` for none)
 runs the lorakit side once per feature set in every round and adds a table of the fused
@@ -290,6 +292,13 @@ def combine(rounds):
     return statistics.median(m for m, _ in rounds), min(lo for _, lo in rounds)
 
 
+def candle_spin_limit():
+    """The spin limit of candle's element-wise workers on the lorakit side: the caller's
+    CANDLE_BARRIER_POOL_SPIN_LIMIT, else the 200 that `compare_json` sets through
+    `lorakit::threads::park_idle_elementwise_workers`."""
+    return os.environ.get("CANDLE_BARRIER_POOL_SPIN_LIMIT") or "200 (park_idle_elementwise_workers)"
+
+
 def table(t, k, threads):
     cpu = cpu_info(threads)
     lines = [
@@ -298,6 +307,7 @@ def table(t, k, threads):
         f"threads: {threads} (torch.set_num_threads / RAYON_NUM_THREADS); "
         f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}"
         + (f"; OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']}" if os.environ.get("OPENBLAS_CORETYPE") else "")
+        + f"; lorakit's candle element-wise spin limit {candle_spin_limit()}"
         + ".",
         "",
         "Each cell: median (min) in ms; ratios of medians (of minima). The fwd rows at "
