@@ -205,22 +205,7 @@ fn gemm_into<T: WithDType>(
     accum: Accum,
     beta: T,
 ) -> candle_core::Result<()> {
-    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-    if rhs.rows != k {
-        candle_core::bail!("fused linear: inner dimensions {k} and {} differ", rhs.rows);
-    }
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    if dst_rs < n || (m - 1) * dst_rs + n > dst.len() {
-        candle_core::bail!("fused linear: destination too small for {m}x{n}");
-    }
-    if k == 0 {
-        if accum == Accum::Replace {
-            for row in dst.chunks_mut(dst_rs).take(m) {
-                row.iter_mut().take(n).for_each(|v| *v = T::from_f64(0.0));
-            }
-        }
+    if !check_product(dst, dst_rs, lhs, rhs, accum)? {
         return Ok(());
     }
     let product = MatProduct::new(lhs, rhs, accum, beta);
@@ -236,20 +221,71 @@ fn gemm_into<T: WithDType>(
     if let Some(done) = col_major::reroute(dst, dst_rs, product) {
         return done;
     }
-    // SAFETY: every view was bounds-checked (`MatRef::new`, the check above) and `dst` is a
-    // unique borrow holding the `m × n` result at row stride `dst_rs`.
-    unsafe {
-        gemm_raw(
-            dst.as_mut_ptr(),
-            dst_rs,
-            lhs,
-            rhs,
-            accum,
-            beta,
-            parallelism(),
-        )
-    };
+    gemm_checked(dst, dst_rs, product, parallelism());
     Ok(())
+}
+
+/// Checks that `dst` (row stride `dst_rs`) holds the `lhs · rhs` product and that the
+/// inner dimensions agree. Returns `false` when nothing is left to multiply: an empty
+/// result, or an empty inner dimension (the result then zeroed for [`Accum::Replace`]).
+fn check_product<T: WithDType>(
+    dst: &mut [T],
+    dst_rs: usize,
+    lhs: MatRef<T>,
+    rhs: MatRef<T>,
+    accum: Accum,
+) -> candle_core::Result<bool> {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    if rhs.rows != k {
+        candle_core::bail!("fused linear: inner dimensions {k} and {} differ", rhs.rows);
+    }
+    if m == 0 || n == 0 {
+        return Ok(false);
+    }
+    if dst_rs < n || (m - 1) * dst_rs + n > dst.len() {
+        candle_core::bail!("fused linear: destination too small for {m}x{n}");
+    }
+    if k == 0 {
+        if accum == Accum::Replace {
+            for row in dst.chunks_mut(dst_rs).take(m) {
+                row.iter_mut().take(n).for_each(|v| *v = T::from_f64(0.0));
+            }
+        }
+        return Ok(false);
+    }
+    Ok(true)
+}
+
+/// `dst = lhs · rhs` ([`Accum::Replace`]) or `dst += lhs · rhs` ([`Accum::Add`]) on the
+/// `gemm` crate alone, with the caller's `parallelism`: for ops that split their work over
+/// threads themselves (the training attention's blocks), where [`gemm_into`]'s routes and
+/// candle's thread count do not apply.
+pub(crate) fn gemm_with<T: WithDType>(
+    dst: &mut [T],
+    dst_rs: usize,
+    lhs: MatRef<T>,
+    rhs: MatRef<T>,
+    accum: Accum,
+    parallelism: gemm::Parallelism,
+) -> candle_core::Result<()> {
+    if check_product(dst, dst_rs, lhs, rhs, accum)? {
+        let product = MatProduct::new(lhs, rhs, accum, T::from_f64(1.0));
+        gemm_checked(dst, dst_rs, product, parallelism);
+    }
+    Ok(())
+}
+
+/// The `gemm` crate's product on a destination [`check_product`] accepted.
+fn gemm_checked<T: WithDType>(
+    dst: &mut [T],
+    dst_rs: usize,
+    product: MatProduct<T>,
+    parallelism: gemm::Parallelism,
+) {
+    let (lhs, rhs, accum, beta) = product.parts();
+    // SAFETY: the views were bounds-checked (`MatRef::new`, `check_product`) and `dst` is a
+    // unique borrow holding the `m × n` result at row stride `dst_rs`.
+    unsafe { gemm_raw(dst.as_mut_ptr(), dst_rs, lhs, rhs, accum, beta, parallelism) };
 }
 
 /// The `gemm` call behind [`gemm_into`], on a raw destination.

@@ -61,6 +61,7 @@ mod weight;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
+pub(crate) use cpu::{gemm_with, Accum, MatRef};
 pub(crate) use product::Product;
 pub(crate) use rows::{flatten_rows, unflatten_rows};
 pub use scaled::ScaledLowRankLinear;

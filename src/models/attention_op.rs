@@ -3,10 +3,10 @@
 //! The composed path (`q·kᵀ`, scale, mask, softmax, `probs·v`, the output transpose)
 //! records about ten nodes, half of them `(heads, seq, seq)`-sized; candle's backward
 //! gives each a zero-filled gradient and an add on top of its own work. This op computes
-//! `softmax(scale · q kᵀ + causal mask) v` with candle's CPU matmul for the two products
-//! and one pass for the scale, the mask (causal, optionally a sliding window) and the
-//! softmax, and writes the output straight in `(batch, seq, heads · head_dim)` (what
-//! `o_proj` reads). It keeps the probabilities for its backward (as the composed path's
+//! `softmax(scale · q kᵀ + causal mask) v` with products that skip the keys the mask hides
+//! from whole blocks of queries ([`super::attention_blocks`]) and one pass for the scale,
+//! the mask (causal, optionally a sliding window) and the softmax, and writes the output
+//! in `(batch, seq, heads · head_dim)` (what `o_proj` reads). It keeps the probabilities for its backward (as the composed path's
 //! softmax node does), which is
 //! `dV = Pᵀ dO`, `dS = scale · P ⊙ (dO Vᵀ − rowsum(dO ⊙ O))`, `dQ = dS K`, `dK = dSᵀ Q`.
 //! Each key/value head serves `heads / kv_heads` consecutive query heads; the products
@@ -15,11 +15,14 @@
 
 use std::sync::Mutex;
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::attention_blocks;
 use super::cpu_op::f32_input;
+
+/// The op's name in errors.
+const OP: &str = "attention";
 
 /// `softmax(scale · q kᵀ + mask) v` for `q` `(b, heads, t, d)` and `k`, `v`
 /// `(b, kv_heads, kv_len, d)`, queries at positions `kv_len − t ..` and keys at `0..kv_len`:
@@ -104,14 +107,19 @@ impl Dims {
     }
 }
 
-fn f32_vec(s: CpuStorage) -> candle_core::Result<Vec<f32>> {
-    match s {
-        CpuStorage::F32(v) => Ok(v),
-        other => candle_core::bail!("attention: expected f32, got {:?}", other.dtype()),
-    }
-}
-
 impl CausalAttention {
+    /// The sizes [`attention_blocks`] works on.
+    fn block_shape(&self, n: Dims) -> attention_blocks::Shape {
+        attention_blocks::Shape {
+            bg: n.b * n.g,
+            group: n.h / n.g,
+            t: n.t,
+            kv: n.kv,
+            d: n.d,
+            window: self.window,
+        }
+    }
+
     /// Scales, masks and normalizes each row of `scores` `(b·g, m, kv)` in place.
     fn softmax_rows(&self, scores: &mut [f32], n: Dims) {
         let offset = n.kv - n.t;
@@ -157,19 +165,17 @@ impl CustomOp3 for CausalAttention {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let n = Dims::of(ql, kl, vl)?;
         let (bg, m) = (n.b * n.g, n.m());
-        let q_rows = Layout::contiguous_with_offset((bg, m, n.d), ql.start_offset());
-        let k_t =
-            Layout::contiguous_with_offset((bg, n.kv, n.d), kl.start_offset()).transpose(1, 2)?;
-        let mut probs = f32_vec(qs.matmul(ks, (bg, m, n.kv, n.d), &q_rows, &k_t)?)?;
+        let shape = self.block_shape(n);
+        let (q, k, v) = (
+            f32_input(OP, qs, ql)?,
+            f32_input(OP, ks, kl)?,
+            f32_input(OP, vs, vl)?,
+        );
+        let mut probs = vec![0f32; bg * m * n.kv];
+        attention_blocks::scores(q, k, shape, &mut probs)?;
         self.softmax_rows(&mut probs, n);
-        let probs = CpuStorage::F32(probs);
-        let heads = probs.matmul(
-            vs,
-            (bg, m, n.d, n.kv),
-            &Layout::contiguous((bg, m, n.kv)),
-            &Layout::contiguous_with_offset((bg, n.kv, n.d), vl.start_offset()),
-        )?;
-        let heads = f32_vec(heads)?;
+        let mut heads = vec![0f32; bg * m * n.d];
+        attention_blocks::weighted_values(&probs, v, shape, &mut heads)?;
         // (b, h, t, d) → (b, t, h, d).
         let (h, t, d) = (n.h, n.t, n.d);
         let mut out = vec![0f32; heads.len()];
@@ -184,7 +190,7 @@ impl CustomOp3 for CausalAttention {
                 }
             });
         }
-        let probs = Tensor::from_vec(f32_vec(probs)?, (n.b, n.g, m, n.kv), &Device::Cpu)?;
+        let probs = Tensor::from_vec(probs, (n.b, n.g, m, n.kv), &Device::Cpu)?;
         if let Ok(mut slot) = self.probs.lock() {
             *slot = Some(probs);
         }
@@ -207,73 +213,44 @@ impl CustomOp3 for CausalAttention {
             candle_core::bail!("attention backward: the forward's probabilities are missing")
         };
         let (b, h, t, d) = q.dims4()?;
-        let g = k.dim(1)?;
-        let m = h / g * t;
-        // (b, t, h·d) → (b, g, m, d), the layout of the products.
-        let grouped = |x: &Tensor| -> candle_core::Result<Tensor> {
-            x.reshape((b, t, h, d))?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((b, g, m, d))
+        let (g, kv) = (k.dim(1)?, k.dim(2)?);
+        // (b, t, h·d) → (b, h, t, d), the layout of the products.
+        let per_head = |x: &Tensor| -> candle_core::Result<Tensor> {
+            x.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()
         };
-        let d_out = grouped(grad)?;
-        let row_dot = grouped(&(grad * res)?)?.sum_keepdim(3)?;
-        let d_v = p.t()?.matmul(&d_out)?;
-        let d_p = d_out.matmul(&v.t()?)?;
-        let d_s = p.apply_op3_no_bwd(
-            &d_p,
-            &row_dot.contiguous()?,
-            &ScoresGrad { scale: self.scale },
-        )?;
-        let d_q = d_s.matmul(k)?.reshape((b, h, t, d))?;
-        let d_k = d_s.t()?.matmul(&q.reshape((b, g, m, d))?)?;
+        let d_out = per_head(grad)?;
+        let row_dot = per_head(&(grad * res)?)?.sum_keepdim(3)?.contiguous()?;
+        let (qc, kc, vc) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let guards = [&qc, &kc, &vc, &p, &d_out, &row_dot].map(|t| t.storage_and_layout());
+        let mut slices = Vec::with_capacity(guards.len());
+        for (storage, layout) in &guards {
+            let Storage::Cpu(storage) = &**storage else {
+                candle_core::bail!("attention backward: expected CPU tensors")
+            };
+            slices.push(f32_input(OP, storage, layout)?);
+        }
+        let &[q_s, k_s, v_s, p_s, d_out_s, row_dot_s] = slices.as_slice() else {
+            candle_core::bail!("attention backward: {} inputs, expected 6", slices.len())
+        };
+        let inputs = attention_blocks::BackwardInputs {
+            q: q_s,
+            k: k_s,
+            v: v_s,
+            probs: p_s,
+            d_out: d_out_s,
+            row_dot: row_dot_s,
+            scale: self.scale,
+        };
+        let shape = self.block_shape(Dims { b, h, g, t, kv, d });
+        let (d_q, d_k, d_v) = attention_blocks::backward(&inputs, shape)?;
+        drop(slices);
+        drop(guards);
+        let dev = Device::Cpu;
+        let d_q = Tensor::from_vec(d_q, (b, h, t, d), &dev)?;
+        let d_k = Tensor::from_vec(d_k, (b, g, kv, d), &dev)?;
+        let d_v = Tensor::from_vec(d_v, (b, g, kv, d), &dev)?;
         let keep = |x: &Tensor, grad: Tensor| x.track_op().then_some(grad);
         Ok((keep(q, d_q), keep(k, d_k), keep(v, d_v)))
-    }
-}
-
-/// The scores' gradient from the probabilities `P`, their gradient `dP` (both
-/// `(…, kv)`) and `rowsum(dO ⊙ O)` `(…, 1)`: `scale · P ⊙ (dP − rowsum)`, in one pass.
-struct ScoresGrad {
-    scale: f32,
-}
-
-impl CustomOp3 for ScoresGrad {
-    fn name(&self) -> &'static str {
-        "lorakit-attention-scores-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let p = f32_input("attention backward", s1, l1)?;
-        let dp = f32_input("attention backward", s2, l2)?;
-        let dot = f32_input("attention backward", s3, l3)?;
-        let kv = l1.dims().last().copied().unwrap_or(0);
-        if kv == 0 || dp.len() != p.len() || dot.len() * kv != p.len() {
-            candle_core::bail!(
-                "attention backward: probabilities {:?}, their gradient {:?}, row sums {:?}",
-                l1.dims(),
-                l2.dims(),
-                l3.dims()
-            );
-        }
-        let mut out = vec![0f32; p.len()];
-        out.par_chunks_mut(kv)
-            .zip(p.par_chunks(kv).zip(dp.par_chunks(kv)))
-            .zip(dot.par_iter())
-            .for_each(|((dst, (pr, dpr)), &c)| {
-                for ((d, &pv), &g) in dst.iter_mut().zip(pr).zip(dpr) {
-                    *d = self.scale * pv * (g - c);
-                }
-            });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
 
@@ -324,7 +301,8 @@ mod tests {
     }
 
     /// Value and the gradients of q, k and v equal the composed ops: grouped-query heads,
-    /// full causal and sliding-window masks, queries after earlier keys.
+    /// full causal and sliding-window masks, queries after earlier keys, one block of
+    /// query rows and several.
     #[test]
     fn equals_the_composed_attention() {
         let dev = Device::Cpu;
@@ -333,6 +311,12 @@ mod tests {
             (4, 2, 6, 6, Some(3)),
             (3, 3, 3, 5, None),
             (2, 1, 4, 7, Some(2)),
+            // Past one block of query rows (attention_blocks::BLOCK_ROWS = 64): the
+            // later blocks' key spans, a ragged last block, windows inside and across
+            // blocks.
+            (4, 2, 150, 150, None),
+            (2, 1, 70, 100, Some(40)),
+            (3, 3, 130, 130, Some(100)),
         ] {
             let (b, d) = (2, 4);
             let var = |shape: (usize, usize, usize, usize)| {

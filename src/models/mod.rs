@@ -22,6 +22,7 @@
 //! Partial (issue "Fine-tune real models in Rust"): the training loop and `finetune` are
 //! not here yet.
 
+mod attention_blocks;
 mod attention_op;
 pub mod auto;
 mod batch_generation;
