@@ -296,7 +296,9 @@ def candle_spin_limit():
     """The spin limit of candle's element-wise workers on the lorakit side: the caller's
     CANDLE_BARRIER_POOL_SPIN_LIMIT, else the 200 that `compare_json` sets through
     `lorakit::threads::park_idle_elementwise_workers`."""
-    return os.environ.get("CANDLE_BARRIER_POOL_SPIN_LIMIT") or "200 (park_idle_elementwise_workers)"
+    if "CANDLE_BARRIER_POOL_SPIN_LIMIT" in os.environ:  # kept as set (candle ignores a value it cannot parse)
+        return repr(os.environ["CANDLE_BARRIER_POOL_SPIN_LIMIT"])
+    return "200 (park_idle_elementwise_workers)"
 
 
 def table(t, k, threads):

@@ -27,8 +27,10 @@ pub(super) const BLOCK_ROWS: usize = 64;
 /// The sizes of one call.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Shape {
-    /// Batch times key/value heads.
-    pub bg: usize,
+    /// Batch size.
+    pub batch: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
     /// Query heads per key/value head.
     pub group: usize,
     /// Queries per head.
@@ -53,6 +55,16 @@ struct Block {
 }
 
 impl Shape {
+    /// Key/value heads over the batch.
+    fn bg(self) -> usize {
+        self.batch * self.kv_heads
+    }
+
+    /// Query heads per batch element.
+    fn heads(self) -> usize {
+        self.kv_heads * self.group
+    }
+
     /// The blocks of one head's queries, in order.
     fn blocks(self) -> impl Iterator<Item = Block> {
         let offset = self.kv - self.t;
@@ -86,7 +98,7 @@ impl Shape {
 /// outside the spans are left as they are (the softmax zeroes them).
 pub(super) fn scores(q: &[f32], k: &[f32], s: Shape, out: &mut [f32]) -> Result<()> {
     let (t, kv, d) = (s.t, s.kv, s.d);
-    let par = s.parallelism(s.bg * s.group);
+    let par = s.parallelism(s.bg() * s.group);
     out.par_chunks_mut(t * kv)
         .enumerate()
         .try_for_each(|(head, dst)| {
@@ -105,7 +117,7 @@ pub(super) fn scores(q: &[f32], k: &[f32], s: Shape, out: &mut [f32]) -> Result<
 /// `P v` per block over its key span: the heads' outputs `(b · heads, t, d)`.
 pub(super) fn weighted_values(probs: &[f32], v: &[f32], s: Shape, out: &mut [f32]) -> Result<()> {
     let (t, kv, d) = (s.t, s.kv, s.d);
-    let par = s.parallelism(s.bg * s.group);
+    let par = s.parallelism(s.bg() * s.group);
     out.par_chunks_mut(t * d)
         .enumerate()
         .try_for_each(|(head, dst)| {
@@ -127,21 +139,24 @@ pub(super) struct BackwardInputs<'a> {
     pub v: &'a [f32],
     /// The forward's probabilities `(b · heads, t, kv)`.
     pub probs: &'a [f32],
-    /// The output's gradient per head, `(b · heads, t, d)`.
+    /// The forward's output `O`, `(b, t, heads · d)`.
+    pub out: &'a [f32],
+    /// The output's gradient `dO`, `(b, t, heads · d)`: read in place, each head's rows at
+    /// stride `heads · d`.
     pub d_out: &'a [f32],
-    /// `rowsum(dO ⊙ O)` per query row, `(b · heads · t)`.
-    pub row_dot: &'a [f32],
     /// The scores' scale.
     pub scale: f32,
 }
 
-/// `(dQ, dK, dV)` in the layouts of `q`, `k`, `v`, with `dS = scale · P ⊙ (dP − rowsum)`.
+/// `(dQ, dK, dV)` in the layouts of `q`, `k`, `v`, with `dS = scale · P ⊙ (dP − c)` and
+/// `c = rowsum(dO ⊙ O)` per query row.
 pub(super) fn backward(x: &BackwardInputs, s: Shape) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
     let (t, kv, d, group) = (s.t, s.kv, s.d, s.group);
-    let mut d_q = vec![0f32; s.bg * group * t * d];
-    let mut d_k = vec![0f32; s.bg * kv * d];
-    let mut d_v = vec![0f32; s.bg * kv * d];
-    let par = s.parallelism(s.bg);
+    let (heads, row_stride) = (s.heads(), s.heads() * d);
+    let mut d_q = vec![0f32; s.bg() * group * t * d];
+    let mut d_k = vec![0f32; s.bg() * kv * d];
+    let mut d_v = vec![0f32; s.bg() * kv * d];
+    let par = s.parallelism(s.bg());
     d_q.par_chunks_mut(group * t * d)
         .zip(d_k.par_chunks_mut(kv * d).zip(d_v.par_chunks_mut(kv * d)))
         .enumerate()
@@ -149,16 +164,23 @@ pub(super) fn backward(x: &BackwardInputs, s: Shape) -> Result<(Vec<f32>, Vec<f3
             let k = rows(x.k, kv_head * kv, kv, d)?;
             let v = rows(x.v, kv_head * kv, kv, d)?;
             let mut d_s = vec![0f32; BLOCK_ROWS.min(t) * kv];
+            let mut row_dot = vec![0f32; BLOCK_ROWS.min(t)];
             for member in 0..group {
                 let head = kv_head * group + member;
                 let q = rows(x.q, head * t, t, d)?;
                 let p = rows(x.probs, head * t, t, kv)?;
-                let d_o = rows(x.d_out, head * t, t, d)?;
-                let row_dot = x.row_dot.get(head * t..(head + 1) * t).unwrap_or_default();
+                // Row `r` of this head in `(b, t, heads · d)`.
+                let (batch, within) = (head / heads, head % heads);
+                let at = |r: usize| ((batch * t + r) * heads + within) * d;
                 let d_q = sub_mut(d_q, member * t * d)?;
                 for b in s.blocks() {
                     let p_b = MatRef::new(sub(p, b.row * kv + b.key)?, b.rows, b.keys, kv, 1)?;
-                    let d_o_b = MatRef::contiguous(sub(d_o, b.row * d)?, b.rows, d)?;
+                    let d_o_b = MatRef::new(sub(x.d_out, at(b.row))?, b.rows, d, row_stride, 1)?;
+                    for (r, c) in row_dot.iter_mut().take(b.rows).enumerate() {
+                        let o = rows(x.out, at(b.row + r) / d, 1, d)?;
+                        let g = rows(x.d_out, at(b.row + r) / d, 1, d)?;
+                        *c = o.iter().zip(g).map(|(o, g)| o * g).sum();
+                    }
                     let q_b = MatRef::contiguous(sub(q, b.row * d)?, b.rows, d)?;
                     let k_b = MatRef::contiguous(sub(k, b.key * d)?, b.keys, d)?;
                     let v_b = MatRef::contiguous(sub(v, b.key * d)?, b.keys, d)?;
@@ -167,7 +189,7 @@ pub(super) fn backward(x: &BackwardInputs, s: Shape) -> Result<(Vec<f32>, Vec<f3
                     // dP over the span, then dS in place.
                     gemm_with(&mut d_s, b.keys, d_o_b, v_b.t(), Accum::Replace, par)?;
                     for (r, ds_row) in d_s.chunks_mut(b.keys).take(b.rows).enumerate() {
-                        let c = row_dot.get(b.row + r).copied().unwrap_or(0.0);
+                        let c = row_dot.get(r).copied().unwrap_or(0.0);
                         let p_row = sub(p, (b.row + r) * kv + b.key)?;
                         for (g, &pv) in ds_row.iter_mut().zip(p_row) {
                             *g = x.scale * pv * (*g - c);

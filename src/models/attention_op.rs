@@ -6,8 +6,8 @@
 //! `softmax(scale · q kᵀ + causal mask) v` with products that skip the keys the mask hides
 //! from whole blocks of queries ([`super::attention_blocks`]) and one pass for the scale,
 //! the mask (causal, optionally a sliding window) and the softmax, and writes the output
-//! in `(batch, seq, heads · head_dim)` (what `o_proj` reads). It keeps the probabilities for its backward (as the composed path's
-//! softmax node does), which is
+//! in `(batch, seq, heads · head_dim)` (what `o_proj` reads). It keeps the probabilities
+//! for its backward (as the composed path's softmax node does), which is
 //! `dV = Pᵀ dO`, `dS = scale · P ⊙ (dO Vᵀ − rowsum(dO ⊙ O))`, `dQ = dS K`, `dK = dSᵀ Q`.
 //! Each key/value head serves `heads / kv_heads` consecutive query heads; the products
 //! run per key/value head over the stacked query heads, so keys and values are not
@@ -111,7 +111,8 @@ impl CausalAttention {
     /// The sizes [`attention_blocks`] works on.
     fn block_shape(&self, n: Dims) -> attention_blocks::Shape {
         attention_blocks::Shape {
-            bg: n.b * n.g,
+            batch: n.b,
+            kv_heads: n.g,
             group: n.h / n.g,
             t: n.t,
             kv: n.kv,
@@ -214,14 +215,11 @@ impl CustomOp3 for CausalAttention {
         };
         let (b, h, t, d) = q.dims4()?;
         let (g, kv) = (k.dim(1)?, k.dim(2)?);
-        // (b, t, h·d) → (b, h, t, d), the layout of the products.
-        let per_head = |x: &Tensor| -> candle_core::Result<Tensor> {
-            x.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()
-        };
-        let d_out = per_head(grad)?;
-        let row_dot = per_head(&(grad * res)?)?.sum_keepdim(3)?.contiguous()?;
         let (qc, kc, vc) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-        let guards = [&qc, &kc, &vc, &p, &d_out, &row_dot].map(|t| t.storage_and_layout());
+        // The output and its gradient stay in `(b, t, h·d)`: the blocks read each head's
+        // rows in place.
+        let (out, d_out) = (res.contiguous()?, grad.contiguous()?);
+        let guards = [&qc, &kc, &vc, &p, &out, &d_out].map(|t| t.storage_and_layout());
         let mut slices = Vec::with_capacity(guards.len());
         for (storage, layout) in &guards {
             let Storage::Cpu(storage) = &**storage else {
@@ -229,7 +227,7 @@ impl CustomOp3 for CausalAttention {
             };
             slices.push(f32_input(OP, storage, layout)?);
         }
-        let &[q_s, k_s, v_s, p_s, d_out_s, row_dot_s] = slices.as_slice() else {
+        let &[q_s, k_s, v_s, p_s, out_s, d_out_s] = slices.as_slice() else {
             candle_core::bail!("attention backward: {} inputs, expected 6", slices.len())
         };
         let inputs = attention_blocks::BackwardInputs {
@@ -237,8 +235,8 @@ impl CustomOp3 for CausalAttention {
             k: k_s,
             v: v_s,
             probs: p_s,
+            out: out_s,
             d_out: d_out_s,
-            row_dot: row_dot_s,
             scale: self.scale,
         };
         let shape = self.block_shape(Dims { b, h, g, t, kv, d });
