@@ -163,11 +163,15 @@ impl Ema {
         })
     }
 
-    /// One update from `|w · g|` (zero when the tensor got no gradient).
+    /// One update from `|w · g|` (zero when the tensor got no gradient). Computed on
+    /// detached values: the variable carries autograd history, and averages that kept it
+    /// would hold every earlier step's gradients alive.
     fn update(&mut self, var: &Var, grads: &GradStore, beta1: f64, beta2: f64) -> Result<()> {
         let w = var.as_tensor();
         let ipt = match grads.get(w) {
-            Some(g) => (w.to_dtype(DType::F32)? * g.to_dtype(DType::F32)?)?.abs()?,
+            Some(g) => {
+                (w.detach().to_dtype(DType::F32)? * g.detach().to_dtype(DType::F32)?)?.abs()?
+            }
             None => Tensor::zeros(w.shape(), DType::F32, w.device())?,
         };
         self.ipt = ((&self.ipt * beta1)? + (&ipt * (1.0 - beta1))?)?;

@@ -6,13 +6,15 @@
 #[path = "../suite/common/mod.rs"]
 mod common;
 
+mod adalora_alloc;
 mod dora_alloc;
+mod kv_cache_alloc;
 mod no_weight_alloc;
 mod quant_alloc;
 
 pub mod counting {
     //! The system allocator, with counters: the largest single allocation, and the number of
-    //! allocations of one watched size, while a closure runs.
+    //! allocations of one watched size, while a closure runs; and the bytes held now.
 
     use std::alloc::{GlobalAlloc, Layout, System};
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -28,6 +30,8 @@ pub mod counting {
     static WATCH: AtomicUsize = AtomicUsize::new(0);
     /// Allocations of exactly `WATCH` bytes seen.
     static SEEN: AtomicUsize = AtomicUsize::new(0);
+    /// Bytes allocated and not yet freed, by every thread.
+    static LIVE: AtomicUsize = AtomicUsize::new(0);
 
     static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -41,22 +45,35 @@ pub mod counting {
         }
     }
 
+    /// Counts `size` bytes as held when the allocation `ptr` succeeded; returns `ptr`.
+    fn held(ptr: *mut u8, size: usize) -> *mut u8 {
+        if !ptr.is_null() {
+            LIVE.fetch_add(size, Ordering::Relaxed);
+        }
+        ptr
+    }
+
     // SAFETY: forwards every call to the system allocator unchanged.
     unsafe impl GlobalAlloc for Counting {
         unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
             note(layout.size());
-            unsafe { System.alloc(layout) }
+            held(unsafe { System.alloc(layout) }, layout.size())
         }
         unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
             note(layout.size());
-            unsafe { System.alloc_zeroed(layout) }
+            held(unsafe { System.alloc_zeroed(layout) }, layout.size())
         }
         unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
             unsafe { System.dealloc(ptr, layout) }
         }
         unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
             note(new_size);
-            unsafe { System.realloc(ptr, layout, new_size) }
+            let moved = unsafe { System.realloc(ptr, layout, new_size) };
+            if !moved.is_null() {
+                LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+            }
+            held(moved, new_size)
         }
     }
 
@@ -76,6 +93,11 @@ pub mod counting {
         f();
         ON.store(false, Ordering::SeqCst);
         LARGEST.load(Ordering::SeqCst)
+    }
+
+    /// The bytes allocated and not yet freed, by every thread of the process.
+    pub fn live_bytes() -> usize {
+        LIVE.load(Ordering::SeqCst)
     }
 
     /// Runs `f` and returns how many allocations of exactly `bytes` bytes it made.

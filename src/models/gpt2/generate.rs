@@ -36,6 +36,8 @@ impl Gpt2LmHeadModel {
     /// other than the cache's, a cache with another layer count, or more than
     /// `n_positions` positions in all.
     ///
+    /// The cache keeps keys and values without their autograd history ([`KvCache`]).
+    ///
     /// ```
     /// use candle_core::{DType, Device, IndexOp, Tensor};
     /// use lorakit::models::gpt2::Gpt2LmHeadModel;

@@ -19,6 +19,8 @@ impl LlamaForCausalLM {
     /// other than the cache's, a cache built for another layer count, or more than
     /// `max_position_embeddings` positions in all.
     ///
+    /// The cache keeps keys and values without their autograd history ([`KvCache`]).
+    ///
     /// ```
     /// use candle_core::{DType, Device, IndexOp, Tensor};
     /// use lorakit::models::llama::{KvCache, LlamaForCausalLM};
