@@ -581,7 +581,7 @@ def driver(args):
         "versions: " + ", ".join(f"{k} {v}" for k, v in tt["versions"].items())
         + f"; lorakit {args.lorakit_bin}",
         f"PyTorch attention: {tt['attn_implementation']}; generation cache: transformers' default "
-        f"(use_cache={tg['cache'].split('=')[-1]}); lorakit: its fused attention op in training, composed attention + KvCache in generation",
+        f"(use_cache={tg['cache'].split('=')[-1]}); lorakit: its fused attention op in training and in generation (over the KvCache's buffers, in place)",
         f"model: Llama, {SHAPE['num_hidden_layers']} layers, hidden {SHAPE['hidden_size']}, "
         f"{SHAPE['num_attention_heads']} heads / {SHAPE['num_key_value_heads']} KV heads, MLP "
         f"{SHAPE['intermediate_size']}, vocab {SHAPE['vocab_size']} (untied), f32; LoRA r={RANK}, alpha={ALPHA} "

@@ -37,6 +37,9 @@ pub(super) struct Shape {
     pub t: usize,
     /// Keys per head; the queries are the last `t` positions of `0..kv`.
     pub kv: usize,
+    /// Rows from one key/value head to the next in `k` and `v` (at least `kv`: a KV
+    /// cache's buffers hold room past the cached positions).
+    pub kv_stride: usize,
     /// Head dimension.
     pub d: usize,
     /// Sliding window: a query sees fewer than `window` positions back.
@@ -103,7 +106,7 @@ pub(super) fn scores(q: &[f32], k: &[f32], s: Shape, out: &mut [f32]) -> Result<
         .enumerate()
         .try_for_each(|(head, dst)| {
             let q = rows(q, head * t, t, d)?;
-            let k = rows(k, head / s.group * kv, kv, d)?;
+            let k = rows(k, head / s.group * s.kv_stride, kv, d)?;
             for b in s.blocks() {
                 let lhs = MatRef::contiguous(sub(q, b.row * d)?, b.rows, d)?;
                 let rhs = MatRef::contiguous(sub(k, b.key * d)?, b.keys, d)?.t();
@@ -122,7 +125,7 @@ pub(super) fn weighted_values(probs: &[f32], v: &[f32], s: Shape, out: &mut [f32
         .enumerate()
         .try_for_each(|(head, dst)| {
             let p = rows(probs, head * t, t, kv)?;
-            let v = rows(v, head / s.group * kv, kv, d)?;
+            let v = rows(v, head / s.group * s.kv_stride, kv, d)?;
             for b in s.blocks() {
                 let lhs = MatRef::new(sub(p, b.row * kv + b.key)?, b.rows, b.keys, kv, 1)?;
                 let rhs = MatRef::contiguous(sub(v, b.key * d)?, b.keys, d)?;
@@ -135,6 +138,7 @@ pub(super) fn weighted_values(probs: &[f32], v: &[f32], s: Shape, out: &mut [f32
 /// The inputs of the backward, as the forward saw them, and the output's gradient.
 pub(super) struct BackwardInputs<'a> {
     pub q: &'a [f32],
+    /// Keys and values: each key/value head's `kv` rows, heads `kv_stride` rows apart.
     pub k: &'a [f32],
     pub v: &'a [f32],
     /// The forward's probabilities `(b · heads, t, kv)`.
@@ -161,8 +165,8 @@ pub(super) fn backward(x: &BackwardInputs, s: Shape) -> Result<(Vec<f32>, Vec<f3
         .zip(d_k.par_chunks_mut(kv * d).zip(d_v.par_chunks_mut(kv * d)))
         .enumerate()
         .try_for_each(|(kv_head, (d_q, (d_k, d_v)))| -> Result<()> {
-            let k = rows(x.k, kv_head * kv, kv, d)?;
-            let v = rows(x.v, kv_head * kv, kv, d)?;
+            let k = rows(x.k, kv_head * s.kv_stride, kv, d)?;
+            let v = rows(x.v, kv_head * s.kv_stride, kv, d)?;
             let mut d_s = vec![0f32; BLOCK_ROWS.min(t) * kv];
             let mut row_dot = vec![0f32; BLOCK_ROWS.min(t)];
             for member in 0..group {

@@ -1,4 +1,5 @@
-//! Causal grouped-query attention as one CPU op with its own backward, for training.
+//! Causal grouped-query attention as one CPU op with its own backward: training, and
+//! generation over a KV cache (keys and values read in place from the cache's buffers).
 //!
 //! The composed path (`q·kᵀ`, scale, mask, softmax, `probs·v`, the output transpose)
 //! records about ten nodes, half of them `(heads, seq, seq)`-sized; candle's backward
@@ -15,7 +16,9 @@
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor, WithDType,
+};
 use rayon::prelude::*;
 
 use super::attention_blocks;
@@ -37,8 +40,8 @@ pub(crate) fn causal_attention(
     window: Option<usize>,
 ) -> candle_core::Result<Tensor> {
     q.contiguous()?.apply_op3(
-        &k.contiguous()?,
-        &v.contiguous()?,
+        &heads_in_place(k)?,
+        &heads_in_place(v)?,
         CausalAttention {
             scale: scale as f32,
             window,
@@ -74,6 +77,51 @@ struct CausalAttention {
     probs: Mutex<Option<Tensor>>,
 }
 
+/// Rows from one head to the next of `(b, heads, rows, d)` whose heads are each
+/// contiguous and evenly spaced, at least `rows` apart: a contiguous tensor (`rows`), or a
+/// KV cache's first positions in buffers with room after them (the buffers' capacity).
+fn head_stride(l: &Layout) -> Option<usize> {
+    let (&[b, g, rows, d], &[s_b, s_g, s_r, s_d]) = (l.dims(), l.stride()) else {
+        return None;
+    };
+    // Elements from one head to the next (a dimension of size 1 may have any stride).
+    let head = match (b, g) {
+        (1, 1) => rows * d,
+        (_, 1) => s_b,
+        (1, _) => s_g,
+        _ if s_b == g * s_g => s_g,
+        _ => return None,
+    };
+    let stride = head.checked_div(d)?;
+    let fits = (s_d == 1 || d == 1) && (s_r == d || rows == 1) && head % d == 0 && stride >= rows;
+    fits.then_some(stride)
+}
+
+/// `x` when its heads can be read in place ([`head_stride`]), else a contiguous copy.
+fn heads_in_place(x: &Tensor) -> candle_core::Result<Tensor> {
+    match head_stride(x.layout()) {
+        Some(_) => Ok(x.clone()),
+        None => x.contiguous(),
+    }
+}
+
+/// The elements of `(b, heads, rows, d)` laid out as [`head_stride`] accepts, from its
+/// first element to its last, and the head stride in rows.
+fn heads_input<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<(&'a [f32], usize)> {
+    let data = f32::cpu_storage_as_slice(s)?;
+    let (&[b, g, rows, d], Some(stride)) = (l.dims(), head_stride(l)) else {
+        candle_core::bail!(
+            "{OP}: keys and values {:?} are not evenly spaced heads",
+            l.dims()
+        )
+    };
+    let len = (b * g).saturating_sub(1) * stride * d + rows * d;
+    match data.get(l.start_offset()..l.start_offset() + len) {
+        Some(slice) => Ok((slice, stride)),
+        None => candle_core::bail!("{OP}: {len} elements of keys or values outside their buffer"),
+    }
+}
+
 /// The dimensions of one call.
 #[derive(Clone, Copy)]
 struct Dims {
@@ -83,6 +131,8 @@ struct Dims {
     t: usize,
     kv: usize,
     d: usize,
+    /// Rows from one key/value head to the next in `k` and `v` ([`head_stride`]).
+    kv_stride: usize,
 }
 
 impl Dims {
@@ -90,15 +140,25 @@ impl Dims {
         let (b, h, t, d) = q.shape().dims4()?;
         let (kb, g, kv, kd) = k.shape().dims4()?;
         let fits = kb == b && kd == d && g > 0 && h % g == 0 && kv >= t && v.dims() == k.dims();
-        if !(fits && q.is_contiguous() && k.is_contiguous() && v.is_contiguous()) {
-            candle_core::bail!(
-                "attention: q {:?}, k {:?}, v {:?} are not contiguous grouped-query shapes",
+        let kv_stride = head_stride(k).filter(|&s| head_stride(v) == Some(s));
+        match kv_stride {
+            Some(kv_stride) if fits && q.is_contiguous() => Ok(Self {
+                b,
+                h,
+                g,
+                t,
+                kv,
+                d,
+                kv_stride,
+            }),
+            _ => candle_core::bail!(
+                "attention: q {:?}, k {:?}, v {:?} are not grouped-query shapes (q contiguous, \
+                 k and v in evenly spaced heads with the same spacing)",
                 q.dims(),
                 k.dims(),
                 v.dims()
-            );
+            ),
         }
-        Ok(Self { b, h, g, t, kv, d })
     }
 
     /// Query rows per key/value head (its query heads stacked).
@@ -116,6 +176,7 @@ impl CausalAttention {
             group: n.h / n.g,
             t: n.t,
             kv: n.kv,
+            kv_stride: n.kv_stride,
             d: n.d,
             window: self.window,
         }
@@ -167,10 +228,10 @@ impl CustomOp3 for CausalAttention {
         let n = Dims::of(ql, kl, vl)?;
         let (bg, m) = (n.b * n.g, n.m());
         let shape = self.block_shape(n);
-        let (q, k, v) = (
+        let (q, (k, _), (v, _)) = (
             f32_input(OP, qs, ql)?,
-            f32_input(OP, ks, kl)?,
-            f32_input(OP, vs, vl)?,
+            heads_input(ks, kl)?,
+            heads_input(vs, vl)?,
         );
         let mut probs = vec![0f32; bg * m * n.kv];
         attention_blocks::scores(q, k, shape, &mut probs)?;
@@ -213,19 +274,22 @@ impl CustomOp3 for CausalAttention {
         let Some(p) = probs else {
             candle_core::bail!("attention backward: the forward's probabilities are missing")
         };
-        let (b, h, t, d) = q.dims4()?;
-        let (g, kv) = (k.dim(1)?, k.dim(2)?);
-        let (qc, kc, vc) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let (qc, kc, vc) = (q.contiguous()?, heads_in_place(k)?, heads_in_place(v)?);
+        let n = Dims::of(qc.layout(), kc.layout(), vc.layout())?;
         // The output and its gradient stay in `(b, t, h·d)`: the blocks read each head's
         // rows in place.
         let (out, d_out) = (res.contiguous()?, grad.contiguous()?);
         let guards = [&qc, &kc, &vc, &p, &out, &d_out].map(|t| t.storage_and_layout());
         let mut slices = Vec::with_capacity(guards.len());
-        for (storage, layout) in &guards {
+        for (i, (storage, layout)) in guards.iter().enumerate() {
             let Storage::Cpu(storage) = &**storage else {
                 candle_core::bail!("attention backward: expected CPU tensors")
             };
-            slices.push(f32_input(OP, storage, layout)?);
+            // k and v (inputs 1 and 2) may be evenly spaced heads; the rest are contiguous.
+            slices.push(match i {
+                1 | 2 => heads_input(storage, layout)?.0,
+                _ => f32_input(OP, storage, layout)?,
+            });
         }
         let &[q_s, k_s, v_s, p_s, out_s, d_out_s] = slices.as_slice() else {
             candle_core::bail!("attention backward: {} inputs, expected 6", slices.len())
@@ -239,8 +303,11 @@ impl CustomOp3 for CausalAttention {
             d_out: d_out_s,
             scale: self.scale,
         };
-        let shape = self.block_shape(Dims { b, h, g, t, kv, d });
+        let shape = self.block_shape(n);
         let (d_q, d_k, d_v) = attention_blocks::backward(&inputs, shape)?;
+        let Dims {
+            b, h, g, t, kv, d, ..
+        } = n;
         drop(slices);
         drop(guards);
         let dev = Device::Cpu;
@@ -328,6 +395,46 @@ mod tests {
             let reference = composed(qt, kt, vt, scale, window);
             let case = format!("h {h}, g {g}, t {t}, kv {kv}, window {window:?}");
             let inputs = [("q", qt), ("k", kt), ("v", vt)];
+            super::super::op_test::assert_same_op(&fused, &reference, &inputs, 1e-5, &case);
+        }
+    }
+
+    /// Keys and values read in place from buffers with room past them (a KV cache's),
+    /// one batch element or several, one key/value head or several: the same values and
+    /// gradients (through the buffers) as contiguous copies.
+    #[test]
+    fn reads_a_caches_buffers_in_place() {
+        let dev = Device::Cpu;
+        for (b, h, g, t, kv, capacity) in [
+            (1, 4, 2, 1, 9, 16),
+            (2, 4, 2, 3, 7, 12),
+            (2, 2, 1, 1, 5, 8),
+            (1, 3, 3, 2, 6, 6),
+        ] {
+            let d = 4;
+            let var = |shape: (usize, usize, usize, usize)| {
+                Var::from_tensor(&Tensor::randn(0f32, 1., shape, &dev).unwrap()).unwrap()
+            };
+            let q = var((b, h, t, d));
+            let (k_buf, v_buf) = (var((b, g, capacity, d)), var((b, g, capacity, d)));
+            let k = k_buf.as_tensor().narrow(2, 0, kv).unwrap();
+            let v = v_buf.as_tensor().narrow(2, 0, kv).unwrap();
+            assert!(super::head_stride(k.layout()) == Some(capacity));
+            let scale = 0.5;
+            let fused = super::causal_attention(q.as_tensor(), &k, &v, scale, None).unwrap();
+            let reference = composed(
+                q.as_tensor(),
+                &k.contiguous().unwrap(),
+                &v.contiguous().unwrap(),
+                scale,
+                None,
+            );
+            let case = format!("b {b}, h {h}, g {g}, t {t}, kv {kv} of {capacity}");
+            let inputs = [
+                ("q", q.as_tensor()),
+                ("k buffer", k_buf.as_tensor()),
+                ("v buffer", v_buf.as_tensor()),
+            ];
             super::super::op_test::assert_same_op(&fused, &reference, &inputs, 1e-5, &case);
         }
     }

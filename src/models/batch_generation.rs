@@ -41,7 +41,7 @@ pub(crate) fn generate_batch(
         .flat_map(|p| std::iter::repeat_n(PAD, width - p.len()).chain(p.iter().copied()))
         .collect();
     let mut input = Tensor::from_vec(ids, (rows, width), model.on())?;
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache().for_inference();
     let mut done = vec![false; rows];
     for _ in 0..config.max_new_tokens {
         let logits = model.step(&input, &mut cache, Some(&pads))?;

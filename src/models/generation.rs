@@ -172,7 +172,7 @@ pub(crate) fn generate(
     if config.max_new_tokens == 0 {
         return Ok(out);
     }
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache().for_inference();
     let mut input = Tensor::new(prompt, model.on())?.unsqueeze(0)?;
     while out.len() < config.max_new_tokens {
         let logits = model.step(&input, &mut cache, None)?;

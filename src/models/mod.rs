@@ -31,6 +31,7 @@ mod causal_lm;
 mod cpu_op;
 pub mod generation;
 pub mod gpt2;
+mod kv_buffer;
 pub mod llama;
 #[cfg(test)]
 mod op_test;

@@ -905,27 +905,132 @@ fn cached_prefill_and_decode_give_full_forward_logits() {
     let chunks = [3usize, 1, 1, 3, 1, 1, 1, 1];
     assert_eq!(chunks.iter().sum::<usize>(), len);
     let mut worst: f64 = 0.0;
+    let caches = |m: &LlamaForCausalLM| {
+        let cache = KvCache::new(m.config());
+        [
+            ("", cache.clone()),
+            (" for inference", cache.for_inference()),
+        ]
+    };
     for (what, model) in cache_models() {
-        let mut cache = KvCache::new(model.config());
-        let mut start = 0;
-        for (step, &n) in chunks.iter().enumerate() {
-            let new = ids.narrow(1, start, n).unwrap();
-            let got = model.forward_cached(&new, &mut cache).unwrap();
-            assert_eq!(got.dims(), [2, n, 64]);
-            assert_eq!(cache.len(), start + n);
-            let full = logits(&model, &ids.narrow(1, 0, start + n).unwrap());
-            let want = full.narrow(1, start, n).unwrap();
-            let e = rel_err(&got, &want);
-            assert!(
-                e <= CACHE_TOL,
-                "{what} step {step} (positions {start}..{}): relative error {e:.3e}",
-                start + n
-            );
-            worst = worst.max(e);
-            start += n;
+        for (mode, mut cache) in caches(&model) {
+            let what = format!("{what}{mode}");
+            let mut start = 0;
+            for (step, &n) in chunks.iter().enumerate() {
+                let new = ids.narrow(1, start, n).unwrap();
+                let got = model.forward_cached(&new, &mut cache).unwrap();
+                assert_eq!(got.dims(), [2, n, 64]);
+                assert_eq!(cache.len(), start + n);
+                let full = logits(&model, &ids.narrow(1, 0, start + n).unwrap());
+                let want = full.narrow(1, start, n).unwrap();
+                let e = rel_err(&got, &want);
+                assert!(
+                    e <= CACHE_TOL,
+                    "{what} step {step} (positions {start}..{}): relative error {e:.3e}",
+                    start + n
+                );
+                worst = worst.max(e);
+                start += n;
+            }
         }
     }
     println!("cached vs full forward: worst relative error {worst:.2e}");
+}
+
+/// A cache's buffers grow in place; a clone must not see the other's later positions.
+#[test]
+fn cloned_caches_continue_independently() {
+    let dev = Device::Cpu;
+    let prefix = Tensor::new(&[[5u32, 9, 2, 7, 11]], &dev).unwrap();
+    let tails = [[3u32, 14, 15], [60, 1, 33]];
+    for (what, model) in cache_models() {
+        for inference in [false, true] {
+            let mut first = KvCache::new(model.config());
+            if inference {
+                first = first.for_inference();
+            }
+            model.forward_cached(&prefix, &mut first).unwrap();
+            // One more position: the buffers grow and keep room, which the clone shares.
+            let shared = Tensor::new(&[[21u32]], &dev).unwrap();
+            model.forward_cached(&shared, &mut first).unwrap();
+            let prefix = Tensor::cat(&[&prefix, &shared], 1).unwrap();
+            let mut second = first.clone();
+            // Alternate the two so that each writes after the other's last step.
+            let mut got = [Vec::new(), Vec::new()];
+            for i in 0..3 {
+                for (c, (cache, tail)) in [&mut first, &mut second]
+                    .into_iter()
+                    .zip(&tails)
+                    .enumerate()
+                {
+                    let step = Tensor::new(&[[tail[i]]], &dev).unwrap();
+                    got[c].push(model.forward_cached(&step, cache).unwrap());
+                }
+            }
+            for (c, tail) in tails.iter().enumerate() {
+                let seq =
+                    Tensor::cat(&[&prefix, &Tensor::new(&[*tail], &dev).unwrap()], 1).unwrap();
+                let full = logits(&model, &seq);
+                for (i, step) in got[c].iter().enumerate() {
+                    let e = rel_err(step, &full.narrow(1, 6 + i, 1).unwrap());
+                    assert!(
+                        e <= CACHE_TOL,
+                        "{what} (inference {inference}) clone {c} step {i}: relative error {e:.3e}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A gradient through a cached step reaches the key and value projections' adapters by
+/// default, and not with a cache set for inference (which reads them as stored values).
+#[test]
+fn cached_steps_pass_gradients_unless_set_for_inference() {
+    let dev = Device::Cpu;
+    let dir = models("qwen2");
+    let config = dir.join("base/config.json");
+    let varmap = VarMap::new();
+    let plan = AdapterPlan::lora(
+        TargetSpec::new(ModuleSelector::list(["k_proj", "v_proj"])),
+        RankAlpha::new(2, 4.0),
+        LoraConfig::default(),
+        VarBuilder::from_varmap(&varmap, DType::F32, &dev),
+    );
+    let model = build(&config, &dir.join("base"), DType::F32, &plan);
+    plan.finish().unwrap();
+    let vars = varmap.all_vars();
+    assert!(!vars.is_empty());
+    for inference in [false, true] {
+        let mut cache = KvCache::new(model.config());
+        if inference {
+            cache = cache.for_inference();
+        }
+        model
+            .forward_cached(&Tensor::new(&[[1u32, 2, 3]], &dev).unwrap(), &mut cache)
+            .unwrap();
+        let step = model
+            .forward_cached(&Tensor::new(&[[4u32]], &dev).unwrap(), &mut cache)
+            .unwrap();
+        let grads = step.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let reached = vars
+            .iter()
+            .filter(|v| grads.get(v.as_tensor()).is_some())
+            .count();
+        if inference {
+            assert_eq!(
+                reached, 0,
+                "inference: {reached} adapter tensors got a gradient"
+            );
+        } else {
+            assert_eq!(
+                reached,
+                vars.len(),
+                "default: {reached} of {} got a gradient",
+                vars.len()
+            );
+        }
+    }
 }
 
 #[test]

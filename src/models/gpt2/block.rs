@@ -6,6 +6,7 @@ use candle_nn::VarBuilder;
 
 use crate::error::Result;
 use crate::model::{conv1d, AdapterPlan, Linear};
+use crate::models::kv_buffer::{Appending, LayerKv};
 use crate::models::ops::{softmax_last, LayerNorm};
 
 use super::config::{Activation, Gpt2Config};
@@ -58,15 +59,16 @@ impl Block {
     }
 
     /// The block on `x` `(batch, seq, n_embd)` after the cached keys and values `past`
-    /// (`(batch, n_head, past_len, head_dim)` each); `mask` is `(seq, past_len + seq)`.
-    /// Returns the output and the keys and values of every position (past and new).
+    /// (`(batch, n_head, past_len, head_dim)` each), the new ones appended as `how` says;
+    /// `mask` is `(seq, past_len + seq)`. Returns the output and the grown cache entry.
     pub(super) fn forward(
         &self,
         x: &Tensor,
         mask: &Tensor,
-        past: Option<&(Tensor, Tensor)>,
-    ) -> Result<(Tensor, (Tensor, Tensor))> {
-        let (attn, kv) = self.attention(&self.ln_1.forward(x)?, mask, past)?;
+        past: Option<&LayerKv>,
+        how: Appending,
+    ) -> Result<(Tensor, LayerKv)> {
+        let (attn, kv) = self.attention(&self.ln_1.forward(x)?, mask, past, how)?;
         let x = (x + attn)?;
         let h = self.c_fc.forward(&self.ln_2.forward(&x)?)?;
         let mlp = self.mlp_proj.forward(&self.activation.apply(&h)?)?;
@@ -79,8 +81,9 @@ impl Block {
         &self,
         x: &Tensor,
         mask: &Tensor,
-        past: Option<&(Tensor, Tensor)>,
-    ) -> Result<(Tensor, (Tensor, Tensor))> {
+        past: Option<&LayerKv>,
+        how: Appending,
+    ) -> Result<(Tensor, LayerKv)> {
         let (b, s, d) = x.dims3()?;
         let head_dim = d / self.n_head;
         let qkv = self.c_attn.forward(x)?;
@@ -91,19 +94,17 @@ impl Block {
                 .contiguous()
         };
         let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
-        let (k, v) = match past {
-            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
-            None => (k, v),
-        };
+        let all = LayerKv::append(past, &k, &v, how)?;
+        let (k, v) = (&all.keys, &all.values);
         let (qs, ks) = if self.upcast {
             (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
         } else {
             (q, k.clone())
         };
-        let scores = (qs.matmul(&ks.t()?.contiguous()?)? * self.scale)?;
+        let scores = (qs.matmul(&ks.t()?)? * self.scale)?;
         let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
         let probs = softmax_last(&scores)?.to_dtype(v.dtype())?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, d))?;
-        Ok((self.attn_proj.forward(&out)?, (k, v)))
+        let out = probs.matmul(v)?.transpose(1, 2)?.reshape((b, s, d))?;
+        Ok((self.attn_proj.forward(&out)?, all.entry))
     }
 }

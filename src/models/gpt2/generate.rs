@@ -68,7 +68,8 @@ impl Gpt2LmHeadModel {
     fn cached(&self, ids: &Tensor, cache: &mut KvCache, pads: Option<&[usize]>) -> Result<Tensor> {
         let (batch, seq) = self.check_ids(ids)?;
         cache.check(batch, seq, self.blocks.len(), self.position_limit())?;
-        let (logits, entries) = self.run(ids, cache.len(), cache.entries(), pads)?;
+        let inference = cache.is_for_inference();
+        let (logits, entries) = self.run(ids, cache.len(), cache.entries(), pads, inference)?;
         cache.commit(entries, batch, seq);
         Ok(logits)
     }

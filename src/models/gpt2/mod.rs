@@ -33,6 +33,7 @@ use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result, Scope};
 use crate::frozen::BaseKind;
 use crate::model::{embedding, linear_no_bias, AdapterPlan, Embedding, Linear};
+use crate::models::kv_buffer::{Appending, LayerKv};
 use crate::models::ops::LayerNorm;
 use crate::models::padding::{mask_values, position};
 
@@ -258,19 +259,22 @@ impl Gpt2LmHeadModel {
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
         self.check_ids(input_ids)?;
         let no_past = std::iter::repeat_n(&None, self.blocks.len());
-        Ok(self.run(input_ids, 0, no_past, None)?.0)
+        Ok(self.run(input_ids, 0, no_past, None, false)?.0)
     }
 
     /// The model on `input_ids` at positions `offset..` after each block's cached keys and
-    /// values `past` (in block order): the logits and every block's grown keys and values.
-    /// The ids are checked by the caller, and `offset + seq ≤ n_positions`.
+    /// values `past` (in block order): the logits and every block's grown cache entry.
+    /// `values_only`: attention reads the new keys and values as stored values
+    /// (`KvCache::for_inference`). The ids are checked by the caller, and
+    /// `offset + seq ≤ n_positions`.
     pub(crate) fn run<'a>(
         &self,
         input_ids: &Tensor,
         offset: usize,
-        past: impl Iterator<Item = &'a Option<(Tensor, Tensor)>>,
+        past: impl Iterator<Item = &'a Option<LayerKv>>,
         pads: Option<&[usize]>,
-    ) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
+        values_only: bool,
+    ) -> Result<(Tensor, Vec<LayerKv>)> {
         let (batch, seq) = input_ids.dims2()?;
         let end = offset.saturating_add(seq);
         let (start, end) = match (u32::try_from(offset), u32::try_from(end)) {
@@ -299,9 +303,14 @@ impl Gpt2LmHeadModel {
             .forward(input_ids)?
             .broadcast_add(&self.wpe.forward(&positions)?)?;
         let mask = causal_mask(seq, offset, pads, &self.device)?;
+        let how = Appending {
+            len: offset,
+            limit: self.config.n_positions,
+            values_only,
+        };
         let mut grown = Vec::with_capacity(self.blocks.len());
         for (block, past) in self.blocks.iter().zip(past) {
-            let (out, kv) = block.forward(&x, &mask, past.as_ref())?;
+            let (out, kv) = block.forward(&x, &mask, past.as_ref(), how)?;
             x = out;
             grown.push(kv);
         }

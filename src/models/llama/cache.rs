@@ -2,9 +2,8 @@
 //! [`crate::models::gpt2::Gpt2LmHeadModel::forward_cached`]: per layer, the keys and values
 //! of every position seen so far.
 
-use candle_core::Tensor;
-
 use crate::error::{Error, Result, Scope};
+use crate::models::kv_buffer::LayerKv;
 
 use super::config::LlamaConfig;
 
@@ -16,6 +15,11 @@ use super::config::LlamaConfig;
 /// (sliding-window layers mask the old ones out rather than dropping them). A cache holds
 /// the sequences of one model: make it with [`KvCache::new`] from the model's config or
 /// with the model's `new_cache`.
+///
+/// Each layer's keys and values sit in buffers with room for more positions, which a
+/// step fills in place (the room doubles when it runs out, up to the model's position
+/// limit): a step costs its own positions, not a copy of the cached ones. Clones of a
+/// cache continue independently (a shared buffer is copied before a write).
 ///
 /// The cache holds keys and values as plain values, without their autograd history (as
 /// transformers' cache does under `torch.no_grad()`, where `generate` runs): a gradient
@@ -44,9 +48,10 @@ use super::config::LlamaConfig;
 /// ```
 #[derive(Clone, Debug)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerKv>>,
     len: usize,
     batch: Option<usize>,
+    values_only: bool,
 }
 
 impl KvCache {
@@ -77,7 +82,52 @@ impl KvCache {
             layers: vec![None; layers],
             len: 0,
             batch: None,
+            values_only: false,
         }
+    }
+
+    /// This cache, set for inference: a step's new keys and values are attended as the
+    /// stored values too, so attention reads the cache's buffers as they stand and a
+    /// step copies nothing already cached. A gradient through `forward_cached`'s logits
+    /// then reaches no key or value projection (it still reaches the queries and the rest
+    /// of the model). The models' `generate` and `generate_batch` use it.
+    ///
+    /// Without it (the default) attention joins the cached keys and values to the step's
+    /// own, whose gradient flows, which copies the cached positions once per step when a
+    /// gradient is tracked (the model holds trainable variables, as an adapter does).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, IndexOp, Tensor};
+    /// use lorakit::models::llama::{KvCache, LlamaForCausalLM};
+    /// use lorakit::peft::PeftAdapter;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let dir = "tests/fixtures/models/llama/qwen2";
+    /// let dev = Device::Cpu;
+    /// let plan = PeftAdapter::load(format!("{dir}/lora"), &dev)?.plan()?;
+    /// let model = LlamaForCausalLM::from_pretrained(format!("{dir}/base"), DType::F32, &dev, &plan)?;
+    /// let ids = Tensor::new(&[[1u32, 17, 42, 5]], &dev)?;
+    /// let mut cache = model.new_cache().for_inference();
+    /// assert!(cache.is_for_inference());
+    /// model.forward_cached(&ids.i((.., ..3))?, &mut cache)?;
+    /// let step = model.forward_cached(&ids.i((.., 3..))?, &mut cache)?;
+    /// // The same logits as the full forward.
+    /// let full = model.forward(&ids)?.i((.., 3..))?;
+    /// assert!((step - full)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-5);
+    /// # Ok(()) }
+    /// ```
+    pub fn for_inference(mut self) -> Self {
+        self.values_only = true;
+        self
+    }
+
+    /// Whether the cache is set for inference ([`KvCache::for_inference`]).
+    ///
+    /// ```
+    /// use lorakit::models::llama::KvCache;
+    /// assert!(!KvCache::with_layers(2).is_for_inference());
+    /// ```
+    pub fn is_for_inference(&self) -> bool {
+        self.values_only
     }
 
     /// How many positions the cache holds (where the next input's positions start).
@@ -202,19 +252,15 @@ impl KvCache {
     }
 
     /// The cached keys and values of each layer (`None` while empty).
-    pub(crate) fn entries(&self) -> impl Iterator<Item = &Option<(Tensor, Tensor)>> {
+    pub(crate) fn entries(&self) -> impl Iterator<Item = &Option<LayerKv>> {
         self.layers.iter()
     }
 
     /// Replaces every layer's keys and values with `entries` (the old ones with `new`
     /// positions of `batch` rows appended), all at once so that a failed forward leaves
-    /// the cache as it was. They are stored detached from the autograd graph (see the
-    /// type's docs).
-    pub(crate) fn commit(&mut self, entries: Vec<(Tensor, Tensor)>, batch: usize, new: usize) {
-        self.layers = entries
-            .into_iter()
-            .map(|(k, v)| Some((k.detach(), v.detach())))
-            .collect();
+    /// the cache as it was. The entries hold no autograd history (see the type's docs).
+    pub(crate) fn commit(&mut self, entries: Vec<LayerKv>, batch: usize, new: usize) {
+        self.layers = entries.into_iter().map(Some).collect();
         self.batch = Some(batch);
         self.len = self.len.saturating_add(new);
     }

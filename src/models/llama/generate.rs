@@ -51,7 +51,8 @@ impl LlamaForCausalLM {
     fn cached(&self, ids: &Tensor, cache: &mut KvCache, pads: Option<&[usize]>) -> Result<Tensor> {
         let (batch, seq) = self.check_ids(ids)?;
         cache.check(batch, seq, self.layers.len(), self.position_limit())?;
-        let (logits, entries) = self.run(ids, cache.len(), cache.entries(), pads)?;
+        let inference = cache.is_for_inference();
+        let (logits, entries) = self.run(ids, cache.len(), cache.entries(), pads, inference)?;
         cache.commit(entries, batch, seq);
         Ok(logits)
     }

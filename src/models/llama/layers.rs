@@ -5,11 +5,13 @@
 //! backward pass in candle 0.11: gradients stop at them. Each op here therefore takes the
 //! fused kernel only when its input tracks no gradient. Where a gradient flows through
 //! f32 CPU tensors, lorakit's own fused ops with their backward run (`models::rms_norm`,
-//! `models::rope_op`, `models::attention_op`: RMSNorm, RoPE with the head transpose, the
-//! whole causal grouped-query attention); otherwise (other dtypes or devices, a norm
-//! weight that trains) candle-nn's differentiable composition of the same formula
-//! (`rms_norm_slow`, `rope_slow`, the composed attention), so adapters before a norm, a
-//! RoPE or an attention still train.
+//! `models::rope_op`: RMSNorm, RoPE with the head transpose); otherwise (other dtypes or
+//! devices, a norm weight that trains) candle-nn's differentiable composition of the same
+//! formula (`rms_norm_slow`, `rope_slow`), so adapters before a norm or a RoPE still
+//! train. The causal grouped-query attention on f32 CPU tensors without padding is always
+//! lorakit's fused op with its backward (`models::attention_op`), in training and over a
+//! KV cache's buffers in generation; other dtypes, devices and padded batches compose it
+//! from candle ops.
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
@@ -17,6 +19,7 @@ use candle_nn::VarBuilder;
 use crate::error::{Error, Result, Scope};
 use crate::model::{linear_b, AdapterPlan, Linear};
 use crate::models::attention_op;
+use crate::models::kv_buffer::{Appending, LayerKv};
 use crate::models::ops::softmax_last;
 use crate::models::padding;
 
@@ -203,9 +206,9 @@ impl Attention {
     /// layer's mask from `masks`, then `o_proj`: `(b, t, hidden)`. Each key/value head
     /// serves `heads / kv_heads` consecutive query heads (transformers' `repeat_kv`),
     /// without copying keys and values. Scores and softmax in f32 for f16 / bf16 models
-    /// (transformers' eager attention), products in the model's dtype. Where a gradient
-    /// flows through f32 CPU tensors, one fused op with its own backward
-    /// (`models::attention_op`) computes the same.
+    /// (transformers' eager attention), products in the model's dtype. On f32 CPU tensors
+    /// without padding, one fused op with its own backward (`models::attention_op`)
+    /// computes the same, reading a KV cache's buffers in place.
     pub(crate) fn attend(
         &self,
         q: &Tensor,
@@ -213,9 +216,7 @@ impl Attention {
         v: &Tensor,
         masks: &Masks,
     ) -> Result<Tensor> {
-        let flows = q.track_op() || k.track_op() || v.track_op();
-        // The fused op is causal attention without padding.
-        if flows && !masks.padded && attention_op::supports(q, k, v) {
+        if !masks.padded && attention_op::supports(q, k, v) {
             let window = match self.kind {
                 LayerAttention::Full => None,
                 LayerAttention::Sliding { window } => Some(window),
@@ -241,7 +242,7 @@ impl Attention {
             .to_dtype(v.dtype())?
             .reshape((b, g, rep * t, kv_len))?;
         let out = probs
-            .matmul(&v.contiguous()?)?
+            .matmul(v)?
             .reshape((b, h, t, d))?
             .transpose(1, 2)?
             .reshape((b, t, h * d))?;
@@ -249,22 +250,20 @@ impl Attention {
     }
 
     /// [`Attention::project`], the new keys and values appended (along the positions) to
-    /// `past`, then [`Attention::attend`] over all of them: the output and the grown keys
-    /// and values.
+    /// `past` as `how` says, then [`Attention::attend`] over all of them: the output and
+    /// the grown cache entry.
     pub(crate) fn forward_cached(
         &self,
         x: &Tensor,
         rope: &RopeTables,
         masks: &Masks,
-        past: Option<&(Tensor, Tensor)>,
-    ) -> Result<(Tensor, (Tensor, Tensor))> {
+        past: Option<&LayerKv>,
+        how: Appending,
+    ) -> Result<(Tensor, LayerKv)> {
         let (q, k, v) = self.project(x, rope)?;
-        let (k, v) = match past {
-            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
-            None => (k, v),
-        };
-        let out = self.attend(&q, &k, &v, masks)?;
-        Ok((out, (k, v)))
+        let all = LayerKv::append(past, &k, &v, how)?;
+        let out = self.attend(&q, &all.keys, &all.values, masks)?;
+        Ok((out, all.entry))
     }
 }
 
@@ -330,17 +329,23 @@ impl DecoderLayer {
     }
 
     /// The layer on new positions after the cached keys and values `past` (`None`: the
-    /// sequence starts here): the output and this layer's grown keys and values.
+    /// sequence starts here), appended as `how` says: the output and this layer's grown
+    /// cache entry.
     pub(crate) fn forward_cached(
         &self,
         x: &Tensor,
         rope: &RopeTables,
         masks: &Masks,
-        past: Option<&(Tensor, Tensor)>,
-    ) -> Result<(Tensor, (Tensor, Tensor))> {
-        let (attn, kv) =
-            self.self_attn
-                .forward_cached(&self.input_layernorm.forward(x)?, rope, masks, past)?;
+        past: Option<&LayerKv>,
+        how: Appending,
+    ) -> Result<(Tensor, LayerKv)> {
+        let (attn, kv) = self.self_attn.forward_cached(
+            &self.input_layernorm.forward(x)?,
+            rope,
+            masks,
+            past,
+            how,
+        )?;
         let x = (x + attn)?;
         let mlp = self
             .mlp

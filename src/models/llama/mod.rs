@@ -35,6 +35,7 @@ use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::frozen::FrozenLinear;
 use crate::model::{embedding, linear_b, AdapterPlan, Embedding, Linear};
+use crate::models::kv_buffer::{Appending, LayerKv};
 
 pub use cache::KvCache;
 pub use config::{LayerAttention, LlamaConfig, LlamaFamily, RopeScaling};
@@ -233,20 +234,22 @@ impl LlamaForCausalLM {
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
         self.check_ids(input_ids)?;
         let no_past = std::iter::repeat_n(&None, self.layers.len());
-        Ok(self.run(input_ids, 0, no_past, None)?.0)
+        Ok(self.run(input_ids, 0, no_past, None, false)?.0)
     }
 
     /// The model on `input_ids` at positions `offset..` after each layer's cached keys and
-    /// values `past` (in layer order): the logits and every layer's grown keys and values.
-    /// `pads`: a left-padded batch's padding per row (`models::padding`). The ids are
-    /// checked by the caller.
+    /// values `past` (in layer order): the logits and every layer's grown cache entry.
+    /// `pads`: a left-padded batch's padding per row (`models::padding`); `values_only`:
+    /// attention reads the new keys and values as stored values (`KvCache::for_inference`).
+    /// The ids are checked by the caller.
     pub(crate) fn run<'a>(
         &self,
         input_ids: &Tensor,
         offset: usize,
-        past: impl Iterator<Item = &'a Option<(Tensor, Tensor)>>,
+        past: impl Iterator<Item = &'a Option<LayerKv>>,
         pads: Option<&[usize]>,
-    ) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
+        values_only: bool,
+    ) -> Result<(Tensor, Vec<LayerKv>)> {
         let seq = input_ids.dim(1)?;
         let ids = input_ids.to_dtype(DType::U32)?;
         let (inv_freq, dtype, device) = (&self.inv_freq, self.dtype, &self.device);
@@ -259,10 +262,15 @@ impl LlamaForCausalLM {
             pads,
             device,
         )?;
+        let how = Appending {
+            len: offset,
+            limit: self.config.max_position_embeddings,
+            values_only,
+        };
         let mut x = self.embed_tokens.forward(&ids)?;
         let mut grown = Vec::with_capacity(self.layers.len());
         for (layer, past) in self.layers.iter().zip(past) {
-            let (out, kv) = layer.forward_cached(&x, &rope, &masks, past.as_ref())?;
+            let (out, kv) = layer.forward_cached(&x, &rope, &masks, past.as_ref(), how)?;
             x = out;
             grown.push(kv);
         }
