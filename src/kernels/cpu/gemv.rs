@@ -119,26 +119,29 @@ pub(super) fn product_on<T: WithDType>(
         return None;
     }
     let (m, n) = (lhs.rows, rhs.cols);
-    let dots = if let Some((lhs, rhs)) = same::<T, f32>(lhs).zip(same::<T, f32>(rhs)) {
-        dots::<f32>(split, lhs, rhs).map(|d| d.into_iter().map(T::from_f64).collect())
+    let applied = if let Some((lhs, rhs)) = same::<T, f32>(lhs).zip(same::<T, f32>(rhs)) {
+        dots::<f32>(split, lhs, rhs).and_then(|d| apply(dst, dst_rs, &d, m, n, accum, beta))
     } else if let Some((lhs, rhs)) = same::<T, f64>(lhs).zip(same::<T, f64>(rhs)) {
-        dots::<f64>(split, lhs, rhs).map(|d| d.into_iter().map(T::from_f64).collect())
+        dots::<f64>(split, lhs, rhs).and_then(|d| apply(dst, dst_rs, &d, m, n, accum, beta))
     } else {
         return None;
     };
-    Some(dots.and_then(|dots: Vec<T>| apply(dst, dst_rs, &dots, m, n, accum, beta)))
+    Some(applied)
 }
 
-/// `view` as a view of `U` when `T` is `U`.
-fn same<T: WithDType, U: WithDType>(view: MatRef<T>) -> Option<MatRef<U>> {
+/// `data` as a slice of `U` when `T` is `U`.
+fn same_slice<T: WithDType, U: WithDType>(data: &[T]) -> Option<&[U]> {
     if TypeId::of::<T>() != TypeId::of::<U>() {
         return None;
     }
     // SAFETY: `T` and `U` are the same type, so the slice is reinterpreted as itself.
-    let data =
-        unsafe { std::slice::from_raw_parts(view.data.as_ptr().cast::<U>(), view.data.len()) };
+    Some(unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<U>(), data.len()) })
+}
+
+/// `view` as a view of `U` when `T` is `U`.
+fn same<T: WithDType, U: WithDType>(view: MatRef<T>) -> Option<MatRef<U>> {
     Some(MatRef {
-        data,
+        data: same_slice(view.data)?,
         rows: view.rows,
         cols: view.cols,
         rs: view.rs,
@@ -146,16 +149,20 @@ fn same<T: WithDType, U: WithDType>(view: MatRef<T>) -> Option<MatRef<U>> {
     })
 }
 
-/// `dst(i, j) = beta · dots[j · m + i]`, or `+=` with [`Accum::Add`].
-fn apply<T: WithDType>(
+/// `dst(i, j) = beta · dots[j · m + i]`, or `+=` with [`Accum::Add`]; `F` is `T` (the
+/// kernel's dtype, checked).
+fn apply<T: WithDType, F: WithDType>(
     dst: &mut [T],
     dst_rs: usize,
-    dots: &[T],
+    dots: &[F],
     m: usize,
     n: usize,
     accum: Accum,
     beta: T,
 ) -> candle_core::Result<()> {
+    let Some(dots) = same_slice::<F, T>(dots) else {
+        candle_core::bail!("fused linear: dots of another dtype than the output")
+    };
     if dots.len() != m * n {
         candle_core::bail!("fused linear: {} dots for a {m}x{n} product", dots.len());
     }
@@ -177,8 +184,6 @@ trait Float: WithDType {
     type Avx2: Lanes<T = Self>;
     #[cfg(target_arch = "x86_64")]
     type Avx512: Lanes<T = Self>;
-    /// Widens to `f64` (exact) for the generic caller.
-    fn widen(self) -> f64;
 }
 
 impl Float for f32 {
@@ -186,9 +191,6 @@ impl Float for f32 {
     type Avx2 = Avx2<f32>;
     #[cfg(target_arch = "x86_64")]
     type Avx512 = Avx512<f32>;
-    fn widen(self) -> f64 {
-        f64::from(self)
-    }
 }
 
 impl Float for f64 {
@@ -196,13 +198,51 @@ impl Float for f64 {
     type Avx2 = Avx2<f64>;
     #[cfg(target_arch = "x86_64")]
     type Avx512 = Avx512<f64>;
-    fn widen(self) -> f64 {
-        self
+}
+
+/// `W`'s rows, the columns of the right-hand side: `count` runs of `k` elements, `stride`
+/// apart in `data` (all of them in range: checked by [`WeightRows::of`]).
+#[derive(Clone, Copy)]
+struct WeightRows<'a, F> {
+    data: &'a [F],
+    stride: usize,
+    k: usize,
+    count: usize,
+}
+
+impl<'a, F> WeightRows<'a, F> {
+    /// The columns of `rhs` (`k × count`, `rs == 1`), or `None` when one is out of range.
+    fn of(rhs: MatRef<'a, F>) -> Option<Self> {
+        let (k, count, stride) = (rhs.rows, rhs.cols, rhs.cs);
+        let end = count.checked_sub(1)?.checked_mul(stride)?.checked_add(k)?;
+        (end <= rhs.data.len()).then_some(Self {
+            data: rhs.data,
+            stride,
+            k,
+            count,
+        })
+    }
+
+    /// Row `j` (`j < count`).
+    fn row(&self, j: usize) -> &'a [F] {
+        let start = j * self.stride;
+        self.data.get(start..start + self.k).unwrap_or(&[])
+    }
+
+    /// Rows `first .. first + count` (clamped to the rows there are).
+    fn range(&self, first: usize, count: usize) -> Self {
+        let first = first.min(self.count);
+        let data = self.data.get(first * self.stride..).unwrap_or(&[]);
+        Self {
+            data,
+            count: count.min(self.count - first),
+            ..*self
+        }
     }
 }
 
-/// Every dot `x_i · W_j`, `j`-major (`dots[j · m + i]`), widened to `f64` (exactly).
-fn dots<F: Float>(split: Split, lhs: MatRef<F>, rhs: MatRef<F>) -> candle_core::Result<Vec<f64>> {
+/// Every dot `x_i · W_j`, `j`-major (`dots[j · m + i]`).
+fn dots<F: Float>(split: Split, lhs: MatRef<F>, rhs: MatRef<F>) -> candle_core::Result<Vec<F>> {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     // x's rows as slices of length k (copied when its elements are not adjacent).
     let copied: Vec<F>;
@@ -214,28 +254,29 @@ fn dots<F: Float>(split: Split, lhs: MatRef<F>, rhs: MatRef<F>) -> candle_core::
             .collect();
         copied.chunks_exact(k).collect()
     };
-    // W's rows, the columns of rhs (`MatRef::new` checked that all of them are in range).
-    let w: Vec<&[F]> = (0..n)
-        .filter_map(|j| rhs.data.get(j * rhs.cs..j * rhs.cs + k))
-        .collect();
-    if x.len() != m || w.len() != n {
+    let w = WeightRows::of(rhs);
+    let Some(w) = w.filter(|_| x.len() == m) else {
         candle_core::bail!("fused linear: a {m}x{k}x{n} product's operands are out of range");
-    }
+    };
     let bytes = n * k * std::mem::size_of::<F>();
     let tasks = rayon::current_num_threads()
         .min(bytes / split.min_task_bytes.max(1))
         .max(1);
     let per_task = n.div_ceil(tasks).next_multiple_of(NR);
     let mut out = vec![F::from_f64(0.0); n * m];
-    out.par_chunks_mut(per_task * m.max(1))
-        .zip(w.par_chunks(per_task))
-        .for_each(|(out, w)| columns_on(split.isa, &x, w, out));
-    Ok(out.into_iter().map(Float::widen).collect())
+    if tasks == 1 {
+        columns_on(split.isa, &x, w, &mut out);
+    } else {
+        out.par_chunks_mut(per_task * m.max(1))
+            .enumerate()
+            .for_each(|(i, out)| columns_on(split.isa, &x, w.range(i * per_task, per_task), out));
+    }
+    Ok(out)
 }
 
 /// [`columns`] with the instruction set's vector code (the portable code for one the CPU
 /// lacks, which [`product_on`] has ruled out).
-fn columns_on<F: Float>(isa: Isa, x: &[&[F]], w: &[&[F]], out: &mut [F]) {
+fn columns_on<F: Float>(isa: Isa, x: &[&[F]], w: WeightRows<F>, out: &mut [F]) {
     let mr = block_rows(isa);
     match isa {
         #[cfg(target_arch = "x86_64")]
@@ -259,7 +300,12 @@ fn columns_on<F: Float>(isa: Isa, x: &[&[F]], w: &[&[F]], out: &mut [F]) {
 /// The CPU has AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn columns_avx512<S: Lanes>(x: &[&[S::T]], w: &[&[S::T]], out: &mut [S::T], mr: usize) {
+unsafe fn columns_avx512<S: Lanes>(
+    x: &[&[S::T]],
+    w: WeightRows<S::T>,
+    out: &mut [S::T],
+    mr: usize,
+) {
     // SAFETY: the caller's contract.
     unsafe { columns::<S>(x, w, out, mr) }
 }
@@ -270,7 +316,7 @@ unsafe fn columns_avx512<S: Lanes>(x: &[&[S::T]], w: &[&[S::T]], out: &mut [S::T
 /// The CPU has AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn columns_avx2<S: Lanes>(x: &[&[S::T]], w: &[&[S::T]], out: &mut [S::T], mr: usize) {
+unsafe fn columns_avx2<S: Lanes>(x: &[&[S::T]], w: WeightRows<S::T>, out: &mut [S::T], mr: usize) {
     // SAFETY: the caller's contract.
     unsafe { columns::<S>(x, w, out, mr) }
 }
@@ -281,16 +327,18 @@ unsafe fn columns_avx2<S: Lanes>(x: &[&[S::T]], w: &[&[S::T]], out: &mut [S::T],
 /// # Safety
 /// The CPU has `S`'s instruction set.
 #[inline(always)]
-unsafe fn columns<S: Lanes>(x: &[&[S::T]], w: &[&[S::T]], out: &mut [S::T], mr: usize) {
+unsafe fn columns<S: Lanes>(x: &[&[S::T]], w: WeightRows<S::T>, out: &mut [S::T], mr: usize) {
     let m = x.len().max(1);
-    for (wb, ob) in w.chunks(NR).zip(out.chunks_mut(NR * m)) {
-        if let [w0, w1, w2, w3] = *wb {
+    for (block, ob) in out.chunks_mut(NR * m).enumerate() {
+        let j = block * NR;
+        if j + NR <= w.count {
+            let rows = [w.row(j), w.row(j + 1), w.row(j + 2), w.row(j + 3)];
             // SAFETY: the caller's contract.
-            unsafe { rows_block::<S, NR>(x, [w0, w1, w2, w3], ob, mr) };
+            unsafe { rows_block::<S, NR>(x, rows, ob, mr) };
         } else {
-            for (&w0, o) in wb.iter().zip(ob.chunks_mut(m)) {
+            for (r, o) in (j..w.count).zip(ob.chunks_mut(m)) {
                 // SAFETY: the caller's contract.
-                unsafe { rows_block::<S, 1>(x, [w0], o, mr) };
+                unsafe { rows_block::<S, 1>(x, [w.row(r)], o, mr) };
             }
         }
     }
