@@ -51,33 +51,37 @@ fn gpt2_cached_steps_give_full_forward_logits() {
     let chunks = [3usize, 1, 1, 4, 1, 1, 2, 1, 1, 1];
     assert_eq!(chunks.iter().sum::<usize>(), 16);
     let mut worst: f64 = 0.0;
+    // The default cache and one set for inference (buffers read in place).
+    let caches = |m: &Gpt2LmHeadModel| [m.new_cache(), m.new_cache().for_inference()];
     for (what, model) in models() {
-        let mut cache = model.new_cache();
-        let mut start = 0;
-        for (step, &n) in chunks.iter().enumerate() {
-            let got = model
-                .forward_cached(&ids.narrow(1, start, n).unwrap(), &mut cache)
-                .unwrap();
-            assert_eq!(got.dims(), [2, n, 64]);
-            assert_eq!(cache.len(), start + n);
-            let full = model
-                .forward(&ids.narrow(1, 0, start + n).unwrap())
-                .unwrap();
-            let e = rel_err(&got, &full.narrow(1, start, n).unwrap());
-            assert!(e <= CACHE_TOL, "{what} step {step}: relative error {e:.3e}");
-            worst = worst.max(e);
-            start += n;
+        for mut cache in caches(&model) {
+            let what = format!("{what} (for inference: {})", cache.is_for_inference());
+            let mut start = 0;
+            for (step, &n) in chunks.iter().enumerate() {
+                let got = model
+                    .forward_cached(&ids.narrow(1, start, n).unwrap(), &mut cache)
+                    .unwrap();
+                assert_eq!(got.dims(), [2, n, 64]);
+                assert_eq!(cache.len(), start + n);
+                let full = model
+                    .forward(&ids.narrow(1, 0, start + n).unwrap())
+                    .unwrap();
+                let e = rel_err(&got, &full.narrow(1, start, n).unwrap());
+                assert!(e <= CACHE_TOL, "{what} step {step}: relative error {e:.3e}");
+                worst = worst.max(e);
+                start += n;
+            }
+            // Full: one more position is refused, and the cache stays as it was.
+            let err = model
+                .forward_cached(
+                    &Tensor::new(&[[1u32], [2]], &Device::Cpu).unwrap(),
+                    &mut cache,
+                )
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("n_positions 16"), "{err}");
+            assert_eq!(cache.len(), 16);
         }
-        // Full: one more position is refused, and the cache stays as it was.
-        let err = model
-            .forward_cached(
-                &Tensor::new(&[[1u32], [2]], &Device::Cpu).unwrap(),
-                &mut cache,
-            )
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("n_positions 16"), "{err}");
-        assert_eq!(cache.len(), 16);
     }
     println!("GPT-2 cached vs full forward: worst relative error {worst:.2e}");
 }
