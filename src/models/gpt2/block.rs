@@ -6,10 +6,12 @@ use candle_nn::VarBuilder;
 
 use crate::error::Result;
 use crate::model::{conv1d, AdapterPlan, Linear};
+use crate::models::attention_op;
 use crate::models::kv_buffer::{Appending, LayerKv};
 use crate::models::ops::{softmax_last, LayerNorm};
 
 use super::config::{Activation, Gpt2Config};
+use super::Mask;
 
 /// One transformer block (`transformer.h.N`).
 #[derive(Clone, Debug)]
@@ -64,7 +66,7 @@ impl Block {
     pub(super) fn forward(
         &self,
         x: &Tensor,
-        mask: &Tensor,
+        mask: &Mask,
         past: Option<&LayerKv>,
         how: Appending,
     ) -> Result<(Tensor, LayerKv)> {
@@ -76,11 +78,13 @@ impl Block {
     }
 
     /// Multi-head self-attention of the new positions over the cached and new keys, with
-    /// the additive `mask` (0 where a key is seen, -inf elsewhere).
+    /// the additive `mask` (0 where a key is seen, -inf elsewhere). On f32 CPU tensors
+    /// without padding, lorakit's fused causal attention op with its backward
+    /// (`models::attention_op`) computes the same.
     fn attention(
         &self,
         x: &Tensor,
-        mask: &Tensor,
+        mask: &Mask,
         past: Option<&LayerKv>,
         how: Appending,
     ) -> Result<(Tensor, LayerKv)> {
@@ -96,6 +100,11 @@ impl Block {
         let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
         let all = LayerKv::append(past, &k, &v, how)?;
         let (k, v) = (&all.keys, &all.values);
+        if !mask.padded && attention_op::supports(&q, k, v) {
+            let out = attention_op::causal_attention(&q, k, v, self.scale, None)?;
+            return Ok((self.attn_proj.forward(&out)?, all.entry));
+        }
+        let mask = &mask.additive;
         let (qs, ks) = if self.upcast {
             (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
         } else {

@@ -364,16 +364,23 @@ fn base_table(module: &Embedding) -> Result<Tensor> {
 /// `(seq, offset + seq)` f32 for queries at positions `offset..offset + seq` over keys at
 /// `0..offset + seq`: 0 where a query may attend (itself and earlier), -inf elsewhere;
 /// `(batch, 1, seq, offset + seq)` for a left-padded batch (`models::padding`).
-fn causal_mask(
-    seq: usize,
-    offset: usize,
-    pads: Option<&[usize]>,
-    device: &Device,
-) -> Result<Tensor> {
+fn causal_mask(seq: usize, offset: usize, pads: Option<&[usize]>, device: &Device) -> Result<Mask> {
     let keys = offset.saturating_add(seq);
     let data = mask_values(pads, seq, keys, offset, |_, _| true);
-    Ok(match pads {
+    let additive = match pads {
         Some(p) => Tensor::from_vec(data, (p.len(), 1, seq, keys), device)?,
         None => Tensor::from_vec(data, (seq, keys), device)?,
+    };
+    Ok(Mask {
+        additive,
+        padded: pads.is_some(),
     })
+}
+
+/// The attention mask of one forward: additive (0 where a key is seen, −∞ elsewhere),
+/// `(seq, keys)`, or `(batch, 1, seq, keys)` for a left-padded batch.
+pub(crate) struct Mask {
+    additive: Tensor,
+    /// Whether the batch is left-padded (the fused attention op takes only causal masks).
+    padded: bool,
 }
