@@ -97,42 +97,43 @@ impl Shape {
     }
 }
 
+/// Runs `product` on each block of every query head, with that head's rows of `out`
+/// (`t × width`); the heads are split over the threads.
+fn per_head_blocks(
+    s: Shape,
+    out: &mut [f32],
+    width: usize,
+    product: impl Fn(usize, Block, &mut [f32], gemm::Parallelism) -> Result<()> + Sync,
+) -> Result<()> {
+    let par = s.parallelism(s.bg() * s.group);
+    out.par_chunks_mut(s.t * width)
+        .enumerate()
+        .try_for_each(|(head, dst)| s.blocks().try_for_each(|b| product(head, b, dst, par)))
+}
+
 /// Writes `q kᵀ` into each block's key span of `scores` `(b · heads, t, kv)`; entries
 /// outside the spans are left as they are (the softmax zeroes them).
 pub(super) fn scores(q: &[f32], k: &[f32], s: Shape, out: &mut [f32]) -> Result<()> {
     let (t, kv, d) = (s.t, s.kv, s.d);
-    let par = s.parallelism(s.bg() * s.group);
-    out.par_chunks_mut(t * kv)
-        .enumerate()
-        .try_for_each(|(head, dst)| {
-            let q = rows(q, head * t, t, d)?;
-            let k = rows(k, head / s.group * s.kv_stride, kv, d)?;
-            for b in s.blocks() {
-                let lhs = MatRef::contiguous(sub(q, b.row * d)?, b.rows, d)?;
-                let rhs = MatRef::contiguous(sub(k, b.key * d)?, b.keys, d)?.t();
-                let dst = sub_mut(dst, b.row * kv + b.key)?;
-                gemm_with(dst, kv, lhs, rhs, Accum::Replace, par)?;
-            }
-            Ok(())
-        })
+    per_head_blocks(s, out, kv, |head, b, dst, par| {
+        let lhs = MatRef::contiguous(rows(q, head * t + b.row, b.rows, d)?, b.rows, d)?;
+        let keys = rows(k, head / s.group * s.kv_stride + b.key, b.keys, d)?;
+        let rhs = MatRef::contiguous(keys, b.keys, d)?.t();
+        let dst = sub_mut(dst, b.row * kv + b.key)?;
+        gemm_with(dst, kv, lhs, rhs, Accum::Replace, par)
+    })
 }
 
 /// `P v` per block over its key span: the heads' outputs `(b · heads, t, d)`.
 pub(super) fn weighted_values(probs: &[f32], v: &[f32], s: Shape, out: &mut [f32]) -> Result<()> {
     let (t, kv, d) = (s.t, s.kv, s.d);
-    let par = s.parallelism(s.bg() * s.group);
-    out.par_chunks_mut(t * d)
-        .enumerate()
-        .try_for_each(|(head, dst)| {
-            let p = rows(probs, head * t, t, kv)?;
-            let v = rows(v, head / s.group * s.kv_stride, kv, d)?;
-            for b in s.blocks() {
-                let lhs = MatRef::new(sub(p, b.row * kv + b.key)?, b.rows, b.keys, kv, 1)?;
-                let rhs = MatRef::contiguous(sub(v, b.key * d)?, b.keys, d)?;
-                gemm_with(sub_mut(dst, b.row * d)?, d, lhs, rhs, Accum::Replace, par)?;
-            }
-            Ok(())
-        })
+    per_head_blocks(s, out, d, |head, b, dst, par| {
+        let p = rows(probs, head * t + b.row, b.rows, kv)?;
+        let lhs = MatRef::new(sub(p, b.key)?, b.rows, b.keys, kv, 1)?;
+        let values = rows(v, head / s.group * s.kv_stride + b.key, b.keys, d)?;
+        let rhs = MatRef::contiguous(values, b.keys, d)?;
+        gemm_with(sub_mut(dst, b.row * d)?, d, lhs, rhs, Accum::Replace, par)
+    })
 }
 
 /// The inputs of the backward, as the forward saw them, and the output's gradient.
