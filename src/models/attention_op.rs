@@ -106,8 +106,8 @@ fn heads_in_place(x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// The elements of `(b, heads, rows, d)` laid out as [`head_stride`] accepts, from its
-/// first element to its last, and the head stride in rows.
-fn heads_input<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<(&'a [f32], usize)> {
+/// first element to its last.
+fn heads_input<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     let data = f32::cpu_storage_as_slice(s)?;
     let (&[b, g, rows, d], Some(stride)) = (l.dims(), head_stride(l)) else {
         candle_core::bail!(
@@ -117,8 +117,16 @@ fn heads_input<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<(&'a [f
     };
     let len = (b * g).saturating_sub(1) * stride * d + rows * d;
     match data.get(l.start_offset()..l.start_offset() + len) {
-        Some(slice) => Ok((slice, stride)),
+        Some(slice) => Ok(slice),
         None => candle_core::bail!("{OP}: {len} elements of keys or values outside their buffer"),
+    }
+}
+
+/// The CPU storage behind a tensor's storage guard.
+fn on_cpu(storage: &Storage) -> candle_core::Result<&CpuStorage> {
+    match storage {
+        Storage::Cpu(storage) => Ok(storage),
+        _ => candle_core::bail!("attention backward: expected CPU tensors"),
     }
 }
 
@@ -228,7 +236,7 @@ impl CustomOp3 for CausalAttention {
         let n = Dims::of(ql, kl, vl)?;
         let (bg, m) = (n.b * n.g, n.m());
         let shape = self.block_shape(n);
-        let (q, (k, _), (v, _)) = (
+        let (q, k, v) = (
             f32_input(OP, qs, ql)?,
             heads_input(ks, kl)?,
             heads_input(vs, vl)?,
@@ -280,27 +288,14 @@ impl CustomOp3 for CausalAttention {
         // rows in place.
         let (out, d_out) = (res.contiguous()?, grad.contiguous()?);
         let guards = [&qc, &kc, &vc, &p, &out, &d_out].map(|t| t.storage_and_layout());
-        let mut slices = Vec::with_capacity(guards.len());
-        for (i, (storage, layout)) in guards.iter().enumerate() {
-            let Storage::Cpu(storage) = &**storage else {
-                candle_core::bail!("attention backward: expected CPU tensors")
-            };
-            // k and v (inputs 1 and 2) may be evenly spaced heads; the rest are contiguous.
-            slices.push(match i {
-                1 | 2 => heads_input(storage, layout)?.0,
-                _ => f32_input(OP, storage, layout)?,
-            });
-        }
-        let &[q_s, k_s, v_s, p_s, out_s, d_out_s] = slices.as_slice() else {
-            candle_core::bail!("attention backward: {} inputs, expected 6", slices.len())
-        };
+        let [q_g, k_g, v_g, p_g, out_g, d_out_g] = &guards;
         let inputs = attention_blocks::BackwardInputs {
-            q: q_s,
-            k: k_s,
-            v: v_s,
-            probs: p_s,
-            out: out_s,
-            d_out: d_out_s,
+            q: f32_input(OP, on_cpu(&q_g.0)?, q_g.1)?,
+            k: heads_input(on_cpu(&k_g.0)?, k_g.1)?,
+            v: heads_input(on_cpu(&v_g.0)?, v_g.1)?,
+            probs: f32_input(OP, on_cpu(&p_g.0)?, p_g.1)?,
+            out: f32_input(OP, on_cpu(&out_g.0)?, out_g.1)?,
+            d_out: f32_input(OP, on_cpu(&d_out_g.0)?, d_out_g.1)?,
             scale: self.scale,
         };
         let shape = self.block_shape(n);
@@ -308,7 +303,6 @@ impl CustomOp3 for CausalAttention {
         let Dims {
             b, h, g, t, kv, d, ..
         } = n;
-        drop(slices);
         drop(guards);
         let dev = Device::Cpu;
         let d_q = Tensor::from_vec(d_q, (b, h, t, d), &dev)?;
