@@ -45,10 +45,8 @@ import glob
 import json
 import os
 import shutil
-import sys
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import (
     LlamaConfig,
@@ -63,6 +61,7 @@ from peft import (
     VeraConfig,
     get_peft_model,
 )
+from fixture_env import rerun_pinned
 
 ROOT = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "checkpoints"
@@ -398,10 +397,7 @@ target_r=4, alpha=8, q/k/v/o_proj, trained 10 steps with the rank allocator (sav
 
 
 def main():
-    if os.environ.get("PYTHONHASHSEED") != "0":
-        # PEFT stores target_modules from a set: fix the hash seed so the JSON is stable.
-        os.environ["PYTHONHASHSEED"] = "0"
-        os.execv(sys.executable, [sys.executable] + sys.argv)
+    rerun_pinned()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     if os.path.exists(ROOT):

@@ -79,7 +79,6 @@ import copy
 import json
 import os
 import shutil
-import sys
 import warnings
 
 import torch
@@ -95,6 +94,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 from peft import AdaLoraConfig, LoraConfig, PeftModel, VeraConfig, get_peft_model
+from fixture_env import rerun_pinned
 
 ROOT = os.path.normpath(
     os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "models", "llama")
@@ -476,10 +476,7 @@ checked) and `delete_adapter("default")`: dora is active).
 
 
 def main():
-    if os.environ.get("PYTHONHASHSEED") != "0" or os.environ.get("HF_HUB_OFFLINE") != "1":
-        os.environ["PYTHONHASHSEED"] = "0"
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        os.execv(sys.executable, [sys.executable] + sys.argv)
+    rerun_pinned()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     if os.path.exists(ROOT):

@@ -94,6 +94,7 @@ from transformers import (
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import ModulesToSaveWrapper
+from fixture_env import rerun_pinned
 
 ROOT = os.path.normpath(
     os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "peft_options")
@@ -489,12 +490,7 @@ def main():
         help="compare a lorakit-written adapter's module outputs with PEFT's",
     )
     args = parser.parse_args()
-    if os.environ.get("PYTHONHASHSEED") != "0" or os.environ.get("HF_HUB_OFFLINE") != "1":
-        # PEFT stores target_modules from a set: fix the hash seed so the JSON is stable.
-        # Offline: PEFT's save looks base_model_name_or_path up on the Hub otherwise.
-        os.environ["PYTHONHASHSEED"] = "0"
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        os.execv(sys.executable, [sys.executable] + sys.argv)
+    rerun_pinned()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     if args.check:

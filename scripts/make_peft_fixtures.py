@@ -46,6 +46,7 @@ from peft import (
     VeraConfig,
     get_peft_model,
 )
+from fixture_env import rerun_pinned
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
 N_INPUT = 5
@@ -286,10 +287,7 @@ def check_reverse(root):
 
 
 def main():
-    if os.environ.get("PYTHONHASHSEED") != "0":
-        # PEFT stores target_modules from a set: fix the hash seed so the JSON is stable.
-        os.environ["PYTHONHASHSEED"] = "0"
-        os.execv(sys.executable, [sys.executable] + sys.argv)
+    rerun_pinned()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check-reverse", metavar="DIR")
     args = parser.parse_args()

@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 use candle_nn::VarBuilder;
 use serde_json::{Map, Value};
 
+use super::lora_extensions::{check_computable, check_extensions};
 use crate::adapter::Variant;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Scope};
 use crate::frozen::FrozenLinear;
 use crate::model::plan::AdapterPlan;
 use crate::model::target::ModuleSettings;
@@ -101,6 +102,11 @@ pub struct PeftConfig {
     /// AdaLoRA's `rank_pattern`: per module (`<path>.lora_E`), which of the `init_r` ranks
     /// were kept.
     pub adalora_ranks: Vec<(String, Vec<bool>)>,
+    /// Tensors of the adapter file that hold state of a training-only extension
+    /// (VeLoRA's `lora_velora_embed`, MonteCLoRA's `lora_monteclora_sampler.*`; see
+    /// [`lora_extensions`](super::lora_extensions)), named by a segment of their key: the
+    /// loader leaves them unused.
+    pub skipped_tensors: Vec<String>,
     /// Every key as read (unknown ones included); written back on save.
     pub raw: Map<String, Value>,
 }
@@ -264,29 +270,6 @@ fn layer_filter(map: &Map<String, Value>, p: &Path) -> Result<Option<LayerFilter
     }
 }
 
-/// Errors unless `key` is absent, null, or equal to one of `allowed`.
-fn require_default(
-    map: &Map<String, Value>,
-    key: &'static str,
-    allowed: &[Value],
-    p: &Path,
-) -> Result<()> {
-    match map.get(key) {
-        None | Some(Value::Null) => Ok(()),
-        Some(v) if allowed.contains(v) => Ok(()),
-        Some(v) => Err(Error::Unsupported {
-            what: key,
-            got: format!("{v} (in {})", p.display()),
-            supported: allowed
-                .iter()
-                .map(|a| a.to_string())
-                .chain(std::iter::once("null".to_string()))
-                .collect::<Vec<_>>()
-                .join(", "),
-        }),
-    }
-}
-
 impl PeftConfig {
     /// Reads and parses `path`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
@@ -305,7 +288,7 @@ impl PeftConfig {
             column: e.column(),
             message: e.to_string(),
         })?;
-        let Value::Object(raw) = value else {
+        let Value::Object(mut raw) = value else {
             return Err(Error::file_config(
                 p,
                 "(top level)",
@@ -339,7 +322,7 @@ impl PeftConfig {
             None | Some(Value::Null) => targets,
             Some(v) => targets.exclude(selector(v, "exclude_modules", p)?),
         };
-        require_default(&raw, "trainable_token_indices", &[], p)?;
+        let skipped_tensors = check_extensions(&mut raw, p)?;
         let mut targets = targets;
         if let Some(filter) = layer_filter(&raw, p)? {
             if matches!(targets.target, ModuleSelector::Regex(_)) {
@@ -450,6 +433,7 @@ impl PeftConfig {
             lora_bias,
             bias,
             adalora_ranks,
+            skipped_tensors,
             raw,
         })
     }
@@ -505,6 +489,7 @@ impl PeftConfig {
             lora_bias: false,
             bias: BiasMode::None,
             adalora_ranks: Vec::new(),
+            skipped_tensors: Vec::new(),
             raw,
         }
     }
@@ -566,6 +551,7 @@ impl PeftConfig {
         adapter_vb: VarBuilder<'static>,
         init: &LoraConfig,
     ) -> Result<AdapterPlan> {
+        check_computable(&self.raw, Scope::Settings("PEFT config".into()))?;
         let glue = self.glue()?;
         glue.can_build_fresh()?;
         let (config, init) = (self.clone(), init.clone());

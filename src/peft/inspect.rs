@@ -15,6 +15,7 @@ use crate::frozen::BaseKind;
 use crate::model::plan::COPY_WRAPPER_NAMES;
 use crate::peft::config::PeftType;
 use crate::peft::load::{PeftAdapter, CONFIG_FILE, KEY_PREFIX, MODEL_KEY_PREFIX, WEIGHTS_FILE};
+use crate::peft::lora_extensions::is_skipped_tensor;
 use crate::variants::build::peft_tensor_suffixes;
 pub use crate::variants::build::ImpliedShape;
 use crate::variants::lora::{lora_scale, LORA_B_BIAS};
@@ -185,7 +186,8 @@ fn is_base_tensor(c: &crate::peft::PeftConfig, rel: &str) -> bool {
 }
 
 /// The file's keys that are base tensors (see [`AdapterSummary::base_tensors`]) and those
-/// lorakit does not understand, each without `base_model.model.`.
+/// lorakit does not understand, each without `base_model.model.` (a training-only
+/// extension's state, [`PeftConfig::skipped_tensors`](crate::peft::PeftConfig::skipped_tensors), is neither).
 pub(crate) fn classify_keys(adapter: &PeftAdapter) -> (Vec<String>, Vec<String>) {
     let (mut base, mut unknown) = (Vec::new(), Vec::new());
     for key in adapter.tensor_names() {
@@ -200,7 +202,7 @@ pub(crate) fn classify_keys(adapter: &PeftAdapter) -> (Vec<String>, Vec<String>)
             rel.strip_suffix(s)
                 .is_some_and(|p| p.ends_with('.') && p.len() > 1)
         });
-        if adapter_tensor {
+        if adapter_tensor || is_skipped_tensor(rel, &adapter.config().skipped_tensors) {
             continue;
         }
         if is_base_tensor(adapter.config(), rel) {

@@ -13,11 +13,12 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
 use crate::adapter::Adapter;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Scope};
 use crate::frozen::{BaseKind, FrozenLinear};
 use crate::model::plan::{AdapterFactory, AdapterPlan};
 use crate::model::target::ModuleSettings;
 use crate::peft::config::PeftConfig;
+use crate::peft::lora_extensions::{check_computable, is_skipped_tensor};
 use crate::shared::Shared;
 use crate::variants::build::{peft_tensor_suffixes, TensorSource};
 use crate::variants::lora::LoraConfig;
@@ -199,9 +200,13 @@ impl PeftAdapter {
     }
 
     /// A plan that attaches this adapter: the config's target rules, with each targeted
-    /// layer built from the file's tensors (converted to the base layer's dtype).
+    /// layer built from the file's tensors (converted to the base layer's dtype). An
+    /// Activated LoRA (`alora_invocation_tokens`) is an error naming it: lorakit's layers
+    /// would apply it to every token (see [`lora_extensions`](crate::peft::lora_extensions)).
     pub fn plan(&self) -> Result<AdapterPlan> {
         let c = &self.inner.config;
+        let config_file = self.inner.weights_path.with_file_name(CONFIG_FILE);
+        check_computable(&c.raw, Scope::File(config_file))?;
         let device = self
             .inner
             .tensors
@@ -408,6 +413,7 @@ impl AdapterFactory for LoadedFactory {
             .tensors
             .keys()
             .filter(|k| !used.contains(*k))
+            .filter(|k| !is_skipped_tensor(k, &self.0.config.skipped_tensors))
             .collect();
         match unused.first() {
             None => Ok(()),

@@ -7,6 +7,7 @@ pub mod config;
 pub mod inspect;
 pub mod load;
 mod load_named;
+pub mod lora_extensions;
 pub mod merge;
 pub mod save;
 pub mod var_builder;

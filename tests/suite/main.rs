@@ -46,6 +46,7 @@ mod named_adapters_train;
 mod numerics;
 mod options_bad_input;
 mod options_properties;
+mod peft_extensions;
 mod peft_fixtures;
 mod peft_options;
 mod peft_roundtrip;

@@ -28,12 +28,12 @@ use crate::peft_common::{fixture, load, rel_err};
 const TOL: f64 = 1e-4;
 const CASES: [&str; 5] = ["mistral", "qwen2", "qwen3", "llama3_rope", "linear_rope"];
 
-fn models(case: &str) -> PathBuf {
+pub(crate) fn models(case: &str) -> PathBuf {
     fixture("models/llama").join(case)
 }
 
 /// A plan that adapts nothing: the plain base model.
-fn no_adapter() -> AdapterPlan {
+pub(crate) fn no_adapter() -> AdapterPlan {
     AdapterPlan::lora(
         TargetSpec::new(ModuleSelector::list(Vec::<String>::new())),
         RankAlpha::new(1, 1.0),
@@ -42,7 +42,7 @@ fn no_adapter() -> AdapterPlan {
     )
 }
 
-fn peft_plan(dir: &Path) -> AdapterPlan {
+pub(crate) fn peft_plan(dir: &Path) -> AdapterPlan {
     PeftAdapter::load(dir, &Device::Cpu)
         .unwrap()
         .plan()
@@ -50,7 +50,12 @@ fn peft_plan(dir: &Path) -> AdapterPlan {
 }
 
 /// The model at `base` (folder or file) with `config` (a config.json) in `dtype`.
-fn build(config: &Path, base: &Path, dtype: DType, plan: &AdapterPlan) -> LlamaForCausalLM {
+pub(crate) fn build(
+    config: &Path,
+    base: &Path,
+    dtype: DType,
+    plan: &AdapterPlan,
+) -> LlamaForCausalLM {
     let config = LlamaConfig::from_file(config).unwrap();
     let vb = Checkpoint::open(base)
         .unwrap()
@@ -58,12 +63,12 @@ fn build(config: &Path, base: &Path, dtype: DType, plan: &AdapterPlan) -> LlamaF
     LlamaForCausalLM::load(&config, vb, plan).unwrap()
 }
 
-fn logits(model: &LlamaForCausalLM, ids: &Tensor) -> Tensor {
+pub(crate) fn logits(model: &LlamaForCausalLM, ids: &Tensor) -> Tensor {
     model.forward(ids).unwrap().to_dtype(DType::F32).unwrap()
 }
 
 /// Checks `got` against `want` and returns the relative error (printed with `--nocapture`).
-fn check(got: &Tensor, want: &Tensor, tol: f64, what: &str) -> f64 {
+pub(crate) fn check(got: &Tensor, want: &Tensor, tol: f64, what: &str) -> f64 {
     let e = rel_err(got, want);
     println!("{what}: max relative error {e:.2e}");
     assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.0e}");

@@ -1,0 +1,151 @@
+//! PEFT's LoRA extensions (`lorakit::peft::lora_extensions`) on adapters real PEFT 0.21
+//! wrote onto the Mistral model fixture (`tests/fixtures/peft_extensions/`,
+//! `scripts/make_extension_fixtures.py`): those that change what the adapter computes are
+//! refused by name wherever an adapter is read, Activated LoRA wherever lorakit would
+//! compute it (a plan, a merge); VeLoRA and MonteCLoRA, which change only
+//! PEFT's training, give PEFT's evaluation logits unmerged and merged (f32, ≤ 1e-4
+//! relative) and save back as plain LoRA.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device};
+use lorakit::gguf::export_gguf;
+use lorakit::peft::{inspect, merge_checkpoint, save_adapter, MergeOptions, PeftAdapter};
+
+use crate::models_llama::{build, check, logits, models, no_adapter, peft_plan};
+use crate::peft_common::{fixture, load, rel_err, temp_dir};
+
+const TOL: f64 = 1e-4;
+
+fn case(name: &str) -> PathBuf {
+    fixture("peft_extensions").join(name)
+}
+
+fn mistral_base() -> PathBuf {
+    models("mistral").join("base")
+}
+
+#[test]
+fn extensions_that_change_the_output_are_refused_by_name() {
+    let base = mistral_base();
+    for (name, field) in [
+        ("bdlora", "use_bdlora"),
+        ("kasa", "kasa_config"),
+        ("layer_replication", "layer_replication"),
+        ("target_parameters", "target_parameters"),
+    ] {
+        let dir = case(name);
+        let named = |what: &str, err| assert_names(err, field, &format!("{name} {what}"));
+        named("load", PeftAdapter::load(&dir, &Device::Cpu).unwrap_err());
+        named("inspect", inspect(&dir).unwrap_err());
+        let out = temp_dir(&format!("extension-merge-{name}"));
+        let merged = out.join("merged");
+        let err = merge_checkpoint(&base, &dir, &merged, MergeOptions::default());
+        named("merge", err.unwrap_err());
+        assert!(!merged.exists(), "{name}: a refused merge wrote {merged:?}");
+        std::fs::remove_dir_all(out).unwrap();
+    }
+}
+
+fn assert_names(err: lorakit::Error, field: &str, what: &str) {
+    let msg = err.to_string();
+    assert!(
+        msg.contains(field) && msg.contains("adapter_config.json"),
+        "{what}: {msg}"
+    );
+}
+
+/// Activated LoRA reads (inspect shows it; export-gguf writes it for llama.cpp) but is
+/// refused where lorakit would compute it: a plan of layers, a merge.
+#[test]
+fn activated_lora_is_read_but_not_computed() {
+    let dir = case("alora");
+    let adapter = PeftAdapter::load(&dir, &Device::Cpu).unwrap();
+    let field = "alora_invocation_tokens";
+    assert_names(adapter.plan().err().unwrap(), field, "plan");
+    inspect(&dir).unwrap();
+    let out = temp_dir("extension-merge-alora");
+    let merged = out.join("merged");
+    let err = merge_checkpoint(&mistral_base(), &dir, &merged, MergeOptions::default());
+    assert_names(err.unwrap_err(), field, "merge");
+    assert!(!merged.exists());
+    std::fs::remove_dir_all(out).unwrap();
+}
+
+/// Why aLoRA is refused rather than loaded as LoRA: the same A and B applied to every
+/// token give other logits than PEFT's.
+#[test]
+fn alora_loaded_as_plain_lora_would_differ_from_peft() {
+    let dir = temp_dir("alora-as-lora");
+    std::fs::copy(
+        case("alora/adapter_model.safetensors"),
+        dir.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let config = std::fs::read_to_string(case("alora/adapter_config.json")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&config).unwrap();
+    json["alora_invocation_tokens"] = serde_json::Value::Null;
+    std::fs::write(dir.join("adapter_config.json"), json.to_string()).unwrap();
+
+    let io = load(&case("logits.safetensors"));
+    let base = mistral_base();
+    let plan = peft_plan(&dir);
+    let model = build(&base.join("config.json"), &base, DType::F32, &plan);
+    let e = rel_err(&logits(&model, &io["input_ids"]), &io["alora_logits"]);
+    assert!(
+        e > 1e-2,
+        "plain LoRA gave aLoRA's logits (relative error {e:.2e})"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn training_only_extensions_give_peft_logits_unmerged_and_merged() {
+    let io = load(&case("logits.safetensors"));
+    let ids = &io["input_ids"];
+    let base = mistral_base();
+    let config = base.join("config.json");
+    for name in ["velora", "monteclora"] {
+        let want = &io[&format!("{name}_logits")];
+        let plan = peft_plan(&case(name));
+        let model = build(&config, &base, DType::F32, &plan);
+        plan.finish().unwrap();
+        check(&logits(&model, ids), want, TOL, &format!("{name} unmerged"));
+
+        let out = temp_dir(&format!("extension-merged-{name}"));
+        merge_checkpoint(&base, &case(name), &out.join("m"), MergeOptions::default()).unwrap();
+        let merged = build(&config, &out.join("m"), DType::F32, &no_adapter());
+        check(&logits(&merged, ids), want, TOL, &format!("{name} merged"));
+        std::fs::remove_dir_all(out).unwrap();
+
+        let summary = inspect(&case(name)).unwrap();
+        assert!(summary.unknown.is_empty(), "{name}: {:?}", summary.unknown);
+
+        // llama.cpp's format holds the A / B pairs; the training-only tensors stay out.
+        let out = temp_dir(&format!("extension-gguf-{name}"));
+        let report = export_gguf(&case(name), &base, &out.join("a.gguf"), &Default::default());
+        assert_eq!(report.unwrap().pairs, 4, "{name}");
+        std::fs::remove_dir_all(out).unwrap();
+    }
+}
+
+#[test]
+fn a_training_only_extension_saves_back_as_plain_lora() {
+    let adapter = PeftAdapter::load(case("velora"), &Device::Cpu).unwrap();
+    assert_eq!(adapter.config().skipped_tensors, ["lora_velora_embed"]);
+    let base = mistral_base();
+    let plan = adapter.plan().unwrap();
+    let _model = build(&base.join("config.json"), &base, DType::F32, &plan);
+    let set = plan.finish().unwrap();
+    let dir = temp_dir("velora-saved");
+    save_adapter(&dir, adapter.config(), &set).unwrap();
+    let saved = std::fs::read_to_string(dir.join("adapter_config.json")).unwrap();
+    let saved: serde_json::Value = serde_json::from_str(&saved).unwrap();
+    assert!(saved.get("velora_config").is_none(), "{saved}");
+    let reloaded = PeftAdapter::load(&dir, &Device::Cpu).unwrap();
+    assert!(reloaded
+        .tensor_names()
+        .iter()
+        .all(|k| !k.contains("velora")));
+    std::fs::remove_dir_all(dir).unwrap();
+}
