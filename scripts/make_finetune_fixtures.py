@@ -41,6 +41,15 @@ Writes:
                            --targets q_proj,v_proj,up_proj --steps 40 --lr 1e-2 --out /tmp/trained_dora
                      then its adapter_config.json and adapter_model.safetensors copied here and
                      peft_logits.safetensors written by --check-trained (PEFT's logits on it).
+  trained_gpt2_lora/ likewise for GPT-2 (Conv1D layers, fan_in_fan_out): LoRA r=4, all-linear,
+                     on tests/fixtures/peft_options/gpt2_lora/base (n_positions 16, so packed):
+                       mkdir /tmp/gpt2-tok
+                       cp tests/fixtures/peft_options/gpt2_lora/base/* tests/fixtures/tokenizer/tokenizer*.json /tmp/gpt2-tok/
+                       cargo run --release --example finetune -- --model /tmp/gpt2-tok \
+                           --data examples/finetune/tiny.jsonl --method lora --rank 4 \
+                           --steps 40 --lr 1e-2 --pack --out /tmp/ft-gpt2
+                     then copied and checked as trained_dora/ (--check-trained DIR with
+                     tests/fixtures/peft_options/gpt2_lora/base).
 """
 import json
 import sys

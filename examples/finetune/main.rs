@@ -8,7 +8,8 @@
 //! ```
 //!
 //! `<folder>` is a Hugging Face model folder (`config.json`, `model.safetensors` or shards,
-//! `tokenizer.json`) of the Llama family (Llama, Mistral, Qwen2, Qwen3). The JSONL holds
+//! `tokenizer.json`) of the Llama family (Llama, Mistral, Qwen2, Qwen3) or GPT-2, chosen by
+//! `config.json`'s `model_type` ([`AutoCausalLm`]). The JSONL holds
 //! `{"text": ...}` or `{"prompt": ..., "completion": ...}` rows (prompt tokens are not
 //! trained). With no arguments, the example creates a tiny Llama model and a tokenizer
 //! trained on `examples/finetune/tiny.jsonl` under `target/finetune-demo/` and fine-tunes
@@ -34,7 +35,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use lorakit::finetune::batching::Packing;
 use lorakit::finetune::{AdapterRecipe, Dataset, TrainConfig, TrainEvent, TrainReport, Trainer};
 use lorakit::model::Quantize;
-use lorakit::models::llama::{LlamaConfig, LlamaForCausalLM};
+use lorakit::models::auto::AutoCausalLm;
+use lorakit::models::CausalLm;
 use lorakit::tokenizer::TextTokenizer;
 use lorakit::Variant;
 
@@ -42,7 +44,7 @@ use crate::loss_plot::{loss_svg, Series};
 
 #[derive(Parser, Debug)]
 #[command(
-    about = "Fine-tune a Llama-family model with a lorakit adapter (no arguments: a tiny demo)"
+    about = "Fine-tune a Llama-family or GPT-2 model with a lorakit adapter (no arguments: a tiny demo)"
 )]
 struct Args {
     /// Model folder (config.json, safetensors, tokenizer.json). Omit for the demo.
@@ -75,9 +77,10 @@ struct Args {
     /// Sequences per batch.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
-    /// Longest sequence, in tokens.
-    #[arg(long, default_value_t = 256)]
-    seq_len: usize,
+    /// Longest sequence, in tokens (default: 256, or the model's position limit if smaller,
+    /// as GPT-2's n_positions can be).
+    #[arg(long)]
+    seq_len: Option<usize>,
     /// Batches per optimizer step.
     #[arg(long, default_value_t = 1)]
     grad_accum: usize,
@@ -186,15 +189,7 @@ fn run(mut args: Args) -> lorakit::Result<()> {
     } else {
         (all, None)
     };
-    println!(
-        "data: {} training examples, {} eval, {} tokens ({})",
-        train.len(),
-        eval.as_ref().map_or(0, Dataset::len),
-        train.total_tokens(),
-        data_path.display()
-    );
 
-    let config = LlamaConfig::from_file(model_dir.join("config.json"))?;
     let targets: Vec<&str> = args.targets.split(',').map(str::trim).collect();
     let mut recipe = AdapterRecipe::new(
         variant,
@@ -206,7 +201,8 @@ fn run(mut args: Args) -> lorakit::Result<()> {
     recipe.lora_drop.stage1_steps = (args.steps / 10).max(1);
     let adapter_vars = VarMap::new();
     let vb = VarBuilder::from_varmap(&adapter_vars, dtype, &dev);
-    let plan = recipe.plan(vb, &config.linear_shapes(), dtype, &dev)?;
+    let shapes = AutoCausalLm::linear_shapes(model_dir)?;
+    let plan = recipe.plan(vb, &shapes, dtype, &dev)?;
     let plan = match args.quantize.as_deref() {
         Some(name) => {
             let t = quantize_type(name)?;
@@ -215,12 +211,12 @@ fn run(mut args: Args) -> lorakit::Result<()> {
         }
         None => plan,
     };
-    let model = LlamaForCausalLM::from_pretrained(model_dir, dtype, &dev, &plan)?;
+    let model = AutoCausalLm::from_pretrained(model_dir, dtype, &dev, &plan)?;
     let adapters = plan.finish()?;
     println!(
-        "model: {} ({:?}), {variant} on {}: {}",
+        "model: {} ({}), {variant} on {}: {}",
         model_dir.display(),
-        config.family,
+        model.model_type_name(),
         args.targets,
         adapters.param_counts()
     );
@@ -229,7 +225,9 @@ fn run(mut args: Args) -> lorakit::Result<()> {
     settings.lr = args.lr;
     settings.seed = args.seed;
     settings.batch.batch_size = args.batch_size;
-    settings.batch.seq_len = args.seq_len;
+    settings.batch.seq_len = args
+        .seq_len
+        .unwrap_or_else(|| model.max_positions().map_or(256, |limit| limit.min(256)));
     settings.batch.packing = if args.pack {
         Packing::Pack
     } else {
@@ -244,6 +242,22 @@ fn run(mut args: Args) -> lorakit::Result<()> {
     settings.save_every = args.save_every;
     settings.output_dir = args.save_every.map(|_| out.clone());
 
+    println!(
+        "data: {} training examples, {} eval, {} tokens ({})",
+        train.len(),
+        eval.as_ref().map_or(0, Dataset::len),
+        train.total_tokens(),
+        data_path.display()
+    );
+    let cut = train.examples_without_targets(&settings.batch);
+    if cut > 0 {
+        println!(
+            "note: {cut} of {} training examples keep no target token within --seq-len {} \
+             (their prompts cut the completion off); they teach nothing",
+            train.len(),
+            settings.batch.seq_len
+        );
+    }
     let mut trainer = Trainer::new(&model, adapters, recipe, settings)?;
     if let Some(checkpoint) = &args.resume {
         trainer.resume(checkpoint)?;
@@ -266,10 +280,10 @@ fn run(mut args: Args) -> lorakit::Result<()> {
     let report = trainer.train(&train, eval.as_ref(), |event| match event {
         TrainEvent::Step(log) => {
             bar.set_position(log.step as u64);
-            bar.set_message(format!(
-                "loss {:.4} lr {:.2e} |g| {:.2}",
-                log.loss, log.lr, log.grad_norm
-            ));
+            bar.set_message(match log.loss {
+                Some(loss) => format!("loss {loss:.4} lr {:.2e} |g| {:.2}", log.lr, log.grad_norm),
+                None => "skipped: no target token in the step's rows".to_string(),
+            });
         }
         TrainEvent::Eval(e) => say(&bar, format!("step {:>5}: eval loss {:.4}", e.step, e.loss)),
         TrainEvent::Checkpoint(dir) => say(&bar, format!("checkpoint: {}", dir.display())),
@@ -308,7 +322,7 @@ fn write_logs(out: &Path, report: &TrainReport, start_eval: Option<f64>) -> lora
     let train: Vec<(f64, f64)> = report
         .history
         .iter()
-        .map(|l| (l.step as f64, l.loss))
+        .filter_map(|l| Some((l.step as f64, l.loss?)))
         .collect();
     let mut eval: Vec<(f64, f64)> = start_eval.map(|l| vec![(0.0, l)]).unwrap_or_default();
     eval.extend(report.evals.iter().map(|e| (e.step as f64, e.loss)));
@@ -342,14 +356,17 @@ fn summarize(report: &TrainReport, first_step: usize, seconds: f64, out: &Path) 
         .filter(|l| l.step > first_step)
         .collect();
     let tokens: usize = this_run.iter().map(|l| l.target_tokens).sum();
-    if let (Some(first), Some(last)) = (this_run.first(), this_run.last()) {
+    let losses: Vec<f64> = this_run.iter().filter_map(|l| l.loss).collect();
+    if let (Some(first), Some(last)) = (losses.first(), losses.last()) {
         println!(
-            "trained {} steps in {seconds:.1} s ({:.0} target tokens/s): loss {:.4} -> {:.4}",
+            "trained {} steps in {seconds:.1} s ({:.0} target tokens/s): loss {first:.4} -> {last:.4}",
             this_run.len(),
             tokens as f64 / seconds.max(1e-9),
-            first.loss,
-            last.loss
         );
+    }
+    let skipped = this_run.len() - losses.len();
+    if skipped > 0 {
+        println!("{skipped} step(s) skipped: their rows held no target token");
     }
     if let Some(e) = report.evals.last() {
         println!("final eval loss: {:.4}", e.loss);

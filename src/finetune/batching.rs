@@ -189,6 +189,35 @@ impl Dataset {
         Ok(rows.div_ceil(options.batch_size))
     }
 
+    /// How many examples keep no target token in their row: under [`Packing::Pad`], those
+    /// whose trained tokens all lie at or past `seq_len` (a prompt longer than `seq_len`
+    /// cuts its whole completion off), which then teach nothing; 0 under
+    /// [`Packing::Pack`], which keeps every token.
+    ///
+    /// ```
+    /// use lorakit::finetune::batching::{BatchOptions, Packing};
+    /// use lorakit::finetune::data::{Dataset, Example};
+    /// # fn main() -> lorakit::Result<()> {
+    /// let prompt_then_answer = |prompt: usize| {
+    ///     let trained = (0..prompt + 2).map(|i| i >= prompt).collect();
+    ///     Example::new(vec![7; prompt + 2], trained)
+    /// };
+    /// let data = Dataset::from_examples(vec![prompt_then_answer(3)?, prompt_then_answer(9)?]);
+    /// let options = BatchOptions { batch_size: 2, seq_len: 8, packing: Packing::Pad, pad_id: 0 };
+    /// assert_eq!(data.examples_without_targets(&options), 1);
+    /// # Ok(()) }
+    /// ```
+    pub fn examples_without_targets(&self, options: &BatchOptions) -> usize {
+        match options.packing {
+            Packing::Pack => 0,
+            Packing::Pad => self
+                .examples()
+                .iter()
+                .filter(|e| !e.trained.iter().take(options.seq_len).skip(1).any(|&t| t))
+                .count(),
+        }
+    }
+
     fn check_batchable(&self, options: &BatchOptions) -> Result<()> {
         options.check()?;
         if self.is_empty() {

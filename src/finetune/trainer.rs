@@ -18,7 +18,8 @@ use super::recipe::AdapterRecipe;
 use super::rule::Rule;
 use super::schedule::LrSchedule;
 use crate::adapter::{Adapter, Variant};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Scope};
+use crate::frozen::BaseKind;
 use crate::model::AdaptedSet;
 use crate::models::CausalLm;
 use crate::peft::{save_adapter, PeftConfig};
@@ -31,8 +32,10 @@ use crate::train::{LayerImportance, LoraDrop};
 pub struct StepLog {
     /// The step, from 1.
     pub step: usize,
-    /// Mean loss per target token over the step's batches.
-    pub loss: f64,
+    /// Mean loss per target token over the step's batches; `None` when they held no target
+    /// token (every row's targets cut off by `seq_len`): such a step is skipped, the
+    /// adapters and the optimizer's state unchanged.
+    pub loss: Option<f64>,
     /// The peak learning rate times the schedule's factor (LoRA+: A's rate).
     pub lr: f64,
     /// The gradients' global norm before clipping.
@@ -160,8 +163,9 @@ pub struct TrainReport {
 
 impl<'m> Trainer<'m> {
     /// A trainer for `model`, whose adapted layers are `adapters` (the `finish()` of the
-    /// plan `recipe` built). Errors: bad settings ([`TrainConfig::validate`]), no adapted
-    /// layer, or a layer of another variant than the recipe's.
+    /// plan `recipe` built). Errors: bad settings ([`TrainConfig::validate`]), a `seq_len`
+    /// longer than the model can take ([`CausalLm::max_positions`]), no adapted layer, or a
+    /// layer of another variant than the recipe's.
     pub fn new(
         model: &'m dyn CausalLm,
         adapters: AdaptedSet,
@@ -169,6 +173,19 @@ impl<'m> Trainer<'m> {
         config: TrainConfig,
     ) -> Result<Self> {
         config.validate()?;
+        if let Some(limit) = model.max_positions() {
+            if config.batch.seq_len > limit {
+                return Err(Error::settings(
+                    "training config",
+                    "seq_len",
+                    format!(
+                        "{} is longer than the model's {limit} positions (its config's \
+                         n_positions); rows must fit: set seq_len to at most {limit}",
+                        config.batch.seq_len
+                    ),
+                ));
+            }
+        }
         let schedule = config.schedule()?;
         let rule = Rule::new(&recipe, &adapters, &config)?;
         Ok(Self {
@@ -188,9 +205,11 @@ impl<'m> Trainer<'m> {
     /// `eval_every` steps and after the last one.
     ///
     /// Errors: a dataset with a token the model's vocabulary lacks (checked first), an empty
-    /// dataset, a non-finite loss or a loss that reaches no trainable variable (e.g. an
-    /// inactive adapter of a [`crate::model::NamedAdapters`] model; the step is not
-    /// applied), or a failed checkpoint write.
+    /// dataset, a training or eval set none of whose examples keeps a target token within
+    /// `seq_len` ([`Dataset::examples_without_targets`]), a non-finite loss or a loss that
+    /// reaches no trainable variable (e.g. an inactive adapter of a
+    /// [`crate::model::NamedAdapters`] model; the step is not applied), or a failed
+    /// checkpoint write.
     pub fn train(
         &mut self,
         train: &Dataset,
@@ -199,8 +218,10 @@ impl<'m> Trainer<'m> {
     ) -> Result<TrainReport> {
         let vocab = self.model.vocab_size();
         train.check_vocab(vocab)?;
+        self.check_targets(train, "training")?;
         if let Some(eval) = eval {
             eval.check_vocab(vocab)?;
+            self.check_targets(eval, "eval")?;
         }
         let mut report = TrainReport::default();
         if self.recipe.variant == Variant::LoraDrop && self.progress.lora_drop.is_none() {
@@ -265,6 +286,18 @@ impl<'m> Trainer<'m> {
             .map(|_| cursor.next_batch())
             .collect::<Result<Vec<_>>>()?;
         let target_tokens: usize = batches.iter().map(|b| b.target_tokens).sum();
+        if target_tokens == 0 {
+            // Nothing to learn from: no update, no optimizer state moved.
+            self.progress.step = step;
+            return Ok(StepLog {
+                step,
+                loss: None,
+                lr: self.config.lr * factor,
+                grad_norm: 0.0,
+                target_tokens,
+                seconds: start.elapsed().as_secs_f64(),
+            });
+        }
         let mut acc = GradAccumulator::new(self.rule.vars.clone());
         let mut loss_sum = 0.0;
         for (i, batch) in batches.iter().enumerate() {
@@ -278,7 +311,7 @@ impl<'m> Trainer<'m> {
             loss_sum += sum;
             acc.add(&grads)?;
         }
-        let loss = loss_sum / target_tokens.max(1) as f64;
+        let loss = loss_sum / target_tokens as f64;
         if !loss.is_finite() {
             return Err(Error::settings(
                 "training",
@@ -299,7 +332,7 @@ impl<'m> Trainer<'m> {
         self.progress.step = step;
         Ok(StepLog {
             step,
-            loss,
+            loss: Some(loss),
             lr: self.config.lr * factor,
             grad_norm,
             target_tokens,
@@ -310,8 +343,12 @@ impl<'m> Trainer<'m> {
     /// The mean loss per target token over `data` (every example once, in batches of the
     /// training settings). Leaves the adapters in evaluation mode (no dropout; `train`
     /// switches them back).
+    ///
+    /// Errors: a token the model's vocabulary lacks, or no target token within `seq_len`
+    /// in any example (a mean over no token).
     pub fn evaluate(&self, data: &Dataset) -> Result<f64> {
         data.check_vocab(self.model.vocab_size())?;
+        self.check_targets(data, "eval")?;
         self.adapters.set_training(false);
         let batches = data.batches(&self.config.batch, 0, self.config.seed, self.model.device())?;
         let (mut sum, mut tokens) = (0f64, 0usize);
@@ -321,7 +358,26 @@ impl<'m> Trainer<'m> {
             sum += f64::from(loss.to_scalar::<f32>()?);
             tokens += batch.target_tokens;
         }
-        Ok(sum / tokens.max(1) as f64)
+        Ok(sum / tokens as f64)
+    }
+
+    /// Errors unless some example of `data` (the `what` set) keeps a target token in its
+    /// row.
+    fn check_targets(&self, data: &Dataset, what: &str) -> Result<()> {
+        let options = &self.config.batch;
+        if data.is_empty() || data.examples_without_targets(options) < data.len() {
+            return Ok(());
+        }
+        Err(Error::usage(
+            Scope::Settings("dataset".into()),
+            format!(
+                "none of the {} {what} examples has a target token within seq_len {}: their \
+                 prompts fill the rows and cut every completion off; raise seq_len, shorten \
+                 the prompts, or pack (Packing::Pack)",
+                data.len(),
+                options.seq_len
+            ),
+        ))
     }
 
     /// The adapted layers.
@@ -334,9 +390,21 @@ impl<'m> Trainer<'m> {
         self.progress.step
     }
 
-    /// The PEFT config the adapter is saved with.
+    /// The PEFT config the adapter is saved with: the recipe's
+    /// ([`AdapterRecipe::peft_config`]), with `fan_in_fan_out` set when the adapted layers
+    /// are Conv1D (GPT-2), whose weights are stored `(in, out)`, as PEFT sets it.
     pub fn peft_config(&self) -> Result<PeftConfig> {
-        self.recipe.peft_config(self.config.max_steps)
+        let config = self.recipe.peft_config(self.config.max_steps)?;
+        let conv1d = self
+            .adapters
+            .layers()
+            .iter()
+            .any(|(_, layer)| layer.read().base().kind() == BaseKind::Conv1D);
+        if conv1d {
+            config.with_setting("fan_in_fan_out", serde_json::json!(true))
+        } else {
+            Ok(config)
+        }
     }
 
     /// Writes the adapter as a PEFT directory (`adapter_config.json` +

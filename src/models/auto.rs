@@ -10,8 +10,8 @@ use crate::model::AdapterPlan;
 
 use super::causal_lm::CausalLm;
 use super::generation::GenerationConfig;
-use super::gpt2::Gpt2LmHeadModel;
-use super::llama::{KvCache, LlamaFamily, LlamaForCausalLM};
+use super::gpt2::{Gpt2Config, Gpt2LmHeadModel};
+use super::llama::{KvCache, LlamaConfig, LlamaFamily, LlamaForCausalLM};
 
 /// The `model_type`s [`AutoCausalLm::from_pretrained`] loads.
 ///
@@ -24,6 +24,31 @@ use super::llama::{KvCache, LlamaFamily, LlamaForCausalLM};
 /// assert!(SUPPORTED_MODEL_TYPES.contains(&"gpt2"));
 /// ```
 pub const SUPPORTED_MODEL_TYPES: [&str; 5] = ["llama", "mistral", "qwen2", "qwen3", "gpt2"];
+
+/// Which implementation a `model_type` is built with.
+enum Architecture {
+    Llama,
+    Gpt2,
+}
+
+impl Architecture {
+    /// The architecture of the model folder `dir`; another `model_type` is an error naming
+    /// it and the supported ones.
+    fn of(dir: &Path) -> Result<Self> {
+        let model_type = AutoCausalLm::model_type(dir)?;
+        if LlamaFamily::from_model_type(&model_type).is_some() {
+            Ok(Self::Llama)
+        } else if model_type == "gpt2" {
+            Ok(Self::Gpt2)
+        } else {
+            Err(Error::Unsupported {
+                what: "model_type",
+                got: model_type,
+                supported: SUPPORTED_MODEL_TYPES.join(", "),
+            })
+        }
+    }
+}
 
 /// One of the causal language models of [`crate::models`], chosen by `model_type`:
 /// `llama`, `mistral`, `qwen2`, `qwen3` ([`LlamaForCausalLM`]) or `gpt2`
@@ -128,21 +153,36 @@ impl AutoCausalLm {
         plan: &AdapterPlan,
     ) -> Result<Self> {
         let dir = dir.as_ref();
-        let model_type = Self::model_type(dir)?;
-        if LlamaFamily::from_model_type(&model_type).is_some() {
-            return Ok(Self::Llama(LlamaForCausalLM::from_pretrained(
-                dir, dtype, device, plan,
-            )?));
-        }
-        if model_type == "gpt2" {
-            return Ok(Self::Gpt2(Gpt2LmHeadModel::from_pretrained(
-                dir, dtype, device, plan,
-            )?));
-        }
-        Err(Error::Unsupported {
-            what: "model_type",
-            got: model_type,
-            supported: SUPPORTED_MODEL_TYPES.join(", "),
+        Ok(match Architecture::of(dir)? {
+            Architecture::Llama => {
+                Self::Llama(LlamaForCausalLM::from_pretrained(dir, dtype, device, plan)?)
+            }
+            Architecture::Gpt2 => {
+                Self::Gpt2(Gpt2LmHeadModel::from_pretrained(dir, dtype, device, plan)?)
+            }
+        })
+    }
+
+    /// The `(d_in, d_out)` shapes of the adaptable linear maps of the model folder `dir`,
+    /// by its `model_type`: [`LlamaConfig::linear_shapes`] or
+    /// [`Gpt2Config::linear_shapes`] (what
+    /// [`AdapterRecipe::plan`](crate::finetune::AdapterRecipe::plan) takes, before the
+    /// model is built).
+    ///
+    /// ```
+    /// use lorakit::models::auto::AutoCausalLm;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let shapes = AutoCausalLm::linear_shapes("tests/fixtures/peft_options/gpt2_lora/base")?;
+    /// assert!(shapes.contains(&(16, 48))); // c_attn: n_embd 16 → q, k, v
+    /// assert!(AutoCausalLm::linear_shapes("no/such/folder").is_err());
+    /// # Ok(()) }
+    /// ```
+    pub fn linear_shapes(dir: impl AsRef<Path>) -> Result<Vec<(usize, usize)>> {
+        let dir = dir.as_ref();
+        let config = dir.join("config.json");
+        Ok(match Architecture::of(dir)? {
+            Architecture::Llama => LlamaConfig::from_file(config)?.linear_shapes(),
+            Architecture::Gpt2 => Gpt2Config::from_file(config)?.linear_shapes(),
         })
     }
 
@@ -296,6 +336,13 @@ impl CausalLm for AutoCausalLm {
         match self {
             Self::Llama(m) => LlamaForCausalLM::device(m),
             Self::Gpt2(m) => Gpt2LmHeadModel::device(m),
+        }
+    }
+
+    fn max_positions(&self) -> Option<usize> {
+        match self {
+            Self::Llama(m) => m.max_positions(),
+            Self::Gpt2(m) => m.max_positions(),
         }
     }
 }

@@ -32,6 +32,12 @@ pub trait CausalLm {
     fn vocab_size(&self) -> usize;
     /// The device the model lives on.
     fn device(&self) -> &Device;
+    /// The longest sequence the model can take, when it has a hard limit (GPT-2's
+    /// `n_positions`: a table of learned positions); `None` when longer inputs run (RoPE
+    /// models: transformers does not refuse past `max_position_embeddings` either).
+    fn max_positions(&self) -> Option<usize> {
+        None
+    }
 }
 
 impl CausalLm for LlamaForCausalLM {
@@ -59,5 +65,9 @@ impl CausalLm for Gpt2LmHeadModel {
 
     fn device(&self) -> &Device {
         Gpt2LmHeadModel::device(self)
+    }
+
+    fn max_positions(&self) -> Option<usize> {
+        Some(self.config().n_positions)
     }
 }

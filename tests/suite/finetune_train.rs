@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use lorakit::finetune::schedule::{Decay, LrSchedule};
 use lorakit::finetune::{AdapterRecipe, Dataset, Example, TrainConfig, Trainer};
+use lorakit::models::auto::AutoCausalLm;
 use lorakit::models::llama::{LlamaConfig, LlamaForCausalLM};
 use lorakit::models::CausalLm;
 use lorakit::peft::PeftAdapter;
@@ -101,12 +102,12 @@ fn one_step(batch_size: usize, grad_accum: usize, expected_file: &str) {
     let report = trainer.train(&step_examples(), None, |_| {}).unwrap();
     let expected = load(&fixture(&format!("finetune/step/{expected_file}")));
     let log = &report.history[0];
+    let loss = log.loss.expect("the step has target tokens");
     let want_loss = expected["loss"].to_scalar::<f64>().unwrap();
     let want_norm = expected["grad_norm"].to_scalar::<f64>().unwrap();
     assert!(
-        (log.loss - want_loss).abs() < 1e-5 * want_loss,
-        "loss {} vs PyTorch {want_loss}",
-        log.loss
+        (loss - want_loss).abs() < 1e-5 * want_loss,
+        "loss {loss} vs PyTorch {want_loss}"
     );
     assert!(
         (log.grad_norm - want_norm).abs() < 1e-4 * want_norm,
@@ -307,6 +308,54 @@ fn resumed_runs_end_where_uninterrupted_runs_do() {
     }
 }
 
+/// A prompt of 10 tokens and a trained completion of 2: `seq_len` 8 cuts it all off.
+fn cut_off_example() -> Example {
+    Example::new(vec![5; 12], (0..12).map(|k| k >= 10).collect()).unwrap()
+}
+
+#[test]
+fn steps_without_target_tokens_change_nothing_and_all_cut_sets_are_refused() {
+    let run = build(Variant::Lora, 4);
+    let mut config = run.trainer_config.clone();
+    config.batch.seq_len = 8;
+    config.batch.batch_size = 1;
+    config.warmup_steps = 0; // every applied step moves the weights
+    let kept = Example::new((3..15).collect(), vec![true; 12]).unwrap();
+    let data = Dataset::from_examples(vec![kept, cut_off_example()]);
+    assert_eq!(data.examples_without_targets(&config.batch), 1);
+    let mut trainer = run.trainer(config.clone()).unwrap();
+    let mut snapshots = vec![vars_by_name(&run.set)];
+    let report = trainer
+        .train(&data, None, |event| {
+            if let lorakit::finetune::TrainEvent::Step(_) = event {
+                snapshots.push(vars_by_name(&run.set));
+            }
+        })
+        .unwrap();
+    let skipped: Vec<usize> = (0..4)
+        .filter(|&i| report.history[i].loss.is_none())
+        .collect();
+    // Two epochs of one kept and one cut example: two steps of each.
+    assert_eq!(skipped.len(), 2, "{:?}", report.history);
+    for i in 0..4 {
+        let changed = snapshots[i + 1]
+            .iter()
+            .any(|(name, w)| rel_err(w, &snapshots[i][name]) > 0.0);
+        assert_eq!(changed, !skipped.contains(&i), "step {}", i + 1);
+    }
+    // A set with no target token at all is refused by name, for training and evaluation.
+    let cut = Dataset::from_examples(vec![cut_off_example(); 3]);
+    let mut trainer = run.trainer(config).unwrap();
+    for err in [
+        trainer.evaluate(&cut).unwrap_err(),
+        trainer.train(&cut, None, |_| {}).unwrap_err(),
+        trainer.train(&data, Some(&cut), |_| {}).unwrap_err(),
+    ] {
+        let msg = err.to_string();
+        assert!(msg.contains("seq_len 8"), "{msg}");
+    }
+}
+
 #[test]
 fn resume_refuses_what_it_cannot_continue() {
     let data = toy_data(8);
@@ -432,26 +481,29 @@ fn bad_settings_and_data_are_refused_by_name() {
     assert_eq!(trainer.steps_done(), 0);
 }
 
-/// `scripts/make_finetune_fixtures.py --check-trained` output, when present for an
-/// adapter this crate's trainer wrote: PEFT's logits on it equal lorakit's.
+/// `scripts/make_finetune_fixtures.py --check-trained` output for adapters the `finetune`
+/// example wrote (a DoRA on Qwen2, a LoRA on GPT-2's Conv1D layers): PEFT's logits on each
+/// equal lorakit's.
 #[test]
-fn trained_adapter_gives_pefts_logits_in_peft() {
-    let dir = fixture("finetune/trained_dora");
-    let peft = load(&dir.join("peft_logits.safetensors"));
-    let plan = PeftAdapter::load(&dir, &Device::Cpu)
-        .unwrap()
-        .plan()
-        .unwrap();
-    let model =
-        LlamaForCausalLM::from_pretrained(qwen2().join("base"), DType::F32, &Device::Cpu, &plan)
+fn trained_adapters_give_pefts_logits_in_peft() {
+    for (adapter, base) in [
+        ("finetune/trained_dora", qwen2().join("base")),
+        (
+            "finetune/trained_gpt2_lora",
+            fixture("peft_options/gpt2_lora/base"),
+        ),
+    ] {
+        let dir = fixture(adapter);
+        let peft = load(&dir.join("peft_logits.safetensors"));
+        let plan = PeftAdapter::load(&dir, &Device::Cpu)
+            .unwrap()
+            .plan()
             .unwrap();
-    plan.finish().unwrap();
-    let ids = peft["input_ids"].clone();
-    let err = rel_err(&model.logits(&ids).unwrap(), &peft["logits"]);
-    assert!(
-        err < 1e-5,
-        "lorakit vs PEFT on the trained adapter: {err:e}"
-    );
+        let model = AutoCausalLm::from_pretrained(base, DType::F32, &Device::Cpu, &plan).unwrap();
+        plan.finish().unwrap();
+        let err = rel_err(&model.logits(&peft["input_ids"]).unwrap(), &peft["logits"]);
+        assert!(err < 1e-5, "{adapter}: lorakit vs PEFT {err:e}");
+    }
 }
 
 /// The fused CPU cross-entropy and its gradient equal the composed candle ops'.

@@ -24,6 +24,7 @@ mod delta_lora;
 mod delta_lora_in_place;
 mod dora;
 mod finetune_data;
+mod finetune_gpt2;
 mod finetune_train;
 mod fused_kernel;
 mod fuzz_regressions;

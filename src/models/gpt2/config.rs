@@ -133,6 +133,28 @@ impl Gpt2Config {
             .unwrap_or_else(|| self.n_embd.saturating_mul(4))
     }
 
+    /// The `(d_in, d_out)` shapes of the model's adaptable linear maps: the attention's
+    /// `c_attn` and `c_proj`, the MLP's `c_fc` and `c_proj`, and the output head (what
+    /// VeRA's shared pair must cover; [`AdapterRecipe::plan`](crate::finetune::AdapterRecipe::plan)
+    /// takes them).
+    ///
+    /// ```
+    /// use lorakit::models::gpt2::Gpt2Config;
+    /// let config = Gpt2Config::default();
+    /// assert!(config.linear_shapes().contains(&(768, 3 * 768))); // c_attn
+    /// assert!(config.linear_shapes().contains(&(3072, 768))); // mlp.c_proj
+    /// ```
+    pub fn linear_shapes(&self) -> Vec<(usize, usize)> {
+        let (d, f) = (self.n_embd, self.inner_dim());
+        vec![
+            (d, d.saturating_mul(3)),
+            (d, d),
+            (d, f),
+            (f, d),
+            (d, self.vocab_size),
+        ]
+    }
+
     /// [`Gpt2Config::validate`] with errors in `scope`.
     fn check(&self, scope: &Scope) -> Result<()> {
         let invalid = |field: &'static str, reason: String| Error::InvalidConfig {

@@ -1,0 +1,109 @@
+//! `lorakit::finetune` on GPT-2, whose adapted layers are Conv1D (weights stored
+//! `(in, out)`) and whose positions are a learned table of `n_positions` rows: the trained
+//! adapter saves with `fan_in_fan_out` and merges into the checkpoint in its layout, and a
+//! `seq_len` past the position table is refused by name. (PEFT's logits on an adapter the
+//! `finetune` example trained on GPT-2: `finetune_train::trained_adapters_give_pefts_logits_in_peft`.)
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use lorakit::finetune::{AdapterRecipe, Dataset, Example, TrainConfig, Trainer};
+use lorakit::model::AdapterPlan;
+use lorakit::models::auto::AutoCausalLm;
+use lorakit::models::CausalLm;
+use lorakit::peft::{merge_checkpoint, MergeOptions, PeftAdapter};
+use lorakit::Variant;
+
+use crate::peft_common::{fixture, rel_err, temp_dir};
+
+fn gpt2_base() -> PathBuf {
+    fixture("peft_options/gpt2_lora/base")
+}
+
+fn load_model(dir: &PathBuf, plan: &AdapterPlan) -> AutoCausalLm {
+    AutoCausalLm::from_pretrained(dir, DType::F32, &Device::Cpu, plan).unwrap()
+}
+
+/// A fresh adapter of `variant` on every Conv1D, its model, and the adapted set.
+fn fresh(variant: Variant) -> (AutoCausalLm, AdapterRecipe, lorakit::model::AdaptedSet) {
+    let dev = Device::Cpu;
+    let base = gpt2_base();
+    let recipe = AdapterRecipe::new(variant, 4, 8.0, &["c_attn", "c_proj", "c_fc"]);
+    let vb = VarBuilder::from_varmap(&VarMap::new(), DType::F32, &dev);
+    let shapes = AutoCausalLm::linear_shapes(&base).unwrap();
+    let plan = recipe.plan(vb, &shapes, DType::F32, &dev).unwrap();
+    let model = load_model(&base, &plan);
+    (model, recipe, plan.finish().unwrap())
+}
+
+fn data() -> Dataset {
+    let examples = (0..8)
+        .map(|i| {
+            let ids: Vec<u32> = (0..12).map(|k| ((i * 7 + k * 3) % 60) as u32).collect();
+            Example::new(ids, vec![true; 12]).unwrap()
+        })
+        .collect();
+    Dataset::from_examples(examples)
+}
+
+fn config(steps: usize) -> TrainConfig {
+    let mut config = TrainConfig::new(steps);
+    config.lr = 1e-2;
+    config.batch.batch_size = 4;
+    config.batch.seq_len = 12;
+    config
+}
+
+fn probe_logits(model: &dyn CausalLm) -> Tensor {
+    let ids = Tensor::new(&[[1u32, 5, 9, 12, 3, 7, 30, 2, 8]], &Device::Cpu).unwrap();
+    model.logits(&ids).unwrap()
+}
+
+#[test]
+fn trained_conv1d_adapters_save_reload_and_merge_in_their_layout() {
+    for variant in [Variant::Lora, Variant::Dora] {
+        let (model, recipe, set) = fresh(variant);
+        let mut trainer = Trainer::new(&model, set, recipe, config(6)).unwrap();
+        trainer.train(&data(), None, |_| {}).unwrap();
+        let trained = probe_logits(&model);
+        let dir = temp_dir(&format!("finetune-gpt2-{variant}"));
+        trainer.save_adapter(dir.join("adapter")).unwrap();
+
+        let adapter = PeftAdapter::load(dir.join("adapter"), &Device::Cpu).unwrap();
+        assert!(adapter.config().fan_in_fan_out, "{variant}");
+        let plan = adapter.plan().unwrap();
+        let reloaded = load_model(&gpt2_base(), &plan);
+        plan.finish().unwrap();
+        let err = rel_err(&probe_logits(&reloaded), &trained);
+        assert!(err < 1e-5, "{variant} reloaded: {err:e}");
+
+        // The merge writes each update into the (in, out) weight as stored.
+        let merged_dir = dir.join("merged");
+        merge_checkpoint(
+            &gpt2_base(),
+            &dir.join("adapter"),
+            &merged_dir,
+            MergeOptions::default(),
+        )
+        .unwrap();
+        let merged = load_model(&merged_dir, &AdapterPlan::none());
+        let err = rel_err(&probe_logits(&merged), &trained);
+        assert!(err < 1e-5, "{variant} merged: {err:e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
+
+#[test]
+fn seq_len_past_the_position_table_is_refused_by_name() {
+    let (model, recipe, set) = fresh(Variant::Lora);
+    assert_eq!(model.max_positions(), Some(16));
+    let mut config = config(2);
+    config.batch.seq_len = 17;
+    let err = Trainer::new(&model, set, recipe, config).err().unwrap();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("seq_len") && msg.contains("17") && msg.contains("16"),
+        "{msg}"
+    );
+}
