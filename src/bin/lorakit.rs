@@ -39,6 +39,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use lorakit::checkpoint::Checkpoint;
 use lorakit::peft::inspect::{inspect_against, not_an_adapter};
 use lorakit::peft::load::{CONFIG_FILE, WEIGHTS_FILE};
+use lorakit::peft::weights_file::PICKLE_WEIGHTS_FILE;
 use lorakit::peft::{merge_checkpoint, MergeOptions, MergeProgress, OutputDType};
 
 /// The exit status of a command stopped by SIGINT or SIGTERM.
@@ -252,7 +253,8 @@ fn inspect(args: InspectArgs) -> ExitCode {
         Ok(s) => s,
         Err(e) => {
             let name = args.adapter.file_name().and_then(|n| n.to_str());
-            let adapter_file = matches!(name, Some(CONFIG_FILE | WEIGHTS_FILE));
+            let adapter_file =
+                matches!(name, Some(CONFIG_FILE | WEIGHTS_FILE | PICKLE_WEIGHTS_FILE));
             let is_checkpoint = !adapter_file
                 && !args.adapter.join(CONFIG_FILE).exists()
                 && Checkpoint::open(&args.adapter).is_ok();

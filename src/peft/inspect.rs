@@ -16,6 +16,7 @@ use crate::model::plan::COPY_WRAPPER_NAMES;
 use crate::peft::config::PeftType;
 use crate::peft::load::{PeftAdapter, CONFIG_FILE, KEY_PREFIX, MODEL_KEY_PREFIX, WEIGHTS_FILE};
 use crate::peft::lora_extensions::is_skipped_tensor;
+use crate::peft::weights_file::PICKLE_WEIGHTS_FILE;
 use crate::variants::build::peft_tensor_suffixes;
 pub use crate::variants::build::ImpliedShape;
 use crate::variants::lora::{lora_scale, LORA_B_BIAS};
@@ -280,7 +281,12 @@ pub(crate) fn load_adapter(dir: &Path) -> Result<PeftAdapter> {
 /// ```
 pub fn not_an_adapter(dir: &Path) -> Option<Error> {
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
-    if dir.is_file() && matches!(name.as_deref(), Some(CONFIG_FILE | WEIGHTS_FILE)) {
+    if dir.is_file()
+        && matches!(
+            name.as_deref(),
+            Some(CONFIG_FILE | WEIGHTS_FILE | PICKLE_WEIGHTS_FILE)
+        )
+    {
         return Some(Error::checkpoint(
             dir,
             "is one of an adapter's files; give the adapter's folder (the one holding \

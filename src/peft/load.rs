@@ -19,6 +19,7 @@ use crate::model::plan::{AdapterFactory, AdapterPlan};
 use crate::model::target::ModuleSettings;
 use crate::peft::config::PeftConfig;
 use crate::peft::lora_extensions::{check_computable, is_skipped_tensor};
+use crate::peft::weights_file::{parse_safetensors, read_adapter_weights};
 use crate::shared::Shared;
 use crate::variants::build::{peft_tensor_suffixes, TensorSource};
 use crate::variants::lora::LoraConfig;
@@ -27,8 +28,7 @@ use crate::variants::lora_embedding::EMBEDDING_A;
 
 /// The config file's name in an adapter directory.
 pub const CONFIG_FILE: &str = "adapter_config.json";
-/// The weights file's name in an adapter directory.
-pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+pub use super::weights_file::WEIGHTS_FILE;
 /// The prefix PEFT puts before a module path in tensor keys.
 pub const KEY_PREFIX: &str = "base_model.model.";
 /// The prefix PEFT puts before a model-level tensor's name (VeRA's `vera_A`).
@@ -74,12 +74,13 @@ struct Files {
 }
 
 impl PeftAdapter {
-    /// Reads `dir/adapter_config.json` and `dir/adapter_model.safetensors` onto `device`.
+    /// Reads `dir/adapter_config.json` and `dir/adapter_model.safetensors` (or, when the
+    /// folder has none, PEFT's older `adapter_model.bin`, a `torch.save` pickle read without
+    /// running code: [`weights_file`](crate::peft::weights_file)) onto `device`.
     pub fn load(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let dir = dir.as_ref();
         let config = PeftConfig::from_file(dir.join(CONFIG_FILE))?;
-        let weights_path = dir.join(WEIGHTS_FILE);
-        let tensors = read_safetensors(&weights_path, device)?;
+        let (weights_path, tensors) = read_adapter_weights(dir, device)?;
         Ok(Self::from_parts(
             config,
             tensors.into_iter().collect(),
@@ -136,7 +137,8 @@ impl PeftAdapter {
         }
     }
 
-    /// The weights file it was read from (as given).
+    /// The weights file it was read from (as given): `adapter_model.safetensors`, or
+    /// `adapter_model.bin` for a folder that has only that.
     pub fn source(&self) -> &Path {
         &self.inner.weights_path
     }
@@ -224,31 +226,6 @@ impl PeftAdapter {
         )
         .with_bias_mode(c.bias))
     }
-}
-
-/// Reads every tensor of a safetensors file.
-pub(crate) fn read_safetensors(path: &Path, device: &Device) -> Result<Vec<(String, Tensor)>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    parse_safetensors(&bytes, path, device)
-}
-
-/// Every tensor of safetensors `bytes`; `path` names the file in errors.
-fn parse_safetensors(bytes: &[u8], path: &Path, device: &Device) -> Result<Vec<(String, Tensor)>> {
-    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| Error::SafeTensors {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    let mut out = Vec::new();
-    for (name, view) in st.tensors() {
-        let t = candle_core::safetensors::Load::load(&view, device).map_err(|e| {
-            Error::SafeTensors {
-                path: path.to_path_buf(),
-                message: format!("tensor `{name}`: {e}"),
-            }
-        })?;
-        out.push((name, t));
-    }
-    Ok(out)
 }
 
 /// Builds layers from a loaded adapter's tensors.

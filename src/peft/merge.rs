@@ -23,6 +23,7 @@ use crate::model::plan::AdapterPlan;
 use crate::peft::inspect::{base_model_mismatch, classify_keys, load_adapter, match_modules, Fit};
 use crate::peft::load::KEY_PREFIX;
 use crate::peft::load::{PeftAdapter, CONFIG_FILE, WEIGHTS_FILE};
+use crate::peft::weights_file::PICKLE_WEIGHTS_FILE;
 use crate::staging::{
     check_destination, leftovers, remove_leftovers, OutputKind, StagedDir, StagedFile,
 };
@@ -608,6 +609,7 @@ fn refuse_overwrite(out: &Path, ckpt: &Checkpoint, adapter_dir: &Path) -> Result
         adapter_dir.to_path_buf(),
         adapter_dir.join(CONFIG_FILE),
         adapter_dir.join(WEIGHTS_FILE),
+        adapter_dir.join(PICKLE_WEIGHTS_FILE),
         ckpt.path().to_path_buf(),
     ];
     inputs.extend(ckpt.shards().iter().map(|s| s.path.clone()));

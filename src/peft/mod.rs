@@ -11,6 +11,7 @@ pub mod lora_extensions;
 pub mod merge;
 pub mod save;
 pub mod var_builder;
+pub mod weights_file;
 
 pub use crate::model::BiasMode;
 pub use config::{PeftConfig, PeftType, MAX_RANK, SUPPORTED_PEFT_TYPES};

@@ -50,6 +50,7 @@ mod options_properties;
 mod peft_extensions;
 mod peft_fixtures;
 mod peft_options;
+mod peft_pickle;
 mod peft_roundtrip;
 mod properties;
 mod quant_base;

@@ -21,7 +21,8 @@ fn case(name: &str) -> PathBuf {
     fixture("peft_extensions").join(name)
 }
 
-fn mistral_base() -> PathBuf {
+/// The Mistral model fixture the extension (and pickle) adapters were made on.
+pub(crate) fn mistral_base() -> PathBuf {
     models("mistral").join("base")
 }
 

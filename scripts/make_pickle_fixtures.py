@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""Generates tests/fixtures/peft_pickle/: PEFT adapters saved as `adapter_model.bin` (a
+torch.save pickle, PEFT's format before 0.6 and with safe_serialization=False), on the
+Mistral model fixture (tests/fixtures/models/llama/mistral/base, made by
+scripts/make_model_fixtures.py). They check `lorakit::peft::weights_file`
+(tests/suite/peft_pickle.rs).
+
+Usage:
+    python3 scripts/make_pickle_fixtures.py
+        removes and rewrites tests/fixtures/peft_pickle/ (deterministic)
+
+Files:
+    f32/adapter_config.json, f32/adapter_model.bin
+        LoRA r=4 alpha=8 on q_proj, v_proj, init_lora_weights=False (torch.manual_seed(0)),
+        the model in f32
+    bf16/...  the same adapter made on the model in bf16 with autocast_adapter_dtype=False
+        (PEFT stores bf16 tensors: BFloat16Storage)
+    logits.safetensors
+        input_ids (i64 (1, 9)); f32_logits (f32 (1, 9, 64)): PeftModel.from_pretrained on
+        f32/, eval, unmerged; bf16_logits likewise for bf16/ on the bf16 model (as f32)
+    oversized/adapter_config.json, oversized/adapter_model.bin
+        a one-tensor state dict ({"base_model.model.model.layers.0.self_attn.q_proj.lora_A
+        .weight": zeros(4, 300)}) whose pickled shape and stride were rewritten to
+        (4, 65535) and (65535, 1) (the two bytes of each BININT2 300): a file that claims
+        more data than it holds
+
+Versions used for the committed files: torch 2.15.0, transformers 5.24.0, peft 0.21.2
+(Python 3.11).
+"""
+
+import io
+import shutil
+import zipfile
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+from fixture_env import rerun_pinned
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = ROOT / "tests/fixtures/models/llama/mistral/base"
+OUT = ROOT / "tests/fixtures/peft_pickle"
+INPUT_IDS = torch.tensor([[1, 5, 9, 12, 3, 7, 30, 2, 8]])
+OVERSIZED_KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+
+
+def make(name, dtype):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(BASE, dtype=dtype)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    # autocast_adapter_dtype=False: the adapter stays in the model's dtype (PEFT's default
+    # upcasts it to f32).
+    peft_model = get_peft_model(model, config, autocast_adapter_dtype=False)
+    peft_model.save_pretrained(OUT / name, safe_serialization=False)
+    (OUT / name / "README.md").unlink()  # PEFT's model card
+    assert (OUT / name / "adapter_model.bin").exists()
+    base = AutoModelForCausalLM.from_pretrained(BASE, dtype=dtype)
+    reloaded = PeftModel.from_pretrained(base, OUT / name, autocast_adapter_dtype=False).eval()
+    with torch.no_grad():
+        return reloaded(input_ids=INPUT_IDS).logits.float().contiguous()
+
+
+def oversized():
+    """A state dict whose pickled shape claims 65535 columns over storage for 300."""
+    buf = io.BytesIO()
+    torch.save({OVERSIZED_KEY: torch.zeros(4, 300)}, buf)
+    src = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+    (OUT / "oversized").mkdir()
+    with zipfile.ZipFile(OUT / "oversized/adapter_model.bin", "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith("data.pkl"):
+                # 300 is the shape's second entry and the stride's first.
+                bininit2_300 = b"M" + (300).to_bytes(2, "little")
+                assert data.count(bininit2_300) == 2, data
+                data = data.replace(bininit2_300, b"M" + (65535).to_bytes(2, "little"))
+            dst.writestr(info, data)
+    shutil.copy(OUT / "f32/adapter_config.json", OUT / "oversized/adapter_config.json")
+
+
+def main():
+    rerun_pinned()
+    torch.set_num_threads(1)
+    if OUT.exists():
+        shutil.rmtree(OUT)
+    OUT.mkdir(parents=True)
+    logits = {
+        "input_ids": INPUT_IDS.clone(),
+        "f32_logits": make("f32", torch.float32),
+        "bf16_logits": make("bf16", torch.bfloat16),
+    }
+    save_file(logits, OUT / "logits.safetensors")
+    oversized()
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()
