@@ -7,6 +7,7 @@ use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 
 use super::batching::Batch;
 use super::config::TrainConfig;
@@ -391,20 +392,29 @@ impl<'m> Trainer<'m> {
     }
 
     /// The PEFT config the adapter is saved with: the recipe's
-    /// ([`AdapterRecipe::peft_config`]), with `fan_in_fan_out` set when the adapted layers
-    /// are Conv1D (GPT-2), whose weights are stored `(in, out)`, as PEFT sets it.
+    /// ([`AdapterRecipe::peft_config`]), with what PEFT records of the model:
+    /// `task_type` `CAUSAL_LM`, `base_model_name_or_path` (the folder the model was loaded
+    /// from, [`CausalLm::name_or_path`], when known; PEFT's `AutoPeftModelForCausalLM` and
+    /// transformers' `AutoModelForCausalLM` read the base model from it), and
+    /// `fan_in_fan_out` when the adapted layers are Conv1D (GPT-2), whose weights are
+    /// stored `(in, out)`.
     pub fn peft_config(&self) -> Result<PeftConfig> {
-        let config = self.recipe.peft_config(self.config.max_steps)?;
+        let mut config = self
+            .recipe
+            .peft_config(self.config.max_steps)?
+            .with_setting("task_type", json!("CAUSAL_LM"))?;
+        if let Some(name) = self.model.name_or_path() {
+            config = config.with_setting("base_model_name_or_path", json!(name))?;
+        }
         let conv1d = self
             .adapters
             .layers()
             .iter()
             .any(|(_, layer)| layer.read().base().kind() == BaseKind::Conv1D);
         if conv1d {
-            config.with_setting("fan_in_fan_out", serde_json::json!(true))
-        } else {
-            Ok(config)
+            config = config.with_setting("fan_in_fan_out", json!(true))?;
         }
+        Ok(config)
     }
 
     /// Writes the adapter as a PEFT directory (`adapter_config.json` +

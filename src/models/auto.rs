@@ -345,4 +345,11 @@ impl CausalLm for AutoCausalLm {
             Self::Gpt2(m) => m.max_positions(),
         }
     }
+
+    fn name_or_path(&self) -> Option<&str> {
+        match self {
+            Self::Llama(m) => m.name_or_path(),
+            Self::Gpt2(m) => m.name_or_path(),
+        }
+    }
 }

@@ -38,6 +38,11 @@ pub trait CausalLm {
     fn max_positions(&self) -> Option<usize> {
         None
     }
+    /// The model folder it was loaded from, as given (transformers' `_name_or_path`), when
+    /// known: the training loop saves it as PEFT's `base_model_name_or_path`.
+    fn name_or_path(&self) -> Option<&str> {
+        None
+    }
 }
 
 impl CausalLm for LlamaForCausalLM {
@@ -51,6 +56,10 @@ impl CausalLm for LlamaForCausalLM {
 
     fn device(&self) -> &Device {
         LlamaForCausalLM::device(self)
+    }
+
+    fn name_or_path(&self) -> Option<&str> {
+        LlamaForCausalLM::name_or_path(self)
     }
 }
 
@@ -69,5 +78,9 @@ impl CausalLm for Gpt2LmHeadModel {
 
     fn max_positions(&self) -> Option<usize> {
         Some(self.config().n_positions)
+    }
+
+    fn name_or_path(&self) -> Option<&str> {
+        Gpt2LmHeadModel::name_or_path(self)
     }
 }

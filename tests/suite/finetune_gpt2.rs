@@ -1,6 +1,7 @@
 //! `lorakit::finetune` on GPT-2, whose adapted layers are Conv1D (weights stored
 //! `(in, out)`) and whose positions are a learned table of `n_positions` rows: the trained
-//! adapter saves with `fan_in_fan_out` and merges into the checkpoint in its layout, and a
+//! adapter saves with `fan_in_fan_out`, `task_type` and `base_model_name_or_path` (as PEFT
+//! records them) and merges into the checkpoint in its layout, and a
 //! `seq_len` past the position table is refused by name. (PEFT's logits on an adapter the
 //! `finetune` example trained on GPT-2: `finetune_train::trained_adapters_give_pefts_logits_in_peft`.)
 
@@ -72,6 +73,11 @@ fn trained_conv1d_adapters_save_reload_and_merge_in_their_layout() {
 
         let adapter = PeftAdapter::load(dir.join("adapter"), &Device::Cpu).unwrap();
         assert!(adapter.config().fan_in_fan_out, "{variant}");
+        // What PEFT's AutoPeftModelForCausalLM needs to find and build the base model.
+        let raw = &adapter.config().raw;
+        assert_eq!(raw["task_type"], "CAUSAL_LM");
+        let base = gpt2_base().display().to_string();
+        assert_eq!(raw["base_model_name_or_path"], base.as_str());
         let plan = adapter.plan().unwrap();
         let reloaded = load_model(&gpt2_base(), &plan);
         plan.finish().unwrap();

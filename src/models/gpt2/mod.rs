@@ -79,6 +79,8 @@ pub struct Gpt2LmHeadModel {
     /// `None`: tied to `wte`'s base table.
     lm_head: Option<Linear>,
     device: Device,
+    /// The folder `from_pretrained` read, as given (transformers' `_name_or_path`).
+    name_or_path: Option<String>,
 }
 
 impl Gpt2LmHeadModel {
@@ -157,6 +159,7 @@ impl Gpt2LmHeadModel {
             ln_f,
             lm_head,
             device,
+            name_or_path: None,
         })
     }
 
@@ -189,7 +192,28 @@ impl Gpt2LmHeadModel {
         let dir = dir.as_ref();
         let config = Gpt2Config::from_file(dir.join("config.json"))?;
         let vb = Checkpoint::open(dir)?.var_builder(dtype, device);
-        Self::load(&config, vb, plan)
+        let mut model = Self::load(&config, vb, plan)?;
+        model.name_or_path = Some(dir.display().to_string());
+        Ok(model)
+    }
+
+    /// The model folder [`from_pretrained`](Self::from_pretrained) read, as given
+    /// (transformers' `config._name_or_path`); `None` for a model built with `load`. The
+    /// training loop saves it as PEFT's `base_model_name_or_path`, which
+    /// `AutoPeftModelForCausalLM` loads the base model from.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use lorakit::model::AdapterPlan;
+    /// use lorakit::models::gpt2::Gpt2LmHeadModel;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let dir = "tests/fixtures/peft_options/gpt2_lora/base";
+    /// let model = Gpt2LmHeadModel::from_pretrained(dir, DType::F32, &Device::Cpu, &AdapterPlan::none())?;
+    /// assert_eq!(model.name_or_path(), Some(dir));
+    /// # Ok(()) }
+    /// ```
+    pub fn name_or_path(&self) -> Option<&str> {
+        self.name_or_path.as_deref()
     }
 
     /// The config the model was built with.

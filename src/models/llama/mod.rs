@@ -91,6 +91,8 @@ pub struct LlamaForCausalLM {
     inv_freq: Vec<f32>,
     dtype: DType,
     device: Device,
+    /// The folder `from_pretrained` read, as given (transformers' `_name_or_path`).
+    name_or_path: Option<String>,
 }
 
 impl LlamaForCausalLM {
@@ -167,6 +169,7 @@ impl LlamaForCausalLM {
             inv_freq: config.inv_freq(),
             dtype,
             device: vb.device().clone(),
+            name_or_path: None,
         })
     }
 
@@ -205,7 +208,28 @@ impl LlamaForCausalLM {
         let dir = dir.as_ref();
         let config = LlamaConfig::from_file(dir.join("config.json"))?;
         let vb = Checkpoint::open(dir)?.var_builder(dtype, device);
-        Self::load(&config, vb, plan)
+        let mut model = Self::load(&config, vb, plan)?;
+        model.name_or_path = Some(dir.display().to_string());
+        Ok(model)
+    }
+
+    /// The model folder [`from_pretrained`](Self::from_pretrained) read, as given
+    /// (transformers' `config._name_or_path`); `None` for a model built with `load`. The
+    /// training loop saves it as PEFT's `base_model_name_or_path`, which
+    /// `AutoPeftModelForCausalLM` loads the base model from.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use lorakit::model::AdapterPlan;
+    /// use lorakit::models::llama::LlamaForCausalLM;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let dir = "tests/fixtures/models/llama/qwen2/base";
+    /// let model = LlamaForCausalLM::from_pretrained(dir, DType::F32, &Device::Cpu, &AdapterPlan::none())?;
+    /// assert_eq!(model.name_or_path(), Some(dir));
+    /// # Ok(()) }
+    /// ```
+    pub fn name_or_path(&self) -> Option<&str> {
+        self.name_or_path.as_deref()
     }
 
     /// Logits `(batch, seq, vocab)` for token ids `(batch, seq)` (u8, u32 or i64, each below
