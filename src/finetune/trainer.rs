@@ -451,6 +451,9 @@ impl<'m> Trainer<'m> {
             train.len(),
             |step, _sample| {
                 let batch = cursor.next_batch()?;
+                if batch.target_tokens == 0 {
+                    return Ok(()); // nothing to learn from, as in `step`
+                }
                 let (_, grads) = backward_batch(model, &batch, batch.target_tokens, None)?;
                 let mut acc = GradAccumulator::new(rule.vars.clone());
                 acc.add(&grads)?;
@@ -516,7 +519,8 @@ fn is_due(every: Option<usize>, step: usize, last: bool) -> bool {
 }
 
 /// Forward and backward of one batch: returns the batch's summed loss and the gradients of
-/// `(sum + extra) / target_tokens`-scaled loss (`extra` is added unscaled).
+/// `(sum + extra) / target_tokens`-scaled loss (`extra` is added unscaled). Callers skip
+/// steps without target tokens, so `target_tokens` is at least 1.
 fn backward_batch(
     model: &dyn CausalLm,
     batch: &Batch,
@@ -525,7 +529,7 @@ fn backward_batch(
 ) -> Result<(f64, GradStore)> {
     let logits = model.logits(&batch.input_ids)?;
     let sum = causal_lm_loss_sum(&logits, &batch.input_ids, &batch.loss_mask)?;
-    let mut loss = (&sum / target_tokens.max(1) as f64)?;
+    let mut loss = (&sum / target_tokens as f64)?;
     if let Some(extra) = extra {
         let extra = extra.to_dtype(loss.dtype())?;
         loss = (loss + extra)?;
