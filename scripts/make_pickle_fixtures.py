@@ -2,8 +2,9 @@
 """Generates tests/fixtures/peft_pickle/: PEFT adapters saved as `adapter_model.bin` (a
 torch.save pickle, PEFT's format before 0.6 and with safe_serialization=False), on the
 Mistral model fixture (tests/fixtures/models/llama/mistral/base, made by
-scripts/make_model_fixtures.py). They check `lorakit::peft::weights_file`
-(tests/suite/peft_pickle.rs).
+scripts/make_model_fixtures.py), and models saved as `pytorch_model.bin` (single and
+sharded). They check `lorakit::peft::weights_file` and
+`lorakit::checkpoint::from_pickle` (tests/suite/peft_pickle.rs).
 
 Usage:
     python3 scripts/make_pickle_fixtures.py
@@ -24,11 +25,20 @@ Files:
         (4, 65535) and (65535, 1) (the two bytes of each BININT2 300): a file that claims
         more data than it holds
 
+    models/gpt2/      tests/fixtures/peft_options/gpt2_lora/base loaded by transformers, its
+        GPT2Model's state dict (no `transformer.` prefix, as the Hub's gpt2 has it)
+        torch.save'd as pytorch_model.bin; config.json, generation_config.json copied
+    models/qwen2_sharded/  tests/fixtures/models/llama/qwen2/base's state dict (tied
+        lm_head.weight included, sharing the embedding's storage) in 3 shards
+        pytorch_model-0000i-of-00003.bin (every third tensor) with
+        pytorch_model.bin.index.json, as transformers 4 wrote them
+
 Versions used for the committed files: torch 2.15.0, transformers 5.24.0, peft 0.21.2
 (Python 3.11).
 """
 
 import io
+import json
 import shutil
 import zipfile
 from pathlib import Path
@@ -82,6 +92,38 @@ def oversized():
     shutil.copy(OUT / "f32/adapter_config.json", OUT / "oversized/adapter_config.json")
 
 
+def pickled_model(src, name, shards=1, base_only=False):
+    """The model folder `src` written again as PyTorch pickles under models/NAME, as
+    transformers 4 wrote them (transformers 5 writes safetensors only): torch.save of the
+    state dict as pytorch_model.bin, or split into `shards` files
+    pytorch_model-0000i-of-0000n.bin with pytorch_model.bin.index.json. `base_only`: the
+    base model's state dict alone (names without the head's prefix), as the Hub's gpt2 has
+    it. config.json and generation_config.json are copied."""
+    from transformers import AutoModelForCausalLM as Auto
+
+    model = Auto.from_pretrained(ROOT / src, dtype=torch.float32)
+    state = (model.base_model if base_only else model).state_dict()
+    state = {k: v.contiguous() for k, v in state.items()}
+    out = OUT / "models" / name
+    out.mkdir(parents=True)
+    for extra in ["config.json", "generation_config.json"]:
+        shutil.copy(ROOT / src / extra, out / extra)
+    if shards == 1:
+        torch.save(state, out / "pytorch_model.bin")
+        return
+    names = list(state)
+    weight_map, total = {}, 0
+    for i in range(shards):
+        part = {k: state[k] for k in names[i::shards]}
+        file = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        torch.save(part, out / file)
+        for k, v in part.items():
+            weight_map[k] = file
+            total += v.numel() * v.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+
+
 def main():
     rerun_pinned()
     torch.set_num_threads(1)
@@ -95,6 +137,8 @@ def main():
     }
     save_file(logits, OUT / "logits.safetensors")
     oversized()
+    pickled_model("tests/fixtures/peft_options/gpt2_lora/base", "gpt2", base_only=True)
+    pickled_model("tests/fixtures/models/llama/qwen2/base", "qwen2_sharded", shards=3)
     print(f"wrote {OUT}")
 
 

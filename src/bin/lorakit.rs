@@ -23,6 +23,8 @@
 
 // The command's own file: a folder beside this one (a file directly in src/bin/ would be a
 // binary of its own), named by path since this file is the binary's root.
+#[path = "lorakit/convert.rs"]
+mod convert;
 #[path = "lorakit/export_gguf.rs"]
 mod export_gguf;
 #[path = "lorakit/generate.rs"]
@@ -91,6 +93,9 @@ enum Command {
     /// Export a PEFT LoRA adapter as a llama.cpp LoRA adapter (GGUF)
     #[command(long_about = export_gguf::ABOUT)]
     ExportGguf(export_gguf::ExportGgufArgs),
+    /// Rewrite a model folder saved as PyTorch pickles (pytorch_model.bin) as safetensors
+    #[command(long_about = convert::ABOUT)]
+    Convert(convert::ConvertArgs),
 }
 
 #[derive(Args, Debug)]
@@ -163,6 +168,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect(args),
         Command::Generate(args) => generate::generate(args),
         Command::ExportGguf(args) => export_gguf::export(args),
+        Command::Convert(args) => convert::convert(args),
     }
 }
 

@@ -10,8 +10,10 @@
 
 pub mod backend;
 pub mod convert;
+pub mod from_pickle;
 pub mod header;
 pub(crate) mod io;
+pub mod pickle;
 pub mod source;
 pub mod writer;
 

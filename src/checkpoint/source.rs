@@ -325,21 +325,29 @@ impl Checkpoint {
         if self.given == Given::File {
             return Ok(Vec::new());
         }
-        let entries = std::fs::read_dir(&self.folder).map_err(|e| Error::io(&self.folder, e))?;
-        let mut out = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|e| Error::io(&self.folder, e))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let is_file = entry.file_type().is_ok_and(|t| t.is_file());
-            let ours = self.shards.iter().any(|s| s.file_name == name)
-                || self.index.as_ref().is_some_and(|(index, _)| *index == name);
-            if is_file && !ours && !name.starts_with('.') && !is_weight_file(&name) {
-                out.push(entry.path());
-            }
-        }
-        out.sort();
-        Ok(out)
+        companion_files(&self.folder, |name| {
+            self.shards.iter().any(|s| s.file_name == name)
+                || self.index.as_ref().is_some_and(|(index, _)| *index == name)
+        })
     }
+}
+
+/// The top-level files of `folder` that go with its weights: configs, tokenizer files,
+/// README (not weight files, the checkpoint's own files as `ours` names them, hidden files
+/// or sub-folders).
+pub(crate) fn companion_files(folder: &Path, ours: impl Fn(&str) -> bool) -> Result<Vec<PathBuf>> {
+    let entries = std::fs::read_dir(folder).map_err(|e| Error::io(folder, e))?;
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(folder, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+        if is_file && !ours(&name) && !name.starts_with('.') && !is_weight_file(&name) {
+            out.push(entry.path());
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// Whether a file name is model weights (never copied beside a merged checkpoint).
@@ -395,7 +403,7 @@ fn find_in_folder(folder: &Path) -> Result<(PathBuf, bool)> {
                 .iter()
                 .any(|n| n.ends_with(".bin") || n.ends_with(".pt") || n.ends_with(".pth"));
             let hint = if torch {
-                "; it holds PyTorch pickle weights only: convert them to safetensors first"
+                "; it holds PyTorch pickle weights only: convert them with `lorakit convert` first"
             } else {
                 ""
             };

@@ -21,6 +21,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::model::{embedding, linear, AdapterPlan, Embedding, Linear};
+use crate::models::base_prefix::with_base_prefix;
 use crate::models::ops::{softmax_last, LayerNorm};
 
 /// The activation of BERT's feed-forward block (transformers' `hidden_act`).
@@ -554,6 +555,7 @@ impl BertForSequenceClassification {
     pub fn load(config: &BertConfig, vb: VarBuilder, plan: &AdapterPlan) -> Result<Self> {
         config.validate()?;
         let (dtype, device) = (vb.dtype(), vb.device().clone());
+        let vb = with_base_prefix(vb, "bert", "embeddings.word_embeddings.weight");
         let bert = vb.pp("bert");
         let embeddings = BertEmbeddings::load(config, bert.pp("embeddings"), plan)?;
         let layers = (0..config.num_hidden_layers)

@@ -25,6 +25,7 @@
 mod attention_blocks;
 mod attention_op;
 pub mod auto;
+mod base_prefix;
 mod batch_generation;
 pub mod bert;
 mod causal_lm;

@@ -185,7 +185,7 @@ fn folders_without_safetensors_weights_say_what_they_hold() {
     std::fs::create_dir(&torch).unwrap();
     std::fs::write(torch.join("pytorch_model.bin"), "x").unwrap();
     let err = Checkpoint::open(&torch).unwrap_err().to_string();
-    assert!(err.contains("convert them to safetensors"), "{err}");
+    assert!(err.contains("lorakit convert"), "{err}");
 
     let two = dir.join("two");
     std::fs::create_dir(&two).unwrap();

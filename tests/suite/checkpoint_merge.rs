@@ -30,8 +30,8 @@ fn expected(arch: &str, kind: &str, dtype: &str) -> HashMap<String, Tensor> {
     load(&ckpt(&format!("{arch}_merged/{kind}_{dtype}.safetensors")))
 }
 
-/// Every tensor of a merged checkpoint (file or folder), by name.
-fn merged_tensors(out: &Path) -> HashMap<String, Tensor> {
+/// Every tensor of a checkpoint (file or folder), by name.
+pub(crate) fn merged_tensors(out: &Path) -> HashMap<String, Tensor> {
     let c = Checkpoint::open(out).unwrap();
     let names: Vec<String> = c.tensors().map(|(_, t)| t.name.clone()).collect();
     names

@@ -19,6 +19,7 @@ mod bad_input_train;
 mod candle_transformers_llama;
 mod checkpoint_bad_input;
 mod checkpoint_merge;
+mod checkpoint_pickle;
 mod cli;
 mod delta_lora;
 mod delta_lora_in_place;

@@ -33,6 +33,7 @@ use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result, Scope};
 use crate::frozen::BaseKind;
 use crate::model::{embedding, linear_no_bias, AdapterPlan, Embedding, Linear};
+use crate::models::base_prefix::with_base_prefix;
 use crate::models::kv_buffer::{Appending, LayerKv};
 use crate::models::ops::LayerNorm;
 use crate::models::padding::{mask_values, position};
@@ -123,6 +124,7 @@ impl Gpt2LmHeadModel {
     pub fn load(config: &Gpt2Config, vb: VarBuilder, plan: &AdapterPlan) -> Result<Self> {
         config.validate()?;
         let d = config.n_embd;
+        let vb = with_base_prefix(vb, "transformer", "wte.weight");
         let t = vb.pp("transformer");
         let wte = embedding(config.vocab_size, d, t.pp("wte"), plan)?;
         let wpe = embedding(config.n_positions, d, t.pp("wpe"), plan)?;
