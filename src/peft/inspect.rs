@@ -16,6 +16,7 @@ use crate::model::plan::COPY_WRAPPER_NAMES;
 use crate::peft::config::PeftType;
 use crate::peft::load::{PeftAdapter, CONFIG_FILE, KEY_PREFIX, MODEL_KEY_PREFIX, WEIGHTS_FILE};
 use crate::peft::lora_extensions::is_skipped_tensor;
+use crate::peft::module_names::ModuleNames;
 use crate::peft::weights_file::PICKLE_WEIGHTS_FILE;
 use crate::variants::build::peft_tensor_suffixes;
 pub use crate::variants::build::ImpliedShape;
@@ -433,6 +434,7 @@ pub fn inspect_against(adapter_dir: &Path, checkpoint: &Path) -> Result<Checkpoi
 /// Each module the adapter stores, matched with its base tensor in `ckpt` (headers only).
 pub(crate) fn match_modules(adapter: &PeftAdapter, ckpt: &Checkpoint) -> Vec<ModuleMatch> {
     let glue = adapter.config().glue().ok();
+    let names = ModuleNames::of(adapter, ckpt);
     adapter
         .module_paths()
         .into_iter()
@@ -450,7 +452,7 @@ pub(crate) fn match_modules(adapter: &PeftAdapter, ckpt: &Checkpoint) -> Vec<Mod
             let implied = glue
                 .map(|g| g.implied_shape(&layer_dims, &model_dims))
                 .unwrap_or_default();
-            let tensor = format!("{path}.weight");
+            let tensor = names.in_checkpoint(&format!("{path}.weight"));
             let kind = adapter.base_kind(&path);
             let base = ckpt.get(&tensor).map(|(_, t)| (t.shape.clone(), t.dtype));
             let out_in = |shape: &[usize]| match (kind.stores_in_out(), shape) {

@@ -23,6 +23,7 @@ use crate::model::plan::AdapterPlan;
 use crate::peft::inspect::{base_model_mismatch, classify_keys, load_adapter, match_modules, Fit};
 use crate::peft::load::KEY_PREFIX;
 use crate::peft::load::{PeftAdapter, CONFIG_FILE, WEIGHTS_FILE};
+use crate::peft::module_names::ModuleNames;
 use crate::peft::weights_file::PICKLE_WEIGHTS_FILE;
 use crate::staging::{
     check_destination, leftovers, remove_leftovers, OutputKind, StagedDir, StagedFile,
@@ -207,6 +208,7 @@ pub fn merge_checkpoint(
         ckpt: &ckpt,
         plan: &plan,
         adapter: &adapter,
+        names: ModuleNames::of(&adapter, &ckpt),
         stash: HashMap::new(),
         dtype: options.dtype,
         progress: options.progress,
@@ -268,6 +270,8 @@ struct MergeJob<'c, 'p> {
     ckpt: &'c Checkpoint,
     plan: &'c AdapterPlan,
     adapter: &'c PeftAdapter,
+    /// The checkpoint's names for the adapter's modules.
+    names: ModuleNames,
     /// Merged tensors computed with an earlier tensor of their module (a module's weight
     /// and bias are merged together) and not written yet, by name; at most one module's.
     stash: HashMap<String, Tensor>,
@@ -354,15 +358,16 @@ impl MergeJob<'_, '_> {
     /// Merges the module `tensor` belongs to (`<path>.weight` / `<path>.bias`) if the plan
     /// changes it: returns `tensor`'s merged value and stashes the module's other tensor.
     fn merge_module_of(&mut self, tensor: &StoredTensor) -> Result<Option<Tensor>> {
-        let Some((path, own)) = module_of(&tensor.name) else {
+        let Some((stored_path, own)) = module_of(&tensor.name) else {
             return Ok(None);
         };
+        let path = &self.names.in_adapter(stored_path);
         let kind = self.adapter.base_kind(path);
         if !is_convertible_float(tensor.dtype) || !self.plan.touches(path, kind) {
             return Ok(None);
         }
-        let weight_name = format!("{path}.weight");
-        let bias_name = format!("{path}.bias");
+        let weight_name = format!("{stored_path}.weight");
+        let bias_name = format!("{stored_path}.bias");
         let weight = self.read_f32(&weight_name)?;
         if weight.as_ref().is_none_or(|w| w.rank() != 2) {
             // Not a linear module (a norm under bias = "all"): the adapter's tensor, if any,
@@ -538,6 +543,7 @@ pub(crate) fn check_adapter_fits(adapter: &PeftAdapter, ckpt: &Checkpoint) -> Re
         return Err(Error::checkpoint(file, problem));
     }
     let (base_tensors, unknown) = classify_keys(adapter);
+    let names = ModuleNames::of(adapter, ckpt);
     if let Some(key) = unknown.first() {
         return Err(Error::checkpoint(
             adapter_weights_path(adapter),
@@ -556,7 +562,7 @@ pub(crate) fn check_adapter_fits(adapter: &PeftAdapter, ckpt: &Checkpoint) -> Re
             .iter()
             .find_map(|w| module.strip_suffix(&format!(".{w}")))
             .unwrap_or(module);
-        let name = format!("{module}.{own}");
+        let name = names.in_checkpoint(&format!("{module}.{own}"));
         let stored = adapter
             .tensor(&format!("{KEY_PREFIX}{rel}"))
             .map(|t| t.dims().to_vec())

@@ -11,6 +11,7 @@ use crate::checkpoint::{Checkpoint, CheckpointBackend};
 use crate::error::Result;
 use crate::peft::inspect::load_adapter;
 use crate::peft::merge::check_adapter_fits;
+use crate::peft::module_names::ModuleNames;
 
 /// A `VarBuilder` over the checkpoint `base` (a `.safetensors` file, a model folder or its
 /// index) with the PEFT adapter in `adapter_dir` merged, lazily and per tensor, into every
@@ -40,15 +41,17 @@ pub fn adapted_var_builder(
     let adapter = load_adapter(adapter_dir.as_ref())?;
     check_adapter_fits(&adapter, &ckpt)?;
     let plan = adapter.plan()?;
+    let names = ModuleNames::of(&adapter, &ckpt);
     let ckpt = Arc::new(ckpt);
     let source = ckpt.clone();
     let transform = move |name: &str, t: Tensor| -> Result<Tensor> {
         let module = [("weight", ".weight"), ("bias", ".bias")]
             .into_iter()
             .find_map(|(own, suffix)| Some((name.strip_suffix(suffix)?, own)));
-        let Some((path, own)) = module.filter(|_| t.dtype().is_float()) else {
+        let Some((stored_path, own)) = module.filter(|_| t.dtype().is_float()) else {
             return Ok(t);
         };
+        let path = &names.in_adapter(stored_path);
         let kind = adapter.base_kind(path);
         if !plan.touches(path, kind) || (own == "bias" && !adapter.changes_bias(path)) {
             return Ok(t);
@@ -60,8 +63,8 @@ pub fn adapted_var_builder(
             }
         };
         let (weight, bias) = match own {
-            "weight" => (t.clone(), partner(&format!("{path}.bias"))?),
-            _ => match partner(&format!("{path}.weight"))? {
+            "weight" => (t.clone(), partner(&format!("{stored_path}.bias"))?),
+            _ => match partner(&format!("{stored_path}.weight"))? {
                 Some(w) => (w, Some(t.clone())),
                 None => return Ok(t),
             },

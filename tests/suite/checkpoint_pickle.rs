@@ -3,7 +3,8 @@
 //! safetensors by `lorakit::checkpoint::from_pickle` (fixtures as transformers 4 wrote them:
 //! `tests/fixtures/peft_pickle/models/`, `scripts/make_pickle_fixtures.py`), and checkpoints
 //! saved from the base model alone (tensors without the head's `transformer.` / `bert.`
-//! prefix, as the Hub's `gpt2` has them), which the models read as transformers does.
+//! prefix, as the Hub's `gpt2` has them), which the models read as transformers does and
+//! PEFT adapters merge into.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,8 +15,9 @@ use lorakit::checkpoint::Checkpoint;
 use lorakit::model::AdapterPlan;
 use lorakit::models::auto::AutoCausalLm;
 use lorakit::models::bert::{BertConfig, BertForSequenceClassification};
+use lorakit::models::gpt2::{Gpt2Config, Gpt2LmHeadModel};
 use lorakit::models::CausalLm;
-use lorakit::peft::PeftAdapter;
+use lorakit::peft::{adapted_var_builder, merge_checkpoint, MergeOptions, PeftAdapter};
 
 use crate::checkpoint_merge::merged_tensors;
 use crate::peft_common::{fixture, load, temp_dir};
@@ -156,5 +158,43 @@ fn base_model_checkpoints_load_under_the_heads_prefix_with_adapters() {
     plan.finish().unwrap();
     let logits = model.forward(ids, None, None).unwrap();
     crate::peft_common::assert_close(&logits, &io["logits"], 1e-4, "bare BERT + PEFT adapter");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A PEFT adapter (module names `transformer.…`) on a GPT-2 checkpoint saved from the base
+/// model (`h.0.…`, converted from the pickle fixture): merged in streaming memory, and
+/// through `adapted_var_builder`, it gives PEFT's merged weights and logits.
+#[test]
+fn adapters_merge_into_base_model_checkpoints() {
+    let dir = temp_dir("bare-gpt2-merge");
+    let bare = dir.join("bare");
+    convert_pickle_checkpoint(&pickled("gpt2"), &bare).unwrap();
+    let adapter = case_dir("gpt2_lora").join("adapter");
+    let peft_merged = case_dir("gpt2_lora").join("merged");
+
+    let out = dir.join("merged");
+    let report = merge_checkpoint(&bare, &adapter, &out, MergeOptions::default()).unwrap();
+    assert!(
+        report.merged.iter().any(|p| p == "h.0.attn.c_attn"),
+        "{:?}",
+        report.merged
+    );
+    let want = merged_tensors(&peft_merged);
+    for (name, t) in merged_tensors(&out) {
+        let w = &want[&format!("transformer.{name}")];
+        crate::peft_common::assert_close(&t, w, 1e-6, &name);
+    }
+
+    let want_logits = logits(&peft_merged);
+    let vb = adapted_var_builder(&bare, &adapter, DType::F32, &Device::Cpu).unwrap();
+    let config = Gpt2Config::from_file(bare.join("config.json")).unwrap();
+    let model = Gpt2LmHeadModel::load(&config, vb, &AdapterPlan::none()).unwrap();
+    let ids = Tensor::new(&[[1u32, 5, 9, 12, 3, 7]], &Device::Cpu).unwrap();
+    crate::peft_common::assert_close(
+        &model.forward(&ids).unwrap(),
+        &want_logits,
+        1e-5,
+        "adapted_var_builder on the bare checkpoint",
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
