@@ -44,11 +44,19 @@ pub struct PickleConversion {
 /// Errors: no pickle checkpoint in `src`, an unreadable or inconsistent one (an index
 /// naming a tensor its shard lacks), or an `out` that exists and is not an empty folder.
 ///
-/// ```no_run
+/// ```
 /// use lorakit::checkpoint::from_pickle::convert_pickle_checkpoint;
+/// use lorakit::checkpoint::Checkpoint;
 /// # fn main() -> lorakit::Result<()> {
-/// let done = convert_pickle_checkpoint("models/old-gpt2".as_ref(), "models/old-gpt2-st".as_ref())?;
-/// println!("{} tensors in {} file(s)", done.tensors, done.shards);
+/// // A tiny Qwen2 as transformers 4 saved it: three pytorch_model-0000i-of-00003.bin shards.
+/// let src = std::path::Path::new("tests/fixtures/peft_pickle/models/qwen2_sharded");
+/// let out = std::env::temp_dir().join(format!("lorakit-doc-convert-{}", std::process::id()));
+/// let done = convert_pickle_checkpoint(src, &out)?;
+/// assert_eq!((done.shards, done.copied.len()), (3, 2)); // config.json, generation_config.json
+/// assert_eq!(Checkpoint::open(&out)?.len(), done.tensors);
+/// // The destination is now taken: a second conversion is refused, and writes nothing.
+/// assert!(convert_pickle_checkpoint(src, &out).is_err());
+/// # std::fs::remove_dir_all(&out).ok();
 /// # Ok(()) }
 /// ```
 pub fn convert_pickle_checkpoint(src: &Path, out: &Path) -> Result<PickleConversion> {
