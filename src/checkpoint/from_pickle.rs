@@ -42,7 +42,7 @@ pub struct PickleConversion {
 /// beside `out` and renamed into place, so an error leaves nothing.
 ///
 /// Errors: no pickle checkpoint in `src`, an unreadable or inconsistent one (an index
-/// naming a tensor its shard lacks), or an `out` that exists and is not an empty folder.
+/// naming a tensor its shard lacks, a tensor in two shards), or an `out` that exists and is not an empty folder.
 ///
 /// ```
 /// use lorakit::checkpoint::from_pickle::convert_pickle_checkpoint;
@@ -81,6 +81,12 @@ pub fn convert_pickle_checkpoint(src: &Path, out: &Path) -> Result<PickleConvers
             return Err(Error::checkpoint(
                 shard,
                 format!("{PICKLE_INDEX_FILE} places `{missing}` in this shard, which lacks it"),
+            ));
+        }
+        if let Some(twice) = file.names().find(|n| weight_map.contains_key(*n)) {
+            return Err(Error::checkpoint(
+                shard,
+                format!("`{twice}` is also in an earlier shard; a tensor must have one place"),
             ));
         }
         let written = write_shard(&file, &staged.path().join(&name))?;

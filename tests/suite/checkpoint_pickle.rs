@@ -114,6 +114,23 @@ fn conversion_refuses_what_it_cannot_read_and_writes_nothing() {
         .unwrap_err()
         .to_string();
     assert!(err.contains(&key) && err.contains(other), "{err}");
+    // A tensor in two shards: shard 2 replaced by a copy of shard 1 (the index listing one
+    // tensor there and none of shard 2's own).
+    let one = "pytorch_model-00001-of-00003.bin";
+    let two = "pytorch_model-00002-of-00003.bin";
+    std::fs::copy(src.join(one), src.join(two)).unwrap();
+    let original = pickled("qwen2_sharded").join("pytorch_model.bin.index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(original).unwrap()).unwrap();
+    let map = index["weight_map"].as_object_mut().unwrap();
+    map.retain(|_, v| v != two);
+    let in_one = map.iter().find(|(_, v)| *v == one).unwrap().0.clone();
+    map.insert(in_one, two.into()); // listed in shard 2, stored in shard 1 too
+    std::fs::write(&index_path, index.to_string()).unwrap();
+    let err = convert_pickle_checkpoint(&src, &dest)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("also in an earlier shard"), "{err}");
     // A shard that is not a pickle.
     std::fs::write(src.join(other), b"not a pickle").unwrap();
     let err = convert_pickle_checkpoint(&src, &dest)
