@@ -180,8 +180,8 @@ impl<'m> Trainer<'m> {
                     "training config",
                     "seq_len",
                     format!(
-                        "{} is longer than the model's {limit} positions (its config's \
-                         n_positions); rows must fit: set seq_len to at most {limit}",
+                        "{} is longer than the {limit} positions the model can take \
+                         (CausalLm::max_positions); set seq_len to at most {limit}",
                         config.batch.seq_len
                     ),
                 ));

@@ -48,7 +48,6 @@ use crate::models::llama::LlamaConfig;
 use crate::peft::config::PeftType;
 use crate::peft::inspect::load_adapter;
 use crate::peft::load::KEY_PREFIX;
-use crate::peft::lora_extensions::is_skipped_tensor;
 use crate::peft::PeftAdapter;
 use crate::staging::StagedFile;
 use crate::variants::lora_embedding::{EMBEDDING_A, EMBEDDING_B};
@@ -296,11 +295,7 @@ impl GgufLora {
         check_config(adapter)?;
         let arch = GgufArch::from_family(base.family);
         let mut parts: HashMap<(String, Part), Tensor> = HashMap::new();
-        let skipped = &adapter.config().skipped_tensors;
         for key in adapter.tensor_names() {
-            if is_skipped_tensor(&key, skipped) {
-                continue; // a training-only extension's state (VeLoRA, MonteCLoRA)
-            }
             let Some((module, part)) = classify(&key)? else {
                 continue;
             };

@@ -104,8 +104,8 @@ pub struct PeftConfig {
     pub adalora_ranks: Vec<(String, Vec<bool>)>,
     /// Tensors of the adapter file that hold state of a training-only extension
     /// (VeLoRA's `lora_velora_embed`, MonteCLoRA's `lora_monteclora_sampler.*`; see
-    /// [`lora_extensions`](super::lora_extensions)), named by a segment of their key: the
-    /// loader leaves them unused.
+    /// [`lora_extensions`](super::lora_extensions)), named by a segment of their key:
+    /// [`PeftAdapter`](crate::peft::PeftAdapter) leaves them out when it reads the file.
     pub skipped_tensors: Vec<String>,
     /// Every key as read (unknown ones included); written back on save.
     pub raw: Map<String, Value>,

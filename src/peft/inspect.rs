@@ -15,7 +15,6 @@ use crate::frozen::BaseKind;
 use crate::model::plan::COPY_WRAPPER_NAMES;
 use crate::peft::config::PeftType;
 use crate::peft::load::{PeftAdapter, CONFIG_FILE, KEY_PREFIX, MODEL_KEY_PREFIX, WEIGHTS_FILE};
-use crate::peft::lora_extensions::is_skipped_tensor;
 use crate::peft::module_names::ModuleNames;
 use crate::peft::weights_file::PICKLE_WEIGHTS_FILE;
 use crate::variants::build::peft_tensor_suffixes;
@@ -188,8 +187,7 @@ fn is_base_tensor(c: &crate::peft::PeftConfig, rel: &str) -> bool {
 }
 
 /// The file's keys that are base tensors (see [`AdapterSummary::base_tensors`]) and those
-/// lorakit does not understand, each without `base_model.model.` (a training-only
-/// extension's state, [`PeftConfig::skipped_tensors`](crate::peft::PeftConfig::skipped_tensors), is neither).
+/// lorakit does not understand, each without `base_model.model.`.
 pub(crate) fn classify_keys(adapter: &PeftAdapter) -> (Vec<String>, Vec<String>) {
     let (mut base, mut unknown) = (Vec::new(), Vec::new());
     for key in adapter.tensor_names() {
@@ -204,7 +202,7 @@ pub(crate) fn classify_keys(adapter: &PeftAdapter) -> (Vec<String>, Vec<String>)
             rel.strip_suffix(s)
                 .is_some_and(|p| p.ends_with('.') && p.len() > 1)
         });
-        if adapter_tensor || is_skipped_tensor(rel, &adapter.config().skipped_tensors) {
+        if adapter_tensor {
             continue;
         }
         if is_base_tensor(adapter.config(), rel) {
@@ -402,7 +400,7 @@ pub fn inspect_against(adapter_dir: &Path, checkpoint: &Path) -> Result<Checkpoi
     let adapter = load_adapter(adapter_dir)?;
     let ckpt = Checkpoint::open(checkpoint)?;
     let plan = adapter.plan()?;
-    let modules = match_modules(&adapter, &ckpt);
+    let modules = match_modules(&adapter, &ckpt, &ModuleNames::of(&adapter, &ckpt));
     let stored: BTreeSet<&str> = modules.iter().map(|m| m.path.as_str()).collect();
     let (mut targeted_without_tensors, mut untargeted) = (Vec::new(), Vec::new());
     for (_, t) in ckpt.tensors() {
@@ -432,9 +430,12 @@ pub fn inspect_against(adapter_dir: &Path, checkpoint: &Path) -> Result<Checkpoi
 }
 
 /// Each module the adapter stores, matched with its base tensor in `ckpt` (headers only).
-pub(crate) fn match_modules(adapter: &PeftAdapter, ckpt: &Checkpoint) -> Vec<ModuleMatch> {
+pub(crate) fn match_modules(
+    adapter: &PeftAdapter,
+    ckpt: &Checkpoint,
+    names: &ModuleNames,
+) -> Vec<ModuleMatch> {
     let glue = adapter.config().glue().ok();
-    let names = ModuleNames::of(adapter, ckpt);
     adapter
         .module_paths()
         .into_iter()

@@ -120,12 +120,15 @@ impl PeftAdapter {
         ))
     }
 
-    /// An adapter from an already parsed config and tensors keyed as in PEFT's file.
+    /// An adapter from an already parsed config and tensors keyed as in PEFT's file. The
+    /// state of a training-only extension ([`PeftConfig::skipped_tensors`]) is left out
+    /// here, so nothing downstream (layers, merges, inspect, GGUF export) sees it.
     pub fn from_parts(
         config: PeftConfig,
-        tensors: BTreeMap<String, Tensor>,
+        mut tensors: BTreeMap<String, Tensor>,
         source: impl Into<PathBuf>,
     ) -> Self {
+        tensors.retain(|key, _| !is_skipped_tensor(key, &config.skipped_tensors));
         Self {
             inner: Arc::new(Files {
                 config,
@@ -390,7 +393,6 @@ impl AdapterFactory for LoadedFactory {
             .tensors
             .keys()
             .filter(|k| !used.contains(*k))
-            .filter(|k| !is_skipped_tensor(k, &self.0.config.skipped_tensors))
             .collect();
         match unused.first() {
             None => Ok(()),

@@ -199,7 +199,7 @@ pub fn merge_checkpoint(
 
     let adapter = load_adapter(adapter_dir)?;
     let plan = adapter.plan()?;
-    check_adapter_fits(&adapter, &ckpt)?;
+    let names = check_adapter_fits(&adapter, &ckpt)?;
     if let Some(w) = base_model_mismatch(&adapter, &ckpt) {
         report.warnings.push(w);
     }
@@ -208,7 +208,7 @@ pub fn merge_checkpoint(
         ckpt: &ckpt,
         plan: &plan,
         adapter: &adapter,
-        names: ModuleNames::of(&adapter, &ckpt),
+        names,
         stash: HashMap::new(),
         dtype: options.dtype,
         progress: options.progress,
@@ -501,9 +501,11 @@ fn module_of(name: &str) -> Option<(&str, &'static str)> {
 }
 
 /// Before any work: every module the adapter stores must have a 2-D float weight in the
-/// checkpoint, of the shape the adapter's tensors imply.
-pub(crate) fn check_adapter_fits(adapter: &PeftAdapter, ckpt: &Checkpoint) -> Result<()> {
-    for m in match_modules(adapter, ckpt) {
+/// checkpoint, of the shape the adapter's tensors imply. Returns the mapping from the
+/// adapter's module paths to the checkpoint's names that was checked.
+pub(crate) fn check_adapter_fits(adapter: &PeftAdapter, ckpt: &Checkpoint) -> Result<ModuleNames> {
+    let names = ModuleNames::of(adapter, ckpt);
+    for m in match_modules(adapter, ckpt, &names) {
         let (path, name) = (&m.path, &m.tensor);
         let shape = m.base.as_ref().map(|(s, _)| s.clone()).unwrap_or_default();
         let problem = match m.fit {
@@ -543,7 +545,6 @@ pub(crate) fn check_adapter_fits(adapter: &PeftAdapter, ckpt: &Checkpoint) -> Re
         return Err(Error::checkpoint(file, problem));
     }
     let (base_tensors, unknown) = classify_keys(adapter);
-    let names = ModuleNames::of(adapter, ckpt);
     if let Some(key) = unknown.first() {
         return Err(Error::checkpoint(
             adapter_weights_path(adapter),
@@ -581,7 +582,7 @@ pub(crate) fn check_adapter_fits(adapter: &PeftAdapter, ckpt: &Checkpoint) -> Re
         };
         return Err(Error::checkpoint(ckpt.path(), problem));
     }
-    Ok(())
+    Ok(names)
 }
 
 /// The adapter's weights file, for messages.

@@ -11,7 +11,6 @@ use crate::checkpoint::{Checkpoint, CheckpointBackend};
 use crate::error::Result;
 use crate::peft::inspect::load_adapter;
 use crate::peft::merge::check_adapter_fits;
-use crate::peft::module_names::ModuleNames;
 
 /// A `VarBuilder` over the checkpoint `base` (a `.safetensors` file, a model folder or its
 /// index) with the PEFT adapter in `adapter_dir` merged, lazily and per tensor, into every
@@ -39,9 +38,8 @@ pub fn adapted_var_builder(
 ) -> Result<VarBuilder<'static>> {
     let ckpt = Checkpoint::open(base)?;
     let adapter = load_adapter(adapter_dir.as_ref())?;
-    check_adapter_fits(&adapter, &ckpt)?;
+    let names = check_adapter_fits(&adapter, &ckpt)?;
     let plan = adapter.plan()?;
-    let names = ModuleNames::of(&adapter, &ckpt);
     let ckpt = Arc::new(ckpt);
     let source = ckpt.clone();
     let transform = move |name: &str, t: Tensor| -> Result<Tensor> {

@@ -6,9 +6,9 @@
 //! PEFT's training, give PEFT's evaluation logits unmerged and merged (f32, ≤ 1e-4
 //! relative) and save back as plain LoRA.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use lorakit::gguf::export_gguf;
 use lorakit::peft::{inspect, merge_checkpoint, save_adapter, MergeOptions, PeftAdapter};
 
@@ -100,6 +100,23 @@ fn alora_loaded_as_plain_lora_would_differ_from_peft() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// The logits of the Mistral fixture with the adapter at `adapter` merged into its
+/// checkpoint by `merge_checkpoint` (as PEFT's `merge_and_unload` would).
+pub(crate) fn merged_mistral_logits(adapter: &Path, ids: &Tensor) -> Tensor {
+    let base = mistral_base();
+    let out = temp_dir("merged-mistral");
+    merge_checkpoint(&base, adapter, &out.join("m"), MergeOptions::default()).unwrap();
+    let merged = build(
+        &base.join("config.json"),
+        &out.join("m"),
+        DType::F32,
+        &no_adapter(),
+    );
+    let got = logits(&merged, ids);
+    std::fs::remove_dir_all(out).unwrap();
+    got
+}
+
 #[test]
 fn training_only_extensions_give_peft_logits_unmerged_and_merged() {
     let io = load(&case("logits.safetensors"));
@@ -113,11 +130,8 @@ fn training_only_extensions_give_peft_logits_unmerged_and_merged() {
         plan.finish().unwrap();
         check(&logits(&model, ids), want, TOL, &format!("{name} unmerged"));
 
-        let out = temp_dir(&format!("extension-merged-{name}"));
-        merge_checkpoint(&base, &case(name), &out.join("m"), MergeOptions::default()).unwrap();
-        let merged = build(&config, &out.join("m"), DType::F32, &no_adapter());
-        check(&logits(&merged, ids), want, TOL, &format!("{name} merged"));
-        std::fs::remove_dir_all(out).unwrap();
+        let merged = merged_mistral_logits(&case(name), ids);
+        check(&merged, want, TOL, &format!("{name} merged"));
 
         let summary = inspect(&case(name)).unwrap();
         assert!(summary.unknown.is_empty(), "{name}: {:?}", summary.unknown);
