@@ -111,6 +111,57 @@ impl TextTokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// The token ids and token type ids of `text`, or of the pair `text`, `pair`, with the
+    /// tokenizer's special tokens (BERT's `[CLS] text [SEP] pair [SEP]`, the pair's type ids
+    /// 1), cut to at most `max_len` tokens as transformers' `truncation=True` cuts them
+    /// (the longer of the pair first, special tokens kept): what a sequence classifier
+    /// reads.
+    ///
+    /// Errors: a `max_len` that leaves no room past the special tokens, or a text the
+    /// tokenizer cannot encode.
+    ///
+    /// ```
+    /// use lorakit::tokenizer::TextTokenizer;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let tok = TextTokenizer::from_dir("tests/fixtures/tokenizer")?; // prepends <s> = 1
+    /// let (ids, types) = tok.encode_truncated("hello world", None, 4)?;
+    /// assert_eq!((ids.len(), ids[0]), (4, 1));
+    /// assert_eq!(types, [0; 4]);
+    /// assert!(tok.encode_truncated("hello", None, 1).is_err());
+    /// # Ok(()) }
+    /// ```
+    pub fn encode_truncated(
+        &self,
+        text: &str,
+        pair: Option<&str>,
+        max_len: usize,
+    ) -> Result<(Vec<u32>, Vec<u32>)> {
+        let added = self.inner.get_post_processor().map_or(0, |p| {
+            tokenizers::PostProcessor::added_tokens(p, pair.is_some())
+        });
+        if max_len <= added {
+            return Err(self.error(format!(
+                "max_len {max_len} leaves no room for text past the {added} special token(s)"
+            )));
+        }
+        let mut inner = self.inner.clone();
+        inner
+            .with_truncation(Some(tokenizers::TruncationParams {
+                max_length: max_len,
+                ..Default::default()
+            }))
+            .map_err(|e| self.error(format!("could not set truncation: {e}")))?;
+        let encoding = match pair {
+            Some(pair) => inner.encode((text, pair), true),
+            None => inner.encode(text, true),
+        }
+        .map_err(|e| self.error(format!("could not encode text: {e}")))?;
+        Ok((
+            encoding.get_ids().to_vec(),
+            encoding.get_type_ids().to_vec(),
+        ))
+    }
+
     /// The text of `ids`, leaving special tokens out when `skip_special_tokens`.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         self.inner

@@ -355,7 +355,7 @@ fn summarize(report: &TrainReport, first_step: usize, seconds: f64, out: &Path) 
         .iter()
         .filter(|l| l.step > first_step)
         .collect();
-    let tokens: usize = this_run.iter().map(|l| l.target_tokens).sum();
+    let tokens: usize = this_run.iter().map(|l| l.targets).sum();
     let losses: Vec<f64> = this_run.iter().filter_map(|l| l.loss).collect();
     if let (Some(first), Some(last)) = (losses.first(), losses.last()) {
         println!(

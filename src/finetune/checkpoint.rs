@@ -7,6 +7,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::task::Task;
 use super::trainer::{Progress, Trainer};
 use crate::adapter::{Adapter, Variant};
 use crate::error::{Error, Result, Scope};
@@ -43,7 +44,7 @@ struct StateFile {
 }
 
 impl StateFile {
-    fn of(t: &Trainer) -> Self {
+    fn of<T: Task>(t: &Trainer<T>) -> Self {
         Self {
             format: 1,
             recipe: t.recipe.describe(),
@@ -72,7 +73,7 @@ impl StateFile {
     }
 }
 
-impl Trainer<'_> {
+impl<T: Task> Trainer<'_, T> {
     /// Writes a checkpoint folder at `dir`: the PEFT adapter files and the resume state
     /// (see [`Trainer`]). The folder is staged beside `dir` and renamed into place, so an
     /// interrupted save leaves no partial checkpoint; an existing non-empty `dir` is an
@@ -147,7 +148,7 @@ impl Trainer<'_> {
                 ));
             }
         }
-        let device = self.model.device().clone();
+        let device = self.task.device().clone();
         let trainable = read_map(&dir.join(TRAINABLE_FILE), &device)?;
         let moments = read_map(&dir.join(OPTIMIZER_FILE), &device)?;
         let allocator = match self.rule.allocator {

@@ -1,39 +1,37 @@
 //! [`Cursor`]: the training data as an endless stream of batches, epoch after epoch, with
 //! a position a checkpoint can record and a resumed run can restart from.
 
-use candle_core::Device;
-
-use super::batching::{Batch, BatchOptions};
-use super::data::Dataset;
+use super::batching::BatchOptions;
+use super::task::Task;
 use crate::error::{Error, Result};
 
 /// The position in the stream: epoch and batch index within it.
-pub(crate) struct Cursor<'d> {
-    data: &'d Dataset,
+pub(crate) struct Cursor<'d, T: Task> {
+    task: &'d T,
+    data: &'d T::Data,
     options: BatchOptions,
     seed: u64,
-    device: Device,
     pub epoch: usize,
     pub index: usize,
     /// The current epoch's batches, built on first use.
-    batches: Option<Vec<Batch>>,
+    batches: Option<Vec<T::Batch>>,
 }
 
-impl<'d> Cursor<'d> {
+impl<'d, T: Task> Cursor<'d, T> {
     /// A cursor at `(epoch, index)`.
     pub fn new(
-        data: &'d Dataset,
+        task: &'d T,
+        data: &'d T::Data,
         options: BatchOptions,
         seed: u64,
-        device: &Device,
         epoch: usize,
         index: usize,
     ) -> Self {
         Self {
+            task,
             data,
             options,
             seed,
-            device: device.clone(),
             epoch,
             index,
             batches: None,
@@ -41,13 +39,13 @@ impl<'d> Cursor<'d> {
     }
 
     /// The next batch, starting a new epoch (a new order) when one ends.
-    pub fn next_batch(&mut self) -> Result<Batch> {
+    pub fn next_batch(&mut self) -> Result<T::Batch> {
         loop {
             let batches = match self.batches.take() {
                 Some(b) => b,
                 None => self
-                    .data
-                    .batches(&self.options, self.epoch, self.seed, &self.device)?,
+                    .task
+                    .batches(self.data, &self.options, self.epoch, self.seed)?,
             };
             if batches.is_empty() {
                 return Err(Error::settings(

@@ -24,14 +24,14 @@
 //! # Ok(()) }
 //! ```
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::{Map, Value};
 
+use super::jsonl::{array_field, id_list, string_field, Sourced};
 use crate::error::{Error, Result, Scope};
 use crate::tokenizer::TextTokenizer;
 
@@ -209,13 +209,6 @@ fn example_error(reason: String) -> Error {
     Error::usage(Scope::Settings("training example".into()), reason)
 }
 
-/// Where an example was read: a file and its 1-based line.
-#[derive(Clone, Debug)]
-struct Source {
-    file: Arc<PathBuf>,
-    line: usize,
-}
-
 /// A list of training [`Example`]s, remembering the file line each was read from (for
 /// errors).
 ///
@@ -231,9 +224,7 @@ struct Source {
 /// ```
 #[derive(Clone, Debug, Default)]
 pub struct Dataset {
-    examples: Vec<Example>,
-    /// One per example: the line it came from, if it came from a file.
-    sources: Vec<Option<Source>>,
+    examples: Sourced<Example>,
 }
 
 impl Dataset {
@@ -257,33 +248,8 @@ impl Dataset {
     /// # Ok(()) }
     /// ```
     pub fn from_jsonl(path: impl AsRef<Path>, tokenizer: &TextTokenizer) -> Result<Self> {
-        let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let file = Arc::new(path.to_path_buf());
-        let mut out = Dataset::default();
-        for (index, raw) in bytes.split(|&b| b == b'\n').enumerate() {
-            let number = index + 1;
-            let fail = |problem: LineProblem| problem.into_error(path, number);
-            let line = std::str::from_utf8(raw)
-                .map_err(|e| fail(LineProblem::Other(format!("not UTF-8 text ({e})"))))?;
-            let line = line.strip_prefix('\u{feff}').unwrap_or(line);
-            if line.trim().is_empty() {
-                continue;
-            }
-            let example = parse_line(line, tokenizer).map_err(fail)?;
-            out.examples.push(example);
-            out.sources.push(Some(Source {
-                file: Arc::clone(&file),
-                line: number,
-            }));
-        }
-        if out.is_empty() {
-            return Err(Error::usage(
-                Scope::File(path.to_path_buf()),
-                "no examples: the file is empty (JSONL wants one JSON object per line)",
-            ));
-        }
-        Ok(out)
+        let examples = Sourced::read(path.as_ref(), |map| parse_line(map, tokenizer))?;
+        Ok(Self { examples })
     }
 
     /// A dataset of examples built in code.
@@ -296,8 +262,9 @@ impl Dataset {
     /// # Ok(()) }
     /// ```
     pub fn from_examples(examples: Vec<Example>) -> Self {
-        let sources = vec![None; examples.len()];
-        Self { examples, sources }
+        Self {
+            examples: Sourced::built(examples),
+        }
     }
 
     /// The examples, in order.
@@ -310,7 +277,7 @@ impl Dataset {
     /// # Ok(()) }
     /// ```
     pub fn examples(&self) -> &[Example] {
-        &self.examples
+        &self.examples.items
     }
 
     /// The number of examples.
@@ -320,7 +287,7 @@ impl Dataset {
     /// assert_eq!(Dataset::default().len(), 0);
     /// ```
     pub fn len(&self) -> usize {
-        self.examples.len()
+        self.examples.items.len()
     }
 
     /// Whether there is no example.
@@ -330,7 +297,7 @@ impl Dataset {
     /// assert!(Dataset::from_examples(vec![]).is_empty());
     /// ```
     pub fn is_empty(&self) -> bool {
-        self.examples.is_empty()
+        self.examples.items.is_empty()
     }
 
     /// The examples at `indices`, in that order (an index may repeat).
@@ -349,18 +316,9 @@ impl Dataset {
     /// # Ok(()) }
     /// ```
     pub fn subset(&self, indices: &[usize]) -> Result<Self> {
-        let mut out = Dataset::default();
-        for &i in indices {
-            let (Some(example), Some(source)) = (self.examples.get(i), self.sources.get(i)) else {
-                return Err(dataset_error(format!(
-                    "subset index {i} is out of range for {} examples",
-                    self.len()
-                )));
-            };
-            out.examples.push(example.clone());
-            out.sources.push(source.clone());
-        }
-        Ok(out)
+        Ok(Self {
+            examples: self.examples.subset(indices)?,
+        })
     }
 
     /// Shuffles the examples with `seed` and splits off `eval_count` of them: `(train,
@@ -381,21 +339,7 @@ impl Dataset {
     /// # Ok(()) }
     /// ```
     pub fn split_eval(&self, eval_count: usize, seed: u64) -> Result<(Self, Self)> {
-        if eval_count >= self.len() {
-            return Err(Error::settings(
-                "eval split",
-                "eval_count",
-                format!(
-                    "{eval_count} eval examples of {} would leave none to train on",
-                    self.len()
-                ),
-            ));
-        }
-        let order = shuffled_order(self.len(), seed, SPLIT_STREAM);
-        let (eval, train) = order.split_at(eval_count);
-        let (mut eval, mut train) = (eval.to_vec(), train.to_vec());
-        eval.sort_unstable();
-        train.sort_unstable();
+        let (train, eval) = split_indices(self.len(), eval_count, seed)?;
         Ok((self.subset(&train)?, self.subset(&eval)?))
     }
 
@@ -415,26 +359,8 @@ impl Dataset {
     /// # Ok(()) }
     /// ```
     pub fn check_vocab(&self, vocab_size: usize) -> Result<()> {
-        for (i, (example, source)) in self.examples.iter().zip(&self.sources).enumerate() {
-            let bad = example
-                .ids
-                .iter()
-                .enumerate()
-                .find(|&(_, &id)| usize::try_from(id).map_or(true, |id| id >= vocab_size));
-            let Some((position, id)) = bad else { continue };
-            let what = format!(
-                "example {i}, token {position}: id {id} is outside the vocabulary of \
-                 {vocab_size} tokens (was the data tokenized for another model?)"
-            );
-            return Err(match source {
-                Some(s) => Error::usage(
-                    Scope::File(s.file.as_ref().clone()),
-                    format!("line {} ({what})", s.line),
-                ),
-                None => dataset_error(what),
-            });
-        }
-        Ok(())
+        self.examples
+            .check_ids_below(|e| &e.ids, vocab_size, "vocabulary", "tokens")
     }
 
     /// The number of tokens of all examples.
@@ -447,12 +373,30 @@ impl Dataset {
     /// # Ok(()) }
     /// ```
     pub fn total_tokens(&self) -> usize {
-        self.examples.iter().map(Example::len).sum()
+        self.examples().iter().map(Example::len).sum()
     }
 }
 
-fn dataset_error(reason: String) -> Error {
-    Error::usage(Scope::Settings("dataset".into()), reason)
+/// Indices `(train, eval)` of `len` examples shuffled by `seed`, `eval_count` of them for
+/// eval, each part in ascending order ([`Dataset::split_eval`]).
+pub(crate) fn split_indices(
+    len: usize,
+    eval_count: usize,
+    seed: u64,
+) -> Result<(Vec<usize>, Vec<usize>)> {
+    if eval_count >= len {
+        return Err(Error::settings(
+            "eval split",
+            "eval_count",
+            format!("{eval_count} eval examples of {len} would leave none to train on"),
+        ));
+    }
+    let order = shuffled_order(len, seed, SPLIT_STREAM);
+    let (eval, train) = order.split_at(eval_count);
+    let (mut eval, mut train) = (eval.to_vec(), train.to_vec());
+    eval.sort_unstable();
+    train.sort_unstable();
+    Ok((train, eval))
 }
 
 /// The random stream [`Dataset::split_eval`] shuffles with (batches use the epoch's).
@@ -467,50 +411,11 @@ pub(crate) fn shuffled_order(n: usize, seed: u64, stream: u64) -> Vec<usize> {
     order
 }
 
-/// What is wrong with one JSONL line.
-enum LineProblem {
-    Json(serde_json::Error),
-    Other(String),
-}
-
-impl From<String> for LineProblem {
-    fn from(reason: String) -> Self {
-        LineProblem::Other(reason)
-    }
-}
-
-impl LineProblem {
-    fn into_error(self, path: &Path, line: usize) -> Error {
-        match self {
-            LineProblem::Json(e) => {
-                // serde_json counts from the line it was given; the message names the
-                // file's line instead.
-                let message = e.to_string();
-                let position = format!(" at line {} column {}", e.line(), e.column());
-                Error::Json {
-                    path: path.to_path_buf(),
-                    line,
-                    column: e.column(),
-                    message: message
-                        .strip_suffix(&position)
-                        .unwrap_or(&message)
-                        .to_string(),
-                }
-            }
-            LineProblem::Other(reason) => Error::usage(
-                Scope::File(path.to_path_buf()),
-                format!("line {line}: {reason}"),
-            ),
-        }
-    }
-}
-
 /// One JSONL line's example.
-fn parse_line(line: &str, tokenizer: &TextTokenizer) -> std::result::Result<Example, LineProblem> {
-    let value: Value = serde_json::from_str(line).map_err(LineProblem::Json)?;
-    let Value::Object(map) = value else {
-        return Err(format!("expected a JSON object, got {}", kind(&value)).into());
-    };
+fn parse_line(
+    map: &Map<String, Value>,
+    tokenizer: &TextTokenizer,
+) -> std::result::Result<Example, String> {
     let has = |key: &str| map.contains_key(key);
     let forms: Vec<&str> = [
         ("`text`", has("text")),
@@ -524,47 +429,39 @@ fn parse_line(line: &str, tokenizer: &TextTokenizer) -> std::result::Result<Exam
         [] => {
             return Err("no `text`, `prompt` + `completion` or `input_ids` key \
                         (other keys are ignored)"
-                .to_string()
-                .into())
+                .to_string())
         }
-        ["`text`"] => Example::from_text(tokenizer, string_field(&map, "text")?)?,
-        ["`input_ids`"] => pretokenized(&map)?,
-        [_] => Example::from_prompt_completion(
-            tokenizer,
-            string_field(&map, "prompt")?,
-            string_field(&map, "completion")?,
-        )?,
+        ["`text`"] => Example::from_text(tokenizer, string_field(map, "text")?)?,
+        ["`input_ids`"] => pretokenized(map)?,
+        [_] => {
+            let pair_field = |key| match map.contains_key(key) {
+                true => string_field(map, key),
+                false => Err(format!(
+                    "`{key}` is missing (`prompt` and `completion` go together)"
+                )),
+            };
+            Example::from_prompt_completion(
+                tokenizer,
+                pair_field("prompt")?,
+                pair_field("completion")?,
+            )?
+        }
         [first, rest @ ..] => {
             return Err(format!(
                 "{first} and {} in one line: give one form per line",
                 rest.join(" and ")
-            )
-            .into())
+            ))
         }
     };
     if !example.trained.iter().any(|&t| t) {
-        return Err(
-            "no token of this example is trained: the loss would never see it"
-                .to_string()
-                .into(),
-        );
+        return Err("no token of this example is trained: the loss would never see it".to_string());
     }
     Ok(example)
 }
 
 /// `{"input_ids": [...], "trained" | "labels_mask": [...]}`.
 fn pretokenized(map: &Map<String, Value>) -> std::result::Result<Example, String> {
-    let ids = array_field(map, "input_ids")?
-        .iter()
-        .enumerate()
-        .map(|(i, v)| {
-            v.as_u64()
-                .and_then(|id| u32::try_from(id).ok())
-                .ok_or_else(|| {
-                    format!("`input_ids`[{i}] is not a token id (an integer in 0..2^32): {v}")
-                })
-        })
-        .collect::<std::result::Result<Vec<u32>, String>>()?;
+    let ids = id_list(map, "input_ids")?;
     let key = match (map.contains_key("trained"), map.contains_key("labels_mask")) {
         (true, true) => return Err("both `trained` and `labels_mask`: give one".into()),
         (true, false) => Some("trained"),
@@ -583,42 +480,6 @@ fn pretokenized(map: &Map<String, Value>) -> std::result::Result<Example, String
             .collect::<std::result::Result<Vec<bool>, String>>()?,
     };
     Example::build(ids, trained)
-}
-
-fn string_field<'a>(
-    map: &'a Map<String, Value>,
-    key: &str,
-) -> std::result::Result<&'a str, String> {
-    match map.get(key) {
-        Some(Value::String(s)) => Ok(s),
-        Some(other) => Err(format!("`{key}` must be a string, got {}", kind(other))),
-        None => Err(format!(
-            "`{key}` is missing (`prompt` and `completion` go together)"
-        )),
-    }
-}
-
-fn array_field<'a>(
-    map: &'a Map<String, Value>,
-    key: &str,
-) -> std::result::Result<&'a [Value], String> {
-    match map.get(key) {
-        Some(Value::Array(a)) => Ok(a),
-        Some(other) => Err(format!("`{key}` must be an array, got {}", kind(other))),
-        None => Err(format!("`{key}` is missing")),
-    }
-}
-
-/// A JSON value's kind, for messages.
-fn kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 /// Trains a small BPE tokenizer on `corpus` (no download needed), Llama-style: `<unk>` = 0,

@@ -53,6 +53,10 @@ pub struct AdapterRecipe {
     pub alpha: f64,
     /// PEFT's `target_modules`: module-name suffixes, or the single entry `all-linear`.
     pub target_modules: Vec<String>,
+    /// Modules trained in full instead of adapted (PEFT's `modules_to_save`): a new
+    /// classifier head, `["classifier"]` for BERT (PEFT adds it for `task_type`
+    /// `SEQ_CLS`). Empty by default.
+    pub modules_to_save: Vec<String>,
     /// Dropout on the adapter's input.
     pub dropout: f64,
     /// rsLoRA scaling (`alpha / √r`) for the LoRA family.
@@ -79,6 +83,7 @@ impl AdapterRecipe {
             r,
             alpha,
             target_modules: target_modules.iter().map(|s| s.to_string()).collect(),
+            modules_to_save: Vec::new(),
             dropout: 0.0,
             use_rslora: false,
             seed: 0,
@@ -111,6 +116,9 @@ impl AdapterRecipe {
             _ => "lora_dropout",
         };
         config = config.with_setting(dropout_key, json!(self.dropout))?;
+        if !self.modules_to_save.is_empty() {
+            config = config.with_setting("modules_to_save", json!(self.modules_to_save))?;
+        }
         match self.variant {
             Variant::Vera => {
                 config = config.with_setting("projection_prng_key", json!(self.seed))?;
@@ -202,13 +210,17 @@ impl AdapterRecipe {
 
     /// A one-line description (variant, rank, alpha, targets) that a resumed run must match.
     pub fn describe(&self) -> String {
-        format!(
+        let mut text = format!(
             "{} r={} alpha={} targets=[{}] seed={}",
             self.variant,
             self.r,
             self.alpha,
             self.target_modules.join(", "),
             self.seed
-        )
+        );
+        if !self.modules_to_save.is_empty() {
+            text += &format!(" modules_to_save=[{}]", self.modules_to_save.join(", "));
+        }
+        text
     }
 }

@@ -1,5 +1,6 @@
 //! [`Trainer`]: the fine-tuning loop.
 
+use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -9,20 +10,19 @@ use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::batching::Batch;
+use super::classification::SequenceClassification;
 use super::config::TrainConfig;
 use super::cursor::Cursor;
-use super::data::Dataset;
 use super::grads::GradAccumulator;
-use super::loss::causal_lm_loss_sum;
 use super::recipe::AdapterRecipe;
 use super::rule::Rule;
 use super::schedule::LrSchedule;
+use super::task::{LanguageModeling, Task, TaskData};
 use crate::adapter::{Adapter, Variant};
-use crate::error::{Error, Result, Scope};
+use crate::error::{Error, Result};
 use crate::frozen::BaseKind;
 use crate::model::AdaptedSet;
-use crate::models::CausalLm;
+use crate::models::{CausalLm, SequenceClassifier};
 use crate::peft::{save_adapter, PeftConfig};
 use crate::shared::Shared;
 use crate::train::lora_drop::sample_indices;
@@ -33,16 +33,18 @@ use crate::train::{LayerImportance, LoraDrop};
 pub struct StepLog {
     /// The step, from 1.
     pub step: usize,
-    /// Mean loss per target token over the step's batches; `None` when they held no target
-    /// token (every row's targets cut off by `seq_len`): such a step is skipped, the
-    /// adapters and the optimizer's state unchanged.
+    /// Mean loss per target (token, or example for classification) over the step's
+    /// batches; `None` when they held no target token (every row's targets cut off by
+    /// `seq_len`): such a step is skipped, the adapters and the optimizer's state
+    /// unchanged.
     pub loss: Option<f64>,
     /// The peak learning rate times the schedule's factor (LoRA+: A's rate).
     pub lr: f64,
     /// The gradients' global norm before clipping.
     pub grad_norm: f64,
-    /// Tokens the loss counted.
-    pub target_tokens: usize,
+    /// Targets the loss counted: tokens for language modeling, examples for
+    /// classification.
+    pub targets: usize,
     /// Wall time of the step, seconds.
     pub seconds: f64,
 }
@@ -52,8 +54,22 @@ pub struct StepLog {
 pub struct EvalLog {
     /// The step after which it ran.
     pub step: usize,
-    /// Mean loss per target token over the eval set.
+    /// Mean loss per target (token, or example for classification) over the eval set.
     pub loss: f64,
+    /// The share of examples whose predicted class is their label, for single-label
+    /// classification.
+    #[serde(default)]
+    pub accuracy: Option<f64>,
+}
+
+/// One pass over an eval set ([`Trainer::evaluation`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Evaluation {
+    /// Mean loss per target (token, or example for classification).
+    pub loss: f64,
+    /// The share of examples whose predicted class is their label, for single-label
+    /// classification; `None` for other tasks.
+    pub accuracy: Option<f64>,
 }
 
 /// What [`Trainer::train`] reports as it goes.
@@ -82,12 +98,14 @@ pub(crate) struct Progress {
     pub evals: Vec<EvalLog>,
 }
 
-/// The fine-tuning loop over a causal language model whose adapters were built from an
-/// [`AdapterRecipe`]'s plan.
+/// The fine-tuning loop over a model whose adapters were built from an [`AdapterRecipe`]'s
+/// plan, for a [`Task`]: a causal language model ([`Trainer::new`]) or a sequence
+/// classifier ([`Trainer::for_classifier`]).
 ///
 /// Each optimizer step takes `grad_accum` batches from the training set (epoch after
-/// epoch, each shuffled by `(seed, epoch)`), sums the causal-LM loss over their target
-/// tokens ([`causal_lm_loss_sum`]) and divides by the step's target-token count, adds
+/// epoch, each shuffled by `(seed, epoch)`), sums the task's loss over their targets (the
+/// causal-LM loss over target tokens, [`super::loss::causal_lm_loss_sum`]; the classifier's
+/// loss over examples) and divides by the step's target count, adds
 /// AdaLoRA's orthogonality penalty, accumulates the trainable variables' gradients, clips
 /// their global norm, then runs the variant's rule around AdamW: LoRA+'s parameter groups,
 /// LoRA-FA's projection of B's gradient, Delta-LoRA's update of W, AdaLoRA's rank
@@ -137,8 +155,8 @@ pub(crate) struct Progress {
 /// assert!(after < 0.7 * before, "{before} -> {after}");
 /// # Ok(()) }
 /// ```
-pub struct Trainer<'m> {
-    pub(super) model: &'m dyn CausalLm,
+pub struct Trainer<'m, T: Task = LanguageModeling<'m>> {
+    pub(super) task: T,
     pub(super) adapters: AdaptedSet,
     pub(super) recipe: AdapterRecipe,
     pub(super) config: TrainConfig,
@@ -147,6 +165,7 @@ pub struct Trainer<'m> {
     /// LoRA-drop's shared pairs live here.
     shared_vars: VarMap,
     pub(super) progress: Progress,
+    model: PhantomData<&'m ()>,
 }
 
 /// What a finished [`Trainer::train`] call did.
@@ -163,25 +182,54 @@ pub struct TrainReport {
 }
 
 impl<'m> Trainer<'m> {
-    /// A trainer for `model`, whose adapted layers are `adapters` (the `finish()` of the
-    /// plan `recipe` built). Errors: bad settings ([`TrainConfig::validate`]), a `seq_len`
-    /// longer than the model can take ([`CausalLm::max_positions`]), no adapted layer, or a
-    /// layer of another variant than the recipe's.
+    /// A trainer for the causal language model `model` ([`LanguageModeling`]), whose
+    /// adapted layers are `adapters` (the `finish()` of the plan `recipe` built). Errors:
+    /// those of [`Trainer::with_task`].
     pub fn new(
         model: &'m dyn CausalLm,
         adapters: AdaptedSet,
         recipe: AdapterRecipe,
         config: TrainConfig,
     ) -> Result<Self> {
+        Self::with_task(LanguageModeling::new(model), adapters, recipe, config)
+    }
+}
+
+impl<'m> Trainer<'m, SequenceClassification<'m>> {
+    /// A trainer for the sequence classifier `model` ([`SequenceClassification`]), whose
+    /// adapted layers are `adapters` (the `finish()` of the plan `recipe` built; give the
+    /// recipe `modules_to_save: ["classifier"]` to train a new head, as PEFT does for
+    /// `task_type` `SEQ_CLS`). Errors: those of [`Trainer::with_task`].
+    pub fn for_classifier(
+        model: &'m dyn SequenceClassifier,
+        adapters: AdaptedSet,
+        recipe: AdapterRecipe,
+        config: TrainConfig,
+    ) -> Result<Self> {
+        Self::with_task(SequenceClassification::new(model), adapters, recipe, config)
+    }
+}
+
+impl<'m, T: Task> Trainer<'m, T> {
+    /// A trainer for `task`, whose model's adapted layers are `adapters` (the `finish()` of
+    /// the plan `recipe` built). Errors: bad settings ([`TrainConfig::validate`]), a
+    /// `seq_len` longer than the model can take ([`Task::max_positions`]), no adapted
+    /// layer, or a layer of another variant than the recipe's.
+    pub fn with_task(
+        task: T,
+        adapters: AdaptedSet,
+        recipe: AdapterRecipe,
+        config: TrainConfig,
+    ) -> Result<Self> {
         config.validate()?;
-        if let Some(limit) = model.max_positions() {
+        if let Some(limit) = task.max_positions() {
             if config.batch.seq_len > limit {
                 return Err(Error::settings(
                     "training config",
                     "seq_len",
                     format!(
-                        "{} is longer than the {limit} positions the model can take \
-                         (CausalLm::max_positions); set seq_len to at most {limit}",
+                        "{} is longer than the {limit} positions the model can take; set \
+                         seq_len to at most {limit}",
                         config.batch.seq_len
                     ),
                 ));
@@ -190,7 +238,7 @@ impl<'m> Trainer<'m> {
         let schedule = config.schedule()?;
         let rule = Rule::new(&recipe, &adapters, &config)?;
         Ok(Self {
-            model,
+            task,
             adapters,
             recipe,
             config,
@@ -198,49 +246,60 @@ impl<'m> Trainer<'m> {
             rule,
             shared_vars: VarMap::new(),
             progress: Progress::default(),
+            model: PhantomData,
         })
+    }
+
+    /// The task the trainer trains for (and through it the model).
+    pub fn task(&self) -> &T {
+        &self.task
     }
 
     /// Trains until `max_steps` (from where a [`resume`](Self::resume) left off), calling
     /// `on_event` after every step, evaluation and checkpoint. `eval` is evaluated every
     /// `eval_every` steps and after the last one.
     ///
-    /// Errors: a dataset with a token the model's vocabulary lacks (checked first), an empty
-    /// dataset, a training or eval set none of whose examples keeps a target token within
-    /// `seq_len` ([`Dataset::examples_without_targets`]), a non-finite loss or a loss that
+    /// Errors: data the task refuses ([`Task::check`], checked first: a token the model's
+    /// vocabulary lacks, a label outside its classes, a training or eval set none of whose
+    /// examples keeps a target token within `seq_len`), an empty dataset, a non-finite
+    /// loss or a loss that
     /// reaches no trainable variable (e.g. an inactive adapter of a
     /// [`crate::model::NamedAdapters`] model; the step is not applied), or a failed
     /// checkpoint write.
     pub fn train(
         &mut self,
-        train: &Dataset,
-        eval: Option<&Dataset>,
+        train: &T::Data,
+        eval: Option<&T::Data>,
         mut on_event: impl FnMut(&TrainEvent),
     ) -> Result<TrainReport> {
-        let vocab = self.model.vocab_size();
-        train.check_vocab(vocab)?;
-        self.check_targets(train, "training")?;
+        self.task.check(train, &self.config.batch, "training")?;
         if let Some(eval) = eval {
-            eval.check_vocab(vocab)?;
-            self.check_targets(eval, "eval")?;
+            self.task.check(eval, &self.config.batch, "eval")?;
         }
         let mut report = TrainReport::default();
         if self.recipe.variant == Variant::LoraDrop && self.progress.lora_drop.is_none() {
             let note = self.lora_drop_stage1(train)?;
             on_event(&TrainEvent::Stage1(&note));
         }
-        let device = self.model.device().clone();
         let mut cursor = Cursor::new(
+            &self.task,
             train,
             self.config.batch.clone(),
             self.config.seed,
-            &device,
             self.progress.epoch,
             self.progress.batch_index,
         );
         self.adapters.set_training(true);
         while self.progress.step < self.config.max_steps {
-            let log = self.step(&mut cursor)?;
+            let log = step(
+                &self.task,
+                &mut self.rule,
+                &self.schedule,
+                &self.config,
+                self.progress.step,
+                &mut cursor,
+            )?;
+            self.progress.step = log.step;
             self.progress.epoch = cursor.epoch;
             self.progress.batch_index = cursor.index;
             self.progress.history.push(log.clone());
@@ -251,9 +310,11 @@ impl<'m> Trainer<'m> {
                 if is_due(self.config.eval_every, step, last)
                     || (last && self.config.eval_every.is_none())
                 {
+                    let result = self.evaluation(eval)?;
                     let entry = EvalLog {
                         step,
-                        loss: self.evaluate(eval)?,
+                        loss: result.loss,
+                        accuracy: result.accuracy,
                     };
                     self.adapters.set_training(true);
                     self.progress.evals.push(entry.clone());
@@ -277,108 +338,42 @@ impl<'m> Trainer<'m> {
         Ok(report)
     }
 
-    /// One optimizer step over `grad_accum` batches.
-    fn step(&mut self, cursor: &mut Cursor) -> Result<StepLog> {
-        let start = Instant::now();
-        let step = self.progress.step + 1;
-        let factor = self.schedule.factor(step - 1);
-        self.rule.optimizer.set_lr_factor(factor);
-        let batches = (0..self.config.grad_accum)
-            .map(|_| cursor.next_batch())
-            .collect::<Result<Vec<_>>>()?;
-        let target_tokens: usize = batches.iter().map(|b| b.target_tokens).sum();
-        if target_tokens == 0 {
-            // Nothing to learn from: no update, no optimizer state moved.
-            self.progress.step = step;
-            return Ok(StepLog {
-                step,
-                loss: None,
-                lr: self.config.lr * factor,
-                grad_norm: 0.0,
-                target_tokens,
-                seconds: start.elapsed().as_secs_f64(),
-            });
-        }
-        let mut acc = GradAccumulator::new(self.rule.vars.clone());
-        let mut loss_sum = 0.0;
-        for (i, batch) in batches.iter().enumerate() {
-            // The penalty enters once per step, with the first batch.
-            let extra = if i == 0 {
-                self.rule.extra_loss()?
-            } else {
-                None
-            };
-            let (sum, grads) = backward_batch(self.model, batch, target_tokens, extra)?;
-            loss_sum += sum;
-            acc.add(&grads)?;
-        }
-        let loss = loss_sum / target_tokens as f64;
-        if !loss.is_finite() {
-            return Err(Error::settings(
-                "training",
-                "loss",
-                format!("step {step}: the loss is {loss}; lower the learning rate (the step was not applied)"),
-            ));
-        }
-        let reached = |v: &candle_core::Var| acc.store().get(v.as_tensor()).is_some();
-        if !self.rule.vars.iter().any(reached) {
-            return Err(Error::settings(
-                "training",
-                "adapters",
-                format!("step {step}: no trainable variable received a gradient, the loss does not reach the adapters (on a NamedAdapters model, make the adapter being trained the active one)"),
-            ));
-        }
-        let grad_norm = acc.clip_global_norm(self.config.max_grad_norm)?;
-        apply_step(&mut self.rule, step, &mut acc)?;
-        self.progress.step = step;
-        Ok(StepLog {
-            step,
-            loss: Some(loss),
-            lr: self.config.lr * factor,
-            grad_norm,
-            target_tokens,
-            seconds: start.elapsed().as_secs_f64(),
-        })
-    }
-
-    /// The mean loss per target token over `data` (every example once, in batches of the
-    /// training settings). Leaves the adapters in evaluation mode (no dropout; `train`
-    /// switches them back).
+    /// The mean loss per target (token, or example for classification) over `data`: every
+    /// example once, in batches of the training settings. Leaves the adapters in
+    /// evaluation mode (no dropout; `train` switches them back).
     ///
-    /// Errors: a token the model's vocabulary lacks, or no target token within `seq_len`
-    /// in any example (a mean over no token).
-    pub fn evaluate(&self, data: &Dataset) -> Result<f64> {
-        data.check_vocab(self.model.vocab_size())?;
-        self.check_targets(data, "eval")?;
-        self.adapters.set_training(false);
-        let batches = data.batches(&self.config.batch, 0, self.config.seed, self.model.device())?;
-        let (mut sum, mut tokens) = (0f64, 0usize);
-        for batch in &batches {
-            let logits = self.model.logits(&batch.input_ids)?;
-            let loss = causal_lm_loss_sum(&logits, &batch.input_ids, &batch.loss_mask)?;
-            sum += f64::from(loss.to_scalar::<f32>()?);
-            tokens += batch.target_tokens;
-        }
-        Ok(sum / tokens as f64)
+    /// Errors: data the task refuses ([`Task::check`]: a token the model's vocabulary
+    /// lacks, a label outside its classes, no target token within `seq_len` in any
+    /// example).
+    pub fn evaluate(&self, data: &T::Data) -> Result<f64> {
+        Ok(self.evaluation(data)?.loss)
     }
 
-    /// Errors unless some example of `data` (the `what` set) keeps a target token in its
-    /// row.
-    fn check_targets(&self, data: &Dataset, what: &str) -> Result<()> {
-        let options = &self.config.batch;
-        if data.is_empty() || data.examples_without_targets(options) < data.len() {
-            return Ok(());
+    /// [`Trainer::evaluate`]'s pass, with the accuracy for single-label classification.
+    pub fn evaluation(&self, data: &T::Data) -> Result<Evaluation> {
+        self.task.check(data, &self.config.batch, "eval")?;
+        self.adapters.set_training(false);
+        let batches = self
+            .task
+            .batches(data, &self.config.batch, 0, self.config.seed)?;
+        let (mut sum, mut units, mut correct) = (0f64, 0usize, Some(0usize));
+        for batch in &batches {
+            let (loss, right) = self.task.evaluate(batch)?;
+            sum += loss;
+            units += self.task.units(batch);
+            correct = correct.zip(right).map(|(a, b)| a + b);
         }
-        Err(Error::usage(
-            Scope::Settings("dataset".into()),
-            format!(
-                "none of the {} {what} examples has a target token within seq_len {}: their \
-                 prompts fill the rows and cut every completion off; raise seq_len, shorten \
-                 the prompts, or pack (Packing::Pack)",
-                data.len(),
-                options.seq_len
-            ),
-        ))
+        if units == 0 {
+            return Err(Error::settings(
+                "eval",
+                "dataset",
+                "has no target to average the loss over",
+            ));
+        }
+        Ok(Evaluation {
+            loss: sum / units as f64,
+            accuracy: correct.map(|c| c as f64 / TaskData::len(data) as f64),
+        })
     }
 
     /// The adapted layers.
@@ -392,19 +387,15 @@ impl<'m> Trainer<'m> {
     }
 
     /// The PEFT config the adapter is saved with: the recipe's
-    /// ([`AdapterRecipe::peft_config`]), with what PEFT records of the model:
-    /// `task_type` `CAUSAL_LM`, `base_model_name_or_path` (the folder the model was loaded
-    /// from, [`CausalLm::name_or_path`], when known; PEFT's `AutoPeftModelForCausalLM` and
-    /// transformers' `AutoModelForCausalLM` read the base model from it), and
-    /// `fan_in_fan_out` when the adapted layers are Conv1D (GPT-2), whose weights are
-    /// stored `(in, out)`.
+    /// ([`AdapterRecipe::peft_config`]), with what PEFT records of the task and model
+    /// ([`Task::peft_settings`]): `task_type` (`CAUSAL_LM`, `SEQ_CLS`),
+    /// `base_model_name_or_path` (the folder the model was loaded from, when known; PEFT's
+    /// `AutoPeftModelFor…` classes read the base model from it), and `fan_in_fan_out` when
+    /// the adapted layers are Conv1D (GPT-2), whose weights are stored `(in, out)`.
     pub fn peft_config(&self) -> Result<PeftConfig> {
-        let mut config = self
-            .recipe
-            .peft_config(self.config.max_steps)?
-            .with_setting("task_type", json!("CAUSAL_LM"))?;
-        if let Some(name) = self.model.name_or_path() {
-            config = config.with_setting("base_model_name_or_path", json!(name))?;
+        let mut config = self.recipe.peft_config(self.config.max_steps)?;
+        for (key, value) in self.task.peft_settings() {
+            config = config.with_setting(key, value)?;
         }
         let conv1d = self
             .adapters
@@ -427,42 +418,35 @@ impl<'m> Trainer<'m> {
     /// LoRA-drop's stage 1: `stage1_steps` steps at the peak learning rate on a sample of
     /// the training examples, calibration on the sample, then the unimportant layers moved
     /// onto shared pairs and the rule rebuilt over the new variables.
-    fn lora_drop_stage1(&mut self, train: &Dataset) -> Result<String> {
+    fn lora_drop_stage1(&mut self, train: &T::Data) -> Result<String> {
         let layers: Vec<Shared<dyn Adapter>> =
             self.adapters.layers().into_iter().map(|(_, l)| l).collect();
         let drop = LoraDrop::new(&layers, self.recipe.lora_drop.clone())?;
-        let device = self.model.device().clone();
-        let (model, adapters) = (self.model, &self.adapters);
+        let (task, adapters) = (&self.task, &self.adapters);
         let options = self.config.batch.clone();
         let settings = &self.recipe.lora_drop;
         let sample = sample_indices(train.len(), settings.sample, settings.seed)?;
         let sample_data = train.subset(&sample)?;
-        let mut cursor = Cursor::new(
-            &sample_data,
-            options.clone(),
-            self.config.seed,
-            &device,
-            0,
-            0,
-        );
+        let mut cursor = Cursor::new(task, &sample_data, options.clone(), self.config.seed, 0, 0);
         let rule = &mut self.rule;
         adapters.set_training(true);
         let stage1 = drop.stage1(
             train.len(),
             |step, _sample| {
                 let batch = cursor.next_batch()?;
-                if batch.target_tokens == 0 {
+                let units = task.units(&batch);
+                if units == 0 {
                     return Ok(()); // nothing to learn from, as in `step`
                 }
-                let (_, grads) = backward_batch(model, &batch, batch.target_tokens, None)?;
+                let (_, grads) = backward_batch(task, &batch, units, None)?;
                 let mut acc = GradAccumulator::new(rule.vars.clone());
                 acc.add(&grads)?;
                 apply_step(rule, step, &mut acc)
             },
             |_sample| {
                 adapters.set_training(false);
-                for batch in sample_data.batches(&options, 0, 0, &device)? {
-                    model.logits(&batch.input_ids)?;
+                for batch in task.batches(&sample_data, &options, 0, 0)? {
+                    task.loss_sum(&batch, false)?;
                 }
                 Ok(())
             },
@@ -479,7 +463,7 @@ impl<'m> Trainer<'m> {
         drop: &LoraDrop,
         importance: &[LayerImportance],
     ) -> Result<()> {
-        let vb = VarBuilder::from_varmap(&self.shared_vars, self.rule_dtype(), self.model.device());
+        let vb = VarBuilder::from_varmap(&self.shared_vars, self.rule_dtype(), self.task.device());
         let report = drop.share_unselected(importance, vb.pp("shared"))?;
         self.rule = Rule::new(&self.recipe, &self.adapters, &self.config)?;
         self.progress.lora_drop = Some(
@@ -518,18 +502,79 @@ fn is_due(every: Option<usize>, step: usize, last: bool) -> bool {
     }
 }
 
-/// Forward and backward of one batch: returns the batch's summed loss and the gradients of
-/// `(sum + extra) / target_tokens`-scaled loss (`extra` is added unscaled). Callers skip
-/// steps without target tokens, so `target_tokens` is at least 1.
-fn backward_batch(
-    model: &dyn CausalLm,
-    batch: &Batch,
-    target_tokens: usize,
+/// One optimizer step over `grad_accum` batches from `cursor`, after `done` steps.
+fn step<T: Task>(
+    task: &T,
+    rule: &mut Rule,
+    schedule: &LrSchedule,
+    config: &TrainConfig,
+    done: usize,
+    cursor: &mut Cursor<T>,
+) -> Result<StepLog> {
+    let start = Instant::now();
+    let step = done + 1;
+    let factor = schedule.factor(step - 1);
+    rule.optimizer.set_lr_factor(factor);
+    let batches = (0..config.grad_accum)
+        .map(|_| cursor.next_batch())
+        .collect::<Result<Vec<_>>>()?;
+    let targets: usize = batches.iter().map(|b| task.units(b)).sum();
+    let mut log = StepLog {
+        step,
+        loss: None,
+        lr: config.lr * factor,
+        grad_norm: 0.0,
+        targets,
+        seconds: 0.0,
+    };
+    if targets == 0 {
+        // Nothing to learn from: no update, no optimizer state moved.
+        log.seconds = start.elapsed().as_secs_f64();
+        return Ok(log);
+    }
+    let mut acc = GradAccumulator::new(rule.vars.clone());
+    let mut loss_sum = 0.0;
+    for (i, batch) in batches.iter().enumerate() {
+        // The penalty enters once per step, with the first batch.
+        let extra = if i == 0 { rule.extra_loss()? } else { None };
+        let (sum, grads) = backward_batch(task, batch, targets, extra)?;
+        loss_sum += sum;
+        acc.add(&grads)?;
+    }
+    let loss = loss_sum / targets as f64;
+    if !loss.is_finite() {
+        return Err(Error::settings(
+            "training",
+            "loss",
+            format!("step {step}: the loss is {loss}; lower the learning rate (the step was not applied)"),
+        ));
+    }
+    let reached = |v: &candle_core::Var| acc.store().get(v.as_tensor()).is_some();
+    if !rule.vars.iter().any(reached) {
+        return Err(Error::settings(
+            "training",
+            "adapters",
+            format!("step {step}: no trainable variable received a gradient, the loss does not reach the adapters (on a NamedAdapters model, make the adapter being trained the active one)"),
+        ));
+    }
+    log.grad_norm = acc.clip_global_norm(config.max_grad_norm)?;
+    apply_step(rule, step, &mut acc)?;
+    log.loss = Some(loss);
+    log.seconds = start.elapsed().as_secs_f64();
+    Ok(log)
+}
+
+/// Forward (in training mode) and backward of one batch: returns the batch's summed loss
+/// and the gradients of `(sum + extra) / targets`-scaled loss (`extra` is added unscaled).
+/// Callers skip steps without targets, so `targets` is at least 1.
+fn backward_batch<T: Task>(
+    task: &T,
+    batch: &T::Batch,
+    targets: usize,
     extra: Option<Tensor>,
 ) -> Result<(f64, GradStore)> {
-    let logits = model.logits(&batch.input_ids)?;
-    let sum = causal_lm_loss_sum(&logits, &batch.input_ids, &batch.loss_mask)?;
-    let mut loss = (&sum / target_tokens as f64)?;
+    let sum = task.loss_sum(batch, true)?;
+    let mut loss = (&sum / targets as f64)?;
     if let Some(extra) = extra {
         let extra = extra.to_dtype(loss.dtype())?;
         loss = (loss + extra)?;

@@ -12,6 +12,7 @@
 //! (`tanh` of a dense layer on the first token) and the classifier. Dropout runs only in
 //! [`BertForSequenceClassification::forward_t`] with `train = true`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -19,7 +20,10 @@ use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
+use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
+use crate::frozen::BaseKind;
+use crate::init::SeededRng;
 use crate::model::{embedding, linear, AdapterPlan, Embedding, Linear};
 use crate::models::base_prefix::with_base_prefix;
 use crate::models::ops::{softmax_last, LayerNorm};
@@ -200,6 +204,9 @@ pub struct BertConfig {
     /// The loss [`BertForSequenceClassification::loss`] computes; `None`: chosen from
     /// `num_labels` and the labels' dtype, as transformers does.
     pub problem_type: Option<ProblemType>,
+    /// The standard deviation of transformers' normal initialisation
+    /// (`initializer_range`): a classifier head the checkpoint lacks is initialised with it.
+    pub initializer_range: f64,
 }
 
 impl Default for BertConfig {
@@ -220,6 +227,7 @@ impl Default for BertConfig {
             position_embedding_type: PositionEmbeddingType::Absolute,
             num_labels: 2,
             problem_type: None,
+            initializer_range: 0.02,
         }
     }
 }
@@ -244,6 +252,7 @@ struct RawBertConfig {
     num_labels: Option<usize>,
     id2label: Option<serde_json::Map<String, serde_json::Value>>,
     problem_type: Option<String>,
+    initializer_range: Option<f64>,
     is_decoder: Option<bool>,
 }
 
@@ -315,6 +324,7 @@ impl BertConfig {
                 .as_deref()
                 .map(ProblemType::from_str)
                 .transpose()?,
+            initializer_range: raw.initializer_range.unwrap_or(d.initializer_range),
         };
         config.check(|field, reason| Error::file_config(path.clone(), field, reason))?;
         Ok(config)
@@ -365,6 +375,12 @@ impl BertConfig {
                 return Err(err(field, format!("must be in [0, 1), got {p}")));
             }
         }
+        if !self.initializer_range.is_finite() || self.initializer_range < 0.0 {
+            return Err(err(
+                "initializer_range",
+                format!("must be finite and >= 0, got {}", self.initializer_range),
+            ));
+        }
         if !self.layer_norm_eps.is_finite() || self.layer_norm_eps < 0.0 {
             return Err(err(
                 "layer_norm_eps",
@@ -383,9 +399,48 @@ impl BertConfig {
         Ok(())
     }
 
+    /// The `(in, out)` shapes of the model's linear layers, each once: what VeRA's shared
+    /// projections must cover ([`crate::finetune::AdapterRecipe::plan`]).
+    ///
+    /// ```
+    /// use lorakit::models::bert::BertConfig;
+    /// let config = BertConfig { hidden_size: 8, intermediate_size: 32, num_labels: 3, ..BertConfig::default() };
+    /// assert_eq!(config.linear_shapes(), [(8, 8), (8, 32), (32, 8), (8, 3)]);
+    /// ```
+    pub fn linear_shapes(&self) -> Vec<(usize, usize)> {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        vec![(h, h), (h, i), (i, h), (h, self.num_labels)]
+    }
+
     fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
     }
+}
+
+/// The seed of a new classifier head's initialisation.
+const NEW_HEAD_SEED: u64 = 0;
+
+/// The classifier at `classifier.…` in `vb`, or a new one when the checkpoint lacks it and
+/// `plan` trains it (see [`BertForSequenceClassification::load`]).
+fn classifier_head(config: &BertConfig, vb: &VarBuilder, plan: &AdapterPlan) -> Result<Linear> {
+    let (h, n) = (config.hidden_size, config.num_labels);
+    if vb.contains_tensor("classifier.weight") || !plan.touches("classifier", BaseKind::Linear) {
+        return linear(h, n, vb.pp("classifier"), plan);
+    }
+    let (dtype, device) = (vb.dtype(), vb.device());
+    let mut rng = SeededRng::for_layer(NEW_HEAD_SEED, "classifier");
+    let head = HashMap::from([
+        (
+            "classifier.weight".to_string(),
+            rng.normal((n, h), 0.0, config.initializer_range, dtype, device)?,
+        ),
+        (
+            "classifier.bias".to_string(),
+            Tensor::zeros(n, dtype, device)?,
+        ),
+    ]);
+    let fresh = VarBuilder::from_tensors(head, dtype, device);
+    linear(h, n, fresh.pp("classifier"), plan)
 }
 
 /// Dropout with probability `p` when training.
@@ -546,12 +601,91 @@ pub struct BertForSequenceClassification {
     classifier: Linear,
     dtype: DType,
     device: Device,
+    name_or_path: Option<String>,
 }
 
 impl BertForSequenceClassification {
+    /// Reads `config.json` and the checkpoint (one file or shards) in the folder `dir` and
+    /// builds the model in `dtype` on `device` with [`load`](Self::load).
+    ///
+    /// A Hub encoder (`bert-base-uncased`) has no classifier, and its config no labels: set
+    /// the number of classes with [`from_pretrained_with`](Self::from_pretrained_with).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use lorakit::model::AdapterPlan;
+    /// use lorakit::models::bert::BertForSequenceClassification;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let dir = "tests/fixtures/peft_options/bert_cls/base";
+    /// let model = BertForSequenceClassification::from_pretrained(dir, DType::F32, &Device::Cpu, &AdapterPlan::none())?;
+    /// assert_eq!((model.config().num_labels, model.name_or_path()), (3, Some(dir)));
+    /// # Ok(()) }
+    /// ```
+    pub fn from_pretrained(
+        dir: impl AsRef<Path>,
+        dtype: DType,
+        device: &Device,
+        plan: &AdapterPlan,
+    ) -> Result<Self> {
+        let dir = dir.as_ref();
+        let config = BertConfig::from_file(dir.join("config.json"))?;
+        Self::from_pretrained_with(dir, &config, dtype, device, plan)
+    }
+
+    /// [`from_pretrained`](Self::from_pretrained) with `config` in place of the folder's
+    /// `config.json`: transformers' `from_pretrained(dir, num_labels=…)`.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use lorakit::model::{AdapterPlan, ModuleSelector, RankAlpha, TargetSpec};
+    /// use lorakit::models::bert::{BertConfig, BertForSequenceClassification};
+    /// use lorakit::LoraConfig;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let dir = std::path::Path::new("tests/fixtures/peft_options/bert_cls/base");
+    /// let mut config = BertConfig::from_file(dir.join("config.json"))?;
+    /// config.num_labels = 5; // the checkpoint's classifier has 3 outputs
+    /// let dev = Device::Cpu;
+    /// let none = AdapterPlan::none();
+    /// let err = BertForSequenceClassification::from_pretrained_with(dir, &config, DType::F32, &dev, &none);
+    /// assert!(err.unwrap_err().to_string().contains("classifier"));
+    /// # Ok(()) }
+    /// ```
+    pub fn from_pretrained_with(
+        dir: impl AsRef<Path>,
+        config: &BertConfig,
+        dtype: DType,
+        device: &Device,
+        plan: &AdapterPlan,
+    ) -> Result<Self> {
+        let dir = dir.as_ref();
+        let vb = Checkpoint::open(dir)?.var_builder(dtype, device);
+        let mut model = Self::load(config, vb, plan)?;
+        model.name_or_path = Some(dir.display().to_string());
+        Ok(model)
+    }
+
+    /// The model folder [`from_pretrained`](Self::from_pretrained) read, as given; `None`
+    /// for a model built with [`load`](Self::load). The training loop saves it as PEFT's
+    /// `base_model_name_or_path`.
+    pub fn name_or_path(&self) -> Option<&str> {
+        self.name_or_path.as_deref()
+    }
+
+    /// The device the model lives on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     /// Builds the model from `vb` (transformers' tensor names: `bert.…`, `classifier.…`),
     /// every module through `plan`. Call [`AdapterPlan::finish`] afterwards: for a loaded
     /// adapter it checks that every tensor of its file was used.
+    ///
+    /// A checkpoint without `classifier.weight` (a pretrained encoder, not yet fine-tuned
+    /// for classification) gets a new head as transformers gives it — weights from
+    /// `N(0, initializer_range²)`, bias 0, drawn from a fixed seed — when `plan` trains or
+    /// replaces the head (`classifier` in `modules_to_save`, as PEFT's `SEQ_CLS` task
+    /// sets); otherwise the missing tensor is an error, where transformers would go on with
+    /// a random head and a warning.
     pub fn load(config: &BertConfig, vb: VarBuilder, plan: &AdapterPlan) -> Result<Self> {
         config.validate()?;
         let (dtype, device) = (vb.dtype(), vb.device().clone());
@@ -563,7 +697,7 @@ impl BertForSequenceClassification {
             .collect::<Result<Vec<_>>>()?;
         let h = config.hidden_size;
         let pooler = linear(h, h, bert.pp("pooler.dense"), plan)?;
-        let classifier = linear(h, config.num_labels, vb.pp("classifier"), plan)?;
+        let classifier = classifier_head(config, &vb, plan)?;
         Ok(Self {
             config: config.clone(),
             embeddings,
@@ -572,6 +706,7 @@ impl BertForSequenceClassification {
             classifier,
             dtype,
             device,
+            name_or_path: None,
         })
     }
 

@@ -19,8 +19,8 @@
 //! generate` command runs it from the command line. Several adapters on one model with one
 //! active (PEFT's `set_adapter`): build it with [`crate::model::NamedAdapters::plan`].
 //!
-//! Partial (issue "Fine-tune real models in Rust"): the training loop and `finetune` are
-//! not here yet.
+//! Training: [`crate::finetune`]'s `Trainer` fine-tunes the causal LMs
+//! ([`CausalLm`]) and BERT classifiers ([`SequenceClassifier`]).
 
 mod attention_blocks;
 mod attention_op;
@@ -41,6 +41,7 @@ mod padding;
 mod rms_norm;
 mod rope_op;
 pub mod sampling;
+mod sequence_classifier;
 mod softmax;
 mod swiglu;
 
@@ -48,3 +49,4 @@ pub use auto::AutoCausalLm;
 pub use causal_lm::CausalLm;
 pub use generation::GenerationConfig;
 pub use llama::KvCache;
+pub use sequence_classifier::SequenceClassifier;

@@ -65,7 +65,7 @@ fn jsonl_examples_equal_transformers_encodings() {
     // the fourth example, at token 6.
     let err = data.check_vocab(61).unwrap_err().to_string();
     assert!(
-        err.contains("mixed.jsonl: line 5 (example 3, token 6: id 61"),
+        err.contains("mixed.jsonl: line 5: example 3, token 6: id 61"),
         "{err}"
     );
     data.check_vocab(tok.vocab_size()).unwrap();

@@ -24,6 +24,7 @@ mod cli;
 mod delta_lora;
 mod delta_lora_in_place;
 mod dora;
+mod finetune_classify;
 mod finetune_data;
 mod finetune_gpt2;
 mod finetune_train;

@@ -1,0 +1,110 @@
+//! [`SequenceClassifier`]: what the training loop's sequence classification
+//! ([`crate::finetune::classification`]) needs of a model, implemented by
+//! [`BertForSequenceClassification`].
+
+use candle_core::{Device, Tensor};
+
+use crate::error::Result;
+
+use super::bert::{BertForSequenceClassification, ProblemType};
+
+/// A sequence classifier: token ids `(batch, seq)` (with token types and an attention
+/// mask) to logits `(batch, num_labels)`, and the loss transformers computes for them.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_nn::VarBuilder;
+/// use lorakit::models::bert::{BertConfig, BertForSequenceClassification};
+/// use lorakit::models::SequenceClassifier;
+/// use lorakit::peft::PeftAdapter;
+/// # fn main() -> lorakit::Result<()> {
+/// let dir = std::path::Path::new("tests/fixtures/peft_options/bert_cls");
+/// let dev = Device::Cpu;
+/// let config = BertConfig::from_file(dir.join("base/config.json"))?;
+/// let weights = [dir.join("base/model.safetensors")];
+/// let vb = unsafe { VarBuilder::from_mmaped_safetensors(&weights, DType::F32, &dev)? };
+/// let plan = PeftAdapter::load(dir.join("adapter"), &dev)?.plan()?;
+/// let model = BertForSequenceClassification::load(&config, vb, &plan)?;
+/// let classifier: &dyn SequenceClassifier = &model;
+/// let ids = Tensor::new(&[[2u32, 14, 25, 3]], &dev)?;
+/// let logits = classifier.classify(&ids, None, None, false)?;
+/// assert_eq!(logits.dims(), [1, classifier.num_labels()]);
+/// # Ok(()) }
+/// ```
+pub trait SequenceClassifier {
+    /// Logits `(batch, num_labels)`. `token_type_ids` and `attention_mask` are
+    /// `(batch, seq)` (`None`: all zeros, attend to every token); `train` runs the model in
+    /// training mode (dropout), as transformers' `model.train()`.
+    fn classify(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor>;
+    /// The mean loss of `logits` against `labels` for the model's problem type (see
+    /// [`BertForSequenceClassification::loss`]).
+    fn loss(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor>;
+    /// The number of outputs.
+    fn num_labels(&self) -> usize;
+    /// The problem type the model's config names, if any (transformers infers it from
+    /// `num_labels` and the labels' dtype otherwise).
+    fn problem_type(&self) -> Option<ProblemType>;
+    /// The vocabulary size (token ids must be below it).
+    fn vocab_size(&self) -> usize;
+    /// The number of token types (token type ids must be below it).
+    fn type_vocab_size(&self) -> usize;
+    /// The device the model lives on.
+    fn device(&self) -> &Device;
+    /// The longest sequence the model can take (a table of learned positions).
+    fn max_positions(&self) -> Option<usize>;
+    /// The model folder it was loaded from, when known: the training loop saves it as
+    /// PEFT's `base_model_name_or_path`.
+    fn name_or_path(&self) -> Option<&str> {
+        None
+    }
+}
+
+impl SequenceClassifier for BertForSequenceClassification {
+    fn classify(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        self.forward_t(input_ids, token_type_ids, attention_mask, train)
+    }
+
+    fn loss(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+        BertForSequenceClassification::loss(self, logits, labels)
+    }
+
+    fn num_labels(&self) -> usize {
+        self.config().num_labels
+    }
+
+    fn problem_type(&self) -> Option<ProblemType> {
+        self.config().problem_type
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.config().vocab_size
+    }
+
+    fn type_vocab_size(&self) -> usize {
+        self.config().type_vocab_size
+    }
+
+    fn device(&self) -> &Device {
+        BertForSequenceClassification::device(self)
+    }
+
+    fn max_positions(&self) -> Option<usize> {
+        Some(self.config().max_position_embeddings)
+    }
+
+    fn name_or_path(&self) -> Option<&str> {
+        BertForSequenceClassification::name_or_path(self)
+    }
+}
