@@ -140,7 +140,7 @@ impl LabeledDataset {
     /// ```
     /// use lorakit::finetune::labeled::LabeledDataset;
     /// use lorakit::tokenizer::TextTokenizer;
-    /// # fn main() -> lorakit::Result<()> {
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let tok = TextTokenizer::from_dir("tests/fixtures/finetune/classify/tokenizer")?;
     /// let dir = std::env::temp_dir().join(format!("lorakit-labeled-{}", std::process::id()));
     /// std::fs::create_dir_all(&dir)?;
@@ -475,13 +475,14 @@ fn parse_line(
 fn parse_label(value: &Value, key: &str) -> std::result::Result<Label, String> {
     let number = |v: &Value| v.as_f64().map(|x| x as f32);
     match value {
-        Value::Number(n) => match n.as_u64().and_then(|c| u32::try_from(c).ok()) {
-            Some(class) => Ok(Label::Class(class)),
-            None if n.is_i64() => Err(format!(
+        Value::Number(n) if n.is_u64() || n.is_i64() => match n.as_u64().map(u32::try_from) {
+            Some(Ok(class)) => Ok(Label::Class(class)),
+            Some(Err(_)) => Err(format!("`{key}` {n} is too large for a class index")),
+            None => Err(format!(
                 "`{key}` {n} is a negative integer, not a class index"
             )),
-            None => Ok(Label::Values(vec![number(value).unwrap_or(f32::NAN)])),
         },
+        Value::Number(_) => Ok(Label::Values(vec![number(value).unwrap_or(f32::NAN)])),
         Value::Array(items) => items
             .iter()
             .enumerate()

@@ -43,7 +43,8 @@ pub struct StepLog {
     /// The gradients' global norm before clipping.
     pub grad_norm: f64,
     /// Targets the loss counted: tokens for language modeling, examples for
-    /// classification.
+    /// classification (checkpoints written before the rename call it `target_tokens`).
+    #[serde(alias = "target_tokens")]
     pub targets: usize,
     /// Wall time of the step, seconds.
     pub seconds: f64,
@@ -262,8 +263,7 @@ impl<'m, T: Task> Trainer<'m, T> {
     /// Errors: data the task refuses ([`Task::check`], checked first: a token the model's
     /// vocabulary lacks, a label outside its classes, a training or eval set none of whose
     /// examples keeps a target token within `seq_len`), an empty dataset, a non-finite
-    /// loss or a loss that
-    /// reaches no trainable variable (e.g. an inactive adapter of a
+    /// loss or a loss that reaches no trainable variable (e.g. an inactive adapter of a
     /// [`crate::model::NamedAdapters`] model; the step is not applied), or a failed
     /// checkpoint write.
     pub fn train(

@@ -343,6 +343,11 @@ fn bad_data_and_settings_are_refused_by_name() {
         (r#"{"text": "good"}"#, "no `label`"),
         (r#"{"text": "good", "label": -1}"#, "negative integer"),
         (
+            r#"{"text": "good", "label": 4294967296}"#,
+            "too large for a class index",
+        ),
+        (r#"{"text": "good", "label": 1e40}"#, "not a finite number"),
+        (
             r#"{"text": "good", "label": [1, "x"]}"#,
             "`label`[1] must be a number",
         ),
