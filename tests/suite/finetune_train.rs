@@ -549,3 +549,12 @@ fn fused_loss_and_gradient_equal_the_composed_ops() {
     );
     assert!(err < 1e-5, "gradient differs by {err:e}");
 }
+
+/// `trainer_state.json` files written before `StepLog::target_tokens` became `targets`
+/// still resume.
+#[test]
+fn step_logs_of_older_checkpoints_still_load() {
+    let old = r#"{"step": 1, "loss": 0.5, "lr": 0.1, "grad_norm": 1.0, "target_tokens": 3, "seconds": 0.1}"#;
+    let log: lorakit::finetune::StepLog = serde_json::from_str(old).unwrap();
+    assert_eq!(log.targets, 3);
+}
