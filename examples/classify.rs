@@ -68,7 +68,7 @@ struct Args {
     /// Longest example, in tokens (texts are cut to it).
     #[arg(long, default_value_t = 128)]
     seq_len: usize,
-    /// Examples held out for evaluation.
+    /// Examples held out for evaluation (0: none).
     #[arg(long, default_value_t = 6)]
     eval_examples: usize,
     /// Evaluate every N steps.
@@ -79,10 +79,16 @@ struct Args {
     seed: u64,
 }
 
-fn main() -> lorakit::Result<()> {
+fn main() {
     lorakit::memory::retain_freed_buffers();
     lorakit::threads::park_idle_elementwise_workers();
-    let args = Args::parse();
+    if let Err(e) = run(Args::parse()) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> lorakit::Result<()> {
     let model_dir = args
         .model
         .clone()
@@ -105,7 +111,13 @@ fn main() -> lorakit::Result<()> {
     let seq_len = args.seq_len.min(config.max_position_embeddings);
     let tokenizer = TextTokenizer::from_dir(&tokenizer_dir)?;
     let data = LabeledDataset::from_jsonl(&data_file, &tokenizer, seq_len)?;
-    let (train, eval) = data.split_eval(args.eval_examples, args.seed)?;
+    let (train, eval) = match args.eval_examples {
+        0 => (data, None),
+        n => {
+            let (train, eval) = data.split_eval(n, args.seed)?;
+            (train, Some(eval))
+        }
+    };
 
     let variant = Variant::from_str(&args.method)?;
     let targets: Vec<&str> = args.targets.split(',').map(str::trim).collect();
@@ -139,19 +151,21 @@ fn main() -> lorakit::Result<()> {
         "{}: {} train / {} eval examples from {}, {} classes, {}",
         model_dir.display(),
         train.len(),
-        eval.len(),
+        eval.as_ref().map_or(0, LabeledDataset::len),
         data_file.display(),
         config.num_labels,
         recipe.describe()
     );
     let mut trainer = Trainer::for_classifier(&model, plan.finish()?, recipe, settings)?;
-    let start = trainer.evaluation(&eval)?;
-    println!(
-        "before: eval loss {:.4}, accuracy {}",
-        start.loss,
-        percent(start.accuracy)
-    );
-    trainer.train(&train, Some(&eval), |event| match event {
+    if let Some(eval) = &eval {
+        let start = trainer.evaluation(eval)?;
+        println!(
+            "before: eval loss {:.4}, accuracy {}",
+            start.loss,
+            percent(start.accuracy)
+        );
+    }
+    trainer.train(&train, eval.as_ref(), |event| match event {
         TrainEvent::Eval(e) => {
             println!(
                 "step {:>4}: eval loss {:.4}, accuracy {}",

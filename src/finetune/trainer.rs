@@ -166,7 +166,8 @@ pub struct Trainer<'m, T: Task = LanguageModeling<'m>> {
     /// LoRA-drop's shared pairs live here.
     shared_vars: VarMap,
     pub(super) progress: Progress,
-    model: PhantomData<&'m ()>,
+    /// The model the task borrows.
+    lifetime: PhantomData<&'m ()>,
 }
 
 /// What a finished [`Trainer::train`] call did.
@@ -247,7 +248,7 @@ impl<'m, T: Task> Trainer<'m, T> {
             rule,
             shared_vars: VarMap::new(),
             progress: Progress::default(),
-            model: PhantomData,
+            lifetime: PhantomData,
         })
     }
 
