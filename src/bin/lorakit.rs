@@ -222,6 +222,12 @@ fn merge(args: MergeArgs) -> ExitCode {
     for m in &report.merged {
         text.push_str(&format!("  {m}\n"));
     }
+    if !report.added.is_empty() {
+        text.push_str(&format!(
+            "added (modules_to_save the checkpoint lacked): {}\n",
+            report.added.join(", ")
+        ));
+    }
     if !report.copied.is_empty() {
         text.push_str(&format!("copied: {}\n", report.copied.join(", ")));
     }

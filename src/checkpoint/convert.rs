@@ -8,6 +8,17 @@ pub fn is_convertible_float(dtype: Dtype) -> bool {
     matches!(dtype, Dtype::F64 | Dtype::F32 | Dtype::F16 | Dtype::BF16)
 }
 
+/// The stored dtype of a candle float dtype (`None` for integer dtypes).
+pub fn stored_float(dtype: candle_core::DType) -> Option<Dtype> {
+    match dtype {
+        candle_core::DType::F64 => Some(Dtype::F64),
+        candle_core::DType::F32 => Some(Dtype::F32),
+        candle_core::DType::F16 => Some(Dtype::F16),
+        candle_core::DType::BF16 => Some(Dtype::BF16),
+        _ => None,
+    }
+}
+
 /// The byte size of one element of a convertible float dtype.
 fn width(dtype: Dtype) -> usize {
     dtype.bitsize() / 8

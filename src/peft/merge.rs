@@ -15,7 +15,9 @@ use candle_core::{DType, Device, Storage, Tensor};
 use safetensors::tensor::Dtype;
 use serde_json::Value;
 
-use crate::checkpoint::convert::{convert_into, decode_f32, encode_f32, is_convertible_float};
+use crate::checkpoint::convert::{
+    convert_into, decode_f32, encode_f32, is_convertible_float, stored_float,
+};
 use crate::checkpoint::header::byte_len;
 use crate::checkpoint::{Checkpoint, Given, Shard, ShardWriter, StoredTensor};
 use crate::error::{Error, Result};
@@ -136,6 +138,9 @@ pub struct MergeReport {
     pub shards: usize,
     /// Files copied beside the weights (config.json, tokenizer files …), by name.
     pub copied: Vec<String>,
+    /// Tensors the checkpoint lacked that the adapter's `modules_to_save` copies added (a
+    /// classifier head trained on a pretrained encoder), by name.
+    pub added: Vec<String>,
     /// Things the user should know that did not stop the merge (a base model that looks
     /// different from the adapter's, leftovers of an earlier killed run).
     pub warnings: Vec<String>,
@@ -143,7 +148,11 @@ pub struct MergeReport {
 
 /// Writes `out`: the checkpoint `base` with the PEFT adapter in `adapter_dir` merged into
 /// every weight it targets (`<module>.weight`), as PEFT's `merge_and_unload()` computes it
-/// (in f32, each variant's own merge), every other tensor copied.
+/// (in f32, each variant's own merge), every other tensor copied. A `modules_to_save`
+/// module the checkpoint lacks altogether — a classifier head trained on a pretrained
+/// encoder, which transformers initialises at random when it loads the encoder — is added
+/// from the adapter at the end of the last shard (and in the index), as
+/// `merge_and_unload()` leaves it in the model ([`MergeReport::added`]).
 ///
 /// `base` is a `.safetensors` file (then `out` is a file) or a model folder or its
 /// `*.safetensors.index.json` (then `out` is a folder mirroring it: the same shard names and
@@ -199,7 +208,11 @@ pub fn merge_checkpoint(
 
     let adapter = load_adapter(adapter_dir)?;
     let plan = adapter.plan()?;
-    let names = check_adapter_fits(&adapter, &ckpt)?;
+    let AdapterFit { names, added } = check_adapter_fits(&adapter, &ckpt)?;
+    for a in &added {
+        // The plan's copy of the tensor, so that `finish` counts it as used.
+        plan.stored_tensor(&a.module, &a.own)?;
+    }
     if let Some(w) = base_model_mismatch(&adapter, &ckpt) {
         report.warnings.push(w);
     }
@@ -212,8 +225,10 @@ pub fn merge_checkpoint(
         stash: HashMap::new(),
         dtype: options.dtype,
         progress: options.progress,
-        tensors_total: ckpt.len(),
+        tensors_total: ckpt.len() + added.len(),
         bytes_total: ckpt.tensors().map(|(_, t)| t.len).sum(),
+        added,
+        added_bytes: 0,
         tensors_done: 0,
         bytes_done: 0,
         report,
@@ -226,23 +241,30 @@ pub fn merge_checkpoint(
             let mut file = file;
             // A checkpoint given as a file has exactly one shard.
             for shard in ckpt.shards() {
-                job.write_shard(shard, &mut file, out)?;
+                job.write_shard(shard, true, &mut file, out)?;
             }
             plan.finish()?;
             staged.commit_file(file)?;
         }
         OutputKind::Folder => {
             let staged = StagedDir::create(out)?;
-            for shard in ckpt.shards() {
+            let last = ckpt.shards().len().saturating_sub(1);
+            for (i, shard) in ckpt.shards().iter().enumerate() {
                 let path = staged.path().join(&shard.file_name);
                 let mut file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
-                job.write_shard(shard, &mut file, &path)?;
+                job.write_shard(shard, i == last, &mut file, &path)?;
                 file.sync_all().map_err(|e| Error::io(&path, e))?;
             }
             plan.finish()?;
             if let Some((name, index)) = ckpt.index() {
                 let path = staged.path().join(name);
-                let text = output_index(index, job.bytes_written_total())?;
+                let last_file = ckpt.shards().last().map(|s| s.file_name.clone());
+                let text = output_index(
+                    index,
+                    job.bytes_written_total(),
+                    &job.report.added,
+                    last_file.as_deref().unwrap_or_default(),
+                )?;
                 std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
             }
             for file in ckpt.companion_files()? {
@@ -275,6 +297,11 @@ struct MergeJob<'c, 'p> {
     /// Merged tensors computed with an earlier tensor of their module (a module's weight
     /// and bias are merged together) and not written yet, by name; at most one module's.
     stash: HashMap<String, Tensor>,
+    /// Tensors the checkpoint lacks that the adapter adds, written at the end of the last
+    /// shard.
+    added: Vec<AddedTensor>,
+    /// Their data bytes, once written.
+    added_bytes: u64,
     dtype: OutputDType,
     progress: Option<&'p mut ProgressFn<'p>>,
     tensors_total: usize,
@@ -288,22 +315,49 @@ struct MergeJob<'c, 'p> {
 }
 
 impl MergeJob<'_, '_> {
-    /// Writes `shard`'s tensors, merged or copied, to `file` (named `path` in errors).
-    fn write_shard(&mut self, shard: &Shard, file: &mut std::fs::File, path: &Path) -> Result<()> {
-        let plan: Vec<(String, Dtype, Vec<usize>)> = shard
+    /// Writes `shard`'s tensors, merged or copied, to `file` (named `path` in errors), and,
+    /// in the `last` shard, the tensors the adapter adds.
+    fn write_shard(
+        &mut self,
+        shard: &Shard,
+        last: bool,
+        file: &mut std::fs::File,
+        path: &Path,
+    ) -> Result<()> {
+        let mut plan: Vec<(String, Dtype, Vec<usize>)> = shard
             .header
             .tensors()
             .iter()
             .map(|t| (t.name.clone(), self.dtype.apply(t.dtype), t.shape.clone()))
             .collect();
+        let added = if last {
+            std::mem::take(&mut self.added)
+        } else {
+            Vec::new()
+        };
+        for a in &added {
+            plan.push((
+                a.name.clone(),
+                self.dtype.apply(a.dtype),
+                a.value.dims().to_vec(),
+            ));
+        }
         let mut writer =
             ShardWriter::begin(file, path, &plan, shard.header.user_metadata().cloned())?;
-        for (tensor, (_, out_dtype, _)) in shard.header.tensors().iter().zip(&plan) {
+        let (stored, extra) = plan.split_at(shard.header.tensors().len());
+        for (tensor, (_, out_dtype, _)) in shard.header.tensors().iter().zip(stored) {
             if !self.write_merged(tensor, *out_dtype, &mut writer)? {
                 self.copy(shard, tensor, *out_dtype, &mut writer)?;
             }
             self.tensors_done += 1;
             self.tick(&tensor.name, &shard.file_name)?;
+        }
+        for (a, (_, out_dtype, shape)) in added.iter().zip(extra) {
+            self.write_f32(&a.value, &a.name, *out_dtype, &mut writer)?;
+            self.added_bytes += byte_len(*out_dtype, shape).unwrap_or(0);
+            self.report.added.push(a.name.clone());
+            self.tensors_done += 1;
+            self.tick(&a.name, &shard.file_name)?;
         }
         writer.finish().map(drop)
     }
@@ -327,18 +381,46 @@ impl MergeJob<'_, '_> {
             },
         };
         let path = module_of(&tensor.name).map_or("", |(p, _)| p);
-        let merged = merged.to_dtype(DType::F32)?.contiguous()?;
-        let (storage, layout) = merged.storage_and_layout();
+        if merged.elem_count() != w_len(tensor) {
+            return Err(Error::ShapeMismatch {
+                layer: path.to_string(),
+                what: "merged weight".to_string(),
+                expected: format!("{:?}", tensor.shape),
+                got: format!("{:?} {:?}", merged.dims(), merged.dtype()),
+            });
+        }
+        self.write_f32(&merged, path, out_dtype, writer)?;
+        if tensor.name.ends_with(".weight") {
+            self.report.merged.push(path.to_string());
+        }
+        self.bytes_done += tensor.len;
+        Ok(true)
+    }
+
+    /// Writes `value` (named `what` in errors) decoded to f32 and encoded as `out_dtype`,
+    /// a piece at a time.
+    fn write_f32(
+        &mut self,
+        value: &Tensor,
+        what: &str,
+        out_dtype: Dtype,
+        writer: &mut ShardWriter<&mut std::fs::File>,
+    ) -> Result<()> {
+        let value = value
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .contiguous()?;
+        let (storage, layout) = value.storage_and_layout();
         let values = match &*storage {
             Storage::Cpu(cpu) => f32_slice(cpu, layout),
             _ => None,
         };
-        let Some(values) = values.filter(|v| v.len() == w_len(tensor)) else {
+        let Some(values) = values else {
             return Err(Error::ShapeMismatch {
-                layer: path.to_string(),
-                what: "merged weight".to_string(),
-                expected: format!("{:?} f32 on the CPU", tensor.shape),
-                got: format!("{:?} {:?}", merged.dims(), merged.dtype()),
+                layer: what.to_string(),
+                what: "tensor to write".to_string(),
+                expected: "contiguous f32 on the CPU".to_string(),
+                got: format!("{:?} {:?}", value.dims(), value.dtype()),
             });
         };
         let mut out = std::mem::take(&mut self.out_buf);
@@ -348,11 +430,7 @@ impl MergeJob<'_, '_> {
             writer.write(&out)?;
         }
         self.out_buf = out;
-        if tensor.name.ends_with(".weight") {
-            self.report.merged.push(path.to_string());
-        }
-        self.bytes_done += tensor.len;
-        Ok(true)
+        Ok(())
     }
 
     /// Merges the module `tensor` belongs to (`<path>.weight` / `<path>.bias`) if the plan
@@ -468,12 +546,15 @@ impl MergeJob<'_, '_> {
         }
     }
 
-    /// The data bytes of every output tensor (the index's `total_size`).
+    /// The data bytes of every output tensor (the index's `total_size`), the added ones
+    /// included (call it after the shards are written).
     fn bytes_written_total(&self) -> u64 {
-        self.ckpt
+        let stored: u64 = self
+            .ckpt
             .tensors()
             .map(|(_, t)| byte_len(self.dtype.apply(t.dtype), &t.shape).unwrap_or(t.len))
-            .sum()
+            .sum();
+        stored + self.added_bytes
     }
 }
 
@@ -500,10 +581,33 @@ fn module_of(name: &str) -> Option<(&str, &'static str)> {
     name.strip_suffix(".bias").map(|p| (p, "bias"))
 }
 
+/// What [`check_adapter_fits`] found.
+pub(crate) struct AdapterFit {
+    /// The mapping from the adapter's module paths to the checkpoint's names.
+    pub names: ModuleNames,
+    /// Tensors of `modules_to_save` copies whose module the checkpoint lacks (a classifier
+    /// head trained on a pretrained encoder): a merge adds them.
+    pub added: Vec<AddedTensor>,
+}
+
+/// A tensor the adapter adds to the checkpoint.
+pub(crate) struct AddedTensor {
+    /// Its name in the checkpoint.
+    pub name: String,
+    /// Its module's path in the adapter, and `weight` or `bias`.
+    pub module: String,
+    pub own: String,
+    /// The dtype the adapter stores it in (the output's `OutputDType` applies).
+    pub dtype: Dtype,
+    /// Its value.
+    pub value: Tensor,
+}
+
 /// Before any work: every module the adapter stores must have a 2-D float weight in the
-/// checkpoint, of the shape the adapter's tensors imply. Returns the mapping from the
-/// adapter's module paths to the checkpoint's names that was checked.
-pub(crate) fn check_adapter_fits(adapter: &PeftAdapter, ckpt: &Checkpoint) -> Result<ModuleNames> {
+/// checkpoint, of the shape the adapter's tensors imply; every base tensor it stores must
+/// be in the checkpoint with its shape, unless it belongs to a `modules_to_save` module the
+/// checkpoint lacks altogether (then it is added).
+pub(crate) fn check_adapter_fits(adapter: &PeftAdapter, ckpt: &Checkpoint) -> Result<AdapterFit> {
     let names = ModuleNames::of(adapter, ckpt);
     for m in match_modules(adapter, ckpt, &names) {
         let (path, name) = (&m.path, &m.tensor);
@@ -555,6 +659,7 @@ pub(crate) fn check_adapter_fits(adapter: &PeftAdapter, ckpt: &Checkpoint) -> Re
             ),
         ));
     }
+    let mut added = Vec::new();
     for rel in base_tensors {
         // `<p>.weight|bias`, `<p>.base_layer.*`, `<p>.modules_to_save.*` and
         // `<p>.original_module.*` all replace (or duplicate) `<p>.weight|bias`.
@@ -568,7 +673,31 @@ pub(crate) fn check_adapter_fits(adapter: &PeftAdapter, ckpt: &Checkpoint) -> Re
             .tensor(&format!("{KEY_PREFIX}{rel}"))
             .map(|t| t.dims().to_vec())
             .unwrap_or_default();
+        let module_missing = |m: &str| {
+            ["weight", "bias"].iter().all(|own| {
+                ckpt.get(&names.in_checkpoint(&format!("{m}.{own}")))
+                    .is_none()
+            })
+        };
         let problem = match ckpt.get(&name) {
+            None if adapter.config().targets.is_module_to_save(module)
+                && module_missing(module) =>
+            {
+                let value = adapter.tensor(&format!("{KEY_PREFIX}{rel}")).cloned();
+                let Some((value, dtype)) =
+                    value.and_then(|v| stored_float(v.dtype()).map(|d| (v, d)))
+                else {
+                    continue;
+                };
+                added.push(AddedTensor {
+                    name,
+                    module: module.to_string(),
+                    own: own.to_string(),
+                    dtype,
+                    value,
+                });
+                continue;
+            }
             None => format!(
                 "the adapter stores `{rel}` for the base tensor `{name}`, which the checkpoint \
                  does not have (an adapter for another model?)"
@@ -582,7 +711,7 @@ pub(crate) fn check_adapter_fits(adapter: &PeftAdapter, ckpt: &Checkpoint) -> Re
         };
         return Err(Error::checkpoint(ckpt.path(), problem));
     }
-    Ok(names)
+    Ok(AdapterFit { names, added })
 }
 
 /// The adapter's weights file, for messages.
@@ -590,9 +719,20 @@ fn adapter_weights_path(adapter: &PeftAdapter) -> PathBuf {
     PathBuf::from(adapter.source())
 }
 
-/// The index for the output: the input's, with `metadata.total_size` recomputed.
-fn output_index(index: &serde_json::Map<String, Value>, total_size: u64) -> Result<String> {
+/// The index for the output: the input's, with `metadata.total_size` recomputed and the
+/// `added` tensors mapped to the shard `added_to`.
+fn output_index(
+    index: &serde_json::Map<String, Value>,
+    total_size: u64,
+    added: &[String],
+    added_to: &str,
+) -> Result<String> {
     let mut index = index.clone();
+    if let Some(Value::Object(map)) = index.get_mut("weight_map") {
+        for name in added {
+            map.insert(name.clone(), Value::from(added_to));
+        }
+    }
     let metadata = index
         .entry("metadata")
         .or_insert_with(|| Value::Object(Default::default()));

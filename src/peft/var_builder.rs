@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::checkpoint::{Checkpoint, CheckpointBackend};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::peft::inspect::load_adapter;
 use crate::peft::merge::check_adapter_fits;
 
@@ -38,7 +38,20 @@ pub fn adapted_var_builder(
 ) -> Result<VarBuilder<'static>> {
     let ckpt = Checkpoint::open(base)?;
     let adapter = load_adapter(adapter_dir.as_ref())?;
-    let names = check_adapter_fits(&adapter, &ckpt)?;
+    let fit = check_adapter_fits(&adapter, &ckpt)?;
+    if let Some(added) = fit.added.first() {
+        return Err(Error::checkpoint(
+            ckpt.path(),
+            format!(
+                "the adapter adds `{}` ({} tensor(s) of a modules_to_save copy), which the \
+                 checkpoint lacks: merge it into the checkpoint first (`lorakit merge`), or \
+                 build the model through the adapter's plan",
+                added.name,
+                fit.added.len()
+            ),
+        ));
+    }
+    let names = fit.names;
     let plan = adapter.plan()?;
     let ckpt = Arc::new(ckpt);
     let source = ckpt.clone();

@@ -396,12 +396,19 @@ fn bad_data_and_settings_are_refused_by_name() {
 /// encoder (`--check-trained`): PEFT's logits equal lorakit's.
 #[test]
 fn a_trained_adapter_gives_pefts_logits_in_peft() {
-    let dev = Device::Cpu;
     let adapter = dir().join("trained_dora");
-    let expected = load(&adapter.join("peft_logits.safetensors"));
-    let plan = PeftAdapter::load(&adapter, &dev).unwrap().plan().unwrap();
-    let model = model(&plan, true);
+    let plan = PeftAdapter::load(&adapter, &Device::Cpu)
+        .unwrap()
+        .plan()
+        .unwrap();
+    let (got, want) = reference_logits(&model(&plan, true));
     plan.finish().unwrap();
+    assert_close(&got, &want, 1e-4, "lorakit vs PEFT");
+}
+
+/// `model`'s logits on the trained adapter's reference inputs, and PEFT's.
+fn reference_logits(model: &BertForSequenceClassification) -> (Tensor, Tensor) {
+    let expected = load(&dir().join("trained_dora/peft_logits.safetensors"));
     let input = |key: &str| expected[key].to_dtype(DType::U32).unwrap();
     let logits = model
         .forward(
@@ -410,5 +417,132 @@ fn a_trained_adapter_gives_pefts_logits_in_peft() {
             Some(&input("attention_mask")),
         )
         .unwrap();
-    assert_close(&logits, &expected["logits"], 1e-4, "lorakit vs PEFT");
+    (logits, expected["logits"].clone())
+}
+
+/// The reference logits of a model built from `folder` with no adapter, and PEFT's.
+fn merged_logits(folder: &std::path::Path) -> (Tensor, Tensor) {
+    let none = AdapterPlan::none();
+    let model = BertForSequenceClassification::from_pretrained_with(
+        folder,
+        &config(true),
+        DType::F32,
+        &Device::Cpu,
+        &none,
+    )
+    .unwrap();
+    reference_logits(&model)
+}
+
+/// Merging a SEQ_CLS adapter into the encoder it was trained on adds the new head (the
+/// encoder has none), as PEFT's merge_and_unload leaves it in the model: the merged
+/// checkpoint alone gives PEFT's logits, as a folder, a file and a sharded folder.
+#[test]
+fn merging_into_a_headless_encoder_adds_the_head() {
+    use lorakit::peft::{adapted_var_builder, merge_checkpoint, MergeOptions};
+    let adapter = dir().join("trained_dora");
+    let tmp = temp_dir("classify-merge");
+    let folder = tmp.join("folder");
+    let report = merge_checkpoint(
+        &dir().join("encoder"),
+        &adapter,
+        &folder,
+        MergeOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(report.added, ["classifier.bias", "classifier.weight"]);
+    let (got, want) = merged_logits(&folder);
+    assert_close(&got, &want, 1e-4, "merged folder vs PEFT");
+
+    // A single file in, a file out.
+    let file = tmp.join("merged.safetensors");
+    merge_checkpoint(
+        &dir().join("encoder/model.safetensors"),
+        &adapter,
+        &file,
+        MergeOptions::default(),
+    )
+    .unwrap();
+    let single = tmp.join("single");
+    std::fs::create_dir_all(&single).unwrap();
+    std::fs::rename(&file, single.join("model.safetensors")).unwrap();
+    assert_close(
+        &merged_logits(&single).0,
+        &want,
+        1e-4,
+        "merged file vs PEFT",
+    );
+
+    // Two shards and an index: the head goes into the last shard, the index maps it there.
+    let sharded = tmp.join("sharded");
+    std::fs::create_dir_all(&sharded).unwrap();
+    let tensors = load(&dir().join("encoder/model.safetensors"));
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (part, file_name) in [
+        (first, "model-00001-of-00002.safetensors"),
+        (second, "model-00002-of-00002.safetensors"),
+    ] {
+        let map: std::collections::HashMap<String, Tensor> = part
+            .iter()
+            .map(|n| ((*n).clone(), tensors[*n].clone()))
+            .collect();
+        candle_core::safetensors::save(&map, sharded.join(file_name)).unwrap();
+        for n in part {
+            weight_map.insert((*n).clone(), file_name.into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": weight_map});
+    std::fs::write(
+        sharded.join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    let merged = tmp.join("sharded-merged");
+    merge_checkpoint(&sharded, &adapter, &merged, MergeOptions::default()).unwrap();
+    let index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(merged.join("model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        index["weight_map"]["classifier.weight"],
+        "model-00002-of-00002.safetensors"
+    );
+    let data_bytes: u64 = [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
+    .iter()
+    .map(|f| {
+        load(&merged.join(f))
+            .values()
+            .map(|t| (t.elem_count() * 4) as u64)
+            .sum::<u64>()
+    })
+    .sum();
+    assert_eq!(index["metadata"]["total_size"], data_bytes);
+    std::fs::copy(
+        dir().join("encoder/config.json"),
+        merged.join("config.json"),
+    )
+    .ok();
+    assert_close(
+        &merged_logits(&merged).0,
+        &want,
+        1e-4,
+        "merged shards vs PEFT",
+    );
+
+    // A VarBuilder over the encoder cannot hand out a head it does not have.
+    let err = adapted_var_builder(dir().join("encoder"), &adapter, DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("adds `classifier") && err.contains("lorakit merge"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&tmp).unwrap();
 }
