@@ -237,7 +237,8 @@ impl fmt::Display for AdapterSummary {
         if !self.base_tensors.is_empty() {
             writeln!(
                 f,
-                "base tensors replaced on load and merge ({}):",
+                "base tensors replaced on load and merge, or added where the checkpoint lacks \
+                 them ({}):",
                 self.base_tensors.len()
             )?;
             for name in &self.base_tensors {
@@ -359,6 +360,9 @@ pub struct CheckpointMatch {
     /// 2-D `.weight` tensors of the checkpoint the adapter leaves alone (embeddings, heads,
     /// linears it does not target), by name.
     pub untargeted: Vec<String>,
+    /// Tensors of `modules_to_save` copies whose module the checkpoint lacks (a head
+    /// trained on a pretrained encoder), by name: a merge adds them.
+    pub added: Vec<String>,
     /// Things worth knowing that are not a mismatch of tensors: the adapter's
     /// `base_model_name_or_path` and the checkpoint's `config.json` naming different models.
     pub warnings: Vec<String>,
@@ -400,7 +404,16 @@ pub fn inspect_against(adapter_dir: &Path, checkpoint: &Path) -> Result<Checkpoi
     let adapter = load_adapter(adapter_dir)?;
     let ckpt = Checkpoint::open(checkpoint)?;
     let plan = adapter.plan()?;
-    let modules = match_modules(&adapter, &ckpt, &ModuleNames::of(&adapter, &ckpt));
+    let names = ModuleNames::of(&adapter, &ckpt);
+    let modules = match_modules(&adapter, &ckpt, &names);
+    let mut added: Vec<String> = classify_keys(&adapter)
+        .0
+        .iter()
+        .map(|rel| base_module_of(rel))
+        .filter(|(module, _)| adds_module(&adapter, &ckpt, &names, module))
+        .map(|(module, own)| names.in_checkpoint(&format!("{module}.{own}")))
+        .collect();
+    added.sort();
     let stored: BTreeSet<&str> = modules.iter().map(|m| m.path.as_str()).collect();
     let (mut targeted_without_tensors, mut untargeted) = (Vec::new(), Vec::new());
     for (_, t) in ckpt.tensors() {
@@ -425,8 +438,37 @@ pub fn inspect_against(adapter_dir: &Path, checkpoint: &Path) -> Result<Checkpoi
         modules,
         targeted_without_tensors,
         untargeted,
+        added,
         warnings: base_model_mismatch(&adapter, &ckpt).into_iter().collect(),
     })
+}
+
+/// The base module and own name (`weight`, `bias`) of a base tensor the adapter stores
+/// (`rel`, its key without PEFT's prefix): `<p>.weight|bias`, `<p>.base_layer.*`,
+/// `<p>.modules_to_save.*` and `<p>.original_module.*` all replace (or duplicate)
+/// `<p>.weight|bias`.
+pub(crate) fn base_module_of(rel: &str) -> (&str, &str) {
+    let (module, own) = rel.rsplit_once('.').unwrap_or((rel, ""));
+    let module = ["base_layer", "modules_to_save", "original_module"]
+        .iter()
+        .find_map(|w| module.strip_suffix(&format!(".{w}")))
+        .unwrap_or(module);
+    (module, own)
+}
+
+/// Whether a merge adds `module` to `ckpt`: one of the adapter's `modules_to_save` (a
+/// trained head) that the checkpoint lacks altogether (neither weight nor bias).
+pub(crate) fn adds_module(
+    adapter: &PeftAdapter,
+    ckpt: &Checkpoint,
+    names: &ModuleNames,
+    module: &str,
+) -> bool {
+    adapter.config().targets.is_module_to_save(module)
+        && ["weight", "bias"].iter().all(|own| {
+            ckpt.get(&names.in_checkpoint(&format!("{module}.{own}")))
+                .is_none()
+        })
 }
 
 /// Each module the adapter stores, matched with its base tensor in `ckpt` (headers only).
@@ -533,6 +575,13 @@ impl fmt::Display for CheckpointMatch {
             for t in &self.targeted_without_tensors {
                 writeln!(f, "  {t}")?;
             }
+        }
+        if !self.added.is_empty() {
+            writeln!(
+                f,
+                "added by a merge (modules_to_save the checkpoint lacks): {}",
+                self.added.join(", ")
+            )?;
         }
         let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
         for t in &self.untargeted {

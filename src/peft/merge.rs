@@ -22,7 +22,10 @@ use crate::checkpoint::header::byte_len;
 use crate::checkpoint::{Checkpoint, Given, Shard, ShardWriter, StoredTensor};
 use crate::error::{Error, Result};
 use crate::model::plan::AdapterPlan;
-use crate::peft::inspect::{base_model_mismatch, classify_keys, load_adapter, match_modules, Fit};
+use crate::peft::inspect::{
+    adds_module, base_model_mismatch, base_module_of, classify_keys, load_adapter, match_modules,
+    Fit,
+};
 use crate::peft::load::KEY_PREFIX;
 use crate::peft::load::{PeftAdapter, CONFIG_FILE, WEIGHTS_FILE};
 use crate::peft::module_names::ModuleNames;
@@ -661,28 +664,14 @@ pub(crate) fn check_adapter_fits(adapter: &PeftAdapter, ckpt: &Checkpoint) -> Re
     }
     let mut added = Vec::new();
     for rel in base_tensors {
-        // `<p>.weight|bias`, `<p>.base_layer.*`, `<p>.modules_to_save.*` and
-        // `<p>.original_module.*` all replace (or duplicate) `<p>.weight|bias`.
-        let (module, own) = rel.rsplit_once('.').unwrap_or((rel.as_str(), ""));
-        let module = ["base_layer", "modules_to_save", "original_module"]
-            .iter()
-            .find_map(|w| module.strip_suffix(&format!(".{w}")))
-            .unwrap_or(module);
+        let (module, own) = base_module_of(&rel);
         let name = names.in_checkpoint(&format!("{module}.{own}"));
         let stored = adapter
             .tensor(&format!("{KEY_PREFIX}{rel}"))
             .map(|t| t.dims().to_vec())
             .unwrap_or_default();
-        let module_missing = |m: &str| {
-            ["weight", "bias"].iter().all(|own| {
-                ckpt.get(&names.in_checkpoint(&format!("{m}.{own}")))
-                    .is_none()
-            })
-        };
         let problem = match ckpt.get(&name) {
-            None if adapter.config().targets.is_module_to_save(module)
-                && module_missing(module) =>
-            {
+            None if adds_module(adapter, ckpt, &names, module) => {
                 let value = adapter.tensor(&format!("{KEY_PREFIX}{rel}")).cloned();
                 let Some((value, dtype)) =
                     value.and_then(|v| stored_float(v.dtype()).map(|d| (v, d)))

@@ -451,6 +451,11 @@ fn merging_into_a_headless_encoder_adds_the_head() {
     )
     .unwrap();
     assert_eq!(report.added, ["classifier.bias", "classifier.weight"]);
+    let seen = lorakit::peft::inspect::inspect_against(&adapter, &dir().join("encoder")).unwrap();
+    assert_eq!(
+        seen.added, report.added,
+        "inspect --base tells what a merge adds"
+    );
     let (got, want) = merged_logits(&folder);
     assert_close(&got, &want, 1e-4, "merged folder vs PEFT");
 
