@@ -11,7 +11,8 @@
 //! `<bert folder>` is a Hugging Face BERT folder (`config.json`, `model.safetensors` or
 //! shards, `tokenizer.json`): a pretrained encoder such as `bert-base-uncased` (a new head
 //! is initialised as transformers does) or a classifier. The JSONL holds
-//! `{"text": ..., "label": <class index>}` rows (`text_pair` for sentence pairs; see
+//! `{"text": ..., "label": <class index>}` rows (or a class name, with `--labels
+//! negative,positive` when the config names no classes; `text_pair` for sentence pairs; see
 //! `lorakit::finetune::labeled`). With no arguments it trains on the tiny encoder,
 //! tokenizer and sentences in `tests/fixtures/finetune/classify/`.
 
@@ -44,6 +45,10 @@ struct Args {
     /// Classes (default: the config's id2label / num_labels; a Hub encoder says 2).
     #[arg(long)]
     num_labels: Option<usize>,
+    /// The classes' names in index order, comma-separated, for data whose labels are
+    /// strings (sets the config's id2label and num_labels).
+    #[arg(long, value_delimiter = ',')]
+    labels: Option<Vec<String>>,
     /// The variant: lora, lora-plus, vera, lora-fa, lora-drop, adalora, dora, delta-lora.
     #[arg(long, default_value = "lora")]
     method: String,
@@ -107,6 +112,10 @@ fn run(args: Args) -> lorakit::Result<()> {
     let mut config = BertConfig::from_file(model_dir.join("config.json"))?;
     if let Some(n) = args.num_labels {
         config.num_labels = n;
+    }
+    if let Some(names) = &args.labels {
+        config.num_labels = names.len();
+        config.id2label = names.clone();
     }
     let seq_len = args.seq_len.min(config.max_position_embeddings);
     let tokenizer = TextTokenizer::from_dir(&tokenizer_dir)?;

@@ -40,10 +40,9 @@ use candle_core::{Device, Tensor, D};
 use serde_json::Value;
 
 use super::batching::BatchOptions;
-use super::labeled::{check_options, inferred_problem, LabeledBatch, LabeledDataset};
+use super::labeled::{check_options, inferred_problem, LabelSpace, LabeledBatch, LabeledDataset};
 use super::task::{peft_settings, Task, TaskData};
 use crate::error::Result;
-use crate::models::bert::ProblemType;
 use crate::models::SequenceClassifier;
 
 impl TaskData for LabeledDataset {
@@ -78,11 +77,15 @@ impl<'m> SequenceClassification<'m> {
         self.model
     }
 
-    fn problem(&self, data: &LabeledDataset) -> Result<ProblemType> {
-        match self.model.problem_type() {
-            Some(problem) => Ok(problem),
-            None => inferred_problem(data, self.model.num_labels()),
-        }
+    /// The labels the model takes for `data`: its problem type (the config's, or inferred
+    /// from the labels), outputs and class names.
+    fn label_space(&self, data: &LabeledDataset) -> Result<LabelSpace> {
+        let n = self.model.num_labels();
+        let problem = match self.model.problem_type() {
+            Some(problem) => problem,
+            None => inferred_problem(data, n)?,
+        };
+        Ok(LabelSpace::new(problem, n).with_names(self.model.label_names()))
     }
 
     fn logits(&self, batch: &LabeledBatch, train: bool) -> Result<Tensor> {
@@ -121,8 +124,7 @@ impl Task for SequenceClassification<'_> {
             self.model.vocab_size(),
             self.model.type_vocab_size(),
             options.seq_len,
-            self.problem(data)?,
-            self.model.num_labels(),
+            &self.label_space(data)?,
         )
     }
 
@@ -133,9 +135,8 @@ impl Task for SequenceClassification<'_> {
         epoch: usize,
         seed: u64,
     ) -> Result<Vec<LabeledBatch>> {
-        let problem = self.problem(data)?;
-        let n = self.model.num_labels();
-        data.batches(options, epoch, seed, problem, n, self.model.device())
+        let space = self.label_space(data)?;
+        data.batches(options, epoch, seed, &space, self.model.device())
     }
 
     fn units(&self, batch: &LabeledBatch) -> usize {

@@ -86,12 +86,12 @@ impl<E: Clone> Sourced<E> {
         self.sources.get(i).and_then(Option::as_ref)
     }
 
-    /// An error about example `i`, naming its file line if it has one.
+    /// An error about example `i`: its file line if it has one (its index in this list
+    /// may be a subset's), else the index.
     pub fn error_at(&self, i: usize, what: String) -> Error {
-        let what = format!("example {i}, {what}");
         match self.source(i) {
             Some(s) => s.error(what),
-            None => dataset_error(what),
+            None => dataset_error(format!("example {i}, {what}")),
         }
     }
 

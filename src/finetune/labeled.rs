@@ -10,6 +10,7 @@
 //! | or `input_ids`: [u32] (and `token_type_ids`: [u32]) | as given (token types 0 if absent) |
 //! | `label`: an integer | a class index (single-label classification) |
 //! | `label`: a number with a fraction, or a list of numbers | the target values (regression, or multi-label 0/1 targets) |
+//! | `label`: a string | a class by name, looked up in the model config's `id2label` |
 //!
 //! `labels` is accepted for `label`, as in the datasets transformers' examples read.
 //! Every problem in a line is an error that names the file and the line.
@@ -47,6 +48,52 @@ pub enum Label {
     /// Target values: one per output (regression; multi-label classification with 0/1
     /// targets), or one for a one-output regression model.
     Values(Vec<f32>),
+    /// A class by name: its position in the model config's `id2label`
+    /// ([`LabelSpace::names`]).
+    Name(String),
+}
+
+/// The labels a model takes: its problem type, its number of outputs and, when its config
+/// names them (`id2label`), the classes' names in index order.
+///
+/// ```
+/// use lorakit::finetune::labeled::LabelSpace;
+/// use lorakit::models::bert::ProblemType;
+/// let space = LabelSpace::new(ProblemType::SingleLabelClassification, 2)
+///     .with_names(vec!["negative".into(), "positive".into()]);
+/// assert_eq!(space.class_of("positive"), Some(1));
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct LabelSpace {
+    /// How the labels are scored.
+    pub problem: ProblemType,
+    /// The number of outputs.
+    pub num_labels: usize,
+    /// The classes' names, index order (empty: none; otherwise `num_labels` of them).
+    pub names: Vec<String>,
+}
+
+impl LabelSpace {
+    /// A space without class names.
+    pub fn new(problem: ProblemType, num_labels: usize) -> Self {
+        Self {
+            problem,
+            num_labels,
+            names: Vec::new(),
+        }
+    }
+
+    /// The same space with class names (index order).
+    pub fn with_names(mut self, names: Vec<String>) -> Self {
+        self.names = names;
+        self
+    }
+
+    /// The index of the class named `name`.
+    pub fn class_of(&self, name: &str) -> Option<u32> {
+        let i = self.names.iter().position(|n| n == name)?;
+        u32::try_from(i).ok()
+    }
 }
 
 /// One example: token ids, their token types and the label.
@@ -201,14 +248,13 @@ impl LabeledDataset {
     /// Errors unless every example fits a model with `vocab_size` tokens, `type_vocab_size`
     /// token types and `seq_len` positions per row (rows are not cut: a cut would drop
     /// the closing special token; tokenize with `max_len` = `seq_len`), and has a label
-    /// `problem` with `num_labels` outputs takes ([`LabeledDataset::batches`]).
+    /// `space` takes ([`LabeledDataset::batches`]).
     pub fn check(
         &self,
         vocab_size: usize,
         type_vocab_size: usize,
         seq_len: usize,
-        problem: ProblemType,
-        num_labels: usize,
+        space: &LabelSpace,
     ) -> Result<()> {
         let list = &self.examples;
         list.check_ids_below(|e| &e.ids, vocab_size, "vocabulary", "tokens")?;
@@ -222,8 +268,7 @@ impl LabeledDataset {
                 );
                 return Err(list.error_at(i, what));
             }
-            label_values(&example.label, problem, num_labels)
-                .map_err(|what| list.error_at(i, what))?;
+            label_values(&example.label, space).map_err(|what| list.error_at(i, what))?;
         }
         Ok(())
     }
@@ -235,21 +280,22 @@ impl LabeledDataset {
     /// f32 `(rows, num_labels)` values otherwise (`(rows, 1)` for one output).
     ///
     /// Errors: `batch_size` 0, [`Packing::Pack`] (each example is one row), an empty
-    /// dataset, or an example whose label `problem` does not take.
+    /// dataset, or an example whose label `space` does not take.
     ///
     /// ```
     /// use candle_core::Device;
     /// use lorakit::finetune::batching::{BatchOptions, Packing};
-    /// use lorakit::finetune::labeled::{Label, LabeledDataset, LabeledExample};
+    /// use lorakit::finetune::labeled::{Label, LabelSpace, LabeledDataset, LabeledExample};
     /// use lorakit::models::bert::ProblemType;
     /// # fn main() -> lorakit::Result<()> {
     /// let data = LabeledDataset::from_examples(vec![
     ///     LabeledExample::new(vec![2, 7, 3], vec![0; 3], Label::Class(1))?,
-    ///     LabeledExample::new(vec![2, 8, 9, 3], vec![0; 4], Label::Class(0))?,
+    ///     LabeledExample::new(vec![2, 8, 9, 3], vec![0; 4], Label::Name("no".into()))?,
     /// ]);
     /// let options = BatchOptions { batch_size: 2, seq_len: 8, packing: Packing::Pad, pad_id: 0 };
-    /// let single = ProblemType::SingleLabelClassification;
-    /// let batch = &data.batches(&options, 0, 0, single, 2, &Device::Cpu)?[0];
+    /// let space = LabelSpace::new(ProblemType::SingleLabelClassification, 2)
+    ///     .with_names(vec!["no".into(), "yes".into()]);
+    /// let batch = &data.batches(&options, 0, 0, &space, &Device::Cpu)?[0];
     /// assert_eq!(batch.input_ids.dims(), [2, 4]);
     /// let mask = batch.attention_mask.to_vec2::<u32>()?;
     /// assert_eq!(mask.iter().map(|r| r.iter().sum::<u32>()).sum::<u32>(), 7);
@@ -260,8 +306,7 @@ impl LabeledDataset {
         options: &BatchOptions,
         epoch: usize,
         seed: u64,
-        problem: ProblemType,
-        num_labels: usize,
+        space: &LabelSpace,
         device: &Device,
     ) -> Result<Vec<LabeledBatch>> {
         check_options(options)?;
@@ -276,7 +321,7 @@ impl LabeledDataset {
                     .iter()
                     .filter_map(|&i| self.examples.items.get(i).map(|e| (i, e)))
                     .collect();
-                self.batch_of(&rows, options.pad_id, problem, num_labels, device)
+                self.batch_of(&rows, options.pad_id, space, device)
             })
             .collect()
     }
@@ -285,8 +330,7 @@ impl LabeledDataset {
         &self,
         rows: &[(usize, &LabeledExample)],
         pad_id: u32,
-        problem: ProblemType,
-        num_labels: usize,
+        space: &LabelSpace,
         device: &Device,
     ) -> Result<LabeledBatch> {
         let width = rows.iter().map(|(_, e)| e.ids.len()).max().unwrap_or(0);
@@ -318,11 +362,10 @@ impl LabeledDataset {
         let labels = rows
             .iter()
             .map(|&(i, e)| {
-                label_values(&e.label, problem, num_labels)
-                    .map_err(|what| self.examples.error_at(i, what))
+                label_values(&e.label, space).map_err(|what| self.examples.error_at(i, what))
             })
             .collect::<Result<Vec<_>>>()?;
-        let labels = match problem {
+        let labels = match space.problem {
             ProblemType::SingleLabelClassification => {
                 let classes: Vec<u32> = labels
                     .iter()
@@ -370,7 +413,7 @@ pub(crate) fn check_options(options: &BatchOptions) -> Result<()> {
 /// Errors: with more than one output, labels that mix class indices and values (naming the
 /// first example that differs from the first).
 pub(crate) fn inferred_problem(data: &LabeledDataset, num_labels: usize) -> Result<ProblemType> {
-    let is_class = |e: &LabeledExample| matches!(e.label, Label::Class(_));
+    let is_class = |e: &LabeledExample| matches!(e.label, Label::Class(_) | Label::Name(_));
     let Some(first) = data.examples().first() else {
         return Ok(ProblemType::SingleLabelClassification);
     };
@@ -396,32 +439,44 @@ pub(crate) fn inferred_problem(data: &LabeledDataset, num_labels: usize) -> Resu
     })
 }
 
-/// `label` as `problem` with `num_labels` outputs takes it: one class index (as f32) for
-/// single-label classification, else `num_labels` values. Errors say what was expected.
-fn label_values(
-    label: &Label,
-    problem: ProblemType,
-    num_labels: usize,
-) -> std::result::Result<Vec<f32>, String> {
-    match (problem, label) {
-        (ProblemType::SingleLabelClassification, Label::Class(c)) => {
-            if (*c as usize) < num_labels {
-                Ok(vec![*c as f32])
+/// `label` as `space` takes it: one class index (as f32) for single-label classification,
+/// else `num_labels` values. Errors say what was expected.
+fn label_values(label: &Label, space: &LabelSpace) -> std::result::Result<Vec<f32>, String> {
+    let n = space.num_labels;
+    let class = match label {
+        Label::Name(name) => Some(space.class_of(name).ok_or_else(
+            || match space.names.is_empty() {
+                true => format!(
+                    "label {name:?} is a name, but the model's config names none of its {n} \
+                 classes (id2label): give the class index, or set the names"
+                ),
+                false => format!(
+                    "label {name:?} is none of the model's classes ({})",
+                    space.names.join(", ")
+                ),
+            },
+        )?),
+        Label::Class(c) => Some(*c),
+        Label::Values(_) => None,
+    };
+    match (space.problem, class, label) {
+        (ProblemType::SingleLabelClassification, Some(c), _) => {
+            if (c as usize) < n {
+                Ok(vec![c as f32])
             } else {
                 Err(format!(
-                    "label {c} is not a class of the model's {num_labels} (0..{num_labels})"
+                    "label {c} is not a class of the model's {n} (0..{n})"
                 ))
             }
         }
-        (ProblemType::SingleLabelClassification, Label::Values(v)) => Err(format!(
-            "label {v:?} is values, but the model classifies into one of {num_labels} \
-             classes: give the class index"
+        (ProblemType::SingleLabelClassification, None, _) => Err(format!(
+            "label {label:?} is values, but the model classifies into one of {n} classes: \
+             give the class index"
         )),
-        (ProblemType::Regression, Label::Class(c)) if num_labels == 1 => Ok(vec![*c as f32]),
-        (_, Label::Values(v)) if v.len() == num_labels => Ok(v.clone()),
-        (problem, label) => Err(format!(
-            "label {label:?} does not fit the model's {} with {num_labels} output(s): give \
-             {num_labels} value(s)",
+        (ProblemType::Regression, _, Label::Class(c)) if n == 1 => Ok(vec![*c as f32]),
+        (_, _, Label::Values(v)) if v.len() == n => Ok(v.clone()),
+        (problem, _, label) => Err(format!(
+            "label {label:?} does not fit the model's {} with {n} output(s): give {n} value(s)",
             problem.as_str()
         )),
     }
@@ -491,10 +546,7 @@ fn parse_label(value: &Value, key: &str) -> std::result::Result<Label, String> {
             })
             .collect::<std::result::Result<Vec<f32>, String>>()
             .map(Label::Values),
-        Value::String(s) => Err(format!(
-            "`{key}` is the string {s:?}: give the class index (the position of the class in \
-             the model config's id2label)"
-        )),
+        Value::String(s) => Ok(Label::Name(s.clone())),
         other => Err(format!(
             "`{key}` must be a class index, a number or a list of numbers, got {}",
             kind(other)

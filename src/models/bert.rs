@@ -164,6 +164,7 @@ impl FromStr for ProblemType {
 /// let config = BertConfig::from_file("tests/fixtures/peft_options/bert_cls/base/config.json")?;
 /// assert_eq!((config.hidden_size, config.num_hidden_layers), (16, 2));
 /// assert_eq!(config.num_labels, 3); // from id2label, as transformers counts them
+/// assert_eq!(config.id2label, ["LABEL_0", "LABEL_1", "LABEL_2"]);
 /// assert_eq!(config.hidden_act, HiddenAct::Gelu);
 /// let text = r#"{"hidden_act": "swish"}"#;
 /// let err = BertConfig::from_json_str(text, "config.json").unwrap_err();
@@ -204,6 +205,10 @@ pub struct BertConfig {
     /// The loss [`BertForSequenceClassification::loss`] computes; `None`: chosen from
     /// `num_labels` and the labels' dtype, as transformers does.
     pub problem_type: Option<ProblemType>,
+    /// The classes' names in index order (`id2label`; empty when the config names none).
+    /// Labeled data may give a class by name ([`crate::finetune::labeled::Label::Name`]);
+    /// names apply only while there are `num_labels` of them.
+    pub id2label: Vec<String>,
     /// The standard deviation of transformers' normal initialisation
     /// (`initializer_range`): a classifier head the checkpoint lacks is initialised with it.
     pub initializer_range: f64,
@@ -227,6 +232,7 @@ impl Default for BertConfig {
             position_embedding_type: PositionEmbeddingType::Absolute,
             num_labels: 2,
             problem_type: None,
+            id2label: Vec::new(),
             initializer_range: 0.02,
         }
     }
@@ -325,6 +331,7 @@ impl BertConfig {
                 .map(ProblemType::from_str)
                 .transpose()?,
             initializer_range: raw.initializer_range.unwrap_or(d.initializer_range),
+            id2label: raw.id2label.as_ref().map(label_names).unwrap_or_default(),
         };
         config.check(|field, reason| Error::file_config(path.clone(), field, reason))?;
         Ok(config)
@@ -415,6 +422,19 @@ impl BertConfig {
     fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
     }
+}
+
+/// `id2label`'s names in index order; empty unless its keys are exactly `0..len` and its
+/// values strings.
+fn label_names(map: &serde_json::Map<String, serde_json::Value>) -> Vec<String> {
+    (0..map.len())
+        .map(|i| {
+            map.get(&i.to_string())
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
+        })
+        .collect::<Option<Vec<_>>>()
+        .unwrap_or_default()
 }
 
 /// The seed of a new classifier head's initialisation.

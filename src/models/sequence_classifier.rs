@@ -50,6 +50,11 @@ pub trait SequenceClassifier {
     /// The problem type the model's config names, if any (transformers infers it from
     /// `num_labels` and the labels' dtype otherwise).
     fn problem_type(&self) -> Option<ProblemType>;
+    /// The classes' names in index order (the config's `id2label`), empty when it names
+    /// none: labeled data may give classes by name.
+    fn label_names(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// The vocabulary size (token ids must be below it).
     fn vocab_size(&self) -> usize;
     /// The number of token types (token type ids must be below it).
@@ -86,6 +91,14 @@ impl SequenceClassifier for BertForSequenceClassification {
 
     fn problem_type(&self) -> Option<ProblemType> {
         self.config().problem_type
+    }
+
+    fn label_names(&self) -> Vec<String> {
+        let config = self.config();
+        match config.id2label.len() == config.num_labels {
+            true => config.id2label.clone(),
+            false => Vec::new(),
+        }
     }
 
     fn vocab_size(&self) -> usize {

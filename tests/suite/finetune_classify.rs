@@ -336,10 +336,6 @@ fn bad_data_and_settings_are_refused_by_name() {
     // JSONL lines, each named by file and line.
     let tmp = temp_dir("classify-jsonl");
     for (line, want) in [
-        (
-            r#"{"text": "good", "label": "positive"}"#,
-            "give the class index",
-        ),
         (r#"{"text": "good"}"#, "no `label`"),
         (r#"{"text": "good", "label": -1}"#, "negative integer"),
         (
@@ -549,5 +545,64 @@ fn merging_into_a_headless_encoder_adds_the_head() {
         err.contains("adds `classifier") && err.contains("lorakit merge"),
         "{err}"
     );
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+/// Labels given by class name, looked up in the config's `id2label` (the names the
+/// `classify` example's `--labels` sets).
+#[test]
+fn class_names_are_looked_up_in_id2label() {
+    let recipe = recipe(Variant::Lora);
+    let vars = VarMap::new();
+    let plan = fresh_plan(&recipe, &vars);
+    let mut named = config(false);
+    named.id2label = vec!["negative".into(), "positive".into()];
+    let model = BertForSequenceClassification::from_pretrained_with(
+        dir().join("encoder"),
+        &named,
+        DType::F32,
+        &Device::Cpu,
+        &plan,
+    )
+    .unwrap();
+    let set = plan.finish().unwrap();
+    let tmp = temp_dir("classify-names");
+    let file = tmp.join("named.jsonl");
+    std::fs::write(
+        &file,
+        "{\"text\": \"a good film\", \"label\": \"positive\"}\n{\"text\": \"dull\", \"label\": \"negative\"}\n",
+    )
+    .unwrap();
+    let data = LabeledDataset::from_jsonl(&file, &tokenizer(), 16).unwrap();
+    assert_eq!(data.examples()[0].label, Label::Name("positive".into()));
+    let mut config = settings(1);
+    config.batch.batch_size = 2;
+    let trainer = Trainer::for_classifier(&model, set, recipe.clone(), config.clone()).unwrap();
+    let batch =
+        &lorakit::finetune::Task::batches(trainer.task(), &data, &config.batch, 0, 0).unwrap()[0];
+    let ids = batch.input_ids.to_vec2::<u32>().unwrap();
+    let labels = batch.labels.to_vec1::<u32>().unwrap();
+    for (row, label) in ids.iter().zip(&labels) {
+        // "a good film" is the longer row; it is "positive" (1).
+        let tokens = row.iter().filter(|&&t| t != 0).count();
+        assert_eq!(*label, u32::from(tokens > 3), "{ids:?} {labels:?}");
+    }
+    trainer.evaluation(&data).unwrap();
+
+    std::fs::write(&file, "{\"text\": \"good\", \"label\": \"neutral\"}\n").unwrap();
+    let unknown = LabeledDataset::from_jsonl(&file, &tokenizer(), 16).unwrap();
+    let err = trainer.evaluation(&unknown).unwrap_err().to_string();
+    assert!(
+        err.contains("named.jsonl: line 1") && err.contains("negative, positive"),
+        "{err}"
+    );
+    // Without names in the config, a name is an error that says so.
+    let plain_vars = VarMap::new();
+    let plain_plan = fresh_plan(&recipe, &plain_vars);
+    let unnamed = self::model(&plain_plan, false);
+    let plain =
+        Trainer::for_classifier(&unnamed, plain_plan.finish().unwrap(), recipe, config).unwrap();
+    let err = plain.evaluation(&data).unwrap_err().to_string();
+    assert!(err.contains("names none of its 2 classes"), "{err}");
     std::fs::remove_dir_all(&tmp).unwrap();
 }

@@ -64,10 +64,7 @@ fn jsonl_examples_equal_transformers_encodings() {
     // The file's lines are remembered: id 61 (`▁3`) first appears in line 5 ("sort: 3 1 2"),
     // the fourth example, at token 6.
     let err = data.check_vocab(61).unwrap_err().to_string();
-    assert!(
-        err.contains("mixed.jsonl: line 5: example 3, token 6: id 61"),
-        "{err}"
-    );
+    assert!(err.contains("mixed.jsonl: line 5: token 6: id 61"), "{err}");
     data.check_vocab(tok.vocab_size()).unwrap();
     assert_eq!(
         data.total_tokens(),
@@ -322,7 +319,7 @@ fn every_bad_jsonl_line_is_named_by_file_and_line() {
             &[
                 "vocab.jsonl",
                 "line 3",
-                "example 1, token 2",
+                "line 3: token 2",
                 "id 64",
                 "64 tokens",
             ],
