@@ -115,7 +115,9 @@ impl TextTokenizer {
     /// tokenizer's special tokens (BERT's `[CLS] text [SEP] pair [SEP]`, the pair's type ids
     /// 1), cut to at most `max_len` tokens as transformers' `truncation=True` cuts them
     /// (the longer of the pair first, special tokens kept): what a sequence classifier
-    /// reads.
+    /// reads. Each call copies the tokenizer; for many texts, make the copy once with
+    /// [`truncated_to`](Self::truncated_to) and call
+    /// [`encode_with_types`](Self::encode_with_types).
     ///
     /// Errors: a `max_len` that leaves no room past the special tokens, or a text the
     /// tokenizer cannot encode.
@@ -136,30 +138,74 @@ impl TextTokenizer {
         pair: Option<&str>,
         max_len: usize,
     ) -> Result<(Vec<u32>, Vec<u32>)> {
-        let added = self.inner.get_post_processor().map_or(0, |p| {
-            tokenizers::PostProcessor::added_tokens(p, pair.is_some())
-        });
-        if max_len <= added {
-            return Err(self.error(format!(
-                "max_len {max_len} leaves no room for text past the {added} special token(s)"
-            )));
-        }
-        let mut inner = self.inner.clone();
-        inner
+        self.truncated_to(max_len)?.encode_with_types(text, pair)
+    }
+
+    /// A copy of the tokenizer whose [`encode_with_types`](Self::encode_with_types) cuts to
+    /// at most `max_len` tokens, special tokens included (transformers' `truncation=True`,
+    /// `max_length=max_len`).
+    ///
+    /// Errors: a `max_len` that leaves no room past a single text's special tokens.
+    pub fn truncated_to(&self, max_len: usize) -> Result<Self> {
+        self.check_room(max_len, false)?;
+        let mut copy = self.clone();
+        copy.inner
             .with_truncation(Some(tokenizers::TruncationParams {
                 max_length: max_len,
                 ..Default::default()
             }))
             .map_err(|e| self.error(format!("could not set truncation: {e}")))?;
+        Ok(copy)
+    }
+
+    /// The token ids and token type ids of `text`, or of the pair `text`, `pair`, with the
+    /// tokenizer's special tokens, cut as [`truncated_to`](Self::truncated_to) set (not at
+    /// all otherwise).
+    ///
+    /// Errors: a pair whose special tokens leave no room within the truncation, or a text
+    /// the tokenizer cannot encode.
+    ///
+    /// ```
+    /// use lorakit::tokenizer::TextTokenizer;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let tok = TextTokenizer::from_dir("tests/fixtures/tokenizer")?.truncated_to(6)?;
+    /// let (ids, types) = tok.encode_with_types("hello world", Some("the lazy fox"))?;
+    /// assert_eq!(ids.len(), 6);
+    /// assert_eq!(types.len(), 6);
+    /// # Ok(()) }
+    /// ```
+    pub fn encode_with_types(
+        &self,
+        text: &str,
+        pair: Option<&str>,
+    ) -> Result<(Vec<u32>, Vec<u32>)> {
+        if let (Some(_), Some(t)) = (pair, self.inner.get_truncation()) {
+            self.check_room(t.max_length, true)?;
+        }
         let encoding = match pair {
-            Some(pair) => inner.encode((text, pair), true),
-            None => inner.encode(text, true),
+            Some(pair) => self.inner.encode((text, pair), true),
+            None => self.inner.encode(text, true),
         }
         .map_err(|e| self.error(format!("could not encode text: {e}")))?;
         Ok((
             encoding.get_ids().to_vec(),
             encoding.get_type_ids().to_vec(),
         ))
+    }
+
+    /// Errors unless `max_len` leaves room for text past the special tokens of a single
+    /// text or (`pair`) a pair.
+    fn check_room(&self, max_len: usize, pair: bool) -> Result<()> {
+        let added = self
+            .inner
+            .get_post_processor()
+            .map_or(0, |p| tokenizers::PostProcessor::added_tokens(p, pair));
+        if max_len <= added {
+            return Err(self.error(format!(
+                "max_len {max_len} leaves no room for text past the {added} special token(s)"
+            )));
+        }
+        Ok(())
     }
 
     /// The text of `ids`, leaving special tokens out when `skip_special_tokens`.

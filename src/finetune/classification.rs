@@ -99,7 +99,7 @@ impl<'m> SequenceClassification<'m> {
 
     fn summed_loss(&self, logits: &Tensor, batch: &LabeledBatch) -> Result<Tensor> {
         let mean = self.model.loss(logits, &batch.labels)?;
-        Ok((mean.to_dtype(candle_core::DType::F32)? * batch.rows as f64)?)
+        Ok((mean.to_dtype(candle_core::DType::F32)? * batch.rows() as f64)?)
     }
 }
 
@@ -140,7 +140,7 @@ impl Task for SequenceClassification<'_> {
     }
 
     fn units(&self, batch: &LabeledBatch) -> usize {
-        batch.rows
+        batch.rows()
     }
 
     fn loss_sum(&self, batch: &LabeledBatch, train: bool) -> Result<Tensor> {

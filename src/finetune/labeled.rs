@@ -171,8 +171,13 @@ pub struct LabeledBatch {
     /// u32 `(rows,)` class indices (single-label classification) or f32 `(rows, k)`
     /// target values.
     pub labels: Tensor,
-    /// The number of examples.
-    pub rows: usize,
+}
+
+impl LabeledBatch {
+    /// The number of examples (rows).
+    pub fn rows(&self) -> usize {
+        self.input_ids.dim(0).unwrap_or(0)
+    }
 }
 
 impl LabeledDataset {
@@ -203,7 +208,9 @@ impl LabeledDataset {
         tokenizer: &TextTokenizer,
         max_len: usize,
     ) -> Result<Self> {
-        let examples = Sourced::read(path.as_ref(), |map| parse_line(map, tokenizer, max_len))?;
+        // One truncating copy of the tokenizer for the whole file.
+        let tokenizer = tokenizer.truncated_to(max_len)?;
+        let examples = Sourced::read(path.as_ref(), |map| parse_line(map, &tokenizer, max_len))?;
         Ok(Self { examples })
     }
 
@@ -384,7 +391,6 @@ impl LabeledDataset {
             token_type_ids: Tensor::from_vec(types, shape, device)?,
             attention_mask: Tensor::from_vec(mask, shape, device)?,
             labels,
-            rows: rows.len(),
         })
     }
 }
@@ -499,7 +505,7 @@ fn parse_line(
                 Some(_) => Some(string_field(map, "text_pair")?),
             };
             tokenizer
-                .encode_truncated(string_field(map, "text")?, pair, max_len)
+                .encode_with_types(string_field(map, "text")?, pair)
                 .map_err(|e| format!("tokenizing failed: {e}"))?
         }
         (false, true) => {

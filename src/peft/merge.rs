@@ -341,7 +341,7 @@ impl MergeJob<'_, '_> {
         for a in &added {
             plan.push((
                 a.name.clone(),
-                self.dtype.apply(a.dtype),
+                self.dtype.apply(a.stored_dtype()),
                 a.value.dims().to_vec(),
             ));
         }
@@ -600,10 +600,15 @@ pub(crate) struct AddedTensor {
     /// Its module's path in the adapter, and `weight` or `bias`.
     pub module: String,
     pub own: String,
-    /// The dtype the adapter stores it in (the output's `OutputDType` applies).
-    pub dtype: Dtype,
-    /// Its value.
+    /// Its value (a float tensor).
     pub value: Tensor,
+}
+
+impl AddedTensor {
+    /// The dtype the adapter stores it in (the output's `OutputDType` applies).
+    fn stored_dtype(&self) -> Dtype {
+        stored_float(self.value.dtype()).unwrap_or(Dtype::F32)
+    }
 }
 
 /// Before any work: every module the adapter stores must have a 2-D float weight in the
@@ -673,19 +678,16 @@ pub(crate) fn check_adapter_fits(adapter: &PeftAdapter, ckpt: &Checkpoint) -> Re
         let problem = match ckpt.get(&name) {
             None if adds_module(adapter, ckpt, &names, module) => {
                 let value = adapter.tensor(&format!("{KEY_PREFIX}{rel}")).cloned();
-                let Some((value, dtype)) =
-                    value.and_then(|v| stored_float(v.dtype()).map(|d| (v, d)))
-                else {
+                if let Some(value) = value.filter(|v| v.dtype().is_float()) {
+                    added.push(AddedTensor {
+                        name,
+                        module: module.to_string(),
+                        own: own.to_string(),
+                        value,
+                    });
                     continue;
-                };
-                added.push(AddedTensor {
-                    name,
-                    module: module.to_string(),
-                    own: own.to_string(),
-                    dtype,
-                    value,
-                });
-                continue;
+                }
+                format!("the adapter stores `{rel}`, which is not a float tensor, for a module the checkpoint lacks")
             }
             None => format!(
                 "the adapter stores `{rel}` for the base tensor `{name}`, which the checkpoint \
