@@ -17,6 +17,14 @@
 //! share of a core. Generation (decoding) is not affected: its element-wise ops are too
 //! small for candle's pool.
 //!
+//! **With the `mkl` feature** the products run on MKL, whose Intel OpenMP workers spin for
+//! `KMP_BLOCKTIME` (200 ms by default) after each call: through every element-wise op and
+//! every product of the `gemm` crate that follows, on the cores those need. The same call
+//! sets [`MKL_BLOCKTIME_VARIABLE`] to `0` (park at once) unless it is set already. On an
+//! Intel Xeon with 2 cores the `mkl` build's Llama benchmark trained 2,748–2,814 tokens/s
+//! with it and 2,544–2,737 without, three alternating pairs (`benches/LLAMA_SPEED.md`,
+//! "Intel Xeon, 2026-12-03").
+//!
 //! lorakit does not change this by itself: the setting is an environment variable that
 //! candle reads once, and a library cannot know what else the process does. Call it at the
 //! start of a program that trains (the `finetune` example and the Llama benchmark do).
@@ -38,18 +46,42 @@ pub const SPIN_LIMIT_VARIABLE: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
 /// 2,000 gave the same training speed within noise, and candle's 25,000 was 4–10% slower.
 pub const SHORT_SPIN_LIMIT: u32 = 200;
 
+/// The variable Intel's OpenMP runtime (MKL's threads, `mkl` feature) reads its workers'
+/// spin time from, in milliseconds, once, at its first parallel region.
+pub const MKL_BLOCKTIME_VARIABLE: &str = "KMP_BLOCKTIME";
+
 /// Opt-in: makes candle's element-wise workers spin [`SHORT_SPIN_LIMIT`] rounds after each
 /// op before they park, unless [`SPIN_LIMIT_VARIABLE`] is set already (a user's own value
-/// wins). Returns whether it set the variable.
+/// wins). Returns whether it set the variable. In a build with the `mkl` feature it also
+/// sets [`MKL_BLOCKTIME_VARIABLE`] to `0` unless it is set (the module docs).
 ///
 /// Call it first thing in `main`: candle reads the variable once, when its pool starts, so
 /// a call after the first large element-wise op has no effect; and setting an environment
 /// variable is only sound while no other thread reads the environment, so call it before
 /// the program starts threads.
 pub fn park_idle_elementwise_workers() -> bool {
+    #[cfg(feature = "mkl")]
+    if std::env::var_os(MKL_BLOCKTIME_VARIABLE).is_none() {
+        std::env::set_var(MKL_BLOCKTIME_VARIABLE, "0");
+    }
     if std::env::var_os(SPIN_LIMIT_VARIABLE).is_some() {
         return false;
     }
     std::env::set_var(SPIN_LIMIT_VARIABLE, SHORT_SPIN_LIMIT.to_string());
     true
+}
+
+#[cfg(all(test, feature = "mkl"))]
+mod tests {
+    use super::*;
+
+    /// With `mkl`, Intel OpenMP's workers are told to park at once, unless the
+    /// environment chose already.
+    #[test]
+    fn mkl_workers_park_at_once() {
+        let before = std::env::var(MKL_BLOCKTIME_VARIABLE).ok();
+        park_idle_elementwise_workers();
+        let after = std::env::var(MKL_BLOCKTIME_VARIABLE).ok();
+        assert_eq!(after.as_deref(), Some(before.as_deref().unwrap_or("0")));
+    }
 }

@@ -35,8 +35,14 @@
 //! operands several times, does fewer loads per multiply-add. Both bounds come from what
 //! the CPU reports, not from timings on one machine. Other dtypes keep the routes of
 //! [`super::col_major`].
+//!
+//! **Row-major right-hand sides** (`rhs.cs == 1`: the input gradient `g W` of a linear
+//! layer, the forward of GPT-2's `Conv1D`) take the same kernel's second form,
+//! [`row_major`], which streams `R`'s rows instead of dotting `W`'s, up to
+//! [`row_major::max_rows`] rows (and the bound above).
 
 mod lanes;
+mod row_major;
 
 use std::any::TypeId;
 
@@ -81,8 +87,12 @@ pub(super) fn reroute<T: WithDType>(
 ) -> Option<candle_core::Result<()>> {
     let m = machine();
     let (lhs, rhs) = (product.lhs, product.rhs);
-    if !m.decode_kernel || rhs.rs != 1 || lhs.rows > max_rows(lhs.cols, std::mem::size_of::<T>(), m)
-    {
+    let most_rows = match (rhs.rs, rhs.cs) {
+        (1, _) => max_rows(lhs.cols, std::mem::size_of::<T>(), m),
+        (_, 1) => max_rows(lhs.cols, std::mem::size_of::<T>(), m).min(row_major::max_rows(m.isa)),
+        _ => return None,
+    };
+    if !m.decode_kernel || lhs.rows > most_rows {
         return None;
     }
     product_on(Split::of(m), dst, dst_rs, product)
@@ -104,6 +114,14 @@ impl Split {
             min_task_bytes: m.l2,
         }
     }
+
+    /// How many tasks stream a right-hand side of `bytes`: one per thread of the pool, but
+    /// none smaller than `min_task_bytes`, and at least one.
+    fn tasks(&self, bytes: usize) -> usize {
+        rayon::current_num_threads()
+            .min(bytes / self.min_task_bytes.max(1))
+            .max(1)
+    }
 }
 
 /// [`reroute`]'s product split as `split` says, whatever the number of rows; `None`
@@ -115,18 +133,59 @@ pub(super) fn product_on<T: WithDType>(
     product: MatProduct<T>,
 ) -> Option<candle_core::Result<()>> {
     let (lhs, rhs, accum, beta) = product.parts();
-    if !split.isa.available() || rhs.rs != 1 {
+    if !split.isa.available() || (rhs.rs != 1 && rhs.cs != 1) {
         return None;
     }
-    let (m, n) = (lhs.rows, rhs.cols);
+    let out = Output {
+        m: lhs.rows,
+        n: rhs.cols,
+        accum,
+        beta,
+    };
     let applied = if let Some((lhs, rhs)) = same::<T, f32>(lhs).zip(same::<T, f32>(rhs)) {
-        dots::<f32>(split, lhs, rhs).and_then(|d| apply(dst, dst_rs, &d, m, n, accum, beta))
+        product_of::<f32, T>(split, lhs, rhs, dst, dst_rs, out)
     } else if let Some((lhs, rhs)) = same::<T, f64>(lhs).zip(same::<T, f64>(rhs)) {
-        dots::<f64>(split, lhs, rhs).and_then(|d| apply(dst, dst_rs, &d, m, n, accum, beta))
+        product_of::<f64, T>(split, lhs, rhs, dst, dst_rs, out)
     } else {
         return None;
     };
     Some(applied)
+}
+
+/// The shape of a product's result and what to do with the destination's contents.
+#[derive(Clone, Copy)]
+struct Output<T> {
+    m: usize,
+    n: usize,
+    accum: Accum,
+    beta: T,
+}
+
+/// The product in the kernel's dtype `F` (`T` itself), by the form that fits the
+/// right-hand side: its columns contiguous (`W`'s rows, [`dots`]) or its rows
+/// ([`row_major`]).
+fn product_of<F: Float, T: WithDType>(
+    split: Split,
+    lhs: MatRef<F>,
+    rhs: MatRef<F>,
+    dst: &mut [T],
+    dst_rs: usize,
+    out: Output<T>,
+) -> candle_core::Result<()> {
+    let (m, n) = (out.m, out.n);
+    if rhs.rs == 1 {
+        let d = dots::<F>(split, lhs, rhs)?;
+        // dots[j · m + i] is element (i, j).
+        return apply(dst, dst_rs, &d, out, |i, j| j * m + i);
+    }
+    let (blocks, per_task) = row_major::products::<F>(split, lhs, rhs)?;
+    // Task t's block holds columns t · per_task .. row-major, `width` of them per row.
+    let at = |i: usize, j: usize| {
+        let (t, c) = (j / per_task, j % per_task);
+        let width = per_task.min(n - t * per_task);
+        t * per_task * m + i * width + c
+    };
+    apply(dst, dst_rs, &blocks, out, at)
 }
 
 /// `data` as a slice of `U` when `T` is `U`.
@@ -149,26 +208,28 @@ fn same<T: WithDType, U: WithDType>(view: MatRef<T>) -> Option<MatRef<U>> {
     })
 }
 
-/// `dst(i, j) = beta · dots[j · m + i]`, or `+=` with [`Accum::Add`]; `F` is `T` (the
-/// kernel's dtype, checked).
+/// `dst(i, j) = beta · values[at(i, j)]`, or `+=` with [`Accum::Add`]; `F` is `T` (the
+/// kernel's dtype, checked), `at` maps every element of the `m × n` result into `values`.
 fn apply<T: WithDType, F: WithDType>(
     dst: &mut [T],
     dst_rs: usize,
-    dots: &[F],
-    m: usize,
-    n: usize,
-    accum: Accum,
-    beta: T,
+    values: &[F],
+    out: Output<T>,
+    at: impl Fn(usize, usize) -> usize,
 ) -> candle_core::Result<()> {
-    let Some(dots) = same_slice::<F, T>(dots) else {
-        candle_core::bail!("fused linear: dots of another dtype than the output")
+    let Output { m, n, accum, beta } = out;
+    let Some(values) = same_slice::<F, T>(values) else {
+        candle_core::bail!("fused linear: products of another dtype than the output")
     };
-    if dots.len() != m * n {
-        candle_core::bail!("fused linear: {} dots for a {m}x{n} product", dots.len());
+    if values.len() != m * n {
+        candle_core::bail!(
+            "fused linear: {} products for a {m}x{n} result",
+            values.len()
+        );
     }
     for (i, row) in dst.chunks_mut(dst_rs).take(m).enumerate() {
-        let col = dots.iter().skip(i).step_by(m.max(1));
-        for (d, &v) in row.iter_mut().take(n).zip(col) {
+        for (j, d) in row.iter_mut().take(n).enumerate() {
+            let v = values.get(at(i, j)).copied().unwrap_or(T::from_f64(0.0));
             *d = match accum {
                 Accum::Replace => beta * v,
                 Accum::Add => *d + beta * v,
@@ -201,7 +262,9 @@ impl Float for f64 {
 }
 
 /// `W`'s rows, the columns of the right-hand side: `count` runs of `k` elements, `stride`
-/// apart in `data` (all of them in range: checked by [`WeightRows::of`]).
+/// apart in `data` (all of them in range: checked by [`WeightRows::of`]). The row-major
+/// form ([`row_major`]) reads a row-major right-hand side's rows as these runs (of its
+/// transpose).
 #[derive(Clone, Copy)]
 struct WeightRows<'a, F> {
     data: &'a [F],
@@ -239,29 +302,41 @@ impl<'a, F> WeightRows<'a, F> {
             ..*self
         }
     }
+
+    /// Elements `first .. first + len` of every row (clamped to the `k` there are).
+    fn within(&self, first: usize, len: usize) -> Self {
+        let first = first.min(self.k);
+        Self {
+            data: self.data.get(first..).unwrap_or(&[]),
+            k: len.min(self.k - first),
+            ..*self
+        }
+    }
+}
+
+/// The rows of `lhs` as slices of its `cols` elements: views into its data when they are
+/// adjacent, else copies in `copied`; `None` when a row is out of range.
+fn lhs_rows<'a, F: Copy>(lhs: MatRef<'a, F>, copied: &'a mut Vec<F>) -> Option<Vec<&'a [F]>> {
+    let (m, k) = (lhs.rows, lhs.cols);
+    let rows: Vec<&[F]> = if lhs.cs == 1 {
+        (0..m).filter_map(|i| lhs.row(i)).collect()
+    } else {
+        *copied = (0..m)
+            .flat_map(|i| (0..k).map(move |t| lhs.at(i, t)))
+            .collect();
+        copied.chunks_exact(k.max(1)).collect()
+    };
+    (rows.len() == m).then_some(rows)
 }
 
 /// Every dot `x_i · W_j`, `j`-major (`dots[j · m + i]`).
 fn dots<F: Float>(split: Split, lhs: MatRef<F>, rhs: MatRef<F>) -> candle_core::Result<Vec<F>> {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-    // x's rows as slices of length k (copied when its elements are not adjacent).
-    let copied: Vec<F>;
-    let x: Vec<&[F]> = if lhs.cs == 1 {
-        (0..m).filter_map(|i| lhs.row(i)).collect()
-    } else {
-        copied = (0..m)
-            .flat_map(|i| (0..k).map(move |t| lhs.at(i, t)))
-            .collect();
-        copied.chunks_exact(k).collect()
-    };
-    let w = WeightRows::of(rhs);
-    let Some(w) = w.filter(|_| x.len() == m) else {
+    let mut copied = Vec::new();
+    let Some((x, w)) = lhs_rows(lhs, &mut copied).zip(WeightRows::of(rhs)) else {
         candle_core::bail!("fused linear: a {m}x{k}x{n} product's operands are out of range");
     };
-    let bytes = n * k * std::mem::size_of::<F>();
-    let tasks = rayon::current_num_threads()
-        .min(bytes / split.min_task_bytes.max(1))
-        .max(1);
+    let tasks = split.tasks(n * k * std::mem::size_of::<F>());
     let per_task = n.div_ceil(tasks).next_multiple_of(NR);
     let mut out = vec![F::from_f64(0.0); n * m];
     if tasks == 1 {
@@ -471,7 +546,8 @@ mod tests {
     }
 
     /// The operands of one case, in `f64`: `x` as a row-major, a column-major and a padded
-    /// view, `W` (the column-major rhs) inside a taller buffer.
+    /// view, and a buffer holding the right-hand side column-major (`W`, rows padded) or
+    /// row-major (`R`, rows padded).
     struct Case {
         m: usize,
         k: usize,
@@ -492,7 +568,7 @@ mod tests {
                     false => f64::NAN,
                 })
                 .collect();
-            let w = vals((k + 3) * n, 0.71);
+            let w = vals((k + 3) * (n + 3), 0.71);
             Self {
                 m,
                 k,
@@ -514,13 +590,17 @@ mod tests {
                 cast(&self.x_pad),
                 cast(&self.w),
             );
-            let rhs = MatRef::new(&w, k, n, 1, k + 3)?;
+            let column_major = MatRef::new(&w, k, n, 1, k + 3)?;
+            let row_major = MatRef::new(&w, k, n, n + 3, 1)?;
             let views = [
                 MatRef::contiguous(&x, m, k)?,
                 MatRef::new(&x_t, m, k, 1, m)?,
                 MatRef::new(&x_pad, m, k, k + 2, 1)?,
             ];
-            for lhs in views {
+            let pairs = views
+                .into_iter()
+                .flat_map(|lhs| [(lhs, column_major), (lhs, row_major)]);
+            for (lhs, rhs) in pairs {
                 for (accum, beta) in [(Accum::Replace, 1.0), (Accum::Add, -0.5)] {
                     let dst_rs = n + 2;
                     let start = vals(m * dst_rs, 1.3);
@@ -564,10 +644,12 @@ mod tests {
         }
     }
 
-    /// Every instruction set this CPU has, `f32` and `f64`, against an f64 triple loop:
-    /// row counts 1 to 13 (every register block height and a remainder), `d_in` not a
-    /// multiple of any vector width and shorter than one vector, `d_out` not a multiple of
-    /// the 4-row block, strided and padded `x`, a padded destination, `Accum` and `beta`.
+    /// Every instruction set this CPU has, `f32` and `f64`, both forms (column- and
+    /// row-major right-hand side), against an f64 triple loop: row counts 1 to 13 (every
+    /// register block height and a remainder), `d_in` not a multiple of any vector width
+    /// and shorter than one vector, `d_out` not a multiple of the 4-row block nor of a
+    /// vector, more columns than one tile of the row-major form holds, strided and padded
+    /// `x`, a padded destination, `Accum` and `beta`.
     #[test]
     fn every_instruction_set_matches_a_triple_loop() -> candle_core::Result<()> {
         let sets = sets();
@@ -580,6 +662,8 @@ mod tests {
                 (7, 19, 4),
                 (13, 41, 11),
                 (2, 1, 1),
+                (13, 9, 300),
+                (1, 6, 7000),
             ] {
                 let case = Case::new(m, k, n);
                 case.run::<f64>(isa, 1e-14)?;
@@ -589,9 +673,9 @@ mod tests {
         Ok(())
     }
 
-    /// Other dtypes and row-major right-hand sides are left to the other routes.
+    /// Other dtypes and right-hand sides with no unit stride are left to the other routes.
     #[test]
-    fn other_dtypes_and_row_major_rhs_are_refused() -> candle_core::Result<()> {
+    fn other_dtypes_and_strided_rhs_are_refused() -> candle_core::Result<()> {
         let data = vec![half::bf16::from_f64(1.0); 12];
         let x = MatRef::contiguous(&data, 2, 3)?;
         let w = MatRef::new(&data, 3, 4, 1, 3)?;
@@ -599,11 +683,11 @@ mod tests {
         let product = MatProduct::new(x, w, Accum::Replace, half::bf16::ONE);
         let bf = product_on(split(Isa::Scalar), &mut dst, 4, product);
         assert!(bf.is_none());
-        let data = vals(12, 0.3);
+        let data = vals(24, 0.3);
         let x = MatRef::contiguous(&data, 2, 3)?;
-        let row_major = MatRef::contiguous(&data, 3, 4)?;
+        let every_other = MatRef::new(&data, 3, 4, 8, 2)?;
         let mut dst = vec![0.0; 8];
-        let product = MatProduct::new(x, row_major, Accum::Replace, 1.0);
+        let product = MatProduct::new(x, every_other, Accum::Replace, 1.0);
         assert!(product_on(split(Isa::Scalar), &mut dst, 4, product).is_none());
         Ok(())
     }
@@ -616,12 +700,15 @@ mod tests {
         let x: Vec<f32> = vals(m * k, 0.37).into_iter().map(|v| v as f32).collect();
         let w: Vec<f32> = vals(n * k, 0.71).into_iter().map(|v| v as f32).collect();
         let lhs = MatRef::contiguous(&x, m, k)?;
-        let rhs = MatRef::contiguous(&w, n, k)?.t();
         assert!(
             n * k * 4 >= 3 * split(Isa::Scalar).min_task_bytes,
             "too small to split over 3 threads"
         );
-        for isa in sets() {
+        let forms = [
+            MatRef::contiguous(&w, n, k)?.t(),
+            MatRef::contiguous(&w, k, n)?,
+        ];
+        for (isa, rhs) in sets().into_iter().flat_map(|i| forms.map(|f| (i, f))) {
             let run = |threads: usize| -> candle_core::Result<Vec<f32>> {
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
@@ -644,7 +731,8 @@ mod tests {
                 one.iter()
                     .zip(&three)
                     .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{isa:?}"
+                "{isa:?}, rhs row stride {}",
+                rhs.rs
             );
         }
         Ok(())

@@ -3,8 +3,8 @@
 //! (256-bit) and AVX-512F (512-bit), for `f32` and `f64`.
 //!
 //! Every operation is `unsafe`: the caller guarantees the CPU has the implementation's
-//! instruction set ([`super::super::machine::Isa::available`]) and, for `load`, that
-//! `WIDTH` elements are readable at the pointer.
+//! instruction set ([`super::super::machine::Isa::available`]) and, for `load` and
+//! `store`, that `WIDTH` elements are readable (writable) at the pointer.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -12,7 +12,7 @@ use std::marker::PhantomData;
 
 use candle_core::WithDType;
 
-/// A vector of `WIDTH` elements of `T` and the four operations a dot product needs.
+/// A vector of `WIDTH` elements of `T` and the operations the decode kernels need.
 pub(super) trait Lanes {
     /// The element type.
     type T: WithDType;
@@ -30,6 +30,16 @@ pub(super) trait Lanes {
     /// # Safety
     /// As [`Lanes::zero`], and `WIDTH` elements are readable at `p`.
     unsafe fn load(p: *const Self::T) -> Self::V;
+    /// Every lane `v`.
+    ///
+    /// # Safety
+    /// As [`Lanes::zero`].
+    unsafe fn splat(v: Self::T) -> Self::V;
+    /// Writes the `WIDTH` lanes to `p` (unaligned).
+    ///
+    /// # Safety
+    /// As [`Lanes::zero`], and `WIDTH` elements are writable at `p`.
+    unsafe fn store(p: *mut Self::T, v: Self::V);
     /// `acc + a · b`, lane by lane.
     ///
     /// # Safety
@@ -62,6 +72,17 @@ impl<T: WithDType> Lanes for Scalar<T> {
     }
 
     #[inline(always)]
+    unsafe fn splat(v: T) -> [T; 4] {
+        [v; 4]
+    }
+
+    #[inline(always)]
+    unsafe fn store(p: *mut T, v: [T; 4]) {
+        // SAFETY: the caller's contract: 4 writable elements at `p`.
+        unsafe { p.cast::<[T; 4]>().write_unaligned(v) }
+    }
+
+    #[inline(always)]
     unsafe fn fma(acc: [T; 4], a: [T; 4], b: [T; 4]) -> [T; 4] {
         let [a0, a1, a2, a3] = a;
         let [b0, b1, b2, b3] = b;
@@ -85,7 +106,8 @@ pub(super) struct Avx2<T>(PhantomData<T>);
 pub(super) struct Avx512<T>(PhantomData<T>);
 
 // SAFETY (every function below): the trait's contract; the intrinsics need only the
-// instruction set the caller vouches for, and `load` reads the `WIDTH` elements at `p`.
+// instruction set the caller vouches for, `load` reads and `store` writes the `WIDTH`
+// elements at `p`.
 #[cfg(target_arch = "x86_64")]
 impl Lanes for Avx2<f32> {
     type T = f32;
@@ -103,6 +125,19 @@ impl Lanes for Avx2<f32> {
     unsafe fn load(p: *const f32) -> __m256 {
         // SAFETY: see above.
         unsafe { _mm256_loadu_ps(p) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn splat(v: f32) -> __m256 {
+        _mm256_set1_ps(v)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn store(p: *mut f32, v: __m256) {
+        // SAFETY: see above.
+        unsafe { _mm256_storeu_ps(p, v) }
     }
 
     #[inline]
@@ -141,6 +176,19 @@ impl Lanes for Avx2<f64> {
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]
+    unsafe fn splat(v: f64) -> __m256d {
+        _mm256_set1_pd(v)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn store(p: *mut f64, v: __m256d) {
+        // SAFETY: see above.
+        unsafe { _mm256_storeu_pd(p, v) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
     unsafe fn fma(acc: __m256d, a: __m256d, b: __m256d) -> __m256d {
         _mm256_fmadd_pd(a, b, acc)
     }
@@ -174,6 +222,19 @@ impl Lanes for Avx512<f32> {
 
     #[inline]
     #[target_feature(enable = "avx512f")]
+    unsafe fn splat(v: f32) -> __m512 {
+        _mm512_set1_ps(v)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store(p: *mut f32, v: __m512) {
+        // SAFETY: see above.
+        unsafe { _mm512_storeu_ps(p, v) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
     unsafe fn fma(acc: __m512, a: __m512, b: __m512) -> __m512 {
         _mm512_fmadd_ps(a, b, acc)
     }
@@ -202,6 +263,19 @@ impl Lanes for Avx512<f64> {
     unsafe fn load(p: *const f64) -> __m512d {
         // SAFETY: see above.
         unsafe { _mm512_loadu_pd(p) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn splat(v: f64) -> __m512d {
+        _mm512_set1_pd(v)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store(p: *mut f64, v: __m512d) {
+        // SAFETY: see above.
+        unsafe { _mm512_storeu_pd(p, v) }
     }
 
     #[inline]
