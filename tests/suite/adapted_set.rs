@@ -93,6 +93,12 @@ fn lists_counts_and_vars() {
     assert_eq!(adapter_vars.all_vars().len(), set.vars().len());
 }
 
+/// The largest magnitude in `t` (at least 1): the scale for an f32 tolerance.
+fn scale(t: &Tensor) -> f32 {
+    let m: f32 = t.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+    m.max(1.0)
+}
+
 #[test]
 fn disable_merge_unmerge() {
     let base = VarMap::new();
@@ -103,7 +109,11 @@ fn disable_merge_unmerge() {
     let y = model.forward(&x);
     assert!(max_diff(&y, &y0) > 1e-3, "the adapters change the output");
     set.set_enabled(false);
-    assert!(max_diff(&model.forward(&x), &y0) < 1e-6);
+    // The disabled layers run lorakit's fused op, the reference candle's matmul: the same
+    // products summed in another order, so equal up to f32 rounding (a few units in the
+    // last place of outputs up to ~10; the inputs and inits are random per run).
+    let disabled = max_diff(&model.forward(&x), &y0);
+    assert!(disabled < 1e-6 * scale(&y0), "{disabled:e}");
     set.set_enabled(true);
     let w_before: Vec<Tensor> = set
         .layers()
@@ -112,14 +122,14 @@ fn disable_merge_unmerge() {
         .collect();
     set.merge_all(true).unwrap();
     assert!(set.layers().iter().all(|(_, l)| l.read().is_merged()));
-    assert!(max_diff(&model.forward(&x), &y) < 1e-5);
+    assert!(max_diff(&model.forward(&x), &y) < 1e-5 * scale(&y));
     set.merge_all(true).unwrap(); // already merged: nothing to do
     set.unmerge_all().unwrap();
     for ((_, l), w) in set.layers().iter().zip(&w_before) {
         assert!(!l.read().is_merged());
         assert!(max_diff(l.read().base().weight(), w) < 1e-6);
     }
-    assert!(max_diff(&model.forward(&x), &y) < 1e-5);
+    assert!(max_diff(&model.forward(&x), &y) < 1e-5 * scale(&y));
 }
 
 #[test]
