@@ -113,3 +113,59 @@ fn seq_len_past_the_position_table_is_refused_by_name() {
         "{msg}"
     );
 }
+
+/// The tied output head (`wte`'s frozen table, through the fused op) passes the loss's
+/// gradient down to the lowest block: the gradient of one `lora_B` element of
+/// `h.0.attn.c_attn` equals a central difference of the loss.
+#[test]
+fn the_tied_head_passes_the_gradient_to_the_lowest_adapter() {
+    let (model, _, set) = fresh(Variant::Lora);
+    let ids = Tensor::new(&[[1u32, 5, 9, 12, 3, 7, 30, 2, 8]], &Device::Cpu).unwrap();
+    let targets = Tensor::new(&[5u32, 9, 12, 3, 7, 30, 2, 8], &Device::Cpu).unwrap();
+    let loss = || {
+        let logits = model.logits(&ids).unwrap().squeeze(0).unwrap();
+        let logits = logits.narrow(0, 0, 8).unwrap();
+        candle_nn::loss::cross_entropy(&logits, &targets).unwrap()
+    };
+    let vars = set.trainable_vars();
+    let b = vars
+        .iter()
+        .find(|v| v.full_name().contains("h.0.attn.c_attn") && v.var.name == "lora_B")
+        .expect("h.0's c_attn lora_B")
+        .var
+        .var
+        .clone();
+    let grads = loss().backward().unwrap();
+    let g = grads
+        .get(b.as_tensor())
+        .expect("a gradient for h.0's lora_B");
+    let (rows, cols) = g.dims2().unwrap();
+    let flat: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
+    // The element with the largest gradient, and a step that moves the loss measurably.
+    let (at, &want) = flat
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+        .unwrap();
+    assert!(
+        want.abs() > 1e-4,
+        "a gradient this small tests nothing: {want:e}"
+    );
+    let original = b.as_tensor().copy().unwrap();
+    let eps = 1e-2f64;
+    let at_eps = |sign: f64| {
+        let mut bump = vec![0f32; rows * cols];
+        bump[at] = (sign * eps) as f32;
+        let bump = Tensor::from_vec(bump, (rows, cols), &Device::Cpu).unwrap();
+        b.set(&(&original + bump).unwrap()).unwrap();
+        loss().to_scalar::<f32>().unwrap() as f64
+    };
+    let (up, down) = (at_eps(1.0), at_eps(-1.0));
+    b.set(&original).unwrap();
+    let numeric = (up - down) / (2.0 * eps);
+    let err = (numeric - want as f64).abs() / (want.abs() as f64);
+    assert!(
+        err < 2e-2,
+        "autograd {want:e}, central difference {numeric:e} ({err:e})"
+    );
+}

@@ -32,6 +32,7 @@ use candle_nn::VarBuilder;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result, Scope};
 use crate::frozen::BaseKind;
+use crate::kernels::FusedLinear;
 use crate::model::{embedding, linear_no_bias, AdapterPlan, Embedding, Linear};
 use crate::models::base_prefix::with_base_prefix;
 use crate::models::kv_buffer::{Appending, LayerKv};
@@ -345,9 +346,25 @@ impl Gpt2LmHeadModel {
             Some(head) => head.forward(&x)?,
             None => {
                 let table = base_table(&self.wte)?; // (vocab, d)
-                let d = self.config.n_embd;
-                let logits = x.reshape((batch * seq, d))?.matmul(&table.t()?)?;
-                logits.reshape((batch, seq, self.config.vocab_size))?
+                if table.track_op() {
+                    // A table trained in full (`modules_to_save`): candle's matmul, whose
+                    // backward reaches it.
+                    let d = self.config.n_embd;
+                    let logits = x.reshape((batch * seq, d))?.matmul(&table.t()?)?;
+                    logits.reshape((batch, seq, self.config.vocab_size))?
+                } else {
+                    // A frozen table: the fused op, which computes no gradient for it and
+                    // streams it on every thread when decoding (candle's matmul ran a
+                    // one-row product as one thread's loop: a quarter of GPT-2 small's
+                    // time per generated token).
+                    let head = FusedLinear {
+                        weight: &table,
+                        bias: None,
+                        low_rank: None,
+                        row_scale: None,
+                    };
+                    head.forward(&x)?
+                }
             }
         };
         Ok((logits, grown))
