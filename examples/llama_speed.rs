@@ -41,9 +41,13 @@
 //! pool) and `CANDLE_NUM_THREADS` (else `RAYON_NUM_THREADS`) for the pool its large
 //! element-wise ops split over; candle-nn's softmax / RMSNorm kernels and lorakit's own
 //! kernels use rayon's global pool. The output reports what each of them sees. The
-//! example calls `lorakit::threads::park_idle_elementwise_workers` first, as a training
-//! program should (candle's element-wise workers spin 200 rounds after an op, not 25,000);
-//! set `CANDLE_BARRIER_POOL_SPIN_LIMIT=25000` to time candle's default instead.
+//! example calls `lorakit::threads::park_idle_elementwise_workers` and
+//! `lorakit::memory::retain_freed_buffers` first, as a training program should (candle's
+//! element-wise workers spin 200 rounds after an op, not 25,000; MKL's OpenMP workers park
+//! at once in a `mkl` build; freed step buffers stay in the process instead of being
+//! faulted in again); set `CANDLE_BARRIER_POOL_SPIN_LIMIT=25000` to time candle's default
+//! spin instead. (`retain_freed_buffers` since 2026-12-03: within noise on the default
+//! build, 4–5% of the `mkl` build's training step on an Intel Xeon.)
 //!
 //! Peak memory: `VmHWM` of `/proc/self/status` (Linux), at the end of the run.
 
@@ -1043,8 +1047,10 @@ fn ops(args: &Args, dev: &Device) -> R<Value> {
 fn main() -> R<()> {
     let args = parse_args()?;
     // A training program: candle's element-wise workers park instead of spinning through
-    // the GEMMs (`lorakit::threads`; an explicit CANDLE_BARRIER_POOL_SPIN_LIMIT wins).
+    // the GEMMs (`lorakit::threads`; an explicit CANDLE_BARRIER_POOL_SPIN_LIMIT wins), and
+    // freed step buffers stay resident (`lorakit::memory`).
     lorakit::threads::park_idle_elementwise_workers();
+    lorakit::memory::retain_freed_buffers();
     // Before any candle op or rayon use: every pool candle and lorakit use reads these.
     std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
     std::env::set_var("CANDLE_NUM_THREADS", args.threads.to_string());
