@@ -87,9 +87,10 @@ pub(super) fn reroute<T: WithDType>(
 ) -> Option<candle_core::Result<()>> {
     let m = machine();
     let (lhs, rhs) = (product.lhs, product.rhs);
+    let fits = max_rows(lhs.cols, std::mem::size_of::<T>(), m);
     let most_rows = match (rhs.rs, rhs.cs) {
-        (1, _) => max_rows(lhs.cols, std::mem::size_of::<T>(), m),
-        (_, 1) => max_rows(lhs.cols, std::mem::size_of::<T>(), m).min(row_major::max_rows(m.isa)),
+        (1, _) => fits,
+        (_, 1) => fits.min(row_major::max_rows(m.isa)),
         _ => return None,
     };
     if !m.decode_kernel || lhs.rows > most_rows {
@@ -339,14 +340,28 @@ fn dots<F: Float>(split: Split, lhs: MatRef<F>, rhs: MatRef<F>) -> candle_core::
     let tasks = split.tasks(n * k * std::mem::size_of::<F>());
     let per_task = n.div_ceil(tasks).next_multiple_of(NR);
     let mut out = vec![F::from_f64(0.0); n * m];
-    if tasks == 1 {
-        columns_on(split.isa, &x, w, &mut out);
-    } else {
-        out.par_chunks_mut(per_task * m.max(1))
-            .enumerate()
-            .for_each(|(i, out)| columns_on(split.isa, &x, w.range(i * per_task, per_task), out));
-    }
+    for_each_task(&mut out, per_task * m, tasks, |t, out| {
+        columns_on(split.isa, &x, w.range(t * per_task, per_task), out)
+    });
     Ok(out)
+}
+
+/// Runs `task(t, block)` on consecutive blocks of `block_len` elements of `out` (`t` from
+/// 0): over the pool when there are several `tasks`, on the calling thread for one (then
+/// `out` is one block).
+fn for_each_task<F: Send>(
+    out: &mut [F],
+    block_len: usize,
+    tasks: usize,
+    task: impl Fn(usize, &mut [F]) + Sync,
+) {
+    if tasks == 1 {
+        task(0, out);
+    } else {
+        out.par_chunks_mut(block_len.max(1))
+            .enumerate()
+            .for_each(|(t, block)| task(t, block));
+    }
 }
 
 /// [`columns`] with the instruction set's vector code (the portable code for one the CPU

@@ -4,7 +4,7 @@
 //! d_in)` row-major) and the forward of a GPT-2 `Conv1D` layer, whose weight is stored
 //! `(in, out)`. Like the column-major form in [`super`], the product is bounded by reading
 //! `R` once; the `gemm` crate runs it as one thread's matrix-vector product (about 26 GB/s
-//! on an Intel Xeon, where two threads stream 40+).
+//! on an Intel Xeon with a 16 MiB `R` in its cache, where two threads stream 40+).
 //!
 //! - `R`'s columns (the output columns) are split over the threads in contiguous ranges,
 //!   multiples of [`ALIGN`] columns, with the column-major form's rule for the smallest
@@ -20,12 +20,11 @@
 //!   for any thread count, since the ranges are multiples of [`ALIGN`]).
 
 use candle_core::WithDType;
-use rayon::prelude::*;
 
 use super::super::machine::{machine, Isa};
 use super::super::MatRef;
 use super::lanes::{Lanes, Scalar};
-use super::{lhs_rows, Float, Split, WeightRows};
+use super::{for_each_task, lhs_rows, Float, Split, WeightRows};
 
 /// Rows of `R` added into the sums per pass over a tile.
 const KB: usize = 4;
@@ -47,9 +46,10 @@ fn block_rows(isa: Isa) -> usize {
 
 /// The most rows of `x` this form takes with an instruction set: 4 blocks of rows (16 with
 /// AVX-512, 8 with AVX2), none with the portable code. On an Intel Xeon (2 threads,
-/// `x R` with `R` `2048 × 2048`) it was 1.3–1.6× faster than the `gemm` crate from 1 to 16
-/// rows with AVX-512 and from 1 to 8 with AVX2, at par or slower past that; the portable
-/// code was slower than the `gemm` crate at every row count.
+/// `x R` with `R` `2048 × 2048`) it was 1.4–1.6× faster than the `gemm` crate from 1 to 16
+/// rows with AVX-512 and 1.0–1.2× from 1 to 8 with AVX2 (forced there with
+/// `LORAKIT_CPU_ISA=avx2`), at par or slower past that; the portable code was slower than
+/// the `gemm` crate at every row count.
 pub(super) fn max_rows(isa: Isa) -> usize {
     match isa {
         Isa::Scalar => 0,
@@ -81,20 +81,11 @@ pub(super) fn products<F: Float>(
     let per_task = n.div_ceil(tasks).next_multiple_of(ALIGN);
     let tile = tile_columns(m, std::mem::size_of::<F>(), machine().l1d);
     let mut out = vec![F::from_f64(0.0); n * m];
-    let task = |(t, block): (usize, &mut [F])| {
+    for_each_task(&mut out, per_task * m, tasks, |t, block| {
         let first = t * per_task;
         let width = per_task.min(n - first);
         sums_on(split.isa, &x, rows.within(first, width), block, tile);
-    };
-    if tasks == 1 {
-        out.chunks_mut(per_task * m.max(1))
-            .enumerate()
-            .for_each(task);
-    } else {
-        out.par_chunks_mut(per_task * m.max(1))
-            .enumerate()
-            .for_each(task);
-    }
+    });
     Ok((out, per_task))
 }
 
