@@ -11,8 +11,9 @@ count on both sides (`torch.set_num_threads`; `--threads` of the example, which 
 - Training, per step, at the API level a user calls: PyTorch `model(input_ids=ids,
   labels=ids)` (transformers shifts the labels; mean cross-entropy over the 4 x 255
   predicted positions), `loss.backward()`, `AdamW.step()` over the trainable parameters
-  (lr 1e-4, defaults otherwise), `zero_grad(set_to_none=True)`; lorakit `model.forward(ids)`,
-  the same shifted cross-entropy, `loss.backward()`, `candle_nn::AdamW::step`. Batch 4 x 256
+  (lr 1e-4, defaults otherwise), `zero_grad(set_to_none=True)`; lorakit
+  `model.loss_sum(ids, mask)` (the same shifted cross-entropy, the frozen head fused with it)
+  over the count, `loss.backward()`, `candle_nn::AdamW::step`. Batch 4 x 256
   random ids; tokens/s = 1024 / median step time.
 - Generation: batch 1, an 8-token random prompt, 128 new tokens, greedy, KV cache on
   (transformers' default dynamic cache; lorakit's `generate_greedy`), adapter unmerged,
@@ -453,12 +454,10 @@ def phase_table(res):
     k, t = res["lorakit"]["train"], res["torch"]["train"]
     kp = lambda key: statistics.median(r["phases_ms"][key] for r in k)  # noqa: E731
     tp = lambda key: statistics.median(r["phases_ms"][key] for r in t)  # noqa: E731
-    kfl = statistics.median(r["phases_ms"]["forward"] + r["phases_ms"]["loss"] for r in k)
+    kfl = kp("forward+loss")
     lines = [
         "| phase (ms, median over rounds) | lorakit | PyTorch+PEFT | lorakit / PyTorch |",
         "|---|---|---|---|",
-        f"| forward (model) | {kp('forward'):.1f} | – | – |",
-        f"| loss (shift + cross-entropy) | {kp('loss'):.1f} | – | – |",
         f"| forward + loss | {kfl:.1f} | {tp('forward+loss'):.1f} | {kfl / tp('forward+loss'):.2f} |",
         f"| backward | {kp('backward'):.1f} | {tp('backward'):.1f} | {kp('backward') / tp('backward'):.2f} |",
         f"| optimizer (AdamW) | {kp('optimizer'):.1f} | {tp('optimizer'):.1f} | "

@@ -9,11 +9,13 @@
 //!
 //! Modes (`--mode`):
 //!
-//! - `train`: per step `logits = model.forward(ids)` on random ids `(4, 256)`, causal-LM
-//!   cross-entropy over the shifted positions (`logits[:, :-1]` against `ids[:, 1:]`,
-//!   `lorakit::finetune::loss::causal_lm_loss_sum`), `loss.backward()`, one `candle_nn::AdamW` step
-//!   over the adapter's variables (lr 1e-4, PyTorch's defaults otherwise). Warm-up steps,
-//!   then timed steps; each phase (forward, loss, backward, optimizer) timed on its own.
+//! - `train`: per step the causal-LM loss on random ids `(4, 256)`, the mean cross-entropy
+//!   over the shifted positions (`logits[:, :-1]` against `ids[:, 1:]`) as
+//!   `LlamaForCausalLM::loss_sum` computes it (the frozen `lm_head` and the loss as one op,
+//!   as the library's trainer runs them; transformers' `model(input_ids, labels=ids)` on the
+//!   other side), `loss.backward()`, one `candle_nn::AdamW` step over the adapter's
+//!   variables (lr 1e-4, PyTorch's defaults otherwise). Warm-up steps, then timed steps; each
+//!   phase (forward + loss, backward, optimizer) timed on its own.
 //! - `gen`: `generate_greedy` (batch 1, KV cache) of `--gen-tokens` tokens after an
 //!   8-token prompt, the adapter unmerged, in evaluation mode; warm-up call, then timed
 //!   calls. For reference, the same with the adapter disabled (the base alone) and merged.
@@ -361,10 +363,20 @@ fn random_ids(
     Ok(Tensor::from_vec(ids, (batch, seq), dev)?)
 }
 
-/// Causal-LM cross-entropy: `logits[:, :-1]` against `ids[:, 1:]`, mean over positions, as
-/// `lorakit::finetune`'s trainer computes it (`causal_lm_loss_sum`, a fused kernel on the
-/// CPU, over every position, divided by their count).
-fn causal_lm_loss(logits: &Tensor, ids: &Tensor) -> R<Tensor> {
+/// The model's causal-LM loss, mean over the `b · (t − 1)` predicted positions (transformers'
+/// `model(input_ids=ids, labels=ids).loss`), as `lorakit::finetune`'s trainer computes it:
+/// `LlamaForCausalLM::loss_sum` (the frozen head and the cross-entropy as one op on the CPU)
+/// divided by the count.
+fn causal_lm_loss(model: &LlamaForCausalLM, ids: &Tensor) -> R<Tensor> {
+    let (b, t) = ids.dims2()?;
+    let mask = Tensor::ones((b, t), DType::F32, ids.device())?;
+    let sum = model.loss_sum(ids, &mask)?;
+    Ok((sum / (b * (t - 1)) as f64)?)
+}
+
+/// The same loss from given logits (`causal_lm_loss_sum`, the fused cross-entropy alone):
+/// the `ops` mode's loss piece.
+fn logits_loss(logits: &Tensor, ids: &Tensor) -> R<Tensor> {
     let (b, t, _) = logits.dims3()?;
     let mask = Tensor::ones((b, t), DType::F32, logits.device())?;
     let sum = lorakit::finetune::loss::causal_lm_loss_sum(logits, ids, &mask)?;
@@ -389,15 +401,12 @@ fn train(args: &Args, dev: &Device) -> R<Value> {
     let mut opt = adamw(built.vars.clone())?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(args.seed + 1);
     let ids = random_ids(&mut rng, args.batch, args.seq, dev)?;
-    let mut phases: Vec<[f64; 4]> = Vec::new();
+    let mut phases: Vec<[f64; 3]> = Vec::new();
     let mut losses = Vec::new();
     for step in 0..args.warmup + args.steps {
         let t = Instant::now();
-        let logits = built.model.forward(&ids)?;
+        let loss = causal_lm_loss(&built.model, &ids)?;
         let t_fwd = ms(t);
-        let t = Instant::now();
-        let loss = causal_lm_loss(&logits, &ids)?;
-        let t_loss = ms(t);
         let t = Instant::now();
         let grads = loss.backward()?;
         let t_bwd = ms(t);
@@ -405,10 +414,9 @@ fn train(args: &Args, dev: &Device) -> R<Value> {
         opt.step(&grads)?;
         let t_opt = ms(t);
         drop(grads);
-        drop(logits);
         losses.push(loss.to_scalar::<f32>()? as f64);
         if step >= args.warmup {
-            phases.push([t_fwd, t_loss, t_bwd, t_opt]);
+            phases.push([t_fwd, t_bwd, t_opt]);
         }
     }
     let steps: Vec<f64> = phases.iter().map(|p| p.iter().sum()).collect();
@@ -421,7 +429,7 @@ fn train(args: &Args, dev: &Device) -> R<Value> {
         "tokens_per_s": tokens / median * 1e3,
         "tokens_per_s_best": tokens / min * 1e3,
         "phases_ms": {
-            "forward": phase(0), "loss": phase(1), "backward": phase(2), "optimizer": phase(3),
+            "forward+loss": phase(0), "backward": phase(1), "optimizer": phase(2),
         },
         "loss_first": losses[0],
         "loss_last": losses[losses.len() - 1],
@@ -812,7 +820,7 @@ fn ops(args: &Args, dev: &Device) -> R<Value> {
         "loss",
         1,
         budget,
-        || causal_lm_loss(logits.as_tensor(), &ids),
+        || logits_loss(logits.as_tensor(), &ids),
         true,
     )?);
 

@@ -23,7 +23,6 @@ pub mod task;
 pub use recipe::AdapterRecipe;
 pub mod checkpoint;
 pub mod config;
-mod cross_entropy;
 mod cursor;
 mod delta_base;
 mod rule;

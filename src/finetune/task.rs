@@ -8,7 +8,6 @@ use serde_json::{json, Value};
 
 use super::batching::{Batch, BatchOptions};
 use super::data::Dataset;
-use super::loss::causal_lm_loss_sum;
 use crate::error::{Error, Result, Scope};
 use crate::models::CausalLm;
 
@@ -93,7 +92,7 @@ pub trait Task {
 }
 
 /// Next-token prediction on a causal language model: [`Dataset`]s of token ids with the
-/// tokens the loss counts, the causal-LM loss ([`causal_lm_loss_sum`]) summed over target
+/// tokens the loss counts, the causal-LM loss ([`CausalLm::loss_sum`]) summed over target
 /// tokens. The saved adapter records `task_type` `CAUSAL_LM`.
 #[derive(Clone, Copy)]
 pub struct LanguageModeling<'m> {
@@ -158,8 +157,7 @@ impl Task for LanguageModeling<'_> {
     }
 
     fn loss_sum(&self, batch: &Batch, _train: bool) -> Result<Tensor> {
-        let logits = self.model.logits(&batch.input_ids)?;
-        causal_lm_loss_sum(&logits, &batch.input_ids, &batch.loss_mask)
+        self.model.loss_sum(&batch.input_ids, &batch.loss_mask)
     }
 
     fn peft_settings(&self) -> Vec<(&'static str, Value)> {

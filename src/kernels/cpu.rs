@@ -17,6 +17,7 @@ mod scaled;
 mod transpose;
 
 pub(crate) use in_place::AddProduct;
+pub(crate) use machine::{machine, Isa};
 pub(crate) use pool::{Pooled, Scratch};
 pub(crate) use quant::WeightMat;
 pub(crate) use scaled::{scaled_backward, scaled_forward, ScaledForward, ScaledNeed, ScaledSaved};
@@ -223,6 +224,20 @@ fn gemm_into<T: WithDType>(
     }
     gemm_checked(dst, dst_rs, product, parallelism());
     Ok(())
+}
+
+/// `dst = lhs · rhs` ([`Accum::Replace`]) or `dst += lhs · rhs` ([`Accum::Add`]) through
+/// the fused op's routes ([`gemm_into`]: the decode kernel for a few rows, a BLAS backend
+/// when built with one, the column-major reroutes, else the `gemm` crate on candle's
+/// threads): for ops outside this module that multiply by a frozen weight.
+pub(crate) fn product_into<T: WithDType>(
+    dst: &mut [T],
+    dst_rs: usize,
+    lhs: MatRef<T>,
+    rhs: MatRef<T>,
+    accum: Accum,
+) -> candle_core::Result<()> {
+    gemm_into(dst, dst_rs, lhs, rhs, accum, T::from_f64(1.0))
 }
 
 /// Checks that `dst` (row stride `dst_rs`) holds the `lhs · rhs` product and that the

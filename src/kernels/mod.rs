@@ -61,7 +61,7 @@ mod weight;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
-pub(crate) use cpu::{gemm_with, Accum, MatRef};
+pub(crate) use cpu::{gemm_with, machine, mat_of_layout, product_into, Accum, Isa, MatRef};
 pub(crate) use product::Product;
 pub(crate) use rows::{flatten_rows, unflatten_rows};
 pub use scaled::ScaledLowRankLinear;

@@ -325,6 +325,13 @@ impl CausalLm for AutoCausalLm {
         self.forward(input_ids)
     }
 
+    fn loss_sum(&self, input_ids: &Tensor, loss_mask: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Llama(m) => m.loss_sum(input_ids, loss_mask),
+            Self::Gpt2(m) => m.loss_sum(input_ids, loss_mask),
+        }
+    }
+
     fn vocab_size(&self) -> usize {
         match self {
             Self::Llama(m) => m.vocab_size(),

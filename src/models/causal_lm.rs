@@ -7,6 +7,7 @@ use crate::error::Result;
 
 use super::gpt2::Gpt2LmHeadModel;
 use super::llama::LlamaForCausalLM;
+use super::lm_loss::causal_lm_loss_sum;
 
 /// A causal language model: token ids `(batch, seq)` to next-token logits
 /// `(batch, seq, vocab)`, each position seeing itself and the positions before it.
@@ -38,6 +39,15 @@ pub trait CausalLm {
     fn max_positions(&self) -> Option<usize> {
         None
     }
+    /// The summed next-token loss of a batch (`loss_mask` `(batch, seq)`, 1 where a token
+    /// is a prediction target): [`causal_lm_loss_sum`] of [`CausalLm::logits`], which the
+    /// default computes. This crate's models fuse a frozen output head with the loss (see
+    /// [`LlamaForCausalLM::loss_sum`]).
+    ///
+    /// [`causal_lm_loss_sum`]: crate::finetune::loss::causal_lm_loss_sum
+    fn loss_sum(&self, input_ids: &Tensor, loss_mask: &Tensor) -> Result<Tensor> {
+        causal_lm_loss_sum(&self.logits(input_ids)?, input_ids, loss_mask)
+    }
     /// The model folder it was loaded from, as given (transformers' `_name_or_path`), when
     /// known: the training loop saves it as PEFT's `base_model_name_or_path`.
     fn name_or_path(&self) -> Option<&str> {
@@ -48,6 +58,10 @@ pub trait CausalLm {
 impl CausalLm for LlamaForCausalLM {
     fn logits(&self, input_ids: &Tensor) -> Result<Tensor> {
         self.forward(input_ids)
+    }
+
+    fn loss_sum(&self, input_ids: &Tensor, loss_mask: &Tensor) -> Result<Tensor> {
+        LlamaForCausalLM::loss_sum(self, input_ids, loss_mask)
     }
 
     fn vocab_size(&self) -> usize {
@@ -66,6 +80,10 @@ impl CausalLm for LlamaForCausalLM {
 impl CausalLm for Gpt2LmHeadModel {
     fn logits(&self, input_ids: &Tensor) -> Result<Tensor> {
         self.forward(input_ids)
+    }
+
+    fn loss_sum(&self, input_ids: &Tensor, loss_mask: &Tensor) -> Result<Tensor> {
+        Gpt2LmHeadModel::loss_sum(self, input_ids, loss_mask)
     }
 
     fn vocab_size(&self) -> usize {

@@ -30,10 +30,13 @@ mod batch_generation;
 pub mod bert;
 mod causal_lm;
 mod cpu_op;
+mod cross_entropy;
 pub mod generation;
 pub mod gpt2;
+mod head_cross_entropy;
 mod kv_buffer;
 pub mod llama;
+pub(crate) mod lm_loss;
 #[cfg(test)]
 mod op_test;
 mod ops;

@@ -36,6 +36,7 @@ use crate::kernels::FusedLinear;
 use crate::model::{embedding, linear_no_bias, AdapterPlan, Embedding, Linear};
 use crate::models::base_prefix::with_base_prefix;
 use crate::models::kv_buffer::{Appending, LayerKv};
+use crate::models::lm_loss::{causal_lm_loss_sum, frozen_head_loss_sum, linear_head_loss_sum};
 use crate::models::ops::LayerNorm;
 use crate::models::padding::{mask_values, position};
 
@@ -289,6 +290,44 @@ impl Gpt2LmHeadModel {
         Ok(self.run(input_ids, 0, no_past, None, false)?.0)
     }
 
+    /// The summed next-token loss of a batch, as
+    /// [`LlamaForCausalLM::loss_sum`](crate::models::llama::LlamaForCausalLM::loss_sum):
+    /// a frozen output head (the tied `wte` table's base, or a frozen `lm_head`) runs with
+    /// the loss as one op on the CPU in f32, without storing the logits.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use lorakit::finetune::loss::causal_lm_loss_sum;
+    /// use lorakit::models::gpt2::Gpt2LmHeadModel;
+    /// use lorakit::peft::PeftAdapter;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let dir = "tests/fixtures/peft_options/gpt2_lora"; // tied head
+    /// let dev = Device::Cpu;
+    /// let plan = PeftAdapter::load(format!("{dir}/adapter"), &dev)?.plan()?;
+    /// let model = Gpt2LmHeadModel::from_pretrained(format!("{dir}/base"), DType::F32, &dev, &plan)?;
+    /// let ids = Tensor::new(&[[5u32, 9, 2, 7]], &dev)?;
+    /// let mask = Tensor::new(&[[0f32, 1., 1., 1.]], &dev)?;
+    /// let loss = model.loss_sum(&ids, &mask)?.to_scalar::<f32>()?;
+    /// let reference = causal_lm_loss_sum(&model.forward(&ids)?, &ids, &mask)?.to_scalar::<f32>()?;
+    /// assert!((loss - reference).abs() < 1e-5 * reference);
+    /// # Ok(()) }
+    /// ```
+    pub fn loss_sum(&self, input_ids: &Tensor, loss_mask: &Tensor) -> Result<Tensor> {
+        self.check_ids(input_ids)?;
+        let no_past = std::iter::repeat_n(&None, self.blocks.len());
+        let (hidden, _) = self.run_hidden(input_ids, 0, no_past, None, false)?;
+        match &self.lm_head {
+            Some(head) => linear_head_loss_sum(&hidden, head, input_ids, loss_mask),
+            None => {
+                let table = base_table(&self.wte)?;
+                match frozen_head_loss_sum(&hidden, &table, None, input_ids, loss_mask)? {
+                    Some(loss) => Ok(loss),
+                    None => causal_lm_loss_sum(&self.head(&hidden)?, input_ids, loss_mask),
+                }
+            }
+        }
+    }
+
     /// The model on `input_ids` at positions `offset..` after each block's cached keys and
     /// values `past` (in block order): the logits and every block's grown cache entry.
     /// `values_only`: attention reads the new keys and values as stored values
@@ -302,7 +341,21 @@ impl Gpt2LmHeadModel {
         pads: Option<&[usize]>,
         values_only: bool,
     ) -> Result<(Tensor, Vec<LayerKv>)> {
-        let (batch, seq) = input_ids.dims2()?;
+        let (x, grown) = self.run_hidden(input_ids, offset, past, pads, values_only)?;
+        Ok((self.head(&x)?, grown))
+    }
+
+    /// [`Gpt2LmHeadModel::run`] up to the final layer norm: the hidden states the output
+    /// head takes, and every block's grown cache entry.
+    fn run_hidden<'a>(
+        &self,
+        input_ids: &Tensor,
+        offset: usize,
+        past: impl Iterator<Item = &'a Option<LayerKv>>,
+        pads: Option<&[usize]>,
+        values_only: bool,
+    ) -> Result<(Tensor, Vec<LayerKv>)> {
+        let (_, seq) = input_ids.dims2()?;
         let end = offset.saturating_add(seq);
         let (start, end) = match (u32::try_from(offset), u32::try_from(end)) {
             (Ok(start), Ok(end)) => (start, end),
@@ -341,9 +394,14 @@ impl Gpt2LmHeadModel {
             x = out;
             grown.push(kv);
         }
-        let x = self.ln_f.forward(&x)?;
-        let logits = match &self.lm_head {
-            Some(head) => head.forward(&x)?,
+        Ok((self.ln_f.forward(&x)?, grown))
+    }
+
+    /// The logits of the hidden states `x` `(batch, seq, d)`.
+    fn head(&self, x: &Tensor) -> Result<Tensor> {
+        let (batch, seq, _) = x.dims3()?;
+        Ok(match &self.lm_head {
+            Some(head) => head.forward(x)?,
             None => {
                 let table = base_table(&self.wte)?; // (vocab, d)
                 if table.track_op() {
@@ -363,11 +421,10 @@ impl Gpt2LmHeadModel {
                         low_rank: None,
                         row_scale: None,
                     };
-                    head.forward(&x)?
+                    head.forward(x)?
                 }
             }
-        };
-        Ok((logits, grown))
+        })
     }
 
     /// `(batch, seq)` of valid token ids: rank 2, `batch ≥ 1`, `1 ≤ seq ≤ n_positions`,

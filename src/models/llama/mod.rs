@@ -36,6 +36,7 @@ use crate::error::{Error, Result};
 use crate::frozen::FrozenLinear;
 use crate::model::{embedding, linear_b, AdapterPlan, Embedding, Linear};
 use crate::models::kv_buffer::{Appending, LayerKv};
+use crate::models::lm_loss::linear_head_loss_sum;
 
 pub use cache::KvCache;
 pub use config::{LayerAttention, LlamaConfig, LlamaFamily, RopeScaling};
@@ -261,12 +262,63 @@ impl LlamaForCausalLM {
         Ok(self.run(input_ids, 0, no_past, None, false)?.0)
     }
 
+    /// The summed next-token loss of a batch, [`causal_lm_loss_sum`] of
+    /// [`LlamaForCausalLM::forward`]'s logits (`loss_mask` `(batch, seq)`, 1 where a token is
+    /// a prediction target; divide by the targets for the mean, as transformers'
+    /// `model(input_ids, labels=…).loss`): what the training loop calls.
+    ///
+    /// With a frozen output head on the CPU in f32 the head and the loss run as one op over
+    /// blocks of positions: the batch's logits (`batch · seq × vocab`) are never stored, and
+    /// the head's backward is computed in the same pass. An adapted or trained head (PEFT's
+    /// `lm_head` targets, `modules_to_save`), another device or dtype computes the logits
+    /// and the loss. The result is the same either way (to float rounding).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use lorakit::finetune::loss::causal_lm_loss_sum;
+    /// use lorakit::models::llama::LlamaForCausalLM;
+    /// use lorakit::peft::PeftAdapter;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let dir = "tests/fixtures/models/llama/qwen3";
+    /// let dev = Device::Cpu;
+    /// let plan = PeftAdapter::load(format!("{dir}/lora"), &dev)?.plan()?;
+    /// let model = LlamaForCausalLM::from_pretrained(format!("{dir}/base"), DType::F32, &dev, &plan)?;
+    /// let ids = Tensor::new(&[[5u32, 9, 2, 7], [1, 1, 2, 3]], &dev)?;
+    /// let mask = Tensor::new(&[[0f32, 1., 1., 1.], [0., 0., 1., 1.]], &dev)?;
+    /// let loss = model.loss_sum(&ids, &mask)?.to_scalar::<f32>()?;
+    /// let reference = causal_lm_loss_sum(&model.forward(&ids)?, &ids, &mask)?.to_scalar::<f32>()?;
+    /// assert!((loss - reference).abs() < 1e-5 * reference);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// [`causal_lm_loss_sum`]: crate::finetune::loss::causal_lm_loss_sum
+    pub fn loss_sum(&self, input_ids: &Tensor, loss_mask: &Tensor) -> Result<Tensor> {
+        self.check_ids(input_ids)?;
+        let no_past = std::iter::repeat_n(&None, self.layers.len());
+        let (hidden, _) = self.run_hidden(input_ids, 0, no_past, None, false)?;
+        linear_head_loss_sum(&hidden, &self.lm_head, input_ids, loss_mask)
+    }
+
     /// The model on `input_ids` at positions `offset..` after each layer's cached keys and
     /// values `past` (in layer order): the logits and every layer's grown cache entry.
     /// `pads`: a left-padded batch's padding per row (`models::padding`); `values_only`:
     /// attention reads the new keys and values as stored values (`KvCache::for_inference`).
     /// The ids are checked by the caller.
     pub(crate) fn run<'a>(
+        &self,
+        input_ids: &Tensor,
+        offset: usize,
+        past: impl Iterator<Item = &'a Option<LayerKv>>,
+        pads: Option<&[usize]>,
+        values_only: bool,
+    ) -> Result<(Tensor, Vec<LayerKv>)> {
+        let (x, grown) = self.run_hidden(input_ids, offset, past, pads, values_only)?;
+        Ok((self.lm_head.forward(&x)?, grown))
+    }
+
+    /// [`LlamaForCausalLM::run`] up to the final norm: the hidden states the output head
+    /// takes, and every layer's grown cache entry.
+    fn run_hidden<'a>(
         &self,
         input_ids: &Tensor,
         offset: usize,
@@ -298,8 +350,7 @@ impl LlamaForCausalLM {
             x = out;
             grown.push(kv);
         }
-        let x = self.norm.forward(&x)?;
-        Ok((self.lm_head.forward(&x)?, grown))
+        Ok((self.norm.forward(&x)?, grown))
     }
 
     /// The configuration the model was built with.
