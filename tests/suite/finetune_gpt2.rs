@@ -169,3 +169,42 @@ fn the_tied_head_passes_the_gradient_to_the_lowest_adapter() {
         "autograd {want:e}, central difference {numeric:e} ({err:e})"
     );
 }
+
+/// `CausalLm::loss_sum` (the frozen tied head and the loss as one op) gives the loss and
+/// every adapter gradient that the logits and candle's composed cross-entropy give, with
+/// masked positions.
+#[test]
+fn the_fused_head_loss_equals_the_logits_and_the_composed_loss() {
+    let (model, _, set) = fresh(Variant::Lora);
+    // A non-zero B, so that both factors get gradients.
+    for v in set.trainable_vars() {
+        let t = v.var.var.as_tensor();
+        let bumped = Tensor::randn(0f32, 0.1, t.dims(), &Device::Cpu).unwrap();
+        v.var.var.set(&bumped).unwrap();
+    }
+    let dev = Device::Cpu;
+    let ids = Tensor::new(&[[1u32, 5, 9, 12, 3, 7], [30, 2, 8, 8, 4, 0]], &dev).unwrap();
+    let mask = Tensor::new(
+        &[[0f32, 0., 1., 1., 1., 1.], [0., 1., 1., 0., 1., 1.]],
+        &dev,
+    )
+    .unwrap();
+    let fused = model.loss_sum(&ids, &mask).unwrap();
+    let logits = model.logits(&ids).unwrap();
+    let composed =
+        lorakit::finetune::loss::causal_lm_loss_sum_composed(&logits, &ids, &mask).unwrap();
+    let (f, c) = (
+        fused.to_scalar::<f32>().unwrap(),
+        composed.to_scalar::<f32>().unwrap(),
+    );
+    assert!((f - c).abs() < 1e-5 * c.abs(), "loss {f} vs {c}");
+    let (gf, gc) = (fused.backward().unwrap(), composed.backward().unwrap());
+    let vars = set.trainable_vars();
+    assert!(!vars.is_empty());
+    for v in vars {
+        let t = v.var.var.as_tensor();
+        let (a, b) = (gf.get(t).unwrap(), gc.get(t).unwrap());
+        let err = rel_err(a, b);
+        assert!(err < 1e-4, "{}: {err:e}", v.full_name());
+    }
+}
