@@ -16,20 +16,14 @@ use lorakit::peft::{merge_files, save_adapter, write_atomic, PeftConfig};
 use lorakit::{DeltaLoraConfig, DeltaLoraLinear, FrozenLinear, LoraConfig, Shared};
 
 use crate::peft_common::listing as entries;
+use crate::peft_common::{temp_dir, TempDir};
 
 const WEIGHTS: &str = "adapter_model.safetensors";
 const CONFIG: &str = "adapter_config.json";
 
-/// A fresh, empty directory for one test.
-fn fresh_dir(case: &str) -> PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("lorakit-test-{}-atomic-{case}", std::process::id()));
-    if dir.exists() {
-        make_writable(&dir);
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh, empty directory for one test, removed when dropped.
+fn fresh_dir(case: &str) -> TempDir {
+    temp_dir(&format!("atomic-{case}"))
 }
 
 fn make_writable(dir: &Path) {

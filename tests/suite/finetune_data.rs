@@ -125,21 +125,13 @@ fn example_new_and_counts() {
 // Bad input.
 // ---------------------------------------------------------------------------------------
 
-/// A scratch folder for this process.
-fn scratch() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("lorakit-finetune-data-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// Writes `body` as `name` in the scratch folder.
-fn file(name: &str, body: &[u8]) -> PathBuf {
-    let path = scratch().join(name);
+/// Writes `body` as `name` in `dir`.
+fn file(dir: &Path, name: &str, body: &[u8]) -> PathBuf {
+    let path = dir.join(name);
     std::fs::write(&path, body).unwrap();
     path
 }
 
-/// A tokenizer with no post-processor and no special tokens known: "" encodes to nothing.
 fn bare_tokenizer() -> TextTokenizer {
     let mut inner =
         tokenizers::Tokenizer::from_file(Path::new(TOKENIZER).join("tokenizer.json")).unwrap();
@@ -149,6 +141,7 @@ fn bare_tokenizer() -> TextTokenizer {
 
 #[test]
 fn every_bad_jsonl_line_is_named_by_file_and_line() {
+    let scratch = crate::peft_common::temp_dir("finetune-data");
     let tok = tokenizer();
     let bare = bare_tokenizer();
     let mut c = Checker::new();
@@ -252,6 +245,7 @@ fn every_bad_jsonl_line_is_named_by_file_and_line() {
     ];
     for (name, bad, words) in cases {
         let path = file(
+            &scratch,
             name,
             format!("{{\"text\": \"ok\"}}\n\n{bad}\n{{\"text\": \"ok\"}}\n").as_bytes(),
         );
@@ -265,6 +259,7 @@ fn every_bad_jsonl_line_is_named_by_file_and_line() {
 
     // Lines that only a tokenizer without special tokens turns into nothing.
     let path = file(
+        &scratch,
         "empty_text.jsonl",
         b"{\"text\": \"ab\"}\n{\"text\": \"\"}\n",
     );
@@ -274,6 +269,7 @@ fn every_bad_jsonl_line_is_named_by_file_and_line() {
         || Dataset::from_jsonl(&path, &bare),
     );
     let path = file(
+        &scratch,
         "empty_completion.jsonl",
         b"{\"prompt\": \"a\", \"completion\": \"\"}\n",
     );
@@ -286,27 +282,32 @@ fn every_bad_jsonl_line_is_named_by_file_and_line() {
         Dataset::from_jsonl(&path, &tok)
     });
 
-    let path = file("utf8.jsonl", b"{\"text\": \"ok\"}\n{\"text\": \"\xff\"}\n");
+    let path = file(
+        &scratch,
+        "utf8.jsonl",
+        b"{\"text\": \"ok\"}\n{\"text\": \"\xff\"}\n",
+    );
     c.err("not UTF-8", &["utf8.jsonl", "line 2:", "not UTF-8"], || {
         Dataset::from_jsonl(&path, &tok)
     });
-    let path = file("empty.jsonl", b"");
+    let path = file(&scratch, "empty.jsonl", b"");
     c.err(
         "empty file",
         &["empty.jsonl", "no examples", "empty"],
         || Dataset::from_jsonl(&path, &tok),
     );
-    let path = file("blank.jsonl", b"\n  \n\r\n");
+    let path = file(&scratch, "blank.jsonl", b"\n  \n\r\n");
     c.err("blank lines only", &["blank.jsonl", "no examples"], || {
         Dataset::from_jsonl(&path, &tok)
     });
-    let missing = scratch().join("missing.jsonl");
+    let missing = scratch.join("missing.jsonl");
     c.err("missing file", &["missing.jsonl"], || {
         Dataset::from_jsonl(&missing, &tok)
     });
 
     // An id the model does not have, named by example, token and the file's line.
     let path = file(
+        &scratch,
         "vocab.jsonl",
         b"{\"input_ids\": [1, 2]}\n\n{\"input_ids\": [1, 63, 64, 2]}\n",
     );

@@ -59,7 +59,8 @@ fn check_case(case: &str) {
     );
 
     // The merge command gives PEFT's merge_and_unload() state dict.
-    let out = temp_dir(&format!("fixture-{case}")).join("merged.safetensors");
+    let out_dir = temp_dir(&format!("fixture-{case}"));
+    let out = out_dir.join("merged.safetensors");
     merge_files(&dir.join("base.safetensors"), &dir.join("adapter"), &out).unwrap();
     let got = load(&out);
     let mut names: Vec<_> = got.keys().collect();
@@ -114,7 +115,8 @@ fn adalora_after_pruning() {
 fn merge_keeps_half_dtypes() {
     let dir = fixture("lora_mlp");
     for (tag, dtype, tol) in [("f16", DType::F16, 2e-3), ("bf16", DType::BF16, 1e-2)] {
-        let out = temp_dir(&format!("half-{tag}")).join("merged.safetensors");
+        let out_dir = temp_dir(&format!("half-{tag}"));
+        let out = out_dir.join("merged.safetensors");
         merge_files(
             &dir.join(format!("base_{tag}.safetensors")),
             &dir.join("adapter"),

@@ -124,7 +124,8 @@ fn every_wrapped_module_gives_pefts_output() {
 fn merged_checkpoints_equal_pefts_merge_and_unload() {
     for case in CASES {
         let dir = case_dir(case);
-        let out = temp_dir(&format!("options-merge-{case}")).join("merged.safetensors");
+        let out_dir = temp_dir(&format!("options-merge-{case}"));
+        let out = out_dir.join("merged.safetensors");
         let report = merge_checkpoint(
             &dir.join("base/model.safetensors"),
             &dir.join("adapter"),
@@ -211,9 +212,13 @@ fn trained_adapters_save_and_reload_with_the_same_outputs() {
         );
 
         let check_dir = std::env::var_os("LORAKIT_OPTIONS_CHECK_DIR").map(PathBuf::from);
+        let scratch;
         let out = match &check_dir {
             Some(d) => d.join(case),
-            None => temp_dir(&format!("options-trained-{case}")),
+            None => {
+                scratch = temp_dir(&format!("options-trained-{case}"));
+                scratch.to_path_buf()
+            }
         };
         save_adapter(out.join("adapter"), &config, &set).unwrap();
         let reloaded = PeftAdapter::load(out.join("adapter"), &Device::Cpu).unwrap();

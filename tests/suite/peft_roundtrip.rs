@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use crate::peft_common::{assert_close, fixture, load, temp_dir, Chain};
+use crate::peft_common::{assert_close, fixture, load, temp_dir, Chain, TempDir};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use lorakit::model::AdaptedSet;
@@ -32,7 +32,11 @@ fn save_reload_compare(
     set: &AdaptedSet,
     y: &Tensor,
     x: &Tensor,
-) {
+) -> Option<TempDir> {
+    // Without LORAKIT_REVERSE_DIR the folder is temporary: the returned guard removes it.
+    let temporary = std::env::var_os("LORAKIT_REVERSE_DIR")
+        .is_none()
+        .then(|| temp_dir(&format!("roundtrip-{case}-{tag}")));
     let dir = temp_dir_path(case, tag);
     let _ = std::fs::remove_dir_all(&dir);
     let adapter_dir = dir.join("adapter");
@@ -58,6 +62,7 @@ fn save_reload_compare(
     ]
     .into();
     candle_core::safetensors::save(&out, dir.join("output.safetensors")).unwrap();
+    temporary
 }
 
 /// Load the PEFT fixture, save it again, reload: same outputs, same tensors.
@@ -189,7 +194,7 @@ fn fresh_adalora_pruned_roundtrip() {
     }
     let x = Tensor::randn(0f32, 1., (4, 10), &Device::Cpu).unwrap();
     let y = model.forward(&x);
-    save_reload_compare("adalora", "fresh", &config, &set, &y, &x);
+    let _saved_dir = save_reload_compare("adalora", "fresh", &config, &set, &y, &x);
     let saved = PeftConfig::from_file(
         temp_dir_path("adalora", "fresh").join("adapter/adapter_config.json"),
     )

@@ -143,7 +143,8 @@ fn qwen2_with_tokenizer(tmp: &Path) -> PathBuf {
 #[test]
 fn a_text_prompt_gives_transformers_text() {
     let text = &expected()["text"];
-    let folder = qwen2_with_tokenizer(&temp_dir("cli-generate-text"));
+    let dir = temp_dir("cli-generate-text");
+    let folder = qwen2_with_tokenizer(&dir);
     let adapter = llama("qwen2").join("lora");
     let prompt = text["prompt_text"].as_str().unwrap();
     let out = lorakit(&[
@@ -456,7 +457,8 @@ fn repeated_prompts_generate_as_one_batch_of_transformers_rows() {
         .collect();
     assert_eq!(stdout(&lorakit(&args)), want);
     // One prompt's logits only.
-    let file = temp_dir("cli-generate-batch").join("logits.safetensors");
+    let file_dir = temp_dir("cli-generate-batch");
+    let file = file_dir.join("logits.safetensors");
     args.extend_from_slice(&[&"--logits-out", &file]);
     error_line(lorakit(&args), 2, &["--logits-out", "one prompt"]);
     assert!(!file.exists());

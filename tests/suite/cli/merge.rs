@@ -19,7 +19,8 @@ fn merge_matches_peft_merge_and_unload() {
         "adalora",
     ] {
         let dir = fixture(case);
-        let out = temp_dir(&format!("cli-{case}")).join("merged.safetensors");
+        let out_dir = temp_dir(&format!("cli-{case}"));
+        let out = out_dir.join("merged.safetensors");
         assert_success(&merge(
             &dir.join("base.safetensors"),
             &dir.join("adapter"),

@@ -9,7 +9,8 @@ use crate::peft_options::case_dir;
 #[test]
 fn merge_of_a_gpt2_adapter_with_embedding_lora_equals_pefts() {
     let dir = case_dir("gpt2_lora");
-    let out = temp_dir("cli-options-merge").join("merged");
+    let out_dir = temp_dir("cli-options-merge");
+    let out = out_dir.join("merged");
     let result = lorakit(&[
         &"merge",
         &"--base",

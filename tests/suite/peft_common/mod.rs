@@ -102,12 +102,60 @@ pub fn assert_close(a: &Tensor, b: &Tensor, tol: f64, what: &str) {
     assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.0e}");
 }
 
-/// A fresh empty directory under the system temp dir.
-pub fn temp_dir(name: &str) -> PathBuf {
+/// A fresh empty directory under the system temp dir, removed with its contents when the
+/// returned guard drops (a test that fails leaves it for inspection only until then).
+pub fn temp_dir(name: &str) -> TempDir {
     let d = std::env::temp_dir().join(format!("lorakit-test-{}-{name}", std::process::id()));
+    if d.exists() {
+        make_tree_writable(&d);
+    }
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TempDir(d)
+}
+
+/// A directory [`temp_dir`] made; it derefs to its path.
+pub struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = PathBuf;
+
+    fn deref(&self) -> &PathBuf {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for TempDir {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0.as_os_str()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::fs::remove_dir_all(&self.0).is_err() {
+            // A test made part of it read-only: writable again, then removed.
+            make_tree_writable(&self.0);
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// `dir` and every folder below it writable by their owner.
+fn make_tree_writable(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            make_tree_writable(&entry.path());
+        }
+    }
 }
 
 /// The directory's entries, sorted (to compare before/after and spot temporaries).
