@@ -18,6 +18,10 @@ use crate::kernels::{machine, Isa};
 /// [`exp`] and plain arithmetic) becomes 16- or 8-lane vector code instead of the
 /// baseline x86-64's 4 SSE2 lanes. The arithmetic is the same on every path (no
 /// contraction into fused multiply-adds), so results do not depend on the set.
+///
+/// Mark the closure `#[inline(always)]`: one the compiler does not inline into the
+/// wrapper is compiled for the baseline (an `exp` map and a sum in one closure ran at
+/// 1.2 ns per element without the attribute and 0.43 with it, one Intel Xeon core).
 #[inline(always)]
 pub(crate) fn on_widest_vectors<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
@@ -95,23 +99,64 @@ pub(crate) fn exp(x: f32) -> f32 {
     }
 }
 
-/// `Σ exp(x − shift)` over `xs`, in 8 running sums (so that the loop vectorizes; the order
-/// is fixed, the result does not depend on threads).
-#[inline]
-pub(crate) fn sum_exp(xs: &[f32], shift: f32) -> f32 {
-    let mut lanes = [0f32; 8];
-    let chunks = xs.chunks_exact(8);
-    let tail: f32 = chunks.remainder().iter().map(|&x| exp(x - shift)).sum();
+/// Running sums and maxima are kept in this many lanes, added (or compared) in a fixed
+/// order, so that reductions vectorize at any width up to 512-bit f32 vectors and their
+/// results do not depend on the instruction set or the threads.
+const LANES: usize = 16;
+
+/// Elements per tile of [`sum_exp`]: its exponentials go to a stack buffer first.
+const TILE: usize = 256;
+
+/// The largest element of `xs` (−∞ for an empty slice; NaN elements are skipped, as
+/// `f32::max` does).
+#[inline(always)]
+pub(crate) fn max(xs: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
     for chunk in chunks {
         for (lane, &x) in lanes.iter_mut().zip(chunk) {
-            *lane += exp(x - shift);
+            *lane = lane.max(x);
+        }
+    }
+    lanes.iter().copied().fold(tail, f32::max)
+}
+
+/// `Σ xs` in [`LANES`] running sums.
+#[inline(always)]
+pub(crate) fn sum(xs: &[f32]) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for chunk in chunks {
+        for (lane, &x) in lanes.iter_mut().zip(chunk) {
+            *lane += x;
         }
     }
     lanes.iter().sum::<f32>() + tail
 }
 
+/// `Σ exp(x − shift)` over `xs`: each tile's exponentials into a stack buffer, then summed
+/// ([`sum`]). Two loops, because one loop that both exponentiates and accumulates in lanes
+/// is not vectorized (2.4 ms against 0.9 for 8,192 rows of 256 on one Intel Xeon core).
+#[inline(always)]
+pub(crate) fn sum_exp(xs: &[f32], shift: f32) -> f32 {
+    let mut tile = [0f32; TILE];
+    let mut total = 0f32;
+    for chunk in xs.chunks(TILE) {
+        let tile = tile.get_mut(..chunk.len()).unwrap_or_default();
+        exp_into(tile, chunk, shift, 1.0);
+        total += sum(tile);
+    }
+    total
+}
+
 /// `dst[i] = scale · exp(src[i] − shift)` (over the shorter of the two).
-#[inline]
+#[inline(always)]
 pub(crate) fn exp_into(dst: &mut [f32], src: &[f32], shift: f32, scale: f32) {
     for (d, &x) in dst.iter_mut().zip(src) {
         *d = scale * exp(x - shift);
@@ -119,31 +164,18 @@ pub(crate) fn exp_into(dst: &mut [f32], src: &[f32], shift: f32, scale: f32) {
 }
 
 /// `xs[i] = scale · exp(xs[i] − shift)` in place.
-#[inline]
+#[inline(always)]
 pub(crate) fn scaled_exp_in_place(xs: &mut [f32], shift: f32, scale: f32) {
     for x in xs.iter_mut() {
         *x = scale * exp(*x - shift);
     }
 }
 
-/// `xs[i] = exp(xs[i] − shift)` in place; returns their sum (8 running sums, as
-/// [`sum_exp`]).
-#[inline]
+/// `xs[i] = exp(xs[i] − shift)` in place; returns their sum ([`sum`]).
+#[inline(always)]
 pub(crate) fn exp_in_place_sum(xs: &mut [f32], shift: f32) -> f32 {
-    let mut lanes = [0f32; 8];
-    let mut chunks = xs.chunks_exact_mut(8);
-    for chunk in &mut chunks {
-        for (lane, x) in lanes.iter_mut().zip(chunk.iter_mut()) {
-            *x = exp(*x - shift);
-            *lane += *x;
-        }
-    }
-    let mut tail = 0f32;
-    for x in chunks.into_remainder() {
-        *x = exp(*x - shift);
-        tail += *x;
-    }
-    lanes.iter().sum::<f32>() + tail
+    scaled_exp_in_place(xs, shift, 1.0);
+    sum(xs)
 }
 
 #[cfg(test)]
@@ -178,19 +210,41 @@ mod tests {
     /// The slice helpers equal the element-wise function, with tails shorter than 8.
     #[test]
     fn slice_helpers_match_the_scalar_function() {
-        let xs: Vec<f32> = (0..21).map(|i| (i as f32 * 0.37).sin() * 5.0).collect();
-        let shift = 1.5f32;
-        let want: Vec<f32> = xs.iter().map(|&x| exp(x - shift)).collect();
-        let want_sum: f64 = want.iter().map(|&v| f64::from(v)).sum();
-        let got = super::sum_exp(&xs, shift);
-        assert!((f64::from(got) - want_sum).abs() < 1e-5 * want_sum);
-        let mut dst = vec![0f32; xs.len()];
-        super::exp_into(&mut dst, &xs, shift, 2.0);
-        let twice: Vec<f32> = want.iter().map(|v| 2.0 * v).collect();
-        assert_eq!(dst, twice);
-        let mut inplace = xs.clone();
-        let sum = super::exp_in_place_sum(&mut inplace, shift);
-        assert_eq!(inplace, want);
-        assert_eq!(sum, got);
+        // Lengths below one lane block, with a lane tail, and past two tiles with a tail.
+        for len in [0usize, 5, 21, 600] {
+            let xs: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37).sin() * 5.0).collect();
+            let shift = 1.5f32;
+            let want: Vec<f32> = xs.iter().map(|&x| exp(x - shift)).collect();
+            let want_sum: f64 = want.iter().map(|&v| f64::from(v)).sum();
+            let got = super::sum_exp(&xs, shift);
+            assert!(
+                (f64::from(got) - want_sum).abs() <= 1e-5 * want_sum,
+                "{len}"
+            );
+            let mut dst = vec![0f32; xs.len()];
+            super::exp_into(&mut dst, &xs, shift, 2.0);
+            let twice: Vec<f32> = want.iter().map(|v| 2.0 * v).collect();
+            assert_eq!(dst, twice);
+            let mut inplace = xs.clone();
+            let sum = super::exp_in_place_sum(&mut inplace, shift);
+            assert_eq!(inplace, want);
+            assert!(
+                (f64::from(sum) - want_sum).abs() <= 1e-5 * want_sum,
+                "{len}"
+            );
+            let plain: f64 = xs.iter().map(|&v| f64::from(v)).sum();
+            let scale: f64 = xs.iter().map(|&v| f64::from(v.abs())).sum();
+            assert!(
+                (f64::from(super::sum(&xs)) - plain).abs() <= 1e-6 * scale,
+                "{len}"
+            );
+            let want_max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(super::max(&xs), want_max, "{len}");
+        }
+        // The maximum skips NaN wherever it sits (a lane or the tail).
+        let mut xs: Vec<f32> = (0..37).map(|i| i as f32).collect();
+        xs[3] = f32::NAN;
+        xs[36] = f32::NAN;
+        assert_eq!(super::max(&xs), 35.0);
     }
 }

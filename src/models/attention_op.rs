@@ -197,24 +197,28 @@ impl CausalAttention {
             .par_chunks_mut(n.kv.max(1))
             .enumerate()
             .for_each(|(r, row)| {
-                let pos = offset + r % n.t;
-                let lo = self.window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                let hi = pos.min(n.kv - 1);
-                let mut max = f32::NEG_INFINITY;
-                let seen = row.get_mut(lo..=hi).unwrap_or_default();
-                for v in seen.iter_mut() {
-                    *v *= self.scale;
-                    max = max.max(*v);
-                }
-                let sum = crate::vector_math::exp_in_place_sum(seen, max);
-                let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
-                for (j, v) in row.iter_mut().enumerate() {
-                    if j < lo || j > hi {
-                        *v = 0.0;
-                    } else {
-                        *v *= inv;
-                    }
-                }
+                crate::vector_math::on_widest_vectors(
+                    #[inline(always)]
+                    || {
+                        let pos = offset + r % n.t;
+                        let lo = self.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                        let hi = pos.min(n.kv - 1);
+                        let seen = row.get_mut(lo..=hi).unwrap_or_default();
+                        for v in seen.iter_mut() {
+                            *v *= self.scale;
+                        }
+                        let max = crate::vector_math::max(seen);
+                        let sum = crate::vector_math::exp_in_place_sum(seen, max);
+                        let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+                        for (j, v) in row.iter_mut().enumerate() {
+                            if j < lo || j > hi {
+                                *v = 0.0;
+                            } else {
+                                *v *= inv;
+                            }
+                        }
+                    },
+                )
             });
     }
 }

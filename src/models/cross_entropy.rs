@@ -94,8 +94,9 @@ fn dims(l1: &Layout, l2: &Layout, l3: &Layout) -> candle_core::Result<(usize, us
 }
 
 /// `(max, log Σ exp(z − max))` of one row.
+#[inline(always)]
 pub(super) fn log_sum_exp(row: &[f32]) -> (f32, f32) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = crate::vector_math::max(row);
     (max, crate::vector_math::sum_exp(row, max).ln())
 }
 
@@ -121,7 +122,10 @@ impl CustomOp3 for CrossEntropy {
                 if w == 0.0 {
                     return (0.0, 0.0);
                 }
-                let (max, lse) = crate::vector_math::on_widest_vectors(|| log_sum_exp(row));
+                let (max, lse) = crate::vector_math::on_widest_vectors(
+                    #[inline(always)]
+                    || log_sum_exp(row),
+                );
                 let picked = row.get(t as usize).copied().unwrap_or(f32::NAN);
                 (w * (max + lse - picked), max + lse)
             })
@@ -172,16 +176,19 @@ impl CustomOp3 for CrossEntropyGrad {
                 if s == 0.0 {
                     return;
                 }
-                crate::vector_math::on_widest_vectors(|| {
-                    let shift = match saved.and_then(|v| v.get(i)) {
-                        Some(&shift) => shift,
-                        None => {
-                            let (max, lse) = log_sum_exp(row);
-                            max + lse
-                        }
-                    };
-                    crate::vector_math::exp_into(dst, row, shift, s);
-                });
+                crate::vector_math::on_widest_vectors(
+                    #[inline(always)]
+                    || {
+                        let shift = match saved.and_then(|v| v.get(i)) {
+                            Some(&shift) => shift,
+                            None => {
+                                let (max, lse) = log_sum_exp(row);
+                                max + lse
+                            }
+                        };
+                        crate::vector_math::exp_into(dst, row, shift, s);
+                    },
+                );
                 if let Some(d) = dst.get_mut(t as usize) {
                     *d -= s;
                 }

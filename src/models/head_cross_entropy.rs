@@ -149,7 +149,10 @@ impl HeadCrossEntropy {
                 .zip(losses.par_iter_mut())
                 .zip(targets.par_iter().zip(weights.par_iter()))
                 .for_each(|((row, loss), (&t, &wt))| {
-                    *loss = on_widest_vectors(|| self.row(row, bias, t, wt));
+                    *loss = on_widest_vectors(
+                        #[inline(always)]
+                        || self.row(row, bias, t, wt),
+                    );
                 });
             if let Some(dst) = unit_blocks.next() {
                 let p = MatRef::contiguous(z, n, vocab)?;
@@ -224,7 +227,10 @@ impl CustomOp1 for HeadCrossEntropy {
         dx.par_chunks_mut(d.max(1))
             .zip(unit.par_chunks(d.max(1)).zip(scales.par_iter()))
             .for_each(|(dst, (src, &g))| {
-                on_widest_vectors(|| dst.iter_mut().zip(src).for_each(|(o, &u)| *o = g * u))
+                on_widest_vectors(
+                    #[inline(always)]
+                    || dst.iter_mut().zip(src).for_each(|(o, &u)| *o = g * u),
+                )
             });
         Ok(Some(Tensor::from_vec(dx, (rows, d), hidden.device())?))
     }

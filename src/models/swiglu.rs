@@ -34,11 +34,14 @@ fn map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
     out.par_chunks_mut(CHUNK)
         .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
         .for_each(|(out, (a, b))| {
-            crate::vector_math::on_widest_vectors(|| {
-                for ((o, &a), &b) in out.iter_mut().zip(a).zip(b) {
-                    *o = f(a, b);
-                }
-            })
+            crate::vector_math::on_widest_vectors(
+                #[inline(always)]
+                || {
+                    for ((o, &a), &b) in out.iter_mut().zip(a).zip(b) {
+                        *o = f(a, b);
+                    }
+                },
+            )
         });
     out
 }
@@ -52,11 +55,14 @@ fn map3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32 + Sync
                 .zip(b.par_chunks(CHUNK).zip(c.par_chunks(CHUNK))),
         )
         .for_each(|(out, (a, (b, c)))| {
-            crate::vector_math::on_widest_vectors(|| {
-                for (((o, &a), &b), &c) in out.iter_mut().zip(a).zip(b).zip(c) {
-                    *o = f(a, b, c);
-                }
-            })
+            crate::vector_math::on_widest_vectors(
+                #[inline(always)]
+                || {
+                    for (((o, &a), &b), &c) in out.iter_mut().zip(a).zip(b).zip(c) {
+                        *o = f(a, b, c);
+                    }
+                },
+            )
         });
     out
 }
