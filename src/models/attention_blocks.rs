@@ -184,7 +184,7 @@ pub(super) fn backward(x: &BackwardInputs, s: Shape) -> Result<(Vec<f32>, Vec<f3
                     for (r, c) in row_dot.iter_mut().take(b.rows).enumerate() {
                         let o = rows(x.out, at(b.row + r) / d, 1, d)?;
                         let g = rows(x.d_out, at(b.row + r) / d, 1, d)?;
-                        *c = o.iter().zip(g).map(|(o, g)| o * g).sum();
+                        *c = crate::vector_math::dot(o, g);
                     }
                     let q_b = MatRef::contiguous(sub(q, b.row * d)?, b.rows, d)?;
                     let k_b = MatRef::contiguous(sub(k, b.key * d)?, b.keys, d)?;
@@ -196,9 +196,14 @@ pub(super) fn backward(x: &BackwardInputs, s: Shape) -> Result<(Vec<f32>, Vec<f3
                     for (r, ds_row) in d_s.chunks_mut(b.keys).take(b.rows).enumerate() {
                         let c = row_dot.get(r).copied().unwrap_or(0.0);
                         let p_row = sub(p, (b.row + r) * kv + b.key)?;
-                        for (g, &pv) in ds_row.iter_mut().zip(p_row) {
-                            *g = x.scale * pv * (*g - c);
-                        }
+                        crate::vector_math::on_widest_vectors(
+                            #[inline(always)]
+                            || {
+                                for (g, &pv) in ds_row.iter_mut().zip(p_row) {
+                                    *g = x.scale * pv * (*g - c);
+                                }
+                            },
+                        );
                     }
                     let d_s_b = MatRef::contiguous(&d_s, b.rows, b.keys)?;
                     let d_q_b = sub_mut(d_q, b.row * d)?;

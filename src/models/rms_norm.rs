@@ -36,8 +36,9 @@ struct RmsNormOp {
 }
 
 /// `1 / sqrt(mean(row²) + eps)`.
+#[inline(always)]
 fn inv_rms(row: &[f32], eps: f32) -> f32 {
-    let sum2: f32 = row.iter().map(|v| v * v).sum();
+    let sum2 = crate::vector_math::dot(row, row);
     1.0 / (sum2 / row.len().max(1) as f32 + eps).sqrt()
 }
 
@@ -79,10 +80,15 @@ impl CustomOp2 for RmsNormOp {
         out.par_chunks_mut(w.len())
             .zip(x.par_chunks(w.len()))
             .for_each(|(dst, row)| {
-                let r = inv_rms(row, self.eps);
-                for ((d, &v), &a) in dst.iter_mut().zip(row).zip(w) {
-                    *d = v * r * a;
-                }
+                crate::vector_math::on_widest_vectors(
+                    #[inline(always)]
+                    || {
+                        let r = inv_rms(row, self.eps);
+                        for ((d, &v), &a) in dst.iter_mut().zip(row).zip(w) {
+                            *d = v * r * a;
+                        }
+                    },
+                )
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -134,17 +140,17 @@ impl CustomOp3 for RmsNormGrad {
         out.par_chunks_mut(n)
             .zip(x.par_chunks(n).zip(g.par_chunks(n)))
             .for_each(|(dst, (row, grow))| {
-                let r = inv_rms(row, self.eps);
-                let dot: f32 = grow
-                    .iter()
-                    .zip(w)
-                    .zip(row)
-                    .map(|((g, a), v)| g * a * v)
-                    .sum();
-                let c = r * r * r * dot / n as f32;
-                for (((d, &v), &gv), &a) in dst.iter_mut().zip(row).zip(grow).zip(w) {
-                    *d = r * gv * a - v * c;
-                }
+                crate::vector_math::on_widest_vectors(
+                    #[inline(always)]
+                    || {
+                        let r = inv_rms(row, self.eps);
+                        let dot = crate::vector_math::dot3(grow, w, row);
+                        let c = r * r * r * dot / n as f32;
+                        for (((d, &v), &gv), &a) in dst.iter_mut().zip(row).zip(grow).zip(w) {
+                            *d = r * gv * a - v * c;
+                        }
+                    },
+                )
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
