@@ -160,6 +160,13 @@ impl Task for LanguageModeling<'_> {
         self.model.loss_sum(&batch.input_ids, &batch.loss_mask)
     }
 
+    fn evaluate(&self, batch: &Batch) -> Result<(f64, Option<usize>)> {
+        let sum = self
+            .model
+            .eval_loss_sum(&batch.input_ids, &batch.loss_mask)?;
+        Ok((f64::from(sum.to_scalar::<f32>()?), None))
+    }
+
     fn peft_settings(&self) -> Vec<(&'static str, Value)> {
         peft_settings("CAUSAL_LM", self.model.name_or_path())
     }

@@ -332,6 +332,13 @@ impl CausalLm for AutoCausalLm {
         }
     }
 
+    fn eval_loss_sum(&self, input_ids: &Tensor, loss_mask: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Llama(m) => CausalLm::eval_loss_sum(m, input_ids, loss_mask),
+            Self::Gpt2(m) => CausalLm::eval_loss_sum(m, input_ids, loss_mask),
+        }
+    }
+
     fn vocab_size(&self) -> usize {
         match self {
             Self::Llama(m) => m.vocab_size(),

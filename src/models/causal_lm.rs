@@ -48,6 +48,12 @@ pub trait CausalLm {
     fn loss_sum(&self, input_ids: &Tensor, loss_mask: &Tensor) -> Result<Tensor> {
         causal_lm_loss_sum(&self.logits(input_ids)?, input_ids, loss_mask)
     }
+    /// [`CausalLm::loss_sum`] for evaluation: the same value, detached (no gradient flows
+    /// from it). This crate's models then skip the head's input gradient that their fused
+    /// head + loss op otherwise computes in the forward.
+    fn eval_loss_sum(&self, input_ids: &Tensor, loss_mask: &Tensor) -> Result<Tensor> {
+        Ok(self.loss_sum(input_ids, loss_mask)?.detach())
+    }
     /// The model folder it was loaded from, as given (transformers' `_name_or_path`), when
     /// known: the training loop saves it as PEFT's `base_model_name_or_path`.
     fn name_or_path(&self) -> Option<&str> {
@@ -62,6 +68,10 @@ impl CausalLm for LlamaForCausalLM {
 
     fn loss_sum(&self, input_ids: &Tensor, loss_mask: &Tensor) -> Result<Tensor> {
         LlamaForCausalLM::loss_sum(self, input_ids, loss_mask)
+    }
+
+    fn eval_loss_sum(&self, input_ids: &Tensor, loss_mask: &Tensor) -> Result<Tensor> {
+        self.loss_sum_tracked(input_ids, loss_mask, false)
     }
 
     fn vocab_size(&self) -> usize {
@@ -84,6 +94,10 @@ impl CausalLm for Gpt2LmHeadModel {
 
     fn loss_sum(&self, input_ids: &Tensor, loss_mask: &Tensor) -> Result<Tensor> {
         Gpt2LmHeadModel::loss_sum(self, input_ids, loss_mask)
+    }
+
+    fn eval_loss_sum(&self, input_ids: &Tensor, loss_mask: &Tensor) -> Result<Tensor> {
+        self.loss_sum_tracked(input_ids, loss_mask, false)
     }
 
     fn vocab_size(&self) -> usize {

@@ -172,7 +172,7 @@ fn the_tied_head_passes_the_gradient_to_the_lowest_adapter() {
 
 /// `CausalLm::loss_sum` (the frozen tied head and the loss as one op) gives the loss and
 /// every adapter gradient that the logits and candle's composed cross-entropy give, with
-/// masked positions.
+/// masked positions; `eval_loss_sum` the same value without a gradient.
 #[test]
 fn the_fused_head_loss_equals_the_logits_and_the_composed_loss() {
     let (model, _, set) = fresh(Variant::Lora);
@@ -198,6 +198,10 @@ fn the_fused_head_loss_equals_the_logits_and_the_composed_loss() {
         composed.to_scalar::<f32>().unwrap(),
     );
     assert!((f - c).abs() < 1e-5 * c.abs(), "loss {f} vs {c}");
+    // Evaluation: the same value, no gradient.
+    let eval = model.eval_loss_sum(&ids, &mask).unwrap();
+    assert!(!eval.track_op());
+    assert_eq!(eval.to_scalar::<f32>().unwrap(), f);
     let (gf, gc) = (fused.backward().unwrap(), composed.backward().unwrap());
     let vars = set.trainable_vars();
     assert!(!vars.is_empty());

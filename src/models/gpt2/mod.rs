@@ -313,9 +313,21 @@ impl Gpt2LmHeadModel {
     /// # Ok(()) }
     /// ```
     pub fn loss_sum(&self, input_ids: &Tensor, loss_mask: &Tensor) -> Result<Tensor> {
+        self.loss_sum_tracked(input_ids, loss_mask, true)
+    }
+
+    /// [`Gpt2LmHeadModel::loss_sum`]; without `gradient`, the hidden states are detached
+    /// before the head (evaluation: no head gradient computed).
+    pub(crate) fn loss_sum_tracked(
+        &self,
+        input_ids: &Tensor,
+        loss_mask: &Tensor,
+        gradient: bool,
+    ) -> Result<Tensor> {
         self.check_ids(input_ids)?;
         let no_past = std::iter::repeat_n(&None, self.blocks.len());
         let (hidden, _) = self.run_hidden(input_ids, 0, no_past, None, false)?;
+        let hidden = if gradient { hidden } else { hidden.detach() };
         match &self.lm_head {
             Some(head) => linear_head_loss_sum(&hidden, head, input_ids, loss_mask),
             None => {

@@ -269,7 +269,9 @@ impl LlamaForCausalLM {
     ///
     /// With a frozen output head on the CPU in f32 the head and the loss run as one op over
     /// blocks of positions: the batch's logits (`batch · seq × vocab`) are never stored, and
-    /// the head's backward is computed in the same pass. An adapted or trained head (PEFT's
+    /// when a gradient flows the head's backward is computed in the same pass (so a loss
+    /// whose backward never runs has paid for it: evaluate with
+    /// [`CausalLm::eval_loss_sum`](crate::models::CausalLm::eval_loss_sum)). An adapted or trained head (PEFT's
     /// `lm_head` targets, `modules_to_save`), another device or dtype computes the logits
     /// and the loss. The result is the same either way (to float rounding).
     ///
@@ -293,9 +295,21 @@ impl LlamaForCausalLM {
     ///
     /// [`causal_lm_loss_sum`]: crate::finetune::loss::causal_lm_loss_sum
     pub fn loss_sum(&self, input_ids: &Tensor, loss_mask: &Tensor) -> Result<Tensor> {
+        self.loss_sum_tracked(input_ids, loss_mask, true)
+    }
+
+    /// [`LlamaForCausalLM::loss_sum`]; without `gradient`, the hidden states are detached
+    /// before the head (evaluation: no head gradient computed).
+    pub(crate) fn loss_sum_tracked(
+        &self,
+        input_ids: &Tensor,
+        loss_mask: &Tensor,
+        gradient: bool,
+    ) -> Result<Tensor> {
         self.check_ids(input_ids)?;
         let no_past = std::iter::repeat_n(&None, self.layers.len());
         let (hidden, _) = self.run_hidden(input_ids, 0, no_past, None, false)?;
+        let hidden = if gradient { hidden } else { hidden.detach() };
         linear_head_loss_sum(&hidden, &self.lm_head, input_ids, loss_mask)
     }
 
