@@ -8,8 +8,8 @@
 //! The backward then only scales those rows by the upstream gradient (each row's loss is
 //! linear in it). Against the head's op followed by [`super::cross_entropy`], this never
 //! stores a batch's logits (`rows × vocab`: 32 MB at 1,024 tokens of a 8,000-token
-//! vocabulary) nor their gradient, reads each block's logits right after the product wrote them, and
-//! leaves candle's autograd one `rows × d` tensor to accumulate instead of two
+//! vocabulary) nor their gradient, reads each block's logits right after the product wrote
+//! them, and leaves candle's autograd one `rows × d` tensor to accumulate instead of two
 //! `rows × vocab` ones. The weight gets no gradient: the op is for a frozen head (the
 //! caller falls back to the logits and the loss otherwise).
 
