@@ -1,11 +1,13 @@
-//! `exp` over f32 slices in a form the compiler vectorizes, for the CPU ops whose time is
-//! mostly exponentials: the softmax of the fused attention and softmax ops, the
-//! cross-entropy loss and its gradient, SiLU.
+//! Element-wise f32 math in a form the compiler vectorizes, for the models' fused CPU ops
+//! (the softmax of the attention and softmax ops, the cross-entropy loss and its gradient,
+//! SiLU, RMSNorm): [`exp`], reductions in fixed-order lanes ([`max`], [`sum`], [`dot`],
+//! [`dot3`], [`sum_exp`]), and [`on_widest_vectors`], which runs such loops compiled for
+//! AVX-512F or AVX2 + FMA when the CPU has them (the crate's baseline is SSE2).
 //!
-//! `f32::exp` is a call into libm per element; these compute Cephes' `expf` (range
+//! `f32::exp` is a call into libm per element; [`exp`] computes Cephes' `expf` (range
 //! reduction by `ln 2` in two parts, a degree-7 polynomial, the exponent put in by integer
 //! arithmetic) with plain arithmetic and selects only, so a loop over a slice becomes vector
-//! code (4 lanes with the baseline x86-64 SSE2, wider where the build enables more). The
+//! code (4 lanes with the baseline x86-64 SSE2, 8 or 16 under [`on_widest_vectors`]). The
 //! relative error is below 1.2e-7, one f32 epsilon (8.0e-8 at worst over the 2 million
 //! points the tests below check against f64), for every input from −86.98 up to
 //! `ln f32::MAX` (88.72). Below −86.98 the result is 0 (the true value is below 2.2e-38;

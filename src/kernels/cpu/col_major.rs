@@ -17,7 +17,7 @@
 //! - otherwise, at least `2 · chunk` columns, `chunk = 8 · lanes` (64 `f32` with AVX2):
 //!   the right-hand side is transposed `chunk` columns at a time into a small row-major
 //!   buffer (`k × chunk`, never the whole matrix), each chunk one single-threaded
-//!   row-major product into its columns of `dst`, chunks spread over the threads.
+//!   row-major product into its columns of `dst`, each thread an equal range of columns.
 //!
 //! Threads: candle's setting (`RAYON_NUM_THREADS`, else all cores), on rayon's pool.
 //!

@@ -271,9 +271,10 @@ impl LlamaForCausalLM {
     /// blocks of positions: the batch's logits (`batch · seq × vocab`) are never stored, and
     /// when a gradient flows the head's backward is computed in the same pass (so a loss
     /// whose backward never runs has paid for it: evaluate with
-    /// [`CausalLm::eval_loss_sum`](crate::models::CausalLm::eval_loss_sum)). An adapted or trained head (PEFT's
-    /// `lm_head` targets, `modules_to_save`), another device or dtype computes the logits
-    /// and the loss. The result is the same either way (to float rounding).
+    /// [`CausalLm::eval_loss_sum`](crate::models::CausalLm::eval_loss_sum)). An adapted or
+    /// trained head (PEFT's `lm_head` targets, `modules_to_save`), a quantized one, another
+    /// device or dtype computes the logits and the loss. The result is the same either way
+    /// (to float rounding).
     ///
     /// ```
     /// use candle_core::{DType, Device, Tensor};
