@@ -1,16 +1,20 @@
-//! Fine-tune a BERT sequence classifier with any lorakit variant (PEFT's `SEQ_CLS`: the
-//! adapter on the encoder, a new classifier head trained in full) and write the adapter as
-//! a PEFT directory.
+//! Fine-tune a sequence classifier — BERT, a Llama-family decoder or GPT-2 — with any
+//! lorakit variant (PEFT's `SEQ_CLS`: the adapter on the model, a new classifier head
+//! trained in full) and write the adapter as a PEFT directory.
 //!
 //! ```text
-//! cargo run --release --example classify -- --model <bert folder> --data <file.jsonl> \
+//! cargo run --release --example classify -- --model <folder> --data <file.jsonl> \
 //!     --num-labels N --method <variant> --out <adapter dir> [--steps N] [--lr F] ...
 //! cargo run --release --example classify          # the committed tiny encoder and data
 //! ```
 //!
-//! `<bert folder>` is a Hugging Face BERT folder (`config.json`, `model.safetensors` or
-//! shards, `tokenizer.json`): a pretrained encoder such as `bert-base-uncased` (a new head
-//! is initialised as transformers does) or a classifier. The JSONL holds
+//! `<folder>` is a Hugging Face model folder (`config.json`, `model.safetensors` or
+//! shards, `tokenizer.json`) whose `model_type` is `bert`, `llama`, `mistral`, `qwen2`,
+//! `qwen3` or `gpt2`: a pretrained model such as `bert-base-uncased` or a causal LM (a new
+//! head — BERT's `classifier`, the decoders' `score` — is initialised as transformers
+//! does) or a classifier. A decoder reads each example at its last token; the batches pad
+//! with the config's `pad_token_id`, or the tokenizer's padding token when the config
+//! names none. The JSONL holds
 //! `{"text": ..., "label": <class index>}` rows (or a class name, with `--labels
 //! negative,positive` when the config names no classes; `text_pair` for sentence pairs; see
 //! `lorakit::finetune::labeled`). With no arguments it trains on the tiny encoder,
@@ -23,17 +27,20 @@ use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 use clap::Parser;
 use lorakit::finetune::{AdapterRecipe, LabeledDataset, TrainConfig, TrainEvent, Trainer};
-use lorakit::models::bert::{BertConfig, BertForSequenceClassification};
+use lorakit::models::classification::ClassifierConfig;
+use lorakit::models::{AutoCausalLm, AutoSequenceClassifier};
 use lorakit::tokenizer::TextTokenizer;
 use lorakit::Variant;
 
 const DEMO: &str = "tests/fixtures/finetune/classify";
 
 #[derive(Parser, Debug)]
-#[command(about = "Fine-tune a BERT classifier with a lorakit adapter (no arguments: a tiny demo)")]
+#[command(
+    about = "Fine-tune a BERT, Llama-family or GPT-2 classifier with a lorakit adapter (no arguments: a tiny demo)"
+)]
 struct Args {
-    /// BERT folder (config.json, safetensors, tokenizer.json; the tokenizer may instead
-    /// be in --tokenizer). Default: the committed tiny encoder.
+    /// Model folder (config.json, safetensors, tokenizer.json; the tokenizer may instead
+    /// be in --tokenizer): BERT, Llama family or GPT-2. Default: the committed tiny encoder.
     #[arg(long)]
     model: Option<PathBuf>,
     /// Folder with tokenizer.json, when not in --model.
@@ -64,9 +71,10 @@ struct Args {
     /// Rank (VeRA: the shared pair's rank; AdaLoRA: the initial rank).
     #[arg(long, default_value_t = 8)]
     rank: usize,
-    /// Target modules, comma-separated, or all-linear.
-    #[arg(long, default_value = "query,value")]
-    targets: String,
+    /// Target modules, comma-separated, or all-linear (default: BERT's query,value; the
+    /// Llama family's q_proj,v_proj; GPT-2's c_attn).
+    #[arg(long)]
+    targets: Option<String>,
     /// Examples per batch.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
@@ -109,16 +117,47 @@ fn run(args: Args) -> lorakit::Result<()> {
         .unwrap_or_else(|| format!("{DEMO}/train.jsonl").into());
 
     let dev = Device::Cpu;
-    let mut config = BertConfig::from_file(model_dir.join("config.json"))?;
+    let head = AutoSequenceClassifier::head_name(&model_dir)?;
+    let tokenizer = TextTokenizer::from_dir(&tokenizer_dir)?;
+    let mut labels = ClassifierConfig::from_file(model_dir.join("config.json"))?;
     if let Some(n) = args.num_labels {
-        config.num_labels = n;
+        labels.num_labels = n;
     }
     if let Some(names) = &args.labels {
-        config.num_labels = names.len();
-        config.id2label = names.clone();
+        labels.num_labels = names.len();
+        labels.id2label = names.clone();
     }
-    let seq_len = args.seq_len.min(config.max_position_embeddings);
-    let tokenizer = TextTokenizer::from_dir(&tokenizer_dir)?;
+    // transformers' `model.config.pad_token_id = tokenizer.pad_token_id` for a decoder.
+    let tokenizer_pad = ["[PAD]", "<pad>", "<|endoftext|>"]
+        .iter()
+        .find_map(|t| tokenizer.token_id(t));
+    labels.pad_token_id = labels.pad_token_id.or(tokenizer_pad);
+    let shapes = AutoSequenceClassifier::linear_shapes(&model_dir)?;
+
+    let variant = Variant::from_str(&args.method)?;
+    let model_type = AutoCausalLm::model_type(&model_dir)?;
+    let targets = args
+        .targets
+        .clone()
+        .unwrap_or_else(|| default_targets(&model_type));
+    let targets: Vec<&str> = targets.split(',').map(str::trim).collect();
+    let mut recipe = AdapterRecipe::new(variant, args.rank, 2.0 * args.rank as f64, &targets);
+    recipe.modules_to_save = vec![head.into()];
+    recipe.seed = args.seed;
+    let vars = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vars, DType::F32, &dev);
+    let plan = recipe.plan(vb, &shapes, DType::F32, &dev)?;
+    let model = AutoSequenceClassifier::from_pretrained(
+        &model_dir,
+        Some(&labels),
+        DType::F32,
+        &dev,
+        &plan,
+    )?;
+    let classifier = model.as_classifier();
+    let seq_len = args
+        .seq_len
+        .min(classifier.max_positions().unwrap_or(usize::MAX));
     let data = LabeledDataset::from_jsonl(&data_file, &tokenizer, seq_len)?;
     let (train, eval) = match args.eval_examples {
         0 => (data, None),
@@ -127,22 +166,6 @@ fn run(args: Args) -> lorakit::Result<()> {
             (train, Some(eval))
         }
     };
-
-    let variant = Variant::from_str(&args.method)?;
-    let targets: Vec<&str> = args.targets.split(',').map(str::trim).collect();
-    let mut recipe = AdapterRecipe::new(variant, args.rank, 2.0 * args.rank as f64, &targets);
-    recipe.modules_to_save = vec!["classifier".into()];
-    recipe.seed = args.seed;
-    let vars = VarMap::new();
-    let vb = VarBuilder::from_varmap(&vars, DType::F32, &dev);
-    let plan = recipe.plan(vb, &config.linear_shapes(), DType::F32, &dev)?;
-    let model = BertForSequenceClassification::from_pretrained_with(
-        &model_dir,
-        &config,
-        DType::F32,
-        &dev,
-        &plan,
-    )?;
 
     let demo = args.model.is_none();
     let epoch_steps = train.len().div_ceil(args.batch_size.max(1));
@@ -153,7 +176,7 @@ fn run(args: Args) -> lorakit::Result<()> {
     settings.lr = args.lr.unwrap_or(if demo { 5e-2 } else { 5e-4 });
     settings.batch.batch_size = args.batch_size;
     settings.batch.seq_len = seq_len;
-    settings.batch.pad_id = tokenizer.token_id("[PAD]").unwrap_or(0);
+    settings.batch.pad_id = classifier.pad_token_id().or(tokenizer_pad).unwrap_or(0);
     settings.eval_every = Some(args.eval_every);
     settings.seed = args.seed;
     println!(
@@ -162,10 +185,10 @@ fn run(args: Args) -> lorakit::Result<()> {
         train.len(),
         eval.as_ref().map_or(0, LabeledDataset::len),
         data_file.display(),
-        config.num_labels,
+        classifier.num_labels(),
         recipe.describe()
     );
-    let mut trainer = Trainer::for_classifier(&model, plan.finish()?, recipe, settings)?;
+    let mut trainer = Trainer::for_classifier(classifier, plan.finish()?, recipe, settings)?;
     if let Some(eval) = &eval {
         let start = trainer.evaluation(eval)?;
         println!(
@@ -201,6 +224,17 @@ fn run(args: Args) -> lorakit::Result<()> {
         args.out.display()
     );
     Ok(())
+}
+
+/// The usual targets for a `model_type`: BERT's attention query and value, GPT-2's fused
+/// c_attn, a Llama-family decoder's q_proj and v_proj.
+fn default_targets(model_type: &str) -> String {
+    match model_type {
+        "bert" => "query,value",
+        "gpt2" => "c_attn",
+        _ => "q_proj,v_proj",
+    }
+    .to_string()
 }
 
 fn percent(share: Option<f64>) -> String {

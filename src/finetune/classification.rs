@@ -103,6 +103,28 @@ impl<'m> SequenceClassification<'m> {
     }
 }
 
+/// A decoder classifier reads each row at its last token that is not its `pad_token_id`:
+/// the batches must pad with that id, and without one hold a single row.
+fn check_last_token_padding(model: &dyn SequenceClassifier, options: &BatchOptions) -> Result<()> {
+    if !model.reads_last_token() {
+        return Ok(());
+    }
+    let reason = match model.pad_token_id() {
+        Some(pad) if pad != options.pad_id => format!(
+            "the model reads each row at its last token that is not its pad_token_id {pad}, \
+             but the batches pad with {}: set the batch options' pad_id to {pad}",
+            options.pad_id
+        ),
+        None if options.batch_size > 1 => format!(
+            "the model's config has no pad_token_id, so it cannot find each row's last token \
+             in a padded batch of {}: set one in its config (the tokenizer's padding token)",
+            options.batch_size
+        ),
+        _ => return Ok(()),
+    };
+    Err(crate::error::Error::settings("batch", "pad_id", reason))
+}
+
 impl Task for SequenceClassification<'_> {
     type Data = LabeledDataset;
     type Batch = LabeledBatch;
@@ -120,6 +142,7 @@ impl Task for SequenceClassification<'_> {
     /// `num_labels`, values of another count), or [`Packing::Pack`](super::Packing::Pack).
     fn check(&self, data: &LabeledDataset, options: &BatchOptions, _what: &str) -> Result<()> {
         check_options(options)?;
+        check_last_token_padding(self.model, options)?;
         data.check(
             self.model.vocab_size(),
             self.model.type_vocab_size(),

@@ -676,6 +676,17 @@ impl Linear {
             Linear::Frozen(_) | Linear::Adapted(_) => None,
         }
     }
+
+    /// The base module's stored weight as it stands now (an embedding's table `(vocab,
+    /// dim)`): the frozen base, an adapter's base (merged into while the adapter is
+    /// merged), or the original under a `modules_to_save` copy.
+    pub(crate) fn base_stored_weight(&self) -> Result<Tensor> {
+        match self {
+            Linear::Frozen(base) => base.stored_weight(),
+            Linear::Adapted(layer) => layer.read().base().stored_weight(),
+            Linear::Trainable(module) => module.original().stored_weight(),
+        }
+    }
 }
 
 impl Module for Linear {

@@ -12,7 +12,6 @@
 //! (`tanh` of a dense layer on the first token) and the classifier. Dropout runs only in
 //! [`BertForSequenceClassification::forward_t`] with `train = true`.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -22,10 +21,10 @@ use serde::Deserialize;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::frozen::BaseKind;
-use crate::init::SeededRng;
 use crate::model::{embedding, linear, AdapterPlan, Embedding, Linear};
 use crate::models::base_prefix::with_base_prefix;
+pub use crate::models::classification::ProblemType;
+use crate::models::classification::{classification_loss, head_or_new, ClassifierConfig};
 use crate::models::ops::{softmax_last, LayerNorm};
 
 /// The activation of BERT's feed-forward block (transformers' `hidden_act`).
@@ -105,47 +104,6 @@ impl FromStr for PositionEmbeddingType {
                 what: "position_embedding_type",
                 got: other.to_string(),
                 supported: "absolute".to_string(),
-            }),
-        }
-    }
-}
-
-/// The loss a classifier trains with (transformers' `problem_type`); see
-/// [`BertForSequenceClassification::loss`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ProblemType {
-    /// `"regression"`: mean squared error.
-    Regression,
-    /// `"single_label_classification"`: cross-entropy over integer labels.
-    SingleLabelClassification,
-    /// `"multi_label_classification"`: binary cross-entropy on the logits, float targets.
-    MultiLabelClassification,
-}
-
-impl ProblemType {
-    /// transformers' name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProblemType::Regression => "regression",
-            ProblemType::SingleLabelClassification => "single_label_classification",
-            ProblemType::MultiLabelClassification => "multi_label_classification",
-        }
-    }
-}
-
-impl FromStr for ProblemType {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "regression" => Ok(ProblemType::Regression),
-            "single_label_classification" => Ok(ProblemType::SingleLabelClassification),
-            "multi_label_classification" => Ok(ProblemType::MultiLabelClassification),
-            other => Err(Error::Unsupported {
-                what: "problem_type",
-                got: other.to_string(),
-                supported: "regression, single_label_classification, multi_label_classification"
-                    .to_string(),
             }),
         }
     }
@@ -255,10 +213,6 @@ struct RawBertConfig {
     type_vocab_size: Option<usize>,
     layer_norm_eps: Option<f64>,
     position_embedding_type: Option<String>,
-    num_labels: Option<usize>,
-    id2label: Option<serde_json::Map<String, serde_json::Value>>,
-    problem_type: Option<String>,
-    initializer_range: Option<f64>,
     is_decoder: Option<bool>,
 }
 
@@ -290,12 +244,8 @@ impl BertConfig {
             });
         }
         let d = Self::default();
-        // transformers: with an `id2label` the labels are its entries (a `num_labels` that
-        // disagrees is overridden, with a warning); without one, `num_labels` or 2.
-        let num_labels = match &raw.id2label {
-            Some(map) => map.len(),
-            None => raw.num_labels.unwrap_or(d.num_labels),
-        };
+        // The classification fields, parsed and checked as every classifier's.
+        let labels = ClassifierConfig::from_json_str(text, path.clone())?;
         let config = Self {
             vocab_size: raw.vocab_size.unwrap_or(d.vocab_size),
             hidden_size: raw.hidden_size.unwrap_or(d.hidden_size),
@@ -324,14 +274,10 @@ impl BertConfig {
                 .map(PositionEmbeddingType::from_str)
                 .transpose()?
                 .unwrap_or(d.position_embedding_type),
-            num_labels,
-            problem_type: raw
-                .problem_type
-                .as_deref()
-                .map(ProblemType::from_str)
-                .transpose()?,
-            initializer_range: raw.initializer_range.unwrap_or(d.initializer_range),
-            id2label: raw.id2label.as_ref().map(label_names).unwrap_or_default(),
+            num_labels: labels.num_labels,
+            problem_type: labels.problem_type,
+            initializer_range: labels.initializer_range,
+            id2label: labels.id2label,
         };
         config.check(|field, reason| Error::file_config(path.clone(), field, reason))?;
         Ok(config)
@@ -353,7 +299,6 @@ impl BertConfig {
             ("intermediate_size", self.intermediate_size),
             ("max_position_embeddings", self.max_position_embeddings),
             ("type_vocab_size", self.type_vocab_size),
-            ("num_labels", self.num_labels),
         ];
         for (field, value) in sizes {
             if value == 0 {
@@ -382,28 +327,25 @@ impl BertConfig {
                 return Err(err(field, format!("must be in [0, 1), got {p}")));
             }
         }
-        if !self.initializer_range.is_finite() || self.initializer_range < 0.0 {
-            return Err(err(
-                "initializer_range",
-                format!("must be finite and >= 0, got {}", self.initializer_range),
-            ));
-        }
         if !self.layer_norm_eps.is_finite() || self.layer_norm_eps < 0.0 {
             return Err(err(
                 "layer_norm_eps",
                 format!("must be finite and >= 0, got {}", self.layer_norm_eps),
             ));
         }
-        if self.problem_type == Some(ProblemType::SingleLabelClassification) && self.num_labels < 2
-        {
-            return Err(err(
-                "problem_type",
-                "single_label_classification needs num_labels > 1 (use regression for a single \
-                 output)"
-                    .to_string(),
-            ));
+        self.labels().check(err)
+    }
+
+    /// The classification fields (labels, problem type, the head's initialisation) as
+    /// every classifier has them; BERT reads the first token, so no pad id.
+    pub fn labels(&self) -> ClassifierConfig {
+        ClassifierConfig {
+            num_labels: self.num_labels,
+            id2label: self.id2label.clone(),
+            problem_type: self.problem_type,
+            pad_token_id: None,
+            initializer_range: self.initializer_range,
         }
-        Ok(())
     }
 
     /// The `(in, out)` shapes of the model's linear layers, each once: what VeRA's shared
@@ -424,43 +366,18 @@ impl BertConfig {
     }
 }
 
-/// `id2label`'s names in index order; empty unless its keys are exactly `0..len` and its
-/// values strings.
-fn label_names(map: &serde_json::Map<String, serde_json::Value>) -> Vec<String> {
-    (0..map.len())
-        .map(|i| {
-            map.get(&i.to_string())
-                .and_then(|v| v.as_str())
-                .map(str::to_string)
-        })
-        .collect::<Option<Vec<_>>>()
-        .unwrap_or_default()
-}
-
-/// The seed of a new classifier head's initialisation.
-const NEW_HEAD_SEED: u64 = 0;
-
 /// The classifier at `classifier.…` in `vb`, or a new one when the checkpoint lacks it and
 /// `plan` trains it (see [`BertForSequenceClassification::load`]).
 fn classifier_head(config: &BertConfig, vb: &VarBuilder, plan: &AdapterPlan) -> Result<Linear> {
-    let (h, n) = (config.hidden_size, config.num_labels);
-    if vb.contains_tensor("classifier.weight") || !plan.touches("classifier", BaseKind::Linear) {
-        return linear(h, n, vb.pp("classifier"), plan);
-    }
-    let (dtype, device) = (vb.dtype(), vb.device());
-    let mut rng = SeededRng::for_layer(NEW_HEAD_SEED, "classifier");
-    let head = HashMap::from([
-        (
-            "classifier.weight".to_string(),
-            rng.normal((n, h), 0.0, config.initializer_range, dtype, device)?,
-        ),
-        (
-            "classifier.bias".to_string(),
-            Tensor::zeros(n, dtype, device)?,
-        ),
-    ]);
-    let fresh = VarBuilder::from_tensors(head, dtype, device);
-    linear(h, n, fresh.pp("classifier"), plan)
+    let shape = (config.hidden_size, config.num_labels);
+    head_or_new(
+        "classifier",
+        shape,
+        true,
+        config.initializer_range,
+        vb,
+        plan,
+    )
 }
 
 /// Dropout with probability `p` when training.
@@ -825,81 +742,8 @@ impl BertForSequenceClassification {
     /// # Ok(()) }
     /// ```
     pub fn loss(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
-        let n = self.config.num_labels;
-        let (batch, got) = logits.dims2().map_err(|_| Error::ShapeMismatch {
-            layer: "classifier".to_string(),
-            what: "logits".to_string(),
-            expected: format!("(batch, {n})"),
-            got: format!("{:?}", logits.dims()),
-        })?;
-        if got != n {
-            return Err(Error::ShapeMismatch {
-                layer: "classifier".to_string(),
-                what: "logits".to_string(),
-                expected: format!("(batch, {n})"),
-                got: format!("{:?}", logits.dims()),
-            });
-        }
-        let integer = matches!(labels.dtype(), DType::U8 | DType::U32 | DType::I64);
-        let problem = self.config.problem_type.unwrap_or(if n == 1 {
-            ProblemType::Regression
-        } else if integer {
-            ProblemType::SingleLabelClassification
-        } else {
-            ProblemType::MultiLabelClassification
-        });
-        let labels_error = |expected: String| Error::ShapeMismatch {
-            layer: "classifier".to_string(),
-            what: format!("labels ({})", problem.as_str()),
-            expected,
-            got: format!("{:?} {:?}", labels.dims(), labels.dtype()),
-        };
-        match problem {
-            ProblemType::Regression => {
-                let (logits, labels) = if n == 1 {
-                    if labels.elem_count() != batch {
-                        return Err(labels_error(format!("({batch},) or ({batch}, 1)")));
-                    }
-                    (logits.flatten_all()?, labels.flatten_all()?)
-                } else {
-                    if labels.dims() != [batch, n] {
-                        return Err(labels_error(format!("({batch}, {n})")));
-                    }
-                    (logits.clone(), labels.clone())
-                };
-                let labels = labels.to_dtype(logits.dtype())?;
-                Ok(candle_nn::loss::mse(&logits, &labels)?)
-            }
-            ProblemType::SingleLabelClassification => {
-                if !integer || labels.elem_count() != batch {
-                    return Err(labels_error(format!("integer ({batch},)")));
-                }
-                let labels = labels.flatten_all()?.to_dtype(DType::I64)?;
-                let bad = labels
-                    .to_vec1::<i64>()?
-                    .into_iter()
-                    .find(|&l| usize::try_from(l).map_or(true, |l| l >= n));
-                if let Some(bad) = bad {
-                    return Err(Error::layer_config(
-                        "classifier",
-                        "labels",
-                        format!("single-label classification takes labels in 0..{n}, got {bad}"),
-                    ));
-                }
-                let labels = labels.to_dtype(DType::U32)?;
-                Ok(candle_nn::loss::cross_entropy(logits, &labels)?)
-            }
-            ProblemType::MultiLabelClassification => {
-                if labels.dims() != [batch, n] {
-                    return Err(labels_error(format!("({batch}, {n})")));
-                }
-                let y = labels.to_dtype(logits.dtype())?;
-                // max(x, 0) - x y + log(1 + exp(-|x|)): PyTorch's stable form.
-                let x = logits;
-                let loss = ((x.relu()? - (x * &y)?)? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
-                Ok(loss.mean_all()?)
-            }
-        }
+        let c = &self.config;
+        classification_loss(logits, labels, c.num_labels, c.problem_type, "classifier")
     }
 
     /// Checks `input_ids` and `token_type_ids` (shape, dtype, device, range); returns the

@@ -1,7 +1,8 @@
 //! Transformer models built on the model-level API ([`crate::model::linear`],
 //! [`crate::model::conv1d`], [`crate::model::embedding`]), so PEFT's target names and every
-//! variant apply unchanged: [`gpt2`] (GPT-2 LM head), [`bert`] (BERT for sequence
-//! classification) and [`llama`] (the Llama family).
+//! variant apply unchanged: [`gpt2`] (GPT-2 with its LM head or a classification head),
+//! [`bert`] (BERT for sequence classification) and [`llama`] (the Llama family, as causal
+//! LMs or sequence classifiers).
 //!
 //! Each model's logits are checked against transformers + PEFT on committed fixtures
 //! (`tests/suite/models_*.rs`). candle-nn's fused kernels (softmax, LayerNorm, RMSNorm,
@@ -20,17 +21,23 @@
 //! active (PEFT's `set_adapter`): build it with [`crate::model::NamedAdapters::plan`].
 //!
 //! Training: [`crate::finetune`]'s `Trainer` fine-tunes the causal LMs
-//! ([`CausalLm`]) and BERT classifiers ([`SequenceClassifier`]).
+//! ([`CausalLm`]) and the sequence classifiers ([`SequenceClassifier`]): BERT's, and the
+//! decoders' (`LlamaForSequenceClassification`, `Gpt2ForSequenceClassification`, whose
+//! `score` head reads each row's last token that is not padding; shared parts in
+//! [`classification`]). [`AutoSequenceClassifier`] loads any of them by `model_type`.
 
 mod attention_blocks;
 mod attention_op;
 pub mod auto;
+mod auto_classifier;
 mod base_prefix;
 mod batch_generation;
 pub mod bert;
 mod causal_lm;
+pub mod classification;
 mod cpu_op;
 mod cross_entropy;
+mod decoder_classifier;
 pub mod generation;
 pub mod gpt2;
 mod head_cross_entropy;
@@ -49,6 +56,7 @@ mod softmax;
 mod swiglu;
 
 pub use auto::AutoCausalLm;
+pub use auto_classifier::{AutoSequenceClassifier, CLASSIFIER_MODEL_TYPES};
 pub use causal_lm::CausalLm;
 pub use generation::GenerationConfig;
 pub use llama::KvCache;

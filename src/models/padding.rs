@@ -3,6 +3,17 @@
 //! from the attention mask) and attend only to their own row's tokens, so a row gives what
 //! it gives alone.
 
+/// How the tokens of a left-padded row are numbered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PaddedPositions {
+    /// From 0 at the row's first token (transformers' `generate`, which derives position
+    /// ids from the attention mask).
+    AfterPadding,
+    /// From 0 at the row's first slot, padding included (transformers' forward without
+    /// `position_ids`, as a sequence classifier runs).
+    FromFirstSlot,
+}
+
 /// Whether the query in slot `q` of a row with `pad` padding slots sees the key in slot
 /// `j` (causally, padding masked). A padding query sees only itself, so its softmax stays
 /// finite (its output is never used).

@@ -1,12 +1,17 @@
 //! [`SequenceClassifier`]: what the training loop's sequence classification
 //! ([`crate::finetune::classification`]) needs of a model, implemented by
-//! [`BertForSequenceClassification`].
+//! [`BertForSequenceClassification`] and the decoders' classifiers
+//! ([`crate::models::llama::LlamaForSequenceClassification`],
+//! [`crate::models::gpt2::Gpt2ForSequenceClassification`]).
 
 use candle_core::{Device, Tensor};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
-use super::bert::{BertForSequenceClassification, ProblemType};
+use super::bert::BertForSequenceClassification;
+use super::classification::LastTokenHead;
+use super::classification::ProblemType;
+use super::decoder_classifier::{AsDecoderParts, ClassifierTrunk};
 
 /// A sequence classifier: token ids `(batch, seq)` (with token types and an attention
 /// mask) to logits `(batch, num_labels)`, and the loss transformers computes for them.
@@ -68,6 +73,17 @@ pub trait SequenceClassifier {
     fn name_or_path(&self) -> Option<&str> {
         None
     }
+    /// The padding token a decoder classifier skips to find each row's last token (the
+    /// config's `pad_token_id`): batches must be padded with it. `None` for an encoder,
+    /// which reads the first token.
+    fn pad_token_id(&self) -> Option<u32> {
+        None
+    }
+    /// Whether the model reads each row at its last token (a decoder): then batches of
+    /// more than one row need [`SequenceClassifier::pad_token_id`].
+    fn reads_last_token(&self) -> bool {
+        false
+    }
 }
 
 impl SequenceClassifier for BertForSequenceClassification {
@@ -94,11 +110,7 @@ impl SequenceClassifier for BertForSequenceClassification {
     }
 
     fn label_names(&self) -> Vec<String> {
-        let config = self.config();
-        match config.id2label.len() == config.num_labels {
-            true => config.id2label.clone(),
-            false => Vec::new(),
-        }
+        self.config().labels().names()
     }
 
     fn vocab_size(&self) -> usize {
@@ -119,5 +131,83 @@ impl SequenceClassifier for BertForSequenceClassification {
 
     fn name_or_path(&self) -> Option<&str> {
         BertForSequenceClassification::name_or_path(self)
+    }
+}
+
+/// Refuses token types other than 0 for a model without token types (a decoder).
+fn no_token_types(token_type_ids: Option<&Tensor>, head: &str) -> Result<()> {
+    let Some(types) = token_type_ids else {
+        return Ok(());
+    };
+    let any = types
+        .ne(0f64)?
+        .to_dtype(candle_core::DType::F32)?
+        .sum_all()?;
+    if any.to_scalar::<f32>()? > 0.0 {
+        return Err(Error::layer_config(
+            head,
+            "token_type_ids",
+            "a decoder has no token types: pass none, or zeros".to_string(),
+        ));
+    }
+    Ok(())
+}
+
+impl<M: AsDecoderParts> SequenceClassifier for M {
+    /// A decoder has no token types (they must be 0) and no dropout: `train` changes
+    /// nothing here (the adapters follow their own training flag).
+    fn classify(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+        _train: bool,
+    ) -> Result<Tensor> {
+        no_token_types(token_type_ids, LastTokenHead::NAME)?;
+        self.parts().forward(input_ids, attention_mask)
+    }
+
+    fn loss(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+        self.parts().head.loss(logits, labels)
+    }
+
+    fn num_labels(&self) -> usize {
+        self.parts().head.labels.num_labels
+    }
+
+    fn problem_type(&self) -> Option<ProblemType> {
+        self.parts().head.labels.problem_type
+    }
+
+    fn label_names(&self) -> Vec<String> {
+        self.parts().head.labels.names()
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.parts().trunk.vocab_size()
+    }
+
+    fn type_vocab_size(&self) -> usize {
+        1
+    }
+
+    fn device(&self) -> &Device {
+        self.parts().trunk.device()
+    }
+
+    fn max_positions(&self) -> Option<usize> {
+        Some(self.parts().trunk.max_positions())
+    }
+
+    fn name_or_path(&self) -> Option<&str> {
+        self.parts().name_or_path.as_deref()
+    }
+
+    fn pad_token_id(&self) -> Option<u32> {
+        self.parts().head.labels.pad_token_id
+    }
+
+    fn reads_last_token(&self) -> bool {
+        true
     }
 }

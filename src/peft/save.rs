@@ -14,6 +14,7 @@ use crate::model::trainable_base::BiasMode;
 use crate::peft::config::PeftConfig;
 use crate::peft::load::{CONFIG_FILE, KEY_PREFIX, MODEL_KEY_PREFIX, WEIGHTS_FILE};
 pub use crate::staging::{write_atomic, write_atomic_all_with, write_atomic_with};
+use crate::variants::vera::fit_shared_pair;
 
 /// Serializes named tensors to safetensors bytes (tensors are moved to the CPU).
 pub(crate) fn safetensors_bytes(tensors: &[(String, Tensor)], path: &Path) -> Result<Vec<u8>> {
@@ -39,12 +40,21 @@ pub(crate) fn safetensors_bytes(tensors: &[(String, Tensor)], path: &Path) -> Re
 pub fn adapter_tensors(set: &AdaptedSet) -> Result<Vec<(String, Tensor)>> {
     let mut out = Vec::new();
     let mut model_level: BTreeMap<String, Tensor> = BTreeMap::new();
+    // The largest input and output of the layers that use model-level tensors.
+    let mut largest = (0, 0);
     for (path, layer) in set.layers() {
         let layer = layer.read();
         for (suffix, t) in layer.tensors_to_save()? {
             out.push((format!("{KEY_PREFIX}{path}.{suffix}"), t));
         }
-        for (name, t) in layer.model_tensors() {
+        let model_tensors = layer.model_tensors();
+        if !model_tensors.is_empty() {
+            largest = (
+                largest.0.max(layer.base().d_in()),
+                largest.1.max(layer.base().d_out()),
+            );
+        }
+        for (name, t) in model_tensors {
             match model_level.get(&name) {
                 None => {
                     model_level.insert(name, t);
@@ -74,11 +84,10 @@ pub fn adapter_tensors(set: &AdaptedSet) -> Result<Vec<(String, Tensor)>> {
             v.var.var.as_tensor().clone(),
         ));
     }
-    out.extend(
-        model_level
-            .into_iter()
-            .map(|(name, t)| (format!("{MODEL_KEY_PREFIX}{name}"), t)),
-    );
+    for (name, t) in model_level {
+        let t = fit_shared_pair(&name, t, largest)?;
+        out.push((format!("{MODEL_KEY_PREFIX}{name}"), t));
+    }
     Ok(out)
 }
 

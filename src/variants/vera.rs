@@ -216,6 +216,24 @@ impl VeraShared {
     }
 }
 
+/// A model-level tensor as PEFT sizes it in a saved adapter: VeRA's `vera_A` cut to the
+/// adapted layers' largest input (`largest.0` columns) and `vera_B` to their largest
+/// output (`largest.1` rows), as PEFT's `_find_dim` sizes the pair from the targeted layers
+/// alone (a pair built to cover every linear layer of a model, or loaded larger, would not
+/// load in PEFT: a size mismatch). Every layer reads only that part of the pair, so the
+/// adapter computes the same. Other tensors are returned as they are.
+pub(crate) fn fit_shared_pair(name: &str, t: Tensor, largest: (usize, usize)) -> Result<Tensor> {
+    let (dim, len) = match name {
+        PAIR_A => (1, largest.0),
+        PAIR_B => (0, largest.1),
+        _ => return Ok(t),
+    };
+    if len == 0 || t.dim(dim)? <= len {
+        return Ok(t);
+    }
+    Ok(t.narrow(dim, 0, len)?.contiguous()?)
+}
+
 /// How the pair is named in errors.
 const PAIR: &str = "VeRA shared pair";
 /// PEFT's model-level name of `A`.

@@ -23,7 +23,7 @@ impl Gpt2LmHeadModel {
     /// # Ok(()) }
     /// ```
     pub fn new_cache(&self) -> KvCache {
-        KvCache::with_layers(self.blocks.len())
+        KvCache::with_layers(self.trunk.blocks.len())
     }
 
     /// Logits `(batch, seq, vocab)` for the new token ids `(batch, seq)` that continue the
@@ -66,8 +66,8 @@ impl Gpt2LmHeadModel {
 
     /// [`Gpt2LmHeadModel::forward_cached`] on a batch left-padded by `pads` (or none).
     fn cached(&self, ids: &Tensor, cache: &mut KvCache, pads: Option<&[usize]>) -> Result<Tensor> {
-        let (batch, seq) = self.check_ids(ids)?;
-        cache.check(batch, seq, self.blocks.len(), self.position_limit())?;
+        let (batch, seq) = self.trunk.check_ids(ids)?;
+        cache.check(batch, seq, self.trunk.blocks.len(), self.position_limit())?;
         let inference = cache.is_for_inference();
         let (logits, entries) = self.run(ids, cache.len(), cache.entries(), pads, inference)?;
         cache.commit(entries, batch, seq);
@@ -135,7 +135,7 @@ impl Gpt2LmHeadModel {
 
     /// `n_positions`, named.
     fn position_limit(&self) -> (usize, &'static str) {
-        (self.config.n_positions, "n_positions")
+        (self.config().n_positions, "n_positions")
     }
 }
 
@@ -149,7 +149,7 @@ impl Decoder for Gpt2LmHeadModel {
     }
 
     fn vocab(&self) -> usize {
-        self.config.vocab_size
+        self.config().vocab_size
     }
 
     fn max_positions(&self) -> (usize, &'static str) {
@@ -157,7 +157,7 @@ impl Decoder for Gpt2LmHeadModel {
     }
 
     fn on(&self) -> &Device {
-        &self.device
+        self.device()
     }
 
     fn what(&self) -> &'static str {

@@ -5,7 +5,7 @@
 //!
 //! | module | path | built by |
 //! |---|---|---|
-//! | token / position tables | `transformer.wte`, `transformer.wpe` | [`embedding`] |
+//! | token / position tables | `transformer.wte`, `transformer.wpe` | [`embedding`](crate::model::embedding) |
 //! | attention in / out | `transformer.h.N.attn.c_attn`, `transformer.h.N.attn.c_proj` | [`conv1d`](crate::model::conv1d) |
 //! | MLP in / out | `transformer.h.N.mlp.c_fc`, `transformer.h.N.mlp.c_proj` | [`conv1d`](crate::model::conv1d) |
 //! | norms | `transformer.h.N.ln_1`, `.ln_2`, `transformer.ln_f` | LayerNorm, bias through [`AdapterPlan::bias`] |
@@ -16,13 +16,18 @@
 //! padding mask. Checked against transformers + PEFT 0.21 on the fixtures of
 //! `tests/fixtures/peft_options/` and `tests/fixtures/models/gpt2_base_logits.safetensors`.
 //!
+//! Sequence classification (transformers' `GPT2ForSequenceClassification`):
+//! [`Gpt2ForSequenceClassification`].
+//!
 //! Incremental decoding: [`Gpt2LmHeadModel::forward_cached`] with a [`KvCache`] (the same
 //! logits as the full forward at those positions), and [`Gpt2LmHeadModel::generate`]
 //! (greedy or sampled, [`crate::models::generation`]).
 
 mod block;
+mod classifier;
 mod config;
 mod generate;
+mod trunk;
 
 use std::path::Path;
 
@@ -30,21 +35,21 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::checkpoint::Checkpoint;
-use crate::error::{Error, Result, Scope};
+use crate::error::{Error, Result};
 use crate::frozen::BaseKind;
 use crate::kernels::FusedLinear;
-use crate::model::{embedding, linear_no_bias, AdapterPlan, Embedding, Linear};
+use crate::model::{linear_no_bias, AdapterPlan, Linear};
 use crate::models::base_prefix::with_base_prefix;
-use crate::models::kv_buffer::{Appending, LayerKv};
+use crate::models::kv_buffer::LayerKv;
 use crate::models::lm_loss::{causal_lm_loss_sum, frozen_head_loss_sum, linear_head_loss_sum};
-use crate::models::ops::LayerNorm;
-use crate::models::padding::{mask_values, position};
+use crate::models::padding::{mask_values, PaddedPositions};
 
 /// The KV cache of [`Gpt2LmHeadModel::forward_cached`] (the Llama models' type: per layer,
 /// the keys and values of the positions seen so far).
 pub use super::llama::KvCache;
-use block::Block;
+pub use classifier::Gpt2ForSequenceClassification;
 pub use config::Gpt2Config;
+use trunk::Gpt2Trunk;
 
 /// transformers' `GPT2LMHeadModel` over a [`VarBuilder`] holding a GPT-2 checkpoint,
 /// adapted by an [`AdapterPlan`]: a PEFT adapter's plan ([`crate::peft::PeftAdapter::plan`])
@@ -74,14 +79,9 @@ pub use config::Gpt2Config;
 /// ```
 #[derive(Clone, Debug)]
 pub struct Gpt2LmHeadModel {
-    config: Gpt2Config,
-    wte: Embedding,
-    wpe: Embedding,
-    blocks: Vec<Block>,
-    ln_f: LayerNorm,
+    trunk: Gpt2Trunk,
     /// `None`: tied to `wte`'s base table.
     lm_head: Option<Linear>,
-    device: Device,
     /// The folder `from_pretrained` read, as given (transformers' `_name_or_path`).
     name_or_path: Option<String>,
 }
@@ -127,13 +127,7 @@ impl Gpt2LmHeadModel {
         config.validate()?;
         let d = config.n_embd;
         let vb = with_base_prefix(vb, "transformer", "wte.weight");
-        let t = vb.pp("transformer");
-        let wte = embedding(config.vocab_size, d, t.pp("wte"), plan)?;
-        let wpe = embedding(config.n_positions, d, t.pp("wpe"), plan)?;
-        let blocks = (0..config.n_layer)
-            .map(|i| Block::load(config, i, t.pp("h").pp(i), plan))
-            .collect::<Result<Vec<_>>>()?;
-        let ln_f = LayerNorm::load(d, config.layer_norm_epsilon, t.pp("ln_f"), plan)?;
+        let trunk = Gpt2Trunk::load(config, &vb, plan)?;
         let lm_head = if config.tie_word_embeddings {
             let head = vb.pp("lm_head").prefix();
             if plan.touches(&head, BaseKind::Linear) {
@@ -154,15 +148,9 @@ impl Gpt2LmHeadModel {
                 plan,
             )?)
         };
-        let device = base_table(&wte)?.device().clone();
         Ok(Self {
-            config: config.clone(),
-            wte,
-            wpe,
-            blocks,
-            ln_f,
+            trunk,
             lm_head,
-            device,
             name_or_path: None,
         })
     }
@@ -238,7 +226,7 @@ impl Gpt2LmHeadModel {
     /// # Ok(()) }
     /// ```
     pub fn config(&self) -> &Gpt2Config {
-        &self.config
+        &self.trunk.config
     }
 
     /// The device the model lives on.
@@ -254,7 +242,7 @@ impl Gpt2LmHeadModel {
     /// # Ok(()) }
     /// ```
     pub fn device(&self) -> &Device {
-        &self.device
+        &self.trunk.device
     }
 
     /// Logits `(batch, seq, vocab)` for token ids `(batch, seq)` (u8, u32 or i64, each below
@@ -285,9 +273,11 @@ impl Gpt2LmHeadModel {
     /// # Ok(()) }
     /// ```
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
-        self.check_ids(input_ids)?;
-        let no_past = std::iter::repeat_n(&None, self.blocks.len());
-        Ok(self.run(input_ids, 0, no_past, None, false)?.0)
+        self.trunk.check_ids(input_ids)?;
+        let hidden = self
+            .trunk
+            .hidden(input_ids, None, PaddedPositions::AfterPadding)?;
+        self.head(&hidden)
     }
 
     /// The summed next-token loss of a batch, as
@@ -324,14 +314,15 @@ impl Gpt2LmHeadModel {
         loss_mask: &Tensor,
         gradient: bool,
     ) -> Result<Tensor> {
-        self.check_ids(input_ids)?;
-        let no_past = std::iter::repeat_n(&None, self.blocks.len());
-        let (hidden, _) = self.run_hidden(input_ids, 0, no_past, None, false)?;
+        self.trunk.check_ids(input_ids)?;
+        let hidden = self
+            .trunk
+            .hidden(input_ids, None, PaddedPositions::AfterPadding)?;
         let hidden = if gradient { hidden } else { hidden.detach() };
         match &self.lm_head {
             Some(head) => linear_head_loss_sum(&hidden, head, input_ids, loss_mask),
             None => {
-                let table = base_table(&self.wte)?;
+                let table = self.trunk.wte.base_stored_weight()?;
                 match frozen_head_loss_sum(&hidden, &table, None, input_ids, loss_mask)? {
                     Some(loss) => Ok(loss),
                     None => causal_lm_loss_sum(&self.head(&hidden)?, input_ids, loss_mask),
@@ -353,60 +344,11 @@ impl Gpt2LmHeadModel {
         pads: Option<&[usize]>,
         values_only: bool,
     ) -> Result<(Tensor, Vec<LayerKv>)> {
-        let (x, grown) = self.run_hidden(input_ids, offset, past, pads, values_only)?;
+        let numbering = PaddedPositions::AfterPadding;
+        let (x, grown) =
+            self.trunk
+                .run_hidden(input_ids, offset, past, pads, numbering, values_only)?;
         Ok((self.head(&x)?, grown))
-    }
-
-    /// [`Gpt2LmHeadModel::run`] up to the final layer norm: the hidden states the output
-    /// head takes, and every block's grown cache entry.
-    fn run_hidden<'a>(
-        &self,
-        input_ids: &Tensor,
-        offset: usize,
-        past: impl Iterator<Item = &'a Option<LayerKv>>,
-        pads: Option<&[usize]>,
-        values_only: bool,
-    ) -> Result<(Tensor, Vec<LayerKv>)> {
-        let (_, seq) = input_ids.dims2()?;
-        let end = offset.saturating_add(seq);
-        let (start, end) = match (u32::try_from(offset), u32::try_from(end)) {
-            (Ok(start), Ok(end)) => (start, end),
-            _ => {
-                return Err(Error::usage(
-                    Scope::Layer("transformer.wpe".to_string()),
-                    format!("positions {offset}..{end} do not fit in u32"),
-                ))
-            }
-        };
-        let positions = match pads {
-            // Each row's tokens at positions 0.. after its padding (`models::padding`).
-            Some(pads) => {
-                let ids: Vec<u32> = pads
-                    .iter()
-                    .flat_map(|&pad| (offset..offset + seq).map(move |s| position(s, pad)))
-                    .map(|p| u32::try_from(p).unwrap_or(u32::MAX))
-                    .collect();
-                Tensor::from_vec(ids, (pads.len(), seq), &self.device)?
-            }
-            None => Tensor::arange(start, end, &self.device)?,
-        };
-        let mut x = self
-            .wte
-            .forward(input_ids)?
-            .broadcast_add(&self.wpe.forward(&positions)?)?;
-        let mask = causal_mask(seq, offset, pads, &self.device)?;
-        let how = Appending {
-            len: offset,
-            limit: self.config.n_positions,
-            values_only,
-        };
-        let mut grown = Vec::with_capacity(self.blocks.len());
-        for (block, past) in self.blocks.iter().zip(past) {
-            let (out, kv) = block.forward(&x, &mask, past.as_ref(), how)?;
-            x = out;
-            grown.push(kv);
-        }
-        Ok((self.ln_f.forward(&x)?, grown))
     }
 
     /// The logits of the hidden states `x` `(batch, seq, d)`.
@@ -415,13 +357,13 @@ impl Gpt2LmHeadModel {
         Ok(match &self.lm_head {
             Some(head) => head.forward(x)?,
             None => {
-                let table = base_table(&self.wte)?; // (vocab, d)
+                let table = self.trunk.wte.base_stored_weight()?; // (vocab, d)
                 if table.track_op() {
                     // A table trained in full (`modules_to_save`): candle's matmul, whose
                     // backward reaches it.
-                    let d = self.config.n_embd;
+                    let d = self.config().n_embd;
                     let logits = x.reshape((batch * seq, d))?.matmul(&table.t()?)?;
-                    logits.reshape((batch, seq, self.config.vocab_size))?
+                    logits.reshape((batch, seq, self.config().vocab_size))?
                 } else {
                     // A frozen table: the fused op, which computes no gradient for it and
                     // streams it on every thread when decoding (candle's matmul ran a
@@ -438,41 +380,7 @@ impl Gpt2LmHeadModel {
             }
         })
     }
-
-    /// `(batch, seq)` of valid token ids: rank 2, `batch ≥ 1`, `1 ≤ seq ≤ n_positions`,
-    /// ids below `vocab_size` on the model's device.
-    fn check_ids(&self, input_ids: &Tensor) -> Result<(usize, usize)> {
-        let layer = "transformer.wte";
-        let bad_shape = |expected: String| Error::ShapeMismatch {
-            layer: layer.to_string(),
-            what: "input_ids".to_string(),
-            expected,
-            got: format!("{:?}", input_ids.dims()),
-        };
-        let &[batch, seq] = input_ids.dims() else {
-            return Err(bad_shape("(batch, seq)".to_string()));
-        };
-        if batch == 0 || seq == 0 || seq > self.config.n_positions {
-            return Err(bad_shape(format!(
-                "(batch ≥ 1, 1 ≤ seq ≤ n_positions = {})",
-                self.config.n_positions
-            )));
-        }
-        crate::validate::token_ids(layer, input_ids, self.config.vocab_size, &self.device)?;
-        Ok((batch, seq))
-    }
 }
-
-/// An embedding module's base table `(vocab, dim)` as it stands now (merged into while an
-/// adapter is merged; the original of a `modules_to_save` copy).
-fn base_table(module: &Embedding) -> Result<Tensor> {
-    match module {
-        Linear::Frozen(base) => base.stored_weight(),
-        Linear::Adapted(layer) => layer.read().base().stored_weight(),
-        Linear::Trainable(module) => module.original().stored_weight(),
-    }
-}
-
 /// `(seq, offset + seq)` f32 for queries at positions `offset..offset + seq` over keys at
 /// `0..offset + seq`: 0 where a query may attend (itself and earlier), -inf elsewhere;
 /// `(batch, 1, seq, offset + seq)` for a left-padded batch (`models::padding`).

@@ -49,8 +49,8 @@ impl LlamaForCausalLM {
 
     /// [`LlamaForCausalLM::forward_cached`] on a batch left-padded by `pads` (or none).
     fn cached(&self, ids: &Tensor, cache: &mut KvCache, pads: Option<&[usize]>) -> Result<Tensor> {
-        let (batch, seq) = self.check_ids(ids)?;
-        cache.check(batch, seq, self.layers.len(), self.position_limit())?;
+        let (batch, seq) = self.trunk.check_ids(ids)?;
+        cache.check(batch, seq, self.trunk.layers.len(), self.position_limit())?;
         let inference = cache.is_for_inference();
         let (logits, entries) = self.run(ids, cache.len(), cache.entries(), pads, inference)?;
         cache.commit(entries, batch, seq);
@@ -70,7 +70,7 @@ impl LlamaForCausalLM {
     /// # Ok(()) }
     /// ```
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(&self.config)
+        KvCache::new(self.config())
     }
 
     /// Generates one sequence after `prompt` by `config`: the prompt runs through a fresh
@@ -183,7 +183,7 @@ impl LlamaForCausalLM {
     /// `max_position_embeddings`, named.
     fn position_limit(&self) -> (usize, &'static str) {
         (
-            self.config.max_position_embeddings,
+            self.config().max_position_embeddings,
             "max_position_embeddings",
         )
     }
@@ -199,7 +199,7 @@ impl Decoder for LlamaForCausalLM {
     }
 
     fn vocab(&self) -> usize {
-        self.config.vocab_size
+        self.config().vocab_size
     }
 
     fn max_positions(&self) -> (usize, &'static str) {
@@ -207,7 +207,7 @@ impl Decoder for LlamaForCausalLM {
     }
 
     fn on(&self) -> &Device {
-        &self.device
+        self.device()
     }
 
     fn what(&self) -> &'static str {

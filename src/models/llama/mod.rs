@@ -16,15 +16,21 @@
 //!
 //! Generation (greedy or sampled, one prompt at a time): [`LlamaForCausalLM::generate`].
 //!
-//! Not here: padding masks (every sequence of a batch is the full length; right padding,
-//! as [`crate::finetune`] batches, needs none under causal attention), attention dropout in
-//! training.
+//! Sequence classification (transformers' `LlamaForSequenceClassification`, the `score`
+//! head on each row's last token): [`LlamaForSequenceClassification`], which takes an
+//! attention mask padding rows on the left or the right.
+//!
+//! Not here: a padding mask in [`LlamaForCausalLM::forward`] (right padding, as
+//! [`crate::finetune`] batches, needs none under causal attention; batched generation
+//! left-pads), attention dropout in training.
 
 mod cache;
+mod classifier;
 mod config;
 mod generate;
 mod layers;
 mod rope;
+mod trunk;
 
 use std::path::Path;
 
@@ -32,16 +38,17 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::checkpoint::Checkpoint;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::frozen::FrozenLinear;
-use crate::model::{embedding, linear_b, AdapterPlan, Embedding, Linear};
-use crate::models::kv_buffer::{Appending, LayerKv};
+use crate::model::{linear_b, AdapterPlan, Embedding, Linear};
+use crate::models::kv_buffer::LayerKv;
 use crate::models::lm_loss::linear_head_loss_sum;
+use crate::models::padding::PaddedPositions;
 
 pub use cache::KvCache;
+pub use classifier::LlamaForSequenceClassification;
 pub use config::{LayerAttention, LlamaConfig, LlamaFamily, RopeScaling};
-use layers::{DecoderLayer, Masks, RmsNorm};
-use rope::RopeTables;
+use trunk::LlamaTrunk;
 
 /// A Llama-family causal language model (transformers' `LlamaForCausalLM`,
 /// `MistralForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`) whose linear layers and
@@ -83,15 +90,9 @@ use rope::RopeTables;
 /// ```
 #[derive(Clone, Debug)]
 pub struct LlamaForCausalLM {
-    config: LlamaConfig,
-    embed_tokens: Embedding,
-    layers: Vec<DecoderLayer>,
-    norm: RmsNorm,
+    trunk: LlamaTrunk,
     lm_head: Linear,
     tied: bool,
-    inv_freq: Vec<f32>,
-    dtype: DType,
-    device: Device,
     /// The folder `from_pretrained` read, as given (transformers' `_name_or_path`).
     name_or_path: Option<String>,
 }
@@ -136,40 +137,19 @@ impl LlamaForCausalLM {
     /// # Ok(()) }
     /// ```
     pub fn load(config: &LlamaConfig, vb: VarBuilder, plan: &AdapterPlan) -> Result<Self> {
-        config.validate()?;
-        let c = config;
-        let embed_tokens = embedding(
-            c.vocab_size,
-            c.hidden_size,
-            vb.pp("model.embed_tokens"),
-            plan,
-        )?;
-        let layers = c
-            .layer_attention
-            .iter()
-            .enumerate()
-            .map(|(i, &kind)| DecoderLayer::load(c, kind, vb.pp(format!("model.layers.{i}")), plan))
-            .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::load(c.hidden_size, c.rms_norm_eps, vb.pp("model.norm"))?;
+        let trunk = LlamaTrunk::load(config, &vb, plan)?;
         let head_vb = vb.pp("lm_head");
-        let tied = c.tie_word_embeddings && !head_vb.contains_tensor("weight");
+        let tied = config.tie_word_embeddings && !head_vb.contains_tensor("weight");
         let lm_head = if tied {
-            let table = base_table(&embed_tokens)?;
+            let table = trunk.embed_tokens.base_stored_weight()?;
             plan.adapt(&head_vb.prefix(), FrozenLinear::new(table, None)?)?
         } else {
-            linear_b(c.hidden_size, c.vocab_size, false, head_vb, plan)?
+            linear_b(config.hidden_size, config.vocab_size, false, head_vb, plan)?
         };
-        let dtype = base_table(&embed_tokens)?.dtype();
         Ok(Self {
-            config: config.clone(),
-            embed_tokens,
-            layers,
-            norm,
+            trunk,
             lm_head,
             tied,
-            inv_freq: config.inv_freq(),
-            dtype,
-            device: vb.device().clone(),
             name_or_path: None,
         })
     }
@@ -257,9 +237,11 @@ impl LlamaForCausalLM {
     /// # Ok(()) }
     /// ```
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
-        self.check_ids(input_ids)?;
-        let no_past = std::iter::repeat_n(&None, self.layers.len());
-        Ok(self.run(input_ids, 0, no_past, None, false)?.0)
+        self.trunk.check_ids(input_ids)?;
+        let hidden = self
+            .trunk
+            .hidden(input_ids, None, PaddedPositions::AfterPadding)?;
+        Ok(self.lm_head.forward(&hidden)?)
     }
 
     /// The summed next-token loss of a batch, [`causal_lm_loss_sum`] of
@@ -307,16 +289,18 @@ impl LlamaForCausalLM {
         loss_mask: &Tensor,
         gradient: bool,
     ) -> Result<Tensor> {
-        self.check_ids(input_ids)?;
-        let no_past = std::iter::repeat_n(&None, self.layers.len());
-        let (hidden, _) = self.run_hidden(input_ids, 0, no_past, None, false)?;
+        self.trunk.check_ids(input_ids)?;
+        let hidden = self
+            .trunk
+            .hidden(input_ids, None, PaddedPositions::AfterPadding)?;
         let hidden = if gradient { hidden } else { hidden.detach() };
         linear_head_loss_sum(&hidden, &self.lm_head, input_ids, loss_mask)
     }
 
     /// The model on `input_ids` at positions `offset..` after each layer's cached keys and
     /// values `past` (in layer order): the logits and every layer's grown cache entry.
-    /// `pads`: a left-padded batch's padding per row (`models::padding`); `values_only`:
+    /// `pads`: a left-padded batch's padding per row (`models::padding`), each row's tokens
+    /// numbered from 0 after its padding (transformers' `generate`); `values_only`:
     /// attention reads the new keys and values as stored values (`KvCache::for_inference`).
     /// The ids are checked by the caller.
     pub(crate) fn run<'a>(
@@ -327,45 +311,11 @@ impl LlamaForCausalLM {
         pads: Option<&[usize]>,
         values_only: bool,
     ) -> Result<(Tensor, Vec<LayerKv>)> {
-        let (x, grown) = self.run_hidden(input_ids, offset, past, pads, values_only)?;
+        let positions = PaddedPositions::AfterPadding;
+        let (x, grown) =
+            self.trunk
+                .run_hidden(input_ids, offset, past, pads, positions, values_only)?;
         Ok((self.lm_head.forward(&x)?, grown))
-    }
-
-    /// [`LlamaForCausalLM::run`] up to the final norm: the hidden states the output head
-    /// takes, and every layer's grown cache entry.
-    fn run_hidden<'a>(
-        &self,
-        input_ids: &Tensor,
-        offset: usize,
-        past: impl Iterator<Item = &'a Option<LayerKv>>,
-        pads: Option<&[usize]>,
-        values_only: bool,
-    ) -> Result<(Tensor, Vec<LayerKv>)> {
-        let seq = input_ids.dim(1)?;
-        let ids = input_ids.to_dtype(DType::U32)?;
-        let (inv_freq, dtype, device) = (&self.inv_freq, self.dtype, &self.device);
-        let rope = RopeTables::new(inv_freq, offset, seq, pads, dtype, device)?;
-        let masks = Masks::new(
-            &self.config.layer_attention,
-            seq,
-            offset.saturating_add(seq),
-            offset,
-            pads,
-            device,
-        )?;
-        let how = Appending {
-            len: offset,
-            limit: self.config.max_position_embeddings,
-            values_only,
-        };
-        let mut x = self.embed_tokens.forward(&ids)?;
-        let mut grown = Vec::with_capacity(self.layers.len());
-        for (layer, past) in self.layers.iter().zip(past) {
-            let (out, kv) = layer.forward_cached(&x, &rope, &masks, past.as_ref(), how)?;
-            x = out;
-            grown.push(kv);
-        }
-        Ok((self.norm.forward(&x)?, grown))
     }
 
     /// The configuration the model was built with.
@@ -382,7 +332,7 @@ impl LlamaForCausalLM {
     /// # Ok(()) }
     /// ```
     pub fn config(&self) -> &LlamaConfig {
-        &self.config
+        &self.trunk.config
     }
 
     /// The token embedding (`model.embed_tokens`).
@@ -399,7 +349,7 @@ impl LlamaForCausalLM {
     /// # Ok(()) }
     /// ```
     pub fn embed_tokens(&self) -> &Embedding {
-        &self.embed_tokens
+        &self.trunk.embed_tokens
     }
 
     /// The output head (`lm_head`).
@@ -450,7 +400,7 @@ impl LlamaForCausalLM {
     /// # Ok(()) }
     /// ```
     pub fn dtype(&self) -> DType {
-        self.dtype
+        self.trunk.dtype
     }
 
     /// The device the model lives on.
@@ -467,41 +417,6 @@ impl LlamaForCausalLM {
     /// # Ok(()) }
     /// ```
     pub fn device(&self) -> &Device {
-        &self.device
-    }
-
-    /// `(batch, seq)` of valid token ids: rank 2, `batch, seq ≥ 1`, ids below `vocab_size`
-    /// on the model's device (the check every embedding makes).
-    fn check_ids(&self, ids: &Tensor) -> Result<(usize, usize)> {
-        let layer = "model.embed_tokens";
-        let (batch, seq) = match ids.dims() {
-            &[batch, seq] if batch > 0 && seq > 0 => (batch, seq),
-            _ => {
-                return Err(Error::ShapeMismatch {
-                    layer: layer.to_string(),
-                    what: "input_ids".to_string(),
-                    expected: "(batch, seq) with batch, seq ≥ 1".to_string(),
-                    got: format!("{:?}", ids.dims()),
-                })
-            }
-        };
-        crate::validate::named_token_ids(
-            layer,
-            "input_ids",
-            ids,
-            self.config.vocab_size,
-            &self.device,
-        )?;
-        Ok((batch, seq))
-    }
-}
-
-/// The embedding table `(vocab, dim)` under an embedding built by a plan (the base a PEFT
-/// `base_layer.weight` copy replaced, if any; the original under a `modules_to_save` copy).
-fn base_table(embed: &Embedding) -> Result<Tensor> {
-    match embed {
-        Linear::Frozen(base) => base.stored_weight(),
-        Linear::Adapted(layer) => layer.read().base().stored_weight(),
-        Linear::Trainable(module) => module.original().stored_weight(),
+        &self.trunk.device
     }
 }

@@ -1,0 +1,156 @@
+//! [`AutoSequenceClassifier`]: a sequence classifier chosen by the `model_type` of a model
+//! folder's `config.json`, as transformers' `AutoModelForSequenceClassification` does.
+
+use std::path::Path;
+
+use candle_core::{DType, Device};
+
+use crate::error::{Error, Result};
+use crate::model::AdapterPlan;
+
+use super::auto::AutoCausalLm;
+use super::bert::{BertConfig, BertForSequenceClassification};
+use super::classification::ClassifierConfig;
+use super::gpt2::{Gpt2Config, Gpt2ForSequenceClassification};
+use super::llama::{LlamaConfig, LlamaFamily, LlamaForSequenceClassification};
+use super::sequence_classifier::SequenceClassifier;
+
+/// One of the sequence classifiers of [`crate::models`], chosen by `model_type`: `bert`
+/// ([`BertForSequenceClassification`], head `classifier` on the first token), `llama`,
+/// `mistral`, `qwen2`, `qwen3` ([`LlamaForSequenceClassification`]) or `gpt2`
+/// ([`Gpt2ForSequenceClassification`]), whose head `score` reads each row's last token.
+/// [`AutoSequenceClassifier::as_classifier`] gives the [`SequenceClassifier`] the training
+/// loop takes.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use lorakit::models::AutoSequenceClassifier;
+/// use lorakit::peft::PeftAdapter;
+/// # fn main() -> lorakit::Result<()> {
+/// let dev = Device::Cpu;
+/// for (dir, head) in [("tests/fixtures/decoder_cls/qwen2", "score"), ("tests/fixtures/decoder_cls/gpt2", "score")] {
+///     assert_eq!(AutoSequenceClassifier::head_name(format!("{dir}/base"))?, head);
+///     let plan = PeftAdapter::load(format!("{dir}/lora"), &dev)?.plan()?;
+///     let model = AutoSequenceClassifier::from_pretrained(format!("{dir}/base"), None, DType::F32, &dev, &plan)?;
+///     let ids = Tensor::new(&[[5u32, 9, 2, 7]], &dev)?;
+///     let logits = model.as_classifier().classify(&ids, None, None, false)?;
+///     assert_eq!(logits.dims(), [1, 3]);
+/// }
+/// // A causal LM has no `score`: without a plan that trains a new one, an error naming it.
+/// let none = lorakit::model::AdapterPlan::none();
+/// let dir = "tests/fixtures/models/llama/mistral/base";
+/// let err = AutoSequenceClassifier::from_pretrained(dir, None, DType::F32, &dev, &none).unwrap_err();
+/// assert!(err.to_string().contains("score"), "{err}");
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub enum AutoSequenceClassifier {
+    /// `model_type` `bert`.
+    Bert(BertForSequenceClassification),
+    /// The Llama family.
+    Llama(LlamaForSequenceClassification),
+    /// `model_type` `gpt2`.
+    Gpt2(Gpt2ForSequenceClassification),
+}
+
+/// The `model_type`s [`AutoSequenceClassifier::from_pretrained`] loads.
+pub const CLASSIFIER_MODEL_TYPES: [&str; 6] =
+    ["bert", "llama", "mistral", "qwen2", "qwen3", "gpt2"];
+
+/// Which implementation a folder's `model_type` is built with.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Bert,
+    Llama,
+    Gpt2,
+}
+
+impl Kind {
+    fn of(dir: &Path) -> Result<Self> {
+        let model_type = AutoCausalLm::model_type(dir)?;
+        match model_type.as_str() {
+            "bert" => Ok(Self::Bert),
+            "gpt2" => Ok(Self::Gpt2),
+            t if LlamaFamily::from_model_type(t).is_some() => Ok(Self::Llama),
+            _ => Err(Error::Unsupported {
+                what: "model_type",
+                got: model_type,
+                supported: CLASSIFIER_MODEL_TYPES.join(", "),
+            }),
+        }
+    }
+}
+
+impl AutoSequenceClassifier {
+    /// The classification head's module path for the folder's architecture: `classifier`
+    /// (BERT) or `score` (the decoders) — what PEFT's `SEQ_CLS` puts in
+    /// `modules_to_save`, and what a fresh plan should train in full.
+    pub fn head_name(dir: impl AsRef<Path>) -> Result<&'static str> {
+        Ok(match Kind::of(dir.as_ref())? {
+            Kind::Bert => "classifier",
+            Kind::Llama | Kind::Gpt2 => "score",
+        })
+    }
+
+    /// The `(in, out)` shapes of the folder's linear layers (what VeRA's shared projections
+    /// must cover, [`crate::finetune::AdapterRecipe::plan`]).
+    pub fn linear_shapes(dir: impl AsRef<Path>) -> Result<Vec<(usize, usize)>> {
+        let dir = dir.as_ref();
+        let config = dir.join("config.json");
+        Ok(match Kind::of(dir)? {
+            Kind::Bert => BertConfig::from_file(config)?.linear_shapes(),
+            Kind::Llama => LlamaConfig::from_file(config)?.linear_shapes(),
+            Kind::Gpt2 => Gpt2Config::from_file(config)?.linear_shapes(),
+        })
+    }
+
+    /// Reads the model folder `dir` by its `model_type` and builds the classifier in
+    /// `dtype` on `device` through `plan`. `labels` replace the classification fields of
+    /// its `config.json` (transformers' `from_pretrained(dir, num_labels=…)`; BERT takes
+    /// no pad id); `None` keeps them.
+    pub fn from_pretrained(
+        dir: impl AsRef<Path>,
+        labels: Option<&ClassifierConfig>,
+        dtype: DType,
+        device: &Device,
+        plan: &AdapterPlan,
+    ) -> Result<Self> {
+        let dir = dir.as_ref();
+        Ok(match (Kind::of(dir)?, labels) {
+            (Kind::Bert, labels) => {
+                let mut config = BertConfig::from_file(dir.join("config.json"))?;
+                if let Some(l) = labels {
+                    config.num_labels = l.num_labels;
+                    config.id2label = l.id2label.clone();
+                    config.problem_type = l.problem_type;
+                    config.initializer_range = l.initializer_range;
+                }
+                let model = BertForSequenceClassification::from_pretrained_with(
+                    dir, &config, dtype, device, plan,
+                )?;
+                Self::Bert(model)
+            }
+            (Kind::Llama, Some(l)) => Self::Llama(
+                LlamaForSequenceClassification::from_pretrained_with(dir, l, dtype, device, plan)?,
+            ),
+            (Kind::Llama, None) => Self::Llama(LlamaForSequenceClassification::from_pretrained(
+                dir, dtype, device, plan,
+            )?),
+            (Kind::Gpt2, Some(l)) => Self::Gpt2(
+                Gpt2ForSequenceClassification::from_pretrained_with(dir, l, dtype, device, plan)?,
+            ),
+            (Kind::Gpt2, None) => Self::Gpt2(Gpt2ForSequenceClassification::from_pretrained(
+                dir, dtype, device, plan,
+            )?),
+        })
+    }
+
+    /// The model as the training loop takes it.
+    pub fn as_classifier(&self) -> &dyn SequenceClassifier {
+        match self {
+            Self::Bert(m) => m,
+            Self::Llama(m) => m,
+            Self::Gpt2(m) => m,
+        }
+    }
+}

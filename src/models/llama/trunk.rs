@@ -1,0 +1,198 @@
+//! The Llama-family decoder without an output head (transformers' `LlamaModel`, tensors
+//! `model.*`): what the causal language model and the sequence classifier share.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::error::{Error, Result};
+use crate::model::{embedding, AdapterPlan, Embedding};
+use crate::models::decoder_classifier::ClassifierTrunk;
+use crate::models::kv_buffer::{Appending, LayerKv};
+use crate::models::padding::PaddedPositions;
+
+use super::config::LlamaConfig;
+use super::layers::{DecoderLayer, Masks, RmsNorm};
+use super::rope::RopeTables;
+
+/// The embedding, the decoder layers and the final norm, built through an
+/// [`AdapterPlan`] at transformers' paths (`model.embed_tokens`, `model.layers.N.…`,
+/// `model.norm`).
+#[derive(Clone, Debug)]
+pub(crate) struct LlamaTrunk {
+    pub(super) config: LlamaConfig,
+    pub(super) embed_tokens: Embedding,
+    pub(super) layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    inv_freq: Vec<f32>,
+    /// The dtype it computes in: its embedding table's.
+    pub(super) dtype: DType,
+    pub(super) device: Device,
+}
+
+impl LlamaTrunk {
+    /// Builds the trunk from `vb` (the checkpoint's root) after checking `config`.
+    pub(super) fn load(config: &LlamaConfig, vb: &VarBuilder, plan: &AdapterPlan) -> Result<Self> {
+        config.validate()?;
+        let c = config;
+        let embed_tokens = embedding(
+            c.vocab_size,
+            c.hidden_size,
+            vb.pp("model.embed_tokens"),
+            plan,
+        )?;
+        let layers = c
+            .layer_attention
+            .iter()
+            .enumerate()
+            .map(|(i, &kind)| DecoderLayer::load(c, kind, vb.pp(format!("model.layers.{i}")), plan))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(c.hidden_size, c.rms_norm_eps, vb.pp("model.norm"))?;
+        let dtype = embed_tokens.base_stored_weight()?.dtype();
+        Ok(Self {
+            config: config.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            inv_freq: config.inv_freq(),
+            dtype,
+            device: vb.device().clone(),
+        })
+    }
+
+    /// The hidden states after the final norm for `input_ids` at positions `offset..`
+    /// after each layer's cached keys and values `past` (in layer order), and every
+    /// layer's grown cache entry. `pads`: a left-padded batch's padding per row
+    /// (`models::padding`), its tokens numbered as `positions` says; `values_only`:
+    /// attention reads the new keys and values as stored values
+    /// (`KvCache::for_inference`). The ids are checked by the caller.
+    pub(super) fn run_hidden<'a>(
+        &self,
+        input_ids: &Tensor,
+        offset: usize,
+        past: impl Iterator<Item = &'a Option<LayerKv>>,
+        pads: Option<&[usize]>,
+        positions: PaddedPositions,
+        values_only: bool,
+    ) -> Result<(Tensor, Vec<LayerKv>)> {
+        let seq = input_ids.dim(1)?;
+        let ids = input_ids.to_dtype(DType::U32)?;
+        let rope_pads = match positions {
+            PaddedPositions::AfterPadding => pads,
+            PaddedPositions::FromFirstSlot => None,
+        };
+        let rope = RopeTables::new(
+            &self.inv_freq,
+            offset,
+            seq,
+            rope_pads,
+            self.dtype,
+            &self.device,
+        )?;
+        let masks = Masks::new(
+            &self.config.layer_attention,
+            seq,
+            offset.saturating_add(seq),
+            offset,
+            pads,
+            &self.device,
+        )?;
+        let how = Appending {
+            len: offset,
+            limit: self.config.max_position_embeddings,
+            values_only,
+        };
+        let mut x = self.embed_tokens.forward(&ids)?;
+        let mut grown = Vec::with_capacity(self.layers.len());
+        for (layer, past) in self.layers.iter().zip(past) {
+            let (out, kv) = layer.forward_cached(&x, &rope, &masks, past.as_ref(), how)?;
+            x = out;
+            grown.push(kv);
+        }
+        Ok((self.norm.forward(&x)?, grown))
+    }
+
+    /// [`LlamaTrunk::run_hidden`] over a whole sequence, no cache.
+    pub(super) fn hidden(
+        &self,
+        input_ids: &Tensor,
+        pads: Option<&[usize]>,
+        positions: PaddedPositions,
+    ) -> Result<Tensor> {
+        let no_past = std::iter::repeat_n(&None, self.layers.len());
+        Ok(self
+            .run_hidden(input_ids, 0, no_past, pads, positions, false)?
+            .0)
+    }
+
+    /// `(batch, seq)` of valid token ids: rank 2, `batch, seq ≥ 1`, ids below `vocab_size`
+    /// on the model's device (the check every embedding makes).
+    pub(super) fn check_ids(&self, ids: &Tensor) -> Result<(usize, usize)> {
+        let layer = "model.embed_tokens";
+        let (batch, seq) = match ids.dims() {
+            &[batch, seq] if batch > 0 && seq > 0 => (batch, seq),
+            _ => {
+                return Err(Error::ShapeMismatch {
+                    layer: layer.to_string(),
+                    what: "input_ids".to_string(),
+                    expected: "(batch, seq) with batch, seq ≥ 1".to_string(),
+                    got: format!("{:?}", ids.dims()),
+                })
+            }
+        };
+        crate::validate::named_token_ids(
+            layer,
+            "input_ids",
+            ids,
+            self.config.vocab_size,
+            &self.device,
+        )?;
+        Ok((batch, seq))
+    }
+}
+
+impl ClassifierTrunk for LlamaTrunk {
+    type Config = LlamaConfig;
+
+    fn read_config(path: &Path) -> Result<LlamaConfig> {
+        LlamaConfig::from_file(path)
+    }
+
+    fn load_trunk<'a>(
+        config: &LlamaConfig,
+        vb: VarBuilder<'a>,
+        plan: &AdapterPlan,
+    ) -> Result<(Self, VarBuilder<'a>)> {
+        Ok((Self::load(config, &vb, plan)?, vb))
+    }
+
+    fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    fn check_ids(&self, ids: &Tensor) -> Result<(usize, usize)> {
+        LlamaTrunk::check_ids(self, ids)
+    }
+
+    fn hidden(
+        &self,
+        ids: &Tensor,
+        pads: Option<&[usize]>,
+        numbering: PaddedPositions,
+    ) -> Result<Tensor> {
+        LlamaTrunk::hidden(self, ids, pads, numbering)
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn max_positions(&self) -> usize {
+        self.config.max_position_embeddings
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+}
