@@ -16,6 +16,9 @@
 //! let dev = Device::Cpu;
 //! let mut config = BertConfig::from_file(format!("{dir}/encoder/config.json"))?;
 //! config.num_labels = 2; // transformers' `num_labels=2`
+//! // No dropout: candle draws its masks unseeded, and on 24 sentences a run could then
+//! // stall at chance (this example once did, 1 run in many).
+//! (config.hidden_dropout_prob, config.attention_probs_dropout_prob) = (0.0, 0.0);
 //! let mut recipe = AdapterRecipe::new(Variant::Lora, 4, 8.0, &["query", "value"]);
 //! recipe.modules_to_save = vec!["classifier".into()]; // a new head trains, as in PEFT
 //! let vars = VarMap::new();
