@@ -56,6 +56,10 @@ struct Args {
     /// strings (sets the config's id2label and num_labels).
     #[arg(long, value_delimiter = ',')]
     labels: Option<Vec<String>>,
+    /// Replace a checkpoint head of another number of classes with a new one
+    /// (transformers' ignore_mismatched_sizes); otherwise such a head is an error.
+    #[arg(long)]
+    ignore_mismatched_sizes: bool,
     /// The variant: lora, lora-plus, vera, lora-fa, lora-drop, adalora, dora, delta-lora.
     #[arg(long, default_value = "lora")]
     method: String,
@@ -127,6 +131,7 @@ fn run(args: Args) -> lorakit::Result<()> {
         labels.num_labels = names.len();
         labels.id2label = names.clone();
     }
+    labels.ignore_mismatched_sizes = args.ignore_mismatched_sizes;
     // transformers' `model.config.pad_token_id = tokenizer.pad_token_id` for a decoder.
     let tokenizer_pad = ["[PAD]", "<pad>", "<|endoftext|>"]
         .iter()

@@ -124,6 +124,7 @@ impl AutoSequenceClassifier {
                     config.id2label = l.id2label.clone();
                     config.problem_type = l.problem_type;
                     config.initializer_range = l.initializer_range;
+                    config.ignore_mismatched_sizes = l.ignore_mismatched_sizes;
                 }
                 let model = BertForSequenceClassification::from_pretrained_with(
                     dir, &config, dtype, device, plan,

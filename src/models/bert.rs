@@ -170,6 +170,9 @@ pub struct BertConfig {
     /// The standard deviation of transformers' normal initialisation
     /// (`initializer_range`): a classifier head the checkpoint lacks is initialised with it.
     pub initializer_range: f64,
+    /// transformers' `ignore_mismatched_sizes` loading option (not read from the file):
+    /// see [`ClassifierConfig::ignore_mismatched_sizes`].
+    pub ignore_mismatched_sizes: bool,
 }
 
 impl Default for BertConfig {
@@ -192,6 +195,7 @@ impl Default for BertConfig {
             problem_type: None,
             id2label: Vec::new(),
             initializer_range: 0.02,
+            ignore_mismatched_sizes: false,
         }
     }
 }
@@ -278,6 +282,7 @@ impl BertConfig {
             problem_type: labels.problem_type,
             initializer_range: labels.initializer_range,
             id2label: labels.id2label,
+            ignore_mismatched_sizes: false,
         };
         config.check(|field, reason| Error::file_config(path.clone(), field, reason))?;
         Ok(config)
@@ -345,6 +350,7 @@ impl BertConfig {
             problem_type: self.problem_type,
             pad_token_id: None,
             initializer_range: self.initializer_range,
+            ignore_mismatched_sizes: self.ignore_mismatched_sizes,
         }
     }
 
@@ -369,12 +375,11 @@ impl BertConfig {
 /// The classifier at `classifier.…` in `vb`, or a new one when the checkpoint lacks it and
 /// `plan` trains it (see [`BertForSequenceClassification::load`]).
 fn classifier_head(config: &BertConfig, vb: &VarBuilder, plan: &AdapterPlan) -> Result<Linear> {
-    let shape = (config.hidden_size, config.num_labels);
     head_or_new(
         "classifier",
-        shape,
+        config.hidden_size,
         true,
-        config.initializer_range,
+        &config.labels(),
         vb,
         plan,
     )

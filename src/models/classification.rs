@@ -91,6 +91,10 @@ pub struct ClassifierConfig {
     /// The standard deviation of transformers' normal initialisation: a head the
     /// checkpoint lacks is initialised with it.
     pub initializer_range: f64,
+    /// transformers' `from_pretrained(…, ignore_mismatched_sizes=True)` (a loading option,
+    /// not read from `config.json`): a checkpoint head of another number of classes is
+    /// replaced by a new one (when the plan trains the head), instead of an error.
+    pub ignore_mismatched_sizes: bool,
 }
 
 impl Default for ClassifierConfig {
@@ -101,6 +105,7 @@ impl Default for ClassifierConfig {
             problem_type: None,
             pad_token_id: None,
             initializer_range: 0.02,
+            ignore_mismatched_sizes: false,
         }
     }
 }
@@ -160,6 +165,7 @@ impl ClassifierConfig {
                 .transpose()?,
             pad_token_id,
             initializer_range: raw.initializer_range.unwrap_or(d.initializer_range),
+            ignore_mismatched_sizes: false,
         };
         config.check(|field, reason| Error::file_config(path.clone(), field, reason))?;
         Ok(config)
@@ -324,29 +330,50 @@ pub fn classification_loss(
 /// The seed of a new classifier head's initialisation.
 const NEW_HEAD_SEED: u64 = 0;
 
-/// The classification head `name` (`hidden → n`, with a bias or not) at `vb`, or
-/// a new one when the checkpoint lacks `name.weight` and `plan` trains or replaces it
+/// The classification head `name` (`hidden → labels.num_labels`, with a bias or not) at
+/// `vb`, or a new one when the checkpoint lacks `name.weight` — or holds one of another
+/// shape and `labels.ignore_mismatched_sizes` is set — and `plan` trains or replaces it
 /// (`name` in `modules_to_save`, as PEFT's `SEQ_CLS` task sets): weights from
 /// `N(0, initializer_range²)`, bias 0, drawn from a fixed seed, as transformers
-/// initialises a missing head. Without a plan for it, the missing tensor is an error
-/// (transformers would go on with a random head and a warning).
+/// initialises a missing head. Without a plan for it, the missing or mismatched tensor is
+/// an error naming it (transformers would go on with a random head and a warning).
 pub(crate) fn head_or_new(
     name: &str,
-    (hidden, n): (usize, usize),
+    hidden: usize,
     bias: bool,
-    initializer_range: f64,
+    labels: &ClassifierConfig,
     vb: &VarBuilder,
     plan: &AdapterPlan,
 ) -> Result<Linear> {
+    let n = labels.num_labels;
     let weight = format!("{name}.weight");
-    if vb.contains_tensor(&weight) || !plan.touches(name, BaseKind::Linear) {
+    let trained = plan.touches(name, BaseKind::Linear);
+    let replace = match vb.contains_tensor(&weight) {
+        false => trained,
+        true => match vb.get((n, hidden), &weight) {
+            Ok(_) => false,
+            Err(_) if labels.ignore_mismatched_sizes && trained => true,
+            Err(e) => {
+                return Err(Error::layer_config(
+                    name,
+                    "num_labels",
+                    format!(
+                        "the checkpoint's head does not take {n} classes ({e}); to replace \
+                         it with a new head, set ignore_mismatched_sizes and train `{name}` \
+                         (modules_to_save)"
+                    ),
+                ))
+            }
+        },
+    };
+    if !replace {
         return linear_b(hidden, n, bias, vb.pp(name), plan);
     }
     let (dtype, device) = (vb.dtype(), vb.device());
     let mut rng = SeededRng::for_layer(NEW_HEAD_SEED, name);
     let mut head = HashMap::from([(
         weight,
-        rng.normal((n, hidden), 0.0, initializer_range, dtype, device)?,
+        rng.normal((n, hidden), 0.0, labels.initializer_range, dtype, device)?,
     )]);
     if bias {
         head.insert(format!("{name}.bias"), Tensor::zeros(n, dtype, device)?);
@@ -455,10 +482,8 @@ impl LastTokenHead {
         plan: &AdapterPlan,
     ) -> Result<Self> {
         labels.validate()?;
-        let shape = (hidden, labels.num_labels);
-        let init = labels.initializer_range;
         Ok(Self {
-            score: head_or_new(Self::NAME, shape, false, init, vb, plan)?,
+            score: head_or_new(Self::NAME, hidden, false, labels, vb, plan)?,
             labels: labels.clone(),
         })
     }

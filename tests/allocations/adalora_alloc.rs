@@ -39,10 +39,14 @@ fn the_rank_allocator_holds_the_same_memory_at_every_step() {
         step(i);
     }
     let grown = live_bytes().saturating_sub(before);
-    // One step's gradients of A, E and B, in f32.
+    // One step's gradients of A, E and B, in f32. Statistics that kept their history would
+    // hold at least that much more after every step: ≥ 35 × 4128 bytes here. The bound is
+    // 8 steps' worth, because the thread pool's own bookkeeping (work-stealing buffers
+    // freed later by crossbeam's epoch collector) holds a few KiB more or less at any
+    // moment: up to 10.3 KiB was seen, in about 1 run in 8 against a bound of one step.
     let gradients = (r * d + r + d * r) * 4;
     assert!(
-        grown < gradients,
+        grown < 8 * gradients,
         "35 allocator steps left {grown} more bytes held (one step's gradients: {gradients})"
     );
 }

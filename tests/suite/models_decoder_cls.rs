@@ -235,6 +235,60 @@ fn bad_masks_pad_ids_and_token_types_are_errors_naming_them() {
     assert!(e.contains("score"), "{e}");
 }
 
+/// transformers' `ignore_mismatched_sizes`: a checkpoint head of another number of classes
+/// is replaced by a new one when the plan trains the head; without that plan (or the
+/// option) it stays an error naming the head.
+#[test]
+fn a_mismatched_head_is_replaced_only_when_asked_and_trained() {
+    let dev = Device::Cpu;
+    let labels = ClassifierConfig {
+        num_labels: 4,
+        pad_token_id: Some(0),
+        ignore_mismatched_sizes: true,
+        ..ClassifierConfig::default()
+    };
+    let dir = case("llama").join("base");
+    let load = |plan: &AdapterPlan| {
+        LlamaForSequenceClassification::from_pretrained_with(&dir, &labels, DType::F32, &dev, plan)
+    };
+    let e = load(&AdapterPlan::none()).unwrap_err().to_string();
+    assert!(e.contains("score"), "{e}");
+    let mut recipe = AdapterRecipe::new(Variant::Lora, 4, 8.0, &["q_proj"]);
+    recipe.modules_to_save = vec!["score".into()];
+    let vars = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vars, DType::F32, &dev);
+    let plan = recipe.plan(vb, &[], DType::F32, &dev).unwrap();
+    let model = load(&plan).unwrap();
+    plan.finish().unwrap();
+    let ids = Tensor::new(&[[5u32, 6, 7]], &dev).unwrap();
+    assert_eq!(model.forward(&ids, None).unwrap().dims(), [1, 4]);
+    // A head of the right size is the checkpoint's, with the option or without.
+    let three = ClassifierConfig {
+        num_labels: 3,
+        ..labels.clone()
+    };
+    let kept = LlamaForSequenceClassification::from_pretrained_with(
+        &dir,
+        &three,
+        DType::F32,
+        &dev,
+        &AdapterPlan::none(),
+    )
+    .unwrap();
+    let io = load_io();
+    let (ids, mask) = (&io["input_ids"], &io["attention_mask"]);
+    check(
+        &kept.forward(ids, Some(mask)).unwrap(),
+        &io["base_logits"],
+        TOL,
+        "kept head",
+    );
+}
+
+fn load_io() -> std::collections::HashMap<String, Tensor> {
+    load(&case("llama").join("io.safetensors"))
+}
+
 /// Three-class data over ids 1..63: the class is which third of the ids the row's tokens
 /// mostly come from.
 fn labeled(rows: usize) -> LabeledDataset {
