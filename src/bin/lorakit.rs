@@ -1,6 +1,7 @@
 //! `lorakit`: merge a PEFT adapter into a model checkpoint, inspect an adapter (and match
-//! it against a checkpoint), generate text with a model folder and an adapter, or export a
-//! LoRA adapter for llama.cpp (GGUF).
+//! it against a checkpoint), generate text with a model folder and an adapter, classify
+//! texts with a classifier folder and an adapter, or export a LoRA adapter for llama.cpp
+//! (GGUF).
 //!
 //! ```text
 //! lorakit merge --base <CHECKPOINT> --adapter <DIR> --out <PATH> [--dtype <DTYPE>] [--quiet] [--remove-leftovers]
@@ -8,6 +9,8 @@
 //! lorakit generate --model <DIR> [--adapter <DIR> [--merge]] (--prompt <TEXT> | --prompt-ids <IDS>)
 //!                  [--max-new-tokens <N>] [--temperature <T>] [--top-k <K>] [--top-p <P>] [--seed <S>]
 //!                  [--dtype <DTYPE>] [--ignore-eos] [--logits-out <FILE>]
+//! lorakit classify --model <DIR> [--adapter <DIR> [--merge]] (--text <TEXT> [--text-pair <TEXT>] | --ids <IDS>)
+//!                  [--num-labels <N>] [--dtype <DTYPE>] [--logits-out <FILE>]
 //! lorakit export-gguf --adapter <DIR> --base <MODEL> --out <FILE> [--dtype <DTYPE>] [--quiet]
 //! lorakit help [COMMAND]    (or --help after any command), lorakit --version
 //! ```
@@ -23,6 +26,8 @@
 
 // The command's own file: a folder beside this one (a file directly in src/bin/ would be a
 // binary of its own), named by path since this file is the binary's root.
+#[path = "lorakit/classify.rs"]
+mod classify;
 #[path = "lorakit/convert.rs"]
 mod convert;
 #[path = "lorakit/export_gguf.rs"]
@@ -90,6 +95,9 @@ enum Command {
     /// Generate text with a model folder (Llama family or GPT-2) and a PEFT adapter
     #[command(long_about = generate::ABOUT)]
     Generate(generate::GenerateArgs),
+    /// Classify texts with a classifier folder (BERT, Llama family or GPT-2) and a PEFT adapter
+    #[command(long_about = classify::ABOUT)]
+    Classify(classify::ClassifyArgs),
     /// Export a PEFT LoRA adapter as a llama.cpp LoRA adapter (GGUF)
     #[command(long_about = export_gguf::ABOUT)]
     ExportGguf(export_gguf::ExportGgufArgs),
@@ -167,6 +175,7 @@ fn main() -> ExitCode {
         Command::Merge(args) => merge(args),
         Command::Inspect(args) => inspect(args),
         Command::Generate(args) => generate::generate(args),
+        Command::Classify(args) => classify::classify(args),
         Command::ExportGguf(args) => export_gguf::export(args),
         Command::Convert(args) => convert::convert(args),
     }

@@ -92,7 +92,7 @@ pub struct GenerateArgs {
 
 /// `--dtype`'s values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum ModelDType {
+pub(super) enum ModelDType {
     #[value(alias = "float32")]
     F32,
     #[value(alias = "float16")]
@@ -178,15 +178,20 @@ fn sampling(args: &GenerateArgs) -> Result<Sampling, String> {
 
 /// `1,2,3` (spaces allowed around each id) as token ids.
 fn parse_ids(text: &str) -> Result<Vec<u32>, String> {
+    parse_ids_of("--prompt-ids", text)
+}
+
+/// The value `text` of the token-id flag `flag` (`1,2,3`, spaces allowed around each id).
+pub(super) fn parse_ids_of(flag: &str, text: &str) -> Result<Vec<u32>, String> {
     if text.trim().is_empty() {
-        return Err("--prompt-ids is empty: give token ids, e.g. 1,2,3".to_string());
+        return Err(format!("{flag} is empty: give token ids, e.g. 1,2,3"));
     }
     text.split(',')
         .map(|part| {
             let part = part.trim();
             part.parse::<u32>().map_err(|_| {
                 format!(
-                    "--prompt-ids: `{part}` is not a token id (comma-separated integers \
+                    "{flag}: `{part}` is not a token id (comma-separated integers \
                      from 0 to 4294967295, e.g. 1,2,3)"
                 )
             })
@@ -297,12 +302,12 @@ fn load_model(args: &GenerateArgs, device: &Device) -> lorakit::Result<AutoCausa
 }
 
 /// The model folder's tokenizer, or an error that says how to do without one.
-fn tokenizer(dir: &Path) -> lorakit::Result<TextTokenizer> {
+pub(super) fn tokenizer(dir: &Path) -> lorakit::Result<TextTokenizer> {
     if dir.is_dir() && !dir.join("tokenizer.json").is_file() {
         return Err(lorakit::Error::checkpoint(
             dir,
-            "no tokenizer.json in the model folder to encode --prompt with; give the prompt \
-             as token ids with --prompt-ids 1,2,3",
+            "no tokenizer.json in the model folder to encode the text with; give token ids \
+             instead (--prompt-ids / --ids 1,2,3)",
         ));
     }
     TextTokenizer::from_dir(dir)
@@ -318,7 +323,8 @@ fn prompt_logits(model: &AutoCausalLm, prompt: &[u32], device: &Device) -> lorak
         .to_device(&Device::Cpu)?)
 }
 
-fn write_logits(path: &Path, logits: Tensor) -> lorakit::Result<()> {
+/// Writes `logits` as the one tensor `logits` of a safetensors file, atomically.
+pub(super) fn write_logits(path: &Path, logits: Tensor) -> lorakit::Result<()> {
     let tensors = HashMap::from([("logits".to_string(), logits)]);
     let bytes =
         safetensors::serialize(&tensors, None).map_err(|e| lorakit::Error::SafeTensors {
@@ -329,13 +335,13 @@ fn write_logits(path: &Path, logits: Tensor) -> lorakit::Result<()> {
 }
 
 /// A usage error: one line, exit status 2.
-fn usage(msg: &str) -> ExitCode {
+pub(super) fn usage(msg: &str) -> ExitCode {
     eprintln!("error: {}", one_line(&msg));
     ExitCode::from(USAGE)
 }
 
 /// SIGINT / SIGTERM: remove the temporary of a logits file being written, and stop.
-fn install_signal_handler() {
+pub(super) fn install_signal_handler() {
     let _ = ctrlc::set_handler(|| {
         lorakit::staging::remove_live_temporaries();
         eprintln!("interrupted");

@@ -7,6 +7,7 @@
 // The binary is built only with the `cli` feature (`cargo test --no-default-features`).
 #![cfg(feature = "cli")]
 
+mod classify;
 mod errors;
 mod export_gguf;
 mod generate;
