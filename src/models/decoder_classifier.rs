@@ -62,7 +62,6 @@ impl<T: ClassifierTrunk> DecoderParts<T> {
         vb: VarBuilder,
         plan: &AdapterPlan,
     ) -> Result<Self> {
-        labels.validate()?;
         let (trunk, root) = T::load_trunk(config, vb, plan)?;
         let head = LastTokenHead::load(trunk.hidden_size(), labels, &root, plan)?;
         Ok(Self {
