@@ -263,7 +263,6 @@ def torch_ops(args):
               [x] + [p for p in layer.parameters() if p.requires_grad])
     head = torch.nn.Linear(h, v, bias=False).requires_grad_(False)
     xh = leaf(b, t, h)
-    piece(f"lm_head {h}→{v} (frozen)", "lm_head", 1, lambda: head(xh), [xh])
     norm = LlamaRMSNorm(h, eps=SHAPE["rms_norm_eps"]).requires_grad_(False)
     xn = leaf(b, t, h)
     piece("LlamaRMSNorm", "norms", 2 * L + 1, lambda: norm(xn), [xn])
@@ -294,9 +293,9 @@ def torch_ops(args):
     emb = torch.nn.Embedding(v, h).requires_grad_(False)
     ids = torch.randint(0, v, (b, t))
     piece("embedding lookup", "embedding", 1, lambda: emb(ids), [], backward=False)
-    logits = leaf(b, t, v)
-    piece("loss: ForCausalLMLoss (shift + cross_entropy)", "loss", 1,
-          lambda: ForCausalLMLoss(logits, ids, vocab_size=v), [logits])
+    # The head and the loss as transformers' model(input_ids, labels=...) runs them.
+    piece(f"lm_head {h}→{v} (frozen) + ForCausalLMLoss", "lm_head + loss", 1,
+          lambda: ForCausalLMLoss(head(xh), ids, vocab_size=v), [xh])
     params = []
     for _, d_in, d_out in linears:
         for _ in range(L):
@@ -466,8 +465,8 @@ def phase_table(res):
     return "\n".join(lines)
 
 
-GROUPS = ["linears (LoRA)", "lm_head", "norms", "RoPE", "attention glue", "attention core", "MLP glue",
-          "residuals", "embedding", "loss", "optimizer"]
+GROUPS = ["linears (LoRA)", "norms", "RoPE", "attention glue", "attention core", "MLP glue",
+          "residuals", "embedding", "lm_head + loss", "optimizer"]
 
 
 def ops_tables(ko, to, k_step, t_step):
@@ -510,8 +509,9 @@ def ops_tables(ko, to, k_step, t_step):
             fb = p["fwd_bwd_ms"]
             lines.append(f"| {side} | {p['name']} | {p['count']} | {p['fwd_ms'][0]:.2f} | "
                          f"{'–' if fb is None else f'{fb[0]:.2f}'} | {total(p):.1f} |")
-    lines += ["", "lorakit alternatives at the same shapes (candle-nn's fused kernels, which have no backward in "
-              "candle 0.11; the head through lorakit's fused op, which computes no weight gradient):", "",
+    lines += ["", "lorakit alternatives at the same shapes (the head and the loss apart, as the step ran them "
+              "before they became one op; candle-nn's fused kernels, which have no backward in candle 0.11; "
+              "the head through lorakit's fused op, which computes no weight gradient):", "",
               "| piece | × per step | fwd | fwd+bwd | × count |", "|---|---|---|---|---|"]
     for p in ko.get("alternatives", []):
         fb = p["fwd_bwd_ms"]

@@ -21,13 +21,17 @@
 //!   calls. For reference, the same with the adapter disabled (the base alone) and merged.
 //! - `ops`: the pieces a training step is made of, at the step's shapes, timed alone
 //!   (forward, and forward + backward from a fixed random upstream gradient on each
-//!   output, every input a variable): each LoRA linear, the frozen `lm_head`, RMSNorm,
-//!   RoPE, the attention core, the MLP's `silu(gate) · up`, residual adds, the embedding,
-//!   the loss, the AdamW step; plus a few alternatives at the same shapes (candle-nn's
-//!   fused kernels, the head without a weight gradient) and the ops of one generated token
+//!   output, every input a variable): each LoRA linear, RMSNorm, RoPE, the attention core,
+//!   the MLP's `silu(gate) · up`, residual adds, the embedding, the frozen `lm_head` and the
+//!   loss as the step runs them (one op), the AdamW step; plus a few alternatives at the same
+//!   shapes (the head and the loss apart, candle-nn's fused kernels, the head without a
+//!   weight gradient) and the ops of one generated token
 //!   (forward only). Each piece is multiplied by its count per step, to compare with the
 //!   measured step (isolated pieces allocate all their memory afresh, so their sum
-//!   overestimates the step; compare sides and groups, not absolute sums).
+//!   overestimates the step; compare sides and groups, not absolute sums). RMSNorm, RoPE,
+//!   the attention core and `silu(gate) · up` are timed as candle's composed ops, while the
+//!   step runs lorakit's fused ops for them (crate-private): those groups overstate
+//!   lorakit's step (`benches/LLAMA_SPEED.md`).
 //! - `all` (default): train, gen and ops in this process (peak memory is then the
 //!   largest of the three; the python driver runs each mode in its own process).
 //!
@@ -61,7 +65,7 @@ use candle_core::{DType, Device, Module, Tensor, Var, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use lorakit::init::SeededRng;
 use lorakit::kernels::FusedLinear;
-use lorakit::model::{AdapterPlan, ModuleSelector, RankAlpha, TargetSpec};
+use lorakit::model::{AdapterPlan, Linear, ModuleSelector, RankAlpha, TargetSpec};
 use lorakit::models::llama::{LlamaConfig, LlamaForCausalLM};
 use lorakit::{Adapter, FrozenLinear, LoraConfig, LoraLinear};
 use rand::{Rng, SeedableRng};
@@ -374,8 +378,17 @@ fn causal_lm_loss(model: &LlamaForCausalLM, ids: &Tensor) -> R<Tensor> {
     Ok((sum / (b * (t - 1)) as f64)?)
 }
 
-/// The same loss from given logits (`causal_lm_loss_sum`, the fused cross-entropy alone):
-/// the `ops` mode's loss piece.
+/// The same loss from hidden states and a head (`linear_head_loss_sum`: the frozen head and
+/// the cross-entropy as one op, what `loss_sum` runs): the `ops` mode's head + loss piece.
+fn head_loss(hidden: &Tensor, head: &Linear, ids: &Tensor) -> R<Tensor> {
+    let (b, t) = ids.dims2()?;
+    let mask = Tensor::ones((b, t), DType::F32, ids.device())?;
+    let sum = lorakit::finetune::loss::linear_head_loss_sum(hidden, head, ids, &mask)?;
+    Ok((sum / (b * (t - 1)) as f64)?)
+}
+
+/// The same loss from given logits (`causal_lm_loss_sum`, the cross-entropy alone): an
+/// alternative piece of the `ops` mode.
 fn logits_loss(logits: &Tensor, ids: &Tensor) -> R<Tensor> {
     let (b, t, _) = logits.dims3()?;
     let mask = Tensor::ones((b, t), DType::F32, logits.device())?;
@@ -660,14 +673,6 @@ fn ops(args: &Args, dev: &Device) -> R<Value> {
     let w_head = rng.normal((s.vocab, s.hidden), 0.0, 0.02, DType::F32, dev)?;
     let head = FrozenLinear::new(w_head.clone(), None)?;
     let xh = var(&mut rng, &[b, t, s.hidden], dev)?;
-    pieces.push(piece(
-        format!("lm_head {}→{} (frozen, candle matmul)", s.hidden, s.vocab),
-        "lm_head",
-        1,
-        budget,
-        || Ok(head.forward(xh.as_tensor())?),
-        true,
-    )?);
 
     // Norms: 2 per layer and the final one, composed (the fused kernel has no backward).
     let xn = var(&mut rng, &[b, t, s.hidden], dev)?;
@@ -814,15 +819,21 @@ fn ops(args: &Args, dev: &Device) -> R<Value> {
         },
         false,
     )?);
-    let logits = var(&mut rng, &[b, t, s.vocab], dev)?;
+    // The head and the loss as the step runs them: one op (its forward already computes the
+    // head's input gradient, which PyTorch computes in its backward).
+    let head_linear = Linear::Frozen(head.clone());
     pieces.push(piece(
-        "loss: shift + lorakit causal_lm_loss_sum (fused)",
-        "loss",
+        format!(
+            "lm_head {}→{} + loss, one op (linear_head_loss_sum)",
+            s.hidden, s.vocab
+        ),
+        "lm_head + loss",
         1,
         budget,
-        || logits_loss(logits.as_tensor(), &ids),
+        || head_loss(xh.as_tensor(), &head_linear, &ids),
         true,
     )?);
+    let logits = var(&mut rng, &[b, t, s.vocab], dev)?;
 
     // The optimizer step over the adapter's shapes.
     let mut opt_vars = Vec::new();
@@ -853,8 +864,27 @@ fn ops(args: &Args, dev: &Device) -> R<Value> {
     // Alternatives at the same shapes (not part of the step's sum).
     let mut alts = Vec::new();
     alts.push(piece(
+        format!(
+            "lm_head {}→{} alone (frozen, candle matmul)",
+            s.hidden, s.vocab
+        ),
+        "lm_head + loss",
+        1,
+        budget,
+        || Ok(head.forward(xh.as_tensor())?),
+        true,
+    )?);
+    alts.push(piece(
+        "loss alone from logits: shift + causal_lm_loss_sum",
+        "lm_head + loss",
+        1,
+        budget,
+        || logits_loss(logits.as_tensor(), &ids),
+        true,
+    )?);
+    alts.push(piece(
         "lm_head as FusedLinear without a low-rank term (no weight gradient)",
-        "lm_head",
+        "lm_head + loss",
         1,
         budget,
         || {
@@ -905,7 +935,7 @@ fn ops(args: &Args, dev: &Device) -> R<Value> {
     let logits_c = logits.as_tensor().detach();
     alts.push(piece(
         "loss fused forward (softmax_last_dim-based log-softmax, no backward)",
-        "loss",
+        "lm_head + loss",
         1,
         budget,
         || {

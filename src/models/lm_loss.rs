@@ -97,10 +97,35 @@ pub(crate) fn frozen_head_loss_sum(
     Ok(Some(per_row.sum_all()?))
 }
 
-/// [`causal_lm_loss_sum`] of the logits of `head` on `hidden` `(batch, seq, d)`: through
-/// [`frozen_head_loss_sum`] when the head is a frozen float linear layer it applies to,
-/// else the logits and the loss.
-pub(crate) fn linear_head_loss_sum(
+/// [`causal_lm_loss_sum`] of the logits of the output head `head` on the hidden states
+/// `hidden` `(batch, seq, d)`: what a model built with [`crate::model::linear`] calls for
+/// its loss. With a frozen float head on the CPU in f32, the head and the cross-entropy
+/// run as one op over blocks of positions (the logits `(batch · seq, vocab)` are never
+/// stored, and when a gradient flows the head's input gradient is computed in the same
+/// pass); an adapted, trained or quantized head, another device or dtype computes the
+/// logits and the loss. The result is the same either way (to float rounding).
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor, Var};
+/// use lorakit::finetune::loss::{causal_lm_loss_sum, linear_head_loss_sum};
+/// use lorakit::model::Linear;
+/// use lorakit::FrozenLinear;
+/// # fn main() -> lorakit::Result<()> {
+/// let dev = Device::Cpu;
+/// let head = Linear::Frozen(FrozenLinear::new(Tensor::randn(0f32, 0.1, (50, 8), &dev)?, None)?);
+/// let hidden = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 5, 8), &dev)?)?;
+/// let ids = Tensor::new(&[[1u32, 7, 3, 9, 4], [2, 2, 8, 0, 5]], &dev)?;
+/// let mask = Tensor::ones((2, 5), DType::F32, &dev)?;
+/// let fused = linear_head_loss_sum(hidden.as_tensor(), &head, &ids, &mask)?;
+/// let logits = candle_core::Module::forward(&head, hidden.as_tensor())?;
+/// let composed = causal_lm_loss_sum(&logits, &ids, &mask)?;
+/// let (a, b) = (fused.to_scalar::<f32>()?, composed.to_scalar::<f32>()?);
+/// assert!((a - b).abs() < 1e-5 * b.abs());
+/// // The hidden states' gradient flows through the fused op.
+/// assert!(fused.backward()?.get(hidden.as_tensor()).is_some());
+/// # Ok(()) }
+/// ```
+pub fn linear_head_loss_sum(
     hidden: &Tensor,
     head: &Linear,
     input_ids: &Tensor,
