@@ -11,8 +11,8 @@ use crate::model::AdapterPlan;
 use super::auto::AutoCausalLm;
 use super::bert::{BertConfig, BertForSequenceClassification};
 use super::classification::ClassifierConfig;
-use super::gpt2::{Gpt2Config, Gpt2ForSequenceClassification};
-use super::llama::{LlamaConfig, LlamaFamily, LlamaForSequenceClassification};
+use super::gpt2::Gpt2ForSequenceClassification;
+use super::llama::{LlamaFamily, LlamaForSequenceClassification};
 use super::sequence_classifier::SequenceClassifier;
 
 /// One of the sequence classifiers of [`crate::models`], chosen by `model_type`: `bert`
@@ -96,12 +96,10 @@ impl AutoSequenceClassifier {
     /// must cover, [`crate::finetune::AdapterRecipe::plan`]).
     pub fn linear_shapes(dir: impl AsRef<Path>) -> Result<Vec<(usize, usize)>> {
         let dir = dir.as_ref();
-        let config = dir.join("config.json");
-        Ok(match Kind::of(dir)? {
-            Kind::Bert => BertConfig::from_file(config)?.linear_shapes(),
-            Kind::Llama => LlamaConfig::from_file(config)?.linear_shapes(),
-            Kind::Gpt2 => Gpt2Config::from_file(config)?.linear_shapes(),
-        })
+        match Kind::of(dir)? {
+            Kind::Bert => Ok(BertConfig::from_file(dir.join("config.json"))?.linear_shapes()),
+            Kind::Llama | Kind::Gpt2 => AutoCausalLm::linear_shapes(dir),
+        }
     }
 
     /// Reads the model folder `dir` by its `model_type` and builds the classifier in

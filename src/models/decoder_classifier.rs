@@ -1,6 +1,6 @@
 //! What the decoders' sequence classifiers ([`crate::models::llama::LlamaForSequenceClassification`],
 //! [`crate::models::gpt2::Gpt2ForSequenceClassification`]) share: a decoder trunk (its
-//! [`ClassifierTrunk`]), then [`LastTokenHead`]; loading from a folder, the forward, and
+//! [`DecoderTrunk`]), then [`LastTokenHead`]; loading from a folder, the forward, and
 //! through [`AsDecoderParts`] the [`SequenceClassifier`](super::SequenceClassifier) impl.
 
 use std::path::Path;
@@ -12,39 +12,8 @@ use crate::checkpoint::Checkpoint;
 use crate::error::Result;
 use crate::model::AdapterPlan;
 use crate::models::classification::{ClassifierConfig, LastTokenHead};
+use crate::models::decoder_trunk::DecoderTrunk;
 use crate::models::padding::PaddedPositions;
-
-/// A decoder without its output head, as a classifier runs it.
-pub(crate) trait ClassifierTrunk: Sized {
-    /// The model's configuration.
-    type Config;
-    /// Reads the configuration from a `config.json`.
-    fn read_config(path: &Path) -> Result<Self::Config>;
-    /// Checks `config` and builds the trunk from the checkpoint's root `vb`; returns it
-    /// and the `VarBuilder` the head's tensors are under.
-    fn load_trunk<'a>(
-        config: &Self::Config,
-        vb: VarBuilder<'a>,
-        plan: &AdapterPlan,
-    ) -> Result<(Self, VarBuilder<'a>)>;
-    /// The hidden size (the head's input).
-    fn hidden_size(&self) -> usize;
-    /// `(batch, seq)` of valid token ids, or an error naming what is wrong.
-    fn check_ids(&self, ids: &Tensor) -> Result<(usize, usize)>;
-    /// The hidden states after the final norm, a left-padded batch's padding `pads`.
-    fn hidden(
-        &self,
-        ids: &Tensor,
-        pads: Option<&[usize]>,
-        numbering: PaddedPositions,
-    ) -> Result<Tensor>;
-    /// The vocabulary size.
-    fn vocab_size(&self) -> usize;
-    /// The longest sequence.
-    fn max_positions(&self) -> usize;
-    /// The device it lives on.
-    fn device(&self) -> &Device;
-}
 
 /// A decoder trunk and a [`LastTokenHead`], and the folder they came from.
 #[derive(Clone, Debug)]
@@ -54,7 +23,7 @@ pub(crate) struct DecoderParts<T> {
     pub(crate) name_or_path: Option<String>,
 }
 
-impl<T: ClassifierTrunk> DecoderParts<T> {
+impl<T: DecoderTrunk> DecoderParts<T> {
     /// The trunk from `vb` through `plan`, then the head (`score`, or a new one).
     pub(crate) fn load(
         config: &T::Config,
@@ -111,7 +80,7 @@ impl<T: ClassifierTrunk> DecoderParts<T> {
 /// [`SequenceClassifier`](super::SequenceClassifier) through them.
 pub(crate) trait AsDecoderParts {
     /// Its trunk.
-    type Trunk: ClassifierTrunk;
+    type Trunk: DecoderTrunk;
     /// Its parts.
     fn parts(&self) -> &DecoderParts<Self::Trunk>;
 }

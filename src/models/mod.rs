@@ -38,6 +38,7 @@ pub mod classification;
 mod cpu_op;
 mod cross_entropy;
 mod decoder_classifier;
+mod decoder_trunk;
 pub mod generation;
 pub mod gpt2;
 mod head_cross_entropy;

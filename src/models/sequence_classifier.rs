@@ -11,7 +11,8 @@ use crate::error::{Error, Result};
 use super::bert::BertForSequenceClassification;
 use super::classification::LastTokenHead;
 use super::classification::ProblemType;
-use super::decoder_classifier::{AsDecoderParts, ClassifierTrunk};
+use super::decoder_classifier::AsDecoderParts;
+use super::decoder_trunk::DecoderTrunk;
 
 /// A sequence classifier: token ids `(batch, seq)` (with token types and an attention
 /// mask) to logits `(batch, num_labels)`, and the loss transformers computes for them.

@@ -40,6 +40,7 @@ use crate::frozen::BaseKind;
 use crate::kernels::FusedLinear;
 use crate::model::{linear_no_bias, AdapterPlan, Linear};
 use crate::models::base_prefix::with_base_prefix;
+use crate::models::decoder_trunk::DecoderTrunk;
 use crate::models::kv_buffer::LayerKv;
 use crate::models::lm_loss::{causal_lm_loss_sum, frozen_head_loss_sum, linear_head_loss_sum};
 use crate::models::padding::{mask_values, PaddedPositions};
@@ -314,11 +315,7 @@ impl Gpt2LmHeadModel {
         loss_mask: &Tensor,
         gradient: bool,
     ) -> Result<Tensor> {
-        self.trunk.check_ids(input_ids)?;
-        let hidden = self
-            .trunk
-            .hidden(input_ids, None, PaddedPositions::AfterPadding)?;
-        let hidden = if gradient { hidden } else { hidden.detach() };
+        let hidden = self.trunk.loss_hidden(input_ids, gradient)?;
         match &self.lm_head {
             Some(head) => linear_head_loss_sum(&hidden, head, input_ids, loss_mask),
             None => {

@@ -9,7 +9,7 @@ use candle_nn::VarBuilder;
 use crate::error::{Error, Result, Scope};
 use crate::model::{embedding, AdapterPlan, Embedding};
 use crate::models::base_prefix::with_base_prefix;
-use crate::models::decoder_classifier::ClassifierTrunk;
+use crate::models::decoder_trunk::DecoderTrunk;
 use crate::models::kv_buffer::{Appending, LayerKv};
 use crate::models::ops::LayerNorm;
 use crate::models::padding::{position, PaddedPositions};
@@ -149,7 +149,7 @@ impl Gpt2Trunk {
     }
 }
 
-impl ClassifierTrunk for Gpt2Trunk {
+impl DecoderTrunk for Gpt2Trunk {
     type Config = Gpt2Config;
 
     fn read_config(path: &Path) -> Result<Gpt2Config> {

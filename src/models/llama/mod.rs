@@ -41,6 +41,7 @@ use crate::checkpoint::Checkpoint;
 use crate::error::Result;
 use crate::frozen::FrozenLinear;
 use crate::model::{linear_b, AdapterPlan, Embedding, Linear};
+use crate::models::decoder_trunk::DecoderTrunk;
 use crate::models::kv_buffer::LayerKv;
 use crate::models::lm_loss::linear_head_loss_sum;
 use crate::models::padding::PaddedPositions;
@@ -289,11 +290,7 @@ impl LlamaForCausalLM {
         loss_mask: &Tensor,
         gradient: bool,
     ) -> Result<Tensor> {
-        self.trunk.check_ids(input_ids)?;
-        let hidden = self
-            .trunk
-            .hidden(input_ids, None, PaddedPositions::AfterPadding)?;
-        let hidden = if gradient { hidden } else { hidden.detach() };
+        let hidden = self.trunk.loss_hidden(input_ids, gradient)?;
         linear_head_loss_sum(&hidden, &self.lm_head, input_ids, loss_mask)
     }
 

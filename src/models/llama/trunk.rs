@@ -8,7 +8,7 @@ use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
 use crate::model::{embedding, AdapterPlan, Embedding};
-use crate::models::decoder_classifier::ClassifierTrunk;
+use crate::models::decoder_trunk::DecoderTrunk;
 use crate::models::kv_buffer::{Appending, LayerKv};
 use crate::models::padding::PaddedPositions;
 
@@ -152,7 +152,7 @@ impl LlamaTrunk {
     }
 }
 
-impl ClassifierTrunk for LlamaTrunk {
+impl DecoderTrunk for LlamaTrunk {
     type Config = LlamaConfig;
 
     fn read_config(path: &Path) -> Result<LlamaConfig> {

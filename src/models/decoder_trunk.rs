@@ -1,0 +1,52 @@
+//! [`DecoderTrunk`]: a decoder without its output head, as the causal LMs and the
+//! sequence classifiers built on it run it.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::error::Result;
+use crate::model::AdapterPlan;
+use crate::models::padding::PaddedPositions;
+
+/// A decoder without its output head (Llama's `model.*`, GPT-2's `transformer.*`): what its
+/// causal LM and its sequence classifier run.
+pub(crate) trait DecoderTrunk: Sized {
+    /// The model's configuration.
+    type Config;
+    /// Reads the configuration from a `config.json`.
+    fn read_config(path: &Path) -> Result<Self::Config>;
+    /// Checks `config` and builds the trunk from the checkpoint's root `vb`; returns it
+    /// and the `VarBuilder` the head's tensors are under.
+    fn load_trunk<'a>(
+        config: &Self::Config,
+        vb: VarBuilder<'a>,
+        plan: &AdapterPlan,
+    ) -> Result<(Self, VarBuilder<'a>)>;
+    /// The hidden size (the head's input).
+    fn hidden_size(&self) -> usize;
+    /// `(batch, seq)` of valid token ids, or an error naming what is wrong.
+    fn check_ids(&self, ids: &Tensor) -> Result<(usize, usize)>;
+    /// The hidden states after the final norm, a left-padded batch's padding `pads`.
+    fn hidden(
+        &self,
+        ids: &Tensor,
+        pads: Option<&[usize]>,
+        numbering: PaddedPositions,
+    ) -> Result<Tensor>;
+    /// The vocabulary size.
+    fn vocab_size(&self) -> usize;
+    /// The longest sequence.
+    fn max_positions(&self) -> usize;
+    /// The device it lives on.
+    fn device(&self) -> &Device;
+
+    /// The hidden states of whole sequences `input_ids` for a loss, the ids checked;
+    /// detached without `gradient` (evaluation: nothing before the head is differentiated).
+    fn loss_hidden(&self, input_ids: &Tensor, gradient: bool) -> Result<Tensor> {
+        self.check_ids(input_ids)?;
+        let hidden = self.hidden(input_ids, None, PaddedPositions::AfterPadding)?;
+        Ok(if gradient { hidden } else { hidden.detach() })
+    }
+}
