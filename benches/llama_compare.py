@@ -24,8 +24,10 @@ count on both sides (`torch.set_num_threads`; `--threads` of the example, which 
   lorakit `VmHWM` (the same number: the process's resident high-water mark). The python
   process's RSS right after `import torch, transformers, peft` is shown too.
 - Attention: transformers' default implementation (sdpa; the one it picked is printed).
-  lorakit's attention: in training (f32, CPU) one fused op with its own backward (scores, mask,
-  softmax, probs . v); in generation its composition of candle ops (matmul, mask add, softmax).
+  lorakit's attention: one fused op (scores, mask, softmax, probs . v; its own backward in
+  training), over the KV cache's buffers in place in generation. The per-op run times
+  lorakit's RMSNorm, RoPE, attention and silu . up through `lorakit::models::fused`, the ops
+  its step runs.
 
 Each round runs every mode of both sides once, in alternating order (lorakit first in odd
 rounds, PyTorch first in even ones); cells are the median over rounds of each process's
@@ -509,7 +511,8 @@ def ops_tables(ko, to, k_step, t_step):
             fb = p["fwd_bwd_ms"]
             lines.append(f"| {side} | {p['name']} | {p['count']} | {p['fwd_ms'][0]:.2f} | "
                          f"{'–' if fb is None else f'{fb[0]:.2f}'} | {total(p):.1f} |")
-    lines += ["", "lorakit alternatives at the same shapes (the head and the loss apart, as the step ran them "
+    lines += ["", "lorakit alternatives at the same shapes (the candle compositions that the step's fused ops "
+              "replace; the head and the loss apart, as the step ran them "
               "before they became one op; candle-nn's fused kernels, which have no backward in candle 0.11; "
               "the head through lorakit's fused op, which computes no weight gradient):", "",
               "| piece | × per step | fwd | fwd+bwd | × count |", "|---|---|---|---|---|"]

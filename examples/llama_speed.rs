@@ -24,14 +24,14 @@
 //!   output, every input a variable): each LoRA linear, RMSNorm, RoPE, the attention core,
 //!   the MLP's `silu(gate) · up`, residual adds, the embedding, the frozen `lm_head` and the
 //!   loss as the step runs them (one op), the AdamW step; plus a few alternatives at the same
-//!   shapes (the head and the loss apart, candle-nn's fused kernels, the head without a
-//!   weight gradient) and the ops of one generated token
+//!   shapes (the head and the loss apart, the composed candle ops, candle-nn's fused kernels
+//!   without a backward, the head without a weight gradient) and the ops of one generated token
 //!   (forward only). Each piece is multiplied by its count per step, to compare with the
 //!   measured step (isolated pieces allocate all their memory afresh, so their sum
-//!   overestimates the step; compare sides and groups, not absolute sums). RMSNorm, RoPE,
-//!   the attention core and `silu(gate) · up` are timed as candle's composed ops, while the
-//!   step runs lorakit's fused ops for them (crate-private): those groups overstate
-//!   lorakit's step (`benches/LLAMA_SPEED.md`).
+//!   overestimates the step; compare sides and groups, not absolute sums). RMSNorm, RoPE
+//!   (with the head transpose), the attention core and `silu(gate) · up` are timed through
+//!   [`lorakit::models::fused`], the ops the step runs; the candle compositions they
+//!   replace are among the alternatives.
 //! - `all` (default): train, gen and ops in this process (peak memory is then the
 //!   largest of the three; the python driver runs each mode in its own process).
 //!
@@ -66,6 +66,7 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use lorakit::init::SeededRng;
 use lorakit::kernels::FusedLinear;
 use lorakit::model::{AdapterPlan, Linear, ModuleSelector, RankAlpha, TargetSpec};
+use lorakit::models::fused;
 use lorakit::models::llama::{LlamaConfig, LlamaForCausalLM};
 use lorakit::{Adapter, FrozenLinear, LoraConfig, LoraLinear};
 use rand::{Rng, SeedableRng};
@@ -674,23 +675,41 @@ fn ops(args: &Args, dev: &Device) -> R<Value> {
     let head = FrozenLinear::new(w_head.clone(), None)?;
     let xh = var(&mut rng, &[b, t, s.hidden], dev)?;
 
-    // Norms: 2 per layer and the final one, composed (the fused kernel has no backward).
+    // Norms: 2 per layer and the final one, as the step runs them (fused, with a backward).
     let xn = var(&mut rng, &[b, t, s.hidden], dev)?;
     let wn = Tensor::ones(s.hidden, DType::F32, dev)?;
     pieces.push(piece(
-        "RMSNorm (composed rms_norm_slow)",
+        "RMSNorm (fused::rms_norm)",
         "norms",
         2 * l + 1,
         budget,
-        || Ok(candle_nn::ops::rms_norm_slow(xn.as_tensor(), &wn, 1e-6)?),
+        || Ok(fused::rms_norm(xn.as_tensor(), &wn, 1e-6)?),
         true,
     )?);
 
-    // Heads: (b, t, n·hd) → (b, n, t, hd) copies, RoPE on q and k (composed).
+    // Heads: q and k from the projections' `(b, t, n·hd)` to rotated `(b, n, t, hd)` in one
+    // op each (RoPE with the head transpose); v transposed by a copy.
     let (cos, sin) = rope_tables(t, hd, dev)?;
     let q_lin = var(&mut rng, &[b, t, s.heads * hd], dev)?;
     let k_lin = var(&mut rng, &[b, t, s.kv_heads * hd], dev)?;
     let v_lin = var(&mut rng, &[b, t, s.kv_heads * hd], dev)?;
+    pieces.push(piece(
+        "RoPE q and k with the head transpose (fused::rope_heads)",
+        "RoPE",
+        l,
+        budget,
+        || {
+            let q =
+                fused::rope_heads(&q_lin.as_tensor().reshape((b, t, s.heads, hd))?, &cos, &sin)?;
+            let k = fused::rope_heads(
+                &k_lin.as_tensor().reshape((b, t, s.kv_heads, hd))?,
+                &cos,
+                &sin,
+            )?;
+            Ok(vec![q, k])
+        },
+        true,
+    )?);
     let heads = |x: &Var, n: usize| -> R<Tensor> {
         Ok(x.as_tensor()
             .reshape((b, t, n, hd))?
@@ -698,85 +717,32 @@ fn ops(args: &Args, dev: &Device) -> R<Value> {
             .contiguous()?)
     };
     pieces.push(piece(
-        "q/k/v head transposes (copies)",
+        "v head transpose (copy)",
         "attention glue",
         l,
         budget,
-        || {
-            let q = heads(&q_lin, s.heads)?;
-            let k = heads(&k_lin, s.kv_heads)?;
-            let v = heads(&v_lin, s.kv_heads)?;
-            Ok(vec![q, k, v])
-        },
-        true,
-    )?);
-    let qh = var(&mut rng, &[b, s.heads, t, hd], dev)?;
-    let kh = var(&mut rng, &[b, s.kv_heads, t, hd], dev)?;
-    let vh = var(&mut rng, &[b, s.kv_heads, t, hd], dev)?;
-    pieces.push(piece(
-        "RoPE q and k (composed rope_slow)",
-        "RoPE",
-        l,
-        budget,
-        || {
-            let q = candle_nn::rotary_emb::rope_slow(qh.as_tensor(), &cos, &sin)?;
-            let k = candle_nn::rotary_emb::rope_slow(kh.as_tensor(), &cos, &sin)?;
-            Ok(vec![q, k])
-        },
+        || heads(&v_lin, s.kv_heads),
         true,
     )?);
 
-    // Attention core, as `Attention::attend` computes it (GQA without copying k/v).
-    let (g, rep) = (s.kv_heads, s.heads / s.kv_heads);
+    // Attention core as the step runs it: one op (GQA without copying k/v).
+    let qh = var(&mut rng, &[b, s.heads, t, hd], dev)?;
+    let kh = var(&mut rng, &[b, s.kv_heads, t, hd], dev)?;
+    let vh = var(&mut rng, &[b, s.kv_heads, t, hd], dev)?;
     let scale = 1.0 / (hd as f64).sqrt();
-    let mask = causal_mask(t, dev)?;
     pieces.push(piece(
-        "scores q·kᵀ·scale (batched matmul)",
+        "causal attention (fused::causal_attention)",
         "attention core",
         l,
         budget,
         || {
-            let q = qh.as_tensor().contiguous()?.reshape((b, g, rep * t, hd))?;
-            Ok((q.matmul(&kh.as_tensor().t()?)? * scale)?)
-        },
-        true,
-    )?);
-    let scores = var(&mut rng, &[b, g, rep * t, t], dev)?;
-    pieces.push(piece(
-        "mask + softmax (composed)",
-        "attention core",
-        l,
-        budget,
-        || {
-            let sc = scores
-                .as_tensor()
-                .reshape((b, g, rep, t, t))?
-                .broadcast_add(&mask)?;
-            Ok(candle_nn::ops::softmax(&sc, D::Minus1)?)
-        },
-        true,
-    )?);
-    let probs = Var::from_tensor(
-        &candle_nn::ops::softmax_last_dim(
-            &scores
-                .as_tensor()
-                .reshape((b, g, rep, t, t))?
-                .broadcast_add(&mask)?,
-        )?
-        .reshape((b, g, rep * t, t))?,
-    )?;
-    pieces.push(piece(
-        "probs·v + output transpose",
-        "attention core",
-        l,
-        budget,
-        || {
-            Ok(probs
-                .as_tensor()
-                .matmul(vh.as_tensor())?
-                .reshape((b, s.heads, t, hd))?
-                .transpose(1, 2)?
-                .reshape((b, t, s.heads * hd))?)
+            Ok(fused::causal_attention(
+                qh.as_tensor(),
+                kh.as_tensor(),
+                vh.as_tensor(),
+                scale,
+                None,
+            )?)
         },
         true,
     )?);
@@ -785,11 +751,11 @@ fn ops(args: &Args, dev: &Device) -> R<Value> {
     let gate = var(&mut rng, &[b, t, s.mlp], dev)?;
     let up = var(&mut rng, &[b, t, s.mlp], dev)?;
     pieces.push(piece(
-        "silu(gate)·up",
+        "silu(gate)·up (fused::silu_mul)",
         "MLP glue",
         l,
         budget,
-        || Ok((gate.as_tensor().silu()? * up.as_tensor())?),
+        || Ok(fused::silu_mul(gate.as_tensor(), up.as_tensor())?),
         true,
     )?);
     let r1 = var(&mut rng, &[b, t, s.hidden], dev)?;
@@ -863,6 +829,57 @@ fn ops(args: &Args, dev: &Device) -> R<Value> {
 
     // Alternatives at the same shapes (not part of the step's sum).
     let mut alts = Vec::new();
+    // The composed candle ops the fused ones replace (what a model without them records).
+    alts.push(piece(
+        "RMSNorm composed (rms_norm_slow)",
+        "norms",
+        2 * l + 1,
+        budget,
+        || Ok(candle_nn::ops::rms_norm_slow(xn.as_tensor(), &wn, 1e-6)?),
+        true,
+    )?);
+    alts.push(piece(
+        "RoPE q and k composed (head transpose copies + rope_slow)",
+        "RoPE",
+        l,
+        budget,
+        || {
+            let q = candle_nn::rotary_emb::rope_slow(&heads(&q_lin, s.heads)?, &cos, &sin)?;
+            let k = candle_nn::rotary_emb::rope_slow(&heads(&k_lin, s.kv_heads)?, &cos, &sin)?;
+            Ok(vec![q, k])
+        },
+        true,
+    )?);
+    let (g, rep) = (s.kv_heads, s.heads / s.kv_heads);
+    let mask = causal_mask(t, dev)?;
+    alts.push(piece(
+        "attention composed (q·kᵀ·scale, mask, softmax, probs·v, output transpose)",
+        "attention core",
+        l,
+        budget,
+        || {
+            let q = qh.as_tensor().contiguous()?.reshape((b, g, rep * t, hd))?;
+            let scores = (q.matmul(&kh.as_tensor().t()?)? * scale)?
+                .reshape((b, g, rep, t, t))?
+                .broadcast_add(&mask)?;
+            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.reshape((b, g, rep * t, t))?;
+            Ok(probs
+                .matmul(vh.as_tensor())?
+                .reshape((b, s.heads, t, hd))?
+                .transpose(1, 2)?
+                .reshape((b, t, s.heads * hd))?)
+        },
+        true,
+    )?);
+    alts.push(piece(
+        "silu(gate)·up composed",
+        "MLP glue",
+        l,
+        budget,
+        || Ok((gate.as_tensor().silu()? * up.as_tensor())?),
+        true,
+    )?);
+    let scores = var(&mut rng, &[b, g, rep * t, t], dev)?;
     alts.push(piece(
         format!(
             "lm_head {}→{} alone (frozen, candle matmul)",

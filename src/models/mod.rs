@@ -8,7 +8,9 @@
 //! (`tests/suite/models_*.rs`). candle-nn's fused kernels (softmax, LayerNorm, RMSNorm,
 //! RoPE) have no backward in candle 0.11, so the models use them only where no gradient
 //! flows (a merged or adapter-free forward) and differentiable ops otherwise: training
-//! through any forward reaches every adapter.
+//! through any forward reaches every adapter. [`fused`] makes the Llama family's
+//! differentiable ops (fused with their own backward on f32 CPU tensors) public for models
+//! of your own.
 //!
 //! Generation: [`auto::AutoCausalLm`] loads a model folder by its `model_type` (Llama
 //! family or GPT-2); each decoder has a KV cache ([`KvCache`], `forward_cached`, checked
@@ -39,6 +41,7 @@ mod cpu_op;
 mod cross_entropy;
 mod decoder_classifier;
 mod decoder_trunk;
+pub mod fused;
 pub mod generation;
 pub mod gpt2;
 mod head_cross_entropy;

@@ -29,6 +29,7 @@ mod finetune_data;
 mod finetune_gpt2;
 mod finetune_train;
 mod fused_kernel;
+mod fused_ops;
 mod fuzz_regressions;
 mod generate;
 mod gguf_export;

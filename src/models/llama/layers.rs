@@ -1,27 +1,24 @@
 //! The pieces of a Llama-family decoder layer: RMSNorm, causal and sliding-window masks,
 //! grouped-query attention (with the RoPE tables of `rope.rs`) and the gated MLP.
 //!
-//! candle-nn's fused kernels (`rms_norm`, `rotary_emb::rope`, `softmax_last_dim`) have no
-//! backward pass in candle 0.11: gradients stop at them. Each op here therefore takes the
-//! fused kernel only when its input tracks no gradient. Where a gradient flows through
-//! f32 CPU tensors, lorakit's own fused ops with their backward run (`models::rms_norm`,
-//! `models::rope_op`: RMSNorm, RoPE with the head transpose); otherwise (other dtypes or
-//! devices, a norm weight that trains) candle-nn's differentiable composition of the same
-//! formula (`rms_norm_slow`, `rope_slow`), so adapters before a norm or a RoPE still
-//! train. The causal grouped-query attention on f32 CPU tensors without padding is always
-//! lorakit's fused op with its backward (`models::attention_op`), in training and over a
-//! KV cache's buffers in generation; other dtypes, devices and padded batches compose it
-//! from candle ops.
+//! The norms, RoPE, attention and the MLP's gating run through [`crate::models::fused`]:
+//! lorakit's fused ops with their backward where a gradient flows through f32 CPU
+//! tensors, candle-nn's fused kernels where no gradient flows (they have no backward in
+//! candle 0.11), candle-nn's differentiable compositions elsewhere (other dtypes or
+//! devices), so adapters before a norm or a RoPE always train. The causal grouped-query
+//! attention on f32 CPU tensors without padding is always lorakit's fused op
+//! (`models::attention_op`), in training and over a KV cache's buffers in generation;
+//! other dtypes, devices and padded batches compose it from candle ops under this
+//! forward's masks.
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result, Scope};
 use crate::model::{linear_b, AdapterPlan, Linear};
-use crate::models::attention_op;
 use crate::models::kv_buffer::{Appending, LayerKv};
-use crate::models::ops::softmax_last;
 use crate::models::padding;
+use crate::models::{attention_op, fused};
 
 use super::config::{LayerAttention, LlamaConfig};
 use super::rope::RopeTables;
@@ -43,25 +40,9 @@ impl RmsNorm {
         })
     }
 
-    /// Normalizes over the last dimension.
+    /// Normalizes over the last dimension ([`crate::models::fused::rms_norm`]).
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // candle's fused kernel takes f32, f16 and bf16 only.
-        let fused_dtype = matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16);
-        if x.track_op() && crate::models::rms_norm::supports(x, &self.weight) {
-            Ok(crate::models::rms_norm::rms_norm_trainable(
-                x,
-                &self.weight,
-                self.eps,
-            )?)
-        } else if x.track_op() || self.weight.track_op() || !fused_dtype {
-            Ok(candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps)?)
-        } else {
-            Ok(candle_nn::ops::rms_norm(
-                &x.contiguous()?,
-                &self.weight,
-                self.eps,
-            )?)
-        }
+        fused::rms_norm(x, &self.weight, self.eps)
     }
 }
 
@@ -224,28 +205,7 @@ impl Attention {
             let out = attention_op::causal_attention(q, k, v, self.scale, window)?;
             return Ok(self.o_proj.forward(&out)?);
         }
-        let (b, h, t, d) = q.dims4()?;
-        let kv_len = k.dim(2)?;
-        let (g, rep) = (self.n_kv_heads, h / self.n_kv_heads);
-        let q = q.contiguous()?.reshape((b, g, rep * t, d))?;
-        // Half precision scores go to f32 for the softmax; f32 and f64 stay as they are.
-        let softmax_dtype = match q.dtype() {
-            DType::F16 | DType::BF16 => DType::F32,
-            other => other,
-        };
-        let mask = masks.get(self.kind)?.to_dtype(softmax_dtype)?;
-        let scores = (q.matmul(&k.t()?)? * self.scale)?
-            .to_dtype(softmax_dtype)?
-            .reshape((b, g, rep, t, kv_len))?
-            .broadcast_add(&mask)?;
-        let probs = softmax_last(&scores)?
-            .to_dtype(v.dtype())?
-            .reshape((b, g, rep * t, kv_len))?;
-        let out = probs
-            .matmul(v)?
-            .reshape((b, h, t, d))?
-            .transpose(1, 2)?
-            .reshape((b, t, h * d))?;
+        let out = fused::composed_attention(q, k, v, self.scale, masks.get(self.kind)?)?;
         Ok(self.o_proj.forward(&out)?)
     }
 
@@ -289,9 +249,7 @@ impl Mlp {
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate = self.gate_proj.forward(x)?;
         let up = self.up_proj.forward(x)?;
-        Ok(self
-            .down_proj
-            .forward(&crate::models::swiglu::silu_mul(&gate, &up)?)?)
+        Ok(self.down_proj.forward(&fused::silu_mul(&gate, &up)?)?)
     }
 }
 

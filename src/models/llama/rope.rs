@@ -118,15 +118,13 @@ impl RopeTables {
     }
 
     /// The heads of a projection `x` `(batch, len, heads, head_dim)`, rotated:
-    /// `(batch, heads, len, head_dim)`. Where a gradient flows through f32 CPU tensors,
-    /// one fused op with its backward (`models::rope_op`); otherwise the transpose and
-    /// [`RopeTables::apply`].
+    /// `(batch, heads, len, head_dim)` ([`crate::models::fused::rope_heads`]; per-row
+    /// tables: the transpose and [`RopeTables::apply`]).
     pub(crate) fn apply_heads(&self, x: &Tensor) -> Result<Tensor> {
-        use crate::models::rope_op;
-        if x.track_op() && !self.per_row() && rope_op::supports(x, &self.cos, &self.sin) {
-            Ok(rope_op::rope_heads_first(x, &self.cos, &self.sin)?)
-        } else {
+        if self.per_row() {
             self.apply(&x.transpose(1, 2)?.contiguous()?)
+        } else {
+            crate::models::fused::rope_heads(x, &self.cos, &self.sin)
         }
     }
 

@@ -1,0 +1,256 @@
+//! Differentiable transformer ops for models of your own, as lorakit's models run them:
+//! RMSNorm ([`rms_norm`]), RoPE on a projection's heads ([`rope_heads`]), causal
+//! grouped-query attention ([`causal_attention`]) and the gated MLP's `silu(gate) ⊙ up`
+//! ([`silu_mul`]).
+//!
+//! Where a gradient flows through f32 CPU tensors, each is one fused op with its own
+//! backward (a few full-size graph nodes fewer than the composition: candle's backward
+//! gives every node a zero-filled gradient and an add on top of its own work). candle-nn's
+//! fused kernels run where no gradient flows (they have no backward in candle 0.11), and
+//! candle-nn's differentiable compositions of the same formulas everywhere else (other
+//! devices and dtypes), so an adapter before any of these ops always trains. Results agree
+//! across the three paths to rounding (each op's unit tests and
+//! `tests/suite/fused_ops.rs`).
+//!
+//! Shapes are checked first: a mismatch is an [`Error::ShapeMismatch`] naming the op and
+//! the argument, whichever path would have run.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::models::ops::softmax_last;
+use crate::models::{attention_op, padding, rms_norm as rms_norm_op, rope_op, swiglu};
+
+/// `weight ⊙ x / sqrt(mean(x²) + eps)` over the last dimension of `x` (transformers'
+/// `LlamaRMSNorm`, candle-nn's `rms_norm`), differentiable in `x` and, when it tracks a
+/// gradient, in `weight`.
+///
+/// `weight` has the size of `x`'s last dimension. Fused with its backward for f32 CPU
+/// tensors and a `weight` that tracks no gradient (a frozen norm, as in lorakit's models).
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// use lorakit::models::fused::rms_norm;
+///
+/// let dev = Device::Cpu;
+/// let x = Var::from_tensor(&Tensor::new(&[[3f32, 4.0], [1.0, -1.0]], &dev)?)?;
+/// let w = Tensor::new(&[1f32, 2.0], &dev)?;
+/// let y = rms_norm(x.as_tensor(), &w, 0.0)?;
+/// // Row [3, 4]: rms = sqrt((9 + 16) / 2).
+/// let r = (12.5f32).sqrt();
+/// let got = y.to_vec2::<f32>()?;
+/// assert!((got[0][0] - 3.0 / r).abs() < 1e-6 && (got[0][1] - 8.0 / r).abs() < 1e-6);
+/// let grads = y.sum_all()?.backward()?;
+/// assert_eq!(grads.get(x.as_tensor()).unwrap().dims(), &[2, 2]);
+/// # Ok::<(), lorakit::Error>(())
+/// ```
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+    const OP: &str = "fused::rms_norm";
+    let Some(&dim) = x.dims().last() else {
+        return Err(shape_error(OP, "x", "at least one dimension", x));
+    };
+    if weight.dims() != [dim] {
+        return Err(shape_error(OP, "weight", format!("[{dim}]"), weight));
+    }
+    // candle-nn's fused kernel takes f32, f16 and bf16 only.
+    let fused_dtype = matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16);
+    if x.track_op() && rms_norm_op::supports(x, weight) {
+        Ok(rms_norm_op::rms_norm_trainable(x, weight, eps)?)
+    } else if x.track_op() || weight.track_op() || !fused_dtype {
+        Ok(candle_nn::ops::rms_norm_slow(x, weight, eps)?)
+    } else {
+        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps)?)
+    }
+}
+
+/// The heads of a projection `x` `(batch, seq, heads, head_dim)`, rotated for positions
+/// `0..seq` whose `cos`, `sin` are `(seq, head_dim / 2)`, as `(batch, heads, seq,
+/// head_dim)`: transformers' `apply_rotary_pos_emb` (`rotate_half`: the two halves of a
+/// head are the pairs; candle-nn's `rope`, not `rope_i`) after the usual head transpose.
+///
+/// Differentiable in `x`; fused with the transpose and its backward for f32 CPU tensors
+/// and tables that track no gradient.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use lorakit::models::fused::rope_heads;
+///
+/// let dev = Device::Cpu;
+/// // One position, one head of size 2: the pair (x0, x1) turned by the angle.
+/// let x = Tensor::new(&[1f32, 0.0], &dev)?.reshape((1, 1, 1, 2))?;
+/// let angle = 0.5f32;
+/// let (cos, sin) = (Tensor::new(&[[angle.cos()]], &dev)?, Tensor::new(&[[angle.sin()]], &dev)?);
+/// let y = rope_heads(&x, &cos, &sin)?.flatten_all()?.to_vec1::<f32>()?;
+/// assert!((y[0] - angle.cos()).abs() < 1e-6 && (y[1] - angle.sin()).abs() < 1e-6);
+/// # Ok::<(), lorakit::Error>(())
+/// ```
+pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    const OP: &str = "fused::rope_heads";
+    let &[_, t, _, d] = x.dims() else {
+        return Err(shape_error(OP, "x", "(batch, seq, heads, head_dim)", x));
+    };
+    if d % 2 != 0 {
+        return Err(shape_error(OP, "x", "an even head_dim", x));
+    }
+    for (name, table) in [("cos", cos), ("sin", sin)] {
+        if table.dims() != [t, d / 2] {
+            return Err(shape_error(OP, name, format!("[{t}, {}]", d / 2), table));
+        }
+    }
+    if x.track_op() && rope_op::supports(x, cos, sin) {
+        return Ok(rope_op::rope_heads_first(x, cos, sin)?);
+    }
+    let heads = x.transpose(1, 2)?.contiguous()?;
+    if heads.track_op() || cos.track_op() || sin.track_op() {
+        Ok(candle_nn::rotary_emb::rope_slow(&heads, cos, sin)?)
+    } else {
+        Ok(candle_nn::rotary_emb::rope(&heads, cos, sin)?)
+    }
+}
+
+/// `softmax(scale · q kᵀ + causal mask) v` for queries `q` `(batch, heads, seq, head_dim)`
+/// and keys and values `k`, `v` `(batch, kv_heads, kv_len, head_dim)`, as
+/// `(batch, seq, heads · head_dim)` (what an output projection reads).
+///
+/// The queries sit at positions `kv_len − seq ..` (after `kv_len − seq` cached keys) and
+/// the keys at `0..kv_len`: a query sees the keys at or before its position and, with
+/// `window = Some(w)`, fewer than `w` positions back (Mistral's and Qwen's sliding
+/// window). Each key/value head serves `heads / kv_heads` consecutive query heads
+/// (transformers' `repeat_kv`), without copying keys and values.
+///
+/// Differentiable in all three. One fused op with its backward for f32 CPU tensors
+/// (it skips the blocks of keys the mask hides); candle's matmul, mask and softmax
+/// elsewhere, with scores and softmax in f32 for f16 / bf16 inputs (transformers' eager
+/// attention).
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use lorakit::models::fused::causal_attention;
+///
+/// let dev = Device::Cpu;
+/// // Two positions, one head of size 1: the first query sees only the first value.
+/// let q = Tensor::new(&[1f32, 1.0], &dev)?.reshape((1, 1, 2, 1))?;
+/// let k = q.clone();
+/// let v = Tensor::new(&[10f32, 20.0], &dev)?.reshape((1, 1, 2, 1))?;
+/// let out = causal_attention(&q, &k, &v, 1.0, None)?.flatten_all()?.to_vec1::<f32>()?;
+/// assert!((out[0] - 10.0).abs() < 1e-5);
+/// assert!((out[1] - 15.0).abs() < 1e-5); // equal scores: the mean of both values
+/// # Ok::<(), lorakit::Error>(())
+/// ```
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    window: Option<usize>,
+) -> Result<Tensor> {
+    const OP: &str = "fused::causal_attention";
+    let &[b, h, t, d] = q.dims() else {
+        return Err(shape_error(OP, "q", "(batch, heads, seq, head_dim)", q));
+    };
+    let &[kb, g, kv_len, kd] = k.dims() else {
+        return Err(shape_error(
+            OP,
+            "k",
+            "(batch, kv_heads, kv_len, head_dim)",
+            k,
+        ));
+    };
+    if kb != b || kd != d || g == 0 || h % g != 0 || kv_len < t || t == 0 {
+        let expected = format!(
+            "[{b}, a divisor of {h}, at least {} positions, {d}]",
+            t.max(1)
+        );
+        return Err(shape_error(OP, "k", expected, k));
+    }
+    if v.dims() != k.dims() {
+        return Err(shape_error(OP, "v", format!("{:?}", k.dims()), v));
+    }
+    if window == Some(0) {
+        return Err(Error::usage(
+            crate::error::Scope::Settings(OP.to_string()),
+            "window 0 would hide every key: give a window of at least 1 position, or None",
+        ));
+    }
+    if attention_op::supports(q, k, v) {
+        return Ok(attention_op::causal_attention(q, k, v, scale, window)?);
+    }
+    let values = padding::mask_values(None, t, kv_len, kv_len - t, |q, j| {
+        window.is_none_or(|w| j + w > q)
+    });
+    let mask = Tensor::from_vec(values, (t, kv_len), &Device::Cpu)?.to_device(q.device())?;
+    composed_attention(q, k, v, scale, &mask)
+}
+
+/// `silu(gate) ⊙ up` (the gated MLP of Llama-family models), differentiable in both;
+/// `gate` and `up` have one shape. Fused with its backward for f32 CPU tensors.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use lorakit::models::fused::silu_mul;
+///
+/// let dev = Device::Cpu;
+/// let gate = Tensor::new(&[0f32, 2.0], &dev)?;
+/// let up = Tensor::new(&[5f32, 3.0], &dev)?;
+/// let y = silu_mul(&gate, &up)?.to_vec1::<f32>()?;
+/// let silu2 = 2.0 / (1.0 + (-2f32).exp());
+/// assert_eq!(y[0], 0.0);
+/// assert!((y[1] - 3.0 * silu2).abs() < 1e-6);
+/// # Ok::<(), lorakit::Error>(())
+/// ```
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if up.dims() != gate.dims() {
+        return Err(shape_error(
+            "fused::silu_mul",
+            "up",
+            format!("{:?} (gate's shape)", gate.dims()),
+            up,
+        ));
+    }
+    Ok(swiglu::silu_mul(gate, up)?)
+}
+
+/// Attention composed from candle ops: `softmax(scale · q kᵀ + mask) v` for `q`
+/// `(b, heads, t, d)`, `k`, `v` `(b, kv_heads, kv_len, d)` and an additive `mask`
+/// `(t, kv_len)` or `(b, 1, 1, t, kv_len)` (a left-padded batch), as `(b, t, heads · d)`.
+/// Key/value heads serve consecutive query heads without copies; scores and softmax in
+/// f32 for half-precision inputs, products in the inputs' dtype.
+pub(crate) fn composed_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: &Tensor,
+) -> Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let (g, kv_len) = (k.dim(1)?, k.dim(2)?);
+    let rep = h / g;
+    let q = q.contiguous()?.reshape((b, g, rep * t, d))?;
+    // Half precision scores go to f32 for the softmax; f32 and f64 stay as they are.
+    let softmax_dtype = match q.dtype() {
+        DType::F16 | DType::BF16 => DType::F32,
+        other => other,
+    };
+    let scores = (q.matmul(&k.t()?)? * scale)?
+        .to_dtype(softmax_dtype)?
+        .reshape((b, g, rep, t, kv_len))?
+        .broadcast_add(&mask.to_dtype(softmax_dtype)?)?;
+    let probs = softmax_last(&scores)?
+        .to_dtype(v.dtype())?
+        .reshape((b, g, rep * t, kv_len))?;
+    Ok(probs
+        .matmul(v)?
+        .reshape((b, h, t, d))?
+        .transpose(1, 2)?
+        .reshape((b, t, h * d))?)
+}
+
+/// The error for argument `what` of `op` whose shape is not `expected`.
+fn shape_error(op: &str, what: &str, expected: impl Into<String>, got: &Tensor) -> Error {
+    Error::ShapeMismatch {
+        layer: op.to_string(),
+        what: what.to_string(),
+        expected: expected.into(),
+        got: format!("{:?}", got.dims()),
+    }
+}

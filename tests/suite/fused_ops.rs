@@ -1,0 +1,239 @@
+//! `lorakit::models::fused`, the public transformer ops: each path (lorakit's fused op with
+//! its backward for f32 CPU tensors that track a gradient, candle-nn's kernels without a
+//! gradient, candle's composition for other dtypes) against an f64 reference — the
+//! composition in f64 for values and gradients, and a hand-written f64 loop for the
+//! attention's values — and each op's shape errors.
+
+use candle_core::{DType, Tensor, Var};
+use lorakit::models::fused::{causal_attention, rms_norm, rope_heads, silu_mul};
+use lorakit::Error;
+
+use crate::common::{flat, max_rel_diff, max_rel_vec, randn, rng};
+
+/// The same random values as an f32 and an f64 variable.
+fn vars(seed: u64, shape: &[usize]) -> (Var, Var) {
+    let t = randn(&mut rng(seed), shape, DType::F64);
+    (
+        Var::from_tensor(&t.to_dtype(DType::F32).unwrap()).unwrap(),
+        Var::from_tensor(&t).unwrap(),
+    )
+}
+
+/// Asserts that `y32` (f32, fused path) equals `y64` (f64 reference) within `tol`, and so
+/// does the gradient of `Σ y ⊙ u` for each pair of inputs (`u` random, the same for both).
+fn assert_matches(y32: &Tensor, y64: &Tensor, inputs: &[(&str, &Var, &Var)], tol: f64) {
+    assert_eq!(y32.dims(), y64.dims());
+    let err = max_rel_diff(y32, y64);
+    assert!(err < tol, "values differ by {err:e}");
+    let u = randn(&mut rng(99), y64.dims(), DType::F64);
+    let g32 = (y32 * u.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let g64 = (y64 * &u).unwrap().sum_all().unwrap().backward().unwrap();
+    for (name, a, b) in inputs {
+        let err = max_rel_diff(
+            g32.get(a.as_tensor()).unwrap(),
+            g64.get(b.as_tensor()).unwrap(),
+        );
+        assert!(err < tol, "d{name} differs by {err:e}");
+    }
+}
+
+fn is_shape_error(r: lorakit::Result<Tensor>, what: &str) {
+    match r {
+        Err(Error::ShapeMismatch { what: w, .. }) if w == what => {}
+        other => panic!("expected a shape error for {what}, got {other:?}"),
+    }
+}
+
+#[test]
+fn rms_norm_paths_match_f64() {
+    let (x32, x64) = vars(1, &[2, 3, 40]);
+    let w64 = randn(&mut rng(2), &[40], DType::F64);
+    let w32 = w64.to_dtype(DType::F32).unwrap();
+    let y32 = rms_norm(x32.as_tensor(), &w32, 1e-5).unwrap();
+    let y64 = rms_norm(x64.as_tensor(), &w64, 1e-5).unwrap();
+    assert_matches(&y32, &y64, &[("x", &x32, &x64)], 1e-5);
+    // No gradient: candle-nn's kernel.
+    let frozen = rms_norm(&x32.as_tensor().detach(), &w32, 1e-5).unwrap();
+    assert!(max_rel_diff(&frozen, &y64) < 1e-5);
+    is_shape_error(
+        rms_norm(x32.as_tensor(), &w32.narrow(0, 0, 39).unwrap(), 1e-5),
+        "weight",
+    );
+}
+
+#[test]
+fn rope_heads_paths_match_f64() {
+    let (b, t, h, d) = (2, 5, 3, 8);
+    let (x32, x64) = vars(3, &[b, t, h, d]);
+    let angles: Vec<f64> = (0..t)
+        .flat_map(|p| (0..d / 2).map(move |i| p as f64 * 10f64.powf(-(i as f64) / 2.0)))
+        .collect();
+    let table = |f: fn(f64) -> f64| {
+        Tensor::from_vec(
+            angles.iter().map(|&a| f(a)).collect::<Vec<_>>(),
+            (t, d / 2),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (cos64, sin64) = (table(f64::cos), table(f64::sin));
+    let (cos32, sin32) = (
+        cos64.to_dtype(DType::F32).unwrap(),
+        sin64.to_dtype(DType::F32).unwrap(),
+    );
+    let y32 = rope_heads(x32.as_tensor(), &cos32, &sin32).unwrap();
+    let y64 = rope_heads(x64.as_tensor(), &cos64, &sin64).unwrap();
+    assert_eq!(y32.dims(), &[b, h, t, d]);
+    // The reference by hand for one element: head 1, position 4, pair (1, 1 + d/2).
+    let xs = flat(
+        &x64.as_tensor()
+            .get(1)
+            .unwrap()
+            .get(4)
+            .unwrap()
+            .get(1)
+            .unwrap(),
+    );
+    let (c, s) = (angles[4 * d / 2 + 1].cos(), angles[4 * d / 2 + 1].sin());
+    let want = [xs[1] * c - xs[1 + d / 2] * s, xs[1 + d / 2] * c + xs[1] * s];
+    let got = flat(&y32.get(1).unwrap().get(1).unwrap().get(4).unwrap());
+    assert!(max_rel_vec(&[got[1], got[1 + d / 2]], &want) < 1e-6);
+    assert_matches(&y32, &y64, &[("x", &x32, &x64)], 1e-5);
+    let frozen = rope_heads(&x32.as_tensor().detach(), &cos32, &sin32).unwrap();
+    assert!(max_rel_diff(&frozen, &y64) < 1e-5);
+    is_shape_error(
+        rope_heads(x32.as_tensor(), &cos32.narrow(0, 0, 4).unwrap(), &sin32),
+        "cos",
+    );
+    is_shape_error(
+        rope_heads(&x32.as_tensor().narrow(3, 0, 7).unwrap(), &cos32, &sin32),
+        "x",
+    );
+}
+
+/// Attention by hand in f64: queries at `kv − t ..`, keys at `0..kv`, query head `i` on
+/// key/value head `i / (h / g)`.
+fn attention_reference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    window: Option<usize>,
+) -> Vec<f64> {
+    let (b, h, t, d) = q.dims4().unwrap();
+    let (g, kv) = (k.dim(1).unwrap(), k.dim(2).unwrap());
+    let (q, k, v) = (flat(q), flat(k), flat(v));
+    let mut out = vec![0.0; b * t * h * d];
+    for bi in 0..b {
+        for hi in 0..h {
+            let gi = hi / (h / g);
+            for i in 0..t {
+                let pos = kv - t + i;
+                let seen: Vec<usize> = (0..kv)
+                    .filter(|&j| j <= pos && window.is_none_or(|w| j + w > pos))
+                    .collect();
+                let qrow = &q[((bi * h + hi) * t + i) * d..][..d];
+                let scores: Vec<f64> = seen
+                    .iter()
+                    .map(|&j| {
+                        let krow = &k[((bi * g + gi) * kv + j) * d..][..d];
+                        scale * qrow.iter().zip(krow).map(|(a, b)| a * b).sum::<f64>()
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+                let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for (p, &j) in e.iter().zip(&seen) {
+                    let vrow = &v[((bi * g + gi) * kv + j) * d..][..d];
+                    for c in 0..d {
+                        out[((bi * t + i) * h + hi) * d + c] += p / z * vrow[c];
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn causal_attention_paths_match_f64() {
+    let (b, h, g, t, kv, d) = (2, 4, 2, 3, 5, 8);
+    let (q32, q64) = vars(4, &[b, h, t, d]);
+    let (k32, k64) = vars(5, &[b, g, kv, d]);
+    let (v32, v64) = vars(6, &[b, g, kv, d]);
+    let scale = 1.0 / (d as f64).sqrt();
+    for window in [None, Some(2)] {
+        let run = |q: &Var, k: &Var, v: &Var| {
+            causal_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale, window).unwrap()
+        };
+        let (y32, y64) = (run(&q32, &k32, &v32), run(&q64, &k64, &v64));
+        assert_eq!(y32.dims(), &[b, t, h * d]);
+        let want = attention_reference(
+            q64.as_tensor(),
+            k64.as_tensor(),
+            v64.as_tensor(),
+            scale,
+            window,
+        );
+        assert!(
+            max_rel_vec(&flat(&y32), &want) < 1e-5,
+            "{window:?}: fused vs by hand"
+        );
+        assert!(
+            max_rel_vec(&flat(&y64), &want) < 1e-12,
+            "{window:?}: composed vs by hand"
+        );
+        assert_matches(
+            &y32,
+            &y64,
+            &[("q", &q32, &q64), ("k", &k32, &k64), ("v", &v32, &v64)],
+            1e-5,
+        );
+    }
+    let (q, k, v) = (q32.as_tensor(), k32.as_tensor(), v32.as_tensor());
+    is_shape_error(
+        causal_attention(&q.narrow(1, 0, 3).unwrap(), k, v, scale, None),
+        "k",
+    );
+    is_shape_error(
+        causal_attention(q, &k.narrow(2, 0, 2).unwrap(), v, scale, None),
+        "k",
+    );
+    is_shape_error(
+        causal_attention(q, k, &v.narrow(2, 0, 4).unwrap(), scale, None),
+        "v",
+    );
+    assert!(matches!(
+        causal_attention(q, k, v, scale, Some(0)),
+        Err(Error::Usage { .. })
+    ));
+}
+
+#[test]
+fn silu_mul_paths_match_f64() {
+    let (g32, g64) = vars(7, &[3, 70]);
+    let (u32_, u64_) = vars(8, &[3, 70]);
+    let y32 = silu_mul(g32.as_tensor(), u32_.as_tensor()).unwrap();
+    let y64 = silu_mul(g64.as_tensor(), u64_.as_tensor()).unwrap();
+    let want: Vec<f64> = flat(g64.as_tensor())
+        .iter()
+        .zip(flat(u64_.as_tensor()))
+        .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+        .collect();
+    assert!(max_rel_vec(&flat(&y64), &want) < 1e-12);
+    assert_matches(
+        &y32,
+        &y64,
+        &[("gate", &g32, &g64), ("up", &u32_, &u64_)],
+        1e-5,
+    );
+    is_shape_error(
+        silu_mul(g32.as_tensor(), &u32_.as_tensor().narrow(1, 0, 69).unwrap()),
+        "up",
+    );
+}
