@@ -46,27 +46,6 @@ fn map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
     out
 }
 
-/// `f(a[i], b[i], c[i])` for every `i`, in parallel chunks.
-fn map3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32 + Sync) -> Vec<f32> {
-    let mut out = vec![0f32; a.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(
-            a.par_chunks(CHUNK)
-                .zip(b.par_chunks(CHUNK).zip(c.par_chunks(CHUNK))),
-        )
-        .for_each(|(out, (a, (b, c)))| {
-            crate::vector_math::on_widest_vectors(
-                #[inline(always)]
-                || {
-                    for (((o, &a), &b), &c) in out.iter_mut().zip(a).zip(b).zip(c) {
-                        *o = f(a, b, c);
-                    }
-                },
-            )
-        });
-    out
-}
-
 /// A contiguous f32 slice of an op input.
 fn input<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     super::cpu_op::f32_input("silu·up", s, l)
@@ -106,16 +85,17 @@ impl CustomOp2 for SiluMul {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let d_gate = gate.apply_op3_no_bwd(up, &grad, &SiluMulGrad { wrt_gate: true })?;
-        let d_up = gate.apply_op3_no_bwd(up, &grad, &SiluMulGrad { wrt_gate: false })?;
+        // Both gradients from one pass: `(2, …)`, the gate's first.
+        let both = gate.apply_op3_no_bwd(up, &grad, &SiluMulGrad)?;
+        let d_gate = both.get(0)?;
+        let d_up = both.get(1)?;
         Ok((Some(d_gate), Some(d_up)))
     }
 }
 
-/// One input's gradient: `g ⊙ up ⊙ silu'(gate)` or `g ⊙ silu(gate)`.
-struct SiluMulGrad {
-    wrt_gate: bool,
-}
+/// Both inputs' gradients in one pass, stacked `(2, …)`: `g ⊙ up ⊙ silu'(gate)` and
+/// `g ⊙ silu(gate)`, with `silu'(x) = σ(x) (1 + x (1 − σ(x)))`.
+struct SiluMulGrad;
 
 impl CustomOp3 for SiluMulGrad {
     fn name(&self) -> &'static str {
@@ -135,15 +115,33 @@ impl CustomOp3 for SiluMulGrad {
         if gate.len() != up.len() || gate.len() != grad.len() {
             candle_core::bail!("silu·up backward: shapes differ");
         }
-        let out = if self.wrt_gate {
-            map3(gate, up, grad, |x, u, g| {
-                let s = sigmoid(x);
-                g * u * s * (1.0 + x * (1.0 - s))
-            })
-        } else {
-            map2(gate, grad, |x, g| g * x * sigmoid(x))
-        };
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        let n = gate.len();
+        let mut out = vec![0f32; 2 * n];
+        let (d_gate, d_up) = out.split_at_mut(n);
+        d_gate
+            .par_chunks_mut(CHUNK)
+            .zip(d_up.par_chunks_mut(CHUNK))
+            .zip(
+                gate.par_chunks(CHUNK)
+                    .zip(up.par_chunks(CHUNK).zip(grad.par_chunks(CHUNK))),
+            )
+            .for_each(|((dg, du), (x, (u, g)))| {
+                crate::vector_math::on_widest_vectors(
+                    #[inline(always)]
+                    || {
+                        let outs = dg.iter_mut().zip(du.iter_mut());
+                        let ins = x.iter().zip(u).zip(g);
+                        for ((dg, du), ((&x, &u), &g)) in outs.zip(ins) {
+                            let s = sigmoid(x);
+                            *dg = g * u * s * (1.0 + x * (1.0 - s));
+                            *du = g * x * s;
+                        }
+                    },
+                )
+            });
+        let mut dims = vec![2];
+        dims.extend_from_slice(l1.dims());
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 }
 
@@ -151,15 +149,19 @@ impl CustomOp3 for SiluMulGrad {
 mod tests {
     use candle_core::{Device, Tensor, Var};
 
-    /// Value and both gradients equal candle's composed `silu(gate) * up`.
+    /// Value and both gradients equal candle's composed `silu(gate) * up`, within one
+    /// parallel chunk and over several (with a partial last one).
     #[test]
     fn equals_the_composed_ops() {
         let dev = Device::Cpu;
-        let gate = Var::from_tensor(&Tensor::randn(0f32, 3., (4, 6, 9), &dev).unwrap()).unwrap();
-        let up = Var::from_tensor(&Tensor::randn(0f32, 1., (4, 6, 9), &dev).unwrap()).unwrap();
-        let fused = super::silu_mul(gate.as_tensor(), up.as_tensor()).unwrap();
-        let composed = (gate.as_tensor().silu().unwrap() * up.as_tensor()).unwrap();
-        let inputs = [("gate", gate.as_tensor()), ("up", up.as_tensor())];
-        super::super::op_test::assert_same_op(&fused, &composed, &inputs, 1e-5, "silu·up");
+        for shape in [(4, 6, 9), (3, 2, super::CHUNK / 2 + 77)] {
+            let gate = Var::from_tensor(&Tensor::randn(0f32, 3., shape, &dev).unwrap()).unwrap();
+            let up = Var::from_tensor(&Tensor::randn(0f32, 1., shape, &dev).unwrap()).unwrap();
+            let fused = super::silu_mul(gate.as_tensor(), up.as_tensor()).unwrap();
+            let composed = (gate.as_tensor().silu().unwrap() * up.as_tensor()).unwrap();
+            let inputs = [("gate", gate.as_tensor()), ("up", up.as_tensor())];
+            let case = format!("silu·up {shape:?}");
+            super::super::op_test::assert_same_op(&fused, &composed, &inputs, 1e-5, &case);
+        }
     }
 }
