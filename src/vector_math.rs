@@ -168,6 +168,24 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
+/// `Σ (x[i] − shift)²`, in [`LANES`] running sums (a row's centred sum of squares).
+#[inline(always)]
+pub(crate) fn sum_sq_dev(xs: &[f32], shift: f32) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let tail: f32 = chunks
+        .remainder()
+        .iter()
+        .map(|&x| (x - shift) * (x - shift))
+        .sum();
+    for chunk in chunks {
+        for (lane, &x) in lanes.iter_mut().zip(chunk) {
+            *lane += (x - shift) * (x - shift);
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
 /// `Σ (a[i] · b[i]) · c[i]` over the shortest slice, in [`LANES`] running sums.
 #[inline(always)]
 pub(crate) fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
@@ -312,6 +330,11 @@ mod tests {
                 .sum();
             assert!(
                 (f64::from(super::dot3(&a, &b, &c)) - want3).abs() < 1e-5,
+                "{len}"
+            );
+            let want_sq: f64 = c.iter().map(|&z| (f64::from(z) - 1.2).powi(2)).sum();
+            assert!(
+                (f64::from(super::sum_sq_dev(&c, 1.2)) - want_sq).abs() < 1e-5 * (1.0 + want_sq),
                 "{len}"
             );
         }

@@ -52,7 +52,7 @@ impl HiddenAct {
     fn apply(self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             HiddenAct::Gelu => x.gelu_erf()?,
-            HiddenAct::GeluNew => x.gelu()?,
+            HiddenAct::GeluNew => crate::models::gelu::gelu_tanh(x)?,
             HiddenAct::Relu => x.relu()?,
         })
     }

@@ -1,7 +1,7 @@
 //! Differentiable transformer ops for models of your own, as lorakit's models run them:
-//! RMSNorm ([`rms_norm`]), RoPE on a projection's heads ([`rope_heads`]), causal
-//! grouped-query attention ([`causal_attention`]) and the gated MLP's `silu(gate) ⊙ up`
-//! ([`silu_mul`]).
+//! RMSNorm ([`rms_norm`]) and LayerNorm ([`layer_norm`]), RoPE on a projection's heads
+//! ([`rope_heads`]), causal grouped-query attention ([`causal_attention`]), the gated
+//! MLP's `silu(gate) ⊙ up` ([`silu_mul`]) and GPT-2's GELU ([`gelu_tanh`]).
 //!
 //! Where a gradient flows through f32 CPU tensors, each is one fused op with its own
 //! backward (a few full-size graph nodes fewer than the composition: candle's backward
@@ -19,7 +19,10 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::models::ops::softmax_last;
-use crate::models::{attention_op, padding, rms_norm as rms_norm_op, rope_op, swiglu};
+use crate::models::{
+    attention_op, gelu, layer_norm as layer_norm_op, padding, rms_norm as rms_norm_op, rope_op,
+    swiglu,
+};
 
 /// `weight ⊙ x / sqrt(mean(x²) + eps)` over the last dimension of `x` (transformers'
 /// `LlamaRMSNorm`, candle-nn's `rms_norm`), differentiable in `x` and, when it tracks a
@@ -61,6 +64,40 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
     } else {
         Ok(candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps)?)
     }
+}
+
+/// `(x − mean(x)) / sqrt(var(x) + eps) ⊙ weight + bias` over the last dimension of `x`
+/// (PyTorch's `nn.LayerNorm`, the biased variance; candle-nn's `layer_norm`), in f32 for
+/// half-precision inputs; differentiable in `x`, `bias` and, when it tracks a gradient,
+/// `weight`.
+///
+/// `weight` and `bias` have the size of `x`'s last dimension. Fused with its backward for
+/// f32 CPU tensors and a `weight` that tracks no gradient (a frozen norm whose bias may
+/// train, as under PEFT's `bias = "all"`).
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// use lorakit::models::fused::layer_norm;
+///
+/// let dev = Device::Cpu;
+/// let x = Var::from_tensor(&Tensor::new(&[[1f32, 3.0]], &dev)?)?;
+/// let (w, b) = (Tensor::new(&[2f32, 2.0], &dev)?, Tensor::new(&[0f32, 1.0], &dev)?);
+/// let y = layer_norm(x.as_tensor(), &w, &b, 0.0)?.to_vec2::<f32>()?;
+/// // Mean 2, variance 1: x̂ = [−1, 1].
+/// assert!((y[0][0] + 2.0).abs() < 1e-6 && (y[0][1] - 3.0).abs() < 1e-6);
+/// # Ok::<(), lorakit::Error>(())
+/// ```
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<Tensor> {
+    const OP: &str = "fused::layer_norm";
+    let Some(&dim) = x.dims().last() else {
+        return Err(shape_error(OP, "x", "at least one dimension", x));
+    };
+    for (name, t) in [("weight", weight), ("bias", bias)] {
+        if t.dims() != [dim] {
+            return Err(shape_error(OP, name, format!("[{dim}]"), t));
+        }
+    }
+    Ok(layer_norm_op::layer_norm(x, weight, bias, eps)?)
 }
 
 /// The heads of a projection `x` `(batch, seq, heads, head_dim)`, rotated for positions
@@ -208,6 +245,25 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         ));
     }
     Ok(swiglu::silu_mul(gate, up)?)
+}
+
+/// GELU's tanh approximation, `0.5 x (1 + tanh(sqrt(2/π) (x + 0.044715 x³)))`
+/// (transformers' `gelu_new`, GPT-2's activation; candle's `gelu`), differentiable. Fused
+/// with its backward, one vectorized pass each way, for f32 CPU tensors that track a
+/// gradient; candle's `gelu` otherwise.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use lorakit::models::fused::gelu_tanh;
+///
+/// let dev = Device::Cpu;
+/// let y = gelu_tanh(&Tensor::new(&[0f32, 10.0, -10.0], &dev)?)?.to_vec1::<f32>()?;
+/// assert_eq!(y[0], 0.0);
+/// assert!((y[1] - 10.0).abs() < 1e-5 && y[2].abs() < 1e-5);
+/// # Ok::<(), lorakit::Error>(())
+/// ```
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    Ok(gelu::gelu_tanh(x)?)
 }
 
 /// Attention composed from candle ops: `softmax(scale · q kᵀ + mask) v` for `q`

@@ -42,10 +42,12 @@ mod cross_entropy;
 mod decoder_classifier;
 mod decoder_trunk;
 pub mod fused;
+mod gelu;
 pub mod generation;
 pub mod gpt2;
 mod head_cross_entropy;
 mod kv_buffer;
+mod layer_norm;
 pub mod llama;
 pub(crate) mod lm_loss;
 #[cfg(test)]

@@ -66,23 +66,15 @@ impl LayerNorm {
         Ok(Self { weight, bias, eps })
     }
 
-    /// The norm over the last dimension (computed in f32 for half-precision inputs).
+    /// The norm over the last dimension (`models::layer_norm`'s paths, as
+    /// [`crate::models::fused::layer_norm`]).
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let eps = self.eps as f32;
-        if tracks_gradient(&[x, &self.weight, &self.bias]) {
-            Ok(candle_nn::ops::layer_norm_slow(
-                x,
-                &self.weight,
-                &self.bias,
-                eps,
-            )?)
-        } else {
-            Ok(candle_nn::ops::layer_norm(
-                &x.contiguous()?,
-                &self.weight,
-                &self.bias,
-                eps,
-            )?)
-        }
+        Ok(super::layer_norm::layer_norm(
+            x,
+            &self.weight,
+            &self.bias,
+            eps,
+        )?)
     }
 }

@@ -8,9 +8,8 @@
 //! tracks a gradient takes candle's composed ops instead ([`supports`]).
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
-use super::cpu_op::f32_input;
+use super::cpu_op::{f32_input, map_rows, rows_and_weight};
 
 /// `w ⊙ x / sqrt(mean(x²) + eps)` over the last dimension, differentiable in `x`.
 /// Callers check [`supports`] first.
@@ -42,27 +41,6 @@ fn inv_rms(row: &[f32], eps: f32) -> f32 {
     1.0 / (sum2 / row.len().max(1) as f32 + eps).sqrt()
 }
 
-/// The two inputs as slices, `x`'s length a multiple of `w`'s (the rows).
-fn inputs<'a>(
-    s1: &'a CpuStorage,
-    l1: &Layout,
-    s2: &'a CpuStorage,
-    l2: &Layout,
-) -> candle_core::Result<(&'a [f32], &'a [f32])> {
-    let (x, w) = (
-        f32_input("rms_norm", s1, l1)?,
-        f32_input("rms_norm", s2, l2)?,
-    );
-    if w.is_empty() || x.len() % w.len() != 0 || l1.dims().last() != Some(&w.len()) {
-        candle_core::bail!(
-            "rms_norm: weight {:?} does not fit input {:?}",
-            l2.dims(),
-            l1.dims()
-        );
-    }
-    Ok((x, w))
-}
-
 impl CustomOp2 for RmsNormOp {
     fn name(&self) -> &'static str {
         "lorakit-rms-norm"
@@ -75,21 +53,19 @@ impl CustomOp2 for RmsNormOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, w) = inputs(s1, l1, s2, l2)?;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(w.len())
-            .zip(x.par_chunks(w.len()))
-            .for_each(|(dst, row)| {
-                crate::vector_math::on_widest_vectors(
-                    #[inline(always)]
-                    || {
-                        let r = inv_rms(row, self.eps);
-                        for ((d, &v), &a) in dst.iter_mut().zip(row).zip(w) {
-                            *d = v * r * a;
-                        }
-                    },
-                )
-            });
+        let (x, w) = rows_and_weight("rms_norm", (s1, l1), (s2, l2))?;
+        let out = map_rows(
+            x,
+            x,
+            w.len(),
+            #[inline(always)]
+            |dst, row, _| {
+                let r = inv_rms(row, self.eps);
+                for ((d, &v), &a) in dst.iter_mut().zip(row).zip(w) {
+                    *d = v * r * a;
+                }
+            },
+        );
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -126,7 +102,7 @@ impl CustomOp3 for RmsNormGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, w) = inputs(s1, l1, s2, l2)?;
+        let (x, w) = rows_and_weight("rms_norm", (s1, l1), (s2, l2))?;
         let g = f32_input("rms_norm backward", s3, l3)?;
         if g.len() != x.len() {
             candle_core::bail!(
@@ -136,22 +112,20 @@ impl CustomOp3 for RmsNormGrad {
             );
         }
         let n = w.len();
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(n)
-            .zip(x.par_chunks(n).zip(g.par_chunks(n)))
-            .for_each(|(dst, (row, grow))| {
-                crate::vector_math::on_widest_vectors(
-                    #[inline(always)]
-                    || {
-                        let r = inv_rms(row, self.eps);
-                        let dot = crate::vector_math::dot3(grow, w, row);
-                        let c = r * r * r * dot / n as f32;
-                        for (((d, &v), &gv), &a) in dst.iter_mut().zip(row).zip(grow).zip(w) {
-                            *d = r * gv * a - v * c;
-                        }
-                    },
-                )
-            });
+        let out = map_rows(
+            x,
+            g,
+            n,
+            #[inline(always)]
+            |dst, row, grow| {
+                let r = inv_rms(row, self.eps);
+                let dot = crate::vector_math::dot3(grow, w, row);
+                let c = r * r * r * dot / n as f32;
+                for (((d, &v), &gv), &a) in dst.iter_mut().zip(row).zip(grow).zip(w) {
+                    *d = r * gv * a - v * c;
+                }
+            },
+        );
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }

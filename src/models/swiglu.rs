@@ -4,6 +4,8 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::cpu_op::{map2, CHUNK};
+
 /// `silu(gate) ⊙ up`, differentiable in both. The fused op runs for f32 CPU tensors of one
 /// shape when a gradient flows; candle's ops otherwise.
 pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
@@ -23,27 +25,6 @@ pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor
 #[inline(always)]
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + crate::vector_math::exp(-x))
-}
-
-/// Elements per task of the element-wise passes (inner loops long enough to vectorize).
-const CHUNK: usize = 1 << 14;
-
-/// `f(a[i], b[i])` for every `i`, in parallel chunks.
-fn map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
-    let mut out = vec![0f32; a.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-        .for_each(|(out, (a, b))| {
-            crate::vector_math::on_widest_vectors(
-                #[inline(always)]
-                || {
-                    for ((o, &a), &b) in out.iter_mut().zip(a).zip(b) {
-                        *o = f(a, b);
-                    }
-                },
-            )
-        });
-    out
 }
 
 /// A contiguous f32 slice of an op input.

@@ -5,7 +5,9 @@
 //! attention's values — and each op's shape errors.
 
 use candle_core::{DType, Tensor, Var};
-use lorakit::models::fused::{causal_attention, rms_norm, rope_heads, silu_mul};
+use lorakit::models::fused::{
+    causal_attention, gelu_tanh, layer_norm, rms_norm, rope_heads, silu_mul,
+};
 use lorakit::Error;
 
 use crate::common::{flat, max_rel_diff, max_rel_vec, randn, rng};
@@ -64,6 +66,42 @@ fn rms_norm_paths_match_f64() {
         rms_norm(x32.as_tensor(), &w32.narrow(0, 0, 39).unwrap(), 1e-5),
         "weight",
     );
+}
+
+#[test]
+fn layer_norm_paths_match_f64() {
+    let (x32, x64) = vars(11, &[2, 3, 40]);
+    let (b32, b64) = vars(12, &[40]); // a bias that trains (PEFT's bias = "all")
+    let w64 = randn(&mut rng(13), &[40], DType::F64);
+    let w32 = w64.to_dtype(DType::F32).unwrap();
+    let y32 = layer_norm(x32.as_tensor(), &w32, b32.as_tensor(), 1e-5).unwrap();
+    let y64 = layer_norm(x64.as_tensor(), &w64, b64.as_tensor(), 1e-5).unwrap();
+    // One row by hand.
+    let row = flat(&x64.as_tensor().get(1).unwrap().get(2).unwrap());
+    let mean = row.iter().sum::<f64>() / 40.0;
+    let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 40.0;
+    let (w, b) = (flat(&w64), flat(b64.as_tensor()));
+    let want: Vec<f64> = (0..40)
+        .map(|i| (row[i] - mean) / (var + 1e-5).sqrt() * w[i] + b[i])
+        .collect();
+    let got = flat(&y64.get(1).unwrap().get(2).unwrap());
+    assert!(max_rel_vec(&got, &want) < 1e-12);
+    assert_matches(&y32, &y64, &[("x", &x32, &x64), ("bias", &b32, &b64)], 1e-5);
+    // No gradient: candle-nn's kernel.
+    let frozen = layer_norm(
+        &x32.as_tensor().detach(),
+        &w32,
+        &b32.as_tensor().detach(),
+        1e-5,
+    )
+    .unwrap();
+    assert!(max_rel_diff(&frozen, &y64) < 1e-5);
+    let short = w32.narrow(0, 0, 39).unwrap();
+    is_shape_error(
+        layer_norm(x32.as_tensor(), &short, b32.as_tensor(), 1e-5),
+        "weight",
+    );
+    is_shape_error(layer_norm(x32.as_tensor(), &w32, &short, 1e-5), "bias");
 }
 
 #[test]
@@ -236,4 +274,18 @@ fn silu_mul_paths_match_f64() {
         silu_mul(g32.as_tensor(), &u32_.as_tensor().narrow(1, 0, 69).unwrap()),
         "up",
     );
+}
+
+#[test]
+fn gelu_tanh_paths_match_f64() {
+    let (x32, x64) = vars(9, &[3, 90]);
+    let y32 = gelu_tanh(x32.as_tensor()).unwrap();
+    let y64 = gelu_tanh(x64.as_tensor()).unwrap();
+    let c = (2.0 / std::f64::consts::PI).sqrt();
+    let want: Vec<f64> = flat(x64.as_tensor())
+        .iter()
+        .map(|&x| 0.5 * x * (1.0 + (c * (x + 0.044715 * x.powi(3))).tanh()))
+        .collect();
+    assert!(max_rel_vec(&flat(&y64), &want) < 1e-12);
+    assert_matches(&y32, &y64, &[("x", &x32, &x64)], 1e-5);
 }

@@ -251,7 +251,7 @@ impl Activation {
 
     pub(super) fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Self::GeluTanh => x.gelu(),
+            Self::GeluTanh => crate::models::gelu::gelu_tanh(x),
             Self::GeluErf => x.gelu_erf(),
             Self::GeluErfClip10 => x.gelu_erf()?.clamp(-10f32, 10f32),
             Self::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
