@@ -4,8 +4,9 @@
 //! took about a third of a GPT-2 training step. Here the forward and the backward are
 //! each one vectorized pass, `tanh` from the vectorizable `exp`.
 
-use super::cpu_op::{f32_input, map2};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
+
+use super::cpu_op::{f32_input, map2};
 
 /// `sqrt(2 / π)`.
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
