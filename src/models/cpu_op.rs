@@ -39,6 +39,22 @@ pub(crate) fn rows_and_weight<'a>(
     Ok((x, w))
 }
 
+/// A norm's backward inputs: `x` and `w` as [`rows_and_weight`] reads them, and the
+/// upstream gradient `g`, as long as `x`.
+pub(crate) fn rows_weight_and_grad<'a>(
+    op: &str,
+    x: (&'a CpuStorage, &Layout),
+    w: (&'a CpuStorage, &Layout),
+    (s3, l3): (&'a CpuStorage, &Layout),
+) -> candle_core::Result<(&'a [f32], &'a [f32], &'a [f32])> {
+    let (xs, ws) = rows_and_weight(op, x, w)?;
+    let g = f32_input(op, s3, l3)?;
+    if g.len() != xs.len() {
+        candle_core::bail!("{op}: gradient {:?} vs input {:?}", l3.dims(), x.1.dims());
+    }
+    Ok((xs, ws, g))
+}
+
 /// `f(a[i], b[i])` for every `i` (of the shorter), in parallel chunks of [`CHUNK`] on the
 /// CPU's widest vectors (`f` must be `#[inline(always)]`-friendly: a plain closure).
 pub(crate) fn map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {

@@ -9,7 +9,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, D};
 
-use super::cpu_op::{f32_input, map_rows, rows_and_weight};
+use super::cpu_op::{f32_input, map_rows, rows_and_weight, rows_weight_and_grad};
 
 /// The norm by the fastest path that keeps gradients (see `models::fused::layer_norm`,
 /// which checks the shapes first): this op where a gradient flows through f32 CPU tensors
@@ -145,15 +145,7 @@ impl CustomOp3 for LayerNormGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, w) = rows_and_weight("layer_norm backward", (s1, l1), (s2, l2))?;
-        let g = f32_input("layer_norm backward", s3, l3)?;
-        if g.len() != x.len() {
-            candle_core::bail!(
-                "layer_norm backward: gradient {:?} vs input {:?}",
-                l3.dims(),
-                l1.dims()
-            );
-        }
+        let (x, w, g) = rows_weight_and_grad("layer_norm backward", (s1, l1), (s2, l2), (s3, l3))?;
         let n = w.len();
         let out = map_rows(
             x,

@@ -9,7 +9,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 
-use super::cpu_op::{f32_input, map_rows, rows_and_weight};
+use super::cpu_op::{map_rows, rows_and_weight, rows_weight_and_grad};
 
 /// `w ⊙ x / sqrt(mean(x²) + eps)` over the last dimension, differentiable in `x`.
 /// Callers check [`supports`] first.
@@ -102,15 +102,7 @@ impl CustomOp3 for RmsNormGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, w) = rows_and_weight("rms_norm", (s1, l1), (s2, l2))?;
-        let g = f32_input("rms_norm backward", s3, l3)?;
-        if g.len() != x.len() {
-            candle_core::bail!(
-                "rms_norm backward: gradient {:?} vs input {:?}",
-                l3.dims(),
-                l1.dims()
-            );
-        }
+        let (x, w, g) = rows_weight_and_grad("rms_norm backward", (s1, l1), (s2, l2), (s3, l3))?;
         let n = w.len();
         let out = map_rows(
             x,
