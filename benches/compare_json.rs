@@ -5,7 +5,9 @@
 //!
 //! Like a training program, it first calls `lorakit::threads::park_idle_elementwise_workers`
 //! (candle's element-wise workers spin 200 rounds after an op instead of 25,000); a
-//! `CANDLE_BARRIER_POOL_SPIN_LIMIT` set by the caller is kept.
+//! `CANDLE_BARRIER_POOL_SPIN_LIMIT` set by the caller is kept; and it times every case on
+//! one of rayon's worker threads (`lorakit::threads::on_worker`, as a training or decoding
+//! loop should run).
 //!
 //! The forward rows of the small batches (`n ≤ common::EVAL_MAX_ROWS`) time evaluation: an input
 //! without gradient tracking and, for the fused path, `LoraLinear::forward_t(x, false)`
@@ -39,6 +41,11 @@ fn median_ms(mut f: impl FnMut(), budget_ms: f64) -> (f64, f64) {
 fn main() {
     // `cargo bench` passes `--bench`; nothing else is accepted.
     lorakit::threads::park_idle_elementwise_workers();
+    lorakit::threads::on_worker(run);
+}
+
+/// Every case, timed on one of rayon's workers (`main`'s `on_worker`).
+fn run() {
     let mut out = Vec::new();
     for shape in SHAPES {
         let setup = Setup::new(shape);

@@ -8,7 +8,8 @@
 //! last line: per case, `faults` and `ms` for each step, `first` (step 1), `first5` (mean
 //! of steps 1..5) and `steady` / `steady_ms` (medians of steps 11..30). Faults are
 //! `minflt` of `/proc/self/stat` (all threads), so the counts are Linux-only (`null`
-//! elsewhere). `RAYON_NUM_THREADS` sets the thread count, as for `compare_json`.
+//! elsewhere). `RAYON_NUM_THREADS` sets the thread count, as for `compare_json`. The steps
+//! run on one of rayon's workers (`lorakit::threads::on_worker`), as a training loop does.
 
 use std::process::Command;
 use std::time::Instant;
@@ -51,6 +52,13 @@ fn run_case(d: usize, mode: &str) -> String {
     )
     .unwrap();
     let (mut faults, mut ms) = (Vec::new(), Vec::new());
+    // The steps on one of rayon's workers, as a training loop runs (`threads::on_worker`).
+    lorakit::threads::on_worker(|| steps(&setup, &mut opt, &mut faults, &mut ms));
+    summary(faults, ms)
+}
+
+/// `STEPS` training steps, recording each one's minor page faults and wall time.
+fn steps(setup: &Setup, opt: &mut AdamW, faults: &mut Vec<Option<f64>>, ms: &mut Vec<f64>) {
     for _ in 0..STEPS {
         let f0 = minor_faults();
         let t = Instant::now();
@@ -61,6 +69,10 @@ fn run_case(d: usize, mode: &str) -> String {
         ms.push(t.elapsed().as_secs_f64() * 1e3);
         faults.push(f0.zip(minor_faults()).map(|(a, b)| (b - a) as f64));
     }
+}
+
+/// The case's JSON value from its steps' faults and times.
+fn summary(faults: Vec<Option<f64>>, ms: Vec<f64>) -> String {
     let faults: Option<Vec<f64>> = faults.into_iter().collect();
     let list = |v: &[f64]| {
         v.iter()

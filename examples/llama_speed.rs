@@ -55,6 +55,10 @@
 //! spin instead. (`retain_freed_buffers` since 2026-12-03: within noise on the default
 //! build, 4–5% of the `mkl` build's training step on an Intel Xeon.)
 //!
+//! Every mode runs on one of rayon's worker threads (`lorakit::threads::on_worker`, as a
+//! training or decoding loop should; generation does it by itself): from the main thread
+//! every product would hand its work to sleeping workers and wait for them.
+//!
 //! Peak memory: `VmHWM` of `/proc/self/status` (Linux), at the end of the run.
 
 use std::collections::HashMap;
@@ -1138,14 +1142,19 @@ fn main() -> R<()> {
         "mode": args.mode,
     });
     let mode = args.mode.clone();
+    // Each mode on one of rayon's workers, as `lorakit::threads::on_worker` advises a
+    // training or decoding loop (generation does it by itself).
+    let on_worker = |mode: fn(&Args, &Device) -> R<Value>| {
+        lorakit::threads::on_worker(|| mode(&args, &dev).map_err(|e| e.to_string()))
+    };
     if mode == "all" || mode == "train" {
-        out["train"] = train(&args, &dev)?;
+        out["train"] = on_worker(train)?;
     }
     if mode == "all" || mode == "gen" {
-        out["gen"] = generate(&args, &dev)?;
+        out["gen"] = on_worker(generate)?;
     }
     if mode == "all" || mode == "ops" {
-        out["ops"] = ops(&args, &dev)?;
+        out["ops"] = on_worker(ops)?;
     }
     let (hwm, _) = memory_mib();
     out["peak_rss_mib"] = json!(hwm);

@@ -13,8 +13,13 @@
 //! know what else the process does. [`retain_freed_buffers`] is the opt-in for programs
 //! that train (the `finetune` example calls it at start): it fixes glibc's mmap threshold at
 //! [`RETAINED_BUFFER_BYTES`] and its trim threshold at [`RETAINED_HEAP_BYTES`], so freed
-//! buffers up to 32 MiB stay in the heap for the next step. `benches/step_faults.rs`
-//! measures minor page faults per step with and without it.
+//! buffers up to 32 MiB stay in the heap for the next step, and makes every thread
+//! allocate from that one heap (one arena): a thread other than the main one otherwise
+//! gets an arena of its own, made of 64 MiB heaps that glibc maps and unmaps as they fill
+//! and empty. That matters since the training loop runs on one of rayon's workers
+//! ([`crate::threads::on_worker`]): there, without the single arena, the Llama benchmark's
+//! step faulted in ~4,400 pages per step instead of ~90 (Intel Xeon, 2 threads).
+//! `benches/step_faults.rs` measures minor page faults per step with and without it.
 //!
 //! The fused ops' own work buffers (saved intermediates and backward temporaries) are
 //! reused across steps regardless of this setting (a small bounded pool inside
@@ -41,11 +46,14 @@ pub const RETAINED_HEAP_BYTES: usize = 256 << 20;
 /// [`RETAINED_BUFFER_BYTES`] in the process and up to [`RETAINED_HEAP_BYTES`] of free heap
 /// top, so a training step does not fault in fresh pages for buffers the last step freed.
 ///
-/// Process-wide (`mallopt(M_MMAP_THRESHOLD)` and `mallopt(M_TRIM_THRESHOLD)`), and it
-/// turns off glibc's own threshold adjustment; call it once, early, from a program that
-/// trains. The cost is resident memory: freed blocks are kept for reuse rather than
-/// returned to the system. Returns whether the settings were applied (`false` on other
-/// platforms and C libraries, where it does nothing).
+/// Process-wide (`mallopt(M_MMAP_THRESHOLD)`, `mallopt(M_TRIM_THRESHOLD)` and
+/// `mallopt(M_ARENA_MAX, 1)`), and it turns off glibc's own threshold adjustment; call it
+/// once, early, from a program that trains, before it starts threads (a thread that has
+/// allocated already keeps its own arena). The cost is resident memory: freed blocks are
+/// kept for reuse rather than returned to the system; and threads that allocate at the same
+/// time take turns on the one heap's lock (a training step's allocations are few and
+/// large). Returns whether the settings were applied (`false` on other platforms and C
+/// libraries, where it does nothing).
 pub fn retain_freed_buffers() -> bool {
     apply()
 }
@@ -63,6 +71,7 @@ fn apply() -> bool {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, mmap) == 1
             && libc::mallopt(libc::M_TRIM_THRESHOLD, trim) == 1
+            && libc::mallopt(libc::M_ARENA_MAX, 1) == 1
     }
 }
 

@@ -85,7 +85,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     } else {
         Settings::full(seed)
     };
-    let (pre, results) = core::run(&settings, &Method::ALL, &mut Bars { bar: None })?;
+    // Training on one of rayon's workers (`lorakit::threads::on_worker`).
+    let (pre, results) = lorakit::threads::on_worker(|| {
+        core::run(&settings, &Method::ALL, &mut Bars { bar: None })
+    })?;
     println!(
         "pretrained on task A (sort): accuracy {:.1}% on A, {:.1}% on task B (reverse)\n",
         100.0 * pre.acc_task_a,

@@ -21,7 +21,7 @@ pub(crate) struct Rule {
     /// The trainable variables, in the set's order (what gradients are kept for).
     pub vars: Vec<Var>,
     /// LoRA-FA's projection or Delta-LoRA's update.
-    pub hooks: Vec<Box<dyn StepHook>>,
+    pub hooks: Vec<Box<dyn StepHook + Send>>,
     /// AdaLoRA's allocator (kept apart: its state is saved in checkpoints).
     pub allocator: Option<RankAllocator>,
     /// AdaLoRA's layers and γ for the orthogonality penalty.
@@ -35,7 +35,7 @@ impl Rule {
         let layers: Vec<Shared<dyn Adapter>> = set.layers().into_iter().map(|(_, l)| l).collect();
         check_layers(recipe.variant, &set.layers())?;
         let optimizer = optimizer(recipe, set, config)?;
-        let mut hooks: Vec<Box<dyn StepHook>> = Vec::new();
+        let mut hooks: Vec<Box<dyn StepHook + Send>> = Vec::new();
         let mut allocator = None;
         let mut penalty = None;
         match recipe.variant {

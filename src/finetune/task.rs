@@ -45,11 +45,11 @@ impl TaskData for Dataset {
 /// ([`super::classification::SequenceClassification`],
 /// [`Trainer::for_classifier`](super::Trainer::for_classifier)); implement it for another
 /// objective and build the trainer with [`Trainer::with_task`](super::Trainer::with_task).
-pub trait Task {
+pub trait Task: Sync {
     /// The training and evaluation data.
-    type Data: TaskData;
+    type Data: TaskData + Sync;
     /// One batch of it (cloning it must be cheap: candle tensors share their storage).
-    type Batch: Clone;
+    type Batch: Clone + Send + Sync;
 
     /// The device the model (and so every batch) lives on.
     fn device(&self) -> &Device;

@@ -292,14 +292,14 @@ impl<'m, T: Task> Trainer<'m, T> {
         );
         self.adapters.set_training(true);
         while self.progress.step < self.config.max_steps {
-            let log = step(
-                &self.task,
-                &mut self.rule,
-                &self.schedule,
-                &self.config,
-                self.progress.step,
-                &mut cursor,
-            )?;
+            // On a rayon worker, so the step's products do not each wake the pool and
+            // wait for it (`threads::on_worker`).
+            let done = self.progress.step;
+            let (task, rule, schedule, config) =
+                (&self.task, &mut self.rule, &self.schedule, &self.config);
+            let log = crate::threads::on_worker(|| {
+                step(task, rule, schedule, config, done, &mut cursor)
+            })?;
             self.progress.step = log.step;
             self.progress.epoch = cursor.epoch;
             self.progress.batch_index = cursor.index;
@@ -357,13 +357,17 @@ impl<'m, T: Task> Trainer<'m, T> {
         let batches = self
             .task
             .batches(data, &self.config.batch, 0, self.config.seed)?;
-        let (mut sum, mut units, mut correct) = (0f64, 0usize, Some(0usize));
-        for batch in &batches {
-            let (loss, right) = self.task.evaluate(batch)?;
-            sum += loss;
-            units += self.task.units(batch);
-            correct = correct.zip(right).map(|(a, b)| a + b);
-        }
+        let task = &self.task;
+        let (sum, units, correct) = crate::threads::on_worker(|| {
+            let (mut sum, mut units, mut correct) = (0f64, 0usize, Some(0usize));
+            for batch in &batches {
+                let (loss, right) = task.evaluate(batch)?;
+                sum += loss;
+                units += task.units(batch);
+                correct = correct.zip(right).map(|(a, b)| a + b);
+            }
+            Ok::<_, Error>((sum, units, correct))
+        })?;
         if units == 0 {
             return Err(Error::settings(
                 "eval",

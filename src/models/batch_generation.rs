@@ -22,6 +22,15 @@ pub(crate) fn generate_batch(
     prompts: &[Vec<u32>],
     config: &GenerationConfig,
 ) -> Result<Vec<Vec<u32>>> {
+    crate::threads::on_worker(|| generate_batch_here(model, prompts, config))
+}
+
+/// [`generate_batch`] on the calling thread.
+fn generate_batch_here(
+    model: &impl Decoder,
+    prompts: &[Vec<u32>],
+    config: &GenerationConfig,
+) -> Result<Vec<Vec<u32>>> {
     for prompt in prompts {
         check_prompt(model, prompt, config.max_new_tokens)?;
     }

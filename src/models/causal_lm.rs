@@ -26,7 +26,7 @@ use super::lm_loss::causal_lm_loss_sum;
 /// assert_eq!(logits.dims(), [1, 3, lm.vocab_size()]);
 /// # Ok(()) }
 /// ```
-pub trait CausalLm {
+pub trait CausalLm: Sync {
     /// Logits `(batch, seq, vocab)` for token ids `(batch, seq)`.
     fn logits(&self, input_ids: &Tensor) -> Result<Tensor>;
     /// The vocabulary size (the logits' last dimension).

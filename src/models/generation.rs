@@ -136,7 +136,7 @@ fn token_id(value: &Value) -> Option<u32> {
 
 /// What the decoding loop needs of a model: a fresh cache, a cached forward, and the
 /// limits the prompt is checked against before any work.
-pub(crate) trait Decoder {
+pub(crate) trait Decoder: Sync {
     /// An empty cache for this model.
     fn new_cache(&self) -> KvCache;
     /// Logits `(batch, seq, vocab)` of the new ids after the cached positions; `pads`: a
@@ -162,6 +162,15 @@ pub(crate) trait Decoder {
 /// size, `prompt.len() + max_new_tokens - 1` positions within the model's limit (the last
 /// token is never run), the sampling settings.
 pub(crate) fn generate(
+    model: &impl Decoder,
+    prompt: &[u32],
+    config: &GenerationConfig,
+) -> Result<Vec<u32>> {
+    crate::threads::on_worker(|| generate_here(model, prompt, config))
+}
+
+/// [`generate`] on the calling thread.
+fn generate_here(
     model: &impl Decoder,
     prompt: &[u32],
     config: &GenerationConfig,
@@ -220,4 +229,72 @@ pub(crate) fn check_prompt(
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A decoder whose next token is always 1, recording whether each step ran on a rayon
+    /// worker.
+    struct OnWorkerProbe {
+        device: Device,
+        steps_on_worker: Mutex<Vec<bool>>,
+    }
+
+    impl Decoder for OnWorkerProbe {
+        fn new_cache(&self) -> KvCache {
+            KvCache::with_layers(1)
+        }
+        fn step(&self, ids: &Tensor, _: &mut KvCache, _: Option<&[usize]>) -> Result<Tensor> {
+            if let Ok(mut seen) = self.steps_on_worker.lock() {
+                seen.push(rayon::current_thread_index().is_some());
+            }
+            let (batch, seq) = ids.dims2()?;
+            let row = Tensor::new(&[0f32, 1.0, 0.0], &self.device)?;
+            Ok(row.broadcast_as((batch, seq, 3))?.contiguous()?)
+        }
+        fn vocab(&self) -> usize {
+            3
+        }
+        fn max_positions(&self) -> (usize, &'static str) {
+            (64, "max_positions")
+        }
+        fn on(&self) -> &Device {
+            &self.device
+        }
+        fn what(&self) -> &'static str {
+            "probe generation"
+        }
+    }
+
+    /// Generation (one sequence and a batch) runs its forwards on rayon's workers when
+    /// called from another thread (`threads::on_worker`).
+    #[test]
+    fn decoding_runs_on_a_rayon_worker() -> Result<()> {
+        let probe = OnWorkerProbe {
+            device: Device::Cpu,
+            steps_on_worker: Mutex::new(Vec::new()),
+        };
+        assert_eq!(rayon::current_thread_index(), None);
+        assert_eq!(
+            generate(&probe, &[2, 0], &GenerationConfig::greedy(3))?,
+            [1, 1, 1]
+        );
+        let rows = crate::models::batch_generation::generate_batch(
+            &probe,
+            &[vec![2], vec![0, 2]],
+            &GenerationConfig::greedy(2),
+        )?;
+        assert_eq!(rows, [vec![1, 1], vec![1, 1]]);
+        let seen = probe
+            .steps_on_worker
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
+        assert_eq!(seen.len(), 5);
+        assert!(seen.iter().all(|&on| on), "{seen:?}");
+        Ok(())
+    }
 }

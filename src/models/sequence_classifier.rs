@@ -37,7 +37,7 @@ use super::decoder_trunk::DecoderTrunk;
 /// assert_eq!(logits.dims(), [1, classifier.num_labels()]);
 /// # Ok(()) }
 /// ```
-pub trait SequenceClassifier {
+pub trait SequenceClassifier: Sync {
     /// Logits `(batch, num_labels)`. `token_type_ids` and `attention_mask` are
     /// `(batch, seq)` (`None`: all zeros, attend to every token); `train` runs the model in
     /// training mode (dropout), as transformers' `model.train()`.
@@ -154,7 +154,7 @@ fn no_token_types(token_type_ids: Option<&Tensor>, head: &str) -> Result<()> {
     Ok(())
 }
 
-impl<M: AsDecoderParts> SequenceClassifier for M {
+impl<M: AsDecoderParts + Sync> SequenceClassifier for M {
     /// A decoder has no token types (they must be 0) and no dropout: `train` changes
     /// nothing here (the adapters follow their own training flag).
     fn classify(
