@@ -17,6 +17,12 @@ The lorakit side is `cargo bench --bench compare_json` (JSON on its last line), 
 RAYON_NUM_THREADS set to the same thread count. It calls
 `lorakit::threads::park_idle_elementwise_workers` first, as a training program should;
 `CANDLE_BARRIER_POOL_SPIN_LIMIT=25000` in the environment times candle's default instead.
+It times every case on one of rayon's workers (`lorakit::threads::on_worker`), as a
+training or decoding loop runs.
+
+Each round also measures the CPU's f32 FMA peak (`examples/fma_peak.rs`), and a last table
+sets the n = 512 cases against it: how close PyTorch's products run to the peak, and how
+close lorakit's would have to run for 0.9 × PEFT's time.
 
 --lorakit-features default openblas (any list of cargo feature sets, `default` for none)
 runs the lorakit side once per feature set in every round and adds a table of the fused
@@ -287,6 +293,57 @@ def backends_table(t, kb):
     return "\n".join(lines)
 
 
+def fma_peak(threads):
+    """The CPU's measured f32 FMA peak (`examples/fma_peak.rs`), a dict with `gflops`
+    (`threads` threads), `gflops_one_thread` and `isa`; None where it cannot run."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        ["cargo", "run", "--release", "--quiet", "--example", "fma_peak", "--", "--threads", str(threads)],
+        cwd=root, capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def gemm_bound_flops(kind, n, d, r):
+    """Floating-point operations of one case: the base products (`x Wᵀ`, and `g W` for the
+    input's gradient; no weight gradient) and the low-rank ones (forward `x Aᵀ`, `(x Aᵀ) Bᵀ`;
+    backward `g B`, `(g B) A`, `dA`, `dB`)."""
+    base = 2 * n * d * d * (1 if kind == "fwd" else 2)
+    low_rank = 4 * n * r * d * (1 if kind == "fwd" else 3)
+    return base + low_rank
+
+
+def peak_table(t, k, peak):
+    """The n = 512 cases against the FMA peak: how fast PyTorch's base and PEFT's LoRA
+    ran, how fast lorakit ran, and how fast lorakit would have to run for 0.9 × PEFT."""
+    g = peak["gflops"]
+    lines = [
+        f"Against the CPU's f32 FMA peak, {g:.0f} GFLOP/s on {peak['threads']} threads "
+        f"({peak['isa']}; {peak['gflops_one_thread']:.0f} on one; `examples/fma_peak.rs`, median over rounds): "
+        "GFLOP/s of each case's products (medians) and their share of the peak.",
+        "",
+        "| case | PEFT base | PEFT LoRA | lorakit fused | lorakit at 0.9 × PEFT LoRA's time would need |",
+        "|---|---|---|---|---|",
+    ]
+    for kind in ["fwd", "fwd_bwd"]:
+        for n, d, r in SHAPES:
+            if n <= EVAL_MAX_ROWS:
+                continue
+            label = f"{kind}/n{n}_d{d}_r{r}"
+            base_flops = (2 * n * d * d) * (1 if kind == "fwd" else 2)
+            flops = gemm_bound_flops(kind, n, d, r)
+            rate = lambda fl, ms: fl / (ms * 1e-3) / 1e9
+            pb = rate(base_flops, t[f"{label}/base_linear"][0])
+            pl = rate(flops, t[f"{label}/lora_peft"][0])
+            kf = rate(flops, k[f"{label}/lora_fused"][0])
+            need = rate(flops, 0.9 * t[f"{label}/lora_peft"][0])
+            cells = " | ".join(f"{v:.0f} ({v / g:.0%})" for v in [pb, pl, kf, need])
+            lines.append(f"| {label} | {cells} |")
+    return "\n".join(lines)
+
+
 def combine(rounds):
     """(median over rounds of the medians, min over rounds of the minima)."""
     return statistics.median(m for m, _ in rounds), min(lo for _, lo in rounds)
@@ -343,11 +400,12 @@ def main():
     if args.torch_faults:
         return torch_step_faults(args.torch_faults)
     feats = args.lorakit_features
-    ks, ts = {f: [] for f in feats}, []
+    ks, ts, peaks = {f: [] for f in feats}, [], []
     for _ in range(args.rounds):
         for f in feats:
             ks[f].append(lorakit_cases(args.threads, f))
         ts.append({**torch_cases(), **torch_variant_cases()})
+        peaks.append(fma_peak(args.threads))
         print(json.dumps({"peft": ts[-1], **{f"lorakit[{f}]": ks[f][-1] for f in feats}, "cpu": cpu_info(args.threads)}), flush=True)
     kb = {f: {c: combine([r[c] for r in rs]) for c in rs[0]} for f, rs in ks.items()}
     k = kb[feats[0]]
@@ -358,6 +416,9 @@ def main():
         + variants_table(t, k)
         + f"\n\nMedian of {args.rounds} alternating round(s) of per-case medians."
     )
+    if all(peaks):
+        peak = {**peaks[0], **{key: statistics.median(p[key] for p in peaks) for key in ["gflops", "gflops_one_thread"]}}
+        md += "\n\n" + peak_table(t, k, peak)
     if len(feats) > 1:
         md += f"\n\nBackends (lorakit feature sets; the tables above are `{feats[0]}`):\n\n" + backends_table(t, kb)
     if not args.no_faults:

@@ -50,10 +50,12 @@
 /// training step or of a generated token pays two thread wake-ups before and after it runs.
 /// Run from a worker, a product splits its work between the calling worker and the others,
 /// which are often still awake from the product before. On an Intel Xeon with 2 threads
-/// this made the Llama benchmark's training step 10% faster (44,000 context switches in
-/// 12 steps → 9,000) and its generation 43% faster (`benches/LLAMA_SPEED.md`, "Running on
-/// rayon's workers"). PyTorch's OpenMP runs a parallel region on the calling thread and
-/// its team in the same way.
+/// the Llama benchmark trained at 2,580–2,645 tokens/s instead of 2,149–2,322 (~4,000
+/// context switches per step before, ~850 after) and generated 301–322 tokens/s instead
+/// of 169–201 (`benches/LLAMA_SPEED.md`, "Running on rayon's workers"; with
+/// [`crate::memory::retain_freed_buffers`], which keeps a worker's freed buffers too).
+/// PyTorch's OpenMP runs a parallel region on the calling thread and its team in the same
+/// way.
 ///
 /// lorakit's own loops run on a worker already: [`crate::finetune::Trainer`]'s steps and
 /// evaluation, the models' `generate` and `generate_batch`. Wrap your own training or
