@@ -45,6 +45,9 @@ impl TaskData for Dataset {
 /// ([`super::classification::SequenceClassification`],
 /// [`Trainer::for_classifier`](super::Trainer::for_classifier)); implement it for another
 /// objective and build the trainer with [`Trainer::with_task`](super::Trainer::with_task).
+///
+/// `Sync`, with `Sync` data and `Send + Sync` batches: the trainer runs its steps on one of
+/// rayon's worker threads ([`crate::threads::on_worker`]).
 pub trait Task: Sync {
     /// The training and evaluation data.
     type Data: TaskData + Sync;

@@ -11,6 +11,8 @@ use super::lm_loss::causal_lm_loss_sum;
 
 /// A causal language model: token ids `(batch, seq)` to next-token logits
 /// `(batch, seq, vocab)`, each position seeing itself and the positions before it.
+/// `Sync`: training and generation run it on one of rayon's worker threads
+/// ([`crate::threads::on_worker`]).
 ///
 /// ```
 /// use candle_core::{DType, Device, Tensor};

@@ -16,6 +16,7 @@ use super::decoder_trunk::DecoderTrunk;
 
 /// A sequence classifier: token ids `(batch, seq)` (with token types and an attention
 /// mask) to logits `(batch, num_labels)`, and the loss transformers computes for them.
+/// `Sync`: training runs it on one of rayon's worker threads ([`crate::threads::on_worker`]).
 ///
 /// ```
 /// use candle_core::{DType, Device, Tensor};
