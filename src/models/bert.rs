@@ -51,7 +51,7 @@ impl HiddenAct {
 
     fn apply(self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            HiddenAct::Gelu => x.gelu_erf()?,
+            HiddenAct::Gelu => crate::models::gelu::gelu_erf(x)?,
             HiddenAct::GeluNew => crate::models::gelu::gelu_tanh(x)?,
             HiddenAct::Relu => x.relu()?,
         })

@@ -1,7 +1,8 @@
 //! Differentiable transformer ops for models of your own, as lorakit's models run them:
 //! RMSNorm ([`rms_norm`]) and LayerNorm ([`layer_norm`]), RoPE on a projection's heads
 //! ([`rope_heads`]), causal grouped-query attention ([`causal_attention`]), the gated
-//! MLP's `silu(gate) ⊙ up` ([`silu_mul`]) and GPT-2's GELU ([`gelu_tanh`]).
+//! MLP's `silu(gate) ⊙ up` ([`silu_mul`]) and GELU (GPT-2's [`gelu_tanh`], BERT's
+//! [`gelu_erf`]).
 //!
 //! Where a gradient flows through f32 CPU tensors, each is one fused op with its own
 //! backward (a few full-size graph nodes fewer than the composition: candle's backward
@@ -264,6 +265,31 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// ```
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     Ok(gelu::gelu_tanh(x)?)
+}
+
+/// The exact GELU, `x Φ(x) = 0.5 x (1 + erf(x / sqrt(2)))` (transformers' `gelu`, BERT's
+/// activation; candle's `gelu_erf`), differentiable. Fused with its backward, one
+/// vectorized pass each way, for f32 CPU tensors that track a gradient, `erf` by
+/// Abramowitz and Stegun's 7.1.26 (PyTorch's CPU formula; absolute error ≤ 7e-7 in f32);
+/// candle's `gelu_erf` otherwise.
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// use lorakit::models::fused::gelu_erf;
+///
+/// let x = Var::new(&[0f32, 1.0, -10.0], &Device::Cpu)?;
+/// let y = gelu_erf(x.as_tensor())?;
+/// let v = y.to_vec1::<f32>()?;
+/// assert_eq!(v[0], 0.0);
+/// assert!((v[1] - 0.841_344_7).abs() < 1e-6 && v[2].abs() < 1e-6); // Φ(1) = 0.8413447
+/// // The slope at 0 is Φ(0) = 0.5.
+/// let grads = y.sum_all()?.backward()?;
+/// let dx = grads.get(x.as_tensor()).unwrap().to_vec1::<f32>()?;
+/// assert!((dx[0] - 0.5).abs() < 1e-6);
+/// # Ok::<(), lorakit::Error>(())
+/// ```
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    Ok(gelu::gelu_erf(x)?)
 }
 
 /// Attention composed from candle ops: `softmax(scale · q kᵀ + mask) v` for `q`

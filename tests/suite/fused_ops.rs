@@ -6,7 +6,7 @@
 
 use candle_core::{DType, Tensor, Var};
 use lorakit::models::fused::{
-    causal_attention, gelu_tanh, layer_norm, rms_norm, rope_heads, silu_mul,
+    causal_attention, gelu_erf, gelu_tanh, layer_norm, rms_norm, rope_heads, silu_mul,
 };
 use lorakit::Error;
 
@@ -287,5 +287,29 @@ fn gelu_tanh_paths_match_f64() {
         .map(|&x| 0.5 * x * (1.0 + (c * (x + 0.044715 * x.powi(3))).tanh()))
         .collect();
     assert!(max_rel_vec(&flat(&y64), &want) < 1e-12);
+    assert_matches(&y32, &y64, &[("x", &x32, &x64)], 1e-5);
+}
+
+#[test]
+fn gelu_erf_paths_match_f64() {
+    let (x32, x64) = vars(10, &[3, 90]);
+    let y32 = gelu_erf(x32.as_tensor()).unwrap();
+    // f64 goes through candle's `gelu_erf` and its composed backward.
+    let y64 = gelu_erf(x64.as_tensor()).unwrap();
+    // Φ by the erf series in f64 (the inputs are within |x| < 6, where it converges).
+    let phi = |x: f64| {
+        let z = x / std::f64::consts::SQRT_2;
+        let (mut term, mut sum) = (z, z);
+        for n in 1..200 {
+            term *= -z * z / n as f64;
+            sum += term / (2 * n + 1) as f64;
+        }
+        0.5 * (1.0 + 2.0 / std::f64::consts::PI.sqrt() * sum)
+    };
+    let inputs = flat(x64.as_tensor());
+    assert!(inputs.iter().all(|x| x.abs() < 6.0));
+    let want: Vec<f64> = inputs.iter().map(|&x| x * phi(x)).collect();
+    assert!(max_rel_vec(&flat(&y64), &want) < 1e-9);
+    assert!(max_rel_vec(&flat(&y32), &want) < 1e-5);
     assert_matches(&y32, &y64, &[("x", &x32, &x64)], 1e-5);
 }

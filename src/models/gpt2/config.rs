@@ -252,8 +252,8 @@ impl Activation {
     pub(super) fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::GeluTanh => crate::models::gelu::gelu_tanh(x),
-            Self::GeluErf => x.gelu_erf(),
-            Self::GeluErfClip10 => x.gelu_erf()?.clamp(-10f32, 10f32),
+            Self::GeluErf => crate::models::gelu::gelu_erf(x),
+            Self::GeluErfClip10 => crate::models::gelu::gelu_erf(x)?.clamp(-10f32, 10f32),
             Self::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
         }
     }
