@@ -5,7 +5,8 @@
 //!
 //! Each thread runs twelve independent chains of FMA instructions on the widest vectors the
 //! CPU reports (AVX-512F: 16 lanes; AVX2 + FMA: 8), enough chains to cover the
-//! instruction's latency on two FMA units; the best of five runs of ~0.2 s counts.
+//! instruction's latency on two FMA units; the best of five runs (~0.1 s each at AVX-512
+//! speeds) counts.
 //! Prints one JSON object: `{"isa", "lanes", "threads", "gflops", "gflops_one_thread"}`.
 //!
 //! ```text
