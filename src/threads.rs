@@ -28,9 +28,10 @@
 //! with it and 2,544–2,737 without, three alternating pairs (`benches/LLAMA_SPEED.md`,
 //! "Intel Xeon, 2026-12-03").
 //!
-//! lorakit does not change this by itself: the setting is an environment variable that
-//! candle reads once, and a library cannot know what else the process does. Call it at the
-//! start of a program that trains (the `finetune` example and the Llama benchmark do).
+//! lorakit does not change the spin by itself: the setting is an environment variable that
+//! candle reads once, and a library cannot know what else the process does. Call
+//! [`park_idle_elementwise_workers`] at the start of a program that trains (the `finetune`
+//! example and the Llama benchmark do).
 //!
 //! ```
 //! // First thing in a training program's `main`:
@@ -62,8 +63,8 @@
 /// decoding loop (forward, `backward`, optimizer step) in it:
 ///
 /// ```
-/// use candle_core::{DType, Device, Tensor};
-/// use candle_nn::{Module, VarMap};
+/// use candle_core::{Device, Tensor};
+/// use candle_nn::Module;
 /// # fn main() -> lorakit::Result<()> {
 /// let dev = Device::Cpu;
 /// let x = Tensor::randn(0f32, 1.0, (64, 32), &dev)?;
@@ -77,7 +78,6 @@
 ///     Ok(sum)
 /// })?;
 /// assert!(sum.is_finite());
-/// # let _ = (DType::F32, VarMap::new());
 /// # Ok(()) }
 /// ```
 pub fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
