@@ -307,12 +307,12 @@ def fma_peak(threads):
 
 
 def gemm_bound_flops(kind, n, d, r):
-    """Floating-point operations of one case: the base products (`x Wᵀ`, and `g W` for the
-    input's gradient; no weight gradient) and the low-rank ones (forward `x Aᵀ`, `(x Aᵀ) Bᵀ`;
-    backward `g B`, `(g B) A`, `dA`, `dB`)."""
+    """Floating-point operations of one case, `(base, with the low-rank term)`: the base
+    products (`x Wᵀ`, and `g W` for the input's gradient; no weight gradient) and the
+    low-rank ones (forward `x Aᵀ`, `(x Aᵀ) Bᵀ`; backward `g B`, `(g B) A`, `dA`, `dB`)."""
     base = 2 * n * d * d * (1 if kind == "fwd" else 2)
     low_rank = 4 * n * r * d * (1 if kind == "fwd" else 3)
-    return base + low_rank
+    return base, base + low_rank
 
 
 def peak_table(t, k, peak):
@@ -332,8 +332,7 @@ def peak_table(t, k, peak):
             if n <= EVAL_MAX_ROWS:
                 continue
             label = f"{kind}/n{n}_d{d}_r{r}"
-            base_flops = (2 * n * d * d) * (1 if kind == "fwd" else 2)
-            flops = gemm_bound_flops(kind, n, d, r)
+            base_flops, flops = gemm_bound_flops(kind, n, d, r)
             rate = lambda fl, ms: fl / (ms * 1e-3) / 1e9
             pb = rate(base_flops, t[f"{label}/base_linear"][0])
             pl = rate(flops, t[f"{label}/lora_peft"][0])

@@ -558,3 +558,88 @@ fn step_logs_of_older_checkpoints_still_load() {
     let log: lorakit::finetune::StepLog = serde_json::from_str(old).unwrap();
     assert_eq!(log.targets, 3);
 }
+
+/// Language modeling that records, for every loss it computes, whether it ran on one of
+/// rayon's workers.
+struct OnWorkerProbe<'m> {
+    inner: lorakit::finetune::LanguageModeling<'m>,
+    on_worker: std::sync::Mutex<Vec<bool>>,
+}
+
+impl OnWorkerProbe<'_> {
+    fn record(&self) {
+        if let Ok(mut seen) = self.on_worker.lock() {
+            seen.push(rayon::current_thread_index().is_some());
+        }
+    }
+}
+
+impl lorakit::finetune::Task for OnWorkerProbe<'_> {
+    type Data = Dataset;
+    type Batch = lorakit::finetune::Batch;
+
+    fn device(&self) -> &Device {
+        self.inner.device()
+    }
+    fn max_positions(&self) -> Option<usize> {
+        self.inner.max_positions()
+    }
+    fn check(
+        &self,
+        data: &Dataset,
+        options: &lorakit::finetune::BatchOptions,
+        what: &str,
+    ) -> lorakit::Result<()> {
+        self.inner.check(data, options, what)
+    }
+    fn batches(
+        &self,
+        data: &Dataset,
+        options: &lorakit::finetune::BatchOptions,
+        epoch: usize,
+        seed: u64,
+    ) -> lorakit::Result<Vec<Self::Batch>> {
+        self.inner.batches(data, options, epoch, seed)
+    }
+    fn units(&self, batch: &Self::Batch) -> usize {
+        self.inner.units(batch)
+    }
+    fn loss_sum(&self, batch: &Self::Batch, train: bool) -> lorakit::Result<Tensor> {
+        self.record();
+        self.inner.loss_sum(batch, train)
+    }
+    fn evaluate(&self, batch: &Self::Batch) -> lorakit::Result<(f64, Option<usize>)> {
+        self.record();
+        self.inner.evaluate(batch)
+    }
+    fn peft_settings(&self) -> Vec<(&'static str, serde_json::Value)> {
+        self.inner.peft_settings()
+    }
+}
+
+/// The trainer runs its steps and its evaluation on rayon's workers
+/// (`lorakit::threads::on_worker`), called from a thread outside the pool.
+#[test]
+fn steps_and_evaluation_run_on_rayon_workers() {
+    let dev = Device::Cpu;
+    let plan = PeftAdapter::load(qwen2().join("lora"), &dev)
+        .unwrap()
+        .plan()
+        .unwrap();
+    let model =
+        LlamaForCausalLM::from_pretrained(qwen2().join("base"), DType::F32, &dev, &plan).unwrap();
+    let probe = OnWorkerProbe {
+        inner: lorakit::finetune::LanguageModeling::new(&model),
+        on_worker: std::sync::Mutex::new(Vec::new()),
+    };
+    let mut config = TrainConfig::new(2);
+    config.batch.batch_size = 2;
+    let recipe = AdapterRecipe::new(Variant::Lora, 4, 8.0, &["q_proj"]);
+    let mut trainer = Trainer::with_task(probe, plan.finish().unwrap(), recipe, config).unwrap();
+    assert_eq!(rayon::current_thread_index(), None);
+    let data = step_examples();
+    trainer.train(&data, Some(&data), |_| {}).unwrap();
+    let seen = trainer.task().on_worker.lock().unwrap().clone();
+    assert!(seen.len() >= 3, "two steps and an evaluation: {seen:?}");
+    assert!(seen.iter().all(|&on| on), "{seen:?}");
+}
