@@ -173,20 +173,14 @@ fn product_of<F: Float, T: WithDType>(
     dst_rs: usize,
     out: Output<T>,
 ) -> candle_core::Result<()> {
-    let (m, n) = (out.m, out.n);
+    let m = out.m;
     if rhs.rs == 1 {
         let d = dots::<F>(split, lhs, rhs)?;
         // dots[j · m + i] is element (i, j).
         return apply(dst, dst_rs, &d, out, |i, j| j * m + i);
     }
     let (blocks, per_task) = row_major::products::<F>(split, lhs, rhs)?;
-    // Task t's block holds columns t · per_task .. row-major, `width` of them per row.
-    let at = |i: usize, j: usize| {
-        let (t, c) = (j / per_task, j % per_task);
-        let width = per_task.min(n - t * per_task);
-        t * per_task * m + i * width + c
-    };
-    apply(dst, dst_rs, &blocks, out, at)
+    apply_blocks(dst, dst_rs, &blocks, per_task, out)
 }
 
 /// `data` as a slice of `U` when `T` is `U`.
@@ -231,13 +225,46 @@ fn apply<T: WithDType, F: WithDType>(
     for (i, row) in dst.chunks_mut(dst_rs).take(m).enumerate() {
         for (j, d) in row.iter_mut().take(n).enumerate() {
             let v = values.get(at(i, j)).copied().unwrap_or(T::from_f64(0.0));
-            *d = match accum {
-                Accum::Replace => beta * v,
-                Accum::Add => *d + beta * v,
-            };
+            *d = combined(*d, v, accum, beta);
         }
     }
     Ok(())
+}
+
+/// [`apply`] for the row-major form's per-task blocks: the task at column `first` (a
+/// multiple of `per_task`) holds its `m × width` block row-major from `values[first · m]`,
+/// copied to `dst` a row's run at a time.
+fn apply_blocks<T: WithDType, F: WithDType>(
+    dst: &mut [T],
+    dst_rs: usize,
+    values: &[F],
+    per_task: usize,
+    out: Output<T>,
+) -> candle_core::Result<()> {
+    let Output { m, n, accum, beta } = out;
+    let Some(values) = same_slice::<F, T>(values).filter(|v| v.len() == m * n) else {
+        candle_core::bail!("fused linear: the row-major products do not fill a {m}x{n} result")
+    };
+    for first in (0..n).step_by(per_task.max(1)) {
+        let width = per_task.min(n - first);
+        let block = values.get(first * m..(first + width) * m).unwrap_or(&[]);
+        for (row, src) in dst.chunks_mut(dst_rs).zip(block.chunks_exact(width)) {
+            let run = row.get_mut(first..first + width).unwrap_or(&mut []);
+            for (d, &v) in run.iter_mut().zip(src) {
+                *d = combined(*d, v, accum, beta);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `beta · v`, added to `old` with [`Accum::Add`].
+#[inline(always)]
+fn combined<T: WithDType>(old: T, v: T, accum: Accum, beta: T) -> T {
+    match accum {
+        Accum::Replace => beta * v,
+        Accum::Add => old + beta * v,
+    }
 }
 
 /// The dtypes with vector code, and their implementations.
@@ -663,8 +690,8 @@ mod tests {
     /// row-major right-hand side), against an f64 triple loop: row counts 1 to 13 (every
     /// register block height and a remainder), `d_in` not a multiple of any vector width
     /// and shorter than one vector, `d_out` not a multiple of the 4-row block nor of a
-    /// vector, more columns than one tile of the row-major form holds, strided and padded
-    /// `x`, a padded destination, `Accum` and `beta`.
+    /// vector, more columns than one panel and more inner rows than one packed block of the
+    /// row-major form hold, strided and padded `x`, a padded destination, `Accum` and `beta`.
     #[test]
     fn every_instruction_set_matches_a_triple_loop() -> candle_core::Result<()> {
         let sets = sets();
@@ -679,6 +706,7 @@ mod tests {
                 (2, 1, 1),
                 (13, 9, 300),
                 (1, 6, 7000),
+                (9, 300, 130),
             ] {
                 let case = Case::new(m, k, n);
                 case.run::<f64>(isa, 1e-14)?;
