@@ -50,7 +50,8 @@ use candle_core::WithDType;
 use rayon::prelude::*;
 
 use super::machine::{machine, Isa, Machine};
-use super::{Accum, MatProduct, MatRef};
+use super::transpose::transpose_columns;
+use super::{Accum, MatProduct, MatRef, Scratch};
 #[cfg(target_arch = "x86_64")]
 use lanes::{Avx2, Avx512};
 use lanes::{Lanes, Scalar};
@@ -96,7 +97,44 @@ pub(super) fn reroute<T: WithDType>(
     if !m.decode_kernel || lhs.rows > most_rows {
         return None;
     }
+    let size = std::mem::size_of::<T>();
+    if rhs.rs == 1 && rhs.cs != 1 && short_dots_pay_for_a_copy(lhs.rows, lhs.cols, size, m) {
+        return Some(through_row_major_copy(Split::of(m), dst, dst_rs, product));
+    }
     product_on(Split::of(m), dst, dst_rs, product)
+}
+
+/// Whether a column-major right-hand side with a short inner dimension `k` (a LoRA factor
+/// `Bᵀ`, `k = r`) runs faster copied row-major into the row-major form than through the
+/// dots. Each dot ends in one horizontal sum of a vector, `log2(lanes)` shuffle-and-add
+/// steps, `m · n` of them; the copy moves `k · n` elements once, at a few times the cost of
+/// one step per element. So the copy is taken when `m · log2(lanes) > k` (and the
+/// row-major form takes `m` rows). On an Intel Xeon with AVX-512 (2 threads, f32, `Bᵀ`
+/// `16 × 2048`) the dots took 7.8 / 29 / 53 / 107 µs at 1 / 4 / 8 / 16 rows, the copy and
+/// the row-major form 26 / 30 / 45 / 55 µs: the rule's crossover, 5 rows for `k = 16`, is
+/// where the two meet.
+fn short_dots_pay_for_a_copy(m: usize, k: usize, size: usize, machine: &Machine) -> bool {
+    let steps = machine.isa.lanes(size).max(2).ilog2() as usize;
+    m * steps > k && m <= row_major::max_rows(machine.isa)
+}
+
+/// The product with its column-major right-hand side first copied row-major (`k × n`,
+/// pooled), then run by the row-major form.
+fn through_row_major_copy<T: WithDType>(
+    split: Split,
+    dst: &mut [T],
+    dst_rs: usize,
+    product: MatProduct<T>,
+) -> candle_core::Result<()> {
+    let (lhs, rhs, accum, beta) = product.parts();
+    let (k, n) = (rhs.rows, rhs.cols);
+    let mut copy = Scratch::<T>::zeros(k * n);
+    transpose_columns(rhs, 0, n, &mut copy, n, |d, v| *d = v);
+    let rhs = MatRef::contiguous(&copy, k, n)?;
+    match product_on(split, dst, dst_rs, MatProduct::new(lhs, rhs, accum, beta)) {
+        Some(done) => done,
+        None => candle_core::bail!("fused linear: the decode kernel refused a row-major copy"),
+    }
 }
 
 /// How [`product_on`] runs a product: the instruction set, and the fewest bytes of `W` a
@@ -642,20 +680,26 @@ mod tests {
             let pairs = views
                 .into_iter()
                 .flat_map(|lhs| [(lhs, column_major), (lhs, row_major)]);
-            for (lhs, rhs) in pairs {
+            // A column-major right-hand side also through its row-major copy (the route of
+            // short inner dimensions).
+            let routes = pairs.flat_map(|(lhs, rhs)| {
+                [false, true]
+                    .into_iter()
+                    .filter(move |&copy| !copy || rhs.rs == 1)
+                    .map(move |copy| (lhs, rhs, copy))
+            });
+            for (lhs, rhs, copy) in routes {
                 for (accum, beta) in [(Accum::Replace, 1.0), (Accum::Add, -0.5)] {
                     let dst_rs = n + 2;
                     let start = vals(m * dst_rs, 1.3);
                     let mut dst = cast(&start);
-                    let beta_t = T::from_f64(beta);
-                    match product_on(
-                        split(isa),
-                        &mut dst,
-                        dst_rs,
-                        MatProduct::new(lhs, rhs, accum, beta_t),
-                    ) {
-                        Some(done) => done?,
-                        None => candle_core::bail!("{isa:?} refused a {m}x{k}x{n} product"),
+                    let product = MatProduct::new(lhs, rhs, accum, T::from_f64(beta));
+                    if copy {
+                        through_row_major_copy(split(isa), &mut dst, dst_rs, product)?;
+                    } else if let Some(done) = product_on(split(isa), &mut dst, dst_rs, product) {
+                        done?;
+                    } else {
+                        candle_core::bail!("{isa:?} refused a {m}x{k}x{n} product");
                     }
                     for i in 0..m {
                         for j in 0..n {
@@ -687,7 +731,7 @@ mod tests {
     }
 
     /// Every instruction set this CPU has, `f32` and `f64`, both forms (column- and
-    /// row-major right-hand side), against an f64 triple loop: row counts 1 to 13 (every
+    /// row-major right-hand side, and a column-major one through its row-major copy), against an f64 triple loop: row counts 1 to 13 (every
     /// register block height and a remainder), `d_in` not a multiple of any vector width
     /// and shorter than one vector, `d_out` not a multiple of the 4-row block nor of a
     /// vector, more columns than one panel and more inner rows than one packed block of the
@@ -799,5 +843,27 @@ mod tests {
         };
         assert_eq!(max_rows(2048, 4, &big), 24);
         assert_eq!(max_rows(1 << 20, 8, &big), 1);
+    }
+
+    /// The copy for short inner dimensions: past `k / log2(lanes)` rows (5 for `r = 16`
+    /// with AVX-512's 16 `f32` lanes, 6 with AVX2's 8), never for a long `k`, and only for
+    /// rows the row-major form takes.
+    #[test]
+    fn short_dots_are_copied_past_k_over_log2_lanes_rows() {
+        let avx512 = Machine {
+            isa: Isa::Avx512,
+            l1d: 48 << 10,
+            l2: 2 << 20,
+            decode_kernel: true,
+        };
+        let avx2 = Machine {
+            isa: Isa::Avx2,
+            ..avx512
+        };
+        let copies = |m, k, machine: &Machine| short_dots_pay_for_a_copy(m, k, 4, machine);
+        assert!(!copies(4, 16, &avx512) && copies(5, 16, &avx512) && copies(16, 16, &avx512));
+        assert!(!copies(17, 16, &avx512)); // past the row-major form's 16 rows
+        assert!(!copies(5, 16, &avx2) && copies(6, 16, &avx2) && !copies(9, 16, &avx2));
+        assert!(!copies(16, 2048, &avx512));
     }
 }
