@@ -9,18 +9,22 @@
 //! - `R`'s columns (the output columns) are split over the threads in contiguous ranges,
 //!   multiples of [`ALIGN`] columns, with the column-major form's rule for the smallest
 //!   task ([`Split`]).
-//! - Each task takes `R`'s rows a block at a time ([`block_depth`] rows: one panel of them
-//!   fits in half of one core's L1 data cache, the block in half of its L2) and first copies
-//!   the block, row by row, into panels of [`NV`] vectors' columns that lie contiguously
-//!   (so `R` streams from memory in its own order, and a panel's rows do not fall into the
-//!   same few cache sets, as rows a power of two apart do). Then for each panel and block of
-//!   up to `mr` rows of `x` (4 with AVX-512, 2 with AVX2, 1 for the portable code) the
-//!   `mr × NV` vector sums stay in registers over the block's rows: each vector of `R` is
-//!   loaded once per block of rows of `x` and multiplied by those rows' broadcast elements.
-//!   On an Intel Xeon (AVX-512, 2 threads, `m = 16`, `R` `2048 × 2048`) the fused
-//!   linear's forward + backward took 2.83–2.98 ms with this form against 3.11–3.17 ms
-//!   with the previous one, which kept `m ×` 768-column tiles of sums in memory and added
-//!   4 rows of `R` straight from `R` at a time (`benches/RESULTS.md`).
+//! - Each task reads `R` in place, [`DEPTH`] rows at a time: a few concurrent streams
+//!   through `R` in its own order. For each panel of those rows ([`NV`] vectors' columns,
+//!   [`panel_vectors`]) and each block of up to `mr` rows of `x` (8 with AVX-512, 2 with
+//!   AVX2, 1 for the portable code), the `mr × NV` vector sums are loaded from the task's
+//!   part of the output, take the block's rows of `R` (each vector of `R` loaded once per
+//!   block of rows of `x`, multiplied by those rows' broadcast elements), and are stored
+//!   back. With 16 rows of `x` a panel's rows are loaded twice, the second time from the L1
+//!   cache: 8 rows of `R` a power of two apart fall into the same few cache sets, within
+//!   their associativity.
+//! - On an Intel Xeon (AVX-512, 2 threads, `R` `2048 × 2048`, the fused linear's forward +
+//!   backward, scratch timer) this took 0.78–0.90 / 0.94–0.99 / 1.16–1.36 / 1.49–1.57 /
+//!   1.67–1.98 / 2.19–2.49 ms at 1 / 4 / 6 / 8 / 12 / 16 rows. The form before it copied
+//!   blocks of `R` into contiguous panels and kept blocks of 4 rows' sums
+//!   (0.84–0.86 / 1.06–1.10 / 1.67–1.69 / 1.83 / 2.23–2.54 / 2.59–2.72 ms); the one before
+//!   that kept `m ×` 768-column tiles of sums in memory and added 4 rows of `R` at a time
+//!   (`benches/RESULTS.md`).
 //! - Every output element is its `k` products added in order of `k`, one at a time, to an
 //!   accumulator that starts at zero: the same operations whatever the thread count, the
 //!   block or the panel. Columns past the task's last whole vector run in scalar code: the
@@ -28,8 +32,8 @@
 
 use candle_core::WithDType;
 
-use super::super::machine::{machine, Isa};
-use super::super::{MatRef, Scratch};
+use super::super::machine::Isa;
+use super::super::MatRef;
 use super::lanes::{Lanes, Scalar};
 use super::{for_each_task, lhs_rows, Float, Split, WeightRows};
 
@@ -38,46 +42,46 @@ use super::{for_each_task, lhs_rows, Float, Split, WeightRows};
 /// for any split).
 const ALIGN: usize = 16;
 
-/// The rows of `x` per block of the instruction set (what fits in its vector registers
-/// next to the `mr ×` [`NV`] sums, a vector of `R` and `mr` broadcast elements).
+/// The rows of `x` per block of the instruction set: what fits in its vector registers
+/// next to the `mr ×` [`panel_vectors`] sums, a vector of `R` and `mr` broadcast elements
+/// (32 registers with AVX-512: 8 × 3 sums; 16 with AVX2: 2 × 6).
 fn block_rows(isa: Isa) -> usize {
     match isa {
         Isa::Scalar => 1,
         Isa::Avx2 => 2,
-        Isa::Avx512 => 4,
+        Isa::Avx512 => 8,
     }
 }
 
-/// The most rows of `x` this form takes with an instruction set: 4 blocks of rows (16 with
-/// AVX-512, 8 with AVX2), none with the portable code. On an Intel Xeon (2 threads,
-/// `x R` with `R` `2048 × 2048`) it was 1.4–1.6× faster than the `gemm` crate from 1 to 16
-/// rows with AVX-512 and 1.0–1.2× from 1 to 8 with AVX2 (forced there with
+/// The most rows of `x` this form takes with an instruction set: 16 with AVX-512, 8 with
+/// AVX2, none with the portable code. On an Intel Xeon (2 threads, `x R` with `R`
+/// `2048 × 2048`) an earlier form of this kernel was 1.4–1.6× faster than the `gemm` crate
+/// from 1 to 16 rows with AVX-512 and 1.0–1.2× from 1 to 8 with AVX2 (forced there with
 /// `LORAKIT_CPU_ISA=avx2`), at par or slower past that; the portable code was slower than
 /// the `gemm` crate at every row count.
 pub(super) fn max_rows(isa: Isa) -> usize {
     match isa {
         Isa::Scalar => 0,
-        isa => 4 * block_rows(isa),
+        Isa::Avx2 => 8,
+        Isa::Avx512 => 16,
     }
 }
 
-/// Rows of `R` per block when `R` is read in place (one block of rows of `x`): a few
-/// concurrent streams through `R`, and the sums loaded and stored once per this many rows.
-const DIRECT_DEPTH: usize = 8;
+/// Rows of `R` taken at a time: the concurrent streams through `R`, and how many rows the
+/// sums stay in registers before they are stored.
+const DEPTH: usize = 8;
 
-/// Vectors of `R` per row of a panel (the register block's columns): `MR · NV` sums, `NV`
-/// vectors of `R` and `MR` broadcast elements fit in the 16 vector registers of SSE2 /
-/// AVX2 (`MR` = 1 / 2) and the 32 of AVX-512 (`MR` = 4).
+/// The widest panel, in vectors.
 const NV: usize = 6;
 
-/// Rows of `R` per packed block for panels of `panel` columns over a task of `width`
-/// columns of `size`-byte elements: one panel's rows take at most half of one core's L1
-/// data cache (it is read once per block of rows of `x`), the whole packed block at most
-/// half of its L2 cache; at least 4 and at most 512 rows.
-fn block_depth(panel: usize, width: usize, size: usize, l1d: usize, l2: usize) -> usize {
-    let in_l1 = l1d / (2 * panel.max(1) * size.max(1));
-    let in_l2 = l2 / (2 * width.max(1) * size.max(1));
-    in_l1.min(in_l2).clamp(4, 512)
+/// Vectors per panel for blocks of `mr` rows of `x`: [`NV`] up to 4 rows (up to 24 sums),
+/// half that past them (24 sums for 8 rows).
+fn panel_vectors(mr: usize) -> usize {
+    if mr <= 4 {
+        NV
+    } else {
+        NV / 2
+    }
 }
 
 /// `x R` as per-task blocks: task `t` covers columns `t · per_task ..` (`per_task` returned
@@ -95,34 +99,31 @@ pub(super) fn products<F: Float>(
     };
     let tasks = split.tasks(n * k * std::mem::size_of::<F>());
     let per_task = n.div_ceil(tasks).next_multiple_of(ALIGN);
-    let caches = machine();
     let mut out = vec![F::from_f64(0.0); n * m];
     for_each_task(&mut out, per_task * m, tasks, |t, block| {
         let first = t * per_task;
         let width = per_task.min(n - first);
-        let panel = NV * vector_width::<F>(split.isa);
-        let depth = block_depth(panel, width, size_of::<F>(), caches.l1d, caches.l2);
-        sums_on(split.isa, &x, rows.within(first, width), block, depth);
+        sums_on(split.isa, &x, rows.within(first, width), block);
     });
     Ok((out, per_task))
 }
 
 /// [`sums`] with the instruction set's vector code (the portable code for one the CPU
 /// lacks, which the caller has ruled out).
-fn sums_on<F: Float>(isa: Isa, x: &[&[F]], r: WeightRows<F>, out: &mut [F], depth: usize) {
+fn sums_on<F: Float>(isa: Isa, x: &[&[F]], r: WeightRows<F>, out: &mut [F]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 if isa.available() => {
             // SAFETY: the CPU has AVX-512F (checked just above).
-            unsafe { sums_avx512::<F::Avx512>(x, r, out, depth) }
+            unsafe { sums_avx512::<F::Avx512>(x, r, out) }
         }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 if isa.available() => {
             // SAFETY: the CPU has AVX2 and FMA (checked just above).
-            unsafe { sums_avx2::<F::Avx2>(x, r, out, depth) }
+            unsafe { sums_avx2::<F::Avx2>(x, r, out) }
         }
         // SAFETY: the portable code needs no instruction set.
-        _ => unsafe { sums::<Scalar<F>>(x, r, out, depth, block_rows(Isa::Scalar)) },
+        _ => unsafe { sums::<Scalar<F>>(x, r, out, block_rows(Isa::Scalar)) },
     }
 }
 
@@ -132,14 +133,9 @@ fn sums_on<F: Float>(isa: Isa, x: &[&[F]], r: WeightRows<F>, out: &mut [F], dept
 /// The CPU has AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn sums_avx512<S: Lanes>(
-    x: &[&[S::T]],
-    r: WeightRows<S::T>,
-    out: &mut [S::T],
-    depth: usize,
-) {
+unsafe fn sums_avx512<S: Lanes>(x: &[&[S::T]], r: WeightRows<S::T>, out: &mut [S::T]) {
     // SAFETY: the caller's contract.
-    unsafe { sums::<S>(x, r, out, depth, block_rows(Isa::Avx512)) }
+    unsafe { sums::<S>(x, r, out, block_rows(Isa::Avx512)) }
 }
 
 /// [`sums`] compiled for AVX2 + FMA.
@@ -148,83 +144,65 @@ unsafe fn sums_avx512<S: Lanes>(
 /// The CPU has AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn sums_avx2<S: Lanes>(x: &[&[S::T]], r: WeightRows<S::T>, out: &mut [S::T], depth: usize) {
+unsafe fn sums_avx2<S: Lanes>(x: &[&[S::T]], r: WeightRows<S::T>, out: &mut [S::T]) {
     // SAFETY: the caller's contract.
-    unsafe { sums::<S>(x, r, out, depth, block_rows(Isa::Avx2)) }
-}
-
-/// Elements per vector of an instruction set's code for `F`.
-fn vector_width<F: Float>(isa: Isa) -> usize {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => <F::Avx512 as Lanes>::WIDTH,
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => <F::Avx2 as Lanes>::WIDTH,
-        _ => <Scalar<F> as Lanes>::WIDTH,
-    }
+    unsafe { sums::<S>(x, r, out, block_rows(Isa::Avx2)) }
 }
 
 /// `out[i · width + c] += Σ_t x_i[t] R[t][c]` over every row `t` of `r` (`width = r.k`
-/// columns), `depth` rows of `R` at a time: each block of rows is first copied, row by row
-/// (so `R` streams from memory in its own order), into panels of [`NV`] vectors' columns
-/// that lie contiguously (`depth × panel`); then each panel's sums for a block of up to
-/// `mr` rows of `x` stay in registers over the block's rows. With no more than `mr` rows of
-/// `x` every vector of `R` is loaded once anyway: the blocks are then [`DIRECT_DEPTH`] rows
-/// of `R` read in place, not copied. Columns past the last whole vector are added in
-/// scalar code, straight from `r`.
+/// columns), [`DEPTH`] rows of `R` at a time, in panels of [`panel_vectors`] vectors'
+/// columns and blocks of up to `mr` rows of `x` (the module docs). Columns past the last
+/// whole vector are added in scalar code.
 ///
 /// # Safety
 /// The CPU has `S`'s instruction set.
 #[inline(always)]
-unsafe fn sums<S: Lanes>(
-    x: &[&[S::T]],
-    r: WeightRows<S::T>,
-    out: &mut [S::T],
-    depth: usize,
-    mr: usize,
-) {
+unsafe fn sums<S: Lanes>(x: &[&[S::T]], r: WeightRows<S::T>, out: &mut [S::T], mr: usize) {
     let (m, width) = (x.len(), r.k);
     if out.len() < m * width || x.iter().any(|row| row.len() < r.count) {
         return;
     }
     let vector_cols = width - width % S::WIDTH;
+    let nv = panel_vectors(m.min(mr));
     let panels = Panels {
-        full: NV * S::WIDTH,
+        full: nv * S::WIDTH,
+        vector: S::WIDTH,
         vector_cols,
     };
-    // One block of rows of `x` loads each vector of `R` once: packing would only add a copy.
-    let direct = m <= mr;
-    let depth = if direct { DIRECT_DEPTH } else { depth.max(1) };
-    let mut packed = Scratch::<S::T>::zeros(if direct { 0 } else { depth * vector_cols });
     let mut t0 = 0;
     while t0 < r.count {
-        let rows = depth.min(r.count - t0);
-        let block = if direct {
-            Block::direct(r, t0, rows)
-        } else {
-            pack(r, t0, rows, panels, &mut packed);
-            Block::packed(&packed, t0, rows)
+        let block = Block {
+            r,
+            t0,
+            rows: DEPTH.min(r.count - t0),
         };
         for (c, w) in panels.iter() {
             let mut i = 0;
             while i < m {
+                let vectors = if w == panels.full { nv } else { 1 };
                 // SAFETY (each arm): the caller's contract; `out` holds `m × width`, every row
                 // of `x` at least `r.count` elements (both checked above).
                 i += unsafe {
-                    match (w == panels.full, (m - i).min(mr)) {
-                        (true, 1) => panel_block::<S, 1, NV>(x, block, out, width, c, i),
-                        (true, 2) => panel_block::<S, 2, NV>(x, block, out, width, c, i),
-                        (true, 3) => panel_block::<S, 3, NV>(x, block, out, width, c, i),
-                        (true, _) => panel_block::<S, 4, NV>(x, block, out, width, c, i),
-                        (false, 1) => panel_block::<S, 1, 1>(x, block, out, width, c, i),
-                        (false, 2) => panel_block::<S, 2, 1>(x, block, out, width, c, i),
-                        (false, 3) => panel_block::<S, 3, 1>(x, block, out, width, c, i),
-                        (false, _) => panel_block::<S, 4, 1>(x, block, out, width, c, i),
+                    match (vectors, (m - i).min(mr)) {
+                        (NV, 1) => panel_block::<S, 1, NV>(x, block, out, width, c, i),
+                        (NV, 2) => panel_block::<S, 2, NV>(x, block, out, width, c, i),
+                        (NV, 3) => panel_block::<S, 3, NV>(x, block, out, width, c, i),
+                        (NV, _) => panel_block::<S, 4, NV>(x, block, out, width, c, i),
+                        (1, 1) => panel_block::<S, 1, 1>(x, block, out, width, c, i),
+                        (1, 2) => panel_block::<S, 2, 1>(x, block, out, width, c, i),
+                        (1, 3) => panel_block::<S, 3, 1>(x, block, out, width, c, i),
+                        (1, 4..=7) => panel_block::<S, 4, 1>(x, block, out, width, c, i),
+                        (1, _) => panel_block::<S, 8, 1>(x, block, out, width, c, i),
+                        (_, 1) => panel_block::<S, 1, { NV / 2 }>(x, block, out, width, c, i),
+                        (_, 2) => panel_block::<S, 2, { NV / 2 }>(x, block, out, width, c, i),
+                        (_, 3) => panel_block::<S, 3, { NV / 2 }>(x, block, out, width, c, i),
+                        (_, 4..=7) => panel_block::<S, 4, { NV / 2 }>(x, block, out, width, c, i),
+                        (_, _) => panel_block::<S, 8, { NV / 2 }>(x, block, out, width, c, i),
                     }
                 };
             }
         }
-        t0 += rows;
+        t0 += block.rows;
     }
     for col in vector_cols..width {
         for (i, xi) in x.iter().enumerate() {
@@ -239,20 +217,21 @@ unsafe fn sums<S: Lanes>(
 }
 
 /// How a task's vector columns (`vector_cols`, a multiple of the vector width) split into
-/// panels: of `full` columns ([`NV`] vectors), then single vectors for the rest.
+/// panels: of `full` columns, then single vectors (`vector` columns) for the rest.
 #[derive(Clone, Copy)]
 struct Panels {
     full: usize,
+    vector: usize,
     vector_cols: usize,
 }
 
 impl Panels {
     /// Each panel's first column and width, left to right.
     fn iter(self) -> impl Iterator<Item = (usize, usize)> {
-        let whole = self.vector_cols - self.vector_cols % self.full;
-        let vector = self.full / NV;
+        let whole = self.vector_cols - self.vector_cols % self.full.max(1);
+        let vector = self.vector.max(1);
         (0..whole)
-            .step_by(self.full)
+            .step_by(self.full.max(1))
             .map(move |c| (c, self.full))
             .chain(
                 (whole..self.vector_cols)
@@ -262,66 +241,13 @@ impl Panels {
     }
 }
 
-/// Rows `t0 .. t0 + rows` of `R` as [`panel_block`] reads them: packed (the panel at
-/// column `c` of width `w` holds its rows contiguously at `data[c · rows + t · w ..][..w]`),
-/// or `R` itself (row `t` of every panel at `data[(t0 + t) · stride + c ..]`).
+/// Rows `t0 .. t0 + rows` of `R`, read in place: row `t0 + t` at `r.data[(t0 + t) ·
+/// r.stride ..]`.
 #[derive(Clone, Copy)]
 struct Block<'a, T> {
-    data: &'a [T],
+    r: WeightRows<'a, T>,
     t0: usize,
     rows: usize,
-    /// `R`'s row stride when the block is `R` itself, `None` when packed.
-    direct_stride: Option<usize>,
-}
-
-impl<'a, T> Block<'a, T> {
-    /// A block [`pack`] has copied into `packed`.
-    fn packed(packed: &'a [T], t0: usize, rows: usize) -> Self {
-        Self {
-            data: packed,
-            t0,
-            rows,
-            direct_stride: None,
-        }
-    }
-
-    /// Rows `t0 .. t0 + rows` of `r`, read in place.
-    fn direct(r: WeightRows<'a, T>, t0: usize, rows: usize) -> Self {
-        Self {
-            data: r.data,
-            t0,
-            rows,
-            direct_stride: Some(r.stride),
-        }
-    }
-
-    /// Where the panel at column `c` of width `w` starts, and its row stride.
-    fn panel(&self, c: usize, w: usize) -> (*const T, usize) {
-        match self.direct_stride {
-            None => (self.data.as_ptr().wrapping_add(c * self.rows), w),
-            Some(stride) => (
-                self.data.as_ptr().wrapping_add(self.t0 * stride + c),
-                stride,
-            ),
-        }
-    }
-}
-
-/// Copies rows `t0 .. t0 + rows` of `r` into `packed` in [`Block`]'s layout, reading each
-/// row of `R` once, in order.
-fn pack<T: Copy>(r: WeightRows<'_, T>, t0: usize, rows: usize, panels: Panels, packed: &mut [T]) {
-    for t in 0..rows {
-        let row = r.row(t0 + t);
-        for (c, w) in panels.iter() {
-            let (Some(dst), Some(src)) = (
-                packed.get_mut(c * rows + t * w..c * rows + (t + 1) * w),
-                row.get(c..c + w),
-            ) else {
-                continue;
-            };
-            dst.copy_from_slice(src);
-        }
-    }
 }
 
 /// Adds the block's rows of `R` in the panel at column `c0` (`NVB` vectors wide) times the
@@ -342,15 +268,20 @@ unsafe fn panel_block<S: Lanes, const MR: usize, const NVB: usize>(
     c0: usize,
     i0: usize,
 ) -> usize {
-    let w = NVB * S::WIDTH;
     let base = out.as_mut_ptr();
     let start = |i: usize| (i0 + i) * width + c0;
-    let (panel, row_stride) = block.panel(c0, w);
+    let row_stride = block.r.stride;
+    let panel = block
+        .r
+        .data
+        .as_ptr()
+        .wrapping_add(block.t0 * row_stride + c0);
     let xs: [*const S::T; MR] =
         std::array::from_fn(|i| x.get(i0 + i).map_or(std::ptr::null(), |row| row.as_ptr()));
     // SAFETY (every `S` call and pointer): the caller's contract; the sums are the block's
     // `MR` rows of `out` at columns `c0 .. c0 + w`, the panel's row `t` is `w` elements at
-    // `panel + t · row_stride` ([`Block::panel`]), and `x_i[t0 + t]` is inside row `i`.
+    // `panel + t · row_stride` (row `t0 + t` of `R` from column `c0`, inside `R`:
+    // `WeightRows::of`), and `x_i[t0 + t]` is inside row `i`.
     // (No closures around the `S` calls: a closure does not inherit the caller's target
     // features, and the calls would not be inlined.)
     unsafe {
