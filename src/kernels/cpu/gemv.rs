@@ -109,9 +109,11 @@ pub(super) fn reroute<T: WithDType>(
 /// dots. Each dot ends in one horizontal sum of a vector, `log2(lanes)` shuffle-and-add
 /// steps, `m · n` of them; the copy moves `k · n` elements once, at a few times the cost of
 /// one step per element. So the copy is taken when `m · log2(lanes) > k` (and the
-/// row-major form takes `m` rows). On an Intel Xeon with AVX-512 (2 threads, f32, `Bᵀ`
-/// `16 × 2048`) the dots took 7.8 / 29 / 53 / 107 µs at 1 / 4 / 8 / 16 rows, the copy and
-/// the row-major form 26 / 30 / 45 / 55 µs: the rule's crossover, 5 rows for `k = 16`, is
+/// row-major form takes `m` rows). On an Intel Xeon (2 threads, f32, `Bᵀ` `16 × 2048`)
+/// the dots took 7.8 / 29 / 36 / 56 / 111 µs at 1 / 4 / 5 / 8 / 16 rows with AVX-512, the
+/// copy and the row-major form 25 / 27–29 / 28–30 / 31–33 / 44 µs; with AVX2 (forced) the
+/// dots 26 / 33–34 / 41 / 52–54 µs at 4 / 5 / 6 / 8 rows, the copy 28–31 / 29–32 / 30–33 /
+/// 34–35 µs. The rule's crossovers, 5 rows for `k = 16` with AVX-512 and 6 with AVX2, are
 /// where the two meet.
 fn short_dots_pay_for_a_copy(m: usize, k: usize, size: usize, machine: &Machine) -> bool {
     let steps = machine.isa.lanes(size).max(2).ilog2() as usize;
