@@ -733,11 +733,12 @@ mod tests {
     }
 
     /// Every instruction set this CPU has, `f32` and `f64`, both forms (column- and
-    /// row-major right-hand side, and a column-major one through its row-major copy), against an f64 triple loop: row counts 1 to 13 (every
-    /// register block height and a remainder), `d_in` not a multiple of any vector width
-    /// and shorter than one vector, `d_out` not a multiple of the 4-row block nor of a
-    /// vector, more columns than one panel and more inner rows than one packed block of the
-    /// row-major form hold, strided and padded `x`, a padded destination, `Accum` and `beta`.
+    /// row-major right-hand side, and a column-major one through its row-major copy),
+    /// against an f64 triple loop: row counts 1 to 13 and 16 (every register block height,
+    /// two blocks of 8 and remainders), `d_in` not a multiple of any vector width and
+    /// shorter than one vector, `d_out` not a multiple of the 4-row block nor of a vector,
+    /// more columns than one panel and more inner rows than one block of the row-major form
+    /// hold, strided and padded `x`, a padded destination, `Accum` and `beta`.
     #[test]
     fn every_instruction_set_matches_a_triple_loop() -> candle_core::Result<()> {
         let sets = sets();
