@@ -64,12 +64,20 @@ fn tanh(u: f32) -> f32 {
 /// evaluated in f32 (6.6e-7 at most on a grid over [−6, 6], near 0).
 #[inline(always)]
 fn erf(x: f32) -> f32 {
+    erf_and_gaussian(x).0
+}
+
+/// `(erf(x), e^{−x²})`: the formula's Gaussian factor comes back too, so the exact GELU's
+/// gradient, whose density term is the same `e^{−x²}` at `x / sqrt(2)`, computes one `exp`.
+#[inline(always)]
+fn erf_and_gaussian(x: f32) -> (f32, f32) {
     let a = x.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
     let poly = ((((1.061_405_4 * t - 1.453_152_1) * t + 1.421_413_7) * t - 0.284_496_74) * t
         + 0.254_829_6)
         * t;
-    (1.0 - poly * crate::vector_math::exp(-a * a)).copysign(x)
+    let gaussian = crate::vector_math::exp(-a * a);
+    ((1.0 - poly * gaussian).copysign(x), gaussian)
 }
 
 struct Gelu(Form);
@@ -138,8 +146,10 @@ impl CustomOp2 for GeluGrad {
                 g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du)
             }),
             Form::Erf => map2(x, g, |x, g| {
-                let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));
-                let pdf = FRAC_1_SQRT_2PI * crate::vector_math::exp(-0.5 * x * x);
+                // erf(x / sqrt(2)) and e^{−x²/2} from one `exp`.
+                let (erf, gaussian) = erf_and_gaussian(x * FRAC_1_SQRT_2);
+                let cdf = 0.5 * (1.0 + erf);
+                let pdf = FRAC_1_SQRT_2PI * gaussian;
                 g * (cdf + x * pdf)
             }),
         };
