@@ -15,16 +15,26 @@
 //!   AVX2, 1 for the portable code), the `mr × NV` vector sums are loaded from the task's
 //!   part of the output, take the block's rows of `R` (each vector of `R` loaded once per
 //!   block of rows of `x`, multiplied by those rows' broadcast elements), and are stored
-//!   back. With 16 rows of `x` a panel's rows are loaded twice, the second time from the L1
-//!   cache: 8 rows of `R` a power of two apart fall into the same few cache sets, within
-//!   their associativity.
+//!   back. The sums are loaded and stored once per [`DEPTH`] rows of `R`; with 16 rows of
+//!   `x` a task's sums (`16 ×` its columns) outgrow the L1 cache, so that round trip is
+//!   L2 traffic, and taking 32 rows of `R` at a time instead of 8 quarters it. With more
+//!   than `mr` rows of `x` a panel's rows are loaded once per block of rows of `x`; 32
+//!   rows of `R` a power of two apart exceed the L1 cache's associativity, so the second
+//!   load comes from L2 (with 8 rows it came from L1): half the L2 traffic per row of `R`
+//!   all the same.
 //! - On an Intel Xeon (AVX-512, 2 threads, `R` `2048 × 2048`, the fused linear's forward +
-//!   backward, scratch timer) this took 0.78–0.90 / 0.94–0.99 / 1.16–1.36 / 1.49–1.57 /
-//!   1.67–1.98 / 2.19–2.49 ms at 1 / 4 / 6 / 8 / 12 / 16 rows. The form before it copied
-//!   blocks of `R` into contiguous panels and kept blocks of 4 rows' sums
-//!   (0.84–0.86 / 1.06–1.10 / 1.67–1.69 / 1.83 / 2.23–2.54 / 2.59–2.72 ms); the one before
-//!   that kept `m ×` 768-column tiles of sums in memory and added 4 rows of `R` at a time
-//!   (`benches/RESULTS.md`).
+//!   backward, scratch timer, the two alternating 3–5 times in one session) 8 rows of `R`
+//!   at a time took 0.73–0.96 / 0.96–1.09 / 1.09–1.23 / 1.34–1.39 / 1.57–1.62 / 1.92–2.01
+//!   / 2.73–2.82 ms at 1 / 2 / 4 / 6 / 8 / 12 / 16 rows, 32 rows at a time 0.77–0.81 /
+//!   0.95–0.96 / 1.05–1.11 / 1.33–1.37 / 1.44–1.45 / 1.76–1.83 / 2.30–2.34 ms; with AVX2
+//!   (forced) 1.63–1.67 → 1.49–1.64 ms at 6 rows and 2.05–2.08 → 1.80–2.03 at 8. The
+//!   results are the same bits for any depth (the sums go through memory unchanged).
+//!   In an earlier session 8 rows at a time took 0.78–0.90 / 0.94–0.99 / 1.16–1.36 /
+//!   1.49–1.57 / 1.67–1.98 / 2.19–2.49 ms at 1 / 4 / 6 / 8 / 12 / 16 rows; the form before
+//!   it copied blocks of `R` into contiguous panels and kept blocks of 4 rows' sums
+//!   (0.84–0.86 / 1.06–1.10 / 1.67–1.69 / 1.83 / 2.23–2.54 / 2.59–2.72 ms), and the one
+//!   before that kept `m ×` 768-column tiles of sums in memory and added 4 rows of `R` at
+//!   a time (`benches/RESULTS.md`).
 //! - Every output element is its `k` products added in order of `k`, one at a time, to an
 //!   accumulator that starts at zero: the same operations whatever the thread count, the
 //!   block or the panel. Columns past the task's last whole vector run in scalar code: the
@@ -68,8 +78,9 @@ pub(super) fn max_rows(isa: Isa) -> usize {
 }
 
 /// Rows of `R` taken at a time: the concurrent streams through `R`, and how many rows the
-/// sums stay in registers before they are stored.
-const DEPTH: usize = 8;
+/// sums stay in registers between a load and a store (see the module docs for why 32, not
+/// the 8 of before).
+const DEPTH: usize = 32;
 
 /// The widest panel, in vectors.
 const NV: usize = 6;
