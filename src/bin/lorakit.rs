@@ -240,6 +240,9 @@ fn merge(args: MergeArgs) -> ExitCode {
     if !report.copied.is_empty() {
         text.push_str(&format!("copied: {}\n", report.copied.join(", ")));
     }
+    for change in &report.config_changes {
+        text.push_str(&format!("config.json: {change}\n"));
+    }
     emit(&text)
 }
 

@@ -28,6 +28,7 @@ use crate::peft::inspect::{
 };
 use crate::peft::load::KEY_PREFIX;
 use crate::peft::load::{PeftAdapter, CONFIG_FILE, WEIGHTS_FILE};
+use crate::peft::merged_config::{added_head_labels, classifier_config};
 use crate::peft::module_names::ModuleNames;
 use crate::peft::weights_file::PICKLE_WEIGHTS_FILE;
 use crate::staging::{
@@ -144,6 +145,10 @@ pub struct MergeReport {
     /// Tensors the checkpoint lacked that the adapter's `modules_to_save` copies added (a
     /// classifier head trained on a pretrained encoder), by name.
     pub added: Vec<String>,
+    /// What the merge changed in the copied `config.json` (a `SEQ_CLS` adapter's head
+    /// added to a checkpoint without one: the classifier's `architectures` and labels),
+    /// one line each.
+    pub config_changes: Vec<String>,
     /// Things the user should know that did not stop the merge (a base model that looks
     /// different from the adapter's, leftovers of an earlier killed run).
     pub warnings: Vec<String>,
@@ -155,7 +160,11 @@ pub struct MergeReport {
 /// module the checkpoint lacks altogether — a classifier head trained on a pretrained
 /// encoder, which transformers initialises at random when it loads the encoder — is added
 /// from the adapter at the end of the last shard (and in the index), as
-/// `merge_and_unload()` leaves it in the model ([`MergeReport::added`]).
+/// `merge_and_unload()` leaves it in the model ([`MergeReport::added`]). For a `SEQ_CLS`
+/// adapter the copied `config.json` then describes the classifier as PEFT's merged model
+/// saves it: `architectures` `…ForSequenceClassification` and one `id2label` entry per row
+/// of the head ([`MergeReport::config_changes`]; a decoder without `pad_token_id` gets a
+/// warning). Without that, transformers reads the checkpoint as a 2-label classifier.
 ///
 /// `base` is a `.safetensors` file (then `out` is a file) or a model folder or its
 /// `*.safetensors.index.json` (then `out` is a folder mirroring it: the same shard names and
@@ -219,6 +228,12 @@ pub fn merge_checkpoint(
     if let Some(w) = base_model_mismatch(&adapter, &ckpt) {
         report.warnings.push(w);
     }
+    let head_labels = added_head_labels(
+        &adapter,
+        added
+            .iter()
+            .map(|a| (a.module.as_str(), a.own.as_str(), a.value.dims())),
+    );
 
     let mut job = MergeJob {
         ckpt: &ckpt,
@@ -275,6 +290,12 @@ pub fn merge_checkpoint(
                 let dest = staged.path().join(&name);
                 std::fs::copy(&file, &dest).map_err(|e| Error::io(&file, e))?;
                 job.report.copied.push(name.to_string_lossy().into_owned());
+            }
+            let config = staged.path().join("config.json");
+            if let (Some(labels), true) = (head_labels, config.is_file()) {
+                let edit = classifier_config(&config, labels)?;
+                job.report.config_changes.extend(edit.changes);
+                job.report.warnings.extend(edit.warnings);
             }
             staged.commit()?;
         }

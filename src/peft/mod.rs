@@ -9,6 +9,7 @@ pub mod load;
 mod load_named;
 pub mod lora_extensions;
 pub mod merge;
+mod merged_config;
 mod module_names;
 pub mod save;
 pub mod var_builder;

@@ -42,6 +42,7 @@ mod lora_drop_stratified;
 mod lora_fa;
 mod lora_fa_projection;
 mod lora_plus;
+mod merged_head;
 mod models_bert;
 mod models_decoder_cls;
 mod models_gpt2;
