@@ -147,8 +147,13 @@ fn load_model(args: &ClassifyArgs, device: &Device) -> lorakit::Result<AutoSeque
     if let Some(e) = args.adapter.as_deref().and_then(not_an_adapter) {
         return Err(e);
     }
-    let plan = match &args.adapter {
-        Some(dir) => PeftAdapter::load(dir, device)?.plan()?,
+    let adapter = args
+        .adapter
+        .as_ref()
+        .map(|dir| PeftAdapter::load(dir, device))
+        .transpose()?;
+    let plan = match &adapter {
+        Some(adapter) => adapter.plan()?,
         None => AdapterPlan::none(),
     };
     let labels = match args.num_labels {
@@ -160,18 +165,40 @@ fn load_model(args: &ClassifyArgs, device: &Device) -> lorakit::Result<AutoSeque
         None => None,
     };
     let dtype = args.dtype.into();
-    let model = AutoSequenceClassifier::from_pretrained(
-        &args.model,
-        labels.as_ref(),
-        dtype,
-        device,
-        &plan,
-    )?;
+    let model =
+        AutoSequenceClassifier::from_pretrained(&args.model, labels.as_ref(), dtype, device, &plan)
+            .map_err(|e| {
+                match (
+                    args.num_labels,
+                    &args.adapter,
+                    adapter.as_ref().and_then(head_rows),
+                ) {
+                    (None, Some(dir), Some((head, rows))) => lorakit::Error::usage(
+                        lorakit::error::Scope::File(dir.clone()),
+                        format!(
+                            "{e}; the adapter's head `{head}` has {rows} rows: pass --num-labels \
+                         {rows} (the model's config.json describes another number of classes)"
+                        ),
+                    ),
+                    _ => e,
+                }
+            })?;
     let adapted = plan.finish()?;
     if args.merge {
         adapted.merge_all(true)?;
     }
     Ok(model)
+}
+
+/// The classification head a `SEQ_CLS` adapter stores (`modules_to_save`: `score` or
+/// `classifier`) and its number of rows, if it stores one.
+fn head_rows(adapter: &PeftAdapter) -> Option<(String, usize)> {
+    ["score", "classifier"].into_iter().find_map(|head| {
+        let rows = adapter
+            .tensor(&format!("base_model.model.{head}.weight"))
+            .and_then(|t| t.dims().first().copied())?;
+        Some((head.to_string(), rows))
+    })
 }
 
 /// One line per row of `logits` `(inputs, num_labels)`, as the problem type reads them.

@@ -207,3 +207,45 @@ fn bad_classify_input_is_one_line_and_leaves_no_file() {
     one_error_line(&out, &["score", "num_labels"]);
     assert!(listing(&dir).is_empty(), "{:?}", listing(&dir));
 }
+
+/// A head-less checkpoint (GPT-2 causal LM) and a 3-label `SEQ_CLS` adapter trained from
+/// it: without `--num-labels` the config's default 2 classes do not fit the head, and the
+/// error says what to pass; with it the logits are PEFT's; `merge` writes a classifier
+/// folder (its config.json says so) that `classify` takes alone, giving PEFT's logits.
+#[test]
+fn a_headless_base_takes_num_labels_and_merges_into_a_classifier() {
+    let root = fixture("merged_head").join("gpt2");
+    let (base, adapter) = (root.join("base"), root.join("adapter"));
+    let io = load(&root.join("io.safetensors"));
+    let ids = &io["input_ids"];
+    let rows = unpadded(ids, &ids.ones_like().unwrap());
+    let dir = temp_dir("cli-classify-headless");
+    let out_file = dir.join("logits.safetensors");
+    let out = classify(&base, Some(&adapter), &rows, &out_file, &[]);
+    one_error_line(&out, &["score", "--num-labels 3"]);
+    assert!(!out_file.exists());
+    let out = classify(
+        &base,
+        Some(&adapter),
+        &rows,
+        &out_file,
+        &[&"--num-labels", &"3"],
+    );
+    assert_success(&out);
+    assert!(rel_err(&load(&out_file)["logits"], &io["logits"]) <= 1e-4);
+
+    let merged = dir.join("merged");
+    let out = super::merge(&base, &adapter, &merged);
+    assert_success(&out);
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        summary.contains(
+            "config.json: architectures: GPT2LMHeadModel -> GPT2ForSequenceClassification"
+        ),
+        "{summary}"
+    );
+    let merged_file = dir.join("merged.safetensors");
+    let out = classify(&merged, None, &rows, &merged_file, &[]);
+    assert_success(&out);
+    assert!(rel_err(&load(&merged_file)["logits"], &io["logits"]) <= 1e-4);
+}
