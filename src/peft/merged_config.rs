@@ -37,8 +37,9 @@ pub(crate) struct ConfigEdit {
 }
 
 /// The number of labels of the head a merge adds: the rows of the added `weight` of a
-/// `SEQ_CLS` adapter's `modules_to_save` module (`added` lists the added tensors as
-/// `(module, own name, shape)`); `None` for any other adapter or when nothing is added.
+/// `SEQ_CLS` adapter's `modules_to_save` head, the module `score` or `classifier` (the
+/// names PEFT's `SEQ_CLS` task adds; `added` lists the added tensors as `(module, own
+/// name, shape)`); `None` for any other adapter or when no such head is added.
 pub(crate) fn added_head_labels<'a>(
     adapter: &PeftAdapter,
     added: impl IntoIterator<Item = (&'a str, &'a str, &'a [usize])>,
@@ -51,12 +52,13 @@ pub(crate) fn added_head_labels<'a>(
     if task != Some("SEQ_CLS") {
         return None;
     }
-    added
-        .into_iter()
-        .find_map(|(_, own, shape)| match (own, shape) {
-            ("weight", [labels, _]) if *labels > 0 => Some(*labels),
+    added.into_iter().find_map(|(module, own, shape)| {
+        let head = module.rsplit('.').next().unwrap_or(module);
+        match (head, own, shape) {
+            ("score" | "classifier", "weight", [labels, _]) if *labels > 0 => Some(*labels),
             _ => None,
-        })
+        }
+    })
 }
 
 /// Rewrites the `config.json` at `path` (copied from the checkpoint) for a classifier with

@@ -167,27 +167,35 @@ fn load_model(args: &ClassifyArgs, device: &Device) -> lorakit::Result<AutoSeque
     let dtype = args.dtype.into();
     let model =
         AutoSequenceClassifier::from_pretrained(&args.model, labels.as_ref(), dtype, device, &plan)
-            .map_err(|e| {
-                match (
-                    args.num_labels,
-                    &args.adapter,
-                    adapter.as_ref().and_then(head_rows),
-                ) {
-                    (None, Some(dir), Some((head, rows))) => lorakit::Error::usage(
-                        lorakit::error::Scope::File(dir.clone()),
-                        format!(
-                            "{e}; the adapter's head `{head}` has {rows} rows: pass --num-labels \
-                         {rows} (the model's config.json describes another number of classes)"
-                        ),
-                    ),
-                    _ => e,
-                }
-            })?;
+            .map_err(|e| with_num_labels_hint(e, args, adapter.as_ref()))?;
     let adapted = plan.finish()?;
     if args.merge {
         adapted.merge_all(true)?;
     }
     Ok(model)
+}
+
+/// `e` (the model failed to load) with a hint when `--num-labels` was not given and the
+/// adapter stores a head with another number of rows than the config's classes.
+fn with_num_labels_hint(
+    e: lorakit::Error,
+    args: &ClassifyArgs,
+    adapter: Option<&PeftAdapter>,
+) -> lorakit::Error {
+    let classes = ClassifierConfig::from_file(args.model.join("config.json")).map(|c| c.num_labels);
+    let head = adapter
+        .and_then(head_rows)
+        .filter(|(_, rows)| classes.as_ref().is_ok_and(|n| n != rows));
+    match (args.num_labels, &args.adapter, head) {
+        (None, Some(dir), Some((head, rows))) => lorakit::Error::usage(
+            lorakit::error::Scope::File(dir.clone()),
+            format!(
+                "{e}; the adapter's head `{head}` has {rows} rows: pass --num-labels {rows} (the \
+                 model's config.json describes another number of classes)"
+            ),
+        ),
+        _ => e,
+    }
 }
 
 /// The classification head a `SEQ_CLS` adapter stores (`modules_to_save`: `score` or
