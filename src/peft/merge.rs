@@ -234,6 +234,14 @@ pub fn merge_checkpoint(
             .iter()
             .map(|a| (a.module.as_str(), a.own.as_str(), a.value.dims())),
     );
+    // The classifier's config.json, read and checked before any data is written.
+    let config = ckpt.folder().join("config.json");
+    let mut config_edit = match head_labels {
+        Some(labels) if matches!(kind, OutputKind::Folder) && config.is_file() => {
+            Some(classifier_config(&config, labels)?)
+        }
+        _ => None,
+    };
 
     let mut job = MergeJob {
         ckpt: &ckpt,
@@ -288,14 +296,17 @@ pub fn merge_checkpoint(
             for file in ckpt.companion_files()? {
                 let name = file.file_name().map(|n| n.to_owned()).unwrap_or_default();
                 let dest = staged.path().join(&name);
-                std::fs::copy(&file, &dest).map_err(|e| Error::io(&file, e))?;
+                match config_edit.take_if(|_| name == "config.json") {
+                    Some(edit) => {
+                        std::fs::write(&dest, edit.text).map_err(|e| Error::io(&dest, e))?;
+                        job.report.config_changes.extend(edit.changes);
+                        job.report.warnings.extend(edit.warnings);
+                    }
+                    None => {
+                        std::fs::copy(&file, &dest).map_err(|e| Error::io(&file, e))?;
+                    }
+                }
                 job.report.copied.push(name.to_string_lossy().into_owned());
-            }
-            let config = staged.path().join("config.json");
-            if let (Some(labels), true) = (head_labels, config.is_file()) {
-                let edit = classifier_config(&config, labels)?;
-                job.report.config_changes.extend(edit.changes);
-                job.report.warnings.extend(edit.warnings);
             }
             staged.commit()?;
         }

@@ -30,6 +30,8 @@ const ARCHITECTURE_ENDINGS: [(&str, bool); 6] = [
 /// What [`classifier_config`] changed, and what the user should know.
 #[derive(Debug, Default)]
 pub(crate) struct ConfigEdit {
+    /// The new file's text.
+    pub text: String,
     /// One line per change.
     pub changes: Vec<String>,
     /// Things the file cannot say on its own (a decoder without a padding token).
@@ -61,8 +63,8 @@ pub(crate) fn added_head_labels<'a>(
     })
 }
 
-/// Rewrites the `config.json` at `path` (copied from the checkpoint) for a classifier with
-/// `labels` outputs, as transformers saves the classifier PEFT merged:
+/// The checkpoint's `config.json` at `source` rewritten for a classifier with `labels`
+/// outputs ([`ConfigEdit::text`]), as transformers saves the classifier PEFT merged:
 ///
 /// - `architectures`: `<stem>ForSequenceClassification` for `<stem>LMHeadModel`,
 ///   `<stem>ForCausalLM`, `<stem>ForMaskedLM`, `<stem>ForPreTraining`,
@@ -75,12 +77,15 @@ pub(crate) fn added_head_labels<'a>(
 /// A decoder's config without `pad_token_id` gets a warning: transformers classifies a
 /// batch of more than one row only with one set (PEFT's merge keeps whatever was given when
 /// the model was loaded). Keys are written sorted, two-space indented, as transformers
-/// writes them. Errors name the file: unreadable, not JSON, not an object.
-pub(crate) fn classifier_config(path: &Path, labels: usize) -> Result<ConfigEdit> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let value: Value = serde_json::from_str(&text).map_err(|e| Error::json(path, &e))?;
+/// writes them. Errors name `source`: unreadable, not JSON, not an object.
+pub(crate) fn classifier_config(source: &Path, labels: usize) -> Result<ConfigEdit> {
+    let text = std::fs::read_to_string(source).map_err(|e| Error::io(source, e))?;
+    let value: Value = serde_json::from_str(&text).map_err(|e| Error::json(source, &e))?;
     let Value::Object(mut config) = value else {
-        return Err(Error::checkpoint(path, "config.json is not a JSON object"));
+        return Err(Error::checkpoint(
+            source,
+            "config.json is not a JSON object",
+        ));
     };
     let mut edit = ConfigEdit::default();
     let decoder = set_architecture(&mut config, &mut edit);
@@ -98,10 +103,10 @@ pub(crate) fn classifier_config(path: &Path, labels: usize) -> Result<ConfigEdit
         entries.sort_by(|a, b| a.0.cmp(&b.0));
         entries.into_iter().collect()
     };
-    let mut out =
-        serde_json::to_string_pretty(&Value::Object(sorted)).map_err(|e| Error::json(path, &e))?;
+    let mut out = serde_json::to_string_pretty(&Value::Object(sorted))
+        .map_err(|e| Error::json(source, &e))?;
     out.push('\n');
-    std::fs::write(path, out).map_err(|e| Error::io(path, e))?;
+    edit.text = out;
     Ok(edit)
 }
 
@@ -176,7 +181,7 @@ mod tests {
     use super::*;
 
     /// `text` written to a fresh file, then [`classifier_config`] on it: the edit and the
-    /// file's new contents.
+    /// file's contents after it (unchanged: the caller writes the new text).
     fn edited(name: &str, text: &str, labels: usize) -> (Result<ConfigEdit>, String) {
         let dir =
             std::env::temp_dir().join(format!("lorakit-merged-config-{}", std::process::id()));
@@ -200,14 +205,15 @@ mod tests {
             ["architectures: LlamaForCausalLM -> LlamaForSequenceClassification"]
         );
         assert!(edit.warnings.is_empty(), "{:?}", edit.warnings);
-        let v: Value = serde_json::from_str(&after).unwrap();
+        let v: Value = serde_json::from_str(&edit.text).unwrap();
         assert_eq!(v["id2label"]["1"], "pos");
-        assert!(after.ends_with("}\n"));
+        assert!(edit.text.ends_with("}\n"));
+        assert_eq!(after, text, "the source is not touched");
     }
 
     #[test]
     fn an_unknown_architecture_is_left_with_a_warning() {
-        let (edit, after) = edited(
+        let (edit, _) = edited(
             "odd",
             r#"{"architectures": ["Mystery"], "num_labels": 2}"#,
             4,
@@ -218,7 +224,7 @@ mod tests {
             "{:?}",
             edit.warnings
         );
-        let v: Value = serde_json::from_str(&after).unwrap();
+        let v: Value = serde_json::from_str(&edit.text).unwrap();
         assert_eq!(v["architectures"][0], "Mystery");
         assert_eq!(
             (v["num_labels"].as_u64(), v["id2label"]["3"].as_str()),

@@ -91,3 +91,36 @@ fn a_merge_that_adds_no_head_copies_config_json_unchanged() {
         std::fs::read(dir.join("base/config.json")).unwrap()
     );
 }
+
+/// A config.json the merge cannot rewrite (not a JSON object) is an error naming the
+/// checkpoint's file, raised before anything is written: no output, no temporary left.
+#[test]
+fn an_unreadable_config_json_stops_the_merge_before_it_writes() {
+    let dir = case("gpt2");
+    let tmp = temp_dir("merged-head-bad-config");
+    let base = tmp.join("base");
+    std::fs::create_dir_all(&base).unwrap();
+    std::fs::copy(
+        dir.join("base/model.safetensors"),
+        base.join("model.safetensors"),
+    )
+    .unwrap();
+    std::fs::write(base.join("config.json"), "[1, 2]").unwrap();
+    let out = tmp.join("merged");
+    let err = merge_checkpoint(&base, &dir.join("adapter"), &out, MergeOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("config.json") && err.contains("object"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&base.display().to_string()),
+        "names the checkpoint's file: {err}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&*tmp)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["base"], "nothing written beside it");
+}
