@@ -9,12 +9,13 @@ use candle_core::Device;
 use safetensors::tensor::Dtype;
 
 use crate::checkpoint::convert::is_convertible_float;
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, Given};
 use crate::error::{Error, Result};
 use crate::frozen::BaseKind;
 use crate::model::plan::COPY_WRAPPER_NAMES;
 use crate::peft::config::PeftType;
 use crate::peft::load::{PeftAdapter, CONFIG_FILE, KEY_PREFIX, MODEL_KEY_PREFIX, WEIGHTS_FILE};
+use crate::peft::merged_config::{added_head_labels, classifier_config};
 use crate::peft::module_names::ModuleNames;
 use crate::peft::weights_file::PICKLE_WEIGHTS_FILE;
 use crate::variants::build::peft_tensor_suffixes;
@@ -363,6 +364,9 @@ pub struct CheckpointMatch {
     /// Tensors of `modules_to_save` copies whose module the checkpoint lacks (a head
     /// trained on a pretrained encoder), by name: a merge adds them.
     pub added: Vec<String>,
+    /// What a merge into a folder would change in its `config.json` for such a head (see
+    /// [`crate::peft::merge_checkpoint`]), one line each; empty otherwise.
+    pub config_changes: Vec<String>,
     /// Things worth knowing that are not a mismatch of tensors: the adapter's
     /// `base_model_name_or_path` and the checkpoint's `config.json` naming different models.
     pub warnings: Vec<String>,
@@ -406,14 +410,35 @@ pub fn inspect_against(adapter_dir: &Path, checkpoint: &Path) -> Result<Checkpoi
     let plan = adapter.plan()?;
     let names = ModuleNames::of(&adapter, &ckpt);
     let modules = match_modules(&adapter, &ckpt, &names);
-    let mut added: Vec<String> = classify_keys(&adapter)
-        .0
+    let base_keys = classify_keys(&adapter).0;
+    let added_keys: Vec<(&str, &str, Vec<usize>)> = base_keys
         .iter()
-        .map(|rel| base_module_of(rel))
-        .filter(|(module, _)| adds_module(&adapter, &ckpt, &names, module))
-        .map(|(module, own)| names.in_checkpoint(&format!("{module}.{own}")))
+        .map(|rel| {
+            let (module, own) = base_module_of(rel);
+            let dims = adapter
+                .tensor(&format!("{KEY_PREFIX}{rel}"))
+                .map(|t| t.dims().to_vec())
+                .unwrap_or_default();
+            (module, own, dims)
+        })
+        .filter(|(module, _, _)| adds_module(&adapter, &ckpt, &names, module))
+        .collect();
+    let mut added: Vec<String> = added_keys
+        .iter()
+        .map(|(module, own, _)| names.in_checkpoint(&format!("{module}.{own}")))
         .collect();
     added.sort();
+    let head_labels = added_head_labels(
+        &adapter,
+        added_keys.iter().map(|(m, o, d)| (*m, *o, d.as_slice())),
+    );
+    let config = ckpt.folder().join("config.json");
+    let config_changes = match head_labels {
+        Some(labels) if !matches!(ckpt.given(), Given::File) && config.is_file() => {
+            classifier_config(&config, labels)?.changes
+        }
+        _ => Vec::new(),
+    };
     let stored: BTreeSet<&str> = modules.iter().map(|m| m.path.as_str()).collect();
     let (mut targeted_without_tensors, mut untargeted) = (Vec::new(), Vec::new());
     for (_, t) in ckpt.tensors() {
@@ -439,6 +464,7 @@ pub fn inspect_against(adapter_dir: &Path, checkpoint: &Path) -> Result<Checkpoi
         targeted_without_tensors,
         untargeted,
         added,
+        config_changes,
         warnings: base_model_mismatch(&adapter, &ckpt).into_iter().collect(),
     })
 }
@@ -582,6 +608,9 @@ impl fmt::Display for CheckpointMatch {
                 "added by a merge (modules_to_save the checkpoint lacks): {}",
                 self.added.join(", ")
             )?;
+        }
+        for change in &self.config_changes {
+            writeln!(f, "a merge's config.json: {change}")?;
         }
         let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
         for t in &self.untargeted {

@@ -38,6 +38,12 @@ fn a_head_added_by_a_merge_is_described_as_peft_describes_it() {
         )
         .unwrap();
         assert!(!report.added.is_empty(), "{name}: the head is added");
+        let seen = lorakit::peft::inspect::inspect_against(&dir.join("adapter"), &dir.join("base"))
+            .unwrap();
+        assert_eq!(
+            seen.config_changes, report.config_changes,
+            "{name}: inspect --base tells what a merge changes"
+        );
         assert_eq!(
             report.config_changes.len(),
             2,
