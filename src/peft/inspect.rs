@@ -9,13 +9,13 @@ use candle_core::Device;
 use safetensors::tensor::Dtype;
 
 use crate::checkpoint::convert::is_convertible_float;
-use crate::checkpoint::{Checkpoint, Given};
+use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::frozen::BaseKind;
 use crate::model::plan::COPY_WRAPPER_NAMES;
 use crate::peft::config::PeftType;
 use crate::peft::load::{PeftAdapter, CONFIG_FILE, KEY_PREFIX, MODEL_KEY_PREFIX, WEIGHTS_FILE};
-use crate::peft::merged_config::{added_head_labels, classifier_config};
+use crate::peft::merged_config::merged_config_edit;
 use crate::peft::module_names::ModuleNames;
 use crate::peft::weights_file::PICKLE_WEIGHTS_FILE;
 use crate::variants::build::peft_tensor_suffixes;
@@ -428,17 +428,13 @@ pub fn inspect_against(adapter_dir: &Path, checkpoint: &Path) -> Result<Checkpoi
         .map(|(module, own, _)| names.in_checkpoint(&format!("{module}.{own}")))
         .collect();
     added.sort();
-    let head_labels = added_head_labels(
+    let config_changes = merged_config_edit(
         &adapter,
+        &ckpt,
         added_keys.iter().map(|(m, o, d)| (*m, *o, d.as_slice())),
-    );
-    let config = ckpt.folder().join("config.json");
-    let config_changes = match head_labels {
-        Some(labels) if !matches!(ckpt.given(), Given::File) && config.is_file() => {
-            classifier_config(&config, labels)?.changes
-        }
-        _ => Vec::new(),
-    };
+    )?
+    .map(|edit| edit.changes)
+    .unwrap_or_default();
     let stored: BTreeSet<&str> = modules.iter().map(|m| m.path.as_str()).collect();
     let (mut targeted_without_tensors, mut untargeted) = (Vec::new(), Vec::new());
     for (_, t) in ckpt.tensors() {

@@ -28,7 +28,7 @@ use crate::peft::inspect::{
 };
 use crate::peft::load::KEY_PREFIX;
 use crate::peft::load::{PeftAdapter, CONFIG_FILE, WEIGHTS_FILE};
-use crate::peft::merged_config::{added_head_labels, classifier_config};
+use crate::peft::merged_config::merged_config_edit;
 use crate::peft::module_names::ModuleNames;
 use crate::peft::weights_file::PICKLE_WEIGHTS_FILE;
 use crate::staging::{
@@ -228,20 +228,14 @@ pub fn merge_checkpoint(
     if let Some(w) = base_model_mismatch(&adapter, &ckpt) {
         report.warnings.push(w);
     }
-    let head_labels = added_head_labels(
+    // The classifier's config.json, read and checked before any data is written.
+    let mut config_edit = merged_config_edit(
         &adapter,
+        &ckpt,
         added
             .iter()
             .map(|a| (a.module.as_str(), a.own.as_str(), a.value.dims())),
-    );
-    // The classifier's config.json, read and checked before any data is written.
-    let config = ckpt.folder().join("config.json");
-    let mut config_edit = match head_labels {
-        Some(labels) if matches!(kind, OutputKind::Folder) && config.is_file() => {
-            Some(classifier_config(&config, labels)?)
-        }
-        _ => None,
-    };
+    )?;
 
     let mut job = MergeJob {
         ckpt: &ckpt,

@@ -12,8 +12,13 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
+use crate::checkpoint::{Checkpoint, Given};
 use crate::error::{Error, Result};
 use crate::peft::load::PeftAdapter;
+
+/// The heads PEFT's `SEQ_CLS` task adds to `modules_to_save` (`classifier` for encoders,
+/// `score` for decoders).
+const SEQ_CLS_HEADS: [&str; 2] = ["classifier", "score"];
 
 /// Endings of head-less or language-modelling architecture names, longest first, and
 /// whether the model is a decoder: `GPT2LMHeadModel`, `Qwen2ForCausalLM`,
@@ -38,11 +43,29 @@ pub(crate) struct ConfigEdit {
     pub warnings: Vec<String>,
 }
 
+/// What a merge of `adapter` into `ckpt` writes as the output folder's `config.json` when
+/// it adds a `SEQ_CLS` head ([`classifier_config`] on the checkpoint's file); `None` when
+/// it adds none, the output is a single file, or the checkpoint has no `config.json`.
+/// `added` lists the tensors the merge adds as `(module, own name, shape)`. Read before any
+/// data is written (the merge) or without writing anything (`inspect --base`).
+pub(crate) fn merged_config_edit<'a>(
+    adapter: &PeftAdapter,
+    ckpt: &Checkpoint,
+    added: impl IntoIterator<Item = (&'a str, &'a str, &'a [usize])>,
+) -> Result<Option<ConfigEdit>> {
+    let config = ckpt.folder().join("config.json");
+    match added_head_labels(adapter, added) {
+        Some(labels) if !matches!(ckpt.given(), Given::File) && config.is_file() => {
+            classifier_config(&config, labels).map(Some)
+        }
+        _ => Ok(None),
+    }
+}
+
 /// The number of labels of the head a merge adds: the rows of the added `weight` of a
-/// `SEQ_CLS` adapter's `modules_to_save` head, the module `score` or `classifier` (the
-/// names PEFT's `SEQ_CLS` task adds; `added` lists the added tensors as `(module, own
-/// name, shape)`); `None` for any other adapter or when no such head is added.
-pub(crate) fn added_head_labels<'a>(
+/// `SEQ_CLS` adapter's head ([`SEQ_CLS_HEADS`]); `None` for any other adapter or when no
+/// such head is added.
+fn added_head_labels<'a>(
     adapter: &PeftAdapter,
     added: impl IntoIterator<Item = (&'a str, &'a str, &'a [usize])>,
 ) -> Option<usize> {
@@ -57,7 +80,9 @@ pub(crate) fn added_head_labels<'a>(
     added.into_iter().find_map(|(module, own, shape)| {
         let head = module.rsplit('.').next().unwrap_or(module);
         match (head, own, shape) {
-            ("score" | "classifier", "weight", [labels, _]) if *labels > 0 => Some(*labels),
+            (head, "weight", [labels, _]) if *labels > 0 && SEQ_CLS_HEADS.contains(&head) => {
+                Some(*labels)
+            }
             _ => None,
         }
     })
@@ -78,7 +103,7 @@ pub(crate) fn added_head_labels<'a>(
 /// batch of more than one row only with one set (PEFT's merge keeps whatever was given when
 /// the model was loaded). Keys are written sorted, two-space indented, as transformers
 /// writes them. Errors name `source`: unreadable, not JSON, not an object.
-pub(crate) fn classifier_config(source: &Path, labels: usize) -> Result<ConfigEdit> {
+fn classifier_config(source: &Path, labels: usize) -> Result<ConfigEdit> {
     let text = std::fs::read_to_string(source).map_err(|e| Error::io(source, e))?;
     let value: Value = serde_json::from_str(&text).map_err(|e| Error::json(source, &e))?;
     let Value::Object(mut config) = value else {
@@ -98,6 +123,8 @@ pub(crate) fn classifier_config(source: &Path, labels: usize) -> Result<ConfigEd
                 .to_string(),
         );
     }
+    // serde_json's map is sorted already unless some dependency turns on its
+    // `preserve_order` feature; sorted here either way.
     let sorted: serde_json::Map<String, Value> = {
         let mut entries: Vec<(String, Value)> = config.into_iter().collect();
         entries.sort_by(|a, b| a.0.cmp(&b.0));

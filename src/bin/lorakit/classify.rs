@@ -2,7 +2,7 @@
 //! unmerged or merged) on texts or token ids, print each input's class and probabilities,
 //! and optionally write the logits.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use candle_core::{DType, Device, Tensor, D};
@@ -12,6 +12,7 @@ use lorakit::models::bert::ProblemType;
 use lorakit::models::classification::ClassifierConfig;
 use lorakit::models::{AutoSequenceClassifier, SequenceClassifier};
 use lorakit::peft::inspect::not_an_adapter;
+use lorakit::peft::load::KEY_PREFIX;
 use lorakit::peft::PeftAdapter;
 use lorakit::staging::{check_destination, OutputKind};
 
@@ -184,7 +185,7 @@ fn with_num_labels_hint(
 ) -> lorakit::Error {
     let classes = ClassifierConfig::from_file(args.model.join("config.json")).map(|c| c.num_labels);
     let head = adapter
-        .and_then(head_rows)
+        .and_then(|a| head_rows(&args.model, a))
         .filter(|(_, rows)| classes.as_ref().is_ok_and(|n| n != rows));
     match (args.num_labels, &args.adapter, head) {
         (None, Some(dir), Some((head, rows))) => lorakit::Error::usage(
@@ -198,15 +199,14 @@ fn with_num_labels_hint(
     }
 }
 
-/// The classification head a `SEQ_CLS` adapter stores (`modules_to_save`: `score` or
-/// `classifier`) and its number of rows, if it stores one.
-fn head_rows(adapter: &PeftAdapter) -> Option<(String, usize)> {
-    ["score", "classifier"].into_iter().find_map(|head| {
-        let rows = adapter
-            .tensor(&format!("base_model.model.{head}.weight"))
-            .and_then(|t| t.dims().first().copied())?;
-        Some((head.to_string(), rows))
-    })
+/// The model's classification head (`classifier` or `score`, by its `model_type`) and the
+/// number of rows the adapter stores for it (`modules_to_save`), if it stores the head.
+fn head_rows(model: &Path, adapter: &PeftAdapter) -> Option<(&'static str, usize)> {
+    let head = AutoSequenceClassifier::head_name(model).ok()?;
+    let rows = adapter
+        .tensor(&format!("{KEY_PREFIX}{head}.weight"))
+        .and_then(|t| t.dims().first().copied())?;
+    Some((head, rows))
 }
 
 /// One line per row of `logits` `(inputs, num_labels)`, as the problem type reads them.
