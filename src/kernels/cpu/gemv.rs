@@ -28,13 +28,22 @@
 //! through the same fused op (`FrozenLinear`'s `Module::forward`): an adapter at init
 //! (`B = 0`) then still equals its base bit for bit.
 //!
-//! **Crossover** ([`max_rows`]): the kernel re-reads `x` from cache once per block of
-//! [`NR`] rows of `W`, so it is taken while `x` (`m · k` elements) fits in half of one
-//! core's L2 cache and `m` is at most 4 register blocks of the instruction set
-//! (`4 · MR`): beyond that a packed GEMM, which reuses every loaded element of both
-//! operands several times, does fewer loads per multiply-add. Both bounds come from what
-//! the CPU reports, not from timings on one machine. Other dtypes keep the routes of
-//! [`super::col_major`].
+//! **Crossover** ([`dot_rows`]): the dots are taken for fewer rows of `x` than one vector
+//! holds elements (`lanes`: up to 15 `f32` rows with AVX-512, 7 with AVX2), while `x`
+//! (`m · k` elements) fits in half of one core's L2 cache ([`l2_rows`]: the kernel
+//! re-reads `x` once per block of [`NR`] rows of `W`). From `lanes` rows on, the product
+//! goes to [`super::col_major`]'s `W · xᵀ` route on the `gemm` crate, which lays the rows
+//! of `x` along its vectors: it takes as long for 2 rows as for `lanes` (and twice that
+//! for `lanes + 1` to `2 · lanes`), so it loses to the dots below `lanes` rows and wins
+//! from there, where its vectors are full and it reuses each loaded element of both
+//! operands more often than the dots do. Measured at `d = 2048` with 2 threads
+//! (`benches/RESULTS.md`, "Where the dots stop paying"): the `gemm` product took
+//! 0.6–1.1 ms for 8 to 16 rows and 1.3–1.5 ms for 20 to 32; the dots were 7–10% (an Intel
+//! Xeon) and 30–40% (an AMD EPYC, Zen 4) slower than it at 16 rows. The earlier bound,
+//! 4 register blocks (24 rows with AVX-512), sent those 16 rows to the dots. Both bounds
+//! come from what the CPU reports, not from timings on one machine; below `lanes` rows the
+//! column-major routes of [`super::col_major`] would go row by row, one pass over `W` per
+//! row. Other dtypes keep those routes.
 //!
 //! **Row-major right-hand sides** (`rhs.cs == 1`: the input gradient `g W` of a linear
 //! layer, the forward of GPT-2's `Conv1D`) take the same kernel's second form,
@@ -70,11 +79,16 @@ fn block_rows(isa: Isa) -> usize {
     }
 }
 
-/// The most rows of `x` the kernel takes for an inner dimension `k` of `size`-byte
-/// elements (see the module docs).
-fn max_rows(k: usize, size: usize, m: &Machine) -> usize {
-    let fits_l2 = m.l2 / (2 * k.max(1) * size);
-    fits_l2.min(4 * block_rows(m.isa)).max(1)
+/// The most rows of `x` whose `m · k` elements of `size` bytes fit in half of one core's
+/// L2 cache (at least one).
+fn l2_rows(k: usize, size: usize, m: &Machine) -> usize {
+    (m.l2 / (2 * k.max(1) * size)).max(1)
+}
+
+/// The most rows of `x` the dots form takes against a column-major right-hand side: fewer
+/// than one vector's lanes of `size`-byte elements, and [`l2_rows`] (see the module docs).
+fn dot_rows(k: usize, size: usize, m: &Machine) -> usize {
+    l2_rows(k, size, m).min(m.isa.lanes(size) - 1).max(1)
 }
 
 /// Runs [`super::gemm_into`]'s product through the decode kernel and returns `Some`, or
@@ -88,16 +102,15 @@ pub(super) fn reroute<T: WithDType>(
 ) -> Option<candle_core::Result<()>> {
     let m = machine();
     let (lhs, rhs) = (product.lhs, product.rhs);
-    let fits = max_rows(lhs.cols, std::mem::size_of::<T>(), m);
+    let (k, size) = (lhs.cols, std::mem::size_of::<T>());
     let most_rows = match (rhs.rs, rhs.cs) {
-        (1, _) => fits,
-        (_, 1) => fits.min(row_major::max_rows(m.isa)),
+        (1, _) => dot_rows(k, size, m),
+        (_, 1) => l2_rows(k, size, m).min(row_major::max_rows(m.isa)),
         _ => return None,
     };
     if !m.decode_kernel || lhs.rows > most_rows {
         return None;
     }
-    let size = std::mem::size_of::<T>();
     if rhs.rs == 1 && rhs.cs != 1 && short_dots_pay_for_a_copy(lhs.rows, lhs.cols, size, m) {
         return Some(through_row_major_copy(Split::of(m), dst, dst_rs, product));
     }
@@ -829,24 +842,34 @@ mod tests {
         Ok(())
     }
 
-    /// The crossover follows the caches and the instruction set.
+    /// The crossover follows the caches, the instruction set and the dtype: fewer rows
+    /// than a vector's lanes for the dots, while `x` fits in half of the L2.
     #[test]
-    fn max_rows_follows_the_machine() {
+    fn dot_rows_follow_the_machine() {
         let small = Machine {
             isa: Isa::Avx2,
             l1d: 32 << 10,
             l2: 256 << 10,
             decode_kernel: true,
         };
-        assert_eq!(max_rows(2048, 4, &small), 12); // 16 fit the L2, 4 blocks of 3 rows
-        assert_eq!(max_rows(16384, 4, &small), 2);
+        assert_eq!(l2_rows(2048, 4, &small), 16);
+        assert_eq!(dot_rows(2048, 4, &small), 7); // 8 f32 lanes
+        assert_eq!(dot_rows(2048, 8, &small), 3); // 4 f64 lanes
+        assert_eq!(dot_rows(16384, 4, &small), 2); // 2 rows fit the L2's half
         let big = Machine {
             isa: Isa::Avx512,
             l2: 2 << 20,
             ..small
         };
-        assert_eq!(max_rows(2048, 4, &big), 24);
-        assert_eq!(max_rows(1 << 20, 8, &big), 1);
+        assert_eq!(dot_rows(2048, 4, &big), 15);
+        assert_eq!(dot_rows(2048, 8, &big), 7);
+        assert_eq!(dot_rows(1 << 20, 8, &big), 1);
+        let portable = Machine {
+            isa: Isa::Scalar,
+            ..big
+        };
+        assert_eq!(dot_rows(2048, 4, &portable), 3);
+        assert_eq!(dot_rows(2048, 8, &portable), 1);
     }
 
     /// The copy for short inner dimensions: past `k / log2(lanes)` rows (5 for `r = 16`
