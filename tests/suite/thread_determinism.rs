@@ -9,9 +9,10 @@
 //! - Across processes: the test binary reruns itself with `RAYON_NUM_THREADS` = 1 and 3
 //!   (which also sets how `gemm` partitions its products) and compares fingerprints.
 //!
-//! The shapes take every column-major route (chunked `x Wᵀ` at 100 and 200 rows, the
-//! transposed route at 12 rows, the decode kernel at 3 rows, its output columns split
-//! over the threads) and span several 32-row blocks.
+//! The shapes take every column-major route (chunked `x Wᵀ` at 100 and 200 rows; the
+//! transposed route at 20 rows, its output rows split over the threads, and at 12 rows
+//! where a vector holds 8 `f32` (AVX2); the decode kernel at 3 rows, and at 12 with
+//! AVX-512, its output columns split over the threads) and span several 32-row blocks.
 
 use std::process::Command;
 
@@ -21,8 +22,13 @@ use candle_core::Tensor;
 use lorakit::Adapter;
 
 /// `(rows, d_in, d_out)` of the cases.
-const SHAPES: [(usize, usize, usize); 4] =
-    [(100, 48, 150), (12, 40, 520), (200, 96, 300), (3, 72, 520)];
+const SHAPES: [(usize, usize, usize); 5] = [
+    (100, 48, 150),
+    (12, 40, 520),
+    (20, 640, 800),
+    (200, 96, 300),
+    (3, 72, 520),
+];
 
 /// Set in the child processes of the cross-process test.
 const CHILD_ENV: &str = "LORAKIT_DETERMINISM_CHILD";

@@ -35,7 +35,7 @@ use rayon::prelude::*;
 
 use super::machine::{machine, Machine};
 use super::transpose::{par_transpose, transpose_columns};
-use super::{gemm_raw, parallelism, Accum, MatProduct, MatRef};
+use super::{gemm_raw, Accum, MatProduct, MatRef};
 
 /// The route thresholds for elements of `size` bytes on a machine (the module docs' rules).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -149,10 +149,25 @@ struct Product<'a, T> {
 #[derive(Clone, Copy)]
 struct SharedDst<T>(*mut T);
 
-// SAFETY: only used by `Product::chunked`, whose tasks write disjoint column ranges.
+// SAFETY: only used by `Product::chunked` and `Product::rhs_t_times`, whose tasks write
+// disjoint ranges.
 unsafe impl<T> Send for SharedDst<T> {}
 // SAFETY: as above.
 unsafe impl<T> Sync for SharedDst<T> {}
+
+/// `0..len` cut into one contiguous range per thread of rayon's pool, in whole `unit`s
+/// (the last range ends at `len`) as evenly as the units allow, as a parallel iterator of
+/// `(start, end)`.
+fn even_ranges(len: usize, unit: usize) -> impl IndexedParallelIterator<Item = (usize, usize)> {
+    let unit = unit.max(1);
+    let units = len.div_ceil(unit);
+    let tasks = rayon::current_num_threads().clamp(1, units.max(1));
+    (0..tasks).into_par_iter().map(move |task| {
+        let start = (task * units / tasks * unit).min(len);
+        let end = ((task + 1) * units / tasks * unit).min(len);
+        (start, end)
+    })
+}
 
 impl<T: WithDType> Product<'_, T> {
     fn row_by_row(self, dst: &mut [T], dst_rs: usize) -> candle_core::Result<()> {
@@ -197,18 +212,7 @@ impl<T: WithDType> Product<'_, T> {
         let mut lhs_t = vec![zero; k * m];
         par_transpose(self.lhs.t(), &mut lhs_t, m, |d, v| *d = v);
         let mut dst_t = vec![zero; n * m];
-        // SAFETY: `dst_t` is a fresh `n × m` buffer of row stride `m`.
-        unsafe {
-            gemm_raw(
-                dst_t.as_mut_ptr(),
-                m,
-                self.rhs.t(),
-                MatRef::contiguous(&lhs_t, k, m)?,
-                Accum::Replace,
-                T::from_f64(1.0),
-                parallelism(),
-            )
-        };
+        self.rhs_t_times(MatRef::contiguous(&lhs_t, k, m)?, &mut dst_t)?;
         let (accum, beta) = (self.accum, self.beta);
         // dst_t read as the column-major m × n product.
         let product = MatRef::new(&dst_t, m, n, 1, m)?;
@@ -221,6 +225,52 @@ impl<T: WithDType> Product<'_, T> {
         Ok(())
     }
 
+    /// `dst_t = rhsᵀ · lhs_t` (`n × m`, row stride `m`) for [`Product::via_transposes`],
+    /// `rhsᵀ`'s rows (the output's rows) split evenly over the threads, one
+    /// single-threaded `gemm` call each. The `gemm` crate's own threading splits these
+    /// products less evenly: it lays `lhs_t`'s few columns along its vectors, and at 20 or
+    /// 24 of them (`f32`, AVX-512) the split ran 10–15% faster on an AMD EPYC
+    /// (`benches/RESULTS.md`, "Where the dots stop paying"). Products below the `gemm`
+    /// crate's threading threshold stay one call on this thread, as `gemm` would keep them.
+    fn rhs_t_times(self, lhs_t: MatRef<'_, T>, dst_t: &mut [T]) -> candle_core::Result<()> {
+        let (k, m, n) = (lhs_t.rows, lhs_t.cols, self.rhs.cols);
+        let one = T::from_f64(1.0);
+        if m.saturating_mul(n).saturating_mul(k) < gemm::get_threading_threshold() {
+            // SAFETY: `dst_t` holds the `n × m` result at row stride `m`.
+            unsafe {
+                gemm_raw(
+                    dst_t.as_mut_ptr(),
+                    m,
+                    self.rhs.t(),
+                    lhs_t,
+                    Accum::Replace,
+                    one,
+                    gemm::Parallelism::None,
+                )
+            };
+            return Ok(());
+        }
+        let shared = SharedDst(dst_t.as_mut_ptr());
+        even_ranges(n, self.chunk.div_ceil(2)).try_for_each(|(start, end)| {
+            let rows = self.rhs.cols_range(start, end - start)?.t();
+            let dst = shared;
+            // SAFETY: rows `start..end` of the `n × m` buffer `dst_t`; the ranges are
+            // disjoint, so no two calls touch one element.
+            unsafe {
+                gemm_raw(
+                    dst.0.add(start * m),
+                    m,
+                    rows,
+                    lhs_t,
+                    Accum::Replace,
+                    one,
+                    gemm::Parallelism::None,
+                )
+            };
+            Ok(())
+        })
+    }
+
     /// The columns in units of half a chunk, split evenly over the threads (each thread
     /// one contiguous range, taken a chunk at a time): equal-width chunks spread by
     /// work-stealing left one thread idle for the last chunk whenever their count was odd
@@ -228,13 +278,8 @@ impl<T: WithDType> Product<'_, T> {
     fn chunked(self, dst: &mut [T], dst_rs: usize) -> candle_core::Result<()> {
         let (k, n) = (self.rhs.rows, self.rhs.cols);
         let chunk = self.chunk;
-        let unit = chunk.div_ceil(2);
-        let units = n.div_ceil(unit);
-        let tasks = rayon::current_num_threads().clamp(1, units);
         let shared = SharedDst(dst.as_mut_ptr());
-        (0..tasks).into_par_iter().try_for_each(|task| {
-            let start = task * units / tasks * unit;
-            let end = ((task + 1) * units / tasks * unit).min(n);
+        even_ranges(n, chunk.div_ceil(2)).try_for_each(|(start, end)| {
             let mut block = vec![T::from_f64(0.0); k * chunk.min(end - start)];
             for j0 in (start..end).step_by(chunk) {
                 let width = chunk.min(end - j0);
@@ -322,8 +367,8 @@ mod tests {
         let th = Thresholds::new(4, &MEASURED_ON);
         let shapes = [
             (3, 40, 50),    // row by row
-            (8, 40, 515),   // via transposes (few rows)
-            (40, 700, 520), // via transposes (fewer than k / 16 rows, n ≤ k)
+            (8, 40, 515),   // via transposes (few rows; one call, below gemm's threading)
+            (40, 700, 520), // via transposes (fewer than k / 16 rows, n ≤ k; split)
             (20, 40, 150),  // chunked
             (70, 9, 200),   // chunked, short k
             (9, 30, 20),    // straight to gemm
