@@ -20,15 +20,20 @@ Cases (f32; 3 labels; every trainable parameter gets 0.1 * normal added so none 
             adapter: LoRA r=4 alpha=8 on c_attn, head `score`
     bert    base: BertModel (vocab 64, hidden 16, 2 layers, 2 heads, intermediate 32)
             adapter: LoRA r=4 alpha=8 on query, value, head `classifier`
+    llama   base: LlamaForCausalLM (vocab 64, hidden 16, 2 layers, 2 heads, 1 KV head,
+            intermediate 32) with an untied `lm_head.weight`, pad token 0, saved in shards
+            of at most 8 kB (the classifier has no `lm_head`: PEFT's merged save drops it)
+            adapter: LoRA r=4 alpha=8 on q_proj, v_proj, head `score`
 
 README.md, and for each CASE:
     CASE/base/                  save_pretrained of the headless model
     CASE/adapter/               PEFT save_pretrained (README.md removed)
     CASE/peft_merged_config.json  config.json of merge_and_unload().save_pretrained()
+    CASE/peft_merged_keys.json    the tensor names that save wrote, sorted
     CASE/io.safetensors         input_ids (i64 (1, 5)) and `logits` (PeftModel, eval,
                                 unmerged)
 
-Versions used to generate the committed files: torch 2.15.0, transformers 5.24.0,
+Versions used to generate the committed files: torch 2.15.0, transformers 5.25.0,
 peft 0.21.2, safetensors 0.8.0 (Python 3.11).
 """
 
@@ -43,6 +48,7 @@ rerun_pinned()
 
 import torch  # noqa: E402
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForSequenceClassification,
@@ -50,6 +56,8 @@ from transformers import (  # noqa: E402
     BertModel,
     GPT2Config,
     GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
 )
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "merged_head"
@@ -57,6 +65,11 @@ LABELS = 3
 
 
 def base_model(case):
+    if case == "llama":
+        cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                          tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        return LlamaForCausalLM(cfg), ["q_proj", "v_proj"]
     if case == "gpt2":
         cfg = GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=32,
                          bos_token_id=1, eos_token_id=2)
@@ -70,7 +83,7 @@ def make(case):
     torch.manual_seed(0)
     out = OUT / case
     model, targets = base_model(case)
-    model.save_pretrained(out / "base")
+    model.save_pretrained(out / "base", **({"max_shard_size": "8kB"} if case == "llama" else {}))
     classifier = AutoModelForSequenceClassification.from_pretrained(out / "base", num_labels=LABELS)
     cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, target_modules=targets)
     peft = get_peft_model(classifier, cfg)
@@ -91,16 +104,23 @@ def make(case):
     with tempfile.TemporaryDirectory() as tmp:
         loaded.merge_and_unload().save_pretrained(tmp)
         merged_config = json.loads((Path(tmp) / "config.json").read_text())
+        keys = []
+        for shard in sorted(Path(tmp).glob("*.safetensors")):
+            with safe_open(str(shard), "pt") as f:
+                keys.extend(f.keys())
+    (out / "peft_merged_keys.json").write_text(json.dumps(sorted(keys), indent=2) + "\n")
     (out / "peft_merged_config.json").write_text(json.dumps(merged_config, indent=2, sort_keys=True) + "\n")
 
 
 README = """# Merged-head fixtures
 
 PEFT `SEQ_CLS` LoRA adapters (3 labels) fine-tuned from checkpoints without a
-classification head — a GPT-2 causal LM (`GPT2LMHeadModel`, head `score`) and a bare BERT
-encoder (`BertModel`, head `classifier`) — with the `config.json` that PEFT's
-`merge_and_unload()` + `save_pretrained()` writes (`peft_merged_config.json`) and PEFT's
-unmerged logits on one row (`io.safetensors`). Made by
+classification head — a GPT-2 causal LM (`GPT2LMHeadModel`, head `score`), a bare BERT
+encoder (`BertModel`, head `classifier`) and a sharded Llama causal LM with an untied
+`lm_head` (`LlamaForCausalLM`, head `score`) — with the `config.json` that PEFT's
+`merge_and_unload()` + `save_pretrained()` writes (`peft_merged_config.json`), the tensor
+names it writes (`peft_merged_keys.json`) and PEFT's unmerged logits on one row
+(`io.safetensors`). Made by
 `scripts/make_merged_head_fixtures.py` (its docstring lists every file); checked by
 `tests/suite/merged_head.rs`.
 """
@@ -108,7 +128,7 @@ unmerged logits on one row (`io.safetensors`). Made by
 
 def main():
     shutil.rmtree(OUT, ignore_errors=True)
-    for case in ["gpt2", "bert"]:
+    for case in ["gpt2", "bert", "llama"]:
         make(case)
     (OUT / "README.md").write_text(README)
     print(f"wrote {OUT}")

@@ -243,6 +243,12 @@ fn merge(args: MergeArgs) -> ExitCode {
     for change in &report.config_changes {
         text.push_str(&format!("config.json: {change}\n"));
     }
+    if !report.dropped.is_empty() {
+        text.push_str(&format!(
+            "left out (the LM head, which the classifier has not): {}\n",
+            report.dropped.join(", ")
+        ));
+    }
     emit(&text)
 }
 

@@ -367,6 +367,9 @@ pub struct CheckpointMatch {
     /// What a merge into a folder would change in its `config.json` for such a head (see
     /// [`crate::peft::merge_checkpoint`]), one line each; empty otherwise.
     pub config_changes: Vec<String>,
+    /// The checkpoint's tensors such a merge would leave out (a causal LM's head, which the
+    /// classifier has not), by name.
+    pub dropped: Vec<String>,
     /// Things worth knowing that are not a mismatch of tensors: the adapter's
     /// `base_model_name_or_path` and the checkpoint's `config.json` naming different models.
     pub warnings: Vec<String>,
@@ -428,12 +431,12 @@ pub fn inspect_against(adapter_dir: &Path, checkpoint: &Path) -> Result<Checkpoi
         .map(|(module, own, _)| names.in_checkpoint(&format!("{module}.{own}")))
         .collect();
     added.sort();
-    let config_changes = merged_config_edit(
+    let (config_changes, dropped) = merged_config_edit(
         &adapter,
         &ckpt,
         added_keys.iter().map(|(m, o, d)| (*m, *o, d.as_slice())),
     )?
-    .map(|edit| edit.changes)
+    .map(|edit| (edit.changes, edit.dropped))
     .unwrap_or_default();
     let stored: BTreeSet<&str> = modules.iter().map(|m| m.path.as_str()).collect();
     let (mut targeted_without_tensors, mut untargeted) = (Vec::new(), Vec::new());
@@ -461,6 +464,7 @@ pub fn inspect_against(adapter_dir: &Path, checkpoint: &Path) -> Result<Checkpoi
         untargeted,
         added,
         config_changes,
+        dropped,
         warnings: base_model_mismatch(&adapter, &ckpt).into_iter().collect(),
     })
 }
@@ -607,6 +611,13 @@ impl fmt::Display for CheckpointMatch {
         }
         for change in &self.config_changes {
             writeln!(f, "a merge's config.json: {change}")?;
+        }
+        if !self.dropped.is_empty() {
+            writeln!(
+                f,
+                "left out by a merge (the LM head, which the classifier has not): {}",
+                self.dropped.join(", ")
+            )?;
         }
         let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
         for t in &self.untargeted {

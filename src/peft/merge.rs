@@ -6,7 +6,7 @@
 //! from shapes and dtypes before any data. Untargeted tensors are copied in chunks. Peak
 //! memory is a few times the largest *adapted* weight, whatever the checkpoint's size.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -149,6 +149,10 @@ pub struct MergeReport {
     /// added to a checkpoint without one: the classifier's `architectures` and labels),
     /// one line each.
     pub config_changes: Vec<String>,
+    /// The checkpoint's tensors the merge left out, by name: a causal LM's head
+    /// (`lm_head.weight`) when a `SEQ_CLS` merge makes it a classifier, which has none
+    /// (PEFT's merged save has no such tensor either).
+    pub dropped: Vec<String>,
     /// Things the user should know that did not stop the merge (a base model that looks
     /// different from the adapter's, leftovers of an earlier killed run).
     pub warnings: Vec<String>,
@@ -164,7 +168,11 @@ pub struct MergeReport {
 /// adapter the copied `config.json` then describes the classifier as PEFT's merged model
 /// saves it: `architectures` `…ForSequenceClassification` and one `id2label` entry per row
 /// of the head ([`MergeReport::config_changes`]; a decoder without `pad_token_id` gets a
-/// warning). Without that, transformers reads the checkpoint as a 2-label classifier.
+/// warning). Without that, transformers reads the checkpoint as a 2-label classifier. A
+/// causal LM's own head (`lm_head.*`, GPT-NeoX's `embed_out.*`) is then left out, as the
+/// classifier has none ([`MergeReport::dropped`]), unless it fills a shard other than the
+/// last on its own (then it stays, with a warning: leaving it out would leave a shard with
+/// no tensors, which the shard names announce).
 ///
 /// `base` is a `.safetensors` file (then `out` is a file) or a model folder or its
 /// `*.safetensors.index.json` (then `out` is a folder mirroring it: the same shard names and
@@ -236,6 +244,15 @@ pub fn merge_checkpoint(
             .iter()
             .map(|a| (a.module.as_str(), a.own.as_str(), a.value.dims())),
     )?;
+    let dropped: HashSet<String> = config_edit
+        .as_ref()
+        .map(|edit| edit.dropped.iter().cloned().collect())
+        .unwrap_or_default();
+    let dropped_bytes: u64 = ckpt
+        .tensors()
+        .filter(|(_, t)| dropped.contains(&t.name))
+        .map(|(_, t)| t.len)
+        .sum();
 
     let mut job = MergeJob {
         ckpt: &ckpt,
@@ -245,9 +262,10 @@ pub fn merge_checkpoint(
         stash: HashMap::new(),
         dtype: options.dtype,
         progress: options.progress,
-        tensors_total: ckpt.len() + added.len(),
-        bytes_total: ckpt.tensors().map(|(_, t)| t.len).sum(),
+        tensors_total: ckpt.len() + added.len() - dropped.len(),
+        bytes_total: ckpt.tensors().map(|(_, t)| t.len).sum::<u64>() - dropped_bytes,
         added,
+        dropped,
         added_bytes: 0,
         tensors_done: 0,
         bytes_done: 0,
@@ -284,6 +302,7 @@ pub fn merge_checkpoint(
                     job.bytes_written_total(),
                     &job.report.added,
                     last_file.as_deref().unwrap_or_default(),
+                    &job.dropped,
                 )?;
                 std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
             }
@@ -307,6 +326,11 @@ pub fn merge_checkpoint(
     }
     job.report.tensors = job.tensors_done;
     job.report.shards = ckpt.shards().len();
+    job.report.dropped = {
+        let mut names: Vec<String> = job.dropped.into_iter().collect();
+        names.sort();
+        names
+    };
     Ok(job.report)
 }
 
@@ -331,6 +355,8 @@ struct MergeJob<'c, 'p> {
     added: Vec<AddedTensor>,
     /// Their data bytes, once written.
     added_bytes: u64,
+    /// The checkpoint's tensors left out ([`MergeReport::dropped`]).
+    dropped: HashSet<String>,
     dtype: OutputDType,
     progress: Option<&'p mut ProgressFn<'p>>,
     tensors_total: usize,
@@ -353,9 +379,13 @@ impl MergeJob<'_, '_> {
         file: &mut std::fs::File,
         path: &Path,
     ) -> Result<()> {
-        let mut plan: Vec<(String, Dtype, Vec<usize>)> = shard
+        let kept: Vec<&StoredTensor> = shard
             .header
             .tensors()
+            .iter()
+            .filter(|t| !self.dropped.contains(&t.name))
+            .collect();
+        let mut plan: Vec<(String, Dtype, Vec<usize>)> = kept
             .iter()
             .map(|t| (t.name.clone(), self.dtype.apply(t.dtype), t.shape.clone()))
             .collect();
@@ -373,8 +403,8 @@ impl MergeJob<'_, '_> {
         }
         let mut writer =
             ShardWriter::begin(file, path, &plan, shard.header.user_metadata().cloned())?;
-        let (stored, extra) = plan.split_at(shard.header.tensors().len());
-        for (tensor, (_, out_dtype, _)) in shard.header.tensors().iter().zip(stored) {
+        let (stored, extra) = plan.split_at(kept.len());
+        for (tensor, (_, out_dtype, _)) in kept.into_iter().zip(stored) {
             if !self.write_merged(tensor, *out_dtype, &mut writer)? {
                 self.copy(shard, tensor, *out_dtype, &mut writer)?;
             }
@@ -581,6 +611,7 @@ impl MergeJob<'_, '_> {
         let stored: u64 = self
             .ckpt
             .tensors()
+            .filter(|(_, t)| !self.dropped.contains(&t.name))
             .map(|(_, t)| byte_len(self.dtype.apply(t.dtype), &t.shape).unwrap_or(t.len))
             .sum();
         stored + self.added_bytes
@@ -736,16 +767,18 @@ fn adapter_weights_path(adapter: &PeftAdapter) -> PathBuf {
     PathBuf::from(adapter.source())
 }
 
-/// The index for the output: the input's, with `metadata.total_size` recomputed and the
-/// `added` tensors mapped to the shard `added_to`.
+/// The index for the output: the input's, with `metadata.total_size` recomputed, the
+/// `added` tensors mapped to the shard `added_to` and the `dropped` ones removed.
 fn output_index(
     index: &serde_json::Map<String, Value>,
     total_size: u64,
     added: &[String],
     added_to: &str,
+    dropped: &HashSet<String>,
 ) -> Result<String> {
     let mut index = index.clone();
     if let Some(Value::Object(map)) = index.get_mut("weight_map") {
+        map.retain(|name, _| !dropped.contains(name));
         for name in added {
             map.insert(name.clone(), Value::from(added_to));
         }

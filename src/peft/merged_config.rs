@@ -7,6 +7,11 @@
 //! `id2label` / `label2id` list the labels. The checkpoint's own `config.json` describes no
 //! head, which transformers reads as 2 labels: with any other number the merged checkpoint
 //! does not load. [`classifier_config`] makes the copied file say what PEFT's does.
+//!
+//! A causal LM's checkpoint also holds its language-modelling head (`lm_head.weight`),
+//! which the classifier does not have: PEFT's merged save has no such tensor, and
+//! transformers reports one as unexpected and ignores it. [`ConfigEdit::dropped`] names
+//! those tensors, and the merge leaves them out.
 
 use std::path::Path;
 
@@ -20,16 +25,33 @@ use crate::peft::load::PeftAdapter;
 /// `score` for decoders).
 const SEQ_CLS_HEADS: [&str; 2] = ["classifier", "score"];
 
-/// Endings of head-less or language-modelling architecture names, longest first, and
-/// whether the model is a decoder: `GPT2LMHeadModel`, `Qwen2ForCausalLM`,
-/// `BertForMaskedLM`, `BertModel` …
-const ARCHITECTURE_ENDINGS: [(&str, bool); 6] = [
-    ("ForConditionalGeneration", true),
-    ("ForPreTraining", false),
-    ("LMHeadModel", true),
-    ("ForCausalLM", true),
-    ("ForMaskedLM", false),
-    ("Model", false),
+/// The modules that hold a causal LM's language-modelling head in transformers'
+/// checkpoints (`lm_head` for Llama, Qwen2, Mistral, GPT-2, OPT …, `embed_out` for
+/// GPT-NeoX): a `…ForSequenceClassification` model has neither.
+const LM_HEAD_MODULES: [&str; 2] = ["lm_head", "embed_out"];
+
+/// What a checkpoint's architecture was before it became a classifier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Origin {
+    /// A causal LM (`…ForCausalLM`, `…LMHeadModel`): a decoder with an LM head the
+    /// classifier drops.
+    CausalLm,
+    /// Another decoder (`…ForConditionalGeneration`): its heads are left as they are.
+    OtherDecoder,
+    /// An encoder (`…ForMaskedLM`, `…ForPreTraining`, a bare `…Model`).
+    Encoder,
+}
+
+/// Endings of head-less or language-modelling architecture names, longest first, and what
+/// kind of model each names: `GPT2LMHeadModel`, `Qwen2ForCausalLM`, `BertForMaskedLM`,
+/// `BertModel` …
+const ARCHITECTURE_ENDINGS: [(&str, Origin); 6] = [
+    ("ForConditionalGeneration", Origin::OtherDecoder),
+    ("ForPreTraining", Origin::Encoder),
+    ("LMHeadModel", Origin::CausalLm),
+    ("ForCausalLM", Origin::CausalLm),
+    ("ForMaskedLM", Origin::Encoder),
+    ("Model", Origin::Encoder),
 ];
 
 /// What [`classifier_config`] changed, and what the user should know.
@@ -41,6 +63,11 @@ pub(crate) struct ConfigEdit {
     pub changes: Vec<String>,
     /// Things the file cannot say on its own (a decoder without a padding token).
     pub warnings: Vec<String>,
+    /// The checkpoint's tensors the classifier does not have, which the merge leaves out:
+    /// a causal LM's head ([`LM_HEAD_MODULES`]), by name, sorted.
+    pub dropped: Vec<String>,
+    /// The architecture the checkpoint named, when it was one lorakit renames.
+    origin: Option<Origin>,
 }
 
 /// What a merge of `adapter` into `ckpt` writes as the output folder's `config.json` when
@@ -56,10 +83,50 @@ pub(crate) fn merged_config_edit<'a>(
     let config = ckpt.folder().join("config.json");
     match added_head_labels(adapter, added) {
         Some(labels) if !matches!(ckpt.given(), Given::File) && config.is_file() => {
-            classifier_config(&config, labels).map(Some)
+            let mut edit = classifier_config(&config, labels)?;
+            if edit.origin == Some(Origin::CausalLm) {
+                drop_lm_head(ckpt, &mut edit);
+            }
+            Ok(Some(edit))
         }
         _ => Ok(None),
     }
+}
+
+/// Whether `name` is a tensor of a language-modelling head ([`LM_HEAD_MODULES`]).
+fn is_lm_head(name: &str) -> bool {
+    name.split_once('.')
+        .is_some_and(|(module, _)| LM_HEAD_MODULES.contains(&module))
+}
+
+/// Sets [`ConfigEdit::dropped`] to the tensors of `ckpt`'s language-modelling head, sorted
+/// — except in a shard other than the last that holds nothing else: that shard would be
+/// left with no tensors, and the output mirrors the checkpoint's shard names
+/// (`…-of-0000N`), which announce it. Those stay, with a warning (transformers ignores
+/// them).
+fn drop_lm_head(ckpt: &Checkpoint, edit: &mut ConfigEdit) {
+    let last = ckpt.shards().len().saturating_sub(1);
+    let mut names = Vec::new();
+    for (i, shard) in ckpt.shards().iter().enumerate() {
+        let tensors = shard.header.tensors();
+        let heads: Vec<&str> = tensors
+            .iter()
+            .map(|t| t.name.as_str())
+            .filter(|name| is_lm_head(name))
+            .collect();
+        if i != last && !heads.is_empty() && heads.len() == tensors.len() {
+            edit.warnings.push(format!(
+                "{} kept: it fills the shard {} alone, which would be left empty (the \
+                 classifier has no LM head; transformers ignores it)",
+                heads.join(", "),
+                shard.file_name
+            ));
+            continue;
+        }
+        names.extend(heads.into_iter().map(str::to_string));
+    }
+    names.sort();
+    edit.dropped = names;
 }
 
 /// The number of labels of the head a merge adds: the rows of the added `weight` of a
@@ -113,7 +180,8 @@ fn classifier_config(source: &Path, labels: usize) -> Result<ConfigEdit> {
         ));
     };
     let mut edit = ConfigEdit::default();
-    let decoder = set_architecture(&mut config, &mut edit);
+    edit.origin = set_architecture(&mut config, &mut edit);
+    let decoder = matches!(edit.origin, Some(Origin::CausalLm | Origin::OtherDecoder));
     set_labels(&mut config, labels, &mut edit);
     let pad = config.get("pad_token_id").filter(|v| !v.is_null());
     if decoder && pad.is_none() {
@@ -137,9 +205,9 @@ fn classifier_config(source: &Path, labels: usize) -> Result<ConfigEdit> {
     Ok(edit)
 }
 
-/// `architectures` as a classifier's; returns whether the model is a decoder (by the name
-/// it had).
-fn set_architecture(config: &mut Map<String, Value>, edit: &mut ConfigEdit) -> bool {
+/// `architectures` as a classifier's; returns what kind of model the name it had names
+/// (`None` when it names none, is a classifier already or is not one lorakit knows).
+fn set_architecture(config: &mut Map<String, Value>, edit: &mut ConfigEdit) -> Option<Origin> {
     let first = config
         .get("architectures")
         .and_then(Value::as_array)
@@ -151,27 +219,27 @@ fn set_architecture(config: &mut Map<String, Value>, edit: &mut ConfigEdit) -> b
             "config.json names no architecture; transformers' Auto classes go by model_type"
                 .to_string(),
         );
-        return false;
+        return None;
     };
     if name.ends_with("ForSequenceClassification") {
-        return false;
+        return None;
     }
-    let Some((stem, decoder)) = ARCHITECTURE_ENDINGS.iter().find_map(|(end, decoder)| {
+    let Some((stem, origin)) = ARCHITECTURE_ENDINGS.iter().find_map(|(end, origin)| {
         name.strip_suffix(end)
             .filter(|stem| !stem.is_empty())
-            .map(|stem| (stem, *decoder))
+            .map(|stem| (stem, *origin))
     }) else {
         edit.warnings.push(format!(
             "config.json's architecture {name} has no sequence-classification name lorakit \
              knows; left as it is (transformers' Auto classes go by model_type)"
         ));
-        return false;
+        return None;
     };
     let classifier = format!("{stem}ForSequenceClassification");
     edit.changes
         .push(format!("architectures: {name} -> {classifier}"));
     config.insert("architectures".into(), Value::from(vec![classifier]));
-    decoder
+    Some(origin)
 }
 
 /// `id2label` / `label2id` (and `num_labels`, if present) for `labels` outputs.

@@ -1,8 +1,10 @@
 //! Merging a PEFT `SEQ_CLS` adapter into the checkpoint it was fine-tuned from when that
-//! checkpoint has no classification head (a GPT-2 causal LM, a bare BERT encoder): the
-//! merge adds the head and makes the copied `config.json` the classifier's, as PEFT's
-//! `merge_and_unload()` + `save_pretrained()` writes it (`scripts/make_merged_head_fixtures.py`
-//! → `tests/fixtures/merged_head/`, transformers 5.24, PEFT 0.21.2, 3 labels).
+//! checkpoint has no classification head (a GPT-2 causal LM, a bare BERT encoder, a sharded
+//! Llama causal LM with an untied LM head): the merge adds the head, makes the copied
+//! `config.json` the classifier's and leaves out the causal LM's own head, as PEFT's
+//! `merge_and_unload()` + `save_pretrained()` writes them
+//! (`scripts/make_merged_head_fixtures.py` → `tests/fixtures/merged_head/`, transformers
+//! 5.25, PEFT 0.21.2, 3 labels).
 
 use std::path::{Path, PathBuf};
 
@@ -22,11 +24,64 @@ fn json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-/// The merged folder's config.json equals PEFT's merged model's, and lorakit's classifier
-/// built from the merged folder alone gives PEFT's (unmerged) logits.
+/// The tensor names of the merged folder `out` (every `.safetensors` file in it).
+fn merged_keys(out: &Path) -> Vec<String> {
+    let mut keys = Vec::new();
+    for entry in std::fs::read_dir(out).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            keys.extend(load(&path).into_keys());
+        }
+    }
+    keys.sort();
+    keys
+}
+
+/// PEFT's merged tensor names for a case, without the prefix PEFT's classifier puts on a
+/// bare encoder's names (`bert.`: transformers loads either form).
+fn peft_keys(name: &str, strip: &str) -> Vec<String> {
+    let keys: Vec<String> =
+        serde_json::from_value(json(&case(name).join("peft_merged_keys.json"))).unwrap();
+    let mut keys: Vec<String> = keys
+        .into_iter()
+        .map(|k| k.strip_prefix(strip).map_or(k.clone(), str::to_string))
+        .collect();
+    keys.sort();
+    keys
+}
+
+/// lorakit's classifier built from the merged folder `out` alone gives PEFT's (unmerged)
+/// logits of the case `name`.
+fn assert_gives_peft_logits(out: &Path, name: &str) {
+    let io = load(&case(name).join("io.safetensors"));
+    let ids = io["input_ids"].to_dtype(DType::U32).unwrap();
+    let none = AdapterPlan::none();
+    let model = AutoSequenceClassifier::from_pretrained(out, None, DType::F32, &Device::Cpu, &none)
+        .unwrap();
+    let logits: Tensor = model
+        .as_classifier()
+        .classify(&ids, None, None, false)
+        .unwrap();
+    assert_close(
+        &logits,
+        &io["logits"],
+        1e-4,
+        &format!("{name}: merged vs PEFT"),
+    );
+}
+
+/// The merged folder's config.json equals PEFT's merged model's, its tensors are the ones
+/// PEFT's merged save holds (a causal LM's `lm_head.weight` left out), and lorakit's
+/// classifier built from the merged folder alone gives PEFT's (unmerged) logits.
 #[test]
 fn a_head_added_by_a_merge_is_described_as_peft_describes_it() {
-    for (name, decoder) in [("gpt2", true), ("bert", false)] {
+    // (case, expects the missing-pad_token_id warning, PEFT's prefix, LM head left out)
+    let cases = [
+        ("gpt2", true, "", false),
+        ("bert", false, "bert.", false),
+        ("llama", false, "", true),
+    ];
+    for (name, decoder, prefix, drops_head) in cases {
         let dir = case(name);
         let tmp = temp_dir(&format!("merged-head-{name}"));
         let out = tmp.join("merged");
@@ -57,23 +112,19 @@ fn a_head_added_by_a_merge_is_described_as_peft_describes_it() {
         );
         let no_pad = report.warnings.iter().any(|w| w.contains("pad_token_id"));
         assert_eq!(no_pad, decoder, "{name}: {:?}", report.warnings);
-
-        let io = load(&dir.join("io.safetensors"));
-        let ids = io["input_ids"].to_dtype(DType::U32).unwrap();
-        let none = AdapterPlan::none();
-        let model =
-            AutoSequenceClassifier::from_pretrained(&out, None, DType::F32, &Device::Cpu, &none)
-                .unwrap();
-        let logits: Tensor = model
-            .as_classifier()
-            .classify(&ids, None, None, false)
-            .unwrap();
-        assert_close(
-            &logits,
-            &io["logits"],
-            1e-4,
-            &format!("{name}: merged vs PEFT"),
+        assert_eq!(
+            merged_keys(&out),
+            peft_keys(name, prefix),
+            "{name}: the tensors PEFT's merged save holds"
         );
+        let want_dropped: &[&str] = if drops_head { &["lm_head.weight"] } else { &[] };
+        assert_eq!(report.dropped, want_dropped, "{name}");
+        assert_eq!(
+            seen.dropped, report.dropped,
+            "{name}: inspect --base tells it"
+        );
+
+        assert_gives_peft_logits(&out, name);
     }
 }
 
@@ -129,4 +180,55 @@ fn an_unreadable_config_json_stops_the_merge_before_it_writes() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(left, ["base"], "nothing written beside it");
+}
+
+/// A causal LM's head that fills a shard other than the last on its own stays, with a
+/// warning (leaving it out would leave a shard with no tensors, which the shard names
+/// announce), and the output still loads: here the Llama fixture's last shard
+/// (`lm_head.weight` alone) is renamed to sort first.
+#[test]
+fn a_head_alone_in_an_earlier_shard_stays_with_a_warning() {
+    let dir = case("llama");
+    let tmp = temp_dir("merged-head-empty-shard");
+    let base = tmp.join("base");
+    std::fs::create_dir_all(&base).unwrap();
+    let (head_shard, renamed) = (
+        "model-00004-of-00004.safetensors",
+        "model-00000-of-00004.safetensors",
+    );
+    for entry in std::fs::read_dir(dir.join("base")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        let dest = if name == head_shard { renamed } else { &name };
+        std::fs::copy(&path, base.join(dest)).unwrap();
+    }
+    let index_path = base.join("model.safetensors.index.json");
+    let mut index = json(&index_path);
+    index["weight_map"]["lm_head.weight"] = Value::from(renamed);
+    std::fs::write(&index_path, serde_json::to_string(&index).unwrap()).unwrap();
+
+    let out = tmp.join("merged");
+    let report =
+        merge_checkpoint(&base, &dir.join("adapter"), &out, MergeOptions::default()).unwrap();
+    assert!(report.dropped.is_empty(), "{:?}", report.dropped);
+    assert!(
+        report
+            .warnings
+            .iter()
+            .any(|w| w.contains("lm_head.weight kept") && w.contains(renamed)),
+        "{:?}",
+        report.warnings
+    );
+    let seen = lorakit::peft::inspect::inspect_against(&dir.join("adapter"), &base).unwrap();
+    assert!(
+        seen.dropped.is_empty(),
+        "inspect agrees: {:?}",
+        seen.dropped
+    );
+    let mut want = peft_keys("llama", "");
+    want.push("lm_head.weight".to_string());
+    want.sort();
+    assert_eq!(merged_keys(&out), want);
+
+    assert_gives_peft_logits(&out, "llama");
 }
