@@ -244,10 +244,11 @@ pub fn merge_checkpoint(
             .iter()
             .map(|a| (a.module.as_str(), a.own.as_str(), a.value.dims())),
     )?;
-    let dropped: HashSet<String> = config_edit
+    report.dropped = config_edit
         .as_ref()
-        .map(|edit| edit.dropped.iter().cloned().collect())
+        .map(|edit| edit.dropped.clone())
         .unwrap_or_default();
+    let dropped: HashSet<String> = report.dropped.iter().cloned().collect();
     let dropped_bytes: u64 = ckpt
         .tensors()
         .filter(|(_, t)| dropped.contains(&t.name))
@@ -326,11 +327,6 @@ pub fn merge_checkpoint(
     }
     job.report.tensors = job.tensors_done;
     job.report.shards = ckpt.shards().len();
-    job.report.dropped = {
-        let mut names: Vec<String> = job.dropped.into_iter().collect();
-        names.sort();
-        names
-    };
     Ok(job.report)
 }
 
