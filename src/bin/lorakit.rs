@@ -237,6 +237,12 @@ fn merge(args: MergeArgs) -> ExitCode {
             report.added.join(", ")
         ));
     }
+    if !report.untied.is_empty() {
+        text.push_str(&format!(
+            "untied (a head tied to the embedding, written as its own tensor): {}\n",
+            report.untied.join(", ")
+        ));
+    }
     if !report.copied.is_empty() {
         text.push_str(&format!("copied: {}\n", report.copied.join(", ")));
     }

@@ -17,6 +17,7 @@ use crate::peft::config::PeftType;
 use crate::peft::load::{PeftAdapter, CONFIG_FILE, KEY_PREFIX, MODEL_KEY_PREFIX, WEIGHTS_FILE};
 use crate::peft::merged_config::merged_config_edit;
 use crate::peft::module_names::ModuleNames;
+use crate::peft::tied_head::{tied_table, untie_by_hand_warning, UntiedHead};
 use crate::peft::weights_file::PICKLE_WEIGHTS_FILE;
 use crate::variants::build::peft_tensor_suffixes;
 pub use crate::variants::build::ImpliedShape;
@@ -316,6 +317,11 @@ pub enum Fit {
     Fits,
     /// The checkpoint has no `<path>.weight`.
     Missing,
+    /// The checkpoint has no `<path>.weight` because the module is an output head tied to
+    /// the input embedding whose table it names (`model.embed_tokens.weight`): the adapter
+    /// applies to that table, and a merge writes the head as a tensor of its own, untied
+    /// (see [`crate::peft::merge_checkpoint`]).
+    TiedToEmbedding(String),
     /// The weight is not 2-D (not a linear layer's).
     NotTwoD,
     /// The weight's dtype is not a float a merge can compute in (a quantized weight).
@@ -341,6 +347,14 @@ pub struct ModuleMatch {
     pub kind: BaseKind,
     /// Whether it fits.
     pub fit: Fit,
+}
+
+impl ModuleMatch {
+    /// Whether a merge applies to the module: its weight [`Fit::Fits`], or it is a head
+    /// [`Fit::TiedToEmbedding`].
+    pub fn fits(&self) -> bool {
+        matches!(self.fit, Fit::Fits | Fit::TiedToEmbedding(_))
+    }
 }
 
 /// Which of a checkpoint's tensors an adapter applies to: what [`inspect_against`] returns
@@ -379,7 +393,7 @@ impl CheckpointMatch {
     /// Whether a merge of the adapter into the checkpoint would find every module's weight:
     /// every module fits, and no weight the config targets lacks its tensors.
     pub fn all_fit(&self) -> bool {
-        self.modules.iter().all(|m| m.fit == Fit::Fits) && self.targeted_without_tensors.is_empty()
+        self.modules.iter().all(ModuleMatch::fits) && self.targeted_without_tensors.is_empty()
     }
 }
 
@@ -431,13 +445,20 @@ pub fn inspect_against(adapter_dir: &Path, checkpoint: &Path) -> Result<Checkpoi
         .map(|(module, own, _)| names.in_checkpoint(&format!("{module}.{own}")))
         .collect();
     added.sort();
-    let (config_changes, dropped) = merged_config_edit(
+    let untied = untied_heads(&ckpt, &modules);
+    let mut warnings: Vec<String> = base_model_mismatch(&adapter, &ckpt).into_iter().collect();
+    let (config_changes, dropped) = match merged_config_edit(
         &adapter,
         &ckpt,
         added_keys.iter().map(|(m, o, d)| (*m, *o, d.as_slice())),
-    )?
-    .map(|edit| (edit.changes, edit.dropped))
-    .unwrap_or_default();
+        &untied,
+    )? {
+        Some(edit) => (edit.changes, edit.dropped),
+        None => {
+            warnings.extend(untied.iter().map(untie_by_hand_warning));
+            Default::default()
+        }
+    };
     let stored: BTreeSet<&str> = modules.iter().map(|m| m.path.as_str()).collect();
     let (mut targeted_without_tensors, mut untargeted) = (Vec::new(), Vec::new());
     for (_, t) in ckpt.tensors() {
@@ -465,7 +486,7 @@ pub fn inspect_against(adapter_dir: &Path, checkpoint: &Path) -> Result<Checkpoi
         added,
         config_changes,
         dropped,
-        warnings: base_model_mismatch(&adapter, &ckpt).into_iter().collect(),
+        warnings,
     })
 }
 
@@ -495,6 +516,16 @@ pub(crate) fn adds_module(
             ckpt.get(&names.in_checkpoint(&format!("{module}.{own}")))
                 .is_none()
         })
+}
+
+/// The heads among `modules` tied to the input embedding ([`Fit::TiedToEmbedding`]), each
+/// with its table's shape and dtype: a merge writes them as tensors of their own.
+pub(crate) fn untied_heads(ckpt: &Checkpoint, modules: &[ModuleMatch]) -> Vec<UntiedHead> {
+    modules
+        .iter()
+        .filter(|m| matches!(m.fit, Fit::TiedToEmbedding(_)))
+        .filter_map(|m| tied_table(ckpt, &m.tensor, |shape| m.implied.admits(shape)))
+        .collect()
 }
 
 /// Each module the adapter stores, matched with its base tensor in `ckpt` (headers only).
@@ -529,7 +560,8 @@ pub(crate) fn match_modules(
                 _ => shape.to_vec(),
             };
             let fit = match &base {
-                None => Fit::Missing,
+                None => tied_table(ckpt, &tensor, |shape| implied.admits(shape))
+                    .map_or(Fit::Missing, |tied| Fit::TiedToEmbedding(tied.table)),
                 Some((shape, _)) if shape.len() != 2 => Fit::NotTwoD,
                 Some((_, dtype)) if !is_convertible_float(*dtype) => Fit::NotFloat,
                 Some((shape, _)) if !implied.admits(&out_in(shape)) => Fit::ShapeDiffers,
@@ -564,8 +596,12 @@ impl fmt::Display for ModuleMatch {
         if let Some((shape, dtype)) = &self.base {
             write!(f, "  {shape:?} {}", dtype_name(*dtype))?;
         }
-        match self.fit {
+        match &self.fit {
             Fit::Fits => write!(f, "  ok"),
+            Fit::TiedToEmbedding(table) => write!(
+                f,
+                "  ok: tied to {table} (tie_word_embeddings); a merge writes it untied"
+            ),
             Fit::Missing => write!(f, "  MISSING: the checkpoint has no such tensor"),
             Fit::NotTwoD => write!(f, "  MISMATCH: not a 2-D linear weight"),
             Fit::NotFloat => write!(f, "  MISMATCH: not a float weight (quantized?)"),
@@ -580,7 +616,7 @@ impl fmt::Display for ModuleMatch {
 
 impl fmt::Display for CheckpointMatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let fitting = self.modules.iter().filter(|m| m.fit == Fit::Fits).count();
+        let fitting = self.modules.iter().filter(|m| m.fits()).count();
         writeln!(
             f,
             "checkpoint: {} ({} tensors in {} file(s))",

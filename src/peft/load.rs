@@ -19,6 +19,7 @@ use crate::model::plan::{AdapterFactory, AdapterPlan};
 use crate::model::target::ModuleSettings;
 use crate::peft::config::PeftConfig;
 use crate::peft::lora_extensions::{check_computable, is_skipped_tensor};
+use crate::peft::tied_head::target_tied_heads;
 use crate::peft::weights_file::{parse_safetensors, read_adapter_weights};
 use crate::shared::Shared;
 use crate::variants::build::{peft_tensor_suffixes, TensorSource};
@@ -122,13 +123,19 @@ impl PeftAdapter {
 
     /// An adapter from an already parsed config and tensors keyed as in PEFT's file. The
     /// state of a training-only extension ([`PeftConfig::skipped_tensors`]) is left out
-    /// here, so nothing downstream (layers, merges, inspect, GGUF export) sees it.
+    /// here, so nothing downstream (layers, merges, inspect, GGUF export) sees it. Under
+    /// `ensure_weight_tying` the tied heads the file stores (`lm_head`) are targeted, as PEFT
+    /// adapts them beside the embedding they are tied to.
     pub fn from_parts(
-        config: PeftConfig,
+        mut config: PeftConfig,
         mut tensors: BTreeMap<String, Tensor>,
         source: impl Into<PathBuf>,
     ) -> Self {
         tensors.retain(|key, _| !is_skipped_tensor(key, &config.skipped_tensors));
+        let low_rank_paths = tensors
+            .keys()
+            .filter_map(|k| k.strip_prefix(KEY_PREFIX)?.strip_suffix(".lora_A.weight"));
+        target_tied_heads(&mut config, low_rank_paths);
         Self {
             inner: Arc::new(Files {
                 config,

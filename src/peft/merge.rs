@@ -24,12 +24,13 @@ use crate::error::{Error, Result};
 use crate::model::plan::AdapterPlan;
 use crate::peft::inspect::{
     adds_module, base_model_mismatch, base_module_of, classify_keys, load_adapter, match_modules,
-    Fit,
+    untied_heads, Fit,
 };
 use crate::peft::load::KEY_PREFIX;
 use crate::peft::load::{PeftAdapter, CONFIG_FILE, WEIGHTS_FILE};
 use crate::peft::merged_config::merged_config_edit;
 use crate::peft::module_names::ModuleNames;
+use crate::peft::tied_head::{untie_by_hand_warning, UntiedHead};
 use crate::peft::weights_file::PICKLE_WEIGHTS_FILE;
 use crate::staging::{
     check_destination, leftovers, remove_leftovers, OutputKind, StagedDir, StagedFile,
@@ -145,9 +146,13 @@ pub struct MergeReport {
     /// Tensors the checkpoint lacked that the adapter's `modules_to_save` copies added (a
     /// classifier head trained on a pretrained encoder), by name.
     pub added: Vec<String>,
+    /// Output heads tied to the input embedding that the merge wrote as tensors of their
+    /// own (the table with the head's adapter merged), as `head (tied to table)`; the
+    /// copied `config.json` then says `tie_word_embeddings: false`.
+    pub untied: Vec<String>,
     /// What the merge changed in the copied `config.json` (a `SEQ_CLS` adapter's head
-    /// added to a checkpoint without one: the classifier's `architectures` and labels),
-    /// one line each.
+    /// added to a checkpoint without one: the classifier's `architectures` and labels; a
+    /// head untied), one line each.
     pub config_changes: Vec<String>,
     /// The checkpoint's tensors the merge left out, by name: a causal LM's head
     /// (`lm_head.weight`) when a `SEQ_CLS` merge makes it a classifier, which has none
@@ -173,6 +178,13 @@ pub struct MergeReport {
 /// classifier has none ([`MergeReport::dropped`]), unless it fills a shard other than the
 /// last on its own (then it stays, with a warning: leaving it out would leave a shard with
 /// no tensors, which the shard names announce).
+///
+/// An adapter on an output head tied to the input embedding (`lm_head` of a checkpoint
+/// saved with `tie_word_embeddings`, which has no `lm_head.weight`) is merged into a copy of
+/// the embedding's table, written as `lm_head.weight` at the end of the last shard, and the
+/// copied `config.json` says `tie_word_embeddings: false` ([`MergeReport::untied`]): the
+/// merged model gives the unmerged adapter's logits. PEFT's own merge changes the shared
+/// table instead, embedding included, and keeps the head tied, which does not.
 ///
 /// `base` is a `.safetensors` file (then `out` is a file) or a model folder or its
 /// `*.safetensors.index.json` (then `out` is a folder mirroring it: the same shard names and
@@ -228,7 +240,11 @@ pub fn merge_checkpoint(
 
     let adapter = load_adapter(adapter_dir)?;
     let plan = adapter.plan()?;
-    let AdapterFit { names, added } = check_adapter_fits(&adapter, &ckpt)?;
+    let AdapterFit {
+        names,
+        added,
+        untied,
+    } = check_adapter_fits(&adapter, &ckpt)?;
     for a in &added {
         // The plan's copy of the tensor, so that `finish` counts it as used.
         plan.stored_tensor(&a.module, &a.own)?;
@@ -243,7 +259,13 @@ pub fn merge_checkpoint(
         added
             .iter()
             .map(|a| (a.module.as_str(), a.own.as_str(), a.value.dims())),
+        &untied,
     )?;
+    if config_edit.is_none() {
+        report
+            .warnings
+            .extend(untied.iter().map(untie_by_hand_warning));
+    }
     report.dropped = config_edit
         .as_ref()
         .map(|edit| edit.dropped.clone())
@@ -255,6 +277,7 @@ pub fn merge_checkpoint(
         .map(|(_, t)| t.len)
         .sum();
 
+    let untied_names: Vec<String> = untied.iter().map(|u| u.head.clone()).collect();
     let mut job = MergeJob {
         ckpt: &ckpt,
         plan: &plan,
@@ -263,9 +286,10 @@ pub fn merge_checkpoint(
         stash: HashMap::new(),
         dtype: options.dtype,
         progress: options.progress,
-        tensors_total: ckpt.len() + added.len() - dropped.len(),
+        tensors_total: ckpt.len() + added.len() + untied.len() - dropped.len(),
         bytes_total: ckpt.tensors().map(|(_, t)| t.len).sum::<u64>() - dropped_bytes,
         added,
+        untied,
         dropped,
         added_bytes: 0,
         tensors_done: 0,
@@ -301,7 +325,7 @@ pub fn merge_checkpoint(
                 let text = output_index(
                     index,
                     job.bytes_written_total(),
-                    &job.report.added,
+                    &[job.report.added.clone(), untied_names].concat(),
                     last_file.as_deref().unwrap_or_default(),
                     &job.dropped,
                 )?;
@@ -349,7 +373,9 @@ struct MergeJob<'c, 'p> {
     /// Tensors the checkpoint lacks that the adapter adds, written at the end of the last
     /// shard.
     added: Vec<AddedTensor>,
-    /// Their data bytes, once written.
+    /// Tied heads written untied after them.
+    untied: Vec<UntiedHead>,
+    /// The data bytes of both, once written.
     added_bytes: u64,
     /// The checkpoint's tensors left out ([`MergeReport::dropped`]).
     dropped: HashSet<String>,
@@ -367,7 +393,7 @@ struct MergeJob<'c, 'p> {
 
 impl MergeJob<'_, '_> {
     /// Writes `shard`'s tensors, merged or copied, to `file` (named `path` in errors), and,
-    /// in the `last` shard, the tensors the adapter adds.
+    /// in the `last` shard, the tensors the adapter adds and the untied heads.
     fn write_shard(
         &mut self,
         shard: &Shard,
@@ -385,10 +411,13 @@ impl MergeJob<'_, '_> {
             .iter()
             .map(|t| (t.name.clone(), self.dtype.apply(t.dtype), t.shape.clone()))
             .collect();
-        let added = if last {
-            std::mem::take(&mut self.added)
+        let (added, untied) = if last {
+            (
+                std::mem::take(&mut self.added),
+                std::mem::take(&mut self.untied),
+            )
         } else {
-            Vec::new()
+            Default::default()
         };
         for a in &added {
             plan.push((
@@ -397,9 +426,13 @@ impl MergeJob<'_, '_> {
                 a.value.dims().to_vec(),
             ));
         }
+        for u in &untied {
+            plan.push((u.head.clone(), self.dtype.apply(u.dtype), u.shape.clone()));
+        }
         let mut writer =
             ShardWriter::begin(file, path, &plan, shard.header.user_metadata().cloned())?;
         let (stored, extra) = plan.split_at(kept.len());
+        let (extra, heads) = extra.split_at(added.len());
         for (tensor, (_, out_dtype, _)) in kept.into_iter().zip(stored) {
             if !self.write_merged(tensor, *out_dtype, &mut writer)? {
                 self.copy(shard, tensor, *out_dtype, &mut writer)?;
@@ -414,7 +447,45 @@ impl MergeJob<'_, '_> {
             self.tensors_done += 1;
             self.tick(&a.name, &shard.file_name)?;
         }
+        for (u, (_, out_dtype, shape)) in untied.iter().zip(heads) {
+            self.write_untied(u, *out_dtype, &mut writer)?;
+            self.added_bytes += byte_len(*out_dtype, shape).unwrap_or(0);
+            self.tensors_done += 1;
+            self.tick(&u.head, &shard.file_name)?;
+        }
         writer.finish().map(drop)
+    }
+
+    /// Writes the tied head `u` as a tensor of its own: its embedding table with the head's
+    /// adapter merged, the module's own variant merge (in f32, as every merged weight).
+    fn write_untied(
+        &mut self,
+        u: &UntiedHead,
+        out_dtype: Dtype,
+        writer: &mut ShardWriter<&mut std::fs::File>,
+    ) -> Result<()> {
+        let stored_path = u.head.strip_suffix(".weight").unwrap_or(&u.head);
+        let path = self.names.in_adapter(stored_path);
+        let kind = self.adapter.base_kind(&path);
+        let merged = match self.read_f32(&u.table)? {
+            Some(table) => self.plan.merged_module(&path, kind, &table, None)?,
+            None => None,
+        };
+        let Some(merged) = merged else {
+            return Err(Error::checkpoint(
+                self.ckpt.path(),
+                format!(
+                    "`{}`, the table `{path}` is tied to, could not be merged",
+                    u.table
+                ),
+            ));
+        };
+        self.write_f32(&merged.weight, &path, out_dtype, writer)?;
+        self.report.merged.push(path.clone());
+        self.report
+            .untied
+            .push(format!("{} (tied to {})", u.head, u.table));
+        Ok(())
     }
 
     /// Writes the merged tensor in `out_dtype` if the adapter changes this tensor's module
@@ -644,6 +715,9 @@ pub(crate) struct AdapterFit {
     /// Tensors of `modules_to_save` copies whose module the checkpoint lacks (a classifier
     /// head trained on a pretrained encoder): a merge adds them.
     pub added: Vec<AddedTensor>,
+    /// Adapted heads tied to the input embedding ([`crate::peft::tied_head`]): a merge
+    /// writes each as a tensor of its own.
+    pub untied: Vec<UntiedHead>,
 }
 
 /// A tensor the adapter adds to the checkpoint.
@@ -670,11 +744,13 @@ impl AddedTensor {
 /// checkpoint lacks altogether (then it is added).
 pub(crate) fn check_adapter_fits(adapter: &PeftAdapter, ckpt: &Checkpoint) -> Result<AdapterFit> {
     let names = ModuleNames::of(adapter, ckpt);
-    for m in match_modules(adapter, ckpt, &names) {
+    let modules = match_modules(adapter, ckpt, &names);
+    let untied = untied_heads(ckpt, &modules);
+    for m in modules {
         let (path, name) = (&m.path, &m.tensor);
         let shape = m.base.as_ref().map(|(s, _)| s.clone()).unwrap_or_default();
         let problem = match m.fit {
-            Fit::Fits => continue,
+            Fit::Fits | Fit::TiedToEmbedding(_) => continue,
             Fit::Missing => format!(
                 "the adapter has module `{path}` but the checkpoint has no `{name}` (an \
                  adapter for another model?)"
@@ -728,7 +804,10 @@ pub(crate) fn check_adapter_fits(adapter: &PeftAdapter, ckpt: &Checkpoint) -> Re
             .tensor(&format!("{KEY_PREFIX}{rel}"))
             .map(|t| t.dims().to_vec())
             .unwrap_or_default();
+        let tied = untied.iter().find(|u| u.head == name);
         let problem = match ckpt.get(&name) {
+            // PEFT's copy of a tied head's table (`lm_head.base_layer.weight`).
+            None if tied.is_some_and(|u| u.shape == stored) => continue,
             None if adds_module(adapter, ckpt, &names, module) => {
                 let value = adapter.tensor(&format!("{KEY_PREFIX}{rel}")).cloned();
                 if let Some(value) = value.filter(|v| v.dtype().is_float()) {
@@ -755,7 +834,11 @@ pub(crate) fn check_adapter_fits(adapter: &PeftAdapter, ckpt: &Checkpoint) -> Re
         };
         return Err(Error::checkpoint(ckpt.path(), problem));
     }
-    Ok(AdapterFit { names, added })
+    Ok(AdapterFit {
+        names,
+        added,
+        untied,
+    })
 }
 
 /// The adapter's weights file, for messages.

@@ -1,4 +1,5 @@
-//! The merged folder's `config.json` when a merge adds a sequence-classification head.
+//! The merged folder's `config.json` when a merge adds a sequence-classification head or
+//! unties an output head from the input embedding.
 //!
 //! A classifier fine-tuned from a checkpoint without a head (a causal LM, a bare encoder)
 //! gets a fresh head when transformers loads it with `num_labels`, and PEFT's `SEQ_CLS`
@@ -6,12 +7,16 @@
 //! classifier's config: `architectures` names the `…ForSequenceClassification` class and
 //! `id2label` / `label2id` list the labels. The checkpoint's own `config.json` describes no
 //! head, which transformers reads as 2 labels: with any other number the merged checkpoint
-//! does not load. [`classifier_config`] makes the copied file say what PEFT's does.
+//! does not load. [`edited_config`] makes the copied file say what PEFT's does.
 //!
 //! A causal LM's checkpoint also holds its language-modelling head (`lm_head.weight`),
 //! which the classifier does not have: PEFT's merged save has no such tensor, and
 //! transformers reports one as unexpected and ignores it. [`ConfigEdit::dropped`] names
 //! those tensors, and the merge leaves them out.
+//!
+//! A merge that writes a tied head as a tensor of its own ([`crate::peft::tied_head`]) sets
+//! `tie_word_embeddings` to `false`: else transformers ties the head back to the embedding
+//! when it loads the folder, and the head's adapter is lost.
 
 use std::path::Path;
 
@@ -20,6 +25,7 @@ use serde_json::{Map, Value};
 use crate::checkpoint::{Checkpoint, Given};
 use crate::error::{Error, Result};
 use crate::peft::load::PeftAdapter;
+use crate::peft::tied_head::UntiedHead;
 
 /// The heads PEFT's `SEQ_CLS` task adds to `modules_to_save` (`classifier` for encoders,
 /// `score` for decoders).
@@ -54,7 +60,7 @@ const ARCHITECTURE_ENDINGS: [(&str, Origin); 6] = [
     ("Model", Origin::Encoder),
 ];
 
-/// What [`classifier_config`] changed, and what the user should know.
+/// What [`edited_config`] changed, and what the user should know.
 #[derive(Debug, Default)]
 pub(crate) struct ConfigEdit {
     /// The new file's text.
@@ -71,26 +77,30 @@ pub(crate) struct ConfigEdit {
 }
 
 /// What a merge of `adapter` into `ckpt` writes as the output folder's `config.json` when
-/// it adds a `SEQ_CLS` head ([`classifier_config`] on the checkpoint's file); `None` when
-/// it adds none, the output is a single file, or the checkpoint has no `config.json`.
-/// `added` lists the tensors the merge adds as `(module, own name, shape)`. Read before any
-/// data is written (the merge) or without writing anything (`inspect --base`).
+/// it adds a `SEQ_CLS` head or unties heads ([`edited_config`] on the checkpoint's file);
+/// `None` when it does neither, the output is a single file, or the checkpoint has no
+/// `config.json`. `added` lists the tensors the merge adds as `(module, own name, shape)`,
+/// `untied` the heads it writes untied. Read before any data is written (the merge) or
+/// without writing anything (`inspect --base`).
 pub(crate) fn merged_config_edit<'a>(
     adapter: &PeftAdapter,
     ckpt: &Checkpoint,
     added: impl IntoIterator<Item = (&'a str, &'a str, &'a [usize])>,
+    untied: &[UntiedHead],
 ) -> Result<Option<ConfigEdit>> {
     let config = ckpt.folder().join("config.json");
-    match added_head_labels(adapter, added) {
-        Some(labels) if !matches!(ckpt.given(), Given::File) && config.is_file() => {
-            let mut edit = classifier_config(&config, labels)?;
-            if edit.origin == Some(Origin::CausalLm) {
-                drop_lm_head(ckpt, &mut edit);
-            }
-            Ok(Some(edit))
-        }
-        _ => Ok(None),
+    if matches!(ckpt.given(), Given::File) || !config.is_file() {
+        return Ok(None);
     }
+    let labels = added_head_labels(adapter, added);
+    if labels.is_none() && untied.is_empty() {
+        return Ok(None);
+    }
+    let mut edit = edited_config(&config, labels, untied)?;
+    if edit.origin == Some(Origin::CausalLm) {
+        drop_lm_head(ckpt, &mut edit);
+    }
+    Ok(Some(edit))
 }
 
 /// Whether `name` is a tensor of a language-modelling head ([`LM_HEAD_MODULES`]).
@@ -155,8 +165,10 @@ fn added_head_labels<'a>(
     })
 }
 
-/// The checkpoint's `config.json` at `source` rewritten for a classifier with `labels`
-/// outputs ([`ConfigEdit::text`]), as transformers saves the classifier PEFT merged:
+/// The checkpoint's `config.json` at `source` rewritten ([`ConfigEdit::text`]) for a
+/// classifier with `labels` outputs, if given, and with `untied` heads
+/// (`tie_word_embeddings: false`, when any). For a classifier, as transformers saves the
+/// classifier PEFT merged:
 ///
 /// - `architectures`: `<stem>ForSequenceClassification` for `<stem>LMHeadModel`,
 ///   `<stem>ForCausalLM`, `<stem>ForMaskedLM`, `<stem>ForPreTraining`,
@@ -170,7 +182,11 @@ fn added_head_labels<'a>(
 /// batch of more than one row only with one set (PEFT's merge keeps whatever was given when
 /// the model was loaded). Keys are written sorted, two-space indented, as transformers
 /// writes them. Errors name `source`: unreadable, not JSON, not an object.
-fn classifier_config(source: &Path, labels: usize) -> Result<ConfigEdit> {
+fn edited_config(
+    source: &Path,
+    labels: Option<usize>,
+    untied: &[UntiedHead],
+) -> Result<ConfigEdit> {
     let text = std::fs::read_to_string(source).map_err(|e| Error::io(source, e))?;
     let value: Value = serde_json::from_str(&text).map_err(|e| Error::json(source, &e))?;
     let Value::Object(mut config) = value else {
@@ -180,16 +196,20 @@ fn classifier_config(source: &Path, labels: usize) -> Result<ConfigEdit> {
         ));
     };
     let mut edit = ConfigEdit::default();
-    edit.origin = set_architecture(&mut config, &mut edit);
-    let decoder = matches!(edit.origin, Some(Origin::CausalLm | Origin::OtherDecoder));
-    set_labels(&mut config, labels, &mut edit);
-    let pad = config.get("pad_token_id").filter(|v| !v.is_null());
-    if decoder && pad.is_none() {
-        edit.warnings.push(
-            "config.json has no pad_token_id: transformers classifies batches of more than \
-             one row with a decoder only when one is set"
-                .to_string(),
-        );
+    if let Some(labels) = labels {
+        make_classifier(&mut config, labels, &mut edit);
+    }
+    if !untied.is_empty() {
+        let heads: Vec<String> = untied
+            .iter()
+            .map(|u| format!("{} written from {}", u.head, u.table))
+            .collect();
+        config.insert("tie_word_embeddings".into(), Value::Bool(false));
+        edit.changes.push(format!(
+            "tie_word_embeddings: false ({}, with the adapter merged; the embedding keeps \
+             its own weights)",
+            heads.join(", ")
+        ));
     }
     // serde_json's map is sorted already unless some dependency turns on its
     // `preserve_order` feature; sorted here either way.
@@ -203,6 +223,21 @@ fn classifier_config(source: &Path, labels: usize) -> Result<ConfigEdit> {
     out.push('\n');
     edit.text = out;
     Ok(edit)
+}
+
+/// `architectures`, labels and the padding warning of a classifier with `labels` outputs.
+fn make_classifier(config: &mut Map<String, Value>, labels: usize, edit: &mut ConfigEdit) {
+    edit.origin = set_architecture(config, edit);
+    let decoder = matches!(edit.origin, Some(Origin::CausalLm | Origin::OtherDecoder));
+    set_labels(config, labels, edit);
+    let pad = config.get("pad_token_id").filter(|v| !v.is_null());
+    if decoder && pad.is_none() {
+        edit.warnings.push(
+            "config.json has no pad_token_id: transformers classifies batches of more than \
+             one row with a decoder only when one is set"
+                .to_string(),
+        );
+    }
 }
 
 /// `architectures` as a classifier's; returns what kind of model the name it had names
@@ -275,7 +310,7 @@ fn set_labels(config: &mut Map<String, Value>, labels: usize, edit: &mut ConfigE
 mod tests {
     use super::*;
 
-    /// `text` written to a fresh file, then [`classifier_config`] on it: the edit and the
+    /// `text` written to a fresh file, then [`edited_config`] for `labels` on it: the edit and the
     /// file's contents after it (unchanged: the caller writes the new text).
     fn edited(name: &str, text: &str, labels: usize) -> (Result<ConfigEdit>, String) {
         let dir =
@@ -283,7 +318,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(format!("{name}.json"));
         std::fs::write(&path, text).unwrap();
-        let edit = classifier_config(&path, labels);
+        let edit = edited_config(&path, Some(labels), &[]);
         let after = std::fs::read_to_string(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
         (edit, after)

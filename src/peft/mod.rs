@@ -12,6 +12,7 @@ pub mod merge;
 mod merged_config;
 mod module_names;
 pub mod save;
+mod tied_head;
 pub mod var_builder;
 pub mod weights_file;
 

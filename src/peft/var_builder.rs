@@ -28,7 +28,8 @@ use crate::peft::merge::check_adapter_fits;
 /// ```
 ///
 /// Checked up front: every module the adapter stores has a 2-D float weight in the
-/// checkpoint. Not checked: that the model asks for all of them (a model that never reads a
+/// checkpoint (an adapter on a head tied to the input embedding is refused: a model reads
+/// the table for such a head). Not checked: that the model asks for all of them (a model that never reads a
 /// targeted weight silently runs without that part of the adapter).
 pub fn adapted_var_builder(
     base: impl AsRef<Path>,
@@ -48,6 +49,19 @@ pub fn adapted_var_builder(
                  build the model through the adapter's plan",
                 added.name,
                 fit.added.len()
+            ),
+        ));
+    }
+    if let Some(untied) = fit.untied.first() {
+        return Err(Error::checkpoint(
+            ckpt.path(),
+            format!(
+                "the adapter changes `{}`, an output head tied to `{}` (the checkpoint has no \
+                 head of its own): a model built from a VarBuilder reads the table for its \
+                 head, so the head's adapter would be lost; merge it into the checkpoint \
+                 first (`lorakit merge` writes the head untied), or build the model through \
+                 the adapter's plan",
+                untied.head, untied.table
             ),
         ));
     }

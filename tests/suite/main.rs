@@ -62,5 +62,6 @@ mod quant_base;
 mod scaled_kernel;
 mod target_match;
 mod thread_determinism;
+mod tied_head;
 mod variants_peft;
 mod vera;

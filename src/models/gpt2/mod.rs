@@ -1,7 +1,7 @@
 //! GPT-2 with its language-modeling head (transformers' `GPT2LMHeadModel`), every module
 //! built through the model-level API at transformers' own paths, so a PEFT adapter's
-//! `target_modules` (`c_attn`, `c_proj`, `c_fc`, `wte`, `wpe`, an untied `lm_head`) and
-//! every lorakit variant apply unchanged.
+//! `target_modules` (`c_attn`, `c_proj`, `c_fc`, `wte`, `wpe`, `lm_head`) and every lorakit
+//! variant apply unchanged.
 //!
 //! | module | path | built by |
 //! |---|---|---|
@@ -9,7 +9,7 @@
 //! | attention in / out | `transformer.h.N.attn.c_attn`, `transformer.h.N.attn.c_proj` | [`conv1d`](crate::model::conv1d) |
 //! | MLP in / out | `transformer.h.N.mlp.c_fc`, `transformer.h.N.mlp.c_proj` | [`conv1d`](crate::model::conv1d) |
 //! | norms | `transformer.h.N.ln_1`, `.ln_2`, `transformer.ln_f` | LayerNorm, bias through [`AdapterPlan::bias`] |
-//! | output head | tied: `transformer.wte`'s base table; untied: `lm_head` | —; [`linear_no_bias`] |
+//! | output head | tied: `transformer.wte`'s base table (through the plan at `lm_head` when an adapter targets it); untied: `lm_head` | —; [`linear_no_bias`] |
 //!
 //! The forward is transformers' eager one in evaluation mode (no dropout of the model's
 //! own; adapters apply theirs in training mode): a causal mask, absolute positions, no
@@ -35,8 +35,8 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::checkpoint::Checkpoint;
-use crate::error::{Error, Result};
-use crate::frozen::BaseKind;
+use crate::error::Result;
+use crate::frozen::{BaseKind, FrozenLinear};
 use crate::kernels::FusedLinear;
 use crate::model::{linear_no_bias, AdapterPlan, Linear};
 use crate::models::base_prefix::with_base_prefix;
@@ -93,9 +93,10 @@ impl Gpt2LmHeadModel {
     /// `lm_head.weight` when untied), every module through `plan`. Call
     /// [`AdapterPlan::finish`] afterwards.
     ///
-    /// Refused, by name: an invalid config ([`Gpt2Config::validate`]); a plan that adapts,
-    /// copies or stores tensors for the tied `lm_head` (it is `wte`'s table, not a module
-    /// of its own); `modules_to_save` naming a LayerNorm.
+    /// A tied head is `wte`'s base table; a plan that targets `lm_head` adapts it over that
+    /// table, as PEFT does (the Llama family's [`crate::models::llama::LlamaForCausalLM`]
+    /// the same). Refused, by name: an invalid config ([`Gpt2Config::validate`]);
+    /// `modules_to_save` naming a LayerNorm.
     ///
     /// ```
     /// use candle_core::{DType, Device};
@@ -132,15 +133,13 @@ impl Gpt2LmHeadModel {
         let lm_head = if config.tie_word_embeddings {
             let head = vb.pp("lm_head").prefix();
             if plan.touches(&head, BaseKind::Linear) {
-                return Err(Error::Unsupported {
-                    what: "adapter on GPT-2's tied output head",
-                    got: head,
-                    supported: "an untied lm_head (tie_word_embeddings = false); the tied \
-                                head is transformer.wte's base table"
-                        .to_string(),
-                });
+                // PEFT adapts `lm_head` over the shared table: the table's base (without an
+                // adapter `wte` may have) is the head's frozen weight.
+                let table = trunk.wte.base_stored_weight()?;
+                Some(plan.adapt(&head, FrozenLinear::new(table, None)?)?)
+            } else {
+                None
             }
-            None
         } else {
             Some(linear_no_bias(
                 d,

@@ -201,3 +201,22 @@ fn dtype_bf16_writes_every_float_tensor_as_bf16() {
         std::fs::read(&file_out).unwrap()
     );
 }
+
+/// A head tied to the input embedding: the CLI says it wrote it untied and why the config
+/// changed (the library's result is checked against PEFT in `tests/suite/tied_head.rs`).
+#[test]
+fn merge_reports_a_head_written_untied() {
+    let case = fixture("tied_head").join("llama");
+    let out_dir = temp_dir("cli-tied-head");
+    let out = out_dir.join("merged");
+    let stdout = merge_ok(&case.join("base"), &case.join("adapter"), &out, &[]);
+    assert!(
+        stdout.contains("untied (a head tied to the embedding, written as its own tensor): lm_head.weight (tied to model.embed_tokens.weight)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("config.json: tie_word_embeddings: false"),
+        "{stdout}"
+    );
+    assert!(read_checkpoint(&out).contains_key("lm_head.weight"));
+}
