@@ -12,7 +12,8 @@ adapter on `lm_head` all the same, and the unmerged model is right. PEFT's
 `merge_and_unload()` then adds the head's change to the shared table, so the embedding
 changes too, and `save_pretrained()` writes the table alone with `tie_word_embeddings`
 still true: the reloaded merged model's logits are not the adapter's (PEFT warns and
-suggests untying first). `peft_merge.json` records by how much.
+suggests untying first). `peft_merge.json` records by how much. A head trained in full
+(`modules_to_save`) PEFT's merged save writes untied, and right.
 
 Cases (f32; every trainable parameter gets 0.1 * normal added so none is zero):
     llama        base: LlamaForCausalLM (vocab 64, hidden 16, 2 layers, 2 heads, 1 KV
@@ -25,6 +26,9 @@ Cases (f32; every trainable parameter gets 0.1 * normal added so none is zero):
                  adapter: LoRA r=4 alpha=8 on embed_tokens and lm_head with
                  ensure_weight_tying (the head's factors are the embedding's; PEFT saves
                  the base layers too: save_embedding_layers)
+    llama_head_copy  the llama base, one file
+                 adapter: LoRA r=4 alpha=8 on q_proj, lm_head trained in full
+                 (modules_to_save: PEFT's copy of the tied head)
 
 README.md, and for each CASE:
     CASE/base/            save_pretrained of the base model
@@ -83,6 +87,8 @@ CASES = {
     "gpt2": (gpt2, {}, dict(r=4, lora_alpha=8, target_modules=["lm_head"], use_dora=True)),
     "llama_tying": (llama, {}, dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head"],
                                     ensure_weight_tying=True)),
+    "llama_head_copy": (llama, {}, dict(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                        modules_to_save=["lm_head"])),
 }
 
 
@@ -132,10 +138,12 @@ def make(case):
 README = """# Tied-head fixtures
 
 PEFT adapters on the output head (`lm_head`) of checkpoints whose head is tied to the
-input embedding — a sharded Llama (LoRA), a GPT-2 (DoRA), and a Llama with a LoRA on the
-embedding and the head under `ensure_weight_tying` — with PEFT's unmerged logits on one row
-(`io.safetensors`) and what PEFT's own merge wrote (`peft_merge.json`: it changes the shared
-table and keeps the head tied, so its merged model's logits differ from the adapter's).
+input embedding — a sharded Llama (LoRA), a GPT-2 (DoRA), a Llama with a LoRA on the
+embedding and the head under `ensure_weight_tying`, and a Llama whose head the adapter
+trains in full (`modules_to_save`) — with PEFT's unmerged logits on one row
+(`io.safetensors`) and what PEFT's own merge wrote (`peft_merge.json`: for an adapter on the
+head it changes the shared table and keeps the head tied, so its merged model's logits
+differ from the adapter's; a trained copy it writes untied, and right).
 Made by `scripts/make_tied_head_fixtures.py` (its docstring lists every file); checked by
 `tests/suite/tied_head.rs` and, in transformers, `scripts/check_tied_head_merge.py`.
 """

@@ -17,7 +17,7 @@ use crate::peft::config::PeftType;
 use crate::peft::load::{PeftAdapter, CONFIG_FILE, KEY_PREFIX, MODEL_KEY_PREFIX, WEIGHTS_FILE};
 use crate::peft::merged_config::merged_config_edit;
 use crate::peft::module_names::ModuleNames;
-use crate::peft::tied_head::{tied_table, untie_by_hand_warning, UntiedHead};
+use crate::peft::tied_head::{tied_heads_among, tied_table, untie_by_hand_warning, UntiedHead};
 use crate::peft::weights_file::PICKLE_WEIGHTS_FILE;
 use crate::variants::build::peft_tensor_suffixes;
 pub use crate::variants::build::ImpliedShape;
@@ -440,22 +440,34 @@ pub fn inspect_against(adapter_dir: &Path, checkpoint: &Path) -> Result<Checkpoi
         })
         .filter(|(module, _, _)| adds_module(&adapter, &ckpt, &names, module))
         .collect();
-    let mut added: Vec<String> = added_keys
+    let added_names: Vec<(String, &[usize])> = added_keys
         .iter()
-        .map(|(module, own, _)| names.in_checkpoint(&format!("{module}.{own}")))
+        .map(|(module, own, dims)| {
+            let name = names.in_checkpoint(&format!("{module}.{own}"));
+            (name, dims.as_slice())
+        })
         .collect();
+    let mut added: Vec<String> = added_names.iter().map(|(n, _)| n.clone()).collect();
     added.sort();
-    let untied = untied_heads(&ckpt, &modules);
+    // The heads a merge would write that the checkpoint ties: merged from their table, or
+    // the adapter's copy.
+    let heads: Vec<UntiedHead> = untied_heads(&ckpt, &modules)
+        .into_iter()
+        .chain(tied_heads_among(
+            &ckpt,
+            added_names.iter().map(|(n, d)| (n.as_str(), *d)),
+        ))
+        .collect();
     let mut warnings: Vec<String> = base_model_mismatch(&adapter, &ckpt).into_iter().collect();
     let (config_changes, dropped) = match merged_config_edit(
         &adapter,
         &ckpt,
         added_keys.iter().map(|(m, o, d)| (*m, *o, d.as_slice())),
-        &untied,
+        &heads,
     )? {
         Some(edit) => (edit.changes, edit.dropped),
         None => {
-            warnings.extend(untied.iter().map(untie_by_hand_warning));
+            warnings.extend(heads.iter().map(untie_by_hand_warning));
             Default::default()
         }
     };

@@ -30,7 +30,7 @@ use crate::peft::load::KEY_PREFIX;
 use crate::peft::load::{PeftAdapter, CONFIG_FILE, WEIGHTS_FILE};
 use crate::peft::merged_config::merged_config_edit;
 use crate::peft::module_names::ModuleNames;
-use crate::peft::tied_head::{untie_by_hand_warning, UntiedHead};
+use crate::peft::tied_head::{tied_heads_among, untie_by_hand_warning, UntiedHead};
 use crate::peft::weights_file::PICKLE_WEIGHTS_FILE;
 use crate::staging::{
     check_destination, leftovers, remove_leftovers, OutputKind, StagedDir, StagedFile,
@@ -184,7 +184,9 @@ pub struct MergeReport {
 /// the embedding's table, written as `lm_head.weight` at the end of the last shard, and the
 /// copied `config.json` says `tie_word_embeddings: false` ([`MergeReport::untied`]): the
 /// merged model gives the unmerged adapter's logits. PEFT's own merge changes the shared
-/// table instead, embedding included, and keeps the head tied, which does not.
+/// table instead, embedding included, and keeps the head tied, which does not. A head the
+/// adapter trained in full (`modules_to_save`) is added, and untied in `config.json`, as
+/// PEFT's merged save does.
 ///
 /// `base` is a `.safetensors` file (then `out` is a file) or a model folder or its
 /// `*.safetensors.index.json` (then `out` is a folder mirroring it: the same shard names and
@@ -253,18 +255,28 @@ pub fn merge_checkpoint(
         report.warnings.push(w);
     }
     // The classifier's config.json, read and checked before any data is written.
+    // The heads the output holds that the checkpoint ties: merged from their table, or
+    // the adapter's copy.
+    let heads: Vec<UntiedHead> = untied
+        .iter()
+        .cloned()
+        .chain(tied_heads_among(
+            &ckpt,
+            added.iter().map(|a| (a.name.as_str(), a.value.dims())),
+        ))
+        .collect();
     let mut config_edit = merged_config_edit(
         &adapter,
         &ckpt,
         added
             .iter()
             .map(|a| (a.module.as_str(), a.own.as_str(), a.value.dims())),
-        &untied,
+        &heads,
     )?;
     if config_edit.is_none() {
         report
             .warnings
-            .extend(untied.iter().map(untie_by_hand_warning));
+            .extend(heads.iter().map(untie_by_hand_warning));
     }
     report.dropped = config_edit
         .as_ref()

@@ -80,7 +80,7 @@ pub(crate) struct ConfigEdit {
 /// it adds a `SEQ_CLS` head or unties heads ([`edited_config`] on the checkpoint's file);
 /// `None` when it does neither, the output is a single file, or the checkpoint has no
 /// `config.json`. `added` lists the tensors the merge adds as `(module, own name, shape)`,
-/// `untied` the heads it writes untied. Read before any data is written (the merge) or
+/// `untied` the heads it writes untied (merged from their table, or the adapter's copy). Read before any data is written (the merge) or
 /// without writing anything (`inspect --base`).
 pub(crate) fn merged_config_edit<'a>(
     adapter: &PeftAdapter,
@@ -202,13 +202,13 @@ fn edited_config(
     if !untied.is_empty() {
         let heads: Vec<String> = untied
             .iter()
-            .map(|u| format!("{} written from {}", u.head, u.table))
+            .map(|u| format!("{}, tied to {} in the checkpoint", u.head, u.table))
             .collect();
         config.insert("tie_word_embeddings".into(), Value::Bool(false));
         edit.changes.push(format!(
-            "tie_word_embeddings: false ({}, with the adapter merged; the embedding keeps \
-             its own weights)",
-            heads.join(", ")
+            "tie_word_embeddings: false ({}, is written as its own tensor; the embedding \
+             keeps its own weights)",
+            heads.join("; ")
         ));
     }
     // serde_json's map is sorted already unless some dependency turns on its

@@ -86,6 +86,20 @@ pub(crate) fn tied_table(
     })
 }
 
+/// The heads a merge adds in full (a `modules_to_save` copy of the head, `(name, shape)`)
+/// that `ckpt` ties to an embedding table: the head a model then reads is the copy only
+/// once the config unties it (PEFT's merged save says `tie_word_embeddings: false` for
+/// them too).
+pub(crate) fn tied_heads_among<'a>(
+    ckpt: &Checkpoint,
+    added: impl IntoIterator<Item = (&'a str, &'a [usize])>,
+) -> Vec<UntiedHead> {
+    added
+        .into_iter()
+        .filter_map(|(name, dims)| tied_table(ckpt, name, |shape| shape == dims))
+        .collect()
+}
+
 /// Whether the checkpoint's `config.json` (beside its files) sets `tie_word_embeddings` to
 /// `false`. A missing or unreadable file says nothing: a checkpoint without the head's
 /// weight and with one table that fits it is tied.
@@ -97,8 +111,8 @@ fn config_unties(ckpt: &Checkpoint) -> bool {
         == Some(false)
 }
 
-/// The warning a merge gives when it cannot untie the head in a `config.json` (a checkpoint
-/// given as a file, or a folder without one).
+/// The warning a merge gives when it cannot untie a head it writes in a `config.json` (a
+/// checkpoint given as a file, or a folder without one).
 pub(crate) fn untie_by_hand_warning(untied: &UntiedHead) -> String {
     format!(
         "{} was tied to {}: the output holds it as a tensor of its own; set \

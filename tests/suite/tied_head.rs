@@ -2,9 +2,11 @@
 //! checkpoint has no `lm_head.weight`), against PEFT's unmerged logits
 //! (`scripts/make_tied_head_fixtures.py` → `tests/fixtures/tied_head/`, transformers 5.25,
 //! PEFT 0.21.2): a sharded Llama with a LoRA on `q_proj`, `v_proj` and `lm_head`, a GPT-2
-//! with a DoRA on `lm_head`, and a Llama with a LoRA on the embedding and the head under
-//! `ensure_weight_tying`. A merge writes the head untied; PEFT's own merge changes the shared
-//! table and keeps the head tied, which the fixtures record as off (`peft_merge.json`).
+//! with a DoRA on `lm_head`, a Llama with a LoRA on the embedding and the head under
+//! `ensure_weight_tying`, and a Llama whose head the adapter trains in full
+//! (`modules_to_save`). A merge writes the head untied; PEFT's own merge of an adapter on the
+//! head changes the shared table and keeps the head tied, which the fixtures record as off
+//! (`peft_merge.json`).
 
 use std::path::{Path, PathBuf};
 
@@ -17,12 +19,16 @@ use serde_json::Value;
 
 use crate::peft_common::{assert_close, fixture, load, rel_err, temp_dir};
 
-/// The fixture cases, with the embedding table each head is tied to.
+/// The fixture cases with an adapter on the tied head, with the embedding table each head
+/// is tied to.
 const CASES: [(&str, &str); 3] = [
     ("llama", "model.embed_tokens.weight"),
     ("gpt2", "transformer.wte.weight"),
     ("llama_tying", "model.embed_tokens.weight"),
 ];
+
+/// The case whose adapter trains the tied head in full (`modules_to_save`).
+const HEAD_COPY: &str = "llama_head_copy";
 
 fn case(name: &str) -> PathBuf {
     fixture("tied_head").join(name)
@@ -59,7 +65,7 @@ fn assert_gives_peft_logits(dir: &Path, plan: &AdapterPlan, name: &str, what: &s
 /// embedding does not change with it, unlike PEFT's in-memory merge).
 #[test]
 fn an_adapter_on_a_tied_head_gives_pefts_unmerged_logits_merged_in_memory_too() {
-    for (name, _) in CASES {
+    for name in CASES.iter().map(|(name, _)| *name).chain([HEAD_COPY]) {
         let adapter = PeftAdapter::load(case(name).join("adapter"), &Device::Cpu).unwrap();
         let plan = adapter.plan().unwrap();
         let io = load(&case(name).join("io.safetensors"));
@@ -140,6 +146,33 @@ fn a_merge_writes_a_tied_head_untied_and_gives_the_adapters_logits() {
             "{name}: PEFT's own merge of a tied head was expected to be off"
         );
     }
+}
+
+/// A head the adapter trained in full is added and untied in `config.json`, as PEFT's
+/// merged save writes it (which gives PEFT's unmerged logits here).
+#[test]
+fn a_trained_copy_of_a_tied_head_is_added_and_untied_as_peft_saves_it() {
+    let dir = temp_dir("tied-head-copy");
+    let out = dir.join("merged");
+    let base = case(HEAD_COPY).join("base");
+    let adapter = case(HEAD_COPY).join("adapter");
+    let report = merge_checkpoint(&base, &adapter, &out, MergeOptions::default()).unwrap();
+    assert_eq!(report.added, ["lm_head.weight"]);
+    assert!(report.untied.is_empty());
+    assert!(report.config_changes[0].starts_with("tie_word_embeddings: false"));
+    let peft = json(&case(HEAD_COPY).join("peft_merge.json"));
+    assert_eq!(peft["tie_word_embeddings"], Value::Bool(false));
+    assert_eq!(
+        json(&out.join("config.json"))["tie_word_embeddings"],
+        Value::Bool(false)
+    );
+    let mut keys: Vec<String> = tensors_in(&out).into_keys().collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        serde_json::from_value::<Vec<String>>(peft["keys"].clone()).unwrap()
+    );
+    assert_gives_peft_logits(&out, &AdapterPlan::none(), HEAD_COPY, "merged");
 }
 
 #[test]
