@@ -20,6 +20,11 @@ Cases (f32; 3 labels; every trainable parameter gets 0.1 * normal added so none 
             adapter: LoRA r=4 alpha=8 on c_attn, head `score`
     bert    base: BertModel (vocab 64, hidden 16, 2 layers, 2 heads, intermediate 32)
             adapter: LoRA r=4 alpha=8 on query, value, head `classifier`
+    bert_mlm  base: BertForPreTraining (the bert encoder, its pooler and pre-training heads
+            `cls.*` included) with config.json's architectures set to BertForMaskedLM, as
+            the Hub's bert-base-uncased is (the classifier has no `cls`: PEFT's merged
+            save drops it)
+            adapter: LoRA r=4 alpha=8 on query, value, head `classifier`
     llama   base: LlamaForCausalLM (vocab 64, hidden 16, 2 layers, 2 heads, 1 KV head,
             intermediate 32) with an untied `lm_head.weight`, pad token 0, saved in shards
             of at most 8 kB (the classifier has no `lm_head`: PEFT's merged save drops it)
@@ -53,6 +58,7 @@ from safetensors.torch import save_file  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForSequenceClassification,
     BertConfig,
+    BertForPreTraining,
     BertModel,
     GPT2Config,
     GPT2LMHeadModel,
@@ -76,6 +82,8 @@ def base_model(case):
         return GPT2LMHeadModel(cfg), ["c_attn"]
     cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=32, max_position_embeddings=32, pad_token_id=0)
+    if case == "bert_mlm":
+        return BertForPreTraining(cfg), ["query", "value"]
     return BertModel(cfg, add_pooling_layer=True), ["query", "value"]
 
 
@@ -84,6 +92,10 @@ def make(case):
     out = OUT / case
     model, targets = base_model(case)
     model.save_pretrained(out / "base", **({"max_shard_size": "8kB"} if case == "llama" else {}))
+    if case == "bert_mlm":
+        config = json.loads((out / "base" / "config.json").read_text())
+        config["architectures"] = ["BertForMaskedLM"]
+        (out / "base" / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     classifier = AutoModelForSequenceClassification.from_pretrained(out / "base", num_labels=LABELS)
     cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, target_modules=targets)
     peft = get_peft_model(classifier, cfg)
@@ -116,8 +128,9 @@ README = """# Merged-head fixtures
 
 PEFT `SEQ_CLS` LoRA adapters (3 labels) fine-tuned from checkpoints without a
 classification head — a GPT-2 causal LM (`GPT2LMHeadModel`, head `score`), a bare BERT
-encoder (`BertModel`, head `classifier`) and a sharded Llama causal LM with an untied
-`lm_head` (`LlamaForCausalLM`, head `score`) — with the `config.json` that PEFT's
+encoder (`BertModel`, head `classifier`), a BERT with its pre-training heads saved as a
+`BertForMaskedLM` (as the Hub's `bert-base-uncased`, head `classifier`) and a sharded Llama
+causal LM with an untied `lm_head` (`LlamaForCausalLM`, head `score`) — with the `config.json` that PEFT's
 `merge_and_unload()` + `save_pretrained()` writes (`peft_merged_config.json`), the tensor
 names it writes (`peft_merged_keys.json`) and PEFT's unmerged logits on one row
 (`io.safetensors`). Made by
@@ -128,7 +141,7 @@ names it writes (`peft_merged_keys.json`) and PEFT's unmerged logits on one row
 
 def main():
     shutil.rmtree(OUT, ignore_errors=True)
-    for case in ["gpt2", "bert", "llama"]:
+    for case in ["gpt2", "bert", "bert_mlm", "llama"]:
         make(case)
     (OUT / "README.md").write_text(README)
     print(f"wrote {OUT}")

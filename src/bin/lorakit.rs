@@ -251,7 +251,7 @@ fn merge(args: MergeArgs) -> ExitCode {
     }
     if !report.dropped.is_empty() {
         text.push_str(&format!(
-            "left out (the LM head, which the classifier has not): {}\n",
+            "left out (pre-training heads, which the classifier has not): {}\n",
             report.dropped.join(", ")
         ));
     }

@@ -381,8 +381,8 @@ pub struct CheckpointMatch {
     /// What a merge into a folder would change in its `config.json` for such a head (see
     /// [`crate::peft::merge_checkpoint`]), one line each; empty otherwise.
     pub config_changes: Vec<String>,
-    /// The checkpoint's tensors such a merge would leave out (a causal LM's head, which the
-    /// classifier has not), by name.
+    /// The checkpoint's tensors such a merge would leave out (a causal LM's head, a BERT's
+    /// pre-training heads: the classifier has none), by name.
     pub dropped: Vec<String>,
     /// Things worth knowing that are not a mismatch of tensors: the adapter's
     /// `base_model_name_or_path` and the checkpoint's `config.json` naming different models.
@@ -663,7 +663,7 @@ impl fmt::Display for CheckpointMatch {
         if !self.dropped.is_empty() {
             writeln!(
                 f,
-                "left out by a merge (the LM head, which the classifier has not): {}",
+                "left out by a merge (pre-training heads, which the classifier has not): {}",
                 self.dropped.join(", ")
             )?;
         }

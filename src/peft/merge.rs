@@ -155,8 +155,9 @@ pub struct MergeReport {
     /// head untied), one line each.
     pub config_changes: Vec<String>,
     /// The checkpoint's tensors the merge left out, by name: a causal LM's head
-    /// (`lm_head.weight`) when a `SEQ_CLS` merge makes it a classifier, which has none
-    /// (PEFT's merged save has no such tensor either).
+    /// (`lm_head.weight`) or a BERT's pre-training heads (`cls.*`) when a `SEQ_CLS` merge
+    /// makes it a classifier, which has none (PEFT's merged save has no such tensors
+    /// either).
     pub dropped: Vec<String>,
     /// Things the user should know that did not stop the merge (a base model that looks
     /// different from the adapter's, leftovers of an earlier killed run).
@@ -174,9 +175,10 @@ pub struct MergeReport {
 /// saves it: `architectures` `…ForSequenceClassification` and one `id2label` entry per row
 /// of the head ([`MergeReport::config_changes`]; a decoder without `pad_token_id` gets a
 /// warning). Without that, transformers reads the checkpoint as a 2-label classifier. A
-/// causal LM's own head (`lm_head.*`, GPT-NeoX's `embed_out.*`) is then left out, as the
-/// classifier has none ([`MergeReport::dropped`]), unless it fills a shard other than the
-/// last on its own (then it stays, with a warning: leaving it out would leave a shard with
+/// causal LM's own head (`lm_head.*`, GPT-NeoX's `embed_out.*`) or an encoder's
+/// pre-training heads (BERT's `cls.*`, RoBERTa's `lm_head.*`) are then left out, as the
+/// classifier has none ([`MergeReport::dropped`]), unless they fill a shard other than the
+/// last on their own (then it stays, with a warning: leaving it out would leave a shard with
 /// no tensors, which the shard names announce).
 ///
 /// An adapter on an output head tied to the input embedding (`lm_head` of a checkpoint

@@ -9,9 +9,10 @@
 //! head, which transformers reads as 2 labels: with any other number the merged checkpoint
 //! does not load. [`edited_config`] makes the copied file say what PEFT's does.
 //!
-//! A causal LM's checkpoint also holds its language-modelling head (`lm_head.weight`),
-//! which the classifier does not have: PEFT's merged save has no such tensor, and
-//! transformers reports one as unexpected and ignores it. [`ConfigEdit::dropped`] names
+//! A causal LM's checkpoint also holds its language-modelling head (`lm_head.weight`), and
+//! a BERT saved with its pre-training heads (the Hub's `bert-base-uncased`) holds `cls.*`,
+//! which the classifier does not have: PEFT's merged save has no such tensors, and
+//! transformers reports them as unexpected and ignores them. [`ConfigEdit::dropped`] names
 //! those tensors, and the merge leaves them out.
 //!
 //! A merge that writes a tied head as a tensor of its own ([`crate::peft::tied_head`]) sets
@@ -31,10 +32,11 @@ use crate::peft::tied_head::UntiedHead;
 /// `score` for decoders).
 const SEQ_CLS_HEADS: [&str; 2] = ["classifier", "score"];
 
-/// The modules that hold a causal LM's language-modelling head in transformers'
-/// checkpoints (`lm_head` for Llama, Qwen2, Mistral, GPT-2, OPT …, `embed_out` for
-/// GPT-NeoX): a `…ForSequenceClassification` model has neither.
-const LM_HEAD_MODULES: [&str; 2] = ["lm_head", "embed_out"];
+/// The top-level modules that hold a pre-training head in transformers' checkpoints: a
+/// language-modelling head (`lm_head` for Llama, Qwen2, Mistral, GPT-2, OPT … and
+/// RoBERTa's masked-LM head, `embed_out` for GPT-NeoX) and BERT's masked-LM and
+/// next-sentence heads (`cls`). A `…ForSequenceClassification` model has none of them.
+const PRETRAINING_HEADS: [&str; 3] = ["lm_head", "embed_out", "cls"];
 
 /// What a checkpoint's architecture was before it became a classifier.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,7 +46,8 @@ enum Origin {
     CausalLm,
     /// Another decoder (`…ForConditionalGeneration`): its heads are left as they are.
     OtherDecoder,
-    /// An encoder (`…ForMaskedLM`, `…ForPreTraining`, a bare `…Model`).
+    /// An encoder (`…ForMaskedLM`, `…ForPreTraining`, a bare `…Model`): its pre-training
+    /// heads, if the checkpoint has them, the classifier drops.
     Encoder,
 }
 
@@ -70,7 +73,7 @@ pub(crate) struct ConfigEdit {
     /// Things the file cannot say on its own (a decoder without a padding token).
     pub warnings: Vec<String>,
     /// The checkpoint's tensors the classifier does not have, which the merge leaves out:
-    /// a causal LM's head ([`LM_HEAD_MODULES`]), by name, sorted.
+    /// pre-training heads ([`PRETRAINING_HEADS`]), by name, sorted.
     pub dropped: Vec<String>,
     /// The architecture the checkpoint named, when it was one lorakit renames.
     origin: Option<Origin>,
@@ -80,8 +83,9 @@ pub(crate) struct ConfigEdit {
 /// it adds a `SEQ_CLS` head or unties heads ([`edited_config`] on the checkpoint's file);
 /// `None` when it does neither, the output is a single file, or the checkpoint has no
 /// `config.json`. `added` lists the tensors the merge adds as `(module, own name, shape)`,
-/// `untied` the heads it writes untied (merged from their table, or the adapter's copy). Read before any data is written (the merge) or
-/// without writing anything (`inspect --base`).
+/// `untied` the heads it writes untied (merged from their table, or the adapter's copy).
+/// Read before any data is written (the merge) or without writing anything
+/// (`inspect --base`).
 pub(crate) fn merged_config_edit<'a>(
     adapter: &PeftAdapter,
     ckpt: &Checkpoint,
@@ -97,24 +101,24 @@ pub(crate) fn merged_config_edit<'a>(
         return Ok(None);
     }
     let mut edit = edited_config(&config, labels, untied)?;
-    if edit.origin == Some(Origin::CausalLm) {
-        drop_lm_head(ckpt, &mut edit);
+    if matches!(edit.origin, Some(Origin::CausalLm | Origin::Encoder)) {
+        drop_pretraining_heads(ckpt, &mut edit);
     }
     Ok(Some(edit))
 }
 
-/// Whether `name` is a tensor of a language-modelling head ([`LM_HEAD_MODULES`]).
-fn is_lm_head(name: &str) -> bool {
+/// Whether `name` is a tensor of a pre-training head ([`PRETRAINING_HEADS`]).
+fn is_pretraining_head(name: &str) -> bool {
     name.split_once('.')
-        .is_some_and(|(module, _)| LM_HEAD_MODULES.contains(&module))
+        .is_some_and(|(module, _)| PRETRAINING_HEADS.contains(&module))
 }
 
-/// Sets [`ConfigEdit::dropped`] to the tensors of `ckpt`'s language-modelling head, sorted
+/// Sets [`ConfigEdit::dropped`] to the tensors of `ckpt`'s pre-training heads, sorted
 /// — except in a shard other than the last that holds nothing else: that shard would be
 /// left with no tensors, and the output mirrors the checkpoint's shard names
 /// (`…-of-0000N`), which announce it. Those stay, with a warning (transformers ignores
 /// them).
-fn drop_lm_head(ckpt: &Checkpoint, edit: &mut ConfigEdit) {
+fn drop_pretraining_heads(ckpt: &Checkpoint, edit: &mut ConfigEdit) {
     let last = ckpt.shards().len().saturating_sub(1);
     let mut names = Vec::new();
     for (i, shard) in ckpt.shards().iter().enumerate() {
@@ -122,12 +126,12 @@ fn drop_lm_head(ckpt: &Checkpoint, edit: &mut ConfigEdit) {
         let heads: Vec<&str> = tensors
             .iter()
             .map(|t| t.name.as_str())
-            .filter(|name| is_lm_head(name))
+            .filter(|name| is_pretraining_head(name))
             .collect();
         if i != last && !heads.is_empty() && heads.len() == tensors.len() {
             edit.warnings.push(format!(
                 "{} kept: it fills the shard {} alone, which would be left empty (the \
-                 classifier has no LM head; transformers ignores it)",
+                 classifier has no such head; transformers ignores it)",
                 heads.join(", "),
                 shard.file_name
             ));

@@ -75,13 +75,23 @@ fn assert_gives_peft_logits(out: &Path, name: &str) {
 /// classifier built from the merged folder alone gives PEFT's (unmerged) logits.
 #[test]
 fn a_head_added_by_a_merge_is_described_as_peft_describes_it() {
-    // (case, expects the missing-pad_token_id warning, PEFT's prefix, LM head left out)
-    let cases = [
-        ("gpt2", true, "", false),
-        ("bert", false, "bert.", false),
-        ("llama", false, "", true),
+    // (case, expects the missing-pad_token_id warning, PEFT's prefix, heads left out)
+    let bert_heads: &[&str] = &[
+        "cls.predictions.bias",
+        "cls.predictions.transform.LayerNorm.bias",
+        "cls.predictions.transform.LayerNorm.weight",
+        "cls.predictions.transform.dense.bias",
+        "cls.predictions.transform.dense.weight",
+        "cls.seq_relationship.bias",
+        "cls.seq_relationship.weight",
     ];
-    for (name, decoder, prefix, drops_head) in cases {
+    let cases: [(&str, bool, &str, &[&str]); 4] = [
+        ("gpt2", true, "", &[]),
+        ("bert", false, "bert.", &[]),
+        ("bert_mlm", false, "", bert_heads),
+        ("llama", false, "", &["lm_head.weight"]),
+    ];
+    for (name, decoder, prefix, want_dropped) in cases {
         let dir = case(name);
         let tmp = temp_dir(&format!("merged-head-{name}"));
         let out = tmp.join("merged");
@@ -117,7 +127,6 @@ fn a_head_added_by_a_merge_is_described_as_peft_describes_it() {
             peft_keys(name, prefix),
             "{name}: the tensors PEFT's merged save holds"
         );
-        let want_dropped: &[&str] = if drops_head { &["lm_head.weight"] } else { &[] };
         assert_eq!(report.dropped, want_dropped, "{name}");
         assert_eq!(
             seen.dropped, report.dropped,
