@@ -174,10 +174,14 @@ fn a_fresh_lora_starts_at_the_base_model_and_every_layer_gets_a_gradient() {
     let base = base_file();
     let case = "gpt2_lora";
     let vars = VarMap::new();
-    let plan = fresh_lora(&["c_attn", "c_proj", "c_fc", "wte", "wpe"], &vars);
+    // The tied lm_head too: adapted over wte's base table, as PEFT adapts it.
+    let plan = fresh_lora(
+        &["c_attn", "c_proj", "c_fc", "wte", "wpe", "lm_head"],
+        &vars,
+    );
     let model = build(case, &plan).unwrap();
     let set = plan.finish().unwrap();
-    assert_eq!(set.len(), 10, "{:?}", set.paths());
+    assert_eq!(set.len(), 11, "{:?}", set.paths());
     // B = 0: the base model's logits, through the differentiable norm and softmax (the
     // fused candle-nn kernels have no backward).
     let ids = &io(case)["input_ids"];
@@ -205,7 +209,7 @@ fn a_fresh_lora_starts_at_the_base_model_and_every_layer_gets_a_gradient() {
     let loss = candle_nn::loss::cross_entropy(&pred, &target).unwrap();
     let grads = loss.backward().unwrap();
     let vars = set.trainable_vars();
-    assert_eq!(vars.len(), 20);
+    assert_eq!(vars.len(), 22);
     for path in set.paths() {
         let nonzero = vars
             .iter()
