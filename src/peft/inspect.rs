@@ -373,7 +373,8 @@ pub struct CheckpointMatch {
     /// the adapter file has no tensors for (a merge stops at the first: a missing tensor).
     pub targeted_without_tensors: Vec<String>,
     /// 2-D `.weight` tensors of the checkpoint the adapter leaves alone (embeddings, heads,
-    /// linears it does not target), by name.
+    /// linears it does not target; not those a merge leaves out, [`Self::dropped`]), by
+    /// name.
     pub untargeted: Vec<String>,
     /// Tensors of `modules_to_save` copies whose module the checkpoint lacks (a head
     /// trained on a pretrained encoder), by name: a merge adds them.
@@ -477,7 +478,7 @@ pub fn inspect_against(adapter_dir: &Path, checkpoint: &Path) -> Result<Checkpoi
         let Some(path) = t.name.strip_suffix(".weight") else {
             continue;
         };
-        if t.shape.len() != 2 || stored.contains(path) {
+        if t.shape.len() != 2 || stored.contains(path) || dropped.contains(&t.name) {
             continue;
         }
         if plan.is_target(path) {

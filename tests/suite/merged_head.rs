@@ -132,6 +132,10 @@ fn a_head_added_by_a_merge_is_described_as_peft_describes_it() {
             seen.dropped, report.dropped,
             "{name}: inspect --base tells it"
         );
+        assert!(
+            seen.untargeted.iter().all(|t| !seen.dropped.contains(t)),
+            "{name}: a tensor left out is not also listed as kept untargeted"
+        );
 
         assert_gives_peft_logits(&out, name);
     }
