@@ -30,7 +30,9 @@ use crate::peft::load::KEY_PREFIX;
 use crate::peft::load::{PeftAdapter, CONFIG_FILE, WEIGHTS_FILE};
 use crate::peft::merged_config::merged_config_edit;
 use crate::peft::module_names::ModuleNames;
-use crate::peft::tied_head::{tied_heads_among, untie_by_hand_warning, UntiedHead};
+use crate::peft::tied_head::{
+    missing_head_hint, tied_heads_among, untie_by_hand_warning, UntiedHead,
+};
 use crate::peft::weights_file::PICKLE_WEIGHTS_FILE;
 use crate::staging::{
     check_destination, leftovers, remove_leftovers, OutputKind, StagedDir, StagedFile,
@@ -767,7 +769,8 @@ pub(crate) fn check_adapter_fits(adapter: &PeftAdapter, ckpt: &Checkpoint) -> Re
             Fit::Fits | Fit::TiedToEmbedding(_) => continue,
             Fit::Missing => format!(
                 "the adapter has module `{path}` but the checkpoint has no `{name}` (an \
-                 adapter for another model?)"
+                 adapter for another model?){}",
+                missing_head_hint(name).unwrap_or_default()
             ),
             Fit::NotTwoD => {
                 format!("`{name}` has shape {shape:?}; the adapter needs a 2-D linear weight")

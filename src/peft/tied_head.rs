@@ -111,6 +111,21 @@ fn config_unties(ckpt: &Checkpoint) -> bool {
         == Some(false)
 }
 
+/// What an error about a missing head weight `head` adds when `head` is an output head:
+/// how lorakit looks for the table a tied head reads.
+pub(crate) fn missing_head_hint(head: &str) -> Option<String> {
+    let module = head.strip_suffix(".weight")?;
+    let last = module.rsplit('.').next().unwrap_or(module);
+    TIED_HEAD_MODULES.contains(&last).then(|| {
+        format!(
+            "; a head tied to the input embedding is merged into the embedding's table, but \
+             the checkpoint has no single 2-D float tensor named like one ({}) of the head's \
+             shape, or its config.json sets tie_word_embeddings to false",
+            EMBEDDING_TABLE_ENDINGS.map(|e| format!("…{e}")).join(", ")
+        )
+    })
+}
+
 /// The warning a merge gives when it cannot untie a head it writes in a `config.json` (a
 /// checkpoint given as a file, or a folder without one).
 pub(crate) fn untie_by_hand_warning(untied: &UntiedHead) -> String {
