@@ -597,6 +597,7 @@ fn run_checkpoint_merge(
             dtype: o.dtype,
             progress: Some(&mut progress),
             remove_leftovers: o.remove_leftovers,
+            pad_token_id: None,
         },
     );
 

@@ -126,6 +126,10 @@ struct MergeArgs {
     /// Delete temporaries beside --out left by an earlier killed run (only reported otherwise)
     #[arg(long)]
     remove_leftovers: bool,
+    /// The pad_token_id to write in the output's config.json (the id the model was trained
+    /// with; a decoder classifier needs one to classify batches of more than one row)
+    #[arg(long, value_name = "ID")]
+    pad_token_id: Option<u32>,
 }
 
 #[derive(Args, Debug)]
@@ -203,6 +207,7 @@ fn merge(args: MergeArgs) -> ExitCode {
         dtype: args.dtype.into(),
         progress: Some(&mut progress),
         remove_leftovers: args.remove_leftovers,
+        pad_token_id: args.pad_token_id,
     };
     let result = merge_checkpoint(&args.base, &args.adapter, &args.out, options);
     signals::merge_ended();

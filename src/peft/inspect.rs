@@ -465,6 +465,7 @@ pub fn inspect_against(adapter_dir: &Path, checkpoint: &Path) -> Result<Checkpoi
         &ckpt,
         added_keys.iter().map(|(m, o, d)| (*m, *o, d.as_slice())),
         &heads,
+        None,
     )? {
         Some(edit) => (edit.changes, edit.dropped),
         None => {

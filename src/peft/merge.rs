@@ -122,6 +122,11 @@ pub struct MergeOptions<'a> {
     /// Delete temporaries of the same destination left by an earlier killed run (see
     /// [`crate::staging::leftovers`]) instead of only reporting them.
     pub remove_leftovers: bool,
+    /// The `pad_token_id` to write in the output's `config.json`: the id the model was
+    /// trained with, which a PEFT adapter does not record (a decoder classifies a batch of
+    /// more than one row only with one set). An error for an output without a
+    /// `config.json` (a checkpoint given as a file, or a folder without one).
+    pub pad_token_id: Option<u32>,
 }
 
 impl std::fmt::Debug for MergeOptions<'_> {
@@ -130,6 +135,7 @@ impl std::fmt::Debug for MergeOptions<'_> {
             .field("dtype", &self.dtype)
             .field("progress", &self.progress.is_some())
             .field("remove_leftovers", &self.remove_leftovers)
+            .field("pad_token_id", &self.pad_token_id)
             .finish()
     }
 }
@@ -276,7 +282,17 @@ pub fn merge_checkpoint(
             .iter()
             .map(|a| (a.module.as_str(), a.own.as_str(), a.value.dims())),
         &heads,
+        options.pad_token_id,
     )?;
+    if let (None, Some(id)) = (&config_edit, options.pad_token_id) {
+        return Err(Error::checkpoint(
+            ckpt.path(),
+            format!(
+                "pad_token_id {id} was given, but the output has no config.json to write it \
+                 in (a checkpoint given as a single file, or a folder without config.json)"
+            ),
+        ));
+    }
     if config_edit.is_none() {
         report
             .warnings

@@ -83,7 +83,8 @@ pub(crate) struct ConfigEdit {
 /// it adds a `SEQ_CLS` head or unties heads ([`edited_config`] on the checkpoint's file);
 /// `None` when it does neither, the output is a single file, or the checkpoint has no
 /// `config.json`. `added` lists the tensors the merge adds as `(module, own name, shape)`,
-/// `untied` the heads it writes untied (merged from their table, or the adapter's copy).
+/// `untied` the heads it writes untied (merged from their table, or the adapter's copy),
+/// `pad_token_id` an id the user gives for the file (an edit of its own).
 /// Read before any data is written (the merge) or without writing anything
 /// (`inspect --base`).
 pub(crate) fn merged_config_edit<'a>(
@@ -91,16 +92,17 @@ pub(crate) fn merged_config_edit<'a>(
     ckpt: &Checkpoint,
     added: impl IntoIterator<Item = (&'a str, &'a str, &'a [usize])>,
     untied: &[UntiedHead],
+    pad_token_id: Option<u32>,
 ) -> Result<Option<ConfigEdit>> {
     let config = ckpt.folder().join("config.json");
     if matches!(ckpt.given(), Given::File) || !config.is_file() {
         return Ok(None);
     }
     let labels = added_head_labels(adapter, added);
-    if labels.is_none() && untied.is_empty() {
+    if labels.is_none() && untied.is_empty() && pad_token_id.is_none() {
         return Ok(None);
     }
-    let mut edit = edited_config(&config, labels, untied)?;
+    let mut edit = edited_config(&config, labels, untied, pad_token_id)?;
     if matches!(edit.origin, Some(Origin::CausalLm | Origin::Encoder)) {
         drop_pretraining_heads(ckpt, &mut edit);
     }
@@ -170,9 +172,9 @@ fn added_head_labels<'a>(
 }
 
 /// The checkpoint's `config.json` at `source` rewritten ([`ConfigEdit::text`]) for a
-/// classifier with `labels` outputs, if given, and with `untied` heads
-/// (`tie_word_embeddings: false`, when any). For a classifier, as transformers saves the
-/// classifier PEFT merged:
+/// classifier with `labels` outputs, if given, with `untied` heads
+/// (`tie_word_embeddings: false`, when any) and with `pad_token_id`, if given. For a
+/// classifier, as transformers saves the classifier PEFT merged:
 ///
 /// - `architectures`: `<stem>ForSequenceClassification` for `<stem>LMHeadModel`,
 ///   `<stem>ForCausalLM`, `<stem>ForMaskedLM`, `<stem>ForPreTraining`,
@@ -182,14 +184,15 @@ fn added_head_labels<'a>(
 /// - `id2label` / `label2id`: kept when `id2label` already has `labels` entries, else
 ///   transformers' defaults `LABEL_0 …`; `num_labels`, where the file has one, set.
 ///
-/// A decoder's config without `pad_token_id` gets a warning: transformers classifies a
-/// batch of more than one row only with one set (PEFT's merge keeps whatever was given when
-/// the model was loaded). Keys are written sorted, two-space indented, as transformers
+/// A decoder's config without `pad_token_id` (none in the file, none given) gets a warning:
+/// transformers classifies a batch of more than one row only with one set (PEFT's merge
+/// keeps whatever was given when the model was loaded). Keys are written sorted, two-space indented, as transformers
 /// writes them. Errors name `source`: unreadable, not JSON, not an object.
 fn edited_config(
     source: &Path,
     labels: Option<usize>,
     untied: &[UntiedHead],
+    pad_token_id: Option<u32>,
 ) -> Result<ConfigEdit> {
     let text = std::fs::read_to_string(source).map_err(|e| Error::io(source, e))?;
     let value: Value = serde_json::from_str(&text).map_err(|e| Error::json(source, &e))?;
@@ -200,6 +203,14 @@ fn edited_config(
         ));
     };
     let mut edit = ConfigEdit::default();
+    if let Some(id) = pad_token_id {
+        let old = config.insert("pad_token_id".into(), Value::from(id));
+        if old.as_ref().and_then(Value::as_u64) != Some(u64::from(id)) {
+            let was = old.map_or_else(|| "none".to_string(), |v| v.to_string());
+            edit.changes
+                .push(format!("pad_token_id: {id} (was {was}), as given"));
+        }
+    }
     if let Some(labels) = labels {
         make_classifier(&mut config, labels, &mut edit);
     }
@@ -238,7 +249,8 @@ fn make_classifier(config: &mut Map<String, Value>, labels: usize, edit: &mut Co
     if decoder && pad.is_none() {
         edit.warnings.push(
             "config.json has no pad_token_id: transformers classifies batches of more than \
-             one row with a decoder only when one is set"
+             one row with a decoder only when one is set (give the one the model was trained \
+             with: lorakit merge --pad-token-id, MergeOptions::pad_token_id)"
                 .to_string(),
         );
     }
@@ -322,7 +334,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(format!("{name}.json"));
         std::fs::write(&path, text).unwrap();
-        let edit = edited_config(&path, Some(labels), &[]);
+        let edit = edited_config(&path, Some(labels), &[], None);
         let after = std::fs::read_to_string(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
         (edit, after)

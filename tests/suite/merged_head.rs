@@ -245,3 +245,51 @@ fn a_head_alone_in_an_earlier_shard_stays_with_a_warning() {
 
     assert_gives_peft_logits(&out, "llama");
 }
+
+/// `MergeOptions::pad_token_id` writes the id the model was trained with into the merged
+/// config.json (a PEFT adapter does not record it), which silences the warning; an output
+/// without a config.json refuses it before writing anything.
+#[test]
+fn a_given_pad_token_id_is_written_into_the_merged_config() {
+    let dir = case("gpt2");
+    let tmp = temp_dir("merged-head-pad");
+    let out = tmp.join("merged");
+    let options = MergeOptions {
+        pad_token_id: Some(2),
+        ..Default::default()
+    };
+    let report = merge_checkpoint(&dir.join("base"), &dir.join("adapter"), &out, options).unwrap();
+    assert_eq!(
+        json(&out.join("config.json"))["pad_token_id"],
+        Value::from(2)
+    );
+    assert!(
+        report
+            .config_changes
+            .iter()
+            .any(|c| c.starts_with("pad_token_id: 2")),
+        "{:?}",
+        report.config_changes
+    );
+    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+    assert_gives_peft_logits(&out, "gpt2");
+
+    let file_out = tmp.join("merged.safetensors");
+    let options = MergeOptions {
+        pad_token_id: Some(2),
+        ..Default::default()
+    };
+    let err = merge_checkpoint(
+        &dir.join("base/model.safetensors"),
+        &dir.join("adapter"),
+        &file_out,
+        options,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("pad_token_id 2") && err.contains("config.json"),
+        "{err}"
+    );
+    assert!(!file_out.exists());
+}

@@ -220,3 +220,22 @@ fn merge_reports_a_head_written_untied() {
     );
     assert!(read_checkpoint(&out).contains_key("lm_head.weight"));
 }
+
+/// `--pad-token-id` reaches the merged config.json (the option itself is checked in
+/// `tests/suite/merged_head.rs`).
+#[test]
+fn merge_writes_a_given_pad_token_id() {
+    let case = fixture("merged_head").join("gpt2");
+    let out_dir = temp_dir("cli-pad-token-id");
+    let out = out_dir.join("merged");
+    let stdout = merge_ok(
+        &case.join("base"),
+        &case.join("adapter"),
+        &out,
+        &["--pad-token-id", "2"],
+    );
+    assert!(stdout.contains("config.json: pad_token_id: 2"), "{stdout}");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["pad_token_id"], 2);
+}
