@@ -13,40 +13,19 @@
 //!     [--warmup 2] [--batch 4] [--seq 256] [--threads 2]
 //! ```
 
+#[path = "common/step_timer.rs"]
+mod step_timer;
+
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use candle_nn::{Optimizer, VarBuilder, VarMap};
 use lorakit::model::{AdapterPlan, ModuleSelector, RankAlpha, TargetSpec};
 use lorakit::models::gpt2::Gpt2LmHeadModel;
 use lorakit::LoraConfig;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let (mut model_dir, mut steps, mut warmup, mut batch, mut seq, mut threads) =
-        (None, 12usize, 2usize, 4usize, 256usize, 2usize);
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        let value = args.next().ok_or(format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--model" => model_dir = Some(value),
-            "--steps" => steps = value.parse()?,
-            "--warmup" => warmup = value.parse()?,
-            "--batch" => batch = value.parse()?,
-            "--seq" => seq = value.parse()?,
-            "--threads" => threads = value.parse()?,
-            _ => return Err(format!("unknown flag {flag}").into()),
-        }
-    }
-    let model_dir = model_dir.ok_or("--model <gpt2 folder> is required")?;
-    if steps == 0 || batch == 0 || seq < 2 {
-        return Err("--steps, --batch ≥ 1 and --seq ≥ 2".into());
-    }
-    // Before any candle op: candle reads these for its gemm calls and element-wise pool.
-    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global()?;
-    lorakit::threads::park_idle_elementwise_workers();
-    lorakit::memory::retain_freed_buffers();
+    let args = step_timer::StepArgs::parse(4, 256)?;
+    args.set_up_threads()?;
+    let (batch, seq) = (args.batch, args.seq);
 
     let dev = Device::Cpu;
     let map = VarMap::new();
@@ -56,43 +35,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         LoraConfig::new(16, 32.0),
         VarBuilder::from_varmap(&map, DType::F32, &dev),
     );
-    let model = Gpt2LmHeadModel::from_pretrained(&model_dir, DType::F32, &dev, &plan)?;
+    let model = Gpt2LmHeadModel::from_pretrained(&args.model_dir, DType::F32, &dev, &plan)?;
     let adapter = plan.finish()?;
     adapter.set_training(true);
-    let params = ParamsAdamW {
-        lr: 1e-4,
-        ..Default::default()
-    };
-    let mut opt = AdamW::new(adapter.vars(), params)?;
-    let vocab = model.config().vocab_size as u32;
-    let ids: Vec<u32> = (0..(batch * seq) as u32)
-        .map(|i| i * 7919 % vocab)
-        .collect();
-    let ids = Tensor::from_vec(ids, (batch, seq), &dev)?;
+    let mut opt = step_timer::adamw(adapter.vars())?;
+    let ids = step_timer::ids(batch, seq, model.config().vocab_size, &dev)?;
     let mask = Tensor::ones((batch, seq), DType::F32, &dev)?;
     let predicted = (batch * (seq - 1)) as f64;
-    // The training loop on one of rayon's workers, as `lorakit::threads::on_worker` advises.
-    let mut times = lorakit::threads::on_worker(|| -> candle_core::Result<Vec<f64>> {
-        let mut times = Vec::new();
-        for step in 0..warmup + steps {
-            let t = std::time::Instant::now();
-            let loss = (model
-                .loss_sum(&ids, &mask)
-                .map_err(candle_core::Error::wrap)?
-                / predicted)?;
-            let grads = loss.backward()?;
-            opt.step(&grads)?;
-            if step >= warmup {
-                times.push(t.elapsed().as_secs_f64() * 1e3);
-            }
-        }
-        Ok(times)
+    args.time_steps(|| {
+        let loss = (model
+            .loss_sum(&ids, &mask)
+            .map_err(candle_core::Error::wrap)?
+            / predicted)?;
+        opt.step(&loss.backward()?)
     })?;
-    times.sort_by(|a, b| a.total_cmp(b));
-    println!(
-        "{{\"step_ms_median\": {:.2}, \"step_ms_min\": {:.2}, \"steps\": {steps}, \"threads\": {threads}}}",
-        times[times.len() / 2],
-        times[0]
-    );
     Ok(())
 }

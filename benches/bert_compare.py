@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""LoRA fine-tuning speed on a BERT sequence classifier, side by side in one run:
+lorakit (`examples/bert_speed.rs`) against PyTorch + transformers + PEFT.
+
+The model: a `BertForSequenceClassification` written by transformers with random weights
+(default 4 layers, hidden 512, 8 heads, intermediate 2048, vocab 8000, 2 labels; f32; the
+config's dropout, 0.1), a fresh LoRA r = 16, alpha = 32, no dropout on query and value
+and the classifier trained in full (PEFT's SEQ_CLS task). Per step, in training mode, at
+the level a user calls: PyTorch `model(input_ids, attention_mask=mask, labels=labels).loss`,
+`backward()`, `AdamW.step()`, `zero_grad(set_to_none=True)`; lorakit
+`BertForSequenceClassification::forward_t` + `loss`, `backward`, `candle_nn::AdamW`.
+Batch 16 x 128 ids, each row's tail padded to a length of its own (the same mask on both
+sides); the same thread count on both sides. Rounds alternate the order; cells are the
+median over rounds of each process's median step (`step_compare.py`).
+
+    python3 benches/bert_compare.py [--rounds 3] [--threads 2] [--steps 12]
+        [--layers 4] [--hidden 512] [--lorakit-bin PATH]
+"""
+import os, sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from step_compare import main, timed_steps  # noqa: E402 (the benches share it)
+
+BATCH, SEQ = 16, 128
+
+
+def write_model(dir, layers, hidden):
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+    torch.manual_seed(0)
+    config = BertConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=hidden // 64,
+                        intermediate_size=4 * hidden, vocab_size=8000, num_labels=2)
+    BertForSequenceClassification(config).save_pretrained(dir)
+
+
+def inputs(vocab, labels):
+    """The ids, mask and labels examples/bert_speed.rs builds."""
+    import torch
+    ids = (torch.arange(BATCH * SEQ) * 7919 % vocab).reshape(BATCH, SEQ)
+    i = torch.arange(BATCH * SEQ)
+    mask = ((i % SEQ) < SEQ - (i // SEQ * 7) % (SEQ // 2)).long().reshape(BATCH, SEQ)
+    return ids, mask, torch.arange(BATCH) % labels
+
+
+def torch_step_ms(dir, threads, steps, warmup):
+    import torch
+    from transformers import BertForSequenceClassification
+    from peft import LoraConfig, TaskType, get_peft_model
+    torch.set_num_threads(threads)
+    model = get_peft_model(BertForSequenceClassification.from_pretrained(dir), LoraConfig(
+        task_type=TaskType.SEQ_CLS, r=16, lora_alpha=32, lora_dropout=0.0,
+        target_modules=["query", "value"]))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids, mask, labels = inputs(model.config.vocab_size, model.config.num_labels)
+
+    def step():
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return timed_steps(step, steps, warmup)
+
+
+if __name__ == "__main__":
+    main(__doc__, "bert_speed", write_model, torch_step_ms, "BERT classifier LoRA step",
+         lambda a: f"BERT classifier {a.layers} layers, hidden {a.hidden}, vocab 8000, 2 labels, f32, "
+                   f"dropout 0.1; LoRA r=16 on query, value, classifier trained in full; batch {BATCH} x "
+                   f"{SEQ}, padded tails",
+         lorakit_args=["--batch", str(BATCH), "--seq", str(SEQ)])
