@@ -72,13 +72,14 @@ impl StepArgs {
     /// and turns on what a training program should
     /// (`park_idle_elementwise_workers`, `retain_freed_buffers`).
     pub fn set_up_threads(&self) -> Result<(), Box<dyn std::error::Error>> {
+        // Before any thread starts: a thread that has allocated keeps its own arena.
+        lorakit::memory::retain_freed_buffers();
         std::env::set_var("RAYON_NUM_THREADS", self.threads.to_string());
         std::env::set_var("CANDLE_NUM_THREADS", self.threads.to_string());
         rayon::ThreadPoolBuilder::new()
             .num_threads(self.threads)
             .build_global()?;
         lorakit::threads::park_idle_elementwise_workers();
-        lorakit::memory::retain_freed_buffers();
         Ok(())
     }
 
