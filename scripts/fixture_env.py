@@ -13,3 +13,17 @@ def rerun_pinned():
         os.environ["PYTHONHASHSEED"] = "0"
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.execv(sys.executable, [sys.executable] + sys.argv)
+
+
+def saved_tensor_names(folder):
+    """The tensor names of every `*.safetensors` file in `folder` (what a `save_pretrained`
+    wrote), sorted."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    keys = []
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            keys.extend(f.keys())
+    return sorted(keys)

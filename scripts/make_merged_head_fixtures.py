@@ -47,13 +47,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from fixture_env import rerun_pinned
+from fixture_env import rerun_pinned, saved_tensor_names
 
 rerun_pinned()
 
 import torch  # noqa: E402
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model  # noqa: E402
-from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForSequenceClassification,
@@ -116,11 +115,8 @@ def make(case):
     with tempfile.TemporaryDirectory() as tmp:
         loaded.merge_and_unload().save_pretrained(tmp)
         merged_config = json.loads((Path(tmp) / "config.json").read_text())
-        keys = []
-        for shard in sorted(Path(tmp).glob("*.safetensors")):
-            with safe_open(str(shard), "pt") as f:
-                keys.extend(f.keys())
-    (out / "peft_merged_keys.json").write_text(json.dumps(sorted(keys), indent=2) + "\n")
+        keys = saved_tensor_names(tmp)
+    (out / "peft_merged_keys.json").write_text(json.dumps(keys, indent=2) + "\n")
     (out / "peft_merged_config.json").write_text(json.dumps(merged_config, indent=2, sort_keys=True) + "\n")
 
 

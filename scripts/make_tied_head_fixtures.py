@@ -48,13 +48,12 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from fixture_env import rerun_pinned
+from fixture_env import rerun_pinned, saved_tensor_names
 
 rerun_pinned()
 
 import torch  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
@@ -122,14 +121,11 @@ def make(case):
 
         with tempfile.TemporaryDirectory() as tmp:
             loaded.merge_and_unload().save_pretrained(tmp)
-            keys = []
-            for shard in sorted(Path(tmp).glob("*.safetensors")):
-                with safe_open(str(shard), "pt") as f:
-                    keys.extend(f.keys())
+            keys = saved_tensor_names(tmp)
             tied = json.loads((Path(tmp) / "config.json").read_text()).get("tie_word_embeddings")
             reloaded = AutoModelForCausalLM.from_pretrained(tmp).eval()
             diff = (logits_of(reloaded, ids) - logits).abs().max().item()
-    report = {"keys": sorted(keys), "tie_word_embeddings": tied,
+    report = {"keys": keys, "tie_word_embeddings": tied,
               "reloaded_max_abs_logit_diff": round(diff, 6),
               "unmerged_max_abs_logit": round(logits.abs().max().item(), 6)}
     (out / "peft_merge.json").write_text(json.dumps(report, indent=2) + "\n")

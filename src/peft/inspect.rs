@@ -17,7 +17,7 @@ use crate::peft::config::PeftType;
 use crate::peft::load::{PeftAdapter, CONFIG_FILE, KEY_PREFIX, MODEL_KEY_PREFIX, WEIGHTS_FILE};
 use crate::peft::merged_config::merged_config_edit;
 use crate::peft::module_names::ModuleNames;
-use crate::peft::tied_head::{tied_heads_among, tied_table, untie_by_hand_warning, UntiedHead};
+use crate::peft::tied_head::{heads_to_untie, tied_table, untie_by_hand_warning, UntiedHead};
 use crate::peft::weights_file::PICKLE_WEIGHTS_FILE;
 use crate::variants::build::peft_tensor_suffixes;
 pub use crate::variants::build::ImpliedShape;
@@ -452,13 +452,11 @@ pub fn inspect_against(adapter_dir: &Path, checkpoint: &Path) -> Result<Checkpoi
     added.sort();
     // The heads a merge would write that the checkpoint ties: merged from their table, or
     // the adapter's copy.
-    let heads: Vec<UntiedHead> = untied_heads(&ckpt, &modules)
-        .into_iter()
-        .chain(tied_heads_among(
-            &ckpt,
-            added_names.iter().map(|(n, d)| (n.as_str(), *d)),
-        ))
-        .collect();
+    let heads = heads_to_untie(
+        &ckpt,
+        &untied_heads(&ckpt, &modules),
+        added_names.iter().map(|(n, d)| (n.as_str(), *d)),
+    );
     let mut warnings: Vec<String> = base_model_mismatch(&adapter, &ckpt).into_iter().collect();
     let (config_changes, dropped) = match merged_config_edit(
         &adapter,
@@ -532,13 +530,18 @@ pub(crate) fn adds_module(
         })
 }
 
-/// The heads among `modules` tied to the input embedding ([`Fit::TiedToEmbedding`]), each
-/// with its table's shape and dtype: a merge writes them as tensors of their own.
+/// The heads among `modules` tied to the input embedding ([`Fit::TiedToEmbedding`], the
+/// table [`match_modules`] found), each with its table's shape and dtype: a merge writes
+/// them as tensors of their own.
 pub(crate) fn untied_heads(ckpt: &Checkpoint, modules: &[ModuleMatch]) -> Vec<UntiedHead> {
     modules
         .iter()
-        .filter(|m| matches!(m.fit, Fit::TiedToEmbedding(_)))
-        .filter_map(|m| tied_table(ckpt, &m.tensor, |shape| m.implied.admits(shape)))
+        .filter_map(|m| match &m.fit {
+            Fit::TiedToEmbedding(table) => {
+                ckpt.get(table).map(|(_, t)| UntiedHead::of(&m.tensor, t))
+            }
+            _ => None,
+        })
         .collect()
 }
 

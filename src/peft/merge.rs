@@ -31,7 +31,7 @@ use crate::peft::load::{PeftAdapter, CONFIG_FILE, WEIGHTS_FILE};
 use crate::peft::merged_config::merged_config_edit;
 use crate::peft::module_names::ModuleNames;
 use crate::peft::tied_head::{
-    missing_head_hint, tied_heads_among, untie_by_hand_warning, UntiedHead,
+    heads_to_untie, missing_head_hint, untie_by_hand_warning, UntiedHead,
 };
 use crate::peft::weights_file::PICKLE_WEIGHTS_FILE;
 use crate::staging::{
@@ -264,17 +264,13 @@ pub fn merge_checkpoint(
     if let Some(w) = base_model_mismatch(&adapter, &ckpt) {
         report.warnings.push(w);
     }
-    // The classifier's config.json, read and checked before any data is written.
-    // The heads the output holds that the checkpoint ties: merged from their table, or
-    // the adapter's copy.
-    let heads: Vec<UntiedHead> = untied
-        .iter()
-        .cloned()
-        .chain(tied_heads_among(
-            &ckpt,
-            added.iter().map(|a| (a.name.as_str(), a.value.dims())),
-        ))
-        .collect();
+    let heads = heads_to_untie(
+        &ckpt,
+        &untied,
+        added.iter().map(|a| (a.name.as_str(), a.value.dims())),
+    );
+    // The edited config.json (a classifier's, untied heads, a given pad_token_id), read
+    // and checked before any data is written.
     let mut config_edit = merged_config_edit(
         &adapter,
         &ckpt,

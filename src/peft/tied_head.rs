@@ -18,7 +18,7 @@ use safetensors::tensor::Dtype;
 use serde_json::Value;
 
 use crate::checkpoint::convert::is_convertible_float;
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, StoredTensor};
 use crate::model::ModuleSelector;
 use crate::peft::config::PeftConfig;
 
@@ -50,6 +50,23 @@ pub(crate) struct UntiedHead {
     pub dtype: Dtype,
 }
 
+impl UntiedHead {
+    /// The head `head` (a checkpoint name) tied to the checkpoint's tensor `table`.
+    pub fn of(head: &str, table: &StoredTensor) -> Self {
+        Self {
+            head: head.to_string(),
+            table: table.name.clone(),
+            shape: table.shape.clone(),
+            dtype: table.dtype,
+        }
+    }
+}
+
+/// Whether the module `path` is an output head transformers may tie ([`TIED_HEAD_MODULES`]).
+fn is_output_head(path: &str) -> bool {
+    TIED_HEAD_MODULES.contains(&path.rsplit('.').next().unwrap_or(path))
+}
+
 /// The table `ckpt`'s absent head weight `head` (a checkpoint name ending in
 /// `lm_head.weight`) is tied to, for a head whose `(out, in)` shape `fits`: the one 2-D
 /// float tensor of the checkpoint named like an input embedding ([`EMBEDDING_TABLE_ENDINGS`])
@@ -62,8 +79,7 @@ pub(crate) fn tied_table(
     fits: impl Fn(&[usize]) -> bool,
 ) -> Option<UntiedHead> {
     let module = head.strip_suffix(".weight")?;
-    let last = module.rsplit('.').next().unwrap_or(module);
-    if !TIED_HEAD_MODULES.contains(&last) || config_unties(ckpt) {
+    if !is_output_head(module) || config_unties(ckpt) {
         return None;
     }
     let mut tables = ckpt.tensors().map(|(_, t)| t).filter(|t| {
@@ -78,26 +94,23 @@ pub(crate) fn tied_table(
     if tables.next().is_some() {
         return None;
     }
-    Some(UntiedHead {
-        head: head.to_string(),
-        table: table.name.clone(),
-        shape: table.shape.clone(),
-        dtype: table.dtype,
-    })
+    Some(UntiedHead::of(head, table))
 }
 
-/// The heads a merge adds in full (a `modules_to_save` copy of the head, `(name, shape)`)
-/// that `ckpt` ties to an embedding table: the head a model then reads is the copy only
-/// once the config unties it (PEFT's merged save says `tie_word_embeddings: false` for
-/// them too).
-pub(crate) fn tied_heads_among<'a>(
+/// Every head a merge's output holds that `ckpt` ties, so that its `config.json` must untie
+/// them: the heads `merged` from their table, and the adapter's full copies of a head (a
+/// `modules_to_save` copy) among the tensors it `added` (`(name, shape)`), which a model
+/// reads only once the config unties them (PEFT's merged save says
+/// `tie_word_embeddings: false` for those too).
+pub(crate) fn heads_to_untie<'a>(
     ckpt: &Checkpoint,
+    merged: &[UntiedHead],
     added: impl IntoIterator<Item = (&'a str, &'a [usize])>,
 ) -> Vec<UntiedHead> {
-    added
+    let copies = added
         .into_iter()
-        .filter_map(|(name, dims)| tied_table(ckpt, name, |shape| shape == dims))
-        .collect()
+        .filter_map(|(name, dims)| tied_table(ckpt, name, |shape| shape == dims));
+    merged.iter().cloned().chain(copies).collect()
 }
 
 /// Whether the checkpoint's `config.json` (beside its files) sets `tie_word_embeddings` to
@@ -115,8 +128,7 @@ fn config_unties(ckpt: &Checkpoint) -> bool {
 /// how lorakit looks for the table a tied head reads.
 pub(crate) fn missing_head_hint(head: &str) -> Option<String> {
     let module = head.strip_suffix(".weight")?;
-    let last = module.rsplit('.').next().unwrap_or(module);
-    TIED_HEAD_MODULES.contains(&last).then(|| {
+    is_output_head(module).then(|| {
         format!(
             "; a head tied to the input embedding is merged into the embedding's table, but \
              the checkpoint has no single 2-D float tensor named like one ({}) of the head's \
@@ -152,17 +164,14 @@ pub(crate) fn target_tied_heads<'a>(
     let ties = config
         .raw
         .get("ensure_weight_tying")
-        .and_then(Value::as_bool)
-        == Some(true);
+        .and_then(Value::as_bool);
     let ModuleSelector::List(names) = &mut config.targets.target else {
         return;
     };
-    if !ties {
+    if ties != Some(true) {
         return;
     }
-    let heads = low_rank_paths
-        .filter(|path| TIED_HEAD_MODULES.contains(&path.rsplit('.').next().unwrap_or(path)));
-    for head in heads {
+    for head in low_rank_paths.filter(|path| is_output_head(path)) {
         let listed = ModuleSelector::List(names.clone()).matches(head);
         if !listed {
             names.push(head.to_string());
