@@ -1,12 +1,18 @@
-//! The training attention's products, computed only where the causal mask lets a query
-//! see keys.
+//! The training attention's products, computed only where the mask lets a query see keys.
 //!
-//! The query rows of each head are taken in blocks of [`BLOCK_ROWS`]. A block's queries see
-//! the keys from its first query's window start to its last query's position, so every
-//! product of the block runs over that key span only: `q kᵀ` and `P v` in the forward,
+//! The query rows of each head are taken in blocks of [`BLOCK_ROWS`]. Under a causal mask
+//! a block's queries see the keys from its first query's window start to its last query's
+//! position; under a key mask ([`Seen::Keys`]) every query of a batch element sees keys
+//! up to that element's last unmasked one (a right-padded batch skips its padding). Every
+//! product of a block runs over that key span only: `q kᵀ` and `P v` in the forward,
 //! `Pᵀ dO`, `dO vᵀ`, `dS k` and `dSᵀ q` in the backward. Masked entries the span still
 //! holds are zero in `P` and so in `dS`. At sequence 256 this does 62.5% of the full
 //! products' work (full causal mask), and less with a sliding window.
+//!
+//! With dropout on the probabilities the forward's product reads the dropped
+//! probabilities `P̃ = P ⊙ keep / (1 − p)`, and the backward is `dV = P̃ᵀ dO`,
+//! `dS = scale · (P̃ ⊙ dP̃ − P ⊙ c)` with `dP̃ = dO vᵀ` and `c = rowsum(dO ⊙ O)` (still
+//! `rowsum(P ⊙ dP)`, since `O = P̃ v`).
 //!
 //! Layouts, as [`super::attention_op`] keeps them: queries `(b, heads, t, d)`, keys and
 //! values `(b, kv_heads, kv, d)`, probabilities `(b, heads, t, kv)`; query head `i` of
@@ -24,9 +30,20 @@ use crate::kernels::{gemm_with, Accum, MatRef};
 /// enough that the skipped work is near half of the full products at training lengths.
 pub(super) const BLOCK_ROWS: usize = 64;
 
+/// Which keys a query sees.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Seen<'a> {
+    /// The keys at or before the query's position and, with a window, fewer than
+    /// `window` positions back.
+    Causal { window: Option<usize> },
+    /// Every query of batch element `i` sees some of the keys `j < ends[i]` (`ends[i]`:
+    /// one past the element's last visible key, at least 1; the softmax masks the others).
+    Keys { ends: &'a [usize] },
+}
+
 /// The sizes of one call.
 #[derive(Clone, Copy, Debug)]
-pub(super) struct Shape {
+pub(super) struct Shape<'a> {
     /// Batch size.
     pub batch: usize,
     /// Key/value heads.
@@ -42,8 +59,8 @@ pub(super) struct Shape {
     pub kv_stride: usize,
     /// Head dimension.
     pub d: usize,
-    /// Sliding window: a query sees fewer than `window` positions back.
-    pub window: Option<usize>,
+    /// The keys each query sees.
+    pub seen: Seen<'a>,
 }
 
 /// One block of query rows and the keys it sees.
@@ -57,7 +74,7 @@ struct Block {
     keys: usize,
 }
 
-impl Shape {
+impl<'a> Shape<'a> {
     /// Key/value heads over the batch.
     fn bg(self) -> usize {
         self.batch * self.kv_heads
@@ -68,20 +85,23 @@ impl Shape {
         self.kv_heads * self.group
     }
 
-    /// The blocks of one head's queries, in order.
-    fn blocks(self) -> impl Iterator<Item = Block> {
+    /// The blocks of one head's queries in batch element `batch`, in order.
+    fn blocks(self, batch: usize) -> impl Iterator<Item = Block> + 'a {
         let offset = self.kv - self.t;
         (0..self.t).step_by(BLOCK_ROWS).map(move |row| {
             let rows = BLOCK_ROWS.min(self.t - row);
-            let last = offset + row + rows - 1;
-            let key = self
-                .window
-                .map_or(0, |w| (offset + row + 1).saturating_sub(w));
+            let (key, end) = match self.seen {
+                Seen::Causal { window } => (
+                    window.map_or(0, |w| (offset + row + 1).saturating_sub(w)),
+                    offset + row + rows,
+                ),
+                Seen::Keys { ends, .. } => (0, ends.get(batch).map_or(self.kv, |&e| e)),
+            };
             Block {
                 row,
                 rows,
                 key,
-                keys: last + 1 - key,
+                keys: end.saturating_sub(key),
             }
         })
     }
@@ -108,7 +128,10 @@ fn per_head_blocks(
     let par = s.parallelism(s.bg() * s.group);
     out.par_chunks_mut(s.t * width)
         .enumerate()
-        .try_for_each(|(head, dst)| s.blocks().try_for_each(|b| product(head, b, dst, par)))
+        .try_for_each(|(head, dst)| {
+            s.blocks(head / s.heads())
+                .try_for_each(|b| product(head, b, dst, par))
+        })
 }
 
 /// Writes `q kᵀ` into each block's key span of `scores` `(b · heads, t, kv)`; entries
@@ -144,6 +167,9 @@ pub(super) struct BackwardInputs<'a> {
     pub v: &'a [f32],
     /// The forward's probabilities `(b · heads, t, kv)`.
     pub probs: &'a [f32],
+    /// The forward's probabilities after dropout, laid out as `probs`; `None` without
+    /// dropout.
+    pub dropped: Option<&'a [f32]>,
     /// The forward's output `O`, `(b, t, heads · d)`.
     pub out: &'a [f32],
     /// The output's gradient `dO`, `(b, t, heads · d)`: read in place, each head's rows at
@@ -154,7 +180,7 @@ pub(super) struct BackwardInputs<'a> {
 }
 
 /// `(dQ, dK, dV)` in the layouts of `q`, `k`, `v`, with `dS = scale · P ⊙ (dP − c)` and
-/// `c = rowsum(dO ⊙ O)` per query row.
+/// `c = rowsum(dO ⊙ O)` per query row (with dropout, as the module's note says).
 pub(super) fn backward(x: &BackwardInputs, s: Shape) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
     let (t, kv, d, group) = (s.t, s.kv, s.d, s.group);
     let (heads, row_stride) = (s.heads(), s.heads() * d);
@@ -174,12 +200,17 @@ pub(super) fn backward(x: &BackwardInputs, s: Shape) -> Result<(Vec<f32>, Vec<f3
                 let head = kv_head * group + member;
                 let q = rows(x.q, head * t, t, d)?;
                 let p = rows(x.probs, head * t, t, kv)?;
+                // The probabilities the forward's product read.
+                let p_used = match x.dropped {
+                    Some(dropped) => rows(dropped, head * t, t, kv)?,
+                    None => p,
+                };
                 // Row `r` of this head in `(b, t, heads · d)`.
                 let (batch, within) = (head / heads, head % heads);
                 let at = |r: usize| ((batch * t + r) * heads + within) * d;
                 let d_q = sub_mut(d_q, member * t * d)?;
-                for b in s.blocks() {
-                    let p_b = MatRef::new(sub(p, b.row * kv + b.key)?, b.rows, b.keys, kv, 1)?;
+                for b in s.blocks(kv_head / s.kv_heads) {
+                    let p_b = MatRef::new(sub(p_used, b.row * kv + b.key)?, b.rows, b.keys, kv, 1)?;
                     let d_o_b = MatRef::new(sub(x.d_out, at(b.row))?, b.rows, d, row_stride, 1)?;
                     for (r, c) in row_dot.iter_mut().take(b.rows).enumerate() {
                         let o = rows(x.out, at(b.row + r) / d, 1, d)?;
@@ -195,15 +226,14 @@ pub(super) fn backward(x: &BackwardInputs, s: Shape) -> Result<(Vec<f32>, Vec<f3
                     gemm_with(&mut d_s, b.keys, d_o_b, v_b.t(), Accum::Replace, par)?;
                     for (r, ds_row) in d_s.chunks_mut(b.keys).take(b.rows).enumerate() {
                         let c = row_dot.get(r).copied().unwrap_or(0.0);
-                        let p_row = sub(p, (b.row + r) * kv + b.key)?;
-                        crate::vector_math::on_widest_vectors(
-                            #[inline(always)]
-                            || {
-                                for (g, &pv) in ds_row.iter_mut().zip(p_row) {
-                                    *g = x.scale * pv * (*g - c);
-                                }
-                            },
-                        );
+                        let at = (b.row + r) * kv + b.key;
+                        let p_row = sub(p, at)?;
+                        match x.dropped {
+                            None => scores_gradient(ds_row, p_row, c, x.scale),
+                            Some(_) => {
+                                scores_gradient_dropped(ds_row, p_row, sub(p_used, at)?, c, x.scale)
+                            }
+                        }
                     }
                     let d_s_b = MatRef::contiguous(&d_s, b.rows, b.keys)?;
                     let d_q_b = sub_mut(d_q, b.row * d)?;
@@ -214,6 +244,31 @@ pub(super) fn backward(x: &BackwardInputs, s: Shape) -> Result<(Vec<f32>, Vec<f3
             Ok(())
         })?;
     Ok((d_q, d_k, d_v))
+}
+
+/// `dS = scale · P ⊙ (dP − c)` in place over `d_p`, one row.
+fn scores_gradient(d_p: &mut [f32], p: &[f32], c: f32, scale: f32) {
+    crate::vector_math::on_widest_vectors(
+        #[inline(always)]
+        || {
+            for (g, &pv) in d_p.iter_mut().zip(p) {
+                *g = scale * pv * (*g - c);
+            }
+        },
+    );
+}
+
+/// `dS = scale · (P̃ ⊙ dP̃ − P ⊙ c)` in place over `d_p` (`dP̃`, the gradient of the
+/// dropped probabilities `p_dropped`), one row.
+fn scores_gradient_dropped(d_p: &mut [f32], p: &[f32], p_dropped: &[f32], c: f32, scale: f32) {
+    crate::vector_math::on_widest_vectors(
+        #[inline(always)]
+        || {
+            for ((g, &pv), &dv) in d_p.iter_mut().zip(p).zip(p_dropped) {
+                *g = scale * (dv * *g - pv * c);
+            }
+        },
+    );
 }
 
 /// Rows `first .. first + count` of a row-major matrix with `width` columns.

@@ -1,18 +1,21 @@
-//! Causal grouped-query attention as one CPU op with its own backward: training, and
-//! generation over a KV cache (keys and values read in place from the cache's buffers).
+//! Grouped-query attention as one CPU op with its own backward: causal (training, and
+//! generation over a KV cache, keys and values read in place from the cache's buffers), or
+//! every query seeing its batch element's unmasked keys, with dropout on the
+//! probabilities (an encoder's self-attention: BERT's).
 //!
-//! The composed path (`q·kᵀ`, scale, mask, softmax, `probs·v`, the output transpose)
-//! records about ten nodes, half of them `(heads, seq, seq)`-sized; candle's backward
-//! gives each a zero-filled gradient and an add on top of its own work. This op computes
-//! `softmax(scale · q kᵀ + causal mask) v` with products that skip the keys the mask hides
-//! from whole blocks of queries ([`super::attention_blocks`]) and one pass for the scale,
-//! the mask (causal, optionally a sliding window) and the softmax, and writes the output
-//! in `(batch, seq, heads · head_dim)` (what `o_proj` reads). It keeps the probabilities
-//! for its backward (as the composed path's softmax node does), which is
-//! `dV = Pᵀ dO`, `dS = scale · P ⊙ (dO Vᵀ − rowsum(dO ⊙ O))`, `dQ = dS K`, `dK = dSᵀ Q`.
-//! Each key/value head serves `heads / kv_heads` consecutive query heads; the products
-//! run per key/value head over the stacked query heads, so keys and values are not
-//! repeated and `dK`, `dV` sum over their query heads by the product itself.
+//! The composed path (`q·kᵀ`, scale, mask, softmax, dropout, `probs·v`, the output
+//! transpose) records about ten nodes, half of them `(heads, seq, seq)`-sized; candle's
+//! backward gives each a zero-filled gradient and an add on top of its own work. This op
+//! computes `softmax(scale · q kᵀ + mask) v` with products that skip the keys the mask
+//! hides from whole blocks of queries ([`super::attention_blocks`]) and one pass for the
+//! scale, the mask (causal, optionally a sliding window; or per key) and the softmax, and
+//! writes the output in `(batch, seq, heads · head_dim)` (what `o_proj` reads). It keeps
+//! the probabilities for its backward (as the composed path's softmax node does), which
+//! is `dV = Pᵀ dO`, `dS = scale · P ⊙ (dO Vᵀ − rowsum(dO ⊙ O))`, `dQ = dS K`,
+//! `dK = dSᵀ Q` (with dropout, [`super::attention_blocks`]' note). Each key/value head
+//! serves `heads / kv_heads` consecutive query heads; the products run per key/value head
+//! over the stacked query heads, so keys and values are not repeated and `dK`, `dV` sum
+//! over their query heads by the product itself.
 
 use std::sync::Mutex;
 
@@ -21,7 +24,8 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use super::attention_blocks;
+use super::attention_blocks::{self, Seen};
+use super::attention_dropout::Dropout;
 use super::cpu_op::f32_input;
 
 /// The op's name in errors.
@@ -39,20 +43,54 @@ pub(crate) fn causal_attention(
     scale: f64,
     window: Option<usize>,
 ) -> candle_core::Result<Tensor> {
+    apply(q, k, v, scale, Mask::Causal { window }, None)
+}
+
+/// `softmax(scale · q kᵀ + mask) v` with dropout on the probabilities, shapes as
+/// [`causal_attention`]'s, where every query of batch element `i` sees the keys `keys`
+/// lets it see. Callers check [`supports`] first.
+pub(crate) fn key_masked_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    keys: KeyMask,
+    dropout: Option<Dropout>,
+) -> candle_core::Result<Tensor> {
+    if keys.ends.len() != q.dim(0)? || keys.visible.len() != keys.ends.len() * k.dim(2)? {
+        candle_core::bail!(
+            "{OP}: a key mask of {} batch elements and {} keys for keys {:?}",
+            keys.ends.len(),
+            keys.visible.len(),
+            k.dims()
+        )
+    }
+    apply(q, k, v, scale, Mask::Keys(keys), dropout)
+}
+
+fn apply(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Mask,
+    dropout: Option<Dropout>,
+) -> candle_core::Result<Tensor> {
     q.contiguous()?.apply_op3(
         &heads_in_place(k)?,
         &heads_in_place(v)?,
-        CausalAttention {
+        Attention {
             scale: scale as f32,
-            window,
-            probs: Mutex::new(None),
+            mask,
+            dropout,
+            saved: Mutex::new(None),
         },
     )
 }
 
-/// Whether [`causal_attention`] runs: f32 CPU tensors of rank 4 whose batch and head
-/// dims agree, the query heads a multiple of the key/value heads, at least as many keys as
-/// queries.
+/// Whether [`causal_attention`] and [`key_masked_attention`] run: f32 CPU tensors of rank
+/// 4 whose batch and head dims agree, the query heads a multiple of the key/value heads,
+/// at least as many keys as queries.
 pub(crate) fn supports(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
     let (&[b, h, t, d], &[kb, g, kv, kd]) = (q.dims(), k.dims()) else {
         return false;
@@ -69,12 +107,59 @@ pub(crate) fn supports(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
         && t > 0
 }
 
-struct CausalAttention {
+/// Which keys each batch element's queries see.
+#[derive(Clone, Debug)]
+pub(crate) struct KeyMask {
+    /// `(batch, kv_len)`, row-major.
+    visible: Vec<bool>,
+    /// Per batch element, one past its last visible key.
+    ends: Vec<usize>,
+}
+
+impl KeyMask {
+    /// The mask whose flags `visible` are `(batch, kv_len)` row-major (`kv_len > 0`);
+    /// `None` when some batch element sees no key (its softmax has nothing to normalize)
+    /// or the flags are not whole rows.
+    pub(crate) fn new(visible: Vec<bool>, kv_len: usize) -> Option<Self> {
+        if kv_len == 0 || !visible.len().is_multiple_of(kv_len) {
+            return None;
+        }
+        let ends = visible
+            .chunks(kv_len)
+            .map(|row| row.iter().rposition(|&seen| seen).map(|last| last + 1))
+            .collect::<Option<Vec<usize>>>()?;
+        Some(Self { visible, ends })
+    }
+}
+
+/// The mask the op applies.
+enum Mask {
+    Causal { window: Option<usize> },
+    Keys(KeyMask),
+}
+
+impl Mask {
+    fn seen(&self) -> Seen<'_> {
+        match self {
+            Mask::Causal { window } => Seen::Causal { window: *window },
+            Mask::Keys(keys) => Seen::Keys { ends: &keys.ends },
+        }
+    }
+}
+
+/// What the forward keeps for the backward.
+struct Saved {
+    /// The softmax probabilities `(b, kv_heads, heads / kv_heads · t, kv_len)`.
+    probs: Tensor,
+    /// The probabilities after dropout, as `probs`; `None` without dropout.
+    dropped: Option<Tensor>,
+}
+
+struct Attention {
     scale: f32,
-    window: Option<usize>,
-    /// The softmax probabilities `(b, kv_heads, heads / kv_heads · t, kv_len)` of the
-    /// forward, for the backward.
-    probs: Mutex<Option<Tensor>>,
+    mask: Mask,
+    dropout: Option<Dropout>,
+    saved: Mutex<Option<Saved>>,
 }
 
 /// Rows from one head to the next of `(b, heads, rows, d)` whose heads are each
@@ -175,9 +260,9 @@ impl Dims {
     }
 }
 
-impl CausalAttention {
+impl Attention {
     /// The sizes [`attention_blocks`] works on.
-    fn block_shape(&self, n: Dims) -> attention_blocks::Shape {
+    fn block_shape(&self, n: Dims) -> attention_blocks::Shape<'_> {
         attention_blocks::Shape {
             batch: n.b,
             kv_heads: n.g,
@@ -186,7 +271,7 @@ impl CausalAttention {
             kv: n.kv,
             kv_stride: n.kv_stride,
             d: n.d,
-            window: self.window,
+            seen: self.mask.seen(),
         }
     }
 
@@ -197,21 +282,41 @@ impl CausalAttention {
             .par_chunks_mut(n.kv.max(1))
             .enumerate()
             .for_each(|(r, row)| {
+                // The keys this row may see, `lo..hi`, and which of them it sees.
+                let (lo, hi, visible) = match &self.mask {
+                    Mask::Causal { window } => {
+                        let pos = offset + r % n.t;
+                        let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                        (lo, pos.min(n.kv - 1) + 1, None)
+                    }
+                    Mask::Keys(keys) => {
+                        let batch = r / n.m() / n.g;
+                        let end = keys.ends.get(batch).copied().unwrap_or(0);
+                        let flags = keys.visible.get(batch * n.kv..batch * n.kv + end);
+                        (0, end, flags)
+                    }
+                };
                 crate::vector_math::on_widest_vectors(
                     #[inline(always)]
                     || {
-                        let pos = offset + r % n.t;
-                        let lo = self.window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                        let hi = pos.min(n.kv - 1);
-                        let seen = row.get_mut(lo..=hi).unwrap_or_default();
-                        for v in seen.iter_mut() {
-                            *v *= self.scale;
+                        let seen = row.get_mut(lo..hi).unwrap_or_default();
+                        match visible {
+                            None => seen.iter_mut().for_each(|v| *v *= self.scale),
+                            Some(flags) => {
+                                for (v, &shown) in seen.iter_mut().zip(flags) {
+                                    *v = if shown {
+                                        *v * self.scale
+                                    } else {
+                                        f32::NEG_INFINITY
+                                    };
+                                }
+                            }
                         }
                         let max = crate::vector_math::max(seen);
                         let sum = crate::vector_math::exp_in_place_sum(seen, max);
                         let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
                         for (j, v) in row.iter_mut().enumerate() {
-                            if j < lo || j > hi {
+                            if j < lo || j >= hi {
                                 *v = 0.0;
                             } else {
                                 *v *= inv;
@@ -223,7 +328,7 @@ impl CausalAttention {
     }
 }
 
-impl CustomOp3 for CausalAttention {
+impl CustomOp3 for Attention {
     fn name(&self) -> &'static str {
         "lorakit-causal-attention"
     }
@@ -248,8 +353,10 @@ impl CustomOp3 for CausalAttention {
         let mut probs = vec![0f32; bg * m * n.kv];
         attention_blocks::scores(q, k, shape, &mut probs)?;
         self.softmax_rows(&mut probs, n);
+        let dropped = self.dropout.map(|dropout| dropout.apply(&probs));
         let mut heads = vec![0f32; bg * m * n.d];
-        attention_blocks::weighted_values(&probs, v, shape, &mut heads)?;
+        let used = dropped.as_deref().unwrap_or(&probs);
+        attention_blocks::weighted_values(used, v, shape, &mut heads)?;
         // (b, h, t, d) → (b, t, h, d).
         let (h, t, d) = (n.h, n.t, n.d);
         let mut out = vec![0f32; heads.len()];
@@ -264,9 +371,15 @@ impl CustomOp3 for CausalAttention {
                 }
             });
         }
-        let probs = Tensor::from_vec(probs, (n.b, n.g, m, n.kv), &Device::Cpu)?;
-        if let Ok(mut slot) = self.probs.lock() {
-            *slot = Some(probs);
+        let saved_shape = (n.b, n.g, m, n.kv);
+        let saved = Saved {
+            probs: Tensor::from_vec(probs, saved_shape, &Device::Cpu)?,
+            dropped: dropped
+                .map(|d| Tensor::from_vec(d, saved_shape, &Device::Cpu))
+                .transpose()?,
+        };
+        if let Ok(mut slot) = self.saved.lock() {
+            *slot = Some(saved);
         }
         Ok((CpuStorage::F32(out), Shape::from((n.b, n.t, n.h * n.d))))
     }
@@ -279,25 +392,31 @@ impl CustomOp3 for CausalAttention {
         res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let probs = match self.probs.lock() {
-            Ok(slot) => slot.clone(),
+        let saved = match self.saved.lock() {
+            Ok(slot) => slot.as_ref().map(|s| (s.probs.clone(), s.dropped.clone())),
             Err(_) => None,
         };
-        let Some(p) = probs else {
+        let Some((p, dropped)) = saved else {
             candle_core::bail!("attention backward: the forward's probabilities are missing")
         };
+        // Without dropout the product read the probabilities themselves.
+        let p_used = dropped.unwrap_or_else(|| p.clone());
         let (qc, kc, vc) = (q.contiguous()?, heads_in_place(k)?, heads_in_place(v)?);
         let n = Dims::of(qc.layout(), kc.layout(), vc.layout())?;
         // The output and its gradient stay in `(b, t, h·d)`: the blocks read each head's
         // rows in place.
         let (out, d_out) = (res.contiguous()?, grad.contiguous()?);
-        let guards = [&qc, &kc, &vc, &p, &out, &d_out].map(|t| t.storage_and_layout());
-        let [q_g, k_g, v_g, p_g, out_g, d_out_g] = &guards;
+        let guards = [&qc, &kc, &vc, &p, &p_used, &out, &d_out].map(|t| t.storage_and_layout());
+        let [q_g, k_g, v_g, p_g, used_g, out_g, d_out_g] = &guards;
         let inputs = attention_blocks::BackwardInputs {
             q: f32_input(OP, on_cpu(&q_g.0)?, q_g.1)?,
             k: heads_input(on_cpu(&k_g.0)?, k_g.1)?,
             v: heads_input(on_cpu(&v_g.0)?, v_g.1)?,
             probs: f32_input(OP, on_cpu(&p_g.0)?, p_g.1)?,
+            dropped: match self.dropout {
+                Some(_) => Some(f32_input(OP, on_cpu(&used_g.0)?, used_g.1)?),
+                None => None,
+            },
             out: f32_input(OP, on_cpu(&out_g.0)?, out_g.1)?,
             d_out: f32_input(OP, on_cpu(&d_out_g.0)?, d_out_g.1)?,
             scale: self.scale,
@@ -322,9 +441,17 @@ mod tests {
     use candle_core::{Device, Tensor, Var, D};
 
     /// The reference: keys and values repeated per query head (transformers'
-    /// `repeat_kv`), scores, an additive mask built element by element, candle-nn's
-    /// composed softmax, the product and the output transpose.
-    fn composed(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, window: Option<usize>) -> Tensor {
+    /// `repeat_kv`), scores, an additive `mask` broadcast to `(b, h, t, kv)`, candle-nn's
+    /// composed softmax, the probabilities times `keep` (dropout's choices and scale,
+    /// `(b, h, t, kv)`) when given, the product and the output transpose.
+    fn composed_with(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+        mask: &Tensor,
+        keep: Option<Tensor>,
+    ) -> Tensor {
         let (b, h, t, d) = q.dims4().unwrap();
         let (_, g, kv, _) = k.dims4().unwrap();
         let repeat = |x: &Tensor| {
@@ -335,6 +462,27 @@ mod tests {
                 .reshape((b, h, kv, d))
                 .unwrap()
         };
+        let scores = (q.matmul(&repeat(k).t().unwrap()).unwrap() * scale)
+            .unwrap()
+            .broadcast_add(mask)
+            .unwrap();
+        let mut probs = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
+        if let Some(keep) = keep {
+            probs = (probs * keep).unwrap();
+        }
+        probs
+            .matmul(&repeat(v))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b, t, h * d))
+            .unwrap()
+    }
+
+    /// The causal reference: [`composed_with`] and an additive mask built element by
+    /// element.
+    fn composed(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, window: Option<usize>) -> Tensor {
+        let (t, kv) = (q.dim(2).unwrap(), k.dim(2).unwrap());
         let mask: Vec<f32> = (0..t)
             .flat_map(|i| {
                 let pos = kv - t + i;
@@ -349,18 +497,7 @@ mod tests {
             })
             .collect();
         let mask = Tensor::from_vec(mask, (t, kv), &Device::Cpu).unwrap();
-        let scores = (q.matmul(&repeat(k).t().unwrap()).unwrap() * scale)
-            .unwrap()
-            .broadcast_add(&mask)
-            .unwrap();
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
-        probs
-            .matmul(&repeat(v))
-            .unwrap()
-            .transpose(1, 2)
-            .unwrap()
-            .reshape((b, t, h * d))
-            .unwrap()
+        composed_with(q, k, v, scale, &mask, None)
     }
 
     /// Value and the gradients of q, k and v equal the composed ops: grouped-query heads,
@@ -395,6 +532,98 @@ mod tests {
             let inputs = [("q", qt), ("k", kt), ("v", vt)];
             super::super::op_test::assert_same_op(&fused, &reference, &inputs, 1e-5, &case);
         }
+    }
+
+    /// The reference for a key mask: [`composed_with`], an additive mask of f32's most
+    /// negative value per masked key (transformers' BERT) and `dropout`'s choices.
+    fn key_masked_composed(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+        visible: &[bool],
+        dropout: Option<&super::Dropout>,
+        p: f32,
+    ) -> Tensor {
+        let (b, h, t, _) = q.dims4().unwrap();
+        let kv = k.dim(2).unwrap();
+        let mask: Vec<f32> = visible
+            .iter()
+            .map(|&seen| if seen { 0.0 } else { f32::MIN })
+            .collect();
+        let mask = Tensor::from_vec(mask, (b, 1, 1, kv), &Device::Cpu).unwrap();
+        // The probabilities' index in (b, h, t, kv) is the op's index in its
+        // (b, kv_heads, heads / kv_heads · t, kv) layout.
+        let keep = dropout.map(|dropout| {
+            let keep: Vec<f32> = (0..b * h * t * kv)
+                .map(|i| {
+                    if dropout.keeps(i) {
+                        1.0 / (1.0 - p)
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            Tensor::from_vec(keep, (b, h, t, kv), &Device::Cpu).unwrap()
+        });
+        composed_with(q, k, v, scale, &mask, keep)
+    }
+
+    /// Under a key mask, with and without dropout: the value and the gradients of q, k
+    /// and v equal the composed ops with the same mask and the same dropped entries. No
+    /// padding, trailing padding (skipped keys), masked keys inside the span, more keys
+    /// than queries, grouped-query heads, several blocks of query rows.
+    #[test]
+    fn key_masked_equals_the_composed_attention() {
+        let dev = Device::Cpu;
+        // (b, h, g, t, kv, the batch elements' visible keys as (first, end) runs, dropout).
+        type Case = (
+            usize,
+            usize,
+            usize,
+            usize,
+            usize,
+            [&'static [(usize, usize)]; 2],
+            f32,
+        );
+        let cases: [Case; 6] = [
+            (2, 4, 2, 5, 5, [&[(0, 5)], &[(0, 5)]], 0.0),
+            (2, 2, 2, 7, 7, [&[(0, 7)], &[(0, 3)]], 0.0),
+            (2, 3, 1, 6, 6, [&[(0, 2), (4, 5)], &[(1, 6)]], 0.0),
+            (2, 2, 2, 3, 9, [&[(0, 9)], &[(2, 4), (6, 8)]], 0.0),
+            (2, 4, 2, 130, 130, [&[(0, 100)], &[(0, 130)]], 0.0),
+            (2, 4, 2, 70, 70, [&[(0, 50), (60, 65)], &[(0, 70)]], 0.3),
+        ];
+        for (b, h, g, t, kv, runs, p) in cases {
+            let d = 4;
+            let var = |shape: (usize, usize, usize, usize)| {
+                Var::from_tensor(&Tensor::randn(0f32, 1., shape, &dev).unwrap()).unwrap()
+            };
+            let (q, k, v) = (var((b, h, t, d)), var((b, g, kv, d)), var((b, g, kv, d)));
+            let visible: Vec<bool> = runs
+                .iter()
+                .flat_map(|row| (0..kv).map(|j| row.iter().any(|&(lo, hi)| (lo..hi).contains(&j))))
+                .collect();
+            let scale = 1.0 / (d as f64).sqrt();
+            let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+            let keys = super::KeyMask::new(visible.clone(), kv).unwrap();
+            let dropout = (p > 0.0).then(|| super::Dropout::with_seed(p, 99));
+            let fused = super::key_masked_attention(qt, kt, vt, scale, keys, dropout).unwrap();
+            let reference = key_masked_composed(qt, kt, vt, scale, &visible, dropout.as_ref(), p);
+            let case = format!("b {b}, h {h}, g {g}, t {t}, kv {kv}, runs {runs:?}, p {p}");
+            let inputs = [("q", qt), ("k", kt), ("v", vt)];
+            super::super::op_test::assert_same_op(&fused, &reference, &inputs, 1e-5, &case);
+        }
+    }
+
+    /// A batch element that sees no key has no key mask (the caller takes the composed
+    /// path); ends are one past the last visible key.
+    #[test]
+    fn a_key_mask_needs_a_visible_key_per_batch_element() {
+        assert!(super::KeyMask::new(vec![true, false, false, false], 2).is_none());
+        assert!(super::KeyMask::new(vec![true, false, true], 2).is_none());
+        let mask = super::KeyMask::new(vec![true, false, false, true, false, false], 3).unwrap();
+        assert_eq!(mask.ends, [1, 1]);
     }
 
     /// Keys and values read in place from buffers with room past them (a KV cache's),

@@ -8,7 +8,9 @@
 //!
 //! The forward is transformers' eager one: embeddings (word + token type + absolute
 //! position, then LayerNorm), post-norm encoder layers (attention scores scaled by
-//! `1/sqrt(head_dim)`, padded keys masked with the dtype's most negative value), the pooler
+//! `1/sqrt(head_dim)`, padded keys given no weight, as transformers' additive mask of the
+//! dtype's most negative value does; [`crate::models::fused::bidirectional_attention`],
+//! one fused op for f32 CPU tensors), the pooler
 //! (`tanh` of a dense layer on the first token) and the classifier. Dropout runs only in
 //! [`BertForSequenceClassification::forward_t`] with `train = true`.
 
@@ -25,7 +27,8 @@ use crate::model::{embedding, linear, AdapterPlan, Embedding, Linear};
 use crate::models::base_prefix::with_base_prefix;
 pub use crate::models::classification::ProblemType;
 use crate::models::classification::{classification_loss, head_or_new, ClassifierConfig};
-use crate::models::ops::{softmax_last, LayerNorm};
+use crate::models::fused;
+use crate::models::ops::LayerNorm;
 
 /// The activation of BERT's feed-forward block (transformers' `hidden_act`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -475,7 +478,7 @@ impl BertLayer {
         })
     }
 
-    /// `x` `(batch, seq, hidden)`; `mask` additive, `(batch, 1, 1, seq)`.
+    /// `x` `(batch, seq, hidden)`; `mask` `(batch, seq)`, non-zero for keys to attend to.
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let heads = |t: Tensor| -> Result<Tensor> {
@@ -487,18 +490,8 @@ impl BertLayer {
         let k = heads(self.key.forward(x)?)?;
         let v = heads(self.value.forward(x)?)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
-        };
-        let probs = softmax_last(&scores)?;
-        let probs = dropout(probs, self.attention_dropout, train)?;
-        let context =
-            probs
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .reshape((b, s, self.heads * self.head_dim))?;
+        let p = if train { self.attention_dropout } else { 0.0 };
+        let context = fused::bidirectional_attention(&q, &k, &v, scale, mask, p)?;
         let attn = self.attention_output.forward(&context)?;
         let attn = dropout(attn, self.hidden_dropout, train)?;
         let attn = self.attention_norm.forward(&(attn + x)?)?;
@@ -541,7 +534,6 @@ pub struct BertForSequenceClassification {
     layers: Vec<BertLayer>,
     pooler: Linear,
     classifier: Linear,
-    dtype: DType,
     device: Device,
     name_or_path: Option<String>,
 }
@@ -630,7 +622,7 @@ impl BertForSequenceClassification {
     /// a random head and a warning.
     pub fn load(config: &BertConfig, vb: VarBuilder, plan: &AdapterPlan) -> Result<Self> {
         config.validate()?;
-        let (dtype, device) = (vb.dtype(), vb.device().clone());
+        let device = vb.device().clone();
         let vb = with_base_prefix(vb, "bert", "embeddings.word_embeddings.weight");
         let bert = vb.pp("bert");
         let embeddings = BertEmbeddings::load(config, bert.pp("embeddings"), plan)?;
@@ -646,7 +638,6 @@ impl BertForSequenceClassification {
             layers,
             pooler,
             classifier,
-            dtype,
             device,
             name_or_path: None,
         })
@@ -677,7 +668,8 @@ impl BertForSequenceClassification {
 
     /// [`BertForSequenceClassification::forward`], with `train = true` in training mode
     /// (transformers' `model.train()`): dropout at the config's probabilities (set them to 0
-    /// for none) and composed softmax and LayerNorm that gradients flow through. The
+    /// for none; the attention probabilities' dropout draws inside the fused attention op,
+    /// see [`crate::models::fused::bidirectional_attention`]). The
     /// adapters' own dropout follows their training flag
     /// ([`crate::model::AdaptedSet::set_training`]).
     pub fn forward_t(
@@ -689,7 +681,7 @@ impl BertForSequenceClassification {
     ) -> Result<Tensor> {
         let (ids, token_types) = self.check_ids(input_ids, token_type_ids)?;
         let mask = attention_mask
-            .map(|m| self.additive_mask(m, ids.dims()))
+            .map(|m| self.check_mask(m, ids.dims()))
             .transpose()?;
         let mut x = self.embeddings.forward(&ids, &token_types, train)?;
         for layer in &self.layers {
@@ -791,9 +783,8 @@ impl BertForSequenceClassification {
         Ok((ids.clone(), token_types))
     }
 
-    /// `mask` `(batch, seq)` as additive scores `(batch, 1, 1, seq)`: 0 where non-zero, the
-    /// dtype's most negative value where zero.
-    fn additive_mask(&self, mask: &Tensor, dims: &[usize]) -> Result<Tensor> {
+    /// `mask`, checked to be `(batch, seq)` as `dims`, on the model's device.
+    fn check_mask(&self, mask: &Tensor, dims: &[usize]) -> Result<Tensor> {
         if mask.dims() != dims {
             return Err(Error::ShapeMismatch {
                 layer: "bert".to_string(),
@@ -802,17 +793,6 @@ impl BertForSequenceClassification {
                 got: format!("{:?}", mask.dims()),
             });
         }
-        let min = match self.dtype {
-            DType::F16 => f64::from(half::f16::MIN),
-            DType::BF16 => f64::from(half::bf16::MIN),
-            DType::F32 => f64::from(f32::MIN),
-            _ => f64::MIN,
-        };
-        let (b, s) = mask.dims2()?;
-        let keep = mask
-            .to_device(&self.device)?
-            .ne(0f64)?
-            .to_dtype(self.dtype)?;
-        Ok(keep.affine(-min, min)?.reshape((b, 1, 1, s))?)
+        Ok(mask.to_device(&self.device)?)
     }
 }

@@ -1,6 +1,7 @@
 //! Differentiable transformer ops for models of your own, as lorakit's models run them:
 //! RMSNorm ([`rms_norm`]) and LayerNorm ([`layer_norm`]), RoPE on a projection's heads
-//! ([`rope_heads`]), causal grouped-query attention ([`causal_attention`]), the gated
+//! ([`rope_heads`]), causal grouped-query attention ([`causal_attention`]), an encoder's
+//! attention under a key mask with dropout ([`bidirectional_attention`]), the gated
 //! MLP's `silu(gate) ⊙ up` ([`silu_mul`]) and GELU (GPT-2's [`gelu_tanh`], BERT's
 //! [`gelu_erf`]).
 //!
@@ -19,6 +20,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::models::attention_dropout::Dropout;
 use crate::models::ops::softmax_last;
 use crate::models::{
     attention_op, gelu, layer_norm as layer_norm_op, padding, rms_norm as rms_norm_op, rope_op,
@@ -183,27 +185,8 @@ pub fn causal_attention(
     window: Option<usize>,
 ) -> Result<Tensor> {
     const OP: &str = "fused::causal_attention";
-    let &[b, h, t, d] = q.dims() else {
-        return Err(shape_error(OP, "q", "(batch, heads, seq, head_dim)", q));
-    };
-    let &[kb, g, kv_len, kd] = k.dims() else {
-        return Err(shape_error(
-            OP,
-            "k",
-            "(batch, kv_heads, kv_len, head_dim)",
-            k,
-        ));
-    };
-    if kb != b || kd != d || g == 0 || h % g != 0 || kv_len < t || t == 0 {
-        let expected = format!(
-            "[{b}, a divisor of {h}, at least {} positions, {d}]",
-            t.max(1)
-        );
-        return Err(shape_error(OP, "k", expected, k));
-    }
-    if v.dims() != k.dims() {
-        return Err(shape_error(OP, "v", format!("{:?}", k.dims()), v));
-    }
+    let seq = q.dims().get(2).copied().unwrap_or(0);
+    let (_, t, kv_len) = grouped_dims(OP, q, k, v, seq)?;
     if window == Some(0) {
         return Err(Error::usage(
             crate::error::Scope::Settings(OP.to_string()),
@@ -217,7 +200,97 @@ pub fn causal_attention(
         window.is_none_or(|w| j + w > q)
     });
     let mask = Tensor::from_vec(values, (t, kv_len), &Device::Cpu)?.to_device(q.device())?;
-    composed_attention(q, k, v, scale, &mask)
+    composed_attention(q, k, v, scale, &mask, 0.0)
+}
+
+/// `softmax(scale · q kᵀ + mask) v` for queries `q` `(batch, heads, seq, head_dim)` and
+/// keys and values `k`, `v` `(batch, kv_heads, kv_len, head_dim)`, where every query sees
+/// every key its batch element's `key_mask` `(batch, kv_len)` (any dtype) holds non-zero
+/// (`None`: every key), with dropout at probability `dropout` on the probabilities (`0.0`
+/// for none, as in evaluation): an encoder's self-attention, as BERT runs it. Returns
+/// `(batch, seq, heads · head_dim)` (what an output projection reads). Each key/value head
+/// serves `heads / kv_heads` consecutive query heads, without copying keys and values.
+///
+/// Masked keys get no weight, as transformers' additive mask of the dtype's most negative
+/// value gives them; a batch element whose mask holds no key at all gets equal weights
+/// on all its keys, as that mask gives (not an error: transformers runs it too). Dropout
+/// zeroes each probability with probability `dropout` and scales the rest by
+/// `1 / (1 − dropout)` (PyTorch's and candle-nn's dropout).
+///
+/// Differentiable in `q`, `k` and `v`. One fused op with its backward for f32 CPU tensors
+/// with at least as many keys as queries (it skips the keys after a batch element's last
+/// unmasked one, so a right-padded batch does no work on its padding; its dropout draws
+/// from a seeded SplitMix64 stream rather than candle's generator); candle's matmul,
+/// mask, softmax and dropout elsewhere, with scores and softmax in f32 for f16 / bf16
+/// inputs.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use lorakit::models::fused::bidirectional_attention;
+///
+/// let dev = Device::Cpu;
+/// // Three positions, one head of size 1, equal scores; the last key is padding.
+/// let q = Tensor::new(&[1f32, 1.0, 1.0], &dev)?.reshape((1, 1, 3, 1))?;
+/// let k = Tensor::zeros((1, 1, 3, 1), candle_core::DType::F32, &dev)?;
+/// let v = Tensor::new(&[10f32, 20.0, 90.0], &dev)?.reshape((1, 1, 3, 1))?;
+/// let mask = Tensor::new(&[[1u32, 1, 0]], &dev)?;
+/// let out = bidirectional_attention(&q, &k, &v, 1.0, Some(&mask), 0.0)?;
+/// // Every query, the first one too, averages the two unmasked values.
+/// for x in out.flatten_all()?.to_vec1::<f32>()? {
+///     assert!((x - 15.0).abs() < 1e-5);
+/// }
+/// // Shapes are checked whichever path runs.
+/// assert!(bidirectional_attention(&q, &k, &v, 1.0, Some(&mask.narrow(1, 0, 2)?), 0.0).is_err());
+/// # Ok::<(), lorakit::Error>(())
+/// ```
+pub fn bidirectional_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    key_mask: Option<&Tensor>,
+    dropout: f64,
+) -> Result<Tensor> {
+    const OP: &str = "fused::bidirectional_attention";
+    let (b, _, kv_len) = grouped_dims(OP, q, k, v, 1)?;
+    if let Some(mask) = key_mask {
+        if mask.dims() != [b, kv_len] {
+            return Err(shape_error(
+                OP,
+                "key_mask",
+                format!("[{b}, {kv_len}]"),
+                mask,
+            ));
+        }
+    }
+    crate::validate::dropout(OP, dropout)?;
+    let visible = match key_mask {
+        Some(mask) => mask
+            .ne(0f64)?
+            .flatten_all()?
+            .to_device(&Device::Cpu)?
+            .to_vec1::<u8>()?
+            .into_iter()
+            .map(|x| x != 0)
+            .collect(),
+        None => vec![true; b * kv_len],
+    };
+    if attention_op::supports(q, k, v) {
+        if let Some(keys) = attention_op::KeyMask::new(visible.clone(), kv_len) {
+            let dropout = Dropout::new(dropout as f32);
+            return Ok(attention_op::key_masked_attention(
+                q, k, v, scale, keys, dropout,
+            )?);
+        }
+    }
+    let min = match q.dtype() {
+        DType::F64 => f64::MIN,
+        _ => f64::from(f32::MIN),
+    };
+    let values: Vec<f64> = visible.iter().map(|&s| if s { 0.0 } else { min }).collect();
+    let mask =
+        Tensor::from_vec(values, (b, 1, 1, 1, kv_len), &Device::Cpu)?.to_device(q.device())?;
+    composed_attention(q, k, v, scale, &mask, dropout)
 }
 
 /// `silu(gate) ⊙ up` (the gated MLP of Llama-family models), differentiable in both;
@@ -294,15 +367,17 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 
 /// Attention composed from candle ops: `softmax(scale · q kᵀ + mask) v` for `q`
 /// `(b, heads, t, d)`, `k`, `v` `(b, kv_heads, kv_len, d)` and an additive `mask`
-/// `(t, kv_len)` or `(b, 1, 1, t, kv_len)` (a left-padded batch), as `(b, t, heads · d)`.
-/// Key/value heads serve consecutive query heads without copies; scores and softmax in
-/// f32 for half-precision inputs, products in the inputs' dtype.
+/// `(t, kv_len)` or `(b, 1, 1, t, kv_len)` (a left-padded batch), as `(b, t, heads · d)`,
+/// with `dropout` (a probability, `0.0` for none) on the probabilities. Key/value heads
+/// serve consecutive query heads without copies; scores and softmax in f32 for
+/// half-precision inputs, products in the inputs' dtype.
 pub(crate) fn composed_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f64,
     mask: &Tensor,
+    dropout: f64,
 ) -> Result<Tensor> {
     let (b, h, t, d) = q.dims4()?;
     let (g, kv_len) = (k.dim(1)?, k.dim(2)?);
@@ -317,7 +392,11 @@ pub(crate) fn composed_attention(
         .to_dtype(softmax_dtype)?
         .reshape((b, g, rep, t, kv_len))?
         .broadcast_add(&mask.to_dtype(softmax_dtype)?)?;
-    let probs = softmax_last(&scores)?
+    let mut probs = softmax_last(&scores)?;
+    if dropout > 0.0 {
+        probs = candle_nn::ops::dropout(&probs, dropout as f32)?;
+    }
+    let probs = probs
         .to_dtype(v.dtype())?
         .reshape((b, g, rep * t, kv_len))?;
     Ok(probs
@@ -325,6 +404,38 @@ pub(crate) fn composed_attention(
         .reshape((b, h, t, d))?
         .transpose(1, 2)?
         .reshape((b, t, h * d))?)
+}
+
+/// Checks that `q` is `(batch, heads, seq, head_dim)` with `seq ≥ 1`, `k`
+/// `(batch, kv_heads, kv_len, head_dim)` with `kv_heads` dividing `heads` and
+/// `kv_len ≥ min_keys` (and ≥ 1), and `v` shaped as `k`; returns `(batch, seq, kv_len)`,
+/// or the error naming the argument that does not fit.
+fn grouped_dims(
+    op: &str,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    min_keys: usize,
+) -> Result<(usize, usize, usize)> {
+    let &[b, h, t, d] = q.dims() else {
+        return Err(shape_error(op, "q", "(batch, heads, seq, head_dim)", q));
+    };
+    if t == 0 {
+        return Err(shape_error(op, "q", "(batch, heads, seq ≥ 1, head_dim)", q));
+    }
+    let &[kb, g, kv_len, kd] = k.dims() else {
+        let expected = "(batch, kv_heads, kv_len, head_dim)";
+        return Err(shape_error(op, "k", expected, k));
+    };
+    let min_keys = min_keys.max(1);
+    if kb != b || kd != d || g == 0 || h % g != 0 || kv_len < min_keys {
+        let expected = format!("[{b}, a divisor of {h}, at least {min_keys} positions, {d}]");
+        return Err(shape_error(op, "k", expected, k));
+    }
+    if v.dims() != k.dims() {
+        return Err(shape_error(op, "v", format!("{:?}", k.dims()), v));
+    }
+    Ok((b, t, kv_len))
 }
 
 /// The error for argument `what` of `op` whose shape is not `expected`.

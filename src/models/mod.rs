@@ -29,6 +29,7 @@
 //! [`classification`]). [`AutoSequenceClassifier`] loads any of them by `model_type`.
 
 mod attention_blocks;
+mod attention_dropout;
 mod attention_op;
 pub mod auto;
 mod auto_classifier;

@@ -6,7 +6,8 @@
 
 use candle_core::{DType, Tensor, Var};
 use lorakit::models::fused::{
-    causal_attention, gelu_erf, gelu_tanh, layer_norm, rms_norm, rope_heads, silu_mul,
+    bidirectional_attention, causal_attention, gelu_erf, gelu_tanh, layer_norm, rms_norm,
+    rope_heads, silu_mul,
 };
 use lorakit::Error;
 
@@ -155,13 +156,15 @@ fn rope_heads_paths_match_f64() {
 }
 
 /// Attention by hand in f64: queries at `kv − t ..`, keys at `0..kv`, query head `i` on
-/// key/value head `i / (h / g)`.
+/// key/value head `i / (h / g)`; the query at `pos` of batch element `bi` sees key `j`
+/// when `sees(bi, pos, j)`, and a query that sees no key weighs all keys equally (as an
+/// additive mask of the most negative value makes it).
 fn attention_reference(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f64,
-    window: Option<usize>,
+    sees: impl Fn(usize, usize, usize) -> bool,
 ) -> Vec<f64> {
     let (b, h, t, d) = q.dims4().unwrap();
     let (g, kv) = (k.dim(1).unwrap(), k.dim(2).unwrap());
@@ -172,15 +175,22 @@ fn attention_reference(
             let gi = hi / (h / g);
             for i in 0..t {
                 let pos = kv - t + i;
-                let seen: Vec<usize> = (0..kv)
-                    .filter(|&j| j <= pos && window.is_none_or(|w| j + w > pos))
-                    .collect();
+                let mut seen: Vec<usize> = (0..kv).filter(|&j| sees(bi, pos, j)).collect();
+                let blind = seen.is_empty();
+                if blind {
+                    seen = (0..kv).collect();
+                }
                 let qrow = &q[((bi * h + hi) * t + i) * d..][..d];
                 let scores: Vec<f64> = seen
                     .iter()
                     .map(|&j| {
                         let krow = &k[((bi * g + gi) * kv + j) * d..][..d];
-                        scale * qrow.iter().zip(krow).map(|(a, b)| a * b).sum::<f64>()
+                        let score = scale * qrow.iter().zip(krow).map(|(a, b)| a * b).sum::<f64>();
+                        if blind {
+                            0.0
+                        } else {
+                            score
+                        }
                     })
                     .collect();
                 let max = scores.iter().cloned().fold(f64::MIN, f64::max);
@@ -198,12 +208,21 @@ fn attention_reference(
     out
 }
 
+/// Queries `(b, h, t, d)`, keys and values `(b, g, kv, d)` from seeds `seed ..= seed + 2`,
+/// as [`vars`] pairs; `dims` is `[b, h, g, t, kv, d]`.
+fn attention_vars(seed: u64, dims: [usize; 6]) -> [(Var, Var); 3] {
+    let [b, h, g, t, kv, d] = dims;
+    [
+        vars(seed, &[b, h, t, d]),
+        vars(seed + 1, &[b, g, kv, d]),
+        vars(seed + 2, &[b, g, kv, d]),
+    ]
+}
+
 #[test]
 fn causal_attention_paths_match_f64() {
     let (b, h, g, t, kv, d) = (2, 4, 2, 3, 5, 8);
-    let (q32, q64) = vars(4, &[b, h, t, d]);
-    let (k32, k64) = vars(5, &[b, g, kv, d]);
-    let (v32, v64) = vars(6, &[b, g, kv, d]);
+    let [(q32, q64), (k32, k64), (v32, v64)] = attention_vars(4, [b, h, g, t, kv, d]);
     let scale = 1.0 / (d as f64).sqrt();
     for window in [None, Some(2)] {
         let run = |q: &Var, k: &Var, v: &Var| {
@@ -216,7 +235,7 @@ fn causal_attention_paths_match_f64() {
             k64.as_tensor(),
             v64.as_tensor(),
             scale,
-            window,
+            |_, pos, j| j <= pos && window.is_none_or(|w| j + w > pos),
         );
         assert!(
             max_rel_vec(&flat(&y32), &want) < 1e-5,
@@ -250,6 +269,78 @@ fn causal_attention_paths_match_f64() {
         causal_attention(q, k, v, scale, Some(0)),
         Err(Error::Usage { .. })
     ));
+}
+
+/// Under a key mask: trailing padding, a masked key inside the span, and (the last case) a
+/// batch element whose mask holds no key, which weighs its keys equally on both paths.
+/// Dropout is covered by the op's unit tests (its draws differ between the paths); here
+/// only its argument check.
+#[test]
+fn bidirectional_attention_paths_match_f64() {
+    let (b, h, g, t, kv, d) = (2, 4, 2, 5, 6, 8);
+    let [(q32, q64), (k32, k64), (v32, v64)] = attention_vars(14, [b, h, g, t, kv, d]);
+    let scale = 1.0 / (d as f64).sqrt();
+    let masks: [[[u32; 6]; 2]; 3] = [
+        [[1; 6], [1; 6]],
+        [[1, 1, 1, 1, 0, 0], [1, 0, 1, 1, 1, 0]],
+        [[1, 1, 0, 1, 1, 1], [0; 6]],
+    ];
+    for rows in masks {
+        let mask = Tensor::new(&rows, q32.device()).unwrap();
+        let run = |q: &Var, k: &Var, v: &Var| {
+            let (q, k, v) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+            bidirectional_attention(q, k, v, scale, Some(&mask), 0.0).unwrap()
+        };
+        let (y32, y64) = (run(&q32, &k32, &v32), run(&q64, &k64, &v64));
+        assert_eq!(y32.dims(), &[b, t, h * d]);
+        let want = attention_reference(
+            q64.as_tensor(),
+            k64.as_tensor(),
+            v64.as_tensor(),
+            scale,
+            |bi, _, j| rows[bi][j] != 0,
+        );
+        let case = format!("{rows:?}");
+        assert!(
+            max_rel_vec(&flat(&y32), &want) < 1e-5,
+            "{case}: f32 vs by hand"
+        );
+        assert!(
+            max_rel_vec(&flat(&y64), &want) < 1e-12,
+            "{case}: f64 vs by hand"
+        );
+        // A batch element that sees nothing has gradients only through its values (its
+        // scores are all the most negative value): compare values there only.
+        if rows.iter().all(|row| row.contains(&1)) {
+            let inputs = [("q", &q32, &q64), ("k", &k32, &k64), ("v", &v32, &v64)];
+            assert_matches(&y32, &y64, &inputs, 1e-5);
+        }
+    }
+    let (q, k, v) = (q32.as_tensor(), k32.as_tensor(), v32.as_tensor());
+    let unmasked = bidirectional_attention(q, k, v, scale, None, 0.0).unwrap();
+    let all = Tensor::ones((b, kv), DType::U8, q.device()).unwrap();
+    let masked = bidirectional_attention(q, k, v, scale, Some(&all), 0.0).unwrap();
+    assert_eq!(flat(&unmasked), flat(&masked), "no mask is a mask of ones");
+    let mask = Some(&all);
+    is_shape_error(
+        bidirectional_attention(&q.narrow(1, 0, 3).unwrap(), k, v, scale, mask, 0.0),
+        "k",
+    );
+    is_shape_error(
+        bidirectional_attention(q, k, &v.narrow(2, 0, 4).unwrap(), scale, mask, 0.0),
+        "v",
+    );
+    let short = all.narrow(1, 0, kv - 1).unwrap();
+    is_shape_error(
+        bidirectional_attention(q, k, v, scale, Some(&short), 0.0),
+        "key_mask",
+    );
+    for p in [-0.1, 1.0, f64::NAN] {
+        assert!(matches!(
+            bidirectional_attention(q, k, v, scale, mask, p),
+            Err(Error::InvalidDropout { .. })
+        ));
+    }
 }
 
 #[test]

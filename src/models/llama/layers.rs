@@ -205,7 +205,7 @@ impl Attention {
             let out = attention_op::causal_attention(q, k, v, self.scale, window)?;
             return Ok(self.o_proj.forward(&out)?);
         }
-        let out = fused::composed_attention(q, k, v, self.scale, masks.get(self.kind)?)?;
+        let out = fused::composed_attention(q, k, v, self.scale, masks.get(self.kind)?, 0.0)?;
         Ok(self.o_proj.forward(&out)?)
     }
 
