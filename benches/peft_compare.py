@@ -74,7 +74,7 @@ def cpu_info(threads):
     except OSError:
         pass
     return {"model": model, "vector": [v for v in VECTOR_FLAGS if v in flags], "threads": threads, "logical_cpus": os.cpu_count()}
-TRAIN_VARIANTS = ["lora", "dora", "lora_fa", "vera"]
+TRAIN_VARIANTS = ["lora", "lora_dropout", "dora", "lora_fa", "vera"]
 EVAL_VARIANTS = ["base", "lora", "dora"]
 
 
@@ -136,6 +136,7 @@ def peft_layer(d, name, r):
     """One PEFT-adapted `d × d` linear layer, its trainable tensors non-zero."""
     cfg = {
         "lora": LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"]),
+        "lora_dropout": LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.1, target_modules=["0"]),
         "dora": LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], use_dora=True),
         "vera": VeraConfig(r=VERA_R, target_modules=["0"]),
     }[name]
@@ -151,8 +152,8 @@ def torch_variant_cases():
     n, d, r = VARIANT_TRAIN
     torch.manual_seed(0)
     x = torch.rand(n, d, requires_grad=True)
-    for name in ["lora", "dora", "vera"]:
-        layer = peft_layer(d, name, r)
+    for name in ["lora", "lora_dropout", "dora", "vera"]:
+        layer = peft_layer(d, name, r).train()  # dropout on (lora_dropout's case)
 
         def fb():
             x.grad = None

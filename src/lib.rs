@@ -98,7 +98,6 @@ pub mod tokenizer;
 pub mod train;
 mod validate;
 pub mod variants;
-mod vector_math;
 
 pub use adapter::{AdaptedBase, Adapter, ConfigEntry, NamedVar, ParamRole, Variant};
 pub use error::{Error, Result, Scope};

@@ -8,7 +8,7 @@ use candle_nn::{Init, VarBuilder};
 use crate::adapter::{NamedVar, ParamRole};
 use crate::error::{Error, Result};
 use crate::frozen::FrozenLinear;
-use crate::kernels::{low_rank_only, LowRankTerm, Product};
+use crate::kernels::{LowRankTerm, Product};
 use crate::validate;
 
 /// One factor of a low-rank pair: trained (a `Var`) or frozen (a constant).
@@ -136,8 +136,8 @@ pub fn trainable_var(vb: &VarBuilder, name: &str, init: &Tensor) -> Result<Var> 
 }
 
 /// `x Wᵀ + b + s · (drop(x) A_effᵀ) B_effᵀ`, with dropout (probability `dropout`) only when
-/// `train` is set. Without dropout this is one fused product ([`crate::kernels::FusedLinear`]'s,
-/// over a float or quantized `W`).
+/// `train` is set: one fused product ([`crate::kernels::FusedLinear`]'s, over a float or
+/// quantized `W`), which on the CPU draws the dropout inside it too.
 pub fn low_rank_forward(
     base: &FrozenLinear,
     term: LowRankTerm<'_>,
@@ -145,21 +145,11 @@ pub fn low_rank_forward(
     x: &Tensor,
     train: bool,
 ) -> Result<Tensor> {
-    if train && dropout > 0.0 {
-        let frozen = Product {
-            weight: base.weight_ref(),
-            bias: base.bias(),
-            low_rank: None,
-            row_scale: None,
-        };
-        let dropped = candle_nn::ops::dropout(x, dropout as f32)?;
-        return Ok((frozen.forward(x)? + low_rank_only(&dropped, &term)?)?);
-    }
     Product {
         weight: base.weight_ref(),
         bias: base.bias(),
         low_rank: Some(term),
         row_scale: None,
     }
-    .forward(x)
+    .forward_dropped(x, if train { dropout } else { 0.0 })
 }

@@ -48,8 +48,8 @@ fn vb(varmap: &VarMap) -> VarBuilder<'static> {
     VarBuilder::from_varmap(varmap, DType::F32, &Device::Cpu)
 }
 
-/// The training-step cases: the input and the named layers (`lora`, `dora`, `lora_fa`,
-/// `vera`).
+/// The training-step cases: the input and the named layers (`lora`, `lora_dropout` (LoRA
+/// with dropout 0.1 on its input, in training mode), `dora`, `lora_fa`, `vera`).
 pub struct TrainCases {
     pub x: Var,
     pub layers: Vec<(&'static str, Box<dyn Adapter>)>,
@@ -63,6 +63,12 @@ impl TrainCases {
         let x = input(n, d, &mut rng);
         let varmap = VarMap::new();
         let lora = LoraLinear::new(base(d, &mut rng), &lora_config(r), vb(&varmap).pp("l"));
+        let dropout_config = LoraConfig {
+            dropout: 0.1,
+            ..lora_config(r)
+        };
+        let lora_dropout =
+            LoraLinear::new(base(d, &mut rng), &dropout_config, vb(&varmap).pp("ld"));
         let dora = DoraLinear::new(base(d, &mut rng), &lora_config(r), vb(&varmap).pp("d"));
         let fa = LoraFaLinear::new(base(d, &mut rng), &lora_config(r), vb(&varmap).pp("f"));
         let frozen = base(d, &mut rng);
@@ -75,6 +81,7 @@ impl TrainCases {
             .unwrap();
         let layers: Vec<(&'static str, Box<dyn Adapter>)> = vec![
             ("lora", Box::new(lora.unwrap())),
+            ("lora_dropout", Box::new(lora_dropout.unwrap())),
             ("dora", Box::new(dora.unwrap())),
             ("lora_fa", Box::new(fa.unwrap())),
             ("vera", Box::new(vera)),

@@ -2,6 +2,7 @@
 //! buffers and the forward/backward built from `gemm` calls that accumulate into one
 //! output buffer (`read_dst`), so no output-sized temporary is made in the forward.
 
+use crate::kernels::dropout::Dropout;
 use candle_core::{CpuStorage, Layout, Shape, Storage, Tensor, WithDType};
 
 #[cfg(any(feature = "openblas", feature = "mkl"))]
@@ -125,6 +126,11 @@ impl<'a, T: Copy> MatRef<'a, T> {
     /// Rows of the view.
     pub(crate) fn rows(&self) -> usize {
         self.rows
+    }
+
+    /// Columns of the view.
+    pub(crate) fn cols(&self) -> usize {
+        self.cols
     }
 
     /// Columns `start .. start + len` (an error outside the view).
@@ -471,14 +477,19 @@ pub(crate) struct Forward<'a, T> {
     pub w: WeightMat<'a, T>,
     /// `A_eff` `(r, d_in)` and `B_eff` `(d_out, r)`, `r ≥ 1`, with the scale.
     pub low_rank: Option<(MatRef<'a, T>, MatRef<'a, T>, T)>,
+    /// With dropout on the low-rank term's input: that input, `drop(x)` `(n, d_in)`, and
+    /// the dropout that made it from `x` (entry `(i, j)` is its entry `i · d_in + j`).
+    /// `None`: the low-rank term reads `x`.
+    pub dropped: Option<(MatRef<'a, T>, Dropout)>,
     /// Row scale, `d_out` values.
     pub row_scale: Option<Vec<T>>,
     /// Bias, `d_out` values.
     pub bias: Option<Vec<T>>,
 }
 
-/// `y = c ⊙ (x Wᵀ + s (x Aᵀ) Bᵀ) + b`, contiguous `(n, d_out)`, and the intermediate
-/// `x Aᵀ` `(n, r)` (empty without a low-rank term), which the backward reuses.
+/// `y = c ⊙ (x Wᵀ + s (x̃ Aᵀ) Bᵀ) + b`, contiguous `(n, d_out)`, and the intermediate
+/// `x̃ Aᵀ` `(n, r)` (empty without a low-rank term), which the backward reuses; `x̃` is
+/// `x`, or its dropped copy ([`Forward::dropped`]).
 ///
 /// Without a row scale the bias pre-fills the output and the base GEMM accumulates onto
 /// it; the low-rank product always accumulates into the same buffer; a row scale is one
@@ -498,7 +509,7 @@ pub(crate) fn forward<T: WithDType>(p: &Forward<T>) -> candle_core::Result<Forwa
     if let Some((a, b, s)) = p.low_rank {
         let r = a.rows;
         xa = Scratch::zeros(n * r);
-        gemm_into(&mut xa, r, p.x, a.t(), Accum::Replace, one)?;
+        gemm_into(&mut xa, r, p.low_rank_input(), a.t(), Accum::Replace, one)?;
         gemm_into(
             &mut y,
             d_out,
@@ -515,6 +526,28 @@ pub(crate) fn forward<T: WithDType>(p: &Forward<T>) -> candle_core::Result<Forwa
             Ok((y_scaled, xa, Some(y)))
         }
         None => Ok((y.into_vec(), xa, None)),
+    }
+}
+
+/// `drop(x)`: a contiguous copy of `x` `(rows, cols)` with `dropout`'s dropped entries
+/// zero and the rest scaled by `1 / (1 − p)` (entry `(i, j)` is the dropout's entry
+/// `i · cols + j`); rows in parallel.
+pub(crate) fn dropped_copy<T: WithDType>(x: MatRef<T>, dropout: &Dropout) -> Vec<T> {
+    use rayon::prelude::*;
+    let cols = x.cols;
+    let mut out = vec![T::zero(); x.rows * cols];
+    out.par_chunks_mut(cols.max(1))
+        .enumerate()
+        .for_each_init(Vec::new, |buf, (i, row)| {
+            dropout.add_kept_run(row, x.row_or_copy(i, buf), i * cols);
+        });
+    out
+}
+
+impl<'a, T: Copy> Forward<'a, T> {
+    /// What the low-rank term reads: the dropped copy of `x`, or `x`.
+    fn low_rank_input(&self) -> MatRef<'a, T> {
+        self.dropped.as_ref().map_or(self.x, |(x, _)| *x)
     }
 }
 
@@ -560,6 +593,8 @@ pub(crate) struct Grads<T> {
 /// unsloth's algebra with `g' = c ⊙ g`:
 /// `dx = g' W + s (g' B) A`, `dA = s (g' B)ᵀ x`, `dB = s g'ᵀ (x Aᵀ)`,
 /// `dc_j = Σ_i g_ij u_ij` with `u` the pre-scale output the forward saved.
+/// With dropout on the low-rank input `x̃ = keep ⊙ x / (1 − p)`: `x̃` in place of `x` in
+/// `dA` and `dB`, and `dx = g' W + keep ⊙ (s (g' B) A) / (1 − p)`.
 /// Never a gradient for `W`.
 pub(crate) fn backward<T: WithDType>(p: &Backward<T>) -> candle_core::Result<Grads<T>> {
     let f = p.fwd;
@@ -595,14 +630,16 @@ pub(crate) fn backward<T: WithDType>(p: &Backward<T>) -> candle_core::Result<Gra
         let mut dx = vec![zero; n * d_in];
         f.w.grad_times(&mut dx, gs)?;
         if let (Some((a, _, s)), Some(gb)) = (f.low_rank, &gb) {
-            gemm_into(
-                &mut dx,
-                d_in,
-                MatRef::contiguous(gb, n, r)?,
-                a,
-                Accum::Add,
-                s,
-            )?;
+            let gb = MatRef::contiguous(gb, n, r)?;
+            match &f.dropped {
+                None => gemm_into(&mut dx, d_in, gb, a, Accum::Add, s)?,
+                Some((_, dropout)) => {
+                    // Through the dropout: its kept entries, scaled.
+                    let mut low = Scratch::zeros(n * d_in);
+                    gemm_into(&mut low, d_in, gb, a, Accum::Replace, s)?;
+                    dropout.add_kept(&mut dx, &low, 0);
+                }
+            }
         }
         out.dx = Some(dx);
     }
@@ -612,7 +649,7 @@ pub(crate) fn backward<T: WithDType>(p: &Backward<T>) -> candle_core::Result<Gra
             &mut da,
             d_in,
             MatRef::contiguous(gb, n, r)?.t(),
-            f.x,
+            f.low_rank_input(),
             Accum::Replace,
             s,
         )?;
@@ -626,7 +663,7 @@ pub(crate) fn backward<T: WithDType>(p: &Backward<T>) -> candle_core::Result<Gra
             (Some(_), Some(saved)) if saved.len() == n * r => saved,
             (Some((a, _, _)), _) => {
                 let mut xa = Scratch::zeros(n * r);
-                gemm_into(&mut xa, r, f.x, a.t(), Accum::Replace, one)?;
+                gemm_into(&mut xa, r, f.low_rank_input(), a.t(), Accum::Replace, one)?;
                 recomputed = xa;
                 &recomputed
             }
@@ -710,6 +747,7 @@ mod tests {
                 MatRef::contiguous(&b, d_out, r)?,
                 0.5,
             )),
+            dropped: None,
             row_scale: Some(c),
             bias: Some(vals(d_out, 5.0)),
         };

@@ -9,6 +9,11 @@
 //! the caller builds the packed tensor with `Tensor::cat`, whose backward routes the
 //! packed gradient's columns back to `B` and to `c`.
 //!
+//! With dropout on the low-rank term's input (LoRA's `lora_dropout` in training), the op
+//! holds the dropout (probability and seed) and the low-rank term reads `x̃ = drop(x)`;
+//! the backward draws the same `x̃` again rather than keeping it. CPU only: the CUDA
+//! kernels have no dropout ([`super::Product`] composes it there).
+//!
 //! The CPU forward saves `x Aᵀ` (so the backward does not compute it twice) and, with a
 //! row scale, the pre-scale output `u = x Wᵀ + s (x Aᵀ) Bᵀ`, for the row scale's gradient
 //! `Σ_i g_ij u_ij` (exact for any `c`, where recovering `u` from the output as
@@ -16,11 +21,13 @@
 
 use candle_core::{Layout, Tensor, WithDType};
 
-use super::cpu::{self, as_rows, gather_vec, mat_of_layout, Backward, Forward, Need};
+use super::cpu::{self, as_rows, gather_vec, mat_of_layout, Backward, Forward, MatRef, Need};
 use super::saved_op::{CpuOutput, Grads3, Input, SavingKernel, SLOTS};
 use super::weight::OpWeight;
+use crate::kernels::dropout::Dropout;
 
-/// `y = c ⊙ (x Wᵀ + s (x Aᵀ) Bᵀ) + b` with `W`, `b`, `s` held in the op.
+/// `y = c ⊙ (x Wᵀ + s (drop(x) Aᵀ) Bᵀ) + b` with `W`, `b`, `s` and the dropout held in
+/// the op.
 #[derive(Clone, Debug)]
 pub(crate) struct FusedLowRankOp {
     /// Frozen `W`, `(d_out, d_in)` (a float one in `x`'s dtype).
@@ -33,6 +40,8 @@ pub(crate) struct FusedLowRankOp {
     pub rank: usize,
     /// Whether the third input carries the row scale as its last column.
     pub row_scale: bool,
+    /// Dropout on the low-rank term's input (CPU only), `None` for none.
+    pub dropout: Option<Dropout>,
     /// Whether an input tracks a gradient (the CUDA forward keeps its intermediates only
     /// then; the CPU forward always does, its op dropped with the graph).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -79,11 +88,24 @@ impl FusedLowRankOp {
         } else {
             None
         };
+        let x = xr.view()?;
+        // The low-rank term's input, drawn again for the backward from the same seed.
+        let dropped = self
+            .dropout
+            .filter(|_| r > 0)
+            .map(|dropout| (cpu::dropped_copy(x, &dropout), dropout));
+        let dropped_view = match &dropped {
+            Some((copy, dropout)) => {
+                Some((MatRef::contiguous(copy, x.rows(), x.cols())?, *dropout))
+            }
+            None => None,
+        };
         self.weight.with_mat(|w| {
             let fwd = Forward {
-                x: xr.view()?,
+                x,
                 w,
                 low_rank: (r > 0).then(|| (a, bc.narrow_cols(r), T::from_f64(self.scale))),
+                dropped: dropped_view,
                 row_scale,
                 bias,
             };
@@ -99,6 +121,9 @@ impl FusedLowRankOp {
         bc: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Grads3> {
+        if self.dropout.is_some() {
+            candle_core::bail!("fused linear: dropout on the low-rank input runs on the CPU only");
+        }
         let (d_out, d_in) = self.weight.dims2()?;
         let r = self.rank;
         let n = x.elem_count() / d_in.max(1);
@@ -204,6 +229,9 @@ impl SavingKernel for FusedLowRankOp {
         let OpWeight::Float(weight) = &self.weight else {
             candle_core::bail!("fused linear: a quantized weight runs on the CPU only");
         };
+        if self.dropout.is_some() {
+            candle_core::bail!("fused linear: dropout on the low-rank input runs on the CPU only");
+        }
         let params = super::cuda::Forward {
             weight,
             bias: self.bias.as_ref(),

@@ -50,12 +50,14 @@
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+pub(crate) mod dropout;
 mod fused_op;
 mod product;
 mod rows;
 mod saved_op;
 mod scaled;
 mod scaled_op;
+pub(crate) mod vector_math;
 mod weight;
 
 use candle_core::{DType, Device, Tensor};

@@ -8,6 +8,7 @@ use super::saved_op::SavedOp;
 use super::weight::WeightRef;
 use super::{add_trainable_bias, compute_dtype, flatten_rows, unflatten_rows, LowRankTerm};
 use crate::error::Result;
+use crate::kernels::dropout::Dropout;
 
 /// One adapted linear product (see [`super::FusedLinear`]) over any frozen weight.
 #[derive(Clone, Copy, Debug)]
@@ -61,6 +62,15 @@ impl Product<'_> {
     /// Runs the product on the fastest path available for `x`'s device (see the module
     /// docs): the fused op on the CPU, the composed path elsewhere.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_dropped(x, 0.0)
+    }
+
+    /// [`Product::forward`] with dropout at probability `p` (in `[0, 1)`; 0 for none) on
+    /// the low-rank term's input: `x Wᵀ + b + s (drop(x) A_effᵀ) B_effᵀ`, LoRA's
+    /// `lora_dropout` in training. On the CPU one fused op that draws the dropout itself
+    /// ([`crate::kernels::dropout`]); elsewhere the base product plus the composed low-rank term
+    /// on candle-nn's dropout. With `p > 0` there is no row scale (an error names it).
+    pub(crate) fn forward_dropped(&self, x: &Tensor, p: f64) -> Result<Tensor> {
         self.check_shapes(x)?;
         if let Some(bias) = self.bias.filter(|b| b.track_op()) {
             // A trainable bias (PEFT's `bias = "lora_only"`): the fused op holds its bias as
@@ -69,24 +79,46 @@ impl Product<'_> {
                 bias: None,
                 ..*self
             }
-            .forward(x)?;
+            .forward_dropped(x, p)?;
             return add_trainable_bias(&y, bias);
+        }
+        let dropped_term = self.low_rank.filter(|_| p > 0.0);
+        if dropped_term.is_some() && self.row_scale.is_some() {
+            return Err(crate::Error::usage(
+                crate::error::Scope::Settings("fused linear".to_string()),
+                "dropout on the low-rank input with a row scale: compose it (DoRA's forward does)",
+            ));
         }
         let compute = compute_dtype(x.dtype(), x.device());
         if x.device().is_cpu() && matches!(compute, DType::F32 | DType::F64) {
-            return self.forward_fused(x, false);
+            let dropout = dropped_term.and_then(|_| Dropout::new(p as f32));
+            return self.forward_fused(x, false, dropout);
+        }
+        if let Some(term) = dropped_term {
+            let base = Product {
+                low_rank: None,
+                ..*self
+            };
+            let dropped = candle_nn::ops::dropout(x, p as f32)?;
+            return Ok((base.forward(x)? + super::low_rank_only(&dropped, &term)?)?);
         }
         #[cfg(feature = "cuda")]
         if super::cuda::supported(x) && matches!(self.weight, WeightRef::Float(_)) {
-            return self.forward_fused(x, true);
+            return self.forward_fused(x, true, None);
         }
         self.forward_composed(x)
     }
 
     /// The fused `CustomOp3`: inputs `x`, `A_eff` and `[B_eff | row_scale]` (zero-sized
-    /// factors without a low-rank term), `W`, bias and scale held in the op.
-    /// `contiguous`: make every tensor contiguous first (the CUDA kernel's requirement).
-    fn forward_fused(&self, x: &Tensor, contiguous: bool) -> Result<Tensor> {
+    /// factors without a low-rank term), `W`, bias, scale and `dropout` (on the low-rank
+    /// input; the CPU kernel's only) held in the op. `contiguous`: make every tensor
+    /// contiguous first (the CUDA kernel's requirement).
+    fn forward_fused(
+        &self,
+        x: &Tensor,
+        contiguous: bool,
+        dropout: Option<Dropout>,
+    ) -> Result<Tensor> {
         let dtype = x.dtype();
         let compute = compute_dtype(dtype, x.device());
         let cast = |t: &Tensor| {
@@ -126,6 +158,7 @@ impl Product<'_> {
             scale,
             rank,
             row_scale: self.row_scale.is_some(),
+            dropout,
             trains,
         });
         let y = x.apply_op3(&a, &packed, op)?;
@@ -157,5 +190,90 @@ impl Product<'_> {
             y = y.broadcast_add(&cast(b)?)?;
         }
         Ok(unflatten_rows(&y.to_dtype(dtype)?, &lead)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor, Var};
+
+    use super::{LowRankTerm, Product, WeightRef};
+    use crate::kernels::dropout::Dropout;
+    use crate::models::op_test::assert_same_op;
+
+    /// With dropout on the low-rank input, the fused op equals the composition with the
+    /// same dropped entries: the output and the gradients of `x` (through the dropout),
+    /// `A` and `B`, over a bias, for inputs with a batch dimension; and the trainable-bias
+    /// route keeps the dropout.
+    #[test]
+    fn dropout_on_the_low_rank_input_equals_the_composition() {
+        let dev = Device::Cpu;
+        let (batch, rows, d_in, d_out, r, s) = (2, 5, 37, 23, 4, 0.7);
+        let var = |shape: &[usize]| {
+            Var::from_tensor(&Tensor::randn(0f32, 1., shape, &dev).unwrap()).unwrap()
+        };
+        let (x, a, b) = (var(&[batch, rows, d_in]), var(&[r, d_in]), var(&[d_out, r]));
+        let w = Tensor::randn(0f32, 1., (d_out, d_in), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1., d_out, &dev).unwrap();
+        for p in [0.3f32, 0.9] {
+            let dropout = Dropout::with_seed(p, 42);
+            let term = LowRankTerm {
+                a: a.as_tensor(),
+                b: b.as_tensor(),
+                scale: s,
+            };
+            let product = Product {
+                weight: WeightRef::Float(&w),
+                bias: Some(&bias),
+                low_rank: Some(term),
+                row_scale: None,
+            };
+            let fused = product
+                .forward_fused(x.as_tensor(), false, Some(dropout))
+                .unwrap();
+            let keep: Vec<f32> = (0..batch * rows * d_in)
+                .map(|i| {
+                    if dropout.keeps(i) {
+                        dropout.scale() as f32
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let keep = Tensor::from_vec(keep, x.shape(), &dev).unwrap();
+            let dropped = (x.as_tensor() * keep).unwrap();
+            let base = x.as_tensor().broadcast_matmul(&w.t().unwrap()).unwrap();
+            let low = dropped
+                .broadcast_matmul(&a.as_tensor().t().unwrap())
+                .unwrap()
+                .broadcast_matmul(&b.as_tensor().t().unwrap())
+                .unwrap();
+            let reference = (base + (low * s).unwrap())
+                .unwrap()
+                .broadcast_add(&bias)
+                .unwrap();
+            let inputs = [
+                ("x", x.as_tensor()),
+                ("A", a.as_tensor()),
+                ("B", b.as_tensor()),
+            ];
+            assert_same_op(&fused, &reference, &inputs, 1e-5, &format!("p {p}"));
+        }
+        // A trainable bias is added outside the op; the dropout still applies inside.
+        let trained_bias = Var::from_tensor(&bias).unwrap();
+        let product = Product {
+            weight: WeightRef::Float(&w),
+            bias: Some(trained_bias.as_tensor()),
+            low_rank: Some(LowRankTerm {
+                a: a.as_tensor(),
+                b: b.as_tensor(),
+                scale: s,
+            }),
+            row_scale: None,
+        };
+        let plain = product.forward_dropped(x.as_tensor(), 0.0).unwrap();
+        let dropped = product.forward_dropped(x.as_tensor(), 0.5).unwrap();
+        let differ = (plain - dropped).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(differ.to_scalar::<f32>().unwrap() > 1e-3);
     }
 }

@@ -215,7 +215,7 @@ pub(super) fn backward(x: &BackwardInputs, s: Shape) -> Result<(Vec<f32>, Vec<f3
                     for (r, c) in row_dot.iter_mut().take(b.rows).enumerate() {
                         let o = rows(x.out, at(b.row + r) / d, 1, d)?;
                         let g = rows(x.d_out, at(b.row + r) / d, 1, d)?;
-                        *c = crate::vector_math::dot(o, g);
+                        *c = crate::kernels::vector_math::dot(o, g);
                     }
                     let q_b = MatRef::contiguous(sub(q, b.row * d)?, b.rows, d)?;
                     let k_b = MatRef::contiguous(sub(k, b.key * d)?, b.keys, d)?;
@@ -248,7 +248,7 @@ pub(super) fn backward(x: &BackwardInputs, s: Shape) -> Result<(Vec<f32>, Vec<f3
 
 /// `dS = scale · P ⊙ (dP − c)` in place over `d_p`, one row.
 fn scores_gradient(d_p: &mut [f32], p: &[f32], c: f32, scale: f32) {
-    crate::vector_math::on_widest_vectors(
+    crate::kernels::vector_math::on_widest_vectors(
         #[inline(always)]
         || {
             for (g, &pv) in d_p.iter_mut().zip(p) {
@@ -261,7 +261,7 @@ fn scores_gradient(d_p: &mut [f32], p: &[f32], c: f32, scale: f32) {
 /// `dS = scale · (P̃ ⊙ dP̃ − P ⊙ c)` in place over `d_p` (`dP̃`, the gradient of the
 /// dropped probabilities `p_dropped`), one row.
 fn scores_gradient_dropped(d_p: &mut [f32], p: &[f32], p_dropped: &[f32], c: f32, scale: f32) {
-    crate::vector_math::on_widest_vectors(
+    crate::kernels::vector_math::on_widest_vectors(
         #[inline(always)]
         || {
             for ((g, &pv), &dv) in d_p.iter_mut().zip(p).zip(p_dropped) {

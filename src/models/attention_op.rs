@@ -25,8 +25,8 @@ use candle_core::{
 use rayon::prelude::*;
 
 use super::attention_blocks::{self, Seen};
-use super::attention_dropout::Dropout;
 use super::cpu_op::f32_input;
+use crate::kernels::dropout::Dropout;
 
 /// The op's name in errors.
 const OP: &str = "attention";
@@ -296,7 +296,7 @@ impl Attention {
                         (0, end, flags)
                     }
                 };
-                crate::vector_math::on_widest_vectors(
+                crate::kernels::vector_math::on_widest_vectors(
                     #[inline(always)]
                     || {
                         let seen = row.get_mut(lo..hi).unwrap_or_default();
@@ -312,8 +312,8 @@ impl Attention {
                                 }
                             }
                         }
-                        let max = crate::vector_math::max(seen);
-                        let sum = crate::vector_math::exp_in_place_sum(seen, max);
+                        let max = crate::kernels::vector_math::max(seen);
+                        let sum = crate::kernels::vector_math::exp_in_place_sum(seen, max);
                         let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
                         for (j, v) in row.iter_mut().enumerate() {
                             if j < lo || j >= hi {
@@ -353,7 +353,7 @@ impl CustomOp3 for Attention {
         let mut probs = vec![0f32; bg * m * n.kv];
         attention_blocks::scores(q, k, shape, &mut probs)?;
         self.softmax_rows(&mut probs, n);
-        let dropped = self.dropout.map(|dropout| dropout.apply(&probs));
+        let dropped = self.dropout.map(|dropout| dropout.apply(&probs, 0));
         let mut heads = vec![0f32; bg * m * n.d];
         let used = dropped.as_deref().unwrap_or(&probs);
         attention_blocks::weighted_values(used, v, shape, &mut heads)?;

@@ -391,7 +391,7 @@ fn classifier_head(config: &BertConfig, vb: &VarBuilder, plan: &AdapterPlan) -> 
 /// Dropout with probability `p` when training.
 fn dropout(x: Tensor, p: f64, train: bool) -> Result<Tensor> {
     if train && p > 0.0 {
-        Ok(candle_nn::ops::dropout(&x, p as f32)?)
+        Ok(crate::kernels::dropout::dropout(&x, p)?)
     } else {
         Ok(x)
     }

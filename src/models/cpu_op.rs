@@ -62,7 +62,7 @@ pub(crate) fn map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> 
     out.par_chunks_mut(CHUNK)
         .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
         .for_each(|(out, (a, b))| {
-            crate::vector_math::on_widest_vectors(
+            crate::kernels::vector_math::on_widest_vectors(
                 #[inline(always)]
                 || {
                     for ((o, &a), &b) in out.iter_mut().zip(a).zip(b) {
@@ -89,7 +89,7 @@ pub(crate) fn map_rows(
     out.par_chunks_mut(n)
         .zip(a.par_chunks(n).zip(b.par_chunks(n)))
         .for_each(|(dst, (a, b))| {
-            crate::vector_math::on_widest_vectors(
+            crate::kernels::vector_math::on_widest_vectors(
                 #[inline(always)]
                 || f(dst, a, b),
             )

@@ -96,8 +96,8 @@ fn dims(l1: &Layout, l2: &Layout, l3: &Layout) -> candle_core::Result<(usize, us
 /// `(max, log Σ exp(z − max))` of one row.
 #[inline(always)]
 pub(super) fn log_sum_exp(row: &[f32]) -> (f32, f32) {
-    let max = crate::vector_math::max(row);
-    (max, crate::vector_math::sum_exp(row, max).ln())
+    let max = crate::kernels::vector_math::max(row);
+    (max, crate::kernels::vector_math::sum_exp(row, max).ln())
 }
 
 impl CustomOp3 for CrossEntropy {
@@ -122,7 +122,7 @@ impl CustomOp3 for CrossEntropy {
                 if w == 0.0 {
                     return (0.0, 0.0);
                 }
-                let (max, lse) = crate::vector_math::on_widest_vectors(
+                let (max, lse) = crate::kernels::vector_math::on_widest_vectors(
                     #[inline(always)]
                     || log_sum_exp(row),
                 );
@@ -176,7 +176,7 @@ impl CustomOp3 for CrossEntropyGrad {
                 if s == 0.0 {
                     return;
                 }
-                crate::vector_math::on_widest_vectors(
+                crate::kernels::vector_math::on_widest_vectors(
                     #[inline(always)]
                     || {
                         let shift = match saved.and_then(|v| v.get(i)) {
@@ -186,7 +186,7 @@ impl CustomOp3 for CrossEntropyGrad {
                                 max + lse
                             }
                         };
-                        crate::vector_math::exp_into(dst, row, shift, s);
+                        crate::kernels::vector_math::exp_into(dst, row, shift, s);
                     },
                 );
                 if let Some(d) = dst.get_mut(t as usize) {

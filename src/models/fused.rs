@@ -20,7 +20,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::models::attention_dropout::Dropout;
+use crate::kernels::dropout::Dropout;
 use crate::models::ops::softmax_last;
 use crate::models::{
     attention_op, gelu, layer_norm as layer_norm_op, padding, rms_norm as rms_norm_op, rope_op,

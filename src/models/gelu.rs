@@ -56,7 +56,7 @@ enum Form {
 /// `tanh(u)` as `1 − 2 / (e^{2u} + 1)` (exact limits ±1 where `e^{2u}` is 0 or ∞).
 #[inline(always)]
 fn tanh(u: f32) -> f32 {
-    1.0 - 2.0 / (crate::vector_math::exp(2.0 * u) + 1.0)
+    1.0 - 2.0 / (crate::kernels::vector_math::exp(2.0 * u) + 1.0)
 }
 
 /// `erf(x)` by Abramowitz and Stegun's 7.1.26, the formula of PyTorch's vectorized CPU
@@ -76,7 +76,7 @@ fn erf_and_gaussian(x: f32) -> (f32, f32) {
     let poly = ((((1.061_405_4 * t - 1.453_152_1) * t + 1.421_413_7) * t - 0.284_496_74) * t
         + 0.254_829_6)
         * t;
-    let gaussian = crate::vector_math::exp(-a * a);
+    let gaussian = crate::kernels::vector_math::exp(-a * a);
     ((1.0 - poly * gaussian).copysign(x), gaussian)
 }
 

@@ -20,8 +20,8 @@ use rayon::prelude::*;
 
 use super::cpu_op::f32_input;
 use super::cross_entropy::log_sum_exp;
+use crate::kernels::vector_math::{on_widest_vectors, scaled_exp_in_place};
 use crate::kernels::{mat_of_layout, product_into, Accum, MatRef};
-use crate::vector_math::{on_widest_vectors, scaled_exp_in_place};
 
 const OP: &str = "head cross-entropy";
 

@@ -67,8 +67,8 @@ struct LayerNormOp {
 #[inline(always)]
 fn moments(row: &[f32], eps: f32) -> (f32, f32) {
     let n = row.len().max(1) as f32;
-    let mean = crate::vector_math::sum(row) / n;
-    let var = crate::vector_math::sum_sq_dev(row, mean) / n;
+    let mean = crate::kernels::vector_math::sum(row) / n;
+    let var = crate::kernels::vector_math::sum_sq_dev(row, mean) / n;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
@@ -155,8 +155,8 @@ impl CustomOp3 for LayerNormGrad {
             |dst, row, grow| {
                 let (mean, r) = moments(row, self.eps);
                 // Σ u and Σ u ⊙ x̂ = r (Σ u ⊙ x − mean Σ u).
-                let su = crate::vector_math::dot(grow, w);
-                let sux = r * (crate::vector_math::dot3(grow, w, row) - mean * su);
+                let su = crate::kernels::vector_math::dot(grow, w);
+                let sux = r * (crate::kernels::vector_math::dot3(grow, w, row) - mean * su);
                 let (mu, mux) = (su / n as f32, sux / n as f32);
                 for (((d, &v), &gv), &a) in dst.iter_mut().zip(row).zip(grow).zip(w) {
                     *d = r * (gv * a - mu - (v - mean) * r * mux);

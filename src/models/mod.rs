@@ -29,7 +29,6 @@
 //! [`classification`]). [`AutoSequenceClassifier`] loads any of them by `model_type`.
 
 mod attention_blocks;
-mod attention_dropout;
 mod attention_op;
 pub mod auto;
 mod auto_classifier;
@@ -52,7 +51,7 @@ mod layer_norm;
 pub mod llama;
 pub(crate) mod lm_loss;
 #[cfg(test)]
-mod op_test;
+pub(crate) mod op_test;
 mod ops;
 mod padding;
 mod rms_norm;

@@ -37,7 +37,7 @@ struct RmsNormOp {
 /// `1 / sqrt(mean(row²) + eps)`.
 #[inline(always)]
 fn inv_rms(row: &[f32], eps: f32) -> f32 {
-    let sum2 = crate::vector_math::dot(row, row);
+    let sum2 = crate::kernels::vector_math::dot(row, row);
     1.0 / (sum2 / row.len().max(1) as f32 + eps).sqrt()
 }
 
@@ -111,7 +111,7 @@ impl CustomOp3 for RmsNormGrad {
             #[inline(always)]
             |dst, row, grow| {
                 let r = inv_rms(row, self.eps);
-                let dot = crate::vector_math::dot3(grow, w, row);
+                let dot = crate::kernels::vector_math::dot3(grow, w, row);
                 let c = r * r * r * dot / n as f32;
                 for (((d, &v), &gv), &a) in dst.iter_mut().zip(row).zip(grow).zip(w) {
                     *d = r * gv * a - v * c;

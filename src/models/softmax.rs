@@ -40,12 +40,12 @@ impl CustomOp1 for SoftmaxLast {
         out.par_chunks_mut(n)
             .zip(x.par_chunks(n))
             .for_each(|(dst, row)| {
-                crate::vector_math::on_widest_vectors(
+                crate::kernels::vector_math::on_widest_vectors(
                     #[inline(always)]
                     || {
-                        let max = crate::vector_math::max(row);
+                        let max = crate::kernels::vector_math::max(row);
                         dst.copy_from_slice(row);
-                        let sum = crate::vector_math::exp_in_place_sum(dst, max);
+                        let sum = crate::kernels::vector_math::exp_in_place_sum(dst, max);
                         let inv = 1.0 / sum;
                         dst.iter_mut().for_each(|d| *d *= inv);
                     },

@@ -24,7 +24,7 @@ pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor
 /// `1 / (1 + e⁻ˣ)` with the vectorizable `exp`.
 #[inline(always)]
 fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + crate::vector_math::exp(-x))
+    1.0 / (1.0 + crate::kernels::vector_math::exp(-x))
 }
 
 /// A contiguous f32 slice of an op input.
@@ -107,7 +107,7 @@ impl CustomOp3 for SiluMulGrad {
                     .zip(up.par_chunks(CHUNK).zip(grad.par_chunks(CHUNK))),
             )
             .for_each(|((dg, du), (x, (u, g)))| {
-                crate::vector_math::on_widest_vectors(
+                crate::kernels::vector_math::on_widest_vectors(
                     #[inline(always)]
                     || {
                         let outs = dg.iter_mut().zip(du.iter_mut());

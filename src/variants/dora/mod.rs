@@ -284,7 +284,7 @@ impl Adapter for DoraLinear {
         let c = self.row_scale(train)?;
         let dropout = self.lora.dropout();
         if train && dropout > 0.0 {
-            let dropped = candle_nn::ops::dropout(x, dropout as f32)?;
+            let dropped = crate::kernels::dropout::dropout(x, dropout)?;
             return self.dropout_forward(x, &dropped, &c);
         }
         let base = self.base();
