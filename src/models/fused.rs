@@ -220,7 +220,7 @@ pub fn causal_attention(
 /// Differentiable in `q`, `k` and `v`. One fused op with its backward for f32 CPU tensors
 /// with at least as many keys as queries (it skips the keys after a batch element's last
 /// unmasked one, so a right-padded batch does no work on its padding; its dropout draws
-/// from a seeded SplitMix64 stream rather than candle's generator); candle's matmul,
+/// from a seeded counter-based generator (`lowbias32`) rather than candle's); candle's matmul,
 /// mask, softmax and dropout elsewhere, with scores and softmax in f32 for f16 / bf16
 /// inputs.
 ///
