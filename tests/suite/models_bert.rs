@@ -3,7 +3,9 @@
 //! layers, 3 labels; LoRA on query/value, bias = "all", the classifier in modules_to_save;
 //! and `bert_cls/dora`, a DoRA adapter on the same base)
 //! and on masked / token-typed inputs (`scripts/make_bert_mask_logits.py` →
-//! tests/fixtures/models/bert_mask_logits.safetensors); the config's refusals; bad inputs;
+//! tests/fixtures/models/bert_mask_logits.safetensors); the loss gradients of every
+//! trainable tensor on a padded batch (`scripts/make_bert_grad_fixture.py` →
+//! tests/fixtures/models/bert_mask_grads.safetensors); the config's refusals; bad inputs;
 //! and a few training steps with a fresh adapter of the fixture's config.
 
 use std::collections::HashMap;
@@ -320,6 +322,56 @@ fn disabled_adapters_change_the_logits() {
     set.set_enabled(true);
     let on = model.forward(ids, None, None).unwrap();
     assert_close(&on, &io["logits"], TOL, "enabled again");
+}
+
+/// The backward through the whole model (the fused attention under a padding mask, the
+/// LayerNorms, GELU, the pooler, the classifier) gives PyTorch + PEFT's gradients for
+/// every trainable tensor: the LoRA factors, the biases `bias = "all"` trains, and the
+/// classifier copy. Errors are relative to the largest gradient of all (the key biases'
+/// gradients are zero up to rounding on both sides: a per-row constant in the scores).
+#[test]
+fn padded_batch_gives_pytorchs_gradients() {
+    let fx = load(&crate::peft_common::fixture(
+        "models/bert_mask_grads.safetensors",
+    ));
+    let (model, set) = loaded();
+    let logits = model
+        .forward_t(&fx["input_ids"], None, Some(&fx["attention_mask"]), false)
+        .unwrap();
+    let loss = model.loss(&logits, &fx["labels"]).unwrap();
+    assert_close(&loss, &fx["loss"], 1e-5, "loss");
+    let grads = loss.backward().unwrap();
+    let vars = set.trainable_vars();
+    let want: HashMap<&str, &Tensor> = fx
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix("grad.").map(|name| (name, v)))
+        .collect();
+    assert_eq!(
+        want.len(),
+        vars.len(),
+        "one PyTorch gradient per trainable tensor"
+    );
+    let scale = want
+        .values()
+        .map(|g| {
+            g.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        })
+        .fold(0f32, f32::max);
+    for v in &vars {
+        let name = v.full_name();
+        let expected = want
+            .get(name.as_str())
+            .unwrap_or_else(|| panic!("no {name}"));
+        let got = grads.get(v.var.var.as_tensor()).expect("a gradient");
+        let diff = (got - *expected).unwrap().abs().unwrap().max_all().unwrap();
+        let err = diff.to_scalar::<f32>().unwrap() / scale;
+        assert!(err < 1e-5, "{name}: off by {err:e} of the largest gradient");
+    }
 }
 
 #[test]
