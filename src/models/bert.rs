@@ -478,8 +478,9 @@ impl BertLayer {
         })
     }
 
-    /// `x` `(batch, seq, hidden)`; `mask` `(batch, seq)`, non-zero for keys to attend to.
-    fn forward(&self, x: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+    /// `x` `(batch, seq, hidden)`; `visible`: the `(batch, seq)` keys to attend to, row after
+    /// row ([`fused::key_flags`]).
+    fn forward(&self, x: &Tensor, visible: &[bool], train: bool) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let heads = |t: Tensor| -> Result<Tensor> {
             Ok(t.reshape((b, s, self.heads, self.head_dim))?
@@ -491,7 +492,7 @@ impl BertLayer {
         let v = heads(self.value.forward(x)?)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let p = if train { self.attention_dropout } else { 0.0 };
-        let context = fused::bidirectional_attention(&q, &k, &v, scale, mask, p)?;
+        let context = fused::attention_over_keys(&q, &k, &v, scale, visible, p)?;
         let attn = self.attention_output.forward(&context)?;
         let attn = dropout(attn, self.hidden_dropout, train)?;
         let attn = self.attention_norm.forward(&(attn + x)?)?;
@@ -680,12 +681,14 @@ impl BertForSequenceClassification {
         train: bool,
     ) -> Result<Tensor> {
         let (ids, token_types) = self.check_ids(input_ids, token_type_ids)?;
-        let mask = attention_mask
-            .map(|m| self.check_mask(m, ids.dims()))
-            .transpose()?;
+        if let Some(mask) = attention_mask {
+            self.check_mask(mask, ids.dims())?;
+        }
+        // Read to the host once for every layer.
+        let visible = fused::key_flags(attention_mask, ids.elem_count())?;
         let mut x = self.embeddings.forward(&ids, &token_types, train)?;
         for layer in &self.layers {
-            x = layer.forward(&x, mask.as_ref(), train)?;
+            x = layer.forward(&x, &visible, train)?;
         }
         let pooled = self.pooler.forward(&x.i((.., 0))?.contiguous()?)?.tanh()?;
         let dropout_p = self
@@ -783,8 +786,8 @@ impl BertForSequenceClassification {
         Ok((ids.clone(), token_types))
     }
 
-    /// `mask`, checked to be `(batch, seq)` as `dims`, on the model's device.
-    fn check_mask(&self, mask: &Tensor, dims: &[usize]) -> Result<Tensor> {
+    /// Checks that `mask` is `(batch, seq)` as `dims`.
+    fn check_mask(&self, mask: &Tensor, dims: &[usize]) -> Result<()> {
         if mask.dims() != dims {
             return Err(Error::ShapeMismatch {
                 layer: "bert".to_string(),
@@ -793,6 +796,6 @@ impl BertForSequenceClassification {
                 got: format!("{:?}", mask.dims()),
             });
         }
-        Ok(mask.to_device(&self.device)?)
+        Ok(())
     }
 }

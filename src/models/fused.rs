@@ -264,19 +264,40 @@ pub fn bidirectional_attention(
         }
     }
     crate::validate::dropout(OP, dropout)?;
-    let visible = match key_mask {
-        Some(mask) => mask
+    let visible = key_flags(key_mask, b * kv_len)?;
+    attention_over_keys(q, k, v, scale, &visible, dropout)
+}
+
+/// Which keys a `(batch, kv_len)` mask lets its batch elements see (non-zero entries), row
+/// after row; every one of `count` without a mask. One read of the mask to the host: a
+/// model computes it once per forward for all its layers.
+pub(crate) fn key_flags(key_mask: Option<&Tensor>, count: usize) -> Result<Vec<bool>> {
+    match key_mask {
+        Some(mask) => Ok(mask
             .ne(0f64)?
             .flatten_all()?
             .to_device(&Device::Cpu)?
             .to_vec1::<u8>()?
             .into_iter()
             .map(|x| x != 0)
-            .collect(),
-        None => vec![true; b * kv_len],
-    };
+            .collect()),
+        None => Ok(vec![true; count]),
+    }
+}
+
+/// [`bidirectional_attention`] after its checks, the key mask as [`key_flags`] gives it
+/// (`(batch, kv_len)` flags row after row).
+pub(crate) fn attention_over_keys(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    visible: &[bool],
+    dropout: f64,
+) -> Result<Tensor> {
+    let (b, kv_len) = (k.dim(0)?, k.dim(2)?);
     if attention_op::supports(q, k, v) {
-        if let Some(keys) = attention_op::KeyMask::new(visible.clone(), kv_len) {
+        if let Some(keys) = attention_op::KeyMask::new(visible.to_vec(), kv_len) {
             let dropout = Dropout::new(dropout as f32);
             return Ok(attention_op::key_masked_attention(
                 q, k, v, scale, keys, dropout,
