@@ -3,11 +3,15 @@
 (`examples/gpt2_speed.rs`) against PyTorch + transformers + PEFT.
 
 The model: a GPT-2 written by transformers with random weights (default 4 layers, hidden
-512, 8 heads, vocab 8000, 256 positions; f32), a fresh LoRA r = 16, alpha = 32, no dropout
-on c_attn, c_proj and c_fc (PEFT with fan_in_fan_out=True, GPT-2's Conv1D layout). Per
-step, at the level a user calls: PyTorch `model(input_ids=ids, labels=ids).loss`,
-`backward()`, `AdamW.step()`, `zero_grad(set_to_none=True)`; lorakit
-`Gpt2LmHeadModel::loss_sum` over the predicted positions, `backward`, `candle_nn::AdamW`.
+512, 8 heads, vocab 8000, 256 positions; f32; the config's dropouts 0.1), a fresh LoRA
+r = 16, alpha = 32, no LoRA dropout on c_attn, c_proj and c_fc (PEFT with
+fan_in_fan_out=True, GPT-2's Conv1D layout). Per step, at the level a user calls, in
+training mode (the model's own embedding, attention and residual dropouts on both sides):
+PyTorch `model.train()`, `model(input_ids=ids, labels=ids).loss`, `backward()`,
+`AdamW.step()`, `zero_grad(set_to_none=True)`; lorakit `Gpt2LmHeadModel::loss_sum_t(ids,
+mask, true)` over the predicted positions, `backward`, `candle_nn::AdamW`. (Before
+2026-12-04 lorakit's GPT-2 had no dropout of its own: the earlier records in
+`benches/RESULTS.md` timed PyTorch with those dropouts and lorakit without.)
 Batch 4 x 256 ids; the same thread count on both sides. Rounds alternate the order;
 cells are the median over rounds of each process's median step (`step_compare.py`).
 

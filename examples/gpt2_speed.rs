@@ -2,11 +2,12 @@
 //! `benches/gpt2_compare.py` (which writes the folder with transformers and times
 //! transformers + PEFT on it too).
 //!
-//! Per step, at the level a user calls: `Gpt2LmHeadModel::loss_sum` over random ids
+//! Per step, at the level a user calls: `Gpt2LmHeadModel::loss_sum_t` in training mode
+//! (the config's own dropouts, as PyTorch's side after `model.train()`) over random ids
 //! `(batch, seq)` divided by the predicted positions (transformers' `model(input_ids,
 //! labels=ids).loss`), `backward`, one `candle_nn::AdamW` step over a fresh LoRA (r = 16,
-//! alpha = 32, no dropout) on `c_attn`, `c_proj` and `c_fc`. Prints the median and the
-//! minimum step time over the timed steps.
+//! alpha = 32, no LoRA dropout) on `c_attn`, `c_proj` and `c_fc`. Prints the median and
+//! the minimum step time over the timed steps.
 //!
 //! ```text
 //! cargo run --release --example gpt2_speed -- --model <gpt2 folder> [--steps 12]
@@ -44,7 +45,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let predicted = (batch * (seq - 1)) as f64;
     args.time_steps(|| {
         let loss = (model
-            .loss_sum(&ids, &mask)
+            .loss_sum_t(&ids, &mask, true)
             .map_err(candle_core::Error::wrap)?
             / predicted)?;
         opt.step(&loss.backward()?)

@@ -37,6 +37,17 @@ pub(crate) fn dropout(layer: &str, p: f64) -> Result<()> {
     Ok(())
 }
 
+/// The first of a model config's dropout fields (`None`: unset) outside `[0, 1)`, with
+/// the message its error gives.
+pub(crate) fn config_dropouts(
+    fields: impl IntoIterator<Item = (&'static str, Option<f64>)>,
+) -> Option<(&'static str, String)> {
+    fields.into_iter().find_map(|(field, p)| {
+        p.filter(|p| !(0.0..1.0).contains(p))
+            .map(|p| (field, format!("must be in [0, 1), got {p}")))
+    })
+}
+
 /// A device's name for messages (`cpu`, `cuda:0`, `metal:0`).
 pub(crate) fn device_name(device: &Device) -> String {
     match device.location() {

@@ -159,8 +159,9 @@ impl Task for LanguageModeling<'_> {
         batch.target_tokens
     }
 
-    fn loss_sum(&self, batch: &Batch, _train: bool) -> Result<Tensor> {
-        self.model.loss_sum(&batch.input_ids, &batch.loss_mask)
+    fn loss_sum(&self, batch: &Batch, train: bool) -> Result<Tensor> {
+        self.model
+            .loss_sum_t(&batch.input_ids, &batch.loss_mask, train)
     }
 
     fn evaluate(&self, batch: &Batch) -> Result<(f64, Option<usize>)> {

@@ -53,6 +53,21 @@ impl Dropout {
         bits >> 8 >= self.threshold
     }
 
+    /// Entries `0..len` as factors: the scale where kept, 0 where dropped (the tests'
+    /// reference for the fused ops' dropout).
+    #[cfg(test)]
+    pub(crate) fn factors(&self, len: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                if self.keeps(i) {
+                    self.scale() as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect()
+    }
+
     /// The factor kept entries are scaled by, `1 / (1 − p)`.
     pub(crate) fn scale(&self) -> f64 {
         1.0 / (1.0 - f64::from(self.p))

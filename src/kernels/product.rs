@@ -231,15 +231,7 @@ mod tests {
             let fused = product
                 .forward_fused(x.as_tensor(), false, Some(dropout))
                 .unwrap();
-            let keep: Vec<f32> = (0..batch * rows * d_in)
-                .map(|i| {
-                    if dropout.keeps(i) {
-                        dropout.scale() as f32
-                    } else {
-                        0.0
-                    }
-                })
-                .collect();
+            let keep = dropout.factors(batch * rows * d_in);
             let keep = Tensor::from_vec(keep, x.shape(), &dev).unwrap();
             let dropped = (x.as_tensor() * keep).unwrap();
             let base = x.as_tensor().broadcast_matmul(&w.t().unwrap()).unwrap();

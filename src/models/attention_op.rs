@@ -34,16 +34,17 @@ const OP: &str = "attention";
 /// `softmax(scale · q kᵀ + mask) v` for `q` `(b, heads, t, d)` and `k`, `v`
 /// `(b, kv_heads, kv_len, d)`, queries at positions `kv_len − t ..` and keys at `0..kv_len`:
 /// a query sees the keys at or before its position (and, with `window`, fewer than
-/// `window` positions back). Returns `(b, t, heads · d)`; differentiable in all three.
-/// Callers check [`supports`] first.
+/// `window` positions back), with `dropout` on the probabilities. Returns
+/// `(b, t, heads · d)`; differentiable in all three. Callers check [`supports`] first.
 pub(crate) fn causal_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f64,
     window: Option<usize>,
+    dropout: Option<Dropout>,
 ) -> candle_core::Result<Tensor> {
-    apply(q, k, v, scale, Mask::Causal { window }, None)
+    apply(q, k, v, scale, Mask::Causal { window }, dropout)
 }
 
 /// `softmax(scale · q kᵀ + mask) v` with dropout on the probabilities, shapes as
@@ -479,10 +480,33 @@ mod tests {
             .unwrap()
     }
 
-    /// The causal reference: [`composed_with`] and an additive mask built element by
-    /// element.
-    fn composed(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, window: Option<usize>) -> Tensor {
+    /// The causal reference: [`composed`] with `dropout`'s choices on the probabilities.
+    fn composed_dropped(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+        window: Option<usize>,
+        dropout: Option<&super::Dropout>,
+    ) -> Tensor {
         let (t, kv) = (q.dim(2).unwrap(), k.dim(2).unwrap());
+        composed_with(
+            q,
+            k,
+            v,
+            scale,
+            &causal_mask(t, kv, window),
+            keep(q, kv, dropout),
+        )
+    }
+
+    /// The causal reference: [`composed_with`] and [`causal_mask`].
+    fn composed(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, window: Option<usize>) -> Tensor {
+        composed_dropped(q, k, v, scale, window, None)
+    }
+
+    /// The additive causal mask `(t, kv)`, built element by element.
+    fn causal_mask(t: usize, kv: usize, window: Option<usize>) -> Tensor {
         let mask: Vec<f32> = (0..t)
             .flat_map(|i| {
                 let pos = kv - t + i;
@@ -496,27 +520,39 @@ mod tests {
                 })
             })
             .collect();
-        let mask = Tensor::from_vec(mask, (t, kv), &Device::Cpu).unwrap();
-        composed_with(q, k, v, scale, &mask, None)
+        Tensor::from_vec(mask, (t, kv), &Device::Cpu).unwrap()
     }
 
-    /// Value and the gradients of q, k and v equal the composed ops: grouped-query heads,
-    /// full causal and sliding-window masks, queries after earlier keys, one block of
-    /// query rows and several.
+    /// `dropout`'s choices and scale on probabilities `(b, h, t, kv)` for queries `q`
+    /// `(b, h, t, d)`: their index there is the op's index in its
+    /// `(b, kv_heads, heads / kv_heads · t, kv)` layout.
+    fn keep(q: &Tensor, kv: usize, dropout: Option<&super::Dropout>) -> Option<Tensor> {
+        let (b, h, t, _) = q.dims4().unwrap();
+        dropout.map(|dropout| {
+            let keep = dropout.factors(b * h * t * kv);
+            Tensor::from_vec(keep, (b, h, t, kv), &Device::Cpu).unwrap()
+        })
+    }
+
+    /// Value and the gradients of q, k and v equal the composed ops with the same dropped
+    /// entries: grouped-query heads, full causal and sliding-window masks, queries after
+    /// earlier keys, one block of query rows and several, with and without dropout.
     #[test]
     fn equals_the_composed_attention() {
         let dev = Device::Cpu;
-        for (h, g, t, kv, window) in [
-            (4, 2, 5, 5, None),
-            (4, 2, 6, 6, Some(3)),
-            (3, 3, 3, 5, None),
-            (2, 1, 4, 7, Some(2)),
+        for (h, g, t, kv, window, p) in [
+            (4, 2, 5, 5, None, 0.0),
+            (4, 2, 6, 6, Some(3), 0.0),
+            (3, 3, 3, 5, None, 0.0),
+            (2, 1, 4, 7, Some(2), 0.0),
             // Past one block of query rows (attention_blocks::BLOCK_ROWS = 64): the
             // later blocks' key spans, a ragged last block, windows inside and across
             // blocks.
-            (4, 2, 150, 150, None),
-            (2, 1, 70, 100, Some(40)),
-            (3, 3, 130, 130, Some(100)),
+            (4, 2, 150, 150, None, 0.0),
+            (2, 1, 70, 100, Some(40), 0.0),
+            (3, 3, 130, 130, Some(100), 0.0),
+            (4, 2, 6, 6, None, 0.3),
+            (2, 1, 70, 100, Some(40), 0.5),
         ] {
             let (b, d) = (2, 4);
             let var = |shape: (usize, usize, usize, usize)| {
@@ -526,9 +562,10 @@ mod tests {
             let scale = 1.0 / (d as f64).sqrt();
             let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
             assert!(super::supports(qt, kt, vt));
-            let fused = super::causal_attention(qt, kt, vt, scale, window).unwrap();
-            let reference = composed(qt, kt, vt, scale, window);
-            let case = format!("h {h}, g {g}, t {t}, kv {kv}, window {window:?}");
+            let dropout = (p > 0.0).then(|| super::Dropout::with_seed(p, 7));
+            let fused = super::causal_attention(qt, kt, vt, scale, window, dropout).unwrap();
+            let reference = composed_dropped(qt, kt, vt, scale, window, dropout.as_ref());
+            let case = format!("h {h}, g {g}, t {t}, kv {kv}, window {window:?}, p {p}");
             let inputs = [("q", qt), ("k", kt), ("v", vt)];
             super::super::op_test::assert_same_op(&fused, &reference, &inputs, 1e-5, &case);
         }
@@ -543,30 +580,15 @@ mod tests {
         scale: f64,
         visible: &[bool],
         dropout: Option<&super::Dropout>,
-        p: f32,
     ) -> Tensor {
-        let (b, h, t, _) = q.dims4().unwrap();
+        let b = q.dim(0).unwrap();
         let kv = k.dim(2).unwrap();
         let mask: Vec<f32> = visible
             .iter()
             .map(|&seen| if seen { 0.0 } else { f32::MIN })
             .collect();
         let mask = Tensor::from_vec(mask, (b, 1, 1, kv), &Device::Cpu).unwrap();
-        // The probabilities' index in (b, h, t, kv) is the op's index in its
-        // (b, kv_heads, heads / kv_heads · t, kv) layout.
-        let keep = dropout.map(|dropout| {
-            let keep: Vec<f32> = (0..b * h * t * kv)
-                .map(|i| {
-                    if dropout.keeps(i) {
-                        1.0 / (1.0 - p)
-                    } else {
-                        0.0
-                    }
-                })
-                .collect();
-            Tensor::from_vec(keep, (b, h, t, kv), &Device::Cpu).unwrap()
-        });
-        composed_with(q, k, v, scale, &mask, keep)
+        composed_with(q, k, v, scale, &mask, keep(q, kv, dropout))
     }
 
     /// Under a key mask, with and without dropout: the value and the gradients of q, k
@@ -609,7 +631,7 @@ mod tests {
             let keys = super::KeyMask::new(visible.clone(), kv).unwrap();
             let dropout = (p > 0.0).then(|| super::Dropout::with_seed(p, 99));
             let fused = super::key_masked_attention(qt, kt, vt, scale, keys, dropout).unwrap();
-            let reference = key_masked_composed(qt, kt, vt, scale, &visible, dropout.as_ref(), p);
+            let reference = key_masked_composed(qt, kt, vt, scale, &visible, dropout.as_ref());
             let case = format!("b {b}, h {h}, g {g}, t {t}, kv {kv}, runs {runs:?}, p {p}");
             let inputs = [("q", qt), ("k", kt), ("v", vt)];
             super::super::op_test::assert_same_op(&fused, &reference, &inputs, 1e-5, &case);
@@ -648,7 +670,7 @@ mod tests {
             let v = v_buf.as_tensor().narrow(2, 0, kv).unwrap();
             assert!(super::head_stride(k.layout()) == Some(capacity));
             let scale = 0.5;
-            let fused = super::causal_attention(q.as_tensor(), &k, &v, scale, None).unwrap();
+            let fused = super::causal_attention(q.as_tensor(), &k, &v, scale, None, None).unwrap();
             let reference = composed(
                 q.as_tensor(),
                 &k.contiguous().unwrap(),

@@ -339,6 +339,13 @@ impl CausalLm for AutoCausalLm {
         }
     }
 
+    fn loss_sum_t(&self, input_ids: &Tensor, loss_mask: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            Self::Llama(m) => CausalLm::loss_sum_t(m, input_ids, loss_mask, train),
+            Self::Gpt2(m) => CausalLm::loss_sum_t(m, input_ids, loss_mask, train),
+        }
+    }
+
     fn vocab_size(&self) -> usize {
         match self {
             Self::Llama(m) => m.vocab_size(),

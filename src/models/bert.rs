@@ -28,7 +28,7 @@ use crate::models::base_prefix::with_base_prefix;
 pub use crate::models::classification::ProblemType;
 use crate::models::classification::{classification_loss, head_or_new, ClassifierConfig};
 use crate::models::fused;
-use crate::models::ops::LayerNorm;
+use crate::models::ops::{dropout_t, LayerNorm};
 
 /// The activation of BERT's feed-forward block (transformers' `hidden_act`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -330,10 +330,8 @@ impl BertConfig {
             ),
             ("classifier_dropout", self.classifier_dropout),
         ];
-        for (field, p) in dropouts {
-            if let Some(p) = p.filter(|p| !(0.0..1.0).contains(p)) {
-                return Err(err(field, format!("must be in [0, 1), got {p}")));
-            }
+        if let Some((field, reason)) = crate::validate::config_dropouts(dropouts) {
+            return Err(err(field, reason));
         }
         if !self.layer_norm_eps.is_finite() || self.layer_norm_eps < 0.0 {
             return Err(err(
@@ -388,15 +386,6 @@ fn classifier_head(config: &BertConfig, vb: &VarBuilder, plan: &AdapterPlan) -> 
     )
 }
 
-/// Dropout with probability `p` when training.
-fn dropout(x: Tensor, p: f64, train: bool) -> Result<Tensor> {
-    if train && p > 0.0 {
-        Ok(crate::kernels::dropout::dropout(&x, p)?)
-    } else {
-        Ok(x)
-    }
-}
-
 #[derive(Clone, Debug)]
 struct BertEmbeddings {
     word: Embedding,
@@ -433,7 +422,7 @@ impl BertEmbeddings {
         let x = (self.word.forward(ids)? + self.token_type.forward(token_types)?)?;
         let positions = Tensor::arange(0u32, seq as u32, ids.device())?;
         let x = x.broadcast_add(&self.position.forward(&positions)?)?;
-        dropout(self.norm.forward(&x)?, self.dropout, train)
+        dropout_t(self.norm.forward(&x)?, self.dropout, train)
     }
 }
 
@@ -494,10 +483,10 @@ impl BertLayer {
         let p = if train { self.attention_dropout } else { 0.0 };
         let context = fused::attention_over_keys(&q, &k, &v, scale, visible, p)?;
         let attn = self.attention_output.forward(&context)?;
-        let attn = dropout(attn, self.hidden_dropout, train)?;
+        let attn = dropout_t(attn, self.hidden_dropout, train)?;
         let attn = self.attention_norm.forward(&(attn + x)?)?;
         let inner = self.act.apply(&self.intermediate.forward(&attn)?)?;
-        let out = dropout(self.output.forward(&inner)?, self.hidden_dropout, train)?;
+        let out = dropout_t(self.output.forward(&inner)?, self.hidden_dropout, train)?;
         self.output_norm.forward(&(out + attn)?)
     }
 }
@@ -695,7 +684,7 @@ impl BertForSequenceClassification {
             .config
             .classifier_dropout
             .unwrap_or(self.config.hidden_dropout_prob);
-        let pooled = dropout(pooled, dropout_p, train)?;
+        let pooled = dropout_t(pooled, dropout_p, train)?;
         Ok(self.classifier.forward(&pooled)?)
     }
 

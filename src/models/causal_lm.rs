@@ -56,6 +56,13 @@ pub trait CausalLm: Sync {
     fn eval_loss_sum(&self, input_ids: &Tensor, loss_mask: &Tensor) -> Result<Tensor> {
         Ok(self.loss_sum(input_ids, loss_mask)?.detach())
     }
+    /// [`CausalLm::loss_sum`] in the model's training mode when `train`: its own dropouts
+    /// apply, as after transformers' `model.train()` (what the training loop calls). The
+    /// default, for a model without dropout of its own, is [`CausalLm::loss_sum`].
+    fn loss_sum_t(&self, input_ids: &Tensor, loss_mask: &Tensor, train: bool) -> Result<Tensor> {
+        let _ = train;
+        self.loss_sum(input_ids, loss_mask)
+    }
     /// The model folder it was loaded from, as given (transformers' `_name_or_path`), when
     /// known: the training loop saves it as PEFT's `base_model_name_or_path`.
     fn name_or_path(&self) -> Option<&str> {
@@ -99,7 +106,11 @@ impl CausalLm for Gpt2LmHeadModel {
     }
 
     fn eval_loss_sum(&self, input_ids: &Tensor, loss_mask: &Tensor) -> Result<Tensor> {
-        self.loss_sum_tracked(input_ids, loss_mask, false)
+        self.loss_sum_tracked(input_ids, loss_mask, false, false)
+    }
+
+    fn loss_sum_t(&self, input_ids: &Tensor, loss_mask: &Tensor, train: bool) -> Result<Tensor> {
+        Gpt2LmHeadModel::loss_sum_t(self, input_ids, loss_mask, train)
     }
 
     fn vocab_size(&self) -> usize {

@@ -62,16 +62,20 @@ impl<T: DecoderTrunk> DecoderParts<T> {
     }
 
     /// Logits `(batch, num_labels)`: each row at its last token that is not padding, left
-    /// padding (from `attention_mask`) masked, positions from each row's first slot.
+    /// padding (from `attention_mask`) masked, positions from each row's first slot;
+    /// `train`: the trunk's own dropouts apply ([`DecoderTrunk::hidden`]).
     pub(crate) fn forward(
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
+        train: bool,
     ) -> Result<Tensor> {
         let dims = self.trunk.check_ids(input_ids)?;
         let pads = self.head.padding(attention_mask, dims)?;
         let numbering = PaddedPositions::FromFirstSlot;
-        let hidden = self.trunk.hidden(input_ids, pads.as_deref(), numbering)?;
+        let hidden = self
+            .trunk
+            .hidden(input_ids, pads.as_deref(), numbering, train)?;
         self.head.logits(&hidden, input_ids)
     }
 }

@@ -28,12 +28,14 @@ pub(crate) trait DecoderTrunk: Sized {
     fn hidden_size(&self) -> usize;
     /// `(batch, seq)` of valid token ids, or an error naming what is wrong.
     fn check_ids(&self, ids: &Tensor) -> Result<(usize, usize)>;
-    /// The hidden states after the final norm, a left-padded batch's padding `pads`.
+    /// The hidden states after the final norm, a left-padded batch's padding `pads`;
+    /// `train`: the model's own dropouts apply (transformers' training mode).
     fn hidden(
         &self,
         ids: &Tensor,
         pads: Option<&[usize]>,
         numbering: PaddedPositions,
+        train: bool,
     ) -> Result<Tensor>;
     /// The vocabulary size.
     fn vocab_size(&self) -> usize;
@@ -43,10 +45,11 @@ pub(crate) trait DecoderTrunk: Sized {
     fn device(&self) -> &Device;
 
     /// The hidden states of whole sequences `input_ids` for a loss, the ids checked;
-    /// detached without `gradient` (evaluation: nothing before the head is differentiated).
-    fn loss_hidden(&self, input_ids: &Tensor, gradient: bool) -> Result<Tensor> {
+    /// detached without `gradient` (evaluation: nothing before the head is differentiated);
+    /// `train` as [`DecoderTrunk::hidden`]'s.
+    fn loss_hidden(&self, input_ids: &Tensor, gradient: bool, train: bool) -> Result<Tensor> {
         self.check_ids(input_ids)?;
-        let hidden = self.hidden(input_ids, None, PaddedPositions::AfterPadding)?;
+        let hidden = self.hidden(input_ids, None, PaddedPositions::AfterPadding, train)?;
         Ok(if gradient { hidden } else { hidden.detach() })
     }
 }

@@ -194,7 +194,9 @@ pub fn causal_attention(
         ));
     }
     if attention_op::supports(q, k, v) {
-        return Ok(attention_op::causal_attention(q, k, v, scale, window)?);
+        return Ok(attention_op::causal_attention(
+            q, k, v, scale, window, None,
+        )?);
     }
     let values = padding::mask_values(None, t, kv_len, kv_len - t, |q, j| {
         window.is_none_or(|w| j + w > q)

@@ -15,6 +15,16 @@ pub(crate) fn tracks_gradient(tensors: &[&Tensor]) -> bool {
     tensors.iter().any(|t| t.track_op())
 }
 
+/// `x` under dropout with probability `p` when `train` (a model's own dropouts, as
+/// transformers applies them in `model.train()`), `x` itself otherwise.
+pub(crate) fn dropout_t(x: Tensor, p: f64, train: bool) -> Result<Tensor> {
+    if train && p > 0.0 {
+        Ok(crate::kernels::dropout::dropout(&x, p)?)
+    } else {
+        Ok(x)
+    }
+}
+
 /// Softmax over the last dimension.
 pub(crate) fn softmax_last(x: &Tensor) -> Result<Tensor> {
     if tracks_gradient(&[x]) {

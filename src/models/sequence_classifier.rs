@@ -156,17 +156,18 @@ fn no_token_types(token_type_ids: Option<&Tensor>, head: &str) -> Result<()> {
 }
 
 impl<M: AsDecoderParts + Sync> SequenceClassifier for M {
-    /// A decoder has no token types (they must be 0) and no dropout: `train` changes
-    /// nothing here (the adapters follow their own training flag).
+    /// A decoder has no token types (they must be 0); `train` applies the model's own
+    /// dropouts (GPT-2's; the Llama family has none) as transformers' training mode does,
+    /// and the adapters follow their own training flag.
     fn classify(
         &self,
         input_ids: &Tensor,
         token_type_ids: Option<&Tensor>,
         attention_mask: Option<&Tensor>,
-        _train: bool,
+        train: bool,
     ) -> Result<Tensor> {
         no_token_types(token_type_ids, LastTokenHead::NAME)?;
-        self.parts().forward(input_ids, attention_mask)
+        self.parts().forward(input_ids, attention_mask, train)
     }
 
     fn loss(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {

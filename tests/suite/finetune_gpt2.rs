@@ -5,7 +5,7 @@
 //! `seq_len` past the position table is refused by name. (PEFT's logits on an adapter the
 //! `finetune` example trained on GPT-2: `finetune_train::trained_adapters_give_pefts_logits_in_peft`.)
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -28,8 +28,16 @@ fn load_model(dir: &PathBuf, plan: &AdapterPlan) -> AutoCausalLm {
 
 /// A fresh adapter of `variant` on every Conv1D, its model, and the adapted set.
 fn fresh(variant: Variant) -> (AutoCausalLm, AdapterRecipe, lorakit::model::AdaptedSet) {
+    fresh_at(&gpt2_base(), variant)
+}
+
+/// [`fresh`] on the GPT-2 checkpoint in `base`.
+fn fresh_at(
+    base: &Path,
+    variant: Variant,
+) -> (AutoCausalLm, AdapterRecipe, lorakit::model::AdaptedSet) {
     let dev = Device::Cpu;
-    let base = gpt2_base();
+    let base = base.to_path_buf();
     let recipe = AdapterRecipe::new(variant, 4, 8.0, &["c_attn", "c_proj", "c_fc"]);
     let vb = VarBuilder::from_varmap(&VarMap::new(), DType::F32, &dev);
     let shapes = AutoCausalLm::linear_shapes(&base).unwrap();
@@ -98,6 +106,38 @@ fn trained_conv1d_adapters_save_reload_and_merge_in_their_layout() {
         assert!(err < 1e-5, "{variant} merged: {err:e}");
         std::fs::remove_dir_all(dir).unwrap();
     }
+}
+
+/// The training loop runs GPT-2 in training mode: the config's dropouts (0.1 each in the
+/// fixture) draw anew in every run, so two runs log other first-step losses, though a
+/// fresh adapter starts at the base model (B = 0) and the data order is seeded; with the
+/// dropouts at 0 in `config.json` the two first steps log the same loss.
+#[test]
+fn training_runs_the_model_with_its_dropouts() {
+    let first_loss = |base: &Path| -> f64 {
+        let (model, recipe, set) = fresh_at(base, Variant::Lora);
+        assert_eq!(recipe.dropout, 0.0, "no adapter dropout");
+        let mut trainer = Trainer::new(&model, set, recipe, config(1)).unwrap();
+        let report = trainer.train(&data(), None, |_| {}).unwrap();
+        report.history[0].loss.unwrap()
+    };
+    let (a, b) = (first_loss(&gpt2_base()), first_loss(&gpt2_base()));
+    assert_ne!(a, b, "dropout draws differ between runs");
+    let dir = temp_dir("finetune-gpt2-no-dropout");
+    for entry in std::fs::read_dir(gpt2_base()).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+    }
+    let config_file = dir.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_file).unwrap()).unwrap();
+    for field in ["embd_pdrop", "attn_pdrop", "resid_pdrop"] {
+        config[field] = serde_json::json!(0.0);
+    }
+    std::fs::write(&config_file, config.to_string()).unwrap();
+    let (a, b) = (first_loss(&dir), first_loss(&dir));
+    assert_eq!(a, b, "without dropout the first step is deterministic");
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]

@@ -46,6 +46,7 @@ mod merged_head;
 mod models_bert;
 mod models_decoder_cls;
 mod models_gpt2;
+mod models_gpt2_dropout;
 mod models_llama;
 mod named_adapters;
 mod named_adapters_train;

@@ -5,10 +5,11 @@ use candle_core::{DType, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::error::Result;
+use crate::kernels::dropout::Dropout;
 use crate::model::{conv1d, AdapterPlan, Linear};
 use crate::models::attention_op;
 use crate::models::kv_buffer::{Appending, LayerKv};
-use crate::models::ops::{softmax_last, LayerNorm};
+use crate::models::ops::{dropout_t, softmax_last, LayerNorm};
 
 use super::config::{Activation, Gpt2Config};
 use super::Mask;
@@ -27,6 +28,10 @@ pub(super) struct Block {
     scale: f64,
     upcast: bool,
     activation: Activation,
+    /// Dropout on the attention probabilities (training only).
+    attn_pdrop: f64,
+    /// Dropout on the attention's and the MLP's outputs (training only).
+    resid_pdrop: f64,
 }
 
 impl Block {
@@ -57,37 +62,45 @@ impl Block {
             scale,
             upcast: config.reorder_and_upcast_attn,
             activation: config.activation()?,
+            attn_pdrop: config.attn_pdrop,
+            resid_pdrop: config.resid_pdrop,
         })
     }
 
     /// The block on `x` `(batch, seq, n_embd)` after the cached keys and values `past`
     /// (`(batch, n_head, past_len, head_dim)` each), the new ones appended as `how` says;
-    /// `mask` is `(seq, past_len + seq)`. Returns the output and the grown cache entry.
+    /// `mask` is `(seq, past_len + seq)`; `train`: the config's dropouts apply (on the
+    /// attention probabilities, and on the attention's and the MLP's outputs before each
+    /// residual add, as transformers' `GPT2Block` in training mode). Returns the output and
+    /// the grown cache entry.
     pub(super) fn forward(
         &self,
         x: &Tensor,
         mask: &Mask,
         past: Option<&LayerKv>,
         how: Appending,
+        train: bool,
     ) -> Result<(Tensor, LayerKv)> {
-        let (attn, kv) = self.attention(&self.ln_1.forward(x)?, mask, past, how)?;
-        let x = (x + attn)?;
+        let (attn, kv) = self.attention(&self.ln_1.forward(x)?, mask, past, how, train)?;
+        let x = (x + dropout_t(attn, self.resid_pdrop, train)?)?;
         let h = self.c_fc.forward(&self.ln_2.forward(&x)?)?;
         let mlp = self.mlp_proj.forward(&self.activation.apply(&h)?)?;
-        Ok(((x + mlp)?, kv))
+        Ok(((x + dropout_t(mlp, self.resid_pdrop, train)?)?, kv))
     }
 
     /// Multi-head self-attention of the new positions over the cached and new keys, with
-    /// the additive `mask` (0 where a key is seen, -inf elsewhere). On f32 CPU tensors
-    /// without padding, lorakit's fused causal attention op with its backward
-    /// (`models::attention_op`) computes the same.
+    /// the additive `mask` (0 where a key is seen, -inf elsewhere), and dropout on the
+    /// probabilities when `train`. On f32 CPU tensors without padding, lorakit's fused
+    /// causal attention op with its backward (`models::attention_op`) computes the same.
     fn attention(
         &self,
         x: &Tensor,
         mask: &Mask,
         past: Option<&LayerKv>,
         how: Appending,
+        train: bool,
     ) -> Result<(Tensor, LayerKv)> {
+        let p_drop = if train { self.attn_pdrop } else { 0.0 };
         let (b, s, d) = x.dims3()?;
         let head_dim = d / self.n_head;
         let qkv = self.c_attn.forward(x)?;
@@ -101,7 +114,8 @@ impl Block {
         let all = LayerKv::append(past, &k, &v, how)?;
         let (k, v) = (&all.keys, &all.values);
         if !mask.padded && attention_op::supports(&q, k, v) {
-            let out = attention_op::causal_attention(&q, k, v, self.scale, None)?;
+            let dropout = Dropout::new(p_drop as f32);
+            let out = attention_op::causal_attention(&q, k, v, self.scale, None, dropout)?;
             return Ok((self.attn_proj.forward(&out)?, all.entry));
         }
         let mask = &mask.additive;
@@ -112,7 +126,7 @@ impl Block {
         };
         let scores = (qs.matmul(&ks.t()?)? * self.scale)?;
         let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
-        let probs = softmax_last(&scores)?.to_dtype(v.dtype())?;
+        let probs = dropout_t(softmax_last(&scores)?, p_drop, train)?.to_dtype(v.dtype())?;
         let out = probs.matmul(v)?.transpose(1, 2)?.reshape((b, s, d))?;
         Ok((self.attn_proj.forward(&out)?, all.entry))
     }

@@ -14,9 +14,11 @@ const ACTIVATIONS: &str = "gelu_new, gelu, gelu_python, gelu_fast, gelu_pytorch_
                            gelu_python_tanh, gelu_accurate, gelu_10, quick_gelu";
 
 /// The fields of transformers' `GPT2Config` that the model uses, with transformers'
-/// defaults (GPT-2 small); `config.json`'s other fields (dropouts, token ids, summary
-/// options) are ignored. transformers' aliases `hidden_size`, `max_position_embeddings`,
-/// `num_hidden_layers` and `num_attention_heads` are read too.
+/// defaults (GPT-2 small); `config.json`'s other fields (token ids, summary options) are
+/// ignored. The dropouts apply only in training mode
+/// ([`Gpt2LmHeadModel::forward_t`](super::Gpt2LmHeadModel::forward_t)). transformers'
+/// aliases `hidden_size`, `max_position_embeddings`, `num_hidden_layers` and
+/// `num_attention_heads` are read too.
 ///
 /// ```
 /// use lorakit::models::gpt2::Gpt2Config;
@@ -64,6 +66,13 @@ pub struct Gpt2Config {
     pub tie_word_embeddings: bool,
     /// Cross-attention blocks (encoder-decoder use): refused when `true`.
     pub add_cross_attention: bool,
+    /// Dropout on the sum of the token and position embeddings (training only).
+    pub embd_pdrop: f64,
+    /// Dropout on the attention probabilities (training only).
+    pub attn_pdrop: f64,
+    /// Dropout on each block's attention and MLP outputs before they are added to the
+    /// residual stream (training only).
+    pub resid_pdrop: f64,
 }
 
 impl Default for Gpt2Config {
@@ -82,6 +91,9 @@ impl Default for Gpt2Config {
             reorder_and_upcast_attn: false,
             tie_word_embeddings: true,
             add_cross_attention: false,
+            embd_pdrop: 0.1,
+            attn_pdrop: 0.1,
+            resid_pdrop: 0.1,
         }
     }
 }
@@ -107,7 +119,8 @@ impl Gpt2Config {
     }
 
     /// Checks that the model can be built: sizes at least 1 (`n_layer` may be 0), `n_head`
-    /// dividing `n_embd`, a finite epsilon ≥ 0, a supported activation, no cross-attention.
+    /// dividing `n_embd`, a finite epsilon ≥ 0, dropouts in `[0, 1)`, a supported
+    /// activation, no cross-attention.
     ///
     /// ```
     /// use lorakit::models::gpt2::Gpt2Config;
@@ -115,6 +128,8 @@ impl Gpt2Config {
     /// assert!(bad.validate().unwrap_err().to_string().contains("relu"));
     /// let bad = Gpt2Config { n_head: 5, ..Gpt2Config::default() };
     /// assert!(bad.validate().unwrap_err().to_string().contains("n_head"));
+    /// let bad = Gpt2Config { attn_pdrop: 1.0, ..Gpt2Config::default() };
+    /// assert!(bad.validate().unwrap_err().to_string().contains("attn_pdrop"));
     /// assert!(Gpt2Config::default().validate().is_ok());
     /// ```
     pub fn validate(&self) -> Result<()> {
@@ -199,6 +214,14 @@ impl Gpt2Config {
                 "layer_norm_epsilon",
                 format!("must be finite and ≥ 0, got {}", self.layer_norm_epsilon),
             ));
+        }
+        let dropouts = [
+            ("embd_pdrop", Some(self.embd_pdrop)),
+            ("attn_pdrop", Some(self.attn_pdrop)),
+            ("resid_pdrop", Some(self.resid_pdrop)),
+        ];
+        if let Some((field, reason)) = crate::validate::config_dropouts(dropouts) {
+            return Err(invalid(field, reason));
         }
         self.activation()?;
         if self.add_cross_attention {

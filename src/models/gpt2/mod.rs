@@ -11,10 +11,16 @@
 //! | norms | `transformer.h.N.ln_1`, `.ln_2`, `transformer.ln_f` | LayerNorm, bias through [`AdapterPlan::bias`] |
 //! | output head | tied: `transformer.wte`'s base table (through the plan at `lm_head` when an adapter targets it); untied: `lm_head` | —; [`linear_no_bias`] |
 //!
-//! The forward is transformers' eager one in evaluation mode (no dropout of the model's
-//! own; adapters apply theirs in training mode): a causal mask, absolute positions, no
-//! padding mask. Checked against transformers + PEFT 0.21 on the fixtures of
-//! `tests/fixtures/peft_options/` and `tests/fixtures/models/gpt2_base_logits.safetensors`.
+//! The forward is transformers' eager one: a causal mask, absolute positions, no padding
+//! mask. [`Gpt2LmHeadModel::forward`] and [`Gpt2LmHeadModel::loss_sum`] run in evaluation
+//! mode; [`Gpt2LmHeadModel::forward_t`] and [`Gpt2LmHeadModel::loss_sum_t`] with
+//! `train = true` apply the config's `embd_pdrop`, `attn_pdrop` and `resid_pdrop` where
+//! transformers' training mode does (the training loop, [`crate::finetune`], calls them so);
+//! the adapters apply their own dropout by their training flag. Generation always
+//! evaluates. Checked against transformers + PEFT 0.21 on the fixtures of
+//! `tests/fixtures/peft_options/` and `tests/fixtures/models/gpt2_base_logits.safetensors`;
+//! the dropouts' distribution against transformers' `model.train()` on
+//! `tests/fixtures/models/gpt2_dropout_moments.safetensors`.
 //!
 //! Sequence classification (transformers' `GPT2ForSequenceClassification`):
 //! [`Gpt2ForSequenceClassification`].
@@ -273,10 +279,35 @@ impl Gpt2LmHeadModel {
     /// # Ok(()) }
     /// ```
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.forward_t(input_ids, false)
+    }
+
+    /// [`Gpt2LmHeadModel::forward`] in training mode when `train`: the config's
+    /// `embd_pdrop`, `attn_pdrop` and `resid_pdrop` dropouts apply where transformers'
+    /// `GPT2LMHeadModel` applies them after `model.train()` (each call draws its own
+    /// choices). The adapters' own dropout follows their training flag
+    /// ([`crate::model::AdaptedSet::set_training`]).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use lorakit::model::AdapterPlan;
+    /// use lorakit::models::gpt2::Gpt2LmHeadModel;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let dir = "tests/fixtures/peft_options/gpt2_lora/base"; // dropouts 0.1
+    /// let dev = Device::Cpu;
+    /// let model = Gpt2LmHeadModel::from_pretrained(dir, DType::F32, &dev, &AdapterPlan::none())?;
+    /// let ids = Tensor::new(&[[5u32, 9, 2, 7]], &dev)?;
+    /// let differ = |a: Tensor, b: Tensor| -> lorakit::Result<bool> {
+    ///     Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()? > 0.0)
+    /// };
+    /// assert!(!differ(model.forward_t(&ids, false)?, model.forward(&ids)?)?);
+    /// assert!(differ(model.forward_t(&ids, true)?, model.forward_t(&ids, true)?)?);
+    /// # Ok(()) }
+    /// ```
+    pub fn forward_t(&self, input_ids: &Tensor, train: bool) -> Result<Tensor> {
         self.trunk.check_ids(input_ids)?;
-        let hidden = self
-            .trunk
-            .hidden(input_ids, None, PaddedPositions::AfterPadding)?;
+        let numbering = PaddedPositions::AfterPadding;
+        let hidden = self.trunk.hidden(input_ids, None, numbering, train)?;
         self.head(&hidden)
     }
 
@@ -303,18 +334,30 @@ impl Gpt2LmHeadModel {
     /// # Ok(()) }
     /// ```
     pub fn loss_sum(&self, input_ids: &Tensor, loss_mask: &Tensor) -> Result<Tensor> {
-        self.loss_sum_tracked(input_ids, loss_mask, true)
+        self.loss_sum_t(input_ids, loss_mask, false)
     }
 
-    /// [`Gpt2LmHeadModel::loss_sum`]; without `gradient`, the hidden states are detached
+    /// [`Gpt2LmHeadModel::loss_sum`] in training mode when `train` (the config's dropouts,
+    /// as [`Gpt2LmHeadModel::forward_t`]): what a training step computes.
+    pub fn loss_sum_t(
+        &self,
+        input_ids: &Tensor,
+        loss_mask: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        self.loss_sum_tracked(input_ids, loss_mask, true, train)
+    }
+
+    /// [`Gpt2LmHeadModel::loss_sum_t`]; without `gradient`, the hidden states are detached
     /// before the head (evaluation: no head gradient computed).
     pub(crate) fn loss_sum_tracked(
         &self,
         input_ids: &Tensor,
         loss_mask: &Tensor,
         gradient: bool,
+        train: bool,
     ) -> Result<Tensor> {
-        let hidden = self.trunk.loss_hidden(input_ids, gradient)?;
+        let hidden = self.trunk.loss_hidden(input_ids, gradient, train)?;
         match &self.lm_head {
             Some(head) => linear_head_loss_sum(&hidden, head, input_ids, loss_mask),
             None => {
@@ -343,7 +386,7 @@ impl Gpt2LmHeadModel {
         let numbering = PaddedPositions::AfterPadding;
         let (x, grown) =
             self.trunk
-                .run_hidden(input_ids, offset, past, pads, numbering, values_only)?;
+                .run_hidden(input_ids, offset, past, pads, numbering, values_only, false)?;
         Ok((self.head(&x)?, grown))
     }
 

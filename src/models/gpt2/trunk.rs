@@ -11,7 +11,7 @@ use crate::model::{embedding, AdapterPlan, Embedding};
 use crate::models::base_prefix::with_base_prefix;
 use crate::models::decoder_trunk::DecoderTrunk;
 use crate::models::kv_buffer::{Appending, LayerKv};
-use crate::models::ops::LayerNorm;
+use crate::models::ops::{dropout_t, LayerNorm};
 use crate::models::padding::{position, PaddedPositions};
 
 use super::block::Block;
@@ -58,8 +58,9 @@ impl Gpt2Trunk {
     /// every block's grown cache entry. `pads`: a left-padded batch's padding per row
     /// (`models::padding`), its tokens numbered as `numbering` says; `values_only`:
     /// attention reads the new keys and values as stored values
-    /// (`KvCache::for_inference`). The ids are checked by the caller, and
-    /// `offset + seq ≤ n_positions`.
+    /// (`KvCache::for_inference`); `train`: the config's dropouts apply (transformers'
+    /// training mode). The ids are checked by the caller, and `offset + seq ≤ n_positions`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn run_hidden<'a>(
         &self,
         input_ids: &Tensor,
@@ -68,6 +69,7 @@ impl Gpt2Trunk {
         pads: Option<&[usize]>,
         numbering: PaddedPositions,
         values_only: bool,
+        train: bool,
     ) -> Result<(Tensor, Vec<LayerKv>)> {
         let (_, seq) = input_ids.dims2()?;
         let end = offset.saturating_add(seq);
@@ -93,10 +95,11 @@ impl Gpt2Trunk {
             }
             None => Tensor::arange(start, end, &self.device)?,
         };
-        let mut x = self
+        let embedded = self
             .wte
             .forward(input_ids)?
             .broadcast_add(&self.wpe.forward(&positions)?)?;
+        let mut x = dropout_t(embedded, self.config.embd_pdrop, train)?;
         let mask = causal_mask(seq, offset, pads, &self.device)?;
         let how = Appending {
             len: offset,
@@ -105,7 +108,7 @@ impl Gpt2Trunk {
         };
         let mut grown = Vec::with_capacity(self.blocks.len());
         for (block, past) in self.blocks.iter().zip(past) {
-            let (out, kv) = block.forward(&x, &mask, past.as_ref(), how)?;
+            let (out, kv) = block.forward(&x, &mask, past.as_ref(), how, train)?;
             x = out;
             grown.push(kv);
         }
@@ -118,10 +121,11 @@ impl Gpt2Trunk {
         input_ids: &Tensor,
         pads: Option<&[usize]>,
         numbering: PaddedPositions,
+        train: bool,
     ) -> Result<Tensor> {
         let no_past = std::iter::repeat_n(&None, self.blocks.len());
         Ok(self
-            .run_hidden(input_ids, 0, no_past, pads, numbering, false)?
+            .run_hidden(input_ids, 0, no_past, pads, numbering, false, train)?
             .0)
     }
 
@@ -179,8 +183,9 @@ impl DecoderTrunk for Gpt2Trunk {
         ids: &Tensor,
         pads: Option<&[usize]>,
         numbering: PaddedPositions,
+        train: bool,
     ) -> Result<Tensor> {
-        Gpt2Trunk::hidden(self, ids, pads, numbering)
+        Gpt2Trunk::hidden(self, ids, pads, numbering, train)
     }
 
     fn vocab_size(&self) -> usize {

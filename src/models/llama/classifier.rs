@@ -137,7 +137,7 @@ impl LlamaForSequenceClassification {
     /// attention) or on the right (which causal attention never lets a real token see);
     /// a row with padding on both sides or in the middle is an error.
     pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        self.0.forward(input_ids, attention_mask)
+        self.0.forward(input_ids, attention_mask, false)
     }
 
     /// The training loss of `logits` against `labels` for the config's problem type

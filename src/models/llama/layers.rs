@@ -202,7 +202,7 @@ impl Attention {
                 LayerAttention::Full => None,
                 LayerAttention::Sliding { window } => Some(window),
             };
-            let out = attention_op::causal_attention(q, k, v, self.scale, window)?;
+            let out = attention_op::causal_attention(q, k, v, self.scale, window, None)?;
             return Ok(self.o_proj.forward(&out)?);
         }
         let out = fused::composed_attention(q, k, v, self.scale, masks.get(self.kind)?, 0.0)?;

@@ -290,7 +290,7 @@ impl LlamaForCausalLM {
         loss_mask: &Tensor,
         gradient: bool,
     ) -> Result<Tensor> {
-        let hidden = self.trunk.loss_hidden(input_ids, gradient)?;
+        let hidden = self.trunk.loss_hidden(input_ids, gradient, false)?;
         linear_head_loss_sum(&hidden, &self.lm_head, input_ids, loss_mask)
     }
 

@@ -175,11 +175,14 @@ impl DecoderTrunk for LlamaTrunk {
         LlamaTrunk::check_ids(self, ids)
     }
 
+    /// No dropout of the model's own in either mode (`attention_dropout` is not applied:
+    /// the Llama-family configs set it to 0).
     fn hidden(
         &self,
         ids: &Tensor,
         pads: Option<&[usize]>,
         numbering: PaddedPositions,
+        _train: bool,
     ) -> Result<Tensor> {
         LlamaTrunk::hidden(self, ids, pads, numbering)
     }
