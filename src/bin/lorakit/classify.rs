@@ -126,13 +126,18 @@ fn run(args: &ClassifyArgs, ids: Vec<Vec<u32>>) -> lorakit::Result<String> {
     }
     let model = load_model(args, &device)?;
     let classifier = model.as_classifier();
-    let mut logits = Vec::with_capacity(inputs.len());
-    for (ids, types) in &inputs {
-        let ids = Tensor::new(ids.as_slice(), &device)?.unsqueeze(0)?;
-        let types = Tensor::new(types.as_slice(), &device)?.unsqueeze(0)?;
-        let types = (classifier.type_vocab_size() > 1).then_some(&types);
-        logits.push(classifier.classify(&ids, types, None, false)?);
-    }
+    // On a rayon worker, so the forwards' products do not each wake the pool and wait
+    // for it (`threads::on_worker`).
+    let logits = lorakit::threads::on_worker(|| -> lorakit::Result<Vec<Tensor>> {
+        let mut logits = Vec::with_capacity(inputs.len());
+        for (ids, types) in &inputs {
+            let ids = Tensor::new(ids.as_slice(), &device)?.unsqueeze(0)?;
+            let types = Tensor::new(types.as_slice(), &device)?.unsqueeze(0)?;
+            let types = (classifier.type_vocab_size() > 1).then_some(&types);
+            logits.push(classifier.classify(&ids, types, None, false)?);
+        }
+        Ok(logits)
+    })?;
     let logits = Tensor::cat(&logits, 0)?
         .to_dtype(DType::F32)?
         .to_device(&Device::Cpu)?;

@@ -316,8 +316,8 @@ pub(super) fn tokenizer(dir: &Path) -> lorakit::Result<TextTokenizer> {
 /// The prompt's logits `[tokens, vocab]` in f32 on the CPU.
 fn prompt_logits(model: &AutoCausalLm, prompt: &[u32], device: &Device) -> lorakit::Result<Tensor> {
     let ids = Tensor::new(prompt, device)?.unsqueeze(0)?;
-    Ok(model
-        .forward(&ids)?
+    // On a rayon worker, as generation runs (`threads::on_worker`).
+    Ok(lorakit::threads::on_worker(|| model.forward(&ids))?
         .squeeze(0)?
         .to_dtype(DType::F32)?
         .to_device(&Device::Cpu)?)
