@@ -55,6 +55,16 @@ impl Fixture {
     /// The model with `dropouts` (a case's fields) over the fixture's weights, through
     /// `plan`.
     fn model(&self, dropouts: &serde_json::Value, plan: &AdapterPlan) -> Gpt2LmHeadModel {
+        self.model_in(DType::F32, dropouts, plan)
+    }
+
+    /// [`Fixture::model`] in `dtype`.
+    fn model_in(
+        &self,
+        dtype: DType,
+        dropouts: &serde_json::Value,
+        plan: &AdapterPlan,
+    ) -> Gpt2LmHeadModel {
         let mut json = serde_json::to_value(&self.config).unwrap();
         for (field, p) in dropouts.as_object().unwrap() {
             json[field] = p.clone();
@@ -66,7 +76,7 @@ impl Fixture {
             .filter(|(k, _)| k.starts_with("transformer."))
             .map(|(k, t)| (k.clone(), t.clone()))
             .collect();
-        let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+        let vb = VarBuilder::from_tensors(weights, dtype, &Device::Cpu);
         Gpt2LmHeadModel::load(&config, vb, plan).unwrap()
     }
 
@@ -209,5 +219,30 @@ fn zero_dropouts_train_as_evaluation_and_bad_ones_are_refused() {
         change(&mut config);
         let message = config.validate().unwrap_err().to_string();
         assert!(message.contains(field), "{message}");
+    }
+}
+
+/// bf16 and f16 models drop through candle-nn's dropout (lorakit's fused ops are f32):
+/// training mode runs, stays finite, and differs from evaluation.
+#[test]
+fn half_precision_models_drop_too() {
+    let fx = fixture_file();
+    let ids = fx.tensors["input_ids"].clone();
+    let dropouts = serde_json::json!({"embd_pdrop": 0.1, "attn_pdrop": 0.1, "resid_pdrop": 0.1});
+    for dtype in [DType::BF16, DType::F16] {
+        let model = fx.model_in(dtype, &dropouts, &AdapterPlan::none());
+        let values = |t: lorakit::Result<Tensor>| -> Vec<f32> {
+            let t = t.unwrap();
+            assert_eq!(t.dtype(), dtype);
+            t.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let train = values(model.forward_t(&ids, true));
+        assert!(train.iter().all(|v| v.is_finite()), "{dtype:?}");
+        assert_ne!(train, values(model.forward(&ids)), "{dtype:?}");
     }
 }
