@@ -80,7 +80,11 @@ impl CausalLm for LlamaForCausalLM {
     }
 
     fn eval_loss_sum(&self, input_ids: &Tensor, loss_mask: &Tensor) -> Result<Tensor> {
-        self.loss_sum_tracked(input_ids, loss_mask, false)
+        self.loss_sum_tracked(input_ids, loss_mask, false, false)
+    }
+
+    fn loss_sum_t(&self, input_ids: &Tensor, loss_mask: &Tensor, train: bool) -> Result<Tensor> {
+        LlamaForCausalLM::loss_sum_t(self, input_ids, loss_mask, train)
     }
 
     fn vocab_size(&self) -> usize {

@@ -157,8 +157,8 @@ fn no_token_types(token_type_ids: Option<&Tensor>, head: &str) -> Result<()> {
 
 impl<M: AsDecoderParts + Sync> SequenceClassifier for M {
     /// A decoder has no token types (they must be 0); `train` applies the model's own
-    /// dropouts (GPT-2's; the Llama family has none) as transformers' training mode does,
-    /// and the adapters follow their own training flag.
+    /// dropouts (GPT-2's; the Llama family's `attention_dropout`) as transformers' training
+    /// mode does, and the adapters follow their own training flag.
     fn classify(
         &self,
         input_ids: &Tensor,

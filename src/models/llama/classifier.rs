@@ -140,6 +140,18 @@ impl LlamaForSequenceClassification {
         self.0.forward(input_ids, attention_mask, false)
     }
 
+    /// [`LlamaForSequenceClassification::forward`] in training mode when `train`: the
+    /// config's `attention_dropout` applies, as in
+    /// [`LlamaForCausalLM::forward_t`](super::LlamaForCausalLM::forward_t).
+    pub fn forward_t(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        self.0.forward(input_ids, attention_mask, train)
+    }
+
     /// The training loss of `logits` against `labels` for the config's problem type
     /// ([`classification_loss`](crate::models::classification::classification_loss)).
     pub fn loss(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {

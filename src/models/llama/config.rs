@@ -157,8 +157,11 @@ pub enum LayerAttention {
 ///   attention everywhere); Llama has none.
 /// - `hidden_act` must be `silu` (or its alias `swish`); a `quantization_config` is refused
 ///   (quantized weights cannot be loaded).
-/// - Ignored: `attention_dropout` (the forward never drops attention weights),
-///   `pretraining_tp` (transformers 5 ignores it), token ids, `use_cache`.
+/// - `attention_dropout` (0 when absent, as in the Llama-family configs) drops attention
+///   probabilities in training mode only ([`LlamaForCausalLM::forward_t`]).
+/// - Ignored: `pretraining_tp` (transformers 5 ignores it), token ids, `use_cache`.
+///
+/// [`LlamaForCausalLM::forward_t`]: super::LlamaForCausalLM::forward_t
 ///
 /// ```
 /// use lorakit::models::llama::{LayerAttention, LlamaConfig, LlamaFamily, RopeScaling};
@@ -224,6 +227,8 @@ pub struct LlamaConfig {
     pub qk_norm: bool,
     /// Each layer's attention pattern (`num_hidden_layers` entries).
     pub layer_attention: Vec<LayerAttention>,
+    /// Dropout on the attention probabilities (training only).
+    pub attention_dropout: f64,
 }
 
 /// `Some(value)` for a key present in the file (`Some(None)` when it is `null`); `None`
@@ -267,6 +272,7 @@ pub(super) struct RawConfig {
     pub(super) max_window_layers: Option<usize>,
     pub(super) layer_types: Option<Vec<String>>,
     pub(super) quantization_config: Option<Value>,
+    pub(super) attention_dropout: Option<f64>,
 }
 
 impl LlamaConfig {
@@ -478,6 +484,7 @@ impl LlamaConfig {
             mlp_bias,
             qk_norm: family == LlamaFamily::Qwen3,
             layer_attention,
+            attention_dropout: raw.attention_dropout.unwrap_or(0.0),
         })
     }
 
@@ -567,6 +574,10 @@ impl LlamaConfig {
                 "rms_norm_eps",
                 format!("must be finite and ≥ 0, got {}", self.rms_norm_eps),
             ));
+        }
+        let dropout = [("attention_dropout", Some(self.attention_dropout))];
+        if let Some((field, reason)) = crate::validate::config_dropouts(dropout) {
+            return Err(invalid(field, reason));
         }
         let positive = |field: &'static str, v: f64| {
             if v.is_finite() && v > 0.0 {

@@ -15,6 +15,7 @@ use candle_core::{Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result, Scope};
+use crate::kernels::dropout::Dropout;
 use crate::model::{linear_b, AdapterPlan, Linear};
 use crate::models::kv_buffer::{Appending, LayerKv};
 use crate::models::padding;
@@ -119,6 +120,8 @@ pub(crate) struct Attention {
     head_dim: usize,
     scale: f64,
     kind: LayerAttention,
+    /// Dropout on the attention probabilities (training only).
+    dropout: f64,
 }
 
 impl Attention {
@@ -155,6 +158,7 @@ impl Attention {
             head_dim: c.head_dim,
             scale: 1.0 / (c.head_dim as f64).sqrt(),
             kind,
+            dropout: c.attention_dropout,
         })
     }
 
@@ -189,29 +193,33 @@ impl Attention {
     /// without copying keys and values. Scores and softmax in f32 for f16 / bf16 models
     /// (transformers' eager attention), products in the model's dtype. On f32 CPU tensors
     /// without padding, one fused op with its own backward (`models::attention_op`)
-    /// computes the same, reading a KV cache's buffers in place.
+    /// computes the same, reading a KV cache's buffers in place. `train`: the config's
+    /// `attention_dropout` applies to the probabilities.
     pub(crate) fn attend(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
         masks: &Masks,
+        train: bool,
     ) -> Result<Tensor> {
+        let p = if train { self.dropout } else { 0.0 };
         if !masks.padded && attention_op::supports(q, k, v) {
             let window = match self.kind {
                 LayerAttention::Full => None,
                 LayerAttention::Sliding { window } => Some(window),
             };
-            let out = attention_op::causal_attention(q, k, v, self.scale, window, None)?;
+            let dropout = Dropout::new(p as f32);
+            let out = attention_op::causal_attention(q, k, v, self.scale, window, dropout)?;
             return Ok(self.o_proj.forward(&out)?);
         }
-        let out = fused::composed_attention(q, k, v, self.scale, masks.get(self.kind)?, 0.0)?;
+        let out = fused::composed_attention(q, k, v, self.scale, masks.get(self.kind)?, p)?;
         Ok(self.o_proj.forward(&out)?)
     }
 
     /// [`Attention::project`], the new keys and values appended (along the positions) to
-    /// `past` as `how` says, then [`Attention::attend`] over all of them: the output and
-    /// the grown cache entry.
+    /// `past` as `how` says, then [`Attention::attend`] over all of them (`train` as
+    /// there): the output and the grown cache entry.
     pub(crate) fn forward_cached(
         &self,
         x: &Tensor,
@@ -219,10 +227,11 @@ impl Attention {
         masks: &Masks,
         past: Option<&LayerKv>,
         how: Appending,
+        train: bool,
     ) -> Result<(Tensor, LayerKv)> {
         let (q, k, v) = self.project(x, rope)?;
         let all = LayerKv::append(past, &k, &v, how)?;
-        let out = self.attend(&q, &all.keys, &all.values, masks)?;
+        let out = self.attend(&q, &all.keys, &all.values, masks, train)?;
         Ok((out, all.entry))
     }
 }
@@ -288,7 +297,7 @@ impl DecoderLayer {
 
     /// The layer on new positions after the cached keys and values `past` (`None`: the
     /// sequence starts here), appended as `how` says: the output and this layer's grown
-    /// cache entry.
+    /// cache entry. `train`: the attention dropout applies.
     pub(crate) fn forward_cached(
         &self,
         x: &Tensor,
@@ -296,6 +305,7 @@ impl DecoderLayer {
         masks: &Masks,
         past: Option<&LayerKv>,
         how: Appending,
+        train: bool,
     ) -> Result<(Tensor, LayerKv)> {
         let (attn, kv) = self.self_attn.forward_cached(
             &self.input_layernorm.forward(x)?,
@@ -303,6 +313,7 @@ impl DecoderLayer {
             masks,
             past,
             how,
+            train,
         )?;
         let x = (x + attn)?;
         let mlp = self

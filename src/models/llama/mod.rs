@@ -20,9 +20,14 @@
 //! head on each row's last token): [`LlamaForSequenceClassification`], which takes an
 //! attention mask padding rows on the left or the right.
 //!
+//! Training mode: [`LlamaForCausalLM::forward_t`] and [`LlamaForCausalLM::loss_sum_t`]
+//! with `train = true` drop attention probabilities at the config's `attention_dropout`
+//! (0 in the Llama-family configs), as transformers' attention after `model.train()`
+//! (checked on `tests/fixtures/models/llama_dropout_moments.safetensors`).
+//!
 //! Not here: a padding mask in [`LlamaForCausalLM::forward`] (right padding, as
 //! [`crate::finetune`] batches, needs none under causal attention; batched generation
-//! left-pads), attention dropout in training.
+//! left-pads).
 
 mod cache;
 mod classifier;
@@ -238,10 +243,17 @@ impl LlamaForCausalLM {
     /// # Ok(()) }
     /// ```
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.forward_t(input_ids, false)
+    }
+
+    /// [`LlamaForCausalLM::forward`] in training mode when `train`: the config's
+    /// `attention_dropout` (0 in the Llama-family configs; then the same as `forward`)
+    /// drops attention probabilities, as transformers' attention after `model.train()`.
+    /// The adapters' own dropout follows their training flag.
+    pub fn forward_t(&self, input_ids: &Tensor, train: bool) -> Result<Tensor> {
         self.trunk.check_ids(input_ids)?;
-        let hidden = self
-            .trunk
-            .hidden(input_ids, None, PaddedPositions::AfterPadding)?;
+        let numbering = PaddedPositions::AfterPadding;
+        let hidden = self.trunk.hidden(input_ids, None, numbering, train)?;
         Ok(self.lm_head.forward(&hidden)?)
     }
 
@@ -279,18 +291,30 @@ impl LlamaForCausalLM {
     ///
     /// [`causal_lm_loss_sum`]: crate::finetune::loss::causal_lm_loss_sum
     pub fn loss_sum(&self, input_ids: &Tensor, loss_mask: &Tensor) -> Result<Tensor> {
-        self.loss_sum_tracked(input_ids, loss_mask, true)
+        self.loss_sum_t(input_ids, loss_mask, false)
     }
 
-    /// [`LlamaForCausalLM::loss_sum`]; without `gradient`, the hidden states are detached
+    /// [`LlamaForCausalLM::loss_sum`] in training mode when `train` (the attention
+    /// dropout, as [`LlamaForCausalLM::forward_t`]): what a training step computes.
+    pub fn loss_sum_t(
+        &self,
+        input_ids: &Tensor,
+        loss_mask: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        self.loss_sum_tracked(input_ids, loss_mask, true, train)
+    }
+
+    /// [`LlamaForCausalLM::loss_sum_t`]; without `gradient`, the hidden states are detached
     /// before the head (evaluation: no head gradient computed).
     pub(crate) fn loss_sum_tracked(
         &self,
         input_ids: &Tensor,
         loss_mask: &Tensor,
         gradient: bool,
+        train: bool,
     ) -> Result<Tensor> {
-        let hidden = self.trunk.loss_hidden(input_ids, gradient, false)?;
+        let hidden = self.trunk.loss_hidden(input_ids, gradient, train)?;
         linear_head_loss_sum(&hidden, &self.lm_head, input_ids, loss_mask)
     }
 
@@ -311,7 +335,7 @@ impl LlamaForCausalLM {
         let positions = PaddedPositions::AfterPadding;
         let (x, grown) =
             self.trunk
-                .run_hidden(input_ids, offset, past, pads, positions, values_only)?;
+                .run_hidden(input_ids, offset, past, pads, positions, values_only, false)?;
         Ok((self.lm_head.forward(&x)?, grown))
     }
 

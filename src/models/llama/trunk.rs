@@ -66,7 +66,9 @@ impl LlamaTrunk {
     /// layer's grown cache entry. `pads`: a left-padded batch's padding per row
     /// (`models::padding`), its tokens numbered as `positions` says; `values_only`:
     /// attention reads the new keys and values as stored values
-    /// (`KvCache::for_inference`). The ids are checked by the caller.
+    /// (`KvCache::for_inference`); `train`: the config's attention dropout applies. The
+    /// ids are checked by the caller.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn run_hidden<'a>(
         &self,
         input_ids: &Tensor,
@@ -75,6 +77,7 @@ impl LlamaTrunk {
         pads: Option<&[usize]>,
         positions: PaddedPositions,
         values_only: bool,
+        train: bool,
     ) -> Result<(Tensor, Vec<LayerKv>)> {
         let seq = input_ids.dim(1)?;
         let ids = input_ids.to_dtype(DType::U32)?;
@@ -106,7 +109,7 @@ impl LlamaTrunk {
         let mut x = self.embed_tokens.forward(&ids)?;
         let mut grown = Vec::with_capacity(self.layers.len());
         for (layer, past) in self.layers.iter().zip(past) {
-            let (out, kv) = layer.forward_cached(&x, &rope, &masks, past.as_ref(), how)?;
+            let (out, kv) = layer.forward_cached(&x, &rope, &masks, past.as_ref(), how, train)?;
             x = out;
             grown.push(kv);
         }
@@ -119,10 +122,11 @@ impl LlamaTrunk {
         input_ids: &Tensor,
         pads: Option<&[usize]>,
         positions: PaddedPositions,
+        train: bool,
     ) -> Result<Tensor> {
         let no_past = std::iter::repeat_n(&None, self.layers.len());
         Ok(self
-            .run_hidden(input_ids, 0, no_past, pads, positions, false)?
+            .run_hidden(input_ids, 0, no_past, pads, positions, false, train)?
             .0)
     }
 
@@ -175,16 +179,14 @@ impl DecoderTrunk for LlamaTrunk {
         LlamaTrunk::check_ids(self, ids)
     }
 
-    /// No dropout of the model's own in either mode (`attention_dropout` is not applied:
-    /// the Llama-family configs set it to 0).
     fn hidden(
         &self,
         ids: &Tensor,
         pads: Option<&[usize]>,
         numbering: PaddedPositions,
-        _train: bool,
+        train: bool,
     ) -> Result<Tensor> {
-        LlamaTrunk::hidden(self, ids, pads, numbering)
+        LlamaTrunk::hidden(self, ids, pads, numbering, train)
     }
 
     fn vocab_size(&self) -> usize {

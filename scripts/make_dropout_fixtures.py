@@ -1,28 +1,32 @@
 #!/usr/bin/env python3
-"""Writes tests/fixtures/models/gpt2_dropout_moments.safetensors: the mean and standard
-deviation, over many independent dropout draws, of what transformers' GPT2LMHeadModel
-computes in training mode (`model.train()`, f32, CPU, eager attention), for lorakit's
-GPT-2 dropouts (`Gpt2LmHeadModel::forward_t`, test in `tests/suite/models_gpt2.rs`).
+"""Writes tests/fixtures/models/gpt2_dropout_moments.safetensors and
+llama_dropout_moments.safetensors: the mean and standard deviation, over many independent
+dropout draws, of what transformers' GPT2LMHeadModel and LlamaForCausalLM compute in
+training mode (`model.train()`, f32, CPU, eager attention), for lorakit's models' own
+dropouts (`Gpt2LmHeadModel::forward_t`, `LlamaForCausalLM::forward_t`; tests in
+`tests/suite/models_dropout.rs`).
 
 Dropout draws cannot be matched one by one across two random generators, so the test
 compares their distribution: lorakit's per-element mean and standard deviation of the
 logits over its own draws against these, within their sampling error. Each case turns on
 one of the config's dropouts (`embd_pdrop`, `attn_pdrop`, `resid_pdrop`), or all three,
 so a dropout applied at the wrong place, with the wrong scale, or not at all moves the
-moments of its case.
+moments of its case. The Llama family has one dropout, `attention_dropout`: one case, 0.5,
+on a tiny Llama with grouped-query heads and an untied head.
 
 Usage:
-    python3 scripts/make_gpt2_dropout_fixture.py      (deterministic; rewrites the file)
+    python3 scripts/make_dropout_fixtures.py      (deterministic; rewrites both files)
 
-Keys (f32 unless said):
+Keys of each file (f32 unless said):
     <transformers name>       the random model's weights (tied head: no lm_head.weight)
     input_ids                 i64 (2, 8)
     eval_logits               (2, 8, vocab) in evaluation mode (no dropout)
     <case>.mean, <case>.std   (2, 8, vocab) per-element mean and standard deviation
                               (n - 1 denominator) of the logits over DRAWS training-mode
-                              forwards, for cases embd, attn, resid, all
+                              forwards, for GPT-2's cases embd, attn, resid, all and
+                              Llama's case attn
 Metadata: `config` = JSON of the model's config.json fields lorakit reads (dropouts 0);
-`cases` = JSON {case: {embd_pdrop, attn_pdrop, resid_pdrop}}; `draws` = DRAWS.
+`cases` = JSON {case: {the case's dropout fields}}; `draws` = DRAWS.
 
 Versions used for the committed file: torch 2.15.0, transformers 5.25.0, safetensors 0.8.0.
 """
@@ -35,7 +39,7 @@ from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUT = os.path.join(ROOT, "tests", "fixtures", "models", "gpt2_dropout_moments.safetensors")
+MODELS = os.path.join(ROOT, "tests", "fixtures", "models")
 
 BASE = dict(
     vocab_size=32,
@@ -50,7 +54,7 @@ BASE = dict(
     resid_pdrop=0.0,
 )
 
-CASES = {
+GPT2_CASES = {
     "embd": dict(embd_pdrop=0.5, attn_pdrop=0.0, resid_pdrop=0.0),
     "attn": dict(embd_pdrop=0.0, attn_pdrop=0.5, resid_pdrop=0.0),
     "resid": dict(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.5),
@@ -62,14 +66,29 @@ DRAWS = 40000
 COPIES = 2000
 
 
-def random_model():
-    torch.manual_seed(0)
-    config = GPT2Config(**BASE)
-    config._attn_implementation = "eager"
-    model = GPT2LMHeadModel(config)
+LLAMA = dict(
+    vocab_size=32,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=16,
+    tie_word_embeddings=False,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
+    attention_dropout=0.0,
+)
+
+LLAMA_CASES = {"attn": dict(attention_dropout=0.5)}
+
+
+def randomize(model, is_norm):
+    """Norm weights 1 + 0.1 N, biases 0.1 N, every other weight 0.5 N."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if ".ln_" in name or name.startswith("transformer.ln_f"):
+            if is_norm(name):
                 if name.endswith("weight"):
                     p.copy_(1 + 0.1 * torch.randn_like(p))
                 else:
@@ -80,10 +99,33 @@ def random_model():
                 # Large enough that the softmaxes, GELUs and norms are far from linear,
                 # so each dropout moves the logits' mean, not only their spread.
                 p.copy_(0.5 * torch.randn_like(p))
-    return config, model
 
 
-def set_dropouts(model, p):
+def gpt2_model():
+    torch.manual_seed(0)
+    config = GPT2Config(**BASE)
+    config._attn_implementation = "eager"
+    model = GPT2LMHeadModel(config)
+    randomize(model, lambda n: ".ln_" in n or n.startswith("transformer.ln_f"))
+    keys = ["activation_function", "layer_norm_epsilon", "n_embd", "n_head", "n_inner",
+            "n_layer", "n_positions", "reorder_and_upcast_attn",
+            "scale_attn_by_inverse_layer_idx", "scale_attn_weights", "tie_word_embeddings",
+            "vocab_size", "embd_pdrop", "attn_pdrop", "resid_pdrop"]
+    return config, model, {k: getattr(config, k) for k in keys}
+
+
+def llama_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**LLAMA)
+    config._attn_implementation = "eager"
+    model = LlamaForCausalLM(config)
+    randomize(model, lambda n: n.endswith("norm.weight"))
+    return config, model, {"model_type": "llama", **LLAMA}
+
+
+def set_gpt2_dropouts(model, p):
     model.transformer.drop.p = p["embd_pdrop"]
     for block in model.transformer.h:
         block.attn.attn_dropout.p = p["attn_pdrop"]
@@ -91,11 +133,16 @@ def set_dropouts(model, p):
         block.mlp.dropout.p = p["resid_pdrop"]
 
 
-def main():
-    config, model = random_model()
+def set_llama_dropouts(model, p):
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = p["attention_dropout"]
+
+
+def write(name, config, model, fields, cases, set_dropouts):
     ids = torch.randint(0, config.vocab_size, (2, 8), dtype=torch.long)
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
-    tensors.pop("lm_head.weight", None)  # tied to transformer.wte.weight
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)  # the embedding table
     tensors["input_ids"] = ids
     model.eval()
     with torch.no_grad():
@@ -103,7 +150,7 @@ def main():
     model.train()
     batch = ids.repeat(COPIES, 1)
     torch.manual_seed(1)
-    for case, p in CASES.items():
+    for case, p in cases.items():
         set_dropouts(model, p)
         total = torch.zeros(ids.shape + (config.vocab_size,), dtype=torch.float64)
         squares = torch.zeros_like(total)
@@ -123,18 +170,20 @@ def main():
         shift = ((mean.float() - tensors["eval_logits"]) / se).abs()
         print(f"{case}: |train mean - eval| / se(1000 draws): median {shift.median():.1f}, "
               f"max {shift.max():.1f}; std median {tensors[f'{case}.std'].median():.3f}")
-    keys = ["activation_function", "layer_norm_epsilon", "n_embd", "n_head", "n_inner",
-            "n_layer", "n_positions", "reorder_and_upcast_attn",
-            "scale_attn_by_inverse_layer_idx", "scale_attn_weights", "tie_word_embeddings",
-            "vocab_size", "embd_pdrop", "attn_pdrop", "resid_pdrop"]
     metadata = {
-        "config": json.dumps({k: getattr(config, k) for k in keys}, sort_keys=True),
-        "cases": json.dumps(CASES, sort_keys=True),
+        "config": json.dumps(fields, sort_keys=True),
+        "cases": json.dumps(cases, sort_keys=True),
         "draws": str(DRAWS),
     }
-    os.makedirs(os.path.dirname(OUT), exist_ok=True)
-    save_file(tensors, OUT, metadata=metadata)
-    print(f"wrote {OUT}: {len(tensors)} tensors")
+    out = os.path.join(MODELS, f"{name}_dropout_moments.safetensors")
+    os.makedirs(MODELS, exist_ok=True)
+    save_file(tensors, out, metadata=metadata)
+    print(f"wrote {out}: {len(tensors)} tensors")
+
+
+def main():
+    write("gpt2", *gpt2_model(), GPT2_CASES, set_gpt2_dropouts)
+    write("llama", *llama_model(), LLAMA_CASES, set_llama_dropouts)
 
 
 if __name__ == "__main__":
