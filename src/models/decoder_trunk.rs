@@ -10,6 +10,39 @@ use crate::error::Result;
 use crate::model::AdapterPlan;
 use crate::models::padding::PaddedPositions;
 
+/// How a trunk runs new positions, besides the ids and the cached keys and values.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Pass<'a> {
+    /// The first new position (the cached length).
+    pub offset: usize,
+    /// A left-padded batch's padding per row (`models::padding`).
+    pub pads: Option<&'a [usize]>,
+    /// How a padded row's tokens are numbered.
+    pub numbering: PaddedPositions,
+    /// Attention reads the new keys and values as stored values
+    /// (`KvCache::for_inference`).
+    pub values_only: bool,
+    /// The model's own dropouts apply (transformers' training mode).
+    pub train: bool,
+}
+
+impl<'a> Pass<'a> {
+    /// A whole sequence from position 0, no cache.
+    pub(crate) fn whole(
+        pads: Option<&'a [usize]>,
+        numbering: PaddedPositions,
+        train: bool,
+    ) -> Self {
+        Self {
+            offset: 0,
+            pads,
+            numbering,
+            values_only: false,
+            train,
+        }
+    }
+}
+
 /// A decoder without its output head (Llama's `model.*`, GPT-2's `transformer.*`): what its
 /// causal LM and its sequence classifier run.
 pub(crate) trait DecoderTrunk: Sized {

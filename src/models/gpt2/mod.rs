@@ -46,7 +46,7 @@ use crate::frozen::{BaseKind, FrozenLinear};
 use crate::kernels::FusedLinear;
 use crate::model::{linear_no_bias, AdapterPlan, Linear};
 use crate::models::base_prefix::with_base_prefix;
-use crate::models::decoder_trunk::DecoderTrunk;
+use crate::models::decoder_trunk::{DecoderTrunk, Pass};
 use crate::models::kv_buffer::LayerKv;
 use crate::models::lm_loss::{causal_lm_loss_sum, frozen_head_loss_sum, linear_head_loss_sum};
 use crate::models::padding::{mask_values, PaddedPositions};
@@ -383,10 +383,14 @@ impl Gpt2LmHeadModel {
         pads: Option<&[usize]>,
         values_only: bool,
     ) -> Result<(Tensor, Vec<LayerKv>)> {
-        let numbering = PaddedPositions::AfterPadding;
-        let (x, grown) =
-            self.trunk
-                .run_hidden(input_ids, offset, past, pads, numbering, values_only, false)?;
+        let pass = Pass {
+            offset,
+            pads,
+            numbering: PaddedPositions::AfterPadding,
+            values_only,
+            train: false,
+        };
+        let (x, grown) = self.trunk.run_hidden(input_ids, past, pass)?;
         Ok((self.head(&x)?, grown))
     }
 

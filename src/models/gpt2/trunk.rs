@@ -9,7 +9,7 @@ use candle_nn::VarBuilder;
 use crate::error::{Error, Result, Scope};
 use crate::model::{embedding, AdapterPlan, Embedding};
 use crate::models::base_prefix::with_base_prefix;
-use crate::models::decoder_trunk::DecoderTrunk;
+use crate::models::decoder_trunk::{DecoderTrunk, Pass};
 use crate::models::kv_buffer::{Appending, LayerKv};
 use crate::models::ops::{dropout_t, LayerNorm};
 use crate::models::padding::{position, PaddedPositions};
@@ -54,23 +54,22 @@ impl Gpt2Trunk {
     }
 
     /// The hidden states after the final layer norm for `input_ids` at positions
-    /// `offset..` after each block's cached keys and values `past` (in block order), and
-    /// every block's grown cache entry. `pads`: a left-padded batch's padding per row
-    /// (`models::padding`), its tokens numbered as `numbering` says; `values_only`:
-    /// attention reads the new keys and values as stored values
-    /// (`KvCache::for_inference`); `train`: the config's dropouts apply (transformers'
-    /// training mode). The ids are checked by the caller, and `offset + seq ≤ n_positions`.
-    #[allow(clippy::too_many_arguments)]
+    /// `pass.offset..` after each block's cached keys and values `past` (in block order),
+    /// and every block's grown cache entry, run as `pass` says (with `train`, the config's
+    /// dropouts). The ids are checked by the caller, and `offset + seq ≤ n_positions`.
     pub(super) fn run_hidden<'a>(
         &self,
         input_ids: &Tensor,
-        offset: usize,
         past: impl Iterator<Item = &'a Option<LayerKv>>,
-        pads: Option<&[usize]>,
-        numbering: PaddedPositions,
-        values_only: bool,
-        train: bool,
+        pass: Pass,
     ) -> Result<(Tensor, Vec<LayerKv>)> {
+        let Pass {
+            offset,
+            pads,
+            numbering,
+            values_only,
+            train,
+        } = pass;
         let (_, seq) = input_ids.dims2()?;
         let end = offset.saturating_add(seq);
         let (start, end) = match (u32::try_from(offset), u32::try_from(end)) {
@@ -124,9 +123,8 @@ impl Gpt2Trunk {
         train: bool,
     ) -> Result<Tensor> {
         let no_past = std::iter::repeat_n(&None, self.blocks.len());
-        Ok(self
-            .run_hidden(input_ids, 0, no_past, pads, numbering, false, train)?
-            .0)
+        let pass = Pass::whole(pads, numbering, train);
+        Ok(self.run_hidden(input_ids, no_past, pass)?.0)
     }
 
     /// `(batch, seq)` of valid token ids: rank 2, `batch ≥ 1`, `1 ≤ seq ≤ n_positions`,

@@ -46,7 +46,7 @@ use crate::checkpoint::Checkpoint;
 use crate::error::Result;
 use crate::frozen::FrozenLinear;
 use crate::model::{linear_b, AdapterPlan, Embedding, Linear};
-use crate::models::decoder_trunk::DecoderTrunk;
+use crate::models::decoder_trunk::{DecoderTrunk, Pass};
 use crate::models::kv_buffer::LayerKv;
 use crate::models::lm_loss::linear_head_loss_sum;
 use crate::models::padding::PaddedPositions;
@@ -332,10 +332,14 @@ impl LlamaForCausalLM {
         pads: Option<&[usize]>,
         values_only: bool,
     ) -> Result<(Tensor, Vec<LayerKv>)> {
-        let positions = PaddedPositions::AfterPadding;
-        let (x, grown) =
-            self.trunk
-                .run_hidden(input_ids, offset, past, pads, positions, values_only, false)?;
+        let pass = Pass {
+            offset,
+            pads,
+            numbering: PaddedPositions::AfterPadding,
+            values_only,
+            train: false,
+        };
+        let (x, grown) = self.trunk.run_hidden(input_ids, past, pass)?;
         Ok((self.lm_head.forward(&x)?, grown))
     }
 

@@ -8,7 +8,7 @@ use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
 use crate::model::{embedding, AdapterPlan, Embedding};
-use crate::models::decoder_trunk::DecoderTrunk;
+use crate::models::decoder_trunk::{DecoderTrunk, Pass};
 use crate::models::kv_buffer::{Appending, LayerKv};
 use crate::models::padding::PaddedPositions;
 
@@ -61,24 +61,23 @@ impl LlamaTrunk {
         })
     }
 
-    /// The hidden states after the final norm for `input_ids` at positions `offset..`
+    /// The hidden states after the final norm for `input_ids` at positions `pass.offset..`
     /// after each layer's cached keys and values `past` (in layer order), and every
-    /// layer's grown cache entry. `pads`: a left-padded batch's padding per row
-    /// (`models::padding`), its tokens numbered as `positions` says; `values_only`:
-    /// attention reads the new keys and values as stored values
-    /// (`KvCache::for_inference`); `train`: the config's attention dropout applies. The
-    /// ids are checked by the caller.
-    #[allow(clippy::too_many_arguments)]
+    /// layer's grown cache entry, run as `pass` says (with `train`, the config's attention
+    /// dropout). The ids are checked by the caller.
     pub(super) fn run_hidden<'a>(
         &self,
         input_ids: &Tensor,
-        offset: usize,
         past: impl Iterator<Item = &'a Option<LayerKv>>,
-        pads: Option<&[usize]>,
-        positions: PaddedPositions,
-        values_only: bool,
-        train: bool,
+        pass: Pass,
     ) -> Result<(Tensor, Vec<LayerKv>)> {
+        let Pass {
+            offset,
+            pads,
+            numbering: positions,
+            values_only,
+            train,
+        } = pass;
         let seq = input_ids.dim(1)?;
         let ids = input_ids.to_dtype(DType::U32)?;
         let rope_pads = match positions {
@@ -125,9 +124,8 @@ impl LlamaTrunk {
         train: bool,
     ) -> Result<Tensor> {
         let no_past = std::iter::repeat_n(&None, self.layers.len());
-        Ok(self
-            .run_hidden(input_ids, 0, no_past, pads, positions, false, train)?
-            .0)
+        let pass = Pass::whole(pads, positions, train);
+        Ok(self.run_hidden(input_ids, no_past, pass)?.0)
     }
 
     /// `(batch, seq)` of valid token ids: rank 2, `batch, seq ≥ 1`, ids below `vocab_size`
