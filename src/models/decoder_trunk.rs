@@ -27,6 +27,18 @@ pub(crate) struct Pass<'a> {
 }
 
 impl<'a> Pass<'a> {
+    /// Decoding: new positions from `offset` after a cache, numbered after each row's
+    /// padding (transformers' `generate`), in evaluation mode.
+    pub(crate) fn decoding(offset: usize, pads: Option<&'a [usize]>, values_only: bool) -> Self {
+        Self {
+            offset,
+            pads,
+            numbering: PaddedPositions::AfterPadding,
+            values_only,
+            train: false,
+        }
+    }
+
     /// A whole sequence from position 0, no cache.
     pub(crate) fn whole(
         pads: Option<&'a [usize]>,

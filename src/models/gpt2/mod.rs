@@ -383,13 +383,7 @@ impl Gpt2LmHeadModel {
         pads: Option<&[usize]>,
         values_only: bool,
     ) -> Result<(Tensor, Vec<LayerKv>)> {
-        let pass = Pass {
-            offset,
-            pads,
-            numbering: PaddedPositions::AfterPadding,
-            values_only,
-            train: false,
-        };
+        let pass = Pass::decoding(offset, pads, values_only);
         let (x, grown) = self.trunk.run_hidden(input_ids, past, pass)?;
         Ok((self.head(&x)?, grown))
     }

@@ -332,13 +332,7 @@ impl LlamaForCausalLM {
         pads: Option<&[usize]>,
         values_only: bool,
     ) -> Result<(Tensor, Vec<LayerKv>)> {
-        let pass = Pass {
-            offset,
-            pads,
-            numbering: PaddedPositions::AfterPadding,
-            values_only,
-            train: false,
-        };
+        let pass = Pass::decoding(offset, pads, values_only);
         let (x, grown) = self.trunk.run_hidden(input_ids, past, pass)?;
         Ok((self.lm_head.forward(&x)?, grown))
     }
