@@ -135,9 +135,9 @@ fn gpt2_classifier_gives_transformers_and_peft_logits() {
     assert!(rel_err(&model.forward(&left, Some(&left_mask)).unwrap(), &alone) > 1e-3);
 }
 
-/// In training mode the GPT-2 classifier applies the config's dropouts (0.1 each here) on
-/// padded batches too (the composed attention path): each forward draws its own choices,
-/// and evaluation mode is `forward`.
+/// In training mode (`SequenceClassifier::classify` with `train`) the GPT-2 classifier
+/// applies the config's dropouts (0.1 each here) on padded batches too (the composed
+/// attention path): each forward draws its own choices, and evaluation mode is `forward`.
 #[test]
 fn the_gpt2_classifier_drops_in_training_mode_only() {
     let io = load(&case("gpt2").join("io.safetensors"));
@@ -151,20 +151,13 @@ fn the_gpt2_classifier_drops_in_training_mode_only() {
         &AdapterPlan::none(),
     )
     .unwrap();
-    let eval = model.forward(ids, Some(mask)).unwrap();
-    let vec = |t: Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
-    assert_eq!(
-        vec(model.forward_t(ids, Some(mask), false).unwrap()),
-        vec(eval.clone())
-    );
-    let (a, b) = (
-        model.forward_t(ids, Some(mask), true).unwrap(),
-        model.forward_t(ids, Some(mask), true).unwrap(),
-    );
-    assert!(rel_err(&a, &eval) > 1e-3 && rel_err(&b, &a) > 1e-3);
     let classifier: &dyn lorakit::models::SequenceClassifier = &model;
-    let trained = classifier.classify(ids, None, Some(mask), true).unwrap();
-    assert!(rel_err(&trained, &eval) > 1e-3);
+    let run = |train| classifier.classify(ids, None, Some(mask), train).unwrap();
+    let vec = |t: Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+    let eval = model.forward(ids, Some(mask)).unwrap();
+    assert_eq!(vec(run(false)), vec(eval.clone()));
+    let (a, b) = (run(true), run(true));
+    assert!(rel_err(&a, &eval) > 1e-3 && rel_err(&b, &a) > 1e-3);
 }
 
 #[test]

@@ -87,20 +87,12 @@ impl Gpt2ForSequenceClassification {
 
     /// Logits `(batch, num_labels)` for token ids `(batch, seq)`, as
     /// [`LlamaForSequenceClassification::forward`](crate::models::llama::LlamaForSequenceClassification::forward)
-    /// (`1 ≤ seq ≤ n_positions`).
+    /// (`1 ≤ seq ≤ n_positions`), in evaluation mode; in training mode (the config's
+    /// dropouts, as [`Gpt2LmHeadModel::forward_t`](super::Gpt2LmHeadModel::forward_t)):
+    /// [`SequenceClassifier::classify`](crate::models::SequenceClassifier::classify) with
+    /// `train = true`.
     pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
         self.0.forward(input_ids, attention_mask, false)
-    }
-
-    /// [`Gpt2ForSequenceClassification::forward`] in training mode when `train`: the
-    /// config's dropouts apply as in [`Gpt2LmHeadModel::forward_t`](super::Gpt2LmHeadModel::forward_t).
-    pub fn forward_t(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: Option<&Tensor>,
-        train: bool,
-    ) -> Result<Tensor> {
-        self.0.forward(input_ids, attention_mask, train)
     }
 
     /// The training loss of `logits` against `labels` for the config's problem type.

@@ -135,21 +135,12 @@ impl LlamaForSequenceClassification {
     /// last slot when the config has no pad id: then only one row). `attention_mask`
     /// `(batch, seq)`, non-zero for tokens, may pad rows on the left (masked from
     /// attention) or on the right (which causal attention never lets a real token see);
-    /// a row with padding on both sides or in the middle is an error.
+    /// a row with padding on both sides or in the middle is an error. Evaluation mode; in
+    /// training mode (the config's `attention_dropout`):
+    /// [`SequenceClassifier::classify`](crate::models::SequenceClassifier::classify) with
+    /// `train = true`.
     pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
         self.0.forward(input_ids, attention_mask, false)
-    }
-
-    /// [`LlamaForSequenceClassification::forward`] in training mode when `train`: the
-    /// config's `attention_dropout` applies, as in
-    /// [`LlamaForCausalLM::forward_t`](super::LlamaForCausalLM::forward_t).
-    pub fn forward_t(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: Option<&Tensor>,
-        train: bool,
-    ) -> Result<Tensor> {
-        self.0.forward(input_ids, attention_mask, train)
     }
 
     /// The training loss of `logits` against `labels` for the config's problem type
