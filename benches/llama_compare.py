@@ -19,7 +19,9 @@ count on both sides (`torch.set_num_threads`; `--threads` of the example, which 
   (transformers' default dynamic cache; lorakit's `generate_greedy`), adapter unmerged,
   eval mode; PyTorch `model.generate(..., do_sample=False, min_new_tokens=N,
   max_new_tokens=N)` under `torch.no_grad()`. tokens/s = new tokens / wall time of the
-  call (prefill of the prompt included on both sides).
+  call (prefill of the prompt included on both sides). Then the same in a batch: random
+  prompts of 8, 16, 24 and 32 tokens left-padded into one (attention mask 0 on the
+  padding; lorakit's `generate_batch`), tokens/s = all rows' new tokens / wall time.
 - Peak memory: each mode of each side in its own fresh process; PyTorch `ru_maxrss`,
   lorakit `VmHWM` (the same number: the process's resident high-water mark). The python
   process's RSS right after `import torch, transformers, peft` is shown too.
@@ -70,6 +72,7 @@ SHAPE = dict(
 )
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA, LR, PROMPT_LEN = 16, 32, 1e-4, 8
+BATCH_PROMPT_LENS = [8, 16, 24, 32]
 
 
 # --------------------------------------------------------------------------------------
@@ -188,6 +191,7 @@ def torch_gen(args):
             assert torch.equal(out, first), "greedy decoding is deterministic"
     new = first.shape[1] - PROMPT_LEN
     med = statistics.median(times)
+    batched = torch_gen_batched(torch, model, g, n, args.gen_rounds)
     return {
         **info,
         "call_ms": {"median": med, "min": min(times), "max": max(times), "all": times},
@@ -197,7 +201,38 @@ def torch_gen(args):
         "tokens_per_s_best": new / min(times) * 1e3,
         "ms_per_token": med / new,
         "cache": type(model.generation_config).__name__ + ", use_cache=" + str(model.generation_config.use_cache),
+        "batched": batched,
         "peak_rss_mib": rss_mib(),
+    }
+
+
+def torch_gen_batched(torch, model, g, n, rounds):
+    """`generate` of n tokens after random prompts of BATCH_PROMPT_LENS tokens, left-padded
+    (pad id 0, attention mask 0 there) into one batch, greedy, under no_grad."""
+    width = max(BATCH_PROMPT_LENS)
+    ids = torch.zeros((len(BATCH_PROMPT_LENS), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, length in enumerate(BATCH_PROMPT_LENS):
+        ids[r, width - length:] = torch.randint(0, SHAPE["vocab_size"], (length,), generator=g)
+        mask[r, width - length:] = 1
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+              do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        first = model.generate(**kw)  # warm-up
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            out = model.generate(**kw)
+            times.append((time.perf_counter() - t0) * 1e3)
+            assert torch.equal(out, first), "greedy decoding is deterministic"
+    med = statistics.median(times)
+    new = len(BATCH_PROMPT_LENS) * (first.shape[1] - width)
+    return {
+        "call_ms": {"median": med, "min": min(times), "max": max(times), "all": times},
+        "prompt_lens": BATCH_PROMPT_LENS,
+        "new_tokens_per_row": first.shape[1] - width,
+        "tokens_per_s": new / med * 1e3,
+        "tokens_per_s_best": new / min(times) * 1e3,
     }
 
 
@@ -440,6 +475,8 @@ def main_table(res, args):
         [r["step_ms"]["median"] for r in t["train"]], 1, False)
     row(f"generation tokens/s (batch 1, {PROMPT_LEN}-token prompt, {args.gen_tokens} new, greedy, KV cache)",
         [r["tokens_per_s"] for r in k["gen"]], [r["tokens_per_s"] for r in t["gen"]], 1, True)
+    row(f"generation tokens/s (batch of prompts {BATCH_PROMPT_LENS} left-padded, {args.gen_tokens} new each, greedy, KV cache)",
+        [r["batched"]["tokens_per_s"] for r in k["gen"]], [r["batched"]["tokens_per_s"] for r in t["gen"]], 1, True)
     for key, label in [("adapter_merged", "merged"), ("adapter_disabled", "disabled (base alone)")]:
         kx = [r["reference_tokens_per_s"][key] for r in k["gen"]]
         rows.append(f"| generation tokens/s, lorakit with the adapter {label} (reference) | {fmt_cell(kx, 1)} | – | – |")

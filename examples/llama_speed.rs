@@ -18,7 +18,9 @@
 //!   phase (forward + loss, backward, optimizer) timed on its own.
 //! - `gen`: `generate_greedy` (batch 1, KV cache) of `--gen-tokens` tokens after an
 //!   8-token prompt, the adapter unmerged, in evaluation mode; warm-up call, then timed
-//!   calls. For reference, the same with the adapter disabled (the base alone) and merged.
+//!   calls. Then `generate_batch` of as many tokens after four prompts of 8, 16, 24 and
+//!   32 tokens, left-padded into one batch. For reference, the same batch-1 generation with
+//!   the adapter disabled (the base alone) and merged.
 //! - `ops`: the pieces a training step is made of, at the step's shapes, timed alone
 //!   (forward, and forward + backward from a fixed random upstream gradient on each
 //!   output, every input a variable): each LoRA linear, RMSNorm, RoPE, the attention core,
@@ -72,6 +74,7 @@ use lorakit::kernels::FusedLinear;
 use lorakit::model::{AdapterPlan, Linear, ModuleSelector, RankAlpha, TargetSpec};
 use lorakit::models::fused;
 use lorakit::models::llama::{LlamaConfig, LlamaForCausalLM};
+use lorakit::models::GenerationConfig;
 use lorakit::{Adapter, FrozenLinear, LoraConfig, LoraLinear};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -91,6 +94,8 @@ const RANK: usize = 16;
 const ALPHA: f64 = 32.0;
 const LR: f64 = 1e-4;
 const PROMPT_LEN: usize = 8;
+/// The prompt lengths of the batched generation case (left-padded to the longest).
+const BATCH_PROMPT_LENS: [usize; 4] = [8, 16, 24, 32];
 
 /// The benchmark's model shape (the config).
 #[derive(Clone, Copy)]
@@ -483,6 +488,7 @@ fn generate(args: &Args, dev: &Device) -> R<Value> {
     }
     let (median, min, max) = stats(&times);
     let n = first.len() as f64;
+    let batched = generate_batched(&built.model, &mut rng, args)?;
     let (hwm, _) = memory_mib();
     // References, after the peak was read: the base alone (adapter disabled: no adapter
     // variable in the graph), and the adapter merged into the weights.
@@ -513,7 +519,44 @@ fn generate(args: &Args, dev: &Device) -> R<Value> {
         "tokens_per_s_best": n / min * 1e3,
         "ms_per_token": median / n,
         "reference_tokens_per_s": {"adapter_disabled": disabled, "adapter_merged": merged},
+        "batched": batched,
         "peak_rss_mib": hwm,
+    }))
+}
+
+/// `generate_batch` (greedy, KV cache, the adapter unmerged) of `--gen-tokens` tokens after
+/// each of [`BATCH_PROMPT_LENS`]' random prompts, left-padded into one batch: a warm-up
+/// call, then timed calls; tokens/s counts every row's new tokens.
+fn generate_batched(
+    model: &LlamaForCausalLM,
+    rng: &mut rand_chacha::ChaCha8Rng,
+    args: &Args,
+) -> R<Value> {
+    let prompts: Vec<Vec<u32>> = BATCH_PROMPT_LENS
+        .iter()
+        .map(|&len| {
+            (0..len)
+                .map(|_| rng.random_range(0..SHAPE.vocab as u32))
+                .collect()
+        })
+        .collect();
+    let config = GenerationConfig::greedy(args.gen_tokens);
+    let first = model.generate_batch(&prompts, &config)?;
+    let mut times = Vec::new();
+    for _ in 0..args.gen_rounds {
+        let t = Instant::now();
+        let out = model.generate_batch(&prompts, &config)?;
+        times.push(ms(t));
+        assert_eq!(out, first, "greedy decoding is deterministic");
+    }
+    let (median, min, max) = stats(&times);
+    let n = first.iter().map(Vec::len).sum::<usize>() as f64;
+    Ok(json!({
+        "call_ms": {"median": median, "min": min, "max": max, "all": times},
+        "prompt_lens": BATCH_PROMPT_LENS,
+        "new_tokens_per_row": args.gen_tokens,
+        "tokens_per_s": n / median * 1e3,
+        "tokens_per_s_best": n / min * 1e3,
     }))
 }
 
@@ -1199,6 +1242,13 @@ fn print_human(out: &Value) {
             g["call_ms"]["median"].as_f64().unwrap_or(0.0),
             g["peak_rss_mib"].as_f64().unwrap_or(0.0),
             g["reference_tokens_per_s"],
+        );
+        let b = &g["batched"];
+        println!(
+            "gen, batch of prompts {} left-padded: {:.1} tokens/s (call median {:.1} ms)",
+            b["prompt_lens"],
+            b["tokens_per_s"].as_f64().unwrap_or(0.0),
+            b["call_ms"]["median"].as_f64().unwrap_or(0.0),
         );
     }
     if let Some(o) = out.get("ops") {

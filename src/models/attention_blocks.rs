@@ -1,8 +1,8 @@
 //! The training attention's products, computed only where the mask lets a query see keys.
 //!
 //! The query rows of each head are taken in blocks of [`BLOCK_ROWS`]. Under a causal mask
-//! a block's queries see the keys from its first query's window start to its last query's
-//! position; under a key mask ([`Seen::Keys`]) every query of a batch element sees keys
+//! a block's queries see the keys from its first query's window start (or its row's first
+//! token, in a left-padded batch) to its last query's position; under a key mask ([`Seen::Keys`]) every query of a batch element sees keys
 //! up to that element's last unmasked one (a right-padded batch skips its padding). Every
 //! product of a block runs over that key span only: `q kᵀ` and `P v` in the forward,
 //! `Pᵀ dO`, `dO vᵀ`, `dS k` and `dSᵀ q` in the backward. Masked entries the span still
@@ -23,6 +23,7 @@
 use candle_core::Result;
 use rayon::prelude::*;
 
+use super::padding::seen_keys;
 use crate::kernels::{gemm_with, Accum, MatRef};
 
 /// Query rows per block: large enough that a block's products fill the GEMM kernel's
@@ -34,8 +35,12 @@ pub(super) const BLOCK_ROWS: usize = 64;
 #[derive(Clone, Copy, Debug)]
 pub(super) enum Seen<'a> {
     /// The keys at or before the query's position and, with a window, fewer than
-    /// `window` positions back.
-    Causal { window: Option<usize> },
+    /// `window` positions back; in a left-padded batch (`pads`: each batch element's
+    /// padding slots, or empty for none) not the padding (`models::padding::seen_keys`).
+    Causal {
+        window: Option<usize>,
+        pads: &'a [usize],
+    },
     /// Every query of batch element `i` sees some of the keys `j < ends[i]` (`ends[i]`:
     /// one past the element's last visible key, at least 1; the softmax masks the others).
     Keys { ends: &'a [usize] },
@@ -91,8 +96,9 @@ impl<'a> Shape<'a> {
         (0..self.t).step_by(BLOCK_ROWS).map(move |row| {
             let rows = BLOCK_ROWS.min(self.t - row);
             let (key, end) = match self.seen {
-                Seen::Causal { window } => (
-                    window.map_or(0, |w| (offset + row + 1).saturating_sub(w)),
+                // The first query's first key is the block's lowest (`seen_keys`).
+                Seen::Causal { window, pads } => (
+                    seen_keys(offset + row, pads.get(batch).copied().unwrap_or(0), window).start,
                     offset + row + rows,
                 ),
                 Seen::Keys { ends, .. } => (0, ends.get(batch).map_or(self.kv, |&e| e)),

@@ -26,25 +26,37 @@ use rayon::prelude::*;
 
 use super::attention_blocks::{self, Seen};
 use super::cpu_op::f32_input;
+use super::padding::seen_keys;
 use crate::kernels::dropout::Dropout;
 
 /// The op's name in errors.
 const OP: &str = "attention";
 
 /// `softmax(scale · q kᵀ + mask) v` for `q` `(b, heads, t, d)` and `k`, `v`
-/// `(b, kv_heads, kv_len, d)`, queries at positions `kv_len − t ..` and keys at `0..kv_len`:
-/// a query sees the keys at or before its position (and, with `window`, fewer than
-/// `window` positions back), with `dropout` on the probabilities. Returns
-/// `(b, t, heads · d)`; differentiable in all three. Callers check [`supports`] first.
+/// `(b, kv_heads, kv_len, d)`, queries in slots `kv_len − t ..` and keys in `0..kv_len`:
+/// a query sees the keys at or before its slot (and, with `window`, fewer than `window`
+/// slots back), with `dropout` on the probabilities. In a left-padded batch, `pads`
+/// (one per batch element) hides each row's padding slots from its tokens, and a padding
+/// query sees only itself (`models::padding`). Returns `(b, t, heads · d)`;
+/// differentiable in all three. Callers check [`supports`] first.
 pub(crate) fn causal_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f64,
     window: Option<usize>,
+    pads: Option<&[usize]>,
     dropout: Option<Dropout>,
 ) -> candle_core::Result<Tensor> {
-    apply(q, k, v, scale, Mask::Causal { window }, dropout)
+    let pads = pads.map(<[usize]>::to_vec).unwrap_or_default();
+    if !pads.is_empty() && pads.len() != q.dim(0)? {
+        candle_core::bail!(
+            "{OP}: padding for {} batch elements, queries {:?}",
+            pads.len(),
+            q.dims()
+        )
+    }
+    apply(q, k, v, scale, Mask::Causal { window, pads }, dropout)
 }
 
 /// `softmax(scale · q kᵀ + mask) v` with dropout on the probabilities, shapes as
@@ -135,14 +147,21 @@ impl KeyMask {
 
 /// The mask the op applies.
 enum Mask {
-    Causal { window: Option<usize> },
+    /// `pads`: each batch element's left padding; empty for none.
+    Causal {
+        window: Option<usize>,
+        pads: Vec<usize>,
+    },
     Keys(KeyMask),
 }
 
 impl Mask {
     fn seen(&self) -> Seen<'_> {
         match self {
-            Mask::Causal { window } => Seen::Causal { window: *window },
+            Mask::Causal { window, pads } => Seen::Causal {
+                window: *window,
+                pads,
+            },
             Mask::Keys(keys) => Seen::Keys { ends: &keys.ends },
         }
     }
@@ -285,10 +304,10 @@ impl Attention {
             .for_each(|(r, row)| {
                 // The keys this row may see, `lo..hi`, and which of them it sees.
                 let (lo, hi, visible) = match &self.mask {
-                    Mask::Causal { window } => {
-                        let pos = offset + r % n.t;
-                        let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                        (lo, pos.min(n.kv - 1) + 1, None)
+                    Mask::Causal { window, pads } => {
+                        let pad = pads.get(r / n.m() / n.g).copied().unwrap_or(0);
+                        let keys = seen_keys(offset + r % n.t, pad, *window);
+                        (keys.start, keys.end.min(n.kv), None)
                     }
                     Mask::Keys(keys) => {
                         let batch = r / n.m() / n.g;
@@ -563,12 +582,61 @@ mod tests {
             let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
             assert!(super::supports(qt, kt, vt));
             let dropout = (p > 0.0).then(|| super::Dropout::with_seed(p, 7));
-            let fused = super::causal_attention(qt, kt, vt, scale, window, dropout).unwrap();
+            let fused = super::causal_attention(qt, kt, vt, scale, window, None, dropout).unwrap();
             let reference = composed_dropped(qt, kt, vt, scale, window, dropout.as_ref());
             let case = format!("h {h}, g {g}, t {t}, kv {kv}, window {window:?}, p {p}");
             let inputs = [("q", qt), ("k", kt), ("v", vt)];
             super::super::op_test::assert_same_op(&fused, &reference, &inputs, 1e-5, &case);
         }
+    }
+
+    /// In a left-padded batch (each row's padding hidden from its tokens, a padding query
+    /// seeing only itself): the value and the gradients of q, k and v equal the composed
+    /// ops under `models::padding`'s mask with the same dropped entries. Rows without
+    /// padding, with some, padding past a block of query rows, sliding windows, queries
+    /// after cached keys (decoding: one query over a longer cache), grouped-query heads.
+    #[test]
+    fn left_padded_equals_the_composed_attention() {
+        let dev = Device::Cpu;
+        // ((h, g, t, kv), pads, window, dropout).
+        let cases: [((usize, usize, usize, usize), &[usize], Option<usize>, f32); 8] = [
+            ((4, 2, 6, 6), &[0, 2], None, 0.0),
+            ((2, 2, 5, 5), &[3, 0, 1], Some(2), 0.0),
+            ((4, 2, 1, 9), &[0, 4], None, 0.0),
+            ((3, 1, 2, 8), &[5, 1], Some(3), 0.0),
+            ((4, 2, 150, 150), &[0, 70], None, 0.0),
+            ((2, 1, 70, 100), &[80, 10], Some(40), 0.0),
+            ((4, 2, 6, 6), &[1, 3], None, 0.3),
+            ((2, 2, 130, 130), &[66, 0], Some(90), 0.4),
+        ];
+        for ((h, g, t, kv), pads, window, p) in cases {
+            let (b, d) = (pads.len(), 4);
+            let var = |shape: (usize, usize, usize, usize)| {
+                Var::from_tensor(&Tensor::randn(0f32, 1., shape, &dev).unwrap()).unwrap()
+            };
+            let (q, k, v) = (var((b, h, t, d)), var((b, g, kv, d)), var((b, g, kv, d)));
+            let scale = 1.0 / (d as f64).sqrt();
+            let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+            let dropout = (p > 0.0).then(|| super::Dropout::with_seed(p, 5));
+            let fused =
+                super::causal_attention(qt, kt, vt, scale, window, Some(pads), dropout).unwrap();
+            let values = crate::models::padding::mask_values(Some(pads), t, kv, kv - t, |q, j| {
+                window.is_none_or(|w| j + w > q)
+            });
+            let mask = Tensor::from_vec(values, (b, 1, t, kv), &dev).unwrap();
+            let reference = composed_with(qt, kt, vt, scale, &mask, keep(qt, kv, dropout.as_ref()));
+            let case =
+                format!("h {h}, g {g}, t {t}, kv {kv}, pads {pads:?}, window {window:?}, p {p}");
+            let inputs = [("q", qt), ("k", kt), ("v", vt)];
+            super::super::op_test::assert_same_op(&fused, &reference, &inputs, 1e-5, &case);
+        }
+        // Padding for another batch size is refused.
+        let q = Tensor::zeros((2, 2, 3, 4), candle_core::DType::F32, &dev).unwrap();
+        let err = super::causal_attention(&q, &q, &q, 1.0, None, Some(&[1]), None).unwrap_err();
+        assert!(
+            err.to_string().contains("padding for 1 batch elements"),
+            "{err}"
+        );
     }
 
     /// The reference for a key mask: [`composed_with`], an additive mask of f32's most
@@ -670,7 +738,8 @@ mod tests {
             let v = v_buf.as_tensor().narrow(2, 0, kv).unwrap();
             assert!(super::head_stride(k.layout()) == Some(capacity));
             let scale = 0.5;
-            let fused = super::causal_attention(q.as_tensor(), &k, &v, scale, None, None).unwrap();
+            let fused =
+                super::causal_attention(q.as_tensor(), &k, &v, scale, None, None, None).unwrap();
             let reference = composed(
                 q.as_tensor(),
                 &k.contiguous().unwrap(),

@@ -195,7 +195,7 @@ pub fn causal_attention(
     }
     if attention_op::supports(q, k, v) {
         return Ok(attention_op::causal_attention(
-            q, k, v, scale, window, None,
+            q, k, v, scale, window, None, None,
         )?);
     }
     let values = padding::mask_values(None, t, kv_len, kv_len - t, |q, j| {

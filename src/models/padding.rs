@@ -3,6 +3,8 @@
 //! from the attention mask) and attend only to their own row's tokens, so a row gives what
 //! it gives alone.
 
+use std::ops::Range;
+
 /// How the tokens of a left-padded row are numbered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum PaddedPositions {
@@ -18,11 +20,21 @@ pub(crate) enum PaddedPositions {
 /// `j` (causally, padding masked). A padding query sees only itself, so its softmax stays
 /// finite (its output is never used).
 pub(crate) fn sees(q: usize, j: usize, pad: usize) -> bool {
-    if q < pad {
-        j == q
+    seen_keys(q, pad, None).contains(&j)
+}
+
+/// The key slots the query in slot `q` of a row with `pad` padding slots sees, as
+/// [`sees`] says, and with `window` only those fewer than `window` slots back (a sliding
+/// window; a row's slots and positions differ by the same `pad`, so slots measure it as
+/// positions do). Nonempty: it holds `q`. Over a row's queries in order, the first key
+/// never decreases (a padding query's `q` is below every real query's `pad`).
+pub(crate) fn seen_keys(q: usize, pad: usize, window: Option<usize>) -> Range<usize> {
+    let first = if q < pad {
+        q
     } else {
-        j >= pad && j <= q
-    }
+        pad.max(window.map_or(0, |w| (q + 1).saturating_sub(w)))
+    };
+    first..q + 1
 }
 
 /// The position of slot `slot` in a row with `pad` padding slots (0 on the padding).
@@ -72,5 +84,40 @@ mod tests {
                     1, 0, 0,  0, 1, 0,  0, 0, 1]; // two padding slots
         assert_eq!(seen, want);
         assert_eq!((position(4, 2), position(1, 2)), (2, 0));
+    }
+
+    /// The key spans agree with the mask values, windowed or not, for padding queries and
+    /// real ones, and their first key never decreases along a row.
+    #[test]
+    fn seen_keys_are_the_masks_spans() {
+        for (pad, window) in [
+            (0, None),
+            (3, None),
+            (0, Some(2)),
+            (2, Some(3)),
+            (5, Some(1)),
+        ] {
+            let (q_len, kv) = (9, 9);
+            let m = mask_values(Some(&[pad]), q_len, kv, 0, |q, j| {
+                window.is_none_or(|w| j + w > q)
+            });
+            let mut last_first = 0;
+            for q in 0..q_len {
+                let span = seen_keys(q, pad, window);
+                for j in 0..kv {
+                    let shown = m[q * kv + j] == 0.0;
+                    assert_eq!(
+                        shown,
+                        span.contains(&j),
+                        "pad {pad}, window {window:?}, q {q}, j {j}"
+                    );
+                }
+                assert!(
+                    span.start >= last_first,
+                    "pad {pad}, window {window:?}, q {q}"
+                );
+                last_first = span.start;
+            }
+        }
     }
 }

@@ -136,8 +136,9 @@ fn gpt2_classifier_gives_transformers_and_peft_logits() {
 }
 
 /// In training mode (`SequenceClassifier::classify` with `train`) the GPT-2 classifier
-/// applies the config's dropouts (0.1 each here) on padded batches too (the composed
-/// attention path): each forward draws its own choices, and evaluation mode is `forward`.
+/// applies the config's dropouts (0.1 each here) on left-padded batches too (the fused
+/// attention op with the batch's padding): each forward draws its own choices, and
+/// evaluation mode is `forward`.
 #[test]
 fn the_gpt2_classifier_drops_in_training_mode_only() {
     let io = load(&case("gpt2").join("io.safetensors"));

@@ -90,8 +90,9 @@ impl Block {
 
     /// Multi-head self-attention of the new positions over the cached and new keys, with
     /// the additive `mask` (0 where a key is seen, -inf elsewhere), and dropout on the
-    /// probabilities when `train`. On f32 CPU tensors without padding, lorakit's fused
-    /// causal attention op with its backward (`models::attention_op`) computes the same.
+    /// probabilities when `train`. On f32 CPU tensors, lorakit's fused causal attention op
+    /// with its backward (`models::attention_op`) computes the same, left padding
+    /// included.
     fn attention(
         &self,
         x: &Tensor,
@@ -113,9 +114,10 @@ impl Block {
         let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
         let all = LayerKv::append(past, &k, &v, how)?;
         let (k, v) = (&all.keys, &all.values);
-        if !mask.padded && attention_op::supports(&q, k, v) {
+        if attention_op::supports(&q, k, v) {
             let dropout = Dropout::new(p_drop as f32);
-            let out = attention_op::causal_attention(&q, k, v, self.scale, None, dropout)?;
+            let pads = mask.pads.as_deref();
+            let out = attention_op::causal_attention(&q, k, v, self.scale, None, pads, dropout)?;
             return Ok((self.attn_proj.forward(&out)?, all.entry));
         }
         let mask = &mask.additive;

@@ -430,7 +430,7 @@ fn causal_mask(seq: usize, offset: usize, pads: Option<&[usize]>, device: &Devic
     };
     Ok(Mask {
         additive,
-        padded: pads.is_some(),
+        pads: pads.map(<[usize]>::to_vec),
     })
 }
 
@@ -438,6 +438,6 @@ fn causal_mask(seq: usize, offset: usize, pads: Option<&[usize]>, device: &Devic
 /// `(seq, keys)`, or `(batch, 1, seq, keys)` for a left-padded batch.
 pub(crate) struct Mask {
     additive: Tensor,
-    /// Whether the batch is left-padded (the fused attention op takes only causal masks).
-    padded: bool,
+    /// A left-padded batch's padding per row (what the fused attention op takes).
+    pads: Option<Vec<usize>>,
 }

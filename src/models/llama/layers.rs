@@ -6,10 +6,9 @@
 //! tensors, candle-nn's fused kernels where no gradient flows (they have no backward in
 //! candle 0.11), candle-nn's differentiable compositions elsewhere (other dtypes or
 //! devices), so adapters before a norm or a RoPE always train. The causal grouped-query
-//! attention on f32 CPU tensors without padding is always lorakit's fused op
+//! attention on f32 CPU tensors, left-padded or not, is always lorakit's fused op
 //! (`models::attention_op`), in training and over a KV cache's buffers in generation;
-//! other dtypes, devices and padded batches compose it from candle ops under this
-//! forward's masks.
+//! other dtypes and devices compose it from candle ops under this forward's masks.
 
 use candle_core::{Device, Module, Tensor};
 use candle_nn::VarBuilder;
@@ -55,7 +54,8 @@ impl RmsNorm {
 #[derive(Debug)]
 pub(crate) struct Masks {
     masks: Vec<(LayerAttention, Tensor)>,
-    padded: bool,
+    /// A left-padded batch's padding per row (what the fused attention op takes).
+    pads: Option<Vec<usize>>,
 }
 
 impl Masks {
@@ -84,7 +84,7 @@ impl Masks {
         }
         Ok(Self {
             masks,
-            padded: pads.is_some(),
+            pads: pads.map(<[usize]>::to_vec),
         })
     }
 
@@ -191,8 +191,8 @@ impl Attention {
     /// layer's mask from `masks`, then `o_proj`: `(b, t, hidden)`. Each key/value head
     /// serves `heads / kv_heads` consecutive query heads (transformers' `repeat_kv`),
     /// without copying keys and values. Scores and softmax in f32 for f16 / bf16 models
-    /// (transformers' eager attention), products in the model's dtype. On f32 CPU tensors
-    /// without padding, one fused op with its own backward (`models::attention_op`)
+    /// (transformers' eager attention), products in the model's dtype. On f32 CPU tensors,
+    /// left-padded or not, one fused op with its own backward (`models::attention_op`)
     /// computes the same, reading a KV cache's buffers in place. `train`: the config's
     /// `attention_dropout` applies to the probabilities.
     pub(crate) fn attend(
@@ -204,13 +204,14 @@ impl Attention {
         train: bool,
     ) -> Result<Tensor> {
         let p = if train { self.dropout } else { 0.0 };
-        if !masks.padded && attention_op::supports(q, k, v) {
+        if attention_op::supports(q, k, v) {
             let window = match self.kind {
                 LayerAttention::Full => None,
                 LayerAttention::Sliding { window } => Some(window),
             };
             let dropout = Dropout::new(p as f32);
-            let out = attention_op::causal_attention(q, k, v, self.scale, window, dropout)?;
+            let pads = masks.pads.as_deref();
+            let out = attention_op::causal_attention(q, k, v, self.scale, window, pads, dropout)?;
             return Ok(self.o_proj.forward(&out)?);
         }
         let out = fused::composed_attention(q, k, v, self.scale, masks.get(self.kind)?, p)?;
