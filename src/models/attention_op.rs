@@ -599,7 +599,8 @@ mod tests {
     fn left_padded_equals_the_composed_attention() {
         let dev = Device::Cpu;
         // ((h, g, t, kv), pads, window, dropout).
-        let cases: [((usize, usize, usize, usize), &[usize], Option<usize>, f32); 8] = [
+        type Heads = (usize, usize, usize, usize);
+        let cases: [(Heads, &[usize], Option<usize>, f32); 8] = [
             ((4, 2, 6, 6), &[0, 2], None, 0.0),
             ((2, 2, 5, 5), &[3, 0, 1], Some(2), 0.0),
             ((4, 2, 1, 9), &[0, 4], None, 0.0),
