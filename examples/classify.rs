@@ -12,7 +12,8 @@
 //! shards, `tokenizer.json`) whose `model_type` is `bert`, `llama`, `mistral`, `qwen2`,
 //! `qwen3` or `gpt2`: a pretrained model such as `bert-base-uncased` or a causal LM (a new
 //! head — BERT's `classifier`, the decoders' `score` — is initialised as transformers
-//! does) or a classifier. A decoder reads each example at its last token; the batches pad
+//! does, and so is BERT's pooler when the checkpoint has none, as a masked-LM save does;
+//! both train in full) or a classifier. A decoder reads each example at its last token; the batches pad
 //! with the config's `pad_token_id`, or the tokenizer's padding token when the config
 //! names none. The JSONL holds
 //! `{"text": ..., "label": <class index>}` rows (or a class name, with `--labels
@@ -121,7 +122,8 @@ fn run(args: Args) -> lorakit::Result<()> {
         .unwrap_or_else(|| format!("{DEMO}/train.jsonl").into());
 
     let dev = Device::Cpu;
-    let head = AutoSequenceClassifier::head_name(&model_dir)?;
+    // The new head, and BERT's pooler when the checkpoint has none (a masked-LM save).
+    let trained_in_full = AutoSequenceClassifier::modules_to_save(&model_dir)?;
     let tokenizer = TextTokenizer::from_dir(&tokenizer_dir)?;
     let mut labels = ClassifierConfig::from_file(model_dir.join("config.json"))?;
     if let Some(n) = args.num_labels {
@@ -147,7 +149,12 @@ fn run(args: Args) -> lorakit::Result<()> {
         .unwrap_or_else(|| default_targets(&model_type));
     let targets: Vec<&str> = targets.split(',').map(str::trim).collect();
     let mut recipe = AdapterRecipe::new(variant, args.rank, 2.0 * args.rank as f64, &targets);
-    recipe.modules_to_save = vec![head.into()];
+    if trained_in_full.len() > 1 {
+        println!(
+            "the checkpoint has no pooler: training it with the head (modules_to_save {trained_in_full:?})"
+        );
+    }
+    recipe.modules_to_save = trained_in_full;
     recipe.seed = args.seed;
     let vars = VarMap::new();
     let vb = VarBuilder::from_varmap(&vars, DType::F32, &dev);

@@ -198,10 +198,9 @@ def is_norm(name):
     return "norm" in mod.lower() or mod.startswith("ln_")
 
 
-def build_base(case):
-    model_cls, config, _, seed = CASES[case]
-    torch.manual_seed(seed)
-    model = model_cls(config())
+def redraw(model):
+    """Every parameter redrawn from the torch generator, in order: biases 0.1 * normal,
+    norm weights 1 + 0.1 * normal, the rest 0.2 * normal."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(".bias"):
@@ -210,6 +209,13 @@ def build_base(case):
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
             else:
                 p.copy_(0.2 * torch.randn_like(p))
+
+
+def build_base(case):
+    model_cls, config, _, seed = CASES[case]
+    torch.manual_seed(seed)
+    model = model_cls(config())
+    redraw(model)
     set_name(model, case)
     return model.eval()
 

@@ -5,11 +5,12 @@ use std::path::Path;
 
 use candle_core::{DType, Device};
 
+use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::model::AdapterPlan;
 
 use super::auto::AutoCausalLm;
-use super::bert::{BertConfig, BertForSequenceClassification};
+use super::bert::{BertConfig, BertForSequenceClassification, POOLER};
 use super::classification::ClassifierConfig;
 use super::gpt2::Gpt2ForSequenceClassification;
 use super::llama::{LlamaFamily, LlamaForSequenceClassification};
@@ -90,6 +91,35 @@ impl AutoSequenceClassifier {
             Kind::Bert => "classifier",
             Kind::Llama | Kind::Gpt2 => "score",
         })
+    }
+
+    /// The modules a fresh plan should train in full on the folder's checkpoint (PEFT's
+    /// `modules_to_save`): the head ([`head_name`](Self::head_name)), and BERT's `pooler`
+    /// when the checkpoint has none (a `BertForMaskedLM` save; without it the classifier
+    /// is an error naming the pooler, see [`BertForSequenceClassification::load`]).
+    ///
+    /// ```
+    /// use lorakit::models::AutoSequenceClassifier;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let encoder = "tests/fixtures/peft_options/bert_cls/base";
+    /// assert_eq!(AutoSequenceClassifier::modules_to_save(encoder)?, ["classifier"]);
+    /// let masked_lm = "tests/fixtures/bert_no_pooler/base";
+    /// assert_eq!(AutoSequenceClassifier::modules_to_save(masked_lm)?, ["classifier", "pooler"]);
+    /// # Ok(()) }
+    /// ```
+    pub fn modules_to_save(dir: impl AsRef<Path>) -> Result<Vec<String>> {
+        let dir = dir.as_ref();
+        let mut modules = vec![Self::head_name(dir)?.to_string()];
+        if Kind::of(dir)? == Kind::Bert {
+            let checkpoint = Checkpoint::open(dir)?;
+            let has_pooler = [POOLER, "pooler.dense"]
+                .iter()
+                .any(|path| checkpoint.contains(&format!("{path}.weight")));
+            if !has_pooler {
+                modules.push("pooler".to_string());
+            }
+        }
+        Ok(modules)
     }
 
     /// The `(in, out)` shapes of the folder's linear layers (what VeRA's shared projections

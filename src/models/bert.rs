@@ -23,10 +23,13 @@ use serde::Deserialize;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
+use crate::frozen::BaseKind;
 use crate::model::{embedding, linear, AdapterPlan, Embedding, Linear};
 use crate::models::base_prefix::with_base_prefix;
 pub use crate::models::classification::ProblemType;
-use crate::models::classification::{classification_loss, head_or_new, ClassifierConfig};
+use crate::models::classification::{
+    classification_loss, head_or_new, new_linear, ClassifierConfig,
+};
 use crate::models::fused;
 use crate::models::ops::{dropout_t, LayerNorm};
 
@@ -386,6 +389,32 @@ fn classifier_head(config: &BertConfig, vb: &VarBuilder, plan: &AdapterPlan) -> 
     )
 }
 
+/// The pooler's path, as transformers names it.
+pub(crate) const POOLER: &str = "bert.pooler.dense";
+
+/// The pooler of a checkpoint that has none (saved from `BertForMaskedLM`, or as a
+/// `BertModel` without its pooling layer): a new one, as transformers initialises it,
+/// when `plan` trains it (`pooler` in `modules_to_save`; a loaded adapter's trained copy
+/// replaces it); otherwise an error. transformers would go on with a random pooler, which a
+/// PEFT adapter does not save unless it trains it, so every load would classify
+/// differently.
+fn new_pooler(config: &BertConfig, vb: &VarBuilder, plan: &AdapterPlan) -> Result<Linear> {
+    if !plan.touches(POOLER, BaseKind::Linear) {
+        return Err(Error::layer_config(
+            POOLER,
+            "modules_to_save",
+            "the checkpoint has no pooler (`bert.pooler.dense.weight`; a BertForMaskedLM \
+             save, or a BertModel without its pooling layer): transformers would classify \
+             through a random pooler that a PEFT adapter does not save, so no two loads \
+             would agree. Train it with the head: modules_to_save [\"classifier\", \
+             \"pooler\"] (AutoSequenceClassifier::modules_to_save lists what a checkpoint \
+             needs)",
+        ));
+    }
+    let h = config.hidden_size;
+    new_linear(POOLER, (h, h, true), config.initializer_range, vb, plan)
+}
+
 #[derive(Clone, Debug)]
 struct BertEmbeddings {
     word: Embedding,
@@ -609,7 +638,14 @@ impl BertForSequenceClassification {
     /// `N(0, initializer_range²)`, bias 0, drawn from a fixed seed — when `plan` trains or
     /// replaces the head (`classifier` in `modules_to_save`, as PEFT's `SEQ_CLS` task
     /// sets); otherwise the missing tensor is an error, where transformers would go on with
-    /// a random head and a warning.
+    /// a random head and a warning. A checkpoint without a pooler (`bert.pooler.dense`:
+    /// saved from `BertForMaskedLM`) gets a new pooler the same way when `plan` trains it
+    /// (`pooler` in `modules_to_save`; [`AutoSequenceClassifier::modules_to_save`] lists
+    /// what a checkpoint needs), and is an error naming it otherwise: PEFT saves the
+    /// random pooler transformers draws only when it trains it, so an adapter that did not
+    /// would classify differently on every load.
+    ///
+    /// [`AutoSequenceClassifier::modules_to_save`]: crate::models::AutoSequenceClassifier::modules_to_save
     pub fn load(config: &BertConfig, vb: VarBuilder, plan: &AdapterPlan) -> Result<Self> {
         config.validate()?;
         let device = vb.device().clone();
@@ -620,7 +656,10 @@ impl BertForSequenceClassification {
             .map(|i| BertLayer::load(config, bert.pp(format!("encoder.layer.{i}")), plan))
             .collect::<Result<Vec<_>>>()?;
         let h = config.hidden_size;
-        let pooler = linear(h, h, bert.pp("pooler.dense"), plan)?;
+        let pooler = match bert.contains_tensor("pooler.dense.weight") {
+            true => linear(h, h, bert.pp("pooler.dense"), plan)?,
+            false => new_pooler(config, &vb, plan)?,
+        };
         let classifier = classifier_head(config, &vb, plan)?;
         Ok(Self {
             config: config.clone(),

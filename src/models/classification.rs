@@ -327,7 +327,7 @@ pub fn classification_loss(
     }
 }
 
-/// The seed of a new classifier head's initialisation.
+/// The seed of a new classifier head's (or pooler's) initialisation.
 const NEW_HEAD_SEED: u64 = 0;
 
 /// The classification head `name` (`hidden → labels.num_labels`, with a bias or not) at
@@ -369,17 +369,33 @@ pub(crate) fn head_or_new(
     if !replace {
         return linear_b(hidden, n, bias, vb.pp(name), plan);
     }
+    let shape = (hidden, n, bias);
+    new_linear(name, shape, labels.initializer_range, vb, plan)
+}
+
+/// A linear layer `name` (`(in, out, bias)`) that the checkpoint behind `vb` does not hold,
+/// initialised as transformers initialises a missing one — weights from
+/// `N(0, initializer_range²)`, bias 0, drawn from a fixed seed per name — and built
+/// through `plan` (which trains it, or replaces it with a loaded adapter's copy).
+pub(crate) fn new_linear(
+    name: &str,
+    (inputs, outputs, bias): (usize, usize, bool),
+    initializer_range: f64,
+    vb: &VarBuilder,
+    plan: &AdapterPlan,
+) -> Result<Linear> {
     let (dtype, device) = (vb.dtype(), vb.device());
     let mut rng = SeededRng::for_layer(NEW_HEAD_SEED, name);
-    let mut head = HashMap::from([(
-        weight,
-        rng.normal((n, hidden), 0.0, labels.initializer_range, dtype, device)?,
-    )]);
+    let weight = rng.normal((outputs, inputs), 0.0, initializer_range, dtype, device)?;
+    let mut tensors = HashMap::from([(format!("{name}.weight"), weight)]);
     if bias {
-        head.insert(format!("{name}.bias"), Tensor::zeros(n, dtype, device)?);
+        tensors.insert(
+            format!("{name}.bias"),
+            Tensor::zeros(outputs, dtype, device)?,
+        );
     }
-    let fresh = VarBuilder::from_tensors(head, dtype, device);
-    linear_b(hidden, n, bias, fresh.pp(name), plan)
+    let fresh = VarBuilder::from_tensors(tensors, dtype, device);
+    linear_b(inputs, outputs, bias, fresh.pp(name), plan)
 }
 
 /// For each row of `ids` `(batch, seq)`, the slot of its last token that is not

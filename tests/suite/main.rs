@@ -44,6 +44,7 @@ mod lora_fa_projection;
 mod lora_plus;
 mod merged_head;
 mod models_bert;
+mod models_bert_pooler;
 mod models_decoder_cls;
 mod models_dropout;
 mod models_gpt2;
