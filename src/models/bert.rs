@@ -395,11 +395,18 @@ pub(crate) const POOLER: &str = "bert.pooler.dense";
 /// The pooler of a checkpoint that has none (saved from `BertForMaskedLM`, or as a
 /// `BertModel` without its pooling layer): a new one, as transformers initialises it,
 /// when `plan` trains it (`pooler` in `modules_to_save`; a loaded adapter's trained copy
-/// replaces it); otherwise an error. transformers would go on with a random pooler, which a
+/// replaces it); otherwise whatever `vb` makes of it (a `VarMap` creates it), or an error
+/// where it has none. transformers would go on with a random pooler, which a
 /// PEFT adapter does not save unless it trains it, so every load would classify
 /// differently.
 fn new_pooler(config: &BertConfig, vb: &VarBuilder, plan: &AdapterPlan) -> Result<Linear> {
+    let h = config.hidden_size;
     if !plan.touches(POOLER, BaseKind::Linear) {
+        // A builder that makes what it is asked for (a `VarMap`'s: a model built from
+        // scratch) gives it; a checkpoint's has none.
+        if let Ok(pooler) = linear(h, h, vb.pp(POOLER), plan) {
+            return Ok(pooler);
+        }
         return Err(Error::layer_config(
             POOLER,
             "modules_to_save",
@@ -411,7 +418,6 @@ fn new_pooler(config: &BertConfig, vb: &VarBuilder, plan: &AdapterPlan) -> Resul
              needs)",
         ));
     }
-    let h = config.hidden_size;
     new_linear(POOLER, (h, h, true), config.initializer_range, vb, plan)
 }
 
