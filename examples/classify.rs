@@ -13,9 +13,9 @@
 //! `qwen3` or `gpt2`: a pretrained model such as `bert-base-uncased` or a causal LM (a new
 //! head — BERT's `classifier`, the decoders' `score` — is initialised as transformers
 //! does, and so is BERT's pooler when the checkpoint has none, as a masked-LM save does;
-//! both train in full) or a classifier. A decoder reads each example at its last token; the batches pad
-//! with the config's `pad_token_id`, or the tokenizer's padding token when the config
-//! names none. The JSONL holds
+//! both train in full) or a classifier. A decoder reads each example at its last token;
+//! the batches pad with the config's `pad_token_id`, or the tokenizer's padding token
+//! when the config names none. The JSONL holds
 //! `{"text": ..., "label": <class index>}` rows (or a class name, with `--labels
 //! negative,positive` when the config names no classes; `text_pair` for sentence pairs; see
 //! `lorakit::finetune::labeled`). With no arguments it trains on the tiny encoder,

@@ -2,8 +2,9 @@
 //!
 //! The query rows of each head are taken in blocks of [`BLOCK_ROWS`]. Under a causal mask
 //! a block's queries see the keys from its first query's window start (or its row's first
-//! token, in a left-padded batch) to its last query's position; under a key mask ([`Seen::Keys`]) every query of a batch element sees keys
-//! up to that element's last unmasked one (a right-padded batch skips its padding). Every
+//! token, in a left-padded batch) to its last query's position; under a key mask
+//! ([`Seen::Keys`]) every query of a batch element sees keys up to that element's last
+//! unmasked one (a right-padded batch skips its padding). Every
 //! product of a block runs over that key span only: `q kᵀ` and `P v` in the forward,
 //! `Pᵀ dO`, `dO vᵀ`, `dS k` and `dSᵀ q` in the backward. Masked entries the span still
 //! holds are zero in `P` and so in `dS`. At sequence 256 this does 62.5% of the full
