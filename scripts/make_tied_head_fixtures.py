@@ -29,6 +29,11 @@ Cases (f32; every trainable parameter gets 0.1 * normal added so none is zero):
     llama_head_copy  the llama base, one file
                  adapter: LoRA r=4 alpha=8 on q_proj, lm_head trained in full
                  (modules_to_save: PEFT's copy of the tied head)
+    llama_tying_regex  the llama base, one file
+                 adapter: LoRA r=4 alpha=8, target_modules the regex
+                 `.*\.(q_proj|v_proj)|.*embed_tokens`, ensure_weight_tying (PEFT saves
+                 the regex with `|^model\.embed_tokens$` added, and the head's factors
+                 under lm_head as for llama_tying)
 
 README.md, and for each CASE:
     CASE/base/            save_pretrained of the base model
@@ -88,6 +93,9 @@ CASES = {
                                     ensure_weight_tying=True)),
     "llama_head_copy": (llama, {}, dict(r=4, lora_alpha=8, target_modules=["q_proj"],
                                         modules_to_save=["lm_head"])),
+    "llama_tying_regex": (llama, {}, dict(r=4, lora_alpha=8,
+                                          target_modules=r".*\.(q_proj|v_proj)|.*embed_tokens",
+                                          ensure_weight_tying=True)),
 }
 
 
@@ -135,8 +143,8 @@ README = """# Tied-head fixtures
 
 PEFT adapters on the output head (`lm_head`) of checkpoints whose head is tied to the
 input embedding — a sharded Llama (LoRA), a GPT-2 (DoRA), a Llama with a LoRA on the
-embedding and the head under `ensure_weight_tying`, and a Llama whose head the adapter
-trains in full (`modules_to_save`) — with PEFT's unmerged logits on one row
+embedding and the head under `ensure_weight_tying` (with a list and with a regex
+`target_modules`), and a Llama whose head the adapter trains in full (`modules_to_save`) — with PEFT's unmerged logits on one row
 (`io.safetensors`) and what PEFT's own merge wrote (`peft_merge.json`: for an adapter on the
 head it changes the shared table and keeps the head tied, so its merged model's logits
 differ from the adapter's; a trained copy it writes untied, and right).

@@ -19,7 +19,7 @@ use serde_json::Value;
 
 use crate::checkpoint::convert::is_convertible_float;
 use crate::checkpoint::{Checkpoint, StoredTensor};
-use crate::model::ModuleSelector;
+use crate::model::{FullRegex, ModuleSelector};
 use crate::peft::config::PeftConfig;
 
 /// The module names of an output head that transformers ties to the input embedding.
@@ -153,10 +153,12 @@ pub(crate) fn untie_by_hand_warning(untied: &UntiedHead) -> String {
 /// to it, with the embedding's factors (transposed, so the head's change is the
 /// embedding's). PEFT takes the head out of the saved `target_modules` (it adapts it as the
 /// embedding's partner) but stores its factors under the head's own name
-/// (`lm_head.lora_A.weight` …). Adds each such head the file stores to a listed
-/// `target_modules`, so that it applies as PEFT applies it; the file's `target_modules`
-/// is written back as it was read. A regex or `all-linear` selector is left as it is.
-/// `low_rank_paths`: the module paths the file stores a `lora_A` for.
+/// (`lm_head.lora_A.weight` …). Adds each such head the file stores to the selector, so
+/// that it applies as PEFT applies it: to a listed `target_modules` as a name, to a regex
+/// one (which PEFT saves with the embedding's path added to it) as one more alternative;
+/// the file's `target_modules` is written back as it was read. `all-linear` never reaches
+/// a saved config (PEFT saves the layers it stands for). `low_rank_paths`: the module paths
+/// the file stores a `lora_A` for.
 pub(crate) fn target_tied_heads<'a>(
     config: &mut PeftConfig,
     low_rank_paths: impl Iterator<Item = &'a str>,
@@ -165,16 +167,28 @@ pub(crate) fn target_tied_heads<'a>(
         .raw
         .get("ensure_weight_tying")
         .and_then(Value::as_bool);
-    let ModuleSelector::List(names) = &mut config.targets.target else {
-        return;
-    };
     if ties != Some(true) {
         return;
     }
-    for head in low_rank_paths.filter(|path| is_output_head(path)) {
-        let listed = ModuleSelector::List(names.clone()).matches(head);
-        if !listed {
-            names.push(head.to_string());
+    let selector = &mut config.targets.target;
+    let heads: Vec<String> = low_rank_paths
+        .filter(|path| is_output_head(path) && !selector.matches(path))
+        .map(str::to_string)
+        .collect();
+    if heads.is_empty() {
+        return;
+    }
+    match selector {
+        ModuleSelector::List(names) => names.extend(heads),
+        ModuleSelector::Regex(pattern) => {
+            let alternatives = std::iter::once(format!("(?:{})", pattern.as_str()))
+                .chain(heads.iter().map(|head| regex::escape(head)));
+            let wider = alternatives.collect::<Vec<_>>().join("|");
+            // The file's pattern compiled; with escaped names added it still does.
+            if let Ok(wider) = FullRegex::new(&wider, "target_modules") {
+                *pattern = wider;
+            }
         }
+        ModuleSelector::AllLinear => {}
     }
 }
