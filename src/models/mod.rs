@@ -36,6 +36,7 @@ mod base_prefix;
 mod batch_generation;
 pub mod bert;
 mod causal_lm;
+mod causal_mask;
 pub mod classification;
 mod cpu_op;
 mod cross_entropy;

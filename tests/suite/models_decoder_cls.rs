@@ -161,6 +161,33 @@ fn the_gpt2_classifier_drops_in_training_mode_only() {
     assert!(rel_err(&a, &eval) > 1e-3 && rel_err(&b, &a) > 1e-3);
 }
 
+/// In f64 a left-padded batch takes the composed attention (candle ops under the additive
+/// mask of `models::causal_mask`; the fused op is f32): it gives transformers' logits too,
+/// for the Llama family and GPT-2.
+#[test]
+fn the_composed_path_masks_left_padding_as_transformers_does() {
+    let dev = Device::Cpu;
+    let none = AdapterPlan::none();
+    for name in ["llama", "qwen2", "gpt2"] {
+        let io = load(&case(name).join("io.safetensors"));
+        let (ids, mask) = (&io["input_ids"], &io["attention_mask"]);
+        let base = case(name).join("base");
+        let classifier: Box<dyn SequenceClassifier> = match name {
+            "gpt2" => Box::new(
+                Gpt2ForSequenceClassification::from_pretrained(&base, DType::F64, &dev, &none)
+                    .unwrap(),
+            ),
+            _ => Box::new(
+                LlamaForSequenceClassification::from_pretrained(&base, DType::F64, &dev, &none)
+                    .unwrap(),
+            ),
+        };
+        let logits = classifier.classify(ids, None, Some(mask), false).unwrap();
+        let logits = logits.to_dtype(DType::F32).unwrap();
+        check(&logits, &io["base_logits"], TOL, &format!("{name} f64"));
+    }
+}
+
 #[test]
 fn each_row_is_read_at_its_last_token_whatever_the_padding() {
     let model = llama("llama", &peft_plan(&case("llama").join("lora")));

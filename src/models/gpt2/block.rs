@@ -12,7 +12,7 @@ use crate::models::kv_buffer::{Appending, LayerKv};
 use crate::models::ops::{dropout_t, softmax_last, LayerNorm};
 
 use super::config::{Activation, Gpt2Config};
-use super::Mask;
+use crate::models::causal_mask::CausalMask;
 
 /// One transformer block (`transformer.h.N`).
 #[derive(Clone, Debug)]
@@ -76,7 +76,7 @@ impl Block {
     pub(super) fn forward(
         &self,
         x: &Tensor,
-        mask: &Mask,
+        mask: &CausalMask,
         past: Option<&LayerKv>,
         how: Appending,
         train: bool,
@@ -96,7 +96,7 @@ impl Block {
     fn attention(
         &self,
         x: &Tensor,
-        mask: &Mask,
+        mask: &CausalMask,
         past: Option<&LayerKv>,
         how: Appending,
         train: bool,
@@ -116,11 +116,11 @@ impl Block {
         let (k, v) = (&all.keys, &all.values);
         if attention_op::supports(&q, k, v) {
             let dropout = Dropout::new(p_drop as f32);
-            let pads = mask.pads.as_deref();
+            let pads = mask.pads();
             let out = attention_op::causal_attention(&q, k, v, self.scale, None, pads, dropout)?;
             return Ok((self.attn_proj.forward(&out)?, all.entry));
         }
-        let mask = &mask.additive;
+        let mask = mask.additive()?;
         let (qs, ks) = if self.upcast {
             (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
         } else {

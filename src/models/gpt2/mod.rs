@@ -46,10 +46,11 @@ use crate::frozen::{BaseKind, FrozenLinear};
 use crate::kernels::FusedLinear;
 use crate::model::{linear_no_bias, AdapterPlan, Linear};
 use crate::models::base_prefix::with_base_prefix;
+use crate::models::causal_mask::CausalMask;
 use crate::models::decoder_trunk::{DecoderTrunk, Pass};
 use crate::models::kv_buffer::LayerKv;
 use crate::models::lm_loss::{causal_lm_loss_sum, frozen_head_loss_sum, linear_head_loss_sum};
-use crate::models::padding::{mask_values, PaddedPositions};
+use crate::models::padding::PaddedPositions;
 
 /// The KV cache of [`Gpt2LmHeadModel::forward_cached`] (the Llama models' type: per layer,
 /// the keys and values of the positions seen so far).
@@ -418,26 +419,10 @@ impl Gpt2LmHeadModel {
         })
     }
 }
-/// `(seq, offset + seq)` f32 for queries at positions `offset..offset + seq` over keys at
-/// `0..offset + seq`: 0 where a query may attend (itself and earlier), -inf elsewhere;
-/// `(batch, 1, seq, offset + seq)` for a left-padded batch (`models::padding`).
-fn causal_mask(seq: usize, offset: usize, pads: Option<&[usize]>, device: &Device) -> Result<Mask> {
-    let keys = offset.saturating_add(seq);
-    let data = mask_values(pads, seq, keys, offset, |_, _| true);
-    let additive = match pads {
-        Some(p) => Tensor::from_vec(data, (p.len(), 1, seq, keys), device)?,
-        None => Tensor::from_vec(data, (seq, keys), device)?,
-    };
-    Ok(Mask {
-        additive,
-        pads: pads.map(<[usize]>::to_vec),
-    })
-}
-
-/// The attention mask of one forward: additive (0 where a key is seen, −∞ elsewhere),
-/// `(seq, keys)`, or `(batch, 1, seq, keys)` for a left-padded batch.
-pub(crate) struct Mask {
-    additive: Tensor,
-    /// A left-padded batch's padding per row (what the fused attention op takes).
-    pads: Option<Vec<usize>>,
+/// The causal mask of `seq` queries at positions `offset..` over the keys at
+/// `0..offset + seq` (`models::causal_mask`; a left-padded batch's additive mask is
+/// `(batch, 1, seq, offset + seq)`).
+fn causal_mask(seq: usize, offset: usize, pads: Option<&[usize]>, device: &Device) -> CausalMask {
+    let sizes = (seq, offset.saturating_add(seq), offset);
+    CausalMask::new(sizes, None, pads, 1, device)
 }

@@ -99,7 +99,7 @@ impl Gpt2Trunk {
             .forward(input_ids)?
             .broadcast_add(&self.wpe.forward(&positions)?)?;
         let mut x = dropout_t(embedded, self.config.embd_pdrop, train)?;
-        let mask = causal_mask(seq, offset, pads, &self.device)?;
+        let mask = causal_mask(seq, offset, pads, &self.device);
         let how = Appending {
             len: offset,
             limit: self.config.n_positions,

@@ -16,8 +16,8 @@ use candle_nn::VarBuilder;
 use crate::error::{Error, Result, Scope};
 use crate::kernels::dropout::Dropout;
 use crate::model::{linear_b, AdapterPlan, Linear};
+use crate::models::causal_mask::CausalMask;
 use crate::models::kv_buffer::{Appending, LayerKv};
-use crate::models::padding;
 use crate::models::{attention_op, fused};
 
 use super::config::{LayerAttention, LlamaConfig};
@@ -46,16 +46,13 @@ impl RmsNorm {
     }
 }
 
-/// The additive attention masks of one forward (0 where a key is seen, −∞ elsewhere),
-/// `(q_len, kv_len)` f32 (`(batch, 1, 1, q_len, kv_len)` for a left-padded batch, see
-/// `models::padding`), one per distinct [`LayerAttention`] of the model. Queries sit in
-/// slots `offset..offset + q_len`, keys in `0..kv_len` (a KV cache would hold the first
-/// `offset`).
+/// The attention masks of one forward, one per distinct [`LayerAttention`] of the model
+/// (`models::causal_mask`; a left-padded batch's additive mask is
+/// `(batch, 1, 1, q_len, kv_len)`). Queries sit in slots `offset..offset + q_len`, keys in
+/// `0..kv_len` (a KV cache would hold the first `offset`).
 #[derive(Debug)]
 pub(crate) struct Masks {
-    masks: Vec<(LayerAttention, Tensor)>,
-    /// A left-padded batch's padding per row (what the fused attention op takes).
-    pads: Option<Vec<usize>>,
+    masks: Vec<(LayerAttention, CausalMask)>,
 }
 
 impl Masks {
@@ -66,29 +63,23 @@ impl Masks {
         offset: usize,
         pads: Option<&[usize]>,
         device: &Device,
-    ) -> Result<Self> {
-        let mut masks: Vec<(LayerAttention, Tensor)> = Vec::new();
+    ) -> Self {
+        let mut masks: Vec<(LayerAttention, CausalMask)> = Vec::new();
         for &kind in kinds {
             if masks.iter().any(|(k, _)| *k == kind) {
                 continue;
             }
-            let values = padding::mask_values(pads, q_len, kv_len, offset, |q, j| match kind {
-                LayerAttention::Full => true,
-                LayerAttention::Sliding { window } => j + window > q,
-            });
-            let mask = match pads {
-                Some(p) => Tensor::from_vec(values, (p.len(), 1, 1, q_len, kv_len), &Device::Cpu)?,
-                None => Tensor::from_vec(values, (q_len, kv_len), &Device::Cpu)?,
+            let window = match kind {
+                LayerAttention::Full => None,
+                LayerAttention::Sliding { window } => Some(window),
             };
-            masks.push((kind, mask.to_device(device)?));
+            let sizes = (q_len, kv_len, offset);
+            masks.push((kind, CausalMask::new(sizes, window, pads, 2, device)));
         }
-        Ok(Self {
-            masks,
-            pads: pads.map(<[usize]>::to_vec),
-        })
+        Self { masks }
     }
 
-    fn get(&self, kind: LayerAttention) -> Result<&Tensor> {
+    fn get(&self, kind: LayerAttention) -> Result<&CausalMask> {
         self.masks
             .iter()
             .find(|(k, _)| *k == kind)
@@ -204,17 +195,14 @@ impl Attention {
         train: bool,
     ) -> Result<Tensor> {
         let p = if train { self.dropout } else { 0.0 };
+        let mask = masks.get(self.kind)?;
         if attention_op::supports(q, k, v) {
-            let window = match self.kind {
-                LayerAttention::Full => None,
-                LayerAttention::Sliding { window } => Some(window),
-            };
+            let (window, pads) = (mask.window(), mask.pads());
             let dropout = Dropout::new(p as f32);
-            let pads = masks.pads.as_deref();
             let out = attention_op::causal_attention(q, k, v, self.scale, window, pads, dropout)?;
             return Ok(self.o_proj.forward(&out)?);
         }
-        let out = fused::composed_attention(q, k, v, self.scale, masks.get(self.kind)?, p)?;
+        let out = fused::composed_attention(q, k, v, self.scale, mask.additive()?, p)?;
         Ok(self.o_proj.forward(&out)?)
     }
 

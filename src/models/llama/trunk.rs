@@ -99,7 +99,7 @@ impl LlamaTrunk {
             offset,
             pads,
             &self.device,
-        )?;
+        );
         let how = Appending {
             len: offset,
             limit: self.config.max_position_embeddings,
