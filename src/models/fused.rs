@@ -21,10 +21,10 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::kernels::dropout::Dropout;
+use crate::models::causal_mask::CausalMask;
 use crate::models::ops::softmax_last;
 use crate::models::{
-    attention_op, gelu, layer_norm as layer_norm_op, padding, rms_norm as rms_norm_op, rope_op,
-    swiglu,
+    attention_op, gelu, layer_norm as layer_norm_op, rms_norm as rms_norm_op, rope_op, swiglu,
 };
 
 /// `weight ⊙ x / sqrt(mean(x²) + eps)` over the last dimension of `x` (transformers'
@@ -184,25 +184,77 @@ pub fn causal_attention(
     scale: f64,
     window: Option<usize>,
 ) -> Result<Tensor> {
-    const OP: &str = "fused::causal_attention";
-    let seq = q.dims().get(2).copied().unwrap_or(0);
-    let (_, t, kv_len) = grouped_dims(OP, q, k, v, seq)?;
-    if window == Some(0) {
+    causal_attention_over("fused::causal_attention", [q, k, v], scale, (window, None))
+}
+
+/// [`causal_attention`] over a left-padded batch: row `b` holds `pads[b]` padding slots,
+/// then its tokens (batched generation's layout). A token sees its row's tokens at or
+/// before it (and within `window`), never the padding; a padding slot sees only itself, so
+/// its output is finite (and meaningless). Slots, not positions, are what the mask and the
+/// window count; the caller numbers each row's positions for its rotary or learned
+/// embeddings. One fused op with its backward for f32 CPU tensors, as [`causal_attention`].
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use lorakit::models::fused::padded_causal_attention;
+///
+/// let dev = Device::Cpu;
+/// // Two rows of two slots, one head of size 1; the second row's first slot is padding.
+/// let q = Tensor::ones((2, 1, 2, 1), candle_core::DType::F32, &dev)?;
+/// let v = Tensor::new(&[10f32, 20.0, 99.0, 30.0], &dev)?.reshape((2, 1, 2, 1))?;
+/// let out = padded_causal_attention(&q, &q, &v, 1.0, None, &[0, 1])?;
+/// let out = out.flatten_all()?.to_vec1::<f32>()?;
+/// assert!((out[1] - 15.0).abs() < 1e-5); // the first row's second token sees both
+/// assert!((out[3] - 30.0).abs() < 1e-5); // the second row's token does not see the 99
+/// assert!(padded_causal_attention(&q, &q, &v, 1.0, None, &[0]).is_err()); // one pad per row
+/// # Ok::<(), lorakit::Error>(())
+/// ```
+pub fn padded_causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    window: Option<usize>,
+    pads: &[usize],
+) -> Result<Tensor> {
+    const OP: &str = "fused::padded_causal_attention";
+    let batch = q.dims().first().copied().unwrap_or(0);
+    if pads.len() != batch {
         return Err(Error::usage(
             crate::error::Scope::Settings(OP.to_string()),
+            format!(
+                "pads has {} entries for a batch of {batch}: give one per row",
+                pads.len()
+            ),
+        ));
+    }
+    causal_attention_over(OP, [q, k, v], scale, (window, Some(pads)))
+}
+
+/// [`causal_attention`] and [`padded_causal_attention`] after the latter's check; `op`
+/// names the caller in errors.
+fn causal_attention_over(
+    op: &'static str,
+    [q, k, v]: [&Tensor; 3],
+    scale: f64,
+    (window, pads): (Option<usize>, Option<&[usize]>),
+) -> Result<Tensor> {
+    let seq = q.dims().get(2).copied().unwrap_or(0);
+    let (_, t, kv_len) = grouped_dims(op, q, k, v, seq)?;
+    if window == Some(0) {
+        return Err(Error::usage(
+            crate::error::Scope::Settings(op.to_string()),
             "window 0 would hide every key: give a window of at least 1 position, or None",
         ));
     }
     if attention_op::supports(q, k, v) {
         return Ok(attention_op::causal_attention(
-            q, k, v, scale, window, None, None,
+            q, k, v, scale, window, pads, None,
         )?);
     }
-    let values = padding::mask_values(None, t, kv_len, kv_len - t, |q, j| {
-        window.is_none_or(|w| j + w > q)
-    });
-    let mask = Tensor::from_vec(values, (t, kv_len), &Device::Cpu)?.to_device(q.device())?;
-    composed_attention(q, k, v, scale, &mask, 0.0)
+    // The composed ops add the mask to scores `(batch, kv_heads, group, seq, kv_len)`.
+    let mask = CausalMask::new((t, kv_len, kv_len - t), window, pads, 2, q.device());
+    composed_attention(q, k, v, scale, mask.additive()?, 0.0)
 }
 
 /// `softmax(scale · q kᵀ + mask) v` for queries `q` `(batch, heads, seq, head_dim)` and

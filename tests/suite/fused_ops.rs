@@ -6,8 +6,8 @@
 
 use candle_core::{DType, Tensor, Var};
 use lorakit::models::fused::{
-    bidirectional_attention, causal_attention, gelu_erf, gelu_tanh, layer_norm, rms_norm,
-    rope_heads, silu_mul,
+    bidirectional_attention, causal_attention, gelu_erf, gelu_tanh, layer_norm,
+    padded_causal_attention, rms_norm, rope_heads, silu_mul,
 };
 use lorakit::Error;
 
@@ -217,6 +217,47 @@ fn attention_vars(seed: u64, dims: [usize; 6]) -> [(Var, Var); 3] {
         vars(seed + 1, &[b, g, kv, d]),
         vars(seed + 2, &[b, g, kv, d]),
     ]
+}
+
+/// Left-padded rows: the fused f32 op and the composed f64 ops give the by-hand reference
+/// (a token sees its row's tokens, a padding slot only itself) and the same gradients, for
+/// a whole sequence (padding queries included) and queries after cached keys; a pad count
+/// per row is required.
+#[test]
+fn padded_causal_attention_paths_match_f64() {
+    let pads = [0, 2];
+    for (t, kv, seed) in [(5, 5, 11), (2, 6, 12)] {
+        let (b, h, g, d) = (2, 4, 2, 8);
+        let [(q32, q64), (k32, k64), (v32, v64)] = attention_vars(seed, [b, h, g, t, kv, d]);
+        let scale = 1.0 / (d as f64).sqrt();
+        for window in [None, Some(2)] {
+            let run = |q: &Var, k: &Var, v: &Var| {
+                let (q, k, v) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+                padded_causal_attention(q, k, v, scale, window, &pads).unwrap()
+            };
+            let (y32, y64) = (run(&q32, &k32, &v32), run(&q64, &k64, &v64));
+            let want = attention_reference(
+                q64.as_tensor(),
+                k64.as_tensor(),
+                v64.as_tensor(),
+                scale,
+                |bi, pos, j| match pads[bi] {
+                    pad if pos < pad => j == pos,
+                    pad => j >= pad && j <= pos && window.is_none_or(|w| j + w > pos),
+                },
+            );
+            let case = format!("t {t}, kv {kv}, window {window:?}");
+            assert!(max_rel_vec(&flat(&y32), &want) < 1e-5, "{case}: fused");
+            assert!(max_rel_vec(&flat(&y64), &want) < 1e-12, "{case}: composed");
+            let inputs = [("q", &q32, &q64), ("k", &k32, &k64), ("v", &v32, &v64)];
+            assert_matches(&y32, &y64, &inputs, 1e-5);
+        }
+        let (q, k, v) = (q32.as_tensor(), k32.as_tensor(), v32.as_tensor());
+        assert!(matches!(
+            padded_causal_attention(q, k, v, 1.0, None, &[1]),
+            Err(Error::Usage { .. })
+        ));
+    }
 }
 
 #[test]
