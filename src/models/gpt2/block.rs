@@ -8,11 +8,11 @@ use crate::error::Result;
 use crate::kernels::dropout::Dropout;
 use crate::model::{conv1d, AdapterPlan, Linear};
 use crate::models::attention_op;
+use crate::models::causal_mask::CausalMask;
 use crate::models::kv_buffer::{Appending, LayerKv};
 use crate::models::ops::{dropout_t, softmax_last, LayerNorm};
 
 use super::config::{Activation, Gpt2Config};
-use crate::models::causal_mask::CausalMask;
 
 /// One transformer block (`transformer.h.N`).
 #[derive(Clone, Debug)]
