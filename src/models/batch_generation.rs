@@ -14,8 +14,8 @@ const PAD: u32 = 0;
 
 /// Generates after each of `prompts` by `config` in one batch (see the models'
 /// `generate_batch`): row `r` of the result holds the new tokens of `prompts[r]`. Each row
-/// has its own sampler seeded with `config.sampling.seed` and stops at its own stop token
-/// (it then runs on, unread, until every row is done or `max_new_tokens` is reached).
+/// has its own sampler seeded with `config.sampling.seed` and stops at its own stop token;
+/// it then leaves the batch, so the later steps run the rows still going alone.
 /// Every prompt is checked before the first forward, as in `generate`.
 pub(crate) fn generate_batch(
     model: &impl Decoder,
@@ -51,28 +51,41 @@ fn generate_batch_here(
         .collect();
     let mut input = Tensor::from_vec(ids, (rows, width), model.on())?;
     let mut cache = model.new_cache().for_inference();
-    let mut done = vec![false; rows];
-    for _ in 0..config.max_new_tokens {
-        let logits = model.step(&input, &mut cache, Some(&pads))?;
+    // The rows still generating, as indices into `prompts`, in batch order; and their
+    // padding. A row that stops leaves the batch (and the cache) before the next step.
+    let mut active: Vec<usize> = (0..rows).collect();
+    let mut active_pads = pads;
+    for step in 1..=config.max_new_tokens {
+        let logits = model.step(&input, &mut cache, Some(&active_pads))?;
         let last = logits.narrow(1, logits.dim(1)?.saturating_sub(1), 1)?;
-        let mut next = Vec::with_capacity(rows);
-        for (r, ((sampler, row), finished)) in samplers
-            .iter_mut()
-            .zip(out.iter_mut())
-            .zip(done.iter_mut())
-            .enumerate()
-        {
-            if !*finished {
-                let token = sampler.sample(&last.narrow(0, r, 1)?)?;
-                row.push(token);
-                *finished = config.eos.contains(&token);
+        let mut next = Vec::with_capacity(active.len());
+        let mut going = Vec::with_capacity(active.len());
+        for (slot, &row) in active.iter().enumerate() {
+            let (Some(sampler), Some(tokens)) = (samplers.get_mut(row), out.get_mut(row)) else {
+                continue;
+            };
+            let token = sampler.sample(&last.narrow(0, slot, 1)?)?;
+            tokens.push(token);
+            if !config.eos.contains(&token) {
+                going.push(slot);
+                next.push(token);
             }
-            next.push(row.last().copied().unwrap_or(PAD));
         }
-        if done.iter().all(|d| *d) {
+        if going.is_empty() || step == config.max_new_tokens {
             break;
         }
-        input = Tensor::from_vec(next, (rows, 1), model.on())?;
+        if going.len() < active.len() {
+            cache.keep_rows(&going)?;
+            active = going
+                .iter()
+                .filter_map(|&s| active.get(s).copied())
+                .collect();
+            active_pads = going
+                .iter()
+                .filter_map(|&s| active_pads.get(s).copied())
+                .collect();
+        }
+        input = Tensor::from_vec(next, (active.len(), 1), model.on())?;
     }
     Ok(out)
 }

@@ -117,6 +117,16 @@ impl LayerKv {
         })
     }
 
+    /// New buffers holding only the batch rows `rows` of these (indices into the batch, in
+    /// the order given): a batch that lets finished sequences go.
+    pub(crate) fn keep_rows(&self, rows: &[u32]) -> Result<LayerKv> {
+        let (k, v) = &*self.buffers;
+        let index = Tensor::from_slice(rows, rows.len(), k.device())?;
+        Ok(LayerKv {
+            buffers: Arc::new((k.index_select(&index, 0)?, v.index_select(&index, 0)?)),
+        })
+    }
+
     /// Whether `total` positions fit the buffers and no clone of the cache shares them.
     fn writable(&self, total: usize) -> Result<bool> {
         Ok(Arc::strong_count(&self.buffers) == 1 && self.capacity()? >= total)

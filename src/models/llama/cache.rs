@@ -256,6 +256,28 @@ impl KvCache {
         self.layers.iter()
     }
 
+    /// Keeps only the batch rows `rows` (indices into the cached batch, in the order
+    /// given), so that the next step runs those sequences alone; every layer's buffers are
+    /// copied once. Errors name a row outside the batch; the cache is then unchanged.
+    pub(crate) fn keep_rows(&mut self, rows: &[usize]) -> Result<()> {
+        let batch = self.batch.unwrap_or(0);
+        if let Some(&row) = rows.iter().find(|&&r| r >= batch) {
+            return Err(Error::usage(
+                Scope::Settings("KV cache".to_string()),
+                format!("row {row} is outside the cached batch of {batch}"),
+            ));
+        }
+        let index: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let layers = self
+            .layers
+            .iter()
+            .map(|slot| slot.as_ref().map(|kv| kv.keep_rows(&index)).transpose())
+            .collect::<Result<Vec<_>>>()?;
+        self.layers = layers;
+        self.batch = Some(rows.len());
+        Ok(())
+    }
+
     /// Replaces every layer's keys and values with `entries` (the old ones with `new`
     /// positions of `batch` rows appended), all at once so that a failed forward leaves
     /// the cache as it was. The entries hold no autograd history (see the type's docs).

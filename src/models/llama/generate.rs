@@ -115,7 +115,8 @@ impl LlamaForCausalLM {
     /// longest, with an attention mask and each row's own positions, and share one
     /// [`KvCache`]; row `r` of the result is what [`LlamaForCausalLM::generate`] gives for
     /// `prompts[r]` (the same tokens when greedy; sampled rows each draw from a sampler
-    /// seeded with `config.sampling.seed`). Each row stops at its own stop token.
+    /// seeded with `config.sampling.seed`). Each row stops at its own stop token and then
+    /// leaves the batch: the later steps run only the rows still going.
     ///
     /// Errors, before any work: as `generate`, for any prompt.
     ///

@@ -35,12 +35,15 @@ fn batched_greedy_equals_transformers_left_padded_and_each_prompt_alone() {
         for (prompt, row) in prompts.iter().zip(&got) {
             assert_eq!(&model.generate(prompt, &greedy).unwrap(), row, "{name}");
         }
-        // Each row stops at its own stop token; the others run on.
+        // Each row stops at its own stop token and leaves the batch (its cache rows
+        // dropped); the others go on as they would alone.
         let stop = u32::try_from(case["stop"].as_u64().unwrap()).unwrap();
-        let stopped = model
-            .generate_batch(&prompts, &greedy.clone().with_eos([stop]))
-            .unwrap();
+        let with_stop = greedy.clone().with_eos([stop]);
+        let stopped = model.generate_batch(&prompts, &with_stop).unwrap();
         assert_eq!(stopped, rows(&case["stop_tokens"]), "{name} stop {stop}");
+        for (prompt, row) in prompts.iter().zip(&stopped) {
+            assert_eq!(&model.generate(prompt, &with_stop).unwrap(), row, "{name}");
+        }
     }
 }
 
