@@ -404,18 +404,20 @@ fn new_pooler(config: &BertConfig, vb: &VarBuilder, plan: &AdapterPlan) -> Resul
     if !plan.touches(POOLER, BaseKind::Linear) {
         // A builder that makes what it is asked for (a `VarMap`'s: a model built from
         // scratch) gives it; a checkpoint's has none.
-        if let Ok(pooler) = linear(h, h, vb.pp(POOLER), plan) {
-            return Ok(pooler);
-        }
+        let missing = match linear(h, h, vb.pp(POOLER), plan) {
+            Ok(pooler) => return Ok(pooler),
+            Err(e) => e,
+        };
         return Err(Error::layer_config(
             POOLER,
             "modules_to_save",
-            "the checkpoint has no pooler (`bert.pooler.dense.weight`; a BertForMaskedLM \
-             save, or a BertModel without its pooling layer): transformers would classify \
-             through a random pooler that a PEFT adapter does not save, so no two loads \
-             would agree. Train it with the head: modules_to_save [\"classifier\", \
-             \"pooler\"] (AutoSequenceClassifier::modules_to_save lists what a checkpoint \
-             needs)",
+            format!(
+                "the checkpoint has no pooler ({missing}; a BertForMaskedLM save, or a \
+                 BertModel without its pooling layer): transformers would classify through a \
+                 random pooler that a PEFT adapter does not save, so no two loads would \
+                 agree. Train it with the head: modules_to_save [\"classifier\", \"pooler\"] \
+                 (AutoSequenceClassifier::modules_to_save lists what a checkpoint needs)"
+            ),
         ));
     }
     new_linear(POOLER, (h, h, true), config.initializer_range, vb, plan)
