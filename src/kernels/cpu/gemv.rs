@@ -19,6 +19,16 @@
 //!   element falls in.
 //! - Instruction set ([`super::machine`]): AVX-512F, AVX2 + FMA or portable code, detected
 //!   at run time (`LORAKIT_CPU_ISA` lowers it).
+//! - Each row of `W` in a block is asked for [`PREFETCH_BYTES`] ahead of its loads
+//!   ([`lanes::prefetch`]): with more than one row of `x` the loop does more work per
+//!   cache line of `W`, and the hardware prefetchers alone then leave its four streams
+//!   waiting on memory. With `W` far larger than the caches (`cargo bench --bench
+//!   decode_rows`: 8 layers of `2048 × 2048` `f32`, 128 MiB) on an AMD EPYC Zen 5, 2
+//!   threads, builds with and without the hint alternating 5 to 8 times: 2 to 12 rows
+//!   6–19% faster with AVX-512 (4 rows: 0.82–0.85 ×), 2 to 6 rows 20–27% with AVX2
+//!   (forced), one row unchanged (0.90–1.05 ×); a weight in the L3 cache showed no
+//!   slowdown beyond the noise. 512 B to 2 KiB ahead gave the same, 4 KiB less at 12
+//!   rows (`benches/RESULTS.md`). The hint changes no result.
 //! - The dots go to a small `d_out × m` buffer, then one pass applies `beta` and
 //!   [`Accum`] to `dst` (so the bias pre-fill and the low-rank term stay in one output
 //!   buffer).
@@ -61,12 +71,20 @@ use rayon::prelude::*;
 use super::machine::{machine, Isa, Machine};
 use super::transpose::transpose_columns;
 use super::{Accum, MatProduct, MatRef, Scratch};
+use lanes::{prefetch, Lanes, Scalar};
 #[cfg(target_arch = "x86_64")]
 use lanes::{Avx2, Avx512};
-use lanes::{Lanes, Scalar};
 
 /// Rows of `W` per register block.
 const NR: usize = 4;
+
+/// How far ahead of its loads [`dot_block`] asks for each row of `W` (see the module docs):
+/// 16 cache lines per row, 64 for a block's [`NR`] rows. A prefetch pays when it is issued
+/// about one memory latency (~100 ns on servers) before the load; a core streaming `W` at
+/// 20–40 GB/s moves 2–4 KB in that time, 0.5–1 KB of each of the block's four rows. The
+/// measured optimum is flat around it (512 B to 2 KiB the same on the CPU it was timed on),
+/// so the value is not a knife edge tuned to that CPU.
+const PREFETCH_BYTES: usize = 1024;
 
 /// The most rows of `x` per register block for an instruction set: what fits in its vector
 /// registers next to the `NR · MR` accumulators (16 for AVX2, 32 for AVX-512; the
@@ -588,6 +606,7 @@ unsafe fn dot_block<S: Lanes, const NW: usize, const MR: usize>(
     // `t < t + WIDTH ≤ k`, inside every slice.
     unsafe {
         let mut acc = [[S::zero(); MR]; NW];
+        let ahead = PREFETCH_BYTES / std::mem::size_of::<S::T>().max(1);
         let mut t = 0;
         while t + S::WIDTH <= k {
             let mut xv = [S::zero(); MR];
@@ -595,6 +614,7 @@ unsafe fn dot_block<S: Lanes, const NW: usize, const MR: usize>(
                 *v = S::load(row.as_ptr().add(t));
             }
             for (a, row) in acc.iter_mut().zip(&w) {
+                prefetch(row.as_ptr().wrapping_add(t + ahead));
                 let wv = S::load(row.as_ptr().add(t));
                 for (a, &v) in a.iter_mut().zip(&xv) {
                     *a = S::fma(*a, wv, v);
