@@ -1,8 +1,10 @@
 //! The decode kernel over weights that do not fit in the caches, as in decoding a real model:
-//! the forward of a stack of frozen `2048 × 2048` `f32` linear layers (no bias) for 1, 2, 4
-//! and 8 rows, each row count timed per layer.
+//! the forward of a stack of frozen `2048 × 2048` `f32` layers (no bias) for 1, 2, 4 and 8
+//! rows, each row count timed per layer. Two stacks: linear layers (`W` stored
+//! `(out, in)`, the kernel's column-major form) and GPT-2 `Conv1D` layers (stored
+//! `(in, out)`, its row-major form).
 //!
-//! `cargo bench --bench decode_rows` (set `RAYON_NUM_THREADS` to fix the thread count). The
+//! `cargo bench --bench decode_rows` (set `RAYON_NUM_THREADS` to fix the thread count). A
 //! stack holds at least four times the last-level cache the CPU reports (sysfs; 64 MiB
 //! assumed where it reports none), and at least 8 layers (128 MiB), so every layer's weight
 //! comes from memory. A bench over one weight in the caches is `cargo bench --bench fused`
@@ -10,7 +12,7 @@
 
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device, Module};
+use candle_core::{DType, Device, Module, Tensor};
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use lorakit::init::SeededRng;
 use lorakit::FrozenLinear;
@@ -31,6 +33,9 @@ fn last_level_cache() -> Option<usize> {
     digits.parse::<usize>().ok().map(|v| v * scale)
 }
 
+/// A frozen layer from a `D × D` weight: a linear layer or a GPT-2 `Conv1D`.
+type Build = fn(Tensor) -> FrozenLinear;
+
 fn bench(c: &mut Criterion) {
     let dev = Device::Cpu;
     let layer_bytes = D * D * std::mem::size_of::<f32>();
@@ -38,36 +43,45 @@ fn bench(c: &mut Criterion) {
     let layers = (4 * cache).div_ceil(layer_bytes).max(8);
     let mut rng = SeededRng::new(0);
     let bound = 1.0 / (D as f64).sqrt();
-    let stack: Vec<FrozenLinear> = (0..layers)
-        .map(|_| {
-            let w = rng
-                .uniform(&[D, D], -bound, bound, DType::F32, &dev)
-                .unwrap();
-            FrozenLinear::new(w, None).unwrap()
-        })
-        .collect();
-    let mut g = c.benchmark_group(format!("decode_rows/d{D}_{layers}_layers_per_layer"));
-    g.sample_size(10)
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(3));
-    for m in ROWS {
-        let x = rng.uniform(&[m, D], -1.0, 1.0, DType::F32, &dev).unwrap();
-        g.bench_function(BenchmarkId::from_parameter(format!("rows_{m}")), |b| {
-            b.iter_custom(|iters| {
-                // On one of rayon's workers, as a decoding loop runs (`generate` does it).
-                lorakit::threads::on_worker(|| {
-                    let start = Instant::now();
-                    for _ in 0..iters {
-                        for layer in &stack {
-                            black_box(layer.forward(&x).unwrap());
-                        }
-                    }
-                    start.elapsed() / layers as u32
-                })
+    let kinds: [(&str, Build); 2] = [
+        ("linear", |w| FrozenLinear::new(w, None).unwrap()),
+        ("conv1d", |w| FrozenLinear::conv1d(w, None).unwrap()),
+    ];
+    for (kind, build) in kinds {
+        let stack: Vec<FrozenLinear> = (0..layers)
+            .map(|_| {
+                build(
+                    rng.uniform(&[D, D], -bound, bound, DType::F32, &dev)
+                        .unwrap(),
+                )
             })
-        });
+            .collect();
+        let mut g = c.benchmark_group(format!("decode_rows/{kind}_d{D}_{layers}_layers"));
+        g.sample_size(10)
+            .warm_up_time(Duration::from_millis(500))
+            .measurement_time(Duration::from_secs(3));
+        for m in ROWS {
+            let x = rng.uniform(&[m, D], -1.0, 1.0, DType::F32, &dev).unwrap();
+            g.bench_function(BenchmarkId::from_parameter(format!("rows_{m}")), |b| {
+                b.iter_custom(|iters| per_layer(&stack, &x, iters))
+            });
+        }
+        g.finish();
     }
-    g.finish();
+}
+
+/// The time of `iters` forwards of `x` through every layer of `stack`, per layer, on one
+/// of rayon's workers (as a decoding loop runs: `generate` does it).
+fn per_layer(stack: &[FrozenLinear], x: &Tensor, iters: u64) -> Duration {
+    lorakit::threads::on_worker(|| {
+        let start = Instant::now();
+        for _ in 0..iters {
+            for layer in stack {
+                black_box(layer.forward(x).unwrap());
+            }
+        }
+        start.elapsed() / stack.len().max(1) as u32
+    })
 }
 
 criterion_group!(benches, bench);

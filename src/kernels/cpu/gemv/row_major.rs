@@ -35,6 +35,12 @@
 //!   (0.84–0.86 / 1.06–1.10 / 1.67–1.69 / 1.83 / 2.23–2.54 / 2.59–2.72 ms), and the one
 //!   before that kept `m ×` 768-column tiles of sums in memory and added 4 rows of `R` at
 //!   a time (`benches/RESULTS.md`).
+//! - Each vector of `R` is asked for [`PREFETCH_BYTES`] ahead of its load, further along
+//!   its row (the panels to the right), as the column-major form asks for `W`'s rows.
+//!   With `R` from memory (`cargo bench --bench decode_rows`'s `Conv1D` stack, 8 layers of
+//!   `2048 × 2048` `f32`) on an AMD EPYC Zen 5, AVX-512, 2 threads, builds alternating 8
+//!   and 4 times: 1 to 12 rows 3–25% faster (1 row 0.92–0.97 ×, 8 rows 0.75–0.93 ×); with
+//!   `R` in the L3 cache no slowdown beyond the noise (`benches/RESULTS.md`).
 //! - Every output element is its `k` products added in order of `k`, one at a time, to an
 //!   accumulator that starts at zero: the same operations whatever the thread count, the
 //!   block or the panel. Columns past the task's last whole vector run in scalar code: the
@@ -44,8 +50,8 @@ use candle_core::WithDType;
 
 use super::super::machine::Isa;
 use super::super::MatRef;
-use super::lanes::{Lanes, Scalar};
-use super::{for_each_task, lhs_rows, Float, Split, WeightRows};
+use super::lanes::{prefetch, Lanes, Scalar};
+use super::{for_each_task, lhs_rows, Float, Split, WeightRows, PREFETCH_BYTES};
 
 /// Task ranges are multiples of this many columns (a multiple of every vector
 /// width in elements, so that the vector code and the scalar tail cover the same columns
@@ -297,6 +303,7 @@ unsafe fn panel_block<S: Lanes, const MR: usize, const NVB: usize>(
     // features, and the calls would not be inlined.)
     unsafe {
         let mut acc = [[S::zero(); NVB]; MR];
+        let ahead = PREFETCH_BYTES / std::mem::size_of::<S::T>().max(1);
         for (i, row) in acc.iter_mut().enumerate() {
             for (v, a) in row.iter_mut().enumerate() {
                 *a = S::load(base.add(start(i) + v * S::WIDTH));
@@ -309,6 +316,7 @@ unsafe fn panel_block<S: Lanes, const MR: usize, const NVB: usize>(
             }
             let rt = panel.add(t * row_stride);
             for v in 0..NVB {
+                prefetch(rt.wrapping_add(v * S::WIDTH + ahead));
                 let rv = S::load(rt.add(v * S::WIDTH));
                 for (row, &gi) in acc.iter_mut().zip(&g) {
                     if let Some(a) = row.get_mut(v) {
