@@ -46,6 +46,11 @@ fn main() {
 
 /// Every case, timed on one of rayon's workers (`main`'s `on_worker`).
 fn run() {
+    // What the kernels route by, for `peft_compare.py`'s machine line.
+    println!(
+        "lorakit kernels: {}",
+        lorakit::kernels::CpuReport::current()
+    );
     let mut out = Vec::new();
     for shape in SHAPES {
         let setup = Setup::new(shape);

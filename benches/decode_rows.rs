@@ -37,6 +37,10 @@ fn last_level_cache() -> Option<usize> {
 type Build = fn(Tensor) -> FrozenLinear;
 
 fn bench(c: &mut Criterion) {
+    println!(
+        "lorakit kernels: {}",
+        lorakit::kernels::CpuReport::current()
+    );
     let dev = Device::Cpu;
     let layer_bytes = D * D * std::mem::size_of::<f32>();
     let cache = last_level_cache().unwrap_or(64 << 20);

@@ -10,6 +10,10 @@ mod common;
 use common::{Path, Setup, SHAPES};
 
 fn bench(c: &mut Criterion) {
+    println!(
+        "lorakit kernels: {}",
+        lorakit::kernels::CpuReport::current()
+    );
     for shape in SHAPES {
         let setup = Setup::new(shape);
         let label = format!("n{}_d{}_r{}", shape.n, shape.d, shape.r);

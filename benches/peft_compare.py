@@ -209,7 +209,17 @@ def lorakit_cases(threads, features="default", bench="compare_json"):
     proc = subprocess.run(
         ["cargo", "bench", "--bench", bench, *feats], cwd=root, env=env, check=True, capture_output=True, text=True
     )
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    lines = proc.stdout.strip().splitlines()
+    for line in lines:
+        if line.startswith(ROUTES_PREFIX):
+            LORAKIT_ROUTES[features] = line[len(ROUTES_PREFIX):].strip()
+    return json.loads(lines[-1])
+
+
+# What lorakit's kernels read off the CPU (`lorakit::kernels::CpuReport`), as the
+# lorakit side printed it, per feature set.
+ROUTES_PREFIX = "lorakit kernels:"
+LORAKIT_ROUTES = {}
 
 
 FAULT_STEPS = 30
@@ -367,6 +377,7 @@ def table(t, k, threads):
         f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}"
         + (f"; OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']}" if os.environ.get("OPENBLAS_CORETYPE") else "")
         + f"; lorakit's candle element-wise spin limit {candle_spin_limit()}"
+        + "".join(f"; lorakit[{f}] kernels: {r}" for f, r in LORAKIT_ROUTES.items())
         + ".",
         "",
         "Each cell: median (min) in ms; ratios of medians (of minima). The fwd rows at "

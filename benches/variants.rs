@@ -15,6 +15,10 @@ mod variant_cases;
 use variant_cases::{EvalCases, TrainCases, EVAL, TRAIN, VERA_R};
 
 fn train_step(c: &mut Criterion) {
+    println!(
+        "lorakit kernels: {}",
+        lorakit::kernels::CpuReport::current()
+    );
     let cases = TrainCases::new();
     let (n, d, r) = TRAIN;
     let mut group = c.benchmark_group(format!("fwd_bwd_n{n}_d{d}"));

@@ -48,6 +48,7 @@
 //! (`tests/cuda.rs`) have not yet run on a GPU.
 
 mod cpu;
+mod cpu_report;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub(crate) mod dropout;
@@ -64,6 +65,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
 pub(crate) use cpu::{gemm_with, machine, mat_of_layout, product_into, Accum, Isa, MatRef};
+pub use cpu_report::CpuReport;
 pub(crate) use product::Product;
 pub(crate) use rows::{flatten_rows, unflatten_rows};
 pub use scaled::ScaledLowRankLinear;

@@ -57,7 +57,7 @@ impl Isa {
     }
 
     /// The name `LORAKIT_CPU_ISA` takes.
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
