@@ -39,8 +39,9 @@
 //!   its row (the panels to the right), as the column-major form asks for `W`'s rows.
 //!   With `R` from memory (`cargo bench --bench decode_rows`'s `Conv1D` stack, 8 layers of
 //!   `2048 × 2048` `f32`) on an AMD EPYC Zen 5, AVX-512, 2 threads, builds alternating 8
-//!   and 4 times: 1 to 12 rows 3–25% faster (1 row 0.92–0.97 ×, 8 rows 0.75–0.93 ×); with
-//!   `R` in the L3 cache no slowdown beyond the noise (`benches/RESULTS.md`).
+//!   and 4 times: 1 to 12 rows 1–25% faster (1 row 0.92–0.97 ×, 4 rows 0.94–0.99 ×,
+//!   8 rows 0.75–0.93 ×); with `R` in the L3 cache no slowdown beyond the noise
+//!   (`benches/RESULTS.md`).
 //! - Every output element is its `k` products added in order of `k`, one at a time, to an
 //!   accumulator that starts at zero: the same operations whatever the thread count, the
 //!   block or the panel. Columns past the task's last whole vector run in scalar code: the
