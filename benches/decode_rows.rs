@@ -6,8 +6,8 @@
 //!
 //! `cargo bench --bench decode_rows` (set `RAYON_NUM_THREADS` to fix the thread count). A
 //! stack holds at least four times the last-level cache the CPU reports (sysfs; 64 MiB
-//! assumed where it reports none), and at least 8 layers (128 MiB), so every layer's weight
-//! comes from memory. A bench over one weight in the caches is `cargo bench --bench fused`
+//! assumed where it reports none), at least 8 layers (128 MiB) and at most 64 (1 GiB), so
+//! every layer's weight comes from memory on any CPU with less than 256 MiB of it. A bench over one weight in the caches is `cargo bench --bench fused`
 //! (`fwd/n1_d2048_r16`).
 
 use std::time::{Duration, Instant};
@@ -44,7 +44,9 @@ fn bench(c: &mut Criterion) {
     let dev = Device::Cpu;
     let layer_bytes = D * D * std::mem::size_of::<f32>();
     let cache = last_level_cache().unwrap_or(64 << 20);
-    let layers = (4 * cache).div_ceil(layer_bytes).max(8);
+    // Four times the cache, at least 8 layers, and at most 64 (1 GiB of weights, for CPUs
+    // with very large caches).
+    let layers = (4 * cache).div_ceil(layer_bytes).clamp(8, 64);
     let mut rng = SeededRng::new(0);
     let bound = 1.0 / (D as f64).sqrt();
     let kinds: [(&str, Build); 2] = [
