@@ -621,9 +621,7 @@ mod tests {
             let dropout = (p > 0.0).then(|| super::Dropout::with_seed(p, 5));
             let fused =
                 super::causal_attention(qt, kt, vt, scale, window, Some(pads), dropout).unwrap();
-            let values = crate::models::padding::mask_values(Some(pads), t, kv, kv - t, |q, j| {
-                window.is_none_or(|w| j + w > q)
-            });
+            let values = crate::models::padding::mask_values(Some(pads), t, kv, kv - t, window);
             let mask = Tensor::from_vec(values, (b, 1, t, kv), &dev).unwrap();
             let reference = composed_with(qt, kt, vt, scale, &mask, keep(qt, kv, dropout.as_ref()));
             let case =

@@ -68,10 +68,7 @@ impl CausalMask {
             return Ok(mask);
         }
         let (q_len, kv_len) = (self.q_len, self.kv_len);
-        let window = self.window;
-        let values = padding::mask_values(self.pads(), q_len, kv_len, self.offset, |q, j| {
-            window.is_none_or(|w| j + w > q)
-        });
+        let values = padding::mask_values(self.pads(), q_len, kv_len, self.offset, self.window);
         let dims: Vec<usize> = match self.pads() {
             Some(pads) => std::iter::once(pads.len())
                 .chain(std::iter::repeat_n(1, self.head_axes))
@@ -93,14 +90,14 @@ mod tests {
     fn the_additive_mask_is_the_padding_rule_in_its_shape() {
         let dev = Device::Cpu;
         let plain = CausalMask::new((3, 5, 2), Some(2), None, 1, &dev);
-        let want = padding::mask_values(None, 3, 5, 2, |q, j| j + 2 > q);
+        let want = padding::mask_values(None, 3, 5, 2, Some(2));
         let got = plain.additive().unwrap();
         assert_eq!(got.dims(), [3, 5]);
         assert_eq!(got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
         assert!(std::ptr::eq(got, plain.additive().unwrap()));
 
         let padded = CausalMask::new((4, 4, 0), None, Some(&[0, 2]), 2, &dev);
-        let want = padding::mask_values(Some(&[0, 2]), 4, 4, 0, |_, _| true);
+        let want = padding::mask_values(Some(&[0, 2]), 4, 4, 0, None);
         let got = padded.additive().unwrap();
         assert_eq!(got.dims(), [2, 1, 1, 4, 4]);
         assert_eq!(got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
