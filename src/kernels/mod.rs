@@ -28,7 +28,9 @@
 //!
 //! A quantized frozen base ([`crate::quant`]) runs through the same two ops on the CPU: the
 //! base products `x Wᵀ` and `g W` read `W` as row tiles dequantized into one reused f32
-//! buffer (about 1 MiB), each tile one GEMM into the output (or into `dx`), so no float copy
+//! buffer (about 1 MiB, and at least 256 rows with AVX-512, 128 with AVX2, so that each
+//! tile's product is wide enough to run at the float layer's speed), each tile one GEMM
+//! into the output (or into `dx`), so no float copy
 //! of the whole `W` exists (a forward of at most 4 rows streams `W` one dequantized row per
 //! task instead); the results equal those over the dequantized weight. Other
 //! devices take the composed path with the whole weight dequantized per call.

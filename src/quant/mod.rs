@@ -4,7 +4,8 @@
 //! A [`crate::FrozenLinear`] built by [`crate::FrozenLinear::quantize`] or
 //! [`crate::FrozenLinear::from_quantized`] is a base every variant takes. On the CPU the
 //! fused kernel ([`crate::kernels`]) computes the base product `x Wᵀ` and the input gradient
-//! `g W` from row tiles of `W` dequantized into one small reused buffer (about 1 MiB), with
+//! `g W` from row tiles of `W` dequantized into one small reused buffer (about 1 MiB, at least
+//! 256 rows with AVX-512 and 128 with AVX2: `kernels::cpu::quant`), with
 //! the low-rank term accumulated into the same output buffer; there is never a gradient for
 //! `W` and never a float copy of the whole `W`. A forward of at most 4 rows (decoding)
 //! streams `W` instead: in f32 over Q8_0, Q4_K, Q5_K and Q6_K, fused dequantize-and-dot

@@ -69,6 +69,21 @@ impl Thresholds {
     fn of<T>() -> Self {
         Self::new(std::mem::size_of::<T>(), machine())
     }
+
+    /// The fewest columns the chunked route takes: two chunks (one per thread of two).
+    fn chunked_min_cols(&self) -> usize {
+        2 * self.chunk
+    }
+}
+
+/// The fewest columns of a column-major right-hand side with which a product of many rows
+/// takes the chunked route, for `T` on this machine (`2 · chunk`: 256 `f32` with AVX-512,
+/// 128 with AVX2). A caller that chooses the width of its products (the quantized weight's
+/// dequantized tiles, [`super::quant`]) makes them at least this wide: narrower ones go to
+/// the `gemm` crate as they stand, which reads such a right-hand side slowly and packs the
+/// left-hand side again for every product.
+pub(super) fn chunked_route_min_cols<T>() -> usize {
+    Thresholds::of::<T>().chunked_min_cols()
 }
 
 /// The reroutes above.
@@ -96,7 +111,7 @@ fn route_by<T>(lhs: &MatRef<T>, rhs: &MatRef<T>, th: &Thresholds) -> Option<Rout
             return Some(Route::ViaTransposes);
         }
     }
-    (n >= 2 * th.chunk).then_some(Route::Chunked)
+    (n >= th.chunked_min_cols()).then_some(Route::Chunked)
 }
 
 /// Runs [`super::gemm_into`]'s product (`dst = beta · lhs · rhs`, or `+=` with

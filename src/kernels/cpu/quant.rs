@@ -5,6 +5,7 @@
 use candle_core::{CpuStorage, DType, WithDType};
 use rayon::prelude::*;
 
+use super::col_major::chunked_route_min_cols;
 use super::{gemm_into, Accum, MatRef};
 use crate::quant::{tile_rows, QuantizedWeight};
 use dot::{Isa, RowDots};
@@ -186,6 +187,14 @@ fn dot(x: &[f64], w: &[f32]) -> f64 {
 }
 
 /// One reused buffer of dequantized rows, in f32 (and converted to `T` when `T` is not f32).
+///
+/// A tile holds [`tile_rows`] rows (about 1 MiB of floats), and at least as many as the
+/// chunked route of a column-major product needs ([`chunked_route_min_cols`]: 256 rows with
+/// AVX-512, 128 with AVX2), so that the forward's `x · tileᵀ` takes that route on every
+/// thread and the backward's `g · tile` sums over that many rows per pass over its output.
+/// With 64-row tiles (1 MiB at `d_in = 4096`), a LoRA step over a Q4_K `4096 × 4096` base
+/// took 1.3–1.5× the f32 step on an AMD EPYC Zen 5; with 256 rows it is at the f32 step's
+/// time (`benches/QLORA.md`). The tile is transient: at `d_in = 14336`, 14 MiB.
 struct Tile<'q, T> {
     q: &'q QuantizedWeight,
     rows: usize,
@@ -195,7 +204,9 @@ struct Tile<'q, T> {
 
 impl<'q, T: WithDType> Tile<'q, T> {
     fn new(q: &'q QuantizedWeight) -> Self {
-        let rows = tile_rows(q.d_out(), q.d_in());
+        let rows = tile_rows(q.d_out(), q.d_in())
+            .max(chunked_route_min_cols::<T>())
+            .min(q.d_out().max(1));
         Self {
             q,
             rows,
