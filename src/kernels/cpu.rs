@@ -12,6 +12,7 @@ mod gemv;
 mod in_place;
 mod machine;
 mod pool;
+mod prefetch;
 mod quant;
 mod rowwise;
 mod scaled;

@@ -9,9 +9,9 @@
 //! the low-rank term accumulated into the same output buffer; there is never a gradient for
 //! `W` and never a float copy of the whole `W`. A forward of at most 4 rows (decoding)
 //! streams `W` instead: in f32 over Q8_0, Q4_K, Q5_K and Q6_K, fused dequantize-and-dot
-//! kernels (AVX2 + FMA + F16C when the CPU has them, else portable) dot each row of `W`
-//! with the input rows straight from its blocks (the quantized integers multiply-added
-//! with the f32 inputs, each group's scale applied to its sum); other types and
+//! kernels (AVX-512F or AVX2 + FMA + F16C when the CPU has them, else portable) dot each
+//! row of `W` with the input rows straight from its blocks (the quantized integers
+//! multiply-added with the f32 inputs, each group's scale applied to its sum); other types and
 //! dtypes dequantize one row at a time into a `d_in` buffer and dot it in f64. The products
 //! are exact with respect to the dequantized weight up to summation order (candle's
 //! `QMatMul` and llama.cpp quantize the activations, so they are not used).

@@ -20,7 +20,7 @@
 //! - Instruction set ([`super::machine`]): AVX-512F, AVX2 + FMA or portable code, detected
 //!   at run time (`LORAKIT_CPU_ISA` lowers it).
 //! - Each row of `W` in a block is asked for [`PREFETCH_BYTES`] ahead of its loads
-//!   ([`lanes::prefetch`]): with more than one row of `x` the loop does more work per
+//!   ([`super::prefetch`]): with more than one row of `x` the loop does more work per
 //!   cache line of `W`, and the hardware prefetchers alone then leave its four streams
 //!   waiting on memory. With `W` far larger than the caches (`cargo bench --bench
 //!   decode_rows`: 8 layers of `2048 × 2048` `f32`, 128 MiB) on an AMD EPYC Zen 5, 2
@@ -69,11 +69,12 @@ use candle_core::WithDType;
 use rayon::prelude::*;
 
 use super::machine::{machine, Isa, Machine};
+use super::prefetch::prefetch;
 use super::transpose::transpose_columns;
 use super::{Accum, MatProduct, MatRef, Scratch};
-use lanes::{prefetch, Lanes, Scalar};
 #[cfg(target_arch = "x86_64")]
 use lanes::{Avx2, Avx512};
+use lanes::{Lanes, Scalar};
 
 /// Rows of `W` per register block.
 const NR: usize = 4;

@@ -50,8 +50,9 @@
 use candle_core::WithDType;
 
 use super::super::machine::Isa;
+use super::super::prefetch::prefetch;
 use super::super::MatRef;
-use super::lanes::{prefetch, Lanes, Scalar};
+use super::lanes::{Lanes, Scalar};
 use super::{for_each_task, lhs_rows, Float, Split, WeightRows, PREFETCH_BYTES};
 
 /// Task ranges are multiples of this many columns (a multiple of every vector

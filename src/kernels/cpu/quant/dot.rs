@@ -5,11 +5,11 @@
 //! and candle's `vec_dot`, which quantize them to Q8): the result is the dequantized-weight
 //! product up to f32 rounding order.
 //!
-//! Two implementations:
-//! - AVX2 + FMA + F16C (`std::arch`, chosen at run time; `in_place.rs`): each block read
-//!   where it lies, the small integers `q` converted to f32 and multiply-added with the
-//!   inputs, each group's scale applied once to its sum and its offset taken from the
-//!   input's per-call group sums.
+//! Three implementations:
+//! - AVX-512F, and AVX2 + FMA + F16C (`std::arch`, chosen at run time; `in_place.rs`): each
+//!   block read where it lies, the small integers `q` converted to f32 and multiply-added
+//!   with the inputs 16 (8) at a time, each group's scale applied once to its sum and its
+//!   offset taken from the input's per-call group sums.
 //! - Portable: each block unpacked into small integers `q` and per-group `(a, b)` on the
 //!   stack ([`unpack`]), each weight `a · q − b` formed with the two roundings of candle's
 //!   `to_float` (bit for bit the dequantized weight) and multiply-added.
@@ -29,24 +29,38 @@ use unpack::{Block, Unpacked, Q4K, Q5K, Q6K, Q8_0};
 pub(crate) const MAX_X_ROWS: usize = 4;
 
 /// The instruction set a kernel runs on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Isa {
     /// Plain Rust (any CPU).
     Portable,
     /// AVX2 + FMA + F16C (x86-64 CPUs that report all three).
     Avx2,
+    /// AVX-512F with AVX2 + FMA + F16C.
+    Avx512,
 }
 
 impl Isa {
     /// The fastest set this CPU has, no wider than the machine's choice
     /// ([`super::super::machine`], which `LORAKIT_CPU_ISA` lowers for every kernel).
     pub(crate) fn best() -> Self {
-        let allowed = super::super::machine::machine().isa >= super::super::machine::Isa::Avx2;
-        if allowed && avx2_available() {
+        use super::super::machine::{machine, Isa as Machine};
+        let allowed = machine().isa;
+        if allowed >= Machine::Avx512 && avx512_available() {
+            Isa::Avx512
+        } else if allowed >= Machine::Avx2 && avx2_available() {
             Isa::Avx2
         } else {
             Isa::Portable
         }
+    }
+
+    /// The sets a CPU with `best` runs, narrowest first.
+    #[cfg(test)]
+    pub(crate) fn up_to(best: Self) -> Vec<Self> {
+        [Isa::Portable, Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|&isa| isa <= best)
+            .collect()
     }
 }
 
@@ -143,24 +157,59 @@ impl RowDots {
     }
 }
 
-/// The kernel for block type `B` and `n` input rows on `isa` (the portable one on a CPU
-/// without AVX2, FMA and F16C), with `B`'s values and bytes per block and the group of the
-/// input sums the kernel reads.
+/// The kernel for block type `B` and `n` input rows on `isa` (AVX-512F falls back to AVX2
+/// on a CPU without it, AVX2 to the portable kernel on a CPU without AVX2, FMA and F16C),
+/// with `B`'s values and bytes per block and the group of the input sums the kernel reads.
 fn kernel<B: InPlace>(n: usize, isa: Isa) -> Option<(RowsFn, usize, usize, Option<usize>)> {
-    let in_place = isa == Isa::Avx2 && avx2_available();
-    let run: RowsFn = match (n, in_place) {
-        (1, false) => portable_rows::<B, 1>,
-        (2, false) => portable_rows::<B, 2>,
-        (3, false) => portable_rows::<B, 3>,
-        (4, false) => portable_rows::<B, 4>,
-        (1, true) => in_place::rows::<B, 1>,
-        (2, true) => in_place::rows::<B, 2>,
-        (3, true) => in_place::rows::<B, 3>,
-        (4, true) => in_place::rows::<B, 4>,
-        _ => return None,
+    let in_place = isa >= Isa::Avx2 && avx2_available();
+    let run: RowsFn = match (in_place, isa == Isa::Avx512) {
+        (false, _) => by_rows(
+            n,
+            [
+                portable_rows::<B, 1>,
+                portable_rows::<B, 2>,
+                portable_rows::<B, 3>,
+                portable_rows::<B, 4>,
+            ],
+        )?,
+        (true, false) => by_rows(
+            n,
+            [
+                in_place::rows::<B, 1, false>,
+                in_place::rows::<B, 2, false>,
+                in_place::rows::<B, 3, false>,
+                in_place::rows::<B, 4, false>,
+            ],
+        )?,
+        (true, true) => by_rows(
+            n,
+            [
+                in_place::rows::<B, 1, true>,
+                in_place::rows::<B, 2, true>,
+                in_place::rows::<B, 3, true>,
+                in_place::rows::<B, 4, true>,
+            ],
+        )?,
     };
     let sum_group = if in_place { B::SUM_GROUP } else { None };
     Some((run, B::VALUES, B::BYTES, sum_group))
+}
+
+/// The kernel for `n` input rows (`1 ..= MAX_X_ROWS`) of one kernel per row count.
+fn by_rows(n: usize, kernels: [RowsFn; MAX_X_ROWS]) -> Option<RowsFn> {
+    kernels.get(n.checked_sub(1)?).copied()
+}
+
+/// Whether this CPU runs AVX-512F, AVX2, FMA and F16C.
+fn avx512_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f") && avx2_available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// Whether this CPU runs AVX2, FMA and F16C (cached by `std` after the first call).

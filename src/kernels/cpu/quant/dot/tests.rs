@@ -1,6 +1,6 @@
 //! The fused kernels against the f64 product with candle's dequantized weight, for each
-//! covered type, both instruction sets (AVX2 skipped with a message on a CPU without it),
-//! and 1 ..= 4 input rows.
+//! covered type, every instruction set the CPU has (portable, AVX2, AVX-512F; the ones it
+//! lacks named in a message), and 1 ..= 4 input rows.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
@@ -39,12 +39,13 @@ fn run(k: &RowDots, blocks: &[u8], xs: &[&[f32]], out: &mut [f32]) -> candle_cor
 }
 
 fn isas() -> Vec<Isa> {
-    if Isa::best() == Isa::Avx2 {
-        vec![Isa::Portable, Isa::Avx2]
-    } else {
-        println!("this CPU lacks AVX2 + FMA: only the portable fused kernel is tested");
-        vec![Isa::Portable]
+    let isas = Isa::up_to(Isa::best());
+    if !isas.contains(&Isa::Avx512) {
+        println!(
+            "fused quantized kernels tested on {isas:?} only (not on this CPU or not allowed)"
+        );
     }
+    isas
 }
 
 #[test]
@@ -124,9 +125,9 @@ fn uncovered_types_and_bad_lengths_are_refused() {
     assert!(k.run(&blocks, &[&x, &x[1..]], &[], &mut out).is_err()); // a short input row
     assert!(k.run(&blocks, &[&x, &x], &[&x], &mut out).is_err()); // sums it does not read
     assert!(k.run(&blocks, &[&x, &x], &[], &mut out).is_ok());
-    if Isa::best() == Isa::Avx2 {
+    for isa in isas().into_iter().filter(|&isa| isa >= Isa::Avx2) {
         // The in-place Q4_K kernel reads 8 group sums per row of 256 values.
-        let k = RowDots::new(GgmlDType::Q4K, 256, 1, Isa::Avx2).unwrap();
+        let k = RowDots::new(GgmlDType::Q4K, 256, 1, isa).unwrap();
         let (x, sums) = (vec![0f32; 256], [0f32; 8]);
         let blocks = vec![0u8; k.row_bytes()];
         let mut out = [0f32];

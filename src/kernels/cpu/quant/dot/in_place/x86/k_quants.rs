@@ -5,27 +5,20 @@
 //! Σ x`) come from the per-call group sums, one multiply-add per 8 groups.
 
 use std::arch::x86_64::{
-    __m256, __m256i, _mm256_and_si256, _mm256_cvtepi32_ps, _mm256_cvtepu8_epi32, _mm256_fmadd_ps,
-    _mm256_fnmadd_ps, _mm256_mul_ps, _mm256_or_si256, _mm256_permutevar8x32_ps, _mm256_set1_epi32,
-    _mm256_set1_ps, _mm256_setzero_ps, _mm256_slli_epi32, _mm256_srl_epi32, _mm256_srli_epi32,
-    _mm_cvtsi32_si128, _mm_cvtsi64_si128,
+    __m256, _mm256_cvtepi32_ps, _mm256_cvtepi8_epi32, _mm256_cvtepu8_epi32, _mm256_mul_ps,
+    _mm256_set1_ps, _mm_cvtsi64_si128,
 };
 
 use super::super::super::unpack::{k4_scale_bytes, Block, Q4K, Q5K, Q6K};
-use super::{bytes8, half_lanes, signed_bytes8, total, x8, Acc, InPlace};
+use super::{half_lanes, total, Acc, BlockLanes, InPlace};
 
-/// `a` (8 lanes) in all 8 lanes, from lane `lane`.
-#[target_feature(enable = "avx2")]
-#[inline]
-fn lane(a: __m256, lane: usize) -> __m256 {
-    _mm256_permutevar8x32_ps(a, _mm256_set1_epi32(lane as i32))
-}
-
-/// `v >> bits` in every 32-bit lane (`bits` < 32).
-#[target_feature(enable = "avx2")]
-#[inline]
-fn shift_right(v: __m256i, bits: usize) -> __m256i {
-    _mm256_srl_epi32(v, _mm_cvtsi32_si128(bits as i32))
+/// The 8 bytes of `block` at `at` (little-endian; 0 past the end: callers pass whole blocks).
+#[inline(always)]
+fn eight_bytes(block: &[u8], at: usize) -> i64 {
+    block
+        .get(at..at + 8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map_or(0, i64::from_le_bytes)
 }
 
 /// The `(d · sc, dmin · m)` of a Q4_K / Q5_K block's 8 groups as two 8-lane vectors
@@ -40,6 +33,16 @@ fn k4_scales(block: &[u8]) -> (__m256, __m256) {
         _mm256_mul_ps(half_lanes(block, 0), lanes(scales)),
         _mm256_mul_ps(half_lanes(block, 2), lanes(mins)),
     )
+}
+
+/// The `(a_g, 32 a_g)` of half `half` of a Q6_K block's 16 groups (`a_g = d · sc_g`, the
+/// `i8` scales at byte 192) as two 8-lane vectors.
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+fn q6_scales(block: &[u8], half: usize) -> (__m256, __m256) {
+    let sc = _mm256_cvtepi8_epi32(_mm_cvtsi64_si128(eight_bytes(block, 192 + 8 * half)));
+    let a = _mm256_mul_ps(half_lanes(block, 208), _mm256_cvtepi32_ps(sc));
+    (a, _mm256_mul_ps(_mm256_set1_ps(32.0), a))
 }
 
 /// The Q4_K / Q5_K layout, which differ only in Q5_K's fifth bit per value.
@@ -62,56 +65,51 @@ impl K4Layout for Q5K {
 impl<B: K4Layout> InPlace for B {
     const SUM_GROUP: Option<usize> = Some(32);
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn block<const N: usize>(
+    #[inline(always)]
+    unsafe fn block<V: BlockLanes, const N: usize>(
         block: &[u8],
         at: usize,
         xs: &[&[f32]; N],
         sums: &[&[f32]; N],
-        acc: &mut Acc<N>,
+        acc: &mut Acc<V, N>,
     ) {
-        let (a, b) = k4_scales(block);
-        for (acc, sums) in acc.iter_mut().zip(sums) {
-            // SAFETY: the block's 8 group sums start at `at / 32` (the caller's guarantee).
-            acc[0] = _mm256_fnmadd_ps(b, unsafe { x8(sums, at / 32) }, acc[0]);
-        }
-        let qs = if B::FIFTH_BIT { 48 } else { 16 };
-        let (low_nibble, one, two) = (
-            _mm256_set1_epi32(0xF),
-            _mm256_set1_epi32(1),
-            _mm256_set1_epi32(2),
-        );
-        for j in 0..4 {
-            let mut low = [_mm256_setzero_ps(); N];
-            let mut high = [_mm256_setzero_ps(); N];
-            for c in 0..4 {
-                // SAFETY: `qs + 32j + 8c + 8 ≤ qs + 128`, the block's end.
-                let wide = unsafe { bytes8(block, qs + 32 * j + 8 * c) };
-                let mut q_low = _mm256_and_si256(wide, low_nibble);
-                let mut q_high = _mm256_srli_epi32::<4>(wide);
-                if B::FIFTH_BIT {
-                    // SAFETY: `qh` is bytes 16 .. 48 and `16 + 8c + 8 ≤ 48`.
-                    let h = shift_right(unsafe { bytes8(block, 16 + 8 * c) }, 2 * j);
-                    q_low =
-                        _mm256_or_si256(q_low, _mm256_slli_epi32::<4>(_mm256_and_si256(h, one)));
-                    q_high =
-                        _mm256_or_si256(q_high, _mm256_slli_epi32::<3>(_mm256_and_si256(h, two)));
-                }
-                let (q_low, q_high) = (_mm256_cvtepi32_ps(q_low), _mm256_cvtepi32_ps(q_high));
-                let v = at + 64 * j + 8 * c;
-                for ((low, high), x) in low.iter_mut().zip(&mut high).zip(xs) {
-                    // SAFETY: values `v .. v + 40` lie within the block's 256 (the caller's
-                    // guarantee covers them).
-                    let (x_low, x_high) = unsafe { (x8(x, v), x8(x, v + 32)) };
-                    *low = _mm256_fmadd_ps(x_low, q_low, *low);
-                    *high = _mm256_fmadd_ps(x_high, q_high, *high);
-                }
+        // SAFETY (all below): the CPU features are the caller's; the reads lie inside the
+        // block's 144 (176) bytes and the rows' values `at .. at + 256` and group sums
+        // `at / 32 .. at / 32 + 8` (the caller's guarantee), as each comment says.
+        unsafe {
+            let (a, b) = k4_scales(block);
+            for (acc, sums) in acc.iter_mut().zip(sums) {
+                acc[0] = V::minus_offsets(acc[0], b, sums, at / 32);
             }
-            let (a_low, a_high) = (lane(a, 2 * j), lane(a, 2 * j + 1));
-            for ((acc, low), high) in acc.iter_mut().zip(low).zip(high) {
-                acc[0] = _mm256_fmadd_ps(a_low, low, acc[0]);
-                acc[1] = _mm256_fmadd_ps(a_high, high, acc[1]);
+            let qs = if B::FIFTH_BIT { 48 } else { 16 };
+            let (low_nibble, one, two) = (V::splat(0xF), V::splat(1), V::splat(2));
+            for j in 0..4 {
+                let mut low = [V::zero(); N];
+                let mut high = [V::zero(); N];
+                for c in 0..32 / V::WIDTH {
+                    // `qs + 32j + W (c + 1) ≤ qs + 128`, the block's end.
+                    let wide = V::bytes(block, qs + 32 * j + V::WIDTH * c);
+                    let mut q_low = V::and(wide, low_nibble);
+                    let mut q_high = V::shift_right(wide, 4);
+                    if B::FIFTH_BIT {
+                        // `qh` is bytes 16 .. 48 and `16 + W (c + 1) ≤ 48`.
+                        let h = V::shift_right(V::bytes(block, 16 + V::WIDTH * c), 2 * j);
+                        q_low = V::or(q_low, V::shift_left(V::and(h, one), 4));
+                        q_high = V::or(q_high, V::shift_left(V::and(h, two), 3));
+                    }
+                    let (q_low, q_high) = (V::to_f32(q_low), V::to_f32(q_high));
+                    // Values `v .. v + 32 + W` lie within the block's 256.
+                    let v = at + 64 * j + V::WIDTH * c;
+                    for ((low, high), x) in low.iter_mut().zip(&mut high).zip(xs) {
+                        *low = V::fma(*low, V::load(x, v), q_low);
+                        *high = V::fma(*high, V::load(x, v + 32), q_high);
+                    }
+                }
+                let (a_low, a_high) = (V::broadcast(a, 2 * j), V::broadcast(a, 2 * j + 1));
+                for ((acc, low), high) in acc.iter_mut().zip(low).zip(high) {
+                    acc[0] = V::fma(acc[0], a_low, low);
+                    acc[1] = V::fma(acc[1], a_high, high);
+                }
             }
         }
     }
@@ -120,76 +118,53 @@ impl<B: K4Layout> InPlace for B {
 /// Q6_K: 128 low-nibble bytes `ql`, 64 high-bit bytes `qh`, 16 `i8` scales, `d: f16`.
 /// Half `h` of the block (128 values) reads `ql[64h ..][..64]` and `qh[32h ..][..32]`:
 /// value `32k + l` (`k < 4`, `l < 32`) is nibble `k / 2` of `ql[64h + 32 (k % 2) + l]`
-/// with bits `2k, 2k + 1` of `qh[32h + l]` on top, in group `2k + l / 16` of the half.
+/// with bits `2k, 2k + 1` of `qh[32h + l]` on top, in group `2k + l / 16` of the half. The
+/// four quarters of each `l` range come from the same three loads; each vector of weights
+/// `a_g · q` is formed once and multiply-added with every input row.
 impl InPlace for Q6K {
     const SUM_GROUP: Option<usize> = Some(16);
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn block<const N: usize>(
+    #[inline(always)]
+    unsafe fn block<V: BlockLanes, const N: usize>(
         block: &[u8],
         at: usize,
         xs: &[&[f32]; N],
         sums: &[&[f32]; N],
-        acc: &mut Acc<N>,
+        acc: &mut Acc<V, N>,
     ) {
-        let d = half_lanes(block, 208);
-        let (low_nibble, bits_4_5) = (_mm256_set1_epi32(0xF), _mm256_set1_epi32(0x30));
-        for half in 0..2 {
-            // SAFETY: the scales are bytes 192 .. 208.
-            let sc = unsafe { signed_bytes8(block, 192 + 8 * half) };
-            let a = _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc));
-            let offset = _mm256_mul_ps(_mm256_set1_ps(32.0), a);
-            let base = at + 128 * half;
-            for (acc, sums) in acc.iter_mut().zip(sums) {
-                // SAFETY: the half's 8 group sums start at `base / 16` (the caller's
-                // guarantee).
-                acc[0] = _mm256_fnmadd_ps(offset, unsafe { x8(sums, base / 16) }, acc[0]);
-            }
-            // Chunk `c` (values `l = 8c .. 8c + 8` of each quarter `k`) lies in group
-            // `2k + c / 2`: two chunks per group, the four quarters read from the same
-            // three 8-byte loads.
-            for group in 0..2 {
-                let mut dot = [[_mm256_setzero_ps(); N]; 4];
-                for c in 2 * group..2 * group + 2 {
-                    // SAFETY: `ql` bytes `64h + 8c .. + 8` and `64h + 32 + 8c .. + 8` lie in
-                    // 0 .. 128, `qh` bytes `128 + 32h + 8c .. + 8` in 128 .. 192.
-                    let (ql0, ql1, qh) = unsafe {
-                        (
-                            bytes8(block, 64 * half + 8 * c),
-                            bytes8(block, 64 * half + 32 + 8 * c),
-                            bytes8(block, 128 + 32 * half + 8 * c),
-                        )
-                    };
+        // SAFETY (all below): the CPU features are the caller's; the reads lie inside the
+        // block's 210 bytes and the rows' values `at .. at + 256` and group sums
+        // `at / 16 .. at / 16 + 16` (the caller's guarantee), as each comment says.
+        unsafe {
+            let (low_nibble, bits_4_5) = (V::splat(0xF), V::splat(0x30));
+            for half in 0..2 {
+                let (a, offset) = q6_scales(block, half);
+                let base = at + 128 * half;
+                for (acc, sums) in acc.iter_mut().zip(sums) {
+                    acc[0] = V::minus_offsets(acc[0], offset, sums, base / 16);
+                }
+                for c in 0..32 / V::WIDTH {
+                    // `ql` bytes `64h + W c ..+ W` and `64h + 32 + W c ..+ W` lie in 0 .. 128,
+                    // `qh` bytes `128 + 32h + W c ..+ W` in 128 .. 192.
+                    let l = V::WIDTH * c;
+                    let ql0 = V::bytes(block, 64 * half + l);
+                    let ql1 = V::bytes(block, 64 * half + 32 + l);
+                    let qh = V::bytes(block, 128 + 32 * half + l);
                     // Quarter k: nibble k / 2 of ql[k % 2], bits 2k, 2k + 1 of qh as bits 4, 5.
                     let quarters = [
-                        (
-                            _mm256_and_si256(ql0, low_nibble),
-                            _mm256_slli_epi32::<4>(qh),
-                        ),
-                        (
-                            _mm256_and_si256(ql1, low_nibble),
-                            _mm256_slli_epi32::<2>(qh),
-                        ),
-                        (_mm256_srli_epi32::<4>(ql0), qh),
-                        (_mm256_srli_epi32::<4>(ql1), _mm256_srli_epi32::<2>(qh)),
+                        (V::and(ql0, low_nibble), V::shift_left(qh, 4)),
+                        (V::and(ql1, low_nibble), V::shift_left(qh, 2)),
+                        (V::shift_right(ql0, 4), qh),
+                        (V::shift_right(ql1, 4), V::shift_right(qh, 2)),
                     ];
-                    for (k, (dot, (low, high))) in dot.iter_mut().zip(quarters).enumerate() {
-                        let q = _mm256_or_si256(low, _mm256_and_si256(high, bits_4_5));
-                        let q = _mm256_cvtepi32_ps(q);
-                        for (dot, x) in dot.iter_mut().zip(xs) {
-                            // SAFETY: values `base + 32k + 8c .. + 8` lie within the
-                            // block's 256 (the caller's guarantee).
-                            let x = unsafe { x8(x, base + 32 * k + 8 * c) };
-                            *dot = _mm256_fmadd_ps(x, q, *dot);
+                    for (k, (low, high)) in quarters.into_iter().enumerate() {
+                        let q = V::to_f32(V::or(low, V::and(high, bits_4_5)));
+                        let w = V::mul(V::broadcast(a, 2 * k + l / 16), q);
+                        for (acc, x) in acc.iter_mut().zip(xs) {
+                            // Values `base + 32k + l ..+ W` lie within the block's 256.
+                            let total = total(acc, k);
+                            *total = V::fma(*total, V::load(x, base + 32 * k + l), w);
                         }
-                    }
-                }
-                for (k, dot) in dot.into_iter().enumerate() {
-                    let a_g = lane(a, 2 * k + group);
-                    for (acc, dot) in acc.iter_mut().zip(dot) {
-                        let total = total(acc, k);
-                        *total = _mm256_fmadd_ps(a_g, dot, *total);
                     }
                 }
             }
