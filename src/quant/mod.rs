@@ -11,10 +11,10 @@
 //! streams `W` instead: in f32 over Q8_0, Q4_K, Q5_K and Q6_K, fused dequantize-and-dot
 //! kernels (AVX-512F or AVX2 + FMA + F16C when the CPU has them, else portable) dot each
 //! row of `W` with the input rows straight from its blocks (the quantized integers
-//! multiply-added with the f32 inputs, each group's scale applied to its sum); other types and
-//! dtypes dequantize one row at a time into a `d_in` buffer and dot it in f64. The products
-//! are exact with respect to the dequantized weight up to summation order (candle's
-//! `QMatMul` and llama.cpp quantize the activations, so they are not used).
+//! multiply-added with the f32 inputs, each group's offset taken from the input's sums);
+//! other types and dtypes dequantize one row at a time into a `d_in` buffer and dot it in
+//! f64. The products are exact with respect to the dequantized weight up to summation
+//! order (candle's `QMatMul` and llama.cpp quantize the activations, so they are not used).
 //! Other devices dequantize the whole weight per call and take the composed path.
 //!
 //! | operation over a quantized base | what happens |

@@ -8,8 +8,9 @@
 //! Three implementations:
 //! - AVX-512F, and AVX2 + FMA + F16C (`std::arch`, chosen at run time; `in_place.rs`): each
 //!   block read where it lies, the small integers `q` converted to f32 and multiply-added
-//!   with the inputs 16 (8) at a time, each group's scale applied once to its sum and its
-//!   offset taken from the input's per-call group sums.
+//!   with the inputs 16 (8) at a time (Q8_0 and Q6_K: scaled first, once for all the input
+//!   rows; Q4_K and Q5_K: each group's sum scaled once), each group's offset taken from the
+//!   input's per-call group sums.
 //! - Portable: each block unpacked into small integers `q` and per-group `(a, b)` on the
 //!   stack ([`unpack`]), each weight `a · q − b` formed with the two roundings of candle's
 //!   `to_float` (bit for bit the dequantized weight) and multiply-added.
