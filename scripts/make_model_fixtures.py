@@ -35,6 +35,17 @@ itself):
                    "rope_scaling": {"type": "linear", "factor": 2.0}, no rope_parameters);
                    transformers 5 is checked to load it to the same model. LoRA r=4
                    alpha=8 on gate/up/down_proj and lm_head.
+    yarn_rope      Qwen3ForCausalLM, hidden 32, 4 heads, 2 KV heads, head_dim 16,
+                   rope_parameters yarn (factor 4, original_max_position_embeddings 64,
+                   max_position_embeddings 256, rope_theta 10000): the eight frequencies
+                   are kept, ramped and divided, and the cos/sin tables carry YaRN's
+                   attention factor (0.1 ln 4 + 1). LoRA r=4 alpha=8 on q/k/v/o_proj.
+
+Besides the cases, yarn_params.json holds transformers' own YaRN frequencies
+(`ROPE_INIT_FUNCTIONS["yarn"]`: inv_freq as f32 values, attention_factor) for configs
+that reach every branch of its parameter resolution (truncate off, beta_fast/beta_slow,
+a null factor, mscale / mscale_all_dim, an explicit attention_factor, a top-level
+original_max_position_embeddings, a Qwen3-sized head).
 
 Base models: every parameter redrawn (matrices and embeddings 0.2 * normal, biases
 0.1 * normal, RMSNorm weights incl. q_norm / k_norm 1 + 0.1 * normal). Adapters:
@@ -71,7 +82,9 @@ logits (the same weights with the option off differ by > 1e-3); eager and sdpa
 attention agree; the rewritten legacy config loads to the same logits.
 
 Versions used to generate the committed files: torch 2.15.0, transformers 5.24.0,
-peft 0.21.2, safetensors 0.8.0 (Python 3.11). PYTHONHASHSEED is pinned (PEFT stores
+peft 0.21.2, safetensors 0.8.0 (Python 3.11); yarn_rope and yarn_params.json were added
+later with transformers 5.25.0, whose logits for the other cases differ from the
+committed 5.24 ones by at most 5e-6 (the committed files were kept). PYTHONHASHSEED is pinned (PEFT stores
 target_modules from a set); HF_HUB_OFFLINE=1.
 """
 
@@ -93,6 +106,7 @@ from transformers import (
     Qwen3Config,
     Qwen3ForCausalLM,
 )
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from peft import AdaLoraConfig, LoraConfig, PeftModel, VeraConfig, get_peft_model
 from fixture_env import rerun_pinned
 
@@ -192,7 +206,50 @@ CASES = {
         10000,
         dict(rope_parameters=dict(rope_type="default", rope_theta=500000.0)),
     ),
+    "yarn_rope": (
+        Qwen3ForCausalLM,
+        Qwen3Config,
+        dict(
+            **COMMON,
+            head_dim=16,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+            rope_parameters=dict(
+                rope_type="yarn",
+                rope_theta=10000.0,
+                factor=4.0,
+                original_max_position_embeddings=64,
+            ),
+        ),
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        11000,
+        dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+    ),
 }
+
+# YaRN parameter sets for yarn_params.json: (name, model_type, config.json keys). Each is
+# a whole config.json lorakit reads (LlamaConfig::from_json) beside transformers' output.
+YARN_TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                 num_attention_heads=2, num_key_value_heads=2)
+YARN_PARAMS = [
+    ("fixture", "qwen3", dict(**YARN_TINY, head_dim=16, max_position_embeddings=256,
+        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                             original_max_position_embeddings=64))),
+    ("no_truncate_betas", "llama", dict(**YARN_TINY, head_dim=32, max_position_embeddings=512,
+        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=8.0, truncate=False,
+                             beta_fast=16.0, beta_slow=2.0, original_max_position_embeddings=64))),
+    ("null_factor_mscale", "qwen2", dict(**YARN_TINY, max_position_embeddings=1024,
+        rope_scaling=dict(type="yarn", factor=None, mscale=1.0, mscale_all_dim=0.8,
+                          original_max_position_embeddings=128), rope_theta=50000.0)),
+    ("attention_factor_top_level_original", "mistral", dict(**YARN_TINY, head_dim=24,
+        max_position_embeddings=4096, original_max_position_embeddings=32,
+        rope_parameters=dict(rope_type="yarn", rope_theta=1000000.0, factor=2.0,
+                             attention_factor=1.5, original_max_position_embeddings=999))),
+    ("qwen3_card", "qwen3", dict(**YARN_TINY, head_dim=128, max_position_embeddings=131072,
+        rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32768),
+        rope_theta=1000000.0)),
+]
+CONFIG_CLASSES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
 INPUT_SHAPE = (2, 9)
 
 # The second adapter of a case (another variant, on the same base): name -> (folder,
@@ -431,7 +488,8 @@ def write_second(case, ids, expected, lora_logits):
 README = """# Llama-family model fixtures (generated)
 
 Generated by `scripts/make_model_fixtures.py` (torch 2.15.0, transformers 5.24.0,
-peft 0.21.2; see its docstring). Regenerate with
+peft 0.21.2; `yarn_rope` and `yarn_params.json` with transformers 5.25.0; see its
+docstring). Regenerate with
 
     python3 scripts/make_model_fixtures.py
 
@@ -446,6 +504,7 @@ and PEFT.
 | `qwen3` | Qwen3ForCausalLM | `head_dim` 16, q_norm / k_norm, `layer_types` [full, sliding] (window 4) | r=4 α=16 all-linear |
 | `llama3_rope` | LlamaForCausalLM | `rope_type: llama3` (factor 8, original max 64), every frequency regime | r=4 α=8 q/k/v/down_proj |
 | `linear_rope` | LlamaForCausalLM | linear RoPE scaling (factor 2, theta 5e5), tied embeddings, config.json in transformers 4.x form (`rope_theta` + `rope_scaling`) | r=4 α=8 gate/up/down_proj + lm_head (tied: PEFT adapts the shared table as the head) |
+| `yarn_rope` | Qwen3ForCausalLM | `rope_type: yarn` (factor 4, original max 64, head_dim 16): kept, ramped and divided frequencies, the attention factor on cos/sin | r=4 α=8 q/k/v/o_proj |
 
 Vocab 64, hidden 32, intermediate 64, 2 layers, 4 heads (2 KV heads but `linear_rope`),
 f32, random weights (matrices 0.2·N, biases 0.1·N, norms 1 + 0.1·N).
@@ -456,6 +515,7 @@ f32, random weights (matrices 0.2·N, biases 0.1·N, norms 1 + 0.1·N).
 | `CASE/lora/` | PEFT `save_pretrained`: `adapter_config.json`, `adapter_model.safetensors` |
 | `CASE/logits.safetensors` | `input_ids` (i64 (2, 9)), `logits` (base, f32 (2, 9, 64)), `lora_logits` (unmerged PeftModel reloaded from `lora/`, eval), `KIND_logits` (the second adapter, likewise) |
 | `CASE/KIND/` | a second adapter of another variant (below), PEFT `save_pretrained` |
+| `yarn_params.json` | transformers' YaRN `inv_freq` (f32 values) and `attention_factor` for five configs (each a whole `config.json`, in `config`) covering its parameter resolution |
 
 Second adapters (made after the LoRA with seed + 2; targets overlap the LoRA's in part):
 
@@ -475,6 +535,23 @@ checked) and `delete_adapter("default")`: dora is active).
 """
 
 
+def write_yarn_params():
+    """yarn_params.json: transformers' YaRN frequencies for each of YARN_PARAMS."""
+    out = []
+    for name, model_type, keys in YARN_PARAMS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = CONFIG_CLASSES[model_type](**copy.deepcopy(keys))
+            inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](config)
+        assert inv_freq.dtype == torch.float32
+        out.append(dict(name=name, config=dict(model_type=model_type, **keys),
+                        inv_freq=inv_freq.tolist(), attention_factor=attention_factor))
+        log(f"== yarn {name}: attention_factor {attention_factor:.6f}, {len(inv_freq)} frequencies")
+    with open(os.path.join(ROOT, "yarn_params.json"), "w") as f:
+        json.dump(out, f, indent=1)
+        f.write("\n")
+
+
 def main():
     rerun_pinned()
     torch.set_num_threads(1)
@@ -484,6 +561,7 @@ def main():
     os.makedirs(ROOT)  # makes tests/fixtures/models/ too if needed; nothing else touched
     for case in CASES:
         write_case(case)
+    write_yarn_params()
     with open(os.path.join(ROOT, "README.md"), "w") as f:
         f.write(README)
     total = 0

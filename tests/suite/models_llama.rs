@@ -4,7 +4,9 @@
 //! `PeftAdapter::load(..).plan()` (and `plan.finish()` passing: every adapter tensor
 //! used). Fixtures: `tests/fixtures/models/llama/` (`scripts/make_model_fixtures.py`:
 //! Mistral with explicit head_dim and sliding window, Qwen2 with q/k/v bias and tied
-//! embeddings, Qwen3 with q/k norm and a sliding layer, llama3 and linear RoPE scaling;
+//! embeddings, Qwen3 with q/k norm and a sliding layer, llama3, linear and YaRN RoPE
+//! scaling (YaRN's frequencies also against transformers' own on five configs,
+//! `yarn_params.json`);
 //! each with a LoRA, and all but linear_rope with a second variant: Mistral VeRA, Qwen2
 //! DoRA, Qwen3 AdaLoRA, llama3_rope DoRA),
 //! `tests/fixtures/checkpoints/` (tiny Llama and Qwen2, f32/bf16, single/sharded; LoRA,
@@ -26,7 +28,14 @@ use crate::checkpoint_merge::ckpt;
 use crate::peft_common::{fixture, load, rel_err};
 
 const TOL: f64 = 1e-4;
-const CASES: [&str; 5] = ["mistral", "qwen2", "qwen3", "llama3_rope", "linear_rope"];
+const CASES: [&str; 6] = [
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "llama3_rope",
+    "linear_rope",
+    "yarn_rope",
+];
 
 pub(crate) fn models(case: &str) -> PathBuf {
     fixture("models/llama").join(case)
@@ -541,11 +550,31 @@ fn rope_keys_follow_transformers_precedence() {
 
 #[test]
 fn unsupported_config_options_are_errors_naming_them() {
-    let cases: [(&str, &str, &[&str]); 13] = [
+    let cases: [(&str, &str, &[&str]); 17] = [
         (
             "llama",
-            r#""rope_scaling": {"type": "yarn", "factor": 4.0}"#,
-            &["rope_type", "yarn", "llama3"],
+            r#""rope_scaling": {"type": "su", "factor": 4.0}"#,
+            &["rope_type", "su", "llama3, yarn"],
+        ),
+        (
+            "qwen3",
+            r#""rope_scaling": {"type": "yarn", "original_max_position_embeddings": 64}"#,
+            &["factor", "missing", "yarn"],
+        ),
+        (
+            "qwen3",
+            r#""rope_scaling": {"type": "yarn", "factor": 0.0}"#,
+            &["factor", "must be finite and > 0", "got 0"],
+        ),
+        (
+            "qwen3",
+            r#""rope_scaling": {"type": "yarn", "factor": 4.0, "truncate": "yes"}"#,
+            &["truncate", "expected a bool"],
+        ),
+        (
+            "qwen2",
+            r#""rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 0}"#,
+            &["original_max_position_embeddings", "at least 1"],
         ),
         (
             "llama",
@@ -643,6 +672,46 @@ fn unsupported_config_options_are_errors_naming_them() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("layer_types"), "{err}");
+}
+
+/// One of `yarn_params.json`'s cases: a config.json and transformers' YaRN output for it.
+#[derive(serde::Deserialize)]
+struct YarnCase {
+    name: String,
+    config: serde_json::Value,
+    inv_freq: Vec<f32>,
+    attention_factor: f64,
+}
+
+#[test]
+fn yarn_frequencies_and_attention_factor_are_transformers_own() {
+    let text = std::fs::read_to_string(fixture("models/llama/yarn_params.json")).unwrap();
+    let cases: Vec<YarnCase> = serde_json::from_str(&text).unwrap();
+    assert_eq!(cases.len(), 5);
+    for case in cases {
+        let config = LlamaConfig::from_json(&case.config.to_string()).unwrap();
+        let RopeScaling::Yarn(ref yarn) = config.rope_scaling else {
+            panic!("{}: not read as yarn: {:?}", case.name, config.rope_scaling)
+        };
+        assert!(
+            (yarn.attention_factor - case.attention_factor).abs() <= 1e-12,
+            "{}: attention factor {} vs transformers' {}",
+            case.name,
+            yarn.attention_factor,
+            case.attention_factor
+        );
+        let got = config.inv_freq();
+        assert_eq!(got.len(), case.inv_freq.len(), "{}", case.name);
+        // The same f32 operations in the same order; powf may round θ^(2i/d) one ulp
+        // apart from PyTorch's pow.
+        for (i, (g, w)) in got.iter().zip(&case.inv_freq).enumerate() {
+            assert!(
+                (g - w).abs() <= 4.0 * f32::EPSILON * w.abs(),
+                "{}: inv_freq[{i}] {g:e} vs transformers' {w:e}",
+                case.name
+            );
+        }
+    }
 }
 
 #[test]

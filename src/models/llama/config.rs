@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value};
 
+use super::yarn::YarnScaling;
 use crate::error::{Error, Result, Scope};
 
 /// The architectures [`super::LlamaForCausalLM`] implements, by transformers' `model_type`.
@@ -98,6 +99,8 @@ pub enum RopeScaling {
     ///
     /// [`LlamaForCausalLM::from_gguf`]: crate::models::llama::LlamaForCausalLM::from_gguf
     Factors(Vec<f32>),
+    /// `yarn` (Qwen2.5 / Qwen3 long context, and others): see [`YarnScaling`].
+    Yarn(YarnScaling),
 }
 
 /// Which keys a layer's queries see.
@@ -143,9 +146,10 @@ pub enum LayerAttention {
 /// - RoPE: transformers 5's `rope_parameters` (`rope_type`, `rope_theta`, ...) or the 4.x
 ///   form (top-level `rope_theta`, `rope_scaling` with `type` or `rope_type`); a non-empty
 ///   `rope_scaling` wins over `rope_parameters`, a `rope_theta` inside them over the
-///   top-level one. `default`, `linear` and `llama3` are supported; any other `rope_type`
-///   (`dynamic`, `yarn`, `longrope`, ...), a `partial_rotary_factor` other than 1 and
-///   per-layer-type RoPE parameters are errors naming them.
+///   top-level one. `default`, `linear`, `llama3` and `yarn` ([`YarnScaling`]) are
+///   supported; any other `rope_type` (`dynamic`, `longrope`, ...), a
+///   `partial_rotary_factor` other than 1 and per-layer-type RoPE parameters are errors
+///   naming them.
 /// - Biases: Llama has `attention_bias` on q/k/v/o and `mlp_bias` on the MLP; Qwen2 always
 ///   has a bias on q/k/v and none on o or the MLP; Qwen3 has `attention_bias` on q/k/v/o;
 ///   Mistral has none (transformers ignores these keys where this says so, and so does
@@ -177,11 +181,11 @@ pub enum LayerAttention {
 /// assert!(matches!(config.rope_scaling, RopeScaling::Llama3 { factor: 32.0, .. }));
 /// assert_eq!(config.layer_attention, vec![LayerAttention::Full; 16]);
 ///
-/// let yarn = r#"{"model_type": "qwen2", "vocab_size": 64, "hidden_size": 16,
+/// let dynamic = r#"{"model_type": "qwen2", "vocab_size": 64, "hidden_size": 16,
 ///     "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-///     "rope_scaling": {"type": "yarn", "factor": 4.0}}"#;
-/// let err = LlamaConfig::from_json(yarn).unwrap_err().to_string();
-/// assert!(err.contains("rope_type") && err.contains("yarn"), "{err}");
+///     "rope_scaling": {"type": "dynamic", "factor": 4.0}}"#;
+/// let err = LlamaConfig::from_json(dynamic).unwrap_err().to_string();
+/// assert!(err.contains("rope_type") && err.contains("dynamic"), "{err}");
 /// # Ok(()) }
 /// ```
 #[derive(Clone, Debug, PartialEq)]
@@ -605,6 +609,9 @@ impl LlamaConfig {
                     positive("rope factor", f64::from(f))?;
                 }
             }
+            RopeScaling::Yarn(ref yarn) => {
+                yarn.validate(&|field, reason| invalid(field, reason))?
+            }
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
@@ -652,7 +659,7 @@ impl LlamaConfig {
 }
 
 /// The `rope_type`s supported, for messages.
-const ROPE_TYPES: &str = "default, linear, llama3";
+const ROPE_TYPES: &str = "default, linear, llama3, yarn";
 
 /// RoPE's θ and scaling from `rope_scaling` / `rope_parameters` / `rope_theta`, with
 /// transformers' precedence (`convert_rope_params_to_dict`, `standardize_rope_params`).
@@ -708,19 +715,7 @@ pub(super) fn resolve_rope(
             factor: need("factor")?,
         },
         "llama3" => {
-            let original = match raw.original_max_position_embeddings {
-                Some(n) => n,
-                None => match number("original_max_position_embeddings")? {
-                    Some(n) if n >= 0.0 && n.fract() == 0.0 => n as usize,
-                    Some(n) => {
-                        return Err(invalid(
-                            "original_max_position_embeddings",
-                            format!("expected a whole number, got {n}"),
-                        ))
-                    }
-                    None => max_position_embeddings,
-                },
-            };
+            let original = original_max(raw, &number, max_position_embeddings, &invalid)?;
             RopeScaling::Llama3 {
                 factor: need("factor")?,
                 low_freq_factor: need("low_freq_factor")?,
@@ -728,6 +723,13 @@ pub(super) fn resolve_rope(
                 original_max_position_embeddings: original,
             }
         }
+        "yarn" => RopeScaling::Yarn(YarnScaling::resolve(
+            rope,
+            &number,
+            original_max(raw, &number, max_position_embeddings, &invalid)?,
+            max_position_embeddings,
+            &invalid,
+        )?),
         other => {
             return Err(Error::Unsupported {
                 what: "rope_type",
@@ -737,4 +739,27 @@ pub(super) fn resolve_rope(
         }
     };
     Ok((theta, scaling))
+}
+
+/// The pretraining context length of a scaled RoPE (`llama3`, `yarn`), as transformers'
+/// `standardize_rope_params` resolves it: a top-level `original_max_position_embeddings`
+/// (Phi-3's place for it) wins over the one in the RoPE parameters; without either it is
+/// `max_position_embeddings`.
+fn original_max(
+    raw: &RawConfig,
+    number: &dyn Fn(&'static str) -> Result<Option<f64>>,
+    max_position_embeddings: usize,
+    invalid: &dyn Fn(&'static str, String) -> Error,
+) -> Result<usize> {
+    if let Some(n) = raw.original_max_position_embeddings {
+        return Ok(n);
+    }
+    match number("original_max_position_embeddings")? {
+        Some(n) if n >= 0.0 && n.fract() == 0.0 => Ok(n as usize),
+        Some(n) => Err(invalid(
+            "original_max_position_embeddings",
+            format!("expected a whole number, got {n}"),
+        )),
+        None => Ok(max_position_embeddings),
+    }
 }

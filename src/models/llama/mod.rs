@@ -36,6 +36,7 @@ mod generate;
 mod layers;
 mod rope;
 mod trunk;
+mod yarn;
 
 use std::path::Path;
 
@@ -55,6 +56,7 @@ pub use cache::KvCache;
 pub use classifier::LlamaForSequenceClassification;
 pub use config::{LayerAttention, LlamaConfig, LlamaFamily, RopeScaling};
 use trunk::LlamaTrunk;
+pub use yarn::YarnScaling;
 
 /// A Llama-family causal language model (transformers' `LlamaForCausalLM`,
 /// `MistralForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`) whose linear layers and

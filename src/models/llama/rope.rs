@@ -1,7 +1,6 @@
-//! Rotary position embeddings: the frequencies (with `linear` / `llama3` scaling, or
-//! llama.cpp's precomputed factors), their
-//! resolution from `config.json` as transformers does it, and the cos/sin tables a forward
-//! uses.
+//! Rotary position embeddings: the frequencies (with `linear` / `llama3` / `yarn`
+//! scaling, or llama.cpp's precomputed factors), computed as transformers computes them,
+//! and the cos/sin tables a forward uses.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -31,11 +30,15 @@ impl LlamaConfig {
     pub fn inv_freq(&self) -> Vec<f32> {
         let dim = self.head_dim as f32;
         let base = self.rope_theta as f32;
-        let plain = (0..self.head_dim / 2).map(|i| 1.0 / base.powf((2 * i) as f32 / dim));
+        let powers: Vec<f32> = (0..self.head_dim / 2)
+            .map(|i| base.powf((2 * i) as f32 / dim))
+            .collect();
+        let plain = powers.iter().map(|p| 1.0 / p);
         match self.rope_scaling {
             RopeScaling::None => plain.collect(),
             RopeScaling::Linear { factor } => plain.map(|f| f / factor as f32).collect(),
             RopeScaling::Factors(ref factors) => plain.zip(factors).map(|(f, d)| f / d).collect(),
+            RopeScaling::Yarn(ref yarn) => yarn.inv_freq(&powers, self.head_dim, self.rope_theta),
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
@@ -65,12 +68,22 @@ impl LlamaConfig {
             }
         }
     }
+
+    /// What RoPE's cos and sin tables are multiplied by: YaRN's `attention_factor`, 1 for
+    /// every other scaling (transformers' `attention_scaling`).
+    pub fn rope_attention_factor(&self) -> f32 {
+        match self.rope_scaling {
+            RopeScaling::Yarn(ref yarn) => yarn.attention_factor as f32,
+            _ => 1.0,
+        }
+    }
 }
 
 /// RoPE's cos and sin for positions `offset..offset + len`, `(len, head_dim / 2)` in the
 /// model's dtype (`(batch, len, head_dim / 2)` with each row's own positions for a
-/// left-padded batch, see `models::padding`): angles `position · inv_freq` in f32, as
-/// transformers computes them.
+/// left-padded batch, see `models::padding`): angles `position · inv_freq` in f32, their
+/// cos and sin times the config's [`LlamaConfig::rope_attention_factor`], as transformers
+/// computes them.
 #[derive(Clone, Debug)]
 pub(crate) struct RopeTables {
     cos: Tensor,
@@ -80,6 +93,7 @@ pub(crate) struct RopeTables {
 impl RopeTables {
     pub(crate) fn new(
         inv_freq: &[f32],
+        attention_factor: f32,
         offset: usize,
         len: usize,
         pads: Option<&[usize]>,
@@ -97,8 +111,8 @@ impl RopeTables {
                 })
             })
             .collect();
-        let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
-        let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+        let cos: Vec<f32> = angles.iter().map(|a| a.cos() * attention_factor).collect();
+        let sin: Vec<f32> = angles.iter().map(|a| a.sin() * attention_factor).collect();
         let table = |v: Vec<f32>| -> Result<Tensor> {
             let t = match pads {
                 Some(p) => Tensor::from_vec(v, (p.len(), len, half), &Device::Cpu)?,

@@ -86,6 +86,7 @@ impl LlamaTrunk {
         };
         let rope = RopeTables::new(
             &self.inv_freq,
+            self.config.rope_attention_factor(),
             offset,
             seq,
             rope_pads,
