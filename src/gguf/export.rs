@@ -293,7 +293,7 @@ impl GgufLora {
     /// architecture, head counts and whether embeddings are tied).
     pub fn from_adapter(adapter: &PeftAdapter, base: &LlamaConfig) -> Result<Self> {
         check_config(adapter)?;
-        let arch = GgufArch::from_family(base.family);
+        let arch = GgufArch::from_family(base.family)?;
         let mut parts: HashMap<(String, Part), Tensor> = HashMap::new();
         for key in adapter.tensor_names() {
             let Some((module, part)) = classify(&key)? else {

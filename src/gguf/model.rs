@@ -18,7 +18,7 @@ use candle_core::Device;
 use super::names::{gguf_tensor, hf_tensor, GgufArch};
 use super::permute::{gather_qtensor_rows, inverse, rope_permutation};
 use crate::error::{Error, Result};
-use crate::models::llama::{LayerAttention, LlamaConfig, LlamaFamily, RopeScaling};
+use crate::models::llama::{LayerAttention, LlamaConfig, LlamaFamily, Multipliers, RopeScaling};
 
 /// A GGUF model file, opened (metadata and tensor directory read; tensors on demand).
 ///
@@ -338,6 +338,7 @@ impl GgufModel {
             qk_norm: self.has("blk.0.attn_q_norm.weight"),
             layer_attention: vec![LayerAttention::Full; num_hidden_layers],
             attention_dropout: 0.0,
+            multipliers: Multipliers::default(),
         };
         config.validate()?;
         Ok(config)

@@ -15,10 +15,11 @@ use crate::models::llama::LlamaFamily;
 /// ```
 /// use lorakit::gguf::GgufArch;
 /// use lorakit::models::llama::LlamaFamily;
-/// assert_eq!(GgufArch::from_family(LlamaFamily::Mistral), GgufArch::Llama); // as llama.cpp converts it
+/// assert_eq!(GgufArch::from_family(LlamaFamily::Mistral)?, GgufArch::Llama); // as llama.cpp converts it
 /// assert_eq!(GgufArch::Qwen3.name(), "qwen3");
 /// assert!(GgufArch::Llama.permutes_qk() && !GgufArch::Qwen2.permutes_qk());
 /// assert!(GgufArch::from_name("gpt2").is_err());
+/// # Ok::<(), lorakit::Error>(())
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum GgufArch {
@@ -56,12 +57,27 @@ impl GgufArch {
             })
     }
 
-    /// The architecture llama.cpp's converter gives a checkpoint of this family.
-    pub fn from_family(family: LlamaFamily) -> Self {
+    /// The architecture llama.cpp's converter gives a checkpoint of this family. Granite
+    /// (llama.cpp's `granite`, whose scalars lorakit does not map) is an error naming it.
+    ///
+    /// ```
+    /// use lorakit::gguf::GgufArch;
+    /// use lorakit::models::llama::LlamaFamily;
+    /// assert_eq!(GgufArch::from_family(LlamaFamily::Qwen2)?, GgufArch::Qwen2);
+    /// let err = GgufArch::from_family(LlamaFamily::Granite).unwrap_err().to_string();
+    /// assert!(err.contains("granite"), "{err}");
+    /// # Ok::<(), lorakit::Error>(())
+    /// ```
+    pub fn from_family(family: LlamaFamily) -> Result<Self> {
         match family {
-            LlamaFamily::Llama | LlamaFamily::Mistral => GgufArch::Llama,
-            LlamaFamily::Qwen2 => GgufArch::Qwen2,
-            LlamaFamily::Qwen3 => GgufArch::Qwen3,
+            LlamaFamily::Llama | LlamaFamily::Mistral => Ok(GgufArch::Llama),
+            LlamaFamily::Qwen2 => Ok(GgufArch::Qwen2),
+            LlamaFamily::Qwen3 => Ok(GgufArch::Qwen3),
+            LlamaFamily::Granite => Err(Error::Unsupported {
+                what: "GGUF architecture for model_type",
+                got: family.model_type().to_string(),
+                supported: "llama, mistral, qwen2, qwen3".to_string(),
+            }),
         }
     }
 

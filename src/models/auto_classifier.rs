@@ -72,7 +72,12 @@ impl Kind {
         match model_type.as_str() {
             "bert" => Ok(Self::Bert),
             "gpt2" => Ok(Self::Gpt2),
-            t if LlamaFamily::from_model_type(t).is_some() => Ok(Self::Llama),
+            // Granite is a Llama family member without a classifier in transformers.
+            t if CLASSIFIER_MODEL_TYPES.contains(&t)
+                && LlamaFamily::from_model_type(t).is_some() =>
+            {
+                Ok(Self::Llama)
+            }
             _ => Err(Error::Unsupported {
                 what: "model_type",
                 got: model_type,

@@ -28,13 +28,14 @@ use crate::checkpoint_merge::ckpt;
 use crate::peft_common::{fixture, load, rel_err};
 
 const TOL: f64 = 1e-4;
-const CASES: [&str; 6] = [
+const CASES: [&str; 7] = [
     "mistral",
     "qwen2",
     "qwen3",
     "llama3_rope",
     "linear_rope",
     "yarn_rope",
+    "granite",
 ];
 
 pub(crate) fn models(case: &str) -> PathBuf {
@@ -102,7 +103,7 @@ fn every_model_fixture_gives_transformers_and_peft_logits() {
             TOL,
             &format!("{case} base"),
         ));
-        let tied = matches!(case, "qwen2" | "linear_rope");
+        let tied = matches!(case, "qwen2" | "linear_rope" | "granite");
         assert_eq!(base.is_tied(), tied, "{case}");
 
         let plan = peft_plan(&dir.join("lora"));
@@ -672,6 +673,93 @@ fn unsupported_config_options_are_errors_naming_them() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("layer_types"), "{err}");
+}
+
+#[test]
+fn granite_reads_its_multipliers_and_refuses_what_transformers_lacks() {
+    // Absent multipliers take GraniteConfig's defaults: 1 each, the attention's too
+    // (not 1 / √head_dim).
+    let plain = LlamaConfig::from_json(&json("granite", "")).unwrap();
+    assert_eq!(plain.family, LlamaFamily::Granite);
+    assert_eq!(plain.multipliers.attention_scale(plain.head_dim), 1.0);
+    assert_eq!(plain.num_key_value_heads, 32); // like Llama: the query heads
+    let fixture_config = LlamaConfig::from_file(models("granite").join("base")).unwrap();
+    let m = fixture_config.multipliers;
+    assert_eq!(
+        (
+            m.embedding_multiplier,
+            m.attention_multiplier,
+            m.residual_multiplier,
+            m.logits_scaling
+        ),
+        (3.0, Some(0.25), 0.5, 4.0)
+    );
+    let err = LlamaConfig::from_json(&json("granite", r#""logits_scaling": 0"#))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("logits_scaling") && err.contains("not be 0"),
+        "{err}"
+    );
+    let err = LlamaConfig::from_json(&json("granite", r#""residual_multiplier": 1e999"#))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("config.json"), "{err}"); // out of f64's range: a JSON error
+
+    // The loss path (the frozen tied head and the loss as one op, or the adapted head)
+    // divides by logits_scaling as the logits do.
+    let dir = models("granite");
+    let ids = &load(&dir.join("logits.safetensors"))["input_ids"];
+    let mask = Tensor::ones(ids.dims(), DType::F32, &Device::Cpu).unwrap();
+    for plan in [no_adapter(), peft_plan(&dir.join("lora"))] {
+        let model = build(
+            &dir.join("base/config.json"),
+            &dir.join("base"),
+            DType::F32,
+            &plan,
+        );
+        let fused = model.loss_sum(ids, &mask).unwrap();
+        let composed = lorakit::finetune::loss::causal_lm_loss_sum_composed(
+            &model.forward(ids).unwrap(),
+            &ids.to_dtype(DType::U32).unwrap(),
+            &mask,
+        )
+        .unwrap();
+        let (f, c) = (
+            fused.to_scalar::<f32>().unwrap(),
+            composed.to_scalar::<f32>().unwrap(),
+        );
+        assert!((f - c).abs() <= 1e-5 * c.abs(), "loss {f} vs {c}");
+    }
+
+    // transformers has no GraniteForSequenceClassification; llama.cpp's granite
+    // architecture carries the multipliers, which the GGUF export does not map.
+    let base = models("granite").join("base");
+    let err = lorakit::models::AutoSequenceClassifier::head_name(&base)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("granite"), "{err}");
+    let labels = lorakit::models::classification::ClassifierConfig::default();
+    let vb = Checkpoint::open(&base)
+        .unwrap()
+        .var_builder(DType::F32, &Device::Cpu);
+    let err = lorakit::models::llama::LlamaForSequenceClassification::load(
+        &fixture_config,
+        &labels,
+        vb,
+        &no_adapter(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("granite") && err.contains("GraniteForSequenceClassification"),
+        "{err}"
+    );
+    let adapter = PeftAdapter::load(models("granite").join("lora"), &Device::Cpu).unwrap();
+    let err = lorakit::gguf::GgufLora::from_adapter(&adapter, &fixture_config)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("GGUF") && err.contains("granite"), "{err}");
 }
 
 /// One of `yarn_params.json`'s cases: a config.json and transformers' YaRN output for it.

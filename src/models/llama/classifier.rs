@@ -7,12 +7,12 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::{AdapterPlan, Linear};
 use crate::models::classification::ClassifierConfig;
 use crate::models::decoder_classifier::{AsDecoderParts, DecoderParts};
 
-use super::config::LlamaConfig;
+use super::config::{LlamaConfig, LlamaFamily};
 use super::trunk::LlamaTrunk;
 
 /// A Llama-family decoder with a classification head (transformers'
@@ -102,6 +102,15 @@ impl LlamaForSequenceClassification {
         vb: VarBuilder,
         plan: &AdapterPlan,
     ) -> Result<Self> {
+        if config.family == LlamaFamily::Granite {
+            return Err(Error::Unsupported {
+                what: "sequence classification for model_type",
+                got: config.family.model_type().to_string(),
+                supported: "llama, mistral, qwen2, qwen3 (transformers has no \
+                            GraniteForSequenceClassification)"
+                    .to_string(),
+            });
+        }
         DecoderParts::load(config, labels, vb, plan).map(Self)
     }
 

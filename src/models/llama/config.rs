@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value};
 
+use super::multipliers::Multipliers;
 use super::yarn::YarnScaling;
 use crate::error::{Error, Result, Scope};
 
@@ -28,6 +29,9 @@ pub enum LlamaFamily {
     /// `qwen3`: RMSNorm over `head_dim` on queries and keys (`q_norm`, `k_norm`),
     /// `attention_bias` on q/k/v/o; per-layer sliding window.
     Qwen3,
+    /// `granite`: IBM's Granite 3.x, a Llama decoder with four scalars
+    /// ([`Multipliers`]). transformers has no sequence classifier for it.
+    Granite,
 }
 
 impl LlamaFamily {
@@ -43,10 +47,11 @@ impl LlamaFamily {
             LlamaFamily::Mistral => "mistral",
             LlamaFamily::Qwen2 => "qwen2",
             LlamaFamily::Qwen3 => "qwen3",
+            LlamaFamily::Granite => "granite",
         }
     }
 
-    /// The family of a `model_type`, if it is one of the four.
+    /// The family of a `model_type`, if it is one of the five.
     ///
     /// ```
     /// use lorakit::models::llama::LlamaFamily;
@@ -54,9 +59,15 @@ impl LlamaFamily {
     /// assert_eq!(LlamaFamily::from_model_type("Qwen3"), None); // as transformers writes it
     /// ```
     pub fn from_model_type(model_type: &str) -> Option<Self> {
-        [Self::Llama, Self::Mistral, Self::Qwen2, Self::Qwen3]
-            .into_iter()
-            .find(|f| f.model_type() == model_type)
+        [
+            Self::Llama,
+            Self::Mistral,
+            Self::Qwen2,
+            Self::Qwen3,
+            Self::Granite,
+        ]
+        .into_iter()
+        .find(|f| f.model_type() == model_type)
     }
 }
 
@@ -233,6 +244,9 @@ pub struct LlamaConfig {
     pub layer_attention: Vec<LayerAttention>,
     /// Dropout on the attention probabilities (training only).
     pub attention_dropout: f64,
+    /// Granite's embedding, attention, residual and logit scalars (the plain decoder's
+    /// for the other families).
+    pub multipliers: Multipliers,
 }
 
 /// `Some(value)` for a key present in the file (`Some(None)` when it is `null`); `None`
@@ -277,6 +291,10 @@ pub(super) struct RawConfig {
     pub(super) layer_types: Option<Vec<String>>,
     pub(super) quantization_config: Option<Value>,
     pub(super) attention_dropout: Option<f64>,
+    pub(super) embedding_multiplier: Option<f64>,
+    pub(super) attention_multiplier: Option<f64>,
+    pub(super) residual_multiplier: Option<f64>,
+    pub(super) logits_scaling: Option<f64>,
 }
 
 impl LlamaConfig {
@@ -337,14 +355,14 @@ impl LlamaConfig {
         let model_type = raw.model_type.as_deref().ok_or_else(|| {
             invalid(
                 "model_type",
-                "missing (llama, mistral, qwen2 or qwen3 expected)",
+                "missing (llama, mistral, qwen2, qwen3 or granite expected)",
             )
         })?;
         let family =
             LlamaFamily::from_model_type(model_type).ok_or_else(|| Error::Unsupported {
                 what: "model_type",
                 got: model_type.to_string(),
-                supported: "llama, mistral, qwen2, qwen3".to_string(),
+                supported: "llama, mistral, qwen2, qwen3, granite".to_string(),
             })?;
         let required = |value: Option<usize>, field: &'static str| {
             value.ok_or_else(|| invalid(field, "missing"))
@@ -383,7 +401,7 @@ impl LlamaConfig {
             Some(Some(n)) => n,
             Some(None) => num_attention_heads,
             None => match family {
-                LlamaFamily::Llama => num_attention_heads,
+                LlamaFamily::Llama | LlamaFamily::Granite => num_attention_heads,
                 LlamaFamily::Mistral => 8,
                 LlamaFamily::Qwen2 | LlamaFamily::Qwen3 => 32,
             },
@@ -397,7 +415,7 @@ impl LlamaConfig {
             (_, _) => hidden_size / num_attention_heads,
         };
         let max_position_embeddings = raw.max_position_embeddings.unwrap_or(match family {
-            LlamaFamily::Llama => 2048,
+            LlamaFamily::Llama | LlamaFamily::Granite => 2048,
             LlamaFamily::Mistral => 131_072,
             LlamaFamily::Qwen2 | LlamaFamily::Qwen3 => 32_768,
         });
@@ -406,7 +424,7 @@ impl LlamaConfig {
 
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let (qkv_bias, o_bias, mlp_bias) = match family {
-            LlamaFamily::Llama => (
+            LlamaFamily::Llama | LlamaFamily::Granite => (
                 attention_bias,
                 attention_bias,
                 raw.mlp_bias.unwrap_or(false),
@@ -422,7 +440,9 @@ impl LlamaConfig {
             None => Some(4096),
         };
         let layer_attention = match family {
-            LlamaFamily::Llama => vec![LayerAttention::Full; num_hidden_layers],
+            LlamaFamily::Llama | LlamaFamily::Granite => {
+                vec![LayerAttention::Full; num_hidden_layers]
+            }
             LlamaFamily::Mistral => {
                 let kind = match window {
                     Some(window) => LayerAttention::Sliding { window },
@@ -489,6 +509,15 @@ impl LlamaConfig {
             qk_norm: family == LlamaFamily::Qwen3,
             layer_attention,
             attention_dropout: raw.attention_dropout.unwrap_or(0.0),
+            multipliers: match family {
+                LlamaFamily::Granite => Multipliers::granite(
+                    raw.embedding_multiplier,
+                    raw.attention_multiplier,
+                    raw.residual_multiplier,
+                    raw.logits_scaling,
+                ),
+                _ => Multipliers::default(),
+            },
         })
     }
 
@@ -591,6 +620,8 @@ impl LlamaConfig {
             }
         };
         positive("rope_theta", self.rope_theta)?;
+        self.multipliers
+            .validate(&|field, reason| invalid(field, reason))?;
         match self.rope_scaling {
             RopeScaling::None => {}
             RopeScaling::Linear { factor } => positive("factor", factor)?,

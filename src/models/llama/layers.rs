@@ -147,7 +147,7 @@ impl Attention {
             n_heads: c.num_attention_heads,
             n_kv_heads: c.num_key_value_heads,
             head_dim: c.head_dim,
-            scale: 1.0 / (c.head_dim as f64).sqrt(),
+            scale: c.multipliers.attention_scale(c.head_dim),
             kind,
             dropout: c.attention_dropout,
         })
@@ -251,13 +251,15 @@ impl Mlp {
     }
 }
 
-/// One decoder layer: pre-norm attention and pre-norm MLP, each with a residual.
+/// One decoder layer: pre-norm attention and pre-norm MLP, each with a residual (each
+/// branch times Granite's `residual_multiplier` when it is not 1).
 #[derive(Clone, Debug)]
 pub(crate) struct DecoderLayer {
     input_layernorm: RmsNorm,
     self_attn: Attention,
     post_attention_layernorm: RmsNorm,
     mlp: Mlp,
+    residual_multiplier: f64,
 }
 
 impl DecoderLayer {
@@ -281,7 +283,18 @@ impl DecoderLayer {
                 vb.pp("post_attention_layernorm"),
             )?,
             mlp: Mlp::load(c, vb.pp("mlp"), plan)?,
+            residual_multiplier: c.multipliers.residual_multiplier,
         })
+    }
+
+    /// `x + branch · residual_multiplier`.
+    fn add_residual(&self, x: &Tensor, branch: Tensor) -> Result<Tensor> {
+        let branch = if self.residual_multiplier == 1.0 {
+            branch
+        } else {
+            (branch * self.residual_multiplier)?
+        };
+        Ok((x + branch)?)
     }
 
     /// The layer on new positions after the cached keys and values `past` (`None`: the
@@ -304,10 +317,10 @@ impl DecoderLayer {
             how,
             train,
         )?;
-        let x = (x + attn)?;
+        let x = self.add_residual(x, attn)?;
         let mlp = self
             .mlp
             .forward(&self.post_attention_layernorm.forward(&x)?)?;
-        Ok(((x + mlp)?, kv))
+        Ok((self.add_residual(&x, mlp)?, kv))
     }
 }

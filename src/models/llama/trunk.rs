@@ -64,7 +64,9 @@ impl LlamaTrunk {
     /// The hidden states after the final norm for `input_ids` at positions `pass.offset..`
     /// after each layer's cached keys and values `past` (in layer order), and every
     /// layer's grown cache entry, run as `pass` says (with `train`, the config's attention
-    /// dropout). The ids are checked by the caller.
+    /// dropout). The ids are checked by the caller. Granite's embedding multiplier applies
+    /// to the embeddings, and the hidden states come back divided by its `logits_scaling`
+    /// (the output head's input: see [`super::Multipliers`]).
     pub(super) fn run_hidden<'a>(
         &self,
         input_ids: &Tensor,
@@ -107,13 +109,24 @@ impl LlamaTrunk {
             values_only,
         };
         let mut x = self.embed_tokens.forward(&ids)?;
+        let scales = self.config.multipliers;
+        if scales.embedding_multiplier != 1.0 {
+            x = (x * scales.embedding_multiplier)?;
+        }
         let mut grown = Vec::with_capacity(self.layers.len());
         for (layer, past) in self.layers.iter().zip(past) {
             let (out, kv) = layer.forward_cached(&x, &rope, &masks, past.as_ref(), how, train)?;
             x = out;
             grown.push(kv);
         }
-        Ok((self.norm.forward(&x)?, grown))
+        // Granite divides the logits by `logits_scaling`; the head is linear without a
+        // bias, so its input divided gives the same (and one place serves the logits,
+        // generation and the fused head + loss).
+        let mut hidden = self.norm.forward(&x)?;
+        if scales.logits_scaling != 1.0 {
+            hidden = (hidden / scales.logits_scaling)?;
+        }
+        Ok((hidden, grown))
     }
 
     /// [`LlamaTrunk::run_hidden`] over a whole sequence, no cache.
