@@ -337,6 +337,7 @@ impl GgufModel {
             mlp_bias: self.has("blk.0.ffn_gate.bias"),
             qk_norm: self.has("blk.0.attn_q_norm.weight"),
             layer_attention: vec![LayerAttention::Full; num_hidden_layers],
+            layer_rope: vec![true; num_hidden_layers],
             attention_dropout: 0.0,
             multipliers: Multipliers::default(),
         };

@@ -58,7 +58,8 @@ impl GgufArch {
     }
 
     /// The architecture llama.cpp's converter gives a checkpoint of this family. Granite
-    /// (llama.cpp's `granite`, whose scalars lorakit does not map) is an error naming it.
+    /// and SmolLM3 (llama.cpp's `granite` and `smollm3`, whose extra keys lorakit does not
+    /// map) are errors naming them.
     ///
     /// ```
     /// use lorakit::gguf::GgufArch;
@@ -73,7 +74,7 @@ impl GgufArch {
             LlamaFamily::Llama | LlamaFamily::Mistral => Ok(GgufArch::Llama),
             LlamaFamily::Qwen2 => Ok(GgufArch::Qwen2),
             LlamaFamily::Qwen3 => Ok(GgufArch::Qwen3),
-            LlamaFamily::Granite => Err(Error::Unsupported {
+            LlamaFamily::Granite | LlamaFamily::SmolLm3 => Err(Error::Unsupported {
                 what: "GGUF architecture for model_type",
                 got: family.model_type().to_string(),
                 supported: "llama, mistral, qwen2, qwen3".to_string(),

@@ -253,7 +253,10 @@ fn auto_causal_lm_chooses_by_model_type_and_names_unsupported_ones() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("`bert`"), "{e}");
-    assert!(e.contains("llama, mistral, qwen2, qwen3, granite, gpt2"), "{e}");
+    assert!(
+        e.contains("llama, mistral, qwen2, qwen3, granite, smollm3, gpt2"),
+        "{e}"
+    );
     std::fs::write(tmp.join("config.json"), r#"{"vocab_size": 4}"#).unwrap();
     let e = AutoCausalLm::model_type(&tmp).unwrap_err().to_string();
     assert!(e.contains("model_type") && e.contains("missing"), "{e}");

@@ -28,7 +28,7 @@ use crate::checkpoint_merge::ckpt;
 use crate::peft_common::{fixture, load, rel_err};
 
 const TOL: f64 = 1e-4;
-const CASES: [&str; 7] = [
+const CASES: [&str; 8] = [
     "mistral",
     "qwen2",
     "qwen3",
@@ -36,6 +36,7 @@ const CASES: [&str; 7] = [
     "linear_rope",
     "yarn_rope",
     "granite",
+    "smollm3",
 ];
 
 pub(crate) fn models(case: &str) -> PathBuf {
@@ -103,7 +104,7 @@ fn every_model_fixture_gives_transformers_and_peft_logits() {
             TOL,
             &format!("{case} base"),
         ));
-        let tied = matches!(case, "qwen2" | "linear_rope" | "granite");
+        let tied = matches!(case, "qwen2" | "linear_rope" | "granite" | "smollm3");
         assert_eq!(base.is_tied(), tied, "{case}");
 
         let plan = peft_plan(&dir.join("lora"));
@@ -760,6 +761,65 @@ fn granite_reads_its_multipliers_and_refuses_what_transformers_lacks() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("GGUF") && err.contains("granite"), "{err}");
+}
+
+#[test]
+fn smollm3_resolves_nope_layers_and_windows_as_transformers_does() {
+    // SmolLM3Config's defaults: every 4th layer NoPE, θ 2e6, 4 KV heads, tied; layer_types
+    // from the NoPE layers when a window is on.
+    let smol = |layers: usize, extra: &str| {
+        LlamaConfig::from_json(&format!(
+            r#"{{"model_type": "smollm3", "vocab_size": 64, "hidden_size": 128,
+                "intermediate_size": 32, "num_hidden_layers": {layers},
+                "num_attention_heads": 32{extra}}}"#
+        ))
+    };
+    let c = smol(8, "").unwrap();
+    assert_eq!(c.family, LlamaFamily::SmolLm3);
+    let nope: Vec<usize> = (0..8).filter(|&i| !c.layer_rope[i]).collect();
+    assert_eq!(nope, [3, 7]);
+    assert_eq!((c.rope_theta, c.num_key_value_heads), (2e6, 4));
+    assert!(c.tie_word_embeddings);
+    assert_eq!(c.layer_attention, vec![LayerAttention::Full; 8]);
+    let c = smol(
+        4,
+        r#", "no_rope_layer_interval": 2, "use_sliding_window": true, "sliding_window": 16"#,
+    )
+    .unwrap();
+    assert_eq!(c.layer_rope, [true, false, true, false]);
+    let slide = LayerAttention::Sliding { window: 16 };
+    let full = LayerAttention::Full;
+    assert_eq!(c.layer_attention, [full, slide, full, slide]);
+    // The saved fixture names its layers: the NoPE layer slides.
+    let f = LlamaConfig::from_file(models("smollm3").join("base")).unwrap();
+    assert_eq!(f.layer_rope, [true, false]);
+    assert_eq!(
+        f.layer_attention,
+        [full, LayerAttention::Sliding { window: 4 }]
+    );
+    assert!(f.qkv_bias && f.o_bias && !f.mlp_bias);
+
+    for (extra, needles) in [
+        (
+            r#""no_rope_layers": [1, 0]"#,
+            &["no_rope_layers", "2 entries for 3 layers"][..],
+        ),
+        (
+            r#""no_rope_layers": [1, 2, 1]"#,
+            &["no_rope_layers", "got 2"][..],
+        ),
+        (
+            r#""no_rope_layer_interval": 0"#,
+            &["no_rope_layer_interval", "at least 1"][..],
+        ),
+    ] {
+        let err = LlamaConfig::from_json(&json("smollm3", extra))
+            .unwrap_err()
+            .to_string();
+        for n in needles {
+            assert!(err.contains(n), "{extra}: `{err}` does not mention `{n}`");
+        }
+    }
 }
 
 /// One of `yarn_params.json`'s cases: a config.json and transformers' YaRN output for it.

@@ -32,6 +32,10 @@ pub enum LlamaFamily {
     /// `granite`: IBM's Granite 3.x, a Llama decoder with four scalars
     /// ([`Multipliers`]). transformers has no sequence classifier for it.
     Granite,
+    /// `smollm3`: Hugging Face's SmolLM3, with layers that skip RoPE (NoPE,
+    /// `no_rope_layers`), `attention_bias` on q/k/v/o and `mlp_bias`, per-layer sliding
+    /// window as Qwen's, θ 2 000 000 and tied embeddings by default.
+    SmolLm3,
 }
 
 impl LlamaFamily {
@@ -48,10 +52,11 @@ impl LlamaFamily {
             LlamaFamily::Qwen2 => "qwen2",
             LlamaFamily::Qwen3 => "qwen3",
             LlamaFamily::Granite => "granite",
+            LlamaFamily::SmolLm3 => "smollm3",
         }
     }
 
-    /// The family of a `model_type`, if it is one of the five.
+    /// The family of a `model_type`, if it is one of the six.
     ///
     /// ```
     /// use lorakit::models::llama::LlamaFamily;
@@ -65,6 +70,7 @@ impl LlamaFamily {
             Self::Qwen2,
             Self::Qwen3,
             Self::Granite,
+            Self::SmolLm3,
         ]
         .into_iter()
         .find(|f| f.model_type() == model_type)
@@ -242,6 +248,9 @@ pub struct LlamaConfig {
     pub qk_norm: bool,
     /// Each layer's attention pattern (`num_hidden_layers` entries).
     pub layer_attention: Vec<LayerAttention>,
+    /// Whether each layer rotates its queries and keys (`num_hidden_layers` entries): all
+    /// but SmolLM3's NoPE layers (its `no_rope_layers` entries that are 0).
+    pub layer_rope: Vec<bool>,
     /// Dropout on the attention probabilities (training only).
     pub attention_dropout: f64,
     /// Granite's embedding, attention, residual and logit scalars (the plain decoder's
@@ -289,6 +298,8 @@ pub(super) struct RawConfig {
     pub(super) use_sliding_window: Option<bool>,
     pub(super) max_window_layers: Option<usize>,
     pub(super) layer_types: Option<Vec<String>>,
+    pub(super) no_rope_layers: Option<Vec<u8>>,
+    pub(super) no_rope_layer_interval: Option<usize>,
     pub(super) quantization_config: Option<Value>,
     pub(super) attention_dropout: Option<f64>,
     pub(super) embedding_multiplier: Option<f64>,
@@ -355,14 +366,14 @@ impl LlamaConfig {
         let model_type = raw.model_type.as_deref().ok_or_else(|| {
             invalid(
                 "model_type",
-                "missing (llama, mistral, qwen2, qwen3 or granite expected)",
+                "missing (llama, mistral, qwen2, qwen3, granite or smollm3 expected)",
             )
         })?;
         let family =
             LlamaFamily::from_model_type(model_type).ok_or_else(|| Error::Unsupported {
                 what: "model_type",
                 got: model_type.to_string(),
-                supported: "llama, mistral, qwen2, qwen3, granite".to_string(),
+                supported: "llama, mistral, qwen2, qwen3, granite, smollm3".to_string(),
             })?;
         let required = |value: Option<usize>, field: &'static str| {
             value.ok_or_else(|| invalid(field, "missing"))
@@ -403,6 +414,7 @@ impl LlamaConfig {
             None => match family {
                 LlamaFamily::Llama | LlamaFamily::Granite => num_attention_heads,
                 LlamaFamily::Mistral => 8,
+                LlamaFamily::SmolLm3 => 4,
                 LlamaFamily::Qwen2 | LlamaFamily::Qwen3 => 32,
             },
         };
@@ -417,10 +429,15 @@ impl LlamaConfig {
         let max_position_embeddings = raw.max_position_embeddings.unwrap_or(match family {
             LlamaFamily::Llama | LlamaFamily::Granite => 2048,
             LlamaFamily::Mistral => 131_072,
-            LlamaFamily::Qwen2 | LlamaFamily::Qwen3 => 32_768,
+            LlamaFamily::Qwen2 | LlamaFamily::Qwen3 | LlamaFamily::SmolLm3 => 32_768,
         });
 
-        let (rope_theta, rope_scaling) = resolve_rope(&raw, max_position_embeddings, file)?;
+        let default_theta = match family {
+            LlamaFamily::SmolLm3 => 2_000_000.0,
+            _ => 10_000.0,
+        };
+        let (rope_theta, rope_scaling) =
+            resolve_rope(&raw, max_position_embeddings, default_theta, file)?;
 
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let (qkv_bias, o_bias, mlp_bias) = match family {
@@ -432,12 +449,24 @@ impl LlamaConfig {
             LlamaFamily::Mistral => (false, false, false),
             LlamaFamily::Qwen2 => (true, false, false),
             LlamaFamily::Qwen3 => (attention_bias, attention_bias, false),
+            LlamaFamily::SmolLm3 => (
+                attention_bias,
+                attention_bias,
+                raw.mlp_bias.unwrap_or(false),
+            ),
         };
 
         // `None` in the file's `sliding_window` is "no window"; absent is 4096.
-        let window = match raw.sliding_window {
-            Some(w) => w,
-            None => Some(4096),
+        let layer_rope = match family {
+            LlamaFamily::SmolLm3 => smollm3_rope_layers(&raw, num_hidden_layers, file)?,
+            _ => vec![true; num_hidden_layers],
+        };
+        // `None` in the file's `sliding_window` is "no window"; absent is 4096 (SmolLM3:
+        // none).
+        let window = match (raw.sliding_window, family) {
+            (Some(w), _) => w,
+            (None, LlamaFamily::SmolLm3) => None,
+            (None, _) => Some(4096),
         };
         let layer_attention = match family {
             LlamaFamily::Llama | LlamaFamily::Granite => {
@@ -450,13 +479,19 @@ impl LlamaConfig {
                 };
                 vec![kind; num_hidden_layers]
             }
-            LlamaFamily::Qwen2 | LlamaFamily::Qwen3 => {
+            LlamaFamily::Qwen2 | LlamaFamily::Qwen3 | LlamaFamily::SmolLm3 => {
                 let window = window.filter(|_| raw.use_sliding_window.unwrap_or(false));
                 let max_window_layers = raw.max_window_layers.unwrap_or(28);
+                // transformers' default layer_types: Qwen slides from max_window_layers
+                // on, SmolLM3 on its NoPE layers.
+                let slides = |i: usize| match family {
+                    LlamaFamily::SmolLm3 => !layer_rope.get(i).copied().unwrap_or(true),
+                    _ => i >= max_window_layers,
+                };
                 let names = raw.layer_types.clone().unwrap_or_else(|| {
                     (0..num_hidden_layers)
                         .map(|i| {
-                            if window.is_some() && i >= max_window_layers {
+                            if window.is_some() && slides(i) {
                                 "sliding_attention".to_string()
                             } else {
                                 "full_attention".to_string()
@@ -502,12 +537,15 @@ impl LlamaConfig {
             rope_theta,
             rope_scaling,
             max_position_embeddings,
-            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            tie_word_embeddings: raw
+                .tie_word_embeddings
+                .unwrap_or(family == LlamaFamily::SmolLm3),
             qkv_bias,
             o_bias,
             mlp_bias,
             qk_norm: family == LlamaFamily::Qwen3,
             layer_attention,
+            layer_rope,
             attention_dropout: raw.attention_dropout.unwrap_or(0.0),
             multipliers: match family {
                 LlamaFamily::Granite => Multipliers::granite(
@@ -666,6 +704,16 @@ impl LlamaConfig {
                 }
             }
         }
+        if self.layer_rope.len() != self.num_hidden_layers {
+            return Err(invalid(
+                "no_rope_layers",
+                format!(
+                    "{} entries for {} layers",
+                    self.layer_rope.len(),
+                    self.num_hidden_layers
+                ),
+            ));
+        }
         if self.layer_attention.len() != self.num_hidden_layers {
             return Err(invalid(
                 "layer_types",
@@ -697,6 +745,7 @@ const ROPE_TYPES: &str = "default, linear, llama3, yarn";
 pub(super) fn resolve_rope(
     raw: &RawConfig,
     max_position_embeddings: usize,
+    default_theta: f64,
     file: &Path,
 ) -> Result<(f64, RopeScaling)> {
     let invalid = |field: &'static str, reason: String| Error::file_config(file, field, reason);
@@ -723,7 +772,9 @@ pub(super) fn resolve_rope(
                 .ok_or_else(|| invalid(key, format!("expected a number, got {v}"))),
         }
     };
-    let theta = number("rope_theta")?.or(raw.rope_theta).unwrap_or(10_000.0);
+    let theta = number("rope_theta")?
+        .or(raw.rope_theta)
+        .unwrap_or(default_theta);
     let partial = number("partial_rotary_factor")?.or(raw.partial_rotary_factor);
     if let Some(p) = partial.filter(|&p| p != 1.0) {
         return Err(Error::Unsupported {
@@ -792,5 +843,44 @@ fn original_max(
             format!("expected a whole number, got {n}"),
         )),
         None => Ok(max_position_embeddings),
+    }
+}
+
+/// SmolLM3's per-layer RoPE switch, as its config's `__post_init__` makes it: the
+/// `no_rope_layers` list (1: the layer rotates, 0: NoPE), or without one every
+/// `no_rope_layer_interval`-th layer (default 4) NoPE.
+fn smollm3_rope_layers(raw: &RawConfig, layers: usize, file: &Path) -> Result<Vec<bool>> {
+    let invalid = |field: &'static str, reason: String| Error::file_config(file, field, reason);
+    match &raw.no_rope_layers {
+        Some(flags) => {
+            if flags.len() != layers {
+                return Err(invalid(
+                    "no_rope_layers",
+                    format!("{} entries for {layers} layers", flags.len()),
+                ));
+            }
+            flags
+                .iter()
+                .map(|&f| match f {
+                    0 | 1 => Ok(f == 1),
+                    other => Err(invalid(
+                        "no_rope_layers",
+                        format!("entries are 0 (NoPE) or 1 (RoPE), got {other}"),
+                    )),
+                })
+                .collect()
+        }
+        None => {
+            let interval = raw.no_rope_layer_interval.unwrap_or(4);
+            if interval == 0 {
+                return Err(invalid(
+                    "no_rope_layer_interval",
+                    "must be at least 1, got 0".to_string(),
+                ));
+            }
+            Ok((0..layers)
+                .map(|i| !(i + 1).is_multiple_of(interval))
+                .collect())
+        }
     }
 }

@@ -111,16 +111,18 @@ pub(crate) struct Attention {
     head_dim: usize,
     scale: f64,
     kind: LayerAttention,
+    /// Whether queries and keys are rotated (all but SmolLM3's NoPE layers).
+    rotates: bool,
     /// Dropout on the attention probabilities (training only).
     dropout: f64,
 }
 
 impl Attention {
     /// Loads `q_proj`, `k_proj`, `v_proj`, `o_proj` (and `q_norm`, `k_norm`) at `vb`'s path
-    /// (`model.layers.N.self_attn`), each linear through the plan.
+    /// (`model.layers.N.self_attn`), each linear through the plan; `rotates`: RoPE applies.
     pub(crate) fn load(
         c: &LlamaConfig,
-        kind: LayerAttention,
+        (kind, rotates): (LayerAttention, bool),
         vb: VarBuilder,
         plan: &AdapterPlan,
     ) -> Result<Self> {
@@ -149,12 +151,14 @@ impl Attention {
             head_dim: c.head_dim,
             scale: c.multipliers.attention_scale(c.head_dim),
             kind,
+            rotates,
             dropout: c.attention_dropout,
         })
     }
 
     /// Queries `(b, heads, t, head_dim)` and keys and values `(b, kv_heads, t, head_dim)`
-    /// of `x` `(b, t, hidden)`, queries and keys rotated for their positions.
+    /// of `x` `(b, t, hidden)`, queries and keys rotated for their positions (unless the
+    /// layer is NoPE).
     pub(crate) fn project(
         &self,
         x: &Tensor,
@@ -173,8 +177,14 @@ impl Attention {
         if let Some(norm) = &self.k_norm {
             k = norm.forward(&k)?;
         }
-        let q = rope.apply_heads(&q)?;
-        let k = rope.apply_heads(&k)?;
+        let (q, k) = if self.rotates {
+            (rope.apply_heads(&q)?, rope.apply_heads(&k)?)
+        } else {
+            (
+                q.transpose(1, 2)?.contiguous()?,
+                k.transpose(1, 2)?.contiguous()?,
+            )
+        };
         Ok((q, k, v.transpose(1, 2)?.contiguous()?))
     }
 
@@ -263,10 +273,11 @@ pub(crate) struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    /// Loads one layer, with attention pattern `kind`, at `vb`'s path (`model.layers.N`).
+    /// Loads one layer, with attention pattern `kind` and RoPE or not (`rotates`), at
+    /// `vb`'s path (`model.layers.N`).
     pub(crate) fn load(
         c: &LlamaConfig,
-        kind: LayerAttention,
+        (kind, rotates): (LayerAttention, bool),
         vb: VarBuilder,
         plan: &AdapterPlan,
     ) -> Result<Self> {
@@ -276,7 +287,7 @@ impl DecoderLayer {
                 c.rms_norm_eps,
                 vb.pp("input_layernorm"),
             )?,
-            self_attn: Attention::load(c, kind, vb.pp("self_attn"), plan)?,
+            self_attn: Attention::load(c, (kind, rotates), vb.pp("self_attn"), plan)?,
             post_attention_layernorm: RmsNorm::load(
                 c.hidden_size,
                 c.rms_norm_eps,

@@ -46,7 +46,10 @@ impl LlamaTrunk {
             .layer_attention
             .iter()
             .enumerate()
-            .map(|(i, &kind)| DecoderLayer::load(c, kind, vb.pp(format!("model.layers.{i}")), plan))
+            .map(|(i, &kind)| {
+                let rotates = c.layer_rope.get(i).copied().unwrap_or(true);
+                DecoderLayer::load(c, (kind, rotates), vb.pp(format!("model.layers.{i}")), plan)
+            })
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(c.hidden_size, c.rms_norm_eps, vb.pp("model.norm"))?;
         let dtype = embed_tokens.base_stored_weight()?.dtype();

@@ -306,7 +306,10 @@ fn bad_input_is_one_error_line_and_leaves_no_file() {
     error_line(
         generate_ids(&bert, &[1], &[]),
         1,
-        &["`bert`", "llama, mistral, qwen2, qwen3, granite, gpt2"],
+        &[
+            "`bert`",
+            "llama, mistral, qwen2, qwen3, granite, smollm3, gpt2",
+        ],
     );
     // An id out of the vocabulary, with --logits-out: no file is written.
     error_line(
