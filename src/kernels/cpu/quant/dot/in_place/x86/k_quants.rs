@@ -1,8 +1,10 @@
 //! The k-quant blocks read in place. Q4_K and Q5_K: 8 groups of 32, `w = a_g · q − b_g`
 //! with 4-bit `q` (plus a fifth bit for Q5_K); Q6_K: 16 groups of 16, `w = a_g · (q − 32)`
-//! with 6-bit `q`. Per group and input row the kernel sums `x · q` (small integers
-//! converted to f32) and scales the sum by `a_g` once; the offsets (`b_g · Σ x`, `32 a_g ·
-//! Σ x`) come from the per-call group sums, one multiply-add per 8 groups.
+//! with 6-bit `q`. For one or two input rows the Q4_K / Q5_K kernel sums `x · q` (small
+//! integers converted to f32) per group and row and scales the sum by `a_g` once; for more
+//! rows, and for Q6_K, it forms `a_g · q` once and multiply-adds it into every row. The
+//! offsets (`b_g · Σ x`, `32 a_g · Σ x`) come from the per-call group sums, one
+//! multiply-add per 8 groups.
 
 use std::arch::x86_64::{
     __m256, _mm256_cvtepi32_ps, _mm256_cvtepi8_epi32, _mm256_cvtepu8_epi32, _mm256_mul_ps,
@@ -44,6 +46,14 @@ fn q6_scales(block: &[u8], half: usize) -> (__m256, __m256) {
     let a = _mm256_mul_ps(half_lanes(block, 208), _mm256_cvtepi32_ps(sc));
     (a, _mm256_mul_ps(_mm256_set1_ps(32.0), a))
 }
+
+/// From this many input rows on, the Q4_K / Q5_K kernel forms each vector of weights
+/// `a_g · q` once and multiply-adds it into every row's totals (one multiply per vector of
+/// weights, shared by the rows), as Q6_K does; below it, each row sums `x · q` per group
+/// and scales the sum (more independent chains for one or two rows, whose per-group sums
+/// fit in registers). The per-group sums of four rows need 16 vector registers on top of
+/// the totals, which spilled with 16 lanes.
+const SCALED_WEIGHTS_FROM: usize = 3;
 
 /// The Q4_K / Q5_K layout, which differ only in Q5_K's fifth bit per value.
 trait K4Layout: Block {
@@ -100,15 +110,26 @@ impl<B: K4Layout> InPlace for B {
                     let (q_low, q_high) = (V::to_f32(q_low), V::to_f32(q_high));
                     // Values `v .. v + 32 + W` lie within the block's 256.
                     let v = at + 64 * j + V::WIDTH * c;
-                    for ((low, high), x) in low.iter_mut().zip(&mut high).zip(xs) {
-                        *low = V::fma(*low, V::load(x, v), q_low);
-                        *high = V::fma(*high, V::load(x, v + 32), q_high);
+                    if N >= SCALED_WEIGHTS_FROM {
+                        let w_low = V::mul(V::broadcast(a, 2 * j), q_low);
+                        let w_high = V::mul(V::broadcast(a, 2 * j + 1), q_high);
+                        for (acc, x) in acc.iter_mut().zip(xs) {
+                            acc[0] = V::fma(acc[0], V::load(x, v), w_low);
+                            acc[1] = V::fma(acc[1], V::load(x, v + 32), w_high);
+                        }
+                    } else {
+                        for ((low, high), x) in low.iter_mut().zip(&mut high).zip(xs) {
+                            *low = V::fma(*low, V::load(x, v), q_low);
+                            *high = V::fma(*high, V::load(x, v + 32), q_high);
+                        }
                     }
                 }
-                let (a_low, a_high) = (V::broadcast(a, 2 * j), V::broadcast(a, 2 * j + 1));
-                for ((acc, low), high) in acc.iter_mut().zip(low).zip(high) {
-                    acc[0] = V::fma(acc[0], a_low, low);
-                    acc[1] = V::fma(acc[1], a_high, high);
+                if N < SCALED_WEIGHTS_FROM {
+                    let (a_low, a_high) = (V::broadcast(a, 2 * j), V::broadcast(a, 2 * j + 1));
+                    for ((acc, low), high) in acc.iter_mut().zip(low).zip(high) {
+                        acc[0] = V::fma(acc[0], a_low, low);
+                        acc[1] = V::fma(acc[1], a_high, high);
+                    }
                 }
             }
         }
