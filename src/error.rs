@@ -137,6 +137,20 @@ pub enum Error {
     Candle(#[from] candle_core::Error),
 }
 
+/// `text`, the JSON file `path`, read into `T`; a value that does not fit is an error
+/// naming its key ([`Error::Json`]).
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
+    text: &str,
+    path: impl Into<PathBuf>,
+) -> Result<T> {
+    let path = path.into();
+    let de = &mut serde_json::Deserializer::from_str(text);
+    let value: T =
+        serde_path_to_error::deserialize(&mut *de).map_err(|e| Error::json_at(path.clone(), e))?;
+    de.end().map_err(|e| Error::json(path, &e))?;
+    Ok(value)
+}
+
 /// `Result` with the crate's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 
@@ -218,6 +232,19 @@ impl Error {
             column: e.column(),
             message: e.to_string(),
         }
+    }
+
+    /// JSON in the file at `path` that does not fit the fields it is read into: the message
+    /// names the key (`` `rope_scaling.factor`: invalid type: ... ``).
+    fn json_at(path: PathBuf, e: serde_path_to_error::Error<serde_json::Error>) -> Self {
+        let key = e.path().to_string();
+        let mut error = Error::json(path, e.inner());
+        if let Error::Json { message, .. } = &mut error {
+            if key != "." {
+                *message = format!("`{key}`: {message}");
+            }
+        }
+        error
     }
 
     /// A checkpoint (model file or folder) that cannot be used as it is.

@@ -137,8 +137,7 @@ impl<T: Task> Trainer<'_, T> {
         let dir = dir.as_ref();
         let state_path = dir.join(STATE_FILE);
         let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
-        let saved: StateFile =
-            serde_json::from_str(&text).map_err(|e| Error::json(&state_path, &e))?;
+        let saved: StateFile = crate::error::parse_json(&text, &state_path)?;
         let current = StateFile::of(self);
         for ((field, was), (_, now)) in saved.settings().iter().zip(current.settings()) {
             if *was != now {

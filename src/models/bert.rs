@@ -237,8 +237,7 @@ impl BertConfig {
     /// Parses the text of a `config.json`; `path` names it in errors.
     pub fn from_json_str(text: &str, path: impl Into<PathBuf>) -> Result<Self> {
         let path = path.into();
-        let raw: RawBertConfig =
-            serde_json::from_str(text).map_err(|e| Error::json(path.clone(), &e))?;
+        let raw: RawBertConfig = crate::error::parse_json(text, path.clone())?;
         if let Some(model_type) = raw.model_type.filter(|t| t != "bert") {
             return Err(Error::Unsupported {
                 what: "model_type",

@@ -131,8 +131,7 @@ impl ClassifierConfig {
     /// Parses them from the text of a `config.json`; `path` names it in errors.
     pub fn from_json_str(text: &str, path: impl Into<PathBuf>) -> Result<Self> {
         let path = path.into();
-        let raw: RawClassifierConfig =
-            serde_json::from_str(text).map_err(|e| Error::json(path.clone(), &e))?;
+        let raw: RawClassifierConfig = crate::error::parse_json(text, path.clone())?;
         let d = Self::default();
         // transformers: with an `id2label` the labels are its entries (a `num_labels` that
         // disagrees is overridden, with a warning); without one, `num_labels` or 2.

@@ -702,10 +702,14 @@ fn granite_reads_its_multipliers_and_refuses_what_transformers_lacks() {
         err.contains("logits_scaling") && err.contains("not be 0"),
         "{err}"
     );
-    let err = LlamaConfig::from_json(&json("granite", r#""residual_multiplier": 1e999"#))
+    // A value of the wrong type names its key.
+    let err = LlamaConfig::from_json(&json("granite", r#""residual_multiplier": "half""#))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("config.json"), "{err}"); // out of f64's range: a JSON error
+    assert!(
+        err.contains("config.json") && err.contains("`residual_multiplier`"),
+        "{err}"
+    );
 
     // The loss path (the frozen tied head and the loss as one op, or the adapted head)
     // divides by logits_scaling as the logits do.

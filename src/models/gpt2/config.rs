@@ -113,7 +113,7 @@ impl Gpt2Config {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let config: Self = serde_json::from_str(&text).map_err(|e| Error::json(path, &e))?;
+        let config: Self = crate::error::parse_json(&text, path)?;
         config.check(&Scope::File(path.to_path_buf()))?;
         Ok(config)
     }

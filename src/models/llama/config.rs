@@ -355,7 +355,7 @@ impl LlamaConfig {
     }
 
     fn parse(text: &str, file: PathBuf) -> Result<Self> {
-        let raw: RawConfig = serde_json::from_str(text).map_err(|e| Error::json(&file, &e))?;
+        let raw: RawConfig = crate::error::parse_json(text, &file)?;
         let config = Self::resolve(raw, &file)?;
         config.validate_in(Scope::File(file))?;
         Ok(config)
