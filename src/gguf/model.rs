@@ -338,6 +338,8 @@ impl GgufModel {
             qk_norm: self.has("blk.0.attn_q_norm.weight"),
             layer_attention: vec![LayerAttention::Full; num_hidden_layers],
             layer_rope: vec![true; num_hidden_layers],
+            fused_projections: false,
+            residual_dropout: 0.0,
             attention_dropout: 0.0,
             multipliers: Multipliers::default(),
         };

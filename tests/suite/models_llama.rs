@@ -28,7 +28,7 @@ use crate::checkpoint_merge::ckpt;
 use crate::peft_common::{fixture, load, rel_err};
 
 const TOL: f64 = 1e-4;
-const CASES: [&str; 8] = [
+const CASES: [&str; 9] = [
     "mistral",
     "qwen2",
     "qwen3",
@@ -37,6 +37,7 @@ const CASES: [&str; 8] = [
     "yarn_rope",
     "granite",
     "smollm3",
+    "phi3",
 ];
 
 pub(crate) fn models(case: &str) -> PathBuf {
@@ -128,11 +129,12 @@ fn every_model_fixture_gives_transformers_and_peft_logits() {
 
 /// The second adapter of each case (another variant on the same base, made by PEFT:
 /// `scripts/make_model_fixtures.py`'s `SECOND`): folder, and the key of its logits.
-pub(crate) const SECOND: [(&str, &str); 4] = [
+pub(crate) const SECOND: [(&str, &str); 5] = [
     ("mistral", "vera"),
     ("qwen2", "dora"),
     ("qwen3", "adalora"),
     ("llama3_rope", "dora"),
+    ("phi3", "dora"),
 ];
 
 #[test]
@@ -824,6 +826,50 @@ fn smollm3_resolves_nope_layers_and_windows_as_transformers_does() {
             assert!(err.contains(n), "{extra}: `{err}` does not mention `{n}`");
         }
     }
+}
+
+#[test]
+fn phi3_reads_fused_projections_and_refuses_what_lorakit_lacks() {
+    // Phi3Config's defaults: ε 1e-5, the query heads' count of KV heads, no window.
+    let c = LlamaConfig::from_json(&json("phi3", "")).unwrap();
+    assert_eq!(c.family, LlamaFamily::Phi3);
+    assert_eq!((c.rms_norm_eps, c.num_key_value_heads), (1e-5, 32));
+    assert_eq!(c.layer_attention, vec![LayerAttention::Full; 3]);
+    assert!(c.fused_projections);
+    // VeRA's shared pair covers the fused shapes.
+    let (d, f) = (c.hidden_size, c.intermediate_size);
+    assert!(c.linear_shapes().contains(&(d, 3 * d)));
+    assert!(c.linear_shapes().contains(&(d, 2 * f)));
+    // Phi-3 reads `su` and `yarn` as longrope.
+    for rope in ["su", "yarn", "longrope"] {
+        let extra = format!(r#""rope_scaling": {{"type": "{rope}", "short_factor": [1.0]}}"#);
+        let err = LlamaConfig::from_json(&json("phi3", &extra))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("longrope") && err.contains(rope), "{err}");
+    }
+    // resid_pdrop: evaluation ignores it, as transformers does; training refuses it.
+    let dir = models("phi3");
+    let mut config = LlamaConfig::from_file(dir.join("base")).unwrap();
+    config.residual_dropout = 0.1;
+    let vb = Checkpoint::open(dir.join("base"))
+        .unwrap()
+        .var_builder(DType::F32, &Device::Cpu);
+    let model = LlamaForCausalLM::load(&config, vb, &no_adapter()).unwrap();
+    let ids = &load(&dir.join("logits.safetensors"))["input_ids"];
+    check(
+        &logits(&model, ids),
+        &load(&dir.join("logits.safetensors"))["logits"],
+        TOL,
+        "phi3 eval",
+    );
+    let err = model.forward_t(ids, true).unwrap_err().to_string();
+    assert!(err.contains("resid_pdrop"), "{err}");
+    let adapter = PeftAdapter::load(dir.join("lora"), &Device::Cpu).unwrap();
+    let err = lorakit::gguf::GgufLora::from_adapter(&adapter, &config)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("phi3"), "{err}");
 }
 
 /// One of `yarn_params.json`'s cases: a config.json and transformers' YaRN output for it.

@@ -36,6 +36,12 @@ pub enum LlamaFamily {
     /// `no_rope_layers`), `attention_bias` on q/k/v/o and `mlp_bias`, per-layer sliding
     /// window as Qwen's, θ 2 000 000 and tied embeddings by default.
     SmolLm3,
+    /// `phi3`: Microsoft's Phi-3 (4k context) and Phi-4, with fused projections
+    /// (`qkv_proj`, `gate_up_proj`: PEFT targets them under those names), a window on
+    /// every layer when `sliding_window` is set, RMSNorm ε 1e-5 by default. Its `longrope`
+    /// scaling (Phi-3's 128k models, Phi-3.5) is refused, as is a `partial_rotary_factor`
+    /// below 1 (Phi-4-mini).
+    Phi3,
 }
 
 impl LlamaFamily {
@@ -53,10 +59,11 @@ impl LlamaFamily {
             LlamaFamily::Qwen3 => "qwen3",
             LlamaFamily::Granite => "granite",
             LlamaFamily::SmolLm3 => "smollm3",
+            LlamaFamily::Phi3 => "phi3",
         }
     }
 
-    /// The family of a `model_type`, if it is one of the six.
+    /// The family of a `model_type`, if it is one of the seven.
     ///
     /// ```
     /// use lorakit::models::llama::LlamaFamily;
@@ -71,6 +78,7 @@ impl LlamaFamily {
             Self::Qwen3,
             Self::Granite,
             Self::SmolLm3,
+            Self::Phi3,
         ]
         .into_iter()
         .find(|f| f.model_type() == model_type)
@@ -251,6 +259,13 @@ pub struct LlamaConfig {
     /// Whether each layer rotates its queries and keys (`num_hidden_layers` entries): all
     /// but SmolLM3's NoPE layers (its `no_rope_layers` entries that are 0).
     pub layer_rope: Vec<bool>,
+    /// Whether the attention's q/k/v projections are one `qkv_proj` and the MLP's gate and
+    /// up projections one `gate_up_proj` (Phi-3), their outputs split in that order.
+    pub fused_projections: bool,
+    /// Phi-3's `resid_pdrop` (0 for the other families): transformers drops each residual
+    /// branch at this rate in training mode; lorakit does not, so a training-mode forward
+    /// with it above 0 is an error naming it (evaluation ignores it, as transformers does).
+    pub residual_dropout: f64,
     /// Dropout on the attention probabilities (training only).
     pub attention_dropout: f64,
     /// Granite's embedding, attention, residual and logit scalars (the plain decoder's
@@ -302,6 +317,7 @@ pub(super) struct RawConfig {
     pub(super) no_rope_layer_interval: Option<usize>,
     pub(super) quantization_config: Option<Value>,
     pub(super) attention_dropout: Option<f64>,
+    pub(super) resid_pdrop: Option<f64>,
     pub(super) embedding_multiplier: Option<f64>,
     pub(super) attention_multiplier: Option<f64>,
     pub(super) residual_multiplier: Option<f64>,
@@ -366,14 +382,14 @@ impl LlamaConfig {
         let model_type = raw.model_type.as_deref().ok_or_else(|| {
             invalid(
                 "model_type",
-                "missing (llama, mistral, qwen2, qwen3, granite or smollm3 expected)",
+                "missing (llama, mistral, qwen2, qwen3, granite, smollm3 or phi3 expected)",
             )
         })?;
         let family =
             LlamaFamily::from_model_type(model_type).ok_or_else(|| Error::Unsupported {
                 what: "model_type",
                 got: model_type.to_string(),
-                supported: "llama, mistral, qwen2, qwen3, granite, smollm3".to_string(),
+                supported: "llama, mistral, qwen2, qwen3, granite, smollm3, phi3".to_string(),
             })?;
         let required = |value: Option<usize>, field: &'static str| {
             value.ok_or_else(|| invalid(field, "missing"))
@@ -412,7 +428,9 @@ impl LlamaConfig {
             Some(Some(n)) => n,
             Some(None) => num_attention_heads,
             None => match family {
-                LlamaFamily::Llama | LlamaFamily::Granite => num_attention_heads,
+                LlamaFamily::Llama | LlamaFamily::Granite | LlamaFamily::Phi3 => {
+                    num_attention_heads
+                }
                 LlamaFamily::Mistral => 8,
                 LlamaFamily::SmolLm3 => 4,
                 LlamaFamily::Qwen2 | LlamaFamily::Qwen3 => 32,
@@ -428,10 +446,14 @@ impl LlamaConfig {
         };
         let max_position_embeddings = raw.max_position_embeddings.unwrap_or(match family {
             LlamaFamily::Llama | LlamaFamily::Granite => 2048,
+            LlamaFamily::Phi3 => 4096,
             LlamaFamily::Mistral => 131_072,
             LlamaFamily::Qwen2 | LlamaFamily::Qwen3 | LlamaFamily::SmolLm3 => 32_768,
         });
 
+        if family == LlamaFamily::Phi3 {
+            refuse_phi3_longrope(&raw)?;
+        }
         let default_theta = match family {
             LlamaFamily::SmolLm3 => 2_000_000.0,
             _ => 10_000.0,
@@ -446,7 +468,7 @@ impl LlamaConfig {
                 attention_bias,
                 raw.mlp_bias.unwrap_or(false),
             ),
-            LlamaFamily::Mistral => (false, false, false),
+            LlamaFamily::Mistral | LlamaFamily::Phi3 => (false, false, false),
             LlamaFamily::Qwen2 => (true, false, false),
             LlamaFamily::Qwen3 => (attention_bias, attention_bias, false),
             LlamaFamily::SmolLm3 => (
@@ -465,14 +487,14 @@ impl LlamaConfig {
         // none).
         let window = match (raw.sliding_window, family) {
             (Some(w), _) => w,
-            (None, LlamaFamily::SmolLm3) => None,
+            (None, LlamaFamily::SmolLm3 | LlamaFamily::Phi3) => None,
             (None, _) => Some(4096),
         };
         let layer_attention = match family {
             LlamaFamily::Llama | LlamaFamily::Granite => {
                 vec![LayerAttention::Full; num_hidden_layers]
             }
-            LlamaFamily::Mistral => {
+            LlamaFamily::Mistral | LlamaFamily::Phi3 => {
                 let kind = match window {
                     Some(window) => LayerAttention::Sliding { window },
                     None => LayerAttention::Full,
@@ -533,7 +555,10 @@ impl LlamaConfig {
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
+            rms_norm_eps: raw.rms_norm_eps.unwrap_or(match family {
+                LlamaFamily::Phi3 => 1e-5,
+                _ => 1e-6,
+            }),
             rope_theta,
             rope_scaling,
             max_position_embeddings,
@@ -546,6 +571,11 @@ impl LlamaConfig {
             qk_norm: family == LlamaFamily::Qwen3,
             layer_attention,
             layer_rope,
+            fused_projections: family == LlamaFamily::Phi3,
+            residual_dropout: match family {
+                LlamaFamily::Phi3 => raw.resid_pdrop.unwrap_or(0.0),
+                _ => 0.0,
+            },
             attention_dropout: raw.attention_dropout.unwrap_or(0.0),
             multipliers: match family {
                 LlamaFamily::Granite => Multipliers::granite(
@@ -575,6 +605,15 @@ impl LlamaConfig {
         let (d, f) = (self.hidden_size, self.intermediate_size);
         let q = self.num_attention_heads * self.head_dim;
         let kv = self.num_key_value_heads * self.head_dim;
+        if self.fused_projections {
+            return vec![
+                (d, q + 2 * kv),
+                (q, d),
+                (d, 2 * f),
+                (f, d),
+                (d, self.vocab_size),
+            ];
+        }
         vec![
             (d, q),
             (d, kv),
@@ -646,7 +685,10 @@ impl LlamaConfig {
                 format!("must be finite and ≥ 0, got {}", self.rms_norm_eps),
             ));
         }
-        let dropout = [("attention_dropout", Some(self.attention_dropout))];
+        let dropout = [
+            ("attention_dropout", Some(self.attention_dropout)),
+            ("resid_pdrop", Some(self.residual_dropout)),
+        ];
         if let Some((field, reason)) = crate::validate::config_dropouts(dropout) {
             return Err(invalid(field, reason));
         }
@@ -882,5 +924,26 @@ fn smollm3_rope_layers(raw: &RawConfig, layers: usize, file: &Path) -> Result<Ve
                 .map(|i| !(i + 1).is_multiple_of(interval))
                 .collect())
         }
+    }
+}
+
+/// Phi-3 reads `rope_type` `su` and `yarn` as `longrope` (its 128k-context scaling), which
+/// lorakit does not implement: an error naming it.
+fn refuse_phi3_longrope(raw: &RawConfig) -> Result<()> {
+    let rope = raw
+        .rope_scaling
+        .as_ref()
+        .filter(|m| !m.is_empty())
+        .or(raw.rope_parameters.as_ref());
+    let kind = rope
+        .and_then(|r| r.get("rope_type").or_else(|| r.get("type")))
+        .and_then(Value::as_str);
+    match kind {
+        Some(t @ ("su" | "yarn" | "longrope")) => Err(Error::Unsupported {
+            what: "rope_type for phi3 (read as longrope)",
+            got: t.to_string(),
+            supported: "default, linear, llama3".to_string(),
+        }),
+        _ => Ok(()),
     }
 }

@@ -21,6 +21,7 @@ use crate::models::kv_buffer::{Appending, LayerKv};
 use crate::models::{attention_op, fused};
 
 use super::config::{LayerAttention, LlamaConfig};
+use super::projections::{GateUpProjection, QkvProjection};
 use super::rope::RopeTables;
 
 /// RMSNorm as transformers computes it: `w ⊙ x / sqrt(mean(x²) + ε)`, in f32 for half
@@ -100,9 +101,7 @@ impl Masks {
 /// [`Attention::attend`] attends over whatever keys and values it is given.
 #[derive(Clone, Debug)]
 pub(crate) struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv: QkvProjection,
     o_proj: Linear,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
@@ -118,19 +117,16 @@ pub(crate) struct Attention {
 }
 
 impl Attention {
-    /// Loads `q_proj`, `k_proj`, `v_proj`, `o_proj` (and `q_norm`, `k_norm`) at `vb`'s path
-    /// (`model.layers.N.self_attn`), each linear through the plan; `rotates`: RoPE applies.
+    /// Loads `q_proj`, `k_proj`, `v_proj` (or Phi-3's `qkv_proj`), `o_proj` (and `q_norm`,
+    /// `k_norm`) at `vb`'s path (`model.layers.N.self_attn`), each linear through the plan;
+    /// `rotates`: RoPE applies.
     pub(crate) fn load(
         c: &LlamaConfig,
         (kind, rotates): (LayerAttention, bool),
         vb: VarBuilder,
         plan: &AdapterPlan,
     ) -> Result<Self> {
-        let (h, q_out, kv_out) = (
-            c.hidden_size,
-            c.num_attention_heads * c.head_dim,
-            c.num_key_value_heads * c.head_dim,
-        );
+        let (h, q_out) = (c.hidden_size, c.num_attention_heads * c.head_dim);
         let (q_norm, k_norm) = if c.qk_norm {
             (
                 Some(RmsNorm::load(c.head_dim, c.rms_norm_eps, vb.pp("q_norm"))?),
@@ -140,9 +136,7 @@ impl Attention {
             (None, None)
         };
         Ok(Self {
-            q_proj: linear_b(h, q_out, c.qkv_bias, vb.pp("q_proj"), plan)?,
-            k_proj: linear_b(h, kv_out, c.qkv_bias, vb.pp("k_proj"), plan)?,
-            v_proj: linear_b(h, kv_out, c.qkv_bias, vb.pp("v_proj"), plan)?,
+            qkv: QkvProjection::load(c, &vb, plan)?,
             o_proj: linear_b(q_out, h, c.o_bias, vb.pp("o_proj"), plan)?,
             q_norm,
             k_norm,
@@ -165,12 +159,12 @@ impl Attention {
         rope: &RopeTables,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
-        let heads = |proj: &Linear, n: usize| -> Result<Tensor> {
-            Ok(proj.forward(x)?.reshape((b, t, n, self.head_dim))?)
-        };
-        let mut q = heads(&self.q_proj, self.n_heads)?;
-        let mut k = heads(&self.k_proj, self.n_kv_heads)?;
-        let v = heads(&self.v_proj, self.n_kv_heads)?;
+        let (q, k, v) = self.qkv.forward(x)?;
+        let heads =
+            |t_: Tensor, n: usize| -> Result<Tensor> { Ok(t_.reshape((b, t, n, self.head_dim))?) };
+        let mut q = heads(q, self.n_heads)?;
+        let mut k = heads(k, self.n_kv_heads)?;
+        let v = heads(v, self.n_kv_heads)?;
         if let Some(norm) = &self.q_norm {
             q = norm.forward(&q)?;
         }
@@ -235,28 +229,27 @@ impl Attention {
     }
 }
 
-/// The gated MLP: `down_proj(silu(gate_proj(x)) ⊙ up_proj(x))`.
+/// The gated MLP: `down_proj(silu(gate_proj(x)) ⊙ up_proj(x))` (Phi-3: `gate_proj` and
+/// `up_proj` as one `gate_up_proj`).
 #[derive(Clone, Debug)]
 pub(crate) struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    gate_up: GateUpProjection,
     down_proj: Linear,
 }
 
 impl Mlp {
-    /// Loads `gate_proj`, `up_proj`, `down_proj` at `vb`'s path through the plan.
+    /// Loads `gate_proj`, `up_proj` (or `gate_up_proj`), `down_proj` at `vb`'s path
+    /// through the plan.
     pub(crate) fn load(c: &LlamaConfig, vb: VarBuilder, plan: &AdapterPlan) -> Result<Self> {
         let (h, i, bias) = (c.hidden_size, c.intermediate_size, c.mlp_bias);
         Ok(Self {
-            gate_proj: linear_b(h, i, bias, vb.pp("gate_proj"), plan)?,
-            up_proj: linear_b(h, i, bias, vb.pp("up_proj"), plan)?,
+            gate_up: GateUpProjection::load(c, &vb, plan)?,
             down_proj: linear_b(i, h, bias, vb.pp("down_proj"), plan)?,
         })
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?;
-        let up = self.up_proj.forward(x)?;
+        let (gate, up) = self.gate_up.forward(x)?;
         Ok(self.down_proj.forward(&fused::silu_mul(&gate, &up)?)?)
     }
 }
@@ -270,6 +263,8 @@ pub(crate) struct DecoderLayer {
     post_attention_layernorm: RmsNorm,
     mlp: Mlp,
     residual_multiplier: f64,
+    /// Phi-3's `resid_pdrop`, refused in training mode (not applied).
+    residual_dropout: f64,
 }
 
 impl DecoderLayer {
@@ -295,6 +290,7 @@ impl DecoderLayer {
             )?,
             mlp: Mlp::load(c, vb.pp("mlp"), plan)?,
             residual_multiplier: c.multipliers.residual_multiplier,
+            residual_dropout: c.residual_dropout,
         })
     }
 
@@ -320,6 +316,15 @@ impl DecoderLayer {
         how: Appending,
         train: bool,
     ) -> Result<(Tensor, LayerKv)> {
+        if train && self.residual_dropout > 0.0 {
+            return Err(Error::Unsupported {
+                what: "resid_pdrop in training mode",
+                got: self.residual_dropout.to_string(),
+                supported: "0 (lorakit does not drop the residual branches: set the \
+                            config's resid_pdrop to 0 to train)"
+                    .to_string(),
+            });
+        }
         let (attn, kv) = self.self_attn.forward_cached(
             &self.input_layernorm.forward(x)?,
             rope,

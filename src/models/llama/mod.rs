@@ -1,5 +1,5 @@
 //! The Llama family of decoders — Llama 2 / 3 / 3.x, TinyLlama, SmolLM, Mistral,
-//! Qwen2 / Qwen2.5, Qwen3, Granite 3.x, SmolLM3 — as one implementation with config switches
+//! Qwen2 / Qwen2.5, Qwen3, Granite 3.x, SmolLM3, Phi-3 / Phi-4 — as one implementation with config switches
 //! ([`LlamaConfig`]), built on the model-level API so that PEFT's target names and every
 //! variant apply: [`LlamaForCausalLM`].
 //!
@@ -35,6 +35,7 @@ mod config;
 mod generate;
 mod layers;
 mod multipliers;
+mod projections;
 mod rope;
 mod trunk;
 mod yarn;
@@ -62,7 +63,7 @@ pub use yarn::YarnScaling;
 
 /// A Llama-family causal language model (transformers' `LlamaForCausalLM`,
 /// `MistralForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`, `GraniteForCausalLM`,
-/// `SmolLM3ForCausalLM`) whose linear layers and embedding come from an [`AdapterPlan`].
+/// `SmolLM3ForCausalLM`, `Phi3ForCausalLM`) whose linear layers and embedding come from an [`AdapterPlan`].
 ///
 /// [`LlamaForCausalLM::forward`] maps token ids `(batch, seq)` to logits
 /// `(batch, seq, vocab)` over the whole sequence with a causal mask (sliding-window where
