@@ -44,6 +44,23 @@ fn generate_batch_here(
         return Ok(out);
     }
     let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    // A model that re-runs its sequence at a length (Phi-3's LongRoPE switch) picks its
+    // frequencies by the batch's longest row: the rows would not each give what they give
+    // alone once the batch reaches that length.
+    if let Some(at) = model.rerun_at() {
+        if width + config.max_new_tokens > at {
+            return Err(crate::error::Error::usage(
+                crate::error::Scope::Settings(model.what().to_string()),
+                format!(
+                    "batched generation up to {} positions crosses the LongRoPE switch at \
+                     {at} (original_max_position_embeddings + 1), where each row alone \
+                     re-runs its sequence with the long factors: generate these prompts \
+                     one at a time",
+                    width + config.max_new_tokens - 1
+                ),
+            ));
+        }
+    }
     let pads: Vec<usize> = prompts.iter().map(|p| width - p.len()).collect();
     let ids: Vec<u32> = prompts
         .iter()

@@ -155,6 +155,13 @@ pub(crate) trait Decoder: Sync {
     fn on(&self) -> &Device;
     /// The model's name in errors (`"Llama generation"`).
     fn what(&self) -> &'static str;
+    /// The sequence length at which generation re-runs the whole sequence once, without
+    /// the cache (Phi-3 with LongRoPE: `original_max_position_embeddings + 1`, where its
+    /// frequencies switch and transformers' `Phi3ForCausalLM` drops the cache); `None`
+    /// for other models.
+    fn rerun_at(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// Generates after `prompt` by `config` (see the models' `generate`). Everything is
@@ -184,6 +191,15 @@ fn generate_here(
     let mut cache = model.new_cache().for_inference();
     let mut input = Tensor::new(prompt, model.on())?.unsqueeze(0)?;
     while out.len() < config.max_new_tokens {
+        let total = prompt.len() + out.len();
+        if model
+            .rerun_at()
+            .is_some_and(|at| total >= at && !cache.is_empty() && cache.len() < at)
+        {
+            cache = model.new_cache().for_inference();
+            let tokens: Vec<u32> = prompt.iter().chain(&out).copied().collect();
+            input = Tensor::new(tokens.as_slice(), model.on())?.unsqueeze(0)?;
+        }
         let logits = model.step(&input, &mut cache, None)?;
         let last = logits.dim(1)?.saturating_sub(1);
         let next = sampler.sample(&logits.narrow(1, last, 1)?)?;

@@ -28,7 +28,7 @@ use crate::checkpoint_merge::ckpt;
 use crate::peft_common::{fixture, load, rel_err};
 
 const TOL: f64 = 1e-4;
-const CASES: [&str; 9] = [
+const CASES: [&str; 10] = [
     "mistral",
     "qwen2",
     "qwen3",
@@ -38,6 +38,7 @@ const CASES: [&str; 9] = [
     "granite",
     "smollm3",
     "phi3",
+    "phi3_longrope",
 ];
 
 pub(crate) fn models(case: &str) -> PathBuf {
@@ -840,14 +841,6 @@ fn phi3_reads_fused_projections_and_refuses_what_lorakit_lacks() {
     let (d, f) = (c.hidden_size, c.intermediate_size);
     assert!(c.linear_shapes().contains(&(d, 3 * d)));
     assert!(c.linear_shapes().contains(&(d, 2 * f)));
-    // Phi-3 reads `su` and `yarn` as longrope.
-    for rope in ["su", "yarn", "longrope"] {
-        let extra = format!(r#""rope_scaling": {{"type": "{rope}", "short_factor": [1.0]}}"#);
-        let err = LlamaConfig::from_json(&json("phi3", &extra))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("longrope") && err.contains(rope), "{err}");
-    }
     // resid_pdrop: evaluation ignores it, as transformers does; training refuses it.
     let dir = models("phi3");
     let mut config = LlamaConfig::from_file(dir.join("base")).unwrap();
@@ -870,6 +863,81 @@ fn phi3_reads_fused_projections_and_refuses_what_lorakit_lacks() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("phi3"), "{err}");
+}
+
+#[test]
+fn longrope_switches_to_its_long_factors_past_the_original_context() {
+    let dir = models("phi3_longrope");
+    let io = load(&dir.join("logits.safetensors"));
+    let config = dir.join("base/config.json");
+    let base = build(&config, &dir.join("base"), DType::F32, &no_adapter());
+    let ids = &io["long_input_ids"];
+    check(
+        &logits(&base, ids),
+        &io["long_logits"],
+        TOL,
+        "longrope base, 24 positions",
+    );
+    let lora = build(
+        &config,
+        &dir.join("base"),
+        DType::F32,
+        &peft_plan(&dir.join("lora")),
+    );
+    check(
+        &logits(&lora, ids),
+        &io["long_lora_logits"],
+        TOL,
+        "longrope lora, 24 positions",
+    );
+    // Generation with the cache crosses position 16: there it re-runs the sequence with
+    // the long factors, as transformers' Phi3ForCausalLM drops its cache.
+    let first_row = |key: &str| -> Vec<u32> {
+        let row = io[key].get(0).unwrap().to_dtype(DType::U32).unwrap();
+        row.to_vec1().unwrap()
+    };
+    let (prompt, want) = (first_row("input_ids"), first_row("greedy_ids"));
+    let got = lora.generate_greedy(&prompt, want.len(), None).unwrap();
+    assert_eq!(got, want);
+    // A batch takes one set of frequencies for all its rows: one that would cross the
+    // switch is an error, one that stays within it gives each prompt's own tokens.
+    let config = lorakit::models::generation::GenerationConfig::greedy(want.len());
+    let err = lora
+        .generate_batch(&[prompt.clone(), prompt[..4].to_vec()], &config)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("LongRoPE") && err.contains("one at a time"),
+        "{err}"
+    );
+    let short = lorakit::models::generation::GenerationConfig::greedy(4);
+    let batch = lora
+        .generate_batch(&[prompt.clone(), prompt[..4].to_vec()], &short)
+        .unwrap();
+    assert_eq!(batch[0], want[..4]);
+    assert_eq!(
+        batch[1],
+        lora.generate_greedy(&prompt[..4], 4, None).unwrap()
+    );
+    // Phi-3's older name `su` is read as longrope, and the factors must fit head_dim.
+    let c = LlamaConfig::from_file(dir.join("base")).unwrap();
+    assert!(matches!(c.rope_scaling, RopeScaling::LongRope(_)));
+    let extra = r#""rope_scaling": {"type": "su", "short_factor": [1.0], "long_factor": [1.0]}"#;
+    let err = LlamaConfig::from_json(&json("phi3", extra))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("short_factor") && err.contains("head_dim / 2"),
+        "{err}"
+    );
+    let extra = r#""rope_scaling": {"type": "longrope", "short_factor": [1.0, 1.0]}"#;
+    let err = LlamaConfig::from_json(&json("phi3", extra))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("long_factor") && err.contains("missing"),
+        "{err}"
+    );
 }
 
 /// One of `yarn_params.json`'s cases: a config.json and transformers' YaRN output for it.

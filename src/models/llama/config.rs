@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value};
 
+use super::longrope::LongRopeScaling;
 use super::multipliers::Multipliers;
 use super::yarn::YarnScaling;
 use crate::error::{Error, Result, Scope};
@@ -36,11 +37,11 @@ pub enum LlamaFamily {
     /// `no_rope_layers`), `attention_bias` on q/k/v/o and `mlp_bias`, per-layer sliding
     /// window as Qwen's, θ 2 000 000 and tied embeddings by default.
     SmolLm3,
-    /// `phi3`: Microsoft's Phi-3 (4k context) and Phi-4, with fused projections
-    /// (`qkv_proj`, `gate_up_proj`: PEFT targets them under those names), a window on
-    /// every layer when `sliding_window` is set, RMSNorm ε 1e-5 by default. Its `longrope`
-    /// scaling (Phi-3's 128k models, Phi-3.5) is refused, as is a `partial_rotary_factor`
-    /// below 1 (Phi-4-mini).
+    /// `phi3`: Microsoft's Phi-3, Phi-3.5 and Phi-4, with fused projections (`qkv_proj`,
+    /// `gate_up_proj`: PEFT targets them under those names), a window on every layer when
+    /// `sliding_window` is set, RMSNorm ε 1e-5 by default, `su` / `yarn` RoPE read as
+    /// LongRoPE ([`LongRopeScaling`]). A `partial_rotary_factor` below 1 (Phi-4-mini) is
+    /// refused.
     Phi3,
 }
 
@@ -126,6 +127,8 @@ pub enum RopeScaling {
     Factors(Vec<f32>),
     /// `yarn` (Qwen2.5 / Qwen3 long context, and others): see [`YarnScaling`].
     Yarn(YarnScaling),
+    /// `longrope` (Phi-3's 128k models, Phi-3.5): see [`LongRopeScaling`].
+    LongRope(LongRopeScaling),
 }
 
 /// Which keys a layer's queries see.
@@ -171,8 +174,8 @@ pub enum LayerAttention {
 /// - RoPE: transformers 5's `rope_parameters` (`rope_type`, `rope_theta`, ...) or the 4.x
 ///   form (top-level `rope_theta`, `rope_scaling` with `type` or `rope_type`); a non-empty
 ///   `rope_scaling` wins over `rope_parameters`, a `rope_theta` inside them over the
-///   top-level one. `default`, `linear`, `llama3` and `yarn` ([`YarnScaling`]) are
-///   supported; any other `rope_type` (`dynamic`, `longrope`, ...), a
+///   top-level one. `default`, `linear`, `llama3`, `yarn` ([`YarnScaling`]) and
+///   `longrope` ([`LongRopeScaling`]) are supported; any other `rope_type` (`dynamic`, ...), a
 ///   `partial_rotary_factor` other than 1 and per-layer-type RoPE parameters are errors
 ///   naming them.
 /// - Biases: Llama has `attention_bias` on q/k/v/o and `mlp_bias` on the MLP; Qwen2 always
@@ -451,15 +454,7 @@ impl LlamaConfig {
             LlamaFamily::Qwen2 | LlamaFamily::Qwen3 | LlamaFamily::SmolLm3 => 32_768,
         });
 
-        if family == LlamaFamily::Phi3 {
-            refuse_phi3_longrope(&raw)?;
-        }
-        let default_theta = match family {
-            LlamaFamily::SmolLm3 => 2_000_000.0,
-            _ => 10_000.0,
-        };
-        let (rope_theta, rope_scaling) =
-            resolve_rope(&raw, max_position_embeddings, default_theta, file)?;
+        let (rope_theta, rope_scaling) = resolve_rope(&raw, max_position_embeddings, family, file)?;
 
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let (qkv_bias, o_bias, mlp_bias) = match family {
@@ -723,6 +718,9 @@ impl LlamaConfig {
             RopeScaling::Yarn(ref yarn) => {
                 yarn.validate(&|field, reason| invalid(field, reason))?
             }
+            RopeScaling::LongRope(ref long) => {
+                long.validate(self.head_dim, &|field, reason| invalid(field, reason))?
+            }
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
@@ -780,16 +778,21 @@ impl LlamaConfig {
 }
 
 /// The `rope_type`s supported, for messages.
-const ROPE_TYPES: &str = "default, linear, llama3, yarn";
+const ROPE_TYPES: &str = "default, linear, llama3, yarn, longrope";
 
 /// RoPE's θ and scaling from `rope_scaling` / `rope_parameters` / `rope_theta`, with
 /// transformers' precedence (`convert_rope_params_to_dict`, `standardize_rope_params`).
 pub(super) fn resolve_rope(
     raw: &RawConfig,
     max_position_embeddings: usize,
-    default_theta: f64,
+    family: LlamaFamily,
     file: &Path,
 ) -> Result<(f64, RopeScaling)> {
+    let phi3 = family == LlamaFamily::Phi3;
+    let default_theta = match family {
+        LlamaFamily::SmolLm3 => 2_000_000.0,
+        _ => 10_000.0,
+    };
     let invalid = |field: &'static str, reason: String| Error::file_config(file, field, reason);
     let empty = Map::new();
     let rope = raw
@@ -827,6 +830,8 @@ pub(super) fn resolve_rope(
     }
     let rope_type = match rope.get("rope_type").or_else(|| rope.get("type")) {
         None | Some(Value::Null) => "default",
+        // Phi-3 reads its older names for LongRoPE so (`convert_rope_params_to_dict`).
+        Some(Value::String(s)) if phi3 && (s == "su" || s == "yarn") => "longrope",
         Some(Value::String(s)) => s.as_str(),
         Some(v) => return Err(invalid("rope_type", format!("expected a string, got {v}"))),
     };
@@ -847,13 +852,18 @@ pub(super) fn resolve_rope(
                 original_max_position_embeddings: original,
             }
         }
-        "yarn" => RopeScaling::Yarn(YarnScaling::resolve(
-            rope,
-            &number,
-            original_max(raw, &number, max_position_embeddings, &invalid)?,
-            max_position_embeddings,
-            &invalid,
-        )?),
+        "longrope" | "yarn" => {
+            let original = original_max(raw, &number, max_position_embeddings, &invalid)?;
+            let max = max_position_embeddings;
+            if rope_type == "yarn" {
+                RopeScaling::Yarn(YarnScaling::resolve(
+                    rope, &number, original, max, &invalid,
+                )?)
+            } else {
+                let long = LongRopeScaling::resolve(rope, &number, original, max, &invalid)?;
+                RopeScaling::LongRope(long)
+            }
+        }
         other => {
             return Err(Error::Unsupported {
                 what: "rope_type",
@@ -877,6 +887,10 @@ fn original_max(
 ) -> Result<usize> {
     if let Some(n) = raw.original_max_position_embeddings {
         return Ok(n);
+    }
+    // Phi3Config has a top-level one, 4096 when the file has none.
+    if raw.model_type.as_deref() == Some("phi3") {
+        return Ok(4096);
     }
     match number("original_max_position_embeddings")? {
         Some(n) if n >= 0.0 && n.fract() == 0.0 => Ok(n as usize),
@@ -924,26 +938,5 @@ fn smollm3_rope_layers(raw: &RawConfig, layers: usize, file: &Path) -> Result<Ve
                 .map(|i| !(i + 1).is_multiple_of(interval))
                 .collect())
         }
-    }
-}
-
-/// Phi-3 reads `rope_type` `su` and `yarn` as `longrope` (its 128k-context scaling), which
-/// lorakit does not implement: an error naming it.
-fn refuse_phi3_longrope(raw: &RawConfig) -> Result<()> {
-    let rope = raw
-        .rope_scaling
-        .as_ref()
-        .filter(|m| !m.is_empty())
-        .or(raw.rope_parameters.as_ref());
-    let kind = rope
-        .and_then(|r| r.get("rope_type").or_else(|| r.get("type")))
-        .and_then(Value::as_str);
-    match kind {
-        Some(t @ ("su" | "yarn" | "longrope")) => Err(Error::Unsupported {
-            what: "rope_type for phi3 (read as longrope)",
-            got: t.to_string(),
-            supported: "default, linear, llama3".to_string(),
-        }),
-        _ => Ok(()),
     }
 }

@@ -6,6 +6,7 @@ use crate::error::Result;
 use crate::models::generation::{self, Decoder, GenerationConfig};
 
 use super::cache::KvCache;
+use super::config::{LlamaFamily, RopeScaling};
 use super::LlamaForCausalLM;
 
 impl LlamaForCausalLM {
@@ -182,6 +183,18 @@ impl LlamaForCausalLM {
     }
 
     /// `max_position_embeddings`, named.
+    /// Phi-3 with LongRoPE: the sequence length where its frequencies switch to the long
+    /// factors (`original_max_position_embeddings + 1`), at which generation re-runs the
+    /// sequence without the cache, as transformers' `Phi3ForCausalLM` does.
+    pub(crate) fn longrope_switch(&self) -> Option<usize> {
+        match &self.config().rope_scaling {
+            RopeScaling::LongRope(long) if self.config().family == LlamaFamily::Phi3 => {
+                Some(long.original_max_position_embeddings + 1)
+            }
+            _ => None,
+        }
+    }
+
     fn position_limit(&self) -> (usize, &'static str) {
         (
             self.config().max_position_embeddings,
@@ -213,5 +226,9 @@ impl Decoder for LlamaForCausalLM {
 
     fn what(&self) -> &'static str {
         "Llama generation"
+    }
+
+    fn rerun_at(&self) -> Option<usize> {
+        self.longrope_switch()
     }
 }

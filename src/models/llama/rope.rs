@@ -1,5 +1,5 @@
-//! Rotary position embeddings: the frequencies (with `linear` / `llama3` / `yarn`
-//! scaling, or llama.cpp's precomputed factors), computed as transformers computes them,
+//! Rotary position embeddings: the frequencies (with `linear` / `llama3` / `yarn` /
+//! `longrope` scaling, or llama.cpp's precomputed factors), computed as transformers computes them,
 //! and the cos/sin tables a forward uses.
 
 use candle_core::{DType, Device, Tensor};
@@ -28,6 +28,12 @@ impl LlamaConfig {
     /// # Ok(()) }
     /// ```
     pub fn inv_freq(&self) -> Vec<f32> {
+        self.inv_freq_for(0)
+    }
+
+    /// [`LlamaConfig::inv_freq`] for a forward whose positions end at `seq_len` (its last
+    /// position + 1): only LongRoPE depends on it ([`super::LongRopeScaling`]).
+    pub fn inv_freq_for(&self, seq_len: usize) -> Vec<f32> {
         let dim = self.head_dim as f32;
         let base = self.rope_theta as f32;
         let powers: Vec<f32> = (0..self.head_dim / 2)
@@ -39,6 +45,7 @@ impl LlamaConfig {
             RopeScaling::Linear { factor } => plain.map(|f| f / factor as f32).collect(),
             RopeScaling::Factors(ref factors) => plain.zip(factors).map(|(f, d)| f / d).collect(),
             RopeScaling::Yarn(ref yarn) => yarn.inv_freq(&powers, self.head_dim, self.rope_theta),
+            RopeScaling::LongRope(ref long) => long.inv_freq(&powers, seq_len),
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
@@ -69,11 +76,12 @@ impl LlamaConfig {
         }
     }
 
-    /// What RoPE's cos and sin tables are multiplied by: YaRN's `attention_factor`, 1 for
-    /// every other scaling (transformers' `attention_scaling`).
+    /// What RoPE's cos and sin tables are multiplied by: YaRN's and LongRoPE's
+    /// `attention_factor`, 1 for every other scaling (transformers' `attention_scaling`).
     pub fn rope_attention_factor(&self) -> f32 {
         match self.rope_scaling {
             RopeScaling::Yarn(ref yarn) => yarn.attention_factor as f32,
+            RopeScaling::LongRope(ref long) => long.attention_factor as f32,
             _ => 1.0,
         }
     }

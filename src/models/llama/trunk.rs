@@ -10,9 +10,9 @@ use crate::error::{Error, Result};
 use crate::model::{embedding, AdapterPlan, Embedding};
 use crate::models::decoder_trunk::{DecoderTrunk, Pass};
 use crate::models::kv_buffer::{Appending, LayerKv};
-use crate::models::padding::PaddedPositions;
+use crate::models::padding::{self, PaddedPositions};
 
-use super::config::LlamaConfig;
+use super::config::{LlamaConfig, RopeScaling};
 use super::layers::{DecoderLayer, Masks, RmsNorm};
 use super::rope::RopeTables;
 
@@ -89,8 +89,25 @@ impl LlamaTrunk {
             PaddedPositions::AfterPadding => pads,
             PaddedPositions::FromFirstSlot => None,
         };
+        // LongRoPE picks its frequencies by where this forward's positions end.
+        let long_rope;
+        let inv_freq = match self.config.rope_scaling {
+            RopeScaling::LongRope(_) => {
+                let end = match rope_pads {
+                    Some(pads) => pads
+                        .iter()
+                        .map(|&pad| padding::position(offset + seq - 1, pad) + 1)
+                        .max()
+                        .unwrap_or(0),
+                    None => offset + seq,
+                };
+                long_rope = self.config.inv_freq_for(end);
+                &long_rope
+            }
+            _ => &self.inv_freq,
+        };
         let rope = RopeTables::new(
-            &self.inv_freq,
+            inv_freq,
             self.config.rope_attention_factor(),
             offset,
             seq,
