@@ -174,8 +174,8 @@ pub enum LayerAttention {
 /// - RoPE: transformers 5's `rope_parameters` (`rope_type`, `rope_theta`, ...) or the 4.x
 ///   form (top-level `rope_theta`, `rope_scaling` with `type` or `rope_type`); a non-empty
 ///   `rope_scaling` wins over `rope_parameters`, a `rope_theta` inside them over the
-///   top-level one. `default`, `linear`, `llama3`, `yarn` ([`YarnScaling`]) and
-///   `longrope` ([`LongRopeScaling`]) are supported; any other `rope_type` (`dynamic`, ...), a
+///   top-level one. `default`, `linear`, `llama3`, `yarn` ([`YarnScaling`]) and, for
+///   `phi3`, `longrope` ([`LongRopeScaling`]) are supported; any other `rope_type` (`dynamic`, ...), a
 ///   `partial_rotary_factor` other than 1 and per-layer-type RoPE parameters are errors
 ///   naming them.
 /// - Biases: Llama has `attention_bias` on q/k/v/o and `mlp_bias` on the MLP; Qwen2 always
@@ -778,7 +778,7 @@ impl LlamaConfig {
 }
 
 /// The `rope_type`s supported, for messages.
-const ROPE_TYPES: &str = "default, linear, llama3, yarn, longrope";
+const ROPE_TYPES: &str = "default, linear, llama3, yarn (and longrope for phi3)";
 
 /// RoPE's θ and scaling from `rope_scaling` / `rope_parameters` / `rope_theta`, with
 /// transformers' precedence (`convert_rope_params_to_dict`, `standardize_rope_params`).
@@ -852,7 +852,9 @@ pub(super) fn resolve_rope(
                 original_max_position_embeddings: original,
             }
         }
-        "longrope" | "yarn" => {
+        // LongRoPE as Phi-3 runs it (generation re-runs its sequence at the switch):
+        // only for phi3, the family whose configs use it.
+        "longrope" | "yarn" if rope_type == "yarn" || phi3 => {
             let original = original_max(raw, &number, max_position_embeddings, &invalid)?;
             let max = max_position_embeddings;
             if rope_type == "yarn" {

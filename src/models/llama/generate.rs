@@ -182,7 +182,6 @@ impl LlamaForCausalLM {
         )
     }
 
-    /// `max_position_embeddings`, named.
     /// Phi-3 with LongRoPE: the sequence length where its frequencies switch to the long
     /// factors (`original_max_position_embeddings + 1`), at which generation re-runs the
     /// sequence without the cache, as transformers' `Phi3ForCausalLM` does.
@@ -194,6 +193,8 @@ impl LlamaForCausalLM {
             _ => None,
         }
     }
+
+    /// `max_position_embeddings`, named.
 
     fn position_limit(&self) -> (usize, &'static str) {
         (
