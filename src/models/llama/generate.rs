@@ -195,7 +195,6 @@ impl LlamaForCausalLM {
     }
 
     /// `max_position_embeddings`, named.
-
     fn position_limit(&self) -> (usize, &'static str) {
         (
             self.config().max_position_embeddings,
