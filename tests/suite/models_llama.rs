@@ -930,6 +930,14 @@ fn longrope_switches_to_its_long_factors_past_the_original_context() {
         err.contains("short_factor") && err.contains("head_dim / 2"),
         "{err}"
     );
+    // Without an original_max_position_embeddings anywhere, Phi3Config's 4096.
+    let factors = r#""short_factor": [1.0, 1.0], "long_factor": [1.0, 2.0]"#;
+    let extra = format!(r#""rope_scaling": {{"type": "su", {factors}}}"#);
+    let c = LlamaConfig::from_json(&json("phi3", &extra)).unwrap();
+    let RopeScaling::LongRope(long) = &c.rope_scaling else {
+        panic!("{:?}", c.rope_scaling)
+    };
+    assert_eq!(long.original_max_position_embeddings, 4096);
     let extra = r#""rope_scaling": {"type": "longrope", "short_factor": [1.0, 1.0]}"#;
     let err = LlamaConfig::from_json(&json("phi3", extra))
         .unwrap_err()

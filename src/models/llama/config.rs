@@ -789,6 +789,11 @@ pub(super) fn resolve_rope(
     file: &Path,
 ) -> Result<(f64, RopeScaling)> {
     let phi3 = family == LlamaFamily::Phi3;
+    // The top-level `original_max_position_embeddings`: Phi3Config has one, 4096 when the
+    // file has none.
+    let top_original = raw
+        .original_max_position_embeddings
+        .or(phi3.then_some(4096));
     let default_theta = match family {
         LlamaFamily::SmolLm3 => 2_000_000.0,
         _ => 10_000.0,
@@ -844,7 +849,7 @@ pub(super) fn resolve_rope(
             factor: need("factor")?,
         },
         "llama3" => {
-            let original = original_max(raw, &number, max_position_embeddings, &invalid)?;
+            let original = original_max(top_original, &number, max_position_embeddings, &invalid)?;
             RopeScaling::Llama3 {
                 factor: need("factor")?,
                 low_freq_factor: need("low_freq_factor")?,
@@ -855,7 +860,7 @@ pub(super) fn resolve_rope(
         // LongRoPE as Phi-3 runs it (generation re-runs its sequence at the switch):
         // only for phi3, the family whose configs use it.
         "longrope" | "yarn" if rope_type == "yarn" || phi3 => {
-            let original = original_max(raw, &number, max_position_embeddings, &invalid)?;
+            let original = original_max(top_original, &number, max_position_embeddings, &invalid)?;
             let max = max_position_embeddings;
             if rope_type == "yarn" {
                 RopeScaling::Yarn(YarnScaling::resolve(
@@ -882,17 +887,13 @@ pub(super) fn resolve_rope(
 /// (Phi-3's place for it) wins over the one in the RoPE parameters; without either it is
 /// `max_position_embeddings`.
 fn original_max(
-    raw: &RawConfig,
+    top_level: Option<usize>,
     number: &dyn Fn(&'static str) -> Result<Option<f64>>,
     max_position_embeddings: usize,
     invalid: &dyn Fn(&'static str, String) -> Error,
 ) -> Result<usize> {
-    if let Some(n) = raw.original_max_position_embeddings {
+    if let Some(n) = top_level {
         return Ok(n);
-    }
-    // Phi3Config has a top-level one, 4096 when the file has none.
-    if raw.model_type.as_deref() == Some("phi3") {
-        return Ok(4096);
     }
     match number("original_max_position_embeddings")? {
         Some(n) if n >= 0.0 && n.fract() == 0.0 => Ok(n as usize),

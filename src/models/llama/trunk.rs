@@ -26,6 +26,9 @@ pub(crate) struct LlamaTrunk {
     pub(super) layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     inv_freq: Vec<f32>,
+    /// LongRoPE's frequencies past its original context, and that context's length: a
+    /// forward whose positions end past it takes them.
+    long_inv_freq: Option<(usize, Vec<f32>)>,
     /// The dtype it computes in: its embedding table's.
     pub(super) dtype: DType,
     pub(super) device: Device,
@@ -59,6 +62,13 @@ impl LlamaTrunk {
             layers,
             norm,
             inv_freq: config.inv_freq(),
+            long_inv_freq: match &config.rope_scaling {
+                RopeScaling::LongRope(long) => {
+                    let original = long.original_max_position_embeddings;
+                    Some((original, config.inv_freq_for(original + 1)))
+                }
+                _ => None,
+            },
             dtype,
             device: vb.device().clone(),
         })
@@ -90,9 +100,8 @@ impl LlamaTrunk {
             PaddedPositions::FromFirstSlot => None,
         };
         // LongRoPE picks its frequencies by where this forward's positions end.
-        let long_rope;
-        let inv_freq = match self.config.rope_scaling {
-            RopeScaling::LongRope(_) => {
+        let inv_freq = match &self.long_inv_freq {
+            Some((original, long)) => {
                 let end = match rope_pads {
                     Some(pads) => pads
                         .iter()
@@ -101,10 +110,13 @@ impl LlamaTrunk {
                         .unwrap_or(0),
                     None => offset + seq,
                 };
-                long_rope = self.config.inv_freq_for(end);
-                &long_rope
+                if end > *original {
+                    long
+                } else {
+                    &self.inv_freq
+                }
             }
-            _ => &self.inv_freq,
+            None => &self.inv_freq,
         };
         let rope = RopeTables::new(
             inv_freq,
