@@ -330,6 +330,7 @@ impl GgufModel {
                 })?,
             rope_theta: self.f64_opt("rope.freq_base")?.unwrap_or(10_000.0),
             rope_scaling,
+            partial_rotary_factor: 1.0,
             max_position_embeddings: self.usize_key("context_length")?,
             tie_word_embeddings: !self.has("output.weight"),
             qkv_bias: self.has("blk.0.attn_q.bias"),

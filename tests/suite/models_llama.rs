@@ -28,7 +28,7 @@ use crate::checkpoint_merge::ckpt;
 use crate::peft_common::{fixture, load, rel_err};
 
 const TOL: f64 = 1e-4;
-const CASES: [&str; 10] = [
+const CASES: [&str; 11] = [
     "mistral",
     "qwen2",
     "qwen3",
@@ -39,6 +39,7 @@ const CASES: [&str; 10] = [
     "smollm3",
     "phi3",
     "phi3_longrope",
+    "phi4_partial",
 ];
 
 pub(crate) fn models(case: &str) -> PathBuf {
@@ -106,7 +107,10 @@ fn every_model_fixture_gives_transformers_and_peft_logits() {
             TOL,
             &format!("{case} base"),
         ));
-        let tied = matches!(case, "qwen2" | "linear_rope" | "granite" | "smollm3");
+        let tied = matches!(
+            case,
+            "qwen2" | "linear_rope" | "granite" | "smollm3" | "phi4_partial"
+        );
         assert_eq!(base.is_tied(), tied, "{case}");
 
         let plan = peft_plan(&dir.join("lora"));
@@ -865,19 +869,19 @@ fn phi3_reads_fused_projections_and_refuses_what_lorakit_lacks() {
     assert!(err.contains("phi3"), "{err}");
 }
 
-#[test]
-fn longrope_switches_to_its_long_factors_past_the_original_context() {
-    let dir = models("phi3_longrope");
+/// A LongRoPE fixture (`phi3_longrope`, `phi4_partial`) against transformers: 24-position
+/// logits with the long factors (base and LoRA), and greedy generation with the cache across
+/// the switch at position 16 (where lorakit re-runs the sequence with the long factors, as
+/// transformers' Phi3ForCausalLM drops its cache). Returns the LoRA model, the prompt and
+/// transformers' tokens.
+fn check_longrope_case(case: &str) -> (LlamaForCausalLM, Vec<u32>, Vec<u32>) {
+    let dir = models(case);
     let io = load(&dir.join("logits.safetensors"));
     let config = dir.join("base/config.json");
     let base = build(&config, &dir.join("base"), DType::F32, &no_adapter());
     let ids = &io["long_input_ids"];
-    check(
-        &logits(&base, ids),
-        &io["long_logits"],
-        TOL,
-        "longrope base, 24 positions",
-    );
+    let what = |model: &str| format!("{case} {model}, 24 positions");
+    check(&logits(&base, ids), &io["long_logits"], TOL, &what("base"));
     let lora = build(
         &config,
         &dir.join("base"),
@@ -888,17 +892,22 @@ fn longrope_switches_to_its_long_factors_past_the_original_context() {
         &logits(&lora, ids),
         &io["long_lora_logits"],
         TOL,
-        "longrope lora, 24 positions",
+        &what("lora"),
     );
-    // Generation with the cache crosses position 16: there it re-runs the sequence with
-    // the long factors, as transformers' Phi3ForCausalLM drops its cache.
     let first_row = |key: &str| -> Vec<u32> {
         let row = io[key].get(0).unwrap().to_dtype(DType::U32).unwrap();
         row.to_vec1().unwrap()
     };
     let (prompt, want) = (first_row("input_ids"), first_row("greedy_ids"));
     let got = lora.generate_greedy(&prompt, want.len(), None).unwrap();
-    assert_eq!(got, want);
+    assert_eq!(got, want, "{case}: greedy tokens across the switch");
+    (lora, prompt, want)
+}
+
+#[test]
+fn longrope_switches_to_its_long_factors_past_the_original_context() {
+    let dir = models("phi3_longrope");
+    let (lora, prompt, want) = check_longrope_case("phi3_longrope");
     // A batch takes one set of frequencies for all its rows: one that would cross the
     // switch is an error, one that stays within it gives each prompt's own tokens.
     let config = lorakit::models::generation::GenerationConfig::greedy(want.len());
@@ -927,7 +936,7 @@ fn longrope_switches_to_its_long_factors_past_the_original_context() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("short_factor") && err.contains("head_dim / 2"),
+        err.contains("short_factor") && err.contains("need 2"),
         "{err}"
     );
     // Without an original_max_position_embeddings anywhere, Phi3Config's 4096.
@@ -946,6 +955,74 @@ fn longrope_switches_to_its_long_factors_past_the_original_context() {
         err.contains("long_factor") && err.contains("missing"),
         "{err}"
     );
+}
+
+#[test]
+fn partial_rotary_factor_rotates_the_first_part_of_each_head() {
+    // Phi-4-mini's shape: RoPE on 6 of each head's 8 dimensions, longrope factors for those
+    // 3 frequencies, tied embeddings.
+    let (_, _, _) = check_longrope_case("phi4_partial");
+    let c = LlamaConfig::from_file(models("phi4_partial").join("base")).unwrap();
+    assert_eq!((c.head_dim, c.rotary_dim(), c.inv_freq().len()), (8, 6, 3));
+    // The form Phi-4-mini's own config.json has: a top-level factor, `rope_scaling` with
+    // factors for the rotated part only.
+    let factors = r#""short_factor": [1.0, 1.0, 1.0], "long_factor": [1.0, 2.0, 4.0]"#;
+    let phi = |partial: &str, factors: &str| {
+        json(
+            "phi3",
+            &format!(
+                r#""partial_rotary_factor": {partial}, "rope_scaling": {{"type": "longrope", {factors}}}"#
+            ),
+        )
+    };
+    // head_dim 4 (128 / 32): 0.75 of it is 3, odd.
+    let err = LlamaConfig::from_json(&phi("0.75", factors))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("partial_rotary_factor") && err.contains("even"),
+        "{err}"
+    );
+    let wide = json(
+        "phi3",
+        &format!(
+            r#""head_dim": 12, "partial_rotary_factor": 0.5, "rope_scaling": {{"type": "longrope", {factors}}}"#
+        ),
+    );
+    assert_eq!(LlamaConfig::from_json(&wide).unwrap().rotary_dim(), 6);
+    // Factors for the whole head where only half of it rotates.
+    let whole = r#""short_factor": [1, 1, 1, 1, 1, 1], "long_factor": [1, 1, 1, 1, 1, 1]"#;
+    let half = json(
+        "phi3",
+        &format!(
+            r#""head_dim": 12, "partial_rotary_factor": 0.5, "rope_scaling": {{"type": "longrope", {whole}}}"#
+        ),
+    );
+    let err = LlamaConfig::from_json(&half).unwrap_err().to_string();
+    assert!(
+        err.contains("short_factor") && err.contains("need 3"),
+        "{err}"
+    );
+    for bad in ["0", "1.5", "-0.5"] {
+        let err =
+            LlamaConfig::from_json(&json("phi3", &format!(r#""partial_rotary_factor": {bad}"#)))
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("partial_rotary_factor"), "{bad}: {err}");
+    }
+    // The other families rotate whole heads: a factor below 1 is refused, in the file and
+    // in a config written in code.
+    let err = LlamaConfig::from_json(&json("llama", r#""partial_rotary_factor": 0.5"#))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("partial_rotary_factor") && err.contains("llama"),
+        "{err}"
+    );
+    let mut llama = LlamaConfig::from_json(&json("llama", "")).unwrap();
+    llama.partial_rotary_factor = 0.5;
+    let err = llama.validate().unwrap_err().to_string();
+    assert!(err.contains("only phi3"), "{err}");
 }
 
 /// One of `yarn_params.json`'s cases: a config.json and transformers' YaRN output for it.
@@ -1083,16 +1160,17 @@ fn probe_loss(model: &LlamaForCausalLM, ids: &Tensor, r: &Tensor) -> Tensor {
         .unwrap()
 }
 
-/// The Qwen3 fixture (q/k norms, RoPE, GQA, a sliding layer) in `dtype` with a fresh LoRA
-/// (B = 0) on layer 0's q_proj and layer 1's down_proj: layer 0's adapter lies before every
-/// norm, RoPE and softmax of the model. Returns the model and layer 0's (lora_A, lora_B).
-fn qwen3_with_fresh_lora(dtype: DType) -> (LlamaForCausalLM, Var, Var) {
-    let dir = models("qwen3");
+/// A fixture `case` in `dtype` with a fresh LoRA (B = 0) on layer 0's attention projection
+/// `query` (`q_proj`, or Phi-3's `qkv_proj`) and layer 1's down_proj: layer 0's adapter lies
+/// before every norm, RoPE and softmax of the model. Returns the model and layer 0's
+/// (lora_A, lora_B).
+fn with_fresh_lora(case: &str, query: &str, dtype: DType) -> (LlamaForCausalLM, Var, Var) {
+    let dir = models(case);
     let vars = VarMap::new();
     let plan = AdapterPlan::lora(
         TargetSpec::new(ModuleSelector::list([
-            "model.layers.0.self_attn.q_proj",
-            "model.layers.1.mlp.down_proj",
+            format!("model.layers.0.self_attn.{query}"),
+            "model.layers.1.mlp.down_proj".to_string(),
         ])),
         RankAlpha::new(2, 4.0),
         LoraConfig::default(), // B = 0: the base model until B moves
@@ -1131,22 +1209,29 @@ fn grad_of(model: &LlamaForCausalLM, var: &Var, ids: &Tensor, r: &Tensor) -> Vec
 #[test]
 fn gradients_reach_adapters_through_norms_rope_and_softmax() {
     // candle's fused rms_norm / rope / softmax have no backward: the model must take the
-    // differentiable path wherever a gradient flows. In f64 (no fused rms_norm there) the
-    // backward must equal finite differences; in f32 (fused kernels available) it must
-    // equal the f64 one.
+    // differentiable path wherever a gradient flows. Qwen3: q/k norms, RoPE, GQA, a sliding
+    // layer; phi4_partial: RoPE on part of each head, LongRoPE, the fused qkv_proj.
+    check_gradients("qwen3", "q_proj");
+    check_gradients("phi4_partial", "qkv_proj");
+}
+
+/// In f64 (no fused rms_norm there) the backward to a fresh LoRA on layer 0's `query`
+/// projection must equal finite differences; in f32 (fused kernels available) it must
+/// equal the f64 one.
+fn check_gradients(case: &str, query: &str) {
     let dev = Device::Cpu;
-    let dir = models("qwen3");
+    let dir = models(case);
     let io = load(&dir.join("logits.safetensors"));
     let ids = io["input_ids"].clone();
     let r = Tensor::randn(0f64, 1., (2, 9, 64), &dev).unwrap();
 
-    let (model, _, b) = qwen3_with_fresh_lora(DType::F64);
+    let (model, _, b) = with_fresh_lora(case, query, DType::F64);
     // With B = 0 the differentiable path gives transformers' logits too.
     check(
         &logits(&model, &ids),
         &io["logits"],
         TOL,
-        "qwen3, differentiable path",
+        &format!("{case}, differentiable path"),
     );
     let g = grad_of(&model, &b, &ids, &r);
     assert!(g.iter().any(|v| v.abs() > 1e-3), "zero gradient");
@@ -1174,13 +1259,13 @@ fn gradients_reach_adapters_through_norms_rope_and_softmax() {
         let fd = (up - down) / (2.0 * h);
         assert!(
             (fd - g[i]).abs() <= 1e-6 * fd.abs().max(1.0),
-            "entry {i}: backward {} vs finite difference {fd}",
+            "{case} entry {i}: backward {} vs finite difference {fd}",
             g[i]
         );
     }
 
-    let (model64, a64, b64) = qwen3_with_fresh_lora(DType::F64);
-    let (model32, a32, b32) = qwen3_with_fresh_lora(DType::F32);
+    let (model64, a64, b64) = with_fresh_lora(case, query, DType::F64);
+    let (model32, a32, b32) = with_fresh_lora(case, query, DType::F32);
     a32.set(&a64.as_tensor().to_dtype(DType::F32).unwrap())
         .unwrap();
     let (g64, g32) = (
@@ -1194,7 +1279,7 @@ fn gradients_reach_adapters_through_norms_rope_and_softmax() {
         .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
     assert!(
         diff <= 1e-4 * scale,
-        "f32 gradient differs from f64 by {diff} (scale {scale})"
+        "{case}: f32 gradient differs from f64 by {diff} (scale {scale})"
     );
 }
 

@@ -40,8 +40,8 @@ pub enum LlamaFamily {
     /// `phi3`: Microsoft's Phi-3, Phi-3.5 and Phi-4, with fused projections (`qkv_proj`,
     /// `gate_up_proj`: PEFT targets them under those names), a window on every layer when
     /// `sliding_window` is set, RMSNorm ε 1e-5 by default, `su` / `yarn` RoPE read as
-    /// LongRoPE ([`LongRopeScaling`]). A `partial_rotary_factor` below 1 (Phi-4-mini) is
-    /// refused.
+    /// LongRoPE ([`LongRopeScaling`]), and a `partial_rotary_factor` below 1 (Phi-4-mini:
+    /// RoPE on the first part of each head only).
     Phi3,
 }
 
@@ -175,9 +175,11 @@ pub enum LayerAttention {
 ///   form (top-level `rope_theta`, `rope_scaling` with `type` or `rope_type`); a non-empty
 ///   `rope_scaling` wins over `rope_parameters`, a `rope_theta` inside them over the
 ///   top-level one. `default`, `linear`, `llama3`, `yarn` ([`YarnScaling`]) and, for
-///   `phi3`, `longrope` ([`LongRopeScaling`]) are supported; any other `rope_type` (`dynamic`, ...), a
-///   `partial_rotary_factor` other than 1 and per-layer-type RoPE parameters are errors
-///   naming them.
+///   `phi3`, `longrope` ([`LongRopeScaling`]) are supported; any other `rope_type` (`dynamic`, ...) and
+///   per-layer-type RoPE parameters are errors naming them. `partial_rotary_factor`
+///   (inside the RoPE parameters first, then top-level) is read for `phi3`, whose attention
+///   rotates only the first `int(head_dim · factor)` dimensions of each head; for the other
+///   families a factor other than 1 is an error, as their attention rotates whole heads.
 /// - Biases: Llama has `attention_bias` on q/k/v/o and `mlp_bias` on the MLP; Qwen2 always
 ///   has a bias on q/k/v and none on o or the MLP; Qwen3 has `attention_bias` on q/k/v/o;
 ///   Mistral has none (transformers ignores these keys where this says so, and so does
@@ -241,6 +243,9 @@ pub struct LlamaConfig {
     pub rope_theta: f64,
     /// RoPE's frequency scaling.
     pub rope_scaling: RopeScaling,
+    /// The fraction of each head that RoPE rotates (1 but for Phi-4-mini's 0.75): the
+    /// first [`LlamaConfig::rotary_dim`] dimensions rotate, the rest pass unchanged.
+    pub partial_rotary_factor: f64,
     /// The configured context length (only the default for llama3's
     /// `original_max_position_embeddings`; longer inputs are not refused, as in
     /// transformers).
@@ -454,7 +459,8 @@ impl LlamaConfig {
             LlamaFamily::Qwen2 | LlamaFamily::Qwen3 | LlamaFamily::SmolLm3 => 32_768,
         });
 
-        let (rope_theta, rope_scaling) = resolve_rope(&raw, max_position_embeddings, family, file)?;
+        let (rope_theta, rope_scaling, partial_rotary_factor) =
+            resolve_rope(&raw, max_position_embeddings, family, file)?;
 
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let (qkv_bias, o_bias, mlp_bias) = match family {
@@ -556,6 +562,7 @@ impl LlamaConfig {
             }),
             rope_theta,
             rope_scaling,
+            partial_rotary_factor,
             max_position_embeddings,
             tie_word_embeddings: raw
                 .tie_word_embeddings
@@ -695,19 +702,20 @@ impl LlamaConfig {
             }
         };
         positive("rope_theta", self.rope_theta)?;
+        let rotary_dim = self.rotary_dim_in(&invalid)?;
         self.multipliers
             .validate(&|field, reason| invalid(field, reason))?;
         match self.rope_scaling {
             RopeScaling::None => {}
             RopeScaling::Linear { factor } => positive("factor", factor)?,
             RopeScaling::Factors(ref factors) => {
-                if factors.len() != self.head_dim / 2 {
+                if factors.len() != rotary_dim / 2 {
                     return Err(invalid(
                         "rope factors",
                         format!(
-                            "{} of them for head_dim {}: need head_dim / 2",
+                            "{} of them for {rotary_dim} rotated dimensions: need {}",
                             factors.len(),
-                            self.head_dim
+                            rotary_dim / 2
                         ),
                     ));
                 }
@@ -719,7 +727,7 @@ impl LlamaConfig {
                 yarn.validate(&|field, reason| invalid(field, reason))?
             }
             RopeScaling::LongRope(ref long) => {
-                long.validate(self.head_dim, &|field, reason| invalid(field, reason))?
+                long.validate(rotary_dim, &|field, reason| invalid(field, reason))?
             }
             RopeScaling::Llama3 {
                 factor,
@@ -777,6 +785,41 @@ impl LlamaConfig {
     }
 }
 
+impl LlamaConfig {
+    /// [`LlamaConfig::rotary_dim`] after checking `partial_rotary_factor`: in (0, 1], below
+    /// 1 only for Phi-3, and giving an even width of at least 2.
+    fn rotary_dim_in(&self, invalid: &dyn Fn(&'static str, String) -> Error) -> Result<usize> {
+        let factor = self.partial_rotary_factor;
+        if !(factor.is_finite() && factor > 0.0 && factor <= 1.0) {
+            return Err(invalid(
+                "partial_rotary_factor",
+                format!("must be in (0, 1], got {factor}"),
+            ));
+        }
+        if factor < 1.0 && self.family != LlamaFamily::Phi3 {
+            return Err(invalid(
+                "partial_rotary_factor",
+                format!(
+                    "{factor} for {}: only phi3's attention rotates part of a head",
+                    self.family.model_type()
+                ),
+            ));
+        }
+        let dim = self.rotary_dim();
+        if dim < 2 || !dim.is_multiple_of(2) {
+            return Err(invalid(
+                "partial_rotary_factor",
+                format!(
+                    "{factor} of head_dim {} rotates {dim} dimensions: RoPE needs an even \
+                     number, at least 2",
+                    self.head_dim
+                ),
+            ));
+        }
+        Ok(dim)
+    }
+}
+
 /// The `rope_type`s supported, for messages.
 const ROPE_TYPES: &str = "default, linear, llama3, yarn (and longrope for phi3)";
 
@@ -787,7 +830,7 @@ pub(super) fn resolve_rope(
     max_position_embeddings: usize,
     family: LlamaFamily,
     file: &Path,
-) -> Result<(f64, RopeScaling)> {
+) -> Result<(f64, RopeScaling, f64)> {
     let phi3 = family == LlamaFamily::Phi3;
     // The top-level `original_max_position_embeddings`: Phi3Config has one, 4096 when the
     // file has none.
@@ -825,12 +868,14 @@ pub(super) fn resolve_rope(
     let theta = number("rope_theta")?
         .or(raw.rope_theta)
         .unwrap_or(default_theta);
-    let partial = number("partial_rotary_factor")?.or(raw.partial_rotary_factor);
-    if let Some(p) = partial.filter(|&p| p != 1.0) {
+    let partial = number("partial_rotary_factor")?
+        .or(raw.partial_rotary_factor)
+        .unwrap_or(1.0);
+    if partial != 1.0 && !phi3 {
         return Err(Error::Unsupported {
             what: "partial_rotary_factor",
-            got: p.to_string(),
-            supported: "1.0 (RoPE over the whole head)".to_string(),
+            got: format!("{partial} for {}", family.model_type()),
+            supported: "1.0 (RoPE over the whole head; below 1 only for phi3)".to_string(),
         });
     }
     let rope_type = match rope.get("rope_type").or_else(|| rope.get("type")) {
@@ -879,7 +924,7 @@ pub(super) fn resolve_rope(
             })
         }
     };
-    Ok((theta, scaling))
+    Ok((theta, scaling, partial))
 }
 
 /// The pretraining context length of a scaled RoPE (`llama3`, `yarn`), as transformers'

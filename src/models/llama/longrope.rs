@@ -17,7 +17,8 @@ use crate::error::{Error, Result};
 /// error (one set of frequencies serves the whole batch).
 ///
 /// Read from `config.json` as transformers 5 reads it: `short_factor` and `long_factor`
-/// (`head_dim / 2` numbers each) required; `original_max_position_embeddings` as for
+/// (one number per rotated frequency, `rotary_dim / 2`: `head_dim / 2` unless a
+/// `partial_rotary_factor` applies) required; `original_max_position_embeddings` as for
 /// `llama3` and `yarn` (Phi-3's top-level one first, 4096 when its config has none);
 /// `attention_factor` as given, else `√(1 + ln(factor) / ln(original))` with `factor` as
 /// given or `max_position_embeddings / original` (1 for `factor ≤ 1`).
@@ -41,9 +42,9 @@ use crate::error::{Error, Result};
 /// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct LongRopeScaling {
-    /// Per-frequency divisors within the original context (`head_dim / 2`).
+    /// Per-frequency divisors within the original context (`rotary_dim / 2`).
     pub short_factor: Vec<f32>,
-    /// Per-frequency divisors past it (`head_dim / 2`).
+    /// Per-frequency divisors past it (`rotary_dim / 2`).
     pub long_factor: Vec<f32>,
     /// The context length of pretraining.
     pub original_max_position_embeddings: usize,
@@ -96,23 +97,24 @@ impl LongRopeScaling {
         })
     }
 
-    /// Checks the factors' count (`head_dim / 2` each) and values; `invalid` names the
-    /// field.
+    /// Checks the factors' count (`rotary_dim / 2` each, RoPE rotating `rotary_dim`
+    /// dimensions of each head) and values; `invalid` names the field.
     pub(super) fn validate(
         &self,
-        head_dim: usize,
+        rotary_dim: usize,
         invalid: &dyn Fn(&'static str, String) -> Error,
     ) -> Result<()> {
         for (field, factors) in [
             ("short_factor", &self.short_factor),
             ("long_factor", &self.long_factor),
         ] {
-            if factors.len() != head_dim / 2 {
+            if factors.len() != rotary_dim / 2 {
                 return Err(invalid(
                     field,
                     format!(
-                        "{} of them for head_dim {head_dim}: need head_dim / 2",
-                        factors.len()
+                        "{} of them for {rotary_dim} rotated dimensions per head: need {}",
+                        factors.len(),
+                        rotary_dim / 2
                     ),
                 ));
             }

@@ -2,7 +2,7 @@
 //! `longrope` scaling, or llama.cpp's precomputed factors), computed as transformers computes them,
 //! and the cos/sin tables a forward uses.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::Result;
 
@@ -10,8 +10,9 @@ use super::config::{LlamaConfig, RopeScaling};
 use crate::models::padding;
 
 impl LlamaConfig {
-    /// RoPE's inverse frequencies, `head_dim / 2` of them, computed in f32 as transformers
-    /// computes them (its `inv_freq` buffer), scaling included.
+    /// RoPE's inverse frequencies, [`LlamaConfig::rotary_dim`]` / 2` of them (`head_dim / 2`
+    /// but for a `partial_rotary_factor`), computed in f32 as transformers computes them
+    /// (its `inv_freq` buffer), scaling included.
     ///
     /// ```
     /// use lorakit::models::llama::{LlamaConfig, RopeScaling};
@@ -34,9 +35,10 @@ impl LlamaConfig {
     /// [`LlamaConfig::inv_freq`] for a forward whose positions end at `seq_len` (its last
     /// position + 1): only LongRoPE depends on it ([`super::LongRopeScaling`]).
     pub fn inv_freq_for(&self, seq_len: usize) -> Vec<f32> {
-        let dim = self.head_dim as f32;
+        let rotary_dim = self.rotary_dim();
+        let dim = rotary_dim as f32;
         let base = self.rope_theta as f32;
-        let powers: Vec<f32> = (0..self.head_dim / 2)
+        let powers: Vec<f32> = (0..rotary_dim / 2)
             .map(|i| base.powf((2 * i) as f32 / dim))
             .collect();
         let plain = powers.iter().map(|p| 1.0 / p);
@@ -44,7 +46,7 @@ impl LlamaConfig {
             RopeScaling::None => plain.collect(),
             RopeScaling::Linear { factor } => plain.map(|f| f / factor as f32).collect(),
             RopeScaling::Factors(ref factors) => plain.zip(factors).map(|(f, d)| f / d).collect(),
-            RopeScaling::Yarn(ref yarn) => yarn.inv_freq(&powers, self.head_dim, self.rope_theta),
+            RopeScaling::Yarn(ref yarn) => yarn.inv_freq(&powers, rotary_dim, self.rope_theta),
             RopeScaling::LongRope(ref long) => long.inv_freq(&powers, seq_len),
             RopeScaling::Llama3 {
                 factor,
@@ -74,6 +76,24 @@ impl LlamaConfig {
                     .collect()
             }
         }
+    }
+
+    /// The dimensions at the start of each head that RoPE rotates:
+    /// `int(head_dim · partial_rotary_factor)`, as transformers computes it; the whole head
+    /// but for Phi-4-mini (factor 0.75), whose remaining dimensions pass unrotated.
+    ///
+    /// ```
+    /// use lorakit::models::llama::LlamaConfig;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let config = LlamaConfig::from_json(r#"{"model_type": "phi3", "vocab_size": 8,
+    ///     "hidden_size": 64, "intermediate_size": 8, "num_hidden_layers": 1,
+    ///     "num_attention_heads": 4, "partial_rotary_factor": 0.75}"#)?;
+    /// assert_eq!((config.head_dim, config.rotary_dim()), (16, 12));
+    /// assert_eq!(config.inv_freq().len(), 6);
+    /// # Ok(()) }
+    /// ```
+    pub fn rotary_dim(&self) -> usize {
+        (self.head_dim as f64 * self.partial_rotary_factor) as usize
     }
 
     /// What RoPE's cos and sin tables are multiplied by: YaRN's and LongRoPE's
@@ -142,7 +162,18 @@ impl RopeTables {
     /// The heads of a projection `x` `(batch, len, heads, head_dim)`, rotated:
     /// `(batch, heads, len, head_dim)` ([`crate::models::fused::rope_heads`]; per-row
     /// tables: the transpose and [`RopeTables::apply`]).
+    /// Tables narrower than the heads (a `partial_rotary_factor`) rotate the first
+    /// `2 · tables' width` dimensions of each head and pass the rest, as transformers'
+    /// Phi-3 attention does.
     pub(crate) fn apply_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (head_dim, rotary_dim) = (x.dim(D::Minus1)?, 2 * self.cos.dim(D::Minus1)?);
+        if rotary_dim < head_dim {
+            let rotated = self.apply_heads(&x.narrow(D::Minus1, 0, rotary_dim)?)?;
+            let passed = x
+                .narrow(D::Minus1, rotary_dim, head_dim - rotary_dim)?
+                .transpose(1, 2)?;
+            return Ok(Tensor::cat(&[rotated, passed], D::Minus1)?.contiguous()?);
+        }
         if self.per_row() {
             self.apply(&x.transpose(1, 2)?.contiguous()?)
         } else {

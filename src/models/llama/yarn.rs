@@ -159,10 +159,10 @@ impl YarnScaling {
         dim * (len / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln())
     }
 
-    /// The inverse frequencies for a head of `head_dim` and base `theta`, in f32 as
+    /// The inverse frequencies for `rotary_dim` rotated dimensions and base `theta`, in f32 as
     /// transformers computes them from `powers`, the unscaled `θ^(2i/d)` (one per pair).
-    pub(super) fn inv_freq(&self, powers: &[f32], head_dim: usize, theta: f64) -> Vec<f32> {
-        let dim = head_dim as f64;
+    pub(super) fn inv_freq(&self, powers: &[f32], rotary_dim: usize, theta: f64) -> Vec<f32> {
+        let dim = rotary_dim as f64;
         let mut low = self.correction_dim(self.beta_fast, dim, theta);
         let mut high = self.correction_dim(self.beta_slow, dim, theta);
         if self.truncate {
