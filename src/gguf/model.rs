@@ -18,7 +18,9 @@ use candle_core::Device;
 use super::names::{gguf_tensor, hf_tensor, GgufArch};
 use super::permute::{gather_qtensor_rows, inverse, rope_permutation};
 use crate::error::{Error, Result};
-use crate::models::llama::{LayerAttention, LlamaConfig, LlamaFamily, Multipliers, RopeScaling};
+use crate::models::llama::{
+    GateActivation, LayerAttention, LlamaConfig, LlamaFamily, Multipliers, RopeScaling,
+};
 
 /// A GGUF model file, opened (metadata and tensor directory read; tensors on demand).
 ///
@@ -331,11 +333,15 @@ impl GgufModel {
             rope_theta: self.f64_opt("rope.freq_base")?.unwrap_or(10_000.0),
             rope_scaling,
             partial_rotary_factor: 1.0,
+            sliding_rope_theta: None,
             max_position_embeddings: self.usize_key("context_length")?,
             tie_word_embeddings: !self.has("output.weight"),
             qkv_bias: self.has("blk.0.attn_q.bias"),
             o_bias: self.has("blk.0.attn_output.bias"),
             mlp_bias: self.has("blk.0.ffn_gate.bias"),
+            hidden_act: GateActivation::Silu,
+            unit_offset_norms: false,
+            sandwich_norms: false,
             qk_norm: self.has("blk.0.attn_q_norm.weight"),
             layer_attention: vec![LayerAttention::Full; num_hidden_layers],
             layer_rope: vec![true; num_hidden_layers],

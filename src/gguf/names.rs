@@ -58,8 +58,9 @@ impl GgufArch {
     }
 
     /// The architecture llama.cpp's converter gives a checkpoint of this family. Granite,
-    /// SmolLM3 and Phi-3 (llama.cpp's `granite`, `smollm3` and `phi3`, whose extra keys and
-    /// fused tensors lorakit does not map) are errors naming them.
+    /// SmolLM3, Phi-3 and Gemma 3 (llama.cpp's `granite`, `smollm3`, `phi3` and `gemma3`,
+    /// whose extra keys, norms and fused tensors lorakit does not map) are errors naming
+    /// them.
     ///
     /// ```
     /// use lorakit::gguf::GgufArch;
@@ -74,13 +75,14 @@ impl GgufArch {
             LlamaFamily::Llama | LlamaFamily::Mistral => Ok(GgufArch::Llama),
             LlamaFamily::Qwen2 => Ok(GgufArch::Qwen2),
             LlamaFamily::Qwen3 => Ok(GgufArch::Qwen3),
-            LlamaFamily::Granite | LlamaFamily::SmolLm3 | LlamaFamily::Phi3 => {
-                Err(Error::Unsupported {
-                    what: "GGUF architecture for model_type",
-                    got: family.model_type().to_string(),
-                    supported: "llama, mistral, qwen2, qwen3".to_string(),
-                })
-            }
+            LlamaFamily::Granite
+            | LlamaFamily::SmolLm3
+            | LlamaFamily::Phi3
+            | LlamaFamily::Gemma3 => Err(Error::Unsupported {
+                what: "GGUF architecture for model_type",
+                got: family.model_type().to_string(),
+                supported: "llama, mistral, qwen2, qwen3".to_string(),
+            }),
         }
     }
 

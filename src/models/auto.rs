@@ -18,13 +18,21 @@ use super::llama::{KvCache, LlamaConfig, LlamaFamily, LlamaForCausalLM};
 /// ```
 /// use lorakit::models::auto::SUPPORTED_MODEL_TYPES;
 /// use lorakit::models::llama::LlamaFamily;
-/// // The Llama family's seven, and GPT-2.
+/// // The Llama family's eight, and GPT-2.
 /// let llama = SUPPORTED_MODEL_TYPES.iter().filter(|t| LlamaFamily::from_model_type(t).is_some());
-/// assert_eq!(llama.count(), 7);
+/// assert_eq!(llama.count(), 8);
 /// assert!(SUPPORTED_MODEL_TYPES.contains(&"gpt2"));
 /// ```
-pub const SUPPORTED_MODEL_TYPES: [&str; 8] = [
-    "llama", "mistral", "qwen2", "qwen3", "granite", "smollm3", "phi3", "gpt2",
+pub const SUPPORTED_MODEL_TYPES: [&str; 9] = [
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "granite",
+    "smollm3",
+    "phi3",
+    "gemma3_text",
+    "gpt2",
 ];
 
 /// Which implementation a `model_type` is built with.

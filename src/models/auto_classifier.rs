@@ -55,8 +55,16 @@ pub enum AutoSequenceClassifier {
 }
 
 /// The `model_type`s [`AutoSequenceClassifier::from_pretrained`] loads.
-pub const CLASSIFIER_MODEL_TYPES: [&str; 8] = [
-    "bert", "llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "gpt2",
+pub const CLASSIFIER_MODEL_TYPES: [&str; 9] = [
+    "bert",
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "smollm3",
+    "phi3",
+    "gemma3_text",
+    "gpt2",
 ];
 
 /// Which implementation a folder's `model_type` is built with.

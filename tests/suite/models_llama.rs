@@ -28,7 +28,7 @@ use crate::checkpoint_merge::ckpt;
 use crate::peft_common::{fixture, load, rel_err};
 
 const TOL: f64 = 1e-4;
-const CASES: [&str; 11] = [
+const CASES: [&str; 12] = [
     "mistral",
     "qwen2",
     "qwen3",
@@ -40,6 +40,7 @@ const CASES: [&str; 11] = [
     "phi3",
     "phi3_longrope",
     "phi4_partial",
+    "gemma3",
 ];
 
 pub(crate) fn models(case: &str) -> PathBuf {
@@ -109,7 +110,7 @@ fn every_model_fixture_gives_transformers_and_peft_logits() {
         ));
         let tied = matches!(
             case,
-            "qwen2" | "linear_rope" | "granite" | "smollm3" | "phi4_partial"
+            "qwen2" | "linear_rope" | "granite" | "smollm3" | "phi4_partial" | "gemma3"
         );
         assert_eq!(base.is_tied(), tied, "{case}");
 
@@ -1025,6 +1026,108 @@ fn partial_rotary_factor_rotates_the_first_part_of_each_head() {
     assert!(err.contains("only phi3"), "{err}");
 }
 
+/// Gemma 3 1B's `config.json` as the Hub has it (transformers 4.50's form).
+const GEMMA3_1B: &str = r#"{"architectures": ["Gemma3ForCausalLM"], "attention_bias": false,
+    "attention_dropout": 0.0, "attn_logit_softcapping": null, "bos_token_id": 2,
+    "cache_implementation": "hybrid", "eos_token_id": [1, 106],
+    "final_logit_softcapping": null, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+    "hidden_size": 1152, "initializer_range": 0.02, "intermediate_size": 6912,
+    "max_position_embeddings": 32768, "model_type": "gemma3_text", "num_attention_heads": 4,
+    "num_hidden_layers": 26, "num_key_value_heads": 1, "pad_token_id": 0,
+    "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000,
+    "rope_scaling": null, "rope_theta": 1000000, "sliding_window": 512,
+    "sliding_window_pattern": 6, "torch_dtype": "bfloat16",
+    "transformers_version": "4.50.0.dev0", "use_cache": true, "vocab_size": 262144}"#;
+
+#[test]
+fn gemma3_configs_read_as_transformers_reads_them() {
+    // What transformers 5.25's Gemma3TextConfig makes of it: full attention on layers 5, 11,
+    // 17 and 23, θ 1e6 there and 1e4 on the sliding layers (window 512).
+    let c = LlamaConfig::from_json(GEMMA3_1B).unwrap();
+    assert_eq!(c.family, LlamaFamily::Gemma3);
+    let full: Vec<usize> = (0..26)
+        .filter(|&i| c.layer_attention[i] == LayerAttention::Full)
+        .collect();
+    assert_eq!(full, [5, 11, 17, 23]);
+    assert!(c.layer_attention.iter().all(|k| matches!(
+        k,
+        LayerAttention::Full | LayerAttention::Sliding { window: 512 }
+    )));
+    assert_eq!((c.rope_theta, c.sliding_rope_theta), (1e6, Some(1e4)));
+    assert_eq!(c.rope_scaling, RopeScaling::None);
+    assert_eq!(
+        c.hidden_act,
+        lorakit::models::llama::GateActivation::GeluTanh
+    );
+    assert!(c.unit_offset_norms && c.sandwich_norms && c.qk_norm && c.tie_word_embeddings);
+    assert_eq!((c.head_dim, c.num_key_value_heads), (256, 1));
+    assert_eq!(c.multipliers.attention_scale(c.head_dim), 1.0 / 16.0);
+    assert_eq!(c.multipliers.embedding_multiplier, 1152f64.sqrt());
+    // Gemma 3 4B's text config adds linear scaling, for the full-attention layers only.
+    let scaled = GEMMA3_1B.replace(
+        r#""rope_scaling": null"#,
+        r#""rope_scaling": {"factor": 8.0, "rope_type": "linear"}"#,
+    );
+    let c = LlamaConfig::from_json(&scaled).unwrap();
+    assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 8.0 });
+    assert_eq!(c.sliding_rope_theta, Some(1e4));
+    // Defaults: θ 1e6 / 1e4, five sliding layers in six, window 4096, head_dim 256.
+    let c = LlamaConfig::from_json(&json("gemma3_text", "")).unwrap();
+    assert_eq!((c.rope_theta, c.sliding_rope_theta), (1e6, Some(1e4)));
+    assert_eq!(
+        c.layer_attention,
+        [LayerAttention::Sliding { window: 4096 }; 3]
+    );
+    assert_eq!(c.head_dim, 256);
+
+    let cases: [(&str, &[&str]); 9] = [
+        (
+            r#""final_logit_softcapping": 30.0"#,
+            &["final_logit_softcapping", "30"],
+        ),
+        (
+            r#""attn_logit_softcapping": 50.0"#,
+            &["attn_logit_softcapping", "50"],
+        ),
+        (
+            r#""use_bidirectional_attention": true"#,
+            &["use_bidirectional_attention"],
+        ),
+        (
+            r#""hidden_activation": "relu""#,
+            &["hidden_activation", "relu"],
+        ),
+        (
+            r#""query_pre_attn_scalar": 0"#,
+            &["query_pre_attn_scalar", "> 0"],
+        ),
+        (
+            r#""sliding_window_pattern": 0"#,
+            &["sliding_window_pattern", "at least 1"],
+        ),
+        (
+            r#""sliding_window": null"#,
+            &["layer_types", "layer 0", "sliding_window is null"],
+        ),
+        (
+            r#""rope_parameters": {"rope_type": "default", "rope_theta": 1e4}"#,
+            &["rope_parameters", "full_attention", "got key"],
+        ),
+        (
+            r#""rope_parameters": {"sliding_attention": {"rope_type": "linear", "factor": 2.0}}"#,
+            &["sliding_attention", "Linear"],
+        ),
+    ];
+    for (extra, needles) in cases {
+        let err = LlamaConfig::from_json(&json("gemma3_text", extra))
+            .unwrap_err()
+            .to_string();
+        for n in needles {
+            assert!(err.contains(n), "{extra}: `{err}` does not mention `{n}`");
+        }
+    }
+}
+
 /// One of `yarn_params.json`'s cases: a config.json and transformers' YaRN output for it.
 #[derive(serde::Deserialize)]
 struct YarnCase {
@@ -1210,9 +1313,11 @@ fn grad_of(model: &LlamaForCausalLM, var: &Var, ids: &Tensor, r: &Tensor) -> Vec
 fn gradients_reach_adapters_through_norms_rope_and_softmax() {
     // candle's fused rms_norm / rope / softmax have no backward: the model must take the
     // differentiable path wherever a gradient flows. Qwen3: q/k norms, RoPE, GQA, a sliding
-    // layer; phi4_partial: RoPE on part of each head, LongRoPE, the fused qkv_proj.
+    // layer; phi4_partial: RoPE on part of each head, LongRoPE, the fused qkv_proj; gemma3:
+    // Gemma's norms (1 + weight, after each branch too), its GELU gate and embedding scale.
     check_gradients("qwen3", "q_proj");
     check_gradients("phi4_partial", "qkv_proj");
+    check_gradients("gemma3", "q_proj");
 }
 
 /// In f64 (no fused rms_norm there) the backward to a fresh LoRA on layer 0's `query`
@@ -1291,8 +1396,8 @@ fn check_gradients(case: &str, query: &str) {
 
 const CACHE_TOL: f64 = 1e-5;
 /// Mistral (sliding window 4 on every layer, GQA), Qwen2 (q/k/v bias, tied head), Qwen3
-/// (q/k norm, a sliding layer).
-const CACHE_CASES: [&str; 3] = ["mistral", "qwen2", "qwen3"];
+/// (q/k norm, a sliding layer), Gemma 3 (a sliding layer with its own RoPE θ).
+const CACHE_CASES: [&str; 4] = ["mistral", "qwen2", "qwen3", "gemma3"];
 
 /// `(case, adapter?)` → the model: the base, then the PEFT LoRA.
 fn cache_models() -> Vec<(String, LlamaForCausalLM)> {

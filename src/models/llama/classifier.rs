@@ -106,9 +106,10 @@ impl LlamaForSequenceClassification {
             return Err(Error::Unsupported {
                 what: "sequence classification for model_type",
                 got: config.family.model_type().to_string(),
-                supported: "llama, mistral, qwen2, qwen3, smollm3, phi3 (transformers has no \
+                supported:
+                    "llama, mistral, qwen2, qwen3, smollm3, phi3, gemma3_text (transformers has no \
                             GraniteForSequenceClassification)"
-                    .to_string(),
+                        .to_string(),
             });
         }
         DecoderParts::load(config, labels, vb, plan).map(Self)

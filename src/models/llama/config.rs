@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value};
 
+use super::activation::GateActivation;
+use super::gemma::{self, GemmaKeys};
 use super::longrope::LongRopeScaling;
 use super::multipliers::Multipliers;
 use super::yarn::YarnScaling;
@@ -43,6 +45,14 @@ pub enum LlamaFamily {
     /// LongRoPE ([`LongRopeScaling`]), and a `partial_rotary_factor` below 1 (Phi-4-mini:
     /// RoPE on the first part of each head only).
     Phi3,
+    /// `gemma3_text`: Google's Gemma 3 text decoder (`Gemma3ForCausalLM`: Gemma 3 1B, and
+    /// the text part of the larger ones saved alone). RMSNorms that multiply by
+    /// `1 + weight`, a norm after attention and around the MLP as well as before
+    /// (`sandwich_norms`), Qwen3's q/k norms, a `gelu_pytorch_tanh` gate, embeddings times
+    /// `√hidden_size`, attention scale `query_pre_attn_scalar^-½`, sliding layers (five of
+    /// every six by default) with their own RoPE θ, tied embeddings by default. Logit
+    /// soft-capping (Gemma 2) and bidirectional attention are refused.
+    Gemma3,
 }
 
 impl LlamaFamily {
@@ -61,10 +71,11 @@ impl LlamaFamily {
             LlamaFamily::Granite => "granite",
             LlamaFamily::SmolLm3 => "smollm3",
             LlamaFamily::Phi3 => "phi3",
+            LlamaFamily::Gemma3 => "gemma3_text",
         }
     }
 
-    /// The family of a `model_type`, if it is one of the seven.
+    /// The family of a `model_type`, if it is one of the eight.
     ///
     /// ```
     /// use lorakit::models::llama::LlamaFamily;
@@ -80,6 +91,7 @@ impl LlamaFamily {
             Self::Granite,
             Self::SmolLm3,
             Self::Phi3,
+            Self::Gemma3,
         ]
         .into_iter()
         .find(|f| f.model_type() == model_type)
@@ -156,8 +168,8 @@ pub enum LayerAttention {
     },
 }
 
-/// A Llama-family decoder's configuration: transformers' `config.json` for `model_type`
-/// `llama`, `mistral`, `qwen2` or `qwen3`, resolved as transformers 5.24 resolves it.
+/// A Llama-family decoder's configuration: transformers' `config.json` for a
+/// [`LlamaFamily`]'s `model_type`, resolved as transformers 5.24–5.25 resolves it.
 ///
 /// Read with [`LlamaConfig::from_file`] / [`LlamaConfig::from_json`]; the fields are public
 /// so a configuration can also be written in code (checked by [`LlamaConfig::validate`],
@@ -246,6 +258,9 @@ pub struct LlamaConfig {
     /// The fraction of each head that RoPE rotates (1 but for Phi-4-mini's 0.75): the
     /// first [`LlamaConfig::rotary_dim`] dimensions rotate, the rest pass unchanged.
     pub partial_rotary_factor: f64,
+    /// The sliding-window layers' own RoPE θ, with unscaled frequencies (Gemma 3's
+    /// `rope_local_base_freq`); `None`: they rotate as the other layers.
+    pub sliding_rope_theta: Option<f64>,
     /// The configured context length (only the default for llama3's
     /// `original_max_position_embeddings`; longer inputs are not refused, as in
     /// transformers).
@@ -259,6 +274,16 @@ pub struct LlamaConfig {
     pub o_bias: bool,
     /// Bias on `gate_proj`, `up_proj`, `down_proj`.
     pub mlp_bias: bool,
+    /// The MLP's gate activation (`hidden_act`; Gemma's `hidden_activation`).
+    pub hidden_act: GateActivation,
+    /// Every RMSNorm multiplies by `1 + weight` (Gemma's checkpoints store the weight's
+    /// offset from 1), not by `weight`.
+    pub unit_offset_norms: bool,
+    /// Gemma 3's four norms per layer: `post_attention_layernorm` normalizes the attention's
+    /// output before its residual add, `pre_feedforward_layernorm` the MLP's input and
+    /// `post_feedforward_layernorm` its output (without: `post_attention_layernorm` is the
+    /// MLP's input norm, as in Llama).
+    pub sandwich_norms: bool,
     /// RMSNorm over `head_dim` on queries and keys before RoPE (Qwen3's `q_norm`,
     /// `k_norm`).
     pub qk_norm: bool,
@@ -330,6 +355,8 @@ pub(super) struct RawConfig {
     pub(super) attention_multiplier: Option<f64>,
     pub(super) residual_multiplier: Option<f64>,
     pub(super) logits_scaling: Option<f64>,
+    #[serde(flatten)]
+    pub(super) gemma: GemmaKeys,
 }
 
 impl LlamaConfig {
@@ -390,14 +417,16 @@ impl LlamaConfig {
         let model_type = raw.model_type.as_deref().ok_or_else(|| {
             invalid(
                 "model_type",
-                "missing (llama, mistral, qwen2, qwen3, granite, smollm3 or phi3 expected)",
+                "missing (llama, mistral, qwen2, qwen3, granite, smollm3, phi3 or gemma3_text \
+                 expected)",
             )
         })?;
         let family =
             LlamaFamily::from_model_type(model_type).ok_or_else(|| Error::Unsupported {
                 what: "model_type",
                 got: model_type.to_string(),
-                supported: "llama, mistral, qwen2, qwen3, granite, smollm3, phi3".to_string(),
+                supported: "llama, mistral, qwen2, qwen3, granite, smollm3, phi3, gemma3_text"
+                    .to_string(),
             })?;
         let required = |value: Option<usize>, field: &'static str| {
             value.ok_or_else(|| invalid(field, "missing"))
@@ -422,14 +451,20 @@ impl LlamaConfig {
                 supported: "unquantized f32, f16 or bf16 checkpoints".to_string(),
             });
         }
-        let act = raw.hidden_act.as_deref().unwrap_or("silu");
-        if act != "silu" && act != "swish" {
-            return Err(Error::Unsupported {
-                what: "hidden_act",
-                got: act.to_string(),
-                supported: "silu (swish)".to_string(),
-            });
-        }
+        let gemma = family == LlamaFamily::Gemma3;
+        let hidden_act = if gemma {
+            raw.gemma.gate_activation(file)?
+        } else {
+            let act = raw.hidden_act.as_deref().unwrap_or("silu");
+            if act != "silu" && act != "swish" {
+                return Err(Error::Unsupported {
+                    what: "hidden_act",
+                    got: act.to_string(),
+                    supported: "silu (swish)".to_string(),
+                });
+            }
+            GateActivation::Silu
+        };
 
         // transformers' class defaults when a key is absent; `null` where noted.
         let num_key_value_heads = match raw.num_key_value_heads {
@@ -440,13 +475,14 @@ impl LlamaConfig {
                     num_attention_heads
                 }
                 LlamaFamily::Mistral => 8,
-                LlamaFamily::SmolLm3 => 4,
+                LlamaFamily::SmolLm3 | LlamaFamily::Gemma3 => 4,
                 LlamaFamily::Qwen2 | LlamaFamily::Qwen3 => 32,
             },
         };
         let head_dim = match (raw.head_dim, family) {
             (Some(Some(d)), _) => d,
             (None, LlamaFamily::Qwen3) => 128,
+            (None, LlamaFamily::Gemma3) => 256,
             (Some(None), LlamaFamily::Qwen3) => {
                 return Err(invalid("head_dim", "null (Qwen3 needs a head_dim)"))
             }
@@ -455,12 +491,17 @@ impl LlamaConfig {
         let max_position_embeddings = raw.max_position_embeddings.unwrap_or(match family {
             LlamaFamily::Llama | LlamaFamily::Granite => 2048,
             LlamaFamily::Phi3 => 4096,
-            LlamaFamily::Mistral => 131_072,
+            LlamaFamily::Mistral | LlamaFamily::Gemma3 => 131_072,
             LlamaFamily::Qwen2 | LlamaFamily::Qwen3 | LlamaFamily::SmolLm3 => 32_768,
         });
 
-        let (rope_theta, rope_scaling, partial_rotary_factor) =
-            resolve_rope(&raw, max_position_embeddings, family, file)?;
+        let (rope_theta, rope_scaling, partial_rotary_factor, sliding_rope_theta) = if gemma {
+            gemma3_rope(&raw, max_position_embeddings, file)?
+        } else {
+            let (theta, scaling, partial) =
+                resolve_rope(&raw, max_position_embeddings, family, file)?;
+            (theta, scaling, partial, None)
+        };
 
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let (qkv_bias, o_bias, mlp_bias) = match family {
@@ -471,7 +512,7 @@ impl LlamaConfig {
             ),
             LlamaFamily::Mistral | LlamaFamily::Phi3 => (false, false, false),
             LlamaFamily::Qwen2 => (true, false, false),
-            LlamaFamily::Qwen3 => (attention_bias, attention_bias, false),
+            LlamaFamily::Qwen3 | LlamaFamily::Gemma3 => (attention_bias, attention_bias, false),
             LlamaFamily::SmolLm3 => (
                 attention_bias,
                 attention_bias,
@@ -494,6 +535,11 @@ impl LlamaConfig {
         let layer_attention = match family {
             LlamaFamily::Llama | LlamaFamily::Granite => {
                 vec![LayerAttention::Full; num_hidden_layers]
+            }
+            LlamaFamily::Gemma3 => {
+                let types = raw.layer_types.as_deref();
+                let names = raw.gemma.layer_type_names(types, num_hidden_layers, file)?;
+                layer_kinds(&names, window, "sliding_window is null", file)?
             }
             LlamaFamily::Mistral | LlamaFamily::Phi3 => {
                 let kind = match window {
@@ -522,28 +568,8 @@ impl LlamaConfig {
                         })
                         .collect()
                 });
-                names
-                    .iter()
-                    .enumerate()
-                    .map(|(i, name)| match (name.as_str(), window) {
-                        ("full_attention", _) => Ok(LayerAttention::Full),
-                        ("sliding_attention", Some(window)) => {
-                            Ok(LayerAttention::Sliding { window })
-                        }
-                        ("sliding_attention", None) => Err(invalid(
-                            "layer_types",
-                            &format!(
-                                "layer {i} is `sliding_attention` but there is no window \
-                                 (use_sliding_window is false or sliding_window is null)"
-                            ),
-                        )),
-                        (other, _) => Err(Error::Unsupported {
-                            what: "layer_types entry",
-                            got: other.to_string(),
-                            supported: "full_attention, sliding_attention".to_string(),
-                        }),
-                    })
-                    .collect::<Result<Vec<_>>>()?
+                let no_window = "use_sliding_window is false or sliding_window is null";
+                layer_kinds(&names, window, no_window, file)?
             }
         };
 
@@ -563,14 +589,18 @@ impl LlamaConfig {
             rope_theta,
             rope_scaling,
             partial_rotary_factor,
+            sliding_rope_theta,
             max_position_embeddings,
             tie_word_embeddings: raw
                 .tie_word_embeddings
-                .unwrap_or(family == LlamaFamily::SmolLm3),
+                .unwrap_or(matches!(family, LlamaFamily::SmolLm3 | LlamaFamily::Gemma3)),
             qkv_bias,
             o_bias,
             mlp_bias,
-            qk_norm: family == LlamaFamily::Qwen3,
+            hidden_act,
+            unit_offset_norms: gemma,
+            sandwich_norms: gemma,
+            qk_norm: matches!(family, LlamaFamily::Qwen3 | LlamaFamily::Gemma3),
             layer_attention,
             layer_rope,
             fused_projections: family == LlamaFamily::Phi3,
@@ -586,6 +616,9 @@ impl LlamaConfig {
                     raw.residual_multiplier,
                     raw.logits_scaling,
                 ),
+                LlamaFamily::Gemma3 => {
+                    Multipliers::gemma(hidden_size, raw.gemma.query_pre_attn_scalar)
+                }
                 _ => Multipliers::default(),
             },
         })
@@ -702,6 +735,9 @@ impl LlamaConfig {
             }
         };
         positive("rope_theta", self.rope_theta)?;
+        if let Some(theta) = self.sliding_rope_theta {
+            positive("rope_local_base_freq", theta)?;
+        }
         let rotary_dim = self.rotary_dim_in(&invalid)?;
         self.multipliers
             .validate(&|field, reason| invalid(field, reason))?;
@@ -831,17 +867,10 @@ pub(super) fn resolve_rope(
     family: LlamaFamily,
     file: &Path,
 ) -> Result<(f64, RopeScaling, f64)> {
-    let phi3 = family == LlamaFamily::Phi3;
-    // The top-level `original_max_position_embeddings`: Phi3Config has one, 4096 when the
-    // file has none.
-    let top_original = raw
-        .original_max_position_embeddings
-        .or(phi3.then_some(4096));
     let default_theta = match family {
         LlamaFamily::SmolLm3 => 2_000_000.0,
         _ => 10_000.0,
     };
-    let invalid = |field: &'static str, reason: String| Error::file_config(file, field, reason);
     let empty = Map::new();
     let rope = raw
         .rope_scaling
@@ -853,9 +882,58 @@ pub(super) fn resolve_rope(
         return Err(Error::Unsupported {
             what: "per-layer-type RoPE parameters",
             got: key.clone(),
-            supported: "one rope_parameters for every layer".to_string(),
+            supported: "one rope_parameters for every layer (per layer type: gemma3_text)"
+                .to_string(),
         });
     }
+    let theta = (raw.rope_theta, default_theta);
+    resolve_rope_map(rope, theta, raw, max_position_embeddings, family, file)
+}
+
+/// Gemma 3's RoPE: the full-attention layers' θ (default 1 000 000), scaling (Gemma 3 4B+:
+/// `linear`, factor 8) and partial factor, and the sliding layers' θ
+/// (`rope_local_base_freq`, default 10 000; unscaled).
+fn gemma3_rope(
+    raw: &RawConfig,
+    max_position_embeddings: usize,
+    file: &Path,
+) -> Result<(f64, RopeScaling, f64, Option<f64>)> {
+    let empty = Map::new();
+    let (params, scaling) = (raw.rope_parameters.as_ref(), raw.rope_scaling.as_ref());
+    let (full, sliding) = gemma::rope_maps(params, scaling, &empty, file)?;
+    let (family, max) = (LlamaFamily::Gemma3, max_position_embeddings);
+    let full_theta = (raw.rope_theta, 1_000_000.0);
+    let (theta, scaling, partial) = resolve_rope_map(full, full_theta, raw, max, family, file)?;
+    let local_theta = (raw.gemma.rope_local_base_freq, 10_000.0);
+    let (local, local_scaling, _) = resolve_rope_map(sliding, local_theta, raw, max, family, file)?;
+    if local_scaling != RopeScaling::None {
+        return Err(Error::Unsupported {
+            what: "RoPE scaling on gemma3_text's sliding_attention layers",
+            got: format!("{local_scaling:?}"),
+            supported: "default RoPE there (scaling on full_attention layers only)".to_string(),
+        });
+    }
+    Ok((theta, scaling, partial, Some(local)))
+}
+
+/// RoPE's θ, scaling and `partial_rotary_factor` from one RoPE dict `rope` (flat), with
+/// `(top-level θ, default θ)` for a dict without `rope_theta`; the top-level
+/// `partial_rotary_factor` and `original_max_position_embeddings` come from `raw`.
+fn resolve_rope_map(
+    rope: &Map<String, Value>,
+    (top_theta, default_theta): (Option<f64>, f64),
+    raw: &RawConfig,
+    max_position_embeddings: usize,
+    family: LlamaFamily,
+    file: &Path,
+) -> Result<(f64, RopeScaling, f64)> {
+    let phi3 = family == LlamaFamily::Phi3;
+    // The top-level `original_max_position_embeddings`: Phi3Config has one, 4096 when the
+    // file has none.
+    let top_original = raw
+        .original_max_position_embeddings
+        .or(phi3.then_some(4096));
+    let invalid = |field: &'static str, reason: String| Error::file_config(file, field, reason);
     let number = |key: &'static str| -> Result<Option<f64>> {
         match rope.get(key) {
             None | Some(Value::Null) => Ok(None),
@@ -865,9 +943,7 @@ pub(super) fn resolve_rope(
                 .ok_or_else(|| invalid(key, format!("expected a number, got {v}"))),
         }
     };
-    let theta = number("rope_theta")?
-        .or(raw.rope_theta)
-        .unwrap_or(default_theta);
+    let theta = number("rope_theta")?.or(top_theta).unwrap_or(default_theta);
     let partial = number("partial_rotary_factor")?
         .or(raw.partial_rotary_factor)
         .unwrap_or(1.0);
@@ -948,6 +1024,34 @@ fn original_max(
         )),
         None => Ok(max_position_embeddings),
     }
+}
+
+/// Each layer's [`LayerAttention`] from its `layer_types` name, sliding layers taking
+/// `window`; `no_window` says why a sliding layer may have none.
+fn layer_kinds(
+    names: &[String],
+    window: Option<usize>,
+    no_window: &str,
+    file: &Path,
+) -> Result<Vec<LayerAttention>> {
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| match (name.as_str(), window) {
+            ("full_attention", _) => Ok(LayerAttention::Full),
+            ("sliding_attention", Some(window)) => Ok(LayerAttention::Sliding { window }),
+            ("sliding_attention", None) => Err(Error::file_config(
+                file,
+                "layer_types",
+                format!("layer {i} is `sliding_attention` but there is no window ({no_window})"),
+            )),
+            (other, _) => Err(Error::Unsupported {
+                what: "layer_types entry",
+                got: other.to_string(),
+                supported: "full_attention, sliding_attention".to_string(),
+            }),
+        })
+        .collect()
 }
 
 /// SmolLM3's per-layer RoPE switch, as its config's `__post_init__` makes it: the

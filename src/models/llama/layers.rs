@@ -20,32 +20,11 @@ use crate::models::causal_mask::CausalMask;
 use crate::models::kv_buffer::{Appending, LayerKv};
 use crate::models::{attention_op, fused};
 
+use super::activation::GateActivation;
 use super::config::{LayerAttention, LlamaConfig};
+use super::norm::RmsNorm;
 use super::projections::{GateUpProjection, QkvProjection};
 use super::rope::RopeTables;
-
-/// RMSNorm as transformers computes it: `w ⊙ x / sqrt(mean(x²) + ε)`, in f32 for half
-/// precision inputs.
-#[derive(Clone, Debug)]
-pub(crate) struct RmsNorm {
-    weight: Tensor,
-    eps: f32,
-}
-
-impl RmsNorm {
-    /// Loads `weight` `(dim,)` at `vb`'s path.
-    pub(crate) fn load(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get(dim, "weight")?,
-            eps: eps as f32,
-        })
-    }
-
-    /// Normalizes over the last dimension ([`crate::models::fused::rms_norm`]).
-    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        fused::rms_norm(x, &self.weight, self.eps)
-    }
-}
 
 /// The attention masks of one forward, one per distinct [`LayerAttention`] of the model
 /// (`models::causal_mask`; a left-padded batch's additive mask is
@@ -129,8 +108,8 @@ impl Attention {
         let (h, q_out) = (c.hidden_size, c.num_attention_heads * c.head_dim);
         let (q_norm, k_norm) = if c.qk_norm {
             (
-                Some(RmsNorm::load(c.head_dim, c.rms_norm_eps, vb.pp("q_norm"))?),
-                Some(RmsNorm::load(c.head_dim, c.rms_norm_eps, vb.pp("k_norm"))?),
+                Some(RmsNorm::load(c, c.head_dim, vb.pp("q_norm"))?),
+                Some(RmsNorm::load(c, c.head_dim, vb.pp("k_norm"))?),
             )
         } else {
             (None, None)
@@ -229,12 +208,13 @@ impl Attention {
     }
 }
 
-/// The gated MLP: `down_proj(silu(gate_proj(x)) ⊙ up_proj(x))` (Phi-3: `gate_proj` and
-/// `up_proj` as one `gate_up_proj`).
+/// The gated MLP: `down_proj(act(gate_proj(x)) ⊙ up_proj(x))`, `act` SiLU (Gemma: GELU's
+/// tanh approximation) (Phi-3: `gate_proj` and `up_proj` as one `gate_up_proj`).
 #[derive(Clone, Debug)]
 pub(crate) struct Mlp {
     gate_up: GateUpProjection,
     down_proj: Linear,
+    act: GateActivation,
 }
 
 impl Mlp {
@@ -245,23 +225,37 @@ impl Mlp {
         Ok(Self {
             gate_up: GateUpProjection::load(c, &vb, plan)?,
             down_proj: linear_b(i, h, bias, vb.pp("down_proj"), plan)?,
+            act: c.hidden_act,
         })
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (gate, up) = self.gate_up.forward(x)?;
-        Ok(self.down_proj.forward(&fused::silu_mul(&gate, &up)?)?)
+        let gated = match self.act {
+            GateActivation::Silu => fused::silu_mul(&gate, &up)?,
+            GateActivation::GeluTanh => (fused::gelu_tanh(&gate)? * up)?,
+        };
+        Ok(self.down_proj.forward(&gated)?)
     }
 }
 
 /// One decoder layer: pre-norm attention and pre-norm MLP, each with a residual (each
-/// branch times Granite's `residual_multiplier` when it is not 1).
+/// branch times Granite's `residual_multiplier` when it is not 1). With Gemma 3's
+/// `sandwich_norms` each branch's output is normalized too before its residual add:
+/// `post_attention_layernorm` after attention, `pre_feedforward_layernorm` before the MLP
+/// and `post_feedforward_layernorm` after it.
 #[derive(Clone, Debug)]
 pub(crate) struct DecoderLayer {
     input_layernorm: RmsNorm,
     self_attn: Attention,
-    post_attention_layernorm: RmsNorm,
+    /// The MLP's input norm (`post_attention_layernorm`; Gemma 3's
+    /// `pre_feedforward_layernorm`).
+    mlp_norm: RmsNorm,
     mlp: Mlp,
+    /// Gemma 3's norm of the attention's output (its `post_attention_layernorm`).
+    attention_output_norm: Option<RmsNorm>,
+    /// Gemma 3's norm of the MLP's output (`post_feedforward_layernorm`).
+    mlp_output_norm: Option<RmsNorm>,
     residual_multiplier: f64,
     /// Phi-3's `resid_pdrop`, refused in training mode (not applied).
     residual_dropout: f64,
@@ -276,22 +270,31 @@ impl DecoderLayer {
         vb: VarBuilder,
         plan: &AdapterPlan,
     ) -> Result<Self> {
+        let norm = |name: &str| RmsNorm::load(c, c.hidden_size, vb.pp(name));
+        let (mlp_norm, attention_output_norm, mlp_output_norm) = if c.sandwich_norms {
+            (
+                norm("pre_feedforward_layernorm")?,
+                Some(norm("post_attention_layernorm")?),
+                Some(norm("post_feedforward_layernorm")?),
+            )
+        } else {
+            (norm("post_attention_layernorm")?, None, None)
+        };
         Ok(Self {
-            input_layernorm: RmsNorm::load(
-                c.hidden_size,
-                c.rms_norm_eps,
-                vb.pp("input_layernorm"),
-            )?,
+            input_layernorm: norm("input_layernorm")?,
             self_attn: Attention::load(c, (kind, rotates), vb.pp("self_attn"), plan)?,
-            post_attention_layernorm: RmsNorm::load(
-                c.hidden_size,
-                c.rms_norm_eps,
-                vb.pp("post_attention_layernorm"),
-            )?,
+            mlp_norm,
             mlp: Mlp::load(c, vb.pp("mlp"), plan)?,
+            attention_output_norm,
+            mlp_output_norm,
             residual_multiplier: c.multipliers.residual_multiplier,
             residual_dropout: c.residual_dropout,
         })
+    }
+
+    /// The attention pattern of this layer.
+    pub(crate) fn kind(&self) -> LayerAttention {
+        self.self_attn.kind
     }
 
     /// `x + branch · residual_multiplier`.
@@ -333,10 +336,15 @@ impl DecoderLayer {
             how,
             train,
         )?;
-        let x = self.add_residual(x, attn)?;
-        let mlp = self
-            .mlp
-            .forward(&self.post_attention_layernorm.forward(&x)?)?;
-        Ok((self.add_residual(&x, mlp)?, kv))
+        let normed = |norm: &Option<RmsNorm>, branch: Tensor| match norm {
+            Some(norm) => norm.forward(&branch),
+            None => Ok(branch),
+        };
+        let x = self.add_residual(x, normed(&self.attention_output_norm, attn)?)?;
+        let mlp = self.mlp.forward(&self.mlp_norm.forward(&x)?)?;
+        Ok((
+            self.add_residual(&x, normed(&self.mlp_output_norm, mlp)?)?,
+            kv,
+        ))
     }
 }

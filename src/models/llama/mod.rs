@@ -1,6 +1,6 @@
 //! The Llama family of decoders — Llama 2 / 3 / 3.x, TinyLlama, SmolLM, Mistral,
-//! Qwen2 / Qwen2.5, Qwen3, Granite 3.x, SmolLM3, Phi-3 / Phi-4 / Phi-4-mini — as one implementation with config switches
-//! ([`LlamaConfig`]), built on the model-level API so that PEFT's target names and every
+//! Qwen2 / Qwen2.5, Qwen3, Granite 3.x, SmolLM3, Phi-3 / Phi-4 / Phi-4-mini, Gemma 3 (text)
+//! — as one implementation with config switches ([`LlamaConfig`]), built on the model-level API so that PEFT's target names and every
 //! variant apply: [`LlamaForCausalLM`].
 //!
 //! Every linear layer and the embedding are built with [`crate::model::linear_b`] /
@@ -29,13 +29,16 @@
 //! [`crate::finetune`] batches, needs none under causal attention; batched generation
 //! left-pads).
 
+mod activation;
 mod cache;
 mod classifier;
 mod config;
+mod gemma;
 mod generate;
 mod layers;
 mod longrope;
 mod multipliers;
+mod norm;
 mod projections;
 mod rope;
 mod trunk;
@@ -55,6 +58,7 @@ use crate::models::kv_buffer::LayerKv;
 use crate::models::lm_loss::linear_head_loss_sum;
 use crate::models::padding::PaddedPositions;
 
+pub use activation::GateActivation;
 pub use cache::KvCache;
 pub use classifier::LlamaForSequenceClassification;
 pub use config::{LayerAttention, LlamaConfig, LlamaFamily, RopeScaling};
@@ -65,7 +69,8 @@ pub use yarn::YarnScaling;
 
 /// A Llama-family causal language model (transformers' `LlamaForCausalLM`,
 /// `MistralForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`, `GraniteForCausalLM`,
-/// `SmolLM3ForCausalLM`, `Phi3ForCausalLM`) whose linear layers and embedding come from an [`AdapterPlan`].
+/// `SmolLM3ForCausalLM`, `Phi3ForCausalLM`, `Gemma3ForCausalLM`) whose linear layers and
+/// embedding come from an [`AdapterPlan`].
 ///
 /// [`LlamaForCausalLM::forward`] maps token ids `(batch, seq)` to logits
 /// `(batch, seq, vocab)` over the whole sequence with a causal mask (sliding-window where

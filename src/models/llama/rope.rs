@@ -36,11 +36,7 @@ impl LlamaConfig {
     /// position + 1): only LongRoPE depends on it ([`super::LongRopeScaling`]).
     pub fn inv_freq_for(&self, seq_len: usize) -> Vec<f32> {
         let rotary_dim = self.rotary_dim();
-        let dim = rotary_dim as f32;
-        let base = self.rope_theta as f32;
-        let powers: Vec<f32> = (0..rotary_dim / 2)
-            .map(|i| base.powf((2 * i) as f32 / dim))
-            .collect();
+        let powers = self.powers(self.rope_theta);
         let plain = powers.iter().map(|p| 1.0 / p);
         match self.rope_scaling {
             RopeScaling::None => plain.collect(),
@@ -94,6 +90,37 @@ impl LlamaConfig {
     /// ```
     pub fn rotary_dim(&self) -> usize {
         (self.head_dim as f64 * self.partial_rotary_factor) as usize
+    }
+
+    /// The sliding-window layers' inverse frequencies when they have their own θ
+    /// ([`LlamaConfig::sliding_rope_theta`]: Gemma 3's `rope_local_base_freq`): unscaled,
+    /// [`LlamaConfig::rotary_dim`]` / 2` of them; `None` when they rotate as the others.
+    ///
+    /// ```
+    /// use lorakit::models::llama::LlamaConfig;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let config = LlamaConfig::from_json(r#"{"model_type": "gemma3_text", "vocab_size": 8,
+    ///     "hidden_size": 16, "intermediate_size": 8, "num_hidden_layers": 6,
+    ///     "num_attention_heads": 4, "head_dim": 8}"#)?;
+    /// // θ 1 000 000 on the full-attention layers, 10 000 on the sliding ones.
+    /// assert_eq!(config.rope_theta, 1e6);
+    /// let sliding = config.sliding_inv_freq().unwrap();
+    /// assert!((sliding[1] - 0.1).abs() < 1e-7 && (config.inv_freq()[1] - 10f32.powf(-1.5)).abs() < 1e-7);
+    /// # Ok(()) }
+    /// ```
+    pub fn sliding_inv_freq(&self) -> Option<Vec<f32>> {
+        let theta = self.sliding_rope_theta?;
+        Some(self.powers(theta).iter().map(|p| 1.0 / p).collect())
+    }
+
+    /// `θ^(2i/d)` for the `d = rotary_dim` rotated dimensions' pairs, in f32 as transformers
+    /// computes them (RoPE's unscaled wavelengths over 2π).
+    fn powers(&self, theta: f64) -> Vec<f32> {
+        let rotary_dim = self.rotary_dim();
+        let (dim, base) = (rotary_dim as f32, theta as f32);
+        (0..rotary_dim / 2)
+            .map(|i| base.powf((2 * i) as f32 / dim))
+            .collect()
     }
 
     /// What RoPE's cos and sin tables are multiplied by: YaRN's and LongRoPE's

@@ -12,8 +12,9 @@ use crate::models::decoder_trunk::{DecoderTrunk, Pass};
 use crate::models::kv_buffer::{Appending, LayerKv};
 use crate::models::padding::{self, PaddedPositions};
 
-use super::config::{LlamaConfig, RopeScaling};
-use super::layers::{DecoderLayer, Masks, RmsNorm};
+use super::config::{LayerAttention, LlamaConfig, RopeScaling};
+use super::layers::{DecoderLayer, Masks};
+use super::norm::RmsNorm;
 use super::rope::RopeTables;
 
 /// The embedding, the decoder layers and the final norm, built through an
@@ -29,6 +30,8 @@ pub(crate) struct LlamaTrunk {
     /// LongRoPE's frequencies past its original context, and that context's length: a
     /// forward whose positions end past it takes them.
     long_inv_freq: Option<(usize, Vec<f32>)>,
+    /// The sliding layers' own frequencies (Gemma 3).
+    sliding_inv_freq: Option<Vec<f32>>,
     /// The dtype it computes in: its embedding table's.
     pub(super) dtype: DType,
     pub(super) device: Device,
@@ -54,7 +57,7 @@ impl LlamaTrunk {
                 DecoderLayer::load(c, (kind, rotates), vb.pp(format!("model.layers.{i}")), plan)
             })
             .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::load(c.hidden_size, c.rms_norm_eps, vb.pp("model.norm"))?;
+        let norm = RmsNorm::load(c, c.hidden_size, vb.pp("model.norm"))?;
         let dtype = embed_tokens.base_stored_weight()?.dtype();
         Ok(Self {
             config: config.clone(),
@@ -69,6 +72,7 @@ impl LlamaTrunk {
                 }
                 _ => None,
             },
+            sliding_inv_freq: config.sliding_inv_freq(),
             dtype,
             device: vb.device().clone(),
         })
@@ -118,15 +122,23 @@ impl LlamaTrunk {
             }
             None => &self.inv_freq,
         };
-        let rope = RopeTables::new(
-            inv_freq,
-            self.config.rope_attention_factor(),
-            offset,
-            seq,
-            rope_pads,
-            self.dtype,
-            &self.device,
-        )?;
+        let tables = |inv_freq: &[f32], attention_factor: f32| {
+            let (dtype, device) = (self.dtype, &self.device);
+            RopeTables::new(
+                inv_freq,
+                attention_factor,
+                offset,
+                seq,
+                rope_pads,
+                dtype,
+                device,
+            )
+        };
+        let rope = tables(inv_freq, self.config.rope_attention_factor())?;
+        let sliding_rope = match &self.sliding_inv_freq {
+            Some(inv_freq) => Some(tables(inv_freq, 1.0)?),
+            None => None,
+        };
         let masks = Masks::new(
             &self.config.layer_attention,
             seq,
@@ -147,7 +159,11 @@ impl LlamaTrunk {
         }
         let mut grown = Vec::with_capacity(self.layers.len());
         for (layer, past) in self.layers.iter().zip(past) {
-            let (out, kv) = layer.forward_cached(&x, &rope, &masks, past.as_ref(), how, train)?;
+            let rope = match (layer.kind(), &sliding_rope) {
+                (LayerAttention::Sliding { .. }, Some(sliding)) => sliding,
+                _ => &rope,
+            };
+            let (out, kv) = layer.forward_cached(&x, rope, &masks, past.as_ref(), how, train)?;
             x = out;
             grown.push(kv);
         }
