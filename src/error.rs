@@ -151,6 +151,17 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
     Ok(value)
 }
 
+/// `Some(value)` for a key present in the file (`Some(None)` when it is `null`); `None`
+/// (the field's default) when absent: transformers treats the two differently for some
+/// keys.
+pub(crate) fn present<'de, D, T>(d: D) -> std::result::Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    <Option<T> as serde::Deserialize>::deserialize(d).map(Some)
+}
+
 /// `Result` with the crate's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 

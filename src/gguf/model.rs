@@ -349,6 +349,8 @@ impl GgufModel {
             residual_dropout: 0.0,
             attention_dropout: 0.0,
             multipliers: Multipliers::default(),
+            attn_logit_softcapping: None,
+            final_logit_softcapping: None,
         };
         config.validate()?;
         Ok(config)

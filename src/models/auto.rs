@@ -18,12 +18,12 @@ use super::llama::{KvCache, LlamaConfig, LlamaFamily, LlamaForCausalLM};
 /// ```
 /// use lorakit::models::auto::SUPPORTED_MODEL_TYPES;
 /// use lorakit::models::llama::LlamaFamily;
-/// // The Llama family's eight, and GPT-2.
+/// // The Llama family's ten, and GPT-2.
 /// let llama = SUPPORTED_MODEL_TYPES.iter().filter(|t| LlamaFamily::from_model_type(t).is_some());
-/// assert_eq!(llama.count(), 8);
+/// assert_eq!(llama.count(), 10);
 /// assert!(SUPPORTED_MODEL_TYPES.contains(&"gpt2"));
 /// ```
-pub const SUPPORTED_MODEL_TYPES: [&str; 9] = [
+pub const SUPPORTED_MODEL_TYPES: [&str; 11] = [
     "llama",
     "mistral",
     "qwen2",
@@ -31,6 +31,8 @@ pub const SUPPORTED_MODEL_TYPES: [&str; 9] = [
     "granite",
     "smollm3",
     "phi3",
+    "gemma",
+    "gemma2",
     "gemma3_text",
     "gpt2",
 ];
@@ -88,7 +90,8 @@ impl Architecture {
 /// ```
 #[derive(Clone, Debug)]
 pub enum AutoCausalLm {
-    /// `llama`, `mistral`, `qwen2`, `qwen3`.
+    /// The Llama family (`llama`, `mistral`, `qwen2`, `qwen3`, `granite`, `smollm3`, `phi3`,
+    /// `gemma`, `gemma2`, `gemma3_text`).
     Llama(LlamaForCausalLM),
     /// `gpt2`.
     Gpt2(Gpt2LmHeadModel),

@@ -55,7 +55,7 @@ pub enum AutoSequenceClassifier {
 }
 
 /// The `model_type`s [`AutoSequenceClassifier::from_pretrained`] loads.
-pub const CLASSIFIER_MODEL_TYPES: [&str; 9] = [
+pub const CLASSIFIER_MODEL_TYPES: [&str; 11] = [
     "bert",
     "llama",
     "mistral",
@@ -63,6 +63,8 @@ pub const CLASSIFIER_MODEL_TYPES: [&str; 9] = [
     "qwen3",
     "smollm3",
     "phi3",
+    "gemma",
+    "gemma2",
     "gemma3_text",
     "gpt2",
 ];

@@ -254,7 +254,7 @@ fn causal_attention_over(
     }
     // The composed ops add the mask to scores `(batch, kv_heads, group, seq, kv_len)`.
     let mask = CausalMask::new((t, kv_len, kv_len - t), window, pads, 2, q.device());
-    composed_attention(q, k, v, scale, mask.additive()?, 0.0)
+    composed_attention(q, k, v, scale, mask.additive()?, 0.0, None)
 }
 
 /// `softmax(scale · q kᵀ + mask) v` for queries `q` `(batch, heads, seq, head_dim)` and
@@ -365,7 +365,7 @@ pub(crate) fn attention_over_keys(
     let values: Vec<f64> = visible.iter().map(|&s| if s { 0.0 } else { min }).collect();
     let mask =
         Tensor::from_vec(values, (b, 1, 1, 1, kv_len), &Device::Cpu)?.to_device(q.device())?;
-    composed_attention(q, k, v, scale, &mask, dropout)
+    composed_attention(q, k, v, scale, &mask, dropout, None)
 }
 
 /// `silu(gate) ⊙ up` (the gated MLP of Llama-family models), differentiable in both;
@@ -445,7 +445,9 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 /// `(t, kv_len)` or `(b, 1, 1, t, kv_len)` (a left-padded batch), as `(b, t, heads · d)`,
 /// with `dropout` (a probability, `0.0` for none) on the probabilities. Key/value heads
 /// serve consecutive query heads without copies; scores and softmax in f32 for
-/// half-precision inputs, products in the inputs' dtype.
+/// half-precision inputs, products in the inputs' dtype. `softcap`: the scaled scores
+/// become `cap · tanh(scores / cap)` before the mask (Gemma 2's `attn_logit_softcapping`,
+/// as transformers' eager attention applies it).
 pub(crate) fn composed_attention(
     q: &Tensor,
     k: &Tensor,
@@ -453,6 +455,7 @@ pub(crate) fn composed_attention(
     scale: f64,
     mask: &Tensor,
     dropout: f64,
+    softcap: Option<f64>,
 ) -> Result<Tensor> {
     let (b, h, t, d) = q.dims4()?;
     let (g, kv_len) = (k.dim(1)?, k.dim(2)?);
@@ -463,7 +466,11 @@ pub(crate) fn composed_attention(
         DType::F16 | DType::BF16 => DType::F32,
         other => other,
     };
-    let scores = (q.matmul(&k.t()?)? * scale)?
+    let mut scores = (q.matmul(&k.t()?)? * scale)?;
+    if let Some(cap) = softcap {
+        scores = soft_cap(&scores, cap)?;
+    }
+    let scores = scores
         .to_dtype(softmax_dtype)?
         .reshape((b, g, rep, t, kv_len))?
         .broadcast_add(&mask.to_dtype(softmax_dtype)?)?;
@@ -479,6 +486,21 @@ pub(crate) fn composed_attention(
         .reshape((b, h, t, d))?
         .transpose(1, 2)?
         .reshape((b, t, h * d))?)
+}
+
+/// `cap · tanh(x / cap)`: `x` soft-capped to `(−cap, cap)` (Gemma 2's attention scores and
+/// logits), differentiable, in `x`'s dtype.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use lorakit::models::fused::soft_cap;
+/// let x = Tensor::new(&[0f32, 1.0, 1000.0], &Device::Cpu)?;
+/// let y = soft_cap(&x, 30.0)?.to_vec1::<f32>()?;
+/// assert!(y[0] == 0.0 && (y[1] - 30.0 * (1f32 / 30.0).tanh()).abs() < 1e-6 && y[2] == 30.0);
+/// # Ok::<(), lorakit::Error>(())
+/// ```
+pub fn soft_cap(x: &Tensor, cap: f64) -> Result<Tensor> {
+    Ok(((x / cap)?.tanh()? * cap)?)
 }
 
 /// Checks that `q` is `(batch, heads, seq, head_dim)` with `seq ≥ 1`, `k`

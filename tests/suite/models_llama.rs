@@ -28,7 +28,7 @@ use crate::checkpoint_merge::ckpt;
 use crate::peft_common::{fixture, load, rel_err};
 
 const TOL: f64 = 1e-4;
-const CASES: [&str; 12] = [
+const CASES: [&str; 14] = [
     "mistral",
     "qwen2",
     "qwen3",
@@ -40,6 +40,8 @@ const CASES: [&str; 12] = [
     "phi3",
     "phi3_longrope",
     "phi4_partial",
+    "gemma",
+    "gemma2",
     "gemma3",
 ];
 
@@ -110,7 +112,14 @@ fn every_model_fixture_gives_transformers_and_peft_logits() {
         ));
         let tied = matches!(
             case,
-            "qwen2" | "linear_rope" | "granite" | "smollm3" | "phi4_partial" | "gemma3"
+            "qwen2"
+                | "linear_rope"
+                | "granite"
+                | "smollm3"
+                | "phi4_partial"
+                | "gemma"
+                | "gemma2"
+                | "gemma3"
         );
         assert_eq!(base.is_tied(), tied, "{case}");
 
@@ -721,29 +730,7 @@ fn granite_reads_its_multipliers_and_refuses_what_transformers_lacks() {
 
     // The loss path (the frozen tied head and the loss as one op, or the adapted head)
     // divides by logits_scaling as the logits do.
-    let dir = models("granite");
-    let ids = &load(&dir.join("logits.safetensors"))["input_ids"];
-    let mask = Tensor::ones(ids.dims(), DType::F32, &Device::Cpu).unwrap();
-    for plan in [no_adapter(), peft_plan(&dir.join("lora"))] {
-        let model = build(
-            &dir.join("base/config.json"),
-            &dir.join("base"),
-            DType::F32,
-            &plan,
-        );
-        let fused = model.loss_sum(ids, &mask).unwrap();
-        let composed = lorakit::finetune::loss::causal_lm_loss_sum_composed(
-            &model.forward(ids).unwrap(),
-            &ids.to_dtype(DType::U32).unwrap(),
-            &mask,
-        )
-        .unwrap();
-        let (f, c) = (
-            fused.to_scalar::<f32>().unwrap(),
-            composed.to_scalar::<f32>().unwrap(),
-        );
-        assert!((f - c).abs() <= 1e-5 * c.abs(), "loss {f} vs {c}");
-    }
+    check_loss_sum_is_the_logits_loss("granite");
 
     // transformers has no GraniteForSequenceClassification; llama.cpp's granite
     // architecture carries the multipliers, which the GGUF export does not map.
@@ -1080,14 +1067,23 @@ fn gemma3_configs_read_as_transformers_reads_them() {
     );
     assert_eq!(c.head_dim, 256);
 
+    // Soft-capping as Gemma 2's when a Gemma 3 config sets it; none by default.
+    assert_eq!(
+        (c.attn_logit_softcapping, c.final_logit_softcapping),
+        (None, None)
+    );
+    let capped = json("gemma3_text", r#""final_logit_softcapping": 30.0"#);
+    let c = LlamaConfig::from_json(&capped).unwrap();
+    assert_eq!(c.final_logit_softcapping, Some(30.0));
+
     let cases: [(&str, &[&str]); 9] = [
         (
-            r#""final_logit_softcapping": 30.0"#,
-            &["final_logit_softcapping", "30"],
+            r#""final_logit_softcapping": 0.0"#,
+            &["final_logit_softcapping", "> 0"],
         ),
         (
-            r#""attn_logit_softcapping": 50.0"#,
-            &["attn_logit_softcapping", "50"],
+            r#""attn_logit_softcapping": -1.0"#,
+            &["attn_logit_softcapping", "> 0"],
         ),
         (
             r#""use_bidirectional_attention": true"#,
@@ -1126,6 +1122,86 @@ fn gemma3_configs_read_as_transformers_reads_them() {
             assert!(err.contains(n), "{extra}: `{err}` does not mention `{n}`");
         }
     }
+}
+
+#[test]
+fn gemma_and_gemma2_configs_take_their_own_defaults() {
+    // Gemma 2: every other layer sliding (the first one first), soft-capping 50 / 30 unless
+    // null, query_pre_attn_scalar 256, one RoPE θ (10 000), a norm after each branch.
+    let c = LlamaConfig::from_json(&json("gemma2", "")).unwrap();
+    let slide = LayerAttention::Sliding { window: 4096 };
+    assert_eq!(c.layer_attention, [slide, LayerAttention::Full, slide]);
+    assert_eq!(
+        (c.attn_logit_softcapping, c.final_logit_softcapping),
+        (Some(50.0), Some(30.0))
+    );
+    assert_eq!((c.rope_theta, c.sliding_rope_theta), (1e4, None));
+    assert!(c.sandwich_norms && c.unit_offset_norms && !c.qk_norm && c.tie_word_embeddings);
+    assert_eq!(c.multipliers.attention_scale(c.head_dim), 1.0 / 16.0);
+    let uncapped = r#""attn_logit_softcapping": null, "final_logit_softcapping": null"#;
+    let c = LlamaConfig::from_json(&json("gemma2", uncapped)).unwrap();
+    assert_eq!(
+        (c.attn_logit_softcapping, c.final_logit_softcapping),
+        (None, None)
+    );
+    // Its sliding_window_pattern key is Gemma 3's, not Gemma 2's.
+    let c = LlamaConfig::from_json(&json("gemma2", r#""sliding_window_pattern": 3"#)).unwrap();
+    assert_eq!(c.layer_attention[0], slide);
+
+    // Gemma: full attention, the usual 1/√head_dim scale, no soft-capping or sandwich
+    // norms; its legacy `hidden_act: "gelu"` is the tanh approximation (GemmaConfig).
+    let c = LlamaConfig::from_json(&json("gemma", r#""hidden_act": "gelu""#)).unwrap();
+    assert_eq!(
+        c.hidden_act,
+        lorakit::models::llama::GateActivation::GeluTanh
+    );
+    assert_eq!(c.layer_attention, [LayerAttention::Full; 3]);
+    assert_eq!(c.multipliers.attention_scale(256), 1.0 / 16.0);
+    assert_eq!(c.multipliers.embedding_multiplier, 128f64.sqrt());
+    assert!(c.unit_offset_norms && !c.sandwich_norms && c.final_logit_softcapping.is_none());
+    assert_eq!((c.head_dim, c.num_key_value_heads), (256, 16));
+    let err = LlamaConfig::from_json(&json("gemma", r#""hidden_act": "silu""#))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("hidden_act") && err.contains("silu"), "{err}");
+    // Gemma 2 reads `hidden_activation`, where `gelu` is not the tanh approximation.
+    let err = LlamaConfig::from_json(&json("gemma2", r#""hidden_activation": "gelu""#))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("hidden_activation"), "{err}");
+}
+
+/// `loss_sum` (the fused head + loss where it runs) equals the composed loss of the
+/// logits (checked against transformers elsewhere) for the fixture `case`, base and LoRA.
+fn check_loss_sum_is_the_logits_loss(case: &str) {
+    let dir = models(case);
+    let ids = &load(&dir.join("logits.safetensors"))["input_ids"];
+    let mask = Tensor::ones(ids.dims(), DType::F32, &Device::Cpu).unwrap();
+    for plan in [no_adapter(), peft_plan(&dir.join("lora"))] {
+        let model = build(
+            &dir.join("base/config.json"),
+            &dir.join("base"),
+            DType::F32,
+            &plan,
+        );
+        let fused = model.loss_sum(ids, &mask).unwrap();
+        let composed = lorakit::finetune::loss::causal_lm_loss_sum_composed(
+            &model.forward(ids).unwrap(),
+            &ids.to_dtype(DType::U32).unwrap(),
+            &mask,
+        )
+        .unwrap();
+        let (f, c) = (
+            fused.to_scalar::<f32>().unwrap(),
+            composed.to_scalar::<f32>().unwrap(),
+        );
+        assert!((f - c).abs() <= 1e-5 * c.abs(), "{case}: loss {f} vs {c}");
+    }
+}
+
+#[test]
+fn gemma2_loss_takes_the_soft_capped_logits() {
+    check_loss_sum_is_the_logits_loss("gemma2");
 }
 
 /// One of `yarn_params.json`'s cases: a config.json and transformers' YaRN output for it.
@@ -1314,9 +1390,11 @@ fn gradients_reach_adapters_through_norms_rope_and_softmax() {
     // candle's fused rms_norm / rope / softmax have no backward: the model must take the
     // differentiable path wherever a gradient flows. Qwen3: q/k norms, RoPE, GQA, a sliding
     // layer; phi4_partial: RoPE on part of each head, LongRoPE, the fused qkv_proj; gemma3:
-    // Gemma's norms (1 + weight, after each branch too), its GELU gate and embedding scale.
+    // Gemma's norms (1 + weight, after each branch too), its GELU gate and embedding scale;
+    // gemma2: soft-capped attention scores and logits.
     check_gradients("qwen3", "q_proj");
     check_gradients("phi4_partial", "qkv_proj");
+    check_gradients("gemma2", "q_proj");
     check_gradients("gemma3", "q_proj");
 }
 
@@ -1396,8 +1474,9 @@ fn check_gradients(case: &str, query: &str) {
 
 const CACHE_TOL: f64 = 1e-5;
 /// Mistral (sliding window 4 on every layer, GQA), Qwen2 (q/k/v bias, tied head), Qwen3
-/// (q/k norm, a sliding layer), Gemma 3 (a sliding layer with its own RoPE θ).
-const CACHE_CASES: [&str; 4] = ["mistral", "qwen2", "qwen3", "gemma3"];
+/// (q/k norm, a sliding layer), Gemma 2 (soft-capped scores and logits), Gemma 3 (a
+/// sliding layer with its own RoPE θ).
+const CACHE_CASES: [&str; 5] = ["mistral", "qwen2", "qwen3", "gemma2", "gemma3"];
 
 /// `(case, adapter?)` → the model: the base, then the PEFT LoRA.
 fn cache_models() -> Vec<(String, LlamaForCausalLM)> {

@@ -12,7 +12,8 @@ use crate::model::{AdapterPlan, Linear};
 use crate::models::classification::ClassifierConfig;
 use crate::models::decoder_classifier::{AsDecoderParts, DecoderParts};
 
-use super::config::{LlamaConfig, LlamaFamily};
+use super::config::LlamaConfig;
+use super::family::LlamaFamily;
 use super::trunk::LlamaTrunk;
 
 /// A Llama-family decoder with a classification head (transformers'
@@ -106,10 +107,9 @@ impl LlamaForSequenceClassification {
             return Err(Error::Unsupported {
                 what: "sequence classification for model_type",
                 got: config.family.model_type().to_string(),
-                supported:
-                    "llama, mistral, qwen2, qwen3, smollm3, phi3, gemma3_text (transformers has no \
-                            GraniteForSequenceClassification)"
-                        .to_string(),
+                supported: "llama, mistral, qwen2, qwen3, smollm3, phi3, gemma, gemma2, \
+                            gemma3_text (transformers has no GraniteForSequenceClassification)"
+                    .to_string(),
             });
         }
         DecoderParts::load(config, labels, vb, plan).map(Self)

@@ -2,101 +2,16 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::activation::GateActivation;
+use super::family::LlamaFamily;
 use super::gemma::{self, GemmaKeys};
 use super::longrope::LongRopeScaling;
 use super::multipliers::Multipliers;
 use super::yarn::YarnScaling;
 use crate::error::{Error, Result, Scope};
-
-/// The architectures [`super::LlamaForCausalLM`] implements, by transformers' `model_type`.
-/// They differ only in defaults and a few switches (see [`LlamaConfig`]).
-///
-/// ```
-/// use lorakit::models::llama::LlamaFamily;
-/// assert_eq!(LlamaFamily::from_model_type("qwen2"), Some(LlamaFamily::Qwen2));
-/// assert_eq!(LlamaFamily::Qwen2.model_type(), "qwen2");
-/// assert_eq!(LlamaFamily::from_model_type("gpt2"), None);
-/// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum LlamaFamily {
-    /// `llama`: Llama 2 / 3 / 3.x, TinyLlama, SmolLM (`attention_bias`, `mlp_bias`).
-    Llama,
-    /// `mistral`: no biases; `sliding_window` on every layer when set.
-    Mistral,
-    /// `qwen2`: Qwen2 / Qwen2.5, bias on q/k/v (not o); per-layer sliding window.
-    Qwen2,
-    /// `qwen3`: RMSNorm over `head_dim` on queries and keys (`q_norm`, `k_norm`),
-    /// `attention_bias` on q/k/v/o; per-layer sliding window.
-    Qwen3,
-    /// `granite`: IBM's Granite 3.x, a Llama decoder with four scalars
-    /// ([`Multipliers`]). transformers has no sequence classifier for it.
-    Granite,
-    /// `smollm3`: Hugging Face's SmolLM3, with layers that skip RoPE (NoPE,
-    /// `no_rope_layers`), `attention_bias` on q/k/v/o and `mlp_bias`, per-layer sliding
-    /// window as Qwen's, θ 2 000 000 and tied embeddings by default.
-    SmolLm3,
-    /// `phi3`: Microsoft's Phi-3, Phi-3.5 and Phi-4, with fused projections (`qkv_proj`,
-    /// `gate_up_proj`: PEFT targets them under those names), a window on every layer when
-    /// `sliding_window` is set, RMSNorm ε 1e-5 by default, `su` / `yarn` RoPE read as
-    /// LongRoPE ([`LongRopeScaling`]), and a `partial_rotary_factor` below 1 (Phi-4-mini:
-    /// RoPE on the first part of each head only).
-    Phi3,
-    /// `gemma3_text`: Google's Gemma 3 text decoder (`Gemma3ForCausalLM`: Gemma 3 1B, and
-    /// the text part of the larger ones saved alone). RMSNorms that multiply by
-    /// `1 + weight`, a norm after attention and around the MLP as well as before
-    /// (`sandwich_norms`), Qwen3's q/k norms, a `gelu_pytorch_tanh` gate, embeddings times
-    /// `√hidden_size`, attention scale `query_pre_attn_scalar^-½`, sliding layers (five of
-    /// every six by default) with their own RoPE θ, tied embeddings by default. Logit
-    /// soft-capping (Gemma 2) and bidirectional attention are refused.
-    Gemma3,
-}
-
-impl LlamaFamily {
-    /// The `model_type` transformers writes for it.
-    ///
-    /// ```
-    /// use lorakit::models::llama::LlamaFamily;
-    /// assert_eq!(LlamaFamily::Mistral.model_type(), "mistral");
-    /// ```
-    pub fn model_type(self) -> &'static str {
-        match self {
-            LlamaFamily::Llama => "llama",
-            LlamaFamily::Mistral => "mistral",
-            LlamaFamily::Qwen2 => "qwen2",
-            LlamaFamily::Qwen3 => "qwen3",
-            LlamaFamily::Granite => "granite",
-            LlamaFamily::SmolLm3 => "smollm3",
-            LlamaFamily::Phi3 => "phi3",
-            LlamaFamily::Gemma3 => "gemma3_text",
-        }
-    }
-
-    /// The family of a `model_type`, if it is one of the eight.
-    ///
-    /// ```
-    /// use lorakit::models::llama::LlamaFamily;
-    /// assert_eq!(LlamaFamily::from_model_type("qwen3"), Some(LlamaFamily::Qwen3));
-    /// assert_eq!(LlamaFamily::from_model_type("Qwen3"), None); // as transformers writes it
-    /// ```
-    pub fn from_model_type(model_type: &str) -> Option<Self> {
-        [
-            Self::Llama,
-            Self::Mistral,
-            Self::Qwen2,
-            Self::Qwen3,
-            Self::Granite,
-            Self::SmolLm3,
-            Self::Phi3,
-            Self::Gemma3,
-        ]
-        .into_iter()
-        .find(|f| f.model_type() == model_type)
-    }
-}
 
 /// How rotary position embeddings scale their frequencies (transformers' `rope_type`).
 ///
@@ -274,12 +189,12 @@ pub struct LlamaConfig {
     pub o_bias: bool,
     /// Bias on `gate_proj`, `up_proj`, `down_proj`.
     pub mlp_bias: bool,
-    /// The MLP's gate activation (`hidden_act`; Gemma's `hidden_activation`).
+    /// The MLP's gate activation (`hidden_act`; Gemma 2's and 3's `hidden_activation`).
     pub hidden_act: GateActivation,
     /// Every RMSNorm multiplies by `1 + weight` (Gemma's checkpoints store the weight's
     /// offset from 1), not by `weight`.
     pub unit_offset_norms: bool,
-    /// Gemma 3's four norms per layer: `post_attention_layernorm` normalizes the attention's
+    /// Gemma 2's and 3's four norms per layer: `post_attention_layernorm` normalizes the attention's
     /// output before its residual add, `pre_feedforward_layernorm` the MLP's input and
     /// `post_feedforward_layernorm` its output (without: `post_attention_layernorm` is the
     /// MLP's input norm, as in Llama).
@@ -302,19 +217,14 @@ pub struct LlamaConfig {
     /// Dropout on the attention probabilities (training only).
     pub attention_dropout: f64,
     /// Granite's embedding, attention, residual and logit scalars (the plain decoder's
-    /// for the other families).
+    /// for the other families; the Gemma families' embedding and attention scales).
     pub multipliers: Multipliers,
-}
-
-/// `Some(value)` for a key present in the file (`Some(None)` when it is `null`); `None`
-/// (the field's default) when absent: transformers treats the two differently for some
-/// keys.
-fn present<'de, D, T>(d: D) -> std::result::Result<Option<Option<T>>, D::Error>
-where
-    D: Deserializer<'de>,
-    T: Deserialize<'de>,
-{
-    Option::<T>::deserialize(d).map(Some)
+    /// Gemma 2's soft-capping of the attention scores, `cap · tanh(scores / cap)` after the
+    /// scale and before the mask (`attn_logit_softcapping`; `None`: none).
+    pub attn_logit_softcapping: Option<f64>,
+    /// Gemma 2's soft-capping of the causal LM's logits, `cap · tanh(logits / cap)`
+    /// (`final_logit_softcapping`; `None`: none).
+    pub final_logit_softcapping: Option<f64>,
 }
 
 /// The keys read from `config.json`, as written.
@@ -326,9 +236,9 @@ pub(super) struct RawConfig {
     pub(super) intermediate_size: Option<usize>,
     pub(super) num_hidden_layers: Option<usize>,
     pub(super) num_attention_heads: Option<usize>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "crate::error::present")]
     pub(super) num_key_value_heads: Option<Option<usize>>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "crate::error::present")]
     pub(super) head_dim: Option<Option<usize>>,
     pub(super) rms_norm_eps: Option<f64>,
     pub(super) rope_theta: Option<f64>,
@@ -341,7 +251,7 @@ pub(super) struct RawConfig {
     pub(super) attention_bias: Option<bool>,
     pub(super) mlp_bias: Option<bool>,
     pub(super) hidden_act: Option<String>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "crate::error::present")]
     pub(super) sliding_window: Option<Option<usize>>,
     pub(super) use_sliding_window: Option<bool>,
     pub(super) max_window_layers: Option<usize>,
@@ -417,15 +327,16 @@ impl LlamaConfig {
         let model_type = raw.model_type.as_deref().ok_or_else(|| {
             invalid(
                 "model_type",
-                "missing (llama, mistral, qwen2, qwen3, granite, smollm3, phi3 or gemma3_text \
-                 expected)",
+                "missing (llama, mistral, qwen2, qwen3, granite, smollm3, phi3, gemma, gemma2 \
+                 or gemma3_text expected)",
             )
         })?;
         let family =
             LlamaFamily::from_model_type(model_type).ok_or_else(|| Error::Unsupported {
                 what: "model_type",
                 got: model_type.to_string(),
-                supported: "llama, mistral, qwen2, qwen3, granite, smollm3, phi3, gemma3_text"
+                supported: "llama, mistral, qwen2, qwen3, granite, smollm3, phi3, gemma, \
+                            gemma2, gemma3_text"
                     .to_string(),
             })?;
         let required = |value: Option<usize>, field: &'static str| {
@@ -451,9 +362,10 @@ impl LlamaConfig {
                 supported: "unquantized f32, f16 or bf16 checkpoints".to_string(),
             });
         }
-        let gemma = family == LlamaFamily::Gemma3;
-        let hidden_act = if gemma {
-            raw.gemma.gate_activation(file)?
+        let gemma = family.is_gemma();
+        let gemma_settings = if gemma {
+            let act = raw.hidden_act.as_deref();
+            Some(raw.gemma.resolve(family, hidden_size, act, file)?)
         } else {
             let act = raw.hidden_act.as_deref().unwrap_or("silu");
             if act != "silu" && act != "swish" {
@@ -463,7 +375,7 @@ impl LlamaConfig {
                     supported: "silu (swish)".to_string(),
                 });
             }
-            GateActivation::Silu
+            None
         };
 
         // transformers' class defaults when a key is absent; `null` where noted.
@@ -475,14 +387,15 @@ impl LlamaConfig {
                     num_attention_heads
                 }
                 LlamaFamily::Mistral => 8,
-                LlamaFamily::SmolLm3 | LlamaFamily::Gemma3 => 4,
+                LlamaFamily::SmolLm3 | LlamaFamily::Gemma2 | LlamaFamily::Gemma3 => 4,
+                LlamaFamily::Gemma => 16,
                 LlamaFamily::Qwen2 | LlamaFamily::Qwen3 => 32,
             },
         };
         let head_dim = match (raw.head_dim, family) {
             (Some(Some(d)), _) => d,
             (None, LlamaFamily::Qwen3) => 128,
-            (None, LlamaFamily::Gemma3) => 256,
+            (None, f) if f.is_gemma() => 256,
             (Some(None), LlamaFamily::Qwen3) => {
                 return Err(invalid("head_dim", "null (Qwen3 needs a head_dim)"))
             }
@@ -490,12 +403,14 @@ impl LlamaConfig {
         };
         let max_position_embeddings = raw.max_position_embeddings.unwrap_or(match family {
             LlamaFamily::Llama | LlamaFamily::Granite => 2048,
+            LlamaFamily::Gemma | LlamaFamily::Gemma2 => 8192,
             LlamaFamily::Phi3 => 4096,
             LlamaFamily::Mistral | LlamaFamily::Gemma3 => 131_072,
             LlamaFamily::Qwen2 | LlamaFamily::Qwen3 | LlamaFamily::SmolLm3 => 32_768,
         });
 
-        let (rope_theta, rope_scaling, partial_rotary_factor, sliding_rope_theta) = if gemma {
+        let gemma3 = family == LlamaFamily::Gemma3;
+        let (rope_theta, rope_scaling, partial_rotary_factor, sliding_rope_theta) = if gemma3 {
             gemma3_rope(&raw, max_position_embeddings, file)?
         } else {
             let (theta, scaling, partial) =
@@ -512,7 +427,9 @@ impl LlamaConfig {
             ),
             LlamaFamily::Mistral | LlamaFamily::Phi3 => (false, false, false),
             LlamaFamily::Qwen2 => (true, false, false),
-            LlamaFamily::Qwen3 | LlamaFamily::Gemma3 => (attention_bias, attention_bias, false),
+            LlamaFamily::Qwen3 | LlamaFamily::Gemma | LlamaFamily::Gemma2 | LlamaFamily::Gemma3 => {
+                (attention_bias, attention_bias, false)
+            }
             LlamaFamily::SmolLm3 => (
                 attention_bias,
                 attention_bias,
@@ -536,9 +453,11 @@ impl LlamaConfig {
             LlamaFamily::Llama | LlamaFamily::Granite => {
                 vec![LayerAttention::Full; num_hidden_layers]
             }
-            LlamaFamily::Gemma3 => {
+            LlamaFamily::Gemma | LlamaFamily::Gemma2 | LlamaFamily::Gemma3 => {
                 let types = raw.layer_types.as_deref();
-                let names = raw.gemma.layer_type_names(types, num_hidden_layers, file)?;
+                let names = raw
+                    .gemma
+                    .layer_type_names(family, types, num_hidden_layers, file)?;
                 layer_kinds(&names, window, "sliding_window is null", file)?
             }
             LlamaFamily::Mistral | LlamaFamily::Phi3 => {
@@ -593,13 +512,15 @@ impl LlamaConfig {
             max_position_embeddings,
             tie_word_embeddings: raw
                 .tie_word_embeddings
-                .unwrap_or(matches!(family, LlamaFamily::SmolLm3 | LlamaFamily::Gemma3)),
+                .unwrap_or(family == LlamaFamily::SmolLm3 || gemma),
             qkv_bias,
             o_bias,
             mlp_bias,
-            hidden_act,
+            hidden_act: gemma_settings
+                .as_ref()
+                .map_or(GateActivation::Silu, |g| g.hidden_act),
             unit_offset_norms: gemma,
-            sandwich_norms: gemma,
+            sandwich_norms: matches!(family, LlamaFamily::Gemma2 | LlamaFamily::Gemma3),
             qk_norm: matches!(family, LlamaFamily::Qwen3 | LlamaFamily::Gemma3),
             layer_attention,
             layer_rope,
@@ -609,18 +530,18 @@ impl LlamaConfig {
                 _ => 0.0,
             },
             attention_dropout: raw.attention_dropout.unwrap_or(0.0),
-            multipliers: match family {
-                LlamaFamily::Granite => Multipliers::granite(
+            multipliers: match (&gemma_settings, family) {
+                (Some(settings), _) => settings.multipliers,
+                (None, LlamaFamily::Granite) => Multipliers::granite(
                     raw.embedding_multiplier,
                     raw.attention_multiplier,
                     raw.residual_multiplier,
                     raw.logits_scaling,
                 ),
-                LlamaFamily::Gemma3 => {
-                    Multipliers::gemma(hidden_size, raw.gemma.query_pre_attn_scalar)
-                }
                 _ => Multipliers::default(),
             },
+            attn_logit_softcapping: gemma_settings.as_ref().and_then(|g| g.softcaps.0),
+            final_logit_softcapping: gemma_settings.as_ref().and_then(|g| g.softcaps.1),
         })
     }
 
@@ -737,6 +658,14 @@ impl LlamaConfig {
         positive("rope_theta", self.rope_theta)?;
         if let Some(theta) = self.sliding_rope_theta {
             positive("rope_local_base_freq", theta)?;
+        }
+        for (field, cap) in [
+            ("attn_logit_softcapping", self.attn_logit_softcapping),
+            ("final_logit_softcapping", self.final_logit_softcapping),
+        ] {
+            if let Some(cap) = cap {
+                positive(field, cap)?;
+            }
         }
         let rotary_dim = self.rotary_dim_in(&invalid)?;
         self.multipliers

@@ -1,7 +1,7 @@
-//! Gemma 3's own `config.json` keys (`model_type` `gemma3_text`, transformers'
-//! `Gemma3TextConfig`): RoPE nested by layer type, the layer types from
-//! `sliding_window_pattern`, the gate activation, and the options lorakit refuses (logit
-//! soft-capping, bidirectional attention).
+//! The Gemma families' own `config.json` keys (`model_type` `gemma`, `gemma2`,
+//! `gemma3_text`; transformers' `GemmaConfig`, `Gemma2Config`, `Gemma3TextConfig`): Gemma
+//! 3's RoPE nested by layer type, the layer types, the gate activation, the scalars and
+//! soft-capping, and the option lorakit refuses (bidirectional attention).
 
 use std::path::Path;
 
@@ -9,21 +9,33 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::activation::GateActivation;
+use super::family::LlamaFamily;
+use super::multipliers::Multipliers;
 use crate::error::{Error, Result};
 
 /// One RoPE dict of a `config.json`.
 type RopeMap = Map<String, Value>;
 
-/// The keys only Gemma 3 reads (read with the others from `config.json`).
+/// The keys only the Gemma families read (read with the others from `config.json`).
 #[derive(Default, Deserialize)]
 pub(super) struct GemmaKeys {
-    pub(super) hidden_activation: Option<String>,
-    pub(super) query_pre_attn_scalar: Option<f64>,
+    hidden_activation: Option<String>,
+    query_pre_attn_scalar: Option<f64>,
     pub(super) rope_local_base_freq: Option<f64>,
-    pub(super) sliding_window_pattern: Option<usize>,
-    pub(super) final_logit_softcapping: Option<f64>,
-    pub(super) attn_logit_softcapping: Option<f64>,
-    pub(super) use_bidirectional_attention: Option<bool>,
+    sliding_window_pattern: Option<usize>,
+    #[serde(default, deserialize_with = "crate::error::present")]
+    final_logit_softcapping: Option<Option<f64>>,
+    #[serde(default, deserialize_with = "crate::error::present")]
+    attn_logit_softcapping: Option<Option<f64>>,
+    use_bidirectional_attention: Option<bool>,
+}
+
+/// What [`GemmaKeys::resolve`] makes of them.
+pub(super) struct GemmaSettings {
+    pub(super) hidden_act: GateActivation,
+    pub(super) multipliers: Multipliers,
+    /// `(attention scores, logits)` soft-capping.
+    pub(super) softcaps: (Option<f64>, Option<f64>),
 }
 
 /// The RoPE dicts of the full-attention and the sliding layers, as transformers 5 finds them
@@ -61,18 +73,25 @@ pub(super) fn rope_maps<'a>(
 }
 
 impl GemmaKeys {
-    /// The layer types' names when the config lists none: every `sliding_window_pattern`-th
-    /// layer (default 6) full attention, the others sliding (`Gemma3TextConfig.__post_init__`).
+    /// The layer types' names when the config lists none: Gemma's all full attention;
+    /// Gemma 2's every other layer sliding, the first one first; Gemma 3's every
+    /// `sliding_window_pattern`-th layer (default 6) full attention, the others sliding
+    /// (the config classes' `__post_init__`).
     pub(super) fn layer_type_names(
         &self,
+        family: LlamaFamily,
         layer_types: Option<&[String]>,
         layers: usize,
         file: &Path,
     ) -> Result<Vec<String>> {
-        if let Some(names) = layer_types {
+        if let Some(names) = layer_types.filter(|_| family != LlamaFamily::Gemma) {
             return Ok(names.to_vec());
         }
-        let pattern = self.sliding_window_pattern.unwrap_or(6);
+        let pattern = match family {
+            LlamaFamily::Gemma3 => self.sliding_window_pattern.unwrap_or(6),
+            LlamaFamily::Gemma2 => 2,
+            _ => 1,
+        };
         if pattern == 0 {
             return Err(Error::file_config(
                 file,
@@ -91,34 +110,18 @@ impl GemmaKeys {
             .collect())
     }
 
-    /// The MLP's gate activation, `hidden_activation` (default `gelu_pytorch_tanh`), after
-    /// checking `query_pre_attn_scalar` and refusing the soft-capping and bidirectional
-    /// options when set.
-    pub(super) fn gate_activation(&self, file: &Path) -> Result<GateActivation> {
-        for (what, cap) in [
-            ("final_logit_softcapping", self.final_logit_softcapping),
-            ("attn_logit_softcapping", self.attn_logit_softcapping),
-        ] {
-            if let Some(cap) = cap {
-                return Err(Error::Unsupported {
-                    what,
-                    got: cap.to_string(),
-                    supported: "null (Gemma 3's default; Gemma 2's soft-capping is not \
-                                implemented)"
-                        .to_string(),
-                });
-            }
-        }
-        if let Some(s) = self
-            .query_pre_attn_scalar
-            .filter(|s| !(s.is_finite() && *s > 0.0))
-        {
-            return Err(Error::file_config(
-                file,
-                "query_pre_attn_scalar",
-                format!("must be finite and > 0, got {s}"),
-            ));
-        }
+    /// The gate activation (Gemma's `hidden_act`, Gemma 2's and 3's `hidden_activation`,
+    /// default `gelu_pytorch_tanh`), the scalars and the soft-capping (Gemma 2's default
+    /// 50 and 30 when absent, none when `null`; Gemma 3's none), refusing bidirectional
+    /// attention.
+    pub(super) fn resolve(
+        &self,
+        family: LlamaFamily,
+        hidden_size: usize,
+        hidden_act: Option<&str>,
+        file: &Path,
+    ) -> Result<GemmaSettings> {
+        let invalid = |field: &'static str, reason: String| Error::file_config(file, field, reason);
         if self.use_bidirectional_attention == Some(true) {
             return Err(Error::Unsupported {
                 what: "use_bidirectional_attention",
@@ -126,17 +129,55 @@ impl GemmaKeys {
                 supported: "false (causal attention)".to_string(),
             });
         }
-        match self
-            .hidden_activation
-            .as_deref()
-            .unwrap_or("gelu_pytorch_tanh")
-        {
-            "gelu_pytorch_tanh" | "gelu_new" => Ok(GateActivation::GeluTanh),
-            other => Err(Error::Unsupported {
-                what: "hidden_activation",
-                got: other.to_string(),
-                supported: "gelu_pytorch_tanh (gelu_new)".to_string(),
-            }),
-        }
+        let (act_key, act) = match family {
+            LlamaFamily::Gemma => ("hidden_act", hidden_act),
+            _ => ("hidden_activation", self.hidden_activation.as_deref()),
+        };
+        let hidden_act = match act.unwrap_or("gelu_pytorch_tanh") {
+            // `gelu` is Gemma's legacy name for the tanh approximation (GemmaConfig).
+            "gelu" if family == LlamaFamily::Gemma => GateActivation::GeluTanh,
+            "gelu_pytorch_tanh" | "gelu_new" => GateActivation::GeluTanh,
+            other => {
+                return Err(Error::Unsupported {
+                    what: act_key,
+                    got: other.to_string(),
+                    supported: "gelu_pytorch_tanh (gelu_new)".to_string(),
+                })
+            }
+        };
+        let positive = |field: &'static str, v: Option<f64>| match v {
+            Some(v) if !(v.is_finite() && v > 0.0) => {
+                Err(invalid(field, format!("must be finite and > 0, got {v}")))
+            }
+            _ => Ok(v),
+        };
+        let attention_multiplier = match family {
+            LlamaFamily::Gemma => None,
+            _ => {
+                let scalar = positive("query_pre_attn_scalar", self.query_pre_attn_scalar)?;
+                Some(scalar.unwrap_or(256.0).powf(-0.5))
+            }
+        };
+        let cap = |field: &'static str, value: Option<Option<f64>>, gemma2_default: f64| {
+            let value = match (family, value) {
+                (LlamaFamily::Gemma, _) => None,
+                (_, Some(v)) => v,
+                (LlamaFamily::Gemma2, None) => Some(gemma2_default),
+                (_, None) => None,
+            };
+            positive(field, value)
+        };
+        Ok(GemmaSettings {
+            hidden_act,
+            multipliers: Multipliers::gemma(hidden_size, attention_multiplier),
+            softcaps: (
+                cap("attn_logit_softcapping", self.attn_logit_softcapping, 50.0)?,
+                cap(
+                    "final_logit_softcapping",
+                    self.final_logit_softcapping,
+                    30.0,
+                )?,
+            ),
+        })
     }
 }

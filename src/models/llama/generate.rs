@@ -6,7 +6,8 @@ use crate::error::Result;
 use crate::models::generation::{self, Decoder, GenerationConfig};
 
 use super::cache::KvCache;
-use super::config::{LlamaFamily, RopeScaling};
+use super::config::RopeScaling;
+use super::family::LlamaFamily;
 use super::LlamaForCausalLM;
 
 impl LlamaForCausalLM {

@@ -93,6 +93,8 @@ pub(crate) struct Attention {
     rotates: bool,
     /// Dropout on the attention probabilities (training only).
     dropout: f64,
+    /// Gemma 2's soft-capping of the scaled scores.
+    softcap: Option<f64>,
 }
 
 impl Attention {
@@ -126,6 +128,7 @@ impl Attention {
             kind,
             rotates,
             dropout: c.attention_dropout,
+            softcap: c.attn_logit_softcapping,
         })
     }
 
@@ -167,7 +170,8 @@ impl Attention {
     /// without copying keys and values. Scores and softmax in f32 for f16 / bf16 models
     /// (transformers' eager attention), products in the model's dtype. On f32 CPU tensors,
     /// left-padded or not, one fused op with its own backward (`models::attention_op`)
-    /// computes the same, reading a KV cache's buffers in place. `train`: the config's
+    /// computes the same, reading a KV cache's buffers in place (but for Gemma 2's
+    /// soft-capped scores, which always take the composition). `train`: the config's
     /// `attention_dropout` applies to the probabilities.
     pub(crate) fn attend(
         &self,
@@ -179,13 +183,14 @@ impl Attention {
     ) -> Result<Tensor> {
         let p = if train { self.dropout } else { 0.0 };
         let mask = masks.get(self.kind)?;
-        if attention_op::supports(q, k, v) {
+        if self.softcap.is_none() && attention_op::supports(q, k, v) {
             let (window, pads) = (mask.window(), mask.pads());
             let dropout = Dropout::new(p as f32);
             let out = attention_op::causal_attention(q, k, v, self.scale, window, pads, dropout)?;
             return Ok(self.o_proj.forward(&out)?);
         }
-        let out = fused::composed_attention(q, k, v, self.scale, mask.additive()?, p)?;
+        let additive = mask.additive()?;
+        let out = fused::composed_attention(q, k, v, self.scale, additive, p, self.softcap)?;
         Ok(self.o_proj.forward(&out)?)
     }
 

@@ -1,6 +1,6 @@
 //! The Llama family of decoders — Llama 2 / 3 / 3.x, TinyLlama, SmolLM, Mistral,
-//! Qwen2 / Qwen2.5, Qwen3, Granite 3.x, SmolLM3, Phi-3 / Phi-4 / Phi-4-mini, Gemma 3 (text)
-//! — as one implementation with config switches ([`LlamaConfig`]), built on the model-level API so that PEFT's target names and every
+//! Qwen2 / Qwen2.5, Qwen3, Granite 3.x, SmolLM3, Phi-3 / Phi-4 / Phi-4-mini, Gemma, Gemma 2,
+//! Gemma 3 (text) — as one implementation with config switches ([`LlamaConfig`]), built on the model-level API so that PEFT's target names and every
 //! variant apply: [`LlamaForCausalLM`].
 //!
 //! Every linear layer and the embedding are built with [`crate::model::linear_b`] /
@@ -33,6 +33,7 @@ mod activation;
 mod cache;
 mod classifier;
 mod config;
+mod family;
 mod gemma;
 mod generate;
 mod layers;
@@ -55,13 +56,14 @@ use crate::frozen::FrozenLinear;
 use crate::model::{linear_b, AdapterPlan, Embedding, Linear};
 use crate::models::decoder_trunk::{DecoderTrunk, Pass};
 use crate::models::kv_buffer::LayerKv;
-use crate::models::lm_loss::linear_head_loss_sum;
+use crate::models::lm_loss::{causal_lm_loss_sum, linear_head_loss_sum};
 use crate::models::padding::PaddedPositions;
 
 pub use activation::GateActivation;
 pub use cache::KvCache;
 pub use classifier::LlamaForSequenceClassification;
-pub use config::{LayerAttention, LlamaConfig, LlamaFamily, RopeScaling};
+pub use config::{LayerAttention, LlamaConfig, RopeScaling};
+pub use family::LlamaFamily;
 pub use longrope::LongRopeScaling;
 pub use multipliers::Multipliers;
 use trunk::LlamaTrunk;
@@ -69,8 +71,8 @@ pub use yarn::YarnScaling;
 
 /// A Llama-family causal language model (transformers' `LlamaForCausalLM`,
 /// `MistralForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`, `GraniteForCausalLM`,
-/// `SmolLM3ForCausalLM`, `Phi3ForCausalLM`, `Gemma3ForCausalLM`) whose linear layers and
-/// embedding come from an [`AdapterPlan`].
+/// `SmolLM3ForCausalLM`, `Phi3ForCausalLM`, `GemmaForCausalLM`, `Gemma2ForCausalLM`,
+/// `Gemma3ForCausalLM`) whose linear layers and embedding come from an [`AdapterPlan`].
 ///
 /// [`LlamaForCausalLM::forward`] maps token ids `(batch, seq)` to logits
 /// `(batch, seq, vocab)` over the whole sequence with a causal mask (sliding-window where
@@ -266,7 +268,17 @@ impl LlamaForCausalLM {
         self.trunk.check_ids(input_ids)?;
         let numbering = PaddedPositions::AfterPadding;
         let hidden = self.trunk.hidden(input_ids, None, numbering, train)?;
-        Ok(self.lm_head.forward(&hidden)?)
+        self.logits(&hidden)
+    }
+
+    /// The output head on the final hidden states, the logits soft-capped when the config
+    /// says so (Gemma 2's `final_logit_softcapping`).
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let logits = self.lm_head.forward(hidden)?;
+        match self.trunk.config.final_logit_softcapping {
+            Some(cap) => crate::models::fused::soft_cap(&logits, cap),
+            None => Ok(logits),
+        }
     }
 
     /// The summed next-token loss of a batch, [`causal_lm_loss_sum`] of
@@ -280,7 +292,7 @@ impl LlamaForCausalLM {
     /// whose backward never runs has paid for it: evaluate with
     /// [`CausalLm::eval_loss_sum`](crate::models::CausalLm::eval_loss_sum)). An adapted or
     /// trained head (PEFT's `lm_head` targets, `modules_to_save`), a quantized one, another
-    /// device or dtype computes the logits and the loss. The result is the same either way
+    /// device or dtype, or soft-capped logits (Gemma 2) computes the logits and the loss. The result is the same either way
     /// (to float rounding).
     ///
     /// ```
@@ -327,6 +339,10 @@ impl LlamaForCausalLM {
         train: bool,
     ) -> Result<Tensor> {
         let hidden = self.trunk.loss_hidden(input_ids, gradient, train)?;
+        if self.trunk.config.final_logit_softcapping.is_some() {
+            // The soft-capped logits sit between the head and the loss.
+            return causal_lm_loss_sum(&self.logits(&hidden)?, input_ids, loss_mask);
+        }
         linear_head_loss_sum(&hidden, &self.lm_head, input_ids, loss_mask)
     }
 
@@ -346,7 +362,7 @@ impl LlamaForCausalLM {
     ) -> Result<(Tensor, Vec<LayerKv>)> {
         let pass = Pass::decoding(offset, pads, values_only);
         let (x, grown) = self.trunk.run_hidden(input_ids, past, pass)?;
-        Ok((self.lm_head.forward(&x)?, grown))
+        Ok((self.logits(&x)?, grown))
     }
 
     /// The configuration the model was built with.

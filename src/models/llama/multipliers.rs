@@ -1,12 +1,12 @@
 //! [`Multipliers`]: the four scalars IBM's Granite (`model_type` `granite`) adds to a
-//! Llama decoder (Gemma 3 uses two of them).
+//! Llama decoder (the Gemma families use two of them).
 
 use crate::error::{Error, Result};
 
 /// Granite's scalars (transformers' `GraniteConfig`), each 1 (or the usual attention
 /// scale) in the other families, whose configs transformers reads without them but for
-/// Gemma 3's embedding scale `√hidden_size` and attention scale
-/// `query_pre_attn_scalar^-½`:
+/// the Gemma families' embedding scale `√hidden_size` and Gemma 2's and 3's attention
+/// scale `query_pre_attn_scalar^-½`:
 ///
 /// - the embeddings are multiplied by `embedding_multiplier`;
 /// - attention scores are `q · k` times `attention_multiplier` instead of `1 / √head_dim`;
@@ -74,11 +74,12 @@ impl Multipliers {
     }
 
     /// Gemma's: the embeddings times `√hidden_size`, attention scores times
-    /// `query_pre_attn_scalar^-½` (default 256), no residual or logit scaling.
-    pub(super) fn gemma(hidden_size: usize, query_pre_attn_scalar: Option<f64>) -> Self {
+    /// `attention_multiplier` (Gemma 2 and 3: `query_pre_attn_scalar^-½`; Gemma: `None`,
+    /// `1 / √head_dim`), no residual or logit scaling.
+    pub(super) fn gemma(hidden_size: usize, attention_multiplier: Option<f64>) -> Self {
         Self {
             embedding_multiplier: (hidden_size as f64).sqrt(),
-            attention_multiplier: Some(query_pre_attn_scalar.unwrap_or(256.0).powf(-0.5)),
+            attention_multiplier,
             residual_multiplier: 1.0,
             logits_scaling: 1.0,
         }

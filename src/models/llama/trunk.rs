@@ -2,6 +2,7 @@
 //! `model.*`): what the causal language model and the sequence classifier share.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
@@ -22,7 +23,8 @@ use super::rope::RopeTables;
 /// `model.norm`).
 #[derive(Clone, Debug)]
 pub(crate) struct LlamaTrunk {
-    pub(super) config: LlamaConfig,
+    /// Shared, not copied, by the clones of a model.
+    pub(super) config: Arc<LlamaConfig>,
     pub(super) embed_tokens: Embedding,
     pub(super) layers: Vec<DecoderLayer>,
     norm: RmsNorm,
@@ -60,7 +62,7 @@ impl LlamaTrunk {
         let norm = RmsNorm::load(c, c.hidden_size, vb.pp("model.norm"))?;
         let dtype = embed_tokens.base_stored_weight()?.dtype();
         Ok(Self {
-            config: config.clone(),
+            config: Arc::new(config.clone()),
             embed_tokens,
             layers,
             norm,

@@ -1,0 +1,115 @@
+//! [`LlamaFamily`]: the architectures the Llama-family decoder implements, by `model_type`.
+
+/// The architectures [`super::LlamaForCausalLM`] implements, by transformers' `model_type`.
+/// They differ only in defaults and a few switches (see [`super::LlamaConfig`]).
+///
+/// ```
+/// use lorakit::models::llama::LlamaFamily;
+/// assert_eq!(LlamaFamily::from_model_type("qwen2"), Some(LlamaFamily::Qwen2));
+/// assert_eq!(LlamaFamily::Qwen2.model_type(), "qwen2");
+/// assert_eq!(LlamaFamily::from_model_type("gpt2"), None);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LlamaFamily {
+    /// `llama`: Llama 2 / 3 / 3.x, TinyLlama, SmolLM (`attention_bias`, `mlp_bias`).
+    Llama,
+    /// `mistral`: no biases; `sliding_window` on every layer when set.
+    Mistral,
+    /// `qwen2`: Qwen2 / Qwen2.5, bias on q/k/v (not o); per-layer sliding window.
+    Qwen2,
+    /// `qwen3`: RMSNorm over `head_dim` on queries and keys (`q_norm`, `k_norm`),
+    /// `attention_bias` on q/k/v/o; per-layer sliding window.
+    Qwen3,
+    /// `granite`: IBM's Granite 3.x, a Llama decoder with four scalars
+    /// ([`super::Multipliers`]). transformers has no sequence classifier for it.
+    Granite,
+    /// `smollm3`: Hugging Face's SmolLM3, with layers that skip RoPE (NoPE,
+    /// `no_rope_layers`), `attention_bias` on q/k/v/o and `mlp_bias`, per-layer sliding
+    /// window as Qwen's, θ 2 000 000 and tied embeddings by default.
+    SmolLm3,
+    /// `phi3`: Microsoft's Phi-3, Phi-3.5 and Phi-4, with fused projections (`qkv_proj`,
+    /// `gate_up_proj`: PEFT targets them under those names), a window on every layer when
+    /// `sliding_window` is set, RMSNorm ε 1e-5 by default, `su` / `yarn` RoPE read as
+    /// LongRoPE ([`super::LongRopeScaling`]), and a `partial_rotary_factor` below 1 (Phi-4-mini:
+    /// RoPE on the first part of each head only).
+    Phi3,
+    /// `gemma`: Google's Gemma (1), the plain Gemma decoder: RMSNorms that multiply by
+    /// `1 + weight`, a GELU-tanh gate (`hidden_act`; its legacy `gelu` read as the tanh
+    /// approximation, as transformers reads it), embeddings times `√hidden_size`, tied
+    /// embeddings, `head_dim` 256 by default.
+    Gemma,
+    /// `gemma2`: Gemma 2, as Gemma with a norm after attention and around the MLP as well
+    /// as before (`sandwich_norms`), attention scale `query_pre_attn_scalar^-½`, every
+    /// other layer sliding (the first one first), and soft-capped attention scores (50) and
+    /// logits (30) by default.
+    Gemma2,
+    /// `gemma3_text`: Google's Gemma 3 text decoder (`Gemma3ForCausalLM`: Gemma 3 1B, and
+    /// the text part of the larger ones saved alone). RMSNorms that multiply by
+    /// `1 + weight`, a norm after attention and around the MLP as well as before
+    /// (`sandwich_norms`), Qwen3's q/k norms, a `gelu_pytorch_tanh` gate, embeddings times
+    /// `√hidden_size`, attention scale `query_pre_attn_scalar^-½`, sliding layers (five of
+    /// every six by default) with their own RoPE θ, tied embeddings by default. Logit
+    /// soft-capping is read as Gemma 2's (none by default); bidirectional attention is
+    /// refused.
+    Gemma3,
+}
+
+impl LlamaFamily {
+    /// The `model_type` transformers writes for it.
+    ///
+    /// ```
+    /// use lorakit::models::llama::LlamaFamily;
+    /// assert_eq!(LlamaFamily::Mistral.model_type(), "mistral");
+    /// ```
+    pub fn model_type(self) -> &'static str {
+        match self {
+            LlamaFamily::Llama => "llama",
+            LlamaFamily::Mistral => "mistral",
+            LlamaFamily::Qwen2 => "qwen2",
+            LlamaFamily::Qwen3 => "qwen3",
+            LlamaFamily::Granite => "granite",
+            LlamaFamily::SmolLm3 => "smollm3",
+            LlamaFamily::Phi3 => "phi3",
+            LlamaFamily::Gemma => "gemma",
+            LlamaFamily::Gemma2 => "gemma2",
+            LlamaFamily::Gemma3 => "gemma3_text",
+        }
+    }
+
+    /// The family of a `model_type`, if it is one of the ten.
+    ///
+    /// ```
+    /// use lorakit::models::llama::LlamaFamily;
+    /// assert_eq!(LlamaFamily::from_model_type("qwen3"), Some(LlamaFamily::Qwen3));
+    /// assert_eq!(LlamaFamily::from_model_type("Qwen3"), None); // as transformers writes it
+    /// ```
+    pub fn from_model_type(model_type: &str) -> Option<Self> {
+        [
+            Self::Llama,
+            Self::Mistral,
+            Self::Qwen2,
+            Self::Qwen3,
+            Self::Granite,
+            Self::SmolLm3,
+            Self::Phi3,
+            Self::Gemma,
+            Self::Gemma2,
+            Self::Gemma3,
+        ]
+        .into_iter()
+        .find(|f| f.model_type() == model_type)
+    }
+}
+
+impl LlamaFamily {
+    /// Gemma, Gemma 2 or Gemma 3: the families whose norms multiply by `1 + weight` and
+    /// whose embeddings are scaled by `√hidden_size`.
+    ///
+    /// ```
+    /// use lorakit::models::llama::LlamaFamily;
+    /// assert!(LlamaFamily::Gemma2.is_gemma() && !LlamaFamily::Llama.is_gemma());
+    /// ```
+    pub fn is_gemma(self) -> bool {
+        matches!(self, Self::Gemma | Self::Gemma2 | Self::Gemma3)
+    }
+}
