@@ -184,10 +184,13 @@ pub(super) struct BackwardInputs<'a> {
     pub d_out: &'a [f32],
     /// The scores' scale.
     pub scale: f32,
+    /// A soft-cap's slopes `1 − tanh²`, laid out as `probs`; `None` without a soft-cap.
+    pub cap_slopes: Option<&'a [f32]>,
 }
 
 /// `(dQ, dK, dV)` in the layouts of `q`, `k`, `v`, with `dS = scale · P ⊙ (dP − c)` and
-/// `c = rowsum(dO ⊙ O)` per query row (with dropout, as the module's note says).
+/// `c = rowsum(dO ⊙ O)` per query row (with dropout, as the module's note says; with a
+/// soft-cap, times its slopes).
 pub(super) fn backward(x: &BackwardInputs, s: Shape) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
     let (t, kv, d, group) = (s.t, s.kv, s.d, s.group);
     let (heads, row_stride) = (s.heads(), s.heads() * d);
@@ -207,6 +210,10 @@ pub(super) fn backward(x: &BackwardInputs, s: Shape) -> Result<(Vec<f32>, Vec<f3
                 let head = kv_head * group + member;
                 let q = rows(x.q, head * t, t, d)?;
                 let p = rows(x.probs, head * t, t, kv)?;
+                let slopes = match x.cap_slopes {
+                    Some(slopes) => Some(rows(slopes, head * t, t, kv)?),
+                    None => None,
+                };
                 // The probabilities the forward's product read.
                 let p_used = match x.dropped {
                     Some(dropped) => rows(dropped, head * t, t, kv)?,
@@ -239,6 +246,12 @@ pub(super) fn backward(x: &BackwardInputs, s: Shape) -> Result<(Vec<f32>, Vec<f3
                             None => scores_gradient(ds_row, p_row, c, x.scale),
                             Some(_) => {
                                 scores_gradient_dropped(ds_row, p_row, sub(p_used, at)?, c, x.scale)
+                            }
+                        }
+                        // Through the soft-cap: times its slope.
+                        if let Some(slopes) = slopes {
+                            for (g, slope) in ds_row.iter_mut().zip(sub(slopes, at)?) {
+                                *g *= slope;
                             }
                         }
                     }

@@ -12,7 +12,10 @@
 //! writes the output in `(batch, seq, heads · head_dim)` (what `o_proj` reads). It keeps
 //! the probabilities for its backward (as the composed path's softmax node does), which
 //! is `dV = Pᵀ dO`, `dS = scale · P ⊙ (dO Vᵀ − rowsum(dO ⊙ O))`, `dQ = dS K`,
-//! `dK = dSᵀ Q` (with dropout, [`super::attention_blocks`]' note). Each key/value head
+//! `dK = dSᵀ Q` (with dropout, [`super::attention_blocks`]' note). With Gemma 2's
+//! soft-capping the scaled scores become `z = cap · tanh(scale · s / cap)` before the mask,
+//! and the forward also keeps each score's slope `1 − tanh²`, which multiplies `dS`. Each
+//! key/value head
 //! serves `heads / kv_heads` consecutive query heads; the products run per key/value head
 //! over the stacked query heads, so keys and values are not repeated and `dK`, `dV` sum
 //! over their query heads by the product itself.
@@ -32,7 +35,8 @@ use crate::kernels::dropout::Dropout;
 /// The op's name in errors.
 const OP: &str = "attention";
 
-/// `softmax(scale · q kᵀ + mask) v` for `q` `(b, heads, t, d)` and `k`, `v`
+/// `softmax(scale · q kᵀ + mask) v` (scores as `scores` says: [`ScoreScale`]) for `q`
+/// `(b, heads, t, d)` and `k`, `v`
 /// `(b, kv_heads, kv_len, d)`, queries in slots `kv_len − t ..` and keys in `0..kv_len`:
 /// a query sees the keys at or before its slot (and, with `window`, fewer than `window`
 /// slots back), with `dropout` on the probabilities. In a left-padded batch, `pads`
@@ -43,7 +47,7 @@ pub(crate) fn causal_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    scale: f64,
+    scores: impl Into<ScoreScale>,
     window: Option<usize>,
     pads: Option<&[usize]>,
     dropout: Option<Dropout>,
@@ -56,7 +60,14 @@ pub(crate) fn causal_attention(
             q.dims()
         )
     }
-    apply(q, k, v, scale, Mask::Causal { window, pads }, dropout)
+    apply(
+        q,
+        k,
+        v,
+        scores.into(),
+        Mask::Causal { window, pads },
+        dropout,
+    )
 }
 
 /// `softmax(scale · q kᵀ + mask) v` with dropout on the probabilities, shapes as
@@ -78,14 +89,14 @@ pub(crate) fn key_masked_attention(
             k.dims()
         )
     }
-    apply(q, k, v, scale, Mask::Keys(keys), dropout)
+    apply(q, k, v, scale.into(), Mask::Keys(keys), dropout)
 }
 
 fn apply(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    scale: f64,
+    scores: ScoreScale,
     mask: Mask,
     dropout: Option<Dropout>,
 ) -> candle_core::Result<Tensor> {
@@ -93,7 +104,8 @@ fn apply(
         &heads_in_place(k)?,
         &heads_in_place(v)?,
         Attention {
-            scale: scale as f32,
+            scale: scores.scale as f32,
+            softcap: scores.softcap.map(|cap| cap as f32),
             mask,
             dropout,
             saved: Mutex::new(None),
@@ -173,10 +185,32 @@ struct Saved {
     probs: Tensor,
     /// The probabilities after dropout, as `probs`; `None` without dropout.
     dropped: Option<Tensor>,
+    /// The soft-cap's slopes `1 − tanh²(scale · s / cap)`, as `probs` (0 where masked);
+    /// `None` without a soft-cap.
+    cap_slopes: Option<Tensor>,
+}
+
+/// How the scores `q · kᵀ` become the softmax's input: times `scale`, then soft-capped to
+/// `(−cap, cap)` as `cap · tanh(x / cap)` when `softcap` is set (Gemma 2), before the mask.
+/// A bare `f64` is a scale without a cap.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct ScoreScale {
+    pub(crate) scale: f64,
+    pub(crate) softcap: Option<f64>,
+}
+
+impl From<f64> for ScoreScale {
+    fn from(scale: f64) -> Self {
+        Self {
+            scale,
+            softcap: None,
+        }
+    }
 }
 
 struct Attention {
     scale: f32,
+    softcap: Option<f32>,
     mask: Mask,
     dropout: Option<Dropout>,
     saved: Mutex<Option<Saved>>,
@@ -295,56 +329,76 @@ impl Attention {
         }
     }
 
-    /// Scales, masks and normalizes each row of `scores` `(b·g, m, kv)` in place.
-    fn softmax_rows(&self, scores: &mut [f32], n: Dims) {
+    /// Scales, soft-caps, masks and normalizes each row of `scores` `(b·g, m, kv)` in
+    /// place; with a soft-cap, `slopes` (as `scores`, zeros) receives each seen score's
+    /// slope `1 − tanh²`.
+    fn softmax_rows(&self, scores: &mut [f32], slopes: Option<&mut [f32]>, n: Dims) {
+        let width = n.kv.max(1);
+        let rows = scores.par_chunks_mut(width).enumerate();
+        match slopes {
+            Some(slopes) => rows
+                .zip(slopes.par_chunks_mut(width))
+                .for_each(|((r, row), slopes)| self.softmax_row(r, row, Some(slopes), n)),
+            None => rows.for_each(|(r, row)| self.softmax_row(r, row, None, n)),
+        }
+    }
+
+    /// [`Attention::softmax_rows`] for row `r`.
+    fn softmax_row(&self, r: usize, row: &mut [f32], slopes: Option<&mut [f32]>, n: Dims) {
         let offset = n.kv - n.t;
-        scores
-            .par_chunks_mut(n.kv.max(1))
-            .enumerate()
-            .for_each(|(r, row)| {
-                // The keys this row may see, `lo..hi`, and which of them it sees.
-                let (lo, hi, visible) = match &self.mask {
-                    Mask::Causal { window, pads } => {
-                        let pad = pads.get(r / n.m() / n.g).copied().unwrap_or(0);
-                        let keys = seen_keys(offset + r % n.t, pad, *window);
-                        (keys.start, keys.end.min(n.kv), None)
-                    }
-                    Mask::Keys(keys) => {
-                        let batch = r / n.m() / n.g;
-                        let end = keys.ends.get(batch).copied().unwrap_or(0);
-                        let flags = keys.visible.get(batch * n.kv..batch * n.kv + end);
-                        (0, end, flags)
-                    }
-                };
-                crate::kernels::vector_math::on_widest_vectors(
-                    #[inline(always)]
-                    || {
-                        let seen = row.get_mut(lo..hi).unwrap_or_default();
-                        match visible {
-                            None => seen.iter_mut().for_each(|v| *v *= self.scale),
-                            Some(flags) => {
-                                for (v, &shown) in seen.iter_mut().zip(flags) {
-                                    *v = if shown {
-                                        *v * self.scale
-                                    } else {
-                                        f32::NEG_INFINITY
-                                    };
-                                }
-                            }
-                        }
-                        let max = crate::kernels::vector_math::max(seen);
-                        let sum = crate::kernels::vector_math::exp_in_place_sum(seen, max);
-                        let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
-                        for (j, v) in row.iter_mut().enumerate() {
-                            if j < lo || j >= hi {
-                                *v = 0.0;
+        // The keys this row may see, `lo..hi`, and which of them it sees.
+        let (lo, hi, visible) = match &self.mask {
+            Mask::Causal { window, pads } => {
+                let pad = pads.get(r / n.m() / n.g).copied().unwrap_or(0);
+                let keys = seen_keys(offset + r % n.t, pad, *window);
+                (keys.start, keys.end.min(n.kv), None)
+            }
+            Mask::Keys(keys) => {
+                let batch = r / n.m() / n.g;
+                let end = keys.ends.get(batch).copied().unwrap_or(0);
+                let flags = keys.visible.get(batch * n.kv..batch * n.kv + end);
+                (0, end, flags)
+            }
+        };
+        crate::kernels::vector_math::on_widest_vectors(
+            #[inline(always)]
+            || {
+                let seen = row.get_mut(lo..hi).unwrap_or_default();
+                match visible {
+                    None => seen.iter_mut().for_each(|v| *v *= self.scale),
+                    Some(flags) => {
+                        for (v, &shown) in seen.iter_mut().zip(flags) {
+                            *v = if shown {
+                                *v * self.scale
                             } else {
-                                *v *= inv;
-                            }
+                                f32::NEG_INFINITY
+                            };
                         }
-                    },
-                )
-            });
+                    }
+                }
+                if let (Some(cap), Some(slopes)) = (self.softcap, slopes) {
+                    let slopes = slopes.get_mut(lo..hi).unwrap_or_default();
+                    // Masked scores stay −∞ (their slope 0): the cap comes before the mask.
+                    for (v, slope) in seen.iter_mut().zip(slopes) {
+                        if v.is_finite() {
+                            let th = (*v / cap).tanh();
+                            *v = cap * th;
+                            *slope = 1.0 - th * th;
+                        }
+                    }
+                }
+                let max = crate::kernels::vector_math::max(seen);
+                let sum = crate::kernels::vector_math::exp_in_place_sum(seen, max);
+                let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+                for (j, v) in row.iter_mut().enumerate() {
+                    if j < lo || j >= hi {
+                        *v = 0.0;
+                    } else {
+                        *v *= inv;
+                    }
+                }
+            },
+        )
     }
 }
 
@@ -372,7 +426,8 @@ impl CustomOp3 for Attention {
         );
         let mut probs = vec![0f32; bg * m * n.kv];
         attention_blocks::scores(q, k, shape, &mut probs)?;
-        self.softmax_rows(&mut probs, n);
+        let mut cap_slopes = self.softcap.map(|_| vec![0f32; probs.len()]);
+        self.softmax_rows(&mut probs, cap_slopes.as_deref_mut(), n);
         let dropped = self.dropout.map(|dropout| dropout.apply(&probs, 0));
         let mut heads = vec![0f32; bg * m * n.d];
         let used = dropped.as_deref().unwrap_or(&probs);
@@ -397,6 +452,9 @@ impl CustomOp3 for Attention {
             dropped: dropped
                 .map(|d| Tensor::from_vec(d, saved_shape, &Device::Cpu))
                 .transpose()?,
+            cap_slopes: cap_slopes
+                .map(|s| Tensor::from_vec(s, saved_shape, &Device::Cpu))
+                .transpose()?,
         };
         if let Ok(mut slot) = self.saved.lock() {
             *slot = Some(saved);
@@ -413,10 +471,12 @@ impl CustomOp3 for Attention {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let saved = match self.saved.lock() {
-            Ok(slot) => slot.as_ref().map(|s| (s.probs.clone(), s.dropped.clone())),
+            Ok(slot) => slot
+                .as_ref()
+                .map(|s| (s.probs.clone(), s.dropped.clone(), s.cap_slopes.clone())),
             Err(_) => None,
         };
-        let Some((p, dropped)) = saved else {
+        let Some((p, dropped, cap_slopes)) = saved else {
             candle_core::bail!("attention backward: the forward's probabilities are missing")
         };
         // Without dropout the product read the probabilities themselves.
@@ -426,8 +486,11 @@ impl CustomOp3 for Attention {
         // The output and its gradient stay in `(b, t, h·d)`: the blocks read each head's
         // rows in place.
         let (out, d_out) = (res.contiguous()?, grad.contiguous()?);
-        let guards = [&qc, &kc, &vc, &p, &p_used, &out, &d_out].map(|t| t.storage_and_layout());
-        let [q_g, k_g, v_g, p_g, used_g, out_g, d_out_g] = &guards;
+        // Without a soft-cap the slopes' guard reads the probabilities (unused).
+        let slopes = cap_slopes.unwrap_or_else(|| p.clone());
+        let guards =
+            [&qc, &kc, &vc, &p, &p_used, &out, &d_out, &slopes].map(|t| t.storage_and_layout());
+        let [q_g, k_g, v_g, p_g, used_g, out_g, d_out_g, slopes_g] = &guards;
         let inputs = attention_blocks::BackwardInputs {
             q: f32_input(OP, on_cpu(&q_g.0)?, q_g.1)?,
             k: heads_input(on_cpu(&k_g.0)?, k_g.1)?,
@@ -440,6 +503,10 @@ impl CustomOp3 for Attention {
             out: f32_input(OP, on_cpu(&out_g.0)?, out_g.1)?,
             d_out: f32_input(OP, on_cpu(&d_out_g.0)?, d_out_g.1)?,
             scale: self.scale,
+            cap_slopes: match self.softcap {
+                Some(_) => Some(f32_input(OP, on_cpu(&slopes_g.0)?, slopes_g.1)?),
+                None => None,
+            },
         };
         let shape = self.block_shape(n);
         let (d_q, d_k, d_v) = attention_blocks::backward(&inputs, shape)?;
@@ -468,7 +535,7 @@ mod tests {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        scale: f64,
+        scores: impl Into<super::ScoreScale>,
         mask: &Tensor,
         keep: Option<Tensor>,
     ) -> Tensor {
@@ -482,10 +549,12 @@ mod tests {
                 .reshape((b, h, kv, d))
                 .unwrap()
         };
-        let scores = (q.matmul(&repeat(k).t().unwrap()).unwrap() * scale)
-            .unwrap()
-            .broadcast_add(mask)
-            .unwrap();
+        let super::ScoreScale { scale, softcap } = scores.into();
+        let mut scores = (q.matmul(&repeat(k).t().unwrap()).unwrap() * scale).unwrap();
+        if let Some(cap) = softcap {
+            scores = ((scores / cap).unwrap().tanh().unwrap() * cap).unwrap();
+        }
+        let scores = scores.broadcast_add(mask).unwrap();
         let mut probs = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
         if let Some(keep) = keep {
             probs = (probs * keep).unwrap();
@@ -504,7 +573,7 @@ mod tests {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        scale: f64,
+        scale: impl Into<super::ScoreScale>,
         window: Option<usize>,
         dropout: Option<&super::Dropout>,
     ) -> Tensor {
@@ -555,23 +624,28 @@ mod tests {
 
     /// Value and the gradients of q, k and v equal the composed ops with the same dropped
     /// entries: grouped-query heads, full causal and sliding-window masks, queries after
-    /// earlier keys, one block of query rows and several, with and without dropout.
+    /// earlier keys, one block of query rows and several, with and without dropout, with
+    /// and without Gemma 2's soft-cap (`cap · tanh(scale · s / cap)` before the mask).
     #[test]
     fn equals_the_composed_attention() {
         let dev = Device::Cpu;
-        for (h, g, t, kv, window, p) in [
-            (4, 2, 5, 5, None, 0.0),
-            (4, 2, 6, 6, Some(3), 0.0),
-            (3, 3, 3, 5, None, 0.0),
-            (2, 1, 4, 7, Some(2), 0.0),
+        for (h, g, t, kv, window, p, softcap) in [
+            (4, 2, 5, 5, None, 0.0, None),
+            (4, 2, 6, 6, Some(3), 0.0, None),
+            (3, 3, 3, 5, None, 0.0, None),
+            (2, 1, 4, 7, Some(2), 0.0, None),
             // Past one block of query rows (attention_blocks::BLOCK_ROWS = 64): the
             // later blocks' key spans, a ragged last block, windows inside and across
             // blocks.
-            (4, 2, 150, 150, None, 0.0),
-            (2, 1, 70, 100, Some(40), 0.0),
-            (3, 3, 130, 130, Some(100), 0.0),
-            (4, 2, 6, 6, None, 0.3),
-            (2, 1, 70, 100, Some(40), 0.5),
+            (4, 2, 150, 150, None, 0.0, None),
+            (2, 1, 70, 100, Some(40), 0.0, None),
+            (3, 3, 130, 130, Some(100), 0.0, None),
+            (4, 2, 6, 6, None, 0.3, None),
+            (2, 1, 70, 100, Some(40), 0.5, None),
+            // Scores of size ~1 against a cap of 0.7: the cap bends most of them.
+            (4, 2, 6, 6, None, 0.0, Some(0.7)),
+            (2, 1, 70, 100, Some(40), 0.0, Some(0.7)),
+            (4, 2, 6, 6, Some(3), 0.3, Some(0.7)),
         ] {
             let (b, d) = (2, 4);
             let var = |shape: (usize, usize, usize, usize)| {
@@ -579,12 +653,19 @@ mod tests {
             };
             let (q, k, v) = (var((b, h, t, d)), var((b, g, kv, d)), var((b, g, kv, d)));
             let scale = 1.0 / (d as f64).sqrt();
+            let scores = super::ScoreScale { scale, softcap };
             let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
             assert!(super::supports(qt, kt, vt));
             let dropout = (p > 0.0).then(|| super::Dropout::with_seed(p, 7));
-            let fused = super::causal_attention(qt, kt, vt, scale, window, None, dropout).unwrap();
-            let reference = composed_dropped(qt, kt, vt, scale, window, dropout.as_ref());
-            let case = format!("h {h}, g {g}, t {t}, kv {kv}, window {window:?}, p {p}");
+            let fused = super::causal_attention(qt, kt, vt, scores, window, None, dropout).unwrap();
+            let reference = composed_dropped(qt, kt, vt, scores, window, dropout.as_ref());
+            if softcap.is_some() {
+                let uncapped = composed_dropped(qt, kt, vt, scale, window, dropout.as_ref());
+                let apart = (&reference - &uncapped).unwrap().abs().unwrap();
+                assert!(apart.max_all().unwrap().to_scalar::<f32>().unwrap() > 1e-2);
+            }
+            let case =
+                format!("h {h}, g {g}, t {t}, kv {kv}, window {window:?}, p {p}, cap {softcap:?}");
             let inputs = [("q", qt), ("k", kt), ("v", vt)];
             super::super::op_test::assert_same_op(&fused, &reference, &inputs, 1e-5, &case);
         }

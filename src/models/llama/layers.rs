@@ -170,9 +170,8 @@ impl Attention {
     /// without copying keys and values. Scores and softmax in f32 for f16 / bf16 models
     /// (transformers' eager attention), products in the model's dtype. On f32 CPU tensors,
     /// left-padded or not, one fused op with its own backward (`models::attention_op`)
-    /// computes the same, reading a KV cache's buffers in place (but for Gemma 2's
-    /// soft-capped scores, which always take the composition). `train`: the config's
-    /// `attention_dropout` applies to the probabilities.
+    /// computes the same (Gemma 2's soft-capped scores too), reading a KV cache's buffers
+    /// in place. `train`: the config's `attention_dropout` applies to the probabilities.
     pub(crate) fn attend(
         &self,
         q: &Tensor,
@@ -183,10 +182,14 @@ impl Attention {
     ) -> Result<Tensor> {
         let p = if train { self.dropout } else { 0.0 };
         let mask = masks.get(self.kind)?;
-        if self.softcap.is_none() && attention_op::supports(q, k, v) {
+        if attention_op::supports(q, k, v) {
             let (window, pads) = (mask.window(), mask.pads());
             let dropout = Dropout::new(p as f32);
-            let out = attention_op::causal_attention(q, k, v, self.scale, window, pads, dropout)?;
+            let scores = attention_op::ScoreScale {
+                scale: self.scale,
+                softcap: self.softcap,
+            };
+            let out = attention_op::causal_attention(q, k, v, scores, window, pads, dropout)?;
             return Ok(self.o_proj.forward(&out)?);
         }
         let additive = mask.additive()?;
