@@ -62,8 +62,8 @@ impl Architecture {
     }
 }
 
-/// One of the causal language models of [`crate::models`], chosen by `model_type`:
-/// `llama`, `mistral`, `qwen2`, `qwen3` ([`LlamaForCausalLM`]) or `gpt2`
+/// One of the causal language models of [`crate::models`], chosen by `model_type`
+/// ([`SUPPORTED_MODEL_TYPES`]): the Llama family's ([`LlamaForCausalLM`]) or `gpt2`
 /// ([`Gpt2LmHeadModel`]). Implements [`CausalLm`]; generates with
 /// [`AutoCausalLm::generate`].
 ///

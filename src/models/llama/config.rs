@@ -102,8 +102,9 @@ pub enum LayerAttention {
 ///   form (top-level `rope_theta`, `rope_scaling` with `type` or `rope_type`); a non-empty
 ///   `rope_scaling` wins over `rope_parameters`, a `rope_theta` inside them over the
 ///   top-level one. `default`, `linear`, `llama3`, `yarn` ([`YarnScaling`]) and, for
-///   `phi3`, `longrope` ([`LongRopeScaling`]) are supported; any other `rope_type` (`dynamic`, ...) and
-///   per-layer-type RoPE parameters are errors naming them. `partial_rotary_factor`
+///   `phi3`, `longrope` ([`LongRopeScaling`]) are supported; any other `rope_type`
+///   (`dynamic`, ...) and per-layer-type RoPE parameters (but Gemma 3's, nested by
+///   `full_attention` / `sliding_attention`) are errors naming them. `partial_rotary_factor`
 ///   (inside the RoPE parameters first, then top-level) is read for `phi3`, whose attention
 ///   rotates only the first `int(head_dim · factor)` dimensions of each head; for the other
 ///   families a factor other than 1 is an error, as their attention rotates whole heads.
@@ -115,8 +116,12 @@ pub enum LayerAttention {
 ///   Qwen2/Qwen3 apply it on the layers `layer_types` names `sliding_attention` (derived
 ///   from `max_window_layers` when absent) and only when `use_sliding_window` is true
 ///   (Qwen2.5's configs set a `sliding_window` with `use_sliding_window: false`: full
-///   attention everywhere); Llama has none.
-/// - `hidden_act` must be `silu` (or its alias `swish`); a `quantization_config` is refused
+///   attention everywhere); Llama has none; Gemma 2 and 3 slide on the layers `layer_types`
+///   names (by default every other layer, Gemma 2; five in six, Gemma 3's
+///   `sliding_window_pattern`).
+/// - `hidden_act` must be `silu` (or its alias `swish`), but for the Gemma families: a
+///   GELU-tanh gate (see [`LlamaFamily`] for their other keys: `query_pre_attn_scalar`,
+///   the soft-capping, `rope_local_base_freq`); a `quantization_config` is refused
 ///   (quantized weights cannot be loaded).
 /// - `attention_dropout` (0 when absent, as in the Llama-family configs) drops attention
 ///   probabilities in training mode only ([`LlamaForCausalLM::forward_t`]).

@@ -189,6 +189,7 @@ impl RopeTables {
     /// The heads of a projection `x` `(batch, len, heads, head_dim)`, rotated:
     /// `(batch, heads, len, head_dim)` ([`crate::models::fused::rope_heads`]; per-row
     /// tables: the transpose and [`RopeTables::apply`]).
+    ///
     /// Tables narrower than the heads (a `partial_rotary_factor`) rotate the first
     /// `2 · tables' width` dimensions of each head and pass the rest, as transformers'
     /// Phi-3 attention does.

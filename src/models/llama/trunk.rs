@@ -83,9 +83,9 @@ impl LlamaTrunk {
     /// The hidden states after the final norm for `input_ids` at positions `pass.offset..`
     /// after each layer's cached keys and values `past` (in layer order), and every
     /// layer's grown cache entry, run as `pass` says (with `train`, the config's attention
-    /// dropout). The ids are checked by the caller. Granite's embedding multiplier applies
-    /// to the embeddings, and the hidden states come back divided by its `logits_scaling`
-    /// (the output head's input: see [`super::Multipliers`]).
+    /// dropout). The ids are checked by the caller. Granite's embedding multiplier (Gemma's
+    /// embedding scale) applies to the embeddings, and the hidden states come back divided
+    /// by Granite's `logits_scaling` (the output head's input: see [`super::Multipliers`]).
     pub(super) fn run_hidden<'a>(
         &self,
         input_ids: &Tensor,
