@@ -38,9 +38,14 @@ the pieces a training step is made of, timed alone at the step's shapes (forward
 forward + backward from a fixed random upstream gradient), times their count per step; and a
 `torch.profiler` table of two PyTorch training steps.
 
-    python3 benches/llama_compare.py [--quick] [--rounds 3] [--threads 2] [--steps 10]
+    python3 benches/llama_compare.py [--family llama|gemma3] [--quick] [--rounds 3] [--threads 2] [--steps 10]
         [--gen-tokens 128] [--lorakit-bin PATH | --no-build] [--no-ops]
         [--markdown FILE] [--json FILE]
+
+`--family gemma3`: the same sizes as a Gemma 3 text decoder (`Gemma3ForCausalLM`: norms
+times 1 + weight, four per layer and q/k norms, a GELU-tanh gate, every other layer sliding
+over 128 positions with its own RoPE θ; GEMMA3_EXTRA), training and generation only (the
+per-op run is Llama's).
 
 `--quick`: one round, 2 timed steps, 32 new tokens, short per-op budgets (a check that
 everything runs, not a measurement).
@@ -70,6 +75,10 @@ SHAPE = dict(
     rms_norm_eps=1e-6,
     tie_word_embeddings=False,
 )
+# --family gemma3: the same sizes as a Gemma 3 text decoder (examples/llama_speed.rs sets the
+# same keys): head_dim 64 (hidden / heads), the usual attention scale, every other layer
+# sliding over 128 positions (θ 10 000 there, 1 000 000 on the others), untied head.
+GEMMA3_EXTRA = dict(head_dim=64, query_pre_attn_scalar=64, sliding_window=128, sliding_window_pattern=2)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA, LR, PROMPT_LEN = 16, 32, 1e-4, 8
 BATCH_PROMPT_LENS = [8, 16, 24, 32]
@@ -86,7 +95,7 @@ def rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
 
 
-def torch_setup(threads, seed=0):
+def torch_setup(threads, family="llama", seed=0):
     t0 = time.perf_counter()
     import torch
     import transformers
@@ -95,12 +104,15 @@ def torch_setup(threads, seed=0):
     import_s = time.perf_counter() - t0
     rss_import = rss_mib()
     torch.set_num_threads(threads)
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    config = LlamaConfig(**SHAPE)
-    model = LlamaForCausalLM(config)  # f32, transformers' init (N(0, 0.02), norms 1)
+    if family == "gemma3":
+        # f32, transformers' init (N(0, 0.02), norms' offsets 0)
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**SHAPE, **GEMMA3_EXTRA))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**SHAPE))  # f32, transformers' init (N(0, 0.02), norms 1)
     model = get_peft_model(
         model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS)
     )
@@ -127,7 +139,7 @@ def torch_setup(threads, seed=0):
 
 
 def torch_train(args):
-    torch, model, info = torch_setup(args.threads)
+    torch, model, info = torch_setup(args.threads, args.family)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     g = torch.Generator().manual_seed(1)
@@ -168,7 +180,7 @@ def torch_train(args):
 
 
 def torch_gen(args):
-    torch, model, info = torch_setup(args.threads)
+    torch, model, info = torch_setup(args.threads, args.family)
     model.eval()
     g = torch.Generator().manual_seed(2)
     prompt = torch.randint(0, SHAPE["vocab_size"], (1, PROMPT_LEN), generator=g)
@@ -251,7 +263,7 @@ def time_ms(f, budget_ms):
 
 def torch_ops(args):
     """The pieces of a PyTorch training step, as transformers' Llama and PEFT compose them."""
-    torch, model, info = torch_setup(args.threads)
+    torch, model, info = torch_setup(args.threads, args.family)
     from peft import LoraConfig, get_peft_model
     from transformers.activations import ACT2FN
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -425,14 +437,15 @@ def run_json(cmd, env=None):
 
 
 def lorakit_cmd(args, mode):
-    return [args.lorakit_bin, "--json", "--mode", mode, "--threads", str(args.threads),
+    return [args.lorakit_bin, "--json", "--family", args.family, "--mode", mode, "--threads", str(args.threads),
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--gen-tokens", str(args.gen_tokens),
             "--gen-rounds", str(args.gen_rounds), "--batch", str(args.batch), "--seq", str(args.seq),
             "--ops-budget-ms", str(args.ops_budget_ms)]
 
 
 def torch_cmd(args, mode):
-    return [sys.executable, os.path.abspath(__file__), "--child", mode, "--threads", str(args.threads),
+    return [sys.executable, os.path.abspath(__file__), "--child", mode, "--family", args.family,
+            "--threads", str(args.threads),
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--gen-tokens", str(args.gen_tokens),
             "--gen-rounds", str(args.gen_rounds), "--batch", str(args.batch), "--seq", str(args.seq),
             "--ops-budget-ms", str(args.ops_budget_ms)]
@@ -596,7 +609,7 @@ def driver(args):
                 log.append(msg)
                 print(msg, file=sys.stderr, flush=True)
     ops = None
-    if not args.no_ops:
+    if not args.no_ops and args.family == "llama":
         ko = run_json(lorakit_cmd(args, "ops"), env)["ops"]
         print("ops lorakit done", file=sys.stderr, flush=True)
         to = run_json(torch_cmd(args, "ops"), env)["ops"]
@@ -621,7 +634,7 @@ def driver(args):
         + f"; lorakit {args.lorakit_bin}",
         f"PyTorch attention: {tt['attn_implementation']}; generation cache: transformers' default "
         f"(use_cache={tg['cache'].split('=')[-1]}); lorakit: its fused attention op in training and in generation (over the KvCache's buffers, in place)",
-        f"model: Llama, {SHAPE['num_hidden_layers']} layers, hidden {SHAPE['hidden_size']}, "
+        f"model: {'Gemma 3 (' + ', '.join(f'{k} {v}' for k, v in GEMMA3_EXTRA.items()) + ')' if args.family == 'gemma3' else 'Llama'}, {SHAPE['num_hidden_layers']} layers, hidden {SHAPE['hidden_size']}, "
         f"{SHAPE['num_attention_heads']} heads / {SHAPE['num_key_value_heads']} KV heads, MLP "
         f"{SHAPE['intermediate_size']}, vocab {SHAPE['vocab_size']} (untied), f32; LoRA r={RANK}, alpha={ALPHA} "
         f"on {'/'.join(t.replace('_proj', '') for t in TARGETS)}_proj",
@@ -657,6 +670,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", choices=["train", "gen", "ops"], help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--family", choices=["llama", "gemma3"], default="llama",
+                    help="the architecture at the benchmark's shape (gemma3: training and generation only)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10, help="timed training steps per process")
     ap.add_argument("--warmup", type=int, default=2, help="warm-up training steps per process")

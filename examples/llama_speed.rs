@@ -123,9 +123,10 @@ impl Shape {
     }
 
     /// transformers' `LlamaConfig` defaults for everything else (θ = 10000, ε = 1e-6,
-    /// 2048 positions, untied head, no biases).
-    fn config(&self) -> R<LlamaConfig> {
-        let json = json!({
+    /// 2048 positions, untied head, no biases); `gemma3`: the same sizes as a Gemma 3 text
+    /// decoder ([`GEMMA3_EXTRA`]).
+    fn config(&self, family: Family) -> R<LlamaConfig> {
+        let mut json = json!({
             "model_type": "llama",
             "vocab_size": self.vocab,
             "hidden_size": self.hidden,
@@ -138,6 +139,13 @@ impl Shape {
             "rope_theta": 10000.0,
             "tie_word_embeddings": false,
         });
+        if family == Family::Gemma3 {
+            json["model_type"] = json!("gemma3_text");
+            json["head_dim"] = json!(self.head_dim());
+            for (key, value) in GEMMA3_EXTRA {
+                json[key] = value.parse::<Value>()?;
+            }
+        }
         Ok(LlamaConfig::from_json(&json.to_string())?)
     }
 
@@ -156,7 +164,26 @@ impl Shape {
     }
 }
 
+/// The architecture the benchmark builds at [`SHAPE`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    /// transformers' `LlamaForCausalLM`.
+    Llama,
+    /// `Gemma3ForCausalLM`: norms times `1 + weight` (four per layer, and q/k norms), a
+    /// GELU-tanh gate, sliding layers with their own RoPE θ.
+    Gemma3,
+}
+
+/// The Gemma 3 keys the benchmark sets besides [`SHAPE`]'s (benches/llama_compare.py sets
+/// the same): the usual attention scale, every other layer sliding over 128 positions.
+const GEMMA3_EXTRA: [(&str, &str); 3] = [
+    ("query_pre_attn_scalar", "64"),
+    ("sliding_window", "128"),
+    ("sliding_window_pattern", "2"),
+];
+
 struct Args {
+    family: Family,
     mode: String,
     json: bool,
     steps: usize,
@@ -172,6 +199,7 @@ struct Args {
 
 fn parse_args() -> R<Args> {
     let mut a = Args {
+        family: Family::Llama,
         mode: "all".to_string(),
         json: false,
         steps: 10,
@@ -192,7 +220,8 @@ fn parse_args() -> R<Args> {
         }
         if flag == "-h" || flag == "--help" {
             println!(
-                "llama_speed [--mode all|train|gen|ops] [--json] [--steps N] [--warmup N] \
+                "llama_speed [--family llama|gemma3] [--mode all|train|gen|ops] [--json] \
+                 [--steps N] [--warmup N] \
                  [--gen-tokens N] [--gen-rounds N] [--threads N] [--batch N] [--seq N] \
                  [--ops-budget-ms MS] [--seed N]"
             );
@@ -201,6 +230,13 @@ fn parse_args() -> R<Args> {
         let value = it.next().ok_or(format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--mode" => a.mode = value,
+            "--family" => {
+                a.family = match value.as_str() {
+                    "llama" => Family::Llama,
+                    "gemma3" => Family::Gemma3,
+                    other => return Err(format!("--family {other}: llama or gemma3").into()),
+                }
+            }
             "--steps" => a.steps = value.parse()?,
             "--warmup" => a.warmup = value.parse()?,
             "--gen-tokens" => a.gen_tokens = value.parse()?,
@@ -215,6 +251,9 @@ fn parse_args() -> R<Args> {
     }
     if !["all", "train", "gen", "ops"].contains(&a.mode.as_str()) {
         return Err(format!("--mode {}: all, train, gen or ops", a.mode).into());
+    }
+    if a.family == Family::Gemma3 && ["all", "ops"].contains(&a.mode.as_str()) {
+        return Err("--family gemma3 runs --mode train or gen (the per-op run is Llama's)".into());
     }
     if a.steps == 0 || a.gen_rounds == 0 || a.threads == 0 || a.seq < 2 || a.batch == 0 {
         return Err("--steps, --gen-rounds, --threads, --batch ≥ 1 and --seq ≥ 2".into());
@@ -310,9 +349,9 @@ struct Built {
     base_params: usize,
 }
 
-fn build(seed: u64, dev: &Device) -> R<Built> {
+fn build(family: Family, seed: u64, dev: &Device) -> R<Built> {
     let s = SHAPE;
-    let config = s.config()?;
+    let config = s.config(family)?;
     let mut rng = SeededRng::new(seed);
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let mut normal = |name: String, shape: (usize, usize)| -> R<()> {
@@ -334,15 +373,31 @@ fn build(seed: u64, dev: &Device) -> R<Built> {
             )?;
         }
     }
-    let mut ones = |name: String| -> R<()> {
-        tensors.insert(name, Tensor::ones(s.hidden, DType::F32, dev)?);
+    // Norms of weight 1 (Gemma's store the offset from 1: 0).
+    let mut unit_norm = |name: String, dim: usize| -> R<()> {
+        let norm = match family {
+            Family::Llama => Tensor::ones(dim, DType::F32, dev)?,
+            Family::Gemma3 => Tensor::zeros(dim, DType::F32, dev)?,
+        };
+        tensors.insert(name, norm);
         Ok(())
     };
-    for i in 0..s.layers {
-        ones(format!("model.layers.{i}.input_layernorm.weight"))?;
-        ones(format!("model.layers.{i}.post_attention_layernorm.weight"))?;
+    let mut norms = vec!["input_layernorm", "post_attention_layernorm"];
+    if family == Family::Gemma3 {
+        norms.extend(["pre_feedforward_layernorm", "post_feedforward_layernorm"]);
     }
-    ones("model.norm.weight".into())?;
+    for i in 0..s.layers {
+        for norm in &norms {
+            unit_norm(format!("model.layers.{i}.{norm}.weight"), s.hidden)?;
+        }
+        if family == Family::Gemma3 {
+            for norm in ["q_norm", "k_norm"] {
+                let name = format!("model.layers.{i}.self_attn.{norm}.weight");
+                unit_norm(name, s.head_dim())?;
+            }
+        }
+    }
+    unit_norm("model.norm.weight".into(), s.hidden)?;
     let base_params = tensors.values().map(|t| t.elem_count()).sum();
     // Plain tensors, not variables: the base is frozen.
     let vb = VarBuilder::from_tensors(tensors, DType::F32, dev);
@@ -417,7 +472,7 @@ fn adamw(vars: Vec<Var>) -> R<AdamW> {
 }
 
 fn train(args: &Args, dev: &Device) -> R<Value> {
-    let built = build(args.seed, dev)?;
+    let built = build(args.family, args.seed, dev)?;
     let (_, rss_built) = memory_mib();
     built.adapter.set_training(true);
     let trainable: usize = built.vars.iter().map(|v| v.elem_count()).sum();
@@ -467,7 +522,7 @@ fn train(args: &Args, dev: &Device) -> R<Value> {
 }
 
 fn generate(args: &Args, dev: &Device) -> R<Value> {
-    let built = build(args.seed, dev)?;
+    let built = build(args.family, args.seed, dev)?;
     built.adapter.set_training(false);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(args.seed + 2);
     let prompt: Vec<u32> = (0..PROMPT_LEN)
@@ -1177,6 +1232,7 @@ fn main() -> R<()> {
         "candle": {"avx": candle_core::utils::with_avx(), "f16c": candle_core::utils::with_f16c(),
                    "mkl": candle_core::utils::has_mkl()},
         "config": {
+            "family": match args.family { Family::Llama => "llama", Family::Gemma3 => "gemma3" },
             "layers": SHAPE.layers, "hidden": SHAPE.hidden, "heads": SHAPE.heads,
             "kv_heads": SHAPE.kv_heads, "mlp": SHAPE.mlp, "vocab": SHAPE.vocab,
             "batch": args.batch, "seq": args.seq, "rank": RANK, "alpha": ALPHA,
