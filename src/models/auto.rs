@@ -55,7 +55,7 @@ impl Architecture {
         } else {
             Err(Error::Unsupported {
                 what: "model_type",
-                got: model_type,
+                got: LlamaFamily::unsupported_name(&model_type),
                 supported: SUPPORTED_MODEL_TYPES.join(", "),
             })
         }

@@ -1067,6 +1067,14 @@ fn gemma3_configs_read_as_transformers_reads_them() {
     );
     assert_eq!(c.head_dim, 256);
 
+    // The multimodal checkpoints' config names the text decoder's model_type.
+    let err = LlamaConfig::from_json(&json("gemma3", ""))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("Gemma3ForConditionalGeneration") && err.contains("gemma3_text"),
+        "{err}"
+    );
     // Soft-capping as Gemma 2's when a Gemma 3 config sets it; none by default.
     assert_eq!(
         (c.attn_logit_softcapping, c.final_logit_softcapping),

@@ -339,7 +339,7 @@ impl LlamaConfig {
         let family =
             LlamaFamily::from_model_type(model_type).ok_or_else(|| Error::Unsupported {
                 what: "model_type",
-                got: model_type.to_string(),
+                got: LlamaFamily::unsupported_name(model_type),
                 supported: "llama, mistral, qwen2, qwen3, granite, smollm3, phi3, gemma, \
                             gemma2, gemma3_text"
                     .to_string(),

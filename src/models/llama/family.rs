@@ -102,6 +102,23 @@ impl LlamaFamily {
 }
 
 impl LlamaFamily {
+    /// An unsupported `model_type` as errors name it: with a hint for the multimodal Gemma 3
+    /// checkpoints (4B and up), whose text decoder is `gemma3_text`.
+    ///
+    /// ```
+    /// use lorakit::models::llama::LlamaFamily;
+    /// assert!(LlamaFamily::unsupported_name("gemma3").contains("gemma3_text"));
+    /// assert_eq!(LlamaFamily::unsupported_name("bloom"), "bloom");
+    /// ```
+    pub fn unsupported_name(model_type: &str) -> String {
+        match model_type {
+            "gemma3" => "gemma3 (Gemma3ForConditionalGeneration, image and text: not supported; \
+                         its text decoder saved alone is gemma3_text)"
+                .to_string(),
+            other => other.to_string(),
+        }
+    }
+
     /// Gemma, Gemma 2 or Gemma 3: the families whose norms multiply by `1 + weight` and
     /// whose embeddings are scaled by `√hidden_size`.
     ///

@@ -10,9 +10,9 @@ use super::config::LlamaConfig;
 
 /// RMSNorm as transformers computes it: `w ⊙ x / sqrt(mean(x²) + ε)`, in f32 for half
 /// precision inputs. Gemma's checkpoints store `w − 1` (its RMSNorm multiplies by
-/// `1 + weight`): with the config's `unit_offset_norms` the 1 is added at load, in f32 (a
-/// half-precision model then holds `1 + weight` rounded once to its dtype, where
-/// transformers keeps it in f32).
+/// `1 + weight`): with the config's `unit_offset_norms` the 1 is added at load and the
+/// weight kept in f32 (f64 in an f64 model), and a half-precision input is normalized and
+/// multiplied in f32 and rounded once to its dtype, as transformers' `Gemma3RMSNorm` does.
 #[derive(Clone, Debug)]
 pub(crate) struct RmsNorm {
     weight: Tensor,
@@ -24,7 +24,12 @@ impl RmsNorm {
     pub(crate) fn load(c: &LlamaConfig, dim: usize, vb: VarBuilder) -> Result<Self> {
         let stored = vb.get(dim, "weight")?;
         let weight = if c.unit_offset_norms {
-            (stored.to_dtype(DType::F32)? + 1.0)?.to_dtype(stored.dtype())?
+            // f32 for a half-precision checkpoint, as transformers computes `1 + weight`.
+            let dtype = match stored.dtype() {
+                DType::F16 | DType::BF16 => DType::F32,
+                other => other,
+            };
+            (stored.to_dtype(dtype)? + 1.0)?
         } else {
             stored
         };
@@ -34,8 +39,14 @@ impl RmsNorm {
         })
     }
 
-    /// Normalizes over the last dimension ([`crate::models::fused::rms_norm`]).
+    /// Normalizes over the last dimension ([`crate::models::fused::rms_norm`]), in the
+    /// weight's dtype (f32 for Gemma's) and returned in `x`'s.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        fused::rms_norm(x, &self.weight, self.eps)
+        if x.dtype() == self.weight.dtype() {
+            return fused::rms_norm(x, &self.weight, self.eps);
+        }
+        // Gemma's f32 weight on a half-precision input.
+        let wide = x.to_dtype(self.weight.dtype())?;
+        Ok(fused::rms_norm(&wide, &self.weight, self.eps)?.to_dtype(x.dtype())?)
     }
 }
