@@ -139,8 +139,13 @@ impl Shape {
             "rope_theta": 10000.0,
             "tie_word_embeddings": false,
         });
-        if family == Family::Gemma3 {
-            json["model_type"] = json!("gemma3_text");
+        if family != Family::Llama {
+            let model_type = if family == Family::Gemma3 {
+                "gemma3_text"
+            } else {
+                "gemma2"
+            };
+            json["model_type"] = json!(model_type);
             json["head_dim"] = json!(self.head_dim());
             for (key, value) in GEMMA3_EXTRA {
                 json[key] = value.parse::<Value>()?;
@@ -172,10 +177,14 @@ enum Family {
     /// `Gemma3ForCausalLM`: norms times `1 + weight` (four per layer, and q/k norms), a
     /// GELU-tanh gate, sliding layers with their own RoPE θ.
     Gemma3,
+    /// `Gemma2ForCausalLM`: as Gemma 3 without q/k norms or a second θ, with soft-capped
+    /// attention scores (50) and logits (30).
+    Gemma2,
 }
 
-/// The Gemma 3 keys the benchmark sets besides [`SHAPE`]'s (benches/llama_compare.py sets
-/// the same): the usual attention scale, every other layer sliding over 128 positions.
+/// The Gemma keys the benchmark sets besides [`SHAPE`]'s (benches/llama_compare.py sets
+/// the same): the usual attention scale, every other layer sliding over 128 positions
+/// (Gemma 2's own alternation; Gemma 3's `sliding_window_pattern`, which Gemma 2 ignores).
 const GEMMA3_EXTRA: [(&str, &str); 3] = [
     ("query_pre_attn_scalar", "64"),
     ("sliding_window", "128"),
@@ -220,7 +229,7 @@ fn parse_args() -> R<Args> {
         }
         if flag == "-h" || flag == "--help" {
             println!(
-                "llama_speed [--family llama|gemma3] [--mode all|train|gen|ops] [--json] \
+                "llama_speed [--family llama|gemma2|gemma3] [--mode all|train|gen|ops] [--json] \
                  [--steps N] [--warmup N] \
                  [--gen-tokens N] [--gen-rounds N] [--threads N] [--batch N] [--seq N] \
                  [--ops-budget-ms MS] [--seed N]"
@@ -234,7 +243,10 @@ fn parse_args() -> R<Args> {
                 a.family = match value.as_str() {
                     "llama" => Family::Llama,
                     "gemma3" => Family::Gemma3,
-                    other => return Err(format!("--family {other}: llama or gemma3").into()),
+                    "gemma2" => Family::Gemma2,
+                    other => {
+                        return Err(format!("--family {other}: llama, gemma2 or gemma3").into())
+                    }
                 }
             }
             "--steps" => a.steps = value.parse()?,
@@ -252,8 +264,10 @@ fn parse_args() -> R<Args> {
     if !["all", "train", "gen", "ops"].contains(&a.mode.as_str()) {
         return Err(format!("--mode {}: all, train, gen or ops", a.mode).into());
     }
-    if a.family == Family::Gemma3 && ["all", "ops"].contains(&a.mode.as_str()) {
-        return Err("--family gemma3 runs --mode train or gen (the per-op run is Llama's)".into());
+    if a.family != Family::Llama && ["all", "ops"].contains(&a.mode.as_str()) {
+        return Err(
+            "--family gemma2/3 runs --mode train or gen (the per-op run is Llama's)".into(),
+        );
     }
     if a.steps == 0 || a.gen_rounds == 0 || a.threads == 0 || a.seq < 2 || a.batch == 0 {
         return Err("--steps, --gen-rounds, --threads, --batch ≥ 1 and --seq ≥ 2".into());
@@ -377,13 +391,13 @@ fn build(family: Family, seed: u64, dev: &Device) -> R<Built> {
     let mut unit_norm = |name: String, dim: usize| -> R<()> {
         let norm = match family {
             Family::Llama => Tensor::ones(dim, DType::F32, dev)?,
-            Family::Gemma3 => Tensor::zeros(dim, DType::F32, dev)?,
+            Family::Gemma2 | Family::Gemma3 => Tensor::zeros(dim, DType::F32, dev)?,
         };
         tensors.insert(name, norm);
         Ok(())
     };
     let mut norms = vec!["input_layernorm", "post_attention_layernorm"];
-    if family == Family::Gemma3 {
+    if family != Family::Llama {
         norms.extend(["pre_feedforward_layernorm", "post_feedforward_layernorm"]);
     }
     for i in 0..s.layers {
@@ -1232,7 +1246,11 @@ fn main() -> R<()> {
         "candle": {"avx": candle_core::utils::with_avx(), "f16c": candle_core::utils::with_f16c(),
                    "mkl": candle_core::utils::has_mkl()},
         "config": {
-            "family": match args.family { Family::Llama => "llama", Family::Gemma3 => "gemma3" },
+            "family": match args.family {
+                Family::Llama => "llama",
+                Family::Gemma2 => "gemma2",
+                Family::Gemma3 => "gemma3",
+            },
             "layers": SHAPE.layers, "hidden": SHAPE.hidden, "heads": SHAPE.heads,
             "kv_heads": SHAPE.kv_heads, "mlp": SHAPE.mlp, "vocab": SHAPE.vocab,
             "batch": args.batch, "seq": args.seq, "rank": RANK, "alpha": ALPHA,
