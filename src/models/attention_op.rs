@@ -377,15 +377,9 @@ impl Attention {
                     }
                 }
                 if let (Some(cap), Some(slopes)) = (self.softcap, slopes) {
-                    let slopes = slopes.get_mut(lo..hi).unwrap_or_default();
                     // Masked scores stay −∞ (their slope 0): the cap comes before the mask.
-                    for (v, slope) in seen.iter_mut().zip(slopes) {
-                        if v.is_finite() {
-                            let th = (*v / cap).tanh();
-                            *v = cap * th;
-                            *slope = 1.0 - th * th;
-                        }
-                    }
+                    let slopes = slopes.get_mut(lo..hi).unwrap_or_default();
+                    crate::kernels::vector_math::soft_cap_in_place(seen, slopes, cap);
                 }
                 let max = crate::kernels::vector_math::max(seen);
                 let sum = crate::kernels::vector_math::exp_in_place_sum(seen, max);

@@ -11,7 +11,9 @@
 //! vocabulary) nor their gradient, reads each block's logits right after the product wrote
 //! them, and leaves candle's autograd one `rows × d` tensor to accumulate instead of two
 //! `rows × vocab` ones. The weight gets no gradient: the op is for a frozen head (the
-//! caller falls back to the logits and the loss otherwise).
+//! caller falls back to the logits and the loss otherwise). With Gemma 2's soft-cap the
+//! logits become `cap · tanh(z / cap)` before the loss, and each row's gradient is
+//! multiplied by the cap's slopes `1 − tanh²` before the product.
 
 use std::sync::{Arc, Mutex};
 
@@ -20,7 +22,7 @@ use rayon::prelude::*;
 
 use super::cpu_op::f32_input;
 use super::cross_entropy::log_sum_exp;
-use crate::kernels::vector_math::{on_widest_vectors, scaled_exp_in_place};
+use crate::kernels::vector_math::{on_widest_vectors, scaled_exp_in_place, soft_cap_in_place};
 use crate::kernels::{mat_of_layout, product_into, Accum, MatRef};
 
 const OP: &str = "head cross-entropy";
@@ -33,23 +35,22 @@ const BLOCK_BYTES: usize = 16 << 20;
 /// Per-row weighted cross-entropy of the logits `hidden Wᵀ + bias` at `targets`:
 /// `hidden` `(rows, d)` f32, `weight` `(vocab, d)` f32 (any strides), `bias` `(vocab,)`,
 /// `targets` and `weights` one per row (rows of weight 0 are skipped: their target is never
-/// read). Returns `(rows,)` f32, differentiable in `hidden` only. CPU only.
+/// read), the logits soft-capped at `softcap` first when given. Returns `(rows,)` f32,
+/// differentiable in `hidden` only. CPU only.
 pub(crate) fn head_cross_entropy(
     hidden: &Tensor,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
+    (weight, bias, softcap): (&Tensor, Option<&Tensor>, Option<f32>),
     targets: Vec<u32>,
     weights: Vec<f32>,
 ) -> candle_core::Result<Tensor> {
-    with_blocks(hidden, weight, bias, targets, weights, None)
+    with_blocks(hidden, (weight, bias, softcap), targets, weights, None)
 }
 
 /// [`head_cross_entropy`] with `block_rows` rows per block (`None`: as many as
 /// [`BLOCK_BYTES`] of logits hold).
 fn with_blocks(
     hidden: &Tensor,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
+    (weight, bias, softcap): (&Tensor, Option<&Tensor>, Option<f32>),
     targets: Vec<u32>,
     weights: Vec<f32>,
     block_rows: Option<usize>,
@@ -59,6 +60,7 @@ fn with_blocks(
         bias: bias
             .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
             .transpose()?,
+        softcap,
         targets,
         weights,
         wants_grad: hidden.track_op(),
@@ -71,6 +73,8 @@ fn with_blocks(
 struct HeadCrossEntropy {
     weight: Tensor,
     bias: Option<Vec<f32>>,
+    /// Gemma 2's soft-cap of the logits.
+    softcap: Option<f32>,
     targets: Vec<u32>,
     weights: Vec<f32>,
     /// Whether the forward computes the input gradient (a gradient flows into `hidden`).
@@ -131,6 +135,15 @@ impl HeadCrossEntropy {
         // One chunk per block when a gradient is wanted, none otherwise.
         let mut unit_blocks = unit.chunks_mut(block * d);
         let mut logits = vec![0f32; block.min(rows) * vocab];
+        // The soft-cap's slopes of a block's logits (none without a cap).
+        let mut slopes = vec![
+            0f32;
+            if self.softcap.is_some() {
+                logits.len()
+            } else {
+                0
+            }
+        ];
         let blocks = hidden
             .chunks(block * d)
             .zip(losses.chunks_mut(block))
@@ -145,15 +158,23 @@ impl HeadCrossEntropy {
                 w.t(),
                 Accum::Replace,
             )?;
-            z.par_chunks_mut(vocab)
+            let rows_of = z
+                .par_chunks_mut(vocab)
                 .zip(losses.par_iter_mut())
-                .zip(targets.par_iter().zip(weights.par_iter()))
-                .for_each(|((row, loss), (&t, &wt))| {
-                    *loss = on_widest_vectors(
-                        #[inline(always)]
-                        || self.row(row, bias, t, wt),
-                    );
-                });
+                .zip(targets.par_iter().zip(weights.par_iter()));
+            let one = |row: &mut [f32], loss: &mut f32, t: u32, wt: f32, slopes| {
+                *loss = on_widest_vectors(
+                    #[inline(always)]
+                    || self.row(row, slopes, bias, (t, wt)),
+                );
+            };
+            if self.softcap.is_some() {
+                rows_of
+                    .zip(slopes.par_chunks_mut(vocab))
+                    .for_each(|(((row, loss), (&t, &wt)), s)| one(row, loss, t, wt, Some(s)));
+            } else {
+                rows_of.for_each(|((row, loss), (&t, &wt))| one(row, loss, t, wt, None));
+            }
             if let Some(dst) = unit_blocks.next() {
                 let p = MatRef::contiguous(z, n, vocab)?;
                 product_into(dst, d, p, w, Accum::Replace)?;
@@ -163,9 +184,16 @@ impl HeadCrossEntropy {
     }
 
     /// One row's loss from its logits `row`; with a gradient wanted, the row becomes
-    /// `∂ loss / ∂ z = wt · (softmax(z) − onehot(t))` (zero for a row of weight 0).
+    /// `∂ loss / ∂ z = wt · (softmax(z) − onehot(t))` (zero for a row of weight 0), times the
+    /// soft-cap's slopes (kept in `slopes`) when the logits are capped.
     #[inline(always)]
-    fn row(&self, row: &mut [f32], bias: Option<&[f32]>, t: u32, wt: f32) -> f32 {
+    fn row(
+        &self,
+        row: &mut [f32],
+        mut slopes: Option<&mut [f32]>,
+        bias: Option<&[f32]>,
+        (t, wt): (u32, f32),
+    ) -> f32 {
         if wt == 0.0 {
             if self.wants_grad {
                 row.fill(0.0);
@@ -175,6 +203,9 @@ impl HeadCrossEntropy {
         if let Some(bias) = bias {
             row.iter_mut().zip(bias).for_each(|(z, b)| *z += b);
         }
+        if let (Some(cap), Some(slopes)) = (self.softcap, slopes.as_deref_mut()) {
+            soft_cap_in_place(row, slopes, cap);
+        }
         let (max, lse) = log_sum_exp(row);
         let shift = max + lse;
         let picked = row.get(t as usize).copied().unwrap_or(f32::NAN);
@@ -182,6 +213,9 @@ impl HeadCrossEntropy {
             scaled_exp_in_place(row, shift, wt);
             if let Some(g) = row.get_mut(t as usize) {
                 *g -= wt;
+            }
+            if let Some(slopes) = slopes {
+                row.iter_mut().zip(slopes.iter()).for_each(|(g, s)| *g *= s);
             }
         }
         wt * (shift - picked)
@@ -240,12 +274,22 @@ impl CustomOp1 for HeadCrossEntropy {
 mod tests {
     use candle_core::{Device, Tensor, Var};
 
-    /// The reference: logits by candle's matmul, then candle's composed log-softmax, each
-    /// row's picked log-probability times its weight.
-    fn composed(h: &Tensor, w: &Tensor, b: Option<&Tensor>, t: &[u32], wt: &[f32]) -> Tensor {
+    /// The reference: logits by candle's matmul (soft-capped by candle's `tanh` when `cap`
+    /// is given), then candle's composed log-softmax, each row's picked log-probability times
+    /// its weight.
+    fn composed(
+        h: &Tensor,
+        (w, b, cap): (&Tensor, Option<&Tensor>, Option<f32>),
+        t: &[u32],
+        wt: &[f32],
+    ) -> Tensor {
         let mut z = h.matmul(&w.t().unwrap()).unwrap();
         if let Some(b) = b {
             z = z.broadcast_add(b).unwrap();
+        }
+        if let Some(cap) = cap {
+            let cap = f64::from(cap);
+            z = ((z / cap).unwrap().tanh().unwrap() * cap).unwrap();
         }
         let log_p = candle_nn::ops::log_softmax(&z, 1).unwrap();
         let dev = h.device();
@@ -260,8 +304,8 @@ mod tests {
     /// Losses and the hidden states' gradient (under a non-uniform upstream gradient) equal
     /// the composed reference: with and without a bias, rows of weight 0 (whose targets are
     /// out of range, never read), one block, several blocks with a ragged last one, a
-    /// weight read through transposed strides (a `Conv1D`-stored head), and without a
-    /// gradient (evaluation).
+    /// weight read through transposed strides (a `Conv1D`-stored head), soft-capped logits
+    /// (Gemma 2), and without a gradient (evaluation).
     #[test]
     fn equals_the_composed_head_and_loss() {
         let dev = Device::Cpu;
@@ -280,22 +324,25 @@ mod tests {
         unread[4] = u32::MAX;
         unread[rows - 1] = vocab as u32;
         let upstream = Tensor::randn(0f32, 1., rows, &dev).unwrap();
-        for (weight, b, blocks) in [
-            (&w, None, None),
-            (&w, Some(&bias), Some(1)),
-            (&w, Some(&bias), Some(5)),
-            (&w_in_out, None, Some(4)),
+        for (weight, b, blocks, cap) in [
+            (&w, None, None, None),
+            (&w, Some(&bias), Some(1), None),
+            (&w, Some(&bias), Some(5), None),
+            (&w_in_out, None, Some(4), None),
+            // Logits of size ~3 against a cap of 2: most are bent.
+            (&w, Some(&bias), Some(5), Some(2.0)),
+            (&w_in_out, None, None, Some(2.0)),
         ] {
-            let want = composed(h.as_tensor(), weight, b, &targets, &weights);
-            let got = super::with_blocks(
-                h.as_tensor(),
-                weight,
-                b,
-                unread.clone(),
-                weights.clone(),
-                blocks,
-            )
-            .unwrap();
+            let head = (weight, b, cap);
+            let want = composed(h.as_tensor(), head, &targets, &weights);
+            if cap.is_some() {
+                let uncapped = composed(h.as_tensor(), (weight, b, None), &targets, &weights);
+                let apart = (&want - &uncapped).unwrap().abs().unwrap();
+                assert!(apart.max_all().unwrap().to_scalar::<f32>().unwrap() > 1e-2);
+            }
+            let got =
+                super::with_blocks(h.as_tensor(), head, unread.clone(), weights.clone(), blocks)
+                    .unwrap();
             let (want_v, got_v) = (
                 want.to_vec1::<f32>().unwrap(),
                 got.to_vec1::<f32>().unwrap(),
@@ -303,7 +350,7 @@ mod tests {
             for (r, (a, g)) in want_v.iter().zip(&got_v).enumerate() {
                 assert!(
                     (a - g).abs() <= 1e-5 * a.abs().max(1.0),
-                    "row {r}: {g} vs {a} ({blocks:?})"
+                    "row {r}: {g} vs {a} ({blocks:?}, cap {cap:?})"
                 );
             }
             let grad = |loss: &Tensor| {
@@ -326,19 +373,12 @@ mod tests {
             for (i, (a, g)) in want_g.iter().zip(&got_g).enumerate() {
                 assert!(
                     (a - g).abs() <= 1e-5 * scale,
-                    "grad {i}: {g} vs {a} ({blocks:?})"
+                    "grad {i}: {g} vs {a} ({blocks:?}, cap {cap:?})"
                 );
             }
             let detached = h.as_tensor().detach();
-            let eval = super::with_blocks(
-                &detached,
-                weight,
-                b,
-                unread.clone(),
-                weights.clone(),
-                blocks,
-            )
-            .unwrap();
+            let eval = super::with_blocks(&detached, head, unread.clone(), weights.clone(), blocks)
+                .unwrap();
             assert_eq!(eval.to_vec1::<f32>().unwrap(), got_v);
         }
     }
@@ -349,10 +389,12 @@ mod tests {
         let dev = Device::Cpu;
         let h = Tensor::zeros((3, 4), candle_core::DType::F32, &dev).unwrap();
         let w = Tensor::zeros((5, 6), candle_core::DType::F32, &dev).unwrap();
-        let err = super::head_cross_entropy(&h, &w, None, vec![0; 3], vec![1.0; 3]).unwrap_err();
+        let err =
+            super::head_cross_entropy(&h, (&w, None, None), vec![0; 3], vec![1.0; 3]).unwrap_err();
         assert!(err.to_string().contains("head cross-entropy"), "{err}");
         let w = Tensor::zeros((5, 4), candle_core::DType::F32, &dev).unwrap();
-        let err = super::head_cross_entropy(&h, &w, None, vec![0; 2], vec![1.0; 3]).unwrap_err();
+        let err =
+            super::head_cross_entropy(&h, (&w, None, None), vec![0; 2], vec![1.0; 3]).unwrap_err();
         assert!(
             err.to_string().contains("3 rows against 2 targets"),
             "{err}"

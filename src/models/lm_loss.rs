@@ -66,8 +66,7 @@ pub fn causal_lm_loss_sum(
 /// computes the logits and [`causal_lm_loss_sum`] instead.
 pub(crate) fn frozen_head_loss_sum(
     hidden: &Tensor,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
+    (weight, bias, softcap): (&Tensor, Option<&Tensor>, Option<f64>),
     input_ids: &Tensor,
     loss_mask: &Tensor,
 ) -> Result<Option<Tensor>> {
@@ -89,8 +88,7 @@ pub(crate) fn frozen_head_loss_sum(
     let (targets, weights) = next_tokens(input_ids, loss_mask)?;
     let per_row = head_cross_entropy(
         &hidden.reshape((batch * seq, d))?,
-        weight,
-        bias,
+        (weight, bias, softcap.map(|cap| cap as f32)),
         targets.to_vec1::<u32>()?,
         weights.to_vec1::<f32>()?,
     )?;
@@ -131,15 +129,31 @@ pub fn linear_head_loss_sum(
     input_ids: &Tensor,
     loss_mask: &Tensor,
 ) -> Result<Tensor> {
+    capped_head_loss_sum(hidden, (head, None), input_ids, loss_mask)
+}
+
+/// [`linear_head_loss_sum`] with the logits soft-capped at `softcap` (`cap · tanh(z / cap)`,
+/// Gemma 2's `final_logit_softcapping`) before the loss; in the fused op too.
+pub(crate) fn capped_head_loss_sum(
+    hidden: &Tensor,
+    (head, softcap): (&Linear, Option<f64>),
+    input_ids: &Tensor,
+    loss_mask: &Tensor,
+) -> Result<Tensor> {
     if let Linear::Frozen(f) = head {
         if !f.is_quantized() {
-            let fused = frozen_head_loss_sum(hidden, f.weight(), f.bias(), input_ids, loss_mask)?;
+            let parts = (f.weight(), f.bias(), softcap);
+            let fused = frozen_head_loss_sum(hidden, parts, input_ids, loss_mask)?;
             if let Some(loss) = fused {
                 return Ok(loss);
             }
         }
     }
-    causal_lm_loss_sum(&head.forward(hidden)?, input_ids, loss_mask)
+    let mut logits = head.forward(hidden)?;
+    if let Some(cap) = softcap {
+        logits = super::fused::soft_cap(&logits, cap)?;
+    }
+    causal_lm_loss_sum(&logits, input_ids, loss_mask)
 }
 
 /// Each position's next token and its weight, `(batch · seq,)` u32 and f32: row `(b, t)`

@@ -363,7 +363,7 @@ impl Gpt2LmHeadModel {
             Some(head) => linear_head_loss_sum(&hidden, head, input_ids, loss_mask),
             None => {
                 let table = self.trunk.wte.base_stored_weight()?;
-                match frozen_head_loss_sum(&hidden, &table, None, input_ids, loss_mask)? {
+                match frozen_head_loss_sum(&hidden, (&table, None, None), input_ids, loss_mask)? {
                     Some(loss) => Ok(loss),
                     None => causal_lm_loss_sum(&self.head(&hidden)?, input_ids, loss_mask),
                 }

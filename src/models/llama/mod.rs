@@ -56,7 +56,7 @@ use crate::frozen::FrozenLinear;
 use crate::model::{linear_b, AdapterPlan, Embedding, Linear};
 use crate::models::decoder_trunk::{DecoderTrunk, Pass};
 use crate::models::kv_buffer::LayerKv;
-use crate::models::lm_loss::{causal_lm_loss_sum, linear_head_loss_sum};
+use crate::models::lm_loss::capped_head_loss_sum;
 use crate::models::padding::PaddedPositions;
 
 pub use activation::GateActivation;
@@ -292,7 +292,8 @@ impl LlamaForCausalLM {
     /// whose backward never runs has paid for it: evaluate with
     /// [`CausalLm::eval_loss_sum`](crate::models::CausalLm::eval_loss_sum)). An adapted or
     /// trained head (PEFT's `lm_head` targets, `modules_to_save`), a quantized one, another
-    /// device or dtype, or soft-capped logits (Gemma 2) computes the logits and the loss. The result is the same either way
+    /// device or dtype computes the logits and the loss (soft-capped first for Gemma 2, in
+    /// the fused op too). The result is the same either way
     /// (to float rounding).
     ///
     /// ```
@@ -339,11 +340,8 @@ impl LlamaForCausalLM {
         train: bool,
     ) -> Result<Tensor> {
         let hidden = self.trunk.loss_hidden(input_ids, gradient, train)?;
-        if self.trunk.config.final_logit_softcapping.is_some() {
-            // The soft-capped logits sit between the head and the loss.
-            return causal_lm_loss_sum(&self.logits(&hidden)?, input_ids, loss_mask);
-        }
-        linear_head_loss_sum(&hidden, &self.lm_head, input_ids, loss_mask)
+        let head = (&self.lm_head, self.trunk.config.final_logit_softcapping);
+        capped_head_loss_sum(&hidden, head, input_ids, loss_mask)
     }
 
     /// The model on `input_ids` at positions `offset..` after each layer's cached keys and
