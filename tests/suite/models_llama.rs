@@ -1067,6 +1067,11 @@ fn gemma3_configs_read_as_transformers_reads_them() {
     );
     assert_eq!(c.head_dim, 256);
 
+    // A Gemma key of the wrong type is named, as the other keys are.
+    let err = LlamaConfig::from_json(&json("gemma3_text", r#""query_pre_attn_scalar": "big""#))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`query_pre_attn_scalar`"), "{err}");
     // The multimodal checkpoints' config names the text decoder's model_type.
     let err = LlamaConfig::from_json(&json("gemma3", ""))
         .unwrap_err()

@@ -270,8 +270,6 @@ pub(super) struct RawConfig {
     pub(super) attention_multiplier: Option<f64>,
     pub(super) residual_multiplier: Option<f64>,
     pub(super) logits_scaling: Option<f64>,
-    #[serde(flatten)]
-    pub(super) gemma: GemmaKeys,
 }
 
 impl LlamaConfig {
@@ -322,12 +320,22 @@ impl LlamaConfig {
 
     fn parse(text: &str, file: PathBuf) -> Result<Self> {
         let raw: RawConfig = crate::error::parse_json(text, &file)?;
-        let config = Self::resolve(raw, &file)?;
+        // The Gemma families' own keys, read apart (not flattened into `RawConfig`: serde's
+        // `flatten` would lose the key's name in a type error).
+        let family = raw
+            .model_type
+            .as_deref()
+            .and_then(LlamaFamily::from_model_type);
+        let gemma = match family {
+            Some(f) if f.is_gemma() => crate::error::parse_json(text, &file)?,
+            _ => GemmaKeys::default(),
+        };
+        let config = Self::resolve(raw, &gemma, &file)?;
         config.validate_in(Scope::File(file))?;
         Ok(config)
     }
 
-    fn resolve(raw: RawConfig, file: &Path) -> Result<Self> {
+    fn resolve(raw: RawConfig, gemma_keys: &GemmaKeys, file: &Path) -> Result<Self> {
         let invalid = |field: &'static str, reason: &str| Error::file_config(file, field, reason);
         let model_type = raw.model_type.as_deref().ok_or_else(|| {
             invalid(
@@ -370,7 +378,7 @@ impl LlamaConfig {
         let gemma = family.is_gemma();
         let gemma_settings = if gemma {
             let act = raw.hidden_act.as_deref();
-            Some(raw.gemma.resolve(family, hidden_size, act, file)?)
+            Some(gemma_keys.resolve(family, hidden_size, act, file)?)
         } else {
             let act = raw.hidden_act.as_deref().unwrap_or("silu");
             if act != "silu" && act != "swish" {
@@ -416,7 +424,7 @@ impl LlamaConfig {
 
         let gemma3 = family == LlamaFamily::Gemma3;
         let (rope_theta, rope_scaling, partial_rotary_factor, sliding_rope_theta) = if gemma3 {
-            gemma3_rope(&raw, max_position_embeddings, file)?
+            gemma3_rope(&raw, gemma_keys, max_position_embeddings, file)?
         } else {
             let (theta, scaling, partial) =
                 resolve_rope(&raw, max_position_embeddings, family, file)?;
@@ -460,9 +468,7 @@ impl LlamaConfig {
             }
             LlamaFamily::Gemma | LlamaFamily::Gemma2 | LlamaFamily::Gemma3 => {
                 let types = raw.layer_types.as_deref();
-                let names = raw
-                    .gemma
-                    .layer_type_names(family, types, num_hidden_layers, file)?;
+                let names = gemma_keys.layer_type_names(family, types, num_hidden_layers, file)?;
                 layer_kinds(&names, window, "sliding_window is null", file)?
             }
             LlamaFamily::Mistral | LlamaFamily::Phi3 => {
@@ -829,6 +835,7 @@ pub(super) fn resolve_rope(
 /// (`rope_local_base_freq`, default 10 000; unscaled).
 fn gemma3_rope(
     raw: &RawConfig,
+    gemma_keys: &GemmaKeys,
     max_position_embeddings: usize,
     file: &Path,
 ) -> Result<(f64, RopeScaling, f64, Option<f64>)> {
@@ -838,7 +845,7 @@ fn gemma3_rope(
     let (family, max) = (LlamaFamily::Gemma3, max_position_embeddings);
     let full_theta = (raw.rope_theta, 1_000_000.0);
     let (theta, scaling, partial) = resolve_rope_map(full, full_theta, raw, max, family, file)?;
-    let local_theta = (raw.gemma.rope_local_base_freq, 10_000.0);
+    let local_theta = (gemma_keys.rope_local_base_freq, 10_000.0);
     let (local, local_scaling, _) = resolve_rope_map(sliding, local_theta, raw, max, family, file)?;
     if local_scaling != RopeScaling::None {
         return Err(Error::Unsupported {

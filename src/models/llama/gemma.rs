@@ -16,7 +16,8 @@ use crate::error::{Error, Result};
 /// One RoPE dict of a `config.json`.
 type RopeMap = Map<String, Value>;
 
-/// The keys only the Gemma families read (read with the others from `config.json`).
+/// The keys only the Gemma families read (from the same `config.json`, apart from the
+/// others).
 #[derive(Default, Deserialize)]
 pub(super) struct GemmaKeys {
     hidden_activation: Option<String>,
