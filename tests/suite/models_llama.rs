@@ -441,6 +441,21 @@ fn json(model_type: &str, extra: &str) -> String {
     )
 }
 
+/// The error of [`json`]`(model_type, extra)`, which must not parse.
+fn config_error(model_type: &str, extra: &str) -> String {
+    LlamaConfig::from_json(&json(model_type, extra))
+        .unwrap_err()
+        .to_string()
+}
+
+/// [`config_error`] mentions each of `needles`.
+fn assert_config_error(model_type: &str, extra: &str, needles: &[&str]) {
+    let err = config_error(model_type, extra);
+    for n in needles {
+        assert!(err.contains(n), "{extra}: `{err}` does not mention `{n}`");
+    }
+}
+
 #[test]
 fn missing_keys_take_transformers_defaults_for_the_model_type() {
     let parse = |t: &str, extra: &str| LlamaConfig::from_json(&json(t, extra)).unwrap();
@@ -653,12 +668,7 @@ fn unsupported_config_options_are_errors_naming_them() {
         ),
     ];
     for (model_type, extra, needles) in cases {
-        let err = LlamaConfig::from_json(&json(model_type, extra))
-            .unwrap_err()
-            .to_string();
-        for n in needles {
-            assert!(err.contains(n), "{extra}: `{err}` does not mention `{n}`");
-        }
+        assert_config_error(model_type, extra, needles);
     }
     let err = LlamaConfig::from_json(r#"{"model_type": "gpt2", "vocab_size": 64}"#)
         .unwrap_err()
@@ -712,17 +722,13 @@ fn granite_reads_its_multipliers_and_refuses_what_transformers_lacks() {
         ),
         (3.0, Some(0.25), 0.5, 4.0)
     );
-    let err = LlamaConfig::from_json(&json("granite", r#""logits_scaling": 0"#))
-        .unwrap_err()
-        .to_string();
+    let err = config_error("granite", r#""logits_scaling": 0"#);
     assert!(
         err.contains("logits_scaling") && err.contains("not be 0"),
         "{err}"
     );
     // A value of the wrong type names its key.
-    let err = LlamaConfig::from_json(&json("granite", r#""residual_multiplier": "half""#))
-        .unwrap_err()
-        .to_string();
+    let err = config_error("granite", r#""residual_multiplier": "half""#);
     assert!(
         err.contains("config.json") && err.contains("`residual_multiplier`"),
         "{err}"
@@ -812,12 +818,7 @@ fn smollm3_resolves_nope_layers_and_windows_as_transformers_does() {
             &["no_rope_layer_interval", "at least 1"][..],
         ),
     ] {
-        let err = LlamaConfig::from_json(&json("smollm3", extra))
-            .unwrap_err()
-            .to_string();
-        for n in needles {
-            assert!(err.contains(n), "{extra}: `{err}` does not mention `{n}`");
-        }
+        assert_config_error("smollm3", extra, needles);
     }
 }
 
@@ -920,9 +921,7 @@ fn longrope_switches_to_its_long_factors_past_the_original_context() {
     let c = LlamaConfig::from_file(dir.join("base")).unwrap();
     assert!(matches!(c.rope_scaling, RopeScaling::LongRope(_)));
     let extra = r#""rope_scaling": {"type": "su", "short_factor": [1.0], "long_factor": [1.0]}"#;
-    let err = LlamaConfig::from_json(&json("phi3", extra))
-        .unwrap_err()
-        .to_string();
+    let err = config_error("phi3", extra);
     assert!(
         err.contains("short_factor") && err.contains("need 2"),
         "{err}"
@@ -936,9 +935,7 @@ fn longrope_switches_to_its_long_factors_past_the_original_context() {
     };
     assert_eq!(long.original_max_position_embeddings, 4096);
     let extra = r#""rope_scaling": {"type": "longrope", "short_factor": [1.0, 1.0]}"#;
-    let err = LlamaConfig::from_json(&json("phi3", extra))
-        .unwrap_err()
-        .to_string();
+    let err = config_error("phi3", extra);
     assert!(
         err.contains("long_factor") && err.contains("missing"),
         "{err}"
@@ -949,7 +946,7 @@ fn longrope_switches_to_its_long_factors_past_the_original_context() {
 fn partial_rotary_factor_rotates_the_first_part_of_each_head() {
     // Phi-4-mini's shape: RoPE on 6 of each head's 8 dimensions, longrope factors for those
     // 3 frequencies, tied embeddings.
-    let (_, _, _) = check_longrope_case("phi4_partial");
+    check_longrope_case("phi4_partial");
     let c = LlamaConfig::from_file(models("phi4_partial").join("base")).unwrap();
     assert_eq!((c.head_dim, c.rotary_dim(), c.inv_freq().len()), (8, 6, 3));
     // The form Phi-4-mini's own config.json has: a top-level factor, `rope_scaling` with
@@ -992,17 +989,12 @@ fn partial_rotary_factor_rotates_the_first_part_of_each_head() {
         "{err}"
     );
     for bad in ["0", "1.5", "-0.5"] {
-        let err =
-            LlamaConfig::from_json(&json("phi3", &format!(r#""partial_rotary_factor": {bad}"#)))
-                .unwrap_err()
-                .to_string();
+        let err = config_error("phi3", &format!(r#""partial_rotary_factor": {bad}"#));
         assert!(err.contains("partial_rotary_factor"), "{bad}: {err}");
     }
     // The other families rotate whole heads: a factor below 1 is refused, in the file and
     // in a config written in code.
-    let err = LlamaConfig::from_json(&json("llama", r#""partial_rotary_factor": 0.5"#))
-        .unwrap_err()
-        .to_string();
+    let err = config_error("llama", r#""partial_rotary_factor": 0.5"#);
     assert!(
         err.contains("partial_rotary_factor") && err.contains("llama"),
         "{err}"
@@ -1068,14 +1060,10 @@ fn gemma3_configs_read_as_transformers_reads_them() {
     assert_eq!(c.head_dim, 256);
 
     // A Gemma key of the wrong type is named, as the other keys are.
-    let err = LlamaConfig::from_json(&json("gemma3_text", r#""query_pre_attn_scalar": "big""#))
-        .unwrap_err()
-        .to_string();
+    let err = config_error("gemma3_text", r#""query_pre_attn_scalar": "big""#);
     assert!(err.contains("`query_pre_attn_scalar`"), "{err}");
     // The multimodal checkpoints' config names the text decoder's model_type.
-    let err = LlamaConfig::from_json(&json("gemma3", ""))
-        .unwrap_err()
-        .to_string();
+    let err = config_error("gemma3", "");
     assert!(
         err.contains("Gemma3ForConditionalGeneration") && err.contains("gemma3_text"),
         "{err}"
@@ -1128,12 +1116,7 @@ fn gemma3_configs_read_as_transformers_reads_them() {
         ),
     ];
     for (extra, needles) in cases {
-        let err = LlamaConfig::from_json(&json("gemma3_text", extra))
-            .unwrap_err()
-            .to_string();
-        for n in needles {
-            assert!(err.contains(n), "{extra}: `{err}` does not mention `{n}`");
-        }
+        assert_config_error("gemma3_text", extra, needles);
     }
 }
 
@@ -1173,14 +1156,10 @@ fn gemma_and_gemma2_configs_take_their_own_defaults() {
     assert_eq!(c.multipliers.embedding_multiplier, 128f64.sqrt());
     assert!(c.unit_offset_norms && !c.sandwich_norms && c.final_logit_softcapping.is_none());
     assert_eq!((c.head_dim, c.num_key_value_heads), (256, 16));
-    let err = LlamaConfig::from_json(&json("gemma", r#""hidden_act": "silu""#))
-        .unwrap_err()
-        .to_string();
+    let err = config_error("gemma", r#""hidden_act": "silu""#);
     assert!(err.contains("hidden_act") && err.contains("silu"), "{err}");
     // Gemma 2 reads `hidden_activation`, where `gelu` is not the tanh approximation.
-    let err = LlamaConfig::from_json(&json("gemma2", r#""hidden_activation": "gelu""#))
-        .unwrap_err()
-        .to_string();
+    let err = config_error("gemma2", r#""hidden_activation": "gelu""#);
     assert!(err.contains("hidden_activation"), "{err}");
 }
 

@@ -10,6 +10,7 @@ use super::family::LlamaFamily;
 use super::gemma::{self, GemmaKeys};
 use super::longrope::LongRopeScaling;
 use super::multipliers::Multipliers;
+use super::rope_keys::RopeKeys;
 use super::yarn::YarnScaling;
 use crate::error::{Error, Result, Scope};
 
@@ -874,16 +875,8 @@ fn resolve_rope_map(
     let top_original = raw
         .original_max_position_embeddings
         .or(phi3.then_some(4096));
-    let invalid = |field: &'static str, reason: String| Error::file_config(file, field, reason);
-    let number = |key: &'static str| -> Result<Option<f64>> {
-        match rope.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| invalid(key, format!("expected a number, got {v}"))),
-        }
-    };
+    let keys = RopeKeys::new(rope, file, max_position_embeddings);
+    let number = |key| keys.number(key);
     let theta = number("rope_theta")?.or(top_theta).unwrap_or(default_theta);
     let partial = number("partial_rotary_factor")?
         .or(raw.partial_rotary_factor)
@@ -900,10 +893,11 @@ fn resolve_rope_map(
         // Phi-3 reads its older names for LongRoPE so (`convert_rope_params_to_dict`).
         Some(Value::String(s)) if phi3 && (s == "su" || s == "yarn") => "longrope",
         Some(Value::String(s)) => s.as_str(),
-        Some(v) => return Err(invalid("rope_type", format!("expected a string, got {v}"))),
+        Some(v) => return Err(keys.invalid("rope_type", format!("expected a string, got {v}"))),
     };
     let need = |key: &'static str| -> Result<f64> {
-        number(key)?.ok_or_else(|| invalid(key, format!("missing for rope_type `{rope_type}`")))
+        number(key)?
+            .ok_or_else(|| keys.invalid(key, format!("missing for rope_type `{rope_type}`")))
     };
     let scaling = match rope_type {
         "default" => RopeScaling::None,
@@ -911,7 +905,7 @@ fn resolve_rope_map(
             factor: need("factor")?,
         },
         "llama3" => {
-            let original = original_max(top_original, &number, max_position_embeddings, &invalid)?;
+            let original = keys.original_max(top_original)?;
             RopeScaling::Llama3 {
                 factor: need("factor")?,
                 low_freq_factor: need("low_freq_factor")?,
@@ -922,15 +916,11 @@ fn resolve_rope_map(
         // LongRoPE as Phi-3 runs it (generation re-runs its sequence at the switch):
         // only for phi3, the family whose configs use it.
         "longrope" | "yarn" if rope_type == "yarn" || phi3 => {
-            let original = original_max(top_original, &number, max_position_embeddings, &invalid)?;
-            let max = max_position_embeddings;
+            let original = keys.original_max(top_original)?;
             if rope_type == "yarn" {
-                RopeScaling::Yarn(YarnScaling::resolve(
-                    rope, &number, original, max, &invalid,
-                )?)
+                RopeScaling::Yarn(YarnScaling::resolve(&keys, original)?)
             } else {
-                let long = LongRopeScaling::resolve(rope, &number, original, max, &invalid)?;
-                RopeScaling::LongRope(long)
+                RopeScaling::LongRope(LongRopeScaling::resolve(&keys, original)?)
             }
         }
         other => {
@@ -942,29 +932,6 @@ fn resolve_rope_map(
         }
     };
     Ok((theta, scaling, partial))
-}
-
-/// The pretraining context length of a scaled RoPE (`llama3`, `yarn`), as transformers'
-/// `standardize_rope_params` resolves it: a top-level `original_max_position_embeddings`
-/// (Phi-3's place for it) wins over the one in the RoPE parameters; without either it is
-/// `max_position_embeddings`.
-fn original_max(
-    top_level: Option<usize>,
-    number: &dyn Fn(&'static str) -> Result<Option<f64>>,
-    max_position_embeddings: usize,
-    invalid: &dyn Fn(&'static str, String) -> Error,
-) -> Result<usize> {
-    if let Some(n) = top_level {
-        return Ok(n);
-    }
-    match number("original_max_position_embeddings")? {
-        Some(n) if n >= 0.0 && n.fract() == 0.0 => Ok(n as usize),
-        Some(n) => Err(invalid(
-            "original_max_position_embeddings",
-            format!("expected a whole number, got {n}"),
-        )),
-        None => Ok(max_position_embeddings),
-    }
 }
 
 /// Each layer's [`LayerAttention`] from its `layer_types` name, sliding layers taking

@@ -2,7 +2,9 @@
 //! `_compute_longrope_parameters` and `dynamic_rope_update`): Phi-3's 128k-context models
 //! and Phi-3.5, whose configs also write it as `su` or `yarn`.
 
-use serde_json::{Map, Value};
+use serde_json::Value;
+
+use super::rope_keys::RopeKeys;
 
 use crate::error::{Error, Result};
 
@@ -54,34 +56,25 @@ pub struct LongRopeScaling {
 
 impl LongRopeScaling {
     /// The parameters of the RoPE dict `rope` with the pretraining length `original`
-    /// resolved; `number` reads a numeric key (`None` when absent or null).
-    pub(super) fn resolve(
-        rope: &Map<String, Value>,
-        number: &dyn Fn(&'static str) -> Result<Option<f64>>,
-        original: usize,
-        max_position_embeddings: usize,
-        invalid: &dyn Fn(&'static str, String) -> Error,
-    ) -> Result<Self> {
+    /// resolved.
+    pub(super) fn resolve(rope: &RopeKeys, original: usize) -> Result<Self> {
         let factors = |key: &'static str| -> Result<Vec<f32>> {
             let list = rope.get(key).and_then(Value::as_array).ok_or_else(|| {
-                invalid(
-                    key,
-                    "missing (a list of numbers) for rope_type `longrope`".into(),
-                )
+                rope.invalid(key, "missing (a list of numbers) for rope_type `longrope`")
             })?;
             list.iter()
                 .map(|v| {
                     v.as_f64()
                         .map(|f| f as f32)
-                        .ok_or_else(|| invalid(key, format!("expected numbers, got {v}")))
+                        .ok_or_else(|| rope.invalid(key, format!("expected numbers, got {v}")))
                 })
                 .collect()
         };
-        let attention_factor = match number("attention_factor")? {
+        let attention_factor = match rope.number("attention_factor")? {
             Some(a) => a,
             None => {
-                let factor =
-                    number("factor")?.unwrap_or(max_position_embeddings as f64 / original as f64);
+                let default = rope.max_position_embeddings as f64 / original as f64;
+                let factor = rope.number("factor")?.unwrap_or(default);
                 if factor <= 1.0 {
                     1.0
                 } else {

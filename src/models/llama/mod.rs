@@ -42,6 +42,7 @@ mod multipliers;
 mod norm;
 mod projections;
 mod rope;
+mod rope_keys;
 mod trunk;
 mod yarn;
 

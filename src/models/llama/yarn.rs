@@ -1,7 +1,9 @@
 //! YaRN RoPE scaling (transformers' `rope_type: "yarn"`, its `_compute_yarn_parameters`):
 //! the parameters as transformers resolves them from `config.json`, and the frequencies.
 
-use serde_json::{Map, Value};
+use serde_json::Value;
+
+use super::rope_keys::RopeKeys;
 
 use crate::error::{Error, Result};
 
@@ -75,26 +77,19 @@ impl YarnScaling {
 
     /// The parameters of the RoPE dict `rope` (`rope_scaling` / `rope_parameters`) with
     /// the pretraining length `original` already resolved ([`YarnScaling`] says how).
-    /// `number` reads a numeric key of `rope` (`None` when absent or null).
-    pub(super) fn resolve(
-        rope: &Map<String, Value>,
-        number: &dyn Fn(&'static str) -> Result<Option<f64>>,
-        original: usize,
-        max_position_embeddings: usize,
-        invalid: &dyn Fn(&'static str, String) -> Error,
-    ) -> Result<Self> {
+    pub(super) fn resolve(rope: &RopeKeys, original: usize) -> Result<Self> {
+        let number = |key| rope.number(key);
         let factor = match rope.get("factor") {
             None => {
-                return Err(invalid(
+                return Err(rope.invalid(
                     "factor",
                     "missing for rope_type `yarn` (null: max_position_embeddings / \
-                     original_max_position_embeddings)"
-                        .to_string(),
+                     original_max_position_embeddings)",
                 ))
             }
             Some(_) => match number("factor")? {
                 Some(f) => f,
-                None => max_position_embeddings as f64 / original as f64,
+                None => rope.max_position_embeddings as f64 / original as f64,
             },
         };
         let attention_factor = match number("attention_factor")? {
@@ -110,7 +105,7 @@ impl YarnScaling {
         let truncate = match rope.get("truncate") {
             None | Some(Value::Null) => true,
             Some(Value::Bool(b)) => *b,
-            Some(v) => return Err(invalid("truncate", format!("expected a bool, got {v}"))),
+            Some(v) => return Err(rope.invalid("truncate", format!("expected a bool, got {v}"))),
         };
         Ok(Self {
             factor,
