@@ -13,6 +13,7 @@ pub mod convert;
 pub mod from_pickle;
 pub mod header;
 pub(crate) mod io;
+pub mod layout;
 pub mod pickle;
 pub mod source;
 pub mod writer;

@@ -172,8 +172,22 @@ impl Task for LanguageModeling<'_> {
     }
 
     fn peft_settings(&self) -> Vec<(&'static str, Value)> {
-        peft_settings("CAUSAL_LM", self.model.name_or_path())
+        let mut settings = peft_settings("CAUSAL_LM", self.model.name_or_path());
+        if let Some(exclude) = exclude_regex(self.model.modules_not_built()) {
+            settings.push(("exclude_modules", json!(exclude)));
+        }
+        settings
     }
+}
+
+/// PEFT's `exclude_modules` for the module prefixes `prefixes`: a regex (which PEFT matches
+/// against whole module paths) for every module under one of them; `None` for none.
+fn exclude_regex(prefixes: &[&str]) -> Option<String> {
+    if prefixes.is_empty() {
+        return None;
+    }
+    let alternatives: Vec<String> = prefixes.iter().map(|p| p.replace('.', r"\.")).collect();
+    Some(format!(r"({})\..*", alternatives.join("|")))
 }
 
 /// PEFT's `task_type` and, when known, `base_model_name_or_path`.

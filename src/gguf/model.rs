@@ -351,6 +351,7 @@ impl GgufModel {
             multipliers: Multipliers::default(),
             attn_logit_softcapping: None,
             final_logit_softcapping: None,
+            multimodal: false,
         };
         config.validate()?;
         Ok(config)

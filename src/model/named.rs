@@ -18,6 +18,9 @@ struct State {
     /// The loaded adapters, in load order, with their layers.
     adapters: Vec<(String, AdaptedSet)>,
     active: Option<String>,
+    /// Module prefixes the model does not have ([`AdapterPlan::set_aside`] while it was
+    /// built): each adapter's modules there are set aside too.
+    aside: Vec<String>,
 }
 
 /// Several adapters on one model, each under a name, one active (PEFT's multi-adapter
@@ -149,6 +152,9 @@ impl NamedAdapters {
                 name,
                 "the model has no modules here: build it with NamedAdapters::plan()",
             ));
+        }
+        for prefix in &self.read().aside {
+            plan.set_aside(prefix);
         }
         let mut built = Vec::new();
         for (path, slot) in &slots {
@@ -298,6 +304,10 @@ impl SlotRegistry for NamedAdapters {
         let slot = Shared::new(AdapterSlot::new(path, base));
         state.slots.push((path.to_string(), slot.clone()));
         Ok(Linear::Adapted(slot.erase()))
+    }
+
+    fn set_aside(&self, prefix: &str) {
+        self.write().aside.push(prefix.to_string());
     }
 }
 

@@ -1,7 +1,7 @@
 //! [`AdapterPlan`]: which linear layers of a model get which adapter, and the drop-in
 //! [`linear`] constructor that model code calls instead of `candle_nn::linear`.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Module, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
@@ -46,6 +46,14 @@ pub trait AdapterFactory: Send + Sync {
     /// that every tensor of its file was used).
     fn finish(&self) -> Result<()> {
         Ok(())
+    }
+
+    /// Sets aside the adapter's modules under the module path `prefix`, which the model
+    /// being built does not have (see [`AdapterPlan::set_aside`]): their tensors count as
+    /// used and are not applied. Returns their module paths (default: none, as a fresh
+    /// adapter stores nothing).
+    fn set_aside(&self, _prefix: &str) -> Vec<String> {
+        Vec::new()
     }
 
     /// A tensor the adapter stores for the base module at `path` (`<path>.<name>` in PEFT's
@@ -121,6 +129,9 @@ pub struct AdapterPlan {
     /// becomes a slot registered there.
     slots: Option<Arc<dyn SlotRegistry>>,
     quantize: Option<Quantize>,
+    /// The adapter's modules under prefixes the model does not have
+    /// ([`AdapterPlan::set_aside`]).
+    aside: Arc<Mutex<Vec<String>>>,
 }
 
 /// Where a plan built for several named adapters registers each module (implemented by
@@ -128,6 +139,10 @@ pub struct AdapterPlan {
 pub(crate) trait SlotRegistry: Send + Sync {
     /// Registers the module at `path` over `base`; the module the model holds.
     fn add_slot(&self, path: &str, base: FrozenLinear) -> Result<Linear>;
+
+    /// Records that the model has no modules under `prefix` ([`AdapterPlan::set_aside`]),
+    /// for the adapters added later.
+    fn set_aside(&self, prefix: &str);
 }
 
 /// Names under which PEFT's `ModulesToSaveWrapper` may save duplicates of a copy's tensors.
@@ -183,6 +198,7 @@ impl AdapterPlan {
             set: AdaptedSet::new(),
             slots: None,
             quantize: None,
+            aside: Arc::default(),
         }
     }
 
@@ -633,6 +649,46 @@ impl AdapterPlan {
     /// The set of layers adapted so far (shares the plan's registry).
     pub fn adapted(&self) -> AdaptedSet {
         self.set.clone()
+    }
+
+    /// Tells the plan that the model being built has no modules under the module path
+    /// `prefix`, although its checkpoint does (an image-and-text checkpoint's vision tower
+    /// when only the text decoder is built, as
+    /// [`LlamaForCausalLM`](crate::models::llama::LlamaForCausalLM) builds Gemma 3's): a
+    /// loaded adapter's modules there are neither applied nor counted as unused by
+    /// [`finish`](Self::finish), and [`set_aside_modules`](Self::set_aside_modules) lists
+    /// them.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use lorakit::models::llama::LlamaForCausalLM;
+    /// use lorakit::peft::PeftAdapter;
+    /// # fn main() -> lorakit::Result<()> {
+    /// // Gemma 3 with a vision tower, and a PEFT LoRA on every linear layer of both.
+    /// let dir = "tests/fixtures/models/llama/gemma3_mm";
+    /// let plan = PeftAdapter::load(format!("{dir}/lora"), &Device::Cpu)?.plan()?;
+    /// let model = LlamaForCausalLM::from_pretrained(format!("{dir}/base"), DType::F32, &Device::Cpu, &plan)?;
+    /// let layers = plan.finish()?; // the text decoder's layers; the rest set aside
+    /// assert_eq!(layers.paths().len(), 14);
+    /// assert!(plan.set_aside_modules().iter().all(|p| p.starts_with("model.vision_tower.")));
+    /// assert_eq!(plan.set_aside_modules().len(), 9);
+    /// # Ok(()) }
+    /// ```
+    pub fn set_aside(&self, prefix: &str) {
+        if let Some(slots) = &self.slots {
+            slots.set_aside(prefix);
+        }
+        let paths = self.factory.set_aside(prefix);
+        self.aside
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(paths);
+    }
+
+    /// The adapter's module paths [`set_aside`](Self::set_aside) left out, in the order set
+    /// aside.
+    pub fn set_aside_modules(&self) -> Vec<String> {
+        self.aside.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Ends model building: runs the factory's final checks (for a loaded adapter, that

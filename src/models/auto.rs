@@ -11,19 +11,20 @@ use crate::model::AdapterPlan;
 use super::causal_lm::CausalLm;
 use super::generation::GenerationConfig;
 use super::gpt2::{Gpt2Config, Gpt2LmHeadModel};
-use super::llama::{KvCache, LlamaConfig, LlamaFamily, LlamaForCausalLM};
+use super::llama::{KvCache, LlamaConfig, LlamaFamily, LlamaForCausalLM, GEMMA3_MULTIMODAL};
 
 /// The `model_type`s [`AutoCausalLm::from_pretrained`] loads.
 ///
 /// ```
 /// use lorakit::models::auto::SUPPORTED_MODEL_TYPES;
 /// use lorakit::models::llama::LlamaFamily;
-/// // The Llama family's ten, and GPT-2.
+/// // The Llama family's ten, Gemma 3's image-and-text checkpoints (for their text
+/// // decoder), and GPT-2.
 /// let llama = SUPPORTED_MODEL_TYPES.iter().filter(|t| LlamaFamily::from_model_type(t).is_some());
-/// assert_eq!(llama.count(), 10);
+/// assert_eq!(llama.count(), 11);
 /// assert!(SUPPORTED_MODEL_TYPES.contains(&"gpt2"));
 /// ```
-pub const SUPPORTED_MODEL_TYPES: [&str; 11] = [
+pub const SUPPORTED_MODEL_TYPES: [&str; 12] = [
     "llama",
     "mistral",
     "qwen2",
@@ -34,6 +35,7 @@ pub const SUPPORTED_MODEL_TYPES: [&str; 11] = [
     "gemma",
     "gemma2",
     "gemma3_text",
+    "gemma3",
     "gpt2",
 ];
 
@@ -55,7 +57,7 @@ impl Architecture {
         } else {
             Err(Error::Unsupported {
                 what: "model_type",
-                got: LlamaFamily::unsupported_name(&model_type),
+                got: model_type,
                 supported: SUPPORTED_MODEL_TYPES.join(", "),
             })
         }
@@ -91,7 +93,7 @@ impl Architecture {
 #[derive(Clone, Debug)]
 pub enum AutoCausalLm {
     /// The Llama family (`llama`, `mistral`, `qwen2`, `qwen3`, `granite`, `smollm3`, `phi3`,
-    /// `gemma`, `gemma2`, `gemma3_text`).
+    /// `gemma`, `gemma2`, `gemma3_text`; `gemma3`'s text decoder).
     Llama(LlamaForCausalLM),
     /// `gpt2`.
     Gpt2(Gpt2LmHeadModel),
@@ -213,6 +215,7 @@ impl AutoCausalLm {
     /// ```
     pub fn model_type_name(&self) -> &'static str {
         match self {
+            Self::Llama(m) if m.config().multimodal => GEMMA3_MULTIMODAL,
             Self::Llama(m) => m.config().family.model_type(),
             Self::Gpt2(_) => "gpt2",
         }
@@ -384,6 +387,13 @@ impl CausalLm for AutoCausalLm {
         match self {
             Self::Llama(m) => m.name_or_path(),
             Self::Gpt2(m) => m.name_or_path(),
+        }
+    }
+
+    fn modules_not_built(&self) -> &'static [&'static str] {
+        match self {
+            Self::Llama(m) => m.modules_not_built(),
+            Self::Gpt2(m) => m.modules_not_built(),
         }
     }
 }

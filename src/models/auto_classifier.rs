@@ -91,7 +91,7 @@ impl Kind {
             }
             _ => Err(Error::Unsupported {
                 what: "model_type",
-                got: LlamaFamily::unsupported_name(&model_type),
+                got: model_type.clone(),
                 supported: CLASSIFIER_MODEL_TYPES.join(", "),
             }),
         }

@@ -3,6 +3,7 @@
 
 use candle_core::{Device, Tensor};
 
+use crate::checkpoint::layout::VISION_MODULES;
 use crate::error::Result;
 
 use super::gpt2::Gpt2LmHeadModel;
@@ -68,6 +69,13 @@ pub trait CausalLm: Sync {
     fn name_or_path(&self) -> Option<&str> {
         None
     }
+    /// The module prefixes the model's checkpoint has but the model does not build (an
+    /// image-and-text model's vision tower when only the text decoder is built): the
+    /// training loop saves them as PEFT's `exclude_modules`, so that PEFT, applying the
+    /// adapter's `target_modules` to the whole model, adds no layers there. Default: none.
+    fn modules_not_built(&self) -> &'static [&'static str] {
+        &[]
+    }
 }
 
 impl CausalLm for LlamaForCausalLM {
@@ -97,6 +105,14 @@ impl CausalLm for LlamaForCausalLM {
 
     fn name_or_path(&self) -> Option<&str> {
         LlamaForCausalLM::name_or_path(self)
+    }
+
+    fn modules_not_built(&self) -> &'static [&'static str] {
+        if self.config().multimodal {
+            &VISION_MODULES
+        } else {
+            &[]
+        }
     }
 }
 

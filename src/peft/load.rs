@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
 use crate::adapter::Adapter;
+use crate::checkpoint::layout;
 use crate::error::{Error, Result, Scope};
 use crate::frozen::{BaseKind, FrozenLinear};
 use crate::model::plan::{AdapterFactory, AdapterPlan};
@@ -132,6 +133,7 @@ impl PeftAdapter {
         source: impl Into<PathBuf>,
     ) -> Self {
         tensors.retain(|key, _| !is_skipped_tensor(key, &config.skipped_tensors));
+        let tensors = modernize_llava_keys(tensors);
         let low_rank_paths = tensors
             .keys()
             .filter_map(|k| k.strip_prefix(KEY_PREFIX)?.strip_suffix(".lora_A.weight"));
@@ -170,20 +172,7 @@ impl PeftAdapter {
 
     /// The module paths that have tensors in the file, sorted.
     pub fn module_paths(&self) -> Vec<String> {
-        let mut paths: Vec<String> = self
-            .inner
-            .tensors
-            .keys()
-            .filter_map(|k| k.strip_prefix(KEY_PREFIX))
-            .filter_map(|k| {
-                peft_tensor_suffixes().find_map(|s| k.strip_suffix(s)?.strip_suffix('.'))
-            })
-            .map(str::to_string)
-            .collect();
-        paths.dedup();
-        paths.sort();
-        paths.dedup();
-        paths
+        self.inner.module_paths()
     }
 
     /// The kind of module the adapter takes `path` for when nothing else tells (a merge into
@@ -244,6 +233,23 @@ struct LoadedFactory(Arc<Files>);
 impl Files {
     fn file(&self) -> String {
         self.weights_path.display().to_string()
+    }
+
+    /// [`PeftAdapter::module_paths`].
+    fn module_paths(&self) -> Vec<String> {
+        let mut paths: Vec<String> = self
+            .tensors
+            .keys()
+            .filter_map(|k| k.strip_prefix(KEY_PREFIX))
+            .filter_map(|k| {
+                peft_tensor_suffixes().find_map(|s| k.strip_suffix(s)?.strip_suffix('.'))
+            })
+            .map(str::to_string)
+            .collect();
+        paths.dedup();
+        paths.sort();
+        paths.dedup();
+        paths
     }
 
     /// The tensor `key` checked against `expected`, in the base's dtype and device, marked
@@ -393,6 +399,22 @@ impl AdapterFactory for LoadedFactory {
         })
     }
 
+    fn set_aside(&self, prefix: &str) -> Vec<String> {
+        let under = format!("{KEY_PREFIX}{prefix}.");
+        let mut used = self.0.used.lock().unwrap_or_else(|e| e.into_inner());
+        used.extend(
+            self.0
+                .tensors
+                .keys()
+                .filter(|k| k.starts_with(&under))
+                .cloned(),
+        );
+        let module_prefix = format!("{prefix}.");
+        let mut paths = self.0.module_paths();
+        paths.retain(|p| p.starts_with(&module_prefix));
+        paths
+    }
+
     fn finish(&self) -> Result<()> {
         let used = self.0.used.lock().unwrap_or_else(|e| e.into_inner());
         let unused: Vec<&String> = self
@@ -410,4 +432,22 @@ impl AdapterFactory for LoadedFactory {
             }),
         }
     }
+}
+
+/// The keys of an adapter made on an image-and-text model of the LLaVA kind under
+/// transformers 4.50–4.51 (`base_model.model.language_model.model.layers.…`) renamed to
+/// transformers 5's module paths (`base_model.model.model.language_model.layers.…`), as
+/// PEFT renames them when it loads one ([`layout`]); any other adapter's keys unchanged.
+fn modernize_llava_keys(tensors: BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
+    let stored_text = format!("{KEY_PREFIX}{}.", layout::STORED_TEXT_DECODER);
+    if !tensors.keys().any(|k| k.starts_with(&stored_text)) {
+        return tensors;
+    }
+    tensors
+        .into_iter()
+        .map(|(key, t)| match key.strip_prefix(KEY_PREFIX) {
+            Some(rest) => (format!("{KEY_PREFIX}{}", layout::current_name(rest)), t),
+            None => (key, t),
+        })
+        .collect()
 }

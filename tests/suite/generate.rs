@@ -240,6 +240,7 @@ fn auto_causal_lm_chooses_by_model_type_and_names_unsupported_ones() {
         ("models/llama/qwen2/base", "qwen2"),
         ("models/llama/qwen3/base", "qwen3"),
         ("models/llama/llama3_rope/base", "llama"),
+        ("models/llama/gemma3_mm/base", "gemma3"),
         ("peft_options/gpt2_dora/base", "gpt2"),
     ] {
         let model = AutoCausalLm::from_pretrained(fixture(dir), DType::F32, &dev, &none).unwrap();
@@ -254,7 +255,7 @@ fn auto_causal_lm_chooses_by_model_type_and_names_unsupported_ones() {
         .to_string();
     assert!(e.contains("`bert`"), "{e}");
     assert!(
-        e.contains("llama, mistral, qwen2, qwen3, granite, smollm3, phi3, gemma, gemma2, gemma3_text, gpt2"),
+        e.contains("llama, mistral, qwen2, qwen3, granite, smollm3, phi3, gemma, gemma2, gemma3_text, gemma3, gpt2"),
         "{e}"
     );
     std::fs::write(tmp.join("config.json"), r#"{"vocab_size": 4}"#).unwrap();

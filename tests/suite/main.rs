@@ -47,6 +47,7 @@ mod models_bert;
 mod models_bert_pooler;
 mod models_decoder_cls;
 mod models_dropout;
+mod models_gemma3_multimodal;
 mod models_gpt2;
 mod models_llama;
 mod named_adapters;

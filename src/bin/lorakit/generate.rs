@@ -20,7 +20,7 @@ use super::{emit, fail, one_line, INTERRUPTED};
 
 pub const ABOUT: &str = "\
 Generate text with a model folder (model_type llama, mistral, qwen2, qwen3, granite, smollm3,
-phi3, gemma, gemma2, gemma3_text or gpt2) and, optionally, a PEFT adapter applied to it
+phi3, gemma, gemma2, gemma3_text, gemma3 (its text decoder) or gpt2) and, optionally, a PEFT adapter applied to it
 (unmerged, or merged into the base weights with --merge). Several adapters load side by side as
 --adapter NAME=DIR, repeated; --active NAME picks the one to generate with (default: the
 first).
@@ -281,6 +281,13 @@ fn load_model(args: &GenerateArgs, device: &Device) -> lorakit::Result<AutoCausa
         };
         let model = AutoCausalLm::from_pretrained(&args.model, dtype, device, &plan)?;
         let adapted = plan.finish()?;
+        if let Some(first) = plan.set_aside_modules().first() {
+            eprintln!(
+                "note: {} of the adapter's modules (e.g. {first}) are in the vision tower, \
+                 which text does not reach: not applied",
+                plan.set_aside_modules().len()
+            );
+        }
         if args.merge {
             adapted.merge_all(true)?;
         }

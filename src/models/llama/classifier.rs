@@ -7,13 +7,12 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::{AdapterPlan, Linear};
 use crate::models::classification::ClassifierConfig;
 use crate::models::decoder_classifier::{AsDecoderParts, DecoderParts};
 
 use super::config::LlamaConfig;
-use super::family::LlamaFamily;
 use super::trunk::LlamaTrunk;
 
 /// A Llama-family decoder with a classification head (transformers'
@@ -103,15 +102,6 @@ impl LlamaForSequenceClassification {
         vb: VarBuilder,
         plan: &AdapterPlan,
     ) -> Result<Self> {
-        if config.family == LlamaFamily::Granite {
-            return Err(Error::Unsupported {
-                what: "sequence classification for model_type",
-                got: config.family.model_type().to_string(),
-                supported: "llama, mistral, qwen2, qwen3, smollm3, phi3, gemma, gemma2, \
-                            gemma3_text (transformers has no GraniteForSequenceClassification)"
-                    .to_string(),
-            });
-        }
         DecoderParts::load(config, labels, vb, plan).map(Self)
     }
 

@@ -6,9 +6,10 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::activation::GateActivation;
-use super::family::LlamaFamily;
+use super::family::{LlamaFamily, GEMMA3_MULTIMODAL};
 use super::gemma::{self, GemmaKeys};
 use super::longrope::LongRopeScaling;
+use super::multimodal;
 use super::multipliers::Multipliers;
 use super::rope_keys::RopeKeys;
 use super::yarn::YarnScaling;
@@ -94,7 +95,8 @@ pub enum LayerAttention {
 /// How `config.json` is read:
 ///
 /// - Required: `model_type`, `vocab_size`, `hidden_size`, `intermediate_size`,
-///   `num_hidden_layers`, `num_attention_heads`. Any other missing key takes
+///   `num_hidden_layers`, `num_attention_heads` (but for Gemma 3, which takes
+///   `Gemma3TextConfig`'s defaults, as transformers does). Any other missing key takes
 ///   transformers' default for the `model_type` (e.g. a missing `num_key_value_heads` is
 ///   `num_attention_heads` for Llama, 8 for Mistral and 32 for Qwen; a missing `head_dim`
 ///   is `hidden_size / num_attention_heads`, 128 for Qwen3; a missing `sliding_window` is
@@ -126,6 +128,10 @@ pub enum LayerAttention {
 ///   (quantized weights cannot be loaded).
 /// - `attention_dropout` (0 when absent, as in the Llama-family configs) drops attention
 ///   probabilities in training mode only ([`LlamaForCausalLM::forward_t`]).
+/// - `model_type` `gemma3` (`Gemma3ForConditionalGeneration`, Gemma 3 4B and up): its
+///   `text_config` is read as a `gemma3_text` config (errors name it), with the top-level
+///   `tie_word_embeddings` (default true) and `quantization_config`; the vision keys are
+///   ignored ([`LlamaConfig::multimodal`]).
 /// - Ignored: `pretraining_tp` (transformers 5 ignores it), token ids, `use_cache`.
 ///
 /// [`LlamaForCausalLM::forward_t`]: super::LlamaForCausalLM::forward_t
@@ -231,6 +237,13 @@ pub struct LlamaConfig {
     /// Gemma 2's soft-capping of the causal LM's logits, `cap · tanh(logits / cap)`
     /// (`final_logit_softcapping`; `None`: none).
     pub final_logit_softcapping: Option<f64>,
+    /// Read from the `text_config` of an image-and-text checkpoint (`model_type` `gemma3`,
+    /// `Gemma3ForConditionalGeneration`): the text decoder's modules sit at
+    /// `model.language_model.…` (transformers 5's paths, which PEFT's adapters name; the
+    /// checkpoint's own `language_model.model.…` names are read too), the vision tower is
+    /// not built, and text goes through the decoder as `Gemma3ForCausalLM`'s would. See
+    /// [`LlamaConfig::decoder_prefix`].
+    pub multimodal: bool,
 }
 
 /// The keys read from `config.json`, as written.
@@ -321,6 +334,9 @@ impl LlamaConfig {
 
     fn parse(text: &str, file: PathBuf) -> Result<Self> {
         let raw: RawConfig = crate::error::parse_json(text, &file)?;
+        if raw.model_type.as_deref() == Some(GEMMA3_MULTIMODAL) {
+            return Self::parse_multimodal(text, &file);
+        }
         // The Gemma families' own keys, read apart (not flattened into `RawConfig`: serde's
         // `flatten` would lose the key's name in a type error).
         let family = raw
@@ -336,6 +352,20 @@ impl LlamaConfig {
         Ok(config)
     }
 
+    /// A `gemma3` config: its text decoder's, from `text_config` ([`LlamaConfig::multimodal`]).
+    fn parse_multimodal(text: &str, file: &Path) -> Result<Self> {
+        let (mut raw, outer) = multimodal::read_text_config::<RawConfig>(text, file)?;
+        let (gemma, _) = multimodal::read_text_config::<GemmaKeys>(text, file)?;
+        raw.model_type = Some(LlamaFamily::Gemma3.model_type().to_string());
+        raw.tie_word_embeddings = Some(outer.tie_word_embeddings.unwrap_or(true));
+        raw.quantization_config = outer.quantization_config.or(raw.quantization_config);
+        let scope = multimodal::text_config_scope(file);
+        let mut config = Self::resolve(raw, &gemma, &scope)?;
+        config.multimodal = true;
+        config.validate_in(Scope::File(scope))?;
+        Ok(config)
+    }
+
     fn resolve(raw: RawConfig, gemma_keys: &GemmaKeys, file: &Path) -> Result<Self> {
         let invalid = |field: &'static str, reason: &str| Error::file_config(file, field, reason);
         let model_type = raw.model_type.as_deref().ok_or_else(|| {
@@ -348,19 +378,24 @@ impl LlamaConfig {
         let family =
             LlamaFamily::from_model_type(model_type).ok_or_else(|| Error::Unsupported {
                 what: "model_type",
-                got: LlamaFamily::unsupported_name(model_type),
+                got: model_type.to_string(),
                 supported: "llama, mistral, qwen2, qwen3, granite, smollm3, phi3, gemma, \
                             gemma2, gemma3_text"
                     .to_string(),
             })?;
-        let required = |value: Option<usize>, field: &'static str| {
-            value.ok_or_else(|| invalid(field, "missing"))
+        // Required but for Gemma 3, which takes `Gemma3TextConfig`'s defaults (the Hub's
+        // gemma3 configs leave most of them out).
+        let gemma3_default = |default: usize| (family == LlamaFamily::Gemma3).then_some(default);
+        let required = |value: Option<usize>, field: &'static str, gemma3: usize| {
+            value
+                .or(gemma3_default(gemma3))
+                .ok_or_else(|| invalid(field, "missing"))
         };
-        let vocab_size = required(raw.vocab_size, "vocab_size")?;
-        let hidden_size = required(raw.hidden_size, "hidden_size")?;
-        let intermediate_size = required(raw.intermediate_size, "intermediate_size")?;
-        let num_hidden_layers = required(raw.num_hidden_layers, "num_hidden_layers")?;
-        let num_attention_heads = required(raw.num_attention_heads, "num_attention_heads")?;
+        let vocab_size = required(raw.vocab_size, "vocab_size", 262_208)?;
+        let hidden_size = required(raw.hidden_size, "hidden_size", 2304)?;
+        let intermediate_size = required(raw.intermediate_size, "intermediate_size", 9216)?;
+        let num_hidden_layers = required(raw.num_hidden_layers, "num_hidden_layers", 26)?;
+        let num_attention_heads = required(raw.num_attention_heads, "num_attention_heads", 8)?;
         if num_attention_heads == 0 {
             return Err(invalid("num_attention_heads", "must be at least 1"));
         }
@@ -554,7 +589,30 @@ impl LlamaConfig {
             },
             attn_logit_softcapping: gemma_settings.as_ref().and_then(|g| g.softcaps.0),
             final_logit_softcapping: gemma_settings.as_ref().and_then(|g| g.softcaps.1),
+            multimodal: false,
         })
+    }
+
+    /// The module path the decoder's modules sit under: `model` (`model.embed_tokens`,
+    /// `model.layers.N.…`, `model.norm`), or `model.language_model` for the text decoder of
+    /// an image-and-text checkpoint ([`LlamaConfig::multimodal`]). The output head is
+    /// `lm_head` in both.
+    ///
+    /// ```
+    /// use lorakit::models::llama::LlamaConfig;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let gemma3 = LlamaConfig::from_file("tests/fixtures/models/llama/gemma3_mm/base")?;
+    /// assert_eq!(gemma3.decoder_prefix(), "model.language_model");
+    /// let qwen2 = LlamaConfig::from_file("tests/fixtures/models/llama/qwen2/base")?;
+    /// assert_eq!(qwen2.decoder_prefix(), "model");
+    /// # Ok(()) }
+    /// ```
+    pub fn decoder_prefix(&self) -> &'static str {
+        if self.multimodal {
+            crate::checkpoint::layout::TEXT_DECODER
+        } else {
+            "model"
+        }
     }
 
     /// The `(d_in, d_out)` of every kind of linear layer the model has: the attention's

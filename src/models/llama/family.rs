@@ -1,5 +1,9 @@
 //! [`LlamaFamily`]: the architectures the Llama-family decoder implements, by `model_type`.
 
+/// The `model_type` of Gemma 3's image-and-text checkpoints (`Gemma3ForConditionalGeneration`,
+/// Gemma 3 4B and up), read for their text decoder.
+pub const GEMMA3_MULTIMODAL: &str = "gemma3";
+
 /// The architectures [`super::LlamaForCausalLM`] implements, by transformers' `model_type`.
 /// They differ only in defaults and a few switches (see [`super::LlamaConfig`]).
 ///
@@ -44,7 +48,8 @@ pub enum LlamaFamily {
     /// logits (30) by default.
     Gemma2,
     /// `gemma3_text`: Google's Gemma 3 text decoder (`Gemma3ForCausalLM`: Gemma 3 1B, and
-    /// the text part of the larger ones saved alone). RMSNorms that multiply by
+    /// the text part of the larger ones saved alone; and the text decoder of `gemma3`,
+    /// `Gemma3ForConditionalGeneration`: Gemma 3 4B and up). RMSNorms that multiply by
     /// `1 + weight`, a norm after attention and around the MLP as well as before
     /// (`sandwich_norms`), Qwen3's q/k norms, a `gelu_pytorch_tanh` gate, embeddings times
     /// `√hidden_size`, attention scale `query_pre_attn_scalar^-½`, sliding layers (five of
@@ -76,14 +81,20 @@ impl LlamaFamily {
         }
     }
 
-    /// The family of a `model_type`, if it is one of the ten.
+    /// The family of a `model_type`, if it is one of the ten, or `gemma3` (Gemma 3's image
+    /// and text checkpoints, whose text decoder is Gemma 3's: see
+    /// [`LlamaConfig::multimodal`](super::LlamaConfig::multimodal)).
     ///
     /// ```
     /// use lorakit::models::llama::LlamaFamily;
     /// assert_eq!(LlamaFamily::from_model_type("qwen3"), Some(LlamaFamily::Qwen3));
     /// assert_eq!(LlamaFamily::from_model_type("Qwen3"), None); // as transformers writes it
+    /// assert_eq!(LlamaFamily::from_model_type("gemma3"), Some(LlamaFamily::Gemma3));
     /// ```
     pub fn from_model_type(model_type: &str) -> Option<Self> {
+        if model_type == GEMMA3_MULTIMODAL {
+            return Some(Self::Gemma3);
+        }
         [
             Self::Llama,
             Self::Mistral,
@@ -102,23 +113,6 @@ impl LlamaFamily {
 }
 
 impl LlamaFamily {
-    /// An unsupported `model_type` as errors name it: with a hint for the multimodal Gemma 3
-    /// checkpoints (4B and up), whose text decoder is `gemma3_text`.
-    ///
-    /// ```
-    /// use lorakit::models::llama::LlamaFamily;
-    /// assert!(LlamaFamily::unsupported_name("gemma3").contains("gemma3_text"));
-    /// assert_eq!(LlamaFamily::unsupported_name("bloom"), "bloom");
-    /// ```
-    pub fn unsupported_name(model_type: &str) -> String {
-        match model_type {
-            "gemma3" => "gemma3 (Gemma3ForConditionalGeneration, image and text: not supported; \
-                         its text decoder saved alone is gemma3_text)"
-                .to_string(),
-            other => other.to_string(),
-        }
-    }
-
     /// Gemma, Gemma 2 or Gemma 3: the families whose norms multiply by `1 + weight` and
     /// whose embeddings are scaled by `√hidden_size`.
     ///

@@ -1,6 +1,7 @@
 //! The Llama family of decoders — Llama 2 / 3 / 3.x, TinyLlama, SmolLM, Mistral,
 //! Qwen2 / Qwen2.5, Qwen3, Granite 3.x, SmolLM3, Phi-3 / Phi-4 / Phi-4-mini, Gemma, Gemma 2,
-//! Gemma 3 (text) — as one implementation with config switches ([`LlamaConfig`]), built on the model-level API so that PEFT's target names and every
+//! Gemma 3 (text; and the text decoder of the image-and-text checkpoints, whose modules sit
+//! under `model.language_model`: [`LlamaConfig::multimodal`]) — as one implementation with config switches ([`LlamaConfig`]), built on the model-level API so that PEFT's target names and every
 //! variant apply: [`LlamaForCausalLM`].
 //!
 //! Every linear layer and the embedding are built with [`crate::model::linear_b`] /
@@ -38,6 +39,7 @@ mod gemma;
 mod generate;
 mod layers;
 mod longrope;
+mod multimodal;
 mod multipliers;
 mod norm;
 mod projections;
@@ -64,7 +66,7 @@ pub use activation::GateActivation;
 pub use cache::KvCache;
 pub use classifier::LlamaForSequenceClassification;
 pub use config::{LayerAttention, LlamaConfig, RopeScaling};
-pub use family::LlamaFamily;
+pub use family::{LlamaFamily, GEMMA3_MULTIMODAL};
 pub use longrope::LongRopeScaling;
 pub use multipliers::Multipliers;
 use trunk::LlamaTrunk;
@@ -73,7 +75,8 @@ pub use yarn::YarnScaling;
 /// A Llama-family causal language model (transformers' `LlamaForCausalLM`,
 /// `MistralForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`, `GraniteForCausalLM`,
 /// `SmolLM3ForCausalLM`, `Phi3ForCausalLM`, `GemmaForCausalLM`, `Gemma2ForCausalLM`,
-/// `Gemma3ForCausalLM`) whose linear layers and embedding come from an [`AdapterPlan`].
+/// `Gemma3ForCausalLM`; `Gemma3ForConditionalGeneration` on text, without its vision
+/// tower) whose linear layers and embedding come from an [`AdapterPlan`].
 ///
 /// [`LlamaForCausalLM::forward`] maps token ids `(batch, seq)` to logits
 /// `(batch, seq, vocab)` over the whole sequence with a causal mask (sliding-window where
@@ -158,6 +161,7 @@ impl LlamaForCausalLM {
     /// # Ok(()) }
     /// ```
     pub fn load(config: &LlamaConfig, vb: VarBuilder, plan: &AdapterPlan) -> Result<Self> {
+        let vb = multimodal::decoder_view(vb);
         let trunk = LlamaTrunk::load(config, &vb, plan)?;
         let head_vb = vb.pp("lm_head");
         let tied = config.tie_word_embeddings && !head_vb.contains_tensor("weight");

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::checkpoint::layout::VISION_MODULES;
 use crate::error::{Error, Result};
 use crate::model::{embedding, AdapterPlan, Embedding};
 use crate::models::decoder_trunk::{DecoderTrunk, Pass};
@@ -14,13 +15,15 @@ use crate::models::kv_buffer::{Appending, LayerKv};
 use crate::models::padding::{self, PaddedPositions};
 
 use super::config::{LayerAttention, LlamaConfig, RopeScaling};
+use super::family::{LlamaFamily, GEMMA3_MULTIMODAL};
 use super::layers::{DecoderLayer, Masks};
 use super::norm::RmsNorm;
 use super::rope::RopeTables;
 
 /// The embedding, the decoder layers and the final norm, built through an
 /// [`AdapterPlan`] at transformers' paths (`model.embed_tokens`, `model.layers.N.…`,
-/// `model.norm`).
+/// `model.norm`; under `model.language_model` for an image-and-text checkpoint's
+/// decoder, [`LlamaConfig::decoder_prefix`]).
 #[derive(Clone, Debug)]
 pub(crate) struct LlamaTrunk {
     /// Shared, not copied, by the clones of a model.
@@ -44,22 +47,24 @@ impl LlamaTrunk {
     pub(super) fn load(config: &LlamaConfig, vb: &VarBuilder, plan: &AdapterPlan) -> Result<Self> {
         config.validate()?;
         let c = config;
-        let embed_tokens = embedding(
-            c.vocab_size,
-            c.hidden_size,
-            vb.pp("model.embed_tokens"),
-            plan,
-        )?;
+        let root = vb.pp(c.decoder_prefix());
+        if c.multimodal {
+            // Text never reaches the vision tower: its adapters have nothing to adapt here.
+            for prefix in VISION_MODULES {
+                plan.set_aside(prefix);
+            }
+        }
+        let embed_tokens = embedding(c.vocab_size, c.hidden_size, root.pp("embed_tokens"), plan)?;
         let layers = c
             .layer_attention
             .iter()
             .enumerate()
             .map(|(i, &kind)| {
                 let rotates = c.layer_rope.get(i).copied().unwrap_or(true);
-                DecoderLayer::load(c, (kind, rotates), vb.pp(format!("model.layers.{i}")), plan)
+                DecoderLayer::load(c, (kind, rotates), root.pp(format!("layers.{i}")), plan)
             })
             .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::load(c, c.hidden_size, vb.pp("model.norm"))?;
+        let norm = RmsNorm::load(c, c.hidden_size, root.pp("norm"))?;
         let dtype = embed_tokens.base_stored_weight()?.dtype();
         Ok(Self {
             config: Arc::new(config.clone()),
@@ -195,7 +200,7 @@ impl LlamaTrunk {
     /// `(batch, seq)` of valid token ids: rank 2, `batch, seq ≥ 1`, ids below `vocab_size`
     /// on the model's device (the check every embedding makes).
     pub(super) fn check_ids(&self, ids: &Tensor) -> Result<(usize, usize)> {
-        let layer = "model.embed_tokens";
+        let layer = &format!("{}.embed_tokens", self.config.decoder_prefix());
         let (batch, seq) = match ids.dims() {
             &[batch, seq] if batch > 0 && seq > 0 => (batch, seq),
             _ => {
@@ -230,6 +235,8 @@ impl DecoderTrunk for LlamaTrunk {
         vb: VarBuilder<'a>,
         plan: &AdapterPlan,
     ) -> Result<(Self, VarBuilder<'a>)> {
+        check_classifiable(config)?;
+        let vb = super::multimodal::decoder_view(vb);
         Ok((Self::load(config, &vb, plan)?, vb))
     }
 
@@ -262,4 +269,28 @@ impl DecoderTrunk for LlamaTrunk {
     fn device(&self) -> &Device {
         &self.device
     }
+}
+
+/// Refuses the configurations transformers has no sequence classifier for (the trunk's
+/// [`DecoderTrunk::load_trunk`] builds one for a classifier): Granite, and Gemma 3's
+/// image-and-text checkpoints (whose `Gemma3ForSequenceClassification` lorakit does not
+/// implement).
+fn check_classifiable(config: &LlamaConfig) -> Result<()> {
+    let unsupported = |got: String| Error::Unsupported {
+        what: "sequence classification for model_type",
+        got,
+        supported: "llama, mistral, qwen2, qwen3, smollm3, phi3, gemma, gemma2, gemma3_text"
+            .to_string(),
+    };
+    if config.family == LlamaFamily::Granite {
+        return Err(unsupported(
+            "granite (transformers has no GraniteForSequenceClassification)".to_string(),
+        ));
+    }
+    if config.multimodal {
+        return Err(unsupported(format!(
+            "{GEMMA3_MULTIMODAL} (Gemma3ForSequenceClassification, not implemented)"
+        )));
+    }
+    Ok(())
 }
