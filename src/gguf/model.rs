@@ -19,7 +19,8 @@ use super::names::{gguf_tensor, hf_tensor, GgufArch};
 use super::permute::{gather_qtensor_rows, inverse, rope_permutation};
 use crate::error::{Error, Result};
 use crate::models::llama::{
-    GateActivation, LayerAttention, LlamaConfig, LlamaFamily, Multipliers, RopeScaling,
+    GateActivation, LayerAttention, LlamaConfig, LlamaFamily, Multipliers, NormPlacement, QkNorm,
+    RopeScaling,
 };
 
 /// A GGUF model file, opened (metadata and tensor directory read; tensors on demand).
@@ -341,8 +342,12 @@ impl GgufModel {
             mlp_bias: self.has("blk.0.ffn_gate.bias"),
             hidden_act: GateActivation::Silu,
             unit_offset_norms: false,
-            sandwich_norms: false,
-            qk_norm: self.has("blk.0.attn_q_norm.weight"),
+            norm_placement: NormPlacement::Pre,
+            qk_norm: if self.has("blk.0.attn_q_norm.weight") {
+                QkNorm::PerHead
+            } else {
+                QkNorm::None
+            },
             layer_attention: vec![LayerAttention::Full; num_hidden_layers],
             layer_rope: vec![true; num_hidden_layers],
             fused_projections: false,

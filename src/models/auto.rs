@@ -18,13 +18,13 @@ use super::llama::{KvCache, LlamaConfig, LlamaFamily, LlamaForCausalLM, GEMMA3_M
 /// ```
 /// use lorakit::models::auto::SUPPORTED_MODEL_TYPES;
 /// use lorakit::models::llama::LlamaFamily;
-/// // The Llama family's ten, Gemma 3's image-and-text checkpoints (for their text
+/// // The Llama family's eleven, Gemma 3's image-and-text checkpoints (for their text
 /// // decoder), and GPT-2.
 /// let llama = SUPPORTED_MODEL_TYPES.iter().filter(|t| LlamaFamily::from_model_type(t).is_some());
-/// assert_eq!(llama.count(), 11);
+/// assert_eq!(llama.count(), 12);
 /// assert!(SUPPORTED_MODEL_TYPES.contains(&"gpt2"));
 /// ```
-pub const SUPPORTED_MODEL_TYPES: [&str; 12] = [
+pub const SUPPORTED_MODEL_TYPES: [&str; 13] = [
     "llama",
     "mistral",
     "qwen2",
@@ -36,6 +36,7 @@ pub const SUPPORTED_MODEL_TYPES: [&str; 12] = [
     "gemma2",
     "gemma3_text",
     "gemma3",
+    "olmo2",
     "gpt2",
 ];
 
@@ -93,7 +94,7 @@ impl Architecture {
 #[derive(Clone, Debug)]
 pub enum AutoCausalLm {
     /// The Llama family (`llama`, `mistral`, `qwen2`, `qwen3`, `granite`, `smollm3`, `phi3`,
-    /// `gemma`, `gemma2`, `gemma3_text`; `gemma3`'s text decoder).
+    /// `gemma`, `gemma2`, `gemma3_text`, `olmo2`; `gemma3`'s text decoder).
     Llama(LlamaForCausalLM),
     /// `gpt2`.
     Gpt2(Gpt2LmHeadModel),

@@ -55,7 +55,7 @@ pub enum AutoSequenceClassifier {
 }
 
 /// The `model_type`s [`AutoSequenceClassifier::from_pretrained`] loads.
-pub const CLASSIFIER_MODEL_TYPES: [&str; 11] = [
+pub const CLASSIFIER_MODEL_TYPES: [&str; 12] = [
     "bert",
     "llama",
     "mistral",
@@ -66,6 +66,7 @@ pub const CLASSIFIER_MODEL_TYPES: [&str; 11] = [
     "gemma",
     "gemma2",
     "gemma3_text",
+    "olmo2",
     "gpt2",
 ];
 

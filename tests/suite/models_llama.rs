@@ -19,7 +19,8 @@ use candle_nn::{VarBuilder, VarMap};
 use lorakit::checkpoint::Checkpoint;
 use lorakit::model::{AdapterPlan, ModuleSelector, RankAlpha, TargetSpec};
 use lorakit::models::llama::{
-    KvCache, LayerAttention, LlamaConfig, LlamaFamily, LlamaForCausalLM, RopeScaling,
+    KvCache, LayerAttention, LlamaConfig, LlamaFamily, LlamaForCausalLM, NormPlacement, QkNorm,
+    RopeScaling,
 };
 use lorakit::peft::PeftAdapter;
 use lorakit::LoraConfig;
@@ -28,7 +29,7 @@ use crate::checkpoint_merge::ckpt;
 use crate::peft_common::{fixture, load, rel_err};
 
 const TOL: f64 = 1e-4;
-const CASES: [&str; 15] = [
+const CASES: [&str; 16] = [
     "mistral",
     "qwen2",
     "qwen3",
@@ -44,6 +45,7 @@ const CASES: [&str; 15] = [
     "gemma2",
     "gemma3",
     "gemma3_mm",
+    "olmo2",
 ];
 
 pub(crate) fn models(case: &str) -> PathBuf {
@@ -384,7 +386,8 @@ fn fixture_configs_resolve_as_transformers_does() {
         m.layer_attention,
         vec![LayerAttention::Sliding { window: 4 }; 2]
     );
-    assert!(!m.qkv_bias && !m.o_bias && !m.mlp_bias && !m.qk_norm && !m.tie_word_embeddings);
+    assert!(!m.qkv_bias && !m.o_bias && !m.mlp_bias && !m.tie_word_embeddings);
+    assert_eq!(m.qk_norm, QkNorm::None);
 
     let q2 = cfg("qwen2");
     assert_eq!(q2.family, LlamaFamily::Qwen2);
@@ -392,8 +395,17 @@ fn fixture_configs_resolve_as_transformers_does() {
     assert_eq!(q2.layer_attention, vec![LayerAttention::Full; 2]);
     assert_eq!(q2.head_dim, 8);
 
+    // OLMo 2: transformers' Olmo2Config, whose attention_bias covers q/k/v/o.
+    let o2 = cfg("olmo2");
+    assert_eq!(o2.family, LlamaFamily::Olmo2);
+    assert_eq!(
+        (o2.norm_placement, o2.qk_norm),
+        (NormPlacement::Post, QkNorm::Whole)
+    );
+    assert!(o2.qkv_bias && o2.o_bias && !o2.mlp_bias && !o2.tie_word_embeddings);
+
     let q3 = cfg("qwen3");
-    assert!(q3.qk_norm && !q3.qkv_bias);
+    assert!(q3.qk_norm == QkNorm::PerHead && !q3.qkv_bias);
     assert_eq!(q3.head_dim, 16);
     assert_eq!(
         q3.layer_attention,
@@ -470,6 +482,17 @@ fn missing_keys_take_transformers_defaults_for_the_model_type() {
     assert_eq!(l.rms_norm_eps, 1e-6);
     assert_eq!(parse("mistral", "").num_key_value_heads, 8);
     assert_eq!(parse("qwen2", "").num_key_value_heads, 32);
+    // OLMo 2 (transformers 5.25's Olmo2Config): KV heads as the query heads, ε 1e-5, θ 1e4,
+    // 2048 positions, untied.
+    let o = parse("olmo2", "");
+    assert_eq!(
+        (o.num_key_value_heads, o.rms_norm_eps, o.rope_theta),
+        (32, 1e-5, 1e4)
+    );
+    assert_eq!(
+        (o.max_position_embeddings, o.tie_word_embeddings),
+        (2048, false)
+    );
     // `null` is "same as the query heads" for every model type.
     let null_kv = json("qwen2", r#""num_key_value_heads": null"#).replace(
         r#""num_attention_heads": 32"#,
@@ -1040,7 +1063,8 @@ fn gemma3_configs_read_as_transformers_reads_them() {
         c.hidden_act,
         lorakit::models::llama::GateActivation::GeluTanh
     );
-    assert!(c.unit_offset_norms && c.sandwich_norms && c.qk_norm && c.tie_word_embeddings);
+    assert!(c.unit_offset_norms && c.qk_norm == QkNorm::PerHead && c.tie_word_embeddings);
+    assert_eq!(c.norm_placement, NormPlacement::Sandwich);
     assert_eq!((c.head_dim, c.num_key_value_heads), (256, 1));
     assert_eq!(c.multipliers.attention_scale(c.head_dim), 1.0 / 16.0);
     assert_eq!(c.multipliers.embedding_multiplier, 1152f64.sqrt());
@@ -1128,7 +1152,8 @@ fn gemma_and_gemma2_configs_take_their_own_defaults() {
         (Some(50.0), Some(30.0))
     );
     assert_eq!((c.rope_theta, c.sliding_rope_theta), (1e4, None));
-    assert!(c.sandwich_norms && c.unit_offset_norms && !c.qk_norm && c.tie_word_embeddings);
+    assert!(c.unit_offset_norms && c.qk_norm == QkNorm::None && c.tie_word_embeddings);
+    assert_eq!(c.norm_placement, NormPlacement::Sandwich);
     assert_eq!(c.multipliers.attention_scale(c.head_dim), 1.0 / 16.0);
     let uncapped = r#""attn_logit_softcapping": null, "final_logit_softcapping": null"#;
     let c = LlamaConfig::from_json(&json("gemma2", uncapped)).unwrap();
@@ -1150,7 +1175,8 @@ fn gemma_and_gemma2_configs_take_their_own_defaults() {
     assert_eq!(c.layer_attention, [LayerAttention::Full; 3]);
     assert_eq!(c.multipliers.attention_scale(256), 1.0 / 16.0);
     assert_eq!(c.multipliers.embedding_multiplier, 128f64.sqrt());
-    assert!(c.unit_offset_norms && !c.sandwich_norms && c.final_logit_softcapping.is_none());
+    assert!(c.unit_offset_norms && c.final_logit_softcapping.is_none());
+    assert_eq!(c.norm_placement, NormPlacement::Pre);
     assert_eq!((c.head_dim, c.num_key_value_heads), (256, 16));
     let err = config_error("gemma", r#""hidden_act": "silu""#);
     assert!(err.contains("hidden_act") && err.contains("silu"), "{err}");
@@ -1379,11 +1405,13 @@ fn gradients_reach_adapters_through_norms_rope_and_softmax() {
     // differentiable path wherever a gradient flows. Qwen3: q/k norms, RoPE, GQA, a sliding
     // layer; phi4_partial: RoPE on part of each head, LongRoPE, the fused qkv_proj; gemma3:
     // Gemma's norms (1 + weight, after each branch too), its GELU gate and embedding scale;
-    // gemma2: soft-capped attention scores and logits.
+    // gemma2: soft-capped attention scores and logits; olmo2: norms after the branches only,
+    // q/k norms over the whole projections.
     check_gradients("qwen3", "q_proj");
     check_gradients("phi4_partial", "qkv_proj");
     check_gradients("gemma2", "q_proj");
     check_gradients("gemma3", "q_proj");
+    check_gradients("olmo2", "q_proj");
 }
 
 /// In f64 (no fused rms_norm there) the backward to a fresh LoRA on layer 0's `query`
@@ -1464,7 +1492,7 @@ const CACHE_TOL: f64 = 1e-5;
 /// Mistral (sliding window 4 on every layer, GQA), Qwen2 (q/k/v bias, tied head), Qwen3
 /// (q/k norm, a sliding layer), Gemma 2 (soft-capped scores and logits), Gemma 3 (a
 /// sliding layer with its own RoPE θ).
-const CACHE_CASES: [&str; 5] = ["mistral", "qwen2", "qwen3", "gemma2", "gemma3"];
+const CACHE_CASES: [&str; 6] = ["mistral", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2"];
 
 /// `(case, adapter?)` → the model: the base, then the PEFT LoRA.
 fn cache_models() -> Vec<(String, LlamaForCausalLM)> {

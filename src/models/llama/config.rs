@@ -11,6 +11,7 @@ use super::gemma::{self, GemmaKeys};
 use super::longrope::LongRopeScaling;
 use super::multimodal;
 use super::multipliers::Multipliers;
+use super::norm_layout::{NormPlacement, QkNorm};
 use super::rope_keys::RopeKeys;
 use super::yarn::YarnScaling;
 use crate::error::{Error, Result, Scope};
@@ -112,8 +113,8 @@ pub enum LayerAttention {
 ///   rotates only the first `int(head_dim · factor)` dimensions of each head; for the other
 ///   families a factor other than 1 is an error, as their attention rotates whole heads.
 /// - Biases: Llama has `attention_bias` on q/k/v/o and `mlp_bias` on the MLP; Qwen2 always
-///   has a bias on q/k/v and none on o or the MLP; Qwen3 has `attention_bias` on q/k/v/o;
-///   Mistral has none (transformers ignores these keys where this says so, and so does
+///   has a bias on q/k/v and none on o or the MLP; Qwen3, OLMo 2 and the Gemma families
+///   have `attention_bias` on q/k/v/o; Mistral has none (transformers ignores these keys where this says so, and so does
 ///   this).
 /// - Sliding window: Mistral applies `sliding_window` (when not null) on every layer;
 ///   Qwen2/Qwen3 apply it on the layers `layer_types` names `sliding_attention` (derived
@@ -206,14 +207,12 @@ pub struct LlamaConfig {
     /// Every RMSNorm multiplies by `1 + weight` (Gemma's checkpoints store the weight's
     /// offset from 1), not by `weight`.
     pub unit_offset_norms: bool,
-    /// Gemma 2's and 3's four norms per layer: `post_attention_layernorm` normalizes the attention's
-    /// output before its residual add, `pre_feedforward_layernorm` the MLP's input and
-    /// `post_feedforward_layernorm` its output (without: `post_attention_layernorm` is the
-    /// MLP's input norm, as in Llama).
-    pub sandwich_norms: bool,
-    /// RMSNorm over `head_dim` on queries and keys before RoPE (Qwen3's `q_norm`,
-    /// `k_norm`).
-    pub qk_norm: bool,
+    /// Where each layer normalizes: before each branch (Llama), before and after (Gemma 2
+    /// and 3), or after only (OLMo 2).
+    pub norm_placement: NormPlacement,
+    /// RMSNorm on queries and keys before RoPE: per head (Qwen3's and Gemma 3's `q_norm`,
+    /// `k_norm`) or over the whole projection (OLMo 2's).
+    pub qk_norm: QkNorm,
     /// Each layer's attention pattern (`num_hidden_layers` entries).
     pub layer_attention: Vec<LayerAttention>,
     /// Whether each layer rotates its queries and keys (`num_hidden_layers` entries): all
@@ -368,20 +367,16 @@ impl LlamaConfig {
 
     fn resolve(raw: RawConfig, gemma_keys: &GemmaKeys, file: &Path) -> Result<Self> {
         let invalid = |field: &'static str, reason: &str| Error::file_config(file, field, reason);
-        let model_type = raw.model_type.as_deref().ok_or_else(|| {
-            invalid(
-                "model_type",
-                "missing (llama, mistral, qwen2, qwen3, granite, smollm3, phi3, gemma, gemma2 \
-                 or gemma3_text expected)",
-            )
-        })?;
+        let all = LlamaFamily::model_types(|_| true);
+        let model_type = raw
+            .model_type
+            .as_deref()
+            .ok_or_else(|| invalid("model_type", &format!("missing (one of {all} expected)")))?;
         let family =
             LlamaFamily::from_model_type(model_type).ok_or_else(|| Error::Unsupported {
                 what: "model_type",
                 got: model_type.to_string(),
-                supported: "llama, mistral, qwen2, qwen3, granite, smollm3, phi3, gemma, \
-                            gemma2, gemma3_text"
-                    .to_string(),
+                supported: all.clone(),
             })?;
         // Required but for Gemma 3, which takes `Gemma3TextConfig`'s defaults (the Hub's
         // gemma3 configs leave most of them out).
@@ -432,9 +427,10 @@ impl LlamaConfig {
             Some(Some(n)) => n,
             Some(None) => num_attention_heads,
             None => match family {
-                LlamaFamily::Llama | LlamaFamily::Granite | LlamaFamily::Phi3 => {
-                    num_attention_heads
-                }
+                LlamaFamily::Llama
+                | LlamaFamily::Granite
+                | LlamaFamily::Phi3
+                | LlamaFamily::Olmo2 => num_attention_heads,
                 LlamaFamily::Mistral => 8,
                 LlamaFamily::SmolLm3 | LlamaFamily::Gemma2 | LlamaFamily::Gemma3 => 4,
                 LlamaFamily::Gemma => 16,
@@ -451,7 +447,7 @@ impl LlamaConfig {
             (_, _) => hidden_size / num_attention_heads,
         };
         let max_position_embeddings = raw.max_position_embeddings.unwrap_or(match family {
-            LlamaFamily::Llama | LlamaFamily::Granite => 2048,
+            LlamaFamily::Llama | LlamaFamily::Granite | LlamaFamily::Olmo2 => 2048,
             LlamaFamily::Gemma | LlamaFamily::Gemma2 => 8192,
             LlamaFamily::Phi3 => 4096,
             LlamaFamily::Mistral | LlamaFamily::Gemma3 => 131_072,
@@ -476,9 +472,11 @@ impl LlamaConfig {
             ),
             LlamaFamily::Mistral | LlamaFamily::Phi3 => (false, false, false),
             LlamaFamily::Qwen2 => (true, false, false),
-            LlamaFamily::Qwen3 | LlamaFamily::Gemma | LlamaFamily::Gemma2 | LlamaFamily::Gemma3 => {
-                (attention_bias, attention_bias, false)
-            }
+            LlamaFamily::Qwen3
+            | LlamaFamily::Gemma
+            | LlamaFamily::Gemma2
+            | LlamaFamily::Gemma3
+            | LlamaFamily::Olmo2 => (attention_bias, attention_bias, false),
             LlamaFamily::SmolLm3 => (
                 attention_bias,
                 attention_bias,
@@ -499,7 +497,7 @@ impl LlamaConfig {
             (None, _) => Some(4096),
         };
         let layer_attention = match family {
-            LlamaFamily::Llama | LlamaFamily::Granite => {
+            LlamaFamily::Llama | LlamaFamily::Granite | LlamaFamily::Olmo2 => {
                 vec![LayerAttention::Full; num_hidden_layers]
             }
             LlamaFamily::Gemma | LlamaFamily::Gemma2 | LlamaFamily::Gemma3 => {
@@ -549,7 +547,7 @@ impl LlamaConfig {
             num_key_value_heads,
             head_dim,
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(match family {
-                LlamaFamily::Phi3 => 1e-5,
+                LlamaFamily::Phi3 | LlamaFamily::Olmo2 => 1e-5,
                 _ => 1e-6,
             }),
             rope_theta,
@@ -567,8 +565,16 @@ impl LlamaConfig {
                 .as_ref()
                 .map_or(GateActivation::Silu, |g| g.hidden_act),
             unit_offset_norms: gemma,
-            sandwich_norms: matches!(family, LlamaFamily::Gemma2 | LlamaFamily::Gemma3),
-            qk_norm: matches!(family, LlamaFamily::Qwen3 | LlamaFamily::Gemma3),
+            norm_placement: match family {
+                LlamaFamily::Gemma2 | LlamaFamily::Gemma3 => NormPlacement::Sandwich,
+                LlamaFamily::Olmo2 => NormPlacement::Post,
+                _ => NormPlacement::Pre,
+            },
+            qk_norm: match family {
+                LlamaFamily::Qwen3 | LlamaFamily::Gemma3 => QkNorm::PerHead,
+                LlamaFamily::Olmo2 => QkNorm::Whole,
+                _ => QkNorm::None,
+            },
             layer_attention,
             layer_rope,
             fused_projections: family == LlamaFamily::Phi3,

@@ -57,9 +57,46 @@ pub enum LlamaFamily {
     /// soft-capping is read as Gemma 2's (none by default); bidirectional attention is
     /// refused.
     Gemma3,
+    /// `olmo2`: AllenAI's OLMo 2 (`Olmo2ForCausalLM`): no norm before attention or the MLP,
+    /// a norm after each instead ([`NormPlacement::Post`](super::NormPlacement::Post)),
+    /// RMSNorm over the whole query and key projections ([`QkNorm::Whole`](super::QkNorm::Whole))
+    /// before they are split into heads, norms multiplied in f32, `attention_bias` on
+    /// q/k/v/o, ε 1e-5 by default.
+    Olmo2,
 }
 
 impl LlamaFamily {
+    /// Every family, in the order errors list them.
+    pub const ALL: [LlamaFamily; 11] = [
+        Self::Llama,
+        Self::Mistral,
+        Self::Qwen2,
+        Self::Qwen3,
+        Self::Granite,
+        Self::SmolLm3,
+        Self::Phi3,
+        Self::Gemma,
+        Self::Gemma2,
+        Self::Gemma3,
+        Self::Olmo2,
+    ];
+
+    /// The `model_type`s of the families `which` admits, comma-separated (for errors).
+    ///
+    /// ```
+    /// use lorakit::models::llama::LlamaFamily;
+    /// let types = LlamaFamily::model_types(|f| f.is_gemma());
+    /// assert_eq!(types, "gemma, gemma2, gemma3_text");
+    /// ```
+    pub fn model_types(which: impl Fn(LlamaFamily) -> bool) -> String {
+        let types: Vec<&str> = Self::ALL
+            .into_iter()
+            .filter(|&f| which(f))
+            .map(Self::model_type)
+            .collect();
+        types.join(", ")
+    }
+
     /// The `model_type` transformers writes for it.
     ///
     /// ```
@@ -78,10 +115,11 @@ impl LlamaFamily {
             LlamaFamily::Gemma => "gemma",
             LlamaFamily::Gemma2 => "gemma2",
             LlamaFamily::Gemma3 => "gemma3_text",
+            LlamaFamily::Olmo2 => "olmo2",
         }
     }
 
-    /// The family of a `model_type`, if it is one of the ten, or `gemma3` (Gemma 3's image
+    /// The family of a `model_type`, if it is one of the eleven, or `gemma3` (Gemma 3's image
     /// and text checkpoints, whose text decoder is Gemma 3's: see
     /// [`LlamaConfig::multimodal`](super::LlamaConfig::multimodal)).
     ///
@@ -95,20 +133,7 @@ impl LlamaFamily {
         if model_type == GEMMA3_MULTIMODAL {
             return Some(Self::Gemma3);
         }
-        [
-            Self::Llama,
-            Self::Mistral,
-            Self::Qwen2,
-            Self::Qwen3,
-            Self::Granite,
-            Self::SmolLm3,
-            Self::Phi3,
-            Self::Gemma,
-            Self::Gemma2,
-            Self::Gemma3,
-        ]
-        .into_iter()
-        .find(|f| f.model_type() == model_type)
+        Self::ALL.into_iter().find(|f| f.model_type() == model_type)
     }
 }
 
@@ -122,5 +147,17 @@ impl LlamaFamily {
     /// ```
     pub fn is_gemma(self) -> bool {
         matches!(self, Self::Gemma | Self::Gemma2 | Self::Gemma3)
+    }
+
+    /// Whether transformers multiplies its RMSNorms' weights in f32 (the Gemma families,
+    /// OLMo 2) rather than in the input's dtype: the weight is kept in f32 for a
+    /// half-precision model.
+    ///
+    /// ```
+    /// use lorakit::models::llama::LlamaFamily;
+    /// assert!(LlamaFamily::Olmo2.norms_in_f32() && !LlamaFamily::Qwen3.norms_in_f32());
+    /// ```
+    pub fn norms_in_f32(self) -> bool {
+        self.is_gemma() || self == Self::Olmo2
     }
 }

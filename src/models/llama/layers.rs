@@ -23,6 +23,7 @@ use crate::models::{attention_op, fused};
 use super::activation::GateActivation;
 use super::config::{LayerAttention, LlamaConfig};
 use super::norm::RmsNorm;
+use super::norm_layout::{NormPlacement, QkNorm};
 use super::projections::{GateUpProjection, QkvProjection};
 use super::rope::RopeTables;
 
@@ -73,7 +74,8 @@ impl Masks {
     }
 }
 
-/// Grouped-query self-attention with RoPE (and Qwen3's per-head q/k RMSNorm).
+/// Grouped-query self-attention with RoPE (and Qwen3's per-head or OLMo 2's whole q/k
+/// RMSNorm).
 ///
 /// Split in two steps so that a KV cache can sit between them: [`Attention::project`]
 /// gives the rotated keys and values of the new positions (what a cache appends to), and
@@ -95,6 +97,8 @@ pub(crate) struct Attention {
     dropout: f64,
     /// Gemma 2's soft-capping of the scaled scores.
     softcap: Option<f64>,
+    /// Whether `q_norm` / `k_norm` normalize each head or the whole projection.
+    qk_norm: QkNorm,
 }
 
 impl Attention {
@@ -108,13 +112,18 @@ impl Attention {
         plan: &AdapterPlan,
     ) -> Result<Self> {
         let (h, q_out) = (c.hidden_size, c.num_attention_heads * c.head_dim);
-        let (q_norm, k_norm) = if c.qk_norm {
-            (
-                Some(RmsNorm::load(c, c.head_dim, vb.pp("q_norm"))?),
-                Some(RmsNorm::load(c, c.head_dim, vb.pp("k_norm"))?),
-            )
-        } else {
-            (None, None)
+        let kv_out = c.num_key_value_heads * c.head_dim;
+        let widths = match c.qk_norm {
+            QkNorm::None => None,
+            QkNorm::PerHead => Some((c.head_dim, c.head_dim)),
+            QkNorm::Whole => Some((q_out, kv_out)),
+        };
+        let (q_norm, k_norm) = match widths {
+            Some((q, k)) => (
+                Some(RmsNorm::load(c, q, vb.pp("q_norm"))?),
+                Some(RmsNorm::load(c, k, vb.pp("k_norm"))?),
+            ),
+            None => (None, None),
         };
         Ok(Self {
             qkv: QkvProjection::load(c, &vb, plan)?,
@@ -129,6 +138,7 @@ impl Attention {
             rotates,
             dropout: c.attention_dropout,
             softcap: c.attn_logit_softcapping,
+            qk_norm: c.qk_norm,
         })
     }
 
@@ -141,17 +151,24 @@ impl Attention {
         rope: &RopeTables,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
-        let (q, k, v) = self.qkv.forward(x)?;
+        let (mut q, mut k, v) = self.qkv.forward(x)?;
+        let normalize = |norm: &Option<RmsNorm>, t_: Tensor| match norm {
+            Some(norm) => norm.forward(&t_),
+            None => Ok(t_),
+        };
+        let whole = self.qk_norm == QkNorm::Whole;
+        if whole {
+            q = normalize(&self.q_norm, q)?;
+            k = normalize(&self.k_norm, k)?;
+        }
         let heads =
             |t_: Tensor, n: usize| -> Result<Tensor> { Ok(t_.reshape((b, t, n, self.head_dim))?) };
         let mut q = heads(q, self.n_heads)?;
         let mut k = heads(k, self.n_kv_heads)?;
         let v = heads(v, self.n_kv_heads)?;
-        if let Some(norm) = &self.q_norm {
-            q = norm.forward(&q)?;
-        }
-        if let Some(norm) = &self.k_norm {
-            k = norm.forward(&k)?;
+        if !whole {
+            q = normalize(&self.q_norm, q)?;
+            k = normalize(&self.k_norm, k)?;
         }
         let (q, k) = if self.rotates {
             (rope.apply_heads(&q)?, rope.apply_heads(&k)?)
@@ -247,18 +264,19 @@ impl Mlp {
     }
 }
 
-/// One decoder layer: pre-norm attention and pre-norm MLP, each with a residual (each
-/// branch times Granite's `residual_multiplier` when it is not 1). With Gemma 3's
-/// `sandwich_norms` each branch's output is normalized too before its residual add:
+/// One decoder layer: attention and the MLP, each with a residual (each branch times
+/// Granite's `residual_multiplier` when it is not 1), normalized where the config's
+/// [`NormPlacement`] says: before each branch (Llama), before and after (Gemma 2 and 3:
 /// `post_attention_layernorm` after attention, `pre_feedforward_layernorm` before the MLP
-/// and `post_feedforward_layernorm` after it.
+/// and `post_feedforward_layernorm` after it), or after only (OLMo 2).
 #[derive(Clone, Debug)]
 pub(crate) struct DecoderLayer {
-    input_layernorm: RmsNorm,
+    /// The attention's input norm (none in OLMo 2).
+    input_layernorm: Option<RmsNorm>,
     self_attn: Attention,
     /// The MLP's input norm (`post_attention_layernorm`; Gemma 3's
-    /// `pre_feedforward_layernorm`).
-    mlp_norm: RmsNorm,
+    /// `pre_feedforward_layernorm`; none in OLMo 2).
+    mlp_norm: Option<RmsNorm>,
     mlp: Mlp,
     /// Gemma 3's norm of the attention's output (its `post_attention_layernorm`).
     attention_output_norm: Option<RmsNorm>,
@@ -278,18 +296,31 @@ impl DecoderLayer {
         vb: VarBuilder,
         plan: &AdapterPlan,
     ) -> Result<Self> {
-        let norm = |name: &str| RmsNorm::load(c, c.hidden_size, vb.pp(name));
-        let (mlp_norm, attention_output_norm, mlp_output_norm) = if c.sandwich_norms {
-            (
-                norm("pre_feedforward_layernorm")?,
-                Some(norm("post_attention_layernorm")?),
-                Some(norm("post_feedforward_layernorm")?),
-            )
-        } else {
-            (norm("post_attention_layernorm")?, None, None)
-        };
+        let norm = |name: &str| RmsNorm::load(c, c.hidden_size, vb.pp(name)).map(Some);
+        // (input, MLP input, attention output, MLP output) norms.
+        let (input_layernorm, mlp_norm, attention_output_norm, mlp_output_norm) =
+            match c.norm_placement {
+                NormPlacement::Pre => (
+                    norm("input_layernorm")?,
+                    norm("post_attention_layernorm")?,
+                    None,
+                    None,
+                ),
+                NormPlacement::Sandwich => (
+                    norm("input_layernorm")?,
+                    norm("pre_feedforward_layernorm")?,
+                    norm("post_attention_layernorm")?,
+                    norm("post_feedforward_layernorm")?,
+                ),
+                NormPlacement::Post => (
+                    None,
+                    None,
+                    norm("post_attention_layernorm")?,
+                    norm("post_feedforward_layernorm")?,
+                ),
+            };
         Ok(Self {
-            input_layernorm: norm("input_layernorm")?,
+            input_layernorm,
             self_attn: Attention::load(c, (kind, rotates), vb.pp("self_attn"), plan)?,
             mlp_norm,
             mlp: Mlp::load(c, vb.pp("mlp"), plan)?,
@@ -336,22 +367,18 @@ impl DecoderLayer {
                     .to_string(),
             });
         }
-        let (attn, kv) = self.self_attn.forward_cached(
-            &self.input_layernorm.forward(x)?,
-            rope,
-            masks,
-            past,
-            how,
-            train,
-        )?;
-        let normed = |norm: &Option<RmsNorm>, branch: Tensor| match norm {
-            Some(norm) => norm.forward(&branch),
-            None => Ok(branch),
+        let normed = |norm: &Option<RmsNorm>, t_: &Tensor| match norm {
+            Some(norm) => norm.forward(t_),
+            None => Ok(t_.clone()),
         };
-        let x = self.add_residual(x, normed(&self.attention_output_norm, attn)?)?;
-        let mlp = self.mlp.forward(&self.mlp_norm.forward(&x)?)?;
+        let attention_input = normed(&self.input_layernorm, x)?;
+        let (attn, kv) =
+            self.self_attn
+                .forward_cached(&attention_input, rope, masks, past, how, train)?;
+        let x = self.add_residual(x, normed(&self.attention_output_norm, &attn)?)?;
+        let mlp = self.mlp.forward(&normed(&self.mlp_norm, &x)?)?;
         Ok((
-            self.add_residual(&x, normed(&self.mlp_output_norm, mlp)?)?,
+            self.add_residual(&x, normed(&self.mlp_output_norm, &mlp)?)?,
             kv,
         ))
     }

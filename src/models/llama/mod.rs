@@ -1,5 +1,5 @@
 //! The Llama family of decoders — Llama 2 / 3 / 3.x, TinyLlama, SmolLM, Mistral,
-//! Qwen2 / Qwen2.5, Qwen3, Granite 3.x, SmolLM3, Phi-3 / Phi-4 / Phi-4-mini, Gemma, Gemma 2,
+//! Qwen2 / Qwen2.5, Qwen3, Granite 3.x, SmolLM3, Phi-3 / Phi-4 / Phi-4-mini, OLMo 2, Gemma, Gemma 2,
 //! Gemma 3 (text; and the text decoder of the image-and-text checkpoints, whose modules sit
 //! under `model.language_model`: [`LlamaConfig::multimodal`]) — as one implementation with config switches ([`LlamaConfig`]), built on the model-level API so that PEFT's target names and every
 //! variant apply: [`LlamaForCausalLM`].
@@ -42,6 +42,7 @@ mod longrope;
 mod multimodal;
 mod multipliers;
 mod norm;
+mod norm_layout;
 mod projections;
 mod rope;
 mod rope_keys;
@@ -69,12 +70,13 @@ pub use config::{LayerAttention, LlamaConfig, RopeScaling};
 pub use family::{LlamaFamily, GEMMA3_MULTIMODAL};
 pub use longrope::LongRopeScaling;
 pub use multipliers::Multipliers;
+pub use norm_layout::{NormPlacement, QkNorm};
 use trunk::LlamaTrunk;
 pub use yarn::YarnScaling;
 
 /// A Llama-family causal language model (transformers' `LlamaForCausalLM`,
 /// `MistralForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`, `GraniteForCausalLM`,
-/// `SmolLM3ForCausalLM`, `Phi3ForCausalLM`, `GemmaForCausalLM`, `Gemma2ForCausalLM`,
+/// `SmolLM3ForCausalLM`, `Phi3ForCausalLM`, `Olmo2ForCausalLM`, `GemmaForCausalLM`, `Gemma2ForCausalLM`,
 /// `Gemma3ForCausalLM`; `Gemma3ForConditionalGeneration` on text, without its vision
 /// tower) whose linear layers and embedding come from an [`AdapterPlan`].
 ///

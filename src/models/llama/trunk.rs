@@ -279,8 +279,7 @@ fn check_classifiable(config: &LlamaConfig) -> Result<()> {
     let unsupported = |got: String| Error::Unsupported {
         what: "sequence classification for model_type",
         got,
-        supported: "llama, mistral, qwen2, qwen3, smollm3, phi3, gemma, gemma2, gemma3_text"
-            .to_string(),
+        supported: LlamaFamily::model_types(|f| f != LlamaFamily::Granite),
     };
     if config.family == LlamaFamily::Granite {
         return Err(unsupported(
