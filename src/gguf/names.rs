@@ -58,8 +58,8 @@ impl GgufArch {
     }
 
     /// The architecture llama.cpp's converter gives a checkpoint of this family. Granite,
-    /// SmolLM3, Phi-3, the Gemma families and OLMo 2 (llama.cpp's `granite`, `smollm3`,
-    /// `phi3`, `gemma`, `gemma2`, `gemma3` and `olmo2`, whose extra keys, norms and fused
+    /// SmolLM3, Phi-3, the Gemma families and OLMo 2 and 3 (llama.cpp's `granite`, `smollm3`,
+    /// `phi3`, `gemma`, `gemma2`, `gemma3`, `olmo2` and `olmo3`, whose extra keys, norms and fused
     /// tensors lorakit does not map) are errors naming them.
     ///
     /// ```
@@ -81,7 +81,8 @@ impl GgufArch {
             | LlamaFamily::Gemma
             | LlamaFamily::Gemma2
             | LlamaFamily::Gemma3
-            | LlamaFamily::Olmo2 => Err(Error::Unsupported {
+            | LlamaFamily::Olmo2
+            | LlamaFamily::Olmo3 => Err(Error::Unsupported {
                 what: "GGUF architecture for model_type",
                 got: family.model_type().to_string(),
                 supported: "llama, mistral, qwen2, qwen3".to_string(),

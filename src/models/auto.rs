@@ -18,13 +18,13 @@ use super::llama::{KvCache, LlamaConfig, LlamaFamily, LlamaForCausalLM, GEMMA3_M
 /// ```
 /// use lorakit::models::auto::SUPPORTED_MODEL_TYPES;
 /// use lorakit::models::llama::LlamaFamily;
-/// // The Llama family's eleven, Gemma 3's image-and-text checkpoints (for their text
+/// // The Llama family's twelve, Gemma 3's image-and-text checkpoints (for their text
 /// // decoder), and GPT-2.
 /// let llama = SUPPORTED_MODEL_TYPES.iter().filter(|t| LlamaFamily::from_model_type(t).is_some());
-/// assert_eq!(llama.count(), 12);
+/// assert_eq!(llama.count(), 13);
 /// assert!(SUPPORTED_MODEL_TYPES.contains(&"gpt2"));
 /// ```
-pub const SUPPORTED_MODEL_TYPES: [&str; 13] = [
+pub const SUPPORTED_MODEL_TYPES: [&str; 14] = [
     "llama",
     "mistral",
     "qwen2",
@@ -37,6 +37,7 @@ pub const SUPPORTED_MODEL_TYPES: [&str; 13] = [
     "gemma3_text",
     "gemma3",
     "olmo2",
+    "olmo3",
     "gpt2",
 ];
 
@@ -94,7 +95,7 @@ impl Architecture {
 #[derive(Clone, Debug)]
 pub enum AutoCausalLm {
     /// The Llama family (`llama`, `mistral`, `qwen2`, `qwen3`, `granite`, `smollm3`, `phi3`,
-    /// `gemma`, `gemma2`, `gemma3_text`, `olmo2`; `gemma3`'s text decoder).
+    /// `gemma`, `gemma2`, `gemma3_text`, `olmo2`, `olmo3`; `gemma3`'s text decoder).
     Llama(LlamaForCausalLM),
     /// `gpt2`.
     Gpt2(Gpt2LmHeadModel),

@@ -55,7 +55,7 @@ pub enum AutoSequenceClassifier {
 }
 
 /// The `model_type`s [`AutoSequenceClassifier::from_pretrained`] loads.
-pub const CLASSIFIER_MODEL_TYPES: [&str; 12] = [
+pub const CLASSIFIER_MODEL_TYPES: [&str; 13] = [
     "bert",
     "llama",
     "mistral",
@@ -67,6 +67,7 @@ pub const CLASSIFIER_MODEL_TYPES: [&str; 12] = [
     "gemma2",
     "gemma3_text",
     "olmo2",
+    "olmo3",
     "gpt2",
 ];
 

@@ -29,7 +29,7 @@ use crate::checkpoint_merge::ckpt;
 use crate::peft_common::{fixture, load, rel_err};
 
 const TOL: f64 = 1e-4;
-const CASES: [&str; 16] = [
+const CASES: [&str; 17] = [
     "mistral",
     "qwen2",
     "qwen3",
@@ -46,6 +46,7 @@ const CASES: [&str; 16] = [
     "gemma3",
     "gemma3_mm",
     "olmo2",
+    "olmo3",
 ];
 
 pub(crate) fn models(case: &str) -> PathBuf {
@@ -403,6 +404,19 @@ fn fixture_configs_resolve_as_transformers_does() {
         (NormPlacement::Post, QkNorm::Whole)
     );
     assert!(o2.qkv_bias && o2.o_bias && !o2.mlp_bias && !o2.tie_word_embeddings);
+    // OLMo 3: OLMo 2's layers, sliding layers with their own unscaled RoPE, YaRN on the
+    // full-attention ones (transformers' Olmo3Config and its rotary embedding per type).
+    let o3 = cfg("olmo3");
+    assert_eq!(
+        (o3.norm_placement, o3.qk_norm),
+        (o2.norm_placement, o2.qk_norm)
+    );
+    assert_eq!(
+        o3.layer_attention,
+        [LayerAttention::Sliding { window: 4 }, LayerAttention::Full]
+    );
+    assert_eq!((o3.rope_theta, o3.sliding_rope_theta), (5e5, Some(1e4)));
+    assert!(matches!(o3.rope_scaling, RopeScaling::Yarn(ref y) if y.factor == 2.0));
 
     let q3 = cfg("qwen3");
     assert!(q3.qk_norm == QkNorm::PerHead && !q3.qkv_bias);
@@ -493,6 +507,19 @@ fn missing_keys_take_transformers_defaults_for_the_model_type() {
         (o.max_position_embeddings, o.tie_word_embeddings),
         (2048, false)
     );
+    // OLMo 3: θ 5e5 on both layer types, three sliding layers in four (window 4096).
+    let o = LlamaConfig::from_json(
+        &json("olmo3", "").replace(r#""num_hidden_layers": 3"#, r#""num_hidden_layers": 8"#),
+    )
+    .unwrap();
+    assert_eq!((o.rope_theta, o.sliding_rope_theta), (5e5, Some(5e5)));
+    let full: Vec<usize> = (0..8)
+        .filter(|&i| o.layer_attention[i] == LayerAttention::Full)
+        .collect();
+    assert_eq!(full, [3, 7]);
+    assert!(o
+        .layer_attention
+        .contains(&LayerAttention::Sliding { window: 4096 }));
     // `null` is "same as the query heads" for every model type.
     let null_kv = json("qwen2", r#""num_key_value_heads": null"#).replace(
         r#""num_attention_heads": 32"#,
@@ -1412,6 +1439,7 @@ fn gradients_reach_adapters_through_norms_rope_and_softmax() {
     check_gradients("gemma2", "q_proj");
     check_gradients("gemma3", "q_proj");
     check_gradients("olmo2", "q_proj");
+    check_gradients("olmo3", "q_proj");
 }
 
 /// In f64 (no fused rms_norm there) the backward to a fresh LoRA on layer 0's `query`
@@ -1492,7 +1520,9 @@ const CACHE_TOL: f64 = 1e-5;
 /// Mistral (sliding window 4 on every layer, GQA), Qwen2 (q/k/v bias, tied head), Qwen3
 /// (q/k norm, a sliding layer), Gemma 2 (soft-capped scores and logits), Gemma 3 (a
 /// sliding layer with its own RoPE θ).
-const CACHE_CASES: [&str; 6] = ["mistral", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2"];
+const CACHE_CASES: [&str; 7] = [
+    "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2", "olmo3",
+];
 
 /// `(case, adapter?)` → the model: the base, then the PEFT LoRA.
 fn cache_models() -> Vec<(String, LlamaForCausalLM)> {

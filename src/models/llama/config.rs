@@ -7,7 +7,8 @@ use serde_json::{Map, Value};
 
 use super::activation::GateActivation;
 use super::family::{LlamaFamily, GEMMA3_MULTIMODAL};
-use super::gemma::{self, GemmaKeys};
+use super::gemma::GemmaKeys;
+use super::layer_types;
 use super::longrope::LongRopeScaling;
 use super::multimodal;
 use super::multipliers::Multipliers;
@@ -107,8 +108,8 @@ pub enum LayerAttention {
 ///   `rope_scaling` wins over `rope_parameters`, a `rope_theta` inside them over the
 ///   top-level one. `default`, `linear`, `llama3`, `yarn` ([`YarnScaling`]) and, for
 ///   `phi3`, `longrope` ([`LongRopeScaling`]) are supported; any other `rope_type`
-///   (`dynamic`, ...) and per-layer-type RoPE parameters (but Gemma 3's, nested by
-///   `full_attention` / `sliding_attention`) are errors naming them. `partial_rotary_factor`
+///   (`dynamic`, ...) and per-layer-type RoPE parameters (but Gemma 3's and OLMo 3's,
+///   nested by `full_attention` / `sliding_attention`) are errors naming them. `partial_rotary_factor`
 ///   (inside the RoPE parameters first, then top-level) is read for `phi3`, whose attention
 ///   rotates only the first `int(head_dim · factor)` dimensions of each head; for the other
 ///   families a factor other than 1 is an error, as their attention rotates whole heads.
@@ -120,9 +121,9 @@ pub enum LayerAttention {
 ///   Qwen2/Qwen3 apply it on the layers `layer_types` names `sliding_attention` (derived
 ///   from `max_window_layers` when absent) and only when `use_sliding_window` is true
 ///   (Qwen2.5's configs set a `sliding_window` with `use_sliding_window: false`: full
-///   attention everywhere); Llama has none; Gemma 2 and 3 slide on the layers `layer_types`
-///   names (by default every other layer, Gemma 2; five in six, Gemma 3's
-///   `sliding_window_pattern`).
+///   attention everywhere); Llama and OLMo 2 have none; Gemma 2 and 3 and OLMo 3 slide on
+///   the layers `layer_types` names (by default every other layer, Gemma 2; five in six,
+///   Gemma 3's `sliding_window_pattern`; three in four, OLMo 3).
 /// - `hidden_act` must be `silu` (or its alias `swish`), but for the Gemma families: a
 ///   GELU-tanh gate (see [`LlamaFamily`] for their other keys: `query_pre_attn_scalar`,
 ///   the soft-capping, `rope_local_base_freq`); a `quantization_config` is refused
@@ -187,7 +188,8 @@ pub struct LlamaConfig {
     /// first [`LlamaConfig::rotary_dim`] dimensions rotate, the rest pass unchanged.
     pub partial_rotary_factor: f64,
     /// The sliding-window layers' own RoPE θ, with unscaled frequencies (Gemma 3's
-    /// `rope_local_base_freq`); `None`: they rotate as the other layers.
+    /// `rope_local_base_freq`; OLMo 3's sliding layers' RoPE parameters); `None`: they rotate
+    /// as the other layers.
     pub sliding_rope_theta: Option<f64>,
     /// The configured context length (only the default for llama3's
     /// `original_max_position_embeddings`; longer inputs are not refused, as in
@@ -430,7 +432,8 @@ impl LlamaConfig {
                 LlamaFamily::Llama
                 | LlamaFamily::Granite
                 | LlamaFamily::Phi3
-                | LlamaFamily::Olmo2 => num_attention_heads,
+                | LlamaFamily::Olmo2
+                | LlamaFamily::Olmo3 => num_attention_heads,
                 LlamaFamily::Mistral => 8,
                 LlamaFamily::SmolLm3 | LlamaFamily::Gemma2 | LlamaFamily::Gemma3 => 4,
                 LlamaFamily::Gemma => 16,
@@ -447,21 +450,32 @@ impl LlamaConfig {
             (_, _) => hidden_size / num_attention_heads,
         };
         let max_position_embeddings = raw.max_position_embeddings.unwrap_or(match family {
-            LlamaFamily::Llama | LlamaFamily::Granite | LlamaFamily::Olmo2 => 2048,
+            LlamaFamily::Llama | LlamaFamily::Granite | LlamaFamily::Olmo2 | LlamaFamily::Olmo3 => {
+                2048
+            }
             LlamaFamily::Gemma | LlamaFamily::Gemma2 => 8192,
             LlamaFamily::Phi3 => 4096,
             LlamaFamily::Mistral | LlamaFamily::Gemma3 => 131_072,
             LlamaFamily::Qwen2 | LlamaFamily::Qwen3 | LlamaFamily::SmolLm3 => 32_768,
         });
 
-        let gemma3 = family == LlamaFamily::Gemma3;
-        let (rope_theta, rope_scaling, partial_rotary_factor, sliding_rope_theta) = if gemma3 {
-            gemma3_rope(&raw, gemma_keys, max_position_embeddings, file)?
-        } else {
-            let (theta, scaling, partial) =
-                resolve_rope(&raw, max_position_embeddings, family, file)?;
-            (theta, scaling, partial, None)
+        let sizes = (family, max_position_embeddings);
+        let layered = match family {
+            LlamaFamily::Gemma3 => Some((
+                (raw.rope_theta, 1_000_000.0),
+                (gemma_keys.rope_local_base_freq, 10_000.0),
+            )),
+            LlamaFamily::Olmo3 => Some(((raw.rope_theta, 500_000.0), (raw.rope_theta, 500_000.0))),
+            _ => None,
         };
+        let (rope_theta, rope_scaling, partial_rotary_factor, sliding_rope_theta) =
+            if let Some(thetas) = layered {
+                layer_type_rope(&raw, thetas, sizes, file)?
+            } else {
+                let (theta, scaling, partial) =
+                    resolve_rope(&raw, max_position_embeddings, family, file)?;
+                (theta, scaling, partial, None)
+            };
 
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let (qkv_bias, o_bias, mlp_bias) = match family {
@@ -476,7 +490,8 @@ impl LlamaConfig {
             | LlamaFamily::Gemma
             | LlamaFamily::Gemma2
             | LlamaFamily::Gemma3
-            | LlamaFamily::Olmo2 => (attention_bias, attention_bias, false),
+            | LlamaFamily::Olmo2
+            | LlamaFamily::Olmo3 => (attention_bias, attention_bias, false),
             LlamaFamily::SmolLm3 => (
                 attention_bias,
                 attention_bias,
@@ -503,6 +518,14 @@ impl LlamaConfig {
             LlamaFamily::Gemma | LlamaFamily::Gemma2 | LlamaFamily::Gemma3 => {
                 let types = raw.layer_types.as_deref();
                 let names = gemma_keys.layer_type_names(family, types, num_hidden_layers, file)?;
+                layer_kinds(&names, window, "sliding_window is null", file)?
+            }
+            LlamaFamily::Olmo3 => {
+                // Olmo3Config's default: every fourth layer full attention.
+                let names = raw
+                    .layer_types
+                    .clone()
+                    .unwrap_or_else(|| layer_types::every_nth_full(num_hidden_layers, 4));
                 layer_kinds(&names, window, "sliding_window is null", file)?
             }
             LlamaFamily::Mistral | LlamaFamily::Phi3 => {
@@ -547,7 +570,7 @@ impl LlamaConfig {
             num_key_value_heads,
             head_dim,
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(match family {
-                LlamaFamily::Phi3 | LlamaFamily::Olmo2 => 1e-5,
+                LlamaFamily::Phi3 | LlamaFamily::Olmo2 | LlamaFamily::Olmo3 => 1e-5,
                 _ => 1e-6,
             }),
             rope_theta,
@@ -567,12 +590,12 @@ impl LlamaConfig {
             unit_offset_norms: gemma,
             norm_placement: match family {
                 LlamaFamily::Gemma2 | LlamaFamily::Gemma3 => NormPlacement::Sandwich,
-                LlamaFamily::Olmo2 => NormPlacement::Post,
+                LlamaFamily::Olmo2 | LlamaFamily::Olmo3 => NormPlacement::Post,
                 _ => NormPlacement::Pre,
             },
             qk_norm: match family {
                 LlamaFamily::Qwen3 | LlamaFamily::Gemma3 => QkNorm::PerHead,
-                LlamaFamily::Olmo2 => QkNorm::Whole,
+                LlamaFamily::Olmo2 | LlamaFamily::Olmo3 => QkNorm::Whole,
                 _ => QkNorm::None,
             },
             layer_attention,
@@ -887,7 +910,7 @@ pub(super) fn resolve_rope(
         return Err(Error::Unsupported {
             what: "per-layer-type RoPE parameters",
             got: key.clone(),
-            supported: "one rope_parameters for every layer (per layer type: gemma3_text)"
+            supported: "one rope_parameters for every layer (per layer type: gemma3_text, olmo3)"
                 .to_string(),
         });
     }
@@ -895,27 +918,27 @@ pub(super) fn resolve_rope(
     resolve_rope_map(rope, theta, raw, max_position_embeddings, family, file)
 }
 
-/// Gemma 3's RoPE: the full-attention layers' θ (default 1 000 000), scaling (Gemma 3 4B+:
-/// `linear`, factor 8) and partial factor, and the sliding layers' θ
-/// (`rope_local_base_freq`, default 10 000; unscaled).
-fn gemma3_rope(
+/// RoPE per layer type (Gemma 3, OLMo 3): the full-attention layers' θ (`full_theta`: the
+/// top-level θ and the family's default, for a dict without one), scaling (Gemma 3 4B+:
+/// `linear`, factor 8; OLMo 3: YaRN) and partial factor, and the sliding layers' θ
+/// (`sliding_theta` likewise: Gemma 3's `rope_local_base_freq`, default 10 000; OLMo 3's
+/// top-level θ), which are unscaled.
+fn layer_type_rope(
     raw: &RawConfig,
-    gemma_keys: &GemmaKeys,
-    max_position_embeddings: usize,
+    (full_theta, sliding_theta): ((Option<f64>, f64), (Option<f64>, f64)),
+    (family, max): (LlamaFamily, usize),
     file: &Path,
 ) -> Result<(f64, RopeScaling, f64, Option<f64>)> {
     let empty = Map::new();
-    let (params, scaling) = (raw.rope_parameters.as_ref(), raw.rope_scaling.as_ref());
-    let (full, sliding) = gemma::rope_maps(params, scaling, &empty, file)?;
-    let (family, max) = (LlamaFamily::Gemma3, max_position_embeddings);
-    let full_theta = (raw.rope_theta, 1_000_000.0);
+    let given = (raw.rope_parameters.as_ref(), raw.rope_scaling.as_ref());
+    let (full, sliding) = layer_types::rope_maps(family.model_type(), given, &empty, file)?;
     let (theta, scaling, partial) = resolve_rope_map(full, full_theta, raw, max, family, file)?;
-    let local_theta = (gemma_keys.rope_local_base_freq, 10_000.0);
-    let (local, local_scaling, _) = resolve_rope_map(sliding, local_theta, raw, max, family, file)?;
+    let (local, local_scaling, _) =
+        resolve_rope_map(sliding, sliding_theta, raw, max, family, file)?;
     if local_scaling != RopeScaling::None {
         return Err(Error::Unsupported {
-            what: "RoPE scaling on gemma3_text's sliding_attention layers",
-            got: format!("{local_scaling:?}"),
+            what: "RoPE scaling on sliding_attention layers",
+            got: format!("{local_scaling:?} for {}", family.model_type()),
             supported: "default RoPE there (scaling on full_attention layers only)".to_string(),
         });
     }

@@ -63,11 +63,15 @@ pub enum LlamaFamily {
     /// before they are split into heads, norms multiplied in f32, `attention_bias` on
     /// q/k/v/o, ε 1e-5 by default.
     Olmo2,
+    /// `olmo3`: AllenAI's OLMo 3 (`Olmo3ForCausalLM`): OLMo 2 with sliding layers (three in
+    /// four by default, window 4096) and RoPE per layer type (scaling, e.g. YaRN, on the
+    /// full-attention layers only), θ 500 000 by default.
+    Olmo3,
 }
 
 impl LlamaFamily {
     /// Every family, in the order errors list them.
-    pub const ALL: [LlamaFamily; 11] = [
+    pub const ALL: [LlamaFamily; 12] = [
         Self::Llama,
         Self::Mistral,
         Self::Qwen2,
@@ -79,6 +83,7 @@ impl LlamaFamily {
         Self::Gemma2,
         Self::Gemma3,
         Self::Olmo2,
+        Self::Olmo3,
     ];
 
     /// The `model_type`s of the families `which` admits, comma-separated (for errors).
@@ -116,10 +121,11 @@ impl LlamaFamily {
             LlamaFamily::Gemma2 => "gemma2",
             LlamaFamily::Gemma3 => "gemma3_text",
             LlamaFamily::Olmo2 => "olmo2",
+            LlamaFamily::Olmo3 => "olmo3",
         }
     }
 
-    /// The family of a `model_type`, if it is one of the eleven, or `gemma3` (Gemma 3's image
+    /// The family of a `model_type`, if it is one of the twelve, or `gemma3` (Gemma 3's image
     /// and text checkpoints, whose text decoder is Gemma 3's: see
     /// [`LlamaConfig::multimodal`](super::LlamaConfig::multimodal)).
     ///
@@ -150,7 +156,7 @@ impl LlamaFamily {
     }
 
     /// Whether transformers multiplies its RMSNorms' weights in f32 (the Gemma families,
-    /// OLMo 2) rather than in the input's dtype: the weight is kept in f32 for a
+    /// OLMo 2 and 3) rather than in the input's dtype: the weight is kept in f32 for a
     /// half-precision model.
     ///
     /// ```
@@ -158,6 +164,6 @@ impl LlamaFamily {
     /// assert!(LlamaFamily::Olmo2.norms_in_f32() && !LlamaFamily::Qwen3.norms_in_f32());
     /// ```
     pub fn norms_in_f32(self) -> bool {
-        self.is_gemma() || self == Self::Olmo2
+        self.is_gemma() || matches!(self, Self::Olmo2 | Self::Olmo3)
     }
 }

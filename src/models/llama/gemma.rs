@@ -6,15 +6,12 @@
 use std::path::Path;
 
 use serde::Deserialize;
-use serde_json::{Map, Value};
 
 use super::activation::GateActivation;
 use super::family::LlamaFamily;
+use super::layer_types::every_nth_full;
 use super::multipliers::Multipliers;
 use crate::error::{Error, Result};
-
-/// One RoPE dict of a `config.json`.
-type RopeMap = Map<String, Value>;
 
 /// The keys only the Gemma families read (from the same `config.json`, apart from the
 /// others).
@@ -37,40 +34,6 @@ pub(super) struct GemmaSettings {
     pub(super) multipliers: Multipliers,
     /// `(attention scores, logits)` soft-capping.
     pub(super) softcaps: (Option<f64>, Option<f64>),
-}
-
-/// The RoPE dicts of the full-attention and the sliding layers, as transformers 5 finds them
-/// (`Gemma3TextConfig.convert_rope_params_to_dict`): a `rope_parameters` nested by layer type
-/// (`full_attention`, `sliding_attention`), or the 4.x form, whose `rope_scaling` applies to
-/// the full-attention layers (the sliding ones: an empty dict).
-pub(super) fn rope_maps<'a>(
-    rope_parameters: Option<&'a RopeMap>,
-    rope_scaling: Option<&'a RopeMap>,
-    empty: &'a RopeMap,
-    file: &Path,
-) -> Result<(&'a RopeMap, &'a RopeMap)> {
-    let invalid = |field: &'static str, reason: String| Error::file_config(file, field, reason);
-    let Some(nested) = rope_parameters.filter(|m| !m.is_empty()) else {
-        return Ok((rope_scaling.unwrap_or(empty), empty));
-    };
-    if let Some(key) = nested
-        .keys()
-        .find(|k| *k != "full_attention" && *k != "sliding_attention")
-    {
-        return Err(invalid(
-            "rope_parameters",
-            format!(
-                "gemma3_text nests them by layer type (full_attention, sliding_attention); \
-                 got key `{key}`"
-            ),
-        ));
-    }
-    let part = |key: &'static str| match nested.get(key) {
-        None | Some(Value::Null) => Ok(empty),
-        Some(Value::Object(map)) => Ok(map),
-        Some(other) => Err(invalid(key, format!("expected an object, got {other}"))),
-    };
-    Ok((part("full_attention")?, part("sliding_attention")?))
 }
 
 impl GemmaKeys {
@@ -100,15 +63,7 @@ impl GemmaKeys {
                 "must be at least 1, got 0",
             ));
         }
-        Ok((0..layers)
-            .map(|i| {
-                if (i + 1).is_multiple_of(pattern) {
-                    "full_attention".to_string()
-                } else {
-                    "sliding_attention".to_string()
-                }
-            })
-            .collect())
+        Ok(every_nth_full(layers, pattern))
     }
 
     /// The gate activation (Gemma's `hidden_act`, Gemma 2's and 3's `hidden_activation`,

@@ -1,5 +1,5 @@
 //! The Llama family of decoders — Llama 2 / 3 / 3.x, TinyLlama, SmolLM, Mistral,
-//! Qwen2 / Qwen2.5, Qwen3, Granite 3.x, SmolLM3, Phi-3 / Phi-4 / Phi-4-mini, OLMo 2, Gemma, Gemma 2,
+//! Qwen2 / Qwen2.5, Qwen3, Granite 3.x, SmolLM3, Phi-3 / Phi-4 / Phi-4-mini, OLMo 2 and 3, Gemma, Gemma 2,
 //! Gemma 3 (text; and the text decoder of the image-and-text checkpoints, whose modules sit
 //! under `model.language_model`: [`LlamaConfig::multimodal`]) — as one implementation with config switches ([`LlamaConfig`]), built on the model-level API so that PEFT's target names and every
 //! variant apply: [`LlamaForCausalLM`].
@@ -37,6 +37,7 @@ mod config;
 mod family;
 mod gemma;
 mod generate;
+mod layer_types;
 mod layers;
 mod longrope;
 mod multimodal;
@@ -76,7 +77,7 @@ pub use yarn::YarnScaling;
 
 /// A Llama-family causal language model (transformers' `LlamaForCausalLM`,
 /// `MistralForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`, `GraniteForCausalLM`,
-/// `SmolLM3ForCausalLM`, `Phi3ForCausalLM`, `Olmo2ForCausalLM`, `GemmaForCausalLM`, `Gemma2ForCausalLM`,
+/// `SmolLM3ForCausalLM`, `Phi3ForCausalLM`, `Olmo2ForCausalLM`, `Olmo3ForCausalLM`, `GemmaForCausalLM`, `Gemma2ForCausalLM`,
 /// `Gemma3ForCausalLM`; `Gemma3ForConditionalGeneration` on text, without its vision
 /// tower) whose linear layers and embedding come from an [`AdapterPlan`].
 ///
