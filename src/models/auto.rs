@@ -22,6 +22,7 @@ use super::llama::{KvCache, LlamaConfig, LlamaFamily, LlamaForCausalLM, GEMMA3_M
 /// // decoder), and GPT-2.
 /// let llama = SUPPORTED_MODEL_TYPES.iter().filter(|t| LlamaFamily::from_model_type(t).is_some());
 /// assert_eq!(llama.count(), 13);
+/// assert!(LlamaFamily::ALL.iter().all(|f| SUPPORTED_MODEL_TYPES.contains(&f.model_type())));
 /// assert!(SUPPORTED_MODEL_TYPES.contains(&"gpt2"));
 /// ```
 pub const SUPPORTED_MODEL_TYPES: [&str; 14] = [

@@ -55,6 +55,17 @@ pub enum AutoSequenceClassifier {
 }
 
 /// The `model_type`s [`AutoSequenceClassifier::from_pretrained`] loads.
+///
+/// ```
+/// use lorakit::models::CLASSIFIER_MODEL_TYPES;
+/// use lorakit::models::llama::LlamaFamily;
+/// // Every Llama family but Granite (transformers has no classifier for it), BERT, GPT-2.
+/// for family in LlamaFamily::ALL {
+///     let listed = CLASSIFIER_MODEL_TYPES.contains(&family.model_type());
+///     assert_eq!(listed, family != LlamaFamily::Granite, "{family:?}");
+/// }
+/// assert_eq!(CLASSIFIER_MODEL_TYPES.len(), LlamaFamily::ALL.len() - 1 + 2);
+/// ```
 pub const CLASSIFIER_MODEL_TYPES: [&str; 13] = [
     "bert",
     "llama",
