@@ -38,7 +38,7 @@ the pieces a training step is made of, timed alone at the step's shapes (forward
 forward + backward from a fixed random upstream gradient), times their count per step; and a
 `torch.profiler` table of two PyTorch training steps.
 
-    python3 benches/llama_compare.py [--family llama|gemma2|gemma3] [--quick] [--rounds 3] [--threads 2] [--steps 10]
+    python3 benches/llama_compare.py [--family llama|gemma2|gemma3|olmo2] [--quick] [--rounds 3] [--threads 2] [--steps 10]
         [--gen-tokens 128] [--lorakit-bin PATH | --no-build] [--no-ops]
         [--markdown FILE] [--json FILE]
 
@@ -47,7 +47,9 @@ times 1 + weight, four per layer and q/k norms, a GELU-tanh gate, every other la
 over 128 positions with its own RoPE θ; GEMMA3_EXTRA), training and generation only (the
 per-op run is Llama's). `--family gemma2`: Gemma 2 at the same keys, with its default
 soft-capping of attention scores (50) and logits (30) (PyTorch: eager attention, as
-transformers runs Gemma 2).
+transformers runs Gemma 2). `--family olmo2`: the same sizes as OLMo 2 (`Olmo2ForCausalLM`:
+norms after attention and the MLP only, q/k norms over the whole projections), training and
+generation only.
 
 `--quick`: one round, 2 timed steps, 32 new tokens, short per-op budgets (a check that
 everything runs, not a measurement).
@@ -83,12 +85,20 @@ SHAPE = dict(
 GEMMA3_EXTRA = dict(head_dim=64, query_pre_attn_scalar=64, sliding_window=128, sliding_window_pattern=2)
 # --family gemma2: the same keys but the pattern (Gemma 2 alternates by itself), and Gemma 2's
 # default soft-capping (attention scores 50, logits 30).
-FAMILY_NAMES = {"gemma2": "Gemma 2", "gemma3": "Gemma 3"}
+FAMILY_NAMES = {"gemma2": "Gemma 2", "gemma3": "Gemma 3", "olmo2": "OLMo 2"}
+
+
+def family_label(family):
+    """The model's name in the report, with the keys set besides SHAPE's."""
+    if family == "llama":
+        return "Llama"
+    extra = ", ".join(f"{k} {v}" for k, v in family_extra(family).items())
+    return FAMILY_NAMES[family] + (f" ({extra})" if extra else "")
 
 
 def family_extra(family):
     """The Gemma keys set besides SHAPE's for `family` (none for llama)."""
-    if family == "llama":
+    if family in ("llama", "olmo2"):
         return {}
     return {k: v for k, v in GEMMA3_EXTRA.items() if family == "gemma3" or k != "sliding_window_pattern"}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -117,7 +127,7 @@ def torch_setup(threads, family="llama", seed=0):
     rss_import = rss_mib()
     torch.set_num_threads(threads)
     from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig,
-                              LlamaConfig, LlamaForCausalLM)
+                              LlamaConfig, LlamaForCausalLM, Olmo2Config, Olmo2ForCausalLM)
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
@@ -127,6 +137,9 @@ def torch_setup(threads, family="llama", seed=0):
     elif family == "gemma2":
         # Gemma 2's own alternation; its soft-capping defaults (scores 50, logits 30)
         model = Gemma2ForCausalLM(Gemma2Config(**SHAPE, **family_extra(family)))
+    elif family == "olmo2":
+        # norms after attention and the MLP only, q/k norms over the whole projections
+        model = Olmo2ForCausalLM(Olmo2Config(**SHAPE))
     else:
         model = LlamaForCausalLM(LlamaConfig(**SHAPE))  # f32, transformers' init (N(0, 0.02), norms 1)
     model = get_peft_model(
@@ -650,7 +663,7 @@ def driver(args):
         + f"; lorakit {args.lorakit_bin}",
         f"PyTorch attention: {tt['attn_implementation']}; generation cache: transformers' default "
         f"(use_cache={tg['cache'].split('=')[-1]}); lorakit: its fused attention op in training and in generation (over the KvCache's buffers, in place)",
-        f"model: {FAMILY_NAMES[args.family] + ' (' + ', '.join(f'{k} {v}' for k, v in family_extra(args.family).items()) + ')' if args.family != 'llama' else 'Llama'}, {SHAPE['num_hidden_layers']} layers, hidden {SHAPE['hidden_size']}, "
+        f"model: {family_label(args.family)}, {SHAPE['num_hidden_layers']} layers, hidden {SHAPE['hidden_size']}, "
         f"{SHAPE['num_attention_heads']} heads / {SHAPE['num_key_value_heads']} KV heads, MLP "
         f"{SHAPE['intermediate_size']}, vocab {SHAPE['vocab_size']} (untied), f32; LoRA r={RANK}, alpha={ALPHA} "
         f"on {'/'.join(t.replace('_proj', '') for t in TARGETS)}_proj",
@@ -686,8 +699,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", choices=["train", "gen", "ops"], help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--family", choices=["llama", "gemma2", "gemma3"], default="llama",
-                    help="the architecture at the benchmark's shape (gemma2/3: training and generation only)")
+    ap.add_argument("--family", choices=["llama", "gemma2", "gemma3", "olmo2"], default="llama",
+                    help="the architecture at the benchmark's shape (gemma2/3, olmo2: training and generation only)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10, help="timed training steps per process")
     ap.add_argument("--warmup", type=int, default=2, help="warm-up training steps per process")

@@ -139,7 +139,9 @@ impl Shape {
             "rope_theta": 10000.0,
             "tie_word_embeddings": false,
         });
-        if family != Family::Llama {
+        if family == Family::Olmo2 {
+            json["model_type"] = json!("olmo2");
+        } else if family != Family::Llama {
             let model_type = if family == Family::Gemma3 {
                 "gemma3_text"
             } else {
@@ -180,6 +182,9 @@ enum Family {
     /// `Gemma2ForCausalLM`: as Gemma 3 without q/k norms or a second θ, with soft-capped
     /// attention scores (50) and logits (30).
     Gemma2,
+    /// `Olmo2ForCausalLM`: norms after attention and the MLP only, q/k norms over the whole
+    /// projections.
+    Olmo2,
 }
 
 /// The Gemma keys the benchmark sets besides [`SHAPE`]'s (benches/llama_compare.py sets
@@ -229,7 +234,7 @@ fn parse_args() -> R<Args> {
         }
         if flag == "-h" || flag == "--help" {
             println!(
-                "llama_speed [--family llama|gemma2|gemma3] [--mode all|train|gen|ops] [--json] \
+                "llama_speed [--family llama|gemma2|gemma3|olmo2] [--mode all|train|gen|ops] [--json] \
                  [--steps N] [--warmup N] \
                  [--gen-tokens N] [--gen-rounds N] [--threads N] [--batch N] [--seq N] \
                  [--ops-budget-ms MS] [--seed N]"
@@ -244,8 +249,11 @@ fn parse_args() -> R<Args> {
                     "llama" => Family::Llama,
                     "gemma3" => Family::Gemma3,
                     "gemma2" => Family::Gemma2,
+                    "olmo2" => Family::Olmo2,
                     other => {
-                        return Err(format!("--family {other}: llama, gemma2 or gemma3").into())
+                        return Err(
+                            format!("--family {other}: llama, gemma2, gemma3 or olmo2").into()
+                        )
                     }
                 }
             }
@@ -266,7 +274,8 @@ fn parse_args() -> R<Args> {
     }
     if a.family != Family::Llama && ["all", "ops"].contains(&a.mode.as_str()) {
         return Err(
-            "--family gemma2/3 runs --mode train or gen (the per-op run is Llama's)".into(),
+            "--family gemma2/3 and olmo2 run --mode train or gen (the per-op run is Llama's)"
+                .into(),
         );
     }
     if a.steps == 0 || a.gen_rounds == 0 || a.threads == 0 || a.seq < 2 || a.batch == 0 {
@@ -390,24 +399,36 @@ fn build(family: Family, seed: u64, dev: &Device) -> R<Built> {
     // Norms of weight 1 (Gemma's store the offset from 1: 0).
     let mut unit_norm = |name: String, dim: usize| -> R<()> {
         let norm = match family {
-            Family::Llama => Tensor::ones(dim, DType::F32, dev)?,
+            Family::Llama | Family::Olmo2 => Tensor::ones(dim, DType::F32, dev)?,
             Family::Gemma2 | Family::Gemma3 => Tensor::zeros(dim, DType::F32, dev)?,
         };
         tensors.insert(name, norm);
         Ok(())
     };
-    let mut norms = vec!["input_layernorm", "post_attention_layernorm"];
-    if family != Family::Llama {
-        norms.extend(["pre_feedforward_layernorm", "post_feedforward_layernorm"]);
-    }
+    let norms = match family {
+        Family::Llama => vec!["input_layernorm", "post_attention_layernorm"],
+        Family::Olmo2 => vec!["post_attention_layernorm", "post_feedforward_layernorm"],
+        Family::Gemma2 | Family::Gemma3 => vec![
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+        ],
+    };
     for i in 0..s.layers {
         for norm in &norms {
             unit_norm(format!("model.layers.{i}.{norm}.weight"), s.hidden)?;
         }
-        if family == Family::Gemma3 {
-            for norm in ["q_norm", "k_norm"] {
+        // Gemma 3's q/k norms cover a head, OLMo 2's the whole projection.
+        let qk_widths = match family {
+            Family::Gemma3 => Some((s.head_dim(), s.head_dim())),
+            Family::Olmo2 => Some((s.hidden, s.kv_heads * s.head_dim())),
+            Family::Llama | Family::Gemma2 => None,
+        };
+        if let Some((q, k)) = qk_widths {
+            for (norm, width) in [("q_norm", q), ("k_norm", k)] {
                 let name = format!("model.layers.{i}.self_attn.{norm}.weight");
-                unit_norm(name, s.head_dim())?;
+                unit_norm(name, width)?;
             }
         }
     }
@@ -1250,6 +1271,7 @@ fn main() -> R<()> {
                 Family::Llama => "llama",
                 Family::Gemma2 => "gemma2",
                 Family::Gemma3 => "gemma3",
+                Family::Olmo2 => "olmo2",
             },
             "layers": SHAPE.layers, "hidden": SHAPE.hidden, "heads": SHAPE.heads,
             "kv_heads": SHAPE.kv_heads, "mlp": SHAPE.mlp, "vocab": SHAPE.vocab,

@@ -153,7 +153,8 @@ impl NamedAdapters {
                 "the model has no modules here: build it with NamedAdapters::plan()",
             ));
         }
-        for prefix in &self.read().aside {
+        let aside = self.read().aside.clone();
+        for prefix in &aside {
             plan.set_aside(prefix);
         }
         let mut built = Vec::new();
@@ -307,7 +308,10 @@ impl SlotRegistry for NamedAdapters {
     }
 
     fn set_aside(&self, prefix: &str) {
-        self.write().aside.push(prefix.to_string());
+        let mut state = self.write();
+        if !state.aside.iter().any(|p| p == prefix) {
+            state.aside.push(prefix.to_string());
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use super::auto::AutoCausalLm;
 use super::bert::{BertConfig, BertForSequenceClassification, POOLER};
 use super::classification::ClassifierConfig;
 use super::gpt2::Gpt2ForSequenceClassification;
-use super::llama::{LlamaFamily, LlamaForSequenceClassification};
+use super::llama::{LlamaFamily, LlamaForSequenceClassification, GEMMA3_MULTIMODAL};
 use super::sequence_classifier::SequenceClassifier;
 
 /// One of the sequence classifiers of [`crate::models`], chosen by `model_type`: `bert`
@@ -104,7 +104,11 @@ impl Kind {
             }
             _ => Err(Error::Unsupported {
                 what: "model_type",
-                got: model_type.clone(),
+                got: if model_type == GEMMA3_MULTIMODAL {
+                    format!("{model_type} (Gemma3ForSequenceClassification, image and text)")
+                } else {
+                    model_type.clone()
+                },
                 supported: CLASSIFIER_MODEL_TYPES.join(", "),
             }),
         }

@@ -83,11 +83,7 @@ impl PeftAdapter {
         let dir = dir.as_ref();
         let config = PeftConfig::from_file(dir.join(CONFIG_FILE))?;
         let (weights_path, tensors) = read_adapter_weights(dir, device)?;
-        Ok(Self::from_parts(
-            config,
-            tensors.into_iter().collect(),
-            weights_path,
-        ))
+        Self::from_parts(config, tensors.into_iter().collect(), weights_path)
     }
 
     /// An adapter from the contents of its two files, already in memory: the text of
@@ -115,38 +111,38 @@ impl PeftAdapter {
     pub fn from_bytes(config_json: &str, weights: &[u8], device: &Device) -> Result<Self> {
         let config = PeftConfig::from_json_str(config_json, CONFIG_FILE)?;
         let tensors = parse_safetensors(weights, Path::new(WEIGHTS_FILE), device)?;
-        Ok(Self::from_parts(
-            config,
-            tensors.into_iter().collect(),
-            WEIGHTS_FILE,
-        ))
+        Self::from_parts(config, tensors.into_iter().collect(), WEIGHTS_FILE)
     }
 
     /// An adapter from an already parsed config and tensors keyed as in PEFT's file. The
     /// state of a training-only extension ([`PeftConfig::skipped_tensors`]) is left out
     /// here, so nothing downstream (layers, merges, inspect, GGUF export) sees it. Under
     /// `ensure_weight_tying` the tied heads the file stores (`lm_head`) are targeted, as PEFT
-    /// adapts them beside the embedding they are tied to.
+    /// adapts them beside the embedding they are tied to. An adapter made on an
+    /// image-and-text model under transformers 4.50–4.51's names has its keys renamed to
+    /// transformers 5's ([`crate::checkpoint::layout`]), as PEFT renames them; a key that
+    /// the renaming would give twice is an error naming it.
     pub fn from_parts(
         mut config: PeftConfig,
         mut tensors: BTreeMap<String, Tensor>,
         source: impl Into<PathBuf>,
-    ) -> Self {
+    ) -> Result<Self> {
+        let source = source.into();
         tensors.retain(|key, _| !is_skipped_tensor(key, &config.skipped_tensors));
-        let tensors = modernize_llava_keys(tensors);
+        let tensors = modernize_llava_keys(tensors, &source)?;
         let low_rank_paths = tensors
             .keys()
             .filter_map(|k| k.strip_prefix(KEY_PREFIX)?.strip_suffix(".lora_A.weight"));
         target_tied_heads(&mut config, low_rank_paths);
-        Self {
+        Ok(Self {
             inner: Arc::new(Files {
                 config,
-                weights_path: source.into(),
+                weights_path: source,
                 tensors,
                 used: Mutex::new(HashSet::new()),
                 model_tensors: Mutex::new(HashMap::new()),
             }),
-        }
+        })
     }
 
     /// The weights file it was read from (as given): `adapter_model.safetensors`, or
@@ -435,19 +431,37 @@ impl AdapterFactory for LoadedFactory {
 }
 
 /// The keys of an adapter made on an image-and-text model of the LLaVA kind under
-/// transformers 4.50–4.51 (`base_model.model.language_model.model.layers.…`) renamed to
-/// transformers 5's module paths (`base_model.model.model.language_model.layers.…`), as
-/// PEFT renames them when it loads one ([`layout`]); any other adapter's keys unchanged.
-fn modernize_llava_keys(tensors: BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
-    let stored_text = format!("{KEY_PREFIX}{}.", layout::STORED_TEXT_DECODER);
-    if !tensors.keys().any(|k| k.starts_with(&stored_text)) {
-        return tensors;
+/// transformers 4.50–4.51 (`base_model.model.language_model.model.layers.…`,
+/// `…vision_tower.vision_model.…`) renamed to transformers 5's module paths
+/// (`base_model.model.model.language_model.layers.…`), as PEFT renames them when it loads
+/// one ([`layout`]): when any key is under one of those stored names that no text-only
+/// model has (all but the bare `vision_tower`), every key is renamed. Any other adapter's
+/// keys are unchanged. Two keys renamed to one are an error naming it.
+fn modernize_llava_keys(
+    tensors: BTreeMap<String, Tensor>,
+    file: &Path,
+) -> Result<BTreeMap<String, Tensor>> {
+    let stored = layout::MODULE_PREFIXES
+        .iter()
+        .flat_map(|(_, stored)| stored.iter())
+        .filter(|s| s.contains('.'))
+        .map(|s| format!("{KEY_PREFIX}{s}."));
+    let is_stored = |key: &str| stored.clone().any(|s| key.starts_with(&s));
+    if !tensors.keys().any(|k| is_stored(k)) {
+        return Ok(tensors);
     }
-    tensors
-        .into_iter()
-        .map(|(key, t)| match key.strip_prefix(KEY_PREFIX) {
-            Some(rest) => (format!("{KEY_PREFIX}{}", layout::current_name(rest)), t),
-            None => (key, t),
-        })
-        .collect()
+    let mut renamed = BTreeMap::new();
+    for (key, t) in tensors {
+        let key = match key.strip_prefix(KEY_PREFIX) {
+            Some(rest) => format!("{KEY_PREFIX}{}", layout::current_name(rest)),
+            None => key,
+        };
+        if renamed.insert(key.clone(), t).is_some() {
+            return Err(Error::checkpoint(
+                file,
+                format!("`{key}` is stored twice, under transformers 5's name and the older one"),
+            ));
+        }
+    }
+    Ok(renamed)
 }

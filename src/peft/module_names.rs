@@ -6,7 +6,7 @@
 //! `language_model.model.layers.0.self_attn.q_proj.weight`; transformers loads both into
 //! the head model all the same.
 
-use crate::checkpoint::layout::{rebase, MODULE_PREFIXES, STORED_TEXT_DECODER};
+use crate::checkpoint::layout::{rebase, MODULE_PREFIXES, STORED_TEXT_DECODER, TEXT_DECODER};
 use crate::checkpoint::Checkpoint;
 use crate::peft::load::PeftAdapter;
 
@@ -20,7 +20,8 @@ pub(crate) struct ModuleNames {
 impl ModuleNames {
     /// The mapping for `adapter` applied to `ckpt` (headers only): the stored
     /// image-and-text layout ([`MODULE_PREFIXES`]) when the checkpoint has its text decoder
-    /// under `language_model.model`; else dropping the head's prefix (e.g. `transformer.`)
+    /// under `language_model.model` (and not under transformers 5's name too, which
+    /// [`LlamaForCausalLM`](crate::models::llama::LlamaForCausalLM) would read); else dropping the head's prefix (e.g. `transformer.`)
     /// when every module the adapter stores sits under it, the checkpoint has no tensor
     /// under it, and the checkpoint has each module's weight without it; else the identity.
     pub(crate) fn of(adapter: &PeftAdapter, ckpt: &Checkpoint) -> Self {
@@ -28,8 +29,13 @@ impl ModuleNames {
             let dotted = format!("{prefix}.");
             ckpt.tensors().any(|(_, t)| t.name.starts_with(&dotted))
         };
-        if has_under(STORED_TEXT_DECODER) {
+        if has_under(STORED_TEXT_DECODER) && !has_under(TEXT_DECODER) {
+            // Each module kind where the checkpoint has it: under transformers 5's name, a
+            // stored one, or (absent, e.g. a tied head written untied) the stored name.
             let rules = MODULE_PREFIXES.iter().filter_map(|(current, stored)| {
+                if has_under(current) {
+                    return None;
+                }
                 let chosen = stored.iter().find(|s| has_under(s)).or(stored.first())?;
                 Some((current.to_string(), chosen.to_string()))
             });

@@ -678,7 +678,7 @@ fn adapter(config: PeftConfig, tensors: &[(&str, Tensor)]) -> PeftAdapter {
         .iter()
         .map(|(k, t)| (k.to_string(), t.clone()))
         .collect();
-    PeftAdapter::from_parts(config, map, "mem/adapter_model.safetensors")
+    PeftAdapter::from_parts(config, map, "mem/adapter_model.safetensors").unwrap()
 }
 
 fn load_onto_q(adapter: &PeftAdapter) -> lorakit::Result<AdaptedSet> {

@@ -102,8 +102,9 @@ fn an_adapter_in_transformers_4_50_names_loads_as_peft_loads_it() {
     let config = dir.join("base/config.json");
     let model = build(&config, &dir.join("base"), DType::F32, &plan);
     plan.finish().unwrap();
-    assert!(plan
-        .set_aside_modules()
+    let aside = plan.set_aside_modules();
+    assert_eq!(aside.len(), 9, "{aside:?}");
+    assert!(aside
         .iter()
         .all(|p| p.starts_with("model.vision_tower.encoder.")
             || p.starts_with("model.vision_tower.head.")));
@@ -113,6 +114,63 @@ fn an_adapter_in_transformers_4_50_names_loads_as_peft_loads_it() {
         &io["lora_logits"],
         TOL,
         "gemma3_mm old-name lora",
+    );
+}
+
+#[test]
+fn old_names_are_renamed_alone_and_a_key_stored_twice_is_refused() {
+    let dir = case();
+    let text = std::fs::read_to_string(dir.join("lora/adapter_config.json")).unwrap();
+    let config = lorakit::peft::PeftConfig::from_json_str(&text, "adapter_config.json").unwrap();
+    // An adapter on the vision tower alone targets its own module names.
+    let mut vision_config: serde_json::Value = serde_json::from_str(&text).unwrap();
+    vision_config["target_modules"] = serde_json::json!(["fc1", "fc2", "out_proj"]);
+    let vision_config =
+        lorakit::peft::PeftConfig::from_json_str(&vision_config.to_string(), "adapter_config.json")
+            .unwrap();
+    let tensors = load(&dir.join("lora/adapter_model.safetensors"));
+    // Only the vision tower's modules, in transformers 4.50's names: renamed, set aside.
+    let vision_only = tensors
+        .iter()
+        .filter(|(k, _)| k.contains(".vision_tower."))
+        .map(|(k, t)| {
+            let old = k.replace(
+                "base_model.model.model.vision_tower.",
+                "base_model.model.vision_tower.vision_model.",
+            );
+            (old, t.clone())
+        })
+        .collect();
+    let adapter = PeftAdapter::from_parts(
+        vision_config,
+        vision_only,
+        "vision/adapter_model.safetensors",
+    )
+    .unwrap();
+    assert!(adapter
+        .module_paths()
+        .iter()
+        .all(|p| p.starts_with("model.vision_tower.")));
+    let plan = adapter.plan().unwrap();
+    build(
+        &dir.join("base/config.json"),
+        &dir.join("base"),
+        DType::F32,
+        &plan,
+    );
+    assert!(plan.finish().unwrap().is_empty());
+    assert_eq!(plan.set_aside_modules().len(), 9);
+    // One tensor under both names: an error naming it, not one silently dropped.
+    let mut both: std::collections::BTreeMap<String, Tensor> = tensors.into_iter().collect();
+    let key = "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight";
+    let old = key.replace("model.model.language_model.", "model.language_model.model.");
+    both.insert(old, both[key].clone());
+    let err = PeftAdapter::from_parts(config, both, "both/adapter_model.safetensors")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(key) && err.contains("both/adapter_model.safetensors"),
+        "{err}"
     );
 }
 
@@ -142,6 +200,23 @@ fn a_checkpoint_in_either_names_gives_the_same_model() {
         &io["logits"],
         TOL,
         "gemma3_mm current names",
+    );
+    // The stored names under a prefix, read through a VarBuilder at that prefix.
+    let wrapped = current.join("wrapped.safetensors");
+    copy_renamed(&dir.join("base/model.safetensors"), &wrapped, |k| {
+        format!("outer.{k}")
+    });
+    let config = LlamaConfig::from_file(&config).unwrap();
+    let vb = lorakit::checkpoint::Checkpoint::open(&wrapped)
+        .unwrap()
+        .var_builder(DType::F32, &Device::Cpu)
+        .pp("outer");
+    let model = LlamaForCausalLM::load(&config, vb, &no_adapter()).unwrap();
+    check(
+        &logits(&model, &io["input_ids"]),
+        &io["logits"],
+        TOL,
+        "gemma3_mm stored names under a prefix",
     );
 }
 
@@ -188,6 +263,33 @@ fn merging_into_the_checkpoint_keeps_its_names_and_folds_in_every_module() {
     let got = &merged[&format!("{module}.weight")];
     assert!(rel_err(got, &want) < 1e-6, "{module}");
     assert!(rel_err(got, &base[&format!("{module}.weight")]) > 1e-3);
+}
+
+#[test]
+fn merging_into_the_hubs_names_finds_the_vision_towers_weights() {
+    // The Hub's Gemma 3 checkpoints keep SigLIP's `vision_model` level
+    // (`vision_tower.vision_model.encoder.…`), which transformers 5 drops from its modules.
+    let dir = case();
+    let tmp = temp_dir("gemma3-mm-hub-names");
+    let base = tmp.join("base");
+    std::fs::create_dir_all(&base).unwrap();
+    std::fs::copy(dir.join("base/config.json"), base.join("config.json")).unwrap();
+    copy_renamed(
+        &dir.join("base/model.safetensors"),
+        &base.join("model.safetensors"),
+        |k| k.replacen("vision_tower.", "vision_tower.vision_model.", 1),
+    );
+    let out = tmp.join("merged");
+    let report = merge_checkpoint(&base, &dir.join("lora"), &out, Default::default()).unwrap();
+    let before = load(&base.join("model.safetensors"));
+    let merged = load(&out.join("model.safetensors"));
+    let fc1 = "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight";
+    assert!(report.merged.len() == 23 && merged.contains_key(fc1));
+    assert!(
+        rel_err(&merged[fc1], &before[fc1]) > 1e-3,
+        "{fc1} not merged"
+    );
+    assert_eq!(merged.len(), before.len());
 }
 
 /// Gemma 3 4B's `config.json` as the Hub has it (transformers 4.50's form: a sparse

@@ -114,8 +114,8 @@ pub enum LayerAttention {
 ///   rotates only the first `int(head_dim · factor)` dimensions of each head; for the other
 ///   families a factor other than 1 is an error, as their attention rotates whole heads.
 /// - Biases: Llama has `attention_bias` on q/k/v/o and `mlp_bias` on the MLP; Qwen2 always
-///   has a bias on q/k/v and none on o or the MLP; Qwen3, OLMo 2 and the Gemma families
-///   have `attention_bias` on q/k/v/o; Mistral has none (transformers ignores these keys where this says so, and so does
+///   has a bias on q/k/v and none on o or the MLP; Qwen3, OLMo 2 and 3 and the Gemma
+///   families have `attention_bias` on q/k/v/o; Mistral has none (transformers ignores these keys where this says so, and so does
 ///   this).
 /// - Sliding window: Mistral applies `sliding_window` (when not null) on every layer;
 ///   Qwen2/Qwen3 apply it on the layers `layer_types` names `sliding_attention` (derived
@@ -210,10 +210,10 @@ pub struct LlamaConfig {
     /// offset from 1), not by `weight`.
     pub unit_offset_norms: bool,
     /// Where each layer normalizes: before each branch (Llama), before and after (Gemma 2
-    /// and 3), or after only (OLMo 2).
+    /// and 3), or after only (OLMo 2 and 3).
     pub norm_placement: NormPlacement,
     /// RMSNorm on queries and keys before RoPE: per head (Qwen3's and Gemma 3's `q_norm`,
-    /// `k_norm`) or over the whole projection (OLMo 2's).
+    /// `k_norm`) or over the whole projection (OLMo 2's and 3's).
     pub qk_norm: QkNorm,
     /// Each layer's attention pattern (`num_hidden_layers` entries).
     pub layer_attention: Vec<LayerAttention>,
@@ -465,6 +465,9 @@ impl LlamaConfig {
                 (raw.rope_theta, 1_000_000.0),
                 (gemma_keys.rope_local_base_freq, 10_000.0),
             )),
+            // The top-level θ (the 4.57 form) for both types, as transformers 4.57 reads it
+            // (5.25 pops it for the full-attention layers and leaves the sliding ones at
+            // 500 000; the released OLMo 3 configs have 500 000, where the two agree).
             LlamaFamily::Olmo3 => Some(((raw.rope_theta, 500_000.0), (raw.rope_theta, 500_000.0))),
             _ => None,
         };
@@ -756,7 +759,11 @@ impl LlamaConfig {
         };
         positive("rope_theta", self.rope_theta)?;
         if let Some(theta) = self.sliding_rope_theta {
-            positive("rope_local_base_freq", theta)?;
+            let key = match self.family {
+                LlamaFamily::Gemma3 => "rope_local_base_freq",
+                _ => "sliding_attention rope_theta",
+            };
+            positive(key, theta)?;
         }
         for (field, cap) in [
             ("attn_logit_softcapping", self.attn_logit_softcapping),

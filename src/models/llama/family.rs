@@ -43,7 +43,7 @@ pub enum LlamaFamily {
     /// embeddings, `head_dim` 256 by default.
     Gemma,
     /// `gemma2`: Gemma 2, as Gemma with a norm after attention and around the MLP as well
-    /// as before (`sandwich_norms`), attention scale `query_pre_attn_scalar^-½`, every
+    /// as before ([`NormPlacement::Sandwich`](super::NormPlacement::Sandwich)), attention scale `query_pre_attn_scalar^-½`, every
     /// other layer sliding (the first one first), and soft-capped attention scores (50) and
     /// logits (30) by default.
     Gemma2,
@@ -51,7 +51,7 @@ pub enum LlamaFamily {
     /// the text part of the larger ones saved alone; and the text decoder of `gemma3`,
     /// `Gemma3ForConditionalGeneration`: Gemma 3 4B and up). RMSNorms that multiply by
     /// `1 + weight`, a norm after attention and around the MLP as well as before
-    /// (`sandwich_norms`), Qwen3's q/k norms, a `gelu_pytorch_tanh` gate, embeddings times
+    /// ([`NormPlacement::Sandwich`](super::NormPlacement::Sandwich)), Qwen3's q/k norms, a `gelu_pytorch_tanh` gate, embeddings times
     /// `√hidden_size`, attention scale `query_pre_attn_scalar^-½`, sliding layers (five of
     /// every six by default) with their own RoPE θ, tied embeddings by default. Logit
     /// soft-capping is read as Gemma 2's (none by default); bidirectional attention is

@@ -74,7 +74,7 @@ impl Masks {
     }
 }
 
-/// Grouped-query self-attention with RoPE (and Qwen3's per-head or OLMo 2's whole q/k
+/// Grouped-query self-attention with RoPE (and Qwen3's per-head or OLMo's whole q/k
 /// RMSNorm).
 ///
 /// Split in two steps so that a KV cache can sit between them: [`Attention::project`]
@@ -268,19 +268,20 @@ impl Mlp {
 /// Granite's `residual_multiplier` when it is not 1), normalized where the config's
 /// [`NormPlacement`] says: before each branch (Llama), before and after (Gemma 2 and 3:
 /// `post_attention_layernorm` after attention, `pre_feedforward_layernorm` before the MLP
-/// and `post_feedforward_layernorm` after it), or after only (OLMo 2).
+/// and `post_feedforward_layernorm` after it), or after only (OLMo 2 and 3).
 #[derive(Clone, Debug)]
 pub(crate) struct DecoderLayer {
-    /// The attention's input norm (none in OLMo 2).
+    /// The attention's input norm (none in OLMo 2 and 3).
     input_layernorm: Option<RmsNorm>,
     self_attn: Attention,
     /// The MLP's input norm (`post_attention_layernorm`; Gemma 3's
-    /// `pre_feedforward_layernorm`; none in OLMo 2).
+    /// `pre_feedforward_layernorm`; none in OLMo 2 and 3).
     mlp_norm: Option<RmsNorm>,
     mlp: Mlp,
-    /// Gemma 3's norm of the attention's output (its `post_attention_layernorm`).
+    /// The norm of the attention's output (Gemma 2's and 3's, OLMo's
+    /// `post_attention_layernorm`).
     attention_output_norm: Option<RmsNorm>,
-    /// Gemma 3's norm of the MLP's output (`post_feedforward_layernorm`).
+    /// The norm of the MLP's output (`post_feedforward_layernorm`).
     mlp_output_norm: Option<RmsNorm>,
     residual_multiplier: f64,
     /// Phi-3's `resid_pdrop`, refused in training mode (not applied).

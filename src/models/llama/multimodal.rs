@@ -82,5 +82,18 @@ pub(super) fn decoder_view(vb: VarBuilder<'_>) -> VarBuilder<'_> {
     if vb.contains_tensor(&current) || !vb.contains_tensor(&stored) {
         return vb;
     }
-    vb.rename_f(|name: &str| stored_name(name))
+    // The renaming sees full names: apply it at the root, under the builder's prefix, and
+    // step back down to the prefix.
+    let prefix = vb.prefix();
+    if prefix.is_empty() {
+        return vb.rename_f(|name: &str| stored_name(name));
+    }
+    let under = format!("{prefix}.");
+    let renamed = vb
+        .root()
+        .rename_f(move |name: &str| match name.strip_prefix(&under) {
+            Some(rest) => format!("{under}{}", stored_name(rest)),
+            None => name.to_string(),
+        });
+    renamed.pp(prefix)
 }

@@ -11,10 +11,10 @@ use super::config::LlamaConfig;
 /// RMSNorm as transformers computes it: `w ⊙ x / sqrt(mean(x²) + ε)`, in f32 for half
 /// precision inputs. Gemma's checkpoints store `w − 1` (its RMSNorm multiplies by
 /// `1 + weight`): with the config's `unit_offset_norms` the 1 is added at load. For the
-/// families whose norms multiply in f32 ([`LlamaFamily::norms_in_f32`]: Gemma's, OLMo 2)
+/// families whose norms multiply in f32 ([`LlamaFamily::norms_in_f32`]: Gemma's, OLMo's)
 /// the weight is kept in f32 (f64 in an f64 model), and a half-precision input is
 /// normalized and multiplied in f32 and rounded once to its dtype, as transformers'
-/// `Gemma3RMSNorm` and `Olmo2RMSNorm` do.
+/// `Gemma3RMSNorm` and `Olmo2RMSNorm` / `Olmo3RMSNorm` do.
 ///
 /// [`LlamaFamily::norms_in_f32`]: super::LlamaFamily::norms_in_f32
 #[derive(Clone, Debug)]

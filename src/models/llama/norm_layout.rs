@@ -23,7 +23,7 @@ pub enum NormPlacement {
     /// `post_feedforward_layernorm` around the MLP, each output normalized before its
     /// residual add.
     Sandwich,
-    /// After each branch only (OLMo 2): `post_attention_layernorm` on the attention's
+    /// After each branch only (OLMo 2 and 3): `post_attention_layernorm` on the attention's
     /// output, `post_feedforward_layernorm` on the MLP's, each before its residual add; the
     /// branches read the residual stream as it is.
     Post,
@@ -39,6 +39,6 @@ pub enum QkNorm {
     /// and Gemma 3's `q_norm`, `k_norm`).
     PerHead,
     /// RMSNorm over the whole projection (`heads · head_dim` values) before it is split into
-    /// heads (OLMo 2's `q_norm`, `k_norm`).
+    /// heads (OLMo 2's and 3's `q_norm`, `k_norm`).
     Whole,
 }

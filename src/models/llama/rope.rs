@@ -93,7 +93,8 @@ impl LlamaConfig {
     }
 
     /// The sliding-window layers' inverse frequencies when they have their own θ
-    /// ([`LlamaConfig::sliding_rope_theta`]: Gemma 3's `rope_local_base_freq`): unscaled,
+    /// ([`LlamaConfig::sliding_rope_theta`]: Gemma 3's `rope_local_base_freq`, OLMo 3's
+    /// sliding layers' θ): unscaled,
     /// [`LlamaConfig::rotary_dim`]` / 2` of them; `None` when they rotate as the others.
     ///
     /// ```

@@ -1,5 +1,5 @@
 //! [`RopeKeys`]: one RoPE dict of a `config.json` (`rope_scaling`, `rope_parameters` or one
-//! of Gemma 3's per-layer-type dicts), as the scalings' resolvers read it.
+//! of Gemma 3's and OLMo 3's per-layer-type dicts), as the scalings' resolvers read it.
 
 use std::path::Path;
 
