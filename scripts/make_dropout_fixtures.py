@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Writes tests/fixtures/models/gpt2_dropout_moments.safetensors and
-llama_dropout_moments.safetensors: the mean and standard deviation, over many independent
+"""Writes tests/fixtures/models/gpt2_dropout_moments.safetensors,
+llama_dropout_moments.safetensors and phi3_dropout_moments.safetensors: the mean and standard deviation, over many independent
 dropout draws, of what transformers' GPT2LMHeadModel and LlamaForCausalLM compute in
 training mode (`model.train()`, f32, CPU, eager attention), for lorakit's models' own
 dropouts (`Gpt2LmHeadModel::forward_t`, `LlamaForCausalLM::forward_t`; tests in
@@ -12,10 +12,12 @@ logits over its own draws against these, within their sampling error. Each case 
 one of the config's dropouts (`embd_pdrop`, `attn_pdrop`, `resid_pdrop`), or all three,
 so a dropout applied at the wrong place, with the wrong scale, or not at all moves the
 moments of its case. The Llama family has one dropout, `attention_dropout`: one case, 0.5,
-on a tiny Llama with grouped-query heads and an untied head.
+on a tiny Llama with grouped-query heads and an untied head. Phi-3 adds `resid_pdrop` on
+each layer's attention and MLP outputs: a case with it alone (0.5) and one with both
+(0.2 each), on the same shape with Phi-3's fused projections.
 
 Usage:
-    python3 scripts/make_dropout_fixtures.py      (deterministic; rewrites both files)
+    python3 scripts/make_dropout_fixtures.py      (deterministic; rewrites the files)
 
 Keys of each file (f32 unless said):
     <transformers name>       the random model's weights (tied head: no lm_head.weight)
@@ -23,8 +25,8 @@ Keys of each file (f32 unless said):
     eval_logits               (2, 8, vocab) in evaluation mode (no dropout)
     <case>.mean, <case>.std   (2, 8, vocab) per-element mean and standard deviation
                               (n - 1 denominator) of the logits over DRAWS training-mode
-                              forwards, for GPT-2's cases embd, attn, resid, all and
-                              Llama's case attn
+                              forwards, for GPT-2's cases embd, attn, resid, all,
+                              Llama's case attn and Phi-3's resid and both
 Metadata: `config` = JSON of the model's config.json fields lorakit reads (dropouts 0);
 `cases` = JSON {case: {the case's dropout fields}}; `draws` = DRAWS.
 
@@ -83,6 +85,11 @@ LLAMA = dict(
 
 LLAMA_CASES = {"attn": dict(attention_dropout=0.5)}
 
+# Phi-3: the Llama shape with its fused projections; its resid_pdrop drops the attention's
+# and the MLP's outputs before their residual adds.
+PHI3 = dict(LLAMA, resid_pdrop=0.0)
+PHI3_CASES = {"resid": dict(resid_pdrop=0.5), "both": dict(resid_pdrop=0.2, attention_dropout=0.2)}
+
 
 def randomize(model, is_norm):
     """Norm weights 1 + 0.1 N, biases 0.1 N, every other weight 0.5 N."""
@@ -114,15 +121,26 @@ def gpt2_model():
     return config, model, {k: getattr(config, k) for k in keys}
 
 
-def llama_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
+def decoder_model(model_type, fields):
+    """A Llama-family decoder (`model_type` llama or phi3) with config `fields`, eager
+    attention, randomized."""
+    import transformers
 
+    classes = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "phi3": ("Phi3Config", "Phi3ForCausalLM")}
+    config_cls, model_cls = (getattr(transformers, c) for c in classes[model_type])
     torch.manual_seed(0)
-    config = LlamaConfig(**LLAMA)
+    config = config_cls(**fields)
     config._attn_implementation = "eager"
-    model = LlamaForCausalLM(config)
+    model = model_cls(config)
     randomize(model, lambda n: n.endswith("norm.weight"))
-    return config, model, {"model_type": "llama", **LLAMA}
+    return config, model, {"model_type": model_type, **fields}
+
+
+def set_phi3_dropouts(model, p):
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = p.get("attention_dropout", 0.0)
+        layer.resid_attn_dropout.p = p["resid_pdrop"]
+        layer.resid_mlp_dropout.p = p["resid_pdrop"]
 
 
 def set_gpt2_dropouts(model, p):
@@ -183,7 +201,8 @@ def write(name, config, model, fields, cases, set_dropouts):
 
 def main():
     write("gpt2", *gpt2_model(), GPT2_CASES, set_gpt2_dropouts)
-    write("llama", *llama_model(), LLAMA_CASES, set_llama_dropouts)
+    write("llama", *decoder_model("llama", LLAMA), LLAMA_CASES, set_llama_dropouts)
+    write("phi3", *decoder_model("phi3", PHI3), PHI3_CASES, set_phi3_dropouts)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 //! The models' own dropouts in training mode (`forward_t(ids, true)`) against transformers'
-//! after `model.train()`: GPT-2's `embd_pdrop`, `attn_pdrop`, `resid_pdrop`, and the
-//! Llama family's `attention_dropout`.
+//! after `model.train()`: GPT-2's `embd_pdrop`, `attn_pdrop`, `resid_pdrop`, the Llama
+//! family's `attention_dropout` and Phi-3's `resid_pdrop`.
 //!
 //! Two random generators cannot draw the same choices, so the distributions are compared:
-//! `models/{gpt2,llama}_dropout_moments.safetensors` (`scripts/make_dropout_fixtures.py`)
+//! `models/{gpt2,llama,phi3}_dropout_moments.safetensors` (`scripts/make_dropout_fixtures.py`)
 //! hold the per-element mean and standard deviation of transformers' logits over 40,000
 //! draws of a tiny random model: for GPT-2 with one dropout on at a time (each 0.5) and all
-//! three at 0.1, for a Llama (grouped-query heads) with `attention_dropout` 0.5. lorakit's
+//! three at 0.1, for a Llama (grouped-query heads) with `attention_dropout` 0.5, for a
+//! Phi-3 of that shape with `resid_pdrop` 0.5 and with both at 0.2. lorakit's
 //! own 1,000 draws must give the same moments within their sampling error. A dropout at the
 //! wrong place, with the wrong scale or missing moves them far outside it: training mode's
 //! mean lies 10–18 standard errors (median) from the evaluation logits in every case, which
@@ -29,7 +30,7 @@ const DRAWS: usize = 1000;
 const COPIES: usize = 250;
 
 /// The fixtures' architectures.
-const MODELS: [&str; 2] = ["gpt2", "llama"];
+const MODELS: [&str; 3] = ["gpt2", "llama", "phi3"];
 
 /// A fixture's model.
 enum Model {
@@ -54,7 +55,7 @@ impl Model {
 }
 
 struct Fixture {
-    /// `gpt2` or `llama`.
+    /// `gpt2`, `llama` or `phi3`.
     name: &'static str,
     /// The model's `config.json` fields, its dropouts 0.
     config: serde_json::Value,
@@ -122,6 +123,7 @@ impl Fixture {
     fn targets(&self) -> &'static [&'static str] {
         match self.name {
             "gpt2" => &["c_attn", "c_proj", "c_fc"],
+            "phi3" => &["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
             _ => &[
                 "q_proj",
                 "k_proj",
@@ -196,7 +198,12 @@ fn training_mode_draws_transformers_dropout_distribution() {
         let fx = fixture_file(name);
         let ids = fx.tensors["input_ids"].clone();
         let eval = fx.values("eval_logits");
-        assert_eq!(fx.cases.len(), if name == "gpt2" { 4 } else { 1 });
+        let cases = match name {
+            "gpt2" => 4,
+            "phi3" => 2,
+            _ => 1,
+        };
+        assert_eq!(fx.cases.len(), cases);
         for (case, dropouts) in &fx.cases {
             let reference_mean = fx.values(&format!("{case}.mean"));
             let reference_std = fx.values(&format!("{case}.std"));
@@ -253,6 +260,7 @@ fn zero_dropouts_train_as_evaluation_and_bad_ones_are_refused() {
     for (name, on) in [
         ("gpt2", serde_json::json!({"resid_pdrop": 0.1})),
         ("llama", serde_json::json!({"attention_dropout": 0.1})),
+        ("phi3", serde_json::json!({"resid_pdrop": 0.1})),
     ] {
         let fx = fixture_file(name);
         let ids = fx.tensors["input_ids"].clone();
@@ -299,6 +307,7 @@ fn half_precision_models_drop_too() {
             serde_json::json!({"embd_pdrop": 0.1, "attn_pdrop": 0.1, "resid_pdrop": 0.1}),
         ),
         ("llama", serde_json::json!({"attention_dropout": 0.1})),
+        ("phi3", serde_json::json!({"resid_pdrop": 0.1})),
     ] {
         let fx = fixture_file(name);
         let ids = fx.tensors["input_ids"].clone();

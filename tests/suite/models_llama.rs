@@ -886,7 +886,8 @@ fn phi3_reads_fused_projections_and_refuses_what_lorakit_lacks() {
     let (d, f) = (c.hidden_size, c.intermediate_size);
     assert!(c.linear_shapes().contains(&(d, 3 * d)));
     assert!(c.linear_shapes().contains(&(d, 2 * f)));
-    // resid_pdrop: evaluation ignores it, as transformers does; training refuses it.
+    // resid_pdrop: evaluation ignores it, as transformers does (training applies it:
+    // tests/suite/models_dropout.rs).
     let dir = models("phi3");
     let mut config = LlamaConfig::from_file(dir.join("base")).unwrap();
     config.residual_dropout = 0.1;
@@ -901,8 +902,6 @@ fn phi3_reads_fused_projections_and_refuses_what_lorakit_lacks() {
         TOL,
         "phi3 eval",
     );
-    let err = model.forward_t(ids, true).unwrap_err().to_string();
-    assert!(err.contains("resid_pdrop"), "{err}");
     let adapter = PeftAdapter::load(dir.join("lora"), &Device::Cpu).unwrap();
     let err = lorakit::gguf::GgufLora::from_adapter(&adapter, &config)
         .unwrap_err()

@@ -223,9 +223,9 @@ pub struct LlamaConfig {
     /// Whether the attention's q/k/v projections are one `qkv_proj` and the MLP's gate and
     /// up projections one `gate_up_proj` (Phi-3), their outputs split in that order.
     pub fused_projections: bool,
-    /// Phi-3's `resid_pdrop` (0 for the other families): transformers drops each residual
-    /// branch at this rate in training mode; lorakit does not, so a training-mode forward
-    /// with it above 0 is an error naming it (evaluation ignores it, as transformers does).
+    /// Phi-3's `resid_pdrop` (0 for the other families): the attention's and the MLP's
+    /// outputs are dropped at this rate before their residual adds in training mode, as
+    /// transformers' `Phi3DecoderLayer` does (evaluation ignores it).
     pub residual_dropout: f64,
     /// Dropout on the attention probabilities (training only).
     pub attention_dropout: f64,

@@ -18,6 +18,7 @@ use crate::kernels::dropout::Dropout;
 use crate::model::{linear_b, AdapterPlan, Linear};
 use crate::models::causal_mask::CausalMask;
 use crate::models::kv_buffer::{Appending, LayerKv};
+use crate::models::ops::dropout_t;
 use crate::models::{attention_op, fused};
 
 use super::activation::GateActivation;
@@ -284,7 +285,7 @@ pub(crate) struct DecoderLayer {
     /// The norm of the MLP's output (`post_feedforward_layernorm`).
     mlp_output_norm: Option<RmsNorm>,
     residual_multiplier: f64,
-    /// Phi-3's `resid_pdrop`, refused in training mode (not applied).
+    /// Phi-3's `resid_pdrop`: dropout on each branch's output in training mode.
     residual_dropout: f64,
 }
 
@@ -359,15 +360,6 @@ impl DecoderLayer {
         how: Appending,
         train: bool,
     ) -> Result<(Tensor, LayerKv)> {
-        if train && self.residual_dropout > 0.0 {
-            return Err(Error::Unsupported {
-                what: "resid_pdrop in training mode",
-                got: self.residual_dropout.to_string(),
-                supported: "0 (lorakit does not drop the residual branches: set the \
-                            config's resid_pdrop to 0 to train)"
-                    .to_string(),
-            });
-        }
         let normed = |norm: &Option<RmsNorm>, t_: &Tensor| match norm {
             Some(norm) => norm.forward(t_),
             None => Ok(t_.clone()),
@@ -376,11 +368,12 @@ impl DecoderLayer {
         let (attn, kv) =
             self.self_attn
                 .forward_cached(&attention_input, rope, masks, past, how, train)?;
-        let x = self.add_residual(x, normed(&self.attention_output_norm, &attn)?)?;
+        // Phi-3's `resid_pdrop` drops each branch's output in training mode.
+        let dropped = |branch: Tensor| dropout_t(branch, self.residual_dropout, train);
+        let attn = dropped(normed(&self.attention_output_norm, &attn)?)?;
+        let x = self.add_residual(x, attn)?;
         let mlp = self.mlp.forward(&normed(&self.mlp_norm, &x)?)?;
-        Ok((
-            self.add_residual(&x, normed(&self.mlp_output_norm, &mlp)?)?,
-            kv,
-        ))
+        let mlp = dropped(normed(&self.mlp_output_norm, &mlp)?)?;
+        Ok((self.add_residual(&x, mlp)?, kv))
     }
 }
