@@ -8,7 +8,8 @@
 //! ```
 //!
 //! `<folder>` is a Hugging Face model folder (`config.json`, `model.safetensors` or shards,
-//! `tokenizer.json`) of the Llama family (Llama, Mistral, Qwen2, Qwen3) or GPT-2, chosen by
+//! `tokenizer.json`) of the Llama family (Llama, Mistral, Qwen2, Qwen3, Granite, SmolLM3,
+//! Phi-3, Gemma 1–3, OLMo 2 and 3, and Gemma 3 4B+'s text decoder) or GPT-2, chosen by
 //! `config.json`'s `model_type` ([`AutoCausalLm`]). The JSONL holds
 //! `{"text": ...}` or `{"prompt": ..., "completion": ...}` rows (prompt tokens are not
 //! trained). With no arguments, the example creates a tiny Llama model and a tokenizer
