@@ -88,7 +88,11 @@ itself):
                    (language_model.model.*, vision_tower.*). LoRA r=4 alpha=8, all-linear:
                    the text decoder's linear layers and the vision tower's. The logits are
                    text-only path's (input_ids, no pixel_values: the image token, 63,
-                   is embedded as any other id).
+                   is embedded as any other id). Beside it, gemma3_mm/cls: the same model as
+                   Gemma3ForSequenceClassification (3 labels, a random `score`, pad id 0),
+                   cls_lora: a PEFT SEQ_CLS LoRA on q_proj / v_proj (both towers) with
+                   `score` in modules_to_save, cls_logits.safetensors: their logits on a
+                   batch with a left-padded row (write_gemma3_classifier).
     olmo2          Olmo2ForCausalLM, hidden 32, 4 heads, 2 KV heads: no norm before attention
                    or the MLP, post_attention_layernorm / post_feedforward_layernorm on
                    their outputs, q_norm / k_norm over the whole projections (32 and 16
@@ -868,6 +872,49 @@ checked) and `delete_adapter("default")`: dora is active).
 """
 
 
+def write_gemma3_classifier():
+    """gemma3_mm/cls: Gemma3ForSequenceClassification over the gemma3_mm base (3 labels,
+    `score` drawn as 0.3 * normal, pad id 0 in text_config), its PEFT SEQ_CLS LoRA
+    (cls_lora: q_proj, v_proj of every tower, `score` in modules_to_save) and their logits
+    on a batch with a left-padded row (cls_logits.safetensors: input_ids, attention_mask,
+    logits, lora_logits)."""
+    from transformers import Gemma3ForSequenceClassification
+
+    case = "gemma3_mm"
+    torch.manual_seed(CASES[case][4] + 3)
+    model = Gemma3ForSequenceClassification.from_pretrained(case_dir(case, "base"), num_labels=3)
+    model.config.text_config.pad_token_id = 0
+    with torch.no_grad():
+        model.score.weight.copy_(0.3 * torch.randn_like(model.score.weight))
+    model.name_or_path = name_of(case) + "-cls"
+    model.config._name_or_path = name_of(case) + "-cls"
+    model.save_pretrained(case_dir(case, "cls"))
+    ids = torch.tensor([[0, 0, 5, 9, 13, 2, 40], [3, 17, 8, 40, 12, 9, 22]])
+    mask = (ids != 0).long()
+    reload = lambda: Gemma3ForSequenceClassification.from_pretrained(case_dir(case, "cls")).eval()
+    with torch.no_grad():
+        logits = reload()(input_ids=ids, attention_mask=mask).logits
+    pm = get_peft_model(reload(), LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for _, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn_like(p))
+    pm.save_pretrained(case_dir(case, "cls_lora"))
+    readme = case_dir(case, "cls_lora", "README.md")
+    if os.path.exists(readme):
+        os.remove(readme)
+    peft_model = PeftModel.from_pretrained(reload(), case_dir(case, "cls_lora")).eval()
+    with torch.no_grad():
+        lora_logits = peft_model(input_ids=ids, attention_mask=mask).logits
+    assert (lora_logits - logits).abs().max() > 1e-2
+    log(f"== {case} classifier: logits {logits.tolist()}")
+    save_file(
+        {"input_ids": ids, "attention_mask": mask, "logits": logits.contiguous(),
+         "lora_logits": lora_logits.contiguous()},
+        case_dir(case, "cls_logits.safetensors"), metadata={"format": "pt"},
+    )
+
+
 def write_yarn_params():
     """yarn_params.json: transformers' YaRN frequencies for each of YARN_PARAMS."""
     out = []
@@ -894,6 +941,7 @@ def main():
     os.makedirs(ROOT)  # makes tests/fixtures/models/ too if needed; nothing else touched
     for case in CASES:
         write_case(case)
+    write_gemma3_classifier()
     write_yarn_params()
     with open(os.path.join(ROOT, "README.md"), "w") as f:
         f.write(README)

@@ -197,6 +197,7 @@ impl Task for SequenceClassification<'_> {
     }
 
     fn peft_settings(&self) -> Vec<(&'static str, Value)> {
-        peft_settings("SEQ_CLS", self.model.name_or_path())
+        let model = self.model;
+        peft_settings("SEQ_CLS", model.name_or_path(), model.modules_not_built())
     }
 }

@@ -172,11 +172,8 @@ impl Task for LanguageModeling<'_> {
     }
 
     fn peft_settings(&self) -> Vec<(&'static str, Value)> {
-        let mut settings = peft_settings("CAUSAL_LM", self.model.name_or_path());
-        if let Some(exclude) = exclude_regex(self.model.modules_not_built()) {
-            settings.push(("exclude_modules", json!(exclude)));
-        }
-        settings
+        let model = self.model;
+        peft_settings("CAUSAL_LM", model.name_or_path(), model.modules_not_built())
     }
 }
 
@@ -190,14 +187,19 @@ fn exclude_regex(prefixes: &[&str]) -> Option<String> {
     Some(format!(r"({})\..*", alternatives.join("|")))
 }
 
-/// PEFT's `task_type` and, when known, `base_model_name_or_path`.
+/// PEFT's `task_type`, when known `base_model_name_or_path`, and `exclude_modules` for the
+/// module prefixes the model does not build (`not_built`).
 pub(crate) fn peft_settings(
     task_type: &str,
     name_or_path: Option<&str>,
+    not_built: &[&str],
 ) -> Vec<(&'static str, Value)> {
     let mut settings = vec![("task_type", json!(task_type))];
     if let Some(name) = name_or_path {
         settings.push(("base_model_name_or_path", json!(name)));
+    }
+    if let Some(exclude) = exclude_regex(not_built) {
+        settings.push(("exclude_modules", json!(exclude)));
     }
     settings
 }

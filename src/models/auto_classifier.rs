@@ -13,7 +13,7 @@ use super::auto::AutoCausalLm;
 use super::bert::{BertConfig, BertForSequenceClassification, POOLER};
 use super::classification::ClassifierConfig;
 use super::gpt2::Gpt2ForSequenceClassification;
-use super::llama::{LlamaFamily, LlamaForSequenceClassification, GEMMA3_MULTIMODAL};
+use super::llama::{LlamaFamily, LlamaForSequenceClassification};
 use super::sequence_classifier::SequenceClassifier;
 
 /// One of the sequence classifiers of [`crate::models`], chosen by `model_type`: `bert`
@@ -59,14 +59,15 @@ pub enum AutoSequenceClassifier {
 /// ```
 /// use lorakit::models::CLASSIFIER_MODEL_TYPES;
 /// use lorakit::models::llama::LlamaFamily;
-/// // Every Llama family but Granite (transformers has no classifier for it), BERT, GPT-2.
+/// // Every Llama family but Granite (transformers has no classifier for it), Gemma 3's
+/// // image-and-text checkpoints (Gemma3ForSequenceClassification), BERT, GPT-2.
 /// for family in LlamaFamily::ALL {
 ///     let listed = CLASSIFIER_MODEL_TYPES.contains(&family.model_type());
 ///     assert_eq!(listed, family != LlamaFamily::Granite, "{family:?}");
 /// }
-/// assert_eq!(CLASSIFIER_MODEL_TYPES.len(), LlamaFamily::ALL.len() - 1 + 2);
+/// assert_eq!(CLASSIFIER_MODEL_TYPES.len(), LlamaFamily::ALL.len() - 1 + 3);
 /// ```
-pub const CLASSIFIER_MODEL_TYPES: [&str; 13] = [
+pub const CLASSIFIER_MODEL_TYPES: [&str; 14] = [
     "bert",
     "llama",
     "mistral",
@@ -77,6 +78,7 @@ pub const CLASSIFIER_MODEL_TYPES: [&str; 13] = [
     "gemma",
     "gemma2",
     "gemma3_text",
+    "gemma3",
     "olmo2",
     "olmo3",
     "gpt2",
@@ -104,11 +106,7 @@ impl Kind {
             }
             _ => Err(Error::Unsupported {
                 what: "model_type",
-                got: if model_type == GEMMA3_MULTIMODAL {
-                    format!("{model_type} (Gemma3ForSequenceClassification, image and text)")
-                } else {
-                    model_type.clone()
-                },
+                got: model_type.clone(),
                 supported: CLASSIFIER_MODEL_TYPES.join(", "),
             }),
         }

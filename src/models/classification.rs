@@ -86,7 +86,9 @@ pub struct ClassifierConfig {
     /// labels' dtype, as transformers does.
     pub problem_type: Option<ProblemType>,
     /// The padding token: a decoder classifier reads each row at its last token that is
-    /// not this one. `None`: only batches of one row (transformers refuses more).
+    /// not this one (read from `text_config` when the config nests one, Gemma 3 4B+'s, as
+    /// transformers' `get_text_config()` does). `None`: only batches of one row
+    /// (transformers refuses more).
     pub pad_token_id: Option<u32>,
     /// The standard deviation of transformers' normal initialisation: a head the
     /// checkpoint lacks is initialised with it.
@@ -118,6 +120,15 @@ struct RawClassifierConfig {
     problem_type: Option<String>,
     pad_token_id: Option<serde_json::Value>,
     initializer_range: Option<f64>,
+    /// An image-and-text model's text decoder config, whose `pad_token_id` transformers'
+    /// classifiers read (`config.get_text_config()`).
+    text_config: Option<TextPadId>,
+}
+
+/// The `pad_token_id` of a `text_config`.
+#[derive(Deserialize)]
+struct TextPadId {
+    pad_token_id: Option<serde_json::Value>,
 }
 
 impl ClassifierConfig {
@@ -139,8 +150,13 @@ impl ClassifierConfig {
             Some(map) => map.len(),
             None => raw.num_labels.unwrap_or(d.num_labels),
         };
-        // One token id, or null for none.
-        let pad_token_id = match raw.pad_token_id {
+        // One token id, or null for none; the text decoder's when the config nests one
+        // (`get_text_config()`), as transformers' classifiers read it.
+        let (pad_key, pad_value) = match raw.text_config {
+            Some(text) => ("text_config.pad_token_id", text.pad_token_id),
+            None => ("pad_token_id", raw.pad_token_id),
+        };
+        let pad_token_id = match pad_value {
             None | Some(serde_json::Value::Null) => None,
             Some(v) => Some(
                 v.as_u64()
@@ -148,7 +164,7 @@ impl ClassifierConfig {
                     .ok_or_else(|| {
                         Error::file_config(
                             path.clone(),
-                            "pad_token_id",
+                            pad_key,
                             format!("must be a token id (an integer ≥ 0), got {v}"),
                         )
                     })?,

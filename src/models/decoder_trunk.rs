@@ -88,6 +88,11 @@ pub(crate) trait DecoderTrunk: Sized {
     fn max_positions(&self) -> usize;
     /// The device it lives on.
     fn device(&self) -> &Device;
+    /// The module prefixes its checkpoint has but it does not build (see
+    /// [`CausalLm::modules_not_built`](crate::models::CausalLm::modules_not_built)).
+    fn modules_not_built(&self) -> &'static [&'static str] {
+        &[]
+    }
 
     /// The hidden states of whole sequences `input_ids` for a loss, the ids checked;
     /// detached without `gradient` (evaluation: nothing before the head is differentiated);

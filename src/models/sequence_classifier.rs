@@ -75,6 +75,12 @@ pub trait SequenceClassifier: Sync {
     fn name_or_path(&self) -> Option<&str> {
         None
     }
+    /// The module prefixes the model's checkpoint has but the model does not build (see
+    /// [`CausalLm::modules_not_built`](crate::models::CausalLm::modules_not_built)): the
+    /// training loop saves them as PEFT's `exclude_modules`. Default: none.
+    fn modules_not_built(&self) -> &'static [&'static str] {
+        &[]
+    }
     /// The padding token a decoder classifier skips to find each row's last token (the
     /// config's `pad_token_id`): batches must be padded with it. `None` for an encoder,
     /// which reads the first token.
@@ -204,6 +210,10 @@ impl<M: AsDecoderParts + Sync> SequenceClassifier for M {
 
     fn name_or_path(&self) -> Option<&str> {
         self.parts().name_or_path.as_deref()
+    }
+
+    fn modules_not_built(&self) -> &'static [&'static str] {
+        self.parts().trunk.modules_not_built()
     }
 
     fn pad_token_id(&self) -> Option<u32> {

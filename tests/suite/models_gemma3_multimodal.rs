@@ -15,6 +15,7 @@ use lorakit::models::llama::{
     LayerAttention, LlamaConfig, LlamaFamily, LlamaForCausalLM, LlamaForSequenceClassification,
     RopeScaling,
 };
+use lorakit::models::SequenceClassifier;
 use lorakit::peft::{merge_checkpoint, PeftAdapter};
 use lorakit::Variant;
 
@@ -454,18 +455,39 @@ fn a_trained_adapter_excludes_the_vision_tower_and_reloads() {
 }
 
 #[test]
-fn sequence_classification_of_the_image_and_text_model_is_refused() {
-    let dir = case().join("base");
-    let err = LlamaForSequenceClassification::from_pretrained(
-        &dir,
+fn gemma3_sequence_classifier_gives_transformers_and_peft_logits() {
+    // Gemma3ForSequenceClassification (pad id in text_config) on a batch with a
+    // left-padded row, and its PEFT SEQ_CLS LoRA (q_proj / v_proj of both towers, `score`
+    // in modules_to_save): the vision tower's modules set aside.
+    let dir = case();
+    let io = load(&dir.join("cls_logits.safetensors"));
+    let (ids, mask) = (&io["input_ids"], &io["attention_mask"]);
+    let dev = Device::Cpu;
+    let model = LlamaForSequenceClassification::from_pretrained(
+        dir.join("cls"),
         DType::F32,
-        &Device::Cpu,
+        &dev,
         &no_adapter(),
     )
-    .unwrap_err()
-    .to_string();
-    assert!(
-        err.contains("gemma3") && err.contains("Gemma3ForSequenceClassification"),
-        "{err}"
+    .unwrap();
+    assert_eq!(model.pad_token_id(), Some(0));
+    // What a classifier trained on it saves as exclude_modules.
+    assert_eq!(
+        model.modules_not_built(),
+        ["model.vision_tower", "model.multi_modal_projector"]
     );
+    let got = model.forward(ids, Some(mask)).unwrap();
+    check(&got, &io["logits"], TOL, "gemma3_mm classifier");
+    let plan = peft_plan(&dir.join("cls_lora"));
+    let model =
+        LlamaForSequenceClassification::from_pretrained(dir.join("cls"), DType::F32, &dev, &plan)
+            .unwrap();
+    plan.finish().unwrap();
+    let aside = plan.set_aside_modules();
+    assert!(
+        aside.len() == 2 && aside.iter().all(|p| p.starts_with("model.vision_tower.")),
+        "{aside:?}"
+    );
+    let got = model.forward(ids, Some(mask)).unwrap();
+    check(&got, &io["lora_logits"], TOL, "gemma3_mm classifier lora");
 }

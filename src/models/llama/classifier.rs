@@ -1,6 +1,7 @@
 //! [`LlamaForSequenceClassification`]: transformers' `LlamaForSequenceClassification` (and
-//! Mistral's, Qwen2's, Qwen3's) — the decoder, then `score`, a linear layer without bias,
-//! on each row's last token that is not padding.
+//! the other Llama families' classifiers, `Gemma3ForSequenceClassification` among them) —
+//! the decoder, then `score`, a linear layer without bias, on each row's last token that is
+//! not padding.
 
 use std::path::Path;
 

@@ -15,7 +15,7 @@ use crate::models::kv_buffer::{Appending, LayerKv};
 use crate::models::padding::{self, PaddedPositions};
 
 use super::config::{LayerAttention, LlamaConfig, RopeScaling};
-use super::family::{LlamaFamily, GEMMA3_MULTIMODAL};
+use super::family::LlamaFamily;
 use super::layers::{DecoderLayer, Masks};
 use super::norm::RmsNorm;
 use super::rope::RopeTables;
@@ -244,6 +244,14 @@ impl DecoderTrunk for LlamaTrunk {
         self.config.hidden_size
     }
 
+    fn modules_not_built(&self) -> &'static [&'static str] {
+        if self.config.multimodal {
+            &VISION_MODULES
+        } else {
+            &[]
+        }
+    }
+
     fn check_ids(&self, ids: &Tensor) -> Result<(usize, usize)> {
         LlamaTrunk::check_ids(self, ids)
     }
@@ -272,9 +280,7 @@ impl DecoderTrunk for LlamaTrunk {
 }
 
 /// Refuses the configurations transformers has no sequence classifier for (the trunk's
-/// [`DecoderTrunk::load_trunk`] builds one for a classifier): Granite, and Gemma 3's
-/// image-and-text checkpoints (whose `Gemma3ForSequenceClassification` lorakit does not
-/// implement).
+/// [`DecoderTrunk::load_trunk`] builds one for a classifier): Granite.
 fn check_classifiable(config: &LlamaConfig) -> Result<()> {
     let unsupported = |got: String| Error::Unsupported {
         what: "sequence classification for model_type",
@@ -285,11 +291,6 @@ fn check_classifiable(config: &LlamaConfig) -> Result<()> {
         return Err(unsupported(
             "granite (transformers has no GraniteForSequenceClassification)".to_string(),
         ));
-    }
-    if config.multimodal {
-        return Err(unsupported(format!(
-            "{GEMMA3_MULTIMODAL} (Gemma3ForSequenceClassification, not implemented)"
-        )));
     }
     Ok(())
 }
