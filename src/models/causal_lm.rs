@@ -3,7 +3,6 @@
 
 use candle_core::{Device, Tensor};
 
-use crate::checkpoint::layout::VISION_MODULES;
 use crate::error::Result;
 
 use super::gpt2::Gpt2LmHeadModel;
@@ -108,11 +107,7 @@ impl CausalLm for LlamaForCausalLM {
     }
 
     fn modules_not_built(&self) -> &'static [&'static str] {
-        if self.config().multimodal {
-            &VISION_MODULES
-        } else {
-            &[]
-        }
+        self.config().modules_not_built()
     }
 }
 

@@ -647,6 +647,26 @@ impl LlamaConfig {
         }
     }
 
+    /// The module prefixes an image-and-text checkpoint has beside the text decoder, which
+    /// the model does not build ([`LlamaConfig::multimodal`]): its vision tower and
+    /// projector; none for a text model.
+    ///
+    /// ```
+    /// use lorakit::models::llama::LlamaConfig;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let gemma3 = LlamaConfig::from_file("tests/fixtures/models/llama/gemma3_mm/base")?;
+    /// assert_eq!(gemma3.modules_not_built(), ["model.vision_tower", "model.multi_modal_projector"]);
+    /// assert!(LlamaConfig::from_file("tests/fixtures/models/llama/qwen2/base")?.modules_not_built().is_empty());
+    /// # Ok(()) }
+    /// ```
+    pub fn modules_not_built(&self) -> &'static [&'static str] {
+        if self.multimodal {
+            &crate::checkpoint::layout::VISION_MODULES
+        } else {
+            &[]
+        }
+    }
+
     /// The `(d_in, d_out)` of every kind of linear layer the model has: the attention's
     /// q, k, v and o projections, the MLP's gate, up and down projections, and the output
     /// head (what VeRA's shared pair must cover).

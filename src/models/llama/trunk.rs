@@ -7,7 +7,6 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::checkpoint::layout::VISION_MODULES;
 use crate::error::{Error, Result};
 use crate::model::{embedding, AdapterPlan, Embedding};
 use crate::models::decoder_trunk::{DecoderTrunk, Pass};
@@ -48,11 +47,10 @@ impl LlamaTrunk {
         config.validate()?;
         let c = config;
         let root = vb.pp(c.decoder_prefix());
-        if c.multimodal {
-            // Text never reaches the vision tower: its adapters have nothing to adapt here.
-            for prefix in VISION_MODULES {
-                plan.set_aside(prefix);
-            }
+        // Text never reaches an image-and-text model's vision tower: its adapters have
+        // nothing to adapt here.
+        for prefix in c.modules_not_built() {
+            plan.set_aside(prefix);
         }
         let embed_tokens = embedding(c.vocab_size, c.hidden_size, root.pp("embed_tokens"), plan)?;
         let layers = c
@@ -245,11 +243,7 @@ impl DecoderTrunk for LlamaTrunk {
     }
 
     fn modules_not_built(&self) -> &'static [&'static str] {
-        if self.config.multimodal {
-            &VISION_MODULES
-        } else {
-            &[]
-        }
+        self.config.modules_not_built()
     }
 
     fn check_ids(&self, ids: &Tensor) -> Result<(usize, usize)> {
