@@ -173,21 +173,31 @@ impl Run {
     }
 }
 
-fn build(variant: Variant, steps: usize) -> Run {
+/// The Llama-family model in `dir` (with `config`, f32, CPU) with `recipe`'s fresh adapter,
+/// and its adapted layers.
+pub(crate) fn with_recipe(
+    dir: &std::path::Path,
+    config: &LlamaConfig,
+    recipe: &AdapterRecipe,
+) -> (LlamaForCausalLM, lorakit::model::AdaptedSet) {
     let dev = Device::Cpu;
+    let vars = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vars, DType::F32, &dev);
+    let plan = recipe
+        .plan(vb, &config.linear_shapes(), DType::F32, &dev)
+        .unwrap();
+    let model = LlamaForCausalLM::from_pretrained(dir, DType::F32, &dev, &plan).unwrap();
+    (model, plan.finish().unwrap())
+}
+
+fn build(variant: Variant, steps: usize) -> Run {
     let dir = qwen2().join("base");
     let config = LlamaConfig::from_file(dir.join("config.json")).unwrap();
     let r = if variant == Variant::Vera { 64 } else { 4 };
     let mut recipe = AdapterRecipe::new(variant, r, 8.0, &["q_proj", "v_proj", "up_proj"]);
     recipe.delta_lora.start_step = 2;
     recipe.lora_drop.stage1_steps = 3;
-    let vars = VarMap::new();
-    let vb = VarBuilder::from_varmap(&vars, DType::F32, &dev);
-    let plan = recipe
-        .plan(vb, &config.linear_shapes(), DType::F32, &dev)
-        .unwrap();
-    let model = LlamaForCausalLM::from_pretrained(&dir, DType::F32, &dev, &plan).unwrap();
-    let set = plan.finish().unwrap();
+    let (model, set) = with_recipe(&dir, &config, &recipe);
     let mut trainer_config = TrainConfig::new(steps);
     // VeRA trains only scaling vectors and AdaLoRA starts from E = 0: both want larger rates.
     trainer_config.lr = match variant {

@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
 use lorakit::finetune::{AdapterRecipe, Dataset, Example, TrainConfig, Trainer};
 use lorakit::models::llama::{
     LayerAttention, LlamaConfig, LlamaFamily, LlamaForCausalLM, LlamaForSequenceClassification,
@@ -19,6 +18,7 @@ use lorakit::models::SequenceClassifier;
 use lorakit::peft::{merge_checkpoint, PeftAdapter};
 use lorakit::Variant;
 
+use crate::finetune_train::with_recipe;
 use crate::models_llama::{build, check, logits, models, no_adapter, peft_plan};
 use crate::peft_common::{load, rel_err, temp_dir};
 
@@ -403,13 +403,7 @@ fn a_trained_adapter_excludes_the_vision_tower_and_reloads() {
     let dir = case().join("base");
     let config = LlamaConfig::from_file(&dir).unwrap();
     let recipe = AdapterRecipe::new(Variant::Lora, 4, 8.0, &["all-linear"]);
-    let vars = VarMap::new();
-    let vb = VarBuilder::from_varmap(&vars, DType::F32, &dev);
-    let plan = recipe
-        .plan(vb, &config.linear_shapes(), DType::F32, &dev)
-        .unwrap();
-    let model = LlamaForCausalLM::from_pretrained(&dir, DType::F32, &dev, &plan).unwrap();
-    let set = plan.finish().unwrap();
+    let (model, set) = with_recipe(&dir, &config, &recipe);
     let mut settings = TrainConfig::new(2);
     settings.lr = 1e-2;
     settings.batch.seq_len = 8;

@@ -164,7 +164,7 @@ impl LlamaForCausalLM {
     /// # Ok(()) }
     /// ```
     pub fn load(config: &LlamaConfig, vb: VarBuilder, plan: &AdapterPlan) -> Result<Self> {
-        let vb = multimodal::decoder_view(vb);
+        let vb = multimodal::decoder_view(config.decoder_prefix(), vb);
         let trunk = LlamaTrunk::load(config, &vb, plan)?;
         let head_vb = vb.pp("lm_head");
         let tied = config.tie_word_embeddings && !head_vb.contains_tensor("weight");

@@ -72,11 +72,16 @@ pub(super) fn text_config_scope(file: &Path) -> PathBuf {
     PathBuf::from(format!("{} (text_config)", file.display()))
 }
 
-/// `vb` read under transformers 5's names (`model.language_model.…`, `lm_head.…`, what
+/// For a decoder under `model.language_model` (an image-and-text checkpoint's,
+/// `LlamaConfig::decoder_prefix`; any other: `vb` as it is), `vb` read under transformers 5's
+/// names (`model.language_model.…`, `lm_head.…`, what
 /// the decoder's modules are called): a checkpoint stored with transformers 4.50's names
 /// (`language_model.model.…`, `language_model.lm_head.…`, the Hub's) through a renaming,
 /// any other as it is.
-pub(super) fn decoder_view(vb: VarBuilder<'_>) -> VarBuilder<'_> {
+pub(super) fn decoder_view<'a>(decoder_prefix: &str, vb: VarBuilder<'a>) -> VarBuilder<'a> {
+    if decoder_prefix != TEXT_DECODER {
+        return vb;
+    }
     let current = format!("{TEXT_DECODER}.embed_tokens.weight");
     let stored = format!("{STORED_TEXT_DECODER}.embed_tokens.weight");
     if vb.contains_tensor(&current) || !vb.contains_tensor(&stored) {

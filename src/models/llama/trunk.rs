@@ -234,7 +234,7 @@ impl DecoderTrunk for LlamaTrunk {
         plan: &AdapterPlan,
     ) -> Result<(Self, VarBuilder<'a>)> {
         check_classifiable(config)?;
-        let vb = super::multimodal::decoder_view(vb);
+        let vb = super::multimodal::decoder_view(config.decoder_prefix(), vb);
         Ok((Self::load(config, &vb, plan)?, vb))
     }
 
