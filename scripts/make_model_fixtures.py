@@ -101,6 +101,16 @@ itself):
                    rope_parameters nested by layer type (full: YaRN factor 2 over 32
                    positions at theta 5e5; sliding: default at 1e4), no biases, untied. LoRA
                    r=4 alpha=8, all-linear.
+    mixtral        MixtralForCausalLM, hidden 32, 4 heads, 2 KV heads, 4 experts 32 wide,
+                   top 2 (renormalized), sliding_window 4, untied. LoRA r=4 alpha=8 on
+                   q/k/v/o_proj.
+    qwen2_moe      Qwen2MoeForCausalLM: layer 0 dense (decoder_sparse_step 2), layer 1
+                   sparse: 4 experts 16 wide, top 2, norm_topk_prob, a shared expert 48
+                   wide and its sigmoid gate; q/k/v bias. LoRA r=4 alpha=8, all-linear.
+    qwen3_moe      Qwen3MoeForCausalLM: layer 0 sparse (4 experts 16 wide, top 2, not
+                   renormalized), layer 1 dense (mlp_only_layers [1]); head_dim 16, q/k
+                   norms, use_sliding_window with window 4 (every layer). LoRA r=4
+                   alpha=8 on q/k/v/o_proj.
 
 Besides the cases, yarn_params.json holds transformers' own YaRN frequencies
 (`ROPE_INIT_FUNCTIONS["yarn"]`: inv_freq as f32 values, attention_factor) for configs
@@ -128,7 +138,10 @@ For each CASE tests/fixtures/models/llama/ holds:
                              q/v/gate/down_proj), qwen3/adalora (AdaLoRA init_r=4 alpha=8
                              on q/k/o/up_proj, untrained: no rank_pattern), llama3_rope/dora
                              (DoRA r=4 alpha=8 on q/o/gate_proj), phi3/dora (DoRA r=4
-                             alpha=8 on the fused qkv_proj, gate_up_proj); made like the LoRA with
+                             alpha=8 on the fused qkv_proj, gate_up_proj), mixtral/experts and
+                             qwen3_moe/experts (LoRA r=4 alpha=8 all-linear, which PEFT 0.21
+                             turns into target_parameters on the experts and the router too;
+                             qwen3_moe's with rsLoRA); made like the LoRA with
                              seed + 2 after it, every trainable tensor + 0.2 * normal
     qwen2/logits.safetensors also multi_default_logits, multi_dora_logits,
                              multi_disabled_logits, multi_after_delete_logits: one
@@ -145,7 +158,7 @@ attention agree; the rewritten legacy config loads to the same logits.
 
 Versions used to generate the committed files: torch 2.15.0, transformers 5.24.0,
 peft 0.21.2, safetensors 0.8.0 (Python 3.11); granite, smollm3, phi3, phi3_longrope,
-phi4_partial, gemma, gemma2, gemma3, gemma3_mm, olmo2, olmo3, yarn_rope and yarn_params.json were added later with transformers 5.25.0, whose logits for the other cases differ from the
+phi4_partial, gemma, gemma2, gemma3, gemma3_mm, olmo2, olmo3, mixtral, qwen2_moe, qwen3_moe, yarn_rope and yarn_params.json were added later with transformers 5.25.0, whose logits for the other cases differ from the
 committed 5.24 ones by at most 5e-6 (the committed files were kept). PYTHONHASHSEED is pinned (PEFT stores
 target_modules from a set); HF_HUB_OFFLINE=1.
 """
@@ -177,6 +190,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     Olmo2Config,
     Olmo2ForCausalLM,
     Olmo3Config,
@@ -185,6 +200,10 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from peft import AdaLoraConfig, LoraConfig, PeftModel, VeraConfig, get_peft_model
@@ -493,6 +512,64 @@ CASES = {
         22000,
         dict(sliding_window=64),
     ),
+    "mixtral": (
+        MixtralForCausalLM,
+        MixtralConfig,
+        dict(
+            **{**COMMON, "intermediate_size": 32},
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=4,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        ),
+        # The attention (all-linear would add PEFT's target_parameters on the experts and
+        # the router: the `experts` second adapter).
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        23000,
+        dict(sliding_window=None),
+    ),
+    "qwen2_moe": (
+        Qwen2MoeForCausalLM,
+        Qwen2MoeConfig,
+        dict(
+            **COMMON,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=48,
+            num_experts=4,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            decoder_sparse_step=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        ),
+        # all-linear: attention, layer 0's dense MLP, layer 1's shared expert and its gate.
+        dict(r=4, lora_alpha=8, target_modules="all-linear"),
+        24000,
+        dict(norm_topk_prob=False),
+    ),
+    "qwen3_moe": (
+        Qwen3MoeForCausalLM,
+        Qwen3MoeConfig,
+        dict(
+            **COMMON,
+            head_dim=16,
+            moe_intermediate_size=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            mlp_only_layers=[1],
+            use_sliding_window=True,
+            sliding_window=4,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        ),
+        # The attention: PEFT 0.21 turns `gate_proj` / `up_proj` / `down_proj` (and
+        # all-linear) into target_parameters on the experts for qwen3_moe, leaving the dense
+        # layer's MLP unadapted.
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        25000,
+        dict(norm_topk_prob=True),
+    ),
     "yarn_rope": (
         Qwen3ForCausalLM,
         Qwen3Config,
@@ -570,6 +647,18 @@ SECOND = {
         lambda: LoraConfig(
             task_type="CAUSAL_LM", r=4, lora_alpha=8, use_dora=True,
             target_modules=["qkv_proj", "gate_up_proj"],
+        ),
+    ),
+    # all-linear on a mixture of experts: PEFT 0.21 adds target_parameters on the experts
+    # (gate_up_proj at rank 2r and alpha 2·alpha, down_proj) and the router (gate.weight).
+    "mixtral": (
+        "experts",
+        lambda: LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear"),
+    ),
+    "qwen3_moe": (
+        "experts",
+        lambda: LoraConfig(
+            task_type="CAUSAL_LM", r=4, lora_alpha=8, use_rslora=True, target_modules="all-linear",
         ),
     ),
     "llama3_rope": (
@@ -813,7 +902,7 @@ README = """# Llama-family model fixtures (generated)
 
 Generated by `scripts/make_model_fixtures.py` (torch 2.15.0, transformers 5.24.0,
 peft 0.21.2; `granite`, `smollm3`, `phi3`, `phi3_longrope`, `phi4_partial`, `gemma`,
-`gemma2`, `gemma3`, `gemma3_mm`, `olmo2`, `olmo3`, `yarn_rope` and `yarn_params.json` with transformers 5.25.0; see its docstring). Regenerate with
+`gemma2`, `gemma3`, `gemma3_mm`, `olmo2`, `olmo3`, `mixtral`, `qwen2_moe`, `qwen3_moe`, `yarn_rope` and `yarn_params.json` with transformers 5.25.0; see its docstring). Regenerate with
 
     python3 scripts/make_model_fixtures.py
 
@@ -839,6 +928,9 @@ and PEFT.
 | `gemma3_mm` | Gemma3ForConditionalGeneration | `gemma3` (image and text): `gemma3`'s text decoder as its `text_config`, a one-layer SigLIP vision tower and projector; tensors stored as `language_model.model.…`, `vision_tower.…`; logits of the text-only path | r=4 α=8 all-linear: the text decoder's and the vision tower's linear layers |
 | `olmo2` | Olmo2ForCausalLM | norms after attention and the MLP only, q/k norms over the whole projections, `attention_bias`, untied | r=4 α=8 all-linear |
 | `olmo3` | Olmo3ForCausalLM | OLMo 2's layers; `layer_types` [sliding (window 4), full], RoPE per layer type (full: YaRN ×2 over 32 positions at θ 5e5; sliding: θ 1e4), untied | r=4 α=8 all-linear |
+| `mixtral` | MixtralForCausalLM | a sparse mixture of 4 experts (top 2, renormalized) in every layer, stored as `block_sparse_moe.experts.E.w1/w2/w3` and `block_sparse_moe.gate`; `sliding_window` 4 | r=4 α=8 q/k/v/o_proj |
+| `qwen2_moe` | Qwen2MoeForCausalLM | layer 0 dense (`decoder_sparse_step` 2), layer 1 4 experts (top 2, `norm_topk_prob`) beside a shared expert (48 wide) gated by `sigmoid(shared_expert_gate)`; q/k/v bias | r=4 α=8 all-linear (attention, the dense MLP, the shared expert and its gate) |
+| `qwen3_moe` | Qwen3MoeForCausalLM | layer 0 4 experts (top 2, not renormalized), layer 1 dense (`mlp_only_layers` [1]); q/k norms, `head_dim` 16, the window (4) on every layer | r=4 α=8 q/k/v/o_proj |
 | `yarn_rope` | Qwen3ForCausalLM | `rope_type: yarn` (factor 4, original max 64, head_dim 16): kept, ramped and divided frequencies, the attention factor on cos/sin | r=4 α=8 q/k/v/o_proj |
 
 Vocab 64, hidden 32, intermediate 64, 2 layers, 4 heads (2 KV heads but `linear_rope`),
@@ -862,6 +954,8 @@ Second adapters (made after the LoRA with seed + 2; targets overlap the LoRA's i
 | `qwen3` | `adalora` | AdaLoRA init_r=4 (target_r 2, not trained: no rank_pattern) α=8 on q/k/o_proj, up_proj |
 | `llama3_rope` | `dora` | DoRA r=4 α=8 on q_proj, o_proj, gate_proj |
 | `phi3` | `dora` | DoRA r=4 α=8 on the fused qkv_proj and gate_up_proj |
+| `mixtral` | `experts` | LoRA r=4 α=8 all-linear: PEFT 0.21 adds `target_parameters` `gate_up_proj` (r=8, α=16), `gate.weight`, `down_proj`: the experts' stacked weights and the router |
+| `qwen3_moe` | `experts` | as `mixtral`'s, with rsLoRA |
 
 `qwen2/logits.safetensors` also holds the multi-adapter reference: one PeftModel with the
 LoRA as `default` and the DoRA added by `load_adapter(dora/, adapter_name="dora")`:
@@ -949,7 +1043,7 @@ def main():
     for dirpath, _, files in os.walk(ROOT):
         total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
     log(f"wrote {ROOT}: {total / 1024:.0f} KiB")
-    assert total < 2.5 * 1024 * 1024
+    assert total < 3.5 * 1024 * 1024
 
 
 if __name__ == "__main__":

@@ -357,6 +357,7 @@ impl GgufModel {
             attn_logit_softcapping: None,
             final_logit_softcapping: None,
             multimodal: false,
+            moe: None,
         };
         config.validate()?;
         Ok(config)

@@ -82,7 +82,10 @@ impl GgufArch {
             | LlamaFamily::Gemma2
             | LlamaFamily::Gemma3
             | LlamaFamily::Olmo2
-            | LlamaFamily::Olmo3 => Err(Error::Unsupported {
+            | LlamaFamily::Olmo3
+            | LlamaFamily::Mixtral
+            | LlamaFamily::Qwen2Moe
+            | LlamaFamily::Qwen3Moe => Err(Error::Unsupported {
                 what: "GGUF architecture for model_type",
                 got: family.model_type().to_string(),
                 supported: "llama, mistral, qwen2, qwen3".to_string(),

@@ -8,6 +8,7 @@
 
 pub mod adapted_set;
 pub mod named;
+mod parameter_lora;
 pub mod plan;
 pub mod quantize;
 mod slot;
@@ -16,6 +17,7 @@ pub mod trainable_base;
 
 pub use adapted_set::{AdaptedSet, ModelVar, ParamCounts};
 pub use named::NamedAdapters;
+pub use parameter_lora::ParameterLora;
 pub use plan::{
     conv1d, embedding, linear, linear_b, linear_no_bias, AdapterFactory, AdapterPlan, Embedding,
     Linear, MergedModule,

@@ -14,6 +14,7 @@ use crate::low_rank::trainable_var;
 use crate::model::adapted_set::AdaptedSet;
 use crate::model::target::{ModuleSettings, RankAlpha, TargetSpec};
 use crate::model::trainable_base::{BiasMode, TrainableBase};
+use crate::model::ParameterLora;
 use crate::shared::Shared;
 use crate::variants::{
     AdaLoraConfig, AdaLoraLinear, AdapterLayer, DeltaLoraConfig, DeltaLoraLinear, DoraConfig,
@@ -67,6 +68,18 @@ pub trait AdapterFactory: Send + Sync {
     /// Whether the adapter stores any tensor for the module at `path` (default: no).
     fn stores_for(&self, _path: &str) -> bool {
         false
+    }
+
+    /// The LoRA on each of the parameters `registered` of the module at `path` (named in
+    /// the order the module registers them, which sets PEFT's nesting of their wrappers),
+    /// for a loaded adapter with `target_parameters`; its tensors are marked used. Default:
+    /// none (fresh adapters adapt modules only).
+    fn parameter_lora(
+        &self,
+        _path: &str,
+        registered: &[&str],
+    ) -> Result<Vec<Option<ParameterLora>>> {
+        Ok(vec![None; registered.len()])
     }
 }
 
@@ -458,6 +471,42 @@ impl AdapterPlan {
         }
     }
 
+    /// A linear layer at `path` that no adapter may target: a mixture-of-experts model's
+    /// router and experts, which transformers 5 holds as parameters rather than linear
+    /// modules, so PEFT's `target_modules` never reaches them. The plan's quantization
+    /// applies to it (QLoRA on the experts, most of such a model's weights), and it counts
+    /// as frozen; an adapter's tensors for it stay unused, so
+    /// [`finish`](Self::finish) names them.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// use lorakit::frozen::FrozenLinear;
+    /// use lorakit::model::{AdapterPlan, Linear, ModuleSelector, RankAlpha, TargetSpec};
+    /// use lorakit::LoraConfig;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let dev = Device::Cpu;
+    /// let plan = AdapterPlan::lora(
+    ///     TargetSpec::new(ModuleSelector::AllLinear),
+    ///     RankAlpha::new(2, 4.0),
+    ///     LoraConfig::default(),
+    ///     VarBuilder::from_varmap(&VarMap::new(), DType::F32, &dev),
+    /// );
+    /// let w = Tensor::zeros((8, 4), DType::F32, &dev)?;
+    /// let expert = plan.frozen_linear("mlp.experts.0.up_proj", FrozenLinear::new(w, None)?)?;
+    /// assert!(matches!(expert, Linear::Frozen(_)));
+    /// assert!(plan.finish()?.paths().is_empty()); // all-linear did not adapt it
+    /// # Ok(()) }
+    /// ```
+    pub fn frozen_linear(&self, path: &str, base: FrozenLinear) -> Result<Linear> {
+        let base = match &self.quantize {
+            Some(q) => q.apply(path, base)?,
+            None => base,
+        };
+        self.set.record_frozen(base.num_params());
+        Ok(Linear::Frozen(base))
+    }
+
     /// Decides what `path` becomes, creating trainable variables through `vb`.
     fn prepare(
         &self,
@@ -628,6 +677,17 @@ impl AdapterPlan {
     /// [`AdapterFactory::stored_tensor`]), marked as used.
     pub fn stored_tensor(&self, path: &str, name: &str) -> Result<Option<Tensor>> {
         self.factory.stored_tensor(path, name)
+    }
+
+    /// The loaded adapter's LoRA on each of the parameters `registered` of the module at
+    /// `path` (PEFT's `target_parameters`; see [`AdapterFactory::parameter_lora`]): a
+    /// mixture-of-experts model folds them into its experts' and router's weights.
+    pub fn parameter_lora(
+        &self,
+        path: &str,
+        registered: &[&str],
+    ) -> Result<Vec<Option<ParameterLora>>> {
+        self.factory.parameter_lora(path, registered)
     }
 
     /// Whether the plan changes the module at `path` in a merge: an adapter targets it, it

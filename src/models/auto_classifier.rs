@@ -67,7 +67,7 @@ pub enum AutoSequenceClassifier {
 /// }
 /// assert_eq!(CLASSIFIER_MODEL_TYPES.len(), LlamaFamily::ALL.len() - 1 + 3);
 /// ```
-pub const CLASSIFIER_MODEL_TYPES: [&str; 14] = [
+pub const CLASSIFIER_MODEL_TYPES: [&str; 17] = [
     "bert",
     "llama",
     "mistral",
@@ -81,6 +81,9 @@ pub const CLASSIFIER_MODEL_TYPES: [&str; 14] = [
     "gemma3",
     "olmo2",
     "olmo3",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
     "gpt2",
 ];
 

@@ -107,6 +107,11 @@ pub struct PeftConfig {
     /// [`lora_extensions`](super::lora_extensions)), named by a segment of their key:
     /// [`PeftAdapter`](crate::peft::PeftAdapter) leaves them out when it reads the file.
     pub skipped_tensors: Vec<String>,
+    /// `target_parameters` (LoRA): parameters adapted in place of modules, as PEFT's
+    /// `ParamWrapper` does: the experts (`experts.gate_up_proj`, `experts.down_proj`) and
+    /// the router (`gate.weight`) of a mixture-of-experts model
+    /// ([`crate::model::ParameterLora`]); each entry names a parameter key or its suffix.
+    pub target_parameters: Vec<String>,
     /// Every key as read (unknown ones included); written back on save.
     pub raw: Map<String, Value>,
 }
@@ -158,6 +163,57 @@ fn get_bool(map: &Map<String, Value>, key: &'static str, p: &Path) -> Result<boo
         Some(v) => v
             .as_bool()
             .ok_or_else(|| Error::file_config(p, key, format!("expected true or false, got {v}"))),
+    }
+}
+
+/// `target_parameters`: a list of parameter names (LoRA only, without DoRA, dropout or
+/// `lora_bias`, which PEFT's `ParamWrapper` refuses too); empty when absent or null.
+fn target_parameters(
+    raw: &Map<String, Value>,
+    peft_type: PeftType,
+    p: &Path,
+) -> Result<Vec<String>> {
+    let field = "target_parameters";
+    let names = match raw.get(field) {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| Error::file_config(p, field, "expected a list of parameter names"))?,
+        Some(v) => {
+            return Err(Error::file_config(
+                p,
+                field,
+                format!("expected a list of parameter names, got {v}"),
+            ))
+        }
+    };
+    if names.is_empty() {
+        return Ok(names);
+    }
+    let refused = if peft_type != PeftType::Lora {
+        Some(format!("{} (LoRA only)", peft_type.as_str()))
+    } else {
+        ["use_dora", "lora_bias"]
+            .into_iter()
+            .find(|k| raw.get(*k).and_then(Value::as_bool) == Some(true))
+            .map(|k| format!("{k} (PEFT's ParamWrapper refuses it too)"))
+            .or_else(|| {
+                let dropout = raw
+                    .get("lora_dropout")
+                    .and_then(Value::as_f64)
+                    .unwrap_or(0.0);
+                (dropout != 0.0).then(|| format!("lora_dropout {dropout} (PEFT refuses it too)"))
+            })
+    };
+    match refused {
+        Some(what) => Err(Error::file_config(
+            p,
+            field,
+            format!("adapters on parameters cannot be combined with {what}"),
+        )),
+        None => Ok(names),
     }
 }
 
@@ -308,7 +364,12 @@ impl PeftConfig {
                 })
             }
         };
+        let target_parameters = target_parameters(&raw, peft_type, p)?;
         let targets = match raw.get("target_modules") {
+            // PEFT allows a config that targets parameters only.
+            None | Some(Value::Null) if !target_parameters.is_empty() => {
+                TargetSpec::new(ModuleSelector::list(Vec::<String>::new()))
+            }
             None | Some(Value::Null) => {
                 return Err(Error::file_config(
                     p,
@@ -434,6 +495,7 @@ impl PeftConfig {
             bias,
             adalora_ranks,
             skipped_tensors,
+            target_parameters,
             raw,
         })
     }
@@ -490,6 +552,7 @@ impl PeftConfig {
             bias: BiasMode::None,
             adalora_ranks: Vec::new(),
             skipped_tensors: Vec::new(),
+            target_parameters: Vec::new(),
             raw,
         }
     }

@@ -18,6 +18,7 @@ use crate::error::{Error, Result, Scope};
 use crate::frozen::{BaseKind, FrozenLinear};
 use crate::model::plan::{AdapterFactory, AdapterPlan};
 use crate::model::target::ModuleSettings;
+use crate::model::ParameterLora;
 use crate::peft::config::PeftConfig;
 use crate::peft::lora_extensions::{check_computable, is_skipped_tensor};
 use crate::peft::tied_head::target_tied_heads;
@@ -387,6 +388,59 @@ impl AdapterFactory for LoadedFactory {
         Ok(Some(t.clone()))
     }
 
+    fn parameter_lora(
+        &self,
+        path: &str,
+        registered: &[&str],
+    ) -> Result<Vec<Option<ParameterLora>>> {
+        let config = &self.0.config;
+        let key_of = |param: &str| format!("{path}.{param}");
+        let targeted = |param: &&str| {
+            let key = key_of(param);
+            config
+                .target_parameters
+                .iter()
+                .any(|t| key == *t || key.ends_with(&format!(".{t}")))
+        };
+        let chosen: Vec<&str> = registered.iter().copied().filter(targeted).collect();
+        let mut out = vec![None; registered.len()];
+        // PEFT wraps the parameters in the order the module registers them, each wrapper
+        // around the last: the first is innermost, under the most `base_layer`s.
+        for (i, param) in chosen.iter().enumerate() {
+            let nesting = "base_layer.".repeat(chosen.len() - 1 - i);
+            let a = self.stored_tensor(path, &format!("{nesting}lora_A.weight"))?;
+            let b = self.stored_tensor(path, &format!("{nesting}lora_B.weight"))?;
+            let key = key_of(param);
+            let (a, b) = match (a, b) {
+                (Some(a), Some(b)) => (a, b),
+                // Targeted but not in the file (PEFT warns of missing keys): no change.
+                (None, None) => continue,
+                (a, _) => {
+                    let missing = if a.is_none() { "lora_A" } else { "lora_B" };
+                    return Err(Error::MissingKey {
+                        key: format!("{KEY_PREFIX}{path}.{nesting}{missing}.weight"),
+                        file: self.0.file(),
+                    });
+                }
+            };
+            let settings = config.ranks.for_module(&key);
+            let scaling = if config.use_rslora {
+                settings.alpha / (settings.r as f64).sqrt()
+            } else {
+                settings.alpha / settings.r as f64
+            };
+            let lora = ParameterLora::new(&key, a, b, settings.r, scaling)?;
+            if let Some(slot) = registered
+                .iter()
+                .position(|p| p == param)
+                .and_then(|j| out.get_mut(j))
+            {
+                *slot = Some(lora);
+            }
+        }
+        Ok(out)
+    }
+
     fn stores_for(&self, path: &str) -> bool {
         BASE_TENSOR_NAMES.iter().any(|n| {
             self.0
@@ -419,8 +473,22 @@ impl AdapterFactory for LoadedFactory {
             .keys()
             .filter(|k| !used.contains(*k))
             .collect();
+        let parameters = &self.0.config.target_parameters;
         match unused.first() {
             None => Ok(()),
+            // LoRA on parameters applies where a model asks for it (a mixture of experts'
+            // experts and router): anything else stays unused.
+            Some(example) if !parameters.is_empty() => Err(Error::file_config(
+                self.0.weights_path.with_file_name(CONFIG_FILE),
+                "target_parameters",
+                format!(
+                    "{} tensors unused (e.g. `{example}`): lorakit applies LoRA on parameters \
+                     ({}) only to the experts' stacked weights and the router of a mixture of \
+                     experts (mixtral, qwen2_moe, qwen3_moe)",
+                    unused.len(),
+                    parameters.join(", ")
+                ),
+            )),
             Some(example) => Err(Error::UnusedKeys {
                 count: unused.len(),
                 example: (*example).clone(),

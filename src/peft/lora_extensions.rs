@@ -53,11 +53,6 @@ const REFUSED: &[Refused] = &[
                  checkpoint's layers",
     },
     Refused {
-        field: "target_parameters",
-        reason: "adapters on parameters (mixture-of-experts weights) through a \
-                 parametrization; lorakit adapts modules (target_modules)",
-    },
-    Refused {
         field: "trainable_token_indices",
         reason: "trainable rows of the embedding (trainable tokens) are not supported",
     },

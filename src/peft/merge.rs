@@ -771,6 +771,19 @@ impl AddedTensor {
 /// be in the checkpoint with its shape, unless it belongs to a `modules_to_save` module the
 /// checkpoint lacks altogether (then it is added).
 pub(crate) fn check_adapter_fits(adapter: &PeftAdapter, ckpt: &Checkpoint) -> Result<AdapterFit> {
+    // Not yet: a parameter's LoRA changes every expert's weights in a stack the checkpoint
+    // stores expert by expert (the models fold it in when they load).
+    let parameters = &adapter.config().target_parameters;
+    if !parameters.is_empty() {
+        return Err(Error::Unsupported {
+            what: "merging an adapter on parameters into a checkpoint (target_parameters)",
+            got: parameters.join(", "),
+            supported: "adapters on modules (target_modules); load the model with the adapter \
+                        instead (LlamaForCausalLM, `lorakit generate`, with or without --merge), \
+                        which folds it in"
+                .to_string(),
+        });
+    }
     let names = ModuleNames::of(adapter, ckpt);
     let modules = match_modules(adapter, ckpt, &names);
     let untied = untied_heads(ckpt, &modules);

@@ -50,6 +50,7 @@ mod models_dropout;
 mod models_gemma3_multimodal;
 mod models_gpt2;
 mod models_llama;
+mod models_moe;
 mod named_adapters;
 mod named_adapters_train;
 mod numerics;

@@ -29,7 +29,7 @@ use crate::checkpoint_merge::ckpt;
 use crate::peft_common::{fixture, load, rel_err};
 
 const TOL: f64 = 1e-4;
-const CASES: [&str; 17] = [
+const CASES: [&str; 20] = [
     "mistral",
     "qwen2",
     "qwen3",
@@ -47,6 +47,9 @@ const CASES: [&str; 17] = [
     "gemma3_mm",
     "olmo2",
     "olmo3",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
 ];
 
 pub(crate) fn models(case: &str) -> PathBuf {
@@ -1380,9 +1383,10 @@ fn probe_loss(model: &LlamaForCausalLM, ids: &Tensor, r: &Tensor) -> Tensor {
 }
 
 /// A fixture `case` in `dtype` with a fresh LoRA (B = 0) on layer 0's attention projection
-/// `query` (`q_proj`, or Phi-3's `qkv_proj`) and layer 1's down_proj: layer 0's adapter lies
-/// before every norm, RoPE and softmax of the model. Returns the model and layer 0's
-/// (lora_A, lora_B).
+/// `query` (`q_proj`, or Phi-3's `qkv_proj`) and layer 1's down_proj (Qwen2-MoE: its shared
+/// expert's; none in Mixtral, whose layers are all sparse): layer 0's adapter lies before
+/// every norm, RoPE and softmax of the model. Returns the model and layer 0's (lora_A,
+/// lora_B).
 fn with_fresh_lora(case: &str, query: &str, dtype: DType) -> (LlamaForCausalLM, Var, Var) {
     let dir = models(case);
     let vars = VarMap::new();
@@ -1390,6 +1394,7 @@ fn with_fresh_lora(case: &str, query: &str, dtype: DType) -> (LlamaForCausalLM, 
         TargetSpec::new(ModuleSelector::list([
             format!("model.layers.0.self_attn.{query}"),
             "model.layers.1.mlp.down_proj".to_string(),
+            "model.layers.1.mlp.shared_expert.down_proj".to_string(),
         ])),
         RankAlpha::new(2, 4.0),
         LoraConfig::default(), // B = 0: the base model until B moves
@@ -1401,7 +1406,8 @@ fn with_fresh_lora(case: &str, query: &str, dtype: DType) -> (LlamaForCausalLM, 
         dtype,
         &plan,
     );
-    assert_eq!(plan.finish().unwrap().paths().len(), 2);
+    let adapted = if case == "mixtral" { 1 } else { 2 };
+    assert_eq!(plan.finish().unwrap().paths().len(), adapted);
     let data = vars.data().lock().unwrap().clone();
     let var = |part: &str| {
         data.iter()
@@ -1439,6 +1445,12 @@ fn gradients_reach_adapters_through_norms_rope_and_softmax() {
     check_gradients("gemma3", "q_proj");
     check_gradients("olmo2", "q_proj");
     check_gradients("olmo3", "q_proj");
+    // The mixtures of experts: the gradient flows through the experts and the routing
+    // weights (mixtral: renormalized f32 weights; qwen2_moe: a shared expert and its sigmoid
+    // gate; qwen3_moe: weights not renormalized, a dense layer after).
+    check_gradients("mixtral", "q_proj");
+    check_gradients("qwen2_moe", "q_proj");
+    check_gradients("qwen3_moe", "q_proj");
 }
 
 /// In f64 (no fused rms_norm there) the backward to a fresh LoRA on layer 0's `query`
@@ -1519,8 +1531,16 @@ const CACHE_TOL: f64 = 1e-5;
 /// Mistral (sliding window 4 on every layer, GQA), Qwen2 (q/k/v bias, tied head), Qwen3
 /// (q/k norm, a sliding layer), Gemma 2 (soft-capped scores and logits), Gemma 3 (a
 /// sliding layer with its own RoPE θ).
-const CACHE_CASES: [&str; 7] = [
-    "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2", "olmo3",
+const CACHE_CASES: [&str; 9] = [
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3",
+    "olmo2",
+    "olmo3",
+    "mixtral",
+    "qwen3_moe",
 ];
 
 /// `(case, adapter?)` → the model: the base, then the PEFT LoRA.

@@ -33,7 +33,6 @@ fn extensions_that_change_the_output_are_refused_by_name() {
         ("bdlora", "use_bdlora"),
         ("kasa", "kasa_config"),
         ("layer_replication", "layer_replication"),
-        ("target_parameters", "target_parameters"),
     ] {
         let dir = case(name);
         let named = |what: &str, err| assert_names(err, field, &format!("{name} {what}"));
@@ -46,6 +45,33 @@ fn extensions_that_change_the_output_are_refused_by_name() {
         assert!(!merged.exists(), "{name}: a refused merge wrote {merged:?}");
         std::fs::remove_dir_all(out).unwrap();
     }
+}
+
+/// LoRA on parameters loads (lorakit folds it into a mixture of experts' experts and
+/// router: `models_moe.rs`), but on a Mistral's `q_proj.weight` it stays unused: the
+/// model's build names `target_parameters`, and a merge refuses it.
+#[test]
+fn parameter_lora_outside_experts_is_named_not_applied() {
+    let dir = case("target_parameters");
+    let adapter = PeftAdapter::load(&dir, &Device::Cpu).unwrap();
+    assert_eq!(adapter.config().target_parameters, ["q_proj.weight"]);
+    let plan = adapter.plan().unwrap();
+    let config = lorakit::models::llama::LlamaConfig::from_file(mistral_base()).unwrap();
+    let vb = lorakit::checkpoint::Checkpoint::open(mistral_base())
+        .unwrap()
+        .var_builder(candle_core::DType::F32, &Device::Cpu);
+    lorakit::models::llama::LlamaForCausalLM::load(&config, vb, &plan).unwrap();
+    assert_names(plan.finish().unwrap_err(), "target_parameters", "build");
+    let out = temp_dir("extension-merge-target-parameters");
+    let merged = out.join("merged");
+    let err = merge_checkpoint(&mistral_base(), &dir, &merged, MergeOptions::default());
+    let msg = err.unwrap_err().to_string();
+    assert!(
+        msg.contains("target_parameters") && msg.contains("q_proj.weight"),
+        "{msg}"
+    );
+    assert!(!merged.exists());
+    std::fs::remove_dir_all(out).unwrap();
 }
 
 fn assert_names(err: lorakit::Error, field: &str, what: &str) {

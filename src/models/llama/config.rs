@@ -10,6 +10,7 @@ use super::family::{LlamaFamily, GEMMA3_MULTIMODAL};
 use super::gemma::GemmaKeys;
 use super::layer_types;
 use super::longrope::LongRopeScaling;
+use super::moe::{MoeConfig, MoeKeys};
 use super::multimodal;
 use super::multipliers::Multipliers;
 use super::norm_layout::{NormPlacement, QkNorm};
@@ -134,6 +135,13 @@ pub enum LayerAttention {
 ///   `text_config` is read as a `gemma3_text` config (errors name it), with the top-level
 ///   `tie_word_embeddings` (default true) and `quantization_config`; the vision keys are
 ///   ignored ([`LlamaConfig::multimodal`]).
+/// - `mixtral`, `qwen2_moe`, `qwen3_moe`: the mixture-of-experts keys are read into
+///   [`LlamaConfig::moe`] ([`MoeConfig`]: `num_experts` / `num_local_experts`,
+///   `num_experts_per_tok`, `moe_intermediate_size`, `norm_topk_prob`,
+///   `decoder_sparse_step`, `mlp_only_layers`, `shared_expert_intermediate_size`,
+///   `router_jitter_noise`, `output_router_logits`); Qwen2-MoE's `qkv_bias` (default
+///   true) puts a bias on q/k/v; Qwen3-MoE slides on every layer when
+///   `use_sliding_window`, Qwen2-MoE on every other layer below `max_window_layers`.
 /// - Ignored: `pretraining_tp` (transformers 5 ignores it), token ids, `use_cache`.
 ///
 /// [`LlamaForCausalLM::forward_t`]: super::LlamaForCausalLM::forward_t
@@ -245,6 +253,9 @@ pub struct LlamaConfig {
     /// not built, and text goes through the decoder as `Gemma3ForCausalLM`'s would. See
     /// [`LlamaConfig::decoder_prefix`].
     pub multimodal: bool,
+    /// The mixture-of-experts settings of Mixtral, Qwen2-MoE and Qwen3-MoE (their sparse
+    /// layers' MLPs); `None` for the dense families.
+    pub moe: Option<MoeConfig>,
 }
 
 /// The keys read from `config.json`, as written.
@@ -269,6 +280,7 @@ pub(super) struct RawConfig {
     pub(super) max_position_embeddings: Option<usize>,
     pub(super) tie_word_embeddings: Option<bool>,
     pub(super) attention_bias: Option<bool>,
+    pub(super) qkv_bias: Option<bool>,
     pub(super) mlp_bias: Option<bool>,
     pub(super) hidden_act: Option<String>,
     #[serde(default, deserialize_with = "crate::error::present")]
@@ -348,7 +360,15 @@ impl LlamaConfig {
             Some(f) if f.is_gemma() => crate::error::parse_json(text, &file)?,
             _ => GemmaKeys::default(),
         };
-        let config = Self::resolve(raw, &gemma, &file)?;
+        let moe = match family {
+            Some(f) if f.is_moe() => Some(crate::error::parse_json::<MoeKeys>(text, &file)?),
+            _ => None,
+        };
+        let mut config = Self::resolve(raw, &gemma, &file)?;
+        if let Some(keys) = moe {
+            let (f, layers) = (config.family, config.num_hidden_layers);
+            config.moe = Some(keys.resolve(f, layers, config.intermediate_size, &file)?);
+        }
         config.validate_in(Scope::File(file))?;
         Ok(config)
     }
@@ -434,9 +454,12 @@ impl LlamaConfig {
                 | LlamaFamily::Phi3
                 | LlamaFamily::Olmo2
                 | LlamaFamily::Olmo3 => num_attention_heads,
-                LlamaFamily::Mistral => 8,
-                LlamaFamily::SmolLm3 | LlamaFamily::Gemma2 | LlamaFamily::Gemma3 => 4,
-                LlamaFamily::Gemma => 16,
+                LlamaFamily::Mistral | LlamaFamily::Mixtral => 8,
+                LlamaFamily::SmolLm3
+                | LlamaFamily::Gemma2
+                | LlamaFamily::Gemma3
+                | LlamaFamily::Qwen3Moe => 4,
+                LlamaFamily::Gemma | LlamaFamily::Qwen2Moe => 16,
                 LlamaFamily::Qwen2 | LlamaFamily::Qwen3 => 32,
             },
         };
@@ -455,8 +478,12 @@ impl LlamaConfig {
             }
             LlamaFamily::Gemma | LlamaFamily::Gemma2 => 8192,
             LlamaFamily::Phi3 => 4096,
-            LlamaFamily::Mistral | LlamaFamily::Gemma3 => 131_072,
-            LlamaFamily::Qwen2 | LlamaFamily::Qwen3 | LlamaFamily::SmolLm3 => 32_768,
+            LlamaFamily::Mistral | LlamaFamily::Gemma3 | LlamaFamily::Mixtral => 131_072,
+            LlamaFamily::Qwen2
+            | LlamaFamily::Qwen3
+            | LlamaFamily::SmolLm3
+            | LlamaFamily::Qwen2Moe
+            | LlamaFamily::Qwen3Moe => 32_768,
         });
 
         let sizes = (family, max_position_embeddings);
@@ -487,9 +514,13 @@ impl LlamaConfig {
                 attention_bias,
                 raw.mlp_bias.unwrap_or(false),
             ),
-            LlamaFamily::Mistral | LlamaFamily::Phi3 => (false, false, false),
+            LlamaFamily::Mistral | LlamaFamily::Phi3 | LlamaFamily::Mixtral => {
+                (false, false, false)
+            }
             LlamaFamily::Qwen2 => (true, false, false),
+            LlamaFamily::Qwen2Moe => (raw.qkv_bias.unwrap_or(true), false, false),
             LlamaFamily::Qwen3
+            | LlamaFamily::Qwen3Moe
             | LlamaFamily::Gemma
             | LlamaFamily::Gemma2
             | LlamaFamily::Gemma3
@@ -511,7 +542,7 @@ impl LlamaConfig {
         // none).
         let window = match (raw.sliding_window, family) {
             (Some(w), _) => w,
-            (None, LlamaFamily::SmolLm3 | LlamaFamily::Phi3) => None,
+            (None, LlamaFamily::SmolLm3 | LlamaFamily::Phi3 | LlamaFamily::Mixtral) => None,
             (None, _) => Some(4096),
         };
         let layer_attention = match family {
@@ -531,20 +562,33 @@ impl LlamaConfig {
                     .unwrap_or_else(|| layer_types::every_nth_full(num_hidden_layers, 4));
                 layer_kinds(&names, window, "sliding_window is null", file)?
             }
-            LlamaFamily::Mistral | LlamaFamily::Phi3 => {
+            LlamaFamily::Mistral | LlamaFamily::Phi3 | LlamaFamily::Mixtral => {
                 let kind = match window {
                     Some(window) => LayerAttention::Sliding { window },
                     None => LayerAttention::Full,
                 };
                 vec![kind; num_hidden_layers]
             }
-            LlamaFamily::Qwen2 | LlamaFamily::Qwen3 | LlamaFamily::SmolLm3 => {
+            LlamaFamily::Qwen3Moe => {
+                // Qwen3MoeConfig: the window on every layer when use_sliding_window.
+                let window = window.filter(|_| raw.use_sliding_window.unwrap_or(false));
+                let kind = window.map_or(LayerAttention::Full, |window| LayerAttention::Sliding {
+                    window,
+                });
+                vec![kind; num_hidden_layers]
+            }
+            LlamaFamily::Qwen2
+            | LlamaFamily::Qwen3
+            | LlamaFamily::SmolLm3
+            | LlamaFamily::Qwen2Moe => {
                 let window = window.filter(|_| raw.use_sliding_window.unwrap_or(false));
                 let max_window_layers = raw.max_window_layers.unwrap_or(28);
                 // transformers' default layer_types: Qwen slides from max_window_layers
-                // on, SmolLM3 on its NoPE layers.
+                // on, SmolLM3 on its NoPE layers, Qwen2-MoE on every other layer (the
+                // first one first) below max_window_layers.
                 let slides = |i: usize| match family {
                     LlamaFamily::SmolLm3 => !layer_rope.get(i).copied().unwrap_or(true),
+                    LlamaFamily::Qwen2Moe => i.is_multiple_of(2) && i < max_window_layers,
                     _ => i >= max_window_layers,
                 };
                 let names = raw.layer_types.clone().unwrap_or_else(|| {
@@ -573,7 +617,10 @@ impl LlamaConfig {
             num_key_value_heads,
             head_dim,
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(match family {
-                LlamaFamily::Phi3 | LlamaFamily::Olmo2 | LlamaFamily::Olmo3 => 1e-5,
+                LlamaFamily::Phi3
+                | LlamaFamily::Olmo2
+                | LlamaFamily::Olmo3
+                | LlamaFamily::Mixtral => 1e-5,
                 _ => 1e-6,
             }),
             rope_theta,
@@ -597,7 +644,7 @@ impl LlamaConfig {
                 _ => NormPlacement::Pre,
             },
             qk_norm: match family {
-                LlamaFamily::Qwen3 | LlamaFamily::Gemma3 => QkNorm::PerHead,
+                LlamaFamily::Qwen3 | LlamaFamily::Gemma3 | LlamaFamily::Qwen3Moe => QkNorm::PerHead,
                 LlamaFamily::Olmo2 | LlamaFamily::Olmo3 => QkNorm::Whole,
                 _ => QkNorm::None,
             },
@@ -622,6 +669,7 @@ impl LlamaConfig {
             attn_logit_softcapping: gemma_settings.as_ref().and_then(|g| g.softcaps.0),
             final_logit_softcapping: gemma_settings.as_ref().and_then(|g| g.softcaps.1),
             multimodal: false,
+            moe: None,
         })
     }
 
@@ -692,14 +740,23 @@ impl LlamaConfig {
                 (d, self.vocab_size),
             ];
         }
-        vec![
+        let mut shapes = vec![
             (d, q),
             (d, kv),
             (q, d),
             (d, f),
             (f, d),
             (d, self.vocab_size),
-        ]
+        ];
+        // Qwen2-MoE's shared expert and its gate (the experts take no adapter).
+        if let Some(s) = self
+            .moe
+            .as_ref()
+            .and_then(|m| m.shared_expert_intermediate_size)
+        {
+            shapes.extend([(d, s), (s, d), (d, 1)]);
+        }
+        shapes
     }
 
     /// Checks that the configuration describes a model that can be built: sizes ≥ 1,
@@ -863,6 +920,31 @@ impl LlamaConfig {
                 ),
             ));
         }
+        match (&self.moe, self.family.is_moe()) {
+            (Some(moe), true) if moe.sparse_layers.len() != self.num_hidden_layers => {
+                return Err(invalid(
+                    "mlp_only_layers",
+                    format!(
+                        "sparse layers given for {} layers, not {}",
+                        moe.sparse_layers.len(),
+                        self.num_hidden_layers
+                    ),
+                ))
+            }
+            (Some(_), false) => {
+                return Err(invalid(
+                    "moe",
+                    format!("{} has no mixture of experts", self.family.model_type()),
+                ))
+            }
+            (None, true) => {
+                return Err(invalid(
+                    "moe",
+                    format!("{} needs its experts' settings", self.family.model_type()),
+                ))
+            }
+            _ => {}
+        }
         if self
             .layer_attention
             .contains(&LayerAttention::Sliding { window: 0 })
@@ -924,6 +1006,7 @@ pub(super) fn resolve_rope(
 ) -> Result<(f64, RopeScaling, f64)> {
     let default_theta = match family {
         LlamaFamily::SmolLm3 => 2_000_000.0,
+        LlamaFamily::Mixtral => 1_000_000.0,
         _ => 10_000.0,
     };
     let empty = Map::new();

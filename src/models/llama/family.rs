@@ -67,11 +67,25 @@ pub enum LlamaFamily {
     /// four by default, window 4096) and RoPE per layer type (scaling, e.g. YaRN, on the
     /// full-attention layers only), θ 500 000 by default.
     Olmo3,
+    /// `mixtral`: Mistral AI's Mixtral, a Mistral decoder whose MLP is a sparse mixture of
+    /// experts ([`MoeConfig`](super::MoeConfig)): a router picks `num_experts_per_tok` of
+    /// `num_local_experts` experts per token, their weights renormalized over the chosen
+    /// ones; no window unless `sliding_window` is set, θ 1 000 000, ε 1e-5 by default.
+    Mixtral,
+    /// `qwen2_moe`: Qwen1.5-MoE / Qwen2-MoE, Qwen2's attention (`qkv_bias`, default on) with
+    /// a sparse mixture of experts beside a shared expert gated by a sigmoid
+    /// (`shared_expert`, `shared_expert_gate`), on the layers `decoder_sparse_step` and
+    /// `mlp_only_layers` leave sparse.
+    Qwen2Moe,
+    /// `qwen3_moe`: Qwen3's MoE models (Qwen3-30B-A3B, Qwen3-235B-A22B, Qwen3-Coder), Qwen3's
+    /// attention (per-head q/k norms) with a sparse mixture of experts; a window on every
+    /// layer when `use_sliding_window`.
+    Qwen3Moe,
 }
 
 impl LlamaFamily {
     /// Every family, in the order errors list them.
-    pub const ALL: [LlamaFamily; 12] = [
+    pub const ALL: [LlamaFamily; 15] = [
         Self::Llama,
         Self::Mistral,
         Self::Qwen2,
@@ -84,6 +98,9 @@ impl LlamaFamily {
         Self::Gemma3,
         Self::Olmo2,
         Self::Olmo3,
+        Self::Mixtral,
+        Self::Qwen2Moe,
+        Self::Qwen3Moe,
     ];
 
     /// The `model_type`s of the families `which` admits, comma-separated (for errors).
@@ -122,10 +139,13 @@ impl LlamaFamily {
             LlamaFamily::Gemma3 => "gemma3_text",
             LlamaFamily::Olmo2 => "olmo2",
             LlamaFamily::Olmo3 => "olmo3",
+            LlamaFamily::Mixtral => "mixtral",
+            LlamaFamily::Qwen2Moe => "qwen2_moe",
+            LlamaFamily::Qwen3Moe => "qwen3_moe",
         }
     }
 
-    /// The family of a `model_type`, if it is one of the twelve, or `gemma3` (Gemma 3's image
+    /// The family of a `model_type`, if it is one of the fifteen, or `gemma3` (Gemma 3's image
     /// and text checkpoints, whose text decoder is Gemma 3's: see
     /// [`LlamaConfig::multimodal`](super::LlamaConfig::multimodal)).
     ///
@@ -165,5 +185,16 @@ impl LlamaFamily {
     /// ```
     pub fn norms_in_f32(self) -> bool {
         self.is_gemma() || matches!(self, Self::Olmo2 | Self::Olmo3)
+    }
+
+    /// Mixtral, Qwen2-MoE or Qwen3-MoE: the families whose MLPs are (or may be) sparse
+    /// mixtures of experts ([`MoeConfig`](super::MoeConfig)).
+    ///
+    /// ```
+    /// use lorakit::models::llama::LlamaFamily;
+    /// assert!(LlamaFamily::Mixtral.is_moe() && !LlamaFamily::Mistral.is_moe());
+    /// ```
+    pub fn is_moe(self) -> bool {
+        matches!(self, Self::Mixtral | Self::Qwen2Moe | Self::Qwen3Moe)
     }
 }

@@ -21,12 +21,13 @@ use crate::models::kv_buffer::{Appending, LayerKv};
 use crate::models::ops::dropout_t;
 use crate::models::{attention_op, fused};
 
-use super::activation::GateActivation;
 use super::config::{LayerAttention, LlamaConfig};
+use super::mlp::Mlp;
 use super::norm::RmsNorm;
 use super::norm_layout::{NormPlacement, QkNorm};
-use super::projections::{GateUpProjection, QkvProjection};
+use super::projections::QkvProjection;
 use super::rope::RopeTables;
+use super::sparse_moe::SparseMoe;
 
 /// The attention masks of one forward, one per distinct [`LayerAttention`] of the model
 /// (`models::causal_mask`; a left-padded batch's additive mask is
@@ -234,34 +235,29 @@ impl Attention {
     }
 }
 
-/// The gated MLP: `down_proj(act(gate_proj(x)) ⊙ up_proj(x))`, `act` SiLU (Gemma: GELU's
-/// tanh approximation) (Phi-3: `gate_proj` and `up_proj` as one `gate_up_proj`).
+/// A layer's feed-forward block: a dense gated MLP, or a sparse mixture of experts.
 #[derive(Clone, Debug)]
-pub(crate) struct Mlp {
-    gate_up: GateUpProjection,
-    down_proj: Linear,
-    act: GateActivation,
+pub(crate) enum FeedForward {
+    Dense(Mlp),
+    Sparse(SparseMoe),
 }
 
-impl Mlp {
-    /// Loads `gate_proj`, `up_proj` (or `gate_up_proj`), `down_proj` at `vb`'s path
-    /// through the plan.
-    pub(crate) fn load(c: &LlamaConfig, vb: VarBuilder, plan: &AdapterPlan) -> Result<Self> {
-        let (h, i, bias) = (c.hidden_size, c.intermediate_size, c.mlp_bias);
-        Ok(Self {
-            gate_up: GateUpProjection::load(c, &vb, plan)?,
-            down_proj: linear_b(i, h, bias, vb.pp("down_proj"), plan)?,
-            act: c.hidden_act,
-        })
+impl FeedForward {
+    /// Loads the layer's block at `vb`'s path (`model.layers.N`): `mlp`, or the sparse
+    /// block when `sparse` (`mlp`; Mixtral's `block_sparse_moe`).
+    fn load(c: &LlamaConfig, sparse: bool, vb: &VarBuilder, plan: &AdapterPlan) -> Result<Self> {
+        match c.moe.as_ref().filter(|_| sparse) {
+            Some(moe) => Ok(Self::Sparse(SparseMoe::load(c, moe, vb, plan)?)),
+            None => Ok(Self::Dense(Mlp::load(c, vb.pp("mlp"), plan)?)),
+        }
     }
 
-    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (gate, up) = self.gate_up.forward(x)?;
-        let gated = match self.act {
-            GateActivation::Silu => fused::silu_mul(&gate, &up)?,
-            GateActivation::GeluTanh => (fused::gelu_tanh(&gate)? * up)?,
-        };
-        Ok(self.down_proj.forward(&gated)?)
+    /// The block on `x`; `train`: training mode (Mixtral's router jitter).
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            Self::Dense(mlp) => mlp.forward(x),
+            Self::Sparse(moe) => moe.forward(x, train),
+        }
     }
 }
 
@@ -278,7 +274,7 @@ pub(crate) struct DecoderLayer {
     /// The MLP's input norm (`post_attention_layernorm`; Gemma 3's
     /// `pre_feedforward_layernorm`; none in OLMo 2 and 3).
     mlp_norm: Option<RmsNorm>,
-    mlp: Mlp,
+    mlp: FeedForward,
     /// The norm of the attention's output (Gemma 2's and 3's, OLMo's
     /// `post_attention_layernorm`).
     attention_output_norm: Option<RmsNorm>,
@@ -290,11 +286,11 @@ pub(crate) struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    /// Loads one layer, with attention pattern `kind` and RoPE or not (`rotates`), at
-    /// `vb`'s path (`model.layers.N`).
+    /// Loads one layer, with attention pattern `kind`, RoPE or not (`rotates`) and a
+    /// sparse mixture of experts or not (`sparse`), at `vb`'s path (`model.layers.N`).
     pub(crate) fn load(
         c: &LlamaConfig,
-        (kind, rotates): (LayerAttention, bool),
+        (kind, rotates, sparse): (LayerAttention, bool, bool),
         vb: VarBuilder,
         plan: &AdapterPlan,
     ) -> Result<Self> {
@@ -325,7 +321,7 @@ impl DecoderLayer {
             input_layernorm,
             self_attn: Attention::load(c, (kind, rotates), vb.pp("self_attn"), plan)?,
             mlp_norm,
-            mlp: Mlp::load(c, vb.pp("mlp"), plan)?,
+            mlp: FeedForward::load(c, sparse, &vb, plan)?,
             attention_output_norm,
             mlp_output_norm,
             residual_multiplier: c.multipliers.residual_multiplier,
@@ -372,7 +368,7 @@ impl DecoderLayer {
         let dropped = |branch: Tensor| dropout_t(branch, self.residual_dropout, train);
         let attn = dropped(normed(&self.attention_output_norm, &attn)?)?;
         let x = self.add_residual(x, attn)?;
-        let mlp = self.mlp.forward(&normed(&self.mlp_norm, &x)?)?;
+        let mlp = self.mlp.forward(&normed(&self.mlp_norm, &x)?, train)?;
         let mlp = dropped(normed(&self.mlp_output_norm, &mlp)?)?;
         Ok((self.add_residual(&x, mlp)?, kv))
     }

@@ -1,5 +1,6 @@
 //! The Llama family of decoders — Llama 2 / 3 / 3.x, TinyLlama, SmolLM, Mistral,
-//! Qwen2 / Qwen2.5, Qwen3, Granite 3.x, SmolLM3, Phi-3 / Phi-4 / Phi-4-mini, OLMo 2 and 3, Gemma, Gemma 2,
+//! Qwen2 / Qwen2.5, Qwen3, Granite 3.x, SmolLM3, Phi-3 / Phi-4 / Phi-4-mini, OLMo 2 and 3,
+//! the mixtures of experts Mixtral, Qwen2-MoE and Qwen3-MoE ([`MoeConfig`]), Gemma, Gemma 2,
 //! Gemma 3 (text; and the text decoder of the image-and-text checkpoints, whose modules sit
 //! under `model.language_model`: [`LlamaConfig::multimodal`]) — as one implementation with config switches ([`LlamaConfig`]), built on the model-level API so that PEFT's target names and every
 //! variant apply: [`LlamaForCausalLM`].
@@ -40,6 +41,8 @@ mod generate;
 mod layer_types;
 mod layers;
 mod longrope;
+mod mlp;
+mod moe;
 mod multimodal;
 mod multipliers;
 mod norm;
@@ -47,6 +50,8 @@ mod norm_layout;
 mod projections;
 mod rope;
 mod rope_keys;
+mod routing;
+mod sparse_moe;
 mod trunk;
 mod yarn;
 
@@ -70,6 +75,7 @@ pub use classifier::LlamaForSequenceClassification;
 pub use config::{LayerAttention, LlamaConfig, RopeScaling};
 pub use family::{LlamaFamily, GEMMA3_MULTIMODAL};
 pub use longrope::LongRopeScaling;
+pub use moe::MoeConfig;
 pub use multipliers::Multipliers;
 pub use norm_layout::{NormPlacement, QkNorm};
 use trunk::LlamaTrunk;
@@ -77,7 +83,8 @@ pub use yarn::YarnScaling;
 
 /// A Llama-family causal language model (transformers' `LlamaForCausalLM`,
 /// `MistralForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`, `GraniteForCausalLM`,
-/// `SmolLM3ForCausalLM`, `Phi3ForCausalLM`, `Olmo2ForCausalLM`, `Olmo3ForCausalLM`, `GemmaForCausalLM`, `Gemma2ForCausalLM`,
+/// `SmolLM3ForCausalLM`, `Phi3ForCausalLM`, `Olmo2ForCausalLM`, `Olmo3ForCausalLM`,
+/// `MixtralForCausalLM`, `Qwen2MoeForCausalLM`, `Qwen3MoeForCausalLM`, `GemmaForCausalLM`, `Gemma2ForCausalLM`,
 /// `Gemma3ForCausalLM`; `Gemma3ForConditionalGeneration` on text, without its vision
 /// tower) whose linear layers and embedding come from an [`AdapterPlan`].
 ///
@@ -347,6 +354,9 @@ impl LlamaForCausalLM {
         gradient: bool,
         train: bool,
     ) -> Result<Tensor> {
+        if let Some(moe) = &self.trunk.config.moe {
+            moe.check_loss()?;
+        }
         let hidden = self.trunk.loss_hidden(input_ids, gradient, train)?;
         let head = (&self.lm_head, self.trunk.config.final_logit_softcapping);
         capped_head_loss_sum(&hidden, head, input_ids, loss_mask)

@@ -71,9 +71,14 @@ pub(crate) enum GateUpProjection {
 }
 
 impl GateUpProjection {
-    /// Loads the projections at `vb`'s path (`model.layers.N.mlp`).
-    pub(crate) fn load(c: &LlamaConfig, vb: &VarBuilder, plan: &AdapterPlan) -> Result<Self> {
-        let (h, i, bias) = (c.hidden_size, c.intermediate_size, c.mlp_bias);
+    /// Loads the projections, `i` wide, at `vb`'s path (`model.layers.N.mlp`).
+    pub(crate) fn load(
+        c: &LlamaConfig,
+        i: usize,
+        vb: &VarBuilder,
+        plan: &AdapterPlan,
+    ) -> Result<Self> {
+        let (h, bias) = (c.hidden_size, c.mlp_bias);
         Ok(if c.fused_projections {
             Self::Fused {
                 gate_up: linear_b(h, 2 * i, bias, vb.pp("gate_up_proj"), plan)?,

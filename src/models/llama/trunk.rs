@@ -59,7 +59,9 @@ impl LlamaTrunk {
             .enumerate()
             .map(|(i, &kind)| {
                 let rotates = c.layer_rope.get(i).copied().unwrap_or(true);
-                DecoderLayer::load(c, (kind, rotates), root.pp(format!("layers.{i}")), plan)
+                let sparse = c.moe.as_ref().is_some_and(|m| m.is_sparse(i));
+                let spec = (kind, rotates, sparse);
+                DecoderLayer::load(c, spec, root.pp(format!("layers.{i}")), plan)
             })
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(c, c.hidden_size, root.pp("norm"))?;

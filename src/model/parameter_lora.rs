@@ -1,0 +1,114 @@
+//! [`ParameterLora`]: a LoRA on a parameter rather than a module, as PEFT's `ParamWrapper`
+//! (`target_parameters`) adapts a mixture-of-experts model's stacked expert weights and its
+//! router.
+
+use candle_core::{DType, Tensor};
+
+use crate::error::{Error, Result};
+
+/// PEFT's LoRA on one parameter (`target_parameters`): for a stack of `E` experts'
+/// weights `(E, out, in)`, `lora_A` is `(r · E, in)` and `lora_B` `(out, r · E)`; expert
+/// `e`'s weight changes by `scaling · B_e A_e`, where `A_e` is rows `e·r .. (e+1)·r` of
+/// `lora_A` and `B_e` the columns `j·E + e` of `lora_B` (PEFT's
+/// `ParamWrapper.get_delta_weight`). A 2-D parameter is the case `E = 1`: a plain LoRA.
+///
+/// PEFT computes the adapted forward with the changed weight (a parametrization), so
+/// folding the change into the weight gives its outputs; lorakit folds it in when a model
+/// is built ([`crate::model::AdapterPlan::parameter_lora`]): these adapters load for
+/// inference and merging, not for training.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use lorakit::model::ParameterLora;
+/// # fn main() -> lorakit::Result<()> {
+/// let dev = Device::Cpu;
+/// // 2 experts, rank 1, in 3, out 2: A rows are the experts' A_e; B's column e is B_e.
+/// let a = Tensor::new(&[[1f32, 0., 0.], [0., 1., 0.]], &dev)?;
+/// let b = Tensor::new(&[[1f32, 10.], [2., 20.]], &dev)?;
+/// let lora = ParameterLora::new("experts.down_proj", a, b, 1, 0.5)?;
+/// assert_eq!(lora.experts(), 2);
+/// let delta = lora.delta(1)?.to_vec2::<f32>()?; // 0.5 · [10, 20]ᵀ [0, 1, 0]
+/// assert_eq!(delta, [[0., 5., 0.], [0., 10., 0.]]);
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct ParameterLora {
+    key: String,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    rank: usize,
+    scaling: f64,
+}
+
+impl ParameterLora {
+    /// The LoRA of the parameter `key` (for errors) with factors `lora_a` `(r · E, in)` and
+    /// `lora_b` `(out, r · E)`, rank `rank`, and `scaling` (`α / r`; rsLoRA: `α / √r`).
+    pub fn new(
+        key: &str,
+        lora_a: Tensor,
+        lora_b: Tensor,
+        rank: usize,
+        scaling: f64,
+    ) -> Result<Self> {
+        let shape_error = |what: &str, expected: String, got: &Tensor| Error::ShapeMismatch {
+            layer: key.to_string(),
+            what: what.to_string(),
+            expected,
+            got: format!("{:?}", got.dims()),
+        };
+        let rows = match lora_a.dims() {
+            &[rows, _] if rank > 0 && rows > 0 && rows.is_multiple_of(rank) => rows,
+            _ => {
+                return Err(shape_error(
+                    "lora_A",
+                    format!("(r · experts, in) with r = {rank}"),
+                    &lora_a,
+                ))
+            }
+        };
+        match lora_b.dims() {
+            &[_, cols] if cols == rows => {}
+            _ => return Err(shape_error("lora_B", format!("(out, {rows})"), &lora_b)),
+        }
+        Ok(Self {
+            key: key.to_string(),
+            lora_a,
+            lora_b,
+            rank,
+            scaling,
+        })
+    }
+
+    /// The parameter's key (`model.layers.0.mlp.experts.gate_up_proj`).
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The number of experts `E` the factors cover (1 for a 2-D parameter).
+    pub fn experts(&self) -> usize {
+        self.lora_a.dims().first().copied().unwrap_or(0) / self.rank
+    }
+
+    /// Expert `e`'s weight change `(out, in)`, in f32: `scaling · B_e A_e`.
+    pub fn delta(&self, e: usize) -> Result<Tensor> {
+        let experts = self.experts();
+        if e >= experts {
+            return Err(Error::ShapeMismatch {
+                layer: self.key.clone(),
+                what: "expert index".to_string(),
+                expected: format!("< {experts} experts"),
+                got: e.to_string(),
+            });
+        }
+        let r = self.rank;
+        let out = self.lora_b.dim(0)?;
+        let a = self.lora_a.narrow(0, e * r, r)?.to_dtype(DType::F32)?;
+        let b = self
+            .lora_b
+            .reshape((out, r, experts))?
+            .narrow(2, e, 1)?
+            .squeeze(2)?
+            .to_dtype(DType::F32)?;
+        Ok((b.matmul(&a)? * self.scaling)?)
+    }
+}

@@ -1,0 +1,238 @@
+//! [`SparseMoe`]: a sparse mixture-of-experts MLP (Mixtral's, Qwen2-MoE's, Qwen3-MoE's), as
+//! transformers 5.25 runs it: the router's softmax in f32, the top `k` experts per token,
+//! each expert a gated SiLU MLP run on its tokens only, their outputs weighted and summed.
+//!
+//! The experts' rows are gathered once (`index_select`) in expert order and their weighted
+//! outputs scattered back in one `index_add`, so a gradient flows through the experts and
+//! the routing weights to the layer's input (the chosen experts themselves are a discrete
+//! choice, made on the host from the probabilities).
+
+use candle_core::{DType, Module, Tensor, D};
+use candle_nn::VarBuilder;
+
+use crate::error::{Error, Result};
+use crate::frozen::FrozenLinear;
+use crate::model::{linear_b, AdapterPlan, Linear, ParameterLora};
+use crate::models::ops::softmax_last;
+
+use super::config::LlamaConfig;
+use super::family::LlamaFamily;
+use super::mlp::Mlp;
+use super::moe::MoeConfig;
+use super::projections::GateUpProjection;
+use super::routing::Routing;
+
+/// Qwen2-MoE's shared expert: an MLP every token goes through, scaled by
+/// `sigmoid(shared_expert_gate(x))`.
+#[derive(Clone, Debug)]
+struct SharedExpert {
+    mlp: Mlp,
+    gate: Linear,
+}
+
+/// One sparse layer's router, experts and (Qwen2-MoE) shared expert.
+#[derive(Clone, Debug)]
+pub(crate) struct SparseMoe {
+    /// `gate`: `(num_experts, hidden)`, frozen.
+    router: Linear,
+    experts: Vec<Mlp>,
+    top_k: usize,
+    normalize_top_k: bool,
+    /// Mixtral multiplies the experts' outputs by the f32 routing weights (then casts;
+    /// f64 models: f64);
+    /// Qwen casts the weights to the model's dtype first.
+    weights_in_f32: bool,
+    jitter: f64,
+    shared: Option<SharedExpert>,
+}
+
+/// The checkpoint's names of a family's experts: the block (`block_sparse_moe` for
+/// Mixtral, whose `w1`, `w3`, `w2` are the gate, up and down projections; `mlp` for Qwen).
+fn expert_names(family: LlamaFamily) -> (&'static str, [&'static str; 3]) {
+    match family {
+        LlamaFamily::Mixtral => ("block_sparse_moe", ["w1", "w3", "w2"]),
+        _ => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
+    }
+}
+
+impl SparseMoe {
+    /// The path of a sparse layer's block under the layer's path (`model.layers.N`).
+    pub(crate) fn block_name(family: LlamaFamily) -> &'static str {
+        expert_names(family).0
+    }
+
+    /// Loads the router (`gate`), the experts (`experts.E.…`) and the shared expert of the
+    /// layer at `layer`'s path (`model.layers.N`; the block is its `mlp`, Mixtral's
+    /// `block_sparse_moe`). A loaded adapter's LoRAs on the router's and the experts'
+    /// parameters (PEFT's `target_parameters`, named at transformers 5's
+    /// `model.layers.N.mlp.gate.weight`, `….mlp.experts.gate_up_proj` and `…down_proj`)
+    /// are folded into their weights.
+    pub(crate) fn load(
+        c: &LlamaConfig,
+        moe: &MoeConfig,
+        layer: &VarBuilder,
+        plan: &AdapterPlan,
+    ) -> Result<Self> {
+        let h = c.hidden_size;
+        let vb = layer.pp(Self::block_name(c.family));
+        let adapter_block = format!("{}.mlp", layer.prefix());
+        // (weight, its LoRA and the expert it is for) → the frozen layer.
+        let frozen = |(d_in, d_out): (usize, usize),
+                      vb: VarBuilder,
+                      lora: Option<(&ParameterLora, usize, usize)>| {
+            let mut weight = vb.get((d_out, d_in), "weight")?;
+            if let Some((lora, e, rows)) = lora {
+                // The part of expert e's change for these `rows` of the stacked weight.
+                let delta = lora.delta(e)?;
+                let part = delta.narrow(0, rows, d_out)?;
+                let part = part.to_dtype(weight.dtype())?;
+                weight = (weight + part)?;
+            }
+            plan.frozen_linear(&vb.prefix(), FrozenLinear::new(weight, None)?)
+        };
+        let expert_loras = plan.parameter_lora(
+            &format!("{adapter_block}.experts"),
+            &["gate_up_proj", "down_proj"],
+        )?;
+        let (gate_up_lora, down_lora) = (expert_loras.first(), expert_loras.get(1));
+        let (gate_up_lora, down_lora) = (
+            gate_up_lora.and_then(Option::as_ref),
+            down_lora.and_then(Option::as_ref),
+        );
+        let width = moe.expert_intermediate_size;
+        for (lora, out) in [(gate_up_lora, 2 * width), (down_lora, h)] {
+            if let Some(lora) = lora {
+                check_parameter_lora(lora, moe.num_experts, out)?;
+            }
+        }
+        let (_, [gate, up, down]) = expert_names(c.family);
+        let experts = (0..moe.num_experts)
+            .map(|e| {
+                let vb = vb.pp(format!("experts.{e}"));
+                let gate_up = GateUpProjection::Separate {
+                    gate: frozen((h, width), vb.pp(gate), gate_up_lora.map(|l| (l, e, 0)))?,
+                    up: frozen((h, width), vb.pp(up), gate_up_lora.map(|l| (l, e, width)))?,
+                };
+                let down = frozen((width, h), vb.pp(down), down_lora.map(|l| (l, e, 0)))?;
+                Ok(Mlp::new(gate_up, down, c.hidden_act))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let router_lora = plan.parameter_lora(&format!("{adapter_block}.gate"), &["weight"])?;
+        let router_lora = router_lora.first().and_then(Option::as_ref);
+        if let Some(lora) = router_lora {
+            check_parameter_lora(lora, 1, moe.num_experts)?;
+        }
+        let shared = match moe.shared_expert_intermediate_size {
+            Some(width) => Some(SharedExpert {
+                mlp: Mlp::load_sized(c, width, vb.pp("shared_expert"), plan)?,
+                gate: linear_b(h, 1, false, vb.pp("shared_expert_gate"), plan)?,
+            }),
+            None => None,
+        };
+        Ok(Self {
+            router: frozen(
+                (h, moe.num_experts),
+                vb.pp("gate"),
+                router_lora.map(|l| (l, 0, 0)),
+            )?,
+            experts,
+            top_k: moe.experts_per_token,
+            normalize_top_k: moe.normalize_top_k,
+            weights_in_f32: c.family == LlamaFamily::Mixtral,
+            jitter: moe.router_jitter_noise,
+            shared,
+        })
+    }
+
+    /// The block on `x` `(.., hidden)`; `train`: Mixtral's router jitter applies.
+    pub(crate) fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let hidden = x.dim(D::Minus1)?;
+        let x = if train && self.jitter > 0.0 {
+            let (lo, hi) = ((1.0 - self.jitter) as f32, (1.0 + self.jitter) as f32);
+            let noise = Tensor::rand(lo, hi, x.shape(), x.device())?.to_dtype(x.dtype())?;
+            (x * noise)?
+        } else {
+            x.clone()
+        };
+        let flat = x.reshape(((), hidden))?;
+        let routed = self.routed(&flat)?;
+        let out = match &self.shared {
+            Some(shared) => {
+                let scale = sigmoid(&shared.gate.forward(&flat)?)?;
+                let shared_out = shared.mlp.forward(&flat)?.broadcast_mul(&scale)?;
+                (routed + shared_out)?
+            }
+            None => routed,
+        };
+        Ok(out.reshape(dims)?)
+    }
+
+    /// The experts' weighted sum for the tokens `flat` `(n, hidden)`.
+    fn routed(&self, flat: &Tensor) -> Result<Tensor> {
+        let n = flat.dim(0)?;
+        if n == 0 {
+            return Ok(flat.zeros_like()?);
+        }
+        let num_experts = self.experts.len();
+        // In f32 as transformers computes it (f64 models: f64).
+        let routing_dtype = match flat.dtype() {
+            DType::F64 => DType::F64,
+            _ => DType::F32,
+        };
+        let probs = softmax_last(&self.router.forward(flat)?.to_dtype(routing_dtype)?)?;
+        let host = probs
+            .detach()
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
+        let routing = Routing::top_k(&host, num_experts, self.top_k);
+        let dev = flat.device();
+        let chosen = Tensor::from_vec(routing.chosen, (n, self.top_k), dev)?;
+        let mut weights = probs.gather(&chosen, 1)?;
+        if self.normalize_top_k {
+            weights = weights.broadcast_div(&weights.sum_keepdim(1)?)?;
+        }
+        if !self.weights_in_f32 {
+            weights = weights.to_dtype(flat.dtype())?;
+        }
+        let rows = routing.tokens.len();
+        let tokens = Tensor::from_vec(routing.tokens, rows, dev)?;
+        let slots = Tensor::from_vec(routing.slots, rows, dev)?;
+        let row_weights = weights.flatten_all()?.index_select(&slots, 0)?;
+        let inputs = flat.index_select(&tokens, 0)?;
+        let mut outputs = Vec::new();
+        let mut start = 0;
+        for (expert, &count) in self.experts.iter().zip(&routing.counts) {
+            if count > 0 {
+                outputs.push(expert.forward(&inputs.narrow(0, start, count)?)?);
+                start += count;
+            }
+        }
+        let outputs = Tensor::cat(&outputs, 0)?;
+        let weighted = outputs
+            .to_dtype(row_weights.dtype())?
+            .broadcast_mul(&row_weights.unsqueeze(1)?)?
+            .to_dtype(flat.dtype())?;
+        Ok(flat.zeros_like()?.index_add(&tokens, &weighted, 0)?)
+    }
+}
+
+/// Checks that a parameter's LoRA covers `experts` experts and changes `out` rows each.
+fn check_parameter_lora(lora: &ParameterLora, experts: usize, out: usize) -> Result<()> {
+    let got = (lora.experts(), lora.delta(0)?.dim(0)?);
+    if got == (experts, out) {
+        return Ok(());
+    }
+    Err(Error::ShapeMismatch {
+        layer: lora.key().to_string(),
+        what: "LoRA on the parameter (experts, output rows)".to_string(),
+        expected: format!("({experts}, {out})"),
+        got: format!("{got:?}"),
+    })
+}
+
+/// `1 / (1 + e^(−x))`, composed so that a gradient flows through it.
+fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    Ok((x.neg()?.exp()? + 1.0)?.recip()?)
+}

@@ -1,0 +1,124 @@
+//! Mixture-of-experts decoders (Mixtral, Qwen3-MoE) with PEFT 0.21's adapters on their
+//! experts' and router's parameters (`target_parameters`, which PEFT's `all-linear` adds on
+//! these models), against PEFT's logits (`tests/fixtures/models/llama/{mixtral,qwen3_moe}`,
+//! `scripts/make_model_fixtures.py`); the config's refusals.
+
+use std::fs;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use lorakit::models::llama::LlamaConfig;
+use lorakit::peft::PeftAdapter;
+
+use crate::models_llama::{build, check, logits, models, peft_plan};
+use crate::peft_common::{load, rel_err, temp_dir, TempDir};
+
+const TOL: f64 = 1e-4;
+
+#[test]
+fn adapters_on_experts_and_router_give_peft_logits_unmerged_and_merged() {
+    for case in ["mixtral", "qwen3_moe"] {
+        let dir = models(case);
+        let io = load(&dir.join("logits.safetensors"));
+        let ids = &io["input_ids"];
+        let config = dir.join("base/config.json");
+        let plan = peft_plan(&dir.join("experts"));
+        let model = build(&config, &dir.join("base"), DType::F32, &plan);
+        // Every tensor of the file was used; the attention's modules are adapted layers,
+        // the experts and router folded in.
+        let layers = plan.finish().unwrap();
+        assert_eq!(layers.paths().len(), 8, "{case}: q/k/v/o of two layers");
+        let want = &io["experts_logits"];
+        check(&logits(&model, ids), want, TOL, &format!("{case} experts"));
+        assert!(rel_err(want, &io["logits"]) > 1e-2 && rel_err(want, &io["lora_logits"]) > 1e-2);
+
+        // Without the parameters' LoRAs (the attention's alone) the logits differ: they
+        // were applied.
+        let key = ("target_parameters", serde_json::json!([]));
+        let tmp = edited_adapter(&dir.join("experts"), key, &format!("moe-none-{case}"));
+        let plan = PeftAdapter::load(&*tmp, &Device::Cpu)
+            .unwrap()
+            .plan()
+            .unwrap();
+        build(&config, &dir.join("base"), DType::F32, &plan);
+        let err = plan.finish().unwrap_err().to_string();
+        assert!(
+            err.contains("mlp.experts") || err.contains("mlp.gate"),
+            "{err}"
+        );
+
+        // Merging the module adapters keeps the logits (the parameters' are folded in).
+        let plan = peft_plan(&dir.join("experts"));
+        let model = build(&config, &dir.join("base"), DType::F32, &plan);
+        plan.finish().unwrap().merge_all(true).unwrap();
+        check(
+            &logits(&model, ids),
+            want,
+            TOL,
+            &format!("{case} experts merged"),
+        );
+    }
+}
+
+#[test]
+fn parameter_adapters_refuse_what_peft_refuses() {
+    let dir = models("mixtral").join("experts");
+    for (key, value) in [
+        ("use_dora", serde_json::json!(true)),
+        ("lora_dropout", serde_json::json!(0.1)),
+        ("target_parameters", serde_json::json!("gate_up_proj")),
+    ] {
+        let tmp = edited_adapter(&dir, (key, value), &format!("moe-refused-{key}"));
+        let err = PeftAdapter::load(&*tmp, &Device::Cpu)
+            .and_then(|a| a.plan())
+            .err()
+            .unwrap_or_else(|| panic!("{key}: loaded"))
+            .to_string();
+        assert!(err.contains("target_parameters"), "{key}: {err}");
+    }
+}
+
+#[test]
+fn a_router_loss_config_keeps_its_logits_and_refuses_losses() {
+    // transformers adds the router's load-balancing loss when output_router_logits is true;
+    // lorakit does not compute it, so its losses refuse such a config.
+    let dir = models("qwen3_moe");
+    let raw = fs::read_to_string(dir.join("base/config.json")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    json["output_router_logits"] = serde_json::json!(true);
+    let tmp = temp_dir("moe-router-loss");
+    let config = tmp.join("config.json");
+    fs::write(&config, json.to_string()).unwrap();
+    let c = LlamaConfig::from_file(&config).unwrap();
+    assert_eq!(c.moe.as_ref().unwrap().router_aux_loss_coef, Some(0.001));
+    let model = build(
+        &config,
+        &dir.join("base"),
+        DType::F32,
+        &crate::models_llama::no_adapter(),
+    );
+    let io = load(&dir.join("logits.safetensors"));
+    let ids = &io["input_ids"];
+    check(
+        &logits(&model, ids),
+        &io["logits"],
+        TOL,
+        "qwen3_moe, output_router_logits",
+    );
+    let mask = Tensor::ones(ids.dims(), DType::F32, &Device::Cpu).unwrap();
+    let err = model.loss_sum(ids, &mask).unwrap_err().to_string();
+    assert!(err.contains("output_router_logits"), "{err}");
+}
+
+/// A copy of the adapter folder `dir` in a fresh temp folder `name` whose config has
+/// `key` set to `value`.
+fn edited_adapter(dir: &Path, (key, value): (&str, serde_json::Value), name: &str) -> TempDir {
+    let raw = fs::read_to_string(dir.join("adapter_config.json")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    json[key] = value;
+    let tmp = temp_dir(name);
+    fs::write(tmp.join("adapter_config.json"), json.to_string()).unwrap();
+    let weights = "adapter_model.safetensors";
+    fs::copy(dir.join(weights), tmp.join(weights)).unwrap();
+    tmp
+}
