@@ -873,6 +873,20 @@ def write_second(case, ids, expected, lora_logits):
     assert change > 1e-2, (case, kind)
     assert (logits - lora_logits).abs().max().item() > 1e-2, (case, kind)
     out = {f"{kind}_logits": logits}
+    if kind == "experts":
+        # PEFT's merge of the LoRA on parameters, saved by transformers under the
+        # checkpoint's per-expert names: what `lorakit merge` must write.
+        merged = alone.merge_and_unload()
+        merged_logits = logits_of(merged, ids)
+        assert (merged_logits - logits).abs().max() < 1e-4, (case, "merged")
+        tmp = case_dir(case, "experts_merged_tmp")
+        merged.save_pretrained(tmp)
+        state = load_file(os.path.join(tmp, "model.safetensors"))
+        base_names = set(load_file(case_dir(case, "base", "model.safetensors")))
+        assert set(state) == base_names, sorted(set(state) ^ base_names)[:4]
+        save_file(state, case_dir(case, "experts_merged.safetensors"), metadata={"format": "pt"})
+        shutil.rmtree(tmp)
+        log(f"  experts merged: {len(state)} tensors under the checkpoint's names")
     if case == "qwen2":
         multi = PeftModel.from_pretrained(load_base(case), case_dir(case, "lora")).eval()
         multi.load_adapter(case_dir(case, kind), adapter_name=kind)
@@ -957,6 +971,14 @@ Second adapters (made after the LoRA with seed + 2; targets overlap the LoRA's i
 | `mixtral` | `experts` | LoRA r=4 α=8 all-linear: PEFT 0.21 adds `target_parameters` `gate_up_proj` (r=8, α=16), `gate.weight`, `down_proj`: the experts' stacked weights and the router |
 | `qwen3_moe` | `experts` | as `mixtral`'s, with rsLoRA |
 
+`qwen3_moe/cls`, `cls_lora`, `cls_logits.safetensors`: Qwen3MoeForSequenceClassification
+over the `qwen3_moe` base (3 labels, pad id 0), its PEFT SEQ_CLS LoRA (q_proj, v_proj) and
+their logits on a batch with a left-padded row, as `gemma3_mm`'s.
+
+`mixtral/experts_merged.safetensors` and `qwen3_moe/experts_merged.safetensors`: the base
+with the `experts` adapter merged by PEFT (`merge_and_unload`), saved by transformers under
+the checkpoint's per-expert names.
+
 `qwen2/logits.safetensors` also holds the multi-adapter reference: one PeftModel with the
 LoRA as `default` and the DoRA added by `load_adapter(dora/, adapter_name="dora")`:
 `multi_default_logits` (default active), `multi_dora_logits` (after `set_adapter("dora")`),
@@ -974,10 +996,25 @@ def write_gemma3_classifier():
     logits, lora_logits)."""
     from transformers import Gemma3ForSequenceClassification
 
-    case = "gemma3_mm"
+    write_classifier("gemma3_mm", Gemma3ForSequenceClassification, lambda c: c.text_config)
+
+
+def write_moe_classifier():
+    """qwen3_moe/cls: Qwen3MoeForSequenceClassification over the qwen3_moe base (a sparse
+    layer, then a dense one), pad id 0, as gemma3_mm/cls."""
+    from transformers import Qwen3MoeForSequenceClassification
+
+    write_classifier("qwen3_moe", Qwen3MoeForSequenceClassification, lambda c: c)
+
+
+def write_classifier(case, cls_class, pad_config):
+    """CASE/cls: `cls_class` over CASE's base (3 labels, `score` drawn as 0.3 * normal, pad
+    id 0 set on `pad_config(config)`), its PEFT SEQ_CLS LoRA (cls_lora: q_proj, v_proj,
+    `score` in modules_to_save) and their logits on a batch with a left-padded row
+    (cls_logits.safetensors: input_ids, attention_mask, logits, lora_logits)."""
     torch.manual_seed(CASES[case][4] + 3)
-    model = Gemma3ForSequenceClassification.from_pretrained(case_dir(case, "base"), num_labels=3)
-    model.config.text_config.pad_token_id = 0
+    model = cls_class.from_pretrained(case_dir(case, "base"), num_labels=3)
+    pad_config(model.config).pad_token_id = 0
     with torch.no_grad():
         model.score.weight.copy_(0.3 * torch.randn_like(model.score.weight))
     model.name_or_path = name_of(case) + "-cls"
@@ -985,7 +1022,7 @@ def write_gemma3_classifier():
     model.save_pretrained(case_dir(case, "cls"))
     ids = torch.tensor([[0, 0, 5, 9, 13, 2, 40], [3, 17, 8, 40, 12, 9, 22]])
     mask = (ids != 0).long()
-    reload = lambda: Gemma3ForSequenceClassification.from_pretrained(case_dir(case, "cls")).eval()
+    reload = lambda: cls_class.from_pretrained(case_dir(case, "cls")).eval()
     with torch.no_grad():
         logits = reload()(input_ids=ids, attention_mask=mask).logits
     pm = get_peft_model(reload(), LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
@@ -1036,6 +1073,7 @@ def main():
     for case in CASES:
         write_case(case)
     write_gemma3_classifier()
+    write_moe_classifier()
     write_yarn_params()
     with open(os.path.join(ROOT, "README.md"), "w") as f:
         f.write(README)

@@ -16,6 +16,7 @@ pub(crate) mod io;
 pub mod layout;
 pub mod pickle;
 pub mod source;
+pub mod stacked_params;
 pub mod writer;
 
 pub use backend::{CheckpointBackend, TensorTransform};

@@ -14,8 +14,9 @@ use crate::error::{Error, Result};
 ///
 /// PEFT computes the adapted forward with the changed weight (a parametrization), so
 /// folding the change into the weight gives its outputs; lorakit folds it in when a model
-/// is built ([`crate::model::AdapterPlan::parameter_lora`]): these adapters load for
-/// inference and merging, not for training.
+/// is built ([`crate::model::AdapterPlan::parameter_lora`]), and `lorakit merge` adds it to
+/// the checkpoint's per-expert tensors: these adapters load for inference and merging, not
+/// for training.
 ///
 /// ```
 /// use candle_core::{Device, Tensor};

@@ -500,6 +500,36 @@ impl PeftConfig {
         })
     }
 
+    /// Whether `target_parameters` selects the parameter `key`
+    /// (`model.layers.0.mlp.experts.gate_up_proj`): an entry equal to it or to a suffix of
+    /// it after a dot, as PEFT matches them.
+    ///
+    /// ```
+    /// use lorakit::peft::PeftConfig;
+    /// let mut config = PeftConfig::lora(4, 8.0, &[]);
+    /// config.target_parameters = vec!["experts.gate_up_proj".to_string()];
+    /// assert!(config.targets_parameter("model.layers.0.mlp.experts.gate_up_proj"));
+    /// assert!(!config.targets_parameter("model.layers.0.mlp.experts.down_proj"));
+    /// ```
+    pub fn targets_parameter(&self, key: &str) -> bool {
+        self.target_parameters.iter().any(|t| {
+            key.strip_suffix(t.as_str())
+                .is_some_and(|head| head.is_empty() || head.ends_with('.'))
+        })
+    }
+
+    /// Whether the adapter's module `path` (PEFT's `.base_layer` levels included) holds a
+    /// LoRA on parameters: a sparse block's experts or router one of whose parameters
+    /// `target_parameters` selects.
+    pub fn is_parameter_module(&self, path: &str) -> bool {
+        let module = crate::checkpoint::stacked_params::unwrapped(path);
+        crate::checkpoint::stacked_params::registered_parameters(module).is_some_and(|params| {
+            params
+                .iter()
+                .any(|p| self.targets_parameter(&format!("{module}.{p}")))
+        })
+    }
+
     /// A LoRA config for fresh adapters (PEFT's defaults for everything not given).
     pub fn lora(r: usize, alpha: f64, target_modules: &[&str]) -> Self {
         Self::new(Variant::Lora, r, alpha, target_modules)

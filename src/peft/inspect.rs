@@ -555,6 +555,8 @@ pub(crate) fn match_modules(
     adapter
         .module_paths()
         .into_iter()
+        // LoRA on parameters: matched by `merge`'s own check ([`crate::checkpoint::stacked_params`]).
+        .filter(|path| !adapter.config().is_parameter_module(path))
         .map(|path| {
             let layer_dims = |suffix: &str| {
                 adapter

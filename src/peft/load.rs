@@ -395,13 +395,7 @@ impl AdapterFactory for LoadedFactory {
     ) -> Result<Vec<Option<ParameterLora>>> {
         let config = &self.0.config;
         let key_of = |param: &str| format!("{path}.{param}");
-        let targeted = |param: &&str| {
-            let key = key_of(param);
-            config
-                .target_parameters
-                .iter()
-                .any(|t| key == *t || key.ends_with(&format!(".{t}")))
-        };
+        let targeted = |param: &&str| config.targets_parameter(&key_of(param));
         let chosen: Vec<&str> = registered.iter().copied().filter(targeted).collect();
         let mut out = vec![None; registered.len()];
         // PEFT wraps the parameters in the order the module registers them, each wrapper

@@ -19,9 +19,13 @@ use crate::checkpoint::convert::{
     convert_into, decode_f32, encode_f32, is_convertible_float, stored_float,
 };
 use crate::checkpoint::header::byte_len;
+use crate::checkpoint::stacked_params::{
+    registered_parameters, stacked_part, unwrapped, StackedRows,
+};
 use crate::checkpoint::{Checkpoint, Given, Shard, ShardWriter, StoredTensor};
 use crate::error::{Error, Result};
 use crate::model::plan::AdapterPlan;
+use crate::model::ParameterLora;
 use crate::peft::inspect::{
     adds_module, base_model_mismatch, base_module_of, classify_keys, load_adapter, match_modules,
     untied_heads, Fit,
@@ -252,6 +256,7 @@ pub fn merge_checkpoint(
 
     let adapter = load_adapter(adapter_dir)?;
     let plan = adapter.plan()?;
+    let parameters = parameter_loras(&adapter, &plan, &ckpt)?;
     let AdapterFit {
         names,
         added,
@@ -311,6 +316,7 @@ pub fn merge_checkpoint(
         plan: &plan,
         adapter: &adapter,
         names,
+        parameters,
         stash: HashMap::new(),
         dtype: options.dtype,
         progress: options.progress,
@@ -395,6 +401,8 @@ struct MergeJob<'c, 'p> {
     adapter: &'c PeftAdapter,
     /// The checkpoint's names for the adapter's modules.
     names: ModuleNames,
+    /// The adapter's LoRAs on parameters, by (module, parameter) ([`parameter_loras`]).
+    parameters: ParameterLoras,
     /// Merged tensors computed with an earlier tensor of their module (a module's weight
     /// and bias are merged together) and not written yet, by name; at most one module's.
     stash: HashMap<String, Tensor>,
@@ -529,9 +537,12 @@ impl MergeJob<'_, '_> {
     ) -> Result<bool> {
         let merged = match self.stash.remove(&tensor.name) {
             Some(t) => t,
-            None => match self.merge_module_of(tensor)? {
+            None => match self.merge_parameter_part(tensor)? {
                 Some(t) => t,
-                None => return Ok(false),
+                None => match self.merge_module_of(tensor)? {
+                    Some(t) => t,
+                    None => return Ok(false),
+                },
             },
         };
         let path = module_of(&tensor.name).map_or("", |(p, _)| p);
@@ -585,6 +596,23 @@ impl MergeJob<'_, '_> {
         }
         self.out_buf = out;
         Ok(())
+    }
+
+    /// `tensor` plus its part of a LoRA on a stacked parameter (an expert's projection, a
+    /// router), in f32, if the adapter has one on it.
+    fn merge_parameter_part(&mut self, tensor: &StoredTensor) -> Result<Option<Tensor>> {
+        let Some(part) = stacked_part(&tensor.name) else {
+            return Ok(None);
+        };
+        let Some(lora) = self.parameters.get(&(part.module, part.param)) else {
+            return Ok(None);
+        };
+        let delta = lora.delta(part.expert)?;
+        let Some(weight) = self.read_f32(&tensor.name)? else {
+            return Ok(None);
+        };
+        let (start, rows) = part.rows.range(delta.dim(0)?);
+        Ok(Some((weight + delta.narrow(0, start, rows)?)?))
     }
 
     /// Merges the module `tensor` belongs to (`<path>.weight` / `<path>.bias`) if the plan
@@ -766,24 +794,82 @@ impl AddedTensor {
     }
 }
 
+/// An adapter's LoRAs on parameters by (transformers 5's module path, parameter name).
+type ParameterLoras = HashMap<(String, &'static str), ParameterLora>;
+
+/// The adapter's LoRAs on parameters (`target_parameters`: a sparse block's stacked expert
+/// weights and router), each checked before any work against the checkpoint's per-expert
+/// tensors ([`stacked_part`]): present, one per expert the LoRA covers, of the shape its
+/// change has.
+fn parameter_loras(
+    adapter: &PeftAdapter,
+    plan: &AdapterPlan,
+    ckpt: &Checkpoint,
+) -> Result<ParameterLoras> {
+    let config = adapter.config();
+    let mut modules: Vec<String> = adapter
+        .module_paths()
+        .iter()
+        .filter(|p| config.is_parameter_module(p))
+        .map(|p| unwrapped(p).to_string())
+        .collect();
+    modules.sort();
+    modules.dedup();
+    let mut loras = ParameterLoras::new();
+    if modules.is_empty() {
+        return Ok(loras);
+    }
+    // The checkpoint's parts of each stacked parameter: (expert, rows, shape).
+    type Parts = Vec<(usize, StackedRows, Vec<usize>)>;
+    let mut stored: HashMap<(String, &'static str), Parts> = HashMap::new();
+    for (_, t) in ckpt.tensors() {
+        if let Some(part) = stacked_part(&t.name) {
+            stored.entry((part.module, part.param)).or_default().push((
+                part.expert,
+                part.rows,
+                t.shape.clone(),
+            ));
+        }
+    }
+    for module in modules {
+        let params = registered_parameters(&module).unwrap_or_default();
+        for (param, lora) in params.iter().zip(plan.parameter_lora(&module, params)?) {
+            let Some(lora) = lora else { continue };
+            let key = (module.clone(), *param);
+            let Some(parts) = stored.get(&key) else {
+                return Err(Error::checkpoint(
+                    ckpt.path(),
+                    format!(
+                        "the adapter has a LoRA on `{module}.{param}` but the checkpoint has no \
+                         tensor of it (an expert's `…experts.E.gate_proj.weight` / `w1`, or the \
+                         router's `…gate.weight`; an adapter for another model?)"
+                    ),
+                ));
+            };
+            let (out, inp) = lora.delta(0)?.dims2()?;
+            let experts = parts.iter().map(|(e, _, _)| e + 1).max().unwrap_or(0);
+            for (e, rows, shape) in parts {
+                let (_, n) = rows.range(out);
+                if experts != lora.experts() || shape.as_slice() != [n, inp] {
+                    return Err(Error::ShapeMismatch {
+                        layer: lora.key().to_string(),
+                        what: format!("expert {e}'s stored weight for the LoRA on the parameter"),
+                        expected: format!("[{n}, {inp}] for each of {} experts", lora.experts()),
+                        got: format!("{shape:?} ({experts} experts stored)"),
+                    });
+                }
+            }
+            loras.insert(key, lora);
+        }
+    }
+    Ok(loras)
+}
+
 /// Before any work: every module the adapter stores must have a 2-D float weight in the
 /// checkpoint, of the shape the adapter's tensors imply; every base tensor it stores must
 /// be in the checkpoint with its shape, unless it belongs to a `modules_to_save` module the
 /// checkpoint lacks altogether (then it is added).
 pub(crate) fn check_adapter_fits(adapter: &PeftAdapter, ckpt: &Checkpoint) -> Result<AdapterFit> {
-    // Not yet: a parameter's LoRA changes every expert's weights in a stack the checkpoint
-    // stores expert by expert (the models fold it in when they load).
-    let parameters = &adapter.config().target_parameters;
-    if !parameters.is_empty() {
-        return Err(Error::Unsupported {
-            what: "merging an adapter on parameters into a checkpoint (target_parameters)",
-            got: parameters.join(", "),
-            supported: "adapters on modules (target_modules); load the model with the adapter \
-                        instead (LlamaForCausalLM, `lorakit generate`, with or without --merge), \
-                        which folds it in"
-                .to_string(),
-        });
-    }
     let names = ModuleNames::of(adapter, ckpt);
     let modules = match_modules(adapter, ckpt, &names);
     let untied = untied_heads(ckpt, &modules);

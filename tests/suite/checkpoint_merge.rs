@@ -67,7 +67,11 @@ fn bf16_ulps(got: &Tensor, want: &Tensor) -> f64 {
         .fold(0.0, f64::max)
 }
 
-fn assert_matches(got: &HashMap<String, Tensor>, want: &HashMap<String, Tensor>, what: &str) {
+pub(crate) fn assert_matches(
+    got: &HashMap<String, Tensor>,
+    want: &HashMap<String, Tensor>,
+    what: &str,
+) {
     let mut names: Vec<&String> = want.keys().collect();
     names.sort();
     let mut got_names: Vec<&String> = got.keys().collect();

@@ -1,15 +1,19 @@
 //! Mixture-of-experts decoders (Mixtral, Qwen3-MoE) with PEFT 0.21's adapters on their
 //! experts' and router's parameters (`target_parameters`, which PEFT's `all-linear` adds on
 //! these models), against PEFT's logits (`tests/fixtures/models/llama/{mixtral,qwen3_moe}`,
-//! `scripts/make_model_fixtures.py`); the config's refusals.
+//! `scripts/make_model_fixtures.py`); merging them into checkpoints; a MoE sequence
+//! classifier; the config's refusals.
 
 use std::fs;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use lorakit::models::llama::LlamaConfig;
+use lorakit::models::llama::{LlamaConfig, LlamaForSequenceClassification};
 use lorakit::peft::PeftAdapter;
 
+use lorakit::peft::{merge_checkpoint, MergeOptions};
+
+use crate::checkpoint_merge::{assert_matches, merged_tensors};
 use crate::models_llama::{build, check, logits, models, peft_plan};
 use crate::peft_common::{load, rel_err, temp_dir, TempDir};
 
@@ -58,6 +62,69 @@ fn adapters_on_experts_and_router_give_peft_logits_unmerged_and_merged() {
             &format!("{case} experts merged"),
         );
     }
+}
+
+#[test]
+fn merging_parameter_adapters_writes_peft_merged_tensors() {
+    for case in ["mixtral", "qwen3_moe"] {
+        let dir = models(case);
+        let out = temp_dir(&format!("moe-merge-{case}"));
+        let merged = out.join("merged");
+        let report = merge_checkpoint(
+            &dir.join("base"),
+            &dir.join("experts"),
+            &merged,
+            MergeOptions::default(),
+        )
+        .unwrap();
+        // Every expert's three projections and the router, of both layers (Mixtral) or of
+        // the sparse layer (Qwen3-MoE), besides q/k/v/o of both layers.
+        let experts = if case == "mixtral" {
+            2 * (4 * 3 + 1)
+        } else {
+            4 * 3 + 1
+        };
+        assert_eq!(
+            report.merged.len(),
+            8 + experts,
+            "{case}: {:?}",
+            report.merged
+        );
+        let want = load(&dir.join("experts_merged.safetensors"));
+        assert_matches(&merged_tensors(&merged), &want, case);
+
+        // The merged folder is the adapted model.
+        let io = load(&dir.join("logits.safetensors"));
+        let model = build(
+            &merged.join("config.json"),
+            &merged,
+            DType::F32,
+            &crate::models_llama::no_adapter(),
+        );
+        let ids = &io["input_ids"];
+        check(
+            &logits(&model, ids),
+            &io["experts_logits"],
+            TOL,
+            &format!("{case} merged file"),
+        );
+    }
+    // Another model's experts: refused before anything is written.
+    let out = temp_dir("moe-merge-wrong");
+    let merged = out.join("merged");
+    let err = merge_checkpoint(
+        &models("mixtral").join("base"),
+        &models("qwen3_moe").join("experts"),
+        &merged,
+        MergeOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("mlp.experts") || err.contains("q_proj"),
+        "{err}"
+    );
+    assert!(!merged.exists());
 }
 
 #[test]
@@ -121,4 +188,28 @@ fn edited_adapter(dir: &Path, (key, value): (&str, serde_json::Value), name: &st
     let weights = "adapter_model.safetensors";
     fs::copy(dir.join(weights), tmp.join(weights)).unwrap();
     tmp
+}
+
+#[test]
+fn moe_sequence_classifier_gives_transformers_and_peft_logits() {
+    // Qwen3MoeForSequenceClassification on a batch with a left-padded row (its padding goes
+    // through the router and experts too), and its PEFT SEQ_CLS LoRA (q_proj / v_proj,
+    // `score` in modules_to_save).
+    let dir = models("qwen3_moe");
+    let io = load(&dir.join("cls_logits.safetensors"));
+    let (ids, mask) = (&io["input_ids"], &io["attention_mask"]);
+    let dev = Device::Cpu;
+    let none = crate::models_llama::no_adapter();
+    let model =
+        LlamaForSequenceClassification::from_pretrained(dir.join("cls"), DType::F32, &dev, &none)
+            .unwrap();
+    let got = model.forward(ids, Some(mask)).unwrap();
+    check(&got, &io["logits"], TOL, "qwen3_moe classifier");
+    let plan = peft_plan(&dir.join("cls_lora"));
+    let model =
+        LlamaForSequenceClassification::from_pretrained(dir.join("cls"), DType::F32, &dev, &plan)
+            .unwrap();
+    plan.finish().unwrap();
+    let got = model.forward(ids, Some(mask)).unwrap();
+    check(&got, &io["lora_logits"], TOL, "qwen3_moe classifier lora");
 }

@@ -10,6 +10,7 @@
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
+use crate::checkpoint::stacked_params::StackedRows;
 use crate::error::{Error, Result};
 use crate::frozen::FrozenLinear;
 use crate::model::{linear_b, AdapterPlan, Linear, ParameterLora};
@@ -76,16 +77,16 @@ impl SparseMoe {
         let h = c.hidden_size;
         let vb = layer.pp(Self::block_name(c.family));
         let adapter_block = format!("{}.mlp", layer.prefix());
-        // (weight, its LoRA and the expert it is for) → the frozen layer.
+        // The layer of the weight at `vb`, changed by its part of a LoRA on a stacked
+        // parameter (expert `e`'s `rows`) when there is one.
         let frozen = |(d_in, d_out): (usize, usize),
                       vb: VarBuilder,
-                      lora: Option<(&ParameterLora, usize, usize)>| {
+                      lora: Option<(&ParameterLora, usize, StackedRows)>| {
             let mut weight = vb.get((d_out, d_in), "weight")?;
             if let Some((lora, e, rows)) = lora {
-                // The part of expert e's change for these `rows` of the stacked weight.
                 let delta = lora.delta(e)?;
-                let part = delta.narrow(0, rows, d_out)?;
-                let part = part.to_dtype(weight.dtype())?;
+                let (start, n) = rows.range(delta.dim(0)?);
+                let part = delta.narrow(0, start, n)?.to_dtype(weight.dtype())?;
                 weight = (weight + part)?;
             }
             plan.frozen_linear(&vb.prefix(), FrozenLinear::new(weight, None)?)
@@ -110,10 +111,22 @@ impl SparseMoe {
             .map(|e| {
                 let vb = vb.pp(format!("experts.{e}"));
                 let gate_up = GateUpProjection::Separate {
-                    gate: frozen((h, width), vb.pp(gate), gate_up_lora.map(|l| (l, e, 0)))?,
-                    up: frozen((h, width), vb.pp(up), gate_up_lora.map(|l| (l, e, width)))?,
+                    gate: frozen(
+                        (h, width),
+                        vb.pp(gate),
+                        gate_up_lora.map(|l| (l, e, StackedRows::Gate)),
+                    )?,
+                    up: frozen(
+                        (h, width),
+                        vb.pp(up),
+                        gate_up_lora.map(|l| (l, e, StackedRows::Up)),
+                    )?,
                 };
-                let down = frozen((width, h), vb.pp(down), down_lora.map(|l| (l, e, 0)))?;
+                let down = frozen(
+                    (width, h),
+                    vb.pp(down),
+                    down_lora.map(|l| (l, e, StackedRows::All)),
+                )?;
                 Ok(Mlp::new(gate_up, down, c.hidden_act))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -133,7 +146,7 @@ impl SparseMoe {
             router: frozen(
                 (h, moe.num_experts),
                 vb.pp("gate"),
-                router_lora.map(|l| (l, 0, 0)),
+                router_lora.map(|l| (l, 0, StackedRows::All)),
             )?,
             experts,
             top_k: moe.experts_per_token,
