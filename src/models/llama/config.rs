@@ -695,6 +695,25 @@ impl LlamaConfig {
         }
     }
 
+    /// Whether the dense layers' MLPs (`gate_proj`, `up_proj`, `down_proj`) take adapters:
+    /// all but Qwen3-MoE's. PEFT 0.21 reads those names on a `qwen3_moe` model as the
+    /// experts' stacked parameters (its conversion of transformers 4's targets), so it
+    /// never adapts a dense layer's MLP there and drops an adapter's tensors for it; lorakit
+    /// keeps them frozen too, so that its adapters load in PEFT as trained.
+    ///
+    /// ```
+    /// use lorakit::models::llama::LlamaConfig;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let qwen3_moe = LlamaConfig::from_file("tests/fixtures/models/llama/qwen3_moe/base")?;
+    /// assert!(!qwen3_moe.dense_mlp_adaptable());
+    /// let qwen2_moe = LlamaConfig::from_file("tests/fixtures/models/llama/qwen2_moe/base")?;
+    /// assert!(qwen2_moe.dense_mlp_adaptable());
+    /// # Ok(()) }
+    /// ```
+    pub fn dense_mlp_adaptable(&self) -> bool {
+        self.family != LlamaFamily::Qwen3Moe
+    }
+
     /// The module prefixes an image-and-text checkpoint has beside the text decoder, which
     /// the model does not build ([`LlamaConfig::multimodal`]): its vision tower and
     /// projector; none for a text model.

@@ -248,7 +248,8 @@ impl FeedForward {
     fn load(c: &LlamaConfig, sparse: bool, vb: &VarBuilder, plan: &AdapterPlan) -> Result<Self> {
         match c.moe.as_ref().filter(|_| sparse) {
             Some(moe) => Ok(Self::Sparse(SparseMoe::load(c, moe, vb, plan)?)),
-            None => Ok(Self::Dense(Mlp::load(c, vb.pp("mlp"), plan)?)),
+            None if c.dense_mlp_adaptable() => Ok(Self::Dense(Mlp::load(c, vb.pp("mlp"), plan)?)),
+            None => Ok(Self::Dense(Mlp::load_frozen(c, vb.pp("mlp"), plan)?)),
         }
     }
 

@@ -5,6 +5,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::error::Result;
+use crate::frozen::FrozenLinear;
 use crate::model::{linear_b, AdapterPlan, Linear};
 use crate::models::fused;
 
@@ -50,6 +51,22 @@ impl Mlp {
             down_proj: linear_b(i, h, bias, vb.pp("down_proj"), plan)?,
             act: c.hidden_act,
         })
+    }
+
+    /// [`Mlp::load`] with frozen projections that no adapter targets (Qwen3-MoE's dense
+    /// layers: see [`LlamaConfig::dense_mlp_adaptable`]).
+    pub(crate) fn load_frozen(c: &LlamaConfig, vb: VarBuilder, plan: &AdapterPlan) -> Result<Self> {
+        let (h, i, bias) = (c.hidden_size, c.intermediate_size, c.mlp_bias);
+        let frozen = |d_in: usize, d_out: usize, name: &str| -> Result<Linear> {
+            let vb = vb.pp(name);
+            let base = FrozenLinear::from_var_builder(d_in, d_out, bias, vb.clone())?;
+            plan.frozen_linear(&vb.prefix(), base)
+        };
+        let gate_up = GateUpProjection::Separate {
+            gate: frozen(h, i, "gate_proj")?,
+            up: frozen(h, i, "up_proj")?,
+        };
+        Ok(Self::new(gate_up, frozen(i, h, "down_proj")?, c.hidden_act))
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {

@@ -25,7 +25,8 @@ use crate::error::{Error, Result};
 /// `all-linear` adds for Mixtral and Qwen3-MoE) is folded into their weights when the
 /// model is built ([`crate::model::ParameterLora`]), for inference; lorakit does not train
 /// such adapters, and its own `all-linear` adapts the linear modules only (attention, the
-/// shared expert and its gate, the dense layers' MLPs). `lorakit merge` writes them into the
+/// shared expert and its gate, the dense layers' MLPs but Qwen3-MoE's:
+/// [`LlamaConfig::dense_mlp_adaptable`](super::LlamaConfig::dense_mlp_adaptable)). `lorakit merge` writes them into the
 /// checkpoint's per-expert tensors ([`crate::checkpoint::stacked_params`]).
 ///
 /// ```
