@@ -38,7 +38,7 @@ the pieces a training step is made of, timed alone at the step's shapes (forward
 forward + backward from a fixed random upstream gradient), times their count per step; and a
 `torch.profiler` table of two PyTorch training steps.
 
-    python3 benches/llama_compare.py [--family llama|gemma2|gemma3|olmo2] [--quick] [--rounds 3] [--threads 2] [--steps 10]
+    python3 benches/llama_compare.py [--family llama|gemma2|gemma3|olmo2|qwen3_moe] [--quick] [--rounds 3] [--threads 2] [--steps 10]
         [--gen-tokens 128] [--lorakit-bin PATH | --no-build] [--no-ops]
         [--markdown FILE] [--json FILE]
 
@@ -49,7 +49,9 @@ per-op run is Llama's). `--family gemma2`: Gemma 2 at the same keys, with its de
 soft-capping of attention scores (50) and logits (30) (PyTorch: eager attention, as
 transformers runs Gemma 2). `--family olmo2`: the same sizes as OLMo 2 (`Olmo2ForCausalLM`:
 norms after attention and the MLP only, q/k norms over the whole projections), training and
-generation only.
+generation only. `--family qwen3_moe`: Qwen3-MoE at the same sizes (`Qwen3MoeForCausalLM`:
+per-head q/k norms, 8 experts 704 wide, 2 per token, in every layer; QWEN3_MOE_EXTRA), the
+LoRA on q/k/v/o_proj only, training and generation only.
 
 `--quick`: one round, 2 timed steps, 32 new tokens, short per-op budgets (a check that
 everything runs, not a measurement).
@@ -85,7 +87,13 @@ SHAPE = dict(
 GEMMA3_EXTRA = dict(head_dim=64, query_pre_attn_scalar=64, sliding_window=128, sliding_window_pattern=2)
 # --family gemma2: the same keys but the pattern (Gemma 2 alternates by itself), and Gemma 2's
 # default soft-capping (attention scores 50, logits 30).
-FAMILY_NAMES = {"gemma2": "Gemma 2", "gemma3": "Gemma 3", "olmo2": "OLMo 2"}
+# --family qwen3_moe: Qwen3-MoE at the same sizes (examples/llama_speed.rs sets the same keys):
+# head_dim 64, 8 experts 704 wide (half the dense MLP), 2 per token, renormalized; the LoRA on
+# the attention only (PEFT 0.21 reads gate_proj / up_proj / down_proj on qwen3_moe as the
+# experts' parameters).
+QWEN3_MOE_EXTRA = dict(head_dim=64, num_experts=8, moe_intermediate_size=704, num_experts_per_tok=2,
+                       norm_topk_prob=True)
+FAMILY_NAMES = {"gemma2": "Gemma 2", "gemma3": "Gemma 3", "olmo2": "OLMo 2", "qwen3_moe": "Qwen3-MoE"}
 
 
 def family_label(family):
@@ -100,8 +108,16 @@ def family_extra(family):
     """The Gemma keys set besides SHAPE's for `family` (none for llama)."""
     if family in ("llama", "olmo2"):
         return {}
+    if family == "qwen3_moe":
+        return QWEN3_MOE_EXTRA
     return {k: v for k, v in GEMMA3_EXTRA.items() if family == "gemma3" or k != "sliding_window_pattern"}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ATTENTION_TARGETS = TARGETS[:4]
+
+
+def targets_of(family):
+    """The modules the benchmark's LoRA adapts."""
+    return ATTENTION_TARGETS if family == "qwen3_moe" else TARGETS
 RANK, ALPHA, LR, PROMPT_LEN = 16, 32, 1e-4, 8
 BATCH_PROMPT_LENS = [8, 16, 24, 32]
 
@@ -127,7 +143,8 @@ def torch_setup(threads, family="llama", seed=0):
     rss_import = rss_mib()
     torch.set_num_threads(threads)
     from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig,
-                              LlamaConfig, LlamaForCausalLM, Olmo2Config, Olmo2ForCausalLM)
+                              LlamaConfig, LlamaForCausalLM, Olmo2Config, Olmo2ForCausalLM,
+                              Qwen3MoeConfig, Qwen3MoeForCausalLM)
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
@@ -140,10 +157,12 @@ def torch_setup(threads, family="llama", seed=0):
     elif family == "olmo2":
         # norms after attention and the MLP only, q/k norms over the whole projections
         model = Olmo2ForCausalLM(Olmo2Config(**SHAPE))
+    elif family == "qwen3_moe":
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**SHAPE, **family_extra(family)))
     else:
         model = LlamaForCausalLM(LlamaConfig(**SHAPE))  # f32, transformers' init (N(0, 0.02), norms 1)
     model = get_peft_model(
-        model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS)
+        model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=targets_of(family))
     )
     info = {
         "versions": {
@@ -666,7 +685,7 @@ def driver(args):
         f"model: {family_label(args.family)}, {SHAPE['num_hidden_layers']} layers, hidden {SHAPE['hidden_size']}, "
         f"{SHAPE['num_attention_heads']} heads / {SHAPE['num_key_value_heads']} KV heads, MLP "
         f"{SHAPE['intermediate_size']}, vocab {SHAPE['vocab_size']} (untied), f32; LoRA r={RANK}, alpha={ALPHA} "
-        f"on {'/'.join(t.replace('_proj', '') for t in TARGETS)}_proj",
+        f"on {'/'.join(t.replace('_proj', '') for t in targets_of(args.family))}_proj",
         f"check: trainable params lorakit {kt['trainable_params']} in {kt['adapted_layers']} layers, PyTorch "
         f"{tt['trainable_params']} in {tt['adapted_layers']} layers; frozen base params lorakit {kt['base_params']}, "
         f"PyTorch {tt['base_params']}; first-step loss lorakit {kt['loss_first']:.3f}, PyTorch "
@@ -699,7 +718,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", choices=["train", "gen", "ops"], help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--family", choices=["llama", "gemma2", "gemma3", "olmo2"], default="llama",
+    ap.add_argument("--family", choices=["llama", "gemma2", "gemma3", "olmo2", "qwen3_moe"], default="llama",
                     help="the architecture at the benchmark's shape (gemma2/3, olmo2: training and generation only)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10, help="timed training steps per process")

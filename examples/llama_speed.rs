@@ -90,6 +90,11 @@ const TARGETS: [&str; 7] = [
     "up_proj",
     "down_proj",
 ];
+/// The targets of `--family qwen3_moe`: the attention only (its experts and router are no
+/// modules; PEFT reads `gate_proj` / `up_proj` / `down_proj` as the experts' parameters).
+const ATTENTION_TARGETS: [&str; 4] = ["q_proj", "k_proj", "v_proj", "o_proj"];
+/// `--family qwen3_moe`'s experts: 8 of them, 704 wide (half the dense MLP), 2 per token.
+const MOE: (usize, usize, usize) = (8, 704, 2);
 const RANK: usize = 16;
 const ALPHA: f64 = 32.0;
 const LR: f64 = 1e-4;
@@ -141,6 +146,14 @@ impl Shape {
         });
         if family == Family::Olmo2 {
             json["model_type"] = json!("olmo2");
+        } else if family == Family::Qwen3Moe {
+            let (experts, width, per_token) = MOE;
+            json["model_type"] = json!("qwen3_moe");
+            json["head_dim"] = json!(self.head_dim());
+            json["num_experts"] = json!(experts);
+            json["moe_intermediate_size"] = json!(width);
+            json["num_experts_per_tok"] = json!(per_token);
+            json["norm_topk_prob"] = json!(true);
         } else if family != Family::Llama {
             let model_type = if family == Family::Gemma3 {
                 "gemma3_text"
@@ -185,6 +198,19 @@ enum Family {
     /// `Olmo2ForCausalLM`: norms after attention and the MLP only, q/k norms over the whole
     /// projections.
     Olmo2,
+    /// `Qwen3MoeForCausalLM`: Qwen3's attention (per-head q/k norms) and a sparse mixture of
+    /// [`MOE`] experts in every layer; LoRA on the attention ([`ATTENTION_TARGETS`]).
+    Qwen3Moe,
+}
+
+impl Family {
+    /// The modules the benchmark's LoRA adapts.
+    fn targets(self) -> &'static [&'static str] {
+        match self {
+            Family::Qwen3Moe => &ATTENTION_TARGETS,
+            _ => &TARGETS,
+        }
+    }
 }
 
 /// The Gemma keys the benchmark sets besides [`SHAPE`]'s (benches/llama_compare.py sets
@@ -234,7 +260,7 @@ fn parse_args() -> R<Args> {
         }
         if flag == "-h" || flag == "--help" {
             println!(
-                "llama_speed [--family llama|gemma2|gemma3|olmo2] [--mode all|train|gen|ops] [--json] \
+                "llama_speed [--family llama|gemma2|gemma3|olmo2|qwen3_moe] [--mode all|train|gen|ops] [--json] \
                  [--steps N] [--warmup N] \
                  [--gen-tokens N] [--gen-rounds N] [--threads N] [--batch N] [--seq N] \
                  [--ops-budget-ms MS] [--seed N]"
@@ -250,10 +276,12 @@ fn parse_args() -> R<Args> {
                     "gemma3" => Family::Gemma3,
                     "gemma2" => Family::Gemma2,
                     "olmo2" => Family::Olmo2,
+                    "qwen3_moe" => Family::Qwen3Moe,
                     other => {
-                        return Err(
-                            format!("--family {other}: llama, gemma2, gemma3 or olmo2").into()
+                        return Err(format!(
+                            "--family {other}: llama, gemma2, gemma3, olmo2 or qwen3_moe"
                         )
+                        .into())
                     }
                 }
             }
@@ -274,7 +302,8 @@ fn parse_args() -> R<Args> {
     }
     if a.family != Family::Llama && ["all", "ops"].contains(&a.mode.as_str()) {
         return Err(
-            "--family gemma2/3 and olmo2 run --mode train or gen (the per-op run is Llama's)"
+            "--family gemma2/3, olmo2 and qwen3_moe run --mode train or gen (the per-op run is \
+             Llama's)"
                 .into(),
         );
     }
@@ -385,28 +414,41 @@ fn build(family: Family, seed: u64, dev: &Device) -> R<Built> {
     normal("lm_head.weight".into(), (s.vocab, s.hidden))?;
     for i in 0..s.layers {
         for (name, d_in, d_out) in s.linears() {
-            let group = if ["gate_proj", "up_proj", "down_proj"].contains(&name) {
-                "mlp"
-            } else {
-                "self_attn"
-            };
+            let mlp = ["gate_proj", "up_proj", "down_proj"].contains(&name);
+            match (mlp, family) {
+                (false, _) => normal(
+                    format!("model.layers.{i}.self_attn.{name}.weight"),
+                    (d_out, d_in),
+                )?,
+                (true, Family::Qwen3Moe) => {}
+                (true, _) => normal(format!("model.layers.{i}.mlp.{name}.weight"), (d_out, d_in))?,
+            }
+        }
+        if family == Family::Qwen3Moe {
+            let (experts, width, _) = MOE;
             normal(
-                format!("model.layers.{i}.{group}.{name}.weight"),
-                (d_out, d_in),
+                format!("model.layers.{i}.mlp.gate.weight"),
+                (experts, s.hidden),
             )?;
+            for e in 0..experts {
+                let expert = format!("model.layers.{i}.mlp.experts.{e}");
+                normal(format!("{expert}.gate_proj.weight"), (width, s.hidden))?;
+                normal(format!("{expert}.up_proj.weight"), (width, s.hidden))?;
+                normal(format!("{expert}.down_proj.weight"), (s.hidden, width))?;
+            }
         }
     }
     // Norms of weight 1 (Gemma's store the offset from 1: 0).
     let mut unit_norm = |name: String, dim: usize| -> R<()> {
         let norm = match family {
-            Family::Llama | Family::Olmo2 => Tensor::ones(dim, DType::F32, dev)?,
+            Family::Llama | Family::Olmo2 | Family::Qwen3Moe => Tensor::ones(dim, DType::F32, dev)?,
             Family::Gemma2 | Family::Gemma3 => Tensor::zeros(dim, DType::F32, dev)?,
         };
         tensors.insert(name, norm);
         Ok(())
     };
     let norms = match family {
-        Family::Llama => vec!["input_layernorm", "post_attention_layernorm"],
+        Family::Llama | Family::Qwen3Moe => vec!["input_layernorm", "post_attention_layernorm"],
         Family::Olmo2 => vec!["post_attention_layernorm", "post_feedforward_layernorm"],
         Family::Gemma2 | Family::Gemma3 => vec![
             "input_layernorm",
@@ -421,7 +463,7 @@ fn build(family: Family, seed: u64, dev: &Device) -> R<Built> {
         }
         // Gemma 3's q/k norms cover a head, OLMo 2's the whole projection.
         let qk_widths = match family {
-            Family::Gemma3 => Some((s.head_dim(), s.head_dim())),
+            Family::Gemma3 | Family::Qwen3Moe => Some((s.head_dim(), s.head_dim())),
             Family::Olmo2 => Some((s.hidden, s.kv_heads * s.head_dim())),
             Family::Llama | Family::Gemma2 => None,
         };
@@ -439,7 +481,7 @@ fn build(family: Family, seed: u64, dev: &Device) -> R<Built> {
 
     let adapter_map = VarMap::new();
     let plan = AdapterPlan::lora(
-        TargetSpec::new(ModuleSelector::list(TARGETS)),
+        TargetSpec::new(ModuleSelector::list(family.targets().iter().copied())),
         RankAlpha::new(RANK, ALPHA),
         LoraConfig::new(RANK, ALPHA),
         VarBuilder::from_varmap(&adapter_map, DType::F32, dev),
@@ -1272,11 +1314,12 @@ fn main() -> R<()> {
                 Family::Gemma2 => "gemma2",
                 Family::Gemma3 => "gemma3",
                 Family::Olmo2 => "olmo2",
+                Family::Qwen3Moe => "qwen3_moe",
             },
             "layers": SHAPE.layers, "hidden": SHAPE.hidden, "heads": SHAPE.heads,
             "kv_heads": SHAPE.kv_heads, "mlp": SHAPE.mlp, "vocab": SHAPE.vocab,
             "batch": args.batch, "seq": args.seq, "rank": RANK, "alpha": ALPHA,
-            "targets": TARGETS, "dtype": "f32",
+            "targets": args.family.targets(), "dtype": "f32",
         },
         "mode": args.mode,
     });

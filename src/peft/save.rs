@@ -95,6 +95,17 @@ pub fn adapter_tensors(set: &AdaptedSet) -> Result<Vec<(String, Tensor)>> {
 /// with the rank and scale the config gives its path (otherwise PEFT would load something
 /// else).
 fn check_consistent(config: &PeftConfig, set: &AdaptedSet) -> Result<()> {
+    if !config.target_parameters.is_empty() {
+        // A loaded LoRA on parameters is folded into the model's weights, not kept as
+        // tensors: saving the config without them would make PEFT start them afresh.
+        return Err(Error::Unsupported {
+            what: "saving an adapter with LoRA on parameters (target_parameters)",
+            got: config.target_parameters.join(", "),
+            supported: "adapters on modules; lorakit folds a loaded LoRA on parameters into \
+                        the experts and does not save or train it"
+                .to_string(),
+        });
+    }
     let glue = config.glue()?;
     for (path, layer) in set.layers() {
         if !config.targets.is_target(&path) {

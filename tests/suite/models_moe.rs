@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use lorakit::models::llama::{LlamaConfig, LlamaForSequenceClassification};
 use lorakit::peft::PeftAdapter;
 
-use lorakit::peft::{merge_checkpoint, MergeOptions};
+use lorakit::peft::{merge_checkpoint, save_adapter, MergeOptions};
 
 use crate::checkpoint_merge::{assert_matches, merged_tensors};
 use crate::models_llama::{build, check, logits, models, peft_plan};
@@ -52,9 +52,16 @@ fn adapters_on_experts_and_router_give_peft_logits_unmerged_and_merged() {
         );
 
         // Merging the module adapters keeps the logits (the parameters' are folded in).
-        let plan = peft_plan(&dir.join("experts"));
+        let adapter = PeftAdapter::load(dir.join("experts"), &Device::Cpu).unwrap();
+        let plan = adapter.plan().unwrap();
         let model = build(&config, &dir.join("base"), DType::F32, &plan);
-        plan.finish().unwrap().merge_all(true).unwrap();
+        let layers = plan.finish().unwrap();
+        // Saving it again would lose the folded LoRAs: refused.
+        let out = temp_dir(&format!("moe-resave-{case}"));
+        let err = save_adapter(out.join("again"), adapter.config(), &layers).unwrap_err();
+        assert!(err.to_string().contains("target_parameters"), "{err}");
+        assert!(!out.join("again").exists());
+        layers.merge_all(true).unwrap();
         check(
             &logits(&model, ids),
             want,

@@ -39,9 +39,9 @@ pub(crate) struct SparseMoe {
     experts: Vec<Mlp>,
     top_k: usize,
     normalize_top_k: bool,
-    /// Mixtral multiplies the experts' outputs by the f32 routing weights (then casts;
-    /// f64 models: f64);
-    /// Qwen casts the weights to the model's dtype first.
+    /// Whether the experts' outputs are multiplied by the routing weights in f32 (f64 for
+    /// an f64 model) and then cast, as Mixtral does; Qwen casts the weights to the model's
+    /// dtype first.
     weights_in_f32: bool,
     jitter: f64,
     shared: Option<SharedExpert>,
@@ -101,9 +101,9 @@ impl SparseMoe {
             down_lora.and_then(Option::as_ref),
         );
         let width = moe.expert_intermediate_size;
-        for (lora, out) in [(gate_up_lora, 2 * width), (down_lora, h)] {
+        for (lora, shape) in [(gate_up_lora, (2 * width, h)), (down_lora, (h, width))] {
             if let Some(lora) = lora {
-                check_parameter_lora(lora, moe.num_experts, out)?;
+                check_parameter_lora(lora, moe.num_experts, shape)?;
             }
         }
         let (_, [gate, up, down]) = expert_names(c.family);
@@ -133,7 +133,7 @@ impl SparseMoe {
         let router_lora = plan.parameter_lora(&format!("{adapter_block}.gate"), &["weight"])?;
         let router_lora = router_lora.first().and_then(Option::as_ref);
         if let Some(lora) = router_lora {
-            check_parameter_lora(lora, 1, moe.num_experts)?;
+            check_parameter_lora(lora, 1, (moe.num_experts, h))?;
         }
         let shared = match moe.shared_expert_intermediate_size {
             Some(width) => Some(SharedExpert {
@@ -231,16 +231,21 @@ impl SparseMoe {
     }
 }
 
-/// Checks that a parameter's LoRA covers `experts` experts and changes `out` rows each.
-fn check_parameter_lora(lora: &ParameterLora, experts: usize, out: usize) -> Result<()> {
-    let got = (lora.experts(), lora.delta(0)?.dim(0)?);
-    if got == (experts, out) {
+/// Checks that a parameter's LoRA covers `experts` experts and changes each one's
+/// `(out, in)` weight.
+fn check_parameter_lora(
+    lora: &ParameterLora,
+    experts: usize,
+    (out, inp): (usize, usize),
+) -> Result<()> {
+    let got = (lora.experts(), lora.delta(0)?.dims2()?);
+    if got == (experts, (out, inp)) {
         return Ok(());
     }
     Err(Error::ShapeMismatch {
         layer: lora.key().to_string(),
-        what: "LoRA on the parameter (experts, output rows)".to_string(),
-        expected: format!("({experts}, {out})"),
+        what: "LoRA on the parameter (experts, (out, in) per expert)".to_string(),
+        expected: format!("({experts}, ({out}, {inp}))"),
         got: format!("{got:?}"),
     })
 }
