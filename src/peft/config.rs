@@ -518,16 +518,42 @@ impl PeftConfig {
         })
     }
 
-    /// Whether the adapter's module `path` (PEFT's `.base_layer` levels included) holds a
-    /// LoRA on parameters: a sparse block's experts or router one of whose parameters
-    /// `target_parameters` selects.
+    /// The parameters of `module` that `target_parameters` selects, of those it registers
+    /// (`registered`, in order): PEFT wraps them in this order, the first innermost.
+    pub fn targeted_parameters<'a>(&self, module: &str, registered: &[&'a str]) -> Vec<&'a str> {
+        registered
+            .iter()
+            .copied()
+            .filter(|p| self.targets_parameter(&format!("{module}.{p}")))
+            .collect()
+    }
+
+    /// The parameter (`model.layers.0.mlp.experts.gate_up_proj`) whose LoRA PEFT stores at
+    /// the adapter's module path `path` (its `.base_layer` levels give the nesting), for a
+    /// sparse block's experts or router; `None` for any other module.
+    ///
+    /// ```
+    /// use lorakit::peft::PeftConfig;
+    /// let mut config = PeftConfig::lora(4, 8.0, &[]);
+    /// config.target_parameters = vec!["gate_up_proj".into(), "down_proj".into()];
+    /// let at = |path: &str| config.parameter_at(path);
+    /// assert_eq!(at("model.layers.0.mlp.experts").as_deref(), Some("model.layers.0.mlp.experts.down_proj"));
+    /// assert_eq!(at("model.layers.0.mlp.experts.base_layer").as_deref(), Some("model.layers.0.mlp.experts.gate_up_proj"));
+    /// assert_eq!(at("model.layers.0.self_attn.q_proj"), None);
+    /// ```
+    pub fn parameter_at(&self, path: &str) -> Option<String> {
+        use crate::checkpoint::stacked_params::{registered_parameters, unwrapped};
+        let module = unwrapped(path);
+        let depth = path[module.len()..].matches(".base_layer").count();
+        let chosen = self.targeted_parameters(module, registered_parameters(module)?);
+        let index = chosen.len().checked_sub(1 + depth)?;
+        chosen.get(index).map(|p| format!("{module}.{p}"))
+    }
+
+    /// Whether the adapter's module `path` holds a LoRA on a parameter
+    /// ([`PeftConfig::parameter_at`]).
     pub fn is_parameter_module(&self, path: &str) -> bool {
-        let module = crate::checkpoint::stacked_params::unwrapped(path);
-        crate::checkpoint::stacked_params::registered_parameters(module).is_some_and(|params| {
-            params
-                .iter()
-                .any(|p| self.targets_parameter(&format!("{module}.{p}")))
-        })
+        self.parameter_at(path).is_some()
     }
 
     /// A LoRA config for fresh adapters (PEFT's defaults for everything not given).

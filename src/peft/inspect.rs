@@ -28,7 +28,8 @@ use serde_json::Value;
 /// One adapted module as stored in the file.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModuleSummary {
-    /// The module path.
+    /// The module path (a LoRA on a stacked parameter: the parameter's key, with its
+    /// number of experts when more than one).
     pub path: String,
     /// Its rank (as stored: AdaLoRA's kept ranks).
     pub rank: usize,
@@ -76,6 +77,23 @@ pub fn inspect(dir: &Path) -> Result<AdapterSummary> {
     };
     let mut modules = Vec::new();
     for path in adapter.module_paths() {
+        // A LoRA on a stacked parameter: listed under the parameter's key, its rank per
+        // expert.
+        if let Some(key) = c.parameter_at(&path) {
+            let s = c.ranks.for_module(&key);
+            let experts = rows(format!("{path}.lora_A.weight")).unwrap_or(0) / s.r.max(1);
+            modules.push(ModuleSummary {
+                path: match experts {
+                    1 => key,
+                    e => format!("{key} ({e} experts)"),
+                },
+                rank: s.r,
+                scale: lora_scale(s.alpha, s.r, c.use_rslora),
+                kind: BaseKind::Linear,
+                lora_bias: false,
+            });
+            continue;
+        }
         let s = c.ranks.for_module(&path);
         let (rank, scale) = match c.peft_type {
             PeftType::Lora => {
@@ -118,11 +136,14 @@ pub fn inspect(dir: &Path) -> Result<AdapterSummary> {
         }
         trainable_params += t.elem_count();
     }
-    let targets = c
+    let mut targets = c
         .raw
         .get("target_modules")
         .map(|v| v.to_string())
         .unwrap_or_default();
+    if !c.target_parameters.is_empty() {
+        targets += &format!("; target_parameters: {:?}", c.target_parameters);
+    }
     Ok(AdapterSummary {
         kind: c.describe(),
         targets,

@@ -395,8 +395,7 @@ impl AdapterFactory for LoadedFactory {
     ) -> Result<Vec<Option<ParameterLora>>> {
         let config = &self.0.config;
         let key_of = |param: &str| format!("{path}.{param}");
-        let targeted = |param: &&str| config.targets_parameter(&key_of(param));
-        let chosen: Vec<&str> = registered.iter().copied().filter(targeted).collect();
+        let chosen = config.targeted_parameters(path, registered);
         let mut out = vec![None; registered.len()];
         // PEFT wraps the parameters in the order the module registers them, each wrapper
         // around the last: the first is innermost, under the most `base_layer`s.
@@ -478,7 +477,8 @@ impl AdapterFactory for LoadedFactory {
                 format!(
                     "{} tensors unused (e.g. `{example}`): lorakit applies LoRA on parameters \
                      ({}) only to the experts' stacked weights and the router of a mixture of \
-                     experts (mixtral, qwen2_moe, qwen3_moe)",
+                     experts (mixtral, qwen2_moe, qwen3_moe) loaded with this adapter alone \
+                     (not among named adapters, which switch at run time)",
                     unused.len(),
                     parameters.join(", ")
                 ),

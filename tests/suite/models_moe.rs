@@ -135,6 +135,31 @@ fn merging_parameter_adapters_writes_peft_merged_tensors() {
 }
 
 #[test]
+fn inspect_lists_each_parameter_lora_under_its_key() {
+    let summary = lorakit::peft::inspect::inspect(&models("qwen3_moe").join("experts")).unwrap();
+    let rank_of = |path: &str| {
+        summary
+            .modules
+            .iter()
+            .find(|m| m.path == path)
+            .map(|m| (m.rank, m.scale))
+    };
+    // rsLoRA: alpha / sqrt(r); PEFT's rank pattern gives gate_up_proj 2r and 2 alpha.
+    let gate_up = rank_of("model.layers.0.mlp.experts.gate_up_proj (4 experts)");
+    assert_eq!(gate_up, Some((8, 16.0 / 8f64.sqrt())), "{summary}");
+    assert_eq!(
+        rank_of("model.layers.0.mlp.experts.down_proj (4 experts)"),
+        Some((4, 4.0))
+    );
+    assert_eq!(rank_of("model.layers.0.mlp.gate.weight"), Some((4, 4.0)));
+    assert!(
+        summary.targets.contains("target_parameters"),
+        "{}",
+        summary.targets
+    );
+}
+
+#[test]
 fn parameter_adapters_refuse_what_peft_refuses() {
     let dir = models("mixtral").join("experts");
     for (key, value) in [
