@@ -358,6 +358,7 @@ impl GgufModel {
             final_logit_softcapping: None,
             multimodal: false,
             moe: None,
+            clip_qkv: None,
         };
         config.validate()?;
         Ok(config)

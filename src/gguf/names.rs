@@ -85,7 +85,8 @@ impl GgufArch {
             | LlamaFamily::Olmo3
             | LlamaFamily::Mixtral
             | LlamaFamily::Qwen2Moe
-            | LlamaFamily::Qwen3Moe => Err(Error::Unsupported {
+            | LlamaFamily::Qwen3Moe
+            | LlamaFamily::Olmoe => Err(Error::Unsupported {
                 what: "GGUF architecture for model_type",
                 got: family.model_type().to_string(),
                 supported: "llama, mistral, qwen2, qwen3".to_string(),

@@ -59,13 +59,14 @@ pub enum AutoSequenceClassifier {
 /// ```
 /// use lorakit::models::CLASSIFIER_MODEL_TYPES;
 /// use lorakit::models::llama::LlamaFamily;
-/// // Every Llama family but Granite (transformers has no classifier for it), Gemma 3's
+/// // Every Llama family but Granite and OLMoE (transformers has no classifier for them), Gemma 3's
 /// // image-and-text checkpoints (Gemma3ForSequenceClassification), BERT, GPT-2.
 /// for family in LlamaFamily::ALL {
 ///     let listed = CLASSIFIER_MODEL_TYPES.contains(&family.model_type());
-///     assert_eq!(listed, family != LlamaFamily::Granite, "{family:?}");
+///     let none = [LlamaFamily::Granite, LlamaFamily::Olmoe];
+///     assert_eq!(listed, !none.contains(&family), "{family:?}");
 /// }
-/// assert_eq!(CLASSIFIER_MODEL_TYPES.len(), LlamaFamily::ALL.len() - 1 + 3);
+/// assert_eq!(CLASSIFIER_MODEL_TYPES.len(), LlamaFamily::ALL.len() - 2 + 3);
 /// ```
 pub const CLASSIFIER_MODEL_TYPES: [&str; 17] = [
     "bert",

@@ -29,7 +29,7 @@ use crate::checkpoint_merge::ckpt;
 use crate::peft_common::{fixture, load, rel_err};
 
 const TOL: f64 = 1e-4;
-const CASES: [&str; 20] = [
+const CASES: [&str; 21] = [
     "mistral",
     "qwen2",
     "qwen3",
@@ -50,6 +50,7 @@ const CASES: [&str; 20] = [
     "mixtral",
     "qwen2_moe",
     "qwen3_moe",
+    "olmoe",
 ];
 
 pub(crate) fn models(case: &str) -> PathBuf {
@@ -1408,7 +1409,7 @@ fn with_fresh_lora(case: &str, query: &str, dtype: DType) -> (LlamaForCausalLM, 
         &plan,
     );
     // Mixtral's layers are all sparse; Qwen3-MoE's dense layer takes no adapter (as in PEFT).
-    let adapted = if ["mixtral", "qwen3_moe"].contains(&case) {
+    let adapted = if ["mixtral", "qwen3_moe", "olmoe"].contains(&case) {
         1
     } else {
         2
@@ -1457,6 +1458,8 @@ fn gradients_reach_adapters_through_norms_rope_and_softmax() {
     check_gradients("mixtral", "q_proj");
     check_gradients("qwen2_moe", "q_proj");
     check_gradients("qwen3_moe", "q_proj");
+    // OLMoE: q/k norms over the whole projections, then clip_qkv's clamp.
+    check_gradients("olmoe", "q_proj");
 }
 
 /// In f64 (no fused rms_norm there) the backward to a fresh LoRA on layer 0's `query`
@@ -1539,8 +1542,9 @@ fn check_gradients(case: &str, query: &str) {
 const CACHE_TOL: f64 = 1e-5;
 /// Mistral (sliding window 4 on every layer, GQA), Qwen2 (q/k/v bias, tied head), Qwen3
 /// (q/k norm, a sliding layer), Gemma 2 (soft-capped scores and logits), Gemma 3 (a
-/// sliding layer with its own RoPE θ).
-const CACHE_CASES: [&str; 9] = [
+/// sliding layer with its own RoPE θ), OLMo 2 and 3, the mixtures of experts (Mixtral,
+/// Qwen3-MoE, OLMoE with its clamp).
+const CACHE_CASES: [&str; 10] = [
     "mistral",
     "qwen2",
     "qwen3",
@@ -1550,6 +1554,7 @@ const CACHE_CASES: [&str; 9] = [
     "olmo3",
     "mixtral",
     "qwen3_moe",
+    "olmoe",
 ];
 
 /// `(case, adapter?)` → the model: the base, then the PEFT LoRA.

@@ -21,7 +21,7 @@ const TOL: f64 = 1e-4;
 
 #[test]
 fn adapters_on_experts_and_router_give_peft_logits_unmerged_and_merged() {
-    for case in ["mixtral", "qwen3_moe"] {
+    for case in ["mixtral", "qwen3_moe", "olmoe"] {
         let dir = models(case);
         let io = load(&dir.join("logits.safetensors"));
         let ids = &io["input_ids"];
@@ -73,7 +73,7 @@ fn adapters_on_experts_and_router_give_peft_logits_unmerged_and_merged() {
 
 #[test]
 fn merging_parameter_adapters_writes_peft_merged_tensors() {
-    for case in ["mixtral", "qwen3_moe"] {
+    for case in ["mixtral", "qwen3_moe", "olmoe"] {
         let dir = models(case);
         let out = temp_dir(&format!("moe-merge-{case}"));
         let merged = out.join("merged");
@@ -86,11 +86,8 @@ fn merging_parameter_adapters_writes_peft_merged_tensors() {
         .unwrap();
         // Every expert's three projections and the router, of both layers (Mixtral) or of
         // the sparse layer (Qwen3-MoE), besides q/k/v/o of both layers.
-        let experts = if case == "mixtral" {
-            2 * (4 * 3 + 1)
-        } else {
-            4 * 3 + 1
-        };
+        let sparse_layers = if case == "qwen3_moe" { 1 } else { 2 };
+        let experts = sparse_layers * (4 * 3 + 1);
         assert_eq!(
             report.merged.len(),
             8 + experts,

@@ -135,13 +135,14 @@ pub enum LayerAttention {
 ///   `text_config` is read as a `gemma3_text` config (errors name it), with the top-level
 ///   `tie_word_embeddings` (default true) and `quantization_config`; the vision keys are
 ///   ignored ([`LlamaConfig::multimodal`]).
-/// - `mixtral`, `qwen2_moe`, `qwen3_moe`: the mixture-of-experts keys are read into
+/// - `mixtral`, `qwen2_moe`, `qwen3_moe`, `olmoe`: the mixture-of-experts keys are read into
 ///   [`LlamaConfig::moe`] ([`MoeConfig`]: `num_experts` / `num_local_experts`,
 ///   `num_experts_per_tok`, `moe_intermediate_size`, `norm_topk_prob`,
 ///   `decoder_sparse_step`, `mlp_only_layers`, `shared_expert_intermediate_size`,
 ///   `router_jitter_noise`, `output_router_logits`); Qwen2-MoE's `qkv_bias` (default
 ///   true) puts a bias on q/k/v; Qwen3-MoE slides on every layer when
-///   `use_sliding_window`, Qwen2-MoE on every other layer below `max_window_layers`.
+///   `use_sliding_window`, Qwen2-MoE on every other layer below `max_window_layers`;
+///   OLMoE's `clip_qkv` clamps queries, keys and values ([`LlamaConfig::clip_qkv`]).
 /// - Ignored: `pretraining_tp` (transformers 5 ignores it), token ids, `use_cache`.
 ///
 /// [`LlamaForCausalLM::forward_t`]: super::LlamaForCausalLM::forward_t
@@ -256,6 +257,9 @@ pub struct LlamaConfig {
     /// The mixture-of-experts settings of Mixtral, Qwen2-MoE and Qwen3-MoE (their sparse
     /// layers' MLPs); `None` for the dense families.
     pub moe: Option<MoeConfig>,
+    /// OLMoE's `clip_qkv`: queries, keys and values clamped to `[−c, c]` after their
+    /// projections (and the q/k norms); `None`: no clamp.
+    pub clip_qkv: Option<f64>,
 }
 
 /// The keys read from `config.json`, as written.
@@ -297,6 +301,7 @@ pub(super) struct RawConfig {
     pub(super) attention_multiplier: Option<f64>,
     pub(super) residual_multiplier: Option<f64>,
     pub(super) logits_scaling: Option<f64>,
+    pub(super) clip_qkv: Option<f64>,
 }
 
 impl LlamaConfig {
@@ -453,7 +458,8 @@ impl LlamaConfig {
                 | LlamaFamily::Granite
                 | LlamaFamily::Phi3
                 | LlamaFamily::Olmo2
-                | LlamaFamily::Olmo3 => num_attention_heads,
+                | LlamaFamily::Olmo3
+                | LlamaFamily::Olmoe => num_attention_heads,
                 LlamaFamily::Mistral | LlamaFamily::Mixtral => 8,
                 LlamaFamily::SmolLm3
                 | LlamaFamily::Gemma2
@@ -476,6 +482,7 @@ impl LlamaConfig {
             LlamaFamily::Llama | LlamaFamily::Granite | LlamaFamily::Olmo2 | LlamaFamily::Olmo3 => {
                 2048
             }
+            LlamaFamily::Olmoe => 4096,
             LlamaFamily::Gemma | LlamaFamily::Gemma2 => 8192,
             LlamaFamily::Phi3 => 4096,
             LlamaFamily::Mistral | LlamaFamily::Gemma3 | LlamaFamily::Mixtral => 131_072,
@@ -525,7 +532,8 @@ impl LlamaConfig {
             | LlamaFamily::Gemma2
             | LlamaFamily::Gemma3
             | LlamaFamily::Olmo2
-            | LlamaFamily::Olmo3 => (attention_bias, attention_bias, false),
+            | LlamaFamily::Olmo3
+            | LlamaFamily::Olmoe => (attention_bias, attention_bias, false),
             LlamaFamily::SmolLm3 => (
                 attention_bias,
                 attention_bias,
@@ -546,7 +554,7 @@ impl LlamaConfig {
             (None, _) => Some(4096),
         };
         let layer_attention = match family {
-            LlamaFamily::Llama | LlamaFamily::Granite | LlamaFamily::Olmo2 => {
+            LlamaFamily::Llama | LlamaFamily::Granite | LlamaFamily::Olmo2 | LlamaFamily::Olmoe => {
                 vec![LayerAttention::Full; num_hidden_layers]
             }
             LlamaFamily::Gemma | LlamaFamily::Gemma2 | LlamaFamily::Gemma3 => {
@@ -620,7 +628,8 @@ impl LlamaConfig {
                 LlamaFamily::Phi3
                 | LlamaFamily::Olmo2
                 | LlamaFamily::Olmo3
-                | LlamaFamily::Mixtral => 1e-5,
+                | LlamaFamily::Mixtral
+                | LlamaFamily::Olmoe => 1e-5,
                 _ => 1e-6,
             }),
             rope_theta,
@@ -645,7 +654,7 @@ impl LlamaConfig {
             },
             qk_norm: match family {
                 LlamaFamily::Qwen3 | LlamaFamily::Gemma3 | LlamaFamily::Qwen3Moe => QkNorm::PerHead,
-                LlamaFamily::Olmo2 | LlamaFamily::Olmo3 => QkNorm::Whole,
+                LlamaFamily::Olmo2 | LlamaFamily::Olmo3 | LlamaFamily::Olmoe => QkNorm::Whole,
                 _ => QkNorm::None,
             },
             layer_attention,
@@ -670,6 +679,10 @@ impl LlamaConfig {
             final_logit_softcapping: gemma_settings.as_ref().and_then(|g| g.softcaps.1),
             multimodal: false,
             moe: None,
+            clip_qkv: match family {
+                LlamaFamily::Olmoe => raw.clip_qkv,
+                _ => None,
+            },
         })
     }
 
@@ -854,6 +867,9 @@ impl LlamaConfig {
             }
         };
         positive("rope_theta", self.rope_theta)?;
+        if let Some(clip) = self.clip_qkv {
+            positive("clip_qkv", clip)?;
+        }
         if let Some(theta) = self.sliding_rope_theta {
             let key = match self.family {
                 LlamaFamily::Gemma3 => "rope_local_base_freq",

@@ -81,11 +81,16 @@ pub enum LlamaFamily {
     /// attention (per-head q/k norms) with a sparse mixture of experts; a window on every
     /// layer when `use_sliding_window`.
     Qwen3Moe,
+    /// `olmoe`: AllenAI's OLMoE, pre-norm layers with RMSNorm over the whole query and key
+    /// projections, an optional `clip_qkv` clamp on queries, keys and values, and a sparse
+    /// mixture of experts (64, 8 per token, not renormalized, by default) in every layer.
+    /// transformers has no sequence classifier for it.
+    Olmoe,
 }
 
 impl LlamaFamily {
     /// Every family, in the order errors list them.
-    pub const ALL: [LlamaFamily; 15] = [
+    pub const ALL: [LlamaFamily; 16] = [
         Self::Llama,
         Self::Mistral,
         Self::Qwen2,
@@ -101,6 +106,7 @@ impl LlamaFamily {
         Self::Mixtral,
         Self::Qwen2Moe,
         Self::Qwen3Moe,
+        Self::Olmoe,
     ];
 
     /// The `model_type`s of the families `which` admits, comma-separated (for errors).
@@ -142,10 +148,11 @@ impl LlamaFamily {
             LlamaFamily::Mixtral => "mixtral",
             LlamaFamily::Qwen2Moe => "qwen2_moe",
             LlamaFamily::Qwen3Moe => "qwen3_moe",
+            LlamaFamily::Olmoe => "olmoe",
         }
     }
 
-    /// The family of a `model_type`, if it is one of the fifteen, or `gemma3` (Gemma 3's image
+    /// The family of a `model_type`, if it is one of the sixteen, or `gemma3` (Gemma 3's image
     /// and text checkpoints, whose text decoder is Gemma 3's: see
     /// [`LlamaConfig::multimodal`](super::LlamaConfig::multimodal)).
     ///
@@ -187,7 +194,7 @@ impl LlamaFamily {
         self.is_gemma() || matches!(self, Self::Olmo2 | Self::Olmo3)
     }
 
-    /// Mixtral, Qwen2-MoE or Qwen3-MoE: the families whose MLPs are (or may be) sparse
+    /// Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE: the families whose MLPs are (or may be) sparse
     /// mixtures of experts ([`MoeConfig`](super::MoeConfig)).
     ///
     /// ```
@@ -195,6 +202,9 @@ impl LlamaFamily {
     /// assert!(LlamaFamily::Mixtral.is_moe() && !LlamaFamily::Mistral.is_moe());
     /// ```
     pub fn is_moe(self) -> bool {
-        matches!(self, Self::Mixtral | Self::Qwen2Moe | Self::Qwen3Moe)
+        matches!(
+            self,
+            Self::Mixtral | Self::Qwen2Moe | Self::Qwen3Moe | Self::Olmoe
+        )
     }
 }

@@ -101,6 +101,8 @@ pub(crate) struct Attention {
     softcap: Option<f64>,
     /// Whether `q_norm` / `k_norm` normalize each head or the whole projection.
     qk_norm: QkNorm,
+    /// OLMoE's clamp of queries, keys and values.
+    clip_qkv: Option<f64>,
 }
 
 impl Attention {
@@ -141,6 +143,7 @@ impl Attention {
             dropout: c.attention_dropout,
             softcap: c.attn_logit_softcapping,
             qk_norm: c.qk_norm,
+            clip_qkv: c.clip_qkv,
         })
     }
 
@@ -163,6 +166,11 @@ impl Attention {
             q = normalize(&self.q_norm, q)?;
             k = normalize(&self.k_norm, k)?;
         }
+        // OLMoE's clamp, after its (whole) q/k norms.
+        let (q, k, v) = match self.clip_qkv {
+            Some(c) => (q.clamp(-c, c)?, k.clamp(-c, c)?, v.clamp(-c, c)?),
+            None => (q, k, v),
+        };
         let heads =
             |t_: Tensor, n: usize| -> Result<Tensor> { Ok(t_.reshape((b, t, n, self.head_dim))?) };
         let mut q = heads(q, self.n_heads)?;

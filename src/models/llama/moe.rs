@@ -1,4 +1,4 @@
-//! [`MoeConfig`]: the mixture-of-experts settings of Mixtral, Qwen2-MoE and Qwen3-MoE, read
+//! [`MoeConfig`]: the mixture-of-experts settings of Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE, read
 //! from `config.json` as transformers 5.25 reads them.
 
 use std::path::Path;
@@ -9,7 +9,7 @@ use super::family::LlamaFamily;
 use crate::error::{Error, Result};
 
 /// A sparse mixture-of-experts MLP's settings (transformers' `MixtralSparseMoeBlock`,
-/// `Qwen2MoeSparseMoeBlock`, `Qwen3MoeSparseMoeBlock`).
+/// `Qwen2MoeSparseMoeBlock`, `Qwen3MoeSparseMoeBlock`, `OlmoeSparseMoeBlock`).
 ///
 /// Each sparse layer's router (`gate`, `num_experts × hidden_size`) scores every token;
 /// the softmax of the scores (in f32) gives each expert a probability, the
@@ -120,6 +120,14 @@ impl MoeKeys {
                 self.moe_intermediate_size.unwrap_or(1408),
                 Some(self.shared_expert_intermediate_size.unwrap_or(5632)),
             ),
+            // OlmoeConfig maps `num_local_experts` to `num_experts`; its experts are
+            // `intermediate_size` wide.
+            LlamaFamily::Olmoe => (
+                self.num_experts.or(self.num_local_experts).unwrap_or(64),
+                self.num_experts_per_tok.unwrap_or(8),
+                intermediate_size,
+                None,
+            ),
             // Qwen3MoeConfig maps `num_experts` to `num_local_experts` (what 5.25 writes).
             _ => (
                 self.num_local_experts.or(self.num_experts).unwrap_or(128),
@@ -128,7 +136,7 @@ impl MoeKeys {
                 None,
             ),
         };
-        let experts_key = if mixtral || (!qwen2 && self.num_local_experts.is_some()) {
+        let experts_key = if mixtral || (!qwen2 && self.num_experts.is_none()) {
             "num_local_experts"
         } else {
             "num_experts"
@@ -154,7 +162,7 @@ impl MoeKeys {
             };
             return Err(invalid(field, "must be at least 1, got 0".to_string()));
         }
-        let sparse_layers = if mixtral {
+        let sparse_layers = if mixtral || family == LlamaFamily::Olmoe {
             vec![true; layers]
         } else {
             let step = self.decoder_sparse_step.unwrap_or(1);
@@ -180,7 +188,11 @@ impl MoeKeys {
                 format!("must be in [0, 1), got {jitter}"),
             ));
         }
-        let default_coef = 0.001;
+        let default_coef = if family == LlamaFamily::Olmoe {
+            0.01
+        } else {
+            0.001
+        };
         Ok(MoeConfig {
             num_experts: experts,
             experts_per_token: per_token,

@@ -276,17 +276,22 @@ impl DecoderTrunk for LlamaTrunk {
 }
 
 /// Refuses the configurations transformers has no sequence classifier for (the trunk's
-/// [`DecoderTrunk::load_trunk`] builds one for a classifier): Granite.
+/// [`DecoderTrunk::load_trunk`] builds one for a classifier): Granite, OLMoE.
 fn check_classifiable(config: &LlamaConfig) -> Result<()> {
     let unsupported = |got: String| Error::Unsupported {
         what: "sequence classification for model_type",
         got,
-        supported: LlamaFamily::model_types(|f| f != LlamaFamily::Granite),
+        supported: LlamaFamily::model_types(|f| {
+            !matches!(f, LlamaFamily::Granite | LlamaFamily::Olmoe)
+        }),
     };
-    if config.family == LlamaFamily::Granite {
-        return Err(unsupported(
+    match config.family {
+        LlamaFamily::Granite => Err(unsupported(
             "granite (transformers has no GraniteForSequenceClassification)".to_string(),
-        ));
+        )),
+        LlamaFamily::Olmoe => Err(unsupported(
+            "olmoe (transformers has no OlmoeForSequenceClassification)".to_string(),
+        )),
+        _ => Ok(()),
     }
-    Ok(())
 }
