@@ -608,8 +608,16 @@ impl MergeJob<'_, '_> {
             return Ok(None);
         };
         let delta = lora.delta(part.expert)?;
+        let key = lora.key().to_string();
         let Some(weight) = self.read_f32(&tensor.name)? else {
-            return Ok(None);
+            return Err(Error::checkpoint(
+                self.ckpt.path(),
+                format!(
+                    "`{}` is stored as {:?}; the LoRA on `{}` needs a float weight \
+                     (F32, F16, BF16, F64) to merge into",
+                    tensor.name, tensor.dtype, key
+                ),
+            ));
         };
         let (start, rows) = part.rows.range(delta.dim(0)?);
         Ok(Some((weight + delta.narrow(0, start, rows)?)?))

@@ -8,7 +8,7 @@ use std::fs;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use lorakit::models::llama::{LlamaConfig, LlamaForSequenceClassification};
+use lorakit::models::llama::{LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification};
 use lorakit::peft::PeftAdapter;
 
 use lorakit::peft::{merge_checkpoint, save_adapter, MergeOptions};
@@ -179,20 +179,10 @@ fn a_router_loss_config_keeps_its_logits_and_refuses_losses() {
     // transformers adds the router's load-balancing loss when output_router_logits is true;
     // lorakit does not compute it, so its losses refuse such a config.
     let dir = models("qwen3_moe");
-    let raw = fs::read_to_string(dir.join("base/config.json")).unwrap();
-    let mut json: serde_json::Value = serde_json::from_str(&raw).unwrap();
-    json["output_router_logits"] = serde_json::json!(true);
-    let tmp = temp_dir("moe-router-loss");
-    let config = tmp.join("config.json");
-    fs::write(&config, json.to_string()).unwrap();
+    let key = ("output_router_logits", serde_json::json!(true));
+    let (_tmp, config, model) = with_config_key("qwen3_moe", key, "moe-router-loss");
     let c = LlamaConfig::from_file(&config).unwrap();
     assert_eq!(c.moe.as_ref().unwrap().router_aux_loss_coef, Some(0.001));
-    let model = build(
-        &config,
-        &dir.join("base"),
-        DType::F32,
-        &crate::models_llama::no_adapter(),
-    );
     let io = load(&dir.join("logits.safetensors"));
     let ids = &io["input_ids"];
     check(
@@ -241,4 +231,68 @@ fn moe_sequence_classifier_gives_transformers_and_peft_logits() {
     plan.finish().unwrap();
     let got = model.forward(ids, Some(mask)).unwrap();
     check(&got, &io["lora_logits"], TOL, "qwen3_moe classifier lora");
+}
+
+#[test]
+fn mixtral_router_jitter_applies_in_training_mode_only() {
+    // router_jitter_noise multiplies each sparse layer's input by U(1 - j, 1 + j) in
+    // training mode (transformers' MixtralSparseMoeBlock); evaluation ignores it.
+    let dir = models("mixtral");
+    let key = ("router_jitter_noise", serde_json::json!(0.3));
+    let (_tmp, config, model) = with_config_key("mixtral", key, "moe-jitter");
+    let io = load(&dir.join("logits.safetensors"));
+    let ids = &io["input_ids"];
+    check(
+        &logits(&model, ids),
+        &io["logits"],
+        TOL,
+        "mixtral, jitter, eval",
+    );
+    let train = |m: &LlamaForCausalLM| m.forward_t(ids, true).unwrap();
+    let (a, b) = (train(&model), train(&model));
+    assert!(
+        rel_err(&a, &io["logits"]) > 1e-3,
+        "training mode ignored the jitter"
+    );
+    assert!(rel_err(&a, &b) > 1e-3, "two draws gave the same noise");
+    // Without jitter, training mode is evaluation (the fixture has no dropout).
+    let plain = build(
+        &dir.join("base/config.json"),
+        &dir.join("base"),
+        DType::F32,
+        &crate::models_llama::no_adapter(),
+    );
+    check(
+        &train(&plain),
+        &io["logits"],
+        TOL,
+        "mixtral, no jitter, training mode",
+    );
+    // Out of range: an error naming the key.
+    let raw = fs::read_to_string(&config).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    json["router_jitter_noise"] = serde_json::json!(1.5);
+    let err = LlamaConfig::from_json(&json.to_string())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("router_jitter_noise"), "{err}");
+}
+
+/// The fixture `case`'s base with its config's `key` set to `value`: the temp folder `name`
+/// holding the edited config.json, its path, and the model built from it.
+fn with_config_key(
+    case: &str,
+    (key, value): (&str, serde_json::Value),
+    name: &str,
+) -> (TempDir, std::path::PathBuf, LlamaForCausalLM) {
+    let dir = models(case);
+    let raw = fs::read_to_string(dir.join("base/config.json")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    json[key] = value;
+    let tmp = temp_dir(name);
+    let config = tmp.join("config.json");
+    fs::write(&config, json.to_string()).unwrap();
+    let none = crate::models_llama::no_adapter();
+    let model = build(&config, &dir.join("base"), DType::F32, &none);
+    (tmp, config, model)
 }

@@ -155,8 +155,14 @@ impl MoeKeys {
             ));
         }
         if width == 0 || shared == Some(0) {
-            let field = if width == 0 {
+            // Mixtral's and OLMoE's experts are `intermediate_size` wide.
+            let width_key = if mixtral || family == LlamaFamily::Olmoe {
+                "intermediate_size"
+            } else {
                 "moe_intermediate_size"
+            };
+            let field = if width == 0 {
+                width_key
             } else {
                 "shared_expert_intermediate_size"
             };
