@@ -1,5 +1,6 @@
 //! [`Trainer`]: the fine-tuning loop.
 
+use std::collections::BTreeSet;
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -396,11 +397,25 @@ impl<'m, T: Task> Trainer<'m, T> {
     /// ([`Task::peft_settings`]): `task_type` (`CAUSAL_LM`, `SEQ_CLS`),
     /// `base_model_name_or_path` (the folder the model was loaded from, when known; PEFT's
     /// `AutoPeftModelFor…` classes read the base model from it), and `fan_in_fan_out` when
-    /// the adapted layers are Conv1D (GPT-2), whose weights are stored `(in, out)`.
+    /// the adapted layers are Conv1D (GPT-2), whose weights are stored `(in, out)`; for
+    /// `all-linear` on a model where PEFT's would also adapt parameters (a mixture of
+    /// experts' experts and router), the adapted modules' names instead.
     pub fn peft_config(&self) -> Result<PeftConfig> {
         let mut config = self.recipe.peft_config(self.config.max_steps)?;
         for (key, value) in self.task.peft_settings() {
             config = config.with_setting(key, value)?;
+        }
+        // PEFT's `all-linear` would add LoRA on the experts, which this adapter has not:
+        // name the modules it has.
+        let all_linear = config.raw.get("target_modules") == Some(&json!("all-linear"));
+        if all_linear && self.task.peft_all_linear_adds_parameters() {
+            let names: BTreeSet<String> = self
+                .adapters
+                .paths()
+                .iter()
+                .map(|p| p.rsplit('.').next().unwrap_or(p).to_string())
+                .collect();
+            config = config.with_setting("target_modules", json!(names))?;
         }
         let conv1d = self
             .adapters

@@ -11,7 +11,10 @@ use candle_core::{DType, Device, Tensor};
 use lorakit::models::llama::{LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification};
 use lorakit::peft::PeftAdapter;
 
+use lorakit::finetune::{AdapterRecipe, TrainConfig, Trainer};
 use lorakit::peft::{merge_checkpoint, save_adapter, MergeOptions};
+use lorakit::Variant;
+use serde_json::json;
 
 use crate::checkpoint_merge::{assert_matches, merged_tensors};
 use crate::models_llama::{build, check, logits, models, peft_plan};
@@ -154,6 +157,31 @@ fn inspect_lists_each_parameter_lora_under_its_key() {
         "{}",
         summary.targets
     );
+}
+
+#[test]
+fn an_all_linear_adapter_on_experts_models_is_saved_with_its_modules_named() {
+    // PEFT 0.21's all-linear on Mixtral, Qwen3-MoE and OLMoE adds LoRA on the experts and
+    // the router, which lorakit's does not train: the saved config names the modules it
+    // adapted. On Qwen2-MoE (not in PEFT's conversion table) all-linear stays.
+    for (case, want) in [
+        ("mixtral", json!(["k_proj", "o_proj", "q_proj", "v_proj"])),
+        ("olmoe", json!(["k_proj", "o_proj", "q_proj", "v_proj"])),
+        ("qwen2_moe", json!("all-linear")),
+    ] {
+        let dir = models(case).join("base");
+        let config = LlamaConfig::from_file(&dir).unwrap();
+        let recipe = AdapterRecipe::new(Variant::Lora, 2, 4.0, &["all-linear"]);
+        let (model, set) = crate::finetune_train::with_recipe(&dir, &config, &recipe);
+        let trainer = Trainer::new(&model, set, recipe, TrainConfig::new(1)).unwrap();
+        let saved = trainer.peft_config().unwrap();
+        assert_eq!(saved.raw["target_modules"], want, "{case}");
+        let out = temp_dir(&format!("moe-all-linear-{case}"));
+        trainer.save_adapter(&*out).unwrap();
+        let plan = peft_plan(&out);
+        build(&dir.join("config.json"), &dir, DType::F32, &plan);
+        plan.finish().unwrap();
+    }
 }
 
 #[test]

@@ -727,6 +727,28 @@ impl LlamaConfig {
         self.family != LlamaFamily::Qwen3Moe
     }
 
+    /// Whether PEFT 0.21's `all-linear` adds LoRA on parameters for this model: on
+    /// Mixtral, Qwen3-MoE and OLMoE (its conversion table for transformers 5's MoE models,
+    /// which does not cover `qwen2_moe` itself) it adapts the experts' stacked weights and
+    /// the router too, which lorakit does not train. An adapter lorakit trains with
+    /// `all-linear` on such a model is saved with the modules it adapted listed by name,
+    /// so that PEFT loads exactly those.
+    ///
+    /// ```
+    /// use lorakit::models::llama::LlamaConfig;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let path = |case: &str| format!("tests/fixtures/models/llama/{case}/base");
+    /// assert!(LlamaConfig::from_file(path("mixtral"))?.peft_all_linear_adds_parameters());
+    /// assert!(!LlamaConfig::from_file(path("qwen2_moe"))?.peft_all_linear_adds_parameters());
+    /// # Ok(()) }
+    /// ```
+    pub fn peft_all_linear_adds_parameters(&self) -> bool {
+        matches!(
+            self.family,
+            LlamaFamily::Mixtral | LlamaFamily::Qwen3Moe | LlamaFamily::Olmoe
+        )
+    }
+
     /// The module prefixes an image-and-text checkpoint has beside the text decoder, which
     /// the model does not build ([`LlamaConfig::multimodal`]): its vision tower and
     /// projector; none for a text model.
