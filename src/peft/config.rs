@@ -544,7 +544,11 @@ impl PeftConfig {
     pub fn parameter_at(&self, path: &str) -> Option<String> {
         use crate::checkpoint::stacked_params::{registered_parameters, unwrapped};
         let module = unwrapped(path);
-        let depth = path[module.len()..].matches(".base_layer").count();
+        let depth = path
+            .get(module.len()..)
+            .unwrap_or("")
+            .matches(".base_layer")
+            .count();
         let chosen = self.targeted_parameters(module, registered_parameters(module)?);
         let index = chosen.len().checked_sub(1 + depth)?;
         chosen.get(index).map(|p| format!("{module}.{p}"))
