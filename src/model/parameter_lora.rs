@@ -5,6 +5,7 @@
 use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
+use crate::low_rank::{Factor, LowRankPair};
 
 /// PEFT's LoRA on one parameter (`target_parameters`): for a stack of `E` experts'
 /// weights `(E, out, in)`, `lora_A` is `(r · E, in)` and `lora_B` `(out, r · E)`; expert
@@ -28,8 +29,10 @@ use crate::error::{Error, Result};
 /// let b = Tensor::new(&[[1f32, 10.], [2., 20.]], &dev)?;
 /// let lora = ParameterLora::new("experts.down_proj", a, b, 1, 0.5)?;
 /// assert_eq!(lora.experts(), 2);
-/// let delta = lora.delta(1)?.to_vec2::<f32>()?; // 0.5 · [10, 20]ᵀ [0, 1, 0]
+/// assert_eq!(lora.out_in(), (2, 3));
+/// let delta = lora.delta_rows(1, 0, 2)?.to_vec2::<f32>()?; // 0.5 · [10, 20]ᵀ [0, 1, 0]
 /// assert_eq!(delta, [[0., 5., 0.], [0., 10., 0.]]);
+/// assert_eq!(lora.delta_rows(1, 1, 1)?.to_vec2::<f32>()?, [[0., 10., 0.]]);
 /// # Ok(()) }
 /// ```
 #[derive(Clone, Debug)]
@@ -90,26 +93,38 @@ impl ParameterLora {
         self.lora_a.dims().first().copied().unwrap_or(0) / self.rank
     }
 
-    /// Expert `e`'s weight change `(out, in)`, in f32: `scaling · B_e A_e`.
-    pub fn delta(&self, e: usize) -> Result<Tensor> {
+    /// The `(out, in)` of each expert's weight the LoRA changes.
+    pub fn out_in(&self) -> (usize, usize) {
+        let dim = |t: &Tensor, i: usize| t.dims().get(i).copied().unwrap_or(0);
+        (dim(&self.lora_b, 0), dim(&self.lora_a, 1))
+    }
+
+    /// Rows `start .. start + rows` of expert `e`'s weight change, in f32:
+    /// `scaling · B_e[start..start + rows] A_e`, through the low-rank core every variant
+    /// shares ([`LowRankPair::product`]); only those rows are computed (a stacked
+    /// `gate_up_proj`'s gate half, say).
+    pub fn delta_rows(&self, e: usize, start: usize, rows: usize) -> Result<Tensor> {
         let experts = self.experts();
-        if e >= experts {
+        let (out, _) = self.out_in();
+        if e >= experts || start + rows > out {
             return Err(Error::ShapeMismatch {
                 layer: self.key.clone(),
-                what: "expert index".to_string(),
-                expected: format!("< {experts} experts"),
-                got: e.to_string(),
+                what: "expert and rows of the weight change".to_string(),
+                expected: format!("an expert < {experts}, rows within {out}"),
+                got: format!("expert {e}, rows {start}..{}", start + rows),
             });
         }
         let r = self.rank;
-        let out = self.lora_b.dim(0)?;
-        let a = self.lora_a.narrow(0, e * r, r)?.to_dtype(DType::F32)?;
         let b = self
             .lora_b
-            .reshape((out, r, experts))?
+            .narrow(0, start, rows)?
+            .reshape((rows, r, experts))?
             .narrow(2, e, 1)?
-            .squeeze(2)?
-            .to_dtype(DType::F32)?;
-        Ok((b.matmul(&a)? * self.scaling)?)
+            .squeeze(2)?;
+        let pair = LowRankPair {
+            a: Factor::Frozen(self.lora_a.narrow(0, e * r, r)?),
+            b: Factor::Frozen(b),
+        };
+        Ok((pair.product()?.to_dtype(DType::F32)? * self.scaling)?)
     }
 }

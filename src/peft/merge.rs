@@ -607,7 +607,8 @@ impl MergeJob<'_, '_> {
         let Some(lora) = self.parameters.get(&(part.module, part.param)) else {
             return Ok(None);
         };
-        let delta = lora.delta(part.expert)?;
+        let (start, rows) = part.rows.range(lora.out_in().0);
+        let delta = lora.delta_rows(part.expert, start, rows)?;
         let key = lora.key().to_string();
         let Some(weight) = self.read_f32(&tensor.name)? else {
             return Err(Error::checkpoint(
@@ -619,8 +620,7 @@ impl MergeJob<'_, '_> {
                 ),
             ));
         };
-        let (start, rows) = part.rows.range(delta.dim(0)?);
-        Ok(Some((weight + delta.narrow(0, start, rows)?)?))
+        Ok(Some((weight + delta)?))
     }
 
     /// Merges the module `tensor` belongs to (`<path>.weight` / `<path>.bias`) if the plan
@@ -854,7 +854,7 @@ fn parameter_loras(
                     ),
                 ));
             };
-            let (out, inp) = lora.delta(0)?.dims2()?;
+            let (out, inp) = lora.out_in();
             let experts = parts.iter().map(|(e, _, _)| e + 1).max().unwrap_or(0);
             for (e, rows, shape) in parts {
                 let (_, n) = rows.range(out);

@@ -453,35 +453,50 @@ fn gemma3_sequence_classifier_gives_transformers_and_peft_logits() {
     // Gemma3ForSequenceClassification (pad id in text_config) on a batch with a
     // left-padded row, and its PEFT SEQ_CLS LoRA (q_proj / v_proj of both towers, `score`
     // in modules_to_save): the vision tower's modules set aside.
-    let dir = case();
-    let io = load(&dir.join("cls_logits.safetensors"));
-    let (ids, mask) = (&io["input_ids"], &io["attention_mask"]);
-    let dev = Device::Cpu;
-    let model = LlamaForSequenceClassification::from_pretrained(
-        dir.join("cls"),
-        DType::F32,
-        &dev,
-        &no_adapter(),
-    )
-    .unwrap();
+    let (model, plan) = check_classifier_fixture(&case(), "gemma3_mm classifier");
     assert_eq!(model.pad_token_id(), Some(0));
     // What a classifier trained on it saves as exclude_modules.
     assert_eq!(
         model.modules_not_built(),
         ["model.vision_tower", "model.multi_modal_projector"]
     );
-    let got = model.forward(ids, Some(mask)).unwrap();
-    check(&got, &io["logits"], TOL, "gemma3_mm classifier");
-    let plan = peft_plan(&dir.join("cls_lora"));
-    let model =
-        LlamaForSequenceClassification::from_pretrained(dir.join("cls"), DType::F32, &dev, &plan)
-            .unwrap();
-    plan.finish().unwrap();
     let aside = plan.set_aside_modules();
     assert!(
         aside.len() == 2 && aside.iter().all(|p| p.starts_with("model.vision_tower.")),
         "{aside:?}"
     );
-    let got = model.forward(ids, Some(mask)).unwrap();
-    check(&got, &io["lora_logits"], TOL, "gemma3_mm classifier lora");
+}
+
+/// Checks the classifier fixture of the case folder `dir` (`cls`, `cls_lora`,
+/// `cls_logits.safetensors`: transformers' logits on a batch with a left-padded row, and
+/// PEFT's with its SEQ_CLS LoRA) and returns the plain classifier and the LoRA's finished
+/// plan for more checks.
+pub(crate) fn check_classifier_fixture(
+    dir: &std::path::Path,
+    what: &str,
+) -> (LlamaForSequenceClassification, lorakit::model::AdapterPlan) {
+    let io = load(&dir.join("cls_logits.safetensors"));
+    let (ids, mask) = (&io["input_ids"], &io["attention_mask"]);
+    let classifier = |plan: &lorakit::model::AdapterPlan| {
+        LlamaForSequenceClassification::from_pretrained(
+            dir.join("cls"),
+            DType::F32,
+            &Device::Cpu,
+            plan,
+        )
+        .unwrap()
+    };
+    let model = classifier(&no_adapter());
+    check(
+        &model.forward(ids, Some(mask)).unwrap(),
+        &io["logits"],
+        TOL,
+        what,
+    );
+    let plan = peft_plan(&dir.join("cls_lora"));
+    let adapted = classifier(&plan);
+    plan.finish().unwrap();
+    let got = adapted.forward(ids, Some(mask)).unwrap();
+    check(&got, &io["lora_logits"], TOL, &format!("{what} lora"));
+    (model, plan)
 }

@@ -8,7 +8,7 @@ use std::fs;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use lorakit::models::llama::{LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification};
+use lorakit::models::llama::{LlamaConfig, LlamaForCausalLM};
 use lorakit::peft::PeftAdapter;
 
 use lorakit::finetune::{AdapterRecipe, TrainConfig, Trainer};
@@ -17,6 +17,7 @@ use lorakit::Variant;
 use serde_json::json;
 
 use crate::checkpoint_merge::{assert_matches, merged_tensors};
+use crate::models_gemma3_multimodal::check_classifier_fixture;
 use crate::models_llama::{build, check, logits, models, peft_plan};
 use crate::peft_common::{load, rel_err, temp_dir, TempDir};
 
@@ -39,8 +40,8 @@ fn adapters_on_experts_and_router_give_peft_logits_unmerged_and_merged() {
         check(&logits(&model, ids), want, TOL, &format!("{case} experts"));
         assert!(rel_err(want, &io["logits"]) > 1e-2 && rel_err(want, &io["lora_logits"]) > 1e-2);
 
-        // Without the parameters' LoRAs (the attention's alone) the logits differ: they
-        // were applied.
+        // With target_parameters emptied the parameters' tensors are left unused: the
+        // model takes them only as what the config names.
         let key = ("target_parameters", serde_json::json!([]));
         let tmp = edited_adapter(&dir.join("experts"), key, &format!("moe-none-{case}"));
         let plan = PeftAdapter::load(&*tmp, &Device::Cpu)
@@ -213,12 +214,6 @@ fn a_router_loss_config_keeps_its_logits_and_refuses_losses() {
     assert_eq!(c.moe.as_ref().unwrap().router_aux_loss_coef, Some(0.001));
     let io = load(&dir.join("logits.safetensors"));
     let ids = &io["input_ids"];
-    check(
-        &logits(&model, ids),
-        &io["logits"],
-        TOL,
-        "qwen3_moe, output_router_logits",
-    );
     let mask = Tensor::ones(ids.dims(), DType::F32, &Device::Cpu).unwrap();
     let err = model.loss_sum(ids, &mask).unwrap_err().to_string();
     assert!(err.contains("output_router_logits"), "{err}");
@@ -243,22 +238,7 @@ fn moe_sequence_classifier_gives_transformers_and_peft_logits() {
     // through the router and experts too), and its PEFT SEQ_CLS LoRA (q_proj / v_proj,
     // `score` in modules_to_save).
     let dir = models("qwen3_moe");
-    let io = load(&dir.join("cls_logits.safetensors"));
-    let (ids, mask) = (&io["input_ids"], &io["attention_mask"]);
-    let dev = Device::Cpu;
-    let none = crate::models_llama::no_adapter();
-    let model =
-        LlamaForSequenceClassification::from_pretrained(dir.join("cls"), DType::F32, &dev, &none)
-            .unwrap();
-    let got = model.forward(ids, Some(mask)).unwrap();
-    check(&got, &io["logits"], TOL, "qwen3_moe classifier");
-    let plan = peft_plan(&dir.join("cls_lora"));
-    let model =
-        LlamaForSequenceClassification::from_pretrained(dir.join("cls"), DType::F32, &dev, &plan)
-            .unwrap();
-    plan.finish().unwrap();
-    let got = model.forward(ids, Some(mask)).unwrap();
-    check(&got, &io["lora_logits"], TOL, "qwen3_moe classifier lora");
+    check_classifier_fixture(&dir, "qwen3_moe classifier");
 }
 
 #[test]
@@ -270,12 +250,6 @@ fn mixtral_router_jitter_applies_in_training_mode_only() {
     let (_tmp, config, model) = with_config_key("mixtral", key, "moe-jitter");
     let io = load(&dir.join("logits.safetensors"));
     let ids = &io["input_ids"];
-    check(
-        &logits(&model, ids),
-        &io["logits"],
-        TOL,
-        "mixtral, jitter, eval",
-    );
     let train = |m: &LlamaForCausalLM| m.forward_t(ids, true).unwrap();
     let (a, b) = (train(&model), train(&model));
     assert!(
@@ -306,8 +280,9 @@ fn mixtral_router_jitter_applies_in_training_mode_only() {
     assert!(err.contains("router_jitter_noise"), "{err}");
 }
 
-/// The fixture `case`'s base with its config's `key` set to `value`: the temp folder `name`
-/// holding the edited config.json, its path, and the model built from it.
+/// The fixture `case`'s base with its config's `key` set to `value` (a key that changes
+/// training only): the temp folder `name` holding the edited config.json, its path, and
+/// the model built from it, checked to give the fixture's evaluation logits.
 fn with_config_key(
     case: &str,
     (key, value): (&str, serde_json::Value),
@@ -322,5 +297,8 @@ fn with_config_key(
     fs::write(&config, json.to_string()).unwrap();
     let none = crate::models_llama::no_adapter();
     let model = build(&config, &dir.join("base"), DType::F32, &none);
+    let io = load(&dir.join("logits.safetensors"));
+    let what = format!("{case} with {key}, evaluation");
+    check(&logits(&model, &io["input_ids"]), &io["logits"], TOL, &what);
     (tmp, config, model)
 }

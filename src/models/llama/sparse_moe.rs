@@ -84,9 +84,8 @@ impl SparseMoe {
                       lora: Option<(&ParameterLora, usize, StackedRows)>| {
             let mut weight = vb.get((d_out, d_in), "weight")?;
             if let Some((lora, e, rows)) = lora {
-                let delta = lora.delta(e)?;
-                let (start, n) = rows.range(delta.dim(0)?);
-                let part = delta.narrow(0, start, n)?.to_dtype(weight.dtype())?;
+                let (start, n) = rows.range(lora.out_in().0);
+                let part = lora.delta_rows(e, start, n)?.to_dtype(weight.dtype())?;
                 weight = (weight + part)?;
             }
             plan.frozen_linear(&vb.prefix(), FrozenLinear::new(weight, None)?)
@@ -238,7 +237,7 @@ fn check_parameter_lora(
     experts: usize,
     (out, inp): (usize, usize),
 ) -> Result<()> {
-    let got = (lora.experts(), lora.delta(0)?.dims2()?);
+    let got = (lora.experts(), lora.out_in());
     if got == (experts, (out, inp)) {
         return Ok(());
     }
