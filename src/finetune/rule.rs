@@ -33,7 +33,7 @@ impl Rule {
     /// variant (LoRA+ trains LoRA layers).
     pub fn new(recipe: &AdapterRecipe, set: &AdaptedSet, config: &TrainConfig) -> Result<Self> {
         let layers: Vec<Shared<dyn Adapter>> = set.layers().into_iter().map(|(_, l)| l).collect();
-        check_layers(recipe.variant, &set.layers())?;
+        check_layers(recipe.variant, set)?;
         let optimizer = optimizer(recipe, set, config)?;
         let mut hooks: Vec<Box<dyn StepHook + Send>> = Vec::new();
         let mut allocator = None;
@@ -107,8 +107,9 @@ pub(crate) fn optimizer(
 
 /// Every adapted layer is of the recipe's variant (LoRA+ trains LoRA layers), so a model
 /// built with another plan is caught before training.
-fn check_layers(variant: Variant, layers: &[(String, Shared<dyn Adapter>)]) -> Result<()> {
-    if layers.is_empty() {
+fn check_layers(variant: Variant, set: &AdaptedSet) -> Result<()> {
+    let layers = set.layers();
+    if layers.is_empty() && set.stacked_loras().is_empty() {
         return Err(Error::settings(
             "training",
             "adapters",
@@ -119,7 +120,7 @@ fn check_layers(variant: Variant, layers: &[(String, Shared<dyn Adapter>)]) -> R
         Variant::LoraPlus => Variant::Lora,
         v => v,
     };
-    for (path, layer) in layers {
+    for (path, layer) in &layers {
         let kind = layer.read().kind();
         if kind != expected {
             return Err(Error::settings(

@@ -397,16 +397,18 @@ impl<'m, T: Task> Trainer<'m, T> {
     /// ([`Task::peft_settings`]): `task_type` (`CAUSAL_LM`, `SEQ_CLS`),
     /// `base_model_name_or_path` (the folder the model was loaded from, when known; PEFT's
     /// `AutoPeftModelFor…` classes read the base model from it), and `fan_in_fan_out` when
-    /// the adapted layers are Conv1D (GPT-2), whose weights are stored `(in, out)`; for
-    /// `all-linear` on a model where PEFT's would also adapt parameters (a mixture of
-    /// experts' experts and router), the adapted modules' names instead.
+    /// the adapted layers are Conv1D (GPT-2), whose weights are stored `(in, out)`. On a
+    /// model where PEFT converts `target_modules` into LoRAs on parameters (a mixture of
+    /// experts' experts and router), the config says what was trained as PEFT saves it:
+    /// the adapted modules' names in place of `all-linear`, and the LoRAs on parameters
+    /// ([`PeftConfig::with_parameter_loras`]).
     pub fn peft_config(&self) -> Result<PeftConfig> {
         let mut config = self.recipe.peft_config(self.config.max_steps)?;
         for (key, value) in self.task.peft_settings() {
             config = config.with_setting(key, value)?;
         }
-        // PEFT's `all-linear` would add LoRA on the experts, which this adapter has not:
-        // name the modules it has.
+        // PEFT reads `all-linear` on such a model as the experts too (a variant other than
+        // LoRA has none): name the modules.
         let all_linear = config.raw.get("target_modules") == Some(&json!("all-linear"));
         if all_linear && self.task.peft_all_linear_adds_parameters() {
             let names: BTreeSet<String> = self
@@ -417,6 +419,7 @@ impl<'m, T: Task> Trainer<'m, T> {
                 .collect();
             config = config.with_setting("target_modules", json!(names))?;
         }
+        config = config.with_parameter_loras(&self.adapters)?;
         let conv1d = self
             .adapters
             .layers()

@@ -6,6 +6,7 @@ use std::sync::{Arc, RwLock};
 
 use crate::adapter::{Adapter, NamedVar};
 use crate::error::{Error, Result};
+use crate::model::stacked_lora::StackedLora;
 use crate::model::trainable_base::TrainableBase;
 use crate::shared::Shared;
 
@@ -14,6 +15,7 @@ struct Inner {
     layers: RwLock<Vec<(String, Shared<dyn Adapter>)>>,
     trainable_bases: RwLock<Vec<(String, Arc<TrainableBase>)>>,
     trainable_tensors: RwLock<Vec<ModelVar>>,
+    stacked: RwLock<Vec<Arc<StackedLora>>>,
     frozen_params: AtomicUsize,
 }
 
@@ -160,6 +162,40 @@ impl AdaptedSet {
         Ok(())
     }
 
+    /// Registers a LoRA on a stacked parameter (a mixture of experts' experts or router);
+    /// a parameter registered twice is an error.
+    pub fn insert_stacked(&self, lora: Arc<StackedLora>) -> Result<()> {
+        let mut stacked = self.0.stacked.write().unwrap_or_else(|e| e.into_inner());
+        if stacked.iter().any(|l| l.key() == lora.key()) {
+            return Err(Error::layer_config(
+                lora.key().to_string(),
+                "target_parameters",
+                "this parameter was adapted twice".to_string(),
+            ));
+        }
+        stacked.push(lora);
+        Ok(())
+    }
+
+    /// The LoRAs on stacked parameters, in build order (they are not among
+    /// [`AdaptedSet::layers`], which are the adapted modules).
+    pub fn stacked_loras(&self) -> Vec<Arc<StackedLora>> {
+        self.0
+            .stacked
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Every adapter layer: the adapted modules, then the experts' layers of the LoRAs on
+    /// stacked parameters.
+    fn every_layer(&self) -> Vec<Shared<dyn Adapter>> {
+        let modules = self.layers().into_iter().map(|(_, l)| l);
+        modules
+            .chain(self.stacked_loras().iter().flat_map(|s| s.layers()))
+            .collect()
+    }
+
     /// The trainable tensors of modules the model builds itself, in build order.
     pub fn trainable_tensors(&self) -> Vec<ModelVar> {
         self.0
@@ -204,7 +240,8 @@ impl AdaptedSet {
             .map(|(_, l)| l)
     }
 
-    /// Number of adapted layers.
+    /// Number of adapted modules (the LoRAs on stacked parameters are
+    /// [`AdaptedSet::stacked_loras`]).
     pub fn len(&self) -> usize {
         self.0
             .layers
@@ -213,16 +250,17 @@ impl AdaptedSet {
             .len()
     }
 
-    /// Whether no layer is adapted.
+    /// Whether no module is adapted (see [`AdaptedSet::len`]).
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Merges every layer that is not merged yet. On an error, the layers merged by this
-    /// call are unmerged again before the error is returned.
+    /// Merges every layer that is not merged yet (the experts' layers of LoRAs on stacked
+    /// parameters too). On an error, the layers merged by this call are unmerged again
+    /// before the error is returned.
     pub fn merge_all(&self, safe: bool) -> Result<()> {
         let mut done: Vec<Shared<dyn Adapter>> = Vec::new();
-        for (_, layer) in self.layers() {
+        for layer in self.every_layer() {
             if layer.read().is_merged() {
                 continue;
             }
@@ -240,7 +278,7 @@ impl AdaptedSet {
 
     /// Unmerges every merged layer.
     pub fn unmerge_all(&self) -> Result<()> {
-        for (_, layer) in self.layers() {
+        for layer in self.every_layer() {
             if layer.read().is_merged() {
                 layer.write().unmerge()?;
             }
@@ -250,7 +288,7 @@ impl AdaptedSet {
 
     /// Enables or disables every adapter (disabled layers output the base alone).
     pub fn set_enabled(&self, enabled: bool) {
-        for (_, layer) in self.layers() {
+        for layer in self.every_layer() {
             layer.read().set_enabled(enabled);
         }
         for (_, module) in self.trainable_bases() {
@@ -260,14 +298,15 @@ impl AdaptedSet {
 
     /// Sets the mode `Module::forward` runs in for every layer.
     pub fn set_training(&self, train: bool) {
-        for (_, layer) in self.layers() {
+        for layer in self.every_layer() {
             layer.read().set_training(train);
         }
     }
 
-    /// Every trainable variable with its layer path and role (the adapted layers', then the
-    /// trainable base modules'); a variable shared by several layers is listed once (under
-    /// the first).
+    /// Every trainable variable with its layer path and role (the adapted layers', the
+    /// trainable base modules', the model's own trainable tensors, then the LoRAs on
+    /// stacked parameters', under their PEFT module paths); a variable shared by several
+    /// layers is listed once (under the first).
     pub fn trainable_vars(&self) -> Vec<ModelVar> {
         let mut seen = HashSet::new();
         let mut out = Vec::new();
@@ -283,7 +322,11 @@ impl AdaptedSet {
             .trainable_tensors()
             .into_iter()
             .map(|v| (v.layer, vec![v.var]));
-        for (path, vars) in adapted.chain(bases).chain(tensors) {
+        let stacked = self
+            .stacked_loras()
+            .into_iter()
+            .map(|s| (s.wrapper_path().to_string(), s.named_vars()));
+        for (path, vars) in adapted.chain(bases).chain(tensors).chain(stacked) {
             for var in vars {
                 if seen.insert(var.var.as_tensor().id()) {
                     out.push(ModelVar {
@@ -320,6 +363,7 @@ impl AdaptedSet {
                     .iter()
                     .map(|(_, m)| m.original().num_params()),
             )
+            .chain(self.stacked_loras().iter().map(|s| s.num_base_params()))
             .sum();
         ParamCounts {
             trainable,

@@ -12,6 +12,7 @@ mod parameter_lora;
 pub mod plan;
 pub mod quantize;
 mod slot;
+mod stacked_lora;
 pub mod target;
 pub mod trainable_base;
 
@@ -23,6 +24,7 @@ pub use plan::{
     Linear, MergedModule,
 };
 pub use quantize::{Quantize, QuantizedSource};
+pub use stacked_lora::{ParameterTargets, StackedLora, StackedParameter};
 pub use target::{
     FullRegex, LayerFilter, ModuleSelector, ModuleSettings, Pattern, RankAlpha, TargetSpec,
 };

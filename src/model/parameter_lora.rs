@@ -16,8 +16,8 @@ use crate::low_rank::{Factor, LowRankPair};
 /// PEFT computes the adapted forward with the changed weight (a parametrization), so
 /// folding the change into the weight gives its outputs; lorakit folds it in when a model
 /// is built ([`crate::model::AdapterPlan::parameter_lora`]), and `lorakit merge` adds it to
-/// the checkpoint's per-expert tensors: these adapters load for inference and merging, not
-/// for training.
+/// the checkpoint's per-expert tensors: a loaded adapter's LoRAs on parameters serve
+/// inference and merging. Fresh ones train as [`crate::model::StackedLora`]s.
 ///
 /// ```
 /// use candle_core::{Device, Tensor};

@@ -12,6 +12,7 @@ use crate::error::Result;
 use crate::frozen::{BaseKind, FrozenLinear};
 use crate::low_rank::trainable_var;
 use crate::model::adapted_set::AdaptedSet;
+use crate::model::stacked_lora::{ParameterTargets, StackedLora, StackedParameter};
 use crate::model::target::{ModuleSettings, RankAlpha, TargetSpec};
 use crate::model::trainable_base::{BiasMode, TrainableBase};
 use crate::model::ParameterLora;
@@ -142,6 +143,8 @@ pub struct AdapterPlan {
     /// becomes a slot registered there.
     slots: Option<Arc<dyn SlotRegistry>>,
     quantize: Option<Quantize>,
+    /// The stacked parameters fresh LoRAs adapt ([`AdapterPlan::with_parameter_targets`]).
+    parameters: Option<ParameterTargets>,
     /// The adapter's modules under prefixes the model does not have
     /// ([`AdapterPlan::set_aside`]).
     aside: Arc<Mutex<Vec<String>>>,
@@ -211,6 +214,7 @@ impl AdapterPlan {
             set: AdaptedSet::new(),
             slots: None,
             quantize: None,
+            parameters: None,
             aside: Arc::default(),
         }
     }
@@ -308,6 +312,52 @@ impl AdapterPlan {
         self.quantize.as_ref()
     }
 
+    /// Trains fresh LoRAs on the stacked parameters `parameters` selects (see
+    /// [`ParameterTargets`] and [`AdapterPlan::stacked_loras`]); [`AdapterPlan::lora`] sets
+    /// it with no explicit names, and [`PeftConfig::fresh_plan`](crate::peft::PeftConfig::fresh_plan)
+    /// with the config's `target_parameters`.
+    pub fn with_parameter_targets(mut self, parameters: ParameterTargets) -> Self {
+        self.parameters = Some(parameters);
+        self
+    }
+
+    /// The stacked parameters fresh LoRAs adapt, if any.
+    pub fn parameter_targets(&self) -> Option<&ParameterTargets> {
+        self.parameters.as_ref()
+    }
+
+    /// Fresh, trainable LoRAs on the stacked parameters `params` of the module at `module`
+    /// (`model.layers.0.mlp.experts`, in the order the module registers them) that the
+    /// plan's [`ParameterTargets`] select, registered in the plan's set; `None` for the
+    /// others, and for every one under a plan without parameter targets (a loaded adapter
+    /// gives its LoRAs on parameters through [`AdapterPlan::parameter_lora`]) or built for
+    /// named adapters. The model builds each expert's layer with
+    /// [`StackedLora::expert_layer`] over [`AdapterPlan::quantized_base`].
+    pub fn stacked_loras(
+        &self,
+        module: &str,
+        params: &[StackedParameter],
+    ) -> Result<Vec<Option<Arc<StackedLora>>>> {
+        let targets = match &self.parameters {
+            Some(targets) if self.slots.is_none() => targets,
+            _ => return Ok(vec![None; params.len()]),
+        };
+        let loras = targets.build(module, params, &self.targets, &self.ranks, &self.adapter_vb)?;
+        for lora in loras.iter().flatten() {
+            self.set.insert_stacked(lora.clone())?;
+        }
+        Ok(loras)
+    }
+
+    /// `base`, the module at `path`, quantized when the plan's quantize-on-load settings
+    /// apply to it.
+    pub fn quantized_base(&self, path: &str, base: FrozenLinear) -> Result<FrozenLinear> {
+        match &self.quantize {
+            Some(q) => q.apply(path, base),
+            None => Ok(base),
+        }
+    }
+
     /// A plan that gives every target a fresh layer of type `L` (any variant's layer), built
     /// by `L::new(base, &config, vb)` with the module's rank and alpha applied to `config`
     /// ([`AdapterLayer::config_for_module`]).
@@ -351,14 +401,19 @@ impl AdapterPlan {
         Self::new(targets, ranks, adapter_vb, factory)
     }
 
-    /// [`AdapterPlan::of`] with [`LoraLinear`] (also the layer LoRA+ trains).
+    /// [`AdapterPlan::of`] with [`LoraLinear`] (also the layer LoRA+ trains), which also
+    /// trains LoRAs on the stacked parameters of a mixture of experts where PEFT's LoRA
+    /// does ([`ParameterTargets`]: on Mixtral, Qwen3-MoE and OLMoE, `all-linear` or the
+    /// experts' and router's former module names adapt the experts and the router).
     pub fn lora(
         targets: TargetSpec,
         ranks: RankAlpha,
         config: LoraConfig,
         adapter_vb: VarBuilder<'static>,
     ) -> Self {
+        let parameters = ParameterTargets::new(Vec::new(), config.clone());
         Self::of::<LoraLinear>(targets, ranks, config, adapter_vb)
+            .with_parameter_targets(parameters)
     }
 
     /// [`AdapterPlan::of`] with [`LoraFaLinear`].
@@ -447,10 +502,7 @@ impl AdapterPlan {
     /// With quantize-on-load settings ([`AdapterPlan::with_quantize`]), the base is
     /// quantized first when they apply to it.
     pub fn adapt(&self, path: &str, base: FrozenLinear) -> Result<Linear> {
-        let base = match &self.quantize {
-            Some(q) => q.apply(path, base)?,
-            None => base,
-        };
+        let base = self.quantized_base(path, base)?;
         if let Some(slots) = &self.slots {
             return slots.add_slot(path, base);
         }
@@ -471,9 +523,10 @@ impl AdapterPlan {
         }
     }
 
-    /// A linear layer at `path` that no adapter may target: a mixture-of-experts model's
-    /// router and experts, which transformers 5 holds as parameters rather than linear
-    /// modules, so PEFT's `target_modules` never reaches them. The plan's quantization
+    /// A linear layer at `path` that no module adapter may target: a mixture-of-experts
+    /// model's router and experts, which transformers 5 holds as parameters rather than
+    /// linear modules, so PEFT's `target_modules` never reaches them (a LoRA on those
+    /// parameters comes through [`AdapterPlan::stacked_loras`]). The plan's quantization
     /// applies to it (QLoRA on the experts, most of such a model's weights), and it counts
     /// as frozen; an adapter's tensors for it stay unused, so
     /// [`finish`](Self::finish) names them.
@@ -499,10 +552,7 @@ impl AdapterPlan {
     /// # Ok(()) }
     /// ```
     pub fn frozen_linear(&self, path: &str, base: FrozenLinear) -> Result<Linear> {
-        let base = match &self.quantize {
-            Some(q) => q.apply(path, base)?,
-            None => base,
-        };
+        let base = self.quantized_base(path, base)?;
         self.set.record_frozen(base.num_params());
         Ok(Linear::Frozen(base))
     }

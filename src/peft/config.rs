@@ -19,6 +19,7 @@ use crate::model::target::{
     FullRegex, LayerFilter, ModuleSelector, Pattern, RankAlpha, TargetSpec,
 };
 use crate::model::trainable_base::BiasMode;
+use crate::model::ParameterTargets;
 use crate::variants::build::{peft_glue, PeftGlue, PeftModule};
 use crate::variants::lora::LoraConfig;
 
@@ -667,8 +668,12 @@ impl PeftConfig {
 
     /// A plan that gives every target a fresh, trainable adapter of this config's type,
     /// with per-module rank and alpha from the config; `init` supplies what the config does
-    /// not say (init scheme, seed). Save the trained set with
-    /// [`save_adapter`](crate::peft::save_adapter) and this config.
+    /// not say (init scheme, seed). A LoRA config also trains LoRAs on the stacked
+    /// parameters of a mixture of experts that PEFT's would (its `target_parameters`, and
+    /// what PEFT's conversion of `target_modules` adds: see
+    /// [`ParameterTargets`]). Save the trained set with
+    /// [`save_adapter`](crate::peft::save_adapter) and this config
+    /// ([`PeftConfig::with_parameter_loras`] names what its conversion added).
     pub fn fresh_plan(
         &self,
         adapter_vb: VarBuilder<'static>,
@@ -677,6 +682,14 @@ impl PeftConfig {
         check_computable(&self.raw, Scope::Settings("PEFT config".into()))?;
         let glue = self.glue()?;
         glue.can_build_fresh()?;
+        // LoRA on the stacked parameters PEFT adapts: `target_parameters`, and those its
+        // conversion of `target_modules` adds on a mixture of experts.
+        let lora = LoraConfig {
+            dropout: self.dropout,
+            use_rslora: self.use_rslora,
+            ..init.clone()
+        };
+        let parameters = ParameterTargets::new(self.target_parameters.clone(), lora);
         let (config, init) = (self.clone(), init.clone());
         let factory = move |path: &str,
                             base: FrozenLinear,
@@ -685,13 +698,17 @@ impl PeftConfig {
               -> Result<crate::Shared<dyn crate::Adapter>> {
             glue.fresh(&config.module(path, s, &init), base, vb)
         };
-        Ok(AdapterPlan::new(
+        let plan = AdapterPlan::new(
             self.targets.clone(),
             self.ranks.clone(),
             adapter_vb,
             factory,
         )
-        .with_bias_mode(self.bias))
+        .with_bias_mode(self.bias);
+        Ok(match self.variant() {
+            Variant::Lora => plan.with_parameter_targets(parameters),
+            _ => plan,
+        })
     }
 
     /// This config with `adapter_config.json`'s `key` set to `value`, parsed again, so every

@@ -11,6 +11,7 @@ pub mod lora_extensions;
 pub mod merge;
 mod merged_config;
 mod module_names;
+mod parameter_config;
 pub mod save;
 mod tied_head;
 pub mod var_builder;

@@ -7,13 +7,16 @@ use std::path::Path;
 use candle_core::Tensor;
 use serde_json::{Map, Value};
 
+use crate::adapter::Variant;
 use crate::error::{Error, Result};
 use crate::frozen::BaseKind;
 use crate::model::adapted_set::AdaptedSet;
 use crate::model::trainable_base::BiasMode;
+use crate::model::StackedLora;
 use crate::peft::config::PeftConfig;
 use crate::peft::load::{CONFIG_FILE, KEY_PREFIX, MODEL_KEY_PREFIX, WEIGHTS_FILE};
 pub use crate::staging::{write_atomic, write_atomic_all_with, write_atomic_with};
+use crate::variants::lora::lora_scale;
 use crate::variants::vera::fit_shared_pair;
 
 /// Serializes named tensors to safetensors bytes (tensors are moved to the CPU).
@@ -78,6 +81,11 @@ pub fn adapter_tensors(set: &AdaptedSet) -> Result<Vec<(String, Tensor)>> {
             out.push((format!("{KEY_PREFIX}{path}.{name}"), t));
         }
     }
+    for lora in set.stacked_loras() {
+        for (name, t) in lora.tensors_to_save()? {
+            out.push((format!("{KEY_PREFIX}{}.{name}", lora.wrapper_path()), t));
+        }
+    }
     for v in set.trainable_tensors() {
         out.push((
             format!("{KEY_PREFIX}{}", v.full_name()),
@@ -95,16 +103,21 @@ pub fn adapter_tensors(set: &AdaptedSet) -> Result<Vec<(String, Tensor)>> {
 /// with the rank and scale the config gives its path (otherwise PEFT would load something
 /// else).
 fn check_consistent(config: &PeftConfig, set: &AdaptedSet) -> Result<()> {
-    if !config.target_parameters.is_empty() {
+    let stacked = set.stacked_loras();
+    if !config.target_parameters.is_empty() && stacked.is_empty() {
         // A loaded LoRA on parameters is folded into the model's weights, not kept as
         // tensors: saving the config without them would make PEFT start them afresh.
         return Err(Error::Unsupported {
-            what: "saving an adapter with LoRA on parameters (target_parameters)",
+            what: "saving an adapter with LoRA on parameters (target_parameters) that the \
+                   model does not train",
             got: config.target_parameters.join(", "),
-            supported: "adapters on modules; lorakit folds a loaded LoRA on parameters into \
-                        the experts and does not save or train it"
+            supported: "LoRAs on parameters that a fresh LoRA plan trains; lorakit folds a \
+                        loaded LoRA on parameters into the experts and does not save it"
                 .to_string(),
         });
+    }
+    for lora in &stacked {
+        check_stacked(config, lora)?;
     }
     let glue = config.glue()?;
     for (path, layer) in set.layers() {
@@ -173,6 +186,39 @@ fn check_consistent(config: &PeftConfig, set: &AdaptedSet) -> Result<()> {
         }
     }
     glue.check_save(&config.raw)
+}
+
+/// Checks that `config` names the stacked parameter `lora` adapts in `target_parameters`,
+/// with its rank and scale (PEFT would otherwise build a different LoRA, or none).
+fn check_stacked(config: &PeftConfig, lora: &StackedLora) -> Result<()> {
+    let key = lora.key();
+    if !config.targets_parameter(key) || config.variant() != Variant::Lora {
+        return Err(Error::layer_config(
+            key,
+            "target_parameters",
+            format!(
+                "the parameter has a LoRA but the config ({}, target_parameters [{}]) does not \
+                 give it one; PeftConfig::with_parameter_loras adds it",
+                config.describe(),
+                config.target_parameters.join(", ")
+            ),
+        ));
+    }
+    let settings = config.ranks.for_module(key);
+    let scale = lora_scale(settings.alpha, settings.r, config.use_rslora);
+    if settings.r != lora.rank() || (scale - lora.scale()).abs() > 1e-9 * scale.abs().max(1.0) {
+        return Err(Error::layer_config(
+            key,
+            "r",
+            format!(
+                "the LoRA has rank {} and scale {}, the config gives rank {} and scale {scale}",
+                lora.rank(),
+                lora.scale(),
+                settings.r
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The options a layer needs from the config: `lora_bias` for a bias on B, a `bias` mode

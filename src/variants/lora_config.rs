@@ -1,7 +1,7 @@
 //! [`LoraConfig`]: the hyper-parameters every LoRA-family layer shares (LoRA, LoRA+,
 //! LoRA-FA, LoRA-drop, Delta-LoRA, DoRA, and LoRA on embeddings), and PEFT's scale.
 
-use candle_core::Tensor;
+use candle_core::{DType, Device, Tensor};
 
 use crate::adapter::Variant;
 use crate::error::Result;
@@ -105,10 +105,26 @@ impl LoraConfig {
 
     /// A freshly initialized `(A, B)` for a `d_in → d_out` layer, as plain tensors.
     pub fn init_pair(&self, layer: &str, base: &FrozenLinear) -> Result<(Tensor, Tensor)> {
-        let (d_in, d_out, r) = (base.d_in(), base.d_out(), self.r);
+        self.init_factors(
+            layer,
+            (base.d_in(), base.d_out()),
+            base.dtype(),
+            base.device(),
+        )
+    }
+
+    /// [`LoraConfig::init_pair`] for a `d_in → d_out` weight of `dtype` on `dev` that is not
+    /// (yet) a layer: an expert's slice of a stacked parameter.
+    pub(crate) fn init_factors(
+        &self,
+        layer: &str,
+        (d_in, d_out): (usize, usize),
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let r = self.r;
         validate::alloc_size(layer, "r", "lora_A", &[r, d_in])?;
         validate::alloc_size(layer, "r", "lora_B", &[d_out, r])?;
-        let (dtype, dev) = (base.dtype(), base.device());
         let mut rng = SeededRng::for_layer(self.seed, layer);
         let a = match self.init {
             LoraInit::Default | LoraInit::BothRandom => {

@@ -147,7 +147,9 @@ fn accumulated_step_equals_pytorch() {
 }
 
 /// Sequences over the tiny model's 64-token vocabulary: counting patterns to learn.
-fn toy_data(n: usize) -> Dataset {
+/// `n` short examples over tokens 3..=58 (any fixture's vocabulary), trained after the
+/// first two tokens.
+pub(crate) fn toy_data(n: usize) -> Dataset {
     let examples = (0..n)
         .map(|i| {
             let start = (i * 5 % 50) as u32 + 3;

@@ -51,6 +51,7 @@ mod models_gemma3_multimodal;
 mod models_gpt2;
 mod models_llama;
 mod models_moe;
+mod models_moe_training;
 mod named_adapters;
 mod named_adapters_train;
 mod numerics;

@@ -88,6 +88,16 @@ pub(crate) fn build(
     LlamaForCausalLM::load(&config, vb, plan).unwrap()
 }
 
+/// The fixture model in the case folder `dir` (its `base`), in `dtype`, built with `plan`.
+pub(crate) fn build_case(dir: &Path, dtype: DType, plan: &AdapterPlan) -> LlamaForCausalLM {
+    build(
+        &dir.join("base/config.json"),
+        &dir.join("base"),
+        dtype,
+        plan,
+    )
+}
+
 pub(crate) fn logits(model: &LlamaForCausalLM, ids: &Tensor) -> Tensor {
     model.forward(ids).unwrap().to_dtype(DType::F32).unwrap()
 }
@@ -1376,7 +1386,7 @@ fn a_batch_row_and_a_prefix_do_not_see_other_rows_or_later_tokens() {
 }
 
 /// Loss = Σ logits ⊙ r for a fixed r.
-fn probe_loss(model: &LlamaForCausalLM, ids: &Tensor, r: &Tensor) -> Tensor {
+pub(crate) fn probe_loss(model: &LlamaForCausalLM, ids: &Tensor, r: &Tensor) -> Tensor {
     (model.forward(ids).unwrap() * r.to_dtype(model.dtype()).unwrap())
         .unwrap()
         .sum_all()
@@ -1386,9 +1396,10 @@ fn probe_loss(model: &LlamaForCausalLM, ids: &Tensor, r: &Tensor) -> Tensor {
 /// A fixture `case` in `dtype` with a fresh LoRA (B = 0) on layer 0's attention projection
 /// `query` (`q_proj`, or Phi-3's `qkv_proj`) and layer 1's down_proj (Qwen2-MoE: its shared
 /// expert's; none in Mixtral, whose layers are all sparse, or in Qwen3-MoE, whose dense
-/// layer takes none): layer 0's adapter lies before
-/// every norm, RoPE and softmax of the model. Returns the model and layer 0's (lora_A,
-/// lora_B).
+/// layer takes none; there and in OLMoE, PEFT's conversion reads `down_proj` as the
+/// experts' stacked `down_proj`, which gets a LoRA too): layer 0's attention adapter lies
+/// before every norm, RoPE and softmax of the model. Returns the model and that adapter's
+/// (lora_A, lora_B).
 fn with_fresh_lora(case: &str, query: &str, dtype: DType) -> (LlamaForCausalLM, Var, Var) {
     let dir = models(case);
     let vars = VarMap::new();
@@ -1418,7 +1429,7 @@ fn with_fresh_lora(case: &str, query: &str, dtype: DType) -> (LlamaForCausalLM, 
     let data = vars.data().lock().unwrap().clone();
     let var = |part: &str| {
         data.iter()
-            .find(|(k, _)| k.starts_with("model.layers.0.") && k.contains(part))
+            .find(|(k, _)| k.starts_with("model.layers.0.self_attn.") && k.contains(part))
             .map(|(_, v)| v.clone())
             .unwrap()
     };
@@ -1462,6 +1473,50 @@ fn gradients_reach_adapters_through_norms_rope_and_softmax() {
     check_gradients("olmoe", "q_proj");
 }
 
+/// Asserts that the backward gradient `g` of [`probe_loss`] (probes `ids`, `r`) with respect
+/// to `var` equals central finite differences at its flat `entries` (`what` names it).
+pub(crate) fn check_finite_differences(
+    model: &LlamaForCausalLM,
+    var: &Var,
+    (ids, r): (&Tensor, &Tensor),
+    g: &[f64],
+    entries: &[usize],
+    what: &str,
+) {
+    let dev = var.device().clone();
+    let values = var
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let shape = var.as_tensor().dims().to_vec();
+    let set = |v: &[f64]| {
+        var.set(&Tensor::from_vec(v.to_vec(), shape.as_slice(), &dev).unwrap())
+            .unwrap()
+    };
+    let h = 1e-5;
+    for &i in entries {
+        let mut p = values.clone();
+        p[i] += h;
+        set(&p);
+        let up = probe_loss(model, ids, r).to_scalar::<f64>().unwrap();
+        p[i] -= 2.0 * h;
+        set(&p);
+        let down = probe_loss(model, ids, r).to_scalar::<f64>().unwrap();
+        set(&values);
+        let fd = (up - down) / (2.0 * h);
+        // The central difference's own error (h² times the third derivative, with random
+        // probes and adapter draws) reached 1.5e-6 once in f64: 1e-5 is still far below
+        // what a wrong gradient gives.
+        assert!(
+            (fd - g[i]).abs() <= 1e-5 * fd.abs().max(1.0),
+            "{what} entry {i}: backward {} vs finite difference {fd}",
+            g[i]
+        );
+    }
+}
+
 /// In f64 (no fused rms_norm there) the backward to a fresh LoRA on layer 0's `query`
 /// projection must equal finite differences; in f32 (fused kernels available) it must
 /// equal the f64 one.
@@ -1482,37 +1537,8 @@ fn check_gradients(case: &str, query: &str) {
     );
     let g = grad_of(&model, &b, &ids, &r);
     assert!(g.iter().any(|v| v.abs() > 1e-3), "zero gradient");
-    let values = b
-        .as_tensor()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
-    let shape = b.as_tensor().dims().to_vec();
-    let set = |v: &[f64]| {
-        b.set(&Tensor::from_vec(v.to_vec(), shape.as_slice(), &dev).unwrap())
-            .unwrap()
-    };
-    let h = 1e-5;
-    for i in [0, 3, values.len() - 1] {
-        let mut p = values.clone();
-        p[i] += h;
-        set(&p);
-        let up = probe_loss(&model, &ids, &r).to_scalar::<f64>().unwrap();
-        p[i] -= 2.0 * h;
-        set(&p);
-        let down = probe_loss(&model, &ids, &r).to_scalar::<f64>().unwrap();
-        set(&values);
-        let fd = (up - down) / (2.0 * h);
-        // The central difference's own error (h² times the third derivative, with random
-        // probes and adapter draws) reached 1.5e-6 once in f64: 1e-5 is still far below
-        // what a wrong gradient gives.
-        assert!(
-            (fd - g[i]).abs() <= 1e-5 * fd.abs().max(1.0),
-            "{case} entry {i}: backward {} vs finite difference {fd}",
-            g[i]
-        );
-    }
+    let last = b.as_tensor().elem_count() - 1;
+    check_finite_differences(&model, &b, (&ids, &r), &g, &[0, 3, last], case);
 
     let (model64, a64, b64) = with_fresh_lora(case, query, DType::F64);
     let (model32, a32, b32) = with_fresh_lora(case, query, DType::F32);

@@ -161,10 +161,11 @@ fn inspect_lists_each_parameter_lora_under_its_key() {
 }
 
 #[test]
-fn an_all_linear_adapter_on_experts_models_is_saved_with_its_modules_named() {
-    // PEFT 0.21's all-linear on Mixtral, Qwen3-MoE and OLMoE adds LoRA on the experts and
-    // the router, which lorakit's does not train: the saved config names the modules it
-    // adapted. On Qwen2-MoE (not in PEFT's conversion table) all-linear stays.
+fn an_all_linear_dora_on_experts_models_is_saved_with_its_modules_named() {
+    // PEFT 0.21 reads all-linear on Mixtral, Qwen3-MoE and OLMoE as LoRA on the experts and
+    // the router too, which only lorakit's LoRA trains (models_moe_training): a DoRA's
+    // saved config names the modules it adapted, with no target_parameters. On Qwen2-MoE
+    // (not in PEFT's conversion table) all-linear stays.
     for (case, want) in [
         ("mixtral", json!(["k_proj", "o_proj", "q_proj", "v_proj"])),
         ("olmoe", json!(["k_proj", "o_proj", "q_proj", "v_proj"])),
@@ -172,11 +173,12 @@ fn an_all_linear_adapter_on_experts_models_is_saved_with_its_modules_named() {
     ] {
         let dir = models(case).join("base");
         let config = LlamaConfig::from_file(&dir).unwrap();
-        let recipe = AdapterRecipe::new(Variant::Lora, 2, 4.0, &["all-linear"]);
+        let recipe = AdapterRecipe::new(Variant::Dora, 2, 4.0, &["all-linear"]);
         let (model, set) = crate::finetune_train::with_recipe(&dir, &config, &recipe);
         let trainer = Trainer::new(&model, set, recipe, TrainConfig::new(1)).unwrap();
         let saved = trainer.peft_config().unwrap();
         assert_eq!(saved.raw["target_modules"], want, "{case}");
+        assert!(saved.target_parameters.is_empty(), "{case}");
         let out = temp_dir(&format!("moe-all-linear-{case}"));
         trainer.save_adapter(&*out).unwrap();
         let plan = peft_plan(&out);

@@ -727,12 +727,14 @@ impl LlamaConfig {
         self.family != LlamaFamily::Qwen3Moe
     }
 
-    /// Whether PEFT 0.21's `all-linear` adds LoRA on parameters for this model: on
-    /// Mixtral, Qwen3-MoE and OLMoE (its conversion table for transformers 5's MoE models,
-    /// which does not cover `qwen2_moe` itself) it adapts the experts' stacked weights and
-    /// the router too, which lorakit does not train. An adapter lorakit trains with
-    /// `all-linear` on such a model is saved with the modules it adapted listed by name,
-    /// so that PEFT loads exactly those.
+    /// Whether PEFT 0.21 converts `target_modules` into LoRAs on parameters for this
+    /// model: on Mixtral, Qwen3-MoE and OLMoE (its conversion table for transformers 5's
+    /// MoE models, which does not cover `qwen2_moe` itself) `all-linear`, and the experts'
+    /// and router's transformers 4 module names, adapt the experts' stacked weights and the
+    /// router. lorakit's LoRA does the same ([`crate::model::ParameterTargets`]); an
+    /// adapter trained with `all-linear` on such a model is saved with the modules it
+    /// adapted listed by name (and its LoRAs on parameters, if any), so that PEFT loads
+    /// exactly those.
     ///
     /// ```
     /// use lorakit::models::llama::LlamaConfig;

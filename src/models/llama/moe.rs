@@ -23,11 +23,14 @@ use crate::error::{Error, Result};
 /// them as parameters, not linear modules. A loaded PEFT LoRA on them (`target_parameters`
 /// `experts.gate_up_proj`, `experts.down_proj`, `gate.weight`, which PEFT 0.21's
 /// `all-linear` adds for Mixtral and Qwen3-MoE) is folded into their weights when the
-/// model is built ([`crate::model::ParameterLora`]), for inference; lorakit does not train
-/// such adapters, and its own `all-linear` adapts the linear modules only (attention, the
-/// shared expert and its gate, the dense layers' MLPs but Qwen3-MoE's:
-/// [`LlamaConfig::dense_mlp_adaptable`](super::LlamaConfig::dense_mlp_adaptable)). `lorakit merge` writes them into the
-/// checkpoint's per-expert tensors ([`crate::checkpoint::stacked_params`]).
+/// model is built ([`crate::model::ParameterLora`]), for inference. A fresh LoRA plan
+/// trains LoRAs on them where PEFT's LoRA would ([`crate::model::ParameterTargets`]: its
+/// `all-linear` on Mixtral, Qwen3-MoE and OLMoE), each expert running as a LoRA layer
+/// ([`crate::model::StackedLora`]); other variants adapt the linear modules only
+/// (attention, the shared expert and its gate, the dense layers' MLPs but Qwen3-MoE's:
+/// [`LlamaConfig::dense_mlp_adaptable`](super::LlamaConfig::dense_mlp_adaptable)).
+/// `lorakit merge` writes them into the checkpoint's per-expert tensors
+/// ([`crate::checkpoint::stacked_params`]).
 ///
 /// ```
 /// use lorakit::models::llama::LlamaConfig;

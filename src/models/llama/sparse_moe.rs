@@ -7,13 +7,15 @@
 //! the routing weights to the layer's input (the chosen experts themselves are a discrete
 //! choice, made on the host from the probabilities).
 
+use std::sync::Arc;
+
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::checkpoint::stacked_params::StackedRows;
 use crate::error::{Error, Result};
 use crate::frozen::FrozenLinear;
-use crate::model::{linear_b, AdapterPlan, Linear, ParameterLora};
+use crate::model::{linear_b, AdapterPlan, Linear, ParameterLora, StackedLora, StackedParameter};
 use crate::models::ops::softmax_last;
 
 use super::config::LlamaConfig;
@@ -67,7 +69,8 @@ impl SparseMoe {
     /// `block_sparse_moe`). A loaded adapter's LoRAs on the router's and the experts'
     /// parameters (PEFT's `target_parameters`, named at transformers 5's
     /// `model.layers.N.mlp.gate.weight`, `….mlp.experts.gate_up_proj` and `…down_proj`)
-    /// are folded into their weights.
+    /// are folded into their weights; a fresh LoRA plan's LoRAs on them
+    /// ([`AdapterPlan::stacked_loras`]) train through each expert's layers.
     pub(crate) fn load(
         c: &LlamaConfig,
         moe: &MoeConfig,
@@ -76,64 +79,110 @@ impl SparseMoe {
     ) -> Result<Self> {
         let h = c.hidden_size;
         let vb = layer.pp(Self::block_name(c.family));
-        let adapter_block = format!("{}.mlp", layer.prefix());
-        // The layer of the weight at `vb`, changed by its part of a LoRA on a stacked
-        // parameter (expert `e`'s `rows`) when there is one.
-        let frozen = |(d_in, d_out): (usize, usize),
-                      vb: VarBuilder,
-                      lora: Option<(&ParameterLora, usize, StackedRows)>| {
-            let mut weight = vb.get((d_out, d_in), "weight")?;
-            if let Some((lora, e, rows)) = lora {
-                let (start, n) = rows.range(lora.out_in().0);
-                let part = lora.delta_rows(e, start, n)?.to_dtype(weight.dtype())?;
-                weight = (weight + part)?;
-            }
-            plan.frozen_linear(&vb.prefix(), FrozenLinear::new(weight, None)?)
-        };
-        let expert_loras = plan.parameter_lora(
-            &format!("{adapter_block}.experts"),
-            &["gate_up_proj", "down_proj"],
-        )?;
-        let (gate_up_lora, down_lora) = (expert_loras.first(), expert_loras.get(1));
-        let (gate_up_lora, down_lora) = (
-            gate_up_lora.and_then(Option::as_ref),
-            down_lora.and_then(Option::as_ref),
-        );
         let width = moe.expert_intermediate_size;
-        for (lora, shape) in [(gate_up_lora, (2 * width, h)), (down_lora, (h, width))] {
+        let adapter_block = format!("{}.mlp", layer.prefix());
+        let (experts_module, router_module) = (
+            format!("{adapter_block}.experts"),
+            format!("{adapter_block}.gate"),
+        );
+        let (_, [gate, up, down]) = expert_names(c.family);
+        // The transformers 4 modules PEFT's conversion of `target_modules` maps to each
+        // parameter, on the models it converts.
+        let converted = |parent: &str, names: &[&str]| -> Vec<String> {
+            match c.peft_all_linear_adds_parameters() {
+                true => names.iter().map(|n| format!("{parent}.{n}")).collect(),
+                false => Vec::new(),
+            }
+        };
+        let stacked = |name, peft_entry, converted_from, experts, out_in, parts| StackedParameter {
+            name,
+            peft_entry,
+            converted_from,
+            experts,
+            out_in,
+            parts,
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        };
+        let e = moe.num_experts;
+        let expert_params = [
+            stacked(
+                "gate_up_proj",
+                "gate_up_proj",
+                converted(&experts_module, &[gate, up]),
+                e,
+                (2 * width, h),
+                vec![StackedRows::Gate, StackedRows::Up],
+            ),
+            stacked(
+                "down_proj",
+                "down_proj",
+                converted(&experts_module, &[down]),
+                e,
+                (h, width),
+                vec![StackedRows::All],
+            ),
+        ];
+        let router_param = stacked(
+            "weight",
+            "gate.weight",
+            converted(&adapter_block, &["gate"]),
+            1,
+            (e, h),
+            vec![StackedRows::All],
+        );
+        let names: Vec<&str> = expert_params.iter().map(|p| p.name).collect();
+        let loaded = plan.parameter_lora(&experts_module, &names)?;
+        let trained = plan.stacked_loras(&experts_module, &expert_params)?;
+        for (lora, param) in loaded.iter().zip(&expert_params) {
             if let Some(lora) = lora {
-                check_parameter_lora(lora, moe.num_experts, shape)?;
+                check_parameter_lora(lora, param.experts, param.out_in)?;
             }
         }
-        let (_, [gate, up, down]) = expert_names(c.family);
-        let experts = (0..moe.num_experts)
+        let lora_of = |i: usize, e: usize, rows: StackedRows, part: usize| {
+            WeightLora::of(
+                loaded.get(i).and_then(Option::as_ref),
+                trained.get(i).and_then(Option::as_ref),
+                (e, rows, part),
+            )
+        };
+        let experts = (0..e)
             .map(|e| {
                 let vb = vb.pp(format!("experts.{e}"));
                 let gate_up = GateUpProjection::Separate {
-                    gate: frozen(
+                    gate: expert_linear(
+                        plan,
                         (h, width),
                         vb.pp(gate),
-                        gate_up_lora.map(|l| (l, e, StackedRows::Gate)),
+                        lora_of(0, e, StackedRows::Gate, 0),
                     )?,
-                    up: frozen(
+                    up: expert_linear(
+                        plan,
                         (h, width),
                         vb.pp(up),
-                        gate_up_lora.map(|l| (l, e, StackedRows::Up)),
+                        lora_of(0, e, StackedRows::Up, 1),
                     )?,
                 };
-                let down = frozen(
+                let down = expert_linear(
+                    plan,
                     (width, h),
                     vb.pp(down),
-                    down_lora.map(|l| (l, e, StackedRows::All)),
+                    lora_of(1, e, StackedRows::All, 0),
                 )?;
                 Ok(Mlp::new(gate_up, down, c.hidden_act))
             })
             .collect::<Result<Vec<_>>>()?;
-        let router_lora = plan.parameter_lora(&format!("{adapter_block}.gate"), &["weight"])?;
-        let router_lora = router_lora.first().and_then(Option::as_ref);
-        if let Some(lora) = router_lora {
-            check_parameter_lora(lora, 1, (moe.num_experts, h))?;
+        let loaded_router = plan.parameter_lora(&router_module, &["weight"])?;
+        let loaded_router = loaded_router.first().and_then(Option::as_ref);
+        if let Some(lora) = loaded_router {
+            check_parameter_lora(lora, 1, router_param.out_in)?;
         }
+        let trained_router = plan.stacked_loras(&router_module, &[router_param])?;
+        let router_lora = WeightLora::of(
+            loaded_router,
+            trained_router.first().and_then(Option::as_ref),
+            (0, StackedRows::All, 0),
+        );
         let shared = match moe.shared_expert_intermediate_size {
             Some(width) => Some(SharedExpert {
                 mlp: Mlp::load_sized(c, width, vb.pp("shared_expert"), plan)?,
@@ -142,11 +191,7 @@ impl SparseMoe {
             None => None,
         };
         Ok(Self {
-            router: frozen(
-                (h, moe.num_experts),
-                vb.pp("gate"),
-                router_lora.map(|l| (l, 0, StackedRows::All)),
-            )?,
+            router: expert_linear(plan, (h, e), vb.pp("gate"), router_lora)?,
             experts,
             top_k: moe.experts_per_token,
             normalize_top_k: moe.normalize_top_k,
@@ -227,6 +272,57 @@ impl SparseMoe {
             .broadcast_mul(&row_weights.unsqueeze(1)?)?
             .to_dtype(flat.dtype())?;
         Ok(flat.zeros_like()?.index_add(&tokens, &weighted, 0)?)
+    }
+}
+
+/// What changes the weight of an expert's projection (or the router's): a loaded LoRA on
+/// the stacked parameter, folded in (expert `e`'s `rows`), or a fresh one that trains
+/// (expert `e`'s `part`).
+#[derive(Clone, Copy)]
+enum WeightLora<'a> {
+    Frozen,
+    Loaded(&'a ParameterLora, usize, StackedRows),
+    Trained(&'a StackedLora, usize, usize),
+}
+
+impl<'a> WeightLora<'a> {
+    /// Expert `e`'s `rows` (its `part`) of whichever LoRA the parameter has.
+    fn of(
+        loaded: Option<&'a ParameterLora>,
+        trained: Option<&'a Arc<StackedLora>>,
+        (e, rows, part): (usize, StackedRows, usize),
+    ) -> Self {
+        match (loaded, trained) {
+            (Some(lora), _) => Self::Loaded(lora, e, rows),
+            (None, Some(lora)) => Self::Trained(lora, e, part),
+            (None, None) => Self::Frozen,
+        }
+    }
+}
+
+/// The `d_in → d_out` layer of the weight at `vb`: frozen, with a loaded LoRA's change
+/// folded in, or trained through a fresh LoRA's expert layer.
+fn expert_linear(
+    plan: &AdapterPlan,
+    (d_in, d_out): (usize, usize),
+    vb: VarBuilder,
+    lora: WeightLora,
+) -> Result<Linear> {
+    let path = vb.prefix();
+    let mut weight = vb.get((d_out, d_in), "weight")?;
+    if let WeightLora::Loaded(lora, e, rows) = lora {
+        let (start, n) = rows.range(lora.out_in().0);
+        let part = lora.delta_rows(e, start, n)?.to_dtype(weight.dtype())?;
+        weight = (weight + part)?;
+    }
+    let base = FrozenLinear::new(weight, None)?;
+    match lora {
+        WeightLora::Trained(lora, e, part) => Ok(Linear::Adapted(lora.expert_layer(
+            e,
+            part,
+            plan.quantized_base(&path, base)?,
+        )?)),
+        _ => plan.frozen_linear(&path, base),
     }
 }
 
