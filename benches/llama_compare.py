@@ -38,7 +38,7 @@ the pieces a training step is made of, timed alone at the step's shapes (forward
 forward + backward from a fixed random upstream gradient), times their count per step; and a
 `torch.profiler` table of two PyTorch training steps.
 
-    python3 benches/llama_compare.py [--family llama|gemma2|gemma3|olmo2|qwen3_moe] [--quick] [--rounds 3] [--threads 2] [--steps 10]
+    python3 benches/llama_compare.py [--family llama|gemma2|gemma3|olmo2|qwen3_moe|qwen3_moe_experts] [--quick] [--rounds 3] [--threads 2] [--steps 10]
         [--gen-tokens 128] [--lorakit-bin PATH | --no-build] [--no-ops]
         [--markdown FILE] [--json FILE]
 
@@ -51,7 +51,11 @@ transformers runs Gemma 2). `--family olmo2`: the same sizes as OLMo 2 (`Olmo2Fo
 norms after attention and the MLP only, q/k norms over the whole projections), training and
 generation only. `--family qwen3_moe`: Qwen3-MoE at the same sizes (`Qwen3MoeForCausalLM`:
 per-head q/k norms, 8 experts 704 wide, 2 per token, in every layer; QWEN3_MOE_EXTRA), the
-LoRA on q/k/v/o_proj only, training and generation only.
+LoRA on q/k/v/o_proj only, training and generation only. `--family qwen3_moe_experts`: the
+same model with the LoRA on q/k/v/o and gate/up/down_proj, which both PEFT 0.21 and lorakit
+read on qwen3_moe as LoRA on the experts' stacked parameters (`gate_up_proj` at rank 2r,
+`down_proj`): lorakit runs each expert's LoRA through its fused kernel, PEFT's `ParamWrapper`
+adds B·A to every expert's weight on each forward.
 
 `--quick`: one round, 2 timed steps, 32 new tokens, short per-op budgets (a check that
 everything runs, not a measurement).
@@ -90,10 +94,14 @@ GEMMA3_EXTRA = dict(head_dim=64, query_pre_attn_scalar=64, sliding_window=128, s
 # --family qwen3_moe: Qwen3-MoE at the same sizes (examples/llama_speed.rs sets the same keys):
 # head_dim 64, 8 experts 704 wide (half the dense MLP), 2 per token, renormalized; the LoRA on
 # the attention only (PEFT 0.21 reads gate_proj / up_proj / down_proj on qwen3_moe as the
-# experts' parameters).
+# experts' parameters). --family qwen3_moe_experts: the same model with the LoRA on
+# q/k/v/o and gate_proj / up_proj / down_proj, which PEFT 0.21 (and lorakit's LoRA) turns into
+# LoRA on the experts' stacked gate_up_proj (rank 2r) and down_proj: PEFT's all-linear on it
+# but the router.
 QWEN3_MOE_EXTRA = dict(head_dim=64, num_experts=8, moe_intermediate_size=704, num_experts_per_tok=2,
                        norm_topk_prob=True)
-FAMILY_NAMES = {"gemma2": "Gemma 2", "gemma3": "Gemma 3", "olmo2": "OLMo 2", "qwen3_moe": "Qwen3-MoE"}
+FAMILY_NAMES = {"gemma2": "Gemma 2", "gemma3": "Gemma 3", "olmo2": "OLMo 2", "qwen3_moe": "Qwen3-MoE",
+                "qwen3_moe_experts": "Qwen3-MoE, LoRA on the experts too"}
 
 
 def family_label(family):
@@ -108,7 +116,7 @@ def family_extra(family):
     """The Gemma keys set besides SHAPE's for `family` (none for llama)."""
     if family in ("llama", "olmo2"):
         return {}
-    if family == "qwen3_moe":
+    if family.startswith("qwen3_moe"):
         return QWEN3_MOE_EXTRA
     return {k: v for k, v in GEMMA3_EXTRA.items() if family == "gemma3" or k != "sliding_window_pattern"}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -157,7 +165,7 @@ def torch_setup(threads, family="llama", seed=0):
     elif family == "olmo2":
         # norms after attention and the MLP only, q/k norms over the whole projections
         model = Olmo2ForCausalLM(Olmo2Config(**SHAPE))
-    elif family == "qwen3_moe":
+    elif family.startswith("qwen3_moe"):
         model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**SHAPE, **family_extra(family)))
     else:
         model = LlamaForCausalLM(LlamaConfig(**SHAPE))  # f32, transformers' init (N(0, 0.02), norms 1)
@@ -718,7 +726,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", choices=["train", "gen", "ops"], help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--family", choices=["llama", "gemma2", "gemma3", "olmo2", "qwen3_moe"], default="llama",
+    ap.add_argument("--family", choices=["llama", "gemma2", "gemma3", "olmo2", "qwen3_moe", "qwen3_moe_experts"], default="llama",
                     help="the architecture at the benchmark's shape (gemma2/3, olmo2: training and generation only)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10, help="timed training steps per process")

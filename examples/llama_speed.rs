@@ -146,7 +146,7 @@ impl Shape {
         });
         if family == Family::Olmo2 {
             json["model_type"] = json!("olmo2");
-        } else if family == Family::Qwen3Moe {
+        } else if family.is_moe() {
             let (experts, width, per_token) = MOE;
             json["model_type"] = json!("qwen3_moe");
             json["head_dim"] = json!(self.head_dim());
@@ -201,6 +201,10 @@ enum Family {
     /// `Qwen3MoeForCausalLM`: Qwen3's attention (per-head q/k norms) and a sparse mixture of
     /// [`MOE`] experts in every layer; LoRA on the attention ([`ATTENTION_TARGETS`]).
     Qwen3Moe,
+    /// [`Family::Qwen3Moe`] with the LoRA on [`TARGETS`], which PEFT 0.21 (and lorakit's
+    /// LoRA) reads on `qwen3_moe` as the attention and the experts' stacked parameters
+    /// (`gate_up_proj` at twice the rank, `down_proj`).
+    Qwen3MoeExperts,
 }
 
 impl Family {
@@ -210,6 +214,11 @@ impl Family {
             Family::Qwen3Moe => &ATTENTION_TARGETS,
             _ => &TARGETS,
         }
+    }
+
+    /// Whether the model is Qwen3-MoE.
+    fn is_moe(self) -> bool {
+        matches!(self, Family::Qwen3Moe | Family::Qwen3MoeExperts)
     }
 }
 
@@ -260,7 +269,7 @@ fn parse_args() -> R<Args> {
         }
         if flag == "-h" || flag == "--help" {
             println!(
-                "llama_speed [--family llama|gemma2|gemma3|olmo2|qwen3_moe] [--mode all|train|gen|ops] [--json] \
+                "llama_speed [--family llama|gemma2|gemma3|olmo2|qwen3_moe|qwen3_moe_experts] [--mode all|train|gen|ops] [--json] \
                  [--steps N] [--warmup N] \
                  [--gen-tokens N] [--gen-rounds N] [--threads N] [--batch N] [--seq N] \
                  [--ops-budget-ms MS] [--seed N]"
@@ -277,9 +286,11 @@ fn parse_args() -> R<Args> {
                     "gemma2" => Family::Gemma2,
                     "olmo2" => Family::Olmo2,
                     "qwen3_moe" => Family::Qwen3Moe,
+                    "qwen3_moe_experts" => Family::Qwen3MoeExperts,
                     other => {
                         return Err(format!(
-                            "--family {other}: llama, gemma2, gemma3, olmo2 or qwen3_moe"
+                            "--family {other}: llama, gemma2, gemma3, olmo2, qwen3_moe or \
+                             qwen3_moe_experts"
                         )
                         .into())
                     }
@@ -302,7 +313,7 @@ fn parse_args() -> R<Args> {
     }
     if a.family != Family::Llama && ["all", "ops"].contains(&a.mode.as_str()) {
         return Err(
-            "--family gemma2/3, olmo2 and qwen3_moe run --mode train or gen (the per-op run is \
+            "--family gemma2/3, olmo2 and qwen3_moe(_experts) run --mode train or gen (the per-op run is \
              Llama's)"
                 .into(),
         );
@@ -420,11 +431,11 @@ fn build(family: Family, seed: u64, dev: &Device) -> R<Built> {
                     format!("model.layers.{i}.self_attn.{name}.weight"),
                     (d_out, d_in),
                 )?,
-                (true, Family::Qwen3Moe) => {}
+                (true, Family::Qwen3Moe | Family::Qwen3MoeExperts) => {}
                 (true, _) => normal(format!("model.layers.{i}.mlp.{name}.weight"), (d_out, d_in))?,
             }
         }
-        if family == Family::Qwen3Moe {
+        if family.is_moe() {
             let (experts, width, _) = MOE;
             normal(
                 format!("model.layers.{i}.mlp.gate.weight"),
@@ -441,14 +452,18 @@ fn build(family: Family, seed: u64, dev: &Device) -> R<Built> {
     // Norms of weight 1 (Gemma's store the offset from 1: 0).
     let mut unit_norm = |name: String, dim: usize| -> R<()> {
         let norm = match family {
-            Family::Llama | Family::Olmo2 | Family::Qwen3Moe => Tensor::ones(dim, DType::F32, dev)?,
+            Family::Llama | Family::Olmo2 | Family::Qwen3Moe | Family::Qwen3MoeExperts => {
+                Tensor::ones(dim, DType::F32, dev)?
+            }
             Family::Gemma2 | Family::Gemma3 => Tensor::zeros(dim, DType::F32, dev)?,
         };
         tensors.insert(name, norm);
         Ok(())
     };
     let norms = match family {
-        Family::Llama | Family::Qwen3Moe => vec!["input_layernorm", "post_attention_layernorm"],
+        Family::Llama | Family::Qwen3Moe | Family::Qwen3MoeExperts => {
+            vec!["input_layernorm", "post_attention_layernorm"]
+        }
         Family::Olmo2 => vec!["post_attention_layernorm", "post_feedforward_layernorm"],
         Family::Gemma2 | Family::Gemma3 => vec![
             "input_layernorm",
@@ -463,7 +478,9 @@ fn build(family: Family, seed: u64, dev: &Device) -> R<Built> {
         }
         // Gemma 3's q/k norms cover a head, OLMo 2's the whole projection.
         let qk_widths = match family {
-            Family::Gemma3 | Family::Qwen3Moe => Some((s.head_dim(), s.head_dim())),
+            Family::Gemma3 | Family::Qwen3Moe | Family::Qwen3MoeExperts => {
+                Some((s.head_dim(), s.head_dim()))
+            }
             Family::Olmo2 => Some((s.hidden, s.kv_heads * s.head_dim())),
             Family::Llama | Family::Gemma2 => None,
         };
@@ -1315,6 +1332,7 @@ fn main() -> R<()> {
                 Family::Gemma3 => "gemma3",
                 Family::Olmo2 => "olmo2",
                 Family::Qwen3Moe => "qwen3_moe",
+                Family::Qwen3MoeExperts => "qwen3_moe_experts",
             },
             "layers": SHAPE.layers, "hidden": SHAPE.hidden, "heads": SHAPE.heads,
             "kv_heads": SHAPE.kv_heads, "mlp": SHAPE.mlp, "vocab": SHAPE.vocab,

@@ -13,11 +13,11 @@ use crate::low_rank::{Factor, LowRankPair};
 /// `lora_A` and `B_e` the columns `j·E + e` of `lora_B` (PEFT's
 /// `ParamWrapper.get_delta_weight`). A 2-D parameter is the case `E = 1`: a plain LoRA.
 ///
-/// PEFT computes the adapted forward with the changed weight (a parametrization), so
-/// folding the change into the weight gives its outputs; lorakit folds it in when a model
-/// is built ([`crate::model::AdapterPlan::parameter_lora`]), and `lorakit merge` adds it to
-/// the checkpoint's per-expert tensors: a loaded adapter's LoRAs on parameters serve
-/// inference and merging. Fresh ones train as [`crate::model::StackedLora`]s.
+/// PEFT computes the adapted forward with the changed weight (a parametrization). A model
+/// built with a loaded adapter runs it as a [`crate::model::StackedLora`] (each expert a
+/// LoRA layer on `A_e`, `B_e`, trainable like the adapter's other layers:
+/// [`crate::model::AdapterPlan::stacked_loras`]); `lorakit merge` adds its change to the
+/// checkpoint's per-expert tensors ([`ParameterLora::delta_rows`]).
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
@@ -38,6 +38,7 @@ use crate::low_rank::{Factor, LowRankPair};
 #[derive(Clone, Debug)]
 pub struct ParameterLora {
     key: String,
+    wrapper_path: String,
     lora_a: Tensor,
     lora_b: Tensor,
     rank: usize,
@@ -74,8 +75,10 @@ impl ParameterLora {
             &[_, cols] if cols == rows => {}
             _ => return Err(shape_error("lora_B", format!("(out, {rows})"), &lora_b)),
         }
+        let module = key.rsplit_once('.').map_or(key, |(module, _)| module);
         Ok(Self {
             key: key.to_string(),
+            wrapper_path: module.to_string(),
             lora_a,
             lora_b,
             rank,
@@ -86,6 +89,28 @@ impl ParameterLora {
     /// The parameter's key (`model.layers.0.mlp.experts.gate_up_proj`).
     pub fn key(&self) -> &str {
         &self.key
+    }
+
+    /// This LoRA stored at PEFT's module path `path` (the parameter's module, under a
+    /// `base_layer` for each parameter of it wrapped after this one).
+    pub fn with_wrapper_path(mut self, path: impl Into<String>) -> Self {
+        self.wrapper_path = path.into();
+        self
+    }
+
+    /// PEFT's module path of its tensors (default: the parameter's module).
+    pub fn wrapper_path(&self) -> &str {
+        &self.wrapper_path
+    }
+
+    /// The rank `r` of each expert's pair.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// The scale of `B_e A_e`.
+    pub fn scaling(&self) -> f64 {
+        self.scaling
     }
 
     /// The number of experts `E` the factors cover (1 for a 2-D parameter).
@@ -104,6 +129,17 @@ impl ParameterLora {
     /// shares ([`LowRankPair::product`]); only those rows are computed (a stacked
     /// `gate_up_proj`'s gate half, say).
     pub fn delta_rows(&self, e: usize, start: usize, rows: usize) -> Result<Tensor> {
+        let (a, b) = self.expert_factors(e, start, rows)?;
+        let pair = LowRankPair {
+            a: Factor::Frozen(a),
+            b: Factor::Frozen(b),
+        };
+        Ok((pair.product()?.to_dtype(DType::F32)? * self.scaling)?)
+    }
+
+    /// Expert `e`'s `A_e` `(r, in)` and rows `start .. start + rows` of its `B_e`
+    /// `(rows, r)`, as stored (the file's dtype).
+    pub fn expert_factors(&self, e: usize, start: usize, rows: usize) -> Result<(Tensor, Tensor)> {
         let experts = self.experts();
         let (out, _) = self.out_in();
         if e >= experts || start + rows > out {
@@ -121,10 +157,6 @@ impl ParameterLora {
             .reshape((rows, r, experts))?
             .narrow(2, e, 1)?
             .squeeze(2)?;
-        let pair = LowRankPair {
-            a: Factor::Frozen(self.lora_a.narrow(0, e * r, r)?),
-            b: Factor::Frozen(b),
-        };
-        Ok((pair.product()?.to_dtype(DType::F32)? * self.scaling)?)
+        Ok((self.lora_a.narrow(0, e * r, r)?, b))
     }
 }

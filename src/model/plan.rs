@@ -326,23 +326,36 @@ impl AdapterPlan {
         self.parameters.as_ref()
     }
 
-    /// Fresh, trainable LoRAs on the stacked parameters `params` of the module at `module`
-    /// (`model.layers.0.mlp.experts`, in the order the module registers them) that the
-    /// plan's [`ParameterTargets`] select, registered in the plan's set; `None` for the
-    /// others, and for every one under a plan without parameter targets (a loaded adapter
-    /// gives its LoRAs on parameters through [`AdapterPlan::parameter_lora`]) or built for
-    /// named adapters. The model builds each expert's layer with
+    /// The trainable LoRAs on the stacked parameters `params` of the module at `module`
+    /// (`model.layers.0.mlp.experts`, in the order the module registers them), registered
+    /// in the plan's set: fresh ones where the plan's [`ParameterTargets`] select them, or
+    /// a loaded adapter's ([`AdapterFactory::parameter_lora`], made
+    /// [`StackedLora::from_loaded`]); `None` for the others (and for every one under a
+    /// fresh plan built for named adapters). The model builds each expert's layer with
     /// [`StackedLora::expert_layer`] over [`AdapterPlan::quantized_base`].
     pub fn stacked_loras(
         &self,
         module: &str,
         params: &[StackedParameter],
     ) -> Result<Vec<Option<Arc<StackedLora>>>> {
-        let targets = match &self.parameters {
-            Some(targets) if self.slots.is_none() => targets,
-            _ => return Ok(vec![None; params.len()]),
+        let loras = match &self.parameters {
+            Some(_) if self.slots.is_some() => return Ok(vec![None; params.len()]),
+            Some(targets) => {
+                targets.build(module, params, &self.targets, &self.ranks, &self.adapter_vb)?
+            }
+            None => {
+                let names: Vec<&str> = params.iter().map(|p| p.name).collect();
+                let loaded = self.factory.parameter_lora(module, &names)?;
+                loaded
+                    .iter()
+                    .zip(params)
+                    .map(|(lora, param)| match lora {
+                        Some(lora) => Ok(Some(Arc::new(StackedLora::from_loaded(lora, param)?))),
+                        None => Ok(None),
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            }
         };
-        let loras = targets.build(module, params, &self.targets, &self.ranks, &self.adapter_vb)?;
         for lora in loras.iter().flatten() {
             self.set.insert_stacked(lora.clone())?;
         }
@@ -731,7 +744,8 @@ impl AdapterPlan {
 
     /// The loaded adapter's LoRA on each of the parameters `registered` of the module at
     /// `path` (PEFT's `target_parameters`; see [`AdapterFactory::parameter_lora`]): a
-    /// mixture-of-experts model folds them into its experts' and router's weights.
+    /// mixture-of-experts model runs them through [`AdapterPlan::stacked_loras`], and
+    /// `lorakit merge` adds them to the checkpoint's per-expert tensors.
     pub fn parameter_lora(
         &self,
         path: &str,

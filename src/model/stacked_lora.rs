@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::frozen::FrozenLinear;
 use crate::low_rank::{trainable_var, Factor, LowRankPair};
 use crate::model::target::{list_entry_matches, ModuleSelector, RankAlpha, TargetSpec};
+use crate::model::ParameterLora;
 use crate::shared::Shared;
 use crate::variants::build::ModuleSettings;
 use crate::variants::{LoraConfig, LoraLinear};
@@ -57,7 +58,8 @@ pub struct ParameterTargets {
     /// PEFT's `target_parameters`: parameter keys or `"." + key` suffixes.
     pub names: Vec<String>,
     /// The init, seed and rsLoRA of the fresh factors (rank and alpha come from the plan's
-    /// [`RankAlpha`]); its dropout must be 0, as PEFT's `ParamWrapper` requires.
+    /// [`RankAlpha`]); its dropout must be 0 and `lora_bias` off, as PEFT's `ParamWrapper`
+    /// requires.
     pub lora: LoraConfig,
 }
 
@@ -92,14 +94,19 @@ impl ParameterTargets {
                 continue;
             };
             let key = format!("{module}.{}", param.name);
-            if self.lora.dropout > 0.0 {
+            let refused = match (self.lora.dropout > 0.0, self.lora.lora_bias) {
+                (true, _) => Some(("lora_dropout", format!("{}", self.lora.dropout))),
+                (false, true) => Some(("lora_bias", "true".to_string())),
+                (false, false) => None,
+            };
+            if let Some((field, value)) = refused {
                 return Err(Error::layer_config(
                     key,
-                    "lora_dropout",
+                    field,
                     format!(
-                        "is {}, but a LoRA on a parameter has no dropout (PEFT refuses it too): \
-                         set it to 0, or name the modules to adapt instead of all-linear",
-                        self.lora.dropout
+                        "is {value}, which a LoRA on a parameter does not take (PEFT refuses it \
+                         too): change it, or name only modules to adapt (not all-linear, nor \
+                         the experts' or router's names)"
                     ),
                 ));
             }
@@ -287,7 +294,66 @@ impl StackedLora {
             }
             b.push(parts);
         }
-        Ok(Self {
+        Ok(Self::assemble(
+            key,
+            wrapper_path,
+            entry,
+            config,
+            param,
+            a,
+            b,
+        ))
+    }
+
+    /// The LoRA a loaded adapter stores for `param` ([`ParameterLora`]: PEFT's factors,
+    /// split per expert and part into variables in the model's dtype, which train like the
+    /// adapter's other layers), at the file's module path.
+    pub fn from_loaded(lora: &ParameterLora, param: &StackedParameter) -> Result<Self> {
+        let got = (lora.experts(), lora.out_in());
+        if got != (param.experts, param.out_in) {
+            return Err(Error::ShapeMismatch {
+                layer: lora.key().to_string(),
+                what: "LoRA on the parameter (experts, (out, in) per expert)".to_string(),
+                expected: format!("({}, {:?})", param.experts, param.out_in),
+                got: format!("{got:?}"),
+            });
+        }
+        let r = lora.rank();
+        // The scale PEFT computed (alpha / r, or rsLoRA's alpha / √r) as alpha / r.
+        let config = LoraConfig::new(r, lora.scaling() * r as f64);
+        config.validate(lora.key())?;
+        let var = |t: Tensor| -> Result<Var> {
+            let t = t.to_dtype(param.dtype)?.to_device(&param.device)?;
+            Ok(Var::from_tensor(&t.contiguous()?)?)
+        };
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for e in 0..param.experts {
+            let mut parts = Vec::with_capacity(param.parts.len());
+            for part in &param.parts {
+                let (start, rows) = part.range(param.out_in.0);
+                let (a_e, b_rows) = lora.expert_factors(e, start, rows)?;
+                if parts.is_empty() {
+                    a.push(var(a_e)?);
+                }
+                parts.push(var(b_rows)?);
+            }
+            b.push(parts);
+        }
+        let (key, wrapper) = (lora.key().to_string(), lora.wrapper_path().to_string());
+        let entry = param.peft_entry.to_string();
+        Ok(Self::assemble(key, wrapper, entry, config, param, a, b))
+    }
+
+    fn assemble(
+        key: String,
+        wrapper_path: String,
+        entry: String,
+        config: LoraConfig,
+        param: &StackedParameter,
+        a: Vec<Var>,
+        b: Vec<Vec<Var>>,
+    ) -> Self {
+        Self {
             key,
             wrapper_path,
             entry,
@@ -297,7 +363,7 @@ impl StackedLora {
             a,
             b,
             layers: Mutex::new(Vec::new()),
-        })
+        }
     }
 
     /// The parameter's key (`model.layers.0.mlp.experts.gate_up_proj`).

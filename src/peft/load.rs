@@ -422,7 +422,9 @@ impl AdapterFactory for LoadedFactory {
             } else {
                 settings.alpha / settings.r as f64
             };
-            let lora = ParameterLora::new(&key, a, b, settings.r, scaling)?;
+            let wrapper = format!("{path}{}", ".base_layer".repeat(chosen.len() - 1 - i));
+            let lora =
+                ParameterLora::new(&key, a, b, settings.r, scaling)?.with_wrapper_path(wrapper);
             if let Some(slot) = registered
                 .iter()
                 .position(|p| p == param)

@@ -105,14 +105,14 @@ pub fn adapter_tensors(set: &AdaptedSet) -> Result<Vec<(String, Tensor)>> {
 fn check_consistent(config: &PeftConfig, set: &AdaptedSet) -> Result<()> {
     let stacked = set.stacked_loras();
     if !config.target_parameters.is_empty() && stacked.is_empty() {
-        // A loaded LoRA on parameters is folded into the model's weights, not kept as
-        // tensors: saving the config without them would make PEFT start them afresh.
+        // The config promises LoRAs on parameters the set does not hold (a model without
+        // experts, named adapters): PEFT would start them afresh.
         return Err(Error::Unsupported {
             what: "saving an adapter with LoRA on parameters (target_parameters) that the \
-                   model does not train",
+                   model does not hold",
             got: config.target_parameters.join(", "),
-            supported: "LoRAs on parameters that a fresh LoRA plan trains; lorakit folds a \
-                        loaded LoRA on parameters into the experts and does not save it"
+            supported: "LoRAs on a mixture of experts' experts and router, built by the \
+                        model (AdaptedSet::stacked_loras)"
                 .to_string(),
         });
     }

@@ -33,7 +33,7 @@ fn adapters_on_experts_and_router_give_peft_logits_unmerged_and_merged() {
         let plan = peft_plan(&dir.join("experts"));
         let model = build(&config, &dir.join("base"), DType::F32, &plan);
         // Every tensor of the file was used; the attention's modules are adapted layers,
-        // the experts and router folded in.
+        // the experts' and router's LoRAs stacked ones.
         let layers = plan.finish().unwrap();
         assert_eq!(layers.paths().len(), 8, "{case}: q/k/v/o of two layers");
         let want = &io["experts_logits"];
@@ -55,16 +55,21 @@ fn adapters_on_experts_and_router_give_peft_logits_unmerged_and_merged() {
             "{err}"
         );
 
-        // Merging the module adapters keeps the logits (the parameters' are folded in).
+        // The LoRAs on parameters are trainable layers like the modules': merging keeps
+        // the logits, disabling gives the base model's, and saving gives PEFT's file again.
         let adapter = PeftAdapter::load(dir.join("experts"), &Device::Cpu).unwrap();
         let plan = adapter.plan().unwrap();
         let model = build(&config, &dir.join("base"), DType::F32, &plan);
         let layers = plan.finish().unwrap();
-        // Saving it again would lose the folded LoRAs: refused.
-        let out = temp_dir(&format!("moe-resave-{case}"));
-        let err = save_adapter(out.join("again"), adapter.config(), &layers).unwrap_err();
-        assert!(err.to_string().contains("target_parameters"), "{err}");
-        assert!(!out.join("again").exists());
+        assert_eq!(layers.stacked_loras().len(), stacked_count(&dir), "{case}");
+        layers.set_enabled(false);
+        check(
+            &logits(&model, ids),
+            &io["logits"],
+            TOL,
+            &format!("{case} disabled"),
+        );
+        layers.set_enabled(true);
         layers.merge_all(true).unwrap();
         check(
             &logits(&model, ids),
@@ -72,7 +77,26 @@ fn adapters_on_experts_and_router_give_peft_logits_unmerged_and_merged() {
             TOL,
             &format!("{case} experts merged"),
         );
+        let out = temp_dir(&format!("moe-resave-{case}"));
+        save_adapter(&*out, adapter.config(), &layers).unwrap();
+        let (saved, file) = (
+            load(&out.join("adapter_model.safetensors")),
+            load(&dir.join("experts/adapter_model.safetensors")),
+        );
+        assert_eq!(saved.len(), file.len(), "{case}");
+        for (key, t) in &file {
+            assert_eq!(rel_err(&saved[key], t), 0.0, "{case}: {key}");
+        }
     }
+}
+
+/// The number of LoRAs on parameters in the case's `experts` adapter (two per sparse
+/// layer's experts, one per router): its `lora_A` keys off the attention.
+fn stacked_count(dir: &Path) -> usize {
+    load(&dir.join("experts/adapter_model.safetensors"))
+        .keys()
+        .filter(|k| k.contains(".mlp.") && k.ends_with("lora_A.weight"))
+        .count()
 }
 
 #[test]

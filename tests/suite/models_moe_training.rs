@@ -274,6 +274,20 @@ fn experts_loras_refuse_what_peft_refuses() {
         err.contains("lora_dropout") && err.contains("gate_up_proj"),
         "{err}"
     );
+    // lorakit's LoRA with lora_bias, likewise.
+    let vars = VarMap::new();
+    let plan = AdapterPlan::lora(
+        TargetSpec::new(ModuleSelector::AllLinear),
+        RankAlpha::new(2, 4.0),
+        LoraConfig {
+            lora_bias: true,
+            ..LoraConfig::new(2, 4.0)
+        },
+        VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu),
+    );
+    let built = LlamaForCausalLM::from_pretrained(&dir, DType::F32, &Device::Cpu, &plan);
+    let err = built.err().unwrap().to_string();
+    assert!(err.contains("lora_bias"), "{err}");
     // Half of a fused pair.
     let recipe = AdapterRecipe::new(Variant::Lora, 2, 4.0, &["q_proj", "w1"]);
     let err = try_build(&recipe).unwrap_err().to_string();

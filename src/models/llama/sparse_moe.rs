@@ -13,9 +13,9 @@ use candle_core::{DType, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::checkpoint::stacked_params::StackedRows;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::frozen::FrozenLinear;
-use crate::model::{linear_b, AdapterPlan, Linear, ParameterLora, StackedLora, StackedParameter};
+use crate::model::{linear_b, AdapterPlan, Linear, StackedLora, StackedParameter};
 use crate::models::ops::softmax_last;
 
 use super::config::LlamaConfig;
@@ -68,9 +68,9 @@ impl SparseMoe {
     /// layer at `layer`'s path (`model.layers.N`; the block is its `mlp`, Mixtral's
     /// `block_sparse_moe`). A loaded adapter's LoRAs on the router's and the experts'
     /// parameters (PEFT's `target_parameters`, named at transformers 5's
-    /// `model.layers.N.mlp.gate.weight`, `….mlp.experts.gate_up_proj` and `…down_proj`)
-    /// are folded into their weights; a fresh LoRA plan's LoRAs on them
-    /// ([`AdapterPlan::stacked_loras`]) train through each expert's layers.
+    /// `model.layers.N.mlp.gate.weight`, `….mlp.experts.gate_up_proj` and `…down_proj`),
+    /// and a fresh LoRA plan's ([`AdapterPlan::stacked_loras`]), run through each expert's
+    /// layers.
     pub(crate) fn load(
         c: &LlamaConfig,
         moe: &MoeConfig,
@@ -131,58 +131,25 @@ impl SparseMoe {
             (e, h),
             vec![StackedRows::All],
         );
-        let names: Vec<&str> = expert_params.iter().map(|p| p.name).collect();
-        let loaded = plan.parameter_lora(&experts_module, &names)?;
-        let trained = plan.stacked_loras(&experts_module, &expert_params)?;
-        for (lora, param) in loaded.iter().zip(&expert_params) {
-            if let Some(lora) = lora {
-                check_parameter_lora(lora, param.experts, param.out_in)?;
-            }
-        }
-        let lora_of = |i: usize, e: usize, rows: StackedRows, part: usize| {
-            WeightLora::of(
-                loaded.get(i).and_then(Option::as_ref),
-                trained.get(i).and_then(Option::as_ref),
-                (e, rows, part),
-            )
+        let loras = plan.stacked_loras(&experts_module, &expert_params)?;
+        // Expert `e`'s `part` of the LoRA on parameter `i`, if it has one.
+        let lora_of = |i: usize, e: usize, part: usize| {
+            let lora: Option<&Arc<StackedLora>> = loras.get(i).and_then(Option::as_ref);
+            lora.map(|l| (&**l, e, part))
         };
         let experts = (0..e)
             .map(|e| {
                 let vb = vb.pp(format!("experts.{e}"));
                 let gate_up = GateUpProjection::Separate {
-                    gate: expert_linear(
-                        plan,
-                        (h, width),
-                        vb.pp(gate),
-                        lora_of(0, e, StackedRows::Gate, 0),
-                    )?,
-                    up: expert_linear(
-                        plan,
-                        (h, width),
-                        vb.pp(up),
-                        lora_of(0, e, StackedRows::Up, 1),
-                    )?,
+                    gate: expert_linear(plan, (h, width), vb.pp(gate), lora_of(0, e, 0))?,
+                    up: expert_linear(plan, (h, width), vb.pp(up), lora_of(0, e, 1))?,
                 };
-                let down = expert_linear(
-                    plan,
-                    (width, h),
-                    vb.pp(down),
-                    lora_of(1, e, StackedRows::All, 0),
-                )?;
+                let down = expert_linear(plan, (width, h), vb.pp(down), lora_of(1, e, 0))?;
                 Ok(Mlp::new(gate_up, down, c.hidden_act))
             })
             .collect::<Result<Vec<_>>>()?;
-        let loaded_router = plan.parameter_lora(&router_module, &["weight"])?;
-        let loaded_router = loaded_router.first().and_then(Option::as_ref);
-        if let Some(lora) = loaded_router {
-            check_parameter_lora(lora, 1, router_param.out_in)?;
-        }
-        let trained_router = plan.stacked_loras(&router_module, &[router_param])?;
-        let router_lora = WeightLora::of(
-            loaded_router,
-            trained_router.first().and_then(Option::as_ref),
-            (0, StackedRows::All, 0),
-        );
+        let router_lora = plan.stacked_loras(&router_module, &[router_param])?;
+        let router_lora = router_lora.first().and_then(Option::as_ref);
         let shared = match moe.shared_expert_intermediate_size {
             Some(width) => Some(SharedExpert {
                 mlp: Mlp::load_sized(c, width, vb.pp("shared_expert"), plan)?,
@@ -191,7 +158,12 @@ impl SparseMoe {
             None => None,
         };
         Ok(Self {
-            router: expert_linear(plan, (h, e), vb.pp("gate"), router_lora)?,
+            router: expert_linear(
+                plan,
+                (h, e),
+                vb.pp("gate"),
+                router_lora.map(|l| (&**l, 0, 0)),
+            )?,
             experts,
             top_k: moe.experts_per_token,
             normalize_top_k: moe.normalize_top_k,
@@ -275,74 +247,24 @@ impl SparseMoe {
     }
 }
 
-/// What changes the weight of an expert's projection (or the router's): a loaded LoRA on
-/// the stacked parameter, folded in (expert `e`'s `rows`), or a fresh one that trains
-/// (expert `e`'s `part`).
-#[derive(Clone, Copy)]
-enum WeightLora<'a> {
-    Frozen,
-    Loaded(&'a ParameterLora, usize, StackedRows),
-    Trained(&'a StackedLora, usize, usize),
-}
-
-impl<'a> WeightLora<'a> {
-    /// Expert `e`'s `rows` (its `part`) of whichever LoRA the parameter has.
-    fn of(
-        loaded: Option<&'a ParameterLora>,
-        trained: Option<&'a Arc<StackedLora>>,
-        (e, rows, part): (usize, StackedRows, usize),
-    ) -> Self {
-        match (loaded, trained) {
-            (Some(lora), _) => Self::Loaded(lora, e, rows),
-            (None, Some(lora)) => Self::Trained(lora, e, part),
-            (None, None) => Self::Frozen,
-        }
-    }
-}
-
-/// The `d_in → d_out` layer of the weight at `vb`: frozen, with a loaded LoRA's change
-/// folded in, or trained through a fresh LoRA's expert layer.
+/// The `d_in → d_out` layer of the weight at `vb`: frozen, or expert `e`'s `part` of a
+/// LoRA on its stacked parameter (`lora`: the LoRA, `e`, `part`).
 fn expert_linear(
     plan: &AdapterPlan,
     (d_in, d_out): (usize, usize),
     vb: VarBuilder,
-    lora: WeightLora,
+    lora: Option<(&StackedLora, usize, usize)>,
 ) -> Result<Linear> {
     let path = vb.prefix();
-    let mut weight = vb.get((d_out, d_in), "weight")?;
-    if let WeightLora::Loaded(lora, e, rows) = lora {
-        let (start, n) = rows.range(lora.out_in().0);
-        let part = lora.delta_rows(e, start, n)?.to_dtype(weight.dtype())?;
-        weight = (weight + part)?;
-    }
-    let base = FrozenLinear::new(weight, None)?;
+    let base = FrozenLinear::new(vb.get((d_out, d_in), "weight")?, None)?;
     match lora {
-        WeightLora::Trained(lora, e, part) => Ok(Linear::Adapted(lora.expert_layer(
+        Some((lora, e, part)) => Ok(Linear::Adapted(lora.expert_layer(
             e,
             part,
             plan.quantized_base(&path, base)?,
         )?)),
-        _ => plan.frozen_linear(&path, base),
+        None => plan.frozen_linear(&path, base),
     }
-}
-
-/// Checks that a parameter's LoRA covers `experts` experts and changes each one's
-/// `(out, in)` weight.
-fn check_parameter_lora(
-    lora: &ParameterLora,
-    experts: usize,
-    (out, inp): (usize, usize),
-) -> Result<()> {
-    let got = (lora.experts(), lora.out_in());
-    if got == (experts, (out, inp)) {
-        return Ok(());
-    }
-    Err(Error::ShapeMismatch {
-        layer: lora.key().to_string(),
-        what: "LoRA on the parameter (experts, (out, in) per expert)".to_string(),
-        expected: format!("({experts}, ({out}, {inp}))"),
-        got: format!("{got:?}"),
-    })
 }
 
 /// `1 / (1 + e^(−x))`, composed so that a gradient flows through it.
