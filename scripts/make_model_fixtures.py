@@ -1004,7 +1004,9 @@ Second adapters (made after the LoRA with seed + 2; targets overlap the LoRA's i
 
 `qwen3_moe/cls`, `cls_lora`, `cls_logits.safetensors`: Qwen3MoeForSequenceClassification
 over the `qwen3_moe` base (3 labels, pad id 0), its PEFT SEQ_CLS LoRA (q_proj, v_proj) and
-their logits on a batch with a left-padded row, as `gemma3_mm`'s.
+their logits on a batch with a left-padded row, as `gemma3_mm`'s; `mixtral/cls…` and
+`qwen2_moe/cls…` the same with MixtralForSequenceClassification and
+Qwen2MoeForSequenceClassification.
 
 `mixtral/experts_merged.safetensors` and `qwen3_moe/experts_merged.safetensors`: the base
 with the `experts` adapter merged by PEFT (`merge_and_unload`), saved by transformers under
@@ -1030,12 +1032,22 @@ def write_gemma3_classifier():
     write_classifier("gemma3_mm", Gemma3ForSequenceClassification, lambda c: c.text_config)
 
 
-def write_moe_classifier():
+def write_moe_classifiers():
     """qwen3_moe/cls: Qwen3MoeForSequenceClassification over the qwen3_moe base (a sparse
-    layer, then a dense one), pad id 0, as gemma3_mm/cls."""
-    from transformers import Qwen3MoeForSequenceClassification
+    layer, then a dense one), pad id 0, as gemma3_mm/cls; mixtral/cls and qwen2_moe/cls
+    (its shared expert) the same way."""
+    from transformers import (
+        MixtralForSequenceClassification,
+        Qwen2MoeForSequenceClassification,
+        Qwen3MoeForSequenceClassification,
+    )
 
-    write_classifier("qwen3_moe", Qwen3MoeForSequenceClassification, lambda c: c)
+    for case, cls_class in [
+        ("qwen3_moe", Qwen3MoeForSequenceClassification),
+        ("mixtral", MixtralForSequenceClassification),
+        ("qwen2_moe", Qwen2MoeForSequenceClassification),
+    ]:
+        write_classifier(case, cls_class, lambda c: c)
 
 
 def write_classifier(case, cls_class, pad_config):
@@ -1104,7 +1116,7 @@ def main():
     for case in CASES:
         write_case(case)
     write_gemma3_classifier()
-    write_moe_classifier()
+    write_moe_classifiers()
     write_yarn_params()
     with open(os.path.join(ROOT, "README.md"), "w") as f:
         f.write(README)
@@ -1112,7 +1124,7 @@ def main():
     for dirpath, _, files in os.walk(ROOT):
         total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
     log(f"wrote {ROOT}: {total / 1024:.0f} KiB")
-    assert total < 3.5 * 1024 * 1024
+    assert total < 4.5 * 1024 * 1024
 
 
 if __name__ == "__main__":

@@ -259,12 +259,13 @@ fn edited_adapter(dir: &Path, (key, value): (&str, serde_json::Value), name: &st
 }
 
 #[test]
-fn moe_sequence_classifier_gives_transformers_and_peft_logits() {
-    // Qwen3MoeForSequenceClassification on a batch with a left-padded row (its padding goes
-    // through the router and experts too), and its PEFT SEQ_CLS LoRA (q_proj / v_proj,
-    // `score` in modules_to_save).
-    let dir = models("qwen3_moe");
-    check_classifier_fixture(&dir, "qwen3_moe classifier");
+fn moe_sequence_classifiers_give_transformers_and_peft_logits() {
+    // Qwen3-MoE's, Mixtral's and Qwen2-MoE's (a shared expert) ForSequenceClassification on
+    // a batch with a left-padded row (its padding goes through the router and experts too),
+    // and their PEFT SEQ_CLS LoRA (q_proj / v_proj, `score` in modules_to_save).
+    for case in ["qwen3_moe", "mixtral", "qwen2_moe"] {
+        check_classifier_fixture(&models(case), &format!("{case} classifier"));
+    }
 }
 
 #[test]
