@@ -50,7 +50,7 @@ soft-capping of attention scores (50) and logits (30) (PyTorch: eager attention,
 transformers runs Gemma 2). `--family olmo2`: the same sizes as OLMo 2 (`Olmo2ForCausalLM`:
 norms after attention and the MLP only, q/k norms over the whole projections), training and
 generation only. `--family qwen3_moe`: Qwen3-MoE at the same sizes (`Qwen3MoeForCausalLM`:
-per-head q/k norms, 8 experts 704 wide, 2 per token, in every layer; QWEN3_MOE_EXTRA), the
+per-head q/k norms, 8 experts 704 wide (`--moe-experts N`: N), 2 per token, in every layer; QWEN3_MOE_EXTRA), the
 LoRA on q/k/v/o_proj only, training and generation only. `--family qwen3_moe_experts`: the
 same model with the LoRA on q/k/v/o and gate/up/down_proj, which both PEFT 0.21 and lorakit
 read on qwen3_moe as LoRA on the experts' stacked parameters (`gate_up_proj` at rank 2r,
@@ -493,7 +493,8 @@ def run_json(cmd, env=None):
 
 
 def lorakit_cmd(args, mode):
-    return [args.lorakit_bin, "--json", "--family", args.family, "--mode", mode, "--threads", str(args.threads),
+    return [args.lorakit_bin, "--json", "--family", args.family, "--moe-experts", str(args.moe_experts),
+            "--mode", mode, "--threads", str(args.threads),
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--gen-tokens", str(args.gen_tokens),
             "--gen-rounds", str(args.gen_rounds), "--batch", str(args.batch), "--seq", str(args.seq),
             "--ops-budget-ms", str(args.ops_budget_ms)]
@@ -501,6 +502,7 @@ def lorakit_cmd(args, mode):
 
 def torch_cmd(args, mode):
     return [sys.executable, os.path.abspath(__file__), "--child", mode, "--family", args.family,
+            "--moe-experts", str(args.moe_experts),
             "--threads", str(args.threads),
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--gen-tokens", str(args.gen_tokens),
             "--gen-rounds", str(args.gen_rounds), "--batch", str(args.batch), "--seq", str(args.seq),
@@ -724,6 +726,8 @@ def driver(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--moe-experts", type=int, default=8,
+                    help="--family qwen3_moe(_experts): the number of experts (2 per token)")
     ap.add_argument("--child", choices=["train", "gen", "ops"], help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--family", choices=["llama", "gemma2", "gemma3", "olmo2", "qwen3_moe", "qwen3_moe_experts"], default="llama",
@@ -743,6 +747,7 @@ def main():
     ap.add_argument("--markdown", help="also write the output to this file")
     ap.add_argument("--json", help="also write every raw result to this file")
     args = ap.parse_args()
+    QWEN3_MOE_EXTRA["num_experts"] = args.moe_experts
     if args.child:
         child_main(args)
     else:

@@ -93,7 +93,8 @@ const TARGETS: [&str; 7] = [
 /// The targets of `--family qwen3_moe`: the attention only (its experts and router are no
 /// modules; PEFT reads `gate_proj` / `up_proj` / `down_proj` as the experts' parameters).
 const ATTENTION_TARGETS: [&str; 4] = ["q_proj", "k_proj", "v_proj", "o_proj"];
-/// `--family qwen3_moe`'s experts: 8 of them, 704 wide (half the dense MLP), 2 per token.
+/// `--family qwen3_moe`'s experts: 8 of them by default (`--moe-experts`), 704 wide (half
+/// the dense MLP), 2 per token.
 const MOE: (usize, usize, usize) = (8, 704, 2);
 const RANK: usize = 16;
 const ALPHA: f64 = 32.0;
@@ -130,7 +131,7 @@ impl Shape {
     /// transformers' `LlamaConfig` defaults for everything else (θ = 10000, ε = 1e-6,
     /// 2048 positions, untied head, no biases); `gemma3`: the same sizes as a Gemma 3 text
     /// decoder ([`GEMMA3_EXTRA`]).
-    fn config(&self, family: Family) -> R<LlamaConfig> {
+    fn config(&self, family: Family, experts: usize) -> R<LlamaConfig> {
         let mut json = json!({
             "model_type": "llama",
             "vocab_size": self.vocab,
@@ -147,7 +148,7 @@ impl Shape {
         if family == Family::Olmo2 {
             json["model_type"] = json!("olmo2");
         } else if family.is_moe() {
-            let (experts, width, per_token) = MOE;
+            let (_, width, per_token) = MOE;
             json["model_type"] = json!("qwen3_moe");
             json["head_dim"] = json!(self.head_dim());
             json["num_experts"] = json!(experts);
@@ -244,6 +245,7 @@ struct Args {
     seq: usize,
     ops_budget_ms: f64,
     seed: u64,
+    moe_experts: usize,
 }
 
 fn parse_args() -> R<Args> {
@@ -260,6 +262,7 @@ fn parse_args() -> R<Args> {
         seq: 256,
         ops_budget_ms: 1500.0,
         seed: 0,
+        moe_experts: MOE.0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -272,7 +275,7 @@ fn parse_args() -> R<Args> {
                 "llama_speed [--family llama|gemma2|gemma3|olmo2|qwen3_moe|qwen3_moe_experts] [--mode all|train|gen|ops] [--json] \
                  [--steps N] [--warmup N] \
                  [--gen-tokens N] [--gen-rounds N] [--threads N] [--batch N] [--seq N] \
-                 [--ops-budget-ms MS] [--seed N]"
+                 [--ops-budget-ms MS] [--seed N] [--moe-experts N]"
             );
             std::process::exit(0);
         }
@@ -305,6 +308,7 @@ fn parse_args() -> R<Args> {
             "--seq" => a.seq = value.parse()?,
             "--ops-budget-ms" => a.ops_budget_ms = value.parse()?,
             "--seed" => a.seed = value.parse()?,
+            "--moe-experts" => a.moe_experts = value.parse()?,
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
@@ -318,8 +322,16 @@ fn parse_args() -> R<Args> {
                 .into(),
         );
     }
-    if a.steps == 0 || a.gen_rounds == 0 || a.threads == 0 || a.seq < 2 || a.batch == 0 {
-        return Err("--steps, --gen-rounds, --threads, --batch ≥ 1 and --seq ≥ 2".into());
+    if a.steps == 0
+        || a.gen_rounds == 0
+        || a.threads == 0
+        || a.seq < 2
+        || a.batch == 0
+        || a.moe_experts < MOE.2
+    {
+        return Err(
+            "--steps, --gen-rounds, --threads, --batch ≥ 1, --seq ≥ 2 and --moe-experts ≥ 2".into(),
+        );
     }
     Ok(a)
 }
@@ -412,9 +424,9 @@ struct Built {
     base_params: usize,
 }
 
-fn build(family: Family, seed: u64, dev: &Device) -> R<Built> {
+fn build(family: Family, experts: usize, seed: u64, dev: &Device) -> R<Built> {
     let s = SHAPE;
-    let config = s.config(family)?;
+    let config = s.config(family, experts)?;
     let mut rng = SeededRng::new(seed);
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let mut normal = |name: String, shape: (usize, usize)| -> R<()> {
@@ -436,7 +448,7 @@ fn build(family: Family, seed: u64, dev: &Device) -> R<Built> {
             }
         }
         if family.is_moe() {
-            let (experts, width, _) = MOE;
+            let (_, width, _) = MOE;
             normal(
                 format!("model.layers.{i}.mlp.gate.weight"),
                 (experts, s.hidden),
@@ -566,7 +578,7 @@ fn adamw(vars: Vec<Var>) -> R<AdamW> {
 }
 
 fn train(args: &Args, dev: &Device) -> R<Value> {
-    let built = build(args.family, args.seed, dev)?;
+    let built = build(args.family, args.moe_experts, args.seed, dev)?;
     let (_, rss_built) = memory_mib();
     built.adapter.set_training(true);
     let trainable: usize = built.vars.iter().map(|v| v.elem_count()).sum();
@@ -616,7 +628,7 @@ fn train(args: &Args, dev: &Device) -> R<Value> {
 }
 
 fn generate(args: &Args, dev: &Device) -> R<Value> {
-    let built = build(args.family, args.seed, dev)?;
+    let built = build(args.family, args.moe_experts, args.seed, dev)?;
     built.adapter.set_training(false);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(args.seed + 2);
     let prompt: Vec<u32> = (0..PROMPT_LEN)
