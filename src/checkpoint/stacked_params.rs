@@ -10,6 +10,14 @@
 //! `….block_sparse_moe.experts.E.w1.weight` (gate), `w3` (up), `w2` (down) and
 //! `….block_sparse_moe.gate.weight`. [`stacked_part`] maps the second to the first.
 
+/// The checkpoints' names of a sparse block and of its experts' gate, up and down
+/// projections: Mixtral's (`block_sparse_moe`, `w1`, `w3`, `w2`), then the others' (`mlp`,
+/// `gate_proj`, `up_proj`, `down_proj`).
+pub const EXPERT_NAMES: [(&str, [&str; 3]); 2] = [
+    ("block_sparse_moe", ["w1", "w3", "w2"]),
+    ("mlp", ["gate_proj", "up_proj", "down_proj"]),
+];
+
 /// The parameters a module of transformers 5's sparse blocks registers, in the order it
 /// registers them (which sets how PEFT nests its wrappers): the experts' two stacks, the
 /// router's weight; `None` for any other module path.
@@ -80,9 +88,9 @@ pub struct StackedPart {
 /// ```
 pub fn stacked_part(name: &str) -> Option<StackedPart> {
     let stem = name.strip_suffix(".weight")?;
-    let (layer, rest) = ["block_sparse_moe", "mlp"]
+    let (layer, rest) = EXPERT_NAMES
         .iter()
-        .find_map(|block| stem.split_once(&format!(".{block}.")))?;
+        .find_map(|(block, _)| stem.split_once(&format!(".{block}.")))?;
     if rest == "gate" {
         return Some(StackedPart {
             module: format!("{layer}.mlp.gate"),
@@ -93,11 +101,13 @@ pub fn stacked_part(name: &str) -> Option<StackedPart> {
     }
     let (expert, projection) = rest.strip_prefix("experts.")?.split_once('.')?;
     let expert = expert.parse().ok()?;
-    let (param, rows) = match projection {
-        "w1" | "gate_proj" => ("gate_up_proj", StackedRows::Gate),
-        "w3" | "up_proj" => ("gate_up_proj", StackedRows::Up),
-        "w2" | "down_proj" => ("down_proj", StackedRows::All),
-        _ => return None,
+    let index = EXPERT_NAMES
+        .iter()
+        .find_map(|(_, names)| names.iter().position(|n| *n == projection))?;
+    let (param, rows) = match index {
+        0 => ("gate_up_proj", StackedRows::Gate),
+        1 => ("gate_up_proj", StackedRows::Up),
+        _ => ("down_proj", StackedRows::All),
     };
     Some(StackedPart {
         module: format!("{layer}.mlp.experts"),

@@ -9,6 +9,7 @@
 pub mod adapted_set;
 pub mod named;
 mod parameter_lora;
+mod parameter_targets;
 pub mod plan;
 pub mod quantize;
 mod slot;
@@ -19,12 +20,13 @@ pub mod trainable_base;
 pub use adapted_set::{AdaptedSet, ModelVar, ParamCounts};
 pub use named::NamedAdapters;
 pub use parameter_lora::ParameterLora;
+pub use parameter_targets::ParameterTargets;
 pub use plan::{
     conv1d, embedding, linear, linear_b, linear_no_bias, AdapterFactory, AdapterPlan, Embedding,
     Linear, MergedModule,
 };
 pub use quantize::{Quantize, QuantizedSource};
-pub use stacked_lora::{ParameterTargets, StackedLora, StackedParameter};
+pub use stacked_lora::{StackedLora, StackedParameter};
 pub use target::{
     FullRegex, LayerFilter, ModuleSelector, ModuleSettings, Pattern, RankAlpha, TargetSpec,
 };

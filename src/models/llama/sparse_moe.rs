@@ -12,7 +12,7 @@ use std::sync::Arc;
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
-use crate::checkpoint::stacked_params::StackedRows;
+use crate::checkpoint::stacked_params::{StackedRows, EXPERT_NAMES};
 use crate::error::Result;
 use crate::frozen::FrozenLinear;
 use crate::model::{linear_b, AdapterPlan, Linear, StackedLora, StackedParameter};
@@ -52,9 +52,10 @@ pub(crate) struct SparseMoe {
 /// The checkpoint's names of a family's experts: the block (`block_sparse_moe` for
 /// Mixtral, whose `w1`, `w3`, `w2` are the gate, up and down projections; `mlp` for Qwen).
 fn expert_names(family: LlamaFamily) -> (&'static str, [&'static str; 3]) {
+    let [mixtral, others] = EXPERT_NAMES;
     match family {
-        LlamaFamily::Mixtral => ("block_sparse_moe", ["w1", "w3", "w2"]),
-        _ => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
+        LlamaFamily::Mixtral => mixtral,
+        _ => others,
     }
 }
 
