@@ -230,12 +230,15 @@ impl SparseMoe {
         let tokens = Tensor::from_vec(routing.tokens, rows, dev)?;
         let slots = Tensor::from_vec(routing.slots, rows, dev)?;
         let row_weights = weights.flatten_all()?.index_select(&slots, 0)?;
-        let inputs = flat.index_select(&tokens, 0)?;
+        // Each expert gathers its rows from the tokens itself: the backward of a gather is
+        // token-sized, where slicing one gathered block would give each expert a gradient
+        // the size of all the rows (`narrow`'s backward pads it).
         let mut outputs = Vec::new();
         let mut start = 0;
         for (expert, &count) in self.experts.iter().zip(&routing.counts) {
             if count > 0 {
-                outputs.push(expert.forward(&inputs.narrow(0, start, count)?)?);
+                let inputs = flat.index_select(&tokens.narrow(0, start, count)?, 0)?;
+                outputs.push(expert.forward(&inputs)?);
                 start += count;
             }
         }
