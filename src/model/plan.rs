@@ -817,9 +817,26 @@ impl AdapterPlan {
     }
 
     /// Ends model building: runs the factory's final checks (for a loaded adapter, that
-    /// every tensor in its file was used) and returns the adapted set.
+    /// every tensor in its file was used) and returns the adapted set. A fresh plan whose
+    /// [`ParameterTargets`] name parameters (PEFT's `target_parameters`) that the model did
+    /// not have is an error here, as in PEFT, rather than at save after training.
     pub fn finish(&self) -> Result<AdaptedSet> {
         self.factory.finish()?;
+        let named = self.parameters.as_ref().filter(|p| !p.names.is_empty());
+        if let Some(parameters) = named {
+            if self.slots.is_none() && self.set.stacked_loras().is_empty() {
+                return Err(crate::Error::settings(
+                    "adapter plan",
+                    "target_parameters",
+                    format!(
+                        "[{}] matched no parameter of the model: LoRA on parameters adapts a \
+                         mixture of experts' experts and router (mixtral, qwen2_moe, \
+                         qwen3_moe, olmoe)",
+                        parameters.names.join(", ")
+                    ),
+                ));
+            }
+        }
         Ok(self.set.clone())
     }
 }

@@ -288,6 +288,19 @@ fn experts_loras_refuse_what_peft_refuses() {
     let built = LlamaForCausalLM::from_pretrained(&dir, DType::F32, &Device::Cpu, &plan);
     let err = built.err().unwrap().to_string();
     assert!(err.contains("lora_bias"), "{err}");
+    // target_parameters on a model without experts: refused when the model is built, as
+    // PEFT refuses it, not after training at save.
+    let mut config = PeftConfig::lora(2, 4.0, &["q_proj"]);
+    config.target_parameters = vec!["gate_up_proj".to_string()];
+    let vars = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
+    let plan = config.fresh_plan(vb, &LoraConfig::default()).unwrap();
+    build_case(&models("qwen2"), DType::F32, &plan);
+    let err = plan.finish().unwrap_err().to_string();
+    assert!(
+        err.contains("target_parameters") && err.contains("gate_up_proj"),
+        "{err}"
+    );
     // Half of a fused pair.
     let recipe = AdapterRecipe::new(Variant::Lora, 2, 4.0, &["q_proj", "w1"]);
     let err = try_build(&recipe).unwrap_err().to_string();
