@@ -200,8 +200,4 @@ impl Task for SequenceClassification<'_> {
         let model = self.model;
         peft_settings("SEQ_CLS", model.name_or_path(), model.modules_not_built())
     }
-
-    fn peft_all_linear_adds_parameters(&self) -> bool {
-        self.model.peft_all_linear_adds_parameters()
-    }
 }

@@ -92,13 +92,6 @@ pub trait Task: Sync {
     /// What PEFT's `adapter_config.json` records of the task and the model: `task_type`
     /// and, when known, `base_model_name_or_path`.
     fn peft_settings(&self) -> Vec<(&'static str, Value)>;
-
-    /// Whether PEFT's `all-linear` on the task's model also adapts parameters that
-    /// lorakit's does not (a mixture of experts): the training loop then saves the modules
-    /// it adapted by name instead of `all-linear`. Default: no.
-    fn peft_all_linear_adds_parameters(&self) -> bool {
-        false
-    }
 }
 
 /// Next-token prediction on a causal language model: [`Dataset`]s of token ids with the
@@ -181,10 +174,6 @@ impl Task for LanguageModeling<'_> {
     fn peft_settings(&self) -> Vec<(&'static str, Value)> {
         let model = self.model;
         peft_settings("CAUSAL_LM", model.name_or_path(), model.modules_not_built())
-    }
-
-    fn peft_all_linear_adds_parameters(&self) -> bool {
-        self.model.peft_all_linear_adds_parameters()
     }
 }
 

@@ -410,7 +410,7 @@ impl<'m, T: Task> Trainer<'m, T> {
         // PEFT reads `all-linear` on such a model as the experts too (a variant other than
         // LoRA has none): name the modules.
         let all_linear = config.raw.get("target_modules") == Some(&json!("all-linear"));
-        if all_linear && self.task.peft_all_linear_adds_parameters() {
+        if all_linear && self.adapters.peft_converts_module_targets() {
             let names: BTreeSet<String> = self
                 .adapters
                 .paths()

@@ -1,7 +1,7 @@
 //! [`AdaptedSet`]: every adapted layer of a model, by path, with model-wide operations.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::adapter::{Adapter, NamedVar};
@@ -16,6 +16,7 @@ struct Inner {
     trainable_bases: RwLock<Vec<(String, Arc<TrainableBase>)>>,
     trainable_tensors: RwLock<Vec<ModelVar>>,
     stacked: RwLock<Vec<Arc<StackedLora>>>,
+    converted_parameters: AtomicBool,
     frozen_params: AtomicUsize,
 }
 
@@ -185,6 +186,20 @@ impl AdaptedSet {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Records that the model has parameters PEFT's conversion of `target_modules`
+    /// reaches (a mixture of experts' experts and router on Mixtral, Qwen3-MoE, OLMoE).
+    pub(crate) fn record_converted_parameters(&self) {
+        self.0.converted_parameters.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the model has parameters that PEFT 0.21's conversion of `target_modules`
+    /// reaches (the experts and router of Mixtral, Qwen3-MoE and OLMoE): PEFT reads
+    /// `all-linear` on it as LoRA on those too, so an adapter saved with `all-linear` must
+    /// name its modules instead when it does not adapt them.
+    pub fn peft_converts_module_targets(&self) -> bool {
+        self.0.converted_parameters.load(Ordering::Relaxed)
     }
 
     /// Every adapter layer: the adapted modules, then the experts' layers of the LoRAs on

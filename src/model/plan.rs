@@ -333,12 +333,17 @@ impl AdapterPlan {
     /// a loaded adapter's ([`AdapterFactory::parameter_lora`], made
     /// [`StackedLora::from_loaded`]); `None` for the others (and for every one under a
     /// fresh plan built for named adapters). The model builds each expert's layer with
-    /// [`StackedLora::expert_layer`] over [`AdapterPlan::quantized_base`].
+    /// [`StackedLora::expert_layer`] over [`AdapterPlan::quantized_base`]. Parameters that
+    /// PEFT's conversion reaches are recorded in the set
+    /// ([`AdaptedSet::peft_converts_module_targets`]), adapted or not.
     pub fn stacked_loras(
         &self,
         module: &str,
         params: &[StackedParameter],
     ) -> Result<Vec<Option<Arc<StackedLora>>>> {
+        if params.iter().any(|p| !p.converted_from.is_empty()) {
+            self.set.record_converted_parameters();
+        }
         let loras = match &self.parameters {
             Some(_) if self.slots.is_some() => return Ok(vec![None; params.len()]),
             Some(targets) => {

@@ -403,11 +403,4 @@ impl CausalLm for AutoCausalLm {
             Self::Gpt2(m) => m.modules_not_built(),
         }
     }
-
-    fn peft_all_linear_adds_parameters(&self) -> bool {
-        match self {
-            Self::Llama(m) => m.peft_all_linear_adds_parameters(),
-            Self::Gpt2(m) => m.peft_all_linear_adds_parameters(),
-        }
-    }
 }

@@ -75,14 +75,6 @@ pub trait CausalLm: Sync {
     fn modules_not_built(&self) -> &'static [&'static str] {
         &[]
     }
-
-    /// Whether PEFT 0.21's `all-linear` on this model also adapts parameters that lorakit's
-    /// does not (a mixture of experts' stacked experts and router: see
-    /// [`LlamaConfig::peft_all_linear_adds_parameters`](crate::models::llama::LlamaConfig::peft_all_linear_adds_parameters)):
-    /// the training loop then saves the modules it adapted by name. Default: no.
-    fn peft_all_linear_adds_parameters(&self) -> bool {
-        false
-    }
 }
 
 impl CausalLm for LlamaForCausalLM {
@@ -116,10 +108,6 @@ impl CausalLm for LlamaForCausalLM {
 
     fn modules_not_built(&self) -> &'static [&'static str] {
         self.config().modules_not_built()
-    }
-
-    fn peft_all_linear_adds_parameters(&self) -> bool {
-        self.config().peft_all_linear_adds_parameters()
     }
 }
 

@@ -94,14 +94,6 @@ pub(crate) trait DecoderTrunk: Sized {
         &[]
     }
 
-    /// Whether PEFT 0.21's `all-linear` on this model also adapts parameters that lorakit's
-    /// does not (a mixture of experts' stacked experts and router: see
-    /// [`LlamaConfig::peft_all_linear_adds_parameters`](crate::models::llama::LlamaConfig::peft_all_linear_adds_parameters)):
-    /// the training loop then saves the modules it adapted by name. Default: no.
-    fn peft_all_linear_adds_parameters(&self) -> bool {
-        false
-    }
-
     /// The hidden states of whole sequences `input_ids` for a loss, the ids checked;
     /// detached without `gradient` (evaluation: nothing before the head is differentiated);
     /// `train` as [`DecoderTrunk::hidden`]'s.

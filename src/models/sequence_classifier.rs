@@ -81,13 +81,6 @@ pub trait SequenceClassifier: Sync {
     fn modules_not_built(&self) -> &'static [&'static str] {
         &[]
     }
-    /// Whether PEFT 0.21's `all-linear` on this model also adapts parameters that lorakit's
-    /// does not (a mixture of experts' stacked experts and router: see
-    /// [`LlamaConfig::peft_all_linear_adds_parameters`](crate::models::llama::LlamaConfig::peft_all_linear_adds_parameters)):
-    /// the training loop then saves the modules it adapted by name. Default: no.
-    fn peft_all_linear_adds_parameters(&self) -> bool {
-        false
-    }
     /// The padding token a decoder classifier skips to find each row's last token (the
     /// config's `pad_token_id`): batches must be padded with it. `None` for an encoder,
     /// which reads the first token.
@@ -221,10 +214,6 @@ impl<M: AsDecoderParts + Sync> SequenceClassifier for M {
 
     fn modules_not_built(&self) -> &'static [&'static str] {
         self.parts().trunk.modules_not_built()
-    }
-
-    fn peft_all_linear_adds_parameters(&self) -> bool {
-        self.parts().trunk.peft_all_linear_adds_parameters()
     }
 
     fn pad_token_id(&self) -> Option<u32> {

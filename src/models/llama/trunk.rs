@@ -248,10 +248,6 @@ impl DecoderTrunk for LlamaTrunk {
         self.config.modules_not_built()
     }
 
-    fn peft_all_linear_adds_parameters(&self) -> bool {
-        self.config.peft_all_linear_adds_parameters()
-    }
-
     fn check_ids(&self, ids: &Tensor) -> Result<(usize, usize)> {
         LlamaTrunk::check_ids(self, ids)
     }
