@@ -75,6 +75,11 @@ struct Args {
     /// Target modules, comma-separated, or all-linear.
     #[arg(long, default_value = "all-linear")]
     targets: String,
+    /// Target parameters (PEFT's target_parameters; LoRA and LoRA+), comma-separated: a
+    /// mixture of experts' stacked weights, e.g. gpt-oss's
+    /// experts.gate_up_proj,experts.down_proj,router.weight.
+    #[arg(long)]
+    target_parameters: Option<String>,
     /// Sequences per batch.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
@@ -191,7 +196,12 @@ fn run(mut args: Args) -> lorakit::Result<()> {
         (all, None)
     };
 
-    let targets: Vec<&str> = args.targets.split(',').map(str::trim).collect();
+    let targets: Vec<&str> = args
+        .targets
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect();
     let mut recipe = AdapterRecipe::new(
         variant,
         args.rank,
@@ -199,6 +209,10 @@ fn run(mut args: Args) -> lorakit::Result<()> {
         &targets,
     );
     recipe.seed = args.seed;
+    if let Some(names) = &args.target_parameters {
+        let names = names.split(',').map(str::trim).filter(|n| !n.is_empty());
+        recipe.target_parameters = names.map(str::to_string).collect();
+    }
     recipe.lora_drop.stage1_steps = (args.steps / 10).max(1);
     let adapter_vars = VarMap::new();
     let vb = VarBuilder::from_varmap(&adapter_vars, dtype, &dev);

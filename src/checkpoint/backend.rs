@@ -12,8 +12,9 @@ use crate::checkpoint::Checkpoint;
 use crate::error::Result;
 
 /// A per-tensor transform applied to each tensor as it is read, on the CPU in the stored
-/// dtype (e.g. [`crate::peft::adapted_var_builder`] merges an adapter into the weights it
-/// targets). Returns the tensor to hand to the model (cast to its dtype afterwards).
+/// dtype (f32 for a tensor dequantized from MXFP4, f64 in an f64 model; e.g.
+/// [`crate::peft::adapted_var_builder`] merges an adapter into the weights it targets).
+/// Returns the tensor to hand to the model (cast to its dtype afterwards).
 pub type TensorTransform = dyn Fn(&str, Tensor) -> Result<Tensor> + Send + Sync;
 
 /// The `SimpleBackend` behind [`Checkpoint::var_builder`].
@@ -52,14 +53,18 @@ pub(crate) fn check_shape(
     file: &Path,
 ) -> candle_core::Result<Tensor> {
     if t.shape() != &expected {
-        return Err(candle_core::Error::UnexpectedShape {
-            msg: format!("shape mismatch for `{name}` in {}", file.display()),
-            expected,
-            got: t.shape().clone(),
-        }
-        .bt());
+        return Err(shape_error(expected, t.shape().clone(), name, file));
     }
     Ok(t)
+}
+
+fn shape_error(expected: Shape, got: Shape, name: &str, file: &Path) -> candle_core::Error {
+    candle_core::Error::UnexpectedShape {
+        msg: format!("shape mismatch for `{name}` in {}", file.display()),
+        expected,
+        got,
+    }
+    .bt()
 }
 
 impl SimpleBackend for CheckpointBackend {
@@ -71,15 +76,34 @@ impl SimpleBackend for CheckpointBackend {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
+        if self.ckpt.is_mxfp4(name) {
+            // Refused from the headers, before dequantizing gigabytes of experts.
+            let packed = self
+                .ckpt
+                .mxfp4_shape(name)
+                .map_err(candle_core::Error::wrap)?;
+            if packed != shape.dims() {
+                return Err(shape_error(shape, packed.into(), name, self.ckpt.path()));
+            }
+        }
         let t = self.get_unchecked(name, dtype, dev)?;
         check_shape(t, shape, name, self.ckpt.path())
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let t = self
-            .ckpt
-            .load(name, &Device::Cpu)
-            .map_err(candle_core::Error::wrap)?;
+        let t = if self.ckpt.is_mxfp4(name) {
+            // `X` stored as `X_blocks` and `X_scales`: dequantized as transformers does, in
+            // f32 (f64 for f64) for the transform, then rounded once to `dtype` below.
+            let exact = if dtype == DType::F64 {
+                dtype
+            } else {
+                DType::F32
+            };
+            self.ckpt.load_mxfp4(name, exact, &Device::Cpu)
+        } else {
+            self.ckpt.load(name, &Device::Cpu)
+        };
+        let t = t.map_err(candle_core::Error::wrap)?;
         let t = match &self.transform {
             Some(f) => f(name, t).map_err(candle_core::Error::wrap)?,
             None => t,
@@ -88,14 +112,16 @@ impl SimpleBackend for CheckpointBackend {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.ckpt.contains(name)
+        self.ckpt.contains(name) || self.ckpt.is_mxfp4(name)
     }
 }
 
 impl Checkpoint {
     /// A `VarBuilder` over this checkpoint for any candle model (for example
     /// `candle_transformers::models::llama::Llama::load(vb, &config)`), in `dtype` on
-    /// `device`. Tensors are read one at a time as the model asks for them.
+    /// `device`. Tensors are read one at a time as the model asks for them. A tensor `X` the
+    /// checkpoint holds MXFP4-packed, as `X_blocks` and `X_scales` (GPT-OSS's experts), is
+    /// there too, dequantized as transformers does ([`Checkpoint::load_mxfp4`]).
     ///
     /// ```no_run
     /// use candle_core::{DType, Device};

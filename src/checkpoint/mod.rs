@@ -6,7 +6,8 @@
 //! adapter into a checkpoint of any size in streaming memory; [`Checkpoint::var_builder`]
 //! gives candle models (including unmodified `candle-transformers` ones) a `VarBuilder` over
 //! a checkpoint, [`crate::peft::adapted_var_builder`] one with a PEFT adapter merged into each
-//! weight as the model asks for it.
+//! weight as the model asks for it. MXFP4-packed expert weights (GPT-OSS's `X_blocks` and
+//! `X_scales`) are dequantized as transformers does when a model asks for `X` ([`mxfp4`]).
 
 pub mod backend;
 pub mod convert;
@@ -14,6 +15,7 @@ pub mod from_pickle;
 pub mod header;
 pub(crate) mod io;
 pub mod layout;
+pub mod mxfp4;
 pub mod pickle;
 pub mod source;
 pub mod stacked_params;

@@ -18,20 +18,22 @@ pub const EXPERT_NAMES: [(&str, [&str; 3]); 2] = [
     ("mlp", ["gate_proj", "up_proj", "down_proj"]),
 ];
 
-/// The parameters a module of transformers 5's sparse blocks registers, in the order it
-/// registers them (which sets how PEFT nests its wrappers): the experts' two stacks, the
-/// router's weight; `None` for any other module path.
+/// The parameters a module of transformers 5's sparse blocks registers that a LoRA can
+/// target, in the order it registers them (which sets how PEFT nests its wrappers): the
+/// experts' two stacks, the router's weight (`mlp.gate`; gpt-oss's `mlp.router`, whose
+/// bias no LoRA targets); `None` for any other module path.
 ///
 /// ```
 /// use lorakit::checkpoint::stacked_params::registered_parameters;
 /// assert_eq!(registered_parameters("model.layers.0.mlp.experts"), Some(&["gate_up_proj", "down_proj"][..]));
 /// assert_eq!(registered_parameters("model.layers.0.mlp.gate"), Some(&["weight"][..]));
+/// assert_eq!(registered_parameters("model.layers.0.mlp.router"), Some(&["weight"][..]));
 /// assert_eq!(registered_parameters("model.layers.0.mlp.gate_proj"), None);
 /// ```
 pub fn registered_parameters(module: &str) -> Option<&'static [&'static str]> {
     if module.ends_with(".mlp.experts") {
         Some(&["gate_up_proj", "down_proj"])
-    } else if module.ends_with(".mlp.gate") {
+    } else if module.ends_with(".mlp.gate") || module.ends_with(".mlp.router") {
         Some(&["weight"])
     } else {
         None
@@ -115,6 +117,29 @@ pub fn stacked_part(name: &str) -> Option<StackedPart> {
         expert,
         rows,
     })
+}
+
+/// The `(module, parameter)` a stored tensor is when the checkpoint keeps a stacked
+/// parameter whole, as gpt-oss's do: `….mlp.experts.gate_up_proj` and `….down_proj`
+/// (`(E, in, out)`, transformers' transposed layout), `….mlp.router.weight` (`(E, hidden)`).
+///
+/// ```
+/// use lorakit::checkpoint::stacked_params::stacked_whole;
+/// assert_eq!(stacked_whole("model.layers.1.mlp.experts.down_proj"),
+///            Some(("model.layers.1.mlp.experts".to_string(), "down_proj")));
+/// assert_eq!(stacked_whole("model.layers.1.mlp.router.weight"),
+///            Some(("model.layers.1.mlp.router".to_string(), "weight")));
+/// assert_eq!(stacked_whole("model.layers.1.mlp.experts.down_proj_bias"), None);
+/// ```
+pub fn stacked_whole(name: &str) -> Option<(String, &'static str)> {
+    let (module, param) = name.rsplit_once('.')?;
+    let registered = registered_parameters(module)?;
+    let param = registered.iter().find(|p| **p == param)?;
+    let whole = match *param {
+        "weight" => module.ends_with(".mlp.router"),
+        _ => true,
+    };
+    whole.then(|| (module.to_string(), *param))
 }
 
 /// An adapter's module path without PEFT's `.base_layer` levels (the nesting of wrappers

@@ -8,7 +8,7 @@ use serde_json::json;
 
 use crate::adapter::Variant;
 use crate::error::{Error, Result};
-use crate::model::AdapterPlan;
+use crate::model::{AdapterPlan, ParameterTargets};
 use crate::peft::PeftConfig;
 use crate::train::{DeltaLoraUpdate, LoraDropConfig, RankAllocatorConfig};
 use crate::variants::{AdaLoraConfig, LoraConfig, VeraConfig, VeraShared};
@@ -53,6 +53,12 @@ pub struct AdapterRecipe {
     pub alpha: f64,
     /// PEFT's `target_modules`: module-name suffixes, or the single entry `all-linear`.
     pub target_modules: Vec<String>,
+    /// PEFT's `target_parameters` (LoRA and LoRA+ only): a mixture of experts' stacked
+    /// parameters to adapt, by suffix of `module.parameter` (gpt-oss's
+    /// `experts.gate_up_proj`, `experts.down_proj`, `router.weight`; Mixtral's, Qwen3-MoE's
+    /// and OLMoE's are also reached through `target_modules`, as PEFT converts them).
+    /// Empty by default.
+    pub target_parameters: Vec<String>,
     /// Modules trained in full instead of adapted (PEFT's `modules_to_save`): a new
     /// classifier head, `["classifier"]` for BERT (PEFT adds it for `task_type`
     /// `SEQ_CLS`). Empty by default.
@@ -83,6 +89,7 @@ impl AdapterRecipe {
             r,
             alpha,
             target_modules: target_modules.iter().map(|s| s.to_string()).collect(),
+            target_parameters: Vec::new(),
             modules_to_save: Vec::new(),
             dropout: 0.0,
             use_rslora: false,
@@ -97,19 +104,34 @@ impl AdapterRecipe {
 
     /// The PEFT config the trained adapter is saved with (LoRA+, LoRA-FA, LoRA-drop and
     /// Delta-LoRA save as LoRA, DoRA as LoRA with `use_dora`); `total_steps` is AdaLoRA's
-    /// `total_step`. Errors on settings PEFT refuses (an empty target list, a bad rank).
+    /// `total_step`. Errors on settings PEFT refuses (no target at all, a bad rank,
+    /// `target_parameters` for a variant other than LoRA and LoRA+).
     pub fn peft_config(&self, total_steps: usize) -> Result<PeftConfig> {
-        if self.target_modules.is_empty() {
+        if self.target_modules.is_empty() && self.target_parameters.is_empty() {
             return Err(Error::settings(
                 "adapter recipe",
                 "target_modules",
                 "is empty: name the modules to adapt (e.g. q_proj, v_proj) or all-linear",
             ));
         }
+        let lora = matches!(self.variant, Variant::Lora | Variant::LoraPlus);
+        if !self.target_parameters.is_empty() && !lora {
+            return Err(Error::settings(
+                "adapter recipe",
+                "target_parameters",
+                format!(
+                    "is {:?}: only LoRA and LoRA+ adapt parameters (PEFT's LoRA), not {}",
+                    self.target_parameters, self.variant
+                ),
+            ));
+        }
         let names: Vec<&str> = self.target_modules.iter().map(String::as_str).collect();
         let mut config = PeftConfig::new(self.variant, self.r, self.alpha, &names);
         if names == ["all-linear"] {
             config = config.with_setting("target_modules", json!("all-linear"))?;
+        }
+        if !self.target_parameters.is_empty() {
+            config = config.with_setting("target_parameters", json!(self.target_parameters))?;
         }
         let dropout_key = match self.variant {
             Variant::Vera => "vera_dropout",
@@ -182,7 +204,10 @@ impl AdapterRecipe {
         };
         Ok(match self.variant {
             Variant::Lora | Variant::LoraPlus => {
+                let parameters =
+                    ParameterTargets::new(self.target_parameters.clone(), lora.clone());
                 AdapterPlan::lora(targets, ranks, lora, adapter_vb)
+                    .with_parameter_targets(parameters)
             }
             Variant::LoraFa => AdapterPlan::lora_fa(targets, ranks, lora, adapter_vb),
             Variant::LoraDrop => AdapterPlan::lora_drop(targets, ranks, lora, adapter_vb),
@@ -220,6 +245,10 @@ impl AdapterRecipe {
         );
         if !self.modules_to_save.is_empty() {
             text += &format!(" modules_to_save=[{}]", self.modules_to_save.join(", "));
+        }
+        if !self.target_parameters.is_empty() {
+            let names = self.target_parameters.join(", ");
+            text += &format!(" target_parameters=[{names}]");
         }
         text
     }

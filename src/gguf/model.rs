@@ -359,6 +359,7 @@ impl GgufModel {
             multimodal: false,
             moe: None,
             clip_qkv: None,
+            attention_sinks: false,
         };
         config.validate()?;
         Ok(config)

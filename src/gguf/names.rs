@@ -86,7 +86,8 @@ impl GgufArch {
             | LlamaFamily::Mixtral
             | LlamaFamily::Qwen2Moe
             | LlamaFamily::Qwen3Moe
-            | LlamaFamily::Olmoe => Err(Error::Unsupported {
+            | LlamaFamily::Olmoe
+            | LlamaFamily::GptOss => Err(Error::Unsupported {
                 what: "GGUF architecture for model_type",
                 got: family.model_type().to_string(),
                 supported: "llama, mistral, qwen2, qwen3".to_string(),

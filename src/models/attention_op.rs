@@ -14,13 +14,18 @@
 //! is `dV = Pᵀ dO`, `dS = scale · P ⊙ (dO Vᵀ − rowsum(dO ⊙ O))`, `dQ = dS K`,
 //! `dK = dSᵀ Q` (with dropout, [`super::attention_blocks`]' note). With Gemma 2's
 //! soft-capping the scaled scores become `z = cap · tanh(scale · s / cap)` before the mask,
-//! and the forward also keeps each score's slope `1 − tanh²`, which multiplies `dS`. Each
-//! key/value head
-//! serves `heads / kv_heads` consecutive query heads; the products run per key/value head
-//! over the stacked query heads, so keys and values are not repeated and `dK`, `dV` sum
-//! over their query heads by the product itself.
+//! and the forward also keeps each score's slope `1 − tanh²`, which multiplies `dS`. With
+//! GPT-OSS's attention sinks (one learned logit per query head, [`ScoreScale::sinks`])
+//! each row's softmax also counts its head's sink,
+//! `p_j = exp(z_j − m) / (Σ_k exp(z_k − m) + exp(sink − m))` with
+//! `m = max(max_j z_j, sink)`, and keeps only the keys' probabilities (summing to less
+//! than 1); the backward is unchanged, since the sink's column has no upstream gradient
+//! (`rowsum(dO ⊙ O)` is still `Σ_j P_j dP_j` over the keys), and the sinks, frozen, get
+//! none. Each key/value head serves `heads / kv_heads` consecutive query heads; the
+//! products run per key/value head over the stacked query heads, so keys and values are
+//! not repeated and `dK`, `dV` sum over their query heads by the product itself.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{
     CpuStorage, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor, WithDType,
@@ -72,7 +77,8 @@ pub(crate) fn causal_attention(
 
 /// `softmax(scale · q kᵀ + mask) v` with dropout on the probabilities, shapes as
 /// [`causal_attention`]'s, where every query of batch element `i` sees the keys `keys`
-/// lets it see. Callers check [`supports`] first.
+/// lets it see. Callers check [`supports`] first. A bare scale: no soft-cap and no
+/// attention sinks here (no encoder has them; the op's softmax would apply them).
 pub(crate) fn key_masked_attention(
     q: &Tensor,
     k: &Tensor,
@@ -100,12 +106,22 @@ fn apply(
     mask: Mask,
     dropout: Option<Dropout>,
 ) -> candle_core::Result<Tensor> {
+    if let Some(sinks) = &scores.sinks {
+        if sinks.len() != q.dim(1)? {
+            candle_core::bail!(
+                "{OP}: {} attention sinks for queries {:?} (one per query head)",
+                sinks.len(),
+                q.dims()
+            )
+        }
+    }
     q.contiguous()?.apply_op3(
         &heads_in_place(k)?,
         &heads_in_place(v)?,
         Attention {
             scale: scores.scale as f32,
             softcap: scores.softcap.map(|cap| cap as f32),
+            sinks: scores.sinks,
             mask,
             dropout,
             saved: Mutex::new(None),
@@ -191,12 +207,18 @@ struct Saved {
 }
 
 /// How the scores `q · kᵀ` become the softmax's input: times `scale`, then soft-capped to
-/// `(−cap, cap)` as `cap · tanh(x / cap)` when `softcap` is set (Gemma 2), before the mask.
-/// A bare `f64` is a scale without a cap.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// `(−cap, cap)` as `cap · tanh(x / cap)` when `softcap` is set (Gemma 2), before the mask;
+/// with `sinks`, each row's softmax also counts its query head's sink logit (GPT-OSS).
+/// A bare `f64` is a scale without a cap or sinks.
+#[derive(Clone, Debug, PartialEq)]
 pub(crate) struct ScoreScale {
     pub(crate) scale: f64,
     pub(crate) softcap: Option<f64>,
+    /// One logit per query head (`heads` of them; frozen: no gradient), an extra column
+    /// of every row of that head's scores, after the mask, that joins the softmax's max
+    /// and sum and is then dropped (transformers' GPT-OSS `eager_attention_forward`):
+    /// the keys' probabilities sum to less than 1. `None`: no sinks.
+    pub(crate) sinks: Option<Arc<[f32]>>,
 }
 
 impl From<f64> for ScoreScale {
@@ -204,6 +226,7 @@ impl From<f64> for ScoreScale {
         Self {
             scale,
             softcap: None,
+            sinks: None,
         }
     }
 }
@@ -211,6 +234,8 @@ impl From<f64> for ScoreScale {
 struct Attention {
     scale: f32,
     softcap: Option<f32>,
+    /// One logit per query head ([`ScoreScale::sinks`]).
+    sinks: Option<Arc<[f32]>>,
     mask: Mask,
     dropout: Option<Dropout>,
     saved: Mutex<Option<Saved>>,
@@ -312,6 +337,13 @@ impl Dims {
     fn m(&self) -> usize {
         self.h / self.g * self.t
     }
+
+    /// The query head of row `r` of the scores `(b, g, m, kv)`: key/value head `gi`
+    /// serves query heads `gi · h/g ..` stacked `t` rows each, so the rows run over
+    /// `(b, g, h/g, t)`, that is `(b, h, t)`.
+    fn query_head(&self, r: usize) -> usize {
+        r / self.t.max(1) % self.h.max(1)
+    }
 }
 
 impl Attention {
@@ -381,8 +413,21 @@ impl Attention {
                     let slopes = slopes.get_mut(lo..hi).unwrap_or_default();
                     crate::kernels::vector_math::soft_cap_in_place(seen, slopes, cap);
                 }
-                let max = crate::kernels::vector_math::max(seen);
-                let sum = crate::kernels::vector_math::exp_in_place_sum(seen, max);
+                let mut max = crate::kernels::vector_math::max(seen);
+                // The sink joins the max, and `exp(sink − max)` the sum.
+                let mut sink_share = 0.0;
+                if let Some(sinks) = &self.sinks {
+                    let sink = sinks
+                        .get(n.query_head(r))
+                        .copied()
+                        .unwrap_or(f32::NEG_INFINITY);
+                    max = max.max(sink);
+                    // A row that sees nothing, with a sink of −∞, has nothing to count.
+                    if max > f32::NEG_INFINITY {
+                        sink_share = (sink - max).exp();
+                    }
+                }
+                let sum = crate::kernels::vector_math::exp_in_place_sum(seen, max) + sink_share;
                 let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
                 for (j, v) in row.iter_mut().enumerate() {
                     if j < lo || j >= hi {
@@ -522,7 +567,9 @@ mod tests {
     use candle_core::{Device, Tensor, Var, D};
 
     /// The reference: keys and values repeated per query head (transformers'
-    /// `repeat_kv`), scores, an additive `mask` broadcast to `(b, h, t, kv)`, candle-nn's
+    /// `repeat_kv`), scores, an additive `mask` broadcast to `(b, h, t, kv)`, with sinks
+    /// their head's sink as one more column of scores `(b, h, t, kv + 1)` (dropped after
+    /// the softmax, transformers' GPT-OSS eager attention), candle-nn's
     /// composed softmax, the probabilities times `keep` (dropout's choices and scale,
     /// `(b, h, t, kv)`) when given, the product and the output transpose.
     fn composed_with(
@@ -543,13 +590,27 @@ mod tests {
                 .reshape((b, h, kv, d))
                 .unwrap()
         };
-        let super::ScoreScale { scale, softcap } = scores.into();
+        let super::ScoreScale {
+            scale,
+            softcap,
+            sinks,
+        } = scores.into();
         let mut scores = (q.matmul(&repeat(k).t().unwrap()).unwrap() * scale).unwrap();
         if let Some(cap) = softcap {
             scores = ((scores / cap).unwrap().tanh().unwrap() * cap).unwrap();
         }
-        let scores = scores.broadcast_add(mask).unwrap();
+        let mut scores = scores.broadcast_add(mask).unwrap();
+        if let Some(sinks) = &sinks {
+            let column = Tensor::from_slice(sinks, (1, h, 1, 1), &Device::Cpu)
+                .unwrap()
+                .broadcast_as((b, h, t, 1))
+                .unwrap();
+            scores = Tensor::cat(&[&scores, &column], 3).unwrap();
+        }
         let mut probs = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
+        if sinks.is_some() {
+            probs = probs.narrow(3, 0, kv).unwrap();
+        }
         if let Some(keep) = keep {
             probs = (probs * keep).unwrap();
         }
@@ -647,11 +708,16 @@ mod tests {
             };
             let (q, k, v) = (var((b, h, t, d)), var((b, g, kv, d)), var((b, g, kv, d)));
             let scale = 1.0 / (d as f64).sqrt();
-            let scores = super::ScoreScale { scale, softcap };
+            let scores = super::ScoreScale {
+                scale,
+                softcap,
+                sinks: None,
+            };
             let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
             assert!(super::supports(qt, kt, vt));
             let dropout = (p > 0.0).then(|| super::Dropout::with_seed(p, 7));
-            let fused = super::causal_attention(qt, kt, vt, scores, window, None, dropout).unwrap();
+            let fused =
+                super::causal_attention(qt, kt, vt, scores.clone(), window, None, dropout).unwrap();
             let reference = composed_dropped(qt, kt, vt, scores, window, dropout.as_ref());
             if softcap.is_some() {
                 let uncapped = composed_dropped(qt, kt, vt, scale, window, dropout.as_ref());
@@ -711,6 +777,255 @@ mod tests {
             err.to_string().contains("padding for 1 batch elements"),
             "{err}"
         );
+    }
+
+    /// Distinct sink logits for `h` query heads, about the size of the scores: a sink
+    /// ignored or read for another head changes the result.
+    fn sinks(h: usize) -> std::sync::Arc<[f32]> {
+        (0..h)
+            .map(|i| [-1.5f32, 0.9, 2.2, -0.4, 0.3, 1.4][i % 6])
+            .collect()
+    }
+
+    /// With attention sinks (GPT-OSS): the value and the gradients of q, k and v equal
+    /// both references with the same sinks, [`composed_with`] (keys repeated per query
+    /// head, its own sink column) and `fused::composed_attention` (the path off the op,
+    /// key/value heads grouped), under grouped-query heads, sliding windows, left
+    /// padding (a padding query seeing only itself), queries after cached keys (`t <
+    /// kv`, one query decoding), several blocks of query rows, a soft-cap, dropout (the
+    /// first reference only: the second draws its own). The sinks change the output.
+    #[test]
+    fn with_sinks_equals_the_composed_attention() {
+        let dev = Device::Cpu;
+        // ((h, g, t, kv), pads, window, dropout, soft-cap).
+        type Heads = (usize, usize, usize, usize);
+        type Case = (
+            Heads,
+            Option<&'static [usize]>,
+            Option<usize>,
+            f32,
+            Option<f64>,
+        );
+        let cases: [Case; 11] = [
+            ((4, 2, 6, 6), None, None, 0.0, None),
+            ((4, 2, 6, 6), None, Some(3), 0.0, None),
+            ((3, 3, 5, 5), None, None, 0.0, None),
+            ((4, 2, 3, 9), None, Some(4), 0.0, None),
+            ((4, 2, 1, 9), Some(&[0, 4]), None, 0.0, None),
+            ((4, 2, 6, 6), Some(&[0, 2]), Some(3), 0.0, None),
+            ((4, 2, 4, 10), Some(&[3, 7]), Some(5), 0.0, None),
+            ((4, 2, 150, 150), Some(&[0, 70]), None, 0.0, None),
+            ((2, 1, 70, 100), Some(&[80, 10]), Some(40), 0.0, None),
+            ((4, 2, 6, 6), Some(&[1, 3]), Some(4), 0.3, None),
+            ((4, 2, 6, 8), None, Some(3), 0.0, Some(0.7)),
+        ];
+        for ((h, g, t, kv), pads, window, p, softcap) in cases {
+            let (b, d) = (pads.map_or(2, <[usize]>::len), 4);
+            let var = |shape: (usize, usize, usize, usize)| {
+                Var::from_tensor(&Tensor::randn(0f32, 1., shape, &dev).unwrap()).unwrap()
+            };
+            let (q, k, v) = (var((b, h, t, d)), var((b, g, kv, d)), var((b, g, kv, d)));
+            let scale = 1.0 / (d as f64).sqrt();
+            let sinks = sinks(h);
+            let scores = super::ScoreScale {
+                scale,
+                softcap,
+                sinks: Some(sinks.clone()),
+            };
+            let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+            let dropout = (p > 0.0).then(|| super::Dropout::with_seed(p, 11));
+            let fused =
+                super::causal_attention(qt, kt, vt, scores.clone(), window, pads, dropout).unwrap();
+            let values = crate::models::padding::mask_values(pads, t, kv, kv - t, window);
+            let rows = pads.map_or(1, <[usize]>::len);
+            let mask = Tensor::from_vec(values, (rows, 1, t, kv), &dev).unwrap();
+            let keep = || keep(qt, kv, dropout.as_ref());
+            let reference = composed_with(qt, kt, vt, scores, &mask, keep());
+            let unsunk = super::ScoreScale {
+                scale,
+                softcap,
+                sinks: None,
+            };
+            let without = composed_with(qt, kt, vt, unsunk, &mask, keep());
+            let apart = super::super::op_test::max_abs(&(&reference - &without).unwrap());
+            let case = format!(
+                "h {h}, g {g}, t {t}, kv {kv}, pads {pads:?}, window {window:?}, p {p}, \
+                 cap {softcap:?}"
+            );
+            assert!(
+                apart > 1e-2,
+                "{case}: the sinks change the output by {apart:e}"
+            );
+            let inputs = [("q", qt), ("k", kt), ("v", vt)];
+            super::super::op_test::assert_same_op(&fused, &reference, &inputs, 1e-5, &case);
+            if p == 0.0 {
+                let sinks = Tensor::from_slice(&sinks, h, &dev).unwrap();
+                let mask = mask.unsqueeze(1).unwrap();
+                let grouped = crate::models::fused::composed_attention(
+                    qt,
+                    kt,
+                    vt,
+                    scale,
+                    &mask,
+                    0.0,
+                    softcap,
+                    Some(&sinks),
+                )
+                .unwrap();
+                let case = format!("{case}, fused::composed_attention");
+                super::super::op_test::assert_same_op(&fused, &grouped, &inputs, 1e-5, &case);
+            }
+        }
+        // One sink per query head, or an error.
+        let q = Tensor::zeros((1, 4, 3, 2), candle_core::DType::F32, &dev).unwrap();
+        let k = Tensor::zeros((1, 2, 3, 2), candle_core::DType::F32, &dev).unwrap();
+        let scores = super::ScoreScale {
+            scale: 1.0,
+            softcap: None,
+            sinks: Some(sinks(2)),
+        };
+        let err = super::causal_attention(&q, &k, &k, scores, None, None, None).unwrap_err();
+        assert!(err.to_string().contains("2 attention sinks"), "{err}");
+        let mask = Tensor::zeros((3, 3), candle_core::DType::F32, &dev).unwrap();
+        let two = Tensor::zeros(2, candle_core::DType::F32, &dev).unwrap();
+        let composed =
+            crate::models::fused::composed_attention(&q, &k, &k, 1.0, &mask, 0.0, None, Some(&two));
+        assert!(composed.is_err());
+    }
+
+    /// `fused::composed_attention` with sinks (the reference above, and the path off
+    /// the op) against the formula written out in f64, on f64 tensors with f32 sinks:
+    /// `p_j = exp(z_j − m) / (Σ_k exp(z_k − m) + exp(sink_h − m))`,
+    /// `m = max(max_j z_j, sink_h)`, `out = Σ_j p_j v_j`, for grouped-query heads under
+    /// an additive mask with finite and infinite entries, one of its rows fully masked
+    /// (its output 0, no NaN); and the gradients of q, k and v against central
+    /// differences of the formula.
+    #[test]
+    fn composed_attention_with_sinks_is_the_formula() {
+        let dev = Device::Cpu;
+        let (b, h, g, t, kv, d) = (2, 4, 2, 3, 4, 3);
+        let rep = h / g;
+        let scale = 0.7;
+        let sinks = [0.5f32, -1.25, 2.0, 0.25];
+        let inf = f64::NEG_INFINITY;
+        let mask = [
+            [0.0, 0.0, inf, inf],
+            [inf, inf, inf, inf],
+            [0.0, -0.5, 0.0, 0.3],
+        ];
+        let numbers = |n: usize, seed: usize| -> Vec<f64> {
+            (0..n)
+                .map(|i| (((i * 37 + seed * 11) % 23) as f64 / 23.0 - 0.5) * 2.5)
+                .collect()
+        };
+        let (qv, kv_, vv) = (
+            numbers(b * h * t * d, 1),
+            numbers(b * g * kv * d, 2),
+            numbers(b * g * kv * d, 3),
+        );
+        // The formula, `(b, t, h · d)`.
+        let formula = |q: &[f64], k: &[f64], v: &[f64]| -> Vec<f64> {
+            let mut out = vec![0f64; b * t * h * d];
+            for bi in 0..b {
+                for hi in 0..h {
+                    let gi = hi / rep;
+                    let sink = f64::from(sinks[hi]);
+                    for ti in 0..t {
+                        let z: Vec<f64> = (0..kv)
+                            .map(|j| {
+                                let dot: f64 = (0..d)
+                                    .map(|e| {
+                                        q[((bi * h + hi) * t + ti) * d + e]
+                                            * k[((bi * g + gi) * kv + j) * d + e]
+                                    })
+                                    .sum();
+                                scale * dot + mask[ti][j]
+                            })
+                            .collect();
+                        let m = z.iter().copied().fold(sink, f64::max);
+                        let denom: f64 =
+                            z.iter().map(|zj| (zj - m).exp()).sum::<f64>() + (sink - m).exp();
+                        for e in 0..d {
+                            out[(bi * t + ti) * h * d + hi * d + e] = (0..kv)
+                                .map(|j| {
+                                    (z[j] - m).exp() / denom * v[((bi * g + gi) * kv + j) * d + e]
+                                })
+                                .sum();
+                        }
+                    }
+                }
+            }
+            out
+        };
+        let var = |x: &[f64], shape: (usize, usize, usize, usize)| {
+            Var::from_tensor(&Tensor::from_slice(x, shape, &dev).unwrap()).unwrap()
+        };
+        let q = var(&qv, (b, h, t, d));
+        let k = var(&kv_, (b, g, kv, d));
+        let v = var(&vv, (b, g, kv, d));
+        let mask_t = Tensor::from_iter(mask.iter().flatten().copied(), &dev)
+            .unwrap()
+            .reshape((t, kv))
+            .unwrap();
+        let sinks_t = Tensor::from_slice(&sinks, h, &dev).unwrap();
+        let out = crate::models::fused::composed_attention(
+            q.as_tensor(),
+            k.as_tensor(),
+            v.as_tensor(),
+            scale,
+            &mask_t,
+            0.0,
+            None,
+            Some(&sinks_t),
+        )
+        .unwrap();
+        assert_eq!(out.dims(), [b, t, h * d]);
+        let got: Vec<f64> = out.flatten_all().unwrap().to_vec1().unwrap();
+        let want = formula(&qv, &kv_, &vv);
+        for (i, (x, y)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (x - y).abs() < 1e-12,
+                "out[{i}]: {x} against the formula's {y}"
+            );
+        }
+        // The fully masked query row (slot 1) reads nothing.
+        for bi in 0..b {
+            let row = &got[(bi * t + 1) * h * d..(bi * t + 2) * h * d];
+            assert!(row.iter().all(|&x| x == 0.0), "{row:?}");
+        }
+        // Gradients of `Σ out ⊙ u` against central differences of the formula.
+        let u = numbers(b * t * h * d, 4);
+        let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
+            formula(q, k, v).iter().zip(&u).map(|(o, u)| o * u).sum()
+        };
+        let u_t = Tensor::from_slice(&u, (b, t, h * d), &dev).unwrap();
+        let grads = (out * u_t).unwrap().sum_all().unwrap().backward().unwrap();
+        let eps = 1e-6;
+        for (name, which) in [("q", 0), ("k", 1), ("v", 2)] {
+            let x = [&q, &k, &v][which];
+            let got: Vec<f64> = grads
+                .get(x.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let base = [&qv, &kv_, &vv][which];
+            for i in 0..base.len() {
+                let at = |shift: f64| {
+                    let mut inputs = [qv.clone(), kv_.clone(), vv.clone()];
+                    inputs[which][i] += shift;
+                    loss(&inputs[0], &inputs[1], &inputs[2])
+                };
+                let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+                assert!(got[i].is_finite(), "d{name}[{i}] is {}", got[i]);
+                assert!(
+                    (got[i] - numeric).abs() < 1e-6,
+                    "d{name}[{i}]: {} against central differences' {numeric}",
+                    got[i]
+                );
+            }
+        }
     }
 
     /// The reference for a key mask: [`composed_with`], an additive mask of f32's most

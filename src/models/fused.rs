@@ -254,7 +254,7 @@ fn causal_attention_over(
     }
     // The composed ops add the mask to scores `(batch, kv_heads, group, seq, kv_len)`.
     let mask = CausalMask::new((t, kv_len, kv_len - t), window, pads, 2, q.device());
-    composed_attention(q, k, v, scale, mask.additive()?, 0.0, None)
+    composed_attention(q, k, v, scale, mask.additive()?, 0.0, None, None)
 }
 
 /// `softmax(scale · q kᵀ + mask) v` for queries `q` `(batch, heads, seq, head_dim)` and
@@ -365,7 +365,7 @@ pub(crate) fn attention_over_keys(
     let values: Vec<f64> = visible.iter().map(|&s| if s { 0.0 } else { min }).collect();
     let mask =
         Tensor::from_vec(values, (b, 1, 1, 1, kv_len), &Device::Cpu)?.to_device(q.device())?;
-    composed_attention(q, k, v, scale, &mask, dropout, None)
+    composed_attention(q, k, v, scale, &mask, dropout, None, None)
 }
 
 /// `silu(gate) ⊙ up` (the gated MLP of Llama-family models), differentiable in both;
@@ -447,7 +447,13 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 /// serve consecutive query heads without copies; scores and softmax in f32 for
 /// half-precision inputs, products in the inputs' dtype. `softcap`: the scaled scores
 /// become `cap · tanh(scores / cap)` before the mask (Gemma 2's `attn_logit_softcapping`,
-/// as transformers' eager attention applies it).
+/// as transformers' eager attention applies it). `sinks`: one logit per query head
+/// `(heads,)`, any float dtype (GPT-OSS's attention sinks, as transformers'
+/// `eager_attention_forward` there applies them): each row of a head's masked scores gets
+/// its sink as one more column for the softmax (in the max and the sum), which is then
+/// dropped, so the keys' probabilities sum to less than 1. The sinks are frozen: no
+/// gradient reaches them.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn composed_attention(
     q: &Tensor,
     k: &Tensor,
@@ -456,8 +462,14 @@ pub(crate) fn composed_attention(
     mask: &Tensor,
     dropout: f64,
     softcap: Option<f64>,
+    sinks: Option<&Tensor>,
 ) -> Result<Tensor> {
     let (b, h, t, d) = q.dims4()?;
+    if let Some(sinks) = sinks {
+        if sinks.dims() != [h] {
+            return Err(shape_error("attention", "sinks", format!("[{h}]"), sinks));
+        }
+    }
     let (g, kv_len) = (k.dim(1)?, k.dim(2)?);
     let rep = h / g;
     let q = q.contiguous()?.reshape((b, g, rep * t, d))?;
@@ -474,7 +486,21 @@ pub(crate) fn composed_attention(
         .to_dtype(softmax_dtype)?
         .reshape((b, g, rep, t, kv_len))?
         .broadcast_add(&mask.to_dtype(softmax_dtype)?)?;
-    let mut probs = softmax_last(&scores)?;
+    let mut probs = match sinks {
+        None => softmax_last(&scores)?,
+        Some(sinks) => {
+            // Query head `gi · rep + j` is `(gi, j)` of `(g, rep)`.
+            let column = sinks
+                .detach()
+                .to_device(q.device())?
+                .to_dtype(softmax_dtype)?
+                .reshape((1, g, rep, 1, 1))?
+                .broadcast_as((b, g, rep, t, 1))?
+                .contiguous()?;
+            let with_sinks = Tensor::cat(&[&scores, &column], 4)?;
+            softmax_last(&with_sinks)?.narrow(4, 0, kv_len)?
+        }
+    };
     if dropout > 0.0 {
         probs = candle_nn::ops::dropout(&probs, dropout as f32)?;
     }

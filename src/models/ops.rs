@@ -25,6 +25,11 @@ pub(crate) fn dropout_t(x: Tensor, p: f64, train: bool) -> Result<Tensor> {
     }
 }
 
+/// `1 / (1 + e^(−x))`, composed so that a gradient flows through it.
+pub(crate) fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    Ok((x.neg()?.exp()? + 1.0)?.recip()?)
+}
+
 /// Softmax over the last dimension.
 pub(crate) fn softmax_last(x: &Tensor) -> Result<Tensor> {
     if tracks_gradient(&[x]) {

@@ -20,7 +20,7 @@ use crate::checkpoint::convert::{
 };
 use crate::checkpoint::header::byte_len;
 use crate::checkpoint::stacked_params::{
-    registered_parameters, stacked_part, unwrapped, StackedRows,
+    registered_parameters, stacked_part, stacked_whole, unwrapped, StackedRows,
 };
 use crate::checkpoint::{Checkpoint, Given, Shard, ShardWriter, StoredTensor};
 use crate::error::{Error, Result};
@@ -147,7 +147,8 @@ impl std::fmt::Debug for MergeOptions<'_> {
 /// What a merge did.
 #[derive(Clone, Debug, Default)]
 pub struct MergeReport {
-    /// The module paths whose weights were merged, in file order.
+    /// The module paths whose weights were merged, in file order (a stacked parameter
+    /// stored whole, as gpt-oss's experts are, by its own name).
     pub merged: Vec<String>,
     /// Number of tensors written.
     pub tensors: usize,
@@ -545,7 +546,8 @@ impl MergeJob<'_, '_> {
                 },
             },
         };
-        let path = module_of(&tensor.name).map_or("", |(p, _)| p);
+        // A module's path; a stack stored whole (gpt-oss) goes by its own name.
+        let path = module_of(&tensor.name).map_or(tensor.name.as_str(), |(p, _)| p);
         if merged.elem_count() != w_len(tensor) {
             return Err(Error::ShapeMismatch {
                 layer: path.to_string(),
@@ -555,7 +557,7 @@ impl MergeJob<'_, '_> {
             });
         }
         self.write_f32(&merged, path, out_dtype, writer)?;
-        if tensor.name.ends_with(".weight") {
+        if tensor.name.ends_with(".weight") || stacked_whole(&tensor.name).is_some() {
             self.report.merged.push(path.to_string());
         }
         self.bytes_done += tensor.len;
@@ -599,16 +601,24 @@ impl MergeJob<'_, '_> {
     }
 
     /// `tensor` plus its part of a LoRA on a stacked parameter (an expert's projection, a
-    /// router), in f32, if the adapter has one on it.
+    /// router; or the whole stack, as gpt-oss stores it), in f32, if the adapter has one on
+    /// it.
     fn merge_parameter_part(&mut self, tensor: &StoredTensor) -> Result<Option<Tensor>> {
-        let Some(part) = stacked_part(&tensor.name) else {
+        let delta = if let Some(part) = stacked_part(&tensor.name) {
+            let Some(lora) = self.parameters.get(&(part.module, part.param)) else {
+                return Ok(None);
+            };
+            let (start, rows) = part.rows.range(lora.out_in().0);
+            (lora.delta_rows(part.expert, start, rows)?, lora)
+        } else if let Some(key) = stacked_whole(&tensor.name) {
+            let Some(lora) = self.parameters.get(&key) else {
+                return Ok(None);
+            };
+            (whole_delta(lora, tensor.shape.len())?, lora)
+        } else {
             return Ok(None);
         };
-        let Some(lora) = self.parameters.get(&(part.module, part.param)) else {
-            return Ok(None);
-        };
-        let (start, rows) = part.rows.range(lora.out_in().0);
-        let delta = lora.delta_rows(part.expert, start, rows)?;
+        let (delta, lora) = delta;
         let key = lora.key().to_string();
         let Some(weight) = self.read_f32(&tensor.name)? else {
             return Err(Error::checkpoint(
@@ -802,6 +812,20 @@ impl AddedTensor {
     }
 }
 
+/// A LoRA's change to a stacked parameter stored whole (`rank` 2: the router's `(out, in)`;
+/// 3: the experts' `(E, in, out)`, each expert's change transposed, as PEFT's
+/// `ParamWrapper` adds it to gpt-oss's transposed stacks), in f32.
+fn whole_delta(lora: &ParameterLora, rank: usize) -> Result<Tensor> {
+    let out = lora.out_in().0;
+    if rank == 2 {
+        return lora.delta_rows(0, 0, out);
+    }
+    let experts = (0..lora.experts())
+        .map(|e| Ok(lora.delta_rows(e, 0, out)?.t()?))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&experts, 0)?)
+}
+
 /// An adapter's LoRAs on parameters by (transformers 5's module path, parameter name).
 type ParameterLoras = HashMap<(String, &'static str), ParameterLora>;
 
@@ -830,7 +854,12 @@ fn parameter_loras(
     // The checkpoint's parts of each stacked parameter: (expert, rows, shape).
     type Parts = Vec<(usize, StackedRows, Vec<usize>)>;
     let mut stored: HashMap<(String, &'static str), Parts> = HashMap::new();
+    // Stacked parameters stored whole (gpt-oss): their shapes.
+    let mut whole: HashMap<(String, &'static str), Vec<usize>> = HashMap::new();
     for (_, t) in ckpt.tensors() {
+        if let Some(key) = stacked_whole(&t.name) {
+            whole.insert(key, t.shape.clone());
+        }
         if let Some(part) = stacked_part(&t.name) {
             stored.entry((part.module, part.param)).or_default().push((
                 part.expert,
@@ -844,17 +873,47 @@ fn parameter_loras(
         for (param, lora) in params.iter().zip(plan.parameter_lora(&module, params)?) {
             let Some(lora) = lora else { continue };
             let key = (module.clone(), *param);
+            let (out, inp) = lora.out_in();
+            if let Some(shape) = whole.get(&key) {
+                // gpt-oss's stacks are `(E, in, out)`; its router `(out, in)`.
+                let expected = match shape.len() {
+                    2 => vec![out, inp],
+                    _ => vec![lora.experts(), inp, out],
+                };
+                if *shape != expected || (shape.len() == 2 && lora.experts() != 1) {
+                    return Err(Error::ShapeMismatch {
+                        layer: lora.key().to_string(),
+                        what: "the stored stacked parameter for the LoRA on it".to_string(),
+                        expected: format!("{expected:?} for {} experts", lora.experts()),
+                        got: format!("{shape:?}"),
+                    });
+                }
+                loras.insert(key, lora);
+                continue;
+            }
+            let name = format!("{module}.{param}");
+            if ckpt.is_mxfp4(&name) {
+                return Err(Error::checkpoint(
+                    ckpt.path(),
+                    format!(
+                        "the adapter has a LoRA on `{name}`, which the checkpoint stores in \
+                         MXFP4 (`{name}_blocks`, `…_scales`): merging into quantized experts is \
+                         not supported; apply the adapter unmerged (e.g. `lorakit generate \
+                         --adapter`), or merge into a bf16 copy of the checkpoint"
+                    ),
+                ));
+            }
             let Some(parts) = stored.get(&key) else {
                 return Err(Error::checkpoint(
                     ckpt.path(),
                     format!(
-                        "the adapter has a LoRA on `{module}.{param}` but the checkpoint has no \
-                         tensor of it (an expert's `…experts.E.gate_proj.weight` / `w1`, or the \
-                         router's `…gate.weight`; an adapter for another model?)"
+                        "the adapter has a LoRA on `{name}` but the checkpoint has no tensor of \
+                         it (an expert's `…experts.E.gate_proj.weight` / `w1`, the router's \
+                         `…gate.weight`, or gpt-oss's stacks `…experts.gate_up_proj`; an \
+                         adapter for another model?)"
                     ),
                 ));
             };
-            let (out, inp) = lora.out_in();
             let experts = parts.iter().map(|(e, _, _)| e + 1).max().unwrap_or(0);
             for (e, rows, shape) in parts {
                 let (_, n) = rows.range(out);

@@ -29,7 +29,7 @@ use crate::checkpoint_merge::ckpt;
 use crate::peft_common::{fixture, load, rel_err};
 
 const TOL: f64 = 1e-4;
-const CASES: [&str; 21] = [
+const CASES: [&str; 22] = [
     "mistral",
     "qwen2",
     "qwen3",
@@ -51,6 +51,7 @@ const CASES: [&str; 21] = [
     "qwen2_moe",
     "qwen3_moe",
     "olmoe",
+    "gpt_oss",
 ];
 
 pub(crate) fn models(case: &str) -> PathBuf {
@@ -1569,8 +1570,8 @@ const CACHE_TOL: f64 = 1e-5;
 /// Mistral (sliding window 4 on every layer, GQA), Qwen2 (q/k/v bias, tied head), Qwen3
 /// (q/k norm, a sliding layer), Gemma 2 (soft-capped scores and logits), Gemma 3 (a
 /// sliding layer with its own RoPE θ), OLMo 2 and 3, the mixtures of experts (Mixtral,
-/// Qwen3-MoE, OLMoE with its clamp).
-const CACHE_CASES: [&str; 10] = [
+/// Qwen3-MoE, OLMoE with its clamp; gpt-oss with its sinks).
+const CACHE_CASES: [&str; 11] = [
     "mistral",
     "qwen2",
     "qwen3",
@@ -1581,6 +1582,7 @@ const CACHE_CASES: [&str; 10] = [
     "mixtral",
     "qwen3_moe",
     "olmoe",
+    "gpt_oss",
 ];
 
 /// `(case, adapter?)` → the model: the base, then the PEFT LoRA.

@@ -25,7 +25,7 @@ const TOL: f64 = 1e-4;
 
 #[test]
 fn adapters_on_experts_and_router_give_peft_logits_unmerged_and_merged() {
-    for case in ["mixtral", "qwen3_moe", "olmoe"] {
+    for case in ["mixtral", "qwen3_moe", "olmoe", "gpt_oss"] {
         let dir = models(case);
         let io = load(&dir.join("logits.safetensors"));
         let ids = &io["input_ids"];
@@ -35,7 +35,16 @@ fn adapters_on_experts_and_router_give_peft_logits_unmerged_and_merged() {
         // Every tensor of the file was used; the attention's modules are adapted layers,
         // the experts' and router's LoRAs stacked ones.
         let layers = plan.finish().unwrap();
-        assert_eq!(layers.paths().len(), 8, "{case}: q/k/v/o of two layers");
+        let attention = load(&dir.join("experts/adapter_model.safetensors"))
+            .keys()
+            .filter(|k| k.contains(".self_attn.") && k.ends_with("lora_A.weight"))
+            .count();
+        assert_eq!(
+            layers.paths().len(),
+            attention,
+            "{case}: the attention's modules"
+        );
+        assert!(attention >= 4, "{case}");
         let want = &io["experts_logits"];
         check(&logits(&model, ids), want, TOL, &format!("{case} experts"));
         assert!(rel_err(want, &io["logits"]) > 1e-2 && rel_err(want, &io["lora_logits"]) > 1e-2);
@@ -101,7 +110,7 @@ fn stacked_count(dir: &Path) -> usize {
 
 #[test]
 fn merging_parameter_adapters_writes_peft_merged_tensors() {
-    for case in ["mixtral", "qwen3_moe", "olmoe"] {
+    for case in ["mixtral", "qwen3_moe", "olmoe", "gpt_oss"] {
         let dir = models(case);
         let out = temp_dir(&format!("moe-merge-{case}"));
         let merged = out.join("merged");
@@ -113,15 +122,14 @@ fn merging_parameter_adapters_writes_peft_merged_tensors() {
         )
         .unwrap();
         // Every expert's three projections and the router, of both layers (Mixtral) or of
-        // the sparse layer (Qwen3-MoE), besides q/k/v/o of both layers.
-        let sparse_layers = if case == "qwen3_moe" { 1 } else { 2 };
-        let experts = sparse_layers * (4 * 3 + 1);
-        assert_eq!(
-            report.merged.len(),
-            8 + experts,
-            "{case}: {:?}",
-            report.merged
-        );
+        // the sparse layer (Qwen3-MoE), besides q/k/v/o of both layers; gpt-oss's two
+        // stacks and router per layer, besides q/v.
+        let expected = match case {
+            "qwen3_moe" => 8 + (4 * 3 + 1),
+            "gpt_oss" => 4 + 2 * 3,
+            _ => 8 + 2 * (4 * 3 + 1),
+        };
+        assert_eq!(report.merged.len(), expected, "{case}: {:?}", report.merged);
         let want = load(&dir.join("experts_merged.safetensors"));
         assert_matches(&merged_tensors(&merged), &want, case);
 
@@ -156,6 +164,17 @@ fn merging_parameter_adapters_writes_peft_merged_tensors() {
         err.contains("mlp.experts") || err.contains("q_proj"),
         "{err}"
     );
+    assert!(!merged.exists());
+    // gpt-oss's MXFP4 experts are not merged into: refused, naming the format.
+    let err = merge_checkpoint(
+        &models("gpt_oss_mxfp4").join("base"),
+        &models("gpt_oss").join("experts"),
+        &merged,
+        MergeOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("MXFP4"), "{err}");
     assert!(!merged.exists());
 }
 

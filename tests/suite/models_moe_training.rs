@@ -20,7 +20,10 @@ use crate::models_llama::{
 use crate::peft_common::{load, temp_dir};
 
 const TOL: f64 = 1e-4;
+/// The models PEFT's `all-linear` converts into LoRAs on parameters.
 const CASES: [&str; 3] = ["mixtral", "qwen3_moe", "olmoe"];
+/// Those, and gpt-oss, whose fixture names its experts and router in `target_parameters`.
+const PARAMETER_CASES: [&str; 4] = ["mixtral", "qwen3_moe", "olmoe", "gpt_oss"];
 const PREFIX: &str = "base_model.model.";
 
 /// Sets every trainable variable of `set` from PEFT's file `file`, decoding a LoRA on a
@@ -53,13 +56,14 @@ fn set_from_peft_file(set: &lorakit::model::AdaptedSet, file: &HashMap<String, T
                 }
             }
         };
+        let value = value.to_dtype(v.var.var.dtype()).unwrap();
         v.var.var.set(&value.contiguous().unwrap()).unwrap();
     }
 }
 
 #[test]
 fn trainable_experts_with_peft_factors_give_peft_logits_and_save_its_file() {
-    for case in CASES {
+    for case in PARAMETER_CASES {
         let dir = models(case);
         let io = load(&dir.join("logits.safetensors"));
         let ids = &io["input_ids"];
@@ -196,15 +200,33 @@ fn gradients_of_the_experts_and_router_loras_match_finite_differences() {
         .map(|v| v.full_name())
         .collect();
     assert_eq!(layer0.len(), 4 * 3 + 4 * 2 + 2, "{layer0:?}");
-    let grads = probe_loss(&model, &ids, &r).backward().unwrap();
     // Layer 0's gate_up A and gate-half B of expert 1, down's B of expert 3, the router's A.
-    for name in [
+    let names = [
         "model.layers.0.mlp.experts.base_layer.lora_A.1",
         "model.layers.0.mlp.experts.base_layer.lora_B.1.gate",
         "model.layers.0.mlp.experts.base_layer.lora_B.1.up",
         "model.layers.1.mlp.experts.lora_B.3",
         "model.layers.0.mlp.gate.lora_A.0",
-    ] {
+    ];
+    for var in check_gradients_of(&model, &set, &names, (&ids, &r)) {
+        assert!(stacked
+            .iter()
+            .any(|v| v.as_tensor().id() == var.as_tensor().id()));
+    }
+}
+
+/// The variables of `set` named `names` (full names), each with a non-zero gradient of
+/// `probe_loss` on `(ids, r)` that equals its finite differences at its first, middle and
+/// last element.
+fn check_gradients_of(
+    model: &LlamaForCausalLM,
+    set: &lorakit::model::AdaptedSet,
+    names: &[&str],
+    (ids, r): (&Tensor, &Tensor),
+) -> Vec<Var> {
+    let grads = probe_loss(model, ids, r).backward().unwrap();
+    let mut vars = Vec::new();
+    for &name in names {
         let var = set
             .trainable_vars()
             .into_iter()
@@ -212,17 +234,42 @@ fn gradients_of_the_experts_and_router_loras_match_finite_differences() {
             .unwrap_or_else(|| panic!("no {name}"))
             .var
             .var;
-        assert!(stacked
-            .iter()
-            .any(|v| v.as_tensor().id() == var.as_tensor().id()));
         let g = grads
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("no gradient for {name}"));
         let g = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
         assert!(g.iter().any(|v| v.abs() > 1e-4), "{name}: zero gradient");
-        let last = g.len() - 1;
-        check_finite_differences(&model, &var, (&ids, &r), &g, &[0, last], name);
+        let (mid, last) = (g.len() / 2, g.len() - 1);
+        check_finite_differences(model, &var, (ids, r), &g, &[0, mid, last], name);
+        vars.push(var);
     }
+    vars
+}
+
+/// gpt-oss's experts (interleaved gate and up columns through a clamped SwiGLU, biases) and
+/// router (the softmax of the chosen logits), in f64 with PEFT's fixture factors.
+#[test]
+fn gpt_oss_experts_and_router_gradients_match_finite_differences() {
+    let dir = models("gpt_oss");
+    let io = load(&dir.join("logits.safetensors"));
+    let ids = io["input_ids"].clone();
+    let r = Tensor::randn(0f64, 1., (2, 9, 64), &Device::Cpu).unwrap();
+    let peft = PeftConfig::from_file(dir.join("experts/adapter_config.json")).unwrap();
+    let vars = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vars, DType::F64, &Device::Cpu);
+    let plan = peft.fresh_plan(vb, &LoraConfig::default()).unwrap();
+    let model = build_case(&dir, DType::F64, &plan);
+    let set = plan.finish().unwrap();
+    set_from_peft_file(&set, &load(&dir.join("experts/adapter_model.safetensors")));
+    let names = [
+        "model.layers.0.mlp.experts.base_layer.lora_A.1",
+        "model.layers.0.mlp.experts.base_layer.lora_B.2",
+        "model.layers.1.mlp.experts.lora_A.0",
+        "model.layers.1.mlp.experts.lora_B.3",
+        "model.layers.0.mlp.router.lora_A.0",
+        "model.layers.1.mlp.router.lora_B.0",
+    ];
+    check_gradients_of(&model, &set, &names, (&ids, &r));
 }
 
 #[test]
@@ -234,14 +281,7 @@ fn training_moves_the_experts_and_router_loras_and_lowers_the_loss() {
     // Only the parameters: no module is adapted.
     assert!(set.is_empty());
     assert_eq!(set.stacked_loras().len(), 6);
-    let data = crate::finetune_train::toy_data(8);
-    let mut settings = TrainConfig::new(8);
-    settings.lr = 1e-2;
-    let mut trainer = Trainer::new(&model, set.clone(), recipe, settings).unwrap();
-    let before = trainer.evaluate(&data).unwrap();
-    trainer.train(&data, None, |_| {}).unwrap();
-    let after = trainer.evaluate(&data).unwrap();
-    assert!(after < before, "loss {before} → {after}");
+    train_lowering_the_loss(&model, &set, recipe, 8);
     let moved = set
         .trainable_vars()
         .iter()
@@ -251,6 +291,25 @@ fn training_moves_the_experts_and_router_loras_and_lowers_the_loss() {
             t.to_scalar::<f32>().unwrap() > 0.0
         });
     assert!(moved, "a B stayed at zero");
+}
+
+/// A trainer of `set` on `model` after `steps` steps of `recipe` (learning rate 1e-2) on
+/// toy data, checked to have lowered the evaluation loss.
+pub(crate) fn train_lowering_the_loss<'m>(
+    model: &'m LlamaForCausalLM,
+    set: &lorakit::model::AdaptedSet,
+    recipe: AdapterRecipe,
+    steps: usize,
+) -> Trainer<'m> {
+    let data = crate::finetune_train::toy_data(8);
+    let mut settings = TrainConfig::new(steps);
+    settings.lr = 1e-2;
+    let mut trainer = Trainer::new(model, set.clone(), recipe, settings).unwrap();
+    let before = trainer.evaluate(&data).unwrap();
+    trainer.train(&data, None, |_| {}).unwrap();
+    let after = trainer.evaluate(&data).unwrap();
+    assert!(after < before, "loss {before} → {after}");
+    trainer
 }
 
 #[test]

@@ -260,6 +260,10 @@ pub struct LlamaConfig {
     /// OLMoE's `clip_qkv`: queries, keys and values clamped to `[−c, c]` after their
     /// projections (and the q/k norms); `None`: no clamp.
     pub clip_qkv: Option<f64>,
+    /// gpt-oss's attention sinks: each query head has a learned logit
+    /// (`self_attn.sinks`) that joins its row's softmax as one more key without a value,
+    /// so a row's probabilities sum to less than 1.
+    pub attention_sinks: bool,
 }
 
 /// The keys read from `config.json`, as written.
@@ -427,11 +431,19 @@ impl LlamaConfig {
                 .get("quant_method")
                 .and_then(Value::as_str)
                 .unwrap_or("present");
-            return Err(Error::Unsupported {
-                what: "quantization_config (quantized weights)",
-                got: method.to_string(),
-                supported: "unquantized f32, f16 or bf16 checkpoints".to_string(),
-            });
+            // gpt-oss's released checkpoints store the experts in MXFP4, which the
+            // checkpoint reader dequantizes as transformers does
+            // (`crate::checkpoint::mxfp4`); everything else is stored plainly.
+            let dequantized = family == LlamaFamily::GptOss && method == "mxfp4";
+            if !dequantized {
+                return Err(Error::Unsupported {
+                    what: "quantization_config (quantized weights)",
+                    got: method.to_string(),
+                    supported: "unquantized f32, f16 or bf16 checkpoints (and gpt-oss's \
+                                MXFP4 experts)"
+                        .to_string(),
+                });
+            }
         }
         let gemma = family.is_gemma();
         let gemma_settings = if gemma {
@@ -454,6 +466,7 @@ impl LlamaConfig {
             Some(Some(n)) => n,
             Some(None) => num_attention_heads,
             None => match family {
+                LlamaFamily::GptOss => 8,
                 LlamaFamily::Llama
                 | LlamaFamily::Granite
                 | LlamaFamily::Phi3
@@ -473,6 +486,7 @@ impl LlamaConfig {
             (Some(Some(d)), _) => d,
             (None, LlamaFamily::Qwen3) => 128,
             (None, f) if f.is_gemma() => 256,
+            (None, LlamaFamily::GptOss) => 64,
             (Some(None), LlamaFamily::Qwen3) => {
                 return Err(invalid("head_dim", "null (Qwen3 needs a head_dim)"))
             }
@@ -485,7 +499,10 @@ impl LlamaConfig {
             LlamaFamily::Olmoe => 4096,
             LlamaFamily::Gemma | LlamaFamily::Gemma2 => 8192,
             LlamaFamily::Phi3 => 4096,
-            LlamaFamily::Mistral | LlamaFamily::Gemma3 | LlamaFamily::Mixtral => 131_072,
+            LlamaFamily::Mistral
+            | LlamaFamily::Gemma3
+            | LlamaFamily::Mixtral
+            | LlamaFamily::GptOss => 131_072,
             LlamaFamily::Qwen2
             | LlamaFamily::Qwen3
             | LlamaFamily::SmolLm3
@@ -514,7 +531,8 @@ impl LlamaConfig {
                 (theta, scaling, partial, None)
             };
 
-        let attention_bias = raw.attention_bias.unwrap_or(false);
+        // GptOssConfig's default is biased attention.
+        let attention_bias = raw.attention_bias.unwrap_or(family == LlamaFamily::GptOss);
         let (qkv_bias, o_bias, mlp_bias) = match family {
             LlamaFamily::Llama | LlamaFamily::Granite => (
                 attention_bias,
@@ -533,7 +551,8 @@ impl LlamaConfig {
             | LlamaFamily::Gemma3
             | LlamaFamily::Olmo2
             | LlamaFamily::Olmo3
-            | LlamaFamily::Olmoe => (attention_bias, attention_bias, false),
+            | LlamaFamily::Olmoe
+            | LlamaFamily::GptOss => (attention_bias, attention_bias, false),
             LlamaFamily::SmolLm3 => (
                 attention_bias,
                 attention_bias,
@@ -551,6 +570,7 @@ impl LlamaConfig {
         let window = match (raw.sliding_window, family) {
             (Some(w), _) => w,
             (None, LlamaFamily::SmolLm3 | LlamaFamily::Phi3 | LlamaFamily::Mixtral) => None,
+            (None, LlamaFamily::GptOss) => Some(128),
             (None, _) => Some(4096),
         };
         let layer_attention = match family {
@@ -560,6 +580,19 @@ impl LlamaConfig {
             LlamaFamily::Gemma | LlamaFamily::Gemma2 | LlamaFamily::Gemma3 => {
                 let types = raw.layer_types.as_deref();
                 let names = gemma_keys.layer_type_names(family, types, num_hidden_layers, file)?;
+                layer_kinds(&names, window, "sliding_window is null", file)?
+            }
+            LlamaFamily::GptOss => {
+                // GptOssConfig's default: sliding and full layers alternating, the first
+                // one sliding.
+                let names = raw.layer_types.clone().unwrap_or_else(|| {
+                    (0..num_hidden_layers)
+                        .map(|i| match i % 2 {
+                            0 => "sliding_attention".to_string(),
+                            _ => "full_attention".to_string(),
+                        })
+                        .collect()
+                });
                 layer_kinds(&names, window, "sliding_window is null", file)?
             }
             LlamaFamily::Olmo3 => {
@@ -629,7 +662,8 @@ impl LlamaConfig {
                 | LlamaFamily::Olmo2
                 | LlamaFamily::Olmo3
                 | LlamaFamily::Mixtral
-                | LlamaFamily::Olmoe => 1e-5,
+                | LlamaFamily::Olmoe
+                | LlamaFamily::GptOss => 1e-5,
                 _ => 1e-6,
             }),
             rope_theta,
@@ -683,6 +717,7 @@ impl LlamaConfig {
                 LlamaFamily::Olmoe => raw.clip_qkv,
                 _ => None,
             },
+            attention_sinks: family == LlamaFamily::GptOss,
         })
     }
 
@@ -1065,10 +1100,15 @@ pub(super) fn resolve_rope(
 ) -> Result<(f64, RopeScaling, f64)> {
     let default_theta = match family {
         LlamaFamily::SmolLm3 => 2_000_000.0,
+        LlamaFamily::GptOss => 150_000.0,
         LlamaFamily::Mixtral => 1_000_000.0,
         _ => 10_000.0,
     };
-    let empty = Map::new();
+    // GptOssConfig's default RoPE is YaRN; the others' is plain RoPE.
+    let empty = match family {
+        LlamaFamily::GptOss => gpt_oss_default_rope(),
+        _ => Map::new(),
+    };
     let rope = raw
         .rope_scaling
         .as_ref()
@@ -1085,6 +1125,22 @@ pub(super) fn resolve_rope(
     }
     let theta = (raw.rope_theta, default_theta);
     resolve_rope_map(rope, theta, raw, max_position_embeddings, family, file)
+}
+
+/// GptOssConfig's default `rope_parameters`: YaRN, factor 32 over 4096 positions.
+fn gpt_oss_default_rope() -> Map<String, Value> {
+    let number = |x: f64| Value::from(x);
+    [
+        ("rope_type", Value::from("yarn")),
+        ("factor", number(32.0)),
+        ("beta_fast", number(32.0)),
+        ("beta_slow", number(1.0)),
+        ("truncate", Value::from(false)),
+        ("original_max_position_embeddings", Value::from(4096)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
 }
 
 /// RoPE per layer type (Gemma 3, OLMo 3): the full-attention layers' θ (`full_theta`: the

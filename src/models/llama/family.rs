@@ -86,11 +86,18 @@ pub enum LlamaFamily {
     /// mixture of experts (64, 8 per token, not renormalized, by default) in every layer.
     /// transformers has no sequence classifier for it.
     Olmoe,
+    /// `gpt_oss`: OpenAI's gpt-oss (gpt-oss-20b, gpt-oss-120b): biased attention with a
+    /// learned sink logit per head, sliding and full layers alternating (the first one
+    /// sliding, window 128), YaRN RoPE, RMSNorms multiplied in f32, and in every layer a
+    /// sparse mixture of experts with a biased router (softmax over the chosen experts'
+    /// logits) and biased experts stored stacked, each a clamped SwiGLU over interleaved
+    /// gate and up columns ([`ClampedSwiGlu`](super::ClampedSwiGlu)).
+    GptOss,
 }
 
 impl LlamaFamily {
     /// Every family, in the order errors list them.
-    pub const ALL: [LlamaFamily; 16] = [
+    pub const ALL: [LlamaFamily; 17] = [
         Self::Llama,
         Self::Mistral,
         Self::Qwen2,
@@ -107,6 +114,7 @@ impl LlamaFamily {
         Self::Qwen2Moe,
         Self::Qwen3Moe,
         Self::Olmoe,
+        Self::GptOss,
     ];
 
     /// The `model_type`s of the families `which` admits, comma-separated (for errors).
@@ -149,10 +157,11 @@ impl LlamaFamily {
             LlamaFamily::Qwen2Moe => "qwen2_moe",
             LlamaFamily::Qwen3Moe => "qwen3_moe",
             LlamaFamily::Olmoe => "olmoe",
+            LlamaFamily::GptOss => "gpt_oss",
         }
     }
 
-    /// The family of a `model_type`, if it is one of the sixteen, or `gemma3` (Gemma 3's image
+    /// The family of a `model_type`, if it is one of the seventeen, or `gemma3` (Gemma 3's image
     /// and text checkpoints, whose text decoder is Gemma 3's: see
     /// [`LlamaConfig::multimodal`](super::LlamaConfig::multimodal)).
     ///
@@ -183,7 +192,7 @@ impl LlamaFamily {
     }
 
     /// Whether transformers multiplies its RMSNorms' weights in f32 (the Gemma families,
-    /// OLMo 2 and 3) rather than in the input's dtype: the weight is kept in f32 for a
+    /// OLMo 2 and 3, gpt-oss) rather than in the input's dtype: the weight is kept in f32 for a
     /// half-precision model.
     ///
     /// ```
@@ -191,10 +200,10 @@ impl LlamaFamily {
     /// assert!(LlamaFamily::Olmo2.norms_in_f32() && !LlamaFamily::Qwen3.norms_in_f32());
     /// ```
     pub fn norms_in_f32(self) -> bool {
-        self.is_gemma() || matches!(self, Self::Olmo2 | Self::Olmo3)
+        self.is_gemma() || matches!(self, Self::Olmo2 | Self::Olmo3 | Self::GptOss)
     }
 
-    /// Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE: the families whose MLPs are (or may be) sparse
+    /// Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE or gpt-oss: the families whose MLPs are (or may be) sparse
     /// mixtures of experts ([`MoeConfig`](super::MoeConfig)).
     ///
     /// ```
@@ -204,7 +213,7 @@ impl LlamaFamily {
     pub fn is_moe(self) -> bool {
         matches!(
             self,
-            Self::Mixtral | Self::Qwen2Moe | Self::Qwen3Moe | Self::Olmoe
+            Self::Mixtral | Self::Qwen2Moe | Self::Qwen3Moe | Self::Olmoe | Self::GptOss
         )
     }
 }

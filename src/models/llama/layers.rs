@@ -10,7 +10,9 @@
 //! (`models::attention_op`), in training and over a KV cache's buffers in generation;
 //! other dtypes and devices compose it from candle ops under this forward's masks.
 
-use candle_core::{Device, Module, Tensor};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result, Scope};
@@ -22,6 +24,7 @@ use crate::models::ops::dropout_t;
 use crate::models::{attention_op, fused};
 
 use super::config::{LayerAttention, LlamaConfig};
+use super::gpt_oss_moe;
 use super::mlp::Mlp;
 use super::norm::RmsNorm;
 use super::norm_layout::{NormPlacement, QkNorm};
@@ -103,6 +106,28 @@ pub(crate) struct Attention {
     qk_norm: QkNorm,
     /// OLMoE's clamp of queries, keys and values.
     clip_qkv: Option<f64>,
+    /// gpt-oss's sink logit per query head (`sinks`), for the fused op (on the host) and
+    /// the composed path.
+    sinks: Option<Sinks>,
+}
+
+/// A layer's attention sinks ([`LlamaConfig::attention_sinks`]).
+#[derive(Clone, Debug)]
+struct Sinks {
+    host: Arc<[f32]>,
+    tensor: Tensor,
+}
+
+impl Sinks {
+    /// `sinks` `(heads,)` at `vb`'s path (`model.layers.N.self_attn`).
+    fn load(heads: usize, vb: &VarBuilder) -> Result<Self> {
+        let tensor = vb.get(heads, "sinks")?;
+        let host = tensor.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        Ok(Self {
+            host: host.into(),
+            tensor,
+        })
+    }
 }
 
 impl Attention {
@@ -144,6 +169,10 @@ impl Attention {
             softcap: c.attn_logit_softcapping,
             qk_norm: c.qk_norm,
             clip_qkv: c.clip_qkv,
+            sinks: match c.attention_sinks {
+                true => Some(Sinks::load(c.num_attention_heads, &vb)?),
+                false => None,
+            },
         })
     }
 
@@ -215,12 +244,15 @@ impl Attention {
             let scores = attention_op::ScoreScale {
                 scale: self.scale,
                 softcap: self.softcap,
+                sinks: self.sinks.as_ref().map(|s| s.host.clone()),
             };
             let out = attention_op::causal_attention(q, k, v, scores, window, pads, dropout)?;
             return Ok(self.o_proj.forward(&out)?);
         }
         let additive = mask.additive()?;
-        let out = fused::composed_attention(q, k, v, self.scale, additive, p, self.softcap)?;
+        let sinks = self.sinks.as_ref().map(|s| &s.tensor);
+        let (scale, softcap) = (self.scale, self.softcap);
+        let out = fused::composed_attention(q, k, v, scale, additive, p, softcap, sinks)?;
         Ok(self.o_proj.forward(&out)?)
     }
 
@@ -255,7 +287,10 @@ impl FeedForward {
     /// block when `sparse` (`mlp`; Mixtral's `block_sparse_moe`).
     fn load(c: &LlamaConfig, sparse: bool, vb: &VarBuilder, plan: &AdapterPlan) -> Result<Self> {
         match c.moe.as_ref().filter(|_| sparse) {
-            Some(moe) => Ok(Self::Sparse(SparseMoe::load(c, moe, vb, plan)?)),
+            Some(moe) => match moe.clamped_swiglu {
+                Some(swiglu) => Ok(Self::Sparse(gpt_oss_moe::load(c, moe, swiglu, vb, plan)?)),
+                None => Ok(Self::Sparse(SparseMoe::load(c, moe, vb, plan)?)),
+            },
             None if c.dense_mlp_adaptable() => Ok(Self::Dense(Mlp::load(c, vb.pp("mlp"), plan)?)),
             None => Ok(Self::Dense(Mlp::load_frozen(c, vb.pp("mlp"), plan)?)),
         }

@@ -33,11 +33,13 @@
 
 mod activation;
 mod cache;
+mod clamped_expert;
 mod classifier;
 mod config;
 mod family;
 mod gemma;
 mod generate;
+mod gpt_oss_moe;
 mod layer_types;
 mod layers;
 mod longrope;
@@ -75,7 +77,7 @@ pub use classifier::LlamaForSequenceClassification;
 pub use config::{LayerAttention, LlamaConfig, RopeScaling};
 pub use family::{LlamaFamily, GEMMA3_MULTIMODAL};
 pub use longrope::LongRopeScaling;
-pub use moe::MoeConfig;
+pub use moe::{ClampedSwiGlu, MoeConfig};
 pub use multipliers::Multipliers;
 pub use norm_layout::{NormPlacement, QkNorm};
 use trunk::LlamaTrunk;

@@ -78,6 +78,23 @@ pub struct MoeConfig {
     /// router's load-balancing loss, times this, to the language-modelling loss. lorakit does
     /// not compute that loss, so its losses refuse such a config (the logits are the same).
     pub router_aux_loss_coef: Option<f64>,
+    /// gpt-oss's experts and router ([`ClampedSwiGlu`]); `None` for the gated-SiLU experts
+    /// of the other families.
+    pub clamped_swiglu: Option<ClampedSwiGlu>,
+}
+
+/// gpt-oss's experts (transformers' `GptOssExperts`, `GptOssTopKRouter`): each expert's
+/// `gate_up_proj` (biased) gives interleaved gate and up columns (gate at the even ones),
+/// and its output is `down_proj((up + 1) · g · sigmoid(alpha · g))` (biased) with
+/// `g = min(gate, limit)` and `up` clamped to `[−limit, limit]`. The router (biased) picks
+/// the `experts_per_token` largest logits and weights the chosen experts by the softmax of
+/// those logits.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ClampedSwiGlu {
+    /// `swiglu_limit` (7 by default).
+    pub limit: f64,
+    /// `swiglu_alpha` (1.702 by default).
+    pub alpha: f64,
 }
 
 /// The mixture-of-experts keys of `config.json`, as written.
@@ -94,6 +111,8 @@ pub(super) struct MoeKeys {
     router_jitter_noise: Option<f64>,
     output_router_logits: Option<bool>,
     router_aux_loss_coef: Option<f64>,
+    swiglu_limit: Option<f64>,
+    swiglu_alpha: Option<f64>,
 }
 
 impl MoeKeys {
@@ -109,6 +128,7 @@ impl MoeKeys {
     ) -> Result<MoeConfig> {
         let invalid = |field: &'static str, reason: String| Error::file_config(file, field, reason);
         let mixtral = family == LlamaFamily::Mixtral;
+        let gpt_oss = family == LlamaFamily::GptOss;
         let qwen2 = family == LlamaFamily::Qwen2Moe;
         let (experts, per_token, width, shared) = match family {
             LlamaFamily::Mixtral => (
@@ -122,6 +142,13 @@ impl MoeKeys {
                 self.num_experts_per_tok.unwrap_or(4),
                 self.moe_intermediate_size.unwrap_or(1408),
                 Some(self.shared_expert_intermediate_size.unwrap_or(5632)),
+            ),
+            // GptOssConfig's experts are `intermediate_size` wide.
+            LlamaFamily::GptOss => (
+                self.num_local_experts.or(self.num_experts).unwrap_or(128),
+                self.num_experts_per_tok.unwrap_or(4),
+                intermediate_size,
+                None,
             ),
             // OlmoeConfig maps `num_local_experts` to `num_experts`; its experts are
             // `intermediate_size` wide.
@@ -139,7 +166,7 @@ impl MoeKeys {
                 None,
             ),
         };
-        let experts_key = if mixtral || (!qwen2 && self.num_experts.is_none()) {
+        let experts_key = if mixtral || gpt_oss || (!qwen2 && self.num_experts.is_none()) {
             "num_local_experts"
         } else {
             "num_experts"
@@ -159,7 +186,7 @@ impl MoeKeys {
         }
         if width == 0 || shared == Some(0) {
             // Mixtral's and OLMoE's experts are `intermediate_size` wide.
-            let width_key = if mixtral || family == LlamaFamily::Olmoe {
+            let width_key = if mixtral || gpt_oss || family == LlamaFamily::Olmoe {
                 "intermediate_size"
             } else {
                 "moe_intermediate_size"
@@ -171,7 +198,7 @@ impl MoeKeys {
             };
             return Err(invalid(field, "must be at least 1, got 0".to_string()));
         }
-        let sparse_layers = if mixtral || family == LlamaFamily::Olmoe {
+        let sparse_layers = if mixtral || gpt_oss || family == LlamaFamily::Olmoe {
             vec![true; layers]
         } else {
             let step = self.decoder_sparse_step.unwrap_or(1);
@@ -197,6 +224,10 @@ impl MoeKeys {
                 format!("must be in [0, 1), got {jitter}"),
             ));
         }
+        let clamped_swiglu = match gpt_oss {
+            true => Some(self.clamped_swiglu(file)?),
+            false => None,
+        };
         let default_coef = if family == LlamaFamily::Olmoe {
             0.01
         } else {
@@ -214,7 +245,21 @@ impl MoeKeys {
                 .output_router_logits
                 .unwrap_or(false)
                 .then(|| self.router_aux_loss_coef.unwrap_or(default_coef)),
+            clamped_swiglu,
         })
+    }
+
+    /// gpt-oss's `swiglu_limit` and `swiglu_alpha` (GptOssConfig's defaults 7 and 1.702).
+    fn clamped_swiglu(&self, file: &Path) -> Result<ClampedSwiGlu> {
+        let limit = self.swiglu_limit.unwrap_or(7.0);
+        let alpha = self.swiglu_alpha.unwrap_or(1.702);
+        for (field, value) in [("swiglu_limit", limit), ("swiglu_alpha", alpha)] {
+            if !(value.is_finite() && value > 0.0) {
+                let reason = format!("must be a positive number, got {value}");
+                return Err(Error::file_config(file, field, reason));
+            }
+        }
+        Ok(ClampedSwiGlu { limit, alpha })
     }
 }
 

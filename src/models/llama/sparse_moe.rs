@@ -1,6 +1,7 @@
-//! [`SparseMoe`]: a sparse mixture-of-experts MLP (Mixtral's, Qwen2-MoE's, Qwen3-MoE's), as
-//! transformers 5.25 runs it: the router's softmax in f32, the top `k` experts per token,
-//! each expert a gated SiLU MLP run on its tokens only, their outputs weighted and summed.
+//! [`SparseMoe`]: a sparse mixture-of-experts MLP (Mixtral's, Qwen2-MoE's, Qwen3-MoE's,
+//! OLMoE's; gpt-oss's, loaded by `super::gpt_oss_moe`), as transformers 5.25 runs it: the
+//! router's softmax in f32, the top `k` experts per token, each expert a gated SiLU MLP
+//! run on its tokens only, their outputs weighted and summed.
 //!
 //! The experts' rows are gathered once (`index_select`) in expert order and their weighted
 //! outputs scattered back in one `index_add`, so a gradient flows through the experts and
@@ -16,8 +17,9 @@ use crate::checkpoint::stacked_params::{StackedRows, EXPERT_NAMES};
 use crate::error::Result;
 use crate::frozen::FrozenLinear;
 use crate::model::{linear_b, AdapterPlan, Linear, StackedLora, StackedParameter};
-use crate::models::ops::softmax_last;
+use crate::models::ops::{sigmoid, softmax_last};
 
+use super::clamped_expert::ClampedExpert;
 use super::config::LlamaConfig;
 use super::family::LlamaFamily;
 use super::mlp::Mlp;
@@ -28,25 +30,55 @@ use super::routing::Routing;
 /// Qwen2-MoE's shared expert: an MLP every token goes through, scaled by
 /// `sigmoid(shared_expert_gate(x))`.
 #[derive(Clone, Debug)]
-struct SharedExpert {
+pub(super) struct SharedExpert {
     mlp: Mlp,
     gate: Linear,
+}
+
+/// How a router's logits weight the chosen experts.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Scoring {
+    /// The softmax of all the logits (in f32), the top `k` chosen and their probabilities
+    /// the weights (Mixtral, Qwen, OLMoE).
+    Softmax {
+        /// The chosen probabilities divided by their sum.
+        normalize_top_k: bool,
+        /// Whether the experts' outputs are multiplied by the routing weights in f32 (f64
+        /// for an f64 model) and then cast, as Mixtral does; Qwen casts the weights to the
+        /// model's dtype first.
+        weights_in_f32: bool,
+    },
+    /// The top `k` logits chosen and the softmax of those `k` (in the model's dtype) the
+    /// weights (gpt-oss's `GptOssTopKRouter`).
+    TopKSoftmax,
+}
+
+/// One expert: a gated MLP, or gpt-oss's clamped SwiGLU expert.
+#[derive(Clone, Debug)]
+pub(super) enum Expert {
+    Gated(Mlp),
+    Clamped(ClampedExpert),
+}
+
+impl Expert {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Gated(mlp) => mlp.forward(x),
+            Self::Clamped(expert) => expert.forward(x),
+        }
+    }
 }
 
 /// One sparse layer's router, experts and (Qwen2-MoE) shared expert.
 #[derive(Clone, Debug)]
 pub(crate) struct SparseMoe {
-    /// `gate`: `(num_experts, hidden)`, frozen.
-    router: Linear,
-    experts: Vec<Mlp>,
-    top_k: usize,
-    normalize_top_k: bool,
-    /// Whether the experts' outputs are multiplied by the routing weights in f32 (f64 for
-    /// an f64 model) and then cast, as Mixtral does; Qwen casts the weights to the model's
-    /// dtype first.
-    weights_in_f32: bool,
-    jitter: f64,
-    shared: Option<SharedExpert>,
+    /// `gate` (gpt-oss: `router`): `(num_experts, hidden)`, frozen.
+    pub(super) router: Linear,
+    pub(super) experts: Vec<Expert>,
+    pub(super) top_k: usize,
+    pub(super) scoring: Scoring,
+    pub(super) jitter: f64,
+    pub(super) shared: Option<SharedExpert>,
 }
 
 /// The checkpoint's names of a family's experts: the block (`block_sparse_moe` for
@@ -142,11 +174,11 @@ impl SparseMoe {
             .map(|e| {
                 let vb = vb.pp(format!("experts.{e}"));
                 let gate_up = GateUpProjection::Separate {
-                    gate: expert_linear(plan, (h, width), vb.pp(gate), lora_of(0, e, 0))?,
-                    up: expert_linear(plan, (h, width), vb.pp(up), lora_of(0, e, 1))?,
+                    gate: stored_expert_linear(plan, (h, width), vb.pp(gate), lora_of(0, e, 0))?,
+                    up: stored_expert_linear(plan, (h, width), vb.pp(up), lora_of(0, e, 1))?,
                 };
-                let down = expert_linear(plan, (width, h), vb.pp(down), lora_of(1, e, 0))?;
-                Ok(Mlp::new(gate_up, down, c.hidden_act))
+                let down = stored_expert_linear(plan, (width, h), vb.pp(down), lora_of(1, e, 0))?;
+                Ok(Expert::Gated(Mlp::new(gate_up, down, c.hidden_act)))
             })
             .collect::<Result<Vec<_>>>()?;
         let router_lora = plan.stacked_loras(&router_module, &[router_param])?;
@@ -159,7 +191,7 @@ impl SparseMoe {
             None => None,
         };
         Ok(Self {
-            router: expert_linear(
+            router: stored_expert_linear(
                 plan,
                 (h, e),
                 vb.pp("gate"),
@@ -167,8 +199,10 @@ impl SparseMoe {
             )?,
             experts,
             top_k: moe.experts_per_token,
-            normalize_top_k: moe.normalize_top_k,
-            weights_in_f32: c.family == LlamaFamily::Mixtral,
+            scoring: Scoring::Softmax {
+                normalize_top_k: moe.normalize_top_k,
+                weights_in_f32: c.family == LlamaFamily::Mixtral,
+            },
             jitter: moe.router_jitter_noise,
             shared,
         })
@@ -205,13 +239,20 @@ impl SparseMoe {
             return Ok(flat.zeros_like()?);
         }
         let num_experts = self.experts.len();
-        // In f32 as transformers computes it (f64 models: f64).
-        let routing_dtype = match flat.dtype() {
-            DType::F64 => DType::F64,
-            _ => DType::F32,
+        let logits = self.router.forward(flat)?;
+        let scores = match self.scoring {
+            // In f32 as transformers computes it (f64 models: f64).
+            Scoring::Softmax { .. } => {
+                let routing_dtype = match flat.dtype() {
+                    DType::F64 => DType::F64,
+                    _ => DType::F32,
+                };
+                softmax_last(&logits.to_dtype(routing_dtype)?)?
+            }
+            // The logits rank the experts as their softmax would.
+            Scoring::TopKSoftmax => logits,
         };
-        let probs = softmax_last(&self.router.forward(flat)?.to_dtype(routing_dtype)?)?;
-        let host = probs
+        let host = scores
             .detach()
             .flatten_all()?
             .to_dtype(DType::F32)?
@@ -219,13 +260,23 @@ impl SparseMoe {
         let routing = Routing::top_k(&host, num_experts, self.top_k);
         let dev = flat.device();
         let chosen = Tensor::from_vec(routing.chosen, (n, self.top_k), dev)?;
-        let mut weights = probs.gather(&chosen, 1)?;
-        if self.normalize_top_k {
-            weights = weights.broadcast_div(&weights.sum_keepdim(1)?)?;
-        }
-        if !self.weights_in_f32 {
-            weights = weights.to_dtype(flat.dtype())?;
-        }
+        let chosen_scores = scores.gather(&chosen, 1)?;
+        let weights = match self.scoring {
+            Scoring::Softmax {
+                normalize_top_k,
+                weights_in_f32,
+            } => {
+                let weights = match normalize_top_k {
+                    true => chosen_scores.broadcast_div(&chosen_scores.sum_keepdim(1)?)?,
+                    false => chosen_scores,
+                };
+                match weights_in_f32 {
+                    true => weights,
+                    false => weights.to_dtype(flat.dtype())?,
+                }
+            }
+            Scoring::TopKSoftmax => softmax_last(&chosen_scores)?,
+        };
         let rows = routing.tokens.len();
         let tokens = Tensor::from_vec(routing.tokens, rows, dev)?;
         let slots = Tensor::from_vec(routing.slots, rows, dev)?;
@@ -251,27 +302,31 @@ impl SparseMoe {
     }
 }
 
-/// The `d_in → d_out` layer of the weight at `vb`: frozen, or expert `e`'s `part` of a
-/// LoRA on its stacked parameter (`lora`: the LoRA, `e`, `part`).
-fn expert_linear(
+/// The `d_in → d_out` layer of the weight at `vb` ([`expert_linear`]).
+fn stored_expert_linear(
     plan: &AdapterPlan,
     (d_in, d_out): (usize, usize),
     vb: VarBuilder,
     lora: Option<(&StackedLora, usize, usize)>,
 ) -> Result<Linear> {
-    let path = vb.prefix();
     let base = FrozenLinear::new(vb.get((d_out, d_in), "weight")?, None)?;
+    expert_linear(plan, &vb.prefix(), base, lora)
+}
+
+/// The layer of `base` (at `path`, which the plan's quantization reads): frozen, or expert
+/// `e`'s `part` of a LoRA on its stacked parameter (`lora`: the LoRA, `e`, `part`).
+pub(super) fn expert_linear(
+    plan: &AdapterPlan,
+    path: &str,
+    base: FrozenLinear,
+    lora: Option<(&StackedLora, usize, usize)>,
+) -> Result<Linear> {
     match lora {
         Some((lora, e, part)) => Ok(Linear::Adapted(lora.expert_layer(
             e,
             part,
-            plan.quantized_base(&path, base)?,
+            plan.quantized_base(path, base)?,
         )?)),
-        None => plan.frozen_linear(&path, base),
+        None => plan.frozen_linear(path, base),
     }
-}
-
-/// `1 / (1 + e^(−x))`, composed so that a gradient flows through it.
-fn sigmoid(x: &Tensor) -> Result<Tensor> {
-    Ok((x.neg()?.exp()? + 1.0)?.recip()?)
 }

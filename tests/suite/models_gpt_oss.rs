@@ -1,0 +1,109 @@
+//! gpt-oss beyond the shared model fixtures (`models_llama`, `models_moe`,
+//! `models_moe_training` run the `gpt_oss` case with the others): a checkpoint stored as
+//! the released ones are (MXFP4 experts, bf16 elsewhere) against transformers, the config's
+//! defaults and refusals, and training LoRAs on its experts through the recipe.
+
+use candle_core::DType;
+use lorakit::finetune::AdapterRecipe;
+use lorakit::models::llama::{LayerAttention, LlamaConfig, LlamaFamily};
+use lorakit::Variant;
+
+use crate::models_llama::{build, check, logits, models, no_adapter};
+use crate::peft_common::{load, rel_err, temp_dir};
+
+#[test]
+fn an_mxfp4_checkpoint_gives_transformers_logits() {
+    let dir = models("gpt_oss_mxfp4");
+    let io = load(&dir.join("logits.safetensors"));
+    let config = dir.join("base/config.json");
+    let c = LlamaConfig::from_file(&config).unwrap();
+    assert_eq!(c.family, LlamaFamily::GptOss);
+    // transformers dequantizes the experts on a CPU (here into f32, exactly).
+    let model = build(&config, &dir.join("base"), DType::F32, &no_adapter());
+    let got = logits(&model, &io["input_ids"]);
+    check(&got, &io["logits"], 1e-4, "gpt_oss mxfp4");
+    // In bf16 (the released checkpoints' dtype) the same, to bf16's precision.
+    let model = build(&config, &dir.join("base"), DType::BF16, &no_adapter());
+    let got = logits(&model, &io["input_ids"])
+        .to_dtype(DType::F32)
+        .unwrap();
+    let err = rel_err(&got, &io["logits"]);
+    assert!(err < 5e-2, "bf16: {err}");
+}
+
+#[test]
+fn a_gpt_oss_config_takes_transformers_defaults_and_refuses_bad_values() {
+    let minimal = r#"{"model_type": "gpt_oss", "vocab_size": 64, "hidden_size": 32,
+        "intermediate_size": 32, "num_hidden_layers": 3, "num_attention_heads": 16}"#;
+    let c = LlamaConfig::from_json(minimal).unwrap();
+    // GptOssConfig's defaults.
+    assert_eq!(
+        (c.num_key_value_heads, c.head_dim, c.rope_theta),
+        (8, 64, 150_000.0)
+    );
+    assert!(c.qkv_bias && c.o_bias && c.attention_sinks && !c.tie_word_embeddings);
+    assert_eq!(
+        c.layer_attention,
+        [
+            LayerAttention::Sliding { window: 128 },
+            LayerAttention::Full,
+            LayerAttention::Sliding { window: 128 },
+        ]
+    );
+    let moe = c.moe.as_ref().unwrap();
+    assert_eq!((moe.num_experts, moe.experts_per_token), (128, 4));
+    let swiglu = moe.clamped_swiglu.unwrap();
+    assert_eq!((swiglu.limit, swiglu.alpha), (7.0, 1.702));
+    assert!(
+        format!("{:?}", c.rope_scaling).contains("Yarn"),
+        "{:?}",
+        c.rope_scaling
+    );
+
+    let with = |extra: &str| {
+        let text = minimal.replace('}', &format!(", {extra}}}"));
+        LlamaConfig::from_json(&text).map_err(|e| e.to_string())
+    };
+    let err = with(r#""swiglu_limit": -1.0"#).unwrap_err();
+    assert!(err.contains("swiglu_limit"), "{err}");
+    // MXFP4 is read; another quantization is not.
+    with(r#""quantization_config": {"quant_method": "mxfp4"}"#).unwrap();
+    let err = with(r#""quantization_config": {"quant_method": "bitsandbytes"}"#).unwrap_err();
+    assert!(err.contains("bitsandbytes"), "{err}");
+}
+
+#[test]
+fn a_recipe_trains_loras_on_the_experts_and_router_and_saves_them_for_peft() {
+    let dir = models("gpt_oss").join("base");
+    let config = LlamaConfig::from_file(&dir).unwrap();
+    let mut recipe = AdapterRecipe::new(Variant::LoraPlus, 2, 4.0, &[]);
+    recipe.target_parameters = ["experts.gate_up_proj", "experts.down_proj", "router.weight"]
+        .map(String::from)
+        .to_vec();
+    let (model, set) = crate::finetune_train::with_recipe(&dir, &config, &recipe);
+    assert!(set.is_empty(), "no module is adapted");
+    assert_eq!(
+        set.stacked_loras().len(),
+        6,
+        "two layers' experts (2) and router"
+    );
+    let trainer = crate::models_moe_training::train_lowering_the_loss(&model, &set, recipe, 6);
+    let out = temp_dir("gpt-oss-recipe");
+    trainer.save_adapter(&*out).unwrap();
+    let saved = trainer.peft_config().unwrap();
+    let mut names: Vec<String> =
+        serde_json::from_value(saved.raw["target_parameters"].clone()).unwrap();
+    names.sort();
+    assert_eq!(
+        names,
+        ["experts.down_proj", "experts.gate_up_proj", "router.weight"]
+    );
+    let keys = load(&out.join("adapter_model.safetensors")).len();
+    assert_eq!(keys, 12, "A and B of six LoRAs on parameters");
+
+    // Other variants do not adapt parameters (PEFT's LoRA does, alone).
+    let mut dora = AdapterRecipe::new(Variant::Dora, 2, 4.0, &["q_proj"]);
+    dora.target_parameters = vec!["experts.down_proj".to_string()];
+    let err = dora.peft_config(1).unwrap_err().to_string();
+    assert!(err.contains("target_parameters"), "{err}");
+}
