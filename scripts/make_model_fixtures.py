@@ -1053,9 +1053,9 @@ Second adapters (made after the LoRA with seed + 2; targets overlap the LoRA's i
 
 `qwen3_moe/cls`, `cls_lora`, `cls_logits.safetensors`: Qwen3MoeForSequenceClassification
 over the `qwen3_moe` base (3 labels, pad id 0), its PEFT SEQ_CLS LoRA (q_proj, v_proj) and
-their logits on a batch with a left-padded row, as `gemma3_mm`'s; `mixtral/cls…` and
-`qwen2_moe/cls…` the same with MixtralForSequenceClassification and
-Qwen2MoeForSequenceClassification.
+their logits on a batch with a left-padded row, as `gemma3_mm`'s; `mixtral/cls…`,
+`qwen2_moe/cls…` and `gpt_oss/cls…` the same with MixtralForSequenceClassification,
+Qwen2MoeForSequenceClassification and GptOssForSequenceClassification.
 
 `mixtral/experts_merged.safetensors`, `qwen3_moe/…`, `olmoe/…` and `gpt_oss/…`: the base
 with the `experts` adapter merged by PEFT (`merge_and_unload`), saved by transformers under
@@ -1089,9 +1089,10 @@ def write_gemma3_classifier():
 
 def write_moe_classifiers():
     """qwen3_moe/cls: Qwen3MoeForSequenceClassification over the qwen3_moe base (a sparse
-    layer, then a dense one), pad id 0, as gemma3_mm/cls; mixtral/cls and qwen2_moe/cls
-    (its shared expert) the same way."""
+    layer, then a dense one), pad id 0, as gemma3_mm/cls; mixtral/cls, qwen2_moe/cls
+    (its shared expert) and gpt_oss/cls (its sinks) the same way."""
     from transformers import (
+        GptOssForSequenceClassification,
         MixtralForSequenceClassification,
         Qwen2MoeForSequenceClassification,
         Qwen3MoeForSequenceClassification,
@@ -1101,6 +1102,7 @@ def write_moe_classifiers():
         ("qwen3_moe", Qwen3MoeForSequenceClassification),
         ("mixtral", MixtralForSequenceClassification),
         ("qwen2_moe", Qwen2MoeForSequenceClassification),
+        ("gpt_oss", GptOssForSequenceClassification),
     ]:
         write_classifier(case, cls_class, lambda c: c)
 

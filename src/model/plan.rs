@@ -836,7 +836,7 @@ impl AdapterPlan {
                     format!(
                         "[{}] matched no parameter of the model: LoRA on parameters adapts a \
                          mixture of experts' experts and router (mixtral, qwen2_moe, \
-                         qwen3_moe, olmoe)",
+                         qwen3_moe, olmoe, gpt_oss)",
                         parameters.names.join(", ")
                     ),
                 ));

@@ -18,14 +18,14 @@ use super::llama::{KvCache, LlamaConfig, LlamaFamily, LlamaForCausalLM, GEMMA3_M
 /// ```
 /// use lorakit::models::auto::SUPPORTED_MODEL_TYPES;
 /// use lorakit::models::llama::LlamaFamily;
-/// // The Llama family's sixteen, Gemma 3's image-and-text checkpoints (for their text
+/// // The Llama family's seventeen, Gemma 3's image-and-text checkpoints (for their text
 /// // decoder), and GPT-2.
 /// let llama = SUPPORTED_MODEL_TYPES.iter().filter(|t| LlamaFamily::from_model_type(t).is_some());
 /// assert_eq!(llama.count(), LlamaFamily::ALL.len() + 1);
 /// assert!(LlamaFamily::ALL.iter().all(|f| SUPPORTED_MODEL_TYPES.contains(&f.model_type())));
 /// assert!(SUPPORTED_MODEL_TYPES.contains(&"gpt2"));
 /// ```
-pub const SUPPORTED_MODEL_TYPES: [&str; 18] = [
+pub const SUPPORTED_MODEL_TYPES: [&str; 19] = [
     "llama",
     "mistral",
     "qwen2",
@@ -43,6 +43,7 @@ pub const SUPPORTED_MODEL_TYPES: [&str; 18] = [
     "qwen2_moe",
     "qwen3_moe",
     "olmoe",
+    "gpt_oss",
     "gpt2",
 ];
 

@@ -68,7 +68,7 @@ pub enum AutoSequenceClassifier {
 /// }
 /// assert_eq!(CLASSIFIER_MODEL_TYPES.len(), LlamaFamily::ALL.len() - 2 + 3);
 /// ```
-pub const CLASSIFIER_MODEL_TYPES: [&str; 17] = [
+pub const CLASSIFIER_MODEL_TYPES: [&str; 18] = [
     "bert",
     "llama",
     "mistral",
@@ -85,6 +85,7 @@ pub const CLASSIFIER_MODEL_TYPES: [&str; 17] = [
     "mixtral",
     "qwen2_moe",
     "qwen3_moe",
+    "gpt_oss",
     "gpt2",
 ];
 

@@ -282,7 +282,7 @@ fn moe_sequence_classifiers_give_transformers_and_peft_logits() {
     // Qwen3-MoE's, Mixtral's and Qwen2-MoE's (a shared expert) ForSequenceClassification on
     // a batch with a left-padded row (its padding goes through the router and experts too),
     // and their PEFT SEQ_CLS LoRA (q_proj / v_proj, `score` in modules_to_save).
-    for case in ["qwen3_moe", "mixtral", "qwen2_moe"] {
+    for case in ["qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss"] {
         check_classifier_fixture(&models(case), &format!("{case} classifier"));
     }
 }

@@ -20,7 +20,7 @@ use super::{emit, fail, one_line, INTERRUPTED};
 
 pub const ABOUT: &str = "\
 Generate text with a model folder (model_type llama, mistral, qwen2, qwen3, granite, smollm3,
-phi3, gemma, gemma2, gemma3_text, olmo2, olmo3, mixtral, qwen2_moe, qwen3_moe, olmoe, gemma3 (its text decoder) or gpt2) and, optionally, a PEFT adapter applied to it
+phi3, gemma, gemma2, gemma3_text, olmo2, olmo3, mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss, gemma3 (its text decoder) or gpt2) and, optionally, a PEFT adapter applied to it
 (unmerged, or merged into the base weights with --merge). Several adapters load side by side as
 --adapter NAME=DIR, repeated; --active NAME picks the one to generate with (default: the
 first).

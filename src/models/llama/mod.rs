@@ -1,6 +1,6 @@
 //! The Llama family of decoders — Llama 2 / 3 / 3.x, TinyLlama, SmolLM, Mistral,
 //! Qwen2 / Qwen2.5, Qwen3, Granite 3.x, SmolLM3, Phi-3 / Phi-4 / Phi-4-mini, OLMo 2 and 3,
-//! the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE ([`MoeConfig`]), Gemma, Gemma 2,
+//! the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss ([`MoeConfig`]), Gemma, Gemma 2,
 //! Gemma 3 (text; and the text decoder of the image-and-text checkpoints, whose modules sit
 //! under `model.language_model`: [`LlamaConfig::multimodal`]) — as one implementation with config switches ([`LlamaConfig`]), built on the model-level API so that PEFT's target names and every
 //! variant apply: [`LlamaForCausalLM`].

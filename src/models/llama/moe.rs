@@ -1,5 +1,5 @@
-//! [`MoeConfig`]: the mixture-of-experts settings of Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE, read
-//! from `config.json` as transformers 5.25 reads them.
+//! [`MoeConfig`]: the mixture-of-experts settings of Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and
+//! gpt-oss, read from `config.json` as transformers 5.25 reads them.
 
 use std::path::Path;
 
@@ -9,7 +9,8 @@ use super::family::LlamaFamily;
 use crate::error::{Error, Result};
 
 /// A sparse mixture-of-experts MLP's settings (transformers' `MixtralSparseMoeBlock`,
-/// `Qwen2MoeSparseMoeBlock`, `Qwen3MoeSparseMoeBlock`, `OlmoeSparseMoeBlock`).
+/// `Qwen2MoeSparseMoeBlock`, `Qwen3MoeSparseMoeBlock`, `OlmoeSparseMoeBlock`; gpt-oss's
+/// `GptOssMLP`, whose router and experts differ: [`ClampedSwiGlu`]).
 ///
 /// Each sparse layer's router (`gate`, `num_experts × hidden_size`) scores every token;
 /// the softmax of the scores (in f32) gives each expert a probability, the
@@ -21,11 +22,12 @@ use crate::error::{Error, Result};
 ///
 /// The router and the experts are frozen and not module targets: transformers 5 holds
 /// them as parameters, not linear modules. A loaded PEFT LoRA on them (`target_parameters`
-/// `experts.gate_up_proj`, `experts.down_proj`, `gate.weight`, which PEFT 0.21's
-/// `all-linear` adds for Mixtral and Qwen3-MoE) is folded into their weights when the
-/// model is built ([`crate::model::ParameterLora`]), for inference. A fresh LoRA plan
+/// `experts.gate_up_proj`, `experts.down_proj`, `gate.weight` (gpt-oss: `router.weight`),
+/// which PEFT 0.21's `all-linear` adds for Mixtral, Qwen3-MoE and OLMoE) runs with each
+/// expert a LoRA layer ([`crate::model::StackedLora::from_loaded`]). A fresh LoRA plan
 /// trains LoRAs on them where PEFT's LoRA would ([`crate::model::ParameterTargets`]: its
-/// `all-linear` on Mixtral, Qwen3-MoE and OLMoE), each expert running as a LoRA layer
+/// `all-linear` on Mixtral, Qwen3-MoE and OLMoE; a config's `target_parameters` on any of
+/// them), each expert running as a LoRA layer
 /// ([`crate::model::StackedLora`]); other variants adapt the linear modules only
 /// (attention, the shared expert and its gate, the dense layers' MLPs but Qwen3-MoE's:
 /// [`LlamaConfig::dense_mlp_adaptable`](super::LlamaConfig::dense_mlp_adaptable)).
