@@ -38,7 +38,7 @@ the pieces a training step is made of, timed alone at the step's shapes (forward
 forward + backward from a fixed random upstream gradient), times their count per step; and a
 `torch.profiler` table of two PyTorch training steps.
 
-    python3 benches/llama_compare.py [--family llama|gemma2|gemma3|olmo2|qwen3_moe|qwen3_moe_experts] [--quick] [--rounds 3] [--threads 2] [--steps 10]
+    python3 benches/llama_compare.py [--family llama|gemma2|gemma3|olmo2|qwen3_moe|qwen3_moe_experts|gpt_oss_experts] [--quick] [--rounds 3] [--threads 2] [--steps 10]
         [--gen-tokens 128] [--lorakit-bin PATH | --no-build] [--no-ops]
         [--markdown FILE] [--json FILE]
 
@@ -55,7 +55,12 @@ LoRA on q/k/v/o_proj only, training and generation only. `--family qwen3_moe_exp
 same model with the LoRA on q/k/v/o and gate/up/down_proj, which both PEFT 0.21 and lorakit
 read on qwen3_moe as LoRA on the experts' stacked parameters (`gate_up_proj` at rank 2r,
 `down_proj`): lorakit runs each expert's LoRA through its fused kernel, PEFT's `ParamWrapper`
-adds B·A to every expert's weight on each forward.
+adds B·A to every expert's weight on each forward. `--family gpt_oss_experts`: gpt-oss at
+the same sizes (`GptOssForCausalLM`: biased attention with sinks, every other layer sliding
+over 128 positions, GptOssConfig's YaRN; 8 experts 704 wide, 2 per token, stored stacked with
+biases, a biased router; GPT_OSS_EXTRA), the LoRA on q/k/v/o_proj and `target_parameters`
+`experts.gate_up_proj`, `experts.down_proj` (GPT_OSS_PARAMETERS), training and generation
+only.
 
 `--quick`: one round, 2 timed steps, 32 new tokens, short per-op budgets (a check that
 everything runs, not a measurement).
@@ -100,8 +105,15 @@ GEMMA3_EXTRA = dict(head_dim=64, query_pre_attn_scalar=64, sliding_window=128, s
 # but the router.
 QWEN3_MOE_EXTRA = dict(head_dim=64, num_experts=8, moe_intermediate_size=704, num_experts_per_tok=2,
                        norm_topk_prob=True)
+# --family gpt_oss_experts: gpt-oss at the same sizes (examples/llama_speed.rs sets the same
+# keys): 8 experts 704 wide, 2 per token, head_dim 64, window 128 on every other layer, ε 1e-5,
+# GptOssConfig's default RoPE (YaRN); LoRA on q/k/v/o and on the experts' stacks by name.
+GPT_OSS_EXTRA = dict(head_dim=64, num_local_experts=8, intermediate_size=704, num_experts_per_tok=2,
+                     sliding_window=128, rms_norm_eps=1e-5)
+GPT_OSS_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj"]
 FAMILY_NAMES = {"gemma2": "Gemma 2", "gemma3": "Gemma 3", "olmo2": "OLMo 2", "qwen3_moe": "Qwen3-MoE",
-                "qwen3_moe_experts": "Qwen3-MoE, LoRA on the experts too"}
+                "qwen3_moe_experts": "Qwen3-MoE, LoRA on the experts too",
+                "gpt_oss_experts": "gpt-oss, LoRA on the attention and the experts"}
 
 
 def family_label(family):
@@ -118,6 +130,8 @@ def family_extra(family):
         return {}
     if family.startswith("qwen3_moe"):
         return QWEN3_MOE_EXTRA
+    if family == "gpt_oss_experts":
+        return GPT_OSS_EXTRA
     return {k: v for k, v in GEMMA3_EXTRA.items() if family == "gemma3" or k != "sliding_window_pattern"}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ATTENTION_TARGETS = TARGETS[:4]
@@ -125,7 +139,12 @@ ATTENTION_TARGETS = TARGETS[:4]
 
 def targets_of(family):
     """The modules the benchmark's LoRA adapts."""
-    return ATTENTION_TARGETS if family == "qwen3_moe" else TARGETS
+    return ATTENTION_TARGETS if family in ("qwen3_moe", "gpt_oss_experts") else TARGETS
+
+
+def target_parameters_of(family):
+    """The stacked parameters the benchmark's LoRA adapts by name (target_parameters)."""
+    return GPT_OSS_PARAMETERS if family == "gpt_oss_experts" else None
 RANK, ALPHA, LR, PROMPT_LEN = 16, 32, 1e-4, 8
 BATCH_PROMPT_LENS = [8, 16, 24, 32]
 
@@ -167,10 +186,16 @@ def torch_setup(threads, family="llama", seed=0):
         model = Olmo2ForCausalLM(Olmo2Config(**SHAPE))
     elif family.startswith("qwen3_moe"):
         model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**SHAPE, **family_extra(family)))
+    elif family == "gpt_oss_experts":
+        from transformers import GptOssConfig, GptOssForCausalLM
+
+        shape = {k: v for k, v in SHAPE.items() if k not in GPT_OSS_EXTRA}
+        model = GptOssForCausalLM(GptOssConfig(**shape, **GPT_OSS_EXTRA))
     else:
         model = LlamaForCausalLM(LlamaConfig(**SHAPE))  # f32, transformers' init (N(0, 0.02), norms 1)
     model = get_peft_model(
-        model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=targets_of(family))
+        model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=targets_of(family),
+                          target_parameters=target_parameters_of(family))
     )
     info = {
         "versions": {
@@ -695,7 +720,9 @@ def driver(args):
         f"model: {family_label(args.family)}, {SHAPE['num_hidden_layers']} layers, hidden {SHAPE['hidden_size']}, "
         f"{SHAPE['num_attention_heads']} heads / {SHAPE['num_key_value_heads']} KV heads, MLP "
         f"{SHAPE['intermediate_size']}, vocab {SHAPE['vocab_size']} (untied), f32; LoRA r={RANK}, alpha={ALPHA} "
-        f"on {'/'.join(t.replace('_proj', '') for t in targets_of(args.family))}_proj",
+        f"on {'/'.join(t.replace('_proj', '') for t in targets_of(args.family))}_proj"
+        + (f" and target_parameters {', '.join(target_parameters_of(args.family))}"
+           if target_parameters_of(args.family) else ""),
         f"check: trainable params lorakit {kt['trainable_params']} in {kt['adapted_layers']} layers, PyTorch "
         f"{tt['trainable_params']} in {tt['adapted_layers']} layers; frozen base params lorakit {kt['base_params']}, "
         f"PyTorch {tt['base_params']}; first-step loss lorakit {kt['loss_first']:.3f}, PyTorch "
@@ -727,10 +754,10 @@ def driver(args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--moe-experts", type=int, default=8,
-                    help="--family qwen3_moe(_experts): the number of experts (2 per token)")
+                    help="--family qwen3_moe(_experts), gpt_oss_experts: the number of experts (2 per token)")
     ap.add_argument("--child", choices=["train", "gen", "ops"], help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--family", choices=["llama", "gemma2", "gemma3", "olmo2", "qwen3_moe", "qwen3_moe_experts"], default="llama",
+    ap.add_argument("--family", choices=["llama", "gemma2", "gemma3", "olmo2", "qwen3_moe", "qwen3_moe_experts", "gpt_oss_experts"], default="llama",
                     help="the architecture at the benchmark's shape (gemma2/3, olmo2: training and generation only)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10, help="timed training steps per process")
@@ -748,6 +775,7 @@ def main():
     ap.add_argument("--json", help="also write every raw result to this file")
     args = ap.parse_args()
     QWEN3_MOE_EXTRA["num_experts"] = args.moe_experts
+    GPT_OSS_EXTRA["num_local_experts"] = args.moe_experts
     if args.child:
         child_main(args)
     else:

@@ -71,7 +71,9 @@ use candle_core::{DType, Device, Module, Tensor, Var, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use lorakit::init::SeededRng;
 use lorakit::kernels::FusedLinear;
-use lorakit::model::{AdapterPlan, Linear, ModuleSelector, RankAlpha, TargetSpec};
+use lorakit::model::{
+    AdapterPlan, Linear, ModuleSelector, ParameterTargets, RankAlpha, TargetSpec,
+};
 use lorakit::models::fused;
 use lorakit::models::llama::{LlamaConfig, LlamaForCausalLM};
 use lorakit::models::GenerationConfig;
@@ -147,6 +149,16 @@ impl Shape {
         });
         if family == Family::Olmo2 {
             json["model_type"] = json!("olmo2");
+        } else if family == Family::GptOssExperts {
+            let (_, width, per_token) = MOE;
+            json["model_type"] = json!("gpt_oss");
+            json["head_dim"] = json!(self.head_dim());
+            json["num_local_experts"] = json!(experts);
+            json["intermediate_size"] = json!(width);
+            json["num_experts_per_tok"] = json!(per_token);
+            json["sliding_window"] = json!(128);
+            json["rms_norm_eps"] = json!(1e-5);
+            json.as_object_mut().map(|o| o.remove("rope_theta"));
         } else if family.is_moe() {
             let (_, width, per_token) = MOE;
             json["model_type"] = json!("qwen3_moe");
@@ -206,13 +218,21 @@ enum Family {
     /// LoRA) reads on `qwen3_moe` as the attention and the experts' stacked parameters
     /// (`gate_up_proj` at twice the rank, `down_proj`).
     Qwen3MoeExperts,
+    /// `GptOssForCausalLM` at the same sizes: biased attention with sinks, every other
+    /// layer sliding over 128 positions, YaRN (GptOssConfig's default), [`MOE`] experts
+    /// stored stacked with biases (clamped SwiGLU), a biased router; the LoRA on
+    /// [`ATTENTION_TARGETS`] and on [`GPT_OSS_PARAMETERS`] (PEFT's `target_parameters`).
+    GptOssExperts,
 }
+
+/// The stacked parameters `--family gpt_oss_experts` adapts (PEFT's `target_parameters`).
+const GPT_OSS_PARAMETERS: [&str; 2] = ["experts.gate_up_proj", "experts.down_proj"];
 
 impl Family {
     /// The modules the benchmark's LoRA adapts.
     fn targets(self) -> &'static [&'static str] {
         match self {
-            Family::Qwen3Moe => &ATTENTION_TARGETS,
+            Family::Qwen3Moe | Family::GptOssExperts => &ATTENTION_TARGETS,
             _ => &TARGETS,
         }
     }
@@ -220,6 +240,14 @@ impl Family {
     /// Whether the model is Qwen3-MoE.
     fn is_moe(self) -> bool {
         matches!(self, Family::Qwen3Moe | Family::Qwen3MoeExperts)
+    }
+
+    /// The stacked parameters the LoRA adapts by name (`target_parameters`).
+    fn target_parameters(self) -> &'static [&'static str] {
+        match self {
+            Family::GptOssExperts => &GPT_OSS_PARAMETERS,
+            _ => &[],
+        }
     }
 }
 
@@ -272,7 +300,7 @@ fn parse_args() -> R<Args> {
         }
         if flag == "-h" || flag == "--help" {
             println!(
-                "llama_speed [--family llama|gemma2|gemma3|olmo2|qwen3_moe|qwen3_moe_experts] [--mode all|train|gen|ops] [--json] \
+                "llama_speed [--family llama|gemma2|gemma3|olmo2|qwen3_moe|qwen3_moe_experts|gpt_oss_experts] [--mode all|train|gen|ops] [--json] \
                  [--steps N] [--warmup N] \
                  [--gen-tokens N] [--gen-rounds N] [--threads N] [--batch N] [--seq N] \
                  [--ops-budget-ms MS] [--seed N] [--moe-experts N]"
@@ -290,10 +318,11 @@ fn parse_args() -> R<Args> {
                     "olmo2" => Family::Olmo2,
                     "qwen3_moe" => Family::Qwen3Moe,
                     "qwen3_moe_experts" => Family::Qwen3MoeExperts,
+                    "gpt_oss_experts" => Family::GptOssExperts,
                     other => {
                         return Err(format!(
-                            "--family {other}: llama, gemma2, gemma3, olmo2, qwen3_moe or \
-                             qwen3_moe_experts"
+                            "--family {other}: llama, gemma2, gemma3, olmo2, qwen3_moe, \
+                             qwen3_moe_experts or gpt_oss_experts"
                         )
                         .into())
                     }
@@ -443,9 +472,12 @@ fn build(family: Family, experts: usize, seed: u64, dev: &Device) -> R<Built> {
                     format!("model.layers.{i}.self_attn.{name}.weight"),
                     (d_out, d_in),
                 )?,
-                (true, Family::Qwen3Moe | Family::Qwen3MoeExperts) => {}
+                (true, Family::Qwen3Moe | Family::Qwen3MoeExperts | Family::GptOssExperts) => {}
                 (true, _) => normal(format!("model.layers.{i}.mlp.{name}.weight"), (d_out, d_in))?,
             }
+        }
+        if family == Family::GptOssExperts {
+            gpt_oss_layer(&mut normal, i, experts)?;
         }
         if family.is_moe() {
             let (_, width, _) = MOE;
@@ -464,16 +496,18 @@ fn build(family: Family, experts: usize, seed: u64, dev: &Device) -> R<Built> {
     // Norms of weight 1 (Gemma's store the offset from 1: 0).
     let mut unit_norm = |name: String, dim: usize| -> R<()> {
         let norm = match family {
-            Family::Llama | Family::Olmo2 | Family::Qwen3Moe | Family::Qwen3MoeExperts => {
-                Tensor::ones(dim, DType::F32, dev)?
-            }
+            Family::Llama
+            | Family::Olmo2
+            | Family::Qwen3Moe
+            | Family::Qwen3MoeExperts
+            | Family::GptOssExperts => Tensor::ones(dim, DType::F32, dev)?,
             Family::Gemma2 | Family::Gemma3 => Tensor::zeros(dim, DType::F32, dev)?,
         };
         tensors.insert(name, norm);
         Ok(())
     };
     let norms = match family {
-        Family::Llama | Family::Qwen3Moe | Family::Qwen3MoeExperts => {
+        Family::Llama | Family::Qwen3Moe | Family::Qwen3MoeExperts | Family::GptOssExperts => {
             vec!["input_layernorm", "post_attention_layernorm"]
         }
         Family::Olmo2 => vec!["post_attention_layernorm", "post_feedforward_layernorm"],
@@ -494,7 +528,7 @@ fn build(family: Family, experts: usize, seed: u64, dev: &Device) -> R<Built> {
                 Some((s.head_dim(), s.head_dim()))
             }
             Family::Olmo2 => Some((s.hidden, s.kv_heads * s.head_dim())),
-            Family::Llama | Family::Gemma2 => None,
+            Family::Llama | Family::Gemma2 | Family::GptOssExperts => None,
         };
         if let Some((q, k)) = qk_widths {
             for (norm, width) in [("q_norm", q), ("k_norm", k)] {
@@ -504,17 +538,23 @@ fn build(family: Family, experts: usize, seed: u64, dev: &Device) -> R<Built> {
         }
     }
     unit_norm("model.norm.weight".into(), s.hidden)?;
+    if family == Family::GptOssExperts {
+        gpt_oss_shapes(&mut tensors, experts)?;
+    }
     let base_params = tensors.values().map(|t| t.elem_count()).sum();
     // Plain tensors, not variables: the base is frozen.
     let vb = VarBuilder::from_tensors(tensors, DType::F32, dev);
 
     let adapter_map = VarMap::new();
+    let parameters = family.target_parameters().iter().map(|p| p.to_string());
+    let parameters = ParameterTargets::new(parameters.collect(), LoraConfig::new(RANK, ALPHA));
     let plan = AdapterPlan::lora(
         TargetSpec::new(ModuleSelector::list(family.targets().iter().copied())),
         RankAlpha::new(RANK, ALPHA),
         LoraConfig::new(RANK, ALPHA),
         VarBuilder::from_varmap(&adapter_map, DType::F32, dev),
-    );
+    )
+    .with_parameter_targets(parameters);
     let model = LlamaForCausalLM::load(&config, vb, &plan)?;
     let adapter = plan.finish()?;
     let vars = adapter.vars();
@@ -524,6 +564,65 @@ fn build(family: Family, experts: usize, seed: u64, dev: &Device) -> R<Built> {
         vars,
         base_params,
     })
+}
+
+/// gpt-oss's tensors of layer `i` besides its q/k/v/o weights (drawn by `normal`): the
+/// attention's biases and sinks, the router and the stacked experts with their biases.
+fn gpt_oss_layer(
+    normal: &mut impl FnMut(String, (usize, usize)) -> R<()>,
+    i: usize,
+    experts: usize,
+) -> R<()> {
+    let s = SHAPE;
+    let (_, width, _) = MOE;
+    let kv = s.kv_heads * s.head_dim();
+    let attention = format!("model.layers.{i}.self_attn");
+    for (name, width) in [
+        ("q_proj", s.hidden),
+        ("k_proj", kv),
+        ("v_proj", kv),
+        ("o_proj", s.hidden),
+    ] {
+        normal(format!("{attention}.{name}.bias"), (1, width))?;
+    }
+    normal(format!("{attention}.sinks"), (1, s.heads))?;
+    let mlp = format!("model.layers.{i}.mlp");
+    normal(format!("{mlp}.router.weight"), (experts, s.hidden))?;
+    normal(format!("{mlp}.router.bias"), (1, experts))?;
+    // Drawn 2-D, given their shapes by `gpt_oss_shapes`.
+    normal(
+        format!("{mlp}.experts.gate_up_proj"),
+        (experts * s.hidden, 2 * width),
+    )?;
+    normal(
+        format!("{mlp}.experts.gate_up_proj_bias"),
+        (experts, 2 * width),
+    )?;
+    normal(
+        format!("{mlp}.experts.down_proj"),
+        (experts * width, s.hidden),
+    )?;
+    normal(format!("{mlp}.experts.down_proj_bias"), (experts, s.hidden))?;
+    Ok(())
+}
+
+/// gpt-oss's tensors drawn 2-D by [`gpt_oss_layer`] in their own shapes: biases and sinks
+/// 1-D, the stacks `(experts, in, out)`.
+fn gpt_oss_shapes(tensors: &mut HashMap<String, Tensor>, experts: usize) -> R<()> {
+    for (name, t) in tensors.iter_mut() {
+        let Ok((rows, cols)) = t.dims2() else {
+            continue; // the norms
+        };
+        let shape: Vec<usize> = if name.ends_with(".bias") || name.ends_with(".sinks") {
+            vec![rows * cols]
+        } else if name.ends_with("_proj") && name.contains(".experts.") {
+            vec![experts, rows / experts, cols]
+        } else {
+            continue;
+        };
+        *t = t.reshape(shape)?;
+    }
+    Ok(())
 }
 
 fn random_ids(
@@ -1345,11 +1444,13 @@ fn main() -> R<()> {
                 Family::Olmo2 => "olmo2",
                 Family::Qwen3Moe => "qwen3_moe",
                 Family::Qwen3MoeExperts => "qwen3_moe_experts",
+                Family::GptOssExperts => "gpt_oss_experts",
             },
             "layers": SHAPE.layers, "hidden": SHAPE.hidden, "heads": SHAPE.heads,
             "kv_heads": SHAPE.kv_heads, "mlp": SHAPE.mlp, "vocab": SHAPE.vocab,
             "batch": args.batch, "seq": args.seq, "rank": RANK, "alpha": ALPHA,
-            "targets": args.family.targets(), "dtype": "f32",
+            "targets": args.family.targets(),
+            "target_parameters": args.family.target_parameters(), "dtype": "f32",
         },
         "mode": args.mode,
     });

@@ -17,8 +17,8 @@
 //! that. Writes the adapter, `loss_curve.svg` and `log.json` to `--out`.
 //!
 //! `--quantize q4k` (or `q8_0`, `q4_0`, `q5k`, `q6k`, …) trains QLoRA-style: every linear
-//! of the decoder but `lm_head` is quantized on load and the adapter trains in float over it
-//! (Delta-LoRA, which updates the frozen weight, is refused).
+//! of the decoder is quantized on load but `lm_head` and the MoE routers, and the adapter
+//! trains in float over it (Delta-LoRA, which updates the frozen weight, is refused).
 
 mod demo;
 #[path = "../common/loss_plot.rs"]
@@ -221,7 +221,7 @@ fn run(mut args: Args) -> lorakit::Result<()> {
     let plan = match args.quantize.as_deref() {
         Some(name) => {
             let t = quantize_type(name)?;
-            println!("QLoRA: the decoder's linears are quantized to {t:?} on load (lm_head stays {dtype:?})");
+            println!("QLoRA: the decoder's linears are quantized to {t:?} on load (lm_head and MoE routers stay {dtype:?})");
             plan.with_quantize(Quantize::new(t))
         }
         None => plan,

@@ -71,11 +71,24 @@ impl std::fmt::Debug for Quantize {
 }
 
 impl Quantize {
-    /// Quantize to `dtype` (see [`crate::quant::QUANTIZE_TYPES`]), skipping `lm_head`.
+    /// Quantize to `dtype` (see [`crate::quant::QUANTIZE_TYPES`]), skipping `lm_head` and
+    /// the routers of mixtures of experts (`gate`; gpt-oss's `router`), which choose the
+    /// experts: transformers 5 holds them as parameters, which quantization configs leave
+    /// in float (gpt-oss's MXFP4 one lists them).
+    ///
+    /// ```
+    /// use candle_core::quantized::GgmlDType;
+    /// use lorakit::model::Quantize;
+    /// let q = Quantize::new(GgmlDType::Q8_0);
+    /// assert!(q.applies_to("model.layers.0.mlp.experts.0.down_proj"));
+    /// assert!(q.applies_to("model.layers.0.mlp.gate_proj"));
+    /// assert!(!q.applies_to("model.layers.0.mlp.router") && !q.applies_to("model.layers.0.mlp.gate"));
+    /// assert!(!q.applies_to("lm_head"));
+    /// ```
     pub fn new(dtype: GgmlDType) -> Self {
         Self {
             dtype: Some(dtype),
-            skip: vec!["lm_head".to_string()],
+            skip: ["lm_head", "gate", "router"].map(String::from).to_vec(),
             source: None,
         }
     }

@@ -831,8 +831,8 @@ type ParameterLoras = HashMap<(String, &'static str), ParameterLora>;
 
 /// The adapter's LoRAs on parameters (`target_parameters`: a sparse block's stacked expert
 /// weights and router), each checked before any work against the checkpoint's per-expert
-/// tensors ([`stacked_part`]): present, one per expert the LoRA covers, of the shape its
-/// change has.
+/// tensors ([`stacked_part`]), or its stacks stored whole (gpt-oss's, [`stacked_whole`]):
+/// present, one per expert the LoRA covers, of the shape its change has.
 fn parameter_loras(
     adapter: &PeftAdapter,
     plan: &AdapterPlan,
@@ -875,7 +875,20 @@ fn parameter_loras(
             let key = (module.clone(), *param);
             let (out, inp) = lora.out_in();
             if let Some(shape) = whole.get(&key) {
-                // gpt-oss's stacks are `(E, in, out)`; its router `(out, in)`.
+                // gpt-oss's stacks are `(E, in, out)` (told from transformers 5's `(E, out,
+                // in)` by their `…_bias`, which only gpt-oss stores), its router `(out, in)`.
+                let name = format!("{module}.{param}");
+                let gpt_oss = ckpt.contains(&format!("{name}_bias")) && lora.experts() > 1;
+                if shape.len() == 3 && !gpt_oss {
+                    return Err(Error::checkpoint(
+                        ckpt.path(),
+                        format!(
+                            "`{name}` is stored whole without gpt-oss's `{name}_bias`, or with \
+                             one expert: lorakit merges whole stacks in gpt-oss's `(E, in, \
+                             out)` layout (two or more experts) only"
+                        ),
+                    ));
+                }
                 let expected = match shape.len() {
                     2 => vec![out, inp],
                     _ => vec![lora.experts(), inp, out],

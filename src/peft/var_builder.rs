@@ -40,6 +40,17 @@ pub fn adapted_var_builder(
     let ckpt = Checkpoint::open(base)?;
     let adapter = load_adapter(adapter_dir.as_ref())?;
     let fit = check_adapter_fits(&adapter, &ckpt)?;
+    if let Some(parameter) = adapter.config().target_parameters.first() {
+        return Err(Error::checkpoint(
+            ckpt.path(),
+            format!(
+                "the adapter has LoRAs on parameters (target_parameters, e.g. `{parameter}`: a \
+                 mixture of experts' stacked weights), which a VarBuilder cannot apply: merge \
+                 it into the checkpoint first (`lorakit merge`), or build the model through \
+                 the adapter's plan"
+            ),
+        ));
+    }
     if let Some(added) = fit.added.first() {
         return Err(Error::checkpoint(
             ckpt.path(),

@@ -255,7 +255,7 @@ fn auto_causal_lm_chooses_by_model_type_and_names_unsupported_ones() {
         .to_string();
     assert!(e.contains("`bert`"), "{e}");
     assert!(
-        e.contains("llama, mistral, qwen2, qwen3, granite, smollm3, phi3, gemma, gemma2, gemma3_text, gemma3, olmo2, olmo3, mixtral, qwen2_moe, qwen3_moe, olmoe, gpt2"),
+        e.contains("llama, mistral, qwen2, qwen3, granite, smollm3, phi3, gemma, gemma2, gemma3_text, gemma3, olmo2, olmo3, mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss, gpt2"),
         "{e}"
     );
     std::fs::write(tmp.join("config.json"), r#"{"vocab_size": 4}"#).unwrap();

@@ -107,3 +107,39 @@ fn a_recipe_trains_loras_on_the_experts_and_router_and_saves_them_for_peft() {
     let err = dora.peft_config(1).unwrap_err().to_string();
     assert!(err.contains("target_parameters"), "{err}");
 }
+
+#[test]
+fn loras_on_parameters_are_not_dropped_where_they_cannot_apply() {
+    let dir = models("gpt_oss");
+    // A VarBuilder serves weights by name: it cannot run a LoRA on the stacks.
+    let err = lorakit::peft::adapted_var_builder(
+        dir.join("base"),
+        dir.join("experts"),
+        DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("target_parameters"), "{err}");
+    // Whole stacks without gpt-oss's biases are not read as gpt-oss's `(E, in, out)`.
+    let tensors = load(&dir.join("base/model.safetensors"));
+    let kept: std::collections::HashMap<String, candle_core::Tensor> = tensors
+        .into_iter()
+        .filter(|(name, _)| !name.ends_with("_proj_bias"))
+        .collect();
+    let out = temp_dir("gpt-oss-no-bias");
+    candle_core::safetensors::save(&kept, out.join("model.safetensors")).unwrap();
+    std::fs::copy(dir.join("base/config.json"), out.join("config.json")).unwrap();
+    let merged = out.join("merged");
+    let err = lorakit::peft::merge_checkpoint(
+        &out,
+        &dir.join("experts"),
+        &merged,
+        lorakit::peft::MergeOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("gate_up_proj_bias"), "{err}");
+    assert!(!merged.exists());
+}

@@ -18,7 +18,7 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use crate::checkpoint::stacked_params::StackedRows;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::frozen::FrozenLinear;
 use crate::model::{AdapterPlan, StackedLora, StackedParameter};
 
@@ -57,6 +57,17 @@ pub(super) fn load(
         stacked("down_proj", "down_proj", e, (h, width)),
     ];
     let loras = plan.stacked_loras(&experts_module, &expert_params)?;
+    if e == 1 && loras.iter().any(Option::is_some) {
+        // PEFT's ParamWrapper treats a one-expert stack as a plain linear and adds `B·A`
+        // untransposed to the `(1, in, out)` stack: not the model's LoRA.
+        return Err(Error::Unsupported {
+            what: "LoRA on the experts of a gpt-oss with one expert (num_local_experts 1)",
+            got: format!("target_parameters on `{experts_module}`"),
+            supported: "two or more experts (PEFT adds a one-expert stack's change \
+                        untransposed)"
+                .to_string(),
+        });
+    }
     let lora_of = |i: usize, e: usize| {
         let lora: Option<&Arc<StackedLora>> = loras.get(i).and_then(Option::as_ref);
         lora.map(|l| (&**l, e, 0))

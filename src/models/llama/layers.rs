@@ -224,10 +224,11 @@ impl Attention {
     /// layer's mask from `masks`, then `o_proj`: `(b, t, hidden)`. Each key/value head
     /// serves `heads / kv_heads` consecutive query heads (transformers' `repeat_kv`),
     /// without copying keys and values. Scores and softmax in f32 for f16 / bf16 models
-    /// (transformers' eager attention), products in the model's dtype. On f32 CPU tensors,
-    /// left-padded or not, one fused op with its own backward (`models::attention_op`)
-    /// computes the same (Gemma 2's soft-capped scores too), reading a KV cache's buffers
-    /// in place. `train`: the config's `attention_dropout` applies to the probabilities.
+    /// (transformers' eager attention; gpt-oss's takes the softmax with its sinks in the
+    /// model's dtype, so a bf16 gpt-oss rounds less here than there), products in the
+    /// model's dtype. On f32 CPU tensors, left-padded or not, one fused op with its own
+    /// backward (`models::attention_op`) computes the same (Gemma 2's soft-capped scores
+    /// and gpt-oss's sinks too), reading a KV cache's buffers in place. `train`: the config's `attention_dropout` applies to the probabilities.
     pub(crate) fn attend(
         &self,
         q: &Tensor,

@@ -31,8 +31,8 @@ use crate::error::{Error, Result};
 /// ([`crate::model::StackedLora`]); other variants adapt the linear modules only
 /// (attention, the shared expert and its gate, the dense layers' MLPs but Qwen3-MoE's:
 /// [`LlamaConfig::dense_mlp_adaptable`](super::LlamaConfig::dense_mlp_adaptable)).
-/// `lorakit merge` writes them into the checkpoint's per-expert tensors
-/// ([`crate::checkpoint::stacked_params`]).
+/// `lorakit merge` writes them into the checkpoint's per-expert tensors (gpt-oss's stacks,
+/// stored whole, whole) ([`crate::checkpoint::stacked_params`]).
 ///
 /// ```
 /// use lorakit::models::llama::LlamaConfig;
@@ -61,10 +61,12 @@ pub struct MoeConfig {
     pub num_experts: usize,
     /// Experts each token goes through (`num_experts_per_tok`).
     pub experts_per_token: usize,
-    /// Width of one expert's MLP (`moe_intermediate_size`; Mixtral: `intermediate_size`).
+    /// Width of one expert's MLP (`moe_intermediate_size`; Mixtral, OLMoE, gpt-oss:
+    /// `intermediate_size`).
     pub expert_intermediate_size: usize,
     /// Whether the chosen experts' probabilities are divided by their sum (`norm_topk_prob`;
-    /// Mixtral always).
+    /// Mixtral always; unused by gpt-oss, whose weights are a softmax over the chosen
+    /// experts).
     pub normalize_top_k: bool,
     /// Whether each layer's MLP is sparse (`num_hidden_layers` entries; the others are
     /// dense MLPs `intermediate_size` wide): Mixtral's all are; Qwen's are unless listed in
@@ -145,9 +147,10 @@ impl MoeKeys {
                 self.moe_intermediate_size.unwrap_or(1408),
                 Some(self.shared_expert_intermediate_size.unwrap_or(5632)),
             ),
-            // GptOssConfig's experts are `intermediate_size` wide.
+            // GptOssConfig's experts are `intermediate_size` wide; its attribute map reads
+            // `num_experts` as `num_local_experts`, and a file's `num_experts` wins.
             LlamaFamily::GptOss => (
-                self.num_local_experts.or(self.num_experts).unwrap_or(128),
+                self.num_experts.or(self.num_local_experts).unwrap_or(128),
                 self.num_experts_per_tok.unwrap_or(4),
                 intermediate_size,
                 None,
@@ -168,7 +171,7 @@ impl MoeKeys {
                 None,
             ),
         };
-        let experts_key = if mixtral || gpt_oss || (!qwen2 && self.num_experts.is_none()) {
+        let experts_key = if mixtral || (!qwen2 && self.num_experts.is_none()) {
             "num_local_experts"
         } else {
             "num_experts"
@@ -279,9 +282,9 @@ impl MoeConfig {
             Some(coef) => Err(Error::Unsupported {
                 what: "output_router_logits (the router's load-balancing loss)",
                 got: format!("true (router_aux_loss_coef {coef})"),
-                supported: "output_router_logits false, as the released Mixtral and Qwen MoE \
-                            configs have it: set it to false in config.json to train without \
-                            that term"
+                supported: "output_router_logits false, as the released Mixtral, Qwen MoE, \
+                            OLMoE and gpt-oss configs have it: set it to false in config.json \
+                            to train without that term"
                     .to_string(),
             }),
         }

@@ -1,7 +1,9 @@
 //! [`SparseMoe`]: a sparse mixture-of-experts MLP (Mixtral's, Qwen2-MoE's, Qwen3-MoE's,
 //! OLMoE's; gpt-oss's, loaded by `super::gpt_oss_moe`), as transformers 5.25 runs it: the
-//! router's softmax in f32, the top `k` experts per token, each expert a gated SiLU MLP
-//! run on its tokens only, their outputs weighted and summed.
+//! router's softmax in f32 (gpt-oss: the softmax of the chosen logits, in the model's
+//! dtype), the top `k` experts per token, each expert a gated SiLU MLP (gpt-oss: a
+//! clamped SwiGLU, `super::clamped_expert`) run on its tokens only, their outputs weighted
+//! and summed.
 //!
 //! The experts' rows are gathered once (`index_select`) in expert order and their weighted
 //! outputs scattered back in one `index_add`, so a gradient flows through the experts and

@@ -308,7 +308,7 @@ fn bad_input_is_one_error_line_and_leaves_no_file() {
         1,
         &[
             "`bert`",
-            "llama, mistral, qwen2, qwen3, granite, smollm3, phi3, gemma, gemma2, gemma3_text, gemma3, olmo2, olmo3, mixtral, qwen2_moe, qwen3_moe, olmoe, gpt2",
+            "llama, mistral, qwen2, qwen3, granite, smollm3, phi3, gemma, gemma2, gemma3_text, gemma3, olmo2, olmo3, mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss, gpt2",
         ],
     );
     // An id out of the vocabulary, with --logits-out: no file is written.
