@@ -37,6 +37,7 @@ mod batch_generation;
 pub mod bert;
 mod causal_lm;
 mod causal_mask;
+pub(crate) mod clamped_swiglu;
 pub mod classification;
 mod cpu_op;
 mod cross_entropy;

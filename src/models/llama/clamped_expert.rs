@@ -4,7 +4,7 @@ use candle_core::{Module, Tensor};
 
 use crate::error::Result;
 use crate::model::Linear;
-use crate::models::ops::sigmoid;
+use crate::models::clamped_swiglu::clamped_swiglu;
 
 use super::moe::ClampedSwiGlu;
 
@@ -32,15 +32,8 @@ impl ClampedExpert {
     /// The expert on its rows `x` `(n, hidden)`.
     pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate_up = self.gate_up.forward(x)?;
-        let (n, width) = gate_up.dims2()?;
-        let pairs = gate_up.reshape((n, width / 2, 2))?;
-        let gate = pairs.narrow(2, 0, 1)?.squeeze(2)?;
-        let up = pairs.narrow(2, 1, 1)?.squeeze(2)?;
         let ClampedSwiGlu { limit, alpha } = self.swiglu;
-        let gate = gate.minimum(limit)?;
-        let up = up.clamp(-limit, limit)?;
-        let glu = (&gate * sigmoid(&(&gate * alpha)?)?)?;
-        let gated = ((up + 1.0)? * glu)?;
+        let gated = clamped_swiglu(&gate_up, limit, alpha)?;
         Ok(self.down.forward(&gated)?)
     }
 }
