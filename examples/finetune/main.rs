@@ -228,8 +228,12 @@ fn run(mut args: Args) -> lorakit::Result<()> {
     };
     let model = AutoCausalLm::from_pretrained(model_dir, dtype, &dev, &plan)?;
     let adapters = plan.finish()?;
+    let parameters = match &args.target_parameters {
+        Some(names) => format!(" and parameters {names}"),
+        None => String::new(),
+    };
     println!(
-        "model: {} ({}), {variant} on {}: {}",
+        "model: {} ({}), {variant} on {}{parameters}: {}",
         model_dir.display(),
         model.model_type_name(),
         args.targets,

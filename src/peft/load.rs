@@ -479,8 +479,8 @@ impl AdapterFactory for LoadedFactory {
                 format!(
                     "{} tensors unused (e.g. `{example}`): lorakit applies LoRA on parameters \
                      ({}) only to the experts' stacked weights and the router of a mixture of \
-                     experts (mixtral, qwen2_moe, qwen3_moe) loaded with this adapter alone \
-                     (not among named adapters, which switch at run time)",
+                     experts (mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss) loaded with this \
+                     adapter alone (not among named adapters, which switch at run time)",
                     unused.len(),
                     parameters.join(", ")
                 ),

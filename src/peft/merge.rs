@@ -912,7 +912,10 @@ fn parameter_loras(
                         "the adapter has a LoRA on `{name}`, which the checkpoint stores in \
                          MXFP4 (`{name}_blocks`, `…_scales`): merging into quantized experts is \
                          not supported; apply the adapter unmerged (e.g. `lorakit generate \
-                         --adapter`), or merge into a bf16 copy of the checkpoint"
+                         --adapter`), or merge into a bf16 copy of the checkpoint (transformers \
+                         writes one: `from_pretrained(dir, quantization_config=\
+                         Mxfp4Config(dequantize=True), dtype=torch.bfloat16)`, then \
+                         `save_pretrained`)"
                     ),
                 ));
             }
