@@ -72,6 +72,52 @@ fn a_gpt_oss_config_takes_transformers_defaults_and_refuses_bad_values() {
     assert!(err.contains("bitsandbytes"), "{err}");
 }
 
+/// openai/gpt-oss-20b's `config.json` as published (transformers 4.55 wrote it: `rope_scaling`,
+/// a top-level `rope_theta`, the MXFP4 `quantization_config`, keys of the original release
+/// such as `experts_per_token`) reads as transformers 5.25 reads it.
+#[test]
+fn the_released_gpt_oss_20b_config_reads_as_transformers_reads_it() {
+    let layer_types = ["\"sliding_attention\"", "\"full_attention\""].repeat(12);
+    let text = format!(
+        r#"{{"architectures": ["GptOssForCausalLM"], "attention_bias": true,
+        "attention_dropout": 0.0, "eos_token_id": 200002, "experts_per_token": 4,
+        "head_dim": 64, "hidden_act": "silu", "hidden_size": 2880,
+        "initial_context_length": 4096, "initializer_range": 0.02, "intermediate_size": 2880,
+        "layer_types": [{}], "max_position_embeddings": 131072, "model_type": "gpt_oss",
+        "num_attention_heads": 64, "num_experts_per_tok": 4, "num_hidden_layers": 24,
+        "num_key_value_heads": 8, "num_local_experts": 32, "output_router_logits": false,
+        "pad_token_id": 199999, "quantization_config": {{"modules_to_not_convert":
+        ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
+        "lm_head"], "quant_method": "mxfp4"}}, "rms_norm_eps": 1e-05, "rope_scaling":
+        {{"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+        "original_max_position_embeddings": 4096, "rope_type": "yarn", "truncate": false}},
+        "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 128,
+        "swiglu_limit": 7.0, "tie_word_embeddings": false,
+        "transformers_version": "4.55.0.dev0", "use_cache": true, "vocab_size": 201088}}"#,
+        layer_types.join(", ")
+    );
+    let c = LlamaConfig::from_json(&text).unwrap();
+    assert_eq!(c.family, LlamaFamily::GptOss);
+    assert_eq!(
+        (c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+        (64, 8, 64)
+    );
+    assert_eq!(c.rope_theta, 150_000.0);
+    let rope = format!("{:?}", c.rope_scaling);
+    assert!(rope.contains("Yarn") && rope.contains("32.0"), "{rope}");
+    assert_eq!(
+        c.layer_attention[0],
+        LayerAttention::Sliding { window: 128 }
+    );
+    assert_eq!(c.layer_attention[1], LayerAttention::Full);
+    let moe = c.moe.as_ref().unwrap();
+    assert_eq!((moe.num_experts, moe.experts_per_token), (32, 4));
+    assert_eq!(moe.expert_intermediate_size, 2880);
+    // output_router_logits false: no load-balancing term, so losses are allowed.
+    assert_eq!(moe.router_aux_loss_coef, None);
+    assert!(c.attention_sinks && c.qkv_bias && c.o_bias);
+}
+
 #[test]
 fn a_recipe_trains_loras_on_the_experts_and_router_and_saves_them_for_peft() {
     let dir = models("gpt_oss").join("base");
