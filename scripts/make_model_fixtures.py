@@ -675,8 +675,14 @@ YARN_PARAMS = [
     ("qwen3_card", "qwen3", dict(**YARN_TINY, head_dim=128, max_position_embeddings=131072,
         rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32768),
         rope_theta=1000000.0)),
+    # openai/gpt-oss-20b's RoPE keys as published (transformers 4.55's rope_scaling).
+    ("gpt_oss_20b", "gpt_oss", dict(**YARN_TINY, head_dim=64, max_position_embeddings=131072,
+        rope_scaling=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0,
+                          truncate=False, original_max_position_embeddings=4096),
+        rope_theta=150000)),
 ]
-CONFIG_CLASSES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+CONFIG_CLASSES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
+                  "gpt_oss": GptOssConfig}
 INPUT_SHAPE = (2, 9)
 
 # The second adapter of a case (another variant, on the same base): name -> (folder,
@@ -1035,7 +1041,7 @@ offsets 0.1·N).
 | `CASE/lora/` | PEFT `save_pretrained`: `adapter_config.json`, `adapter_model.safetensors` |
 | `CASE/logits.safetensors` | `input_ids` (i64 (2, 9)), `logits` (base, f32 (2, 9, 64)), `lora_logits` (unmerged PeftModel reloaded from `lora/`, eval), `KIND_logits` (the second adapter, likewise) |
 | `CASE/KIND/` | a second adapter of another variant (below), PEFT `save_pretrained` |
-| `yarn_params.json` | transformers' YaRN `inv_freq` (f32 values) and `attention_factor` for five configs (each a whole `config.json`, in `config`) covering its parameter resolution |
+| `yarn_params.json` | transformers' YaRN `inv_freq` (f32 values) and `attention_factor` for six configs (each a whole `config.json`, in `config`) covering its parameter resolution, and gpt-oss-20b's |
 
 Second adapters (made after the LoRA with seed + 2; targets overlap the LoRA's in part):
 

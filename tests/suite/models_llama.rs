@@ -1272,7 +1272,7 @@ struct YarnCase {
 fn yarn_frequencies_and_attention_factor_are_transformers_own() {
     let text = std::fs::read_to_string(fixture("models/llama/yarn_params.json")).unwrap();
     let cases: Vec<YarnCase> = serde_json::from_str(&text).unwrap();
-    assert_eq!(cases.len(), 5);
+    assert_eq!(cases.len(), 6);
     for case in cases {
         let config = LlamaConfig::from_json(&case.config.to_string()).unwrap();
         let RopeScaling::Yarn(ref yarn) = config.rope_scaling else {
