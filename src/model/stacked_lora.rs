@@ -44,6 +44,42 @@ pub struct StackedParameter {
     pub device: Device,
 }
 
+impl StackedParameter {
+    /// The parameter `name` (saved as the `target_parameters` entry `peft_entry`) of
+    /// `experts` experts, each `out_in`, each run as one layer (`parts` `[All]`), converted
+    /// from no module name, in `vb`'s dtype and on its device; set the other fields with
+    /// struct-update syntax.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_nn::VarBuilder;
+    /// use lorakit::checkpoint::stacked_params::StackedRows;
+    /// use lorakit::model::StackedParameter;
+    /// let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+    /// let p = StackedParameter::new("down_proj", "down_proj", 4, (8, 16), &vb);
+    /// assert_eq!((p.experts, p.out_in, p.parts.as_slice()), (4, (8, 16), &[StackedRows::All][..]));
+    /// assert!(p.converted_from.is_empty());
+    /// ```
+    pub fn new(
+        name: &'static str,
+        peft_entry: &'static str,
+        experts: usize,
+        out_in: (usize, usize),
+        vb: &VarBuilder,
+    ) -> Self {
+        Self {
+            name,
+            peft_entry,
+            converted_from: Vec::new(),
+            experts,
+            out_in,
+            parts: vec![StackedRows::All],
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        }
+    }
+}
+
 /// A trainable LoRA on one stacked parameter `(E, out, in)`: per expert `e`, `A_e`
 /// `(r, in)` and `B_e` `(out, r)`, changing the expert's weight by `s · B_e A_e`, which is
 /// PEFT's `ParamWrapper` (its file holds `lora_A` `(r · E, in)`, the `A_e` stacked, and

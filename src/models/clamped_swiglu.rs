@@ -8,8 +8,8 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::cpu_op::{f32_input, CHUNK};
-use super::ops::sigmoid;
+use super::cpu_op::{f32_input, sigmoid, CHUNK};
+use super::ops;
 use crate::error::Result;
 
 /// `(up' + 1) · g · σ(α g)` of the interleaved `gate_up` `(…, 2I)` (see the module's doc),
@@ -40,14 +40,8 @@ pub(crate) fn clamped_swiglu_composed(gate_up: &Tensor, limit: f64, alpha: f64) 
     let up = pairs.narrow(last, 1, 1)?.squeeze(last)?;
     let gate = gate.minimum(limit)?;
     let up = up.clamp(-limit, limit)?;
-    let glu = (&gate * sigmoid(&(&gate * alpha)?)?)?;
+    let glu = (&gate * ops::sigmoid(&(&gate * alpha)?)?)?;
     Ok(((up + 1.0)? * glu)?)
-}
-
-/// `1 / (1 + e⁻ˣ)` with the vectorizable `exp`.
-#[inline(always)]
-fn sigma(x: f32) -> f32 {
-    1.0 / (1.0 + crate::kernels::vector_math::exp(-x))
 }
 
 #[derive(Clone, Copy)]
@@ -61,7 +55,7 @@ impl ClampedSwiGlu {
     #[inline(always)]
     fn value(self, gate: f32, up: f32) -> f32 {
         let g = gate.min(self.limit);
-        (up.clamp(-self.limit, self.limit) + 1.0) * g * sigma(self.alpha * g)
+        (up.clamp(-self.limit, self.limit) + 1.0) * g * sigmoid(self.alpha * g)
     }
 
     /// The gradients of one pair's output, times `grad`: `(d gate, d up)`. A clamped input
@@ -69,7 +63,7 @@ impl ClampedSwiGlu {
     #[inline(always)]
     fn grads(self, gate: f32, up: f32, grad: f32) -> (f32, f32) {
         let g = gate.min(self.limit);
-        let s = sigma(self.alpha * g);
+        let s = sigmoid(self.alpha * g);
         let up_in = (-self.limit..=self.limit).contains(&up);
         let d_up = if up_in { grad * g * s } else { 0.0 };
         let d_gate = if gate <= self.limit {

@@ -8,6 +8,12 @@ use rayon::prelude::*;
 /// Elements per task of the element-wise maps (inner loops long enough to vectorize).
 pub(crate) const CHUNK: usize = 1 << 14;
 
+/// `1 / (1 + e⁻ˣ)` with the vectorizable `exp` (the fused ops' gates).
+#[inline(always)]
+pub(crate) fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + crate::kernels::vector_math::exp(-x))
+}
+
 /// The contiguous f32 elements of an op input; `op` names the op in the error.
 pub(crate) fn f32_input<'a>(
     op: &str,

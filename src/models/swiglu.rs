@@ -4,7 +4,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu_op::{map2, CHUNK};
+use super::cpu_op::{map2, sigmoid, CHUNK};
 
 /// `silu(gate) ⊙ up`, differentiable in both. The fused op runs for f32 CPU tensors of one
 /// shape when a gradient flows; candle's ops otherwise.
@@ -19,12 +19,6 @@ pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor
     } else {
         gate.silu()? * up
     }
-}
-
-/// `1 / (1 + e⁻ˣ)` with the vectorizable `exp`.
-#[inline(always)]
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + crate::kernels::vector_math::exp(-x))
 }
 
 /// A contiguous f32 slice of an op input.

@@ -12,20 +12,17 @@
 //! hidden)`, `lora_B` `(2I, r · E)` for `gate_up_proj`) when the plan has one. The
 //! `gate_up_proj` layer keeps the interleaved column order, so its LoRA's rows are PEFT's.
 
-use std::sync::Arc;
-
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
-use crate::checkpoint::stacked_params::StackedRows;
 use crate::error::{Error, Result};
 use crate::frozen::FrozenLinear;
-use crate::model::{AdapterPlan, StackedLora, StackedParameter};
+use crate::model::{AdapterPlan, StackedParameter};
 
 use super::clamped_expert::ClampedExpert;
 use super::config::LlamaConfig;
 use super::moe::{ClampedSwiGlu, MoeConfig};
-use super::sparse_moe::{expert_linear, Expert, Scoring, SparseMoe};
+use super::sparse_moe::{expert_linear, lora_part, router_linear, Expert, Scoring, SparseMoe};
 
 /// Loads the sparse block at `layer`'s path (`model.layers.N`): `mlp.router` and
 /// `mlp.experts`, with the plan's LoRAs on `experts.gate_up_proj`, `experts.down_proj` and
@@ -41,20 +38,10 @@ pub(super) fn load(
     let block = format!("{}.mlp", layer.prefix());
     let (experts_module, router_module) = (format!("{block}.experts"), format!("{block}.router"));
     let vb = layer.pp("mlp");
-    let stacked = |name, peft_entry, experts, out_in| StackedParameter {
-        name,
-        peft_entry,
-        // PEFT 0.21 converts no module names into parameters on gpt-oss.
-        converted_from: Vec::new(),
-        experts,
-        out_in,
-        parts: vec![StackedRows::All],
-        dtype: vb.dtype(),
-        device: vb.device().clone(),
-    };
+    // PEFT 0.21 converts no module names into parameters on gpt-oss: none to convert from.
     let expert_params = [
-        stacked("gate_up_proj", "gate_up_proj", e, (2 * width, h)),
-        stacked("down_proj", "down_proj", e, (h, width)),
+        StackedParameter::new("gate_up_proj", "gate_up_proj", e, (2 * width, h), &vb),
+        StackedParameter::new("down_proj", "down_proj", e, (h, width), &vb),
     ];
     let loras = plan.stacked_loras(&experts_module, &expert_params)?;
     if e == 1 && loras.iter().any(Option::is_some) {
@@ -68,10 +55,7 @@ pub(super) fn load(
                 .to_string(),
         });
     }
-    let lora_of = |i: usize, e: usize| {
-        let lora: Option<&Arc<StackedLora>> = loras.get(i).and_then(Option::as_ref);
-        lora.map(|l| (&**l, e, 0))
-    };
+    let lora_of = |i, e| lora_part(&loras, i, e, 0);
     let experts_vb = vb.pp("experts");
     let gate_up = experts_vb.get((e, h, 2 * width), "gate_up_proj")?;
     let gate_up_bias = experts_vb.get((e, 2 * width), "gate_up_proj_bias")?;
@@ -94,20 +78,14 @@ pub(super) fn load(
             )))
         })
         .collect::<Result<Vec<_>>>()?;
-    let router_param = stacked("weight", "router.weight", 1, (e, h));
-    let router_lora = plan.stacked_loras(&router_module, &[router_param])?;
+    let router_param = StackedParameter::new("weight", "router.weight", 1, (e, h), &vb);
     let router_vb = vb.pp("router");
     let router = FrozenLinear::new(
         router_vb.get((e, h), "weight")?,
         Some(router_vb.get(e, "bias")?),
     )?;
-    let router_lora = router_lora.first().and_then(Option::as_ref);
-    let router = expert_linear(
-        plan,
-        &router_module,
-        router,
-        router_lora.map(|l| (&**l, 0, 0)),
-    )?;
+    let router_path = (router_module.as_str(), router_module.clone());
+    let router = router_linear(plan, router_path, router_param, router)?;
     Ok(SparseMoe {
         router,
         experts,

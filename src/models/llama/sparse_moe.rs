@@ -129,49 +129,24 @@ impl SparseMoe {
                 false => Vec::new(),
             }
         };
-        let stacked = |name, peft_entry, converted_from, experts, out_in, parts| StackedParameter {
-            name,
-            peft_entry,
-            converted_from,
-            experts,
-            out_in,
-            parts,
-            dtype: vb.dtype(),
-            device: vb.device().clone(),
-        };
         let e = moe.num_experts;
         let expert_params = [
-            stacked(
-                "gate_up_proj",
-                "gate_up_proj",
-                converted(&experts_module, &[gate, up]),
-                e,
-                (2 * width, h),
-                vec![StackedRows::Gate, StackedRows::Up],
-            ),
-            stacked(
-                "down_proj",
-                "down_proj",
-                converted(&experts_module, &[down]),
-                e,
-                (h, width),
-                vec![StackedRows::All],
-            ),
+            StackedParameter {
+                converted_from: converted(&experts_module, &[gate, up]),
+                parts: vec![StackedRows::Gate, StackedRows::Up],
+                ..StackedParameter::new("gate_up_proj", "gate_up_proj", e, (2 * width, h), &vb)
+            },
+            StackedParameter {
+                converted_from: converted(&experts_module, &[down]),
+                ..StackedParameter::new("down_proj", "down_proj", e, (h, width), &vb)
+            },
         ];
-        let router_param = stacked(
-            "weight",
-            "gate.weight",
-            converted(&adapter_block, &["gate"]),
-            1,
-            (e, h),
-            vec![StackedRows::All],
-        );
-        let loras = plan.stacked_loras(&experts_module, &expert_params)?;
-        // Expert `e`'s `part` of the LoRA on parameter `i`, if it has one.
-        let lora_of = |i: usize, e: usize, part: usize| {
-            let lora: Option<&Arc<StackedLora>> = loras.get(i).and_then(Option::as_ref);
-            lora.map(|l| (&**l, e, part))
+        let router_param = StackedParameter {
+            converted_from: converted(&adapter_block, &["gate"]),
+            ..StackedParameter::new("weight", "gate.weight", 1, (e, h), &vb)
         };
+        let loras = plan.stacked_loras(&experts_module, &expert_params)?;
+        let lora_of = |i, e, part| lora_part(&loras, i, e, part);
         let experts = (0..e)
             .map(|e| {
                 let vb = vb.pp(format!("experts.{e}"));
@@ -183,8 +158,9 @@ impl SparseMoe {
                 Ok(Expert::Gated(Mlp::new(gate_up, down, c.hidden_act)))
             })
             .collect::<Result<Vec<_>>>()?;
-        let router_lora = plan.stacked_loras(&router_module, &[router_param])?;
-        let router_lora = router_lora.first().and_then(Option::as_ref);
+        let router_base = FrozenLinear::new(vb.pp("gate").get((e, h), "weight")?, None)?;
+        let router_path = (router_module.as_str(), vb.pp("gate").prefix());
+        let router = router_linear(plan, router_path, router_param, router_base)?;
         let shared = match moe.shared_expert_intermediate_size {
             Some(width) => Some(SharedExpert {
                 mlp: Mlp::load_sized(c, width, vb.pp("shared_expert"), plan)?,
@@ -193,12 +169,7 @@ impl SparseMoe {
             None => None,
         };
         Ok(Self {
-            router: stored_expert_linear(
-                plan,
-                (h, e),
-                vb.pp("gate"),
-                router_lora.map(|l| (&**l, 0, 0)),
-            )?,
+            router,
             experts,
             top_k: moe.experts_per_token,
             scoring: Scoring::Softmax {
@@ -302,6 +273,31 @@ impl SparseMoe {
             .to_dtype(flat.dtype())?;
         Ok(flat.zeros_like()?.index_add(&tokens, &weighted, 0)?)
     }
+}
+
+/// Expert `e`'s `part` of the LoRA on the `i`-th of a block's stacked parameters
+/// (`loras`, as [`AdapterPlan::stacked_loras`] gives them), if it has one.
+pub(super) fn lora_part(
+    loras: &[Option<Arc<StackedLora>>],
+    i: usize,
+    e: usize,
+    part: usize,
+) -> Option<(&StackedLora, usize, usize)> {
+    let lora = loras.get(i).and_then(Option::as_ref)?;
+    Some((&**lora, e, part))
+}
+
+/// A block's router `base` with the plan's LoRA on its `param` (`weight`) if it has one:
+/// `(module, path)` are its module path in transformers 5 (where a LoRA sits) and its path
+/// in the checkpoint (which the plan's quantization reads).
+pub(super) fn router_linear(
+    plan: &AdapterPlan,
+    (module, path): (&str, String),
+    param: StackedParameter,
+    base: FrozenLinear,
+) -> Result<Linear> {
+    let loras = plan.stacked_loras(module, &[param])?;
+    expert_linear(plan, &path, base, lora_part(&loras, 0, 0, 0))
 }
 
 /// The `d_in → d_out` layer of the weight at `vb` ([`expert_linear`]).
