@@ -1,4 +1,5 @@
-//! Fine-tune a sequence classifier — BERT, a Llama-family decoder or GPT-2 — with any
+//! Fine-tune a sequence classifier — BERT, RoBERTa / XLM-RoBERTa / CamemBERT, a
+//! Llama-family decoder or GPT-2 — with any
 //! lorakit variant (PEFT's `SEQ_CLS`: the adapter on the model, a new classifier head
 //! trained in full) and write the adapter as a PEFT directory.
 //!
@@ -9,9 +10,10 @@
 //! ```
 //!
 //! `<folder>` is a Hugging Face model folder (`config.json`, `model.safetensors` or
-//! shards, `tokenizer.json`) whose `model_type` is `bert`, `llama`, `mistral`, `qwen2`,
-//! `qwen3` or `gpt2`: a pretrained model such as `bert-base-uncased` or a causal LM (a new
-//! head — BERT's `classifier`, the decoders' `score` — is initialised as transformers
+//! shards, `tokenizer.json`) whose `model_type` is one of
+//! `lorakit::models::CLASSIFIER_MODEL_TYPES` (`bert`, `roberta`, `xlm-roberta`, `llama`,
+//! `qwen2`, `gpt2`, …): a pretrained model such as `roberta-base` or a causal LM (a new
+//! head — the encoders' `classifier`, the decoders' `score` — is initialised as transformers
 //! does, and so is BERT's pooler when the checkpoint has none, as a masked-LM save does;
 //! both train in full) or a classifier. A decoder reads each example at its last token;
 //! the batches pad with the config's `pad_token_id`, or the tokenizer's padding token
@@ -28,6 +30,7 @@ use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 use clap::Parser;
 use lorakit::finetune::{AdapterRecipe, LabeledDataset, TrainConfig, TrainEvent, Trainer};
+use lorakit::models::bert::BertFamily;
 use lorakit::models::classification::ClassifierConfig;
 use lorakit::models::{AutoCausalLm, AutoSequenceClassifier};
 use lorakit::tokenizer::TextTokenizer;
@@ -76,7 +79,7 @@ struct Args {
     /// Rank (VeRA: the shared pair's rank; AdaLoRA: the initial rank).
     #[arg(long, default_value_t = 8)]
     rank: usize,
-    /// Target modules, comma-separated, or all-linear (default: BERT's query,value; the
+    /// Target modules, comma-separated, or all-linear (default: the BERT family's query,value; the
     /// Llama family's q_proj,v_proj; GPT-2's c_attn).
     #[arg(long)]
     targets: Option<String>,
@@ -238,11 +241,11 @@ fn run(args: Args) -> lorakit::Result<()> {
     Ok(())
 }
 
-/// The usual targets for a `model_type`: BERT's attention query and value, GPT-2's fused
-/// c_attn, a Llama-family decoder's q_proj and v_proj.
+/// The usual targets for a `model_type` (PEFT's defaults): the BERT family's attention
+/// query and value, GPT-2's fused c_attn, a Llama-family decoder's q_proj and v_proj.
 fn default_targets(model_type: &str) -> String {
     match model_type {
-        "bert" => "query,value",
+        t if BertFamily::from_model_type(t).is_some() => "query,value",
         "gpt2" => "c_attn",
         _ => "q_proj,v_proj",
     }

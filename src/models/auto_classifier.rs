@@ -10,14 +10,15 @@ use crate::error::{Error, Result};
 use crate::model::AdapterPlan;
 
 use super::auto::AutoCausalLm;
-use super::bert::{BertConfig, BertForSequenceClassification, POOLER};
+use super::bert::{BertConfig, BertFamily, BertForSequenceClassification, POOLER};
 use super::classification::ClassifierConfig;
 use super::gpt2::Gpt2ForSequenceClassification;
 use super::llama::{LlamaFamily, LlamaForSequenceClassification};
 use super::sequence_classifier::SequenceClassifier;
 
-/// One of the sequence classifiers of [`crate::models`], chosen by `model_type`: `bert`
-/// ([`BertForSequenceClassification`], head `classifier` on the first token), `llama`,
+/// One of the sequence classifiers of [`crate::models`], chosen by `model_type`: `bert`,
+/// `roberta`, `xlm-roberta`, `camembert` ([`BertForSequenceClassification`], head
+/// `classifier` on the first token), `llama`,
 /// `mistral`, `qwen2`, `qwen3` ([`LlamaForSequenceClassification`]) or `gpt2`
 /// ([`Gpt2ForSequenceClassification`]), whose head `score` reads each row's last token.
 /// [`AutoSequenceClassifier::as_classifier`] gives the [`SequenceClassifier`] the training
@@ -46,7 +47,7 @@ use super::sequence_classifier::SequenceClassifier;
 /// ```
 #[derive(Clone, Debug)]
 pub enum AutoSequenceClassifier {
-    /// `model_type` `bert`.
+    /// `model_type` `bert`, `roberta`, `xlm-roberta` or `camembert`.
     Bert(BertForSequenceClassification),
     /// The Llama family.
     Llama(LlamaForSequenceClassification),
@@ -58,18 +59,27 @@ pub enum AutoSequenceClassifier {
 ///
 /// ```
 /// use lorakit::models::CLASSIFIER_MODEL_TYPES;
+/// use lorakit::models::bert::BertFamily;
 /// use lorakit::models::llama::LlamaFamily;
 /// // Every Llama family but Granite and OLMoE (transformers has no classifier for them), Gemma 3's
-/// // image-and-text checkpoints (Gemma3ForSequenceClassification), BERT, GPT-2.
+/// // image-and-text checkpoints (Gemma3ForSequenceClassification), the BERT family, GPT-2.
 /// for family in LlamaFamily::ALL {
 ///     let listed = CLASSIFIER_MODEL_TYPES.contains(&family.model_type());
 ///     let none = [LlamaFamily::Granite, LlamaFamily::Olmoe];
 ///     assert_eq!(listed, !none.contains(&family), "{family:?}");
 /// }
-/// assert_eq!(CLASSIFIER_MODEL_TYPES.len(), LlamaFamily::ALL.len() - 2 + 3);
+/// for family in BertFamily::ALL {
+///     assert!(CLASSIFIER_MODEL_TYPES.contains(&family.model_type()), "{family:?}");
+/// }
+/// // The Llama families, Gemma 3's image-and-text `gemma3`, the BERT family, GPT-2.
+/// let expected = (LlamaFamily::ALL.len() - 2) + 1 + BertFamily::ALL.len() + 1;
+/// assert_eq!(CLASSIFIER_MODEL_TYPES.len(), expected);
 /// ```
-pub const CLASSIFIER_MODEL_TYPES: [&str; 18] = [
+pub const CLASSIFIER_MODEL_TYPES: [&str; 21] = [
     "bert",
+    "roberta",
+    "xlm-roberta",
+    "camembert",
     "llama",
     "mistral",
     "qwen2",
@@ -101,7 +111,7 @@ impl Kind {
     fn of(dir: &Path) -> Result<Self> {
         let model_type = AutoCausalLm::model_type(dir)?;
         match model_type.as_str() {
-            "bert" => Ok(Self::Bert),
+            t if BertFamily::from_model_type(t).is_some() => Ok(Self::Bert),
             "gpt2" => Ok(Self::Gpt2),
             // Granite is a Llama family member without a classifier in transformers.
             t if CLASSIFIER_MODEL_TYPES.contains(&t)
@@ -129,6 +139,31 @@ impl AutoSequenceClassifier {
         })
     }
 
+    /// The path of the head's last layer, whose rows are the classes: `classifier` (BERT),
+    /// `classifier.out_proj` (the RoBERTa family's two-layer head) or `score`.
+    ///
+    /// ```
+    /// use lorakit::models::AutoSequenceClassifier;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let roberta = "tests/fixtures/roberta_cls/roberta/base";
+    /// assert_eq!(AutoSequenceClassifier::head_name(roberta)?, "classifier");
+    /// assert_eq!(AutoSequenceClassifier::label_layer(roberta)?, "classifier.out_proj");
+    /// # Ok(()) }
+    /// ```
+    pub fn label_layer(dir: impl AsRef<Path>) -> Result<&'static str> {
+        let dir = dir.as_ref();
+        Ok(match Kind::of(dir)? {
+            Kind::Bert => match BertConfig::from_file(dir.join("config.json"))?
+                .family
+                .has_pooler()
+            {
+                true => "classifier",
+                false => "classifier.out_proj",
+            },
+            Kind::Llama | Kind::Gpt2 => "score",
+        })
+    }
+
     /// The modules a fresh plan should train in full on the folder's checkpoint (PEFT's
     /// `modules_to_save`): the head ([`head_name`](Self::head_name)), and BERT's `pooler`
     /// when the checkpoint has none (a `BertForMaskedLM` save; without it the classifier
@@ -146,7 +181,11 @@ impl AutoSequenceClassifier {
     pub fn modules_to_save(dir: impl AsRef<Path>) -> Result<Vec<String>> {
         let dir = dir.as_ref();
         let mut modules = vec![Self::head_name(dir)?.to_string()];
-        if Kind::of(dir)? == Kind::Bert {
+        let with_pooler = || -> Result<bool> {
+            let config = BertConfig::from_file(dir.join("config.json"))?;
+            Ok(config.family.has_pooler())
+        };
+        if Kind::of(dir)? == Kind::Bert && with_pooler()? {
             let checkpoint = Checkpoint::open(dir)?;
             let has_pooler = [POOLER, "pooler.dense"]
                 .iter()

@@ -81,9 +81,10 @@ pub trait SequenceClassifier: Sync {
     fn modules_not_built(&self) -> &'static [&'static str] {
         &[]
     }
-    /// The padding token a decoder classifier skips to find each row's last token (the
-    /// config's `pad_token_id`): batches must be padded with it. `None` for an encoder,
-    /// which reads the first token.
+    /// The padding token batches should pad with (the config's `pad_token_id`): a decoder
+    /// classifier skips it to find each row's last token, the RoBERTa family numbers
+    /// positions past it. `None` for BERT, which reads the first token and numbers
+    /// positions by column.
     fn pad_token_id(&self) -> Option<u32> {
         None
     }
@@ -134,11 +135,18 @@ impl SequenceClassifier for BertForSequenceClassification {
     }
 
     fn max_positions(&self) -> Option<usize> {
-        Some(self.config().max_position_embeddings)
+        Some(self.config().max_tokens())
     }
 
     fn name_or_path(&self) -> Option<&str> {
         BertForSequenceClassification::name_or_path(self)
+    }
+
+    /// The RoBERTa family's `pad_token_id` (positions are numbered past it, so batches
+    /// should pad with it); `None` for BERT.
+    fn pad_token_id(&self) -> Option<u32> {
+        let config = self.config();
+        (config.family.numbers_positions_past_padding()).then_some(config.pad_token_id)
     }
 }
 

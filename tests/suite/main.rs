@@ -54,6 +54,7 @@ mod models_gpt_oss;
 mod models_llama;
 mod models_moe;
 mod models_moe_training;
+mod models_roberta;
 mod named_adapters;
 mod named_adapters_train;
 mod numerics;

@@ -20,7 +20,7 @@ use lorakit::models::bert::{
 use lorakit::peft::{adapted_var_builder, PeftAdapter, PeftConfig};
 use lorakit::{Error, LoraConfig};
 
-use crate::peft_common::{assert_close, load, rel_err};
+use crate::peft_common::{assert_close, assert_pytorch_gradients, load, rel_err};
 use crate::peft_options::case_dir;
 
 /// PEFT's logits vs ours: relative error bound.
@@ -138,7 +138,11 @@ fn unsupported_config_options_are_errors_naming_them() {
         "relative_key_query",
     );
     unsupported(r#"{"is_decoder": true}"#, "is_decoder", "true");
-    unsupported(r#"{"model_type": "roberta"}"#, "model_type", "roberta");
+    unsupported(
+        r#"{"model_type": "deberta-v2"}"#,
+        "model_type",
+        "deberta-v2",
+    );
     unsupported(r#"{"problem_type": "ranking"}"#, "problem_type", "ranking");
 
     // Values out of their domain name the field and the file.
@@ -335,43 +339,22 @@ fn padded_batch_gives_pytorchs_gradients() {
         "models/bert_mask_grads.safetensors",
     ));
     let (model, set) = loaded();
+    assert_padded_batch_gradients(&model, &set, &fx);
+}
+
+/// The loss of `model` (eval mode) on `fx`'s `input_ids`, `attention_mask` and `labels`
+/// is `fx["loss"]`, and its gradients are `fx`'s (`assert_pytorch_gradients`).
+pub(crate) fn assert_padded_batch_gradients(
+    model: &BertForSequenceClassification,
+    set: &lorakit::model::AdaptedSet,
+    fx: &HashMap<String, Tensor>,
+) {
     let logits = model
         .forward_t(&fx["input_ids"], None, Some(&fx["attention_mask"]), false)
         .unwrap();
     let loss = model.loss(&logits, &fx["labels"]).unwrap();
     assert_close(&loss, &fx["loss"], 1e-5, "loss");
-    let grads = loss.backward().unwrap();
-    let vars = set.trainable_vars();
-    let want: HashMap<&str, &Tensor> = fx
-        .iter()
-        .filter_map(|(k, v)| k.strip_prefix("grad.").map(|name| (name, v)))
-        .collect();
-    assert_eq!(
-        want.len(),
-        vars.len(),
-        "one PyTorch gradient per trainable tensor"
-    );
-    let scale = want
-        .values()
-        .map(|g| {
-            g.abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        })
-        .fold(0f32, f32::max);
-    for v in &vars {
-        let name = v.full_name();
-        let expected = want
-            .get(name.as_str())
-            .unwrap_or_else(|| panic!("no {name}"));
-        let got = grads.get(v.var.var.as_tensor()).expect("a gradient");
-        let diff = (got - *expected).unwrap().abs().unwrap().max_all().unwrap();
-        let err = diff.to_scalar::<f32>().unwrap() / scale;
-        assert!(err < 1e-5, "{name}: off by {err:e} of the largest gradient");
-    }
+    assert_pytorch_gradients(fx, &loss, set);
 }
 
 #[test]

@@ -22,7 +22,8 @@ use super::generate::{
 use super::{emit, fail};
 
 pub const ABOUT: &str = "\
-Classify texts with a sequence classifier folder (model_type bert, llama, mistral, qwen2,
+Classify texts with a sequence classifier folder (model_type bert, roberta, xlm-roberta,
+camembert, llama, mistral, qwen2,
 qwen3, smollm3, phi3, gemma, gemma2, gemma3_text, gemma3, olmo2, olmo3, mixtral, qwen2_moe, qwen3_moe, gpt_oss or gpt2) and, optionally, a PEFT SEQ_CLS
 adapter applied to it (unmerged, or merged into the base weights with --merge).
 
@@ -204,10 +205,11 @@ fn with_num_labels_hint(
     }
 }
 
-/// The model's classification head (`classifier` or `score`, by its `model_type`) and the
-/// number of rows the adapter stores for it (`modules_to_save`), if it stores the head.
+/// The layer of the model's classification head whose rows are the classes
+/// (`classifier`, `classifier.out_proj` or `score`, by its `model_type`) and the number of
+/// rows the adapter stores for it (`modules_to_save`), if it stores the head.
 fn head_rows(model: &Path, adapter: &PeftAdapter) -> Option<(&'static str, usize)> {
-    let head = AutoSequenceClassifier::head_name(model).ok()?;
+    let head = AutoSequenceClassifier::label_layer(model).ok()?;
     let rows = adapter
         .tensor(&format!("{KEY_PREFIX}{head}.weight"))
         .and_then(|t| t.dims().first().copied())?;

@@ -167,3 +167,43 @@ pub fn listing(dir: &Path) -> Vec<String> {
     names.sort();
     names
 }
+
+/// Checks the gradients of `loss` for every trainable tensor of `set` against PyTorch's in
+/// `fx` (`grad.<lorakit's name>`, one per trainable tensor). Errors are relative to the
+/// largest gradient of all: a key bias's gradient is zero up to rounding on both sides (a
+/// per-row constant in the attention scores).
+pub fn assert_pytorch_gradients(
+    fx: &HashMap<String, Tensor>,
+    loss: &Tensor,
+    set: &lorakit::model::AdaptedSet,
+) {
+    let grads = loss.backward().unwrap();
+    let vars = set.trainable_vars();
+    let want: HashMap<&str, &Tensor> = fx
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix("grad.").map(|name| (name, v)))
+        .collect();
+    assert_eq!(
+        want.len(),
+        vars.len(),
+        "one PyTorch gradient per trainable tensor"
+    );
+    let largest = |t: &Tensor| {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let scale = want.values().map(|g| largest(g)).fold(0f32, f32::max);
+    for v in &vars {
+        let name = v.full_name();
+        let expected = want
+            .get(name.as_str())
+            .unwrap_or_else(|| panic!("no {name}"));
+        let got = grads.get(v.var.var.as_tensor()).expect("a gradient");
+        let err = largest(&(got - *expected).unwrap()) / scale;
+        assert!(err < 1e-5, "{name}: off by {err:e} of the largest gradient");
+    }
+}

@@ -1,0 +1,499 @@
+//! [`BertConfig`]: transformers' `config.json` for BERT and the RoBERTa family, and the
+//! options it names ([`BertFamily`], [`HiddenAct`], [`PositionEmbeddingType`]).
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use candle_core::Tensor;
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::models::classification::{ClassifierConfig, ProblemType};
+
+/// Which member of the BERT family a checkpoint is (transformers' `model_type`): the
+/// encoder layers are the same; positions, the pooler and the head differ.
+///
+/// ```
+/// use lorakit::models::bert::BertFamily;
+/// assert_eq!(BertFamily::from_model_type("xlm-roberta"), Some(BertFamily::XlmRoberta));
+/// assert_eq!(BertFamily::XlmRoberta.prefix(), "roberta");
+/// assert!(BertFamily::Camembert.numbers_positions_past_padding());
+/// assert!(!BertFamily::Bert.numbers_positions_past_padding());
+/// assert_eq!(BertFamily::from_model_type("deberta-v2"), None);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BertFamily {
+    /// `bert`: positions `0, 1, …`; the head is a pooler (`bert.pooler.dense`, tanh) and a
+    /// linear `classifier` on the first token.
+    #[default]
+    Bert,
+    /// `roberta` (transformers' `RobertaForSequenceClassification`): positions numbered
+    /// from the ids (`pad_token_id + 1` onwards, padding at `pad_token_id`); no pooler;
+    /// the head `classifier` is `dense`, tanh, `out_proj` on the first token.
+    Roberta,
+    /// `xlm-roberta`: RoBERTa's architecture (XLM-R, multilingual-e5, BGE-M3 encoders).
+    XlmRoberta,
+    /// `camembert`: RoBERTa's architecture.
+    Camembert,
+}
+
+impl BertFamily {
+    /// Every member, in the order above.
+    pub const ALL: [BertFamily; 4] = [
+        BertFamily::Bert,
+        BertFamily::Roberta,
+        BertFamily::XlmRoberta,
+        BertFamily::Camembert,
+    ];
+
+    /// transformers' `model_type`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            BertFamily::Bert => "bert",
+            BertFamily::Roberta => "roberta",
+            BertFamily::XlmRoberta => "xlm-roberta",
+            BertFamily::Camembert => "camembert",
+        }
+    }
+
+    /// The member whose `model_type` is `model_type`, if any.
+    pub fn from_model_type(model_type: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.model_type() == model_type)
+    }
+
+    /// The encoder's module prefix in transformers' checkpoints (`base_model_prefix`):
+    /// `bert`, or `roberta` for the whole RoBERTa family.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            BertFamily::Bert => "bert",
+            _ => "roberta",
+        }
+    }
+
+    /// Whether positions are numbered from the ids, past the padding (RoBERTa's rule):
+    /// a token that is not `pad_token_id` at column `j` of its row gets position
+    /// `pad_token_id + (tokens up to j that are not padding)`, padding gets `pad_token_id`.
+    /// BERT numbers the columns `0, 1, …`.
+    pub fn numbers_positions_past_padding(self) -> bool {
+        self != BertFamily::Bert
+    }
+
+    /// Whether the classifier reads a pooler's output (`tanh` of `<prefix>.pooler.dense`)
+    /// rather than the first token's state through a two-layer head.
+    pub fn has_pooler(self) -> bool {
+        self == BertFamily::Bert
+    }
+
+    /// transformers' default `vocab_size` for the family's config class.
+    fn default_vocab_size(self) -> usize {
+        match self {
+            BertFamily::Roberta => 50265,
+            _ => 30522,
+        }
+    }
+
+    /// transformers' default `pad_token_id` for the family's config class.
+    fn default_pad_token_id(self) -> u32 {
+        match self {
+            BertFamily::Bert => 0,
+            _ => 1,
+        }
+    }
+}
+
+/// The activation of BERT's feed-forward block (transformers' `hidden_act`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HiddenAct {
+    /// `"gelu"`: the exact GELU, `x Φ(x)` with the error function.
+    #[default]
+    Gelu,
+    /// `"gelu_new"`: the tanh approximation of GELU (GPT-2's).
+    GeluNew,
+    /// `"relu"`.
+    Relu,
+}
+
+impl HiddenAct {
+    /// transformers' name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HiddenAct::Gelu => "gelu",
+            HiddenAct::GeluNew => "gelu_new",
+            HiddenAct::Relu => "relu",
+        }
+    }
+
+    pub(super) fn apply(self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            HiddenAct::Gelu => crate::models::gelu::gelu_erf(x)?,
+            HiddenAct::GeluNew => crate::models::gelu::gelu_tanh(x)?,
+            HiddenAct::Relu => x.relu()?,
+        })
+    }
+}
+
+impl FromStr for HiddenAct {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "gelu" => Ok(HiddenAct::Gelu),
+            "gelu_new" => Ok(HiddenAct::GeluNew),
+            "relu" => Ok(HiddenAct::Relu),
+            other => Err(Error::Unsupported {
+                what: "hidden_act",
+                got: other.to_string(),
+                supported: "gelu, gelu_new, relu".to_string(),
+            }),
+        }
+    }
+}
+
+/// How positions are encoded (transformers' `position_embedding_type`; transformers 5 no
+/// longer writes it and always uses absolute position embeddings).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PositionEmbeddingType {
+    /// `"absolute"`: a learned table `bert.embeddings.position_embeddings`, row `i` added at
+    /// position `i`.
+    #[default]
+    Absolute,
+}
+
+impl PositionEmbeddingType {
+    /// transformers' name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PositionEmbeddingType::Absolute => "absolute",
+        }
+    }
+}
+
+impl FromStr for PositionEmbeddingType {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "absolute" => Ok(PositionEmbeddingType::Absolute),
+            other => Err(Error::Unsupported {
+                what: "position_embedding_type",
+                got: other.to_string(),
+                supported: "absolute".to_string(),
+            }),
+        }
+    }
+}
+
+/// The fields of transformers' `BertConfig` (and `RobertaConfig`, `XLMRobertaConfig`,
+/// `CamembertConfig`: [`BertFamily`]) that the forward depends on. The defaults are
+/// transformers' `BertConfig`'s (bert-base: 12 layers of 768, 2 labels); a file of another
+/// family takes that family's defaults for what it leaves out (`vocab_size`,
+/// `pad_token_id`).
+///
+/// Read from a `config.json` with [`BertConfig::from_file`]; options this implementation
+/// does not run (another `hidden_act`, relative position embeddings, `is_decoder`, another
+/// `model_type`) are errors naming the option.
+///
+/// ```
+/// use lorakit::models::bert::{BertConfig, BertFamily, HiddenAct};
+/// # fn main() -> lorakit::Result<()> {
+/// let config = BertConfig::from_file("tests/fixtures/peft_options/bert_cls/base/config.json")?;
+/// assert_eq!((config.hidden_size, config.num_hidden_layers), (16, 2));
+/// assert_eq!(config.num_labels, 3); // from id2label, as transformers counts them
+/// assert_eq!(config.id2label, ["LABEL_0", "LABEL_1", "LABEL_2"]);
+/// assert_eq!(config.hidden_act, HiddenAct::Gelu);
+/// let roberta = BertConfig::from_file("tests/fixtures/roberta_cls/roberta/base/config.json")?;
+/// assert_eq!((roberta.family, roberta.pad_token_id), (BertFamily::Roberta, 1));
+/// // Positions start past the padding id: 12 learned positions take 10 tokens.
+/// assert_eq!((roberta.max_position_embeddings, roberta.max_tokens()), (12, 10));
+/// let text = r#"{"hidden_act": "swish"}"#;
+/// let err = BertConfig::from_json_str(text, "config.json").unwrap_err();
+/// assert!(err.to_string().contains("hidden_act"));
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct BertConfig {
+    /// The family member (`model_type`): how positions are numbered and which head
+    /// classifies.
+    pub family: BertFamily,
+    /// Rows of `bert.embeddings.word_embeddings`.
+    pub vocab_size: usize,
+    /// The model width.
+    pub hidden_size: usize,
+    /// Encoder layers.
+    pub num_hidden_layers: usize,
+    /// Attention heads (dividing `hidden_size`).
+    pub num_attention_heads: usize,
+    /// The feed-forward block's inner width.
+    pub intermediate_size: usize,
+    /// The feed-forward activation.
+    pub hidden_act: HiddenAct,
+    /// Dropout after the embeddings and each sublayer (training only).
+    pub hidden_dropout_prob: f64,
+    /// Dropout on the attention probabilities (training only).
+    pub attention_probs_dropout_prob: f64,
+    /// Dropout before the classifier (training only); `None`: `hidden_dropout_prob`.
+    pub classifier_dropout: Option<f64>,
+    /// Rows of `bert.embeddings.position_embeddings`: the longest input.
+    pub max_position_embeddings: usize,
+    /// Rows of `bert.embeddings.token_type_embeddings`.
+    pub type_vocab_size: usize,
+    /// The LayerNorms' epsilon.
+    pub layer_norm_eps: f64,
+    /// The padding token. The RoBERTa family numbers positions past it (see
+    /// [`BertFamily::numbers_positions_past_padding`]) and batches should pad with it;
+    /// BERT does not read it.
+    pub pad_token_id: u32,
+    /// How positions are encoded.
+    pub position_embedding_type: PositionEmbeddingType,
+    /// Outputs of the classifier (`id2label`'s length when the file has one, as transformers
+    /// counts them; `num_labels` otherwise, default 2).
+    pub num_labels: usize,
+    /// The loss [`BertForSequenceClassification::loss`](super::BertForSequenceClassification::loss) computes; `None`: chosen from
+    /// `num_labels` and the labels' dtype, as transformers does.
+    pub problem_type: Option<ProblemType>,
+    /// The classes' names in index order (`id2label`; empty when the config names none).
+    /// Labeled data may give a class by name ([`crate::finetune::labeled::Label::Name`]);
+    /// names apply only while there are `num_labels` of them.
+    pub id2label: Vec<String>,
+    /// The standard deviation of transformers' normal initialisation
+    /// (`initializer_range`): a classifier head the checkpoint lacks is initialised with it.
+    pub initializer_range: f64,
+    /// transformers' `ignore_mismatched_sizes` loading option (not read from the file):
+    /// see [`ClassifierConfig::ignore_mismatched_sizes`].
+    pub ignore_mismatched_sizes: bool,
+}
+
+impl Default for BertConfig {
+    fn default() -> Self {
+        Self {
+            family: BertFamily::Bert,
+            vocab_size: 30522,
+            hidden_size: 768,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            intermediate_size: 3072,
+            hidden_act: HiddenAct::Gelu,
+            hidden_dropout_prob: 0.1,
+            attention_probs_dropout_prob: 0.1,
+            classifier_dropout: None,
+            max_position_embeddings: 512,
+            type_vocab_size: 2,
+            layer_norm_eps: 1e-12,
+            pad_token_id: 0,
+            position_embedding_type: PositionEmbeddingType::Absolute,
+            num_labels: 2,
+            problem_type: None,
+            id2label: Vec::new(),
+            initializer_range: 0.02,
+            ignore_mismatched_sizes: false,
+        }
+    }
+}
+
+/// `config.json` as written: every field optional (transformers' defaults fill the gaps).
+#[derive(Deserialize)]
+struct RawBertConfig {
+    model_type: Option<String>,
+    vocab_size: Option<usize>,
+    hidden_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    intermediate_size: Option<usize>,
+    hidden_act: Option<String>,
+    hidden_dropout_prob: Option<f64>,
+    attention_probs_dropout_prob: Option<f64>,
+    classifier_dropout: Option<f64>,
+    max_position_embeddings: Option<usize>,
+    type_vocab_size: Option<usize>,
+    layer_norm_eps: Option<f64>,
+    position_embedding_type: Option<String>,
+    is_decoder: Option<bool>,
+}
+
+impl BertConfig {
+    /// Reads transformers' `config.json` at `path`.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json_str(&text, path)
+    }
+
+    /// Parses the text of a `config.json`; `path` names it in errors.
+    pub fn from_json_str(text: &str, path: impl Into<PathBuf>) -> Result<Self> {
+        let path = path.into();
+        let raw: RawBertConfig = crate::error::parse_json(text, path.clone())?;
+        let family = match raw.model_type.as_deref() {
+            None => BertFamily::Bert,
+            Some(t) => BertFamily::from_model_type(t).ok_or_else(|| Error::Unsupported {
+                what: "model_type",
+                got: t.to_string(),
+                supported: BertFamily::ALL.map(BertFamily::model_type).join(", "),
+            })?,
+        };
+        if raw.is_decoder == Some(true) {
+            return Err(Error::Unsupported {
+                what: "is_decoder",
+                got: "true".to_string(),
+                supported: "false (BERT as a bidirectional encoder)".to_string(),
+            });
+        }
+        let d = Self::default();
+        // The classification fields, parsed and checked as every classifier's.
+        let labels = ClassifierConfig::from_json_str(text, path.clone())?;
+        let config = Self {
+            family,
+            vocab_size: raw.vocab_size.unwrap_or(family.default_vocab_size()),
+            hidden_size: raw.hidden_size.unwrap_or(d.hidden_size),
+            num_hidden_layers: raw.num_hidden_layers.unwrap_or(d.num_hidden_layers),
+            num_attention_heads: raw.num_attention_heads.unwrap_or(d.num_attention_heads),
+            intermediate_size: raw.intermediate_size.unwrap_or(d.intermediate_size),
+            hidden_act: raw
+                .hidden_act
+                .as_deref()
+                .map(HiddenAct::from_str)
+                .transpose()?
+                .unwrap_or(d.hidden_act),
+            hidden_dropout_prob: raw.hidden_dropout_prob.unwrap_or(d.hidden_dropout_prob),
+            attention_probs_dropout_prob: raw
+                .attention_probs_dropout_prob
+                .unwrap_or(d.attention_probs_dropout_prob),
+            classifier_dropout: raw.classifier_dropout,
+            max_position_embeddings: raw
+                .max_position_embeddings
+                .unwrap_or(d.max_position_embeddings),
+            type_vocab_size: raw.type_vocab_size.unwrap_or(d.type_vocab_size),
+            layer_norm_eps: raw.layer_norm_eps.unwrap_or(d.layer_norm_eps),
+            // Absent or null: the family's default (transformers cannot number RoBERTa's
+            // positions without one).
+            pad_token_id: labels.pad_token_id.unwrap_or(family.default_pad_token_id()),
+            position_embedding_type: raw
+                .position_embedding_type
+                .as_deref()
+                .map(PositionEmbeddingType::from_str)
+                .transpose()?
+                .unwrap_or(d.position_embedding_type),
+            num_labels: labels.num_labels,
+            problem_type: labels.problem_type,
+            initializer_range: labels.initializer_range,
+            id2label: labels.id2label,
+            ignore_mismatched_sizes: false,
+        };
+        config.check(|field, reason| Error::file_config(path.clone(), field, reason))?;
+        Ok(config)
+    }
+
+    /// Checks the values [`BertForSequenceClassification::load`](super::BertForSequenceClassification::load) relies on: non-zero sizes,
+    /// `hidden_size` a multiple of `num_attention_heads`, dropouts in `[0, 1)`, a finite
+    /// `layer_norm_eps >= 0`, at least 2 labels for `single_label_classification` (as
+    /// transformers requires), and for the RoBERTa family a `pad_token_id` in the
+    /// vocabulary with room for positions past it.
+    pub fn validate(&self) -> Result<()> {
+        self.check(|field, reason| Error::settings("BERT config", field, reason))
+    }
+
+    fn check(&self, err: impl Fn(&'static str, String) -> Error) -> Result<()> {
+        let sizes = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("intermediate_size", self.intermediate_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+            ("type_vocab_size", self.type_vocab_size),
+        ];
+        for (field, value) in sizes {
+            if value == 0 {
+                return Err(err(field, "must be at least 1, got 0".to_string()));
+            }
+        }
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            return Err(err(
+                "hidden_size",
+                format!(
+                    "{} is not a multiple of num_attention_heads ({})",
+                    self.hidden_size, self.num_attention_heads
+                ),
+            ));
+        }
+        let dropouts = [
+            ("hidden_dropout_prob", Some(self.hidden_dropout_prob)),
+            (
+                "attention_probs_dropout_prob",
+                Some(self.attention_probs_dropout_prob),
+            ),
+            ("classifier_dropout", self.classifier_dropout),
+        ];
+        if let Some((field, reason)) = crate::validate::config_dropouts(dropouts) {
+            return Err(err(field, reason));
+        }
+        if !self.layer_norm_eps.is_finite() || self.layer_norm_eps < 0.0 {
+            return Err(err(
+                "layer_norm_eps",
+                format!("must be finite and >= 0, got {}", self.layer_norm_eps),
+            ));
+        }
+        if self.family.numbers_positions_past_padding() {
+            let pad = self.pad_token_id as usize;
+            if pad >= self.vocab_size {
+                return Err(err(
+                    "pad_token_id",
+                    format!("{pad} is not below vocab_size ({})", self.vocab_size),
+                ));
+            }
+            if self.max_position_embeddings <= pad + 1 {
+                return Err(err(
+                    "max_position_embeddings",
+                    format!(
+                        "{} leaves no position for a token: {} numbers positions from \
+                         pad_token_id + 1 ({})",
+                        self.max_position_embeddings,
+                        self.family.model_type(),
+                        pad + 1
+                    ),
+                ));
+            }
+        }
+        self.labels().check(err)
+    }
+
+    /// The longest input the position table takes: `max_position_embeddings` for BERT;
+    /// `max_position_embeddings - pad_token_id - 1` for the RoBERTa family, whose positions
+    /// start at `pad_token_id + 1` (roberta-base: 514 positions, 512 tokens).
+    pub fn max_tokens(&self) -> usize {
+        match self.family.numbers_positions_past_padding() {
+            true => self
+                .max_position_embeddings
+                .saturating_sub(self.pad_token_id as usize + 1),
+            false => self.max_position_embeddings,
+        }
+    }
+
+    /// The classification fields (labels, problem type, the head's initialisation) as
+    /// every classifier has them; BERT reads the first token, so no pad id.
+    pub fn labels(&self) -> ClassifierConfig {
+        ClassifierConfig {
+            num_labels: self.num_labels,
+            id2label: self.id2label.clone(),
+            problem_type: self.problem_type,
+            pad_token_id: None,
+            initializer_range: self.initializer_range,
+            ignore_mismatched_sizes: self.ignore_mismatched_sizes,
+        }
+    }
+
+    /// The `(in, out)` shapes of the model's linear layers, each once: what VeRA's shared
+    /// projections must cover ([`crate::finetune::AdapterRecipe::plan`]).
+    ///
+    /// ```
+    /// use lorakit::models::bert::BertConfig;
+    /// let config = BertConfig { hidden_size: 8, intermediate_size: 32, num_labels: 3, ..BertConfig::default() };
+    /// assert_eq!(config.linear_shapes(), [(8, 8), (8, 32), (32, 8), (8, 3)]);
+    /// ```
+    pub fn linear_shapes(&self) -> Vec<(usize, usize)> {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        vec![(h, h), (h, i), (i, h), (h, self.num_labels)]
+    }
+
+    pub(super) fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+}
