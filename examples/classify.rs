@@ -40,11 +40,11 @@ const DEMO: &str = "tests/fixtures/finetune/classify";
 
 #[derive(Parser, Debug)]
 #[command(
-    about = "Fine-tune a BERT, Llama-family or GPT-2 classifier with a lorakit adapter (no arguments: a tiny demo)"
+    about = "Fine-tune a BERT, RoBERTa-family, Llama-family or GPT-2 classifier with a lorakit adapter (no arguments: a tiny demo)"
 )]
 struct Args {
     /// Model folder (config.json, safetensors, tokenizer.json; the tokenizer may instead
-    /// be in --tokenizer): BERT, Llama family or GPT-2. Default: the committed tiny encoder.
+    /// be in --tokenizer): BERT, RoBERTa family, Llama family or GPT-2. Default: the committed tiny encoder.
     #[arg(long)]
     model: Option<PathBuf>,
     /// Folder with tokenizer.json, when not in --model.

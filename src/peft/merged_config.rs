@@ -146,7 +146,8 @@ fn drop_pretraining_heads(ckpt: &Checkpoint, edit: &mut ConfigEdit) {
 }
 
 /// The number of labels of the head a merge adds: the rows of the added `weight` of a
-/// `SEQ_CLS` adapter's head ([`SEQ_CLS_HEADS`]); `None` for any other adapter or when no
+/// `SEQ_CLS` adapter's head ([`SEQ_CLS_HEADS`], or its `out_proj`: the RoBERTa family's
+/// `classifier.dense` / `classifier.out_proj`); `None` for any other adapter or when no
 /// such head is added.
 fn added_head_labels<'a>(
     adapter: &PeftAdapter,
@@ -161,6 +162,8 @@ fn added_head_labels<'a>(
         return None;
     }
     added.into_iter().find_map(|(module, own, shape)| {
+        // The RoBERTa family's two-layer head ends in `classifier.out_proj`.
+        let module = module.strip_suffix(".out_proj").unwrap_or(module);
         let head = module.rsplit('.').next().unwrap_or(module);
         match (head, own, shape) {
             (head, "weight", [labels, _]) if *labels > 0 && SEQ_CLS_HEADS.contains(&head) => {

@@ -269,3 +269,44 @@ fn the_trainer_trains_and_saves_an_adapter_that_loads_back() {
         "reloaded",
     );
 }
+
+/// `lorakit merge` of the adapter that trained a head on a masked-LM save: the two-layer
+/// head is added, the masked-LM head dropped, the config made a 2-label
+/// `RobertaForSequenceClassification`, and the merged folder alone gives PEFT's logits.
+#[test]
+fn merging_into_a_masked_lm_save_makes_a_classifier() {
+    use lorakit::peft::{merge_checkpoint, MergeOptions};
+    let out = temp_dir("roberta_merge");
+    let folder = out.join("merged");
+    let base = case("roberta_mlm/base");
+    let adapter = case("roberta_mlm/adapter");
+    let report = merge_checkpoint(&base, &adapter, &folder, MergeOptions::default()).unwrap();
+    let head = [
+        "classifier.dense.bias",
+        "classifier.dense.weight",
+        "classifier.out_proj.bias",
+        "classifier.out_proj.weight",
+    ];
+    assert_eq!(report.added, head);
+    let text = std::fs::read_to_string(folder.join("config.json")).unwrap();
+    let config: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let classifier = serde_json::json!(["RobertaForSequenceClassification"]);
+    assert_eq!(config["architectures"], classifier);
+    assert_eq!(config["id2label"].as_object().map(|m| m.len()), Some(2));
+    let names = lorakit::checkpoint::Checkpoint::open(&folder).unwrap();
+    assert!(
+        !names.contains("lm_head.dense.weight"),
+        "the masked-LM head is dropped"
+    );
+    let none = AdapterPlan::none();
+    let merged =
+        BertForSequenceClassification::from_pretrained(&folder, DType::F32, &Device::Cpu, &none)
+            .unwrap();
+    let io = io("roberta_mlm");
+    assert_close(
+        &logits(&merged, &io),
+        &io["logits"],
+        TOL,
+        "merged folder vs PEFT",
+    );
+}
