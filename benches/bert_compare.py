@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""LoRA fine-tuning speed on a BERT sequence classifier, side by side in one run:
-lorakit (`examples/bert_speed.rs`) against PyTorch + transformers + PEFT.
+"""LoRA fine-tuning speed on a BERT (or RoBERTa) sequence classifier, side by side in one
+run: lorakit (`examples/bert_speed.rs`) against PyTorch + transformers + PEFT.
 
-The model: a `BertForSequenceClassification` written by transformers with random weights
+The model: a `BertForSequenceClassification` (`--family roberta`:
+`RobertaForSequenceClassification`, 514 positions, one token type) written by
+transformers with random weights
 (default 4 layers, hidden 512, 8 heads, intermediate 2048, vocab 8000, 2 labels; f32; the
 config's dropout, 0.1), a fresh LoRA r = 16, alpha = 32, no dropout on query and value
 and the classifier trained in full (PEFT's SEQ_CLS task). Per step, in training mode, at
@@ -13,8 +15,8 @@ Batch 16 x 128 ids, each row's tail padded to a length of its own (the same mask
 sides); the same thread count on both sides. Rounds alternate the order; cells are the
 median over rounds of each process's median step (`step_compare.py`).
 
-    python3 benches/bert_compare.py [--rounds 3] [--threads 2] [--steps 12]
-        [--layers 4] [--hidden 512] [--lorakit-bin PATH]
+    python3 benches/bert_compare.py [--family bert|roberta] [--rounds 3] [--threads 2]
+        [--steps 12] [--layers 4] [--hidden 512] [--lorakit-bin PATH]
 """
 import os, sys
 
@@ -22,15 +24,29 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from step_compare import main, timed_steps  # noqa: E402 (the benches share it)
 
 BATCH, SEQ = 16, 128
+# `--family`, read here (the shared flags are step_compare's): only the model written
+# differs, both sides load it by its config.
+FAMILY = "bert"
+if "--family" in sys.argv:
+    at = sys.argv.index("--family")
+    FAMILY = sys.argv[at + 1]
+    del sys.argv[at:at + 2]
+    if FAMILY not in ("bert", "roberta"):
+        sys.exit(f"--family: bert or roberta, not {FAMILY}")
 
 
 def write_model(dir, layers, hidden):
     import torch
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import (BertConfig, BertForSequenceClassification, RobertaConfig,
+                              RobertaForSequenceClassification)
     torch.manual_seed(0)
-    config = BertConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=hidden // 64,
-                        intermediate_size=4 * hidden, vocab_size=8000, num_labels=2)
-    BertForSequenceClassification(config).save_pretrained(dir)
+    sizes = dict(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=hidden // 64,
+                 intermediate_size=4 * hidden, vocab_size=8000, num_labels=2)
+    if FAMILY == "roberta":
+        config = RobertaConfig(**sizes, max_position_embeddings=514, type_vocab_size=1)
+        RobertaForSequenceClassification(config).save_pretrained(dir)
+    else:
+        BertForSequenceClassification(BertConfig(**sizes)).save_pretrained(dir)
 
 
 def inputs(vocab, labels):
@@ -44,10 +60,10 @@ def inputs(vocab, labels):
 
 def torch_step_ms(dir, threads, steps, warmup):
     import torch
-    from transformers import BertForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
     from peft import LoraConfig, TaskType, get_peft_model
     torch.set_num_threads(threads)
-    model = get_peft_model(BertForSequenceClassification.from_pretrained(dir), LoraConfig(
+    model = get_peft_model(AutoModelForSequenceClassification.from_pretrained(dir), LoraConfig(
         task_type=TaskType.SEQ_CLS, r=16, lora_alpha=32, lora_dropout=0.0,
         target_modules=["query", "value"]))
     model.train()
@@ -62,8 +78,9 @@ def torch_step_ms(dir, threads, steps, warmup):
 
 
 if __name__ == "__main__":
-    main(__doc__, "bert_speed", write_model, torch_step_ms, "BERT classifier LoRA step",
-         lambda a: f"BERT classifier {a.layers} layers, hidden {a.hidden}, vocab 8000, 2 labels, f32, "
+    name = "RoBERTa" if FAMILY == "roberta" else "BERT"
+    main(__doc__, "bert_speed", write_model, torch_step_ms, f"{name} classifier LoRA step",
+         lambda a: f"{name} classifier {a.layers} layers, hidden {a.hidden}, vocab 8000, 2 labels, f32, "
                    f"dropout 0.1; LoRA r=16 on query, value, classifier trained in full; batch {BATCH} x "
                    f"{SEQ}, padded tails",
          lorakit_args=["--batch", str(BATCH), "--seq", str(SEQ)])

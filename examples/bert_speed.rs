@@ -1,4 +1,4 @@
-//! Speed of LoRA fine-tuning a BERT sequence classifier folder, the lorakit side of
+//! Speed of LoRA fine-tuning a BERT (or RoBERTa-family) sequence classifier folder, the lorakit side of
 //! `benches/bert_compare.py` (which writes the folder with transformers and times
 //! transformers + PEFT on it too).
 //!

@@ -79,7 +79,7 @@ struct Args {
     /// Rank (VeRA: the shared pair's rank; AdaLoRA: the initial rank).
     #[arg(long, default_value_t = 8)]
     rank: usize,
-    /// Target modules, comma-separated, or all-linear (default: the BERT family's query,value; the
+    /// Target modules, comma-separated, or all-linear (default: the BERT family's query,value (DistilBERT: q_lin,v_lin); the
     /// Llama family's q_proj,v_proj; GPT-2's c_attn).
     #[arg(long)]
     targets: Option<String>,
@@ -242,10 +242,13 @@ fn run(args: Args) -> lorakit::Result<()> {
 }
 
 /// The usual targets for a `model_type` (PEFT's defaults): the BERT family's attention
-/// query and value, GPT-2's fused c_attn, a Llama-family decoder's q_proj and v_proj.
+/// query and value (DistilBERT's q_lin and v_lin), GPT-2's fused c_attn, a Llama-family
+/// decoder's q_proj and v_proj.
 fn default_targets(model_type: &str) -> String {
+    if let Some(family) = BertFamily::from_model_type(model_type) {
+        return family.default_targets().join(",");
+    }
     match model_type {
-        t if BertFamily::from_model_type(t).is_some() => "query,value",
         "gpt2" => "c_attn",
         _ => "q_proj,v_proj",
     }

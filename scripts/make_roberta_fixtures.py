@@ -128,17 +128,34 @@ def adapt(model, name, seed, **lora):
     return peft_model
 
 
-def save_adapter(peft_model, adapter_dir):
+def save_adapter(peft_model, adapter_dir, head):
+    """Saves the adapter (no README) and checks that it holds the tensors `head`."""
     peft_model.save_pretrained(adapter_dir)
     os.remove(os.path.join(adapter_dir, "README.md"))
     saved = saved_tensor_names(adapter_dir)
-    for key in ["classifier.dense.weight", "classifier.out_proj.bias"]:
+    for key in head:
         assert f"base_model.model.{key}" in saved, (key, saved)
 
 
-def logits_of(model):
+HEAD = ["classifier.dense.weight", "classifier.out_proj.bias"]
+
+
+def logits_of(model, ids=IDS, mask=MASK):
     with torch.no_grad():
-        return model(input_ids=IDS, attention_mask=MASK).logits.contiguous()
+        return model(input_ids=ids, attention_mask=mask).logits.contiguous()
+
+
+def gradients(model, ids, mask, labels):
+    """The eval-mode loss of `labels` and `grad.<lorakit's name>` of every trainable tensor
+    of `model` (a PeftModel loaded trainable)."""
+    model.eval()
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    out = {"labels": labels, "loss": loss.detach()}
+    for param_name, p in model.named_parameters():
+        if p.requires_grad:
+            out[f"grad.{lorakit_name(param_name)}"] = p.grad.detach().clone().contiguous()
+    return out
 
 
 def write_classifier(name, model_cls, config, seed, with_gradients, **lora):
@@ -148,7 +165,7 @@ def write_classifier(name, model_cls, config, seed, with_gradients, **lora):
     base_dir, adapter_dir = os.path.join(case, "base"), os.path.join(case, "adapter")
     fresh(model_cls, config, seed).save_pretrained(base_dir)
     peft_model = adapt(model_cls.from_pretrained(base_dir), name, seed + 1, **lora)
-    save_adapter(peft_model, adapter_dir)
+    save_adapter(peft_model, adapter_dir, HEAD)
 
     loaded = PeftModel.from_pretrained(model_cls.from_pretrained(base_dir), adapter_dir)
     loaded.eval()
@@ -158,43 +175,38 @@ def write_classifier(name, model_cls, config, seed, with_gradients, **lora):
     if with_gradients:
         trainable = PeftModel.from_pretrained(
             model_cls.from_pretrained(base_dir), adapter_dir, is_trainable=True
-        ).eval()
-        loss = trainable(input_ids=IDS, attention_mask=MASK, labels=LABELS).loss
-        loss.backward()
-        out["labels"] = LABELS
-        out["loss"] = loss.detach()
-        for param_name, p in trainable.named_parameters():
-            if p.requires_grad:
-                out[f"grad.{lorakit_name(param_name)}"] = p.grad.detach().clone().contiguous()
+        )
+        out.update(gradients(trainable, IDS, MASK, LABELS))
     out["merged_logits"] = logits_of(loaded.merge_and_unload())
     save_file(out, os.path.join(case, "io.safetensors"))
     print(f"wrote {case}: logits {out['logits'].tolist()}")
 
 
-def write_masked_lm_base():
-    """A RobertaForMaskedLM save (no head, no pooler) and an adapter that trained a head."""
-    case = os.path.join(ROOT, "roberta_mlm")
+def write_masked_lm_case(case, mlm, classifier_cls, seed, targets, head, ids=IDS, mask=MASK):
+    """A masked-LM save `mlm` (a model to save: no classification head) at `case`/base,
+    an adapter that trained a head over a fresh `classifier_cls` of it (LoRA on
+    `targets`, perturbed from `seed + 2`; it must hold the tensors `head`), and the logits
+    of two loads over other random heads (checked equal: the adapter holds the head)."""
     base_dir, adapter_dir = os.path.join(case, "base"), os.path.join(case, "adapter")
-    fresh(RobertaForMaskedLM, RobertaConfig(**SIZES), 20).save_pretrained(base_dir)
+    mlm.save_pretrained(base_dir)
     names = saved_tensor_names(base_dir)
     assert not any("pooler" in n or "classifier" in n for n in names), names
-    assert any(n.startswith("lm_head") for n in names), names
 
-    def classifier(seed):
-        torch.manual_seed(seed)
+    def classifier(draw):
+        torch.manual_seed(draw)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return RobertaForSequenceClassification.from_pretrained(base_dir)
+            return classifier_cls.from_pretrained(base_dir)
 
-    peft_model = adapt(classifier(21), "roberta_mlm", 22, target_modules=["query", "value"])
-    save_adapter(peft_model, adapter_dir)
+    name = os.path.basename(case)
+    peft_model = adapt(classifier(seed + 1), name, seed + 2, target_modules=targets)
+    save_adapter(peft_model, adapter_dir, head)
     logits = []
-    for seed in [23, 24]:
-        loaded = PeftModel.from_pretrained(classifier(seed), adapter_dir).eval()
-        logits.append(logits_of(loaded))
-    # The adapter holds the head: two loads with other random heads agree.
+    for draw in [seed + 3, seed + 4]:
+        loaded = PeftModel.from_pretrained(classifier(draw), adapter_dir).eval()
+        logits.append(logits_of(loaded, ids, mask))
     assert torch.equal(logits[0], logits[1])
-    out = {"input_ids": IDS, "attention_mask": MASK, "logits": logits[0]}
+    out = {"input_ids": ids, "attention_mask": mask, "logits": logits[0]}
     save_file(out, os.path.join(case, "io.safetensors"))
     print(f"wrote {case}: logits {logits[0].tolist()}")
 
@@ -218,7 +230,14 @@ def main():
         False,
         target_modules="all-linear",
     )
-    write_masked_lm_base()
+    write_masked_lm_case(
+        os.path.join(ROOT, "roberta_mlm"),
+        fresh(RobertaForMaskedLM, RobertaConfig(**SIZES), 20),
+        RobertaForSequenceClassification,
+        20,
+        ["query", "value"],
+        HEAD,
+    )
 
 
 if __name__ == "__main__":

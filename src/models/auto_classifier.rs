@@ -17,8 +17,8 @@ use super::llama::{LlamaFamily, LlamaForSequenceClassification};
 use super::sequence_classifier::SequenceClassifier;
 
 /// One of the sequence classifiers of [`crate::models`], chosen by `model_type`: `bert`,
-/// `roberta`, `xlm-roberta`, `camembert` ([`BertForSequenceClassification`], head
-/// `classifier` on the first token), `llama`,
+/// `roberta`, `xlm-roberta`, `camembert`, `distilbert` ([`BertForSequenceClassification`],
+/// head `classifier` on the first token), `llama`,
 /// `mistral`, `qwen2`, `qwen3` ([`LlamaForSequenceClassification`]) or `gpt2`
 /// ([`Gpt2ForSequenceClassification`]), whose head `score` reads each row's last token.
 /// [`AutoSequenceClassifier::as_classifier`] gives the [`SequenceClassifier`] the training
@@ -47,7 +47,7 @@ use super::sequence_classifier::SequenceClassifier;
 /// ```
 #[derive(Clone, Debug)]
 pub enum AutoSequenceClassifier {
-    /// `model_type` `bert`, `roberta`, `xlm-roberta` or `camembert`.
+    /// `model_type` `bert`, `roberta`, `xlm-roberta`, `camembert` or `distilbert`.
     Bert(BertForSequenceClassification),
     /// The Llama family.
     Llama(LlamaForSequenceClassification),
@@ -75,11 +75,12 @@ pub enum AutoSequenceClassifier {
 /// let expected = (LlamaFamily::ALL.len() - 2) + 1 + BertFamily::ALL.len() + 1;
 /// assert_eq!(CLASSIFIER_MODEL_TYPES.len(), expected);
 /// ```
-pub const CLASSIFIER_MODEL_TYPES: [&str; 21] = [
+pub const CLASSIFIER_MODEL_TYPES: [&str; 22] = [
     "bert",
     "roberta",
     "xlm-roberta",
     "camembert",
+    "distilbert",
     "llama",
     "mistral",
     "qwen2",
@@ -139,8 +140,8 @@ impl AutoSequenceClassifier {
         })
     }
 
-    /// The path of the head's last layer, whose rows are the classes: `classifier` (BERT),
-    /// `classifier.out_proj` (the RoBERTa family's two-layer head) or `score`.
+    /// The path of the head's last layer, whose rows are the classes: `classifier` (BERT,
+    /// DistilBERT), `classifier.out_proj` (the RoBERTa family's two-layer head) or `score`.
     ///
     /// ```
     /// use lorakit::models::AutoSequenceClassifier;
@@ -153,13 +154,9 @@ impl AutoSequenceClassifier {
     pub fn label_layer(dir: impl AsRef<Path>) -> Result<&'static str> {
         let dir = dir.as_ref();
         Ok(match Kind::of(dir)? {
-            Kind::Bert => match BertConfig::from_file(dir.join("config.json"))?
+            Kind::Bert => BertConfig::from_file(dir.join("config.json"))?
                 .family
-                .has_pooler()
-            {
-                true => "classifier",
-                false => "classifier.out_proj",
-            },
+                .label_layer(),
             Kind::Llama | Kind::Gpt2 => "score",
         })
     }

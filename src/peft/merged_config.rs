@@ -34,9 +34,18 @@ const SEQ_CLS_HEADS: [&str; 2] = ["classifier", "score"];
 
 /// The top-level modules that hold a pre-training head in transformers' checkpoints: a
 /// language-modelling head (`lm_head` for Llama, Qwen2, Mistral, GPT-2, OPT … and
-/// RoBERTa's masked-LM head, `embed_out` for GPT-NeoX) and BERT's masked-LM and
-/// next-sentence heads (`cls`). A `…ForSequenceClassification` model has none of them.
-const PRETRAINING_HEADS: [&str; 3] = ["lm_head", "embed_out", "cls"];
+/// RoBERTa's masked-LM head, `embed_out` for GPT-NeoX), BERT's masked-LM and
+/// next-sentence heads (`cls`) and DistilBERT's masked-LM head (`vocab_transform`,
+/// `vocab_layer_norm`, `vocab_projector`). A `…ForSequenceClassification` model has none
+/// of them.
+const PRETRAINING_HEADS: [&str; 6] = [
+    "lm_head",
+    "embed_out",
+    "cls",
+    "vocab_transform",
+    "vocab_layer_norm",
+    "vocab_projector",
+];
 
 /// What a checkpoint's architecture was before it became a classifier.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,11 +1,9 @@
-//! [`BertConfig`]: transformers' `config.json` for BERT and the RoBERTa family, and the
+//! [`BertConfig`]: what the BERT family's models read from transformers' `config.json`, and the
 //! options it names ([`BertFamily`], [`HiddenAct`], [`PositionEmbeddingType`]).
 
-use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use candle_core::Tensor;
-use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::models::classification::{ClassifierConfig, ProblemType};
@@ -35,15 +33,21 @@ pub enum BertFamily {
     XlmRoberta,
     /// `camembert`: RoBERTa's architecture.
     Camembert,
+    /// `distilbert` (transformers' `DistilBertForSequenceClassification`): BERT's layers
+    /// under other names (`distilbert.transformer.layer.N.attention.q_lin`, …) and config
+    /// keys (`dim`, `n_layers`, …), no token types, no dropout after the attention's output
+    /// projection; the head is `pre_classifier`, ReLU, `classifier` on the first token.
+    DistilBert,
 }
 
 impl BertFamily {
     /// Every member, in the order above.
-    pub const ALL: [BertFamily; 4] = [
+    pub const ALL: [BertFamily; 5] = [
         BertFamily::Bert,
         BertFamily::Roberta,
         BertFamily::XlmRoberta,
         BertFamily::Camembert,
+        BertFamily::DistilBert,
     ];
 
     /// transformers' `model_type`.
@@ -53,6 +57,7 @@ impl BertFamily {
             BertFamily::Roberta => "roberta",
             BertFamily::XlmRoberta => "xlm-roberta",
             BertFamily::Camembert => "camembert",
+            BertFamily::DistilBert => "distilbert",
         }
     }
 
@@ -62,11 +67,27 @@ impl BertFamily {
     }
 
     /// The encoder's module prefix in transformers' checkpoints (`base_model_prefix`):
-    /// `bert`, or `roberta` for the whole RoBERTa family.
+    /// `bert`, `roberta` for the whole RoBERTa family, `distilbert`.
     pub fn prefix(self) -> &'static str {
         match self {
             BertFamily::Bert => "bert",
+            BertFamily::DistilBert => "distilbert",
             _ => "roberta",
+        }
+    }
+
+    /// PEFT's default LoRA targets for the family (its
+    /// `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`).
+    ///
+    /// ```
+    /// use lorakit::models::bert::BertFamily;
+    /// assert_eq!(BertFamily::Roberta.default_targets(), ["query", "value"]);
+    /// assert_eq!(BertFamily::DistilBert.default_targets(), ["q_lin", "v_lin"]);
+    /// ```
+    pub fn default_targets(self) -> [&'static str; 2] {
+        match self {
+            BertFamily::DistilBert => ["q_lin", "v_lin"],
+            _ => ["query", "value"],
         }
     }
 
@@ -75,17 +96,34 @@ impl BertFamily {
     /// `pad_token_id + (tokens up to j that are not padding)`, padding gets `pad_token_id`.
     /// BERT numbers the columns `0, 1, …`.
     pub fn numbers_positions_past_padding(self) -> bool {
-        self != BertFamily::Bert
+        !matches!(self, BertFamily::Bert | BertFamily::DistilBert)
+    }
+
+    /// Whether the embeddings add a token type's (`token_type_embeddings`); DistilBERT has
+    /// none, so its only token type is 0.
+    pub fn has_token_types(self) -> bool {
+        self != BertFamily::DistilBert
     }
 
     /// Whether the classifier reads a pooler's output (`tanh` of `<prefix>.pooler.dense`)
-    /// rather than the first token's state through a two-layer head.
+    /// rather than the first token's state through a two-layer head (RoBERTa's
+    /// `classifier.dense` / `classifier.out_proj`, DistilBERT's `pre_classifier` /
+    /// `classifier`).
     pub fn has_pooler(self) -> bool {
         self == BertFamily::Bert
     }
 
+    /// The path of the head's last layer, whose rows are the classes: `classifier`, or
+    /// the RoBERTa family's `classifier.out_proj`.
+    pub fn label_layer(self) -> &'static str {
+        match self {
+            BertFamily::Bert | BertFamily::DistilBert => "classifier",
+            _ => "classifier.out_proj",
+        }
+    }
+
     /// transformers' default `vocab_size` for the family's config class.
-    fn default_vocab_size(self) -> usize {
+    pub(super) fn default_vocab_size(self) -> usize {
         match self {
             BertFamily::Roberta => 50265,
             _ => 30522,
@@ -93,9 +131,9 @@ impl BertFamily {
     }
 
     /// transformers' default `pad_token_id` for the family's config class.
-    fn default_pad_token_id(self) -> u32 {
+    pub(super) fn default_pad_token_id(self) -> u32 {
         match self {
-            BertFamily::Bert => 0,
+            BertFamily::Bert | BertFamily::DistilBert => 0,
             _ => 1,
         }
     }
@@ -290,98 +328,7 @@ impl Default for BertConfig {
     }
 }
 
-/// `config.json` as written: every field optional (transformers' defaults fill the gaps).
-#[derive(Deserialize)]
-struct RawBertConfig {
-    model_type: Option<String>,
-    vocab_size: Option<usize>,
-    hidden_size: Option<usize>,
-    num_hidden_layers: Option<usize>,
-    num_attention_heads: Option<usize>,
-    intermediate_size: Option<usize>,
-    hidden_act: Option<String>,
-    hidden_dropout_prob: Option<f64>,
-    attention_probs_dropout_prob: Option<f64>,
-    classifier_dropout: Option<f64>,
-    max_position_embeddings: Option<usize>,
-    type_vocab_size: Option<usize>,
-    layer_norm_eps: Option<f64>,
-    position_embedding_type: Option<String>,
-    is_decoder: Option<bool>,
-}
-
 impl BertConfig {
-    /// Reads transformers' `config.json` at `path`.
-    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        Self::from_json_str(&text, path)
-    }
-
-    /// Parses the text of a `config.json`; `path` names it in errors.
-    pub fn from_json_str(text: &str, path: impl Into<PathBuf>) -> Result<Self> {
-        let path = path.into();
-        let raw: RawBertConfig = crate::error::parse_json(text, path.clone())?;
-        let family = match raw.model_type.as_deref() {
-            None => BertFamily::Bert,
-            Some(t) => BertFamily::from_model_type(t).ok_or_else(|| Error::Unsupported {
-                what: "model_type",
-                got: t.to_string(),
-                supported: BertFamily::ALL.map(BertFamily::model_type).join(", "),
-            })?,
-        };
-        if raw.is_decoder == Some(true) {
-            return Err(Error::Unsupported {
-                what: "is_decoder",
-                got: "true".to_string(),
-                supported: "false (BERT as a bidirectional encoder)".to_string(),
-            });
-        }
-        let d = Self::default();
-        // The classification fields, parsed and checked as every classifier's.
-        let labels = ClassifierConfig::from_json_str(text, path.clone())?;
-        let config = Self {
-            family,
-            vocab_size: raw.vocab_size.unwrap_or(family.default_vocab_size()),
-            hidden_size: raw.hidden_size.unwrap_or(d.hidden_size),
-            num_hidden_layers: raw.num_hidden_layers.unwrap_or(d.num_hidden_layers),
-            num_attention_heads: raw.num_attention_heads.unwrap_or(d.num_attention_heads),
-            intermediate_size: raw.intermediate_size.unwrap_or(d.intermediate_size),
-            hidden_act: raw
-                .hidden_act
-                .as_deref()
-                .map(HiddenAct::from_str)
-                .transpose()?
-                .unwrap_or(d.hidden_act),
-            hidden_dropout_prob: raw.hidden_dropout_prob.unwrap_or(d.hidden_dropout_prob),
-            attention_probs_dropout_prob: raw
-                .attention_probs_dropout_prob
-                .unwrap_or(d.attention_probs_dropout_prob),
-            classifier_dropout: raw.classifier_dropout,
-            max_position_embeddings: raw
-                .max_position_embeddings
-                .unwrap_or(d.max_position_embeddings),
-            type_vocab_size: raw.type_vocab_size.unwrap_or(d.type_vocab_size),
-            layer_norm_eps: raw.layer_norm_eps.unwrap_or(d.layer_norm_eps),
-            // Absent or null: the family's default (transformers cannot number RoBERTa's
-            // positions without one).
-            pad_token_id: labels.pad_token_id.unwrap_or(family.default_pad_token_id()),
-            position_embedding_type: raw
-                .position_embedding_type
-                .as_deref()
-                .map(PositionEmbeddingType::from_str)
-                .transpose()?
-                .unwrap_or(d.position_embedding_type),
-            num_labels: labels.num_labels,
-            problem_type: labels.problem_type,
-            initializer_range: labels.initializer_range,
-            id2label: labels.id2label,
-            ignore_mismatched_sizes: false,
-        };
-        config.check(|field, reason| Error::file_config(path.clone(), field, reason))?;
-        Ok(config)
-    }
-
     /// Checks the values [`BertForSequenceClassification::load`](super::BertForSequenceClassification::load) relies on: non-zero sizes,
     /// `hidden_size` a multiple of `num_attention_heads`, dropouts in `[0, 1)`, a finite
     /// `layer_norm_eps >= 0`, at least 2 labels for `single_label_classification` (as
@@ -391,7 +338,7 @@ impl BertConfig {
         self.check(|field, reason| Error::settings("BERT config", field, reason))
     }
 
-    fn check(&self, err: impl Fn(&'static str, String) -> Error) -> Result<()> {
+    pub(super) fn check(&self, err: impl Fn(&'static str, String) -> Error) -> Result<()> {
         let sizes = [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),

@@ -1,6 +1,6 @@
 //! The encoder: [`BertEmbeddings`] (word, token type and position embeddings, positions
-//! numbered as the family numbers them) and the post-norm [`BertLayer`]s, the same for
-//! every member of the BERT family.
+//! numbered as the family numbers them) and the post-norm [`BertLayer`]s, the same
+//! computation for every member of the BERT family, at each one's module paths.
 
 use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
@@ -10,7 +10,52 @@ use crate::model::{embedding, linear, AdapterPlan, Embedding, Linear};
 use crate::models::fused;
 use crate::models::ops::{dropout_t, LayerNorm};
 
-use super::config::{BertConfig, HiddenAct};
+use super::config::{BertConfig, BertFamily, HiddenAct};
+
+/// Where a family keeps an encoder layer's modules, relative to the layer.
+struct LayerPaths {
+    query: &'static str,
+    key: &'static str,
+    value: &'static str,
+    attention_output: &'static str,
+    attention_norm: &'static str,
+    intermediate: &'static str,
+    output: &'static str,
+    output_norm: &'static str,
+}
+
+/// BERT's and the RoBERTa family's names.
+const BERT_PATHS: LayerPaths = LayerPaths {
+    query: "attention.self.query",
+    key: "attention.self.key",
+    value: "attention.self.value",
+    attention_output: "attention.output.dense",
+    attention_norm: "attention.output.LayerNorm",
+    intermediate: "intermediate.dense",
+    output: "output.dense",
+    output_norm: "output.LayerNorm",
+};
+
+/// DistilBERT's names.
+const DISTILBERT_PATHS: LayerPaths = LayerPaths {
+    query: "attention.q_lin",
+    key: "attention.k_lin",
+    value: "attention.v_lin",
+    attention_output: "attention.out_lin",
+    attention_norm: "sa_layer_norm",
+    intermediate: "ffn.lin1",
+    output: "ffn.lin2",
+    output_norm: "output_layer_norm",
+};
+
+/// The module path of layer `i` under the encoder's prefix: `encoder.layer.i`, or
+/// DistilBERT's `transformer.layer.i`.
+pub(super) fn layer_path(family: BertFamily, i: usize) -> String {
+    match family {
+        BertFamily::DistilBert => format!("transformer.layer.{i}"),
+        _ => format!("encoder.layer.{i}"),
+    }
+}
 
 /// Position ids `(batch, seq)` as RoBERTa numbers them from `ids` (`(batch, seq)`, on the
 /// host): `pad` for a padding token, else `pad` + the number of tokens up to and including
@@ -37,7 +82,8 @@ fn positions_past_padding(ids: &[Vec<u32>], pad: u32) -> Vec<u32> {
 pub(super) struct BertEmbeddings {
     word: Embedding,
     position: Embedding,
-    token_type: Embedding,
+    /// `None`: no token types (DistilBERT).
+    token_type: Option<Embedding>,
     norm: LayerNorm,
     dropout: f64,
     /// `Some(pad_token_id)`: positions numbered past the padding (the RoBERTa family).
@@ -54,12 +100,15 @@ impl BertEmbeddings {
                 vb.pp("position_embeddings"),
                 plan,
             )?,
-            token_type: embedding(
-                c.type_vocab_size,
-                c.hidden_size,
-                vb.pp("token_type_embeddings"),
-                plan,
-            )?,
+            token_type: match c.family.has_token_types() {
+                true => Some(embedding(
+                    c.type_vocab_size,
+                    c.hidden_size,
+                    vb.pp("token_type_embeddings"),
+                    plan,
+                )?),
+                false => None,
+            },
             norm: LayerNorm::load(c.hidden_size, c.layer_norm_eps, vb.pp("LayerNorm"), plan)?,
             dropout: c.hidden_dropout_prob,
             positions_past: c
@@ -78,7 +127,10 @@ impl BertEmbeddings {
         train: bool,
     ) -> Result<Tensor> {
         let (b, seq) = ids.dims2()?;
-        let x = (self.word.forward(ids)? + self.token_type.forward(token_types)?)?;
+        let x = match &self.token_type {
+            Some(table) => (self.word.forward(ids)? + table.forward(token_types)?)?,
+            None => self.word.forward(ids)?,
+        };
         let x = match self.positions_past {
             None => {
                 let positions = Tensor::arange(0u32, seq as u32, ids.device())?;
@@ -111,29 +163,34 @@ pub(super) struct BertLayer {
     act: HiddenAct,
     hidden_dropout: f64,
     attention_dropout: f64,
+    /// Dropout on the attention's output projection (BERT, RoBERTa; not DistilBERT).
+    attention_output_dropout: bool,
 }
 
 impl BertLayer {
     pub(super) fn load(c: &BertConfig, vb: VarBuilder, plan: &AdapterPlan) -> Result<Self> {
         let h = c.hidden_size;
-        let attn = vb.pp("attention");
-        let this = attn.pp("self");
-        let attn_out = attn.pp("output");
+        let paths = match c.family {
+            BertFamily::DistilBert => &DISTILBERT_PATHS,
+            _ => &BERT_PATHS,
+        };
         let eps = c.layer_norm_eps;
+        let square = |path: &str| linear(h, h, vb.pp(path), plan);
         Ok(Self {
-            query: linear(h, h, this.pp("query"), plan)?,
-            key: linear(h, h, this.pp("key"), plan)?,
-            value: linear(h, h, this.pp("value"), plan)?,
-            attention_output: linear(h, h, attn_out.pp("dense"), plan)?,
-            attention_norm: LayerNorm::load(h, eps, attn_out.pp("LayerNorm"), plan)?,
-            intermediate: linear(h, c.intermediate_size, vb.pp("intermediate.dense"), plan)?,
-            output: linear(c.intermediate_size, h, vb.pp("output.dense"), plan)?,
-            output_norm: LayerNorm::load(h, eps, vb.pp("output.LayerNorm"), plan)?,
+            query: square(paths.query)?,
+            key: square(paths.key)?,
+            value: square(paths.value)?,
+            attention_output: square(paths.attention_output)?,
+            attention_norm: LayerNorm::load(h, eps, vb.pp(paths.attention_norm), plan)?,
+            intermediate: linear(h, c.intermediate_size, vb.pp(paths.intermediate), plan)?,
+            output: linear(c.intermediate_size, h, vb.pp(paths.output), plan)?,
+            output_norm: LayerNorm::load(h, eps, vb.pp(paths.output_norm), plan)?,
             heads: c.num_attention_heads,
             head_dim: c.head_dim(),
             act: c.hidden_act,
             hidden_dropout: c.hidden_dropout_prob,
             attention_dropout: c.attention_probs_dropout_prob,
+            attention_output_dropout: c.family != BertFamily::DistilBert,
         })
     }
 
@@ -153,7 +210,10 @@ impl BertLayer {
         let p = if train { self.attention_dropout } else { 0.0 };
         let context = fused::attention_over_keys(&q, &k, &v, scale, visible, p)?;
         let attn = self.attention_output.forward(&context)?;
-        let attn = dropout_t(attn, self.hidden_dropout, train)?;
+        let attn = match self.attention_output_dropout {
+            true => dropout_t(attn, self.hidden_dropout, train)?,
+            false => attn,
+        };
         let attn = self.attention_norm.forward(&(attn + x)?)?;
         let inner = self.act.apply(&self.intermediate.forward(&attn)?)?;
         let out = dropout_t(self.output.forward(&inner)?, self.hidden_dropout, train)?;

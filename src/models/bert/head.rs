@@ -1,5 +1,6 @@
 //! [`ClassificationHead`]: what turns the encoder's first token into logits — BERT's
-//! pooler and linear classifier, or the RoBERTa family's two-layer `classifier`.
+//! pooler and linear classifier, the RoBERTa family's two-layer `classifier`, or
+//! DistilBERT's `pre_classifier` and `classifier`.
 
 use candle_core::{IndexOp, Module, Tensor};
 use candle_nn::VarBuilder;
@@ -10,7 +11,7 @@ use crate::model::{linear, AdapterPlan, Linear};
 use crate::models::classification::{head_or_new, new_linear};
 use crate::models::ops::dropout_t;
 
-use super::config::BertConfig;
+use super::config::{BertConfig, BertFamily};
 
 /// The pooler's path, as transformers names it.
 pub(crate) const POOLER: &str = "bert.pooler.dense";
@@ -24,6 +25,11 @@ pub(super) enum ClassificationHead {
     /// The RoBERTa family (`RobertaClassificationHead`):
     /// `classifier.out_proj(dropout(tanh(classifier.dense(dropout(first token)))))`.
     TwoLayer { dense: Linear, out_proj: Linear },
+    /// DistilBERT: `classifier(dropout(relu(pre_classifier(first token))))`.
+    PreClassifier {
+        pre_classifier: Linear,
+        classifier: Linear,
+    },
 }
 
 impl ClassificationHead {
@@ -33,25 +39,26 @@ impl ClassificationHead {
     pub(super) fn load(config: &BertConfig, vb: &VarBuilder, plan: &AdapterPlan) -> Result<Self> {
         let h = config.hidden_size;
         let labels = config.labels();
-        if !config.family.has_pooler() {
-            let dense = "classifier.dense";
-            let dense = match vb.contains_tensor(&format!("{dense}.weight"))
-                || !plan.touches(dense, BaseKind::Linear)
-            {
-                // The checkpoint's, or a missing-tensor error naming it (a `VarMap`
-                // creates it).
-                true => linear(h, h, vb.pp(dense), plan)?,
-                false => new_linear(dense, (h, h, true), config.initializer_range, vb, plan)?,
-            };
-            let out_proj = head_or_new("classifier.out_proj", h, true, &labels, vb, plan)?;
-            return Ok(Self::TwoLayer { dense, out_proj });
-        }
-        let pooler = match vb.contains_tensor(&format!("{POOLER}.weight")) {
-            true => linear(h, h, vb.pp(POOLER), plan)?,
-            false => new_pooler(config, vb, plan)?,
-        };
-        let classifier = head_or_new("classifier", h, true, &labels, vb, plan)?;
-        Ok(Self::Pooled { pooler, classifier })
+        Ok(match config.family {
+            BertFamily::Bert => Self::Pooled {
+                pooler: square_or_new(POOLER, config, vb, plan, no_pooler)?,
+                classifier: head_or_new("classifier", h, true, &labels, vb, plan)?,
+            },
+            BertFamily::DistilBert => Self::PreClassifier {
+                pre_classifier: square_or_new("pre_classifier", config, vb, plan, |e| {
+                    untrained_head_layer("pre_classifier", e)
+                })?,
+                classifier: head_or_new("classifier", h, true, &labels, vb, plan)?,
+            },
+            BertFamily::Roberta | BertFamily::XlmRoberta | BertFamily::Camembert => {
+                Self::TwoLayer {
+                    dense: square_or_new("classifier.dense", config, vb, plan, |e| {
+                        untrained_head_layer("classifier.dense", e)
+                    })?,
+                    out_proj: head_or_new("classifier.out_proj", h, true, &labels, vb, plan)?,
+                }
+            }
+        })
     }
 
     /// The logits `(batch, num_labels)` of the encoder's output `hidden`
@@ -67,37 +74,66 @@ impl ClassificationHead {
                 let x = dense.forward(&dropout_t(first, p, train)?)?.tanh()?;
                 out_proj.forward(&dropout_t(x, p, train)?)?
             }
+            Self::PreClassifier {
+                pre_classifier,
+                classifier,
+            } => {
+                let x = pre_classifier.forward(&first)?.relu()?;
+                classifier.forward(&dropout_t(x, p, train)?)?
+            }
         })
     }
 }
 
-/// The pooler of a checkpoint that has none (saved from `BertForMaskedLM`, or as a
-/// `BertModel` without its pooling layer): a new one, as transformers initialises it,
-/// when `plan` trains it (`pooler` in `modules_to_save`; a loaded adapter's trained copy
-/// replaces it); otherwise whatever `vb` makes of it (a `VarMap` creates it), or an error
-/// where it has none. transformers would go on with a random pooler, which a
-/// PEFT adapter does not save unless it trains it, so every load would classify
-/// differently.
-fn new_pooler(config: &BertConfig, vb: &VarBuilder, plan: &AdapterPlan) -> Result<Linear> {
+/// The square layer `path` of the head (`hidden` to `hidden`, with a bias): the
+/// checkpoint's; a new one, as transformers initialises it, when the checkpoint lacks it
+/// and `plan` trains it (`modules_to_save`; a loaded adapter's trained copy replaces it);
+/// otherwise whatever `vb` makes of it (a `VarMap` creates it), or `missing` of the
+/// missing-tensor error. transformers would go on with a random layer, which a PEFT
+/// adapter does not save unless it trains it, so every load would classify differently.
+fn square_or_new(
+    path: &str,
+    config: &BertConfig,
+    vb: &VarBuilder,
+    plan: &AdapterPlan,
+    missing: impl FnOnce(Error) -> Error,
+) -> Result<Linear> {
     let h = config.hidden_size;
-    if !plan.touches(POOLER, BaseKind::Linear) {
-        // A builder that makes what it is asked for (a `VarMap`'s: a model built from
-        // scratch) gives it; a checkpoint's has none.
-        let missing = match linear(h, h, vb.pp(POOLER), plan) {
-            Ok(pooler) => return Ok(pooler),
-            Err(e) => e,
-        };
-        return Err(Error::layer_config(
-            POOLER,
-            "modules_to_save",
-            format!(
-                "the checkpoint has no pooler ({missing}; a BertForMaskedLM save, or a \
-                 BertModel without its pooling layer): transformers would classify through a \
-                 random pooler that a PEFT adapter does not save, so no two loads would \
-                 agree. Train it with the head: modules_to_save [\"classifier\", \"pooler\"] \
-                 (AutoSequenceClassifier::modules_to_save lists what a checkpoint needs)"
-            ),
-        ));
+    let stored = vb.contains_tensor(&format!("{path}.weight"));
+    if !stored && plan.touches(path, BaseKind::Linear) {
+        return new_linear(path, (h, h, true), config.initializer_range, vb, plan);
     }
-    new_linear(POOLER, (h, h, true), config.initializer_range, vb, plan)
+    linear(h, h, vb.pp(path), plan).map_err(|e| match stored {
+        true => e,
+        false => missing(e),
+    })
+}
+
+/// A BERT checkpoint without a pooler (saved from `BertForMaskedLM`, or as a `BertModel`
+/// without its pooling layer), whose pooler the plan does not train.
+fn no_pooler(missing: Error) -> Error {
+    Error::layer_config(
+        POOLER,
+        "modules_to_save",
+        format!(
+            "the checkpoint has no pooler ({missing}; a BertForMaskedLM save, or a \
+             BertModel without its pooling layer): transformers would classify through a \
+             random pooler that a PEFT adapter does not save, so no two loads would \
+             agree. Train it with the head: modules_to_save [\"classifier\", \"pooler\"] \
+             (AutoSequenceClassifier::modules_to_save lists what a checkpoint needs)"
+        ),
+    )
+}
+
+/// A head layer `path` the checkpoint lacks (a masked-LM save) and the plan does not train.
+fn untrained_head_layer(path: &str, missing: Error) -> Error {
+    Error::layer_config(
+        path,
+        "modules_to_save",
+        format!(
+            "the checkpoint has no `{path}` ({missing}; a masked-LM save has no \
+             classification head): train the head, modules_to_save [\"classifier\"] \
+             (PEFT's SEQ_CLS task), or load an adapter that did"
+        ),
+    )
 }

@@ -1,26 +1,32 @@
-//! BERT and the RoBERTa family for sequence classification: transformers'
+//! BERT, the RoBERTa family and DistilBERT for sequence classification: transformers'
 //! `BertForSequenceClassification`, `RobertaForSequenceClassification`,
-//! `XLMRobertaForSequenceClassification` and `CamembertForSequenceClassification`
-//! ([`BertForSequenceClassification`], the member chosen by the config's `model_type`:
-//! [`BertFamily`]) with every module built through the model-level API at transformers'
-//! own paths (`bert.embeddings.word_embeddings`, `bert.encoder.layer.N.attention.self.query`,
-//! …, `bert.pooler.dense`, `classifier`; `roberta.…`, `classifier.dense`,
-//! `classifier.out_proj`), so a PEFT adapter's `target_modules`,
+//! `XLMRobertaForSequenceClassification`, `CamembertForSequenceClassification` and
+//! `DistilBertForSequenceClassification` ([`BertForSequenceClassification`], the member
+//! chosen by the config's `model_type`: [`BertFamily`]) with every module built through
+//! the model-level API at transformers' own paths (`bert.embeddings.word_embeddings`,
+//! `bert.encoder.layer.N.attention.self.query`, …, `bert.pooler.dense`, `classifier`;
+//! `roberta.…`, `classifier.dense`, `classifier.out_proj`;
+//! `distilbert.transformer.layer.N.attention.q_lin`, …, `pre_classifier`, `classifier`),
+//! so a PEFT adapter's `target_modules`,
 //! `modules_to_save: ["classifier"]` and `bias = "all"` (norm biases through
 //! [`AdapterPlan::bias`]) apply unchanged; its configuration ([`BertConfig`]) is read from
 //! transformers' `config.json`.
 //!
-//! The forward is transformers' eager one: embeddings (word + token type + absolute
-//! position, then LayerNorm; BERT numbers positions `0, 1, …`, the RoBERTa family from
+//! The forward is transformers' eager one: embeddings (word + token type (none in
+//! DistilBERT) + absolute position, then LayerNorm; BERT and DistilBERT number positions
+//! `0, 1, …`, the RoBERTa family from
 //! `pad_token_id + 1` past the padding tokens), post-norm encoder layers (attention scores
 //! scaled by `1/sqrt(head_dim)`, padded keys given no weight, as transformers' additive
 //! mask of the dtype's most negative value does;
 //! [`crate::models::fused::bidirectional_attention`], one fused op for f32 CPU tensors),
 //! then the head on the first token: BERT's pooler (`tanh` of a dense layer) and linear
-//! classifier, or RoBERTa's `classifier.dense`, `tanh`, `classifier.out_proj`. Dropout runs
+//! classifier, RoBERTa's `classifier.dense`, `tanh`, `classifier.out_proj`, or
+//! DistilBERT's `pre_classifier`, ReLU, `classifier`. Dropout runs
 //! only in [`BertForSequenceClassification::forward_t`] with `train = true`.
 
 mod config;
+mod config_json;
+mod distilbert_config;
 mod encoder;
 mod head;
 
@@ -38,7 +44,7 @@ pub use crate::models::classification::ProblemType;
 use crate::models::fused;
 
 pub use config::{BertConfig, BertFamily, HiddenAct, PositionEmbeddingType};
-use encoder::{BertEmbeddings, BertLayer};
+use encoder::{layer_path, BertEmbeddings, BertLayer};
 use head::ClassificationHead;
 pub(crate) use head::POOLER;
 
@@ -46,6 +52,10 @@ pub(crate) use head::POOLER;
 /// [`BertForSequenceClassification`] built from a config of that family: one
 /// implementation, the differences switched by [`BertConfig::family`].
 pub type RobertaForSequenceClassification = BertForSequenceClassification;
+
+/// transformers' `DistilBertForSequenceClassification` is [`BertForSequenceClassification`]
+/// built from a DistilBERT config ([`BertFamily::DistilBert`]).
+pub type DistilBertForSequenceClassification = BertForSequenceClassification;
 
 /// transformers' `BertForSequenceClassification` (BERT, its pooler and a linear
 /// classifier) and the RoBERTa family's classifiers (no pooler, a two-layer head; see
@@ -181,7 +191,7 @@ impl BertForSequenceClassification {
         let encoder = vb.pp(prefix);
         let embeddings = BertEmbeddings::load(config, encoder.pp("embeddings"), plan)?;
         let layers = (0..config.num_hidden_layers)
-            .map(|i| BertLayer::load(config, encoder.pp(format!("encoder.layer.{i}")), plan))
+            .map(|i| BertLayer::load(config, encoder.pp(layer_path(config.family, i)), plan))
             .collect::<Result<Vec<_>>>()?;
         let head = ClassificationHead::load(config, &vb, plan)?;
         Ok(Self {
@@ -330,12 +340,11 @@ impl BertForSequenceClassification {
                 if t.dims() != [b, s] {
                     return Err(shape_error("token_type_ids", format!("({b}, {s})"), t));
                 }
-                crate::validate::token_ids(
-                    &format!("{prefix}.embeddings.token_type_embeddings"),
-                    t,
-                    self.config.type_vocab_size,
-                    &self.device,
-                )?;
+                let table = match self.config.family.has_token_types() {
+                    true => format!("{prefix}.embeddings.token_type_embeddings"),
+                    false => format!("{prefix}.embeddings (no token types: only type 0)"),
+                };
+                crate::validate::token_ids(&table, t, self.config.type_vocab_size, &self.device)?;
                 t.clone()
             }
             None => Tensor::zeros((b, s), DType::U32, &self.device)?,

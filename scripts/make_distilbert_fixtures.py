@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Writes tests/fixtures/distilbert_cls/: tiny DistilBERT sequence classifiers, PEFT
+SEQ_CLS adapters on them, and what transformers + PEFT compute from them.
+
+DistilBERT is BERT's encoder under other names (`distilbert.transformer.layer.N.attention.
+q_lin`, `sa_layer_norm`, `ffn.lin1`, …) and another config (`dim`, `n_layers`, …), with no
+token types, no dropout after the attention's output projection, LayerNorm eps 1e-12
+whatever the config says, and a head of its own: `pre_classifier`, ReLU, dropout
+(`seq_classif_dropout`), `classifier` on the first token. PEFT's SEQ_CLS task puts
+`classifier` in modules_to_save and matches it as a plain suffix, so `pre_classifier` is
+copied and saved too: an adapter trained on a masked-LM save (as the Hub's
+`distilbert-base-uncased` is, with neither layer) reloads the same.
+
+Usage:
+    python3 scripts/make_distilbert_fixtures.py
+        removes and rewrites tests/fixtures/distilbert_cls/ (deterministic)
+
+Output (each model: vocab 64, dim 16, 2 layers, 2 heads, hidden_dim 32, 16 positions,
+every parameter redrawn as make_option_fixtures redraws its bases):
+    distilbert/base/          DistilBertForSequenceClassification, 3 labels
+    distilbert/adapter/       PEFT LoRA r=4 alpha=8 on every linear layer of the encoder
+                              (SEQ_CLS: `classifier` in modules_to_save, which PEFT matches
+                              as a plain suffix, so `pre_classifier` is a trained copy too),
+                              every trainable parameter given 0.1 * normal on top of its
+                              start
+    distilbert/io.safetensors input_ids (i64 (3, 6): a full row, a row padded on the right,
+                              a row padded on the left), attention_mask, labels; `logits`
+                              (unmerged, eval), `merged_logits`, `base_logits` (disabled),
+                              `loss` (cross-entropy, eval mode) and `grad.<name>` for every
+                              trainable tensor under lorakit's name for it
+    distilbert_mlm/base/      DistilBertForMaskedLM (`vocab_transform`, `vocab_projector`,
+                              no pre_classifier, no classifier; 2 labels by default)
+    distilbert_mlm/adapter/   PEFT LoRA r=4 alpha=8 on q_lin, v_lin (PEFT's default),
+                              SEQ_CLS (its copies of pre_classifier and classifier), trained
+                              over a fresh classifier of base/, perturbed as above
+    distilbert_mlm/io.safetensors  input_ids, attention_mask; `logits` of the adapter over
+                              two fresh classifiers with other random heads (checked equal)
+
+Versions used to generate the committed files: torch 2.15.0, transformers 5.25.0,
+peft 0.21.2.
+"""
+
+import os
+import shutil
+
+from fixture_env import rerun_pinned
+
+rerun_pinned()
+
+import torch  # noqa: E402
+from peft import PeftModel  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from transformers import (  # noqa: E402
+    DistilBertConfig,
+    DistilBertForMaskedLM,
+    DistilBertForSequenceClassification,
+)
+
+import make_roberta_fixtures as roberta_fixtures  # noqa: E402
+from make_roberta_fixtures import adapt, fresh, gradients, save_adapter, write_masked_lm_case  # noqa: E402
+
+ROOT = os.path.normpath(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "distilbert_cls")
+)
+SIZES = dict(vocab_size=64, dim=16, n_layers=2, n_heads=2, hidden_dim=32, max_position_embeddings=16)
+# [PAD] = 0, [CLS] = 2, [SEP] = 3.
+IDS = torch.tensor([[2, 5, 17, 33, 40, 3], [2, 9, 61, 3, 0, 0], [0, 2, 12, 44, 7, 3]])
+MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]])
+LABELS = torch.tensor([2, 0, 1])
+
+
+def logits_of(model):
+    return roberta_fixtures.logits_of(model, IDS, MASK)
+
+
+def write_classifier():
+    case = os.path.join(ROOT, "distilbert")
+    base_dir, adapter_dir = os.path.join(case, "base"), os.path.join(case, "adapter")
+    cls = DistilBertForSequenceClassification
+    fresh(cls, DistilBertConfig(**SIZES, num_labels=3), 30).save_pretrained(base_dir)
+    # Every linear of the encoder by name. PEFT's SEQ_CLS matches modules_to_save
+    # ["classifier"] by a plain suffix, so `pre_classifier` is a trained copy too, and
+    # PEFT 0.21 fails on any target that adapts it ("all-linear" included).
+    linears = ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"]
+    peft_model = adapt(cls.from_pretrained(base_dir), "distilbert", 31, target_modules=linears)
+    save_adapter(peft_model, adapter_dir, ["pre_classifier.weight", "classifier.weight"])
+
+    loaded = PeftModel.from_pretrained(cls.from_pretrained(base_dir), adapter_dir).eval()
+    out = {"input_ids": IDS, "attention_mask": MASK, "logits": logits_of(loaded)}
+    with loaded.disable_adapter():
+        out["base_logits"] = logits_of(loaded)
+    trainable = PeftModel.from_pretrained(cls.from_pretrained(base_dir), adapter_dir, is_trainable=True)
+    out.update(gradients(trainable, IDS, MASK, LABELS))
+    out["merged_logits"] = logits_of(loaded.merge_and_unload())
+    save_file(out, os.path.join(case, "io.safetensors"))
+    print(f"wrote {case}: logits {out['logits'].tolist()}")
+
+
+def main():
+    shutil.rmtree(ROOT, ignore_errors=True)
+    torch.set_num_threads(1)
+    write_classifier()
+    # The adapter holds pre_classifier (which SEQ_CLS's "classifier" matches as a suffix)
+    # and the head.
+    write_masked_lm_case(
+        os.path.join(ROOT, "distilbert_mlm"),
+        fresh(DistilBertForMaskedLM, DistilBertConfig(**SIZES), 40),
+        DistilBertForSequenceClassification,
+        40,
+        ["q_lin", "v_lin"],
+        ["pre_classifier.weight", "classifier.bias"],
+        IDS,
+        MASK,
+    )
+
+
+if __name__ == "__main__":
+    main()
