@@ -3,10 +3,12 @@
 run: lorakit (`examples/bert_speed.rs`) against PyTorch + transformers + PEFT.
 
 The model: a `BertForSequenceClassification` (`--family roberta`:
-`RobertaForSequenceClassification`, 514 positions, one token type) written by
-transformers with random weights
+`RobertaForSequenceClassification`, 514 positions, one token type; `--family distilbert`:
+`DistilBertForSequenceClassification`, LoRA on q_lin and v_lin) written by transformers
+with random weights
 (default 4 layers, hidden 512, 8 heads, intermediate 2048, vocab 8000, 2 labels; f32; the
 config's dropout, 0.1), a fresh LoRA r = 16, alpha = 32, no dropout on query and value
+(DistilBERT: q_lin and v_lin)
 and the classifier trained in full (PEFT's SEQ_CLS task). Per step, in training mode, at
 the level a user calls: PyTorch `model(input_ids, attention_mask=mask, labels=labels).loss`,
 `backward()`, `AdamW.step()`, `zero_grad(set_to_none=True)`; lorakit
@@ -15,7 +17,7 @@ Batch 16 x 128 ids, each row's tail padded to a length of its own (the same mask
 sides); the same thread count on both sides. Rounds alternate the order; cells are the
 median over rounds of each process's median step (`step_compare.py`).
 
-    python3 benches/bert_compare.py [--family bert|roberta] [--rounds 3] [--threads 2]
+    python3 benches/bert_compare.py [--family bert|roberta|distilbert] [--rounds 3] [--threads 2]
         [--steps 12] [--layers 4] [--hidden 512] [--lorakit-bin PATH]
 """
 import os, sys
@@ -31,13 +33,14 @@ if "--family" in sys.argv:
     at = sys.argv.index("--family")
     FAMILY = sys.argv[at + 1]
     del sys.argv[at:at + 2]
-    if FAMILY not in ("bert", "roberta"):
-        sys.exit(f"--family: bert or roberta, not {FAMILY}")
+    if FAMILY not in ("bert", "roberta", "distilbert"):
+        sys.exit(f"--family: bert, roberta or distilbert, not {FAMILY}")
 
 
 def write_model(dir, layers, hidden):
     import torch
-    from transformers import (BertConfig, BertForSequenceClassification, RobertaConfig,
+    from transformers import (BertConfig, BertForSequenceClassification, DistilBertConfig,
+                              DistilBertForSequenceClassification, RobertaConfig,
                               RobertaForSequenceClassification)
     torch.manual_seed(0)
     sizes = dict(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=hidden // 64,
@@ -45,6 +48,10 @@ def write_model(dir, layers, hidden):
     if FAMILY == "roberta":
         config = RobertaConfig(**sizes, max_position_embeddings=514, type_vocab_size=1)
         RobertaForSequenceClassification(config).save_pretrained(dir)
+    elif FAMILY == "distilbert":
+        config = DistilBertConfig(dim=hidden, n_layers=layers, n_heads=hidden // 64, hidden_dim=4 * hidden,
+                                  vocab_size=8000, num_labels=2)
+        DistilBertForSequenceClassification(config).save_pretrained(dir)
     else:
         BertForSequenceClassification(BertConfig(**sizes)).save_pretrained(dir)
 
@@ -63,9 +70,11 @@ def torch_step_ms(dir, threads, steps, warmup):
     from transformers import AutoModelForSequenceClassification
     from peft import LoraConfig, TaskType, get_peft_model
     torch.set_num_threads(threads)
-    model = get_peft_model(AutoModelForSequenceClassification.from_pretrained(dir), LoraConfig(
+    base = AutoModelForSequenceClassification.from_pretrained(dir)
+    targets = ["q_lin", "v_lin"] if base.config.model_type == "distilbert" else ["query", "value"]
+    model = get_peft_model(base, LoraConfig(
         task_type=TaskType.SEQ_CLS, r=16, lora_alpha=32, lora_dropout=0.0,
-        target_modules=["query", "value"]))
+        target_modules=targets))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids, mask, labels = inputs(model.config.vocab_size, model.config.num_labels)
@@ -78,9 +87,10 @@ def torch_step_ms(dir, threads, steps, warmup):
 
 
 if __name__ == "__main__":
-    name = "RoBERTa" if FAMILY == "roberta" else "BERT"
+    name = {"bert": "BERT", "roberta": "RoBERTa", "distilbert": "DistilBERT"}[FAMILY]
+    targets = "q_lin, v_lin" if FAMILY == "distilbert" else "query, value"
     main(__doc__, "bert_speed", write_model, torch_step_ms, f"{name} classifier LoRA step",
          lambda a: f"{name} classifier {a.layers} layers, hidden {a.hidden}, vocab 8000, 2 labels, f32, "
-                   f"dropout 0.1; LoRA r=16 on query, value, classifier trained in full; batch {BATCH} x "
+                   f"dropout 0.1; LoRA r=16 on {targets}, classifier trained in full; batch {BATCH} x "
                    f"{SEQ}, padded tails",
          lorakit_args=["--batch", str(BATCH), "--seq", str(SEQ)])

@@ -1,4 +1,4 @@
-//! Speed of LoRA fine-tuning a BERT (or RoBERTa-family) sequence classifier folder, the lorakit side of
+//! Speed of LoRA fine-tuning a BERT-family (BERT, RoBERTa, DistilBERT) sequence classifier folder, the lorakit side of
 //! `benches/bert_compare.py` (which writes the folder with transformers and times
 //! transformers + PEFT on it too).
 //!
@@ -7,7 +7,8 @@
 //! attention mask that pads each row's tail to a length of its own, `loss` (cross-entropy
 //! against random labels, as transformers' `model(..., labels=labels).loss`), `backward`,
 //! one `candle_nn::AdamW` step over a fresh LoRA (r = 16, alpha = 32, no dropout) on
-//! `query` and `value` and a trainable copy of `classifier` (PEFT's `SEQ_CLS` task).
+//! `query` and `value` (DistilBERT's `q_lin`, `v_lin`) and a trainable copy of
+//! `classifier` (PEFT's `SEQ_CLS` task; DistilBERT's `pre_classifier` too).
 //! Prints the median and the minimum step time over the timed steps.
 //!
 //! ```text
@@ -33,7 +34,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let config = BertConfig::from_file(format!("{}/config.json", args.model_dir))?;
     let map = VarMap::new();
     let plan = AdapterPlan::lora(
-        TargetSpec::new(ModuleSelector::list(["query", "value"])).modules_to_save(["classifier"]),
+        TargetSpec::new(ModuleSelector::list(config.family.default_targets()))
+            .modules_to_save(["classifier"]),
         RankAlpha::new(16, 32.0),
         LoraConfig::new(16, 32.0),
         VarBuilder::from_varmap(&map, DType::F32, &dev),

@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """Writes tests/fixtures/models/gpt2_dropout_moments.safetensors,
-llama_dropout_moments.safetensors and phi3_dropout_moments.safetensors: the mean and standard deviation, over many independent
-dropout draws, of what transformers' GPT2LMHeadModel and LlamaForCausalLM compute in
-training mode (`model.train()`, f32, CPU, eager attention), for lorakit's models' own
-dropouts (`Gpt2LmHeadModel::forward_t`, `LlamaForCausalLM::forward_t`; tests in
+llama_dropout_moments.safetensors, phi3_dropout_moments.safetensors,
+bert_dropout_moments.safetensors and distilbert_dropout_moments.safetensors: the mean and
+standard deviation, over many independent dropout draws, of what transformers'
+GPT2LMHeadModel, LlamaForCausalLM, Phi3ForCausalLM, BertForSequenceClassification and
+DistilBertForSequenceClassification compute in training mode (`model.train()`, f32, CPU,
+eager attention), for lorakit's models' own dropouts (`Gpt2LmHeadModel::forward_t`,
+`LlamaForCausalLM::forward_t`, `BertForSequenceClassification::forward_t`; tests in
 `tests/suite/models_dropout.rs`).
 
 Dropout draws cannot be matched one by one across two random generators, so the test
@@ -14,10 +17,16 @@ so a dropout applied at the wrong place, with the wrong scale, or not at all mov
 moments of its case. The Llama family has one dropout, `attention_dropout`: one case, 0.5,
 on a tiny Llama with grouped-query heads and an untied head. Phi-3 adds `resid_pdrop` on
 each layer's attention and MLP outputs: a case with it alone (0.5) and one with both
-(0.2 each), on the same shape with Phi-3's fused projections.
+(0.2 each), on the same shape with Phi-3's fused projections. The encoders (32 labels, 4
+input rows) have a case with the hidden dropout alone (0.5) and one with the hidden, the
+attention probabilities' and the classifier's dropouts at 0.2 each; BERT and DistilBERT
+place them differently (DistilBERT has none after the attention's output projection and
+drops after `pre_classifier`'s ReLU).
 
 Usage:
-    python3 scripts/make_dropout_fixtures.py      (deterministic; rewrites the files)
+    python3 scripts/make_dropout_fixtures.py      (rewrites the files; seeded, but PyTorch's
+        sums depend on its thread count: on a 2-core machine (2026-12-05) llama's and the
+        encoders' files came out as committed, gpt2's and phi3's differed in low bits)
 
 Keys of each file (f32 unless said):
     <transformers name>       the random model's weights (tied head: no lm_head.weight)
@@ -26,7 +35,8 @@ Keys of each file (f32 unless said):
     <case>.mean, <case>.std   (2, 8, vocab) per-element mean and standard deviation
                               (n - 1 denominator) of the logits over DRAWS training-mode
                               forwards, for GPT-2's cases embd, attn, resid, all,
-                              Llama's case attn and Phi-3's resid and both
+                              Llama's case attn, Phi-3's resid and both, the encoders'
+                              hidden and all (encoders: (4, 32) logits, input_ids (4, 8))
 Metadata: `config` = JSON of the model's config.json fields lorakit reads (dropouts 0);
 `cases` = JSON {case: {the case's dropout fields}}; `draws` = DRAWS.
 
@@ -156,8 +166,8 @@ def set_llama_dropouts(model, p):
         layer.self_attn.attention_dropout = p["attention_dropout"]
 
 
-def write(name, config, model, fields, cases, set_dropouts):
-    ids = torch.randint(0, config.vocab_size, (2, 8), dtype=torch.long)
+def write(name, config, model, fields, cases, set_dropouts, rows=2):
+    ids = torch.randint(0, config.vocab_size, (rows, 8), dtype=torch.long)
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)  # the embedding table
@@ -170,12 +180,13 @@ def write(name, config, model, fields, cases, set_dropouts):
     torch.manual_seed(1)
     for case, p in cases.items():
         set_dropouts(model, p)
-        total = torch.zeros(ids.shape + (config.vocab_size,), dtype=torch.float64)
+        shape = tensors["eval_logits"].shape
+        total = torch.zeros(shape, dtype=torch.float64)
         squares = torch.zeros_like(total)
         with torch.no_grad():
             for _ in range(DRAWS // COPIES):
                 logits = model(input_ids=batch).logits.double()
-                logits = logits.reshape(COPIES, *ids.shape, config.vocab_size)
+                logits = logits.reshape(COPIES, *shape)
                 total += logits.sum(0)
                 squares += (logits * logits).sum(0)
         mean = total / DRAWS
@@ -199,10 +210,66 @@ def write(name, config, model, fields, cases, set_dropouts):
     print(f"wrote {out}: {len(tensors)} tensors")
 
 
+# Encoders (sequence classifiers, 32 labels so that the logits have elements enough): BERT
+# and DistilBERT, whose dropouts sit in different places (DistilBERT: none after the
+# attention's output projection; after `pre_classifier`'s ReLU, not before the head).
+ENCODER = dict(vocab_size=32, max_position_embeddings=16, num_labels=32)
+BERT = dict(ENCODER, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
+BERT_CASES = {
+    "hidden": dict(hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.0, classifier_dropout=0.0),
+    "all": dict(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2, classifier_dropout=0.2),
+}
+DISTILBERT = dict(ENCODER, dim=16, n_layers=2, n_heads=2, hidden_dim=32, dropout=0.0, attention_dropout=0.0,
+                  seq_classif_dropout=0.0)
+DISTILBERT_CASES = {
+    "hidden": dict(dropout=0.5, attention_dropout=0.0, seq_classif_dropout=0.0),
+    "all": dict(dropout=0.2, attention_dropout=0.2, seq_classif_dropout=0.2),
+}
+
+
+def encoder_model(model_type, fields):
+    """A BERT or DistilBERT sequence classifier with config `fields`, eager attention,
+    randomized."""
+    import transformers
+
+    classes = {
+        "bert": ("BertConfig", "BertForSequenceClassification"),
+        "distilbert": ("DistilBertConfig", "DistilBertForSequenceClassification"),
+    }
+    config_cls, model_cls = (getattr(transformers, c) for c in classes[model_type])
+    torch.manual_seed(0)
+    config = config_cls(**fields)
+    config._attn_implementation = "eager"
+    model = model_cls(config)
+    randomize(model, lambda n: "LayerNorm" in n or "layer_norm" in n)
+    return config, model, {"model_type": model_type, **fields}
+
+
+def set_encoder_dropouts(model, p):
+    """Each `nn.Dropout` of a BERT or DistilBERT classifier at its config field's
+    probability: the attention probabilities', the classifier's (the top-level `dropout`),
+    every other one the hidden states'."""
+    bert = "hidden_dropout_prob" in p
+    attention = p["attention_probs_dropout_prob" if bert else "attention_dropout"]
+    classifier = p["classifier_dropout" if bert else "seq_classif_dropout"]
+    hidden = p["hidden_dropout_prob" if bert else "dropout"]
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout):
+            if name.endswith("attention.self.dropout") or name.endswith("attention.dropout"):
+                module.p = attention
+            elif name == "dropout":
+                module.p = classifier
+            else:
+                module.p = hidden
+
+
 def main():
     write("gpt2", *gpt2_model(), GPT2_CASES, set_gpt2_dropouts)
     write("llama", *decoder_model("llama", LLAMA), LLAMA_CASES, set_llama_dropouts)
     write("phi3", *decoder_model("phi3", PHI3), PHI3_CASES, set_phi3_dropouts)
+    write("bert", *encoder_model("bert", BERT), BERT_CASES, set_encoder_dropouts, rows=4)
+    write("distilbert", *encoder_model("distilbert", DISTILBERT), DISTILBERT_CASES, set_encoder_dropouts, rows=4)
 
 
 if __name__ == "__main__":

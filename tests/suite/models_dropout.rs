@@ -1,13 +1,19 @@
 //! The models' own dropouts in training mode (`forward_t(ids, true)`) against transformers'
 //! after `model.train()`: GPT-2's `embd_pdrop`, `attn_pdrop`, `resid_pdrop`, the Llama
-//! family's `attention_dropout` and Phi-3's `resid_pdrop`.
+//! family's `attention_dropout`, Phi-3's `resid_pdrop`, and the sequence classifiers
+//! BERT's (`hidden_dropout_prob`, `attention_probs_dropout_prob`, `classifier_dropout`) and
+//! DistilBERT's (`dropout`, `attention_dropout`, `seq_classif_dropout`), whose dropouts sit
+//! in different places.
 //!
 //! Two random generators cannot draw the same choices, so the distributions are compared:
-//! `models/{gpt2,llama,phi3}_dropout_moments.safetensors` (`scripts/make_dropout_fixtures.py`)
+//! `models/{gpt2,llama,phi3,bert,distilbert}_dropout_moments.safetensors`
+//! (`scripts/make_dropout_fixtures.py`)
 //! hold the per-element mean and standard deviation of transformers' logits over 40,000
 //! draws of a tiny random model: for GPT-2 with one dropout on at a time (each 0.5) and all
 //! three at 0.1, for a Llama (grouped-query heads) with `attention_dropout` 0.5, for a
-//! Phi-3 of that shape with `resid_pdrop` 0.5 and with both at 0.2. lorakit's
+//! Phi-3 of that shape with `resid_pdrop` 0.5 and with both at 0.2, for a BERT and a
+//! DistilBERT classifier (32 labels, 4 rows) with the hidden dropout at 0.5 and with all
+//! three at 0.2. lorakit's
 //! own 1,000 draws must give the same moments within their sampling error. A dropout at the
 //! wrong place, with the wrong scale or missing moves them far outside it: training mode's
 //! mean lies 10–18 standard errors (median) from the evaluation logits in every case, which
@@ -18,6 +24,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use lorakit::model::{AdapterPlan, ModuleSelector, RankAlpha, TargetSpec};
+use lorakit::models::bert::{BertConfig, BertForSequenceClassification};
 use lorakit::models::gpt2::{Gpt2Config, Gpt2LmHeadModel};
 use lorakit::models::llama::{LlamaConfig, LlamaForCausalLM};
 use lorakit::LoraConfig;
@@ -30,12 +37,13 @@ const DRAWS: usize = 1000;
 const COPIES: usize = 250;
 
 /// The fixtures' architectures.
-const MODELS: [&str; 3] = ["gpt2", "llama", "phi3"];
+const MODELS: [&str; 5] = ["gpt2", "llama", "phi3", "bert", "distilbert"];
 
 /// A fixture's model.
 enum Model {
     Gpt2(Gpt2LmHeadModel),
     Llama(LlamaForCausalLM),
+    Encoder(BertForSequenceClassification),
 }
 
 impl Model {
@@ -43,6 +51,7 @@ impl Model {
         match self {
             Self::Gpt2(m) => m.forward_t(ids, train),
             Self::Llama(m) => m.forward_t(ids, train),
+            Self::Encoder(m) => m.forward_t(ids, None, None, train),
         }
     }
 
@@ -50,6 +59,7 @@ impl Model {
         match self {
             Self::Gpt2(m) => m.forward(ids),
             Self::Llama(m) => m.forward(ids),
+            Self::Encoder(m) => m.forward(ids, None, None),
         }
     }
 }
@@ -100,9 +110,9 @@ impl Fixture {
             .tensors
             .iter()
             .filter(|(k, _)| {
-                ["transformer.", "model.", "lm_head."]
-                    .iter()
-                    .any(|p| k.starts_with(p))
+                let prefixes = ["transformer.", "model.", "lm_head.", "bert.", "distilbert."];
+                let heads = ["classifier.", "pre_classifier."];
+                prefixes.iter().chain(&heads).any(|p| k.starts_with(p))
             })
             .map(|(k, t)| (k.clone(), t.clone()))
             .collect();
@@ -111,6 +121,10 @@ impl Fixture {
             "gpt2" => {
                 let config: Gpt2Config = serde_json::from_value(json).unwrap();
                 Model::Gpt2(Gpt2LmHeadModel::load(&config, vb, plan).unwrap())
+            }
+            "bert" | "distilbert" => {
+                let config = BertConfig::from_json_str(&json.to_string(), "config.json").unwrap();
+                Model::Encoder(BertForSequenceClassification::load(&config, vb, plan).unwrap())
             }
             _ => {
                 let config = LlamaConfig::from_json(&json.to_string()).unwrap();
@@ -124,6 +138,8 @@ impl Fixture {
         match self.name {
             "gpt2" => &["c_attn", "c_proj", "c_fc"],
             "phi3" => &["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+            "bert" => &["query", "key", "value", "dense"],
+            "distilbert" => &["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
             _ => &[
                 "q_proj",
                 "k_proj",
@@ -200,8 +216,8 @@ fn training_mode_draws_transformers_dropout_distribution() {
         let eval = fx.values("eval_logits");
         let cases = match name {
             "gpt2" => 4,
-            "phi3" => 2,
-            _ => 1,
+            "llama" => 1,
+            _ => 2,
         };
         assert_eq!(fx.cases.len(), cases);
         for (case, dropouts) in &fx.cases {

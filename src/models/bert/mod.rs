@@ -166,12 +166,14 @@ impl BertForSequenceClassification {
         &self.device
     }
 
-    /// Builds the model from `vb` (transformers' tensor names: `bert.…`, `classifier.…`),
-    /// every module through `plan`. Call [`AdapterPlan::finish`] afterwards: for a loaded
-    /// adapter it checks that every tensor of its file was used.
+    /// Builds the model from `vb` (transformers' tensor names: `bert.…` / `roberta.…` /
+    /// `distilbert.…`, `classifier.…`), every module through `plan`. Call
+    /// [`AdapterPlan::finish`] afterwards: for a loaded adapter it checks that every
+    /// tensor of its file was used.
     ///
-    /// A checkpoint without `classifier.weight` (a pretrained encoder, not yet fine-tuned
-    /// for classification) gets a new head as transformers gives it — weights from
+    /// A checkpoint without its head (a pretrained encoder, not yet fine-tuned for
+    /// classification: `classifier`, RoBERTa's `classifier.dense` / `classifier.out_proj`,
+    /// DistilBERT's `pre_classifier` / `classifier`) gets a new head as transformers gives it — weights from
     /// `N(0, initializer_range²)`, bias 0, drawn from a fixed seed — when `plan` trains or
     /// replaces the head (`classifier` in `modules_to_save`, as PEFT's `SEQ_CLS` task
     /// sets); otherwise the missing tensor is an error, where transformers would go on with
