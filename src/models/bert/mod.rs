@@ -58,8 +58,8 @@ pub type RobertaForSequenceClassification = BertForSequenceClassification;
 pub type DistilBertForSequenceClassification = BertForSequenceClassification;
 
 /// transformers' `BertForSequenceClassification` (BERT, its pooler and a linear
-/// classifier) and the RoBERTa family's classifiers (no pooler, a two-layer head; see
-/// [`BertFamily`]), every module built through [`crate::model::linear`] / [`crate::model::embedding`] at
+/// classifier), the RoBERTa family's classifiers (no pooler, a two-layer head) and
+/// DistilBERT's (`pre_classifier` and `classifier`; see [`BertFamily`]), every module built through [`crate::model::linear`] / [`crate::model::embedding`] at
 /// transformers' paths, so the plan's adapters, `modules_to_save` copies and trained
 /// biases (LayerNorms' included, through [`AdapterPlan::bias`]) apply as PEFT applies them.
 ///
