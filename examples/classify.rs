@@ -1,5 +1,5 @@
-//! Fine-tune a sequence classifier — BERT, RoBERTa / XLM-RoBERTa / CamemBERT, a
-//! Llama-family decoder or GPT-2 — with any
+//! Fine-tune a sequence classifier — BERT, RoBERTa / XLM-RoBERTa / CamemBERT,
+//! DistilBERT, ELECTRA, a Llama-family decoder or GPT-2 — with any
 //! lorakit variant (PEFT's `SEQ_CLS`: the adapter on the model, a new classifier head
 //! trained in full) and write the adapter as a PEFT directory.
 //!
@@ -40,11 +40,11 @@ const DEMO: &str = "tests/fixtures/finetune/classify";
 
 #[derive(Parser, Debug)]
 #[command(
-    about = "Fine-tune a BERT, RoBERTa-family, Llama-family or GPT-2 classifier with a lorakit adapter (no arguments: a tiny demo)"
+    about = "Fine-tune a BERT-family (BERT, RoBERTa, DistilBERT, ELECTRA), Llama-family or GPT-2 classifier with a lorakit adapter (no arguments: a tiny demo)"
 )]
 struct Args {
     /// Model folder (config.json, safetensors, tokenizer.json; the tokenizer may instead
-    /// be in --tokenizer): BERT, RoBERTa family, Llama family or GPT-2. Default: the committed tiny encoder.
+    /// be in --tokenizer): the BERT family (BERT, RoBERTa, XLM-R, CamemBERT, DistilBERT, ELECTRA), Llama family or GPT-2. Default: the committed tiny encoder.
     #[arg(long)]
     model: Option<PathBuf>,
     /// Folder with tokenizer.json, when not in --model.
@@ -241,9 +241,9 @@ fn run(args: Args) -> lorakit::Result<()> {
     Ok(())
 }
 
-/// The usual targets for a `model_type` (PEFT's defaults): the BERT family's attention
-/// query and value (DistilBERT's q_lin and v_lin), GPT-2's fused c_attn, a Llama-family
-/// decoder's q_proj and v_proj.
+/// The usual targets for a `model_type` (PEFT's defaults where it has one): the BERT
+/// family's attention query and value (DistilBERT's q_lin and v_lin), GPT-2's fused
+/// c_attn, a Llama-family decoder's q_proj and v_proj.
 fn default_targets(model_type: &str) -> String {
     if let Some(family) = BertFamily::from_model_type(model_type) {
         return family.default_targets().join(",");

@@ -30,7 +30,7 @@ every parameter redrawn as make_option_fixtures redraws its bases):
                               trainable tensor under lorakit's name for it
     distilbert_mlm/base/      DistilBertForMaskedLM (`vocab_transform`, `vocab_projector`,
                               no pre_classifier, no classifier; 2 labels by default)
-    distilbert_mlm/adapter/   PEFT LoRA r=4 alpha=8 on q_lin, v_lin (PEFT's default),
+    distilbert_mlm/adapter/   PEFT LoRA r=4 alpha=8 on q_lin, v_lin,
                               SEQ_CLS (its copies of pre_classifier and classifier), trained
                               over a fresh classifier of base/, perturbed as above
     distilbert_mlm/io.safetensors  input_ids, attention_mask; `logits` of the adapter over
@@ -48,16 +48,13 @@ from fixture_env import rerun_pinned
 rerun_pinned()
 
 import torch  # noqa: E402
-from peft import PeftModel  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
 from transformers import (  # noqa: E402
     DistilBertConfig,
     DistilBertForMaskedLM,
     DistilBertForSequenceClassification,
 )
 
-import make_roberta_fixtures as roberta_fixtures  # noqa: E402
-from make_roberta_fixtures import adapt, fresh, gradients, save_adapter, write_masked_lm_case  # noqa: E402
+from make_roberta_fixtures import fresh, write_classifier, write_masked_lm_case  # noqa: E402
 
 ROOT = os.path.normpath(
     os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "distilbert_cls")
@@ -69,37 +66,23 @@ MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]]
 LABELS = torch.tensor([2, 0, 1])
 
 
-def logits_of(model):
-    return roberta_fixtures.logits_of(model, IDS, MASK)
-
-
-def write_classifier():
-    case = os.path.join(ROOT, "distilbert")
-    base_dir, adapter_dir = os.path.join(case, "base"), os.path.join(case, "adapter")
-    cls = DistilBertForSequenceClassification
-    fresh(cls, DistilBertConfig(**SIZES, num_labels=3), 30).save_pretrained(base_dir)
-    # Every linear of the encoder by name. PEFT's SEQ_CLS matches modules_to_save
-    # ["classifier"] by a plain suffix, so `pre_classifier` is a trained copy too, and
-    # PEFT 0.21 fails on any target that adapts it ("all-linear" included).
-    linears = ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"]
-    peft_model = adapt(cls.from_pretrained(base_dir), "distilbert", 31, target_modules=linears)
-    save_adapter(peft_model, adapter_dir, ["pre_classifier.weight", "classifier.weight"])
-
-    loaded = PeftModel.from_pretrained(cls.from_pretrained(base_dir), adapter_dir).eval()
-    out = {"input_ids": IDS, "attention_mask": MASK, "logits": logits_of(loaded)}
-    with loaded.disable_adapter():
-        out["base_logits"] = logits_of(loaded)
-    trainable = PeftModel.from_pretrained(cls.from_pretrained(base_dir), adapter_dir, is_trainable=True)
-    out.update(gradients(trainable, IDS, MASK, LABELS))
-    out["merged_logits"] = logits_of(loaded.merge_and_unload())
-    save_file(out, os.path.join(case, "io.safetensors"))
-    print(f"wrote {case}: logits {out['logits'].tolist()}")
-
-
 def main():
     shutil.rmtree(ROOT, ignore_errors=True)
     torch.set_num_threads(1)
-    write_classifier()
+    # Every linear of the encoder by name. PEFT's SEQ_CLS matches modules_to_save
+    # ["classifier"] by a plain suffix, so `pre_classifier` is a trained copy too, and
+    # PEFT 0.21 fails on any target that adapts it ("all-linear" included).
+    write_classifier(
+        os.path.join(ROOT, "distilbert"),
+        DistilBertForSequenceClassification,
+        DistilBertConfig(**SIZES, num_labels=3),
+        30,
+        ["pre_classifier.weight", "classifier.weight"],
+        IDS,
+        MASK,
+        labels=LABELS,
+        target_modules=["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
+    )
     # The adapter holds pre_classifier (which SEQ_CLS's "classifier" matches as a suffix)
     # and the head.
     write_masked_lm_case(

@@ -158,26 +158,27 @@ def gradients(model, ids, mask, labels):
     return out
 
 
-def write_classifier(name, model_cls, config, seed, with_gradients, **lora):
-    """A base of `model_cls`, an adapter of `lora` on it, and PEFT's logits: unmerged,
-    merged, disabled; with `with_gradients`, the loss of LABELS and its gradients."""
-    case = os.path.join(ROOT, name)
+def write_classifier(case, model_cls, config, seed, head, ids=IDS, mask=MASK, labels=None, **lora):
+    """A base of `model_cls` at `case`/base, an adapter of `lora` on it (it must hold the
+    tensors `head`), and PEFT's logits on `ids` / `mask`: unmerged, merged, disabled; with
+    `labels`, their loss and its gradients."""
     base_dir, adapter_dir = os.path.join(case, "base"), os.path.join(case, "adapter")
     fresh(model_cls, config, seed).save_pretrained(base_dir)
+    name = os.path.basename(case)
     peft_model = adapt(model_cls.from_pretrained(base_dir), name, seed + 1, **lora)
-    save_adapter(peft_model, adapter_dir, HEAD)
+    save_adapter(peft_model, adapter_dir, head)
 
     loaded = PeftModel.from_pretrained(model_cls.from_pretrained(base_dir), adapter_dir)
     loaded.eval()
-    out = {"input_ids": IDS, "attention_mask": MASK, "logits": logits_of(loaded)}
+    out = {"input_ids": ids, "attention_mask": mask, "logits": logits_of(loaded, ids, mask)}
     with loaded.disable_adapter():
-        out["base_logits"] = logits_of(loaded)
-    if with_gradients:
+        out["base_logits"] = logits_of(loaded, ids, mask)
+    if labels is not None:
         trainable = PeftModel.from_pretrained(
             model_cls.from_pretrained(base_dir), adapter_dir, is_trainable=True
         )
-        out.update(gradients(trainable, IDS, MASK, LABELS))
-    out["merged_logits"] = logits_of(loaded.merge_and_unload())
+        out.update(gradients(trainable, ids, mask, labels))
+    out["merged_logits"] = logits_of(loaded.merge_and_unload(), ids, mask)
     save_file(out, os.path.join(case, "io.safetensors"))
     print(f"wrote {case}: logits {out['logits'].tolist()}")
 
@@ -215,19 +216,20 @@ def main():
     shutil.rmtree(ROOT, ignore_errors=True)
     torch.set_num_threads(1)
     write_classifier(
-        "roberta",
+        os.path.join(ROOT, "roberta"),
         RobertaForSequenceClassification,
         RobertaConfig(**SIZES, num_labels=3),
         10,
-        True,
+        HEAD,
+        labels=LABELS,
         target_modules=["query", "value"],
     )
     write_classifier(
-        "xlm_roberta",
+        os.path.join(ROOT, "xlm_roberta"),
         XLMRobertaForSequenceClassification,
         XLMRobertaConfig(**SIZES, num_labels=2),
         14,
-        False,
+        HEAD,
         target_modules="all-linear",
     )
     write_masked_lm_case(

@@ -92,12 +92,14 @@ impl<'m> SequenceClassification<'m> {
     }
 
     fn logits(&self, batch: &LabeledBatch, train: bool) -> Result<Tensor> {
-        self.model.classify(
-            &batch.input_ids,
-            Some(&batch.token_type_ids),
-            Some(&batch.attention_mask),
-            train,
-        )
+        // A model without token types (DistilBERT) is given none, as transformers'
+        // tokenizer for it gives none whatever the tokenizer file's template says.
+        let types = self
+            .model
+            .reads_token_types()
+            .then_some(&batch.token_type_ids);
+        self.model
+            .classify(&batch.input_ids, types, Some(&batch.attention_mask), train)
     }
 
     fn summed_loss(&self, logits: &Tensor, batch: &LabeledBatch) -> Result<Tensor> {
@@ -148,7 +150,10 @@ impl Task for SequenceClassification<'_> {
         check_last_token_padding(self.model, options)?;
         data.check(
             self.model.vocab_size(),
-            self.model.type_vocab_size(),
+            match self.model.reads_token_types() {
+                true => self.model.type_vocab_size(),
+                false => usize::MAX,
+            },
             options.seq_len,
             &self.label_space(data)?,
         )

@@ -8,7 +8,7 @@ use candle_nn::{VarBuilder, VarMap};
 
 use super::quantize::Quantize;
 use crate::adapter::{Adapter, BASE_BIAS};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::frozen::{BaseKind, FrozenLinear};
 use crate::low_rank::trainable_var;
 use crate::model::adapted_set::AdaptedSet;
@@ -588,6 +588,23 @@ impl AdapterPlan {
             None => base,
         };
         if self.targets.is_module_to_save(path) {
+            if self.is_target_kind(path, base.kind()) {
+                // PEFT matches modules_to_save by a plain suffix (DistilBERT's
+                // `pre_classifier` ends with SEQ_CLS's "classifier") but keeps adapters
+                // off them by a dotted rule, so both apply and PEFT refuses the model.
+                return Err(Error::layer_config(
+                    path,
+                    "target_modules",
+                    format!(
+                        "`{path}` is both a target and, by PEFT's suffix rule, one of \
+                         modules_to_save {:?}: PEFT 0.21 refuses such a model \
+                         (\"modules_to_save cannot be applied to modules of type \
+                         lora.Linear\"), so an adapter saved from it would not load there; \
+                         leave it out of the targets (list them instead of all-linear)",
+                        self.targets.modules_to_save
+                    ),
+                ));
+            }
             // PEFT also saves the wrapper's own names for a copy's tensors under some
             // settings (`bias = "all"`): duplicates of the copy's and the original's.
             for name in COPY_WRAPPER_NAMES {

@@ -17,7 +17,8 @@ use super::llama::{LlamaFamily, LlamaForSequenceClassification};
 use super::sequence_classifier::SequenceClassifier;
 
 /// One of the sequence classifiers of [`crate::models`], chosen by `model_type`: `bert`,
-/// `roberta`, `xlm-roberta`, `camembert`, `distilbert` ([`BertForSequenceClassification`],
+/// `roberta`, `xlm-roberta`, `camembert`, `distilbert`, `electra`
+/// ([`BertForSequenceClassification`],
 /// head `classifier` on the first token), `llama`,
 /// `mistral`, `qwen2`, `qwen3` ([`LlamaForSequenceClassification`]) or `gpt2`
 /// ([`Gpt2ForSequenceClassification`]), whose head `score` reads each row's last token.
@@ -47,7 +48,8 @@ use super::sequence_classifier::SequenceClassifier;
 /// ```
 #[derive(Clone, Debug)]
 pub enum AutoSequenceClassifier {
-    /// `model_type` `bert`, `roberta`, `xlm-roberta`, `camembert` or `distilbert`.
+    /// `model_type` `bert`, `roberta`, `xlm-roberta`, `camembert`, `distilbert` or
+    /// `electra`.
     Bert(BertForSequenceClassification),
     /// The Llama family.
     Llama(LlamaForSequenceClassification),
@@ -75,12 +77,13 @@ pub enum AutoSequenceClassifier {
 /// let expected = (LlamaFamily::ALL.len() - 2) + 1 + BertFamily::ALL.len() + 1;
 /// assert_eq!(CLASSIFIER_MODEL_TYPES.len(), expected);
 /// ```
-pub const CLASSIFIER_MODEL_TYPES: [&str; 22] = [
+pub const CLASSIFIER_MODEL_TYPES: [&str; 23] = [
     "bert",
     "roberta",
     "xlm-roberta",
     "camembert",
     "distilbert",
+    "electra",
     "llama",
     "mistral",
     "qwen2",
@@ -141,7 +144,8 @@ impl AutoSequenceClassifier {
     }
 
     /// The path of the head's last layer, whose rows are the classes: `classifier` (BERT,
-    /// DistilBERT), `classifier.out_proj` (the RoBERTa family's two-layer head) or `score`.
+    /// DistilBERT), `classifier.out_proj` (the RoBERTa family's and ELECTRA's two-layer
+    /// head) or `score`.
     ///
     /// ```
     /// use lorakit::models::AutoSequenceClassifier;

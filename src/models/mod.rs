@@ -1,7 +1,8 @@
 //! Transformer models built on the model-level API ([`crate::model::linear`],
 //! [`crate::model::conv1d`], [`crate::model::embedding`]), so PEFT's target names and every
 //! variant apply unchanged: [`gpt2`] (GPT-2 with its LM head or a classification head),
-//! [`bert`] (BERT and the RoBERTa family for sequence classification) and [`llama`] (the Llama family, as causal
+//! [`bert`] (BERT, the RoBERTa family, DistilBERT and ELECTRA for sequence
+//! classification) and [`llama`] (the Llama family, as causal
 //! LMs or sequence classifiers).
 //!
 //! Each model's logits are checked against transformers + PEFT on committed fixtures

@@ -66,6 +66,12 @@ pub trait SequenceClassifier: Sync {
     fn vocab_size(&self) -> usize;
     /// The number of token types (token type ids must be below it).
     fn type_vocab_size(&self) -> usize;
+    /// Whether the model reads token types at all. DistilBERT does not: transformers'
+    /// tokenizer for it gives none (its `tokenizer.json` template still numbers a sentence
+    /// pair's second text 1), so the training loop passes it none. Default: true.
+    fn reads_token_types(&self) -> bool {
+        true
+    }
     /// The device the model lives on.
     fn device(&self) -> &Device;
     /// The longest sequence the model can take (a table of learned positions).
@@ -83,8 +89,8 @@ pub trait SequenceClassifier: Sync {
     }
     /// The padding token batches should pad with (the config's `pad_token_id`): a decoder
     /// classifier skips it to find each row's last token, the RoBERTa family numbers
-    /// positions past it. `None` for BERT, which reads the first token and numbers
-    /// positions by column.
+    /// positions past it. `None` for BERT, DistilBERT and ELECTRA, which read the first
+    /// token and number positions by column.
     fn pad_token_id(&self) -> Option<u32> {
         None
     }
@@ -138,12 +144,16 @@ impl SequenceClassifier for BertForSequenceClassification {
         Some(self.config().max_tokens())
     }
 
+    fn reads_token_types(&self) -> bool {
+        self.config().family.has_token_types()
+    }
+
     fn name_or_path(&self) -> Option<&str> {
         BertForSequenceClassification::name_or_path(self)
     }
 
     /// The RoBERTa family's `pad_token_id` (positions are numbered past it, so batches
-    /// should pad with it); `None` for BERT.
+    /// should pad with it); `None` for BERT, DistilBERT and ELECTRA.
     fn pad_token_id(&self) -> Option<u32> {
         let config = self.config();
         (config.family.numbers_positions_past_padding()).then_some(config.pad_token_id)

@@ -35,16 +35,20 @@ const SEQ_CLS_HEADS: [&str; 2] = ["classifier", "score"];
 /// The top-level modules that hold a pre-training head in transformers' checkpoints: a
 /// language-modelling head (`lm_head` for Llama, Qwen2, Mistral, GPT-2, OPT … and
 /// RoBERTa's masked-LM head, `embed_out` for GPT-NeoX), BERT's masked-LM and
-/// next-sentence heads (`cls`) and DistilBERT's masked-LM head (`vocab_transform`,
-/// `vocab_layer_norm`, `vocab_projector`). A `…ForSequenceClassification` model has none
-/// of them.
-const PRETRAINING_HEADS: [&str; 6] = [
+/// next-sentence heads (`cls`), DistilBERT's masked-LM head (`vocab_transform`,
+/// `vocab_layer_norm`, `vocab_projector`) and ELECTRA's discriminator and generator heads
+/// (`discriminator_predictions`, `generator_predictions`, `generator_lm_head`). A
+/// `…ForSequenceClassification` model has none of them.
+const PRETRAINING_HEADS: [&str; 9] = [
     "lm_head",
     "embed_out",
     "cls",
     "vocab_transform",
     "vocab_layer_norm",
     "vocab_projector",
+    "discriminator_predictions",
+    "generator_predictions",
+    "generator_lm_head",
 ];
 
 /// What a checkpoint's architecture was before it became a classifier.
@@ -118,10 +122,14 @@ pub(crate) fn merged_config_edit<'a>(
     Ok(Some(edit))
 }
 
-/// Whether `name` is a tensor of a pre-training head ([`PRETRAINING_HEADS`]).
+/// Whether `name` is a tensor of a pre-training head ([`PRETRAINING_HEADS`]), or of the
+/// RoBERTa family's pooler (`roberta.pooler.*`, which the Hub's `roberta-base` and
+/// `xlm-roberta-base` hold and `RobertaForSequenceClassification` has not).
 fn is_pretraining_head(name: &str) -> bool {
-    name.split_once('.')
-        .is_some_and(|(module, _)| PRETRAINING_HEADS.contains(&module))
+    name.starts_with("roberta.pooler.")
+        || name
+            .split_once('.')
+            .is_some_and(|(module, _)| PRETRAINING_HEADS.contains(&module))
 }
 
 /// Sets [`ConfigEdit::dropped`] to the tensors of `ckpt`'s pre-training heads, sorted

@@ -1,9 +1,11 @@
-//! The RoBERTa family and DistilBERT through `lorakit::models::bert` against transformers
+//! The RoBERTa family, DistilBERT and ELECTRA through `lorakit::models::bert` against transformers
 //! 5.25 + PEFT 0.21 (`scripts/make_roberta_fixtures.py` → tests/fixtures/roberta_cls/,
-//! `scripts/make_distilbert_fixtures.py` → tests/fixtures/distilbert_cls/): RoBERTa with
+//! `scripts/make_distilbert_fixtures.py` → tests/fixtures/distilbert_cls/,
+//! `scripts/make_electra_fixtures.py` → tests/fixtures/electra_cls/): RoBERTa with
 //! PEFT's LoRA on query/value and the two-layer head in modules_to_save (logits unmerged,
 //! merged, disabled; the loss gradients of every trainable tensor), XLM-RoBERTa with an
-//! all-linear LoRA, DistilBERT with a LoRA on every encoder linear (the same checks), and
+//! all-linear LoRA, DistilBERT with a LoRA on every encoder linear and ELECTRA with one on
+//! query, value and its embeddings' projection (the same checks), and
 //! masked-LM checkpoints whose head the adapter holds (loaded, and merged by `lorakit
 //! merge` into a classifier); RoBERTa's positions numbered past the padding; the configs'
 //! refusals; training through the trainer and reloading what it saved.
@@ -97,6 +99,18 @@ fn configs_of_the_family_read_as_transformers_reads_them() {
     assert_eq!((bare.hidden_size, bare.num_hidden_layers), (768, 6));
     assert_eq!((bare.layer_norm_eps, bare.type_vocab_size), (1e-12, 1));
 
+    // ELECTRA's config class has smaller defaults, and an embedding width of its own.
+    let electra = parse(r#"{"model_type": "electra"}"#).unwrap();
+    assert_eq!((electra.hidden_size, electra.embedding_width()), (256, 128));
+    assert_eq!(
+        (electra.num_attention_heads, electra.intermediate_size),
+        (4, 1024)
+    );
+    // Other families' embeddings are as wide as the model, whatever `embedding_size` says.
+    let bert = parse(r#"{"hidden_size": 32, "num_attention_heads": 4, "embedding_size": 8}"#);
+    let bert = bert.unwrap();
+    assert_eq!(bert.embedding_width(), 32);
+
     // Refusals name the field (DistilBERT's by its own key).
     let refused = [
         (r#"{"model_type": "deberta-v2"}"#, "xlm-roberta"),
@@ -107,6 +121,10 @@ fn configs_of_the_family_read_as_transformers_reads_them() {
         (
             r#"{"model_type": "roberta", "max_position_embeddings": 2}"#,
             "max_position_embeddings",
+        ),
+        (
+            r#"{"model_type": "roberta", "pad_token_id": null}"#,
+            "pad_token_id",
         ),
         (
             r#"{"model_type": "distilbert", "dim": 10, "n_heads": 4}"#,
@@ -212,7 +230,7 @@ fn xlm_roberta_with_an_all_linear_lora_gives_pefts_logits() {
 
 /// The masked-LM cases: (case, the head layer a plan must train, the head's tensors, the
 /// classifier's architecture, a tensor of the masked-LM head).
-const MASKED_LM_CASES: [(&str, &str, [&str; 4], &str, &str); 2] = [
+const MASKED_LM_CASES: [(&str, &str, [&str; 4], &str, &str); 3] = [
     (
         "roberta_cls/roberta_mlm",
         "classifier.dense",
@@ -236,6 +254,18 @@ const MASKED_LM_CASES: [(&str, &str, [&str; 4], &str, &str); 2] = [
         ],
         "DistilBertForSequenceClassification",
         "vocab_transform.weight",
+    ),
+    (
+        "electra_cls/electra_disc",
+        "classifier.dense",
+        [
+            "classifier.dense.bias",
+            "classifier.dense.weight",
+            "classifier.out_proj.bias",
+            "classifier.out_proj.weight",
+        ],
+        "ElectraForSequenceClassification",
+        "discriminator_predictions.dense.weight",
     ),
 ];
 
@@ -273,6 +303,7 @@ fn the_trainer_trains_and_saves_an_adapter_that_loads_back() {
             None,
             16,
         ),
+        ("electra_cls/electra/base", BertFamily::Electra, None, 16),
     ];
     for (name, family, pad, max_positions) in cases {
         let dir = case(name);
@@ -299,15 +330,20 @@ fn the_trainer_trains_and_saves_an_adapter_that_loads_back() {
             (&[0, 12, 44, 2], 2),
             (&[0, 50, 8, 8, 31, 2], 1),
         ];
+        // DistilBERT has no token types, but its tokenizer file numbers a sentence
+        // pair's second text 1: the trainer gives it none, as transformers does.
+        let second_text = u32::from(family == BertFamily::DistilBert);
         let examples = rows
             .iter()
             .map(|(ids, label)| {
-                let types = vec![0; ids.len()];
+                let half = ids.len() / 2;
+                let types = (0..ids.len()).map(|i| u32::from(i >= half) * second_text);
+                let types = types.collect();
                 LabeledExample::new(ids.to_vec(), types, Label::Class(*label)).unwrap()
             })
             .collect();
         let data = LabeledDataset::from_examples(examples);
-        let mut config = TrainConfig::new(12);
+        let mut config = TrainConfig::new(24);
         config.lr = 2e-2;
         config.warmup_steps = 0;
         config.decay = Decay::Constant;
@@ -372,31 +408,106 @@ fn merging_into_a_masked_lm_save_makes_a_classifier() {
     }
 }
 
+/// `name`'s PEFT adapter (`adapted` layers, the first at `first`): PEFT's logits unmerged,
+/// disabled and merged, and the loss gradients of every trainable tensor.
+fn assert_case_gives_pefts_logits_and_gradients(name: &str, adapted: usize, first: &str) {
+    let (model, set) = model(name, None);
+    assert_eq!(set.len(), adapted, "{name}");
+    assert_eq!(set.paths().first().map(String::as_str), Some(first));
+    let io = io(name);
+    assert_padded_batch_gradients(&model, &set, &io);
+    assert_close(&logits(&model, &io), &io["logits"], TOL, name);
+    set.set_enabled(false);
+    assert_close(&logits(&model, &io), &io["base_logits"], TOL, name);
+    set.set_enabled(true);
+    set.merge_all(true).unwrap();
+    assert_close(&logits(&model, &io), &io["merged_logits"], TOL, name);
+}
+
 /// DistilBERT with PEFT's LoRA on every linear of its encoder (`pre_classifier` and
-/// `classifier` trained copies): PEFT's logits unmerged, disabled and merged, and the loss
-/// gradients of every trainable tensor; token types other than 0 are refused.
+/// `classifier` trained copies); token types other than 0 are refused.
 #[test]
 fn distilbert_gives_pefts_logits_and_gradients() {
     let name = "distilbert_cls/distilbert";
-    let (model, set) = model(name, None);
-    assert_eq!(set.len(), 2 * 6);
     let first = "distilbert.transformer.layer.0.attention.q_lin";
-    assert_eq!(set.paths().first().map(String::as_str), Some(first));
+    assert_case_gives_pefts_logits_and_gradients(name, 2 * 6, first);
+    let (model, set) = model(name, None);
     let trained: Vec<String> = set.trainable_vars().iter().map(|v| v.full_name()).collect();
     assert!(
         trained.iter().any(|n| n == "pre_classifier.weight"),
         "{trained:?}"
     );
-    let io = io(name);
-    assert_padded_batch_gradients(&model, &set, &io);
-    assert_close(&logits(&model, &io), &io["logits"], TOL, "PEFT's logits");
-    set.set_enabled(false);
-    assert_close(&logits(&model, &io), &io["base_logits"], TOL, "disabled");
-    set.set_enabled(true);
-    set.merge_all(true).unwrap();
-    assert_close(&logits(&model, &io), &io["merged_logits"], TOL, "merged");
     let ids = Tensor::new(&[[2u32, 5, 3]], &Device::Cpu).unwrap();
     let types = Tensor::new(&[[0u32, 0, 1]], &Device::Cpu).unwrap();
     let err = model.forward(&ids, Some(&types), None).unwrap_err();
     assert!(err.to_string().contains("no token types"), "{err}");
+
+    // PEFT's suffix rule makes `pre_classifier` a modules_to_save copy of "classifier",
+    // and PEFT 0.21 refuses a model that also adapts it ("all-linear" does): so does the
+    // plan, naming the layer.
+    let dir = case(name).join("base");
+    let mut recipe = AdapterRecipe::new(Variant::Lora, 4, 8.0, &["all-linear"]);
+    recipe.modules_to_save = vec!["classifier".to_string()];
+    let vars = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
+    let shapes = AutoSequenceClassifier::linear_shapes(&dir).unwrap();
+    let plan = recipe.plan(vb, &shapes, DType::F32, &Device::Cpu).unwrap();
+    let err = BertForSequenceClassification::from_pretrained(&dir, DType::F32, &Device::Cpu, &plan)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("pre_classifier") && err.contains("modules_to_save"),
+        "{err}"
+    );
+}
+
+/// ELECTRA with PEFT's LoRA on query, value and the embeddings' projection (8 wide to 16).
+#[test]
+fn electra_gives_pefts_logits_and_gradients() {
+    let name = "electra_cls/electra";
+    assert_case_gives_pefts_logits_and_gradients(name, 1 + 2 * 2, "electra.embeddings_project");
+    let config = BertConfig::from_file(case(name).join("base/config.json")).unwrap();
+    assert_eq!((config.embedding_width(), config.hidden_size), (8, 16));
+    assert!(config.linear_shapes().contains(&(8, 16)));
+}
+
+/// The Hub's `roberta-base` and `xlm-roberta-base` hold a pooler that
+/// `RobertaForSequenceClassification` has not: merging a SEQ_CLS adapter into such a save
+/// leaves it out, as PEFT's merged classifier has none.
+#[test]
+fn merging_drops_robertas_unused_pooler() {
+    use lorakit::peft::{merge_checkpoint, MergeOptions};
+    let name = "roberta_cls/roberta_mlm";
+    let tmp = temp_dir("roberta_pooler");
+    let base = tmp.join("base");
+    std::fs::create_dir_all(&base).unwrap();
+    let original = case(name).join("base");
+    std::fs::copy(original.join("config.json"), base.join("config.json")).unwrap();
+    let mut tensors = load(&original.join("model.safetensors"));
+    let dev = Device::Cpu;
+    tensors.insert(
+        "roberta.pooler.dense.weight".into(),
+        Tensor::ones((16, 16), DType::F32, &dev).unwrap(),
+    );
+    tensors.insert(
+        "roberta.pooler.dense.bias".into(),
+        Tensor::zeros(16, DType::F32, &dev).unwrap(),
+    );
+    candle_core::safetensors::save(&tensors, base.join("model.safetensors")).unwrap();
+    let folder = tmp.join("merged");
+    let adapter = case(name).join("adapter");
+    merge_checkpoint(&base, &adapter, &folder, MergeOptions::default()).unwrap();
+    let merged = lorakit::checkpoint::Checkpoint::open(&folder).unwrap();
+    assert!(!merged.contains("roberta.pooler.dense.weight"));
+    assert!(merged.contains("roberta.embeddings.word_embeddings.weight"));
+    let none = AdapterPlan::none();
+    let model =
+        BertForSequenceClassification::from_pretrained(&folder, DType::F32, &dev, &none).unwrap();
+    let io = io(name);
+    assert_close(
+        &logits(&model, &io),
+        &io["logits"],
+        TOL,
+        "merged without the pooler",
+    );
 }

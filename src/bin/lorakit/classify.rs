@@ -23,7 +23,7 @@ use super::{emit, fail};
 
 pub const ABOUT: &str = "\
 Classify texts with a sequence classifier folder (model_type bert, roberta, xlm-roberta,
-camembert, distilbert, llama, mistral, qwen2,
+camembert, distilbert, electra, llama, mistral, qwen2,
 qwen3, smollm3, phi3, gemma, gemma2, gemma3_text, gemma3, olmo2, olmo3, mixtral, qwen2_moe, qwen3_moe, gpt_oss or gpt2) and, optionally, a PEFT SEQ_CLS
 adapter applied to it (unmerged, or merged into the base weights with --merge).
 

@@ -38,16 +38,22 @@ pub enum BertFamily {
     /// keys (`dim`, `n_layers`, …), no token types, no dropout after the attention's output
     /// projection; the head is `pre_classifier`, ReLU, `classifier` on the first token.
     DistilBert,
+    /// `electra` (transformers' `ElectraForSequenceClassification`, the discriminator):
+    /// BERT's layers under `electra.`, embeddings of `embedding_size` projected to
+    /// `hidden_size` by `electra.embeddings_project` when the two differ, no pooler; the
+    /// head is RoBERTa's with GELU for tanh.
+    Electra,
 }
 
 impl BertFamily {
     /// Every member, in the order above.
-    pub const ALL: [BertFamily; 5] = [
+    pub const ALL: [BertFamily; 6] = [
         BertFamily::Bert,
         BertFamily::Roberta,
         BertFamily::XlmRoberta,
         BertFamily::Camembert,
         BertFamily::DistilBert,
+        BertFamily::Electra,
     ];
 
     /// transformers' `model_type`.
@@ -58,6 +64,7 @@ impl BertFamily {
             BertFamily::XlmRoberta => "xlm-roberta",
             BertFamily::Camembert => "camembert",
             BertFamily::DistilBert => "distilbert",
+            BertFamily::Electra => "electra",
         }
     }
 
@@ -67,17 +74,21 @@ impl BertFamily {
     }
 
     /// The encoder's module prefix in transformers' checkpoints (`base_model_prefix`):
-    /// `bert`, `roberta` for the whole RoBERTa family, `distilbert`.
+    /// `bert`, `roberta` for the whole RoBERTa family, `distilbert`, `electra`.
     pub fn prefix(self) -> &'static str {
         match self {
             BertFamily::Bert => "bert",
             BertFamily::DistilBert => "distilbert",
-            _ => "roberta",
+            BertFamily::Electra => "electra",
+            BertFamily::Roberta | BertFamily::XlmRoberta | BertFamily::Camembert => "roberta",
         }
     }
 
-    /// PEFT's default LoRA targets for the family (its
-    /// `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`).
+    /// The attention's query and value projections, the usual LoRA targets: PEFT's
+    /// defaults for BERT, RoBERTa, XLM-R and ELECTRA (its
+    /// `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`); PEFT 0.21 has none for
+    /// CamemBERT and DistilBERT (it asks for `target_modules`), where these are the same
+    /// layers under the family's names.
     ///
     /// ```
     /// use lorakit::models::bert::BertFamily;
@@ -96,7 +107,10 @@ impl BertFamily {
     /// `pad_token_id + (tokens up to j that are not padding)`, padding gets `pad_token_id`.
     /// BERT numbers the columns `0, 1, …`.
     pub fn numbers_positions_past_padding(self) -> bool {
-        !matches!(self, BertFamily::Bert | BertFamily::DistilBert)
+        matches!(
+            self,
+            BertFamily::Roberta | BertFamily::XlmRoberta | BertFamily::Camembert
+        )
     }
 
     /// Whether the embeddings add a token type's (`token_type_embeddings`); DistilBERT has
@@ -106,9 +120,9 @@ impl BertFamily {
     }
 
     /// Whether the classifier reads a pooler's output (`tanh` of `<prefix>.pooler.dense`)
-    /// rather than the first token's state through a two-layer head (RoBERTa's
-    /// `classifier.dense` / `classifier.out_proj`, DistilBERT's `pre_classifier` /
-    /// `classifier`).
+    /// rather than the first token's state through a two-layer head (RoBERTa's and
+    /// ELECTRA's `classifier.dense` / `classifier.out_proj`, DistilBERT's
+    /// `pre_classifier` / `classifier`).
     pub fn has_pooler(self) -> bool {
         self == BertFamily::Bert
     }
@@ -118,7 +132,10 @@ impl BertFamily {
     pub fn label_layer(self) -> &'static str {
         match self {
             BertFamily::Bert | BertFamily::DistilBert => "classifier",
-            _ => "classifier.out_proj",
+            BertFamily::Roberta
+            | BertFamily::XlmRoberta
+            | BertFamily::Camembert
+            | BertFamily::Electra => "classifier.out_proj",
         }
     }
 
@@ -132,9 +149,9 @@ impl BertFamily {
 
     /// transformers' default `pad_token_id` for the family's config class.
     pub(super) fn default_pad_token_id(self) -> u32 {
-        match self {
-            BertFamily::Bert | BertFamily::DistilBert => 0,
-            _ => 1,
+        match self.numbers_positions_past_padding() {
+            true => 1,
+            false => 0,
         }
     }
 }
@@ -257,6 +274,10 @@ pub struct BertConfig {
     pub vocab_size: usize,
     /// The model width.
     pub hidden_size: usize,
+    /// ELECTRA's embedding width (`embedding_size`), projected to `hidden_size` by
+    /// `electra.embeddings_project` when the two differ; the other families' embeddings
+    /// are `hidden_size` wide whatever this says ([`BertConfig::embedding_width`]).
+    pub embedding_size: usize,
     /// Encoder layers.
     pub num_hidden_layers: usize,
     /// Attention heads (dividing `hidden_size`).
@@ -307,6 +328,7 @@ impl Default for BertConfig {
             family: BertFamily::Bert,
             vocab_size: 30522,
             hidden_size: 768,
+            embedding_size: 768,
             num_hidden_layers: 12,
             num_attention_heads: 12,
             intermediate_size: 3072,
@@ -342,6 +364,7 @@ impl BertConfig {
         let sizes = [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
+            ("embedding_size", self.embedding_size),
             ("num_attention_heads", self.num_attention_heads),
             ("intermediate_size", self.intermediate_size),
             ("max_position_embeddings", self.max_position_embeddings),
@@ -437,7 +460,26 @@ impl BertConfig {
     /// ```
     pub fn linear_shapes(&self) -> Vec<(usize, usize)> {
         let (h, i) = (self.hidden_size, self.intermediate_size);
-        vec![(h, h), (h, i), (i, h), (h, self.num_labels)]
+        let mut shapes = vec![(h, h), (h, i), (i, h), (h, self.num_labels)];
+        if self.projects_embeddings() {
+            shapes.push((self.embedding_size, h));
+        }
+        shapes
+    }
+
+    /// The width of the embedding tables: ELECTRA's `embedding_size`, every other
+    /// family's `hidden_size`.
+    pub fn embedding_width(&self) -> usize {
+        match self.family {
+            BertFamily::Electra => self.embedding_size,
+            _ => self.hidden_size,
+        }
+    }
+
+    /// Whether the embeddings go through `electra.embeddings_project` (ELECTRA with an
+    /// `embedding_size` other than `hidden_size`).
+    pub fn projects_embeddings(&self) -> bool {
+        self.embedding_width() != self.hidden_size
     }
 
     pub(super) fn head_dim(&self) -> usize {

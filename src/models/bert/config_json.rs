@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::models::classification::ClassifierConfig;
@@ -17,6 +18,10 @@ struct RawBertConfig {
     model_type: Option<String>,
     vocab_size: Option<usize>,
     hidden_size: Option<usize>,
+    embedding_size: Option<usize>,
+    /// `Some(Null)` when the file says `null` (`deserialize_present`), `None` when absent.
+    #[serde(default, deserialize_with = "deserialize_present")]
+    pad_token_id: Option<Value>,
     num_hidden_layers: Option<usize>,
     num_attention_heads: Option<usize>,
     intermediate_size: Option<usize>,
@@ -61,13 +66,39 @@ impl BertConfig {
                 supported: "false (BERT as a bidirectional encoder)".to_string(),
             });
         }
-        let d = Self::default();
+        // transformers' `ElectraConfig` has smaller defaults than `BertConfig`'s.
+        let d = match family {
+            BertFamily::Electra => Self {
+                hidden_size: 256,
+                embedding_size: 128,
+                num_attention_heads: 4,
+                intermediate_size: 1024,
+                ..Self::default()
+            },
+            _ => Self::default(),
+        };
+        if family.numbers_positions_past_padding() && raw.pad_token_id == Some(Value::Null) {
+            return Err(Error::file_config(
+                path,
+                "pad_token_id",
+                format!(
+                    "null: {} numbers positions past the padding id, so it needs one \
+                     (transformers cannot run this config either)",
+                    family.model_type()
+                ),
+            ));
+        }
         // The classification fields, parsed and checked as every classifier's.
         let labels = ClassifierConfig::from_json_str(text, path.clone())?;
         let config = Self {
             family,
             vocab_size: raw.vocab_size.unwrap_or(family.default_vocab_size()),
             hidden_size: raw.hidden_size.unwrap_or(d.hidden_size),
+            // Read by ELECTRA only (`BertConfig::embedding_width`); the others': the width.
+            embedding_size: match family {
+                BertFamily::Electra => raw.embedding_size.unwrap_or(d.embedding_size),
+                _ => raw.hidden_size.unwrap_or(d.hidden_size),
+            },
             num_hidden_layers: raw.num_hidden_layers.unwrap_or(d.num_hidden_layers),
             num_attention_heads: raw.num_attention_heads.unwrap_or(d.num_attention_heads),
             intermediate_size: raw.intermediate_size.unwrap_or(d.intermediate_size),
@@ -87,8 +118,7 @@ impl BertConfig {
                 .unwrap_or(d.max_position_embeddings),
             type_vocab_size: raw.type_vocab_size.unwrap_or(d.type_vocab_size),
             layer_norm_eps: raw.layer_norm_eps.unwrap_or(d.layer_norm_eps),
-            // Absent or null: the family's default (transformers cannot number RoBERTa's
-            // positions without one).
+            // Absent: the family's default (null is refused above for the RoBERTa family).
             pad_token_id: labels.pad_token_id.unwrap_or(family.default_pad_token_id()),
             position_embedding_type: raw
                 .position_embedding_type
@@ -105,4 +135,12 @@ impl BertConfig {
         config.check(|field, reason| Error::file_config(path.clone(), field, reason))?;
         Ok(config)
     }
+}
+
+/// A field that is present, `null` included (serde reads a present `null` as `None`
+/// otherwise).
+fn deserialize_present<'de, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
 }

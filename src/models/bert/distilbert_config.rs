@@ -48,6 +48,7 @@ pub(super) fn from_json_str(text: &str, path: PathBuf) -> Result<BertConfig> {
         family: BertFamily::DistilBert,
         vocab_size: raw.vocab_size.unwrap_or(30522),
         hidden_size: raw.dim.unwrap_or(768),
+        embedding_size: raw.dim.unwrap_or(768),
         num_hidden_layers: raw.n_layers.unwrap_or(6),
         num_attention_heads: raw.n_heads.unwrap_or(12),
         intermediate_size: raw.hidden_dim.unwrap_or(3072),

@@ -77,7 +77,8 @@ fn positions_past_padding(ids: &[Vec<u32>], pad: u32) -> Vec<u32> {
     positions
 }
 
-/// The embeddings: word + token type + position, then LayerNorm and dropout.
+/// The embeddings: word + token type + position, then LayerNorm and dropout (and
+/// ELECTRA's projection to the model width).
 #[derive(Clone, Debug)]
 pub(super) struct BertEmbeddings {
     word: Embedding,
@@ -88,33 +89,49 @@ pub(super) struct BertEmbeddings {
     dropout: f64,
     /// `Some(pad_token_id)`: positions numbered past the padding (the RoBERTa family).
     positions_past: Option<u32>,
+    /// ELECTRA's `embeddings_project` (`embedding_size` to `hidden_size`), when they differ.
+    project: Option<Linear>,
 }
 
 impl BertEmbeddings {
-    pub(super) fn load(c: &BertConfig, vb: VarBuilder, plan: &AdapterPlan) -> Result<Self> {
+    /// The embeddings under `encoder` (the model's `bert.` / `roberta.` / … prefix):
+    /// `embeddings.…`, and ELECTRA's `embeddings_project`.
+    pub(super) fn load(c: &BertConfig, encoder: VarBuilder, plan: &AdapterPlan) -> Result<Self> {
+        let width = c.embedding_width();
+        let project = match c.projects_embeddings() {
+            true => Some(linear(
+                width,
+                c.hidden_size,
+                encoder.pp("embeddings_project"),
+                plan,
+            )?),
+            false => None,
+        };
+        let vb = encoder.pp("embeddings");
         Ok(Self {
-            word: embedding(c.vocab_size, c.hidden_size, vb.pp("word_embeddings"), plan)?,
+            word: embedding(c.vocab_size, width, vb.pp("word_embeddings"), plan)?,
             position: embedding(
                 c.max_position_embeddings,
-                c.hidden_size,
+                width,
                 vb.pp("position_embeddings"),
                 plan,
             )?,
             token_type: match c.family.has_token_types() {
                 true => Some(embedding(
                     c.type_vocab_size,
-                    c.hidden_size,
+                    width,
                     vb.pp("token_type_embeddings"),
                     plan,
                 )?),
                 false => None,
             },
-            norm: LayerNorm::load(c.hidden_size, c.layer_norm_eps, vb.pp("LayerNorm"), plan)?,
+            norm: LayerNorm::load(width, c.layer_norm_eps, vb.pp("LayerNorm"), plan)?,
             dropout: c.hidden_dropout_prob,
             positions_past: c
                 .family
                 .numbers_positions_past_padding()
                 .then_some(c.pad_token_id),
+            project,
         })
     }
 
@@ -143,7 +160,11 @@ impl BertEmbeddings {
                 (x + self.position.forward(&positions)?)?
             }
         };
-        dropout_t(self.norm.forward(&x)?, self.dropout, train)
+        let x = dropout_t(self.norm.forward(&x)?, self.dropout, train)?;
+        match &self.project {
+            Some(project) => Ok(project.forward(&x)?),
+            None => Ok(x),
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! [`ClassificationHead`]: what turns the encoder's first token into logits — BERT's
-//! pooler and linear classifier, the RoBERTa family's two-layer `classifier`, or
-//! DistilBERT's `pre_classifier` and `classifier`.
+//! pooler and linear classifier, the RoBERTa family's and ELECTRA's two-layer
+//! `classifier`, or DistilBERT's `pre_classifier` and `classifier`.
 
 use candle_core::{IndexOp, Module, Tensor};
 use candle_nn::VarBuilder;
@@ -23,8 +23,13 @@ pub(super) enum ClassificationHead {
     /// `bert.pooler.dense`.
     Pooled { pooler: Linear, classifier: Linear },
     /// The RoBERTa family (`RobertaClassificationHead`):
-    /// `classifier.out_proj(dropout(tanh(classifier.dense(dropout(first token)))))`.
-    TwoLayer { dense: Linear, out_proj: Linear },
+    /// `classifier.out_proj(dropout(tanh(classifier.dense(dropout(first token)))))`;
+    /// ELECTRA's (`ElectraClassificationHead`) with the exact GELU for tanh (`gelu`).
+    TwoLayer {
+        dense: Linear,
+        out_proj: Linear,
+        gelu: bool,
+    },
     /// DistilBERT: `classifier(dropout(relu(pre_classifier(first token))))`.
     PreClassifier {
         pre_classifier: Linear,
@@ -50,14 +55,16 @@ impl ClassificationHead {
                 })?,
                 classifier: head_or_new("classifier", h, true, &labels, vb, plan)?,
             },
-            BertFamily::Roberta | BertFamily::XlmRoberta | BertFamily::Camembert => {
-                Self::TwoLayer {
-                    dense: square_or_new("classifier.dense", config, vb, plan, |e| {
-                        untrained_head_layer("classifier.dense", e)
-                    })?,
-                    out_proj: head_or_new("classifier.out_proj", h, true, &labels, vb, plan)?,
-                }
-            }
+            BertFamily::Roberta
+            | BertFamily::XlmRoberta
+            | BertFamily::Camembert
+            | BertFamily::Electra => Self::TwoLayer {
+                dense: square_or_new("classifier.dense", config, vb, plan, |e| {
+                    untrained_head_layer("classifier.dense", e)
+                })?,
+                out_proj: head_or_new("classifier.out_proj", h, true, &labels, vb, plan)?,
+                gelu: config.family == BertFamily::Electra,
+            },
         })
     }
 
@@ -70,8 +77,16 @@ impl ClassificationHead {
                 let pooled = pooler.forward(&first)?.tanh()?;
                 classifier.forward(&dropout_t(pooled, p, train)?)?
             }
-            Self::TwoLayer { dense, out_proj } => {
-                let x = dense.forward(&dropout_t(first, p, train)?)?.tanh()?;
+            Self::TwoLayer {
+                dense,
+                out_proj,
+                gelu,
+            } => {
+                let x = dense.forward(&dropout_t(first, p, train)?)?;
+                let x = match gelu {
+                    true => crate::models::gelu::gelu_erf(&x)?,
+                    false => x.tanh()?,
+                };
                 out_proj.forward(&dropout_t(x, p, train)?)?
             }
             Self::PreClassifier {

@@ -1,12 +1,14 @@
-//! BERT, the RoBERTa family and DistilBERT for sequence classification: transformers'
-//! `BertForSequenceClassification`, `RobertaForSequenceClassification`,
-//! `XLMRobertaForSequenceClassification`, `CamembertForSequenceClassification` and
-//! `DistilBertForSequenceClassification` ([`BertForSequenceClassification`], the member
+//! BERT, the RoBERTa family, DistilBERT and ELECTRA for sequence classification:
+//! transformers' `BertForSequenceClassification`, `RobertaForSequenceClassification`,
+//! `XLMRobertaForSequenceClassification`, `CamembertForSequenceClassification`,
+//! `DistilBertForSequenceClassification` and `ElectraForSequenceClassification`
+//! ([`BertForSequenceClassification`], the member
 //! chosen by the config's `model_type`: [`BertFamily`]) with every module built through
 //! the model-level API at transformers' own paths (`bert.embeddings.word_embeddings`,
 //! `bert.encoder.layer.N.attention.self.query`, …, `bert.pooler.dense`, `classifier`;
 //! `roberta.…`, `classifier.dense`, `classifier.out_proj`;
-//! `distilbert.transformer.layer.N.attention.q_lin`, …, `pre_classifier`, `classifier`),
+//! `distilbert.transformer.layer.N.attention.q_lin`, …, `pre_classifier`, `classifier`;
+//! `electra.embeddings_project`, `electra.…`, `classifier.dense`, `classifier.out_proj`),
 //! so a PEFT adapter's `target_modules`,
 //! `modules_to_save: ["classifier"]` and `bias = "all"` (norm biases through
 //! [`AdapterPlan::bias`]) apply unchanged; its configuration ([`BertConfig`]) is read from
@@ -20,8 +22,9 @@
 //! mask of the dtype's most negative value does;
 //! [`crate::models::fused::bidirectional_attention`], one fused op for f32 CPU tensors),
 //! then the head on the first token: BERT's pooler (`tanh` of a dense layer) and linear
-//! classifier, RoBERTa's `classifier.dense`, `tanh`, `classifier.out_proj`, or
-//! DistilBERT's `pre_classifier`, ReLU, `classifier`. Dropout runs
+//! classifier, RoBERTa's `classifier.dense`, `tanh`, `classifier.out_proj` (ELECTRA's
+//! with GELU, after its embeddings' projection to the model width), or DistilBERT's
+//! `pre_classifier`, ReLU, `classifier`. Dropout runs
 //! only in [`BertForSequenceClassification::forward_t`] with `train = true`.
 
 mod config;
@@ -58,8 +61,9 @@ pub type RobertaForSequenceClassification = BertForSequenceClassification;
 pub type DistilBertForSequenceClassification = BertForSequenceClassification;
 
 /// transformers' `BertForSequenceClassification` (BERT, its pooler and a linear
-/// classifier), the RoBERTa family's classifiers (no pooler, a two-layer head) and
-/// DistilBERT's (`pre_classifier` and `classifier`; see [`BertFamily`]), every module built through [`crate::model::linear`] / [`crate::model::embedding`] at
+/// classifier), the RoBERTa family's and ELECTRA's classifiers (no pooler, a two-layer
+/// head) and DistilBERT's (`pre_classifier` and `classifier`; see [`BertFamily`]), every
+/// module built through [`crate::model::linear`] / [`crate::model::embedding`] at
 /// transformers' paths, so the plan's adapters, `modules_to_save` copies and trained
 /// biases (LayerNorms' included, through [`AdapterPlan::bias`]) apply as PEFT applies them.
 ///
@@ -191,7 +195,7 @@ impl BertForSequenceClassification {
         let prefix = config.family.prefix();
         let vb = with_base_prefix(vb, prefix, "embeddings.word_embeddings.weight");
         let encoder = vb.pp(prefix);
-        let embeddings = BertEmbeddings::load(config, encoder.pp("embeddings"), plan)?;
+        let embeddings = BertEmbeddings::load(config, encoder.clone(), plan)?;
         let layers = (0..config.num_hidden_layers)
             .map(|i| BertLayer::load(config, encoder.pp(layer_path(config.family, i)), plan))
             .collect::<Result<Vec<_>>>()?;
@@ -342,11 +346,17 @@ impl BertForSequenceClassification {
                 if t.dims() != [b, s] {
                     return Err(shape_error("token_type_ids", format!("({b}, {s})"), t));
                 }
-                let table = match self.config.family.has_token_types() {
-                    true => format!("{prefix}.embeddings.token_type_embeddings"),
-                    false => format!("{prefix}.embeddings (no token types: only type 0)"),
+                let (table, types) = match self.config.family.has_token_types() {
+                    true => (
+                        format!("{prefix}.embeddings.token_type_embeddings"),
+                        self.config.type_vocab_size,
+                    ),
+                    false => (
+                        format!("{prefix}.embeddings (no token types: only type 0)"),
+                        1,
+                    ),
                 };
-                crate::validate::token_ids(&table, t, self.config.type_vocab_size, &self.device)?;
+                crate::validate::token_ids(&table, t, types, &self.device)?;
                 t.clone()
             }
             None => Tensor::zeros((b, s), DType::U32, &self.device)?,
