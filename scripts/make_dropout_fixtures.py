@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Writes tests/fixtures/models/gpt2_dropout_moments.safetensors,
 llama_dropout_moments.safetensors, phi3_dropout_moments.safetensors,
-bert_dropout_moments.safetensors and distilbert_dropout_moments.safetensors: the mean and
+bert_dropout_moments.safetensors, distilbert_dropout_moments.safetensors and
+roberta_dropout_moments.safetensors: the mean and
 standard deviation, over many independent dropout draws, of what transformers'
-GPT2LMHeadModel, LlamaForCausalLM, Phi3ForCausalLM, BertForSequenceClassification and
-DistilBertForSequenceClassification compute in training mode (`model.train()`, f32, CPU,
+GPT2LMHeadModel, LlamaForCausalLM, Phi3ForCausalLM, BertForSequenceClassification,
+DistilBertForSequenceClassification and RobertaForSequenceClassification compute in training mode (`model.train()`, f32, CPU,
 eager attention), for lorakit's models' own dropouts (`Gpt2LmHeadModel::forward_t`,
 `LlamaForCausalLM::forward_t`, `BertForSequenceClassification::forward_t`; tests in
 `tests/suite/models_dropout.rs`).
@@ -19,14 +20,16 @@ on a tiny Llama with grouped-query heads and an untied head. Phi-3 adds `resid_p
 each layer's attention and MLP outputs: a case with it alone (0.5) and one with both
 (0.2 each), on the same shape with Phi-3's fused projections. The encoders (32 labels, 4
 input rows) have a case with the hidden dropout alone (0.5) and one with the hidden, the
-attention probabilities' and the classifier's dropouts at 0.2 each; BERT and DistilBERT
-place them differently (DistilBERT has none after the attention's output projection and
-drops after `pre_classifier`'s ReLU).
+attention probabilities' and the classifier's dropouts at 0.2 each; BERT, RoBERTa and
+DistilBERT place them differently (DistilBERT has none after the attention's output
+projection and drops after `pre_classifier`'s ReLU; RoBERTa's head drops before each of
+its two layers).
 
 Usage:
     python3 scripts/make_dropout_fixtures.py      (rewrites the files; seeded, but PyTorch's
-        sums depend on its thread count: on a 2-core machine (2026-12-05) llama's and the
-        encoders' files came out as committed, gpt2's and phi3's differed in low bits)
+        multi-threaded sums change their low bits from run to run (2026-12-05, 2 cores):
+        a rerun gives files that differ in the last bits; the committed ones are each from
+        the run that added it)
 
 Keys of each file (f32 unless said):
     <transformers name>       the random model's weights (tied head: no lm_head.weight)
@@ -222,6 +225,8 @@ BERT_CASES = {
 }
 DISTILBERT = dict(ENCODER, dim=16, n_layers=2, n_heads=2, hidden_dim=32, dropout=0.0, attention_dropout=0.0,
                   seq_classif_dropout=0.0)
+ROBERTA = dict(BERT, type_vocab_size=1, pad_token_id=1)
+ROBERTA_CASES = BERT_CASES
 DISTILBERT_CASES = {
     "hidden": dict(dropout=0.5, attention_dropout=0.0, seq_classif_dropout=0.0),
     "all": dict(dropout=0.2, attention_dropout=0.2, seq_classif_dropout=0.2),
@@ -235,6 +240,7 @@ def encoder_model(model_type, fields):
 
     classes = {
         "bert": ("BertConfig", "BertForSequenceClassification"),
+        "roberta": ("RobertaConfig", "RobertaForSequenceClassification"),
         "distilbert": ("DistilBertConfig", "DistilBertForSequenceClassification"),
     }
     config_cls, model_cls = (getattr(transformers, c) for c in classes[model_type])
@@ -247,9 +253,9 @@ def encoder_model(model_type, fields):
 
 
 def set_encoder_dropouts(model, p):
-    """Each `nn.Dropout` of a BERT or DistilBERT classifier at its config field's
-    probability: the attention probabilities', the classifier's (the top-level `dropout`),
-    every other one the hidden states'."""
+    """Each `nn.Dropout` of a BERT, RoBERTa or DistilBERT classifier at its config field's
+    probability: the attention probabilities', the classifier's (the top-level `dropout`,
+    RoBERTa's `classifier.dropout`), every other one the hidden states'."""
     bert = "hidden_dropout_prob" in p
     attention = p["attention_probs_dropout_prob" if bert else "attention_dropout"]
     classifier = p["classifier_dropout" if bert else "seq_classif_dropout"]
@@ -258,7 +264,7 @@ def set_encoder_dropouts(model, p):
         if isinstance(module, torch.nn.Dropout):
             if name.endswith("attention.self.dropout") or name.endswith("attention.dropout"):
                 module.p = attention
-            elif name == "dropout":
+            elif name in ("dropout", "classifier.dropout"):
                 module.p = classifier
             else:
                 module.p = hidden
@@ -270,6 +276,7 @@ def main():
     write("phi3", *decoder_model("phi3", PHI3), PHI3_CASES, set_phi3_dropouts)
     write("bert", *encoder_model("bert", BERT), BERT_CASES, set_encoder_dropouts, rows=4)
     write("distilbert", *encoder_model("distilbert", DISTILBERT), DISTILBERT_CASES, set_encoder_dropouts, rows=4)
+    write("roberta", *encoder_model("roberta", ROBERTA), ROBERTA_CASES, set_encoder_dropouts, rows=4)
 
 
 if __name__ == "__main__":

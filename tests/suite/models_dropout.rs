@@ -1,19 +1,19 @@
 //! The models' own dropouts in training mode (`forward_t(ids, true)`) against transformers'
 //! after `model.train()`: GPT-2's `embd_pdrop`, `attn_pdrop`, `resid_pdrop`, the Llama
 //! family's `attention_dropout`, Phi-3's `resid_pdrop`, and the sequence classifiers
-//! BERT's (`hidden_dropout_prob`, `attention_probs_dropout_prob`, `classifier_dropout`) and
-//! DistilBERT's (`dropout`, `attention_dropout`, `seq_classif_dropout`), whose dropouts sit
-//! in different places.
+//! BERT's and RoBERTa's (`hidden_dropout_prob`, `attention_probs_dropout_prob`,
+//! `classifier_dropout`) and DistilBERT's (`dropout`, `attention_dropout`,
+//! `seq_classif_dropout`), whose dropouts sit in different places.
 //!
 //! Two random generators cannot draw the same choices, so the distributions are compared:
-//! `models/{gpt2,llama,phi3,bert,distilbert}_dropout_moments.safetensors`
+//! `models/{gpt2,llama,phi3,bert,distilbert,roberta}_dropout_moments.safetensors`
 //! (`scripts/make_dropout_fixtures.py`)
 //! hold the per-element mean and standard deviation of transformers' logits over 40,000
 //! draws of a tiny random model: for GPT-2 with one dropout on at a time (each 0.5) and all
 //! three at 0.1, for a Llama (grouped-query heads) with `attention_dropout` 0.5, for a
-//! Phi-3 of that shape with `resid_pdrop` 0.5 and with both at 0.2, for a BERT and a
-//! DistilBERT classifier (32 labels, 4 rows) with the hidden dropout at 0.5 and with all
-//! three at 0.2. lorakit's
+//! Phi-3 of that shape with `resid_pdrop` 0.5 and with both at 0.2, for a BERT, a
+//! DistilBERT and a RoBERTa classifier (32 labels, 4 rows) with the hidden dropout at 0.5
+//! and with all three at 0.2. lorakit's
 //! own 1,000 draws must give the same moments within their sampling error. A dropout at the
 //! wrong place, with the wrong scale or missing moves them far outside it: training mode's
 //! mean lies 10–18 standard errors (median) from the evaluation logits in every case, which
@@ -37,7 +37,7 @@ const DRAWS: usize = 1000;
 const COPIES: usize = 250;
 
 /// The fixtures' architectures.
-const MODELS: [&str; 5] = ["gpt2", "llama", "phi3", "bert", "distilbert"];
+const MODELS: [&str; 6] = ["gpt2", "llama", "phi3", "bert", "distilbert", "roberta"];
 
 /// A fixture's model.
 enum Model {
@@ -110,7 +110,14 @@ impl Fixture {
             .tensors
             .iter()
             .filter(|(k, _)| {
-                let prefixes = ["transformer.", "model.", "lm_head.", "bert.", "distilbert."];
+                let prefixes = [
+                    "transformer.",
+                    "model.",
+                    "lm_head.",
+                    "bert.",
+                    "distilbert.",
+                    "roberta.",
+                ];
                 let heads = ["classifier.", "pre_classifier."];
                 prefixes.iter().chain(&heads).any(|p| k.starts_with(p))
             })
@@ -122,7 +129,7 @@ impl Fixture {
                 let config: Gpt2Config = serde_json::from_value(json).unwrap();
                 Model::Gpt2(Gpt2LmHeadModel::load(&config, vb, plan).unwrap())
             }
-            "bert" | "distilbert" => {
+            "bert" | "distilbert" | "roberta" => {
                 let config = BertConfig::from_json_str(&json.to_string(), "config.json").unwrap();
                 Model::Encoder(BertForSequenceClassification::load(&config, vb, plan).unwrap())
             }
@@ -138,7 +145,7 @@ impl Fixture {
         match self.name {
             "gpt2" => &["c_attn", "c_proj", "c_fc"],
             "phi3" => &["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
-            "bert" => &["query", "key", "value", "dense"],
+            "bert" | "roberta" => &["query", "key", "value", "dense"],
             "distilbert" => &["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
             _ => &[
                 "q_proj",

@@ -290,7 +290,9 @@ pub struct BertConfig {
     pub hidden_dropout_prob: f64,
     /// Dropout on the attention probabilities (training only).
     pub attention_probs_dropout_prob: f64,
-    /// Dropout before the classifier (training only); `None`: `hidden_dropout_prob`.
+    /// Dropout in the classification head (training only); `None`: `hidden_dropout_prob`.
+    /// DistilBERT's is `seq_classif_dropout` (0.2 unless its file says otherwise;
+    /// [`BertConfig::from_file`] sets it, a config built by hand must too).
     pub classifier_dropout: Option<f64>,
     /// Rows of `bert.embeddings.position_embeddings`: the longest input.
     pub max_position_embeddings: usize,
