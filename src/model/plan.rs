@@ -588,10 +588,17 @@ impl AdapterPlan {
             None => base,
         };
         if self.targets.is_module_to_save(path) {
-            if self.is_target_kind(path, base.kind()) {
+            let own_suffix = self
+                .targets
+                .modules_to_save
+                .iter()
+                .any(|m| path.ends_with(m));
+            if own_suffix && self.is_target_kind(path, base.kind()) {
                 // PEFT matches modules_to_save by a plain suffix (DistilBERT's
                 // `pre_classifier` ends with SEQ_CLS's "classifier") but keeps adapters
                 // off them by a dotted rule, so both apply and PEFT refuses the model.
+                // (A copy through an ancestor, PEFT wraps whole: the adapter inside it
+                // is fine there.)
                 return Err(Error::layer_config(
                     path,
                     "target_modules",
