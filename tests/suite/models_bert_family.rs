@@ -139,6 +139,13 @@ fn configs_of_the_family_read_as_transformers_reads_them() {
         let err = parse(text).unwrap_err().to_string();
         assert!(err.contains(field), "{text}: {err}");
     }
+    // DistilBERT's errors speak its keys only.
+    let err = parse(r#"{"model_type": "distilbert", "dim": 10, "n_heads": 4}"#);
+    let err = err.unwrap_err().to_string();
+    assert!(
+        err.contains("n_heads (4)") && !err.contains("num_attention"),
+        "{err}"
+    );
 }
 
 #[test]

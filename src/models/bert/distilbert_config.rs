@@ -67,8 +67,13 @@ pub(super) fn from_json_str(text: &str, path: PathBuf) -> Result<BertConfig> {
         id2label: labels.id2label,
         ignore_mismatched_sizes: false,
     };
-    config
-        .check(|field, reason| Error::file_config(path.clone(), distilbert_name(field), reason))?;
+    config.check(|field, reason| {
+        // The reason may name another field by BertConfig's name, too.
+        let reason = ["num_attention_heads", "hidden_size", "intermediate_size"]
+            .iter()
+            .fold(reason, |r, name| r.replace(name, distilbert_name(name)));
+        Error::file_config(path.clone(), distilbert_name(field), reason)
+    })?;
     Ok(config)
 }
 
