@@ -18,7 +18,7 @@ use lorakit::models::gpt2::{Gpt2Config, Gpt2LmHeadModel};
 use lorakit::peft::PeftAdapter;
 use lorakit::LoraConfig;
 
-use crate::peft_common::{assert_close, fixture, load, rel_err, temp_dir};
+use crate::peft_common::{assert_close, fixture, load, max_abs, rel_err, temp_dir};
 use crate::peft_options::case_dir;
 
 const CASES: [&str; 2] = ["gpt2_lora", "gpt2_dora"];
@@ -62,15 +62,6 @@ fn fresh_lora(targets: &[&str], vars: &VarMap) -> AdapterPlan {
         LoraConfig::default(),
         VarBuilder::from_varmap(vars, DType::F32, &Device::Cpu),
     )
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 #[test]

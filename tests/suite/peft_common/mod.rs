@@ -188,22 +188,24 @@ pub fn assert_pytorch_gradients(
         vars.len(),
         "one PyTorch gradient per trainable tensor"
     );
-    let largest = |t: &Tensor| {
-        t.abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
-    let scale = want.values().map(|g| largest(g)).fold(0f32, f32::max);
+    let scale = want.values().map(|g| max_abs(g)).fold(0f32, f32::max);
     for v in &vars {
         let name = v.full_name();
         let expected = want
             .get(name.as_str())
             .unwrap_or_else(|| panic!("no {name}"));
         let got = grads.get(v.var.var.as_tensor()).expect("a gradient");
-        let err = largest(&(got - *expected).unwrap()) / scale;
+        let err = max_abs(&(got - *expected).unwrap()) / scale;
         assert!(err < 1e-5, "{name}: off by {err:e} of the largest gradient");
     }
+}
+
+/// The largest absolute element of the f32 tensor `t`.
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
