@@ -16,6 +16,7 @@ mod prefetch;
 mod quant;
 mod rowwise;
 mod scaled;
+mod thin;
 mod transpose;
 
 pub(crate) use in_place::AddProduct;
@@ -134,17 +135,23 @@ impl<'a, T: Copy> MatRef<'a, T> {
         self.cols
     }
 
-    /// Columns `start .. start + len` (an error outside the view).
-    pub(crate) fn cols_range(self, start: usize, len: usize) -> candle_core::Result<Self> {
-        if start + len > self.cols {
+    /// Rows `start .. start + len` (an error outside the view).
+    pub(crate) fn rows_range(self, start: usize, len: usize) -> candle_core::Result<Self> {
+        if start + len > self.rows {
             candle_core::bail!(
-                "fused linear: columns {start}..{} outside a {}-column view",
+                "fused linear: rows {start}..{} outside a {}-row view",
                 start + len,
-                self.cols
+                self.rows
             );
         }
-        let data = self.data.get(start * self.cs..).unwrap_or(&[]);
-        Self::new(data, self.rows, len, self.rs, self.cs)
+        let data = self.data.get(start * self.rs..).unwrap_or(&[]);
+        Self::new(data, len, self.cols, self.rs, self.cs)
+    }
+
+    /// Columns `start .. start + len` (an error outside the view, naming them as rows of
+    /// the transposed view).
+    pub(crate) fn cols_range(self, start: usize, len: usize) -> candle_core::Result<Self> {
+        self.t().rows_range(start, len).map(Self::t)
     }
 }
 
@@ -177,7 +184,7 @@ impl Accum {
 
 /// One product `dst = beta · lhs · rhs` ([`Accum::Replace`]) or `dst += beta · lhs · rhs`
 /// ([`Accum::Add`]): what [`gemm_into`] hands to each of its routes (BLAS, the decode
-/// kernel, the column-major reroutes) with the destination.
+/// kernel, the split of thin products, the column-major reroutes) with the destination.
 #[derive(Clone, Copy, Debug)]
 struct MatProduct<'a, T> {
     lhs: MatRef<'a, T>,
@@ -226,6 +233,10 @@ fn gemm_into<T: WithDType>(
     if let Some(done) = blas::gemm(dst, dst_rs, product) {
         return done;
     }
+    // A short side (a LoRA factor's rank) besides many rows: the rows split by hand.
+    if let Some(done) = thin::reroute(dst, dst_rs, product) {
+        return done;
+    }
     if let Some(done) = col_major::reroute(dst, dst_rs, product) {
         return done;
     }
@@ -235,7 +246,8 @@ fn gemm_into<T: WithDType>(
 
 /// `dst = lhs · rhs` ([`Accum::Replace`]) or `dst += lhs · rhs` ([`Accum::Add`]) through
 /// the fused op's routes ([`gemm_into`]: the decode kernel for a few rows, a BLAS backend
-/// when built with one, the column-major reroutes, else the `gemm` crate on candle's
+/// when built with one, the rows of a thin (low-rank) product split over the threads, the
+/// column-major reroutes, else the `gemm` crate on candle's
 /// threads): for ops outside this module that multiply by a frozen weight.
 pub(crate) fn product_into<T: WithDType>(
     dst: &mut [T],
@@ -713,6 +725,44 @@ fn row_scale_grad<T: WithDType>(p: &Backward<T>, xa: MatRef<T>) -> candle_core::
         }
     };
     rowwise::column_dot(p.g, u)
+}
+
+/// Checks a product the kernels' unit tests ran: `dst` (row stride `dst_rs`, before the
+/// product `start`) holds `start + beta · lhs · rhs` ([`Accum::Add`]) or `beta · lhs · rhs`
+/// ([`Accum::Replace`]) to within f64 rounding of an f64 triple loop, and its padding past
+/// the product's columns is untouched. `context` names the case in a failure.
+#[cfg(test)]
+fn assert_matches_triple_loop(
+    dst: &[f64],
+    start: &[f64],
+    dst_rs: usize,
+    product: MatProduct<f64>,
+    context: &str,
+) {
+    let (lhs, rhs, accum, beta) = product.parts();
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    for i in 0..m {
+        for j in 0..n {
+            let dot: f64 = (0..k).map(|t| lhs.at(i, t) * rhs.at(t, j)).sum();
+            let base = match accum {
+                Accum::Replace => 0.0,
+                Accum::Add => start[i * dst_rs + j],
+            };
+            let want = base + beta * dot;
+            let got = dst[i * dst_rs + j];
+            assert!(
+                (got - want).abs() <= 1e-12 * (1.0 + want.abs()) * k as f64,
+                "{m}x{k}x{n} ({context}), ({i}, {j}): {got} vs {want}"
+            );
+        }
+        for j in n..dst_rs {
+            assert_eq!(
+                dst[i * dst_rs + j],
+                start[i * dst_rs + j],
+                "padding ({i}, {j})"
+            );
+        }
+    }
 }
 
 /// A deterministic `len`-long buffer for the kernels' unit tests.

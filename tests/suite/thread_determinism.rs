@@ -12,7 +12,10 @@
 //! The shapes take every column-major route (chunked `x Wᵀ` at 100 and 200 rows; the
 //! transposed route at 20 rows, its output rows split over the threads, and at 12 rows
 //! where a vector holds 8 `f32` (AVX2); the decode kernel at 3 rows, and at 12 with
-//! AVX-512, its output columns split over the threads) and span several 32-row blocks.
+//! AVX-512, its output columns split over the threads; the low-rank products' rows split
+//! over the threads at 200 rows × 384 × 400, `src/kernels/cpu/thin.rs`, and not at 150
+//! rows on three threads, where a part of 50 rows would take the `gemm` crate's small-product
+//! shortcut and its other blocking of the 600-deep products) and span several 32-row blocks.
 
 use std::process::Command;
 
@@ -22,12 +25,14 @@ use candle_core::Tensor;
 use lorakit::Adapter;
 
 /// `(rows, d_in, d_out)` of the cases.
-const SHAPES: [(usize, usize, usize); 5] = [
+const SHAPES: [(usize, usize, usize); 7] = [
     (100, 48, 150),
     (12, 40, 520),
     (20, 640, 800),
     (200, 96, 300),
     (3, 72, 520),
+    (200, 384, 400),
+    (150, 600, 400),
 ];
 
 /// Set in the child processes of the cross-process test.

@@ -53,11 +53,18 @@ struct Thresholds {
     via_transposes_min_cols: usize,
 }
 
+/// Columns transposed per chunk of the chunked route for elements of `size` bytes on
+/// `machine`: `8 · lanes` (128 `f32` with AVX-512, 64 with AVX2). The products of
+/// [`super::thin`] are at most this wide or deep.
+pub(super) fn chunk_width(size: usize, machine: &Machine) -> usize {
+    8 * machine.isa.lanes(size)
+}
+
 impl Thresholds {
     fn new(size: usize, machine: &Machine) -> Self {
         let lanes = machine.isa.lanes(size);
         Self {
-            chunk: 8 * lanes,
+            chunk: chunk_width(size, machine),
             row_by_row_below: lanes,
             via_transposes_below: 4 * lanes,
             deep_divisor: 2 * lanes,
@@ -325,7 +332,7 @@ impl<T: WithDType> Product<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::super::machine::Isa;
-    use super::super::{gemm_into, test_values as vals};
+    use super::super::{assert_matches_triple_loop, gemm_into, test_values as vals};
     use super::*;
 
     /// The machine the crossovers were measured on: AVX2, 32 KiB L1d.
@@ -422,26 +429,9 @@ mod tests {
                         Some(done) => done?,
                         None => gemm_into(&mut dst, dst_rs, lhs, rhs, accum, beta)?,
                     }
-                    for i in 0..m {
-                        for j in 0..n {
-                            let dot: f64 = (0..k).map(|t| lhs.at(i, t) * rhs.at(t, j)).sum();
-                            let base = match accum {
-                                Accum::Replace => 0.0,
-                                Accum::Add => start[i * dst_rs + j],
-                            };
-                            let want = base + beta * dot;
-                            let got = dst[i * dst_rs + j];
-                            assert!(
-                                (got - want).abs() <= 1e-12 * (1.0 + want.abs()) * k as f64,
-                                "{m}x{k}x{n} ({:?}), ({i}, {j}): {got} vs {want}",
-                                route_by(&lhs, &rhs, &th)
-                            );
-                        }
-                        // The padding past column n is untouched.
-                        for j in n..dst_rs {
-                            assert_eq!(dst[i * dst_rs + j], start[i * dst_rs + j]);
-                        }
-                    }
+                    let product = MatProduct::new(lhs, rhs, accum, beta);
+                    let route = format!("{:?}", route_by(&lhs, &rhs, &th));
+                    assert_matches_triple_loop(&dst, &start, dst_rs, product, &route);
                 }
             }
         }

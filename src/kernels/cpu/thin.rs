@@ -1,0 +1,185 @@
+//! Products with one short side besides a long row count: a LoRA layer's low-rank
+//! products, where the rank `r` is the inner dimension or the output's width — `x Aᵀ`
+//! (`n × d_in` by `d_in × r`), `(x Aᵀ) Bᵀ` (inner `r`), `g B`, `(g B) A` and
+//! `dB = gᵀ (x Aᵀ)` (`d_out × n` by `n × r`).
+//!
+//! The `gemm` crate's own threading runs these 10–45% slower than the same product with
+//! the destination's rows cut into one contiguous range per thread, each range one
+//! single-threaded `gemm` call. On an Intel Xeon (AVX-512, 2 threads, f32, `n = 512`
+//! rows), the five products of a LoRA step took 0.85–1.02 ms split against 1.23–1.35
+//! through the `gemm` crate at `d = 1024`, `r = 16`, and 1.76–2.08 against 2.17–2.48 at
+//! `d = 2048`; 8–20% less at `r = 64` and `128`; about even at `r = 256` (`x Aᵀ` and
+//! `(x Aᵀ) Bᵀ` slower, the others faster); slower from `r = 512` on (`benches/RESULTS.md`,
+//! "Thin products"). So a product whose inner dimension or width is at most one chunk of
+//! the column-major route ([`super::col_major::chunk_width`]: `8 · lanes`, 128 `f32` with
+//! AVX-512, 64 with AVX2), and whose row count is longer than that, is split this way.
+//!
+//! Kept on the `gemm` crate's own path:
+//! - products below its threading threshold (it keeps those on one thread too);
+//! - row counts that would leave a thread 64 rows or fewer: the `gemm` crate multiplies
+//!   products of at most 64 × 64 by a shortcut that blocks the inner dimension
+//!   differently (512 at a time, against an even split in its general path), so such a
+//!   part would round differently from the whole product a one-thread run makes, and
+//!   outputs would depend on the thread count (`tests/suite/thread_determinism.rs`);
+//! - products with a short row count and a long width (`dA = (g B)ᵀ x`, `r × d_in`):
+//!   splitting them, by columns or along the inner dimension, was faster at
+//!   `d_in = 1024` and slower at 2048 and 4096 (same machine).
+//!
+//! Each element is still one dot over the whole inner dimension in the `gemm` crate's
+//! order, so the split changes no bit of the result.
+
+use candle_core::WithDType;
+use rayon::prelude::*;
+
+use super::col_major::chunk_width;
+use super::machine::{machine, Machine};
+use super::{check_product, gemm_checked, MatProduct};
+
+/// The most rows of a part that the `gemm` crate's small-product shortcut takes (module
+/// docs): every part keeps more.
+const GEMM_SHORTCUT_ROWS: usize = 64;
+
+/// Whether an `m × k` by `k × n` product on `threads` threads takes this route, for
+/// elements of `size` bytes on `machine`.
+fn takes(m: usize, k: usize, n: usize, threads: usize, size: usize, machine: &Machine) -> bool {
+    let short = chunk_width(size, machine);
+    threads > 1
+        && k.min(n) <= short
+        && m > short
+        && m / threads > GEMM_SHORTCUT_ROWS
+        && m.saturating_mul(k).saturating_mul(n) >= gemm::get_threading_threshold()
+}
+
+/// Runs [`super::gemm_into`]'s product split over the threads and returns `Some`, or
+/// `None` when it does not take this route (module docs). The caller has checked the
+/// shapes and that `dst` holds the `m × n` result at row stride `dst_rs ≥ n`.
+pub(super) fn reroute<T: WithDType>(
+    dst: &mut [T],
+    dst_rs: usize,
+    product: MatProduct<T>,
+) -> Option<candle_core::Result<()>> {
+    let (m, k, n) = (product.lhs.rows, product.lhs.cols, product.rhs.cols);
+    let threads = rayon::current_num_threads();
+    let size = std::mem::size_of::<T>();
+    takes(m, k, n, threads, size, machine()).then(|| split_rows(dst, dst_rs, product, threads))
+}
+
+/// The product with `dst`'s rows cut into `parts` contiguous ranges, as evenly as whole
+/// rows allow, one single-threaded `gemm` call each on rayon's pool.
+fn split_rows<T: WithDType>(
+    dst: &mut [T],
+    dst_rs: usize,
+    product: MatProduct<T>,
+    parts: usize,
+) -> candle_core::Result<()> {
+    let (lhs, rhs, accum, beta) = product.parts();
+    let m = lhs.rows();
+    let parts = parts.clamp(1, m.max(1));
+    let mut pieces = Vec::with_capacity(parts);
+    let mut rest = dst;
+    for part in 0..parts {
+        let (start, end) = (part * m / parts, (part + 1) * m / parts);
+        let len = match end == m {
+            true => rest.len(),
+            false => ((end - start) * dst_rs).min(rest.len()),
+        };
+        let (piece, tail) = std::mem::take(&mut rest).split_at_mut(len);
+        pieces.push((start, end - start, piece));
+        rest = tail;
+    }
+    pieces.into_par_iter().try_for_each(|(start, rows, piece)| {
+        let part = MatProduct::new(lhs.rows_range(start, rows)?, rhs, accum, beta);
+        let (lhs, rhs, accum, _) = part.parts();
+        if check_product(piece, dst_rs, lhs, rhs, accum)? {
+            gemm_checked(piece, dst_rs, part, gemm::Parallelism::None);
+        }
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::machine::Isa;
+    use super::super::{assert_matches_triple_loop, gemm_into, test_values as vals, Accum, MatRef};
+    use super::*;
+
+    const AVX512: Machine = Machine {
+        isa: Isa::Avx512,
+        l1d: 48 << 10,
+        l2: 2 << 20,
+        decode_kernel: true,
+    };
+
+    /// The products of a LoRA step at `n = 512`, `d = 1024`, `r = 16` take the route on two
+    /// threads with AVX-512 (`f32`); `dA`, the base products, a rank past one chunk, one
+    /// thread, and too few rows per thread do not.
+    #[test]
+    fn the_low_rank_products_take_the_route() {
+        let takes2 = |m, k, n| takes(m, k, n, 2, 4, &AVX512);
+        assert!(takes2(512, 1024, 16)); // x Aᵀ, g B
+        assert!(takes2(512, 16, 1024)); // (x Aᵀ) Bᵀ, (g B) A
+        assert!(takes2(1024, 512, 16)); // dB
+        assert!(takes2(512, 128, 1024)); // r = 128: one chunk
+        assert!(!takes2(16, 512, 1024)); // dA
+        assert!(!takes2(512, 1024, 1024)); // the base products
+        assert!(!takes2(512, 256, 1024)); // r = 256
+        assert!(!takes(512, 1024, 16, 1, 4, &AVX512)); // one thread
+        assert!(!takes2(129, 1024, 16)); // 64 rows and one more: the shortcut's reach
+        assert!(takes2(130, 1024, 16));
+        // With AVX2 a chunk is 64 `f32`: r = 128 stays on the `gemm` crate.
+        let avx2 = Machine {
+            isa: Isa::Avx2,
+            ..AVX512
+        };
+        assert!(!takes(512, 128, 1024, 2, 4, &avx2));
+        assert!(takes(512, 64, 1024, 2, 4, &avx2));
+    }
+
+    /// Split into 1–4 parts of more than 64 rows, the products give the `gemm` crate's whole-product result bit
+    /// for bit and match an f64 triple loop, with a padded destination, a column-major
+    /// and a padded row-major operand, accumulation and `beta`.
+    #[test]
+    fn split_products_match_the_whole_product_bit_for_bit() -> candle_core::Result<()> {
+        for (m, k, n) in [(300, 700, 9), (300, 9, 130), (260, 520, 16)] {
+            let lhs_data = vals(m * (k + 2), 0.37);
+            let lhs = MatRef::new(&lhs_data, m, k, k + 2, 1)?;
+            let rhs_data = vals((k + 3) * n, 0.71);
+            // Column-major inside a taller buffer, then row-major.
+            let rhs_views = [
+                MatRef::new(&rhs_data, k, n, 1, k + 3)?,
+                MatRef::contiguous(&rhs_data[..k * n], k, n)?,
+            ];
+            for rhs in rhs_views {
+                for (accum, beta) in [(Accum::Replace, 1.0), (Accum::Add, -0.5)] {
+                    let dst_rs = n + 2;
+                    let start = vals(m * dst_rs, 1.3);
+                    let mut whole = start.clone();
+                    let product = MatProduct::new(lhs, rhs, accum, beta);
+                    // The reference: the whole product, the `gemm` crate on one thread.
+                    assert!(check_product(&mut whole, dst_rs, lhs, rhs, accum)?);
+                    gemm_checked(&mut whole, dst_rs, product, gemm::Parallelism::None);
+                    // As the route splits: more than 64 rows a part.
+                    for parts in (1..=5).filter(|p| m / p > GEMM_SHORTCUT_ROWS) {
+                        let mut split = start.clone();
+                        split_rows(&mut split, dst_rs, product, parts)?;
+                        assert!(
+                            split
+                                .iter()
+                                .zip(&whole)
+                                .all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{m}x{k}x{n}, {parts} parts: not the whole product's bits"
+                        );
+                    }
+                    assert_matches_triple_loop(&whole, &start, dst_rs, product, "whole");
+                    // And through `gemm_into`, whichever route it takes here.
+                    let mut routed = start.clone();
+                    gemm_into(&mut routed, dst_rs, lhs, rhs, accum, beta)?;
+                    for (a, b) in routed.iter().zip(&whole) {
+                        assert!((a - b).abs() <= 1e-12 * (1.0 + b.abs()) * k as f64);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
