@@ -16,8 +16,9 @@
 //!   more rows the chunked route is as fast or faster;
 //! - otherwise, at least `2 · chunk` columns, `chunk = 8 · lanes` (64 `f32` with AVX2):
 //!   the right-hand side is transposed `chunk` columns at a time into a small row-major
-//!   buffer (`k × chunk`, never the whole matrix), each chunk one single-threaded
-//!   row-major product into its columns of `dst`, each thread an equal range of columns.
+//!   buffer (at most `512 × chunk`, never the whole matrix), each chunk one
+//!   single-threaded row-major product into its columns of `dst`, each thread an equal
+//!   range of columns, 512 of the inner dimension at a time ([`DEPTH_BLOCK`]).
 //!
 //! Threads: candle's setting (`RAYON_NUM_THREADS`, else all cores), on rayon's pool.
 //!
@@ -36,6 +37,18 @@ use rayon::prelude::*;
 use super::machine::{machine, Machine};
 use super::transpose::{par_transpose, transpose_columns};
 use super::{gemm_raw, Accum, MatProduct, MatRef};
+
+/// How much of the inner dimension the chunked route multiplies at a time: the `gemm`
+/// crate's own smallest depth block (`gemm_common::cache::kernel_params` blocks the inner
+/// dimension by at least 512 where it is deeper). Each block of `lhs` (`m × 512`) is read
+/// by all of a thread's chunks while it is in the L2 cache (1 MiB at `m = 512` rows of
+/// `f32`), where the whole depth went through every chunk, re-read from L3 or memory once
+/// per chunk. `x Wᵀ` on an Intel Xeon (2 MiB L2, 2 threads, f32, 512 rows; 20
+/// interleaved rounds, medians, two runs): 15.6 / 21.0 against 16.5 / 22.3 ms at
+/// `d = 2048`, 86.2 / 95.6 against 90.5 / 99.8 at 4096, even at 1024 and at 2048 rows
+/// (whose blocks do not fit in L2); blocks of 256 were slower than the whole depth
+/// (`benches/RESULTS.md`, "Depth blocks of the chunked route").
+const DEPTH_BLOCK: usize = 512;
 
 /// The route thresholds for elements of `size` bytes on a machine (the module docs' rules).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -296,33 +309,43 @@ impl<T: WithDType> Product<'_, T> {
     /// The columns in units of half a chunk, split evenly over the threads (each thread
     /// one contiguous range, taken a chunk at a time): equal-width chunks spread by
     /// work-stealing left one thread idle for the last chunk whenever their count was odd
-    /// (11 chunks of 128 for 1408 columns: 6 against 5).
+    /// (11 chunks of 128 for 1408 columns: 6 against 5). A deep product goes
+    /// [`DEPTH_BLOCK`] of its inner dimension at a time, each block through all of the
+    /// thread's chunks, accumulating into `dst`.
     fn chunked(self, dst: &mut [T], dst_rs: usize) -> candle_core::Result<()> {
         let (k, n) = (self.rhs.rows, self.rhs.cols);
         let chunk = self.chunk;
+        let kc = DEPTH_BLOCK.min(k).max(1);
         let shared = SharedDst(dst.as_mut_ptr());
         even_ranges(n, chunk.div_ceil(2)).try_for_each(|(start, end)| {
-            let mut block = vec![T::from_f64(0.0); k * chunk.min(end - start)];
-            for j0 in (start..end).step_by(chunk) {
-                let width = chunk.min(end - j0);
-                let block = block.get_mut(..k * width).unwrap_or_default();
-                transpose_columns(self.rhs, j0, width, block, width, |d, v| *d = v);
-                let block = MatRef::contiguous(block, k, width)?;
-                let dst = shared;
-                // SAFETY: columns `j0..j0 + width` of the caller's checked `m × n`
-                // destination; the tasks' column ranges are disjoint, and so are a task's
-                // chunks, so no two products touch one element.
-                unsafe {
-                    gemm_raw(
-                        dst.0.add(j0),
-                        dst_rs,
-                        self.lhs,
-                        block,
-                        self.accum,
-                        self.beta,
-                        gemm::Parallelism::None,
-                    )
-                };
+            let mut block = vec![T::from_f64(0.0); kc * chunk.min(end - start)];
+            for k0 in (0..k).step_by(kc) {
+                let depth = kc.min(k - k0);
+                let lhs = self.lhs.cols_range(k0, depth)?;
+                let rhs = self.rhs.rows_range(k0, depth)?;
+                let accum = if k0 == 0 { self.accum } else { Accum::Add };
+                for j0 in (start..end).step_by(chunk) {
+                    let width = chunk.min(end - j0);
+                    let block = block.get_mut(..depth * width).unwrap_or_default();
+                    transpose_columns(rhs, j0, width, block, width, |d, v| *d = v);
+                    let block = MatRef::contiguous(block, depth, width)?;
+                    let dst = shared;
+                    // SAFETY: columns `j0..j0 + width` of the caller's checked `m × n`
+                    // destination; the tasks' column ranges are disjoint, and a task's
+                    // products run one after another, so no two calls touch one element
+                    // at once.
+                    unsafe {
+                        gemm_raw(
+                            dst.0.add(j0),
+                            dst_rs,
+                            lhs,
+                            block,
+                            accum,
+                            self.beta,
+                            gemm::Parallelism::None,
+                        )
+                    };
+                }
             }
             Ok(())
         })
@@ -388,12 +411,13 @@ mod tests {
     fn every_route_matches_a_triple_loop() -> candle_core::Result<()> {
         let th = Thresholds::new(4, &MEASURED_ON);
         let shapes = [
-            (3, 40, 50),    // row by row
-            (8, 40, 515),   // via transposes (few rows; one call, below gemm's threading)
-            (40, 700, 520), // via transposes (fewer than k / 16 rows, n ≤ k; split)
-            (20, 40, 150),  // chunked
-            (70, 9, 200),   // chunked, short k
-            (9, 30, 20),    // straight to gemm
+            (3, 40, 50),     // row by row
+            (8, 40, 515),    // via transposes (few rows; one call, below gemm's threading)
+            (40, 700, 520),  // via transposes (fewer than k / 16 rows, n ≤ k; split)
+            (20, 40, 150),   // chunked
+            (70, 9, 200),    // chunked, short k
+            (20, 1100, 150), // chunked, three depth blocks
+            (9, 30, 20),     // straight to gemm
         ];
         let mut seen = Vec::new();
         for (m, k, n) in shapes {
