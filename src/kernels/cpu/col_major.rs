@@ -38,9 +38,11 @@ use super::machine::{machine, Machine};
 use super::transpose::{par_transpose, transpose_columns};
 use super::{gemm_raw, Accum, MatProduct, MatRef};
 
-/// How much of the inner dimension the chunked route multiplies at a time: the `gemm`
-/// crate's own smallest depth block (`gemm_common::cache::kernel_params` blocks the inner
-/// dimension by at least 512 where it is deeper). Each block of `lhs` (`m × 512`) is read
+/// How much of the inner dimension the chunked route multiplies at a time: about the
+/// depth the `gemm` crate blocks by itself (`gemm_common::cache::kernel_params` evens a
+/// deeper inner dimension into blocks of at most its L1-derived depth, which is at least
+/// 512: 1100 goes as 3 × 367 there). With blocks of at most 512 every call's own depth
+/// block is its whole depth, whichever of the `gemm` crate's paths a chunk takes. Each block of `lhs` (`m × 512`) is read
 /// by all of a thread's chunks while it is in the L2 cache (1 MiB at `m = 512` rows of
 /// `f32`), where the whole depth went through every chunk, re-read from L3 or memory once
 /// per chunk. `x Wᵀ` on an Intel Xeon (2 MiB L2, 2 threads, f32, 512 rows; 20
@@ -191,17 +193,35 @@ unsafe impl<T> Send for SharedDst<T> {}
 unsafe impl<T> Sync for SharedDst<T> {}
 
 /// `0..len` cut into one contiguous range per thread of rayon's pool, in whole `unit`s
-/// (the last range ends at `len`) as evenly as the units allow, as a parallel iterator of
-/// `(start, end)`.
+/// as evenly as the units allow, the last range ending at `len` (a part of a unit left
+/// over goes with the last whole one, so no range is narrower than a unit unless `len`
+/// is), as a parallel iterator of `(start, end)`. A range of one row or column would
+/// reach the `gemm` crate as a one-column product, which it multiplies by other kernels
+/// than a wider one, so the bits would depend on the thread count.
 fn even_ranges(len: usize, unit: usize) -> impl IndexedParallelIterator<Item = (usize, usize)> {
     let unit = unit.max(1);
-    let units = len.div_ceil(unit);
-    let tasks = rayon::current_num_threads().clamp(1, units.max(1));
+    let units = (len / unit).max(1);
+    let tasks = rayon::current_num_threads().clamp(1, units);
     (0..tasks).into_par_iter().map(move |task| {
         let start = (task * units / tasks * unit).min(len);
-        let end = ((task + 1) * units / tasks * unit).min(len);
+        let end = match task + 1 == tasks {
+            true => len,
+            false => ((task + 1) * units / tasks * unit).min(len),
+        };
         (start, end)
     })
+}
+
+/// The width of the chunk at `j0` of a task's columns ending at `end`: `chunk`, or all
+/// that is left when less than `chunk + unit` is (so the last chunk is at least a unit
+/// wide, never the one-column piece that the `gemm` crate would multiply by other kernels,
+/// and the bits do not depend on how the columns were cut into tasks).
+fn chunk_at(j0: usize, end: usize, chunk: usize, unit: usize) -> usize {
+    let rest = end.saturating_sub(j0);
+    match rest < chunk + unit {
+        true => rest,
+        false => chunk,
+    }
 }
 
 impl<T: WithDType> Product<'_, T> {
@@ -309,23 +329,26 @@ impl<T: WithDType> Product<'_, T> {
     /// The columns in units of half a chunk, split evenly over the threads (each thread
     /// one contiguous range, taken a chunk at a time): equal-width chunks spread by
     /// work-stealing left one thread idle for the last chunk whenever their count was odd
-    /// (11 chunks of 128 for 1408 columns: 6 against 5). A deep product goes
+    /// (11 chunks of 128 for 1408 columns: 6 against 5). A task's last chunk takes what
+    /// is left when less than a chunk and a half is ([`chunk_at`]). A deep product goes
     /// [`DEPTH_BLOCK`] of its inner dimension at a time, each block through all of the
     /// thread's chunks, accumulating into `dst`.
     fn chunked(self, dst: &mut [T], dst_rs: usize) -> candle_core::Result<()> {
         let (k, n) = (self.rhs.rows, self.rhs.cols);
-        let chunk = self.chunk;
+        let (chunk, unit) = (self.chunk, self.chunk.div_ceil(2));
         let kc = DEPTH_BLOCK.min(k).max(1);
         let shared = SharedDst(dst.as_mut_ptr());
-        even_ranges(n, chunk.div_ceil(2)).try_for_each(|(start, end)| {
-            let mut block = vec![T::from_f64(0.0); kc * chunk.min(end - start)];
+        even_ranges(n, unit).try_for_each(|(start, end)| {
+            let widest = (chunk + unit).min(end - start);
+            let mut block = vec![T::from_f64(0.0); kc * widest];
             for k0 in (0..k).step_by(kc) {
                 let depth = kc.min(k - k0);
                 let lhs = self.lhs.cols_range(k0, depth)?;
                 let rhs = self.rhs.rows_range(k0, depth)?;
                 let accum = if k0 == 0 { self.accum } else { Accum::Add };
-                for j0 in (start..end).step_by(chunk) {
-                    let width = chunk.min(end - j0);
+                let mut j0 = start;
+                while j0 < end {
+                    let width = chunk_at(j0, end, chunk, unit);
                     let block = block.get_mut(..depth * width).unwrap_or_default();
                     transpose_columns(rhs, j0, width, block, width, |d, v| *d = v);
                     let block = MatRef::contiguous(block, depth, width)?;
@@ -345,6 +368,7 @@ impl<T: WithDType> Product<'_, T> {
                             gemm::Parallelism::None,
                         )
                     };
+                    j0 += width.max(1);
                 }
             }
             Ok(())
@@ -365,6 +389,50 @@ mod tests {
         l2: 512 << 10,
         decode_kernel: false,
     };
+
+    /// The chunked and transposed routes give the same bits on 1, 2, 3 and 5 threads, at
+    /// widths that leave a one-column piece over for some thread counts (129 = 2 · 64 + 1
+    /// with the AVX2 thresholds' 64-column chunks): the `gemm` crate multiplies a one-column
+    /// product by other kernels than a wider one.
+    #[test]
+    fn routes_give_the_same_bits_on_any_thread_count() -> candle_core::Result<()> {
+        let th = Thresholds::new(8, &MEASURED_ON);
+        for (m, k, n, want) in [
+            (100, 1030, 129, Route::Chunked),
+            (100, 300, 161, Route::Chunked),
+            (40, 1100, 513, Route::ViaTransposes),
+        ] {
+            let lhs_data = vals(m * k, 0.37);
+            let lhs = MatRef::contiguous(&lhs_data, m, k)?;
+            let rhs_data = vals(k * n, 0.71);
+            let rhs = MatRef::new(&rhs_data, k, n, 1, k)?;
+            assert_eq!(route_by(&lhs, &rhs, &th), Some(want), "{m}x{k}x{n}");
+            let run = |threads: usize| -> candle_core::Result<Vec<f64>> {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .map_err(candle_core::Error::wrap)?;
+                let mut dst = vec![0.0; m * n];
+                let product = MatProduct::new(lhs, rhs, Accum::Replace, 0.5);
+                pool.install(|| reroute_by(&th, &mut dst, n, product))
+                    .unwrap_or_else(|| candle_core::bail!("{m}x{k}x{n}: not rerouted"))?;
+                Ok(dst)
+            };
+            let one = run(1)?;
+            for threads in [2, 3, 5] {
+                let many = run(threads)?;
+                let same = one
+                    .iter()
+                    .zip(&many)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "{m}x{k}x{n} ({want:?}): 1 and {threads} threads differ"
+                );
+            }
+        }
+        Ok(())
+    }
 
     /// The rules give the measured `f32` crossovers on the machine they were measured on,
     /// and scale with the vector width and the dtype.

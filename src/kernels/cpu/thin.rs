@@ -15,18 +15,20 @@
 //! AVX-512, 64 with AVX2), and whose row count is longer than that, is split this way.
 //!
 //! Kept on the `gemm` crate's own path:
-//! - products below its threading threshold (it keeps those on one thread too);
-//! - row counts that would leave a thread 64 rows or fewer: the `gemm` crate multiplies
-//!   products of at most 64 × 64 by a shortcut that blocks the inner dimension
-//!   differently (512 at a time, against an even split in its general path), so such a
-//!   part would round differently from the whole product a one-thread run makes, and
-//!   outputs would depend on the thread count (`tests/suite/thread_determinism.rs`);
+//! - products too small for it to thread (`m · k · n` below its threading threshold);
+//! - splits that would give a part other kernels of the `gemm` crate than the whole
+//!   product gets ([`parts_keep_the_general_kernels`]), whose rounding differs, so that
+//!   outputs would depend on the thread count (`tests/suite/thread_determinism.rs`): a
+//!   part of 64 rows or fewer (products of at most 64 × 64 go through a shortcut that
+//!   blocks the inner dimension differently: 512 at a time, against an even split), or
+//!   of at most 256 elements (dot-product kernels along the inner dimension, which take
+//!   such products when one to three columns wide);
 //! - products with a short row count and a long width (`dA = (g B)ᵀ x`, `r × d_in`):
 //!   splitting them, by columns or along the inner dimension, was faster at
 //!   `d_in = 1024` and slower at 2048 and 4096 (same machine).
 //!
-//! Each element is still one dot over the whole inner dimension in the `gemm` crate's
-//! order, so the split changes no bit of the result.
+//! Each element is still one dot over the whole inner dimension, by the same kernel in
+//! the same order as in the whole product, so the split changes no bit of the result.
 
 use candle_core::WithDType;
 use rayon::prelude::*;
@@ -35,9 +37,21 @@ use super::col_major::chunk_width;
 use super::machine::{machine, Machine};
 use super::{check_product, gemm_checked, MatProduct};
 
-/// The most rows of a part that the `gemm` crate's small-product shortcut takes (module
-/// docs): every part keeps more.
+/// The most rows (and columns) of a product that the `gemm` crate's small-product
+/// shortcut takes (module docs).
 const GEMM_SHORTCUT_ROWS: usize = 64;
+
+/// The most elements of a product that the `gemm` crate's dot-product kernels take
+/// (module docs).
+const GEMM_DOT_KERNEL_ELEMENTS: usize = 256;
+
+/// Whether every part of an `m`-row, `n`-column product cut into `parts` row ranges (the
+/// smallest `m / parts` rows) goes through the `gemm` crate's general kernels, as a whole
+/// product with more rows does: more than 64 rows and more than 256 elements.
+fn parts_keep_the_general_kernels(m: usize, n: usize, parts: usize) -> bool {
+    let rows = m / parts.max(1);
+    rows > GEMM_SHORTCUT_ROWS && rows.saturating_mul(n) > GEMM_DOT_KERNEL_ELEMENTS
+}
 
 /// Whether an `m × k` by `k × n` product on `threads` threads takes this route, for
 /// elements of `size` bytes on `machine`.
@@ -46,7 +60,7 @@ fn takes(m: usize, k: usize, n: usize, threads: usize, size: usize, machine: &Ma
     threads > 1
         && k.min(n) <= short
         && m > short
-        && m / threads > GEMM_SHORTCUT_ROWS
+        && parts_keep_the_general_kernels(m, n, threads)
         && m.saturating_mul(k).saturating_mul(n) >= gemm::get_threading_threshold()
 }
 
@@ -126,6 +140,10 @@ mod tests {
         assert!(!takes(512, 1024, 16, 1, 4, &AVX512)); // one thread
         assert!(!takes2(129, 1024, 16)); // 64 rows and one more: the shortcut's reach
         assert!(takes2(130, 1024, 16));
+        // One to three columns: more than 256 elements a part.
+        assert!(!takes2(200, 2048, 2));
+        assert!(takes2(258, 2048, 2));
+        assert!(!takes2(300, 2048, 1) && takes2(514, 2048, 1));
         // With AVX2 a chunk is 64 `f32`: r = 128 stays on the `gemm` crate.
         let avx2 = Machine {
             isa: Isa::Avx2,
@@ -140,7 +158,7 @@ mod tests {
     /// and a padded row-major operand, accumulation and `beta`.
     #[test]
     fn split_products_match_the_whole_product_bit_for_bit() -> candle_core::Result<()> {
-        for (m, k, n) in [(300, 700, 9), (300, 9, 130), (260, 520, 16)] {
+        for (m, k, n) in [(300, 700, 9), (300, 9, 130), (260, 520, 16), (400, 2048, 2)] {
             let lhs_data = vals(m * (k + 2), 0.37);
             let lhs = MatRef::new(&lhs_data, m, k, k + 2, 1)?;
             let rhs_data = vals((k + 3) * n, 0.71);
@@ -158,8 +176,8 @@ mod tests {
                     // The reference: the whole product, the `gemm` crate on one thread.
                     assert!(check_product(&mut whole, dst_rs, lhs, rhs, accum)?);
                     gemm_checked(&mut whole, dst_rs, product, gemm::Parallelism::None);
-                    // As the route splits: more than 64 rows a part.
-                    for parts in (1..=5).filter(|p| m / p > GEMM_SHORTCUT_ROWS) {
+                    // As the route splits: parts that keep the general kernels.
+                    for parts in (1..=5).filter(|&p| parts_keep_the_general_kernels(m, n, p)) {
                         let mut split = start.clone();
                         split_rows(&mut split, dst_rs, product, parts)?;
                         assert!(
