@@ -765,6 +765,16 @@ fn assert_matches_triple_loop(
     }
 }
 
+/// `f` run in a rayon pool of `threads` threads, for the kernels' thread-count tests.
+#[cfg(test)]
+fn on_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> candle_core::Result<R> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(candle_core::Error::wrap)?;
+    Ok(pool.install(f))
+}
+
 /// A deterministic `len`-long buffer for the kernels' unit tests.
 #[cfg(test)]
 fn test_values(len: usize, seed: f64) -> Vec<f64> {

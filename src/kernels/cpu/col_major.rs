@@ -379,7 +379,7 @@ impl<T: WithDType> Product<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::super::machine::Isa;
-    use super::super::{assert_matches_triple_loop, gemm_into, test_values as vals};
+    use super::super::{assert_matches_triple_loop, gemm_into, on_threads, test_values as vals};
     use super::*;
 
     /// The machine the crossovers were measured on: AVX2, 32 KiB L1d.
@@ -408,13 +408,9 @@ mod tests {
             let rhs = MatRef::new(&rhs_data, k, n, 1, k)?;
             assert_eq!(route_by(&lhs, &rhs, &th), Some(want), "{m}x{k}x{n}");
             let run = |threads: usize| -> candle_core::Result<Vec<f64>> {
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .map_err(candle_core::Error::wrap)?;
                 let mut dst = vec![0.0; m * n];
                 let product = MatProduct::new(lhs, rhs, Accum::Replace, 0.5);
-                pool.install(|| reroute_by(&th, &mut dst, n, product))
+                on_threads(threads, || reroute_by(&th, &mut dst, n, product))?
                     .unwrap_or_else(|| candle_core::bail!("{m}x{k}x{n}: not rerouted"))?;
                 Ok(dst)
             };

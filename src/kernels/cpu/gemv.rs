@@ -640,7 +640,7 @@ unsafe fn dot_block<S: Lanes, const NW: usize, const MR: usize>(
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_values as vals;
+    use super::super::{on_threads, test_values as vals};
     use super::*;
 
     /// `isa` with tasks of at least 1 KiB of `W`: the small products of these tests split
@@ -835,20 +835,10 @@ mod tests {
         ];
         for (isa, rhs) in sets().into_iter().flat_map(|i| forms.map(|f| (i, f))) {
             let run = |threads: usize| -> candle_core::Result<Vec<f32>> {
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .map_err(candle_core::Error::wrap)?;
                 let mut dst = vec![0.5f32; m * n];
-                pool.install(|| {
-                    product_on(
-                        split(isa),
-                        &mut dst,
-                        n,
-                        MatProduct::new(lhs, rhs, Accum::Add, 1.0),
-                    )
-                })
-                .unwrap_or_else(|| candle_core::bail!("refused"))?;
+                let product = MatProduct::new(lhs, rhs, Accum::Add, 1.0);
+                on_threads(threads, || product_on(split(isa), &mut dst, n, product))?
+                    .unwrap_or_else(|| candle_core::bail!("refused"))?;
                 Ok(dst)
             };
             let (one, three) = (run(1)?, run(3)?);
