@@ -54,16 +54,20 @@ from transformers import (  # noqa: E402
     DistilBertForSequenceClassification,
 )
 
-from make_roberta_fixtures import fresh, write_classifier, write_masked_lm_case  # noqa: E402
+from make_roberta_fixtures import (  # noqa: E402
+    fresh,
+    write_classifier,
+    write_masked_lm_case,
+    WORDPIECE_IDS,
+    WORDPIECE_LABELS,
+    WORDPIECE_MASK,
+)
 
 ROOT = os.path.normpath(
     os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "distilbert_cls")
 )
 SIZES = dict(vocab_size=64, dim=16, n_layers=2, n_heads=2, hidden_dim=32, max_position_embeddings=16)
-# [PAD] = 0, [CLS] = 2, [SEP] = 3.
-IDS = torch.tensor([[2, 5, 17, 33, 40, 3], [2, 9, 61, 3, 0, 0], [0, 2, 12, 44, 7, 3]])
-MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]])
-LABELS = torch.tensor([2, 0, 1])
+IDS, MASK, LABELS = WORDPIECE_IDS, WORDPIECE_MASK, WORDPIECE_LABELS
 
 
 def main():

@@ -102,6 +102,11 @@ MASK = torch.tensor(
     ]
 )
 LABELS = torch.tensor([2, 0, 1, 0])
+# The batch of the models with BERT's vocabulary layout (DistilBERT, ELECTRA): [PAD] = 0,
+# [CLS] = 2, [SEP] = 3; a full row, a right-padded one and a left-padded one.
+WORDPIECE_IDS = torch.tensor([[2, 5, 17, 33, 40, 3], [2, 9, 61, 3, 0, 0], [0, 2, 12, 44, 7, 3]])
+WORDPIECE_MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]])
+WORDPIECE_LABELS = torch.tensor([2, 0, 1])
 
 
 def lorakit_name(peft_name):

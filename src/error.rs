@@ -137,6 +137,12 @@ pub enum Error {
     Candle(#[from] candle_core::Error),
 }
 
+/// The text of the file at `path`; a failed read is an [`Error::Io`] naming it.
+pub(crate) fn read_text(path: impl AsRef<std::path::Path>) -> Result<String> {
+    let path = path.as_ref();
+    std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
+}
+
 /// `text`, the JSON file `path`, read into `T`; a value that does not fit is an error
 /// naming its key ([`Error::Json`]).
 pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(

@@ -126,7 +126,7 @@ fn pickle_shards(src: &Path) -> Result<Vec<(PathBuf, Vec<String>)>> {
     }
     let index_path = src.join(PICKLE_INDEX_FILE);
     if index_path.is_file() {
-        let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+        let text = crate::error::read_text(&index_path)?;
         let index: Value = serde_json::from_str(&text).map_err(|e| Error::json(&index_path, &e))?;
         let Some(map) = index.get("weight_map").and_then(Value::as_object) else {
             return Err(Error::file_config(

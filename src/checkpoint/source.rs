@@ -154,7 +154,7 @@ impl Checkpoint {
     }
 
     fn open_index(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::error::read_text(path)?;
         let value: Value = serde_json::from_str(&text).map_err(|e| Error::json(path, &e))?;
         let Value::Object(index) = value else {
             return Err(Error::checkpoint(path, "the index is not a JSON object"));

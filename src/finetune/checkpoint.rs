@@ -136,7 +136,7 @@ impl<T: Task> Trainer<'_, T> {
     pub fn resume(&mut self, dir: impl AsRef<Path>) -> Result<()> {
         let dir = dir.as_ref();
         let state_path = dir.join(STATE_FILE);
-        let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
+        let text = crate::error::read_text(&state_path)?;
         let saved: StateFile = crate::error::parse_json(&text, &state_path)?;
         let current = StateFile::of(self);
         for ((field, was), (_, now)) in saved.settings().iter().zip(current.settings()) {

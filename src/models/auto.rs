@@ -136,7 +136,7 @@ impl AutoCausalLm {
                 "no config.json in this folder (a model folder as save_pretrained writes it)",
             ));
         }
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let text = crate::error::read_text(&path)?;
         let config: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| Error::json(&path, &e))?;
         match config.get("model_type").and_then(|v| v.as_str()) {

@@ -112,7 +112,7 @@ pub fn stop_tokens(dir: impl AsRef<Path>) -> Result<Vec<u32>> {
         if !path.is_file() {
             continue;
         }
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let text = crate::error::read_text(&path)?;
         let json: Value = serde_json::from_str(&text).map_err(|e| Error::json(&path, &e))?;
         let ids = match json.get("eos_token_id") {
             None | Some(Value::Null) => continue,

@@ -331,7 +331,7 @@ impl PeftConfig {
     /// Reads and parses `path`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::error::read_text(path)?;
         Self::from_json_str(&text, path)
     }
 

@@ -214,7 +214,7 @@ fn edited_config(
     untied: &[UntiedHead],
     pad_token_id: Option<u32>,
 ) -> Result<ConfigEdit> {
-    let text = std::fs::read_to_string(source).map_err(|e| Error::io(source, e))?;
+    let text = crate::error::read_text(source)?;
     let value: Value = serde_json::from_str(&text).map_err(|e| Error::json(source, &e))?;
     let Value::Object(mut config) = value else {
         return Err(Error::checkpoint(

@@ -112,7 +112,7 @@ impl Gpt2Config {
     /// ```
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::error::read_text(path)?;
         let config: Self = crate::error::parse_json(&text, path)?;
         config.check(&Scope::File(path.to_path_buf()))?;
         Ok(config)

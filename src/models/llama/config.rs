@@ -328,7 +328,7 @@ impl LlamaConfig {
         } else {
             path.to_path_buf()
         };
-        let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+        let text = crate::error::read_text(&file)?;
         Self::parse(&text, file)
     }
 
