@@ -26,7 +26,9 @@ close lorakit's would have to run for 0.9 × PEFT's time.
 
 --lorakit-features default openblas (any list of cargo feature sets, `default` for none)
 runs the lorakit side once per feature set in every round and adds a table of the fused
-cases side by side, one column per backend.
+cases side by side, one column per backend. `amx` there is no cargo feature but the
+default build run with `LORAKIT_CPU_AMX=1` (large f32 products on Intel AMX tiles, where
+the CPU has them; the route is opt-in).
 
 Page faults per training step (fused forward + backward + AdamW at n = 512, d = 1024 and
 2048, r = 16, steps 1..30 of a fresh process; `cargo bench --bench step_faults`, with and
@@ -202,10 +204,15 @@ def variants_table(t, k):
     return "\n".join(lines)
 
 
+# Runtime settings that --lorakit-features takes as if they were feature sets: the
+# default build with these environment variables.
+RUNTIME_SETS = {"amx": {"LORAKIT_CPU_AMX": "1"}}
+
+
 def lorakit_cases(threads, features="default", bench="compare_json"):
-    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads), **RUNTIME_SETS.get(features, {}))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    feats = [] if features == "default" else ["--features", features]
+    feats = [] if features == "default" or features in RUNTIME_SETS else ["--features", features]
     proc = subprocess.run(
         ["cargo", "bench", "--bench", bench, *feats], cwd=root, env=env, check=True, capture_output=True, text=True
     )

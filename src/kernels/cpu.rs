@@ -5,6 +5,8 @@
 use crate::kernels::dropout::Dropout;
 use candle_core::{CpuStorage, Layout, Shape, Storage, Tensor, WithDType};
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 #[cfg(any(feature = "openblas", feature = "mkl"))]
 mod blas;
 mod col_major;
@@ -155,6 +157,14 @@ impl<'a, T: Copy> MatRef<'a, T> {
     }
 }
 
+/// Whether large `f32` products run on Intel AMX tiles in this process (`amx`).
+pub(crate) fn amx_products() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return amx::in_use();
+    #[cfg(not(target_arch = "x86_64"))]
+    return false;
+}
+
 /// The thread setting candle's own CPU matmul uses (`RAYON_NUM_THREADS` or all cores);
 /// gemm itself keeps small products on one thread.
 fn parallelism() -> gemm::Parallelism {
@@ -184,7 +194,8 @@ impl Accum {
 
 /// One product `dst = beta · lhs · rhs` ([`Accum::Replace`]) or `dst += beta · lhs · rhs`
 /// ([`Accum::Add`]): what [`gemm_into`] hands to each of its routes (BLAS, the decode
-/// kernel, the split of thin products, the column-major reroutes) with the destination.
+/// kernel, the split of thin products, AMX tiles, the column-major reroutes) with the
+/// destination.
 #[derive(Clone, Copy, Debug)]
 struct MatProduct<'a, T> {
     lhs: MatRef<'a, T>,
@@ -237,6 +248,12 @@ fn gemm_into<T: WithDType>(
     if let Some(done) = thin::reroute(dst, dst_rs, product) {
         return done;
     }
+    // Large `f32` products on AMX tiles, at `f32`-level accuracy, when asked for
+    // (`LORAKIT_CPU_AMX=1`).
+    #[cfg(target_arch = "x86_64")]
+    if let Some(done) = amx::reroute(dst, dst_rs, product) {
+        return done;
+    }
     if let Some(done) = col_major::reroute(dst, dst_rs, product) {
         return done;
     }
@@ -246,8 +263,8 @@ fn gemm_into<T: WithDType>(
 
 /// `dst = lhs · rhs` ([`Accum::Replace`]) or `dst += lhs · rhs` ([`Accum::Add`]) through
 /// the fused op's routes ([`gemm_into`]: the decode kernel for a few rows, a BLAS backend
-/// when built with one, the rows of a thin (low-rank) product split over the threads, the
-/// column-major reroutes, else the `gemm` crate on candle's
+/// when built with one, the rows of a thin (low-rank) product split over the threads,
+/// AMX tiles when asked for, the column-major reroutes, else the `gemm` crate on candle's
 /// threads): for ops outside this module that multiply by a frozen weight.
 pub(crate) fn product_into<T: WithDType>(
     dst: &mut [T],

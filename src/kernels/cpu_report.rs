@@ -8,7 +8,8 @@ use super::machine;
 /// The facts lorakit's CPU kernels route by, as they stand in this process: the vector
 /// instruction set the decode kernels use (the widest the CPU has, lowered by
 /// `LORAKIT_CPU_ISA`), the per-core caches the route thresholds scale with, whether the
-/// decode kernel is on (`LORAKIT_DECODE_KERNEL=0` turns it off), the size of rayon's pool
+/// decode kernel is on (`LORAKIT_DECODE_KERNEL=0` turns it off), whether large `f32`
+/// products run on Intel AMX tiles (`LORAKIT_CPU_AMX=0` turns them off), the size of rayon's pool
 /// the kernels split work over, and the CPU's model name (Linux's `/proc/cpuinfo`).
 ///
 /// Its [`Display`](fmt::Display) is one line; the benchmarks print it with every run, so
@@ -21,7 +22,7 @@ use super::machine;
 /// assert!(report.f32_lanes >= 4 && report.l2_bytes > 0 && report.threads >= 1);
 /// let line = report.to_string();
 /// assert!(line.contains(report.vector_set) && line.contains("threads"));
-/// println!("{line}"); // e.g. "AMD EPYC: avx512 (16 f32 lanes), L1d 48 KiB, L2 1024 KiB per core, decode kernel on, 2 threads"
+/// println!("{line}"); // e.g. "AMD EPYC: avx512 (16 f32 lanes), L1d 48 KiB, L2 1024 KiB per core, decode kernel on, AMX off, 2 threads"
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CpuReport {
@@ -37,6 +38,9 @@ pub struct CpuReport {
     pub l2_bytes: usize,
     /// Whether the decode kernel runs.
     pub decode_kernel: bool,
+    /// Whether large `f32` products run on Intel AMX tiles (at `f32`-level accuracy: the
+    /// operands split into three bfloat16 parts each).
+    pub amx_tiles: bool,
     /// Threads in the rayon pool of the calling thread (the global pool from outside one).
     pub threads: usize,
 }
@@ -52,6 +56,7 @@ impl CpuReport {
             l1d_bytes: m.l1d,
             l2_bytes: m.l2,
             decode_kernel: m.decode_kernel,
+            amx_tiles: super::cpu::amx_products(),
             threads: rayon::current_num_threads(),
         }
     }
@@ -61,13 +66,14 @@ impl fmt::Display for CpuReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{}: {} ({} f32 lanes), L1d {} KiB, L2 {} KiB per core, decode kernel {}, {} threads",
+            "{}: {} ({} f32 lanes), L1d {} KiB, L2 {} KiB per core, decode kernel {}, AMX {}, {} threads",
             self.model.as_deref().unwrap_or("unknown CPU"),
             self.vector_set,
             self.f32_lanes,
             self.l1d_bytes >> 10,
             self.l2_bytes >> 10,
             if self.decode_kernel { "on" } else { "off" },
+            if self.amx_tiles { "on" } else { "off" },
             self.threads,
         )
     }

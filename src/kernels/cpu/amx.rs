@@ -1,0 +1,557 @@
+//! `f32` products on Intel AMX tiles, with `f32`-level accuracy, **opt-in**
+//! (`LORAKIT_CPU_AMX=1`): each operand split into three bfloat16 planes ([`pack`]), six
+//! plane products accumulated in `f32` by `TDPBF16PS` ([`tiles`]).
+//!
+//! One `TDPBF16PS` multiplies a 16 × 32 bfloat16 tile by a 32 × 16 one into 16 × 16 `f32`
+//! accumulators: 8192 multiply-adds, against 16 for an AVX-512 `f32` FMA. On an Intel
+//! Xeon (family 6 model 207, a 2-core KVM guest), one core ran 1.1–1.8 × 10¹² bfloat16
+//! multiply-adds a second with the operands in registers, and 0.8–1.1 × 10¹² with them
+//! streaming from L1 and L2 in this module's loop: with six per `f32` multiply-add, 1.4–
+//! 2.2 × the `f32` rate of the core's AVX-512 FMAs.
+//!
+//! **Why opt-in.** On that machine, `x Wᵀ` at 512 × 1024 × 1024 (the fused op's forward)
+//! took 1.2–1.5 × less time on the tiles than through the `gemm` crate, packing included,
+//! in some periods, and 1.4–2 × *more* in others, switching every few seconds
+//! (`benches/RESULTS.md`, "AMX tiles"): the tiles' rate, on one thread as on two, fell to
+//! about a third while the FMAs' held. A core's AMX unit is shared by its two hardware
+//! threads, and a cloud guest's sibling thread may belong to another tenant; the guest
+//! cannot see it. So the route is off unless asked for; on a machine whose cores are
+//! its own, it is worth measuring (`benches/peft_compare.py --lorakit-features default
+//! amx`).
+//!
+//! **Accuracy.** Each element is `Σ_k` of the six plane products, each exact in `f32`,
+//! accumulated in `f32` per depth block of 32 in a fixed order: the result differs from
+//! an `f32` FMA loop's by rounding (like any other summation order), not by bfloat16's
+//! precision. The unit tests hold it to the `f64` product at most twice the `gemm` crate's
+//! `f32` error (it came out at 0.4–0.8 × that error). Differences from IEEE `f32`
+//! arithmetic, all far outside a network's values:
+//! - the tiles treat subnormal bfloat16 inputs as zero and flush subnormal results, so
+//!   operands below about `10⁻³¹` in size lose their low planes (and below `10⁻³⁸`
+//!   everything);
+//! - values of at least about `3.39 · 10³⁸` (bfloat16's largest) and infinities do not
+//!   split into finite planes: an infinite input can give a NaN output where `f32`
+//!   arithmetic gives an infinity (NaN stays NaN).
+//!
+//! **Which products.** With the route asked for, on a CPU with AVX-512 and AMX that the
+//! OS lets this process use ([`tiles::available`]): `f32` products with `beta = 1` whose
+//! three dimensions are each at least [`MIN_SIDE`]. Thinner products (a LoRA factor's
+//! rank as a side) stay on the `gemm` crate's AVX-512 kernels, where padding a side of 16
+//! up to a tile's 32 would waste half the work.
+//!
+//! **Threads and determinism.** Per depth step, the row panels are packed in parallel,
+//! then the destination's columns go in tasks over rayon's threads. Every 32 × 32 block of
+//! the destination is the same sequence of tile operations whichever task computes it,
+//! so the result does not depend on the thread count or on which thread ran what.
+
+use std::cell::RefCell;
+
+use candle_core::{DType, WithDType};
+use rayon::prelude::*;
+
+use super::machine::{machine, Isa};
+use super::{check_product, Accum, MatProduct, MatRef};
+
+mod pack;
+mod tiles;
+
+use pack::{depth_blocks, Packer, BLOCK, DEPTH_BLOCK_ELEMS};
+
+/// The shortest side a product needs for this route: four 32-blocks, so that padding to
+/// whole blocks adds at most a fifth to the work, and each packed element is used by at
+/// least 128 multiply-adds.
+const MIN_SIDE: usize = 128;
+
+/// Depth (inner dimension) packed at a time: a panel of this depth is `3 · 256 · 32`
+/// bfloat16 (48 KiB), so that a row panel and a column panel together are about a
+/// core's L1d, and each 32 × 32 block of the destination is read and written once per
+/// 256 of depth.
+const DEPTH_STEP: usize = 256;
+
+/// Whether large `f32` products run on the tiles in this process: asked for
+/// (`LORAKIT_CPU_AMX=1`, read once), AVX-512 (for the packing) not lowered by
+/// `LORAKIT_CPU_ISA`, and AMX available ([`tiles::available`]).
+pub(super) fn in_use() -> bool {
+    static ASKED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let asked = *ASKED.get_or_init(|| std::env::var("LORAKIT_CPU_AMX").as_deref() == Ok("1"));
+    asked && machine().isa == Isa::Avx512 && tiles::available()
+}
+
+/// Whether an `m × k` by `k × n` product of `T` with this `beta` takes the route.
+fn takes<T: WithDType>(m: usize, k: usize, n: usize, beta: T) -> bool {
+    T::DTYPE == DType::F32 && beta.to_f64() == 1.0 && m.min(k).min(n) >= MIN_SIDE && in_use()
+}
+
+/// Runs [`super::gemm_into`]'s product on AMX tiles and returns `Some`, or `None` when it
+/// does not take this route (module docs). The caller has checked the shapes and that
+/// `dst` holds the `m × n` result at row stride `dst_rs ≥ n`.
+pub(super) fn reroute<T: WithDType>(
+    dst: &mut [T],
+    dst_rs: usize,
+    product: MatProduct<T>,
+) -> Option<candle_core::Result<()>> {
+    let (lhs, rhs, accum, beta) = product.parts();
+    let (m, k, n) = (lhs.rows(), lhs.cols(), rhs.cols());
+    if !takes(m, k, n, beta) {
+        return None;
+    }
+    let (Some(dst), Some(lhs), Some(rhs)) = (as_f32_mut(dst), as_f32(lhs), as_f32(rhs)) else {
+        return None;
+    };
+    Some(multiply(dst, dst_rs, lhs, rhs, accum))
+}
+
+/// `T`'s slice as `f32`s, when `T` is `f32`.
+fn as_f32_mut<T: WithDType>(s: &mut [T]) -> Option<&mut [f32]> {
+    (T::DTYPE == DType::F32).then(|| {
+        // SAFETY: `T` is `f32` (its candle dtype is F32, which only `f32` has).
+        unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<f32>(), s.len()) }
+    })
+}
+
+/// A view of `T` as one of `f32`, when `T` is `f32`.
+fn as_f32<T: WithDType>(v: MatRef<T>) -> Option<MatRef<f32>> {
+    (T::DTYPE == DType::F32).then(|| {
+        // SAFETY: as in `as_f32_mut`.
+        let data =
+            unsafe { std::slice::from_raw_parts(v.data.as_ptr().cast::<f32>(), v.data.len()) };
+        MatRef {
+            data,
+            rows: v.rows,
+            cols: v.cols,
+            rs: v.rs,
+            cs: v.cs,
+        }
+    })
+}
+
+/// The destination, handed to the tasks, each of which writes only its own columns.
+#[derive(Clone, Copy)]
+struct DstPtr(*mut f32);
+
+impl DstPtr {
+    /// The pointer `offset` elements on (no access).
+    fn offset(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+// SAFETY: the tasks write disjoint column ranges of the destination (`multiply`).
+unsafe impl Send for DstPtr {}
+// SAFETY: as above.
+unsafe impl Sync for DstPtr {}
+
+/// One product on the tiles: `out (m × n, row stride out_rs) (+)= lhs · rhs`.
+#[derive(Clone, Copy)]
+struct Product<'a> {
+    lhs: MatRef<'a, f32>,
+    rhs: MatRef<'a, f32>,
+    out: DstPtr,
+    out_rs: usize,
+}
+
+/// One depth step of a product: depth `k0 .. k0 + depth`, whether it starts the sums
+/// (`Accum::Replace`'s first step).
+#[derive(Clone, Copy)]
+struct Step {
+    k0: usize,
+    depth: usize,
+    first: bool,
+}
+
+impl Step {
+    /// Depth blocks of 32 in the step.
+    fn blocks(self) -> usize {
+        depth_blocks(self.depth)
+    }
+
+    /// Elements of one packed panel of the step.
+    fn panel_len(self) -> usize {
+        self.blocks() * DEPTH_BLOCK_ELEMS
+    }
+}
+
+/// Column panels per task: as many as fill half of a core's L2 (the other half for the
+/// row panels streaming past), but few enough that each thread gets at least two tasks
+/// where the width allows, so that rayon can hand a slowed thread's work to another.
+fn panels_per_task(panel_len: usize, column_panels: usize, threads: usize) -> usize {
+    let panel_bytes = panel_len * std::mem::size_of::<u16>();
+    let fit = machine().l2 / 2 / panel_bytes.max(1);
+    fit.min(column_panels.div_ceil(2 * threads.max(1))).max(1)
+}
+
+/// A task's packed column panels and the packing staging, kept per thread so that a
+/// step's products do not allocate.
+#[derive(Default)]
+struct TaskBuffers {
+    columns: Vec<u16>,
+    packer: Packer,
+}
+
+thread_local! {
+    /// The row panels of a product's depth step, on the thread that runs the product,
+    /// shared read-only by its tasks.
+    static ROW_PANELS: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+    /// Each thread's [`TaskBuffers`].
+    static TASK: RefCell<TaskBuffers> = RefCell::new(TaskBuffers::default());
+}
+
+/// `len` elements of `v` starting at a 64-byte boundary (the tile loads read whole cache
+/// lines: a panel row split over two lines took twice as long), `v` grown as needed.
+fn aligned(v: &mut Vec<u16>, len: usize) -> Option<&mut [u16]> {
+    const SLACK: usize = 64 / std::mem::size_of::<u16>();
+    if v.len() < len + SLACK {
+        v.resize(len + SLACK, 0);
+    }
+    let start = v.as_ptr().align_offset(64);
+    v.get_mut(start..start + len)
+}
+
+/// `dst = lhs · rhs` or `dst += lhs · rhs` on the tiles (an error where the CPU or OS
+/// offers no AMX or AVX-512). Per depth step: every row panel packed (in parallel), then
+/// the destination's columns in tasks of [`panels_per_task`] column panels on rayon's
+/// threads, each task packing its column panels and multiplying every row panel by them.
+/// `dst` holds the `m × n` result at row stride `dst_rs ≥ n` (an error otherwise).
+fn multiply(
+    dst: &mut [f32],
+    dst_rs: usize,
+    lhs: MatRef<f32>,
+    rhs: MatRef<f32>,
+    accum: Accum,
+) -> candle_core::Result<()> {
+    if !(tiles::available() && Isa::Avx512.available()) {
+        candle_core::bail!("fused linear: this CPU or OS offers no AMX tiles or no AVX-512");
+    }
+    if !check_product(dst, dst_rs, lhs, rhs, accum)? {
+        return Ok(());
+    }
+    let (m, k, n) = (lhs.rows(), lhs.cols(), rhs.cols());
+    let product = Product {
+        lhs,
+        rhs,
+        out: DstPtr(dst.as_mut_ptr()),
+        out_rs: dst_rs,
+    };
+    let (row_panels, column_panels) = (m.div_ceil(BLOCK), n.div_ceil(BLOCK));
+    let most = depth_blocks(DEPTH_STEP.min(k)) * DEPTH_BLOCK_ELEMS;
+    let per_task = panels_per_task(most, column_panels, rayon::current_num_threads());
+    // A thread that waits on its tasks may run another product stolen by rayon: that one
+    // packs its row panels into a buffer of its own.
+    let mut spare = Vec::new();
+    ROW_PANELS.with(|cell| {
+        let mut kept = cell.try_borrow_mut();
+        let buffer = match kept.as_deref_mut() {
+            Ok(kept) => kept,
+            Err(_) => &mut spare,
+        };
+        let Some(rows) = aligned(buffer, row_panels * most) else {
+            return;
+        };
+        for k0 in (0..k).step_by(DEPTH_STEP) {
+            let step = Step {
+                k0,
+                depth: DEPTH_STEP.min(k - k0),
+                first: k0 == 0 && accum == Accum::Replace,
+            };
+            let len = step.panel_len();
+            let Some(rows) = rows.get_mut(..row_panels * len) else {
+                return;
+            };
+            rows.par_chunks_exact_mut(len)
+                .enumerate()
+                .for_each(|(i, panel)| {
+                    // SAFETY: AVX-512F is available (checked above).
+                    TASK.with_borrow_mut(|t| unsafe {
+                        t.packer.row_panel(lhs, i * BLOCK, k0, step.depth, panel)
+                    });
+                });
+            let rows: &[u16] = rows;
+            (0..column_panels.div_ceil(per_task))
+                .into_par_iter()
+                .for_each(|task| {
+                    let first = task * per_task;
+                    let panels = first..(first + per_task).min(column_panels);
+                    // SAFETY: AMX and AVX-512F are available (checked above); `dst` holds
+                    // the `m × n` product at row stride `dst_rs` (`check_product`); this
+                    // task alone writes the columns of `panels`.
+                    TASK.with_borrow_mut(|t| unsafe {
+                        tiles::with_tiles(|| multiply_columns(t, product, step, rows, panels))
+                    });
+                });
+        }
+    });
+    Ok(())
+}
+
+/// A zeroed 32 × 32 block, the starting value of [`Accum::Replace`]'s first depth step
+/// (64-byte aligned, as the tile loads prefer).
+#[repr(C, align(64))]
+struct ZeroBlock([f32; BLOCK * BLOCK]);
+
+static ZEROS: ZeroBlock = ZeroBlock([0.0; BLOCK * BLOCK]);
+
+/// One task of a depth step: column panels `panels` packed, then every row panel of
+/// `rows` multiplied by each of them, 32 × 32 of the destination at a time.
+///
+/// # Safety
+/// Tiles configured on this thread, AVX-512F available; `product.out` addresses the
+/// `m × n` product at row stride `out_rs`, whose columns of `panels` nothing else
+/// accesses during the call.
+unsafe fn multiply_columns(
+    buffers: &mut TaskBuffers,
+    product: Product,
+    step: Step,
+    rows: &[u16],
+    panels: std::ops::Range<usize>,
+) {
+    let (m, n) = (product.lhs.rows(), product.rhs.cols());
+    let (blocks, len) = (step.blocks(), step.panel_len());
+    let Some(columns) = aligned(&mut buffers.columns, panels.len() * len) else {
+        return;
+    };
+    for (p, panel) in panels.clone().zip(columns.chunks_exact_mut(len)) {
+        // SAFETY: AVX-512F is available (the caller's contract).
+        unsafe {
+            buffers
+                .packer
+                .column_panel(product.rhs, p * BLOCK, step.k0, step.depth, panel)
+        };
+    }
+    for (i, row) in rows.chunks_exact(len).enumerate() {
+        for (p, panel) in panels.clone().zip(columns.chunks_exact(len)) {
+            let (i, j) = (i * BLOCK, p * BLOCK);
+            let (rows, cols) = (BLOCK.min(m - i), BLOCK.min(n - j));
+            let at = product.out.offset(i * product.out_rs + j);
+            // SAFETY: panels hold `blocks ≥ 1` depth blocks; a whole block of the
+            // destination is read and written in place, an edge block through a copy.
+            unsafe {
+                if rows == BLOCK && cols == BLOCK {
+                    let (c, c_rs) = match step.first {
+                        true => (ZEROS.0.as_ptr(), BLOCK),
+                        false => (at.cast_const(), product.out_rs),
+                    };
+                    tiles::block_32x32(
+                        row.as_ptr(),
+                        panel.as_ptr(),
+                        blocks,
+                        c,
+                        c_rs,
+                        at,
+                        product.out_rs,
+                    );
+                } else {
+                    edge_block(
+                        row,
+                        panel,
+                        blocks,
+                        at,
+                        product.out_rs,
+                        (rows, cols),
+                        step.first,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A block of `rows × cols` (less than 32 × 32) at `at`, through a 32 × 32 copy.
+///
+/// # Safety
+/// As [`tiles::block_32x32`] for the panels; `at` addresses `rows` rows of `cols`
+/// elements at row stride `out_rs`, writable and unaliased.
+unsafe fn edge_block(
+    row: &[u16],
+    panel: &[u16],
+    blocks: usize,
+    at: *mut f32,
+    out_rs: usize,
+    (rows, cols): (usize, usize),
+    first: bool,
+) {
+    let mut edge = ZeroBlock([0.0; BLOCK * BLOCK]);
+    let edge = &mut edge.0;
+    if !first {
+        for (r, line) in edge.chunks_exact_mut(BLOCK).take(rows).enumerate() {
+            // SAFETY: the caller's contract for `at`.
+            let src = unsafe { std::slice::from_raw_parts(at.add(r * out_rs), cols) };
+            line.iter_mut().zip(src).for_each(|(e, &s)| *e = s);
+        }
+    }
+    let e = edge.as_mut_ptr();
+    // SAFETY: `edge` holds 32 × 32 elements at row stride 32; the panels per the caller.
+    unsafe { tiles::block_32x32(row.as_ptr(), panel.as_ptr(), blocks, e, BLOCK, e, BLOCK) };
+    for (r, line) in edge.chunks_exact(BLOCK).take(rows).enumerate() {
+        // SAFETY: the caller's contract for `at`.
+        let dst = unsafe { std::slice::from_raw_parts_mut(at.add(r * out_rs), cols) };
+        dst.iter_mut().zip(line).for_each(|(d, &e)| *d = e);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{gemm_with, on_threads};
+    use super::*;
+
+    /// Deterministic values in [-1, 1) with all 24 bits of the significand in use.
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..len)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn planes_sum_back_to_the_value() {
+        for x in values(10_000, 3)
+            .into_iter()
+            .chain([0.0, -0.0, 1e-30, 3.0e38, -7.5])
+        {
+            let [h, m, l] = pack::split(x);
+            let sum: f64 = [h, m, l]
+                .iter()
+                .map(|&b| f64::from(f32::from_bits(u32::from(b) << 16)))
+                .sum();
+            assert_eq!(sum, f64::from(x), "{x:e} split into {h:#x} {m:#x} {l:#x}");
+        }
+    }
+
+    /// A product's operands: `lhs` `m × k` row-major or its transposed storage, `rhs`
+    /// `k × n` row-major or column-major (a weight's `Wᵀ`).
+    struct Case {
+        m: usize,
+        k: usize,
+        n: usize,
+        lhs_transposed: bool,
+        rhs_column_major: bool,
+        lhs: Vec<f32>,
+        rhs: Vec<f32>,
+    }
+
+    impl Case {
+        fn new(m: usize, k: usize, n: usize, lhs_transposed: bool, rhs_column_major: bool) -> Self {
+            let (lhs, rhs) = (values(m * k, 1 + m as u64), values(k * n, 7 + n as u64));
+            Self {
+                m,
+                k,
+                n,
+                lhs_transposed,
+                rhs_column_major,
+                lhs,
+                rhs,
+            }
+        }
+
+        fn views(&self) -> candle_core::Result<(MatRef<'_, f32>, MatRef<'_, f32>)> {
+            let (m, k, n) = (self.m, self.k, self.n);
+            let lhs = match self.lhs_transposed {
+                true => MatRef::contiguous(&self.lhs, k, m)?.t(),
+                false => MatRef::contiguous(&self.lhs, m, k)?,
+            };
+            let rhs = match self.rhs_column_major {
+                true => MatRef::contiguous(&self.rhs, n, k)?.t(),
+                false => MatRef::contiguous(&self.rhs, k, n)?,
+            };
+            Ok((lhs, rhs))
+        }
+    }
+
+    /// The largest error against the `f64` product (plus `start` for [`Accum::Add`]).
+    fn max_error(
+        dst: &[f32],
+        start: &[f32],
+        rs: usize,
+        lhs: MatRef<f32>,
+        rhs: MatRef<f32>,
+        accum: Accum,
+    ) -> f64 {
+        let mut worst = 0f64;
+        for i in 0..lhs.rows() {
+            for j in 0..rhs.cols() {
+                let dot: f64 = (0..lhs.cols())
+                    .map(|t| f64::from(lhs.at(i, t)) * f64::from(rhs.at(t, j)))
+                    .sum();
+                let want = dot
+                    + if accum == Accum::Add {
+                        f64::from(start[i * rs + j])
+                    } else {
+                        0.0
+                    };
+                worst = worst.max((f64::from(dst[i * rs + j]) - want).abs());
+            }
+        }
+        worst
+    }
+
+    /// Against the `f64` product, the tiles are as accurate as the `gemm` crate's `f32`
+    /// kernels (within a factor of 2 of their largest error) on every edge case of the
+    /// packing: sides off the 32-blocks, a depth past one depth step, transposed
+    /// operands, both accumulations, a destination wider than the product.
+    #[test]
+    fn tiles_are_as_accurate_as_f32_kernels() -> candle_core::Result<()> {
+        if !tiles::available() {
+            println!("skipped: this CPU or OS offers no AMX tiles");
+            return Ok(());
+        }
+        let shapes = [
+            (128, 128, 128, false, false),
+            (200, 300, 257, false, true),
+            (130, 600, 129, true, false),
+            (161, 130, 520, true, true),
+        ];
+        for (m, k, n, lt, rc) in shapes {
+            let case = Case::new(m, k, n, lt, rc);
+            let (lhs, rhs) = case.views()?;
+            for accum in [Accum::Replace, Accum::Add] {
+                let rs = n + 3;
+                let start = values(m * rs, 11);
+                let (mut tiles_out, mut gemm_out) = (start.clone(), start.clone());
+                on_threads(2, || multiply(&mut tiles_out, rs, lhs, rhs, accum))??;
+                gemm_with(&mut gemm_out, rs, lhs, rhs, accum, gemm::Parallelism::None)?;
+                let (t, g) = (
+                    max_error(&tiles_out, &start, rs, lhs, rhs, accum),
+                    max_error(&gemm_out, &start, rs, lhs, rhs, accum),
+                );
+                println!("{m}x{k}x{n} {accum:?}: tiles {t:.2e}, gemm {g:.2e}");
+                assert!(
+                    t <= 2.0 * g,
+                    "{m}x{k}x{n} {accum:?}: tiles {t:e} against gemm {g:e}"
+                );
+                // The padding columns past the product stay untouched.
+                for i in 0..m {
+                    assert_eq!(
+                        tiles_out[i * rs + n..i * rs + rs],
+                        start[i * rs + n..i * rs + rs]
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn tiles_give_the_same_bits_on_any_thread_count() -> candle_core::Result<()> {
+        if !tiles::available() {
+            println!("skipped: this CPU or OS offers no AMX tiles");
+            return Ok(());
+        }
+        for (m, k, n) in [(300, 260, 200), (130, 140, 700)] {
+            let case = Case::new(m, k, n, false, true);
+            let (lhs, rhs) = case.views()?;
+            let run = |threads| -> candle_core::Result<Vec<f32>> {
+                let mut out = vec![0f32; m * n];
+                on_threads(threads, || multiply(&mut out, n, lhs, rhs, Accum::Replace))??;
+                Ok(out)
+            };
+            let one = run(1)?;
+            for threads in [2, 3, 5] {
+                assert!(run(threads)? == one, "{m}x{k}x{n} on {threads} threads");
+            }
+        }
+        Ok(())
+    }
+}
