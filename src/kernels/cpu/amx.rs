@@ -4,20 +4,21 @@
 //!
 //! One `TDPBF16PS` multiplies a 16 × 32 bfloat16 tile by a 32 × 16 one into 16 × 16 `f32`
 //! accumulators: 8192 multiply-adds, against 16 for an AVX-512 `f32` FMA. On an Intel
-//! Xeon (family 6 model 207, a 2-core KVM guest), one core ran 1.1–1.8 × 10¹² bfloat16
-//! multiply-adds a second with the operands in registers, and 0.8–1.1 × 10¹² with them
-//! streaming from L1 and L2 in this module's loop: with six per `f32` multiply-add, 1.4–
-//! 2.2 × the `f32` rate of the core's AVX-512 FMAs.
+//! Xeon (family 6 model 207, a 2-core KVM guest), one core ran 1.5–1.8 × 10¹² bfloat16
+//! multiply-adds a second with the operands in registers, and 0.86–1.13 × 10¹² in this
+//! module's loop (panels streaming from L1 and L2, the destination's tiles loaded and
+//! stored around each call): with six per `f32` multiply-add, 1.7–2.3 × the core's
+//! AVX-512 `f32` FMA peak.
 //!
 //! **Why opt-in.** On that machine, `x Wᵀ` at 512 × 1024 × 1024 (the fused op's forward)
-//! took 1.2–1.5 × less time on the tiles than through the `gemm` crate, packing included,
-//! in some periods, and 1.4–2 × *more* in others, switching every few seconds
-//! (`benches/RESULTS.md`, "AMX tiles"): the tiles' rate, on one thread as on two, fell to
-//! about a third while the FMAs' held. A core's AMX unit is shared by its two hardware
-//! threads, and a cloud guest's sibling thread may belong to another tenant; the guest
-//! cannot see it. So the route is off unless asked for; on a machine whose cores are
-//! its own, it is worth measuring (`benches/peft_compare.py --lorakit-features default
-//! amx`).
+//! took 1.1–1.5 × less time on two threads (1.3–1.5 × on one) on the tiles than through
+//! the `gemm` crate, packing included, in some periods, and 1.4–2 × *more* in others,
+//! switching every few seconds (`benches/RESULTS.md`, "AMX tiles"): the tiles' rate, on
+//! one thread as on two, fell to about a third while the FMAs' held. A core's AMX unit is
+//! shared by its two hardware threads, and a cloud guest's sibling thread may belong to
+//! another tenant: the likely cause, though the guest cannot see it. So the route is off
+//! unless asked for; on a machine whose cores are its own, it is worth measuring
+//! (`benches/peft_compare.py --lorakit-features default amx`).
 //!
 //! **Accuracy.** Each element is `Σ_k` of the six plane products, each exact in `f32`,
 //! accumulated in `f32` per depth block of 32 in a fixed order: the result differs from
