@@ -9,7 +9,8 @@ use super::machine;
 /// instruction set the decode kernels use (the widest the CPU has, lowered by
 /// `LORAKIT_CPU_ISA`), the per-core caches the route thresholds scale with, whether the
 /// decode kernel is on (`LORAKIT_DECODE_KERNEL=0` turns it off), whether large `f32`
-/// products run on Intel AMX tiles (`LORAKIT_CPU_AMX=0` turns them off), the size of rayon's pool
+/// products run on Intel AMX tiles (off unless `LORAKIT_CPU_AMX=1` asks for them, on a CPU
+/// that has them), the size of rayon's pool
 /// the kernels split work over, and the CPU's model name (Linux's `/proc/cpuinfo`).
 ///
 /// Its [`Display`](fmt::Display) is one line; the benchmarks print it with every run, so

@@ -29,9 +29,10 @@
 //! - the tiles treat subnormal bfloat16 inputs as zero and flush subnormal results, so
 //!   operands below about `10⁻³¹` in size lose their low planes (and below `10⁻³⁸`
 //!   everything);
-//! - values of at least about `3.39 · 10³⁸` (bfloat16's largest) and infinities do not
-//!   split into finite planes: an infinite input can give a NaN output where `f32`
-//!   arithmetic gives an infinity (NaN stays NaN).
+//! - an infinity or NaN is all in its high plane; NaN stays NaN, but an infinite input
+//!   meets the other operand's three planes, whose signs can differ, so it can give a NaN
+//!   where `f32` arithmetic gives an infinity. (Finite values up to `f32::MAX` split
+//!   exactly: the high plane is truncated where rounding would overflow.)
 //!
 //! **Which products.** With the route asked for, on a CPU with AVX-512 and AMX that the
 //! OS lets this process use ([`tiles::available`]): `f32` products with `beta = 1` whose
@@ -225,16 +226,12 @@ fn multiply(
     if !check_product(dst, dst_rs, lhs, rhs, accum)? {
         return Ok(());
     }
-    let (m, k, n) = (lhs.rows(), lhs.cols(), rhs.cols());
     let product = Product {
         lhs,
         rhs,
         out: DstPtr(dst.as_mut_ptr()),
         out_rs: dst_rs,
     };
-    let (row_panels, column_panels) = (m.div_ceil(BLOCK), n.div_ceil(BLOCK));
-    let most = depth_blocks(DEPTH_STEP.min(k)) * DEPTH_BLOCK_ELEMS;
-    let per_task = panels_per_task(most, column_panels, rayon::current_num_threads());
     // A thread that waits on its tasks may run another product stolen by rayon: that one
     // packs its row panels into a buffer of its own.
     let mut spare = Vec::new();
@@ -244,42 +241,70 @@ fn multiply(
             Ok(kept) => kept,
             Err(_) => &mut spare,
         };
-        let Some(rows) = aligned(buffer, row_panels * most) else {
-            return;
-        };
-        for k0 in (0..k).step_by(DEPTH_STEP) {
-            let step = Step {
-                k0,
-                depth: DEPTH_STEP.min(k - k0),
-                first: k0 == 0 && accum == Accum::Replace,
-            };
-            let len = step.panel_len();
-            let Some(rows) = rows.get_mut(..row_panels * len) else {
-                return;
-            };
-            rows.par_chunks_exact_mut(len)
-                .enumerate()
-                .for_each(|(i, panel)| {
-                    // SAFETY: AVX-512F is available (checked above).
-                    TASK.with_borrow_mut(|t| unsafe {
-                        t.packer.row_panel(lhs, i * BLOCK, k0, step.depth, panel)
-                    });
-                });
-            let rows: &[u16] = rows;
-            (0..column_panels.div_ceil(per_task))
-                .into_par_iter()
-                .for_each(|task| {
-                    let first = task * per_task;
-                    let panels = first..(first + per_task).min(column_panels);
-                    // SAFETY: AMX and AVX-512F are available (checked above); `dst` holds
-                    // the `m × n` product at row stride `dst_rs` (`check_product`); this
-                    // task alone writes the columns of `panels`.
-                    TASK.with_borrow_mut(|t| unsafe {
-                        tiles::with_tiles(|| multiply_columns(t, product, step, rows, panels))
-                    });
-                });
+        // SAFETY: AMX and AVX-512F are available (checked above); `dst` holds the
+        // `m × n` product at row stride `dst_rs` (`check_product`) and is borrowed
+        // uniquely for the call.
+        let done = unsafe { multiply_steps(buffer, product, accum) };
+        if buffer.len() > KEPT_ROW_PANELS {
+            *buffer = Vec::new();
         }
-    });
+        done
+    })
+}
+
+/// The most bfloat16 elements of row panels a thread keeps between products (16 MiB:
+/// the rows of 10 922 rows at a depth step of 256); larger buffers are freed after their
+/// product.
+const KEPT_ROW_PANELS: usize = 8 << 20;
+
+/// [`multiply`]'s depth steps, its row panels packed into `buffer`.
+///
+/// # Safety
+/// AMX and AVX-512F available; `product.out` addresses the `m × n` product at row stride
+/// `out_rs`, writable and accessed by nothing else during the call.
+unsafe fn multiply_steps(
+    buffer: &mut Vec<u16>,
+    product: Product,
+    accum: Accum,
+) -> candle_core::Result<()> {
+    let (lhs, k) = (product.lhs, product.lhs.cols());
+    let (row_panels, column_panels) = (
+        lhs.rows().div_ceil(BLOCK),
+        product.rhs.cols().div_ceil(BLOCK),
+    );
+    let most = depth_blocks(DEPTH_STEP.min(k)) * DEPTH_BLOCK_ELEMS;
+    let per_task = panels_per_task(most, column_panels, rayon::current_num_threads());
+    let no_room = || candle_core::Error::Msg("fused linear: no room for the tiles' panels".into());
+    let rows = aligned(buffer, row_panels * most).ok_or_else(no_room)?;
+    for k0 in (0..k).step_by(DEPTH_STEP) {
+        let step = Step {
+            k0,
+            depth: DEPTH_STEP.min(k - k0),
+            first: k0 == 0 && accum == Accum::Replace,
+        };
+        let len = step.panel_len();
+        let rows = rows.get_mut(..row_panels * len).ok_or_else(no_room)?;
+        rows.par_chunks_exact_mut(len)
+            .enumerate()
+            .for_each(|(i, panel)| {
+                // SAFETY: AVX-512F is available (the caller's contract).
+                TASK.with_borrow_mut(|t| unsafe {
+                    t.packer.row_panel(lhs, i * BLOCK, k0, step.depth, panel)
+                });
+            });
+        let rows: &[u16] = rows;
+        (0..column_panels.div_ceil(per_task))
+            .into_par_iter()
+            .try_for_each(|task| {
+                let first = task * per_task;
+                let panels = first..(first + per_task).min(column_panels);
+                // SAFETY: the caller's contract; this task alone writes the columns of
+                // `panels`.
+                TASK.with_borrow_mut(|t| unsafe {
+                    tiles::with_tiles(|| multiply_columns(t, product, step, rows, panels))
+                })
+            })?;
+    }
     Ok(())
 }
 
@@ -303,11 +328,11 @@ unsafe fn multiply_columns(
     step: Step,
     rows: &[u16],
     panels: std::ops::Range<usize>,
-) {
+) -> candle_core::Result<()> {
     let (m, n) = (product.lhs.rows(), product.rhs.cols());
     let (blocks, len) = (step.blocks(), step.panel_len());
     let Some(columns) = aligned(&mut buffers.columns, panels.len() * len) else {
-        return;
+        candle_core::bail!("fused linear: no room for the tiles' column panels");
     };
     for (p, panel) in panels.clone().zip(columns.chunks_exact_mut(len)) {
         // SAFETY: AVX-512F is available (the caller's contract).
@@ -353,6 +378,7 @@ unsafe fn multiply_columns(
             }
         }
     }
+    Ok(())
 }
 
 /// A block of `rows × cols` (less than 32 × 32) at `at`, through a 32 × 32 copy.
@@ -419,6 +445,93 @@ mod tests {
                 .sum();
             assert_eq!(sum, f64::from(x), "{x:e} split into {h:#x} {m:#x} {l:#x}");
         }
+        // Non-finite values: all in the high plane, NaN (any payload) still NaN.
+        for x in [
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::from_bits(0x7fff_ffff),
+            f32::from_bits(0xff80_0001),
+        ] {
+            let [h, m, l] = pack::split(x);
+            let high = f32::from_bits(u32::from(h) << 16);
+            assert!(
+                (m, l) == (0, 0) && (high == x || (high.is_nan() && x.is_nan())),
+                "{x:e}: {h:#x} {m:#x} {l:#x}"
+            );
+        }
+    }
+
+    /// Elements at bfloat16's overflow threshold and past it, and non-finite ones: a huge
+    /// finite element against zeros leaves its row finite and as `f32` arithmetic gives it;
+    /// NaN and infinities make their row non-finite, as they do there.
+    #[test]
+    fn huge_and_non_finite_inputs() -> candle_core::Result<()> {
+        if !tiles::available() {
+            println!("skipped: this CPU or OS offers no AMX tiles");
+            return Ok(());
+        }
+        let (m, k, n) = (128, 160, 130);
+        let rhs_data = {
+            let mut b = values(k * n, 2);
+            b.iter_mut().take(n).for_each(|v| *v = 0.0); // row 0 of rhs: zeros
+            b
+        };
+        let rhs = MatRef::contiguous(&rhs_data, k, n)?;
+        for (x, finite) in [
+            (f32::MAX, true),
+            (-3.4e38, true),
+            (f32::NAN, false),
+            (f32::INFINITY, false),
+        ] {
+            let mut lhs_data = values(m * k, 1);
+            lhs_data[k] = x; // row 1, column 0: meets only rhs's zero row ...
+            lhs_data[2 * k + 1] = x; // ... row 2, column 1: meets rhs's row 1
+            let lhs = MatRef::contiguous(&lhs_data, m, k)?;
+            let (mut tiles_out, mut gemm_out) = (vec![0f32; m * n], vec![0f32; m * n]);
+            multiply(&mut tiles_out, n, lhs, rhs, Accum::Replace)?;
+            gemm_with(
+                &mut gemm_out,
+                n,
+                lhs,
+                rhs,
+                Accum::Replace,
+                gemm::Parallelism::None,
+            )?;
+            let row = |out: &[f32], i: usize| out[i * n..(i + 1) * n].to_vec();
+            if finite {
+                for (t, g) in row(&tiles_out, 1).iter().zip(row(&gemm_out, 1)) {
+                    assert!(
+                        t.is_finite() && (t - g).abs() <= 1e-4,
+                        "{x:e}: {t} against {g}"
+                    );
+                }
+            } else {
+                assert!(
+                    row(&gemm_out, 1).iter().all(|v| v.is_nan()),
+                    "{x:e}: gemm's row 1"
+                );
+                assert!(
+                    row(&tiles_out, 1).iter().all(|v| v.is_nan()),
+                    "{x:e}: row 1"
+                );
+            }
+            let (t2, g2) = (row(&tiles_out, 2), row(&gemm_out, 2));
+            for (t, g) in t2.iter().zip(&g2) {
+                assert_eq!(
+                    t.is_finite(),
+                    g.is_finite(),
+                    "{x:e}: row 2, {t} against {g}"
+                );
+            }
+            for i in 3..m {
+                assert!(
+                    row(&tiles_out, i).iter().all(|v| v.is_finite()),
+                    "{x:e}: row {i}"
+                );
+            }
+        }
+        Ok(())
     }
 
     /// A product's operands: `lhs` `m × k` row-major or its transposed storage, `rhs`
@@ -531,6 +644,62 @@ mod tests {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Operands whose elements are adjacent in neither direction (packed through copies),
+    /// a row-major right operand of odd depth, and products run inside an outer parallel
+    /// loop on the same pool (rayon's work stealing then starts a product on a thread
+    /// whose own product is waiting): as the `gemm` crate gives them, and the nested ones
+    /// bit for bit as one thread gives them.
+    #[test]
+    fn strided_operands_and_nested_products() -> candle_core::Result<()> {
+        if !tiles::available() {
+            println!("skipped: this CPU or OS offers no AMX tiles");
+            return Ok(());
+        }
+        for (m, k, n) in [(130, 129, 131), (200, 513, 129)] {
+            let (a, b) = (values(m * k * 4, 5), values(k * n * 4, 9));
+            let lhs = MatRef::new(&a, m, k, 2 * k, 2)?;
+            for rhs in [
+                MatRef::new(&b, k, n, 3, 3 * k)?,
+                MatRef::contiguous(&b, k, n)?,
+            ] {
+                let rs = n + 5;
+                let start = values(m * rs, 11);
+                let (mut tiles_out, mut gemm_out) = (start.clone(), start.clone());
+                on_threads(3, || multiply(&mut tiles_out, rs, lhs, rhs, Accum::Add))??;
+                gemm_with(
+                    &mut gemm_out,
+                    rs,
+                    lhs,
+                    rhs,
+                    Accum::Add,
+                    gemm::Parallelism::None,
+                )?;
+                let worst = tiles_out
+                    .iter()
+                    .zip(&gemm_out)
+                    .map(|(t, g)| (t - g).abs())
+                    .fold(0f32, f32::max);
+                assert!(worst < 1e-4, "{m}x{k}x{n}: {worst:e} from gemm's");
+            }
+        }
+        let (m, k, n) = (160, 300, 200);
+        let case = Case::new(m, k, n, false, true);
+        let (lhs, rhs) = case.views()?;
+        let mut want = vec![0f32; m * n];
+        on_threads(1, || multiply(&mut want, n, lhs, rhs, Accum::Replace))??;
+        let nested = on_threads(2, || {
+            (0..16)
+                .into_par_iter()
+                .map(|_| {
+                    let mut out = vec![0f32; m * n];
+                    multiply(&mut out, n, lhs, rhs, Accum::Replace).map(|()| out)
+                })
+                .collect::<candle_core::Result<Vec<_>>>()
+        })??;
+        assert!(nested.iter().all(|out| *out == want));
         Ok(())
     }
 

@@ -3,7 +3,8 @@
 //!
 //! Each `f32` `x` is written `x = high + middle + low`, three bfloat16 values (8
 //! significant bits each) rounded to nearest in turn from `x` and its remainders, so that
-//! together they hold all 24 bits of `x`'s significand. A product `x · y` is then the sum
+//! together they hold all 24 bits of `x`'s significand (exactly for every finite `x` of
+//! at least `2⁻¹¹⁰` in size; below that the low plane is subnormal or zero). A product `x · y` is then the sum
 //! of nine plane products; the kernel adds the six whose size is at least `2⁻¹⁶` of
 //! `x · y` (high·high, high·middle, middle·high, middle·middle, high·low, low·high), each
 //! exact in `f32`, and leaves out three of at most about `2⁻²⁴` of it (the size of one
@@ -32,13 +33,25 @@ pub(super) const DEPTH_BLOCK_ELEMS: usize = 3 * 2 * TILE_ELEMS;
 /// bfloat16 elements of one plane of a depth block (two tiles).
 const PLANE_ELEMS: usize = 2 * TILE_ELEMS;
 
-/// `x` rounded to the nearest bfloat16 (ties to even), as its bits. The route keeps
-/// infinities and NaN away (their planes would not sum back to them).
+/// `x` rounded to the nearest bfloat16 (ties to even), as its bits; a finite `x` that
+/// would round up to infinity (at least about `3.3962 · 10³⁸` in size) is truncated to
+/// bfloat16's largest instead, and NaN stays NaN. Written with integer selects only, so
+/// that the packing loops vectorize.
 #[inline(always)]
 fn bf16_bits(x: f32) -> u16 {
     let bits = x.to_bits();
-    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1));
-    (rounded >> 16) as u16
+    let magnitude = bits & 0x7fff_ffff;
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
+    // From here rounding could overflow (or `x` is not finite): truncate, and keep a NaN
+    // quiet whatever its payload's low bits held.
+    let truncate = magnitude >= 0x7f7f_8000;
+    let quiet = u32::from(magnitude > 0x7f80_0000) << 6;
+    let out = if truncate {
+        (bits >> 16) | quiet
+    } else {
+        rounded
+    };
+    out as u16
 }
 
 /// A bfloat16's value.
@@ -47,11 +60,13 @@ fn bf16_value(bits: u16) -> f32 {
     f32::from_bits(u32::from(bits) << 16)
 }
 
-/// `x` as its high, middle and low bfloat16 planes (module docs).
+/// `x` as its high, middle and low bfloat16 planes (module docs). An infinity or NaN is
+/// all in its high plane.
 #[inline(always)]
 pub(super) fn split(x: f32) -> [u16; 3] {
     let high = bf16_bits(x);
-    let rest = x - bf16_value(high);
+    let finite = x.to_bits() & 0x7f80_0000 != 0x7f80_0000;
+    let rest = if finite { x - bf16_value(high) } else { 0.0 };
     let middle = bf16_bits(rest);
     let low = bf16_bits(rest - bf16_value(middle));
     [high, middle, low]
@@ -93,38 +108,36 @@ pub(super) struct Packer {
 }
 
 impl Packer {
-    /// Lines `line0 .. line0 + count` of `view` (its rows) at depth `k0 .. k0 + depth`
-    /// (its columns): borrowed when their elements are adjacent, else copied out; lines
-    /// past the view's edge are empty.
+    /// Lines `line0 .. line0 + 32` of `view` (its rows) at depth `k0 .. k0 + depth` (its
+    /// columns): borrowed when their elements are adjacent, else copied out; lines past
+    /// the view's edge are empty.
     fn lines<'a>(
         &'a mut self,
         view: MatRef<'a, f32>,
         line0: usize,
-        count: usize,
         k0: usize,
         depth: usize,
-    ) -> Vec<&'a [f32]> {
-        let present = count.min(view.rows().saturating_sub(line0));
+    ) -> [&'a [f32]; BLOCK] {
+        let present = BLOCK.min(view.rows().saturating_sub(line0));
         let depth = depth.min(view.cols().saturating_sub(k0));
-        if view.row(0).is_none() {
-            self.copy.clear();
-            for l in 0..present {
-                self.copy
-                    .extend((k0..k0 + depth).map(|d| view.at(line0 + l, d)));
+        let mut out: [&[f32]; BLOCK] = [&[]; BLOCK];
+        if view.row(0).is_some() {
+            for (l, line) in out.iter_mut().enumerate().take(present) {
+                *line = view
+                    .row(line0 + l)
+                    .and_then(|row| row.get(k0..k0 + depth))
+                    .unwrap_or(&[]);
             }
+            return out;
         }
-        let copied = self.copy.chunks_exact(depth.max(1));
-        let mut out: Vec<&[f32]> = match view.row(0).is_some() {
-            true => (0..present)
-                .map(|l| {
-                    view.row(line0 + l)
-                        .and_then(|row| row.get(k0..k0 + depth))
-                        .unwrap_or(&[])
-                })
-                .collect(),
-            false => copied.take(present).collect(),
-        };
-        out.resize(count, &[]);
+        self.copy.clear();
+        for l in 0..present {
+            self.copy
+                .extend((k0..k0 + depth).map(|d| view.at(line0 + l, d)));
+        }
+        for (line, copied) in out.iter_mut().zip(self.copy.chunks_exact(depth.max(1))) {
+            *line = copied;
+        }
         out
     }
 
@@ -141,7 +154,7 @@ impl Packer {
         depth: usize,
         out: &mut [u16],
     ) {
-        let lines = self.lines(lhs, row0, BLOCK, k0, depth);
+        let lines = self.lines(lhs, row0, k0, depth);
         // SAFETY: the caller's contract.
         unsafe { row_panel_of(&lines, out) }
     }
@@ -164,7 +177,7 @@ impl Packer {
             unsafe { column_panel_by_rows(rhs, col0, k0, depth, out) };
             return;
         }
-        let lines = self.lines(rhs.t(), col0, BLOCK, k0, depth);
+        let lines = self.lines(rhs.t(), col0, k0, depth);
         // SAFETY: the caller's contract.
         unsafe { column_panel_of(&lines, out) }
     }

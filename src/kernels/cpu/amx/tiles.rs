@@ -89,12 +89,30 @@ const CONFIG: TileConfig = {
 /// # Safety
 /// [`available`] must have returned `true`.
 pub(super) unsafe fn with_tiles<R>(f: impl FnOnce() -> R) -> R {
+    // The configuration stays in force on this thread until `TILERELEASE`: the compiler
+    // never uses tile registers itself (they are clobber-only in Rust's inline assembly),
+    // so [`block_32x32`]'s later assembly blocks find it as set here.
     // SAFETY: AMX is available (the caller's contract); CONFIG is a valid palette-1
     // configuration, 64-byte aligned.
-    unsafe { std::arch::asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack)) };
+    unsafe {
+        std::arch::asm!(
+            "ldtilecfg [{}]",
+            in(reg) CONFIG.0.as_ptr(),
+            out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+            out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
+            options(nostack)
+        )
+    };
     let out = f();
     // SAFETY: as above; releasing the configured tiles.
-    unsafe { std::arch::asm!("tilerelease", options(nostack)) };
+    unsafe {
+        std::arch::asm!(
+            "tilerelease",
+            out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+            out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
+            options(nostack)
+        )
+    };
     out
 }
 
@@ -192,6 +210,8 @@ pub(super) unsafe fn block_32x32(
             o2 = in(reg) out.wrapping_add(TILE_ROWS * out_rs),
             ors = in(reg) out_rs * 4,
             s = in(reg) 64usize,
+            out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+            out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
             options(nostack)
         );
     }
