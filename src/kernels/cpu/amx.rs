@@ -419,6 +419,16 @@ mod tests {
     use super::super::{gemm_with, on_threads};
     use super::*;
 
+    /// Whether this machine can run the tiles' tests (they are skipped, saying so, where the
+    /// CPU or OS offers no AMX or AVX-512).
+    fn tiles_here() -> bool {
+        let here = tiles::available() && Isa::Avx512.available();
+        if !here {
+            println!("skipped: this CPU or OS offers no AMX tiles or no AVX-512");
+        }
+        here
+    }
+
     /// Deterministic values in [-1, 1) with all 24 bits of the significand in use.
     fn values(len: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
@@ -467,8 +477,7 @@ mod tests {
     /// NaN and infinities make their row non-finite, as they do there.
     #[test]
     fn huge_and_non_finite_inputs() -> candle_core::Result<()> {
-        if !tiles::available() {
-            println!("skipped: this CPU or OS offers no AMX tiles");
+        if !tiles_here() {
             return Ok(());
         }
         let (m, k, n) = (128, 160, 130);
@@ -607,8 +616,7 @@ mod tests {
     /// operands, both accumulations, a destination wider than the product.
     #[test]
     fn tiles_are_as_accurate_as_f32_kernels() -> candle_core::Result<()> {
-        if !tiles::available() {
-            println!("skipped: this CPU or OS offers no AMX tiles");
+        if !tiles_here() {
             return Ok(());
         }
         let shapes = [
@@ -654,8 +662,7 @@ mod tests {
     /// bit for bit as one thread gives them.
     #[test]
     fn strided_operands_and_nested_products() -> candle_core::Result<()> {
-        if !tiles::available() {
-            println!("skipped: this CPU or OS offers no AMX tiles");
+        if !tiles_here() {
             return Ok(());
         }
         for (m, k, n) in [(130, 129, 131), (200, 513, 129)] {
@@ -705,8 +712,7 @@ mod tests {
 
     #[test]
     fn tiles_give_the_same_bits_on_any_thread_count() -> candle_core::Result<()> {
-        if !tiles::available() {
-            println!("skipped: this CPU or OS offers no AMX tiles");
+        if !tiles_here() {
             return Ok(());
         }
         for (m, k, n) in [(300, 260, 200), (130, 140, 700)] {
