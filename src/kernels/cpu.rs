@@ -17,6 +17,7 @@ mod pool;
 mod prefetch;
 mod quant;
 mod rowwise;
+mod same_type;
 mod scaled;
 mod thin;
 mod transpose;

@@ -51,7 +51,7 @@ use candle_core::WithDType;
 use rayon::prelude::*;
 
 use super::machine::{machine, Isa};
-use super::{check_product, Accum, MatProduct, MatRef};
+use super::{check_product, same_type, Accum, MatProduct, MatRef};
 
 mod pack;
 mod tiles;
@@ -80,7 +80,7 @@ pub(super) fn in_use() -> bool {
 
 /// Whether an `m × k` by `k × n` product of `T` with this `beta` takes the route.
 fn takes<T: WithDType>(m: usize, k: usize, n: usize, beta: T) -> bool {
-    is_f32::<T>() && beta.to_f64() == 1.0 && m.min(k).min(n) >= MIN_SIDE && in_use()
+    same_type::is::<T, f32>() && beta.to_f64() == 1.0 && m.min(k).min(n) >= MIN_SIDE && in_use()
 }
 
 /// Runs [`super::gemm_into`]'s product on AMX tiles and returns `Some`, or `None` when it
@@ -96,39 +96,14 @@ pub(super) fn reroute<T: WithDType>(
     if !takes(m, k, n, beta) {
         return None;
     }
-    let (Some(dst), Some(lhs), Some(rhs)) = (as_f32_mut(dst), as_f32(lhs), as_f32(rhs)) else {
+    let (Some(dst), Some(lhs), Some(rhs)) = (
+        same_type::same_slice_mut::<T, f32>(dst),
+        same_type::same::<T, f32>(lhs),
+        same_type::same::<T, f32>(rhs),
+    ) else {
         return None;
     };
     Some(multiply(dst, dst_rs, lhs, rhs, accum))
-}
-
-/// Whether `T` is `f32` itself (not merely a type that calls its dtype F32).
-fn is_f32<T: 'static>() -> bool {
-    std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
-}
-
-/// `T`'s slice as `f32`s, when `T` is `f32`.
-fn as_f32_mut<T: WithDType>(s: &mut [T]) -> Option<&mut [f32]> {
-    is_f32::<T>().then(|| {
-        // SAFETY: `T` is `f32` (same type id).
-        unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<f32>(), s.len()) }
-    })
-}
-
-/// A view of `T` as one of `f32`, when `T` is `f32`.
-fn as_f32<T: WithDType>(v: MatRef<T>) -> Option<MatRef<f32>> {
-    is_f32::<T>().then(|| {
-        // SAFETY: as in `as_f32_mut`.
-        let data =
-            unsafe { std::slice::from_raw_parts(v.data.as_ptr().cast::<f32>(), v.data.len()) };
-        MatRef {
-            data,
-            rows: v.rows,
-            cols: v.cols,
-            rs: v.rs,
-            cs: v.cs,
-        }
-    })
 }
 
 /// The destination, handed to the tasks, each of which writes only its own columns.
@@ -445,16 +420,6 @@ mod tests {
                 (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
             })
             .collect()
-    }
-
-    #[test]
-    fn only_f32_itself_is_viewed_as_f32() {
-        assert!(is_f32::<f32>() && !is_f32::<f64>() && !is_f32::<half::bf16>());
-        let data = [1.0f64; 4];
-        assert!(as_f32(MatRef::contiguous(&data, 2, 2).unwrap()).is_none());
-        let floats = [1.0f32, 2.0, 3.0, 4.0];
-        let view = as_f32(MatRef::contiguous(&floats, 2, 2).unwrap()).unwrap();
-        assert_eq!(view.at(1, 0), 3.0);
     }
 
     #[test]

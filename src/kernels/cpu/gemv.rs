@@ -63,13 +63,12 @@
 mod lanes;
 mod row_major;
 
-use std::any::TypeId;
-
 use candle_core::WithDType;
 use rayon::prelude::*;
 
 use super::machine::{machine, Isa, Machine};
 use super::prefetch::prefetch;
+use super::same_type::{same, same_slice};
 use super::transpose::transpose_columns;
 use super::{Accum, MatProduct, MatRef, Scratch};
 #[cfg(target_arch = "x86_64")]
@@ -253,26 +252,6 @@ fn product_of<F: Float, T: WithDType>(
     }
     let (blocks, per_task) = row_major::products::<F>(split, lhs, rhs)?;
     apply_blocks(dst, dst_rs, &blocks, per_task, out)
-}
-
-/// `data` as a slice of `U` when `T` is `U`.
-fn same_slice<T: WithDType, U: WithDType>(data: &[T]) -> Option<&[U]> {
-    if TypeId::of::<T>() != TypeId::of::<U>() {
-        return None;
-    }
-    // SAFETY: `T` and `U` are the same type, so the slice is reinterpreted as itself.
-    Some(unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<U>(), data.len()) })
-}
-
-/// `view` as a view of `U` when `T` is `U`.
-fn same<T: WithDType, U: WithDType>(view: MatRef<T>) -> Option<MatRef<U>> {
-    Some(MatRef {
-        data: same_slice(view.data)?,
-        rows: view.rows,
-        cols: view.cols,
-        rs: view.rs,
-        cs: view.cs,
-    })
 }
 
 /// `dst(i, j) = beta · values[at(i, j)]`, or `+=` with [`Accum::Add`]; `F` is `T` (the
