@@ -245,6 +245,11 @@ fn gemm_into<T: WithDType>(
     if let Some(done) = blas::gemm(dst, dst_rs, product) {
         return done;
     }
+    // A narrow result (a low-rank product fewer than a vector's lanes wide): the decode
+    // kernel on its transpose.
+    if let Some(done) = gemv::reroute_transposed(dst, dst_rs, product) {
+        return done;
+    }
     // A short side (a LoRA factor's rank) besides many rows: the rows split by hand.
     if let Some(done) = thin::reroute(dst, dst_rs, product) {
         return done;
@@ -264,7 +269,8 @@ fn gemm_into<T: WithDType>(
 
 /// `dst = lhs · rhs` ([`Accum::Replace`]) or `dst += lhs · rhs` ([`Accum::Add`]) through
 /// the fused op's routes ([`gemm_into`]: the decode kernel for a few rows, a BLAS backend
-/// when built with one, the rows of a thin (low-rank) product split over the threads,
+/// when built with one, the decode kernel on the transpose of a narrow result, the rows of
+/// a thin (low-rank) product split over the threads,
 /// AMX tiles when asked for, the column-major reroutes, else the `gemm` crate on candle's
 /// threads): for ops outside this module that multiply by a frozen weight.
 pub(crate) fn product_into<T: WithDType>(

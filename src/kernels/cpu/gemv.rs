@@ -59,9 +59,16 @@
 //! layer, the forward of GPT-2's `Conv1D`) take the same kernel's second form,
 //! [`row_major`], which streams `R`'s rows instead of dotting `W`'s, up to
 //! [`row_major::max_rows`] rows (and the bound above).
+//!
+//! **Narrow results** (many rows, fewer columns than a vector's lanes: a LoRA layer's
+//! `x Aᵀ`, `g B` and `dB` below `r = 16` with AVX-512) run on the transpose, written back
+//! transposed ([`transposed`]).
 
 mod lanes;
 mod row_major;
+mod transposed;
+
+pub(super) use transposed::reroute as reroute_transposed;
 
 use candle_core::WithDType;
 use rayon::prelude::*;
@@ -119,14 +126,17 @@ pub(super) fn reroute<T: WithDType>(
     product: MatProduct<T>,
 ) -> Option<candle_core::Result<()>> {
     let m = machine();
+    if !m.decode_kernel {
+        return None;
+    }
     let (lhs, rhs) = (product.lhs, product.rhs);
     let (k, size) = (lhs.cols, std::mem::size_of::<T>());
     let most_rows = match (rhs.rs, rhs.cs) {
-        (1, _) => dot_rows(k, size, m),
-        (_, 1) => l2_rows(k, size, m).min(row_major::max_rows(m.isa)),
-        _ => return None,
+        (1, _) => Some(dot_rows(k, size, m)),
+        (_, 1) => Some(l2_rows(k, size, m).min(row_major::max_rows(m.isa))),
+        _ => None,
     };
-    if !m.decode_kernel || lhs.rows > most_rows {
+    if most_rows.is_none_or(|most| lhs.rows > most) {
         return None;
     }
     if rhs.rs == 1 && rhs.cs != 1 && short_dots_pay_for_a_copy(lhs.rows, lhs.cols, size, m) {
@@ -204,6 +214,27 @@ pub(super) fn product_on<T: WithDType>(
     dst_rs: usize,
     product: MatProduct<T>,
 ) -> Option<candle_core::Result<()>> {
+    oriented_product_on(split, dst, dst_rs, product, Orientation::AsIs)
+}
+
+/// Where a product's `m × n` result goes in the destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Orientation {
+    /// Element `(i, j)` to `dst(i, j)`.
+    AsIs,
+    /// Element `(i, j)` to `dst(j, i)`: the product is the transpose of the one asked
+    /// for ([`transposed`]).
+    Transposed,
+}
+
+/// [`product_on`], the result written as `orientation` says.
+fn oriented_product_on<T: WithDType>(
+    split: Split,
+    dst: &mut [T],
+    dst_rs: usize,
+    product: MatProduct<T>,
+    orientation: Orientation,
+) -> Option<candle_core::Result<()>> {
     let (lhs, rhs, accum, beta) = product.parts();
     if !split.isa.available() || (rhs.rs != 1 && rhs.cs != 1) {
         return None;
@@ -215,9 +246,9 @@ pub(super) fn product_on<T: WithDType>(
         beta,
     };
     let applied = if let Some((lhs, rhs)) = same::<T, f32>(lhs).zip(same::<T, f32>(rhs)) {
-        product_of::<f32, T>(split, lhs, rhs, dst, dst_rs, out)
+        products_of::<f32>(split, lhs, rhs).and_then(|p| p.apply(dst, dst_rs, out, orientation))
     } else if let Some((lhs, rhs)) = same::<T, f64>(lhs).zip(same::<T, f64>(rhs)) {
-        product_of::<f64, T>(split, lhs, rhs, dst, dst_rs, out)
+        products_of::<f64>(split, lhs, rhs).and_then(|p| p.apply(dst, dst_rs, out, orientation))
     } else {
         return None;
     };
@@ -233,25 +264,79 @@ struct Output<T> {
     beta: T,
 }
 
-/// The product in the kernel's dtype `F` (`T` itself), by the form that fits the
-/// right-hand side: its columns contiguous (`W`'s rows, [`dots`]) or its rows
-/// ([`row_major`]).
-fn product_of<F: Float, T: WithDType>(
+impl<T> Output<T> {
+    /// The same result seen transposed (`n × m`).
+    fn transposed(self) -> Self {
+        Self {
+            m: self.n,
+            n: self.m,
+            ..self
+        }
+    }
+}
+
+/// A product's `m × n` result as the kernel's forms leave it, before it reaches the
+/// destination.
+enum Products<F> {
+    /// Element `(i, j)` at `j · m + i` ([`dots`]).
+    Dots(Vec<F>),
+    /// The row-major form's per-task blocks ([`row_major::products`]): the task at column
+    /// `first` (a multiple of the `usize`) holds its `m × width` block row-major from
+    /// `first · m`.
+    Blocks(Vec<F>, usize),
+}
+
+/// The product in the kernel's dtype `F`, by the form that fits the right-hand side: its
+/// columns contiguous (`W`'s rows, [`dots`]) or its rows ([`row_major`]).
+fn products_of<F: Float>(
     split: Split,
     lhs: MatRef<F>,
     rhs: MatRef<F>,
-    dst: &mut [T],
-    dst_rs: usize,
-    out: Output<T>,
-) -> candle_core::Result<()> {
-    let m = out.m;
+) -> candle_core::Result<Products<F>> {
     if rhs.rs == 1 {
-        let d = dots::<F>(split, lhs, rhs)?;
-        // dots[j · m + i] is element (i, j).
-        return apply(dst, dst_rs, &d, out, |i, j| j * m + i);
+        return dots::<F>(split, lhs, rhs).map(Products::Dots);
     }
     let (blocks, per_task) = row_major::products::<F>(split, lhs, rhs)?;
-    apply_blocks(dst, dst_rs, &blocks, per_task, out)
+    Ok(Products::Blocks(blocks, per_task.max(1)))
+}
+
+impl<F: WithDType> Products<F> {
+    /// Where element `(i, j)` of the `m × n` result is.
+    fn index(&self, m: usize, n: usize, i: usize, j: usize) -> usize {
+        match self {
+            Products::Dots(_) => j * m + i,
+            Products::Blocks(_, per_task) => {
+                let first = j / per_task * per_task;
+                let width = (*per_task).min(n - first);
+                first * m + i * width + (j - first)
+            }
+        }
+    }
+
+    /// Writes the `out.m × out.n` result to `dst` as `orientation` says (`F` is `T`, the
+    /// kernel's dtype, checked).
+    fn apply<T: WithDType>(
+        &self,
+        dst: &mut [T],
+        dst_rs: usize,
+        out: Output<T>,
+        orientation: Orientation,
+    ) -> candle_core::Result<()> {
+        let (m, n) = (out.m, out.n);
+        match (self, orientation) {
+            (Products::Dots(values), Orientation::AsIs) => {
+                apply(dst, dst_rs, values, out, |i, j| j * m + i)
+            }
+            (Products::Blocks(values, per_task), Orientation::AsIs) => {
+                apply_blocks(dst, dst_rs, values, *per_task, out)
+            }
+            (Products::Dots(values) | Products::Blocks(values, _), Orientation::Transposed) => {
+                apply(dst, dst_rs, values, out.transposed(), |i, j| {
+                    self.index(m, n, j, i)
+                })
+            }
+        }
+    }
 }
 
 /// `dst(i, j) = beta · values[at(i, j)]`, or `+=` with [`Accum::Add`]; `F` is `T` (the
@@ -696,30 +781,53 @@ mod tests {
                 .into_iter()
                 .flat_map(|lhs| [(lhs, column_major), (lhs, row_major)]);
             // A column-major right-hand side also through its row-major copy (the route of
-            // short inner dimensions).
+            // short inner dimensions); each pair also written transposed (the route of
+            // narrow results, [`transposed`], runs `rhsᵀ lhsᵀ` as `lhs rhs`).
             let routes = pairs.flat_map(|(lhs, rhs)| {
-                [false, true]
-                    .into_iter()
-                    .filter(move |&copy| !copy || rhs.rs == 1)
-                    .map(move |copy| (lhs, rhs, copy))
+                [
+                    (false, Orientation::AsIs),
+                    (true, Orientation::AsIs),
+                    (false, Orientation::Transposed),
+                ]
+                .into_iter()
+                .filter(move |&(copy, _)| !copy || rhs.rs == 1)
+                .map(move |(copy, orientation)| (lhs, rhs, copy, orientation))
             });
-            for (lhs, rhs, copy) in routes {
+            for (lhs, rhs, copy, orientation) in routes {
+                // The destination's shape, and where its element (i, j) is in `lhs rhs`.
+                let (rows, cols) = match orientation {
+                    Orientation::AsIs => (m, n),
+                    Orientation::Transposed => (n, m),
+                };
+                let at = |i: usize, j: usize| match orientation {
+                    Orientation::AsIs => (i, j),
+                    Orientation::Transposed => (j, i),
+                };
                 for (accum, beta) in [(Accum::Replace, 1.0), (Accum::Add, -0.5)] {
-                    let dst_rs = n + 2;
-                    let start = vals(m * dst_rs, 1.3);
+                    let dst_rs = cols + 2;
+                    let start = vals(rows * dst_rs, 1.3);
                     let mut dst = cast(&start);
                     let product = MatProduct::new(lhs, rhs, accum, T::from_f64(beta));
-                    if copy {
-                        through_row_major_copy(split(isa), &mut dst, dst_rs, product)?;
-                    } else if let Some(done) = product_on(split(isa), &mut dst, dst_rs, product) {
-                        done?;
-                    } else {
-                        candle_core::bail!("{isa:?} refused a {m}x{k}x{n} product");
+                    let done = match copy {
+                        true => Some(through_row_major_copy(
+                            split(isa),
+                            &mut dst,
+                            dst_rs,
+                            product,
+                        )),
+                        false => {
+                            oriented_product_on(split(isa), &mut dst, dst_rs, product, orientation)
+                        }
+                    };
+                    match done {
+                        Some(done) => done?,
+                        None => candle_core::bail!("{isa:?} refused a {m}x{k}x{n} product"),
                     }
-                    for i in 0..m {
-                        for j in 0..n {
+                    for i in 0..rows {
+                        for j in 0..cols {
+                            let (pi, pj) = at(i, j);
                             let dot: f64 = (0..k)
-                                .map(|t| lhs.at(i, t).to_f64() * rhs.at(t, j).to_f64())
+                                .map(|t| lhs.at(pi, t).to_f64() * rhs.at(t, pj).to_f64())
                                 .sum();
                             let base = match accum {
                                 Accum::Replace => 0.0,
@@ -729,10 +837,10 @@ mod tests {
                             let got = dst[i * dst_rs + j].to_f64();
                             assert!(
                                 (got - want).abs() <= tol * (1.0 + want.abs()) * k as f64,
-                                "{isa:?} {m}x{k}x{n}, ({i}, {j}): {got} vs {want}"
+                                "{isa:?} {m}x{k}x{n} {orientation:?}, ({i}, {j}): {got} vs {want}"
                             );
                         }
-                        for j in n..dst_rs {
+                        for j in cols..dst_rs {
                             assert_eq!(
                                 dst[i * dst_rs + j].to_f64(),
                                 T::from_f64(start[i * dst_rs + j]).to_f64()
@@ -746,8 +854,8 @@ mod tests {
     }
 
     /// Every instruction set this CPU has, `f32` and `f64`, both forms (column- and
-    /// row-major right-hand side, and a column-major one through its row-major copy),
-    /// against an f64 triple loop: row counts 1 to 13 and 16 (every register block height,
+    /// row-major right-hand side, and a column-major one through its row-major copy), each
+    /// also written transposed, against an f64 triple loop: row counts 1 to 13 and 16 (every register block height,
     /// two blocks of 8 and remainders), `d_in` not a multiple of any vector width and
     /// shorter than one vector, `d_out` not a multiple of the 4-row block nor of a vector,
     /// more columns than one panel and more inner rows than one block of the row-major form
@@ -797,7 +905,7 @@ mod tests {
     }
 
     /// The same bits from pools of 1 and 3 threads (the columns split differently), on
-    /// every set this CPU has.
+    /// every set this CPU has, written as is and transposed.
     #[test]
     fn results_do_not_depend_on_the_thread_count() -> candle_core::Result<()> {
         let (m, k, n) = (5, 301, 203);
@@ -812,12 +920,23 @@ mod tests {
             MatRef::contiguous(&w, n, k)?.t(),
             MatRef::contiguous(&w, k, n)?,
         ];
-        for (isa, rhs) in sets().into_iter().flat_map(|i| forms.map(|f| (i, f))) {
+        let orientations = [Orientation::AsIs, Orientation::Transposed];
+        let cases = sets()
+            .into_iter()
+            .flat_map(|i| forms.map(|f| (i, f)))
+            .flat_map(|(i, f)| orientations.map(|o| (i, f, o)));
+        for (isa, rhs, orientation) in cases {
             let run = |threads: usize| -> candle_core::Result<Vec<f32>> {
                 let mut dst = vec![0.5f32; m * n];
                 let product = MatProduct::new(lhs, rhs, Accum::Add, 1.0);
-                on_threads(threads, || product_on(split(isa), &mut dst, n, product))?
-                    .unwrap_or_else(|| candle_core::bail!("refused"))?;
+                let dst_rs = match orientation {
+                    Orientation::AsIs => n,
+                    Orientation::Transposed => m,
+                };
+                on_threads(threads, || {
+                    oriented_product_on(split(isa), &mut dst, dst_rs, product, orientation)
+                })?
+                .unwrap_or_else(|| candle_core::bail!("refused"))?;
                 Ok(dst)
             };
             let (one, three) = (run(1)?, run(3)?);
@@ -825,7 +944,7 @@ mod tests {
                 one.iter()
                     .zip(&three)
                     .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{isa:?}, rhs row stride {}",
+                "{isa:?}, rhs row stride {}, {orientation:?}",
                 rhs.rs
             );
         }
@@ -867,12 +986,7 @@ mod tests {
     /// rows the row-major form takes.
     #[test]
     fn short_dots_are_copied_past_k_over_log2_lanes_rows() {
-        let avx512 = Machine {
-            isa: Isa::Avx512,
-            l1d: 48 << 10,
-            l2: 2 << 20,
-            decode_kernel: true,
-        };
+        let avx512 = Machine::AVX512_SERVER;
         let avx2 = Machine {
             isa: Isa::Avx2,
             ..avx512

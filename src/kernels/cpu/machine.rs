@@ -81,6 +81,18 @@ pub(crate) struct Machine {
     pub decode_kernel: bool,
 }
 
+impl Machine {
+    /// An AVX-512 server core as the routing tests assume it (48 KiB L1d, 2 MiB L2, the
+    /// decode kernel on), whatever CPU runs them.
+    #[cfg(test)]
+    pub(crate) const AVX512_SERVER: Machine = Machine {
+        isa: Isa::Avx512,
+        l1d: 48 << 10,
+        l2: 2 << 20,
+        decode_kernel: true,
+    };
+}
+
 /// The machine, read on first use.
 pub(crate) fn machine() -> &'static Machine {
     static MACHINE: OnceLock<Machine> = OnceLock::new();

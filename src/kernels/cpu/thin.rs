@@ -1,7 +1,9 @@
 //! Products with one short side besides a long row count: a LoRA layer's low-rank
 //! products, where the rank `r` is the inner dimension or the output's width — `x Aᵀ`
 //! (`n × d_in` by `d_in × r`), `(x Aᵀ) Bᵀ` (inner `r`), `g B`, `(g B) A` and
-//! `dB = gᵀ (x Aᵀ)` (`d_out × n` by `n × r`).
+//! `dB = gᵀ (x Aᵀ)` (`d_out × n` by `n × r`). Those `r` wide with `r` below a vector's
+//! lanes go to the decode kernel, transposed, before this route
+//! ([`super::gemv`]'s `transposed`).
 //!
 //! With the destination's rows cut into one contiguous range per thread, each range one
 //! single-threaded `gemm` call, each of these took 15–45% less time than through the
@@ -117,12 +119,7 @@ mod tests {
     use super::super::{assert_matches_triple_loop, gemm_into, test_values as vals, Accum, MatRef};
     use super::*;
 
-    const AVX512: Machine = Machine {
-        isa: Isa::Avx512,
-        l1d: 48 << 10,
-        l2: 2 << 20,
-        decode_kernel: true,
-    };
+    const AVX512: Machine = Machine::AVX512_SERVER;
 
     /// The products of a LoRA step at `n = 512`, `d = 1024`, `r = 16` take the route on two
     /// threads with AVX-512 (`f32`); `dA`, the base products, a rank past one chunk, one
