@@ -17,11 +17,22 @@ use super::{MatRef, Scratch};
 const ROWS_PER_BLOCK: usize = 32;
 
 /// `n` copies of `bias`, row after row: an `(n, bias.len())` output pre-filled with it.
+/// The rows are written into fresh capacity, without zeroing it first (a pass over the
+/// whole output that the copies overwrite).
 pub(crate) fn bias_rows<T: WithDType>(n: usize, bias: &[T]) -> Vec<T> {
-    let d = bias.len();
-    let mut out = vec![T::from_f64(0.0); n * d];
-    out.par_chunks_mut(d.max(1))
-        .for_each(|row| row.copy_from_slice(bias));
+    let (d, len) = (bias.len(), n * bias.len());
+    let mut out = Vec::with_capacity(len);
+    let rows = out.spare_capacity_mut().get_mut(..len).unwrap_or_default();
+    let written = rows.len();
+    rows.par_chunks_mut(d.max(1)).for_each(|row| {
+        for (slot, &b) in row.iter_mut().zip(bias) {
+            slot.write(b);
+        }
+    });
+    // SAFETY: `with_capacity(len)` holds at least `len` elements, so `rows` is the first
+    // `len` of them (`written == len`), and every one was written above: each chunk of
+    // `d` is one row, zipped with the `d` values of `bias`.
+    unsafe { out.set_len(written) };
     out
 }
 
