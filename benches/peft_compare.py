@@ -76,7 +76,9 @@ def cpu_info(threads):
     except OSError:
         pass
     return {"model": model, "vector": [v for v in VECTOR_FLAGS if v in flags], "threads": threads, "logical_cpus": os.cpu_count()}
-TRAIN_VARIANTS = ["lora", "lora_dropout", "dora", "lora_fa", "vera"]
+TRAIN_VARIANTS = ["lora", "lora_dropout", "dora", "lora_fa", "vera", "lora_r8"]
+# The cases whose rank is not the shapes' `r`: VeRA's default and PEFT's default LoRA rank.
+CASE_RANKS = {"vera": VERA_R, "lora_r8": 8}
 EVAL_VARIANTS = ["base", "lora", "dora"]
 
 
@@ -141,6 +143,7 @@ def peft_layer(d, name, r):
         "lora_dropout": LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.1, target_modules=["0"]),
         "dora": LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], use_dora=True),
         "vera": VeraConfig(r=VERA_R, target_modules=["0"]),
+        "lora_r8": LoraConfig(r=8, lora_alpha=16, target_modules=["0"]),
     }[name]
     layer = get_peft_model(torch.nn.Sequential(torch.nn.Linear(d, d)), cfg).base_model.model[0]
     for p in layer.parameters():
@@ -154,7 +157,7 @@ def torch_variant_cases():
     n, d, r = VARIANT_TRAIN
     torch.manual_seed(0)
     x = torch.rand(n, d, requires_grad=True)
-    for name in ["lora", "lora_dropout", "dora", "vera"]:
+    for name in ["lora", "lora_dropout", "dora", "vera", "lora_r8"]:
         layer = peft_layer(d, name, r).train()  # dropout on (lora_dropout's case)
 
         def fb():
@@ -196,8 +199,9 @@ def variants_table(t, k):
         for name in names:
             kc, tc = k[f"{prefix}/{name}"], t.get(f"{prefix}/{name}")
             kl, tl = k[f"{prefix}/lora"], t[f"{prefix}/lora"]
-            rank = VERA_R if name == "vera" else r
-            label = f"{prefix.split('/')[1]}/{name}" + ("" if name == "base" else f"_r{rank}")
+            rank = CASE_RANKS.get(name, r)
+            shown = name.removesuffix(f"_r{rank}")
+            label = f"{prefix.split('/')[1]}/{shown}" + ("" if name == "base" else f"_r{rank}")
             lines.append(
                 f"| {label} | {cell(tc)} | {cell(kc)} | {ratio(kc, tc)} | {ratio(tc, tl)} | {ratio(kc, kl)} |"
             )

@@ -12,7 +12,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion};
 
 mod variant_cases;
-use variant_cases::{EvalCases, TrainCases, EVAL, TRAIN, VERA_R};
+use variant_cases::{train_rank, EvalCases, TrainCases, EVAL, TRAIN};
 
 fn train_step(c: &mut Criterion) {
     println!(
@@ -20,11 +20,12 @@ fn train_step(c: &mut Criterion) {
         lorakit::kernels::CpuReport::current()
     );
     let cases = TrainCases::new();
-    let (n, d, r) = TRAIN;
+    let (n, d, _) = TRAIN;
     let mut group = c.benchmark_group(format!("fwd_bwd_n{n}_d{d}"));
     for (name, layer) in &cases.layers {
-        let rank = if *name == "vera" { VERA_R } else { r };
-        group.bench_function(format!("{name}_r{rank}"), |b| {
+        let rank = train_rank(name);
+        let shown = name.trim_end_matches(&format!("_r{rank}"));
+        group.bench_function(format!("{shown}_r{rank}"), |b| {
             b.iter(|| cases.step(layer.as_ref()))
         });
     }

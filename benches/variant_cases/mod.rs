@@ -1,7 +1,7 @@
 //! The variant cases shared by `variants.rs` (criterion) and `compare_json.rs` (JSON for
 //! `peft_compare.py`), f32 on the CPU:
 //! - one training step (forward, `sum`, backward) at n = 512, d = 1024: LoRA, DoRA and
-//!   LoRA-FA at r = 16, VeRA at r = 256 (its default);
+//!   LoRA-FA at r = 16, VeRA at r = 256 (its default), and LoRA at r = 8 (PEFT's default);
 //! - evaluation of one row at d = 2048, r = 16: the frozen base, LoRA and DoRA.
 //!
 //! Inputs of training steps are `Var`s, so backward computes `dx` as inside a network.
@@ -18,6 +18,18 @@ use lorakit::{
 pub const TRAIN: (usize, usize, usize) = (512, 1024, 16);
 /// VeRA's rank in the training-step cases.
 pub const VERA_R: usize = 256;
+/// PEFT's default LoRA rank (`LoraConfig.r`), the rank of the `lora_r8` case.
+pub const DEFAULT_R: usize = 8;
+
+/// The rank of the training-step case `name` ([`TrainCases`]).
+#[allow(dead_code)] // `variants.rs` labels by it; `compare_json.rs` keys cases by name only
+pub fn train_rank(name: &str) -> usize {
+    match name {
+        "vera" => VERA_R,
+        "lora_r8" => DEFAULT_R,
+        _ => TRAIN.2,
+    }
+}
 /// Size and rank of the one-row evaluation cases.
 pub const EVAL: (usize, usize) = (2048, 16);
 
@@ -49,7 +61,8 @@ fn vb(varmap: &VarMap) -> VarBuilder<'static> {
 }
 
 /// The training-step cases: the input and the named layers (`lora`, `lora_dropout` (LoRA
-/// with dropout 0.1 on its input, in training mode), `dora`, `lora_fa`, `vera`).
+/// with dropout 0.1 on its input, in training mode), `dora`, `lora_fa`, `vera`, and
+/// `lora_r8`: LoRA at PEFT's default rank, 8).
 pub struct TrainCases {
     pub x: Var,
     pub layers: Vec<(&'static str, Box<dyn Adapter>)>,
@@ -79,12 +92,18 @@ impl TrainCases {
         vera.lambda_b()
             .set(&Tensor::ones(d, DType::F32, &Device::Cpu).unwrap())
             .unwrap();
+        let lora_r8 = LoraLinear::new(
+            base(d, &mut rng),
+            &lora_config(DEFAULT_R),
+            vb(&varmap).pp("l8"),
+        );
         let layers: Vec<(&'static str, Box<dyn Adapter>)> = vec![
             ("lora", Box::new(lora.unwrap())),
             ("lora_dropout", Box::new(lora_dropout.unwrap())),
             ("dora", Box::new(dora.unwrap())),
             ("lora_fa", Box::new(fa.unwrap())),
             ("vera", Box::new(vera)),
+            ("lora_r8", Box::new(lora_r8.unwrap())),
         ];
         Self {
             x,
