@@ -77,8 +77,10 @@ def cpu_info(threads):
         pass
     return {"model": model, "vector": [v for v in VECTOR_FLAGS if v in flags], "threads": threads, "logical_cpus": os.cpu_count()}
 TRAIN_VARIANTS = ["lora", "lora_dropout", "dora", "lora_fa", "vera", "lora_r8"]
+# PEFT's default LoRA rank (LoraConfig.r), the lora_r8 case's (variant_cases' DEFAULT_R).
+DEFAULT_R = 8
 # The cases whose rank is not the shapes' `r`: VeRA's default and PEFT's default LoRA rank.
-CASE_RANKS = {"vera": VERA_R, "lora_r8": 8}
+CASE_RANKS = {"vera": VERA_R, "lora_r8": DEFAULT_R}
 EVAL_VARIANTS = ["base", "lora", "dora"]
 
 
@@ -143,7 +145,7 @@ def peft_layer(d, name, r):
         "lora_dropout": LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.1, target_modules=["0"]),
         "dora": LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], use_dora=True),
         "vera": VeraConfig(r=VERA_R, target_modules=["0"]),
-        "lora_r8": LoraConfig(r=8, lora_alpha=16, target_modules=["0"]),
+        "lora_r8": LoraConfig(r=DEFAULT_R, lora_alpha=2 * DEFAULT_R, target_modules=["0"]),
     }[name]
     layer = get_peft_model(torch.nn.Sequential(torch.nn.Linear(d, d)), cfg).base_model.model[0]
     for p in layer.parameters():

@@ -537,7 +537,7 @@ pub(crate) fn forward<T: WithDType>(p: &Forward<T>) -> candle_core::Result<Forwa
     let one = T::from_f64(1.0);
     // The output (candle's once returned), or with a row scale the pooled pre-scale `u`.
     let (mut y, base) = match (&p.bias, &p.row_scale) {
-        (Some(b), None) => (Scratch::from_vec(rowwise::bias_rows(n, b)), Accum::Add),
+        (Some(b), None) => (Scratch::from_vec(rowwise::bias_rows(n, b)?), Accum::Add),
         (_, None) => (Scratch::from_vec(vec![zero; n * d_out]), Accum::Replace),
         (_, Some(_)) => (Scratch::zeros(n * d_out), Accum::Replace),
     };

@@ -16,6 +16,10 @@
 //! over the threads at 200 rows × 384 × 400, `src/kernels/cpu/thin.rs`, and not at 150
 //! rows on three threads, where a part of 50 rows would take the `gemm` crate's small-product
 //! shortcut and its other blocking of the 600-deep products) and span several 32-row blocks.
+//! The rank is 8, and 4 at 200 × 384 × 400 once more: the low-rank products fewer than a
+//! vector's lanes wide (`x Aᵀ`, `g B`, `dB`) run on the decode kernel, transposed
+//! (`src/kernels/cpu/gemv/transposed.rs`), at both ranks with AVX-512 and at 4 with AVX2;
+//! the others (`(x Aᵀ) Bᵀ`, `(g B) A`) and those at r = 8 with AVX2 split their rows.
 
 use std::process::Command;
 
@@ -24,15 +28,16 @@ use crate::props_support::*;
 use candle_core::Tensor;
 use lorakit::Adapter;
 
-/// `(rows, d_in, d_out)` of the cases.
-const SHAPES: [(usize, usize, usize); 7] = [
-    (100, 48, 150),
-    (12, 40, 520),
-    (20, 640, 800),
-    (200, 96, 300),
-    (3, 72, 520),
-    (200, 384, 400),
-    (150, 600, 400),
+/// `(rows, d_in, d_out, r)` of the cases.
+const SHAPES: [(usize, usize, usize, usize); 8] = [
+    (100, 48, 150, 8),
+    (12, 40, 520, 8),
+    (20, 640, 800, 8),
+    (200, 96, 300, 8),
+    (3, 72, 520, 8),
+    (200, 384, 400, 8),
+    (200, 384, 400, 4),
+    (150, 600, 400, 8),
 ];
 
 /// Set in the child processes of the cross-process test.
@@ -43,20 +48,20 @@ const CHILD_ENV: &str = "LORAKIT_DETERMINISM_CHILD";
 fn cases() -> lorakit::Result<Vec<(String, Built, Tensor)>> {
     let mut out = Vec::new();
     for variant in [Variant::Lora, Variant::Dora, Variant::Vera] {
-        for (rows, d_in, d_out) in SHAPES {
+        for (rows, d_in, d_out, r) in SHAPES {
             let case = Case {
                 d_in,
                 d_out,
-                r: 8,
+                r,
                 lead: vec![rows],
                 bias: true,
                 rslora: false,
-                alpha: 16.0,
+                alpha: 2.0 * r as f64,
                 seed: 7,
             };
             let built = build(variant, &case)?;
             randomize(&*built.layer.read(), 11)?;
-            let name = format!("{variant:?} {rows}x{d_in}->{d_out}");
+            let name = format!("{variant:?} {rows}x{d_in}->{d_out} r{r}");
             out.push((name, built, case.input()?));
         }
     }

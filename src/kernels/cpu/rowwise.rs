@@ -19,8 +19,11 @@ const ROWS_PER_BLOCK: usize = 32;
 /// `n` copies of `bias`, row after row: an `(n, bias.len())` output pre-filled with it.
 /// The rows are written into fresh capacity, without zeroing it first (a pass over the
 /// whole output that the copies overwrite).
-pub(crate) fn bias_rows<T: WithDType>(n: usize, bias: &[T]) -> Vec<T> {
-    let (d, len) = (bias.len(), n * bias.len());
+pub(crate) fn bias_rows<T: WithDType>(n: usize, bias: &[T]) -> candle_core::Result<Vec<T>> {
+    let d = bias.len();
+    let Some(len) = n.checked_mul(d) else {
+        candle_core::bail!("fused linear: {n} rows of a {d}-wide output overflow usize")
+    };
     let mut out = Vec::with_capacity(len);
     let rows = out.spare_capacity_mut().get_mut(..len).unwrap_or_default();
     let written = rows.len();
@@ -33,7 +36,7 @@ pub(crate) fn bias_rows<T: WithDType>(n: usize, bias: &[T]) -> Vec<T> {
     // `len` of them (`written == len`), and every one was written above: each chunk of
     // `d` is one row, zipped with the `d` values of `bias`.
     unsafe { out.set_len(written) };
-    out
+    Ok(out)
 }
 
 /// `m ⊙ s` for an `(n, s.len())` matrix `m` (any strides): each row times `s`, contiguous,
@@ -222,10 +225,15 @@ mod tests {
         Ok(())
     }
 
+    /// Every row is the bias; no rows or no columns give nothing; a size past `usize` is
+    /// an error, not a short buffer.
     #[test]
-    fn bias_rows_repeats_the_bias() {
+    fn bias_rows_repeats_the_bias() -> candle_core::Result<()> {
         let b = [1.0, 2.0, 3.0];
-        assert_eq!(bias_rows(2, &b), vec![1.0, 2.0, 3.0, 1.0, 2.0, 3.0]);
-        assert!(bias_rows(0, &b).is_empty());
+        assert_eq!(bias_rows(2, &b)?, vec![1.0, 2.0, 3.0, 1.0, 2.0, 3.0]);
+        assert!(bias_rows(0, &b)?.is_empty());
+        assert!(bias_rows::<f32>(3, &[])?.is_empty());
+        assert!(bias_rows(usize::MAX, &b).is_err());
+        Ok(())
     }
 }

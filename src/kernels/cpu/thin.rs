@@ -123,7 +123,9 @@ mod tests {
 
     /// The products of a LoRA step at `n = 512`, `d = 1024`, `r = 16` take the route on two
     /// threads with AVX-512 (`f32`); `dA`, the base products, a rank past one chunk, one
-    /// thread, and too few rows per thread do not.
+    /// thread, and too few rows per thread do not. (This route's own rule: in
+    /// [`gemm_into`] the narrower results among them, fewer columns than a vector's lanes,
+    /// go to the decode kernel's transposed route first.)
     #[test]
     fn the_low_rank_products_take_the_route() {
         let takes2 = |m, k, n| takes(m, k, n, 2, 4, &AVX512);

@@ -21,6 +21,9 @@
 //! at 2048), so there the products stay where they were (`benches/RESULTS.md`, "Narrow
 //! low-rank products").
 //!
+//! The portable code (no AVX2) does not take the route: it was not timed against the
+//! `gemm` crate's.
+//!
 //! So the bound is one from what the CPU reports, not a constant fitted to those timings:
 //! fewer columns than a vector's lanes, within each form's own limits ([`super::dot_rows`],
 //! [`super::row_major::max_rows`]). A dots product with a short inner dimension, where
@@ -39,7 +42,7 @@
 
 use candle_core::WithDType;
 
-use super::super::machine::{machine, Machine};
+use super::super::machine::{machine, Isa, Machine};
 use super::super::MatProduct;
 use super::{
     dot_rows, l2_rows, oriented_product_on, row_major, short_dots_pay_for_a_copy, Orientation,
@@ -76,6 +79,10 @@ fn split_for(
     (m, k, n): (usize, usize, usize),
     size: usize,
 ) -> Option<Split> {
+    // Only the vector code was timed against the other routes (module docs).
+    if machine.isa == Isa::Scalar {
+        return None;
+    }
     // The transpose's right-hand side is `lhsᵀ`: its columns are `lhs`'s rows when those
     // are contiguous (the dots), its rows `lhs`'s columns when those are (the row-major
     // form).
@@ -95,7 +102,7 @@ fn split_for(
 
 #[cfg(test)]
 mod tests {
-    use super::super::super::machine::Isa;
+    use super::super::super::{test_values as vals, Accum, MatRef};
     use super::*;
 
     const AVX512: Machine = Machine::AVX512_SERVER;
@@ -126,10 +133,95 @@ mod tests {
             assert!(takes(machine, (8, 1), (8, 1024, 8)).is_none());
             assert!(takes(machine, (3, 7), (512, 1024, 4)).is_none());
         }
+        let portable = Machine {
+            isa: Isa::Scalar,
+            ..AVX512
+        };
+        assert!(takes(&portable, row_major, (512, 1024, 2)).is_none());
+        assert!(takes(&portable, column_major, (1024, 512, 2)).is_none());
         // Dots over 4 elements for 4 rows: the straight route would copy; this one refuses.
         assert!(takes(&AVX512, (4, 1), (512, 4, 4)).is_none());
         // Tasks of L2 / n bytes of the left-hand side: two for `x Aᵀ` at r = 8.
         let split = takes(&AVX512, row_major, (512, 1024, 8));
         assert_eq!(split.map(|s| s.min_task_bytes), Some(256 << 10));
+    }
+
+    /// Through [`reroute`] on this CPU, where it takes them: `x Aᵀ`-like (a row-major,
+    /// padded left-hand side and a column-major right-hand side) and `dB`-like (a
+    /// column-major left-hand side and a row-major right-hand side) products, `f32` and
+    /// `f64`, replacing and accumulating with `beta` into a padded destination whose
+    /// padding stays as it was, against an f64 triple loop.
+    #[test]
+    fn rerouted_products_match_a_triple_loop() -> candle_core::Result<()> {
+        let mut ran = false;
+        for (m, k, n) in [(300, 700, 7), (130, 64, 3), (77, 1000, 1)] {
+            ran |= rerouted::<f32>(m, k, n, 1e-6)?;
+            ran |= rerouted::<f64>(m, k, n, 1e-14)?;
+        }
+        if !ran {
+            println!("transposed decode route: skipped, not taken on this CPU");
+        }
+        Ok(())
+    }
+
+    /// [`rerouted_products_match_a_triple_loop`]'s products of `T`, to `tol · k` relative;
+    /// whether the route took any.
+    fn rerouted<T: WithDType>(m: usize, k: usize, n: usize, tol: f64) -> candle_core::Result<bool> {
+        let cast = |v: Vec<f64>| v.into_iter().map(T::from_f64).collect::<Vec<T>>();
+        let (l, r) = (
+            cast(vals((m + 3) * (k + 3), 0.37)),
+            cast(vals(k * (n + 2), 0.71)),
+        );
+        let operands = [
+            (
+                MatRef::new(&l, m, k, k + 3, 1)?,
+                MatRef::new(&r, k, n, 1, k + 2)?,
+            ),
+            (
+                MatRef::new(&l, m, k, 1, m + 3)?,
+                MatRef::new(&r, k, n, n + 2, 1)?,
+            ),
+        ];
+        let size = std::mem::size_of::<T>();
+        let mut ran = false;
+        for (lhs, rhs) in operands {
+            if split_for(machine(), (lhs.rs, lhs.cs), (m, k, n), size).is_none() {
+                continue;
+            }
+            for (accum, beta) in [(Accum::Replace, 1.0), (Accum::Add, -0.5)] {
+                let dst_rs = n + 5;
+                let start = cast(vals(m * dst_rs, 1.3));
+                let mut dst = start.clone();
+                let product = MatProduct::new(lhs, rhs, accum, T::from_f64(beta));
+                match reroute(&mut dst, dst_rs, product) {
+                    Some(done) => done?,
+                    None => candle_core::bail!("{m}x{k}x{n} refused"),
+                }
+                for (i, (row, was)) in dst.chunks(dst_rs).zip(start.chunks(dst_rs)).enumerate() {
+                    for (j, (&got, &was)) in row.iter().zip(was).enumerate() {
+                        let want = match j < n {
+                            false => was.to_f64(),
+                            true => {
+                                let dot: f64 = (0..k)
+                                    .map(|t| lhs.at(i, t).to_f64() * rhs.at(t, j).to_f64())
+                                    .sum();
+                                let base = match accum {
+                                    Accum::Replace => 0.0,
+                                    Accum::Add => was.to_f64(),
+                                };
+                                base + beta * dot
+                            }
+                        };
+                        let got = got.to_f64();
+                        assert!(
+                            (got - want).abs() <= tol * (1.0 + want.abs()) * k as f64,
+                            "{m}x{k}x{n} {accum:?}, ({i}, {j}): {got} vs {want}"
+                        );
+                    }
+                }
+                ran = true;
+            }
+        }
+        Ok(ran)
     }
 }
