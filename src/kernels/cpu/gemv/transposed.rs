@@ -21,14 +21,12 @@
 //! at 2048), so there the products stay where they were (`benches/RESULTS.md`, "Narrow
 //! low-rank products").
 //!
-//! The portable code (no AVX2) does not take the route: it was not timed against the
-//! `gemm` crate's.
-//!
 //! So the bound is one from what the CPU reports, not a constant fitted to those timings:
 //! fewer columns than a vector's lanes, within each form's own limits ([`super::dot_rows`],
 //! [`super::row_major::max_rows`]). A dots product with a short inner dimension, where
 //! the straight route copies `W` row-major ([`super::short_dots_pay_for_a_copy`]), is left
-//! to the other routes: the copy here would be of the large operand.
+//! to the other routes: the copy here would be of the large operand. The portable code
+//! (no AVX2) does not take the route: it was not timed against the `gemm` crate's.
 //!
 //! With a BLAS backend (the `openblas` or `mkl` feature) the backend takes these
 //! products first, as before; this route was not timed against it.
