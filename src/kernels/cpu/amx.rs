@@ -422,6 +422,21 @@ mod tests {
             .collect()
     }
 
+    /// `start` multiplied into by the tiles (on a pool of `threads`) and by the `gemm`
+    /// crate on one thread: `(tiles, gemm)`.
+    fn tiles_and_gemm(
+        start: &[f32],
+        rs: usize,
+        product: (MatRef<f32>, MatRef<f32>, Accum),
+        threads: usize,
+    ) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+        let (lhs, rhs, accum) = product;
+        let (mut tiles_out, mut gemm_out) = (start.to_vec(), start.to_vec());
+        on_threads(threads, || multiply(&mut tiles_out, rs, lhs, rhs, accum))??;
+        gemm_with(&mut gemm_out, rs, lhs, rhs, accum, gemm::Parallelism::None)?;
+        Ok((tiles_out, gemm_out))
+    }
+
     #[test]
     fn planes_sum_back_to_the_value() {
         for x in values(10_000, 3)
@@ -477,16 +492,8 @@ mod tests {
             lhs_data[k] = x; // row 1, column 0: meets only rhs's zero row ...
             lhs_data[2 * k + 1] = x; // ... row 2, column 1: meets rhs's row 1
             let lhs = MatRef::contiguous(&lhs_data, m, k)?;
-            let (mut tiles_out, mut gemm_out) = (vec![0f32; m * n], vec![0f32; m * n]);
-            multiply(&mut tiles_out, n, lhs, rhs, Accum::Replace)?;
-            gemm_with(
-                &mut gemm_out,
-                n,
-                lhs,
-                rhs,
-                Accum::Replace,
-                gemm::Parallelism::None,
-            )?;
+            let (tiles_out, gemm_out) =
+                tiles_and_gemm(&vec![0f32; m * n], n, (lhs, rhs, Accum::Replace), 1)?;
             let row = |out: &[f32], i: usize| out[i * n..(i + 1) * n].to_vec();
             if finite {
                 for (t, g) in row(&tiles_out, 1).iter().zip(row(&gemm_out, 1)) {
@@ -611,9 +618,7 @@ mod tests {
             for accum in [Accum::Replace, Accum::Add] {
                 let rs = n + 3;
                 let start = values(m * rs, 11);
-                let (mut tiles_out, mut gemm_out) = (start.clone(), start.clone());
-                on_threads(2, || multiply(&mut tiles_out, rs, lhs, rhs, accum))??;
-                gemm_with(&mut gemm_out, rs, lhs, rhs, accum, gemm::Parallelism::None)?;
+                let (tiles_out, gemm_out) = tiles_and_gemm(&start, rs, (lhs, rhs, accum), 2)?;
                 let (t, g) = (
                     max_error(&tiles_out, &start, rs, lhs, rhs, accum),
                     max_error(&gemm_out, &start, rs, lhs, rhs, accum),
@@ -654,16 +659,7 @@ mod tests {
             ] {
                 let rs = n + 5;
                 let start = values(m * rs, 11);
-                let (mut tiles_out, mut gemm_out) = (start.clone(), start.clone());
-                on_threads(3, || multiply(&mut tiles_out, rs, lhs, rhs, Accum::Add))??;
-                gemm_with(
-                    &mut gemm_out,
-                    rs,
-                    lhs,
-                    rhs,
-                    Accum::Add,
-                    gemm::Parallelism::None,
-                )?;
+                let (tiles_out, gemm_out) = tiles_and_gemm(&start, rs, (lhs, rhs, Accum::Add), 3)?;
                 let worst = tiles_out
                     .iter()
                     .zip(&gemm_out)
@@ -690,6 +686,8 @@ mod tests {
         Ok(())
     }
 
+    /// Every 32 × 32 block is the same tile sequence whichever task computes it: the same
+    /// bits from pools of 1, 2, 3 and 5 threads.
     #[test]
     fn tiles_give_the_same_bits_on_any_thread_count() -> candle_core::Result<()> {
         if !tiles_here() {

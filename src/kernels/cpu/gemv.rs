@@ -325,8 +325,9 @@ impl<F: WithDType> Products<F> {
         let (m, n) = (out.m, out.n);
         match (self, orientation) {
             (Products::Dots(values), Orientation::AsIs) => {
-                apply(dst, dst_rs, values, out, |i, j| j * m + i)
+                apply(dst, dst_rs, values, out, |i, j| self.index(m, n, i, j))
             }
+            // A run of each block's row is a run of a destination row: copied a run at a time.
             (Products::Blocks(values, per_task), Orientation::AsIs) => {
                 apply_blocks(dst, dst_rs, values, *per_task, out)
             }
