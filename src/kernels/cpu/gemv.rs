@@ -5,12 +5,17 @@
 //! `W` once per call and dots it with every row of `x` while it is in registers:
 //!
 //! - `W`'s rows (the output columns) are split over the threads in contiguous ranges, a
-//!   multiple of [`NR`] rows each; no task is smaller than one core's L2 cache's worth of
-//!   `W` ([`Split`]): waking a pool thread costs about as much as streaming that much, so
-//!   a small product — a LoRA factor `A` or `B` at decode size — runs on the calling
-//!   thread instead of paying for a wake-up (an L1d's worth, the earlier rule, sent the
-//!   factors of an `r = 16`, `d = 2048` LoRA to two threads and cost 5–10% of the one-row
-//!   forward on an Intel Xeon, `benches/RESULTS.md`).
+//!   multiple of [`NR`] rows each; no task gets less work than streaming one core's L2
+//!   cache's worth of `W` for one row of `x` ([`Split`]: at least `L2 / m` bytes of `W`
+//!   for `m` rows): waking a pool thread costs about as much as that, so a small product —
+//!   a LoRA factor `A` or `B` at decode size — runs on the calling thread instead of
+//!   paying for a wake-up (an L1d's worth, the earlier rule, sent the factors of an
+//!   `r = 16`, `d = 2048` LoRA to two threads and cost 5–10% of the one-row forward on an
+//!   Intel Xeon, `benches/RESULTS.md`). With `m` rows each byte of `W` carries `m`
+//!   multiply-adds, so the bound falls as `m` grows: a LoRA step's `dA = (g B)ᵀ x` (16
+//!   rows of `x`'s 2 MiB at `d = 1024`) ran on one thread under the earlier
+//!   one-L2-per-task rule, 1.6× slower than on two (`benches/RESULTS.md`, "Decode kernel
+//!   tasks by work").
 //! - Register blocks of [`NR`] = 4 rows of `W` × `MR` rows of `x` (`MR` up to 6 with
 //!   AVX-512's 32 vector registers, 3 with AVX2's 16, 2 for the portable code), one vector
 //!   accumulator per pair, unaligned wide loads along `d_in`; the `d_in % WIDTH` tail in
@@ -140,9 +145,14 @@ pub(super) fn reroute<T: WithDType>(
         return None;
     }
     if rhs.rs == 1 && rhs.cs != 1 && short_dots_pay_for_a_copy(lhs.rows, lhs.cols, size, m) {
-        return Some(through_row_major_copy(Split::of(m), dst, dst_rs, product));
+        return Some(through_row_major_copy(
+            Split::of(m, lhs.rows),
+            dst,
+            dst_rs,
+            product,
+        ));
     }
-    product_on(Split::of(m), dst, dst_rs, product)
+    product_on(Split::of(m, lhs.rows), dst, dst_rs, product)
 }
 
 /// Whether a column-major right-hand side with a short inner dimension `k` (a LoRA factor
@@ -189,11 +199,13 @@ pub(super) struct Split {
 }
 
 impl Split {
-    /// The machine's instruction set, and one core's L2 cache per task.
-    fn of(m: &Machine) -> Self {
+    /// The machine's instruction set, and for a product whose streamed operand meets
+    /// `rows` rows of the other, one core's L2 cache's worth of work per task: `L2 / rows`
+    /// bytes of the streamed operand (the module docs).
+    pub(super) fn of(m: &Machine, rows: usize) -> Self {
         Self {
             isa: m.isa,
-            min_task_bytes: m.l2,
+            min_task_bytes: (m.l2 / rows.max(1)).max(1),
         }
     }
 
@@ -980,6 +992,29 @@ mod tests {
         };
         assert_eq!(dot_rows(2048, 4, &portable), 3);
         assert_eq!(dot_rows(2048, 8, &portable), 1);
+    }
+
+    /// Tasks carry one core's L2 cache of work against one row: `L2 / rows` bytes of the
+    /// streamed operand, so the one-row decode of a 2 MiB `W` stays on one thread while a
+    /// LoRA step's `dA` (16 rows against `x`'s 2 MiB at `d = 1024`) takes both, and a
+    /// task is never smaller than a byte.
+    #[test]
+    fn tasks_carry_an_l2_of_work_per_row() -> candle_core::Result<()> {
+        let m = Machine::AVX512_SERVER; // 2 MiB L2
+        let tasks = |rows: usize, bytes: usize| Split::of(&m, rows).tasks(bytes);
+        let counts = on_threads(2, || {
+            [
+                tasks(1, 2 << 20),
+                tasks(1, 4 << 20),
+                tasks(16, 2 << 20),
+                tasks(4, 512 << 10),
+                tasks(4, 1 << 20),
+                tasks(0, 2 << 20),
+            ]
+        })?;
+        assert_eq!(counts, [1, 2, 2, 1, 2, 1]);
+        assert_eq!(Split::of(&m, usize::MAX).min_task_bytes, 1);
+        Ok(())
     }
 
     /// The copy for short inner dimensions: past `k / log2(lanes)` rows (5 for `r = 16`

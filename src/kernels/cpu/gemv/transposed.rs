@@ -31,9 +31,9 @@
 //! With a BLAS backend (the `openblas` or `mkl` feature) the backend takes these
 //! products first, as before; this route was not timed against it.
 //!
-//! Tasks: each element of `L` meets all `n` rows in one task, so a task of `L2 / n`
-//! bytes of `L` does as much work as the straight route's smallest task (one core's L2
-//! cache of `W` against one row, [`super::Split`]).
+//! Tasks: each element of `L` meets all `n` rows in one task, so tasks get at least
+//! `L2 / n` bytes of `L`, the straight route's rule for `n` rows ([`super::Split::of`]:
+//! one core's L2 cache of work against one row).
 //!
 //! The results are the decode kernel's: one fixed summation order per element, whatever
 //! the thread count or the block an element falls in.
@@ -92,10 +92,7 @@ fn split_for(
             .min(machine.isa.lanes(size) - 1),
         _ => return None,
     };
-    (n > 0 && n <= most_rows && n < m).then(|| Split {
-        isa: machine.isa,
-        min_task_bytes: (machine.l2 / n).max(1),
-    })
+    (n > 0 && n <= most_rows && n < m).then(|| Split::of(machine, n))
 }
 
 #[cfg(test)]
