@@ -202,7 +202,7 @@ impl Split {
     /// The machine's instruction set, and for a product whose streamed operand meets
     /// `rows` rows of the other, one core's L2 cache's worth of work per task: `L2 / rows`
     /// bytes of the streamed operand (the module docs).
-    pub(super) fn of(m: &Machine, rows: usize) -> Self {
+    fn of(m: &Machine, rows: usize) -> Self {
         Self {
             isa: m.isa,
             min_task_bytes: (m.l2 / rows.max(1)).max(1),
