@@ -13,7 +13,7 @@
 //!   `r = 16`, `d = 2048` LoRA to two threads and cost 5–10% of the one-row forward on an
 //!   Intel Xeon, `benches/RESULTS.md`). With `m` rows each byte of `W` carries `m`
 //!   multiply-adds, so the bound falls as `m` grows: a LoRA step's `dA = (g B)ᵀ x` (16
-//!   rows of `x`'s 2 MiB at `d = 1024`) ran on one thread under the earlier
+//!   rows of `(g B)ᵀ` against `x`'s 2 MiB at `d = 1024`) ran on one thread under the earlier
 //!   one-L2-per-task rule, 1.6× slower than on two (`benches/RESULTS.md`, "Decode kernel
 //!   tasks by work").
 //! - Register blocks of [`NR`] = 4 rows of `W` × `MR` rows of `x` (`MR` up to 6 with
