@@ -753,37 +753,41 @@ fn row_scale_grad<T: WithDType>(p: &Backward<T>, xa: MatRef<T>) -> candle_core::
 
 /// Checks a product the kernels' unit tests ran: `dst` (row stride `dst_rs`, before the
 /// product `start`) holds `start + beta · lhs · rhs` ([`Accum::Add`]) or `beta · lhs · rhs`
-/// ([`Accum::Replace`]) to within f64 rounding of an f64 triple loop, and its padding past
-/// the product's columns is untouched. `context` names the case in a failure.
+/// ([`Accum::Replace`]) to within `tol · k` (relative, at least absolute) of an f64 triple
+/// loop, and its padding past the product's columns is untouched. `context` names the case
+/// in a failure.
 #[cfg(test)]
-fn assert_matches_triple_loop(
-    dst: &[f64],
-    start: &[f64],
+fn assert_matches_triple_loop<T: WithDType>(
+    dst: &[T],
+    start: &[T],
     dst_rs: usize,
-    product: MatProduct<f64>,
+    product: MatProduct<T>,
+    tol: f64,
     context: &str,
 ) {
     let (lhs, rhs, accum, beta) = product.parts();
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     for i in 0..m {
         for j in 0..n {
-            let dot: f64 = (0..k).map(|t| lhs.at(i, t) * rhs.at(t, j)).sum();
+            let dot: f64 = (0..k)
+                .map(|t| lhs.at(i, t).to_f64() * rhs.at(t, j).to_f64())
+                .sum();
             let base = match accum {
                 Accum::Replace => 0.0,
-                Accum::Add => start[i * dst_rs + j],
+                Accum::Add => start[i * dst_rs + j].to_f64(),
             };
-            let want = base + beta * dot;
-            let got = dst[i * dst_rs + j];
+            let want = base + beta.to_f64() * dot;
+            let got = dst[i * dst_rs + j].to_f64();
             assert!(
-                (got - want).abs() <= 1e-12 * (1.0 + want.abs()) * k as f64,
+                (got - want).abs() <= tol * (1.0 + want.abs()) * k as f64,
                 "{m}x{k}x{n} ({context}), ({i}, {j}): {got} vs {want}"
             );
         }
         for j in n..dst_rs {
             assert_eq!(
-                dst[i * dst_rs + j],
-                start[i * dst_rs + j],
-                "padding ({i}, {j})"
+                dst[i * dst_rs + j].to_f64().to_bits(),
+                start[i * dst_rs + j].to_f64().to_bits(),
+                "padding ({i}, {j}) ({context})"
             );
         }
     }

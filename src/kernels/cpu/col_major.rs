@@ -519,7 +519,7 @@ mod tests {
                     }
                     let product = MatProduct::new(lhs, rhs, accum, beta);
                     let route = format!("{:?}", route_by(&lhs, &rhs, &th));
-                    assert_matches_triple_loop(&dst, &start, dst_rs, product, &route);
+                    assert_matches_triple_loop(&dst, &start, dst_rs, product, 1e-12, &route);
                 }
             }
         }

@@ -130,10 +130,7 @@ pub(super) fn reroute<T: WithDType>(
     dst_rs: usize,
     product: MatProduct<T>,
 ) -> Option<candle_core::Result<()>> {
-    let m = machine();
-    if !m.decode_kernel {
-        return None;
-    }
+    let m = decode_machine()?;
     let (lhs, rhs) = (product.lhs, product.rhs);
     let (k, size) = (lhs.cols, std::mem::size_of::<T>());
     let most_rows = match (rhs.rs, rhs.cs) {
@@ -153,6 +150,13 @@ pub(super) fn reroute<T: WithDType>(
         ));
     }
     product_on(Split::of(m, lhs.rows), dst, dst_rs, product)
+}
+
+/// This process's machine, or `None` when the decode kernel is off
+/// (`LORAKIT_DECODE_KERNEL=0`): the first check of both its reroutes.
+fn decode_machine() -> Option<&'static Machine> {
+    let m = machine();
+    m.decode_kernel.then_some(m)
 }
 
 /// Whether a column-major right-hand side with a short inner dimension `k` (a LoRA factor
@@ -717,7 +721,7 @@ unsafe fn dot_block<S: Lanes, const NW: usize, const MR: usize>(
 
 #[cfg(test)]
 mod tests {
-    use super::super::{on_threads, test_values as vals};
+    use super::super::{assert_matches_triple_loop, on_threads, test_values as vals};
     use super::*;
 
     /// `isa` with tasks of at least 1 KiB of `W`: the small products of these tests split
@@ -807,20 +811,18 @@ mod tests {
                 .map(move |(copy, orientation)| (lhs, rhs, copy, orientation))
             });
             for (lhs, rhs, copy, orientation) in routes {
-                // The destination's shape, and where its element (i, j) is in `lhs rhs`.
-                let (rows, cols) = match orientation {
-                    Orientation::AsIs => (m, n),
-                    Orientation::Transposed => (n, m),
-                };
-                let at = |i: usize, j: usize| match orientation {
-                    Orientation::AsIs => (i, j),
-                    Orientation::Transposed => (j, i),
+                // What the destination holds: `lhs rhs`, or its transpose `rhsᵀ lhsᵀ`.
+                let holds = |accum, beta| match orientation {
+                    Orientation::AsIs => MatProduct::new(lhs, rhs, accum, beta),
+                    Orientation::Transposed => MatProduct::new(rhs.t(), lhs.t(), accum, beta),
                 };
                 for (accum, beta) in [(Accum::Replace, 1.0), (Accum::Add, -0.5)] {
-                    let dst_rs = cols + 2;
-                    let start = vals(rows * dst_rs, 1.3);
-                    let mut dst = cast(&start);
-                    let product = MatProduct::new(lhs, rhs, accum, T::from_f64(beta));
+                    let beta = T::from_f64(beta);
+                    let expected = holds(accum, beta);
+                    let dst_rs = expected.rhs.cols + 2;
+                    let start = cast(&vals(expected.lhs.rows * dst_rs, 1.3));
+                    let mut dst = start.clone();
+                    let product = MatProduct::new(lhs, rhs, accum, beta);
                     let done = match copy {
                         true => Some(through_row_major_copy(
                             split(isa),
@@ -836,30 +838,8 @@ mod tests {
                         Some(done) => done?,
                         None => candle_core::bail!("{isa:?} refused a {m}x{k}x{n} product"),
                     }
-                    for i in 0..rows {
-                        for j in 0..cols {
-                            let (pi, pj) = at(i, j);
-                            let dot: f64 = (0..k)
-                                .map(|t| lhs.at(pi, t).to_f64() * rhs.at(t, pj).to_f64())
-                                .sum();
-                            let base = match accum {
-                                Accum::Replace => 0.0,
-                                Accum::Add => start[i * dst_rs + j],
-                            };
-                            let want = base + beta * dot;
-                            let got = dst[i * dst_rs + j].to_f64();
-                            assert!(
-                                (got - want).abs() <= tol * (1.0 + want.abs()) * k as f64,
-                                "{isa:?} {m}x{k}x{n} {orientation:?}, ({i}, {j}): {got} vs {want}"
-                            );
-                        }
-                        for j in cols..dst_rs {
-                            assert_eq!(
-                                dst[i * dst_rs + j].to_f64(),
-                                T::from_f64(start[i * dst_rs + j]).to_f64()
-                            );
-                        }
-                    }
+                    let context = format!("{isa:?}, copy {copy}, {orientation:?}");
+                    assert_matches_triple_loop(&dst, &start, dst_rs, expected, tol, &context);
                 }
             }
             Ok(())

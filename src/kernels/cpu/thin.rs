@@ -187,7 +187,7 @@ mod tests {
                             "{m}x{k}x{n}, {parts} parts: not the whole product's bits"
                         );
                     }
-                    assert_matches_triple_loop(&whole, &start, dst_rs, product, "whole");
+                    assert_matches_triple_loop(&whole, &start, dst_rs, product, 1e-12, "whole");
                     // And through `gemm_into`, whichever route it takes here.
                     let mut routed = start.clone();
                     gemm_into(&mut routed, dst_rs, lhs, rhs, accum, beta)?;

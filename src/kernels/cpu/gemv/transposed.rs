@@ -40,11 +40,11 @@
 
 use candle_core::WithDType;
 
-use super::super::machine::{machine, Isa, Machine};
+use super::super::machine::{Isa, Machine};
 use super::super::MatProduct;
 use super::{
-    dot_rows, l2_rows, oriented_product_on, row_major, short_dots_pay_for_a_copy, Orientation,
-    Split,
+    decode_machine, dot_rows, l2_rows, oriented_product_on, row_major, short_dots_pay_for_a_copy,
+    Orientation, Split,
 };
 
 /// Runs [`super::super::gemm_into`]'s product transposed and returns `Some`, or `None`
@@ -57,10 +57,7 @@ pub(in crate::kernels::cpu) fn reroute<T: WithDType>(
     dst_rs: usize,
     product: MatProduct<T>,
 ) -> Option<candle_core::Result<()>> {
-    let machine = machine();
-    if !machine.decode_kernel {
-        return None;
-    }
+    let machine = decode_machine()?;
     let (lhs, rhs, accum, beta) = product.parts();
     let shape = (lhs.rows, lhs.cols, rhs.cols);
     let split = split_for(machine, (lhs.rs, lhs.cs), shape, std::mem::size_of::<T>())?;
@@ -97,7 +94,7 @@ fn split_for(
 
 #[cfg(test)]
 mod tests {
-    use super::super::super::{test_values as vals, Accum, MatRef};
+    use super::super::super::{assert_matches_triple_loop, test_values as vals, Accum, MatRef};
     use super::*;
 
     const AVX512: Machine = Machine::AVX512_SERVER;
@@ -178,9 +175,12 @@ mod tests {
             ),
         ];
         let size = std::mem::size_of::<T>();
+        let Some(machine) = decode_machine() else {
+            return Ok(false);
+        };
         let mut ran = false;
         for (lhs, rhs) in operands {
-            if split_for(machine(), (lhs.rs, lhs.cs), (m, k, n), size).is_none() {
+            if split_for(machine, (lhs.rs, lhs.cs), (m, k, n), size).is_none() {
                 continue;
             }
             for (accum, beta) in [(Accum::Replace, 1.0), (Accum::Add, -0.5)] {
@@ -192,28 +192,7 @@ mod tests {
                     Some(done) => done?,
                     None => candle_core::bail!("{m}x{k}x{n} refused"),
                 }
-                for (i, (row, was)) in dst.chunks(dst_rs).zip(start.chunks(dst_rs)).enumerate() {
-                    for (j, (&got, &was)) in row.iter().zip(was).enumerate() {
-                        let want = match j < n {
-                            false => was.to_f64(),
-                            true => {
-                                let dot: f64 = (0..k)
-                                    .map(|t| lhs.at(i, t).to_f64() * rhs.at(t, j).to_f64())
-                                    .sum();
-                                let base = match accum {
-                                    Accum::Replace => 0.0,
-                                    Accum::Add => was.to_f64(),
-                                };
-                                base + beta * dot
-                            }
-                        };
-                        let got = got.to_f64();
-                        assert!(
-                            (got - want).abs() <= tol * (1.0 + want.abs()) * k as f64,
-                            "{m}x{k}x{n} {accum:?}, ({i}, {j}): {got} vs {want}"
-                        );
-                    }
-                }
+                assert_matches_triple_loop(&dst, &start, dst_rs, product, tol, "transposed");
                 ran = true;
             }
         }
