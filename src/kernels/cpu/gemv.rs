@@ -35,8 +35,8 @@
 //!   slowdown beyond the noise. 512 B to 2 KiB ahead gave the same, 4 KiB less at 12
 //!   rows (`benches/RESULTS.md`). The hint changes no result.
 //! - The dots go to a small `d_out × m` buffer, then one pass applies `beta` and
-//!   [`Accum`] to `dst` (so the bias pre-fill and the low-rank term stay in one output
-//!   buffer).
+//!   [`super::Accum`] to `dst` (so the bias pre-fill and the low-rank term stay in one
+//!   output buffer), a run of a destination row at a time ([`output`]).
 //!
 //! **On by default** (`LORAKIT_DECODE_KERNEL=0` turns it off). Its summation order differs
 //! from the `gemm` crate's, so a frozen base's own forward on the CPU in f32/f64 runs
@@ -70,6 +70,7 @@
 //! transposed ([`transposed`]).
 
 mod lanes;
+mod output;
 mod row_major;
 mod transposed;
 
@@ -80,12 +81,13 @@ use rayon::prelude::*;
 
 use super::machine::{machine, Isa, Machine};
 use super::prefetch::prefetch;
-use super::same_type::{same, same_slice};
+use super::same_type::same;
 use super::transpose::transpose_columns;
-use super::{Accum, MatProduct, MatRef, Scratch};
+use super::{MatProduct, MatRef, Scratch};
 #[cfg(target_arch = "x86_64")]
 use lanes::{Avx2, Avx512};
 use lanes::{Lanes, Scalar};
+use output::{Orientation, Output, Products};
 
 /// Rows of `W` per register block.
 const NR: usize = 4;
@@ -233,16 +235,6 @@ pub(super) fn product_on<T: WithDType>(
     oriented_product_on(split, dst, dst_rs, product, Orientation::AsIs)
 }
 
-/// Where a product's `m × n` result goes in the destination.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Orientation {
-    /// Element `(i, j)` to `dst(i, j)`.
-    AsIs,
-    /// Element `(i, j)` to `dst(j, i)`: the product is the transpose of the one asked
-    /// for ([`transposed`]).
-    Transposed,
-}
-
 /// [`product_on`], the result written as `orientation` says.
 fn oriented_product_on<T: WithDType>(
     split: Split,
@@ -271,37 +263,6 @@ fn oriented_product_on<T: WithDType>(
     Some(applied)
 }
 
-/// The shape of a product's result and what to do with the destination's contents.
-#[derive(Clone, Copy)]
-struct Output<T> {
-    m: usize,
-    n: usize,
-    accum: Accum,
-    beta: T,
-}
-
-impl<T> Output<T> {
-    /// The same result seen transposed (`n × m`).
-    fn transposed(self) -> Self {
-        Self {
-            m: self.n,
-            n: self.m,
-            ..self
-        }
-    }
-}
-
-/// A product's `m × n` result as the kernel's forms leave it, before it reaches the
-/// destination.
-enum Products<F> {
-    /// Element `(i, j)` at `j · m + i` ([`dots`]).
-    Dots(Vec<F>),
-    /// The row-major form's per-task blocks ([`row_major::products`]): the task at column
-    /// `first` (a multiple of the `usize`) holds its `m × width` block row-major from
-    /// `first · m`.
-    Blocks(Vec<F>, usize),
-}
-
 /// The product in the kernel's dtype `F`, by the form that fits the right-hand side: its
 /// columns contiguous (`W`'s rows, [`dots`]) or its rows ([`row_major`]).
 fn products_of<F: Float>(
@@ -314,110 +275,6 @@ fn products_of<F: Float>(
     }
     let (blocks, per_task) = row_major::products::<F>(split, lhs, rhs)?;
     Ok(Products::Blocks(blocks, per_task.max(1)))
-}
-
-impl<F: WithDType> Products<F> {
-    /// Where element `(i, j)` of the `m × n` result is.
-    fn index(&self, m: usize, n: usize, i: usize, j: usize) -> usize {
-        match self {
-            Products::Dots(_) => j * m + i,
-            Products::Blocks(_, per_task) => {
-                let first = j / per_task * per_task;
-                let width = (*per_task).min(n - first);
-                first * m + i * width + (j - first)
-            }
-        }
-    }
-
-    /// Writes the `out.m × out.n` result to `dst` as `orientation` says (`F` is `T`, the
-    /// kernel's dtype, checked).
-    fn apply<T: WithDType>(
-        &self,
-        dst: &mut [T],
-        dst_rs: usize,
-        out: Output<T>,
-        orientation: Orientation,
-    ) -> candle_core::Result<()> {
-        let (m, n) = (out.m, out.n);
-        match (self, orientation) {
-            (Products::Dots(values), Orientation::AsIs) => {
-                apply(dst, dst_rs, values, out, |i, j| self.index(m, n, i, j))
-            }
-            // A run of each block's row is a run of a destination row: copied a run at a time.
-            (Products::Blocks(values, per_task), Orientation::AsIs) => {
-                apply_blocks(dst, dst_rs, values, *per_task, out)
-            }
-            (Products::Dots(values) | Products::Blocks(values, _), Orientation::Transposed) => {
-                apply(dst, dst_rs, values, out.transposed(), |i, j| {
-                    self.index(m, n, j, i)
-                })
-            }
-        }
-    }
-}
-
-/// `dst(i, j) = beta · values[at(i, j)]`, or `+=` with [`Accum::Add`]; `F` is `T` (the
-/// kernel's dtype, checked), `at` maps every element of the `m × n` result into `values`.
-fn apply<T: WithDType, F: WithDType>(
-    dst: &mut [T],
-    dst_rs: usize,
-    values: &[F],
-    out: Output<T>,
-    at: impl Fn(usize, usize) -> usize,
-) -> candle_core::Result<()> {
-    let Output { m, n, accum, beta } = out;
-    let Some(values) = same_slice::<F, T>(values) else {
-        candle_core::bail!("fused linear: products of another dtype than the output")
-    };
-    if values.len() != m * n {
-        candle_core::bail!(
-            "fused linear: {} products for a {m}x{n} result",
-            values.len()
-        );
-    }
-    for (i, row) in dst.chunks_mut(dst_rs).take(m).enumerate() {
-        for (j, d) in row.iter_mut().take(n).enumerate() {
-            let v = values.get(at(i, j)).copied().unwrap_or(T::from_f64(0.0));
-            *d = combined(*d, v, accum, beta);
-        }
-    }
-    Ok(())
-}
-
-/// [`apply`] for the row-major form's per-task blocks: the task at column `first` (a
-/// multiple of `per_task`) holds its `m × width` block row-major from `values[first · m]`,
-/// copied to `dst` a row's run at a time.
-fn apply_blocks<T: WithDType, F: WithDType>(
-    dst: &mut [T],
-    dst_rs: usize,
-    values: &[F],
-    per_task: usize,
-    out: Output<T>,
-) -> candle_core::Result<()> {
-    let Output { m, n, accum, beta } = out;
-    let Some(values) = same_slice::<F, T>(values).filter(|v| v.len() == m * n) else {
-        candle_core::bail!("fused linear: the row-major products do not fill a {m}x{n} result")
-    };
-    for first in (0..n).step_by(per_task.max(1)) {
-        let width = per_task.min(n - first);
-        let block = values.get(first * m..(first + width) * m).unwrap_or(&[]);
-        for (row, src) in dst.chunks_mut(dst_rs).zip(block.chunks_exact(width)) {
-            let run = row.get_mut(first..first + width).unwrap_or(&mut []);
-            for (d, &v) in run.iter_mut().zip(src) {
-                *d = combined(*d, v, accum, beta);
-            }
-        }
-    }
-    Ok(())
-}
-
-/// `beta · v`, added to `old` with [`Accum::Add`].
-#[inline(always)]
-fn combined<T: WithDType>(old: T, v: T, accum: Accum, beta: T) -> T {
-    match accum {
-        Accum::Replace => beta * v,
-        Accum::Add => old + beta * v,
-    }
 }
 
 /// The dtypes with vector code, and their implementations.
@@ -721,7 +578,7 @@ unsafe fn dot_block<S: Lanes, const NW: usize, const MR: usize>(
 
 #[cfg(test)]
 mod tests {
-    use super::super::{assert_matches_triple_loop, on_threads, test_values as vals};
+    use super::super::{assert_matches_triple_loop, on_threads, test_values as vals, Accum};
     use super::*;
 
     /// `isa` with tasks of at least 1 KiB of `W`: the small products of these tests split
