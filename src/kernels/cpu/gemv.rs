@@ -66,8 +66,8 @@
 //! [`row_major::max_rows`] rows (and the bound above).
 //!
 //! **Narrow results** (many rows, fewer columns than a vector's lanes: a LoRA layer's
-//! `x Aᵀ`, `g B` and `dB` below `r = 16` with AVX-512) run on the transpose, written back
-//! transposed ([`transposed`]).
+//! `x Aᵀ`, `g B` and `dB` below `r = 16` with AVX-512, and `dB` at 16 once `g` is at least
+//! one core's L2) run on the transpose, written back transposed ([`transposed`]).
 
 mod lanes;
 mod output;

@@ -2,7 +2,8 @@
 //! with many rows and fewer columns than a vector has lanes (`n` of them) is run as
 //! `dstᵀ = Rᵀ Lᵀ`, `n` rows of `Rᵀ` against `L`'s rows, and written back transposed.
 //! These are a LoRA layer's low-rank products whose result is `r` wide, at ranks below 16
-//! (`f32` with AVX-512; below 8 with AVX2):
+//! (`f32` with AVX-512; below 8 with AVX2), and `dB` at 16 (8) when `g` is large ("A full
+//! vector" below):
 //!
 //! - `x Aᵀ` and `g B` (`L` row-major, `n × d` by `d × r`): the dots form, `L`'s rows being
 //!   the weight rows it streams ([`super::dots`]; `B`'s columns are copied into rows);
@@ -16,9 +17,7 @@
 //! 100 calls, 5 rounds alternating in one process, on a busy host), the three products
 //! of a step together, against the route they took before (the rows split over the
 //! threads, [`super::super::thin`]): at `d = 1024` 389 → 253 µs at `r = 8` and 415 → 153
-//! at `r = 4`; at `d = 2048` 809 → 479 and 822 → 293. At `r = 16`, a full vector, the
-//! two were within a few percent either way (`dB` 178 → 190 µs at `d = 1024`, 365 → 316
-//! at 2048), so there the products stay where they were (`benches/RESULTS.md`, "Narrow
+//! at `r = 4`; at `d = 2048` 809 → 479 and 822 → 293 (`benches/RESULTS.md`, "Narrow
 //! low-rank products").
 //!
 //! So the bound is one from what the CPU reports, not a constant fitted to those timings:
@@ -27,6 +26,23 @@
 //! the straight route copies `W` row-major ([`super::short_dots_pay_for_a_copy`]), is left
 //! to the other routes: the copy here would be of the large operand. The portable code
 //! (no AVX2) does not take the route: it was not timed against the `gemm` crate's.
+//!
+//! **A full vector.** At `r` = the lanes (16 `f32` with AVX-512, 8 with AVX2) the `gemm`
+//! crate's vectors are full, and `dB` goes where `g` decides: while `g` fits in one
+//! core's L2 the `gemm` crate, reading it from there, is faster; from one L2 on the
+//! row-major form, streaming `g`'s rows in order, is, by up to 2.6× (the `gemm` crate reads
+//! `gᵀ` a few elements from each of many rows 4 KiB or more apart). So the row-major form
+//! takes a full vector's width when `L` is at least one core's L2
+//! ([`widest_streamed_result`]). On the Intel Xeon (2 MiB L2; `dB` at `r = 16`, the two
+//! routes alternating in one process, paired medians of the row-major form's time over the
+//! `gemm` crate's): at 128 rows 1.32–1.73 for `d` = 768–2048 (`g` 0.4–1 MiB); at 512 rows
+//! 1.18–1.28 at `d = 768` and 1.12–1.13 at 1008 (`g` 1.5 and 1.97 MiB), 0.75–0.80 at 1024,
+//! 0.89 at 1536, 0.85 at 2000, 0.55–0.59 at 2048, 0.41 at 3072, 0.52–0.55 at 4096, 0.39 at
+//! 5120 (two runs where two numbers); at 2048 rows 0.58–0.95 for `d` = 768–2048. With the
+//! decode kernel forced to AVX2 (`r = 8`; the `gemm` crate still on AVX-512) the rule
+//! picked the faster route, or one 2.5% slower (2048 rows, `d = 768`), and the route it
+//! left was up to 1.8× slower. The crossover lies between 1.5 and 3 MiB on that CPU; it
+//! was not timed on an AMD EPYC (`benches/RESULTS.md`, "A full vector's `dB`").
 //!
 //! With a BLAS backend (the `openblas` or `mkl` feature) the backend takes these
 //! products first, as before; this route was not timed against it.
@@ -86,10 +102,22 @@ fn split_for(
         (1, _) => dot_rows(k, size, machine),
         (_, 1) => l2_rows(k, size, machine)
             .min(row_major::max_rows(machine.isa))
-            .min(machine.isa.lanes(size) - 1),
+            .min(widest_streamed_result(machine, m * k * size, size)),
         _ => return None,
     };
     (n > 0 && n <= most_rows && n < m).then(|| Split::of(machine, n))
+}
+
+/// The widest result the row-major form takes here for a left-hand side of `bytes`:
+/// fewer columns than a vector's lanes, or a full vector's worth once the left-hand side
+/// is at least one core's L2 cache (module docs, "A full vector").
+fn widest_streamed_result(machine: &Machine, bytes: usize, size: usize) -> usize {
+    let lanes = machine.isa.lanes(size);
+    if bytes >= machine.l2 {
+        lanes
+    } else {
+        lanes - 1
+    }
 }
 
 #[cfg(test)]
@@ -100,8 +128,9 @@ mod tests {
     const AVX512: Machine = Machine::AVX512_SERVER;
 
     /// Of a LoRA step's products at `n = 512`, `d = 1024` (`f32`): `x Aᵀ` and `g B` (a
-    /// row-major left-hand side) through the dots, `dB` (a column-major one) through the
-    /// row-major form, up to `r = 15` with AVX-512 and 7 with AVX2; the base
+    /// row-major left-hand side) through the dots, up to `r = 15` with AVX-512 and 7 with
+    /// AVX2; `dB` (a column-major one, `g` 2 MiB: one L2) through the row-major form up
+    /// to a full vector, `r = 16` and 8, and at `d = 768` (1.5 MiB) below it; the base
     /// products, the ones with `r` as their inner dimension, and a result as wide as it is
     /// tall do not take the route; nor a short inner dimension for the dots.
     #[test]
@@ -113,12 +142,15 @@ mod tests {
         let row_major = (1024, 1);
         let column_major = (1, 1024);
         let takes = |machine: &Machine, strides, shape| split_for(machine, strides, shape, 4);
-        for (machine, dots, sums) in [(&AVX512, 15, 15), (&avx2, 7, 7)] {
+        for (machine, dots, sums) in [(&AVX512, 15, 16), (&avx2, 7, 8)] {
             for r in 1..=20 {
                 let x_at = takes(machine, row_major, (512, 1024, r));
                 assert_eq!(x_at.is_some(), r <= dots, "x Aᵀ at r = {r}");
                 let db = takes(machine, column_major, (1024, 512, r));
                 assert_eq!(db.is_some(), r <= sums, "dB at r = {r}");
+                // `g` under the L2 (1.5 MiB): a full vector's width stays with the `gemm` crate.
+                let small_db = takes(machine, (1, 768), (768, 512, r));
+                assert_eq!(small_db.is_some(), r < sums, "dB at d = 768, r = {r}");
             }
             assert!(takes(machine, row_major, (512, 1024, 1024)).is_none());
             assert!(takes(machine, row_major, (512, 8, 1024)).is_none());
@@ -153,6 +185,27 @@ mod tests {
         if !ran {
             println!("transposed decode route: skipped, not taken on this CPU");
         }
+        Ok(())
+    }
+
+    /// A result a full vector wide from a column-major left-hand side of at least one
+    /// L2 (`dB` at `r = 16` with AVX-512, 8 with AVX2), `f32` and `f64`, on this CPU's
+    /// vector code: taken, and as [`rerouted_products_match_a_triple_loop`] checks.
+    #[test]
+    fn full_vector_results_from_a_large_operand_match_a_triple_loop() -> candle_core::Result<()> {
+        let Some(machine) = decode_machine().filter(|m| m.isa != Isa::Scalar) else {
+            println!("transposed decode route: skipped, no vector code on this CPU");
+            return Ok(());
+        };
+        let m = 1100;
+        let shape = |size: usize| (machine.l2.div_ceil(m * size) + 3, machine.isa.lanes(size));
+        let (k, n) = shape(4);
+        assert!(rerouted::<f32>(m, k, n, 1e-6)?, "f32 {m}x{k}x{n} not taken");
+        let (k, n) = shape(8);
+        assert!(
+            rerouted::<f64>(m, k, n, 1e-14)?,
+            "f64 {m}x{k}x{n} not taken"
+        );
         Ok(())
     }
 
