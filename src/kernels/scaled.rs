@@ -4,7 +4,7 @@
 //! [`ScaledLowRankLinear::forward`] runs it as one fused op on the CPU (f32/f64; f16/bf16
 //! computed in f32): the backward computes the vectors' gradients from the forward's saved
 //! `x Aᵀ` and `(mid ⊙ x Aᵀ) Bᵀ` without forming a gradient for `A` or `B`, three GEMMs
-//! where the generic [`FusedLinear`] (with `B_eff = diag(out) B diag(mid)`) needs four.
+//! where the generic [`super::FusedLinear`] (with `B_eff = diag(out) B diag(mid)`) needs four.
 //! On CUDA (feature `cuda`) the same op runs through cuBLAS and small kernels
 //! (`kernels::cuda`). Other devices take [`ScaledLowRankLinear::forward_composed`].
 

@@ -282,7 +282,7 @@ impl Adapter for LoraLinear {
 
 crate::impl_module_for_adapter!(LoraLinear);
 
-/// [`AdapterLayer`] for a layer type configured by a [`LoraConfig`] and built by its
+/// [`crate::variants::build::AdapterLayer`] for a layer type configured by a [`LoraConfig`] and built by its
 /// `new(base, &config, vb)`: every LoRA-family layer.
 macro_rules! lora_config_layer {
     ($layer:ty, $variant:expr) => {

@@ -27,7 +27,7 @@
 //! 512 and 64 columns for `f32`. They are not kept as constants but as the rules above, in
 //! the quantity each one scales with — the vector width in elements of the dtype
 //! (`lanes`, from the instruction set the CPU reports) and the L1 data cache (from sysfs or
-//! CPUID, [`super::machine`]) — which give those measured values on that machine and
+//! CPUID, [`mod@super::machine`]) — which give those measured values on that machine and
 //! scale with a wider vector (AVX-512), a narrower one (the portable code), another dtype
 //! or another cache elsewhere.
 
@@ -137,7 +137,7 @@ fn route_by<T>(lhs: &MatRef<T>, rhs: &MatRef<T>, th: &Thresholds) -> Option<Rout
 }
 
 /// Runs [`super::gemm_into`]'s product (`dst = beta · lhs · rhs`, or `+=` with
-/// [`Accum::Add`]) by its [`route`] and returns `Some`, or `None` when the product should
+/// [`Accum::Add`]) by its route ([`route_by`]) and returns `Some`, or `None` when the product should
 /// go straight to `gemm`. The caller has checked the shapes and that `dst` holds the
 /// `m × n` result at row stride `dst_rs ≥ n`.
 pub(super) fn reroute<T: WithDType>(

@@ -22,7 +22,7 @@
 //!   scalar code. Each output element is one accumulator's lanes summed in a fixed order
 //!   plus its tail: the result does not depend on the thread count or on the block an
 //!   element falls in.
-//! - Instruction set ([`super::machine`]): AVX-512F, AVX2 + FMA or portable code, detected
+//! - Instruction set ([`mod@super::machine`]): AVX-512F, AVX2 + FMA or portable code, detected
 //!   at run time (`LORAKIT_CPU_ISA` lowers it).
 //! - Each row of `W` in a block is asked for [`PREFETCH_BYTES`] ahead of its loads
 //!   ([`super::prefetch`]): with more than one row of `x` the loop does more work per

@@ -82,7 +82,7 @@ impl<T: WithDType> WeightMat<'_, T> {
 }
 
 /// At most this many input rows take the row-streaming product (decode): in f32 over Q8_0,
-/// Q4_K, Q5_K and Q6_K the fused dequantize-and-dot kernels ([`dot`]); otherwise each row of
+/// Q4_K, Q5_K and Q6_K the fused dequantize-and-dot kernels ([`mod@dot`]); otherwise each row of
 /// `W` is dequantized into a small per-task buffer and dotted with every input row at once
 /// (in f64), with no tile written out and read back.
 const STREAM_ROWS: usize = dot::MAX_X_ROWS;

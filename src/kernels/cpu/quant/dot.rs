@@ -42,7 +42,7 @@ pub(crate) enum Isa {
 
 impl Isa {
     /// The fastest set this CPU has, no wider than the machine's choice
-    /// ([`super::super::machine`], which `LORAKIT_CPU_ISA` lowers for every kernel).
+    /// ([`mod@super::super::machine`], which `LORAKIT_CPU_ISA` lowers for every kernel).
     pub(crate) fn best() -> Self {
         use super::super::machine::{machine, Isa as Machine};
         let allowed = machine().isa;
