@@ -245,8 +245,8 @@ fn gemm_into<T: WithDType>(
     if let Some(done) = blas::gemm(dst, dst_rs, product) {
         return done;
     }
-    // A narrow result (a low-rank product fewer than a vector's lanes wide): the decode
-    // kernel on its transpose.
+    // A narrow result (a low-rank product fewer than a vector's lanes wide, or `dB` a full
+    // vector wide from a `g` of at least one L2): the decode kernel on its transpose.
     if let Some(done) = gemv::reroute_transposed(dst, dst_rs, product) {
         return done;
     }
@@ -451,8 +451,15 @@ pub(crate) fn as_rows<'a, T: Copy>(
     Ok(Rows::Owned(gather_strided(data, layout)?, n, d))
 }
 
-/// The elements of a strided layout in row-major order.
+/// The elements of a strided layout in row-major order (one copy of the run for a
+/// contiguous layout: a layer's bias on every call).
 pub(crate) fn gather_strided<T: Copy>(data: &[T], layout: &Layout) -> candle_core::Result<Vec<T>> {
+    if let Some((start, end)) = layout.contiguous_offsets() {
+        return match data.get(start..end) {
+            Some(run) => Ok(run.to_vec()),
+            None => candle_core::bail!("fused linear: layout {layout:?} overruns its buffer"),
+        };
+    }
     let (dims, strides) = (layout.dims(), layout.stride());
     let count: usize = dims.iter().product();
     let mut out = Vec::with_capacity(count);
@@ -812,6 +819,33 @@ fn test_values(len: usize, seed: f64) -> Vec<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A tensor's elements in row-major order, whatever its layout: contiguous (from the
+    /// buffer's start or an offset into it) and strided, against candle's own copy.
+    #[test]
+    fn gathered_elements_follow_the_layout() -> candle_core::Result<()> {
+        let t = Tensor::arange(0f32, 24., &candle_core::Device::Cpu)?.reshape((4, 6))?;
+        let views = [
+            t.clone(),
+            t.narrow(0, 1, 2)?,
+            t.narrow(1, 2, 3)?,
+            t.t()?,
+            t.flatten_all()?.narrow(0, 5, 9)?,
+        ];
+        for view in &views {
+            let gathered = with_slice(view, gather_strided::<f32>)?;
+            assert_eq!(
+                gathered,
+                view.flatten_all()?.to_vec1::<f32>()?,
+                "{:?}",
+                view.layout()
+            );
+        }
+        let outside = Layout::contiguous_with_offset((3, 4), 20);
+        let data = [0f32; 24];
+        assert!(gather_strided(&data, &outside).is_err());
+        Ok(())
+    }
 
     /// The backward's recompute fallbacks (no saved `x Aᵀ`, no saved `u`) give the same
     /// gradients as the saved intermediates the forward normally hands over.

@@ -282,8 +282,8 @@ impl Adapter for LoraLinear {
 
 crate::impl_module_for_adapter!(LoraLinear);
 
-/// [`crate::variants::build::AdapterLayer`] for a layer type configured by a [`LoraConfig`] and built by its
-/// `new(base, &config, vb)`: every LoRA-family layer.
+/// [`crate::variants::build::AdapterLayer`] for a layer type configured by a
+/// [`LoraConfig`] and built by its `new(base, &config, vb)`: every LoRA-family layer.
 macro_rules! lora_config_layer {
     ($layer:ty, $variant:expr) => {
         impl $crate::variants::build::AdapterLayer for $layer {

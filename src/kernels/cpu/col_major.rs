@@ -137,9 +137,9 @@ fn route_by<T>(lhs: &MatRef<T>, rhs: &MatRef<T>, th: &Thresholds) -> Option<Rout
 }
 
 /// Runs [`super::gemm_into`]'s product (`dst = beta · lhs · rhs`, or `+=` with
-/// [`Accum::Add`]) by its route ([`route_by`]) and returns `Some`, or `None` when the product should
-/// go straight to `gemm`. The caller has checked the shapes and that `dst` holds the
-/// `m × n` result at row stride `dst_rs ≥ n`.
+/// [`Accum::Add`]) by its route ([`route_by`]) and returns `Some`, or `None` when the
+/// product should go straight to `gemm`. The caller has checked the shapes and that `dst`
+/// holds the `m × n` result at row stride `dst_rs ≥ n`.
 pub(super) fn reroute<T: WithDType>(
     dst: &mut [T],
     dst_rs: usize,

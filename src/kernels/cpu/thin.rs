@@ -2,8 +2,8 @@
 //! products, where the rank `r` is the inner dimension or the output's width — `x Aᵀ`
 //! (`n × d_in` by `d_in × r`), `(x Aᵀ) Bᵀ` (inner `r`), `g B`, `(g B) A` and
 //! `dB = gᵀ (x Aᵀ)` (`d_out × n` by `n × r`). Those `r` wide with `r` below a vector's
-//! lanes go to the decode kernel, transposed, before this route
-//! ([`super::gemv`]'s `transposed`).
+//! lanes, and `dB` a full vector wide once `g` is at least one core's L2, go to the decode
+//! kernel, transposed, before this route ([`super::gemv`]'s `transposed`).
 //!
 //! With the destination's rows cut into one contiguous range per thread, each range one
 //! single-threaded `gemm` call, each of these took 15–45% less time than through the
@@ -125,7 +125,8 @@ mod tests {
     /// threads with AVX-512 (`f32`); `dA`, the base products, a rank past one chunk, one
     /// thread, and too few rows per thread do not. (This route's own rule: in
     /// [`gemm_into`] the narrower results among them, fewer columns than a vector's lanes,
-    /// go to the decode kernel's transposed route first.)
+    /// and this `dB`, whose `g` is one L2, go to the decode kernel's transposed route
+    /// first.)
     #[test]
     fn the_low_rank_products_take_the_route() {
         let takes2 = |m, k, n| takes(m, k, n, 2, 4, &AVX512);

@@ -5,11 +5,12 @@
 //!
 //! Each of the four layout and orientation pairs has its own loop over runs of the
 //! destination's rows, reading the products at a fixed stride, with no index arithmetic
-//! per element. One general loop that worked out each element's place took 2.5–4.4× as
-//! long, the same bits either way (an Intel Xeon, family 6 model 207, `f32`, `Accum::Add`,
-//! the two alternating in one process; `benches/RESULTS.md`, "Writing the decode kernel's
-//! products"): `dB` transposed at `r = 8`, `d = 1024` 38 → 13 µs, the one-row forward's
-//! 2048 dots 3.2 → 1.2 µs, 4 rows' 12.8 → 5.2.
+//! per element. Three of them went through one general loop that worked out each
+//! element's place (the row-major form's blocks as they stand already wrote runs), which
+//! took 2.3–4.4× as long, the same bits either way (an Intel Xeon, family 6 model 207,
+//! `f32`, `Accum::Add`, the two alternating in one process; `benches/RESULTS.md`, "Writing
+//! the decode kernel's products"): `dB` transposed at `r = 8`, `d = 1024` 38 → 13 µs, the
+//! one-row forward's 2048 dots 3.2 → 1.2 µs, 4 rows' 12.8 → 5.2.
 
 use candle_core::WithDType;
 
@@ -137,4 +138,98 @@ fn blocks<T>(
         let block = values.get(first * m..(first + width) * m).unwrap_or(&[]);
         (first, width, block)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Element `(i, j)` of an `m × n` result in the layouts the [`Products`] docs give:
+    /// the dots column by column; the blocks, task by task, each row-major.
+    fn at(products: &Products<f64>, m: usize, n: usize, i: usize, j: usize) -> f64 {
+        match products {
+            Products::Dots(v) => v[j * m + i],
+            Products::Blocks(v, per_task) => {
+                let first = j / per_task * per_task;
+                let width = (*per_task).min(n - first);
+                v[first * m + i * width + (j - first)]
+            }
+        }
+    }
+
+    /// Every layout, orientation and [`Accum`], with blocks that do and do not divide the
+    /// result (and one wider than it), single rows and columns and a padded destination:
+    /// each destination element is `beta ·` its product (plus what was there, with
+    /// [`Accum::Add`]), and the padding keeps its values.
+    #[test]
+    fn every_layout_lands_where_its_docs_say() -> candle_core::Result<()> {
+        for (m, n) in [(3, 10), (1, 7), (5, 1), (4, 16)] {
+            let values: Vec<f64> = (0..m * n).map(|v| v as f64 + 0.5).collect();
+            let layouts = [
+                Products::Dots(values.clone()),
+                Products::Blocks(values.clone(), 4),
+                Products::Blocks(values.clone(), 3),
+                Products::Blocks(values.clone(), 64),
+            ];
+            for products in &layouts {
+                for orientation in [Orientation::AsIs, Orientation::Transposed] {
+                    for (accum, beta) in [(Accum::Replace, 2.0), (Accum::Add, -0.5)] {
+                        let (rows, cols) = match orientation {
+                            Orientation::AsIs => (m, n),
+                            Orientation::Transposed => (n, m),
+                        };
+                        let dst_rs = cols + 2;
+                        let start: Vec<f64> = (0..rows * dst_rs).map(|v| -(v as f64)).collect();
+                        let mut dst = start.clone();
+                        let out = Output { m, n, accum, beta };
+                        products.apply(&mut dst, dst_rs, out, orientation)?;
+                        for (r, row) in dst.chunks(dst_rs).enumerate() {
+                            for (c, &got) in row.iter().enumerate() {
+                                let old = start[r * dst_rs + c];
+                                let want = match (c < cols, orientation) {
+                                    (false, _) => old,
+                                    (true, Orientation::AsIs) => at(products, m, n, r, c),
+                                    (true, Orientation::Transposed) => at(products, m, n, c, r),
+                                };
+                                let want = match (c < cols, accum) {
+                                    (false, _) => want,
+                                    (true, Accum::Replace) => beta * want,
+                                    (true, Accum::Add) => old + beta * want,
+                                };
+                                assert_eq!(got, want, "{m}x{n} {orientation:?} at ({r}, {c})");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Products that do not fill the result, or of another dtype than the destination,
+    /// are an error, and the destination is left as it was.
+    #[test]
+    fn a_short_or_mistyped_result_is_an_error() {
+        let out = Output {
+            m: 2,
+            n: 3,
+            accum: Accum::Replace,
+            beta: 1.0,
+        };
+        let mut dst = vec![7.0f64; 6];
+        let short = Products::Blocks(vec![1.0f64; 5], 2);
+        assert!(short.apply(&mut dst, 3, out, Orientation::AsIs).is_err());
+        let mut dst32 = vec![7.0f32; 6];
+        let out32 = Output {
+            m: 2,
+            n: 3,
+            accum: Accum::Replace,
+            beta: 1.0f32,
+        };
+        let mistyped = Products::Dots(vec![1.0f64; 6]);
+        assert!(mistyped
+            .apply(&mut dst32, 3, out32, Orientation::AsIs)
+            .is_err());
+        assert!(dst.iter().all(|&v| v == 7.0) && dst32.iter().all(|&v| v == 7.0));
+    }
 }

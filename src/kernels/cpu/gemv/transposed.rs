@@ -21,28 +21,32 @@
 //! low-rank products").
 //!
 //! So the bound is one from what the CPU reports, not a constant fitted to those timings:
-//! fewer columns than a vector's lanes, within each form's own limits ([`super::dot_rows`],
+//! fewer columns than a vector's lanes (and a full vector for `dB` from a large `g`,
+//! below), within each form's own limits ([`super::dot_rows`],
 //! [`super::row_major::max_rows`]). A dots product with a short inner dimension, where
 //! the straight route copies `W` row-major ([`super::short_dots_pay_for_a_copy`]), is left
 //! to the other routes: the copy here would be of the large operand. The portable code
 //! (no AVX2) does not take the route: it was not timed against the `gemm` crate's.
 //!
 //! **A full vector.** At `r` = the lanes (16 `f32` with AVX-512, 8 with AVX2) the `gemm`
-//! crate's vectors are full, and `dB` goes where `g` decides: while `g` fits in one
-//! core's L2 the `gemm` crate, reading it from there, is faster; from one L2 on the
-//! row-major form, streaming `g`'s rows in order, is, by up to 2.6× (the `gemm` crate reads
-//! `gᵀ` a few elements from each of many rows 4 KiB or more apart). So the row-major form
-//! takes a full vector's width when `L` is at least one core's L2
-//! ([`widest_streamed_result`]). On the Intel Xeon (2 MiB L2; `dB` at `r = 16`, the two
-//! routes alternating in one process, paired medians of the row-major form's time over the
-//! `gemm` crate's): at 128 rows 1.32–1.73 for `d` = 768–2048 (`g` 0.4–1 MiB); at 512 rows
-//! 1.18–1.28 at `d = 768` and 1.12–1.13 at 1008 (`g` 1.5 and 1.97 MiB), 0.75–0.80 at 1024,
-//! 0.89 at 1536, 0.85 at 2000, 0.55–0.59 at 2048, 0.41 at 3072, 0.52–0.55 at 4096, 0.39 at
-//! 5120 (two runs where two numbers); at 2048 rows 0.58–0.95 for `d` = 768–2048. With the
-//! decode kernel forced to AVX2 (`r = 8`; the `gemm` crate still on AVX-512) the rule
-//! picked the faster route, or one 2.5% slower (2048 rows, `d = 768`), and the route it
-//! left was up to 1.8× slower. The crossover lies between 1.5 and 3 MiB on that CPU; it
-//! was not timed on an AMD EPYC (`benches/RESULTS.md`, "A full vector's `dB`").
+//! crate's vectors are full, and which route is faster for `dB` depends on the size of `g`:
+//! the `gemm` crate while `g` is small, the row-major form, which streams `g`'s rows in
+//! order, once `g` is large; the `gemm` crate suffers most at the power-of-two widths,
+//! where `g`'s rows are a multiple of 4 KiB apart. On an Intel Xeon (family 6 model 207,
+//! 2 MiB L2 per core, 2 threads, `f32`; `dB` at `r = 16`, the two alternating in one
+//! process, paired medians of the row-major form's time over the `gemm` crate's;
+//! `benches/RESULTS.md`, "A full vector's `dB`"): at 128 rows 1.26–1.92 (`d` = 768–2048,
+//! `g` 0.4–1 MiB); at 512 rows 1.08 at `d = 768` (1.5 MiB), 0.97 at 1008 (1.97 MiB), 0.78
+//! at 1024, 0.90–0.98 at 1040–1200, 0.77–0.78 at 1536 and 2000, 0.58–0.59 at 2048 and
+//! 4096; at 2048 rows 0.64–0.96. So the crossover is near one core's L2 of `g` (not the
+//! `threads ×` L2 that the `gemm` crate's split of `g` over the threads would suggest:
+//! from 2 to 3.9 MiB the row-major form was already ahead), and the row-major form takes
+//! a full vector's width when `L` is at least one core's L2 ([`widest_streamed_result`]).
+//! That bound is a measured crossover put in the unit the CPU reports, not derived: it was
+//! timed on that one CPU at 2 threads, in `f32` only (in `f64` the rule sends `r = 8`
+//! with AVX-512, untimed), and not on an AMD EPYC or an AVX2 CPU (with the decode kernel
+//! forced to AVX2 on the Xeon, `r = 8` against the `gemm` crate still on AVX-512, the
+//! rule's pick was the faster route or within 3% in 9 cases).
 //!
 //! With a BLAS backend (the `openblas` or `mkl` feature) the backend takes these
 //! products first, as before; this route was not timed against it.
@@ -110,7 +114,8 @@ fn split_for(
 
 /// The widest result the row-major form takes here for a left-hand side of `bytes`:
 /// fewer columns than a vector's lanes, or a full vector's worth once the left-hand side
-/// is at least one core's L2 cache (module docs, "A full vector").
+/// is at least one core's L2 cache (module docs, "A full vector": a crossover measured on
+/// one Intel Xeon).
 fn widest_streamed_result(machine: &Machine, bytes: usize, size: usize) -> usize {
     let lanes = machine.isa.lanes(size);
     if bytes >= machine.l2 {
@@ -157,6 +162,16 @@ mod tests {
             assert!(takes(machine, (8, 1), (8, 1024, 8)).is_none());
             assert!(takes(machine, (3, 7), (512, 1024, 4)).is_none());
         }
+        // f64 with AVX-512 (8 lanes): `dB` at r = 8 from a 4 MiB `g`, not from a 1 MiB one.
+        let takes8 = |strides, shape| split_for(&AVX512, strides, shape, 8).is_some();
+        assert!(takes8(column_major, (1024, 512, 8)));
+        assert!(!takes8((1, 256), (256, 512, 8)) && takes8((1, 256), (256, 512, 7)));
+        // The bound is the machine's L2: with 512 KiB, `dB` at d = 768 (1.5 MiB) takes it.
+        let small_l2 = Machine {
+            l2: 512 << 10,
+            ..AVX512
+        };
+        assert!(takes(&small_l2, (1, 768), (768, 512, 16)).is_some());
         let portable = Machine {
             isa: Isa::Scalar,
             ..AVX512
