@@ -28,7 +28,9 @@ close lorakit's would have to run for 0.9 × PEFT's time.
 runs the lorakit side once per feature set in every round and adds a table of the fused
 cases side by side, one column per backend. `amx` there is no cargo feature but the
 default build run with `LORAKIT_CPU_AMX=1` (large f32 products on Intel AMX tiles, where
-the CPU has them; the route is opt-in).
+the CPU has them; the route is opt-in), and `nopacked` the default build run with
+`LORAKIT_PACKED_PRODUCTS=0` (large f32 products on the `gemm` crate and the chunked route
+instead of lorakit's own AVX-512 packing and register block).
 
 Page faults per training step (fused forward + backward + AdamW at n = 512, d = 1024 and
 2048, r = 16, steps 1..30 of a fresh process; `cargo bench --bench step_faults`, with and
@@ -212,7 +214,7 @@ def variants_table(t, k):
 
 # Runtime settings that --lorakit-features takes as if they were feature sets: the
 # default build with these environment variables.
-RUNTIME_SETS = {"amx": {"LORAKIT_CPU_AMX": "1"}}
+RUNTIME_SETS = {"amx": {"LORAKIT_CPU_AMX": "1"}, "nopacked": {"LORAKIT_PACKED_PRODUCTS": "0"}}
 
 
 def lorakit_cases(threads, features="default", bench="compare_json"):

@@ -13,6 +13,8 @@ mod col_major;
 mod gemv;
 mod in_place;
 mod machine;
+#[cfg(target_arch = "x86_64")]
+mod packed;
 mod pool;
 mod prefetch;
 mod quant;
@@ -166,6 +168,15 @@ pub(crate) fn amx_products() -> bool {
     return false;
 }
 
+/// Whether large `f32` products run on lorakit's own AVX-512 packing and register block in
+/// this process (`packed`).
+pub(crate) fn packed_products() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return packed::in_use();
+    #[cfg(not(target_arch = "x86_64"))]
+    return false;
+}
+
 /// The thread setting candle's own CPU matmul uses (`RAYON_NUM_THREADS` or all cores);
 /// gemm itself keeps small products on one thread.
 fn parallelism() -> gemm::Parallelism {
@@ -221,6 +232,15 @@ impl<'a, T> MatProduct<'a, T> {
     }
 }
 
+/// A second product added into a destination beside its main one: `dst += scale · lhs ·
+/// rhs` (a LoRA factor pair's term beside a layer's base product).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AddedTerm<'a, T> {
+    pub lhs: MatRef<'a, T>,
+    pub rhs: MatRef<'a, T>,
+    pub scale: T,
+}
+
 /// `dst = beta · lhs · rhs` ([`Accum::Replace`]) or `dst += beta · lhs · rhs`
 /// ([`Accum::Add`]), `dst` a row-major `m × n` matrix with row stride `dst_rs` (at least
 /// `n`).
@@ -232,39 +252,72 @@ fn gemm_into<T: WithDType>(
     accum: Accum,
     beta: T,
 ) -> candle_core::Result<()> {
-    if !check_product(dst, dst_rs, lhs, rhs, accum)? {
-        return Ok(());
+    gemm_plus_into(dst, dst_rs, MatProduct::new(lhs, rhs, accum, beta), None)
+}
+
+/// [`gemm_into`]'s product, then `term` added: in the same passes over `dst` where the
+/// packed route takes both (`packed`: a layer's base product at many rows with its
+/// low-rank term), else as a second product.
+fn gemm_plus_into<T: WithDType>(
+    dst: &mut [T],
+    dst_rs: usize,
+    product: MatProduct<T>,
+    term: Option<AddedTerm<T>>,
+) -> candle_core::Result<()> {
+    let added = route_product(dst, dst_rs, product, term)?;
+    match term {
+        Some(t) if !added => gemm_into(dst, dst_rs, t.lhs, t.rhs, Accum::Add, t.scale),
+        _ => Ok(()),
     }
-    let product = MatProduct::new(lhs, rhs, accum, beta);
+}
+
+/// Runs a product by its route (below); returns whether `term` was added with it.
+fn route_product<T: WithDType>(
+    dst: &mut [T],
+    dst_rs: usize,
+    product: MatProduct<T>,
+    term: Option<AddedTerm<T>>,
+) -> candle_core::Result<bool> {
+    let (lhs, rhs, accum, _) = product.parts();
+    if !check_product(dst, dst_rs, lhs, rhs, accum)? {
+        return Ok(false);
+    }
     // A few rows against a large `W`: the decode kernel streams `W` once, ahead of a BLAS
     // backend too (faster than `cblas_sgemm` at one row, `benches/RESULTS.md`).
     if let Some(done) = gemv::reroute(dst, dst_rs, product) {
-        return done;
+        return done.map(|()| false);
     }
     #[cfg(any(feature = "openblas", feature = "mkl"))]
     if let Some(done) = blas::gemm(dst, dst_rs, product) {
-        return done;
+        return done.map(|()| false);
     }
     // A narrow result (a low-rank product fewer than a vector's lanes wide, or `dB` a full
     // vector wide from a `g` of at least one L2): the decode kernel on its transpose.
     if let Some(done) = gemv::reroute_transposed(dst, dst_rs, product) {
-        return done;
+        return done.map(|()| false);
     }
     // A short side (a LoRA factor's rank) besides many rows: the rows split by hand.
     if let Some(done) = thin::reroute(dst, dst_rs, product) {
-        return done;
+        return done.map(|()| false);
     }
     // Large `f32` products on AMX tiles, at `f32`-level accuracy, when asked for
     // (`LORAKIT_CPU_AMX=1`).
     #[cfg(target_arch = "x86_64")]
     if let Some(done) = amx::reroute(dst, dst_rs, product) {
+        return done.map(|()| false);
+    }
+    // Large `f32` products on lorakit's own AVX-512 packing and register block.
+    #[cfg(target_arch = "x86_64")]
+    if let Some(done) = packed::reroute(dst, dst_rs, product, term) {
         return done;
     }
     if let Some(done) = col_major::reroute(dst, dst_rs, product) {
-        return done;
+        return done.map(|()| false);
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = term;
     gemm_checked(dst, dst_rs, product, parallelism());
-    Ok(())
+    Ok(false)
 }
 
 /// `dst = lhs · rhs` ([`Accum::Replace`]) or `dst += lhs · rhs` ([`Accum::Add`]) through
@@ -548,21 +601,25 @@ pub(crate) fn forward<T: WithDType>(p: &Forward<T>) -> candle_core::Result<Forwa
         (_, None) => (Scratch::from_vec(vec![zero; n * d_out]), Accum::Replace),
         (_, Some(_)) => (Scratch::zeros(n * d_out), Accum::Replace),
     };
-    p.w.times_t(&mut y, p.x, base)?;
     let mut xa = Scratch::zeros(0);
+    let mut term = None;
     if let Some((a, b, s)) = p.low_rank {
         let r = a.rows;
         xa = Scratch::zeros(n * r);
         gemm_into(&mut xa, r, p.low_rank_input(), a.t(), Accum::Replace, one)?;
-        gemm_into(
-            &mut y,
-            d_out,
-            MatRef::contiguous(&xa, n, r)?,
-            b.t(),
-            Accum::Add,
-            s,
-        )?;
+        term = Some((b, s));
     }
+    // The low-rank term `s (x̃ Aᵀ) Bᵀ` goes in with the base product, in the same passes
+    // over `y` where the route allows (`packed`).
+    let term = match term {
+        Some((b, s)) => Some(AddedTerm {
+            lhs: MatRef::contiguous(&xa, n, b.cols)?,
+            rhs: b.t(),
+            scale: s,
+        }),
+        None => None,
+    };
+    p.w.times_t(&mut y, p.x, base, term)?;
     // With a row scale the buffer now holds u (no bias yet): keep it for the backward.
     match &p.row_scale {
         Some(c) => {
@@ -672,11 +729,21 @@ pub(crate) fn backward<T: WithDType>(p: &Backward<T>) -> candle_core::Result<Gra
     };
     if p.need.x {
         let mut dx = vec![zero; n * d_in];
-        f.w.grad_times(&mut dx, gs)?;
+        // Without dropout the low-rank term `s (g' B) A` goes in with `g' W`, in the same
+        // passes over `dx` where the route allows (`packed`).
+        let term = match (f.low_rank, &gb, &f.dropped) {
+            (Some((a, _, s)), Some(gb), None) => Some(AddedTerm {
+                lhs: MatRef::contiguous(gb, n, r)?,
+                rhs: a,
+                scale: s,
+            }),
+            _ => None,
+        };
+        f.w.grad_times(&mut dx, gs, term)?;
         if let (Some((a, _, s)), Some(gb)) = (f.low_rank, &gb) {
             let gb = MatRef::contiguous(gb, n, r)?;
             match &f.dropped {
-                None => gemm_into(&mut dx, d_in, gb, a, Accum::Add, s)?,
+                None => {}
                 Some((_, dropout)) => {
                     // Through the dropout: its kept entries, scaled.
                     let mut low = Scratch::zeros(n * d_in);
@@ -747,7 +814,7 @@ fn row_scale_grad<T: WithDType>(p: &Backward<T>, xa: MatRef<T>) -> candle_core::
         Some(u) if u.len() == n * d_out => u,
         _ => {
             let mut u = Scratch::zeros(n * d_out);
-            f.w.times_t(&mut u, f.x, Accum::Replace)?;
+            f.w.times_t(&mut u, f.x, Accum::Replace, None)?;
             if let Some((_, b, s)) = f.low_rank {
                 gemm_into(&mut u, d_out, xa, b.t(), Accum::Add, s)?;
             }

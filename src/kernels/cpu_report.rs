@@ -10,7 +10,9 @@ use super::machine;
 /// `LORAKIT_CPU_ISA`), the per-core caches the route thresholds scale with, whether the
 /// decode kernel is on (`LORAKIT_DECODE_KERNEL=0` turns it off), whether large `f32`
 /// products run on Intel AMX tiles (off unless `LORAKIT_CPU_AMX=1` asks for them, on a CPU
-/// that has them), the size of rayon's pool
+/// that has them), whether large `f32` products run on lorakit's own AVX-512 packing and
+/// register block (on with AVX-512F unless `LORAKIT_PACKED_PRODUCTS=0`), the size of
+/// rayon's pool
 /// the kernels split work over, and the CPU's model name (Linux's `/proc/cpuinfo`).
 ///
 /// Its [`Display`](fmt::Display) is one line; the benchmarks print it with every run, so
@@ -23,7 +25,7 @@ use super::machine;
 /// assert!(report.f32_lanes >= 4 && report.l2_bytes > 0 && report.threads >= 1);
 /// let line = report.to_string();
 /// assert!(line.contains(report.vector_set) && line.contains("threads"));
-/// println!("{line}"); // e.g. "AMD EPYC: avx512 (16 f32 lanes), L1d 48 KiB, L2 1024 KiB per core, decode kernel on, AMX off, 2 threads"
+/// println!("{line}"); // e.g. "AMD EPYC: avx512 (16 f32 lanes), L1d 48 KiB, L2 1024 KiB per core, decode kernel on, AMX off, packed products on, 2 threads"
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CpuReport {
@@ -42,6 +44,9 @@ pub struct CpuReport {
     /// Whether large `f32` products run on Intel AMX tiles (at `f32`-level accuracy: the
     /// operands split into three bfloat16 parts each).
     pub amx_tiles: bool,
+    /// Whether large `f32` products run on lorakit's own AVX-512 packing and register
+    /// block (`kernels::cpu::packed`).
+    pub packed_products: bool,
     /// Threads in the rayon pool of the calling thread (the global pool from outside one).
     pub threads: usize,
 }
@@ -58,6 +63,7 @@ impl CpuReport {
             l2_bytes: m.l2,
             decode_kernel: m.decode_kernel,
             amx_tiles: super::cpu::amx_products(),
+            packed_products: super::cpu::packed_products(),
             threads: rayon::current_num_threads(),
         }
     }
@@ -67,7 +73,7 @@ impl fmt::Display for CpuReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{}: {} ({} f32 lanes), L1d {} KiB, L2 {} KiB per core, decode kernel {}, AMX {}, {} threads",
+            "{}: {} ({} f32 lanes), L1d {} KiB, L2 {} KiB per core, decode kernel {}, AMX {}, packed products {}, {} threads",
             self.model.as_deref().unwrap_or("unknown CPU"),
             self.vector_set,
             self.f32_lanes,
@@ -75,6 +81,7 @@ impl fmt::Display for CpuReport {
             self.l2_bytes >> 10,
             if self.decode_kernel { "on" } else { "off" },
             if self.amx_tiles { "on" } else { "off" },
+            if self.packed_products { "on" } else { "off" },
             self.threads,
         )
     }

@@ -51,6 +51,7 @@ use candle_core::WithDType;
 use rayon::prelude::*;
 
 use super::machine::{machine, Isa};
+use super::pool::cache_aligned;
 use super::{check_product, same_type, Accum, MatProduct, MatRef};
 
 mod pack;
@@ -96,13 +97,7 @@ pub(super) fn reroute<T: WithDType>(
     if !takes(m, k, n, beta) {
         return None;
     }
-    let (Some(dst), Some(lhs), Some(rhs)) = (
-        same_type::same_slice_mut::<T, f32>(dst),
-        same_type::same::<T, f32>(lhs),
-        same_type::same::<T, f32>(rhs),
-    ) else {
-        return None;
-    };
+    let (dst, lhs, rhs) = same_type::same_product::<T, f32>(dst, lhs, rhs)?;
     Some(multiply(dst, dst_rs, lhs, rhs, accum))
 }
 
@@ -177,17 +172,6 @@ thread_local! {
     static TASK: RefCell<TaskBuffers> = RefCell::new(TaskBuffers::default());
 }
 
-/// `len` elements of `v` starting at a 64-byte boundary (the tile loads read whole cache
-/// lines: a panel row split over two lines took twice as long), `v` grown as needed.
-fn aligned(v: &mut Vec<u16>, len: usize) -> Option<&mut [u16]> {
-    const SLACK: usize = 64 / std::mem::size_of::<u16>();
-    if v.len() < len + SLACK {
-        v.resize(len + SLACK, 0);
-    }
-    let start = v.as_ptr().align_offset(64);
-    v.get_mut(start..start + len)
-}
-
 /// `dst = lhs · rhs` or `dst += lhs · rhs` on the tiles (an error where the CPU or OS
 /// offers no AMX or AVX-512). Per depth step: every row panel packed (in parallel), then
 /// the destination's columns in tasks of [`panels_per_task`] column panels on rayon's
@@ -255,7 +239,7 @@ unsafe fn multiply_steps(
     let most = depth_blocks(DEPTH_STEP.min(k)) * DEPTH_BLOCK_ELEMS;
     let per_task = panels_per_task(most, column_panels, rayon::current_num_threads());
     let no_room = || candle_core::Error::Msg("fused linear: no room for the tiles' panels".into());
-    let rows = aligned(buffer, row_panels * most).ok_or_else(no_room)?;
+    let rows = cache_aligned(buffer, row_panels * most).ok_or_else(no_room)?;
     for k0 in (0..k).step_by(DEPTH_STEP) {
         let step = Step {
             k0,
@@ -311,7 +295,7 @@ unsafe fn multiply_columns(
 ) -> candle_core::Result<()> {
     let (m, n) = (product.lhs.rows(), product.rhs.cols());
     let (blocks, len) = (step.blocks(), step.panel_len());
-    let Some(columns) = aligned(&mut buffers.columns, panels.len() * len) else {
+    let Some(columns) = cache_aligned(&mut buffers.columns, panels.len() * len) else {
         candle_core::bail!("fused linear: no room for the tiles' column panels");
     };
     for (p, panel) in panels.clone().zip(columns.chunks_exact_mut(len)) {

@@ -108,6 +108,14 @@ pub(super) fn chunked_route_min_cols<T>() -> usize {
     Thresholds::of::<T>().chunked_min_cols()
 }
 
+/// Whether an `lhs · rhs` product of `T` would take the chunked route on this machine
+/// (many rows against a column-major right-hand side): the products that
+/// [`super::packed`] takes in its place for `f32` on AVX-512, leaving the rows-few routes
+/// here their measured crossovers.
+pub(super) fn takes_chunked<T>(lhs: &MatRef<T>, rhs: &MatRef<T>) -> bool {
+    route_by(lhs, rhs, &Thresholds::of::<T>()) == Some(Route::Chunked)
+}
+
 /// The reroutes above.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Route {
@@ -184,10 +192,10 @@ struct Product<'a, T> {
 
 /// A destination pointer shared by threads that write disjoint elements.
 #[derive(Clone, Copy)]
-struct SharedDst<T>(*mut T);
+pub(super) struct SharedDst<T>(pub(super) *mut T);
 
-// SAFETY: only used by `Product::chunked` and `Product::rhs_t_times`, whose tasks write
-// disjoint ranges.
+// SAFETY: only used by `Product::chunked`, `Product::rhs_t_times` and the packed
+// products (`super::packed`), whose tasks write disjoint ranges.
 unsafe impl<T> Send for SharedDst<T> {}
 // SAFETY: as above.
 unsafe impl<T> Sync for SharedDst<T> {}
@@ -198,7 +206,10 @@ unsafe impl<T> Sync for SharedDst<T> {}
 /// is), as a parallel iterator of `(start, end)`. A range of one row or column would
 /// reach the `gemm` crate as a one-column product, which it multiplies by other kernels
 /// than a wider one, so the bits would depend on the thread count.
-fn even_ranges(len: usize, unit: usize) -> impl IndexedParallelIterator<Item = (usize, usize)> {
+pub(super) fn even_ranges(
+    len: usize,
+    unit: usize,
+) -> impl IndexedParallelIterator<Item = (usize, usize)> {
     let unit = unit.max(1);
     let units = (len / unit).max(1);
     let tasks = rayon::current_num_threads().clamp(1, units);

@@ -154,6 +154,18 @@ pub(crate) fn pooled() -> (usize, usize) {
     (pool.len(), pool.iter().map(|(_, b)| b).sum())
 }
 
+/// `len` elements of `v` starting at a 64-byte boundary (a cache line: the packed products'
+/// panels are read a whole line at a time), `v` grown with zeros as needed: a thread's
+/// panel buffer, kept across products.
+pub(crate) fn cache_aligned<T: Copy + Default>(v: &mut Vec<T>, len: usize) -> Option<&mut [T]> {
+    let slack = 64 / std::mem::size_of::<T>().max(1);
+    if v.len() < len + slack {
+        v.resize(len + slack, T::default());
+    }
+    let start = v.as_ptr().align_offset(64);
+    v.get_mut(start..start.checked_add(len)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

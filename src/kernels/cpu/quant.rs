@@ -6,7 +6,7 @@ use candle_core::{CpuStorage, DType, WithDType};
 use rayon::prelude::*;
 
 use super::col_major::chunked_route_min_cols;
-use super::{gemm_into, Accum, MatRef};
+use super::{gemm_into, gemm_plus_into, Accum, AddedTerm, MatProduct, MatRef};
 use crate::quant::{tile_rows, QuantizedWeight};
 use dot::{Isa, RowDots};
 
@@ -30,18 +30,70 @@ impl<T: WithDType> WeightMat<'_, T> {
         }
     }
 
-    /// `dst = x Wᵀ` or `dst += x Wᵀ` (`accum`), `dst` contiguous `(n, d_out)`.
+    /// `dst = x Wᵀ` or `dst += x Wᵀ` (`accum`), `dst` contiguous `(n, d_out)`, then
+    /// `term` added (a low-rank term: with a dense `W` in the same passes where the route
+    /// allows, [`super::gemm_plus_into`]).
     pub(crate) fn times_t(
         &self,
         dst: &mut [T],
         x: MatRef<T>,
         accum: Accum,
+        term: Option<AddedTerm<T>>,
     ) -> candle_core::Result<()> {
         let one = T::from_f64(1.0);
         let q = match self {
-            WeightMat::Dense(w) => return gemm_into(dst, w.rows, x, w.t(), accum, one),
+            WeightMat::Dense(w) => {
+                let product = MatProduct::new(x, w.t(), accum, one);
+                return gemm_plus_into(dst, w.rows, product, term);
+            }
             WeightMat::Quantized(q) => q,
         };
+        quantized_times_t(q, dst, x, accum)?;
+        add_term(dst, q.d_out(), term)
+    }
+
+    /// `dst = g W`, `dst` contiguous `(n, d_in)`, `g` `(n, d_out)`, then `term` added (as in
+    /// [`WeightMat::times_t`]).
+    pub(crate) fn grad_times(
+        &self,
+        dst: &mut [T],
+        g: MatRef<T>,
+        term: Option<AddedTerm<T>>,
+    ) -> candle_core::Result<()> {
+        let one = T::from_f64(1.0);
+        let q = match self {
+            WeightMat::Dense(w) => {
+                let product = MatProduct::new(g, *w, Accum::Replace, one);
+                return gemm_plus_into(dst, w.cols, product, term);
+            }
+            WeightMat::Quantized(q) => q,
+        };
+        quantized_grad_times(q, dst, g)?;
+        add_term(dst, q.d_in(), term)
+    }
+}
+
+/// `dst += scale · lhs · rhs` for a term, row stride `dst_rs`.
+fn add_term<T: WithDType>(
+    dst: &mut [T],
+    dst_rs: usize,
+    term: Option<AddedTerm<T>>,
+) -> candle_core::Result<()> {
+    match term {
+        Some(t) => gemm_into(dst, dst_rs, t.lhs, t.rhs, Accum::Add, t.scale),
+        None => Ok(()),
+    }
+}
+
+/// [`WeightMat::times_t`] for a quantized `W`, without a term.
+fn quantized_times_t<T: WithDType>(
+    q: &QuantizedWeight,
+    dst: &mut [T],
+    x: MatRef<T>,
+    accum: Accum,
+) -> candle_core::Result<()> {
+    let one = T::from_f64(1.0);
+    {
         if x.rows <= STREAM_ROWS {
             if T::DTYPE == DType::F32 {
                 if let Some(k) = RowDots::new(q.ggml_dtype(), q.d_in(), x.rows, Isa::best()) {
@@ -61,14 +113,16 @@ impl<T: WithDType> WeightMat<'_, T> {
         }
         Ok(())
     }
+}
 
-    /// `dst = g W`, `dst` contiguous `(n, d_in)`, `g` `(n, d_out)`.
-    pub(crate) fn grad_times(&self, dst: &mut [T], g: MatRef<T>) -> candle_core::Result<()> {
+/// [`WeightMat::grad_times`] for a quantized `W`, without a term.
+fn quantized_grad_times<T: WithDType>(
+    q: &QuantizedWeight,
+    dst: &mut [T],
+    g: MatRef<T>,
+) -> candle_core::Result<()> {
+    {
         let one = T::from_f64(1.0);
-        let q = match self {
-            WeightMat::Dense(w) => return gemm_into(dst, w.cols, g, *w, Accum::Replace, one),
-            WeightMat::Quantized(q) => q,
-        };
         let d_in = q.d_in();
         let mut tile = Tile::new(q);
         let mut accum = Accum::Replace;

@@ -39,6 +39,16 @@ pub(super) fn same<T: WithDType, U: WithDType>(view: MatRef<T>) -> Option<MatRef
     })
 }
 
+/// A product's destination and operands as `U`'s, when `T` is `U`: what the routes
+/// written for one float type (`f32`: AMX tiles, the packed products) multiply.
+pub(super) fn same_product<'a, T: WithDType, U: WithDType>(
+    dst: &'a mut [T],
+    lhs: MatRef<'a, T>,
+    rhs: MatRef<'a, T>,
+) -> Option<(&'a mut [U], MatRef<'a, U>, MatRef<'a, U>)> {
+    Some((same_slice_mut(dst)?, same(lhs)?, same(rhs)?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -51,7 +51,7 @@ pub(crate) fn scaled_forward<T: WithDType>(
     let (n, d_out, r) = (p.x.rows, p.w.rows(), p.a.rows);
     let (zero, one) = (T::from_f64(0.0), T::from_f64(1.0));
     let mut y = vec![zero; n * d_out];
-    p.w.times_t(&mut y, p.x, Accum::Replace)?;
+    p.w.times_t(&mut y, p.x, Accum::Replace, None)?;
     let mut xa = Scratch::zeros(n * r);
     gemm_into(&mut xa, r, p.x, p.a.t(), Accum::Replace, one)?;
     let (z, _) = scale_columns_and_dot(MatRef::contiguous(&xa, n, r)?, p.mid, None)?;
@@ -133,7 +133,7 @@ pub(crate) fn scaled_backward<T: WithDType>(
     let mut dx = None;
     if need.x {
         let mut out = vec![zero; n * d_in];
-        p.w.grad_times(&mut out, g)?;
+        p.w.grad_times(&mut out, g, None)?;
         gemm_into(
             &mut out,
             d_in,

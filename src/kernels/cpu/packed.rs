@@ -1,0 +1,647 @@
+//! Large `f32` products on AVX-512 through lorakit's own packing and register block: a
+//! linear layer's `x Wᵀ` at many rows (the forward), its `g W` at small batches (the
+//! backward's input gradient), and any other `f32` product of those shapes; with a LoRA
+//! factor pair's term added in the same passes over the destination ([`reroute`]'s
+//! `term`).
+//!
+//! **Why its own.** On an Intel Xeon (family 6 model 207, 2 cores, `benches/RESULTS.md`,
+//! "Lorakit's own packed products"):
+//! - `x Wᵀ` went through the chunked route ([`super::col_major`]), which transposes `W`
+//!   128 columns at a time into a buffer that the `gemm` crate then packs again (about 6%
+//!   of a LoRA training step between them). Here `W` is transposed once, into the packed
+//!   panels: 0.88–0.99 × the chunked route's time from 64 to 2048 rows in paired timings
+//!   (one 1.08 on a busy host);
+//! - `g W` with a row-major `W` ran at 80–170 GFLOP/s in the `gemm` crate at 17–64 rows,
+//!   where this route takes 0.50–0.81 × its time (at 128 rows and more the `gemm` crate
+//!   was 0–8% faster, so it keeps those);
+//! - the low-rank term `s (x Aᵀ) Bᵀ` (or `s (g B) A` at small batches) joins the base
+//!   product's last depth step instead of being a second pass over the destination:
+//!   0.98 × the two products' time at `512 × 1024 × 1024` and `r = 16`, 0.995 at 2048.
+//!
+//! **How.** Loops in the BLIS order, with the vectors along the destination's rows:
+//! - each thread takes an even range of the destination's columns (whole
+//!   [`COLS`]-column panels: [`super::col_major::even_ranges`]) and walks it a block of
+//!   columns at a time, as many as half of one core's L2 holds at a depth of [`DEPTH`]
+//!   ([`block_columns`]: 672 with a 2 MiB L2);
+//! - per [`DEPTH`] of the inner dimension, it packs that block of the right-hand side
+//!   into column panels (a copy per depth step for a row-major operand, 16 × 16 register
+//!   transposes for `Wᵀ`; [`pack::column_panels`]) and then, per [`ROWS`] rows of the
+//!   left-hand side, copies those rows' depth slice into an L1-resident row panel
+//!   ([`pack::row_panel`]) and runs the register block ([`kernel::multiply`]) against
+//!   every column panel of the block;
+//! - a second term (rank `r` ≤ 64) is packed after the base product's last depth slice,
+//!   its scale folded into its rows, and goes through the same register block calls.
+//!
+//! **Bits.** Each destination element is the sum over depth blocks, in order, of each
+//! block's FMA chain, in order: the same whichever thread computes it, so the result does
+//! not depend on the thread count. It differs from the `gemm` crate's by rounding
+//! (another summation order), and is checked against the `f64` product like every route.
+//!
+//! **Untimed** on AMD EPYCs with AVX-512 (Zen 4 and 5): the blocking follows their caches,
+//! but its speed there has not been measured.
+//!
+//! **Which products.** `f32`, AVX-512F available and not lowered by `LORAKIT_CPU_ISA`, a
+//! left-hand side with contiguous rows, and at least [`ROWS`] rows, an inner dimension
+//! and a width both longer than one chunk of the column-major route
+//! ([`super::col_major::chunk_width`]: 128), and at least the `gemm` crate's own
+//! threading threshold of multiply-adds (smaller products stay on one thread in the
+//! `gemm` crate). The right-hand side has contiguous columns where the column-major route
+//! would take its chunked form (`x Wᵀ` at many rows: fewer rows keep that route's
+//! transposed and row-by-row forms, faster there), or contiguous rows with fewer rows on
+//! the left than one such chunk (`g W` at small batches, where the `gemm` crate ran at
+//! about half this route's speed; from 128 rows on it keeps them, above). Products with a
+//! short side go to [`super::thin`] or the `gemm` crate on every thread count, so that
+//! their bits do not depend on it (the thin route declines on one thread).
+//! `LORAKIT_PACKED_PRODUCTS=0` turns the route off (for comparisons). Products the routes
+//! before it take (a few rows, narrow results, a BLAS backend, AMX tiles) never reach it.
+
+use std::cell::RefCell;
+
+use candle_core::WithDType;
+use rayon::prelude::*;
+
+use super::col_major::{chunk_width, even_ranges, takes_chunked, SharedDst};
+use super::machine::{machine, Isa};
+use super::pool::cache_aligned;
+use super::{same_type, Accum, AddedTerm, MatProduct, MatRef};
+
+mod kernel;
+mod pack;
+
+use kernel::{Tile, COLS, DEPTH, ROWS, STRIDE};
+use pack::{Piece, Range};
+
+/// Whether the route is on in this process: AVX-512F available and not lowered by
+/// `LORAKIT_CPU_ISA`, and not turned off by `LORAKIT_PACKED_PRODUCTS=0` (read once).
+pub(super) fn in_use() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let off = *OFF.get_or_init(|| std::env::var("LORAKIT_PACKED_PRODUCTS").as_deref() == Ok("0"));
+    !off && machine().isa == Isa::Avx512
+}
+
+/// Whether an `lhs · rhs` product of `T` takes the route (module docs).
+fn takes<T: WithDType>(lhs: &MatRef<T>, rhs: &MatRef<T>) -> bool {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    let chunk = chunk_width(std::mem::size_of::<T>(), machine());
+    same_type::is::<T, f32>()
+        && lhs.cs == 1
+        && (rhs.cs == 1 && m < chunk || rhs.rs == 1 && takes_chunked(lhs, rhs))
+        && m >= ROWS
+        && k.min(n) > chunk
+        && m.saturating_mul(n).saturating_mul(k) >= gemm::get_threading_threshold()
+        && in_use()
+}
+
+/// Columns of the right-hand side packed at a time: as many whole panels as fill half of
+/// a core's L2 at a depth of [`DEPTH`] (the other half for the rows streaming past and
+/// the destination), at least one panel.
+fn block_columns(l2: usize) -> usize {
+    let panel_bytes = DEPTH * COLS * std::mem::size_of::<f32>();
+    (l2 / 2 / panel_bytes).max(1) * COLS
+}
+
+/// Runs [`super::gemm_into`]'s product on this route and returns `Some`, or `None` when it
+/// does not take it (module docs); with `term`, a second product `scale · lhs₂ · rhs₂`
+/// added into the same destination, which it takes too where it can ([`term_fits`]):
+/// `Some(Ok(true))` when the term was added, `Some(Ok(false))` when the caller still has
+/// to add it. The caller has checked the shapes and that `dst` holds the `m × n` result at
+/// row stride `dst_rs ≥ n`.
+pub(super) fn reroute<T: WithDType>(
+    dst: &mut [T],
+    dst_rs: usize,
+    product: MatProduct<T>,
+    term: Option<AddedTerm<T>>,
+) -> Option<candle_core::Result<bool>> {
+    let (lhs, rhs, accum, beta) = product.parts();
+    if !takes(&lhs, &rhs) {
+        return None;
+    }
+    let (dst, lhs, rhs) = same_type::same_product::<T, f32>(dst, lhs, rhs)?;
+    let beta = beta.to_f64() as f32;
+    let term = term.and_then(|t| {
+        let (lhs, rhs) = (
+            same_type::same::<T, f32>(t.lhs)?,
+            same_type::same::<T, f32>(t.rhs)?,
+        );
+        let term = Term {
+            lhs,
+            rhs,
+            scale: t.scale.to_f64() as f32,
+        };
+        term_fits(&term, m_n(&product), beta).then_some(term)
+    });
+    let ops = Operands {
+        lhs,
+        rhs,
+        accum,
+        beta,
+        term,
+    };
+    Some(multiply(dst, dst_rs, ops, block_columns(machine().l2)).map(|()| term.is_some()))
+}
+
+/// `(m, n)` of a product.
+fn m_n<T>(product: &MatProduct<T>) -> (usize, usize) {
+    (product.lhs.rows, product.rhs.cols)
+}
+
+/// A second product `scale · lhs · rhs` added into the destination in the same steps.
+#[derive(Clone, Copy)]
+struct Term<'a> {
+    lhs: MatRef<'a, f32>,
+    rhs: MatRef<'a, f32>,
+    scale: f32,
+}
+
+/// Whether a second term joins the base product's last step: the base product's `beta`
+/// is 1 (the term's scale is packed into its rows), the term's result has the base
+/// product's `m × n` shape, its rows are contiguous on the left and its right-hand side
+/// has contiguous rows or columns, and its depth (a LoRA factor pair's rank) fits the row
+/// panel's room beside a full step ([`STRIDE`] − [`DEPTH`], 64).
+fn term_fits(term: &Term, (m, n): (usize, usize), beta: f32) -> bool {
+    let r = term.lhs.cols;
+    beta == 1.0
+        && term.lhs.rows == m
+        && term.rhs.cols == n
+        && term.rhs.rows == r
+        && (1..=STRIDE - DEPTH).contains(&r)
+        && term.lhs.cs == 1
+        && (term.rhs.cs == 1 || term.rhs.rs == 1)
+}
+
+/// One product: `dst = beta · lhs · rhs` or `dst += beta · lhs · rhs`, plus the term.
+#[derive(Clone, Copy)]
+struct Operands<'a> {
+    lhs: MatRef<'a, f32>,
+    rhs: MatRef<'a, f32>,
+    accum: Accum,
+    beta: f32,
+    term: Option<Term<'a>>,
+}
+
+/// A thread's packed panels, kept so that a step's products do not allocate.
+#[derive(Default)]
+struct Panels {
+    rows: Vec<f32>,
+    columns: Vec<f32>,
+}
+
+thread_local! {
+    static PANELS: RefCell<Panels> = RefCell::new(Panels::default());
+}
+
+/// The product into `dst` (`m × n` at row stride `dst_rs`, an error when shorter), the
+/// columns split over rayon's threads, `block` columns packed at a time.
+fn multiply(
+    dst: &mut [f32],
+    dst_rs: usize,
+    ops: Operands,
+    block: usize,
+) -> candle_core::Result<()> {
+    let (m, n) = (ops.lhs.rows, ops.rhs.cols);
+    if m > 0 && dst.len() < (m - 1) * dst_rs + n || dst_rs < n {
+        candle_core::bail!(
+            "packed product: destination of {} shorter than {m} × {n}",
+            dst.len()
+        );
+    }
+    let shared = SharedDst(dst.as_mut_ptr());
+    even_ranges(n, COLS).try_for_each(|(start, end)| {
+        PANELS.with(|panels| {
+            let mut panels = panels.borrow_mut();
+            columns_of(shared, dst_rs, ops, (start, end), block, &mut panels)
+        })
+    })
+}
+
+/// Columns `start..end` of the product, `block` at a time (module docs).
+fn columns_of(
+    dst: SharedDst<f32>,
+    dst_rs: usize,
+    ops: Operands,
+    (start, end): (usize, usize),
+    block: usize,
+    panels: &mut Panels,
+) -> candle_core::Result<()> {
+    let (m, k) = (ops.lhs.rows, ops.lhs.cols);
+    let Panels { rows, columns } = panels;
+    let widest = block.min(end - start).next_multiple_of(COLS);
+    let row_panel = cache_aligned(rows, ROWS * STRIDE).ok_or_else(|| short("row"))?;
+    let column_panels = cache_aligned(columns, STRIDE * widest).ok_or_else(|| short("column"))?;
+    for j0 in (start..end).step_by(block) {
+        let width = block.min(end - j0);
+        for k0 in (0..k).step_by(DEPTH) {
+            let (lhs_pieces, rhs_pieces) = step_pieces(&ops, k0);
+            let depth: usize = rhs_pieces.iter().map(|piece| piece.depth).sum();
+            let cols = Range {
+                start: j0,
+                len: width,
+            };
+            pack::column_panels(&rhs_pieces, cols, column_panels)?;
+            let add = ops.accum == Accum::Add || k0 > 0;
+            for i0 in (0..m).step_by(ROWS) {
+                let rows = ROWS.min(m - i0);
+                pack::row_panel(
+                    &lhs_pieces,
+                    Range {
+                        start: i0,
+                        len: rows,
+                    },
+                    row_panel,
+                )?;
+                for (p, j) in (j0..j0 + width).step_by(COLS).enumerate() {
+                    let tile = Tile {
+                        out: dst.0.wrapping_add(i0 * dst_rs + j),
+                        out_rs: dst_rs,
+                        rows,
+                        width: COLS.min(j0 + width - j),
+                        beta: ops.beta,
+                        add,
+                    };
+                    let panel = column_panels
+                        .get(p * depth * COLS..(p + 1) * depth * COLS)
+                        .ok_or_else(|| short("column"))?;
+                    // SAFETY: AVX-512F was checked (`in_use`); the row panel holds `rows`
+                    // rows at stride `STRIDE` of `depth ≤ STRIDE` values, the column panel
+                    // `depth · COLS` values from a 64-byte boundary (`cache_aligned`, and every
+                    // panel is a multiple of 64 bytes long); the tile lies in the checked
+                    // destination, in this task's own columns.
+                    unsafe { kernel::multiply(depth, row_panel.as_ptr(), panel.as_ptr(), tile) };
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The left- and right-hand-side pieces of the step at depth `k0`: the base product's
+/// slice `k0 .. k0 + DEPTH` (or to its end), and on the last step the whole term.
+fn step_pieces<'a>(ops: &Operands<'a>, k0: usize) -> (Vec<Piece<'a>>, Vec<Piece<'a>>) {
+    let k = ops.lhs.cols;
+    let depth = DEPTH.min(k - k0);
+    let base = |mat, scale| Piece {
+        mat,
+        k0,
+        depth,
+        scale,
+    };
+    let mut lhs = vec![base(ops.lhs, 1.0)];
+    let mut rhs = vec![base(ops.rhs, 1.0)];
+    if let Some(term) = ops.term.filter(|_| k0 + depth == k) {
+        let whole = |mat, scale| Piece {
+            mat,
+            k0: 0,
+            depth: term.lhs.cols,
+            scale,
+        };
+        lhs.push(whole(term.lhs, term.scale));
+        rhs.push(whole(term.rhs, 1.0));
+    }
+    (lhs, rhs)
+}
+
+fn short(which: &str) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "packed product: the {which} panels could not be sized"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{assert_matches_triple_loop, on_threads, test_values};
+    use super::*;
+
+    fn vals(len: usize, seed: f64) -> Vec<f32> {
+        test_values(len, seed)
+            .into_iter()
+            .map(|v| v as f32)
+            .collect()
+    }
+
+    /// Whether this CPU runs the route's code (the tests below need AVX-512F).
+    fn runs_here() -> bool {
+        let here = Isa::Avx512.available();
+        if !here {
+            eprintln!("no AVX-512F on this CPU: the packed products are not tested here");
+        }
+        here
+    }
+
+    /// The product through [`multiply`] with `block` columns packed at a time.
+    fn run(
+        dst: &mut [f32],
+        dst_rs: usize,
+        product: MatProduct<f32>,
+        block: usize,
+    ) -> candle_core::Result<()> {
+        let (lhs, rhs, accum, beta) = product.parts();
+        multiply(
+            dst,
+            dst_rs,
+            Operands {
+                lhs,
+                rhs,
+                accum,
+                beta,
+                term: None,
+            },
+            block,
+        )
+    }
+
+    /// Ragged shapes (rows not a multiple of the block's 14, columns not of its 32 or of
+    /// 16, depth not of 16 or of the 256-deep steps), a right-hand side row-major and
+    /// column-major (a slice of a taller matrix, as `Wᵀ` of a padded weight), a left-hand
+    /// side with padded rows (NaN in the padding), a padded destination, replace and add,
+    /// `beta`, one and several column blocks: against an `f64` triple loop.
+    #[test]
+    fn every_shape_and_layout_matches_a_triple_loop() -> candle_core::Result<()> {
+        if !runs_here() {
+            return Ok(());
+        }
+        let shapes = [
+            (1, 16, 1),
+            (13, 17, 15),
+            (14, 256, 32),
+            (15, 300, 33),
+            (29, 513, 100),
+            (40, 64, 16),
+            (3, 31, 17),
+        ];
+        for (m, k, n) in shapes {
+            let lhs_padded: Vec<f32> = vals(m * (k + 2), 0.37)
+                .into_iter()
+                .enumerate()
+                .map(|(v, x)| if v % (k + 2) < k { x } else { f32::NAN })
+                .collect();
+            let lhs = MatRef::new(&lhs_padded, m, k, k + 2, 1)?;
+            let row_major = vals(k * (n + 5), 0.71);
+            let column_major = vals((k + 3) * n, 0.53);
+            let rhs_views = [
+                ("row-major", MatRef::new(&row_major, k, n, n + 5, 1)?),
+                ("column-major", MatRef::new(&column_major, k, n, 1, k + 3)?),
+            ];
+            for (layout, rhs) in rhs_views {
+                for (accum, beta) in [(Accum::Replace, 1.0), (Accum::Add, -0.5)] {
+                    for block in [COLS, 2 * COLS, 1024] {
+                        let dst_rs = n + 2;
+                        let start = vals(m * dst_rs, 1.3);
+                        let mut dst = start.clone();
+                        let product = MatProduct::new(lhs, rhs, accum, beta);
+                        run(&mut dst, dst_rs, product, block)?;
+                        let context = format!("{layout} rhs, {accum:?}, blocks of {block}");
+                        assert_matches_triple_loop(&dst, &start, dst_rs, product, 1e-6, &context);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `dst (+)= lhs · rhs + scale · lhs₂ · rhs₂` against an `f64` double sum.
+    fn check_with_term(dst: &[f32], start: &[f32], ops: &Operands, term: &Term, context: &str) {
+        let (m, k, n, r) = (ops.lhs.rows, ops.lhs.cols, ops.rhs.cols, term.lhs.cols);
+        let dot = |a: MatRef<f32>, b: MatRef<f32>, i: usize, j: usize, len: usize| -> f64 {
+            (0..len)
+                .map(|t| f64::from(a.at(i, t)) * f64::from(b.at(t, j)))
+                .sum()
+        };
+        for i in 0..m {
+            for j in 0..n {
+                let base = match ops.accum {
+                    Accum::Replace => 0.0,
+                    Accum::Add => f64::from(start[i * n + j]),
+                };
+                let want = base
+                    + dot(ops.lhs, ops.rhs, i, j, k)
+                    + f64::from(term.scale) * dot(term.lhs, term.rhs, i, j, r);
+                let got = f64::from(dst[i * n + j]);
+                let tol = 1e-6 * (1.0 + want.abs()) * (k + r) as f64;
+                assert!(
+                    (got - want).abs() <= tol,
+                    "{context} ({i}, {j}): {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    /// A second term (a LoRA pair's `s (x Aᵀ) Bᵀ` or `s (g B) A`) in the base product's
+    /// last step: its right-hand side column-major (`Bᵀ`) and row-major (`A`), ranks 1,
+    /// 16 and 64 (the most that fits), a base product of one and of two depth steps,
+    /// replace and add.
+    #[test]
+    fn a_second_term_in_the_last_step_matches_a_double_sum() -> candle_core::Result<()> {
+        if !runs_here() {
+            return Ok(());
+        }
+        for (m, k, n) in [(30, 100, 70), (17, 400, 40)] {
+            let lhs_data = vals(m * k, 0.37);
+            let rhs_data = vals(k * n, 0.71);
+            let lhs = MatRef::contiguous(&lhs_data, m, k)?;
+            let rhs = MatRef::new(&rhs_data, k, n, 1, k)?;
+            for r in [1, 16, STRIDE - DEPTH] {
+                let xa_data = vals(m * r, 0.9);
+                let b_data = vals(n * r, 0.4);
+                let xa = MatRef::contiguous(&xa_data, m, r)?;
+                let b_t = MatRef::contiguous(&b_data, n, r)?.t();
+                let a = MatRef::contiguous(&b_data, r, n)?;
+                for (layout, term_rhs) in [("column-major", b_t), ("row-major", a)] {
+                    let term = Term {
+                        lhs: xa,
+                        rhs: term_rhs,
+                        scale: -0.75,
+                    };
+                    assert!(term_fits(&term, (m, n), 1.0), "r {r} should fit");
+                    for accum in [Accum::Replace, Accum::Add] {
+                        let ops = Operands {
+                            lhs,
+                            rhs,
+                            accum,
+                            beta: 1.0,
+                            term: Some(term),
+                        };
+                        let start = vals(m * n, 1.3);
+                        let mut dst = start.clone();
+                        multiply(&mut dst, n, ops, 2 * COLS)?;
+                        let context = format!("{m}x{k}x{n}, r {r}, {layout} term, {accum:?}");
+                        check_with_term(&dst, &start, &ops, &term, &context);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A term that does not fit (rank past 64, another shape, a base `beta` other than 1)
+    /// is left to the caller; through `gemm_plus_into` it is added all the same.
+    #[test]
+    fn a_term_that_does_not_fit_is_left_to_the_caller() -> candle_core::Result<()> {
+        if !runs_here() {
+            return Ok(());
+        }
+        let (m, k, n) = (64, 300, 256);
+        let data = vals(m.max(k).max(n) * 80, 0.5);
+        let lhs = MatRef::contiguous(&data, m, k)?;
+        let too_deep = Term {
+            lhs: MatRef::contiguous(&data, m, 65)?,
+            rhs: MatRef::contiguous(&data, 65, n)?,
+            scale: 1.0,
+        };
+        assert!(!term_fits(&too_deep, (m, n), 1.0));
+        let fits = Term {
+            lhs: MatRef::contiguous(&data, m, 8)?,
+            ..too_deep
+        };
+        let fits = Term {
+            rhs: MatRef::contiguous(&data, 8, n)?,
+            ..fits
+        };
+        assert!(term_fits(&fits, (m, n), 1.0));
+        assert!(!term_fits(&fits, (m, n), 0.5));
+        assert!(!term_fits(&fits, (m + 1, n), 1.0));
+        if !in_use() {
+            return Ok(());
+        }
+        let rhs_data = vals(k * n, 0.7);
+        let rhs = MatRef::contiguous(&rhs_data, k, n)?;
+        for (term, taken) in [(fits, true), (too_deep, false)] {
+            let added = AddedTerm {
+                lhs: term.lhs,
+                rhs: term.rhs,
+                scale: term.scale,
+            };
+            let mut dst = vec![0f32; m * n];
+            let product = MatProduct::new(lhs, rhs, Accum::Replace, 1.0);
+            let took = reroute(&mut dst, n, product, Some(added)).expect("a large f32 product")?;
+            assert_eq!(took, taken, "rank {}", term.lhs.cols);
+            let mut whole = vec![0f32; m * n];
+            super::super::gemm_plus_into(&mut whole, n, product, Some(added))?;
+            let ops = Operands {
+                lhs,
+                rhs,
+                accum: Accum::Replace,
+                beta: 1.0,
+                term: None,
+            };
+            check_with_term(
+                &whole,
+                &whole,
+                &ops,
+                &term,
+                &format!("rank {}", term.lhs.cols),
+            );
+        }
+        Ok(())
+    }
+
+    /// The same bits on 1, 2, 3 and 5 threads, whose column ranges fall differently, with
+    /// and without a second term.
+    #[test]
+    fn the_bits_do_not_depend_on_the_thread_count() -> candle_core::Result<()> {
+        if !runs_here() {
+            return Ok(());
+        }
+        for (m, k, n, r) in [(45, 600, 200, 0), (200, 96, 300, 8)] {
+            let lhs_data = vals(m * k, 0.37);
+            let rhs_data = vals(k * n, 0.71);
+            let xa_data = vals(m * r, 0.9);
+            let b_data = vals(n * r, 0.4);
+            let lhs = MatRef::contiguous(&lhs_data, m, k)?;
+            let rhs = MatRef::new(&rhs_data, k, n, 1, k)?;
+            let term = (r > 0)
+                .then(|| -> candle_core::Result<Term> {
+                    Ok(Term {
+                        lhs: MatRef::contiguous(&xa_data, m, r)?,
+                        rhs: MatRef::contiguous(&b_data, n, r)?.t(),
+                        scale: 0.5,
+                    })
+                })
+                .transpose()?;
+            let ops = Operands {
+                lhs,
+                rhs,
+                accum: Accum::Add,
+                beta: 1.0,
+                term,
+            };
+            let with = |threads: usize| -> candle_core::Result<Vec<u32>> {
+                let mut dst = vals(m * n, 1.1);
+                on_threads(threads, || {
+                    multiply(&mut dst, n, ops, block_columns(2 << 20))
+                })??;
+                Ok(dst.iter().map(|x| x.to_bits()).collect())
+            };
+            let one = with(1)?;
+            for threads in [2, 3, 5] {
+                assert_eq!(
+                    one,
+                    with(threads)?,
+                    "{m}x{k}x{n} r {r}: 1 and {threads} threads differ"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// A destination shorter than the product is an error, not a write past its end.
+    #[test]
+    fn a_short_destination_is_an_error() -> candle_core::Result<()> {
+        if !runs_here() {
+            return Ok(());
+        }
+        let data = vals(20 * 20, 0.3);
+        let lhs = MatRef::contiguous(&data, 20, 20)?;
+        let mut dst = vec![0.0; 20 * 20 - 1];
+        let product = MatProduct::new(lhs, lhs, Accum::Replace, 1.0);
+        let err = run(&mut dst, 20, product, COLS).expect_err("short destination");
+        assert!(err.to_string().contains("shorter"), "{err}");
+        Ok(())
+    }
+
+    /// Half of a 2 MiB L2 holds 21 column panels 384 deep (48 KiB each), half of 1 MiB
+    /// 10; a cache too small for one panel still gets one.
+    #[test]
+    fn column_blocks_follow_the_l2() {
+        assert_eq!(DEPTH, 384);
+        assert_eq!(block_columns(2 << 20), 21 * COLS);
+        assert_eq!(block_columns(1 << 20), 10 * COLS);
+        assert_eq!(block_columns(16 << 10), COLS);
+    }
+
+    /// The route takes large `f32` products with contiguous rows on the left (`x Wᵀ` at
+    /// many rows, `g W` at fewer than 128) and leaves `f64`, a column-major left-hand side,
+    /// small products, a short side, `x Wᵀ` at few rows and `g W` at many to the others.
+    #[test]
+    fn the_route_takes_what_its_docs_say() -> candle_core::Result<()> {
+        if !in_use() {
+            eprintln!("the packed route is off here (no AVX-512F, or turned off)");
+            return Ok(());
+        }
+        let (m, k) = (512, 512);
+        let f32s = vec![0f32; m * k];
+        let f64s = vec![0f64; m * k];
+        let row_major = MatRef::contiguous(&f32s, m, k)?;
+        assert!(takes(&row_major, &row_major.t()));
+        // A row-major right-hand side below 128 rows only.
+        let rows_100 = MatRef::contiguous(&f32s, 100, k)?;
+        assert!(takes(&rows_100, &row_major));
+        assert!(!takes(&MatRef::contiguous(&f32s, 128, k)?, &row_major));
+        assert!(!takes(&row_major, &row_major));
+        assert!(!takes(&row_major.t(), &row_major));
+        let f64_view = MatRef::contiguous(&f64s, m, k)?;
+        assert!(!takes(&f64_view, &f64_view));
+        let small = MatRef::contiguous(&f32s, 8, 8)?;
+        assert!(!takes(&small, &small));
+        // A short side (a LoRA rank) stays on the thin route or the `gemm` crate.
+        let thin = MatRef::contiguous(&f32s, m, 128)?;
+        assert!(!takes(&thin, &MatRef::contiguous(&f32s, 128, k)?));
+        assert!(!takes(&row_major, &MatRef::contiguous(&f32s, k, 128)?));
+        // `x Wᵀ` at 32 rows against 1024 goes through the column-major route's transposes.
+        let wide = vec![0f32; 1024 * 1024];
+        let few = MatRef::contiguous(&wide, 32, 1024)?;
+        let w = MatRef::contiguous(&wide, 1024, 1024)?;
+        assert!(takes(&few, &w));
+        assert!(!takes(&few, &w.t()));
+        Ok(())
+    }
+}

@@ -1,0 +1,223 @@
+//! The packed panels of [`super`]: a row panel (up to [`ROWS`] rows of the left-hand
+//! side, each [`STRIDE`] apart) and the column panels of a block of the right-hand side
+//! ([`COLS`] columns each, interleaved by depth step, zero past the block's last column),
+//! each from one or two pieces of depth ([`Piece`]).
+
+use std::arch::x86_64::{
+    __m512, __m512d, _mm512_castpd_ps, _mm512_castps_pd, _mm512_loadu_ps, _mm512_shuffle_f32x4,
+    _mm512_storeu_ps, _mm512_unpackhi_pd, _mm512_unpackhi_ps, _mm512_unpacklo_pd,
+    _mm512_unpacklo_ps,
+};
+
+use super::kernel::{COLS, ROWS, STRIDE};
+use crate::kernels::cpu::MatRef;
+
+/// A slice of an operand along the depth: its depth `k0 .. k0 + depth`, each value packed
+/// times `scale` (row panels; column panels are packed as they stand). A step's panels
+/// are one or two pieces one after the other: the base product's depth slice, then a
+/// second term's whole depth.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Piece<'a> {
+    pub mat: MatRef<'a, f32>,
+    pub k0: usize,
+    pub depth: usize,
+    pub scale: f32,
+}
+
+/// Rows or columns `start .. start + len` of the destination.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Range {
+    pub start: usize,
+    pub len: usize,
+}
+
+fn short(what: &str) -> candle_core::Error {
+    candle_core::Error::Msg(format!("packed product: {what} shorter than its view"))
+}
+
+/// Copies rows `rows` (at most [`ROWS`]) of the left-hand-side pieces (each with
+/// contiguous rows, `cs == 1`), one piece after the other along each row (together at
+/// most [`STRIDE`] deep), into `out`, row `i` at `i · STRIDE`.
+pub(super) fn row_panel(pieces: &[Piece], rows: Range, out: &mut [f32]) -> candle_core::Result<()> {
+    debug_assert!(rows.len <= ROWS);
+    for i in 0..rows.len {
+        let mut at = i * STRIDE;
+        for piece in pieces {
+            let (mat, depth) = (piece.mat, piece.depth);
+            debug_assert!(mat.cs == 1);
+            let from = (rows.start + i) * mat.rs + piece.k0;
+            let src = mat
+                .data
+                .get(from..from + depth)
+                .ok_or_else(|| short("a row"))?;
+            let dst = out
+                .get_mut(at..at + depth)
+                .ok_or_else(|| short("a row panel"))?;
+            if piece.scale == 1.0 {
+                dst.copy_from_slice(src);
+            } else {
+                dst.iter_mut()
+                    .zip(src)
+                    .for_each(|(d, v)| *d = piece.scale * v);
+            }
+            at += depth;
+        }
+    }
+    Ok(())
+}
+
+/// Packs columns `cols` of the right-hand-side pieces (each with contiguous rows,
+/// `cs == 1`, or columns, `rs == 1`: a transposed row-major matrix such as `Wᵀ`) into
+/// `out`: column panel `p` (columns `cols.start + p · COLS ..`) at `p · depth · COLS`
+/// for the pieces' total `depth`, element `(k, j)` of a panel at `k · COLS + j`, the
+/// pieces one after the other along `k`, zero past the last column.
+pub(super) fn column_panels(
+    pieces: &[Piece],
+    cols: Range,
+    out: &mut [f32],
+) -> candle_core::Result<()> {
+    let depth: usize = pieces.iter().map(|piece| piece.depth).sum();
+    let panel_len = depth * COLS;
+    for (p, j0) in (cols.start..cols.start + cols.len)
+        .step_by(COLS)
+        .enumerate()
+    {
+        let width = Range {
+            start: j0,
+            len: COLS.min(cols.start + cols.len - j0),
+        };
+        let mut panel = out
+            .get_mut(p * panel_len..(p + 1) * panel_len)
+            .ok_or_else(|| short("a column panel"))?;
+        for piece in pieces {
+            let (part, rest) = panel.split_at_mut(piece.depth * COLS);
+            if piece.mat.cs == 1 {
+                panel_from_rows(*piece, width, part)?;
+            } else {
+                panel_from_columns(*piece, width, part)?;
+            }
+            panel = rest;
+        }
+    }
+    Ok(())
+}
+
+/// One column panel of a right-hand side with contiguous rows: one copy per depth step.
+fn panel_from_rows(piece: Piece, cols: Range, panel: &mut [f32]) -> candle_core::Result<()> {
+    let rhs = piece.mat;
+    for (k, out) in panel.chunks_exact_mut(COLS).enumerate() {
+        let from = (piece.k0 + k) * rhs.rs + cols.start;
+        let src = rhs
+            .data
+            .get(from..from + cols.len)
+            .ok_or_else(|| short("a row"))?;
+        let (values, rest) = out.split_at_mut(cols.len);
+        values.copy_from_slice(src);
+        rest.fill(0.0);
+    }
+    Ok(())
+}
+
+/// One column panel of a right-hand side with contiguous columns (each column of the
+/// panel a contiguous line of the operand): 16 × 16 blocks transposed in registers, the
+/// ragged edges element by element, zero past the last column.
+fn panel_from_columns(piece: Piece, cols: Range, panel: &mut [f32]) -> candle_core::Result<()> {
+    let (rhs, depth) = (piece.mat, piece.depth);
+    let mut lines: [&[f32]; COLS] = [&[]; COLS];
+    for (j, line) in lines.iter_mut().enumerate().take(cols.len) {
+        let from = (cols.start + j) * rhs.cs + piece.k0 * rhs.rs;
+        *line = rhs
+            .data
+            .get(from..)
+            .filter(|l| l.len() > (depth.max(1) - 1) * rhs.rs)
+            .ok_or_else(|| short("a column"))?;
+    }
+    let whole_k = if rhs.rs == 1 { depth / 16 * 16 } else { 0 };
+    let whole_groups = if whole_k > 0 { cols.len / 16 } else { 0 };
+    for (group, sixteen) in lines.chunks_exact(16).take(whole_groups).enumerate() {
+        let out = panel
+            .get_mut(group * 16..)
+            .ok_or_else(|| short("a column panel"))?;
+        if out.len() < (whole_k - 1) * COLS + 16 || sixteen.iter().any(|l| l.len() < whole_k) {
+            return Err(short("a column panel"));
+        }
+        // SAFETY: AVX-512F is checked by the route (`super::in_use`); the lengths of the
+        // lines and of `out` were checked just above.
+        unsafe { transpose_lines(sixteen, whole_k, out) };
+    }
+    for (k, row) in panel.chunks_exact_mut(COLS).enumerate() {
+        let done = if k < whole_k { whole_groups * 16 } else { 0 };
+        for (slot, line) in row.iter_mut().zip(&lines).skip(done) {
+            *slot = line.get(k * rhs.rs).copied().unwrap_or(0.0);
+        }
+    }
+    Ok(())
+}
+
+/// Writes `out[k · COLS + j] = lines[j][k]` for 16 contiguous lines and `k < depth` (a
+/// multiple of 16), 16 × 16 blocks at a time.
+///
+/// # Safety
+/// AVX-512F must be available; `lines` holds 16 lines of at least `depth` values each and
+/// `out` at least `(depth - 1) · COLS + 16` values.
+#[allow(clippy::indexing_slicing)] // `lines[j]`, `j < 16`: the caller passes 16 lines
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_lines(lines: &[&[f32]], depth: usize, out: &mut [f32]) {
+    for k0 in (0..depth).step_by(16) {
+        // SAFETY: the caller's contract bounds every load and store.
+        unsafe {
+            let block: [__m512; 16] =
+                std::array::from_fn(|j| _mm512_loadu_ps(lines[j].as_ptr().add(k0)));
+            for (k, v) in transpose16(block).into_iter().enumerate() {
+                _mm512_storeu_ps(out.as_mut_ptr().add((k0 + k) * COLS), v);
+            }
+        }
+    }
+}
+
+/// The transpose of a 16 × 16 block of `f32` held as 16 row vectors: pairs interleaved
+/// by element, then by pairs, then 128-bit lanes gathered in two rounds.
+#[allow(clippy::indexing_slicing)] // fixed 16-element arrays, every index below 16
+#[inline(always)]
+unsafe fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+    let pd = |v: __m512| -> __m512d { _mm512_castps_pd(v) };
+    let ps = |v: __m512d| -> __m512 { _mm512_castpd_ps(v) };
+    // SAFETY: register-only intrinsics, under the caller's AVX-512F.
+    unsafe {
+        let t: [__m512; 16] = std::array::from_fn(|i| match i % 2 {
+            0 => _mm512_unpacklo_ps(r[i], r[i + 1]),
+            _ => _mm512_unpackhi_ps(r[i - 1], r[i]),
+        });
+        // u[4q + c]: rows 4q..4q + 4, element c of each 4-element lane.
+        let u: [__m512; 16] = std::array::from_fn(|i| {
+            let (b, c) = (i / 4 * 4, i % 4);
+            let (x, y) = (pd(t[b + c / 2]), pd(t[b + c / 2 + 2]));
+            match c % 2 {
+                0 => ps(_mm512_unpacklo_pd(x, y)),
+                _ => ps(_mm512_unpackhi_pd(x, y)),
+            }
+        });
+        let v: [__m512; 16] = std::array::from_fn(|i| {
+            let (g, c) = (i / 4, i % 4);
+            let (x, y) = match g {
+                0 | 1 => (u[c], u[4 + c]),
+                _ => (u[8 + c], u[12 + c]),
+            };
+            match g % 2 {
+                0 => _mm512_shuffle_f32x4::<0x88>(x, y),
+                _ => _mm512_shuffle_f32x4::<0xdd>(x, y),
+            }
+        });
+        std::array::from_fn(|i| {
+            let (g, c) = (i / 4, i % 4);
+            let (x, y) = match g {
+                0 | 2 => (v[c], v[8 + c]),
+                _ => (v[4 + c], v[12 + c]),
+            };
+            match g {
+                0 | 1 => _mm512_shuffle_f32x4::<0x88>(x, y),
+                _ => _mm512_shuffle_f32x4::<0xdd>(x, y),
+            }
+        })
+    }
+}
