@@ -602,23 +602,14 @@ pub(crate) fn forward<T: WithDType>(p: &Forward<T>) -> candle_core::Result<Forwa
         (_, Some(_)) => (Scratch::zeros(n * d_out), Accum::Replace),
     };
     let mut xa = Scratch::zeros(0);
-    let mut term = None;
-    if let Some((a, b, s)) = p.low_rank {
+    if let Some((a, _, _)) = p.low_rank {
         let r = a.rows;
         xa = Scratch::zeros(n * r);
         gemm_into(&mut xa, r, p.low_rank_input(), a.t(), Accum::Replace, one)?;
-        term = Some((b, s));
     }
     // The low-rank term `s (x̃ Aᵀ) Bᵀ` goes in with the base product, in the same passes
     // over `y` where the route allows (`packed`).
-    let term = match term {
-        Some((b, s)) => Some(AddedTerm {
-            lhs: MatRef::contiguous(&xa, n, b.cols)?,
-            rhs: b.t(),
-            scale: s,
-        }),
-        None => None,
-    };
+    let term = low_rank_term(p, &xa)?;
     p.w.times_t(&mut y, p.x, base, term)?;
     // With a row scale the buffer now holds u (no bias yet): keep it for the backward.
     match &p.row_scale {
@@ -628,6 +619,22 @@ pub(crate) fn forward<T: WithDType>(p: &Forward<T>) -> candle_core::Result<Forwa
         }
         None => Ok((y.into_vec(), xa, None)),
     }
+}
+
+/// The forward's low-rank term `s (x̃ Aᵀ) Bᵀ` over the saved `x̃ Aᵀ` (`n × r`), if any.
+fn low_rank_term<'a, T: WithDType>(
+    p: &Forward<'a, T>,
+    xa: &'a [T],
+) -> candle_core::Result<Option<AddedTerm<'a, T>>> {
+    let Some((a, b, s)) = p.low_rank else {
+        return Ok(None);
+    };
+    let lhs = MatRef::contiguous(xa, p.x.rows, a.rows)?;
+    Ok(Some(AddedTerm {
+        lhs,
+        rhs: b.t(),
+        scale: s,
+    }))
 }
 
 /// `drop(x)`: a contiguous copy of `x` `(rows, cols)` with `dropout`'s dropped entries
@@ -740,17 +747,18 @@ pub(crate) fn backward<T: WithDType>(p: &Backward<T>) -> candle_core::Result<Gra
             _ => None,
         };
         f.w.grad_times(&mut dx, gs, term)?;
-        if let (Some((a, _, s)), Some(gb)) = (f.low_rank, &gb) {
-            let gb = MatRef::contiguous(gb, n, r)?;
-            match &f.dropped {
-                None => {}
-                Some((_, dropout)) => {
-                    // Through the dropout: its kept entries, scaled.
-                    let mut low = Scratch::zeros(n * d_in);
-                    gemm_into(&mut low, d_in, gb, a, Accum::Replace, s)?;
-                    dropout.add_kept(&mut dx, &low, 0);
-                }
-            }
+        if let (Some((a, _, s)), Some(gb), Some((_, dropout))) = (f.low_rank, &gb, &f.dropped) {
+            // Through the dropout: its kept entries, scaled.
+            let mut low = Scratch::zeros(n * d_in);
+            gemm_into(
+                &mut low,
+                d_in,
+                MatRef::contiguous(gb, n, r)?,
+                a,
+                Accum::Replace,
+                s,
+            )?;
+            dropout.add_kept(&mut dx, &low, 0);
         }
         out.dx = Some(dx);
     }
@@ -805,7 +813,7 @@ pub(crate) fn backward<T: WithDType>(p: &Backward<T>) -> candle_core::Result<Gra
 }
 
 /// `dc_j = Σ_i g_ij u_ij`, `u = x Wᵀ + s (x Aᵀ) Bᵀ` the pre-scale output without bias:
-/// the forward's saved copy, or recomputed (two GEMMs) when there is none.
+/// the forward's saved copy, or recomputed as the forward computed it when there is none.
 fn row_scale_grad<T: WithDType>(p: &Backward<T>, xa: MatRef<T>) -> candle_core::Result<Vec<T>> {
     let f = p.fwd;
     let (n, d_out) = (p.g.rows, p.g.cols);
@@ -813,11 +821,9 @@ fn row_scale_grad<T: WithDType>(p: &Backward<T>, xa: MatRef<T>) -> candle_core::
     let u: &[T] = match p.u {
         Some(u) if u.len() == n * d_out => u,
         _ => {
+            // As the forward computed it (the term in the same route), so the bits agree.
             let mut u = Scratch::zeros(n * d_out);
-            f.w.times_t(&mut u, f.x, Accum::Replace, None)?;
-            if let Some((_, b, s)) = f.low_rank {
-                gemm_into(&mut u, d_out, xa, b.t(), Accum::Add, s)?;
-            }
+            f.w.times_t(&mut u, f.x, Accum::Replace, low_rank_term(f, xa.data)?)?;
             recomputed = u;
             &recomputed
         }

@@ -9,14 +9,15 @@
 //! - `x Wᵀ` went through the chunked route ([`super::col_major`]), which transposes `W`
 //!   128 columns at a time into a buffer that the `gemm` crate then packs again (about 6%
 //!   of a LoRA training step between them). Here `W` is transposed once, into the packed
-//!   panels: 0.88–0.99 × the chunked route's time from 64 to 2048 rows in paired timings
-//!   (one 1.08 on a busy host);
-//! - `g W` with a row-major `W` ran at 80–170 GFLOP/s in the `gemm` crate at 17–64 rows,
-//!   where this route takes 0.50–0.81 × its time (at 128 rows and more the `gemm` crate
-//!   was 0–8% faster, so it keeps those);
-//! - the low-rank term `s (x Aᵀ) Bᵀ` (or `s (g B) A` at small batches) joins the base
-//!   product's last depth step instead of being a second pass over the destination:
-//!   0.98 × the two products' time at `512 × 1024 × 1024` and `r = 16`, 0.995 at 2048.
+//!   panels: 0.86–1.01 × the chunked route's time from 64 to 2048 rows in paired timings
+//!   (one 1.08, at 2048 rows on a busy host);
+//! - `g W` with a row-major `W`: at 17–64 rows this route takes 0.50–0.81 × the `gemm`
+//!   crate's time; from 128 rows on the `gemm` crate was as fast or up to 10% faster, so
+//!   it keeps those;
+//! - the low-rank term `s (x Aᵀ) Bᵀ` (or, without dropout and below 128 rows, `s (g B) A`)
+//!   joins the base product's last depth step instead of being a second pass over the
+//!   destination: 0.98 × the two products' time at `512 × 1024 × 1024` and `r = 16`, 0.996
+//!   at 2048.
 //!
 //! **How.** Loops in the BLIS order, with the vectors along the destination's rows:
 //! - each thread takes an even range of the destination's columns (whole
@@ -48,8 +49,8 @@
 //! `gemm` crate). The right-hand side has contiguous columns where the column-major route
 //! would take its chunked form (`x Wᵀ` at many rows: fewer rows keep that route's
 //! transposed and row-by-row forms, faster there), or contiguous rows with fewer rows on
-//! the left than one such chunk (`g W` at small batches, where the `gemm` crate ran at
-//! about half this route's speed; from 128 rows on it keeps them, above). Products with a
+//! the left than one such chunk (`g W` at small batches, where the `gemm` crate took
+//! 1.2–2 × this route's time; from 128 rows on it keeps them, above). Products with a
 //! short side go to [`super::thin`] or the `gemm` crate on every thread count, so that
 //! their bits do not depend on it (the thin route declines on one thread).
 //! `LORAKIT_PACKED_PRODUCTS=0` turns the route off (for comparisons). Products the routes
@@ -69,7 +70,7 @@ mod kernel;
 mod pack;
 
 use kernel::{Tile, COLS, DEPTH, ROWS, STRIDE};
-use pack::{Piece, Range};
+use pack::{Extent, Piece};
 
 /// Whether the route is on in this process: AVX-512F available and not lowered by
 /// `LORAKIT_CPU_ISA`, and not turned off by `LORAKIT_PACKED_PRODUCTS=0` (read once).
@@ -179,7 +180,8 @@ struct Operands<'a> {
     term: Option<Term<'a>>,
 }
 
-/// A thread's packed panels, kept so that a step's products do not allocate.
+/// A thread's packed panel buffers, kept for the life of the thread (about 1.2 MiB with a
+/// 2 MiB L2) so that the products of a training step do not allocate them.
 #[derive(Default)]
 struct Panels {
     rows: Vec<f32>,
@@ -199,7 +201,11 @@ fn multiply(
     block: usize,
 ) -> candle_core::Result<()> {
     let (m, n) = (ops.lhs.rows, ops.rhs.cols);
-    if m > 0 && dst.len() < (m - 1) * dst_rs + n || dst_rs < n {
+    let too_short = m.checked_sub(1).is_some_and(|last| {
+        let needed = last.checked_mul(dst_rs).and_then(|v| v.checked_add(n));
+        needed.is_none_or(|needed| dst.len() < needed)
+    });
+    if too_short || dst_rs < n {
         candle_core::bail!(
             "packed product: destination of {} shorter than {m} × {n}",
             dst.len()
@@ -224,26 +230,33 @@ fn columns_of(
     panels: &mut Panels,
 ) -> candle_core::Result<()> {
     let (m, k) = (ops.lhs.rows, ops.lhs.cols);
-    let Panels { rows, columns } = panels;
+    let Panels {
+        rows: row_buffer,
+        columns: column_buffer,
+    } = panels;
     let widest = block.min(end - start).next_multiple_of(COLS);
-    let row_panel = cache_aligned(rows, ROWS * STRIDE).ok_or_else(|| short("row"))?;
-    let column_panels = cache_aligned(columns, STRIDE * widest).ok_or_else(|| short("column"))?;
+    let row_panel = cache_aligned(row_buffer, ROWS * STRIDE).ok_or_else(|| short("row"))?;
+    let column_panels =
+        cache_aligned(column_buffer, STRIDE * widest).ok_or_else(|| short("column"))?;
     for j0 in (start..end).step_by(block) {
         let width = block.min(end - j0);
         for k0 in (0..k).step_by(DEPTH) {
-            let (lhs_pieces, rhs_pieces) = step_pieces(&ops, k0);
+            let (lhs_pieces, rhs_pieces, count) = step_pieces(&ops, k0);
+            let lhs_pieces = lhs_pieces.get(..count).unwrap_or_default();
+            let rhs_pieces = rhs_pieces.get(..count).unwrap_or_default();
             let depth: usize = rhs_pieces.iter().map(|piece| piece.depth).sum();
-            let cols = Range {
+            debug_assert!(depth <= STRIDE);
+            let cols = Extent {
                 start: j0,
                 len: width,
             };
-            pack::column_panels(&rhs_pieces, cols, column_panels)?;
+            pack::column_panels(rhs_pieces, cols, column_panels)?;
             let add = ops.accum == Accum::Add || k0 > 0;
             for i0 in (0..m).step_by(ROWS) {
                 let rows = ROWS.min(m - i0);
                 pack::row_panel(
-                    &lhs_pieces,
-                    Range {
+                    lhs_pieces,
+                    Extent {
                         start: i0,
                         len: rows,
                     },
@@ -274,9 +287,10 @@ fn columns_of(
     Ok(())
 }
 
-/// The left- and right-hand-side pieces of the step at depth `k0`: the base product's
-/// slice `k0 .. k0 + DEPTH` (or to its end), and on the last step the whole term.
-fn step_pieces<'a>(ops: &Operands<'a>, k0: usize) -> (Vec<Piece<'a>>, Vec<Piece<'a>>) {
+/// The left- and right-hand-side pieces of the step at depth `k0` (the first `count` of
+/// each array): the base product's slice `k0 .. k0 + DEPTH` (or to its end), and on the
+/// last step the whole term.
+fn step_pieces<'a>(ops: &Operands<'a>, k0: usize) -> ([Piece<'a>; 2], [Piece<'a>; 2], usize) {
     let k = ops.lhs.cols;
     let depth = DEPTH.min(k - k0);
     let base = |mat, scale| Piece {
@@ -285,21 +299,23 @@ fn step_pieces<'a>(ops: &Operands<'a>, k0: usize) -> (Vec<Piece<'a>>, Vec<Piece<
         depth,
         scale,
     };
-    let mut lhs = vec![base(ops.lhs, 1.0)];
-    let mut rhs = vec![base(ops.rhs, 1.0)];
-    if let Some(term) = ops.term.filter(|_| k0 + depth == k) {
-        let whole = |mat, scale| Piece {
-            mat,
-            k0: 0,
-            depth: term.lhs.cols,
-            scale,
-        };
-        lhs.push(whole(term.lhs, term.scale));
-        rhs.push(whole(term.rhs, 1.0));
+    let (lhs, rhs) = (base(ops.lhs, 1.0), base(ops.rhs, 1.0));
+    match ops.term.filter(|_| k0 + depth == k) {
+        Some(term) => {
+            let whole = |mat, scale| Piece {
+                mat,
+                k0: 0,
+                depth: term.lhs.cols,
+                scale,
+            };
+            let (term_lhs, term_rhs) = (whole(term.lhs, term.scale), whole(term.rhs, 1.0));
+            ([lhs, term_lhs], [rhs, term_rhs], 2)
+        }
+        None => ([lhs, lhs], [rhs, rhs], 1),
     }
-    (lhs, rhs)
 }
 
+/// The error of a panel buffer that could not be sized (`which`: row or column).
 fn short(which: &str) -> candle_core::Error {
     candle_core::Error::Msg(format!(
         "packed product: the {which} panels could not be sized"
@@ -350,7 +366,7 @@ mod tests {
     }
 
     /// Ragged shapes (rows not a multiple of the block's 14, columns not of its 32 or of
-    /// 16, depth not of 16 or of the 256-deep steps), a right-hand side row-major and
+    /// 16, depth not of 16 or of the 384-deep steps, 513 over two steps), a right-hand side row-major and
     /// column-major (a slice of a taller matrix, as `Wᵀ` of a padded weight), a left-hand
     /// side with padded rows (NaN in the padding), a padded destination, replace and add,
     /// `beta`, one and several column blocks: against an `f64` triple loop.
@@ -504,32 +520,31 @@ mod tests {
         }
         let rhs_data = vals(k * n, 0.7);
         let rhs = MatRef::contiguous(&rhs_data, k, n)?;
+        let zeros = vec![0f32; m * n];
+        let ops = Operands {
+            lhs,
+            rhs,
+            accum: Accum::Replace,
+            beta: 1.0,
+            term: None,
+        };
         for (term, taken) in [(fits, true), (too_deep, false)] {
+            let context = format!("rank {}", term.lhs.cols);
             let added = AddedTerm {
                 lhs: term.lhs,
                 rhs: term.rhs,
                 scale: term.scale,
             };
-            let mut dst = vec![0f32; m * n];
+            let mut dst = zeros.clone();
             let product = MatProduct::new(lhs, rhs, Accum::Replace, 1.0);
             let took = reroute(&mut dst, n, product, Some(added)).expect("a large f32 product")?;
-            assert_eq!(took, taken, "rank {}", term.lhs.cols);
-            let mut whole = vec![0f32; m * n];
+            assert_eq!(took, taken, "{context}");
+            if took {
+                check_with_term(&dst, &zeros, &ops, &term, &context);
+            }
+            let mut whole = zeros.clone();
             super::super::gemm_plus_into(&mut whole, n, product, Some(added))?;
-            let ops = Operands {
-                lhs,
-                rhs,
-                accum: Accum::Replace,
-                beta: 1.0,
-                term: None,
-            };
-            check_with_term(
-                &whole,
-                &whole,
-                &ops,
-                &term,
-                &format!("rank {}", term.lhs.cols),
-            );
+            check_with_term(&whole, &zeros, &ops, &term, &context);
         }
         Ok(())
     }

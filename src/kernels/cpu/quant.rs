@@ -92,27 +92,24 @@ fn quantized_times_t<T: WithDType>(
     x: MatRef<T>,
     accum: Accum,
 ) -> candle_core::Result<()> {
-    let one = T::from_f64(1.0);
-    {
-        if x.rows <= STREAM_ROWS {
-            if T::DTYPE == DType::F32 {
-                if let Some(k) = RowDots::new(q.ggml_dtype(), q.d_in(), x.rows, Isa::best()) {
-                    return times_t_fused(q, &k, dst, x, accum);
-                }
+    if x.rows <= STREAM_ROWS {
+        if T::DTYPE == DType::F32 {
+            if let Some(k) = RowDots::new(q.ggml_dtype(), q.d_in(), x.rows, Isa::best()) {
+                return times_t_fused(q, &k, dst, x, accum);
             }
-            return times_t_streamed(q, dst, x, accum);
         }
-        let d_out = q.d_out();
-        let mut tile = Tile::new(q);
-        for j0 in tile.starts() {
-            let w = tile.load(j0)?;
-            let Some(dst) = dst.get_mut(j0..) else {
-                candle_core::bail!("fused linear: output too small for row {j0} of W");
-            };
-            gemm_into(dst, d_out, x, w.t(), accum, one)?;
-        }
-        Ok(())
+        return times_t_streamed(q, dst, x, accum);
     }
+    let (d_out, one) = (q.d_out(), T::from_f64(1.0));
+    let mut tile = Tile::new(q);
+    for j0 in tile.starts() {
+        let w = tile.load(j0)?;
+        let Some(dst) = dst.get_mut(j0..) else {
+            candle_core::bail!("fused linear: output too small for row {j0} of W");
+        };
+        gemm_into(dst, d_out, x, w.t(), accum, one)?;
+    }
+    Ok(())
 }
 
 /// [`WeightMat::grad_times`] for a quantized `W`, without a term.
@@ -121,18 +118,15 @@ fn quantized_grad_times<T: WithDType>(
     dst: &mut [T],
     g: MatRef<T>,
 ) -> candle_core::Result<()> {
-    {
-        let one = T::from_f64(1.0);
-        let d_in = q.d_in();
-        let mut tile = Tile::new(q);
-        let mut accum = Accum::Replace;
-        for j0 in tile.starts() {
-            let w = tile.load(j0)?;
-            gemm_into(dst, d_in, g.cols_range(j0, w.rows)?, w, accum, one)?;
-            accum = Accum::Add;
-        }
-        Ok(())
+    let (d_in, one) = (q.d_in(), T::from_f64(1.0));
+    let mut tile = Tile::new(q);
+    let mut accum = Accum::Replace;
+    for j0 in tile.starts() {
+        let w = tile.load(j0)?;
+        gemm_into(dst, d_in, g.cols_range(j0, w.rows)?, w, accum, one)?;
+        accum = Accum::Add;
     }
+    Ok(())
 }
 
 /// At most this many input rows take the row-streaming product (decode): in f32 over Q8_0,

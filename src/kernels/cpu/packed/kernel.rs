@@ -55,9 +55,11 @@ pub(super) struct Tile {
 /// each of its `tile.rows` rows, and no other thread touches them during the call.
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn multiply(depth: usize, rows: *const f32, cols: *const f32, tile: Tile) {
+    debug_assert!((1..=ROWS).contains(&tile.rows) && depth <= STRIDE);
     // SAFETY: the caller's contract, for every row count.
     unsafe {
         match tile.rows {
+            0 => {}
             1 => block::<1>(depth, rows, cols, tile),
             2 => block::<2>(depth, rows, cols, tile),
             3 => block::<3>(depth, rows, cols, tile),

@@ -26,11 +26,12 @@ pub(super) struct Piece<'a> {
 
 /// Rows or columns `start .. start + len` of the destination.
 #[derive(Clone, Copy, Debug)]
-pub(super) struct Range {
+pub(super) struct Extent {
     pub start: usize,
     pub len: usize,
 }
 
+/// The error of a view or panel shorter than a piece needs.
 fn short(what: &str) -> candle_core::Error {
     candle_core::Error::Msg(format!("packed product: {what} shorter than its view"))
 }
@@ -38,7 +39,11 @@ fn short(what: &str) -> candle_core::Error {
 /// Copies rows `rows` (at most [`ROWS`]) of the left-hand-side pieces (each with
 /// contiguous rows, `cs == 1`), one piece after the other along each row (together at
 /// most [`STRIDE`] deep), into `out`, row `i` at `i · STRIDE`.
-pub(super) fn row_panel(pieces: &[Piece], rows: Range, out: &mut [f32]) -> candle_core::Result<()> {
+pub(super) fn row_panel(
+    pieces: &[Piece],
+    rows: Extent,
+    out: &mut [f32],
+) -> candle_core::Result<()> {
     debug_assert!(rows.len <= ROWS);
     for i in 0..rows.len {
         let mut at = i * STRIDE;
@@ -73,7 +78,7 @@ pub(super) fn row_panel(pieces: &[Piece], rows: Range, out: &mut [f32]) -> candl
 /// pieces one after the other along `k`, zero past the last column.
 pub(super) fn column_panels(
     pieces: &[Piece],
-    cols: Range,
+    cols: Extent,
     out: &mut [f32],
 ) -> candle_core::Result<()> {
     let depth: usize = pieces.iter().map(|piece| piece.depth).sum();
@@ -82,7 +87,7 @@ pub(super) fn column_panels(
         .step_by(COLS)
         .enumerate()
     {
-        let width = Range {
+        let width = Extent {
             start: j0,
             len: COLS.min(cols.start + cols.len - j0),
         };
@@ -103,7 +108,7 @@ pub(super) fn column_panels(
 }
 
 /// One column panel of a right-hand side with contiguous rows: one copy per depth step.
-fn panel_from_rows(piece: Piece, cols: Range, panel: &mut [f32]) -> candle_core::Result<()> {
+fn panel_from_rows(piece: Piece, cols: Extent, panel: &mut [f32]) -> candle_core::Result<()> {
     let rhs = piece.mat;
     for (k, out) in panel.chunks_exact_mut(COLS).enumerate() {
         let from = (piece.k0 + k) * rhs.rs + cols.start;
@@ -121,7 +126,7 @@ fn panel_from_rows(piece: Piece, cols: Range, panel: &mut [f32]) -> candle_core:
 /// One column panel of a right-hand side with contiguous columns (each column of the
 /// panel a contiguous line of the operand): 16 × 16 blocks transposed in registers, the
 /// ragged edges element by element, zero past the last column.
-fn panel_from_columns(piece: Piece, cols: Range, panel: &mut [f32]) -> candle_core::Result<()> {
+fn panel_from_columns(piece: Piece, cols: Extent, panel: &mut [f32]) -> candle_core::Result<()> {
     let (rhs, depth) = (piece.mat, piece.depth);
     let mut lines: [&[f32]; COLS] = [&[]; COLS];
     for (j, line) in lines.iter_mut().enumerate().take(cols.len) {
