@@ -241,6 +241,13 @@ pub(crate) struct AddedTerm<'a, T> {
     pub scale: T,
 }
 
+impl<T: WithDType> AddedTerm<'_, T> {
+    /// `dst += scale · lhs · rhs` as a product of its own, `dst` at row stride `dst_rs`.
+    pub(crate) fn add_into(&self, dst: &mut [T], dst_rs: usize) -> candle_core::Result<()> {
+        gemm_into(dst, dst_rs, self.lhs, self.rhs, Accum::Add, self.scale)
+    }
+}
+
 /// `dst = beta · lhs · rhs` ([`Accum::Replace`]) or `dst += beta · lhs · rhs`
 /// ([`Accum::Add`]), `dst` a row-major `m × n` matrix with row stride `dst_rs` (at least
 /// `n`).
@@ -266,7 +273,7 @@ fn gemm_plus_into<T: WithDType>(
 ) -> candle_core::Result<()> {
     let added = route_product(dst, dst_rs, product, term)?;
     match term {
-        Some(t) if !added => gemm_into(dst, dst_rs, t.lhs, t.rhs, Accum::Add, t.scale),
+        Some(t) if !added => t.add_into(dst, dst_rs),
         _ => Ok(()),
     }
 }

@@ -118,40 +118,17 @@ pub(super) fn reroute<T: WithDType>(
         return None;
     }
     let (dst, lhs, rhs) = same_type::same_product::<T, f32>(dst, lhs, rhs)?;
-    let beta = beta.to_f64() as f32;
+    let product = MatProduct::new(lhs, rhs, accum, beta.to_f64() as f32);
     let term = term.and_then(|t| {
-        let (lhs, rhs) = (
-            same_type::same::<T, f32>(t.lhs)?,
-            same_type::same::<T, f32>(t.rhs)?,
-        );
-        let term = Term {
-            lhs,
-            rhs,
+        let term = AddedTerm {
+            lhs: same_type::same::<T, f32>(t.lhs)?,
+            rhs: same_type::same::<T, f32>(t.rhs)?,
             scale: t.scale.to_f64() as f32,
         };
-        term_fits(&term, m_n(&product), beta).then_some(term)
+        term_fits(&term, &product).then_some(term)
     });
-    let ops = Operands {
-        lhs,
-        rhs,
-        accum,
-        beta,
-        term,
-    };
+    let ops = Operands { product, term };
     Some(multiply(dst, dst_rs, ops, block_columns(machine().l2)).map(|()| term.is_some()))
-}
-
-/// `(m, n)` of a product.
-fn m_n<T>(product: &MatProduct<T>) -> (usize, usize) {
-    (product.lhs.rows, product.rhs.cols)
-}
-
-/// A second product `scale · lhs · rhs` added into the destination in the same steps.
-#[derive(Clone, Copy)]
-struct Term<'a> {
-    lhs: MatRef<'a, f32>,
-    rhs: MatRef<'a, f32>,
-    scale: f32,
 }
 
 /// Whether a second term joins the base product's last step: the base product's `beta`
@@ -159,25 +136,23 @@ struct Term<'a> {
 /// product's `m × n` shape, its rows are contiguous on the left and its right-hand side
 /// has contiguous rows or columns, and its depth (a LoRA factor pair's rank) fits the row
 /// panel's room beside a full step ([`STRIDE`] − [`DEPTH`], 64).
-fn term_fits(term: &Term, (m, n): (usize, usize), beta: f32) -> bool {
+fn term_fits(term: &AddedTerm<f32>, product: &MatProduct<f32>) -> bool {
     let r = term.lhs.cols;
-    beta == 1.0
-        && term.lhs.rows == m
-        && term.rhs.cols == n
+    product.beta == 1.0
+        && term.lhs.rows == product.lhs.rows
+        && term.rhs.cols == product.rhs.cols
         && term.rhs.rows == r
         && (1..=STRIDE - DEPTH).contains(&r)
         && term.lhs.cs == 1
         && (term.rhs.cs == 1 || term.rhs.rs == 1)
 }
 
-/// One product: `dst = beta · lhs · rhs` or `dst += beta · lhs · rhs`, plus the term.
+/// One product, `dst = beta · lhs · rhs` or `dst += beta · lhs · rhs`, plus the term that
+/// joins its last step.
 #[derive(Clone, Copy)]
 struct Operands<'a> {
-    lhs: MatRef<'a, f32>,
-    rhs: MatRef<'a, f32>,
-    accum: Accum,
-    beta: f32,
-    term: Option<Term<'a>>,
+    product: MatProduct<'a, f32>,
+    term: Option<AddedTerm<'a, f32>>,
 }
 
 /// A thread's packed panel buffers, kept for the life of the thread (about 1.2 MiB with a
@@ -200,7 +175,7 @@ fn multiply(
     ops: Operands,
     block: usize,
 ) -> candle_core::Result<()> {
-    let (m, n) = (ops.lhs.rows, ops.rhs.cols);
+    let (m, n) = (ops.product.lhs.rows, ops.product.rhs.cols);
     let too_short = m.checked_sub(1).is_some_and(|last| {
         let needed = last.checked_mul(dst_rs).and_then(|v| v.checked_add(n));
         needed.is_none_or(|needed| dst.len() < needed)
@@ -229,7 +204,7 @@ fn columns_of(
     block: usize,
     panels: &mut Panels,
 ) -> candle_core::Result<()> {
-    let (m, k) = (ops.lhs.rows, ops.lhs.cols);
+    let (m, k) = (ops.product.lhs.rows, ops.product.lhs.cols);
     let Panels {
         rows: row_buffer,
         columns: column_buffer,
@@ -251,7 +226,7 @@ fn columns_of(
                 len: width,
             };
             pack::column_panels(rhs_pieces, cols, column_panels)?;
-            let add = ops.accum == Accum::Add || k0 > 0;
+            let add = ops.product.accum == Accum::Add || k0 > 0;
             for i0 in (0..m).step_by(ROWS) {
                 let rows = ROWS.min(m - i0);
                 pack::row_panel(
@@ -268,7 +243,7 @@ fn columns_of(
                         out_rs: dst_rs,
                         rows,
                         width: COLS.min(j0 + width - j),
-                        beta: ops.beta,
+                        beta: ops.product.beta,
                         add,
                     };
                     let panel = column_panels
@@ -291,7 +266,8 @@ fn columns_of(
 /// each array): the base product's slice `k0 .. k0 + DEPTH` (or to its end), and on the
 /// last step the whole term.
 fn step_pieces<'a>(ops: &Operands<'a>, k0: usize) -> ([Piece<'a>; 2], [Piece<'a>; 2], usize) {
-    let k = ops.lhs.cols;
+    let (lhs, rhs) = (ops.product.lhs, ops.product.rhs);
+    let k = lhs.cols;
     let depth = DEPTH.min(k - k0);
     let base = |mat, scale| Piece {
         mat,
@@ -299,7 +275,7 @@ fn step_pieces<'a>(ops: &Operands<'a>, k0: usize) -> ([Piece<'a>; 2], [Piece<'a>
         depth,
         scale,
     };
-    let (lhs, rhs) = (base(ops.lhs, 1.0), base(ops.rhs, 1.0));
+    let (lhs, rhs) = (base(lhs, 1.0), base(rhs, 1.0));
     match ops.term.filter(|_| k0 + depth == k) {
         Some(term) => {
             let whole = |mat, scale| Piece {
@@ -350,15 +326,11 @@ mod tests {
         product: MatProduct<f32>,
         block: usize,
     ) -> candle_core::Result<()> {
-        let (lhs, rhs, accum, beta) = product.parts();
         multiply(
             dst,
             dst_rs,
             Operands {
-                lhs,
-                rhs,
-                accum,
-                beta,
+                product,
                 term: None,
             },
             block,
@@ -415,8 +387,19 @@ mod tests {
     }
 
     /// `dst (+)= lhs · rhs + scale · lhs₂ · rhs₂` against an `f64` double sum.
-    fn check_with_term(dst: &[f32], start: &[f32], ops: &Operands, term: &Term, context: &str) {
-        let (m, k, n, r) = (ops.lhs.rows, ops.lhs.cols, ops.rhs.cols, term.lhs.cols);
+    fn check_with_term(
+        dst: &[f32],
+        start: &[f32],
+        product: &MatProduct<f32>,
+        term: &AddedTerm<f32>,
+        context: &str,
+    ) {
+        let (m, k, n, r) = (
+            product.lhs.rows,
+            product.lhs.cols,
+            product.rhs.cols,
+            term.lhs.cols,
+        );
         let dot = |a: MatRef<f32>, b: MatRef<f32>, i: usize, j: usize, len: usize| -> f64 {
             (0..len)
                 .map(|t| f64::from(a.at(i, t)) * f64::from(b.at(t, j)))
@@ -424,12 +407,12 @@ mod tests {
         };
         for i in 0..m {
             for j in 0..n {
-                let base = match ops.accum {
+                let base = match product.accum {
                     Accum::Replace => 0.0,
                     Accum::Add => f64::from(start[i * n + j]),
                 };
                 let want = base
-                    + dot(ops.lhs, ops.rhs, i, j, k)
+                    + f64::from(product.beta) * dot(product.lhs, product.rhs, i, j, k)
                     + f64::from(term.scale) * dot(term.lhs, term.rhs, i, j, r);
                 let got = f64::from(dst[i * n + j]);
                 let tol = 1e-6 * (1.0 + want.abs()) * (k + r) as f64;
@@ -462,25 +445,23 @@ mod tests {
                 let b_t = MatRef::contiguous(&b_data, n, r)?.t();
                 let a = MatRef::contiguous(&b_data, r, n)?;
                 for (layout, term_rhs) in [("column-major", b_t), ("row-major", a)] {
-                    let term = Term {
+                    let term = AddedTerm {
                         lhs: xa,
                         rhs: term_rhs,
                         scale: -0.75,
                     };
-                    assert!(term_fits(&term, (m, n), 1.0), "r {r} should fit");
                     for accum in [Accum::Replace, Accum::Add] {
+                        let product = MatProduct::new(lhs, rhs, accum, 1.0);
+                        assert!(term_fits(&term, &product), "r {r} should fit");
                         let ops = Operands {
-                            lhs,
-                            rhs,
-                            accum,
-                            beta: 1.0,
+                            product,
                             term: Some(term),
                         };
                         let start = vals(m * n, 1.3);
                         let mut dst = start.clone();
                         multiply(&mut dst, n, ops, 2 * COLS)?;
                         let context = format!("{m}x{k}x{n}, r {r}, {layout} term, {accum:?}");
-                        check_with_term(&dst, &start, &ops, &term, &context);
+                        check_with_term(&dst, &start, &product, &term, &context);
                     }
                 }
             }
@@ -498,53 +479,51 @@ mod tests {
         let (m, k, n) = (64, 300, 256);
         let data = vals(m.max(k).max(n) * 80, 0.5);
         let lhs = MatRef::contiguous(&data, m, k)?;
-        let too_deep = Term {
+        let rhs_data = vals(k * n, 0.7);
+        let rhs = MatRef::contiguous(&rhs_data, k, n)?;
+        let product = MatProduct::new(lhs, rhs, Accum::Replace, 1.0);
+        let too_deep = AddedTerm {
             lhs: MatRef::contiguous(&data, m, 65)?,
             rhs: MatRef::contiguous(&data, 65, n)?,
             scale: 1.0,
         };
-        assert!(!term_fits(&too_deep, (m, n), 1.0));
-        let fits = Term {
+        assert!(!term_fits(&too_deep, &product));
+        let fits = AddedTerm {
             lhs: MatRef::contiguous(&data, m, 8)?,
             ..too_deep
         };
-        let fits = Term {
+        let fits = AddedTerm {
             rhs: MatRef::contiguous(&data, 8, n)?,
             ..fits
         };
-        assert!(term_fits(&fits, (m, n), 1.0));
-        assert!(!term_fits(&fits, (m, n), 0.5));
-        assert!(!term_fits(&fits, (m + 1, n), 1.0));
+        assert!(term_fits(&fits, &product));
+        assert!(!term_fits(
+            &fits,
+            &MatProduct {
+                beta: 0.5,
+                ..product
+            }
+        ));
+        let shorter = MatProduct {
+            lhs: MatRef::contiguous(&data, m - 1, k)?,
+            ..product
+        };
+        assert!(!term_fits(&fits, &shorter));
         if !in_use() {
             return Ok(());
         }
-        let rhs_data = vals(k * n, 0.7);
-        let rhs = MatRef::contiguous(&rhs_data, k, n)?;
         let zeros = vec![0f32; m * n];
-        let ops = Operands {
-            lhs,
-            rhs,
-            accum: Accum::Replace,
-            beta: 1.0,
-            term: None,
-        };
         for (term, taken) in [(fits, true), (too_deep, false)] {
             let context = format!("rank {}", term.lhs.cols);
-            let added = AddedTerm {
-                lhs: term.lhs,
-                rhs: term.rhs,
-                scale: term.scale,
-            };
             let mut dst = zeros.clone();
-            let product = MatProduct::new(lhs, rhs, Accum::Replace, 1.0);
-            let took = reroute(&mut dst, n, product, Some(added)).expect("a large f32 product")?;
+            let took = reroute(&mut dst, n, product, Some(term)).expect("a large f32 product")?;
             assert_eq!(took, taken, "{context}");
             if took {
-                check_with_term(&dst, &zeros, &ops, &term, &context);
+                check_with_term(&dst, &zeros, &product, &term, &context);
             }
             let mut whole = zeros.clone();
-            super::super::gemm_plus_into(&mut whole, n, product, Some(added))?;
-            check_with_term(&whole, &zeros, &ops, &term, &context);
+            super::super::gemm_plus_into(&mut whole, n, product, Some(term))?;
+            check_with_term(&whole, &zeros, &product, &term, &context);
         }
         Ok(())
     }
@@ -564,21 +543,16 @@ mod tests {
             let lhs = MatRef::contiguous(&lhs_data, m, k)?;
             let rhs = MatRef::new(&rhs_data, k, n, 1, k)?;
             let term = (r > 0)
-                .then(|| -> candle_core::Result<Term> {
-                    Ok(Term {
+                .then(|| -> candle_core::Result<AddedTerm<f32>> {
+                    Ok(AddedTerm {
                         lhs: MatRef::contiguous(&xa_data, m, r)?,
                         rhs: MatRef::contiguous(&b_data, n, r)?.t(),
                         scale: 0.5,
                     })
                 })
                 .transpose()?;
-            let ops = Operands {
-                lhs,
-                rhs,
-                accum: Accum::Add,
-                beta: 1.0,
-                term,
-            };
+            let product = MatProduct::new(lhs, rhs, Accum::Add, 1.0);
+            let ops = Operands { product, term };
             let with = |threads: usize| -> candle_core::Result<Vec<u32>> {
                 let mut dst = vals(m * n, 1.1);
                 on_threads(threads, || {

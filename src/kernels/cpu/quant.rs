@@ -49,7 +49,7 @@ impl<T: WithDType> WeightMat<'_, T> {
             WeightMat::Quantized(q) => q,
         };
         quantized_times_t(q, dst, x, accum)?;
-        add_term(dst, q.d_out(), term)
+        term.map_or(Ok(()), |t| t.add_into(dst, q.d_out()))
     }
 
     /// `dst = g W`, `dst` contiguous `(n, d_in)`, `g` `(n, d_out)`, then `term` added (as in
@@ -69,19 +69,7 @@ impl<T: WithDType> WeightMat<'_, T> {
             WeightMat::Quantized(q) => q,
         };
         quantized_grad_times(q, dst, g)?;
-        add_term(dst, q.d_in(), term)
-    }
-}
-
-/// `dst += scale · lhs · rhs` for a term, row stride `dst_rs`.
-fn add_term<T: WithDType>(
-    dst: &mut [T],
-    dst_rs: usize,
-    term: Option<AddedTerm<T>>,
-) -> candle_core::Result<()> {
-    match term {
-        Some(t) => gemm_into(dst, dst_rs, t.lhs, t.rhs, Accum::Add, t.scale),
-        None => Ok(()),
+        term.map_or(Ok(()), |t| t.add_into(dst, q.d_in()))
     }
 }
 
