@@ -278,6 +278,63 @@ fn gemm_plus_into<T: WithDType>(
     }
 }
 
+/// `lhs · rhs`, plus `bias` (`n` values) on every row, plus `term`, into a new contiguous
+/// `m × n` vector: a layer's output `x Wᵀ + b + s (x Aᵀ) Bᵀ`, or its input gradient.
+/// Where the packed route takes the product it writes each element once, with the bias
+/// added in its first step, and the result is never filled first (`packed::owned`);
+/// elsewhere the bias rows (or zeros) are written in parallel and the product added by its
+/// route. The bits are the same either way. On an Intel Xeon (model 207, 2 threads,
+/// `benches/RESULTS.md`, "New results"), paired against the fill then the product:
+/// 0.95–0.99 of the time for a forward at 512 rows, 0.98–1.00 for `g W` at 512 rows (the
+/// `gemm` crate's, zeros filled in parallel instead of by `calloc`).
+fn product_owned<T: WithDType>(
+    lhs: MatRef<T>,
+    rhs: MatRef<T>,
+    bias: Option<&[T]>,
+    term: Option<AddedTerm<T>>,
+) -> candle_core::Result<Vec<T>> {
+    let (m, n) = (lhs.rows, rhs.cols);
+    if let Some(b) = bias.filter(|b| b.len() != n) {
+        candle_core::bail!(
+            "fused linear: a bias of {} values for {n} output columns",
+            b.len()
+        )
+    }
+    let one = T::from_f64(1.0);
+    #[cfg(target_arch = "x86_64")]
+    if lhs.cols == rhs.rows && !earlier_route_takes(&MatProduct::new(lhs, rhs, Accum::Replace, one))
+    {
+        if let Some(done) = packed::owned(lhs, rhs, bias, term) {
+            let (mut out, added) = done?;
+            if let (Some(t), false) = (term, added) {
+                t.add_into(&mut out, n)?;
+            }
+            return Ok(out);
+        }
+    }
+    let (mut out, accum) = match bias {
+        Some(b) => (rowwise::bias_rows(m, b)?, Accum::Add),
+        None => (rowwise::zero_rows(m, n)?, Accum::Replace),
+    };
+    gemm_plus_into(&mut out, n, MatProduct::new(lhs, rhs, accum, one), term)?;
+    Ok(out)
+}
+
+/// Whether one of the routes [`route_product`] tries before the packed route takes
+/// `product` (with a BLAS backend in use: any product, as it may). Keep in step with
+/// [`route_product`]'s order.
+#[cfg(target_arch = "x86_64")]
+fn earlier_route_takes<T: WithDType>(product: &MatProduct<T>) -> bool {
+    #[cfg(any(feature = "openblas", feature = "mkl"))]
+    if blas::library_fits_the_cpu() {
+        return true;
+    }
+    gemv::takes(product)
+        || gemv::takes_transposed(product)
+        || thin::takes_product(product)
+        || amx::takes_product(product)
+}
+
 /// Runs a product by its route (below); returns whether `term` was added with it.
 fn route_product<T: WithDType>(
     dst: &mut [T],
@@ -313,7 +370,8 @@ fn route_product<T: WithDType>(
     if let Some(done) = amx::reroute(dst, dst_rs, product) {
         return done.map(|()| false);
     }
-    // Large `f32` products on lorakit's own AVX-512 packing and register block.
+    // Large `f32` products on lorakit's own AVX-512 packing and register block. (The
+    // routes above are those `earlier_route_takes` lists.)
     #[cfg(target_arch = "x86_64")]
     if let Some(done) = packed::reroute(dst, dst_rs, product, term) {
         return done;
@@ -595,19 +653,13 @@ pub(crate) struct Forward<'a, T> {
 /// `x̃ Aᵀ` `(n, r)` (empty without a low-rank term), which the backward reuses; `x̃` is
 /// `x`, or its dropped copy ([`Forward::dropped`]).
 ///
-/// Without a row scale the bias pre-fills the output and the base GEMM accumulates onto
-/// it; the low-rank product always accumulates into the same buffer; a row scale is one
-/// epilogue pass.
+/// Without a row scale the output is a new vector ([`product_owned`]: the bias in the
+/// base product's first step where the packed route takes it, else pre-filled and the
+/// product added onto it); the low-rank term joins the base product's passes where the
+/// route allows; a row scale is one epilogue pass.
 pub(crate) fn forward<T: WithDType>(p: &Forward<T>) -> candle_core::Result<Forwarded<T>> {
     let (n, d_out) = (p.x.rows, p.w.rows());
-    let zero = T::from_f64(0.0);
     let one = T::from_f64(1.0);
-    // The output (candle's once returned), or with a row scale the pooled pre-scale `u`.
-    let (mut y, base) = match (&p.bias, &p.row_scale) {
-        (Some(b), None) => (Scratch::from_vec(rowwise::bias_rows(n, b)?), Accum::Add),
-        (_, None) => (Scratch::from_vec(vec![zero; n * d_out]), Accum::Replace),
-        (_, Some(_)) => (Scratch::zeros(n * d_out), Accum::Replace),
-    };
     let mut xa = Scratch::zeros(0);
     if let Some((a, _, _)) = p.low_rank {
         let r = a.rows;
@@ -617,15 +669,16 @@ pub(crate) fn forward<T: WithDType>(p: &Forward<T>) -> candle_core::Result<Forwa
     // The low-rank term `s (x̃ Aᵀ) Bᵀ` goes in with the base product, in the same passes
     // over `y` where the route allows (`packed`).
     let term = low_rank_term(p, &xa)?;
-    p.w.times_t(&mut y, p.x, base, term)?;
-    // With a row scale the buffer now holds u (no bias yet): keep it for the backward.
-    match &p.row_scale {
-        Some(c) => {
-            let y_scaled = rowwise::scale_columns_add(&y, c, p.bias.as_deref())?;
-            Ok((y_scaled, xa, Some(y)))
-        }
-        None => Ok((y.into_vec(), xa, None)),
-    }
+    let Some(c) = &p.row_scale else {
+        // The output (candle's once returned), the bias in it.
+        let y = p.w.times_t_new(p.x, p.bias.as_deref(), term)?;
+        return Ok((y, xa, None));
+    };
+    // With a row scale, the pooled pre-scale `u` (no bias yet): kept for the backward.
+    let mut u = Scratch::zeros(n * d_out);
+    p.w.times_t(&mut u, p.x, Accum::Replace, term)?;
+    let y_scaled = rowwise::scale_columns_add(&u, c, p.bias.as_deref())?;
+    Ok((y_scaled, xa, Some(u)))
 }
 
 /// The forward's low-rank term `s (x̃ Aᵀ) Bᵀ` over the saved `x̃ Aᵀ` (`n × r`), if any.
@@ -742,7 +795,6 @@ pub(crate) fn backward<T: WithDType>(p: &Backward<T>) -> candle_core::Result<Gra
         _ => None,
     };
     if p.need.x {
-        let mut dx = vec![zero; n * d_in];
         // Without dropout the low-rank term `s (g' B) A` goes in with `g' W`, in the same
         // passes over `dx` where the route allows (`packed`).
         let term = match (f.low_rank, &gb, &f.dropped) {
@@ -753,7 +805,7 @@ pub(crate) fn backward<T: WithDType>(p: &Backward<T>) -> candle_core::Result<Gra
             }),
             _ => None,
         };
-        f.w.grad_times(&mut dx, gs, term)?;
+        let mut dx = f.w.grad_times_new(gs, term)?;
         if let (Some((a, _, s)), Some(gb), Some((_, dropout))) = (f.low_rank, &gb, &f.dropped) {
             // Through the dropout: its kept entries, scaled.
             let mut low = Scratch::zeros(n * d_in);
@@ -890,6 +942,25 @@ fn on_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> candle_c
     Ok(pool.install(f))
 }
 
+/// For the kernels' unit tests: a LoRA term `0.5 (x Aᵀ) Bᵀ` over `xa` (`rows × r`) and `b`
+/// (`B`, `cols × r`), or none at `r = 0`.
+#[cfg(test)]
+fn low_rank_test_term<'a>(
+    xa: &'a [f32],
+    b: &'a [f32],
+    (rows, cols, r): (usize, usize, usize),
+) -> candle_core::Result<Option<AddedTerm<'a, f32>>> {
+    (r > 0)
+        .then(|| {
+            Ok(AddedTerm {
+                lhs: MatRef::contiguous(xa, rows, r)?,
+                rhs: MatRef::contiguous(b, cols, r)?.t(),
+                scale: 0.5,
+            })
+        })
+        .transpose()
+}
+
 /// A deterministic `len`-long buffer for the kernels' unit tests.
 #[cfg(test)]
 fn test_values(len: usize, seed: f64) -> Vec<f64> {
@@ -980,6 +1051,72 @@ mod tests {
             for (p, q) in s.iter().zip(&r) {
                 assert!((p - q).abs() <= 1e-12 * (1.0 + q.abs()), "{p} vs {q}");
             }
+        }
+        Ok(())
+    }
+
+    /// A new result ([`product_owned`]) has the bits of the same product added onto bias
+    /// rows (or zeros) filled first, on every route: `x Wᵀ` at many rows (the packed route
+    /// on AVX-512, with the bias in its first step and the term in its last), a few rows
+    /// (the decode kernel), a short side (the thin route or the `gemm` crate), `g W` at 16
+    /// rows (the decode kernel, though the packed route would take it too), at 40 (the
+    /// packed route) and at 300 (the `gemm` crate), on 1 and 2 threads; a bias of the wrong
+    /// length is an error.
+    #[test]
+    fn new_results_have_the_bits_of_filled_ones() -> candle_core::Result<()> {
+        let vals = |len: usize, seed: f64| -> Vec<f32> {
+            test_values(len, seed)
+                .into_iter()
+                .map(|v| v as f32)
+                .collect()
+        };
+        // (rows, d_in, d_out, W transposed (x Wᵀ) or not (g W), rank of the term)
+        let cases = [
+            (300, 700, 520, true, 16),
+            (300, 700, 520, true, 0),
+            (3, 700, 520, true, 16),
+            (300, 700, 100, true, 8),
+            (16, 520, 700, false, 16),
+            (40, 520, 700, false, 16),
+            (300, 520, 700, false, 0),
+        ];
+        for (n, d_in, d_out, transposed, r) in cases {
+            let x = vals(n * d_in, 0.37);
+            let w = vals(d_in * d_out, 0.71);
+            let bias = vals(d_out, 1.7);
+            let (xa, b) = (vals(n * r, 0.9), vals(d_out * r, 0.4));
+            let lhs = MatRef::contiguous(&x, n, d_in)?;
+            let rhs = match transposed {
+                true => MatRef::contiguous(&w, d_out, d_in)?.t(),
+                false => MatRef::contiguous(&w, d_in, d_out)?,
+            };
+            let term = low_rank_test_term(&xa, &b, (n, d_out, r))?;
+            for with_bias in [true, false] {
+                let bias = with_bias.then_some(&bias[..]);
+                let filled = || -> candle_core::Result<Vec<u32>> {
+                    let (mut out, accum) = match bias {
+                        Some(b) => (rowwise::bias_rows(n, b)?, Accum::Add),
+                        None => (vec![0.0; n * d_out], Accum::Replace),
+                    };
+                    gemm_plus_into(&mut out, d_out, MatProduct::new(lhs, rhs, accum, 1.0), term)?;
+                    Ok(out.iter().map(|v| v.to_bits()).collect())
+                };
+                let new = || -> candle_core::Result<Vec<u32>> {
+                    let out = product_owned(lhs, rhs, bias, term)?;
+                    Ok(out.iter().map(|v| v.to_bits()).collect())
+                };
+                for threads in [1, 2] {
+                    let (want, got) =
+                        on_threads(threads, || Ok::<_, candle_core::Error>((filled()?, new()?)))??;
+                    assert!(
+                        want == got,
+                        "{n}x{d_in}x{d_out} (Wᵀ: {transposed}, r {r}, bias: {with_bias}, {threads} threads)"
+                    );
+                }
+            }
+            let short = vec![0.0; d_out - 1];
+            let err = product_owned(lhs, rhs, Some(&short), term).expect_err("short bias");
+            assert!(err.to_string().contains("bias"), "{err}");
         }
         Ok(())
     }

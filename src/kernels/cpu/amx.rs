@@ -84,6 +84,12 @@ fn takes<T: WithDType>(m: usize, k: usize, n: usize, beta: T) -> bool {
     same_type::is::<T, f32>() && beta.to_f64() == 1.0 && m.min(k).min(n) >= MIN_SIDE && in_use()
 }
 
+/// Whether [`reroute`] takes `product` ([`takes`]).
+pub(super) fn takes_product<T: WithDType>(product: &MatProduct<T>) -> bool {
+    let (m, k, n) = (product.lhs.rows, product.lhs.cols, product.rhs.cols);
+    takes(m, k, n, product.beta)
+}
+
 /// Runs [`super::gemm_into`]'s product on AMX tiles and returns `Some`, or `None` when it
 /// does not take this route (module docs). The caller has checked the shapes and that
 /// `dst` holds the `m × n` result at row stride `dst_rs ≥ n`.
@@ -92,11 +98,10 @@ pub(super) fn reroute<T: WithDType>(
     dst_rs: usize,
     product: MatProduct<T>,
 ) -> Option<candle_core::Result<()>> {
-    let (lhs, rhs, accum, beta) = product.parts();
-    let (m, k, n) = (lhs.rows(), lhs.cols(), rhs.cols());
-    if !takes(m, k, n, beta) {
+    if !takes_product(&product) {
         return None;
     }
+    let (lhs, rhs, accum, _) = product.parts();
     let (dst, lhs, rhs) = same_type::same_product::<T, f32>(dst, lhs, rhs)?;
     Some(multiply(dst, dst_rs, lhs, rhs, accum))
 }

@@ -158,8 +158,9 @@ fn kernels_fit(core: &str, cpu: Isa) -> bool {
 }
 
 /// Whether products go to the linked BLAS in this process (the module docs): always with
-/// MKL; with OpenBLAS when its kernel family fits the CPU, read once.
-fn library_fits_the_cpu() -> bool {
+/// MKL; with OpenBLAS when its kernel family fits the CPU, read once. (A product whose
+/// layout BLAS cannot take still goes to the other routes.)
+pub(super) fn library_fits_the_cpu() -> bool {
     #[cfg(feature = "openblas")]
     {
         static FITS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();

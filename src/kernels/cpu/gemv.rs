@@ -74,7 +74,7 @@ mod output;
 mod row_major;
 mod transposed;
 
-pub(super) use transposed::reroute as reroute_transposed;
+pub(super) use transposed::{reroute as reroute_transposed, takes as takes_transposed};
 
 use candle_core::WithDType;
 use rayon::prelude::*;
@@ -123,6 +123,22 @@ fn dot_rows(k: usize, size: usize, m: &Machine) -> usize {
     l2_rows(k, size, m).min(m.isa.lanes(size) - 1).max(1)
 }
 
+/// Whether [`reroute`] takes `product`: a few rows (up to the bound of the module docs)
+/// against a right-hand side with contiguous columns or rows, with the kernel on.
+pub(super) fn takes<T: WithDType>(product: &MatProduct<T>) -> bool {
+    let Some(m) = decode_machine() else {
+        return false;
+    };
+    let (lhs, rhs) = (product.lhs, product.rhs);
+    let (k, size) = (lhs.cols, std::mem::size_of::<T>());
+    let most_rows = match (rhs.rs, rhs.cs) {
+        (1, _) => Some(dot_rows(k, size, m)),
+        (_, 1) => Some(l2_rows(k, size, m).min(row_major::max_rows(m.isa))),
+        _ => None,
+    };
+    most_rows.is_some_and(|most| lhs.rows <= most)
+}
+
 /// Runs [`super::gemm_into`]'s product through the decode kernel and returns `Some`, or
 /// `None` when the kernel does not take it (another dtype, a row-major `rhs`, too many
 /// rows). The caller has checked the shapes, that `k ≥ 1` and that `dst` holds the
@@ -133,16 +149,11 @@ pub(super) fn reroute<T: WithDType>(
     product: MatProduct<T>,
 ) -> Option<candle_core::Result<()>> {
     let m = decode_machine()?;
-    let (lhs, rhs) = (product.lhs, product.rhs);
-    let (k, size) = (lhs.cols, std::mem::size_of::<T>());
-    let most_rows = match (rhs.rs, rhs.cs) {
-        (1, _) => Some(dot_rows(k, size, m)),
-        (_, 1) => Some(l2_rows(k, size, m).min(row_major::max_rows(m.isa))),
-        _ => None,
-    };
-    if most_rows.is_none_or(|most| lhs.rows > most) {
+    if !takes(&product) {
         return None;
     }
+    let (lhs, rhs) = (product.lhs, product.rhs);
+    let size = std::mem::size_of::<T>();
     if rhs.rs == 1 && rhs.cs != 1 && short_dots_pay_for_a_copy(lhs.rows, lhs.cols, size, m) {
         return Some(through_row_major_copy(
             Split::of(m, lhs.rows),

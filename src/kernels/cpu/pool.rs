@@ -43,8 +43,10 @@ impl<T: WithDType> Scratch<T> {
         Self(v)
     }
 
-    /// An existing vector, returned to the pool when dropped.
-    pub(crate) fn from_vec(v: Vec<T>) -> Self {
+    /// An existing vector, returned to the pool when dropped (the tests' way to offer it
+    /// one of any capacity).
+    #[cfg(test)]
+    fn from_vec(v: Vec<T>) -> Self {
         Self(v)
     }
 

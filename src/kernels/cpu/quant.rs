@@ -6,7 +6,9 @@ use candle_core::{CpuStorage, DType, WithDType};
 use rayon::prelude::*;
 
 use super::col_major::chunked_route_min_cols;
-use super::{gemm_into, gemm_plus_into, Accum, AddedTerm, MatProduct, MatRef};
+use super::{
+    gemm_into, gemm_plus_into, product_owned, rowwise, Accum, AddedTerm, MatProduct, MatRef,
+};
 use crate::quant::{tile_rows, QuantizedWeight};
 use dot::{Isa, RowDots};
 
@@ -50,6 +52,43 @@ impl<T: WithDType> WeightMat<'_, T> {
         };
         quantized_times_t(q, dst, x, accum)?;
         term.map_or(Ok(()), |t| t.add_into(dst, q.d_out()))
+    }
+
+    /// `x Wᵀ`, plus `bias` (`d_out` values) on every row, plus `term`, as a new contiguous
+    /// `(n, d_out)` vector: with a dense `W` through [`super::product_owned`] (never filled
+    /// first where the packed route takes it), with a quantized one into the bias rows (or
+    /// zeros) by [`WeightMat::times_t`].
+    pub(crate) fn times_t_new(
+        &self,
+        x: MatRef<T>,
+        bias: Option<&[T]>,
+        term: Option<AddedTerm<T>>,
+    ) -> candle_core::Result<Vec<T>> {
+        if let WeightMat::Dense(w) = self {
+            return product_owned(x, w.t(), bias, term);
+        }
+        let (mut y, accum) = match bias {
+            Some(b) => (rowwise::bias_rows(x.rows, b)?, Accum::Add),
+            None => (rowwise::zero_rows(x.rows, self.rows())?, Accum::Replace),
+        };
+        self.times_t(&mut y, x, accum, term)?;
+        Ok(y)
+    }
+
+    /// `g W` plus `term` as a new contiguous `(n, d_in)` vector (as in
+    /// [`WeightMat::times_t_new`]).
+    pub(crate) fn grad_times_new(
+        &self,
+        g: MatRef<T>,
+        term: Option<AddedTerm<T>>,
+    ) -> candle_core::Result<Vec<T>> {
+        let q = match self {
+            WeightMat::Dense(w) => return product_owned(g, *w, None, term),
+            WeightMat::Quantized(q) => q,
+        };
+        let mut dx = rowwise::zero_rows(g.rows, q.d_in())?;
+        self.grad_times(&mut dx, g, term)?;
+        Ok(dx)
     }
 
     /// `dst = g W`, `dst` contiguous `(n, d_in)`, `g` `(n, d_out)`, then `term` added (as in

@@ -39,6 +39,11 @@ pub(crate) fn bias_rows<T: WithDType>(n: usize, bias: &[T]) -> candle_core::Resu
     Ok(out)
 }
 
+/// `n` rows of `d` zeros, contiguous, written in parallel (a fresh output's fill).
+pub(crate) fn zero_rows<T: WithDType>(n: usize, d: usize) -> candle_core::Result<Vec<T>> {
+    bias_rows(n, &vec![T::zero(); d])
+}
+
 /// `m ⊙ s` for an `(n, s.len())` matrix `m` (any strides): each row times `s`, contiguous,
 /// and, with `dot_with` (a contiguous `(n, s.len())` matrix `u`), the column sums
 /// `Σ_i m_ij u_ij`.

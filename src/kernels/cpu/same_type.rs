@@ -49,6 +49,12 @@ pub(super) fn same_product<'a, T: WithDType, U: WithDType>(
     Some((same_slice_mut(dst)?, same(lhs)?, same(rhs)?))
 }
 
+/// `data` as a vector of `U` when `T` is `U` (moved, not copied).
+pub(super) fn same_vec<T: 'static, U: 'static>(data: Vec<T>) -> Option<Vec<U>> {
+    let data: Box<dyn std::any::Any> = Box::new(data);
+    data.downcast::<Vec<U>>().ok().map(|data| *data)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,6 +72,8 @@ mod tests {
             s[0] = 9.0;
         }
         assert_eq!(floats[0], 9.0);
+        assert_eq!(same_vec::<f32, f32>(vec![1.5]), Some(vec![1.5f32]));
+        assert!(same_vec::<f32, f64>(vec![1.5]).is_none());
         Ok(())
     }
 }

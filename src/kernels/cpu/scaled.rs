@@ -49,9 +49,8 @@ pub(crate) fn scaled_forward<T: WithDType>(
     p: &ScaledForward<T>,
 ) -> candle_core::Result<(Vec<T>, Scratch<T>, Scratch<T>)> {
     let (n, d_out, r) = (p.x.rows, p.w.rows(), p.a.rows);
-    let (zero, one) = (T::from_f64(0.0), T::from_f64(1.0));
-    let mut y = vec![zero; n * d_out];
-    p.w.times_t(&mut y, p.x, Accum::Replace, None)?;
+    let one = T::from_f64(1.0);
+    let mut y = p.w.times_t_new(p.x, None, None)?;
     let mut xa = Scratch::zeros(n * r);
     gemm_into(&mut xa, r, p.x, p.a.t(), Accum::Replace, one)?;
     let (z, _) = scale_columns_and_dot(MatRef::contiguous(&xa, n, r)?, p.mid, None)?;
@@ -105,7 +104,7 @@ pub(crate) fn scaled_backward<T: WithDType>(
     need: ScaledNeed,
 ) -> candle_core::Result<ScaledGrads<T>> {
     let (n, d_in, d_out, r) = (p.x.rows, p.x.cols, p.w.rows(), p.a.rows);
-    let (zero, one) = (T::from_f64(0.0), T::from_f64(1.0));
+    let one = T::from_f64(1.0);
     if saved.xa.len() != n * r || saved.v.len() != n * d_out {
         candle_core::bail!("scaled low-rank linear: saved intermediates do not fit the inputs");
     }
@@ -132,8 +131,7 @@ pub(crate) fn scaled_backward<T: WithDType>(
     )?;
     let mut dx = None;
     if need.x {
-        let mut out = vec![zero; n * d_in];
-        p.w.grad_times(&mut out, g, None)?;
+        let mut out = p.w.grad_times_new(g, None)?;
         gemm_into(
             &mut out,
             d_in,

@@ -74,10 +74,15 @@ pub(super) fn reroute<T: WithDType>(
     dst_rs: usize,
     product: MatProduct<T>,
 ) -> Option<candle_core::Result<()>> {
+    let threads = rayon::current_num_threads();
+    takes_product(&product).then(|| split_rows(dst, dst_rs, product, threads))
+}
+
+/// Whether [`reroute`] takes `product` on rayon's threads here (module docs).
+pub(super) fn takes_product<T: WithDType>(product: &MatProduct<T>) -> bool {
     let (m, k, n) = (product.lhs.rows, product.lhs.cols, product.rhs.cols);
     let threads = rayon::current_num_threads();
-    let size = std::mem::size_of::<T>();
-    takes(m, k, n, threads, size, machine()).then(|| split_rows(dst, dst_rs, product, threads))
+    takes(m, k, n, threads, std::mem::size_of::<T>(), machine())
 }
 
 /// The product with `dst`'s rows cut into `parts` contiguous ranges, as evenly as whole

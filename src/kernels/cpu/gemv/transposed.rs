@@ -72,6 +72,16 @@ use super::{
 /// bounds above or not narrower than it is tall, a left-hand side with no unit stride, a
 /// short inner dimension for the dots, another dtype). The caller has checked the shapes,
 /// that `k ≥ 1` and that `dst` holds the `m × n` result at row stride `dst_rs ≥ n`.
+/// Whether [`reroute`] takes `product` (the module docs).
+pub(in crate::kernels::cpu) fn takes<T: WithDType>(product: &MatProduct<T>) -> bool {
+    let Some(machine) = decode_machine() else {
+        return false;
+    };
+    let (lhs, rhs) = (product.lhs, product.rhs);
+    let shape = (lhs.rows, lhs.cols, rhs.cols);
+    split_for(machine, (lhs.rs, lhs.cs), shape, std::mem::size_of::<T>()).is_some()
+}
+
 pub(in crate::kernels::cpu) fn reroute<T: WithDType>(
     dst: &mut [T],
     dst_rs: usize,

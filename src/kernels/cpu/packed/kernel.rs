@@ -6,8 +6,9 @@
 //! aligned) and broadcasts each row's value against both: 2 loads and `ROWS` broadcasts
 //! for `2 · ROWS` FMAs, so the two FMA ports, not the loads, set the pace. Each row of the
 //! row panel sits [`STRIDE`] elements after the last, so the broadcasts address it by a
-//! constant displacement (no register per row). The sums of a call are added into the
-//! destination (or replace it) once, scaled by `beta`, at the end.
+//! constant displacement (no register per row). At the end of a call its sums, scaled by
+//! `beta`, are added to the destination's values, to a bias row, or to nothing ([`Start`]),
+//! and stored once.
 
 use std::arch::x86_64::{
     __m512, _mm512_add_ps, _mm512_fmadd_ps, _mm512_load_ps, _mm512_mask_storeu_ps,
@@ -34,8 +35,7 @@ pub(super) const DEPTH: usize = 384;
 pub(super) const STRIDE: usize = DEPTH + 64;
 
 /// Where a block's sums go: `width` (1 to [`COLS`]) columns of `rows` rows of a row-major
-/// destination at row stride `out_rs`, scaled by `beta`, added to what is there when
-/// `add`.
+/// destination at row stride `out_rs`, scaled by `beta`, added to what [`Start`] says.
 #[derive(Clone, Copy)]
 pub(super) struct Tile {
     pub out: *mut f32,
@@ -43,7 +43,20 @@ pub(super) struct Tile {
     pub rows: usize,
     pub width: usize,
     pub beta: f32,
-    pub add: bool,
+    pub start: Start,
+}
+
+/// What a block's scaled sums are added to before they are stored.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) enum Start {
+    /// Nothing: the destination is written without being read, so it may be memory not
+    /// yet initialized.
+    Zero,
+    /// The destination's own values.
+    Dst,
+    /// The same `width` values (a bias, from the block's first column) on every row; the
+    /// destination is written without being read.
+    Row(*const f32),
 }
 
 /// The block's sums over `depth` (at most [`STRIDE`]) steps into `tile`.
@@ -51,8 +64,10 @@ pub(super) struct Tile {
 /// # Safety
 /// AVX-512F must be available. `rows` (packed at stride [`STRIDE`]) holds `tile.rows`
 /// (1 to [`ROWS`]) rows of at least `depth` values; `cols` holds `depth · COLS` values at a
-/// 64-byte boundary; `tile.out` is valid for reads and writes of `tile.width` elements at
-/// each of its `tile.rows` rows, and no other thread touches them during the call.
+/// 64-byte boundary; `tile.out` is valid for writes of `tile.width` elements at each of its
+/// `tile.rows` rows (and for reads, of initialized values, with [`Start::Dst`]), and no
+/// other thread touches them during the call; a [`Start::Row`] pointer is valid for reads
+/// of `tile.width` values.
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn multiply(depth: usize, rows: *const f32, cols: *const f32, tile: Tile) {
     debug_assert!((1..=ROWS).contains(&tile.rows) && depth <= STRIDE);
@@ -95,11 +110,13 @@ fn masks(width: usize) -> (u16, u16) {
 #[inline(always)]
 unsafe fn block<const R: usize>(depth: usize, rows: *const f32, cols: *const f32, tile: Tile) {
     // SAFETY: within the caller's contract: `R` rows of the row panel, `depth · COLS`
-    // column values, `tile.width` columns of `R` destination rows (the masks keep the
-    // loads and stores inside them).
+    // column values, `tile.width` columns of `R` destination rows and of a `Start::Row`
+    // (the masks keep the loads and stores inside them; the destination is read only with
+    // `Start::Dst`).
     unsafe {
         for i in 0..R {
-            // The destination block is read once at the end: start it on its way now.
+            // The destination block is written (and perhaps read) once at the end: start
+            // it on its way now.
             let row = tile.out.wrapping_add(i * tile.out_rs) as *const i8;
             _mm_prefetch::<_MM_HINT_T0>(row);
             _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(64));
@@ -119,13 +136,23 @@ unsafe fn block<const R: usize>(depth: usize, rows: *const f32, cols: *const f32
         }
         let (m0, m1) = masks(tile.width);
         let beta = _mm512_set1_ps(tile.beta);
+        let row = match tile.start {
+            Start::Row(values) => Some((
+                _mm512_maskz_loadu_ps(m0, values),
+                _mm512_maskz_loadu_ps(m1, values.wrapping_add(16)),
+            )),
+            Start::Zero | Start::Dst => None,
+        };
         for (i, sum) in sums.iter().enumerate() {
             let out = tile.out.add(i * tile.out_rs);
             let mut v0 = _mm512_mul_ps(sum[0], beta);
             let mut v1 = _mm512_mul_ps(sum[1], beta);
-            if tile.add {
+            if tile.start == Start::Dst {
                 v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, out), v0);
                 v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, out.wrapping_add(16)), v1);
+            } else if let Some((r0, r1)) = row {
+                v0 = _mm512_add_ps(r0, v0);
+                v1 = _mm512_add_ps(r1, v1);
             }
             _mm512_mask_storeu_ps(out, m0, v0);
             _mm512_mask_storeu_ps(out.wrapping_add(16), m1, v1);
