@@ -23,7 +23,7 @@
 //! - each thread takes an even range of the destination's columns (whole
 //!   [`COLS`]-column panels: [`super::col_major::even_ranges`]) and walks it a block of
 //!   columns at a time, as many as half of one core's L2 holds at a depth of [`DEPTH`]
-//!   ([`block_columns`]: 672 with a 2 MiB L2);
+//!   ([`block_columns`]: 640 with a 2 MiB L2);
 //! - per [`DEPTH`] of the inner dimension, it packs that block of the right-hand side
 //!   into column panels (a copy per depth step for a row-major operand, 16 × 16 register
 //!   transposes for `Wᵀ`; [`pack::column_panels`]) and then, per [`ROWS`] rows of the
@@ -443,7 +443,7 @@ mod tests {
         )
     }
 
-    /// Ragged shapes (rows not a multiple of the block's 14, columns not of its 32 or of
+    /// Ragged shapes (rows not a multiple of the block's 6, columns not of its 64 or of
     /// 16, depth not of 16 or of the 384-deep steps, 513 over two steps), a right-hand side row-major and
     /// column-major (a slice of a taller matrix, as `Wᵀ` of a padded weight), a left-hand
     /// side with padded rows (NaN in the padding), a padded destination, replace and add,
@@ -457,7 +457,10 @@ mod tests {
             (1, 16, 1),
             (13, 17, 15),
             (14, 256, 32),
+            (6, 256, 64),
+            (7, 300, 65),
             (15, 300, 33),
+            (13, 129, 130),
             (29, 513, 100),
             (40, 64, 16),
             (3, 31, 17),
@@ -769,13 +772,13 @@ mod tests {
         Ok(())
     }
 
-    /// Half of a 2 MiB L2 holds 21 column panels 384 deep (48 KiB each), half of 1 MiB
-    /// 10; a cache too small for one panel still gets one.
+    /// Half of a 2 MiB L2 holds 10 column panels of 64 columns 384 deep (96 KiB each),
+    /// half of 1 MiB 5; a cache too small for one panel still gets one.
     #[test]
     fn column_blocks_follow_the_l2() {
-        assert_eq!(DEPTH, 384);
-        assert_eq!(block_columns(2 << 20), 21 * COLS);
-        assert_eq!(block_columns(1 << 20), 10 * COLS);
+        assert_eq!((DEPTH, COLS), (384, 64));
+        assert_eq!(block_columns(2 << 20), 10 * COLS);
+        assert_eq!(block_columns(1 << 20), 5 * COLS);
         assert_eq!(block_columns(16 << 10), COLS);
     }
 

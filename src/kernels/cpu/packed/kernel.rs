@@ -1,10 +1,13 @@
 //! The register block of [`super`]: up to [`ROWS`] rows by [`COLS`] columns of the
-//! destination held in 28 AVX-512 registers while a packed row panel and a packed column
+//! destination held in 24 AVX-512 registers while a packed row panel and a packed column
 //! panel stream past, one multiply-add per register per step of depth.
 //!
-//! Per step of depth the block loads the column panel's 32 values (two vectors, 64-byte
-//! aligned) and broadcasts each row's value against both: 2 loads and `ROWS` broadcasts
-//! for `2 · ROWS` FMAs, so the two FMA ports, not the loads, set the pace. Each row of the
+//! Per step of depth the block loads the column panel's 64 values (four vectors, 64-byte
+//! aligned) and broadcasts each row's value against all four: 4 loads and 6 broadcasts
+//! for 24 FMAs (the shape of the `gemm` crate's `x4x6`). In a prototype of this route on
+//! an Intel Xeon (model 207; `benches/RESULTS.md`, "A wider register block") this block
+//! took 0.92–0.995 × the time of the first version's 14 × 32 (2 loads and 14 broadcasts
+//! for 28 FMAs) for the same products, paired. Each row of the
 //! row panel sits [`STRIDE`] elements after the last, so the broadcasts address it by a
 //! constant displacement (no register per row). At the end of a call its sums, scaled by
 //! `beta`, are added to the destination's values, to a bias row, or to nothing ([`Start`]),
@@ -16,18 +19,22 @@ use std::arch::x86_64::{
     _MM_HINT_T0,
 };
 
-/// Rows of the destination per block: 14 rows of two vectors are 28 accumulators, which
-/// with the two column vectors and a broadcast use 31 of AVX-512's 32 registers.
-pub(super) const ROWS: usize = 14;
+/// Rows of the destination per block: 6 rows of four vectors are 24 accumulators, which
+/// with the four column vectors and a broadcast use 29 of AVX-512's 32 registers (7 rows
+/// would need 33).
+pub(super) const ROWS: usize = 6;
 
-/// Columns of the destination per block: two `f32` vectors.
-pub(super) const COLS: usize = 32;
+/// `f32` vectors per row of a block.
+const VECTORS: usize = 4;
+
+/// Columns of the destination per block: [`VECTORS`] `f32` vectors.
+pub(super) const COLS: usize = 16 * VECTORS;
 
 /// The depth of a step of the base product: a row panel of [`ROWS`] rows this deep is
-/// 21 KiB, two thirds of the smallest AVX-512 core's L1d (32 KiB) and under half of a
-/// 48 KiB one, so it stays there while the column panels stream through. On an Intel
-/// Xeon with a 48 KiB L1d, 384 and 512 ran `x Wᵀ` equally fast within the host's noise and
-/// 256 up to 6% slower (`benches/RESULTS.md`, "Lorakit's own packed products").
+/// 9 KiB, so it stays in L1 while the column panels (96 KiB each) stream from L2. On an
+/// Intel Xeon (model 207) depths of 256, 384 and 512 ran within the host's noise of each
+/// other with this block, none ahead in every case (`benches/RESULTS.md`, "A wider
+/// register block").
 pub(super) const DEPTH: usize = 384;
 
 /// The row panel's row stride, and the deepest step a call takes: [`DEPTH`] and room for
@@ -80,30 +87,18 @@ pub(super) unsafe fn multiply(depth: usize, rows: *const f32, cols: *const f32, 
             3 => block::<3>(depth, rows, cols, tile),
             4 => block::<4>(depth, rows, cols, tile),
             5 => block::<5>(depth, rows, cols, tile),
-            6 => block::<6>(depth, rows, cols, tile),
-            7 => block::<7>(depth, rows, cols, tile),
-            8 => block::<8>(depth, rows, cols, tile),
-            9 => block::<9>(depth, rows, cols, tile),
-            10 => block::<10>(depth, rows, cols, tile),
-            11 => block::<11>(depth, rows, cols, tile),
-            12 => block::<12>(depth, rows, cols, tile),
-            13 => block::<13>(depth, rows, cols, tile),
             _ => block::<ROWS>(depth, rows, cols, tile),
         }
     }
 }
 
-/// Lane masks of the two vectors of a row `width` columns wide.
-fn masks(width: usize) -> (u16, u16) {
-    let lane_mask = |lanes: usize| match lanes {
+/// Lane masks of the [`VECTORS`] vectors of a row `width` columns wide.
+fn masks(width: usize) -> [u16; VECTORS] {
+    std::array::from_fn(|v| match width.saturating_sub(16 * v) {
         0 => 0,
-        1..=15 => (1u16 << lanes) - 1,
+        lanes @ 1..=15 => (1u16 << lanes) - 1,
         _ => u16::MAX,
-    };
-    (
-        lane_mask(width.min(16)),
-        lane_mask(width.saturating_sub(16)),
-    )
+    })
 }
 
 /// [`multiply`] for `R` rows.
@@ -118,64 +113,69 @@ unsafe fn block<const R: usize>(depth: usize, rows: *const f32, cols: *const f32
             // The destination block is written (and perhaps read) once at the end: start
             // it on its way now.
             let row = tile.out.wrapping_add(i * tile.out_rs) as *const i8;
-            _mm_prefetch::<_MM_HINT_T0>(row);
-            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(64));
+            for line in 0..VECTORS {
+                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(64 * line));
+            }
         }
-        let mut sums: [[__m512; 2]; R] = [[_mm512_setzero_ps(); 2]; R];
+        let mut sums: [[__m512; VECTORS]; R] = [[_mm512_setzero_ps(); VECTORS]; R];
         let (mut a, mut b) = (rows, cols);
         for _ in 0..depth {
-            let b0 = _mm512_load_ps(b);
-            let b1 = _mm512_load_ps(b.add(16));
+            let column: [__m512; VECTORS] = std::array::from_fn(|v| _mm512_load_ps(b.add(16 * v)));
             for (i, sum) in sums.iter_mut().enumerate() {
                 let ai = _mm512_set1_ps(*a.add(i * STRIDE));
-                sum[0] = _mm512_fmadd_ps(ai, b0, sum[0]);
-                sum[1] = _mm512_fmadd_ps(ai, b1, sum[1]);
+                for (s, &c) in sum.iter_mut().zip(&column) {
+                    *s = _mm512_fmadd_ps(ai, c, *s);
+                }
             }
             a = a.add(1);
             b = b.add(COLS);
         }
-        let (m0, m1) = masks(tile.width);
+        let masks = masks(tile.width);
         let beta = _mm512_set1_ps(tile.beta);
-        let row = match tile.start {
-            Start::Row(values) => Some((
-                _mm512_maskz_loadu_ps(m0, values),
-                _mm512_maskz_loadu_ps(m1, values.wrapping_add(16)),
-            )),
+        let row: Option<[__m512; VECTORS]> = match tile.start {
+            Start::Row(values) => {
+                let mut row = [_mm512_setzero_ps(); VECTORS];
+                for (v, (slot, &mask)) in row.iter_mut().zip(&masks).enumerate() {
+                    *slot = _mm512_maskz_loadu_ps(mask, values.wrapping_add(16 * v));
+                }
+                Some(row)
+            }
             Start::Zero | Start::Dst => None,
         };
         for (i, sum) in sums.iter().enumerate() {
             let out = tile.out.add(i * tile.out_rs);
-            let mut v0 = _mm512_mul_ps(sum[0], beta);
-            let mut v1 = _mm512_mul_ps(sum[1], beta);
-            if tile.start == Start::Dst {
-                v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, out), v0);
-                v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, out.wrapping_add(16)), v1);
-            } else if let Some((r0, r1)) = row {
-                v0 = _mm512_add_ps(r0, v0);
-                v1 = _mm512_add_ps(r1, v1);
+            for (v, (&s, &mask)) in sum.iter().zip(&masks).enumerate() {
+                let at = out.wrapping_add(16 * v);
+                let mut value = _mm512_mul_ps(s, beta);
+                if tile.start == Start::Dst {
+                    value = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, at), value);
+                } else if let Some(&start) = row.as_ref().and_then(|row| row.get(v)) {
+                    value = _mm512_add_ps(start, value);
+                }
+                _mm512_mask_storeu_ps(at, mask, value);
             }
-            _mm512_mask_storeu_ps(out, m0, v0);
-            _mm512_mask_storeu_ps(out.wrapping_add(16), m1, v1);
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::masks;
+    use super::{masks, COLS};
 
     #[test]
     fn masks_cover_exactly_the_width() {
-        for width in 1..=32usize {
-            let (m0, m1) = masks(width);
-            let lanes = m0.count_ones() + m1.count_ones();
+        for width in 1..=COLS {
+            let masks = masks(width);
+            let lanes: u32 = masks.iter().map(|m| m.count_ones()).sum();
             assert_eq!(lanes as usize, width, "width {width}");
-            assert_eq!(m0.trailing_ones() as usize, width.min(16), "width {width}");
-            assert_eq!(
-                m1.trailing_ones() as usize,
-                width.saturating_sub(16),
-                "width {width}"
-            );
+            for (v, m) in masks.iter().enumerate() {
+                let want = width.saturating_sub(16 * v).min(16);
+                assert_eq!(
+                    m.trailing_ones() as usize,
+                    want,
+                    "width {width}, vector {v}"
+                );
+            }
         }
     }
 }
