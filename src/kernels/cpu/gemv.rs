@@ -74,7 +74,9 @@ mod output;
 mod row_major;
 mod transposed;
 
-pub(super) use transposed::{reroute as reroute_transposed, takes as takes_transposed};
+pub(super) use transposed::reroute as reroute_transposed;
+#[cfg(target_arch = "x86_64")]
+pub(super) use transposed::takes as takes_transposed;
 
 use candle_core::WithDType;
 use rayon::prelude::*;

@@ -67,32 +67,34 @@ use super::{
     Orientation, Split,
 };
 
+/// Whether [`reroute`] takes `product` (the module docs).
+#[cfg(target_arch = "x86_64")]
+pub(in crate::kernels::cpu) fn takes<T: WithDType>(product: &MatProduct<T>) -> bool {
+    split_of(product).is_some()
+}
+
 /// Runs [`super::super::gemm_into`]'s product transposed and returns `Some`, or `None`
 /// when this route does not take it (the decode kernel off, a result wider than the
 /// bounds above or not narrower than it is tall, a left-hand side with no unit stride, a
 /// short inner dimension for the dots, another dtype). The caller has checked the shapes,
 /// that `k ≥ 1` and that `dst` holds the `m × n` result at row stride `dst_rs ≥ n`.
-/// Whether [`reroute`] takes `product` (the module docs).
-pub(in crate::kernels::cpu) fn takes<T: WithDType>(product: &MatProduct<T>) -> bool {
-    let Some(machine) = decode_machine() else {
-        return false;
-    };
-    let (lhs, rhs) = (product.lhs, product.rhs);
-    let shape = (lhs.rows, lhs.cols, rhs.cols);
-    split_for(machine, (lhs.rs, lhs.cs), shape, std::mem::size_of::<T>()).is_some()
-}
-
 pub(in crate::kernels::cpu) fn reroute<T: WithDType>(
     dst: &mut [T],
     dst_rs: usize,
     product: MatProduct<T>,
 ) -> Option<candle_core::Result<()>> {
-    let machine = decode_machine()?;
+    let split = split_of(&product)?;
     let (lhs, rhs, accum, beta) = product.parts();
-    let shape = (lhs.rows, lhs.cols, rhs.cols);
-    let split = split_for(machine, (lhs.rs, lhs.cs), shape, std::mem::size_of::<T>())?;
     let transpose = MatProduct::new(rhs.t(), lhs.t(), accum, beta);
     oriented_product_on(split, dst, dst_rs, transpose, Orientation::Transposed)
+}
+
+/// How [`reroute`] splits `product`, or `None` when it does not take it.
+fn split_of<T: WithDType>(product: &MatProduct<T>) -> Option<Split> {
+    let machine = decode_machine()?;
+    let (lhs, rhs) = (product.lhs, product.rhs);
+    let shape = (lhs.rows, lhs.cols, rhs.cols);
+    split_for(machine, (lhs.rs, lhs.cs), shape, std::mem::size_of::<T>())
 }
 
 /// How an `m × k` by `k × n` product of `size`-byte elements whose left-hand side has the

@@ -112,13 +112,23 @@ pub(super) fn column_panels(
 /// 4–5% of `g W`'s time).
 fn panel_from_rows(piece: Piece, cols: Extent, panel: &mut [f32]) -> candle_core::Result<()> {
     let (rhs, depth) = (piece.mat, piece.depth);
-    let first = piece.k0 * rhs.rs + cols.start;
-    let last_end = (depth.max(1) - 1) * rhs.rs + first + COLS;
-    if cols.len == COLS && rhs.data.len() >= last_end && panel.len() >= depth * COLS {
-        // SAFETY: AVX-512F is checked by the route (`super::in_use`); the lengths of the
-        // operand and of the panel were checked just above.
-        unsafe { copy_full_rows(rhs.data, first, rhs.rs, depth, panel) };
-        return Ok(());
+    let first = piece
+        .k0
+        .checked_mul(rhs.rs)
+        .and_then(|v| v.checked_add(cols.start));
+    let last_end = first.and_then(|first| {
+        let last_row = (depth.max(1) - 1).checked_mul(rhs.rs)?;
+        last_row.checked_add(first)?.checked_add(COLS)
+    });
+    let fits = last_end.is_some_and(|end| rhs.data.len() >= end);
+    if let (true, true, Some(first)) = (cols.len == COLS, fits, first) {
+        if panel.len() >= depth * COLS {
+            // SAFETY: AVX-512F is checked by the route (`super::in_use`); the operand holds
+            // `first + (depth - 1) · rs + COLS` values and the panel `depth · COLS`
+            // (checked just above, without overflow).
+            unsafe { copy_full_rows(rhs.data, first, rhs.rs, depth, panel) };
+            return Ok(());
+        }
     }
     for (k, out) in panel.chunks_exact_mut(COLS).enumerate() {
         let from = (piece.k0 + k) * rhs.rs + cols.start;
