@@ -663,7 +663,7 @@ pub(crate) fn forward<T: WithDType>(p: &Forward<T>) -> candle_core::Result<Forwa
     let mut xa = Scratch::zeros(0);
     if let Some((a, _, _)) = p.low_rank {
         let r = a.rows;
-        xa = Scratch::zeros(n * r);
+        xa = Scratch::overwritten(n * r);
         gemm_into(&mut xa, r, p.low_rank_input(), a.t(), Accum::Replace, one)?;
     }
     // The low-rank term `s (x̃ Aᵀ) Bᵀ` goes in with the base product, in the same passes
@@ -675,7 +675,7 @@ pub(crate) fn forward<T: WithDType>(p: &Forward<T>) -> candle_core::Result<Forwa
         return Ok((y, xa, None));
     };
     // With a row scale, the pooled pre-scale `u` (no bias yet): kept for the backward.
-    let mut u = Scratch::zeros(n * d_out);
+    let mut u = Scratch::overwritten(n * d_out);
     p.w.times_t(&mut u, p.x, Accum::Replace, term)?;
     let y_scaled = rowwise::scale_columns_add(&u, c, p.bias.as_deref())?;
     Ok((y_scaled, xa, Some(u)))
@@ -788,7 +788,7 @@ pub(crate) fn backward<T: WithDType>(p: &Backward<T>) -> candle_core::Result<Gra
     // g' B, (n, r): shared by dx and dA.
     let gb = match f.low_rank {
         Some((_, b, _)) if p.need.x || p.need.a => {
-            let mut gb = Scratch::zeros(n * r);
+            let mut gb = Scratch::overwritten(n * r);
             gemm_into(&mut gb, r, gs, b, Accum::Replace, one)?;
             Some(gb)
         }
@@ -808,7 +808,7 @@ pub(crate) fn backward<T: WithDType>(p: &Backward<T>) -> candle_core::Result<Gra
         let mut dx = f.w.grad_times_new(gs, term)?;
         if let (Some((a, _, s)), Some(gb), Some((_, dropout))) = (f.low_rank, &gb, &f.dropped) {
             // Through the dropout: its kept entries, scaled.
-            let mut low = Scratch::zeros(n * d_in);
+            let mut low = Scratch::overwritten(n * d_in);
             gemm_into(
                 &mut low,
                 d_in,
@@ -840,7 +840,7 @@ pub(crate) fn backward<T: WithDType>(p: &Backward<T>) -> candle_core::Result<Gra
         let xa: &[T] = match (f.low_rank, p.xa) {
             (Some(_), Some(saved)) if saved.len() == n * r => saved,
             (Some((a, _, _)), _) => {
-                let mut xa = Scratch::zeros(n * r);
+                let mut xa = Scratch::overwritten(n * r);
                 gemm_into(&mut xa, r, f.low_rank_input(), a.t(), Accum::Replace, one)?;
                 recomputed = xa;
                 &recomputed
@@ -881,7 +881,7 @@ fn row_scale_grad<T: WithDType>(p: &Backward<T>, xa: MatRef<T>) -> candle_core::
         Some(u) if u.len() == n * d_out => u,
         _ => {
             // As the forward computed it (the term in the same route), so the bits agree.
-            let mut u = Scratch::zeros(n * d_out);
+            let mut u = Scratch::overwritten(n * d_out);
             f.w.times_t(&mut u, f.x, Accum::Replace, low_rank_term(f, xa.data)?)?;
             recomputed = u;
             &recomputed

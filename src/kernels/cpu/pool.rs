@@ -43,6 +43,23 @@ impl<T: WithDType> Scratch<T> {
         Self(v)
     }
 
+    /// `len` elements whose values are unspecified (what the buffer's last user left, or
+    /// zeros), for a caller that writes every one of them before reading any (a product
+    /// that replaces its destination, [`super::Accum::Replace`]): [`Scratch::zeros`]
+    /// without its pass over the whole buffer.
+    pub(crate) fn overwritten(len: usize) -> Self {
+        if len == 0 {
+            return Self(Vec::new());
+        }
+        let mut v = take::<T>(len).unwrap_or_default();
+        if v.len() >= len {
+            v.truncate(len);
+        } else {
+            v.resize(len, T::from_f64(0.0));
+        }
+        Self(v)
+    }
+
     /// An existing vector, returned to the pool when dropped (the tests' way to offer it
     /// one of any capacity).
     #[cfg(test)]
@@ -190,6 +207,12 @@ mod tests {
                 count <= MAX_BUFFERS && bytes <= MAX_BYTES,
                 "{count} {bytes}"
             );
+        }
+        // A buffer for overwriting comes at the asked length, reused or new.
+        for len in [1, 999, 20_000, 70_000] {
+            let mut a = Scratch::<f32>::overwritten(len);
+            assert_eq!(a.len(), len);
+            a.iter_mut().for_each(|v| *v = 2.0);
         }
         // A buffer over the byte bound is never kept.
         drop(Scratch::<f64>::from_vec(Vec::with_capacity(

@@ -61,7 +61,8 @@ pub(crate) fn scale_columns_and_dot<T: WithDType>(
             dot_with.map(<[T]>::len)
         );
     }
-    let mut scaled = Scratch::zeros(n * d);
+    // Every element is written below (each row of `m` times `s`).
+    let mut scaled = Scratch::overwritten(n * d);
     let block_len = ROWS_PER_BLOCK * d.max(1);
     let partials: Vec<Vec<T>> = scaled
         .par_chunks_mut(block_len)

@@ -51,10 +51,10 @@ pub(crate) fn scaled_forward<T: WithDType>(
     let (n, d_out, r) = (p.x.rows, p.w.rows(), p.a.rows);
     let one = T::from_f64(1.0);
     let mut y = p.w.times_t_new(p.x, None, None)?;
-    let mut xa = Scratch::zeros(n * r);
+    let mut xa = Scratch::overwritten(n * r);
     gemm_into(&mut xa, r, p.x, p.a.t(), Accum::Replace, one)?;
     let (z, _) = scale_columns_and_dot(MatRef::contiguous(&xa, n, r)?, p.mid, None)?;
-    let mut v = Scratch::zeros(n * d_out);
+    let mut v = Scratch::overwritten(n * d_out);
     gemm_into(
         &mut v,
         d_out,
@@ -114,7 +114,7 @@ pub(crate) fn scaled_backward<T: WithDType>(
     }
     // g' B with g' = g ⊙ out, as g (diag(out) B): no n × d_out temporary.
     let b_out = scale_rows(p.b, p.out)?;
-    let mut gb = Scratch::zeros(n * r);
+    let mut gb = Scratch::overwritten(n * r);
     gemm_into(
         &mut gb,
         r,
