@@ -39,7 +39,7 @@
 //! filled first. Paired against filling it (the bias rows in parallel, or zeros by
 //! `calloc`) and adding the product, on an Intel Xeon (model 207, 2 threads, three runs):
 //! 0.95–0.99 of the time for the forward at `512 × 1024 × 1024` and `512 × 2048 × 2048`
-//! with `r = 16`, and 0.98–0.99 at 64 rows.
+//! with `r = 16`, and about 0.99 at 64 rows.
 //!
 //! **Bits.** Each destination element is the sum over depth blocks, in order, of each
 //! block's FMA chain, in order: the same whichever thread computes it, so the result does

@@ -108,8 +108,9 @@ pub(super) fn column_panels(
 }
 
 /// One column panel of a right-hand side with contiguous rows: one copy per depth step
-/// (in vector registers where the panel is full: `memcpy` calls of 256 bytes each took
-/// 4–5% of `g W`'s time).
+/// (in vector registers where the panel is full: with a `memcpy` call of 256 bytes per
+/// step, `memmove` took 8.7% of a forced `g W`'s time, with the row panels' copies; now
+/// this copy 5.0% and `memmove` 3.6%).
 fn panel_from_rows(piece: Piece, cols: Extent, panel: &mut [f32]) -> candle_core::Result<()> {
     let (rhs, depth) = (piece.mat, piece.depth);
     let first = piece
