@@ -312,12 +312,22 @@ fn product_owned<T: WithDType>(
             return Ok(out);
         }
     }
-    let (mut out, accum) = match bias {
-        Some(b) => (rowwise::bias_rows(m, b)?, Accum::Add),
-        None => (rowwise::zero_rows(m, n)?, Accum::Replace),
-    };
+    let (mut out, accum) = filled_output(m, n, bias)?;
     gemm_plus_into(&mut out, n, MatProduct::new(lhs, rhs, accum, one), term)?;
     Ok(out)
+}
+
+/// A new `rows × cols` output filled in parallel with `bias` on every row (then a product
+/// adds onto it) or with zeros (then a product replaces it), and how the product goes in.
+fn filled_output<T: WithDType>(
+    rows: usize,
+    cols: usize,
+    bias: Option<&[T]>,
+) -> candle_core::Result<(Vec<T>, Accum)> {
+    Ok(match bias {
+        Some(b) => (rowwise::bias_rows(rows, b)?, Accum::Add),
+        None => (rowwise::zero_rows(rows, cols)?, Accum::Replace),
+    })
 }
 
 /// Whether one of the routes [`route_product`] tries before the packed route takes
@@ -660,7 +670,7 @@ pub(crate) struct Forward<'a, T> {
 pub(crate) fn forward<T: WithDType>(p: &Forward<T>) -> candle_core::Result<Forwarded<T>> {
     let (n, d_out) = (p.x.rows, p.w.rows());
     let one = T::from_f64(1.0);
-    let mut xa = Scratch::zeros(0);
+    let mut xa = Scratch::overwritten(0);
     if let Some((a, _, _)) = p.low_rank {
         let r = a.rows;
         xa = Scratch::overwritten(n * r);

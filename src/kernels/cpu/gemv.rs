@@ -200,7 +200,7 @@ fn through_row_major_copy<T: WithDType>(
 ) -> candle_core::Result<()> {
     let (lhs, rhs, accum, beta) = product.parts();
     let (k, n) = (rhs.rows, rhs.cols);
-    let mut copy = Scratch::<T>::zeros(k * n);
+    let mut copy = Scratch::<T>::overwritten(k * n); // the transpose writes it whole
     transpose_columns(rhs, 0, n, &mut copy, n, |d, v| *d = v);
     let rhs = MatRef::contiguous(&copy, k, n)?;
     match product_on(split, dst, dst_rs, MatProduct::new(lhs, rhs, accum, beta)) {

@@ -126,19 +126,10 @@ pub(super) fn reroute<T: WithDType>(
     product: MatProduct<T>,
     term: Option<AddedTerm<T>>,
 ) -> Option<candle_core::Result<bool>> {
-    let (lhs, rhs, accum, beta) = product.parts();
-    if !takes(&lhs, &rhs) {
-        return None;
-    }
-    let (dst, lhs, rhs) = same_type::same_product::<T, f32>(dst, lhs, rhs)?;
-    let product = MatProduct::new(lhs, rhs, accum, beta.to_f64() as f32);
-    let term = term.and_then(|t| fitting_term(t, &product));
-    let ops = Operands {
-        product,
-        term,
-        bias: None,
-    };
-    Some(multiply(dst, dst_rs, ops, block_columns(machine().l2)).map(|()| term.is_some()))
+    let ops = operands(product, term, None)?;
+    let dst = same_type::same_slice_mut::<T, f32>(dst)?;
+    let added = ops.term.is_some();
+    Some(multiply(dst, dst_rs, ops, block_columns(machine().l2)).map(|()| added))
 }
 
 /// [`reroute`] into a new `m × n` result instead of a destination: `lhs · rhs`, plus `bias`
@@ -152,28 +143,39 @@ pub(super) fn owned<T: WithDType>(
     bias: Option<&[T]>,
     term: Option<AddedTerm<T>>,
 ) -> Option<candle_core::Result<(Vec<T>, bool)>> {
+    let product = MatProduct::new(lhs, rhs, Accum::Replace, T::from_f64(1.0));
+    let ops = operands(product, term, bias)?;
+    match written_once(ops, block_columns(machine().l2)) {
+        Ok(out) => Some(Ok((same_type::same_vec(out)?, ops.term.is_some()))),
+        Err(e) => Some(Err(e)),
+    }
+}
+
+/// `product`, `term` (where it fits its last step) and `bias` as the route's `f32`
+/// operands, or `None` when the route does not take the product.
+fn operands<'a, T: WithDType>(
+    product: MatProduct<'a, T>,
+    term: Option<AddedTerm<'a, T>>,
+    bias: Option<&'a [T]>,
+) -> Option<Operands<'a>> {
+    let (lhs, rhs, accum, beta) = product.parts();
     if !takes(&lhs, &rhs) {
         return None;
     }
-    let bias = match bias {
-        Some(b) => Some(same_type::same_slice::<T, f32>(b)?),
-        None => None,
-    };
     let (lhs, rhs) = (
         same_type::same::<T, f32>(lhs)?,
         same_type::same::<T, f32>(rhs)?,
     );
-    let product = MatProduct::new(lhs, rhs, Accum::Replace, 1.0);
-    let term = term.and_then(|t| fitting_term(t, &product));
-    let ops = Operands {
-        product,
-        term,
-        bias,
+    let product = MatProduct::new(lhs, rhs, accum, beta.to_f64() as f32);
+    let bias = match bias {
+        Some(b) => Some(same_type::same_slice::<T, f32>(b)?),
+        None => None,
     };
-    match written_once(ops, block_columns(machine().l2)) {
-        Ok(out) => Some(Ok((same_type::same_vec(out)?, term.is_some()))),
-        Err(e) => Some(Err(e)),
-    }
+    Some(Operands {
+        product,
+        term: term.and_then(|t| fitting_term(t, &product)),
+        bias,
+    })
 }
 
 /// `term` as `f32`'s when it joins `product`'s last step ([`term_fits`]).

@@ -26,27 +26,16 @@ fn pool() -> std::sync::MutexGuard<'static, Vec<(CpuStorage, usize)>> {
     POOL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A zero-filled buffer of `len` elements taken from the pool, returned to it on drop.
+/// A buffer of `len` elements taken from the pool, returned to it on drop.
 #[derive(Debug)]
 pub(crate) struct Scratch<T: WithDType>(Vec<T>);
 
 impl<T: WithDType> Scratch<T> {
-    /// `len` zeros: the smallest pooled buffer of `T` that holds them, or a new one.
-    pub(crate) fn zeros(len: usize) -> Self {
-        if len == 0 {
-            return Self(Vec::new());
-        }
-        let zero = T::from_f64(0.0);
-        let mut v = take::<T>(len).unwrap_or_default();
-        v.clear();
-        v.resize(len, zero);
-        Self(v)
-    }
-
     /// `len` elements whose values are unspecified (what the buffer's last user left, or
     /// zeros), for a caller that writes every one of them before reading any (a product
-    /// that replaces its destination, [`super::Accum::Replace`]): [`Scratch::zeros`]
-    /// without its pass over the whole buffer.
+    /// that replaces its destination, [`super::Accum::Replace`]): the smallest pooled
+    /// buffer of `T` that holds them, or a new one, never filled first. (Every user in the
+    /// crate writes its buffer whole, so none takes a zeroed one.)
     pub(crate) fn overwritten(len: usize) -> Self {
         if len == 0 {
             return Self(Vec::new());
@@ -58,6 +47,14 @@ impl<T: WithDType> Scratch<T> {
             v.resize(len, T::from_f64(0.0));
         }
         Self(v)
+    }
+
+    /// `len` zeros (the tests' check that a reused buffer comes back at the asked length).
+    #[cfg(test)]
+    fn zeros(len: usize) -> Self {
+        let mut buffer = Self::overwritten(len);
+        buffer.0.fill(T::from_f64(0.0));
+        buffer
     }
 
     /// An existing vector, returned to the pool when dropped (the tests' way to offer it

@@ -7,7 +7,8 @@ use rayon::prelude::*;
 
 use super::col_major::chunked_route_min_cols;
 use super::{
-    gemm_into, gemm_plus_into, product_owned, rowwise, Accum, AddedTerm, MatProduct, MatRef,
+    filled_output, gemm_into, gemm_plus_into, product_owned, rowwise, Accum, AddedTerm, MatProduct,
+    MatRef,
 };
 use crate::quant::{tile_rows, QuantizedWeight};
 use dot::{Isa, RowDots};
@@ -67,10 +68,7 @@ impl<T: WithDType> WeightMat<'_, T> {
         if let WeightMat::Dense(w) = self {
             return product_owned(x, w.t(), bias, term);
         }
-        let (mut y, accum) = match bias {
-            Some(b) => (rowwise::bias_rows(x.rows, b)?, Accum::Add),
-            None => (rowwise::zero_rows(x.rows, self.rows())?, Accum::Replace),
-        };
+        let (mut y, accum) = filled_output(x.rows, self.rows(), bias)?;
         self.times_t(&mut y, x, accum, term)?;
         Ok(y)
     }
