@@ -12,9 +12,10 @@
 //!   panels: 0.86–1.01 × the chunked route's time from 64 to 2048 rows in paired timings
 //!   (one 1.08, at 2048 rows on a busy host);
 //! - `g W` with a row-major `W`: at 17–64 rows this route takes 0.50–0.81 × the `gemm`
-//!   crate's time; from 128 rows on the `gemm` crate was as fast or up to 10% faster, so
-//!   it keeps those;
-//! - the low-rank term `s (x Aᵀ) Bᵀ` (or, without dropout and below 128 rows, `s (g B) A`)
+//!   crate's time. From 128 rows the `gemm` crate was as fast or up to 10% faster until the
+//!   route read the left-hand side's rows in place (below); since then 0.94–1.01 × its time
+//!   at 512 and 2048 rows (paired, "Rows read in place"), so the route takes those too;
+//! - the low-rank term `s (x Aᵀ) Bᵀ` (or, without dropout, `s (g B) A`)
 //!   joins the base product's last depth step instead of being a second pass over the
 //!   destination: 0.98 × the two products' time at `512 × 1024 × 1024` and `r = 16`, 0.996
 //!   at 2048.
@@ -27,11 +28,15 @@
 //! - per [`DEPTH`] of the inner dimension, it packs that block of the right-hand side
 //!   into column panels (a copy per depth step for a row-major operand, 16 × 16 register
 //!   transposes for `Wᵀ`; [`pack::column_panels`]) and then, per [`ROWS`] rows of the
-//!   left-hand side, copies those rows' depth slice into an L1-resident row panel
-//!   ([`pack::row_panel`]) and runs the register block ([`kernel::multiply`]) against
-//!   every column panel of the block;
-//! - a second term (rank `r` ≤ 64) is packed after the base product's last depth slice,
-//!   its scale folded into its rows, and goes through the same register block calls.
+//!   left-hand side, runs the register block ([`kernel::multiply`]) against every column
+//!   panel of the block, reading those rows' depth slice where they are
+//!   ([`pack::rows_in_place`]): the first call brings the slice into L1, the rest of the
+//!   block's calls find it there. Copying it into a packed row panel first, as the route
+//!   did before, took 1.02–1.04 × the time (paired, Intel Xeon model 207,
+//!   `benches/RESULTS.md`, "Rows read in place");
+//! - a second term (rank `r` ≤ 64) is packed after the base product's last depth slice in
+//!   a row panel ([`pack::row_panel`]), its scale folded into its rows, and goes through
+//!   the same register block calls.
 //!
 //! **New results.** A layer's output and input gradient are new vectors ([`owned`], for
 //! `super::product_owned`): the first depth step writes each element without reading
@@ -56,9 +61,7 @@
 //! threading threshold of multiply-adds (smaller products stay on one thread in the
 //! `gemm` crate). The right-hand side has contiguous columns where the column-major route
 //! would take its chunked form (`x Wᵀ` at many rows: fewer rows keep that route's
-//! transposed and row-by-row forms, faster there), or contiguous rows with fewer rows on
-//! the left than one such chunk (`g W` at small batches, where the `gemm` crate took
-//! 1.2–2 × this route's time; from 128 rows on it keeps them, above). Products with a
+//! transposed and row-by-row forms, faster there), or contiguous rows (`g W`). Products with a
 //! short side go to [`super::thin`] or the `gemm` crate on every thread count, so that
 //! their bits do not depend on it (the thin route declines on one thread).
 //! `LORAKIT_PACKED_PRODUCTS=0` turns the route off (for comparisons). Products the routes
@@ -99,7 +102,7 @@ fn takes<T: WithDType>(lhs: &MatRef<T>, rhs: &MatRef<T>) -> bool {
     let chunk = chunk_width(std::mem::size_of::<T>(), machine());
     same_type::is::<T, f32>()
         && lhs.cs == 1
-        && (rhs.cs == 1 && m < chunk || rhs.rs == 1 && takes_chunked(lhs, rhs))
+        && (rhs.cs == 1 || rhs.rs == 1 && takes_chunked(lhs, rhs))
         && m >= MIN_ROWS
         && k.min(n) > chunk
         && m.saturating_mul(n).saturating_mul(k) >= gemm::get_threading_threshold()
@@ -348,14 +351,17 @@ unsafe fn columns_of(
             let adds_to_dst = ops.product.accum == Accum::Add || k0 > 0;
             for i0 in (0..m).step_by(ROWS) {
                 let rows = ROWS.min(m - i0);
-                pack::row_panel(
-                    lhs_pieces,
-                    Extent {
-                        start: i0,
-                        len: rows,
-                    },
-                    row_panel,
-                )?;
+                let extent = Extent {
+                    start: i0,
+                    len: rows,
+                };
+                let (lhs_rows, lhs_rs) = match pack::rows_in_place(lhs_pieces, extent) {
+                    Some((values, rs)) => (values.as_ptr(), rs),
+                    None => {
+                        pack::row_panel(lhs_pieces, extent, row_panel)?;
+                        (row_panel.as_ptr(), STRIDE)
+                    }
+                };
                 for (p, j) in (j0..j0 + width).step_by(COLS).enumerate() {
                     let start_from = match ops.bias {
                         _ if adds_to_dst => Start::Dst,
@@ -373,14 +379,16 @@ unsafe fn columns_of(
                     let panel = column_panels
                         .get(p * depth * COLS..(p + 1) * depth * COLS)
                         .ok_or_else(|| short("column"))?;
-                    // SAFETY: AVX-512F was checked (`in_use`); the row panel holds `rows`
-                    // rows at stride `STRIDE` of `depth ≤ STRIDE` values, the column panel
+                    // SAFETY: AVX-512F was checked (`in_use`); `lhs_rows` holds `rows` rows
+                    // of `depth ≤ STRIDE` values at stride `lhs_rs` (the left-hand side's
+                    // slice, bounds checked by `rows_in_place`, or the row panel at
+                    // `STRIDE`, which `row_panel` filled), the column panel
                     // `depth · COLS` values from a 64-byte boundary (`cache_aligned`, and every
                     // panel is a multiple of 64 bytes long); the tile lies in the checked
                     // destination, in this task's own columns, and is read (`Start::Dst`)
                     // only where the caller's values or an earlier step's are; a bias holds
                     // `n` values (`multiply_at`), so `width` from column `j`.
-                    unsafe { kernel::multiply(depth, row_panel.as_ptr(), panel.as_ptr(), tile) };
+                    unsafe { kernel::multiply(depth, lhs_rows, lhs_rs, panel.as_ptr(), tile) };
                 }
             }
         }
@@ -813,8 +821,8 @@ mod tests {
     }
 
     /// The route takes large `f32` products with contiguous rows on the left (`x Wᵀ` at
-    /// many rows, `g W` at fewer than 128) and leaves `f64`, a column-major left-hand side,
-    /// small products, a short side, `x Wᵀ` at few rows and `g W` at many to the others.
+    /// many rows, `g W` from [`MIN_ROWS`] rows) and leaves `f64`, a column-major left-hand
+    /// side, small products, a short side and `x Wᵀ` at few rows to the others.
     #[test]
     fn the_route_takes_what_its_docs_say() -> candle_core::Result<()> {
         if !in_use() {
@@ -826,11 +834,14 @@ mod tests {
         let f64s = vec![0f64; m * k];
         let row_major = MatRef::contiguous(&f32s, m, k)?;
         assert!(takes(&row_major, &row_major.t()));
-        // A row-major right-hand side below 128 rows only.
+        // A row-major right-hand side at any number of rows from `MIN_ROWS`.
         let rows_100 = MatRef::contiguous(&f32s, 100, k)?;
         assert!(takes(&rows_100, &row_major));
-        assert!(!takes(&MatRef::contiguous(&f32s, 128, k)?, &row_major));
-        assert!(!takes(&row_major, &row_major));
+        assert!(takes(&row_major, &row_major));
+        assert!(!takes(
+            &MatRef::contiguous(&f32s, MIN_ROWS - 1, k)?,
+            &row_major
+        ));
         assert!(!takes(&row_major.t(), &row_major));
         let f64_view = MatRef::contiguous(&f64s, m, k)?;
         assert!(!takes(&f64_view, &f64_view));

@@ -7,9 +7,9 @@
 //! for 24 FMAs (the shape of the `gemm` crate's `x4x6`). In a prototype of this route on
 //! an Intel Xeon (model 207; `benches/RESULTS.md`, "A wider register block") this block
 //! took 0.92–0.995 × the time of the first version's 14 × 32 (2 loads and 14 broadcasts
-//! for 28 FMAs) for the same products, paired. Each row of the
-//! row panel sits [`STRIDE`] elements after the last, so the broadcasts address it by a
-//! constant displacement (no register per row). At the end of a call its sums, scaled by
+//! for 28 FMAs) for the same products, paired. The rows' values come from the left-hand
+//! side's own rows or from a packed row panel (rows [`STRIDE`] apart), at a stride given
+//! per call. At the end of a call its sums, scaled by
 //! `beta`, are added to the destination's values, to a bias row, or to nothing ([`Start`]),
 //! and stored once.
 
@@ -66,28 +66,37 @@ pub(super) enum Start {
     Row(*const f32),
 }
 
-/// The block's sums over `depth` (at most [`STRIDE`]) steps into `tile`.
+/// The block's sums over `depth` (at most [`STRIDE`]) steps into `tile`, the rows' values
+/// read from `rows`, row `i` at `i · rows_rs` (a packed row panel at [`STRIDE`], or the
+/// left-hand side's own rows).
 ///
 /// # Safety
-/// AVX-512F must be available. `rows` (packed at stride [`STRIDE`]) holds `tile.rows`
-/// (1 to [`ROWS`]) rows of at least `depth` values; `cols` holds `depth · COLS` values at a
+/// AVX-512F must be available. `rows` holds `tile.rows` (1 to [`ROWS`]) rows of at least
+/// `depth` values at stride `rows_rs`; `cols` holds `depth · COLS` values at a
 /// 64-byte boundary; `tile.out` is valid for writes of `tile.width` elements at each of its
 /// `tile.rows` rows (and for reads, of initialized values, with [`Start::Dst`]), and no
 /// other thread touches them during the call; a [`Start::Row`] pointer is valid for reads
 /// of `tile.width` values.
 #[target_feature(enable = "avx512f")]
-pub(super) unsafe fn multiply(depth: usize, rows: *const f32, cols: *const f32, tile: Tile) {
+pub(super) unsafe fn multiply(
+    depth: usize,
+    rows: *const f32,
+    rows_rs: usize,
+    cols: *const f32,
+    tile: Tile,
+) {
     debug_assert!((1..=ROWS).contains(&tile.rows) && depth <= STRIDE);
+    let lhs = (rows, rows_rs);
     // SAFETY: the caller's contract, for every row count.
     unsafe {
         match tile.rows {
             0 => {}
-            1 => block::<1>(depth, rows, cols, tile),
-            2 => block::<2>(depth, rows, cols, tile),
-            3 => block::<3>(depth, rows, cols, tile),
-            4 => block::<4>(depth, rows, cols, tile),
-            5 => block::<5>(depth, rows, cols, tile),
-            _ => block::<ROWS>(depth, rows, cols, tile),
+            1 => block::<1>(depth, lhs, cols, tile),
+            2 => block::<2>(depth, lhs, cols, tile),
+            3 => block::<3>(depth, lhs, cols, tile),
+            4 => block::<4>(depth, lhs, cols, tile),
+            5 => block::<5>(depth, lhs, cols, tile),
+            _ => block::<ROWS>(depth, lhs, cols, tile),
         }
     }
 }
@@ -103,8 +112,13 @@ fn masks(width: usize) -> [u16; VECTORS] {
 
 /// [`multiply`] for `R` rows.
 #[inline(always)]
-unsafe fn block<const R: usize>(depth: usize, rows: *const f32, cols: *const f32, tile: Tile) {
-    // SAFETY: within the caller's contract: `R` rows of the row panel, `depth · COLS`
+unsafe fn block<const R: usize>(
+    depth: usize,
+    (rows, rows_rs): (*const f32, usize),
+    cols: *const f32,
+    tile: Tile,
+) {
+    // SAFETY: within the caller's contract: `R` rows of `depth` values at `rows_rs`, `depth · COLS`
     // column values, `tile.width` columns of `R` destination rows and of a `Start::Row`
     // (the masks keep the loads and stores inside them; the destination is read only with
     // `Start::Dst`).
@@ -122,7 +136,7 @@ unsafe fn block<const R: usize>(depth: usize, rows: *const f32, cols: *const f32
         for _ in 0..depth {
             let column: [__m512; VECTORS] = std::array::from_fn(|v| _mm512_load_ps(b.add(16 * v)));
             for (i, sum) in sums.iter_mut().enumerate() {
-                let ai = _mm512_set1_ps(*a.add(i * STRIDE));
+                let ai = _mm512_set1_ps(*a.add(i * rows_rs));
                 for (s, &c) in sum.iter_mut().zip(&column) {
                     *s = _mm512_fmadd_ps(ai, c, *s);
                 }

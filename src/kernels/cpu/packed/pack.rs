@@ -36,6 +36,24 @@ fn short(what: &str) -> candle_core::Error {
     candle_core::Error::Msg(format!("packed product: {what} shorter than its view"))
 }
 
+/// Rows `rows` of a step's single left-hand-side piece where the register block can read
+/// them in place: the piece's own values from its first row's first element, and its row
+/// stride (`None` when the step has a second piece, a scaled one, or rows not
+/// contiguous: then [`row_panel`] copies them).
+pub(super) fn rows_in_place<'a>(pieces: &[Piece<'a>], rows: Extent) -> Option<(&'a [f32], usize)> {
+    let [piece] = pieces else { return None };
+    let mat = piece.mat;
+    if piece.scale != 1.0 || mat.cs != 1 || rows.len == 0 {
+        return None;
+    }
+    let from = rows.start.checked_mul(mat.rs)?.checked_add(piece.k0)?;
+    let last = (rows.start + rows.len - 1)
+        .checked_mul(mat.rs)?
+        .checked_add(piece.k0)?;
+    let values = mat.data.get(from..last.checked_add(piece.depth)?)?;
+    Some((values, mat.rs))
+}
+
 /// Copies rows `rows` (at most [`ROWS`]) of the left-hand-side pieces (each with
 /// contiguous rows, `cs == 1`), one piece after the other along each row (together at
 /// most [`STRIDE`] deep), into `out`, row `i` at `i · STRIDE`.
