@@ -12,10 +12,11 @@
 //!   panels: 0.86–1.01 × the chunked route's time from 64 to 2048 rows in paired timings
 //!   (one 1.08, at 2048 rows on a busy host);
 //! - `g W` with a row-major `W`: at 17–64 rows this route takes 0.50–0.81 × the `gemm`
-//!   crate's time. From 128 rows the `gemm` crate was as fast or up to 10% faster until the
-//!   route read the left-hand side's rows in place (below); since then 0.94–1.01 × its time
-//!   at 512 and 2048 rows (paired, "Rows read in place"), so the route takes those too;
-//! - the low-rank term `s (x Aᵀ) Bᵀ` (or, without dropout, `s (g B) A`)
+//!   crate's time. From 128 rows the `gemm` crate was as fast or up to 10% faster; with
+//!   the rows read in place (below) the route's `g W` with its term came to 0.95–1.05 ×
+//!   the `gemm` crate's and the term's pass at 512 and 2048 rows (paired, medians of
+//!   eight runs, "Rows read in place"): no gain, so the `gemm` crate keeps those;
+//! - the low-rank term `s (x Aᵀ) Bᵀ` (or, without dropout and below 128 rows, `s (g B) A`)
 //!   joins the base product's last depth step instead of being a second pass over the
 //!   destination: 0.98 × the two products' time at `512 × 1024 × 1024` and `r = 16`, 0.996
 //!   at 2048.
@@ -61,7 +62,9 @@
 //! threading threshold of multiply-adds (smaller products stay on one thread in the
 //! `gemm` crate). The right-hand side has contiguous columns where the column-major route
 //! would take its chunked form (`x Wᵀ` at many rows: fewer rows keep that route's
-//! transposed and row-by-row forms, faster there), or contiguous rows (`g W`). Products with a
+//! transposed and row-by-row forms, faster there), or contiguous rows with fewer rows on
+//! the left than one such chunk (`g W` at small batches, where the `gemm` crate took
+//! 1.2–2 × this route's time; from 128 rows on it keeps them, above). Products with a
 //! short side go to [`super::thin`] or the `gemm` crate on every thread count, so that
 //! their bits do not depend on it (the thin route declines on one thread).
 //! `LORAKIT_PACKED_PRODUCTS=0` turns the route off (for comparisons). Products the routes
@@ -102,7 +105,7 @@ fn takes<T: WithDType>(lhs: &MatRef<T>, rhs: &MatRef<T>) -> bool {
     let chunk = chunk_width(std::mem::size_of::<T>(), machine());
     same_type::is::<T, f32>()
         && lhs.cs == 1
-        && (rhs.cs == 1 || rhs.rs == 1 && takes_chunked(lhs, rhs))
+        && (rhs.cs == 1 && m < chunk || rhs.rs == 1 && takes_chunked(lhs, rhs))
         && m >= MIN_ROWS
         && k.min(n) > chunk
         && m.saturating_mul(n).saturating_mul(k) >= gemm::get_threading_threshold()
@@ -821,8 +824,8 @@ mod tests {
     }
 
     /// The route takes large `f32` products with contiguous rows on the left (`x Wᵀ` at
-    /// many rows, `g W` from [`MIN_ROWS`] rows) and leaves `f64`, a column-major left-hand
-    /// side, small products, a short side and `x Wᵀ` at few rows to the others.
+    /// many rows, `g W` at fewer than 128) and leaves `f64`, a column-major left-hand side,
+    /// small products, a short side, `x Wᵀ` at few rows and `g W` at many to the others.
     #[test]
     fn the_route_takes_what_its_docs_say() -> candle_core::Result<()> {
         if !in_use() {
@@ -834,10 +837,11 @@ mod tests {
         let f64s = vec![0f64; m * k];
         let row_major = MatRef::contiguous(&f32s, m, k)?;
         assert!(takes(&row_major, &row_major.t()));
-        // A row-major right-hand side at any number of rows from `MIN_ROWS`.
+        // A row-major right-hand side from `MIN_ROWS` to below 128 rows only.
         let rows_100 = MatRef::contiguous(&f32s, 100, k)?;
         assert!(takes(&rows_100, &row_major));
-        assert!(takes(&row_major, &row_major));
+        assert!(!takes(&MatRef::contiguous(&f32s, 128, k)?, &row_major));
+        assert!(!takes(&row_major, &row_major));
         assert!(!takes(
             &MatRef::contiguous(&f32s, MIN_ROWS - 1, k)?,
             &row_major
