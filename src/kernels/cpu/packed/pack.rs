@@ -286,3 +286,44 @@ unsafe fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A single unscaled piece with contiguous rows is read where it is: from its first
+    /// row's first value of the step, at its own row stride, up to its last row's last
+    /// value of the step. A second piece, a scale or strided rows are copied instead.
+    #[test]
+    fn rows_in_place_only_for_one_plain_piece() -> candle_core::Result<()> {
+        let data: Vec<f32> = (0..10 * 7).map(|v| v as f32).collect();
+        let mat = MatRef::new(&data, 10, 5, 7, 1)?;
+        let piece = Piece {
+            mat,
+            k0: 2,
+            depth: 3,
+            scale: 1.0,
+        };
+        let rows = Extent { start: 4, len: 3 };
+        let (values, rs) = rows_in_place(&[piece], rows).expect("one plain piece");
+        assert_eq!(rs, 7);
+        assert_eq!(values.first(), Some(&30.0), "row 4, column 2");
+        assert_eq!(values.last(), Some(&46.0), "row 6, column 4");
+        assert_eq!(values.len(), 2 * 7 + 3);
+        assert!(rows_in_place(&[piece, piece], rows).is_none());
+        assert!(rows_in_place(
+            &[Piece {
+                scale: 0.5,
+                ..piece
+            }],
+            rows
+        )
+        .is_none());
+        let strided = Piece {
+            mat: MatRef::new(&data, 5, 10, 1, 7)?,
+            ..piece
+        };
+        assert!(rows_in_place(&[strided], rows).is_none());
+        Ok(())
+    }
+}
