@@ -33,8 +33,8 @@
 //!   panel of the block, reading those rows' depth slice where they are
 //!   ([`pack::rows_in_place`]): the first call brings the slice into L1, the rest of the
 //!   block's calls find it there. Copying it into a packed row panel first, as the route
-//!   did before, took 1.02–1.04 × the time (paired, Intel Xeon model 207,
-//!   `benches/RESULTS.md`, "Rows read in place");
+//!   did before, took 1.02–1.04 × the time for `x Wᵀ` and 1.01–1.03 × for `g W` at 64
+//!   rows (paired, Intel Xeon model 207, `benches/RESULTS.md`, "Rows read in place");
 //! - a second term (rank `r` ≤ 64) is packed after the base product's last depth slice in
 //!   a row panel ([`pack::row_panel`]), its scale folded into its rows, and goes through
 //!   the same register block calls.
@@ -358,7 +358,7 @@ unsafe fn columns_of(
                     start: i0,
                     len: rows,
                 };
-                let (lhs_rows, lhs_rs) = match pack::rows_in_place(lhs_pieces, extent) {
+                let (lhs_rows, lhs_rs) = match pack::rows_in_place(lhs_pieces, extent, depth) {
                     Some((values, rs)) => (values.as_ptr(), rs),
                     None => {
                         pack::row_panel(lhs_pieces, extent, row_panel)?;
@@ -384,8 +384,8 @@ unsafe fn columns_of(
                         .ok_or_else(|| short("column"))?;
                     // SAFETY: AVX-512F was checked (`in_use`); `lhs_rows` holds `rows` rows
                     // of `depth ≤ STRIDE` values at stride `lhs_rs` (the left-hand side's
-                    // slice, bounds checked by `rows_in_place`, or the row panel at
-                    // `STRIDE`, which `row_panel` filled), the column panel
+                    // slice, which `rows_in_place` checked for this `depth`, or the row
+                    // panel at `STRIDE`, which `row_panel` filled), the column panel
                     // `depth · COLS` values from a 64-byte boundary (`cache_aligned`, and every
                     // panel is a multiple of 64 bytes long); the tile lies in the checked
                     // destination, in this task's own columns, and is read (`Start::Dst`)

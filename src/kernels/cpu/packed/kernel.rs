@@ -1,6 +1,7 @@
 //! The register block of [`super`]: up to [`ROWS`] rows by [`COLS`] columns of the
-//! destination held in 24 AVX-512 registers while a packed row panel and a packed column
-//! panel stream past, one multiply-add per register per step of depth.
+//! destination held in 24 AVX-512 registers while the left-hand side's rows (in place, or
+//! from a row panel) and a packed column panel stream past, one multiply-add per register
+//! per step of depth.
 //!
 //! Per step of depth the block loads the column panel's 64 values (four vectors, 64-byte
 //! aligned) and broadcasts each row's value against all four: 4 loads and 6 broadcasts
@@ -30,8 +31,8 @@ const VECTORS: usize = 4;
 /// Columns of the destination per block: [`VECTORS`] `f32` vectors.
 pub(super) const COLS: usize = 16 * VECTORS;
 
-/// The depth of a step of the base product: a row panel of [`ROWS`] rows this deep is
-/// 9 KiB, so it stays in L1 while the column panels (96 KiB each) stream from L2. On an
+/// The depth of a step of the base product: [`ROWS`] rows' slice this deep is 9 KiB, so
+/// it stays in L1 while the column panels (96 KiB each) stream from L2. On an
 /// Intel Xeon (model 207) depths of 256, 384 and 512 ran within the host's noise of each
 /// other with this block, none ahead in every case (`benches/RESULTS.md`, "A wider
 /// register block").
@@ -118,10 +119,10 @@ unsafe fn block<const R: usize>(
     cols: *const f32,
     tile: Tile,
 ) {
-    // SAFETY: within the caller's contract: `R` rows of `depth` values at `rows_rs`, `depth · COLS`
-    // column values, `tile.width` columns of `R` destination rows and of a `Start::Row`
-    // (the masks keep the loads and stores inside them; the destination is read only with
-    // `Start::Dst`).
+    // SAFETY: within the caller's contract: `R` rows of `depth` values at `rows_rs`,
+    // `depth · COLS` column values, `tile.width` columns of `R` destination rows and of a
+    // `Start::Row` (the masks keep the loads and stores inside them; the destination is
+    // read only with `Start::Dst`).
     unsafe {
         for i in 0..R {
             // The destination block is written (and perhaps read) once at the end: start

@@ -1,7 +1,9 @@
-//! The packed panels of [`super`]: a row panel (up to [`ROWS`] rows of the left-hand
-//! side, each [`STRIDE`] apart) and the column panels of a block of the right-hand side
-//! ([`COLS`] columns each, interleaved by depth step, zero past the block's last column),
-//! each from one or two pieces of depth ([`Piece`]).
+//! The panels of [`super`]: the left-hand side's rows read where they are
+//! ([`rows_in_place`]) or, for a step of two pieces (the last, where a LoRA term joins it),
+//! copied into a row panel (up to [`ROWS`] rows, each [`STRIDE`] apart); and the column
+//! panels of a block of the right-hand side ([`COLS`] columns each, interleaved by depth
+//! step, zero past the block's last column), each from one or two pieces of depth
+//! ([`Piece`]).
 
 use std::arch::x86_64::{
     __m512, __m512d, _mm512_castpd_ps, _mm512_castps_pd, _mm512_loadu_ps, _mm512_shuffle_f32x4,
@@ -36,21 +38,25 @@ fn short(what: &str) -> candle_core::Error {
     candle_core::Error::Msg(format!("packed product: {what} shorter than its view"))
 }
 
-/// Rows `rows` of a step's single left-hand-side piece where the register block can read
-/// them in place: the piece's own values from its first row's first element, and its row
-/// stride (`None` when the step has a second piece, a scaled one, or rows not
-/// contiguous: then [`row_panel`] copies them).
-pub(super) fn rows_in_place<'a>(pieces: &[Piece<'a>], rows: Extent) -> Option<(&'a [f32], usize)> {
+/// Rows `rows` of a step `depth` deep whose single left-hand-side piece the register block
+/// can read in place: the piece's values from its first row's first element of the step
+/// to its last row's last, and its row stride. `None` (then [`row_panel`] copies the rows)
+/// when the step has a second piece, a scaled one or one of another depth, rows not
+/// contiguous, no rows, or rows past the piece's values.
+pub(super) fn rows_in_place<'a>(
+    pieces: &[Piece<'a>],
+    rows: Extent,
+    depth: usize,
+) -> Option<(&'a [f32], usize)> {
     let [piece] = pieces else { return None };
     let mat = piece.mat;
-    if piece.scale != 1.0 || mat.cs != 1 || rows.len == 0 {
+    if piece.scale != 1.0 || mat.cs != 1 || piece.depth != depth {
         return None;
     }
+    let last_row = rows.start.checked_add(rows.len.checked_sub(1)?)?;
     let from = rows.start.checked_mul(mat.rs)?.checked_add(piece.k0)?;
-    let last = (rows.start + rows.len - 1)
-        .checked_mul(mat.rs)?
-        .checked_add(piece.k0)?;
-    let values = mat.data.get(from..last.checked_add(piece.depth)?)?;
+    let last = last_row.checked_mul(mat.rs)?.checked_add(piece.k0)?;
+    let values = mat.data.get(from..last.checked_add(depth)?)?;
     Some((values, mat.rs))
 }
 
@@ -293,7 +299,8 @@ mod tests {
 
     /// A single unscaled piece with contiguous rows is read where it is: from its first
     /// row's first value of the step, at its own row stride, up to its last row's last
-    /// value of the step. A second piece, a scale or strided rows are copied instead.
+    /// value of the step. A second piece, a scale, another depth, strided rows, no rows
+    /// and rows past the values are declined (the caller copies them, or errs).
     #[test]
     fn rows_in_place_only_for_one_plain_piece() -> candle_core::Result<()> {
         let data: Vec<f32> = (0..10 * 7).map(|v| v as f32).collect();
@@ -305,25 +312,26 @@ mod tests {
             scale: 1.0,
         };
         let rows = Extent { start: 4, len: 3 };
-        let (values, rs) = rows_in_place(&[piece], rows).expect("one plain piece");
+        let (values, rs) = rows_in_place(&[piece], rows, 3).expect("one plain piece");
         assert_eq!(rs, 7);
         assert_eq!(values.first(), Some(&30.0), "row 4, column 2");
         assert_eq!(values.last(), Some(&46.0), "row 6, column 4");
         assert_eq!(values.len(), 2 * 7 + 3);
-        assert!(rows_in_place(&[piece, piece], rows).is_none());
-        assert!(rows_in_place(
-            &[Piece {
-                scale: 0.5,
-                ..piece
-            }],
-            rows
-        )
-        .is_none());
+        assert!(rows_in_place(&[piece, piece], rows, 3).is_none());
+        let scaled = Piece {
+            scale: 0.5,
+            ..piece
+        };
+        assert!(rows_in_place(&[scaled], rows, 3).is_none());
+        assert!(rows_in_place(&[piece], rows, 4).is_none());
         let strided = Piece {
             mat: MatRef::new(&data, 5, 10, 1, 7)?,
             ..piece
         };
-        assert!(rows_in_place(&[strided], rows).is_none());
+        assert!(rows_in_place(&[strided], Extent { start: 0, len: 3 }, 3).is_none());
+        assert!(rows_in_place(&[piece], Extent { start: 4, len: 0 }, 3).is_none());
+        // Rows 8 to 10 of a view whose values end with row 9: from 58 to 75, past 70.
+        assert!(rows_in_place(&[piece], Extent { start: 8, len: 3 }, 3).is_none());
         Ok(())
     }
 }
