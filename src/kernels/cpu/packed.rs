@@ -13,7 +13,7 @@
 //!   (one 1.08, at 2048 rows on a busy host);
 //! - `g W` with a row-major `W`: at 17–64 rows this route takes 0.50–0.81 × the `gemm`
 //!   crate's time. From 128 rows the `gemm` crate was as fast or up to 10% faster; with
-//!   the rows read in place (below) the route's `g W` with its term came to 0.95–1.05 ×
+//!   the rows read in place (below) the route's `g W` with its term came to 0.95–1.06 ×
 //!   the `gemm` crate's and the term's pass at 512 and 2048 rows (paired, medians of
 //!   eight runs, "Rows read in place"): no gain, so the `gemm` crate keeps those;
 //! - the low-rank term `s (x Aᵀ) Bᵀ` (or, without dropout and below 128 rows, `s (g B) A`)
