@@ -44,13 +44,14 @@ pub(crate) struct ScaledSaved<'a, T> {
 }
 
 /// `y` `(n, d_out)` contiguous, and the intermediates `x Aᵀ` and `v` (see [`ScaledSaved`]).
-/// The bias and `out ⊙ v` are added in one epilogue pass.
+/// The bias goes in with the base product (`WeightMat::times_t_new`: in its first step
+/// where the packed route takes it), `out ⊙ v` in one epilogue pass.
 pub(crate) fn scaled_forward<T: WithDType>(
     p: &ScaledForward<T>,
 ) -> candle_core::Result<(Vec<T>, Scratch<T>, Scratch<T>)> {
     let (n, d_out, r) = (p.x.rows, p.w.rows(), p.a.rows);
     let one = T::from_f64(1.0);
-    let mut y = p.w.times_t_new(p.x, None, None)?;
+    let mut y = p.w.times_t_new(p.x, p.bias, None)?;
     let mut xa = Scratch::overwritten(n * r);
     gemm_into(&mut xa, r, p.x, p.a.t(), Accum::Replace, one)?;
     let (z, _) = scale_columns_and_dot(MatRef::contiguous(&xa, n, r)?, p.mid, None)?;
@@ -65,16 +66,9 @@ pub(crate) fn scaled_forward<T: WithDType>(
     )?;
     y.par_chunks_mut(d_out.max(1))
         .zip(v.par_chunks(d_out.max(1)))
-        .for_each(|(y_row, v_row)| match p.bias {
-            Some(bias) => {
-                for (((y, &v), &o), &b) in y_row.iter_mut().zip(v_row).zip(p.out).zip(bias) {
-                    *y += b + o * v;
-                }
-            }
-            None => {
-                for ((y, &v), &o) in y_row.iter_mut().zip(v_row).zip(p.out) {
-                    *y += o * v;
-                }
+        .for_each(|(y_row, v_row)| {
+            for ((y, &v), &o) in y_row.iter_mut().zip(v_row).zip(p.out) {
+                *y += o * v;
             }
         });
     Ok((y, xa, v))
