@@ -18,6 +18,7 @@ mod packed;
 mod pool;
 mod prefetch;
 mod quant;
+mod route;
 mod rowwise;
 mod same_type;
 mod scaled;
@@ -271,7 +272,18 @@ fn gemm_plus_into<T: WithDType>(
     product: MatProduct<T>,
     term: Option<AddedTerm<T>>,
 ) -> candle_core::Result<()> {
-    let added = route_product(dst, dst_rs, product, term)?;
+    let added = route::route_product(dst, dst_rs, product, term)?;
+    add_if_left_out(term, added, dst, dst_rs)
+}
+
+/// Adds `term` into `dst` (row stride `dst_rs`) as a product of its own unless the route
+/// that ran the main product `added` it already.
+fn add_if_left_out<T: WithDType>(
+    term: Option<AddedTerm<T>>,
+    added: bool,
+    dst: &mut [T],
+    dst_rs: usize,
+) -> candle_core::Result<()> {
     match term {
         Some(t) if !added => t.add_into(dst, dst_rs),
         _ => Ok(()),
@@ -302,13 +314,12 @@ fn product_owned<T: WithDType>(
     }
     let one = T::from_f64(1.0);
     #[cfg(target_arch = "x86_64")]
-    if lhs.cols == rhs.rows && !earlier_route_takes(&MatProduct::new(lhs, rhs, Accum::Replace, one))
+    if lhs.cols == rhs.rows
+        && !route::earlier_than_packed_takes(&MatProduct::new(lhs, rhs, Accum::Replace, one))
     {
         if let Some(done) = packed::owned(lhs, rhs, bias, term) {
             let (mut out, added) = done?;
-            if let (Some(t), false) = (term, added) {
-                t.add_into(&mut out, n)?;
-            }
+            add_if_left_out(term, added, &mut out, n)?;
             return Ok(out);
         }
     }
@@ -328,71 +339,6 @@ fn filled_output<T: WithDType>(
         Some(b) => (rowwise::bias_rows(rows, b)?, Accum::Add),
         None => (rowwise::zero_rows(rows, cols)?, Accum::Replace),
     })
-}
-
-/// Whether one of the routes [`route_product`] tries before the packed route takes
-/// `product` (with a BLAS backend in use: any product, as it may). Keep in step with
-/// [`route_product`]'s order.
-#[cfg(target_arch = "x86_64")]
-fn earlier_route_takes<T: WithDType>(product: &MatProduct<T>) -> bool {
-    #[cfg(any(feature = "openblas", feature = "mkl"))]
-    if blas::library_fits_the_cpu() {
-        return true;
-    }
-    gemv::takes(product)
-        || gemv::takes_transposed(product)
-        || thin::takes_product(product)
-        || amx::takes_product(product)
-}
-
-/// Runs a product by its route (below); returns whether `term` was added with it.
-fn route_product<T: WithDType>(
-    dst: &mut [T],
-    dst_rs: usize,
-    product: MatProduct<T>,
-    term: Option<AddedTerm<T>>,
-) -> candle_core::Result<bool> {
-    let (lhs, rhs, accum, _) = product.parts();
-    if !check_product(dst, dst_rs, lhs, rhs, accum)? {
-        return Ok(false);
-    }
-    // A few rows against a large `W`: the decode kernel streams `W` once, ahead of a BLAS
-    // backend too (faster than `cblas_sgemm` at one row, `benches/RESULTS.md`).
-    if let Some(done) = gemv::reroute(dst, dst_rs, product) {
-        return done.map(|()| false);
-    }
-    #[cfg(any(feature = "openblas", feature = "mkl"))]
-    if let Some(done) = blas::gemm(dst, dst_rs, product) {
-        return done.map(|()| false);
-    }
-    // A narrow result (a low-rank product fewer than a vector's lanes wide, or `dB` a full
-    // vector wide from a `g` of at least one L2): the decode kernel on its transpose.
-    if let Some(done) = gemv::reroute_transposed(dst, dst_rs, product) {
-        return done.map(|()| false);
-    }
-    // A short side (a LoRA factor's rank) besides many rows: the rows split by hand.
-    if let Some(done) = thin::reroute(dst, dst_rs, product) {
-        return done.map(|()| false);
-    }
-    // Large `f32` products on AMX tiles, at `f32`-level accuracy, when asked for
-    // (`LORAKIT_CPU_AMX=1`).
-    #[cfg(target_arch = "x86_64")]
-    if let Some(done) = amx::reroute(dst, dst_rs, product) {
-        return done.map(|()| false);
-    }
-    // Large `f32` products on lorakit's own AVX-512 packing and register block. (The
-    // routes above are those `earlier_route_takes` lists.)
-    #[cfg(target_arch = "x86_64")]
-    if let Some(done) = packed::reroute(dst, dst_rs, product, term) {
-        return done;
-    }
-    if let Some(done) = col_major::reroute(dst, dst_rs, product) {
-        return done.map(|()| false);
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = term;
-    gemm_checked(dst, dst_rs, product, parallelism());
-    Ok(false)
 }
 
 /// `dst = lhs · rhs` ([`Accum::Replace`]) or `dst += lhs · rhs` ([`Accum::Add`]) through

@@ -116,6 +116,11 @@ pub(super) fn takes_chunked<T>(lhs: &MatRef<T>, rhs: &MatRef<T>) -> bool {
     route_by(lhs, rhs, &Thresholds::of::<T>()) == Some(Route::Chunked)
 }
 
+/// Whether [`reroute`] takes `product` (one of the reroutes above is its route).
+pub(super) fn takes<T>(product: &MatProduct<T>) -> bool {
+    route_by(&product.lhs, &product.rhs, &Thresholds::of::<T>()).is_some()
+}
+
 /// The reroutes above.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Route {

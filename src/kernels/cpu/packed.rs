@@ -99,6 +99,11 @@ pub(super) fn in_use() -> bool {
     !off && machine().isa == Isa::Avx512
 }
 
+/// Whether the route takes `product` (module docs), its term aside.
+pub(super) fn takes_product<T: WithDType>(product: &MatProduct<T>) -> bool {
+    takes(&product.lhs, &product.rhs)
+}
+
 /// Whether an `lhs · rhs` product of `T` takes the route (module docs).
 fn takes<T: WithDType>(lhs: &MatRef<T>, rhs: &MatRef<T>) -> bool {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);

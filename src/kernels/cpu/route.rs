@@ -1,0 +1,203 @@
+//! Which route runs a product of [`super::gemm_into`]: one list, [`ORDER`], that
+//! [`route_product`] tries in turn and that [`earlier_than_packed_takes`] reads, so the
+//! order a product is offered to the routes is written once.
+
+use candle_core::WithDType;
+
+#[cfg(target_arch = "x86_64")]
+use super::{amx, packed};
+use super::{check_product, col_major, gemm_checked, gemv, parallelism, thin};
+use super::{AddedTerm, MatProduct};
+
+/// A route of [`super::gemm_into`]'s products (each module's docs say what it takes and
+/// why it comes where it does in [`ORDER`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    /// A few rows against a large `W`: the decode kernel streams `W` once, ahead of a BLAS
+    /// backend too (faster than `cblas_sgemm` at one row, `benches/RESULTS.md`).
+    Decode,
+    /// A BLAS backend (features `openblas`, `mkl`) whose library fits the CPU.
+    Blas,
+    /// A narrow result (a low-rank product fewer than a vector's lanes wide, or `dB` a full
+    /// vector wide from a `g` of at least one L2): the decode kernel on its transpose.
+    DecodeTransposed,
+    /// A short side (a LoRA factor's rank) besides many rows: the rows split by hand.
+    Thin,
+    /// Large `f32` products on AMX tiles, at `f32`-level accuracy, when asked for
+    /// (`LORAKIT_CPU_AMX=1`).
+    Amx,
+    /// Large `f32` products on lorakit's own AVX-512 packing and register block, with a
+    /// LoRA term in the same passes where it fits.
+    Packed,
+    /// The column-major right-hand side's reroutes (row by row, via transposes, chunked).
+    ColMajor,
+}
+
+/// The routes in the order a product is offered to them; one that takes none goes to the
+/// `gemm` crate.
+const ORDER: [Route; 7] = [
+    Route::Decode,
+    Route::Blas,
+    Route::DecodeTransposed,
+    Route::Thin,
+    Route::Amx,
+    Route::Packed,
+    Route::ColMajor,
+];
+
+impl Route {
+    /// Whether this route takes `product` (a BLAS backend: any product, as it may; a route
+    /// this build or target lacks: none).
+    fn takes<T: WithDType>(self, product: &MatProduct<T>) -> bool {
+        match self {
+            Route::Decode => gemv::takes(product),
+            #[cfg(any(feature = "openblas", feature = "mkl"))]
+            Route::Blas => super::blas::library_fits_the_cpu(),
+            Route::DecodeTransposed => gemv::takes_transposed(product),
+            Route::Thin => thin::takes_product(product),
+            #[cfg(target_arch = "x86_64")]
+            Route::Amx => amx::takes_product(product),
+            #[cfg(target_arch = "x86_64")]
+            Route::Packed => packed::takes_product(product),
+            Route::ColMajor => col_major::takes(product),
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
+    /// Runs `product` (and `term`, where the route takes it too) into `dst`: `None` when the
+    /// route does not take the product, else whether `term` was added.
+    fn run<T: WithDType>(
+        self,
+        dst: &mut [T],
+        dst_rs: usize,
+        product: MatProduct<T>,
+        term: Option<AddedTerm<T>>,
+    ) -> Option<candle_core::Result<bool>> {
+        let without_term = |done: candle_core::Result<()>| done.map(|()| false);
+        match self {
+            Route::Decode => gemv::reroute(dst, dst_rs, product).map(without_term),
+            #[cfg(any(feature = "openblas", feature = "mkl"))]
+            Route::Blas => super::blas::gemm(dst, dst_rs, product).map(without_term),
+            Route::DecodeTransposed => {
+                gemv::reroute_transposed(dst, dst_rs, product).map(without_term)
+            }
+            Route::Thin => thin::reroute(dst, dst_rs, product).map(without_term),
+            #[cfg(target_arch = "x86_64")]
+            Route::Amx => amx::reroute(dst, dst_rs, product).map(without_term),
+            #[cfg(target_arch = "x86_64")]
+            Route::Packed => packed::reroute(dst, dst_rs, product, term),
+            Route::ColMajor => col_major::reroute(dst, dst_rs, product).map(without_term),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
+    }
+}
+
+/// Runs a product by the first route of [`ORDER`] that takes it, or on the `gemm` crate
+/// with candle's thread setting; returns whether `term` was added with it (the caller adds
+/// it otherwise).
+pub(super) fn route_product<T: WithDType>(
+    dst: &mut [T],
+    dst_rs: usize,
+    product: MatProduct<T>,
+    term: Option<AddedTerm<T>>,
+) -> candle_core::Result<bool> {
+    let (lhs, rhs, accum, _) = product.parts();
+    if !check_product(dst, dst_rs, lhs, rhs, accum)? {
+        return Ok(false);
+    }
+    for route in ORDER {
+        if let Some(done) = route.run(dst, dst_rs, product, term) {
+            return done;
+        }
+    }
+    gemm_checked(dst, dst_rs, product, parallelism());
+    Ok(false)
+}
+
+/// Whether a route before the packed one in [`ORDER`] takes `product`: then
+/// [`route_product`] would not reach the packed route, and a caller that asks the packed
+/// route directly (a new result, `packed::owned`) must not either.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn earlier_than_packed_takes<T: WithDType>(product: &MatProduct<T>) -> bool {
+    ORDER
+        .into_iter()
+        .take_while(|route| *route != Route::Packed)
+        .any(|route| route.takes(product))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{test_values, Accum, MatRef};
+    use super::*;
+
+    /// Each route's `takes` says what its `run` does: `run` takes a product exactly when
+    /// `takes` says so (a BLAS backend only where `takes` allows it), so that
+    /// [`earlier_than_packed_takes`] sees the products the routes before the packed one
+    /// would run. Shapes from one row to many, narrow and wide results, shallow and deep
+    /// products; right-hand sides row-major and column-major; `f32` and `f64`.
+    #[test]
+    fn each_route_takes_what_it_runs() -> candle_core::Result<()> {
+        let shapes = [
+            (1, 64, 300),
+            (3, 300, 520),
+            (16, 2048, 2048),
+            (40, 300, 8),
+            (200, 8, 300),
+            (200, 384, 16),
+            (300, 400, 520),
+            (512, 1024, 1024),
+        ];
+        let mut taken = [0usize; ORDER.len()];
+        for (m, k, n) in shapes {
+            let lhs = test_values(m * k, 0.3);
+            let rhs = test_values(k * n, 0.7);
+            let lhs = MatRef::contiguous(&lhs, m, k)?;
+            let layouts = [
+                MatRef::contiguous(&rhs, k, n)?,
+                MatRef::contiguous(&rhs, n, k)?.t(),
+            ];
+            for rhs in layouts {
+                let lhs32: Vec<f32> = (0..m * k).map(|v| lhs.data[v] as f32).collect();
+                let rhs32: Vec<f32> = rhs.data.iter().map(|&v| v as f32).collect();
+                let lhs32 = MatRef::new(&lhs32, m, k, lhs.rs, lhs.cs)?;
+                let rhs32 = MatRef::new(&rhs32, k, n, rhs.rs, rhs.cs)?;
+                for (position, route) in ORDER.into_iter().enumerate() {
+                    let mut dst = vec![0f64; m * n];
+                    let product = MatProduct::new(lhs, rhs, Accum::Replace, 1.0);
+                    let ran = route.run(&mut dst, n, product, None).transpose()?;
+                    let mut dst32 = vec![0f32; m * n];
+                    let product32 = MatProduct::new(lhs32, rhs32, Accum::Replace, 1.0);
+                    let ran32 = route.run(&mut dst32, n, product32, None).transpose()?;
+                    for (dtype, ran, takes) in [
+                        ("f64", ran.is_some(), route.takes(&product)),
+                        ("f32", ran32.is_some(), route.takes(&product32)),
+                    ] {
+                        let context = format!("{route:?}, {dtype} {m}x{k}x{n}, rhs rs {}", rhs.rs);
+                        match route {
+                            Route::Blas => assert!(!ran || takes, "{context}"),
+                            _ => assert_eq!(ran, takes, "{context}"),
+                        }
+                        taken[position] += usize::from(ran);
+                    }
+                }
+            }
+        }
+        // The shapes reach every route this machine and build have on.
+        for (route, count) in ORDER.into_iter().zip(taken) {
+            let on = match route {
+                Route::Blas => cfg!(any(feature = "openblas", feature = "mkl")),
+                #[cfg(target_arch = "x86_64")]
+                Route::Amx => amx::in_use(),
+                #[cfg(target_arch = "x86_64")]
+                Route::Packed => packed::in_use(),
+                _ => true,
+            };
+            if on && count == 0 {
+                eprintln!("no shape took the {route:?} route here");
+            }
+        }
+        Ok(())
+    }
+}
