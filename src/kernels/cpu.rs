@@ -342,11 +342,12 @@ fn filled_output<T: WithDType>(
 }
 
 /// `dst = lhs · rhs` ([`Accum::Replace`]) or `dst += lhs · rhs` ([`Accum::Add`]) through
-/// the fused op's routes ([`gemm_into`]: the decode kernel for a few rows, a BLAS backend
-/// when built with one, the decode kernel on the transpose of a narrow result, the rows of
-/// a thin (low-rank) product split over the threads,
-/// AMX tiles when asked for, the column-major reroutes, else the `gemm` crate on candle's
-/// threads): for ops outside this module that multiply by a frozen weight.
+/// the fused op's routes ([`gemm_into`], in the order of `route::ORDER`: the decode kernel
+/// for a few rows, a BLAS backend when built with one, the decode kernel on the transpose
+/// of a narrow result, the rows of a thin (low-rank) product split over the threads, AMX
+/// tiles when asked for, lorakit's own packed products (large `f32` ones, AVX-512), the
+/// column-major reroutes, else the `gemm` crate on candle's threads): for ops outside this
+/// module that multiply by a frozen weight.
 pub(crate) fn product_into<T: WithDType>(
     dst: &mut [T],
     dst_rs: usize,

@@ -117,6 +117,7 @@ pub(super) fn takes_chunked<T>(lhs: &MatRef<T>, rhs: &MatRef<T>) -> bool {
 }
 
 /// Whether [`reroute`] takes `product` (one of the reroutes above is its route).
+#[cfg(target_arch = "x86_64")]
 pub(super) fn takes<T>(product: &MatProduct<T>) -> bool {
     route_by(&product.lhs, &product.rhs, &Thresholds::of::<T>()).is_some()
 }

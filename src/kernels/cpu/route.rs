@@ -1,6 +1,7 @@
 //! Which route runs a product of [`super::gemm_into`]: one list, [`ORDER`], that
-//! [`route_product`] tries in turn and that [`earlier_than_packed_takes`] reads, so the
-//! order a product is offered to the routes is written once.
+//! [`route_product`] tries in turn and that `earlier_than_packed_takes` (on x86_64, where
+//! the packed route is) reads, so the order a product is offered to the routes is written
+//! once.
 
 use candle_core::WithDType;
 
@@ -47,7 +48,8 @@ const ORDER: [Route; 7] = [
 
 impl Route {
     /// Whether this route takes `product` (a BLAS backend: any product, as it may; a route
-    /// this build or target lacks: none).
+    /// this build lacks: none).
+    #[cfg(target_arch = "x86_64")]
     fn takes<T: WithDType>(self, product: &MatProduct<T>) -> bool {
         match self {
             Route::Decode => gemv::takes(product),
@@ -55,9 +57,7 @@ impl Route {
             Route::Blas => super::blas::library_fits_the_cpu(),
             Route::DecodeTransposed => gemv::takes_transposed(product),
             Route::Thin => thin::takes_product(product),
-            #[cfg(target_arch = "x86_64")]
             Route::Amx => amx::takes_product(product),
-            #[cfg(target_arch = "x86_64")]
             Route::Packed => packed::takes_product(product),
             Route::ColMajor => col_major::takes(product),
             #[allow(unreachable_patterns)]
@@ -75,6 +75,8 @@ impl Route {
         term: Option<AddedTerm<T>>,
     ) -> Option<candle_core::Result<bool>> {
         let without_term = |done: candle_core::Result<()>| done.map(|()| false);
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = term;
         match self {
             Route::Decode => gemv::reroute(dst, dst_rs, product).map(without_term),
             #[cfg(any(feature = "openblas", feature = "mkl"))]
@@ -127,16 +129,38 @@ pub(super) fn earlier_than_packed_takes<T: WithDType>(product: &MatProduct<T>) -
         .any(|route| route.takes(product))
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
-    use super::super::{test_values, Accum, MatRef};
+    use super::super::{machine, test_values, Accum, Isa, MatRef};
     use super::*;
 
-    /// Each route's `takes` says what its `run` does: `run` takes a product exactly when
-    /// `takes` says so (a BLAS backend only where `takes` allows it), so that
-    /// [`earlier_than_packed_takes`] sees the products the routes before the packed one
-    /// would run. Shapes from one row to many, narrow and wide results, shallow and deep
-    /// products; right-hand sides row-major and column-major; `f32` and `f64`.
+    /// Whether the shapes of [`each_route_takes_what_it_runs`] reach `route` (each offered
+    /// to every route, not in [`ORDER`]) on this machine, build and settings: a BLAS backend
+    /// where its library fits the CPU, the decode kernel unless turned off (its transposed
+    /// form also needs vectors), the thin split on two threads or more, AMX tiles and the
+    /// packed route where they are in use.
+    fn reached_here(route: Route) -> bool {
+        let decode = machine().decode_kernel;
+        match route {
+            Route::Decode => decode,
+            #[cfg(any(feature = "openblas", feature = "mkl"))]
+            Route::Blas => super::super::blas::library_fits_the_cpu(),
+            #[cfg(not(any(feature = "openblas", feature = "mkl")))]
+            Route::Blas => false,
+            Route::DecodeTransposed => decode && machine().isa != Isa::Scalar,
+            Route::Thin => rayon::current_num_threads() > 1,
+            Route::Amx => amx::in_use(),
+            Route::Packed => packed::in_use(),
+            Route::ColMajor => true,
+        }
+    }
+
+    /// Each route's `takes` says what its `run` does, for `f32` and `f64`: `run` takes a
+    /// product exactly when `takes` says so (a BLAS backend only where `takes` allows it),
+    /// so that [`earlier_than_packed_takes`] sees the products the routes before the packed
+    /// one would run. Shapes from one row to many, narrow and wide results, shallow and
+    /// deep products; both operands row-major and column-major; replacing and adding with a
+    /// scale. The shapes reach every route this machine, build and settings have on.
     #[test]
     fn each_route_takes_what_it_runs() -> candle_core::Result<()> {
         let shapes = [
@@ -144,6 +168,7 @@ mod tests {
             (3, 300, 520),
             (16, 2048, 2048),
             (40, 300, 8),
+            (200, 300, 4),
             (200, 8, 300),
             (200, 384, 16),
             (300, 400, 520),
@@ -153,50 +178,51 @@ mod tests {
         for (m, k, n) in shapes {
             let lhs = test_values(m * k, 0.3);
             let rhs = test_values(k * n, 0.7);
-            let lhs = MatRef::contiguous(&lhs, m, k)?;
-            let layouts = [
-                MatRef::contiguous(&rhs, k, n)?,
-                MatRef::contiguous(&rhs, n, k)?.t(),
-            ];
-            for rhs in layouts {
-                let lhs32: Vec<f32> = (0..m * k).map(|v| lhs.data[v] as f32).collect();
-                let rhs32: Vec<f32> = rhs.data.iter().map(|&v| v as f32).collect();
-                let lhs32 = MatRef::new(&lhs32, m, k, lhs.rs, lhs.cs)?;
-                let rhs32 = MatRef::new(&rhs32, k, n, rhs.rs, rhs.cs)?;
-                for (position, route) in ORDER.into_iter().enumerate() {
-                    let mut dst = vec![0f64; m * n];
-                    let product = MatProduct::new(lhs, rhs, Accum::Replace, 1.0);
-                    let ran = route.run(&mut dst, n, product, None).transpose()?;
-                    let mut dst32 = vec![0f32; m * n];
-                    let product32 = MatProduct::new(lhs32, rhs32, Accum::Replace, 1.0);
-                    let ran32 = route.run(&mut dst32, n, product32, None).transpose()?;
-                    for (dtype, ran, takes) in [
-                        ("f64", ran.is_some(), route.takes(&product)),
-                        ("f32", ran32.is_some(), route.takes(&product32)),
-                    ] {
-                        let context = format!("{route:?}, {dtype} {m}x{k}x{n}, rhs rs {}", rhs.rs);
-                        match route {
-                            Route::Blas => assert!(!ran || takes, "{context}"),
-                            _ => assert_eq!(ran, takes, "{context}"),
+            let (lhs32, rhs32): (Vec<f32>, Vec<f32>) = (
+                lhs.iter().map(|&v| v as f32).collect(),
+                rhs.iter().map(|&v| v as f32).collect(),
+            );
+            for (lhs_t, rhs_t) in [(false, false), (false, true), (true, false)] {
+                let view = |data, rows, cols, t: bool| match t {
+                    false => MatRef::contiguous(data, rows, cols),
+                    true => MatRef::contiguous(data, cols, rows).map(MatRef::t),
+                };
+                let view32 = |data, rows, cols, t: bool| match t {
+                    false => MatRef::contiguous(data, rows, cols),
+                    true => MatRef::contiguous(data, cols, rows).map(MatRef::t),
+                };
+                let (l, r) = (view(&lhs, m, k, lhs_t)?, view(&rhs, k, n, rhs_t)?);
+                let (l32, r32) = (view32(&lhs32, m, k, lhs_t)?, view32(&rhs32, k, n, rhs_t)?);
+                for (accum, beta) in [(Accum::Replace, 1.0), (Accum::Add, -0.5)] {
+                    for (position, route) in ORDER.into_iter().enumerate() {
+                        let product = MatProduct::new(l, r, accum, beta);
+                        let ran = route.run(&mut vec![0f64; m * n], n, product, None);
+                        let product32 = MatProduct::new(l32, r32, accum, beta as f32);
+                        let ran32 = route.run(&mut vec![0f32; m * n], n, product32, None);
+                        for (dtype, ran, takes) in [
+                            ("f64", ran.transpose()?.is_some(), route.takes(&product)),
+                            ("f32", ran32.transpose()?.is_some(), route.takes(&product32)),
+                        ] {
+                            let context = format!(
+                                "{route:?}, {dtype} {m}x{k}x{n}, lhs transposed {lhs_t}, \
+                                 rhs transposed {rhs_t}, {accum:?}"
+                            );
+                            match route {
+                                Route::Blas => assert!(!ran || takes, "{context}"),
+                                _ => assert_eq!(ran, takes, "{context}"),
+                            }
+                            taken[position] += usize::from(ran);
                         }
-                        taken[position] += usize::from(ran);
                     }
                 }
             }
         }
-        // The shapes reach every route this machine and build have on.
         for (route, count) in ORDER.into_iter().zip(taken) {
-            let on = match route {
-                Route::Blas => cfg!(any(feature = "openblas", feature = "mkl")),
-                #[cfg(target_arch = "x86_64")]
-                Route::Amx => amx::in_use(),
-                #[cfg(target_arch = "x86_64")]
-                Route::Packed => packed::in_use(),
-                _ => true,
-            };
-            if on && count == 0 {
-                eprintln!("no shape took the {route:?} route here");
-            }
+            assert_eq!(
+                count > 0,
+                reached_here(route),
+                "{route:?}: {count} products"
+            );
         }
         Ok(())
     }
