@@ -12,6 +12,8 @@ r = 256; one-row evaluation at d = 2048). PEFT has no LoRA-FA layer (only an opt
 
 With --rounds N the two sides alternate N times and each case reports the median of its
 per-round medians (the machine may be shared: alternating spreads the noise over both).
+A line under the tables counts, per side and round, the cases whose median was over 1.25 ×
+their minimum in that round (calls spread by a busy host), with each round's FMA peak.
 
 The lorakit side is `cargo bench --bench compare_json` (JSON on its last line), run with
 RAYON_NUM_THREADS set to the same thread count. It calls
@@ -369,6 +371,30 @@ def peak_table(t, k, peak):
     return "\n".join(lines)
 
 
+DISTURBED = 1.25  # a round's median over this many times its minimum: calls spread by the host
+
+
+def disturbed_counts(rounds):
+    """Per round, how many cases had their median over DISTURBED × their minimum in that round:
+    the calls of a case spread that far apart when the host took the CPU for part of them."""
+    return [sum(1 for m, lo in r.values() if m > DISTURBED * lo) for r in rounds]
+
+
+def disturbance_line(ts, ks, peaks):
+    """One line naming each side's disturbed cases per round (`disturbed_counts`) and each
+    round's measured FMA peak, for judging how far a run's medians can be trusted."""
+    sides = [("PEFT", ts)] + [(f"lorakit[{f}]", rs) for f, rs in ks.items()]
+    parts = [f"{name} {', '.join(map(str, disturbed_counts(rs)))} of {len(rs[0])}" for name, rs in sides]
+    line = (
+        f"Cases per round whose median was over {DISTURBED} × their minimum in that round "
+        + "(calls spread by a busy host): "
+        + "; ".join(parts)
+    )
+    if all(peaks):
+        line += "; FMA peak per round " + ", ".join(f"{p['gflops']:.0f}" for p in peaks) + " GFLOP/s"
+    return line + "."
+
+
 def combine(rounds):
     """(median over rounds of the medians, min over rounds of the minima)."""
     return statistics.median(m for m, _ in rounds), min(lo for _, lo in rounds)
@@ -440,7 +466,8 @@ def main():
         table(t, k, args.threads)
         + "\n\nVariants (whole adapted layers):\n\n"
         + variants_table(t, k)
-        + f"\n\nMedian of {args.rounds} alternating round(s) of per-case medians."
+        + f"\n\nMedian of {args.rounds} alternating round(s) of per-case medians. "
+        + disturbance_line(ts, ks, peaks)
     )
     if all(peaks):
         peak = {**peaks[0], **{key: statistics.median(p[key] for p in peaks) for key in ["gflops", "gflops_one_thread"]}}
