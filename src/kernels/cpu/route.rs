@@ -155,6 +155,20 @@ mod tests {
         }
     }
 
+    /// `data` as a `rows × cols` view: row-major, or (`transposed`) the transpose of a
+    /// row-major `cols × rows` matrix (column-major).
+    fn view<T: Copy>(
+        data: &[T],
+        rows: usize,
+        cols: usize,
+        transposed: bool,
+    ) -> candle_core::Result<MatRef<'_, T>> {
+        match transposed {
+            false => MatRef::contiguous(data, rows, cols),
+            true => MatRef::contiguous(data, cols, rows).map(MatRef::t),
+        }
+    }
+
     /// Each route's `takes` says what its `run` does, for `f32` and `f64`: `run` takes a
     /// product exactly when `takes` says so (a BLAS backend only where `takes` allows it),
     /// so that [`earlier_than_packed_takes`] sees the products the routes before the packed
@@ -183,16 +197,8 @@ mod tests {
                 rhs.iter().map(|&v| v as f32).collect(),
             );
             for (lhs_t, rhs_t) in [(false, false), (false, true), (true, false)] {
-                let view = |data, rows, cols, t: bool| match t {
-                    false => MatRef::contiguous(data, rows, cols),
-                    true => MatRef::contiguous(data, cols, rows).map(MatRef::t),
-                };
-                let view32 = |data, rows, cols, t: bool| match t {
-                    false => MatRef::contiguous(data, rows, cols),
-                    true => MatRef::contiguous(data, cols, rows).map(MatRef::t),
-                };
                 let (l, r) = (view(&lhs, m, k, lhs_t)?, view(&rhs, k, n, rhs_t)?);
-                let (l32, r32) = (view32(&lhs32, m, k, lhs_t)?, view32(&rhs32, k, n, rhs_t)?);
+                let (l32, r32) = (view(&lhs32, m, k, lhs_t)?, view(&rhs32, k, n, rhs_t)?);
                 for (accum, beta) in [(Accum::Replace, 1.0), (Accum::Add, -0.5)] {
                     for (position, route) in ORDER.into_iter().enumerate() {
                         let product = MatProduct::new(l, r, accum, beta);
