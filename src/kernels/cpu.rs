@@ -1016,9 +1016,9 @@ mod tests {
     /// rows (or zeros) filled first, on every route: `x Wᵀ` at many rows (the packed route
     /// on AVX-512, with the bias in its first step and the term in its last), a few rows
     /// (the decode kernel), a short side (the thin route or the `gemm` crate), `g W` at 16
-    /// rows (the decode kernel, though the packed route would take it too), at 40 (the
-    /// packed route) and at 300 (the `gemm` crate), on 1 and 2 threads; a bias of the wrong
-    /// length is an error.
+    /// rows (the decode kernel, though the packed route would take it too), at 40 and 300
+    /// (the packed route on AVX-512, the `gemm` crate with `LORAKIT_CPU_ISA=avx2` or
+    /// `scalar`), on 1 and 2 threads; a bias of the wrong length is an error.
     #[test]
     fn new_results_have_the_bits_of_filled_ones() -> candle_core::Result<()> {
         let vals = |len: usize, seed: f64| -> Vec<f32> {

@@ -1,6 +1,6 @@
 //! Large `f32` products on AVX-512 through lorakit's own packing and register block: a
-//! linear layer's `x Wᵀ` at many rows (the forward), its `g W` at small batches (the
-//! backward's input gradient), and any other `f32` product of those shapes; with a LoRA
+//! linear layer's `x Wᵀ` at many rows (the forward), its `g W` (the backward's input
+//! gradient), and any other `f32` product of those shapes; with a LoRA
 //! factor pair's term added in the same passes over the destination ([`reroute`]'s
 //! `term`).
 //!
@@ -12,11 +12,16 @@
 //!   panels: 0.86–1.01 × the chunked route's time from 64 to 2048 rows in paired timings
 //!   (one 1.08, at 2048 rows on a busy host);
 //! - `g W` with a row-major `W`: at 17–64 rows this route takes 0.50–0.81 × the `gemm`
-//!   crate's time. From 128 rows the `gemm` crate was as fast or up to 10% faster; with
-//!   the rows read in place (below) the route's `g W` with its term came to 0.95–1.06 ×
-//!   the `gemm` crate's and the term's pass at 512 and 2048 rows (paired, medians of
-//!   eight runs, "Rows read in place"): no gain, so the `gemm` crate keeps those;
-//! - the low-rank term `s (x Aᵀ) Bᵀ` (or, without dropout and below 128 rows, `s (g B) A`)
+//!   crate's time. From 128 rows the two are about even there: with the rows read in
+//!   place (below) the route's `g W` with its term came to 0.95–1.06 × the `gemm` crate's
+//!   and the term's pass at 512 and 2048 rows (paired, medians of eight runs, "Rows read
+//!   in place"; mean 1.01). On an AMD EPYC Zen 4 (family 25 model 17, 2 cores, 1 MiB L2)
+//!   the route is faster there: 0.89–0.98 × the `gemm` crate's time from 128 to 2048 rows
+//!   and at `d` = 1024–4096, and a LoRA, DoRA or VeRA layer step 0.94–1.01 × with `g W` on
+//!   the `gemm` crate (`benches/RESULTS.md`, "`g W` on the packed route at every batch
+//!   size"). So the route takes `g W` at every row count, on every AVX-512 CPU: one rule,
+//!   even on the one CPU and faster on the other, rather than a crossover tuned to either;
+//! - the low-rank term `s (x Aᵀ) Bᵀ` (or, without dropout, `s (g B) A`)
 //!   joins the base product's last depth step instead of being a second pass over the
 //!   destination: 0.98 × the two products' time at `512 × 1024 × 1024` and `r = 16`, 0.996
 //!   at 2048.
@@ -52,8 +57,9 @@
 //! not depend on the thread count. It differs from the `gemm` crate's by rounding
 //! (another summation order), and is checked against the `f64` product like every route.
 //!
-//! **Untimed** on AMD EPYCs with AVX-512 (Zen 4 and 5): the blocking follows their caches,
-//! but its speed there has not been measured.
+//! **On AMD EPYCs.** Timed on a Zen 4 (above, and `x Wᵀ` at 0.91–0.96 × the chunked
+//! route's time from 128 to 2048 rows, "`g W` on the packed route at every batch size");
+//! not on a Zen 5.
 //!
 //! **Which products.** `f32`, AVX-512F available and not lowered by `LORAKIT_CPU_ISA`, a
 //! left-hand side with contiguous rows, and at least [`MIN_ROWS`] rows, an inner dimension
@@ -62,9 +68,8 @@
 //! threading threshold of multiply-adds (smaller products stay on one thread in the
 //! `gemm` crate). The right-hand side has contiguous columns where the column-major route
 //! would take its chunked form (`x Wᵀ` at many rows: fewer rows keep that route's
-//! transposed and row-by-row forms, faster there), or contiguous rows with fewer rows on
-//! the left than one such chunk (`g W` at small batches, where the `gemm` crate took
-//! 1.2–2 × this route's time; from 128 rows on it keeps them, above). Products with a
+//! transposed and row-by-row forms, faster there), or contiguous rows (`g W`; at small
+//! batches the `gemm` crate took 1.2–2 × this route's time). Products with a
 //! short side go to [`super::thin`] or the `gemm` crate on every thread count, so that
 //! their bits do not depend on it (the thin route declines on one thread).
 //! `LORAKIT_PACKED_PRODUCTS=0` turns the route off (for comparisons). Products the routes
@@ -110,7 +115,7 @@ fn takes<T: WithDType>(lhs: &MatRef<T>, rhs: &MatRef<T>) -> bool {
     let chunk = chunk_width(std::mem::size_of::<T>(), machine());
     same_type::is::<T, f32>()
         && lhs.cs == 1
-        && (rhs.cs == 1 && m < chunk || rhs.rs == 1 && takes_chunked(lhs, rhs))
+        && (rhs.cs == 1 || rhs.rs == 1 && takes_chunked(lhs, rhs))
         && m >= MIN_ROWS
         && k.min(n) > chunk
         && m.saturating_mul(n).saturating_mul(k) >= gemm::get_threading_threshold()
@@ -829,8 +834,9 @@ mod tests {
     }
 
     /// The route takes large `f32` products with contiguous rows on the left (`x Wᵀ` at
-    /// many rows, `g W` at fewer than 128) and leaves `f64`, a column-major left-hand side,
-    /// small products, a short side, `x Wᵀ` at few rows and `g W` at many to the others.
+    /// many rows, `g W` at any batch from [`MIN_ROWS`] rows) and leaves `f64`, a
+    /// column-major left-hand side, small products, a short side and `x Wᵀ` at few rows to
+    /// the others.
     #[test]
     fn the_route_takes_what_its_docs_say() -> candle_core::Result<()> {
         if !in_use() {
@@ -842,11 +848,11 @@ mod tests {
         let f64s = vec![0f64; m * k];
         let row_major = MatRef::contiguous(&f32s, m, k)?;
         assert!(takes(&row_major, &row_major.t()));
-        // A row-major right-hand side from `MIN_ROWS` to below 128 rows only.
+        // A row-major right-hand side (`g W`) from `MIN_ROWS` rows on.
         let rows_100 = MatRef::contiguous(&f32s, 100, k)?;
         assert!(takes(&rows_100, &row_major));
-        assert!(!takes(&MatRef::contiguous(&f32s, 128, k)?, &row_major));
-        assert!(!takes(&row_major, &row_major));
+        assert!(takes(&MatRef::contiguous(&f32s, 128, k)?, &row_major));
+        assert!(takes(&row_major, &row_major));
         assert!(!takes(
             &MatRef::contiguous(&f32s, MIN_ROWS - 1, k)?,
             &row_major
