@@ -297,8 +297,9 @@ fn add_if_left_out<T: WithDType>(
 /// elsewhere the bias rows (or zeros) are written in parallel and the product added by its
 /// route. The bits are the same either way. On an Intel Xeon (model 207, 2 threads,
 /// `benches/RESULTS.md`, "New results"), paired against the fill then the product:
-/// 0.95–0.99 of the time for a forward at 512 rows, 0.98–1.00 for `g W` at 512 rows (the
-/// `gemm` crate's, zeros filled in parallel instead of by `calloc`).
+/// 0.95–0.99 of the time for a forward at 512 rows, 0.98–1.00 for `g W` at 512 rows
+/// (measured when `g W` at 512 rows was on the `gemm` crate, zeros filled in parallel
+/// instead of by `calloc`).
 fn product_owned<T: WithDType>(
     lhs: MatRef<T>,
     rhs: MatRef<T>,
@@ -1017,8 +1018,8 @@ mod tests {
     /// on AVX-512, with the bias in its first step and the term in its last), a few rows
     /// (the decode kernel), a short side (the thin route or the `gemm` crate), `g W` at 16
     /// rows (the decode kernel, though the packed route would take it too), at 40 and 300
-    /// (the packed route on AVX-512, the `gemm` crate with `LORAKIT_CPU_ISA=avx2` or
-    /// `scalar`), on 1 and 2 threads; a bias of the wrong length is an error.
+    /// (the packed route where it is in use, else the `gemm` crate), on 1 and 2 threads; a
+    /// bias of the wrong length is an error.
     #[test]
     fn new_results_have_the_bits_of_filled_ones() -> candle_core::Result<()> {
         let vals = |len: usize, seed: f64| -> Vec<f32> {

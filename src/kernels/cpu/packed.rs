@@ -17,7 +17,7 @@
 //!   and the term's pass at 512 and 2048 rows (paired, medians of eight runs, "Rows read
 //!   in place"; mean 1.01). On an AMD EPYC Zen 4 (family 25 model 17, 2 cores, 1 MiB L2)
 //!   the route is faster there: 0.89–0.98 × the `gemm` crate's time from 128 to 2048 rows
-//!   and at `d` = 1024–4096, and a LoRA, DoRA or VeRA layer step 0.94–1.01 × with `g W` on
+//!   and at `d` = 768–4096, and a LoRA, DoRA or VeRA layer step 0.94–1.01 × with `g W` on
 //!   the `gemm` crate (`benches/RESULTS.md`, "`g W` on the packed route at every batch
 //!   size"). So the route takes `g W` at every row count, on every AVX-512 CPU: one rule,
 //!   even on the one CPU and faster on the other, rather than a crossover tuned to either;

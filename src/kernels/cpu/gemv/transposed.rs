@@ -44,9 +44,11 @@
 //! a full vector's width when `L` is at least one core's L2 ([`widest_streamed_result`]).
 //! That bound is a measured crossover put in the unit the CPU reports, not derived: it was
 //! timed on that one CPU at 2 threads, in `f32` only (in `f64` the rule sends `r = 8`
-//! with AVX-512, untimed), and not on an AMD EPYC or an AVX2 CPU (with the decode kernel
-//! forced to AVX2 on the Xeon, `r = 8` against the `gemm` crate still on AVX-512, the
-//! rule's pick was the faster route or within 3% in 9 cases).
+//! with AVX-512, untimed), and not on an AVX2 CPU (with the decode kernel forced to AVX2
+//! on the Xeon, `r = 8` against the `gemm` crate still on AVX-512, the rule's pick was the
+//! faster route or within 3% in 9 cases). On an AMD EPYC Zen 4 (1 MiB L2), one point:
+//! `dB` at `r = 16` from a 2 MiB `g` took 0.155 ms against the `gemm` crate's 0.160
+//! (`benches/RESULTS.md`, "`g W` on the packed route at every batch size").
 //!
 //! With a BLAS backend (the `openblas` or `mkl` feature) the backend takes these
 //! products first, as before; this route was not timed against it.
