@@ -204,6 +204,9 @@ fn all_cases() -> Vec<Case> {
         case(&[2, 4, 3], 8, 5, 2), // 4-D input
         case(&[20], 37, 150, 5),   // ≥ 8 rows, ≥ 128 outputs: x Wᵀ by transposed chunks
         case(&[9], 20, 515, 4),    // few rows, ≥ 512 outputs: x Wᵀ through transposes of x and y
+        // ≥ 128 rows, both sides of W past 128: in f32 with AVX-512 `x Wᵀ` and the input
+        // gradient `g W` (a row-major right-hand side) on the packed route.
+        case(&[130], 140, 150, 4),
     ];
     let mut out = Vec::new();
     for (i, s) in shapes.iter().enumerate() {
