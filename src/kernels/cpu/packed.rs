@@ -20,7 +20,8 @@
 //!   and at `d` = 768–4096, and a LoRA, DoRA or VeRA layer step 0.94–1.01 × with `g W` on
 //!   the `gemm` crate (`benches/RESULTS.md`, "`g W` on the packed route at every batch
 //!   size"). So the route takes `g W` at every row count, on every AVX-512 CPU: one rule,
-//!   even on the one CPU and faster on the other, rather than a crossover tuned to either;
+//!   about even on the one CPU and faster on the other, rather than a crossover tuned to
+//!   either;
 //! - the low-rank term `s (x Aᵀ) Bᵀ` (or, without dropout, `s (g B) A`)
 //!   joins the base product's last depth step instead of being a second pass over the
 //!   destination: 0.98 × the two products' time at `512 × 1024 × 1024` and `r = 16`, 0.996
@@ -68,7 +69,8 @@
 //! threading threshold of multiply-adds (smaller products stay on one thread in the
 //! `gemm` crate). The right-hand side has contiguous columns where the column-major route
 //! would take its chunked form (`x Wᵀ` at many rows: fewer rows keep that route's
-//! transposed and row-by-row forms, faster there), or contiguous rows (`g W`; at small
+//! transposed and row-by-row forms, faster there), or contiguous rows (`g W`, GPT-2's
+//! `Conv1D` forward `x W`, the quantized base's `g · tile` in [`super::quant`]; at small
 //! batches the `gemm` crate took 1.2–2 × this route's time). Products with a
 //! short side go to [`super::thin`] or the `gemm` crate on every thread count, so that
 //! their bits do not depend on it (the thin route declines on one thread).
