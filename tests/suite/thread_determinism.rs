@@ -16,10 +16,12 @@
 //! over the threads at 200 rows × 384 × 400, `src/kernels/cpu/thin.rs`, and not at 150
 //! rows on three threads, where a part of 50 rows would take the `gemm` crate's small-product
 //! shortcut and its other blocking of the 600-deep products) and span several 32-row blocks.
-//! The rank is 8, and 4 at 200 × 384 × 400 once more: the low-rank products fewer than a
-//! vector's lanes wide (`x Aᵀ`, `g B`, `dB`) run on the decode kernel, transposed
-//! (`src/kernels/cpu/gemv/transposed.rs`), at both ranks with AVX-512 and at 4 with AVX2;
-//! the others (`(x Aᵀ) Bᵀ`, `(g B) A`) and those at r = 8 with AVX2 split their rows.
+//! The rank is 8, and 4 and 16 at 200 × 384 × 400 once more: the low-rank products fewer
+//! than a vector's lanes wide (`x Aᵀ`, `g B`, `dB`) run on the decode kernel, transposed
+//! (`src/kernels/cpu/gemv/transposed.rs`), at ranks 4 and 8 with AVX-512 and at 4 with
+//! AVX2; the others (`(x Aᵀ) Bᵀ`, `(g B) A`), those at r = 8 with AVX2 and those at
+//! r = 16 split their rows (`x Aᵀ` after copying `Aᵀ` row-major, where one thread hands
+//! the `gemm` crate the column-major view).
 
 use std::process::Command;
 
@@ -29,7 +31,7 @@ use candle_core::Tensor;
 use lorakit::Adapter;
 
 /// `(rows, d_in, d_out, r)` of the cases.
-const SHAPES: [(usize, usize, usize, usize); 8] = [
+const SHAPES: [(usize, usize, usize, usize); 9] = [
     (100, 48, 150, 8),
     (12, 40, 520, 8),
     (20, 640, 800, 8),
@@ -37,6 +39,7 @@ const SHAPES: [(usize, usize, usize, usize); 8] = [
     (3, 72, 520, 8),
     (200, 384, 400, 8),
     (200, 384, 400, 4),
+    (200, 384, 400, 16),
     (150, 600, 400, 8),
 ];
 

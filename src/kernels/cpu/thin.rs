@@ -16,6 +16,24 @@
 //! the column-major route ([`super::col_major::chunk_width`]: `8 · lanes`, 128 `f32` with
 //! AVX-512, 64 with AVX2), and whose row count is longer than that, is split this way.
 //!
+//! `x Aᵀ`'s factor comes as `Aᵀ`, a column-major view of `A` (`r × d_in`). It is copied
+//! row-major once, before the split ([`factor_to_row_major`]; 4.5 µs at `1024 × 16`, 37
+//! at `1024 × 128`). On an AMD EPYC Zen 4 (family 25 model 17, 2 threads, `f32`,
+//! `n = 512`; `benches/RESULTS.md`, "`x Aᵀ`'s factor copied row-major"):
+//! - the split on the view took 1.57–1.73 × the time of the split on a row-major factor
+//!   at `r` = 64 and 128, and the copy and split together 0.69–0.95 × the split on the
+//!   view there (four runs); at `r = 16`, 0.73–1.01 × in three runs and 1.03–1.38 × in a
+//!   fourth, run after another timer in the same process;
+//! - a LoRA or DoRA layer's training step took 0.96–0.97 × the time with the copy at
+//!   `r = 128` and 0.98 × at `r = 64` with `d = 2048`; 0.998–1.011 × at smaller ranks
+//!   (paired);
+//! - `(x Aᵀ) Bᵀ`'s column-major `Bᵀ`, whose inner dimension is the short side, is not
+//!   copied: copy and split took 1.12–1.30 × the split on the view.
+//!
+//! The copy changes no bit: the `gemm` crate runs the same kernels in the same order on
+//! either layout, as `tests/suite/thread_determinism.rs` checks at `r = 16` (one thread
+//! hands the `gemm` crate the view). Not timed on an Intel Xeon.
+//!
 //! Kept on the `gemm` crate's own path:
 //! - products too small for it to thread (`m · k · n` below its threading threshold);
 //! - splits that would give a part other kernels of the `gemm` crate than the whole
@@ -37,7 +55,9 @@ use rayon::prelude::*;
 
 use super::col_major::chunk_width;
 use super::machine::{machine, Machine};
-use super::{check_product, gemm_checked, MatProduct};
+use super::pool::Scratch;
+use super::transpose::transpose_columns;
+use super::{check_product, gemm_checked, MatProduct, MatRef};
 
 /// The most rows (and columns) of a product that the `gemm` crate's small-product
 /// shortcut takes (module docs).
@@ -85,6 +105,19 @@ pub(super) fn takes_product<T: WithDType>(product: &MatProduct<T>) -> bool {
     takes(m, k, n, threads, std::mem::size_of::<T>(), machine())
 }
 
+/// A row-major copy of `rhs` when it is a column-major view whose width is its short side
+/// (`Aᵀ` in `x Aᵀ`, module docs), from the pool; `None` for any other operand.
+fn factor_to_row_major<T: WithDType>(rhs: MatRef<T>) -> Option<Scratch<T>> {
+    let (k, n) = (rhs.rows(), rhs.cols());
+    let column_major = rhs.rs == 1 && rhs.cs != 1;
+    if !column_major || n >= k {
+        return None;
+    }
+    let mut copy = Scratch::overwritten(k * n);
+    transpose_columns(rhs, 0, n, &mut copy, n, |out, v| *out = v);
+    Some(copy)
+}
+
 /// The product with `dst`'s rows cut into `parts` contiguous ranges, as evenly as whole
 /// rows allow, one single-threaded `gemm` call each on rayon's pool.
 fn split_rows<T: WithDType>(
@@ -94,6 +127,11 @@ fn split_rows<T: WithDType>(
     parts: usize,
 ) -> candle_core::Result<()> {
     let (lhs, rhs, accum, beta) = product.parts();
+    let copy = factor_to_row_major(rhs);
+    let rhs = match &copy {
+        Some(copy) => MatRef::contiguous(copy, rhs.rows(), rhs.cols())?,
+        None => rhs,
+    };
     let m = lhs.rows();
     let parts = parts.clamp(1, m.max(1));
     let mut pieces = Vec::with_capacity(parts);
@@ -158,11 +196,21 @@ mod tests {
         assert!(takes(512, 64, 1024, 2, 4, &avx2));
     }
 
-    /// Split into 1–4 parts of more than 64 rows, the products give the `gemm` crate's whole-product result bit
-    /// for bit and match an f64 triple loop, with a padded destination, a column-major
-    /// and a padded row-major operand, accumulation and `beta`.
+    /// Split into 1–4 parts of more than 64 rows, the products give the `gemm` crate's
+    /// whole-product result bit for bit and match an f64 triple loop, in `f64` and `f32`,
+    /// with a padded destination, a column-major (copied row-major first where its width
+    /// is the short side: `x Aᵀ`'s factor) and a padded row-major operand, accumulation and
+    /// `beta`.
     #[test]
     fn split_products_match_the_whole_product_bit_for_bit() -> candle_core::Result<()> {
+        split_products_match_whole_ones::<f64>(1e-12)?;
+        split_products_match_whole_ones::<f32>(1e-6)
+    }
+
+    fn split_products_match_whole_ones<T: WithDType>(tol: f64) -> candle_core::Result<()> {
+        let vals = |len: usize, seed: f64| -> Vec<T> {
+            vals(len, seed).into_iter().map(T::from_f64).collect()
+        };
         for (m, k, n) in [(300, 700, 9), (300, 9, 130), (260, 520, 16), (400, 2048, 2)] {
             let lhs_data = vals(m * (k + 2), 0.37);
             let lhs = MatRef::new(&lhs_data, m, k, k + 2, 1)?;
@@ -174,6 +222,7 @@ mod tests {
             ];
             for rhs in rhs_views {
                 for (accum, beta) in [(Accum::Replace, 1.0), (Accum::Add, -0.5)] {
+                    let beta = T::from_f64(beta);
                     let dst_rs = n + 2;
                     let start = vals(m * dst_rs, 1.3);
                     let mut whole = start.clone();
@@ -181,6 +230,12 @@ mod tests {
                     // The reference: the whole product, the `gemm` crate on one thread.
                     assert!(check_product(&mut whole, dst_rs, lhs, rhs, accum)?);
                     gemm_checked(&mut whole, dst_rs, product, gemm::Parallelism::None);
+                    let context = format!(
+                        "{}, {m}x{k}x{n}, rhs strides {}, {}",
+                        T::DTYPE.as_str(),
+                        rhs.rs,
+                        rhs.cs
+                    );
                     // As the route splits: parts that keep the general kernels.
                     for parts in (1..=5).filter(|&p| parts_keep_the_general_kernels(m, n, p)) {
                         let mut split = start.clone();
@@ -189,20 +244,49 @@ mod tests {
                             split
                                 .iter()
                                 .zip(&whole)
-                                .all(|(a, b)| a.to_bits() == b.to_bits()),
-                            "{m}x{k}x{n}, {parts} parts: not the whole product's bits"
+                                .all(|(a, b)| a.to_f64().to_bits() == b.to_f64().to_bits()),
+                            "{context}, {parts} parts: not the whole product's bits"
                         );
                     }
-                    assert_matches_triple_loop(&whole, &start, dst_rs, product, 1e-12, "whole");
+                    assert_matches_triple_loop(&whole, &start, dst_rs, product, tol, &context);
                     // And through `gemm_into`, whichever route it takes here.
                     let mut routed = start.clone();
                     gemm_into(&mut routed, dst_rs, lhs, rhs, accum, beta)?;
                     for (a, b) in routed.iter().zip(&whole) {
-                        assert!((a - b).abs() <= 1e-12 * (1.0 + b.abs()) * k as f64);
+                        let (a, b) = (a.to_f64(), b.to_f64());
+                        assert!(
+                            (a - b).abs() <= tol * (1.0 + b.abs()) * k as f64,
+                            "{context}"
+                        );
                     }
                 }
             }
         }
+        Ok(())
+    }
+
+    /// `x Aᵀ`'s factor, a column-major view as wide as the rank, is copied row-major with
+    /// its values in place; `(x Aᵀ) Bᵀ`'s (column-major, its inner dimension the short
+    /// side) and row-major operands are not copied.
+    #[test]
+    fn only_a_column_major_factor_as_wide_as_the_rank_is_copied() -> candle_core::Result<()> {
+        let (r, d) = (16, 700);
+        let a = vals(r * d, 0.3);
+        let a_t = MatRef::contiguous(&a, r, d)?.t();
+        let copy = factor_to_row_major(a_t).expect("x Aᵀ's factor is copied");
+        assert_eq!(copy.len(), d * r);
+        for i in 0..d {
+            for j in 0..r {
+                assert_eq!(
+                    copy[i * r + j].to_bits(),
+                    a_t.at(i, j).to_bits(),
+                    "({i}, {j})"
+                );
+            }
+        }
+        let b = vals(d * r, 0.7);
+        assert!(factor_to_row_major(MatRef::contiguous(&b, d, r)?.t()).is_none()); // Bᵀ
+        assert!(factor_to_row_major(MatRef::contiguous(&b, d, r)?).is_none()); // B
         Ok(())
     }
 }
