@@ -16,23 +16,29 @@
 //! the column-major route ([`super::col_major::chunk_width`]: `8 · lanes`, 128 `f32` with
 //! AVX-512, 64 with AVX2), and whose row count is longer than that, is split this way.
 //!
-//! `x Aᵀ`'s factor comes as `Aᵀ`, a column-major view of `A` (`r × d_in`). It is copied
-//! row-major once, before the split ([`factor_to_row_major`]; 4.5 µs at `1024 × 16`, 37
-//! at `1024 × 128`). On an AMD EPYC Zen 4 (family 25 model 17, 2 threads, `f32`,
-//! `n = 512`; `benches/RESULTS.md`, "`x Aᵀ`'s factor copied row-major"):
+//! A column-major right-hand side with more than one column and fewer columns than rows
+//! (`x Aᵀ`'s factor, which comes as `Aᵀ`, a column-major view of `A`, `r × d_in`) is
+//! copied row-major once, before the split ([`factor_to_row_major`]; 4.5 µs at
+//! `1024 × 16`, 37 µs at `1024 × 128`). Timed in `f32` only, on an AMD EPYC Zen 4 (family
+//! 25 model 17, 2 threads, `n = 512` rows, `d` = 1024–4096; `benches/RESULTS.md`,
+//! "`x Aᵀ`'s factor copied row-major"):
 //! - the split on the view took 1.57–1.73 × the time of the split on a row-major factor
 //!   at `r` = 64 and 128, and the copy and split together 0.69–0.95 × the split on the
-//!   view there (four runs); at `r = 16`, 0.73–1.01 × in three runs and 1.03–1.38 × in a
-//!   fourth, run after another timer in the same process;
-//! - a LoRA or DoRA layer's training step took 0.96–0.97 × the time with the copy at
-//!   `r = 128` and 0.98 × at `r = 64` with `d = 2048`; 0.998–1.011 × at smaller ranks
-//!   (paired);
+//!   view there (four runs). At `r` = 16 and 32 the gain is small or none: 0.73–0.97 × in
+//!   three runs, 1.12–1.38 × in a fourth, run after another timer in the same process;
+//! - with the copy, a LoRA layer's training step took 0.96–0.97 × the time without it at
+//!   `r = 128` (DoRA not timed there), a LoRA or DoRA step 0.98 × at `r = 64` with
+//!   `d = 2048`, and 0.99–1.01 × at `r` ≤ 32 and at `r = 64` with `d = 1024`, within the
+//!   host's noise (paired);
 //! - `(x Aᵀ) Bᵀ`'s column-major `Bᵀ`, whose inner dimension is the short side, is not
 //!   copied: copy and split took 1.12–1.30 × the split on the view.
 //!
-//! The copy changes no bit: the `gemm` crate runs the same kernels in the same order on
-//! either layout, as `tests/suite/thread_determinism.rs` checks at `r = 16` (one thread
-//! hands the `gemm` crate the view). Not timed on an Intel Xeon.
+//! The copy changes no bit of the parts this route makes: the `gemm` crate runs the same
+//! general kernels in the same order on either layout. (Its dot-product kernels, which
+//! only a column-major right-hand side gets, take products of at most 256 elements, and no
+//! part here is one: [`parts_keep_the_general_kernels`].) `tests/suite/thread_determinism.rs`
+//! checks it at `r = 16`, where one thread hands the `gemm` crate the view. Not timed on an
+//! Intel Xeon; the Xeon's numbers above predate the copy.
 //!
 //! Kept on the `gemm` crate's own path:
 //! - products too small for it to thread (`m · k · n` below its threading threshold);
@@ -105,11 +111,12 @@ pub(super) fn takes_product<T: WithDType>(product: &MatProduct<T>) -> bool {
     takes(m, k, n, threads, std::mem::size_of::<T>(), machine())
 }
 
-/// A row-major copy of `rhs` when it is a column-major view whose width is its short side
-/// (`Aᵀ` in `x Aᵀ`, module docs), from the pool; `None` for any other operand.
+/// A row-major copy of `rhs` when it is a column-major view of more than one column whose
+/// width is its short side (`Aᵀ` in `x Aᵀ`, module docs), from the pool; `None` for any
+/// other operand (one column is contiguous either way).
 fn factor_to_row_major<T: WithDType>(rhs: MatRef<T>) -> Option<Scratch<T>> {
     let (k, n) = (rhs.rows(), rhs.cols());
-    let column_major = rhs.rs == 1 && rhs.cs != 1;
+    let column_major = rhs.rs == 1 && rhs.cs != 1 && n > 1;
     if !column_major || n >= k {
         return None;
     }
@@ -267,7 +274,7 @@ mod tests {
 
     /// `x Aᵀ`'s factor, a column-major view as wide as the rank, is copied row-major with
     /// its values in place; `(x Aᵀ) Bᵀ`'s (column-major, its inner dimension the short
-    /// side) and row-major operands are not copied.
+    /// side), row-major operands and a single column are not copied.
     #[test]
     fn only_a_column_major_factor_as_wide_as_the_rank_is_copied() -> candle_core::Result<()> {
         let (r, d) = (16, 700);
@@ -287,6 +294,8 @@ mod tests {
         let b = vals(d * r, 0.7);
         assert!(factor_to_row_major(MatRef::contiguous(&b, d, r)?.t()).is_none()); // Bᵀ
         assert!(factor_to_row_major(MatRef::contiguous(&b, d, r)?).is_none()); // B
+        let column = MatRef::new(&b, d, 1, 1, d)?; // one column of a column-major view
+        assert!(factor_to_row_major(column).is_none());
         Ok(())
     }
 }
