@@ -18,18 +18,18 @@
 //!
 //! A column-major right-hand side with more than one column and fewer columns than rows
 //! (`x Aᵀ`'s factor, which comes as `Aᵀ`, a column-major view of `A`, `r × d_in`) is
-//! copied row-major once, before the split ([`factor_to_row_major`]; 4.5 µs at
-//! `1024 × 16`, 37 µs at `1024 × 128`). Timed in `f32` only, on an AMD EPYC Zen 4 (family
-//! 25 model 17, 2 threads, `n = 512` rows, `d` = 1024–4096; `benches/RESULTS.md`,
-//! "`x Aᵀ`'s factor copied row-major"):
+//! copied row-major once, its rows spread over the threads, before the split
+//! ([`factor_to_row_major`]). Timed in `f32` only, on an AMD EPYC Zen 4 (family 25 model
+//! 17, 2 threads, `n = 512` rows; `benches/RESULTS.md`, "`x Aᵀ`'s factor copied
+//! row-major"):
 //! - the split on the view took 1.57–1.73 × the time of the split on a row-major factor
-//!   at `r` = 64 and 128, and the copy and split together 0.69–0.95 × the split on the
-//!   view there (four runs). At `r` = 16 and 32 the gain is small or none: 0.73–0.97 × in
-//!   three runs, 1.12–1.38 × in a fourth, run after another timer in the same process;
-//! - with the copy, a LoRA layer's training step took 0.96–0.97 × the time without it at
-//!   `r = 128` (DoRA not timed there), a LoRA or DoRA step 0.98 × at `r = 64` with
-//!   `d = 2048`, and 0.99–1.01 × at `r` ≤ 32 and at `r = 64` with `d = 1024`, within the
-//!   host's noise (paired);
+//!   at `r` = 64 and 128 (`d` = 1024 and 2048). The copy and split together took
+//!   0.67–0.68 × the split on the view there (`d` = 1024–4096, two runs) and 0.93–0.95 × at
+//!   `r = 16`. In two runs before, a copy made on the calling thread had taken
+//!   0.74–1.03 ×;
+//! - with the copy, a LoRA layer's training step took 0.97–0.99 × the time without it at
+//!   `r = 128` and 0.99 × at `r = 64`, and 0.97–1.01 × at `r` ≤ 32 and for DoRA, within
+//!   the host's noise (paired, `d` = 1024 and 2048);
 //! - `(x Aᵀ) Bᵀ`'s column-major `Bᵀ`, whose inner dimension is the short side, is not
 //!   copied: copy and split took 1.12–1.30 × the split on the view.
 //!
@@ -62,7 +62,7 @@ use rayon::prelude::*;
 use super::col_major::chunk_width;
 use super::machine::{machine, Machine};
 use super::pool::Scratch;
-use super::transpose::transpose_columns;
+use super::transpose::par_transpose;
 use super::{check_product, gemm_checked, MatProduct, MatRef};
 
 /// The most rows (and columns) of a product that the `gemm` crate's small-product
@@ -112,8 +112,8 @@ pub(super) fn takes_product<T: WithDType>(product: &MatProduct<T>) -> bool {
 }
 
 /// A row-major copy of `rhs` when it is a column-major view of more than one column whose
-/// width is its short side (`Aᵀ` in `x Aᵀ`, module docs), from the pool; `None` for any
-/// other operand (one column is contiguous either way).
+/// width is its short side (`Aᵀ` in `x Aᵀ`, module docs), from the pool, its rows copied
+/// on rayon's threads; `None` for any other operand (one column is contiguous either way).
 fn factor_to_row_major<T: WithDType>(rhs: MatRef<T>) -> Option<Scratch<T>> {
     let (k, n) = (rhs.rows(), rhs.cols());
     let column_major = rhs.rs == 1 && rhs.cs != 1 && n > 1;
@@ -121,7 +121,7 @@ fn factor_to_row_major<T: WithDType>(rhs: MatRef<T>) -> Option<Scratch<T>> {
         return None;
     }
     let mut copy = Scratch::overwritten(k * n);
-    transpose_columns(rhs, 0, n, &mut copy, n, |out, v| *out = v);
+    par_transpose(rhs, &mut copy, n, |out, v| *out = v);
     Some(copy)
 }
 
