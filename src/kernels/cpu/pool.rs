@@ -1,5 +1,6 @@
 //! Work buffers reused across calls: the fused ops' saved intermediates and backward
-//! temporaries come from a small process-wide pool and go back to it when dropped, so a
+//! temporaries (and the thin split's row-major copy of a factor) come from a small
+//! process-wide pool and go back to it when dropped, so a
 //! training step does not allocate (and fault in) the same buffers again every step.
 //!
 //! The pool is bounded ([`MAX_BUFFERS`] buffers, [`MAX_BYTES`] in all): a buffer that

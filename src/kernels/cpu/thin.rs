@@ -16,20 +16,21 @@
 //! the column-major route ([`super::col_major::chunk_width`]: `8 · lanes`, 128 `f32` with
 //! AVX-512, 64 with AVX2), and whose row count is longer than that, is split this way.
 //!
-//! A column-major right-hand side with more than one column and fewer columns than rows
-//! (`x Aᵀ`'s factor, which comes as `Aᵀ`, a column-major view of `A`, `r × d_in`) is
-//! copied row-major once, its rows spread over the threads, before the split
-//! ([`factor_to_row_major`]). Timed in `f32` only, on an AMD EPYC Zen 4 (family 25 model
-//! 17, 2 threads, `n = 512` rows; `benches/RESULTS.md`, "`x Aᵀ`'s factor copied
-//! row-major"):
+//! Any column-major right-hand side with more than one column and fewer columns than rows
+//! is copied row-major, once per call, its rows spread over the threads, before the split
+//! ([`factor_to_row_major`]). The one a LoRA step has is `x Aᵀ`'s factor, which comes as
+//! `Aᵀ` (`d_in × r`), a column-major view of the row-major `A` (`r × d_in`); only its
+//! shapes were timed, in `f32`, on an AMD EPYC Zen 4 (family 25 model 17, 2 threads,
+//! `n = 512` rows; `benches/RESULTS.md`, "`x Aᵀ`'s factor copied row-major"):
 //! - the split on the view took 1.57–1.73 × the time of the split on a row-major factor
-//!   at `r` = 64 and 128 (`d` = 1024 and 2048). The copy and split together took
-//!   0.67–0.68 × the split on the view there (`d` = 1024–4096, two runs) and 0.93–0.95 × at
-//!   `r = 16`. In two runs before, a copy made on the calling thread had taken
-//!   0.74–1.03 ×;
+//!   at `r` = 64 and 128 (`d = 1024`, and 2048 at `r = 64`). The copy and split together
+//!   took 0.67–0.68 × the split on the view at `r = 128` (`d` = 1024–4096) and `r = 64`
+//!   (`d = 4096`), two runs, and 0.93–0.95 × at `r = 16`. In two runs before, a copy made
+//!   on the calling thread had taken 0.74–0.84 × there (0.94–1.03 × at `r = 16`);
 //! - with the copy, a LoRA layer's training step took 0.97–0.99 × the time without it at
-//!   `r = 128` and 0.99 × at `r = 64`, and 0.97–1.01 × at `r` ≤ 32 and for DoRA, within
-//!   the host's noise (paired, `d` = 1024 and 2048);
+//!   `r = 128` and 0.99 × at `r = 64`, and 0.97–1.01 × at `r` ≤ 32 and for DoRA at `r` =
+//!   16 and 64 (DoRA not timed at 128), within the host's noise (one paired run at each of
+//!   `d` = 1024 and 2048);
 //! - `(x Aᵀ) Bᵀ`'s column-major `Bᵀ`, whose inner dimension is the short side, is not
 //!   copied: copy and split took 1.12–1.30 × the split on the view.
 //!
@@ -112,7 +113,7 @@ pub(super) fn takes_product<T: WithDType>(product: &MatProduct<T>) -> bool {
 }
 
 /// A row-major copy of `rhs` when it is a column-major view of more than one column whose
-/// width is its short side (`Aᵀ` in `x Aᵀ`, module docs), from the pool, its rows copied
+/// width is its short side (such as `Aᵀ` in `x Aᵀ`, module docs), from the pool, its rows copied
 /// on rayon's threads; `None` for any other operand (one column is contiguous either way).
 fn factor_to_row_major<T: WithDType>(rhs: MatRef<T>) -> Option<Scratch<T>> {
     let (k, n) = (rhs.rows(), rhs.cols());

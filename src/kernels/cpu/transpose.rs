@@ -1,5 +1,7 @@
 //! Copying the columns of a column-major matrix into the rows of a row-major one (a
-//! transpose), for the column-major reroutes of [`super::col_major`].
+//! transpose), for the column-major reroutes of [`super::col_major`] and the row-major
+//! copies of a column-major right-hand side that the decode kernel ([`super::gemv`]) and
+//! the thin split ([`super::thin`]) make.
 //!
 //! Each source column is contiguous. `GROUP` of them are read side by side from start to
 //! end (a few sequential streams, which the hardware prefetcher follows even when the
