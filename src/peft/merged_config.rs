@@ -347,16 +347,20 @@ mod tests {
     use super::*;
 
     /// `text` written to a fresh file, then [`edited_config`] for `labels` on it: the edit and the
-    /// file's contents after it (unchanged: the caller writes the new text).
+    /// file's contents after it (unchanged: the caller writes the new text). The file and its
+    /// folder (one per test, so that tests running at once do not share it) are removed.
     fn edited(name: &str, text: &str, labels: usize) -> (Result<ConfigEdit>, String) {
-        let dir =
-            std::env::temp_dir().join(format!("lorakit-merged-config-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!(
+            "lorakit-merged-config-{}-{name}",
+            std::process::id()
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(format!("{name}.json"));
         std::fs::write(&path, text).unwrap();
         let edit = edited_config(&path, Some(labels), &[], None);
         let after = std::fs::read_to_string(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
+        std::fs::remove_dir(&dir).unwrap();
         (edit, after)
     }
 
