@@ -84,8 +84,8 @@ use rayon::prelude::*;
 use super::machine::{machine, Isa, Machine};
 use super::prefetch::prefetch;
 use super::same_type::same;
-use super::transpose::transpose_columns;
-use super::{MatProduct, MatRef, Scratch};
+use super::transpose::{row_major_copy, CopyOn};
+use super::{MatProduct, MatRef};
 #[cfg(target_arch = "x86_64")]
 use lanes::{Avx2, Avx512};
 use lanes::{Lanes, Scalar};
@@ -199,10 +199,8 @@ fn through_row_major_copy<T: WithDType>(
     product: MatProduct<T>,
 ) -> candle_core::Result<()> {
     let (lhs, rhs, accum, beta) = product.parts();
-    let (k, n) = (rhs.rows, rhs.cols);
-    let mut copy = Scratch::<T>::overwritten(k * n); // the transpose writes it whole
-    transpose_columns(rhs, 0, n, &mut copy, n, |d, v| *d = v);
-    let rhs = MatRef::contiguous(&copy, k, n)?;
+    let copy = row_major_copy(rhs, CopyOn::CallingThread);
+    let rhs = MatRef::contiguous(&copy, rhs.rows, rhs.cols)?;
     match product_on(split, dst, dst_rs, MatProduct::new(lhs, rhs, accum, beta)) {
         Some(done) => done,
         None => candle_core::bail!("fused linear: the decode kernel refused a row-major copy"),

@@ -63,7 +63,7 @@ use rayon::prelude::*;
 use super::col_major::chunk_width;
 use super::machine::{machine, Machine};
 use super::pool::Scratch;
-use super::transpose::par_transpose;
+use super::transpose::{row_major_copy, CopyOn};
 use super::{check_product, gemm_checked, MatProduct, MatRef};
 
 /// The most rows (and columns) of a product that the `gemm` crate's small-product
@@ -118,12 +118,7 @@ pub(super) fn takes_product<T: WithDType>(product: &MatProduct<T>) -> bool {
 fn factor_to_row_major<T: WithDType>(rhs: MatRef<T>) -> Option<Scratch<T>> {
     let (k, n) = (rhs.rows(), rhs.cols());
     let column_major = rhs.rs == 1 && rhs.cs != 1 && n > 1;
-    if !column_major || n >= k {
-        return None;
-    }
-    let mut copy = Scratch::overwritten(k * n);
-    par_transpose(rhs, &mut copy, n, |out, v| *out = v);
-    Some(copy)
+    (column_major && n < k).then(|| row_major_copy(rhs, CopyOn::Pool))
 }
 
 /// The product with `dst`'s rows cut into `parts` contiguous ranges, as evenly as whole

@@ -12,7 +12,7 @@
 use candle_core::WithDType;
 use rayon::prelude::*;
 
-use super::MatRef;
+use super::{MatRef, Scratch};
 
 /// Source columns copied together.
 const GROUP: usize = 8;
@@ -63,6 +63,28 @@ pub(super) fn transpose_columns<T: WithDType>(
             jb += 1;
         }
     }
+}
+
+/// Where [`row_major_copy`] copies: on the calling thread, or spread over rayon's pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum CopyOn {
+    /// The calling thread (a small copy on the decode path, where waking the pool costs
+    /// more than it saves).
+    CallingThread,
+    /// Rayon's pool, [`ROWS_PER_TASK`] output rows a task ([`par_transpose`]).
+    Pool,
+}
+
+/// A row-major copy of the column-major `src` (`rs == 1`), `src.rows × src.cols` at row
+/// stride `src.cols`, in a pooled buffer that the transpose writes whole.
+pub(super) fn row_major_copy<T: WithDType>(src: MatRef<T>, on: CopyOn) -> Scratch<T> {
+    let (k, n) = (src.rows, src.cols);
+    let mut copy = Scratch::overwritten(k * n);
+    match on {
+        CopyOn::CallingThread => transpose_columns(src, 0, n, &mut copy, n, |d, v| *d = v),
+        CopyOn::Pool => par_transpose(src, &mut copy, n, |d, v| *d = v),
+    }
+    copy
 }
 
 /// [`transpose_columns`] of all of `src`'s columns, output rows spread over rayon's pool
