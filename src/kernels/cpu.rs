@@ -169,8 +169,8 @@ pub(crate) fn amx_products() -> bool {
     return false;
 }
 
-/// Whether large `f32` products run on lorakit's own AVX-512 packing and register block in
-/// this process (`packed`).
+/// Whether large `f32` products run on lorakit's own packing and register block (AVX-512
+/// or AVX2, as the vector set) in this process (`packed`).
 pub(crate) fn packed_products() -> bool {
     #[cfg(target_arch = "x86_64")]
     return packed::in_use();

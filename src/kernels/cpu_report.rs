@@ -44,8 +44,8 @@ pub struct CpuReport {
     /// Whether large `f32` products run on Intel AMX tiles (at `f32`-level accuracy: the
     /// operands split into three bfloat16 parts each).
     pub amx_tiles: bool,
-    /// Whether large `f32` products run on lorakit's own AVX-512 packing and register
-    /// block (`kernels::cpu::packed`).
+    /// Whether large `f32` products run on lorakit's own packing and register block
+    /// (`kernels::cpu::packed`; AVX-512 or AVX2, as [`CpuReport::vector_set`] says).
     pub packed_products: bool,
     /// Threads in the rayon pool of the calling thread (the global pool from outside one).
     pub threads: usize,

@@ -1,4 +1,5 @@
-//! Large `f32` products on AVX-512 through lorakit's own packing and register block: a
+//! Large `f32` products on AVX-512 or AVX2 through lorakit's own packing and register
+//! block ([`kernel`]: one per vector width, on the same panels, with the same bits): a
 //! linear layer's `x Wᵀ` at many rows (the forward), its `g W` (the backward's input
 //! gradient), and any other `f32` product of those shapes; with a LoRA
 //! factor pair's term added in the same passes over the destination ([`reroute`]'s
@@ -62,10 +63,21 @@
 //! route's time from 128 to 2048 rows, "`g W` on the packed route at every batch size");
 //! not on a Zen 5.
 //!
-//! **Which products.** `f32`, AVX-512F available and not lowered by `LORAKIT_CPU_ISA`, a
+//! **On AVX2** (the 6 × 16 block, [`kernel`]). Timed only on the Zen 4 with AVX-512
+//! hidden from lorakit (`LORAKIT_CPU_ISA=avx2`) and from the `gemm` crate (a patched copy
+//! of its feature check), not on a CPU without AVX-512 (`benches/RESULTS.md`, "The packed
+//! route on AVX2"). Paired, two runs: `x Wᵀ` 0.85–0.92 × the chunked route's time at 64
+//! rows, 0.93–0.94 at 128 and 0.97–1.01 from 512 to 2048 rows; `g W` 0.56–0.62 × the `gemm`
+//! crate's AVX2 time at 64 rows, 0.94 / 1.04 at 128 and 0.97–1.02 from 512 to 2048. The
+//! block alone, one thread, ran at 98–99% of the FMA peak with its panels in L1 or
+//! streamed from L2 (its 16 columns of a 64-wide panel, one cache line per step). In a
+//! benchmark run against PEFT with PyTorch also held to AVX2, the n = 512 layer cases
+//! took 0.96–1.01 × the time with the route off.
+//!
+//! **Which products.** `f32`, AVX-512F or AVX2 available and not lowered below AVX2 by
+//! `LORAKIT_CPU_ISA` (the block of the widest set: [`block_isa`]), a
 //! left-hand side with contiguous rows, and at least [`MIN_ROWS`] rows, an inner dimension
-//! and a width both longer than one chunk of the column-major route
-//! ([`super::col_major::chunk_width`]: 128), and at least the `gemm` crate's own
+//! and a width both longer than [`SHORT_SIDE`] (128), and at least the `gemm` crate's own
 //! threading threshold of multiply-adds (smaller products stay on one thread in the
 //! `gemm` crate). The right-hand side has contiguous columns where the column-major route
 //! would take its chunked form (`x Wᵀ` at many rows: fewer rows keep that route's
@@ -82,14 +94,15 @@ use std::cell::RefCell;
 use candle_core::WithDType;
 use rayon::prelude::*;
 
-use super::col_major::{chunk_width, even_ranges, takes_chunked, SharedDst};
-use super::machine::{machine, Isa};
+use super::col_major::{even_ranges, takes_chunked, SharedDst};
+use super::machine::machine;
 use super::pool::cache_aligned;
 use super::{same_type, Accum, AddedTerm, MatProduct, MatRef};
 
 mod kernel;
 mod pack;
 
+pub(crate) use kernel::BlockIsa;
 use kernel::{Start, Tile, COLS, DEPTH, ROWS, STRIDE};
 use pack::{Extent, Piece};
 
@@ -98,12 +111,29 @@ use pack::{Extent, Piece};
 /// first, stay where they went before: this block was not timed against those routes.
 const MIN_ROWS: usize = 14;
 
-/// Whether the route is on in this process: AVX-512F available and not lowered by
-/// `LORAKIT_CPU_ISA`, and not turned off by `LORAKIT_PACKED_PRODUCTS=0` (read once).
+/// The longest inner dimension or width the route leaves to the others: two column panels.
+/// With AVX-512 this is one chunk of the column-major route
+/// ([`super::col_major::chunk_width`]), the widest short side the thin split
+/// ([`super::thin`]) takes. With AVX2 the thin split stops at 64; products with a short
+/// side of 65 to 128 (a LoRA factor of rank 128) stay on the `gemm` crate, as before the
+/// route ran on AVX2: on an AMD EPYC Zen 4 held to AVX2, this route took 0.78–0.87 × the
+/// `gemm` crate's time for `x Aᵀ` at r = 128 but 1.03–1.08 × for `(x Aᵀ) Bᵀ` and
+/// `(g B) A`, 128 deep (two paired runs, `benches/RESULTS.md`, "The packed route on
+/// AVX2").
+const SHORT_SIDE: usize = 2 * COLS;
+
+/// Whether the route is on in this process ([`block_isa`]).
 pub(super) fn in_use() -> bool {
+    block_isa().is_some()
+}
+
+/// The register block the route runs on in this process: the widest vector set available
+/// and not lowered by `LORAKIT_CPU_ISA` (AVX-512F or AVX2), none without vectors or when
+/// `LORAKIT_PACKED_PRODUCTS=0` (read once) turns the route off.
+pub(crate) fn block_isa() -> Option<BlockIsa> {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let off = *OFF.get_or_init(|| std::env::var("LORAKIT_PACKED_PRODUCTS").as_deref() == Ok("0"));
-    !off && machine().isa == Isa::Avx512
+    BlockIsa::of(machine().isa).filter(|_| !off)
 }
 
 /// Whether the route takes `product` (module docs), its term aside.
@@ -114,12 +144,11 @@ pub(super) fn takes_product<T: WithDType>(product: &MatProduct<T>) -> bool {
 /// Whether an `lhs · rhs` product of `T` takes the route (module docs).
 fn takes<T: WithDType>(lhs: &MatRef<T>, rhs: &MatRef<T>) -> bool {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-    let chunk = chunk_width(std::mem::size_of::<T>(), machine());
     same_type::is::<T, f32>()
         && lhs.cs == 1
         && (rhs.cs == 1 || rhs.rs == 1 && takes_chunked(lhs, rhs))
         && m >= MIN_ROWS
-        && k.min(n) > chunk
+        && k.min(n) > SHORT_SIDE
         && m.saturating_mul(n).saturating_mul(k) >= gemm::get_threading_threshold()
         && in_use()
 }
@@ -130,6 +159,34 @@ fn takes<T: WithDType>(lhs: &MatRef<T>, rhs: &MatRef<T>) -> bool {
 fn block_columns(l2: usize) -> usize {
     let panel_bytes = DEPTH * COLS * std::mem::size_of::<f32>();
     (l2 / 2 / panel_bytes).max(1) * COLS
+}
+
+/// How a product runs: `columns` of the right-hand side packed at a time, on `isa`'s
+/// register block.
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    columns: usize,
+    isa: BlockIsa,
+}
+
+impl Plan {
+    /// This process's: [`block_columns`] of this machine's L2, on [`block_isa`]'s block;
+    /// `None` when the route is off.
+    fn here() -> Option<Plan> {
+        Some(Plan {
+            columns: block_columns(machine().l2),
+            isa: block_isa()?,
+        })
+    }
+
+    /// An error unless this CPU has the plan's vector set (a plan from [`Plan::here`]
+    /// always passes; the tests make others).
+    fn check(self) -> candle_core::Result<()> {
+        match self.isa.isa().available() {
+            true => Ok(()),
+            false => candle_core::bail!("packed product: {:?} is not available", self.isa),
+        }
+    }
 }
 
 /// Runs [`super::gemm_into`]'s product on this route and returns `Some`, or `None` when it
@@ -145,9 +202,10 @@ pub(super) fn reroute<T: WithDType>(
     term: Option<AddedTerm<T>>,
 ) -> Option<candle_core::Result<bool>> {
     let ops = operands(product, term, None)?;
+    let plan = Plan::here()?;
     let dst = same_type::same_slice_mut::<T, f32>(dst)?;
     let added = ops.term.is_some();
-    Some(multiply(dst, dst_rs, ops, block_columns(machine().l2)).map(|()| added))
+    Some(multiply(dst, dst_rs, ops, plan).map(|()| added))
 }
 
 /// [`reroute`] into a new `m × n` result instead of a destination: `lhs · rhs`, plus `bias`
@@ -163,7 +221,7 @@ pub(super) fn owned<T: WithDType>(
 ) -> Option<candle_core::Result<(Vec<T>, bool)>> {
     let product = MatProduct::new(lhs, rhs, Accum::Replace, T::from_f64(1.0));
     let ops = operands(product, term, bias)?;
-    match written_once(ops, block_columns(machine().l2)) {
+    match written_once(ops, Plan::here()?) {
         Ok(out) => Some(Ok((same_type::same_vec(out)?, ops.term.is_some()))),
         Err(e) => Some(Err(e)),
     }
@@ -248,13 +306,9 @@ thread_local! {
 }
 
 /// The product into `dst` (`m × n` at row stride `dst_rs`, an error when shorter), the
-/// columns split over rayon's threads, `block` columns packed at a time.
-fn multiply(
-    dst: &mut [f32],
-    dst_rs: usize,
-    ops: Operands,
-    block: usize,
-) -> candle_core::Result<()> {
+/// columns split over rayon's threads, as `plan` says.
+fn multiply(dst: &mut [f32], dst_rs: usize, ops: Operands, plan: Plan) -> candle_core::Result<()> {
+    plan.check()?;
     let (m, n) = (ops.product.lhs.rows, ops.product.rhs.cols);
     let too_short = m.checked_sub(1).is_some_and(|last| {
         let needed = last.checked_mul(dst_rs).and_then(|v| v.checked_add(n));
@@ -266,14 +320,16 @@ fn multiply(
             dst.len()
         );
     }
-    // SAFETY: `dst` holds the `m × n` result at row stride `dst_rs ≥ n` (checked above),
-    // initialized, and the `&mut` borrow keeps every other access out during the call.
-    unsafe { multiply_at(SharedDst(dst.as_mut_ptr()), dst_rs, ops, block) }
+    // SAFETY: the plan's vectors are available and `dst` holds the `m × n` result at row
+    // stride `dst_rs ≥ n` (both checked above), initialized, and the `&mut` borrow keeps
+    // every other access out during the call.
+    unsafe { multiply_at(SharedDst(dst.as_mut_ptr()), dst_rs, ops, plan) }
 }
 
 /// The product ([`Accum::Replace`]) into a new contiguous `m × n` vector, each element
 /// written once and never read before: no fill first.
-fn written_once(ops: Operands, block: usize) -> candle_core::Result<Vec<f32>> {
+fn written_once(ops: Operands, plan: Plan) -> candle_core::Result<Vec<f32>> {
+    plan.check()?;
     let (m, k, n) = (
         ops.product.lhs.rows,
         ops.product.lhs.cols,
@@ -286,9 +342,10 @@ fn written_once(ops: Operands, block: usize) -> candle_core::Result<Vec<f32>> {
         candle_core::bail!("packed product: a new result needs a replacing product of depth ≥ 1");
     }
     let mut out = Vec::with_capacity(len);
-    // SAFETY: the new vector's capacity holds the `m × n` result at row stride `n`, only
-    // this call touches it, and the product replaces (checked above).
-    unsafe { multiply_at(SharedDst(out.as_mut_ptr()), n, ops, block)? };
+    // SAFETY: the plan's vectors are available, the new vector's capacity holds the
+    // `m × n` result at row stride `n`, only this call touches it, and the product
+    // replaces (checked above).
+    unsafe { multiply_at(SharedDst(out.as_mut_ptr()), n, ops, plan)? };
     // SAFETY: `with_capacity(len)` holds `m · n` elements. `multiply_at` split `0..n` into
     // column ranges (`even_ranges` covers it), and each range's first depth step (`k ≥ 1`)
     // stored every element of its columns on every row (tiles of `ROWS` rows from 0 to
@@ -302,7 +359,7 @@ fn written_once(ops: Operands, block: usize) -> candle_core::Result<Vec<f32>> {
 /// [`multiply`] at `dst`.
 ///
 /// # Safety
-/// `dst` is valid for writes of the `m × n` result at row stride `dst_rs ≥ n` (and holds
+/// `plan.isa`'s vector set is available; `dst` is valid for writes of the `m × n` result at row stride `dst_rs ≥ n` (and holds
 /// initialized values there unless the product is [`Accum::Replace`]: the first depth
 /// step then writes each element before any step reads it), and nothing else accesses
 /// those elements during the call.
@@ -310,7 +367,7 @@ unsafe fn multiply_at(
     dst: SharedDst<f32>,
     dst_rs: usize,
     ops: Operands,
-    block: usize,
+    plan: Plan,
 ) -> candle_core::Result<()> {
     let n = ops.product.rhs.cols;
     if ops
@@ -324,12 +381,12 @@ unsafe fn multiply_at(
             let mut panels = panels.borrow_mut();
             // SAFETY: the caller's contract, for this task's own columns (`even_ranges`
             // gives each task its own range).
-            unsafe { columns_of(dst, dst_rs, ops, (start, end), block, &mut panels) }
+            unsafe { columns_of(dst, dst_rs, ops, (start, end), plan, &mut panels) }
         })
     })
 }
 
-/// Columns `start..end` of the product, `block` at a time (module docs).
+/// Columns `start..end` of the product, `plan.columns` at a time (module docs).
 ///
 /// # Safety
 /// As for [`multiply_at`], for columns `start..end` of `dst`'s rows.
@@ -338,10 +395,11 @@ unsafe fn columns_of(
     dst_rs: usize,
     ops: Operands,
     (start, end): (usize, usize),
-    block: usize,
+    plan: Plan,
     panels: &mut Panels,
 ) -> candle_core::Result<()> {
     let (m, k) = (ops.product.lhs.rows, ops.product.lhs.cols);
+    let block = plan.columns;
     let Panels {
         rows: row_buffer,
         columns: column_buffer,
@@ -362,7 +420,7 @@ unsafe fn columns_of(
                 start: j0,
                 len: width,
             };
-            pack::column_panels(rhs_pieces, cols, column_panels)?;
+            pack::column_panels(rhs_pieces, cols, column_panels, plan.isa)?;
             let adds_to_dst = ops.product.accum == Accum::Add || k0 > 0;
             for i0 in (0..m).step_by(ROWS) {
                 let rows = ROWS.min(m - i0);
@@ -394,7 +452,8 @@ unsafe fn columns_of(
                     let panel = column_panels
                         .get(p * depth * COLS..(p + 1) * depth * COLS)
                         .ok_or_else(|| short("column"))?;
-                    // SAFETY: AVX-512F was checked (`in_use`); `lhs_rows` holds `rows` rows
+                    // SAFETY: `plan.isa`'s vectors are available (`multiply_at`'s contract:
+                    // checked by `block_isa`, or by the tests); `lhs_rows` holds `rows` rows
                     // of `depth ≤ STRIDE` values at stride `lhs_rs` (the left-hand side's
                     // slice, which `rows_in_place` checked for this `depth`, or the row
                     // panel at `STRIDE`, which `row_panel` filled), the column panel
@@ -403,7 +462,9 @@ unsafe fn columns_of(
                     // destination, in this task's own columns, and is read (`Start::Dst`)
                     // only where the caller's values or an earlier step's are; a bias holds
                     // `n` values (`multiply_at`), so `width` from column `j`.
-                    unsafe { kernel::multiply(depth, lhs_rows, lhs_rs, panel.as_ptr(), tile) };
+                    unsafe {
+                        kernel::multiply(plan.isa, depth, lhs_rows, lhs_rs, panel.as_ptr(), tile)
+                    };
                 }
             }
         }
@@ -459,21 +520,30 @@ mod tests {
             .collect()
     }
 
-    /// Whether this CPU runs the route's code (the tests below need AVX-512F).
-    fn runs_here() -> bool {
-        let here = Isa::Avx512.available();
-        if !here {
-            eprintln!("no AVX-512F on this CPU: the packed products are not tested here");
+    /// The register blocks this CPU runs (both where it has AVX-512F): the tests below run
+    /// each, whichever the route would pick here.
+    fn blocks_here() -> Vec<BlockIsa> {
+        let here: Vec<BlockIsa> = BlockIsa::ALL
+            .into_iter()
+            .filter(|block| block.isa().available())
+            .collect();
+        if here.is_empty() {
+            eprintln!("no AVX2 or AVX-512F on this CPU: the packed products are not tested here");
         }
         here
     }
 
-    /// The product through [`multiply`] with `block` columns packed at a time.
+    /// `columns` packed at a time, on `isa`'s block.
+    fn plan(columns: usize, isa: BlockIsa) -> Plan {
+        Plan { columns, isa }
+    }
+
+    /// The product through [`multiply`] as `plan` says.
     fn run(
         dst: &mut [f32],
         dst_rs: usize,
         product: MatProduct<f32>,
-        block: usize,
+        plan: Plan,
     ) -> candle_core::Result<()> {
         multiply(
             dst,
@@ -483,7 +553,7 @@ mod tests {
                 term: None,
                 bias: None,
             },
-            block,
+            plan,
         )
     }
 
@@ -491,12 +561,10 @@ mod tests {
     /// 16, depth not of 16 or of the 384-deep steps, 513 over two steps), a right-hand side row-major and
     /// column-major (a slice of a taller matrix, as `Wᵀ` of a padded weight), a left-hand
     /// side with padded rows (NaN in the padding), a padded destination, replace and add,
-    /// `beta`, one and several column blocks: against an `f64` triple loop.
+    /// `beta`, one and several column blocks, on each register block this CPU runs: against
+    /// an `f64` triple loop.
     #[test]
     fn every_shape_and_layout_matches_a_triple_loop() -> candle_core::Result<()> {
-        if !runs_here() {
-            return Ok(());
-        }
         let shapes = [
             (1, 16, 1),
             (13, 17, 15),
@@ -530,13 +598,17 @@ mod tests {
             ];
             for (layout, rhs) in rhs_views {
                 for (accum, beta) in [(Accum::Replace, 1.0), (Accum::Add, -0.5)] {
-                    for block in [COLS, 2 * COLS, 1024] {
+                    for (block, isa) in [COLS, 2 * COLS, 1024]
+                        .into_iter()
+                        .flat_map(|block| blocks_here().into_iter().map(move |isa| (block, isa)))
+                    {
                         let dst_rs = n + 2;
                         let start = vals(m * dst_rs, 1.3);
                         let mut dst = start.clone();
                         let product = MatProduct::new(lhs, rhs, accum, beta);
-                        run(&mut dst, dst_rs, product, block)?;
-                        let context = format!("{layout} rhs, {accum:?}, blocks of {block}");
+                        run(&mut dst, dst_rs, product, plan(block, isa))?;
+                        let context =
+                            format!("{layout} rhs, {accum:?}, blocks of {block}, {isa:?}");
                         assert_matches_triple_loop(&dst, &start, dst_rs, product, 1e-6, &context);
                     }
                 }
@@ -586,12 +658,17 @@ mod tests {
     /// A second term (a LoRA pair's `s (x Aᵀ) Bᵀ` or `s (g B) A`) in the base product's
     /// last step: its right-hand side column-major (`Bᵀ`) and row-major (`A`), ranks 1,
     /// 16 and 64 (the most that fits), a base product of one and of two depth steps,
-    /// replace and add.
+    /// replace and add, on each register block this CPU runs.
     #[test]
     fn a_second_term_in_the_last_step_matches_a_double_sum() -> candle_core::Result<()> {
-        if !runs_here() {
-            return Ok(());
+        for isa in blocks_here() {
+            second_term_matches_a_double_sum(isa)?;
         }
+        Ok(())
+    }
+
+    /// [`a_second_term_in_the_last_step_matches_a_double_sum`] on `isa`'s block.
+    fn second_term_matches_a_double_sum(isa: BlockIsa) -> candle_core::Result<()> {
         for (m, k, n) in [(30, 100, 70), (17, 400, 40)] {
             let lhs_data = vals(m * k, 0.37);
             let rhs_data = vals(k * n, 0.71);
@@ -619,8 +696,9 @@ mod tests {
                         };
                         let start = vals(m * n, 1.3);
                         let mut dst = start.clone();
-                        multiply(&mut dst, n, ops, 2 * COLS)?;
-                        let context = format!("{m}x{k}x{n}, r {r}, {layout} term, {accum:?}");
+                        multiply(&mut dst, n, ops, plan(2 * COLS, isa))?;
+                        let context =
+                            format!("{m}x{k}x{n}, r {r}, {layout} term, {accum:?}, {isa:?}");
                         check_with_term(&dst, &start, &product, &term, &context);
                     }
                 }
@@ -633,12 +711,17 @@ mod tests {
     /// in the last, over one and two depth steps: against an `f64` double sum, and the same
     /// bits as the product replacing a destination full of NaN (which a read of it would
     /// carry into the result). A bias of the wrong length, or beside a product that adds,
-    /// is an error.
+    /// is an error. On each register block this CPU runs.
     #[test]
     fn new_results_are_written_once() -> candle_core::Result<()> {
-        if !runs_here() {
-            return Ok(());
+        for isa in blocks_here() {
+            written_once_on(isa)?;
         }
+        Ok(())
+    }
+
+    /// [`new_results_are_written_once`] on `isa`'s block.
+    fn written_once_on(isa: BlockIsa) -> candle_core::Result<()> {
         let r = 16;
         // The last: two threads, each with two blocks of one panel (`block` is `COLS`
         // below), so later steps read what the first wrote across blocks and tasks.
@@ -661,8 +744,9 @@ mod tests {
                         bias: with_bias.then_some(&bias[..]),
                     };
                     let block = if n > 2 * COLS { COLS } else { 2 * COLS };
-                    let out = on_threads(2, || written_once(ops, block))??;
-                    let context = format!("{m}x{k}x{n}, bias {with_bias}, term {with_term}");
+                    let out = on_threads(2, || written_once(ops, plan(block, isa)))??;
+                    let context =
+                        format!("{m}x{k}x{n}, bias {with_bias}, term {with_term}, {isa:?}");
                     // The bias as the start of a product that adds onto it.
                     let start: Vec<f32> = match with_bias {
                         true => (0..m).flat_map(|_| bias.iter().copied()).collect(),
@@ -679,7 +763,7 @@ mod tests {
                         }
                     }
                     let mut over_nan = vec![f32::NAN; m * n];
-                    multiply(&mut over_nan, n, ops, block)?;
+                    multiply(&mut over_nan, n, ops, plan(block, isa))?;
                     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                     assert!(bits(&out) == bits(&over_nan), "{context}: bits differ");
                 }
@@ -699,7 +783,7 @@ mod tests {
                 bias: Some(bias),
             };
             let mut dst = vec![0.0; 200 * 200];
-            let err = multiply(&mut dst, 200, ops, COLS).expect_err("a wrong bias");
+            let err = multiply(&mut dst, 200, ops, plan(COLS, isa)).expect_err("a wrong bias");
             assert!(err.to_string().contains("bias"), "{err}");
         }
         let adding = Operands {
@@ -707,7 +791,7 @@ mod tests {
             term: None,
             bias: None,
         };
-        assert!(written_once(adding, COLS).is_err());
+        assert!(written_once(adding, plan(COLS, isa)).is_err());
         Ok(())
     }
 
@@ -715,9 +799,6 @@ mod tests {
     /// is left to the caller; through `gemm_plus_into` it is added all the same.
     #[test]
     fn a_term_that_does_not_fit_is_left_to_the_caller() -> candle_core::Result<()> {
-        if !runs_here() {
-            return Ok(());
-        }
         let (m, k, n) = (64, 300, 256);
         let data = vals(m.max(k).max(n) * 80, 0.5);
         let lhs = MatRef::contiguous(&data, m, k)?;
@@ -771,12 +852,15 @@ mod tests {
     }
 
     /// The same bits on 1, 2, 3 and 5 threads, whose column ranges fall differently, with
-    /// and without a second term.
+    /// and without a second term, and on each register block this CPU runs (AVX-512's and
+    /// AVX2's give the same bits: the kernel's docs). Ragged edges (45 and 200 rows, 200
+    /// and 300 columns, depths 600 and 96) go through the masked loads and stores.
     #[test]
-    fn the_bits_do_not_depend_on_the_thread_count() -> candle_core::Result<()> {
-        if !runs_here() {
+    fn the_bits_do_not_depend_on_the_thread_count_or_the_block() -> candle_core::Result<()> {
+        let blocks = blocks_here();
+        let Some(&first) = blocks.first() else {
             return Ok(());
-        }
+        };
         for (m, k, n, r) in [(45, 600, 200, 0), (200, 96, 300, 8)] {
             let lhs_data = vals(m * k, 0.37);
             let rhs_data = vals(k * n, 0.71);
@@ -791,20 +875,21 @@ mod tests {
                 term,
                 bias: None,
             };
-            let with = |threads: usize| -> candle_core::Result<Vec<u32>> {
+            let with = |threads: usize, isa: BlockIsa| -> candle_core::Result<Vec<u32>> {
                 let mut dst = vals(m * n, 1.1);
                 on_threads(threads, || {
-                    multiply(&mut dst, n, ops, block_columns(2 << 20))
+                    multiply(&mut dst, n, ops, plan(block_columns(2 << 20), isa))
                 })??;
                 Ok(dst.iter().map(|x| x.to_bits()).collect())
             };
-            let one = with(1)?;
-            for threads in [2, 3, 5] {
-                assert_eq!(
-                    one,
-                    with(threads)?,
-                    "{m}x{k}x{n} r {r}: 1 and {threads} threads differ"
-                );
+            let one = with(1, first)?;
+            for &isa in &blocks {
+                for threads in [1, 2, 3, 5] {
+                    assert!(
+                        one == with(threads, isa)?,
+                        "{m}x{k}x{n} r {r}: {first:?} on 1 thread and {isa:?} on {threads} differ"
+                    );
+                }
             }
         }
         Ok(())
@@ -813,15 +898,14 @@ mod tests {
     /// A destination shorter than the product is an error, not a write past its end.
     #[test]
     fn a_short_destination_is_an_error() -> candle_core::Result<()> {
-        if !runs_here() {
-            return Ok(());
-        }
         let data = vals(20 * 20, 0.3);
         let lhs = MatRef::contiguous(&data, 20, 20)?;
-        let mut dst = vec![0.0; 20 * 20 - 1];
-        let product = MatProduct::new(lhs, lhs, Accum::Replace, 1.0);
-        let err = run(&mut dst, 20, product, COLS).expect_err("short destination");
-        assert!(err.to_string().contains("shorter"), "{err}");
+        for isa in blocks_here() {
+            let mut dst = vec![0.0; 20 * 20 - 1];
+            let product = MatProduct::new(lhs, lhs, Accum::Replace, 1.0);
+            let err = run(&mut dst, 20, product, plan(COLS, isa)).expect_err("short destination");
+            assert!(err.to_string().contains("shorter"), "{err}");
+        }
         Ok(())
     }
 
@@ -842,7 +926,7 @@ mod tests {
     #[test]
     fn the_route_takes_what_its_docs_say() -> candle_core::Result<()> {
         if !in_use() {
-            eprintln!("the packed route is off here (no AVX-512F, or turned off)");
+            eprintln!("the packed route is off here (no AVX2 or AVX-512F, or turned off)");
             return Ok(());
         }
         let (m, k) = (512, 512);
@@ -865,9 +949,20 @@ mod tests {
         let small = MatRef::contiguous(&f32s, 8, 8)?;
         assert!(!takes(&small, &small));
         // A short side (a LoRA rank) stays on the thin route or the `gemm` crate.
-        let thin = MatRef::contiguous(&f32s, m, 128)?;
-        assert!(!takes(&thin, &MatRef::contiguous(&f32s, 128, k)?));
-        assert!(!takes(&row_major, &MatRef::contiguous(&f32s, k, 128)?));
+        // On every vector set: up to `SHORT_SIDE` (128), not past it.
+        let thin = MatRef::contiguous(&f32s, m, SHORT_SIDE)?;
+        assert!(!takes(&thin, &MatRef::contiguous(&f32s, SHORT_SIDE, k)?));
+        assert!(!takes(
+            &row_major,
+            &MatRef::contiguous(&f32s, k, SHORT_SIDE)?
+        ));
+        let deeper = MatRef::contiguous(&f32s, m, SHORT_SIDE + 1)?;
+        assert!(takes(
+            &deeper,
+            &MatRef::contiguous(&f32s, SHORT_SIDE + 1, k)?
+        ));
+        let wider = MatRef::contiguous(&f32s, k, SHORT_SIDE + 1)?;
+        assert!(takes(&row_major, &wider));
         // `x Wᵀ` at 32 rows against 1024 goes through the column-major route's transposes.
         let wide = vec![0f32; 1024 * 1024];
         let few = MatRef::contiguous(&wide, 32, 1024)?;

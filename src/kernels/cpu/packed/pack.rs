@@ -6,12 +6,13 @@
 //! ([`Piece`]).
 
 use std::arch::x86_64::{
-    __m512, __m512d, _mm512_castpd_ps, _mm512_castps_pd, _mm512_loadu_ps, _mm512_shuffle_f32x4,
-    _mm512_storeu_ps, _mm512_unpackhi_pd, _mm512_unpackhi_ps, _mm512_unpacklo_pd,
-    _mm512_unpacklo_ps,
+    __m256, __m512, __m512d, _mm256_loadu_ps, _mm256_permute2f128_ps, _mm256_shuffle_ps,
+    _mm256_storeu_ps, _mm256_unpackhi_ps, _mm256_unpacklo_ps, _mm512_castpd_ps, _mm512_castps_pd,
+    _mm512_loadu_ps, _mm512_shuffle_f32x4, _mm512_storeu_ps, _mm512_unpackhi_pd,
+    _mm512_unpackhi_ps, _mm512_unpacklo_pd, _mm512_unpacklo_ps,
 };
 
-use super::kernel::{COLS, ROWS, STRIDE};
+use super::kernel::{BlockIsa, COLS, ROWS, STRIDE};
 use crate::kernels::cpu::MatRef;
 
 /// A slice of an operand along the depth: its depth `k0 .. k0 + depth`, each value packed
@@ -99,11 +100,13 @@ pub(super) fn row_panel(
 /// `cs == 1`, or columns, `rs == 1`: a transposed row-major matrix such as `Wᵀ`) into
 /// `out`: column panel `p` (columns `cols.start + p · COLS ..`) at `p · depth · COLS`
 /// for the pieces' total `depth`, element `(k, j)` of a panel at `k · COLS + j`, the
-/// pieces one after the other along `k`, zero past the last column.
+/// pieces one after the other along `k`, zero past the last column; with `isa`'s vectors
+/// (the caller checked that they are available).
 pub(super) fn column_panels(
     pieces: &[Piece],
     cols: Extent,
     out: &mut [f32],
+    isa: BlockIsa,
 ) -> candle_core::Result<()> {
     let depth: usize = pieces.iter().map(|piece| piece.depth).sum();
     let panel_len = depth * COLS;
@@ -121,9 +124,9 @@ pub(super) fn column_panels(
         for piece in pieces {
             let (part, rest) = panel.split_at_mut(piece.depth * COLS);
             if piece.mat.cs == 1 {
-                panel_from_rows(*piece, width, part)?;
+                panel_from_rows(*piece, width, part, isa)?;
             } else {
-                panel_from_columns(*piece, width, part)?;
+                panel_from_columns(*piece, width, part, isa)?;
             }
             panel = rest;
         }
@@ -135,7 +138,12 @@ pub(super) fn column_panels(
 /// (in vector registers where the panel is full: with a `memcpy` call of 256 bytes per
 /// step, `memmove` took 8.7% of a forced `g W`'s time, with the row panels' copies; now
 /// this copy 5.0% and `memmove` 3.6%).
-fn panel_from_rows(piece: Piece, cols: Extent, panel: &mut [f32]) -> candle_core::Result<()> {
+fn panel_from_rows(
+    piece: Piece,
+    cols: Extent,
+    panel: &mut [f32],
+    isa: BlockIsa,
+) -> candle_core::Result<()> {
     let (rhs, depth) = (piece.mat, piece.depth);
     let first = piece
         .k0
@@ -148,10 +156,17 @@ fn panel_from_rows(piece: Piece, cols: Extent, panel: &mut [f32]) -> candle_core
     let fits = last_end.is_some_and(|end| rhs.data.len() >= end);
     if let (true, true, Some(first)) = (cols.len == COLS, fits, first) {
         if panel.len() >= depth * COLS {
-            // SAFETY: AVX-512F is checked by the route (`super::in_use`); the operand holds
-            // `first + (depth - 1) · rs + COLS` values and the panel `depth · COLS`
-            // (checked just above, without overflow).
-            unsafe { copy_full_rows(rhs.data, first, rhs.rs, depth, panel) };
+            // SAFETY: `isa`'s vectors are checked by the route (`super::block_isa`); the
+            // operand holds `first + (depth - 1) · rs + COLS` values and the panel
+            // `depth · COLS` (checked just above, without overflow).
+            unsafe {
+                match isa {
+                    BlockIsa::Avx512 => {
+                        copy_full_rows_avx512(rhs.data, first, rhs.rs, depth, panel)
+                    }
+                    BlockIsa::Avx2 => copy_full_rows_avx2(rhs.data, first, rhs.rs, depth, panel),
+                }
+            };
             return Ok(());
         }
     }
@@ -168,31 +183,61 @@ fn panel_from_rows(piece: Piece, cols: Extent, panel: &mut [f32]) -> candle_core
     Ok(())
 }
 
-/// Writes `panel[k · COLS + j] = data[first + k · rs + j]` for `j < COLS` and `k < depth`.
+/// Defines `$name(data, first, rs, depth, panel)`, which writes
+/// `panel[k · COLS + j] = data[first + k · rs + j]` for `j < COLS` and `k < depth` with
+/// `$feature`'s unaligned loads and stores of `$lanes` values.
 ///
-/// # Safety
-/// AVX-512F must be available; `data` holds at least `first + (depth - 1) · rs + COLS`
-/// values and `panel` at least `depth · COLS`.
-#[target_feature(enable = "avx512f")]
-unsafe fn copy_full_rows(data: &[f32], first: usize, rs: usize, depth: usize, panel: &mut [f32]) {
-    for k in 0..depth {
-        // SAFETY: the caller's contract bounds every load and store.
-        unsafe {
-            let (src, dst) = (
-                data.as_ptr().add(first + k * rs),
-                panel.as_mut_ptr().add(k * COLS),
-            );
-            for v in (0..COLS).step_by(16) {
-                _mm512_storeu_ps(dst.add(v), _mm512_loadu_ps(src.add(v)));
+/// The function's safety contract: `$feature` must be available; `data` holds at least
+/// `first + (depth - 1) · rs + COLS` values and `panel` at least `depth · COLS`.
+macro_rules! full_rows_copy {
+    ($name:ident, $feature:literal, $lanes:literal, $load:ident, $store:ident) => {
+        /// `panel[k · COLS + j] = data[first + k · rs + j]` (`full_rows_copy`).
+        ///
+        /// # Safety
+        /// As `full_rows_copy` says.
+        #[target_feature(enable = $feature)]
+        unsafe fn $name(data: &[f32], first: usize, rs: usize, depth: usize, panel: &mut [f32]) {
+            for k in 0..depth {
+                // SAFETY: the caller's contract bounds every load and store.
+                unsafe {
+                    let (src, dst) = (
+                        data.as_ptr().add(first + k * rs),
+                        panel.as_mut_ptr().add(k * COLS),
+                    );
+                    for v in (0..COLS).step_by($lanes) {
+                        $store(dst.add(v), $load(src.add(v)));
+                    }
+                }
             }
         }
-    }
+    };
 }
 
+full_rows_copy!(
+    copy_full_rows_avx512,
+    "avx512f",
+    16,
+    _mm512_loadu_ps,
+    _mm512_storeu_ps
+);
+full_rows_copy!(
+    copy_full_rows_avx2,
+    "avx2",
+    8,
+    _mm256_loadu_ps,
+    _mm256_storeu_ps
+);
+
 /// One column panel of a right-hand side with contiguous columns (each column of the
-/// panel a contiguous line of the operand): 16 × 16 blocks transposed in registers, the
-/// ragged edges element by element, zero past the last column.
-fn panel_from_columns(piece: Piece, cols: Extent, panel: &mut [f32]) -> candle_core::Result<()> {
+/// panel a contiguous line of the operand): square blocks of `isa`'s vector width (16 × 16
+/// or 8 × 8) transposed in registers, the ragged edges element by element, zero past the
+/// last column.
+fn panel_from_columns(
+    piece: Piece,
+    cols: Extent,
+    panel: &mut [f32],
+    isa: BlockIsa,
+) -> candle_core::Result<()> {
     let (rhs, depth) = (piece.mat, piece.depth);
     let mut lines: [&[f32]; COLS] = [&[]; COLS];
     for (j, line) in lines.iter_mut().enumerate().take(cols.len) {
@@ -203,21 +248,31 @@ fn panel_from_columns(piece: Piece, cols: Extent, panel: &mut [f32]) -> candle_c
             .filter(|l| l.len() > (depth.max(1) - 1) * rhs.rs)
             .ok_or_else(|| short("a column"))?;
     }
-    let whole_k = if rhs.rs == 1 { depth / 16 * 16 } else { 0 };
-    let whole_groups = if whole_k > 0 { cols.len / 16 } else { 0 };
-    for (group, sixteen) in lines.chunks_exact(16).take(whole_groups).enumerate() {
+    let side = match isa {
+        BlockIsa::Avx512 => 16,
+        BlockIsa::Avx2 => 8,
+    };
+    let whole_k = if rhs.rs == 1 { depth / side * side } else { 0 };
+    let whole_groups = if whole_k > 0 { cols.len / side } else { 0 };
+    for (group, square) in lines.chunks_exact(side).take(whole_groups).enumerate() {
         let out = panel
-            .get_mut(group * 16..)
+            .get_mut(group * side..)
             .ok_or_else(|| short("a column panel"))?;
-        if out.len() < (whole_k - 1) * COLS + 16 || sixteen.iter().any(|l| l.len() < whole_k) {
+        if out.len() < (whole_k - 1) * COLS + side || square.iter().any(|l| l.len() < whole_k) {
             return Err(short("a column panel"));
         }
-        // SAFETY: AVX-512F is checked by the route (`super::in_use`); the lengths of the
-        // lines and of `out` were checked just above.
-        unsafe { transpose_lines(sixteen, whole_k, out) };
+        // SAFETY: `isa`'s vectors are checked by the route (`super::block_isa`); `square`
+        // holds `side` lines (`chunks_exact`), and the lengths of the lines and of `out`
+        // were checked just above.
+        unsafe {
+            match isa {
+                BlockIsa::Avx512 => transpose_lines_avx512(square, whole_k, out),
+                BlockIsa::Avx2 => transpose_lines_avx2(square, whole_k, out),
+            }
+        };
     }
     for (k, row) in panel.chunks_exact_mut(COLS).enumerate() {
-        let done = if k < whole_k { whole_groups * 16 } else { 0 };
+        let done = if k < whole_k { whole_groups * side } else { 0 };
         for (slot, line) in row.iter_mut().zip(&lines).skip(done) {
             *slot = line.get(k * rhs.rs).copied().unwrap_or(0.0);
         }
@@ -225,24 +280,80 @@ fn panel_from_columns(piece: Piece, cols: Extent, panel: &mut [f32]) -> candle_c
     Ok(())
 }
 
-/// Writes `out[k · COLS + j] = lines[j][k]` for 16 contiguous lines and `k < depth` (a
-/// multiple of 16), 16 × 16 blocks at a time.
+/// Defines `$name(lines, depth, out)`, which writes `out[k · COLS + j] = lines[j][k]` for
+/// `$side` contiguous lines and `k < depth` (a multiple of `$side`), `$side × $side`
+/// blocks at a time, transposed in `$feature`'s registers by `$transpose`.
 ///
-/// # Safety
-/// AVX-512F must be available; `lines` holds 16 lines of at least `depth` values each and
-/// `out` at least `(depth - 1) · COLS + 16` values.
-#[allow(clippy::indexing_slicing)] // `lines[j]`, `j < 16`: the caller passes 16 lines
-#[target_feature(enable = "avx512f")]
-unsafe fn transpose_lines(lines: &[&[f32]], depth: usize, out: &mut [f32]) {
-    for k0 in (0..depth).step_by(16) {
-        // SAFETY: the caller's contract bounds every load and store.
-        unsafe {
-            let block: [__m512; 16] =
-                std::array::from_fn(|j| _mm512_loadu_ps(lines[j].as_ptr().add(k0)));
-            for (k, v) in transpose16(block).into_iter().enumerate() {
-                _mm512_storeu_ps(out.as_mut_ptr().add((k0 + k) * COLS), v);
+/// The function's safety contract: `$feature` must be available; `lines` holds `$side`
+/// lines of at least `depth` values each and `out` at least `(depth - 1) · COLS + $side`
+/// values.
+macro_rules! lines_transpose {
+    ($name:ident, $feature:literal, $side:literal, $vector:ty, $load:ident, $store:ident, $transpose:ident) => {
+        /// `out[k · COLS + j] = lines[j][k]` (`lines_transpose`).
+        ///
+        /// # Safety
+        /// As `lines_transpose` says.
+        #[allow(clippy::indexing_slicing)] // `lines[j]`, `j < $side`: the caller passes that many
+        #[target_feature(enable = $feature)]
+        unsafe fn $name(lines: &[&[f32]], depth: usize, out: &mut [f32]) {
+            for k0 in (0..depth).step_by($side) {
+                // SAFETY: the caller's contract bounds every load and store.
+                unsafe {
+                    let block: [$vector; $side] =
+                        std::array::from_fn(|j| $load(lines[j].as_ptr().add(k0)));
+                    for (k, v) in $transpose(block).into_iter().enumerate() {
+                        $store(out.as_mut_ptr().add((k0 + k) * COLS), v);
+                    }
+                }
             }
         }
+    };
+}
+
+lines_transpose!(
+    transpose_lines_avx512,
+    "avx512f",
+    16,
+    __m512,
+    _mm512_loadu_ps,
+    _mm512_storeu_ps,
+    transpose16
+);
+lines_transpose!(
+    transpose_lines_avx2,
+    "avx2",
+    8,
+    __m256,
+    _mm256_loadu_ps,
+    _mm256_storeu_ps,
+    transpose8
+);
+
+/// The transpose of an 8 × 8 block of `f32` held as 8 row vectors: pairs interleaved by
+/// element, then by pairs, then 128-bit halves gathered.
+#[allow(clippy::indexing_slicing)] // fixed 8-element arrays, every index below 8
+#[inline(always)]
+unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+    // SAFETY: register-only intrinsics, under the caller's AVX2.
+    unsafe {
+        // t[2q], t[2q + 1]: rows 2q and 2q + 1 interleaved, low and high pairs of each lane.
+        let t: [__m256; 8] = std::array::from_fn(|i| match i % 2 {
+            0 => _mm256_unpacklo_ps(r[i], r[i + 1]),
+            _ => _mm256_unpackhi_ps(r[i - 1], r[i]),
+        });
+        // u[4h + c]: rows 4h .. 4h + 4, element c of each 4-element lane.
+        let u: [__m256; 8] = std::array::from_fn(|i| {
+            let (b, c) = (i / 4 * 4, i % 4);
+            let (x, y) = (t[b + c / 2], t[b + c / 2 + 2]);
+            match c % 2 {
+                0 => _mm256_shuffle_ps::<0x44>(x, y),
+                _ => _mm256_shuffle_ps::<0xee>(x, y),
+            }
+        });
+        std::array::from_fn(|i| match i / 4 {
+            0 => _mm256_permute2f128_ps::<0x20>(u[i], u[4 + i]),
+            _ => _mm256_permute2f128_ps::<0x31>(u[i - 4], u[i]),
+        })
     }
 }
 

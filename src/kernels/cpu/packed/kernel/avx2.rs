@@ -1,0 +1,160 @@
+//! The AVX2 register block of [`super`]: a 6 × 64 tile as four blocks of [`ROWS`] rows
+//! by 16 columns, each held in 12 registers (with its two column vectors and a broadcast,
+//! 15 of AVX2's 16). Per step of depth a block loads its 16 columns of the 64-wide
+//! column panel (one cache line) and broadcasts each row's value against both: 2 loads
+//! and 6 broadcasts for 12 FMAs, the shape of the `gemm` crate's AVX2 `x2x6`. The rows'
+//! slice, read once per block, stays in L1.
+//!
+//! Full vectors are loaded and stored plainly; only a ragged edge uses AVX2's masked
+//! loads and stores (slow on AMD's cores before Zen 4).
+
+use std::arch::x86_64::{
+    __m256, __m256i, _mm256_add_ps, _mm256_cmpgt_epi32, _mm256_fmadd_ps, _mm256_load_ps,
+    _mm256_loadu_ps, _mm256_maskload_ps, _mm256_maskstore_ps, _mm256_mul_ps, _mm256_set1_epi32,
+    _mm256_set1_ps, _mm256_setr_epi32, _mm256_setzero_ps, _mm256_storeu_ps,
+};
+
+use super::{lanes_within, prefetch_destination, Start, Tile, COLS, ROWS};
+
+/// `f32` lanes of an AVX2 vector.
+const LANES: usize = 8;
+
+/// Vectors per row of a block.
+const VECTORS: usize = 2;
+
+/// Columns of a block: a quarter of the tile.
+const BLOCK_COLS: usize = LANES * VECTORS;
+
+/// [`super::multiply`] on AVX2: the tile's columns a block of [`BLOCK_COLS`] at a time.
+///
+/// # Safety
+/// AVX2 and FMA must be available; the rest as for [`super::multiply`].
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn multiply(
+    depth: usize,
+    rows: *const f32,
+    rows_rs: usize,
+    cols: *const f32,
+    tile: Tile,
+) {
+    let lhs = (rows, rows_rs);
+    for first in (0..tile.width.min(COLS)).step_by(BLOCK_COLS) {
+        let part = Tile {
+            out: tile.out.wrapping_add(first),
+            width: (tile.width - first).min(BLOCK_COLS),
+            start: match tile.start {
+                Start::Row(values) => Start::Row(values.wrapping_add(first)),
+                start => start,
+            },
+            ..tile
+        };
+        // The block's columns of the panel: `first` within each step's `COLS` values,
+        // 32-byte aligned as the panel is 64-byte aligned and `first` a multiple of 16.
+        let cols = cols.wrapping_add(first);
+        // SAFETY: the caller's contract, for columns `first ..` of the tile: `part.width`
+        // of them from `part.out` (and from a `Start::Row` pointer), and the panel's
+        // `depth · COLS` values read at `first + k · COLS + (0 .. BLOCK_COLS)`.
+        unsafe { for_rows!(tile.rows, block(depth, lhs, cols, part)) }
+    }
+}
+
+/// The mask of a vector's first `lanes` lanes (fewer than [`LANES`]).
+#[inline(always)]
+unsafe fn mask(lanes: usize) -> __m256i {
+    // SAFETY: register-only intrinsics, under the caller's AVX2.
+    unsafe {
+        _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(lanes as i32),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        )
+    }
+}
+
+/// The first `lanes` values at `at` (the rest zero).
+///
+/// # Safety
+/// AVX2; `at` is valid for reads of `lanes` values.
+#[inline(always)]
+unsafe fn load(at: *const f32, lanes: usize) -> __m256 {
+    // SAFETY: the caller's contract; a masked load reads only the lanes it keeps.
+    unsafe {
+        match lanes {
+            LANES => _mm256_loadu_ps(at),
+            _ => _mm256_maskload_ps(at, mask(lanes)),
+        }
+    }
+}
+
+/// Stores the first `lanes` values of `value` at `at`.
+///
+/// # Safety
+/// AVX2; `at` is valid for writes of `lanes` values.
+#[inline(always)]
+unsafe fn store(at: *mut f32, lanes: usize, value: __m256) {
+    // SAFETY: the caller's contract; a masked store writes only the lanes it keeps.
+    unsafe {
+        match lanes {
+            LANES => _mm256_storeu_ps(at, value),
+            _ => _mm256_maskstore_ps(at, mask(lanes), value),
+        }
+    }
+}
+
+/// [`multiply`] for `R` rows of one block (`tile.width` at most [`BLOCK_COLS`]).
+#[inline(always)]
+unsafe fn block<const R: usize>(
+    depth: usize,
+    (rows, rows_rs): (*const f32, usize),
+    cols: *const f32,
+    tile: Tile,
+) {
+    // SAFETY: within `multiply`'s contract: `R` rows of `depth` values at `rows_rs`, the
+    // block's `BLOCK_COLS` columns of each of the panel's `depth` steps (32-byte aligned),
+    // `tile.width` columns of `R` destination rows and of a `Start::Row` (`load` and
+    // `store` stay inside them; the destination is read only with `Start::Dst`).
+    unsafe {
+        prefetch_destination::<R>(&tile, tile.width);
+        let mut sums: [[__m256; VECTORS]; R] = [[_mm256_setzero_ps(); VECTORS]; R];
+        let (mut a, mut b) = (rows, cols);
+        for _ in 0..depth {
+            let column: [__m256; VECTORS] =
+                std::array::from_fn(|v| _mm256_load_ps(b.add(LANES * v)));
+            for (i, sum) in sums.iter_mut().enumerate() {
+                let ai = _mm256_set1_ps(*a.add(i * rows_rs));
+                for (s, &c) in sum.iter_mut().zip(&column) {
+                    *s = _mm256_fmadd_ps(ai, c, *s);
+                }
+            }
+            a = a.add(1);
+            b = b.add(COLS);
+        }
+        let lanes = lanes_within::<VECTORS>(tile.width, LANES);
+        let beta = _mm256_set1_ps(tile.beta);
+        let row: Option<[__m256; VECTORS]> = match tile.start {
+            Start::Row(values) => {
+                let mut row = [_mm256_setzero_ps(); VECTORS];
+                for (v, (slot, &n)) in row.iter_mut().zip(&lanes).enumerate() {
+                    *slot = load(values.wrapping_add(LANES * v), n);
+                }
+                Some(row)
+            }
+            Start::Zero | Start::Dst => None,
+        };
+        for (i, sum) in sums.iter().enumerate() {
+            let out = tile.out.add(i * tile.out_rs);
+            for (v, (&s, &n)) in sum.iter().zip(&lanes).enumerate() {
+                if n == 0 {
+                    continue;
+                }
+                let at = out.wrapping_add(LANES * v);
+                let mut value = _mm256_mul_ps(s, beta);
+                if tile.start == Start::Dst {
+                    value = _mm256_add_ps(load(at, n), value);
+                } else if let Some(&start) = row.as_ref().and_then(|row| row.get(v)) {
+                    value = _mm256_add_ps(start, value);
+                }
+                store(at, n, value);
+            }
+        }
+    }
+}
