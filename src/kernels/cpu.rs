@@ -346,7 +346,7 @@ fn filled_output<T: WithDType>(
 /// the fused op's routes ([`gemm_into`], in the order of `route::ORDER`: the decode kernel
 /// for a few rows, a BLAS backend when built with one, the decode kernel on the transpose
 /// of a narrow result, the rows of a thin (low-rank) product split over the threads, AMX
-/// tiles when asked for, lorakit's own packed products (large `f32` ones, AVX-512), the
+/// tiles when asked for, lorakit's own packed products (large `f32` ones, AVX-512 or AVX2), the
 /// column-major reroutes, else the `gemm` crate on candle's threads): for ops outside this
 /// module that multiply by a frozen weight.
 pub(crate) fn product_into<T: WithDType>(
@@ -1015,7 +1015,7 @@ mod tests {
 
     /// A new result ([`product_owned`]) has the bits of the same product added onto bias
     /// rows (or zeros) filled first, on every route: `x Wᵀ` at many rows (the packed route
-    /// on AVX-512, with the bias in its first step and the term in its last), a few rows
+    /// on AVX-512 or AVX2, with the bias in its first step and the term in its last), a few rows
     /// (the decode kernel), a short side (the thin route or the `gemm` crate), `g W` at 16
     /// rows (the decode kernel, though the packed route would take it too), at 40 and 300
     /// (the packed route where it is in use, else the `gemm` crate), on 1 and 2 threads; a

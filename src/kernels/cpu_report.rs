@@ -10,8 +10,8 @@ use super::machine;
 /// `LORAKIT_CPU_ISA`), the per-core caches the route thresholds scale with, whether the
 /// decode kernel is on (`LORAKIT_DECODE_KERNEL=0` turns it off), whether large `f32`
 /// products run on Intel AMX tiles (off unless `LORAKIT_CPU_AMX=1` asks for them, on a CPU
-/// that has them), whether large `f32` products run on lorakit's own AVX-512 packing and
-/// register block (on with AVX-512F unless `LORAKIT_PACKED_PRODUCTS=0`), the size of
+/// that has them), whether large `f32` products run on lorakit's own packing and register
+/// block (on with AVX-512F or AVX2 unless `LORAKIT_PACKED_PRODUCTS=0`), the size of
 /// rayon's pool
 /// the kernels split work over, and the CPU's model name (Linux's `/proc/cpuinfo`).
 ///

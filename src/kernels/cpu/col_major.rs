@@ -110,7 +110,7 @@ pub(super) fn chunked_route_min_cols<T>() -> usize {
 
 /// Whether an `lhs · rhs` product of `T` would take the chunked route on this machine
 /// (many rows against a column-major right-hand side): the products that
-/// [`super::packed`] takes in its place for `f32` on AVX-512, leaving the rows-few routes
+/// [`super::packed`] takes in its place for `f32` on AVX-512 or AVX2, leaving the rows-few routes
 /// here their measured crossovers.
 pub(super) fn takes_chunked<T>(lhs: &MatRef<T>, rhs: &MatRef<T>) -> bool {
     route_by(lhs, rhs, &Thresholds::of::<T>()) == Some(Route::Chunked)

@@ -5,9 +5,9 @@
 //! - Instruction set: `is_x86_feature_detected!` (AVX-512F, else AVX2 with FMA, else the
 //!   portable scalar code). `LORAKIT_CPU_ISA=scalar|avx2|avx512` lowers the choice (for
 //!   comparisons and debugging) for the f32/f64 decode kernel, the quantized one
-//!   (`quant::dot`, whose AVX2 and AVX-512 code also needs F16C) and the packed products
-//!   and AMX tiles (both need AVX-512: below it they are off); it never selects a set the
-//!   CPU lacks.
+//!   (`quant::dot`, whose AVX2 and AVX-512 code also needs F16C), the packed products (an
+//!   AVX-512 or an AVX2 register block; off below AVX2) and AMX tiles (they need AVX-512:
+//!   below it they are off); it never selects a set the CPU lacks.
 //! - Caches: Linux's `/sys/devices/system/cpu/cpu0/cache/index*/` (`level`, `type`,
 //!   `size`), else CPUID leaf `0x8000_0006` (the L2 size, reported by Intel and AMD
 //!   alike), else 32 KiB L1d and 256 KiB L2, the smallest of the x86 cores of the last

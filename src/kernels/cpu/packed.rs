@@ -20,9 +20,10 @@
 //!   the route is faster there: 0.89–0.98 × the `gemm` crate's time from 128 to 2048 rows
 //!   and at `d` = 768–4096, and a LoRA, DoRA or VeRA layer step 0.94–1.01 × with `g W` on
 //!   the `gemm` crate (`benches/RESULTS.md`, "`g W` on the packed route at every batch
-//!   size"). So the route takes `g W` at every row count, on every AVX-512 CPU: one rule,
-//!   about even on the one CPU and faster on the other, rather than a crossover tuned to
-//!   either;
+//!   size"). So the route takes `g W` at every row count from [`MIN_ROWS`], on every
+//!   AVX-512 CPU: one rule, about even on the one CPU and faster on the other, rather than
+//!   a crossover tuned to either; and on AVX2 too (the Zen 4 held to AVX2: 0.56–0.62 × the
+//!   `gemm` crate's time at 64 rows, 0.94 / 1.04 at 128, 0.97–1.02 from 512, below);
 //! - the low-rank term `s (x Aᵀ) Bᵀ` (or, without dropout, `s (g B) A`)
 //!   joins the base product's last depth step instead of being a second pass over the
 //!   destination: 0.98 × the two products' time at `512 × 1024 × 1024` and `r = 16`, 0.996
@@ -69,10 +70,12 @@
 //! route on AVX2"). Paired, two runs: `x Wᵀ` 0.85–0.92 × the chunked route's time at 64
 //! rows, 0.93–0.94 at 128 and 0.97–1.01 from 512 to 2048 rows; `g W` 0.56–0.62 × the `gemm`
 //! crate's AVX2 time at 64 rows, 0.94 / 1.04 at 128 and 0.97–1.02 from 512 to 2048. The
-//! block alone, one thread, ran at 98–99% of the FMA peak with its panels in L1 or
-//! streamed from L2 (its 16 columns of a 64-wide panel, one cache line per step). In a
-//! benchmark run against PEFT with PyTorch also held to AVX2, the n = 512 layer cases
-//! took 0.96–1.01 × the time with the route off.
+//! block alone, one thread, ran at 98–99% of the FMA peak with its panels in L1 or five
+//! of them (this CPU's half-L2 block) streamed from L2, 83% at ten (its 16 columns of a
+//! 64-wide panel, one cache line per step). In a benchmark run against PEFT with PyTorch
+//! also held to AVX2, the fused LoRA forward and fwd+bwd and the LoRA layer step at
+//! n = 512 took 0.96–1.01 × the time with the route off (the other layer steps 0.87–1.10,
+//! their rounds spread by up to 20%).
 //!
 //! **Which products.** `f32`, AVX-512F or AVX2 available and not lowered below AVX2 by
 //! `LORAKIT_CPU_ISA` (the block of the widest set: [`block_isa`]), a
@@ -108,7 +111,9 @@ use pack::{Extent, Piece};
 
 /// The fewest rows the route takes: the height of its first version's register block
 /// (14; the block is 6 rows high now). Fewer rows, most of which the decode kernel takes
-/// first, stay where they went before: this block was not timed against those routes.
+/// first (with AVX-512; with AVX2 its row-major form stops at 8 rows, so `g W` at 9 to 13
+/// rows stays on the `gemm` crate), stay where they went before: the blocks were not timed
+/// against those routes.
 const MIN_ROWS: usize = 14;
 
 /// The longest inner dimension or width the route leaves to the others: two column panels.
@@ -116,9 +121,9 @@ const MIN_ROWS: usize = 14;
 /// ([`super::col_major::chunk_width`]), the widest short side the thin split
 /// ([`super::thin`]) takes. With AVX2 the thin split stops at 64; products with a short
 /// side of 65 to 128 (a LoRA factor of rank 128) stay on the `gemm` crate, as before the
-/// route ran on AVX2: on an AMD EPYC Zen 4 held to AVX2, this route took 0.78–0.87 × the
-/// `gemm` crate's time for `x Aᵀ` at r = 128 but 1.03–1.08 × for `(x Aᵀ) Bᵀ` and
-/// `(g B) A`, 128 deep (two paired runs, `benches/RESULTS.md`, "The packed route on
+/// route ran on AVX2: on an AMD EPYC Zen 4 held to AVX2, at 512 rows this route took
+/// 0.78–0.87 × the `gemm` crate's time for `x Aᵀ` at r = 128 but 1.03–1.08 × for
+/// `(x Aᵀ) Bᵀ` and `(g B) A`, 128 deep; at 2048 rows 0.98–0.99 (two paired runs, `benches/RESULTS.md`, "The packed route on
 /// AVX2").
 const SHORT_SIDE: usize = 2 * COLS;
 

@@ -27,7 +27,7 @@ enum Route {
     /// Large `f32` products on AMX tiles, at `f32`-level accuracy, when asked for
     /// (`LORAKIT_CPU_AMX=1`).
     Amx,
-    /// Large `f32` products on lorakit's own AVX-512 packing and register block, with a
+    /// Large `f32` products on lorakit's own packing and register block (AVX-512 or AVX2), with a
     /// LoRA term in the same passes where it fits.
     Packed,
     /// The column-major right-hand side's reroutes (row by row, via transposes, chunked).

@@ -101,13 +101,18 @@ pub(super) fn row_panel(
 /// `out`: column panel `p` (columns `cols.start + p · COLS ..`) at `p · depth · COLS`
 /// for the pieces' total `depth`, element `(k, j)` of a panel at `k · COLS + j`, the
 /// pieces one after the other along `k`, zero past the last column; with `isa`'s vectors
-/// (the caller checked that they are available).
+/// (an error where this CPU lacks them).
 pub(super) fn column_panels(
     pieces: &[Piece],
     cols: Extent,
     out: &mut [f32],
     isa: BlockIsa,
 ) -> candle_core::Result<()> {
+    if !isa.isa().available() {
+        return Err(candle_core::Error::Msg(format!(
+            "packed product: {isa:?} is not available"
+        )));
+    }
     let depth: usize = pieces.iter().map(|piece| piece.depth).sum();
     let panel_len = depth * COLS;
     for (p, j0) in (cols.start..cols.start + cols.len)
@@ -137,7 +142,8 @@ pub(super) fn column_panels(
 /// One column panel of a right-hand side with contiguous rows: one copy per depth step
 /// (in vector registers where the panel is full: with a `memcpy` call of 256 bytes per
 /// step, `memmove` took 8.7% of a forced `g W`'s time, with the row panels' copies; now
-/// this copy 5.0% and `memmove` 3.6%).
+/// this copy 5.0% and `memmove` 3.6%). Only [`column_panels`] calls it, having checked
+/// that `isa`'s vectors are available.
 fn panel_from_rows(
     piece: Piece,
     cols: Extent,
@@ -156,7 +162,7 @@ fn panel_from_rows(
     let fits = last_end.is_some_and(|end| rhs.data.len() >= end);
     if let (true, true, Some(first)) = (cols.len == COLS, fits, first) {
         if panel.len() >= depth * COLS {
-            // SAFETY: `isa`'s vectors are checked by the route (`super::block_isa`); the
+            // SAFETY: `isa`'s vectors are available (checked in `column_panels`); the
             // operand holds `first + (depth - 1) · rs + COLS` values and the panel
             // `depth · COLS` (checked just above, without overflow).
             unsafe {
@@ -231,7 +237,8 @@ full_rows_copy!(
 /// One column panel of a right-hand side with contiguous columns (each column of the
 /// panel a contiguous line of the operand): square blocks of `isa`'s vector width (16 × 16
 /// or 8 × 8) transposed in registers, the ragged edges element by element, zero past the
-/// last column.
+/// last column. Only [`column_panels`] calls it, having checked that `isa`'s vectors are
+/// available.
 fn panel_from_columns(
     piece: Piece,
     cols: Extent,
@@ -261,7 +268,7 @@ fn panel_from_columns(
         if out.len() < (whole_k - 1) * COLS + side || square.iter().any(|l| l.len() < whole_k) {
             return Err(short("a column panel"));
         }
-        // SAFETY: `isa`'s vectors are checked by the route (`super::block_isa`); `square`
+        // SAFETY: `isa`'s vectors are available (checked in `column_panels`); `square`
         // holds `side` lines (`chunks_exact`), and the lengths of the lines and of `out`
         // were checked just above.
         unsafe {
