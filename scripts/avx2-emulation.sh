@@ -25,14 +25,14 @@ work="${AVX2_EMULATION_DIR:-/tmp/lorakit-avx2-emulation}"
 tree="$work/tree"
 mkdir -p "$work"
 
-version="$(grep -A1 '^name = "gemm-common"$' "$root/Cargo.lock" | sed -n 's/^version = "\(.*\)"$/\1/p')"
+version="$(grep -A1 '^name = "gemm-common"$' "$root/Cargo.lock" | sed -n 's/^version = "\(.*\)"$/\1/p' || true)"
 if [ -z "$version" ]; then
   echo "avx2-emulation: no gemm-common in Cargo.lock" >&2
   exit 1
 fi
 (cd "$root" && cargo fetch --quiet)
 registry="${CARGO_HOME:-$HOME/.cargo}/registry/src"
-source_dir="$(ls -d "$registry"/*/"gemm-common-$version" 2>/dev/null | head -1)"
+source_dir="$(ls -d "$registry"/*/"gemm-common-$version" 2>/dev/null | head -1 || true)"
 if [ -z "$source_dir" ]; then
   echo "avx2-emulation: gemm-common $version not found under $registry" >&2
   exit 1
