@@ -20,7 +20,7 @@
 //!   the route is faster there: 0.89–0.98 × the `gemm` crate's time from 128 to 2048 rows
 //!   and at `d` = 768–4096, and a LoRA, DoRA or VeRA layer step 0.94–1.01 × with `g W` on
 //!   the `gemm` crate (`benches/RESULTS.md`, "`g W` on the packed route at every batch
-//!   size"). So the route takes `g W` at every row count from [`MIN_ROWS`], on every
+//!   size"). So the route takes `g W` at every row count the routes before it leave, on every
 //!   AVX-512 CPU: one rule, about even on the one CPU and faster on the other, rather than
 //!   a crossover tuned to either; and on AVX2 too (the Zen 4 held to AVX2: 0.56–0.62 × the
 //!   `gemm` crate's time at 64 rows, 0.94 / 1.04 at 128, 0.97–1.02 from 512, below);
@@ -109,12 +109,16 @@ pub(crate) use kernel::BlockIsa;
 use kernel::{Start, Tile, COLS, DEPTH, ROWS, STRIDE};
 use pack::{Extent, Piece};
 
-/// The fewest rows the route takes: the height of its first version's register block
-/// (14; the block is 6 rows high now). Fewer rows, most of which the decode kernel takes
-/// first (with AVX-512; with AVX2 its row-major form stops at 8 rows, so `g W` at 9 to 13
-/// rows stays on the `gemm` crate), stay where they went before: the blocks were not timed
-/// against those routes.
-const MIN_ROWS: usize = 14;
+/// The fewest rows the route takes: two. One row is a matrix-vector product, where the
+/// route took 1.31–2.11 × the `gemm` crate's time (`g W`, 1 × 1024 × 1024 and
+/// 1 × 2048 × 2048, AVX2). Few rows mostly go to the decode kernel before this route
+/// (with AVX-512 its row-major form takes `g W` up to 16 rows, with AVX2 up to 8); past
+/// those, `g W` on AVX2 at 9 to 16 rows took 0.42–0.96 × the `gemm` crate's time on this
+/// route, and 2 to 8 rows 0.63–1.02 × where the decode kernel leaves them (an AMD EPYC
+/// Zen 4 held to AVX2, 60 ABBA rounds, one run; `benches/RESULTS.md`, "The packed route on
+/// AVX2"). Until 2026-12-06 this was 14, the height of the route's first register block,
+/// which left `g W` at 9 to 13 rows on AVX2 to the `gemm` crate.
+const MIN_ROWS: usize = 2;
 
 /// The longest inner dimension or width the route leaves to the others: two column panels.
 /// With AVX-512 this is one chunk of the column-major route
@@ -944,10 +948,6 @@ mod tests {
         assert!(takes(&rows_100, &row_major));
         assert!(takes(&MatRef::contiguous(&f32s, 128, k)?, &row_major));
         assert!(takes(&row_major, &row_major));
-        assert!(!takes(
-            &MatRef::contiguous(&f32s, MIN_ROWS - 1, k)?,
-            &row_major
-        ));
         assert!(!takes(&row_major.t(), &row_major));
         let f64_view = MatRef::contiguous(&f64s, m, k)?;
         assert!(!takes(&f64_view, &f64_view));
@@ -974,6 +974,10 @@ mod tests {
         let w = MatRef::contiguous(&wide, 1024, 1024)?;
         assert!(takes(&few, &w));
         assert!(!takes(&few, &w.t()));
+        // `g W` from two rows, not one (products past the `gemm` crate's threading
+        // threshold, so that only the row count decides).
+        assert!(takes(&MatRef::contiguous(&wide, 2, 1024)?, &w));
+        assert!(!takes(&MatRef::contiguous(&wide, 1, 1024)?, &w));
         Ok(())
     }
 }
