@@ -7,9 +7,10 @@
 # `is_x86_feature_detected!` on every call), so this builds lorakit from a git worktree of
 # HEAD whose Cargo.toml patches `gemm-common` with a copy in which
 # `feature_detected!("avx512f")` answers false while `GEMM_NO_AVX512` is set. Nothing in
-# the repository changes; the worktree, the patched copy and the build live under
-# $AVX2_EMULATION_DIR (default /tmp/lorakit-avx2-emulation; CARGO_TARGET_DIR, if set, is
-# used as it is).
+# the repository changes; the patched copy, a worktree per run (removed at exit) and the
+# build live under $AVX2_EMULATION_DIR (default /tmp/lorakit-avx2-emulation;
+# CARGO_TARGET_DIR, if set, is used as it is). Relative paths among the benchmark's
+# options (`--markdown`) are taken from the directory the script is run in.
 #
 # Then it runs the benchmark with lorakit held to AVX2 (`LORAKIT_CPU_ISA=avx2`, which also
 # picks the packed route's AVX2 block) and PyTorch too (`ATEN_CPU_CAPABILITY=avx2`,
@@ -22,15 +23,15 @@ set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 work="${AVX2_EMULATION_DIR:-/tmp/lorakit-avx2-emulation}"
-tree="$work/tree"
 mkdir -p "$work"
+work="$(cd "$work" && pwd)"
 
 version="$(grep -A1 '^name = "gemm-common"$' "$root/Cargo.lock" | sed -n 's/^version = "\(.*\)"$/\1/p' || true)"
 if [ -z "$version" ]; then
   echo "avx2-emulation: no gemm-common in Cargo.lock" >&2
   exit 1
 fi
-(cd "$root" && cargo fetch --quiet)
+(cd "$root" && cargo fetch --quiet --locked)
 registry="${CARGO_HOME:-$HOME/.cargo}/registry/src"
 source_dir="$(ls -d "$registry"/*/"gemm-common-$version" 2>/dev/null | head -1 || true)"
 if [ -z "$source_dir" ]; then
@@ -68,15 +69,16 @@ EOF
   touch "$patched/.avx2-emulation"
 fi
 
-if [ -d "$tree" ]; then
-  git -C "$root" worktree remove --force "$tree"
-fi
+# A worktree of its own per run (runs side by side do not remove each other's), after
+# forgetting the worktrees of runs that were killed before their cleanup.
+git -C "$root" worktree prune
+tree="$(mktemp -d "$work/tree.XXXXXX")"
+trap 'git -C "$root" worktree remove --force "$tree" >/dev/null 2>&1 || rm -rf "$tree"' EXIT
 git -C "$root" worktree add --quiet --detach "$tree" HEAD
-trap 'git -C "$root" worktree remove --force "$tree" >/dev/null 2>&1 || true' EXIT
 printf '\n[patch.crates-io]\ngemm-common = { path = "%s" }\n' "$patched" >> "$tree/Cargo.toml"
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$work/target}"
-cd "$tree"
+# peft_compare.py builds the crate its own file sits in: the worktree's.
 GEMM_NO_AVX512=1 LORAKIT_CPU_ISA=avx2 \
   ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 \
-  python3 benches/peft_compare.py "$@"
+  python3 "$tree/benches/peft_compare.py" "$@"

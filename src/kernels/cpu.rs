@@ -1017,7 +1017,8 @@ mod tests {
     /// rows (or zeros) filled first, on every route: `x Wᵀ` at many rows (the packed route
     /// on AVX-512 or AVX2, with the bias in its first step and the term in its last), a few rows
     /// (the decode kernel), a short side (the thin route or the `gemm` crate), `g W` at 16
-    /// rows (the decode kernel, though the packed route would take it too), at 40 and 300
+    /// rows (the decode kernel with AVX-512, though the packed route would take it too; the
+    /// packed route with AVX2, whose decode kernel stops at 8 rows), at 40 and 300
     /// (the packed route where it is in use, else the `gemm` crate), on 1 and 2 threads; a
     /// bias of the wrong length is an error.
     #[test]

@@ -117,7 +117,12 @@ use pack::{Extent, Piece};
 /// route, and 2 to 8 rows 0.63–1.02 × where the decode kernel leaves them (an AMD EPYC
 /// Zen 4 held to AVX2, 60 ABBA rounds, one run; `benches/RESULTS.md`, "The packed route on
 /// AVX2"). Until 2026-12-06 this was 14, the height of the route's first register block,
-/// which left `g W` at 9 to 13 rows on AVX2 to the `gemm` crate.
+/// which left to the routes after this one: `g W` at 9 to 13 rows on AVX2; a deep `g W`
+/// at 10 to 13 rows past the decode kernel's L2 bound (`g · W` of a gate or up projection,
+/// 11008 deep, from 12 rows on a 1 MiB L2) on either vector set; `x Wᵀ` at 8 to 13 rows
+/// with fewer than 512 columns on AVX2. On the same Zen 4 these took 0.56–0.72 × (AVX2) and
+/// 0.72–0.77 × (AVX-512) the `gemm` crate's time for the deep `g W`, and 0.67–0.82 × the
+/// column-major route's for `x Wᵀ` at 384 and 448 columns (AVX2).
 const MIN_ROWS: usize = 2;
 
 /// The longest inner dimension or width the route leaves to the others: two column panels.
