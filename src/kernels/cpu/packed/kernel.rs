@@ -11,9 +11,9 @@
 //!
 //! Both sum each destination element's products in depth order in one FMA chain, then
 //! scale by `beta` and add the start ([`Start`]) as the same two operations, so the two
-//! blocks give the same bits. They are two bodies of the same loop, not one generic over
-//! a vector type: their register counts, loads and edge handling (AVX-512's lane masks,
-//! AVX2's plain full vectors and masked partial ones) are what each is written for.
+//! blocks give the same bits. The loop over depth is one, [`accumulate`], over either
+//! vector set's registers ([`Vectors`]); each block keeps its own edge handling (AVX-512's
+//! lane masks, AVX2's plain full vectors and masked partial ones).
 
 use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
 
@@ -157,6 +157,70 @@ fn prefetch_destination<const R: usize>(tile: &Tile, cols: usize) {
             // SAFETY: a prefetch is a hint: it reads nothing and never faults.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(at)) };
         }
+    }
+}
+
+/// One vector set's `f32` registers and the four operations [`accumulate`] needs. Each
+/// method is `#[inline(always)]` and called only from a block compiled with its set
+/// (`#[target_feature]`), where the intrinsics inline into one loop.
+pub(super) trait Vectors {
+    /// A register of `LANES` values.
+    type Reg: Copy;
+    /// `f32` lanes of a register.
+    const LANES: usize;
+    /// A register of zeros.
+    ///
+    /// # Safety
+    /// The vector set is available.
+    unsafe fn zero() -> Self::Reg;
+    /// `LANES` values at `at`, aligned to the register's size.
+    ///
+    /// # Safety
+    /// The vector set is available; `at` is so aligned and valid for reads of `LANES` values.
+    unsafe fn load_aligned(at: *const f32) -> Self::Reg;
+    /// `value` in every lane.
+    ///
+    /// # Safety
+    /// The vector set is available.
+    unsafe fn splat(value: f32) -> Self::Reg;
+    /// `a · b + c`, fused.
+    ///
+    /// # Safety
+    /// The vector set is available.
+    unsafe fn fma(a: Self::Reg, b: Self::Reg, c: Self::Reg) -> Self::Reg;
+}
+
+/// The sums of an `R`-row block `V` registers wide over `depth` steps: row `i`'s value at
+/// each step (from `rows`, row `i` at `i · rows_rs`) times the step's `V` column registers
+/// (from `cols`, one step every [`COLS`] values), one FMA chain per register in depth
+/// order.
+///
+/// # Safety
+/// `S`'s vector set is available; `rows` holds `R` rows of `depth` values at `rows_rs`;
+/// `cols` holds `depth` steps of `V · S::LANES` values, `COLS` apart, each aligned to a
+/// register.
+#[inline(always)]
+unsafe fn accumulate<S: Vectors, const R: usize, const V: usize>(
+    depth: usize,
+    (rows, rows_rs): (*const f32, usize),
+    cols: *const f32,
+) -> [[S::Reg; V]; R] {
+    // SAFETY: the caller's contract bounds every load.
+    unsafe {
+        let mut sums = [[S::zero(); V]; R];
+        let (mut a, mut b) = (rows, cols);
+        for _ in 0..depth {
+            let column: [S::Reg; V] = std::array::from_fn(|v| S::load_aligned(b.add(S::LANES * v)));
+            for (i, sum) in sums.iter_mut().enumerate() {
+                let ai = S::splat(*a.add(i * rows_rs));
+                for (s, &c) in sum.iter_mut().zip(&column) {
+                    *s = S::fma(ai, c, *s);
+                }
+            }
+            a = a.add(1);
+            b = b.add(COLS);
+        }
+        sums
     }
 }
 

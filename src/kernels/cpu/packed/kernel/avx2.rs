@@ -14,7 +14,7 @@ use std::arch::x86_64::{
     _mm256_set1_ps, _mm256_setr_epi32, _mm256_setzero_ps, _mm256_storeu_ps,
 };
 
-use super::{lanes_within, prefetch_destination, Start, Tile, COLS, ROWS};
+use super::{accumulate, lanes_within, prefetch_destination, Start, Tile, Vectors, COLS, ROWS};
 
 /// `f32` lanes of an AVX2 vector.
 const LANES: usize = 8;
@@ -55,6 +55,34 @@ pub(super) unsafe fn multiply(
         // of them from `part.out` (and from a `Start::Row` pointer), and the panel's
         // `depth · COLS` values read at `first + k · COLS + (0 .. BLOCK_COLS)`.
         unsafe { for_rows!(tile.rows, block(depth, lhs, cols, part)) }
+    }
+}
+
+/// AVX2's registers for [`accumulate`].
+struct Avx2;
+
+impl Vectors for Avx2 {
+    type Reg = __m256;
+    const LANES: usize = LANES;
+    #[inline(always)]
+    unsafe fn zero() -> __m256 {
+        // SAFETY: the caller's AVX2.
+        unsafe { _mm256_setzero_ps() }
+    }
+    #[inline(always)]
+    unsafe fn load_aligned(at: *const f32) -> __m256 {
+        // SAFETY: the caller's contract: AVX2, `at` 32-byte aligned with 8 values.
+        unsafe { _mm256_load_ps(at) }
+    }
+    #[inline(always)]
+    unsafe fn splat(value: f32) -> __m256 {
+        // SAFETY: the caller's AVX2.
+        unsafe { _mm256_set1_ps(value) }
+    }
+    #[inline(always)]
+    unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
+        // SAFETY: the caller's AVX2 and FMA.
+        unsafe { _mm256_fmadd_ps(a, b, c) }
     }
 }
 
@@ -104,7 +132,7 @@ unsafe fn store(at: *mut f32, lanes: usize, value: __m256) {
 #[inline(always)]
 unsafe fn block<const R: usize>(
     depth: usize,
-    (rows, rows_rs): (*const f32, usize),
+    lhs: (*const f32, usize),
     cols: *const f32,
     tile: Tile,
 ) {
@@ -114,20 +142,7 @@ unsafe fn block<const R: usize>(
     // `store` stay inside them; the destination is read only with `Start::Dst`).
     unsafe {
         prefetch_destination::<R>(&tile, tile.width);
-        let mut sums: [[__m256; VECTORS]; R] = [[_mm256_setzero_ps(); VECTORS]; R];
-        let (mut a, mut b) = (rows, cols);
-        for _ in 0..depth {
-            let column: [__m256; VECTORS] =
-                std::array::from_fn(|v| _mm256_load_ps(b.add(LANES * v)));
-            for (i, sum) in sums.iter_mut().enumerate() {
-                let ai = _mm256_set1_ps(*a.add(i * rows_rs));
-                for (s, &c) in sum.iter_mut().zip(&column) {
-                    *s = _mm256_fmadd_ps(ai, c, *s);
-                }
-            }
-            a = a.add(1);
-            b = b.add(COLS);
-        }
+        let sums = accumulate::<Avx2, R, VECTORS>(depth, lhs, cols);
         let lanes = lanes_within::<VECTORS>(tile.width, LANES);
         let beta = _mm256_set1_ps(tile.beta);
         let row: Option<[__m256; VECTORS]> = match tile.start {

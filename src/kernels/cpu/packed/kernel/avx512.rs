@@ -16,7 +16,7 @@ use std::arch::x86_64::{
     _mm512_maskz_loadu_ps, _mm512_mul_ps, _mm512_set1_ps, _mm512_setzero_ps,
 };
 
-use super::{lanes_within, prefetch_destination, Start, Tile, COLS, ROWS};
+use super::{accumulate, lanes_within, prefetch_destination, Start, Tile, Vectors, COLS, ROWS};
 
 /// `f32` vectors per row of a block: 6 rows of four vectors are 24 accumulators, which
 /// with the four column vectors and a broadcast use 29 of AVX-512's 32 registers (7 rows
@@ -40,6 +40,34 @@ pub(super) unsafe fn multiply(
     unsafe { for_rows!(tile.rows, block(depth, lhs, cols, tile)) }
 }
 
+/// AVX-512F's registers for [`accumulate`].
+struct Avx512;
+
+impl Vectors for Avx512 {
+    type Reg = __m512;
+    const LANES: usize = 16;
+    #[inline(always)]
+    unsafe fn zero() -> __m512 {
+        // SAFETY: the caller's AVX-512F.
+        unsafe { _mm512_setzero_ps() }
+    }
+    #[inline(always)]
+    unsafe fn load_aligned(at: *const f32) -> __m512 {
+        // SAFETY: the caller's contract: AVX-512F, `at` 64-byte aligned with 16 values.
+        unsafe { _mm512_load_ps(at) }
+    }
+    #[inline(always)]
+    unsafe fn splat(value: f32) -> __m512 {
+        // SAFETY: the caller's AVX-512F.
+        unsafe { _mm512_set1_ps(value) }
+    }
+    #[inline(always)]
+    unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
+        // SAFETY: the caller's AVX-512F.
+        unsafe { _mm512_fmadd_ps(a, b, c) }
+    }
+}
+
 /// Lane masks of the [`VECTORS`] vectors of a row `width` columns wide.
 fn masks(width: usize) -> [u16; VECTORS] {
     lanes_within::<VECTORS>(width, 16).map(|lanes| ((1u32 << lanes) - 1) as u16)
@@ -49,7 +77,7 @@ fn masks(width: usize) -> [u16; VECTORS] {
 #[inline(always)]
 unsafe fn block<const R: usize>(
     depth: usize,
-    (rows, rows_rs): (*const f32, usize),
+    lhs: (*const f32, usize),
     cols: *const f32,
     tile: Tile,
 ) {
@@ -59,19 +87,7 @@ unsafe fn block<const R: usize>(
     // read only with `Start::Dst`).
     unsafe {
         prefetch_destination::<R>(&tile, tile.width);
-        let mut sums: [[__m512; VECTORS]; R] = [[_mm512_setzero_ps(); VECTORS]; R];
-        let (mut a, mut b) = (rows, cols);
-        for _ in 0..depth {
-            let column: [__m512; VECTORS] = std::array::from_fn(|v| _mm512_load_ps(b.add(16 * v)));
-            for (i, sum) in sums.iter_mut().enumerate() {
-                let ai = _mm512_set1_ps(*a.add(i * rows_rs));
-                for (s, &c) in sum.iter_mut().zip(&column) {
-                    *s = _mm512_fmadd_ps(ai, c, *s);
-                }
-            }
-            a = a.add(1);
-            b = b.add(COLS);
-        }
+        let sums = accumulate::<Avx512, R, VECTORS>(depth, lhs, cols);
         let masks = masks(tile.width);
         let beta = _mm512_set1_ps(tile.beta);
         let row: Option<[__m512; VECTORS]> = match tile.start {
