@@ -34,11 +34,11 @@
 //!   [`COLS`]-column panels: [`super::col_major::even_ranges`]) and walks it a block of
 //!   columns at a time, as many as half of one core's L2 holds at a depth of [`DEPTH`]
 //!   ([`block_columns`]: 640 with a 2 MiB L2);
-//! - per [`DEPTH`] of the inner dimension, it packs that block of the right-hand side
-//!   into column panels (a copy per depth step for a row-major operand, 16 × 16 register
-//!   transposes for `Wᵀ`; [`pack::column_panels`]) and then, per [`ROWS`] rows of the
-//!   left-hand side, runs the register block ([`kernel::multiply`]) against every column
-//!   panel of the block, reading those rows' depth slice where they are
+//! - per [`DEPTH`] of the inner dimension, it packs that block of the right-hand side into
+//!   column panels (a copy per depth step for a row-major operand, 16 × 16 or 8 × 8
+//!   register transposes for `Wᵀ`; [`pack::column_panels`]) and then, per [`ROWS`] rows of
+//!   the left-hand side, runs the register block ([`kernel::multiply`]) against every
+//!   column panel of the block, reading those rows' depth slice where they are
 //!   ([`pack::rows_in_place`]): the first call brings the slice into L1, the rest of the
 //!   block's calls find it there. Copying it into a packed row panel first, as the route
 //!   did before, took 1.02–1.04 × the time for `x Wᵀ` and 1.01–1.03 × for `g W` at 64
@@ -64,18 +64,20 @@
 //! route's time from 128 to 2048 rows, "`g W` on the packed route at every batch size");
 //! not on a Zen 5.
 //!
-//! **On AVX2** (the 6 × 16 block, [`kernel`]). Timed only on the Zen 4 with AVX-512
-//! hidden from lorakit (`LORAKIT_CPU_ISA=avx2`) and from the `gemm` crate (a patched copy
-//! of its feature check), not on a CPU without AVX-512 (`benches/RESULTS.md`, "The packed
-//! route on AVX2"). Paired, two runs: `x Wᵀ` 0.85–0.92 × the chunked route's time at 64
-//! rows, 0.93–0.94 at 128 and 0.97–1.01 from 512 to 2048 rows; `g W` 0.56–0.62 × the `gemm`
+//! **On AVX2** (the 6 × 16 block, [`kernel`], on panels in 16-column strips,
+//! [`kernel::PanelLayout`]). Timed only on the Zen 4 with AVX-512 hidden from lorakit
+//! (`LORAKIT_CPU_ISA=avx2`) and from the `gemm` crate (a patched copy of its feature
+//! check), not on a CPU without AVX-512 (`benches/RESULTS.md`, "The packed route on AVX2").
+//! With the panels then in 64-wide steps (before the strips, which took 0.89–0.97 × that (one case 1.09)
+//! time), paired, two runs: `x Wᵀ` 0.85–0.92 × the chunked route's time at 64 rows,
+//! 0.93–0.94 at 128 and 0.97–1.01 from 512 to 2048 rows; `g W` 0.56–0.62 × the `gemm`
 //! crate's AVX2 time at 64 rows, 0.94 / 1.04 at 128 and 0.97–1.02 from 512 to 2048. The
-//! block alone, one thread, ran at 98–99% of the FMA peak with its panels in L1 or five
-//! of them (this CPU's half-L2 block) streamed from L2, 83% at ten (its 16 columns of a
+//! block alone, one thread, ran at 98–99% of the FMA peak with its panels in L1 or five of
+//! them (this CPU's half-L2 block) streamed from L2, 83% at ten (its 16 columns of a
 //! 64-wide panel, one cache line per step). In a benchmark run against PEFT with PyTorch
-//! also held to AVX2, the fused LoRA forward and fwd+bwd and the LoRA layer step at
-//! n = 512 took 0.96–1.01 × the time with the route off (the other layer steps 0.87–1.10,
-//! their rounds spread by up to 20%).
+//! also held to AVX2, the fused LoRA forward and fwd+bwd and the LoRA layer step at n = 512
+//! took 0.96–1.01 × the time with the route off (the other layer steps 0.87–1.10, their
+//! rounds spread by up to 20%).
 //!
 //! **Which products.** `f32`, AVX-512F or AVX2 available and not lowered below AVX2 by
 //! `LORAKIT_CPU_ISA` (the block of the widest set: [`block_isa`]), a

@@ -6,8 +6,9 @@
 //! - [`avx512`]: the whole 6 × 64 tile in 24 registers, four loads and six broadcasts per
 //!   step of depth;
 //! - [`avx2`]: the tile as four 6 × 16 blocks of 12 registers each (two loads and six
-//!   broadcasts per step), AVX2 having 16 registers: each block reads its 16 columns of the
-//!   64-wide panel, one cache line per step of depth.
+//!   broadcasts per step), AVX2 having 16 registers: each block reads its own 16-column
+//!   strip of the panel, one cache line per step of depth, the strip's steps contiguous
+//!   ([`PanelLayout`]).
 //!
 //! Both sum each destination element's products in depth order in one FMA chain, then
 //! scale by `beta` and add the start ([`Start`]) as the same two operations, so the two
@@ -88,6 +89,52 @@ impl BlockIsa {
             BlockIsa::Avx2 => Isa::Avx2,
         }
     }
+
+    /// The columns the block reads per step of depth: the width of a column panel's
+    /// strips ([`PanelLayout`]).
+    pub(super) fn strip(self) -> usize {
+        match self {
+            BlockIsa::Avx512 => avx512::BLOCK_COLS,
+            BlockIsa::Avx2 => avx2::BLOCK_COLS,
+        }
+    }
+}
+
+/// Where the values of a column panel ([`COLS`] columns, `depth` steps) lie for a block
+/// that reads `strip` of its columns per step ([`BlockIsa::strip`]): in strips of `strip`
+/// columns, one after the other, each strip's steps contiguous, so that the block reads
+/// its strip as one sequential stream. Element `(k, j)` is at
+/// `j / strip · depth · strip + k · strip + j % strip`: `k · COLS + j` for AVX-512's block,
+/// which reads the whole width.
+///
+/// Until 2026-12-06 every panel was laid out as AVX-512's, and AVX2's block read its 16
+/// columns of each 64-wide step: one cache line every 256 bytes. In 16-column strips the
+/// route's AVX2 products took 0.89–0.97 × that time on an AMD EPYC Zen 4 (family 25 model
+/// 17) held to AVX2, `x Wᵀ` and `g W` from 64 to 2048 rows at `d` = 1024 to 4096, two runs
+/// of 30 paired rounds in one process each, on a host whose memory was busy (one case
+/// 1.09, in a fast moment of the other layout); a replica of the block alone, one thread,
+/// 0.93–1.00 (`benches/RESULTS.md`, "AVX2 panels in 16-column strips").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct PanelLayout {
+    /// Steps of depth in the panel.
+    pub depth: usize,
+    /// Columns per strip: a divisor of [`COLS`].
+    pub strip: usize,
+}
+
+impl PanelLayout {
+    /// `isa`'s block's layout of a panel `depth` deep.
+    pub(super) fn of(isa: BlockIsa, depth: usize) -> PanelLayout {
+        PanelLayout {
+            depth,
+            strip: isa.strip(),
+        }
+    }
+
+    /// The index of element `(k, j)` (`k < depth`, `j <` [`COLS`]) in the panel.
+    pub(super) fn at(self, k: usize, j: usize) -> usize {
+        j / self.strip * self.depth * self.strip + k * self.strip + j % self.strip
+    }
 }
 
 /// Where a block's sums go: `width` (1 to [`COLS`]) columns of `rows` rows of a row-major
@@ -117,7 +164,8 @@ pub(super) enum Start {
 
 /// The sums over `depth` (at most [`STRIDE`]) steps into `tile`, on `isa`'s block, the
 /// rows' values read from `rows`, row `i` at `i · rows_rs` (a packed row panel at
-/// [`STRIDE`], or the left-hand side's own rows).
+/// [`STRIDE`], or the left-hand side's own rows), the columns' from a panel laid out as
+/// [`PanelLayout::of`] `isa` and `depth` says.
 ///
 /// # Safety
 /// `isa`'s vector set must be available ([`BlockIsa::isa`]). `rows` holds `tile.rows`
@@ -192,13 +240,12 @@ pub(super) trait Vectors {
 
 /// The sums of an `R`-row block `V` registers wide over `depth` steps: row `i`'s value at
 /// each step (from `rows`, row `i` at `i · rows_rs`) times the step's `V` column registers
-/// (from `cols`, one step every [`COLS`] values), one FMA chain per register in depth
-/// order.
+/// (from `cols`, a strip of [`PanelLayout`]: the steps' `V · S::LANES` values one after
+/// the other), one FMA chain per register in depth order.
 ///
 /// # Safety
 /// `S`'s vector set is available; `rows` holds `R` rows of `depth` values at `rows_rs`;
-/// `cols` holds `depth` steps of `V · S::LANES` values, `COLS` apart, each aligned to a
-/// register.
+/// `cols` holds `depth · V · S::LANES` values, aligned to a register.
 #[inline(always)]
 unsafe fn accumulate<S: Vectors, const R: usize, const V: usize>(
     depth: usize,
@@ -218,7 +265,7 @@ unsafe fn accumulate<S: Vectors, const R: usize, const V: usize>(
                 }
             }
             a = a.add(1);
-            b = b.add(COLS);
+            b = b.add(V * S::LANES);
         }
         sums
     }
@@ -232,7 +279,44 @@ fn lanes_within<const VECTORS: usize>(width: usize, lanes: usize) -> [usize; VEC
 
 #[cfg(test)]
 mod tests {
-    use super::lanes_within;
+    use super::{lanes_within, BlockIsa, PanelLayout, COLS};
+
+    /// Each block's panel layout puts every element of a panel at its own index within
+    /// the panel, each strip's step contiguous and the strip's steps one after the other;
+    /// AVX-512's is the plain `k · COLS + j`.
+    #[test]
+    fn panel_layouts_place_each_element_once() {
+        for isa in BlockIsa::ALL {
+            for depth in [1, 7, 384, 448] {
+                let layout = PanelLayout::of(isa, depth);
+                let mut seen = vec![false; depth * COLS];
+                for k in 0..depth {
+                    for j in 0..COLS {
+                        let at = layout.at(k, j);
+                        assert!(
+                            !std::mem::replace(&mut seen[at], true),
+                            "{isa:?} ({k}, {j})"
+                        );
+                        if j % layout.strip > 0 {
+                            assert_eq!(at, layout.at(k, j - 1) + 1, "{isa:?} ({k}, {j})");
+                        } else if k > 0 {
+                            let strip_end = layout.at(k - 1, j + layout.strip - 1);
+                            assert_eq!(at, strip_end + 1, "{isa:?} ({k}, {j})");
+                        }
+                    }
+                }
+                assert!(seen.iter().all(|&s| s), "{isa:?} at depth {depth}");
+            }
+        }
+        assert_eq!(
+            PanelLayout::of(BlockIsa::Avx512, 5).at(3, 17),
+            3 * COLS + 17
+        );
+        assert_eq!(
+            PanelLayout::of(BlockIsa::Avx2, 5).at(3, 17),
+            5 * 16 + 3 * 16 + 1
+        );
+    }
 
     #[test]
     fn lanes_cover_exactly_the_width() {

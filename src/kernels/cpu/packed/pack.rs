@@ -1,9 +1,9 @@
 //! The panels of [`super`]: the left-hand side's rows read where they are
 //! ([`rows_in_place`]) or, for a step of two pieces (the last, where a LoRA term joins it),
 //! copied into a row panel (up to [`ROWS`] rows, each [`STRIDE`] apart); and the column
-//! panels of a block of the right-hand side ([`COLS`] columns each, interleaved by depth
-//! step, zero past the block's last column), each from one or two pieces of depth
-//! ([`Piece`]).
+//! panels of a block of the right-hand side ([`COLS`] columns each, laid out for the
+//! register block that reads them, [`PanelLayout`]; zero past the block's last column),
+//! each from one or two pieces of depth ([`Piece`]).
 
 use std::arch::x86_64::{
     __m256, __m512, __m512d, _mm256_loadu_ps, _mm256_permute2f128_ps, _mm256_shuffle_ps,
@@ -12,7 +12,7 @@ use std::arch::x86_64::{
     _mm512_unpackhi_ps, _mm512_unpacklo_pd, _mm512_unpacklo_ps,
 };
 
-use super::kernel::{BlockIsa, COLS, ROWS, STRIDE};
+use super::kernel::{BlockIsa, PanelLayout, COLS, ROWS, STRIDE};
 use crate::kernels::cpu::MatRef;
 
 /// A slice of an operand along the depth: its depth `k0 .. k0 + depth`, each value packed
@@ -99,9 +99,10 @@ pub(super) fn row_panel(
 /// Packs columns `cols` of the right-hand-side pieces (each with contiguous rows,
 /// `cs == 1`, or columns, `rs == 1`: a transposed row-major matrix such as `Wᵀ`) into
 /// `out`: column panel `p` (columns `cols.start + p · COLS ..`) at `p · depth · COLS`
-/// for the pieces' total `depth`, element `(k, j)` of a panel at `k · COLS + j`, the
-/// pieces one after the other along `k`, zero past the last column; with `isa`'s vectors
-/// (an error where this CPU lacks them).
+/// for the pieces' total `depth`, element `(k, j)` of a panel where
+/// [`PanelLayout::of`] `isa` and `depth` puts it (`k · COLS + j` for AVX-512), the pieces
+/// one after the other along `k`, zero past the last column; with `isa`'s vectors (an
+/// error where this CPU lacks them).
 pub(super) fn column_panels(
     pieces: &[Piece],
     cols: Extent,
@@ -114,6 +115,7 @@ pub(super) fn column_panels(
         )));
     }
     let depth: usize = pieces.iter().map(|piece| piece.depth).sum();
+    let layout = PanelLayout::of(isa, depth);
     let panel_len = depth * COLS;
     for (p, j0) in (cols.start..cols.start + cols.len)
         .step_by(COLS)
@@ -123,20 +125,51 @@ pub(super) fn column_panels(
             start: j0,
             len: COLS.min(cols.start + cols.len - j0),
         };
-        let mut panel = out
+        let panel = out
             .get_mut(p * panel_len..(p + 1) * panel_len)
             .ok_or_else(|| short("a column panel"))?;
+        let mut k_at = 0;
         for piece in pieces {
-            let (part, rest) = panel.split_at_mut(piece.depth * COLS);
+            let part = Part {
+                panel: &mut *panel,
+                layout,
+                k_at,
+            };
             if piece.mat.cs == 1 {
                 panel_from_rows(*piece, width, part, isa)?;
             } else {
                 panel_from_columns(*piece, width, part, isa)?;
             }
-            panel = rest;
+            k_at += piece.depth;
         }
     }
     Ok(())
+}
+
+/// The steps of a column panel that one piece fills: `panel` (all of it, `layout.depth ·
+/// COLS` values) from step `k_at`.
+struct Part<'a> {
+    panel: &'a mut [f32],
+    layout: PanelLayout,
+    k_at: usize,
+}
+
+impl Part<'_> {
+    /// The index in the panel of the piece's element `(k, j)`.
+    fn at(&self, k: usize, j: usize) -> usize {
+        self.layout.at(self.k_at + k, j)
+    }
+
+    /// An error unless the panel holds `depth` steps from `k_at`.
+    fn check(&self, depth: usize) -> candle_core::Result<()> {
+        let fits = self.k_at + depth <= self.layout.depth
+            && self.panel.len() >= self.layout.depth * COLS
+            && COLS.is_multiple_of(self.layout.strip);
+        match fits {
+            true => Ok(()),
+            false => Err(short("a column panel")),
+        }
+    }
 }
 
 /// One column panel of a right-hand side with contiguous rows: one copy per depth step
@@ -147,10 +180,11 @@ pub(super) fn column_panels(
 fn panel_from_rows(
     piece: Piece,
     cols: Extent,
-    panel: &mut [f32],
+    part: Part,
     isa: BlockIsa,
 ) -> candle_core::Result<()> {
     let (rhs, depth) = (piece.mat, piece.depth);
+    part.check(depth)?;
     let first = piece
         .k0
         .checked_mul(rhs.rs)
@@ -161,57 +195,60 @@ fn panel_from_rows(
     });
     let fits = last_end.is_some_and(|end| rhs.data.len() >= end);
     if let (true, true, Some(first)) = (cols.len == COLS, fits, first) {
-        if panel.len() >= depth * COLS {
-            // SAFETY: `isa`'s vectors are available (checked in `column_panels`); the
-            // operand holds `first + (depth - 1) · rs + COLS` values and the panel
-            // `depth · COLS` (checked just above, without overflow).
-            unsafe {
-                match isa {
-                    BlockIsa::Avx512 => {
-                        copy_full_rows_avx512(rhs.data, first, rhs.rs, depth, panel)
-                    }
-                    BlockIsa::Avx2 => copy_full_rows_avx2(rhs.data, first, rhs.rs, depth, panel),
-                }
-            };
-            return Ok(());
-        }
+        // SAFETY: `isa`'s vectors are available (checked in `column_panels`); the operand
+        // holds `first + (depth - 1) · rs + COLS` values (checked just above, without
+        // overflow) and the panel its layout's steps from `k_at` (`part.check`).
+        unsafe {
+            match isa {
+                BlockIsa::Avx512 => copy_full_rows_avx512(rhs.data, first, rhs.rs, depth, part),
+                BlockIsa::Avx2 => copy_full_rows_avx2(rhs.data, first, rhs.rs, depth, part),
+            }
+        };
+        return Ok(());
     }
-    for (k, out) in panel.chunks_exact_mut(COLS).enumerate() {
+    for k in 0..depth {
         let from = (piece.k0 + k) * rhs.rs + cols.start;
         let src = rhs
             .data
             .get(from..from + cols.len)
             .ok_or_else(|| short("a row"))?;
-        let (values, rest) = out.split_at_mut(cols.len);
-        values.copy_from_slice(src);
-        rest.fill(0.0);
+        for j in 0..COLS {
+            let at = part.at(k, j);
+            let slot = part
+                .panel
+                .get_mut(at)
+                .ok_or_else(|| short("a column panel"))?;
+            *slot = src.get(j).copied().unwrap_or(0.0);
+        }
     }
     Ok(())
 }
 
-/// Defines `$name(data, first, rs, depth, panel)`, which writes
-/// `panel[k · COLS + j] = data[first + k · rs + j]` for `j < COLS` and `k < depth` with
-/// `$feature`'s unaligned loads and stores of `$lanes` values.
+/// Defines `$name(data, first, rs, depth, part)`, which writes the piece's element
+/// `(k, j)`, `data[first + k · rs + j]`, at `part.at(k, j)` for `j < COLS` and
+/// `k < depth` with `$feature`'s unaligned loads and stores of `$lanes` values (`$lanes`
+/// divides the layout's strip, so that each vector's columns are contiguous in the panel).
 ///
 /// The function's safety contract: `$feature` must be available; `data` holds at least
-/// `first + (depth - 1) · rs + COLS` values and `panel` at least `depth · COLS`.
+/// `first + (depth - 1) · rs + COLS` values and `part` passes `part.check(depth)`.
 macro_rules! full_rows_copy {
     ($name:ident, $feature:literal, $lanes:literal, $load:ident, $store:ident) => {
-        /// `panel[k · COLS + j] = data[first + k · rs + j]` (`full_rows_copy`).
+        /// The piece's element `(k, j)` at `part.at(k, j)` (`full_rows_copy`).
         ///
         /// # Safety
         /// As `full_rows_copy` says.
         #[target_feature(enable = $feature)]
-        unsafe fn $name(data: &[f32], first: usize, rs: usize, depth: usize, panel: &mut [f32]) {
+        unsafe fn $name(data: &[f32], first: usize, rs: usize, depth: usize, part: Part) {
+            debug_assert!(part.layout.strip.is_multiple_of($lanes));
             for k in 0..depth {
-                // SAFETY: the caller's contract bounds every load and store.
+                // SAFETY: the caller's contract bounds every load and store: `part.at(k,
+                // j)` for `k < depth` and `j < COLS` lies in the panel's `layout.depth ·
+                // COLS` values, and a strip's `$lanes` columns from `j` are contiguous.
                 unsafe {
-                    let (src, dst) = (
-                        data.as_ptr().add(first + k * rs),
-                        panel.as_mut_ptr().add(k * COLS),
-                    );
+                    let src = data.as_ptr().add(first + k * rs);
                     for v in (0..COLS).step_by($lanes) {
-                        $store(dst.add(v), $load(src.add(v)));
+                        let at = part.at(k, v);
+                        $store(part.panel.as_mut_ptr().add(at), $load(src.add(v)));
                     }
                 }
             }
@@ -242,10 +279,11 @@ full_rows_copy!(
 fn panel_from_columns(
     piece: Piece,
     cols: Extent,
-    panel: &mut [f32],
+    part: Part,
     isa: BlockIsa,
 ) -> candle_core::Result<()> {
     let (rhs, depth) = (piece.mat, piece.depth);
+    part.check(depth)?;
     let mut lines: [&[f32]; COLS] = [&[]; COLS];
     for (j, line) in lines.iter_mut().enumerate().take(cols.len) {
         let from = (cols.start + j) * rhs.cs + piece.k0 * rhs.rs;
@@ -261,11 +299,15 @@ fn panel_from_columns(
     };
     let whole_k = if rhs.rs == 1 { depth / side * side } else { 0 };
     let whole_groups = if whole_k > 0 { cols.len / side } else { 0 };
+    let strip = part.layout.strip;
+    debug_assert!(strip.is_multiple_of(side));
     for (group, square) in lines.chunks_exact(side).take(whole_groups).enumerate() {
-        let out = panel
-            .get_mut(group * side..)
+        let first = part.at(0, group * side);
+        let out = part
+            .panel
+            .get_mut(first..)
             .ok_or_else(|| short("a column panel"))?;
-        if out.len() < (whole_k - 1) * COLS + side || square.iter().any(|l| l.len() < whole_k) {
+        if out.len() < (whole_k - 1) * strip + side || square.iter().any(|l| l.len() < whole_k) {
             return Err(short("a column panel"));
         }
         // SAFETY: `isa`'s vectors are available (checked in `column_panels`); `square`
@@ -273,43 +315,49 @@ fn panel_from_columns(
         // were checked just above.
         unsafe {
             match isa {
-                BlockIsa::Avx512 => transpose_lines_avx512(square, whole_k, out),
-                BlockIsa::Avx2 => transpose_lines_avx2(square, whole_k, out),
+                BlockIsa::Avx512 => transpose_lines_avx512(square, whole_k, out, strip),
+                BlockIsa::Avx2 => transpose_lines_avx2(square, whole_k, out, strip),
             }
         };
     }
-    for (k, row) in panel.chunks_exact_mut(COLS).enumerate() {
+    for k in 0..depth {
         let done = if k < whole_k { whole_groups * side } else { 0 };
-        for (slot, line) in row.iter_mut().zip(&lines).skip(done) {
+        for (j, line) in lines.iter().enumerate().skip(done) {
+            let at = part.at(k, j);
+            let slot = part
+                .panel
+                .get_mut(at)
+                .ok_or_else(|| short("a column panel"))?;
             *slot = line.get(k * rhs.rs).copied().unwrap_or(0.0);
         }
     }
     Ok(())
 }
 
-/// Defines `$name(lines, depth, out)`, which writes `out[k · COLS + j] = lines[j][k]` for
-/// `$side` contiguous lines and `k < depth` (a multiple of `$side`), `$side × $side`
-/// blocks at a time, transposed in `$feature`'s registers by `$transpose`.
+/// Defines `$name(lines, depth, out, stride)`, which writes
+/// `out[k · stride + j] = lines[j][k]` for `$side` contiguous lines and `k < depth` (a
+/// multiple of `$side`), `$side × $side` blocks at a time, transposed in `$feature`'s
+/// registers by `$transpose`.
 ///
 /// The function's safety contract: `$feature` must be available; `lines` holds `$side`
-/// lines of at least `depth` values each and `out` at least `(depth - 1) · COLS + $side`
-/// values.
+/// lines of at least `depth` values each and `out` at least
+/// `(depth - 1) · stride + $side` values.
 macro_rules! lines_transpose {
     ($name:ident, $feature:literal, $side:literal, $vector:ty, $load:ident, $store:ident, $transpose:ident) => {
-        /// `out[k · COLS + j] = lines[j][k]` (`lines_transpose`).
+        /// `out[k · stride + j] = lines[j][k]` (`lines_transpose`).
         ///
         /// # Safety
         /// As `lines_transpose` says.
         #[allow(clippy::indexing_slicing)] // `lines[j]`, `j < $side`: the caller passes that many
         #[target_feature(enable = $feature)]
-        unsafe fn $name(lines: &[&[f32]], depth: usize, out: &mut [f32]) {
+        unsafe fn $name(lines: &[&[f32]], depth: usize, out: &mut [f32], stride: usize) {
             for k0 in (0..depth).step_by($side) {
                 // SAFETY: the caller's contract bounds every load and store.
                 unsafe {
                     let block: [$vector; $side] =
                         std::array::from_fn(|j| $load(lines[j].as_ptr().add(k0)));
                     for (k, v) in $transpose(block).into_iter().enumerate() {
-                        $store(out.as_mut_ptr().add((k0 + k) * COLS), v);
+                        $store(out.as_mut_ptr().add((k0 + k) * stride), v);
                     }
                 }
             }

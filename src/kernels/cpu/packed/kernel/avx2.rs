@@ -1,9 +1,9 @@
 //! The AVX2 register block of [`super`]: a 6 × 64 tile as four blocks of [`ROWS`] rows
 //! by 16 columns, each held in 12 registers (with its two column vectors and a broadcast,
-//! 15 of AVX2's 16). Per step of depth a block loads its 16 columns of the 64-wide
-//! column panel (one cache line) and broadcasts each row's value against both: 2 loads
-//! and 6 broadcasts for 12 FMAs, the shape of the `gemm` crate's AVX2 `x2x6`. The rows'
-//! slice, read once per block, stays in L1.
+//! 15 of AVX2's 16). Per step of depth a block loads its 16 columns of the column panel
+//! (one cache line of the block's strip, [`super::PanelLayout`]) and broadcasts each row's
+//! value against both: 2 loads and 6 broadcasts for 12 FMAs, the shape of the `gemm`
+//! crate's AVX2 `x2x6`. The rows' slice, read once per block, stays in L1.
 //!
 //! Full vectors are loaded and stored plainly; only a ragged edge uses AVX2's masked
 //! loads and stores (slow on AMD's cores before Zen 4).
@@ -14,7 +14,10 @@ use std::arch::x86_64::{
     _mm256_set1_ps, _mm256_setr_epi32, _mm256_setzero_ps, _mm256_storeu_ps,
 };
 
-use super::{accumulate, lanes_within, prefetch_destination, Start, Tile, Vectors, COLS, ROWS};
+use super::{
+    accumulate, lanes_within, prefetch_destination, BlockIsa, PanelLayout, Start, Tile, Vectors,
+    COLS, ROWS,
+};
 
 /// `f32` lanes of an AVX2 vector.
 const LANES: usize = 8;
@@ -22,8 +25,8 @@ const LANES: usize = 8;
 /// Vectors per row of a block.
 const VECTORS: usize = 2;
 
-/// Columns of a block: a quarter of the tile.
-const BLOCK_COLS: usize = LANES * VECTORS;
+/// Columns of a block: a quarter of the tile, and the width of a panel's strips.
+pub(super) const BLOCK_COLS: usize = LANES * VECTORS;
 
 /// [`super::multiply`] on AVX2: the tile's columns a block of [`BLOCK_COLS`] at a time.
 ///
@@ -48,12 +51,12 @@ pub(super) unsafe fn multiply(
             },
             ..tile
         };
-        // The block's columns of the panel: `first` within each step's `COLS` values,
-        // 32-byte aligned as the panel is 64-byte aligned and `first` a multiple of 16.
-        let cols = cols.wrapping_add(first);
+        // The block's strip of the panel, from `first · depth` (its column `first` at
+        // step 0): 64-byte aligned as the panel is and `first` a multiple of 16.
+        let cols = cols.wrapping_add(PanelLayout::of(BlockIsa::Avx2, depth).at(0, first));
         // SAFETY: the caller's contract, for columns `first ..` of the tile: `part.width`
-        // of them from `part.out` (and from a `Start::Row` pointer), and the panel's
-        // `depth · COLS` values read at `first + k · COLS + (0 .. BLOCK_COLS)`.
+        // of them from `part.out` (and from a `Start::Row` pointer), and the strip's
+        // `depth · BLOCK_COLS` values of the panel's `depth · COLS`.
         unsafe { for_rows!(tile.rows, block(depth, lhs, cols, part)) }
     }
 }
@@ -137,7 +140,7 @@ unsafe fn block<const R: usize>(
     tile: Tile,
 ) {
     // SAFETY: within `multiply`'s contract: `R` rows of `depth` values at `rows_rs`, the
-    // block's `BLOCK_COLS` columns of each of the panel's `depth` steps (32-byte aligned),
+    // block's strip of `depth` steps of `BLOCK_COLS` values (32-byte aligned),
     // `tile.width` columns of `R` destination rows and of a `Start::Row` (`load` and
     // `store` stay inside them; the destination is read only with `Start::Dst`).
     unsafe {

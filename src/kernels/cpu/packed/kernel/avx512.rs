@@ -23,6 +23,9 @@ use super::{accumulate, lanes_within, prefetch_destination, Start, Tile, Vectors
 /// would need 33).
 const VECTORS: usize = COLS / 16;
 
+/// Columns the block reads per step: the whole panel ([`super::PanelLayout`]).
+pub(super) const BLOCK_COLS: usize = COLS;
+
 /// [`super::multiply`] on AVX-512.
 ///
 /// # Safety
