@@ -92,7 +92,7 @@ impl BlockIsa {
 
     /// The columns the block reads per step of depth: the width of a column panel's
     /// strips ([`PanelLayout`]).
-    pub(super) fn strip(self) -> usize {
+    pub(super) const fn strip(self) -> usize {
         match self {
             BlockIsa::Avx512 => avx512::BLOCK_COLS,
             BlockIsa::Avx2 => avx2::BLOCK_COLS,

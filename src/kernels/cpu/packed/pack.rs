@@ -160,10 +160,12 @@ impl Part<'_> {
         self.layout.at(self.k_at + k, j)
     }
 
-    /// An error unless the panel holds `depth` steps from `k_at`.
-    fn check(&self, depth: usize) -> candle_core::Result<()> {
+    /// An error unless the panel holds `depth` steps from `k_at`, in `isa`'s layout (whose
+    /// strip the vector copies write at).
+    fn check(&self, depth: usize, isa: BlockIsa) -> candle_core::Result<()> {
         let fits = self.k_at + depth <= self.layout.depth
             && self.panel.len() >= self.layout.depth * COLS
+            && self.layout.strip == isa.strip()
             && COLS.is_multiple_of(self.layout.strip);
         match fits {
             true => Ok(()),
@@ -184,7 +186,7 @@ fn panel_from_rows(
     isa: BlockIsa,
 ) -> candle_core::Result<()> {
     let (rhs, depth) = (piece.mat, piece.depth);
-    part.check(depth)?;
+    part.check(depth, isa)?;
     let first = piece
         .k0
         .checked_mul(rhs.rs)
@@ -197,7 +199,8 @@ fn panel_from_rows(
     if let (true, true, Some(first)) = (cols.len == COLS, fits, first) {
         // SAFETY: `isa`'s vectors are available (checked in `column_panels`); the operand
         // holds `first + (depth - 1) · rs + COLS` values (checked just above, without
-        // overflow) and the panel its layout's steps from `k_at` (`part.check`).
+        // overflow) and the panel its layout's steps from `k_at`, in `isa`'s strips
+        // (`part.check`).
         unsafe {
             match isa {
                 BlockIsa::Avx512 => copy_full_rows_avx512(rhs.data, first, rhs.rs, depth, part),
@@ -226,29 +229,37 @@ fn panel_from_rows(
 
 /// Defines `$name(data, first, rs, depth, part)`, which writes the piece's element
 /// `(k, j)`, `data[first + k · rs + j]`, at `part.at(k, j)` for `j < COLS` and
-/// `k < depth` with `$feature`'s unaligned loads and stores of `$lanes` values (`$lanes`
-/// divides the layout's strip, so that each vector's columns are contiguous in the panel).
+/// `k < depth` with `$feature`'s unaligned loads and stores of `$lanes` values, for a
+/// layout of `$strip`-column strips (`$lanes` divides `$strip`, so that each vector's
+/// columns are contiguous in the panel; a constant, so that the compiler can step the
+/// stores by it).
 ///
 /// The function's safety contract: `$feature` must be available; `data` holds at least
-/// `first + (depth - 1) · rs + COLS` values and `part` passes `part.check(depth)`.
+/// `first + (depth - 1) · rs + COLS` values, `part` passes `part.check(depth, isa)` for
+/// the `isa` whose strip is `$strip`.
 macro_rules! full_rows_copy {
-    ($name:ident, $feature:literal, $lanes:literal, $load:ident, $store:ident) => {
+    ($name:ident, $feature:literal, $lanes:literal, $strip:expr, $load:ident, $store:ident) => {
         /// The piece's element `(k, j)` at `part.at(k, j)` (`full_rows_copy`).
         ///
         /// # Safety
         /// As `full_rows_copy` says.
         #[target_feature(enable = $feature)]
         unsafe fn $name(data: &[f32], first: usize, rs: usize, depth: usize, part: Part) {
-            debug_assert!(part.layout.strip.is_multiple_of($lanes));
+            const STRIP: usize = $strip;
+            debug_assert!(part.layout.strip == STRIP && STRIP.is_multiple_of($lanes));
+            // `part.at(k, j)`, spelled with the strip a constant: `j / STRIP` and
+            // `j % STRIP` are constants for each of the row's vectors.
+            let (first_step, strip_len) = (part.at(0, 0), part.layout.depth * STRIP);
             for k in 0..depth {
-                // SAFETY: the caller's contract bounds every load and store: `part.at(k,
-                // j)` for `k < depth` and `j < COLS` lies in the panel's `layout.depth ·
-                // COLS` values, and a strip's `$lanes` columns from `j` are contiguous.
+                let step = part.panel.as_mut_ptr().wrapping_add(first_step + k * STRIP);
+                // SAFETY: the caller's contract bounds every load and store: `part.at(k, j)`
+                // for `k < depth` and `j < COLS` lies in the panel's `layout.depth · COLS`
+                // values, and a strip's `$lanes` columns from `j` are contiguous.
                 unsafe {
                     let src = data.as_ptr().add(first + k * rs);
-                    for v in (0..COLS).step_by($lanes) {
-                        let at = part.at(k, v);
-                        $store(part.panel.as_mut_ptr().add(at), $load(src.add(v)));
+                    for j in (0..COLS).step_by($lanes) {
+                        let at = step.add(j / STRIP * strip_len + j % STRIP);
+                        $store(at, $load(src.add(j)));
                     }
                 }
             }
@@ -260,6 +271,7 @@ full_rows_copy!(
     copy_full_rows_avx512,
     "avx512f",
     16,
+    BlockIsa::Avx512.strip(),
     _mm512_loadu_ps,
     _mm512_storeu_ps
 );
@@ -267,6 +279,7 @@ full_rows_copy!(
     copy_full_rows_avx2,
     "avx2",
     8,
+    BlockIsa::Avx2.strip(),
     _mm256_loadu_ps,
     _mm256_storeu_ps
 );
@@ -283,7 +296,7 @@ fn panel_from_columns(
     isa: BlockIsa,
 ) -> candle_core::Result<()> {
     let (rhs, depth) = (piece.mat, piece.depth);
-    part.check(depth)?;
+    part.check(depth, isa)?;
     let mut lines: [&[f32]; COLS] = [&[]; COLS];
     for (j, line) in lines.iter_mut().enumerate().take(cols.len) {
         let from = (cols.start + j) * rhs.cs + piece.k0 * rhs.rs;
@@ -311,12 +324,13 @@ fn panel_from_columns(
             return Err(short("a column panel"));
         }
         // SAFETY: `isa`'s vectors are available (checked in `column_panels`); `square`
-        // holds `side` lines (`chunks_exact`), and the lengths of the lines and of `out`
-        // were checked just above.
+        // holds `side` lines (`chunks_exact`), the lengths of the lines and of `out` were
+        // checked just above, at the layout's strip, which is `isa`'s (`part.check`), the
+        // one its transpose writes at.
         unsafe {
             match isa {
-                BlockIsa::Avx512 => transpose_lines_avx512(square, whole_k, out, strip),
-                BlockIsa::Avx2 => transpose_lines_avx2(square, whole_k, out, strip),
+                BlockIsa::Avx512 => transpose_lines_avx512(square, whole_k, out),
+                BlockIsa::Avx2 => transpose_lines_avx2(square, whole_k, out),
             }
         };
     }
@@ -334,30 +348,31 @@ fn panel_from_columns(
     Ok(())
 }
 
-/// Defines `$name(lines, depth, out, stride)`, which writes
-/// `out[k · stride + j] = lines[j][k]` for `$side` contiguous lines and `k < depth` (a
-/// multiple of `$side`), `$side × $side` blocks at a time, transposed in `$feature`'s
-/// registers by `$transpose`.
+/// Defines `$name(lines, depth, out)`, which writes `out[k · $strip + j] = lines[j][k]`
+/// for `$side` contiguous lines and `k < depth` (a multiple of `$side`), `$side × $side`
+/// blocks at a time, transposed in `$feature`'s registers by `$transpose`: `$side` columns
+/// of a panel in `$strip`-column strips (a constant, as in `full_rows_copy`).
 ///
 /// The function's safety contract: `$feature` must be available; `lines` holds `$side`
 /// lines of at least `depth` values each and `out` at least
-/// `(depth - 1) · stride + $side` values.
+/// `(depth - 1) · $strip + $side` values.
 macro_rules! lines_transpose {
-    ($name:ident, $feature:literal, $side:literal, $vector:ty, $load:ident, $store:ident, $transpose:ident) => {
-        /// `out[k · stride + j] = lines[j][k]` (`lines_transpose`).
+    ($name:ident, $feature:literal, $side:literal, $strip:expr, $vector:ty, $load:ident, $store:ident, $transpose:ident) => {
+        /// `out[k · $strip + j] = lines[j][k]` (`lines_transpose`).
         ///
         /// # Safety
         /// As `lines_transpose` says.
         #[allow(clippy::indexing_slicing)] // `lines[j]`, `j < $side`: the caller passes that many
         #[target_feature(enable = $feature)]
-        unsafe fn $name(lines: &[&[f32]], depth: usize, out: &mut [f32], stride: usize) {
+        unsafe fn $name(lines: &[&[f32]], depth: usize, out: &mut [f32]) {
+            const STRIP: usize = $strip;
             for k0 in (0..depth).step_by($side) {
                 // SAFETY: the caller's contract bounds every load and store.
                 unsafe {
                     let block: [$vector; $side] =
                         std::array::from_fn(|j| $load(lines[j].as_ptr().add(k0)));
                     for (k, v) in $transpose(block).into_iter().enumerate() {
-                        $store(out.as_mut_ptr().add((k0 + k) * stride), v);
+                        $store(out.as_mut_ptr().add((k0 + k) * STRIP), v);
                     }
                 }
             }
@@ -369,6 +384,7 @@ lines_transpose!(
     transpose_lines_avx512,
     "avx512f",
     16,
+    BlockIsa::Avx512.strip(),
     __m512,
     _mm512_loadu_ps,
     _mm512_storeu_ps,
@@ -378,6 +394,7 @@ lines_transpose!(
     transpose_lines_avx2,
     "avx2",
     8,
+    BlockIsa::Avx2.strip(),
     __m256,
     _mm256_loadu_ps,
     _mm256_storeu_ps,
