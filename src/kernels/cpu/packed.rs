@@ -1,9 +1,8 @@
-//! Large `f32` products on AVX-512 or AVX2 through lorakit's own packing and register
-//! block ([`kernel`]: one per vector width, on the same panels, with the same bits): a
-//! linear layer's `x Wᵀ` at many rows (the forward), its `g W` (the backward's input
-//! gradient), and any other `f32` product of those shapes; with a LoRA
-//! factor pair's term added in the same passes over the destination ([`reroute`]'s
-//! `term`).
+//! Large `f32` products on AVX-512 or AVX2 through lorakit's own packing and register block
+//! ([`kernel`]: one per vector width, each on panels laid out for it, with the same bits):
+//! a linear layer's `x Wᵀ` at many rows (the forward), its `g W` (the backward's input
+//! gradient), and any other `f32` product of those shapes; with a LoRA factor pair's term
+//! added in the same passes over the destination ([`reroute`]'s `term`).
 //!
 //! **Why its own.** On an Intel Xeon (family 6 model 207, 2 cores, `benches/RESULTS.md`,
 //! "Lorakit's own packed products"):
@@ -22,8 +21,9 @@
 //!   the `gemm` crate (`benches/RESULTS.md`, "`g W` on the packed route at every batch
 //!   size"). So the route takes `g W` at every row count the routes before it leave, on every
 //!   AVX-512 CPU: one rule, about even on the one CPU and faster on the other, rather than
-//!   a crossover tuned to either; and on AVX2 too (the Zen 4 held to AVX2: 0.56–0.62 × the
-//!   `gemm` crate's time at 64 rows, 0.94 / 1.04 at 128, 0.97–1.02 from 512, below);
+//!   a crossover tuned to either; and on AVX2 too (the Zen 4 held to AVX2, before the
+//!   strips below: 0.56–0.62 × the `gemm` crate's time at 64 rows, 0.94 / 1.04 at 128,
+//!   0.97–1.02 from 512);
 //! - the low-rank term `s (x Aᵀ) Bᵀ` (or, without dropout, `s (g B) A`)
 //!   joins the base product's last depth step instead of being a second pass over the
 //!   destination: 0.98 × the two products' time at `512 × 1024 × 1024` and `r = 16`, 0.996
@@ -68,16 +68,16 @@
 //! [`kernel::PanelLayout`]). Timed only on the Zen 4 with AVX-512 hidden from lorakit
 //! (`LORAKIT_CPU_ISA=avx2`) and from the `gemm` crate (a patched copy of its feature
 //! check), not on a CPU without AVX-512 (`benches/RESULTS.md`, "The packed route on AVX2").
-//! With the panels then in 64-wide steps (before the strips, which took 0.89–0.97 × that (one case 1.09)
-//! time), paired, two runs: `x Wᵀ` 0.85–0.92 × the chunked route's time at 64 rows,
-//! 0.93–0.94 at 128 and 0.97–1.01 from 512 to 2048 rows; `g W` 0.56–0.62 × the `gemm`
-//! crate's AVX2 time at 64 rows, 0.94 / 1.04 at 128 and 0.97–1.02 from 512 to 2048. The
-//! block alone, one thread, ran at 98–99% of the FMA peak with its panels in L1 or five of
-//! them (this CPU's half-L2 block) streamed from L2, 83% at ten (its 16 columns of a
-//! 64-wide panel, one cache line per step). In a benchmark run against PEFT with PyTorch
-//! also held to AVX2, the fused LoRA forward and fwd+bwd and the LoRA layer step at n = 512
-//! took 0.96–1.01 × the time with the route off (the other layer steps 0.87–1.10, their
-//! rounds spread by up to 20%).
+//! The strips took 0.89–0.97 × the time of the panels before them (64-wide steps, of which
+//! the block read 16 columns; one case 1.09). With those earlier panels, paired, two runs:
+//! `x Wᵀ` 0.85–0.92 × the chunked route's time at 64 rows, 0.93–0.94 at 128 and 0.97–1.01
+//! from 512 to 2048 rows; `g W` 0.56–0.62 × the `gemm` crate's AVX2 time at 64 rows, 0.94 /
+//! 1.04 at 128 and 0.97–1.02 from 512 to 2048; the block alone, one thread, at 98–99% of
+//! the FMA peak with its panels in L1 or five of them (this CPU's half-L2 block) streamed
+//! from L2, 83% at ten; and in a benchmark run against PEFT with PyTorch also held to AVX2,
+//! the fused LoRA forward and fwd+bwd and the LoRA layer step at n = 512 took 0.96–1.01 ×
+//! the time with the route off (the other layer steps 0.87–1.10, their rounds spread by up
+//! to 20%).
 //!
 //! **Which products.** `f32`, AVX-512F or AVX2 available and not lowered below AVX2 by
 //! `LORAKIT_CPU_ISA` (the block of the widest set: [`block_isa`]), a

@@ -1,7 +1,8 @@
 //! The register blocks of [`super`]: up to [`ROWS`] rows by [`COLS`] columns of the
 //! destination held in vector registers while the left-hand side's rows (in place, or from
 //! a row panel) and a packed column panel stream past, one multiply-add per register per
-//! step of depth; one block per vector width ([`BlockIsa`]), on the same panels.
+//! step of depth; one block per vector width ([`BlockIsa`]), each on panels laid out for
+//! it ([`PanelLayout`]).
 //!
 //! - [`avx512`]: the whole 6 × 64 tile in 24 registers, four loads and six broadcasts per
 //!   step of depth;
@@ -113,7 +114,7 @@ impl BlockIsa {
 /// 17) held to AVX2, `x Wᵀ` and `g W` from 64 to 2048 rows at `d` = 1024 to 4096, two runs
 /// of 30 paired rounds in one process each, on a host whose memory was busy (one case
 /// 1.09, in a fast moment of the other layout); a replica of the block alone, one thread,
-/// 0.93–1.00 (`benches/RESULTS.md`, "AVX2 panels in 16-column strips").
+/// 0.88–1.00 (`benches/RESULTS.md`, "AVX2 panels in 16-column strips").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct PanelLayout {
     /// Steps of depth in the panel.

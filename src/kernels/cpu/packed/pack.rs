@@ -246,7 +246,8 @@ macro_rules! full_rows_copy {
         #[target_feature(enable = $feature)]
         unsafe fn $name(data: &[f32], first: usize, rs: usize, depth: usize, part: Part) {
             const STRIP: usize = $strip;
-            debug_assert!(part.layout.strip == STRIP && STRIP.is_multiple_of($lanes));
+            const { assert!(STRIP.is_multiple_of($lanes) && COLS.is_multiple_of(STRIP)) };
+            debug_assert!(part.layout.strip == STRIP);
             // `part.at(k, j)`, spelled with the strip a constant: `j / STRIP` and
             // `j % STRIP` are constants for each of the row's vectors.
             let (first_step, strip_len) = (part.at(0, 0), part.layout.depth * STRIP);
@@ -366,6 +367,7 @@ macro_rules! lines_transpose {
         #[target_feature(enable = $feature)]
         unsafe fn $name(lines: &[&[f32]], depth: usize, out: &mut [f32]) {
             const STRIP: usize = $strip;
+            const { assert!(STRIP.is_multiple_of($side) && COLS.is_multiple_of(STRIP)) };
             for k0 in (0..depth).step_by($side) {
                 // SAFETY: the caller's contract bounds every load and store.
                 unsafe {
@@ -479,6 +481,58 @@ unsafe fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Column panels hold each piece's values where [`PanelLayout::at`] puts them, for
+    /// every block this CPU has: two pieces one after the other along the depth (the
+    /// second from step 20), depths that are not a multiple of a transpose's side, and a
+    /// ragged last panel zero past its columns; from a row-major operand (vector copies
+    /// for full panels) and a transposed one (register transposes, then the remainder).
+    #[test]
+    fn column_panels_follow_the_layout() -> candle_core::Result<()> {
+        let (k, n) = (37, 150);
+        let data: Vec<f32> = (0..k * n).map(|v| v as f32 + 1.0).collect();
+        let row_major = MatRef::new(&data, k, n, n, 1)?;
+        let transposed = MatRef::new(&data, k, n, 1, k)?;
+        let cols = Extent { start: 5, len: 145 };
+        let panels = cols.len.div_ceil(COLS);
+        for isa in BlockIsa::ALL
+            .into_iter()
+            .filter(|isa| isa.isa().available())
+        {
+            for mat in [row_major, transposed] {
+                let piece = |k0, depth| Piece {
+                    mat,
+                    k0,
+                    depth,
+                    scale: 1.0,
+                };
+                let pieces = [piece(3, 20), piece(0, 16)];
+                let depth = 36;
+                let mut out = vec![f32::NAN; panels * depth * COLS];
+                column_panels(&pieces, cols, &mut out, isa)?;
+                let layout = PanelLayout::of(isa, depth);
+                for p in 0..panels {
+                    for step in 0..depth {
+                        let (first, k_at) = if step < 20 { (3, 0) } else { (0, 20) };
+                        for j in 0..COLS {
+                            let col = p * COLS + j;
+                            let want = match col < cols.len {
+                                true => mat.at_checked(first + step - k_at, cols.start + col)?,
+                                false => 0.0,
+                            };
+                            let got = out[p * depth * COLS + layout.at(step, j)];
+                            assert_eq!(
+                                got, want,
+                                "{isa:?} rs {}: panel {p}, ({step}, {j})",
+                                mat.rs
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 
     /// A single unscaled piece with contiguous rows is read where it is: from its first
     /// row's first value of the step, at its own row stride, up to its last row's last
