@@ -13,26 +13,49 @@
 //!
 //! Both sum each destination element's products in depth order in one FMA chain, then
 //! scale by `beta` and add the start ([`Start`]) as the same two operations, so the two
-//! blocks give the same bits. The loop over depth is one, [`accumulate`], over either
-//! vector set's registers ([`Vectors`]); each block keeps its own edge handling (AVX-512's
-//! lane masks, AVX2's plain full vectors and masked partial ones).
+//! blocks give the same bits. The block is one, [`block`] (its depth loop [`accumulate`],
+//! then [`finish`]), over either vector set's registers ([`Vectors`]); each set brings only
+//! its intrinsics and its edge loads and stores (AVX-512's lane masks, AVX2's plain full
+//! vectors and masked partial ones).
 
 use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
 
 use super::super::machine::Isa;
 
-/// `$block::<R>(args)` for `R = $rows`, 1 to [`ROWS`] (0 runs nothing): each ISA's block
-/// is compiled per row count, so that its sums stay in registers.
-macro_rules! for_rows {
-    ($rows:expr, $block:ident($($arg:expr),*)) => {
-        match $rows {
-            0 => {}
-            1 => $block::<1>($($arg),*),
-            2 => $block::<2>($($arg),*),
-            3 => $block::<3>($($arg),*),
-            4 => $block::<4>($($arg),*),
-            5 => $block::<5>($($arg),*),
-            _ => $block::<ROWS>($($arg),*),
+/// The [`Vectors`] methods that are one intrinsic each, for a register type `$reg`, in a
+/// vector set's `impl Vectors`.
+macro_rules! one_intrinsic_ops {
+    ($reg:ty, zero: $zero:ident, load: $load:ident, splat: $splat:ident,
+     fma: $fma:ident, mul: $mul:ident, add: $add:ident) => {
+        #[inline(always)]
+        unsafe fn zero() -> $reg {
+            // SAFETY: the caller's contract: the vector set is available.
+            unsafe { $zero() }
+        }
+        #[inline(always)]
+        unsafe fn load_aligned(at: *const f32) -> $reg {
+            // SAFETY: the caller's contract: the vector set, `at` aligned with `LANES` values.
+            unsafe { $load(at) }
+        }
+        #[inline(always)]
+        unsafe fn splat(value: f32) -> $reg {
+            // SAFETY: the caller's contract: the vector set is available.
+            unsafe { $splat(value) }
+        }
+        #[inline(always)]
+        unsafe fn fma(a: $reg, b: $reg, c: $reg) -> $reg {
+            // SAFETY: the caller's contract: the vector set (with FMA) is available.
+            unsafe { $fma(a, b, c) }
+        }
+        #[inline(always)]
+        unsafe fn mul(a: $reg, b: $reg) -> $reg {
+            // SAFETY: the caller's contract: the vector set is available.
+            unsafe { $mul(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn add(a: $reg, b: $reg) -> $reg {
+            // SAFETY: the caller's contract: the vector set is available.
+            unsafe { $add(a, b) }
         }
     };
 }
@@ -209,8 +232,8 @@ fn prefetch_destination<const R: usize>(tile: &Tile, cols: usize) {
     }
 }
 
-/// One vector set's `f32` registers and the four operations [`accumulate`] needs. Each
-/// method is `#[inline(always)]` and called only from a block compiled with its set
+/// One vector set's `f32` registers and the operations [`block`] needs. Each method is
+/// `#[inline(always)]` and called only from a block compiled with its set
 /// (`#[target_feature]`), where the intrinsics inline into one loop.
 pub(super) trait Vectors {
     /// A register of `LANES` values.
@@ -237,6 +260,114 @@ pub(super) trait Vectors {
     /// # Safety
     /// The vector set is available.
     unsafe fn fma(a: Self::Reg, b: Self::Reg, c: Self::Reg) -> Self::Reg;
+    /// `a · b`.
+    ///
+    /// # Safety
+    /// The vector set is available.
+    unsafe fn mul(a: Self::Reg, b: Self::Reg) -> Self::Reg;
+    /// `a + b`.
+    ///
+    /// # Safety
+    /// The vector set is available.
+    unsafe fn add(a: Self::Reg, b: Self::Reg) -> Self::Reg;
+    /// The first `lanes` (at most `LANES`) values at `at`, the rest zero.
+    ///
+    /// # Safety
+    /// The vector set is available; `at` is valid for reads of `lanes` values.
+    unsafe fn load_first(at: *const f32, lanes: usize) -> Self::Reg;
+    /// Stores the first `lanes` (at most `LANES`) values of `value` at `at`.
+    ///
+    /// # Safety
+    /// The vector set is available; `at` is valid for writes of `lanes` values.
+    unsafe fn store_first(at: *mut f32, lanes: usize, value: Self::Reg);
+}
+
+/// [`multiply`] for one block of `S`'s registers `V` wide (`tile.width` at most
+/// `V · S::LANES`), compiled per row count so that its sums stay in registers.
+///
+/// # Safety
+/// As for [`multiply`], with `S`'s vector set available and `cols` the block's strip of
+/// the panel ([`PanelLayout`]): `depth · V · S::LANES` values, aligned to a register.
+#[inline(always)]
+unsafe fn block<S: Vectors, const V: usize>(
+    depth: usize,
+    lhs: (*const f32, usize),
+    cols: *const f32,
+    tile: Tile,
+) {
+    // SAFETY: the caller's contract, for every row count.
+    unsafe {
+        match tile.rows {
+            0 => {}
+            1 => rows_block::<S, 1, V>(depth, lhs, cols, tile),
+            2 => rows_block::<S, 2, V>(depth, lhs, cols, tile),
+            3 => rows_block::<S, 3, V>(depth, lhs, cols, tile),
+            4 => rows_block::<S, 4, V>(depth, lhs, cols, tile),
+            5 => rows_block::<S, 5, V>(depth, lhs, cols, tile),
+            _ => rows_block::<S, ROWS, V>(depth, lhs, cols, tile),
+        }
+    }
+}
+
+/// [`block`] for `R` rows: the destination asked for, the sums, then [`finish`].
+///
+/// # Safety
+/// As for [`block`], with `tile.rows == R`.
+#[inline(always)]
+unsafe fn rows_block<S: Vectors, const R: usize, const V: usize>(
+    depth: usize,
+    lhs: (*const f32, usize),
+    cols: *const f32,
+    tile: Tile,
+) {
+    prefetch_destination::<R>(&tile, tile.width);
+    // SAFETY: the caller's contract.
+    unsafe { finish::<S, R, V>(accumulate::<S, R, V>(depth, lhs, cols), &tile) }
+}
+
+/// Stores `sums` into `tile`: each scaled by `beta`, then added to what [`Start`] says,
+/// the lanes past `tile.width` neither read nor written.
+///
+/// # Safety
+/// `S`'s vector set is available; `tile.out` is valid for writes of `tile.width` (at most
+/// `V · S::LANES`) elements at each of its `R` rows (and for reads, of initialized values,
+/// with [`Start::Dst`]); a [`Start::Row`] pointer is valid for reads of `tile.width`
+/// values.
+#[inline(always)]
+unsafe fn finish<S: Vectors, const R: usize, const V: usize>(sums: [[S::Reg; V]; R], tile: &Tile) {
+    let lanes = lanes_within::<V>(tile.width, S::LANES);
+    // SAFETY: the caller's contract; `load_first` and `store_first` stay inside each
+    // vector's `lanes` (0 for a vector past the width, which is skipped), and the
+    // destination is read only with `Start::Dst`.
+    unsafe {
+        let beta = S::splat(tile.beta);
+        let row: Option<[S::Reg; V]> = match tile.start {
+            Start::Row(values) => {
+                let mut row = [S::zero(); V];
+                for (v, (slot, &n)) in row.iter_mut().zip(&lanes).enumerate() {
+                    *slot = S::load_first(values.wrapping_add(S::LANES * v), n);
+                }
+                Some(row)
+            }
+            Start::Zero | Start::Dst => None,
+        };
+        for (i, sum) in sums.iter().enumerate() {
+            let out = tile.out.add(i * tile.out_rs);
+            for (v, (&s, &n)) in sum.iter().zip(&lanes).enumerate() {
+                if n == 0 {
+                    continue;
+                }
+                let at = out.wrapping_add(S::LANES * v);
+                let mut value = S::mul(s, beta);
+                if tile.start == Start::Dst {
+                    value = S::add(S::load_first(at, n), value);
+                } else if let Some(&start) = row.as_ref().and_then(|row| row.get(v)) {
+                    value = S::add(start, value);
+                }
+                S::store_first(at, n, value);
+            }
+        }
+    }
 }
 
 /// The sums of an `R`-row block `V` registers wide over `depth` steps: row `i`'s value at

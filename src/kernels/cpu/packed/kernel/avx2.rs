@@ -1,4 +1,4 @@
-//! The AVX2 register block of [`super`]: a 6 × 64 tile as four blocks of [`ROWS`] rows
+//! The AVX2 register block of [`super`]: a 6 × 64 tile as four blocks of [`ROWS`](super::ROWS) rows
 //! by 16 columns, each held in 12 registers (with its two column vectors and a broadcast,
 //! 15 of AVX2's 16). Per step of depth a block loads its 16 columns of the column panel
 //! (one cache line of the block's strip, [`super::PanelLayout`]) and broadcasts each row's
@@ -14,10 +14,7 @@ use std::arch::x86_64::{
     _mm256_set1_ps, _mm256_setr_epi32, _mm256_setzero_ps, _mm256_storeu_ps,
 };
 
-use super::{
-    accumulate, lanes_within, prefetch_destination, BlockIsa, PanelLayout, Start, Tile, Vectors,
-    COLS, ROWS,
-};
+use super::{block, BlockIsa, PanelLayout, Start, Tile, Vectors, COLS};
 
 /// `f32` lanes of an AVX2 vector.
 const LANES: usize = 8;
@@ -57,35 +54,37 @@ pub(super) unsafe fn multiply(
         // SAFETY: the caller's contract, for columns `first ..` of the tile: `part.width`
         // of them from `part.out` (and from a `Start::Row` pointer), and the strip's
         // `depth · BLOCK_COLS` values of the panel's `depth · COLS`.
-        unsafe { for_rows!(tile.rows, block(depth, lhs, cols, part)) }
+        unsafe { block::<Avx2, VECTORS>(depth, lhs, cols, part) }
     }
 }
 
-/// AVX2's registers for [`accumulate`].
+/// AVX2's registers for [`super::block`].
 struct Avx2;
 
 impl Vectors for Avx2 {
     type Reg = __m256;
     const LANES: usize = LANES;
+    one_intrinsic_ops!(__m256, zero: _mm256_setzero_ps, load: _mm256_load_ps,
+        splat: _mm256_set1_ps, fma: _mm256_fmadd_ps, mul: _mm256_mul_ps, add: _mm256_add_ps);
     #[inline(always)]
-    unsafe fn zero() -> __m256 {
-        // SAFETY: the caller's AVX2.
-        unsafe { _mm256_setzero_ps() }
+    unsafe fn load_first(at: *const f32, lanes: usize) -> __m256 {
+        // SAFETY: the caller's contract; a masked load reads only the lanes it keeps.
+        unsafe {
+            match lanes {
+                LANES => _mm256_loadu_ps(at),
+                _ => _mm256_maskload_ps(at, mask(lanes)),
+            }
+        }
     }
     #[inline(always)]
-    unsafe fn load_aligned(at: *const f32) -> __m256 {
-        // SAFETY: the caller's contract: AVX2, `at` 32-byte aligned with 8 values.
-        unsafe { _mm256_load_ps(at) }
-    }
-    #[inline(always)]
-    unsafe fn splat(value: f32) -> __m256 {
-        // SAFETY: the caller's AVX2.
-        unsafe { _mm256_set1_ps(value) }
-    }
-    #[inline(always)]
-    unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
-        // SAFETY: the caller's AVX2 and FMA.
-        unsafe { _mm256_fmadd_ps(a, b, c) }
+    unsafe fn store_first(at: *mut f32, lanes: usize, value: __m256) {
+        // SAFETY: the caller's contract; a masked store writes only the lanes it keeps.
+        unsafe {
+            match lanes {
+                LANES => _mm256_storeu_ps(at, value),
+                _ => _mm256_maskstore_ps(at, mask(lanes), value),
+            }
+        }
     }
 }
 
@@ -98,81 +97,5 @@ unsafe fn mask(lanes: usize) -> __m256i {
             _mm256_set1_epi32(lanes as i32),
             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
         )
-    }
-}
-
-/// The first `lanes` values at `at` (the rest zero).
-///
-/// # Safety
-/// AVX2; `at` is valid for reads of `lanes` values.
-#[inline(always)]
-unsafe fn load(at: *const f32, lanes: usize) -> __m256 {
-    // SAFETY: the caller's contract; a masked load reads only the lanes it keeps.
-    unsafe {
-        match lanes {
-            LANES => _mm256_loadu_ps(at),
-            _ => _mm256_maskload_ps(at, mask(lanes)),
-        }
-    }
-}
-
-/// Stores the first `lanes` values of `value` at `at`.
-///
-/// # Safety
-/// AVX2; `at` is valid for writes of `lanes` values.
-#[inline(always)]
-unsafe fn store(at: *mut f32, lanes: usize, value: __m256) {
-    // SAFETY: the caller's contract; a masked store writes only the lanes it keeps.
-    unsafe {
-        match lanes {
-            LANES => _mm256_storeu_ps(at, value),
-            _ => _mm256_maskstore_ps(at, mask(lanes), value),
-        }
-    }
-}
-
-/// [`multiply`] for `R` rows of one block (`tile.width` at most [`BLOCK_COLS`]).
-#[inline(always)]
-unsafe fn block<const R: usize>(
-    depth: usize,
-    lhs: (*const f32, usize),
-    cols: *const f32,
-    tile: Tile,
-) {
-    // SAFETY: within `multiply`'s contract: `R` rows of `depth` values at `rows_rs`, the
-    // block's strip of `depth` steps of `BLOCK_COLS` values (32-byte aligned),
-    // `tile.width` columns of `R` destination rows and of a `Start::Row` (`load` and
-    // `store` stay inside them; the destination is read only with `Start::Dst`).
-    unsafe {
-        prefetch_destination::<R>(&tile, tile.width);
-        let sums = accumulate::<Avx2, R, VECTORS>(depth, lhs, cols);
-        let lanes = lanes_within::<VECTORS>(tile.width, LANES);
-        let beta = _mm256_set1_ps(tile.beta);
-        let row: Option<[__m256; VECTORS]> = match tile.start {
-            Start::Row(values) => {
-                let mut row = [_mm256_setzero_ps(); VECTORS];
-                for (v, (slot, &n)) in row.iter_mut().zip(&lanes).enumerate() {
-                    *slot = load(values.wrapping_add(LANES * v), n);
-                }
-                Some(row)
-            }
-            Start::Zero | Start::Dst => None,
-        };
-        for (i, sum) in sums.iter().enumerate() {
-            let out = tile.out.add(i * tile.out_rs);
-            for (v, (&s, &n)) in sum.iter().zip(&lanes).enumerate() {
-                if n == 0 {
-                    continue;
-                }
-                let at = out.wrapping_add(LANES * v);
-                let mut value = _mm256_mul_ps(s, beta);
-                if tile.start == Start::Dst {
-                    value = _mm256_add_ps(load(at, n), value);
-                } else if let Some(&start) = row.as_ref().and_then(|row| row.get(v)) {
-                    value = _mm256_add_ps(start, value);
-                }
-                store(at, n, value);
-            }
-        }
     }
 }
