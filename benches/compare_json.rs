@@ -1,7 +1,13 @@
-//! The cases of `fused.rs` and of `variants.rs` timed with a plain loop and printed as one
-//! JSON object (`{"case": [median_ms, min_ms], ...}`) for `benches/peft_compare.py`.
+//! The cases of `fused.rs` and of `variants.rs` timed with a plain loop, for
+//! `benches/peft_compare.py`.
 //!
-//! `cargo bench --bench compare_json` (the script sets `RAYON_NUM_THREADS`).
+//! `cargo bench --bench compare_json` (the script sets `RAYON_NUM_THREADS`) times every case
+//! in turn and prints them as one JSON object, `{"case": [median_ms, min_ms], ...}`, on its
+//! last line. `cargo bench --bench compare_json -- --serve` sets the cases up, prints their
+//! names as a JSON list on one line, and then times the case named on each line of its
+//! standard input, answering with one line `{"case": [median_ms, min_ms]}`, until its
+//! input ends: the script's paired rounds, which time each case of PEFT's and lorakit's
+//! side by side, so that both meet the same moments of a shared host.
 //!
 //! Like a training program, it first calls `lorakit::threads::park_idle_elementwise_workers`
 //! (candle's element-wise workers spin 200 rounds after an op instead of 25,000); a
@@ -13,6 +19,7 @@
 //! without gradient tracking and, for the fused path, `LoraLinear::forward_t(x, false)`
 //! (PEFT's side runs under `torch.no_grad()`).
 
+use std::io::{BufRead, Write};
 use std::time::Instant;
 
 mod common;
@@ -22,7 +29,7 @@ use variant_cases::{EvalCases, TrainCases, EVAL, TRAIN};
 
 /// Median and minimum wall time of `f` in milliseconds, after warm-up, over about
 /// `budget_ms`.
-fn median_ms(mut f: impl FnMut(), budget_ms: f64) -> (f64, f64) {
+fn median_ms(f: &mut dyn FnMut(), budget_ms: f64) -> (f64, f64) {
     for _ in 0..3 {
         f();
     }
@@ -38,67 +45,128 @@ fn median_ms(mut f: impl FnMut(), budget_ms: f64) -> (f64, f64) {
     (times[times.len() / 2], times[0])
 }
 
-fn main() {
-    // `cargo bench` passes `--bench`; nothing else is accepted.
-    lorakit::threads::park_idle_elementwise_workers();
-    lorakit::threads::on_worker(run);
+/// One timed case: its name in the JSON, its time budget and what one call does.
+struct Case<'a> {
+    name: String,
+    budget_ms: f64,
+    call: Box<dyn FnMut() + 'a>,
 }
 
-/// Every case, timed on one of rayon's workers (`main`'s `on_worker`).
-fn run() {
-    // What the kernels route by, for `peft_compare.py`'s machine line.
+impl Case<'_> {
+    /// `"name": [median, min]`, timed now.
+    fn time(&mut self) -> String {
+        let (median, min) = median_ms(&mut self.call, self.budget_ms);
+        format!("\"{}\": [{median:.4}, {min:.4}]", self.name)
+    }
+}
+
+/// What the cases run on, set up once.
+struct Setups {
+    shapes: Vec<Setup>,
+    train: TrainCases,
+    eval: EvalCases,
+}
+
+impl Setups {
+    fn new() -> Self {
+        Setups {
+            shapes: SHAPES.into_iter().map(Setup::new).collect(),
+            train: TrainCases::new(),
+            eval: EvalCases::new(),
+        }
+    }
+
+    /// Every case, in the order of the one-shot JSON.
+    fn cases(&self) -> Vec<Case<'_>> {
+        let mut cases = Vec::new();
+        for (s, setup) in SHAPES.iter().zip(&self.shapes) {
+            let label = format!("n{}_d{}_r{}", s.n, s.d, s.r);
+            for path in Path::ALL {
+                cases.push(Case {
+                    name: format!("fwd/{label}/{}", path.name()),
+                    budget_ms: 1500.0,
+                    call: Box::new(move || drop(std::hint::black_box(setup.fwd_row(path)))),
+                });
+                cases.push(Case {
+                    name: format!("fwd_bwd/{label}/{}", path.name()),
+                    budget_ms: 2500.0,
+                    call: Box::new(move || {
+                        std::hint::black_box(setup.forward_backward(path));
+                    }),
+                });
+            }
+        }
+        let (n, d, _) = TRAIN;
+        for (name, layer) in &self.train.layers {
+            cases.push(Case {
+                name: format!("variants/fwd_bwd_n{n}_d{d}/{name}"),
+                budget_ms: 2500.0,
+                call: Box::new(|| self.train.step(layer.as_ref())),
+            });
+        }
+        let (d, _) = EVAL;
+        cases.push(Case {
+            name: format!("variants/eval_n1_d{d}/base"),
+            budget_ms: 1500.0,
+            call: Box::new(|| self.eval.base()),
+        });
+        for (name, layer) in &self.eval.layers {
+            cases.push(Case {
+                name: format!("variants/eval_n1_d{d}/{name}"),
+                budget_ms: 1500.0,
+                call: Box::new(|| self.eval.eval(layer.as_ref())),
+            });
+        }
+        cases
+    }
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `--serve` is the only other argument.
+    let serve = std::env::args().any(|a| a == "--serve");
+    lorakit::threads::park_idle_elementwise_workers();
+    lorakit::threads::on_worker(|| if serve { serve_cases() } else { time_all() });
+}
+
+/// What the kernels route by, for `peft_compare.py`'s machine line.
+fn print_kernels() {
     println!(
         "lorakit kernels: {}",
         lorakit::kernels::CpuReport::current()
     );
-    let mut out = Vec::new();
-    for shape in SHAPES {
-        let setup = Setup::new(shape);
-        let label = format!("n{}_d{}_r{}", shape.n, shape.d, shape.r);
-        for path in Path::ALL {
-            let fwd = median_ms(|| drop(std::hint::black_box(setup.fwd_row(path))), 1500.0);
-            out.push(format!(
-                "\"fwd/{label}/{}\": [{:.4}, {:.4}]",
-                path.name(),
-                fwd.0,
-                fwd.1
-            ));
-            let fb = median_ms(
-                || {
-                    std::hint::black_box(setup.forward_backward(path));
-                },
-                2500.0,
-            );
-            out.push(format!(
-                "\"fwd_bwd/{label}/{}\": [{:.4}, {:.4}]",
-                path.name(),
-                fb.0,
-                fb.1
-            ));
+}
+
+/// Every case in turn, as one JSON object on the last line.
+fn time_all() {
+    print_kernels();
+    let setups = Setups::new();
+    let timed: Vec<String> = setups.cases().iter_mut().map(Case::time).collect();
+    println!("{{{}}}", timed.join(", "));
+}
+
+/// The names as a JSON list, then one case per line of standard input, each answered on
+/// its own line (`--serve`). An unknown name is answered `{"error": ...}`.
+fn serve_cases() {
+    print_kernels();
+    let setups = Setups::new();
+    let mut cases = setups.cases();
+    let names: Vec<String> = cases.iter().map(|c| format!("\"{}\"", c.name)).collect();
+    let mut out = std::io::stdout().lock();
+    let mut answer = |line: String| writeln!(out, "{line}").and_then(|()| out.flush()).is_ok();
+    if !answer(format!("[{}]", names.join(", "))) {
+        return;
+    }
+    for request in std::io::stdin().lock().lines() {
+        let Ok(request) = request else { return };
+        let line = match cases.iter_mut().find(|c| c.name == request.trim()) {
+            Some(case) => format!("{{{}}}", case.time()),
+            None => {
+                let error = format!("no case named {:?}", request.trim());
+                format!("{{\"error\": {}}}", serde_json::Value::from(error))
+            }
+        };
+        if !answer(line) {
+            return;
         }
     }
-    let cases = TrainCases::new();
-    let (n, d, _) = TRAIN;
-    for (name, layer) in &cases.layers {
-        let t = median_ms(|| cases.step(layer.as_ref()), 2500.0);
-        out.push(format!(
-            "\"variants/fwd_bwd_n{n}_d{d}/{name}\": [{:.4}, {:.4}]",
-            t.0, t.1
-        ));
-    }
-    let cases = EvalCases::new();
-    let (d, _) = EVAL;
-    let t = median_ms(|| cases.base(), 1500.0);
-    out.push(format!(
-        "\"variants/eval_n1_d{d}/base\": [{:.4}, {:.4}]",
-        t.0, t.1
-    ));
-    for (name, layer) in &cases.layers {
-        let t = median_ms(|| cases.eval(layer.as_ref()), 1500.0);
-        out.push(format!(
-            "\"variants/eval_n1_d{d}/{name}\": [{:.4}, {:.4}]",
-            t.0, t.1
-        ));
-    }
-    println!("{{{}}}", out.join(", "));
 }

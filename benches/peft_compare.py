@@ -10,13 +10,18 @@ r = 256; one-row evaluation at d = 2048). PEFT has no LoRA-FA layer (only an opt
 
     python3 benches/peft_compare.py [--threads 2] [--rounds 3] [--markdown benches/RESULTS.md]
 
-With --rounds N the two sides alternate N times and each case reports the median of its
-per-round medians (the machine may be shared: alternating spreads the noise over both).
+With --rounds N each case reports the median of its N per-round medians. A round times
+the two sides side by side: each group of cases (a kind and shape of the fused table, or one
+variant's layer) on PEFT's side and then on lorakit's (the order alternating by round), so
+that both sides of a ratio meet the same moments of a shared machine. The lorakit side
+stays up through a round (`compare_json --serve`: its cases set up once, each timed when
+asked). --sequential times each side's cases all in turn instead (one lorakit process per
+round, then PyTorch's side), the form of the runs recorded before 2026-12-06 22:30 UTC.
 A line under the tables counts, per side and round, the cases whose median was over 1.25 ×
 their minimum in that round (calls spread by a busy host), with each round's FMA peak.
 
-The lorakit side is `cargo bench --bench compare_json` (JSON on its last line), run with
-RAYON_NUM_THREADS set to the same thread count. It calls
+The lorakit side is `cargo bench --bench compare_json` (with `-- --serve` in paired
+rounds), run with RAYON_NUM_THREADS set to the same thread count. It calls
 `lorakit::threads::park_idle_elementwise_workers` first, as a training program should;
 `CANDLE_BARRIER_POOL_SPIN_LIMIT=25000` in the environment times candle's default instead.
 It times every case on one of rayon's workers (`lorakit::threads::on_worker`), as a
@@ -53,6 +58,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -109,8 +115,22 @@ class Net(torch.nn.Module):
         return self.lin(x)
 
 
+def time_train_step(model, x):
+    """`[median_ms, min_ms]` of a training step's forward and backward: the gradients set to
+    none, `model(x).sum().backward()`."""
+
+    def step():
+        x.grad = None
+        model.zero_grad(set_to_none=True)
+        model(x).sum().backward()
+
+    return median_ms(step, 2.5)
+
+
 def torch_cases():
-    out = {}
+    """PEFT's side, set up: `(name, time_it)` per case, where `time_it()` times the case and
+    returns `[median_ms, min_ms]`."""
+    cases = []
     for n, d, r in SHAPES:
         label = f"n{n}_d{d}_r{r}"
         torch.manual_seed(0)
@@ -121,25 +141,25 @@ def torch_cases():
         peft = get_peft_model(Net(d), LoraConfig(r=r, lora_alpha=2 * r, target_modules=["lin"], init_lora_weights=False))
         for name, model in [("base_linear", base), ("lora_peft", peft)]:
             if n <= EVAL_MAX_ROWS:
-                x_eval = x.detach()
 
-                def ev():
-                    with torch.no_grad():
-                        return model(x_eval)
+                def fwd(model=model, x_eval=x.detach()):
+                    def ev():
+                        with torch.no_grad():
+                            return model(x_eval)
 
-                model.eval()
-                out[f"fwd/{label}/{name}"] = median_ms(ev, 1.5)
-                model.train()
+                    model.eval()
+                    try:
+                        return median_ms(ev, 1.5)
+                    finally:
+                        model.train()
             else:
-                out[f"fwd/{label}/{name}"] = median_ms(lambda: model(x), 1.5)
 
-            def fb():
-                x.grad = None
-                model.zero_grad(set_to_none=True)
-                model(x).sum().backward()
+                def fwd(model=model, x=x):
+                    return median_ms(lambda: model(x), 1.5)
 
-            out[f"fwd_bwd/{label}/{name}"] = median_ms(fb, 2.5)
-    return out
+            fb = lambda model=model, x=x: time_train_step(model, x)
+            cases += [(f"fwd/{label}/{name}", fwd), (f"fwd_bwd/{label}/{name}", fb)]
+    return cases
 
 
 def peft_layer(d, name, r):
@@ -159,28 +179,28 @@ def peft_layer(d, name, r):
 
 
 def torch_variant_cases():
-    out = {}
+    """PEFT's whole adapted layers, set up, as `torch_cases`."""
+    cases = []
     n, d, r = VARIANT_TRAIN
     torch.manual_seed(0)
     x = torch.rand(n, d, requires_grad=True)
     for name in ["lora", "lora_dropout", "dora", "vera", "lora_r8"]:
         layer = peft_layer(d, name, r).train()  # dropout on (lora_dropout's case)
 
-        def fb():
-            x.grad = None
-            layer.zero_grad(set_to_none=True)
-            layer(x).sum().backward()
-
-        out[f"variants/fwd_bwd_n{n}_d{d}/{name}"] = median_ms(fb, 2.5)
+        fb = lambda layer=layer, x=x: time_train_step(layer, x)
+        cases.append((f"variants/fwd_bwd_n{n}_d{d}/{name}", fb))
     d, r = VARIANT_EVAL
     x = torch.rand(1, d)
     with torch.no_grad():
-        base = torch.nn.Linear(d, d)
-        out[f"variants/eval_n1_d{d}/base"] = median_ms(lambda: base(x), 1.5)
-        for name in ["lora", "dora"]:
-            layer = peft_layer(d, name, r).eval()
-            out[f"variants/eval_n1_d{d}/{name}"] = median_ms(lambda: layer(x), 1.5)
-    return out
+        layers = [("base", torch.nn.Linear(d, d))] + [(name, peft_layer(d, name, r).eval()) for name in ["lora", "dora"]]
+    for name, layer in layers:
+
+        def ev(layer=layer, x=x):
+            with torch.no_grad():
+                return median_ms(lambda: layer(x), 1.5)
+
+        cases.append((f"variants/eval_n1_d{d}/{name}", ev))
+    return cases
 
 
 def cell(v):
@@ -231,6 +251,92 @@ def lorakit_cases(threads, features="default", bench="compare_json"):
         if line.startswith(ROUTES_PREFIX):
             LORAKIT_ROUTES[features] = line[len(ROUTES_PREFIX):].strip()
     return json.loads(lines[-1])
+
+
+class LorakitServer:
+    """`compare_json --serve` for one feature set: its cases set up in a child process,
+    each timed when asked (`time`)."""
+
+    def __init__(self, threads, features="default"):
+        env = dict(os.environ, RAYON_NUM_THREADS=str(threads), **RUNTIME_SETS.get(features, {}))
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        feats = [] if features == "default" or features in RUNTIME_SETS else ["--features", features]
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(
+            ["cargo", "bench", "--bench", "compare_json", *feats, "--", "--serve"],
+            cwd=root, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
+        )
+        line = self._line()
+        while not line.startswith("["):
+            if line.startswith(ROUTES_PREFIX):
+                LORAKIT_ROUTES[features] = line[len(ROUTES_PREFIX):].strip()
+            line = self._line()
+        self.names = json.loads(line)
+
+    def _line(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            self.stderr.seek(0)
+            sys.exit(f"compare_json --serve ended early:\n{self.stderr.read()[-4000:]}")
+        return line
+
+    def time(self, name):
+        """`[median_ms, min_ms]` of the case `name`, timed now."""
+        self.proc.stdin.write(name + "\n")
+        self.proc.stdin.flush()
+        answer = json.loads(self._line())
+        if "error" in answer:
+            sys.exit(f"compare_json --serve: {answer['error']}")
+        return answer[name]
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+        self.stderr.close()
+
+
+def pair_key(name):
+    """The cases timed side by side: a variant's case on its own, the fused table's cases
+    by kind and shape (PEFT's base and LoRA with lorakit's base, composed and fused)."""
+    return name if name.startswith("variants/") else name.rsplit("/", 1)[0]
+
+
+# Seconds between one side's cases and the other's, for the first side's threads to stop
+# spinning (PyTorch's OpenMP team, rayon's and candle's workers) before the second starts.
+SIDE_PAUSE_S = 0.05
+
+
+ROUND_KINDS = {
+    False: "paired (each case's PEFT and lorakit timings side by side, the side that goes first alternating by round)",
+    True: "sequential (each side's cases all in turn, the sides alternating)",
+}
+
+
+def paired_round(threads, feats, peft_first):
+    """One round with the two sides side by side: per `pair_key` group, PEFT's cases and
+    each lorakit feature set's, in turn (PEFT first when `peft_first`, else last). Returns
+    `(PEFT's results, {feature set: its results})`."""
+    servers = {f: LorakitServer(threads, f) for f in feats}
+    peft = torch_cases() + torch_variant_cases()
+    groups = {}
+    for f, server in servers.items():
+        for name in server.names:
+            groups.setdefault(pair_key(name), {}).setdefault(f, []).append(name)
+    for name, time_it in peft:
+        groups.setdefault(pair_key(name), {}).setdefault("peft", []).append((name, time_it))
+    t, k = {}, {f: {} for f in feats}
+    order = ["peft", *feats] if peft_first else [*feats, "peft"]
+    for group in groups.values():
+        for side in order:
+            time.sleep(SIDE_PAUSE_S)
+            for case in group.get(side, []):
+                if side == "peft":
+                    t[case[0]] = case[1]()
+                else:
+                    k[side][case] = servers[side].time(case)
+    for server in servers.values():
+        server.close()
+    return t, k
 
 
 # What lorakit's kernels read off the CPU (`lorakit::kernels::CpuReport`), as the
@@ -446,6 +552,8 @@ def main():
     ap.add_argument("--lorakit-features", nargs="+", default=["default"],
                     help="cargo feature sets for the lorakit side, one run each per round (`default`: none)")
     ap.add_argument("--no-faults", action="store_true", help="skip the page-faults-per-step measurement")
+    ap.add_argument("--sequential", action="store_true",
+                    help="time each side's cases all in turn per round (lorakit first), not side by side per case")
     ap.add_argument("--torch-faults", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -453,10 +561,16 @@ def main():
         return torch_step_faults(args.torch_faults)
     feats = args.lorakit_features
     ks, ts, peaks = {f: [] for f in feats}, [], []
-    for _ in range(args.rounds):
-        for f in feats:
-            ks[f].append(lorakit_cases(args.threads, f))
-        ts.append({**torch_cases(), **torch_variant_cases()})
+    for i in range(args.rounds):
+        if args.sequential:
+            for f in feats:
+                ks[f].append(lorakit_cases(args.threads, f))
+            ts.append({name: time_it() for name, time_it in torch_cases() + torch_variant_cases()})
+        else:
+            t_round, k_round = paired_round(args.threads, feats, peft_first=i % 2 == 0)
+            ts.append(t_round)
+            for f in feats:
+                ks[f].append(k_round[f])
         peaks.append(fma_peak(args.threads))
         print(json.dumps({"peft": ts[-1], **{f"lorakit[{f}]": ks[f][-1] for f in feats}, "cpu": cpu_info(args.threads)}), flush=True)
     kb = {f: {c: combine([r[c] for r in rs]) for c in rs[0]} for f, rs in ks.items()}
@@ -466,7 +580,7 @@ def main():
         table(t, k, args.threads)
         + "\n\nVariants (whole adapted layers):\n\n"
         + variants_table(t, k)
-        + f"\n\nMedian of {args.rounds} alternating round(s) of per-case medians. "
+        + f"\n\nMedian of {args.rounds} {ROUND_KINDS[args.sequential]} round(s) of per-case medians. "
         + disturbance_line(ts, ks, peaks)
     )
     if all(peaks):
