@@ -6,8 +6,8 @@
 //! last line. `cargo bench --bench compare_json -- --serve` sets the cases up, prints their
 //! names as a JSON list on one line, and then times the case named on each line of its
 //! standard input, answering with one line `{"case": [median_ms, min_ms]}`, until its
-//! input ends: the script's paired rounds, which time each case of PEFT's and lorakit's
-//! side by side, so that both meet the same moments of a shared host.
+//! input ends: the script's paired rounds, which time each group of cases on PEFT's side
+//! and then on lorakit's, so that both meet about the same moments of a shared host.
 //!
 //! Like a training program, it first calls `lorakit::threads::park_idle_elementwise_workers`
 //! (candle's element-wise workers spin 200 rounds after an op instead of 25,000); a

@@ -13,10 +13,13 @@ r = 256; one-row evaluation at d = 2048). PEFT has no LoRA-FA layer (only an opt
 With --rounds N each case reports the median of its N per-round medians. A round times
 the two sides side by side: each group of cases (a kind and shape of the fused table, or one
 variant's layer) on PEFT's side and then on lorakit's (the order alternating by round), so
-that both sides of a ratio meet the same moments of a shared machine. The lorakit side
+that both sides of a ratio meet about the same moments of a shared machine. The lorakit side
 stays up through a round (`compare_json --serve`: its cases set up once, each timed when
 asked). --sequential times each side's cases all in turn instead (one lorakit process per
-round, then PyTorch's side), the form of the runs recorded before 2026-12-06 22:30 UTC.
+round, then PyTorch's side), the form of every run up to be93e5c (the last one 2026-12-06
+21:49 UTC). Both forms set every case up before timing any (as of eb08613): the cases and
+their seeds are as before, but the layers drawn after a dropout case's timing (PyTorch's
+generator) now get other, still fixed, random values.
 A line under the tables counts, per side and round, the cases whose median was over 1.25 ×
 their minimum in that round (calls spread by a busy host), with each round's FMA peak.
 
@@ -276,15 +279,26 @@ class LorakitServer:
     def _line(self):
         line = self.proc.stdout.readline()
         if not line:
-            self.stderr.seek(0)
-            sys.exit(f"compare_json --serve ended early:\n{self.stderr.read()[-4000:]}")
+            self._ended()
         return line
+
+    def _ended(self):
+        """Exits with the end of the server's stderr: it stopped before it was done."""
+        self.proc.wait()
+        self.stderr.seek(0)
+        sys.exit(f"compare_json --serve ended early:\n{self.stderr.read()[-4000:]}")
 
     def time(self, name):
         """`[median_ms, min_ms]` of the case `name`, timed now."""
-        self.proc.stdin.write(name + "\n")
-        self.proc.stdin.flush()
-        answer = json.loads(self._line())
+        try:
+            self.proc.stdin.write(name + "\n")
+            self.proc.stdin.flush()
+        except OSError:  # the server has ended: its own error is in its stderr
+            self._ended()
+        line = self._line()
+        while not line.startswith("{"):  # anything else the server printed
+            line = self._line()
+        answer = json.loads(line)
         if "error" in answer:
             sys.exit(f"compare_json --serve: {answer['error']}")
         return answer[name]
@@ -307,7 +321,7 @@ SIDE_PAUSE_S = 0.05
 
 
 ROUND_KINDS = {
-    False: "paired (each case's PEFT and lorakit timings side by side, the side that goes first alternating by round)",
+    False: "paired (each group of cases timed on PEFT's side and then on lorakit's, the side that goes first alternating by round)",
     True: "sequential (each side's cases all in turn, the sides alternating)",
 }
 
@@ -553,7 +567,7 @@ def main():
                     help="cargo feature sets for the lorakit side, one run each per round (`default`: none)")
     ap.add_argument("--no-faults", action="store_true", help="skip the page-faults-per-step measurement")
     ap.add_argument("--sequential", action="store_true",
-                    help="time each side's cases all in turn per round (lorakit first), not side by side per case")
+                    help="time each side's cases all in turn per round (lorakit first), not side by side per group of cases")
     ap.add_argument("--torch-faults", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
