@@ -242,17 +242,27 @@ def variants_table(t, k):
 RUNTIME_SETS = {"amx": {"LORAKIT_CPU_AMX": "1"}, "nopacked": {"LORAKIT_PACKED_PRODUCTS": "0"}}
 
 
-def lorakit_cases(threads, features="default", bench="compare_json"):
+def lorakit_bench(threads, features, bench, *args):
+    """`cargo bench --bench <bench>` for one feature set (or runtime set) on `threads`
+    threads, `args` passed to the bench: `(command, cwd, env)` for `subprocess`."""
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads), **RUNTIME_SETS.get(features, {}))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     feats = [] if features == "default" or features in RUNTIME_SETS else ["--features", features]
-    proc = subprocess.run(
-        ["cargo", "bench", "--bench", bench, *feats], cwd=root, env=env, check=True, capture_output=True, text=True
-    )
+    return ["cargo", "bench", "--bench", bench, *feats, *(["--", *args] if args else [])], root, env
+
+
+def note_routes(features, line):
+    """Keeps the lorakit side's `lorakit kernels:` line for the machine line."""
+    if line.startswith(ROUTES_PREFIX):
+        LORAKIT_ROUTES[features] = line[len(ROUTES_PREFIX):].strip()
+
+
+def lorakit_cases(threads, features="default", bench="compare_json"):
+    cmd, root, env = lorakit_bench(threads, features, bench)
+    proc = subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True, text=True)
     lines = proc.stdout.strip().splitlines()
     for line in lines:
-        if line.startswith(ROUTES_PREFIX):
-            LORAKIT_ROUTES[features] = line[len(ROUTES_PREFIX):].strip()
+        note_routes(features, line)
     return json.loads(lines[-1])
 
 
@@ -261,18 +271,14 @@ class LorakitServer:
     each timed when asked (`time`)."""
 
     def __init__(self, threads, features="default"):
-        env = dict(os.environ, RAYON_NUM_THREADS=str(threads), **RUNTIME_SETS.get(features, {}))
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        feats = [] if features == "default" or features in RUNTIME_SETS else ["--features", features]
+        cmd, root, env = lorakit_bench(threads, features, "compare_json", "--serve")
         self.stderr = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
-            ["cargo", "bench", "--bench", "compare_json", *feats, "--", "--serve"],
-            cwd=root, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
+            cmd, cwd=root, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
         )
         line = self._line()
         while not line.startswith("["):
-            if line.startswith(ROUTES_PREFIX):
-                LORAKIT_ROUTES[features] = line[len(ROUTES_PREFIX):].strip()
+            note_routes(features, line)
             line = self._line()
         self.names = json.loads(line)
 
