@@ -79,11 +79,14 @@
 //! the time with the route off (the other layer steps 0.87–1.10, their rounds spread by up
 //! to 20%). On that shared host a block of the AVX2 shape also lost more than one of the
 //! AVX-512 shape in the same moments, even on operands in L1 (a scratch program: a median
-//! 81–87% of the best rate of all kinds against 96–97%). The AVX2 loop issues 29
+//! 81–87% of the best rate of all kinds against 96–97%). The AVX2 loop then issued 29
 //! instructions a step, about 4.8 instructions and 1.3 loads per cycle at full rate,
 //! against 1.75 and 0.4 for the AVX-512 loop; we suspect it loses when another guest takes
 //! part of the core ("Paired rounds, and why the AVX2 route's calls spread"; unrolling the
-//! AVX2 loop four steps took 0.94–1.05 × the time, not kept).
+//! AVX2 loop four steps took 0.94–1.05 × the time, not kept). Since 2026-12-07 it issues
+//! 24 (the rows' starts kept in registers: `kernel::accumulate`, where `llvm-mca`'s
+//! four-wide models, Haswell to Zen 2, give it 0.83 × the cycles; 0.92–1.01 × the time on
+//! the Zen 4).
 //!
 //! **Which products.** `f32`, AVX-512F or AVX2 available and not lowered below AVX2 by
 //! `LORAKIT_CPU_ISA` (the block of the widest set: [`block_isa`]), a

@@ -375,6 +375,20 @@ unsafe fn finish<S: Vectors, const R: usize, const V: usize>(sums: [[S::Reg; V];
 /// (from `cols`, a strip of [`PanelLayout`]: the steps' `V · S::LANES` values one after
 /// the other), one FMA chain per register in depth order.
 ///
+/// Each row's value is read at its own start plus the step ([`opaque`] row starts), so that
+/// a step of the six-row loop is its loads, broadcasts and FMAs and four instructions more
+/// (the step's count, the panel's pointer, a compare and the branch): 24 on AVX2 and 38
+/// on AVX-512. With the rows at `rows + i · rows_rs` the compiler rebuilt four of the six
+/// addresses every step: 29 and 42 instructions. A step of AVX2's block is 12 FMAs, six
+/// cycles at two a cycle, and 29 instructions in six cycles are more than a core that
+/// dispatches four a cycle keeps up with: `llvm-mca` (LLVM 14) gives the old loop 7.26
+/// cycles a step and this one 6.01 on its Haswell, Broadwell, Zen 1 and Zen 2 models, and
+/// both 6.01 (AVX2) or 12.0 (AVX-512) on its six-wide models (Skylake, Alder Lake, the
+/// AVX-512 Xeons). A model, not a measurement: the one CPU this was timed on, an AMD EPYC
+/// Zen 4 (six-wide), gave the route's products 0.92–1.01 × the old loop's time on AVX2
+/// and 0.985–1.017 × on AVX-512 (`benches/RESULTS.md`, "Row starts the compiler cannot
+/// rebuild").
+///
 /// # Safety
 /// `S`'s vector set is available; `rows` holds `R` rows of `depth` values at `rows_rs`;
 /// `cols` holds `depth · V · S::LANES` values, aligned to a register.
@@ -387,20 +401,37 @@ unsafe fn accumulate<S: Vectors, const R: usize, const V: usize>(
     // SAFETY: the caller's contract bounds every load.
     unsafe {
         let mut sums = [[S::zero(); V]; R];
-        let (mut a, mut b) = (rows, cols);
-        for _ in 0..depth {
+        let row_starts: [*const f32; R] =
+            std::array::from_fn(|i| opaque(rows.wrapping_add(i * rows_rs)));
+        let mut b = cols;
+        for k in 0..depth {
             let column: [S::Reg; V] = std::array::from_fn(|v| S::load_aligned(b.add(S::LANES * v)));
-            for (i, sum) in sums.iter_mut().enumerate() {
-                let ai = S::splat(*a.add(i * rows_rs));
+            for (sum, &row) in sums.iter_mut().zip(&row_starts) {
+                let ai = S::splat(*row.add(k));
                 for (s, &c) in sum.iter_mut().zip(&column) {
                     *s = S::fma(ai, c, *s);
                 }
             }
-            a = a.add(1);
             b = b.add(V * S::LANES);
         }
         sums
     }
+}
+
+/// `at`, passed through an empty `asm!` block: the same address, which the compiler can no
+/// longer tell is `rows + i · rows_rs`, so it keeps each row's start in a register of its
+/// own rather than rebuilding it from the others inside the loop ([`accumulate`]).
+#[inline(always)]
+// The block reads and writes no memory, through `at` or otherwise: it hands the address
+// back as it was, so `nomem` is what it does.
+#[allow(clippy::pointers_in_nomem_asm_block)]
+fn opaque(at: *const f32) -> *const f32 {
+    let mut at = at;
+    // SAFETY: an empty instruction template: it reads, writes and jumps nowhere.
+    unsafe {
+        std::arch::asm!("/* {0} */", inout(reg) at, options(pure, nomem, nostack, preserves_flags))
+    };
+    at
 }
 
 /// How many lanes of each of a row's `VECTORS` vectors of `lanes` lanes fall within
