@@ -375,19 +375,14 @@ unsafe fn finish<S: Vectors, const R: usize, const V: usize>(sums: [[S::Reg; V];
 /// (from `cols`, a strip of [`PanelLayout`]: the steps' `V · S::LANES` values one after
 /// the other), one FMA chain per register in depth order.
 ///
-/// Each row's value is read at its own start plus the step ([`opaque`] row starts), so that
-/// a step of the six-row loop is its loads, broadcasts and FMAs and four instructions more
-/// (the step's count, the panel's pointer, a compare and the branch): 24 on AVX2 and 38
-/// on AVX-512. With the rows at `rows + i · rows_rs` the compiler rebuilt four of the six
-/// addresses every step: 29 and 42 instructions. A step of AVX2's block is 12 FMAs, six
-/// cycles at two a cycle, and 29 instructions in six cycles are more than a core that
-/// dispatches four a cycle keeps up with: `llvm-mca` (LLVM 14) gives the old loop 7.26
-/// cycles a step and this one 6.01 on its Haswell, Broadwell, Zen 1 and Zen 2 models, and
-/// both 6.01 (AVX2) or 12.0 (AVX-512) on its six-wide models (Skylake, Alder Lake, the
-/// AVX-512 Xeons). A model, not a measurement: the one CPU this was timed on, an AMD EPYC
-/// Zen 4 (six-wide), gave the route's products 0.92–1.01 × the old loop's time on AVX2
-/// and 0.985–1.017 × on AVX-512 (`benches/RESULTS.md`, "Row starts the compiler cannot
-/// rebuild").
+/// Each row's value is read at its own start plus the step, the starts passed through
+/// [`opaque`] so that the compiler keeps each in a register: the six-row loop is then its
+/// loads, broadcasts and FMAs and four instructions more (the step's count, the panel's
+/// pointer, a compare and the branch). With the rows read at `rows + i · rows_rs` the
+/// compiler rebuilt most of the six addresses every step, five or four instructions more;
+/// in `llvm-mca`'s models of cores that dispatch four instructions a cycle, that held the
+/// AVX2 loop below its FMA rate (`benches/RESULTS.md`, "Row starts the compiler cannot
+/// rebuild"; `scripts/kernel_loops.py` prints the compiled loops).
 ///
 /// # Safety
 /// `S`'s vector set is available; `rows` holds `R` rows of `depth` values at `rows_rs`;
@@ -401,6 +396,8 @@ unsafe fn accumulate<S: Vectors, const R: usize, const V: usize>(
     // SAFETY: the caller's contract bounds every load.
     unsafe {
         let mut sums = [[S::zero(); V]; R];
+        // `wrapping_add`: with `depth` 0 the rows need not exist. `opaque` hands back the
+        // same pointer, so each start is row `i`'s and the loads below stay in the rows.
         let row_starts: [*const f32; R] =
             std::array::from_fn(|i| opaque(rows.wrapping_add(i * rows_rs)));
         let mut b = cols;
@@ -422,12 +419,15 @@ unsafe fn accumulate<S: Vectors, const R: usize, const V: usize>(
 /// longer tell is `rows + i · rows_rs`, so it keeps each row's start in a register of its
 /// own rather than rebuilding it from the others inside the loop ([`accumulate`]).
 #[inline(always)]
-// The block reads and writes no memory, through `at` or otherwise: it hands the address
-// back as it was, so `nomem` is what it does.
-#[allow(clippy::pointers_in_nomem_asm_block)]
+#[expect(
+    clippy::pointers_in_nomem_asm_block,
+    reason = "the block reads and writes no memory: it hands the address back as it was"
+)]
 fn opaque(at: *const f32) -> *const f32 {
     let mut at = at;
-    // SAFETY: an empty instruction template: it reads, writes and jumps nowhere.
+    // SAFETY: the template is a comment (an `asm!` must name each operand, hence `{0}`):
+    // no instruction runs, nothing is read, written or jumped to, and `at` comes back
+    // unchanged.
     unsafe {
         std::arch::asm!("/* {0} */", inout(reg) at, options(pure, nomem, nostack, preserves_flags))
     };
