@@ -11,8 +11,9 @@ The script disassembles each block's `multiply` (`kernel::avx2::multiply`,
 `kernel::avx512::multiply`) with `objdump` and prints each innermost loop (closed by a
 backward branch, with no other loop inside) that has at least two FMAs: its FMAs, vector
 loads, broadcasts, stack references (a register spilled in the loop) and instructions a step
-of depth. The counts go by mnemonic: an FMA with a memory operand counts as an FMA and not a
-load, and AVX-512's embedded broadcasts are not counted as broadcasts.
+of depth. The counts go by mnemonic: a vector load is a `vmovaps`/`vmovups` from memory, an
+FMA with a memory operand counts as an FMA and not a load, AVX-512's embedded broadcasts
+are not counted as broadcasts, and a stack reference is any `rsp` or `rbp` operand.
 
 With `--mca` it runs `llvm-mca` on each loop for each CPU named (`llvm-mca -mcpu=help` lists
 them) and prints the modeled cycles per step and the model's dispatch width; loops on
@@ -135,9 +136,10 @@ def main():
     for name, body in functions(args.binary).items():
         for n, loop in enumerate(innermost_loops(body)):
             count = lambda word: sum(word in t for t in loop)  # noqa: E731
-            loads = sum(t.startswith(("vmovaps", "vmovups")) for t in loop)
+            loads = sum(bool(re.match(r"vmov[au]ps\s+[xyz]mm\d+,\s*\w*\s*ptr", t, re.I))
+                        for t in loop)
             print(f"{name} loop {n}: fmas {count('fmadd')} vector loads {loads} "
-                  f"broadcasts {count('broadcast')} stack refs {count('rsp')} "
+                  f"broadcasts {count('broadcast')} stack refs {count('rsp') + count('rbp')} "
                   f"instructions {len(loop)}")
             source = as_source(loop)
             if args.keep:

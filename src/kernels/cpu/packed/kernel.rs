@@ -382,7 +382,7 @@ unsafe fn finish<S: Vectors, const R: usize, const V: usize>(sums: [[S::Reg; V];
 /// compiler rebuilt most of the six addresses every step, five or four instructions more;
 /// in `llvm-mca`'s models of cores that dispatch four instructions a cycle, that held the
 /// AVX2 loop below its FMA rate (`benches/RESULTS.md`, "Row starts the compiler cannot
-/// rebuild"; `scripts/kernel_loops.py` prints the compiled loops).
+/// rebuild"; `scripts/kernel_loops.py` counts the compiled loops' instructions).
 ///
 /// # Safety
 /// `S`'s vector set is available; `rows` holds `R` rows of `depth` values at `rows_rs`;
