@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The packed route's compiled register-block loops, counted, and their cycles per step in
+"""The packed route's compiled register-block loops, counted, and their cycles per pass in
 `llvm-mca`'s models of other CPUs.
 
     python3 scripts/kernel_loops.py BINARY [--mca haswell,znver2,skylake-avx512] [--keep DIR]
@@ -10,13 +10,16 @@ BINARY is a release build that links lorakit's packed route: the `compare_json` 
 The script disassembles each block's `multiply` (`kernel::avx2::multiply`,
 `kernel::avx512::multiply`) with `objdump` and prints each innermost loop (closed by a
 backward branch, with no other loop inside) that has at least two FMAs: its FMAs, vector
-loads, broadcasts, stack references (a register spilled in the loop) and instructions a step
-of depth. The counts go by mnemonic: a vector load is a `vmovaps`/`vmovups` from memory, an
+loads, broadcasts, stack references (a register spilled in the loop) and instructions a pass
+of the loop, and its instructions per FMA. A pass is four steps of depth in each row count's
+main loop and one in the loop after it that takes the last `depth % 4` steps
+(`kernel::accumulate`); a step of the six-row block is twelve FMAs on AVX2 and 24 on
+AVX-512. The counts go by mnemonic: a vector load is a `vmovaps`/`vmovups` from memory, an
 FMA with a memory operand counts as an FMA and not a load, AVX-512's embedded broadcasts
 are not counted as broadcasts, and a stack reference is any `rsp` or `rbp` operand.
 
 With `--mca` it runs `llvm-mca` on each loop for each CPU named (`llvm-mca -mcpu=help` lists
-them) and prints the modeled cycles per step and the model's dispatch width; loops on
+them) and prints the modeled cycles per pass, FMAs per cycle and the model's dispatch width; loops on
 AVX-512 registers only on the models of CPUs with AVX-512 (`AVX512_MODELS`). A model is not
 a measurement: it says which loops a narrower core's front end would hold back, not how fast
 a real one runs them.
@@ -106,7 +109,7 @@ def as_source(loop):
 
 
 def modeled(mca, source, cpu):
-    """`llvm-mca`'s cycles per step of `source` on `cpu`, and its dispatch width."""
+    """`llvm-mca`'s cycles per pass of `source` on `cpu`, and its dispatch width."""
     with tempfile.NamedTemporaryFile("w", suffix=".s", delete=False) as f:
         f.write(source)
     try:
@@ -138,9 +141,10 @@ def main():
             count = lambda word: sum(word in t for t in loop)  # noqa: E731
             loads = sum(bool(re.match(r"vmov[au]ps\s+[xyz]mm\d+,\s*\w*\s*ptr", t, re.I))
                         for t in loop)
-            print(f"{name} loop {n}: fmas {count('fmadd')} vector loads {loads} "
+            fmas = count("fmadd")
+            print(f"{name} loop {n}: fmas {fmas} vector loads {loads} "
                   f"broadcasts {count('broadcast')} stack refs {count('rsp') + count('rbp')} "
-                  f"instructions {len(loop)}")
+                  f"instructions {len(loop)} ({len(loop) / fmas:.2f} an FMA)")
             source = as_source(loop)
             if args.keep:
                 os.makedirs(args.keep, exist_ok=True)
@@ -151,8 +155,8 @@ def main():
                     print(f"  llvm-mca -mcpu={cpu}: skipped (AVX-512 loop, CPU without it)")
                     continue
                 cycles, width = modeled(args.llvm_mca, source, cpu)
-                print(f"  llvm-mca -mcpu={cpu}: {cycles:.2f} cycles a step "
-                      f"(dispatch width {width})")
+                print(f"  llvm-mca -mcpu={cpu}: {cycles:.2f} cycles a pass, "
+                      f"{fmas / cycles:.2f} FMAs a cycle (dispatch width {width})")
 
 
 if __name__ == "__main__":
