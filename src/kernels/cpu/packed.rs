@@ -83,11 +83,13 @@
 //! instructions a step, about 4.8 instructions and 1.3 loads per cycle at full rate,
 //! against 1.75 and 0.4 for the AVX-512 loop; we suspect it loses when another guest takes
 //! part of the core ("Paired rounds, and why the AVX2 route's calls spread"; unrolling the
-//! AVX2 loop four steps took 0.94–1.05 × the time, not kept). Since 2026-12-07 it issues
-//! 24 (the rows' starts kept in registers: `kernel::accumulate`; `llvm-mca`'s models that
-//! dispatch four a cycle, its Haswell, Broadwell, Zen 1 and Zen 2, give it 0.83 × the old
-//! loop's cycles; on the Zen 4 the route's AVX2 products took about 0.99 × the time,
-//! "Row starts the compiler cannot rebuild").
+//! AVX2 loop four steps took 0.94–1.05 × the time, not kept then). Since 2026-12-07 it
+//! issues 24 (the rows' starts kept in registers: `kernel::accumulate`; `llvm-mca`'s models
+//! that dispatch four a cycle, its Haswell, Broadwell, Zen 1 and Zen 2, give it 0.83 × the
+//! old loop's cycles; on the Zen 4 the route's AVX2 products took about 0.99 × the time,
+//! "Row starts the compiler cannot rebuild"), and 21 a step at four steps a pass (about
+//! 0.99 × the time again on the Zen 4, the gain in the host's busy moments: "Four steps a
+//! pass").
 //!
 //! **Which products.** `f32`, AVX-512F or AVX2 available and not lowered below AVX2 by
 //! `LORAKIT_CPU_ISA` (the block of the widest set: [`block_isa`]), a
