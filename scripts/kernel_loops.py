@@ -12,8 +12,8 @@ The script disassembles each block's `multiply` (`kernel::avx2::multiply`,
 backward branch, with no other loop inside) that has at least two FMAs: its FMAs, vector
 loads, broadcasts, stack references (a register spilled in the loop) and instructions a pass
 of the loop, and its instructions per FMA. A pass is four steps of depth in each row count's
-main loop and one in the loop after it that takes the last `depth % 4` steps
-(`kernel::accumulate`); a step of the six-row block is twelve FMAs on AVX2 and 24 on
+main loop, and one in the loop after it that takes the last `depth % 4` steps
+(`kernel::accumulate`), or two where LLVM unrolls that loop (the 1- and 2-row blocks); a step of the six-row block is twelve FMAs on AVX2 and 24 on
 AVX-512. The counts go by mnemonic: a vector load is a `vmovaps`/`vmovups` from memory, an
 FMA with a memory operand counts as an FMA and not a load, AVX-512's embedded broadcasts
 are not counted as broadcasts, and a stack reference is any `rsp` or `rbp` operand.

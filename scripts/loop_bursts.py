@@ -10,8 +10,10 @@ The loops are written out in assembly (the same instructions a step as lorakit's
 twelve FMAs; AVX-512: four loads, six broadcasts, 24 FMAs; then the step's count, the
 panel's pointer, a compare and the branch once a pass), so that no compiler decides how
 they are unrolled. Each works on operands in L1 (96 steps deep). A round times each loop
-for a burst of a millisecond or two, one after the other; one process per CPU, pinned,
-runs its rounds while the others run theirs, as the route's threads do.
+for a burst of a millisecond or two, one after the other, the loop that starts a round
+moving on by one each round; one process per CPU, pinned, runs its rounds while the others
+run theirs, as the route's threads do. A burst is timed by the wall clock, so anything that
+takes the CPU from it (the host, or another process on this machine) counts against it.
 
 It prints, per loop, the best rate (the 99th percentile of its bursts) and the fraction
 of it that the loop kept at the 5th and 25th percentiles, the median and the mean; and
@@ -29,7 +31,8 @@ import subprocess
 import sys
 import tempfile
 
-DEPTH = 96
+DEPTH = 96  # A multiple of 4: the unrolled loops end only on a whole pass.
+assert DEPTH % 4 == 0
 ROWS = ["%rdi", "%r9", "%r10", "%r11", "%rax", "%rsi"]
 
 
@@ -109,13 +112,16 @@ int main(int argc, char **argv) {
   };
   long columns[] = {16, 16, 16, 64}, calls[] = {8000, 8000, 8000, 2000};
   int n = sizeof loops / sizeof loops[0];
+  double rate[8];
   for (long r = 0; r < rounds; r++) {
-    for (int v = 0; v < n; v++) {
+    for (int j = 0; j < n; j++) {
+      int v = (int)((r + j) % n);
       double t = now();
       for (long i = 0; i < calls[v]; i++) loops[v](rows, depth, panel, depth, out);
       t = now() - t;
-      printf(v ? " %.3f" : "%.3f", calls[v] * 12.0 * columns[v] * depth / t / 1e9);
+      rate[v] = calls[v] * 12.0 * columns[v] * depth / t / 1e9;
     }
+    for (int v = 0; v < n; v++) printf(v ? " %.3f" : "%.3f", rate[v]);
     printf("\n");
   }
   return out[0] > 1e30f;
@@ -123,12 +129,16 @@ int main(int argc, char **argv) {
 """
 
 
-def has_avx512():
+def cpu_flags():
+    """The first CPU's flags in `/proc/cpuinfo` (empty where it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx512f" in line for line in f)
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
     except OSError:
-        return False
+        pass
+    return set()
 
 
 def build(folder, avx512):
@@ -177,17 +187,29 @@ def main():
         sys.exit("loop_bursts.py: --rounds must be at least 100")
     if shutil.which("cc") is None:
         sys.exit("loop_bursts.py: `cc` is not on PATH")
+    allowed = os.sched_getaffinity(0)
     try:
-        cpus = ([int(c) for c in args.cpus.split(",")] if args.cpus
-                else sorted(os.sched_getaffinity(0)))
+        cpus = ([int(c) for c in args.cpus.split(",")] if args.cpus is not None
+                else sorted(allowed))
     except ValueError:
         sys.exit(f"loop_bursts.py: --cpus {args.cpus}: not a list of CPU numbers")
-    allowed = os.sched_getaffinity(0)
-    if not cpus or any(c not in allowed for c in cpus):
-        sys.exit(f"loop_bursts.py: --cpus {args.cpus}: this process may run only on CPUs "
-                 f"{sorted(allowed)}")
-    avx512 = has_avx512()
+    if not cpus or len(set(cpus)) != len(cpus) or any(c not in allowed for c in cpus):
+        sys.exit(f"loop_bursts.py: --cpus {args.cpus}: give distinct CPUs among "
+                 f"{sorted(allowed)}, the ones this process may run on")
+    flags = cpu_flags()
+    if not {"avx2", "fma"} <= flags:
+        sys.exit("loop_bursts.py: this CPU does not report AVX2 and FMA (/proc/cpuinfo)")
+    avx512 = "avx512f" in flags
     folder = args.keep or tempfile.mkdtemp(prefix="loop_bursts")
+    try:
+        run(args, cpus, avx512, folder)
+    finally:
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def run(args, cpus, avx512, folder):
+    """Builds the loops in `folder`, runs them on `cpus` and prints the summary."""
     os.makedirs(folder, exist_ok=True)
     binary = build(folder, avx512)
     outputs, procs = [], []
@@ -206,10 +228,9 @@ def main():
         with open(out.name) as f:
             rows += [[float(x) for x in line.split()] for line in f]
     names = ["avx2 x1", "avx2 x2", "avx2 x4"] + (["avx512 x1"] if avx512 else [])
-    print(f"{len(rows)} rounds on CPUs {cpus}, {DEPTH} steps deep, operands in L1")
+    print(f"{args.rounds} rounds on each of CPUs {cpus} ({len(rows)} in all), {DEPTH} "
+          "steps deep, operands in L1")
     summarize(rows, names)
-    if not args.keep:
-        shutil.rmtree(folder)
 
 
 if __name__ == "__main__":

@@ -88,8 +88,8 @@
 //! that dispatch four a cycle, its Haswell, Broadwell, Zen 1 and Zen 2, give it 0.83 × the
 //! old loop's cycles; on the Zen 4 the route's AVX2 products took about 0.99 × the time,
 //! "Row starts the compiler cannot rebuild"), and 21 a step at four steps a pass (about
-//! 0.99 × the time again on the Zen 4, the gain in the host's busy moments: "Four steps a
-//! pass").
+//! 0.99 × the time again on the Zen 4, less in most of the host's busy moments: "Four
+//! steps a pass").
 //!
 //! **Which products.** `f32`, AVX-512F or AVX2 available and not lowered below AVX2 by
 //! `LORAKIT_CPU_ISA` (the block of the widest set: [`block_isa`]), a
@@ -586,7 +586,8 @@ mod tests {
     }
 
     /// Ragged shapes (rows not a multiple of the block's 6, columns not of its 64 or of
-    /// 16, depth not of 16 or of the 384-deep steps, 513 over two steps), a right-hand side row-major and
+    /// 16, depth not of 16 or of the 384-deep steps, 513 over two steps, and each remainder
+    /// of the depth loop's four steps a pass: 17, 130, 31), a right-hand side row-major and
     /// column-major (a slice of a taller matrix, as `Wᵀ` of a padded weight), a left-hand
     /// side with padded rows (NaN in the padding), a padded destination, replace and add,
     /// `beta`, one and several column blocks, on each register block this CPU runs: against
@@ -605,6 +606,7 @@ mod tests {
             (29, 513, 100),
             (40, 64, 16),
             (3, 31, 17),
+            (9, 130, 40),
         ];
         for (m, k, n) in shapes {
             let lhs_padded: Vec<f32> = vals(m * (k + 2), 0.37)

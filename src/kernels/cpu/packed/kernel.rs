@@ -385,20 +385,20 @@ unsafe fn finish<S: Vectors, const R: usize, const V: usize>(sums: [[S::Reg; V];
 /// rebuild"; `scripts/kernel_loops.py` counts the compiled loops' instructions).
 ///
 /// The loop takes [`UNROLL`] steps a pass ([`depth_step`] each; the last `depth % UNROLL`
-/// steps one at a time after it), so those four instructions come once per four steps:
-/// the six-row loop is 21 instructions a step on AVX2 (24 at one step a pass) and 35 on
-/// AVX-512 (38). The one-step loop already ran at the FMA rate on a core of its own, but
-/// on a core whose front end issues four instructions a cycle (`llvm-mca`'s Haswell and
-/// Zen 2) AVX2's 24 left no room, and on a shared host it lost more than AVX-512's loop in
-/// the busy moments (another guest on the core's other hardware thread, we suspect: no
-/// counter was read). On an AMD EPYC
-/// Zen 4 (family 25 model 17), paired in one process, the route's products held to AVX2
-/// took 0.96–1.02 × the one-step loop's time (medians, 17 of 20 at or below 1; the
-/// lowest in the host's busy moments) and on AVX-512 0.99–1.01. Replicas of the AVX2 loop
-/// alone on both cores at once (`scripts/loop_bursts.py`, two minutes) kept 86% of their
-/// best rate at four steps a pass and 80% at one in their slowest 5% of moments
-/// (`benches/RESULTS.md`, "Four steps a pass"). The bits are the same: each register's
-/// chain is still in depth order.
+/// steps one at a time after it), so those four instructions come once per four steps: the
+/// six-row loop is 21 instructions a step on AVX2 (24 at one step a pass) and 35 on AVX-512
+/// (38). The one-step loop already ran at the FMA rate on a core of its own, but on a core
+/// whose front end issues four instructions a cycle (`llvm-mca`'s Haswell and Zen 2) AVX2's
+/// 24 left no room, and on a shared host it lost more than AVX-512's loop in the busy
+/// moments (another guest on the core's other hardware thread, we suspect: no counter was
+/// read). On an AMD EPYC Zen 4 (family 25 model 17), paired in one process, the route's
+/// products held to AVX2 took 0.96–1.02 × the one-step loop's time (medians, 17 of 20 at or
+/// below 1; the host's busy moments gave the lowest and the highest) and on AVX-512
+/// 0.99–1.01. Replicas of the AVX2 loop alone on both cores at once
+/// (`scripts/loop_bursts.py`, two minutes a run) kept 83–87% of their best rate at four
+/// steps a pass and 76–82% at one in their slowest 5% of rounds (`benches/RESULTS.md`,
+/// "Four steps a pass"). The bits are the same: each register's chain is still in depth
+/// order.
 ///
 /// # Safety
 /// `S`'s vector set is available; `rows` holds `R` rows of `depth` values at `rows_rs`;
