@@ -54,6 +54,7 @@ Every output names the CPU model, its vector extensions and the thread count.
 """
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -337,26 +338,27 @@ def paired_round(threads, feats, peft_first):
     each lorakit feature set's, in turn (PEFT first when `peft_first`, else last). Returns
     `(PEFT's results, {feature set: its results})`."""
     servers = {f: LorakitServer(threads, f) for f in feats}
-    peft = torch_cases() + torch_variant_cases()
+    # Per group, per side ("peft" or a feature set), the side's cases as (name, timer).
     groups = {}
+
+    def add(side, name, time_it):
+        groups.setdefault(pair_key(name), {}).setdefault(side, []).append((name, time_it))
+
     for f, server in servers.items():
         for name in server.names:
-            groups.setdefault(pair_key(name), {}).setdefault(f, []).append(name)
-    for name, time_it in peft:
-        groups.setdefault(pair_key(name), {}).setdefault("peft", []).append((name, time_it))
-    t, k = {}, {f: {} for f in feats}
+            add(f, name, functools.partial(server.time, name))
+    for name, time_it in torch_cases() + torch_variant_cases():
+        add("peft", name, time_it)
+    results = {side: {} for side in ["peft", *feats]}
     order = ["peft", *feats] if peft_first else [*feats, "peft"]
     for group in groups.values():
         for side in order:
             time.sleep(SIDE_PAUSE_S)
-            for case in group.get(side, []):
-                if side == "peft":
-                    t[case[0]] = case[1]()
-                else:
-                    k[side][case] = servers[side].time(case)
+            for name, time_it in group.get(side, []):
+                results[side][name] = time_it()
     for server in servers.values():
         server.close()
-    return t, k
+    return results.pop("peft"), results
 
 
 # What lorakit's kernels read off the CPU (`lorakit::kernels::CpuReport`), as the
