@@ -11,16 +11,18 @@ The script disassembles each block's `multiply` (`kernel::avx2::multiply`,
 `kernel::avx512::multiply`) with `objdump` and prints each innermost loop (closed by a
 backward branch, with no other loop inside) that has at least two FMAs: its FMAs, vector
 loads, broadcasts, stack references (a register spilled in the loop) and instructions a pass
-of the loop, and its instructions per FMA. A pass is four steps of depth in each row count's
-main loop, and one in the loop after it that takes the last `depth % 4` steps
-(`kernel::accumulate`), or two where LLVM unrolls that loop (the 1- and 2-row blocks); a step of the six-row block is twelve FMAs on AVX2 and 24 on
-AVX-512. The counts go by mnemonic: a vector load is a `vmovaps`/`vmovups` from memory, an
+of the loop, and its instructions per FMA. A pass is four steps of depth in each row
+count's main loop, and one in the loop after it that takes the last `depth % 4` steps
+(`kernel::accumulate`), or two where LLVM unrolls that loop too (at c1a2b04, AVX2's 1- and
+2-row blocks and AVX-512's 1-row one); a step of the six-row block is twelve FMAs on AVX2
+and 24 on AVX-512. The counts go by mnemonic: a vector load is a `vmovaps`/`vmovups` from memory, an
 FMA with a memory operand counts as an FMA and not a load, AVX-512's embedded broadcasts
 are not counted as broadcasts, and a stack reference is any `rsp` or `rbp` operand.
 
 With `--mca` it runs `llvm-mca` on each loop for each CPU named (`llvm-mca -mcpu=help` lists
-them) and prints the modeled cycles per pass, FMAs per cycle and the model's dispatch width; loops on
-AVX-512 registers only on the models of CPUs with AVX-512 (`AVX512_MODELS`). A model is not
+them) and prints the modeled cycles per pass, FMAs per cycle and the model's dispatch
+width; loops on AVX-512 registers only on the models of CPUs with AVX-512
+(`AVX512_MODELS`). A model is not
 a measurement: it says which loops a narrower core's front end would hold back, not how fast
 a real one runs them.
 """

@@ -142,6 +142,8 @@ def cpu_flags():
 
 
 def build(folder, avx512):
+    """Writes the loops and the driver into `folder` and compiles them with `cc`: the
+    binary's path."""
     source = os.path.join(folder, "loops.S")
     with open(source, "w") as f:
         f.write(".text\n" + "".join(avx2_loop(u) for u in (1, 2, 4)))
@@ -153,10 +155,10 @@ def build(folder, avx512):
         f.write(DRIVER)
     binary = os.path.join(folder, "loop_bursts")
     flags = [f"-DDEPTH={DEPTH}"] + (["-DWITH_AVX512"] if avx512 else [])
-    run = subprocess.run(["cc", "-O2", *flags, driver, source, "-o", binary],
-                         capture_output=True, text=True)
-    if run.returncode != 0:
-        sys.exit(f"loop_bursts.py: cc failed: {run.stderr.strip()[:800]}")
+    compiled = subprocess.run(["cc", "-O2", *flags, driver, source, "-o", binary],
+                              capture_output=True, text=True)
+    if compiled.returncode != 0:
+        sys.exit(f"loop_bursts.py: cc failed: {compiled.stderr.strip()[:800]}")
     return binary
 
 
@@ -177,7 +179,8 @@ def summarize(rows, names):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=20000)
+    parser.add_argument("--rounds", type=int, default=20000,
+                        help="rounds on each CPU (default 20000, about two minutes)")
     parser.add_argument("--cpus", help="comma-separated CPUs, one process on each "
                         "(default: every CPU this process may run on)")
     parser.add_argument("--keep", help="write the sources, the binary and each CPU's "
@@ -213,14 +216,21 @@ def run(args, cpus, avx512, folder):
     os.makedirs(folder, exist_ok=True)
     binary = build(folder, avx512)
     outputs, procs = [], []
-    for cpu in cpus:
-        out = open(os.path.join(folder, f"bursts_cpu{cpu}.txt"), "w")
-        outputs.append(out)
-        procs.append(subprocess.Popen([binary, str(args.rounds)], stdout=out,
-                                      preexec_fn=lambda c=cpu: os.sched_setaffinity(0, {c})))
-    failed = [p.wait() for p in procs]
-    for out in outputs:
-        out.close()
+    try:
+        for cpu in cpus:
+            out = open(os.path.join(folder, f"bursts_cpu{cpu}.txt"), "w")
+            outputs.append(out)
+            procs.append(subprocess.Popen(
+                [binary, str(args.rounds)], stdout=out,
+                preexec_fn=lambda c=cpu: os.sched_setaffinity(0, {c})))
+        failed = [p.wait() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for out in outputs:
+            out.close()
     if any(failed):
         sys.exit(f"loop_bursts.py: a run failed (exit codes {failed}; CPUs {cpus})")
     rows = []

@@ -83,13 +83,13 @@
 //! instructions a step, about 4.8 instructions and 1.3 loads per cycle at full rate,
 //! against 1.75 and 0.4 for the AVX-512 loop; we suspect it loses when another guest takes
 //! part of the core ("Paired rounds, and why the AVX2 route's calls spread"; unrolling the
-//! AVX2 loop four steps took 0.94–1.05 × the time, not kept then). Since 2026-12-07 it
-//! issues 24 (the rows' starts kept in registers: `kernel::accumulate`; `llvm-mca`'s models
-//! that dispatch four a cycle, its Haswell, Broadwell, Zen 1 and Zen 2, give it 0.83 × the
-//! old loop's cycles; on the Zen 4 the route's AVX2 products took about 0.99 × the time,
-//! "Row starts the compiler cannot rebuild"), and 21 a step at four steps a pass (about
-//! 0.99 × the time again on the Zen 4, less in most of the host's busy moments: "Four
-//! steps a pass").
+//! AVX2 loop four steps took 0.94–1.05 × the time, not kept then). At 14ea51b
+//! (2026-12-07) it went to 24 (the rows' starts kept in registers: `kernel::accumulate`;
+//! `llvm-mca`'s models that dispatch four a cycle, its Haswell, Broadwell, Zen 1 and Zen 2,
+//! give it 0.83 × the old loop's cycles; on the Zen 4 the route's AVX2 products took about
+//! 0.99 × the time, "Row starts the compiler cannot rebuild"); since c1a2b04 it issues 21
+//! a step, four steps a pass (about 0.99 × the time again on the Zen 4, less in most of
+//! the host's busy moments: "Four steps a pass").
 //!
 //! **Which products.** `f32`, AVX-512F or AVX2 available and not lowered below AVX2 by
 //! `LORAKIT_CPU_ISA` (the block of the widest set: [`block_isa`]), a
@@ -586,12 +586,12 @@ mod tests {
     }
 
     /// Ragged shapes (rows not a multiple of the block's 6, columns not of its 64 or of
-    /// 16, depth not of 16 or of the 384-deep steps, 513 over two steps, and each remainder
-    /// of the depth loop's four steps a pass: 17, 130, 31), a right-hand side row-major and
-    /// column-major (a slice of a taller matrix, as `Wᵀ` of a padded weight), a left-hand
-    /// side with padded rows (NaN in the padding), a padded destination, replace and add,
-    /// `beta`, one and several column blocks, on each register block this CPU runs: against
-    /// an `f64` triple loop.
+    /// 16, depth not of 16 or of the 384-deep steps, 513 over two steps, each remainder of
+    /// the depth loop's four steps a pass: 17, 130, 31, and a last step of two, 386), a
+    /// right-hand side row-major and column-major (a slice of a taller matrix, as `Wᵀ` of a
+    /// padded weight), a left-hand side with padded rows (NaN in the padding), a padded
+    /// destination, replace and add, `beta`, one and several column blocks, on each
+    /// register block this CPU runs: against an `f64` triple loop.
     #[test]
     fn every_shape_and_layout_matches_a_triple_loop() -> candle_core::Result<()> {
         let shapes = [
@@ -607,6 +607,7 @@ mod tests {
             (40, 64, 16),
             (3, 31, 17),
             (9, 130, 40),
+            (5, 386, 20),
         ];
         for (m, k, n) in shapes {
             let lhs_padded: Vec<f32> = vals(m * (k + 2), 0.37)

@@ -384,21 +384,21 @@ unsafe fn finish<S: Vectors, const R: usize, const V: usize>(sums: [[S::Reg; V];
 /// AVX2 loop below its FMA rate (`benches/RESULTS.md`, "Row starts the compiler cannot
 /// rebuild"; `scripts/kernel_loops.py` counts the compiled loops' instructions).
 ///
-/// The loop takes [`UNROLL`] steps a pass ([`depth_step`] each; the last `depth % UNROLL`
-/// steps one at a time after it), so those four instructions come once per four steps: the
-/// six-row loop is 21 instructions a step on AVX2 (24 at one step a pass) and 35 on AVX-512
-/// (38). The one-step loop already ran at the FMA rate on a core of its own, but on a core
-/// whose front end issues four instructions a cycle (`llvm-mca`'s Haswell and Zen 2) AVX2's
-/// 24 left no room, and on a shared host it lost more than AVX-512's loop in the busy
-/// moments (another guest on the core's other hardware thread, we suspect: no counter was
-/// read). On an AMD EPYC Zen 4 (family 25 model 17), paired in one process, the route's
-/// products held to AVX2 took 0.96–1.02 × the one-step loop's time (medians, 17 of 20 at or
-/// below 1; the host's busy moments gave the lowest and the highest) and on AVX-512
-/// 0.99–1.01. Replicas of the AVX2 loop alone on both cores at once
-/// (`scripts/loop_bursts.py`, two minutes a run) kept 83–87% of their best rate at four
-/// steps a pass and 76–82% at one in their slowest 5% of rounds (`benches/RESULTS.md`,
-/// "Four steps a pass"). The bits are the same: each register's chain is still in depth
-/// order.
+/// The loop takes [`STEPS_PER_PASS`] steps a pass ([`depth_step`] each; the last
+/// `depth % STEPS_PER_PASS` steps one at a time after it), so those four instructions come
+/// once per four steps: the six-row loop is 21 instructions a step on AVX2 (24 at one step a pass)
+/// and 35 on AVX-512 (38). The one-step loop already ran at the FMA rate on a core of its
+/// own, but on a core whose front end issues four instructions a cycle (`llvm-mca`'s
+/// Haswell and Zen 2) AVX2's 24 left no room, and on a shared host it lost more than
+/// AVX-512's loop in the busy moments (another guest on the core's other hardware thread,
+/// we suspect: no counter was read). On an AMD EPYC Zen 4 (family 25 model 17), paired in
+/// one process, the route's products held to AVX2 took 0.96–1.02 × the one-step loop's time
+/// (medians, 17 of 20 at or below 1; the host's busy moments gave the lowest and the
+/// highest) and on AVX-512 0.99–1.01. Replicas of the AVX2 loop alone on both cores at once
+/// (`scripts/loop_bursts.py` and the scratch program it came from, four runs of two
+/// minutes) kept 83–87% of their best rate at their 5th percentile at four steps a pass,
+/// 76–82% at one (`benches/RESULTS.md`, "Four steps a pass"). The bits are the same: each
+/// register's chain is still in depth order.
 ///
 /// # Safety
 /// `S`'s vector set is available; `rows` holds `R` rows of `depth` values at `rows_rs`;
@@ -416,46 +416,43 @@ unsafe fn accumulate<S: Vectors, const R: usize, const V: usize>(
         // same pointer, so each start is row `i`'s and the loads below stay in the rows.
         let row_starts: [*const f32; R] =
             std::array::from_fn(|i| opaque(rows.wrapping_add(i * rows_rs)));
-        let step_len = V * S::LANES;
-        let unrolled = depth - depth % UNROLL;
-        let mut b = cols;
+        let passes_end = depth - depth % STEPS_PER_PASS;
         let mut k = 0;
-        while k < unrolled {
-            for u in 0..UNROLL {
-                depth_step::<S, R, V>(&mut sums, &row_starts, k + u, b.add(u * step_len));
+        while k < passes_end {
+            for u in 0..STEPS_PER_PASS {
+                depth_step::<S, R, V>(&mut sums, &row_starts, cols, k + u);
             }
-            k += UNROLL;
-            b = b.add(UNROLL * step_len);
+            k += STEPS_PER_PASS;
         }
         while k < depth {
-            depth_step::<S, R, V>(&mut sums, &row_starts, k, b);
+            depth_step::<S, R, V>(&mut sums, &row_starts, cols, k);
             k += 1;
-            b = b.add(step_len);
         }
         sums
     }
 }
 
 /// Steps of depth per pass of [`accumulate`]'s loop.
-const UNROLL: usize = 4;
+const STEPS_PER_PASS: usize = 4;
 
-/// One step of depth `k` of [`accumulate`]: each row's value at `k` times the step's `V`
-/// column registers at `column`, added to the row's sums.
+/// Step `k` of [`accumulate`]: each row's value at `k` times the step's `V` column
+/// registers (the strip's `V · S::LANES` values from `k · V · S::LANES` on), added to the
+/// row's sums.
 ///
 /// # Safety
-/// `S`'s vector set is available; each of `row_starts` is valid for a read at `k`;
-/// `column` holds `V · S::LANES` values, aligned to a register.
+/// `S`'s vector set is available; each of `row_starts` is valid for a read at `k`; `cols`
+/// holds more than `k` steps of `V · S::LANES` values, aligned to a register.
 #[inline(always)]
 unsafe fn depth_step<S: Vectors, const R: usize, const V: usize>(
     sums: &mut [[S::Reg; V]; R],
     row_starts: &[*const f32; R],
+    cols: *const f32,
     k: usize,
-    column: *const f32,
 ) {
     // SAFETY: the caller's contract.
     unsafe {
-        let column: [S::Reg; V] =
-            std::array::from_fn(|v| S::load_aligned(column.add(S::LANES * v)));
+        let step = cols.add(k * V * S::LANES);
+        let column: [S::Reg; V] = std::array::from_fn(|v| S::load_aligned(step.add(S::LANES * v)));
         for (sum, &row) in sums.iter_mut().zip(row_starts) {
             let ai = S::splat(*row.add(k));
             for (s, &c) in sum.iter_mut().zip(&column) {
