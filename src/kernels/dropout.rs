@@ -217,6 +217,43 @@ mod tests {
         );
     }
 
+    /// Adding the kept entries onto a destination is, entry by entry, `d + x · factor` with
+    /// the factor `1 / (1 − p)` or 0 as [`Dropout::keeps`] says, bit for bit on every
+    /// vector set (the loop is vectorized: no fused multiply-add, no other order), from an
+    /// offset that is not a multiple of any vector width, for f32 and f64.
+    #[test]
+    fn adding_the_kept_is_the_per_entry_arithmetic_bit_for_bit() {
+        fn check<T: candle_core::WithDType + std::fmt::Debug>(isa: &str) {
+            let drop = Dropout::with_seed(0.3, 99);
+            let (n, first) = (1000, (1usize << 32) - 13);
+            let src: Vec<T> = (0..n)
+                .map(|i| T::from_f64((i as f64 * 0.37).sin()))
+                .collect();
+            let start: Vec<T> = (0..n)
+                .map(|i| T::from_f64((i as f64 * 0.11).cos()))
+                .collect();
+            let mut dst = start.clone();
+            drop.add_kept_run(&mut dst, &src, first);
+            let scale = T::from_f64(drop.scale());
+            for i in 0..n {
+                let factor = if drop.keeps(first + i) {
+                    scale
+                } else {
+                    T::zero()
+                };
+                let want = start[i] + src[i] * factor;
+                assert_eq!(
+                    dst[i].to_f64().to_bits(),
+                    want.to_f64().to_bits(),
+                    "{isa} {i}"
+                );
+            }
+        }
+        let isa = format!("{:?}", crate::kernels::machine().isa);
+        check::<f32>(&isa);
+        check::<f64>(&isa);
+    }
+
     /// As a candle op: the kept entries scaled, the dropped ones zero, and the gradient the
     /// same mask (the backward draws the forward's choices again); a strided input is
     /// dropped as its contiguous copy; p = 0 is the identity.
