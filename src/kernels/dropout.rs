@@ -95,10 +95,10 @@ impl Dropout {
     /// The loop vectorizes (the hash in 32-bit lanes, the factor a select between two
     /// values) because its closure owns copies of the dropout, the scale and zero (`move`).
     /// Borrowing them, as it did until 2026-12-07, the compiler chose between the two
-    /// factors' addresses and loaded the one chosen, and the loop stayed scalar: 17% of a
-    /// LoRA step with dropout on an AMD EPYC Zen 4 (a `perf` profile); the step took about
-    /// 0.885 × the time once it vectorized (`benches/RESULTS.md`, "LoRA's dropout,
-    /// vectorized").
+    /// factors' addresses and loaded the one chosen, and the loop stayed scalar: 17% of the
+    /// samples in a `perf` profile of LoRA steps with dropout on an AMD EPYC Zen 4; the step
+    /// took 0.85–0.86 × the time once it vectorized (medians; 0.88 by minima;
+    /// `benches/RESULTS.md`, "LoRA's dropout, vectorized").
     pub(crate) fn add_kept_run<T: WithDType>(&self, dst: &mut [T], src: &[T], first: usize) {
         let (dropout, scale, zero) = (*self, T::from_f64(self.scale()), T::zero());
         crate::kernels::vector_math::on_widest_vectors(
@@ -218,10 +218,14 @@ mod tests {
     }
 
     /// Adding the kept entries onto a destination is, entry by entry, `d + x · factor` with
-    /// the factor `1 / (1 − p)` or 0 as [`Dropout::keeps`] says, bit for bit on every
-    /// vector set (the loop is vectorized: no fused multiply-add, no other order), from an
-    /// offset that is not a multiple of any vector width, for f32 and f64.
+    /// the factor `1 / (1 − p)` or 0 as [`Dropout::keeps`] says, bit for bit (no fused
+    /// multiply-add, no other order), over a run of indices that crosses 2³² from an offset
+    /// that is not a multiple of any vector width, for f32 and f64. It checks the vector set
+    /// the process runs on (`LORAKIT_CPU_ISA=avx2` or `scalar` for the others), and the
+    /// vector code itself only in an optimized build (`cargo test --release`: the test
+    /// profile's `opt-level` 1 does not vectorize loops).
     #[test]
+    #[cfg(target_pointer_width = "64")]
     fn adding_the_kept_is_the_per_entry_arithmetic_bit_for_bit() {
         fn check<T: candle_core::WithDType + std::fmt::Debug>(isa: &str) {
             let drop = Dropout::with_seed(0.3, 99);
