@@ -386,9 +386,9 @@ unsafe fn finish<S: Vectors, const R: usize, const V: usize>(sums: [[S::Reg; V];
 ///
 /// The loop takes [`STEPS_PER_PASS`] steps a pass ([`depth_step`] each; the last
 /// `depth % STEPS_PER_PASS` steps one at a time after it), so those four instructions come
-/// once per four steps: the six-row loop is 21 instructions a step on AVX2 (24 at one step a pass)
-/// and 35 on AVX-512 (38). The one-step loop already ran at the FMA rate on a core of its
-/// own, but on a core whose front end issues four instructions a cycle (`llvm-mca`'s
+/// once per four steps: the six-row loop is 21 instructions a step on AVX2 (24 at one step
+/// a pass) and 35 on AVX-512 (38). The one-step loop already ran at the FMA rate on a core
+/// of its own, but on a core whose front end issues four instructions a cycle (`llvm-mca`'s
 /// Haswell and Zen 2) AVX2's 24 left no room, and on a shared host it lost more than
 /// AVX-512's loop in the busy moments (another guest on the core's other hardware thread,
 /// we suspect: no counter was read). On an AMD EPYC Zen 4 (family 25 model 17), paired in
