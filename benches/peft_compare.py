@@ -21,7 +21,9 @@ round, then PyTorch's side), the form of every run up to be93e5c (the last one 2
 their seeds are as before, but the layers drawn after a dropout case's timing (PyTorch's
 generator) now get other, still fixed, random values.
 A line under the tables counts, per side and round, the cases whose median was over 1.25 ×
-their minimum in that round (calls spread by a busy host), with each round's FMA peak.
+their minimum in that round (calls spread by a busy host), with each round's FMA peak; the
+next says whether the run meets issue #19's target (every LoRA, DoRA and VeRA case at
+<= 0.9 × PEFT's median) and names the cases over it, or the slowest.
 
 The lorakit side is `cargo bench --bench compare_json` (with `-- --serve` in paired
 rounds), run with RAYON_NUM_THREADS set to the same thread count. It calls
@@ -217,25 +219,60 @@ def ratio(a, b):
     return f"{a[0] / b[0]:.2f} ({a[1] / b[1]:.2f})" if a and b else "–"
 
 
-def variants_table(t, k):
+def variant_cases():
+    """(prefix, name, label) of each variant case in the variants table's order: the prefix
+    names its group (a training step, a one-row evaluation), the label is its row there."""
     n, d, r = VARIANT_TRAIN
     de, _ = VARIANT_EVAL
+    groups = [(f"variants/fwd_bwd_n{n}_d{d}", TRAIN_VARIANTS), (f"variants/eval_n1_d{de}", EVAL_VARIANTS)]
+    for prefix, names in groups:
+        for name in names:
+            rank = CASE_RANKS.get(name, r)
+            shown = name.removesuffix(f"_r{rank}")
+            yield prefix, name, f"{prefix.split('/')[1]}/{shown}" + ("" if name == "base" else f"_r{rank}")
+
+
+def variants_table(t, k):
     lines = [
         "| case | PEFT | lorakit | lorakit / PEFT | / LoRA, PEFT | / LoRA, lorakit |",
         "|---|---|---|---|---|---|",
     ]
-    groups = [(f"variants/fwd_bwd_n{n}_d{d}", TRAIN_VARIANTS), (f"variants/eval_n1_d{de}", EVAL_VARIANTS)]
-    for prefix, names in groups:
-        for name in names:
-            kc, tc = k[f"{prefix}/{name}"], t.get(f"{prefix}/{name}")
-            kl, tl = k[f"{prefix}/lora"], t[f"{prefix}/lora"]
-            rank = CASE_RANKS.get(name, r)
-            shown = name.removesuffix(f"_r{rank}")
-            label = f"{prefix.split('/')[1]}/{shown}" + ("" if name == "base" else f"_r{rank}")
-            lines.append(
-                f"| {label} | {cell(tc)} | {cell(kc)} | {ratio(kc, tc)} | {ratio(tc, tl)} | {ratio(kc, kl)} |"
-            )
+    for prefix, name, label in variant_cases():
+        kc, tc = k[f"{prefix}/{name}"], t.get(f"{prefix}/{name}")
+        kl, tl = k[f"{prefix}/lora"], t[f"{prefix}/lora"]
+        lines.append(
+            f"| {label} | {cell(tc)} | {cell(kc)} | {ratio(kc, tc)} | {ratio(tc, tl)} | {ratio(kc, kl)} |"
+        )
     return "\n".join(lines)
+
+
+TARGET = 0.9  # issue #19: every LoRA, DoRA and VeRA case at or under this × PEFT's median
+
+
+def adapter_cases(t, k):
+    """(label, lorakit, PEFT) of every case that sets a LoRA, DoRA or VeRA layer or op against
+    PEFT's: the fused op against PEFT's LoRA layer in every kind and shape, and each variant
+    that PEFT has (not LoRA-FA, a PEFT optimizer only; not the base layer alone)."""
+    for kind in ["fwd", "fwd_bwd"]:
+        for n, d, r in SHAPES:
+            label = f"{kind}/n{n}_d{d}_r{r}"
+            yield label, k[f"{label}/lora_fused"], t[f"{label}/lora_peft"]
+    for prefix, name, label in variant_cases():
+        if name != "base" and f"{prefix}/{name}" in t:
+            yield label, k[f"{prefix}/{name}"], t[f"{prefix}/{name}"]
+
+
+def target_line(t, k):
+    """Whether the run meets issue #19's target, every LoRA, DoRA and VeRA case at
+    <= TARGET × PEFT's median; naming the cases over it (with their ratio of minima), or the
+    slowest case when none is."""
+    ratios = sorted(((kc[0] / tc[0], kc[1] / tc[1], label) for label, kc, tc in adapter_cases(t, k)), reverse=True)
+    over = [f"{label} {m:.3f} ({lo:.3f})" for m, lo, label in ratios if m > TARGET]
+    head = f"Target (every LoRA, DoRA and VeRA case at <= {TARGET} x PEFT's median, {len(ratios)} cases): "
+    if over:
+        return head + f"not met in this run: {len(over)} over it, " + ", ".join(over) + " (ratio of medians (of minima))."
+    m, lo, label = ratios[0]
+    return head + f"met in this run; the slowest, {label}, at {m:.3f} ({lo:.3f})."
 
 
 # Runtime settings that --lorakit-features takes as if they were feature sets: the
@@ -604,6 +641,8 @@ def main():
         + variants_table(t, k)
         + f"\n\nMedian of {args.rounds} {ROUND_KINDS[args.sequential]} round(s) of per-case medians. "
         + disturbance_line(ts, ks, peaks)
+        + "\n\n"
+        + target_line(t, k)
     )
     if all(peaks):
         peak = {**peaks[0], **{key: statistics.median(p[key] for p in peaks) for key in ["gflops", "gflops_one_thread"]}}
