@@ -162,4 +162,10 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BrokenPipeError:
+        # Whatever read the output (`| head`) stopped reading: end quietly, as a Unix tool
+        # does (each model's temporary source is removed as soon as it has run).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

@@ -244,4 +244,10 @@ def run(args, cpus, avx512, folder):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BrokenPipeError:
+        # Whatever read the output (`| head`) stopped reading: end quietly, as a Unix tool
+        # does (the temporary folder is already removed, on the way out of `main`).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
