@@ -93,7 +93,7 @@ def cpu_info(threads):
         pass
     return {"model": model, "vector": [v for v in VECTOR_FLAGS if v in flags], "threads": threads, "logical_cpus": os.cpu_count()}
 TRAIN_VARIANTS = ["lora", "lora_dropout", "dora", "lora_fa", "vera", "lora_r8"]
-# PEFT's default LoRA rank (LoraConfig.r), the lora_r8 case's (variant_cases' DEFAULT_R).
+# PEFT's default LoRA rank (LoraConfig.r), the lora_r8 case's (`benches/variant_cases`' DEFAULT_R).
 DEFAULT_R = 8
 # The cases whose rank is not the shapes' `r`: VeRA's default and PEFT's default LoRA rank.
 CASE_RANKS = {"vera": VERA_R, "lora_r8": DEFAULT_R}

@@ -1,8 +1,9 @@
 //! The fused low-rank linear's forward and backward on the CPU (the op of LoRA and of the
 //! variants built on it, DoRA's row scale included; VeRA's is [`super::scaled`]):
 //! `y = c ⊙ (x Wᵀ + s (x̃ Aᵀ) Bᵀ) + b` and its gradients, built from products that
-//! accumulate into one output buffer, so the forward makes no output-sized temporary and
-//! the backward never a gradient for `W`.
+//! accumulate into one output buffer: the forward makes no output-sized temporary beyond
+//! the pre-scale output it keeps for the backward when there is a row scale, and the
+//! backward never a gradient for `W`.
 
 use super::{gemm_into, rowwise, Accum, AddedTerm, MatRef, Scratch, WeightMat};
 use crate::kernels::dropout::Dropout;
