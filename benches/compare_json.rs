@@ -7,7 +7,10 @@
 //! names as a JSON list on one line, and then times the case named on each line of its
 //! standard input, answering with one line `{"case": [median_ms, min_ms]}`, until its
 //! input ends: the script's paired rounds, which time each group of cases on PEFT's side
-//! and then on lorakit's, so that both meet about the same moments of a shared host.
+//! and then on lorakit's, so that both meet about the same moments of a shared host. A
+//! request `case share` (a share in (0, 1] of the case's time budget) is answered with
+//! the calls' own times instead, `{"case": [ms, ms, ...]}`, from a [`Portion`] of the
+//! budget: the script's chunked rounds (`--chunks`), whose sides take turns more often.
 //!
 //! Like a training program, it first calls `lorakit::threads::park_idle_elementwise_workers`
 //! (candle's element-wise workers spin 200 rounds after an op instead of 25,000); a
@@ -27,20 +30,60 @@ mod variant_cases;
 use common::{Path, Setup, SHAPES};
 use variant_cases::{EvalCases, TrainCases, EVAL, TRAIN};
 
-/// Median and minimum wall time of `f` in milliseconds, after warm-up, over about
+/// How much of a case's time budget one request takes, and the calls around it: the whole
+/// budget after 3 warm-up calls, at least 5 and at most 200 timed calls; or a share of it
+/// after one warm-up call, at least 2 and at most that share of the 200 (as
+/// `peft_compare.py`'s `Portion`, which times PEFT's side the same way).
+#[derive(Clone, Copy)]
+struct Portion {
+    share: f64,
+    warmup: usize,
+    least: usize,
+    most: usize,
+}
+
+impl Portion {
+    const WHOLE: Portion = Portion {
+        share: 1.0,
+        warmup: 3,
+        least: 5,
+        most: 200,
+    };
+
+    /// A share in (0, 1] of the budget, or `None` for anything else.
+    fn of(share: f64) -> Option<Portion> {
+        (share > 0.0 && share <= 1.0).then(|| Portion {
+            share,
+            warmup: 1,
+            least: 2,
+            most: ((200.0 * share).ceil() as usize).max(2),
+        })
+    }
+}
+
+/// The wall times of `f`'s calls in milliseconds, after warm-up, over about `portion` of
 /// `budget_ms`.
-fn median_ms(f: &mut dyn FnMut(), budget_ms: f64) -> (f64, f64) {
-    for _ in 0..3 {
+fn call_times(f: &mut dyn FnMut(), budget_ms: f64, portion: Portion) -> Vec<f64> {
+    for _ in 0..portion.warmup {
         f();
     }
+    let budget_ms = budget_ms * portion.share;
     let mut times = Vec::new();
     let start = Instant::now();
-    while times.len() < 5 || (start.elapsed().as_secs_f64() * 1e3 < budget_ms && times.len() < 200)
+    while times.len() < portion.least
+        || (start.elapsed().as_secs_f64() * 1e3 < budget_ms && times.len() < portion.most)
     {
         let t = Instant::now();
         f();
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
+    times
+}
+
+/// Median and minimum wall time of `f` in milliseconds, after warm-up, over about
+/// `budget_ms`.
+fn median_ms(f: &mut dyn FnMut(), budget_ms: f64) -> (f64, f64) {
+    let mut times = call_times(f, budget_ms, Portion::WHOLE);
     times.sort_by(|a, b| a.total_cmp(b));
     (times[times.len() / 2], times[0])
 }
@@ -57,6 +100,13 @@ impl Case<'_> {
     fn time(&mut self) -> String {
         let (median, min) = median_ms(&mut self.call, self.budget_ms);
         format!("\"{}\": [{median:.4}, {min:.4}]", self.name)
+    }
+
+    /// `"name": [ms, ms, ...]`, each call's time over `portion` of the budget, timed now.
+    fn time_calls(&mut self, portion: Portion) -> String {
+        let times = call_times(&mut self.call, self.budget_ms, portion);
+        let times: Vec<String> = times.iter().map(|t| format!("{t:.4}")).collect();
+        format!("\"{}\": [{}]", self.name, times.join(", "))
     }
 }
 
@@ -145,7 +195,9 @@ fn time_all() {
 }
 
 /// The names as a JSON list, then one case per line of standard input, each answered on
-/// its own line (`--serve`). An unknown name is answered `{"error": ...}`.
+/// its own line (`--serve`): a name alone with its median and minimum, a name and a share
+/// of its budget with its calls' times. An unknown name or a share outside (0, 1] is
+/// answered `{"error": ...}`.
 fn serve_cases() {
     print_kernels();
     let setups = Setups::new();
@@ -158,15 +210,27 @@ fn serve_cases() {
     }
     for request in std::io::stdin().lock().lines() {
         let Ok(request) = request else { return };
-        let line = match cases.iter_mut().find(|c| c.name == request.trim()) {
-            Some(case) => format!("{{{}}}", case.time()),
-            None => {
-                let error = format!("no case named {:?}", request.trim());
-                format!("{{\"error\": {}}}", serde_json::Value::from(error))
-            }
+        let (name, share) = match request.trim().split_once(' ') {
+            Some((name, share)) => (name, Some(share.trim())),
+            None => (request.trim(), None),
+        };
+        let portion = share.map(|s| s.parse().ok().and_then(Portion::of));
+        let line = match (cases.iter_mut().find(|c| c.name == name), portion) {
+            (Some(case), None) => format!("{{{}}}", case.time()),
+            (Some(case), Some(Some(portion))) => format!("{{{}}}", case.time_calls(portion)),
+            (Some(_), Some(None)) => error_line(format!(
+                "{:?}: the share of the budget must be a number in (0, 1]",
+                share.unwrap_or_default()
+            )),
+            (None, _) => error_line(format!("no case named {name:?}")),
         };
         if !answer(line) {
             return;
         }
     }
+}
+
+/// A request's error as its answer line.
+fn error_line(error: String) -> String {
+    format!("{{\"error\": {}}}", serde_json::Value::from(error))
 }

@@ -15,7 +15,11 @@ the two sides side by side: each group of cases (a kind and shape of the fused t
 variant's layer) on PEFT's side and then on lorakit's (the order alternating by round), so
 that both sides of a ratio meet about the same moments of a shared machine. The lorakit side
 stays up through a round (`compare_json --serve`: its cases set up once, each timed when
-asked). --sequential times each side's cases all in turn instead (one lorakit process per
+asked). --chunks N splits each side's time on a group into N turns, the sides taking turns
+(the order flipping every turn), each turn timing 1/N of every case's budget after one
+warm-up call; a case's median and minimum are then over all its turns' calls, so the two
+sides of a ratio meet the host's busy moments more evenly than with one turn each (the
+default). --sequential times each side's cases all in turn instead (one lorakit process per
 round, then PyTorch's side), the form of every run up to be93e5c (the last one 2026-12-06
 21:49 UTC). Both forms set every case up before timing any (as of eb08613): the cases and
 their seeds are as before, but the layers drawn after a dropout case's timing (PyTorch's
@@ -58,6 +62,7 @@ import argparse
 import datetime
 import functools
 import json
+import math
 import os
 import platform
 import resource
@@ -100,15 +105,50 @@ CASE_RANKS = {"vera": VERA_R, "lora_r8": DEFAULT_R}
 EVAL_VARIANTS = ["base", "lora", "dora"]
 
 
-def median_ms(f, budget_s):
-    for _ in range(3):
+class Portion:
+    """How much of a case's time budget one timing takes, and the calls around it: the
+    whole budget after 3 warm-up calls, at least 5 and at most 200 timed calls (`WHOLE`);
+    or `of(share)` of it after one warm-up call, at least 2 and at most that share of the
+    200 (a chunk of `--chunks`). `compare_json`'s `Portion` times lorakit's side the same
+    way."""
+
+    def __init__(self, share, warmup, least, most):
+        self.share, self.warmup, self.least, self.most = share, warmup, least, most
+
+    @classmethod
+    def of(cls, share):
+        return cls(share, 1, 2, max(2, math.ceil(200 * share)))
+
+
+Portion.WHOLE = Portion(1.0, 3, 5, 200)
+
+# The portion PEFT's side times its cases with: `Portion.WHOLE`, or a chunk's share in a
+# chunked round (`chunked_round` sets it for the round).
+PORTION = [Portion.WHOLE]
+
+
+def call_times(f, budget_s):
+    """The wall times of `f`'s calls in ms, after warm-up, over about the current portion
+    (`PORTION`) of `budget_s`."""
+    portion = PORTION[0]
+    for _ in range(portion.warmup):
         f()
     times = []
     start = time.perf_counter()
-    while len(times) < 5 or (time.perf_counter() - start < budget_s and len(times) < 200):
+    budget_s *= portion.share
+    while len(times) < portion.least or (time.perf_counter() - start < budget_s and len(times) < portion.most):
         t = time.perf_counter()
         f()
         times.append((time.perf_counter() - t) * 1e3)
+    return times
+
+
+def median_ms(f, budget_s):
+    """`[median_ms, min_ms]` of `f`'s calls over `budget_s` (`call_times`); in a chunked
+    round, the calls' times themselves, which the round summarizes."""
+    times = call_times(f, budget_s)
+    if PORTION[0] is not Portion.WHOLE:
+        return times
     return [statistics.median(times), min(times)]
 
 
@@ -333,9 +373,12 @@ class LorakitServer:
         sys.exit(f"compare_json --serve ended early:\n{self.stderr.read()[-4000:]}")
 
     def time(self, name):
-        """`[median_ms, min_ms]` of the case `name`, timed now."""
+        """`[median_ms, min_ms]` of the case `name`, timed now; in a chunked round (a
+        `PORTION` other than the whole), its calls' times over that share of its budget."""
+        portion = PORTION[0]
+        request = name if portion is Portion.WHOLE else f"{name} {portion.share!r}"
         try:
-            self.proc.stdin.write(name + "\n")
+            self.proc.stdin.write(request + "\n")
             self.proc.stdin.flush()
         except OSError:  # the server has ended: its own error is in its stderr
             self._ended()
@@ -370,10 +413,13 @@ ROUND_KINDS = {
 }
 
 
-def paired_round(threads, feats, peft_first):
+def paired_round(threads, feats, peft_first, chunks=1):
     """One round with the two sides side by side: per `pair_key` group, PEFT's cases and
-    each lorakit feature set's, in turn (PEFT first when `peft_first`, else last). Returns
-    `(PEFT's results, {feature set: its results})`."""
+    each lorakit feature set's, in turn (PEFT first when `peft_first`, else last). With
+    `chunks` > 1 the sides take turns that many times per group, each turn timing a
+    `1 / chunks` share of every case's budget (the order flipping every turn), and each
+    case's median and minimum are over all its turns' calls. Returns `(PEFT's results,
+    {feature set: its results})`."""
     servers = {f: LorakitServer(threads, f) for f in feats}
     # Per group, per side ("peft" or a feature set), the side's cases as (name, timer).
     groups = {}
@@ -388,11 +434,22 @@ def paired_round(threads, feats, peft_first):
         add("peft", name, time_it)
     results = {side: {} for side in ["peft", *feats]}
     order = ["peft", *feats] if peft_first else [*feats, "peft"]
-    for group in groups.values():
-        for side in order:
-            time.sleep(SIDE_PAUSE_S)
-            for name, time_it in group.get(side, []):
-                results[side][name] = time_it()
+    PORTION[0] = Portion.WHOLE if chunks == 1 else Portion.of(1 / chunks)
+    try:
+        for group in groups.values():
+            calls = {}
+            for chunk in range(chunks):
+                for side in order if chunk % 2 == 0 else order[::-1]:
+                    time.sleep(SIDE_PAUSE_S)
+                    for name, time_it in group.get(side, []):
+                        if chunks == 1:
+                            results[side][name] = time_it()
+                        else:
+                            calls.setdefault((side, name), []).extend(time_it())
+            for (side, name), times in calls.items():
+                results[side][name] = [statistics.median(times), min(times)]
+    finally:
+        PORTION[0] = Portion.WHOLE
     for server in servers.values():
         server.close()
     return results.pop("peft"), results
@@ -611,10 +668,15 @@ def main():
     ap.add_argument("--lorakit-features", nargs="+", default=["default"],
                     help="cargo feature sets for the lorakit side, one run each per round (`default`: none)")
     ap.add_argument("--no-faults", action="store_true", help="skip the page-faults-per-step measurement")
+    ap.add_argument("--chunks", type=int, default=1,
+                    help="in a paired round, the turns each side takes per group of cases, each "
+                    "timing that share of every case's budget (default 1: one turn each)")
     ap.add_argument("--sequential", action="store_true",
                     help="time each side's cases all in turn per round (lorakit first), not side by side per group of cases")
     ap.add_argument("--torch-faults", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.chunks < 1 or (args.chunks > 1 and args.sequential):
+        ap.error("--chunks takes a whole number from 1, and only in paired rounds (not with --sequential)")
     torch.set_num_threads(args.threads)
     if args.torch_faults:
         return torch_step_faults(args.torch_faults)
@@ -626,7 +688,7 @@ def main():
                 ks[f].append(lorakit_cases(args.threads, f))
             ts.append({name: time_it() for name, time_it in torch_cases() + torch_variant_cases()})
         else:
-            t_round, k_round = paired_round(args.threads, feats, peft_first=i % 2 == 0)
+            t_round, k_round = paired_round(args.threads, feats, peft_first=i % 2 == 0, chunks=args.chunks)
             ts.append(t_round)
             for f in feats:
                 ks[f].append(k_round[f])
@@ -639,7 +701,9 @@ def main():
         table(t, k, args.threads)
         + "\n\nVariants (whole adapted layers):\n\n"
         + variants_table(t, k)
-        + f"\n\nMedian of {args.rounds} {ROUND_KINDS[args.sequential]} round(s) of per-case medians. "
+        + f"\n\nMedian of {args.rounds} {ROUND_KINDS[args.sequential]} round(s) of per-case medians"
+        + (f" (each group in {args.chunks} turns a side, each case's median over all its turns' calls)" if args.chunks > 1 else "")
+        + ". "
         + disturbance_line(ts, ks, peaks)
         + "\n\n"
         + target_line(t, k)
