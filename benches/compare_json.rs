@@ -32,7 +32,7 @@ use variant_cases::{EvalCases, TrainCases, EVAL, TRAIN};
 
 /// How much of a case's time budget one request takes, and the calls around it: the whole
 /// budget after 3 warm-up calls, at least 5 and at most 200 timed calls; or a share of it
-/// after one warm-up call, at least 2 and at most that share of the 200 (as
+/// after one warm-up call, at least 2 and at most that share of the 200, rounded up (as
 /// `peft_compare.py`'s `Portion`, which times PEFT's side the same way).
 #[derive(Clone, Copy)]
 struct Portion {
@@ -196,8 +196,8 @@ fn time_all() {
 
 /// The names as a JSON list, then one case per line of standard input, each answered on
 /// its own line (`--serve`): a name alone with its median and minimum, a name and a share
-/// of its budget with its calls' times. An unknown name or a share outside (0, 1] is
-/// answered `{"error": ...}`.
+/// of its budget with its calls' times (a space between them; no case's name has one). An
+/// unknown name or a share outside (0, 1] is answered `{"error": ...}`.
 fn serve_cases() {
     print_kernels();
     let setups = Setups::new();
@@ -214,13 +214,12 @@ fn serve_cases() {
             Some((name, share)) => (name, Some(share.trim())),
             None => (request.trim(), None),
         };
-        let portion = share.map(|s| s.parse().ok().and_then(Portion::of));
+        let portion = share.map(|s| (s, s.parse().ok().and_then(Portion::of)));
         let line = match (cases.iter_mut().find(|c| c.name == name), portion) {
             (Some(case), None) => format!("{{{}}}", case.time()),
-            (Some(case), Some(Some(portion))) => format!("{{{}}}", case.time_calls(portion)),
-            (Some(_), Some(None)) => error_line(format!(
-                "{:?}: the share of the budget must be a number in (0, 1]",
-                share.unwrap_or_default()
+            (Some(case), Some((_, Some(portion)))) => format!("{{{}}}", case.time_calls(portion)),
+            (Some(_), Some((share, None))) => error_line(format!(
+                "{share:?}: the share of the budget must be a number in (0, 1]"
             )),
             (None, _) => error_line(format!("no case named {name:?}")),
         };

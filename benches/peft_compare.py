@@ -109,7 +109,7 @@ class Portion:
     """How much of a case's time budget one timing takes, and the calls around it: the
     whole budget after 3 warm-up calls, at least 5 and at most 200 timed calls (`WHOLE`);
     or `of(share)` of it after one warm-up call, at least 2 and at most that share of the
-    200 (a chunk of `--chunks`). `compare_json`'s `Portion` times lorakit's side the same
+    200, rounded up (a chunk of `--chunks`). `compare_json`'s `Portion` times lorakit's side the same
     way."""
 
     def __init__(self, share, warmup, least, most):
@@ -121,6 +121,10 @@ class Portion:
 
 
 Portion.WHOLE = Portion(1.0, 3, 5, 200)
+
+# The most turns --chunks takes: past it a turn's least calls (2) would take each case past
+# its 200 calls and its budget.
+MAX_CHUNKS = 100
 
 # The portion PEFT's side times its cases with: `Portion.WHOLE`, or a chunk's share in a
 # chunked round (`chunked_round` sets it for the round).
@@ -162,8 +166,8 @@ class Net(torch.nn.Module):
 
 
 def time_train_step(model, x):
-    """`[median_ms, min_ms]` of a training step's forward and backward: the gradients set to
-    none, `model(x).sum().backward()`."""
+    """`[median_ms, min_ms]` of a training step's forward and backward (in a chunked round,
+    the calls' times: `median_ms`): the gradients set to none, `model(x).sum().backward()`."""
 
     def step():
         x.grad = None
@@ -175,7 +179,7 @@ def time_train_step(model, x):
 
 def torch_cases():
     """PEFT's side, set up: `(name, time_it)` per case, where `time_it()` times the case and
-    returns `[median_ms, min_ms]`."""
+    returns `[median_ms, min_ms]` (in a chunked round, the calls' times: `median_ms`)."""
     cases = []
     for n, d, r in SHAPES:
         label = f"n{n}_d{d}_r{r}"
@@ -675,8 +679,8 @@ def main():
                     help="time each side's cases all in turn per round (lorakit first), not side by side per group of cases")
     ap.add_argument("--torch-faults", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.chunks < 1 or (args.chunks > 1 and args.sequential):
-        ap.error("--chunks takes a whole number from 1, and only in paired rounds (not with --sequential)")
+    if not 1 <= args.chunks <= MAX_CHUNKS or (args.chunks > 1 and args.sequential):
+        ap.error(f"--chunks takes a whole number from 1 to {MAX_CHUNKS}, and only in paired rounds (not with --sequential)")
     torch.set_num_threads(args.threads)
     if args.torch_faults:
         return torch_step_faults(args.torch_faults)

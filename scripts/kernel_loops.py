@@ -164,8 +164,9 @@ def main():
 if __name__ == "__main__":
     try:
         main()
+        sys.stdout.flush()  # a pipe's last output goes now, where the handler below sees it
     except BrokenPipeError:
-        # Whatever read the output (`| head`) stopped reading: end quietly, as a Unix tool
-        # does (each model's temporary source is removed as soon as it has run).
+        # Whatever read the output (`| head`) stopped reading: end quietly (exit 1), with no
+        # traceback (each model's temporary source is removed as soon as it has run).
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)

@@ -246,8 +246,9 @@ def run(args, cpus, avx512, folder):
 if __name__ == "__main__":
     try:
         main()
+        sys.stdout.flush()  # a pipe's last output goes now, where the handler below sees it
     except BrokenPipeError:
-        # Whatever read the output (`| head`) stopped reading: end quietly, as a Unix tool
-        # does (the temporary folder is already removed, on the way out of `main`).
+        # Whatever read the output (`| head`) stopped reading: end quietly (exit 1), with no
+        # traceback (the temporary folder is already removed, on the way out of `main`).
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
