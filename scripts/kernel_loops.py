@@ -35,6 +35,8 @@ import subprocess
 import sys
 import tempfile
 
+import quiet_pipe  # scripts/quiet_pipe.py, beside this file
+
 # The `multiply` of each vector set's block, as its mangled name contains it.
 BLOCKS = {"avx2": "6kernel4avx28multiply", "avx512": "6kernel6avx5128multiply"}
 
@@ -162,11 +164,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-        sys.stdout.flush()  # a pipe's last output goes now, where the handler below sees it
-    except BrokenPipeError:
-        # Whatever read the output (`| head`) stopped reading: end quietly (exit 1), with no
-        # traceback (each model's temporary source is removed as soon as it has run).
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
+    quiet_pipe.run(main)

@@ -31,6 +31,8 @@ import subprocess
 import sys
 import tempfile
 
+import quiet_pipe  # scripts/quiet_pipe.py, beside this file
+
 DEPTH = 96  # A multiple of 4: the unrolled loops end only on a whole pass.
 assert DEPTH % 4 == 0
 ROWS = ["%rdi", "%r9", "%r10", "%r11", "%rax", "%rsi"]
@@ -244,11 +246,4 @@ def run(args, cpus, avx512, folder):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-        sys.stdout.flush()  # a pipe's last output goes now, where the handler below sees it
-    except BrokenPipeError:
-        # Whatever read the output (`| head`) stopped reading: end quietly (exit 1), with no
-        # traceback (the temporary folder is already removed, on the way out of `main`).
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
+    quiet_pipe.run(main)
