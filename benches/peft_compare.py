@@ -126,15 +126,10 @@ Portion.WHOLE = Portion(1.0, 3, 5, 200)
 # its 200 calls and its budget.
 MAX_CHUNKS = 100
 
-# The portion PEFT's side times its cases with: `Portion.WHOLE`, or a chunk's share in a
-# chunked round (`chunked_round` sets it for the round).
-PORTION = [Portion.WHOLE]
 
-
-def call_times(f, budget_s):
-    """The wall times of `f`'s calls in ms, after warm-up, over about the current portion
-    (`PORTION`) of `budget_s`."""
-    portion = PORTION[0]
+def call_times(f, budget_s, portion):
+    """The wall times of `f`'s calls in ms, after warm-up, over about `portion` of
+    `budget_s`."""
     for _ in range(portion.warmup):
         f()
     times = []
@@ -147,11 +142,12 @@ def call_times(f, budget_s):
     return times
 
 
-def median_ms(f, budget_s):
-    """`[median_ms, min_ms]` of `f`'s calls over `budget_s` (`call_times`); in a chunked
-    round, the calls' times themselves, which the round summarizes."""
-    times = call_times(f, budget_s)
-    if PORTION[0] is not Portion.WHOLE:
+def median_ms(f, budget_s, portion):
+    """`[median_ms, min_ms]` of `f`'s calls over `budget_s` (`call_times`) for the whole
+    portion; for a chunk's share, the calls' times themselves, which the round summarizes
+    (as `compare_json --serve` answers the two kinds of request)."""
+    times = call_times(f, budget_s, portion)
+    if portion is not Portion.WHOLE:
         return times
     return [statistics.median(times), min(times)]
 
@@ -165,21 +161,21 @@ class Net(torch.nn.Module):
         return self.lin(x)
 
 
-def time_train_step(model, x):
-    """`[median_ms, min_ms]` of a training step's forward and backward (in a chunked round,
-    the calls' times: `median_ms`): the gradients set to none, `model(x).sum().backward()`."""
+def time_train_step(model, x, portion):
+    """`median_ms` of a training step's forward and backward over `portion` of its budget:
+    the gradients set to none, `model(x).sum().backward()`."""
 
     def step():
         x.grad = None
         model.zero_grad(set_to_none=True)
         model(x).sum().backward()
 
-    return median_ms(step, 2.5)
+    return median_ms(step, 2.5, portion)
 
 
 def torch_cases():
-    """PEFT's side, set up: `(name, time_it)` per case, where `time_it()` times the case and
-    returns `[median_ms, min_ms]` (in a chunked round, the calls' times: `median_ms`)."""
+    """PEFT's side, set up: `(name, time_it)` per case, where `time_it(portion)` times the
+    case over that portion of its budget and returns what `median_ms` does."""
     cases = []
     for n, d, r in SHAPES:
         label = f"n{n}_d{d}_r{r}"
@@ -192,22 +188,22 @@ def torch_cases():
         for name, model in [("base_linear", base), ("lora_peft", peft)]:
             if n <= EVAL_MAX_ROWS:
 
-                def fwd(model=model, x_eval=x.detach()):
+                def fwd(portion, model=model, x_eval=x.detach()):
                     def ev():
                         with torch.no_grad():
                             return model(x_eval)
 
                     model.eval()
                     try:
-                        return median_ms(ev, 1.5)
+                        return median_ms(ev, 1.5, portion)
                     finally:
                         model.train()
             else:
 
-                def fwd(model=model, x=x):
-                    return median_ms(lambda: model(x), 1.5)
+                def fwd(portion, model=model, x=x):
+                    return median_ms(lambda: model(x), 1.5, portion)
 
-            fb = lambda model=model, x=x: time_train_step(model, x)
+            fb = lambda portion, model=model, x=x: time_train_step(model, x, portion)
             cases += [(f"fwd/{label}/{name}", fwd), (f"fwd_bwd/{label}/{name}", fb)]
     return cases
 
@@ -237,7 +233,7 @@ def torch_variant_cases():
     for name in ["lora", "lora_dropout", "dora", "vera", "lora_r8"]:
         layer = peft_layer(d, name, r).train()  # dropout on (lora_dropout's case)
 
-        fb = lambda layer=layer, x=x: time_train_step(layer, x)
+        fb = lambda portion, layer=layer, x=x: time_train_step(layer, x, portion)
         cases.append((f"variants/fwd_bwd_n{n}_d{d}/{name}", fb))
     d, r = VARIANT_EVAL
     x = torch.rand(1, d)
@@ -245,9 +241,9 @@ def torch_variant_cases():
         layers = [("base", torch.nn.Linear(d, d))] + [(name, peft_layer(d, name, r).eval()) for name in ["lora", "dora"]]
     for name, layer in layers:
 
-        def ev(layer=layer, x=x):
+        def ev(portion, layer=layer, x=x):
             with torch.no_grad():
-                return median_ms(lambda: layer(x), 1.5)
+                return median_ms(lambda: layer(x), 1.5, portion)
 
         cases.append((f"variants/eval_n1_d{d}/{name}", ev))
     return cases
@@ -376,10 +372,9 @@ class LorakitServer:
         self.stderr.seek(0)
         sys.exit(f"compare_json --serve ended early:\n{self.stderr.read()[-4000:]}")
 
-    def time(self, name):
-        """`[median_ms, min_ms]` of the case `name`, timed now; in a chunked round (a
-        `PORTION` other than the whole), its calls' times over that share of its budget."""
-        portion = PORTION[0]
+    def time(self, name, portion):
+        """`[median_ms, min_ms]` of the case `name`, timed now over its whole budget; for a
+        chunk's share (a `portion` other than the whole), its calls' times over that share."""
         request = name if portion is Portion.WHOLE else f"{name} {portion.share!r}"
         try:
             self.proc.stdin.write(request + "\n")
@@ -438,22 +433,19 @@ def paired_round(threads, feats, peft_first, chunks=1):
         add("peft", name, time_it)
     results = {side: {} for side in ["peft", *feats]}
     order = ["peft", *feats] if peft_first else [*feats, "peft"]
-    PORTION[0] = Portion.WHOLE if chunks == 1 else Portion.of(1 / chunks)
-    try:
-        for group in groups.values():
-            calls = {}
-            for chunk in range(chunks):
-                for side in order if chunk % 2 == 0 else order[::-1]:
-                    time.sleep(SIDE_PAUSE_S)
-                    for name, time_it in group.get(side, []):
-                        if chunks == 1:
-                            results[side][name] = time_it()
-                        else:
-                            calls.setdefault((side, name), []).extend(time_it())
-            for (side, name), times in calls.items():
-                results[side][name] = [statistics.median(times), min(times)]
-    finally:
-        PORTION[0] = Portion.WHOLE
+    portion = Portion.WHOLE if chunks == 1 else Portion.of(1 / chunks)
+    for group in groups.values():
+        calls = {}
+        for chunk in range(chunks):
+            for side in order if chunk % 2 == 0 else order[::-1]:
+                time.sleep(SIDE_PAUSE_S)
+                for name, time_it in group.get(side, []):
+                    if chunks == 1:
+                        results[side][name] = time_it(portion)
+                    else:
+                        calls.setdefault((side, name), []).extend(time_it(portion))
+        for (side, name), times in calls.items():
+            results[side][name] = [statistics.median(times), min(times)]
     for server in servers.values():
         server.close()
     return results.pop("peft"), results
@@ -690,7 +682,7 @@ def main():
         if args.sequential:
             for f in feats:
                 ks[f].append(lorakit_cases(args.threads, f))
-            ts.append({name: time_it() for name, time_it in torch_cases() + torch_variant_cases()})
+            ts.append({name: time_it(Portion.WHOLE) for name, time_it in torch_cases() + torch_variant_cases()})
         else:
             t_round, k_round = paired_round(args.threads, feats, peft_first=i % 2 == 0, chunks=args.chunks)
             ts.append(t_round)
