@@ -55,12 +55,20 @@ impl LowRankPair {
 
     /// `B A`, `(d_out, d_in)`, computed in f32 for half-precision factors and returned in
     /// the factors' dtype.
+    ///
+    /// The factors may be strided views (one expert's columns of a stacked `lora_B`,
+    /// `crate::model::ParameterLora`): they are made contiguous first, since candle's
+    /// matmul accepts any strides only on its default CPU path (`gemm`), not with its
+    /// `mkl` or `accelerate` features, nor on CUDA or Metal.
     pub fn product(&self) -> Result<Tensor> {
         let (a, b) = (self.a.tensor(), self.b.tensor());
         let dtype = a.dtype();
         let compute = crate::kernels::compute_dtype(dtype, a.device());
-        let prod = b.to_dtype(compute)?.matmul(&a.to_dtype(compute)?)?;
-        Ok(prod.to_dtype(dtype)?)
+        let (a, b) = (
+            a.to_dtype(compute)?.contiguous()?,
+            b.to_dtype(compute)?.contiguous()?,
+        );
+        Ok(b.matmul(&a)?.to_dtype(dtype)?)
     }
 
     /// The trainable factors as named vars (`lora_A`, `lora_B`).

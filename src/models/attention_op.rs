@@ -609,7 +609,8 @@ mod tests {
         }
         let mut probs = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
         if sinks.is_some() {
-            probs = probs.narrow(3, 0, kv).unwrap();
+            // Contiguous: candle's `mkl` matmul takes no row-strided operand.
+            probs = probs.narrow(3, 0, kv).unwrap().contiguous().unwrap();
         }
         if let Some(keep) = keep {
             probs = (probs * keep).unwrap();
