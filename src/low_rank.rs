@@ -2,7 +2,7 @@
 //! created as trainable variables through a `VarBuilder`, and the forward every low-rank
 //! variant without a row scale shares ([`low_rank_forward`]).
 
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 
 use crate::adapter::{NamedVar, ParamRole};
@@ -10,6 +10,23 @@ use crate::error::{Error, Result};
 use crate::frozen::FrozenLinear;
 use crate::kernels::{LowRankTerm, Product};
 use crate::validate;
+
+/// `B A` of two factors (a layer's weight change before its scale), computed in the
+/// compute dtype ([`crate::kernels::compute_dtype`]: f32 for f16 / bf16 on the CPU) and
+/// returned in `dtype`.
+///
+/// The factors may be strided views (one expert's columns of a stacked `lora_B`,
+/// `crate::model::ParameterLora`): they are made contiguous first, since candle's matmul
+/// accepts any strides only on its default CPU path (`gemm`), not with its `mkl` or
+/// `accelerate` features, nor on CUDA or Metal.
+pub(crate) fn factor_product(b: &Tensor, a: &Tensor, dtype: DType) -> Result<Tensor> {
+    let compute = crate::kernels::compute_dtype(dtype, a.device());
+    let (a, b) = (
+        a.to_dtype(compute)?.contiguous()?,
+        b.to_dtype(compute)?.contiguous()?,
+    );
+    Ok(b.matmul(&a)?.to_dtype(dtype)?)
+}
 
 /// One factor of a low-rank pair: trained (a `Var`) or frozen (a constant).
 #[derive(Clone, Debug)]
@@ -54,21 +71,11 @@ impl LowRankPair {
     }
 
     /// `B A`, `(d_out, d_in)`, computed in f32 for half-precision factors and returned in
-    /// the factors' dtype.
-    ///
-    /// The factors may be strided views (one expert's columns of a stacked `lora_B`,
-    /// `crate::model::ParameterLora`): they are made contiguous first, since candle's
-    /// matmul accepts any strides only on its default CPU path (`gemm`), not with its
-    /// `mkl` or `accelerate` features, nor on CUDA or Metal.
+    /// the factors' dtype. Strided factors (a view into a stacked tensor) are made
+    /// contiguous first: candle's matmul accepts any strides only on its default CPU path.
     pub fn product(&self) -> Result<Tensor> {
-        let (a, b) = (self.a.tensor(), self.b.tensor());
-        let dtype = a.dtype();
-        let compute = crate::kernels::compute_dtype(dtype, a.device());
-        let (a, b) = (
-            a.to_dtype(compute)?.contiguous()?,
-            b.to_dtype(compute)?.contiguous()?,
-        );
-        Ok(b.matmul(&a)?.to_dtype(dtype)?)
+        let a = self.a.tensor();
+        factor_product(self.b.tensor(), a, a.dtype())
     }
 
     /// The trainable factors as named vars (`lora_A`, `lora_B`).

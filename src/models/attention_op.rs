@@ -609,7 +609,7 @@ mod tests {
         }
         let mut probs = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
         if sinks.is_some() {
-            // Contiguous: candle's `mkl` matmul takes no row-strided operand.
+            // Contiguous: candle's `mkl` matmul takes no rows padded past their length.
             probs = probs.narrow(3, 0, kv).unwrap().contiguous().unwrap();
         }
         if let Some(keep) = keep {

@@ -27,8 +27,8 @@ use crate::adapter::{AdaptedBase, Adapter, ConfigEntry, NamedVar, ParamRole, Var
 use crate::error::{Error, Result};
 use crate::frozen::FrozenLinear;
 use crate::init::SeededRng;
-use crate::kernels::{compute_dtype, LowRankTerm, ScaledLowRankLinear};
-use crate::low_rank::{low_rank_forward, trainable_var};
+use crate::kernels::{LowRankTerm, ScaledLowRankLinear};
+use crate::low_rank::{factor_product, low_rank_forward, trainable_var};
 use crate::validate;
 use crate::variants::build::{
     AdapterLayer, Dims, ImpliedShape, ModuleSettings, PeftLayer, PeftModule, TensorSource,
@@ -424,11 +424,8 @@ impl Adapter for VeraLinear {
 
     /// `(λ_b ⊙ B_s)(λ_d ⊙ A_s)`, computed in f32 for half-precision layers on the CPU.
     fn delta_weight(&self) -> Result<Tensor> {
-        let dtype = self.core.base().dtype();
-        let compute = compute_dtype(dtype, self.core.base().device());
-        let b = self.effective_b()?.to_dtype(compute)?;
-        let a = self.sliced_a()?.to_dtype(compute)?;
-        Ok(b.matmul(&a)?.to_dtype(dtype)?)
+        let a = self.shared.a().narrow(1, 0, self.core.base().d_in())?;
+        factor_product(&self.effective_b()?, &a, self.core.base().dtype())
     }
 
     fn own_vars(&self) -> Vec<NamedVar> {
