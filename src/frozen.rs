@@ -552,7 +552,7 @@ pub(crate) fn plain_forward(
         return lookup_rows(&weight.t()?, x);
     }
     let (x2, lead) = flatten_rows(x)?;
-    let y = x2.matmul(&weight.t()?)?;
+    let y = crate::matmul::matmul(&x2, &weight.t()?)?;
     let y = match bias {
         Some(b) => y.broadcast_add(b)?,
         None => y,

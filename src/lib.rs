@@ -86,6 +86,7 @@ pub mod gguf;
 pub mod init;
 pub mod kernels;
 pub mod low_rank;
+mod matmul;
 pub mod memory;
 pub mod model;
 pub mod models;

@@ -21,11 +21,8 @@ use crate::validate;
 /// `accelerate` features, nor on CUDA or Metal.
 pub(crate) fn factor_product(b: &Tensor, a: &Tensor, dtype: DType) -> Result<Tensor> {
     let compute = crate::kernels::compute_dtype(dtype, a.device());
-    let (a, b) = (
-        a.to_dtype(compute)?.contiguous()?,
-        b.to_dtype(compute)?.contiguous()?,
-    );
-    Ok(b.matmul(&a)?.to_dtype(dtype)?)
+    let product = crate::matmul::matmul(&b.to_dtype(compute)?, &a.to_dtype(compute)?)?;
+    Ok(product.to_dtype(dtype)?)
 }
 
 /// One factor of a low-rank pair: trained (a `Var`) or frozen (a constant).

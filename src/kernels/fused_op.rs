@@ -25,6 +25,7 @@ use super::cpu::{self, as_rows, gather_vec, mat_of_layout, Backward, Forward, Ma
 use super::saved_op::{CpuOutput, Grads3, Input, SavingKernel, SLOTS};
 use super::weight::OpWeight;
 use crate::kernels::dropout::Dropout;
+use crate::matmul::matmul;
 
 /// `y = c ⊙ (x Wᵀ + s (drop(x) Aᵀ) Bᵀ) + b` with `W`, `b`, `s` and the dropout held in
 /// the op.
@@ -140,21 +141,21 @@ impl FusedLowRankOp {
         };
         let s = self.scale;
         let w = self.weight.float_like(x)?;
-        let mut dx = gs.matmul(&w)?;
+        let mut dx = matmul(&gs, &w)?;
         let mut da = None;
         let mut db = None;
         if r > 0 {
-            let gb = gs.matmul(&b)?;
-            dx = (dx + (gb.matmul(a)? * s)?)?;
-            da = Some((gb.t()?.matmul(&x2)? * s)?);
-            db = Some((gs.t()?.matmul(&x2.matmul(&a.t()?)?)? * s)?);
+            let gb = matmul(&gs, &b)?;
+            dx = (dx + (matmul(&gb, a)? * s)?)?;
+            da = Some((matmul(&gb.t()?, &x2)? * s)?);
+            db = Some((matmul(&gs.t()?, &matmul(&x2, &a.t()?)?)? * s)?);
         }
         let dbc = match (&c, db) {
             (Some(_), db) => {
                 // u = x Wᵀ + s (x Aᵀ) Bᵀ, recomputed (no division by c).
-                let mut u = x2.matmul(&w.t()?)?;
+                let mut u = matmul(&x2, &w.t()?)?;
                 if r > 0 {
-                    u = (u + (x2.matmul(&a.t()?)?.matmul(&b.t()?)? * s)?)?;
+                    u = (u + (matmul(&matmul(&x2, &a.t()?)?, &b.t()?)? * s)?)?;
                 }
                 let dc = (g * u)?.sum(0)?.unsqueeze(1)?;
                 Some(match db {
@@ -264,5 +265,104 @@ impl SavingKernel for FusedLowRankOp {
             need: inputs.map(Tensor::track_op),
         };
         super::cuda::backward(&params, inputs, grad, saved).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor, Var};
+
+    use super::FusedLowRankOp;
+    use crate::kernels::weight::OpWeight;
+    use crate::matmul::matmul;
+
+    fn relative_error(got: &Tensor, expected: &Tensor) -> f64 {
+        let max = |t: &Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        max(&(got - expected).unwrap()) / max(expected).max(f64::MIN_POSITIVE)
+    }
+
+    /// The composed backward (what devices without a hand-written backward run) gives
+    /// autograd's gradients of the composed forward `c ⊙ (x Wᵀ + s (x Aᵀ) Bᵀ) + b`: with and
+    /// without a row scale, and without a low-rank term. `[B | c]` is packed as the layers
+    /// pack it, so the backward's `B` is a padded view.
+    #[test]
+    fn composed_backward_equals_autograd_of_the_composed_forward() {
+        let dev = Device::Cpu;
+        let (n, d_in, d_out, s) = (6, 9, 7, 0.8);
+        let rand = |shape: &[usize]| Tensor::randn(0f64, 1., shape, &dev).unwrap();
+        let var = |shape: &[usize]| Var::from_tensor(&rand(shape)).unwrap();
+        let (w, bias) = (rand(&[d_out, d_in]), rand(&[d_out]));
+        for (r, row_scale) in [(3, false), (3, true), (0, true)] {
+            let case = format!("r {r}, row scale {row_scale}");
+            let (x, a, b, c) = (
+                var(&[2, n / 2, d_in]),
+                var(&[r, d_in]),
+                var(&[d_out, r]),
+                var(&[d_out]),
+            );
+            let grad = rand(&[2, n / 2, d_out]);
+
+            let x2 = x.as_tensor().reshape((n, d_in)).unwrap();
+            let mut y = matmul(&x2, &w.t().unwrap()).unwrap();
+            if r > 0 {
+                let xa = matmul(&x2, &a.as_tensor().t().unwrap()).unwrap();
+                let low = matmul(&xa, &b.as_tensor().t().unwrap()).unwrap();
+                y = (y + (low * s).unwrap()).unwrap();
+            }
+            if row_scale {
+                y = y.broadcast_mul(c.as_tensor()).unwrap();
+            }
+            let y = y.broadcast_add(&bias).unwrap();
+            let expected = (y * grad.reshape((n, d_out)).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+
+            let packed = if row_scale {
+                let column = c.as_tensor().reshape((d_out, 1)).unwrap();
+                Tensor::cat(&[b.as_tensor(), &column], 1).unwrap()
+            } else {
+                b.as_tensor().clone()
+            };
+            let op = FusedLowRankOp {
+                weight: OpWeight::Float(w.clone()),
+                bias: Some(bias.clone()),
+                scale: s,
+                rank: r,
+                row_scale,
+                dropout: None,
+                trains: true,
+            };
+            let (dx, da, dbc) = op
+                .composed_bwd(x.as_tensor(), a.as_tensor(), &packed, &grad)
+                .unwrap();
+            let dx = dx.expect("dx");
+            let dbc = dbc.expect("[dB | dc]");
+            let err = relative_error(&dx, expected.get(&x).unwrap());
+            assert!(err < 1e-12, "{case}: dx differs by {err:e}");
+            if r > 0 {
+                let err = relative_error(&da.expect("dA"), expected.get(&a).unwrap());
+                assert!(err < 1e-12, "{case}: dA differs by {err:e}");
+                let db = dbc.narrow(1, 0, r).unwrap();
+                let err = relative_error(&db, expected.get(&b).unwrap());
+                assert!(err < 1e-12, "{case}: dB differs by {err:e}");
+            } else {
+                assert!(da.is_none(), "{case}: dA without a low-rank term");
+            }
+            if row_scale {
+                let dc = dbc.narrow(1, r, 1).unwrap().squeeze(1).unwrap();
+                let err = relative_error(&dc, expected.get(&c).unwrap());
+                assert!(err < 1e-12, "{case}: dc differs by {err:e}");
+            }
+        }
     }
 }

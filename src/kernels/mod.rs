@@ -66,6 +66,7 @@ mod weight;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
+use crate::matmul::matmul;
 pub(crate) use cpu::{gemm_with, machine, mat_of_layout, product_into, Accum, Isa, MatRef};
 pub use cpu_report::CpuReport;
 pub(crate) use product::Product;
@@ -158,10 +159,8 @@ pub fn low_rank_only(x: &Tensor, term: &LowRankTerm) -> Result<Tensor> {
     let dtype = x.dtype();
     let compute = compute_dtype(dtype, x.device());
     let (x2, lead) = flatten_rows(x)?;
-    let xa = x2
-        .to_dtype(compute)?
-        .matmul(&term.a.to_dtype(compute)?.t()?)?;
-    let low = (xa.matmul(&term.b.to_dtype(compute)?.t()?)? * term.scale)?;
+    let xa = matmul(&x2.to_dtype(compute)?, &term.a.to_dtype(compute)?.t()?)?;
+    let low = (matmul(&xa, &term.b.to_dtype(compute)?.t()?)? * term.scale)?;
     Ok(unflatten_rows(&low.to_dtype(dtype)?, &lead)?)
 }
 

@@ -9,6 +9,7 @@ use super::weight::WeightRef;
 use super::{add_trainable_bias, compute_dtype, flatten_rows, unflatten_rows, LowRankTerm};
 use crate::error::Result;
 use crate::kernels::dropout::Dropout;
+use crate::matmul::matmul;
 
 /// One adapted linear product (see [`super::FusedLinear`]) over any frozen weight.
 #[derive(Clone, Copy, Debug)]
@@ -171,16 +172,13 @@ impl Product<'_> {
         self.check_shapes(x)?;
         let dtype = x.dtype();
         let compute = compute_dtype(dtype, x.device());
-        // Contiguous operands: candle's BLAS-backed matmuls (`mkl`, `accelerate`) refuse
-        // padded views such as a rank slice of a wider factor, which its `gemm` crate path
-        // takes. `contiguous` copies only a view that is not contiguous already.
-        let cast = |t: &Tensor| t.to_dtype(compute)?.contiguous();
+        let cast = |t: &Tensor| t.to_dtype(compute);
         let (x2, lead) = flatten_rows(x)?;
         let x2 = cast(&x2)?;
-        let mut y = x2.matmul(&self.weight.float(compute)?.contiguous()?.t()?)?;
+        let mut y = matmul(&x2, &self.weight.float(compute)?.t()?)?;
         if let Some(term) = &self.low_rank {
-            let xa = x2.matmul(&cast(term.a)?.t()?)?;
-            let low = (xa.matmul(&cast(term.b)?.t()?)? * term.scale)?;
+            let xa = matmul(&x2, &cast(term.a)?.t()?)?;
+            let low = (matmul(&xa, &cast(term.b)?.t()?)? * term.scale)?;
             y = (y + low)?;
         }
         if let Some(c) = self.row_scale {
@@ -199,6 +197,7 @@ mod tests {
 
     use super::{LowRankTerm, Product, WeightRef};
     use crate::kernels::dropout::Dropout;
+    use crate::matmul::matmul;
     use crate::models::op_test::assert_same_op;
 
     /// With dropout on the low-rank input, the fused op equals the composition with the
@@ -234,15 +233,18 @@ mod tests {
             let keep = dropout.factors(batch * rows * d_in);
             let keep = Tensor::from_vec(keep, x.shape(), &dev).unwrap();
             let dropped = (x.as_tensor() * keep).unwrap();
-            let base = x.as_tensor().broadcast_matmul(&w.t().unwrap()).unwrap();
-            let low = dropped
-                .broadcast_matmul(&a.as_tensor().t().unwrap())
-                .unwrap()
-                .broadcast_matmul(&b.as_tensor().t().unwrap())
-                .unwrap();
+            let flat = |t: &Tensor| t.reshape((batch * rows, d_in)).unwrap();
+            let base = matmul(&flat(x.as_tensor()), &w.t().unwrap()).unwrap();
+            let low = matmul(
+                &matmul(&flat(&dropped), &a.as_tensor().t().unwrap()).unwrap(),
+                &b.as_tensor().t().unwrap(),
+            )
+            .unwrap();
             let reference = (base + (low * s).unwrap())
                 .unwrap()
                 .broadcast_add(&bias)
+                .unwrap()
+                .reshape((batch, rows, d_out))
                 .unwrap();
             let inputs = [
                 ("x", x.as_tensor()),

@@ -566,6 +566,8 @@ impl CustomOp3 for Attention {
 mod tests {
     use candle_core::{Device, Tensor, Var, D};
 
+    use crate::matmul::matmul;
+
     /// The reference: keys and values repeated per query head (transformers'
     /// `repeat_kv`), scores, an additive `mask` broadcast to `(b, h, t, kv)`, with sinks
     /// their head's sink as one more column of scores `(b, h, t, kv + 1)` (dropped after
@@ -595,7 +597,7 @@ mod tests {
             softcap,
             sinks,
         } = scores.into();
-        let mut scores = (q.matmul(&repeat(k).t().unwrap()).unwrap() * scale).unwrap();
+        let mut scores = (matmul(q, &repeat(k).t().unwrap()).unwrap() * scale).unwrap();
         if let Some(cap) = softcap {
             scores = ((scores / cap).unwrap().tanh().unwrap() * cap).unwrap();
         }
@@ -609,14 +611,12 @@ mod tests {
         }
         let mut probs = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
         if sinks.is_some() {
-            // Contiguous: candle's `mkl` matmul takes no rows padded past their length.
-            probs = probs.narrow(3, 0, kv).unwrap().contiguous().unwrap();
+            probs = probs.narrow(3, 0, kv).unwrap();
         }
         if let Some(keep) = keep {
             probs = (probs * keep).unwrap();
         }
-        probs
-            .matmul(&repeat(v))
+        matmul(&probs, &repeat(v))
             .unwrap()
             .transpose(1, 2)
             .unwrap()

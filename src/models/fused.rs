@@ -21,6 +21,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::kernels::dropout::Dropout;
+use crate::matmul::matmul;
 use crate::models::causal_mask::CausalMask;
 use crate::models::ops::softmax_last;
 use crate::models::{
@@ -478,7 +479,7 @@ pub(crate) fn composed_attention(
         DType::F16 | DType::BF16 => DType::F32,
         other => other,
     };
-    let mut scores = (q.matmul(&k.t()?)? * scale)?;
+    let mut scores = (matmul(&q, &k.t()?)? * scale)?;
     if let Some(cap) = softcap {
         scores = soft_cap(&scores, cap)?;
     }
@@ -507,8 +508,7 @@ pub(crate) fn composed_attention(
     let probs = probs
         .to_dtype(v.dtype())?
         .reshape((b, g, rep * t, kv_len))?;
-    Ok(probs
-        .matmul(v)?
+    Ok(matmul(&probs, v)?
         .reshape((b, h, t, d))?
         .transpose(1, 2)?
         .reshape((b, t, h * d))?)

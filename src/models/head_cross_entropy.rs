@@ -283,7 +283,7 @@ mod tests {
         t: &[u32],
         wt: &[f32],
     ) -> Tensor {
-        let mut z = h.matmul(&w.t().unwrap()).unwrap();
+        let mut z = crate::matmul::matmul(h, &w.t().unwrap()).unwrap();
         if let Some(b) = b {
             z = z.broadcast_add(b).unwrap();
         }

@@ -27,6 +27,7 @@ use candle_core::{DType, Tensor, Var};
 
 use crate::adapter::{Adapter, Variant};
 use crate::error::{Error, Result};
+use crate::matmul::matmul;
 use crate::shared::Shared;
 use crate::train::hooks::{layer_as, layer_as_mut, select_kind, StepHook};
 use crate::variants::adalora::AdaLoraLinear;
@@ -448,7 +449,7 @@ pub fn orthogonality_penalty(layers: &[Shared<dyn Adapter>]) -> Result<Tensor> {
         }
         let a = l.a().as_tensor().to_dtype(DType::F32)?;
         let b = l.b().as_tensor().to_dtype(DType::F32)?;
-        for cov in [a.matmul(&a.t()?)?, b.t()?.matmul(&b)?] {
+        for cov in [matmul(&a, &a.t()?)?, matmul(&b.t()?, &b)?] {
             let eye = Tensor::eye(cov.dim(0)?, DType::F32, cov.device())?;
             terms.push((cov - eye)?.sqr()?.sum_all()?.sqrt()?);
         }

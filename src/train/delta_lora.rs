@@ -182,7 +182,7 @@ impl StepHook for DeltaLoraHook {
             if *private == Some(w.id()) && add_product_in_place(w, &u, &v)? {
                 continue;
             }
-            let updated = (c(w)? + u.matmul(&v)?)?.to_dtype(w.dtype())?;
+            let updated = (c(w)? + crate::matmul::matmul(&u, &v)?)?.to_dtype(w.dtype())?;
             layer.core_mut().replace_weight(updated)?;
             *private = Some(layer.base().weight().id());
         }

@@ -26,6 +26,7 @@ use candle_core::{DType, Tensor, TensorId};
 use crate::adapter::{Adapter, Variant};
 use crate::error::{Error, Result, Scope};
 use crate::low_rank::Factor;
+use crate::matmul::matmul;
 use crate::shared::Shared;
 use crate::train::hooks::{layer_as, select_kind, StepHook};
 use crate::variants::lora_fa::LoraFaLinear;
@@ -139,7 +140,7 @@ impl LoraFaProjection {
                     inv
                 }
             };
-            let projected = (g.to_dtype(compute)?.matmul(&inv)? * (1.0 / (scale * scale)))?
+            let projected = (matmul(&g.to_dtype(compute)?, &inv)? * (1.0 / (scale * scale)))?
                 .to_dtype(g.dtype())?;
             grads.insert(b, projected);
             done.insert(b.id(), a.id());

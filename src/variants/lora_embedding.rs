@@ -152,7 +152,7 @@ impl Adapter for LoraEmbedding {
         let after_a = a
             .index_select(&ids.flatten_all()?.to_dtype(candle_core::DType::U32)?, 1)?
             .t()?;
-        let low = (after_a.matmul(&b.t()?)? * self.lora.scale())?;
+        let low = (crate::matmul::matmul(&after_a, &b.t()?)? * self.lora.scale())?;
         let low = low.reshape(y.dims())?.to_dtype(y.dtype())?;
         Ok((y + low)?)
     }

@@ -6,6 +6,7 @@ use candle_nn::VarBuilder;
 
 use crate::error::Result;
 use crate::kernels::dropout::Dropout;
+use crate::matmul::matmul;
 use crate::model::{conv1d, AdapterPlan, Linear};
 use crate::models::attention_op;
 use crate::models::causal_mask::CausalMask;
@@ -126,10 +127,10 @@ impl Block {
         } else {
             (q, k.clone())
         };
-        let scores = (qs.matmul(&ks.t()?)? * self.scale)?;
+        let scores = (matmul(&qs, &ks.t()?)? * self.scale)?;
         let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
         let probs = dropout_t(softmax_last(&scores)?, p_drop, train)?.to_dtype(v.dtype())?;
-        let out = probs.matmul(v)?.transpose(1, 2)?.reshape((b, s, d))?;
+        let out = matmul(&probs, v)?.transpose(1, 2)?.reshape((b, s, d))?;
         Ok((self.attn_proj.forward(&out)?, all.entry))
     }
 }

@@ -400,7 +400,7 @@ impl Gpt2LmHeadModel {
                     // A table trained in full (`modules_to_save`): candle's matmul, whose
                     // backward reaches it.
                     let d = self.config().n_embd;
-                    let logits = x.reshape((batch * seq, d))?.matmul(&table.t()?)?;
+                    let logits = crate::matmul::matmul(&x.reshape((batch * seq, d))?, &table.t()?)?;
                     logits.reshape((batch, seq, self.config().vocab_size))?
                 } else {
                     // A frozen table: the fused op, which computes no gradient for it and

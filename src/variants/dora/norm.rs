@@ -19,6 +19,7 @@ use candle_core::{DType, Tensor};
 use crate::error::Result;
 use crate::frozen::FrozenLinear;
 use crate::kernels::compute_dtype;
+use crate::matmul::matmul;
 
 /// The dtype DoRA's norms and `m / n` are computed in: f64 for f64 layers, f32 otherwise.
 pub fn norm_dtype(layer_dtype: DType) -> DType {
@@ -60,7 +61,7 @@ pub fn factored_row_norms(
 ) -> Result<Tensor> {
     let compute = compute_dtype(w.dtype(), w.device());
     let w = w.detach().to_dtype(compute)?;
-    let wa = w.matmul(&a.detach().to_dtype(compute)?.t()?)?; // (d_out, r)
+    let wa = matmul(&w, &a.detach().to_dtype(compute)?.t()?)?; // (d_out, r)
     factored_row_norms_from(w_sq, &wa, a, b, scale)
 }
 
@@ -79,9 +80,9 @@ pub fn factored_row_norms_from(
     let wa = wa.detach().to_dtype(compute)?;
     let a = a.detach().to_dtype(compute)?;
     let b = b.detach().to_dtype(compute)?;
-    let aa = a.matmul(&a.t()?)?; // (r, r)
-    let baa = b.matmul(&aa)?; // (d_out, r)
-                              // ⟨B_i, 2s·(WAᵀ)_i + s²·(B AAᵀ)_i⟩
+    let aa = matmul(&a, &a.t()?)?; // (r, r)
+    let baa = matmul(&b, &aa)?; // (d_out, r)
+                                // ⟨B_i, 2s·(WAᵀ)_i + s²·(B AAᵀ)_i⟩
     let t = ((wa * (2.0 * scale))? + (baa * (scale * scale))?)?;
     let dots = (t * b)?.sum(1)?.to_dtype(nd)?;
     let sq = (w_sq.to_dtype(nd)? + dots)?.relu()?;
