@@ -16,9 +16,8 @@ use crate::validate;
 /// returned in `dtype`.
 ///
 /// The factors may be strided views (one expert's columns of a stacked `lora_B`,
-/// `crate::model::ParameterLora`): they are made contiguous first, since candle's matmul
-/// accepts any strides only on its default CPU path (`gemm`), not with its `mkl` or
-/// `accelerate` features, nor on CUDA or Metal.
+/// `crate::model::ParameterLora`): `crate::matmul` copies those that a BLAS-backed or GPU
+/// matmul would refuse.
 pub(crate) fn factor_product(b: &Tensor, a: &Tensor, dtype: DType) -> Result<Tensor> {
     let compute = crate::kernels::compute_dtype(dtype, a.device());
     let product = crate::matmul::matmul(&b.to_dtype(compute)?, &a.to_dtype(compute)?)?;
