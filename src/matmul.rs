@@ -40,7 +40,7 @@ fn blas_ready(t: &Tensor) -> Result<Tensor> {
 /// leading dimension `rows` (a transposed contiguous matrix), where a dimension of size 1
 /// may have any stride in the row-major case; and its batch dimensions (at most two) at one
 /// stride each, or two that flatten to one.
-pub(crate) fn accepted_by_every_backend(layout: &Layout) -> bool {
+fn accepted_by_every_backend(layout: &Layout) -> bool {
     let ([batch_dims @ .., rows, cols], [batch_strides @ .., row_stride, col_stride]) =
         (layout.dims(), layout.stride())
     else {
