@@ -460,18 +460,26 @@ impl AdaptedBase {
 }
 
 /// Number of NaN or ±inf entries, on any device: finite values are exactly those with
-/// `|x| ≤ f64::MAX` (NaN compares false, ±inf is larger).
+/// `|x| ≤` the largest finite value of the dtype they are compared in (NaN compares false,
+/// ±inf is larger), f64 or, on Metal, f32 ([`crate::kernels::reduction_dtype`]; there the
+/// count is exact up to 2²⁴ non-finite entries, and never 0 when there is one).
 pub(crate) fn count_non_finite(t: &Tensor) -> Result<usize> {
     if let Some(n) = count_non_finite_cpu(t) {
         return Ok(n);
     }
-    let t = t.to_dtype(candle_core::DType::F64)?;
-    let finite = t.abs()?.le(f64::MAX)?;
-    let n_finite = finite
-        .to_dtype(candle_core::DType::F64)?
-        .sum_all()?
-        .to_scalar::<f64>()? as usize;
-    Ok(t.elem_count() - n_finite)
+    count_non_finite_in(t, crate::kernels::reduction_dtype(t.device()))
+}
+
+/// [`count_non_finite`] by candle ops, compared and summed in `dtype` (f64, or f32 for a
+/// tensor that is not f64).
+fn count_non_finite_in(t: &Tensor, dtype: candle_core::DType) -> Result<usize> {
+    let largest = match dtype {
+        candle_core::DType::F64 => f64::MAX,
+        _ => f64::from(f32::MAX),
+    };
+    let finite = t.to_dtype(dtype)?.abs()?.le(largest)?.to_dtype(dtype)?;
+    let non_finite = finite.affine(-1.0, 1.0)?.sum_all()?;
+    Ok(crate::kernels::host_f64(&non_finite)?.to_scalar::<f64>()? as usize)
 }
 
 /// [`count_non_finite`] on a contiguous CPU float tensor, reading its storage in place (no
@@ -506,4 +514,65 @@ macro_rules! impl_module_for_adapter {
             }
         }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use super::{count_non_finite, count_non_finite_cpu, count_non_finite_in};
+
+    /// The any-device count (a strided view does not take the CPU fast path), in f64 and
+    /// (as on Metal) in f32, equals the fast path's count on a contiguous copy, in every
+    /// float dtype, with NaN, both infinities and each dtype's largest finite values among
+    /// the entries.
+    #[test]
+    fn the_device_count_equals_the_cpu_count_in_every_float_dtype() {
+        let values = [
+            1.0,
+            f64::NAN,
+            -2.5,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            0.0,
+            f64::NAN,
+            7.0,
+            65504.0,             // f16's largest
+            f64::from(f32::MAX), // f32's largest (∞ in f16 and bf16)
+            -1e300,              // ±∞ below f64
+            3.0,
+        ];
+        for dtype in [DType::F64, DType::F32, DType::F16, DType::BF16] {
+            let t = Tensor::new(&values, &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+                .reshape((3, 4))
+                .unwrap()
+                .t()
+                .unwrap();
+            assert!(
+                count_non_finite_cpu(&t).is_none(),
+                "{dtype:?}: a strided view"
+            );
+            let expected = count_non_finite_cpu(&t.contiguous().unwrap()).unwrap();
+            assert_eq!(count_non_finite(&t).unwrap(), expected, "{dtype:?}");
+            if dtype != DType::F64 {
+                // Metal's way: compared and summed in f32.
+                let in_f32 = count_non_finite_in(&t, DType::F32).unwrap();
+                assert_eq!(in_f32, expected, "{dtype:?} in f32");
+            }
+            let by_hand = t
+                .flatten_all()
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+                .iter()
+                .filter(|x| !x.is_finite())
+                .count();
+            assert_eq!(expected, by_hand, "{dtype:?}");
+        }
+    }
 }

@@ -1,9 +1,10 @@
 //! Gradient accumulation over micro-batches and clipping by global norm.
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Var};
+use candle_core::Var;
 
 use crate::error::Result;
+use crate::kernels::{host_f64, reduction_dtype};
 
 /// The summed gradients of a set of variables over the micro-batches of one optimizer
 /// step. Only the variables' gradients are kept: the store each backward pass returns
@@ -54,7 +55,8 @@ impl GradAccumulator {
         Ok(())
     }
 
-    /// The global L2 norm of the accumulated gradients (computed in f64); with
+    /// The global L2 norm of the accumulated gradients (computed in f64; in f32 on Metal,
+    /// which has no f64, each variable's sum of squares); with
     /// `Some(max_norm)`, scales every gradient by `max_norm / norm` when the norm exceeds
     /// it (PyTorch's `clip_grad_norm_`, whose ε of 1e-6 is kept). Returns the norm before
     /// clipping.
@@ -62,11 +64,8 @@ impl GradAccumulator {
         let mut squares = 0f64;
         for var in &self.vars {
             if let Some(g) = self.store.get(var.as_tensor()) {
-                squares += g
-                    .to_dtype(DType::F64)?
-                    .sqr()?
-                    .sum_all()?
-                    .to_scalar::<f64>()?;
+                let square_sum = g.to_dtype(reduction_dtype(g.device()))?.sqr()?.sum_all()?;
+                squares += host_f64(&square_sum)?.to_scalar::<f64>()?;
             }
         }
         let norm = squares.sqrt();

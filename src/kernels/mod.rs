@@ -178,11 +178,43 @@ pub(crate) fn add_product_in_place(w: &Tensor, u: &Tensor, v: &Tensor) -> Result
     Ok(true)
 }
 
+/// The dtype of a reduction whose result goes to the host (a norm, a count, a score): f64,
+/// except on Metal, which has no f64 (candle's Metal backend casts to no f64 dtype), f32.
+pub(crate) fn reduction_dtype(device: &Device) -> DType {
+    if device.is_metal() {
+        DType::F32
+    } else {
+        DType::F64
+    }
+}
+
+/// `t` as f64 values on the host: moved there first and converted there, so that it works
+/// on a device without f64 (Metal), and moves the narrower dtype off any device.
+pub(crate) fn host_f64(t: &Tensor) -> candle_core::Result<Tensor> {
+    t.to_device(&Device::Cpu)?.to_dtype(DType::F64)
+}
+
 /// The dtype arithmetic runs in: f32 for f16/bf16 on the CPU (candle's CPU matmul has no
 /// half-precision kernel), the tensor's own dtype otherwise.
 pub fn compute_dtype(dtype: DType, device: &Device) -> DType {
     match dtype {
         DType::F16 | DType::BF16 if device.is_cpu() => DType::F32,
         d => d,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    /// On the CPU reductions run in f64, and `host_f64` gives the values exactly in f64.
+    #[test]
+    fn reductions_in_f64_off_metal_and_host_values_in_f64() {
+        assert_eq!(super::reduction_dtype(&Device::Cpu), DType::F64);
+        let t = Tensor::new(&[1.5f32, -0.1, 3e38], &Device::Cpu).unwrap();
+        let host = super::host_f64(&t).unwrap();
+        assert_eq!(host.dtype(), DType::F64);
+        let want: Vec<f64> = [1.5f32, -0.1, 3e38].iter().map(|&v| f64::from(v)).collect();
+        assert_eq!(host.to_vec1::<f64>().unwrap(), want);
     }
 }

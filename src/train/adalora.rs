@@ -421,7 +421,7 @@ fn triplet_score(s: &LayerStats) -> Result<Vec<f64>> {
     let e = s.e.score()?.flatten_all()?;
     let a = s.a.score()?.mean(1)?;
     let b = s.b.score()?.mean(0)?;
-    Ok(((e + a)? + b)?.to_dtype(DType::F64)?.to_vec1::<f64>()?)
+    Ok(crate::kernels::host_f64(&((e + a)? + b)?)?.to_vec1::<f64>()?)
 }
 
 impl StepHook for RankAllocator {

@@ -175,7 +175,7 @@ fn lora_fa_parts(layer: &dyn Adapter) -> Result<(&str, &Tensor, &candle_core::Va
 /// `(A Aᵀ + δI)⁻¹` computed in f64 on the host, returned in `dtype` on A's device.
 #[allow(clippy::indexing_slicing)] // `m` is r × r and `i, j < r`
 fn ridge_inverse(layer: &str, a: &Tensor, dtype: DType) -> Result<Tensor> {
-    let rows = a.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+    let rows = crate::kernels::host_f64(a)?.to_vec2::<f64>()?;
     let r = rows.len();
     let mut m = vec![0f64; r * r];
     for (i, ai) in rows.iter().enumerate() {
