@@ -4,7 +4,7 @@ use candle_core::backprop::GradStore;
 use candle_core::Var;
 
 use crate::error::Result;
-use crate::kernels::{host_f64, reduction_dtype};
+use crate::kernels::sum_of_squares;
 
 /// The summed gradients of a set of variables over the micro-batches of one optimizer
 /// step. Only the variables' gradients are kept: the store each backward pass returns
@@ -64,8 +64,7 @@ impl GradAccumulator {
         let mut squares = 0f64;
         for var in &self.vars {
             if let Some(g) = self.store.get(var.as_tensor()) {
-                let square_sum = g.to_dtype(reduction_dtype(g.device()))?.sqr()?.sum_all()?;
-                squares += host_f64(&square_sum)?.to_scalar::<f64>()?;
+                squares += sum_of_squares(g)?;
             }
         }
         let norm = squares.sqrt();

@@ -188,6 +188,12 @@ pub(crate) fn reduction_dtype(device: &Device) -> DType {
     }
 }
 
+/// `Σ t²` on `t`'s device in [`reduction_dtype`], read back as an f64 (a squared norm).
+pub(crate) fn sum_of_squares(t: &Tensor) -> candle_core::Result<f64> {
+    let sum = t.to_dtype(reduction_dtype(t.device()))?.sqr()?.sum_all()?;
+    host_f64(&sum)?.to_scalar::<f64>()
+}
+
 /// `t` as f64 values on the host: moved there first and converted there, so that it works
 /// on a device without f64 (Metal), and moves the narrower dtype off any device.
 pub(crate) fn host_f64(t: &Tensor) -> candle_core::Result<Tensor> {
@@ -207,7 +213,8 @@ pub fn compute_dtype(dtype: DType, device: &Device) -> DType {
 mod tests {
     use candle_core::{DType, Device, Tensor};
 
-    /// On the CPU reductions run in f64, and `host_f64` gives the values exactly in f64.
+    /// On the CPU reductions run in f64 (a sum of squares of f32 values past f32's range
+    /// included), and `host_f64` gives the values exactly in f64.
     #[test]
     fn reductions_in_f64_off_metal_and_host_values_in_f64() {
         assert_eq!(super::reduction_dtype(&Device::Cpu), DType::F64);
@@ -216,5 +223,7 @@ mod tests {
         assert_eq!(host.dtype(), DType::F64);
         let want: Vec<f64> = [1.5f32, -0.1, 3e38].iter().map(|&v| f64::from(v)).collect();
         assert_eq!(host.to_vec1::<f64>().unwrap(), want);
+        let squares: f64 = want.iter().map(|v| v * v).sum();
+        assert_eq!(super::sum_of_squares(&t).unwrap(), squares);
     }
 }

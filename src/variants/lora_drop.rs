@@ -119,10 +119,7 @@ impl Adapter for LoraDropLinear {
         let y = self.lora.forward_adapted(x, train)?;
         if self.recording.load(Ordering::Relaxed) {
             let low = low_rank_only(&x.detach(), &self.lora.term())?;
-            let dtype = crate::kernels::reduction_dtype(low.device());
-            let square_sum = low.to_dtype(dtype)?.sqr()?.sum_all()?;
-            let g = crate::kernels::host_f64(&square_sum)?.to_scalar::<f64>()?;
-            *self.lock_sum() += g;
+            *self.lock_sum() += crate::kernels::sum_of_squares(&low)?;
         }
         Ok(y)
     }
