@@ -67,8 +67,8 @@ impl LowRankPair {
     }
 
     /// `B A`, `(d_out, d_in)`, computed in f32 for half-precision factors and returned in
-    /// the factors' dtype. Strided factors (a view into a stacked tensor) are made
-    /// contiguous first: candle's matmul accepts any strides only on its default CPU path.
+    /// the factors' dtype (a strided factor, a view into a stacked
+    /// tensor, is copied only where a BLAS-backed or GPU matmul would refuse it).
     pub fn product(&self) -> Result<Tensor> {
         let a = self.a.tensor();
         factor_product(self.b.tensor(), a, a.dtype())
