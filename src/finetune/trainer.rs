@@ -22,6 +22,7 @@ use super::task::{LanguageModeling, Task, TaskData};
 use crate::adapter::{Adapter, Variant};
 use crate::error::{Error, Result};
 use crate::frozen::BaseKind;
+use crate::kernels::{host_f64, reduction_dtype};
 use crate::model::AdaptedSet;
 use crate::models::{CausalLm, SequenceClassifier};
 use crate::peft::{save_adapter, PeftConfig};
@@ -556,14 +557,23 @@ fn step<T: Task>(
         return Ok(log);
     }
     let mut acc = GradAccumulator::new(rule.vars.clone());
-    let mut loss_sum = 0.0;
+    // The batches' summed losses add up on the device and are read once, after the last.
+    let mut loss_sum: Option<Tensor> = None;
     for (i, batch) in batches.iter().enumerate() {
         // The penalty enters once per step, with the first batch.
         let extra = if i == 0 { rule.extra_loss()? } else { None };
         let (sum, grads) = backward_batch(task, batch, targets, extra)?;
-        loss_sum += sum;
+        let sum = sum.to_dtype(reduction_dtype(sum.device()))?;
+        loss_sum = Some(match loss_sum {
+            Some(total) => (total + sum)?,
+            None => sum,
+        });
         acc.add(&grads)?;
     }
+    let loss_sum = match &loss_sum {
+        Some(total) => host_f64(total)?.to_scalar::<f64>()?,
+        None => 0.0,
+    };
     let loss = loss_sum / targets as f64;
     if !loss.is_finite() {
         return Err(Error::settings(
@@ -588,14 +598,15 @@ fn step<T: Task>(
 }
 
 /// Forward (in training mode) and backward of one batch: returns the batch's summed loss
-/// and the gradients of `(sum + extra) / targets`-scaled loss (`extra` is added unscaled).
-/// Callers skip steps without targets, so `targets` is at least 1.
+/// (detached, on the device) and the gradients of `(sum + extra) / targets`-scaled loss
+/// (`extra` is added unscaled). Callers skip steps without targets, so `targets` is at
+/// least 1.
 fn backward_batch<T: Task>(
     task: &T,
     batch: &T::Batch,
     targets: usize,
     extra: Option<Tensor>,
-) -> Result<(f64, GradStore)> {
+) -> Result<(Tensor, GradStore)> {
     let sum = task.loss_sum(batch, true)?;
     let mut loss = (&sum / targets as f64)?;
     if let Some(extra) = extra {
@@ -603,7 +614,7 @@ fn backward_batch<T: Task>(
         loss = (loss + extra)?;
     }
     let grads = loss.backward()?;
-    Ok((sum.to_scalar::<f32>()? as f64, grads))
+    Ok((sum.detach(), grads))
 }
 
 /// The variant's hooks around one AdamW step on the accumulated gradients.

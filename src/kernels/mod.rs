@@ -190,8 +190,14 @@ pub(crate) fn reduction_dtype(device: &Device) -> DType {
 
 /// `Σ t²` on `t`'s device in [`reduction_dtype`], read back as an f64 (a squared norm).
 pub(crate) fn sum_of_squares(t: &Tensor) -> candle_core::Result<f64> {
-    let sum = t.to_dtype(reduction_dtype(t.device()))?.sqr()?.sum_all()?;
-    host_f64(&sum)?.to_scalar::<f64>()
+    host_f64(&sum_of_squares_on_device(t)?)?.to_scalar::<f64>()
+}
+
+/// `Σ t²` on `t`'s device in [`reduction_dtype`], left there as a 0-d tensor: sums over
+/// several tensors add up on the device and cross to the host once (on a GPU each
+/// crossing waits for the device).
+pub(crate) fn sum_of_squares_on_device(t: &Tensor) -> candle_core::Result<Tensor> {
+    t.to_dtype(reduction_dtype(t.device()))?.sqr()?.sum_all()
 }
 
 /// `t` as f64 values on the host: moved there first and converted there, so that it works
