@@ -2,29 +2,25 @@
 """The packed route's compiled register-block loops, counted, and their cycles per pass in
 `llvm-mca`'s models of other CPUs.
 
-    python3 scripts/kernel_loops.py BINARY [--mca haswell,znver2,skylake-avx512] [--keep DIR]
+    python3 scripts/kernel_loops.py [--mca haswell,znver2,skylake-avx512] [--keep DIR]
 
-BINARY is a release build that links lorakit's packed route: the `compare_json` bench
-(`cargo bench --bench compare_json --no-run`) or the library's tests built with `cargo test
---release --lib --no-run` (the plain test profile is not optimized like a release build).
-The script disassembles each block's `multiply` (`kernel::avx2::multiply`,
-`kernel::avx512::multiply`) with `objdump` and prints each innermost loop (closed by a
-backward branch, with no other loop inside) that has at least two FMAs: its FMAs, vector
-loads, broadcasts, stack references (a register spilled in the loop) and instructions a pass
-of the loop, and its instructions per FMA. A pass is four steps of depth in each row
-count's main loop, and one in the loop after it that takes the last `depth % 4` steps
-(`kernel::accumulate`), or two where LLVM unrolls that loop too (at c1a2b04, AVX2's 1- and
-2-row blocks and AVX-512's 1-row one); a step of the six-row block is twelve FMAs on AVX2
-and 24 on AVX-512. The counts go by mnemonic: a vector load is a `vmovaps`/`vmovups` from memory, an
-FMA with a memory operand counts as an FMA and not a load, AVX-512's embedded broadcasts
-are not counted as broadcasts, and a stack reference is any `rsp` or `rbp` operand.
+It runs the test that reads the loops back from the optimized test binary
+(`src/kernels/cpu/packed/kernel/compiled_loops.rs`: `cargo test --release --lib
+compiled_loops`, in the repository this script is in, with cargo's usual
+`CARGO_TARGET_DIR`), which disassembles each block's `multiply` (`kernel::avx2::multiply`,
+`kernel::avx512::multiply`) with `objdump`, prints each innermost loop (closed by a
+backward branch, with no other loop inside) that has at least two FMAs (its FMAs, vector
+loads, broadcasts, stack references and instructions a pass), checks them, and writes each
+as `llvm-mca` input into a folder. A pass is four steps of depth in each row count's main
+loop, and one in the loop after it that takes the last `depth % 4` steps
+(`kernel::accumulate`), or two where LLVM unrolls that loop too; a step of the six-row
+block is twelve FMAs on AVX2 and 24 on AVX-512. The test's module doc says how it counts.
 
 With `--mca` it runs `llvm-mca` on each loop for each CPU named (`llvm-mca -mcpu=help` lists
 them) and prints the modeled cycles per pass, FMAs per cycle and the model's dispatch
 width; loops on AVX-512 registers only on the models of CPUs with AVX-512
-(`AVX512_MODELS`). A model is not
-a measurement: it says which loops a narrower core's front end would hold back, not how fast
-a real one runs them.
+(`AVX512_MODELS`). A model is not a measurement: it says which loops a narrower core's
+front end would hold back, not how fast a real one runs them.
 """
 
 import argparse
@@ -37,8 +33,7 @@ import tempfile
 
 import quiet_pipe  # scripts/quiet_pipe.py, beside this file
 
-# The `multiply` of each vector set's block, as its mangled name contains it.
-BLOCKS = {"avx2": "6kernel4avx28multiply", "avx512": "6kernel6avx5128multiply"}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # `llvm-mca` CPU names of x86 CPUs with AVX-512F (LLVM 14 and later), on whose models the
 # AVX-512 loops are run. Some models without AVX-512 accept its instructions and print
@@ -57,72 +52,29 @@ def need(tool):
         sys.exit(f"kernel_loops.py: `{tool}` is not on PATH")
 
 
-def functions(binary):
-    """Each block's instructions, as (address, text) pairs, from `objdump -d`."""
+def write_loops(folder):
+    """Runs the compiled-loops test, its loops written into `folder`; prints its counts."""
+    need("cargo")
     need("objdump")
+    env = dict(os.environ, LORAKIT_KERNEL_LOOPS_OUT=folder)
     run = subprocess.run(
-        ["objdump", "-d", "--no-show-raw-insn", "-M", "intel", binary],
+        ["cargo", "test", "--release", "--quiet", "--lib", "compiled_loops", "--",
+         "--nocapture"],
+        cwd=REPO, env=env, capture_output=True, text=True,
+    )
+    for line in run.stdout.splitlines():
+        if " loop " in line:
+            print(line)
+    if run.returncode != 0:
+        sys.exit(f"the compiled-loops test failed:\n{run.stdout[-3000:]}{run.stderr[-3000:]}")
+
+
+def modeled(mca, path, cpu):
+    """`llvm-mca`'s cycles per pass of the loop in `path` on `cpu`, and its dispatch width."""
+    out = subprocess.run(
+        [mca, f"-mcpu={cpu}", f"-iterations={ITERATIONS}", path],
         capture_output=True, text=True,
     )
-    if run.returncode != 0:
-        sys.exit(f"objdump {binary}: {run.stderr.strip()}")
-    listing = run.stdout.splitlines()
-    found = {}
-    for name, mangled in BLOCKS.items():
-        heads = [i for i, line in enumerate(listing) if mangled in line and line.endswith(">:")]
-        if len(heads) != 1:
-            sys.exit(f"{binary}: {len(heads)} symbols for the `{name}` block (`{mangled}`), "
-                     "expected one")
-        body = []
-        for line in listing[heads[0] + 1:]:
-            if not line.strip():
-                break
-            m = re.match(r"\s*([0-9a-f]+):\s+(.*)", line)
-            if m:
-                body.append((int(m.group(1), 16), re.sub(r"\s*#.*", "", m.group(2)).strip()))
-        found[name] = body
-    return found
-
-
-def backward_branches(body):
-    """(first, last) indices of each loop: a branch at `last` back to `first`."""
-    index = {address: i for i, (address, _) in enumerate(body)}
-    for last, (address, text) in enumerate(body):
-        m = re.match(r"j\w+\s+([0-9a-f]+)", text)
-        if m and int(m.group(1), 16) <= address and int(m.group(1), 16) in index:
-            yield index[int(m.group(1), 16)], last
-
-
-def innermost_loops(body):
-    """The loops with at least two FMAs and no other loop inside them, as their texts."""
-    loops = list(backward_branches(body))
-    for first, last in loops:
-        if any(first <= f and l <= last and (f, l) != (first, last) for f, l in loops):
-            continue
-        loop = [text for _, text in body[first:last + 1]]
-        if sum("fmadd" in t for t in loop) >= 2:
-            yield loop
-
-
-def as_source(loop):
-    """The loop as `llvm-mca` input: Intel syntax, its branch to a label of its own."""
-    lines = [".intel_syntax noprefix", ".Lstep:"]
-    lines += ["  " + t for t in loop[:-1]]
-    lines.append("  " + loop[-1].split()[0] + " .Lstep")
-    return "\n".join(lines) + "\n"
-
-
-def modeled(mca, source, cpu):
-    """`llvm-mca`'s cycles per pass of `source` on `cpu`, and its dispatch width."""
-    with tempfile.NamedTemporaryFile("w", suffix=".s", delete=False) as f:
-        f.write(source)
-    try:
-        out = subprocess.run(
-            [mca, f"-mcpu={cpu}", f"-iterations={ITERATIONS}", f.name],
-            capture_output=True, text=True,
-        )
-    finally:
-        os.unlink(f.name)
     cycles = re.search(r"Total Cycles:\s+(\d+)", out.stdout)
     width = re.search(r"Dispatch Width:\s+(\d+)", out.stdout)
     if out.returncode != 0 or not cycles or not width:
@@ -132,33 +84,30 @@ def modeled(mca, source, cpu):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("binary")
     parser.add_argument("--mca", default="", help="comma-separated llvm-mca CPU names")
     parser.add_argument("--llvm-mca", default="llvm-mca", help="the llvm-mca to run")
-    parser.add_argument("--keep", help="write each loop's llvm-mca input into this folder")
+    parser.add_argument("--keep", help="keep each loop's llvm-mca input in this folder")
     args = parser.parse_args()
     cpus = [c for c in args.mca.split(",") if c]
     if cpus:
         need(args.llvm_mca)
-    for name, body in functions(args.binary).items():
-        for n, loop in enumerate(innermost_loops(body)):
-            count = lambda word: sum(word in t for t in loop)  # noqa: E731
-            loads = sum(bool(re.match(r"vmov[au]ps\s+[xyz]mm\d+,\s*\w*\s*ptr", t, re.I))
-                        for t in loop)
-            fmas = count("fmadd")
-            print(f"{name} loop {n}: fmas {fmas} vector loads {loads} "
-                  f"broadcasts {count('broadcast')} stack refs {count('rsp') + count('rbp')} "
-                  f"instructions {len(loop)} ({len(loop) / fmas:.2f} an FMA)")
-            source = as_source(loop)
-            if args.keep:
-                os.makedirs(args.keep, exist_ok=True)
-                with open(os.path.join(args.keep, f"{name}_{n}.s"), "w") as f:
-                    f.write(source)
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = os.path.abspath(args.keep) if args.keep else scratch
+        write_loops(folder)
+        if not cpus:
+            return
+        key = lambda name: (name.split("_")[0], int(re.sub(r"\D", "", name.split("_")[1])))  # noqa: E731
+        for name in sorted((n for n in os.listdir(folder) if n.endswith(".s")), key=key):
+            path = os.path.join(folder, name)
+            with open(path) as f:
+                source = f.read()
+            fmas = source.count("fmadd")
+            print(f"{name[:-2]}:")
             for cpu in cpus:
                 if "zmm" in source and cpu not in AVX512_MODELS:
                     print(f"  llvm-mca -mcpu={cpu}: skipped (AVX-512 loop, CPU without it)")
                     continue
-                cycles, width = modeled(args.llvm_mca, source, cpu)
+                cycles, width = modeled(args.llvm_mca, path, cpu)
                 print(f"  llvm-mca -mcpu={cpu}: {cycles:.2f} cycles a pass, "
                       f"{fmas / cycles:.2f} FMAs a cycle (dispatch width {width})")
 

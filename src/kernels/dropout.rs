@@ -222,8 +222,8 @@ mod tests {
     /// multiply-add, no other order), over a run of indices that crosses 2³² from an offset
     /// that is not a multiple of any vector width, for f32 and f64. It checks the vector set
     /// the process runs on (`LORAKIT_CPU_ISA=avx2` or `scalar` for the others), and the
-    /// vector code itself only in an optimized build (`cargo test --release`: the test
-    /// profile's `opt-level` 1 does not vectorize loops).
+    /// vector code itself only in an optimized build (`cargo test --release`, which CI
+    /// runs too: the test profile's `opt-level` 1 does not vectorize loops).
     #[test]
     #[cfg(target_pointer_width = "64")]
     fn adding_the_kept_is_the_per_entry_arithmetic_bit_for_bit() {

@@ -62,6 +62,8 @@ macro_rules! one_intrinsic_ops {
 
 mod avx2;
 mod avx512;
+#[cfg(all(test, target_os = "linux"))]
+mod compiled_loops;
 
 /// Rows of the destination per block: 6 rows of four AVX-512 vectors are 24 accumulators
 /// (with the four column vectors and a broadcast, 29 of AVX-512's 32 registers; 7 rows
@@ -382,7 +384,9 @@ unsafe fn finish<S: Vectors, const R: usize, const V: usize>(sums: [[S::Reg; V];
 /// compiler rebuilt most of the six addresses every step, five or four instructions more;
 /// in `llvm-mca`'s models of cores that dispatch four instructions a cycle, that held the
 /// AVX2 loop below its FMA rate (`benches/RESULTS.md`, "Row starts the compiler cannot
-/// rebuild"; `scripts/kernel_loops.py` counts the compiled loops' instructions).
+/// rebuild"). A test of the optimized build (`compiled_loops`, run by CI) reads the
+/// compiled loops back and fails if a loop spills or the six-row loop grows past those
+/// four; `scripts/kernel_loops.py` prints its counts and models the loops on other CPUs.
 ///
 /// The loop takes [`STEPS_PER_PASS`] steps a pass ([`depth_step`] each; the last
 /// `depth % STEPS_PER_PASS` steps one at a time after it), so those four instructions come
