@@ -4,7 +4,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
 use crate::error::Result;
-use crate::kernels::{host_f64, sum_of_squares_on_device};
+use crate::kernels::{host_scalar, sum_of_squares};
 
 /// The summed gradients of a set of variables over the micro-batches of one optimizer
 /// step. Only the variables' gradients are kept: the store each backward pass returns
@@ -85,7 +85,7 @@ impl GradAccumulator {
             .iter()
             .filter_map(|v| self.store.get(v.as_tensor()))
         {
-            let squares = sum_of_squares_on_device(g)?;
+            let squares = sum_of_squares(g)?;
             match totals
                 .iter_mut()
                 .find(|t| t.device().same_device(g.device()))
@@ -96,7 +96,7 @@ impl GradAccumulator {
         }
         let mut sum = 0f64;
         for total in &totals {
-            sum += host_f64(total)?.to_scalar::<f64>()?;
+            sum += host_scalar(total)?;
         }
         Ok(sum)
     }

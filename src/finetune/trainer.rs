@@ -22,7 +22,7 @@ use super::task::{LanguageModeling, Task, TaskData};
 use crate::adapter::{Adapter, Variant};
 use crate::error::{Error, Result};
 use crate::frozen::BaseKind;
-use crate::kernels::{host_f64, reduction_dtype};
+use crate::kernels::{host_scalar, reduction_dtype};
 use crate::model::AdaptedSet;
 use crate::models::{CausalLm, SequenceClassifier};
 use crate::peft::{save_adapter, PeftConfig};
@@ -571,7 +571,7 @@ fn step<T: Task>(
         acc.add(&grads)?;
     }
     let loss_sum = match &loss_sum {
-        Some(total) => host_f64(total)?.to_scalar::<f64>()?,
+        Some(total) => host_scalar(total)?,
         None => 0.0,
     };
     let loss = loss_sum / targets as f64;

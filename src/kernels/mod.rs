@@ -188,16 +188,16 @@ pub(crate) fn reduction_dtype(device: &Device) -> DType {
     }
 }
 
-/// `Σ t²` on `t`'s device in [`reduction_dtype`], read back as an f64 (a squared norm).
-pub(crate) fn sum_of_squares(t: &Tensor) -> candle_core::Result<f64> {
-    host_f64(&sum_of_squares_on_device(t)?)?.to_scalar::<f64>()
+/// `Σ t²` (a squared norm) on `t`'s device in [`reduction_dtype`], left there as a 0-d
+/// tensor: sums over several tensors or calls add up on the device and cross to the host
+/// once ([`host_scalar`]; on a GPU each crossing waits for the device).
+pub(crate) fn sum_of_squares(t: &Tensor) -> candle_core::Result<Tensor> {
+    t.to_dtype(reduction_dtype(t.device()))?.sqr()?.sum_all()
 }
 
-/// `Σ t²` on `t`'s device in [`reduction_dtype`], left there as a 0-d tensor: sums over
-/// several tensors add up on the device and cross to the host once (on a GPU each
-/// crossing waits for the device).
-pub(crate) fn sum_of_squares_on_device(t: &Tensor) -> candle_core::Result<Tensor> {
-    t.to_dtype(reduction_dtype(t.device()))?.sqr()?.sum_all()
+/// A 0-d tensor's value on the host, as an f64 ([`host_f64`]).
+pub(crate) fn host_scalar(t: &Tensor) -> candle_core::Result<f64> {
+    host_f64(t)?.to_scalar::<f64>()
 }
 
 /// `t` as f64 values on the host: moved there first and converted there, so that it works
@@ -230,6 +230,7 @@ mod tests {
         let want: Vec<f64> = [1.5f32, -0.1, 3e38].iter().map(|&v| f64::from(v)).collect();
         assert_eq!(host.to_vec1::<f64>().unwrap(), want);
         let squares: f64 = want.iter().map(|v| v * v).sum();
-        assert_eq!(super::sum_of_squares(&t).unwrap(), squares);
+        let sum = super::sum_of_squares(&t).unwrap();
+        assert_eq!(super::host_scalar(&sum).unwrap(), squares);
     }
 }

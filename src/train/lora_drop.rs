@@ -353,7 +353,7 @@ impl LoraDrop {
         let run = forward();
         let mut raw = Vec::with_capacity(self.layers.len());
         self.for_each_layer(|l| {
-            raw.push(l.stop_recording());
+            raw.push(l.stop_recording()?);
             Ok(())
         })?;
         run?;

@@ -18,7 +18,7 @@ use candle_nn::VarBuilder;
 use crate::adapter::{Adapter, NamedVar, Variant};
 use crate::error::Result;
 use crate::frozen::FrozenLinear;
-use crate::kernels::low_rank_only;
+use crate::kernels::{host_scalar, low_rank_only, sum_of_squares};
 use crate::low_rank::LowRankPair;
 use crate::variants::lora::{delegate_to_lora, lora_config_layer, LoraConfig, LoraLinear};
 
@@ -46,8 +46,9 @@ pub type LoraDropLayerConfig = LoraConfig;
 pub struct LoraDropLinear {
     lora: LoraLinear,
     recording: AtomicBool,
-    /// `Σ ‖s · (x Aᵀ) Bᵀ‖²` over the forwards since recording started.
-    sum: Mutex<f64>,
+    /// `Σ ‖s · (x Aᵀ) Bᵀ‖²` over the forwards since recording started, on the layer's
+    /// device (read once, when recording stops); `None` before the first.
+    sum: Mutex<Option<Tensor>>,
 }
 
 impl LoraDropLinear {
@@ -75,7 +76,7 @@ impl LoraDropLinear {
         Self {
             lora,
             recording: AtomicBool::new(false),
-            sum: Mutex::new(0.0),
+            sum: Mutex::new(None),
         }
     }
 
@@ -91,17 +92,21 @@ impl LoraDropLinear {
 
     /// Starts recording from zero.
     pub(crate) fn start_recording(&self) {
-        *self.lock_sum() = 0.0;
+        *self.lock_sum() = None;
         self.recording.store(true, Ordering::Relaxed);
     }
 
-    /// Stops recording and returns `Σ ‖ΔW x‖²` over the forwards since the start.
-    pub(crate) fn stop_recording(&self) -> f64 {
+    /// Stops recording and returns `Σ ‖ΔW x‖²` over the forwards since the start (0
+    /// without any).
+    pub(crate) fn stop_recording(&self) -> Result<f64> {
         self.recording.store(false, Ordering::Relaxed);
-        *self.lock_sum()
+        Ok(match self.lock_sum().take() {
+            Some(sum) => host_scalar(&sum)?,
+            None => 0.0,
+        })
     }
 
-    fn lock_sum(&self) -> std::sync::MutexGuard<'_, f64> {
+    fn lock_sum(&self) -> std::sync::MutexGuard<'_, Option<Tensor>> {
         self.sum.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -119,7 +124,12 @@ impl Adapter for LoraDropLinear {
         let y = self.lora.forward_adapted(x, train)?;
         if self.recording.load(Ordering::Relaxed) {
             let low = low_rank_only(&x.detach(), &self.lora.term())?;
-            *self.lock_sum() += crate::kernels::sum_of_squares(&low)?;
+            let squares = sum_of_squares(&low)?;
+            let mut sum = self.lock_sum();
+            *sum = Some(match sum.take() {
+                Some(total) => (total + squares)?,
+                None => squares,
+            });
         }
         Ok(y)
     }
