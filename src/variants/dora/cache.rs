@@ -29,30 +29,38 @@ impl NormCache {
 
     /// The cached norms if `a` and `b` still hold the values they were computed from.
     pub(crate) fn get(&self, a: &Tensor, b: &Tensor) -> Result<Option<&Tensor>> {
-        if same_values(a, &self.a)? && same_values(b, &self.b)? {
-            Ok(Some(&self.norms))
-        } else {
-            Ok(None)
-        }
+        Ok(same_values(&[(a, &self.a), (b, &self.b)])?.then_some(&self.norms))
     }
 }
 
-/// Whether two tensors of one shape hold the same values (NaN never matches: a NaN
-/// parameter always recomputes). Reads CPU f32/f64 buffers in place; other dtypes and
-/// devices compare with tensor ops.
-pub(crate) fn same_values(x: &Tensor, y: &Tensor) -> Result<bool> {
-    if x.shape() != y.shape() || x.dtype() != y.dtype() {
-        return Ok(false);
+/// Whether the two tensors of each pair have one shape and hold the same values (NaN
+/// never matches: a NaN parameter always recomputes). Reads CPU f32/f64 buffers in place;
+/// other dtypes and devices compare with tensor ops, whose counts of differing entries
+/// add up on the device and are read once for all the pairs (on a GPU a read waits for
+/// the device, and this runs on every evaluation forward).
+pub(crate) fn same_values(pairs: &[(&Tensor, &Tensor)]) -> Result<bool> {
+    let mut differ: Option<Tensor> = None;
+    for &(x, y) in pairs {
+        if x.shape() != y.shape() || x.dtype() != y.dtype() {
+            return Ok(false);
+        }
+        match cpu_same_values(x, y)? {
+            Some(true) => {}
+            Some(false) => return Ok(false),
+            None => {
+                let count = x.ne(y)?.to_dtype(DType::F32)?.sum_all()?;
+                differ = Some(match differ {
+                    Some(total) => (total + count)?,
+                    None => count,
+                });
+            }
+        }
     }
-    if let Some(eq) = cpu_same_values(x, y)? {
-        return Ok(eq);
-    }
-    let differ = x
-        .ne(y)?
-        .to_dtype(DType::F32)?
-        .sum_all()?
-        .to_scalar::<f32>()?;
-    Ok(differ == 0.0)
+    Ok(match differ {
+        // A sum of non-negative counts is 0 only when each is, in any rounding.
+        Some(total) => total.to_scalar::<f32>()? == 0.0,
+        None => true,
+    })
 }
 
 /// The CPU fast path: `None` when it does not apply (device, dtype, layout).
@@ -82,4 +90,42 @@ fn cpu_same_values(x: &Tensor, y: &Tensor) -> Result<Option<bool>> {
 
 fn slices_eq<T: PartialEq>(x: Option<&[T]>, y: Option<&[T]>) -> bool {
     matches!((x, y), (Some(x), Some(y)) if x == y)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use super::same_values;
+
+    /// Pairs compared in place (f32) and with tensor ops (bf16, and a transposed f32 view),
+    /// together: equal when every pair is, unequal when any one differs in one entry or in
+    /// shape, and a NaN never equal to itself.
+    #[test]
+    fn every_pair_must_match() {
+        let dev = Device::Cpu;
+        let t = |v: &[f32], dt| Tensor::new(v, &dev).unwrap().to_dtype(dt).unwrap();
+        let (x, x2) = (
+            t(&[1.0, 2.0, 3.0, 4.0], DType::F32),
+            t(&[1.0, 2.0, 3.0, 4.0], DType::F32),
+        );
+        let (h, h2) = (t(&[0.5, -1.0], DType::BF16), t(&[0.5, -1.0], DType::BF16));
+        let h_other = t(&[0.5, -1.5], DType::BF16);
+        let m = x.reshape((2, 2)).unwrap().t().unwrap();
+        let m2 = x2.reshape((2, 2)).unwrap().t().unwrap();
+        let m_other = t(&[1.0, 2.0, 3.0, 5.0], DType::F32)
+            .reshape((2, 2))
+            .unwrap()
+            .t()
+            .unwrap();
+
+        assert!(same_values(&[(&x, &x2), (&h, &h2), (&m, &m2)]).unwrap());
+        assert!(!same_values(&[(&x, &x2), (&h, &h_other), (&m, &m2)]).unwrap());
+        assert!(!same_values(&[(&h, &h2), (&m, &m_other)]).unwrap());
+        assert!(!same_values(&[(&h, &h2), (&x, &t(&[1.0, 2.0, 3.0, 4.5], DType::F32))]).unwrap());
+        assert!(!same_values(&[(&h, &h2), (&x, &x.reshape((2, 2)).unwrap())]).unwrap());
+        let nan = t(&[f32::NAN, 1.0], DType::BF16);
+        assert!(!same_values(&[(&nan, &nan.copy().unwrap())]).unwrap());
+        assert!(same_values(&[]).unwrap());
+    }
 }
