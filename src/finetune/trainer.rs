@@ -22,7 +22,7 @@ use super::task::{LanguageModeling, Task, TaskData};
 use crate::adapter::{Adapter, Variant};
 use crate::error::{Error, Result};
 use crate::frozen::BaseKind;
-use crate::kernels::{host_scalar, reduction_dtype};
+use crate::kernels::{add_to_total, host_scalar, reduction_dtype};
 use crate::model::AdaptedSet;
 use crate::models::{CausalLm, SequenceClassifier};
 use crate::peft::{save_adapter, PeftConfig};
@@ -563,18 +563,11 @@ fn step<T: Task>(
         // The penalty enters once per step, with the first batch.
         let extra = if i == 0 { rule.extra_loss()? } else { None };
         let (sum, grads) = backward_batch(task, batch, targets, extra)?;
-        let sum = sum.to_dtype(reduction_dtype(sum.device()))?;
-        loss_sum = Some(match loss_sum {
-            Some(total) => (total + sum)?,
-            None => sum,
-        });
+        add_to_total(&mut loss_sum, sum.to_dtype(reduction_dtype(sum.device()))?)?;
         acc.add(&grads)?;
     }
-    let loss_sum = match &loss_sum {
-        Some(total) => host_scalar(total)?,
-        None => 0.0,
-    };
-    let loss = loss_sum / targets as f64;
+    let loss_sum = loss_sum.as_ref().map(host_scalar).transpose()?;
+    let loss = loss_sum.unwrap_or(0.0) / targets as f64;
     if !loss.is_finite() {
         return Err(Error::settings(
             "training",

@@ -195,6 +195,16 @@ pub(crate) fn sum_of_squares(t: &Tensor) -> candle_core::Result<Tensor> {
     t.to_dtype(reduction_dtype(t.device()))?.sqr()?.sum_all()
 }
 
+/// Adds `value` to a running `total` kept on the device (`None` until the first value), for
+/// sums read once at the end ([`host_scalar`]) instead of after every term.
+pub(crate) fn add_to_total(total: &mut Option<Tensor>, value: Tensor) -> candle_core::Result<()> {
+    *total = Some(match total.take() {
+        Some(sum) => (sum + value)?,
+        None => value,
+    });
+    Ok(())
+}
+
 /// A 0-d tensor's value on the host, as an f64 ([`host_f64`]).
 pub(crate) fn host_scalar(t: &Tensor) -> candle_core::Result<f64> {
     host_f64(t)?.to_scalar::<f64>()

@@ -18,7 +18,7 @@ use candle_nn::VarBuilder;
 use crate::adapter::{Adapter, NamedVar, Variant};
 use crate::error::Result;
 use crate::frozen::FrozenLinear;
-use crate::kernels::{host_scalar, low_rank_only, sum_of_squares};
+use crate::kernels::{add_to_total, host_scalar, low_rank_only, sum_of_squares};
 use crate::low_rank::LowRankPair;
 use crate::variants::lora::{delegate_to_lora, lora_config_layer, LoraConfig, LoraLinear};
 
@@ -100,10 +100,8 @@ impl LoraDropLinear {
     /// without any).
     pub(crate) fn stop_recording(&self) -> Result<f64> {
         self.recording.store(false, Ordering::Relaxed);
-        Ok(match self.lock_sum().take() {
-            Some(sum) => host_scalar(&sum)?,
-            None => 0.0,
-        })
+        let sum = self.lock_sum().take();
+        Ok(sum.as_ref().map(host_scalar).transpose()?.unwrap_or(0.0))
     }
 
     fn lock_sum(&self) -> std::sync::MutexGuard<'_, Option<Tensor>> {
@@ -124,12 +122,7 @@ impl Adapter for LoraDropLinear {
         let y = self.lora.forward_adapted(x, train)?;
         if self.recording.load(Ordering::Relaxed) {
             let low = low_rank_only(&x.detach(), &self.lora.term())?;
-            let squares = sum_of_squares(&low)?;
-            let mut sum = self.lock_sum();
-            *sum = Some(match sum.take() {
-                Some(total) => (total + squares)?,
-                None => squares,
-            });
+            add_to_total(&mut self.lock_sum(), sum_of_squares(&low)?)?;
         }
         Ok(y)
     }

@@ -8,6 +8,7 @@
 use candle_core::{DType, Storage, Tensor};
 
 use crate::error::Result;
+use crate::kernels::add_to_total;
 
 /// Row norms computed from `a`, `b` (the copies taken when they were computed).
 #[derive(Debug)]
@@ -47,13 +48,7 @@ pub(crate) fn same_values(pairs: &[(&Tensor, &Tensor)]) -> Result<bool> {
         match cpu_same_values(x, y)? {
             Some(true) => {}
             Some(false) => return Ok(false),
-            None => {
-                let count = x.ne(y)?.to_dtype(DType::F32)?.sum_all()?;
-                differ = Some(match differ {
-                    Some(total) => (total + count)?,
-                    None => count,
-                });
-            }
+            None => add_to_total(&mut differ, x.ne(y)?.to_dtype(DType::F32)?.sum_all()?)?,
         }
     }
     Ok(match differ {
