@@ -479,7 +479,7 @@ fn count_non_finite_in(t: &Tensor, dtype: candle_core::DType) -> Result<usize> {
     };
     let finite = t.to_dtype(dtype)?.abs()?.le(largest)?.to_dtype(dtype)?;
     let non_finite = finite.affine(-1.0, 1.0)?.sum_all()?;
-    Ok(crate::kernels::host_f64(&non_finite)?.to_scalar::<f64>()? as usize)
+    Ok(crate::kernels::host_scalar(&non_finite)? as usize)
 }
 
 /// [`count_non_finite`] on a contiguous CPU float tensor, reading its storage in place (no

@@ -78,7 +78,7 @@ impl RankAllocator {
                 file: "AdaLoRA allocator state".to_string(),
             })
         };
-        let budget = crate::kernels::host_f64(get("budget")?)?.to_scalar::<f64>()?;
+        let budget = crate::kernels::host_scalar(get("budget")?)?;
         let final_mask_done = get("final_mask_done")?
             .to_dtype(DType::U8)?
             .to_scalar::<u8>()?
