@@ -216,6 +216,43 @@ pub(crate) fn host_f64(t: &Tensor) -> candle_core::Result<Tensor> {
     t.to_device(&Device::Cpu)?.to_dtype(DType::F64)
 }
 
+/// The values of several tensors on the host as f64 vectors, flattened, one per tensor:
+/// the tensors of each device and dtype are concatenated there and cross to the host once
+/// ([`host_f64`]), not once per tensor (on a GPU each crossing waits for the device). Empty
+/// tensors give empty vectors and are not read.
+pub(crate) fn host_f64_vectors(parts: &[Tensor]) -> candle_core::Result<Vec<Vec<f64>>> {
+    // One group per device and dtype: its flattened non-empty tensors, with their indices.
+    let mut groups: Vec<Vec<(usize, Tensor)>> = Vec::new();
+    for (index, part) in parts.iter().enumerate() {
+        if part.elem_count() == 0 {
+            continue;
+        }
+        let flat = part.flatten_all()?;
+        let group = groups.iter_mut().find(|group| {
+            group.first().is_some_and(|(_, t)| {
+                t.device().same_device(part.device()) && t.dtype() == part.dtype()
+            })
+        });
+        match group {
+            Some(group) => group.push((index, flat)),
+            None => groups.push(vec![(index, flat)]),
+        }
+    }
+    let mut values = vec![Vec::new(); parts.len()];
+    for group in groups {
+        let flat: Vec<Tensor> = group.iter().map(|(_, t)| t.clone()).collect();
+        let mut host = host_f64(&Tensor::cat(&flat, 0)?)?
+            .to_vec1::<f64>()?
+            .into_iter();
+        for (index, t) in &group {
+            if let Some(slot) = values.get_mut(*index) {
+                *slot = host.by_ref().take(t.elem_count()).collect();
+            }
+        }
+    }
+    Ok(values)
+}
+
 /// The dtype arithmetic runs in: f32 for f16/bf16 on the CPU (candle's CPU matmul has no
 /// half-precision kernel), the tensor's own dtype otherwise.
 pub fn compute_dtype(dtype: DType, device: &Device) -> DType {
@@ -242,5 +279,36 @@ mod tests {
         let squares: f64 = want.iter().map(|v| v * v).sum();
         let sum = super::sum_of_squares(&t).unwrap();
         assert_eq!(super::host_scalar(&sum).unwrap(), squares);
+    }
+
+    /// Read together, each tensor gets its own values back, whatever the dtypes' order, with
+    /// empty and two-dimensional tensors among them.
+    #[test]
+    fn vectors_read_together_match_each_read_alone() {
+        let dev = Device::Cpu;
+        let parts = [
+            Tensor::new(&[1.5f32, -2.25], &dev).unwrap(),
+            Tensor::new(&[0.1f64, 7.0, -3.5], &dev).unwrap(),
+            Tensor::zeros(0, DType::F32, &dev).unwrap(),
+            Tensor::new(&[[4f32, 5.0], [6.0, -0.3]], &dev).unwrap(),
+            Tensor::new(&[9.5f32], &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap(),
+            Tensor::new(&[-1e30f32], &dev).unwrap(),
+        ];
+        let together = super::host_f64_vectors(&parts).unwrap();
+        let alone: Vec<Vec<f64>> = parts
+            .iter()
+            .map(|t| {
+                super::host_f64(&t.flatten_all().unwrap())
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(together, alone);
+        assert_eq!(together[3], [4.0, 5.0, 6.0, f64::from(-0.3f32)]);
+        assert!(super::host_f64_vectors(&[]).unwrap().is_empty());
     }
 }

@@ -325,19 +325,23 @@ impl RankAllocator {
     }
 
     /// The triplet score of every rank of every layer (layer order), from the current
-    /// statistics (zeros before the first update).
+    /// statistics (zeros before the first update). The scores of all layers on one device
+    /// are read to the host together.
     pub fn triplet_scores(&self) -> Result<Vec<Vec<f64>>> {
-        self.layers
+        let scores = self
+            .layers
             .iter()
             .zip(&self.stats)
             .map(|(layer, stats)| match stats {
-                None => Ok(vec![
-                    0.0;
-                    layer_as::<AdaLoraLinear>(&*layer.read(), RULE)?.rank()
-                ]),
+                None => {
+                    let guard = layer.read();
+                    let l = layer_as::<AdaLoraLinear>(&*guard, RULE)?;
+                    Ok(Tensor::zeros(l.rank(), DType::F32, l.e().device())?)
+                }
                 Some(s) => triplet_score(s),
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        Ok(crate::kernels::host_f64_vectors(&scores)?)
     }
 
     /// One step of PEFT's `update_and_allocate`, after the optimizer step and with its
@@ -416,12 +420,12 @@ impl RankAllocator {
     }
 }
 
-/// `s(E_i) + mean_j s(A_ij) + mean_k s(B_ki)` for each rank `i`.
-fn triplet_score(s: &LayerStats) -> Result<Vec<f64>> {
+/// `s(E_i) + mean_j s(A_ij) + mean_k s(B_ki)` for each rank `i`, on the layer's device.
+fn triplet_score(s: &LayerStats) -> Result<Tensor> {
     let e = s.e.score()?.flatten_all()?;
     let a = s.a.score()?.mean(1)?;
     let b = s.b.score()?.mean(0)?;
-    Ok(crate::kernels::host_f64(&((e + a)? + b)?)?.to_vec1::<f64>()?)
+    Ok(((e + a)? + b)?)
 }
 
 impl StepHook for RankAllocator {
