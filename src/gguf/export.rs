@@ -43,11 +43,12 @@ use candle_core::{DType, Tensor};
 
 use super::names::{gguf_module, GgufArch};
 use super::permute::{gather_rows, rope_permutation};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Scope};
 use crate::models::llama::LlamaConfig;
 use crate::peft::config::PeftType;
 use crate::peft::inspect::load_adapter;
 use crate::peft::load::KEY_PREFIX;
+use crate::peft::lora_extensions::check_base_unchanged;
 use crate::peft::PeftAdapter;
 use crate::staging::StagedFile;
 use crate::variants::lora_embedding::{EMBEDDING_A, EMBEDDING_B};
@@ -202,6 +203,12 @@ fn classify(key: &str) -> Result<Option<(String, Part)>> {
 /// Refuses what llama.cpp's LoRA adapters cannot express at the config level.
 fn check_config(adapter: &PeftAdapter) -> Result<()> {
     let c = adapter.config();
+    // llama.cpp adds B·A to the base as stored: an init that changes the base in PEFT
+    // (PiSSA, OLoRA, …) would give other outputs there.
+    check_base_unchanged(
+        &c.raw,
+        Scope::File(adapter.source().with_file_name("adapter_config.json")),
+    )?;
     if c.peft_type != PeftType::Lora {
         return Err(refuse(
             "adapter type for a GGUF export",

@@ -186,6 +186,12 @@ fn option_lines(c: &crate::peft::PeftConfig) -> Vec<String> {
         };
         lines.push(format!("layers_to_transform: {:?}{pattern}", f.indexes));
     }
+    // What loading onto a model or merging would refuse (Activated LoRA, an init that
+    // changes the base weights in PEFT): said here, before a merge is tried.
+    let scope = crate::error::Scope::Settings("adapter_config.json".into());
+    if let Err(refused) = crate::peft::lora_extensions::check_computable(&c.raw, scope) {
+        lines.push(format!("not computed by lorakit (load, merge): {refused}"));
+    }
     lines
 }
 

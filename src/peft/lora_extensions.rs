@@ -66,6 +66,92 @@ const ACTIVATED_LORA: Refused = Refused {
              it for llama.cpp, which computes it)",
 };
 
+/// PEFT's `init_lora_weights` values that leave the base weights as stored: the loaded A and
+/// B replace whatever the init drew (`true` and `false` are booleans). With whether PEFT
+/// compares the name ignoring case.
+const INITS_KEEPING_THE_BASE: &[(&str, bool)] = &[
+    ("gaussian", true),
+    ("mica", true),
+    ("eva", false),
+    ("orthogonal", false),
+    ("lora_ga", false),
+];
+
+/// Why an `init_lora_weights` value that changes the base weights cannot be computed by
+/// lorakit (`None`: not one of them).
+fn base_changing_init(init: &str) -> Option<&'static str> {
+    let lower = init.to_ascii_lowercase();
+    if init.starts_with("pissa") {
+        Some(
+            "PiSSA: when PEFT loads the adapter it replaces each targeted base weight W by \
+             the residual W − U_r S_r V_rᵀ of its r largest singular values (by a \
+             randomized SVD for `pissa_niter_N`), and A and B were trained against that \
+             residual",
+        )
+    } else if lower == "olora" {
+        Some(
+            "OLoRA: when PEFT loads the adapter it replaces each targeted base weight W by \
+             W − scale · Q_r R_r from W's QR decomposition, and A and B were trained against \
+             that residual",
+        )
+    } else if init.starts_with("corda") {
+        Some(
+            "CorDA: the base weights are replaced by a residual computed from activation \
+             statistics of a calibration set (PEFT itself needs `preprocess_corda` first)",
+        )
+    } else if init == "loftq" {
+        Some(
+            "LoftQ: the base weights are replaced by their quantized residual, computed \
+             from `loftq_config` when PEFT loads the adapter",
+        )
+    } else {
+        None
+    }
+}
+
+/// Refuses an `init_lora_weights` that makes PEFT change the base weights when it loads
+/// the adapter (PiSSA, OLoRA, CorDA, LoftQ): applied to the weights as stored, such an
+/// adapter computes something else than in PEFT, whether lorakit computes it or llama.cpp
+/// does after `export-gguf`. Refuses, as PEFT does, a string that names no init. The
+/// message says how PEFT converts such an adapter to plain LoRA. PEFT leaves an
+/// embedding's base unchanged for PiSSA, OLoRA and CorDA; the whole adapter is refused
+/// all the same.
+pub(crate) fn check_base_unchanged(raw: &Map<String, Value>, scope: Scope) -> Result<()> {
+    let field = "init_lora_weights";
+    let reason = match raw.get(field) {
+        None | Some(Value::Null | Value::Bool(_)) => return Ok(()),
+        Some(Value::String(init)) => match base_changing_init(init) {
+            Some(why) => format!(
+                "\"{init}\" is not supported by lorakit: {why}. Convert the adapter to plain \
+                 LoRA with PEFT, `model.save_pretrained(out, \
+                 path_initial_model_for_weight_conversion=<the adapter as initialized>)` \
+                 (rank 2r), or merge it with PEFT"
+            ),
+            None if INITS_KEEPING_THE_BASE.iter().any(|&(known, any_case)| {
+                init == known || (any_case && init.eq_ignore_ascii_case(known))
+            }) =>
+            {
+                return Ok(())
+            }
+            None => format!(
+                "unknown value \"{init}\" (PEFT refuses it too); known: true, false, {}, \
+                 pissa, pissa_niter_N, olora, corda, loftq",
+                INITS_KEEPING_THE_BASE
+                    .iter()
+                    .map(|(name, _)| *name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        },
+        Some(other) => format!("expected a boolean or a string, got {other}"),
+    };
+    Err(Error::InvalidConfig {
+        scope,
+        field,
+        reason,
+    })
+}
+
 /// A config field whose method changes only PEFT's training: `names` are the tensors (a
 /// segment of the key after the module path) PEFT saves for it, which lorakit skips.
 struct TrainingOnly {
@@ -109,9 +195,10 @@ pub(crate) fn check_extensions(raw: &mut Map<String, Value>, path: &Path) -> Res
     Ok(skipped)
 }
 
-/// Refuses a config lorakit can read but not compute (Activated LoRA); `scope` names where
-/// it came from.
+/// Refuses a config lorakit can read but not compute (Activated LoRA, an init that changes
+/// the base weights: [`check_base_unchanged`]); `scope` names where it came from.
 pub(crate) fn check_computable(raw: &Map<String, Value>, scope: Scope) -> Result<()> {
+    check_base_unchanged(raw, scope.clone())?;
     match raw.get(ACTIVATED_LORA.field) {
         Some(v) if is_set(v) => Err(Error::InvalidConfig {
             scope,
@@ -172,6 +259,50 @@ mod tests {
             let err = check_extensions(&mut set, p).unwrap_err().to_string();
             assert!(err.contains(field), "{err}");
         }
+    }
+
+    /// Inits that leave the base pass, as PEFT spells them; those that change it, and
+    /// strings PEFT does not know, are refused naming the value.
+    #[test]
+    fn inits_are_checked_as_peft_reads_them() {
+        let check = |v: Value| {
+            check_base_unchanged(
+                &raw(json!({ "init_lora_weights": v })),
+                Scope::Settings("config".into()),
+            )
+        };
+        for ok in [
+            json!(true),
+            json!(false),
+            Value::Null,
+            json!("gaussian"),
+            json!("Gaussian"),
+            json!("eva"),
+            json!("orthogonal"),
+            json!("lora_ga"),
+            json!("MiCA"),
+        ] {
+            assert!(check(ok.clone()).is_ok(), "{ok}");
+        }
+        assert!(check_base_unchanged(&Map::new(), Scope::Settings("c".into())).is_ok());
+        for (value, says) in [
+            ("pissa", "PiSSA"),
+            ("pissa_niter_4", "PiSSA"),
+            ("olora", "OLoRA"),
+            ("OLoRA", "OLoRA"),
+            ("corda", "CorDA"),
+            ("loftq", "LoftQ"),
+            ("EVA", "unknown"),
+            ("PISSA", "unknown"),
+            ("kaiming", "unknown"),
+        ] {
+            let err = check(json!(value)).unwrap_err().to_string();
+            assert!(
+                err.contains(value) && err.contains(says) && err.contains("init_lora_weights"),
+                "{err}"
+            );
+        }
+        assert!(check(json!(1)).unwrap_err().to_string().contains("boolean"));
     }
 
     #[test]

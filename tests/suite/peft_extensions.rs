@@ -2,7 +2,8 @@
 //! wrote onto the Mistral model fixture (`tests/fixtures/peft_extensions/`,
 //! `scripts/make_extension_fixtures.py`): those that change what the adapter computes are
 //! refused by name wherever an adapter is read, Activated LoRA wherever lorakit would
-//! compute it (a plan, a merge); VeLoRA and MonteCLoRA, which change only
+//! compute it (a plan, a merge), and so are inits that make PEFT change the base weights
+//! (PiSSA, OLoRA); VeLoRA and MonteCLoRA, which change only
 //! PEFT's training, give PEFT's evaluation logits unmerged and merged (f32, ≤ 1e-4
 //! relative) and save back as plain LoRA.
 
@@ -99,31 +100,99 @@ fn activated_lora_is_read_but_not_computed() {
     std::fs::remove_dir_all(out).unwrap();
 }
 
-/// Why aLoRA is refused rather than loaded as LoRA: the same A and B applied to every
-/// token give other logits than PEFT's.
+/// An init that makes PEFT replace the base weights by a residual when it loads the
+/// adapter (PiSSA, OLoRA) is refused wherever the adapter would be computed: a plan, a
+/// merge, a GGUF export for llama.cpp. The adapter still reads and inspects.
 #[test]
-fn alora_loaded_as_plain_lora_would_differ_from_peft() {
-    let dir = temp_dir("alora-as-lora");
-    std::fs::copy(
-        case("alora/adapter_model.safetensors"),
-        dir.join("adapter_model.safetensors"),
-    )
-    .unwrap();
-    let config = std::fs::read_to_string(case("alora/adapter_config.json")).unwrap();
-    let mut json: serde_json::Value = serde_json::from_str(&config).unwrap();
-    json["alora_invocation_tokens"] = serde_json::Value::Null;
-    std::fs::write(dir.join("adapter_config.json"), json.to_string()).unwrap();
-
-    let io = load(&case("logits.safetensors"));
+fn inits_that_change_the_base_are_refused_where_computed() {
     let base = mistral_base();
-    let plan = peft_plan(&dir);
-    let model = build(&base.join("config.json"), &base, DType::F32, &plan);
-    let e = rel_err(&logits(&model, &io["input_ids"]), &io["alora_logits"]);
-    assert!(
-        e > 1e-2,
-        "plain LoRA gave aLoRA's logits (relative error {e:.2e})"
-    );
-    std::fs::remove_dir_all(dir).unwrap();
+    for name in ["pissa", "olora"] {
+        let dir = case(name);
+        let field = "init_lora_weights";
+        let adapter = PeftAdapter::load(&dir, &Device::Cpu).unwrap();
+        let named = |what: &str, err: lorakit::Error| {
+            let msg = err.to_string();
+            assert!(msg.contains(&format!("\"{name}\"")), "{name} {what}: {msg}");
+            assert!(
+                msg.contains("path_initial_model_for_weight_conversion"),
+                "{msg}"
+            );
+            assert_names(err, field, &format!("{name} {what}"));
+        };
+        named("plan", adapter.plan().err().unwrap());
+        inspect(&dir).unwrap();
+        let out = temp_dir(&format!("extension-merge-{name}"));
+        let merged = out.join("merged");
+        let err = merge_checkpoint(&base, &dir, &merged, MergeOptions::default());
+        named("merge", err.unwrap_err());
+        assert!(!merged.exists());
+        let gguf = out.join("a.gguf");
+        named(
+            "export",
+            export_gguf(&dir, &base, &gguf, &Default::default()).unwrap_err(),
+        );
+        assert!(!gguf.exists());
+        std::fs::remove_dir_all(out).unwrap();
+    }
+}
+
+/// The way out the refusal names: PEFT's conversion of a PiSSA or OLoRA adapter to plain
+/// LoRA (rank 2r, on the original base) gives, in lorakit, the logits PEFT computes with
+/// the adapter before conversion, unmerged and merged.
+#[test]
+fn converted_base_changing_adapters_give_peft_logits() {
+    let io = load(&case("logits.safetensors"));
+    let ids = &io["input_ids"];
+    let base = mistral_base();
+    for name in ["pissa", "olora"] {
+        let dir = case(&format!("{name}_converted"));
+        let want = &io[&format!("{name}_logits")];
+        let plan = peft_plan(&dir);
+        let model = build(&base.join("config.json"), &base, DType::F32, &plan);
+        plan.finish().unwrap();
+        check(
+            &logits(&model, ids),
+            want,
+            TOL,
+            &format!("{name} converted"),
+        );
+        let merged = merged_mistral_logits(&dir, ids);
+        check(&merged, want, TOL, &format!("{name} converted, merged"));
+    }
+}
+
+/// Why these are refused rather than loaded as LoRA: with `field` unset, the same A and B
+/// on the stored base weights give other logits than PEFT's.
+#[test]
+fn refused_adapters_loaded_as_plain_lora_would_differ_from_peft() {
+    let io = load(&case("logits.safetensors"));
+    for (name, field, unset) in [
+        ("alora", "alora_invocation_tokens", serde_json::Value::Null),
+        ("pissa", "init_lora_weights", true.into()),
+        ("olora", "init_lora_weights", true.into()),
+    ] {
+        let dir = temp_dir(&format!("{name}-as-lora"));
+        std::fs::copy(
+            case(&format!("{name}/adapter_model.safetensors")),
+            dir.join("adapter_model.safetensors"),
+        )
+        .unwrap();
+        let config = std::fs::read_to_string(case(&format!("{name}/adapter_config.json")));
+        let mut json: serde_json::Value = serde_json::from_str(&config.unwrap()).unwrap();
+        json[field] = unset;
+        std::fs::write(dir.join("adapter_config.json"), json.to_string()).unwrap();
+
+        let base = mistral_base();
+        let plan = peft_plan(&dir);
+        let model = build(&base.join("config.json"), &base, DType::F32, &plan);
+        let want = &io[&format!("{name}_logits")];
+        let e = rel_err(&logits(&model, &io["input_ids"]), want);
+        assert!(
+            e > 1e-2,
+            "plain LoRA gave {name}'s logits (relative error {e:.2e})"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }
 
 /// The logits of the Mistral fixture with the adapter at `adapter` merged into its
