@@ -6,8 +6,8 @@ the Mistral model fixture
 (tests/fixtures/models/llama/mistral/base, made by scripts/make_model_fixtures.py).
 They check `lorakit::peft::lora_extensions` (tests/suite/peft_extensions.rs): the
 extensions that change what the adapter computes are refused by name, and the
-training-only ones (VeLoRA, MonteCLoRA) load as the LoRA they evaluate to; the
-base-changing inits are refused by name too.
+training-only ones (VeLoRA, MonteCLoRA) load as the LoRA they evaluate to; PiSSA and
+OLoRA give PEFT's logits with the base's residual recomputed.
 
 Usage:
     python3 scripts/make_extension_fixtures.py

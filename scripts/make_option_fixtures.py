@@ -9,6 +9,9 @@ Usage:
     python3 scripts/make_option_fixtures.py
         removes and rewrites tests/fixtures/peft_options/ (deterministic)
 
+    python3 scripts/make_option_fixtures.py --only CASE [CASE ...]
+        rewrites only those cases' folders
+
     python3 scripts/make_option_fixtures.py --check CASE ADAPTER_DIR IO_FILE
         by-hand check of an adapter written by lorakit: loads CASE's base/ from the
         fixtures, PeftModel.from_pretrained(base, ADAPTER_DIR), runs the fixture's
@@ -38,6 +41,16 @@ Cases (all f32; each seeds torch itself):
     llama_bias   same with attention_bias=True, LoRA r=4 alpha=8 on q/v/o_proj,
                  lora_bias=True, layers_to_transform=[0], layers_pattern="layers",
                  bias="lora_only"
+    gpt2_pissa   the GPT-2 model, LoRA r=4 alpha=8 on c_attn, c_proj, c_fc,
+                 fan_in_fan_out=True, init_lora_weights="pissa" (PEFT replaces each
+                 targeted weight by its residual outside the top-4 singular values)
+    gpt2_olora   the GPT-2 model, LoRA r=4 alpha=8 rsLoRA on attn.c_proj (square),
+                 fan_in_fan_out=True, init_lora_weights="olora"
+    llama_olora_dora  the llama_embed model, DoRA r=8 alpha=8 rsLoRA on q/v/o_proj,
+                 rank_pattern {v_proj: 2}, alpha_pattern {o_proj: 4},
+                 init_lora_weights="olora"
+    llama_pissa_dora  the same model, DoRA r=8 alpha=16 on q/v/o_proj and down_proj,
+                 init_lora_weights="pissa" (v_proj is 8 x 16: r covers it whole)
 
 Base models: built from the config, then every parameter redrawn (matrices and
 embeddings 0.2 * normal, biases 0.1 * normal, norm weights 1 + 0.1 * normal) so no
@@ -162,6 +175,61 @@ CASES = {
             bias="lora_only",
         ),
         5000,
+    ),
+    # Inits after which PEFT's base weights are a residual, recomputed when it loads the
+    # adapter (tests/suite/peft_base_residual.rs).
+    "gpt2_pissa": (
+        GPT2LMHeadModel,
+        lambda: GPT2Config(**GPT2),
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=["c_attn", "c_proj", "c_fc"],
+            fan_in_fan_out=True,
+            init_lora_weights="pissa",
+        ),
+        6000,
+    ),
+    "gpt2_olora": (
+        GPT2LMHeadModel,
+        lambda: GPT2Config(**GPT2),
+        # PEFT's OLoRA factors a Conv1D's stored (in, out) matrix: square ones only.
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=["attn.c_proj"],
+            fan_in_fan_out=True,
+            init_lora_weights="olora",
+            use_rslora=True,
+        ),
+        7000,
+    ),
+    "llama_olora_dora": (
+        LlamaForCausalLM,
+        lambda: LlamaConfig(**LLAMA),
+        dict(
+            r=8,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj", "o_proj"],
+            init_lora_weights="olora",
+            use_dora=True,
+            use_rslora=True,
+            rank_pattern={"v_proj": 2},
+            alpha_pattern={"o_proj": 4},
+        ),
+        8000,
+    ),
+    "llama_pissa_dora": (
+        LlamaForCausalLM,
+        lambda: LlamaConfig(**LLAMA),
+        dict(
+            r=8,
+            lora_alpha=16,
+            target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+            init_lora_weights="pissa",
+            use_dora=True,
+        ),
+        9000,
     ),
 }
 INPUT_SHAPE = (2, 5)
@@ -495,12 +563,24 @@ def main():
         metavar=("CASE", "ADAPTER_DIR", "IO_FILE"),
         help="compare a lorakit-written adapter's module outputs with PEFT's",
     )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="CASE",
+        help="rewrite only these cases' folders, leaving the others as they are",
+    )
     args = parser.parse_args()
     rerun_pinned()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     if args.check:
         sys.exit(check(*args.check))
+    if args.only:
+        for case in args.only:
+            if os.path.exists(case_dir(case)):
+                shutil.rmtree(case_dir(case))
+            write_case(case)
+        return
     if os.path.exists(ROOT):
         # Keep a hand-written README.md.
         readme = os.path.join(ROOT, "README.md")

@@ -85,6 +85,7 @@ pub mod frozen;
 pub mod gguf;
 pub mod init;
 pub mod kernels;
+mod linalg;
 pub mod low_rank;
 mod matmul;
 pub mod memory;

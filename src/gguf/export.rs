@@ -208,6 +208,7 @@ fn check_config(adapter: &PeftAdapter) -> Result<()> {
     check_base_unchanged(
         &c.raw,
         Scope::File(adapter.source().with_file_name("adapter_config.json")),
+        "which a GGUF adapter cannot carry: llama.cpp adds B·A to the base weights as stored",
     )?;
     if c.peft_type != PeftType::Lora {
         return Err(refuse(

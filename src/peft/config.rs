@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 use candle_nn::VarBuilder;
 use serde_json::{Map, Value};
 
-use super::lora_extensions::{check_computable, check_extensions};
+use super::base_residual::BaseResidual;
+use super::lora_extensions::{
+    base_residual, check_base_unchanged, check_computable, check_extensions,
+};
 use crate::adapter::Variant;
 use crate::error::{Error, Result, Scope};
 use crate::frozen::FrozenLinear;
@@ -666,6 +669,32 @@ impl PeftConfig {
         }
     }
 
+    /// The residual PEFT makes of the targeted base weights when it loads an adapter of
+    /// this config (`init_lora_weights` "pissa" or "olora"), which lorakit recomputes in
+    /// [`PeftAdapter::plan`](crate::peft::PeftAdapter::plan); `None` for an init that
+    /// leaves them. An init lorakit does not recompute (a randomized PiSSA, CorDA, LoftQ)
+    /// or does not know is an error naming it.
+    ///
+    /// ```
+    /// use lorakit::peft::{BaseResidual, PeftConfig};
+    /// # fn main() -> lorakit::Result<()> {
+    /// let json = |init: &str| format!(
+    ///     r#"{{"peft_type": "LORA", "target_modules": ["q_proj"], "init_lora_weights": {init}}}"#);
+    /// let config = PeftConfig::from_json_str(&json("\"pissa\""), "adapter_config.json")?;
+    /// assert_eq!(config.base_residual()?, Some(BaseResidual::Pissa));
+    /// let config = PeftConfig::from_json_str(&json("true"), "adapter_config.json")?;
+    /// assert_eq!(config.base_residual()?, None);
+    /// let config = PeftConfig::from_json_str(&json("\"loftq\""), "adapter_config.json")?;
+    /// assert!(config.base_residual().unwrap_err().to_string().contains("LoftQ"));
+    /// # Ok(()) }
+    /// ```
+    pub fn base_residual(&self) -> Result<Option<BaseResidual>> {
+        if self.peft_type != PeftType::Lora {
+            return Ok(None);
+        }
+        base_residual(&self.raw, Scope::Settings("PEFT config".into()))
+    }
+
     /// A plan that gives every target a fresh, trainable adapter of this config's type,
     /// with per-module rank and alpha from the config; `init` supplies what the config does
     /// not say (init scheme, seed). A LoRA config also trains LoRAs on the stacked
@@ -680,6 +709,12 @@ impl PeftConfig {
         init: &LoraConfig,
     ) -> Result<AdapterPlan> {
         check_computable(&self.raw, Scope::Settings("PEFT config".into()))?;
+        check_base_unchanged(
+            &self.raw,
+            Scope::Settings("PEFT config".into()),
+            "and lorakit does not draw these inits for a fresh adapter (it recomputes the \
+             residual only for an adapter it loads)",
+        )?;
         let glue = self.glue()?;
         glue.can_build_fresh()?;
         // LoRA on the stacked parameters PEFT adapts: `target_parameters`, and those its

@@ -186,8 +186,16 @@ fn option_lines(c: &crate::peft::PeftConfig) -> Vec<String> {
         };
         lines.push(format!("layers_to_transform: {:?}{pattern}", f.indexes));
     }
+    if let Ok(Some(residual)) = c.base_residual() {
+        lines.push(format!(
+            "init_lora_weights: {} (the targeted base weights become a residual on load, \
+             as in PEFT; recomputed by lorakit's loads and merges)",
+            residual.name()
+        ));
+    }
     // What loading onto a model or merging would refuse (Activated LoRA, an init that
-    // changes the base weights in PEFT): said here, before a merge is tried.
+    // changes the base weights in a way lorakit does not recompute): said here, before a
+    // merge is tried.
     let scope = crate::error::Scope::Settings("adapter_config.json".into());
     if let Err(refused) = crate::peft::lora_extensions::check_computable(&c.raw, scope) {
         lines.push(format!("not computed by lorakit (load, merge): {refused}"));

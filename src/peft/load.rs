@@ -27,6 +27,7 @@ use crate::shared::Shared;
 use crate::variants::build::{peft_tensor_suffixes, TensorSource};
 use crate::variants::lora::LoraConfig;
 use crate::variants::lora::LORA_B_BIAS;
+use crate::variants::lora_config::lora_scale;
 use crate::variants::lora_embedding::EMBEDDING_A;
 
 /// The config file's name in an adapter directory.
@@ -353,6 +354,14 @@ impl AdapterFactory for LoadedFactory {
     ) -> Result<Shared<dyn Adapter>> {
         let files = &*self.0;
         let config = &files.config;
+        // PiSSA and OLoRA: the residual PEFT leaves of the base when it loads the adapter.
+        let base = match config.base_residual()? {
+            Some(residual) => {
+                let scale = lora_scale(settings.alpha, settings.r, config.use_rslora);
+                residual.apply(path, base, settings.r, scale)?
+            }
+            None => base,
+        };
         let module = config.module(path, settings, &LoraConfig::default());
         let source = ModuleTensors {
             files,
@@ -396,6 +405,17 @@ impl AdapterFactory for LoadedFactory {
         let config = &self.0.config;
         let key_of = |param: &str| format!("{path}.{param}");
         let chosen = config.targeted_parameters(path, registered);
+        if let (false, Some(residual)) = (chosen.is_empty(), config.base_residual()?) {
+            return Err(Error::layer_config(
+                path.to_string(),
+                "init_lora_weights",
+                format!(
+                    "\"{}\" with target_parameters: lorakit recomputes the base's residual \
+                     for linear modules only",
+                    residual.name()
+                ),
+            ));
+        }
         let mut out = vec![None; registered.len()];
         // PEFT wraps the parameters in the order the module registers them, each wrapper
         // around the last: the first is innermost, under the most `base_layer`s.

@@ -19,6 +19,7 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
+use super::base_residual::BaseResidual;
 use crate::error::{Error, Result, Scope};
 
 /// A config field that, when set, makes the adapter compute something lorakit does not.
@@ -77,61 +78,66 @@ const INITS_KEEPING_THE_BASE: &[(&str, bool)] = &[
     ("lora_ga", false),
 ];
 
-/// Why an `init_lora_weights` value that changes the base weights cannot be computed by
-/// lorakit (`None`: not one of them).
-fn base_changing_init(init: &str) -> Option<&'static str> {
-    let lower = init.to_ascii_lowercase();
-    if init.starts_with("pissa") {
-        Some(
-            "PiSSA: when PEFT loads the adapter it replaces each targeted base weight W by \
-             the residual W − U_r S_r V_rᵀ of its r largest singular values (by a \
-             randomized SVD for `pissa_niter_N`), and A and B were trained against that \
-             residual",
-        )
-    } else if lower == "olora" {
-        Some(
-            "OLoRA: when PEFT loads the adapter it replaces each targeted base weight W by \
-             W − scale · Q_r R_r from W's QR decomposition, and A and B were trained against \
-             that residual",
-        )
+/// What an `init_lora_weights` string that changes the base weights means for lorakit.
+enum BaseChange {
+    /// Recomputed when the adapter is built ([`BaseResidual`]).
+    Computed(BaseResidual),
+    /// Refused, with why.
+    Refused(&'static str),
+}
+
+/// How PEFT treats `init`, if it changes the base weights (`None`: it does not, or it is
+/// not an init PEFT knows).
+fn base_change(init: &str) -> Option<BaseChange> {
+    if init == "pissa" {
+        Some(BaseChange::Computed(BaseResidual::Pissa))
+    } else if init.eq_ignore_ascii_case("olora") {
+        Some(BaseChange::Computed(BaseResidual::Olora))
+    } else if init.starts_with("pissa") {
+        Some(BaseChange::Refused(
+            "PiSSA with a randomized SVD: PEFT replaces each targeted base weight by a \
+             residual from `torch.svd_lowrank`, drawn anew (from torch's random state) every \
+             time it loads the adapter, so no residual is the one A and B were trained on",
+        ))
     } else if init.starts_with("corda") {
-        Some(
+        Some(BaseChange::Refused(
             "CorDA: the base weights are replaced by a residual computed from activation \
-             statistics of a calibration set (PEFT itself needs `preprocess_corda` first)",
-        )
+             statistics of a calibration set, which the adapter does not hold (PEFT itself \
+             needs `preprocess_corda` first)",
+        ))
     } else if init == "loftq" {
-        Some(
+        Some(BaseChange::Refused(
             "LoftQ: the base weights are replaced by their quantized residual, computed \
              from `loftq_config` when PEFT loads the adapter",
-        )
+        ))
     } else {
         None
     }
 }
 
-/// Refuses an `init_lora_weights` that makes PEFT change the base weights when it loads
-/// the adapter (PiSSA, OLoRA, CorDA, LoftQ): applied to the weights as stored, such an
-/// adapter computes something else than in PEFT, whether lorakit computes it or llama.cpp
-/// does after `export-gguf`. Refuses, as PEFT does, a string that names no init. The
-/// message says how PEFT converts such an adapter to plain LoRA. PEFT leaves an
-/// embedding's base unchanged for PiSSA, OLoRA and CorDA; the whole adapter is refused
-/// all the same.
-pub(crate) fn check_base_unchanged(raw: &Map<String, Value>, scope: Scope) -> Result<()> {
+/// The residual PEFT makes of the base weights when it loads this config's adapter
+/// (`init_lora_weights` "pissa" or "olora"; [`BaseResidual`]), or `None`. Refuses the
+/// inits that change the base in a way lorakit does not compute (a randomized PiSSA,
+/// CorDA, LoftQ), naming the init and how PEFT converts such an adapter to plain LoRA,
+/// and, as PEFT does, a string that names no init. PEFT leaves an embedding's table as
+/// it is for these inits; a refused one refuses the whole adapter all the same.
+pub(crate) fn base_residual(
+    raw: &Map<String, Value>,
+    scope: Scope,
+) -> Result<Option<BaseResidual>> {
     let field = "init_lora_weights";
     let reason = match raw.get(field) {
-        None | Some(Value::Null | Value::Bool(_)) => return Ok(()),
-        Some(Value::String(init)) => match base_changing_init(init) {
-            Some(why) => format!(
-                "\"{init}\" is not supported by lorakit: {why}. Convert the adapter to plain \
-                 LoRA with PEFT, `model.save_pretrained(out, \
-                 path_initial_model_for_weight_conversion=<the adapter as initialized>)` \
-                 (rank 2r), or merge it with PEFT"
-            ),
+        None | Some(Value::Null | Value::Bool(_)) => return Ok(None),
+        Some(Value::String(init)) => match base_change(init) {
+            Some(BaseChange::Computed(residual)) => return Ok(Some(residual)),
+            Some(BaseChange::Refused(why)) => {
+                format!("\"{init}\" is not supported by lorakit: {why}. {CONVERT}")
+            }
             None if INITS_KEEPING_THE_BASE.iter().any(|&(known, any_case)| {
                 init == known || (any_case && init.eq_ignore_ascii_case(known))
             }) =>
             {
-                return Ok(())
+                return Ok(None)
             }
             None => format!(
                 "unknown value \"{init}\" (PEFT refuses it too); known: true, false, {}, \
@@ -150,6 +156,33 @@ pub(crate) fn check_base_unchanged(raw: &Map<String, Value>, scope: Scope) -> Re
         field,
         reason,
     })
+}
+
+/// How PEFT turns an adapter whose init changed the base into plain LoRA.
+const CONVERT: &str = "Convert the adapter to plain LoRA with PEFT, \
+    `model.save_pretrained(out, path_initial_model_for_weight_conversion=<the adapter as \
+    initialized>)` (rank 2r, on the original base), or merge it with PEFT";
+
+/// Refuses every init that changes the base weights, [`base_residual`]'s computed ones
+/// too, where lorakit cannot apply the residual; `where_` says why (llama.cpp, after
+/// `export-gguf`, adds B·A to the base as stored).
+pub(crate) fn check_base_unchanged(
+    raw: &Map<String, Value>,
+    scope: Scope,
+    where_: &str,
+) -> Result<()> {
+    match base_residual(raw, scope.clone())? {
+        None => Ok(()),
+        Some(residual) => Err(Error::InvalidConfig {
+            scope,
+            field: "init_lora_weights",
+            reason: format!(
+                "\"{}\": PEFT replaces each targeted base weight by a residual when it \
+                 loads this adapter, {where_}. {CONVERT}",
+                residual.name()
+            ),
+        }),
+    }
 }
 
 /// A config field whose method changes only PEFT's training: `names` are the tensors (a
@@ -196,9 +229,10 @@ pub(crate) fn check_extensions(raw: &mut Map<String, Value>, path: &Path) -> Res
 }
 
 /// Refuses a config lorakit can read but not compute (Activated LoRA, an init that changes
-/// the base weights: [`check_base_unchanged`]); `scope` names where it came from.
+/// the base weights in a way lorakit does not recompute: [`base_residual`]); `scope` names
+/// where it came from.
 pub(crate) fn check_computable(raw: &Map<String, Value>, scope: Scope) -> Result<()> {
-    check_base_unchanged(raw, scope.clone())?;
+    base_residual(raw, scope.clone())?;
     match raw.get(ACTIVATED_LORA.field) {
         Some(v) if is_set(v) => Err(Error::InvalidConfig {
             scope,
@@ -261,17 +295,14 @@ mod tests {
         }
     }
 
-    /// Inits that leave the base pass, as PEFT spells them; those that change it, and
-    /// strings PEFT does not know, are refused naming the value.
+    /// Inits that leave the base give no residual, PiSSA and OLoRA theirs, as PEFT spells
+    /// them; those lorakit does not recompute, and strings PEFT does not know, are refused
+    /// naming the value. `check_base_unchanged` refuses PiSSA and OLoRA too, saying where.
     #[test]
-    fn inits_are_checked_as_peft_reads_them() {
-        let check = |v: Value| {
-            check_base_unchanged(
-                &raw(json!({ "init_lora_weights": v })),
-                Scope::Settings("config".into()),
-            )
-        };
-        for ok in [
+    fn inits_are_read_as_peft_reads_them() {
+        let config = |v: Value| raw(json!({ "init_lora_weights": v }));
+        let scope = || Scope::Settings("config".into());
+        for keeps in [
             json!(true),
             json!(false),
             Value::Null,
@@ -282,27 +313,46 @@ mod tests {
             json!("lora_ga"),
             json!("MiCA"),
         ] {
-            assert!(check(ok.clone()).is_ok(), "{ok}");
+            assert_eq!(
+                base_residual(&config(keeps.clone()), scope()).unwrap(),
+                None,
+                "{keeps}"
+            );
+            assert!(check_base_unchanged(&config(keeps), scope(), "here").is_ok());
         }
-        assert!(check_base_unchanged(&Map::new(), Scope::Settings("c".into())).is_ok());
+        assert_eq!(base_residual(&Map::new(), scope()).unwrap(), None);
+        for (value, residual) in [
+            ("pissa", BaseResidual::Pissa),
+            ("olora", BaseResidual::Olora),
+            ("OLoRA", BaseResidual::Olora),
+        ] {
+            let c = config(json!(value));
+            assert_eq!(base_residual(&c, scope()).unwrap(), Some(residual));
+            let err = check_base_unchanged(&c, scope(), "which llama.cpp cannot do");
+            let err = err.unwrap_err().to_string();
+            assert!(
+                err.contains("llama.cpp") && err.contains(residual.name()),
+                "{err}"
+            );
+        }
         for (value, says) in [
-            ("pissa", "PiSSA"),
-            ("pissa_niter_4", "PiSSA"),
-            ("olora", "OLoRA"),
-            ("OLoRA", "OLoRA"),
+            ("pissa_niter_4", "randomized"),
             ("corda", "CorDA"),
             ("loftq", "LoftQ"),
             ("EVA", "unknown"),
             ("PISSA", "unknown"),
             ("kaiming", "unknown"),
         ] {
-            let err = check(json!(value)).unwrap_err().to_string();
+            let err = base_residual(&config(json!(value)), scope())
+                .unwrap_err()
+                .to_string();
             assert!(
                 err.contains(value) && err.contains(says) && err.contains("init_lora_weights"),
                 "{err}"
             );
         }
-        assert!(check(json!(1)).unwrap_err().to_string().contains("boolean"));
+        let err = base_residual(&config(json!(1)), scope()).unwrap_err();
+        assert!(err.to_string().contains("boolean"));
     }
 
     #[test]

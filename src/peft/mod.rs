@@ -3,6 +3,7 @@
 //! [`NamedAdapters::load_peft`](crate::model::NamedAdapters::load_peft)), saving ([`save`]), merging into a base model file
 //! ([`merge`](mod@merge)) and summarizing ([`inspect`](mod@inspect)).
 
+pub mod base_residual;
 pub mod config;
 pub mod inspect;
 pub mod load;
@@ -18,6 +19,7 @@ pub mod var_builder;
 pub mod weights_file;
 
 pub use crate::model::BiasMode;
+pub use base_residual::BaseResidual;
 pub use config::{PeftConfig, PeftType, MAX_RANK, SUPPORTED_PEFT_TYPES};
 pub use inspect::{
     inspect, inspect_against, not_an_adapter, AdapterSummary, CheckpointMatch, Fit, ImpliedShape,

@@ -63,6 +63,7 @@ mod named_adapters_train;
 mod numerics;
 mod options_bad_input;
 mod options_properties;
+mod peft_base_residual;
 mod peft_extensions;
 mod peft_fixtures;
 mod peft_options;

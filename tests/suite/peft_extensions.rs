@@ -2,8 +2,9 @@
 //! wrote onto the Mistral model fixture (`tests/fixtures/peft_extensions/`,
 //! `scripts/make_extension_fixtures.py`): those that change what the adapter computes are
 //! refused by name wherever an adapter is read, Activated LoRA wherever lorakit would
-//! compute it (a plan, a merge), and so are inits that make PEFT change the base weights
-//! (PiSSA, OLoRA); VeLoRA and MonteCLoRA, which change only
+//! compute it (a plan, a merge); PiSSA and OLoRA adapters, whose base weights PEFT
+//! replaces by a residual, give PEFT's logits with the residual recomputed, and are refused
+//! for GGUF; VeLoRA and MonteCLoRA, which change only
 //! PEFT's training, give PEFT's evaluation logits unmerged and merged (f32, ≤ 1e-4
 //! relative) and save back as plain LoRA.
 
@@ -100,45 +101,52 @@ fn activated_lora_is_read_but_not_computed() {
     std::fs::remove_dir_all(out).unwrap();
 }
 
-/// An init that makes PEFT replace the base weights by a residual when it loads the
-/// adapter (PiSSA, OLoRA) is refused wherever the adapter would be computed: a plan, a
-/// merge, a GGUF export for llama.cpp. The adapter still reads and inspects.
+/// PiSSA and OLoRA adapters (PEFT replaces each targeted base weight by a residual when it
+/// loads them): lorakit recomputes the residual and gives PEFT's logits unmerged and
+/// merged; a GGUF export, which llama.cpp would add to the stored base, is refused naming
+/// the init and nothing is written. The adapter inspects, saying what the init does.
 #[test]
-fn inits_that_change_the_base_are_refused_where_computed() {
+fn inits_that_change_the_base_give_peft_logits_and_are_refused_for_gguf() {
+    let io = load(&case("logits.safetensors"));
+    let ids = &io["input_ids"];
     let base = mistral_base();
     for name in ["pissa", "olora"] {
         let dir = case(name);
-        let field = "init_lora_weights";
-        let adapter = PeftAdapter::load(&dir, &Device::Cpu).unwrap();
-        let named = |what: &str, err: lorakit::Error| {
-            let msg = err.to_string();
-            assert!(msg.contains(&format!("\"{name}\"")), "{name} {what}: {msg}");
-            assert!(
-                msg.contains("path_initial_model_for_weight_conversion"),
-                "{msg}"
-            );
-            assert_names(err, field, &format!("{name} {what}"));
-        };
-        named("plan", adapter.plan().err().unwrap());
-        inspect(&dir).unwrap();
-        let out = temp_dir(&format!("extension-merge-{name}"));
-        let merged = out.join("merged");
-        let err = merge_checkpoint(&base, &dir, &merged, MergeOptions::default());
-        named("merge", err.unwrap_err());
-        assert!(!merged.exists());
-        let gguf = out.join("a.gguf");
-        named(
-            "export",
-            export_gguf(&dir, &base, &gguf, &Default::default()).unwrap_err(),
+        let want = &io[&format!("{name}_logits")];
+        let plan = peft_plan(&dir);
+        let model = build(&base.join("config.json"), &base, DType::F32, &plan);
+        plan.finish().unwrap();
+        check(&logits(&model, ids), want, TOL, &format!("{name} unmerged"));
+        check(
+            &merged_mistral_logits(&dir, ids),
+            want,
+            TOL,
+            &format!("{name} merged"),
         );
+
+        let summary = inspect(&dir).unwrap().to_string();
+        assert!(
+            summary.contains(&format!("init_lora_weights: {name}")),
+            "{summary}"
+        );
+        let out = temp_dir(&format!("extension-gguf-{name}"));
+        let gguf = out.join("a.gguf");
+        let err = export_gguf(&dir, &base, &gguf, &Default::default()).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains(&format!("\"{name}\"")), "{msg}");
+        assert!(
+            msg.contains("path_initial_model_for_weight_conversion"),
+            "{msg}"
+        );
+        assert_names(err, "init_lora_weights", &format!("{name} export"));
         assert!(!gguf.exists());
         std::fs::remove_dir_all(out).unwrap();
     }
 }
 
-/// The way out the refusal names: PEFT's conversion of a PiSSA or OLoRA adapter to plain
-/// LoRA (rank 2r, on the original base) gives, in lorakit, the logits PEFT computes with
-/// the adapter before conversion, unmerged and merged.
+/// PEFT's conversion of a PiSSA or OLoRA adapter to plain LoRA (rank 2r, on the original
+/// base; what the GGUF refusal names) gives, in lorakit, the logits PEFT computes with the
+/// adapter before conversion, unmerged and merged.
 #[test]
 fn converted_base_changing_adapters_give_peft_logits() {
     let io = load(&case("logits.safetensors"));
@@ -161,8 +169,9 @@ fn converted_base_changing_adapters_give_peft_logits() {
     }
 }
 
-/// Why these are refused rather than loaded as LoRA: with `field` unset, the same A and B
-/// on the stored base weights give other logits than PEFT's.
+/// Why these are refused (aLoRA) or recomputed (PiSSA, OLoRA) rather than loaded as LoRA:
+/// with `field` unset, the same A and B on the stored base weights give other logits than
+/// PEFT's.
 #[test]
 fn refused_adapters_loaded_as_plain_lora_would_differ_from_peft() {
     let io = load(&case("logits.safetensors"));
@@ -198,8 +207,11 @@ fn refused_adapters_loaded_as_plain_lora_would_differ_from_peft() {
 /// The logits of the Mistral fixture with the adapter at `adapter` merged into its
 /// checkpoint by `merge_checkpoint` (as PEFT's `merge_and_unload` would).
 pub(crate) fn merged_mistral_logits(adapter: &Path, ids: &Tensor) -> Tensor {
+    // One folder per call: tests that merge run at the same time.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let base = mistral_base();
-    let out = temp_dir("merged-mistral");
+    let out = temp_dir(&format!("merged-mistral-{call}"));
     merge_checkpoint(&base, adapter, &out.join("m"), MergeOptions::default()).unwrap();
     let merged = build(
         &base.join("config.json"),

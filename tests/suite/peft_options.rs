@@ -73,7 +73,7 @@ pub fn build_modules(case: &str, plan: &AdapterPlan) -> lorakit::Result<HashMap<
 }
 
 /// The hooked module paths of a case's io file.
-fn hooked(io: &HashMap<String, Tensor>) -> Vec<String> {
+pub(crate) fn hooked(io: &HashMap<String, Tensor>) -> Vec<String> {
     let mut paths: Vec<String> = io
         .keys()
         .filter_map(|k| k.strip_suffix(".output"))
@@ -84,7 +84,7 @@ fn hooked(io: &HashMap<String, Tensor>) -> Vec<String> {
 }
 
 /// An io-file input as the module takes it: ids as u32, floats as they are.
-fn module_input(t: &Tensor) -> Tensor {
+pub(crate) fn module_input(t: &Tensor) -> Tensor {
     match t.dtype() {
         DType::I64 => t.to_dtype(DType::U32).unwrap(),
         _ => t.clone(),
