@@ -35,7 +35,8 @@ Files:
         alora's shows the adapter changes the output; a plain LoRA load of the same A
         and B differs. pissa's and olora's are checked to equal those of the adapter
         reloaded by PeftModel.from_pretrained onto the original base (which recomputes
-        the residual), within 1e-5.
+        the residual), within 1e-5. NAME_disabled_logits for pissa and olora: that
+        reloaded model under `disable_adapter()` (the residual base alone).
 
 Versions used for the committed files: torch 2.15.0, transformers 5.24.0, peft 0.21.2
 (Python 3.11). PYTHONHASHSEED is pinned to 0 (the script re-executes itself with it).
@@ -72,6 +73,8 @@ CASES = {
     "olora": dict(init_lora_weights="olora"),
 }
 WITH_LOGITS = ["alora", "velora", "monteclora", "pissa", "olora"]
+# The logits of the base-changing adapters' models with the adapter disabled.
+disabled = {}
 # Inits that replace the base weights by a residual when PEFT builds (or loads) the adapter.
 BASE_CHANGING = ["pissa", "olora"]
 
@@ -107,6 +110,9 @@ def make(name, options):
         with torch.no_grad():
             again = reloaded(input_ids=INPUT_IDS).logits
         assert torch.allclose(again, out, rtol=0, atol=1e-5), name
+        # Disabled, PEFT's model runs the residual base.
+        with torch.no_grad(), reloaded.disable_adapter():
+            disabled[name] = reloaded(input_ids=INPUT_IDS).logits.contiguous()
         # What PEFT's docs advise for sharing: a plain LoRA of rank 2r on the original base.
         converted = OUT / f"{name}_converted"
         peft_model.save_pretrained(
@@ -131,6 +137,7 @@ def main():
         out = make(name, options)
         if name in WITH_LOGITS:
             logits[f"{name}_logits"] = out
+    logits.update({f"{name}_disabled_logits": t for name, t in disabled.items()})
     save_file(logits, OUT / "logits.safetensors")
     print(f"wrote {OUT}")
 

@@ -27,8 +27,16 @@
 //!   shapes unless it is square; a non-square one is refused.
 //!
 //! The residual is rounded to the base's dtype, as PEFT rounds its `f32` result to the
-//! model's. An embedding's table is left as it is (PEFT's embedding layers draw their
-//! factors without touching the table); a quantized base is refused.
+//! model's, and computed on the host (a base on a GPU is copied there and back). An
+//! embedding's table is left as it is (PEFT's embedding layers draw their factors without
+//! touching the table); a quantized base is refused.
+//!
+//! The residual belongs to the adapter's layer: disabling that layer runs the residual,
+//! as PEFT's `disable_adapter()` does. Beside other adapters
+//! ([`NamedAdapters`](crate::model::NamedAdapters)) it differs from PEFT, which changes
+//! the model's one shared base (and warns against combining such an adapter with others):
+//! there the other adapters, and the model with every adapter disabled, keep the original
+//! base weights.
 
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;

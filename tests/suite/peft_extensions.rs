@@ -102,8 +102,8 @@ fn activated_lora_is_read_but_not_computed() {
 }
 
 /// PiSSA and OLoRA adapters (PEFT replaces each targeted base weight by a residual when it
-/// loads them): lorakit recomputes the residual and gives PEFT's logits unmerged and
-/// merged; a GGUF export, which llama.cpp would add to the stored base, is refused naming
+/// loads them): lorakit recomputes the residual and gives PEFT's logits unmerged, merged
+/// and with the adapter disabled (the residual base alone); a GGUF export, which llama.cpp would add to the stored base, is refused naming
 /// the init and nothing is written. The adapter inspects, saying what the init does.
 #[test]
 fn inits_that_change_the_base_give_peft_logits_and_are_refused_for_gguf() {
@@ -115,8 +115,18 @@ fn inits_that_change_the_base_give_peft_logits_and_are_refused_for_gguf() {
         let want = &io[&format!("{name}_logits")];
         let plan = peft_plan(&dir);
         let model = build(&base.join("config.json"), &base, DType::F32, &plan);
-        plan.finish().unwrap();
+        let set = plan.finish().unwrap();
         check(&logits(&model, ids), want, TOL, &format!("{name} unmerged"));
+        // Disabled, the layers run the residual base, as PEFT's `disable_adapter()`.
+        set.set_enabled(false);
+        let disabled = &io[&format!("{name}_disabled_logits")];
+        check(
+            &logits(&model, ids),
+            disabled,
+            TOL,
+            &format!("{name} disabled"),
+        );
+        set.set_enabled(true);
         check(
             &merged_mistral_logits(&dir, ids),
             want,
