@@ -97,7 +97,8 @@ fn base_change(init: &str) -> Option<BaseChange> {
         Some(BaseChange::Refused(
             "PiSSA with a randomized SVD: PEFT replaces each targeted base weight by a \
              residual from `torch.svd_lowrank`, drawn anew (from torch's random state) every \
-             time it loads the adapter, so no residual is the one A and B were trained on",
+             time it loads the adapter, so no load reproduces another (or the training's) \
+             exactly",
         ))
     } else if init.starts_with("corda") {
         Some(BaseChange::Refused(
