@@ -13,7 +13,9 @@
 //! onto a model and every merge. Extensions that change only how PEFT trains are
 //! accepted: their adapters compute plain LoRA in evaluation, lorakit loads, merges and
 //! trains them as LoRA, and the training-only state PEFT saved beside A and B is left
-//! unused.
+//! unused. `init_lora_weights` is read here too: PiSSA and OLoRA, after which PEFT's base
+//! weights are a residual, are recomputed ([`base_residual`](super::base_residual)); the
+//! other inits that change the base are refused wherever the adapter would be computed.
 
 use std::path::Path;
 
