@@ -35,12 +35,19 @@ fn main() {
         let w = &tensors[name];
         let base = || FrozenLinear::new(w.clone(), None).expect("a 2-D weight");
         let start = Instant::now();
-        let pissa = BaseResidual::Pissa.apply(name, base(), r, 1.0).expect("PiSSA");
+        let pissa = BaseResidual::Pissa
+            .apply(name, base(), r, 1.0)
+            .expect("PiSSA");
         let pissa_s = start.elapsed().as_secs_f64();
         let start = Instant::now();
-        BaseResidual::Olora.apply(name, base(), r, 1.0).expect("OLoRA");
+        BaseResidual::Olora
+            .apply(name, base(), r, 1.0)
+            .expect("OLoRA");
         let olora_s = start.elapsed().as_secs_f64();
-        eprintln!("{name} {:?}: PiSSA {pissa_s:.3} s, OLoRA {olora_s:.3} s", w.dims());
+        eprintln!(
+            "{name} {:?}: PiSSA {pissa_s:.3} s, OLoRA {olora_s:.3} s",
+            w.dims()
+        );
         report.insert(
             name.clone(),
             serde_json::json!({"pissa_s": pissa_s, "olora_s": olora_s}),
