@@ -1,7 +1,7 @@
 //! Small dense `f64` linear algebra on the host, for what candle has no op for: an
-//! orthonormal basis of a few columns, and the eigen-decomposition of a small symmetric
-//! matrix. The sizes here are a rank or a block of a few tens; products with a layer's
-//! weight stay tensor ops.
+//! orthonormal basis of a few columns, the eigen-decomposition of a small symmetric
+//! matrix, and the inverse of a small matrix (LoRA-FA's ridge inverse). The sizes here
+//! are a rank or a block of a few tens; products with a layer's weight stay tensor ops.
 
 /// Orthonormalizes `columns` (each a vector of one length) in order by modified
 /// Gram–Schmidt, run twice: the second pass removes what rounding left of the earlier
@@ -119,6 +119,45 @@ fn jacobi_sweep(m: &mut [f64], v: &mut [f64], n: usize) {
             }
         }
     }
+}
+
+/// Gauss–Jordan inverse with partial pivoting of the row-major `n × n` matrix `m`
+/// (overwritten). `None` when singular or not finite.
+#[allow(clippy::indexing_slicing)] // dense n × n algebra: every index is below n²
+pub(crate) fn invert(m: &mut [f64], n: usize) -> Option<Vec<f64>> {
+    let mut inv = vec![0f64; n * n];
+    for i in 0..n {
+        inv[i * n + i] = 1.0;
+    }
+    for col in 0..n {
+        let pivot =
+            (col..n).max_by(|&x, &y| m[x * n + col].abs().total_cmp(&m[y * n + col].abs()))?;
+        let p = m[pivot * n + col];
+        if p == 0.0 || !p.is_finite() {
+            return None;
+        }
+        if pivot != col {
+            for k in 0..n {
+                m.swap(pivot * n + k, col * n + k);
+                inv.swap(pivot * n + k, col * n + k);
+            }
+        }
+        for k in 0..n {
+            m[col * n + k] /= p;
+            inv[col * n + k] /= p;
+        }
+        for row in 0..n {
+            let f = m[row * n + col];
+            if row == col || f == 0.0 {
+                continue;
+            }
+            for k in 0..n {
+                m[row * n + k] -= f * m[col * n + k];
+                inv[row * n + k] -= f * inv[col * n + k];
+            }
+        }
+    }
+    inv.iter().all(|v| v.is_finite()).then_some(inv)
 }
 
 #[cfg(test)]

@@ -513,41 +513,15 @@ mod tests {
             let c = w.narrow(1, 0, r.min(m).min(n)).unwrap();
             let gram = matmul(&c.t().unwrap(), &c).unwrap();
             let rhs = matmul(&c.t().unwrap(), &w).unwrap();
-            let x = solve(&gram, &rhs);
+            let k = gram.dim(0).unwrap();
+            let mut values = gram.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let inverse = crate::linalg::invert(&mut values, k).unwrap();
+            let inverse = Tensor::from_vec(inverse, (k, k), &Device::Cpu).unwrap();
+            let x = matmul(&inverse, &rhs).unwrap();
             let want = (&w - (matmul(&c, &x).unwrap() * scale).unwrap()).unwrap();
             let err = max_abs_diff(&got, &want);
             assert!(err < 1e-12, "{m}x{n} r {r}: {err:e}");
         }
-    }
-
-    /// `a⁻¹ b` by Gauss–Jordan elimination (`a` small and well conditioned).
-    #[allow(clippy::needless_range_loop)] // row operations read as the textbook writes them
-    fn solve(a: &Tensor, b: &Tensor) -> Tensor {
-        let k = a.dim(0).unwrap();
-        let n = b.dim(1).unwrap();
-        let mut a = a.to_vec2::<f64>().unwrap();
-        let mut b = b.to_vec2::<f64>().unwrap();
-        for col in 0..k {
-            let p = a[col][col];
-            for j in 0..k {
-                a[col][j] /= p;
-            }
-            for j in 0..n {
-                b[col][j] /= p;
-            }
-            for row in 0..k {
-                if row != col {
-                    let f = a[row][col];
-                    for j in 0..k {
-                        a[row][j] -= f * a[col][j];
-                    }
-                    for j in 0..n {
-                        b[row][j] -= f * b[col][j];
-                    }
-                }
-            }
-        }
-        Tensor::new(b, &Device::Cpu).unwrap()
     }
 
     #[test]

@@ -25,6 +25,7 @@ use candle_core::{DType, Tensor, TensorId};
 
 use crate::adapter::{Adapter, Variant};
 use crate::error::{Error, Result, Scope};
+use crate::linalg::invert;
 use crate::low_rank::Factor;
 use crate::matmul::matmul;
 use crate::shared::Shared;
@@ -192,43 +193,4 @@ fn ridge_inverse(layer: &str, a: &Tensor, dtype: DType) -> Result<Tensor> {
         )
     })?;
     Ok(Tensor::from_vec(inv, (r, r), a.device())?.to_dtype(dtype)?)
-}
-
-/// Gauss–Jordan inverse with partial pivoting of the row-major `n × n` matrix `m`
-/// (overwritten). `None` when singular or not finite.
-#[allow(clippy::indexing_slicing)] // dense n × n algebra: every index is below n²
-fn invert(m: &mut [f64], n: usize) -> Option<Vec<f64>> {
-    let mut inv = vec![0f64; n * n];
-    for i in 0..n {
-        inv[i * n + i] = 1.0;
-    }
-    for col in 0..n {
-        let pivot =
-            (col..n).max_by(|&x, &y| m[x * n + col].abs().total_cmp(&m[y * n + col].abs()))?;
-        let p = m[pivot * n + col];
-        if p == 0.0 || !p.is_finite() {
-            return None;
-        }
-        if pivot != col {
-            for k in 0..n {
-                m.swap(pivot * n + k, col * n + k);
-                inv.swap(pivot * n + k, col * n + k);
-            }
-        }
-        for k in 0..n {
-            m[col * n + k] /= p;
-            inv[col * n + k] /= p;
-        }
-        for row in 0..n {
-            let f = m[row * n + col];
-            if row == col || f == 0.0 {
-                continue;
-            }
-            for k in 0..n {
-                m[row * n + k] -= f * m[col * n + k];
-                inv[row * n + k] -= f * inv[col * n + k];
-            }
-        }
-    }
-    inv.iter().all(|v| v.is_finite()).then_some(inv)
 }
