@@ -144,28 +144,32 @@ pub(crate) fn sum(xs: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
-/// `Σ a[i] · b[i]` over the shorter slice, in [`LANES`] running sums.
+/// `Σ a[i] · b[i]` over the shorter slice, in [`LANES`] running sums (`f32` here, `f64`
+/// in the host linear algebra).
 #[inline(always)]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot<T>(a: &[T], b: &[T]) -> T
+where
+    T: Copy + Default + std::ops::Add<Output = T> + std::ops::Mul<Output = T> + std::iter::Sum,
+{
     let len = a.len().min(b.len());
     let (a, b) = (
         a.get(..len).unwrap_or_default(),
         b.get(..len).unwrap_or_default(),
     );
-    let mut lanes = [0f32; LANES];
+    let mut lanes = [T::default(); LANES];
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = ca
+    let tail: T = ca
         .remainder()
         .iter()
         .zip(cb.remainder())
-        .map(|(x, y)| x * y)
+        .map(|(&x, &y)| x * y)
         .sum();
     for (xa, xb) in ca.zip(cb) {
         for ((lane, &x), &y) in lanes.iter_mut().zip(xa).zip(xb) {
-            *lane += x * y;
+            *lane = *lane + x * y;
         }
     }
-    lanes.iter().sum::<f32>() + tail
+    lanes.iter().copied().sum::<T>() + tail
 }
 
 /// `Σ (x[i] − shift)²`, in [`LANES`] running sums (a row's centred sum of squares).

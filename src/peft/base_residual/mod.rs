@@ -9,12 +9,14 @@
 //!
 //! - **PiSSA**: `W − U_r Σ_r V_rᵀ`, the part of `W` outside its `r` largest singular
 //!   values. PEFT's `torch.linalg.svd` runs in `f32`; lorakit computes the residual in
-//!   `f64`, the top-`r` singular subspace by a block subspace iteration on `Wᵀ W` (block
-//!   `2r + 8`, Chebyshev-filtered, Rayleigh–Ritz each step) until it moves less than 1e-10,
-//!   or, when that block covers the smaller side, from the eigen-decomposition of `W Wᵀ`
-//!   (or `Wᵀ W`). On 1024 × 768 and 512 × 2048 matrices (r = 16) the result was within
-//!   4e-8 of `f64` LAPACK's (relative to the largest entry: the `f32` rounding of the
-//!   output), where PEFT's own `f32` SVD was 5–7e-6 from it. A residual is refused where it
+//!   `f64`, the top-`r` singular subspace of the smaller side (`top_singular`) by a block
+//!   subspace iteration on the smaller Gram matrix (block `2r + 8`, Chebyshev-filtered, in
+//!   `f32` while far from settled, Rayleigh–Ritz in `f64` each step) until it is predicted
+//!   within 1e-10 of where it converges, or, when that block covers the smaller side, from
+//!   the Gram matrix's eigen-decomposition. On 1024 × 768 to 2048 × 2048 matrices (r = 16
+//!   and 128) the result was within 5e-8 of `f64` LAPACK's (relative to the largest entry:
+//!   the `f32` rounding of the output), where PEFT's own `f32` SVD was 5–7e-6 from it
+//!   (`benches/pissa_compare.py`). A residual is refused where it
 //!   is not determined: `σ_r` and `σ_{r+1}` equal (to 1e-6 of `σ_1`), or an iteration that
 //!   does not settle in 1000 steps. `"pissa_niter_N"` (a randomized SVD that PEFT itself
 //!   draws anew on every load) is refused by the config check
@@ -38,14 +40,15 @@
 //! there the other adapters, and the model with every adapter disabled, keep the original
 //! base weights.
 
+mod top_singular;
+
 use candle_core::{DType, Device, Tensor};
-use rand::SeedableRng;
-use rand_distr::{Distribution, StandardNormal};
 
 use crate::error::{Error, Result};
 use crate::frozen::{BaseKind, FrozenLinear};
-use crate::linalg::{dot, orthonormalize, symmetric_eigen};
+use crate::linalg::orthonormalize;
 use crate::matmul::matmul;
+use top_singular::top_singular;
 
 /// An init after which PEFT's base weights are a residual (see the module docs).
 ///
@@ -74,10 +77,6 @@ pub enum BaseResidual {
 /// Singular values closer than this, relative to the largest, leave PiSSA's residual
 /// undetermined.
 const GAP: f64 = 1e-6;
-/// The subspace iteration has settled when the top-`r` subspace moves less than this
-/// (the Frobenius norm of its part outside the previous one).
-const SETTLED: f64 = 1e-10;
-const MAX_ITERATIONS: usize = 1000;
 /// A column whose norm falls below this fraction of itself when the earlier ones are
 /// taken out is treated as dependent on them.
 const DEPENDENT: f64 = 1e-10;
@@ -145,7 +144,7 @@ fn refused(layer: &str, init: BaseResidual, reason: String) -> Error {
     )
 }
 
-/// `w − U_r U_rᵀ w` for `w`'s top-`r` left singular vectors `U_r` (`w` in `f64`, `m × n`).
+/// `w` without its top-`r` singular triplets (`w` in `f64`, `m × n`).
 fn pissa_residual(layer: &str, w: &Tensor, r: usize) -> Result<Tensor> {
     let (m, n) = w.dims2()?;
     let smaller = m.min(n);
@@ -156,13 +155,16 @@ fn pissa_residual(layer: &str, w: &Tensor, r: usize) -> Result<Tensor> {
         // Every singular triplet moves into B·A.
         return Ok(w.zeros_like()?);
     }
-    let block = (2 * r + 8).min(smaller);
-    let (u, sigma_squared) = if block == smaller {
-        top_by_gram(w, r)?
+    // Work on the smaller side: `x` is `w` or `wᵀ`, whichever has fewer columns, so the
+    // singular vectors sought (x's right ones) and the Gram matrix `xᵀ x` are smallest.
+    let transposed = m < n;
+    let x = if transposed {
+        w.t()?.contiguous()?
     } else {
-        top_by_iteration(layer, w, r, block)?
+        w.clone()
     };
-    let sigma = |i: usize| sigma_squared.get(i).map_or(0.0, |&v| v.max(0.0).sqrt());
+    let top = top_singular(layer, &x, r)?;
+    let sigma = |i: usize| top.sigma_squared.get(i).map_or(0.0, |&v| v.max(0.0).sqrt());
     let (first, last_kept, next) = (sigma(0), sigma(r.saturating_sub(1)), sigma(r));
     if last_kept > GAP * first && last_kept - next <= GAP * first {
         return Err(refused(
@@ -176,173 +178,13 @@ fn pissa_residual(layer: &str, w: &Tensor, r: usize) -> Result<Tensor> {
             ),
         ));
     }
-    let u = from_columns(&u, m)?;
-    let projection = matmul(&u, &matmul(&u.t()?, w)?)?;
-    Ok((w - projection)?)
-}
-
-/// The top-`r` left singular vectors of `w` and all its squared singular values (descending),
-/// from the eigen-decomposition of the smaller Gram matrix.
-fn top_by_gram(w: &Tensor, r: usize) -> Result<(Vec<Vec<f64>>, Vec<f64>)> {
-    let (m, n) = w.dims2()?;
-    let left = m <= n;
-    let gram = if left {
-        matmul(w, &w.t()?)?
+    // x − (x V_r) V_rᵀ: x less its projection on its top-r right singular vectors.
+    let residual = (&x - matmul(&top.products, &top.vectors.t()?)?)?;
+    Ok(if transposed {
+        residual.t()?.contiguous()?
     } else {
-        matmul(&w.t()?, w)?
-    };
-    let size = m.min(n);
-    let pairs = symmetric_eigen(&gram.flatten_all()?.to_vec1::<f64>()?, size);
-    let values = pairs.iter().map(|(v, _)| *v).collect();
-    let top: Vec<Vec<f64>> = pairs.into_iter().take(r).map(|(_, v)| v).collect();
-    if left {
-        return Ok((top, values));
-    }
-    // Right singular vectors V_r: U_r spans w V_r (a zero column there is a zero singular
-    // value, whose direction w has nothing in).
-    let mut u = columns(&matmul(w, &from_columns(&top, n)?)?)?;
-    orthonormalize(&mut u);
-    Ok((u, values))
-}
-
-/// The top-`r` left singular vectors of `w` and the squared singular values of the top
-/// `block`, by subspace iteration on `Wᵀ W` with Rayleigh–Ritz on `block` vectors, each
-/// step a Chebyshev filter that damps the spectrum below the block's smallest Ritz value
-/// (fewer products than plain powers where the singular values near `r` are close).
-fn top_by_iteration(
-    layer: &str,
-    w: &Tensor,
-    r: usize,
-    block: usize,
-) -> Result<(Vec<Vec<f64>>, Vec<f64>)> {
-    let (_, n) = w.dims2()?;
-    let wt = w.t()?;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let mut q: Vec<Vec<f64>> = vec![Vec::new(); block];
-    orthonormal_block(&mut q, n, &mut rng);
-    let mut previous: Option<Vec<Vec<f64>>> = None;
-    for _ in 0..MAX_ITERATIONS {
-        // Rayleigh–Ritz: the eigenpairs of Qᵀ Wᵀ W Q, Ritz vectors Q E.
-        let q_t = from_columns(&q, n)?;
-        let wq = matmul(w, &q_t)?;
-        let ritz = matmul(&wq.t()?, &wq)?;
-        let pairs = symmetric_eigen(&ritz.flatten_all()?.to_vec1::<f64>()?, block);
-        let rotated: Vec<Vec<f64>> = pairs.iter().map(|(_, e)| combine(&q, e, n)).collect();
-        let values: Vec<f64> = pairs.iter().map(|(v, _)| *v).collect();
-        // Directions of (next to) zero singular values hold nothing of `w` and need not
-        // settle: a weight of rank below `r` has no determined top-`r` subspace, but its
-        // residual is determined all the same.
-        let largest = values.first().copied().unwrap_or(0.0);
-        let significant = values
-            .iter()
-            .take(r)
-            .filter(|&&v| v > GAP * GAP * largest)
-            .count();
-        let top = rotated.get(..significant).unwrap_or_default();
-        let settled = previous
-            .as_ref()
-            .is_some_and(|p| p.len() == significant && distance(p, top) < SETTLED);
-        if settled {
-            let right = rotated.get(..r).unwrap_or_default();
-            let mut left = columns(&matmul(w, &from_columns(right, n)?)?)?;
-            orthonormalize(&mut left);
-            return Ok((left, values));
-        }
-        previous = Some(top.to_vec());
-        let cut = values.last().copied().unwrap_or(0.0);
-        let kept = values.get(r.saturating_sub(1)).copied().unwrap_or(0.0);
-        let degree = filter_degree(largest, kept, cut);
-        let filtered = chebyshev_filter(w, &wt, &from_columns(&rotated, n)?, degree, cut)?;
-        q = columns(&filtered)?;
-        orthonormal_block(&mut q, n, &mut rng);
-    }
-    Err(refused(
-        layer,
-        BaseResidual::Pissa,
-        format!(
-            "the top-{r} singular subspace of the base weight did not settle in \
-             {MAX_ITERATIONS} iterations (singular values {r} and {} too close): its \
-             residual is not determined",
-            r + 1
-        ),
-    ))
-}
-
-/// The highest filter degree.
-const MAX_DEGREE: usize = 16;
-/// How much more a filter may amplify the largest eigenvalue than the `r`-th: beyond
-/// this the `r`-th direction loses digits to rounding in the filtered block.
-const MAX_SPREAD: f64 = 1e4;
-
-/// The Chebyshev polynomial `T_d(x)` for `x ≥ 1`.
-fn chebyshev(d: usize, x: f64) -> f64 {
-    (d as f64 * x.max(1.0).acosh()).cosh()
-}
-
-/// The highest degree (up to [`MAX_DEGREE`], at least 1) whose filter over `[0, cut]`
-/// amplifies the eigenvalue `largest` at most [`MAX_SPREAD`] times more than `kept`, and
-/// at most 1e100 times in all (a cut far below the top, as for a weight of low rank,
-/// would otherwise overflow).
-fn filter_degree(largest: f64, kept: f64, cut: f64) -> usize {
-    if cut <= 0.0 || kept <= cut {
-        return 1;
-    }
-    let x = |lambda: f64| 2.0 * lambda / cut - 1.0;
-    (1..=MAX_DEGREE)
-        .take_while(|&d| {
-            let top = chebyshev(d, x(largest));
-            top <= 1e100 && top <= MAX_SPREAD * chebyshev(d, x(kept))
-        })
-        .last()
-        .unwrap_or(1)
-}
-
-/// `T_d((2 Wᵀ W − cut) / cut) q`: the Chebyshev polynomial that stays within ±1 over the
-/// damped eigenvalues `[0, cut]` and grows fast above it, by its three-term recurrence.
-fn chebyshev_filter(
-    w: &Tensor,
-    wt: &Tensor,
-    q: &Tensor,
-    degree: usize,
-    cut: f64,
-) -> Result<Tensor> {
-    if cut <= 0.0 {
-        return Ok(matmul(wt, &matmul(w, q)?)?);
-    }
-    let half = cut / 2.0;
-    // (A − half·I) y / half, A = Wᵀ W.
-    let step = |y: &Tensor| -> Result<Tensor> {
-        let ay = matmul(wt, &matmul(w, y)?)?;
-        Ok(((ay - (y * half)?)? / half)?)
-    };
-    let mut before = q.clone();
-    let mut current = step(q)?;
-    for _ in 1..degree {
-        let next = ((step(&current)? * 2.0)? - &before)?;
-        before = current;
-        current = next;
-    }
-    Ok(current)
-}
-
-/// Orthonormalizes `block` (vectors of length `len`), replacing a vector that is empty or
-/// (nearly) dependent on the ones before it by a random one, until all are independent.
-fn orthonormal_block(block: &mut [Vec<f64>], len: usize, rng: &mut impl rand::Rng) {
-    // Each round replaces the dependent vectors; random ones are independent of up to
-    // `len` others with probability 1, so a second round is already rare.
-    for _round in 0..8 {
-        let kept = orthonormalize(block);
-        let mut redrawn = false;
-        for (vector, kept) in block.iter_mut().zip(kept) {
-            if kept < DEPENDENT || vector.len() != len {
-                *vector = (0..len).map(|_| StandardNormal.sample(&mut *rng)).collect();
-                redrawn = true;
-            }
-        }
-        if !redrawn {
-            return;
-        }
-    }
+        residual
+    })
 }
 
 /// `w − s · Q_r Q_rᵀ w`, `Q_r` an orthonormal basis of `w`'s first `r` columns.
@@ -377,37 +219,12 @@ fn from_columns(columns: &[Vec<f64>], rows: usize) -> Result<Tensor> {
         .contiguous()?)
 }
 
-/// `Σ_j coefficients_j · basis_j` (vectors of length `len`).
-fn combine(basis: &[Vec<f64>], coefficients: &[f64], len: usize) -> Vec<f64> {
-    let mut out = vec![0f64; len];
-    for (b, &c) in basis.iter().zip(coefficients) {
-        out.iter_mut().zip(b).for_each(|(o, x)| *o += c * x);
-    }
-    out
-}
-
-/// `‖U − P Pᵀ U‖_F` for orthonormal columns `P` and `U`: how far `U`'s span leaves `P`'s.
-fn distance(p: &[Vec<f64>], u: &[Vec<f64>]) -> f64 {
-    u.iter()
-        .map(|column| {
-            let mut outside = column.clone();
-            for basis in p {
-                let along = dot(basis, column);
-                outside
-                    .iter_mut()
-                    .zip(basis)
-                    .for_each(|(o, b)| *o -= along * b);
-            }
-            dot(&outside, &outside)
-        })
-        .sum::<f64>()
-        .sqrt()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::quantized::GgmlDType;
+    use rand::SeedableRng;
+    use rand_distr::{Distribution, StandardNormal};
 
     /// `count` orthonormal vectors of length `len`, from a seeded draw.
     fn orthonormal(len: usize, count: usize, seed: u64) -> Vec<Vec<f64>> {
