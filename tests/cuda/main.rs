@@ -4,9 +4,13 @@
 //! format's unit roundoff), with and without bias and row scale, odd sizes; no gradient for
 //! `W`.
 //!
+//! `base_residual` checks PiSSA's and OLoRA's residuals on the device against the CPU's.
+//!
 //! `cargo test --features cuda --test cuda`. Without a CUDA device every test prints that
 //! it was skipped and passes: these tests only mean something where a GPU ran them
 //! (`scripts/gpu-check.sh`).
+
+mod base_residual;
 
 use candle_core::{DType, Device, Tensor, Var};
 use lorakit::kernels::{FusedLinear, LowRankTerm};

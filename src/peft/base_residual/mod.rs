@@ -29,7 +29,11 @@
 //!   shapes unless it is square; a non-square one is refused.
 //!
 //! The residual is rounded to the base's dtype, as PEFT rounds its `f32` result to the
-//! model's, and computed on the host (a base on a GPU is copied there and back). An
+//! model's. Its products with the weight run on the base's device (the CPU or CUDA, in
+//! `f64`; a base on Metal, which has no `f64`, is copied to the host and back); the small
+//! dense algebra between them (the Ritz or Gram matrix's eigen-decomposition, Gram–Schmidt
+//! inside a panel of vectors) runs on the host. The CUDA path is the same candle ops as
+//! the CPU's; `tests/cuda` checks it against the CPU, but no GPU has run that test yet. An
 //! embedding's table is left as it is (PEFT's embedding layers draw their factors without
 //! touching the table); a quantized base is refused.
 //!
@@ -111,7 +115,7 @@ impl BaseResidual {
             weight.clone()
         };
         let stored = stored
-            .to_device(&Device::Cpu)?
+            .to_device(&residual_device(weight.device()))?
             .to_dtype(DType::F64)?
             .contiguous()?;
         let residual = match self {
@@ -133,6 +137,16 @@ impl BaseResidual {
             }
         };
         base.with_stored_weight(layer, &residual)
+    }
+}
+
+/// Where a residual is computed for a base on `device`: there, where the backend has
+/// `f64` (the CPU, CUDA); on the host for Metal, which has none.
+fn residual_device(device: &Device) -> Device {
+    if device.is_metal() {
+        Device::Cpu
+    } else {
+        device.clone()
     }
 }
 
@@ -201,7 +215,7 @@ fn olora_residual(layer: &str, w: &Tensor, r: usize, scale: f64) -> Result<Tenso
             ),
         ));
     }
-    let q = from_columns(&q, m)?;
+    let q = from_columns(&q, m, w.device())?;
     let projection = matmul(&q, &matmul(&q.t()?, w)?)?;
     Ok((w - (projection * scale)?)?)
 }
@@ -211,10 +225,10 @@ fn columns(t: &Tensor) -> Result<Vec<Vec<f64>>> {
     Ok(t.t()?.contiguous()?.to_vec2::<f64>()?)
 }
 
-/// The `rows × columns.len()` `f64` matrix with these columns.
-fn from_columns(columns: &[Vec<f64>], rows: usize) -> Result<Tensor> {
+/// The `rows × columns.len()` `f64` matrix with these columns, on `device`.
+fn from_columns(columns: &[Vec<f64>], rows: usize, device: &Device) -> Result<Tensor> {
     let flat: Vec<f64> = columns.iter().flatten().copied().collect();
-    Ok(Tensor::from_vec(flat, (columns.len(), rows), &Device::Cpu)?
+    Ok(Tensor::from_vec(flat, (columns.len(), rows), device)?
         .t()?
         .contiguous()?)
 }

@@ -48,7 +48,7 @@ fn top_by_gram(x: &Tensor, r: usize) -> Result<TopSingular> {
     let pairs = symmetric_eigen(&gram.flatten_all()?.to_vec1::<f64>()?, n);
     let sigma_squared = pairs.iter().map(|(v, _)| *v).collect();
     let top: Vec<Vec<f64>> = pairs.into_iter().take(r).map(|(_, v)| v).collect();
-    let vectors = from_columns(&top, n)?;
+    let vectors = from_columns(&top, n, x.device())?;
     Ok(TopSingular {
         products: matmul(x, &vectors)?,
         vectors,
@@ -68,7 +68,8 @@ fn top_by_iteration(layer: &str, x: &Tensor, r: usize, block: usize) -> Result<T
     let xt = x.t()?;
     let coarse = x.to_dtype(DType::F32)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let mut q = orthonormal_block(&random_block(n, block, &mut rng)?, &mut rng)?;
+    let start = random_block(n, block, x.device(), &mut rng)?;
+    let mut q = orthonormal_block(&start, &mut rng)?;
     let mut previous: Option<Vec<Vec<f64>>> = None;
     let mut moved_before: Option<f64> = None;
     let mut filtered_precisely = true;
@@ -78,7 +79,7 @@ fn top_by_iteration(layer: &str, x: &Tensor, r: usize, block: usize) -> Result<T
         let ritz = matmul(&xq.t()?, &xq)?;
         let pairs = symmetric_eigen(&ritz.flatten_all()?.to_vec1::<f64>()?, block);
         let rotation: Vec<Vec<f64>> = pairs.iter().map(|(_, e)| e.clone()).collect();
-        let rotation = from_columns(&rotation, block)?;
+        let rotation = from_columns(&rotation, block, x.device())?;
         let (ritz_vectors, ritz_products) = (matmul(&q, &rotation)?, matmul(&xq, &rotation)?);
         let values: Vec<f64> = pairs.iter().map(|(v, _)| *v).collect();
         // Directions of (next to) zero singular values hold nothing of `x` and need not
@@ -238,7 +239,7 @@ fn orthonormal_block(y: &Tensor, rng: &mut impl rand::Rng) -> Result<Tensor> {
         let mut rounds_left = 8;
         let orthonormal = loop {
             let before: Vec<f64> = panel.iter().map(|c| dot(c, c).sqrt()).collect();
-            let mut projected = from_columns(&panel, n)?;
+            let mut projected = from_columns(&panel, n, y.device())?;
             if let Some(q) = &basis {
                 for _pass in 0..2 {
                     projected = (&projected - matmul(q, &matmul(&q.t()?, &projected)?)?)?;
@@ -260,7 +261,7 @@ fn orthonormal_block(y: &Tensor, rng: &mut impl rand::Rng) -> Result<Tensor> {
                 }
             }
             if !redrawn || rounds_left == 0 {
-                break from_columns(&result, n)?;
+                break from_columns(&result, n, y.device())?;
             }
         };
         basis = Some(match basis {
@@ -268,15 +269,15 @@ fn orthonormal_block(y: &Tensor, rng: &mut impl rand::Rng) -> Result<Tensor> {
             None => orthonormal,
         });
     }
-    Ok(basis.unwrap_or(Tensor::zeros((n, 0), DType::F64, &Device::Cpu)?))
+    Ok(basis.unwrap_or(Tensor::zeros((n, 0), DType::F64, y.device())?))
 }
 
-/// An `n × b` block of standard normal draws.
-fn random_block(n: usize, b: usize, rng: &mut impl rand::Rng) -> Result<Tensor> {
+/// An `n × b` block of standard normal draws (drawn on the host, from `rng`), on `device`.
+fn random_block(n: usize, b: usize, device: &Device, rng: &mut impl rand::Rng) -> Result<Tensor> {
     let values: Vec<f64> = (0..n * b)
         .map(|_| StandardNormal.sample(&mut *rng))
         .collect();
-    Ok(Tensor::from_vec(values, (n, b), &Device::Cpu)?)
+    Ok(Tensor::from_vec(values, (n, b), device)?)
 }
 
 /// `‖U − P Pᵀ U‖_F` for orthonormal columns `P` and `U`: how far `U`'s span leaves `P`'s.
