@@ -118,6 +118,16 @@ impl BaseResidual {
             .to_device(&residual_device(weight.device()))?
             .to_dtype(DType::F64)?
             .contiguous()?;
+        // PEFT's SVD and QR refuse NaN and infinity too; here they would spread silently.
+        if !stored.sqr()?.sum_all()?.to_scalar::<f64>()?.is_finite() {
+            return Err(refused(
+                layer,
+                self,
+                "the base weight holds NaN or infinite values, so its residual is not \
+                 determined"
+                    .to_string(),
+            ));
+        }
         let residual = match self {
             BaseResidual::Pissa => pissa_residual(layer, &stored, r)?,
             BaseResidual::Olora => {
@@ -414,5 +424,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("q_proj") && err.contains("quantized"), "{err}");
+    }
+
+    /// A weight with a NaN or an infinity is refused by both inits, naming the module,
+    /// where the residual would otherwise come out NaN or arbitrary.
+    #[test]
+    fn non_finite_weights_are_refused() {
+        let dev = Device::Cpu;
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut values: Vec<f32> = (0..60 * 40).map(|i| (i as f32 * 0.37).sin()).collect();
+            values[77] = bad;
+            let w = Tensor::from_vec(values, (60, 40), &dev).unwrap();
+            for init in [BaseResidual::Pissa, BaseResidual::Olora] {
+                let base = FrozenLinear::new(w.clone(), None).unwrap();
+                let err = init.apply("v_proj", base, 3, 1.0).unwrap_err().to_string();
+                assert!(
+                    err.contains("v_proj") && err.contains(init.name()) && err.contains("NaN"),
+                    "{bad} {init:?}: {err}"
+                );
+            }
+        }
     }
 }
