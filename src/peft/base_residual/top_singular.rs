@@ -19,6 +19,7 @@ const MAX_ITERATIONS: usize = 1000;
 /// runs in `f32`: its rounding (about 1e-7 of each filtered column, times the filter's
 /// spread) is then far below what the step has left to settle.
 const COARSE_ABOVE: f64 = 0.1;
+
 /// The top `r` of `x` (`r` below its column count): from the Gram matrix where the
 /// iteration's block would cover every column, by subspace iteration otherwise.
 pub(super) fn top_singular(layer: &str, x: &Tensor, r: usize) -> Result<TopSingular> {
