@@ -15,7 +15,7 @@
 //!   within 1e-10 of where it converges, or, when that block covers the smaller side, from
 //!   the Gram matrix's eigen-decomposition. On 1024 × 768 to 2048 × 2048 matrices (r = 16
 //!   and 128) the result was within 5e-8 of `f64` LAPACK's (relative to the largest entry:
-//!   the `f32` rounding of the output), where PEFT's own `f32` SVD was 5–7e-6 from it
+//!   the `f32` rounding of the output), where PEFT's own `f32` SVD was 5e-6–2.2e-5 from it
 //!   (`benches/pissa_compare.py`). A residual is refused where it
 //!   is not determined: `σ_r` and `σ_{r+1}` equal (to 1e-6 of `σ_1`), or an iteration that
 //!   does not settle in 1000 steps. `"pissa_niter_N"` (a randomized SVD that PEFT itself
@@ -118,7 +118,8 @@ impl BaseResidual {
             .to_device(&residual_device(weight.device()))?
             .to_dtype(DType::F64)?
             .contiguous()?;
-        // PEFT's SVD and QR refuse NaN and infinity too; here they would spread silently.
+        // Not determined: PEFT's SVD (PiSSA) refuses such a weight, its QR (OLoRA) gives NaN.
+        // Here PiSSA's would come out NaN and OLoRA's arbitrary, without a word.
         if !stored.sqr()?.sum_all()?.to_scalar::<f64>()?.is_finite() {
             return Err(refused(
                 layer,
