@@ -39,7 +39,8 @@ pub(crate) fn orthonormalize(columns: &mut [Vec<f64>]) -> Vec<f64> {
 
 pub(crate) use crate::kernels::vector_math::dot;
 
-fn norm(x: &[f64]) -> f64 {
+/// `‖x‖₂`.
+pub(crate) fn norm(x: &[f64]) -> f64 {
     dot(x, x).sqrt()
 }
 

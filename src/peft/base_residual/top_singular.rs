@@ -7,7 +7,7 @@ use rand_distr::{Distribution, StandardNormal};
 
 use super::{columns, from_columns, refused, BaseResidual, DEPENDENT, GAP};
 use crate::error::Result;
-use crate::linalg::{dot, orthonormalize, symmetric_eigen};
+use crate::linalg::{dot, norm, orthonormalize, symmetric_eigen};
 use crate::matmul::matmul;
 
 /// The subspace iteration has settled when the top-`r` subspace is predicted to be this
@@ -239,7 +239,7 @@ fn orthonormal_block(y: &Tensor, rng: &mut impl rand::Rng) -> Result<Tensor> {
         let mut panel = columns(&y.narrow(1, start, width)?)?;
         let mut rounds_left = 8;
         let orthonormal = loop {
-            let before: Vec<f64> = panel.iter().map(|c| dot(c, c).sqrt()).collect();
+            let before: Vec<f64> = panel.iter().map(|c| norm(c)).collect();
             let mut projected = from_columns(&panel, n, y.device())?;
             if let Some(q) = &basis {
                 for _pass in 0..2 {
@@ -247,7 +247,7 @@ fn orthonormal_block(y: &Tensor, rng: &mut impl rand::Rng) -> Result<Tensor> {
                 }
             }
             let mut result = columns(&projected)?;
-            let between: Vec<f64> = result.iter().map(|c| dot(c, c).sqrt()).collect();
+            let between: Vec<f64> = result.iter().map(|c| norm(c)).collect();
             let within = orthonormalize(&mut result);
             rounds_left -= 1;
             let mut redrawn = false;
