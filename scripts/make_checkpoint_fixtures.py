@@ -23,20 +23,24 @@ For each ARCH in {llama, qwen2} the output holds:
     ARCH_bf16_sharded/   ditto, sharded
     ARCH_adapters/KIND/  PEFT save_pretrained output (adapter_config.json,
                          adapter_model.safetensors; PEFT's README.md removed) for
-                         KIND in lora (all-linear), dora, vera, adalora; task_type CAUSAL_LM
+                         KIND in lora (all-linear), dora, vera, adalora, pissa, olora;
+                         task_type CAUSAL_LM
     ARCH_merged/KIND_f32.safetensors
                          merge_and_unload().state_dict() of the adapter reloaded with
                          PeftModel.from_pretrained onto a fresh base loaded from
                          ARCH_f32_single (same tensor names as the base checkpoint)
     ARCH_merged/KIND_bf16.safetensors
-                         "rounded once": ARCH_bf16_single loaded as f32 (exact upcast), the
-                         adapter loaded on it and merged in f32, then every tensor cast to bf16
+                         merge_and_unload().state_dict() of the adapter reloaded onto
+                         ARCH_bf16_single loaded in bf16 (what a user of PEFT gets); for
+                         lora, dora and vera it equals the f32 merge of the upcast bf16 base
+                         rounded once (asserted), for pissa, olora and adalora it does not
+                         (the count of entries that differ is printed)
     llama_logits.safetensors
-                         input_ids (i64, (1, 7)); logits_base, logits_lora, logits_dora,
-                         logits_vera, logits_adalora (the reloaded, unmerged PeftModel) and
+                         input_ids (i64, (1, 7)); logits_base, logits_KIND for every KIND
+                         (the reloaded, unmerged PeftModel) and
                          logits_lora_merged (the merged model), all f32 (1, 7, 64), f32 llama
 
-Versions used to generate the committed files: torch 2.15.0, transformers 5.24.0,
+Versions used to generate the committed files: torch 2.15.0, transformers 5.25.0,
 peft 0.21.2, safetensors 0.8.0 (Python 3.11). Deterministic: every model and adapter
 seeds torch itself, and PYTHONHASHSEED is pinned (PEFT stores target_modules from a set).
 """
@@ -239,6 +243,26 @@ def make_adalora(model, arch):
     return pm
 
 
+def make_residual(init, targets):
+    """PiSSA or OLoRA: PEFT replaces each targeted base weight by a residual (here and again
+    on every load); A and B start from it and are then moved as training would."""
+
+    def make(model, arch):
+        config = LoraConfig(
+            r=4,
+            lora_alpha=8,
+            init_lora_weights=init,
+            target_modules=targets,
+            task_type="CAUSAL_LM",
+        )
+        pm = get_peft_model(model, config)
+        moved = lambda p: p + 0.05 * torch.randn_like(p)
+        randomize(pm, [("lora_A", moved), ("lora_B", moved)])
+        return pm
+
+    return make
+
+
 def reference_llama_logits(w, ids):
     """A textbook Llama forward (what candle-transformers' Llama computes) from a state
     dict: checks that the logits fixtures are plain Llama logits of the merged weights."""
@@ -274,7 +298,16 @@ def reference_llama_logits(w, ids):
     return (rms(x, w["model.norm.weight"]) @ w["lm_head.weight"].T).unsqueeze(0)
 
 
-KINDS = {"lora": make_lora, "dora": make_dora, "vera": make_vera, "adalora": make_adalora}
+KINDS = {
+    "lora": make_lora,
+    "dora": make_dora,
+    "vera": make_vera,
+    "adalora": make_adalora,
+    "pissa": make_residual("pissa", "all-linear"),
+    "olora": make_residual("olora", ["q_proj", "v_proj", "up_proj", "down_proj"]),
+}
+
+RESIDUAL_KINDS = ("pissa", "olora")
 
 
 def contiguous(sd):
@@ -307,11 +340,13 @@ def write_adapters(arch):
         with torch.no_grad():
             if arch == "llama":
                 logits[f"logits_{kind}"] = reloaded(input_ids=ids).logits.contiguous()
-                with reloaded.disable_adapter():
-                    base_logits = reloaded(input_ids=ids).logits.contiguous()
-                if "logits_base" in logits:
-                    assert torch.equal(logits["logits_base"], base_logits)
-                logits["logits_base"] = base_logits
+                # Disabled, a PiSSA/OLoRA model runs the residual base, not the original.
+                if kind not in RESIDUAL_KINDS:
+                    with reloaded.disable_adapter():
+                        base_logits = reloaded(input_ids=ids).logits.contiguous()
+                    if "logits_base" in logits:
+                        assert torch.equal(logits["logits_base"], base_logits)
+                    logits["logits_base"] = base_logits
                 # The model as trained/randomized gives the same output (not for AdaLoRA,
                 # whose ranknum changes on reload).
                 if kind != "adalora":
@@ -330,15 +365,29 @@ def write_adapters(arch):
             logits["logits_lora_merged"] = m_logits
         save_file(merged_sd, os.path.join(merged_dir, f"{kind}_f32.safetensors"), metadata={"format": "pt"})
 
-        # bf16, rounded once: bf16 base upcast exactly, merged in f32, then cast.
+        # bf16 as PEFT merges it: the adapter reloaded onto the bf16 base loaded as bf16.
+        m16 = PeftModel.from_pretrained(load_base(arch, "bf16", torch.bfloat16), adapter_dir)
+        m16_sd = contiguous(m16.eval().merge_and_unload().state_dict())
+        assert m16_sd.keys() == base_sd.keys()
+        assert all(v.dtype == torch.bfloat16 for v in m16_sd.values())
+        save_file(m16_sd, os.path.join(merged_dir, f"{kind}_bf16.safetensors"), metadata={"format": "pt"})
+        # Against "rounded once" (the bf16 base upcast exactly, merged in f32, cast): PEFT's
+        # bf16 merge adds its f32 ΔW to the bf16 weight and rounds once too, but rounds a
+        # PiSSA/OLoRA residual to bf16 before that, and AdaLoRA's A, E, B when it resizes
+        # them to the rank_pattern after its adapter-dtype autocast.
         up = load_base(arch, "bf16", torch.float32)
         up_sd = up.state_dict()
         for k in base_bf16_sd:
             assert torch.equal(up_sd[k], base_bf16_sd[k].float()), k
-        m16 = PeftModel.from_pretrained(up, adapter_dir).eval().merge_and_unload()
-        m16_sd = {k: v.to(torch.bfloat16) for k, v in contiguous(m16.state_dict()).items()}
-        assert m16_sd.keys() == base_sd.keys()
-        save_file(m16_sd, os.path.join(merged_dir, f"{kind}_bf16.safetensors"), metadata={"format": "pt"})
+        once = PeftModel.from_pretrained(up, adapter_dir).eval().merge_and_unload()
+        once_sd = {k: v.to(torch.bfloat16) for k, v in contiguous(once.state_dict()).items()}
+        differ = sum(int((once_sd[k] != m16_sd[k]).sum()) for k in m16_sd)
+        total = sum(v.numel() for v in m16_sd.values())
+        if kind in ("lora", "dora", "vera"):
+            assert differ == 0, f"{arch}/{kind}: PEFT's bf16 merge is not the f32 one rounded once"
+        else:
+            assert differ > 0, f"{arch}/{kind}: expected PEFT's bf16 merge to round earlier"
+        log(f"{arch}/{kind}: PEFT's bf16 merge differs from the f32 one rounded once in {differ}/{total} entries")
 
         # Sanity: targeted weights changed, everything else byte-identical to the base.
         changed = sorted(k for k in base_sd if not torch.equal(merged_sd[k], base_sd[k]))
@@ -384,15 +433,17 @@ hidden 16, intermediate 32, 2 layers, 4 heads, 2 KV heads, vocab 64, untied `lm_
 | `ARCH_f32_single/` | transformers `save_pretrained` (safetensors): `model.safetensors`, `config.json`, `generation_config.json` |
 | `ARCH_f32_sharded/` | same weights, sharded: `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json` |
 | `ARCH_bf16_single/`, `ARCH_bf16_sharded/` | same weights cast to bf16 |
-| `ARCH_adapters/{lora,dora,vera,adalora}/` | PEFT `save_pretrained` adapters (made on the f32 model); `base_model_name_or_path` is `lorakit-fixtures/tiny-ARCH` |
+| `ARCH_adapters/{lora,dora,vera,adalora,pissa,olora}/` | PEFT `save_pretrained` adapters (made on the f32 model); `base_model_name_or_path` is `lorakit-fixtures/tiny-ARCH` |
 | `ARCH_merged/KIND_f32.safetensors` | PEFT `merge_and_unload()` of the adapter reloaded onto `ARCH_f32_single`; same tensor names as the base |
-| `ARCH_merged/KIND_bf16.safetensors` | `ARCH_bf16_single` upcast to f32, adapter merged in f32, result cast to bf16 (rounded once) |
-| `llama_logits.safetensors` | `input_ids` (i64, (1, 7)) and f32 logits (1, 7, 64) of the llama f32 model: `logits_base`, `logits_{lora,dora,vera,adalora}` (unmerged PeftModel), `logits_lora_merged` |
+| `ARCH_merged/KIND_bf16.safetensors` | PEFT `merge_and_unload()` of the adapter reloaded onto `ARCH_bf16_single` loaded in bf16 |
+| `llama_logits.safetensors` | `input_ids` (i64, (1, 7)) and f32 logits (1, 7, 64) of the llama f32 model: `logits_base`, `logits_KIND` for each adapter (unmerged PeftModel), `logits_lora_merged` |
 
 Adapters: `lora` r=4, alpha=8, all-linear (PEFT excludes `lm_head`); `dora` r=4, alpha=8,
 q/v/down_proj; `vera` r=8, gate/up_proj, projections saved; `adalora` init_r=6,
 target_r=4, alpha=8, q/k/v/o_proj, trained 10 steps with the rank allocator (saved with a
-`rank_pattern`, pruned ranks dropped).
+`rank_pattern`, pruned ranks dropped); `pissa` r=4, alpha=8, all-linear, and `olora` r=4,
+alpha=8, q/v/up/down_proj (PEFT replaces each targeted base weight by a residual on every
+load), A and B moved from their init by normal noise (std 0.05).
 """
 
 

@@ -41,6 +41,11 @@ pub struct FrozenLinear {
     kind: BaseKind,
     /// The quantized weight, when the base is quantized.
     quantized: Option<QuantizedWeight>,
+    /// The dtype the weight is kept in outside this module's computation, when that is
+    /// not `weight`'s: a bf16 checkpoint's module that `lorakit merge` computes in f32.
+    /// A weight that replaces the stored one is rounded to it first
+    /// ([`FrozenLinear::with_stored_weight`]).
+    at_rest_dtype: Option<DType>,
 }
 
 /// What kind of module a [`FrozenLinear`] is: how its weight is stored and what its input is.
@@ -107,6 +112,7 @@ impl FrozenLinear {
             bias: bias.map(|b| b.detach()),
             kind: BaseKind::Linear,
             quantized: None,
+            at_rest_dtype: None,
         })
     }
 
@@ -351,9 +357,32 @@ impl FrozenLinear {
         }
     }
 
+    /// The same module, its weight kept in `dtype` outside its computation (a checkpoint's
+    /// bf16 weight computed in f32): a weight that later replaces the stored one is rounded
+    /// to `dtype` first, as a model holding its weights in `dtype` (PEFT's, loaded in the
+    /// checkpoint's dtype) rounds it.
+    pub(crate) fn kept_in(self, dtype: DType) -> Self {
+        Self {
+            at_rest_dtype: Some(dtype),
+            ..self
+        }
+    }
+
+    /// `t` rounded to the dtype the module keeps its weight in ([`FrozenLinear::kept_in`];
+    /// `t` itself without one), in `t`'s dtype.
+    pub(crate) fn rounded_as_kept(&self, t: &Tensor) -> Result<Tensor> {
+        match self.at_rest_dtype {
+            Some(at_rest) if at_rest != t.dtype() => {
+                Ok(t.to_dtype(at_rest)?.to_dtype(t.dtype())?)
+            }
+            _ => Ok(t.clone()),
+        }
+    }
+
     /// The same module with its weight replaced by `stored` (in the stored layout, same
-    /// shape; PEFT's `base_layer.weight` copy in an adapter file), converted to the
-    /// module's dtype and device.
+    /// shape; PEFT's `base_layer.weight` copy in an adapter file, PiSSA's residual),
+    /// rounded to the dtype the module keeps its weight in ([`FrozenLinear::kept_in`]),
+    /// then converted to the module's dtype and device.
     pub(crate) fn with_stored_weight(self, layer: &str, stored: &Tensor) -> Result<Self> {
         let dims = if self.kind.stores_in_out() {
             [self.d_in(), self.d_out()]
@@ -361,10 +390,12 @@ impl FrozenLinear {
             [self.d_out(), self.d_in()]
         };
         validate::shape(layer, "base_layer.weight", stored, &dims)?;
+        let stored = self.rounded_as_kept(stored)?;
         let stored = stored.to_dtype(self.dtype())?.to_device(self.device())?;
         let replaced = Self::from_stored(self.kind, stored, None)?;
         Ok(Self {
             bias: self.bias,
+            at_rest_dtype: self.at_rest_dtype,
             ..replaced
         })
     }

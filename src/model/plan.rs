@@ -684,7 +684,17 @@ impl AdapterPlan {
     /// and its `bias`) after PEFT's `merge_and_unload()`: the adapter merged in (each
     /// variant's own merge, in f32, `lora_B.bias` added to the bias), a `modules_to_save`
     /// copy or a trained bias in place of the original. `None` when the plan leaves the
-    /// module as it is.
+    /// module as it is. The result is f32.
+    ///
+    /// Give `weight` in its checkpoint's dtype: the merge runs in f32 either way, but what
+    /// PEFT's model loaded in that dtype holds rounded to it before merging is rounded to
+    /// `weight`'s dtype first: a base weight the adapter replaces (PiSSA's and OLoRA's
+    /// residual, a `base_layer.weight` in the adapter file) and the factors of an AdaLoRA
+    /// module with a `rank_pattern` entry (PEFT copies them into tensors of the base's
+    /// dtype when it resizes the module). Rounded to bf16, the result of a bf16 `weight`
+    /// is then PEFT's bf16 merge (bit for bit on the fixtures of
+    /// `tests/suite/checkpoint_merge.rs`, but for PiSSA entries that PEFT's `f32` SVD puts
+    /// on the other side of a rounding boundary).
     ///
     /// Nothing is registered: the layer is built, merged and dropped, so a caller merging a
     /// model one module at a time (a streaming merge, a lazily merging `VarBuilder`) holds
@@ -701,7 +711,8 @@ impl AdapterPlan {
             return Ok(None);
         }
         let f32 = |t: &Tensor| t.to_dtype(DType::F32);
-        let base = FrozenLinear::from_stored(kind, f32(weight)?, bias.map(f32).transpose()?)?;
+        let base = FrozenLinear::from_stored(kind, f32(weight)?, bias.map(f32).transpose()?)?
+            .kept_in(weight.dtype());
         let scratch = VarBuilder::from_varmap(&VarMap::new(), DType::F32, weight.device());
         let (weight, bias) = match self.prepare(path, base, &scratch)? {
             Prepared::Frozen(base) => (base.stored_weight()?, base.bias().cloned()),

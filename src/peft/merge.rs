@@ -179,7 +179,11 @@ pub struct MergeReport {
 
 /// Writes `out`: the checkpoint `base` with the PEFT adapter in `adapter_dir` merged into
 /// every weight it targets (`<module>.weight`), as PEFT's `merge_and_unload()` computes it
-/// (in f32, each variant's own merge), every other tensor copied. A `modules_to_save`
+/// on the model loaded in the checkpoint's dtype (in f32, each variant's own merge, then
+/// rounded to the output dtype; what PEFT's half-precision model holds rounded before it
+/// merges, PiSSA's residual for one, is rounded first: see
+/// [`AdapterPlan::merged_module`](crate::model::AdapterPlan::merged_module)), every other
+/// tensor copied. A `modules_to_save`
 /// module the checkpoint lacks altogether — a classifier head trained on a pretrained
 /// encoder, which transformers initialises at random when it loads the encoder — is added
 /// from the adapter at the end of the last shard (and in the index), as
@@ -504,7 +508,7 @@ impl MergeJob<'_, '_> {
         let stored_path = u.head.strip_suffix(".weight").unwrap_or(&u.head);
         let path = self.names.in_adapter(stored_path);
         let kind = self.adapter.base_kind(&path);
-        let merged = match self.read_f32(&u.table)? {
+        let merged = match self.read_as_stored(&u.table)? {
             Some(table) => self.plan.merged_module(&path, kind, &table, None)?,
             None => None,
         };
@@ -646,7 +650,7 @@ impl MergeJob<'_, '_> {
         }
         let weight_name = format!("{stored_path}.weight");
         let bias_name = format!("{stored_path}.bias");
-        let weight = self.read_f32(&weight_name)?;
+        let weight = self.read_as_stored(&weight_name)?;
         if weight.as_ref().is_none_or(|w| w.rank() != 2) {
             // Not a linear module (a norm under bias = "all"): the adapter's tensor, if any,
             // replaces the stored one.
@@ -669,6 +673,23 @@ impl MergeJob<'_, '_> {
             self.stash.insert(name, t);
         }
         Ok(mine)
+    }
+
+    /// The checkpoint's tensor `name` in its stored dtype where that is half precision
+    /// (F16, BF16), else in f32 (`None` if it has none): what the plan's merge needs to
+    /// round a replaced base weight as PEFT's model, in that dtype, holds it.
+    fn read_as_stored(&mut self, name: &str) -> Result<Option<Tensor>> {
+        let half = match self.ckpt.get(name).map(|(_, stored)| stored.dtype) {
+            Some(Dtype::BF16) => Some(DType::BF16),
+            Some(Dtype::F16) => Some(DType::F16),
+            _ => None,
+        };
+        let value = self.read_f32(name)?;
+        match (value, half) {
+            // Exact: the f32 values were decoded from `half`.
+            (Some(v), Some(half)) => Ok(Some(v.to_dtype(half)?)),
+            (value, _) => Ok(value),
+        }
     }
 
     /// The checkpoint's tensor `name` decoded to f32 (`None` if it has none).

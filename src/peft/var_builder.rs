@@ -14,8 +14,11 @@ use crate::peft::merge::check_adapter_fits;
 
 /// A `VarBuilder` over the checkpoint `base` (a `.safetensors` file, a model folder or its
 /// index) with the PEFT adapter in `adapter_dir` merged, lazily and per tensor, into every
-/// weight it targets, as PEFT's `merge_and_unload()` computes it (in f32, then cast to
-/// `dtype`). Any model that loads from a `VarBuilder` runs with the adapter, unmodified:
+/// weight it targets, as PEFT's `merge_and_unload()` computes it on the model loaded in
+/// the checkpoint's dtype (in f32, then cast to `dtype`; see
+/// [`AdapterPlan::merged_module`](crate::model::AdapterPlan::merged_module) for what is
+/// rounded to a half-precision checkpoint's dtype first). Any model that loads from a
+/// `VarBuilder` runs with the adapter, unmodified:
 ///
 /// ```no_run
 /// use candle_core::{DType, Device, Tensor};

@@ -531,13 +531,28 @@ impl PeftLayer for AdaLoraLinear {
     /// The file holds the kept ranks only (`lora_A`, `lora_E`, `lora_B`, no `.weight`);
     /// `rank_pattern` says which of the `init_r` ranks they are. The scale keeps `init_r`,
     /// as in PEFT.
+    ///
+    /// A module with a `rank_pattern` entry on a base kept in half precision
+    /// (`lorakit merge` of a bf16 checkpoint, which computes in f32) has its tensors
+    /// rounded to that dtype, as PEFT rounds them: it resizes such a module to its kept
+    /// ranks after casting the adapter to f32, so the file's values are copied into
+    /// tensors of the base's dtype.
     fn peft_load(m: &PeftModule, base: FrozenLinear, source: &dyn TensorSource) -> Result<Self> {
         let r = source.layer_rows("lora_A")?;
+        let rank_pattern = loaded_rank_pattern(m);
+        let tensor = |what: &str, dims: &[usize]| -> Result<Tensor> {
+            let t = source.layer_tensor(what, dims)?;
+            if rank_pattern.is_some() {
+                base.rounded_as_kept(&t)
+            } else {
+                Ok(t)
+            }
+        };
         let weights = AdaLoraWeights {
-            a: source.layer_tensor("lora_A", &[r, base.d_in()])?,
-            e: source.layer_tensor("lora_E", &[r, 1])?,
-            b: source.layer_tensor("lora_B", &[base.d_out(), r])?,
-            rank_pattern: loaded_rank_pattern(m),
+            a: tensor("lora_A", &[r, base.d_in()])?,
+            e: tensor("lora_E", &[r, 1])?,
+            b: tensor("lora_B", &[base.d_out(), r])?,
+            rank_pattern,
         };
         Self::from_weights(m.path, base, &AdaLoraConfig::from_peft(m), weights)
     }

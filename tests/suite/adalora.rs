@@ -2,6 +2,7 @@
 //! masking, truncated save and reload. References: PEFT's schedule (fixture), f64 hand
 //! computations on plain vectors.
 
+use crate::peft_common::f64_values;
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use lorakit::train::{
@@ -64,15 +65,6 @@ fn mat(t: &Tensor) -> Vec<Vec<f64>> {
     t.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap()
 }
 
-fn vec1(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap()
-}
-
 fn max_diff(a: &[Vec<f64>], b: &[Vec<f64>]) -> f64 {
     a.iter()
         .flatten()
@@ -108,10 +100,10 @@ fn identity_at_init_and_scale() -> R {
     let y = l.forward_t(&x, true)?;
     let y0 = l.base().forward(&x)?;
     assert_eq!(mat(&y), mat(&y0));
-    assert_eq!(vec1(l.e().as_tensor()), vec![0.0; 4]);
+    assert_eq!(f64_values(l.e().as_tensor()), vec![0.0; 4]);
     assert!((l.scale() - 6.0 / (4.0 + 1e-5)).abs() < 1e-15);
     // A, B ~ N(0, 0.02²): every entry well inside ±6σ, not all zero.
-    let a = vec1(l.a().as_tensor());
+    let a = f64_values(l.a().as_tensor());
     assert!(a.iter().all(|v| v.abs() < 0.12) && a.iter().any(|v| *v != 0.0));
     assert_eq!(vm.all_vars().len(), 3);
     Ok(())
@@ -127,7 +119,7 @@ fn forward_merge_and_delta_match_f64_reference() -> R {
     set_e(&l, &[0.5, -1.5, 2.0])?;
     let (a, e, b) = (
         mat(l.a().as_tensor()),
-        vec1(l.e().as_tensor()),
+        f64_values(l.e().as_tensor()),
         mat(l.b().as_tensor()),
     );
     let want = delta_ref(&a, &e, &b, l.scale());
@@ -135,7 +127,7 @@ fn forward_merge_and_delta_match_f64_reference() -> R {
 
     let x = Tensor::randn(0f32, 1., (5, 4), &dev())?;
     let w0 = mat(l.base().weight());
-    let bias = vec1(l.base().bias().unwrap());
+    let bias = f64_values(l.base().bias().unwrap());
     let xs = mat(&x);
     let y_ref: Vec<Vec<f64>> = xs
         .iter()
@@ -170,7 +162,7 @@ fn gradients_reach_a_e_and_b() -> R {
     let grads = l.forward_t(&x, true)?.sqr()?.sum_all()?.backward()?;
     for v in [l.a(), l.e(), l.b()] {
         let g = grads.get(v.as_tensor()).expect("gradient");
-        assert!(vec1(g).iter().any(|x| *x != 0.0));
+        assert!(f64_values(g).iter().any(|x| *x != 0.0));
     }
     assert!(grads.get(l.base().weight()).is_none());
     Ok(())
@@ -302,7 +294,7 @@ fn scores_match_independent_f64_computation() -> R {
             l.b().as_tensor().clone(),
         )
     };
-    let (w_a, w_e, w_b) = (vec1(&a_t), vec1(&e_t), vec1(&b_t));
+    let (w_a, w_e, w_b) = (f64_values(&a_t), f64_values(&e_t), f64_values(&b_t));
     // Reference state: per element (ī, ū).
     let mut st: Vec<Vec<(f64, f64)>> = vec![
         vec![(0.0, 0.0); 6],
@@ -366,7 +358,7 @@ fn masking_keeps_exactly_the_budget_with_ties_broken_in_order() -> R {
     let nonzero: Vec<Vec<bool>> = layers
         .iter()
         .map(|l| {
-            vec1(l.read().e().as_tensor())
+            f64_values(l.read().e().as_tensor())
                 .iter()
                 .map(|v| *v != 0.0)
                 .collect()
@@ -409,7 +401,7 @@ fn full_schedule_ends_at_target_and_reapplies_final_mask() -> R {
         let nonzero: usize = layers
             .iter()
             .map(|l| {
-                vec1(l.read().e().as_tensor())
+                f64_values(l.read().e().as_tensor())
                     .iter()
                     .filter(|v| **v != 0.0)
                     .count()
@@ -449,8 +441,8 @@ fn truncated_save_loads_back() -> R {
     assert_eq!(get("lora_A").dims(), &[2, 5]);
     assert_eq!(get("lora_B").dims(), &[4, 2]);
     assert_eq!(
-        vec1(&get("lora_E")),
-        vec1(&Tensor::new(&[0.3f32, 1.1], &dev())?)
+        f64_values(&get("lora_E")),
+        f64_values(&Tensor::new(&[0.3f32, 1.1], &dev())?)
     );
     let saved_aeb = || (get("lora_A"), get("lora_E"), get("lora_B"));
     let back = from_tensors("out", l.base().clone(), saved_aeb(), 4, 6.0, None)?;
@@ -552,7 +544,7 @@ fn peft_truncated_adapter_loads_and_matches_peft_output() -> R {
         )?;
         assert_eq!(l.rank_pattern(), pattern);
         for (suffix, t) in l.tensors_to_save()? {
-            assert_eq!(vec1(&t), vec1(&key(&suffix)), "{name}.{suffix}");
+            assert_eq!(f64_values(&t), f64_values(&key(&suffix)), "{name}.{suffix}");
             assert_eq!(t.dims(), key(&suffix).dims());
         }
         layers.push(l);
@@ -646,7 +638,7 @@ fn allocator_matches_peft_rank_allocator() -> R {
             }
         }
         for (l, name) in layers.iter().zip(names) {
-            let e = vec1(l.read().e().as_tensor());
+            let e = f64_values(l.read().e().as_tensor());
             for (g, w) in e.iter().zip(&st.e_after[name]) {
                 assert!((g - w).abs() < 1e-6, "{name}: {e:?}");
             }

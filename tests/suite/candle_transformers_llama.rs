@@ -49,7 +49,7 @@ fn the_base_checkpoint_gives_transformers_logits() {
 #[test]
 fn every_peft_adapter_gives_peft_logits_on_an_unmodified_model() {
     let dir = temp_dir("ct-llama");
-    for kind in ["lora", "dora", "vera", "adalora"] {
+    for kind in ["lora", "dora", "vera", "adalora", "pissa", "olora"] {
         let adapter = ckpt(&format!("llama_adapters/{kind}"));
         let lazily = last_logits(
             adapted_var_builder(

@@ -231,7 +231,7 @@ fn checkpoint_llama_gives_transformers_logits_with_every_variant() {
         let model = build(&config, &ckpt(base), DType::F32, &no_adapter());
         check(&logits(&model, ids), &io["logits_base"], TOL, base);
     }
-    for kind in ["lora", "dora", "vera", "adalora"] {
+    for kind in ["lora", "dora", "vera", "adalora", "pissa", "olora"] {
         let plan = peft_plan(&ckpt(&format!("llama_adapters/{kind}")));
         let model = build(&config, &ckpt("llama_f32_sharded"), DType::F32, &plan);
         plan.finish().unwrap();
@@ -278,7 +278,7 @@ fn checkpoint_qwen2_adapters_match_peft_merged_weights() {
         ),
         &ids,
     );
-    for kind in ["lora", "dora", "vera", "adalora"] {
+    for kind in ["lora", "dora", "vera", "adalora", "pissa", "olora"] {
         let plan = peft_plan(&ckpt(&format!("qwen2_adapters/{kind}")));
         let model = build(&config, &ckpt("qwen2_f32_single"), DType::F32, &plan);
         plan.finish().unwrap();
