@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Generates the tiny Hugging Face checkpoint fixtures under tests/fixtures/checkpoints/:
-transformers base checkpoints (single-file and sharded, f32 and bf16), PEFT adapters
+transformers base checkpoints (single-file and sharded, f32 and bf16; f16 single-file), PEFT adapters
 of several kinds on them, and what PEFT computes from those files (merged weights,
 logits).
 
@@ -21,6 +21,7 @@ For each ARCH in {llama, qwen2} the output holds:
                          model-0000i-of-0000n.safetensors and model.safetensors.index.json
     ARCH_bf16_single/    the same weights cast to bf16 (the f32 ones rounded once)
     ARCH_bf16_sharded/   ditto, sharded
+    ARCH_f16_single/     the same weights cast to f16 (single-file only)
     ARCH_adapters/KIND/  PEFT save_pretrained output (adapter_config.json,
                          adapter_model.safetensors; PEFT's README.md removed) for
                          KIND in lora (all-linear), dora, vera, adalora, pissa, olora;
@@ -29,9 +30,10 @@ For each ARCH in {llama, qwen2} the output holds:
                          merge_and_unload().state_dict() of the adapter reloaded with
                          PeftModel.from_pretrained onto a fresh base loaded from
                          ARCH_f32_single (same tensor names as the base checkpoint)
-    ARCH_merged/KIND_bf16.safetensors
+    ARCH_merged/KIND_bf16.safetensors, ARCH_merged/KIND_f16.safetensors
                          merge_and_unload().state_dict() of the adapter reloaded onto
-                         ARCH_bf16_single loaded in bf16 (what a user of PEFT gets); for
+                         ARCH_bf16_single (ARCH_f16_single) loaded in its dtype (what a
+                         user of PEFT gets); for
                          lora, dora and vera it equals the f32 merge of the upcast bf16 base
                          rounded once (asserted), for pissa, olora and adalora it does not
                          (the count of entries that differ is printed)
@@ -89,6 +91,7 @@ CONFIG = dict(
     rope_theta=10000.0,
 )
 SHARD_SIZE = {"f32": "8KB", "bf16": "4KB"}
+HALF = [("bf16", torch.bfloat16), ("f16", torch.float16)]
 INPUT_IDS = [[1, 17, 42, 5, 63, 30, 9]]
 
 
@@ -149,11 +152,17 @@ def write_base(arch):
         for k in a:
             assert a[k].dtype == dtype and torch.equal(a[k], b[k]), k
         log(f"wrote {single}, {sharded} ({len(shards)} shards)")
-    # bf16 is exactly the f32 weights rounded once.
+    # f16 (Llama 2's Hub dtype), single-file only; from the f32 weights (`to` above
+    # converted `model` in place).
+    load_base(arch).to(torch.float16).save_pretrained(
+        os.path.join(ROOT, f"{arch}_f16_single"), safe_serialization=True
+    )
+    # bf16 and f16 are exactly the f32 weights rounded once.
     f32 = load_file(os.path.join(ROOT, f"{arch}_f32_single", "model.safetensors"))
-    bf16 = load_file(os.path.join(ROOT, f"{arch}_bf16_single", "model.safetensors"))
-    for k in f32:
-        assert torch.equal(f32[k].to(torch.bfloat16), bf16[k]), k
+    for tag, dtype in HALF:
+        half = load_file(os.path.join(ROOT, f"{arch}_{tag}_single", "model.safetensors"))
+        for k in f32:
+            assert torch.equal(f32[k].to(dtype), half[k]), k
 
 
 def randomize(model, rules):
@@ -317,7 +326,10 @@ def contiguous(sd):
 def write_adapters(arch):
     _, _, seed = ARCHS[arch]
     base_sd = load_file(os.path.join(ROOT, f"{arch}_f32_single", "model.safetensors"))
-    base_bf16_sd = load_file(os.path.join(ROOT, f"{arch}_bf16_single", "model.safetensors"))
+    half_sd = {
+        tag: load_file(os.path.join(ROOT, f"{arch}_{tag}_single", "model.safetensors"))
+        for tag, _ in HALF
+    }
     ids = torch.tensor(INPUT_IDS, dtype=torch.int64)
     logits = {}
     merged_dir = os.path.join(ROOT, f"{arch}_merged")
@@ -365,29 +377,33 @@ def write_adapters(arch):
             logits["logits_lora_merged"] = m_logits
         save_file(merged_sd, os.path.join(merged_dir, f"{kind}_f32.safetensors"), metadata={"format": "pt"})
 
-        # bf16 as PEFT merges it: the adapter reloaded onto the bf16 base loaded as bf16.
-        m16 = PeftModel.from_pretrained(load_base(arch, "bf16", torch.bfloat16), adapter_dir)
-        m16_sd = contiguous(m16.eval().merge_and_unload().state_dict())
-        assert m16_sd.keys() == base_sd.keys()
-        assert all(v.dtype == torch.bfloat16 for v in m16_sd.values())
-        save_file(m16_sd, os.path.join(merged_dir, f"{kind}_bf16.safetensors"), metadata={"format": "pt"})
-        # Against "rounded once" (the bf16 base upcast exactly, merged in f32, cast): PEFT's
-        # bf16 merge adds its f32 ΔW to the bf16 weight and rounds once too, but rounds a
-        # PiSSA/OLoRA residual to bf16 before that, and AdaLoRA's A, E, B when it resizes
-        # them to the rank_pattern after its adapter-dtype autocast.
-        up = load_base(arch, "bf16", torch.float32)
-        up_sd = up.state_dict()
-        for k in base_bf16_sd:
-            assert torch.equal(up_sd[k], base_bf16_sd[k].float()), k
-        once = PeftModel.from_pretrained(up, adapter_dir).eval().merge_and_unload()
-        once_sd = {k: v.to(torch.bfloat16) for k, v in contiguous(once.state_dict()).items()}
-        differ = sum(int((once_sd[k] != m16_sd[k]).sum()) for k in m16_sd)
-        total = sum(v.numel() for v in m16_sd.values())
-        if kind in ("lora", "dora", "vera"):
-            assert differ == 0, f"{arch}/{kind}: PEFT's bf16 merge is not the f32 one rounded once"
-        else:
-            assert differ > 0, f"{arch}/{kind}: expected PEFT's bf16 merge to round earlier"
-        log(f"{arch}/{kind}: PEFT's bf16 merge differs from the f32 one rounded once in {differ}/{total} entries")
+        # bf16 and f16 as PEFT merges them: the adapter reloaded onto the half base loaded
+        # in its dtype. Against "rounded once" (the half base upcast exactly, merged in f32,
+        # cast): PEFT adds its f32 ΔW to the half weight and rounds once too, but rounds a
+        # PiSSA/OLoRA residual to the half dtype before that, and AdaLoRA's A, E, B when it
+        # resizes them to the rank_pattern after its adapter-dtype autocast.
+        halves = {}
+        for tag, dtype in HALF:
+            m = PeftModel.from_pretrained(load_base(arch, tag, dtype), adapter_dir)
+            m_sd = contiguous(m.eval().merge_and_unload().state_dict())
+            assert m_sd.keys() == base_sd.keys()
+            assert all(v.dtype == dtype for v in m_sd.values())
+            save_file(m_sd, os.path.join(merged_dir, f"{kind}_{tag}.safetensors"), metadata={"format": "pt"})
+            halves[tag] = m_sd
+            up = load_base(arch, tag, torch.float32)
+            up_sd = up.state_dict()
+            for k in half_sd[tag]:
+                assert torch.equal(up_sd[k], half_sd[tag][k].float()), k
+            once = PeftModel.from_pretrained(up, adapter_dir).eval().merge_and_unload()
+            once_sd = {k: v.to(dtype) for k, v in contiguous(once.state_dict()).items()}
+            differ = sum(int((once_sd[k] != m_sd[k]).sum()) for k in m_sd)
+            total = sum(v.numel() for v in m_sd.values())
+            if kind in ("lora", "dora", "vera"):
+                assert differ == 0, f"{arch}/{kind}: PEFT's {tag} merge is not the f32 one rounded once"
+            else:
+                assert differ > 0, f"{arch}/{kind}: expected PEFT's {tag} merge to round earlier"
+            log(f"{arch}/{kind}: PEFT's {tag} merge differs from the f32 one rounded once in {differ}/{total} entries")
+        m16_sd, base_bf16_sd = halves["bf16"], half_sd["bf16"]
 
         # Sanity: targeted weights changed, everything else byte-identical to the base.
         changed = sorted(k for k in base_sd if not torch.equal(merged_sd[k], base_sd[k]))
@@ -433,9 +449,10 @@ hidden 16, intermediate 32, 2 layers, 4 heads, 2 KV heads, vocab 64, untied `lm_
 | `ARCH_f32_single/` | transformers `save_pretrained` (safetensors): `model.safetensors`, `config.json`, `generation_config.json` |
 | `ARCH_f32_sharded/` | same weights, sharded: `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json` |
 | `ARCH_bf16_single/`, `ARCH_bf16_sharded/` | same weights cast to bf16 |
+| `ARCH_f16_single/` | same weights cast to f16 |
 | `ARCH_adapters/{lora,dora,vera,adalora,pissa,olora}/` | PEFT `save_pretrained` adapters (made on the f32 model); `base_model_name_or_path` is `lorakit-fixtures/tiny-ARCH` |
 | `ARCH_merged/KIND_f32.safetensors` | PEFT `merge_and_unload()` of the adapter reloaded onto `ARCH_f32_single`; same tensor names as the base |
-| `ARCH_merged/KIND_bf16.safetensors` | PEFT `merge_and_unload()` of the adapter reloaded onto `ARCH_bf16_single` loaded in bf16 |
+| `ARCH_merged/KIND_bf16.safetensors`, `KIND_f16.safetensors` | PEFT `merge_and_unload()` of the adapter reloaded onto `ARCH_bf16_single` / `ARCH_f16_single` loaded in its dtype |
 | `llama_logits.safetensors` | `input_ids` (i64, (1, 7)) and f32 logits (1, 7, 64) of the llama f32 model: `logits_base`, `logits_KIND` for each adapter (unmerged PeftModel), `logits_lora_merged` |
 
 Adapters: `lora` r=4, alpha=8, all-linear (PEFT excludes `lm_head`); `dora` r=4, alpha=8,

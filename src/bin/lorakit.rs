@@ -118,6 +118,10 @@ struct MergeArgs {
     #[arg(long, value_name = "PATH")]
     out: PathBuf,
     /// The dtype of the output's float tensors (keep: each tensor's own)
+    ///
+    /// The merge computes in f32 as PEFT's does on the model loaded in the checkpoint's own
+    /// dtype (a bf16 checkpoint's PiSSA residual rounded to bf16 first, as PEFT holds it),
+    /// then converts each tensor once.
     #[arg(long, value_enum, value_name = "DTYPE", default_value_t = DTypeArg::Keep)]
     dtype: DTypeArg,
     /// No progress bar and no summary; warnings and errors still go to stderr

@@ -183,9 +183,9 @@ pub struct MergeReport {
 /// rounded to the output dtype; what PEFT's half-precision model holds rounded before it
 /// merges, PiSSA's residual for one, is rounded first: see
 /// [`AdapterPlan::merged_module`](crate::model::AdapterPlan::merged_module)), every other
-/// tensor copied. A `modules_to_save`
-/// module the checkpoint lacks altogether — a classifier head trained on a pretrained
-/// encoder, which transformers initialises at random when it loads the encoder — is added
+/// tensor copied. A `modules_to_save` module the checkpoint lacks altogether — a
+/// classifier head trained on a pretrained encoder, which transformers initialises at
+/// random when it loads the encoder — is added
 /// from the adapter at the end of the last shard (and in the index), as
 /// `merge_and_unload()` leaves it in the model ([`MergeReport::added`]). For a `SEQ_CLS`
 /// adapter the copied `config.json` then describes the classifier as PEFT's merged model

@@ -16,7 +16,7 @@ use lorakit::peft::{merge_checkpoint, save_adapter, MergeOptions};
 use lorakit::Variant;
 use serde_json::json;
 
-use crate::checkpoint_merge::{assert_matches, merged_tensors, Bf16Match};
+use crate::checkpoint_merge::{assert_matches, merged_tensors, HalfMatch};
 use crate::models_gemma3_multimodal::check_classifier_fixture;
 use crate::models_llama::{build, check, logits, models, peft_plan};
 use crate::peft_common::{load, rel_err, temp_dir, TempDir};
@@ -131,7 +131,7 @@ fn merging_parameter_adapters_writes_peft_merged_tensors() {
         };
         assert_eq!(report.merged.len(), expected, "{case}: {:?}", report.merged);
         let want = load(&dir.join("experts_merged.safetensors"));
-        assert_matches(&merged_tensors(&merged), &want, case, Bf16Match::Exact);
+        assert_matches(&merged_tensors(&merged), &want, case, HalfMatch::Exact);
 
         // The merged folder is the adapted model.
         let io = load(&dir.join("logits.safetensors"));

@@ -30,7 +30,8 @@
 //!
 //! The residual is rounded to the base's dtype, as PEFT rounds its `f32` result to the
 //! model's, or to the dtype the base keeps its weight in where it computes in another (a
-//! bf16 checkpoint merged in f32 by `lorakit merge`: `FrozenLinear::kept_in`). Its products with the weight run on the base's device (the CPU or CUDA, in
+//! bf16 checkpoint merged in f32 by `lorakit merge`: `FrozenLinear::kept_in`). Its products
+//! with the weight run on the base's device (the CPU or CUDA, in
 //! `f64`; a base on Metal, which has no `f64`, is copied to the host and back); the small
 //! dense algebra between them (the Ritz or Gram matrix's eigen-decomposition, Gram–Schmidt
 //! inside a panel of vectors) runs on the host. The CUDA path is the same candle ops as
