@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Generates the tiny Hugging Face checkpoint fixtures under tests/fixtures/checkpoints/:
-transformers base checkpoints (single-file and sharded, f32 and bf16; f16 single-file), PEFT adapters
-of several kinds on them, and what PEFT computes from those files (merged weights,
-logits).
+transformers base checkpoints (single-file and sharded, f32 and bf16; f16 single-file),
+PEFT adapters of several kinds on them, and what PEFT computes from those files (merged
+weights, logits).
 
 Usage:
     python scripts/make_checkpoint_fixtures.py      # removes and rewrites tests/fixtures/checkpoints/
@@ -33,10 +33,10 @@ For each ARCH in {llama, qwen2} the output holds:
     ARCH_merged/KIND_bf16.safetensors, ARCH_merged/KIND_f16.safetensors
                          merge_and_unload().state_dict() of the adapter reloaded onto
                          ARCH_bf16_single (ARCH_f16_single) loaded in its dtype (what a
-                         user of PEFT gets); for
-                         lora, dora and vera it equals the f32 merge of the upcast bf16 base
-                         rounded once (asserted), for pissa, olora and adalora it does not
-                         (the count of entries that differ is printed)
+                         user of PEFT gets); for lora, dora and vera it equals the f32
+                         merge of the upcast half base rounded once (asserted), for
+                         pissa, olora and adalora it does not (the count of entries that
+                         differ is printed)
     llama_logits.safetensors
                          input_ids (i64, (1, 7)); logits_base, logits_KIND for every KIND
                          (the reloaded, unmerged PeftModel) and

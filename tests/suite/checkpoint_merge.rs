@@ -1,9 +1,10 @@
 //! `merge_checkpoint` on checkpoints written by transformers' `save_pretrained` (tiny Llama
 //! and Qwen2, f32 and bf16, single-file and sharded; f16 single-file) with adapters written
 //! by PEFT (`scripts/make_checkpoint_fixtures.py`): the merged tensors equal PEFT's
-//! `merge_and_unload()` (half-precision ones bit for bit, PEFT having merged on the model
-//! loaded in that dtype), the output mirrors the input's layout, and a cancelled merge
-//! leaves nothing behind.
+//! `merge_and_unload()` (half-precision ones, PEFT having merged on the model loaded in
+//! that dtype, bit for bit for LoRA and but for rare entries a step away for the other
+//! variants), the output mirrors the input's layout, and a cancelled merge leaves nothing
+//! behind.
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
@@ -52,8 +53,9 @@ pub(crate) enum HalfMatch {
     /// Bit for bit.
     Exact,
     /// Bit for bit but for at most this fraction of all entries, each within one step of
-    /// its tensor's largest entry: PiSSA and OLoRA, where PEFT's `f32` SVD or QR puts a
-    /// residual entry on the other side of a rounding boundary now and then.
+    /// its tensor's largest entry: where lorakit's `f32` result differs from PyTorch's in
+    /// its last bits (PiSSA's SVD, DoRA's norms), which puts an entry on the other side of
+    /// a rounding boundary now and then.
     NearlyExact(f64),
     /// Each entry within one ulp of the expected one: an expectation rounded from another
     /// `f32` computation than lorakit's.
