@@ -176,24 +176,27 @@ fn merges_equal_peft_for_every_arch_dtype_layout_and_variant() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// The lazily merging `VarBuilder` over a bf16 checkpoint, asked for bf16 tensors, gives
-/// PEFT's merge of the model loaded in bf16, as `lorakit merge` does.
+/// The lazily merging `VarBuilder` over a half-precision checkpoint, asked for tensors of
+/// its dtype, gives PEFT's merge of the model loaded in that dtype, as `lorakit merge` does.
 #[test]
-fn a_lazily_merged_bf16_checkpoint_gives_pefts_bf16_merge() {
-    for kind in KINDS {
-        let vb = adapted_var_builder(
-            ckpt("llama_bf16_single"),
-            adapter("llama", kind),
-            DType::BF16,
-            &Device::Cpu,
-        )
-        .unwrap();
-        let want = expected("llama", kind, "bf16");
-        let got = want
-            .iter()
-            .map(|(name, t)| (name.clone(), vb.get(t.dims(), name).unwrap()))
-            .collect();
-        assert_matches(&got, &want, &format!("lazily, {kind}"), half_match(kind));
+fn a_lazily_merged_half_checkpoint_gives_pefts_merge_in_its_dtype() {
+    for (tag, dtype) in [("bf16", DType::BF16), ("f16", DType::F16)] {
+        for kind in KINDS {
+            let vb = adapted_var_builder(
+                ckpt(&format!("llama_{tag}_single")),
+                adapter("llama", kind),
+                dtype,
+                &Device::Cpu,
+            )
+            .unwrap();
+            let want = expected("llama", kind, tag);
+            let got = want
+                .iter()
+                .map(|(name, t)| (name.clone(), vb.get(t.dims(), name).unwrap()))
+                .collect();
+            let what = format!("lazily, {tag} {kind}");
+            assert_matches(&got, &want, &what, half_match(kind));
+        }
     }
 }
 
