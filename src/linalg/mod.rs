@@ -23,10 +23,7 @@ pub(crate) fn orthonormalize(columns: &mut [Vec<f64>]) -> Vec<f64> {
         };
         let before = norm(column);
         for _pass in 0..2 {
-            for q in done.iter() {
-                let along = dot(q, column);
-                column.iter_mut().zip(q).for_each(|(c, q)| *c -= along * q);
-            }
+            take_out(column, done);
         }
         let after = norm(column);
         if after > 0.0 {
@@ -35,6 +32,15 @@ pub(crate) fn orthonormalize(columns: &mut [Vec<f64>]) -> Vec<f64> {
         kept.push(if before > 0.0 { after / before } else { 0.0 });
     }
     kept
+}
+
+/// Takes out of `column` its component along each of the orthonormal `basis` vectors, in
+/// order (one modified Gram–Schmidt pass).
+pub(crate) fn take_out(column: &mut [f64], basis: &[Vec<f64>]) {
+    for q in basis {
+        let along = dot(q, column);
+        column.iter_mut().zip(q).for_each(|(c, q)| *c -= along * q);
+    }
 }
 
 pub(crate) use crate::kernels::vector_math::dot;

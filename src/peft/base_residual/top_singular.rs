@@ -7,7 +7,7 @@ use rand_distr::{Distribution, StandardNormal};
 
 use super::{columns, from_columns, refused, BaseResidual, DEPENDENT, GAP};
 use crate::error::Result;
-use crate::linalg::{dot, norm, orthonormalize, symmetric_eigen};
+use crate::linalg::{dot, norm, orthonormalize, symmetric_eigen, take_out};
 use crate::matmul::matmul;
 
 /// The subspace iteration has settled when the top-`r` subspace is predicted to be this
@@ -286,13 +286,7 @@ fn distance(p: &[Vec<f64>], u: &[Vec<f64>]) -> f64 {
     u.iter()
         .map(|column| {
             let mut outside = column.clone();
-            for basis in p {
-                let along = dot(basis, column);
-                outside
-                    .iter_mut()
-                    .zip(basis)
-                    .for_each(|(o, b)| *o -= along * b);
-            }
+            take_out(&mut outside, p);
             dot(&outside, &outside)
         })
         .sum::<f64>()
