@@ -198,8 +198,8 @@ impl FrozenLinear {
                 crate::Scope::Layer(layer.to_string()),
                 format!(
                     "{operation} needs a float base weight, but this base is quantized \
-                     ({:?}); build the layer over a float base",
-                    q.ggml_dtype()
+                     ({}); build the layer over a float base",
+                    q.format()
                 ),
             )),
             None => Ok(&self.weight),

@@ -12,7 +12,8 @@ use crate::checkpoint::Checkpoint;
 use crate::error::Result;
 
 /// A per-tensor transform applied to each tensor as it is read, on the CPU in the stored
-/// dtype (f32 for a tensor dequantized from MXFP4, f64 in an f64 model; e.g.
+/// dtype (f32 for a tensor dequantized from MXFP4, the quant state's dtype for one
+/// dequantized from bitsandbytes 4-bit blocks, f64 in an f64 model; e.g.
 /// [`crate::peft::adapted_var_builder`] merges an adapter into the weights it targets).
 /// Returns the tensor to hand to the model (cast to its dtype afterwards).
 pub type TensorTransform = dyn Fn(&str, Tensor) -> Result<Tensor> + Send + Sync;
@@ -76,6 +77,22 @@ impl SimpleBackend for CheckpointBackend {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
+        if self.ckpt.is_bnb4(name) {
+            // Refused from the quant state, before dequantizing.
+            let (rows, cols) = self
+                .ckpt
+                .bnb4_params(name)
+                .map_err(candle_core::Error::wrap)?
+                .shape;
+            if [rows, cols] != shape.dims() {
+                return Err(shape_error(
+                    shape,
+                    (rows, cols).into(),
+                    name,
+                    self.ckpt.path(),
+                ));
+            }
+        }
         if self.ckpt.is_mxfp4(name) {
             // Refused from the headers, before dequantizing gigabytes of experts.
             let packed = self
@@ -100,6 +117,9 @@ impl SimpleBackend for CheckpointBackend {
                 DType::F32
             };
             self.ckpt.load_mxfp4(name, exact, &Device::Cpu)
+        } else if self.ckpt.is_bnb4(name) {
+            // bitsandbytes 4-bit blocks: their values in the quant state's dtype.
+            self.ckpt.load_bnb4_dequantized(name)
         } else {
             self.ckpt.load(name, &Device::Cpu)
         };
@@ -121,7 +141,9 @@ impl Checkpoint {
     /// `candle_transformers::models::llama::Llama::load(vb, &config)`), in `dtype` on
     /// `device`. Tensors are read one at a time as the model asks for them. A tensor `X` the
     /// checkpoint holds MXFP4-packed, as `X_blocks` and `X_scales` (GPT-OSS's experts), is
-    /// there too, dequantized as transformers does ([`Checkpoint::load_mxfp4`]).
+    /// there too, dequantized as transformers does ([`Checkpoint::load_mxfp4`]); so is a
+    /// weight stored as bitsandbytes 4-bit blocks, dequantized as bitsandbytes does
+    /// ([`Checkpoint::load_bnb4`]).
     ///
     /// ```no_run
     /// use candle_core::{DType, Device};

@@ -10,6 +10,7 @@
 //! `X_scales`) are dequantized as transformers does when a model asks for `X` ([`mxfp4`]).
 
 pub mod backend;
+pub mod bnb;
 pub mod convert;
 pub mod from_pickle;
 pub mod header;

@@ -37,7 +37,9 @@ impl WeightRef<'_> {
     pub(crate) fn float(&self, dtype: DType) -> candle_core::Result<Tensor> {
         match self {
             WeightRef::Float(w) => w.to_dtype(dtype),
-            WeightRef::Quantized(q) => q.qtensor().dequantize(&q.device())?.to_dtype(dtype),
+            WeightRef::Quantized(q) => q
+                .dequantize_to(&q.device(), dtype)
+                .map_err(candle_core::Error::wrap),
         }
     }
 
@@ -91,9 +93,8 @@ impl OpWeight {
         match self {
             OpWeight::Float(w) => Ok(w.clone()),
             OpWeight::Quantized(q) => q
-                .qtensor()
-                .dequantize(&like.device().clone())?
-                .to_dtype(like.dtype()),
+                .dequantize_to(like.device(), like.dtype())
+                .map_err(candle_core::Error::wrap),
         }
     }
 }

@@ -2,12 +2,17 @@
 //! where already-quantized weights come from ([`QuantizedSource`]).
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
 
+use crate::checkpoint::{Checkpoint, CheckpointBackend};
 use crate::error::{Error, Result};
 use crate::frozen::{BaseKind, FrozenLinear};
+use crate::model::AdapterPlan;
 use crate::quant::QuantizedWeight;
 
 /// Already-quantized weights by module path (`model.layers.0.self_attn.q_proj`), e.g. a
@@ -30,6 +35,50 @@ impl QuantizedSource for HashMap<String, QuantizedWeight> {
     fn weight(&self, path: &str) -> Result<Option<QuantizedWeight>> {
         Ok(self.get(path).cloned())
     }
+}
+
+/// A checkpoint is a source of the weights it stores as bitsandbytes 4-bit blocks (a
+/// `…-bnb-4bit` model's): the module `path`'s `path.weight`, kept as its blocks
+/// ([`Checkpoint::load_bnb4`]). Models loaded with `from_pretrained` on the CPU take them
+/// so; see [`Quantize::with_checkpoint_blocks`].
+///
+/// ```
+/// use lorakit::checkpoint::Checkpoint;
+/// use lorakit::model::QuantizedSource;
+/// # fn main() -> lorakit::Result<()> {
+/// let ckpt = Checkpoint::open("tests/fixtures/bnb/nf4_dq/model")?;
+/// assert!(ckpt.weight("model.layers.0.self_attn.q_proj")?.is_some());
+/// assert!(ckpt.weight("lm_head")?.is_none()); // stored in bf16
+/// # Ok(()) }
+/// ```
+impl QuantizedSource for Checkpoint {
+    fn weight(&self, path: &str) -> Result<Option<QuantizedWeight>> {
+        let name = format!("{path}.weight");
+        match self.is_bnb4(&name) {
+            true => self.load_bnb4(&name).map(Some),
+            false => Ok(None),
+        }
+    }
+}
+
+/// The `VarBuilder` over the checkpoint folder `dir` in `dtype` on `device`, and the plan a
+/// model built from it uses: `plan` itself, or on the CPU, when the checkpoint stores
+/// bitsandbytes 4-bit blocks, `plan` taking those modules as blocks
+/// ([`Quantize::with_checkpoint_blocks`]). Clones of a plan share its adapted set, so the
+/// caller's `plan.finish()` sees the layers.
+pub(crate) fn checkpoint_and_plan(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+    plan: &AdapterPlan,
+) -> Result<(VarBuilder<'static>, AdapterPlan)> {
+    let ckpt = Arc::new(Checkpoint::open(dir)?);
+    let plan = match Quantize::with_checkpoint_blocks(plan.quantize(), &ckpt, device) {
+        Some(q) => plan.clone().with_quantize(q),
+        None => plan.clone(),
+    };
+    let vb = CheckpointBackend::new(ckpt, None).into_var_builder(dtype, device);
+    Ok((vb, plan))
 }
 
 /// Quantize-on-load settings, given to a model through
@@ -122,6 +171,26 @@ impl Quantize {
     pub fn with_source(mut self, source: impl QuantizedSource + 'static) -> Self {
         self.source = Some(Arc::new(source));
         self
+    }
+
+    /// The settings a model loaded from `ckpt` on `device` uses, given the plan's own
+    /// (`given`): when the checkpoint stores weights as bitsandbytes 4-bit blocks and the
+    /// device is the CPU, those modules take their blocks from it (with `given`'s skip list
+    /// and quantize-on-load type for the others, or [`Quantize::stored_only`]); otherwise
+    /// `given` unchanged (on other devices the model gets those weights dequantized, as
+    /// float).
+    pub fn with_checkpoint_blocks(
+        given: Option<&Quantize>,
+        ckpt: &Arc<Checkpoint>,
+        device: &Device,
+    ) -> Option<Quantize> {
+        if !device.is_cpu() || !ckpt.has_bnb4() {
+            return given.cloned();
+        }
+        Some(match given {
+            Some(q) => q.clone().with_source(ckpt.clone()),
+            None => Quantize::stored_only(ckpt.clone()),
+        })
     }
 
     /// The type float weights are quantized to; `None` when they stay float

@@ -8,8 +8,8 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::checkpoint::Checkpoint;
 use crate::error::Result;
+use crate::model::quantize::checkpoint_and_plan;
 use crate::model::AdapterPlan;
 use crate::models::classification::{ClassifierConfig, LastTokenHead};
 use crate::models::decoder_trunk::DecoderTrunk;
@@ -55,8 +55,8 @@ impl<T: DecoderTrunk> DecoderParts<T> {
             Some(labels) => labels.clone(),
             None => ClassifierConfig::from_file(&config_file)?,
         };
-        let vb = Checkpoint::open(dir)?.var_builder(dtype, device);
-        let mut parts = Self::load(&config, &labels, vb, plan)?;
+        let (vb, plan) = checkpoint_and_plan(dir, dtype, device, plan)?;
+        let mut parts = Self::load(&config, &labels, vb, &plan)?;
         parts.name_or_path = Some(dir.display().to_string());
         Ok(parts)
     }

@@ -25,8 +25,10 @@
 //! | unmerge | subtracts from that float weight (the base stays float) |
 //! | Delta-LoRA | refused: it updates `W`, which has no float copy |
 
+pub mod bnb;
 mod dequant;
 mod weight;
 
+pub use bnb::{Bnb4Params, Bnb4Type};
 pub(crate) use weight::tile_rows;
-pub use weight::{QuantizedWeight, QUANTIZE_TYPES};
+pub use weight::{QuantFormat, QuantizedWeight, QUANTIZE_TYPES};

@@ -1,4 +1,5 @@
-//! [`QuantizedWeight`]: a frozen `(d_out, d_in)` weight held as candle GGML blocks.
+//! [`QuantizedWeight`]: a frozen `(d_out, d_in)` weight held as candle GGML blocks or as
+//! bitsandbytes 4-bit blocks.
 
 use std::sync::Arc;
 
@@ -6,6 +7,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
+use super::bnb::{Bnb4Blocks, Bnb4Params};
 use super::dequant::dequantize_into;
 use crate::error::{Error, Result};
 
@@ -25,8 +27,10 @@ pub const QUANTIZE_TYPES: [GgmlDType; 10] = [
     GgmlDType::Q6K,
 ];
 
-/// A frozen weight `W` `(d_out, d_in)` stored quantized (GGML blocks along `d_in`, the
-/// layout llama.cpp and candle's `QTensor` use). Cloning shares the blocks.
+/// A frozen weight `W` `(d_out, d_in)` stored quantized: GGML blocks along `d_in` (the
+/// layout llama.cpp and candle's `QTensor` use), or bitsandbytes 4-bit blocks as a
+/// `…-bnb-4bit` checkpoint stores them ([`crate::quant::bnb`]; CPU only, read by
+/// `Checkpoint::load_bnb4`). Cloning shares the blocks.
 ///
 /// lorakit never holds a float copy of the whole weight for training or inference on the
 /// CPU: products dequantize a few rows at a time into a small reused buffer (see
@@ -39,7 +43,7 @@ pub const QUANTIZE_TYPES: [GgmlDType; 10] = [
 /// # fn main() -> lorakit::Result<()> {
 /// let w = Tensor::randn(0f32, 1., (4, 64), &Device::Cpu)?;
 /// let q = QuantizedWeight::quantize("proj", &w, GgmlDType::Q8_0)?;
-/// assert_eq!((q.d_out(), q.d_in(), q.ggml_dtype()), (4, 64, GgmlDType::Q8_0));
+/// assert_eq!((q.d_out(), q.d_in(), q.ggml_dtype()), (4, 64, Some(GgmlDType::Q8_0)));
 /// assert_eq!(q.storage_bytes(), 4 * 2 * 34); // two 34-byte blocks of 32 per row
 /// let err = (q.dequantize()? - &w)?.abs()?.max_all()?.to_scalar::<f32>()?;
 /// assert!(err < 0.05);
@@ -50,15 +54,47 @@ pub const QUANTIZE_TYPES: [GgmlDType; 10] = [
 /// ```
 #[derive(Clone)]
 pub struct QuantizedWeight {
-    q: Arc<QTensor>,
+    blocks: Arc<Blocks>,
     d_out: usize,
     d_in: usize,
+}
+
+/// Where a [`QuantizedWeight`]'s values are (behind one pointer: bases hold a weight
+/// each).
+enum Blocks {
+    Ggml(Arc<QTensor>),
+    Bnb4(Bnb4Blocks),
+}
+
+/// How a [`QuantizedWeight`] is stored.
+///
+/// ```
+/// use candle_core::quantized::GgmlDType;
+/// use lorakit::quant::{Bnb4Type, QuantFormat};
+/// assert_eq!(QuantFormat::Ggml(GgmlDType::Q4K).to_string(), "Q4K");
+/// assert_eq!(QuantFormat::Bnb4(Bnb4Type::Nf4).to_string(), "bitsandbytes nf4");
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QuantFormat {
+    /// candle's GGML blocks of this type.
+    Ggml(GgmlDType),
+    /// bitsandbytes 4-bit blocks of this code book.
+    Bnb4(super::bnb::Bnb4Type),
+}
+
+impl std::fmt::Display for QuantFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            QuantFormat::Ggml(t) => write!(f, "{t:?}"),
+            QuantFormat::Bnb4(t) => write!(f, "bitsandbytes {}", t.name()),
+        }
+    }
 }
 
 impl std::fmt::Debug for QuantizedWeight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("QuantizedWeight")
-            .field("dtype", &self.q.dtype())
+            .field("format", &self.format())
             .field("d_out", &self.d_out)
             .field("d_in", &self.d_in)
             .finish()
@@ -89,7 +125,7 @@ impl QuantizedWeight {
         }
         let q = QTensor::quantize(&weight.detach(), dtype)?;
         Ok(Self {
-            q: Arc::new(q),
+            blocks: Arc::new(Blocks::Ggml(Arc::new(q))),
             d_out,
             d_in,
         })
@@ -101,17 +137,50 @@ impl QuantizedWeight {
         let q = q.into();
         let (d_out, d_in) = weight_dims(layer, q.shape().dims())?;
         check_blocks(layer, d_in, q.dtype())?;
-        Ok(Self { q, d_out, d_in })
+        Ok(Self {
+            blocks: Arc::new(Blocks::Ggml(q)),
+            d_out,
+            d_in,
+        })
     }
 
-    /// The quantized tensor.
-    pub fn qtensor(&self) -> &Arc<QTensor> {
-        &self.q
+    /// Wraps bitsandbytes 4-bit blocks (on the CPU).
+    pub(crate) fn from_bnb4(blocks: Bnb4Blocks) -> Self {
+        let (d_out, d_in) = blocks.params().shape;
+        Self {
+            blocks: Arc::new(Blocks::Bnb4(blocks)),
+            d_out,
+            d_in,
+        }
     }
 
-    /// The GGML type of the blocks.
-    pub fn ggml_dtype(&self) -> GgmlDType {
-        self.q.dtype()
+    /// The GGML tensor, for GGML blocks.
+    pub fn qtensor(&self) -> Option<&Arc<QTensor>> {
+        match self.blocks.as_ref() {
+            Blocks::Ggml(q) => Some(q),
+            Blocks::Bnb4(_) => None,
+        }
+    }
+
+    /// The GGML type of the blocks, for GGML blocks.
+    pub fn ggml_dtype(&self) -> Option<GgmlDType> {
+        self.qtensor().map(|q| q.dtype())
+    }
+
+    /// The settings of bitsandbytes blocks.
+    pub fn bnb4_params(&self) -> Option<&Bnb4Params> {
+        match self.blocks.as_ref() {
+            Blocks::Ggml(_) => None,
+            Blocks::Bnb4(b) => Some(b.params()),
+        }
+    }
+
+    /// How the weight is stored.
+    pub fn format(&self) -> QuantFormat {
+        match self.blocks.as_ref() {
+            Blocks::Ggml(q) => QuantFormat::Ggml(q.dtype()),
+            Blocks::Bnb4(b) => QuantFormat::Bnb4(b.params().quant_type),
+        }
     }
 
     /// Output features (rows).
@@ -124,42 +193,58 @@ impl QuantizedWeight {
         self.d_in
     }
 
-    /// The device the blocks live on.
+    /// The device the blocks live on (bitsandbytes blocks: the CPU).
     pub fn device(&self) -> Device {
-        self.q.device()
+        match self.blocks.as_ref() {
+            Blocks::Ggml(q) => q.device(),
+            Blocks::Bnb4(_) => Device::Cpu,
+        }
     }
 
     /// Bytes the blocks take (the resident size of the weight).
     pub fn storage_bytes(&self) -> usize {
-        self.q.storage_size_in_bytes()
+        match self.blocks.as_ref() {
+            Blocks::Ggml(q) => q.storage_size_in_bytes(),
+            Blocks::Bnb4(b) => b.storage_bytes(),
+        }
     }
 
     /// The whole weight as an f32 tensor `(d_out, d_in)` on its device: a full float copy,
     /// made on purpose (merging into a float checkpoint, devices without the tiled CPU
-    /// product).
+    /// product). bitsandbytes blocks give their values rounded to the quant state's dtype,
+    /// as bitsandbytes dequantizes them.
     pub fn dequantize(&self) -> Result<Tensor> {
-        Ok(self.q.dequantize(&self.q.device())?)
+        match self.blocks.as_ref() {
+            Blocks::Ggml(q) => Ok(q.dequantize(&q.device())?),
+            Blocks::Bnb4(_) => {
+                let mut values = vec![0f32; self.d_out * self.d_in];
+                self.dequantize_rows(0, &mut values)?;
+                Ok(Tensor::from_vec(
+                    values,
+                    (self.d_out, self.d_in),
+                    &Device::Cpu,
+                )?)
+            }
+        }
     }
 
-    /// Bytes of one row of blocks.
-    fn row_bytes(&self) -> usize {
-        self.d_in / self.q.dtype().block_size() * self.q.dtype().type_size()
+    /// [`QuantizedWeight::dequantize`] on `device` in `dtype`.
+    pub(crate) fn dequantize_to(&self, device: &Device, dtype: DType) -> Result<Tensor> {
+        Ok(self.dequantize()?.to_device(device)?.to_dtype(dtype)?)
     }
 
     /// Dequantizes rows `row0 ..` into `out` (a whole number of rows, `d_in` floats each),
     /// rows spread over the thread pool. CPU weights only.
     pub(crate) fn dequantize_rows(&self, row0: usize, out: &mut [f32]) -> candle_core::Result<()> {
-        let dtype = self.q.dtype();
-        let (d_in, rb) = (self.d_in.max(1), self.row_bytes());
+        let d_in = self.d_in.max(1);
         let rows = out.len() / d_in;
         let per_task = rows
             .div_ceil(4 * rayon::current_num_threads().max(1))
             .max(1);
-        self.with_row_bytes(row0, out.len(), |bytes| {
-            out.par_chunks_mut(per_task * d_in)
-                .zip(bytes.par_chunks(per_task * rb))
-                .try_for_each(|(out, bytes)| dequantize_into(dtype, bytes, out))
-        })
+        self.check_rows(row0, out.len())?;
+        out.par_chunks_mut(per_task * d_in)
+            .enumerate()
+            .try_for_each(|(i, out)| self.dequantize_rows_here(row0 + i * per_task, out))
     }
 
     /// [`QuantizedWeight::dequantize_rows`] on the calling thread (a caller that is already
@@ -169,18 +254,24 @@ impl QuantizedWeight {
         row0: usize,
         out: &mut [f32],
     ) -> candle_core::Result<()> {
-        let dtype = self.q.dtype();
-        self.with_row_bytes(row0, out.len(), |bytes| dequantize_into(dtype, bytes, out))
+        match self.blocks.as_ref() {
+            Blocks::Ggml(q) => {
+                let dtype = q.dtype();
+                self.with_row_bytes(row0, out.len(), |bytes| dequantize_into(dtype, bytes, out))
+            }
+            Blocks::Bnb4(b) => {
+                self.check_rows(row0, out.len())?;
+                if !b.dequantize_into(row0 * self.d_in, out) {
+                    candle_core::bail!("quantized weight: rows from {row0} outside the blocks");
+                }
+                Ok(())
+            }
+        }
     }
 
-    /// Runs `f` on the blocks of the rows from `row0` that `floats` values fill (a whole
-    /// number of rows inside the weight). CPU weights only.
-    pub(crate) fn with_row_bytes<R>(
-        &self,
-        row0: usize,
-        floats: usize,
-        f: impl FnOnce(&[u8]) -> candle_core::Result<R>,
-    ) -> candle_core::Result<R> {
+    /// An error unless `floats` values from row `row0` are a whole number of rows inside
+    /// the weight.
+    fn check_rows(&self, row0: usize, floats: usize) -> candle_core::Result<()> {
         let d_in = self.d_in.max(1);
         let rows = floats / d_in;
         if !floats.is_multiple_of(d_in) || row0 + rows > self.d_out {
@@ -190,11 +281,27 @@ impl QuantizedWeight {
                 self.d_out,
             );
         }
-        if !self.q.device().is_cpu() {
+        Ok(())
+    }
+
+    /// Runs `f` on the GGML blocks of the rows from `row0` that `floats` values fill (a
+    /// whole number of rows inside the weight). CPU GGML weights only.
+    pub(crate) fn with_row_bytes<R>(
+        &self,
+        row0: usize,
+        floats: usize,
+        f: impl FnOnce(&[u8]) -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
+        let Blocks::Ggml(q) = self.blocks.as_ref() else {
+            candle_core::bail!("quantized weight: bitsandbytes blocks are not GGML rows");
+        };
+        self.check_rows(row0, floats)?;
+        let rows = floats / self.d_in.max(1);
+        if !q.device().is_cpu() {
             candle_core::bail!("quantized weight: the tiled product needs CPU blocks");
         }
-        let data = self.q.data()?;
-        let rb = self.row_bytes();
+        let data = q.data()?;
+        let rb = self.d_in / q.dtype().block_size() * q.dtype().type_size();
         let Some(bytes) = data.get(row0 * rb..(row0 + rows) * rb) else {
             candle_core::bail!(
                 "quantized weight: rows {row0}..{} outside the blocks",
@@ -208,7 +315,7 @@ impl QuantizedWeight {
     /// tile from the blocks (DoRA's cached weight norm): on a non-CPU device, from the
     /// dequantized weight.
     pub fn row_sq_norms(&self) -> Result<Tensor> {
-        if !self.q.device().is_cpu() {
+        if !self.device().is_cpu() {
             let w = self.dequantize()?;
             return Ok(w.sqr()?.sum(1)?);
         }

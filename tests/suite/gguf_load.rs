@@ -98,7 +98,7 @@ fn a_gguf_model_under_quantize_settings() {
     let set = plan.finish().unwrap();
     for (path, layer) in set.layers() {
         let base = layer.read().base().clone();
-        let q = base.quantized().map(|q| q.ggml_dtype());
+        let q = base.quantized().and_then(|q| q.ggml_dtype());
         let want = if path.ends_with("q_proj") {
             Some(GgmlDType::Q8_0)
         } else if path.ends_with("o_proj") {

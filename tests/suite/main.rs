@@ -19,6 +19,7 @@ mod api_shape;
 mod atomic_save;
 mod bad_input;
 mod bad_input_train;
+mod bnb_checkpoint;
 mod candle_transformers_llama;
 mod checkpoint_bad_input;
 mod checkpoint_merge;

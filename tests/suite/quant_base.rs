@@ -110,41 +110,69 @@ fn compare(label: &str, got: &[(String, Tensor)], want: &[(String, Tensor)]) {
 /// for every quant type and variant (LoRA+ trains LoRA's layer).
 #[test]
 fn every_variant_matches_the_dequantized_reference() {
-    let (n, d_in, d_out) = (5, 256, 24);
+    let (d_in, d_out) = (256, 24);
     for (t, &ty) in TYPES.iter().enumerate() {
         let (qbase, fbase) = bases(10 + t as u64, d_out, d_in, ty);
-        let mut g = rng(99);
-        let x = Var::from_tensor(&rand(&mut g, &[2, n, d_in], DType::F32)).unwrap();
-        let probe = rand(&mut g, &[2, n, d_out], DType::F32);
-        for variant in VARIANTS {
-            let label = format!("{variant} over {ty:?}");
-            let (m1, m2) = (VarMap::new(), VarMap::new());
-            let dev = Device::Cpu;
-            let q = build(
-                variant,
-                qbase.clone(),
-                VarBuilder::from_varmap(&m1, DType::F32, &dev),
-            );
-            let f = build(
-                variant,
-                fbase.clone(),
-                VarBuilder::from_varmap(&m2, DType::F32, &dev),
-            );
-            // Identity at init: the base alone.
-            let y0 = q.forward_t(x.as_tensor(), false).unwrap();
-            let base_y = fbase.forward(x.as_tensor()).unwrap();
-            let diff = max_rel_diff(&y0, &base_y);
-            assert!(
-                diff <= TOL,
-                "{label}: init output differs from the base by {diff:e}"
-            );
-            randomize_alike(7, q.as_ref(), f.as_ref());
-            compare(
-                &label,
-                &forward_and_grads(q.as_ref(), &x, &probe),
-                &forward_and_grads(f.as_ref(), &x, &probe),
-            );
-        }
+        check_every_variant(&format!("{ty:?}"), &qbase, &fbase);
+    }
+}
+
+/// The same over bitsandbytes 4-bit blocks read from a checkpoint (NF4 with double
+/// quantization; FP4 with rows of 96 straddling its blocks of 64), with a bias.
+#[test]
+fn every_variant_over_bitsandbytes_blocks_matches_the_dequantized_reference() {
+    let cases = [
+        ("nf4_dq", "model.layers.0.mlp.down_proj.weight"),
+        ("fp4_f16", "model.layers.0.self_attn.q_proj.weight"),
+    ];
+    for (case, name) in cases {
+        let dir = crate::peft_common::fixture(&format!("bnb/{case}/model"));
+        let w = lorakit::checkpoint::Checkpoint::open(dir)
+            .unwrap()
+            .load_bnb4(name)
+            .unwrap();
+        let bias = rand(&mut rng(3), &[w.d_out()], DType::F32);
+        let float = FrozenLinear::new(w.dequantize().unwrap(), Some(bias.clone())).unwrap();
+        let blocks = FrozenLinear::from_quantized(w, Some(bias), DType::F32).unwrap();
+        check_every_variant(&format!("{case} {name}"), &blocks, &float);
+    }
+}
+
+/// Every variant over `qbase` against the same over `fbase`, its dequantized weight:
+/// identity at init, then forward and gradients with random adapter weights.
+fn check_every_variant(what: &str, qbase: &FrozenLinear, fbase: &FrozenLinear) {
+    let (n, d_in, d_out) = (5, qbase.d_in(), qbase.d_out());
+    let mut g = rng(99);
+    let x = Var::from_tensor(&rand(&mut g, &[2, n, d_in], DType::F32)).unwrap();
+    let probe = rand(&mut g, &[2, n, d_out], DType::F32);
+    for variant in VARIANTS {
+        let label = format!("{variant} over {what}");
+        let (m1, m2) = (VarMap::new(), VarMap::new());
+        let dev = Device::Cpu;
+        let q = build(
+            variant,
+            qbase.clone(),
+            VarBuilder::from_varmap(&m1, DType::F32, &dev),
+        );
+        let f = build(
+            variant,
+            fbase.clone(),
+            VarBuilder::from_varmap(&m2, DType::F32, &dev),
+        );
+        // Identity at init: the base alone.
+        let y0 = q.forward_t(x.as_tensor(), false).unwrap();
+        let base_y = fbase.forward(x.as_tensor()).unwrap();
+        let diff = max_rel_diff(&y0, &base_y);
+        assert!(
+            diff <= TOL,
+            "{label}: init output differs from the base by {diff:e}"
+        );
+        randomize_alike(7, q.as_ref(), f.as_ref());
+        compare(
+            &label,
+            &forward_and_grads(q.as_ref(), &x, &probe),
+            &forward_and_grads(f.as_ref(), &x, &probe),
+        );
     }
 }
 

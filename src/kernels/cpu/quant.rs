@@ -119,7 +119,10 @@ fn quantized_times_t<T: WithDType>(
 ) -> candle_core::Result<()> {
     if x.rows <= STREAM_ROWS {
         if T::DTYPE == DType::F32 {
-            if let Some(k) = RowDots::new(q.ggml_dtype(), q.d_in(), x.rows, Isa::best()) {
+            let kernel = q
+                .ggml_dtype()
+                .and_then(|t| RowDots::new(t, q.d_in(), x.rows, Isa::best()));
+            if let Some(k) = kernel {
                 return times_t_fused(q, &k, dst, x, accum);
             }
         }

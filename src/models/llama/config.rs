@@ -127,8 +127,11 @@ pub enum LayerAttention {
 ///   Gemma 3's `sliding_window_pattern`; three in four, OLMo 3).
 /// - `hidden_act` must be `silu` (or its alias `swish`), but for the Gemma families: a
 ///   GELU-tanh gate (see [`LlamaFamily`] for their other keys: `query_pre_attn_scalar`,
-///   the soft-capping, `rope_local_base_freq`); a `quantization_config` is refused
-///   (quantized weights cannot be loaded).
+///   the soft-capping, `rope_local_base_freq`).
+/// - `quantization_config`: bitsandbytes 4-bit (`load_in_4bit`, nf4 or fp4, with or
+///   without double quantization; the weights are read by `crate::checkpoint::bnb`) and
+///   gpt-oss's MXFP4 experts are read; any other method (bitsandbytes 8-bit, GPTQ, AWQ …)
+///   is refused, naming it.
 /// - `attention_dropout` (0 when absent, as in the Llama-family configs) drops attention
 ///   probabilities in training mode only ([`LlamaForCausalLM::forward_t`]).
 /// - `model_type` `gemma3` (`Gemma3ForConditionalGeneration`, Gemma 3 4B and up): its
@@ -433,14 +436,22 @@ impl LlamaConfig {
                 .unwrap_or("present");
             // gpt-oss's released checkpoints store the experts in MXFP4, which the
             // checkpoint reader dequantizes as transformers does
-            // (`crate::checkpoint::mxfp4`); everything else is stored plainly.
-            let dequantized = family == LlamaFamily::GptOss && method == "mxfp4";
-            if !dequantized {
+            // (`crate::checkpoint::mxfp4`); bitsandbytes 4-bit weights are read as blocks
+            // (`crate::checkpoint::bnb`); everything else is stored plainly.
+            let is_true = |key: &str| q.get(key).and_then(Value::as_bool) == Some(true);
+            let bnb_4bit =
+                method == "bitsandbytes" && (is_true("load_in_4bit") || is_true("_load_in_4bit"));
+            let read = bnb_4bit || (family == LlamaFamily::GptOss && method == "mxfp4");
+            if !read {
+                let got = match method == "bitsandbytes" {
+                    true => "bitsandbytes 8-bit (LLM.int8)".to_string(),
+                    false => method.to_string(),
+                };
                 return Err(Error::Unsupported {
                     what: "quantization_config (quantized weights)",
-                    got: method.to_string(),
-                    supported: "unquantized f32, f16 or bf16 checkpoints (and gpt-oss's \
-                                MXFP4 experts)"
+                    got,
+                    supported: "unquantized f32, f16 or bf16 checkpoints, bitsandbytes 4-bit \
+                                (nf4, fp4) ones, and gpt-oss's MXFP4 experts"
                         .to_string(),
                 });
             }

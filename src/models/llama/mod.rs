@@ -62,9 +62,9 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::checkpoint::Checkpoint;
 use crate::error::Result;
 use crate::frozen::FrozenLinear;
+use crate::model::quantize::checkpoint_and_plan;
 use crate::model::{linear_b, AdapterPlan, Embedding, Linear};
 use crate::models::decoder_trunk::{DecoderTrunk, Pass};
 use crate::models::kv_buffer::LayerKv;
@@ -195,7 +195,7 @@ impl LlamaForCausalLM {
     /// Reads `config.json` from the model folder `dir` (as `save_pretrained` writes it:
     /// one `model.safetensors` or shards with their index) and builds the model in `dtype`
     /// on `device` with [`LlamaForCausalLM::load`]; tensors are read one at a time
-    /// ([`Checkpoint`]).
+    /// ([`Checkpoint`](crate::checkpoint::Checkpoint)).
     ///
     /// ```
     /// use candle_core::{DType, Device, Tensor};
@@ -226,8 +226,8 @@ impl LlamaForCausalLM {
     ) -> Result<Self> {
         let dir = dir.as_ref();
         let config = LlamaConfig::from_file(dir.join("config.json"))?;
-        let vb = Checkpoint::open(dir)?.var_builder(dtype, device);
-        let mut model = Self::load(&config, vb, plan)?;
+        let (vb, plan) = checkpoint_and_plan(dir, dtype, device, plan)?;
+        let mut model = Self::load(&config, vb, &plan)?;
         model.name_or_path = Some(dir.display().to_string());
         Ok(model)
     }
