@@ -75,7 +75,12 @@ A .safetensors file gives a file; a model folder or its *.safetensors.index.json
 a folder with the same shards, index and config/tokenizer files. The output is built
 beside --out under a temporary name (.NAME.tmpPID.N) and renamed into place: an error,
 SIGINT or SIGTERM leaves nothing behind. Temporaries of an earlier killed run are
-reported (deleted with --remove-leftovers).";
+reported (deleted with --remove-leftovers).
+
+A bitsandbytes 4-bit checkpoint (a `-bnb-4bit` model: NF4 or FP4 weights) gives a float
+checkpoint, as a PEFT user writes after QLoRA training: every 4-bit weight dequantized as
+bitsandbytes does (in the dtype its quant state records, bf16 or f16), the adapter merged,
+`quantization_config` removed from config.json.";
 
 const INSPECT_ABOUT: &str = "\
 Summarize a PEFT adapter: type, targets, dtype, each module's rank and scale.

@@ -68,6 +68,17 @@ impl Checkpoint {
         self.tensors().any(|(_, t)| t.name.contains(QUANT_STATE))
     }
 
+    /// Reads the quant state of every bitsandbytes 4-bit tensor: the first that does not
+    /// parse is an error naming it (before a merge writes anything).
+    pub(crate) fn check_bnb4_states(&self) -> Result<()> {
+        for (_, t) in self.tensors() {
+            if let Some(weight) = t.name.split_once(QUANT_STATE).map(|(w, _)| w) {
+                self.bnb4_params(weight)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The settings of the bitsandbytes 4-bit tensor `name` (from its quant state).
     ///
     /// ```
@@ -165,6 +176,29 @@ impl Checkpoint {
         w.dequantize_to(&Device::Cpu, dtype)
     }
 
+    /// The shape and dtype of the tensor `name` as a float tensor: as stored, or for
+    /// bitsandbytes 4-bit blocks, those of the weight they dequantize to (its quant state's
+    /// shape and dtype). `None` when the checkpoint has no `name`.
+    ///
+    /// ```
+    /// use lorakit::checkpoint::Checkpoint;
+    /// use safetensors::Dtype;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let ckpt = Checkpoint::open("tests/fixtures/bnb/nf4_dq/model")?;
+    /// let q = "model.layers.0.self_attn.q_proj.weight";
+    /// assert_eq!(ckpt.get(q).map(|(_, t)| t.dtype), Some(Dtype::U8)); // packed codes
+    /// assert_eq!(ckpt.float_view(q), Some((vec![128, 128], Dtype::BF16)));
+    /// # Ok(()) }
+    /// ```
+    pub fn float_view(&self, name: &str) -> Option<(Vec<usize>, Dtype)> {
+        let (_, stored) = self.get(name)?;
+        let dequantized = self.bnb4_params(name).ok().filter(|_| self.is_bnb4(name));
+        Some(match dequantized {
+            Some(p) => (vec![p.shape.0, p.shape.1], stored_dtype(p.dtype)),
+            None => (stored.shape.clone(), stored.dtype),
+        })
+    }
+
     /// The stored bytes of the tensor `name`.
     fn raw_bytes(&self, name: &str) -> Result<Vec<u8>> {
         let (shard, tensor) = self.get(name).ok_or_else(|| Error::MissingKey {
@@ -192,5 +226,14 @@ impl Checkpoint {
             .get(name)
             .map_or(self.path(), |(s, _)| s.path.as_path());
         Error::checkpoint(file, format!("bitsandbytes 4-bit tensor `{name}`: {why}"))
+    }
+}
+
+/// The safetensors dtype of a float `dtype` bitsandbytes dequantizes to.
+fn stored_dtype(dtype: DType) -> Dtype {
+    match dtype {
+        DType::BF16 => Dtype::BF16,
+        DType::F16 => Dtype::F16,
+        _ => Dtype::F32,
     }
 }

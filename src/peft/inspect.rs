@@ -608,7 +608,7 @@ pub(crate) fn match_modules(
                 .unwrap_or_default();
             let tensor = names.in_checkpoint(&format!("{path}.weight"));
             let kind = adapter.base_kind(&path);
-            let base = ckpt.get(&tensor).map(|(_, t)| (t.shape.clone(), t.dtype));
+            let base = ckpt.float_view(&tensor);
             let out_in = |shape: &[usize]| match (kind.stores_in_out(), shape) {
                 (true, &[inp, out]) => vec![out, inp],
                 _ => shape.to_vec(),

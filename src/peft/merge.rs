@@ -237,6 +237,7 @@ pub fn merge_checkpoint(
     options: MergeOptions<'_>,
 ) -> Result<MergeReport> {
     let ckpt = Checkpoint::open(base)?;
+    ckpt.check_bnb4_states()?;
     let kind = match ckpt.given() {
         Given::File => OutputKind::File,
         Given::Folder | Given::Index => OutputKind::Folder,
@@ -308,7 +309,13 @@ pub fn merge_checkpoint(
         .as_ref()
         .map(|edit| edit.dropped.clone())
         .unwrap_or_default();
-    let dropped: HashSet<String> = report.dropped.iter().cloned().collect();
+    // The block scales, code books and quant states of bitsandbytes 4-bit weights, which
+    // are written dequantized.
+    let packed_parts = ckpt
+        .tensors()
+        .filter(|(_, t)| ckpt.is_bnb4_part(&t.name))
+        .map(|(_, t)| t.name.clone());
+    let dropped: HashSet<String> = report.dropped.iter().cloned().chain(packed_parts).collect();
     let dropped_bytes: u64 = ckpt
         .tensors()
         .filter(|(_, t)| dropped.contains(&t.name))
@@ -450,7 +457,10 @@ impl MergeJob<'_, '_> {
             .collect();
         let mut plan: Vec<(String, Dtype, Vec<usize>)> = kept
             .iter()
-            .map(|t| (t.name.clone(), self.dtype.apply(t.dtype), t.shape.clone()))
+            .map(|t| {
+                let (shape, dtype) = self.float_view(t);
+                (t.name.clone(), self.dtype.apply(dtype), shape)
+            })
             .collect();
         let (added, untied) = if last {
             (
@@ -552,11 +562,12 @@ impl MergeJob<'_, '_> {
         };
         // A module's path; a stack stored whole (gpt-oss) goes by its own name.
         let path = module_of(&tensor.name).map_or(tensor.name.as_str(), |(p, _)| p);
-        if merged.elem_count() != w_len(tensor) {
+        let (shape, _) = self.float_view(tensor);
+        if merged.elem_count() != shape.iter().product::<usize>() {
             return Err(Error::ShapeMismatch {
                 layer: path.to_string(),
                 what: "merged weight".to_string(),
-                expected: format!("{:?}", tensor.shape),
+                expected: format!("{shape:?}"),
                 got: format!("{:?} {:?}", merged.dims(), merged.dtype()),
             });
         }
@@ -645,7 +656,7 @@ impl MergeJob<'_, '_> {
         };
         let path = &self.names.in_adapter(stored_path);
         let kind = self.adapter.base_kind(path);
-        if !is_convertible_float(tensor.dtype) || !self.plan.touches(path, kind) {
+        if !is_convertible_float(self.float_view(tensor).1) || !self.plan.touches(path, kind) {
             return Ok(None);
         }
         let weight_name = format!("{stored_path}.weight");
@@ -679,7 +690,7 @@ impl MergeJob<'_, '_> {
     /// (F16, BF16), else in f32 (`None` if it has none): what the plan's merge needs to
     /// round a replaced base weight as PEFT's model, in that dtype, holds it.
     fn read_as_stored(&mut self, name: &str) -> Result<Option<Tensor>> {
-        let half = match self.ckpt.get(name).map(|(_, stored)| stored.dtype) {
+        let half = match self.ckpt.float_view(name).map(|(_, dtype)| dtype) {
             Some(Dtype::BF16) => Some(DType::BF16),
             Some(Dtype::F16) => Some(DType::F16),
             _ => None,
@@ -692,11 +703,15 @@ impl MergeJob<'_, '_> {
         }
     }
 
-    /// The checkpoint's tensor `name` decoded to f32 (`None` if it has none).
+    /// The checkpoint's tensor `name` decoded to f32 (`None` if it has none): for
+    /// bitsandbytes 4-bit blocks, their values (in their quant state's dtype) as f32.
     fn read_f32(&mut self, name: &str) -> Result<Option<Tensor>> {
         let Some((shard, stored)) = self.ckpt.get(name) else {
             return Ok(None);
         };
+        if self.ckpt.is_bnb4(name) {
+            return Ok(Some(self.ckpt.load_bnb4(name)?.dequantize()?));
+        }
         if !is_convertible_float(stored.dtype) {
             return Ok(None);
         }
@@ -713,7 +728,8 @@ impl MergeJob<'_, '_> {
         )?))
     }
 
-    /// Copies an untargeted tensor in pieces, converting its dtype if asked.
+    /// Copies an untargeted tensor in pieces, converting its dtype if asked (bitsandbytes
+    /// 4-bit blocks: their dequantized weight).
     fn copy(
         &mut self,
         shard: &Shard,
@@ -721,6 +737,13 @@ impl MergeJob<'_, '_> {
         out_dtype: Dtype,
         writer: &mut ShardWriter<&mut std::fs::File>,
     ) -> Result<()> {
+        if self.ckpt.is_bnb4(&tensor.name) {
+            if let Some(weight) = self.read_f32(&tensor.name)? {
+                self.write_f32(&weight, &tensor.name, out_dtype, writer)?;
+            }
+            self.bytes_done += tensor.len;
+            return Ok(());
+        }
         let width = (tensor.dtype.bitsize() / 8).max(1);
         let step = (COPY_CHUNK / width * width).max(width) as u64;
         let mut buf = Vec::new();
@@ -744,6 +767,14 @@ impl MergeJob<'_, '_> {
             }
         }
         Ok(())
+    }
+
+    /// `tensor`'s shape and dtype as a float tensor ([`Checkpoint::float_view`]: the
+    /// dequantized weight of bitsandbytes 4-bit blocks).
+    fn float_view(&self, tensor: &StoredTensor) -> (Vec<usize>, Dtype) {
+        self.ckpt
+            .float_view(&tensor.name)
+            .unwrap_or_else(|| (tensor.shape.clone(), tensor.dtype))
     }
 
     /// Reports progress; a `Break` from the callback cancels the merge.
@@ -774,15 +805,13 @@ impl MergeJob<'_, '_> {
             .ckpt
             .tensors()
             .filter(|(_, t)| !self.dropped.contains(&t.name))
-            .map(|(_, t)| byte_len(self.dtype.apply(t.dtype), &t.shape).unwrap_or(t.len))
+            .map(|(_, t)| {
+                let (shape, dtype) = self.float_view(t);
+                byte_len(self.dtype.apply(dtype), &shape).unwrap_or(t.len)
+            })
             .sum();
         stored + self.added_bytes
     }
-}
-
-/// The number of elements of a stored tensor.
-fn w_len(tensor: &StoredTensor) -> usize {
-    tensor.shape.iter().product()
 }
 
 /// A contiguous f32 CPU tensor's values, in place.

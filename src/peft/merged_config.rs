@@ -112,10 +112,11 @@ pub(crate) fn merged_config_edit<'a>(
         return Ok(None);
     }
     let labels = added_head_labels(adapter, added);
-    if labels.is_none() && untied.is_empty() && pad_token_id.is_none() {
+    let dequantized = ckpt.has_bnb4();
+    if labels.is_none() && untied.is_empty() && pad_token_id.is_none() && !dequantized {
         return Ok(None);
     }
-    let mut edit = edited_config(&config, labels, untied, pad_token_id)?;
+    let mut edit = edited_config(&config, labels, untied, pad_token_id, dequantized)?;
     if matches!(edit.origin, Some(Origin::CausalLm | Origin::Encoder)) {
         drop_pretraining_heads(ckpt, &mut edit);
     }
@@ -213,6 +214,7 @@ fn edited_config(
     labels: Option<usize>,
     untied: &[UntiedHead],
     pad_token_id: Option<u32>,
+    dequantized: bool,
 ) -> Result<ConfigEdit> {
     let text = crate::error::read_text(source)?;
     let value: Value = serde_json::from_str(&text).map_err(|e| Error::json(source, &e))?;
@@ -233,6 +235,13 @@ fn edited_config(
     }
     if let Some(labels) = labels {
         make_classifier(&mut config, labels, &mut edit);
+    }
+    if dequantized && config.remove("quantization_config").is_some() {
+        edit.changes.push(
+            "quantization_config removed: the bitsandbytes 4-bit weights are written \
+             dequantized, as transformers' `model.dequantize()` saves them"
+                .to_string(),
+        );
     }
     if !untied.is_empty() {
         let heads: Vec<String> = untied
@@ -357,7 +366,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(format!("{name}.json"));
         std::fs::write(&path, text).unwrap();
-        let edit = edited_config(&path, Some(labels), &[], None);
+        let edit = edited_config(&path, Some(labels), &[], None, false);
         let after = std::fs::read_to_string(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
         std::fs::remove_dir(&dir).unwrap();

@@ -136,7 +136,7 @@ pub struct LlamaForCausalLM {
 
 impl LlamaForCausalLM {
     /// Builds the model from `vb` (transformers' tensor names, e.g. from
-    /// [`Checkpoint::var_builder`]) with every linear layer and the embedding made by
+    /// [`Checkpoint::var_builder`](crate::checkpoint::Checkpoint::var_builder)) with every linear layer and the embedding made by
     /// `plan`. Call `plan.finish()` afterwards to get the adapted layers (and, for a
     /// loaded adapter, to check that every tensor of its file was used).
     ///
