@@ -1,8 +1,10 @@
 //! QLoRA benchmark: one LoRA layer (r = 16, alpha = 32, `d × d`) over an f32 frozen base
 //! and quantized ones (Q8_0 and Q4_K by default; `--types` picks from Q8_0, Q4_K, Q5_K,
-//! Q6_K), at d = 2048 and 4096.
+//! Q6_K and bitsandbytes' NF4), at d = 2048 and 4096.
 //!
-//! - resident base memory: the bytes the frozen weight takes (f32 tensor, or GGML blocks);
+//! - resident base memory: the bytes the frozen weight takes (f32 tensor, GGML blocks, or
+//!   NF4 codes and f32 block scales; NF4 quantizes the weight rounded to bf16, as a bf16
+//!   checkpoint's quant state records it);
 //! - training step (n = 512 rows): forward, mean-square loss, backward (the input tracks a
 //!   gradient, as inside a model), one AdamW step over A and B;
 //! - decode (n = 1 row): the adapted forward, evaluation mode, no gradient.
@@ -12,7 +14,7 @@
 //!
 //! ```text
 //! cargo run --release --example qlora_speed -- [--reps 5] [--dims 2048,4096] [--threads 2] \
-//!     [--types q8_0,q4_k] [--decode-only]
+//!     [--types q8_0,q4_k,nf4] [--decode-only]
 //! ```
 
 use std::time::Instant;
@@ -21,6 +23,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 use lorakit::init::SeededRng;
+use lorakit::quant::{Bnb4Type, QuantFormat, QuantizedWeight};
 use lorakit::{Adapter, FrozenLinear, LoraConfig, LoraLinear};
 
 /// The median of `reps` timings (ms) of `f` after one warm-up call.
@@ -44,14 +47,21 @@ struct Row {
     decode_ms: f64,
 }
 
-fn run(d: usize, quant: Option<GgmlDType>, reps: usize, steps: bool) -> lorakit::Result<Row> {
+fn run(d: usize, quant: Option<QuantFormat>, reps: usize, steps: bool) -> lorakit::Result<Row> {
     let dev = Device::Cpu;
     let mut rng = SeededRng::new(1);
     let w = rng.normal((d, d), 0.0, 0.02, DType::F32, &dev)?;
-    let mut base = FrozenLinear::new(w, None)?;
+    let mut base = FrozenLinear::new(w.clone(), None)?;
     let mut bytes = d * d * 4;
     if let Some(ty) = quant {
-        base = base.quantize("proj", ty)?;
+        base = match ty {
+            // As a bf16 checkpoint's NF4 weights are: values rounded to bf16.
+            QuantFormat::Bnb4(_) => {
+                let q = QuantizedWeight::quantize("proj", &w.to_dtype(DType::BF16)?, ty)?;
+                FrozenLinear::from_quantized(q, None, DType::F32)?
+            }
+            QuantFormat::Ggml(_) => base.quantize("proj", ty)?,
+        };
         bytes = base.quantized().map_or(bytes, |q| q.storage_bytes());
     }
     let varmap = VarMap::new();
@@ -92,24 +102,27 @@ fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-/// The GGML type named `name` (`q8_0`, `q4_k`, `q5_k`, `q6_k`, any case).
-fn parse_type(name: &str) -> Option<GgmlDType> {
+/// The format named `name` (`q8_0`, `q4_k`, `q5_k`, `q6_k`, or bitsandbytes' `nf4`, any
+/// case).
+fn parse_type(name: &str) -> Option<QuantFormat> {
     match name.trim().to_ascii_lowercase().as_str() {
-        "q8_0" => Some(GgmlDType::Q8_0),
-        "q4_k" => Some(GgmlDType::Q4K),
-        "q5_k" => Some(GgmlDType::Q5K),
-        "q6_k" => Some(GgmlDType::Q6K),
+        "q8_0" => Some(GgmlDType::Q8_0.into()),
+        "q4_k" => Some(GgmlDType::Q4K.into()),
+        "q5_k" => Some(GgmlDType::Q5K.into()),
+        "q6_k" => Some(GgmlDType::Q6K.into()),
+        "nf4" => Some(Bnb4Type::Nf4.into()),
         _ => None,
     }
 }
 
-/// llama.cpp's name of a GGML type (`Q4_K`).
-fn type_name(ty: GgmlDType) -> String {
+/// llama.cpp's name of a GGML type (`Q4_K`), `NF4` for bitsandbytes'.
+fn type_name(ty: QuantFormat) -> String {
     match ty {
-        GgmlDType::Q4K => "Q4_K".into(),
-        GgmlDType::Q5K => "Q5_K".into(),
-        GgmlDType::Q6K => "Q6_K".into(),
-        other => format!("{other:?}"),
+        QuantFormat::Ggml(GgmlDType::Q4K) => "Q4_K".into(),
+        QuantFormat::Ggml(GgmlDType::Q5K) => "Q5_K".into(),
+        QuantFormat::Ggml(GgmlDType::Q6K) => "Q6_K".into(),
+        QuantFormat::Ggml(other) => format!("{other:?}"),
+        QuantFormat::Bnb4(t) => t.name().to_uppercase(),
     }
 }
 
@@ -121,7 +134,7 @@ fn main() -> lorakit::Result<()> {
     let types: String = arg(&args, "--types", "q8_0,q4_k".to_string());
     let steps = !args.iter().any(|a| a == "--decode-only");
     let Some(types) = types.split(',').map(parse_type).collect::<Option<Vec<_>>>() else {
-        eprintln!("--types: a comma-separated list of q8_0, q4_k, q5_k, q6_k; got {types}");
+        eprintln!("--types: a comma-separated list of q8_0, q4_k, q5_k, q6_k, nf4; got {types}");
         std::process::exit(2);
     };
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());

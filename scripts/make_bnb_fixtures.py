@@ -29,6 +29,9 @@ Each case folder holds:
                              dequantized model, in the model's dtype (what a PEFT user who
                              merges after QLoRA training writes)
     merged_config.json       the config.json that model's save_pretrained writes
+    originals.safetensors    the float weights of q_proj and down_proj before quantization
+                             (bitsandbytes' quantize_4bit, default implementation on the CPU,
+                             made the stored codes and block scales from them)
     logits.safetensors       input_ids (i64, (1, 7)); logits_base and logits_lora, f32
                              (1, 7, 64): the dequantized model cast to f32, without and with
                              the (unmerged) adapter
@@ -140,7 +143,14 @@ def logits(model):
 def make(case, spec, seed):
     out = os.path.join(ROOT, case)
     float_dir = os.path.join(out, "_float")
-    base_model(spec["hidden"], spec["intermediate"], spec["dtype"], seed).save_pretrained(float_dir)
+    float_model = base_model(spec["hidden"], spec["intermediate"], spec["dtype"], seed)
+    float_model.save_pretrained(float_dir)
+    originals = {
+        n: p.detach().contiguous()
+        for n, p in float_model.state_dict().items()
+        if n.endswith(("q_proj.weight", "down_proj.weight"))
+    }
+    save_file(originals, os.path.join(out, "originals.safetensors"))
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=spec["dtype"], **spec["quant"])
     quantized = AutoModelForCausalLM.from_pretrained(
         float_dir, quantization_config=config, dtype=spec["dtype"], device_map="cpu"

@@ -1,13 +1,12 @@
 //! [`FrozenLinear`]: the base layer every adapter wraps.
 
-use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
 pub(crate) use crate::kernels::{flatten_rows, unflatten_rows};
 use crate::kernels::{Product, WeightRef};
-use crate::quant::QuantizedWeight;
+use crate::quant::{QuantFormat, QuantizedWeight};
 use crate::validate;
 
 /// A linear layer `y = x Wᵀ + b` whose weight `W` (`d_out × d_in`, candle's layout) and
@@ -116,8 +115,10 @@ impl FrozenLinear {
         })
     }
 
-    /// The same module with its weight quantized to `dtype` (Q8_0, Q4_K, Q5_K, Q6_K, …: see
-    /// [`crate::quant::QUANTIZE_TYPES`]); the float weight is dropped (memory is freed once
+    /// The same module with its weight quantized to `to`: a GGML type (Q8_0, Q4_K, Q5_K,
+    /// Q6_K, …: see [`crate::quant::QUANTIZE_TYPES`]) or a bitsandbytes 4-bit code book
+    /// ([`crate::quant::Bnb4Type`], as bitsandbytes quantizes: blocks of 64, no double
+    /// quantization; see [`QuantizedWeight::quantize`]); the float weight is dropped (memory is freed once
     /// no other tensor shares it). The layer keeps its dtype (that of its inputs, outputs
     /// and bias). `layer` names the layer in errors: a `d_in` that is not a multiple of
     /// the type's block size (32, or 256 for the k-quants) is refused, as is an embedding.
@@ -137,7 +138,7 @@ impl FrozenLinear {
     /// assert!(diff < 1e-3);
     /// # Ok(()) }
     /// ```
-    pub fn quantize(self, layer: &str, dtype: GgmlDType) -> Result<Self> {
+    pub fn quantize(self, layer: &str, to: impl Into<QuantFormat>) -> Result<Self> {
         if self.kind == BaseKind::Embedding {
             return Err(Error::layer_config(
                 layer,
@@ -145,7 +146,7 @@ impl FrozenLinear {
                 "an embedding is not quantized (only linear and Conv1D bases are)",
             ));
         }
-        let q = QuantizedWeight::quantize(layer, &self.dequantized_weight()?, dtype)?;
+        let q = QuantizedWeight::quantize(layer, &self.dequantized_weight()?, to)?;
         Ok(Self {
             weight: placeholder(q.d_out(), q.d_in(), self.dtype(), self.device())?,
             quantized: Some(q),

@@ -16,7 +16,8 @@
 //! trained on `examples/finetune/tiny.jsonl` under `target/finetune-demo/` and fine-tunes
 //! that. Writes the adapter, `loss_curve.svg` and `log.json` to `--out`.
 //!
-//! `--quantize q4k` (or `q8_0`, `q4_0`, `q5k`, `q6k`, …) trains QLoRA-style: every linear
+//! `--quantize nf4` (bitsandbytes' NF4, as PEFT's QLoRA recipe; or `q4k`, `q8_0`, `q4_0`,
+//! `q5k`, `q6k`, …) trains QLoRA-style: every linear
 //! of the decoder is quantized on load but `lm_head` and the MoE routers, and the adapter
 //! trains in float over it (Delta-LoRA, which updates the frozen weight, is refused).
 
@@ -38,6 +39,7 @@ use lorakit::finetune::{AdapterRecipe, Dataset, TrainConfig, TrainEvent, TrainRe
 use lorakit::model::Quantize;
 use lorakit::models::auto::AutoCausalLm;
 use lorakit::models::CausalLm;
+use lorakit::quant::{Bnb4Type, QuantFormat};
 use lorakit::tokenizer::TextTokenizer;
 use lorakit::Variant;
 
@@ -114,15 +116,18 @@ struct Args {
     /// Seed of the adapter's init and the data order.
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Quantize the frozen linears on load (QLoRA): q4k, q5k, q6k, q8_0, q4_0, q4_1, q5_0,
-    /// q5_1, q2k or q3k. `lm_head`, embeddings and norms stay float.
+    /// Quantize the frozen linears on load (QLoRA): nf4 or fp4 (bitsandbytes' 4-bit, as
+    /// `BitsAndBytesConfig(load_in_4bit=True)` without double quantization), q4k, q5k, q6k,
+    /// q8_0, q4_0, q4_1, q5_0, q5_1, q2k or q3k. `lm_head`, embeddings and norms stay float.
     #[arg(long)]
     quantize: Option<String>,
 }
 
-/// The GGML type named by `--quantize`.
-fn quantize_type(name: &str) -> lorakit::Result<GgmlDType> {
+/// The format named by `--quantize`.
+fn quantize_type(name: &str) -> lorakit::Result<QuantFormat> {
     let t = match name.to_ascii_lowercase().replace('_', "").as_str() {
+        "nf4" => return Ok(Bnb4Type::Nf4.into()),
+        "fp4" => return Ok(Bnb4Type::Fp4.into()),
         "q80" => GgmlDType::Q8_0,
         "q40" => GgmlDType::Q4_0,
         "q41" => GgmlDType::Q4_1,
@@ -137,12 +142,12 @@ fn quantize_type(name: &str) -> lorakit::Result<GgmlDType> {
             return Err(lorakit::Error::usage(
                 lorakit::Scope::Settings("finetune".into()),
                 format!(
-                "--quantize {name}: use q4k, q5k, q6k, q8_0, q4_0, q4_1, q5_0, q5_1, q2k or q3k"
+                "--quantize {name}: use nf4, fp4, q4k, q5k, q6k, q8_0, q4_0, q4_1, q5_0, q5_1, q2k or q3k"
             ),
             ))
         }
     };
-    Ok(t)
+    Ok(t.into())
 }
 
 fn main() {

@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
@@ -13,7 +12,7 @@ use crate::checkpoint::{Checkpoint, CheckpointBackend};
 use crate::error::{Error, Result};
 use crate::frozen::{BaseKind, FrozenLinear};
 use crate::model::AdapterPlan;
-use crate::quant::QuantizedWeight;
+use crate::quant::{QuantFormat, QuantizedWeight};
 
 /// Already-quantized weights by module path (`model.layers.0.self_attn.q_proj`), e.g. a
 /// GGUF file's tensors under their Hugging Face names: a module the source has is built
@@ -84,7 +83,8 @@ pub(crate) fn checkpoint_and_plan(
 /// Quantize-on-load settings, given to a model through
 /// [`crate::model::AdapterPlan::with_quantize`]: every linear (and GPT-2 `Conv1D`) module the
 /// model builds through [`crate::model::linear`] / [`crate::model::conv1d`], adapted or
-/// frozen, gets its weight quantized to `dtype` as it is loaded, except modules whose last
+/// frozen, gets its weight quantized to a GGML type or a bitsandbytes 4-bit code book
+/// ([`QuantFormat`]) as it is loaded, except modules whose last
 /// path component is in the skip list (by default `lm_head`, which QLoRA setups keep in
 /// float as bitsandbytes does). Embeddings and norms are never quantized. A module the
 /// optional [`QuantizedSource`] has is taken from it as stored.
@@ -104,7 +104,7 @@ pub(crate) fn checkpoint_and_plan(
 #[derive(Clone)]
 pub struct Quantize {
     /// `None`: float weights stay float ([`Quantize::stored_only`]).
-    dtype: Option<GgmlDType>,
+    dtype: Option<QuantFormat>,
     skip: Vec<String>,
     source: Option<Arc<dyn QuantizedSource>>,
 }
@@ -120,7 +120,10 @@ impl std::fmt::Debug for Quantize {
 }
 
 impl Quantize {
-    /// Quantize to `dtype` (see [`crate::quant::QUANTIZE_TYPES`]), skipping `lm_head` and
+    /// Quantize to `to` — a GGML type (see [`crate::quant::QUANTIZE_TYPES`]) or a
+    /// bitsandbytes 4-bit code book ([`crate::quant::Bnb4Type`]: NF4 is what
+    /// `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")` makes, without
+    /// its optional double quantization) —, skipping `lm_head` and
     /// the routers of mixtures of experts (`gate`; gpt-oss's `router`), which choose the
     /// experts: transformers 5 holds them as parameters, which quantization configs leave
     /// in float (gpt-oss's MXFP4 one lists them).
@@ -133,10 +136,12 @@ impl Quantize {
     /// assert!(q.applies_to("model.layers.0.mlp.gate_proj"));
     /// assert!(!q.applies_to("model.layers.0.mlp.router") && !q.applies_to("model.layers.0.mlp.gate"));
     /// assert!(!q.applies_to("lm_head"));
+    /// let nf4 = Quantize::new(lorakit::quant::Bnb4Type::Nf4);
+    /// assert_eq!(nf4.dtype().map(|f| f.to_string()), Some("bitsandbytes nf4".to_string()));
     /// ```
-    pub fn new(dtype: GgmlDType) -> Self {
+    pub fn new(to: impl Into<QuantFormat>) -> Self {
         Self {
-            dtype: Some(dtype),
+            dtype: Some(to.into()),
             skip: ["lm_head", "gate", "router"].map(String::from).to_vec(),
             source: None,
         }
@@ -193,9 +198,9 @@ impl Quantize {
         })
     }
 
-    /// The type float weights are quantized to; `None` when they stay float
+    /// The format float weights are quantized to; `None` when they stay float
     /// ([`Quantize::stored_only`]).
-    pub fn dtype(&self) -> Option<GgmlDType> {
+    pub fn dtype(&self) -> Option<QuantFormat> {
         self.dtype
     }
 

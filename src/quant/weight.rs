@@ -7,7 +7,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
-use super::bnb::{Bnb4Blocks, Bnb4Params};
+use super::bnb::{Bnb4Blocks, Bnb4Params, Bnb4Type};
 use super::dequant::dequantize_into;
 use crate::error::{Error, Result};
 
@@ -79,7 +79,19 @@ pub enum QuantFormat {
     /// candle's GGML blocks of this type.
     Ggml(GgmlDType),
     /// bitsandbytes 4-bit blocks of this code book.
-    Bnb4(super::bnb::Bnb4Type),
+    Bnb4(Bnb4Type),
+}
+
+impl From<GgmlDType> for QuantFormat {
+    fn from(t: GgmlDType) -> Self {
+        QuantFormat::Ggml(t)
+    }
+}
+
+impl From<Bnb4Type> for QuantFormat {
+    fn from(t: Bnb4Type) -> Self {
+        QuantFormat::Bnb4(t)
+    }
 }
 
 impl std::fmt::Display for QuantFormat {
@@ -102,10 +114,29 @@ impl std::fmt::Debug for QuantizedWeight {
 }
 
 impl QuantizedWeight {
-    /// Quantizes a float weight `(d_out, d_in)` to `dtype` (one of [`QUANTIZE_TYPES`]) on
-    /// the weight's device. `layer` names the layer in errors: a `d_in` that is not a
-    /// multiple of the type's block size (32, or 256 for the k-quants) is refused.
-    pub fn quantize(layer: &str, weight: &Tensor, dtype: GgmlDType) -> Result<Self> {
+    /// Quantizes a float weight `(d_out, d_in)` to `to`: a GGML type (one of
+    /// [`QUANTIZE_TYPES`], on the weight's device), or a bitsandbytes 4-bit code book (on
+    /// the CPU, as bitsandbytes' `quantize_4bit` does, in blocks of 64 without double
+    /// quantization; the quant state records the weight's dtype). `layer` names the layer
+    /// in errors: a `d_in` that is not a multiple of a GGML type's block size (32, or 256
+    /// for the k-quants) is refused, as is a non-finite value for bitsandbytes.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use lorakit::quant::{Bnb4Type, QuantFormat, QuantizedWeight};
+    /// # fn main() -> lorakit::Result<()> {
+    /// let w = Tensor::randn(0f32, 1., (4, 96), &Device::Cpu)?.to_dtype(DType::BF16)?;
+    /// let q = QuantizedWeight::quantize("proj", &w, Bnb4Type::Nf4)?;
+    /// assert_eq!(q.format(), QuantFormat::Bnb4(Bnb4Type::Nf4));
+    /// assert_eq!(q.bnb4_params().map(|p| (p.blocksize, p.dtype)), Some((64, DType::BF16)));
+    /// assert_eq!(q.storage_bytes(), 4 * 96 / 2 + 4 * 6); // codes and six f32 block scales
+    /// # Ok(()) }
+    /// ```
+    pub fn quantize(layer: &str, weight: &Tensor, to: impl Into<QuantFormat>) -> Result<Self> {
+        let dtype = match to.into() {
+            QuantFormat::Ggml(dtype) => dtype,
+            QuantFormat::Bnb4(quant_type) => return Self::quantize_bnb4(layer, weight, quant_type),
+        };
         if !QUANTIZE_TYPES.contains(&dtype) {
             return Err(Error::Unsupported {
                 what: "quantization type",
@@ -129,6 +160,28 @@ impl QuantizedWeight {
             d_out,
             d_in,
         })
+    }
+
+    /// [`QuantizedWeight::quantize`] to bitsandbytes 4-bit blocks.
+    fn quantize_bnb4(layer: &str, weight: &Tensor, quant_type: Bnb4Type) -> Result<Self> {
+        let (d_out, d_in) = weight_dims(layer, weight.dims())?;
+        let dtype = weight.dtype();
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(Error::DTypeMismatch {
+                layer: layer.to_string(),
+                what: "weight to quantize to bitsandbytes 4-bit".to_string(),
+                expected: DType::BF16,
+                got: dtype,
+            });
+        }
+        let values: Vec<f32> = weight
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        let blocks = Bnb4Blocks::quantize(&values, (d_out, d_in), quant_type, dtype)
+            .map_err(|why| Error::layer_config(layer, "quantize", why))?;
+        Ok(Self::from_bnb4(blocks))
     }
 
     /// Wraps an already-quantized tensor `(d_out, d_in)` (a GGUF file's, as stored), of
@@ -169,9 +222,14 @@ impl QuantizedWeight {
 
     /// The settings of bitsandbytes blocks.
     pub fn bnb4_params(&self) -> Option<&Bnb4Params> {
+        self.bnb4_blocks().map(Bnb4Blocks::params)
+    }
+
+    /// The bitsandbytes blocks, for bitsandbytes blocks.
+    pub(crate) fn bnb4_blocks(&self) -> Option<&Bnb4Blocks> {
         match self.blocks.as_ref() {
             Blocks::Ggml(_) => None,
-            Blocks::Bnb4(b) => Some(b.params()),
+            Blocks::Bnb4(b) => Some(b),
         }
     }
 

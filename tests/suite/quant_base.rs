@@ -1,4 +1,4 @@
-//! A quantized frozen base (QLoRA-style): every variant over Q8_0 / Q4_K / Q5_K / Q6_K
+//! A quantized frozen base (QLoRA-style): every variant over Q8_0 / Q4_K / Q5_K / Q6_K / NF4
 //! blocks computes exactly what it computes over the dequantized float weight (the
 //! reference: the same layer over `FrozenLinear::new(dequantized W)`, through the float
 //! fused kernel, itself tested against candle's composed ops), forward and gradients, to
@@ -9,13 +9,15 @@ use crate::common::*;
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
+use lorakit::quant::{Bnb4Type, QuantFormat};
 use lorakit::*;
 
-const TYPES: [GgmlDType; 4] = [
-    GgmlDType::Q8_0,
-    GgmlDType::Q4K,
-    GgmlDType::Q5K,
-    GgmlDType::Q6K,
+const TYPES: [QuantFormat; 5] = [
+    QuantFormat::Ggml(GgmlDType::Q8_0),
+    QuantFormat::Ggml(GgmlDType::Q4K),
+    QuantFormat::Ggml(GgmlDType::Q5K),
+    QuantFormat::Ggml(GgmlDType::Q6K),
+    QuantFormat::Bnb4(Bnb4Type::Nf4),
 ];
 const VARIANTS: [Variant; 6] = [
     Variant::Lora,
@@ -28,7 +30,12 @@ const VARIANTS: [Variant; 6] = [
 const TOL: f64 = 1e-5;
 
 /// A float base `(d_out, d_in)` with a bias, and the same base quantized to `ty`.
-fn bases(seed: u64, d_out: usize, d_in: usize, ty: GgmlDType) -> (FrozenLinear, FrozenLinear) {
+fn bases(
+    seed: u64,
+    d_out: usize,
+    d_in: usize,
+    ty: impl Into<QuantFormat>,
+) -> (FrozenLinear, FrozenLinear) {
     let mut g = rng(seed);
     let w = randn(&mut g, &[d_out, d_in], DType::F32);
     let bias = rand(&mut g, &[d_out], DType::F32);

@@ -119,14 +119,15 @@ fn quantized_times_t<T: WithDType>(
 ) -> candle_core::Result<()> {
     if x.rows <= STREAM_ROWS {
         if T::DTYPE == DType::F32 {
-            let kernel = q
-                .ggml_dtype()
-                .and_then(|t| RowDots::new(t, q.d_in(), x.rows, Isa::best()));
-            if let Some(k) = kernel {
+            let Some(ggml) = q.ggml_dtype() else {
+                // bitsandbytes blocks: no fused kernel; f32 products, as the fused ones.
+                return times_t_streamed::<f32, T>(q, dst, x, accum);
+            };
+            if let Some(k) = RowDots::new(ggml, q.d_in(), x.rows, Isa::best()) {
                 return times_t_fused(q, &k, dst, x, accum);
             }
         }
-        return times_t_streamed(q, dst, x, accum);
+        return times_t_streamed::<f64, T>(q, dst, x, accum);
     }
     let (d_out, one) = (q.d_out(), T::from_f64(1.0));
     let mut tile = Tile::new(q);
@@ -215,21 +216,28 @@ fn scatter<T: WithDType>(
     }
 }
 
-/// `dst (+)= x Wᵀ` for a few input rows, streaming `W` row by row over the thread pool.
-fn times_t_streamed<T: WithDType>(
+/// `dst (+)= x Wᵀ` for a few input rows, streaming `W` row by row over the thread pool:
+/// each row dequantized into a buffer and dotted with the inputs in `A` (f64, or f32 for
+/// f32 inputs over blocks without a fused kernel), each row summed by one task, in an
+/// order that does not depend on the thread count.
+fn times_t_streamed<A: RowSum, T: WithDType>(
     q: &QuantizedWeight,
     dst: &mut [T],
     x: MatRef<T>,
     accum: Accum,
 ) -> candle_core::Result<()> {
     let (d_out, d_in, n) = (q.d_out(), q.d_in(), x.rows);
-    let xs: Vec<Vec<f64>> = (0..n)
-        .map(|i| (0..d_in).map(|k| x.at(i, k).to_f64()).collect())
+    let xs: Vec<Vec<A>> = (0..n)
+        .map(|i| {
+            (0..d_in)
+                .map(|k| A::from_f64(x.at(i, k).to_f64()))
+                .collect()
+        })
         .collect();
     let per_task = d_out
         .div_ceil(8 * rayon::current_num_threads().max(1))
         .max(1);
-    let mut yt = vec![0f64; d_out * n]; // (d_out, n)
+    let mut yt = vec![A::default(); d_out * n]; // (d_out, n)
     yt.par_chunks_mut(per_task * n)
         .enumerate()
         .try_for_each(|(c, out)| {
@@ -237,29 +245,65 @@ fn times_t_streamed<T: WithDType>(
             for (r, y) in out.chunks_mut(n).enumerate() {
                 q.dequantize_rows_here(c * per_task + r, &mut row)?;
                 for (y, x) in y.iter_mut().zip(&xs) {
-                    *y = dot(x, &row);
+                    *y = A::dot(x, &row);
                 }
             }
             Ok::<(), candle_core::Error>(())
         })?;
     scatter(dst, d_out, n, accum, |j, i| {
-        yt.get(j * n + i).copied().unwrap_or(0.0)
+        yt.get(j * n + i).copied().unwrap_or_default().to_f64()
     });
     Ok(())
 }
 
-/// `Σ x_k w_k` with eight accumulators (so that the loop vectorizes).
-fn dot(x: &[f64], w: &[f32]) -> f64 {
-    let mut acc = [0f64; 8];
-    let (xc, xr) = x.split_at(x.len() - x.len() % 8);
-    let (wc, wr) = w.split_at(xc.len().min(w.len()));
-    for (xs, ws) in xc.chunks_exact(8).zip(wc.chunks_exact(8)) {
+/// The accumulator of [`times_t_streamed`]'s dot products.
+trait RowSum: Copy + Default + Send + Sync {
+    fn from_f64(v: f64) -> Self;
+    fn to_f64(self) -> f64;
+    /// `Σ x_k w_k`.
+    fn dot(x: &[Self], w: &[f32]) -> Self;
+}
+
+impl RowSum for f64 {
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+    fn to_f64(self) -> f64 {
+        self
+    }
+    fn dot(x: &[f64], w: &[f32]) -> f64 {
+        dot_lanes::<f64, 8>(x, w, f64::from)
+    }
+}
+
+impl RowSum for f32 {
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+    fn to_f64(self) -> f64 {
+        f64::from(self)
+    }
+    fn dot(x: &[f32], w: &[f32]) -> f32 {
+        dot_lanes::<f32, 16>(x, w, |w| w)
+    }
+}
+
+/// `Σ x_k w_k` with `L` accumulators (so that the loop vectorizes), `w` widened by `wide`.
+fn dot_lanes<A, const L: usize>(x: &[A], w: &[f32], wide: impl Fn(f32) -> A) -> A
+where
+    A: Copy + Default + std::ops::Add<Output = A> + std::ops::Mul<Output = A> + std::iter::Sum,
+{
+    let mut acc = [A::default(); L];
+    let whole = x.len().min(w.len()) / L * L;
+    let (xc, xr) = x.split_at(whole);
+    let (wc, wr) = w.split_at(whole);
+    for (xs, ws) in xc.chunks_exact(L).zip(wc.chunks_exact(L)) {
         for ((a, &x), &w) in acc.iter_mut().zip(xs).zip(ws) {
-            *a += x * f64::from(w);
+            *a = *a + x * wide(w);
         }
     }
-    let tail: f64 = xr.iter().zip(wr).map(|(&x, &w)| x * f64::from(w)).sum();
-    acc.iter().sum::<f64>() + tail
+    let tail: A = xr.iter().zip(wr).map(|(&x, &w)| x * wide(w)).sum();
+    acc.into_iter().sum::<A>() + tail
 }
 
 /// One reused buffer of dequantized rows, in f32 (and converted to `T` when `T` is not f32).
