@@ -7,7 +7,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
-use super::bnb::{Bnb4Blocks, Bnb4Params, Bnb4Type};
+use super::bnb::{Bnb4Blocks, Bnb4Params, Bnb4Type, Lanes};
 use super::dequant::dequantize_into;
 use crate::error::{Error, Result};
 
@@ -276,7 +276,7 @@ impl QuantizedWeight {
             Blocks::Ggml(q) => Ok(q.dequantize(&q.device())?),
             Blocks::Bnb4(_) => {
                 let mut values = vec![0f32; self.d_out * self.d_in];
-                self.dequantize_rows(0, &mut values)?;
+                self.dequantize_rows(0, &mut values, Lanes::Avx2)?;
                 Ok(Tensor::from_vec(
                     values,
                     (self.d_out, self.d_in),
@@ -292,8 +292,14 @@ impl QuantizedWeight {
     }
 
     /// Dequantizes rows `row0 ..` into `out` (a whole number of rows, `d_in` floats each),
-    /// rows spread over the thread pool. CPU weights only.
-    pub(crate) fn dequantize_rows(&self, row0: usize, out: &mut [f32]) -> candle_core::Result<()> {
+    /// rows spread over the thread pool, bitsandbytes blocks with vector code up to `lanes`
+    /// (the caller's choice of instruction set). CPU weights only.
+    pub(crate) fn dequantize_rows(
+        &self,
+        row0: usize,
+        out: &mut [f32],
+        lanes: Lanes,
+    ) -> candle_core::Result<()> {
         let d_in = self.d_in.max(1);
         let rows = out.len() / d_in;
         let per_task = rows
@@ -302,7 +308,7 @@ impl QuantizedWeight {
         self.check_rows(row0, out.len())?;
         out.par_chunks_mut(per_task * d_in)
             .enumerate()
-            .try_for_each(|(i, out)| self.dequantize_rows_here(row0 + i * per_task, out))
+            .try_for_each(|(i, out)| self.dequantize_rows_here(row0 + i * per_task, out, lanes))
     }
 
     /// [`QuantizedWeight::dequantize_rows`] on the calling thread (a caller that is already
@@ -311,6 +317,7 @@ impl QuantizedWeight {
         &self,
         row0: usize,
         out: &mut [f32],
+        lanes: Lanes,
     ) -> candle_core::Result<()> {
         match self.blocks.as_ref() {
             Blocks::Ggml(q) => {
@@ -319,7 +326,7 @@ impl QuantizedWeight {
             }
             Blocks::Bnb4(b) => {
                 self.check_rows(row0, out.len())?;
-                if !b.dequantize_into(row0 * self.d_in, out) {
+                if !b.dequantize_into(row0 * self.d_in, out, Lanes::best(lanes)) {
                     candle_core::bail!("quantized weight: rows from {row0} outside the blocks");
                 }
                 Ok(())
@@ -383,7 +390,7 @@ impl QuantizedWeight {
         for j0 in (0..self.d_out).step_by(rows.max(1)) {
             let k = rows.min(self.d_out - j0);
             let buf = tile.get_mut(..k * self.d_in).unwrap_or_default();
-            self.dequantize_rows(j0, buf)?;
+            self.dequantize_rows(j0, buf, Lanes::Avx2)?;
             norms.extend(buf.chunks(self.d_in.max(1)).map(|row| {
                 row.iter()
                     .map(|&v| f64::from(v) * f64::from(v))

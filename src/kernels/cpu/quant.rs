@@ -10,6 +10,7 @@ use super::{
     filled_output, gemm_into, gemm_plus_into, product_owned, rowwise, Accum, AddedTerm, MatProduct,
     MatRef,
 };
+use crate::quant::bnb::Lanes;
 use crate::quant::{tile_rows, QuantizedWeight};
 use dot::{Isa, RowDots};
 
@@ -243,7 +244,7 @@ fn times_t_streamed<A: RowSum, T: WithDType>(
         .try_for_each(|(c, out)| {
             let mut row = vec![0f32; d_in];
             for (r, y) in out.chunks_mut(n).enumerate() {
-                q.dequantize_rows_here(c * per_task + r, &mut row)?;
+                q.dequantize_rows_here(c * per_task + r, &mut row, lanes())?;
                 for (y, x) in y.iter_mut().zip(&xs) {
                     *y = A::dot(x, &row);
                 }
@@ -254,6 +255,15 @@ fn times_t_streamed<A: RowSum, T: WithDType>(
         yt.get(j * n + i).copied().unwrap_or_default().to_f64()
     });
     Ok(())
+}
+
+/// How wide bitsandbytes blocks are expanded: AVX2 where the machine's instruction set
+/// (which `LORAKIT_CPU_ISA` lowers) allows it and the CPU has it.
+fn lanes() -> Lanes {
+    match Isa::best() {
+        Isa::Portable => Lanes::Portable,
+        Isa::Avx2 | Isa::Avx512 => Lanes::Avx2,
+    }
 }
 
 /// The accumulator of [`times_t_streamed`]'s dot products.
@@ -346,7 +356,7 @@ impl<'q, T: WithDType> Tile<'q, T> {
         let Some(floats) = buf.get_mut(..len) else {
             candle_core::bail!("fused linear: a tile of {k} rows overruns its buffer");
         };
-        self.q.dequantize_rows(j0, floats)?;
+        self.q.dequantize_rows(j0, floats, lanes())?;
         if T::DTYPE == DType::F32 {
             let all = T::cpu_storage_as_slice(&self.f32s)?;
             return MatRef::contiguous(all.get(..len).unwrap_or_default(), k, d_in);

@@ -4,11 +4,8 @@
 use candle_core::DType;
 use half::f16;
 
-use super::params::{Bnb4Params, Bnb4Type};
-
-/// The block size [`Bnb4Blocks::quantize`] uses: bitsandbytes' default
-/// (`bnb_4bit_blocksize`, 64).
-pub(crate) const BLOCKSIZE: usize = 64;
+use super::params::Bnb4Params;
+use super::simd::{expand_blocks_avx2, Lanes};
 
 /// The block scales as a checkpoint stores them.
 #[derive(Clone, Debug)]
@@ -106,60 +103,6 @@ impl Bnb4Blocks {
         })
     }
 
-    /// Quantizes `values` (the flattened `shape` weight, in `dtype`, read as f32) as
-    /// bitsandbytes' `quantize_4bit` does without double quantization, in blocks of
-    /// [`BLOCKSIZE`]: each block's scale is its largest magnitude, each value `v · (1 /
-    /// scale)` (a last, partial block: `v / scale`) clamped to `[-1, 1]` takes the code of
-    /// the interval between the code book's midpoints it falls in (a midpoint itself goes
-    /// down, as `torch.bucketize`). The reason it is refused otherwise (a non-finite value,
-    /// sizes that do not match).
-    pub(crate) fn quantize(
-        values: &[f32],
-        shape: (usize, usize),
-        quant_type: Bnb4Type,
-        dtype: DType,
-    ) -> Result<Self, String> {
-        let params = Bnb4Params {
-            quant_type,
-            blocksize: BLOCKSIZE,
-            dtype,
-            shape,
-            nested: None,
-        };
-        if values.len() != params.len() {
-            return Err(format!("{} values for a {shape:?} weight", values.len()));
-        }
-        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-            return Err(format!("value {i} of the weight is not finite"));
-        }
-        let (order, bounds) = code_intervals(quant_type.code());
-        let code_of = |scaled: f32| {
-            let interval = bounds.iter().filter(|&&b| b < scaled).count();
-            order.get(interval).copied().unwrap_or(0)
-        };
-        let mut codes = Vec::with_capacity(values.len() + 1);
-        let mut absmax = Vec::with_capacity(params.blocks());
-        for block in values.chunks(BLOCKSIZE) {
-            let scale = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            absmax.push(scale);
-            let scale = scale.max(1e-38);
-            let inverse = 1.0 / scale;
-            let whole = block.len() == BLOCKSIZE;
-            codes.extend(block.iter().map(|&v| {
-                let scaled = if whole { v * inverse } else { v / scale };
-                code_of(scaled.clamp(-1.0, 1.0))
-            }));
-        }
-        if codes.len() % 2 == 1 {
-            codes.push(code_of(0.0)); // bitsandbytes pads with a zero
-        }
-        let packed = codes.chunks(2).map(|pair| match pair {
-            [hi, lo] => (hi << 4) | lo,
-            _ => 0,
-        });
-        Self::new(params, packed.collect(), StoredAbsmax::Plain(absmax))
-    }
-
     /// The settings.
     pub(crate) fn params(&self) -> &Bnb4Params {
         &self.params
@@ -172,14 +115,48 @@ impl Bnb4Blocks {
 
     /// Writes the values `start .. start + out.len()` of the flattened weight into `out`:
     /// `code[c] · absmax[block]` in f32, rounded to the stored dtype (and held in f32),
-    /// as bitsandbytes dequantizes. `false` when the range is outside the weight.
-    pub(crate) fn dequantize_into(&self, start: usize, out: &mut [f32]) -> bool {
+    /// as bitsandbytes dequantizes; whole blocks of a bf16 or f32 weight with `lanes`
+    /// (the same values). `false` when the range is outside the weight.
+    pub(crate) fn dequantize_into(&self, start: usize, out: &mut [f32], lanes: Lanes) -> bool {
         let Some(end) = start
             .checked_add(out.len())
             .filter(|&e| e <= self.params.len())
         else {
             return false;
         };
+        let bs = self.params.blocksize;
+        let simd = lanes == Lanes::Avx2 && self.params.dtype != DType::F16 && bs.is_multiple_of(8);
+        if !simd {
+            self.expand_range(start, out);
+            return true;
+        }
+        // A partial block before and after the whole ones.
+        let first_whole = start.div_ceil(bs) * bs;
+        let last_whole = (end / bs * bs).max(first_whole);
+        let (head, rest) = out.split_at_mut((first_whole - start).min(out.len()));
+        let (middle, tail) = rest.split_at_mut((last_whole - first_whole).min(rest.len()));
+        self.expand_range(start, head);
+        let blocks = first_whole / bs..last_whole / bs;
+        let codes = self.packed.get(first_whole / 2..last_whole / 2);
+        let scales = self.absmax.get(blocks);
+        let code = self.params.quant_type.code();
+        let bf16 = self.params.dtype == DType::BF16;
+        let expanded = match (codes, scales) {
+            (Some(codes), Some(scales)) => {
+                expand_blocks_avx2(codes, scales, code, bs, bf16, middle)
+            }
+            _ => false,
+        };
+        if !expanded {
+            self.expand_range(first_whole, middle);
+        }
+        self.expand_range(last_whole.max(start), tail);
+        true
+    }
+
+    /// [`Bnb4Blocks::dequantize_into`] a value at a time, for a range inside the weight.
+    fn expand_range(&self, start: usize, out: &mut [f32]) {
+        let end = start + out.len();
         let code = self.params.quant_type.code();
         let round = rounding(self.params.dtype);
         let bs = self.params.blocksize;
@@ -200,11 +177,8 @@ impl Bnb4Blocks {
             rest = tail;
             at = stop;
         }
-        true
     }
-}
 
-impl Bnb4Blocks {
     /// Writes `table[code]` for the codes of values `at .. at + out.len()` into `out`, two
     /// a byte (the first in the high nibble).
     fn expand(&self, at: usize, out: &mut [f32], table: &[f32; 16]) {
@@ -238,20 +212,6 @@ impl Bnb4Blocks {
     }
 }
 
-/// The code book's codes in the order of their values, and the 15 midpoints between
-/// consecutive values (f32, as bitsandbytes computes them): a scaled value above `k` of
-/// the midpoints takes code `order[k]`. Equal values keep their code order.
-fn code_intervals(code: &[f32; 16]) -> ([u8; 16], [f32; 15]) {
-    let mut order: [u8; 16] = std::array::from_fn(|i| i as u8);
-    let value = |c: u8| code.get(usize::from(c)).copied().unwrap_or(0.0);
-    order.sort_by(|&a, &b| value(a).total_cmp(&value(b)));
-    let bounds = std::array::from_fn(|i| {
-        let (lo, hi) = (order.get(i), order.get(i + 1));
-        (lo.map_or(0.0, |&c| value(c)) + hi.map_or(0.0, |&c| value(c))) / 2.0
-    });
-    (order, bounds)
-}
-
 /// How values in `dtype` are rounded (f32: not at all).
 fn rounding(dtype: DType) -> Rounding {
     match dtype {
@@ -279,102 +239,5 @@ enum Rounding {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::collections::HashMap;
-
-    use candle_core::{DType, Device, Tensor};
-
-    use super::*;
-    use crate::checkpoint::Checkpoint;
-
-    /// The fixture folder `tests/fixtures/bnb/<case>/<file>`.
-    fn fixture(case: &str, file: &str) -> std::path::PathBuf {
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/bnb")
-            .join(case)
-            .join(file)
-    }
-
-    /// The float weights bitsandbytes quantized into each fixture checkpoint give the codes
-    /// it stored (and, without double quantization, its block scales) bit for bit.
-    #[test]
-    fn quantizing_gives_the_codes_and_scales_bitsandbytes_stored() {
-        for (case, quant_type) in [("nf4_dq", Bnb4Type::Nf4), ("fp4_f16", Bnb4Type::Fp4)] {
-            let ckpt = Checkpoint::open(fixture(case, "model")).unwrap();
-            let originals: HashMap<String, Tensor> = candle_core::safetensors::load(
-                fixture(case, "originals.safetensors"),
-                &Device::Cpu,
-            )
-            .unwrap();
-            assert_eq!(originals.len(), 2);
-            for (name, w) in &originals {
-                let values: Vec<f32> = w
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                let shape = w.dims2().unwrap();
-                let mine = Bnb4Blocks::quantize(&values, shape, quant_type, w.dtype()).unwrap();
-                let stored = ckpt.load_bnb4(name).unwrap();
-                let stored = stored.bnb4_blocks().unwrap();
-                assert_eq!(mine.packed, stored.packed, "{case} {name}: codes");
-                assert_eq!(mine.params.dtype, stored.params.dtype);
-                if stored.params.nested.is_none() {
-                    let bits =
-                        |b: &Bnb4Blocks| b.absmax.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(bits(&mine), bits(stored), "{case} {name}: scales");
-                }
-            }
-        }
-    }
-
-    /// The bf16 rounding equals `half`'s on finite values: every exponent, the mantissas
-    /// at and around the halfway points, and the largest values (which carry to infinity).
-    #[test]
-    fn bf16_rounding_is_halfs() {
-        let mut checked = 0;
-        for exponent in 0..255u32 {
-            for low in [
-                0u32, 1, 0x7fff, 0x8000, 0x8001, 0xffff, 0x1_7fff, 0x1_8000, 0x7f_ffff,
-            ] {
-                for sign in [0u32, 1 << 31] {
-                    let v = f32::from_bits(sign | (exponent << 23) | low);
-                    let want = half::bf16::from_f32(v).to_f32();
-                    assert_eq!(round_to_bf16(v).to_bits(), want.to_bits(), "{v:e}");
-                    checked += 1;
-                }
-            }
-        }
-        assert_eq!(checked, 255 * 9 * 2);
-    }
-
-    /// A block of code values times a scale quantizes to exactly those values; a last,
-    /// partial block and an odd count are padded as bitsandbytes pads; non-finite values
-    /// and wrong sizes are refused.
-    #[test]
-    fn code_values_round_trip_and_bad_input_is_refused() {
-        for quant_type in [Bnb4Type::Nf4, Bnb4Type::Fp4] {
-            let code = quant_type.code();
-            // 3 rows of 45: two whole blocks and one of 7.
-            let values: Vec<f32> = (0..135).map(|i| code[(i * 7) % 16] * 0.75).collect();
-            let blocks = Bnb4Blocks::quantize(&values, (3, 45), quant_type, DType::F32).unwrap();
-            assert_eq!((blocks.packed.len(), blocks.absmax.len()), (68, 3));
-            let mut out = vec![0f32; 135];
-            assert!(blocks.dequantize_into(0, &mut out));
-            assert_eq!(out, values, "{quant_type:?}");
-            // Rows of 45 start on odd values too.
-            for (r, want) in values.chunks(45).enumerate() {
-                let mut row = vec![0f32; 45];
-                assert!(blocks.dequantize_into(r * 45, &mut row));
-                assert_eq!(row, want, "{quant_type:?} row {r}");
-            }
-            assert!(!blocks.dequantize_into(100, &mut out));
-            let nan = [f32::NAN; 4];
-            let err = Bnb4Blocks::quantize(&nan, (2, 2), quant_type, DType::F32).unwrap_err();
-            assert!(err.contains("not finite"), "{err}");
-            assert!(Bnb4Blocks::quantize(&values, (2, 2), quant_type, DType::F32).is_err());
-        }
-    }
-}
+#[path = "blocks_tests.rs"]
+mod tests;

@@ -19,6 +19,9 @@
 mod blocks;
 mod codes;
 mod params;
+mod quantize;
+mod simd;
 
 pub(crate) use blocks::{Bnb4Blocks, StoredAbsmax};
 pub use params::{Bnb4Params, Bnb4Type, NestedParams};
+pub(crate) use simd::Lanes;

@@ -1,0 +1,138 @@
+//! Whole blocks of 4-bit codes expanded into f32 values with AVX2: each block's 16 values
+//! (`code · scale`, rounded to bf16 where the weight is bf16) held in two 8-lane registers,
+//! eight codes at a time turned into indices and looked up with two permutes and a blend.
+//! The values are the portable expansion's, bit for bit.
+
+/// How [`super::Bnb4Blocks::dequantize_into`] expands whole blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Lanes {
+    /// Plain Rust, a value at a time.
+    Portable,
+    /// AVX2 + FMA, eight values at a time (x86-64 CPUs that report both).
+    Avx2,
+}
+
+impl Lanes {
+    /// The widest this CPU runs, no wider than `allowed`.
+    pub(crate) fn best(allowed: Lanes) -> Lanes {
+        match allowed {
+            Lanes::Avx2 if avx2_available() => Lanes::Avx2,
+            _ => Lanes::Portable,
+        }
+    }
+}
+
+/// Whether this CPU has AVX2 and FMA.
+fn avx2_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Expands whole blocks with AVX2: `out` holds `scales.len()` blocks of `blocksize`
+/// values (a multiple of 8), `packed` their codes, two a byte, the first in the high
+/// nibble; `bf16` rounds each value to bf16. `false` (nothing written) when the sizes do
+/// not fit or the CPU lacks AVX2 + FMA.
+pub(crate) fn expand_blocks_avx2(
+    packed: &[u8],
+    scales: &[f32],
+    code: &[f32; 16],
+    blocksize: usize,
+    bf16: bool,
+    out: &mut [f32],
+) -> bool {
+    let fits = blocksize > 0
+        && blocksize.is_multiple_of(8)
+        && out.len() == scales.len() * blocksize
+        && packed.len() * 2 == out.len();
+    if !fits || !avx2_available() {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: the CPU has AVX2 and FMA (checked above), and the sizes fit (checked
+        // above: every read and write below stays inside `packed`, `scales` and `out`).
+        unsafe { x86::expand(packed, scales, code, blocksize, bf16, out) };
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (code, bf16);
+        false
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Rounds eight f32 to bf16 (ties to even; finite values), kept as f32.
+    #[target_feature(enable = "avx2,fma")]
+    fn round_bf16(v: __m256) -> __m256 {
+        let bits = _mm256_castps_si256(v);
+        let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(1));
+        let bias = _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb);
+        let rounded = _mm256_and_si256(
+            _mm256_add_epi32(bits, bias),
+            _mm256_set1_epi32(0xffff_0000_u32 as i32),
+        );
+        _mm256_castsi256_ps(rounded)
+    }
+
+    /// See [`super::expand_blocks_avx2`].
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `blocksize` is a positive multiple of 8, `out.len() ==
+    /// scales.len() · blocksize` and `packed.len() · 2 == out.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn expand(
+        packed: &[u8],
+        scales: &[f32],
+        code: &[f32; 16],
+        blocksize: usize,
+        bf16: bool,
+        out: &mut [f32],
+    ) {
+        // SAFETY (every access below): `code` has 16 values; block `b`'s codes are bytes
+        // `b · blocksize / 2 ..` of `packed` and its values `b · blocksize ..` of `out`,
+        // inside both by the caller's sizes; each step reads 4 bytes and writes 8 floats
+        // at an offset that is a multiple of 4 (8) below the block's end.
+        let (lo_code, hi_code) = unsafe {
+            (
+                _mm256_loadu_ps(code.as_ptr()),
+                _mm256_loadu_ps(code.as_ptr().add(8)),
+            )
+        };
+        // Bytes b0..b3 to b0 b0 b1 b1 b2 b2 b3 b3; high nibble first.
+        let duplicate = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, -1, -1, -1, -1, -1, -1, -1, -1);
+        let shifts = _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0);
+        let nibble = _mm256_set1_epi32(0x0f);
+        for (b, &scale) in scales.iter().enumerate() {
+            let s = _mm256_set1_ps(scale);
+            let (mut lo, mut hi) = (_mm256_mul_ps(lo_code, s), _mm256_mul_ps(hi_code, s));
+            if bf16 {
+                (lo, hi) = (round_bf16(lo), round_bf16(hi));
+            }
+            let first = b * blocksize;
+            for g in (0..blocksize).step_by(8) {
+                let at = first + g;
+                let four = unsafe { packed.as_ptr().add(at / 2).cast::<i32>().read_unaligned() };
+                let bytes = _mm_shuffle_epi8(_mm_cvtsi32_si128(four), duplicate);
+                let idx = _mm256_and_si256(
+                    _mm256_srlv_epi32(_mm256_cvtepu8_epi32(bytes), shifts),
+                    nibble,
+                );
+                let from_lo = _mm256_permutevar8x32_ps(lo, idx);
+                let from_hi = _mm256_permutevar8x32_ps(hi, idx);
+                let high_half = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx));
+                let w = _mm256_blendv_ps(from_lo, from_hi, high_half);
+                unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(at), w) };
+            }
+        }
+    }
+}
