@@ -192,7 +192,10 @@ impl Checkpoint {
     /// ```
     pub fn float_view(&self, name: &str) -> Option<(Vec<usize>, Dtype)> {
         let (_, stored) = self.get(name)?;
-        let dequantized = self.bnb4_params(name).ok().filter(|_| self.is_bnb4(name));
+        let dequantized = match self.is_bnb4(name) {
+            true => self.bnb4_params(name).ok(),
+            false => None,
+        };
         Some(match dequantized {
             Some(p) => (vec![p.shape.0, p.shape.1], stored_dtype(p.dtype)),
             None => (stored.shape.clone(), stored.dtype),

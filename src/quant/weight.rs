@@ -115,8 +115,8 @@ impl std::fmt::Debug for QuantizedWeight {
 
 impl QuantizedWeight {
     /// Quantizes a float weight `(d_out, d_in)` to `to`: a GGML type (one of
-    /// [`QUANTIZE_TYPES`], on the weight's device), or a bitsandbytes 4-bit code book (on
-    /// the CPU, as bitsandbytes' `quantize_4bit` does, in blocks of 64 without double
+    /// [`QUANTIZE_TYPES`], on the weight's device), or a bitsandbytes 4-bit code book (a
+    /// CPU weight only, as bitsandbytes' `quantize_4bit` does, in blocks of 64 without double
     /// quantization; the quant state records the weight's dtype). `layer` names the layer
     /// in errors: a `d_in` that is not a multiple of a GGML type's block size (32, or 256
     /// for the k-quants) is refused, as is a non-finite value for bitsandbytes.
@@ -165,6 +165,17 @@ impl QuantizedWeight {
     /// [`QuantizedWeight::quantize`] to bitsandbytes 4-bit blocks.
     fn quantize_bnb4(layer: &str, weight: &Tensor, quant_type: Bnb4Type) -> Result<Self> {
         let (d_out, d_in) = weight_dims(layer, weight.dims())?;
+        if !weight.device().is_cpu() {
+            return Err(Error::layer_config(
+                layer,
+                "quantize",
+                format!(
+                    "bitsandbytes 4-bit blocks are held on the CPU; a weight on {:?} takes a \
+                     GGML type (or stays float)",
+                    weight.device()
+                ),
+            ));
+        }
         let dtype = weight.dtype();
         if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
             return Err(Error::DTypeMismatch {

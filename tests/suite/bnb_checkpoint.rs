@@ -65,6 +65,17 @@ fn every_4bit_weight_dequantizes_to_bitsandbytes_values_bit_for_bit() {
         }
         assert!(!ckpt.is_bnb4("model.embed_tokens.weight"));
         assert!(ckpt.has_bnb4());
+        // A VarBuilder (any candle model) gets the dequantized weights, shape-checked.
+        let vb = ckpt.var_builder(DType::F32, &Device::Cpu);
+        let name = "model.layers.0.self_attn.o_proj.weight";
+        let want = &expected[name];
+        let got = vb.get(want.dims(), name).unwrap().to_dtype(dtype).unwrap();
+        assert_eq!(bits_differ(&got, want), 0, "{case} var_builder");
+        let err = vb.get((3, 3), name).unwrap_err().to_string();
+        assert!(
+            err.contains("shape mismatch") && err.contains(name),
+            "{err}"
+        );
     }
 }
 
