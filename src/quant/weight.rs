@@ -345,6 +345,23 @@ impl QuantizedWeight {
         }
     }
 
+    /// `out[r] = Σ_k xs[r][k] · W[row, k]` in f32 straight from bitsandbytes blocks, where
+    /// a vector kernel applies (see `Bnb4Blocks::dots`); `false` otherwise (GGML blocks
+    /// included), nothing written.
+    pub(crate) fn bnb4_row_dots(
+        &self,
+        row: usize,
+        xs: &[&[f32]],
+        out: &mut [f32],
+        lanes: Lanes,
+    ) -> bool {
+        let inside = row < self.d_out && xs.iter().all(|x| x.len() == self.d_in);
+        match self.bnb4_blocks() {
+            Some(b) if inside => b.dots(row * self.d_in, xs, out, Lanes::best(lanes)),
+            _ => false,
+        }
+    }
+
     /// An error unless `floats` values from row `row0` are a whole number of rows inside
     /// the weight.
     fn check_rows(&self, row0: usize, floats: usize) -> candle_core::Result<()> {

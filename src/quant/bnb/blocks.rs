@@ -5,7 +5,7 @@ use candle_core::DType;
 use half::f16;
 
 use super::params::Bnb4Params;
-use super::simd::{expand_blocks_avx2, Lanes};
+use super::simd::{dot_blocks_avx2, expand_blocks_avx2, Lanes};
 
 /// The block scales as a checkpoint stores them.
 #[derive(Clone, Debug)]
@@ -152,6 +152,29 @@ impl Bnb4Blocks {
         }
         self.expand_range(last_whole.max(start), tail);
         true
+    }
+
+    /// `out[r] = Σ_k xs[r][k] · w_{start + k}` over the values `start ..` (as many as each
+    /// input row has) in f32, when `lanes` is AVX2, the range is whole blocks of a bf16 or
+    /// f32 weight and there are at most four rows (returns whether it did: the caller
+    /// dequantizes and dots otherwise).
+    pub(crate) fn dots(&self, start: usize, xs: &[&[f32]], out: &mut [f32], lanes: Lanes) -> bool {
+        let bs = self.params.blocksize;
+        let len = xs.first().map_or(0, |x| x.len());
+        let applies = lanes == Lanes::Avx2
+            && self.params.dtype != DType::F16
+            && start.is_multiple_of(bs)
+            && len.is_multiple_of(bs);
+        let blocks = start / bs..(start + len) / bs;
+        let (Some(codes), Some(scales)) = (
+            self.packed.get(start / 2..(start + len) / 2),
+            self.absmax.get(blocks),
+        ) else {
+            return false;
+        };
+        let code = self.params.quant_type.code();
+        let bf16 = self.params.dtype == DType::BF16;
+        applies && dot_blocks_avx2(codes, scales, code, bs, bf16, xs, out)
     }
 
     /// [`Bnb4Blocks::dequantize_into`] a value at a time, for a range inside the weight.

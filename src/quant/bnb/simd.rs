@@ -67,6 +67,46 @@ pub(crate) fn expand_blocks_avx2(
     }
 }
 
+/// `out[r] = Σ_k xs[r][k] · w_k` over whole blocks with AVX2, `w` the blocks' values (as
+/// [`expand_blocks_avx2`] gives them), eight products at a time per input row, summed in
+/// f32 (for at most [`MAX_DOT_ROWS`] rows). `false` (nothing written) when the sizes do not
+/// fit or the CPU lacks AVX2 + FMA.
+pub(crate) fn dot_blocks_avx2(
+    packed: &[u8],
+    scales: &[f32],
+    code: &[f32; 16],
+    blocksize: usize,
+    bf16: bool,
+    xs: &[&[f32]],
+    out: &mut [f32],
+) -> bool {
+    let values = scales.len() * blocksize;
+    let fits = blocksize > 0
+        && blocksize.is_multiple_of(8)
+        && packed.len() * 2 == values
+        && xs.len() <= MAX_DOT_ROWS
+        && out.len() == xs.len()
+        && xs.iter().all(|x| x.len() == values);
+    if !fits || !avx2_available() {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: the CPU has AVX2 and FMA (checked above), and the sizes fit (checked
+        // above: every read below stays inside `packed`, `scales` and each `xs[r]`).
+        unsafe { x86::dot(packed, scales, code, blocksize, bf16, xs, out) };
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (code, bf16);
+        false
+    }
+}
+
+/// Most input rows [`dot_blocks_avx2`] takes at once.
+pub(crate) const MAX_DOT_ROWS: usize = 4;
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -82,6 +122,88 @@ mod x86 {
             _mm256_set1_epi32(0xffff_0000_u32 as i32),
         );
         _mm256_castsi256_ps(rounded)
+    }
+
+    /// Block `b`'s 16 values in two registers (codes 0..8 and 8..16).
+    #[target_feature(enable = "avx2,fma")]
+    fn block_table(lo_code: __m256, hi_code: __m256, scale: f32, bf16: bool) -> (__m256, __m256) {
+        let s = _mm256_set1_ps(scale);
+        let (lo, hi) = (_mm256_mul_ps(lo_code, s), _mm256_mul_ps(hi_code, s));
+        match bf16 {
+            true => (round_bf16(lo), round_bf16(hi)),
+            false => (lo, hi),
+        }
+    }
+
+    /// The eight values whose codes are the four bytes `four` (high nibble first).
+    #[target_feature(enable = "avx2,fma")]
+    fn lookup(four: i32, lo: __m256, hi: __m256) -> __m256 {
+        // Bytes b0..b3 to b0 b0 b1 b1 b2 b2 b3 b3.
+        let duplicate = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, -1, -1, -1, -1, -1, -1, -1, -1);
+        let bytes = _mm_shuffle_epi8(_mm_cvtsi32_si128(four), duplicate);
+        let idx = _mm256_and_si256(
+            _mm256_srlv_epi32(
+                _mm256_cvtepu8_epi32(bytes),
+                _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0),
+            ),
+            _mm256_set1_epi32(0x0f),
+        );
+        let from_lo = _mm256_permutevar8x32_ps(lo, idx);
+        let from_hi = _mm256_permutevar8x32_ps(hi, idx);
+        // Bit 3 of the code picks the high half.
+        let high_half = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx));
+        _mm256_blendv_ps(from_lo, from_hi, high_half)
+    }
+
+    /// The sum of eight lanes.
+    #[target_feature(enable = "avx2,fma")]
+    fn sum_lanes(v: __m256) -> f32 {
+        let halves = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let pairs = _mm_add_ps(halves, _mm_movehl_ps(halves, halves));
+        _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps::<1>(pairs, pairs)))
+    }
+
+    /// See [`super::dot_blocks_avx2`].
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `blocksize` is a positive multiple of 8, `packed.len() ·
+    /// 2 == scales.len() · blocksize == xs[r].len()` for every `r`, `xs.len() ==
+    /// out.len() <= 4`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot(
+        packed: &[u8],
+        scales: &[f32],
+        code: &[f32; 16],
+        blocksize: usize,
+        bf16: bool,
+        xs: &[&[f32]],
+        out: &mut [f32],
+    ) {
+        // SAFETY (every access below): `code` has 16 values; value `at` of the blocks is
+        // inside each `xs[r]`, its code in byte `at / 2` of `packed`; each step reads 4
+        // bytes and 8 floats at offsets below the blocks' end.
+        let (lo_code, hi_code) = unsafe {
+            (
+                _mm256_loadu_ps(code.as_ptr()),
+                _mm256_loadu_ps(code.as_ptr().add(8)),
+            )
+        };
+        let mut acc = [_mm256_setzero_ps(); super::MAX_DOT_ROWS];
+        for (b, &scale) in scales.iter().enumerate() {
+            let (lo, hi) = block_table(lo_code, hi_code, scale, bf16);
+            let first = b * blocksize;
+            for at in (first..first + blocksize).step_by(8) {
+                let four = unsafe { packed.as_ptr().add(at / 2).cast::<i32>().read_unaligned() };
+                let w = lookup(four, lo, hi);
+                for (a, x) in acc.iter_mut().zip(xs) {
+                    let x = unsafe { _mm256_loadu_ps(x.as_ptr().add(at)) };
+                    *a = _mm256_fmadd_ps(w, x, *a);
+                }
+            }
+        }
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = sum_lanes(a);
+        }
     }
 
     /// See [`super::expand_blocks_avx2`].
@@ -108,29 +230,12 @@ mod x86 {
                 _mm256_loadu_ps(code.as_ptr().add(8)),
             )
         };
-        // Bytes b0..b3 to b0 b0 b1 b1 b2 b2 b3 b3; high nibble first.
-        let duplicate = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, -1, -1, -1, -1, -1, -1, -1, -1);
-        let shifts = _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0);
-        let nibble = _mm256_set1_epi32(0x0f);
         for (b, &scale) in scales.iter().enumerate() {
-            let s = _mm256_set1_ps(scale);
-            let (mut lo, mut hi) = (_mm256_mul_ps(lo_code, s), _mm256_mul_ps(hi_code, s));
-            if bf16 {
-                (lo, hi) = (round_bf16(lo), round_bf16(hi));
-            }
+            let (lo, hi) = block_table(lo_code, hi_code, scale, bf16);
             let first = b * blocksize;
-            for g in (0..blocksize).step_by(8) {
-                let at = first + g;
+            for at in (first..first + blocksize).step_by(8) {
                 let four = unsafe { packed.as_ptr().add(at / 2).cast::<i32>().read_unaligned() };
-                let bytes = _mm_shuffle_epi8(_mm_cvtsi32_si128(four), duplicate);
-                let idx = _mm256_and_si256(
-                    _mm256_srlv_epi32(_mm256_cvtepu8_epi32(bytes), shifts),
-                    nibble,
-                );
-                let from_lo = _mm256_permutevar8x32_ps(lo, idx);
-                let from_hi = _mm256_permutevar8x32_ps(hi, idx);
-                let high_half = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx));
-                let w = _mm256_blendv_ps(from_lo, from_hi, high_half);
+                let w = lookup(four, lo, hi);
                 unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(at), w) };
             }
         }
