@@ -1,5 +1,8 @@
 //! A quantized frozen base (QLoRA-style training): the frozen weight `W` held as candle
-//! GGML blocks ([`QuantizedWeight`]) while the adapter trains in full precision.
+//! GGML blocks or bitsandbytes 4-bit blocks ([`QuantizedWeight`], [`bnb`]) while the
+//! adapter trains in full precision. bitsandbytes blocks are expanded eight codes at a time
+//! with AVX2 (portable code elsewhere) and decoded by an AVX2 kernel that dots each row
+//! straight from its codes; the rest of this page describes both kinds.
 //!
 //! A [`crate::FrozenLinear`] built by [`crate::FrozenLinear::quantize`] or
 //! [`crate::FrozenLinear::from_quantized`] is a base every variant takes. On the CPU the
