@@ -121,7 +121,8 @@ fn quantized_times_t<T: WithDType>(
     if x.rows <= STREAM_ROWS {
         if T::DTYPE == DType::F32 {
             let Some(ggml) = q.ggml_dtype() else {
-                // bitsandbytes blocks: no fused kernel; f32 products, as the fused ones.
+                // bitsandbytes blocks: f32 products, as the GGML kernels' (AVX2 straight
+                // from the codes where it applies, else row by row).
                 return times_t_streamed::<f32, T>(q, dst, x, accum);
             };
             if let Some(k) = RowDots::new(ggml, q.d_in(), x.rows, Isa::best()) {
@@ -218,9 +219,10 @@ fn scatter<T: WithDType>(
 }
 
 /// `dst (+)= x Wᵀ` for a few input rows, streaming `W` row by row over the thread pool:
-/// each row dequantized into a buffer and dotted with the inputs in `A` (f64, or f32 for
-/// f32 inputs over blocks without a fused kernel), each row summed by one task, in an
-/// order that does not depend on the thread count.
+/// each row dotted with the inputs in `A` (f64; f32 for f32 inputs over bitsandbytes
+/// blocks) straight from the blocks where `A::fused_dots` can, else dequantized into a
+/// buffer first; each row summed by one task, in an order that does not depend on the
+/// thread count.
 fn times_t_streamed<A: RowSum, T: WithDType>(
     q: &QuantizedWeight,
     dst: &mut [T],
