@@ -64,6 +64,14 @@ impl Checkpoint {
     }
 
     /// Whether any tensor is stored as bitsandbytes 4-bit blocks.
+    ///
+    /// ```
+    /// use lorakit::checkpoint::Checkpoint;
+    /// # fn main() -> lorakit::Result<()> {
+    /// assert!(Checkpoint::open("tests/fixtures/bnb/fp4_f16/model")?.has_bnb4());
+    /// assert!(!Checkpoint::open("tests/fixtures/checkpoints/llama_f32_single")?.has_bnb4());
+    /// # Ok(()) }
+    /// ```
     pub fn has_bnb4(&self) -> bool {
         self.tensors().any(|(_, t)| t.name.contains(QUANT_STATE))
     }
@@ -170,6 +178,16 @@ impl Checkpoint {
 
     /// The bitsandbytes 4-bit tensor `name` dequantized as bitsandbytes does, in the quant
     /// state's dtype (on the CPU).
+    ///
+    /// ```
+    /// use candle_core::DType;
+    /// use lorakit::checkpoint::Checkpoint;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let ckpt = Checkpoint::open("tests/fixtures/bnb/fp4_f16/model")?;
+    /// let w = ckpt.load_bnb4_dequantized("model.layers.0.self_attn.q_proj.weight")?;
+    /// assert_eq!((w.dims(), w.dtype()), (&[96, 96][..], DType::F16));
+    /// # Ok(()) }
+    /// ```
     pub fn load_bnb4_dequantized(&self, name: &str) -> Result<Tensor> {
         let w = self.load_bnb4(name)?;
         let dtype = w.bnb4_params().map_or(DType::F32, |p| p.dtype);

@@ -184,6 +184,20 @@ impl Quantize {
     /// and quantize-on-load type for the others, or [`Quantize::stored_only`]); otherwise
     /// `given` unchanged (on other devices the model gets those weights dequantized, as
     /// float).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use candle_core::Device;
+    /// use lorakit::checkpoint::Checkpoint;
+    /// use lorakit::model::Quantize;
+    /// # fn main() -> lorakit::Result<()> {
+    /// let ckpt = Arc::new(Checkpoint::open("tests/fixtures/bnb/nf4_dq/model")?);
+    /// let q = Quantize::with_checkpoint_blocks(None, &ckpt, &Device::Cpu).unwrap();
+    /// assert!(q.dtype().is_none() && q.applies_to("lm_head")); // blocks from the file only
+    /// let float = Arc::new(Checkpoint::open("tests/fixtures/checkpoints/llama_f32_single")?);
+    /// assert!(Quantize::with_checkpoint_blocks(None, &float, &Device::Cpu).is_none());
+    /// # Ok(()) }
+    /// ```
     pub fn with_checkpoint_blocks(
         given: Option<&Quantize>,
         ckpt: &Arc<Checkpoint>,
