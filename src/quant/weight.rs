@@ -287,7 +287,7 @@ impl QuantizedWeight {
             Blocks::Ggml(q) => Ok(q.dequantize(&q.device())?),
             Blocks::Bnb4(_) => {
                 let mut values = vec![0f32; self.d_out * self.d_in];
-                self.dequantize_rows(0, &mut values, Lanes::Avx2)?;
+                self.dequantize_rows(0, &mut values, Lanes::best(Lanes::Avx2))?;
                 Ok(Tensor::from_vec(
                     values,
                     (self.d_out, self.d_in),
@@ -303,7 +303,8 @@ impl QuantizedWeight {
     }
 
     /// Dequantizes rows `row0 ..` into `out` (a whole number of rows, `d_in` floats each),
-    /// rows spread over the thread pool, bitsandbytes blocks with vector code up to `lanes`
+    /// rows spread over the thread pool, bitsandbytes blocks with `lanes` (the vector code
+    /// runs only where the CPU has it, the portable code otherwise)
     /// (the caller's choice of instruction set). CPU weights only.
     pub(crate) fn dequantize_rows(
         &self,
@@ -337,7 +338,7 @@ impl QuantizedWeight {
             }
             Blocks::Bnb4(b) => {
                 self.check_rows(row0, out.len())?;
-                if !b.dequantize_into(row0 * self.d_in, out, Lanes::best(lanes)) {
+                if !b.dequantize_into(row0 * self.d_in, out, lanes) {
                     candle_core::bail!("quantized weight: rows from {row0} outside the blocks");
                 }
                 Ok(())
@@ -357,7 +358,7 @@ impl QuantizedWeight {
     ) -> bool {
         let inside = row < self.d_out && xs.iter().all(|x| x.len() == self.d_in);
         match self.bnb4_blocks() {
-            Some(b) if inside => b.dots(row * self.d_in, xs, out, Lanes::best(lanes)),
+            Some(b) if inside => b.dots(row * self.d_in, xs, out, lanes),
             _ => false,
         }
     }
@@ -418,7 +419,7 @@ impl QuantizedWeight {
         for j0 in (0..self.d_out).step_by(rows.max(1)) {
             let k = rows.min(self.d_out - j0);
             let buf = tile.get_mut(..k * self.d_in).unwrap_or_default();
-            self.dequantize_rows(j0, buf, Lanes::Avx2)?;
+            self.dequantize_rows(j0, buf, Lanes::best(Lanes::Avx2))?;
             norms.extend(buf.chunks(self.d_in.max(1)).map(|row| {
                 row.iter()
                     .map(|&v| f64::from(v) * f64::from(v))

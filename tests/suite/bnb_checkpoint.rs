@@ -12,7 +12,7 @@ use lorakit::quant::{Bnb4Type, QuantFormat};
 
 use std::collections::HashMap;
 
-use crate::peft_common::{fixture, load, rel_err, temp_dir, TempDir};
+use crate::peft_common::{assert_bit_identical, fixture, load, rel_err, temp_dir, TempDir};
 use lorakit::peft::merge_checkpoint;
 
 /// (case, code book, dtype the quant state records).
@@ -23,25 +23,6 @@ const CASES: [(&str, Bnb4Type, DType); 2] = [
 
 fn model_dir(case: &str) -> std::path::PathBuf {
     fixture(&format!("bnb/{case}/model"))
-}
-
-/// How many values of `a` and `b` (of one dtype) differ in their bits: half-precision
-/// values widen to f32 exactly.
-fn bits_differ(a: &Tensor, b: &Tensor) -> usize {
-    assert_eq!(a.dtype(), b.dtype());
-    let bits = |t: &Tensor| -> Vec<u32> {
-        let t = t.flatten_all().unwrap().to_dtype(DType::F32).unwrap();
-        t.to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|v| v.to_bits())
-            .collect()
-    };
-    bits(a)
-        .iter()
-        .zip(bits(b))
-        .filter(|(x, y)| **x != *y)
-        .count()
 }
 
 #[test]
@@ -58,10 +39,10 @@ fn every_4bit_weight_dequantizes_to_bitsandbytes_values_bit_for_bit() {
             assert_eq!(want.dtype(), dtype);
             let got = ckpt.load_bnb4_dequantized(name).unwrap();
             assert_eq!(got.dtype(), dtype);
-            assert_eq!(bits_differ(&got, want), 0, "{case} {name}");
+            assert_bit_identical(&got, want, &format!("{case} {name}"));
             // The f32 values the kernels use are the same values.
             let f32_values = w.dequantize().unwrap().to_dtype(dtype).unwrap();
-            assert_eq!(bits_differ(&f32_values, want), 0, "{case} {name}");
+            assert_bit_identical(&f32_values, want, &format!("{case} {name} (f32 blocks)"));
         }
         assert!(!ckpt.is_bnb4("model.embed_tokens.weight"));
         assert!(ckpt.has_bnb4());
@@ -70,7 +51,7 @@ fn every_4bit_weight_dequantizes_to_bitsandbytes_values_bit_for_bit() {
         let name = "model.layers.0.self_attn.o_proj.weight";
         let want = &expected[name];
         let got = vb.get(want.dims(), name).unwrap().to_dtype(dtype).unwrap();
-        assert_eq!(bits_differ(&got, want), 0, "{case} var_builder");
+        assert_bit_identical(&got, want, &format!("{case} var_builder"));
         let err = vb.get((3, 3), name).unwrap_err().to_string();
         assert!(
             err.contains("shape mismatch") && err.contains(name),
@@ -120,6 +101,11 @@ fn a_4bit_checkpoint_gives_transformers_logits_with_and_without_a_lora() {
         let model =
             LlamaForCausalLM::from_pretrained(model_dir(case), DType::F32, &dev, &plan).unwrap();
         let layers = plan.finish().unwrap();
+        assert_eq!(
+            layers.layers().len(),
+            2,
+            "{case}: q_proj and down_proj adapted"
+        );
         for (path, layer) in layers.layers() {
             let format = layer.read().base().quantized().map(|q| q.format());
             assert_eq!(format, Some(QuantFormat::Bnb4(quant_type)), "{case} {path}");
@@ -163,13 +149,7 @@ fn merging_a_lora_into_a_4bit_checkpoint_gives_pefts_dequantized_merge() {
         want_names.sort();
         assert_eq!(names, want_names, "{case}");
         for (name, w) in &want {
-            let g = &got[name];
-            assert_eq!(
-                (g.dims(), g.dtype()),
-                (w.dims(), w.dtype()),
-                "{case} {name}"
-            );
-            assert_eq!(bits_differ(g, w), 0, "{case} {name}");
+            assert_bit_identical(&got[name], w, &format!("{case} {name}"));
         }
         let config = |path: std::path::PathBuf| -> serde_json::Value {
             serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use lorakit::checkpoint::mxfp4::{dequantize_mxfp4, dequantize_mxfp4_f64, dequantized_shape};
 use lorakit::checkpoint::Checkpoint;
 
-use crate::peft_common::{fixture, temp_dir};
+use crate::peft_common::{assert_bit_identical, fixture, temp_dir};
 
 const GATE_UP_0: &str = "model.layers.0.mlp.experts.gate_up_proj";
 const DOWN_0: &str = "model.layers.0.mlp.experts.down_proj";
@@ -37,40 +37,6 @@ fn packed_file() -> PathBuf {
 
 fn expected() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture("mxfp4/expected.safetensors"), &Device::Cpu).unwrap()
-}
-
-/// Each element's bits, whatever the float dtype.
-fn bits(t: &Tensor) -> Vec<u64> {
-    let t = t.flatten_all().unwrap();
-    match t.dtype() {
-        DType::F32 => t
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|v| v.to_bits().into())
-            .collect(),
-        DType::F64 => t
-            .to_vec1::<f64>()
-            .unwrap()
-            .iter()
-            .map(|v| v.to_bits())
-            .collect(),
-        DType::BF16 => (t.to_vec1::<half::bf16>().unwrap().iter())
-            .map(|v| v.to_bits().into())
-            .collect(),
-        DType::F16 => (t.to_vec1::<half::f16>().unwrap().iter())
-            .map(|v| v.to_bits().into())
-            .collect(),
-        other => panic!("not a float dtype: {other:?}"),
-    }
-}
-
-fn assert_bit_identical(got: &Tensor, want: &Tensor, what: &str) {
-    assert_eq!(got.dtype(), want.dtype(), "{what}: dtype");
-    assert_eq!(got.dims(), want.dims(), "{what}: shape");
-    let (g, w) = (bits(got), bits(want));
-    let differ = g.iter().zip(&w).filter(|(a, b)| a != b).count();
-    assert_eq!(differ, 0, "{what}: {differ} of {} elements differ", w.len());
 }
 
 #[test]

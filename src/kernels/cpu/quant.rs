@@ -238,6 +238,7 @@ fn times_t_streamed<A: RowSum, T: WithDType>(
         })
         .collect();
     let x_rows: Vec<&[A]> = xs.iter().map(Vec::as_slice).collect();
+    let lanes = lanes();
     let per_task = d_out
         .div_ceil(8 * rayon::current_num_threads().max(1))
         .max(1);
@@ -247,10 +248,10 @@ fn times_t_streamed<A: RowSum, T: WithDType>(
         .try_for_each(|(c, out)| {
             let mut row = vec![0f32; d_in];
             for (r, y) in out.chunks_mut(n).enumerate() {
-                if A::fused_dots(q, c * per_task + r, &x_rows, y) {
+                if A::fused_dots(q, c * per_task + r, &x_rows, y, lanes) {
                     continue;
                 }
-                q.dequantize_rows_here(c * per_task + r, &mut row, lanes())?;
+                q.dequantize_rows_here(c * per_task + r, &mut row, lanes)?;
                 for (y, x) in y.iter_mut().zip(&xs) {
                     *y = A::dot(x, &row);
                 }
@@ -280,8 +281,14 @@ trait RowSum: Copy + Default + Send + Sync {
     fn dot(x: &[Self], w: &[f32]) -> Self;
     /// `y[r] = Σ_k xs[r][k] W[row, k]` straight from the blocks where a vector kernel
     /// applies (returns whether it did).
-    fn fused_dots(q: &QuantizedWeight, row: usize, xs: &[&[Self]], y: &mut [Self]) -> bool {
-        let _ = (q, row, xs, y);
+    fn fused_dots(
+        q: &QuantizedWeight,
+        row: usize,
+        xs: &[&[Self]],
+        y: &mut [Self],
+        lanes: Lanes,
+    ) -> bool {
+        let _ = (q, row, xs, y, lanes);
         false
     }
 }
@@ -308,8 +315,14 @@ impl RowSum for f32 {
     fn dot(x: &[f32], w: &[f32]) -> f32 {
         dot_lanes::<f32, 16>(x, w, |w| w)
     }
-    fn fused_dots(q: &QuantizedWeight, row: usize, xs: &[&[f32]], y: &mut [f32]) -> bool {
-        q.bnb4_row_dots(row, xs, y, lanes())
+    fn fused_dots(
+        q: &QuantizedWeight,
+        row: usize,
+        xs: &[&[f32]],
+        y: &mut [f32],
+        lanes: Lanes,
+    ) -> bool {
+        q.bnb4_row_dots(row, xs, y, lanes)
     }
 }
 

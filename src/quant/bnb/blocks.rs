@@ -43,7 +43,7 @@ impl Bnb4Blocks {
         packed: Vec<u8>,
         absmax: StoredAbsmax,
     ) -> Result<Self, String> {
-        let (n, blocks) = (params.len(), params.blocks());
+        let (n, blocks) = (params.value_count(), params.blocks());
         if packed.len() != n.div_ceil(2) {
             return Err(format!(
                 "{} packed bytes for a {:?} weight, expected {} (two values a byte)",
@@ -120,7 +120,7 @@ impl Bnb4Blocks {
     pub(crate) fn dequantize_into(&self, start: usize, out: &mut [f32], lanes: Lanes) -> bool {
         let Some(end) = start
             .checked_add(out.len())
-            .filter(|&e| e <= self.params.len())
+            .filter(|&e| e <= self.params.value_count())
         else {
             return false;
         };
@@ -136,16 +136,11 @@ impl Bnb4Blocks {
         let (head, rest) = out.split_at_mut((first_whole - start).min(out.len()));
         let (middle, tail) = rest.split_at_mut((last_whole - first_whole).min(rest.len()));
         self.expand_range(start, head);
-        let blocks = first_whole / bs..last_whole / bs;
-        let codes = self.packed.get(first_whole / 2..last_whole / 2);
-        let scales = self.absmax.get(blocks);
         let code = self.params.quant_type.code();
         let bf16 = self.params.dtype == DType::BF16;
-        let expanded = match (codes, scales) {
-            (Some(codes), Some(scales)) => {
-                expand_blocks_avx2(codes, scales, code, bs, bf16, middle)
-            }
-            _ => false,
+        let expanded = match self.whole_blocks(first_whole, last_whole) {
+            Some((codes, scales)) => expand_blocks_avx2(codes, scales, code, bs, bf16, middle),
+            None => false,
         };
         if !expanded {
             self.expand_range(first_whole, middle);
@@ -165,16 +160,20 @@ impl Bnb4Blocks {
             && self.params.dtype != DType::F16
             && start.is_multiple_of(bs)
             && len.is_multiple_of(bs);
-        let blocks = start / bs..(start + len) / bs;
-        let (Some(codes), Some(scales)) = (
-            self.packed.get(start / 2..(start + len) / 2),
-            self.absmax.get(blocks),
-        ) else {
+        let Some((codes, scales)) = self.whole_blocks(start, start + len) else {
             return false;
         };
         let code = self.params.quant_type.code();
         let bf16 = self.params.dtype == DType::BF16;
         applies && dot_blocks_avx2(codes, scales, code, bs, bf16, xs, out)
+    }
+
+    /// The codes and scales of the whole blocks `start .. end` (both on block boundaries).
+    fn whole_blocks(&self, start: usize, end: usize) -> Option<(&[u8], &[f32])> {
+        let bs = self.params.blocksize;
+        let codes = self.packed.get(start / 2..end / 2)?;
+        let scales = self.absmax.get(start / bs..end / bs)?;
+        Some((codes, scales))
     }
 
     /// [`Bnb4Blocks::dequantize_into`] a value at a time, for a range inside the weight.

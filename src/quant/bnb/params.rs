@@ -145,18 +145,13 @@ impl Bnb4Params {
     }
 
     /// How many values the weight holds.
-    pub fn len(&self) -> usize {
+    pub fn value_count(&self) -> usize {
         self.shape.0 * self.shape.1
-    }
-
-    /// Always false: a weight has at least one value.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// How many blocks (scales) the weight has.
     pub fn blocks(&self) -> usize {
-        self.len().div_ceil(self.blocksize)
+        self.value_count().div_ceil(self.blocksize)
     }
 }
 

@@ -32,7 +32,7 @@ impl Bnb4Blocks {
             shape,
             nested: None,
         };
-        if values.len() != params.len() {
+        if values.len() != params.value_count() {
             return Err(format!("{} values for a {shape:?} weight", values.len()));
         }
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {

@@ -206,3 +206,38 @@ pub fn max_abs(t: &Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// Each element's bits, whatever the float dtype.
+pub fn bits(t: &Tensor) -> Vec<u64> {
+    let t = t.flatten_all().unwrap();
+    match t.dtype() {
+        DType::F32 => t
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits().into())
+            .collect(),
+        DType::F64 => t
+            .to_vec1::<f64>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect(),
+        DType::BF16 => (t.to_vec1::<half::bf16>().unwrap().iter())
+            .map(|v| v.to_bits().into())
+            .collect(),
+        DType::F16 => (t.to_vec1::<half::f16>().unwrap().iter())
+            .map(|v| v.to_bits().into())
+            .collect(),
+        other => panic!("not a float dtype: {other:?}"),
+    }
+}
+
+/// Asserts `got` equals `want` in dtype, shape and every element's bits.
+pub fn assert_bit_identical(got: &Tensor, want: &Tensor, what: &str) {
+    assert_eq!(got.dtype(), want.dtype(), "{what}: dtype");
+    assert_eq!(got.dims(), want.dims(), "{what}: shape");
+    let (g, w) = (bits(got), bits(want));
+    let differ = g.iter().zip(&w).filter(|(a, b)| a != b).count();
+    assert_eq!(differ, 0, "{what}: {differ} of {} elements differ", w.len());
+}
