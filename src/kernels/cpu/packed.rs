@@ -65,9 +65,14 @@
 //! not on a Zen 5.
 //!
 //! **On AVX2** (the 6 × 16 block, [`kernel`], on panels in 16-column strips,
-//! [`kernel::PanelLayout`]). Timed only on the Zen 4 with AVX-512 hidden from lorakit
-//! (`LORAKIT_CPU_ISA=avx2`) and from the `gemm` crate (a patched copy of its feature
-//! check), not on a CPU without AVX-512 (`benches/RESULTS.md`, "The packed route on AVX2").
+//! [`kernel::PanelLayout`]). Developed and timed on the Zen 4 with AVX-512 hidden from
+//! lorakit (`LORAKIT_CPU_ISA=avx2`) and from the `gemm` crate (a patched copy of its
+//! feature check; `benches/RESULTS.md`, "The packed route on AVX2"). On a CPU without
+//! AVX-512, an AMD EPYC Zen 3 (family 25 model 1, 512 KiB L2, 2026-12-08), its products
+//! alone ran at 85–89% of one thread's FMA peak in their fastest calls and 68–80% at their
+//! medians on a busy host; wider column blocks, rows off their 4 KiB spacing and BLIS's
+//! order within a block (a strip kept in L1 across rows) did not pay there
+//! (`benches/RESULTS.md`, "The first CPU without AVX-512 since the Zen 2").
 //! The strips took 0.89–0.97 × the time of the panels before them (64-wide steps, of which
 //! the block read 16 columns; one case 1.09). With those earlier panels, paired, two runs:
 //! `x Wᵀ` 0.85–0.92 × the chunked route's time at 64 rows, 0.93–0.94 at 128 and 0.97–1.01
