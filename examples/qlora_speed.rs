@@ -3,8 +3,9 @@
 //! Q6_K and bitsandbytes' NF4), at d = 2048 and 4096.
 //!
 //! - resident base memory: the bytes the frozen weight takes (f32 tensor, GGML blocks, or
-//!   NF4 codes and f32 block scales; NF4 quantizes the weight rounded to bf16, as a bf16
-//!   checkpoint's quant state records it);
+//!   NF4 codes and f32 block scales; `nf4` quantizes the weight rounded to bf16, as a bf16
+//!   checkpoint's quant state records it, and `nf4_f16` rounded to f16, as an f16
+//!   checkpoint's: its values are then rounded to f16 as they are dequantized);
 //! - training step (n = 512 rows): forward, mean-square loss, backward (the input tracks a
 //!   gradient, as inside a model), one AdamW step over A and B;
 //! - decode (n = 1 row): the adapted forward, evaluation mode, no gradient.
@@ -14,7 +15,7 @@
 //!
 //! ```text
 //! cargo run --release --example qlora_speed -- [--reps 5] [--dims 2048,4096] [--threads 2] \
-//!     [--types q8_0,q4_k,nf4] [--decode-only]
+//!     [--types q8_0,q4_k,nf4,nf4_f16] [--decode-only]
 //! ```
 
 use std::time::Instant;
@@ -47,17 +48,17 @@ struct Row {
     decode_ms: f64,
 }
 
-fn run(d: usize, quant: Option<QuantFormat>, reps: usize, steps: bool) -> lorakit::Result<Row> {
+fn run(d: usize, quant: Option<Base>, reps: usize, steps: bool) -> lorakit::Result<Row> {
     let dev = Device::Cpu;
     let mut rng = SeededRng::new(1);
     let w = rng.normal((d, d), 0.0, 0.02, DType::F32, &dev)?;
     let mut base = FrozenLinear::new(w.clone(), None)?;
     let mut bytes = d * d * 4;
-    if let Some(ty) = quant {
+    if let Some(Base { format: ty, dtype }) = quant {
         base = match ty {
-            // As a bf16 checkpoint's NF4 weights are: values rounded to bf16.
+            // As a bf16 (f16) checkpoint's NF4 weights are: values rounded to bf16 (f16).
             QuantFormat::Bnb4(_) => {
-                let q = QuantizedWeight::quantize("proj", &w.to_dtype(DType::BF16)?, ty)?;
+                let q = QuantizedWeight::quantize("proj", &w.to_dtype(dtype)?, ty)?;
                 FrozenLinear::from_quantized(q, None, DType::F32)?
             }
             QuantFormat::Ggml(_) => base.quantize("proj", ty)?,
@@ -102,26 +103,47 @@ fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-/// The format named `name` (`q8_0`, `q4_k`, `q5_k`, `q6_k`, or bitsandbytes' `nf4`, any
-/// case).
-fn parse_type(name: &str) -> Option<QuantFormat> {
+/// A quantized base: its format, and for bitsandbytes' the dtype the weight is rounded to
+/// before it is quantized (the quant state's; unused for GGML types).
+#[derive(Clone, Copy)]
+struct Base {
+    format: QuantFormat,
+    dtype: DType,
+}
+
+/// The base named `name` (`q8_0`, `q4_k`, `q5_k`, `q6_k`, or bitsandbytes' `nf4` (bf16)
+/// and `nf4_f16`, any case).
+fn parse_type(name: &str) -> Option<Base> {
+    let ggml = |t: GgmlDType| Base {
+        format: t.into(),
+        dtype: DType::F32,
+    };
+    let nf4 = |dtype| Base {
+        format: Bnb4Type::Nf4.into(),
+        dtype,
+    };
     match name.trim().to_ascii_lowercase().as_str() {
-        "q8_0" => Some(GgmlDType::Q8_0.into()),
-        "q4_k" => Some(GgmlDType::Q4K.into()),
-        "q5_k" => Some(GgmlDType::Q5K.into()),
-        "q6_k" => Some(GgmlDType::Q6K.into()),
-        "nf4" => Some(Bnb4Type::Nf4.into()),
+        "q8_0" => Some(ggml(GgmlDType::Q8_0)),
+        "q4_k" => Some(ggml(GgmlDType::Q4K)),
+        "q5_k" => Some(ggml(GgmlDType::Q5K)),
+        "q6_k" => Some(ggml(GgmlDType::Q6K)),
+        "nf4" => Some(nf4(DType::BF16)),
+        "nf4_f16" => Some(nf4(DType::F16)),
         _ => None,
     }
 }
 
-/// llama.cpp's name of a GGML type (`Q4_K`), `NF4` for bitsandbytes'.
-fn type_name(ty: QuantFormat) -> String {
-    match ty {
+/// llama.cpp's name of a GGML type (`Q4_K`), `NF4` for bitsandbytes' (`NF4 (f16)` over an
+/// f16 weight).
+fn type_name(base: Base) -> String {
+    match base.format {
         QuantFormat::Ggml(GgmlDType::Q4K) => "Q4_K".into(),
         QuantFormat::Ggml(GgmlDType::Q5K) => "Q5_K".into(),
         QuantFormat::Ggml(GgmlDType::Q6K) => "Q6_K".into(),
         QuantFormat::Ggml(other) => format!("{other:?}"),
+        QuantFormat::Bnb4(t) if base.dtype == DType::F16 => {
+            format!("{} (f16)", t.name().to_uppercase())
+        }
         QuantFormat::Bnb4(t) => t.name().to_uppercase(),
     }
 }
@@ -134,7 +156,9 @@ fn main() -> lorakit::Result<()> {
     let types: String = arg(&args, "--types", "q8_0,q4_k".to_string());
     let steps = !args.iter().any(|a| a == "--decode-only");
     let Some(types) = types.split(',').map(parse_type).collect::<Option<Vec<_>>>() else {
-        eprintln!("--types: a comma-separated list of q8_0, q4_k, q5_k, q6_k, nf4; got {types}");
+        eprintln!(
+            "--types: a comma-separated list of q8_0, q4_k, q5_k, q6_k, nf4, nf4_f16; got {types}"
+        );
         std::process::exit(2);
     };
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());

@@ -5,7 +5,7 @@ use candle_core::DType;
 use half::f16;
 
 use super::params::Bnb4Params;
-use super::simd::{dot_blocks_avx2, expand_blocks_avx2, Lanes};
+use super::simd::{dot_blocks_avx2, expand_blocks_avx2, Lanes, Rounding};
 
 /// The block scales as a checkpoint stores them.
 #[derive(Clone, Debug)]
@@ -115,8 +115,7 @@ impl Bnb4Blocks {
 
     /// Writes the values `start .. start + out.len()` of the flattened weight into `out`:
     /// `code[c] · absmax[block]` in f32, rounded to the stored dtype (and held in f32),
-    /// as bitsandbytes dequantizes; whole blocks of a bf16 or f32 weight with `lanes`
-    /// (the same values). `false` when the range is outside the weight.
+    /// as bitsandbytes dequantizes; whole blocks with `lanes` (the same values). `false` when the range is outside the weight.
     pub(crate) fn dequantize_into(&self, start: usize, out: &mut [f32], lanes: Lanes) -> bool {
         let Some(end) = start
             .checked_add(out.len())
@@ -125,7 +124,7 @@ impl Bnb4Blocks {
             return false;
         };
         let bs = self.params.blocksize;
-        let simd = lanes == Lanes::Avx2 && self.params.dtype != DType::F16 && bs.is_multiple_of(8);
+        let simd = lanes == Lanes::Avx2 && bs.is_multiple_of(8);
         if !simd {
             self.expand_range(start, out);
             return true;
@@ -137,9 +136,9 @@ impl Bnb4Blocks {
         let (middle, tail) = rest.split_at_mut((last_whole - first_whole).min(rest.len()));
         self.expand_range(start, head);
         let code = self.params.quant_type.code();
-        let bf16 = self.params.dtype == DType::BF16;
+        let round = rounding(self.params.dtype);
         let expanded = match self.whole_blocks(first_whole, last_whole) {
-            Some((codes, scales)) => expand_blocks_avx2(codes, scales, code, bs, bf16, middle),
+            Some((codes, scales)) => expand_blocks_avx2(codes, scales, code, bs, round, middle),
             None => false,
         };
         if !expanded {
@@ -150,22 +149,19 @@ impl Bnb4Blocks {
     }
 
     /// `out[r] = Σ_k xs[r][k] · w_{start + k}` over the values `start ..` (as many as each
-    /// input row has) in f32, when `lanes` is AVX2, the range is whole blocks of a bf16 or
-    /// f32 weight and there are at most four rows (returns whether it did: the caller
+    /// input row has) in f32, when `lanes` is AVX2, the range is whole blocks and there are
+    /// at most four rows (returns whether it did: the caller
     /// dequantizes and dots otherwise).
     pub(crate) fn dots(&self, start: usize, xs: &[&[f32]], out: &mut [f32], lanes: Lanes) -> bool {
         let bs = self.params.blocksize;
         let len = xs.first().map_or(0, |x| x.len());
-        let applies = lanes == Lanes::Avx2
-            && self.params.dtype != DType::F16
-            && start.is_multiple_of(bs)
-            && len.is_multiple_of(bs);
+        let applies = lanes == Lanes::Avx2 && start.is_multiple_of(bs) && len.is_multiple_of(bs);
         let Some((codes, scales)) = self.whole_blocks(start, start + len) else {
             return false;
         };
         let code = self.params.quant_type.code();
-        let bf16 = self.params.dtype == DType::BF16;
-        applies && dot_blocks_avx2(codes, scales, code, bs, bf16, xs, out)
+        let round = rounding(self.params.dtype);
+        applies && dot_blocks_avx2(codes, scales, code, bs, round, xs, out)
     }
 
     /// The codes and scales of the whole blocks `start .. end` (both on block boundaries).
@@ -250,14 +246,6 @@ fn round_to_bf16(v: f32) -> f32 {
     let bits = v.to_bits();
     let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) & 0xffff_0000;
     f32::from_bits(rounded)
-}
-
-/// How dequantized values are rounded (the quant state's dtype).
-#[derive(Clone, Copy)]
-enum Rounding {
-    Bf16,
-    F16,
-    None,
 }
 
 #[cfg(test)]

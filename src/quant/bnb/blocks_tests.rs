@@ -70,20 +70,30 @@ fn bf16_rounding_is_halfs() {
     assert_eq!(checked, 255 * 9 * 2);
 }
 
-/// The AVX2 expansion gives the portable values bit for bit, for every dtype, code
-/// book and range (whole blocks, a partial block before and after, ranges inside one
-/// block, odd starts); without AVX2 the same range runs portably.
-#[test]
-fn vector_expansion_equals_the_portable_one() {
-    if Lanes::best(Lanes::Avx2) != Lanes::Avx2 {
-        eprintln!("no AVX2 + FMA on this CPU: the vector expansion is not compared");
-    }
+/// `7 × 200` normal values times `factor`.
+fn normal_values(factor: f32) -> Vec<f32> {
     let mut g = crate::init::SeededRng::new(5);
     let w = g
         .normal((7, 200), 0.0, 1.0, DType::F32, &Device::Cpu)
         .unwrap();
     let values: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
-    for dtype in [DType::F32, DType::BF16, DType::F16] {
+    values.into_iter().map(|v| v * factor).collect()
+}
+
+/// The AVX2 expansion gives the portable values bit for bit, for every dtype, code
+/// book and range (whole blocks, a partial block before and after, ranges inside one
+/// block, odd starts), at scales where f16 rounds to subnormals (1e-6) and overflows
+/// (1e5); without AVX2 the same range runs portably.
+#[test]
+fn vector_expansion_equals_the_portable_one() {
+    if Lanes::best(Lanes::Avx2) != Lanes::Avx2 {
+        eprintln!("no AVX2 + FMA + F16C on this CPU: the vector expansion is not compared");
+    }
+    for (dtype, factor) in [DType::F32, DType::BF16, DType::F16]
+        .into_iter()
+        .flat_map(|d| [1.0, 1e-6, 1e5].map(|f| (d, f)))
+    {
+        let values = normal_values(factor);
         for quant_type in [Bnb4Type::Nf4, Bnb4Type::Fp4] {
             let blocks = Bnb4Blocks::quantize(&values, (7, 200), quant_type, dtype).unwrap();
             for (start, len) in [
@@ -100,7 +110,48 @@ fn vector_expansion_equals_the_portable_one() {
                 assert!(blocks.dequantize_into(start, &mut a, Lanes::Portable));
                 assert!(blocks.dequantize_into(start, &mut b, Lanes::best(Lanes::Avx2)));
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&a), bits(&b), "{dtype:?} {quant_type:?} {start}+{len}");
+                let case = format!("{dtype:?} ×{factor} {quant_type:?} {start}+{len}");
+                assert_eq!(bits(&a), bits(&b), "{case}");
+            }
+        }
+    }
+}
+
+/// The AVX2 dots over whole blocks equal an `f64` dot of the portable values (to f32
+/// rounding of the sum), for every dtype and up to four rows; without AVX2 they decline.
+#[test]
+fn vector_dots_equal_a_dot_of_the_portable_values() {
+    let avx2 = Lanes::best(Lanes::Avx2) == Lanes::Avx2;
+    let values = normal_values(1.0);
+    let xs: Vec<Vec<f32>> = (1..=4)
+        .map(|r| (0..1400).map(|k| ((k * r) as f32 * 0.37).sin()).collect())
+        .collect();
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for quant_type in [Bnb4Type::Nf4, Bnb4Type::Fp4] {
+            let blocks = Bnb4Blocks::quantize(&values, (7, 200), quant_type, dtype).unwrap();
+            let mut w = vec![0f32; 1400];
+            assert!(blocks.dequantize_into(0, &mut w, Lanes::Portable));
+            for (start, len, rows) in [(0, 1344, 4), (64, 128, 1), (128, 640, 3)] {
+                let rows: Vec<&[f32]> = xs.iter().take(rows).map(|x| &x[..len]).collect();
+                let mut out = vec![f32::NAN; rows.len()];
+                let did = blocks.dots(start, &rows, &mut out, Lanes::best(Lanes::Avx2));
+                assert_eq!(did, avx2, "{dtype:?} {quant_type:?} {start}+{len}");
+                if !did {
+                    continue;
+                }
+                for (x, got) in rows.iter().zip(&out) {
+                    let terms = || {
+                        x.iter()
+                            .zip(&w[start..])
+                            .map(|(&a, &b)| a as f64 * b as f64)
+                    };
+                    let (want, size) = (terms().sum::<f64>(), terms().map(f64::abs).sum::<f64>());
+                    let err = (*got as f64 - want).abs();
+                    assert!(
+                        err <= 1e-6 * size,
+                        "{dtype:?} {quant_type:?}: {got} vs {want}"
+                    );
+                }
             }
         }
     }

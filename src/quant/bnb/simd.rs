@@ -1,5 +1,5 @@
 //! Whole blocks of 4-bit codes expanded into f32 values with AVX2: each block's 16 values
-//! (`code · scale`, rounded to bf16 where the weight is bf16) held in two 8-lane registers,
+//! (`code · scale`, rounded to the weight's bf16 or f16) held in two 8-lane registers,
 //! eight codes at a time turned into indices and looked up with two permutes and a blend.
 //! The values are the portable expansion's, bit for bit.
 
@@ -8,7 +8,7 @@
 pub(crate) enum Lanes {
     /// Plain Rust, a value at a time.
     Portable,
-    /// AVX2 + FMA, eight values at a time (x86-64 CPUs that report both).
+    /// AVX2 + FMA (and F16C), eight values at a time (x86-64 CPUs that report them).
     Avx2,
 }
 
@@ -22,11 +22,25 @@ impl Lanes {
     }
 }
 
-/// Whether this CPU has AVX2 and FMA.
+/// How dequantized values are rounded: to the quant state's dtype, held in f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Rounding {
+    /// To the nearest bf16, ties to even.
+    Bf16,
+    /// To the nearest f16, ties to even (subnormals kept, overflow to infinity), as
+    /// `half::f16::from_f32` rounds.
+    F16,
+    /// Not at all (an f32 weight).
+    None,
+}
+
+/// Whether this CPU has AVX2, FMA and F16C (every CPU seen with AVX2 has all three).
 fn avx2_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -36,14 +50,14 @@ fn avx2_available() -> bool {
 
 /// Expands whole blocks with AVX2: `out` holds `scales.len()` blocks of `blocksize`
 /// values (a multiple of 8), `packed` their codes, two a byte, the first in the high
-/// nibble; `bf16` rounds each value to bf16. `false` (nothing written) when the sizes do
-/// not fit or the CPU lacks AVX2 + FMA.
+/// nibble; each value rounded as `round` says. `false` (nothing written) when the sizes do
+/// not fit or the CPU lacks AVX2 + FMA + F16C.
 pub(crate) fn expand_blocks_avx2(
     packed: &[u8],
     scales: &[f32],
     code: &[f32; 16],
     blocksize: usize,
-    bf16: bool,
+    round: Rounding,
     out: &mut [f32],
 ) -> bool {
     let fits = blocksize > 0
@@ -55,14 +69,14 @@ pub(crate) fn expand_blocks_avx2(
     }
     #[cfg(target_arch = "x86_64")]
     {
-        // SAFETY: the CPU has AVX2 and FMA (checked above), and the sizes fit (checked
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked above), and the sizes fit (checked
         // above: every read and write below stays inside `packed`, `scales` and `out`).
-        unsafe { x86::expand(packed, scales, code, blocksize, bf16, out) };
+        unsafe { x86::expand(packed, scales, code, blocksize, round, out) };
         true
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (code, bf16);
+        let _ = (code, round);
         false
     }
 }
@@ -70,13 +84,13 @@ pub(crate) fn expand_blocks_avx2(
 /// `out[r] = Σ_k xs[r][k] · w_k` over whole blocks with AVX2, `w` the blocks' values (as
 /// [`expand_blocks_avx2`] gives them), eight products at a time per input row, summed in
 /// f32 (for at most [`MAX_DOT_ROWS`] rows). `false` (nothing written) when the sizes do not
-/// fit or the CPU lacks AVX2 + FMA.
+/// fit or the CPU lacks AVX2 + FMA + F16C.
 pub(crate) fn dot_blocks_avx2(
     packed: &[u8],
     scales: &[f32],
     code: &[f32; 16],
     blocksize: usize,
-    bf16: bool,
+    round: Rounding,
     xs: &[&[f32]],
     out: &mut [f32],
 ) -> bool {
@@ -92,14 +106,14 @@ pub(crate) fn dot_blocks_avx2(
     }
     #[cfg(target_arch = "x86_64")]
     {
-        // SAFETY: the CPU has AVX2 and FMA (checked above), and the sizes fit (checked
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked above), and the sizes fit (checked
         // above: every read below stays inside `packed`, `scales` and each `xs[r]`).
-        unsafe { x86::dot(packed, scales, code, blocksize, bf16, xs, out) };
+        unsafe { x86::dot(packed, scales, code, blocksize, round, xs, out) };
         true
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (code, bf16);
+        let _ = (code, round);
         false
     }
 }
@@ -110,6 +124,8 @@ pub(crate) const MAX_DOT_ROWS: usize = 4;
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
+
+    use super::Rounding;
 
     /// Rounds eight f32 to bf16 (ties to even; finite values), kept as f32.
     #[target_feature(enable = "avx2,fma")]
@@ -124,14 +140,27 @@ mod x86 {
         _mm256_castsi256_ps(rounded)
     }
 
+    /// Rounds eight f32 to f16 (ties to even) and back: F16C's conversions, which keep
+    /// subnormals and overflow to infinity as `half::f16::from_f32` does.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn round_f16(v: __m256) -> __m256 {
+        _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v))
+    }
+
     /// Block `b`'s 16 values in two registers (codes 0..8 and 8..16).
-    #[target_feature(enable = "avx2,fma")]
-    fn block_table(lo_code: __m256, hi_code: __m256, scale: f32, bf16: bool) -> (__m256, __m256) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn block_table(
+        lo_code: __m256,
+        hi_code: __m256,
+        scale: f32,
+        round: Rounding,
+    ) -> (__m256, __m256) {
         let s = _mm256_set1_ps(scale);
         let (lo, hi) = (_mm256_mul_ps(lo_code, s), _mm256_mul_ps(hi_code, s));
-        match bf16 {
-            true => (round_bf16(lo), round_bf16(hi)),
-            false => (lo, hi),
+        match round {
+            Rounding::Bf16 => (round_bf16(lo), round_bf16(hi)),
+            Rounding::F16 => (round_f16(lo), round_f16(hi)),
+            Rounding::None => (lo, hi),
         }
     }
 
@@ -166,16 +195,16 @@ mod x86 {
     /// See [`super::dot_blocks_avx2`].
     ///
     /// # Safety
-    /// The CPU has AVX2 and FMA; `blocksize` is a positive multiple of 8, `packed.len() ·
+    /// The CPU has AVX2, FMA and F16C; `blocksize` is a positive multiple of 8, `packed.len() ·
     /// 2 == scales.len() · blocksize == xs[r].len()` for every `r`, `xs.len() ==
     /// out.len() <= 4`.
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot(
         packed: &[u8],
         scales: &[f32],
         code: &[f32; 16],
         blocksize: usize,
-        bf16: bool,
+        round: Rounding,
         xs: &[&[f32]],
         out: &mut [f32],
     ) {
@@ -190,7 +219,7 @@ mod x86 {
         };
         let mut acc = [_mm256_setzero_ps(); super::MAX_DOT_ROWS];
         for (b, &scale) in scales.iter().enumerate() {
-            let (lo, hi) = block_table(lo_code, hi_code, scale, bf16);
+            let (lo, hi) = block_table(lo_code, hi_code, scale, round);
             let first = b * blocksize;
             for at in (first..first + blocksize).step_by(8) {
                 let four = unsafe { packed.as_ptr().add(at / 2).cast::<i32>().read_unaligned() };
@@ -209,15 +238,15 @@ mod x86 {
     /// See [`super::expand_blocks_avx2`].
     ///
     /// # Safety
-    /// The CPU has AVX2 and FMA; `blocksize` is a positive multiple of 8, `out.len() ==
+    /// The CPU has AVX2, FMA and F16C; `blocksize` is a positive multiple of 8, `out.len() ==
     /// scales.len() · blocksize` and `packed.len() · 2 == out.len()`.
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn expand(
         packed: &[u8],
         scales: &[f32],
         code: &[f32; 16],
         blocksize: usize,
-        bf16: bool,
+        round: Rounding,
         out: &mut [f32],
     ) {
         // SAFETY (every access below): `code` has 16 values; block `b`'s codes are bytes
@@ -231,7 +260,7 @@ mod x86 {
             )
         };
         for (b, &scale) in scales.iter().enumerate() {
-            let (lo, hi) = block_table(lo_code, hi_code, scale, bf16);
+            let (lo, hi) = block_table(lo_code, hi_code, scale, round);
             let first = b * blocksize;
             for at in (first..first + blocksize).step_by(8) {
                 let four = unsafe { packed.as_ptr().add(at / 2).cast::<i32>().read_unaligned() };
