@@ -115,7 +115,8 @@ impl Bnb4Blocks {
 
     /// Writes the values `start .. start + out.len()` of the flattened weight into `out`:
     /// `code[c] · absmax[block]` in f32, rounded to the stored dtype (and held in f32),
-    /// as bitsandbytes dequantizes; whole blocks with `lanes` (the same values). `false` when the range is outside the weight.
+    /// as bitsandbytes dequantizes; whole blocks with `lanes` (the same values). `false`
+    /// when the range is outside the weight.
     pub(crate) fn dequantize_into(&self, start: usize, out: &mut [f32], lanes: Lanes) -> bool {
         let Some(end) = start
             .checked_add(out.len())
@@ -150,8 +151,8 @@ impl Bnb4Blocks {
 
     /// `out[r] = Σ_k xs[r][k] · w_{start + k}` over the values `start ..` (as many as each
     /// input row has) in f32, when `lanes` is AVX2, the range is whole blocks and there are
-    /// at most four rows (returns whether it did: the caller
-    /// dequantizes and dots otherwise).
+    /// at most four rows (returns whether it did: the caller dequantizes and dots
+    /// otherwise).
     pub(crate) fn dots(&self, start: usize, xs: &[&[f32]], out: &mut [f32], lanes: Lanes) -> bool {
         let bs = self.params.blocksize;
         let len = xs.first().map_or(0, |x| x.len());
