@@ -79,6 +79,7 @@
 
 pub mod adapter;
 pub mod checkpoint;
+mod cpu_features;
 pub mod error;
 pub mod finetune;
 pub mod frozen;

@@ -3,6 +3,8 @@
 //! eight codes at a time turned into indices and looked up with two permutes and a blend.
 //! The values are the portable expansion's, bit for bit.
 
+use crate::cpu_features::avx2_fma_f16c;
+
 /// How [`super::Bnb4Blocks::dequantize_into`] expands whole blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Lanes {
@@ -16,7 +18,7 @@ impl Lanes {
     /// The widest this CPU runs, no wider than `allowed`.
     pub(crate) fn best(allowed: Lanes) -> Lanes {
         match allowed {
-            Lanes::Avx2 if avx2_available() => Lanes::Avx2,
+            Lanes::Avx2 if avx2_fma_f16c() => Lanes::Avx2,
             _ => Lanes::Portable,
         }
     }
@@ -32,20 +34,6 @@ pub(crate) enum Rounding {
     F16,
     /// Not at all (an f32 weight).
     None,
-}
-
-/// Whether this CPU has AVX2, FMA and F16C (every CPU seen with AVX2 has all three).
-fn avx2_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 /// Expands whole blocks with AVX2: `out` holds `scales.len()` blocks of `blocksize`
@@ -64,7 +52,7 @@ pub(crate) fn expand_blocks_avx2(
         && blocksize.is_multiple_of(8)
         && out.len() == scales.len() * blocksize
         && packed.len() * 2 == out.len();
-    if !fits || !avx2_available() {
+    if !fits || !avx2_fma_f16c() {
         return false;
     }
     #[cfg(target_arch = "x86_64")]
@@ -101,7 +89,7 @@ pub(crate) fn dot_blocks_avx2(
         && xs.len() <= MAX_DOT_ROWS
         && out.len() == xs.len()
         && xs.iter().all(|x| x.len() == values);
-    if !fits || !avx2_available() {
+    if !fits || !avx2_fma_f16c() {
         return false;
     }
     #[cfg(target_arch = "x86_64")]

@@ -23,6 +23,7 @@ mod unpack;
 
 use candle_core::quantized::GgmlDType;
 
+use crate::cpu_features::avx2_fma_f16c as avx2_available;
 use in_place::InPlace;
 use unpack::{Block, Unpacked, Q4K, Q5K, Q6K, Q8_0};
 
@@ -206,20 +207,6 @@ fn avx512_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         is_x86_feature_detected!("avx512f") && avx2_available()
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// Whether this CPU runs AVX2, FMA and F16C (cached by `std` after the first call).
-fn avx2_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
